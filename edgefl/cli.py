@@ -1,0 +1,42 @@
+"""The ``edgefl`` command line.
+
+Every subcommand imports its implementation lazily, so ``edgefl monitor`` or ``edgefl aggregator``
+start without importing torch, and ``edgefl --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from edgefl import __version__
+
+app = typer.Typer(
+    name="edgefl",
+    help="Asynchronous federated learning (FedBuff) for fleets of edge and IoT devices over MQTT.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+
+
+@app.command()
+def version() -> None:
+    """Print the edgefl version."""
+    typer.echo(__version__)
+
+
+def _register_subcommands() -> None:
+    """Attach the subcommands that live next to their implementation."""
+    from broker.cli import broker_command
+
+    app.command(name="broker")(broker_command)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    _register_subcommands()
+    app()
+
+
+if __name__ == "__main__":
+    main()
