@@ -1,0 +1,220 @@
+"""The versioned binary envelope that wraps every payload edgefl publishes.
+
+Byte layout (all integers big-endian; ``docs/PROTOCOL.md``, "Envelope")::
+
+    offset  size  field
+    0       4     magic           b"EDFL"
+    4       1     format version  u8, 1
+    5       1     kind            u8, EnvelopeKind
+    6       2     flags           u16, must be 0 in version 1
+    8       4     header length   u32, H <= MAX_HEADER_LEN (64 KiB)
+    12      4     payload length  u32, P
+    16      H     header          compact JSON object, UTF-8
+    16+H    P     payload         opaque bytes (codec body, model bytes, chunk data, or empty)
+    16+H+P  4     checksum        u32, zlib.crc32 of bytes [0, 16+H+P)
+
+The total size of an envelope is ``20 + H + P`` bytes (``OVERHEAD + H + P``).
+
+:func:`decode_envelope` checks, in this order, and raises the first failure as a
+``ProtocolError``: at least 16 bytes (TRUNCATED), magic (BAD_MAGIC), version (BAD_VERSION), kind
+(BAD_KIND), flags (BAD_HEADER), declared header/payload lengths against the limits (TOO_LARGE) and
+against the actual length (TRUNCATED when short, BAD_HEADER when there are trailing bytes) — all
+before the payload is touched — then the checksum (BAD_CHECKSUM) and finally that the header is
+strict JSON (no NaN/Infinity, no duplicate keys) whose top level is an object (BAD_HEADER). The
+returned payload is a zero-copy ``memoryview`` slice of the input.
+
+A zero-length MQTT payload on a retained topic is the deletion of the retained message, not an
+envelope: receivers test for it before decoding (decoding it would raise TRUNCATED).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any, Final
+
+from edgefl.errors import ProtocolError, RejectReason
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MAGIC",
+    "MAX_HEADER_LEN",
+    "MAX_PAYLOAD_LEN",
+    "OVERHEAD",
+    "PREFIX_LEN",
+    "Envelope",
+    "EnvelopeKind",
+    "JSONObject",
+    "decode_envelope",
+    "encode_envelope",
+    "encode_header",
+    "peek_kind",
+]
+
+MAGIC: Final = b"EDFL"
+FORMAT_VERSION: Final = 1
+MAX_HEADER_LEN: Final = 64 * 1024
+"""Largest header a version-1 receiver accepts (and a sender may produce)."""
+MAX_PAYLOAD_LEN: Final = 2**32 - 1
+"""Largest payload the u32 length field can describe; receivers set a much lower ``max_payload``."""
+
+_PREFIX = struct.Struct(">4sBBHII")
+_CRC = struct.Struct(">I")
+PREFIX_LEN: Final = _PREFIX.size  # 16
+OVERHEAD: Final = PREFIX_LEN + _CRC.size  # 20: fixed bytes around header and payload
+
+JSONObject = dict[str, Any]
+"""A decoded JSON object (the envelope header)."""
+
+
+class EnvelopeKind(IntEnum):
+    """What an envelope carries. Values are on the wire and never reused."""
+
+    UPDATE = 1  # header UpdateHeader, payload codec body
+    UPDATE_CHUNK = 2  # header ChunkHeader, payload a slice of an UPDATE envelope
+    MODEL_MANIFEST = 3  # header ModelManifest, empty payload
+    MODEL_CHUNK = 4  # header ChunkHeader, payload a slice of a model artifact
+    DEVICE_STATE = 5  # header DeviceState, empty payload
+    SERVER_STATE = 6  # header ServerState, empty payload
+    METRICS = 7  # header ServerMetrics, empty payload
+
+
+_KINDS: Final = frozenset(int(k) for k in EnvelopeKind)
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A decoded envelope. ``payload`` is a read-only view into the decoded buffer (no copy)."""
+
+    kind: EnvelopeKind
+    header: JSONObject
+    payload: memoryview
+    flags: int = 0
+
+
+def _byte_view(data: bytes | bytearray | memoryview) -> memoryview:
+    view = memoryview(data)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-finite number {name} in header")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"non-finite number {text[:20]} in header")
+    return value
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> JSONObject:
+    obj: JSONObject = {}
+    for key, value in pairs:
+        if key in obj:
+            raise ValueError(f"duplicate header key {key!r}")
+        obj[key] = value
+    return obj
+
+
+def encode_header(header: Mapping[str, Any]) -> bytes:
+    """Canonical header bytes: compact, key-sorted, UTF-8 JSON without NaN/Infinity.
+
+    Raises ``ProtocolError(BAD_HEADER)`` if the header is not JSON-serialisable or longer than
+    ``MAX_HEADER_LEN``.
+    """
+    try:
+        text = json.dumps(
+            dict(header), separators=(",", ":"), sort_keys=True, allow_nan=False, ensure_ascii=False
+        )
+        raw = text.encode("utf-8")
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise ProtocolError(RejectReason.BAD_HEADER, f"header not encodable: {exc}") from None
+    if len(raw) > MAX_HEADER_LEN:
+        raise ProtocolError(RejectReason.BAD_HEADER, f"header {len(raw)} B > {MAX_HEADER_LEN} B")
+    return raw
+
+
+def encode_envelope(
+    kind: EnvelopeKind, header: Mapping[str, Any], payload: bytes | bytearray | memoryview = b""
+) -> bytes:
+    """Serialise one envelope. Raises ``ProtocolError`` (BAD_HEADER, TOO_LARGE) on bad input."""
+    kind = EnvelopeKind(kind)
+    head = encode_header(header)
+    body = _byte_view(payload)
+    if len(body) > MAX_PAYLOAD_LEN:
+        raise ProtocolError(RejectReason.TOO_LARGE, f"payload {len(body)} B > u32")
+    out = bytearray(OVERHEAD + len(head) + len(body))
+    _PREFIX.pack_into(out, 0, MAGIC, FORMAT_VERSION, kind, 0, len(head), len(body))
+    end_head = PREFIX_LEN + len(head)
+    end_body = end_head + len(body)
+    out[PREFIX_LEN:end_head] = head
+    out[end_head:end_body] = body
+    _CRC.pack_into(out, end_body, zlib.crc32(memoryview(out)[:end_body]))
+    return bytes(out)
+
+
+def peek_kind(data: bytes | bytearray | memoryview) -> EnvelopeKind:
+    """The kind of an envelope after checking only its prefix (length, magic, version, kind).
+
+    Cheap routing aid; it does not verify lengths or the checksum — call :func:`decode_envelope`.
+    """
+    return _check_prefix(_byte_view(data))[0]
+
+
+def _check_prefix(view: memoryview) -> tuple[EnvelopeKind, int, int, int]:
+    if len(view) < PREFIX_LEN:
+        raise ProtocolError(RejectReason.TRUNCATED, f"{len(view)} B < {PREFIX_LEN} B prefix")
+    magic, version, kind, flags, head_len, body_len = _PREFIX.unpack_from(view, 0)
+    if magic != MAGIC:
+        raise ProtocolError(RejectReason.BAD_MAGIC, f"magic {bytes(magic)!r}")
+    if version != FORMAT_VERSION:
+        raise ProtocolError(RejectReason.BAD_VERSION, f"format version {version}")
+    if kind not in _KINDS:
+        raise ProtocolError(RejectReason.BAD_KIND, f"envelope kind {kind}")
+    return EnvelopeKind(kind), flags, head_len, body_len
+
+
+def decode_envelope(
+    data: bytes | bytearray | memoryview, *, max_payload: int, max_header: int = MAX_HEADER_LEN
+) -> Envelope:
+    """Decode and verify one envelope (see the module docstring for the order of checks).
+
+    ``max_payload`` bounds the declared payload length (TOO_LARGE beyond it) and is checked
+    before anything is allocated or checksummed. No copy of the payload is made.
+    """
+    view = _byte_view(data)
+    kind, flags, head_len, body_len = _check_prefix(view)
+    if flags != 0:
+        raise ProtocolError(RejectReason.BAD_HEADER, f"unknown flags {flags:#06x}")
+    if head_len > max_header:
+        raise ProtocolError(RejectReason.TOO_LARGE, f"header {head_len} B > {max_header} B")
+    if body_len > max_payload:
+        raise ProtocolError(RejectReason.TOO_LARGE, f"payload {body_len} B > {max_payload} B")
+    end_head = PREFIX_LEN + head_len
+    end_body = end_head + body_len
+    total = end_body + _CRC.size
+    if len(view) < total:
+        raise ProtocolError(RejectReason.TRUNCATED, f"{len(view)} B < declared {total} B")
+    if len(view) > total:
+        raise ProtocolError(RejectReason.BAD_HEADER, f"{len(view) - total} trailing bytes")
+    (crc,) = _CRC.unpack_from(view, end_body)
+    if zlib.crc32(view[:end_body]) != crc:
+        raise ProtocolError(RejectReason.BAD_CHECKSUM, "crc32 mismatch")
+    try:
+        header = json.loads(
+            str(view[PREFIX_LEN:end_head], "utf-8"),
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_reject_constant,
+            parse_float=_finite_float,
+        )
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError, JSONDecodeError included
+        raise ProtocolError(RejectReason.BAD_HEADER, f"header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(RejectReason.BAD_HEADER, "header is not a JSON object")
+    return Envelope(kind, header, view[end_head:end_body].toreadonly(), flags)

@@ -1,0 +1,575 @@
+"""Typed headers of every envelope kind, and their encoding into envelopes.
+
+Each message is a frozen dataclass with ``KIND`` (its :class:`EnvelopeKind`), ``to_header()``
+(a JSON object) and ``from_header()``. Construction validates every field, so an invalid message
+can neither be built nor decoded: both raise ``ProtocolError(BAD_HEADER)`` naming the field.
+Decoders ignore header keys they do not know (additive evolution within wire version 1) and
+treat a missing optional key as ``None``/empty.
+
+Only ``UPDATE`` envelopes have a payload (the codec body, ``delta = local_weights -
+base_weights`` encoded by ``edgefl.codec``). Manifests, device/server state and metrics are
+header-only envelopes with an empty payload: small, and human-inspectable with any JSON tool
+after skipping the 16-byte prefix. Model bytes travel as ``MODEL_CHUNK`` packets (``chunking``).
+
+Fields holding dicts (``codec``, ``metrics``, ``rejected``, ...) are fresh copies made at
+construction; treat them as read-only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum, StrEnum
+from typing import Any, ClassVar, Final, Self, TypeVar
+
+from edgefl.errors import ProtocolError, RejectReason
+
+from . import _fields as f
+from .chunking import Chunk, chunk_count
+from .envelope import (
+    Envelope,
+    EnvelopeKind,
+    JSONObject,
+    decode_envelope,
+    encode_envelope,
+)
+from .topics import (
+    DeviceStateTopic,
+    ModelArtifact,
+    ModelChunkTopic,
+    ModelManifestTopic,
+    ParsedTopic,
+    ServerMetricsTopic,
+    ServerStateTopic,
+    TopicKind,
+    UpdateTopic,
+)
+
+__all__ = [
+    "MESSAGE_TYPES",
+    "TENSOR_DTYPES",
+    "TOPIC_ENVELOPE_KINDS",
+    "ArtifactInfo",
+    "DeviceState",
+    "DeviceStatus",
+    "Message",
+    "ModelFormat",
+    "ModelManifest",
+    "ServerMetrics",
+    "ServerState",
+    "ServerStatus",
+    "TensorSpec",
+    "TrainingHints",
+    "UpdateHeader",
+    "check_topic",
+    "decode_message",
+    "decode_update",
+    "encode_message",
+    "layout_num_params",
+    "layout_sha256",
+    "message_from_envelope",
+]
+
+TENSOR_DTYPES: Final = frozenset(
+    {"float16", "float32", "float64", "int8", "uint8", "int16", "int32", "int64", "bool"}
+)
+"""numpy dtype names a ``TensorSpec`` may declare."""
+MAX_DIMS: Final = 32
+MAX_DIM: Final = 2**31 - 1
+
+
+def _set(obj: object, name: str, value: object) -> None:
+    object.__setattr__(obj, name, value)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, _JSONFields):
+        return value.to_json()
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return value
+
+
+class _JSONFields:
+    """``to_json``/``from_json`` derived from the dataclass fields: one JSON key per field,
+    ``None`` values omitted; a missing key takes the field's default (BAD_HEADER if it has
+    none); unknown keys are ignored. Field validation happens in ``__post_init__``."""
+
+    def to_json(self) -> JSONObject:
+        out: JSONObject = {}
+        for fl in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, fl.name)
+            if value is not None:
+                out[fl.name] = _jsonable(value)
+        return out
+
+    @classmethod
+    def from_json(cls, value: Any) -> Self:
+        obj = f.json_object(value, cls.__name__)
+        kwargs: dict[str, Any] = {}
+        for fl in dataclasses.fields(cls):  # type: ignore[arg-type]
+            if fl.name in obj:
+                kwargs[fl.name] = obj[fl.name]
+            elif fl.default is dataclasses.MISSING and fl.default_factory is dataclasses.MISSING:
+                raise f.bad(fl.name, "missing")
+        return cls(**kwargs)
+
+
+class _Message(_JSONFields):
+    """A message: its envelope ``KIND`` and the header (``to_header``/``from_header``)."""
+
+    KIND: ClassVar[EnvelopeKind]
+
+    def to_header(self) -> JSONObject:
+        """The envelope header (a JSON object)."""
+        return self.to_json()
+
+    @classmethod
+    def from_header(cls, header: Mapping[str, Any]) -> Self:
+        """Validate a decoded header; raises ``ProtocolError(BAD_HEADER)``."""
+        return cls.from_json(header)
+
+
+# ---------------------------------------------------------------------------------------------
+# layout
+
+
+@dataclass(frozen=True)
+class TensorSpec(_JSONFields):
+    """One tensor of a model's flat parameter vector, in layout order."""
+
+    name: str  # 1-256 printable characters
+    shape: tuple[int, ...]  # <= 32 dims, each in [0, 2**31-1]; () is a scalar
+    dtype: str = "float32"  # one of TENSOR_DTYPES
+
+    def __post_init__(self) -> None:
+        f.text(self.name, "tensor name")
+        if not isinstance(self.shape, list | tuple) or len(self.shape) > MAX_DIMS:
+            raise f.bad("tensor shape", f"expected at most {MAX_DIMS} dimensions")
+        _set(self, "shape", tuple(f.integer(d, "tensor dim", maximum=MAX_DIM) for d in self.shape))
+        if not isinstance(self.dtype, str) or self.dtype not in TENSOR_DTYPES:
+            raise f.bad("tensor dtype", f"unsupported dtype {self.dtype!r:.40}")
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def layout_num_params(layout: Sequence[TensorSpec]) -> int:
+    """Total number of elements of a layout (the length of the flat parameter vector)."""
+    return sum(t.numel for t in layout)
+
+
+def layout_sha256(layout: Sequence[TensorSpec]) -> str:
+    """SHA-256 hex of the canonical JSON of a layout: a short identity to compare layouts."""
+    text = json.dumps([t.to_json() for t in layout], separators=(",", ":"), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _layout(value: Any, num_params: Any) -> tuple[tuple[TensorSpec, ...], int]:
+    if not isinstance(value, list | tuple) or len(value) > f.MAX_ENTRIES:
+        raise f.bad("layout", f"expected a list of at most {f.MAX_ENTRIES} tensors")
+    layout = tuple(v if isinstance(v, TensorSpec) else TensorSpec.from_json(v) for v in value)
+    total = f.integer(num_params, "num_params")
+    if layout and layout_num_params(layout) != total:
+        raise f.bad("num_params", f"{total} != {layout_num_params(layout)} elements in layout")
+    return layout, total
+
+
+# ---------------------------------------------------------------------------------------------
+# update
+
+
+@dataclass(frozen=True)
+class UpdateHeader(_Message):
+    """Header of an UPDATE envelope; the payload is the codec body of ``delta``.
+
+    ``seq`` increases per device and is also the last topic level; ``(device_id, seq)``
+    identifies the update for deduplication. ``layout`` may be empty (then only ``num_params``
+    is declared); when present its element count must equal ``num_params``.
+    """
+
+    KIND: ClassVar[EnvelopeKind] = EnvelopeKind.UPDATE
+    fleet: str
+    device_id: str
+    seq: int
+    base_version: int
+    num_examples: int
+    model: str
+    codec: Mapping[str, Any]  # CodecDescriptor.to_dict(), opaque here
+    num_params: int
+    created_at: float
+    layout: tuple[TensorSpec, ...] = ()
+    metrics: Mapping[str, float] = field(default_factory=dict)  # e.g. {"loss": 0.3}
+
+    def __post_init__(self) -> None:
+        f.name(self.fleet, "fleet")
+        f.name(self.device_id, "device_id")
+        f.integer(self.seq, "seq")
+        f.integer(self.base_version, "base_version")
+        f.integer(self.num_examples, "num_examples")
+        f.name(self.model, "model")
+        _set(self, "codec", f.json_object(self.codec, "codec"))
+        layout, _ = _layout(self.layout, self.num_params)
+        _set(self, "layout", layout)
+        _set(self, "created_at", f.timestamp(self.created_at, "created_at"))
+        _set(self, "metrics", f.number_map(self.metrics, "metrics"))
+
+
+# ---------------------------------------------------------------------------------------------
+# model manifest
+
+
+class ModelFormat(StrEnum):
+    """Format of a model version's main artifact."""
+
+    FP32_FLAT = "fp32-flat"  # little-endian float32 parameters in layout order
+    ONNX = "onnx"  # an ONNX graph with its weights
+
+
+@dataclass(frozen=True)
+class ArtifactInfo(_JSONFields):
+    """Geometry of one chunked artifact: same meaning as the chunk header fields."""
+
+    sha256: str  # hex of the artifact's bytes
+    size: int
+    chunk_size: int
+    num_chunks: int
+
+    def __post_init__(self) -> None:
+        f.sha256_hex(self.sha256, "sha256")
+        f.integer(self.size, "size")
+        f.integer(self.chunk_size, "chunk_size", minimum=1)
+        f.integer(self.num_chunks, "num_chunks", minimum=1)
+        if self.num_chunks != chunk_count(self.size, self.chunk_size):
+            raise f.bad("num_chunks", "inconsistent with size and chunk_size")
+
+
+@dataclass(frozen=True)
+class TrainingHints(_JSONFields):
+    """What the server asks devices to do locally; every field optional."""
+
+    local_epochs: int | None = None  # >= 1
+    batch_size: int | None = None  # >= 1
+    lr: float | None = None  # > 0
+    codec: Mapping[str, Any] | None = None  # codec config (opaque here)
+
+    def __post_init__(self) -> None:
+        f.opt_integer(self.local_epochs, "local_epochs", minimum=1)
+        f.opt_integer(self.batch_size, "batch_size", minimum=1)
+        if self.lr is not None:
+            _set(self, "lr", f.number(self.lr, "lr", minimum=math.ulp(0.0)))
+        _set(self, "codec", f.opt_json_object(self.codec, "hints.codec"))
+
+
+@dataclass(frozen=True)
+class ModelManifest(_Message):
+    """Header of a MODEL_MANIFEST envelope (retained on ``model/manifest``).
+
+    The main artifact (``format``) is published as MODEL_CHUNK packets on
+    ``model/<version>/<i>``; the optional ONNX graph on ``model/<version>/onnx/<i>``. For
+    ``fp32-flat`` the size is exactly ``4 * num_params``.
+    """
+
+    KIND: ClassVar[EnvelopeKind] = EnvelopeKind.MODEL_MANIFEST
+    fleet: str
+    version: int
+    model: str
+    format: ModelFormat
+    sha256: str
+    size: int
+    chunk_size: int
+    num_chunks: int
+    num_params: int
+    created_at: float
+    layout: tuple[TensorSpec, ...] = ()
+    hints: TrainingHints | None = None
+    onnx: ArtifactInfo | None = None
+
+    def __post_init__(self) -> None:
+        f.name(self.fleet, "fleet")
+        f.integer(self.version, "version")
+        f.name(self.model, "model")
+        _set(self, "format", f.enum_value(ModelFormat, self.format, "format"))
+        self.artifact(ModelArtifact.WEIGHTS)  # validates sha256/size/chunk_size/num_chunks
+        layout, _ = _layout(self.layout, self.num_params)
+        _set(self, "layout", layout)
+        if self.format is ModelFormat.FP32_FLAT and self.size != 4 * self.num_params:
+            raise f.bad("size", f"fp32-flat size {self.size} != 4 * num_params")
+        _set(self, "created_at", f.timestamp(self.created_at, "created_at"))
+        if self.hints is not None and not isinstance(self.hints, TrainingHints):
+            _set(self, "hints", TrainingHints.from_json(self.hints))
+        if self.onnx is not None and not isinstance(self.onnx, ArtifactInfo):
+            _set(self, "onnx", ArtifactInfo.from_json(self.onnx))
+
+    def artifact(self, which: ModelArtifact) -> ArtifactInfo:
+        """Geometry of the weights or ONNX artifact (BAD_HEADER if the manifest has no ONNX)."""
+        if which is ModelArtifact.WEIGHTS:
+            return ArtifactInfo(self.sha256, self.size, self.chunk_size, self.num_chunks)
+        if self.onnx is None:
+            raise f.bad("onnx", "this model version has no ONNX artifact")
+        return self.onnx
+
+    def check_chunk(self, chunk: Chunk, topic: ModelChunkTopic) -> None:
+        """Check a MODEL_CHUNK packet received on ``topic`` against this manifest.
+
+        Raises ``ProtocolError(BAD_CHUNK)`` unless fleet, version and index of the topic and the
+        chunk's sha256/total_size/chunk_size/count match the manifest's artifact.
+        """
+        if topic.fleet != self.fleet or topic.version != self.version:
+            raise ProtocolError(RejectReason.BAD_CHUNK, "chunk topic is not this model version")
+        if chunk.kind is not EnvelopeKind.MODEL_CHUNK or chunk.header.index != topic.index:
+            raise ProtocolError(RejectReason.BAD_CHUNK, "chunk kind or index differs from topic")
+        info = self.artifact(topic.artifact)
+        h = chunk.header
+        if (h.sha256.hex(), h.total_size, h.chunk_size, h.count) != (
+            info.sha256,
+            info.size,
+            info.chunk_size,
+            info.num_chunks,
+        ):
+            raise ProtocolError(RejectReason.BAD_CHUNK, "chunk does not belong to this manifest")
+
+
+# ---------------------------------------------------------------------------------------------
+# presence
+
+
+class DeviceStatus(StrEnum):
+    ONLINE = "online"  # connected, not yet decided
+    IDLE = "idle"  # connected, not eligible or nothing to do
+    TRAINING = "training"
+    OFFLINE = "offline"  # clean shutdown
+    LOST = "lost"  # Last Will: connection died
+
+
+class ServerStatus(StrEnum):
+    ONLINE = "online"
+    OFFLINE = "offline"  # clean shutdown
+    LOST = "lost"  # Last Will
+
+
+@dataclass(frozen=True)
+class DeviceState(_Message):
+    """Header of a DEVICE_STATE envelope (retained on ``device/<id>/state``, also the Will).
+
+    ``session`` strictly increases with every connection of the device. Presence rule: a
+    receiver ignores a state whose ``session`` is lower than the highest it has seen for that
+    device (a late Will of an old connection), see :meth:`supersedes`. In a Will, ``at`` is the
+    time the Will was registered (connect time), not the time the connection was lost.
+    """
+
+    KIND: ClassVar[EnvelopeKind] = EnvelopeKind.DEVICE_STATE
+    fleet: str
+    device_id: str
+    status: DeviceStatus
+    session: int
+    at: float
+    model_version: int | None = None
+    reasons: tuple[str, ...] = ()  # eligibility reasons, e.g. ("on_battery", "metered")
+    updates_sent: int = 0
+    local_accuracy: float | None = None  # in [0, 1]
+    profile: str | None = None  # device profile name, e.g. "phone"
+
+    def __post_init__(self) -> None:
+        f.name(self.fleet, "fleet")
+        f.name(self.device_id, "device_id")
+        _set(self, "status", f.enum_value(DeviceStatus, self.status, "status"))
+        f.integer(self.session, "session")
+        _set(self, "at", f.timestamp(self.at, "at"))
+        f.opt_integer(self.model_version, "model_version")
+        _set(self, "reasons", f.text_tuple(self.reasons, "reasons"))
+        f.integer(self.updates_sent, "updates_sent")
+        acc = f.opt_number(self.local_accuracy, "local_accuracy", minimum=0.0, maximum=1.0)
+        _set(self, "local_accuracy", acc)
+        if self.profile is not None:
+            f.name(self.profile, "profile")
+
+    def supersedes(self, previous: DeviceState | None) -> bool:
+        """Whether this state replaces ``previous`` under the presence rule (session >= old)."""
+        return previous is None or self.session >= previous.session
+
+
+@dataclass(frozen=True)
+class ServerState(_Message):
+    """Header of a SERVER_STATE envelope (retained on ``server/state``, also the Will).
+
+    Same session rule as :class:`DeviceState`. ``rejected`` counts rejections by
+    ``RejectReason`` value (unknown keys from newer servers are kept as they are).
+    """
+
+    KIND: ClassVar[EnvelopeKind] = EnvelopeKind.SERVER_STATE
+    fleet: str
+    status: ServerStatus
+    session: int
+    version: int  # current model version
+    buffer_fill: int  # k: updates in the FedBuff buffer
+    buffer_size: int  # K: updates per server step
+    applied: int  # updates applied since started_at
+    started_at: float
+    at: float
+    rejected: Mapping[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        f.name(self.fleet, "fleet")
+        _set(self, "status", f.enum_value(ServerStatus, self.status, "status"))
+        f.integer(self.session, "session")
+        f.integer(self.version, "version")
+        f.integer(self.buffer_size, "buffer_size", minimum=1)
+        f.integer(self.buffer_fill, "buffer_fill", maximum=self.buffer_size)
+        f.integer(self.applied, "applied")
+        _set(self, "started_at", f.timestamp(self.started_at, "started_at"))
+        _set(self, "at", f.timestamp(self.at, "at"))
+        _set(self, "rejected", f.count_map(self.rejected, "rejected"))
+
+    def supersedes(self, previous: ServerState | None) -> bool:
+        return previous is None or self.session >= previous.session
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics
+
+
+@dataclass(frozen=True)
+class ServerMetrics(_Message):
+    """Header of a METRICS envelope (QoS0 on ``server/metrics``), published periodically.
+
+    Totals count since the aggregator started; rates are per second over the last period.
+    ``staleness`` is a histogram {staleness: count} of accepted updates. ``extra`` holds any
+    further JSON figures (free-form, for dashboards; never needed to interpret the rest).
+    """
+
+    KIND: ClassVar[EnvelopeKind] = EnvelopeKind.METRICS
+    fleet: str
+    at: float
+    version: int
+    buffer_fill: int
+    buffer_size: int
+    received: int = 0  # updates received (complete messages)
+    applied: int = 0  # updates added to the buffer
+    updates_per_s: float = 0.0
+    bytes_ingested: int = 0  # MQTT payload bytes received
+    bytes_per_s: float = 0.0
+    staleness: Mapping[int, int] = field(default_factory=dict)
+    rejected: Mapping[str, int] = field(default_factory=dict)
+    accuracy: float | None = None  # in [0, 1], when the server evaluates
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        f.name(self.fleet, "fleet")
+        _set(self, "at", f.timestamp(self.at, "at"))
+        f.integer(self.version, "version")
+        f.integer(self.buffer_size, "buffer_size", minimum=1)
+        f.integer(self.buffer_fill, "buffer_fill", maximum=self.buffer_size)
+        for name in ("received", "applied", "bytes_ingested"):
+            f.integer(getattr(self, name), name)
+        for name in ("updates_per_s", "bytes_per_s"):
+            _set(self, name, f.number(getattr(self, name), name, minimum=0.0))
+        _set(self, "staleness", f.int_count_map(self.staleness, "staleness"))
+        _set(self, "rejected", f.count_map(self.rejected, "rejected"))
+        acc = f.opt_number(self.accuracy, "accuracy", minimum=0.0, maximum=1.0)
+        _set(self, "accuracy", acc)
+        _set(self, "extra", f.json_object(self.extra, "extra"))
+
+
+# ---------------------------------------------------------------------------------------------
+# envelopes and topics
+
+Message = UpdateHeader | ModelManifest | DeviceState | ServerState | ServerMetrics
+M = TypeVar("M", UpdateHeader, ModelManifest, DeviceState, ServerState, ServerMetrics)
+
+MESSAGE_TYPES: Final[Mapping[EnvelopeKind, type[Message]]] = {
+    cls.KIND: cls for cls in (UpdateHeader, ModelManifest, DeviceState, ServerState, ServerMetrics)
+}
+
+TOPIC_ENVELOPE_KINDS: Final[Mapping[TopicKind, frozenset[EnvelopeKind]]] = {
+    TopicKind.MODEL_MANIFEST: frozenset({EnvelopeKind.MODEL_MANIFEST}),
+    TopicKind.MODEL_CHUNK: frozenset({EnvelopeKind.MODEL_CHUNK}),
+    TopicKind.DEVICE_UPDATE: frozenset({EnvelopeKind.UPDATE, EnvelopeKind.UPDATE_CHUNK}),
+    TopicKind.DEVICE_STATE: frozenset({EnvelopeKind.DEVICE_STATE}),
+    TopicKind.SERVER_STATE: frozenset({EnvelopeKind.SERVER_STATE}),
+    TopicKind.SERVER_METRICS: frozenset({EnvelopeKind.METRICS}),
+}
+"""Which envelope kinds may be published on each kind of topic (anything else is BAD_KIND)."""
+
+DEFAULT_MAX_MESSAGE: Final = 64 * 1024 * 1024
+
+
+def encode_message(msg: Message, payload: bytes | bytearray | memoryview = b"") -> bytes:
+    """Wrap a message in its envelope. Only an :class:`UpdateHeader` may have a payload."""
+    if len(payload) and not isinstance(msg, UpdateHeader):
+        raise ValueError(f"{type(msg).__name__} envelopes have no payload")
+    return encode_envelope(msg.KIND, msg.to_header(), payload)
+
+
+def check_topic(msg: Message, topic: ParsedTopic) -> None:
+    """Raise ``ProtocolError`` unless ``msg`` may be published on ``topic``: BAD_KIND for the
+    wrong kind of topic, BAD_HEADER when fleet / device id / seq / version disagree."""
+    if msg.KIND not in TOPIC_ENVELOPE_KINDS[topic.kind]:
+        raise ProtocolError(RejectReason.BAD_KIND, f"{msg.KIND.name} on a {topic.kind} topic")
+    mismatch = msg.fleet != topic.fleet
+    match msg, topic:
+        case UpdateHeader(), UpdateTopic():
+            mismatch |= (msg.device_id, msg.seq) != (topic.device_id, topic.seq)
+        case DeviceState(), DeviceStateTopic():
+            mismatch |= msg.device_id != topic.device_id
+        case ModelManifest(), ModelManifestTopic():
+            pass
+        case (ServerState(), ServerStateTopic()) | (ServerMetrics(), ServerMetricsTopic()):
+            pass
+    if mismatch:
+        raise ProtocolError(RejectReason.BAD_HEADER, f"header does not match topic {topic.topic}")
+
+
+def message_from_envelope(
+    envelope: Envelope, expected: type[M], *, topic: ParsedTopic | None = None
+) -> M:
+    """Parse a decoded envelope as ``expected``: BAD_KIND if it is another kind, BAD_HEADER if
+    the header is invalid, a header-only kind carries a payload, or it disagrees with ``topic``."""
+    if envelope.kind is not expected.KIND:
+        raise ProtocolError(
+            RejectReason.BAD_KIND, f"expected {expected.KIND.name}, got {envelope.kind.name}"
+        )
+    if expected is not UpdateHeader and len(envelope.payload):
+        raise ProtocolError(RejectReason.BAD_HEADER, f"{expected.KIND.name} has a payload")
+    msg = expected.from_header(envelope.header)
+    if topic is not None:
+        check_topic(msg, topic)
+    return msg
+
+
+def decode_message(
+    data: bytes | bytearray | memoryview,
+    expected: type[M],
+    *,
+    max_payload: int | None = None,
+    topic: ParsedTopic | None = None,
+) -> M:
+    """Decode an envelope holding ``expected`` (see :func:`message_from_envelope`).
+
+    ``max_payload`` defaults to 0 for header-only kinds (a payload is then TOO_LARGE) and to
+    ``DEFAULT_MAX_MESSAGE`` for updates; :func:`decode_update` also returns the update's body.
+    """
+    if max_payload is None:
+        max_payload = DEFAULT_MAX_MESSAGE if expected is UpdateHeader else 0
+    envelope = decode_envelope(data, max_payload=max_payload)
+    return message_from_envelope(envelope, expected, topic=topic)
+
+
+def decode_update(
+    data: bytes | bytearray | memoryview,
+    *,
+    max_payload: int = DEFAULT_MAX_MESSAGE,
+    topic: ParsedTopic | None = None,
+) -> tuple[UpdateHeader, memoryview]:
+    """Decode a complete UPDATE envelope into its header and codec body (a zero-copy view)."""
+    envelope = decode_envelope(data, max_payload=max_payload)
+    return message_from_envelope(envelope, UpdateHeader, topic=topic), envelope.payload

@@ -1,0 +1,403 @@
+"""The edgefl MQTT topic tree (``docs/PROTOCOL.md``, "Topic tree"): validated names, builders,
+subscription filters and a strict parser.
+
+Every topic edgefl publishes lives under ``edgefl/v1/<fleet>/``::
+
+    edgefl/v1/<fleet>/model/manifest                  retained, QoS1   MODEL_MANIFEST
+    edgefl/v1/<fleet>/model/<version>/<chunk>         retained, QoS1   MODEL_CHUNK (weights)
+    edgefl/v1/<fleet>/model/<version>/onnx/<chunk>    retained, QoS1   MODEL_CHUNK (ONNX graph)
+    edgefl/v1/<fleet>/device/<id>/update/<seq>        QoS1             UPDATE or UPDATE_CHUNK
+    edgefl/v1/<fleet>/device/<id>/state               retained + Will  DEVICE_STATE
+    edgefl/v1/<fleet>/server/state                    retained + Will  SERVER_STATE
+    edgefl/v1/<fleet>/server/metrics                  QoS0             METRICS
+
+The chunk index of a chunked *update* is inside the packet (see ``chunking``), not a topic level:
+all packets of one update share the topic ``.../update/<seq>``. Model chunks are retained, and a
+broker keeps one retained message per topic, so their index *is* a topic level (and is repeated in
+the packet, where receivers check that both agree).
+
+Contract: builders validate their inputs and raise ``ProtocolError(BAD_NAME)`` for a bad fleet,
+device or group name and ``ValueError`` for a negative or oversized integer (a programming error).
+``parse_topic`` accepts exactly the strings the builders produce (integers in canonical decimal,
+no leading zeros) and raises ``ProtocolError`` with ``BAD_TOPIC``, ``BAD_NAME``, ``BAD_VERSION``
+(another ``edgefl/<version>`` root) or ``UNKNOWN_FLEET`` for everything else.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import ClassVar, NewType
+
+from edgefl.errors import ProtocolError, RejectReason
+
+__all__ = [
+    "MAX_INT",
+    "MAX_TOPIC_BYTES",
+    "NAME_PATTERN",
+    "PROTOCOL_ROOT",
+    "DeviceId",
+    "DeviceStateTopic",
+    "FleetName",
+    "ModelArtifact",
+    "ModelChunkTopic",
+    "ModelManifestTopic",
+    "ParsedTopic",
+    "ServerMetricsTopic",
+    "ServerStateTopic",
+    "TopicKind",
+    "UpdateTopic",
+    "all_fleet_filter",
+    "device_id",
+    "device_state_topic",
+    "device_states_filter",
+    "fleet_name",
+    "manifest_topic",
+    "model_chunk_topic",
+    "model_chunks_filter",
+    "parse_topic",
+    "server_metrics_topic",
+    "server_state_topic",
+    "shared_subscription",
+    "update_topic",
+    "updates_filter",
+    "validate_name",
+]
+
+PROTOCOL_ROOT = "edgefl/v1"
+"""First two levels of every edgefl topic. A future wire version moves to ``edgefl/v2``."""
+
+MAX_TOPIC_BYTES = 65535
+"""MQTT's limit on the UTF-8 length of a topic name."""
+
+MAX_INT = 2**63 - 1
+"""Largest version, sequence number or chunk index (fits a signed 64-bit integer everywhere)."""
+
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+"""Fleet names, device ids, model names and shared-subscription groups: 1-64 ASCII characters,
+letters, digits, ``_``, ``.``, ``-``, starting with a letter or digit. This excludes the MQTT
+separators and wildcards (``/ + #``), ``$`` (broker-internal topics), NUL and whitespace."""
+
+_NAME_RE = re.compile(NAME_PATTERN)
+_INT_RE = re.compile(r"0|[1-9][0-9]{0,18}")
+
+FleetName = NewType("FleetName", str)
+DeviceId = NewType("DeviceId", str)
+
+
+def validate_name(value: object, what: str = "name") -> str:
+    """Return ``value`` if it is a valid edgefl name (``NAME_PATTERN``), else raise BAD_NAME."""
+    if not isinstance(value, str) or _NAME_RE.fullmatch(value) is None:
+        raise ProtocolError(RejectReason.BAD_NAME, f"invalid {what}: {value!r}")
+    return value
+
+
+def fleet_name(value: object) -> FleetName:
+    """Validate a fleet name (``NAME_PATTERN``); raise ``ProtocolError(BAD_NAME)`` if invalid."""
+    return FleetName(validate_name(value, "fleet name"))
+
+
+def device_id(value: object) -> DeviceId:
+    """Validate a device id (``NAME_PATTERN``); raise ``ProtocolError(BAD_NAME)`` if invalid."""
+    return DeviceId(validate_name(value, "device id"))
+
+
+def _check_int(value: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INT:
+        raise ValueError(f"{what} must be an int in [0, 2**63-1], got {value!r}")
+    return value
+
+
+def _validate_fields(topic: object) -> None:
+    """Topics built directly (not parsed) are validated like builder arguments."""
+    for name, value in vars(topic).items():
+        if name == "fleet":
+            fleet_name(value)
+        elif name == "device_id":
+            device_id(value)
+        elif name == "artifact":
+            ModelArtifact(value)
+        else:
+            _check_int(value, name)
+
+
+class TopicKind(StrEnum):
+    """What a topic carries."""
+
+    MODEL_MANIFEST = "model_manifest"
+    MODEL_CHUNK = "model_chunk"
+    DEVICE_UPDATE = "device_update"
+    DEVICE_STATE = "device_state"
+    SERVER_STATE = "server_state"
+    SERVER_METRICS = "server_metrics"
+
+
+class ModelArtifact(StrEnum):
+    """Which artifact of a model version a model chunk belongs to."""
+
+    WEIGHTS = "weights"  # model/<version>/<chunk>: the bytes described by the manifest
+    ONNX = "onnx"  # model/<version>/onnx/<chunk>: the optional ONNX graph
+
+
+@dataclass(frozen=True)
+class ModelManifestTopic:
+    """``edgefl/v1/<fleet>/model/manifest``."""
+
+    kind: ClassVar[TopicKind] = TopicKind.MODEL_MANIFEST
+    fleet: str
+
+    def __post_init__(self) -> None:
+        _validate_fields(self)
+
+    @property
+    def topic(self) -> str:
+        return manifest_topic(self.fleet)
+
+
+@dataclass(frozen=True)
+class ModelChunkTopic:
+    """``edgefl/v1/<fleet>/model/<version>/<chunk>`` or ``.../<version>/onnx/<chunk>``."""
+
+    kind: ClassVar[TopicKind] = TopicKind.MODEL_CHUNK
+    fleet: str
+    version: int
+    index: int
+    artifact: ModelArtifact = ModelArtifact.WEIGHTS
+
+    def __post_init__(self) -> None:
+        _validate_fields(self)
+
+    @property
+    def topic(self) -> str:
+        return model_chunk_topic(self.fleet, self.version, self.index, artifact=self.artifact)
+
+
+@dataclass(frozen=True)
+class UpdateTopic:
+    """``edgefl/v1/<fleet>/device/<id>/update/<seq>``."""
+
+    kind: ClassVar[TopicKind] = TopicKind.DEVICE_UPDATE
+    fleet: str
+    device_id: str
+    seq: int
+
+    def __post_init__(self) -> None:
+        _validate_fields(self)
+
+    @property
+    def topic(self) -> str:
+        return update_topic(self.fleet, self.device_id, self.seq)
+
+
+@dataclass(frozen=True)
+class DeviceStateTopic:
+    """``edgefl/v1/<fleet>/device/<id>/state``."""
+
+    kind: ClassVar[TopicKind] = TopicKind.DEVICE_STATE
+    fleet: str
+    device_id: str
+
+    def __post_init__(self) -> None:
+        _validate_fields(self)
+
+    @property
+    def topic(self) -> str:
+        return device_state_topic(self.fleet, self.device_id)
+
+
+@dataclass(frozen=True)
+class ServerStateTopic:
+    """``edgefl/v1/<fleet>/server/state``."""
+
+    kind: ClassVar[TopicKind] = TopicKind.SERVER_STATE
+    fleet: str
+
+    def __post_init__(self) -> None:
+        _validate_fields(self)
+
+    @property
+    def topic(self) -> str:
+        return server_state_topic(self.fleet)
+
+
+@dataclass(frozen=True)
+class ServerMetricsTopic:
+    """``edgefl/v1/<fleet>/server/metrics``."""
+
+    kind: ClassVar[TopicKind] = TopicKind.SERVER_METRICS
+    fleet: str
+
+    def __post_init__(self) -> None:
+        _validate_fields(self)
+
+    @property
+    def topic(self) -> str:
+        return server_metrics_topic(self.fleet)
+
+
+ParsedTopic = (
+    ModelManifestTopic
+    | ModelChunkTopic
+    | UpdateTopic
+    | DeviceStateTopic
+    | ServerStateTopic
+    | ServerMetricsTopic
+)
+"""Tagged union returned by :func:`parse_topic`; narrow with ``isinstance`` or ``match``."""
+
+
+# ---------------------------------------------------------------------------------------------
+# builders
+
+
+def _fleet_root(fleet: str) -> str:
+    return f"{PROTOCOL_ROOT}/{fleet_name(fleet)}"
+
+
+def manifest_topic(fleet: str) -> str:
+    """``edgefl/v1/<fleet>/model/manifest`` (retained, QoS1, MODEL_MANIFEST)."""
+    return f"{_fleet_root(fleet)}/model/manifest"
+
+
+def model_chunk_topic(
+    fleet: str, version: int, index: int, *, artifact: ModelArtifact = ModelArtifact.WEIGHTS
+) -> str:
+    """``edgefl/v1/<fleet>/model/<version>/<index>`` for weights, ``.../onnx/<index>`` for ONNX."""
+    version = _check_int(version, "version")
+    index = _check_int(index, "chunk index")
+    middle = "" if artifact is ModelArtifact.WEIGHTS else f"{ModelArtifact(artifact).value}/"
+    return f"{_fleet_root(fleet)}/model/{version}/{middle}{index}"
+
+
+def update_topic(fleet: str, device: str, seq: int) -> str:
+    """``edgefl/v1/<fleet>/device/<id>/update/<seq>`` (QoS1, not retained)."""
+    return f"{_fleet_root(fleet)}/device/{device_id(device)}/update/{_check_int(seq, 'seq')}"
+
+
+def device_state_topic(fleet: str, device: str) -> str:
+    """``edgefl/v1/<fleet>/device/<id>/state`` (retained, QoS1, also the device's Last Will)."""
+    return f"{_fleet_root(fleet)}/device/{device_id(device)}/state"
+
+
+def server_state_topic(fleet: str) -> str:
+    """``edgefl/v1/<fleet>/server/state`` (retained, QoS1, also the aggregator's Last Will)."""
+    return f"{_fleet_root(fleet)}/server/state"
+
+
+def server_metrics_topic(fleet: str) -> str:
+    """``edgefl/v1/<fleet>/server/metrics`` (QoS0, not retained, periodic)."""
+    return f"{_fleet_root(fleet)}/server/metrics"
+
+
+# ---------------------------------------------------------------------------------------------
+# subscription filters
+
+
+def updates_filter(fleet: str, *, device: str | None = None) -> str:
+    """All update packets of a fleet (``.../device/+/update/+``) or of one device."""
+    who = "+" if device is None else device_id(device)
+    return f"{_fleet_root(fleet)}/device/{who}/update/+"
+
+
+def device_states_filter(fleet: str) -> str:
+    """Every device state of a fleet: ``edgefl/v1/<fleet>/device/+/state``."""
+    return f"{_fleet_root(fleet)}/device/+/state"
+
+
+def model_chunks_filter(fleet: str, version: int) -> str:
+    """Every chunk (weights and ONNX) of one model version: ``.../model/<version>/#``."""
+    return f"{_fleet_root(fleet)}/model/{_check_int(version, 'version')}/#"
+
+
+def all_fleet_filter(fleet: str) -> str:
+    """Everything of a fleet (what ``edgefl monitor`` subscribes to): ``edgefl/v1/<fleet>/#``."""
+    return f"{_fleet_root(fleet)}/#"
+
+
+def shared_subscription(group: str, topic_filter: str) -> str:
+    """MQTT 5 shared subscription ``$share/<group>/<filter>`` (load-balanced aggregators).
+
+    ``group`` follows ``NAME_PATTERN``; ``topic_filter`` must be an edgefl filter or topic.
+    """
+    validate_name(group, "shared subscription group")
+    if not topic_filter.startswith(PROTOCOL_ROOT + "/"):
+        raise ValueError(f"not an edgefl topic filter: {topic_filter!r}")
+    return f"$share/{group}/{topic_filter}"
+
+
+# ---------------------------------------------------------------------------------------------
+# parser
+
+
+def _bad_topic(topic: str, why: str) -> ProtocolError:
+    return ProtocolError(RejectReason.BAD_TOPIC, f"{why}: {topic[:200]!r}")
+
+
+def _parse_int(level: str, topic: str, what: str) -> int:
+    if _INT_RE.fullmatch(level) is None or int(level) > MAX_INT:
+        raise _bad_topic(topic, f"{what} is not a canonical decimal integer")
+    return int(level)
+
+
+def parse_topic(
+    topic: str | bytes | memoryview, *, expected_fleet: str | None = None
+) -> ParsedTopic:
+    """Parse a concrete edgefl topic (never a filter) into its typed form.
+
+    ``bytes`` are decoded as strict UTF-8 (invalid UTF-8 is ``BAD_TOPIC``). When
+    ``expected_fleet`` is given, a well-formed topic of another fleet raises ``UNKNOWN_FLEET``.
+    ``parse_topic(t).topic == t`` for every topic this returns.
+    """
+    if isinstance(topic, bytes | bytearray | memoryview):
+        raw = bytes(topic)
+        if len(raw) > MAX_TOPIC_BYTES:
+            raise ProtocolError(RejectReason.BAD_TOPIC, f"topic longer than {MAX_TOPIC_BYTES} B")
+        try:
+            text = raw.decode("utf-8", errors="strict")
+        except UnicodeDecodeError as exc:
+            raise ProtocolError(RejectReason.BAD_TOPIC, f"topic is not UTF-8: {exc}") from None
+    elif isinstance(topic, str):
+        text = topic
+        if len(text) > MAX_TOPIC_BYTES:  # cheap bound before encoding
+            raise ProtocolError(RejectReason.BAD_TOPIC, f"topic longer than {MAX_TOPIC_BYTES} B")
+    else:
+        raise ProtocolError(RejectReason.BAD_TOPIC, f"topic must be str or bytes: {topic!r}")
+
+    levels = text.split("/")
+    if len(levels) < 4 or levels[0] != "edgefl":
+        raise _bad_topic(text, "not an edgefl topic")
+    if levels[1] != "v1":
+        raise ProtocolError(RejectReason.BAD_VERSION, f"unsupported topic version {levels[1]!r}")
+    fleet = fleet_name(levels[2])
+    if expected_fleet is not None and fleet != expected_fleet:
+        raise ProtocolError(RejectReason.UNKNOWN_FLEET, f"topic of fleet {fleet!r}")
+    rest = levels[3:]
+    n = len(rest)
+
+    match rest[0]:
+        case "model":
+            if n == 2 and rest[1] == "manifest":
+                return ModelManifestTopic(fleet)
+            if n == 3:
+                version = _parse_int(rest[1], text, "model version")
+                return ModelChunkTopic(fleet, version, _parse_int(rest[2], text, "chunk index"))
+            if n == 4 and rest[2] == ModelArtifact.ONNX.value:
+                version = _parse_int(rest[1], text, "model version")
+                index = _parse_int(rest[3], text, "chunk index")
+                return ModelChunkTopic(fleet, version, index, ModelArtifact.ONNX)
+        case "device":
+            if n >= 3:
+                device = device_id(rest[1])
+                if n == 3 and rest[2] == "state":
+                    return DeviceStateTopic(fleet, device)
+                if n == 4 and rest[2] == "update":
+                    return UpdateTopic(fleet, device, _parse_int(rest[3], text, "update seq"))
+        case "server":
+            if n == 2 and rest[1] == "state":
+                return ServerStateTopic(fleet)
+            if n == 2 and rest[1] == "metrics":
+                return ServerMetricsTopic(fleet)
+        case _:
+            pass
+    raise _bad_topic(text, "unknown edgefl topic")
