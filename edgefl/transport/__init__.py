@@ -1,0 +1,55 @@
+"""MQTT transport for edgefl: the :class:`Transport` seam and its two implementations.
+
+* :class:`MqttTransport` — paho-mqtt 2.x on the asyncio loop; MQTT 5 with 3.1.1 fallback,
+  reconnect with backoff, manual QoS 1 acks, bounded inbound queue with backpressure.
+* :class:`MemoryTransport` over a :class:`MemoryBroker` — in-process, for unit tests.
+"""
+
+from edgefl.transport.base import (
+    AckTimeout,
+    Backpressure,
+    BrokerRefused,
+    ConnectInfo,
+    DropReason,
+    InboundMessage,
+    NotConnectedError,
+    OnConnect,
+    PayloadTooLarge,
+    Transport,
+    TransportClosed,
+    TransportError,
+    TransportStatistics,
+    TransportTimeout,
+    topic_matches,
+    validate_filter,
+    validate_topic,
+)
+from edgefl.transport.config import MqttConfig, MqttProtocol, Will
+from edgefl.transport.memory import MemoryBroker, MemoryTransport
+from edgefl.transport.mqtt import MqttTransport
+
+__all__ = [
+    "AckTimeout",
+    "Backpressure",
+    "BrokerRefused",
+    "ConnectInfo",
+    "DropReason",
+    "InboundMessage",
+    "MemoryBroker",
+    "MemoryTransport",
+    "MqttConfig",
+    "MqttProtocol",
+    "MqttTransport",
+    "NotConnectedError",
+    "OnConnect",
+    "PayloadTooLarge",
+    "Transport",
+    "TransportClosed",
+    "TransportError",
+    "TransportStatistics",
+    "TransportTimeout",
+    "Will",
+    "topic_matches",
+    "validate_filter",
+    "validate_topic",
+]

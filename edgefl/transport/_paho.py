@@ -1,0 +1,248 @@
+"""paho-mqtt 2.x plumbing for :class:`~edgefl.transport.mqtt.MqttTransport`.
+
+* :func:`make_client` builds a paho ``Client`` from an :class:`MqttConfig` (protocol, session,
+  Will, TLS, CONNECT properties). paho always runs with ``manual_ack=True``: the transport decides
+  when a QoS 1 message is acknowledged.
+* :class:`SocketDriver` runs that client's socket on an asyncio loop without a network thread:
+  paho's socket callbacks register the socket with ``add_reader``/``add_writer``, readiness calls
+  ``loop_read``/``loop_write``. paho calls ``on_socket_open`` and ``on_socket_register_write``
+  from whichever thread runs ``Client.reconnect`` (the transport runs it in the executor because
+  it blocks on TCP connect and TLS handshake); those two hop to the loop thread. The transport
+  never lets paho *close* a socket off the loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edgefl.transport.config import MqttConfig, MqttProtocol
+
+if TYPE_CHECKING:
+    from paho.mqtt.client import SocketLike
+
+log = logging.getLogger("edgefl.transport")
+paho_log = logging.getLogger("edgefl.transport.paho")
+
+_MAX_PACKETS_PER_WAKEUP = 64
+
+
+def ssl_context(config: MqttConfig) -> ssl.SSLContext:
+    """TLS context: CA file or system trust store, optional client certificate; verification
+    of certificate and host name unless ``tls_insecure``."""
+    context = ssl.create_default_context(
+        cafile=str(config.ca_file) if config.ca_file is not None else None
+    )
+    if config.cert_file is not None and config.key_file is not None:
+        context.load_cert_chain(str(config.cert_file), str(config.key_file))
+    if config.tls_insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def make_client(
+    config: MqttConfig,
+    client_id: str,
+    protocol: MqttProtocol,
+    tls: ssl.SSLContext | None,
+    receive_maximum: int,
+) -> mqtt.Client:
+    """A paho client for one protocol version, ready for ``reconnect()`` (no callbacks set)."""
+    v5 = protocol is MqttProtocol.V5
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        clean_session=None if v5 else not config.persistent_session,
+        protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
+        reconnect_on_failure=False,
+        manual_ack=True,
+    )
+    client.enable_logger(paho_log)
+    client.max_inflight_messages_set(config.max_inflight)
+    client.max_queued_messages_set(0)
+    client.connect_timeout = config.connect_timeout
+    if config.username is not None:
+        client.username_pw_set(config.username, config.password)
+    if tls is not None:
+        client.tls_set_context(tls)
+        if config.tls_insecure:
+            client.tls_insecure_set(True)
+    if config.will is not None:
+        will_props = None
+        if v5 and config.will.delay:
+            will_props = Properties(PacketTypes.WILLMESSAGE)  # type: ignore[no-untyped-call]
+            will_props.WillDelayInterval = config.will.delay
+        client.will_set(
+            config.will.topic, config.will.payload, config.will.qos, config.will.retain, will_props
+        )
+    connect_props = None
+    if v5:
+        connect_props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        if config.persistent_session:
+            connect_props.SessionExpiryInterval = config.session_expiry
+        connect_props.ReceiveMaximum = receive_maximum
+    client.connect_async(
+        config.host,
+        config.port,
+        config.keepalive,
+        clean_start=not config.persistent_session if v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+        properties=connect_props,
+    )
+    return client
+
+
+class SocketDriver:
+    """Drives one paho client's socket from an asyncio loop.
+
+    ``progress`` must be bumped by the owner's paho callbacks (message, publish, subscribe,
+    connect): a read wake-up keeps calling ``loop_read`` while it makes progress. ``on_error``
+    is called (on the loop) when reading or writing raised; the owner then drops the connection.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        client: mqtt.Client,
+        on_error: Callable[[str], None],
+    ) -> None:
+        self._loop = loop
+        self._loop_thread = threading.get_ident()
+        self.client = client
+        self._on_error = on_error
+        self._sock: SocketLike | None = None
+        self._fd = -1
+        self._reading = False
+        self._writing = False
+        self.closed = False
+        self.progress = 0
+        client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_socket_register_write
+        client.on_socket_unregister_write = self._on_socket_unregister_write
+
+    @property
+    def reading(self) -> bool:
+        return self._reading
+
+    def pause_reading(self) -> None:
+        """Stop reading (inbound queue full): TCP flow control pushes back to the broker."""
+        if self._reading:
+            self._loop.remove_reader(self._fd)
+            self._reading = False
+
+    def resume_reading(self) -> None:
+        if not self._reading and self._sock is not None:
+            self._loop.add_reader(self._fd, self._on_readable)
+            self._reading = True
+            self._loop.call_soon(
+                self._on_readable
+            )  # bytes already buffered (TLS) do not wake epoll
+
+    def flush(self) -> None:
+        """Write what paho has queued now instead of on the next loop iteration."""
+        self._on_writable()
+
+    def close_socket(self) -> None:
+        """Close the socket without DISCONNECT (the broker then publishes the Will)."""
+        if self.client.socket() is not None:
+            self.client._sock_close()  # paho has no public "close without DISCONNECT"
+        self._unregister()
+
+    # -- paho socket callbacks
+
+    def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: SocketLike) -> None:
+        self._in_loop(self._register, sock)
+
+    def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: SocketLike) -> None:
+        if sock is self._sock:
+            self._unregister()
+
+    def _on_socket_register_write(
+        self, client: mqtt.Client, userdata: Any, sock: SocketLike
+    ) -> None:
+        self._in_loop(self._register_writer, sock)
+
+    def _on_socket_unregister_write(
+        self, client: mqtt.Client, userdata: Any, sock: SocketLike
+    ) -> None:
+        self._in_loop(self._unregister_writer, sock)
+
+    # -- on the loop thread
+
+    def _in_loop(self, fn: Callable[[SocketLike], None], sock: SocketLike) -> None:
+        if threading.get_ident() == self._loop_thread:
+            fn(sock)
+        else:
+            with contextlib.suppress(RuntimeError):  # loop already closed
+                self._loop.call_soon_threadsafe(fn, sock)
+
+    def _register(self, sock: SocketLike) -> None:
+        if self.closed:
+            return
+        if self._sock is not None:
+            self._unregister()
+        self._sock = sock
+        self._fd = sock.fileno()
+        if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Always read a fresh connection (its CONNACK); a still-full queue pauses it again.
+        self._loop.add_reader(self._fd, self._on_readable)
+        self._reading = True
+
+    def _register_writer(self, sock: SocketLike) -> None:
+        if sock is self._sock and not self._writing:
+            self._loop.add_writer(self._fd, self._on_writable)
+            self._writing = True
+
+    def _unregister_writer(self, sock: SocketLike) -> None:
+        if sock is self._sock and self._writing:
+            self._loop.remove_writer(self._fd)
+            self._writing = False
+
+    def _unregister(self) -> None:
+        if self._fd >= 0:
+            if self._reading:
+                self._loop.remove_reader(self._fd)
+            if self._writing:
+                self._loop.remove_writer(self._fd)
+        self._sock = None
+        self._fd = -1
+        self._reading = self._writing = False
+
+    def _on_readable(self) -> None:
+        if self._sock is None or not self._reading:
+            return
+        try:
+            for _ in range(_MAX_PACKETS_PER_WAKEUP):
+                before = self.progress
+                rc = self.client.loop_read()
+                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or self._sock is None or not self._reading:
+                    break
+                pending = getattr(self._sock, "pending", None)  # TLS: decrypted, not yet read
+                if self.progress == before and not (pending is not None and pending() > 0):
+                    break
+        except Exception as exc:
+            log.exception("error while reading from the broker")
+            self._on_error(f"read error: {exc!r}")
+
+    def _on_writable(self) -> None:
+        if self._sock is None:
+            return
+        try:
+            self.client.loop_write()
+        except Exception as exc:
+            log.exception("error while writing to the broker")
+            self._on_error(f"write error: {exc!r}")

@@ -1,0 +1,748 @@
+"""``MqttTransport``: paho-mqtt 2.x driven from the asyncio event loop, with manual acks.
+
+paho runs without a network thread: :class:`~edgefl.transport._paho.SocketDriver` registers its
+socket with ``loop.add_reader``/``add_writer``, and a small task calls ``loop_misc`` every second
+for keepalive. The only blocking step, TCP connect and TLS handshake inside ``Client.reconnect``,
+runs in the default executor (bounded by ``connect_timeout``); every other paho call happens on
+the event loop thread. A supervisor task owns the connection lifecycle: connect, protocol
+fallback (``auto``: MQTT 5, then 3.1.1), re-subscribe, the ``on_connect`` hook, jittered
+exponential backoff.
+
+Delivery: QoS 1 messages handed to paho survive reconnects (paho keeps them until their PUBACK
+and resends them after the next CONNACK). Inbound QoS 1 messages are acknowledged only when the
+consumer acks them (``manual_ack``) or takes them from the bounded inbound queue; on MQTT 5 the
+Receive Maximum equals the queue size, so the broker never sends more unacknowledged messages
+than fit. Anything else (QoS 0, MQTT 3.1.1) that finds the queue full stops the reading of the
+socket (``Backpressure.PAUSE``), so TCP flow control pushes back to the broker; or it is dropped
+and counted (``Backpressure.DROP_NEWEST``). Acks carry the connection generation: an ack for a
+delivery of an earlier connection is not sent (the broker redelivers that message).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import logging
+import random
+import secrets
+import time
+from collections.abc import AsyncGenerator
+from enum import Enum
+from types import TracebackType
+from typing import Any, Self
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from edgefl.transport._inbound import Counters, InboundQueue
+from edgefl.transport._paho import SocketDriver, make_client, ssl_context
+from edgefl.transport.base import (
+    AckTimeout,
+    BrokerRefused,
+    ConnectInfo,
+    DropReason,
+    InboundMessage,
+    NotConnectedError,
+    OnConnect,
+    PayloadTooLarge,
+    TransportClosed,
+    TransportError,
+    TransportStatistics,
+    TransportTimeout,
+    validate_filter,
+    validate_qos,
+    validate_topic,
+)
+from edgefl.transport.config import MqttConfig, MqttProtocol
+
+log = logging.getLogger("edgefl.transport")
+
+_STABLE_AFTER = 10.0
+"""A connection that lived this long resets the reconnect backoff."""
+_DISCONNECT_GRACE = 2.0
+_UNSUPPORTED_PROTOCOL = "Unsupported protocol version"
+
+
+class _ConnectionLost(Exception):
+    """Internal: the connection an operation was waiting on went away."""
+
+
+class _Attempt(Enum):
+    CONNECTED = 1
+    RETRY_NOW = 2
+    FAILED = 3
+
+
+def _consume(fut: asyncio.Future[Any]) -> None:
+    """Done-callback that marks a future's exception as retrieved (nobody may await it)."""
+    if not fut.cancelled():
+        fut.exception()
+
+
+class MqttTransport:
+    """The :class:`~edgefl.transport.base.Transport` over a real MQTT broker.
+
+    Use as ``async with MqttTransport(config) as transport:``. ``__aenter__`` waits up to
+    ``config.start_timeout`` for the first connection; afterwards the transport reconnects on its
+    own until closed. ``on_connect`` runs after every (re)connection (it is cancelled if that
+    connection drops before it finishes).
+    """
+
+    def __init__(self, config: MqttConfig, *, on_connect: OnConnect | None = None) -> None:
+        self._config = config
+        self._client_id = config.client_id or f"edgefl-{secrets.token_hex(6)}"
+        self._on_connect_hook = on_connect
+        self._ssl_context = ssl_context(config) if config.tls else None
+        self._counters = Counters()
+        self._inbound = InboundQueue(
+            config.max_queued_messages,
+            config.backpressure,
+            self._counters,
+            pause=self._pause_reading,
+            resume=self._resume_reading,
+        )
+        # protocol: fixed, or negotiated once (auto) and then kept
+        self._protocol: MqttProtocol | None = (
+            None if config.protocol is MqttProtocol.AUTO else config.protocol
+        )
+        self._try_protocol = (
+            MqttProtocol.V311 if config.protocol is MqttProtocol.V311 else (MqttProtocol.V5)
+        )
+        self._client: mqtt.Client | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # connection state
+        self._gen = 0
+        self._connected = False
+        self._session_present = False
+        self._server_max_packet: int | None = None
+        self._rm_bounds_qos1 = False
+        self._state_changed = asyncio.Event()
+        self._closing = False
+        self._closing_event = asyncio.Event()
+        self._closed = False
+        self._in_executor = False
+        self._attempt_lost: asyncio.Future[str] | None = None
+        self._connack: asyncio.Future[tuple[ReasonCode, bool]] | None = None
+        self._io: SocketDriver | None = None
+        # operations in flight
+        self._pending_pubs: dict[int, tuple[asyncio.Future[None], int]] = {}
+        self._pending_qos0: set[int] = set()
+        self._pending_subs: dict[int, asyncio.Future[list[ReasonCode]]] = {}
+        self._sub_state: dict[str, tuple[int, asyncio.Future[list[ReasonCode]], int, int]] = {}
+        self._subscriptions: dict[str, int] = {}
+        self._unacked: dict[int, tuple[int, int]] = {}
+        self._tokens = itertools.count(1)
+        self._supervisor: asyncio.Task[None] | None = None
+        self._misc_task: asyncio.Task[None] | None = None
+        self._hook_task: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def client_id(self) -> str:
+        return self._client_id
+
+    @property
+    def config(self) -> MqttConfig:
+        return self._config
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        if self._config.start_timeout is not None:
+            try:
+                await self.wait_connected(self._config.start_timeout)
+            except BaseException:
+                await self.close()
+                raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Start connecting in the background (``__aenter__`` calls this)."""
+        if self._supervisor is not None:
+            raise RuntimeError("transport already started")
+        if self._closing:
+            raise TransportClosed("transport closed")
+        self._loop = asyncio.get_running_loop()
+        self._supervisor = self._loop.create_task(
+            self._supervise(), name=f"edgefl-mqtt-{self._client_id}"
+        )
+
+    async def wait_connected(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        """Wait until connected; :class:`NotConnectedError` after ``timeout`` seconds."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._wait_connected()
+        except TimeoutError:
+            raise NotConnectedError(self._not_connected_message(timeout)) from None
+
+    async def close(self, *, abrupt: bool = False) -> None:
+        """Close the transport. Graceful: send DISCONNECT (the broker discards the Will).
+        ``abrupt=True`` drops the TCP connection instead, so the broker publishes the Will (the
+        same as a crash). Pending operations fail with :class:`TransportClosed`; queued inbound
+        messages are counted as ``unconsumed_at_close``."""
+        if self._closed or self._closing:
+            if self._supervisor is not None and not self._closed:
+                await asyncio.shield(self._supervisor)
+            return
+        self._closing = True
+        self._closing_event.set()
+        self._notify()
+        client = self._client
+        if not self._in_executor:
+            if abrupt or not self._connected or client is None:
+                self._drop_socket("closed abruptly" if abrupt else "closed")
+            else:
+                client.disconnect()
+                if self._attempt_lost is not None:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(_DISCONNECT_GRACE):
+                            await asyncio.shield(self._attempt_lost)
+                self._drop_socket("closed")
+        try:
+            if self._supervisor is not None:
+                await asyncio.shield(self._supervisor)  # survives the cancellation of a hook
+        finally:
+            self._finish_close()
+
+    async def publish(
+        self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
+    ) -> None:
+        """See :meth:`Transport.publish`. Waits for a connection while disconnected; QoS 1
+        retransmits across reconnects until the PUBACK. Bounded by ``operation_timeout``."""
+        validate_topic(topic)
+        validate_qos(qos)
+        data = bytes(payload)
+        self._check_size(topic, data, None)
+        handed_over = False
+        try:
+            async with asyncio.timeout(self._config.operation_timeout):
+                while True:
+                    await self._wait_connected()
+                    client = self._client
+                    assert client is not None
+                    self._check_size(topic, data, self._server_max_packet)
+                    info = client.publish(topic, data, qos=qos, retain=retain)
+                    if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+                        raise TransportError("outbound queue full")
+                    if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos == 0:
+                        await asyncio.sleep(0.01)
+                        continue
+                    fut: asyncio.Future[None] = self._running_loop().create_future()
+                    self._pending_pubs[info.mid] = (fut, len(data))
+                    if qos == 0:
+                        self._pending_qos0.add(info.mid)
+                    handed_over = qos > 0
+                    try:
+                        await fut
+                    except _ConnectionLost:
+                        continue  # QoS 0 packet discarded with the connection: send again
+                    return
+        except TimeoutError as exc:
+            if isinstance(exc, TransportTimeout):
+                raise
+            timeout = self._config.operation_timeout
+            if handed_over:
+                raise AckTimeout(f"no PUBACK for {topic!r} within {timeout}s") from None
+            raise NotConnectedError(self._not_connected_message(timeout)) from None
+
+    async def subscribe(self, topic_filter: str, *, qos: int = 1) -> None:
+        """See :meth:`Transport.subscribe`; the filter is renewed after every reconnect."""
+        validate_filter(topic_filter)
+        validate_qos(qos)
+        self._subscriptions[topic_filter] = qos
+        try:
+            async with asyncio.timeout(self._config.operation_timeout):
+                while True:
+                    await self._wait_connected()
+                    entry = self._sub_state.get(topic_filter)
+                    if entry is None or entry[0] != self._gen or entry[3] != qos:
+                        self._send_subscribe({topic_filter: qos})
+                        entry = self._sub_state[topic_filter]
+                    _, fut, index, _ = entry
+                    try:
+                        codes = await asyncio.shield(fut)
+                    except _ConnectionLost:
+                        continue
+                    code = codes[index] if index < len(codes) else None
+                    if code is None or code.is_failure:
+                        self._subscriptions.pop(topic_filter, None)
+                        raise BrokerRefused(f"subscribe {topic_filter!r}", str(code))
+                    return
+        except TimeoutError as exc:
+            if isinstance(exc, TransportTimeout):
+                raise
+            raise NotConnectedError(
+                f"subscription {topic_filter!r} not granted within "
+                f"{self._config.operation_timeout}s"
+            ) from None
+
+    async def messages(self) -> AsyncGenerator[InboundMessage, None]:
+        """Inbound messages until the transport is closed. Several consumers share one queue.
+        Without ``manual_ack`` a QoS 1 message is acknowledged here, as it is handed out."""
+        while True:
+            try:
+                message = await self._inbound.get()
+            except TransportClosed:
+                return
+            if message.ack_token and not self._config.manual_ack:
+                self._send_ack(message.ack_token)
+                message = dataclasses.replace(message, ack_token=0)
+            yield message
+
+    async def ack(self, message: InboundMessage) -> None:
+        """PUBACK ``message`` now (``manual_ack``; otherwise a no-op). Idempotent; an ack for a
+        delivery of an earlier connection is not sent (counted as ``stale_acks``: the broker
+        redelivers it to a persistent session)."""
+        if message.ack_token:
+            self._send_ack(message.ack_token)
+
+    def statistics(self) -> TransportStatistics:
+        return self._counters.snapshot(
+            connected=self._connected,
+            protocol=self._protocol.value if self._protocol else None,
+            queued=len(self._inbound),
+        )
+
+    # ------------------------------------------------------------------ supervisor
+
+    async def _supervise(self) -> None:
+        cfg = self._config
+        delay = cfg.reconnect_min_delay
+        try:
+            while not self._closing:
+                started = time.monotonic()
+                try:
+                    outcome = await self._attempt()
+                    if outcome is _Attempt.CONNECTED:
+                        await self._serve_connection()
+                except Exception:  # never let the supervisor die: that would strand the transport
+                    log.exception("%s: connection supervisor error", self._client_id)
+                    self._drop_socket("supervisor error")
+                    outcome = _Attempt.FAILED
+                if self._closing:
+                    break
+                if outcome is _Attempt.RETRY_NOW:
+                    continue
+                if time.monotonic() - started >= _STABLE_AFTER:
+                    delay = cfg.reconnect_min_delay
+                pause = random.uniform(delay / 2, delay)
+                log.debug("%s: reconnecting in %.2fs", self._client_id, pause)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(pause):
+                        await self._closing_event.wait()
+                delay = min(delay * 2, cfg.reconnect_max_delay)
+        finally:
+            if not self._in_executor:
+                self._drop_socket("transport closed")
+
+    async def _attempt(self) -> _Attempt:
+        """One connection attempt: TCP/TLS in the executor, then wait for the CONNACK."""
+        loop = self._running_loop()
+        proto = self._try_protocol
+        client = self._client_for(proto)
+        self._attempt_lost = loop.create_future()
+        self._connack = loop.create_future()
+        self._connack.add_done_callback(_consume)
+        self._in_executor = True
+        try:
+            rc = await loop.run_in_executor(None, client.reconnect)
+        except (OSError, ValueError) as exc:  # refused, unreachable, TLS/certificate errors
+            self._record_failure(f"cannot connect to {self._config.url}: {exc}")
+            return _Attempt.FAILED
+        except Exception as exc:
+            log.exception("%s: unexpected error while connecting", self._client_id)
+            self._record_failure(f"cannot connect to {self._config.url}: {exc!r}")
+            return _Attempt.FAILED
+        finally:
+            self._in_executor = False
+        if self._closing:
+            self._drop_socket("transport closed")
+            return _Attempt.FAILED
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            self._drop_socket(f"CONNECT not sent: {rc}")
+            self._record_failure(f"cannot send CONNECT to {self._config.url}: {rc}")
+            return _Attempt.FAILED
+        # auto, protocol still unknown: amqtt answers a bare MQTT 5 CONNECT with "unsupported
+        # protocol version" but ignores one that carries properties, so silence means 3.1.1 too
+        probing = self._protocol is None and proto is MqttProtocol.V5
+        timeout = self._config.connect_timeout
+        if probing:
+            timeout = min(timeout, self._config.protocol_probe_timeout)
+        try:
+            async with asyncio.timeout(timeout):
+                reason, _ = await asyncio.shield(self._connack)
+        except TimeoutError:
+            self._drop_socket("no CONNACK")
+            if self._closing:
+                return _Attempt.FAILED
+            if probing and self._maybe_fall_back(proto):
+                log.info(
+                    "%s: no CONNACK for MQTT 5 in %.1fs, trying 3.1.1", self._client_id, timeout
+                )
+                return _Attempt.RETRY_NOW
+            self._record_failure(f"no CONNACK from {self._config.url} (MQTT {proto.value})")
+            self._maybe_fall_back(proto)
+            return _Attempt.FAILED
+        except _ConnectionLost as exc:
+            if self._closing:
+                return _Attempt.FAILED
+            self._record_failure(f"{self._config.url} closed the connection before CONNACK: {exc}")
+            self._maybe_fall_back(proto)
+            return _Attempt.FAILED
+        if reason.is_failure:
+            if reason == _UNSUPPORTED_PROTOCOL and self._maybe_fall_back(proto):
+                log.info("%s: broker refused MQTT %s, trying 3.1.1", self._client_id, proto.value)
+                return _Attempt.RETRY_NOW
+            self._record_failure(f"{self._config.url} refused the connection: {reason}")
+            return _Attempt.FAILED
+        return _Attempt.CONNECTED
+
+    def _maybe_fall_back(self, proto: MqttProtocol) -> bool:
+        """``auto`` before the first connection: alternate 5 -> 3.1.1 -> 5 ... True if switched."""
+        if self._protocol is not None:
+            return False
+        self._try_protocol = MqttProtocol.V311 if proto is MqttProtocol.V5 else MqttProtocol.V5
+        return proto is MqttProtocol.V5
+
+    async def _serve_connection(self) -> None:
+        """Run while connected: keepalive task, on_connect hook; return when the link drops."""
+        client = self._client
+        lost = self._attempt_lost
+        assert client is not None
+        assert lost is not None
+        assert self._protocol is not None
+        loop = self._running_loop()
+        log.info(
+            "%s: connected to %s (MQTT %s, session present: %s)",
+            self._client_id,
+            self._config.url,
+            self._protocol.value,
+            self._session_present,
+        )
+        self._misc_task = loop.create_task(self._misc_loop(client))
+        if self._on_connect_hook is not None:
+            info = ConnectInfo(
+                session_present=self._session_present,
+                protocol=self._protocol.value,
+                connects=self._counters.connects,
+            )
+            self._hook_task = loop.create_task(self._run_hook(info))
+        try:
+            reason = await lost
+        finally:
+            for task in (self._misc_task, self._hook_task):
+                if task is not None and not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
+            self._misc_task = self._hook_task = None
+        if not self._closing:
+            log.warning("%s: connection to %s lost: %s", self._client_id, self._config.url, reason)
+
+    async def _run_hook(self, info: ConnectInfo) -> None:
+        assert self._on_connect_hook is not None
+        try:
+            await self._on_connect_hook(info)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s: on_connect hook failed", self._client_id)
+
+    async def _misc_loop(self, client: mqtt.Client) -> None:
+        while client is self._client:
+            await asyncio.sleep(1.0)
+            if client.loop_misc() != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                return
+
+    # ------------------------------------------------------------------ paho client
+
+    def _client_for(self, proto: MqttProtocol) -> mqtt.Client:
+        """The paho client for ``proto`` (a new one, with its socket driver, on a switch)."""
+        want = (
+            MQTTProtocolVersion.MQTTv5
+            if proto is MqttProtocol.V5
+            else (MQTTProtocolVersion.MQTTv311)
+        )
+        if self._client is not None and self._client.protocol == want:
+            return self._client
+        if self._io is not None:
+            self._io.closed = True
+        client = make_client(
+            self._config, self._client_id, proto, self._ssl_context, self._receive_maximum()
+        )
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
+        self._io = SocketDriver(self._running_loop(), client, self._drop_socket)
+        self._client = client
+        return client
+
+    # paho callbacks: on the loop thread (inside loop_read/loop_write/loop_misc)
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.ConnectFlags,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        self._bump()
+        if client is not self._client:
+            return
+        if not reason.is_failure:
+            self._gen += 1
+            self._connected = True
+            self._session_present = bool(flags.session_present)
+            self._protocol = self._try_protocol
+            self._counters.connects += 1
+            self._rm_bounds_qos1 = (
+                client.protocol == MQTTProtocolVersion.MQTTv5
+                and self._receive_maximum() <= self._config.max_queued_messages
+            )
+            self._server_max_packet = getattr(properties, "MaximumPacketSize", None)
+            if self._subscriptions:
+                self._send_subscribe(dict(self._subscriptions), renewal=True)
+            self._notify()
+        if self._connack is not None and not self._connack.done():
+            self._connack.set_result((reason, bool(flags.session_present)))
+
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.DisconnectFlags,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if client is self._client:
+            origin = "broker" if flags.is_disconnect_packet_from_server else "client"
+            self._handle_lost(f"{reason} ({origin})")
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        self._bump()
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:
+            self._counters.drop(DropReason.INVALID_TOPIC)
+            if msg.qos == 1:
+                client.ack(msg.mid, 1)
+            return
+        token = 0
+        if msg.qos == 1:
+            token = next(self._tokens)
+            self._unacked[token] = (self._gen, msg.mid)
+        payload = msg.payload if isinstance(msg.payload, bytes) else bytes(msg.payload)
+        message = InboundMessage(topic, payload, msg.qos, bool(msg.retain), bool(msg.dup), token)
+        # QoS 1 inflow is bounded by our Receive Maximum on MQTT 5: pausing the socket for it
+        # would only starve paho's keepalive (it could not read the PINGRESP)
+        rm_bounded = token != 0 and self._rm_bounds_qos1
+        if not self._inbound.offer(message, may_pause=not rm_bounded) and token:
+            # dropped (and counted): acknowledge so the broker does not hold it in flight forever
+            del self._unacked[token]
+            client.ack(msg.mid, 1)
+
+    def _on_publish(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        mid: int,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        self._bump()
+        if client is not self._client:
+            return
+        self._pending_qos0.discard(mid)
+        entry = self._pending_pubs.pop(mid, None)
+        if entry is None:
+            return
+        fut, size = entry
+        if reason.is_failure:
+            if not fut.done():
+                fut.set_exception(BrokerRefused("publish", str(reason)))
+            return
+        self._counters.published += 1
+        self._counters.published_bytes += size
+        if not fut.done():
+            fut.set_result(None)
+
+    def _on_subscribe(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        self._bump()
+        fut = self._pending_subs.pop(mid, None)
+        if fut is not None and not fut.done():
+            fut.set_result(list(reason_codes))
+
+    def _drop_socket(self, reason: str) -> None:
+        """Close the connection without DISCONNECT (the broker will publish the Will)."""
+        if self._io is not None:
+            self._io.close_socket()
+        self._handle_lost(reason)
+
+    def _handle_lost(self, reason: str) -> None:
+        """The current connection (or attempt) is gone: update state, fail what waited on it."""
+        self._connected = False
+        self._server_max_packet = None
+        if self._attempt_lost is not None and not self._attempt_lost.done():
+            self._attempt_lost.set_result(reason)
+        if self._connack is not None and not self._connack.done():
+            self._connack.set_exception(_ConnectionLost(reason))
+        subs, self._pending_subs = self._pending_subs, {}
+        for fut in subs.values():
+            if not fut.done():
+                fut.set_exception(_ConnectionLost(reason))
+        for mid in self._pending_qos0:
+            entry = self._pending_pubs.pop(mid, None)
+            if entry is not None and not entry[0].done():
+                entry[0].set_exception(_ConnectionLost(reason))
+        self._pending_qos0.clear()
+        self._notify()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _pause_reading(self) -> None:
+        if self._io is not None:
+            self._io.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._io is not None:
+            self._io.resume_reading()
+
+    def _bump(self) -> None:
+        if self._io is not None:
+            self._io.progress += 1
+
+    def _receive_maximum(self) -> int:
+        return self._config.receive_maximum or min(self._config.max_queued_messages, 65535)
+
+    def _send_ack(self, token: int) -> None:
+        entry = self._unacked.pop(token, None)
+        if entry is None:
+            return
+        gen, mid = entry
+        client = self._client
+        if gen != self._gen or not self._connected or client is None:
+            self._counters.stale_acks += 1
+            return
+        client.ack(mid, 1)
+        self._counters.acked += 1
+        if self._io is not None:
+            self._io.flush()  # hand the PUBACK to the kernel now, not on the next loop turn
+
+    def _send_subscribe(self, filters: dict[str, int], *, renewal: bool = False) -> None:
+        client = self._client
+        assert client is not None
+        fut: asyncio.Future[list[ReasonCode]] = self._running_loop().create_future()
+        fut.add_done_callback(_consume)
+        items = list(filters.items())
+        if client.protocol == MQTTProtocolVersion.MQTTv5:
+            # retained messages only for a subscription the broker does not already have
+            rh = SubscribeOptions.RETAIN_SEND_IF_NEW_SUB
+            rc, mid = client.subscribe(
+                [(f, SubscribeOptions(qos=q, retainHandling=rh)) for f, q in items]
+            )
+        else:
+            rc, mid = client.subscribe(items)
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            fut.set_exception(_ConnectionLost(f"SUBSCRIBE not sent: {rc}"))
+        else:
+            self._pending_subs[mid] = fut
+        for index, (topic_filter, qos) in enumerate(items):
+            self._sub_state[topic_filter] = (self._gen, fut, index, qos)
+        if renewal:
+            names = [name for name, _ in items]
+            fut.add_done_callback(lambda done: self._log_refusals(done, names))
+
+    def _log_refusals(self, fut: asyncio.Future[list[ReasonCode]], filters: list[str]) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        for topic_filter, code in zip(filters, fut.result(), strict=False):
+            if code.is_failure:
+                log.error(
+                    "%s: broker refused subscription %r: %s", self._client_id, topic_filter, code
+                )
+
+    def _check_size(self, topic: str, payload: bytes, server_limit: int | None) -> None:
+        limits = [x for x in (self._config.max_packet_size, server_limit) if x]
+        if not limits:
+            return
+        # fixed header (<= 5) + topic (2 + n) + packet id (2) + empty properties (1) + payload
+        size = 5 + 2 + len(topic.encode("utf-8")) + 2 + 1 + len(payload)
+        if size > min(limits):
+            raise PayloadTooLarge(
+                f"{size}-byte packet for {topic!r} exceeds the maximum packet size {min(limits)}"
+            )
+
+    async def _wait_connected(self) -> None:
+        if self._supervisor is None and not self._closing:
+            raise RuntimeError("transport not started: use `async with` or start()")
+        while True:
+            if self._closing:
+                raise TransportClosed("transport closed")
+            if self._connected:
+                return
+            await self._state_changed.wait()
+
+    def _notify(self) -> None:
+        event, self._state_changed = self._state_changed, asyncio.Event()
+        event.set()
+
+    def _record_failure(self, message: str) -> None:
+        self._counters.connect_failures += 1
+        self._counters.last_error = message
+        log.info("%s: %s", self._client_id, message)
+
+    def _not_connected_message(self, timeout: float | None) -> str:
+        last = self._counters.last_error
+        return f"not connected to {self._config.url} within {timeout}s" + (
+            f" (last error: {last})" if last else ""
+        )
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise RuntimeError("transport not started")
+        return self._loop
+
+    def _finish_close(self) -> None:
+        self._closed = True
+        if self._io is not None:
+            self._io.closed = True
+        closed = TransportClosed("transport closed")
+        for fut, _ in self._pending_pubs.values():
+            if not fut.done():
+                fut.set_exception(closed)
+        self._pending_pubs.clear()
+        self._pending_qos0.clear()
+        for sub_fut in self._pending_subs.values():
+            if not sub_fut.done():
+                sub_fut.set_exception(closed)
+        self._pending_subs.clear()
+        self._unacked.clear()
+        self._inbound.close()
+        self._notify()
