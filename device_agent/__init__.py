@@ -1,0 +1,1 @@
+"""edgefl: device_agent."""

@@ -1,0 +1,644 @@
+"""Agent configuration: TOML file < environment < command-line overrides, validated at start.
+
+Sources, lowest precedence first:
+
+1. **TOML file** (default ``/etc/edgefl/agent.toml``; see ``device_agent/examples/agent.toml``).
+   Top-level keys ``fleet``, ``device_id``, ``state_dir``, ``log_level``, ``profile`` and the
+   tables ``[broker]``, ``[data]``, ``[training]``, ``[codec]``, ``[eligibility]``, ``[probes]``.
+   Relative paths in the file are relative to the file's directory.
+2. **Environment**: ``EDGEFL_<SECTION>__<KEY>`` (double underscore) for a key in a table and
+   ``EDGEFL_<KEY>`` for a top-level key, upper case, e.g. ``EDGEFL_BROKER__URL``,
+   ``EDGEFL_BROKER__PASSWORD_FILE``, ``EDGEFL_ELIGIBILITY__MAX_TEMP_C``, ``EDGEFL_FLEET``,
+   ``EDGEFL_DEVICE_ID``. Values are text: booleans ``true/false/1/0/yes/no/on/off``; lists
+   (``eligibility.windows``) comma-separated; an empty value sets an optional key to none.
+   The agent owns the ``EDGEFL_`` prefix: an unknown ``EDGEFL_*`` variable is an error (typos such
+   as ``EDGEFL_BROKER_URL`` get a suggestion), except ``EDGEFL_CONFIG`` (the config file path,
+   read by the command line). :func:`env_var_name` gives the variable of any key.
+3. **Overrides** (command-line flags): dotted keys (``broker.url``, ``fleet``); values are native
+   (``int``, ``bool``, ...) or text parsed like environment values; ``None`` means "not given".
+
+Secrets: ``broker.password_file`` names a file holding the password (trailing newline removed),
+so the password need not be in the TOML or the environment; it conflicts with
+``broker.password``. ``state_dir`` defaults to ``$STATE_DIRECTORY`` when systemd sets it
+(``StateDirectory=``), else ``/var/lib/edgefl``.
+
+Every problem raises :class:`ConfigError` naming the key, the bad value and where it came from.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, NamedTuple, cast
+from urllib.parse import urlsplit
+
+from device_agent.eligibility.policy import EligibilityPolicy, PolicyError, TimeWindow
+from device_agent.eligibility.probes import MeteredSource
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "DEFAULT_STATE_DIR",
+    "ENV_PREFIX",
+    "AgentConfig",
+    "BrokerConfig",
+    "CodecPrefs",
+    "ConfigError",
+    "DataConfig",
+    "DataKind",
+    "ProbeConfig",
+    "TrainingLimits",
+    "env_var_name",
+    "known_keys",
+    "load_config",
+]
+
+DEFAULT_CONFIG_PATH = Path("/etc/edgefl/agent.toml")
+DEFAULT_STATE_DIR = Path("/var/lib/edgefl")
+ENV_PREFIX = "EDGEFL_"
+ENV_IGNORED = frozenset({"EDGEFL_CONFIG"})
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class ConfigError(ValueError):
+    """A configuration problem. ``str()`` reads ``"<key>: <problem> (from <source>)"``."""
+
+    def __init__(self, key: str, problem: str, *, source: str | None = None) -> None:
+        message = f"{key}: {problem}"
+        if source:
+            message += f" (from {source})"
+        super().__init__(message)
+        self.key = key
+        self.problem = problem
+        self.source = source
+
+
+def _check_int(key: str, value: int, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(key, f"expected an integer in [{low}, {high}], got {value!r}")
+
+
+def _check_float(
+    key: str, value: float, low: float, high: float, *, open_low: bool = False
+) -> None:
+    ok = (
+        not isinstance(value, bool)
+        and isinstance(value, int | float)
+        and math.isfinite(value)
+        and (low < value if open_low else low <= value)
+        and value <= high
+    )
+    if not ok:
+        bracket = "(" if open_low else "["
+        raise ConfigError(key, f"expected a number in {bracket}{low:g}, {high:g}], got {value!r}")
+
+
+def _check_name(key: str, value: str) -> None:
+    if not isinstance(value, str) or not NAME_PATTERN.match(value):
+        raise ConfigError(
+            key, f"expected 1-64 characters [A-Za-z0-9_.-] starting alphanumeric, got {value!r}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    """MQTT broker connection. ``url`` is ``mqtt://host[:port]`` or ``mqtts://host[:port]``."""
+
+    url: str
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tls_insecure: bool = False
+    keepalive: int = 60
+
+    def __post_init__(self) -> None:
+        bad = f"expected mqtt:// or mqtts:// URL, got {self.url!r}"
+        if not isinstance(self.url, str):
+            raise ConfigError("broker.url", bad)
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ConfigError("broker.url", bad)
+        try:
+            port = parts.port  # raises ValueError on a malformed or out-of-range port
+        except ValueError:
+            port = 0
+        if port == 0:
+            raise ConfigError("broker.url", f"bad port in {self.url!r}")
+        if parts.username is not None or parts.password is not None:
+            raise ConfigError(
+                "broker.url",
+                "credentials do not belong in the URL; use broker.username and "
+                "broker.password_file",
+            )
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ConfigError("broker.url", f"unexpected path or query in {self.url!r}")
+        if not self.tls:
+            for key, value in (
+                ("ca_file", self.ca_file),
+                ("cert_file", self.cert_file),
+                ("key_file", self.key_file),
+            ):
+                if value is not None:
+                    raise ConfigError(f"broker.{key}", "TLS files need an mqtts:// broker.url")
+            if self.tls_insecure:
+                raise ConfigError("broker.tls_insecure", "only meaningful with an mqtts:// URL")
+        if (self.cert_file is None) != (self.key_file is None):
+            missing = "key_file" if self.key_file is None else "cert_file"
+            raise ConfigError(f"broker.{missing}", "cert_file and key_file go together")
+        if self.password is not None and self.username is None:
+            raise ConfigError("broker.username", "a password needs a username")
+        if self.username is not None and not self.username:
+            raise ConfigError("broker.username", "must not be empty")
+        _check_int("broker.keepalive", self.keepalive, 5, 65535)
+
+    @property
+    def tls(self) -> bool:
+        return urlsplit(self.url).scheme == "mqtts"
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.url).port or (8883 if self.tls else 1883)
+
+
+class DataKind(StrEnum):
+    NPZ = "npz"
+    CSV = "csv"
+    ENTRYPOINT = "entrypoint"
+
+
+_ENTRYPOINT_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+@dataclass(frozen=True, slots=True)
+class DataConfig:
+    """The device's local training data. ``npz``: arrays ``x_key``/``y_key`` in ``path``;
+    ``csv``: ``path`` with a ``label_column``; ``entrypoint``: ``"package.module:function"``
+    (``path`` is passed to it when given)."""
+
+    kind: DataKind
+    path: Path | None = None
+    entrypoint: str | None = None
+    label_column: str = "label"
+    x_key: str = "x"
+    y_key: str = "y"
+
+    def __post_init__(self) -> None:
+        if self.kind in (DataKind.NPZ, DataKind.CSV) and self.path is None:
+            raise ConfigError("data.path", f"required for kind = {self.kind.value!r}")
+        if self.kind is DataKind.ENTRYPOINT:
+            if self.entrypoint is None or not _ENTRYPOINT_RE.match(self.entrypoint):
+                raise ConfigError(
+                    "data.entrypoint",
+                    f"expected 'package.module:function', got {self.entrypoint!r}",
+                )
+        elif self.entrypoint is not None:
+            raise ConfigError("data.entrypoint", "only used with kind = 'entrypoint'")
+        for key in ("label_column", "x_key", "y_key"):
+            if not getattr(self, key):
+                raise ConfigError(f"data.{key}", "must not be empty")
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingLimits:
+    """Bounds on local training. ``max_steps`` None: ``max_epochs`` decides."""
+
+    max_threads: int = 1
+    nice: int = 10
+    max_epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 32
+    lr: float = 0.1
+    max_train_seconds: float = 600.0
+
+    def __post_init__(self) -> None:
+        _check_int("training.max_threads", self.max_threads, 1, 64)
+        _check_int("training.nice", self.nice, 0, 19)
+        _check_int("training.max_epochs", self.max_epochs, 1, 10_000)
+        if self.max_steps is not None:
+            _check_int("training.max_steps", self.max_steps, 1, 1_000_000_000)
+        _check_int("training.batch_size", self.batch_size, 1, 65_536)
+        _check_float("training.lr", self.lr, 0.0, 100.0, open_low=True)
+        _check_float(
+            "training.max_train_seconds", self.max_train_seconds, 0.0, 86_400.0, open_low=True
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CodecPrefs:
+    """What the device would like to send; ``edgefl.codec`` validates the names."""
+
+    quantization: str = "int8"
+    topk_fraction: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.quantization, str) or not re.fullmatch(
+            r"[a-z0-9]+", self.quantization
+        ):
+            raise ConfigError(
+                "codec.quantization", f"expected a name like 'int8', got {self.quantization!r}"
+            )
+        if self.topk_fraction is not None:
+            _check_float("codec.topk_fraction", self.topk_fraction, 0.0, 1.0, open_low=True)
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeConfig:
+    """How the eligibility probes read the device (see ``device_agent.eligibility.probes``)."""
+
+    root: Path = Path("/")
+    interval_s: float = 30.0
+    metered: MeteredSource = MeteredSource.NETWORKMANAGER
+    nmcli_device: str | None = None
+    throttle: bool = True
+    command_timeout_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        _check_float("probes.interval_s", self.interval_s, 1.0, 3600.0)
+        _check_float("probes.command_timeout_s", self.command_timeout_s, 0.0, 60.0, open_low=True)
+        if self.nmcli_device is not None and not re.fullmatch(r"[\w.:@-]{1,64}", self.nmcli_device):
+            raise ConfigError(
+                "probes.nmcli_device", f"not an interface name: {self.nmcli_device!r}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    broker: BrokerConfig
+    fleet: str
+    device_id: str
+    data: DataConfig
+    training: TrainingLimits = field(default_factory=TrainingLimits)
+    codec: CodecPrefs = field(default_factory=CodecPrefs)
+    eligibility: EligibilityPolicy = field(default_factory=EligibilityPolicy)
+    probes: ProbeConfig = field(default_factory=ProbeConfig)
+    state_dir: Path = DEFAULT_STATE_DIR
+    log_level: str = "INFO"
+    profile: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_name("fleet", self.fleet)
+        _check_name("device_id", self.device_id)
+        if self.profile is not None:
+            _check_name("profile", self.profile)
+        level = self.log_level.upper() if isinstance(self.log_level, str) else ""
+        if level not in LOG_LEVELS:
+            raise ConfigError(
+                "log_level", f"expected one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}"
+            )
+        object.__setattr__(self, "log_level", level)
+
+    def describe(self) -> dict[str, object]:
+        """The effective configuration as plain JSON-friendly data, password redacted."""
+        out: dict[str, object] = {}
+        for key, value in _flatten(self).items():
+            if key == "broker.password" and value is not None:
+                value = "***"
+            out[key] = value
+        return out
+
+
+# --- schema --------------------------------------------------------------------------------------
+
+_SECTIONS: dict[str, Callable[..., Any]] = {
+    "broker": BrokerConfig,
+    "data": DataConfig,
+    "training": TrainingLimits,
+    "codec": CodecPrefs,
+    "eligibility": EligibilityPolicy,
+    "probes": ProbeConfig,
+}
+_TOP_LEVEL: dict[str, object] = {
+    "fleet": str,
+    "device_id": str,
+    "state_dir": Path,
+    "log_level": str,
+    "profile": str | None,
+}
+_EXTRA: dict[str, object] = {"broker.password_file": Path | None}  # resolved by the loader
+_REQUIRED_TOP = ("fleet", "device_id")
+
+
+def _build_schema() -> tuple[dict[str, object], set[str]]:
+    schema: dict[str, object] = dict(_TOP_LEVEL)
+    required: set[str] = set(_REQUIRED_TOP)
+    for section, cls in _SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in fields(cast(Any, cls)):
+            if not f.init:
+                continue
+            key = f"{section}.{f.name}"
+            schema[key] = hints[f.name]
+            if f.default is MISSING and f.default_factory is MISSING:
+                required.add(key)
+    schema.update(_EXTRA)
+    return schema, required
+
+
+_SCHEMA, _REQUIRED = _build_schema()
+
+
+def known_keys() -> list[str]:
+    """Every dotted configuration key, sorted."""
+    return sorted(_SCHEMA)
+
+
+def env_var_name(key: str, prefix: str = ENV_PREFIX) -> str:
+    """``"broker.url"`` -> ``"EDGEFL_BROKER__URL"``; ``"fleet"`` -> ``"EDGEFL_FLEET"``."""
+    return prefix + key.replace(".", "__").upper()
+
+
+def _suggest(word: str, candidates: list[str]) -> str:
+    match = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+class _Setting(NamedTuple):
+    value: object
+    source: str
+    textual: bool  # came as text (environment, string flag): parse it
+    base_dir: Path | None  # relative paths resolve against this (the config file's directory)
+
+
+def load_config(
+    path: Path | None,
+    env: Mapping[str, str],
+    overrides: Mapping[str, object],
+    *,
+    env_prefix: str = ENV_PREFIX,
+) -> AgentConfig:
+    """Load, merge (file < environment < overrides) and validate. Raises :class:`ConfigError`.
+
+    ``path`` None: no file (everything from the environment and overrides).
+    """
+    settings: dict[str, _Setting] = {}
+    if path is not None:
+        settings.update(_from_toml(path))
+    settings.update(_from_env(env, env_prefix))
+    settings.update(_from_overrides(overrides))
+    if "state_dir" not in settings and env.get("STATE_DIRECTORY"):
+        first = env["STATE_DIRECTORY"].split(":")[0]
+        settings["state_dir"] = _Setting(first, "$STATE_DIRECTORY", True, None)
+    return _build(settings, env_prefix)
+
+
+def _from_toml(path: Path) -> dict[str, _Setting]:
+    try:
+        with path.open("rb") as handle:
+            document = tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {str(path)!r}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", f"{str(path)!r} is not valid TOML: {exc}") from None
+    source, base = str(path), path.parent
+    out: dict[str, _Setting] = {}
+    for name, value in document.items():
+        if name in _SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(name, f"expected a table [{name}], got {value!r}", source=source)
+            for sub, subvalue in value.items():
+                out[_checked_key(f"{name}.{sub}", source)] = _Setting(subvalue, source, False, base)
+        elif isinstance(value, dict):
+            match = difflib.get_close_matches(name, list(_SECTIONS), n=1, cutoff=0.6)
+            hint = f"; did you mean [{match[0]}]?" if match else ""
+            raise ConfigError(name, f"unknown section [{name}]{hint}", source=source)
+        else:
+            out[_checked_key(name, source)] = _Setting(value, source, False, base)
+    return out
+
+
+def _checked_key(key: str, source: str) -> str:
+    if key not in _SCHEMA:
+        raise ConfigError(key, "unknown key" + _suggest(key, list(_SCHEMA)), source=source)
+    return key
+
+
+def _from_env(env: Mapping[str, str], prefix: str) -> dict[str, _Setting]:
+    by_var = {env_var_name(key, prefix): key for key in _SCHEMA}
+    out: dict[str, _Setting] = {}
+    for var in sorted(env):
+        if not var.startswith(prefix) or var in ENV_IGNORED:
+            continue
+        key = by_var.get(var)
+        if key is None:
+            raise ConfigError(
+                var,
+                "unknown environment variable" + _suggest(var, list(by_var)),
+                source="environment",
+            )
+        out[key] = _Setting(env[var], f"environment variable {var}", True, None)
+    return out
+
+
+def _from_overrides(overrides: Mapping[str, object]) -> dict[str, _Setting]:
+    out: dict[str, _Setting] = {}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        _checked_key(key, "command line")
+        out[key] = _Setting(value, "command line", isinstance(value, str), None)
+    return out
+
+
+def _build(settings: dict[str, _Setting], env_prefix: str) -> AgentConfig:
+    values: dict[str, object] = {}
+    for key, setting in settings.items():
+        values[key] = _coerce(key, setting, _SCHEMA[key])
+
+    def source_of(key: str) -> str | None:
+        setting = settings.get(key)
+        return setting.source if setting else None
+
+    for key in sorted(_REQUIRED):
+        if key not in values:
+            raise ConfigError(
+                key,
+                f"required setting is missing (set it in the config file, "
+                f"{env_var_name(key, env_prefix)} or --set {key}=...)",
+            )
+
+    password_file = values.pop("broker.password_file", None)
+    if password_file is not None:
+        if values.get("broker.password") is not None:
+            raise ConfigError(
+                "broker.password_file",
+                "conflicts with broker.password (set only one)",
+                source=source_of("broker.password_file"),
+            )
+        values["broker.password"] = _read_secret(
+            cast(Path, password_file), source_of("broker.password_file")
+        )
+
+    sections: dict[str, object] = {}
+    for section, cls in _SECTIONS.items():
+        prefix = section + "."
+        kwargs = {k[len(prefix) :]: v for k, v in values.items() if k.startswith(prefix)}
+        try:
+            sections[section] = cls(**kwargs)
+        except ConfigError as exc:
+            raise ConfigError(exc.key, exc.problem, source=source_of(exc.key)) from None
+        except PolicyError as exc:
+            key = f"{section}.{exc.field}"
+            raise ConfigError(key, exc.problem, source=source_of(key)) from None
+
+    broker = cast(BrokerConfig, sections["broker"])
+    for key, file in (
+        ("broker.ca_file", broker.ca_file),
+        ("broker.cert_file", broker.cert_file),
+        ("broker.key_file", broker.key_file),
+    ):
+        if file is not None and not file.is_file():
+            raise ConfigError(key, f"no such file {str(file)!r}", source=source_of(key))
+
+    top = {k: v for k, v in values.items() if "." not in k}
+    try:
+        return AgentConfig(
+            broker=broker,
+            data=cast(DataConfig, sections["data"]),
+            training=cast(TrainingLimits, sections["training"]),
+            codec=cast(CodecPrefs, sections["codec"]),
+            eligibility=cast(EligibilityPolicy, sections["eligibility"]),
+            probes=cast(ProbeConfig, sections["probes"]),
+            **cast(dict[str, Any], top),
+        )
+    except ConfigError as exc:
+        raise ConfigError(exc.key, exc.problem, source=source_of(exc.key)) from None
+
+
+def _read_secret(path: Path, source: str | None) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(
+            "broker.password_file", f"cannot read {str(path)!r}: {detail}", source=source
+        ) from None
+    secret = text.removesuffix("\n").removesuffix("\r")
+    if not secret:
+        raise ConfigError("broker.password_file", f"{str(path)!r} is empty", source=source)
+    return secret
+
+
+# --- coercion ------------------------------------------------------------------------------------
+
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off"})
+
+
+def _coerce(key: str, setting: _Setting, tp: object) -> object:
+    value, textual = setting.value, setting.textual
+
+    def fail(expected: str) -> ConfigError:
+        return ConfigError(key, f"expected {expected}, got {value!r}", source=setting.source)
+
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if textual and isinstance(value, str) and value.strip() == "":
+            return None
+        tp, origin = args[0], typing.get_origin(args[0])
+
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if textual and isinstance(value, str):
+            word = value.strip().lower()
+            if word in _TRUE or word in _FALSE:
+                return word in _TRUE
+        raise fail("true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if textual and isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise fail("an integer")
+    if tp is float:
+        number: float | None = None
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            number = float(value)
+        elif textual and isinstance(value, str):
+            try:
+                number = float(value.strip())
+            except ValueError:
+                number = None
+        if number is None or not math.isfinite(number):
+            raise fail("a number")
+        return number
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise fail("a string")
+    if tp is Path:
+        if isinstance(value, str | Path) and str(value).strip():
+            candidate = Path(str(value).strip() if textual else value)
+            if setting.base_dir is not None and not candidate.is_absolute():
+                candidate = setting.base_dir / candidate
+            return candidate
+        raise fail("a path")
+    if isinstance(tp, type) and issubclass(tp, StrEnum):
+        choices = [m.value for m in tp]
+        if isinstance(value, str) and value.strip().lower() in choices:
+            return tp(value.strip().lower())
+        raise fail("one of " + ", ".join(repr(c) for c in choices))
+    if origin is tuple and typing.get_args(tp)[0] is TimeWindow:
+        items: list[object]
+        if textual and isinstance(value, str):
+            items = [part.strip() for part in value.split(",") if part.strip()]
+        elif isinstance(value, list | tuple):
+            items = list(value)
+        else:
+            raise fail("a list of 'HH:MM-HH:MM' windows")
+        windows: list[TimeWindow] = []
+        for index, item in enumerate(items):
+            if isinstance(item, TimeWindow):
+                windows.append(item)
+                continue
+            try:
+                windows.append(TimeWindow(cast(str, item)))
+            except PolicyError as exc:
+                raise ConfigError(f"{key}[{index}]", exc.problem, source=setting.source) from None
+        return tuple(windows)
+    raise AssertionError(f"no coercion for {key}: {tp!r}")  # pragma: no cover - schema bug
+
+
+def _flatten(config: AgentConfig) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key in _TOP_LEVEL:
+        out[key] = _plain(getattr(config, key))
+    for section in _SECTIONS:
+        obj = getattr(config, section)
+        for f in fields(obj):
+            if f.init:
+                out[f"{section}.{f.name}"] = _plain(getattr(obj, f.name))
+    return out
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, StrEnum):
+        return value.value
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, TimeWindow):
+        return value.spec
+    return value
