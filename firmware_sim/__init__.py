@@ -1,0 +1,1 @@
+"""edgefl: firmware_sim."""

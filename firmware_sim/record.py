@@ -1,0 +1,404 @@
+"""The run record both simulator modes fill in, and its summary.
+
+A :class:`RunRecord` is an append-only log of what happened in one simulated run: evaluations,
+every update that reached (or was meant to reach) the aggregator with its outcome, periodic
+counts of device states, and dropouts/crashes. Events go into typed ``array.array`` columns (a few
+bytes each, one C append per column), so a run with 100,000 updates stays a few megabytes and the
+summary is computed with numpy over zero-copy views.
+
+Outcomes of an update are normalised strings (see :func:`normalize_outcome`):
+``applied`` (accepted into aggregation), ``stale`` (rejected for staleness), ``dropped`` (sent
+but lost before the aggregator judged it) and ``rejected:<reason>`` (``reason`` a
+:class:`edgefl.errors.RejectReason` value or any free tag). A device that vanishes *mid-training*
+never produces an update: record it with :meth:`RunRecord.dropout` (or :meth:`RunRecord.crash`).
+"""
+
+from __future__ import annotations
+
+import time
+from array import array
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from edgefl.errors import RejectReason
+
+__all__ = [
+    "Algorithm",
+    "EvalSeries",
+    "Mode",
+    "Outcome",
+    "RunRecord",
+    "StateSeries",
+    "UpdateSeries",
+    "normalize_outcome",
+]
+
+
+class Mode(StrEnum):
+    """Which simulator produced the record."""
+
+    VIRTUAL = "virtual"
+    LIVE = "live"
+
+
+class Algorithm(StrEnum):
+    """Aggregation algorithm of the run."""
+
+    FEDBUFF = "fedbuff"
+    FEDAVG = "fedavg"
+
+
+class Outcome(StrEnum):
+    """Outcome of an update (``rejected`` is a prefix: ``rejected:<reason>``)."""
+
+    APPLIED = "applied"
+    STALE = "stale"
+    DROPPED = "dropped"
+    REJECTED = "rejected"
+
+
+_REJECT_PREFIX = "rejected:"
+_REASONS = frozenset(r.value for r in RejectReason)
+
+
+def normalize_outcome(outcome: str) -> str:
+    """Canonical outcome string.
+
+    ``applied``/``stale``/``dropped`` stay; ``rejected:stale`` and ``RejectReason.STALE`` become
+    ``stale``; a bare :class:`RejectReason` value ``r`` becomes ``rejected:r``; ``rejected:<tag>``
+    stays. Anything else raises ValueError (outcomes are counted by reason, never free-form).
+    """
+    text = str(outcome).strip().lower()
+    if text in (Outcome.APPLIED, Outcome.STALE, Outcome.DROPPED):
+        return text
+    if text.startswith(_REJECT_PREFIX):
+        reason = text[len(_REJECT_PREFIX) :]
+        if not reason:
+            raise ValueError("rejected outcome needs a reason: 'rejected:<reason>'")
+        return Outcome.STALE.value if reason == RejectReason.STALE else text
+    if text in _REASONS:
+        return Outcome.STALE.value if text == RejectReason.STALE else _REJECT_PREFIX + text
+    raise ValueError(
+        f"unknown update outcome {outcome!r}; expected applied, stale, dropped or rejected:<reason>"
+    )
+
+
+@dataclass(frozen=True)
+class EvalSeries:
+    """Evaluations in time order (``loss`` is NaN when unknown)."""
+
+    t: NDArray[np.float64]
+    version: NDArray[np.int64]
+    accuracy: NDArray[np.float64]
+    loss: NDArray[np.float64]
+    updates_applied: NDArray[np.int64]
+
+
+@dataclass(frozen=True)
+class UpdateSeries:
+    """Updates in the order recorded. ``outcome`` indexes ``outcomes``; ``staleness`` is -1
+    when unknown."""
+
+    t: NDArray[np.float64]
+    device: NDArray[np.int64]
+    outcome: NDArray[np.int16]
+    outcomes: tuple[str, ...]
+    staleness: NDArray[np.int64]
+    nbytes: NDArray[np.int64]
+    fp32_bytes: NDArray[np.int64]
+
+
+@dataclass(frozen=True)
+class StateSeries:
+    """Device-state counts over time: ``counts[i, j]`` devices in ``states[j]`` at ``t[i]``."""
+
+    t: NDArray[np.float64]
+    states: tuple[str, ...]
+    counts: NDArray[np.int64]
+
+
+def _f64(a: array[float]) -> NDArray[np.float64]:
+    return np.frombuffer(a, dtype=np.float64) if len(a) else np.zeros(0, dtype=np.float64)
+
+
+def _i64(a: array[int]) -> NDArray[np.int64]:
+    return np.frombuffer(a, dtype=np.int64) if len(a) else np.zeros(0, dtype=np.int64)
+
+
+def _json_float(x: float | np.floating[Any] | None) -> float | None:
+    if x is None:
+        return None
+    value = float(x)
+    return value if np.isfinite(value) else None
+
+
+@dataclass(eq=False)
+class RunRecord:
+    """Append-only log of one run (times ``t`` in seconds: virtual for ``virtual`` mode, since
+    start for ``live`` mode). ``label`` names the run in reports (defaults to the algorithm)."""
+
+    config: dict[str, Any]
+    mode: Mode
+    algorithm: Algorithm
+    devices: int = 0
+    label: str = ""
+    final_accuracy: float | None = None
+    final_loss: float | None = None
+    model_versions: int | None = None
+    wall_time_s: float | None = None
+    started_at: float = field(default_factory=time.perf_counter, repr=False)
+
+    _eval_t: array[float] = field(default_factory=lambda: array("d"), repr=False)
+    _eval_version: array[int] = field(default_factory=lambda: array("q"), repr=False)
+    _eval_acc: array[float] = field(default_factory=lambda: array("d"), repr=False)
+    _eval_loss: array[float] = field(default_factory=lambda: array("d"), repr=False)
+    _eval_applied: array[int] = field(default_factory=lambda: array("q"), repr=False)
+    _up_t: array[float] = field(default_factory=lambda: array("d"), repr=False)
+    _up_device: array[int] = field(default_factory=lambda: array("q"), repr=False)
+    _up_outcome: array[int] = field(default_factory=lambda: array("h"), repr=False)
+    _up_staleness: array[int] = field(default_factory=lambda: array("q"), repr=False)
+    _up_nbytes: array[int] = field(default_factory=lambda: array("q"), repr=False)
+    _up_fp32: array[int] = field(default_factory=lambda: array("q"), repr=False)
+    _outcome_codes: dict[str, int] = field(default_factory=dict, repr=False)
+    _outcome_names: list[str] = field(default_factory=list, repr=False)
+    _state_t: array[float] = field(default_factory=lambda: array("d"), repr=False)
+    _state_rows: list[dict[str, int]] = field(default_factory=list, repr=False)
+    _drop_t: array[float] = field(default_factory=lambda: array("d"), repr=False)
+    _drop_device: array[int] = field(default_factory=lambda: array("q"), repr=False)
+    _crash_t: array[float] = field(default_factory=lambda: array("d"), repr=False)
+    _crash_device: array[int] = field(default_factory=lambda: array("q"), repr=False)
+
+    def __post_init__(self) -> None:
+        self.mode = Mode(self.mode)
+        self.algorithm = Algorithm(self.algorithm)
+        if not self.label:
+            self.label = self.algorithm.value
+
+    # ---------------------------------------------------------------- appending
+
+    def eval(
+        self,
+        t: float,
+        version: int,
+        accuracy: float,
+        loss: float | None = None,
+        updates_applied: int = 0,
+    ) -> None:
+        """An evaluation of model ``version`` at ``t`` after ``updates_applied`` applied updates."""
+        self._eval_t.append(float(t))
+        self._eval_version.append(int(version))
+        self._eval_acc.append(float(accuracy))
+        self._eval_loss.append(float("nan") if loss is None else float(loss))
+        self._eval_applied.append(int(updates_applied))
+
+    def update(
+        self,
+        t: float,
+        device: int,
+        outcome: str,
+        staleness: int | None = None,
+        nbytes: int = 0,
+        fp32_bytes: int = 0,
+    ) -> None:
+        """An update from ``device`` judged at ``t`` (see :func:`normalize_outcome`);
+        ``nbytes`` encoded bytes on the wire, ``fp32_bytes`` what plain float32 would cost."""
+        code = self._outcome_codes.get(outcome)
+        if code is None:
+            name = normalize_outcome(outcome)
+            if name not in self._outcome_names:
+                self._outcome_names.append(name)
+            code = self._outcome_names.index(name)
+            self._outcome_codes[outcome] = code
+        self._up_t.append(float(t))
+        self._up_device.append(int(device))
+        self._up_outcome.append(code)
+        self._up_staleness.append(-1 if staleness is None else int(staleness))
+        self._up_nbytes.append(int(nbytes))
+        self._up_fp32.append(int(fp32_bytes))
+
+    def device_states(self, t: float, counts: dict[str, int]) -> None:
+        """How many devices are in each state (idle, training, offline, ...) at ``t``."""
+        self._state_t.append(float(t))
+        self._state_rows.append({str(k): int(v) for k, v in counts.items()})
+
+    def dropout(self, t: float, device: int) -> None:
+        """``device`` vanished mid-training at ``t`` (its update never comes)."""
+        self._drop_t.append(float(t))
+        self._drop_device.append(int(device))
+
+    def crash(self, t: float, device: int) -> None:
+        """``device``'s agent crashed at ``t`` and lost its in-flight work."""
+        self._crash_t.append(float(t))
+        self._crash_device.append(int(device))
+
+    def finish(
+        self,
+        *,
+        wall_time_s: float | None = None,
+        model_versions: int | None = None,
+        final_accuracy: float | None = None,
+        final_loss: float | None = None,
+    ) -> None:
+        """Close the run. Without ``wall_time_s``, the time since the record was created."""
+        self.wall_time_s = (
+            time.perf_counter() - self.started_at if wall_time_s is None else float(wall_time_s)
+        )
+        if model_versions is not None:
+            self.model_versions = int(model_versions)
+        if final_accuracy is not None:
+            self.final_accuracy = float(final_accuracy)
+        if final_loss is not None:
+            self.final_loss = float(final_loss)
+
+    # ---------------------------------------------------------------- views
+
+    def evals(self) -> EvalSeries:
+        """Evaluations sorted by time (stable)."""
+        t = _f64(self._eval_t)
+        order = np.argsort(t, kind="stable")
+        return EvalSeries(
+            t=t[order],
+            version=_i64(self._eval_version)[order],
+            accuracy=_f64(self._eval_acc)[order],
+            loss=_f64(self._eval_loss)[order],
+            updates_applied=_i64(self._eval_applied)[order],
+        )
+
+    def updates(self) -> UpdateSeries:
+        """All updates (zero-copy views over the columns; do not append while holding them)."""
+        outcome = (
+            np.frombuffer(self._up_outcome, dtype=np.int16)
+            if len(self._up_outcome)
+            else np.zeros(0, dtype=np.int16)
+        )
+        return UpdateSeries(
+            t=_f64(self._up_t),
+            device=_i64(self._up_device),
+            outcome=outcome,
+            outcomes=tuple(self._outcome_names),
+            staleness=_i64(self._up_staleness),
+            nbytes=_i64(self._up_nbytes),
+            fp32_bytes=_i64(self._up_fp32),
+        )
+
+    def states(self) -> StateSeries:
+        """Device-state samples; states in first-seen order, missing counts are 0."""
+        names: dict[str, None] = {}
+        for row in self._state_rows:
+            names.update(dict.fromkeys(row))
+        states = tuple(names)
+        counts = np.array(
+            [[row.get(s, 0) for s in states] for row in self._state_rows], dtype=np.int64
+        ).reshape(len(self._state_rows), len(states))
+        return StateSeries(t=_f64(self._state_t).copy(), states=states, counts=counts)
+
+    def dropout_times(self) -> NDArray[np.float64]:
+        """Times of the recorded mid-training dropouts."""
+        return _f64(self._drop_t)
+
+    def outcome_counts(self) -> dict[str, int]:
+        """``{normalised outcome: count}`` over all updates."""
+        up = self.updates()
+        counts = np.bincount(up.outcome, minlength=len(up.outcomes))
+        return {name: int(c) for name, c in zip(up.outcomes, counts, strict=True)}
+
+    # ---------------------------------------------------------------- summary
+
+    def summary(self, target_accuracy: float) -> dict[str, Any]:
+        """JSON-ready numbers of the run.
+
+        * ``time_to_target_s``: time of the first evaluation (in time order) with accuracy
+          ``>= target_accuracy``; ``updates_to_target`` its ``updates_applied`` and
+          ``updates_received_to_target`` the updates recorded up to then; all ``None`` and
+          ``reached_target`` false when never reached.
+        * ``final_accuracy``: given to :meth:`finish`, else the latest evaluation's.
+        * ``updates_rejected``: ``{reason: count}``, including ``stale``; ``dropped`` updates and
+          mid-training ``dropouts`` are counted separately.
+        * ``bytes_uploaded`` sums ``nbytes`` over all updates; ``compression_ratio`` =
+          ``bytes_fp32_equivalent / bytes_uploaded``.
+        * ``staleness`` (over updates with known staleness, any outcome) and
+          ``staleness_applied``: count, mean, p50, p90 (linear interpolation), max.
+        """
+        ev = self.evals()
+        up = self.updates()
+        counts = self.outcome_counts()
+
+        reached = ev.accuracy >= target_accuracy
+        time_to_target: float | None = None
+        updates_to_target: int | None = None
+        received_to_target: int | None = None
+        if reached.any():
+            i = int(np.argmax(reached))
+            time_to_target = float(ev.t[i])
+            updates_to_target = int(ev.updates_applied[i])
+            received_to_target = int(np.count_nonzero(up.t <= time_to_target))
+
+        final_accuracy = self.final_accuracy
+        if final_accuracy is None and len(self._eval_acc):
+            final_accuracy = self._eval_acc[-1]
+        final_loss = self.final_loss
+        if final_loss is None and len(self._eval_loss):
+            final_loss = self._eval_loss[-1]
+        model_versions = self.model_versions
+        if model_versions is None and len(ev.version):
+            model_versions = int(ev.version.max())
+
+        rejected = {
+            name.removeprefix(_REJECT_PREFIX): n
+            for name, n in counts.items()
+            if name == Outcome.STALE or name.startswith(_REJECT_PREFIX)
+        }
+        nbytes = int(up.nbytes.sum())
+        fp32 = int(up.fp32_bytes.sum())
+        last_times = [float(a[-1]) for a in (up.t, ev.t, _f64(self._drop_t)) if len(a)]
+
+        applied_code = up.outcomes.index(Outcome.APPLIED) if Outcome.APPLIED in up.outcomes else -1
+        known = up.staleness >= 0
+        return {
+            "label": self.label,
+            "mode": self.mode.value,
+            "algorithm": self.algorithm.value,
+            "devices": self.devices,
+            "final_accuracy": _json_float(final_accuracy),
+            "final_loss": _json_float(final_loss),
+            "target_accuracy": float(target_accuracy),
+            "reached_target": time_to_target is not None,
+            "time_to_target_s": time_to_target,
+            "updates_to_target": updates_to_target,
+            "updates_received_to_target": received_to_target,
+            "model_versions": model_versions,
+            "updates_received": len(self._up_t),
+            "updates_applied": counts.get(Outcome.APPLIED, 0),
+            "updates_rejected": dict(sorted(rejected.items())),
+            "updates_dropped": counts.get(Outcome.DROPPED, 0),
+            "dropouts": len(self._drop_t),
+            "crashes": len(self._crash_t),
+            "bytes_uploaded": nbytes,
+            "bytes_fp32_equivalent": fp32,
+            "compression_ratio": fp32 / nbytes if nbytes > 0 else None,
+            "staleness": _staleness_stats(up.staleness[known]),
+            "staleness_applied": _staleness_stats(
+                up.staleness[known & (up.outcome == applied_code)]
+            ),
+            "evaluations": len(self._eval_t),
+            "duration_s": max(last_times) if last_times else 0.0,
+            "wall_time_s": self.wall_time_s,
+            "config": self.config,
+        }
+
+
+def _staleness_stats(values: NDArray[np.int64]) -> dict[str, float | int | None]:
+    if len(values) == 0:
+        return {"count": 0, "mean": None, "p50": None, "p90": None, "max": None}
+    p50, p90 = np.percentile(values, [50, 90])
+    return {
+        "count": len(values),
+        "mean": float(values.mean()),
+        "p50": float(p50),
+        "p90": float(p90),
+        "max": int(values.max()),
+    }

@@ -1,0 +1,398 @@
+"""Simulator report: ``summary.json`` plus PNG plots, for one run or a comparison of runs.
+
+``write_report(records, out_dir, target_accuracy)`` writes
+
+* ``summary.json``: for one run its :meth:`RunRecord.summary`; for several
+  ``{"target_accuracy", "runs": {label: summary}, "speedup_vs_fedavg", "speedup_vs_fedavg_by_run"}``
+  where speedup = FedAvg's ``time_to_target_s`` / the other run's (``null`` when either never
+  reached the target);
+* ``accuracy_vs_time.png``, ``staleness_hist.png``, ``bytes_uploaded.png``,
+  ``updates_by_outcome.png``, ``device_states.png``.
+
+Matplotlib is imported lazily and only through the Agg canvas (no pyplot, no global backend
+switch), so importing this module is cheap and it is safe in headless processes and threads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from firmware_sim.record import Algorithm, Mode, Outcome, RunRecord
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+__all__ = ["ReportPaths", "build_summary", "speedup_vs_fedavg", "write_report"]
+
+_DPI = 110
+_STATE_ORDER = (
+    "training",
+    "uploading",
+    "downloading",
+    "waiting",
+    "idle",
+    "online",
+    "restarting",
+    "crashed",
+    "offline",
+    "lost",
+)
+
+
+@dataclass(frozen=True)
+class ReportPaths:
+    """Where :func:`write_report` put each file."""
+
+    out_dir: Path
+    summary: Path
+    accuracy_vs_time: Path
+    staleness_hist: Path
+    bytes_uploaded: Path
+    updates_by_outcome: Path
+    device_states: Path
+
+    def plots(self) -> tuple[Path, ...]:
+        """The PNG files."""
+        return (
+            self.accuracy_vs_time,
+            self.staleness_hist,
+            self.bytes_uploaded,
+            self.updates_by_outcome,
+            self.device_states,
+        )
+
+    def all(self) -> tuple[Path, ...]:
+        """Every file written."""
+        return (self.summary, *self.plots())
+
+
+# -------------------------------------------------------------------------------- summary
+
+
+def _labels(records: Sequence[RunRecord]) -> list[str]:
+    """Run labels made unique with ``#2``, ``#3`` suffixes."""
+    seen: dict[str, int] = {}
+    out = []
+    for r in records:
+        seen[r.label] = seen.get(r.label, 0) + 1
+        out.append(r.label if seen[r.label] == 1 else f"{r.label}#{seen[r.label]}")
+    return out
+
+
+def _speedup(fedavg_time: float | None, other_time: float | None) -> float | None:
+    if fedavg_time is None or other_time is None:
+        return None
+    if other_time <= 0:
+        return math.inf if fedavg_time > 0 else 1.0
+    return fedavg_time / other_time
+
+
+def speedup_vs_fedavg(records: Sequence[RunRecord], target_accuracy: float) -> float | None:
+    """FedAvg's time to target divided by the first FedBuff run's (``> 1``: FedBuff is faster).
+
+    Uses the first run of each algorithm; ``None`` when either is missing or never reached
+    ``target_accuracy``.
+    """
+    fedavg = next((r for r in records if r.algorithm is Algorithm.FEDAVG), None)
+    fedbuff = next((r for r in records if r.algorithm is Algorithm.FEDBUFF), None)
+    if fedavg is None or fedbuff is None:
+        return None
+    return _speedup(
+        fedavg.summary(target_accuracy)["time_to_target_s"],
+        fedbuff.summary(target_accuracy)["time_to_target_s"],
+    )
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON values: numpy scalars unwrapped, non-finite floats to ``None``."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, str | int | bool):
+        return value
+    return str(value)
+
+
+def build_summary(records: Sequence[RunRecord], target_accuracy: float) -> dict[str, Any]:
+    """The content of ``summary.json`` (see module docstring)."""
+    if not records:
+        raise ValueError("a report needs at least one run record")
+    if len(records) == 1:
+        single: dict[str, Any] = _jsonable(records[0].summary(target_accuracy))
+        return single
+    runs = {
+        label: r.summary(target_accuracy)
+        for label, r in zip(_labels(records), records, strict=True)
+    }
+    fedavg_time = next(
+        (s["time_to_target_s"] for s in runs.values() if s["algorithm"] == Algorithm.FEDAVG),
+        None,
+    )
+    has_fedavg = any(r.algorithm is Algorithm.FEDAVG for r in records)
+    by_run = {
+        label: _speedup(fedavg_time, s["time_to_target_s"])
+        for label, s in runs.items()
+        if s["algorithm"] != Algorithm.FEDAVG and has_fedavg
+    }
+    out = {
+        "target_accuracy": float(target_accuracy),
+        "runs": runs,
+        "speedup_vs_fedavg": speedup_vs_fedavg(records, target_accuracy),
+        "speedup_vs_fedavg_by_run": by_run,
+    }
+    result: dict[str, Any] = _jsonable(out)
+    return result
+
+
+# -------------------------------------------------------------------------------- plotting
+
+
+def _new_figure(width: float = 8.0, height: float = 5.0, nrows: int = 1) -> tuple[Figure, Any]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, 1, sharex=True, squeeze=False)[:, 0]
+    return fig, axes
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    fig.savefig(path, format="png", dpi=_DPI)
+    return path
+
+
+def _colors(n: int) -> list[Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    return [cmap(i % 10) for i in range(n)]
+
+
+def _time_axis(records: Sequence[RunRecord]) -> tuple[float, str, str]:
+    """(divisor, unit, axis label) for times in seconds."""
+    t_max = 0.0
+    for r in records:
+        for arr in (r.evals().t, r.updates().t, r.states().t):
+            if len(arr):
+                t_max = max(t_max, float(arr.max()))
+    unit, div = ("s", 1.0)
+    if t_max > 2 * 3600:
+        unit, div = ("h", 3600.0)
+    elif t_max > 120:
+        unit, div = ("min", 60.0)
+    modes = {r.mode for r in records}
+    what = "virtual time" if modes == {Mode.VIRTUAL} else "time"
+    if modes == {Mode.LIVE}:
+        what = "wall-clock time since start"
+    return div, unit, f"{what} ({unit})"
+
+
+def _bytes_unit(n: float) -> tuple[float, str]:
+    for div, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+        if n >= div:
+            return div, unit
+    return 1.0, "B"
+
+
+def _no_data(ax: Axes, what: str) -> None:
+    ax.text(0.5, 0.5, f"no {what} recorded", ha="center", va="center", transform=ax.transAxes)
+
+
+def _plot_accuracy(
+    records: Sequence[RunRecord], labels: list[str], target: float, path: Path
+) -> Path:
+    fig, (ax,) = _new_figure()
+    div, unit, xlabel = _time_axis(records)
+    lowest = 100.0
+    any_data = False
+    for r, label, color in zip(records, labels, _colors(len(records)), strict=True):
+        ev = r.evals()
+        if not len(ev.t):
+            continue
+        any_data = True
+        acc = 100.0 * ev.accuracy
+        lowest = min(lowest, float(acc.min()))
+        ttt = r.summary(target)["time_to_target_s"]
+        note = "target not reached" if ttt is None else f"target at {ttt / div:.3g} {unit}"
+        ax.plot(ev.t / div, acc, color=color, lw=1.8, marker=".", ms=3, label=f"{label} ({note})")
+        if ttt is not None:
+            ax.axvline(ttt / div, color=color, ls=":", lw=1.2)
+    ax.axhline(100.0 * target, color="gray", ls="--", lw=1.2, label=f"target {100 * target:.3g}%")
+    if not any_data:
+        _no_data(ax, "evaluations")
+    ax.set_ylim(max(0.0, min(lowest, 100.0 * target) - 5.0), 100.0)
+    ax.set_title("Test accuracy vs time")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right")
+    return _save(fig, path)
+
+
+def _plot_staleness(records: Sequence[RunRecord], labels: list[str], path: Path) -> Path:
+    fig, (ax,) = _new_figure()
+    series = []
+    for r in records:
+        s = r.updates().staleness
+        series.append(s[s >= 0])
+    top = max((int(s.max()) for s in series if len(s)), default=-1)
+    if top < 0:
+        _no_data(ax, "staleness")
+    else:
+        width = max(1, math.ceil((top + 1) / 60))
+        bins = np.arange(0, top + width + 1, width) - 0.5
+        for s, label, color in zip(series, labels, _colors(len(records)), strict=True):
+            if not len(s):
+                continue
+            stats = f"mean {s.mean():.2f}, p90 {np.percentile(s, 90):.3g}, max {s.max()}"
+            ax.hist(s, bins=bins, color=color, alpha=0.35, label=f"{label} ({stats})")
+            ax.hist(s, bins=bins, color=color, histtype="step", lw=1.5)
+        ax.legend(loc="upper right")
+    ax.set_title("Staleness of received updates")
+    ax.set_xlabel("staleness (model versions behind the server)")
+    ax.set_ylabel("updates")
+    ax.grid(True, alpha=0.3)
+    return _save(fig, path)
+
+
+def _plot_bytes(records: Sequence[RunRecord], labels: list[str], path: Path) -> Path:
+    fig, (ax,) = _new_figure()
+    div_t, _, xlabel = _time_axis(records)
+    top = max((float(r.updates().fp32_bytes.sum()) for r in records), default=0.0)
+    top = max(top, max((float(r.updates().nbytes.sum()) for r in records), default=0.0))
+    div_b, unit = _bytes_unit(top)
+    any_data = False
+    for r, label, color in zip(records, labels, _colors(len(records)), strict=True):
+        up = r.updates()
+        if not len(up.t):
+            continue
+        any_data = True
+        order = np.argsort(up.t, kind="stable")
+        t = np.concatenate(([0.0], up.t[order])) / div_t
+        enc = np.concatenate(([0], np.cumsum(up.nbytes[order]))) / div_b
+        fp32 = np.concatenate(([0], np.cumsum(up.fp32_bytes[order]))) / div_b
+        ratio = r.summary(0.0)["compression_ratio"]
+        ratio_note = "" if ratio is None else f", {ratio:.2f}x smaller"
+        ax.step(t, enc, where="post", color=color, lw=1.8, label=f"{label} encoded{ratio_note}")
+        ax.step(t, fp32, where="post", color=color, lw=1.2, ls="--", label=f"{label} fp32 equiv.")
+    if not any_data:
+        _no_data(ax, "updates")
+    else:
+        ax.legend(loc="upper left")
+    ax.set_title("Cumulative bytes uploaded: encoded vs float32 equivalent")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"cumulative upload ({unit})")
+    ax.grid(True, alpha=0.3)
+    return _save(fig, path)
+
+
+def _outcome_categories(records: Sequence[RunRecord]) -> tuple[list[str], list[list[int]]]:
+    per_run: list[dict[str, int]] = []
+    for r in records:
+        counts = r.outcome_counts()
+        counts["dropout (mid-training)"] = len(r.dropout_times())
+        counts["crashed"] = r.summary(0.0)["crashes"]
+        if Outcome.DROPPED in counts:
+            counts["dropped (in flight)"] = counts.pop(Outcome.DROPPED)
+        per_run.append(counts)
+    rejected = sorted({k for c in per_run for k in c if k.startswith("rejected:")})
+    order = [
+        Outcome.APPLIED.value,
+        Outcome.STALE.value,
+        *rejected,
+        "dropped (in flight)",
+        "dropout (mid-training)",
+        "crashed",
+    ]
+    cats = [c for c in order if c == Outcome.APPLIED or any(run.get(c, 0) for run in per_run)]
+    return cats, [[run.get(c, 0) for c in cats] for run in per_run]
+
+
+def _plot_outcomes(records: Sequence[RunRecord], labels: list[str], path: Path) -> Path:
+    cats, values = _outcome_categories(records)
+    fig, (ax,) = _new_figure(width=max(8.0, 1.1 * len(cats) + 2.0))
+    x = np.arange(len(cats), dtype=np.float64)
+    width = 0.8 / len(records)
+    for i, (vals, label, color) in enumerate(
+        zip(values, labels, _colors(len(records)), strict=True)
+    ):
+        bars = ax.bar(
+            x + (i - (len(records) - 1) / 2) * width, vals, width, color=color, label=label
+        )
+        ax.bar_label(bars, fontsize=8, padding=2)
+    ax.set_xticks(x, [c.replace("rejected:", "rejected:\n").replace(" (", "\n(") for c in cats])
+    ax.margins(y=0.12)
+    ax.set_title("Updates by outcome")
+    ax.set_xlabel("outcome")
+    ax.set_ylabel("count (updates or trainings)")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(loc="upper right")
+    return _save(fig, path)
+
+
+def _plot_states(records: Sequence[RunRecord], labels: list[str], path: Path) -> Path:
+    series = [r.states() for r in records]
+    seen: dict[str, None] = {}
+    for s in series:
+        seen.update(dict.fromkeys(s.states))
+    states = [s for s in _STATE_ORDER if s in seen] + [s for s in seen if s not in _STATE_ORDER]
+    palette = dict(zip(states, _colors(len(states)), strict=True))
+    fig, axes = _new_figure(height=max(4.0, 2.6 * len(records) + 1.0), nrows=len(records))
+    div, _, xlabel = _time_axis(records)
+    for ax, s, label in zip(axes, series, labels, strict=True):
+        if not len(s.t):
+            _no_data(ax, "device states")
+        else:
+            cols = [s.states.index(name) if name in s.states else -1 for name in states]
+            stack = [s.counts[:, c] if c >= 0 else np.zeros(len(s.t)) for c in cols]
+            ax.stackplot(
+                s.t / div, *stack, labels=states, colors=[palette[n] for n in states], alpha=0.85
+            )
+            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+        ax.set_title(f"Device states over time: {label}")
+        ax.set_ylabel("devices")
+        ax.grid(True, alpha=0.3)
+    axes[-1].set_xlabel(xlabel)
+    return _save(fig, path)
+
+
+def write_report(
+    records: Sequence[RunRecord], out_dir: Path, target_accuracy: float
+) -> ReportPaths:
+    """Write ``summary.json`` and the five PNG plots into ``out_dir`` (created if missing)."""
+    if not records:
+        raise ValueError("a report needs at least one run record")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    labels = _labels(records)
+    paths = ReportPaths(
+        out_dir=out,
+        summary=out / "summary.json",
+        accuracy_vs_time=out / "accuracy_vs_time.png",
+        staleness_hist=out / "staleness_hist.png",
+        bytes_uploaded=out / "bytes_uploaded.png",
+        updates_by_outcome=out / "updates_by_outcome.png",
+        device_states=out / "device_states.png",
+    )
+    summary = build_summary(records, target_accuracy)
+    paths.summary.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    _plot_accuracy(records, labels, target_accuracy, paths.accuracy_vs_time)
+    _plot_staleness(records, labels, paths.staleness_hist)
+    _plot_bytes(records, labels, paths.bytes_uploaded)
+    _plot_outcomes(records, labels, paths.updates_by_outcome)
+    _plot_states(records, labels, paths.device_states)
+    return paths
