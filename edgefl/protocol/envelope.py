@@ -6,19 +6,29 @@ Byte layout (all integers big-endian; ``docs/PROTOCOL.md``, "Envelope")::
     0       4     magic           b"EDFL"
     4       1     format version  u8, 1
     5       1     kind            u8, EnvelopeKind
-    6       2     flags           u16, must be 0 in version 1
+    6       2     flags           u16, 0 or FLAG_SIGNED (bit 0); other bits are rejected
     8       4     header length   u32, H <= MAX_HEADER_LEN (64 KiB)
     12      4     payload length  u32, P
     16      H     header          compact JSON object, UTF-8
     16+H    P     payload         opaque bytes (codec body, model bytes, chunk data, or empty)
-    16+H+P  4     checksum        u32, zlib.crc32 of bytes [0, 16+H+P)
+    16+H+P  T     trailer         only when FLAG_SIGNED: T = 72 = key id (8) + Ed25519 signature
+                                  (64) over bytes [0, 16+H+P+8); absent (T = 0) otherwise
+    16+H+P+T 4    checksum        u32, zlib.crc32 of bytes [0, 16+H+P+T)
 
-The total size of an envelope is ``20 + H + P`` bytes (``OVERHEAD + H + P``).
+The total size of an envelope is ``20 + H + P`` bytes (``OVERHEAD + H + P``), plus
+``SIGNATURE_TRAILER_LEN`` (72) when signed.
+
+Signing (``docs/PROTOCOL.md``, "Signed envelopes") is layered on top without any cryptography in
+this module: :func:`sign_envelope` turns an unsigned envelope into a signed one given a key id and
+a ``sign(bytes) -> 64 bytes`` callable, and :func:`decode_envelope` returns the trailer as
+:attr:`Envelope.signature` (the exact bytes the signature covers included) without verifying it:
+receivers without security simply ignore it; ``edgefl.security`` verifies it.
 
 :func:`decode_envelope` checks, in this order, and raises the first failure as a
 ``ProtocolError``: at least 16 bytes (TRUNCATED), magic (BAD_MAGIC), version (BAD_VERSION), kind
 (BAD_KIND), flags (BAD_HEADER), declared header/payload lengths against the limits (TOO_LARGE) and
-against the actual length (TRUNCATED when short, BAD_HEADER when there are trailing bytes) — all
+against the actual length, trailer included (TRUNCATED when short, BAD_HEADER when there are
+trailing bytes or FLAG_SIGNED is set on an envelope of exactly the unsigned length) — all
 before the payload is touched — then the checksum (BAD_CHECKSUM) and finally that the header is
 strict JSON (no NaN/Infinity, no duplicate keys) whose top level is an object (BAD_HEADER). The
 returned payload is a zero-copy ``memoryview`` slice of the input.
@@ -33,7 +43,7 @@ import json
 import math
 import struct
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Final
@@ -41,19 +51,26 @@ from typing import Any, Final
 from edgefl.errors import ProtocolError, RejectReason
 
 __all__ = [
+    "FLAG_SIGNED",
     "FORMAT_VERSION",
+    "KEY_ID_LEN",
+    "KNOWN_FLAGS",
     "MAGIC",
     "MAX_HEADER_LEN",
     "MAX_PAYLOAD_LEN",
     "OVERHEAD",
     "PREFIX_LEN",
+    "SIGNATURE_LEN",
+    "SIGNATURE_TRAILER_LEN",
     "Envelope",
     "EnvelopeKind",
+    "EnvelopeSignature",
     "JSONObject",
     "decode_envelope",
     "encode_envelope",
     "encode_header",
     "peek_kind",
+    "sign_envelope",
 ]
 
 MAGIC: Final = b"EDFL"
@@ -67,6 +84,16 @@ _PREFIX = struct.Struct(">4sBBHII")
 _CRC = struct.Struct(">I")
 PREFIX_LEN: Final = _PREFIX.size  # 16
 OVERHEAD: Final = PREFIX_LEN + _CRC.size  # 20: fixed bytes around header and payload
+
+FLAG_SIGNED: Final = 0x0001
+"""Flags bit 0: a signature trailer follows the payload (PROTOCOL.md, "Signed envelopes")."""
+KNOWN_FLAGS: Final = FLAG_SIGNED
+"""Every flags bit a version-1 receiver understands; any other bit is BAD_HEADER."""
+KEY_ID_LEN: Final = 8
+"""Bytes of the signer's key id: the first 8 bytes of SHA-256 over the raw 32-byte public key."""
+SIGNATURE_LEN: Final = 64
+"""Bytes of an Ed25519 signature."""
+SIGNATURE_TRAILER_LEN: Final = KEY_ID_LEN + SIGNATURE_LEN  # 72
 
 JSONObject = dict[str, Any]
 """A decoded JSON object (the envelope header)."""
@@ -88,13 +115,40 @@ _KINDS: Final = frozenset(int(k) for k in EnvelopeKind)
 
 
 @dataclass(frozen=True)
+class EnvelopeSignature:
+    """The signature trailer of a signed envelope, as decoded (not verified).
+
+    ``signed`` is a read-only view of the bytes the signature covers: the whole envelope from
+    the magic up to and including ``key_id`` (``[0, 16 + H + P + 8)``), i.e. everything but the
+    signature itself and the checksum. The prefix inside it carries ``FLAG_SIGNED``, so a
+    signature can never be reused on the unsigned form of the envelope or vice versa.
+    """
+
+    key_id: bytes  # KEY_ID_LEN bytes
+    signature: bytes  # SIGNATURE_LEN bytes
+    signed: memoryview
+
+
+@dataclass(frozen=True)
 class Envelope:
-    """A decoded envelope. ``payload`` is a read-only view into the decoded buffer (no copy)."""
+    """A decoded envelope. ``payload`` is a read-only view into the decoded buffer (no copy).
+
+    ``signature`` is the decoded (unverified) trailer of a signed envelope, None when unsigned.
+    ``raw`` is a read-only view of the whole envelope as received (what an
+    ``UpdateAuthenticator`` needs after reassembly), None only for envelopes built by hand.
+    """
 
     kind: EnvelopeKind
     header: JSONObject
     payload: memoryview
     flags: int = 0
+    signature: EnvelopeSignature | None = None
+    raw: memoryview | None = None
+
+    @property
+    def signed(self) -> bool:
+        """Whether the envelope carries a signature trailer (verified or not)."""
+        return self.signature is not None
 
 
 def _byte_view(data: bytes | bytearray | memoryview) -> memoryview:
@@ -190,7 +244,7 @@ def decode_envelope(
     """
     view = _byte_view(data)
     kind, flags, head_len, body_len = _check_prefix(view)
-    if flags != 0:
+    if flags & ~KNOWN_FLAGS:
         raise ProtocolError(RejectReason.BAD_HEADER, f"unknown flags {flags:#06x}")
     if head_len > max_header:
         raise ProtocolError(RejectReason.TOO_LARGE, f"header {head_len} B > {max_header} B")
@@ -198,13 +252,16 @@ def decode_envelope(
         raise ProtocolError(RejectReason.TOO_LARGE, f"payload {body_len} B > {max_payload} B")
     end_head = PREFIX_LEN + head_len
     end_body = end_head + body_len
-    total = end_body + _CRC.size
+    end_trailer = end_body + (SIGNATURE_TRAILER_LEN if flags & FLAG_SIGNED else 0)
+    total = end_trailer + _CRC.size
+    if end_trailer != end_body and len(view) == end_body + _CRC.size:
+        raise ProtocolError(RejectReason.BAD_HEADER, "FLAG_SIGNED set but no signature trailer")
     if len(view) < total:
         raise ProtocolError(RejectReason.TRUNCATED, f"{len(view)} B < declared {total} B")
     if len(view) > total:
         raise ProtocolError(RejectReason.BAD_HEADER, f"{len(view) - total} trailing bytes")
-    (crc,) = _CRC.unpack_from(view, end_body)
-    if zlib.crc32(view[:end_body]) != crc:
+    (crc,) = _CRC.unpack_from(view, end_trailer)
+    if zlib.crc32(view[:end_trailer]) != crc:
         raise ProtocolError(RejectReason.BAD_CHECKSUM, "crc32 mismatch")
     try:
         header = json.loads(
@@ -217,4 +274,49 @@ def decode_envelope(
         raise ProtocolError(RejectReason.BAD_HEADER, f"header is not JSON: {exc}") from None
     if not isinstance(header, dict):
         raise ProtocolError(RejectReason.BAD_HEADER, "header is not a JSON object")
-    return Envelope(kind, header, view[end_head:end_body].toreadonly(), flags)
+    signature = None
+    if flags & FLAG_SIGNED:
+        end_key = end_body + KEY_ID_LEN
+        signature = EnvelopeSignature(
+            key_id=bytes(view[end_body:end_key]),
+            signature=bytes(view[end_key:end_trailer]),
+            signed=view[:end_key].toreadonly(),
+        )
+    readonly = view.toreadonly()
+    return Envelope(kind, header, readonly[end_head:end_body], flags, signature, readonly[:total])
+
+
+def sign_envelope(
+    envelope: bytes | bytearray | memoryview,
+    *,
+    key_id: bytes,
+    sign: Callable[[bytes], bytes],
+) -> bytes:
+    """The signed form of a valid unsigned ``envelope`` (``docs/PROTOCOL.md``, "Signed
+    envelopes").
+
+    Sets ``FLAG_SIGNED`` in the prefix, appends ``key_id`` (``KEY_ID_LEN`` bytes), then
+    ``sign(prefix + header + payload + key_id)`` (``SIGNATURE_LEN`` bytes) and a new CRC-32 over
+    everything before it. Header and payload bytes are unchanged. Raises ``ProtocolError`` if
+    ``envelope`` does not decode, and ``ValueError`` if it is already signed or ``key_id`` /
+    the signature have the wrong length.
+    """
+    if len(key_id) != KEY_ID_LEN:
+        raise ValueError(f"key id must be {KEY_ID_LEN} bytes")
+    view = _byte_view(envelope)
+    decoded = decode_envelope(view, max_payload=MAX_PAYLOAD_LEN)
+    if decoded.signed:
+        raise ValueError("envelope is already signed")
+    end_body = len(view) - _CRC.size
+    out = bytearray(len(view) + SIGNATURE_TRAILER_LEN)
+    out[:end_body] = view[:end_body]
+    struct.pack_into(">H", out, 6, decoded.flags | FLAG_SIGNED)
+    end_key = end_body + KEY_ID_LEN
+    out[end_body:end_key] = key_id
+    signature = sign(bytes(out[:end_key]))
+    if len(signature) != SIGNATURE_LEN:
+        raise ValueError(f"signature must be {SIGNATURE_LEN} bytes, got {len(signature)}")
+    end_trailer = end_key + SIGNATURE_LEN
+    out[end_key:end_trailer] = signature
+    _CRC.pack_into(out, end_trailer, zlib.crc32(memoryview(out)[:end_trailer]))
+    return bytes(out)

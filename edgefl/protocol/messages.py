@@ -24,7 +24,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
-from typing import Any, ClassVar, Final, Self, TypeVar
+from typing import Any, ClassVar, Final, Protocol, Self, TypeVar
 
 from edgefl.errors import ProtocolError, RejectReason
 
@@ -503,11 +503,28 @@ TOPIC_ENVELOPE_KINDS: Final[Mapping[TopicKind, frozenset[EnvelopeKind]]] = {
 DEFAULT_MAX_MESSAGE: Final = 64 * 1024 * 1024
 
 
-def encode_message(msg: Message, payload: bytes | bytearray | memoryview = b"") -> bytes:
-    """Wrap a message in its envelope. Only an :class:`UpdateHeader` may have a payload."""
+class _Signer(Protocol):
+    """What :func:`encode_message` needs of an ``edgefl.auth.EnvelopeSigner``."""
+
+    def sign(self, envelope: bytes) -> bytes: ...
+
+
+def encode_message(
+    msg: Message,
+    payload: bytes | bytearray | memoryview = b"",
+    *,
+    signer: _Signer | None = None,
+) -> bytes:
+    """Wrap a message in its envelope. Only an :class:`UpdateHeader` may have a payload.
+
+    With ``signer`` (an ``edgefl.auth.EnvelopeSigner``, e.g. from ``edgefl.security.load_signer``)
+    the result is the signed envelope (``docs/PROTOCOL.md``, "Signed envelopes"); every decoder
+    accepts it, and ignores the signature unless it verifies it.
+    """
     if len(payload) and not isinstance(msg, UpdateHeader):
         raise ValueError(f"{type(msg).__name__} envelopes have no payload")
-    return encode_envelope(msg.KIND, msg.to_header(), payload)
+    data = encode_envelope(msg.KIND, msg.to_header(), payload)
+    return data if signer is None else signer.sign(data)
 
 
 def check_topic(msg: Message, topic: ParsedTopic) -> None:
