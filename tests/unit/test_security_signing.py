@@ -112,9 +112,12 @@ def test_decoders_accept_signed_envelopes_and_ignore_the_signature(signer: Ed255
     header = update_header()
     data = encode_message(header, b"\x01\x02", signer=signer)
     got, body = decode_update(data)
-    assert got == header and bytes(body) == b"\x01\x02"
+    assert got == header
+    assert bytes(body) == b"\x01\x02"
     env = decode_envelope(data, max_payload=10)
-    assert env.signed and env.raw is not None and bytes(env.raw) == data
+    assert env.signed
+    assert env.raw is not None
+    assert bytes(env.raw) == data
     state = DeviceState(fleet="lab", device_id="d", status=DeviceStatus.IDLE, session=1, at=1.0)
     assert decode_message(encode_message(state, signer=signer), DeviceState) == state
 
@@ -125,21 +128,21 @@ def test_unsigned_envelopes_are_unchanged() -> None:
     assert data == encode_envelope(EnvelopeKind.UPDATE, header.to_header(), b"xy")
     assert len(data) == OVERHEAD + len(encode_header(header.to_header())) + 2
     env = decode_envelope(data, max_payload=10)
-    assert not env.signed and env.flags == 0 and env.signature is None
+    assert not env.signed
+    assert env.flags == 0
+    assert env.signature is None
 
 
 @pytest.mark.parametrize(
-    ("cut", "reason"), [(4, RejectReason.BAD_HEADER), (1, RejectReason.TRUNCATED)]
+    ("cut", "reason"),
+    # the whole trailer removed (flag kept): BAD_HEADER; one signature byte missing: TRUNCATED
+    [(4 + SIGNATURE_TRAILER_LEN, RejectReason.BAD_HEADER), (5, RejectReason.TRUNCATED)],
 )
 def test_stripped_or_truncated_trailer_is_rejected(
     signer: Ed25519Signer, cut: int, reason: RejectReason
 ) -> None:
-    data = bytearray(encode_message(update_header(), b"xy", signer=signer))
-    if cut == 4:  # remove the whole trailer, keep the flag, fix the CRC
-        data = data[: -4 - SIGNATURE_TRAILER_LEN]
-    else:
-        data = data[:-5]
-    data += struct.pack(">I", zlib.crc32(data))
+    data = bytearray(encode_message(update_header(), b"xy", signer=signer))[:-cut]
+    data += struct.pack(">I", zlib.crc32(data))  # a valid CRC, so the framing check decides
     with pytest.raises(ProtocolError) as err:
         decode_envelope(bytes(data), max_payload=10)
     assert err.value.reason is reason
@@ -178,7 +181,9 @@ def test_signed_update_survives_chunking(signer: Ed25519Signer) -> None:
         for p in reversed(packets)
     ]
     env = results[-1]
-    assert env is not None and env.raw is not None and bytes(env.raw) == data
+    assert env is not None
+    assert env.raw is not None
+    assert bytes(env.raw) == data
     auth_keys = {key_id(signer.public_key): signer.public_key}
     from edgefl.security import verify_envelope
 
@@ -285,7 +290,7 @@ def test_manifest_verifier_trusts_two_keys_during_rotation(tmp_path: Path) -> No
         verifier.verify(encode_message(manifest(), signer=Ed25519Signer(key)))
 
 
-# --- update authenticator ---------------------------------------------------------------------------
+# --- update authenticator ----------------------------------------------------------------------
 
 
 @pytest.fixture
