@@ -4,7 +4,8 @@ Sources, lowest precedence first:
 
 1. **TOML file** (default ``/etc/edgefl/agent.toml``; see ``device_agent/examples/agent.toml``).
    Top-level keys ``fleet``, ``device_id``, ``state_dir``, ``log_level``, ``profile`` and the
-   tables ``[broker]``, ``[data]``, ``[training]``, ``[codec]``, ``[eligibility]``, ``[probes]``.
+   tables ``[broker]``, ``[data]``, ``[training]``, ``[codec]``, ``[eligibility]``, ``[probes]``,
+   ``[spool]``, ``[security]``.
    Relative paths in the file are relative to the file's directory.
 2. **Environment**: ``EDGEFL_<SECTION>__<KEY>`` (double underscore) for a key in a table and
    ``EDGEFL_<KEY>`` for a top-level key, upper case, e.g. ``EDGEFL_BROKER__URL``,
@@ -54,6 +55,8 @@ __all__ = [
     "DataConfig",
     "DataKind",
     "ProbeConfig",
+    "SecurityConfig",
+    "SpoolConfig",
     "TrainingLimits",
     "env_var_name",
     "known_keys",
@@ -120,6 +123,8 @@ class BrokerConfig:
     password: str | None = field(default=None, repr=False)
     tls_insecure: bool = False
     keepalive: int = 60
+    max_packet: int = 262_144  # largest MQTT payload the agent publishes (updates are chunked)
+    reconnect_max_s: float = 30.0  # cap of the jittered exponential reconnect backoff
 
     def __post_init__(self) -> None:
         bad = f"expected mqtt:// or mqtts:// URL, got {self.url!r}"
@@ -160,6 +165,8 @@ class BrokerConfig:
         if self.username is not None and not self.username:
             raise ConfigError("broker.username", "must not be empty")
         _check_int("broker.keepalive", self.keepalive, 5, 65535)
+        _check_int("broker.max_packet", self.max_packet, 1024, 268_435_455)
+        _check_float("broker.reconnect_max_s", self.reconnect_max_s, 1.0, 3600.0)
 
     @property
     def tls(self) -> bool:
@@ -223,6 +230,7 @@ class TrainingLimits:
     batch_size: int = 32
     lr: float = 0.1
     max_train_seconds: float = 600.0
+    holdout_fraction: float = 0.2  # local examples kept aside to evaluate the global model
 
     def __post_init__(self) -> None:
         _check_int("training.max_threads", self.max_threads, 1, 64)
@@ -235,6 +243,7 @@ class TrainingLimits:
         _check_float(
             "training.max_train_seconds", self.max_train_seconds, 0.0, 86_400.0, open_low=True
         )
+        _check_float("training.holdout_fraction", self.holdout_fraction, 0.0, 0.9)
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,6 +285,31 @@ class ProbeConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SpoolConfig:
+    """Bounds of the on-disk update spool (``<state_dir>/spool``). When it is full, a new update
+    is dropped and counted (``spool_full``); the spooled ones are older but already paid for.
+    ``durable = false`` skips fsync (simulations on tmpfs only)."""
+
+    max_entries: int = 1000
+    max_bytes: int = 64 * 1024 * 1024
+    durable: bool = True
+
+    def __post_init__(self) -> None:
+        _check_int("spool.max_entries", self.max_entries, 1, 1_000_000)
+        _check_int("spool.max_bytes", self.max_bytes, 1024, 2**40)
+
+
+@dataclass(frozen=True, slots=True)
+class SecurityConfig:
+    """Optional Ed25519 keys (``edgefl.security``). ``signing_key_file``: the device's private
+    key; every update envelope is signed with it. ``aggregator_public_key_file``: the fleet's
+    aggregator key; manifests that it did not sign are rejected."""
+
+    signing_key_file: Path | None = None
+    aggregator_public_key_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class AgentConfig:
     broker: BrokerConfig
     fleet: str
@@ -285,6 +319,8 @@ class AgentConfig:
     codec: CodecPrefs = field(default_factory=CodecPrefs)
     eligibility: EligibilityPolicy = field(default_factory=EligibilityPolicy)
     probes: ProbeConfig = field(default_factory=ProbeConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     state_dir: Path = DEFAULT_STATE_DIR
     log_level: str = "INFO"
     profile: str | None = None
@@ -320,6 +356,8 @@ _SECTIONS: dict[str, Callable[..., Any]] = {
     "codec": CodecPrefs,
     "eligibility": EligibilityPolicy,
     "probes": ProbeConfig,
+    "spool": SpoolConfig,
+    "security": SecurityConfig,
 }
 _TOP_LEVEL: dict[str, object] = {
     "fleet": str,
@@ -505,6 +543,13 @@ def _build(settings: dict[str, _Setting], env_prefix: str) -> AgentConfig:
     ):
         if file is not None and not file.is_file():
             raise ConfigError(key, f"no such file {str(file)!r}", source=source_of(key))
+    security = cast(SecurityConfig, sections["security"])
+    for key, file in (
+        ("security.signing_key_file", security.signing_key_file),
+        ("security.aggregator_public_key_file", security.aggregator_public_key_file),
+    ):
+        if file is not None and not file.is_file():
+            raise ConfigError(key, f"no such file {str(file)!r}", source=source_of(key))
 
     top = {k: v for k, v in values.items() if "." not in k}
     try:
@@ -515,6 +560,8 @@ def _build(settings: dict[str, _Setting], env_prefix: str) -> AgentConfig:
             codec=cast(CodecPrefs, sections["codec"]),
             eligibility=cast(EligibilityPolicy, sections["eligibility"]),
             probes=cast(ProbeConfig, sections["probes"]),
+            spool=cast(SpoolConfig, sections["spool"]),
+            security=security,
             **cast(dict[str, Any], top),
         )
     except ConfigError as exc:

@@ -48,6 +48,7 @@ __all__ = [
     "SpoolLocked",
     "SpoolStatistics",
     "UpdateSpool",
+    "atomic_write",
 ]
 
 _MAGIC = b"EFLSPL01"
@@ -128,6 +129,12 @@ def _atomic_write(path: Path, data: bytes, *, durable: bool) -> None:
         raise
     if durable:
         _fsync_dir(path.parent)
+
+
+def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` atomically (temp file, ``fsync``, ``os.replace``, ``fsync``
+    of the directory when ``durable``): readers see the old or the new content, never a mix."""
+    _atomic_write(path, data, durable=durable)
 
 
 def _encode_entry(seq: int, created: float, meta: Mapping[str, object], payload: bytes) -> bytes:
