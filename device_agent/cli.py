@@ -1,0 +1,187 @@
+"""``edgefl agent``: run the device agent, check its configuration, classify with its model.
+
+Wire into the top-level command with ``app.add_typer(agent_app, name="agent")``::
+
+    edgefl agent --config /etc/edgefl/agent.toml [--set key=value ...]     run the daemon
+    edgefl agent check-config --config agent.toml [--set key=value ...]   validate and print
+    edgefl agent predict --config agent.toml --input samples.npy|csv       local inference
+
+The config path defaults to ``$EDGEFL_CONFIG`` or ``/etc/edgefl/agent.toml``. Environment
+overrides (``EDGEFL_...``) and ``--set`` flags apply as described in ``device_agent.config``.
+Exit codes: 0 clean stop, 2 configuration or data error (systemd does not restart it in a loop
+after ``StartLimitBurst``), 1 anything else. Logs go to stderr (the journal under systemd),
+one line per event, without timestamps when ``$JOURNAL_STREAM`` says journald adds them.
+torch is imported only when the first training starts; ``predict`` uses onnxruntime only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from device_agent.config import DEFAULT_CONFIG_PATH, AgentConfig, ConfigError, load_config
+
+__all__ = ["agent_app", "check_config_command", "predict_command", "run_command"]
+
+agent_app = typer.Typer(
+    name="agent",
+    help="The edgefl device agent (a systemd daemon on a Raspberry Pi or gateway).",
+    invoke_without_command=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="Agent TOML file (default: $EDGEFL_CONFIG or /etc/edgefl/agent.toml).",
+        dir_okay=False,
+    ),
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a key: --set broker.url=mqtt://host (repeatable)."),
+]
+
+
+def _parse_sets(items: list[str] | None) -> dict[str, object]:
+    overrides: dict[str, object] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(item, "expected --set key=value")
+        overrides[key.strip()] = value
+    return overrides
+
+
+def _load(config: Path | None, sets: list[str] | None) -> AgentConfig:
+    path = config
+    if path is None:
+        env_path = os.environ.get("EDGEFL_CONFIG")
+        path = Path(env_path) if env_path else DEFAULT_CONFIG_PATH
+        if env_path is None and not path.exists():
+            path = None  # everything from environment and flags
+    return load_config(path, os.environ, _parse_sets(sets))
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    typer.echo(f"edgefl agent: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _setup_logging(level: str) -> None:
+    under_journal = bool(os.environ.get("JOURNAL_STREAM"))
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    if not under_journal:
+        fmt = "%(asctime)s " + fmt
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
+    logging.getLogger("paho").setLevel(logging.WARNING)
+
+
+def run_command(config: ConfigOption = None, set_: SetOption = None) -> None:
+    """Run the agent until SIGTERM/SIGINT (the systemd unit's ExecStart)."""
+    try:
+        cfg = _load(config, set_)
+    except ConfigError as exc:
+        raise _fail(f"configuration error: {exc}") from None
+    _setup_logging(cfg.log_level)
+    from device_agent.agent import DeviceAgent
+    from device_agent.spool import SpoolLocked
+    from edgefl.data.sources import DataSourceError
+
+    async def main() -> None:
+        agent = DeviceAgent(cfg)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, agent.stop)
+        await agent.run()
+
+    try:
+        asyncio.run(main())
+    except DataSourceError as exc:
+        raise _fail(f"data error: {exc}") from None
+    except SpoolLocked as exc:
+        raise _fail(f"{exc} (is another agent running with the same state_dir?)") from None
+    except OSError as exc:
+        raise _fail(f"cannot use state_dir {str(cfg.state_dir)!r}: {exc}", 1) from None
+
+
+@agent_app.callback()
+def _default(
+    ctx: typer.Context,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Run the agent (no subcommand), or one of the subcommands below."""
+    if ctx.invoked_subcommand is None:
+        run_command(config, set_)
+    else:
+        ctx.obj = (config, set_)
+
+
+def _inherit(ctx: typer.Context, config: Path | None, sets: list[str] | None) -> AgentConfig:
+    parent = ctx.obj if isinstance(ctx.obj, tuple) else (None, None)
+    try:
+        return _load(config or parent[0], (parent[1] or []) + (sets or []))
+    except ConfigError as exc:
+        raise _fail(f"configuration error: {exc}") from None
+
+
+@agent_app.command("check-config")
+def check_config_command(
+    ctx: typer.Context,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Validate the configuration (file < environment < --set) and print the effective values."""
+    cfg = _inherit(ctx, config, set_)
+    described = cfg.describe()
+    if json_out:
+        typer.echo(json.dumps(described, indent=2, sort_keys=True))
+        return
+    width = max(len(k) for k in described)
+    for key in sorted(described):
+        typer.echo(f"{key:<{width}}  {described[key]!r}")
+    typer.echo("configuration OK", err=True)
+
+
+@agent_app.command("predict")
+def predict_command(
+    ctx: typer.Context,
+    input_: Annotated[
+        Path, typer.Option("--input", "-i", help="Samples: .npy (N, ...) or .csv rows.")
+    ],
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    proba: Annotated[bool, typer.Option("--proba", help="Also print probabilities.")] = False,
+) -> None:
+    """Classify samples with the model the agent holds (ONNX, onnxruntime; no torch)."""
+    cfg = _inherit(ctx, config, set_)
+    from device_agent.predict import LocalModel, NoModel, NoOnnxModel, load_input
+
+    try:
+        x = load_input(input_)
+        model = LocalModel(cfg.state_dir, threads=cfg.training.max_threads)
+        result = model.predict(x)
+    except (NoModel, NoOnnxModel) as exc:
+        raise _fail(str(exc), 1) from None
+    except (OSError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"# model {model.model} v{result.model_version}", err=True)
+    for i, label in enumerate(result.labels):
+        if proba:
+            probs = " ".join(f"{p:.4f}" for p in result.probabilities[i])
+            typer.echo(f"{int(label)}\t{probs}")
+        else:
+            typer.echo(str(int(label)))
