@@ -1,0 +1,85 @@
+"""``edgefl provision``: the command line of :mod:`edgefl.security.provision`.
+
+``provision_app`` is a ``typer.Typer`` sub-app with two commands, ``init`` and ``device``; the
+lead wires it into ``edgefl/cli.py`` (``app.add_typer(provision_app, name="provision")``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .provision import ProvisionError, add_device, init_fleet
+
+__all__ = ["provision_app"]
+
+provision_app = typer.Typer(
+    name="provision",
+    help="Create a fleet's CA, broker TLS/password/ACL files, signing keys and device bundles.",
+    no_args_is_help=True,
+)
+
+OutDir = Annotated[
+    Path, typer.Option("--out", "-o", help="Provisioning directory (holds secrets: keep it safe).")
+]
+
+
+@provision_app.command("init")
+def init_command(
+    out: OutDir,
+    fleet: Annotated[str, typer.Option(help="Fleet name ([A-Za-z0-9_.-], 1-64 characters).")],
+    broker_host: Annotated[
+        list[str],
+        typer.Option(
+            "--broker-host",
+            help="Host name or IP address devices use for the broker (repeatable; the first one"
+            " goes into device bundles; all go into the certificate).",
+        ),
+    ],
+    port: Annotated[int, typer.Option(help="TLS listener port.")] = 8883,
+    data_dir: Annotated[
+        str, typer.Option(help="Mosquitto persistence directory on the broker host.")
+    ] = "/var/lib/mosquitto",
+    force: Annotated[bool, typer.Option(help="Replace an existing fleet in --out.")] = False,
+) -> None:
+    """Create the fleet CA, broker certificate, password file, ACL and broker config, the
+    aggregator's Ed25519 signing key and the aggregator and monitor MQTT credentials."""
+    try:
+        layout = init_fleet(out, fleet, broker_host, port=port, data_dir=data_dir, force=force)
+    except (ProvisionError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"fleet {fleet!r} provisioned in {layout.root}")
+    typer.echo(
+        f"  broker:     copy {layout.broker_dir}/ to the broker host; mosquitto.conf uses it"
+    )
+    typer.echo(f"  aggregator: copy {layout.aggregator_dir}/ to the aggregator host")
+    typer.echo(f"  CA key:     {layout.ca_dir / 'ca.key'} (keep offline)")
+    typer.echo(f"next: edgefl provision device --out {layout.root} --device <id>")
+
+
+@provision_app.command("device")
+def device_command(
+    out: OutDir,
+    device: Annotated[str, typer.Option(help="Device id (= its MQTT username).")],
+    client_cert: Annotated[
+        bool, typer.Option(help="Also issue a TLS client certificate (CN = device id).")
+    ] = False,
+    data_path: Annotated[
+        str, typer.Option(help="[data] path written into the bundle's agent.toml.")
+    ] = "/var/lib/edgefl/data/train.npz",
+    force: Annotated[bool, typer.Option(help="Re-provision an existing device.")] = False,
+) -> None:
+    """Create a device's MQTT password, Ed25519 key pair (public key registered with the
+    aggregator), optional client certificate, and its bundle directory."""
+    try:
+        bundle = add_device(out, device, client_cert=client_cert, force=force, data_path=data_path)
+    except (ProvisionError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"device {device!r} provisioned (signing key id {bundle.key_id})")
+    typer.echo(f"  bundle:     copy {bundle.directory}/ to /etc/edgefl/ on the device")
+    typer.echo(f"  aggregator: {bundle.public_key_file} (picked up automatically)")
+    typer.echo("  broker:     copy the updated broker/passwd and reload mosquitto (SIGHUP)")
