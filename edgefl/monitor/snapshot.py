@@ -1,0 +1,174 @@
+"""The monitor's snapshot of a fleet: frozen, JSON-serialisable dataclasses.
+
+``FleetSnapshot.to_json()`` is what ``edgefl monitor --once --json`` prints (one object) and
+``--json`` streams (one object per line). Times are Unix seconds (floats); ages are seconds
+relative to ``at``; absent figures are ``null``. The layout is documented in ``docs/MONITOR.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum, StrEnum
+from typing import Any
+
+from .broker_stats import BrokerStatsView
+
+__all__ = [
+    "AggregatorView",
+    "ConnectionView",
+    "DeviceView",
+    "FleetSnapshot",
+    "LostReason",
+    "ModelView",
+    "MonitorCounters",
+    "to_jsonable",
+]
+
+
+def to_jsonable(value: Any) -> Any:
+    """Plain JSON types from dataclasses, enums, tuples and mappings (keys become strings)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_jsonable(v) for v in value]
+    return value
+
+
+class LostReason(StrEnum):
+    """Why a device is shown as ``lost``."""
+
+    WILL = "will"  # its Last Will (or a state with status lost) arrived
+    STALE = "stale"  # no sign of life for longer than the stale timeout
+
+
+@dataclass(frozen=True)
+class DeviceView:
+    """One row of the fleet table.
+
+    ``status`` is the effective status: the reported one, except ``lost`` when the device's
+    Will arrived (``lost_reason="will"``) or when a connected status (online / idle / training)
+    is older than the stale timeout (``lost_reason="stale"``; ``reported_status`` keeps what the
+    device last said). ``last_seen`` is the later of the state's ``at`` and the receipt time of
+    the device's latest live (non-retained) message. ``model_staleness`` is the current model
+    version minus the version the device holds.
+    """
+
+    device_id: str
+    status: str
+    reported_status: str
+    lost_reason: LostReason | None
+    session: int
+    encoding: str
+    state_at: float
+    last_seen: float
+    last_seen_age_s: float
+    model_version: int | None
+    model_staleness: int | None
+    reasons: tuple[str, ...]
+    updates_sent: int
+    updates_seen: int
+    local_accuracy: float | None
+    profile: str | None
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """The current model from the retained manifest."""
+
+    version: int
+    model: str
+    format: str
+    size: int
+    num_chunks: int
+    chunk_size: int
+    num_params: int
+    sha256: str
+    created_at: float
+    age_s: float
+    chunks_seen: int
+    """Retained chunks of this version the monitor received (weights artifact)."""
+    onnx: bool
+
+
+@dataclass(frozen=True)
+class AggregatorView:
+    """Aggregator figures: ``server/state`` (retained) merged with the latest ``server/metrics``.
+
+    Buffer fill, version and rejections come from whichever of the two is more recent.
+    ``observed_updates_per_s`` is the monitor's own count of update packets seen on the broker
+    over the last minute (first chunks and single-packet updates), independent of the server.
+    """
+
+    status: str | None = None
+    session: int | None = None
+    version: int | None = None
+    buffer_fill: int | None = None
+    buffer_size: int | None = None
+    applied: int | None = None
+    received: int | None = None
+    rejected: Mapping[str, int] = field(default_factory=dict)
+    updates_per_s: float | None = None
+    bytes_per_s: float | None = None
+    bytes_ingested: int | None = None
+    staleness: Mapping[int, int] = field(default_factory=dict)
+    accuracy: float | None = None
+    accuracy_history: tuple[tuple[int, float], ...] = ()
+    """``(version, accuracy)`` pairs, oldest first, one per version (bounded)."""
+    started_at: float | None = None
+    state_at: float | None = None
+    metrics_at: float | None = None
+    observed_updates_per_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class ConnectionView:
+    """The monitor's own MQTT connection (filled by the asyncio shell)."""
+
+    broker: str
+    client_id: str
+    protocol: str | None
+    connected: bool
+    subscriptions: tuple[str, ...] = ()
+    dropped: int = 0
+    """Inbound messages the monitor's transport discarded (queue full)."""
+    broker_stats: BrokerStatsView = field(default_factory=BrokerStatsView)
+
+
+@dataclass(frozen=True)
+class MonitorCounters:
+    """What the fold saw: messages and bytes, observations by kind, undecodable messages by
+    ``RejectReason`` value, and device states ignored under the presence (session) rule."""
+
+    messages: int = 0
+    bytes: int = 0
+    by_kind: Mapping[str, int] = field(default_factory=dict)
+    rejected: Mapping[str, int] = field(default_factory=dict)
+    superseded_states: int = 0
+
+
+@dataclass(frozen=True)
+class FleetSnapshot:
+    """Everything the monitor knows at ``at``: connection, devices, model and aggregator."""
+
+    at: float
+    fleet: str
+    connection: ConnectionView | None
+    devices: tuple[DeviceView, ...]
+    counts: Mapping[str, int]
+    """Devices by effective status."""
+    model: ModelView | None
+    aggregator: AggregatorView
+    monitor: MonitorCounters
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = to_jsonable(self)
+        return out
+
+    def device(self, device_id: str) -> DeviceView | None:
+        return next((d for d in self.devices if d.device_id == device_id), None)
