@@ -1,0 +1,473 @@
+"""The device agent end to end on the in-process MemoryBroker: model pick-up, training, spool-first
+delivery, restarts, aborts on ineligibility, presence sessions, rejected manifests.
+
+Real parts throughout: the agent, the protocol, the codec, the spool, the probes over a fake
+sysfs tree and torch training of the digits MLP on scikit-learn's digits (160 examples)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+from device_agent.agent import DeviceAgent
+from device_agent.config import AgentConfig, BrokerConfig, DataConfig, DataKind, ProbeConfig
+from device_agent.dataset import LocalDataset
+from device_agent.eligibility import EligibilityPolicy, MeteredSource
+from device_agent.model_store import ModelStore
+from device_agent.release import model_release
+from device_agent.spool import UpdateSpool
+from device_agent.trainer import TorchTrainer, TrainJob, TrainResult
+from device_agent.updates import build_update
+from edgefl.codec import CodecConfig, CodecDescriptor, Quantization, open_update
+from edgefl.models.spec import get_model_spec, init_weights_numpy
+from edgefl.protocol.envelope import EnvelopeKind, decode_envelope, encode_envelope
+from edgefl.protocol.messages import (
+    DeviceState,
+    DeviceStatus,
+    TrainingHints,
+    decode_message,
+    decode_update,
+    encode_message,
+)
+from edgefl.protocol.topics import (
+    device_state_topic,
+    model_chunk_topic,
+    updates_filter,
+)
+from edgefl.transport import InboundMessage, MemoryBroker, MemoryTransport, OnConnect, Will
+
+FLEET, DEVICE, MODEL = "farm", "pi-1", "digits-mlp"
+SPEC = get_model_spec(MODEL)
+
+
+def write_tree(root: Path, *, mains: bool = True, temp_c: float = 40.0, load: float = 0.0) -> None:
+    """A fake /proc + /sys: 2 CPUs, an AC adapter and a battery, one thermal zone."""
+    (root / "proc").mkdir(parents=True, exist_ok=True)
+    (root / "proc/loadavg").write_text(f"{load:.2f} 0.00 0.00 1/100 1\n")
+    (root / "proc/cpuinfo").write_text("processor : 0\nprocessor : 1\n")
+    ac = root / "sys/class/power_supply/AC"
+    bat = root / "sys/class/power_supply/BAT0"
+    for d in (ac, bat):
+        d.mkdir(parents=True, exist_ok=True)
+    (ac / "type").write_text("Mains\n")
+    (ac / "online").write_text("1\n" if mains else "0\n")
+    (bat / "type").write_text("Battery\n")
+    (bat / "status").write_text("Charging\n" if mains else "Discharging\n")
+    (bat / "capacity").write_text("90\n")
+    zone = root / "sys/class/thermal/thermal_zone0"
+    zone.mkdir(parents=True, exist_ok=True)
+    (zone / "temp").write_text(f"{int(temp_c * 1000)}\n")
+
+
+def make_config(tmp: Path) -> AgentConfig:
+    write_tree(tmp / "fs")
+    return AgentConfig(
+        broker=BrokerConfig("mqtt://127.0.0.1:1"),
+        fleet=FLEET,
+        device_id=DEVICE,
+        data=DataConfig(kind=DataKind.NPZ, path=tmp / "unused.npz"),
+        probes=ProbeConfig(
+            root=tmp / "fs", metered=MeteredSource.NO, throttle=False, interval_s=1.0
+        ),
+        eligibility=EligibilityPolicy(),
+        state_dir=tmp / "state",
+    )
+
+
+def digits_dataset() -> LocalDataset:
+    d = load_digits()
+    x = (d.data[:200] / 16.0).astype(np.float32)
+    return LocalDataset.split(x, d.target[:200].astype(np.int64), 0.2, seed=3)
+
+
+DATA = digits_dataset()
+
+
+def publish_model(broker: MemoryBroker, version: int, seed: int = 0) -> None:
+    release = model_release(FLEET, version, MODEL, init_weights_numpy(SPEC, seed))
+    for topic, payload in release.messages:
+        broker.publish(topic, payload, 1, True)
+
+
+def factory(broker: MemoryBroker, made: list[MemoryTransport] | None = None):  # type: ignore[no-untyped-def]
+    def make(will: Will, on_connect: OnConnect) -> MemoryTransport:
+        transport = MemoryTransport(broker, DEVICE, will=will, on_connect=on_connect)
+        if made is not None:
+            made.append(transport)
+        return transport
+
+    return make
+
+
+async def wait_for(predicate: Callable[[], bool], within: float = 30.0) -> None:
+    deadline = time.monotonic() + within
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)
+
+
+async def collect(
+    broker: MemoryBroker, topic_filter: str
+) -> tuple[list[InboundMessage], Callable[[], Awaitable[None]]]:
+    """Subscribe an observer; returns the list it fills and a function that stops it."""
+    observer = MemoryTransport(broker, "observer")
+    await observer.connect()
+    await observer.subscribe(topic_filter)
+    seen: list[InboundMessage] = []
+
+    async def pump() -> None:
+        async for message in observer.messages():
+            seen.append(message)
+
+    task = asyncio.create_task(pump())
+
+    async def stop() -> None:
+        await observer.close()
+        await task
+
+    return seen, stop
+
+
+class GateTrainer:
+    """A Trainer that waits (polling ``should_stop``, as the contract requires) until the test
+    opens the gate, then trains for real; the simulator wraps trainers the same way."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.inner = TorchTrainer()
+
+    def train(self, job: TrainJob, should_stop: Callable[[], bool]) -> TrainResult | None:
+        self.entered.set()
+        while not self.gate.wait(0.01):
+            if should_stop():
+                return None
+        return self.inner.train(job, should_stop)
+
+
+def test_agent_picks_up_model_trains_and_delivers_one_update(tmp_path: Path) -> None:
+    # Arrange
+    cfg = make_config(tmp_path)
+    broker = MemoryBroker()
+    publish_model(broker, 0)
+
+    async def scenario() -> tuple[list[InboundMessage], DeviceAgent]:
+        updates, stop_observer = await collect(broker, updates_filter(FLEET))
+        agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker))
+        run = asyncio.create_task(agent.run())
+        # Act
+        await wait_for(lambda: agent.statistics().updates_sent == 1)
+        agent.stop()
+        await run
+        await stop_observer()
+        return updates, agent
+
+    updates, agent = asyncio.run(scenario())
+
+    # Assert: exactly one update, against v0, decodable, non-trivial
+    assert len(updates) == 1
+    header, body = decode_update(updates[0].payload)
+    assert (header.device_id, header.seq, header.base_version) == (DEVICE, 0, 0)
+    assert header.num_examples == DATA.num_train == 160
+    assert header.model == MODEL
+    delta = open_update(
+        CodecDescriptor.from_dict(header.codec),
+        body,
+        num_params=SPEC.num_params,
+        max_decompressed=1 << 20,
+    ).to_dense()
+    assert np.all(np.isfinite(delta))
+    assert np.abs(delta).max() > 0
+    stats = agent.statistics()
+    assert stats.trainings_started == stats.trainings_completed == 1
+    assert stats.spool_depth == 0
+    assert stats.model_version == 0
+    assert stats.last_local_accuracy is not None
+    # the model is kept on disk, and the retained state says offline after the clean stop
+    held = ModelStore(tmp_path / "state/model").load()
+    assert held is not None
+    assert held.version == 0
+    state = decode_message(broker.retained()[device_state_topic(FLEET, DEVICE)], DeviceState)
+    assert state.status is DeviceStatus.OFFLINE
+    assert state.updates_sent == 1
+    assert state.model_version == 0
+    assert state.local_accuracy == stats.last_local_accuracy
+
+
+def test_restart_continues_sequence_and_session_and_does_not_retrain_same_version(
+    tmp_path: Path,
+) -> None:
+    # Arrange: a first run trains v0 and delivers seq 0
+    cfg = make_config(tmp_path)
+    broker = MemoryBroker()
+    publish_model(broker, 0)
+
+    async def one_run(until: Callable[[DeviceAgent], bool], settle: float = 0.0) -> DeviceAgent:
+        agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker))
+        run = asyncio.create_task(agent.run())
+        await wait_for(lambda: until(agent))
+        await asyncio.sleep(settle)
+        agent.stop()
+        await run
+        return agent
+
+    async def scenario() -> tuple[list[InboundMessage], DeviceAgent, DeviceAgent]:
+        updates, stop_observer = await collect(broker, updates_filter(FLEET))
+        await one_run(lambda a: a.statistics().updates_sent == 1)
+        # Act: restart with v0 still current (must not train again), then v1 appears
+        second = await one_run(lambda a: a.statistics().model_version == 0, settle=1.5)
+        publish_model(broker, 1, seed=1)
+        third = await one_run(lambda a: a.statistics().updates_sent == 1)
+        await stop_observer()
+        return updates, second, third
+
+    updates, second, third = asyncio.run(scenario())
+
+    # Assert
+    headers = [decode_update(m.payload)[0] for m in updates]
+    assert [(h.seq, h.base_version) for h in headers] == [(0, 0), (1, 1)]
+    assert second.statistics().trainings_started == 0
+    assert (second.statistics().session, third.statistics().session) == (2, 3)
+
+
+def test_spooled_updates_are_resent_in_order_byte_identical(tmp_path: Path) -> None:
+    # Arrange: three real updates already in the agent's spool (as after a crash offline)
+    cfg = make_config(tmp_path)
+    broker = MemoryBroker()
+    publish_model(broker, 0)
+    manifest = model_release(FLEET, 0, MODEL, init_weights_numpy(SPEC, 0)).manifest
+    rng = np.random.default_rng(0)
+    spooled: dict[int, bytes] = {}
+    deltas: dict[int, np.ndarray] = {}
+    with UpdateSpool(tmp_path / "state/spool") as spool:
+        for _ in range(3):
+            seq = spool.next_seq()
+            deltas[seq] = rng.normal(size=SPEC.num_params).astype(np.float32)
+            built = build_update(
+                TrainResult(deltas[seq], 10),
+                manifest=manifest,
+                fleet=FLEET,
+                device_id=DEVICE,
+                seq=seq,
+                codec=CodecConfig(quantization=Quantization.FP32),
+                residual=None,
+                rng=rng,
+                created_at=time.time(),
+            )
+            spool.put(seq, built.envelope, {})
+            spooled[seq] = built.envelope
+    write_tree(tmp_path / "fs", mains=False)  # on battery: no new training interferes
+
+    async def scenario() -> tuple[list[InboundMessage], DeviceAgent]:
+        updates, stop_observer = await collect(broker, updates_filter(FLEET))
+        agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker))
+        run = asyncio.create_task(agent.run())
+        # Act
+        await wait_for(lambda: agent.statistics().updates_sent == 3)
+        agent.stop()
+        await run
+        await stop_observer()
+        return updates, agent
+
+    updates, agent = asyncio.run(scenario())
+
+    # Assert: in sequence order, the exact spooled bytes, and the spool is empty afterwards
+    assert [m.topic.rsplit("/", 1)[1] for m in updates] == ["0", "1", "2"]
+    assert [m.payload for m in updates] == [spooled[0], spooled[1], spooled[2]]
+    header, body = decode_update(updates[2].payload)
+    decoded = open_update(
+        CodecDescriptor.from_dict(header.codec),
+        body,
+        num_params=SPEC.num_params,
+        max_decompressed=1 << 20,
+    ).to_dense()
+    np.testing.assert_array_equal(decoded, deltas[2])
+    assert agent.statistics().spool_depth == 0
+    assert agent.statistics().trainings_started == 0
+    with UpdateSpool(tmp_path / "state/spool") as spool:
+        assert spool.next_seq() == 3  # never reused
+
+
+def test_ineligible_mid_training_aborts_publishes_nothing_and_retries_when_back(
+    tmp_path: Path,
+) -> None:
+    # Arrange
+    cfg = make_config(tmp_path)
+    broker = MemoryBroker()
+    publish_model(broker, 0)
+    trainer = GateTrainer()
+
+    async def scenario() -> tuple[list[InboundMessage], dict[str, int], list[str], DeviceAgent]:
+        updates, stop_observer = await collect(broker, updates_filter(FLEET))
+        agent = DeviceAgent(cfg, trainer=trainer, dataset=DATA, transport_factory=factory(broker))
+        run = asyncio.create_task(agent.run())
+        await wait_for(lambda: agent.statistics().status is DeviceStatus.TRAINING)
+        # Act: unplug mid-training
+        write_tree(tmp_path / "fs", mains=False)
+        agent.check_now()
+        await wait_for(lambda: agent.statistics().trainings_aborted.get("ineligible") == 1, 10)
+        aborted = dict(agent.statistics().trainings_aborted)
+        reasons = list(agent.statistics().reasons)
+        await asyncio.sleep(0.3)
+        assert not updates
+        # ... and plug in again: the next attempt completes
+        trainer.gate.set()
+        write_tree(tmp_path / "fs", mains=True)
+        agent.check_now()
+        await wait_for(lambda: agent.statistics().updates_sent == 1)
+        agent.stop()
+        await run
+        await stop_observer()
+        return updates, aborted, reasons, agent
+
+    updates, aborted, reasons, agent = asyncio.run(scenario())
+
+    # Assert
+    assert aborted == {"ineligible": 1}
+    assert reasons == ["on_battery"]
+    assert len(updates) == 1
+    assert decode_update(updates[0].payload)[0].seq == 0  # the aborted run took no number
+    assert agent.statistics().trainings_started == 2
+
+
+def test_reconnect_starts_a_new_presence_session_and_the_old_will_is_lower(
+    tmp_path: Path,
+) -> None:
+    # Arrange
+    cfg = make_config(tmp_path)
+    write_tree(tmp_path / "fs", mains=False)
+    broker = MemoryBroker()
+    made: list[MemoryTransport] = []
+
+    async def scenario() -> list[DeviceState]:
+        states_seen, stop_observer = await collect(broker, device_state_topic(FLEET, DEVICE))
+        agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker, made))
+        run = asyncio.create_task(agent.run())
+        await wait_for(lambda: agent.statistics().status is DeviceStatus.IDLE)
+        await wait_for(lambda: len(states_seen) >= 2)
+        # Act: the link drops (the broker publishes the Will), then comes back
+        await made[0].disconnect(abrupt=True)
+        await made[0].connect()
+        await wait_for(lambda: agent.statistics().session == 2 and agent.statistics().connected)
+        await wait_for(lambda: decode_message(states_seen[-1].payload, DeviceState).session == 2)
+        agent.stop()
+        await run
+        await stop_observer()
+        return [decode_message(m.payload, DeviceState) for m in states_seen]
+
+    states = asyncio.run(scenario())
+
+    # Assert: the Will carried session 1; everything after it session 2; supersedes() drops
+    # the late Will of session 1 once session 2 was seen
+    lost = [s for s in states if s.status is DeviceStatus.LOST]
+    assert [s.session for s in lost] == [1]
+    after = states[states.index(lost[0]) + 1 :]
+    assert after
+    assert all(s.session == 2 for s in after)
+    assert after[-1].status is DeviceStatus.OFFLINE
+    assert not lost[0].supersedes(after[0])
+    assert "on_battery" in after[0].reasons
+
+
+def test_model_with_corrupt_chunk_is_rejected_and_previous_model_kept(tmp_path: Path) -> None:
+    # Arrange: v0 is fine; v1's chunk carries other bytes under the advertised digest
+    cfg = make_config(tmp_path)
+    write_tree(tmp_path / "fs", mains=False)
+    broker = MemoryBroker()
+    publish_model(broker, 0)
+    good = model_release(FLEET, 1, MODEL, init_weights_numpy(SPEC, 1))
+    chunk_topic = model_chunk_topic(FLEET, 1, 0)
+    packet = dict(good.messages)[chunk_topic]
+    env = decode_envelope(packet, max_payload=1 << 20)
+    tampered = bytearray(env.payload)
+    tampered[0] ^= 0xFF
+    bad_packet = encode_envelope(EnvelopeKind.MODEL_CHUNK, env.header, bytes(tampered))
+
+    async def scenario() -> DeviceAgent:
+        agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker))
+        run = asyncio.create_task(agent.run())
+        await wait_for(lambda: agent.statistics().model_version == 0)
+        # Act
+        for topic, payload in good.messages:
+            broker.publish(topic, bad_packet if topic == chunk_topic else payload, 1, True)
+        await wait_for(lambda: sum(agent.statistics().rejected.values()) >= 1)
+        await asyncio.sleep(0.1)
+        agent.stop()
+        await run
+        return agent
+
+    agent = asyncio.run(scenario())
+
+    # Assert
+    stats = agent.statistics()
+    assert stats.rejected == {"bad_checksum": 1}
+    assert stats.model_version == 0
+    held = ModelStore(tmp_path / "state/model").load()
+    assert held is not None
+    assert held.version == 0
+
+
+def test_manifest_for_unknown_model_is_rejected_as_wrong_model(tmp_path: Path) -> None:
+    # Arrange: a manifest naming a model this agent cannot build (sizes of digits-mlp)
+    cfg = make_config(tmp_path)
+    broker = MemoryBroker()
+    release = model_release(FLEET, 0, MODEL, init_weights_numpy(SPEC, 0))
+    *chunks, (manifest_topic_name, _) = release.messages
+    for topic, payload in chunks:
+        broker.publish(topic, payload, 1, True)
+    bogus = dataclasses.replace(release.manifest, model="no-such-model")
+    broker.publish(manifest_topic_name, encode_message(bogus), 1, True)
+
+    async def scenario() -> DeviceAgent:
+        agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker))
+        run = asyncio.create_task(agent.run())
+        # Act
+        await wait_for(lambda: sum(agent.statistics().rejected.values()) == 1)
+        agent.stop()
+        await run
+        return agent
+
+    agent = asyncio.run(scenario())
+
+    # Assert
+    assert agent.statistics().rejected == {"wrong_model": 1}
+    assert agent.statistics().model_version is None
+    assert agent.statistics().trainings_started == 0
+
+
+@pytest.mark.parametrize("quantization", ["int8", "fp16"])
+def test_manifest_codec_hint_wins_over_device_preference(tmp_path: Path, quantization: str) -> None:
+    # Arrange
+    cfg = make_config(tmp_path)
+    broker = MemoryBroker()
+    hints = TrainingHints(local_epochs=1, batch_size=16, codec={"quantization": quantization})
+    release = model_release(FLEET, 0, MODEL, init_weights_numpy(SPEC, 0), hints=hints)
+    for topic, payload in release.messages:
+        broker.publish(topic, payload, 1, True)
+
+    async def scenario() -> list[InboundMessage]:
+        updates, stop_observer = await collect(broker, updates_filter(FLEET))
+        agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker))
+        run = asyncio.create_task(agent.run())
+        # Act
+        await wait_for(lambda: agent.statistics().updates_sent == 1)
+        agent.stop()
+        await run
+        await stop_observer()
+        return updates
+
+    updates = asyncio.run(scenario())
+
+    # Assert: the aggregator's hint decides the codec; batch 16 -> 10 steps over 160 examples
+    header, _ = decode_update(updates[0].payload)
+    assert header.codec["quantization"] == quantization
+    assert header.metrics["steps"] == 10
