@@ -25,11 +25,17 @@ from types import TracebackType
 from typing import Any, Self
 
 from edgefl.protocol.topics import all_fleet_filter, fleet_name
-from edgefl.transport.base import Backpressure, BrokerRefused, InboundMessage, topic_matches
+from edgefl.transport.base import (
+    Backpressure,
+    BrokerRefused,
+    InboundMessage,
+    Transport,
+    topic_matches,
+)
 from edgefl.transport.config import MqttConfig
 from edgefl.transport.mqtt import MqttTransport
 
-from .decode import decode_inbound
+from .decode import SYS_PREFIX, decode_inbound
 from .model import FleetModel, FleetModelConfig
 from .snapshot import ConnectionView, FleetSnapshot
 from .summary import TopicLogEntry, log_entry
@@ -62,8 +68,11 @@ def monitor_mqtt_config(url: str, **overrides: Any) -> MqttConfig:
 class FleetMonitor:
     """Watch one fleet. Use as ``async with FleetMonitor(config, fleet) as monitor:``.
 
-    ``topic_filters`` restrict the topic log (and ``listeners``), never the model: the fleet
-    model always folds everything. ``clock`` gives wall time (Unix seconds).
+    ``topic_filters`` restrict the topic log (and listeners; by default ``$SYS`` is left out of
+    the log), never the model: the fleet
+    model always folds everything. ``clock`` gives wall time (Unix seconds). ``transport``
+    replaces the ``MqttTransport`` built from ``config`` (e.g. a ``MemoryTransport`` in tests;
+    ``config`` then only names the broker in the connection panel).
     """
 
     def __init__(
@@ -76,6 +85,7 @@ class FleetMonitor:
         topic_filters: Sequence[str] = (),
         log_size: int = 500,
         clock: Callable[[], float] = time.time,
+        transport: Transport | None = None,
     ) -> None:
         self.fleet = fleet_name(fleet)
         self.config = config
@@ -84,7 +94,9 @@ class FleetMonitor:
         self.include_sys = include_sys
         self.topic_filters = tuple(topic_filters)
         self._clock = clock
-        self._transport = MqttTransport(config)
+        self._transport: Transport = transport if transport is not None else MqttTransport(config)
+        self.logged = 0
+        """Entries appended to ``log`` so far (the log keeps the last ``log_size``)."""
         self._subscriptions: list[str] = []
         self._retained: set[str] = set()
         self._listeners: list[Listener] = []
@@ -163,14 +175,18 @@ class FleetMonitor:
         )
         if self.wants(message.topic):
             self.log.append(entry)
+            self.logged += 1
             for listener in self._listeners:
                 listener(entry)
         self._activity.set()
         return entry
 
     def wants(self, topic: str) -> bool:
-        """Whether ``topic`` passes the topic-log filters (all topics when there are none)."""
-        return not self.topic_filters or any(topic_matches(f, topic) for f in self.topic_filters)
+        """Whether ``topic`` passes the topic-log filters. Without filters: every topic but
+        ``$SYS/...`` (dozens every few seconds; ask for them with a ``$SYS/#`` filter)."""
+        if not self.topic_filters:
+            return not topic.startswith(SYS_PREFIX)
+        return any(topic_matches(f, topic) for f in self.topic_filters)
 
     def add_listener(self, listener: Listener) -> None:
         """Call ``listener(entry)`` for every logged message (on the event loop, synchronously)."""
@@ -198,7 +214,7 @@ class FleetMonitor:
         stats = self._transport.statistics()
         return ConnectionView(
             broker=self.config.url,
-            client_id=self._transport.client_id,
+            client_id=str(getattr(self._transport, "client_id", self.config.client_id)),
             protocol=stats.protocol,
             connected=stats.connected,
             subscriptions=tuple(self._subscriptions),

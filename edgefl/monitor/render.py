@@ -100,7 +100,8 @@ def connection_lines(connection: ConnectionView | None) -> list[str]:
     proto = f"MQTT {connection.protocol}" if connection.protocol else "MQTT ?"
     link = "connected" if connection.connected else "DISCONNECTED"
     lines = [
-        f"broker   {connection.broker} ({proto}, {link})",
+        f"broker   {connection.broker}",
+        f"         {proto}, {link}",
         f"client   {connection.client_id}",
     ]
     b = connection.broker_stats
@@ -109,7 +110,7 @@ def connection_lines(connection: ConnectionView | None) -> list[str]:
         bytes_in = "-" if b.bytes_in_per_s is None else human_bytes(b.bytes_in_per_s)
         bytes_out = "-" if b.bytes_out_per_s is None else human_bytes(b.bytes_out_per_s)
         lines += [
-            f"$SYS     {_opt(b.version)}, {_opt(b.clients)} clients, up {format_age(b.uptime_s)}",
+            f"$SYS     {_opt(b.clients)} clients, up {format_age(b.uptime_s)}",
             f"msgs/s   {msgs} out",
             f"bytes/s  {bytes_in} in / {bytes_out} out",
             f"dropped  {_opt(b.dropped_publishes)} publishes (broker),"
@@ -132,7 +133,10 @@ def model_lines(model: ModelView | None) -> list[str]:
     ]
 
 
-def aggregator_lines(agg: AggregatorView, *, width: int = 40) -> list[str]:
+def aggregator_lines(
+    agg: AggregatorView, *, width: int = 40, with_sparkline: bool = True
+) -> list[str]:
+    """Aggregator panel lines; the accuracy sparkline (text) unless ``with_sparkline=False``."""
     if agg.version is None:
         return [
             "no aggregator state yet",
@@ -144,13 +148,13 @@ def aggregator_lines(agg: AggregatorView, *, width: int = 40) -> list[str]:
     stale = " ".join(f"{k}:{v}" for k, v in sorted(agg.staleness.items())) or "-"
     accs = [a for _, a in agg.accuracy_history]
     acc_line = f"accuracy {_opt(agg.accuracy, '{:.3f}')}"
-    if accs:
+    if accs and with_sparkline:
         acc_line += f"  {sparkline(accs, width)}  ({len(accs)} versions)"
     return [
         f"server   {_opt(agg.status)} v{agg.version}, buffer {fill}, applied {_opt(agg.applied)}",
         f"updates  {rate}/s (server), {agg.observed_updates_per_s:.2f}/s seen on the broker",
         f"rejected {rejected}",
-        f"stale τ  {stale}",
+        f"stale    {stale}",
         acc_line,
     ]
 
