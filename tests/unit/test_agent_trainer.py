@@ -1,0 +1,105 @@
+"""TorchTrainer honours the Trainer contract: delta = local - base, stops on should_stop, evaluates
+the global model on held-out data, lowers only its own thread's priority."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+
+import numpy as np
+from sklearn.datasets import load_digits
+
+from device_agent.dataset import LocalDataset
+from device_agent.trainer import TorchTrainer, TrainJob, lower_thread_priority
+from edgefl.models.spec import get_model_spec, init_weights_numpy
+from edgefl.training import LocalTrainConfig, evaluate, train_local
+
+SPEC = get_model_spec("digits-mlp")
+
+
+def job(**overrides: object) -> TrainJob:
+    d = load_digits()
+    data = LocalDataset.split(
+        (d.data[:120] / 16).astype(np.float32), d.target[:120].astype(np.int64), 0.25, seed=0
+    )
+    base = init_weights_numpy(SPEC, 0)
+    base.setflags(write=False)
+    values: dict[str, object] = {
+        "spec": SPEC,
+        "base_version": 4,
+        "base_weights": base,
+        "data": data,
+        "epochs": 2,
+        "batch_size": 10,
+        "lr": 0.1,
+        "seed": 7,
+    }
+    values.update(overrides)
+    return TrainJob(**values)  # type: ignore[arg-type]
+
+
+def test_delta_is_local_minus_base_and_matches_edgefl_training() -> None:
+    # Arrange
+    j = job()
+    expected = train_local(
+        SPEC,
+        j.base_weights,
+        j.data.x_train,
+        j.data.y_train,
+        LocalTrainConfig(epochs=2, batch_size=10, lr=0.1, seed=7),
+    )
+    accuracy, _ = evaluate(SPEC, j.base_weights, j.data.x_test, j.data.y_test)
+
+    # Act
+    result = TorchTrainer().train(j, lambda: False)
+
+    # Assert
+    assert result is not None
+    np.testing.assert_array_equal(result.delta, expected.delta)
+    assert result.num_examples == 90
+    assert result.metrics["steps"] == 18  # 2 epochs x ceil(90 / 10)
+    assert result.global_accuracy == accuracy
+    assert np.isfinite(result.metrics["loss"])
+    assert not j.base_weights.flags.writeable  # the base model was not touched
+
+
+def test_should_stop_mid_training_returns_none() -> None:
+    # Arrange: stop after 3 polls (the trainer polls before every batch)
+    calls = [0]
+
+    def should_stop() -> bool:
+        calls[0] += 1
+        return calls[0] > 3
+
+    # Act
+    result = TorchTrainer().train(job(), should_stop)
+
+    # Assert
+    assert result is None
+    assert calls[0] == 4
+
+
+def test_lower_thread_priority_affects_only_the_calling_thread_and_is_idempotent() -> None:
+    # Arrange
+    seen: dict[str, int] = {}
+
+    def worker(action: Callable[[], None]) -> None:
+        action()
+        seen["worker"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    main_before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    target = min(19, main_before + 5)
+
+    def twice() -> None:
+        lower_thread_priority(target)
+        lower_thread_priority(target)
+
+    # Act
+    t = threading.Thread(target=worker, args=(twice,))
+    t.start()
+    t.join()
+
+    # Assert
+    assert seen["worker"] == target
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_before
