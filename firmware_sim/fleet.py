@@ -208,10 +208,13 @@ class Fleet:
         return float(rng.uniform(0.0, 1.0))
 
     def training_fate(self, device: int, rng: np.random.Generator) -> TrainingFate:
-        """Dropped with P = dropout, else crashed with P = crash, else completed."""
+        """Dropped with P = dropout (away for ``rejoin_after`` seconds, in ``restart_after_s``),
+        else crashed with P = crash (restarting after ``crash_restart``), else completed."""
         prof = self.profile_of(device)
         if rng.random() < prof.dropout:
-            return TrainingFate(Fate.DROPPED, at_fraction=float(rng.uniform(0.0, 1.0)))
+            at = float(rng.uniform(0.0, 1.0))
+            away = float(prof.rejoin_after.sample(rng, 1)[0])
+            return TrainingFate(Fate.DROPPED, at_fraction=at, restart_after_s=away)
         if prof.crash > 0.0 and rng.random() < prof.crash:
             restart = float(prof.crash_restart.sample(rng, 1)[0])
             return TrainingFate(

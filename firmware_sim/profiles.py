@@ -16,7 +16,8 @@ A :class:`DeviceProfile` is a frozen description of a *class* of devices. The fl
 * **Failures.** ``dropout`` is the probability that a started training never delivers because the
   device vanishes part-way through (the fraction done is uniform on (0, 1)); ``crash`` is the
   probability that, if it did not drop out, the agent crashes, loses its in-flight work and
-  restarts after a delay drawn from ``crash_restart``.
+  restarts after a delay drawn from ``crash_restart``. A device that dropped out stays away for a
+  time drawn from ``rejoin_after`` before it can be picked again.
 
 A :class:`ProfileMix` is a weighted mix of profiles; every named fleet (``phone``, ``sensor``,
 ``vehicle``, ``mixed``) is a mix, the single ones with one entry. The command line's
@@ -354,6 +355,7 @@ class DeviceProfile:
     crash: float = 0.0  # P(agent crashes and loses in-flight work | no dropout)
     crash_restart: Distribution = field(default_factory=lambda: Constant(60.0))  # seconds
     jitter_sigma: float = 0.0  # log-space spread of the per-run multiplicative jitter (mean 1)
+    rejoin_after: Distribution = field(default_factory=lambda: Exponential(600.0))  # s away
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -469,7 +471,22 @@ VEHICLE = DeviceProfile(
     jitter_sigma=0.2,
 )
 
-_PROFILES: dict[str, DeviceProfile] = {p.name: p for p in (PHONE, SENSOR, VEHICLE)}
+# The calibration fleet of DESIGN.md: always on, fast links, no failures of its own (add them with
+# --dropout), log-normal(sigma = 1) training times with mean 1 s per epoch per 100 examples.
+LAB = DeviceProfile(
+    name="lab",
+    compute=Constant(1.0),
+    upload_bandwidth=Constant(1_000_000.0),
+    download_bandwidth=Constant(10_000_000.0),
+    latency=Constant(0.01),
+    availability=AvailabilityModel.always(),
+    dropout=0.0,
+    crash=0.0,
+    jitter_sigma=1.0,
+    rejoin_after=Constant(0.0),
+)
+
+_PROFILES: dict[str, DeviceProfile] = {p.name: p for p in (PHONE, SENSOR, VEHICLE, LAB)}
 _MIXES: dict[str, ProfileMix] = {
     **{name: ProfileMix.single(p) for name, p in _PROFILES.items()},
     "mixed": ProfileMix((PHONE, SENSOR, VEHICLE), (0.5, 0.3, 0.2), name="mixed"),

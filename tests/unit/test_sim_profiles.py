@@ -119,7 +119,7 @@ def test_parse_distribution_rejects_invalid_specs(spec: str) -> None:
 def test_builtin_profiles_are_listed_and_retrievable() -> None:
     names = list_profiles()
 
-    assert names == ["phone", "sensor", "vehicle", "mixed"]
+    assert names == ["phone", "sensor", "vehicle", "lab", "mixed"]
     assert get_profile("phone").availability.kind is AvailabilityKind.DIURNAL
     assert get_profile("sensor").availability.kind is AvailabilityKind.ALWAYS
     assert get_profile("vehicle").availability.kind is AvailabilityKind.BURSTY

@@ -1,0 +1,561 @@
+"""Virtual-time fleet simulation: a sans-IO discrete-event engine over the real cores.
+
+No broker and no clocks: a heap of ``(time, seq, event)`` drives the *real* codec
+(:func:`edgefl.codec.encode_update` on the device side, :func:`edgefl.codec.open_update` on the
+aggregator side) and the *real* aggregation core (:class:`~edgefl.aggregation.FedBuff` or
+:class:`~edgefl.aggregation.SyncFedAvg`, with staleness weights, the norm bound and the robust
+modes). Local training is real SGD on each device's data slice (:func:`edgefl.training.train_many`).
+
+Life of one training (device ``d``, virtual time ``t``)::
+
+    start ── download (latency + model bytes / down-bandwidth)
+          ── train (speed · epochs · n / 100 · jitter)          fate drawn at start:
+          │     dropped  at a uniform fraction -> DROP   (away for rejoin_after)
+          │     crashed  at a uniform fraction -> CRASH  (device restarting for crash_restart)
+          │     availability window ends first  -> DROP   (the device went away: unplugged, parked)
+          ── upload (latency + encoded bytes / up-bandwidth)   -> ARRIVE at the aggregator
+
+FedBuff keeps ``concurrency`` trainings in flight, refilling a slot (with a uniformly drawn idle,
+available device, :meth:`Fleet.sample_idle_devices`) whenever one ends; the server steps every
+``buffer_size`` accepted updates. Sync FedAvg opens a round for a cohort of ``cohort_size`` idle
+devices at the current version with a deadline; the round closes when every member was accepted
+or at the deadline (stepping if at least ``min_fraction`` arrived), and the next round opens at
+once. Late updates of closed rounds are rejected as stale, exactly as the live aggregator would.
+
+Batching is where the speed lives. A training's result depends only on its base weights, data
+and seed, never on when it is computed, so a started training is queued and trained lazily: the
+first time any queued result is needed (its ``TRAIN_DONE`` event), *all* queued trainings are
+trained in one :func:`train_many` call. Dropped and crashed trainings are never computed. The
+results are identical to training each one at its start, so runs are deterministic for a seed.
+
+Cost grows with the number of updates, not devices: the fleet is lazy, idle devices are found by
+rejection sampling, device-state counts use an O(2048) sample for big fleets.
+
+Default round deadline (FedAvg): the 90th percentile of ``download + train + upload`` over 256
+sampled devices (what an operator would configure from fleet telemetry), at least 1 s.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from enum import IntEnum
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from edgefl.aggregation import FedBuff, SyncFedAvg
+from edgefl.codec import CodecConfig, Residual, encode_update, open_update
+from edgefl.errors import EdgeflError
+from edgefl.training import evaluate, train_many
+from firmware_sim.attacks import apply_attack
+from firmware_sim.fleet import Fate
+from firmware_sim.record import Algorithm, Mode, RunRecord
+from firmware_sim.scenario import Scenario, SimConfig, build_scenario, codec_to_text
+
+__all__ = ["Progress", "VirtualResult", "VirtualSimulator", "run_virtual"]
+
+_MASK64 = (1 << 64) - 1
+_STREAM_ENGINE = 0x51_3E_47
+_STREAM_TRAIN = 0x7A_1A_17
+RETRY_S = 60.0
+"""When no idle device is available, look again after this long (virtual seconds)."""
+MAX_TRAIN_BATCH = 64
+BATCH_MIN = 3
+"""Smaller groups are trained one by one (vmap's fixed cost only pays off from about 3 devices)."""
+"""At most this many queued trainings go into one ``train_many`` call."""
+
+
+class _Ev(IntEnum):
+    TRAIN_DONE = 0
+    ARRIVE = 1
+    DROP = 2
+    CRASH = 3
+    DEADLINE = 4
+    RETRY = 5
+
+
+@dataclass(eq=False)
+class _Training:
+    tid: int
+    device: int
+    base_version: int
+    base: NDArray[np.float32]
+    start_t: float
+    seed: int
+    num_examples: int
+    round_id: int = -1
+    delta: NDArray[np.float32] | None = None
+    nbytes: int = 0
+    restart_s: float = 0.0
+    descriptor: Any = None
+    body: bytes = b""
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What a progress callback sees after each evaluation."""
+
+    t: float
+    version: int
+    accuracy: float
+    updates_received: int
+    updates_applied: int
+    wall_s: float
+
+
+@dataclass(frozen=True)
+class VirtualResult:
+    """A finished run: the record, and engine counters."""
+
+    record: RunRecord
+    wall_s: float
+    trainings_computed: int
+    train_calls: int
+    train_wall_s: float
+    round_deadline_s: float | None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def updates_per_s(self) -> float:
+        """Updates received by the aggregator per wall-clock second."""
+        n = len(self.record.updates().t)
+        return n / self.wall_s if self.wall_s > 0 else math.inf
+
+
+class _Busy:
+    """Devices that cannot be picked: ``device -> busy until`` (``inf`` while in flight)."""
+
+    def __init__(self) -> None:
+        self.until: dict[int, float] = {}
+        self.now = 0.0
+
+    def __contains__(self, device: object) -> bool:
+        until = self.until.get(device)  # type: ignore[call-overload]
+        if until is None:
+            return False
+        if until <= self.now:
+            del self.until[device]  # type: ignore[arg-type]
+            return False
+        return True
+
+
+class VirtualSimulator:
+    """One virtual-time run of ``scenario`` (see module docstring). Use :meth:`run` once."""
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        *,
+        progress: Callable[[Progress], None] | None = None,
+        label: str | None = None,
+    ) -> None:
+        cfg = scenario.config
+        self.sc = scenario
+        self.cfg = cfg
+        self.codec: CodecConfig = cfg.codec_config()
+        self.progress = progress
+        self.rng = np.random.default_rng(
+            [cfg.seed & _MASK64, _STREAM_ENGINE, int(cfg.algorithm == Algorithm.FEDAVG)]
+        )
+        self.record = RunRecord(
+            config=cfg.to_dict(),
+            mode=Mode.VIRTUAL,
+            algorithm=cfg.algorithm,
+            devices=cfg.devices,
+            label=label or cfg.algorithm.value,
+        )
+        self.num_params = scenario.spec.num_params
+        self.model_bytes = 4 * self.num_params
+        self.fp32_bytes = 4 * self.num_params
+        self.max_decompressed = 4 * self.num_params + 1024
+        self.fedbuff: FedBuff | None = None
+        self.fedavg: SyncFedAvg | None = None
+        if cfg.algorithm is Algorithm.FEDBUFF:
+            self.fedbuff = FedBuff(cfg.fedbuff_config(), scenario.initial_weights)
+        else:
+            self.fedavg = SyncFedAvg(cfg.fedavg_config(), scenario.initial_weights)
+        self.heap: list[tuple[float, int, _Ev, int]] = []
+        self.retry_pending = False
+        self.seq = 0
+        self.t = 0.0
+        self.busy = _Busy()
+        self.in_flight: dict[int, _Training] = {}  # tid -> training (until it ends)
+        self.uploading = 0
+        self.queued: list[_Training] = []  # started, completing, not trained yet
+        self.next_tid = 0
+        self.base_cache: tuple[int, NDArray[np.float32]] | None = None
+        self.residuals: dict[int, Residual | None] = {}
+        self.received = 0
+        self.applied = 0
+        self.applied_at_eval = 0
+        self.last_accuracy = 0.0
+        self.reached = False
+        self.round_id = 0
+        self.round_deadline_s: float | None = None
+        self.trainings_computed = 0
+        self.train_calls = 0
+        self.train_wall = 0.0
+        self.wall0 = 0.0
+
+    # ------------------------------------------------------------------ model state
+    @property
+    def version(self) -> int:
+        core = self.fedbuff if self.fedbuff is not None else self.fedavg
+        assert core is not None
+        return core.version
+
+    @property
+    def weights(self) -> NDArray[np.float32]:
+        core = self.fedbuff if self.fedbuff is not None else self.fedavg
+        assert core is not None
+        return core.weights
+
+    def _base(self) -> NDArray[np.float32]:
+        """A private copy of the current weights, shared by trainings started at this version."""
+        v = self.version
+        if self.base_cache is None or self.base_cache[0] != v:
+            self.base_cache = (v, self.weights.copy())
+        return self.base_cache[1]
+
+    # ------------------------------------------------------------------ events
+    def _push(self, t: float, kind: _Ev, ref: int) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (t, self.seq, kind, ref))
+
+    def _start(self, device: int, round_id: int = -1) -> None:
+        fleet = self.sc.fleet
+        n = self.sc.num_examples(device)
+        tid = self.next_tid
+        self.next_tid += 1
+        tr = _Training(
+            tid=tid,
+            device=device,
+            base_version=self.version,
+            base=self._base(),
+            start_t=self.t,
+            seed=int(self.rng.integers(0, 2**31 - 1)),
+            num_examples=n,
+            round_id=round_id,
+        )
+        self.in_flight[tid] = tr
+        self.busy.until[device] = math.inf
+        download = fleet.download_duration(device, self.model_bytes)
+        duration = fleet.training_duration(device, n, self.cfg.local.epochs, self.rng)
+        fate = fleet.training_fate(device, self.rng)
+        train_start = self.t + download
+        window_end = fleet.available_until(device, self.t)
+        if fate.kind is Fate.DROPPED:
+            tr.restart_s = fate.restart_after_s
+            self._push(train_start + fate.at_fraction * duration, _Ev.DROP, tid)
+        elif fate.kind is Fate.CRASHED:
+            tr.restart_s = fate.restart_after_s
+            self._push(train_start + fate.at_fraction * duration, _Ev.CRASH, tid)
+        elif window_end < train_start + duration:  # the window closes first: gone until the next
+            tr.restart_s = max(0.0, fleet.next_available(device, window_end) - window_end)
+            self._push(max(self.t, window_end), _Ev.DROP, tid)
+        else:
+            self.queued.append(tr)
+            self._push(train_start + duration, _Ev.TRAIN_DONE, tid)
+
+    def _fill(self) -> None:
+        """FedBuff: keep ``concurrency`` trainings in flight."""
+        want = self.cfg.concurrency - len(self.in_flight)
+        if want <= 0:
+            return
+        self.busy.now = self.t
+        chosen = self.sc.fleet.sample_idle_devices(want, self.t, self.rng, self.busy)
+        for d in chosen:
+            self._start(d)
+        if len(chosen) < want and not self.retry_pending:
+            self.retry_pending = True
+            self._push(self.t + RETRY_S, _Ev.RETRY, -1)
+
+    def _open_round(self) -> None:
+        """FedAvg: open a round for a fresh cohort (or retry later if nobody is idle)."""
+        assert self.fedavg is not None
+        self.busy.now = self.t
+        cohort = self.sc.fleet.sample_idle_devices(
+            self.cfg.effective_cohort, self.t, self.rng, self.busy
+        )
+        if not cohort:
+            self._push(self.t + RETRY_S, _Ev.RETRY, -1)
+            return
+        assert self.round_deadline_s is not None
+        self.round_id += 1
+        self.fedavg.open_round([str(d) for d in cohort], deadline=self.t + self.round_deadline_s)
+        for d in cohort:
+            self._start(d, self.round_id)
+        self._push(self.t + self.round_deadline_s, _Ev.DEADLINE, self.round_id)
+
+    def _auto_deadline(self) -> float:
+        fleet = self.sc.fleet
+        rng = np.random.default_rng([self.cfg.seed & _MASK64, 0xDEAD11E])
+        sample = rng.integers(0, self.cfg.devices, size=256).tolist()
+        upload_guess = self.fp32_bytes // 4 + 256  # about an int8 update
+        totals = [
+            fleet.download_duration(d, self.model_bytes)
+            + fleet.training_duration(d, self.sc.num_examples(d), self.cfg.local.epochs, rng)
+            + fleet.upload_duration(d, upload_guess)
+            for d in sample
+        ]
+        return max(1.0, float(np.percentile(totals, 90)))
+
+    # ------------------------------------------------------------------ training and coding
+    def _train_queued(self) -> None:
+        """Train every queued training in as few ``train_many`` calls as possible."""
+        pending, self.queued = self.queued, []
+        cfg = self.cfg
+        w0 = time.perf_counter()
+        for c in range(0, len(pending), MAX_TRAIN_BATCH):
+            group = pending[c : c + MAX_TRAIN_BATCH]
+            results = train_many(
+                self.sc.spec,
+                np.stack([tr.base for tr in group]),
+                [self.sc.device_data(tr.device) for tr in group],
+                cfg.local,
+                seeds=[tr.seed for tr in group],
+                threads=cfg.threads,
+                batched=len(group) >= BATCH_MIN,
+            )
+            self.train_calls += 1
+            for tr, res in zip(group, results, strict=True):
+                tr.delta = res.delta
+            self.trainings_computed += len(group)
+        self.train_wall += time.perf_counter() - w0
+
+    def _encode(self, tr: _Training) -> None:
+        assert tr.delta is not None
+        delta = tr.delta
+        rng = np.random.default_rng([self.cfg.seed & _MASK64, _STREAM_TRAIN, tr.tid])
+        if self.sc.malicious[tr.device]:
+            delta = apply_attack(delta, self.cfg.attack, rng)
+        residual = self.residuals.get(tr.device)
+        encoded, new_residual = encode_update(delta, self.codec, rng=rng, residual=residual)
+        if self.codec.topk_fraction is not None:
+            self.residuals[tr.device] = new_residual
+        tr.descriptor = encoded.descriptor
+        tr.body = encoded.body
+        tr.nbytes = encoded.encoded_size
+        tr.delta = None
+
+    # ------------------------------------------------------------------ handlers
+    def _on_train_done(self, tr: _Training) -> None:
+        if tr.delta is None:
+            self._train_queued()
+        self._encode(tr)
+        self.uploading += 1
+        self._push(self.t + self.sc.fleet.upload_duration(tr.device, tr.nbytes), _Ev.ARRIVE, tr.tid)
+
+    def _end(self, tr: _Training, busy_until: float) -> None:
+        del self.in_flight[tr.tid]
+        if busy_until > self.t:
+            self.busy.until[tr.device] = busy_until
+        else:
+            self.busy.until.pop(tr.device, None)
+
+    def _on_arrive(self, tr: _Training) -> None:
+        self.uploading -= 1
+        self._end(tr, self.t)
+        self.received += 1
+        staleness = self.version - tr.base_version
+        outcome = "applied"
+        stepped = False
+        try:
+            decoded = open_update(
+                tr.descriptor,
+                tr.body,
+                num_params=self.num_params,
+                max_decompressed=self.max_decompressed,
+            )
+            if self.fedbuff is not None:
+                self.fedbuff.add(
+                    decoded, base_version=tr.base_version, num_examples=tr.num_examples
+                )
+                if self.fedbuff.ready:
+                    self.fedbuff.step()
+                    stepped = True
+            else:
+                assert self.fedavg is not None
+                res = self.fedavg.add(
+                    str(tr.device),
+                    decoded,
+                    base_version=tr.base_version,
+                    num_examples=tr.num_examples,
+                )
+                if res.result is not None:
+                    stepped = res.result.step is not None
+        except EdgeflError as exc:
+            outcome = exc.reason.value
+        else:
+            self.applied += 1
+        self.record.update(self.t, tr.device, outcome, staleness, tr.nbytes, self.fp32_bytes)
+        tr.body = b""
+        if stepped:
+            self._after_step()
+        if self.fedbuff is not None:
+            self._fill()
+        elif self.fedavg is not None and not self.fedavg.round_open:
+            self._open_round()
+
+    def _after_step(self) -> None:
+        if self.applied - self.applied_at_eval >= self.cfg.eval_every_updates:
+            self._evaluate()
+
+    def _evaluate(self) -> None:
+        acc, loss = evaluate(
+            self.sc.spec,
+            np.asarray(self.weights),
+            self.sc.dataset.x_test,
+            self.sc.dataset.y_test,
+            threads=self.cfg.threads,
+        )
+        self.applied_at_eval = self.applied
+        self.last_accuracy = acc
+        self.record.eval(self.t, self.version, acc, loss, self.applied)
+        self._sample_states()
+        if acc >= self.cfg.target:
+            self.reached = True
+        if self.progress is not None:
+            self.progress(
+                Progress(
+                    self.t,
+                    self.version,
+                    acc,
+                    self.received,
+                    self.applied,
+                    time.perf_counter() - self.wall0,
+                )
+            )
+
+    def _sample_states(self) -> None:
+        fleet = self.sc.fleet
+        available = fleet.estimate_available(self.t, self.rng)
+        self.busy.now = self.t
+        in_flight = len(self.in_flight)
+        away = sum(1 for d, u in self.busy.until.items() if self.t < u < math.inf)
+        uploading = self.uploading
+        training = in_flight - uploading
+        idle = max(0, available - in_flight - away)
+        self.record.device_states(
+            self.t,
+            {
+                "training": training,
+                "uploading": uploading,
+                "idle": idle,
+                "offline": max(0, self.cfg.devices - idle - in_flight),
+            },
+        )
+
+    def _on_drop(self, tr: _Training) -> None:
+        self.record.dropout(self.t, tr.device)
+        self._end(tr, self.t + tr.restart_s)
+        self._discard_queued(tr)
+        self._refill_after_loss()
+
+    def _on_crash(self, tr: _Training) -> None:
+        self.record.crash(self.t, tr.device)
+        self._end(tr, self.t + tr.restart_s)
+        self._refill_after_loss()
+
+    def _discard_queued(self, tr: _Training) -> None:
+        if tr in self.queued:
+            self.queued.remove(tr)
+
+    def _refill_after_loss(self) -> None:
+        if self.fedbuff is not None:
+            self._fill()
+        # FedAvg: a lost cohort member just never arrives; the deadline closes the round.
+
+    def _on_deadline(self, round_id: int) -> None:
+        assert self.fedavg is not None
+        if round_id != self.round_id or not self.fedavg.round_open:
+            return
+        result = self.fedavg.deadline_passed(self.t)
+        if result is not None and result.step is not None:
+            self._after_step()
+        self._open_round()
+
+    def _on_retry(self) -> None:
+        self.retry_pending = False
+        if self.fedbuff is not None:
+            self._fill()
+        elif self.fedavg is not None and not self.fedavg.round_open:
+            self._open_round()
+
+    # ------------------------------------------------------------------ main loop
+    def _should_stop(self) -> bool:
+        cfg = self.cfg
+        if self.reached and cfg.stop_at_target:
+            return True
+        if cfg.max_updates is not None and self.received >= cfg.max_updates:
+            return True
+        wall_limit = cfg.max_wall_s if cfg.max_wall_s is not None else math.inf
+        return time.perf_counter() - self.wall0 >= wall_limit
+
+    def run(self) -> VirtualResult:
+        """Run to the target / limits; returns the filled record (already finished)."""
+        self.wall0 = time.perf_counter()
+        self.record.started_at = self.wall0
+        self._evaluate()  # version 0
+        if self.fedbuff is not None:
+            self._fill()
+        else:
+            self.round_deadline_s = self.cfg.round_deadline_s or self._auto_deadline()
+            self._open_round()
+        max_time = self.cfg.max_time_s if self.cfg.max_time_s is not None else math.inf
+        while self.heap and not self._should_stop():
+            t, _, kind, ref = heapq.heappop(self.heap)
+            if t > max_time:
+                self.t = max_time
+                break
+            self.t = t
+            if kind is _Ev.DEADLINE:
+                self._on_deadline(ref)
+            elif kind is _Ev.RETRY:
+                self._on_retry()
+            else:
+                tr = self.in_flight[ref]
+                if kind is _Ev.TRAIN_DONE:
+                    self._on_train_done(tr)
+                elif kind is _Ev.ARRIVE:
+                    self._on_arrive(tr)
+                elif kind is _Ev.DROP:
+                    self._on_drop(tr)
+                else:
+                    self._on_crash(tr)
+        if self.applied != self.applied_at_eval:
+            self._evaluate()  # the final model, unless it was just evaluated
+        wall = time.perf_counter() - self.wall0
+        self.record.finish(
+            wall_time_s=wall, model_versions=self.version, final_accuracy=self.last_accuracy
+        )
+        core_stats = (
+            self.fedbuff.statistics() if self.fedbuff is not None else self.fedavg.statistics()  # type: ignore[union-attr]
+        )
+        return VirtualResult(
+            record=self.record,
+            wall_s=wall,
+            trainings_computed=self.trainings_computed,
+            train_calls=self.train_calls,
+            train_wall_s=self.train_wall,
+            round_deadline_s=self.round_deadline_s,
+            stats={"core": repr(core_stats), "codec": codec_to_text(self.codec)},
+        )
+
+
+def run_virtual(
+    config: SimConfig,
+    *,
+    scenario: Scenario | None = None,
+    progress: Callable[[Progress], None] | None = None,
+    label: str | None = None,
+) -> VirtualResult:
+    """Build the scenario (unless given; it must match ``config`` apart from the aggregation
+    settings) and run it once in virtual time."""
+    sc = build_scenario(config) if scenario is None else replace(scenario, config=config)
+    return VirtualSimulator(sc, progress=progress, label=label).run()
