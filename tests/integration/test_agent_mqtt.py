@@ -1,0 +1,270 @@
+"""The device agent in-process against a real Mosquitto and the real aggregator.
+
+* the agent follows the aggregator's model (FedBuff K=1: its own update makes the next version),
+  keeps the ONNX export, and onnxruntime on it matches torch;
+* eligibility over a fake sysfs tree drives the published state (on battery, too hot, throttled,
+  busy, and back), and a training interrupted by unplugging publishes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+from broker.launcher import MosquittoBroker
+from device_agent.agent import DeviceAgent
+from device_agent.config import AgentConfig, BrokerConfig, DataConfig, DataKind, ProbeConfig
+from device_agent.dataset import LocalDataset
+from device_agent.eligibility import EligibilityPolicy, MeteredSource
+from device_agent.model_store import ModelStore
+from device_agent.predict import LocalModel
+from device_agent.trainer import TorchTrainer, TrainJob, TrainResult
+from edgefl.aggregator import Aggregator, AggregatorConfig
+from edgefl.protocol.messages import DeviceState, DeviceStatus, decode_message
+from edgefl.protocol.topics import device_state_topic
+from edgefl.transport import MqttConfig, MqttTransport
+
+pytestmark = pytest.mark.integration
+
+FLEET, DEVICE, MODEL = "orchard", "pi-7", "digits-mlp"
+
+
+def write_tree(
+    root: Path,
+    *,
+    mains: bool = True,
+    temp_c: float = 40.0,
+    load: float = 0.0,
+    throttled: int = 0,
+) -> None:
+    """Fake /proc and /sys: 2 CPUs, AC adapter + battery, a thermal zone, the Pi firmware file."""
+    (root / "proc").mkdir(parents=True, exist_ok=True)
+    (root / "proc/loadavg").write_text(f"{load:.2f} 0.00 0.00 1/100 1\n")
+    (root / "proc/cpuinfo").write_text("processor : 0\nprocessor : 1\n")
+    ac, bat = root / "sys/class/power_supply/AC", root / "sys/class/power_supply/BAT0"
+    for d in (ac, bat):
+        d.mkdir(parents=True, exist_ok=True)
+    (ac / "type").write_text("Mains\n")
+    (ac / "online").write_text("1\n" if mains else "0\n")
+    (bat / "type").write_text("Battery\n")
+    (bat / "status").write_text("Charging\n" if mains else "Discharging\n")
+    (bat / "capacity").write_text("90\n")
+    zone = root / "sys/class/thermal/thermal_zone0"
+    zone.mkdir(parents=True, exist_ok=True)
+    (zone / "temp").write_text(f"{int(temp_c * 1000)}\n")
+    fw = root / "sys/devices/platform/soc/soc:firmware"
+    fw.mkdir(parents=True, exist_ok=True)
+    (fw / "get_throttled").write_text(f"{throttled:x}\n")
+
+
+def agent_config(tmp: Path, url: str) -> AgentConfig:
+    return AgentConfig(
+        broker=BrokerConfig(url, reconnect_max_s=2.0),
+        fleet=FLEET,
+        device_id=DEVICE,
+        data=DataConfig(kind=DataKind.NPZ, path=tmp / "unused.npz"),
+        probes=ProbeConfig(root=tmp / "fs", metered=MeteredSource.NO, interval_s=1.0),
+        eligibility=EligibilityPolicy(),
+        state_dir=tmp / "agent",
+    )
+
+
+def dataset() -> LocalDataset:
+    d = load_digits()
+    x = (d.data[:250] / 16.0).astype(np.float32)
+    return LocalDataset.split(x, d.target[:250].astype(np.int64), 0.2, seed=5)
+
+
+async def wait_for(predicate: Callable[[], bool], within: float = 30.0) -> None:
+    deadline = time.monotonic() + within
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.05)
+
+
+class StateWatcher:
+    """Follows the agent's retained state topic over its own MQTT connection."""
+
+    def __init__(self, url: str) -> None:
+        self.states: list[DeviceState] = []
+        self._transport = MqttTransport(MqttConfig.from_url(url, client_id="watcher"))
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> StateWatcher:
+        await self._transport.__aenter__()
+        await self._transport.subscribe(device_state_topic(FLEET, DEVICE))
+
+        async def pump() -> None:
+            async for message in self._transport.messages():
+                if message.payload:
+                    self.states.append(decode_message(message.payload, DeviceState))
+
+        self._task = asyncio.create_task(pump())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._transport.close()
+        if self._task is not None:
+            await self._task
+
+    def latest(self) -> DeviceState | None:
+        return self.states[-1] if self.states else None
+
+    def status(self) -> str | None:
+        state = self.latest()
+        return None if state is None else state.status.value
+
+    def reasons(self) -> tuple[str, ...] | None:
+        state = self.latest()
+        return None if state is None else state.reasons
+
+
+def test_agent_follows_aggregator_model_and_onnx_inference_matches_torch(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    # Arrange: FedBuff with K=1, ONNX published with every version
+    write_tree(tmp_path / "fs")
+    agg = Aggregator(
+        AggregatorConfig(
+            broker_url=mosquitto.url,
+            fleet=FLEET,
+            model=MODEL,
+            state_dir=tmp_path / "aggregator",
+            buffer_size=1,
+            publish_onnx=True,
+            fsync=False,
+        )
+    )
+    agent = DeviceAgent(agent_config(tmp_path, mosquitto.url), dataset=dataset())
+
+    async def scenario() -> None:
+        ready = asyncio.Event()
+        agg_task = asyncio.create_task(agg.run(ready))
+        await asyncio.wait_for(ready.wait(), 30)
+        agent_task = asyncio.create_task(agent.run())
+        # Act: the agent trains on v0, its update makes v1, the agent picks v1 up
+        await wait_for(lambda: (agent.statistics().model_version or 0) >= 1, 60)
+        agent.stop()
+        await agent_task
+        agg.stop()
+        await agg_task
+
+    asyncio.run(scenario())
+
+    # Assert
+    assert agg.statistics().applied >= 1
+    held = ModelStore(tmp_path / "agent/model").load()
+    assert held is not None
+    assert held.version >= 1
+    assert held.onnx is not None
+    local = LocalModel(tmp_path / "agent")
+    x = dataset().x_test[:20]
+    import torch
+
+    from edgefl.models.spec import get_model_spec
+    from edgefl.models.torch_models import build_module, load_flat
+
+    module = build_module(get_model_spec(MODEL))
+    load_flat(module, held.weights.copy())
+    module.eval()
+    with torch.no_grad():
+        expected = module(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(local.logits(x), expected, atol=1e-5)
+    assert local.predict(x).labels.tolist() == expected.argmax(axis=1).tolist()
+    assert agent.statistics().rejected == {}
+
+
+class GateTrainer:
+    """Holds every training until the gate opens (polling should_stop, per the contract)."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.inner = TorchTrainer()
+
+    def train(self, job: TrainJob, should_stop: Callable[[], bool]) -> TrainResult | None:
+        while not self.gate.wait(0.02):
+            if should_stop():
+                return None
+        return self.inner.train(job, should_stop)
+
+
+def test_eligibility_over_fake_sysfs_and_abort_mid_training_publishes_nothing(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    # Arrange
+    fs = tmp_path / "fs"
+    write_tree(fs, mains=False)
+    agg = Aggregator(
+        AggregatorConfig(
+            broker_url=mosquitto.url,
+            fleet=FLEET,
+            model=MODEL,
+            state_dir=tmp_path / "aggregator",
+            buffer_size=10,
+            fsync=False,
+        )
+    )
+    trainer = GateTrainer()
+    agent = DeviceAgent(agent_config(tmp_path, mosquitto.url), trainer=trainer, dataset=dataset())
+    seen: dict[str, tuple[str, ...] | None] = {}
+
+    async def scenario(watch: StateWatcher) -> None:
+        async def expect(name: str, reasons: tuple[str, ...], **tree: object) -> None:
+            write_tree(fs, **tree)  # type: ignore[arg-type]
+            agent.check_now()
+            await wait_for(lambda: watch.reasons() == reasons, 10)
+            seen[name] = watch.reasons()
+
+        await expect("battery", ("on_battery",), mains=False)
+        await expect("hot", ("too_hot",), temp_c=85.0)
+        await expect("throttled", ("throttled",), throttled=0x4)
+        await expect("under_voltage", ("under_voltage",), throttled=0x1)
+        await expect("busy", ("busy",), load=1.9)
+        # Act: eligible -> training starts -> unplugged mid-training
+        write_tree(fs)
+        agent.check_now()
+        await wait_for(lambda: agent.statistics().status is DeviceStatus.TRAINING, 10)
+        await wait_for(lambda: watch.status() == "training")
+        write_tree(fs, mains=False)
+        agent.check_now()
+        await wait_for(lambda: agent.statistics().trainings_aborted.get("ineligible") == 1, 10)
+        await asyncio.sleep(1.0)  # anything published would reach the aggregator by now
+        seen["after_abort_received"] = (str(agg.statistics().received),)
+        # ... plugged in again: the retried training is delivered
+        trainer.gate.set()
+        write_tree(fs)
+        agent.check_now()
+        await wait_for(lambda: agg.statistics().applied == 1, 60)
+
+    async def main() -> None:
+        ready = asyncio.Event()
+        agg_task = asyncio.create_task(agg.run(ready))
+        await asyncio.wait_for(ready.wait(), 30)
+        agent_task = asyncio.create_task(agent.run())
+        async with StateWatcher(mosquitto.url) as watch:
+            try:
+                await scenario(watch)
+            finally:
+                agent.stop()
+                await agent_task
+                agg.stop()
+                await agg_task
+            await wait_for(lambda: watch.status() == "offline")
+
+    asyncio.run(main())
+
+    # Assert
+    assert seen["after_abort_received"] == ("0",)
+    stats = agent.statistics()
+    assert stats.trainings_aborted == {"ineligible": 1}
+    assert stats.trainings_completed == 1
+    assert stats.updates_sent == 1
+    assert agg.statistics().received == 1
