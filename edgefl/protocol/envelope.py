@@ -30,7 +30,8 @@ receivers without security simply ignore it; ``edgefl.security`` verifies it.
 against the actual length, trailer included (TRUNCATED when short, BAD_HEADER when there are
 trailing bytes or FLAG_SIGNED is set on an envelope of exactly the unsigned length) — all
 before the payload is touched — then the checksum (BAD_CHECKSUM) and finally that the header is
-strict JSON (no NaN/Infinity, no duplicate keys) whose top level is an object (BAD_HEADER). The
+strict JSON (no NaN/Infinity, no duplicate keys, no integer beyond ``MAX_JSON_INT`` = 2**64 in
+magnitude) whose top level is an object (BAD_HEADER). The
 returned payload is a zero-copy ``memoryview`` slice of the input.
 
 A zero-length MQTT payload on a retained topic is the deletion of the retained message, not an
@@ -167,6 +168,18 @@ def _finite_float(text: str) -> float:
     return value
 
 
+MAX_JSON_INT: Final = 2**64
+"""Largest magnitude of a JSON integer in a header; beyond it the header is BAD_HEADER (no field
+takes one, and converting a bigger one to float would overflow)."""
+
+
+def _bounded_int(text: str) -> int:
+    value = int(text) if len(text) <= 22 else MAX_JSON_INT + 1
+    if abs(value) > MAX_JSON_INT:
+        raise ValueError(f"integer {text[:24]}... out of range in header")
+    return value
+
+
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> JSONObject:
     obj: JSONObject = {}
     for key, value in pairs:
@@ -269,6 +282,7 @@ def decode_envelope(
             object_pairs_hook=_no_duplicates,
             parse_constant=_reject_constant,
             parse_float=_finite_float,
+            parse_int=_bounded_int,
         )
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError, JSONDecodeError included
         raise ProtocolError(RejectReason.BAD_HEADER, f"header is not JSON: {exc}") from None

@@ -100,7 +100,12 @@ def test_signed_envelope_layout_is_the_unsigned_one_plus_a_72_byte_trailer() -> 
 def test_signature_covers_every_byte_before_it() -> None:
     plain = encode_envelope(EnvelopeKind.UPDATE, {"a": 1}, b"payload")
     seen: list[bytes] = []
-    signed = sign_envelope(plain, key_id=b"K" * 8, sign=lambda d: seen.append(d) or b"S" * 64)
+
+    def sign(data: bytes) -> bytes:
+        seen.append(data)
+        return b"S" * 64
+
+    signed = sign_envelope(plain, key_id=b"K" * 8, sign=sign)
     assert seen == [signed[: len(plain) - 4 + 8]]
     env = decode_envelope(signed, max_payload=100)
     assert env.signature is not None
@@ -345,7 +350,7 @@ def test_authenticator_rejections(keys_dir: Path) -> None:
     genuine = encode_message(header, signer=signer_a)
     assert rejection(auth, update_header("dev-a", seq=4), genuine) is RejectReason.BAD_SIGNATURE
     # garbage, truncated, and a signed envelope of another kind
-    state = DeviceState(fleet="lab", device_id="dev-a", status="idle", session=1, at=1.0)
+    state = DeviceState(fleet="lab", device_id="dev-a", status=DeviceStatus.IDLE, session=1, at=1.0)
     for data in (b"", genuine[:-3], encode_message(state, signer=signer_a)):
         assert rejection(auth, header, data) is RejectReason.BAD_SIGNATURE
 
