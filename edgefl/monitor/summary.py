@@ -92,7 +92,7 @@ def summarize(obs: Observation, payload: bytes) -> str:
                 topk = f" top{codec['topk']}" if codec.get("topk") else ""
                 text = (
                     f"update {device} seq={seq} base=v{h.base_version} n={h.num_examples}"
-                    f" {h.model} {q}{topk} {h.num_params} params body {human_bytes(len(payload))}"
+                    f" {h.model} {q}{topk} {h.num_params} params {human_bytes(len(payload))}"
                 )
             else:
                 assert c is not None

@@ -1,0 +1,88 @@
+"""The terminal UI driven headless (textual pilot) over the in-memory broker: the fleet table
+shows the devices, sorts by a clicked column, filters by text, and lost devices stand out.
+(The same UI against a real Mosquitto: tests/integration/test_monitor_broker.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from edgefl.monitor.client import FleetMonitor, monitor_mqtt_config
+from edgefl.monitor.tui import MonitorApp
+from edgefl.protocol.messages import DeviceState, ServerState, encode_message
+from edgefl.protocol.topics import device_state_topic, server_state_topic
+from edgefl.transport.memory import MemoryBroker, MemoryTransport
+
+FLEET = "lab"
+
+
+def publish_fleet(broker: MemoryBroker) -> None:
+    envelope = DeviceState(
+        FLEET,
+        "pi-c",
+        "training",  # type: ignore[arg-type]
+        1,
+        time.time(),
+        model_version=4,
+        updates_sent=9,
+    )
+    broker.publish(device_state_topic(FLEET, "pi-c"), encode_message(envelope), qos=1, retain=True)
+    states = [  # the plain JSON form
+        ("pi-a", {"status": "idle", "session": 2, "reasons": ["on_battery"], "updates_sent": 2}),
+        ("pi-b", {"status": "lost", "session": 1, "updates_sent": 5}),
+    ]
+    for device, fields in states:
+        broker.publish(
+            device_state_topic(FLEET, device), json.dumps(fields).encode(), qos=1, retain=True
+        )
+    server = ServerState(FLEET, "online", 1, 4, 2, 5, 18, 0.0, 1.0)  # type: ignore[arg-type]
+    broker.publish(server_state_topic(FLEET), encode_message(server), qos=1, retain=True)
+
+
+def test_fleet_table_sort_filter_and_lost_style() -> None:
+    async def scenario() -> None:
+        broker = MemoryBroker()
+        publish_fleet(broker)
+        monitor = FleetMonitor(
+            monitor_mqtt_config("mqtt://memory.invalid"),
+            FLEET,
+            transport=MemoryTransport(broker),
+        )
+        app = MonitorApp(monitor=monitor, refresh_interval=0.1)
+        async with app.run_test(size=(150, 40)) as pilot:
+            await pilot.pause(0.3)
+            rows = app.fleet_rows()
+            assert [r[0] for r in rows] == ["pi-a", "pi-b", "pi-c"]
+            assert rows[1][:2] == ["pi-b", "lost (will)"]
+            assert rows[2][3:5] == ["v4", "0"]  # model held and its staleness vs v4
+
+            # lost devices stand out: the whole row is styled
+            table = app.query_one("#fleet")
+            cells = table.get_row("pi-b")  # type: ignore[attr-defined]
+            assert all("red" in str(cell.style) for cell in cells)
+
+            # clicking the header of the sort column reverses the order
+            await pilot.click("#fleet", offset=(2, 0))  # header row, first column: device
+            assert (app.sort_column, app.sort_reverse) == ("device", True)
+            assert [r[0] for r in app.fleet_rows()] == ["pi-c", "pi-b", "pi-a"]
+            await pilot.press("r")
+            # "s" cycles the sort column: device -> state -> last seen -> ... -> sent
+            await pilot.press(*"s" * 6)
+            assert (app.sort_column, app.sort_reverse) == ("sent", False)
+            assert [r[0] for r in app.fleet_rows()] == ["pi-a", "pi-b", "pi-c"]  # 2, 5, 9
+            await pilot.press("r")
+            assert [r[0] for r in app.fleet_rows()] == ["pi-c", "pi-b", "pi-a"]
+
+            # filter by text
+            await pilot.press("slash")
+            await pilot.press(*"battery")
+            await pilot.pause(0.05)
+            assert [r[0] for r in app.fleet_rows()] == ["pi-a"]
+
+            # the aggregator panel shows the buffer fill
+            screen = app.screen_text()
+            assert "buffer 2/5" in screen
+            assert "fleet lab: 1 idle, 1 lost, 1 training" in screen
+
+    asyncio.run(scenario())
