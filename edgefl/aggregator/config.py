@@ -1,0 +1,233 @@
+"""Configuration of the aggregator service: one frozen dataclass, validated at construction.
+
+:class:`AggregatorConfig` holds everything the service needs: where the broker is, which fleet and
+model it serves, where its SQLite state lives, the aggregation algorithm and its knobs, what it
+asks devices to do (training hints and codec, published in every manifest), and the operational
+limits (update size, per-device rate). :meth:`AggregatorConfig.fedbuff_config` and
+:meth:`AggregatorConfig.sync_config` turn the flat knobs into the aggregation core's configs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from edgefl.aggregation import (
+    ExampleWeighting,
+    FedBuffConfig,
+    NormBound,
+    NormBoundMode,
+    RobustMode,
+    ServerOptimizerConfig,
+    ServerOptimizerKind,
+    StalenessKind,
+    StalenessWeight,
+    SyncFedAvgConfig,
+    make_staleness,
+)
+from edgefl.auth import EnvelopeSigner, UpdateAuthenticator
+from edgefl.codec import CodecConfig
+from edgefl.models import ModelSpec, get_model_spec
+from edgefl.protocol import TrainingHints
+from edgefl.protocol.topics import fleet_name
+from edgefl.transport import MqttConfig
+
+__all__ = ["AggregatorConfig", "Algorithm", "NormBoundSetting"]
+
+
+class Algorithm(StrEnum):
+    FEDBUFF = "fedbuff"
+    FEDAVG = "fedavg"
+
+
+class NormBoundSetting(StrEnum):
+    """CLI-level choice of the update-norm bound (``max_norm`` adds a static bound on top)."""
+
+    ADAPTIVE_CLIP = "adaptive-clip"  # default: 5x the running median, clip
+    ADAPTIVE_REJECT = "adaptive-reject"
+    STATIC_CLIP = "static-clip"  # needs max_norm
+    STATIC_REJECT = "static-reject"  # needs max_norm
+    OFF = "off"
+
+
+@dataclass(frozen=True)
+class AggregatorConfig:
+    """Everything the aggregator service needs (see ``docs/AGGREGATOR.md`` for each option)."""
+
+    broker_url: str
+    fleet: str
+    model: str
+    state_dir: Path
+    algorithm: Algorithm = Algorithm.FEDBUFF
+    # --- FedBuff knobs (fedavg reuses weighting, norm bound, robust mode and the optimizer)
+    buffer_size: int = 10
+    staleness: StalenessKind = StalenessKind.POLYNOMIAL
+    staleness_a: float | None = None  # None: the function's default (0.5 polynomial, 1 hinge)
+    staleness_b: float | None = None  # hinge only (default 10)
+    max_staleness: int | None = 100
+    example_weighting: ExampleWeighting = ExampleWeighting.EXAMPLES
+    example_cap: int | None = 1000
+    server_optimizer: ServerOptimizerKind = ServerOptimizerKind.SGD
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
+    norm_bound: NormBoundSetting = NormBoundSetting.ADAPTIVE_CLIP
+    max_norm: float | None = None
+    robust: RobustMode = RobustMode.NONE
+    trim_beta: float = 0.2
+    # --- fedavg: a round waits for `buffer_size` updates or `round_deadline_s`
+    round_deadline_s: float = 60.0
+    min_fraction: float = 0.5
+    # --- what devices are asked to do (published in the manifest)
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.1
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    # --- outputs
+    publish_onnx: bool = False
+    eval_dataset: str | None = None  # None | "digits" | "mnist1d"
+    metrics_interval_s: float = 5.0
+    metrics_port: int | None = None
+    metrics_bind: str = "127.0.0.1"
+    # --- limits
+    max_update_bytes: int = 64 * 1024 * 1024
+    rate_limit_per_minute: float | None = None
+    chunk_grace_s: float = 30.0
+    max_packet: int = 256 * 1024
+    # --- ingest tuning
+    max_batch: int = 512
+    batch_linger_s: float = 0.002
+    fsync: bool = True  # SQLite synchronous=FULL (power-loss safe) vs NORMAL (crash safe)
+    seed: int = 0
+    # --- security and MQTT identity
+    authenticator: UpdateAuthenticator | None = None
+    manifest_signer: EnvelopeSigner | None = None
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    client_id: str | None = None  # default: edgefl-aggregator-<fleet>
+
+    def __post_init__(self) -> None:
+        fleet_name(self.fleet)
+        object.__setattr__(self, "state_dir", Path(self.state_dir))
+        object.__setattr__(self, "algorithm", Algorithm(self.algorithm))
+        object.__setattr__(self, "staleness", StalenessKind(self.staleness))
+        object.__setattr__(self, "example_weighting", ExampleWeighting(self.example_weighting))
+        object.__setattr__(self, "server_optimizer", ServerOptimizerKind(self.server_optimizer))
+        object.__setattr__(self, "norm_bound", NormBoundSetting(self.norm_bound))
+        object.__setattr__(self, "robust", RobustMode(self.robust))
+        self.spec  # noqa: B018  (raises KeyError/ValueError for an unknown model)
+        if self.eval_dataset not in (None, "digits", "mnist1d"):
+            raise ValueError(
+                f"eval_dataset must be None, 'digits' or 'mnist1d': {self.eval_dataset}"
+            )
+        static = (NormBoundSetting.STATIC_CLIP, NormBoundSetting.STATIC_REJECT)
+        if self.norm_bound in static and self.max_norm is None:
+            raise ValueError(f"norm bound {self.norm_bound} needs max_norm")
+        for name in ("metrics_interval_s", "round_deadline_s", "chunk_grace_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be > 0, got {value}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"bad metrics_port {self.metrics_port}")
+        if self.max_update_bytes < 1024:
+            raise ValueError("max_update_bytes must be >= 1024")
+        rl = self.rate_limit_per_minute
+        if rl is not None and not (math.isfinite(rl) and rl > 0):
+            raise ValueError(f"rate_limit_per_minute must be None or > 0, got {rl}")
+        if self.max_batch < 1 or self.batch_linger_s < 0:
+            raise ValueError("max_batch must be >= 1 and batch_linger_s >= 0")
+        # build the core configs once: they validate the remaining knobs
+        self.fedbuff_config()
+        self.sync_config()
+        self.training_hints()
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def spec(self) -> ModelSpec:
+        return get_model_spec(self.model)
+
+    def staleness_weight(self) -> StalenessWeight:
+        params: dict[str, float] = {}
+        if self.staleness_a is not None:
+            params["a"] = self.staleness_a
+        if self.staleness_b is not None:
+            params["b"] = self.staleness_b
+        return make_staleness(self.staleness, **params)
+
+    def norm_bound_config(self) -> NormBound:
+        s = self.norm_bound
+        if s is NormBoundSetting.OFF:
+            return NormBound.off()
+        if s in (NormBoundSetting.STATIC_CLIP, NormBoundSetting.STATIC_REJECT):
+            assert self.max_norm is not None
+            mode = NormBoundMode.CLIP if s is NormBoundSetting.STATIC_CLIP else NormBoundMode.REJECT
+            return NormBound.static(self.max_norm, mode)
+        mode = NormBoundMode.CLIP if s is NormBoundSetting.ADAPTIVE_CLIP else NormBoundMode.REJECT
+        return NormBound(max_norm=self.max_norm, mode=mode)
+
+    def optimizer_config(self) -> ServerOptimizerConfig:
+        if self.server_optimizer is ServerOptimizerKind.ADAM:
+            return ServerOptimizerConfig.adam(lr=self.server_lr)
+        return ServerOptimizerConfig.sgd(lr=self.server_lr, momentum=self.server_momentum)
+
+    def fedbuff_config(self) -> FedBuffConfig:
+        return FedBuffConfig(
+            buffer_size=self.buffer_size,
+            staleness=self.staleness_weight(),
+            max_staleness=self.max_staleness,
+            example_weighting=self.example_weighting,
+            example_cap=self.example_cap,
+            norm_bound=self.norm_bound_config(),
+            robust=self.robust,
+            trim_beta=self.trim_beta,
+            server_optimizer=self.optimizer_config(),
+        )
+
+    def sync_config(self) -> SyncFedAvgConfig:
+        return SyncFedAvgConfig(
+            min_fraction=self.min_fraction,
+            example_weighting=self.example_weighting,
+            example_cap=self.example_cap,
+            norm_bound=self.norm_bound_config(),
+            robust=self.robust,
+            trim_beta=self.trim_beta,
+            server_optimizer=self.optimizer_config(),
+        )
+
+    def training_hints(self) -> TrainingHints:
+        return TrainingHints(
+            local_epochs=self.local_epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            codec=self.codec.to_dict(),
+        )
+
+    def mqtt_config(self, **overrides: Any) -> MqttConfig:
+        """The aggregator's MQTT settings: fixed client id, persistent session, manual acks."""
+        values: dict[str, Any] = {
+            "client_id": self.client_id or f"edgefl-aggregator-{self.fleet}",
+            "persistent_session": True,
+            "manual_ack": True,
+            "max_queued_messages": max(4096, 2 * self.max_batch),
+            "max_inflight": 100,
+            "reconnect_min_delay": 0.2,
+            "reconnect_max_delay": 5.0,
+        }
+        if self.username is not None:
+            values["username"] = self.username
+        if self.password is not None:
+            values["password"] = self.password
+        for name in ("ca_file", "cert_file", "key_file"):
+            if getattr(self, name) is not None:
+                values[name] = getattr(self, name)
+        values.update(overrides)
+        return MqttConfig.from_url(self.broker_url, **values)
+
+    def replace(self, **changes: Any) -> AggregatorConfig:
+        return dataclasses.replace(self, **changes)

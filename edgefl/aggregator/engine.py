@@ -1,0 +1,204 @@
+"""One sans-IO interface over the two aggregation algorithms the service runs.
+
+:class:`Engine` hides whether updates go into :class:`~edgefl.aggregation.FedBuff` (asynchronous:
+a server step as soon as K updates are buffered) or into
+:class:`~edgefl.aggregation.SyncFedAvg` (synchronous FedAvg: a round at the current version
+that closes when K updates arrived or at its deadline). Both keep the model, the optimizer state
+and a streaming buffer; the engine adds what the service needs around them:
+
+* ``generation``: a counter bumped every time the buffer is emptied (a step, or a failed FedAvg
+  round). The service stores each accepted encoded update with the generation it entered, so a
+  restart restores the last model snapshot and replays exactly the updates of the current
+  generation, in order, through :meth:`Engine.add` -- the same inputs in the same order give the
+  same buffer, bit for bit (FedBuff's weights, clipping and norm history are deterministic).
+* FedAvg cohorts: a round's cohort is ``K`` anonymous slots; the first ``K`` distinct devices whose
+  update trained from the round's version take them. A second update of a device in the same
+  round is ``DUPLICATE``; an update from another version is ``STALE`` / ``FUTURE_VERSION``.
+
+Never reads a clock: FedAvg deadlines use the ``now`` the caller passes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from edgefl.aggregation import (
+    AddableUpdate,
+    AddOutcome,
+    FedBuff,
+    FedBuffState,
+    RoundResult,
+    RoundStatus,
+    StepResult,
+    SyncFedAvg,
+)
+from edgefl.aggregator.config import AggregatorConfig, Algorithm
+from edgefl.errors import RejectReason, UpdateRejected
+
+__all__ = ["AddResult", "Engine"]
+
+
+@dataclass(frozen=True)
+class AddResult:
+    """An accepted update, and what it triggered (a step, or a closed FedAvg round)."""
+
+    outcome: AddOutcome
+    step: StepResult | None = None
+    round: RoundResult | None = None
+
+
+class Engine:
+    """FedBuff or synchronous FedAvg behind one interface (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: AggregatorConfig,
+        state: FedBuffState,
+        *,
+        generation: int = 0,
+        now: float = 0.0,
+    ) -> None:
+        self._config = config
+        self._generation = generation
+        self._discarded = 0
+        self._rounds: dict[str, int] = {}
+        self._fedbuff: FedBuff | None = None
+        self._sync: SyncFedAvg | None = None
+        self._round_devices: set[str] = set()
+        if config.algorithm is Algorithm.FEDBUFF:
+            self._fedbuff = FedBuff.restore(config.fedbuff_config(), state)
+        else:
+            sync = SyncFedAvg(config.sync_config(), state.weights, version=state.version)
+            # SyncFedAvg has no restore(): put the restored core (optimizer moments, norm
+            # history) in place of the fresh one it built. See docs/AGGREGATOR.md.
+            sync._core = FedBuff.restore(config.sync_config().fedbuff_config(), state)
+            self._sync = sync
+            self._open_round(now)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def algorithm(self) -> Algorithm:
+        return self._config.algorithm
+
+    @property
+    def version(self) -> int:
+        return self._core().version
+
+    @property
+    def weights(self) -> NDArray[np.float32]:
+        """Read-only view of the current weights (changes in place at each step)."""
+        return self._core().weights
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    @property
+    def buffer_fill(self) -> int:
+        return self._core().buffer_fill
+
+    @property
+    def buffer_size(self) -> int:
+        return self._config.buffer_size
+
+    @property
+    def discarded(self) -> int:
+        """Accepted updates dropped with a failed FedAvg round (too few arrived by the deadline)."""
+        return self._discarded
+
+    @property
+    def rounds(self) -> dict[str, int]:
+        """FedAvg rounds closed, by :class:`RoundStatus` value."""
+        return dict(self._rounds)
+
+    @property
+    def deadline(self) -> float | None:
+        return None if self._sync is None else self._sync.deadline
+
+    # ------------------------------------------------------------------ ingest
+    def add(
+        self,
+        device_id: str,
+        update: AddableUpdate,
+        *,
+        base_version: int,
+        num_examples: int,
+        now: float = 0.0,
+    ) -> AddResult:
+        """Add one update; raises ``UpdateRejected`` (nothing changes then)."""
+        if self._fedbuff is not None:
+            outcome = self._fedbuff.add(
+                update, base_version=base_version, num_examples=num_examples
+            )
+            step = None
+            if self._fedbuff.ready:
+                step = self._fedbuff.step()
+                self._generation += 1
+            return AddResult(outcome, step=step)
+        sync = self._sync
+        assert sync is not None
+        if base_version == sync.version and device_id in self._round_devices:
+            raise UpdateRejected(
+                RejectReason.DUPLICATE, f"device {device_id!r} already delivered for {sync.version}"
+            )
+        slot = f"slot-{len(self._round_devices)}"
+        added = sync.add(slot, update, base_version=base_version, num_examples=num_examples)
+        self._round_devices.add(device_id)
+        result = added.result
+        if result is not None:
+            self._closed(result, now)
+        return AddResult(added.outcome, step=None if result is None else result.step, round=result)
+
+    def tick(self, now: float) -> RoundResult | None:
+        """FedAvg: close the round when its deadline passed (and open the next one)."""
+        if self._sync is None:
+            return None
+        result = self._sync.deadline_passed(now)
+        if result is not None:
+            self._closed(result, now)
+        return result
+
+    def _closed(self, result: RoundResult, now: float) -> None:
+        self._rounds[result.status.value] = self._rounds.get(result.status.value, 0) + 1
+        if result.status is RoundStatus.FAILED:
+            self._discarded += result.accepted
+        self._generation += 1
+        self._open_round(now)
+
+    def _open_round(self, now: float) -> None:
+        assert self._sync is not None
+        cohort = [f"slot-{i}" for i in range(self._config.buffer_size)]
+        self._sync.open_round(cohort, deadline=now + self._config.round_deadline_s)
+        self._round_devices = set()
+
+    # ------------------------------------------------------------------ persistence
+    def snapshot(self) -> FedBuffState:
+        """The model part of the state: weights, optimizer moments, norm history, counters.
+
+        The buffer is *not* included (the service persists the encoded updates instead): the
+        snapshot is restored with an empty buffer and the current generation's updates are
+        replayed through :meth:`add`.
+        """
+        full = self._core().snapshot()
+        return dataclasses.replace(
+            full,
+            accumulator=None,
+            kept_deltas=None,
+            kept_weights=None,
+            kept_clip=None,
+            weight_sum=0.0,
+            count=0,
+            staleness_sum=0,
+            staleness_max=0,
+            clipped_in_buffer=0,
+        )
+
+    def _core(self) -> FedBuff:
+        if self._fedbuff is not None:
+            return self._fedbuff
+        assert self._sync is not None
+        return self._sync._core

@@ -1,0 +1,248 @@
+"""Sans-IO validation of inbound update packets: one packet in, one typed outcome out.
+
+:class:`Ingest` turns the (topic, payload) of an MQTT message on an update topic into
+
+* ``PENDING``: a chunk of a larger update was stored; the service holds its MQTT acknowledgement
+  until the update completes (or is given up), so a crash never loses a chunk the broker thinks
+  was delivered;
+* ``ACCEPTED``: a complete update passed every check and went into the engine's buffer;
+* ``REJECTED``: with a :class:`~edgefl.errors.RejectReason`; the service counts and acknowledges it.
+
+Checks, in order (first failure wins): topic (``BAD_TOPIC``/``UNKNOWN_FLEET``/...); envelope and
+chunking (``TOO_LARGE`` against ``max_update_bytes``, ``BAD_CHECKSUM``, ``CHUNK_CONFLICT``,
+``REASSEMBLY_*``, ``BAD_KIND``); header against topic (``BAD_HEADER``); the authenticator when
+configured (``UNKNOWN_DEVICE``/``BAD_SIGNATURE``); model name (``WRONG_MODEL``), ``num_params``
+and layout (``SHAPE_MISMATCH``); ``(device, seq)`` already accepted (``DUPLICATE``) or lower than
+the device's highest accepted seq (``REPLAY``); per-device rate (``RATE_LIMITED``); codec (bounded
+decode: ``BAD_CODEC``, ``DECOMPRESSION_BOMB``, ``NON_FINITE``, ...); then the engine (``STALE``,
+``FUTURE_VERSION``, ``BAD_EXAMPLES``, ``NORM_BOUND``, FedAvg ``DUPLICATE``).
+Nothing changes for a rejected update.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Final
+
+from edgefl.aggregator.config import AggregatorConfig
+from edgefl.aggregator.engine import AddResult, Engine
+from edgefl.codec import CodecDescriptor, DecodedUpdate, open_update
+from edgefl.errors import EdgeflError, ProtocolError, RejectReason
+from edgefl.protocol import (
+    EnvelopeKind,
+    Reassembler,
+    ReassemblyConfig,
+    UpdateHeader,
+    decode_chunk,
+    decode_envelope,
+    parse_topic,
+)
+from edgefl.protocol.chunking import DroppedMessage
+from edgefl.protocol.messages import message_from_envelope
+from edgefl.protocol.topics import UpdateTopic
+
+__all__ = ["Ingest", "IngestOutcome", "OutcomeKind", "decode_body", "max_decompressed"]
+
+RATE_WINDOW_S: Final = 60.0
+
+ChunkKey = tuple[str, bytes]  # (device id, chunk message id)
+
+
+class OutcomeKind(StrEnum):
+    PENDING = "pending"
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+
+
+@dataclass(frozen=True)
+class IngestOutcome:
+    kind: OutcomeKind
+    reason: RejectReason | None = None
+    detail: str = ""
+    header: UpdateHeader | None = None
+    body: bytes | None = None
+    result: AddResult | None = None
+    chunk_key: ChunkKey | None = None  # set for chunk packets
+    completes: bool = False  # this chunk packet completed (or ended) the message of chunk_key
+    release: bool = False  # a chunk packet that needs no holding (late duplicate)
+
+
+def max_decompressed(num_params: int) -> int:
+    """Bound on an update's decompressed body: a dense fp32 body with uint32 index gaps (8 B per
+    parameter), plus scales and padding slack. Anything larger is a bomb."""
+    return 9 * num_params + 65536
+
+
+def decode_body(codec: Mapping[str, Any], body: bytes, num_params: int) -> DecodedUpdate:
+    """Validate a codec descriptor and open a body (raises ``CodecError``)."""
+    descriptor = CodecDescriptor.from_dict(codec)
+    return open_update(
+        descriptor, body, num_params=num_params, max_decompressed=max_decompressed(num_params)
+    )
+
+
+class Ingest:
+    """Validation state of one aggregator: reassembly, dedup and rate windows (not durable
+    except through the service, which persists what ``ACCEPTED`` outcomes carry)."""
+
+    def __init__(
+        self,
+        config: AggregatorConfig,
+        engine: Engine,
+        *,
+        max_seq: Mapping[str, int] | None = None,
+        committed_seen: Callable[[str, int], bool] = lambda device, seq: False,
+    ) -> None:
+        self._config = config
+        self._engine = engine
+        self._spec = config.spec
+        self._layout = tuple((t.name, tuple(t.shape), t.dtype) for t in self._spec.layout)
+        self._reassembler = Reassembler(
+            ReassemblyConfig(
+                max_message_size=config.max_update_bytes,
+                max_buffered_bytes=max(config.max_update_bytes, 128 * 1024 * 1024),
+            )
+        )
+        self._max_seq: dict[str, int] = dict(max_seq or {})
+        self._pending_seen: set[tuple[str, int]] = set()
+        self._committed_seen = committed_seen
+        self._windows: dict[str, deque[float]] = {}
+
+    @property
+    def reassembler(self) -> Reassembler:
+        return self._reassembler
+
+    def committed(self, pairs: list[tuple[str, int]]) -> None:
+        """The service committed these accepted pairs: the durable lookup covers them now."""
+        self._pending_seen.difference_update(pairs)
+
+    def expire(self, now: float) -> list[DroppedMessage]:
+        return self._reassembler.expire(now)
+
+    # ------------------------------------------------------------------ one packet
+    def process(self, topic: str, payload: bytes, *, now: float) -> IngestOutcome:
+        """Validate one MQTT message of an update topic (``now``: monotonic seconds)."""
+        chunk_key: ChunkKey | None = None
+        try:
+            parsed = parse_topic(topic, expected_fleet=self._config.fleet)
+            if not isinstance(parsed, UpdateTopic):
+                raise ProtocolError(RejectReason.BAD_TOPIC, f"not an update topic: {topic[:200]}")
+            outer = decode_envelope(payload, max_payload=self._config.max_update_bytes)
+            if outer.kind is EnvelopeKind.UPDATE:
+                envelope, data = outer, payload
+            elif outer.kind is EnvelopeKind.UPDATE_CHUNK:
+                chunk = decode_chunk(outer)
+                chunk_key = (parsed.device_id, chunk.header.message_id)
+                late = self._reassembler.statistics().late_duplicates
+                try:
+                    done = self._reassembler.add(chunk, source=parsed.device_id, now=now)
+                except ProtocolError as exc:
+                    ends = exc.reason is RejectReason.BAD_CHECKSUM
+                    return IngestOutcome(
+                        OutcomeKind.REJECTED,
+                        exc.reason,
+                        exc.detail,
+                        chunk_key=chunk_key,
+                        completes=ends,
+                        release=not ends,
+                    )
+                if done is None:
+                    is_late = self._reassembler.statistics().late_duplicates != late
+                    return IngestOutcome(OutcomeKind.PENDING, chunk_key=chunk_key, release=is_late)
+                data = done.data
+                envelope = decode_envelope(data, max_payload=self._config.max_update_bytes)
+                if envelope.kind is not EnvelopeKind.UPDATE:
+                    raise ProtocolError(
+                        RejectReason.BAD_KIND, f"chunks carried {envelope.kind.name}"
+                    )
+            else:
+                raise ProtocolError(RejectReason.BAD_KIND, f"{outer.kind.name} on an update topic")
+            header = message_from_envelope(envelope, UpdateHeader, topic=parsed)
+            body = bytes(envelope.payload)
+            result = self._accept(header, body, data, now)
+        except EdgeflError as exc:
+            return IngestOutcome(
+                OutcomeKind.REJECTED,
+                exc.reason,
+                exc.detail,
+                chunk_key=chunk_key,
+                completes=chunk_key is not None,
+            )
+        return IngestOutcome(
+            OutcomeKind.ACCEPTED,
+            header=header,
+            body=body,
+            result=result,
+            chunk_key=chunk_key,
+            completes=chunk_key is not None,
+        )
+
+    def _accept(self, header: UpdateHeader, body: bytes, data: bytes, now: float) -> AddResult:
+        cfg = self._config
+        if cfg.authenticator is not None:
+            cfg.authenticator.authenticate(header, data)
+        if header.model != self._spec.name:
+            raise ProtocolError(
+                RejectReason.WRONG_MODEL,
+                f"update for {header.model!r}, serving {self._spec.name!r}",
+            )
+        if header.num_params != self._spec.num_params:
+            raise ProtocolError(
+                RejectReason.SHAPE_MISMATCH,
+                f"num_params {header.num_params} != {self._spec.num_params}",
+            )
+        if header.layout:
+            layout = tuple((t.name, tuple(t.shape), t.dtype) for t in header.layout)
+            if layout != self._layout:
+                raise ProtocolError(RejectReason.SHAPE_MISMATCH, "layout differs from the model's")
+        device, seq = header.device_id, header.seq
+        self._check_seq(device, seq)
+        window = self._check_rate(device, now)
+        update = decode_body(header.codec, body, self._spec.num_params)
+        result = self._engine.add(
+            device,
+            update,
+            base_version=header.base_version,
+            num_examples=header.num_examples,
+            now=now,
+        )
+        self._max_seq[device] = max(seq, self._max_seq.get(device, -1))
+        self._pending_seen.add((device, seq))
+        if window is not None:
+            window.append(now)
+        return result
+
+    def _check_seq(self, device: str, seq: int) -> None:
+        highest = self._max_seq.get(device, -1)
+        if seq > highest:
+            return
+        if (
+            seq == highest
+            or (device, seq) in self._pending_seen
+            or self._committed_seen(device, seq)
+        ):
+            raise ProtocolError(RejectReason.DUPLICATE, f"({device}, {seq}) already accepted")
+        raise ProtocolError(
+            RejectReason.REPLAY, f"seq {seq} below the highest accepted seq {highest} of {device}"
+        )
+
+    def _check_rate(self, device: str, now: float) -> deque[float] | None:
+        limit = self._config.rate_limit_per_minute
+        if limit is None:
+            return None
+        window = self._windows.setdefault(device, deque())
+        while window and now - window[0] >= RATE_WINDOW_S:
+            window.popleft()
+        if len(window) >= max(1, int(limit)):
+            raise ProtocolError(
+                RejectReason.RATE_LIMITED, f"{device} sent {len(window)} updates in the last minute"
+            )
+        return window
+
+
+def codec_json(header: UpdateHeader) -> str:
+    return json.dumps(dict(header.codec), separators=(",", ":"), sort_keys=True)

@@ -1,0 +1,624 @@
+"""The aggregator service: an asyncio shell around the sans-IO ingest, engine and state store.
+
+Data flow (one process, one event loop, two helper threads)::
+
+    MQTT (persistent session, QoS1, manual ack)
+      -> reader task -> bounded queue -> ingest task: batch of messages
+           Ingest.process (reassembly, validation, decode, Engine.add / step)
+           -> BatchRecord -> writer thread: StateStore.commit (one SQLite transaction)
+           -> ack every message of the batch (chunks of incomplete updates are held)
+           -> new versions: history, on_version, publisher, evaluator
+      publisher task: retained chunks then manifest of the newest committed version (coalesced),
+                      server state; housekeeping: clear old chunk sets, FedAvg deadlines,
+                      reassembly expiry; metrics task: METRICS + server state every interval.
+
+Group commit: an update is acknowledged only after the transaction holding it committed, so a
+SIGKILL at any point loses nothing the broker believes delivered and double-counts nothing
+(``store.py`` explains the restore). A version is published only after it is durable, so devices
+never see a version a restarted aggregator does not know.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from edgefl.aggregation import FedBuff, FedBuffConfig, FedBuffState
+from edgefl.aggregator.config import AggregatorConfig
+from edgefl.aggregator.engine import Engine
+from edgefl.aggregator.evaluation import Evaluator
+from edgefl.aggregator.ingest import (
+    Ingest,
+    IngestOutcome,
+    OutcomeKind,
+    codec_json,
+    decode_body,
+)
+from edgefl.aggregator.metrics import PrometheusExporter
+from edgefl.aggregator.publish import RetainedChunks, build_model_packets, clear_packets
+from edgefl.aggregator.stats import AggregatorStatistics, VersionRecord
+from edgefl.aggregator.store import (
+    AcceptedRow,
+    BatchRecord,
+    StateStore,
+    encode_state,
+    seen_lookup,
+)
+from edgefl.models import init_weights_numpy
+from edgefl.protocol import (
+    ServerMetrics,
+    ServerState,
+    ServerStatus,
+    encode_message,
+    server_metrics_topic,
+    server_state_topic,
+)
+from edgefl.protocol.topics import updates_filter
+from edgefl.transport import (
+    ConnectInfo,
+    InboundMessage,
+    MqttTransport,
+    Transport,
+    TransportError,
+    Will,
+)
+
+__all__ = ["Aggregator", "OnVersion"]
+
+log = logging.getLogger("edgefl.aggregator")
+
+OnVersion = Callable[[VersionRecord], None]
+_SHUTDOWN_PUBLISH_S = 5.0
+_IDLE_TICK_S = 0.5
+
+
+@dataclasses.dataclass
+class _Release:
+    version: int
+    created_at: float
+    weights: NDArray[np.float32]
+
+
+def initial_state(config: AggregatorConfig) -> FedBuffState:
+    """Version 0: torch-free initial weights (``init_weights_numpy(spec, seed)``), no buffer."""
+    w0 = init_weights_numpy(config.spec, config.seed)
+    core = FedBuff(FedBuffConfig(server_optimizer=config.optimizer_config()), w0)
+    return dataclasses.replace(core.snapshot(), accumulator=None)
+
+
+class Aggregator:
+    """The FedBuff / FedAvg aggregator service (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: AggregatorConfig,
+        *,
+        transport: Transport | None = None,
+        on_version: OnVersion | None = None,
+    ) -> None:
+        self.config = config
+        self._given_transport = transport
+        self._on_version = on_version
+        self._transport: Transport | None = None
+        self._stop = asyncio.Event()
+        self._stopping = False
+        self._queue: asyncio.Queue[tuple[InboundMessage, float] | None] | None = None
+        self._store: StateStore | None = None
+        self._writer: concurrent.futures.ThreadPoolExecutor | None = None
+        self._engine: Engine | None = None
+        self._ingest: Ingest | None = None
+        self._counters: Counter[str] = Counter()
+        self._history: list[VersionRecord] = []
+        self._held: dict[tuple[str, bytes], list[tuple[InboundMessage, float]]] = {}
+        self._release: _Release | None = None
+        self._publish_wanted = asyncio.Event()
+        self._published_version: int | None = None
+        self._retained = RetainedChunks(config.chunk_grace_s)
+        self._evaluator: Evaluator | None = None
+        self._exporter: PrometheusExporter | None = None
+        self._stats_cache: AggregatorStatistics | None = None
+        self._last_accuracy: float | None = None
+        self._session = 0
+        self._started_at = 0.0
+        self._batches = 0
+        self._rate = (0.0, 0.0)  # updates/s, bytes/s over the last metrics period
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ------------------------------------------------------------------ public API
+    def stop(self) -> None:
+        """Ask :meth:`run` to finish: the batch in flight is committed and acknowledged, the
+        newest version published, server state ``offline`` published, then disconnect."""
+        self._stopping = True
+        self._stop.set()
+        if self._queue is not None:
+            with contextlib.suppress(asyncio.QueueFull):
+                self._queue.put_nowait(None)
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The Prometheus port actually bound (``metrics_port=0`` picks a free one)."""
+        return None if self._exporter is None else self._exporter.port
+
+    def history(self) -> list[VersionRecord]:
+        """Per-version records, oldest first (durable: restored after a restart)."""
+        return list(self._history)
+
+    def statistics(self) -> AggregatorStatistics:
+        c = self._counters
+        engine = self._engine
+        staleness = {int(k.split(":", 1)[1]): v for k, v in c.items() if k.startswith("staleness:")}
+        rejected = {k.split(":", 1)[1]: v for k, v in c.items() if k.startswith("rejected:") and v}
+        transport = self._transport
+        return AggregatorStatistics(
+            version=engine.version if engine else 0,
+            buffer_fill=engine.buffer_fill if engine else 0,
+            buffer_size=self.config.buffer_size,
+            received=c["received"],
+            applied=c["applied"],
+            rejected=rejected,
+            bytes_ingested=c["bytes"],
+            updates_per_s=self._rate[0],
+            bytes_per_s=self._rate[1],
+            staleness=dict(sorted(staleness.items())),
+            last_accuracy=self._last_accuracy,
+            steps=c["steps"],
+            discarded=engine.discarded if engine else 0,
+            rounds=engine.rounds if engine else {},
+            pending_acks=sum(len(v) for v in self._held.values()),
+            batches=self._batches,
+            connected=bool(transport and transport.statistics().connected),
+            session=self._session,
+            started_at=self._started_at,
+        )
+
+    # ------------------------------------------------------------------ run
+    async def run(self, ready: asyncio.Event | None = None) -> None:
+        """Run until :meth:`stop`; sets ``ready`` once subscribed and the current version is
+        published."""
+        self._loop = asyncio.get_running_loop()
+        self._queue = asyncio.Queue(maxsize=2 * self.config.max_batch)
+        if self._stopping:
+            return
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="edgefl-db")
+        try:
+            await self._restore()
+            self._transport = self._given_transport or self._make_transport()
+            if self.config.eval_dataset is not None:
+                self._start_evaluator()
+            if self.config.metrics_port is not None:
+                self._exporter = PrometheusExporter(lambda: self._stats_cache)
+                self._exporter.start(self.config.metrics_port, self.config.metrics_bind)
+            async with self._transport as transport:
+                await self._serve(transport, ready)
+        finally:
+            if self._exporter is not None:
+                self._exporter.stop()
+            if self._evaluator is not None:
+                self._evaluator.stop()
+            self._writer.shutdown(wait=True)
+            if self._store is not None:
+                self._store.close()
+
+    async def _serve(self, transport: Transport, ready: asyncio.Event | None) -> None:
+        await transport.subscribe(updates_filter(self.config.fleet), qos=1)
+        assert self._release is not None
+        await self._publish_release(transport, self._release)
+        await self._publish_state(transport, ServerStatus.ONLINE)
+        self._stats_cache = self.statistics()
+        if ready is not None:
+            ready.set()
+        log.info("aggregator for fleet %s serving version %d", self.config.fleet, self._version())
+        async with asyncio.TaskGroup() as tg:
+            reader = tg.create_task(self._reader(transport), name="edgefl-agg-reader")
+            ingest = tg.create_task(self._ingest_loop(transport), name="edgefl-agg-ingest")
+            publisher = tg.create_task(self._publisher(transport), name="edgefl-agg-publisher")
+            house = tg.create_task(self._housekeeping(transport), name="edgefl-agg-house")
+            metrics = tg.create_task(self._metrics(transport), name="edgefl-agg-metrics")
+            await self._stop.wait()
+            reader.cancel()
+            await ingest  # finishes the batch in flight (commit, then ack)
+            house.cancel()
+            metrics.cancel()
+            publisher.cancel()
+        with contextlib.suppress(TransportError, TimeoutError):
+            async with asyncio.timeout(_SHUTDOWN_PUBLISH_S):
+                release = self._release
+                if release is not None and release.version != self._published_version:
+                    await self._publish_release(transport, release)
+                await self._publish_state(transport, ServerStatus.OFFLINE)
+
+    # ------------------------------------------------------------------ restore
+    async def _restore(self) -> None:
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        store = StateStore(cfg.state_dir, fsync=cfg.fsync)
+        self._store = store
+        identity = {
+            "model": cfg.spec.name,
+            "num_params": str(cfg.spec.num_params),
+            "algorithm": cfg.algorithm.value,
+            "fleet": cfg.fleet,
+        }
+        loaded = await loop.run_in_executor(
+            self._writer,
+            lambda: store.initialise(
+                identity=identity, initial=initial_state(cfg), now=time.time()
+            ),
+        )
+        self._session = loaded.session
+        self._started_at = loaded.started_at
+        self._counters = Counter(loaded.counters)
+        self._history = [VersionRecord(v, t, n, a) for v, t, n, a in loaded.history]
+        accuracies = [r.accuracy for r in self._history if r.accuracy is not None]
+        self._last_accuracy = accuracies[-1] if accuracies else None
+        now = time.monotonic()
+        engine = Engine(cfg, loaded.state, generation=loaded.generation, now=now)
+        self._engine = engine
+        # replay the buffered updates of the current generation, in their original order
+        record = BatchRecord(generation=engine.generation)
+        new_versions: list[VersionRecord] = []
+        for row in loaded.buffer:
+            update = decode_body(json.loads(row.codec), row.body, cfg.spec.num_params)
+            engine.add(
+                row.device,
+                update,
+                base_version=row.base_version,
+                num_examples=row.num_examples,
+                now=now,
+            )
+            if engine.generation != record.generation:  # e.g. K was lowered across the restart
+                self._new_generation(record, new_versions)
+            elif record.snapshot is not None:
+                record.rebuffer.append(dataclasses.replace(row, generation=engine.generation))
+        if record.snapshot is not None:
+            await loop.run_in_executor(self._writer, store.commit, record)
+            self._history.extend(new_versions)
+            self._counters.update(record.counters)
+        self._ingest = Ingest(
+            cfg, engine, max_seq=loaded.max_seq, committed_seen=self._seen_reader(store)
+        )
+        self._release = _Release(
+            engine.version, self._version_created_at(loaded.created_at), engine.weights.copy()
+        )
+        self._retained.restore(loaded.published, now)
+
+    def _version_created_at(self, fallback: float) -> float:
+        engine = self._engine
+        assert engine is not None
+        for rec in reversed(self._history):
+            if rec.version == engine.version:
+                return rec.created_at
+        return fallback
+
+    @staticmethod
+    def _seen_reader(store: StateStore) -> Callable[[str, int], bool]:
+        reader = store.open_reader()
+        return lambda device, seq: seen_lookup(reader, device, seq)
+
+    def _make_transport(self) -> MqttTransport:
+        cfg = self.config
+        will = encode_message(self._server_state(ServerStatus.LOST))
+        mqtt = cfg.mqtt_config(will=Will(server_state_topic(cfg.fleet), will, qos=1, retain=True))
+        return MqttTransport(mqtt, on_connect=self._on_connect)
+
+    async def _on_connect(self, info: ConnectInfo) -> None:
+        if info.connects > 1:
+            log.warning("reconnected to the broker (session present: %s)", info.session_present)
+            self._publish_wanted.set()  # republish: the broker may have lost retained messages
+            transport = self._transport
+            if transport is not None:
+                await self._publish_state(transport, ServerStatus.ONLINE)
+
+    def _start_evaluator(self) -> None:
+        assert self.config.eval_dataset is not None
+        assert self._loop is not None
+        loop = self._loop
+
+        def on_result(version: int, accuracy: float) -> None:
+            loop.call_soon_threadsafe(self._accuracy, version, accuracy)
+
+        self._evaluator = Evaluator(
+            self.config.spec, self.config.eval_dataset, seed=self.config.seed, on_result=on_result
+        )
+        self._evaluator.start()
+        engine = self._engine
+        if engine is not None:
+            self._evaluator.submit(engine.version, engine.weights)
+
+    def _accuracy(self, version: int, accuracy: float) -> None:
+        self._last_accuracy = accuracy
+        for i in range(len(self._history) - 1, -1, -1):
+            if self._history[i].version == version:
+                self._history[i] = dataclasses.replace(self._history[i], accuracy=accuracy)
+                break
+        store, writer = self._store, self._writer
+        if store is not None and writer is not None:
+            with contextlib.suppress(RuntimeError):  # writer already shut down
+                writer.submit(store.set_accuracy, version, accuracy)
+
+    def _version(self) -> int:
+        return self._engine.version if self._engine is not None else 0
+
+    # ------------------------------------------------------------------ ingest
+    async def _reader(self, transport: Transport) -> None:
+        queue = self._queue
+        assert queue is not None
+        async for message in transport.messages():
+            await queue.put((message, time.monotonic()))
+
+    async def _ingest_loop(self, transport: Transport) -> None:
+        queue = self._queue
+        assert queue is not None
+        cfg = self.config
+        while not self._stopping:
+            try:
+                async with asyncio.timeout(_IDLE_TICK_S):
+                    item = await queue.get()
+            except TimeoutError:
+                await self._process_batch(transport, [])  # deadlines, reassembly expiry
+                continue
+            if item is None:
+                break
+            batch = [item]
+            self._drain(queue, batch)
+            if cfg.batch_linger_s > 0 and len(batch) < cfg.max_batch and not self._stopping:
+                await asyncio.sleep(cfg.batch_linger_s)
+                self._drain(queue, batch)
+            await self._process_batch(transport, [b for b in batch if b is not None])
+
+    def _drain(
+        self, queue: asyncio.Queue[tuple[InboundMessage, float] | None], batch: list[Any]
+    ) -> None:
+        while len(batch) < self.config.max_batch and not queue.empty():
+            item = queue.get_nowait()
+            if item is None:
+                self._stopping = True
+                break
+            batch.append(item)
+
+    async def _process_batch(
+        self, transport: Transport, batch: list[tuple[InboundMessage, float]]
+    ) -> None:
+        engine, ingest, store = self._engine, self._ingest, self._store
+        assert engine is not None
+        assert ingest is not None
+        assert store is not None
+        record = BatchRecord(generation=engine.generation)
+        acks: list[tuple[InboundMessage, float]] = []
+        pairs: list[tuple[str, int]] = []
+        new_versions: list[VersionRecord] = []
+        now = time.monotonic()
+        for message, received_at in batch:
+            record.count("bytes", len(message.payload))
+            out = ingest.process(message.topic, message.payload, now=now)
+            if out.chunk_key is not None and out.kind is OutcomeKind.PENDING and not out.release:
+                self._held.setdefault(out.chunk_key, []).append((message, received_at))
+                continue
+            acks.append((message, received_at))
+            if out.chunk_key is not None and out.completes:
+                acks.extend(self._held.pop(out.chunk_key, []))
+            if out.kind is OutcomeKind.ACCEPTED:
+                pairs.append(self._accepted(record, out))
+                if engine.generation != record.generation:
+                    self._new_generation(record, new_versions)
+            elif out.kind is OutcomeKind.REJECTED:
+                assert out.reason is not None
+                record.count("received")
+                record.count(f"rejected:{out.reason.value}")
+                log.debug("rejected %s: %s", message.topic, out.detail)
+        for dropped in ingest.expire(now):
+            record.count("received")
+            record.count(f"rejected:{dropped.reason.value}")
+            acks.extend(self._held.pop((dropped.source, dropped.message_id), []))
+        if engine.tick(now) is not None:
+            self._new_generation(record, new_versions)
+        self._counters.update(record.counters)
+        if record.empty and not acks:
+            return
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._writer, store.commit, record)
+        ingest.committed(pairs)
+        self._batches += 1
+        for message, _ in acks:
+            await transport.ack(message)
+        done = time.monotonic()
+        if self._exporter is not None:
+            for _, received_at in acks:
+                self._exporter.latency.observe(done - received_at)
+        if new_versions:
+            self._history.extend(new_versions)
+            self._release = _Release(
+                engine.version, new_versions[-1].created_at, engine.weights.copy()
+            )
+            self._publish_wanted.set()
+            if self._evaluator is not None:
+                self._evaluator.submit(engine.version, engine.weights)
+            if self._on_version is not None:
+                for rec in new_versions:
+                    try:
+                        self._on_version(rec)
+                    except Exception:
+                        log.exception("on_version callback failed")
+        self._stats_cache = self.statistics()
+
+    def _accepted(self, record: BatchRecord, out: IngestOutcome) -> tuple[str, int]:
+        header, result, body = out.header, out.result, out.body
+        assert header is not None
+        assert result is not None
+        assert body is not None
+        record.count("received")
+        record.count("applied")
+        record.count(f"staleness:{result.outcome.staleness}")
+        record.accepted.append(
+            AcceptedRow(
+                generation=record.generation,
+                device=header.device_id,
+                seq=header.seq,
+                base_version=header.base_version,
+                num_examples=header.num_examples,
+                codec=codec_json(header),
+                body=body,
+                version=header.base_version + result.outcome.staleness,
+                at=time.time(),
+            )
+        )
+        return header.device_id, header.seq
+
+    def _new_generation(self, record: BatchRecord, new_versions: list[VersionRecord]) -> None:
+        """The buffer was emptied (a step or a closed round): snapshot the model now, before any
+        further update enters the new generation's buffer."""
+        engine = self._engine
+        assert engine is not None
+        created = time.time()
+        if engine.version != self._history_version(record):
+            applied = self._counters["applied"] + record.counters.get("applied", 0)
+            record.history.append((engine.version, created, applied))
+            new_versions.append(VersionRecord(engine.version, created, applied))
+            record.count("steps")
+        record.snapshot = (engine.version, created, encode_state(engine.snapshot()))
+        record.generation = engine.generation
+
+    def _history_version(self, record: BatchRecord) -> int:
+        if record.history:
+            return record.history[-1][0]
+        return self._history[-1].version if self._history else -1
+
+    # ------------------------------------------------------------------ publishing
+    async def _publisher(self, transport: Transport) -> None:
+        while True:
+            await self._publish_wanted.wait()
+            self._publish_wanted.clear()
+            release = self._release
+            try:
+                if release is not None:
+                    await self._publish_release(transport, release)
+                    await self._publish_state(transport, ServerStatus.ONLINE)
+            except TransportError as exc:
+                log.warning("publishing version failed (%s); will retry", exc)
+                self._publish_wanted.set()
+                await asyncio.sleep(0.5)
+
+    async def _publish_release(self, transport: Transport, release: _Release) -> None:
+        cfg = self.config
+        onnx = None
+        if cfg.publish_onnx:
+            from edgefl.models.onnx_export import export_onnx
+
+            onnx = await asyncio.to_thread(export_onnx, cfg.spec, release.weights)
+        packets = await asyncio.to_thread(
+            lambda: build_model_packets(
+                fleet=cfg.fleet,
+                spec=cfg.spec,
+                version=release.version,
+                weights=release.weights,
+                created_at=release.created_at,
+                hints=cfg.training_hints(),
+                max_packet=cfg.max_packet,
+                onnx=onnx,
+                signer=cfg.manifest_signer,
+            )
+        )
+        await asyncio.gather(
+            *(transport.publish(t, p, qos=1, retain=True) for t, p in packets.chunks)
+        )
+        await transport.publish(packets.manifest_topic, packets.manifest, qos=1, retain=True)
+        self._published_version = release.version
+        now = time.monotonic()
+        entries = [(release.version, "weights", packets.num_chunks)]
+        if packets.onnx_chunks:
+            entries.append((release.version, "onnx", packets.onnx_chunks))
+        store = self._store
+        assert store is not None
+        for version, artifact, n in entries:
+            self._retained.published(version, artifact, n, now)
+            await asyncio.get_running_loop().run_in_executor(
+                self._writer, store.record_published, version, artifact, n
+            )
+
+    async def _clear_old_chunks(self, transport: Transport) -> None:
+        due = self._retained.due(time.monotonic())
+        if not due:
+            return
+        for version, artifact, n in due:
+            topics = clear_packets(self.config.fleet, version, artifact, n)
+            await asyncio.gather(*(transport.publish(t, b"", qos=1, retain=True) for t in topics))
+        store = self._store
+        assert store is not None
+        await asyncio.get_running_loop().run_in_executor(
+            self._writer, store.forget_published, [(v, a) for v, a, _ in due]
+        )
+
+    def _server_state(self, status: ServerStatus) -> ServerState:
+        s = self.statistics()
+        return ServerState(
+            fleet=self.config.fleet,
+            status=status,
+            session=max(self._session, 0),
+            version=self._published_version if self._published_version is not None else s.version,
+            buffer_fill=min(s.buffer_fill, s.buffer_size),
+            buffer_size=s.buffer_size,
+            applied=s.applied,
+            started_at=self._started_at or time.time(),
+            at=time.time(),
+            rejected=s.rejected,
+        )
+
+    async def _publish_state(self, transport: Transport, status: ServerStatus) -> None:
+        payload = encode_message(self._server_state(status))
+        await transport.publish(server_state_topic(self.config.fleet), payload, qos=1, retain=True)
+
+    # ------------------------------------------------------------------ periodic tasks
+    async def _housekeeping(self, transport: Transport) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            try:
+                await self._clear_old_chunks(transport)
+            except TransportError as exc:
+                log.warning("clearing old model chunks failed: %s", exc)
+
+    async def _metrics(self, transport: Transport) -> None:
+        cfg = self.config
+        last = (time.monotonic(), self._counters["applied"], self._counters["bytes"])
+        while True:
+            await asyncio.sleep(cfg.metrics_interval_s)
+            now = time.monotonic()
+            applied, nbytes = self._counters["applied"], self._counters["bytes"]
+            dt = max(now - last[0], 1e-9)
+            self._rate = (max(0.0, (applied - last[1]) / dt), max(0.0, (nbytes - last[2]) / dt))
+            last = (now, applied, nbytes)
+            s = self.statistics()
+            self._stats_cache = s
+            metrics = ServerMetrics(
+                fleet=cfg.fleet,
+                at=time.time(),
+                version=s.version,
+                buffer_fill=min(s.buffer_fill, s.buffer_size),
+                buffer_size=s.buffer_size,
+                received=s.received,
+                applied=s.applied,
+                updates_per_s=s.updates_per_s,
+                bytes_ingested=s.bytes_ingested,
+                bytes_per_s=s.bytes_per_s,
+                staleness=s.staleness,
+                rejected=s.rejected,
+                accuracy=s.last_accuracy,
+                extra={"steps": s.steps, "pending_acks": s.pending_acks, "session": s.session},
+            )
+            try:
+                await transport.publish(
+                    server_metrics_topic(cfg.fleet), encode_message(metrics), qos=0
+                )
+                await self._publish_state(transport, ServerStatus.ONLINE)
+            except TransportError as exc:
+                log.warning("publishing metrics failed: %s", exc)

@@ -1,0 +1,49 @@
+"""Observable figures of the aggregator: statistics snapshots and per-version history records."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+__all__ = ["AggregatorStatistics", "VersionRecord"]
+
+
+@dataclass(frozen=True)
+class AggregatorStatistics:
+    """A snapshot of the service's counters. Totals (``received``, ``applied``, ``rejected``,
+    ``bytes_ingested``, ``staleness``) count since the state dir was created (they are durable,
+    committed with the batches); rates are over the last metrics period."""
+
+    version: int
+    buffer_fill: int
+    buffer_size: int
+    received: int  # complete updates (accepted + rejected), not chunk packets
+    applied: int  # updates accepted into the buffer
+    rejected: Mapping[str, int] = field(default_factory=dict)  # by RejectReason value
+    bytes_ingested: int = 0  # MQTT payload bytes of update packets
+    updates_per_s: float = 0.0
+    bytes_per_s: float = 0.0
+    staleness: Mapping[int, int] = field(default_factory=dict)  # accepted updates by staleness
+    last_accuracy: float | None = None
+    steps: int = 0  # versions created by this state dir
+    discarded: int = 0  # FedAvg: accepted updates dropped with failed rounds
+    rounds: Mapping[str, int] = field(default_factory=dict)  # FedAvg rounds by status
+    pending_acks: int = 0  # chunk packets held until their update completes
+    batches: int = 0  # group commits done by this process
+    connected: bool = False
+    session: int = 0
+    started_at: float = 0.0
+
+    @property
+    def rejected_total(self) -> int:
+        return sum(self.rejected.values())
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    """One model version: when it was created, updates applied so far, held-out accuracy."""
+
+    version: int
+    created_at: float  # wall-clock time
+    applied: int
+    accuracy: float | None = None

@@ -1,0 +1,349 @@
+"""Durable aggregator state in SQLite (WAL) under ``state_dir``: the crash-safety core.
+
+Tables (``state.sqlite``)::
+
+    meta(key, value)                 model, num_params, algorithm, started_at, session, generation
+    model(id=1, version, generation, created_at, state)   last model snapshot (npz blob)
+    buffer(id, generation, device, seq, base_version, num_examples, codec, body)
+                                     accepted ENCODED updates of the current buffer generation
+    seen(device, seq, version, at)   every accepted (device, seq), exactly once (primary key)
+    devices(device, max_seq)         highest accepted seq per device (replay detection)
+    counters(name, value)            received, applied, bytes, rejected:<reason>, staleness:<tau>
+    history(version, created_at, applied, accuracy)
+    published(version, artifact, num_chunks)   retained chunk sets still on the broker
+
+Contract: :meth:`StateStore.commit` writes one :class:`BatchRecord` in one transaction; the service
+acknowledges the batch's MQTT messages only after it returned. After a crash, :meth:`load`
+returns the last committed state: the model snapshot taken at the last generation change plus the
+encoded updates of that generation, which the service replays in ``id`` order. So every
+acknowledged update is counted exactly once, and an unacknowledged one is redelivered by the
+broker and treated as new (its (device, seq) is not in ``seen``).
+
+Not thread-safe: one thread (the service's writer thread) owns a store. A second, read-only
+connection (:meth:`open_reader`) may query ``seen`` concurrently (WAL).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+
+from edgefl.aggregation import FedBuffState
+
+__all__ = [
+    "DB_NAME",
+    "AcceptedRow",
+    "BatchRecord",
+    "LoadedState",
+    "StateMismatch",
+    "StateStore",
+    "decode_state",
+    "encode_state",
+]
+
+DB_NAME: Final = "state.sqlite"
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS model (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    version INTEGER NOT NULL, generation INTEGER NOT NULL, created_at REAL NOT NULL,
+    state BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS buffer (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, generation INTEGER NOT NULL,
+    device TEXT NOT NULL, seq INTEGER NOT NULL, base_version INTEGER NOT NULL,
+    num_examples INTEGER NOT NULL, codec TEXT NOT NULL, body BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS seen (
+    device TEXT NOT NULL, seq INTEGER NOT NULL, version INTEGER NOT NULL, at REAL NOT NULL,
+    PRIMARY KEY (device, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS devices (device TEXT PRIMARY KEY, max_seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS history (
+    version INTEGER PRIMARY KEY, created_at REAL NOT NULL, applied INTEGER NOT NULL,
+    accuracy REAL);
+CREATE TABLE IF NOT EXISTS published (
+    version INTEGER NOT NULL, artifact TEXT NOT NULL, num_chunks INTEGER NOT NULL,
+    PRIMARY KEY (version, artifact));
+"""
+
+
+class StateMismatch(RuntimeError):
+    """The state directory belongs to another model or algorithm."""
+
+
+# ---------------------------------------------------------------------------------------------
+# snapshot blobs
+
+
+def encode_state(state: FedBuffState) -> bytes:
+    """Serialise a (buffer-less) :class:`FedBuffState` into an npz blob (no pickle)."""
+    arrays: dict[str, Any] = {"weights": state.weights, "norm_history": state.norm_history}
+    scalars: dict[str, Any] = {}
+    for key, value in state.optimizer_state.items():
+        if isinstance(value, np.ndarray):
+            arrays[f"opt_{key}"] = value
+        else:
+            scalars[f"opt_{key}"] = value
+    if state.accumulator is not None or state.kept_deltas is not None or state.count:
+        raise ValueError("encode_state stores model snapshots only (an empty buffer)")
+    meta = {
+        "version": state.version,
+        "optimizer_kind": state.optimizer_kind,
+        "accepted_total": state.accepted_total,
+        "clipped_total": state.clipped_total,
+        "steps_total": state.steps_total,
+        "rejected": state.rejected,
+        "scalars": scalars,
+    }
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def decode_state(blob: bytes) -> FedBuffState:
+    """Inverse of :func:`encode_state`."""
+    with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    meta = json.loads(arrays.pop("meta").tobytes().decode())
+    opt: dict[str, Any] = {k[4:]: v for k, v in arrays.items() if k.startswith("opt_")}
+    opt.update({k[4:]: v for k, v in meta["scalars"].items()})
+    return FedBuffState(
+        version=int(meta["version"]),
+        weights=arrays["weights"].astype(np.float32),
+        accumulator=None,
+        kept_deltas=None,
+        kept_weights=None,
+        kept_clip=None,
+        weight_sum=0.0,
+        count=0,
+        staleness_sum=0,
+        staleness_max=0,
+        clipped_in_buffer=0,
+        optimizer_kind=str(meta["optimizer_kind"]),
+        optimizer_state=opt,
+        norm_history=arrays["norm_history"].astype(np.float64),
+        accepted_total=int(meta["accepted_total"]),
+        clipped_total=int(meta["clipped_total"]),
+        steps_total=int(meta["steps_total"]),
+        rejected={str(k): int(v) for k, v in meta["rejected"].items()},
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# records
+
+
+@dataclass(frozen=True)
+class AcceptedRow:
+    """One accepted update as stored: enough to replay it into the buffer."""
+
+    generation: int
+    device: str
+    seq: int
+    base_version: int
+    num_examples: int
+    codec: str  # the header's codec object as JSON text
+    body: bytes
+    version: int  # server version when it was accepted
+    at: float
+
+
+@dataclass
+class BatchRecord:
+    """Everything one batch changes; written by :meth:`StateStore.commit` in one transaction."""
+
+    generation: int
+    accepted: list[AcceptedRow] = field(default_factory=list)
+    counters: dict[str, int] = field(default_factory=dict)
+    snapshot: tuple[int, float, bytes] | None = None  # (version, created_at, blob)
+    history: list[tuple[int, float, int]] = field(default_factory=list)
+    rebuffer: list[AcceptedRow] = field(default_factory=list)  # already seen: buffer rows only
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
+
+    @property
+    def empty(self) -> bool:
+        return not (self.accepted or self.counters or self.snapshot or self.history)
+
+
+@dataclass(frozen=True)
+class LoadedState:
+    version: int
+    generation: int
+    created_at: float
+    state: FedBuffState
+    buffer: list[AcceptedRow]
+    max_seq: dict[str, int]
+    counters: dict[str, int]
+    history: list[tuple[int, float, int, float | None]]
+    published: list[tuple[int, str, int]]
+    started_at: float
+    session: int
+
+
+class StateStore:
+    """The SQLite state of one aggregator (see the module docstring)."""
+
+    def __init__(self, state_dir: Path, *, fsync: bool = True) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.path = state_dir / DB_NAME
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def open_reader(self) -> sqlite3.Connection:
+        """A second connection for read-only lookups from another thread (WAL readers)."""
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA query_only=1")
+        return db
+
+    # ------------------------------------------------------------------ initialisation
+    def initialise(
+        self,
+        *,
+        identity: Mapping[str, str],
+        initial: FedBuffState,
+        now: float,
+    ) -> LoadedState:
+        """Check the state dir's identity (model, num_params, algorithm) against ``identity``,
+        create version 0 from ``initial`` on first use, bump the session counter, and load."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+            for key, value in identity.items():
+                if key in meta and meta[key] != value:
+                    raise StateMismatch(
+                        f"{self.path} holds state for {key}={meta[key]!r}, not {value!r}; "
+                        "use another --state-dir"
+                    )
+            if "started_at" not in meta:
+                rows = [(k, v) for k, v in identity.items()]
+                rows += [("started_at", repr(now)), ("session", "0"), ("generation", "0")]
+                db.executemany("INSERT INTO meta VALUES (?, ?)", rows)
+                db.execute(
+                    "INSERT INTO model VALUES (1, ?, 0, ?, ?)",
+                    (initial.version, now, encode_state(initial)),
+                )
+                db.execute("INSERT INTO history VALUES (?, ?, 0, NULL)", (initial.version, now))
+            db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'session'")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return self.load()
+
+    def load(self) -> LoadedState:
+        db = self._db
+        meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+        version, _generation, created_at, blob = db.execute(
+            "SELECT version, generation, created_at, state FROM model WHERE id = 1"
+        ).fetchone()
+        current = int(meta["generation"])
+        buffer = [
+            AcceptedRow(g, d, s, b, n, c, bytes(body), v, at)
+            for g, d, s, b, n, c, body, v, at in db.execute(
+                "SELECT b.generation, b.device, b.seq, b.base_version, b.num_examples, b.codec,"
+                " b.body, s.version, s.at FROM buffer b JOIN seen s"
+                " ON s.device = b.device AND s.seq = b.seq"
+                " WHERE b.generation = ? ORDER BY b.id",
+                (current,),
+            )
+        ]
+        return LoadedState(
+            version=int(version),
+            generation=current,
+            created_at=float(created_at),
+            state=decode_state(bytes(blob)),
+            buffer=buffer,
+            max_seq=dict(db.execute("SELECT device, max_seq FROM devices").fetchall()),
+            counters=dict(db.execute("SELECT name, value FROM counters").fetchall()),
+            history=list(
+                db.execute("SELECT version, created_at, applied, accuracy FROM history ORDER BY 1")
+            ),
+            published=list(db.execute("SELECT version, artifact, num_chunks FROM published")),
+            started_at=float(meta["started_at"]),
+            session=int(meta["session"]),
+        )
+
+    # ------------------------------------------------------------------ writes
+    def commit(self, batch: BatchRecord) -> None:
+        """Write one batch atomically and durably (returns after the WAL commit)."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            rows = batch.accepted
+            db.executemany(
+                "INSERT INTO seen VALUES (?, ?, ?, ?)",
+                [(r.device, r.seq, r.version, r.at) for r in rows],
+            )
+            db.executemany(
+                "INSERT INTO devices VALUES (?, ?) ON CONFLICT(device)"
+                " DO UPDATE SET max_seq = max(max_seq, excluded.max_seq)",
+                [(r.device, r.seq) for r in rows],
+            )
+            if batch.snapshot is not None:
+                version, created_at, blob = batch.snapshot
+                db.execute(
+                    "UPDATE model SET version = ?, generation = ?, created_at = ?, state = ?"
+                    " WHERE id = 1",
+                    (version, batch.generation, created_at, blob),
+                )
+            db.execute(
+                "UPDATE meta SET value = ? WHERE key = 'generation'", (str(batch.generation),)
+            )
+            db.execute("DELETE FROM buffer WHERE generation < ?", (batch.generation,))
+            db.executemany(
+                "INSERT INTO buffer (generation, device, seq, base_version, num_examples, codec,"
+                " body) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (r.generation, r.device, r.seq, r.base_version, r.num_examples, r.codec, r.body)
+                    for r in [*rows, *batch.rebuffer]
+                    if r.generation == batch.generation
+                ],
+            )
+            db.executemany(
+                "INSERT INTO counters VALUES (?, ?) ON CONFLICT(name)"
+                " DO UPDATE SET value = value + excluded.value",
+                list(batch.counters.items()),
+            )
+            db.executemany("INSERT OR REPLACE INTO history VALUES (?, ?, ?, NULL)", batch.history)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def set_accuracy(self, version: int, accuracy: float) -> None:
+        self._db.execute("UPDATE history SET accuracy = ? WHERE version = ?", (accuracy, version))
+
+    def record_published(self, version: int, artifact: str, num_chunks: int) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO published VALUES (?, ?, ?)", (version, artifact, num_chunks)
+        )
+
+    def forget_published(self, entries: Iterable[tuple[int, str]]) -> None:
+        self._db.executemany("DELETE FROM published WHERE version = ? AND artifact = ?", entries)
+
+
+def seen_lookup(reader: sqlite3.Connection, device: str, seq: int) -> bool:
+    """Whether ``(device, seq)`` was committed as accepted."""
+    row = reader.execute("SELECT 1 FROM seen WHERE device = ? AND seq = ?", (device, seq))
+    return row.fetchone() is not None
+
+
+def wall_time() -> float:
+    return time.time()
