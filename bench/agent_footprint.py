@@ -1,0 +1,235 @@
+"""Device agent footprint: memory, CPU and latency of a real agent process on a real broker.
+
+Run: ``.venv/bin/python bench/agent_footprint.py [--json] [--quick]``
+
+Set-up: a private Mosquitto (``broker.launcher.MosquittoBroker``, free port), a model published
+retained by this script with the protocol functions (``device_agent.release``, exactly what the
+aggregator publishes), and the agent started the way systemd starts it (``python -m
+device_agent --config agent.toml``, wrapped only to answer SIGUSR1 with its list of loaded heavy
+modules). Eligibility comes from a fake sysfs tree (``probes.root``), first on battery.
+
+Measured, in order:
+
+* ``import_seconds``: ``python -c "import device_agent.agent"`` minus a bare interpreter start
+  (best of 3);
+* ``idle_rss_mb``: VmRSS of the connected agent holding model v0, not eligible (on battery),
+  after it settled; ``idle_heavy_modules``: which of torch, onnxruntime, onnx, sklearn, scipy,
+  matplotlib, pandas, cryptography are imported at that point (torch must not be);
+* ``idle_cpu_percent``: the agent's CPU time (utime + stime from ``/proc/<pid>/stat``) over a
+  wall-clock window while idle (one probe round per second), in percent of one core;
+* ``model_pickup_seconds``: from publishing v1 (chunks + manifest, retained) to the agent's
+  retained state reporting ``model_version = 1`` (fetched, hashed, written, swapped);
+* ``seconds_to_first_update``: from flipping the fake tree to mains to the first update of the
+  mnist1d CNN (4,298 parameters; 800 local examples, 1 epoch, batch 32) arriving at a subscriber;
+  includes up to one probe interval (1 s), the torch import and the training;
+* ``training_rss_mb``: the agent's peak RSS (VmHWM) by then; ``after_training_rss_mb``: VmRSS
+  after it (torch stays loaded in the process).
+
+Target (issue #4): idle RSS <= 80 MB with no torch loaded. With ``--json`` the last line of
+stdout is one JSON object with the keys above.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from broker.launcher import MosquittoBroker  # noqa: E402
+from device_agent.release import model_release  # noqa: E402
+from edgefl.models.spec import get_model_spec, init_weights_numpy  # noqa: E402
+from edgefl.protocol.messages import DeviceState, decode_message  # noqa: E402
+from edgefl.protocol.topics import device_state_topic, updates_filter  # noqa: E402
+from edgefl.transport import MqttConfig, MqttTransport  # noqa: E402
+
+FLEET, DEVICE, MODEL = "bench", "pi-bench", "mnist1d-cnn"
+HEAVY = ("torch", "onnxruntime", "onnx", "sklearn", "scipy", "matplotlib", "pandas", "cryptography")
+
+BOOT = """
+import json, signal, sys
+def dump(*_):
+    heavy = [m for m in {heavy!r} if m in sys.modules]
+    with open({out!r}, "w") as fh:
+        json.dump({{"heavy": heavy, "modules": len(sys.modules)}}, fh)
+signal.signal(signal.SIGUSR1, dump)
+from device_agent.cli import agent_app
+agent_app(["--config", {config!r}], prog_name="edgefl agent")
+"""
+
+
+def proc_status(pid: int, key: str) -> float:
+    """A ``kB`` field of ``/proc/<pid>/status`` in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024.0
+    raise KeyError(key)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def import_seconds() -> float:
+    def best(code: str) -> float:
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    return max(0.0, best("import device_agent.agent") - best("import sys"))
+
+
+def write_tree(root: Path, *, mains: bool) -> None:
+    (root / "proc").mkdir(parents=True, exist_ok=True)
+    (root / "proc/loadavg").write_text("0.00 0.00 0.00 1/100 1\n")
+    (root / "proc/cpuinfo").write_text("processor : 0\nprocessor : 1\n")
+    ac, bat = root / "sys/class/power_supply/AC", root / "sys/class/power_supply/BAT0"
+    for d in (ac, bat):
+        d.mkdir(parents=True, exist_ok=True)
+    (ac / "type").write_text("Mains\n")
+    (ac / "online").write_text("1\n" if mains else "0\n")
+    (bat / "type").write_text("Battery\n")
+    (bat / "status").write_text("Charging\n" if mains else "Discharging\n")
+
+
+def write_setup(tmp: Path, url: str) -> Path:
+    from edgefl.data import load_dataset
+
+    data = load_dataset("mnist1d", num_samples=2000, seed=0)
+    np.savez(tmp / "train.npz", x=data.x_train[:1000], y=data.y_train[:1000])
+    write_tree(tmp / "fs", mains=False)
+    config = tmp / "agent.toml"
+    config.write_text(
+        f'fleet = "{FLEET}"\ndevice_id = "{DEVICE}"\nstate_dir = "state"\nlog_level = "WARNING"\n'
+        f'[broker]\nurl = "{url}"\n[data]\nkind = "npz"\npath = "train.npz"\n'
+        "[training]\nmax_epochs = 1\nbatch_size = 32\nholdout_fraction = 0.2\n"
+        '[probes]\nroot = "fs"\ninterval_s = 1.0\nmetered = "no"\nthrottle = false\n'
+    )
+    return config
+
+
+async def measure(quick: bool) -> dict[str, object]:
+    results: dict[str, object] = {"import_seconds": round(import_seconds(), 3)}
+    spec = get_model_spec(MODEL)
+    with tempfile.TemporaryDirectory(prefix="edgefl-bench-agent-") as tmp_name:
+        tmp = Path(tmp_name)
+        broker = MosquittoBroker(state_dir=tmp / "mosquitto")
+        broker.start()
+        config = write_setup(tmp, broker.url)
+        modules_file = tmp / "modules.json"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFL_")}
+        env.pop("NOTIFY_SOCKET", None)
+        proc: subprocess.Popen[bytes] | None = None
+        states: list[DeviceState] = []
+        arrivals: list[float] = []
+        try:
+            async with MqttTransport(MqttConfig.from_url(broker.url, client_id="bench")) as mq:
+                for topic, payload in model_release(
+                    FLEET, 0, MODEL, init_weights_numpy(spec, 0)
+                ).messages:
+                    await mq.publish(topic, payload, retain=True)
+                await mq.subscribe(device_state_topic(FLEET, DEVICE))
+                await mq.subscribe(updates_filter(FLEET))
+
+                async def pump() -> None:
+                    async for message in mq.messages():
+                        if "/update/" in message.topic:
+                            arrivals.append(time.monotonic())
+                        elif message.payload:
+                            states.append(decode_message(message.payload, DeviceState))
+
+                pump_task = asyncio.create_task(pump())
+                boot = BOOT.format(heavy=HEAVY, out=str(modules_file), config=str(config))
+                # Popen returns at once; the process is then only signalled and polled
+                proc = subprocess.Popen(  # noqa: ASYNC220
+                    [sys.executable, "-c", boot], cwd=tmp, env=env, stdin=subprocess.DEVNULL
+                )
+                pid = proc.pid
+
+                async def until(predicate: object, within: float) -> None:
+                    deadline = time.monotonic() + within
+                    while not predicate():  # type: ignore[operator]
+                        if time.monotonic() > deadline or proc.poll() is not None:
+                            raise RuntimeError("the agent did not get there in time")
+                        await asyncio.sleep(0.01)
+
+                def holds(version: int) -> bool:
+                    return bool(states) and states[-1].model_version == version
+
+                await until(lambda: holds(0), 30)
+                await asyncio.sleep(2.0 if quick else 5.0)  # settle
+                results["idle_rss_mb"] = round(proc_status(pid, "VmRSS"), 1)
+                proc.send_signal(signal.SIGUSR1)
+                await until(modules_file.exists, 5)
+                await asyncio.sleep(0.1)
+                dumped = json.loads(modules_file.read_text())
+                results["idle_heavy_modules"] = dumped["heavy"]
+                results["idle_modules"] = dumped["modules"]
+                window = 5.0 if quick else 15.0
+                c0, t0 = cpu_seconds(pid), time.monotonic()
+                await asyncio.sleep(window)
+                results["idle_cpu_percent"] = round(
+                    100 * (cpu_seconds(pid) - c0) / (time.monotonic() - t0), 2
+                )
+
+                t_pub = time.monotonic()
+                for topic, payload in model_release(
+                    FLEET, 1, MODEL, init_weights_numpy(spec, 1)
+                ).messages:
+                    await mq.publish(topic, payload, retain=True)
+                await until(lambda: holds(1), 30)
+                results["model_pickup_seconds"] = round(time.monotonic() - t_pub, 3)
+
+                t_flip = time.monotonic()
+                write_tree(tmp / "fs", mains=True)
+                await until(lambda: bool(arrivals), 120)
+                results["seconds_to_first_update"] = round(arrivals[0] - t_flip, 2)
+                results["training_rss_mb"] = round(proc_status(pid, "VmHWM"), 1)
+                await asyncio.sleep(1.0)
+                results["after_training_rss_mb"] = round(proc_status(pid, "VmRSS"), 1)
+                proc.send_signal(signal.SIGTERM)
+                results["exit_code"] = await asyncio.to_thread(proc.wait, 30)
+                pump_task.cancel()
+        finally:
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            broker.stop()
+    results["idle_rss_target_met"] = bool(
+        isinstance(results.get("idle_rss_mb"), float)
+        and float(results["idle_rss_mb"]) <= 80.0  # type: ignore[arg-type]
+        and "torch" not in results.get("idle_heavy_modules", [])  # type: ignore[operator]
+    )
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", action="store_true", help="end with one JSON line")
+    parser.add_argument("--quick", action="store_true", help="shorter settle and CPU windows")
+    args = parser.parse_args()
+    results = asyncio.run(measure(args.quick))
+    for key, value in results.items():
+        print(f"{key:>26}: {value}")
+    if args.json:
+        print(json.dumps(results, sort_keys=True))
+    return 0 if results.get("idle_rss_target_met") else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
