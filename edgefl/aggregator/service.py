@@ -160,6 +160,7 @@ class Aggregator:
         staleness = {int(k.split(":", 1)[1]): v for k, v in c.items() if k.startswith("staleness:")}
         rejected = {k.split(":", 1)[1]: v for k, v in c.items() if k.startswith("rejected:") and v}
         transport = self._transport
+        ts = transport.statistics() if transport is not None else None
         return AggregatorStatistics(
             version=engine.version if engine else 0,
             buffer_fill=engine.buffer_fill if engine else 0,
@@ -177,7 +178,8 @@ class Aggregator:
             rounds=engine.rounds if engine else {},
             pending_acks=sum(len(v) for v in self._held.values()),
             batches=self._batches,
-            connected=bool(transport and transport.statistics().connected),
+            connected=bool(ts and ts.connected),
+            reconnects=ts.reconnects if ts else 0,
             session=self._session,
             started_at=self._started_at,
         )

@@ -31,6 +31,7 @@ class AggregatorStatistics:
     pending_acks: int = 0  # chunk packets held until their update completes
     batches: int = 0  # group commits done by this process
     connected: bool = False
+    reconnects: int = 0  # MQTT reconnections of this process
     session: int = 0
     started_at: float = 0.0
 

@@ -1,0 +1,241 @@
+"""Crash safety against a real Mosquitto: SIGKILLed aggregator, restarted broker, embedded broker.
+
+The aggregator runs as a subprocess through its CLI (``python -m edgefl.aggregator.cli``), so a
+SIGKILL is a real crash: whatever was not committed to SQLite is gone, and the broker redelivers
+every update the dead process had not acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import select
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from broker.launcher import MosquittoBroker, ThreadedEmbeddedBroker
+from edgefl.aggregator import Aggregator, AggregatorConfig, NormBoundSetting
+from edgefl.aggregator.updates import build_update_packets
+from edgefl.codec import CodecConfig
+from edgefl.protocol import ServerState, ServerStatus, decode_message, server_state_topic
+from edgefl.transport import MqttConfig, MqttTransport
+
+FLEET = "crash"
+MODEL = "digits-mlp"
+NUM_PARAMS = 2410
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.integration
+
+
+def start_aggregator(
+    url: str, state_dir: Path, *, importtime: bool = False
+) -> subprocess.Popen[str]:
+    args = [sys.executable]
+    if importtime:
+        args += ["-X", "importtime"]
+    args += [
+        "-m", "edgefl.aggregator.cli",
+        "--broker", url, "--fleet", FLEET, "--model", MODEL, "--state-dir", str(state_dir),
+        "--buffer-size", "7", "--norm-bound", "off", "--metrics-interval", "0.5",
+        "--max-batch", "64",
+    ]  # fmt: skip
+    stderr_path = state_dir.parent / f"aggregator-{time.monotonic_ns()}.err"
+    proc = subprocess.Popen(
+        args,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=stderr_path.open("w"),
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    proc.stderr_path = stderr_path  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 30
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 0.2)
+        if ready:
+            line = proc.stdout.readline()
+            if "aggregator ready" in line:
+                return proc
+            if not line and proc.poll() is not None:
+                break
+    proc.kill()
+    raise AssertionError(f"aggregator did not start: {stderr_path.read_text()[-2000:]}")
+
+
+def delta(device: int, seq: int) -> np.ndarray:
+    rng = np.random.default_rng(1000 * device + seq)
+    return (rng.standard_normal(NUM_PARAMS) * 0.01).astype(np.float32)
+
+
+async def publisher(url: str, device: int, count: int, pause: float) -> None:
+    name = f"dev-{device:02d}"
+    config = MqttConfig.from_url(url, client_id=f"pub-{name}", persistent_session=True)
+    async with MqttTransport(config) as transport:
+        for seq in range(1, count + 1):
+            topic, packets = build_update_packets(
+                fleet=FLEET, model=MODEL, device=name, seq=seq, base_version=0,
+                delta=delta(device, seq), num_examples=10 + seq, codec=CodecConfig(),
+            )  # fmt: skip
+            for p in packets:
+                await transport.publish(topic, p, qos=1)
+            await asyncio.sleep(pause * random.uniform(0.5, 1.5))
+
+
+async def retained_server_state(url: str) -> ServerState:
+    async with MqttTransport(MqttConfig.from_url(url)) as transport:
+        await transport.subscribe(server_state_topic(FLEET), qos=1)
+        async with asyncio.timeout(10):
+            async for message in transport.messages():
+                return decode_message(message.payload, ServerState)
+    raise AssertionError("no server state")
+
+
+async def until_applied(agg: Aggregator, n: int, limit: float = 30.0) -> None:
+    async with asyncio.timeout(limit):
+        while agg.statistics().applied < n:  # noqa: ASYNC110  (polling the service's counters)
+            await asyncio.sleep(0.05)
+
+
+def wait_applied(db: Path, expected: int, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    applied = -1
+    while time.monotonic() < deadline:
+        with sqlite3.connect(db) as conn:
+            row = conn.execute("SELECT value FROM counters WHERE name = 'applied'").fetchone()
+        applied = 0 if row is None else int(row[0])
+        if applied >= expected:
+            return applied
+        time.sleep(0.2)
+    return applied
+
+
+@pytest.mark.slow
+def test_sigkilled_aggregator_counts_every_update_exactly_once(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    devices, per_device = 20, 15
+    total = devices * per_device
+    state_dir = tmp_path / "state"
+    db = state_dir / "state.sqlite"
+    random.seed(20261201)
+    first = start_aggregator(mosquitto.url, state_dir, importtime=True)
+    procs = [first]
+    applied_at_kill: list[int] = []
+
+    async def scenario() -> None:
+        tasks = [
+            asyncio.create_task(publisher(mosquitto.url, d, per_device, 0.25))
+            for d in range(devices)
+        ]
+        for _ in range(2):  # two SIGKILLs at random points, each followed by a restart
+            await asyncio.sleep(random.uniform(0.8, 1.6))
+            procs[-1].send_signal(signal.SIGKILL)
+            procs[-1].wait()
+            applied_at_kill.append(wait_applied(db, 0, timeout=1))
+            procs.append(await asyncio.to_thread(start_aggregator, mosquitto.url, state_dir))
+        await asyncio.gather(*tasks)
+
+    try:
+        asyncio.run(scenario())
+        applied = wait_applied(db, total, timeout=60)
+        final = procs[-1]
+        final.send_signal(signal.SIGTERM)
+        assert final.wait(timeout=30) == 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert applied == total
+    # the kills hit a running ingest: some updates were in, most were still to come
+    assert all(0 < n < total for n in applied_at_kill), applied_at_kill
+    importtime = Path(first.stderr_path).read_text()  # type: ignore[attr-defined]
+    assert "edgefl.aggregator.service" in importtime
+    assert not [line for line in importtime.splitlines() if line.rstrip().endswith("| torch")]
+
+    with sqlite3.connect(db) as conn:
+        seen = conn.execute("SELECT device, seq FROM seen").fetchall()
+        counters = dict(conn.execute("SELECT name, value FROM counters").fetchall())
+        version, generation = conn.execute("SELECT version, generation FROM model").fetchone()
+        buffered = conn.execute(
+            "SELECT COUNT(*) FROM buffer WHERE generation = ?", (generation,)
+        ).fetchone()[0]
+        session = conn.execute("SELECT value FROM meta WHERE key = 'session'").fetchone()[0]
+    expected = {(f"dev-{d:02d}", s) for d in range(devices) for s in range(1, per_device + 1)}
+    assert len(seen) == total
+    assert set(seen) == expected
+    assert counters["applied"] == total
+    assert (version, buffered) == (total // 7, total % 7)
+    assert int(session) == 3
+    rejected = {k: v for k, v in counters.items() if k.startswith("rejected:")}
+    assert set(rejected) <= {"rejected:duplicate"}  # committed but not yet acked at the kill
+    assert counters["received"] == total + sum(rejected.values())
+
+    state = asyncio.run(retained_server_state(mosquitto.url))
+    assert state.status is ServerStatus.OFFLINE
+    assert (state.applied, state.version, state.session) == (total, total // 7, 3)
+
+
+def test_aggregator_survives_a_broker_restart(mosquitto: MosquittoBroker, tmp_path: Path) -> None:
+    config = AggregatorConfig(
+        broker_url=mosquitto.url, fleet=FLEET, model=MODEL, state_dir=tmp_path / "state",
+        buffer_size=5, norm_bound=NormBoundSetting.OFF, metrics_interval_s=0.5,
+    )  # fmt: skip
+    devices, per_device = 4, 10
+
+    async def scenario() -> None:
+        agg = Aggregator(config)
+        ready = asyncio.Event()
+        task = asyncio.create_task(agg.run(ready))
+        await asyncio.wait_for(ready.wait(), 15)
+        pubs = [
+            asyncio.create_task(publisher(mosquitto.url, d, per_device, 0.1))
+            for d in range(devices)
+        ]
+        await until_applied(agg, 8)
+        applied_before = agg.statistics().applied
+        await asyncio.to_thread(mosquitto.restart)
+        await asyncio.gather(*pubs)
+        await until_applied(agg, devices * per_device)
+        s = agg.statistics()
+        assert s.connected
+        assert s.reconnects >= 1
+        assert 8 <= applied_before < devices * per_device
+        agg.stop()
+        await asyncio.wait_for(task, 15)
+        assert s.applied == devices * per_device
+        assert s.version == devices * per_device // 5
+        assert set(s.rejected) <= {"duplicate"}
+
+    asyncio.run(scenario())
+
+
+def test_aggregator_runs_on_the_embedded_broker(
+    embedded_broker: ThreadedEmbeddedBroker, tmp_path: Path
+) -> None:
+    config = AggregatorConfig(
+        broker_url=embedded_broker.url, fleet=FLEET, model=MODEL, state_dir=tmp_path / "s",
+        buffer_size=3, norm_bound=NormBoundSetting.OFF,
+    )  # fmt: skip
+
+    async def scenario() -> None:
+        agg = Aggregator(config)
+        ready = asyncio.Event()
+        task = asyncio.create_task(agg.run(ready))
+        await asyncio.wait_for(ready.wait(), 15)
+        await asyncio.gather(*(publisher(embedded_broker.url, d, 2, 0.05) for d in range(3)))
+        await until_applied(agg, 6)
+        agg.stop()
+        await asyncio.wait_for(task, 15)
+        assert agg.statistics().version == 2
+
+    asyncio.run(scenario())
