@@ -72,9 +72,10 @@ def monitor_command(
     stale_after: Annotated[
         float,
         typer.Option(
-            help="Show a connected device as lost after N s without a sign of life (0: never)."
+            help="Show a connected device as lost after N s without a sign of life"
+            " (0, the default: never; agents publish their state only on changes)."
         ),
-    ] = 300.0,
+    ] = 0.0,
     wait: Annotated[
         float, typer.Option(help="Longest wait for the retained messages (--once, clearing).")
     ] = 5.0,

@@ -81,9 +81,11 @@ _RATE_WINDOW = 60.0
 @dataclass(frozen=True)
 class FleetModelConfig:
     """``stale_after``: seconds without a sign of life after which a connected device is shown
-    lost (``None`` disables it). ``accuracy_history``: versions kept for the sparkline."""
+    lost (``None``, the default, disables it: the device agent republishes its state only when
+    something changes, so a healthy idle device can stay silent for hours).
+    ``accuracy_history``: versions kept for the sparkline."""
 
-    stale_after: float | None = 300.0
+    stale_after: float | None = None
     accuracy_history: int = 120
 
     def __post_init__(self) -> None:

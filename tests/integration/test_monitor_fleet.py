@@ -1,0 +1,174 @@
+"""``edgefl monitor --once --json`` against a running fleet: the real aggregator (FedBuff, K=3)
+and three real device agents on a real Mosquitto. The snapshot (taken by the CLI in a separate
+process) must agree with what the aggregator and the agents report about themselves: device
+count, states and eligibility reasons, model versions held, the current version, buffer fill,
+applied updates."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+from broker.launcher import MosquittoBroker
+from device_agent.agent import DeviceAgent
+from device_agent.config import AgentConfig, BrokerConfig, DataConfig, DataKind, ProbeConfig
+from device_agent.dataset import LocalDataset
+from device_agent.eligibility import EligibilityPolicy, MeteredSource
+from edgefl.aggregator import Aggregator, AggregatorConfig
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(120)]
+
+FLEET, MODEL, K = "orchard", "digits-mlp", 3
+DEVICES = ("pi-1", "pi-2", "pi-3")
+
+
+def write_tree(root: Path, *, mains: bool) -> None:
+    """A fake /proc + /sys the agents' probes read: idle CPU, cool, on mains or on battery."""
+    (root / "proc").mkdir(parents=True, exist_ok=True)
+    (root / "proc/loadavg").write_text("0.00 0.00 0.00 1/100 1\n")
+    (root / "proc/cpuinfo").write_text("processor : 0\nprocessor : 1\n")
+    ac, bat = root / "sys/class/power_supply/AC", root / "sys/class/power_supply/BAT0"
+    for d in (ac, bat):
+        d.mkdir(parents=True, exist_ok=True)
+    (ac / "type").write_text("Mains\n")
+    (ac / "online").write_text("1\n" if mains else "0\n")
+    (bat / "type").write_text("Battery\n")
+    (bat / "status").write_text("Charging\n" if mains else "Discharging\n")
+    (bat / "capacity").write_text("90\n")
+    zone = root / "sys/class/thermal/thermal_zone0"
+    zone.mkdir(parents=True, exist_ok=True)
+    (zone / "temp").write_text("40000\n")
+
+
+def agent(tmp: Path, url: str, device: str, seed: int) -> DeviceAgent:
+    config = AgentConfig(
+        broker=BrokerConfig(url, reconnect_max_s=2.0),
+        fleet=FLEET,
+        device_id=device,
+        data=DataConfig(kind=DataKind.NPZ, path=tmp / "unused.npz"),
+        probes=ProbeConfig(root=tmp / "fs", metered=MeteredSource.NO, interval_s=1.0),
+        eligibility=EligibilityPolicy(),
+        state_dir=tmp / device,
+    )
+    digits = load_digits()
+    rows = slice(seed * 200, seed * 200 + 200)
+    x = (digits.data[rows] / 16.0).astype(np.float32)
+    data = LocalDataset.split(x, digits.target[rows].astype(np.int64), 0.2, seed=seed)
+    return DeviceAgent(config, dataset=data)
+
+
+async def wait_for(predicate: Callable[[], bool], within: float = 45.0) -> None:
+    deadline = time.monotonic() + within
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.1)
+
+
+async def monitor_once(url: str) -> dict[str, Any]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "edgefl.monitor",
+        "--broker",
+        url,
+        "--fleet",
+        FLEET,
+        "--once",
+        "--json",
+        "--wait",
+        "5",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()
+    snapshot: dict[str, Any] = json.loads(out)
+    return snapshot
+
+
+def test_once_json_matches_a_running_aggregator_and_agents(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    write_tree(tmp_path / "fs", mains=True)
+    aggregator = Aggregator(
+        AggregatorConfig(
+            broker_url=mosquitto.url,
+            fleet=FLEET,
+            model=MODEL,
+            state_dir=tmp_path / "aggregator",
+            buffer_size=K,
+            metrics_interval_s=0.5,
+            fsync=False,
+        )
+    )
+    agents = [agent(tmp_path, mosquitto.url, d, i) for i, d in enumerate(DEVICES)]
+
+    async def scenario() -> tuple[dict[str, Any], dict[str, Any]]:
+        ready = asyncio.Event()
+        agg_task = asyncio.create_task(aggregator.run(ready))
+        await asyncio.wait_for(ready.wait(), 30)
+        tasks = [asyncio.create_task(a.run()) for a in agents]
+        try:
+            # the fleet trains: K=3 updates per version from three devices
+            await wait_for(lambda: aggregator.statistics().version >= 2)
+            live = await monitor_once(mosquitto.url)
+
+            # unplug every device: they stop training and report why; the fleet settles
+            write_tree(tmp_path / "fs", mains=False)
+            for a in agents:
+                a.check_now()
+            await wait_for(lambda: all(a.statistics().reasons == ("on_battery",) for a in agents))
+            await wait_for(lambda: all(a.statistics().spool_depth == 0 for a in agents))
+            version = aggregator.statistics().version
+            await wait_for(lambda: all(a.statistics().model_version == version for a in agents))
+            await asyncio.sleep(1.5)  # > metrics interval: the retained server state is current
+            settled = await monitor_once(mosquitto.url)
+            return live, settled
+        finally:
+            for a in agents:
+                a.stop()
+            await asyncio.gather(*tasks)
+            aggregator.stop()
+            await agg_task
+
+    live, settled = asyncio.run(scenario())
+
+    # while training: every device is there and connected, the server reports K
+    assert sorted(d["device_id"] for d in live["devices"]) == list(DEVICES)
+    assert {d["status"] for d in live["devices"]} <= {"online", "idle", "training"}
+    assert live["aggregator"]["status"] == "online"
+    assert live["aggregator"]["buffer_size"] == K
+    assert live["aggregator"]["version"] >= 2
+    assert live["model"]["version"] >= 2
+
+    # settled: the snapshot agrees with the services' own statistics
+    stats = aggregator.statistics()
+    agg = settled["aggregator"]
+    assert (agg["version"], agg["buffer_fill"], agg["buffer_size"]) == (
+        stats.version,
+        stats.buffer_fill,
+        K,
+    )
+    assert agg["applied"] == stats.applied
+    assert agg["applied"] >= 2 * K
+    assert settled["model"]["version"] == stats.version
+    assert settled["model"]["model"] == MODEL
+    assert settled["counts"] == {"idle": len(DEVICES)}
+    by_id = {d["device_id"]: d for d in settled["devices"]}
+    assert sorted(by_id) == list(DEVICES)
+    for a in agents:
+        s = a.statistics()
+        d = by_id[s.device_id]
+        assert (d["status"], d["reasons"], d["session"]) == ("idle", ["on_battery"], s.session)
+        assert (d["model_version"], d["model_staleness"]) == (stats.version, 0)
+        assert d["updates_sent"] == s.updates_sent >= 2
