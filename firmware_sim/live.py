@@ -1,0 +1,754 @@
+"""Live fleet simulation: real device agents and the real aggregator over a real MQTT broker.
+
+Nothing is re-implemented. Every simulated device is a :class:`device_agent.agent.DeviceAgent`
+with its own MQTT connection, spool, model store and presence session; the server is the
+:class:`edgefl.aggregator.Aggregator` service (SQLite state, group commit, retained model
+chunks). The simulator only supplies what a real device would get from its hardware:
+
+* **Eligibility** (:class:`SimSnapshotSource`): a device is on mains power, cool and unmetered
+  exactly when its profile's availability model (:meth:`Fleet.is_available`) says it is
+  available at the current *simulated* time, and it is not "away" after a dropout.
+* **Speed, dropouts and crashes** (:class:`SimTrainer`, wrapping real local SGD): a training
+  takes ``fleet.training_duration(...) · time_scale`` seconds of wall time (the real SGD runs
+  inside that time on a small shared compute pool, ``train_threads`` threads); with the profile's
+  dropout probability the device vanishes part-way (it turns ineligible for ``rejoin_after``, the
+  agent aborts the training and publishes nothing); with the crash probability the agent task is
+  cancelled (its in-flight work is lost) and a new agent is started on the same state directory
+  after ``crash_restart · time_scale`` seconds. Link bandwidth is *not* simulated in live mode:
+  bytes move through the broker at whatever speed it manages.
+* **Concurrency**: each process runs its agents' trainings in a thread pool of
+  ``ceil(concurrency / workers)`` threads, so at most ``concurrency`` devices train at once,
+  as in FedBuff; a device whose turn comes after a newer model arrived skips the stale base and
+  trains on the newer one.
+
+``time_scale`` maps simulated seconds to wall seconds (0.05: 20x faster than real time).
+With ``workers > 1`` the devices are spread over that many processes (``spawn``), each with one
+event loop and its own pools; the aggregator stays in the main process. The run record is
+filled by polling the aggregator: per-version accuracy from ``history()`` (``eval_dataset`` =
+the simulation's dataset), updates, staleness, bytes and rejections from ``statistics()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import math
+import multiprocessing as mp
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from device_agent.agent import DeviceAgent
+from device_agent.config import (
+    AgentConfig,
+    BrokerConfig,
+    CodecPrefs,
+    DataConfig,
+    DataKind,
+    ProbeConfig,
+    SpoolConfig,
+    TrainingLimits,
+)
+from device_agent.dataset import LocalDataset
+from device_agent.eligibility import DeviceSnapshot, EligibilityPolicy, MeteredSource
+from device_agent.trainer import TrainJob, TrainResult
+from edgefl.aggregation import RobustMode
+from firmware_sim.attacks import apply_attack
+from firmware_sim.fleet import Fate
+from firmware_sim.record import Mode, RunRecord
+from firmware_sim.scenario import Scenario, SimConfig, build_scenario
+
+__all__ = ["LiveOptions", "LiveResult", "SimSnapshotSource", "SimTrainer", "run_live"]
+
+log = logging.getLogger("firmware_sim.live")
+_MASK64 = (1 << 64) - 1
+_STREAM_LIVE = 0x11_FE_5EED
+
+
+@dataclass(frozen=True)
+class LiveOptions:
+    """How to run live. ``broker_url`` None starts a private broker of ``broker_kind``:
+    ``embedded`` (amqtt, MQTT 3.1.1, in a child process) or ``mosquitto`` (a private Mosquitto
+    with the dev config)."""
+
+    broker_url: str | None = None
+    broker_kind: str = "embedded"
+    fleet: str = "sim"
+    workers: int = 1
+    time_scale: float = 0.05
+    train_threads: int = 2
+    probe_interval_s: float = 1.0
+    poll_s: float = 0.5
+    connect_per_s: float = 250.0
+    state_dir: Path | None = None
+    quiet: bool = True
+    round_deadline_s: float | None = None  # FedAvg, wall seconds; default from the fleet
+
+
+@dataclass(frozen=True)
+class LiveResult:
+    """A finished live run."""
+
+    record: RunRecord
+    wall_s: float
+    devices_started: int
+    peak_connected: int
+    rss_mb: float  # main process + worker processes (+ embedded broker process) at the end
+    rss_mb_per_device: float
+    updates_per_s: float
+    agent_totals: dict[str, int] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- device side
+
+
+class _Shared:
+    """What the simulated devices of one process share (thread-safe where it must be)."""
+
+    def __init__(self, scenario: Scenario, options: LiveOptions, t0: float) -> None:
+        self.sc = scenario
+        self.options = options
+        self.t0 = t0
+        self.lock = threading.Lock()
+        self.away_until: dict[int, float] = {}
+        self.events: list[tuple[str, float, int]] = []  # ("dropout"|"crash", t, device)
+        self.compute = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(1, options.train_threads), thread_name_prefix="edgefl-sim-train"
+        )
+
+    def virtual_now(self) -> float:
+        return (time.monotonic() - self.t0) / self.options.time_scale
+
+    def note(self, kind: str, device: int) -> None:
+        with self.lock:
+            self.events.append((kind, time.monotonic() - self.t0, device))
+
+    def take_events(self) -> list[tuple[str, float, int]]:
+        with self.lock:
+            out, self.events = self.events, []
+        return out
+
+
+class SimSnapshotSource:
+    """Eligibility conditions of simulated device ``device`` (see module docstring)."""
+
+    def __init__(self, shared: _Shared, device: int) -> None:
+        self._shared = shared
+        self._device = device
+
+    async def snapshot(self) -> DeviceSnapshot:
+        sh = self._shared
+        now = time.monotonic()
+        available = sh.sc.fleet.is_available(self._device, sh.virtual_now())
+        available = available and now >= sh.away_until.get(self._device, 0.0)
+        return DeviceSnapshot(
+            monotonic=now,
+            local_time=datetime.now(UTC),
+            load1=0.0,
+            load5=0.0,
+            load15=0.0,
+            cpu_count=4,
+            on_mains=available,
+            battery_percent=100.0 if available else 40.0,
+            charging=available,
+            max_temp_c=40.0,
+            metered=False,
+        )
+
+
+class SimTrainer:
+    """The agent's :class:`~device_agent.trainer.Trainer` for one simulated device: simulated
+    duration and fate around real SGD (``edgefl.training.train_local``)."""
+
+    def __init__(
+        self,
+        shared: _Shared,
+        device: int,
+        loop: asyncio.AbstractEventLoop,
+        on_crash: Callable[[int, float], None],
+    ) -> None:
+        self._shared = shared
+        self._device = device
+        self._loop = loop
+        self._on_crash = on_crash
+        seed = shared.sc.config.seed & _MASK64
+        self._rng = np.random.default_rng([seed, _STREAM_LIVE, device])
+        self.agent: DeviceAgent | None = None
+
+    def _sleep(self, seconds: float, should_stop: Callable[[], bool]) -> bool:
+        """Sleep ``seconds`` polling ``should_stop``; False when told to stop."""
+        end = time.monotonic() + seconds
+        while True:
+            if should_stop():
+                return False
+            left = end - time.monotonic()
+            if left <= 0:
+                return True
+            time.sleep(min(left, 0.05))
+
+    def _wait_abort(self, should_stop: Callable[[], bool], limit: float = 10.0) -> None:
+        end = time.monotonic() + limit
+        while not should_stop() and time.monotonic() < end:
+            time.sleep(0.02)
+
+    def train(self, job: TrainJob, should_stop: Callable[[], bool]) -> TrainResult | None:
+        sh = self._shared
+        d = self._device
+        agent = self.agent
+        if agent is not None and agent.model is not None and agent.model.version > job.base_version:
+            return None  # a newer model arrived while this device waited for a training slot
+        fleet = sh.sc.fleet
+        scale = sh.options.time_scale
+        fate = fleet.training_fate(d, self._rng)
+        duration = fleet.training_duration(d, job.data.num_train, job.epochs, self._rng) * scale
+        if fate.kind is Fate.DROPPED:
+            if self._sleep(fate.at_fraction * duration, should_stop):
+                away = max(fate.restart_after_s * scale, 0.3)
+                sh.away_until[d] = time.monotonic() + away
+                sh.note("dropout", d)
+                if agent is not None:
+                    self._loop.call_soon_threadsafe(agent.check_now)
+                self._wait_abort(should_stop)
+            return None
+        if fate.kind is Fate.CRASHED:
+            if self._sleep(fate.at_fraction * duration, should_stop):
+                sh.note("crash", d)
+                self._loop.call_soon_threadsafe(self._on_crash, d, fate.restart_after_s * scale)
+                self._wait_abort(should_stop)
+            return None
+        started = time.monotonic()
+        future = sh.compute.submit(self._compute, job, should_stop)
+        result = future.result()
+        if result is None or not self._sleep(duration - (time.monotonic() - started), should_stop):
+            return None
+        return result
+
+    def _compute(self, job: TrainJob, should_stop: Callable[[], bool]) -> TrainResult | None:
+        from edgefl.training import LocalTrainConfig, train_local
+
+        res = train_local(
+            job.spec,
+            job.base_weights,
+            job.data.x_train,
+            job.data.y_train,
+            LocalTrainConfig(
+                epochs=job.epochs, batch_size=job.batch_size, lr=job.lr, seed=job.seed
+            ),
+            should_stop=should_stop,
+            threads=1,
+        )
+        if res.stopped_early:
+            return None
+        delta = res.delta
+        sc = self._shared.sc
+        if sc.malicious[self._device]:
+            delta = apply_attack(delta, sc.config.attack, self._rng)
+        return TrainResult(delta=delta, num_examples=res.num_examples, metrics={"loss": res.loss})
+
+
+def _agent_config(
+    cfg: SimConfig, opts: LiveOptions, url: str, device: int, root: Path
+) -> AgentConfig:
+    codec = cfg.codec_config()
+    return AgentConfig(
+        broker=BrokerConfig(url, keepalive=60, reconnect_max_s=5.0),
+        fleet=opts.fleet,
+        device_id=device_id(device),
+        data=DataConfig(kind=DataKind.NPZ, path=root / "unused.npz"),
+        training=TrainingLimits(
+            max_threads=1,
+            nice=0,
+            max_epochs=cfg.local.epochs,
+            batch_size=cfg.local.batch_size,
+            lr=cfg.local.lr,
+            max_train_seconds=3600.0,
+            holdout_fraction=0.0,
+        ),
+        codec=CodecPrefs(quantization=codec.quantization.value, topk_fraction=codec.topk_fraction),
+        eligibility=EligibilityPolicy(settle_seconds=0.0),
+        probes=ProbeConfig(
+            root=root, interval_s=opts.probe_interval_s, metered=MeteredSource.NO, throttle=False
+        ),
+        spool=SpoolConfig(durable=False),
+        state_dir=root / device_id(device),
+        profile=cfg.profile,
+    )
+
+
+def device_id(device: int) -> str:
+    """MQTT client id and device id of simulated device ``device``."""
+    return f"sim-{device:06d}"
+
+
+class _DeviceGroup:
+    """The agents of one process, on one event loop."""
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        options: LiveOptions,
+        url: str,
+        devices: list[int],
+        root: Path,
+        t0: float,
+    ) -> None:
+        self.sc = scenario
+        self.opts = options
+        self.url = url
+        self.devices = devices
+        self.root = root
+        self.shared = _Shared(scenario, options, t0)
+        per_process = math.ceil(scenario.config.concurrency / max(1, options.workers))
+        self.executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(1, per_process), thread_name_prefix="edgefl-sim-agent"
+        )
+        self.agents: dict[int, DeviceAgent] = {}
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.stopping = False
+        self.started = 0
+
+    def _make(self, d: int, loop: asyncio.AbstractEventLoop) -> DeviceAgent:
+        x, y = self.sc.device_data(d)
+        shape = (0, *x.shape[1:])
+        data = LocalDataset(x, y, np.zeros(shape, dtype=np.float32), np.zeros(0, dtype=np.int64))
+        trainer = SimTrainer(self.shared, d, loop, self._crash)
+        agent = DeviceAgent(
+            _agent_config(self.sc.config, self.opts, self.url, d, self.root),
+            trainer=trainer,
+            snapshots=SimSnapshotSource(self.shared, d),
+            dataset=data,
+            executor=self.executor,
+        )
+        trainer.agent = agent
+        return agent
+
+    def _launch(self, d: int) -> None:
+        loop = asyncio.get_running_loop()
+        agent = self._make(d, loop)
+        self.agents[d] = agent
+        self.tasks[d] = loop.create_task(self._run_agent(agent), name=device_id(d))
+        self.started += 1
+
+    async def _run_agent(self, agent: DeviceAgent) -> None:
+        try:
+            await agent.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("agent %s failed", agent.config.device_id)
+
+    def _crash(self, d: int, restart_after: float) -> None:
+        """Kill device ``d``'s agent (in-flight work is lost), restart it later."""
+        task = self.tasks.get(d)
+        if task is None or self.stopping:
+            return
+        task.cancel()
+        loop = asyncio.get_running_loop()
+        loop.call_later(max(0.05, restart_after), self._restart, d)
+
+    def _restart(self, d: int) -> None:
+        if not self.stopping:
+            self._launch(d)
+
+    async def start(self) -> None:
+        interval = 1.0 / self.opts.connect_per_s if self.opts.connect_per_s > 0 else 0.0
+        for d in self.devices:
+            if self.stopping:
+                return
+            self._launch(d)
+            if interval:
+                await asyncio.sleep(interval)
+
+    def states(self) -> dict[str, int]:
+        counts: Counter[str] = Counter()
+        for agent in self.agents.values():
+            st = agent.statistics()
+            counts[st.status.value if st.connected else "offline"] += 1
+        return dict(counts)
+
+    def totals(self) -> dict[str, int]:
+        out: Counter[str] = Counter()
+        for agent in self.agents.values():
+            st = agent.statistics()
+            out["updates_sent"] += st.updates_sent
+            out["trainings_started"] += st.trainings_started
+            out["trainings_completed"] += st.trainings_completed
+            out["connected"] += int(st.connected)
+            for k, v in st.trainings_aborted.items():
+                out[f"aborted:{k}"] += v
+        return dict(out)
+
+    async def stop(self) -> None:
+        self.stopping = True
+        for agent in self.agents.values():
+            agent.stop()
+        tasks = list(self.tasks.values())
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=15.0)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.shared.compute.shutdown(wait=False, cancel_futures=True)
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+def _rss_mb(pid: int | None = None) -> float:
+    path = f"/proc/{pid or 'self'}/status"
+    try:
+        with open(path) as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        return 0.0
+    return 0.0
+
+
+def _quiet_logs() -> None:
+    for name in ("device_agent", "edgefl", "edgefl.aggregator", "amqtt", "transitions"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _worker_main(
+    config: SimConfig,
+    options: LiveOptions,
+    url: str,
+    devices: list[int],
+    root: str,
+    stop: Any,
+    reports: Any,
+) -> None:
+    """Entry point of a worker process: run ``devices`` until ``stop`` is set."""
+    if options.quiet:
+        _quiet_logs()
+
+    async def main() -> None:
+        scenario = build_scenario(config)
+        group = _DeviceGroup(scenario, options, url, devices, Path(root), time.monotonic())
+        starter = asyncio.create_task(group.start())
+        while not stop.is_set():
+            await asyncio.sleep(options.poll_s)
+            reports.put(
+                (
+                    os.getpid(),
+                    group.states(),
+                    group.shared.take_events(),
+                    group.totals(),
+                    _rss_mb(),
+                )
+            )
+        starter.cancel()
+        await group.stop()
+        reports.put(
+            (os.getpid(), group.states(), group.shared.take_events(), group.totals(), _rss_mb())
+        )
+
+    asyncio.run(main())
+
+
+def _embedded_broker_main(port: int, ready: Any, stop: Any) -> None:
+    from broker.launcher import ThreadedEmbeddedBroker
+
+    broker = ThreadedEmbeddedBroker(port=port)
+    broker.start()
+    ready.set()
+    stop.wait()
+    broker.stop()
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _aggregator_config(cfg: SimConfig, opts: LiveOptions, url: str, state_dir: Path) -> Any:
+    from edgefl.aggregation import StalenessKind
+    from edgefl.aggregator import AggregatorConfig, NormBoundSetting
+    from edgefl.aggregator import Algorithm as AggAlgorithm
+    from firmware_sim.scenario import parse_norm_bound
+
+    head, _, arg = cfg.staleness.partition(":")
+    params = [float(v) for v in arg.split(",")] if arg else []
+    bound = parse_norm_bound(cfg.norm_bound)
+    if not bound.enabled:
+        setting, max_norm = NormBoundSetting.OFF, None
+    elif bound.adaptive_multiplier is None:
+        setting, max_norm = NormBoundSetting.STATIC_CLIP, bound.max_norm
+    else:
+        setting, max_norm = NormBoundSetting.ADAPTIVE_CLIP, None
+    deadline = opts.round_deadline_s
+    if deadline is None:
+        deadline = max(1.0, (cfg.round_deadline_s or 60.0) * opts.time_scale)
+    return AggregatorConfig(
+        broker_url=url,
+        fleet=opts.fleet,
+        model=cfg.model_name,
+        state_dir=state_dir,
+        algorithm=AggAlgorithm(cfg.algorithm.value),
+        buffer_size=cfg.buffer_size if cfg.algorithm.value == "fedbuff" else cfg.effective_cohort,
+        staleness=StalenessKind(head),
+        staleness_a=params[0] if params else None,
+        staleness_b=params[1] if len(params) > 1 else None,
+        max_staleness=cfg.max_staleness,
+        server_lr=cfg.server_lr,
+        server_momentum=cfg.server_momentum,
+        norm_bound=setting,
+        max_norm=max_norm,
+        robust=RobustMode(cfg.robust),
+        trim_beta=cfg.trim_beta,
+        round_deadline_s=deadline,
+        min_fraction=cfg.min_fraction,
+        local_epochs=cfg.local.epochs,
+        batch_size=cfg.local.batch_size,
+        lr=cfg.local.lr,
+        codec=cfg.codec_config(),
+        eval_dataset=cfg.dataset,
+        metrics_interval_s=1.0,
+        fsync=False,
+        seed=cfg.seed,
+    )
+
+
+class _Poller:
+    """Turns aggregator statistics deltas into run-record entries."""
+
+    def __init__(self, record: RunRecord, fp32_bytes: int, t0_wall: float) -> None:
+        self.record = record
+        self.fp32 = fp32_bytes
+        self.t0_wall = t0_wall
+        self.staleness: dict[int, int] = {}
+        self.rejected: dict[str, int] = {}
+        self.received = 0
+        self.bytes = 0
+        self.evaluated: set[int] = set()
+
+    def poll(self, aggregator: Any, t: float) -> None:
+        st = aggregator.statistics()
+        new_received = st.received - self.received
+        per_update = (st.bytes_ingested - self.bytes) // new_received if new_received > 0 else 0
+        for s, n in st.staleness.items():
+            for _ in range(n - self.staleness.get(s, 0)):
+                self.record.update(t, -1, "applied", s, per_update, self.fp32)
+        for reason, n in st.rejected.items():
+            for _ in range(n - self.rejected.get(reason, 0)):
+                self.record.update(t, -1, reason, None, per_update, self.fp32)
+        self.staleness = dict(st.staleness)
+        self.rejected = dict(st.rejected)
+        self.received = st.received
+        self.bytes = st.bytes_ingested
+        for rec in aggregator.history():
+            if rec.accuracy is not None and rec.version not in self.evaluated:
+                self.evaluated.add(rec.version)
+                self.record.eval(
+                    max(0.0, rec.created_at - self.t0_wall),
+                    rec.version,
+                    rec.accuracy,
+                    None,
+                    rec.applied,
+                )
+
+
+async def _run_live_async(
+    config: SimConfig,
+    options: LiveOptions,
+    scenario: Scenario,
+    root: Path,
+    progress: Callable[[str], None] | None,
+) -> LiveResult:
+    from edgefl.aggregator import Aggregator
+
+    broker_proc: Any = None
+    broker_stop: Any = None
+    mosquitto: Any = None
+    ctx = mp.get_context("spawn")
+    url = options.broker_url
+    if url is None:
+        if options.broker_kind == "mosquitto":
+            from broker.launcher import MosquittoBroker
+
+            mosquitto = MosquittoBroker(state_dir=root / "mosquitto")
+            url = mosquitto.start()
+        else:
+            from broker.launcher import free_port
+
+            port = free_port()
+            ready, broker_stop = ctx.Event(), ctx.Event()
+            broker_proc = ctx.Process(
+                target=_embedded_broker_main, args=(port, ready, broker_stop), daemon=True
+            )
+            broker_proc.start()
+            if not await asyncio.to_thread(ready.wait, 30.0):
+                raise RuntimeError("embedded broker did not start")
+            url = f"mqtt://127.0.0.1:{port}"
+    record = RunRecord(
+        config={
+            **config.to_dict(),
+            "live": {"workers": options.workers, "time_scale": options.time_scale},
+        },
+        mode=Mode.LIVE,
+        algorithm=config.algorithm,
+        devices=config.devices,
+    )
+    t0_wall = time.time()
+    t0 = time.monotonic()
+    record.started_at = time.perf_counter()
+    aggregator = Aggregator(_aggregator_config(config, options, url, root / "aggregator"))
+    ready_ev = asyncio.Event()
+    agg_task = asyncio.create_task(aggregator.run(ready=ready_ev), name="aggregator")
+    await asyncio.wait_for(ready_ev.wait(), 60.0)
+    poller = _Poller(record, 4 * scenario.spec.num_params, t0_wall)
+
+    workers = max(1, options.workers)
+    device_ids = list(range(config.devices))
+    group: _DeviceGroup | None = None
+    procs: list[Any] = []
+    stop_ev: Any = None
+    reports: Any = None
+    worker_state: dict[int, tuple[dict[str, int], dict[str, int], float]] = {}
+    starter: asyncio.Task[None] | None = None
+    if workers == 1:
+        group = _DeviceGroup(scenario, options, url, device_ids, root / "devices", t0)
+        starter = asyncio.create_task(group.start())
+    else:
+        stop_ev, reports = ctx.Event(), ctx.Queue()
+        for w in range(workers):
+            mine = device_ids[w::workers]
+            p = ctx.Process(
+                target=_worker_main,
+                args=(config, options, url, mine, str(root / f"devices-{w}"), stop_ev, reports),
+                daemon=True,
+            )
+            p.start()
+            procs.append(p)
+
+    def drain_reports() -> None:
+        if reports is None:
+            return
+        while True:
+            try:
+                pid, states, events, totals, rss = reports.get_nowait()
+            except Exception:
+                return
+            worker_state[pid] = (states, totals, rss)
+            for kind, t, d in events:
+                (record.dropout if kind == "dropout" else record.crash)(t, d)
+
+    peak = 0
+    max_wall = config.max_wall_s if config.max_wall_s is not None else math.inf
+    reached = False
+    try:
+        while True:
+            await asyncio.sleep(options.poll_s)
+            t = time.monotonic() - t0
+            poller.poll(aggregator, t)
+            if group is not None:
+                states = group.states()
+                for kind, te, d in group.shared.take_events():
+                    (record.dropout if kind == "dropout" else record.crash)(te, d)
+            else:
+                drain_reports()
+                states = dict(sum((Counter(s) for s, _, _ in worker_state.values()), Counter()))
+            record.device_states(t, states)
+            connected = sum(v for k, v in states.items() if k != "offline")
+            peak = max(peak, connected)
+            ev = record.evals()
+            acc = float(ev.accuracy[-1]) if len(ev.accuracy) else 0.0
+            reached = reached or bool(len(ev.accuracy) and ev.accuracy.max() >= config.target)
+            if progress is not None:
+                progress(
+                    f"live {config.algorithm.value}: {t:5.1f}s  "
+                    f"v{aggregator.statistics().version}  "
+                    f"acc {100 * acc:.1f}%  updates {poller.received:,}  devices online {connected}"
+                )
+            if reached and config.stop_at_target:
+                break
+            if t >= max_wall:
+                break
+            if config.max_updates is not None and poller.received >= config.max_updates:
+                break
+            if agg_task.done():
+                break
+    finally:
+        wall = time.monotonic() - t0
+        totals: dict[str, int] = {}
+        rss = _rss_mb()
+        if group is not None:
+            totals = group.totals()
+            if starter is not None:
+                starter.cancel()
+            await group.stop()
+        else:
+            drain_reports()
+            rss += sum(r for _, _, r in worker_state.values())
+            totals = dict(sum((Counter(tt) for _, tt, _ in worker_state.values()), Counter()))
+            if stop_ev is not None:
+                stop_ev.set()
+            for p in procs:
+                await asyncio.to_thread(p.join, 20.0)
+                if p.is_alive():
+                    p.kill()
+            drain_reports()
+        if broker_proc is not None:
+            rss += _rss_mb(broker_proc.pid)
+        # let the evaluator catch up with the last version, then stop the aggregator
+        await asyncio.sleep(min(2.0, options.poll_s * 2))
+        poller.poll(aggregator, time.monotonic() - t0)
+        aggregator.stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(agg_task, 30.0)
+        if broker_stop is not None:
+            broker_stop.set()
+            await asyncio.to_thread(broker_proc.join, 10.0)
+        if mosquitto is not None:
+            mosquitto.stop()
+    ev = record.evals()
+    record.finish(
+        wall_time_s=wall,
+        model_versions=aggregator.statistics().version,
+        final_accuracy=float(ev.accuracy[-1]) if len(ev.accuracy) else None,
+    )
+    n = max(1, config.devices)
+    return LiveResult(
+        record=record,
+        wall_s=wall,
+        devices_started=config.devices,
+        peak_connected=peak,
+        rss_mb=rss,
+        rss_mb_per_device=rss / n,
+        updates_per_s=poller.received / wall if wall > 0 else 0.0,
+        agent_totals=totals,
+    )
+
+
+def run_live(
+    config: SimConfig,
+    options: LiveOptions | None = None,
+    *,
+    scenario: Scenario | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> LiveResult:
+    """Run the live simulation to the target or the limits (``max_wall_s``, ``max_updates``)."""
+    opts = options or LiveOptions()
+    if opts.quiet:
+        _quiet_logs()
+    sc = scenario or build_scenario(config)
+    own_root = opts.state_dir is None
+    root = Path(tempfile.mkdtemp(prefix="edgefl-live-")) if own_root else Path(opts.state_dir)  # type: ignore[arg-type]
+    try:
+        return asyncio.run(_run_live_async(config, opts, sc, root, progress))
+    finally:
+        if own_root:
+            shutil.rmtree(root, ignore_errors=True)
