@@ -22,7 +22,8 @@ Rules:
   their ``accuracy`` is appended to a bounded per-version history (the sparkline).
 * **Updates** seen on the broker are counted per device (distinct ``seq``; a chunked update
   counts once, at its first packet seen) and over a sliding one-minute window
-  (``observed_updates_per_s``).
+  (``observed_updates_per_s``; over the time since the first observation while that is
+  shorter).
 """
 
 from __future__ import annotations
@@ -128,6 +129,7 @@ class FleetModel:
         self._updates: dict[str, tuple[int, int]] = {}  # device -> (last seq, distinct seqs)
         self._broker = BrokerStats()
         self._counters = _Counters()
+        self._first_at: float | None = None
 
     # ------------------------------------------------------------------ folding
 
@@ -139,6 +141,8 @@ class FleetModel:
     def apply(self, obs: Observation, *, now: float, retained: bool = False) -> None:
         """Fold one observation received at ``now``; ``retained``: the broker delivered it as a
         retained message (so it is not a sign that its sender is alive now)."""
+        if self._first_at is None:
+            self._first_at = now
         self._counters.by_kind[observation_kind(obs)] += 1
         match obs:
             case DeviceStateSeen(state=state, encoding=encoding):
@@ -313,7 +317,10 @@ class FleetModel:
 
     def _aggregator_view(self, now: float) -> AggregatorView:
         state, metrics = self._server, self._metrics
-        observed = len(self._update_times) / _RATE_WINDOW
+        window = _RATE_WINDOW
+        if self._first_at is not None:  # a monitor running for 5 s divides by 5 s, not 60
+            window = min(window, max(now - self._first_at, 1.0))
+        observed = len(self._update_times) / window
         history = tuple(sorted(self._accuracy.items()))
         if state is None and metrics is None:
             return AggregatorView(accuracy_history=history, observed_updates_per_s=observed)

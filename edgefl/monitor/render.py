@@ -113,8 +113,7 @@ def connection_lines(connection: ConnectionView | None) -> list[str]:
             f"$SYS     {_opt(b.clients)} clients, up {format_age(b.uptime_s)}",
             f"msgs/s   {msgs} out",
             f"bytes/s  {bytes_in} in / {bytes_out} out",
-            f"dropped  {_opt(b.dropped_publishes)} publishes (broker),"
-            f" {connection.dropped} (monitor)",
+            f"dropped  {_opt(b.dropped_publishes)} broker / {connection.dropped} monitor",
         ]
     else:
         lines.append(f"$SYS     n/a (broker publishes none); monitor dropped {connection.dropped}")
@@ -124,12 +123,14 @@ def connection_lines(connection: ConnectionView | None) -> list[str]:
 def model_lines(model: ModelView | None) -> list[str]:
     if model is None:
         return ["no model manifest yet"]
-    onnx = " + ONNX" if model.onnx else ""
+    onnx = " +onnx" if model.onnx else ""
     return [
-        f"version  v{model.version} {model.model} ({model.format}{onnx})",
+        f"version  v{model.version} {model.model}",
+        f"format   {model.format}{onnx}",
         f"size     {human_bytes(model.size)}, {model.num_params:,} params",
-        f"chunks   {model.num_chunks} x {human_bytes(model.chunk_size)} ({model.chunks_seen} seen)",
-        f"age      {format_age(model.age_s)}  sha256 {model.sha256[:12]}",
+        f"chunks   {model.num_chunks} ({model.chunks_seen} retained seen)",
+        f"age      {format_age(model.age_s)}",
+        f"sha256   {model.sha256[:16]}",
     ]
 
 
@@ -140,10 +141,10 @@ def aggregator_lines(
     if agg.version is None:
         return [
             "no aggregator state yet",
-            f"updates  {agg.observed_updates_per_s:.2f}/s seen on the broker",
+            f"updates  {agg.observed_updates_per_s:.1f}/s seen on the broker",
         ]
     fill = f"{agg.buffer_fill}/{agg.buffer_size}"
-    rate = _opt(agg.updates_per_s, "{:.2f}")
+    rate = _opt(agg.updates_per_s, "{:.1f}")
     rejected = ", ".join(f"{k}={v}" for k, v in sorted(agg.rejected.items())) or "none"
     stale = " ".join(f"{k}:{v}" for k, v in sorted(agg.staleness.items())) or "-"
     accs = [a for _, a in agg.accuracy_history]
@@ -152,9 +153,9 @@ def aggregator_lines(
         acc_line += f"  {sparkline(accs, width)}  ({len(accs)} versions)"
     return [
         f"server   {_opt(agg.status)} v{agg.version}, buffer {fill}, applied {_opt(agg.applied)}",
-        f"updates  {rate}/s (server), {agg.observed_updates_per_s:.2f}/s seen on the broker",
+        f"updates  {rate}/s server, {agg.observed_updates_per_s:.1f}/s seen",
         f"rejected {rejected}",
-        f"stale    {stale}",
+        f"τ:count  {stale}",
         acc_line,
     ]
 
