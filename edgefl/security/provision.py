@@ -41,7 +41,7 @@ from typing import Final
 
 from cryptography import x509
 
-from broker.launcher import CONF_DIR, render_config
+from broker.launcher import CONF_DIR, MosquittoBroker, render_config
 from edgefl.protocol.topics import fleet_name, validate_name
 
 from . import passwords
@@ -65,6 +65,7 @@ __all__ = [
     "acl_text",
     "add_device",
     "init_fleet",
+    "mosquitto_for_fleet",
     "render_broker_config",
 ]
 
@@ -134,6 +135,32 @@ def render_broker_config(
     return render_config(
         template.read_text(), pki_dir=pki_dir, port=port, bind=bind, data_dir=data_dir
     )
+
+
+def mosquitto_for_fleet(
+    layout: FleetDirectory,
+    state_dir: Path,
+    *,
+    mtls: bool = False,
+    port: int | None = None,
+    bind: str = "127.0.0.1",
+) -> MosquittoBroker:
+    """A (not yet started) ``MosquittoBroker`` running the fleet's secure config: TLS with the
+    provisioned certificate, its password file (or client certificates with ``mtls``) and ACL;
+    persistence and log in ``state_dir``, a free port unless ``port`` is given. For tests, demos
+    and single-host deployments (``broker.start()``, ``broker.url`` is the plain ``mqtt://``
+    form: connect with ``mqtts://`` and the fleet's ``ca.pem``)."""
+    text = render_broker_config(
+        pki_dir=layout.broker_dir.resolve(),
+        port="${port}",
+        bind="${bind}",
+        data_dir="${data_dir}",
+        template=SECURE_MTLS_CONF if mtls else SECURE_CONF,
+    )
+    state_dir.mkdir(parents=True, exist_ok=True)
+    template = state_dir / ("secure-mtls.conf.in" if mtls else "secure.conf.in")
+    template.write_text(text)
+    return MosquittoBroker(port=port, bind=bind, state_dir=state_dir, config_template=template)
 
 
 @dataclass(frozen=True)

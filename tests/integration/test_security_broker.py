@@ -50,14 +50,7 @@ from edgefl.security import (
     load_signer,
     load_update_authenticator,
 )
-from edgefl.security.provision import (
-    SECURE_CONF,
-    SECURE_MTLS_CONF,
-    FleetDirectory,
-    add_device,
-    init_fleet,
-    render_broker_config,
-)
+from edgefl.security.provision import FleetDirectory, add_device, init_fleet, mosquitto_for_fleet
 from edgefl.transport import (
     BrokerRefused,
     InboundMessage,
@@ -111,18 +104,8 @@ def _require_mosquitto() -> None:
         pytest.skip("mosquitto is not installed")
 
 
-def _start(tmp: Path, layout: FleetDirectory, template: Path | None = None) -> MosquittoBroker:
-    """Mosquitto with a secure template rendered for ``layout`` (port etc. left to the launcher)."""
-    text = render_broker_config(
-        pki_dir=layout.broker_dir.resolve(),
-        port="${port}",
-        bind="${bind}",
-        data_dir="${data_dir}",
-        template=SECURE_CONF if template is None else template,
-    )
-    conf = tmp / "secure.conf.template"
-    conf.write_text(text)
-    broker = MosquittoBroker(state_dir=tmp / "state", config_template=conf)
+def _start(tmp: Path, layout: FleetDirectory, *, mtls: bool = False) -> MosquittoBroker:
+    broker = mosquitto_for_fleet(layout, tmp / ("state-mtls" if mtls else "state"), mtls=mtls)
     broker.start()
     return broker
 
@@ -412,7 +395,7 @@ def test_forged_and_tampered_updates_are_rejected_by_the_authenticator(fleet: Se
 def test_mutual_tls_config_takes_identity_from_certificate_and_applies_the_acl(
     fleet: SecureFleet, tmp_path: Path
 ) -> None:
-    broker = _start(tmp_path, fleet.layout, SECURE_MTLS_CONF)
+    broker = _start(tmp_path, fleet.layout, mtls=True)
     bundle = fleet.layout.device_dir("dev-a")
     url = f"mqtts://localhost:{broker.port}"
     common = {"ca_file": fleet.ca, "start_timeout": 5.0, "reconnect_min_delay": 0.2}
