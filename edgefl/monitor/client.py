@@ -192,20 +192,32 @@ class FleetMonitor:
         """Call ``listener(entry)`` for every logged message (on the event loop, synchronously)."""
         self._listeners.append(listener)
 
-    async def settle(self, *, quiet: float = 0.5, timeout: float = 5.0) -> None:  # noqa: ASYNC109
+    async def settle(
+        self,
+        *,
+        quiet: float = 0.5,
+        timeout: float = 5.0,  # noqa: ASYNC109
+        metrics: bool = True,
+    ) -> None:
         """Wait until the retained messages have arrived: no retained message for ``quiet``
-        seconds since the subscription, or ``timeout`` seconds in total."""
+        seconds since the subscription. With ``metrics``, when the retained server state says
+        the aggregator is online, also wait for its first (periodic, not retained) metrics
+        message, which carries rates and accuracy. Never longer than ``timeout`` seconds."""
         if self._subscribed_at is None:
             raise RuntimeError("monitor not started")
         deadline = self._subscribed_at + timeout
         while True:
             now = time.monotonic()
             last = max(self._subscribed_at, self._last_retained or 0.0)
-            if now >= deadline or now - last >= quiet:
+            retained_done = now - last >= quiet
+            if now >= deadline:
                 return
+            if retained_done and not (metrics and self.model.awaiting_metrics()):
+                return
+            until = deadline if retained_done else min(deadline, last + quiet)
             self._activity.clear()
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(deadline, last + quiet) - now):
+                async with asyncio.timeout(until - now):
                     await self._activity.wait()
 
     # ------------------------------------------------------------------ views and actions

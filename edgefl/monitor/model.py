@@ -37,6 +37,7 @@ from edgefl.protocol.messages import (
     ModelManifest,
     ServerMetrics,
     ServerState,
+    ServerStatus,
 )
 from edgefl.protocol.topics import (
     DeviceStateTopic,
@@ -227,6 +228,11 @@ class FleetModel:
 
     def device_ids(self) -> list[str]:
         return sorted(self._devices)
+
+    def awaiting_metrics(self) -> bool:
+        """The aggregator's retained state says it is online, but no metrics arrived yet."""
+        server = self._server
+        return server is not None and server.status is ServerStatus.ONLINE and not self._metrics
 
     def current_version(self) -> int | None:
         """The model version from the manifest, else from the server state or metrics."""

@@ -150,7 +150,8 @@ def aggregator_lines(
     accs = [a for _, a in agg.accuracy_history]
     acc_line = f"accuracy {_opt(agg.accuracy, '{:.3f}')}"
     if accs and with_sparkline:
-        acc_line += f"  {sparkline(accs, width)}  ({len(accs)} versions)"
+        plural = "s" if len(accs) != 1 else ""
+        acc_line += f"  {sparkline(accs, width)}  ({len(accs)} version{plural})"
     return [
         f"server   {_opt(agg.status)} v{agg.version}, buffer {fill}, applied {_opt(agg.applied)}",
         f"updates  {rate}/s server, {agg.observed_updates_per_s:.1f}/s seen",
