@@ -136,6 +136,7 @@ class MonitorApp(App[None]):
         log = self.query_one("#log", DataTable)
         for column in LOG_COLUMNS:
             log.add_column(column, key=column)
+        fleet.focus()  # keys go to the app's bindings until "/" focuses the filter box
         try:
             await self.monitor.start()
             self._started = True
@@ -205,6 +206,9 @@ class MonitorApp(App[None]):
     def on_input_changed(self, event: Input.Changed) -> None:
         self.filter_text = event.value
         self.refresh_views()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        self.query_one("#fleet", DataTable).focus()
 
     def on_data_table_header_selected(self, event: DataTable.HeaderSelected) -> None:
         if event.data_table.id != "fleet":

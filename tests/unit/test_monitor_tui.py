@@ -62,6 +62,9 @@ def test_fleet_table_sort_filter_and_lost_style() -> None:
             cells = table.get_row("pi-b")  # type: ignore[attr-defined]
             assert all("red" in str(cell.style) for cell in cells)
 
+            # keys reach the app's bindings from the start (the table has the focus)
+            await pilot.press("r", "r")
+            assert not app.sort_reverse
             # clicking the header of the sort column reverses the order
             await pilot.click("#fleet", offset=(2, 0))  # header row, first column: device
             assert (app.sort_column, app.sort_reverse) == ("device", True)
@@ -74,11 +77,13 @@ def test_fleet_table_sort_filter_and_lost_style() -> None:
             await pilot.press("r")
             assert [r[0] for r in app.fleet_rows()] == ["pi-c", "pi-b", "pi-a"]
 
-            # filter by text
+            # filter by text: "/" focuses the box, Enter returns to the table
             await pilot.press("slash")
-            await pilot.press(*"battery")
+            await pilot.press(*"battery", "enter")
             await pilot.pause(0.05)
             assert [r[0] for r in app.fleet_rows()] == ["pi-a"]
+            await pilot.press("r")  # a binding again, not typed into the box
+            assert app.filter_text == "battery"
 
             # the aggregator panel shows the buffer fill
             screen = app.screen_text()
