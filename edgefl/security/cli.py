@@ -42,12 +42,27 @@ def init_command(
     data_dir: Annotated[
         str, typer.Option(help="Mosquitto persistence directory on the broker host.")
     ] = "/var/lib/mosquitto",
+    broker_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Where the broker/ files will live on the broker host, e.g."
+            " /etc/mosquitto/edgefl (paths in mosquitto.conf; default: <out>/broker)."
+        ),
+    ] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing fleet in --out.")] = False,
 ) -> None:
     """Create the fleet CA, broker certificate, password file, ACL and broker config, the
     aggregator's Ed25519 signing key and the aggregator and monitor MQTT credentials."""
     try:
-        layout = init_fleet(out, fleet, broker_host, port=port, data_dir=data_dir, force=force)
+        layout = init_fleet(
+            out,
+            fleet,
+            broker_host,
+            port=port,
+            data_dir=data_dir,
+            broker_dir=broker_dir,
+            force=force,
+        )
     except (ProvisionError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

@@ -99,6 +99,8 @@ def acl_text(fleet: str) -> str:
 # subscriptions refused).
 
 # --- every device ---------------------------------------------------------------------------
+# (Mosquitto warns that the two `read` patterns contain neither %u nor %c: expected, they are
+# the same for every client; plain `topic` lines here would apply to anonymous clients only.)
 # Publish its own updates and presence (the Last Will goes to the state topic too).
 pattern write {root}/device/%u/update/+
 pattern readwrite {root}/device/%u/state
@@ -274,13 +276,16 @@ def init_fleet(
     *,
     port: int = DEFAULT_PORT,
     data_dir: str = "/var/lib/mosquitto",
+    broker_dir: str | os.PathLike[str] | None = None,
     force: bool = False,
     use_mosquitto_passwd: bool = True,
 ) -> FleetDirectory:
     """Create a fleet's CA, broker certificate and config, aggregator and monitor credentials.
 
     ``broker_hosts`` are the names (and/or IP addresses) devices use to reach the broker; the
-    first one goes into device bundles. Refuses to overwrite an existing fleet unless ``force``.
+    first one goes into device bundles. ``broker_dir`` is where the ``broker/`` files will live
+    on the broker host (the paths written into ``mosquitto.conf``; default: ``<out>/broker``).
+    Refuses to overwrite an existing fleet unless ``force``.
     """
     fleet = fleet_name(fleet)
     if not broker_hosts:
@@ -305,12 +310,13 @@ def init_fleet(
     _write_secret(broker / "server.key", server.key_pem())
     _write_public(layout.acl_file, acl_text(fleet))
     layout.password_file.unlink(missing_ok=True)
+    pki_dir = broker.resolve() if broker_dir is None else Path(broker_dir)
     for name, template in (
         ("mosquitto.conf", SECURE_CONF),
         ("mosquitto-mtls.conf", SECURE_MTLS_CONF),
     ):
         text = render_broker_config(
-            pki_dir=broker.resolve(), port=port, data_dir=data_dir, template=template
+            pki_dir=pki_dir, port=port, data_dir=data_dir, template=template
         )
         _write_public(broker / name, text)
 

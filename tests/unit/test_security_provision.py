@@ -283,9 +283,21 @@ def test_cli_init_and_device(tmp_path: Path) -> None:
     out = tmp_path / "fleet"
     result = runner.invoke(
         provision_app,
-        ["init", "--out", str(out), "--fleet", "lab", "--broker-host", "mqtt.local"],
+        [
+            "init",
+            "--out",
+            str(out),
+            "--fleet",
+            "lab",
+            "--broker-host",
+            "mqtt.local",
+            "--broker-dir",
+            "/etc/mosquitto/edgefl",
+        ],
     )
     assert result.exit_code == 0, result.output
+    conf = (out / "broker" / "mosquitto.conf").read_text()
+    assert "password_file /etc/mosquitto/edgefl/passwd" in conf
     result = runner.invoke(provision_app, ["device", "--out", str(out), "--device", "s-1"])
     assert result.exit_code == 0, result.output
     assert "signing key id" in result.output
