@@ -95,6 +95,10 @@ def monitor_command(
     password: Annotated[
         str | None, typer.Option(help="MQTT password.", envvar="EDGEFL_MQTT_PASSWORD")
     ] = None,
+    password_file: Annotated[
+        Path | None,
+        typer.Option(help="Read the MQTT password from this file (e.g. monitor/mqtt-password)."),
+    ] = None,
     ca_file: Annotated[
         Path | None, typer.Option(help="CA bundle for mqtts:// (default: system trust store).")
     ] = None,
@@ -111,6 +115,13 @@ def monitor_command(
 
     Read-only unless --clear-retained is given.
     """
+    if password_file is not None:
+        if password is not None:
+            raise _fail("give --password or --password-file, not both")
+        try:
+            password = password_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise _fail(f"cannot read --password-file: {exc}") from None
     overrides: dict[str, Any] = {"protocol": protocol}
     for key, value in (
         ("username", username),
