@@ -8,8 +8,8 @@ One scenario (one broker, aggregator and agent, to keep it lean):
    aggregator (FedBuff K=2, device-keys directory) authenticates and accepts;
 2. with the device's password, the attacker replays that update (captured by a monitor account)
    and publishes a forged one (another key, a higher seq) and an unsigned one: the aggregator
-   rejects each and counts it (``duplicate``/``replay``, ``bad_signature``), and still accepts
-   nothing but the genuine update;
+   rejects each and counts it (``duplicate``/``replay``, ``bad_signature``), as well as garbage
+   (``bad_magic``, ``truncated``), keeps running, and accepts nothing but the genuine update;
 3. with the aggregator's password, the attacker publishes a forged manifest v7 (signed by another
    key, with matching chunks) and a tampered copy of the genuine manifest: the running agent
    rejects both (``bad_signature``) and keeps v0.
@@ -199,7 +199,11 @@ def test_forged_models_and_forged_or_replayed_updates_are_rejected_by_running_se
                 await stolen.publish(
                     update_topic(FLEET, DEVICE, unsigned.seq), encode_message(unsigned, b"\x00")
                 )
-            await _wait_for(lambda: aggregator.statistics().rejected_total >= 3, 20)
+                # and plain garbage: counted, and the aggregator keeps running
+                await stolen.publish(update_topic(FLEET, DEVICE, 5000), b"garbage!" * 4)
+                await stolen.publish(update_topic(FLEET, DEVICE, 5001), b"EDFL\x01")
+            await _wait_for(lambda: aggregator.statistics().rejected_total >= 5, 20)
+            assert aggregator.statistics().connected
 
             # 3. stolen aggregator password: forged model v7 and a tampered genuine manifest
             (genuine_manifest,) = [m for m in captured if m.topic == manifest_topic(FLEET)][:1]
@@ -232,6 +236,8 @@ def test_forged_models_and_forged_or_replayed_updates_are_rejected_by_running_se
     assert agg_stats.applied == 1  # only the genuine update
     assert agg_stats.rejected.get("bad_signature", 0) == 2  # forged + unsigned
     assert agg_stats.rejected.get("duplicate", 0) + agg_stats.rejected.get("replay", 0) == 1
+    assert agg_stats.rejected.get("bad_magic") == 1
+    assert agg_stats.rejected.get("truncated") == 1
     agent_stats = agent.statistics()
     assert agent_stats.model_version == 0  # kept the genuine model
     assert agent_stats.rejected == {"bad_signature": 2}
