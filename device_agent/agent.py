@@ -97,6 +97,8 @@ TransportFactory = Callable[[Will, OnConnect], Transport]
 ``async with`` must return without waiting for the broker (the agent waits for ``on_connect``)."""
 
 DEFAULT_MAX_MODEL_BYTES = 64 * 1024 * 1024
+TRAINING_PROBE_INTERVAL = 5.0
+"""Seconds between eligibility checks while training (when ``probes.interval_s`` is longer)."""
 _OFFLINE_TIMEOUT = 3.0
 
 
@@ -620,7 +622,10 @@ class DeviceAgent:
                 self._set_status(DeviceStatus.IDLE)
             elif eligible != was_eligible or old_reasons != self._reasons():
                 self._mark_dirty()
-            await _first(self._stopping.wait(), self._wake_eligibility.wait(), timeout=interval)
+            # while training, re-check at least every few seconds so a broken condition (unplugged,
+            # too hot, busy) gives the CPU back promptly even with a long probes.interval_s
+            wait = min(interval, TRAINING_PROBE_INTERVAL) if self._training else interval
+            await _first(self._stopping.wait(), self._wake_eligibility.wait(), timeout=wait)
 
     # ------------------------------------------------------------------ training
 
@@ -680,6 +685,7 @@ class DeviceAgent:
         self._training = True
         self._trainings_started += 1
         self._set_status(DeviceStatus.TRAINING)
+        self._wake_eligibility.set()  # switch the eligibility loop to its training interval
         log.info("%s: training on model v%d", self._device, model.version)
         deadline = time.monotonic() + self.config.training.max_train_seconds
         flag = self._abort_flag

@@ -9,13 +9,23 @@ device id, so it is the same after every restart. numpy only.
 from __future__ import annotations
 
 import hashlib
+import importlib
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from device_agent.config import DataConfig, DataKind
-from edgefl.data.sources import CsvSource, DataSource, EntryPointSource, NpzSource, validate_xy
+from edgefl.data.sources import (
+    CsvSource,
+    DataSource,
+    DataSourceError,
+    EntryPointSource,
+    NpzSource,
+    validate_xy,
+)
 
 __all__ = ["LocalDataset", "data_source", "load_local_dataset"]
 
@@ -57,8 +67,35 @@ class LocalDataset:
         return cls(x[train], y[train], x[test], y[test])
 
 
+@dataclass(frozen=True)
+class EntryPointWithPath:
+    """``module:function`` called as ``function(path)`` (``data.path`` set with an entry point).
+    Must return ``(x, y)``; errors are ``DataSourceError`` naming the entry point."""
+
+    spec: str
+    path: Path
+
+    def load(self) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+        origin = f"entry point {self.spec!r}"
+        module_name, _, attr_path = self.spec.partition(":")
+        try:
+            obj: Any = importlib.import_module(module_name)
+            for part in attr_path.split("."):
+                obj = getattr(obj, part)
+        except (ImportError, AttributeError) as exc:
+            raise DataSourceError(f"{origin}: cannot resolve: {exc}") from None
+        try:
+            result = obj(str(self.path))
+        except Exception as exc:
+            raise DataSourceError(f"{origin}: raised {type(exc).__name__}: {exc}") from exc
+        if not isinstance(result, tuple) or len(result) != 2:
+            raise DataSourceError(f"{origin}: must return a tuple (x, y)")
+        return validate_xy(result[0], result[1], origin=origin)
+
+
 def data_source(config: DataConfig) -> DataSource:
-    """The ``edgefl.data`` source described by the ``[data]`` config section."""
+    """The ``edgefl.data`` source described by the ``[data]`` config section (an entry point
+    gets ``data.path`` as its only argument when that is set)."""
     if config.kind is DataKind.NPZ:
         assert config.path is not None
         return NpzSource(config.path, x_key=config.x_key, y_key=config.y_key)
@@ -66,6 +103,8 @@ def data_source(config: DataConfig) -> DataSource:
         assert config.path is not None
         return CsvSource(config.path, label_column=config.label_column)
     assert config.entrypoint is not None
+    if config.path is not None:
+        return EntryPointWithPath(config.entrypoint, config.path)
     return EntryPointSource(config.entrypoint)
 
 

@@ -353,7 +353,7 @@ def test_reconnect_starts_a_new_presence_session_and_the_old_will_is_lower(
         agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker, made))
         run = asyncio.create_task(agent.run())
         await wait_for(lambda: agent.statistics().status is DeviceStatus.IDLE)
-        await wait_for(lambda: len(states_seen) >= 2)
+        await wait_for(lambda: len(states_seen) >= 1)  # ONLINE may coalesce into IDLE
         # Act: the link drops (the broker publishes the Will), then comes back
         await made[0].disconnect(abrupt=True)
         await made[0].connect()
