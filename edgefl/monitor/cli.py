@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -79,6 +80,10 @@ def monitor_command(
     wait: Annotated[
         float, typer.Option(help="Longest wait for the retained messages (--once, clearing).")
     ] = 5.0,
+    connect_timeout: Annotated[
+        float,
+        typer.Option(help="Non-interactive modes: give up when not connected within N s."),
+    ] = 10.0,
     clear_retained_target: Annotated[
         str | None,
         typer.Option(
@@ -122,7 +127,7 @@ def monitor_command(
             password = password_file.read_text(encoding="utf-8").strip()
         except OSError as exc:
             raise _fail(f"cannot read --password-file: {exc}") from None
-    overrides: dict[str, Any] = {"protocol": protocol}
+    overrides: dict[str, Any] = {"protocol": protocol, "start_timeout": connect_timeout}
     for key, value in (
         ("username", username),
         ("password", password),
@@ -163,9 +168,16 @@ def monitor_command(
         elif json_output:
             asyncio.run(_stream(options, interval=interval, count=count))
         else:
-            from .tui import MonitorApp
-
-            MonitorApp(options).run()
+            try:
+                from .tui import MonitorApp
+            except ImportError as exc:  # textual is the `monitor` extra
+                raise _fail(
+                    f"the terminal UI needs textual ({exc}): pip install 'edgefl[monitor]';"
+                    " --once and --json work without it"
+                ) from None
+            # interactive: the screen comes up at once and the transport keeps reconnecting
+            interactive = replace(options, config=options.config.replace(start_timeout=None))
+            MonitorApp(interactive).run()
     except Exception as exc:  # connection refused, bad credentials, TLS, ...
         from edgefl.transport.base import TransportError
 

@@ -96,6 +96,7 @@ class FleetMonitor:
         self._clock = clock
         self._transport: Transport = transport if transport is not None else MqttTransport(config)
         self.logged = 0
+        self.internal_errors = 0
         """Entries appended to ``log`` so far (the log keeps the last ``log_size``)."""
         self._subscriptions: list[str] = []
         self._retained: set[str] = set()
@@ -150,7 +151,11 @@ class FleetMonitor:
 
     async def _consume(self) -> None:
         async for message in self._transport.messages():
-            self.handle(message)
+            try:
+                self.handle(message)
+            except Exception:  # a bug must not silently stop the monitor: log, go on
+                self.internal_errors += 1
+                log.exception("monitor: failed to handle a message on %r", message.topic[:200])
 
     def handle(self, message: InboundMessage) -> TopicLogEntry:
         """Decode and fold one message; returns (and logs) its topic-log entry."""
@@ -231,6 +236,7 @@ class FleetMonitor:
             connected=stats.connected,
             subscriptions=tuple(self._subscriptions),
             dropped=stats.dropped,
+            last_error=stats.last_error,
             broker_stats=self.model.broker_stats.view(),
         )
 

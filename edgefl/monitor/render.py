@@ -104,6 +104,8 @@ def connection_lines(connection: ConnectionView | None) -> list[str]:
         f"         {proto}, {link}",
         f"client   {connection.client_id}",
     ]
+    if not connection.connected and connection.last_error:
+        lines.append(f"error    {connection.last_error}")
     b = connection.broker_stats
     if b.available:
         msgs = f"{_opt(b.messages_in_per_s, '{:.1f}')} in / {_opt(b.messages_out_per_s, '{:.1f}')}"

@@ -137,6 +137,8 @@ class ConnectionView:
     subscriptions: tuple[str, ...] = ()
     dropped: int = 0
     """Inbound messages the monitor's transport discarded (queue full)."""
+    last_error: str | None = None
+    """The transport's last connection error (refused, unreachable, TLS, ...)."""
     broker_stats: BrokerStatsView = field(default_factory=BrokerStatsView)
 
 

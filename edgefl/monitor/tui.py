@@ -137,13 +137,18 @@ class MonitorApp(App[None]):
         for column in LOG_COLUMNS:
             log.add_column(column, key=column)
         fleet.focus()  # keys go to the app's bindings until "/" focuses the filter box
-        try:
-            await self.monitor.start()
-            self._started = True
-        except Exception as exc:  # shown in the connection panel; the app stays up
-            self.error = f"cannot connect: {exc}"
         self.refresh_views()
         self.set_interval(self.refresh_interval, self.refresh_views)
+        self.run_worker(self._connect(), name="connect", exclusive=True)
+
+    async def _connect(self) -> None:
+        """Connect in the background: the screen is up (showing "DISCONNECTED" and the last
+        error) while the transport keeps trying."""
+        self._started = True
+        try:
+            await self.monitor.start()
+        except Exception as exc:  # shown in the connection panel; the app stays up
+            self.error = f"cannot connect: {exc}"
 
     async def on_unmount(self) -> None:
         if self._started:

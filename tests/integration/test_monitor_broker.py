@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from broker.launcher import MosquittoBroker
+from broker.launcher import MosquittoBroker, free_port
 from edgefl.monitor.client import FleetMonitor, monitor_mqtt_config
 from edgefl.monitor.modes import MonitorOptions
 from edgefl.monitor.tui import MonitorApp
@@ -221,3 +221,29 @@ def test_terminal_ui_shows_the_fleet_table(mosquitto: MosquittoBroker) -> None:
     assert "lost (will)" in screen
     assert "MQTT 5, connected" in screen
     assert f"edgefl/v1/{FLEET}/device/pi-2/state" in screen  # the topic log
+
+
+def test_unreachable_broker_fails_cleanly_or_shows_disconnected() -> None:
+    url = f"mqtt://127.0.0.1:{free_port('127.0.0.1')}"  # nothing listens there
+    cmd = [sys.executable, "-m", "edgefl.monitor", "--broker", url, "--fleet", FLEET]
+    once = subprocess.run(
+        [*cmd, "--once", "--connect-timeout", "1"], capture_output=True, text=True, timeout=30
+    )
+    assert once.returncode == 2
+    assert "Connection refused" in once.stderr
+
+    async def scenario() -> tuple[str, str | None]:  # the UI comes up and shows why
+        config = monitor_mqtt_config(url, start_timeout=None, reconnect_max_delay=0.5)
+        app = MonitorApp(MonitorOptions(config, FLEET))
+        async with app.run_test(size=(140, 30)) as pilot:
+            await pilot.pause(1.0)
+            snapshot = app.last_snapshot
+            assert snapshot is not None
+            assert snapshot.connection is not None
+            return app.screen_text(), snapshot.connection.last_error
+
+    screen, error = asyncio.run(scenario())
+    assert "DISCONNECTED" in screen
+    assert "error    cannot connect" in screen
+    assert error is not None
+    assert "Connection refused" in error
