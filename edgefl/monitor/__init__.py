@@ -5,7 +5,10 @@
   :class:`~edgefl.monitor.snapshot.FleetSnapshot` (presence/session rule, lost devices);
 * :mod:`~edgefl.monitor.summary` — one-line topic-log entries;
 * :mod:`~edgefl.monitor.broker_stats` — ``$SYS`` broker statistics;
+* :mod:`~edgefl.monitor.clear` — which retained topics ``--clear-retained`` deletes;
 * :mod:`~edgefl.monitor.client` — the asyncio shell over ``MqttTransport``;
+* :mod:`~edgefl.monitor.modes` — ``--once``, JSON lines, clearing (asyncio, no UI);
+* :mod:`~edgefl.monitor.render` — text of the panels and of ``--once``;
 * :mod:`~edgefl.monitor.tui` — the textual terminal UI (imports textual);
 * :mod:`~edgefl.monitor.cli` — ``monitor_command``, mounted as ``edgefl monitor``.
 

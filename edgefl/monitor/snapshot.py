@@ -27,8 +27,13 @@ __all__ = [
 ]
 
 
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+
+
 def to_jsonable(value: Any) -> Any:
     """Plain JSON types from dataclasses, enums, tuples and mappings (keys become strings)."""
+    if type(value) in _PLAIN:  # exact types: enums (str/int subclasses) go below
+        return value
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, Enum):
