@@ -70,6 +70,14 @@ def monitor_command(
     sys_topics: Annotated[
         bool, typer.Option("--sys/--no-sys", help="Subscribe to $SYS/# for broker statistics.")
     ] = True,
+    updates: Annotated[
+        bool,
+        typer.Option(
+            "--updates/--no-updates",
+            help="Receive update and model-chunk packets (all fleet traffic); --no-updates"
+            " keeps to device states, the manifest and the server topics.",
+        ),
+    ] = True,
     stale_after: Annotated[
         float,
         typer.Option(
@@ -146,6 +154,7 @@ def monitor_command(
             config=config,
             fleet=fleet,
             include_sys=sys_topics,
+            include_updates=updates,
             model=FleetModelConfig(stale_after=stale_after if stale_after > 0 else None),
             topic_filters=topics_filter(topic or []),
             settle_timeout=wait,

@@ -24,7 +24,13 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, Self
 
-from edgefl.protocol.topics import all_fleet_filter, fleet_name
+from edgefl.protocol.topics import (
+    all_fleet_filter,
+    device_states_filter,
+    fleet_name,
+    manifest_topic,
+    server_state_topic,
+)
 from edgefl.transport.base import (
     Backpressure,
     BrokerRefused,
@@ -40,7 +46,7 @@ from .model import FleetModel, FleetModelConfig
 from .snapshot import ConnectionView, FleetSnapshot
 from .summary import TopicLogEntry, log_entry
 
-__all__ = ["SYS_FILTER", "FleetMonitor", "monitor_mqtt_config"]
+__all__ = ["SYS_FILTER", "FleetMonitor", "fleet_filters", "monitor_mqtt_config"]
 
 log = logging.getLogger("edgefl.monitor")
 
@@ -65,12 +71,27 @@ def monitor_mqtt_config(url: str, **overrides: Any) -> MqttConfig:
     return MqttConfig.from_url(url, **settings)
 
 
+def fleet_filters(fleet: str, *, updates: bool = True) -> list[str]:
+    """What the monitor subscribes to: everything of the fleet (``edgefl/v1/<fleet>/#``), or
+    without update and model-chunk packets (the bulk of the traffic) only the device states,
+    the manifest and the server topics."""
+    if updates:
+        return [all_fleet_filter(fleet)]
+    return [device_states_filter(fleet), manifest_topic(fleet), server_filter(fleet)]
+
+
+def server_filter(fleet: str) -> str:
+    """``edgefl/v1/<fleet>/server/+``: server state and metrics."""
+    return server_state_topic(fleet).rsplit("/", 1)[0] + "/+"
+
+
 class FleetMonitor:
     """Watch one fleet. Use as ``async with FleetMonitor(config, fleet) as monitor:``.
 
-    ``topic_filters`` restrict the topic log (and listeners; by default ``$SYS`` is left out of
-    the log), never the model: the fleet
-    model always folds everything. ``clock`` gives wall time (Unix seconds). ``transport``
+    ``include_updates=False`` leaves update and model-chunk packets out of the subscription
+    (:func:`fleet_filters`), for busy fleets. ``topic_filters`` restrict the topic log (and
+    listeners; by default ``$SYS`` is left out of the log), never the model: the fleet model
+    always folds everything received. ``clock`` gives wall time (Unix seconds). ``transport``
     replaces the ``MqttTransport`` built from ``config`` (e.g. a ``MemoryTransport`` in tests;
     ``config`` then only names the broker in the connection panel).
     """
@@ -81,6 +102,7 @@ class FleetMonitor:
         fleet: str,
         *,
         include_sys: bool = True,
+        include_updates: bool = True,
         model_config: FleetModelConfig | None = None,
         topic_filters: Sequence[str] = (),
         log_size: int = 500,
@@ -92,6 +114,7 @@ class FleetMonitor:
         self.model = FleetModel(self.fleet, model_config)
         self.log: deque[TopicLogEntry] = deque(maxlen=log_size)
         self.include_sys = include_sys
+        self.include_updates = include_updates
         self.topic_filters = tuple(topic_filters)
         self._clock = clock
         self._transport: Transport = transport if transport is not None else MqttTransport(config)
@@ -127,8 +150,9 @@ class FleetMonitor:
             self._consumer = asyncio.get_running_loop().create_task(
                 self._consume(), name="edgefl-monitor-consumer"
             )
-            await self._transport.subscribe(all_fleet_filter(self.fleet), qos=1)
-            self._subscriptions.append(all_fleet_filter(self.fleet))
+            for topic_filter in fleet_filters(self.fleet, updates=self.include_updates):
+                await self._transport.subscribe(topic_filter, qos=1)
+                self._subscriptions.append(topic_filter)
             if self.include_sys:
                 try:
                     await self._transport.subscribe(SYS_FILTER, qos=1)

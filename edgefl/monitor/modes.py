@@ -28,6 +28,7 @@ class MonitorOptions:
     config: MqttConfig
     fleet: str
     include_sys: bool = True
+    include_updates: bool = True
     model: FleetModelConfig = field(default_factory=FleetModelConfig)
     topic_filters: tuple[str, ...] = ()
     settle_quiet: float = 0.5
@@ -40,6 +41,7 @@ class MonitorOptions:
             self.config,
             self.fleet,
             include_sys=self.include_sys,
+            include_updates=self.include_updates,
             model_config=self.model,
             topic_filters=self.topic_filters,
         )
