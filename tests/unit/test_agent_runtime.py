@@ -18,7 +18,14 @@ import pytest
 from sklearn.datasets import load_digits
 
 from device_agent.agent import DeviceAgent
-from device_agent.config import AgentConfig, BrokerConfig, DataConfig, DataKind, ProbeConfig
+from device_agent.config import (
+    AgentConfig,
+    BrokerConfig,
+    DataConfig,
+    DataKind,
+    ProbeConfig,
+    SecurityConfig,
+)
 from device_agent.dataset import LocalDataset
 from device_agent.eligibility import EligibilityPolicy, MeteredSource
 from device_agent.model_store import ModelStore
@@ -41,6 +48,13 @@ from edgefl.protocol.topics import (
     device_state_topic,
     model_chunk_topic,
     updates_filter,
+)
+from edgefl.security import (
+    Ed25519Signer,
+    generate_private_key,
+    load_update_authenticator,
+    write_private_key,
+    write_public_key,
 )
 from edgefl.transport import InboundMessage, MemoryBroker, MemoryTransport, OnConnect, Will
 
@@ -471,3 +485,53 @@ def test_manifest_codec_hint_wins_over_device_preference(tmp_path: Path, quantiz
     header, _ = decode_update(updates[0].payload)
     assert header.codec["quantization"] == quantization
     assert header.metrics["steps"] == 10
+
+
+def test_signed_manifests_only_and_signed_updates(tmp_path: Path) -> None:
+    # Arrange: aggregator and device key pairs as PEM files
+    aggregator_key, device_key, stranger_key = (generate_private_key() for _ in range(3))
+    write_public_key(tmp_path / "aggregator.pub", aggregator_key.public_key())
+    write_private_key(tmp_path / "device.key", device_key)
+    (tmp_path / "devices").mkdir()
+    write_public_key(tmp_path / f"devices/{DEVICE}.pub", device_key.public_key())
+    cfg = dataclasses.replace(
+        make_config(tmp_path),
+        security=SecurityConfig(
+            signing_key_file=tmp_path / "device.key",
+            aggregator_public_key_file=tmp_path / "aggregator.pub",
+        ),
+    )
+    broker = MemoryBroker()
+    weights = init_weights_numpy(SPEC, 0)
+    unsigned = model_release(FLEET, 0, MODEL, weights)
+    forged = model_release(FLEET, 1, MODEL, weights, signer=Ed25519Signer(stranger_key))
+    genuine = model_release(FLEET, 2, MODEL, weights, signer=Ed25519Signer(aggregator_key))
+
+    async def scenario() -> tuple[DeviceAgent, list[bytes]]:
+        updates, stop_observer = await collect(broker, updates_filter(FLEET))
+        agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker))
+        run = asyncio.create_task(agent.run())
+        # Act
+        for release in (unsigned, forged):
+            for topic, payload in release.messages:
+                broker.publish(topic, payload, 1, True)
+            await asyncio.sleep(0.2)
+        await wait_for(lambda: sum(agent.statistics().rejected.values()) == 2)
+        assert agent.statistics().model_version is None
+        for topic, payload in genuine.messages:
+            broker.publish(topic, payload, 1, True)
+        await wait_for(lambda: agent.statistics().updates_sent == 1)
+        agent.stop()
+        await run
+        await stop_observer()
+        return agent, [m.payload for m in updates]
+
+    agent, updates = asyncio.run(scenario())
+
+    # Assert
+    assert agent.statistics().rejected == {"bad_signature": 2}
+    assert agent.statistics().model_version == 2
+    (payload,) = updates
+    header, _ = decode_update(payload)
+    assert header.base_version == 2
+    load_update_authenticator(tmp_path / "devices").authenticate(header, payload)  # no raise
