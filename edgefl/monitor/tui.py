@@ -19,6 +19,7 @@ from rich.text import Text
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
+from textual.coordinate import Coordinate
 from textual.widgets import DataTable, Footer, Header, Input, Sparkline, Static
 
 from .client import FleetMonitor
@@ -109,6 +110,7 @@ class MonitorApp(App[None]):
         self.last_snapshot: FleetSnapshot | None = None
         self._started = False
         self._log_seen = 0
+        self._fleet_cells: list[tuple[str, str, tuple[str, ...]]] = []
 
     # ------------------------------------------------------------------ layout
 
@@ -179,15 +181,27 @@ class MonitorApp(App[None]):
         rows = sort_devices(
             snapshot.devices, self.sort_column, reverse=self.sort_reverse, text=self.filter_text
         )
-        table.clear()
-        for device in rows:
-            cells = device_cells(device)
-            style = STATUS_STYLES.get(device.status, "")
-            row: list[Text] = []
-            for column in FLEET_COLUMNS:
-                cell_style = style if column == "state" or device.status == "lost" else ""
-                row.append(Text(cells[column], style=cell_style))
-            table.add_row(*row, key=device.device_id)
+        cells = [(d.device_id, d.status, tuple(device_cells(d).values())) for d in rows]
+        if cells != self._fleet_cells:  # rebuild only when something visible changed
+            self._fleet_cells = cells
+            # keep the cursor on the same device and the scroll position across the rebuild
+            selected = None
+            if table.row_count and 0 <= table.cursor_row < table.row_count:
+                key = table.coordinate_to_cell_key(Coordinate(table.cursor_row, 0)).row_key
+                selected = key.value
+            scroll_y = table.scroll_y
+            table.clear()
+            for device_id, status, values in cells:
+                style = STATUS_STYLES.get(status, "")
+                row = [
+                    Text(value, style=style if column == "state" or status == "lost" else "")
+                    for column, value in zip(FLEET_COLUMNS, values, strict=True)
+                ]
+                table.add_row(*row, key=device_id)
+            ids = [device_id for device_id, _, _ in cells]
+            if selected in ids:
+                table.move_cursor(row=ids.index(selected), animate=False, scroll=False)
+            table.scroll_to(y=scroll_y, animate=False)
         arrow = "▼" if self.sort_reverse else "▲"
         table.border_title = f"fleet ({len(rows)}/{len(snapshot.devices)}) sorted by "
         table.border_title += f"{self.sort_column} {arrow}"

@@ -8,6 +8,9 @@ import asyncio
 import json
 import time
 
+from textual.coordinate import Coordinate
+from textual.widgets import DataTable
+
 from edgefl.monitor.client import FleetMonitor, monitor_mqtt_config
 from edgefl.monitor.tui import MonitorApp
 from edgefl.protocol.messages import DeviceState, ServerState, encode_message
@@ -40,6 +43,10 @@ def publish_fleet(broker: MemoryBroker) -> None:
     broker.publish(server_state_topic(FLEET), encode_message(server), qos=1, retain=True)
 
 
+def cursor_key(table: DataTable) -> str | None:  # type: ignore[type-arg]
+    return table.coordinate_to_cell_key(Coordinate(table.cursor_row, 0)).row_key.value
+
+
 def test_fleet_table_sort_filter_and_lost_style() -> None:
     async def scenario() -> None:
         broker = MemoryBroker()
@@ -58,8 +65,7 @@ def test_fleet_table_sort_filter_and_lost_style() -> None:
             assert rows[2][3:5] == ["v4", "0"]  # model held and its staleness vs v4
 
             # lost devices stand out: the whole row is styled
-            table = app.query_one("#fleet")
-            cells = table.get_row("pi-b")  # type: ignore[attr-defined]
+            cells = app.query_one("#fleet", DataTable).get_row("pi-b")
             assert all("red" in str(cell.style) for cell in cells)
 
             # keys reach the app's bindings from the start (the table has the focus)
@@ -77,6 +83,20 @@ def test_fleet_table_sort_filter_and_lost_style() -> None:
             await pilot.press("r")
             assert [r[0] for r in app.fleet_rows()] == ["pi-c", "pi-b", "pi-a"]
 
+            # a rebuild keeps the cursor on the same device when rows move
+            table = app.query_one("#fleet", DataTable)
+            await pilot.press("down")
+            under = cursor_key(table)
+            before = table.cursor_row
+            new = json.dumps({"status": "idle", "session": 1, "updates_sent": 99}).encode()
+            broker.publish(device_state_topic(FLEET, "pi-0"), new, qos=1, retain=True)
+            await pilot.pause(0.3)
+            assert app.fleet_rows()[0][0] == "pi-0"  # sorts first: most updates sent
+            assert table.cursor_row == before + 1
+            assert (
+                table.coordinate_to_cell_key(Coordinate(table.cursor_row, 0)).row_key.value == under
+            )
+
             # filter by text: "/" focuses the box, Enter returns to the table
             await pilot.press("slash")
             await pilot.press(*"battery", "enter")
@@ -88,6 +108,6 @@ def test_fleet_table_sort_filter_and_lost_style() -> None:
             # the aggregator panel shows the buffer fill
             screen = app.screen_text()
             assert "buffer 2/5" in screen
-            assert "fleet lab: 1 idle, 1 lost, 1 training" in screen
+            assert "fleet lab: 2 idle, 1 lost, 1 training" in screen
 
     asyncio.run(scenario())
