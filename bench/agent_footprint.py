@@ -22,8 +22,9 @@ Measured, in order:
 * ``seconds_to_first_update``: from flipping the fake tree to mains to the first update of the
   mnist1d CNN (4,298 parameters; 800 local examples, 1 epoch, batch 32) arriving at a subscriber;
   includes up to one probe interval (1 s), the torch import and the training;
-* ``training_rss_mb``: the agent's peak RSS (VmHWM) by then; ``after_training_rss_mb``: VmRSS
-  after it (torch stays loaded in the process).
+* ``training_rss_mb``: the agent's peak RSS (VmHWM) by then (``--isolation process``: the
+  sampled peak of the agent plus its training child); ``after_training_rss_mb``: VmRSS after
+  it (with ``thread`` torch stays loaded in the agent; with ``process`` it left with the child).
 
 Target (issue #4): idle RSS <= 80 MB with no torch loaded. With ``--json`` the last line of
 stdout is one JSON object with the keys above.
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -77,6 +79,27 @@ def proc_status(pid: int, key: str) -> float:
     raise KeyError(key)
 
 
+_peaks: dict[int, float] = {}
+
+
+def training_peak_mb(pid: int) -> float:
+    """Peak RSS of the agent plus its training child, sampled while training (``process``)."""
+    return _peaks.get(pid, 0.0)
+
+
+def tree_rss_mb(pid: int) -> float:
+    """VmRSS of ``pid`` plus its direct children (started by any of its threads)."""
+    total = proc_status(pid, "VmRSS")
+    children: set[str] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            children.update((task / "children").read_text().split())
+    for child in children:
+        with contextlib.suppress(OSError, KeyError):
+            total += proc_status(int(child), "VmRSS")
+    return total
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -107,7 +130,7 @@ def write_tree(root: Path, *, mains: bool) -> None:
     (bat / "status").write_text("Charging\n" if mains else "Discharging\n")
 
 
-def write_setup(tmp: Path, url: str) -> Path:
+def write_setup(tmp: Path, url: str, isolation: str) -> Path:
     from edgefl.data import load_dataset
 
     data = load_dataset("mnist1d", num_samples=2000, seed=0)
@@ -118,19 +141,23 @@ def write_setup(tmp: Path, url: str) -> Path:
         f'fleet = "{FLEET}"\ndevice_id = "{DEVICE}"\nstate_dir = "state"\nlog_level = "WARNING"\n'
         f'[broker]\nurl = "{url}"\n[data]\nkind = "npz"\npath = "train.npz"\n'
         "[training]\nmax_epochs = 1\nbatch_size = 32\nholdout_fraction = 0.2\n"
+        f'isolation = "{isolation}"\n'
         '[probes]\nroot = "fs"\ninterval_s = 1.0\nmetered = "no"\nthrottle = false\n'
     )
     return config
 
 
-async def measure(quick: bool) -> dict[str, object]:
-    results: dict[str, object] = {"import_seconds": round(import_seconds(), 3)}
+async def measure(quick: bool, isolation: str) -> dict[str, object]:
+    results: dict[str, object] = {
+        "isolation": isolation,
+        "import_seconds": round(import_seconds(), 3),
+    }
     spec = get_model_spec(MODEL)
     with tempfile.TemporaryDirectory(prefix="edgefl-bench-agent-") as tmp_name:
         tmp = Path(tmp_name)
         broker = MosquittoBroker(state_dir=tmp / "mosquitto")
         broker.start()
-        config = write_setup(tmp, broker.url)
+        config = write_setup(tmp, broker.url, isolation)
         modules_file = tmp / "modules.json"
         env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFL_")}
         env.pop("NOTIFY_SOCKET", None)
@@ -197,9 +224,21 @@ async def measure(quick: bool) -> dict[str, object]:
 
                 t_flip = time.monotonic()
                 write_tree(tmp / "fs", mains=True)
+
+                async def sample() -> None:
+                    while True:
+                        with contextlib.suppress(OSError, KeyError):
+                            _peaks[pid] = max(_peaks.get(pid, 0.0), tree_rss_mb(pid))
+                        await asyncio.sleep(0.05)
+
+                sampler = asyncio.create_task(sample())
                 await until(lambda: bool(arrivals), 120)
+                sampler.cancel()
                 results["seconds_to_first_update"] = round(arrivals[0] - t_flip, 2)
-                results["training_rss_mb"] = round(proc_status(pid, "VmHWM"), 1)
+                results["training_rss_mb"] = round(
+                    training_peak_mb(pid) if isolation == "process" else proc_status(pid, "VmHWM"),
+                    1,
+                )
                 await asyncio.sleep(1.0)
                 results["after_training_rss_mb"] = round(proc_status(pid, "VmRSS"), 1)
                 proc.send_signal(signal.SIGTERM)
@@ -222,8 +261,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
     parser.add_argument("--quick", action="store_true", help="shorter settle and CPU windows")
+    parser.add_argument(
+        "--isolation",
+        choices=("thread", "process"),
+        default="thread",
+        help="training.isolation of the agent (process: training in a child process)",
+    )
     args = parser.parse_args()
-    results = asyncio.run(measure(args.quick))
+    results = asyncio.run(measure(args.quick, args.isolation))
     for key, value in results.items():
         print(f"{key:>26}: {value}")
     if args.json:

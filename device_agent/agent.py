@@ -215,6 +215,7 @@ class DeviceAgent:
         self._status = DeviceStatus.ONLINE
         self._session = 0
         self._connected = False
+        self._transport: Transport | None = None
         self._probe_failed = False
         self._training = False
         self._abort_flag = threading.Event()
@@ -257,7 +258,7 @@ class DeviceAgent:
         return AgentStatistics(
             device_id=self._device,
             status=self._status,
-            connected=self._connected,
+            connected=self._link_up(),
             session=self._session,
             model_version=None if self._model is None else self._model.version,
             trained_version=trained - 1 if trained else None,
@@ -284,9 +285,11 @@ class DeviceAgent:
         await asyncio.to_thread(self._open_state)
         self._load_security()
         if self._trainer is None:
-            from device_agent.trainer import TorchTrainer
+            from device_agent.config import TrainingIsolation
+            from device_agent.trainer import ProcessTrainer, TorchTrainer
 
-            self._trainer = TorchTrainer()
+            isolated = self.config.training.isolation is TrainingIsolation.PROCESS
+            self._trainer = ProcessTrainer(TorchTrainer) if isolated else TorchTrainer()
         if self._executor is None:
             self._own_executor = concurrent.futures.ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix=f"edgefl-train-{self._device}"
@@ -363,6 +366,10 @@ class DeviceAgent:
             return ("no_model",)
         return reasons
 
+    def _link_up(self) -> bool:
+        transport = self._transport
+        return self._connected and transport is not None and transport.statistics().connected
+
     def _eligible(self) -> bool:
         return self._monitor.eligible and not self._probe_failed
 
@@ -392,7 +399,7 @@ class DeviceAgent:
         model = "no model" if self._model is None else f"model v{self._model.version}"
         spool = len(self._spool) if self._spool is not None else 0
         reasons = ",".join(self._reasons())
-        link = "connected" if self._connected else "disconnected"
+        link = "connected" if self._link_up() else "disconnected"
         text = f"{self._status.value}; {model}; {link}; spool {spool}; sent {self._updates_sent}"
         return f"{text}; not eligible: {reasons}" if reasons else text
 
@@ -426,7 +433,9 @@ class DeviceAgent:
                 if await _first(connected.wait(), self._stopping.wait()) == 1:
                     return
                 self._connected = True
+                self._transport = transport
                 self._connections += 1
+                self._mark_dirty()
                 await self._serve(transport, reconnected)
             except* (TransportError, OSError) as group:
                 failed = True
@@ -446,6 +455,8 @@ class DeviceAgent:
                 )
             finally:
                 self._connected = False
+                self._transport = None
+                self._notifier.status(self._status_line())
                 await self._close_transport(transport)
             if failed:
                 with contextlib.suppress(TimeoutError):
@@ -678,8 +689,14 @@ class DeviceAgent:
         trainer = self._trainer
         assert trainer is not None
         assert self._trained is not None
-        spec = _spec_for(model.manifest)
-        job = self._job(model, spec)
+        try:
+            job = self._job(model, _spec_for(model.manifest))
+        except (EdgeflError, ValueError) as exc:
+            log.error("%s: cannot train on model v%d: %s", self._device, model.version, exc)
+            self._aborted[AbortReason.ERROR.value] += 1
+            async with self._io_lock:
+                await asyncio.to_thread(self._trained.set, model.version + 1)
+            return
         self._abort_flag.clear()
         self._abort_reason = None
         self._training = True

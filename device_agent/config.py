@@ -57,6 +57,7 @@ __all__ = [
     "ProbeConfig",
     "SecurityConfig",
     "SpoolConfig",
+    "TrainingIsolation",
     "TrainingLimits",
     "env_var_name",
     "known_keys",
@@ -181,6 +182,15 @@ class BrokerConfig:
         return urlsplit(self.url).port or (8883 if self.tls else 1883)
 
 
+class TrainingIsolation(StrEnum):
+    """Where local training runs: a worker ``thread`` of the agent (fast start; torch stays
+    loaded afterwards) or a fresh child ``process`` per training (pays the torch import each
+    time; the agent's memory goes back to its idle size when training ends)."""
+
+    THREAD = "thread"
+    PROCESS = "process"
+
+
 class DataKind(StrEnum):
     NPZ = "npz"
     CSV = "csv"
@@ -231,6 +241,7 @@ class TrainingLimits:
     lr: float = 0.1
     max_train_seconds: float = 600.0
     holdout_fraction: float = 0.2  # local examples kept aside to evaluate the global model
+    isolation: TrainingIsolation = TrainingIsolation.THREAD
 
     def __post_init__(self) -> None:
         _check_int("training.max_threads", self.max_threads, 1, 64)

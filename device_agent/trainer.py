@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
 import os
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -36,7 +37,14 @@ from numpy.typing import NDArray
 from device_agent.dataset import LocalDataset
 from edgefl.models.spec import ModelSpec
 
-__all__ = ["TorchTrainer", "TrainJob", "TrainResult", "Trainer", "lower_thread_priority"]
+__all__ = [
+    "ProcessTrainer",
+    "TorchTrainer",
+    "TrainJob",
+    "TrainResult",
+    "Trainer",
+    "lower_thread_priority",
+]
 
 log = logging.getLogger("device_agent.trainer")
 
@@ -140,3 +148,80 @@ class TorchTrainer:
         if math.isfinite(result.loss):
             metrics["loss"] = result.loss
         return TrainResult(delta=result.delta, num_examples=result.num_examples, metrics=metrics)
+
+
+class ProcessTrainer:
+    """Runs a trainer in a fresh child process for every training (``training.isolation =
+    "process"``), so torch and everything training allocates leaves with the child.
+
+    ``factory`` builds the inner trainer *in the child* and must be picklable (a module-level
+    class such as :class:`TorchTrainer`). ``should_stop`` is polled in the parent every
+    ``poll_s`` and forwarded to the child through a ``multiprocessing.Event``, which the inner
+    trainer polls per mini-batch, so an abort is as prompt as in a thread. The child uses the
+    ``spawn`` start method (no fork of a threaded asyncio process). A child that dies without an
+    answer (killed by the OOM killer, a crash in native code) raises ``RuntimeError``, which the
+    agent counts as an aborted training (``error``).
+    """
+
+    def __init__(
+        self,
+        factory: Callable[[], Trainer] = TorchTrainer,
+        *,
+        poll_s: float = 0.05,
+    ) -> None:
+        self._factory = factory
+        self._context = multiprocessing.get_context("spawn")
+        self._poll_s = poll_s
+
+    def train(self, job: TrainJob, should_stop: Callable[[], bool]) -> TrainResult | None:
+        ctx = self._context
+        stop = ctx.Event()
+        receiver, sender = ctx.Pipe(duplex=False)
+        child = ctx.Process(
+            target=_train_in_child,
+            args=(self._factory, job, stop, sender),
+            name=f"edgefl-train-v{job.base_version}",
+            daemon=True,
+        )
+        child.start()
+        sender.close()
+        try:
+            while True:
+                if should_stop():
+                    stop.set()
+                if receiver.poll(self._poll_s):
+                    try:
+                        status, payload = receiver.recv()
+                    except EOFError:
+                        raise RuntimeError(
+                            f"training process exited without a result ({child.exitcode})"
+                        ) from None
+                    break
+                if not child.is_alive() and not receiver.poll(0):
+                    raise RuntimeError(f"training process died (exit code {child.exitcode})")
+        finally:
+            child.join(timeout=10)
+            if child.is_alive():
+                child.kill()
+                child.join()
+            receiver.close()
+        if status == "error":
+            raise RuntimeError(f"training process failed: {payload}")
+        result: TrainResult | None = payload
+        return result
+
+
+def _train_in_child(
+    factory: Callable[[], Trainer],
+    job: TrainJob,
+    stop: Any,
+    conn: Any,
+) -> None:
+    """Child process body: train, send ``("ok", result | None)`` or ``("error", text)``."""
+    try:
+        result = factory().train(job, stop.is_set)
+        conn.send(("ok", result))
+    except Exception as exc:
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+    finally:
+        conn.close()

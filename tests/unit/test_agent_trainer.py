@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 
 import numpy as np
+import pytest
 from sklearn.datasets import load_digits
 
 from device_agent.dataset import LocalDataset
-from device_agent.trainer import TorchTrainer, TrainJob, lower_thread_priority
+from device_agent.trainer import ProcessTrainer, TorchTrainer, TrainJob, lower_thread_priority
 from edgefl.models.spec import get_model_spec, init_weights_numpy
 from edgefl.training import LocalTrainConfig, evaluate, train_local
 
@@ -103,3 +105,36 @@ def test_lower_thread_priority_affects_only_the_calling_thread_and_is_idempotent
     # Assert
     assert seen["worker"] == target
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_before
+
+
+def test_process_trainer_gives_the_same_delta_and_stops_on_request() -> None:
+    # Arrange
+    j = job()
+    expected = TorchTrainer().train(j, lambda: False)
+    trainer = ProcessTrainer(TorchTrainer)
+    started = time.monotonic()
+
+    # Act
+    result = trainer.train(j, lambda: False)
+    stopped = trainer.train(job(epochs=10_000), lambda: time.monotonic() - started > 0.5)
+
+    # Assert: bit-identical delta from the child, and an abort is honoured (no result)
+    assert expected is not None
+    assert result is not None
+    np.testing.assert_array_equal(result.delta, expected.delta)
+    assert result.metrics["steps"] == expected.metrics["steps"]
+    assert stopped is None
+
+
+def test_process_trainer_reports_a_failing_child_as_error() -> None:
+    bad = job(
+        data=LocalDataset(
+            np.ones((4, 7), np.float32),
+            np.zeros(4, np.int64),
+            np.ones((0, 7), np.float32),
+            np.zeros(0, np.int64),
+        )
+    )
+
+    with pytest.raises(RuntimeError, match="training process failed: DataSourceError"):
+        ProcessTrainer(TorchTrainer).train(bad, lambda: False)
