@@ -3,6 +3,7 @@
 Wire into the top-level command with ``app.add_typer(agent_app, name="agent")``::
 
     edgefl agent --config /etc/edgefl/agent.toml [--set key=value ...]     run the daemon
+    edgefl agent run --config ...                                          the same
     edgefl agent check-config --config agent.toml [--set key=value ...]   validate and print
     edgefl agent predict --config agent.toml --input samples.npy|csv       local inference
 
@@ -29,7 +30,13 @@ import typer
 
 from device_agent.config import DEFAULT_CONFIG_PATH, AgentConfig, ConfigError, load_config
 
-__all__ = ["agent_app", "check_config_command", "predict_command", "run_command"]
+__all__ = [
+    "agent_app",
+    "check_config_command",
+    "predict_command",
+    "run_command",
+    "run_subcommand",
+]
 
 agent_app = typer.Typer(
     name="agent",
@@ -127,6 +134,13 @@ def _default(
         run_command(config, set_)
     else:
         ctx.obj = (config, set_)
+
+
+@agent_app.command("run")
+def run_subcommand(ctx: typer.Context, config: ConfigOption = None, set_: SetOption = None) -> None:
+    """Run the agent until SIGTERM/SIGINT (the same as ``edgefl agent`` without a subcommand)."""
+    parent = ctx.obj if isinstance(ctx.obj, tuple) else (None, None)
+    run_command(config or parent[0], (parent[1] or []) + (set_ or []))
 
 
 def _inherit(ctx: typer.Context, config: Path | None, sets: list[str] | None) -> AgentConfig:

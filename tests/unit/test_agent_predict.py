@@ -123,3 +123,15 @@ def test_cli_check_config_names_the_bad_key(tmp_path: Path) -> None:
     assert '"fleet": "f"' in ok.stdout
     assert bad.exit_code == 2
     assert "training.max_threads" in bad.output
+
+
+def test_cli_run_refuses_a_bad_config_with_status_2(tmp_path: Path) -> None:
+    env = _env(tmp_path) | {"EDGEFL_TRAINING__ISOLATION": "container"}
+
+    default = CliRunner().invoke(agent_app, [], env=env)
+    explicit = CliRunner().invoke(agent_app, ["run"], env=env)
+
+    for result in (default, explicit):
+        assert result.exit_code == 2
+        assert "training.isolation" in result.output
+        assert "'thread', 'process'" in result.output
