@@ -49,7 +49,7 @@ from edgefl.security import Ed25519ManifestVerifier, Ed25519Signer, generate_pri
 
 LONG = os.environ.get("HYPOTHESIS_PROFILE") == "fuzz-long"
 FUZZ = settings(
-    max_examples=50_000 if LONG else 250,
+    max_examples=20_000 if LONG else 250,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
