@@ -36,7 +36,10 @@ from edgefl.protocol import TrainingHints
 from edgefl.protocol.topics import fleet_name
 from edgefl.transport import MqttConfig
 
-__all__ = ["AggregatorConfig", "Algorithm", "NormBoundSetting"]
+__all__ = ["REASSEMBLY_PARTIALS", "AggregatorConfig", "Algorithm", "NormBoundSetting"]
+
+REASSEMBLY_PARTIALS = 16
+"""Incomplete chunked updates held at once; beyond that the least recently active is evicted."""
 
 
 class Algorithm(StrEnum):
@@ -98,8 +101,9 @@ class AggregatorConfig:
     chunk_grace_s: float = 30.0
     max_packet: int = 256 * 1024
     # --- ingest tuning
-    max_batch: int = 512
+    max_batch: int = 256  # messages per group commit (also bounded by max_inflight_bytes / 4)
     batch_linger_s: float = 0.002
+    max_inflight_bytes: int = 16 * 1024 * 1024  # sizes the MQTT receive window (see below)
     fsync: bool = True  # SQLite synchronous=FULL (power-loss safe) vs NORMAL (crash safe)
     seed: int = 0
     # --- security and MQTT identity
@@ -214,7 +218,12 @@ class AggregatorConfig:
             "client_id": self.client_id or f"edgefl-aggregator-{self.fleet}",
             "persistent_session": True,
             "manual_ack": True,
-            "max_queued_messages": max(4096, 2 * self.max_batch),
+            "max_queued_messages": self.inflight_window(),
+            # A Receive Maximum above the queue bound makes the transport pause reading when
+            # its queue is full instead of trusting the broker's flow control: Mosquitto 2.0
+            # was measured sending far more unacknowledged QoS 1 messages than the Receive
+            # Maximum of an MQTT 5 client (684 with a maximum of 80), which made RSS unbounded.
+            "receive_maximum": min(65535, self.inflight_window() + 1),
             "max_inflight": 100,
             "reconnect_min_delay": 0.2,
             "reconnect_max_delay": 5.0,
@@ -228,6 +237,35 @@ class AggregatorConfig:
                 values[name] = getattr(self, name)
         values.update(overrides)
         return MqttConfig.from_url(self.broker_url, **values)
+
+    def expected_update_bytes(self) -> int:
+        """Estimated size of one encoded update: the hinted codec's bytes per parameter times
+        the model size (plus index gaps for top-k) plus the header."""
+        per_param = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5, "int2": 0.25}
+        bpp = per_param.get(self.codec.quantization.value, 4.0)
+        if self.codec.topk_fraction is not None:
+            bpp = self.codec.topk_fraction * (bpp + 4.0)
+        return int(bpp * self.spec.num_params) + 2048
+
+    def expected_packet_bytes(self) -> int:
+        """Estimated size of one update packet (updates above ``max_packet`` are chunked)."""
+        return min(self.max_packet, self.expected_update_bytes())
+
+    def inflight_window(self) -> int:
+        """Unacknowledged messages the broker may push to us (MQTT 5 Receive Maximum) and the
+        bound of the transport's inbound queue: ``max_inflight_bytes`` worth of expected
+        packets, at most 4096. Chunks of incomplete updates stay unacknowledged (up to
+        ``REASSEMBLY_PARTIALS`` updates, then the oldest is evicted), so the window is at least
+        ``REASSEMBLY_PARTIALS * (chunks per update - 1) + 32``: complete updates always fit.
+        """
+        per_update = self.expected_update_bytes()
+        chunks = -(-per_update // self.max_packet)
+        floor = REASSEMBLY_PARTIALS * (chunks - 1) + 32
+        return max(floor, min(4096, self.max_inflight_bytes // self.expected_packet_bytes()))
+
+    def batch_limits(self) -> tuple[int, int]:
+        """``(messages, bytes)`` of one group commit: a quarter of the window each."""
+        return min(self.max_batch, self.inflight_window() // 4), self.max_inflight_bytes // 4
 
     def replace(self, **changes: Any) -> AggregatorConfig:
         return dataclasses.replace(self, **changes)

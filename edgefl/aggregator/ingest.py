@@ -28,7 +28,11 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Final
 
-from edgefl.aggregator.config import AggregatorConfig
+import numpy as np
+from numpy.typing import NDArray
+
+from edgefl.aggregation import AddableUpdate, RobustMode
+from edgefl.aggregator.config import REASSEMBLY_PARTIALS, AggregatorConfig
 from edgefl.aggregator.engine import AddResult, Engine
 from edgefl.codec import CodecDescriptor, DecodedUpdate, open_update
 from edgefl.errors import EdgeflError, ProtocolError, RejectReason
@@ -77,12 +81,56 @@ def max_decompressed(num_params: int) -> int:
     return 9 * num_params + 65536
 
 
-def decode_body(codec: Mapping[str, Any], body: bytes, num_params: int) -> DecodedUpdate:
-    """Validate a codec descriptor and open a body (raises ``CodecError``)."""
+def decode_body(
+    codec: Mapping[str, Any],
+    body: bytes | memoryview,
+    num_params: int,
+    scratch: NDArray[np.float32] | None = None,
+) -> AddableUpdate:
+    """Validate a codec descriptor and open a body (raises ``CodecError``).
+
+    With ``scratch`` (a float32 vector of ``num_params``, reused between calls) the update is
+    dequantized once into it and returned as a :class:`ScratchUpdate`: one dequantization pass
+    instead of one for the norm and one for the accumulation. Only for consumers that use the
+    update immediately and do not keep it (FedBuff without a robust mode).
+    """
     descriptor = CodecDescriptor.from_dict(codec)
-    return open_update(
+    decoded = open_update(
         descriptor, body, num_params=num_params, max_decompressed=max_decompressed(num_params)
     )
+    if scratch is None:
+        return decoded
+    return ScratchUpdate(decoded, scratch)
+
+
+class ScratchUpdate:
+    """:class:`~edgefl.aggregation.AddableUpdate` over a decoded update densified into a shared
+    scratch vector (valid until the next :func:`decode_body` with the same scratch).
+
+    ``squared_norm`` is the float64 dot product of the dense float32 delta; ``add_to`` is
+    ``out += float32(weight) * delta``. Deterministic, so replaying stored updates reproduces
+    the buffer exactly.
+    """
+
+    __slots__ = ("_dense",)
+
+    def __init__(self, decoded: DecodedUpdate, scratch: NDArray[np.float32]) -> None:
+        scratch.fill(0.0)
+        decoded.add_to(scratch, 1.0)
+        self._dense = scratch
+
+    @property
+    def num_params(self) -> int:
+        return int(self._dense.shape[0])
+
+    def squared_norm(self) -> float:
+        return float(np.dot(self._dense, self._dense))
+
+    def add_to(self, out: NDArray[np.float32], weight: float) -> None:
+        out += np.float32(weight) * self._dense
+
+    def to_dense(self) -> NDArray[np.float32]:
+        return self._dense.copy()
 
 
 class Ingest:
@@ -104,13 +152,19 @@ class Ingest:
         self._reassembler = Reassembler(
             ReassemblyConfig(
                 max_message_size=config.max_update_bytes,
-                max_buffered_bytes=max(config.max_update_bytes, 128 * 1024 * 1024),
+                max_buffered_bytes=max(config.max_update_bytes, config.max_inflight_bytes),
+                max_partials=REASSEMBLY_PARTIALS,
             )
         )
         self._max_seq: dict[str, int] = dict(max_seq or {})
         self._pending_seen: set[tuple[str, int]] = set()
         self._committed_seen = committed_seen
         self._windows: dict[str, deque[float]] = {}
+        self.scratch = (
+            np.zeros(self._spec.num_params, np.float32)
+            if config.robust is RobustMode.NONE
+            else None
+        )
 
     @property
     def reassembler(self) -> Reassembler:
@@ -202,7 +256,7 @@ class Ingest:
         device, seq = header.device_id, header.seq
         self._check_seq(device, seq)
         window = self._check_rate(device, now)
-        update = decode_body(header.codec, body, self._spec.num_params)
+        update = decode_body(header.codec, body, self._spec.num_params, self.scratch)
         result = self._engine.add(
             device,
             update,

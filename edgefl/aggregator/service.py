@@ -29,7 +29,6 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -90,6 +89,17 @@ class _Release:
     weights: NDArray[np.float32]
 
 
+@dataclasses.dataclass
+class _Prepared:
+    """One validated batch waiting for its commit."""
+
+    record: BatchRecord
+    acks: list[tuple[InboundMessage, float]] = dataclasses.field(default_factory=list)
+    pairs: list[tuple[str, int]] = dataclasses.field(default_factory=list)
+    new_versions: list[VersionRecord] = dataclasses.field(default_factory=list)
+    release: _Release | None = None
+
+
 def initial_state(config: AggregatorConfig) -> FedBuffState:
     """Version 0: torch-free initial weights (``init_weights_numpy(spec, seed)``), no buffer."""
     w0 = init_weights_numpy(config.spec, config.seed)
@@ -121,6 +131,8 @@ class Aggregator:
         self._counters: Counter[str] = Counter()
         self._history: list[VersionRecord] = []
         self._held: dict[tuple[str, bytes], list[tuple[InboundMessage, float]]] = {}
+        self._pending_acks = 0
+        self._cpu: concurrent.futures.ThreadPoolExecutor | None = None
         self._release: _Release | None = None
         self._publish_wanted = asyncio.Event()
         self._published_version: int | None = None
@@ -176,7 +188,7 @@ class Aggregator:
             steps=c["steps"],
             discarded=engine.discarded if engine else 0,
             rounds=engine.rounds if engine else {},
-            pending_acks=sum(len(v) for v in self._held.values()),
+            pending_acks=self._pending_acks,
             batches=self._batches,
             connected=bool(ts and ts.connected),
             reconnects=ts.reconnects if ts else 0,
@@ -189,10 +201,11 @@ class Aggregator:
         """Run until :meth:`stop`; sets ``ready`` once subscribed and the current version is
         published."""
         self._loop = asyncio.get_running_loop()
-        self._queue = asyncio.Queue(maxsize=2 * self.config.max_batch)
+        self._queue = asyncio.Queue(maxsize=max(16, self.config.batch_limits()[0]))
         if self._stopping:
             return
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="edgefl-db")
+        self._cpu = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="edgefl-ingest")
         try:
             await self._restore()
             self._transport = self._given_transport or self._make_transport()
@@ -209,6 +222,7 @@ class Aggregator:
             if self._evaluator is not None:
                 self._evaluator.stop()
             self._writer.shutdown(wait=True)
+            self._cpu.shutdown(wait=True)
             if self._store is not None:
                 self._store.close()
 
@@ -270,8 +284,13 @@ class Aggregator:
         # replay the buffered updates of the current generation, in their original order
         record = BatchRecord(generation=engine.generation)
         new_versions: list[VersionRecord] = []
+        ingest = Ingest(
+            cfg, engine, max_seq=loaded.max_seq, committed_seen=self._seen_reader(store)
+        )
         for row in loaded.buffer:
-            update = decode_body(json.loads(row.codec), row.body, cfg.spec.num_params)
+            update = decode_body(
+                json.loads(row.codec), row.body, cfg.spec.num_params, ingest.scratch
+            )
             engine.add(
                 row.device,
                 update,
@@ -287,9 +306,7 @@ class Aggregator:
             await loop.run_in_executor(self._writer, store.commit, record)
             self._history.extend(new_versions)
             self._counters.update(record.counters)
-        self._ingest = Ingest(
-            cfg, engine, max_seq=loaded.max_seq, committed_seen=self._seen_reader(store)
-        )
+        self._ingest = ingest
         self._release = _Release(
             engine.version, self._version_created_at(loaded.created_at), engine.weights.copy()
         )
@@ -360,46 +377,82 @@ class Aggregator:
             await queue.put((message, time.monotonic()))
 
     async def _ingest_loop(self, transport: Transport) -> None:
+        """Batches in, group commits out, pipelined: batch N+1 is validated and applied while
+        batch N commits in the writer thread; N's messages are acknowledged once N committed."""
         queue = self._queue
         assert queue is not None
-        cfg = self.config
-        while not self._stopping:
-            try:
-                async with asyncio.timeout(_IDLE_TICK_S):
-                    item = await queue.get()
-            except TimeoutError:
-                await self._process_batch(transport, [])  # deadlines, reassembly expiry
-                continue
-            if item is None:
-                break
-            batch = [item]
-            self._drain(queue, batch)
-            if cfg.batch_linger_s > 0 and len(batch) < cfg.max_batch and not self._stopping:
-                await asyncio.sleep(cfg.batch_linger_s)
-                self._drain(queue, batch)
-            await self._process_batch(transport, [b for b in batch if b is not None])
+        pending: tuple[asyncio.Future[None], _Prepared] | None = None
+        loop = asyncio.get_running_loop()
+        try:
+            while not self._stopping:
+                if pending is not None and queue.empty():
+                    await self._finish(transport, *pending)
+                    pending = None
+                batch = await self._next_batch(queue)
+                if batch is None:
+                    break
+                # validation and decoding run in the ingest thread (numpy, zstd and crc32
+                # release the GIL), so the event loop keeps reading the socket meanwhile
+                prepared = await loop.run_in_executor(self._cpu, self._prepare, batch)
+                if prepared is not None:
+                    self._counters.update(prepared.record.counters)
+                if pending is not None:
+                    await self._finish(transport, *pending)
+                    pending = None
+                if prepared is not None:
+                    store = self._store
+                    assert store is not None
+                    commit = loop.run_in_executor(self._writer, store.commit, prepared.record)
+                    pending = (commit, prepared)
+        finally:
+            if pending is not None:
+                await self._finish(transport, *pending)
+
+    async def _next_batch(
+        self, queue: asyncio.Queue[tuple[InboundMessage, float] | None]
+    ) -> list[tuple[InboundMessage, float]] | None:
+        """The next batch (``[]`` after an idle period: deadlines and expiry still run;
+        ``None`` when stopping)."""
+        try:
+            async with asyncio.timeout(_IDLE_TICK_S):
+                item = await queue.get()
+        except TimeoutError:
+            return []
+        if item is None:
+            self._stopping = True
+            return None
+        batch = [item]
+        limits = self.config.batch_limits()
+        size = self._drain(queue, batch, len(item[0].payload), limits)
+        linger = self.config.batch_linger_s
+        if linger > 0 and len(batch) < limits[0] and size < limits[1] and not self._stopping:
+            await asyncio.sleep(linger)
+            self._drain(queue, batch, size, limits)
+        return batch
 
     def _drain(
-        self, queue: asyncio.Queue[tuple[InboundMessage, float] | None], batch: list[Any]
-    ) -> None:
-        while len(batch) < self.config.max_batch and not queue.empty():
+        self,
+        queue: asyncio.Queue[tuple[InboundMessage, float] | None],
+        batch: list[tuple[InboundMessage, float]],
+        size: int,
+        limits: tuple[int, int],
+    ) -> int:
+        while len(batch) < limits[0] and size < limits[1] and not queue.empty():
             item = queue.get_nowait()
             if item is None:
                 self._stopping = True
                 break
             batch.append(item)
+            size += len(item[0].payload)
+        return size
 
-    async def _process_batch(
-        self, transport: Transport, batch: list[tuple[InboundMessage, float]]
-    ) -> None:
-        engine, ingest, store = self._engine, self._ingest, self._store
+    def _prepare(self, batch: list[tuple[InboundMessage, float]]) -> _Prepared | None:
+        """Validate and apply one batch (no I/O); ``None`` when there is nothing to commit."""
+        engine, ingest = self._engine, self._ingest
         assert engine is not None
         assert ingest is not None
-        assert store is not None
-        record = BatchRecord(generation=engine.generation)
-        acks: list[tuple[InboundMessage, float]] = []
-        pairs: list[tuple[str, int]] = []
-        new_versions: list[VersionRecord] = []
+        prepared = _Prepared(BatchRecord(generation=engine.generation))
+        record, acks = prepared.record, prepared.acks
         now = time.monotonic()
         for message, received_at in batch:
             record.count("bytes", len(message.payload))
@@ -411,9 +464,9 @@ class Aggregator:
             if out.chunk_key is not None and out.completes:
                 acks.extend(self._held.pop(out.chunk_key, []))
             if out.kind is OutcomeKind.ACCEPTED:
-                pairs.append(self._accepted(record, out))
+                prepared.pairs.append(self._accepted(record, out))
                 if engine.generation != record.generation:
-                    self._new_generation(record, new_versions)
+                    self._new_generation(record, prepared.new_versions)
             elif out.kind is OutcomeKind.REJECTED:
                 assert out.reason is not None
                 record.count("received")
@@ -424,30 +477,39 @@ class Aggregator:
             record.count(f"rejected:{dropped.reason.value}")
             acks.extend(self._held.pop((dropped.source, dropped.message_id), []))
         if engine.tick(now) is not None:
-            self._new_generation(record, new_versions)
-        self._counters.update(record.counters)
+            self._new_generation(record, prepared.new_versions)
+        self._pending_acks = sum(len(v) for v in self._held.values())
         if record.empty and not acks:
-            return
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._writer, store.commit, record)
-        ingest.committed(pairs)
+            return None
+        if prepared.new_versions:
+            created = prepared.new_versions[-1].created_at
+            prepared.release = _Release(engine.version, created, engine.weights.copy())
+        return prepared
+
+    async def _finish(
+        self, transport: Transport, commit: asyncio.Future[None], prepared: _Prepared
+    ) -> None:
+        """Wait for the batch's commit, then acknowledge its messages and announce versions."""
+        await commit
+        ingest = self._ingest
+        assert ingest is not None
+        ingest.committed(prepared.pairs)
         self._batches += 1
-        for message, _ in acks:
+        for message, _ in prepared.acks:
             await transport.ack(message)
         done = time.monotonic()
         if self._exporter is not None:
-            for _, received_at in acks:
+            for _, received_at in prepared.acks:
                 self._exporter.latency.observe(done - received_at)
-        if new_versions:
-            self._history.extend(new_versions)
-            self._release = _Release(
-                engine.version, new_versions[-1].created_at, engine.weights.copy()
-            )
+        release = prepared.release
+        if release is not None:
+            self._history.extend(prepared.new_versions)
+            self._release = release
             self._publish_wanted.set()
             if self._evaluator is not None:
-                self._evaluator.submit(engine.version, engine.weights)
+                self._evaluator.submit(release.version, release.weights)
             if self._on_version is not None:
-                for rec in new_versions:
+                for rec in prepared.new_versions:
                     try:
                         self._on_version(rec)
                     except Exception:

@@ -1,0 +1,328 @@
+"""End-to-end ingest benchmark of the aggregator through Mosquitto, beside the raw broker ceiling.
+
+Run: ``.venv/bin/python bench/ingest.py [--quick] [--json]``
+
+For each model (``mlp-100k``: 99,823 parameters; ``mlp-1m``: 999,334) the benchmark
+
+1. pre-encodes a few real int8 updates (``edgefl.codec.encode_update`` of Gaussian deltas) in
+   the parent; publishers replay their bodies under distinct (device, seq) headers, so encoding
+   is not what is measured;
+2. **ceiling**: publisher processes (plain paho-mqtt, QoS 1, 1,000 in flight) send the very same
+   update envelopes to a plain paho subscriber process (QoS 1, auto ack) through the same
+   Mosquitto; updates/s from the first publish to the last message received;
+3. **aggregator**: the same publishers and payloads into a running
+   :class:`edgefl.aggregator.Aggregator` (its own process: persistent session, manual acks, full
+   validation and bounded decode into the FedBuff accumulator, group commit to SQLite with
+   ``synchronous=FULL``, then acks; new versions published as retained chunks); updates/s from
+   the first publish until the aggregator committed the last update; its peak RSS (``VmHWM``).
+
+Mosquitto runs with ``broker/conf/dev.conf`` on a free port, state in a temp dir. Everything
+shares the machine's cores, so the ceiling and the aggregator see the same contention.
+With ``--json`` the last line of stdout is one JSON object with ``updates_per_s_100k``,
+``updates_per_s_1m``, ``ceiling_per_s_100k``, ``ceiling_per_s_1m``, ``fraction_of_ceiling_100k``,
+``fraction_of_ceiling_1m``, ``mb_per_s_*``, ``peak_rss_mb_100k``, ``peak_rss_mb_1m`` and the
+RSS budget ``rss_budget_mb_* = 4 x model + 150``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from multiprocessing.synchronize import Event as MpEvent
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+FLEET = "bench"
+DISTINCT = 4  # distinct pre-encoded bodies per model
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str
+    updates: int
+    buffer_size: int
+
+
+def encode_bodies(model: str) -> tuple[dict[str, Any], list[bytes], int]:
+    from edgefl.codec import CodecConfig, encode_update
+    from edgefl.models import get_model_spec
+
+    spec = get_model_spec(model)
+    rng = np.random.default_rng(0)
+    bodies, codec = [], {}
+    for _ in range(DISTINCT):
+        d = (rng.standard_normal(spec.num_params) * 0.01).astype(np.float32)
+        encoded, _ = encode_update(d, CodecConfig(), rng=rng)
+        bodies.append(encoded.body)
+        codec = encoded.descriptor.to_dict()
+    return codec, bodies, spec.num_params
+
+
+def envelope(model: str, codec: dict[str, Any], body: bytes, n: int, dev: str, seq: int) -> bytes:
+    from edgefl.protocol import UpdateHeader, encode_message
+
+    header = UpdateHeader(
+        fleet=FLEET, device_id=dev, seq=seq, base_version=0, num_examples=32, model=model,
+        codec=codec, num_params=n, created_at=time.time(),
+    )  # fmt: skip
+    return encode_message(header, body)
+
+
+# ---------------------------------------------------------------------------------------------
+# processes
+
+
+def publisher_proc(
+    port: int, model: str, codec: dict[str, Any], bodies: list[bytes], n: int,
+    index: int, count: int, go: MpEvent, done: Any,
+) -> None:  # fmt: skip
+    import paho.mqtt.client as mqtt
+
+    from edgefl.protocol import packetize, update_topic
+
+    # build the payloads before the start signal: the header differs per (device, seq); updates
+    # above 256 KiB are chunked exactly as devices do (UPDATE_CHUNK packets on the same topic)
+    items = []
+    for k in range(count):
+        dev, seq = f"p{index}-d{k % 50}", k // 50 + 1
+        whole = envelope(model, codec, bodies[k % len(bodies)], n, dev, seq)
+        items += [(update_topic(FLEET, dev, seq), p) for p in packetize(whole)]
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{index}")
+    client.max_inflight_messages_set(1000)
+    client.max_queued_messages_set(0)
+    acked = 0
+
+    def on_publish(*_: Any) -> None:
+        nonlocal acked
+        acked += 1
+
+    client.on_publish = on_publish
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    go.wait()
+    for topic, payload in items:
+        client.publish(topic, payload, qos=1)
+    while acked < len(items):
+        time.sleep(0.005)
+    client.loop_stop()
+    client.disconnect()
+    done.put(index)
+
+
+def subscriber_proc(port: int, total: int, ready: Any, result: Any) -> None:
+    import paho.mqtt.client as mqtt
+
+    received = 0
+    nbytes = 0
+    finished = time.time()
+
+    def on_message(_c: Any, _u: Any, msg: Any) -> None:
+        nonlocal received, nbytes, finished
+        received += 1
+        nbytes += len(msg.payload)
+        if received == total:
+            finished = time.time()
+
+    def on_subscribe(*_: Any) -> None:
+        ready.put(True)
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-sub")
+    client.on_message = on_message
+    client.on_subscribe = on_subscribe
+    client.connect("127.0.0.1", port)
+    client.subscribe(f"edgefl/v1/{FLEET}/device/+/update/+", qos=1)
+    while received < total:
+        client.loop(0.1)
+    client.disconnect()
+    result.put((finished, nbytes))
+
+
+def aggregator_proc(
+    port: int, model: str, state_dir: str, total: int, k: int, ready: Any, result: Any
+) -> None:
+    import asyncio
+
+    from edgefl.aggregator import Aggregator, AggregatorConfig, NormBoundSetting
+    from edgefl.aggregator.memory import pin_mmap_threshold
+
+    pin_mmap_threshold()  # as run_aggregator (the CLI) does
+
+    config = AggregatorConfig(
+        broker_url=f"mqtt://127.0.0.1:{port}", fleet=FLEET, model=model,
+        state_dir=Path(state_dir), buffer_size=k, norm_bound=NormBoundSetting.ADAPTIVE_CLIP,
+        metrics_interval_s=1.0, max_staleness=None,
+    )  # fmt: skip
+
+    async def main() -> None:
+        agg = Aggregator(config)
+        up = asyncio.Event()
+        task = asyncio.create_task(agg.run(up))
+        await up.wait()
+        rss_ready = vm_rss_mb()
+        ready.put(True)
+        while agg.statistics().received < total:  # noqa: ASYNC110  (polling the counters)
+            await asyncio.sleep(0.002)
+        finished = time.time()
+        s = agg.statistics()
+        agg.stop()
+        await task
+        result.put(
+            (finished, s.applied, dict(s.rejected), s.version, s.batches, vm_hwm_mb(), rss_ready)
+        )
+
+    asyncio.run(main())
+
+
+def vm_hwm_mb(key: str = "VmHWM:") -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def vm_rss_mb() -> float:
+    return vm_hwm_mb("VmRSS:")
+
+
+# ---------------------------------------------------------------------------------------------
+# runs
+
+
+def run_publishers(
+    ctx: Any, port: int, case: Case, payload: tuple[dict[str, Any], list[bytes], int], n_pub: int
+) -> tuple[float, list[Any]]:
+    codec, bodies, n = payload
+    go = ctx.Event()
+    done = ctx.Queue()
+    per = case.updates // n_pub
+    procs = [
+        ctx.Process(
+            target=publisher_proc,
+            args=(port, case.model, codec, bodies, n, i, per, go, done),
+        )
+        for i in range(n_pub)
+    ]
+    for p in procs:
+        p.start()
+    time.sleep(0.5 + case.updates * len(bodies[0]) / 400e6)  # let them build their payloads
+    start = time.time()
+    go.set()
+    return start, procs
+
+
+def measure_ceiling(ctx: Any, port: int, case: Case, payload: Any, n_pub: int) -> dict[str, float]:
+    from edgefl.protocol import packetize
+
+    ready, result = ctx.Queue(), ctx.Queue()
+    total = (case.updates // n_pub) * n_pub
+    codec, bodies, n = payload
+    per_update = len(packetize(envelope(case.model, codec, bodies[0], n, "x", 1)))
+    sub = ctx.Process(target=subscriber_proc, args=(port, total * per_update, ready, result))
+    sub.start()
+    ready.get(timeout=30)
+    start, pubs = run_publishers(ctx, port, case, payload, n_pub)
+    finished, nbytes = result.get(timeout=300)
+    for p in [*pubs, sub]:
+        p.join(30)
+    elapsed = finished - start
+    return {"per_s": total / elapsed, "mb_per_s": nbytes / elapsed / 1e6, "seconds": elapsed}
+
+
+def measure_aggregator(
+    ctx: Any, port: int, case: Case, payload: Any, n_pub: int, tmp: Path
+) -> dict[str, Any]:
+    ready, result = ctx.Queue(), ctx.Queue()
+    total = (case.updates // n_pub) * n_pub
+    state_dir = tmp / f"state-{case.model}"
+    agg = ctx.Process(
+        target=aggregator_proc,
+        args=(port, case.model, str(state_dir), total, case.buffer_size, ready, result),
+    )
+    agg.start()
+    ready.get(timeout=60)
+    start, pubs = run_publishers(ctx, port, case, payload, n_pub)
+    finished, applied, rejected, version, batches, rss, rss_ready = result.get(timeout=600)
+    for p in [*pubs, agg]:
+        p.join(30)
+    elapsed = finished - start
+    size = total * (len(payload[1][0]) + 1000)
+    return {
+        "per_s": total / elapsed,
+        "mb_per_s": size / elapsed / 1e6,
+        "seconds": elapsed,
+        "applied": applied,
+        "rejected": rejected,
+        "version": version,
+        "batches": batches,
+        "peak_rss_mb": rss,
+        "ready_rss_mb": rss_ready,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer updates (CI smoke run)")
+    parser.add_argument("--json", action="store_true", help="print a JSON line at the end")
+    parser.add_argument("--publishers", type=int, default=2)
+    args = parser.parse_args()
+    from broker.launcher import MosquittoBroker
+
+    scale = 0.25 if args.quick else 1.0
+    cases = {
+        "100k": Case("mlp-100k", int(6000 * scale), 50),
+        "1m": Case("mlp-1m", int(800 * scale), 20),
+    }
+    ctx = mp.get_context("spawn")
+    out: dict[str, Any] = {"quick": args.quick, "publishers": args.publishers}
+    with tempfile.TemporaryDirectory(prefix="edgefl-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        for key, case in cases.items():
+            payload = encode_bodies(case.model)
+            model_mb = payload[2] * 4 / 1e6
+            with MosquittoBroker(state_dir=tmp / f"mosquitto-{key}") as broker:
+                ceiling = measure_ceiling(ctx, broker.port, case, payload, args.publishers)
+            with MosquittoBroker(state_dir=tmp / f"mosquitto-agg-{key}") as broker:
+                agg = measure_aggregator(ctx, broker.port, case, payload, args.publishers, tmp)
+            fraction = agg["per_s"] / ceiling["per_s"]
+            budget = 4 * model_mb + 150
+            kb = len(payload[1][0]) / 1e3
+            print(
+                f"{case.model:9s} {case.updates:5d} int8 updates of {kb:.0f} kB"
+                f" (K={case.buffer_size}): aggregator {agg['per_s']:7.0f} upd/s "
+                f"{agg['mb_per_s']:6.1f} MB/s | ceiling {ceiling['per_s']:7.0f} upd/s "
+                f"{ceiling['mb_per_s']:6.1f} MB/s | {100 * fraction:5.1f}% of ceiling | "
+                f"peak RSS {agg['peak_rss_mb']:.0f} MB (idle {agg['ready_rss_mb']:.0f}, "
+                f"budget {budget:.0f}, model {model_mb:.1f} MB) | applied {agg['applied']} in "
+                f"{agg['batches']} commits, version {agg['version']}, "
+                f"rejected {agg['rejected'] or 0}",
+                flush=True,
+            )
+            out |= {
+                f"updates_per_s_{key}": round(agg["per_s"], 1),
+                f"ceiling_per_s_{key}": round(ceiling["per_s"], 1),
+                f"fraction_of_ceiling_{key}": round(fraction, 3),
+                f"mb_per_s_{key}": round(agg["mb_per_s"], 1),
+                f"ceiling_mb_per_s_{key}": round(ceiling["mb_per_s"], 1),
+                f"peak_rss_mb_{key}": round(agg["peak_rss_mb"], 1),
+                f"rss_budget_mb_{key}": round(budget, 1),
+                f"idle_rss_mb_{key}": round(agg["ready_rss_mb"], 1),
+                f"seconds_{key}": round(agg["seconds"], 2),
+                f"applied_{key}": agg["applied"],
+            }
+    if args.json:
+        print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
