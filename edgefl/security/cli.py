@@ -51,8 +51,7 @@ def init_command(
     ] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing fleet in --out.")] = False,
 ) -> None:
-    """Create the fleet CA, broker certificate, password file, ACL and broker config, the
-    aggregator's Ed25519 signing key and the aggregator and monitor MQTT credentials."""
+    """Create a fleet: CA, broker TLS/passwords/ACL/config, aggregator and monitor accounts."""
     try:
         layout = init_fleet(
             out,
@@ -87,8 +86,7 @@ def device_command(
     ] = "/var/lib/edgefl/data/train.npz",
     force: Annotated[bool, typer.Option(help="Re-provision an existing device.")] = False,
 ) -> None:
-    """Create a device's MQTT password, Ed25519 key pair (public key registered with the
-    aggregator), optional client certificate, and its bundle directory."""
+    """Add a device: MQTT password, Ed25519 key pair, optional client certificate, bundle."""
     try:
         bundle = add_device(out, device, client_cert=client_cert, force=force, data_path=data_path)
     except (ProvisionError, ValueError) as exc:
