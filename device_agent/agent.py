@@ -226,6 +226,7 @@ class DeviceAgent:
         self._spool_changed = asyncio.Event()
         self._state_dirty = asyncio.Event()
         self._started = False
+        self._last_status = ""
         # counters
         self._updates_sent = 0
         self._trainings_started = 0
@@ -393,7 +394,13 @@ class DeviceAgent:
 
     def _mark_dirty(self) -> None:
         self._state_dirty.set()
-        self._notifier.status(self._status_line())
+        self._systemd_status()
+
+    def _systemd_status(self) -> None:
+        line = self._status_line()
+        if line != self._last_status:
+            self._last_status = line
+            self._notifier.status(line)
 
     def _status_line(self) -> str:
         model = "no model" if self._model is None else f"model v{self._model.version}"
@@ -456,7 +463,7 @@ class DeviceAgent:
             finally:
                 self._connected = False
                 self._transport = None
-                self._notifier.status(self._status_line())
+                self._systemd_status()
                 await self._close_transport(transport)
             if failed:
                 with contextlib.suppress(TimeoutError):

@@ -7,7 +7,9 @@ passes it as ``$WATCHDOG_USEC``; ping about every half interval, from the event 
 wedged loop gets the unit restarted), ``STATUS=...`` for ``systemctl status``, ``STOPPING=1``.
 
 Outside systemd (no ``$NOTIFY_SOCKET``) every method is a no-op returning False. Sending never
-raises: a notification that cannot be delivered is logged at debug level and reported as False.
+raises and never blocks (the socket is non-blocking, so a receiver that does not drain its queue
+cannot stall the caller's event loop): a notification that cannot be delivered is logged at debug
+level and reported as False.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ class SystemdNotifier:
         try:
             if self._socket is None:
                 self._socket = socket.socket(
-                    socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
+                    socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
                 )
             self._socket.sendto(message, self._address)
         except OSError as exc:

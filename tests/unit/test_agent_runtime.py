@@ -7,6 +7,7 @@ sysfs tree and torch training of the digits MLP on scikit-learn's digits (160 ex
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import threading
 import time
@@ -535,3 +536,50 @@ def test_signed_manifests_only_and_signed_updates(tmp_path: Path) -> None:
     header, _ = decode_update(payload)
     assert header.base_version == 2
     load_update_authenticator(tmp_path / "devices").authenticate(header, payload)  # no raise
+
+
+def test_systemd_ready_status_and_watchdog_from_the_event_loop(tmp_path: Path) -> None:
+    # Arrange: a notification socket like systemd's, watchdog every 0.2 s
+    import socket
+
+    from device_agent.notify import SystemdNotifier
+
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(0.2)
+    messages: list[str] = []
+    done = threading.Event()
+
+    def read() -> None:  # drain like systemd does
+        while not done.is_set():
+            with contextlib.suppress(TimeoutError):
+                messages.append(sock.recv(4096).decode())
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    notifier = SystemdNotifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"})
+    cfg = make_config(tmp_path)
+    write_tree(tmp_path / "fs", mains=False)
+    broker = MemoryBroker()
+
+    async def scenario() -> None:
+        agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker), notifier=notifier)
+        run = asyncio.create_task(agent.run())
+        # Act
+        await asyncio.sleep(0.7)
+        agent.stop()
+        await run
+
+    asyncio.run(scenario())
+    time.sleep(0.3)
+    done.set()
+    reader.join()
+    sock.close()
+
+    # Assert
+    assert messages[0].startswith("READY=1\nSTATUS=")
+    assert sum(m == "WATCHDOG=1" for m in messages) >= 3  # every 0.1 s for 0.7 s
+    statuses = [m for m in messages if m.startswith("STATUS=")]
+    assert any("not eligible: on_battery" in m for m in statuses)
+    assert messages[-1].startswith("STOPPING=1")

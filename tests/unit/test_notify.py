@@ -106,3 +106,20 @@ def test_reads_os_environ_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     assert SystemdNotifier().watchdog_interval() == 10.0
+
+
+def test_a_full_receiver_queue_never_blocks_the_sender(tmp_path: Path) -> None:
+    # Arrange: a receiver that never reads (its datagram queue fills up)
+    path = str(tmp_path / "stuck.sock")
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(path)
+    notifier = SystemdNotifier({"NOTIFY_SOCKET": path})
+
+    # Act: far more than net.unix.max_dgram_qlen datagrams
+    results = [notifier.watchdog() for _ in range(2000)]
+
+    # Assert: the first ones were delivered, the rest dropped instead of blocking
+    assert results[0] is True
+    assert results[-1] is False
+    receiver.close()
+    notifier.close()
