@@ -3,15 +3,18 @@
 * the agent follows the aggregator's model (FedBuff K=1: its own update makes the next version),
   keeps the ONNX export, and onnxruntime on it matches torch;
 * eligibility over a fake sysfs tree drives the published state (on battery, too hot, throttled,
-  busy, and back), and a training interrupted by unplugging publishes nothing.
+  under-voltage, busy, metered per NetworkManager, outside the time window, and back), and a
+  training interrupted by unplugging publishes nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +25,17 @@ from broker.launcher import MosquittoBroker
 from device_agent.agent import DeviceAgent
 from device_agent.config import AgentConfig, BrokerConfig, DataConfig, DataKind, ProbeConfig
 from device_agent.dataset import LocalDataset
-from device_agent.eligibility import EligibilityPolicy, MeteredSource
+from device_agent.eligibility import (
+    ClockProbe,
+    EligibilityPolicy,
+    MeteredSource,
+    TimeWindow,
+    default_probes,
+    run_command,
+)
 from device_agent.model_store import ModelStore
 from device_agent.predict import LocalModel
+from device_agent.snapshots import ProbeSnapshotSource
 from device_agent.trainer import TorchTrainer, TrainJob, TrainResult
 from edgefl.aggregator import Aggregator, AggregatorConfig
 from edgefl.protocol.messages import DeviceState, DeviceStatus, decode_message
@@ -213,7 +224,25 @@ def test_eligibility_over_fake_sysfs_and_abort_mid_training_publishes_nothing(
         )
     )
     trainer = GateTrainer()
-    agent = DeviceAgent(agent_config(tmp_path, mosquitto.url), trainer=trainer, dataset=dataset())
+    # NetworkManager and the clock: a stand-in `nmcli` program (run as a real subprocess by the
+    # probe) printing what the test wrote, and an injected clock, with a 22:00-06:00 window
+    nmcli = tmp_path / "nmcli"
+    (tmp_path / "metered").write_text("no")
+    nmcli.write_text(f"#!/bin/sh\necho GENERAL.METERED:$(cat {tmp_path / 'metered'})\n")
+    nmcli.chmod(0o755)
+    now = {"t": datetime(2026, 1, 5, 23, 0).astimezone()}
+    cfg = dataclasses.replace(
+        agent_config(tmp_path, mosquitto.url),
+        eligibility=EligibilityPolicy(windows=(TimeWindow("22:00-06:00"),)),
+    )
+    probes = default_probes(
+        fs,
+        metered=MeteredSource.NETWORKMANAGER,
+        runner=lambda argv, timeout: run_command([str(nmcli), *argv[1:]], timeout),
+        clock=ClockProbe(now=lambda: now["t"]),
+    )
+    snapshots = ProbeSnapshotSource(cfg.probes, probes=probes)
+    agent = DeviceAgent(cfg, trainer=trainer, dataset=dataset(), snapshots=snapshots)
     seen: dict[str, tuple[str, ...] | None] = {}
 
     async def scenario(watch: StateWatcher) -> None:
@@ -228,6 +257,12 @@ def test_eligibility_over_fake_sysfs_and_abort_mid_training_publishes_nothing(
         await expect("throttled", ("throttled",), throttled=0x4)
         await expect("under_voltage", ("under_voltage",), throttled=0x1)
         await expect("busy", ("busy",), load=1.9)
+        (tmp_path / "metered").write_text("yes")
+        await expect("metered", ("metered",))
+        (tmp_path / "metered").write_text("no")
+        now["t"] = datetime(2026, 1, 5, 12, 0).astimezone()
+        await expect("outside_window", ("outside_window",))
+        now["t"] = datetime(2026, 1, 6, 1, 30).astimezone()
         # Act: eligible -> training starts -> unplugged mid-training
         write_tree(fs)
         agent.check_now()
