@@ -34,7 +34,7 @@ from device_agent.release import model_release
 from device_agent.spool import UpdateSpool
 from device_agent.trainer import TorchTrainer, TrainJob, TrainResult
 from device_agent.updates import build_update
-from edgefl.codec import CodecConfig, CodecDescriptor, Quantization, open_update
+from edgefl.codec import CodecConfig, CodecDescriptor, Quantization, encode_update, open_update
 from edgefl.models.spec import get_model_spec, init_weights_numpy
 from edgefl.protocol.envelope import EnvelopeKind, decode_envelope, encode_envelope
 from edgefl.protocol.messages import (
@@ -583,3 +583,73 @@ def test_systemd_ready_status_and_watchdog_from_the_event_loop(tmp_path: Path) -
     statuses = [m for m in messages if m.startswith("STATUS=")]
     assert any("not eligible: on_battery" in m for m in statuses)
     assert messages[-1].startswith("STOPPING=1")
+
+
+class FixedDeltaTrainer:
+    """A Trainer whose delta is fixed per base version (the simulator's trainers look alike)."""
+
+    def __init__(self, deltas: dict[int, np.ndarray]) -> None:
+        self.deltas = deltas
+
+    def train(self, job: TrainJob, should_stop: Callable[[], bool]) -> TrainResult | None:
+        return TrainResult(self.deltas[job.base_version], job.data.num_train)
+
+
+def test_error_feedback_residual_survives_a_restart(tmp_path: Path) -> None:
+    # Arrange: top-k 10 % in fp32 (exact), two versions trained in two agent runs
+    cfg = make_config(tmp_path)
+    cfg = dataclasses.replace(
+        cfg, codec=dataclasses.replace(cfg.codec, quantization="fp32", topk_fraction=0.1)
+    )
+    rng = np.random.default_rng(3)
+    deltas = {v: rng.normal(size=SPEC.num_params).astype(np.float32) for v in (0, 1)}
+    broker = MemoryBroker()
+    publish_model(broker, 0)
+
+    async def one_run(sent: int) -> None:
+        agent = DeviceAgent(
+            cfg,
+            trainer=FixedDeltaTrainer(deltas),
+            dataset=DATA,
+            transport_factory=factory(broker),
+        )
+        run = asyncio.create_task(agent.run())
+        await wait_for(lambda: agent.statistics().updates_sent == sent)
+        agent.stop()
+        await run
+
+    async def scenario() -> list[InboundMessage]:
+        updates, stop_observer = await collect(broker, updates_filter(FLEET))
+        await one_run(1)
+        publish_model(broker, 1, seed=1)
+        await one_run(1)
+        await stop_observer()
+        return updates
+
+    # Act
+    updates = asyncio.run(scenario())
+
+    # Assert: the second update carries top-k(delta_1 + residual of the first), as if no restart
+    topk = CodecConfig(quantization=Quantization.FP32, topk_fraction=0.1)
+    first, residual = encode_update(deltas[0], topk, rng=rng)
+    second, _ = encode_update(deltas[1], topk, rng=rng, residual=residual)
+    sent = []
+    for message in updates:
+        header, body = decode_update(message.payload)
+        sent.append(
+            open_update(
+                CodecDescriptor.from_dict(header.codec),
+                body,
+                num_params=SPEC.num_params,
+                max_decompressed=1 << 20,
+            ).to_dense()
+        )
+    expected = [
+        open_update(
+            e.descriptor, e.body, num_params=SPEC.num_params, max_decompressed=1 << 20
+        ).to_dense()
+        for e in (first, second)
+    ]
+    np.testing.assert_array_equal(sent[0], expected[0])
+    np.testing.assert_array_equal(sent[1], expected[1])
+    assert (tmp_path / "state/residual.bin").stat().st_size > 4 * SPEC.num_params
