@@ -88,6 +88,7 @@ def publisher_proc(
     index: int, count: int, go: MpEvent, done: Any,
 ) -> None:  # fmt: skip
     import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
 
     from edgefl.protocol import packetize, update_topic
 
@@ -98,7 +99,7 @@ def publisher_proc(
         dev, seq = f"p{index}-d{k % 50}", k // 50 + 1
         whole = envelope(model, codec, bodies[k % len(bodies)], n, dev, seq)
         items += [(update_topic(FLEET, dev, seq), p) for p in packetize(whole)]
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{index}")
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{index}")
     client.max_inflight_messages_set(1000)
     client.max_queued_messages_set(0)
     acked = 0
@@ -122,6 +123,7 @@ def publisher_proc(
 
 def subscriber_proc(port: int, total: int, ready: Any, result: Any) -> None:
     import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
 
     received = 0
     nbytes = 0
@@ -137,7 +139,7 @@ def subscriber_proc(port: int, total: int, ready: Any, result: Any) -> None:
     def on_subscribe(*_: Any) -> None:
         ready.put(True)
 
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-sub")
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-sub")
     client.on_message = on_message
     client.on_subscribe = on_subscribe
     client.connect("127.0.0.1", port)

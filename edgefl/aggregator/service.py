@@ -135,6 +135,7 @@ class Aggregator:
         self._cpu: concurrent.futures.ThreadPoolExecutor | None = None
         self._release: _Release | None = None
         self._publish_wanted = asyncio.Event()
+        self._publish_lock = asyncio.Lock()
         self._published_version: int | None = None
         self._retained = RetainedChunks(config.chunk_grace_s)
         self._evaluator: Evaluator | None = None
@@ -227,17 +228,22 @@ class Aggregator:
                 self._store.close()
 
     async def _serve(self, transport: Transport, ready: asyncio.Event | None) -> None:
-        await transport.subscribe(updates_filter(self.config.fleet), qos=1)
-        assert self._release is not None
-        await self._publish_release(transport, self._release)
-        await self._publish_state(transport, ServerStatus.ONLINE)
-        self._stats_cache = self.statistics()
-        if ready is not None:
-            ready.set()
-        log.info("aggregator for fleet %s serving version %d", self.config.fleet, self._version())
         async with asyncio.TaskGroup() as tg:
+            # Ingest runs first: a persistent session starts delivering queued updates right
+            # after CONNACK, and when the inbound queue fills the transport stops reading the
+            # socket, so nobody would read the SUBACK and PUBACKs awaited below.
             reader = tg.create_task(self._reader(transport), name="edgefl-agg-reader")
             ingest = tg.create_task(self._ingest_loop(transport), name="edgefl-agg-ingest")
+            await transport.subscribe(updates_filter(self.config.fleet), qos=1)
+            assert self._release is not None
+            await self._publish_release(transport, self._release)
+            await self._publish_state(transport, ServerStatus.ONLINE)
+            self._stats_cache = self.statistics()
+            if ready is not None:
+                ready.set()
+            log.info(
+                "aggregator for fleet %s serving version %d", self.config.fleet, self._version()
+            )
             publisher = tg.create_task(self._publisher(transport), name="edgefl-agg-publisher")
             house = tg.create_task(self._housekeeping(transport), name="edgefl-agg-house")
             metrics = tg.create_task(self._metrics(transport), name="edgefl-agg-metrics")
@@ -574,6 +580,13 @@ class Aggregator:
                 await asyncio.sleep(0.5)
 
     async def _publish_release(self, transport: Transport, release: _Release) -> None:
+        """Publish one version (chunks, then manifest); serialised, never backwards."""
+        async with self._publish_lock:
+            if self._published_version is not None and release.version < self._published_version:
+                return
+            await self._publish_release_locked(transport, release)
+
+    async def _publish_release_locked(self, transport: Transport, release: _Release) -> None:
         cfg = self.config
         onnx = None
         if cfg.publish_onnx:

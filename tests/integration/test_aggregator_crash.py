@@ -245,3 +245,38 @@ def test_aggregator_runs_on_the_embedded_broker(
         assert agg.statistics().version == 2
 
     asyncio.run(scenario())
+
+
+def test_restart_drains_a_backlog_larger_than_the_receive_window(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    """Updates queued at the broker while the aggregator was down exceed its inbound window:
+    the transport pauses reading, and start-up (SUBACK, PUBACKs of version 0) must not wait on
+    a socket nobody reads."""
+    config = AggregatorConfig(
+        broker_url=mosquitto.url, fleet=FLEET, model=MODEL, state_dir=tmp_path / "state",
+        buffer_size=10, norm_bound=NormBoundSetting.OFF, max_inflight_bytes=64 * 1024,
+    )  # fmt: skip
+    assert config.inflight_window() == 32
+    devices, per_device = 10, 20
+
+    async def scenario() -> None:
+        first = Aggregator(config)
+        ready = asyncio.Event()
+        task = asyncio.create_task(first.run(ready))
+        await asyncio.wait_for(ready.wait(), 15)
+        first.stop()
+        await asyncio.wait_for(task, 15)
+        await asyncio.gather(
+            *(publisher(mosquitto.url, d, per_device, 0.0) for d in range(devices))
+        )
+        agg = Aggregator(config)
+        ready = asyncio.Event()
+        task = asyncio.create_task(agg.run(ready))
+        await asyncio.wait_for(ready.wait(), 15)
+        await until_applied(agg, devices * per_device)
+        agg.stop()
+        await asyncio.wait_for(task, 15)
+        assert agg.statistics().version == devices * per_device // 10
+
+    asyncio.run(scenario())
