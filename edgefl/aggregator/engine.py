@@ -31,6 +31,7 @@ from edgefl.aggregation import (
     AddOutcome,
     FedBuff,
     FedBuffState,
+    RobustMode,
     RoundResult,
     RoundStatus,
     StepResult,
@@ -196,6 +197,20 @@ class Engine:
             staleness_max=0,
             clipped_in_buffer=0,
         )
+
+    @property
+    def can_checkpoint(self) -> bool:
+        """FedBuff with a streaming accumulator (no robust mode) can store its buffer compactly."""
+        return self._fedbuff is not None and self._fedbuff.config.robust is RobustMode.NONE
+
+    def checkpoint(self) -> FedBuffState:
+        """The full state *including* the buffer's accumulator, and a new generation: the
+        updates buffered so far are inside the checkpoint and need no replay. Only when
+        :attr:`can_checkpoint`."""
+        if not self.can_checkpoint:
+            raise RuntimeError("checkpoints need FedBuff without a robust mode")
+        self._generation += 1
+        return self._core().snapshot()
 
     def _core(self) -> FedBuff:
         if self._fedbuff is not None:

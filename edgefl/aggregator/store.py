@@ -3,7 +3,7 @@
 Tables (``state.sqlite``)::
 
     meta(key, value)                 model, num_params, algorithm, started_at, session, generation
-    model(id=1, version, generation, created_at, state)   last model snapshot (npz blob)
+    model(id=1, version, generation, created_at, state)   last snapshot or checkpoint (npz)
     buffer(id, generation, device, seq, base_version, num_examples, codec, body)
                                      accepted ENCODED updates of the current buffer generation
     seen(device, seq, version, at)   every accepted (device, seq), exactly once (primary key)
@@ -14,8 +14,9 @@ Tables (``state.sqlite``)::
 
 Contract: :meth:`StateStore.commit` writes one :class:`BatchRecord` in one transaction; the service
 acknowledges the batch's MQTT messages only after it returned. After a crash, :meth:`load`
-returns the last committed state: the model snapshot taken at the last generation change plus the
-encoded updates of that generation, which the service replays in ``id`` order. So every
+returns the last committed state: the snapshot taken at the last generation change (a step, or a
+*checkpoint* that includes the FedBuff accumulator) plus the encoded updates stored since, which
+the service replays in ``id`` order. So every
 acknowledged update is counted exactly once, and an unacknowledged one is redelivered by the
 broker and treated as new (its (device, seq) is not in ``seen``).
 
@@ -84,16 +85,22 @@ class StateMismatch(RuntimeError):
 
 
 def encode_state(state: FedBuffState) -> bytes:
-    """Serialise a (buffer-less) :class:`FedBuffState` into an npz blob (no pickle)."""
+    """Serialise a :class:`FedBuffState` into an npz blob (no pickle).
+
+    The buffer is included when it is a non-robust accumulator (a *checkpoint*); robust buffers
+    (kept updates) are never stored this way: their encoded updates are stored instead.
+    """
     arrays: dict[str, Any] = {"weights": state.weights, "norm_history": state.norm_history}
+    if state.accumulator is not None and state.count:
+        arrays["accumulator"] = state.accumulator
     scalars: dict[str, Any] = {}
     for key, value in state.optimizer_state.items():
         if isinstance(value, np.ndarray):
             arrays[f"opt_{key}"] = value
         else:
             scalars[f"opt_{key}"] = value
-    if state.accumulator is not None or state.kept_deltas is not None or state.count:
-        raise ValueError("encode_state stores model snapshots only (an empty buffer)")
+    if state.kept_deltas is not None and len(state.kept_deltas):
+        raise ValueError("encode_state does not store robust buffers (kept updates)")
     meta = {
         "version": state.version,
         "optimizer_kind": state.optimizer_kind,
@@ -102,6 +109,13 @@ def encode_state(state: FedBuffState) -> bytes:
         "steps_total": state.steps_total,
         "rejected": state.rejected,
         "scalars": scalars,
+        "buffer": {
+            "weight_sum": state.weight_sum,
+            "count": state.count,
+            "staleness_sum": state.staleness_sum,
+            "staleness_max": state.staleness_max,
+            "clipped_in_buffer": state.clipped_in_buffer,
+        },
     }
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     buf = io.BytesIO()
@@ -116,18 +130,20 @@ def decode_state(blob: bytes) -> FedBuffState:
     meta = json.loads(arrays.pop("meta").tobytes().decode())
     opt: dict[str, Any] = {k[4:]: v for k, v in arrays.items() if k.startswith("opt_")}
     opt.update({k[4:]: v for k, v in meta["scalars"].items()})
+    buf = meta.get("buffer", {})
+    accumulator = arrays.get("accumulator")
     return FedBuffState(
         version=int(meta["version"]),
         weights=arrays["weights"].astype(np.float32),
-        accumulator=None,
+        accumulator=None if accumulator is None else accumulator.astype(np.float32),
         kept_deltas=None,
         kept_weights=None,
         kept_clip=None,
-        weight_sum=0.0,
-        count=0,
-        staleness_sum=0,
-        staleness_max=0,
-        clipped_in_buffer=0,
+        weight_sum=float(buf.get("weight_sum", 0.0)),
+        count=int(buf.get("count", 0)),
+        staleness_sum=int(buf.get("staleness_sum", 0)),
+        staleness_max=int(buf.get("staleness_max", 0)),
+        clipped_in_buffer=int(buf.get("clipped_in_buffer", 0)),
         optimizer_kind=str(meta["optimizer_kind"]),
         optimizer_state=opt,
         norm_history=arrays["norm_history"].astype(np.float64),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -315,6 +316,7 @@ def test_restart_replays_the_buffer_exactly(tmp_path: Path) -> None:
             await h.send("c", 2, 1, ds[5], num_examples=17)
             s = await h.until(lambda s: s.version == 2)
             assert s.rejected == {"duplicate": 1}
+            await wait_for(lambda: len(h.agg.history()) == 3)  # appended once committed
             assert [r.version for r in h.agg.history()] == [0, 1, 2]
         _, weights = retained_model(broker)
         reference = FedBuff(config.fedbuff_config(), w0)
@@ -447,3 +449,37 @@ def test_norm_bound_and_examples_reach_the_core(tmp_path: Path) -> None:
     assert isinstance(FedBuffConfig(), FedBuffConfig)
     with pytest.raises(ValueError, match="max_norm"):
         make_config(tmp_path, norm_bound="static-clip")
+
+
+def test_restart_from_a_checkpoint_is_exact(tmp_path: Path) -> None:
+    """Once the stored bodies outweigh the model, the buffer is stored as a checkpoint (the
+    accumulator); a restart from it plus the bodies stored after it is still exact."""
+    broker = MemoryBroker()
+    config = make_config(tmp_path, buffer_size=8, server_momentum=0.5, staleness="polynomial")
+    ds = [delta(i, scale=0.01 * i) for i in range(1, 9)]
+    w0 = initial_state(config).weights
+
+    async def body() -> None:
+        async with Harness(broker, config) as h:
+            for i in range(6):
+                await h.send(f"d{i}", 1, 0, ds[i], num_examples=3 + i)
+                await h.until(lambda s, i=i: s.applied == i + 1)
+        db = sqlite3.connect(config.state_dir / "state.sqlite")
+        checkpoints = db.execute("SELECT value FROM counters WHERE name = 'checkpoints'")
+        assert checkpoints.fetchone()[0] >= 1
+        rows = db.execute("SELECT COUNT(*) FROM buffer").fetchone()[0]
+        assert rows < 6  # the earlier updates live in the checkpoint
+        db.close()
+        async with Harness(broker, config) as h:
+            assert (h.stats().buffer_fill, h.stats().applied) == (6, 6)
+            for i in (6, 7):
+                await h.send(f"d{i}", 1, 0, ds[i], num_examples=3 + i)
+            await h.until(lambda s: s.version == 1)
+        _, weights = retained_model(broker)
+        reference = FedBuff(config.fedbuff_config(), w0)
+        for i in range(8):
+            reference.add(ds[i], base_version=0, num_examples=3 + i)
+        reference.step()
+        np.testing.assert_allclose(weights, reference.weights, rtol=0, atol=1e-7)
+
+    run(body)
