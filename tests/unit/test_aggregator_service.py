@@ -463,7 +463,8 @@ def test_restart_from_a_checkpoint_is_exact(tmp_path: Path) -> None:
         async with Harness(broker, config) as h:
             for i in range(6):
                 await h.send(f"d{i}", 1, 0, ds[i], num_examples=3 + i)
-                await h.until(lambda s, i=i: s.applied == i + 1)
+                want = i + 1
+                await h.until(lambda s: s.applied == want)  # noqa: B023
         db = sqlite3.connect(config.state_dir / "state.sqlite")
         checkpoints = db.execute("SELECT value FROM counters WHERE name = 'checkpoints'")
         assert checkpoints.fetchone()[0] >= 1
