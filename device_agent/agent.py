@@ -500,7 +500,11 @@ class DeviceAgent:
             self._state_dirty.clear()
             state = self._device_state(self._status)
             await transport.publish(self._state_topic, encode_msg(state), qos=1, retain=True)
-            await self._state_dirty.wait()
+            # Republish at least every heartbeat_s so a monitor can tell a silent device from a
+            # healthy idle one even when no Last Will could be delivered (e.g. a broker restart).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.heartbeat_s):
+                    await self._state_dirty.wait()
 
     # ------------------------------------------------------------------ receiving models
 

@@ -335,9 +335,11 @@ class AgentConfig:
     state_dir: Path = DEFAULT_STATE_DIR
     log_level: str = "INFO"
     profile: str | None = None
+    heartbeat_s: float = 300.0
 
     def __post_init__(self) -> None:
         _check_name("fleet", self.fleet)
+        _check_float("heartbeat_s", self.heartbeat_s, 1.0, 86_400.0)
         _check_name("device_id", self.device_id)
         if self.profile is not None:
             _check_name("profile", self.profile)
@@ -376,6 +378,7 @@ _TOP_LEVEL: dict[str, object] = {
     "state_dir": Path,
     "log_level": str,
     "profile": str | None,
+    "heartbeat_s": float,
 }
 _EXTRA: dict[str, object] = {"broker.password_file": Path | None}  # resolved by the loader
 _REQUIRED_TOP = ("fleet", "device_id")

@@ -653,3 +653,31 @@ def test_error_feedback_residual_survives_a_restart(tmp_path: Path) -> None:
     np.testing.assert_array_equal(sent[0], expected[0])
     np.testing.assert_array_equal(sent[1], expected[1])
     assert (tmp_path / "state/residual.bin").stat().st_size > 4 * SPEC.num_params
+
+
+def test_idle_agent_republishes_its_state_every_heartbeat(tmp_path: Path) -> None:
+    # Arrange: an idle agent (on battery, no model) with a 1 s heartbeat
+    cfg = dataclasses.replace(make_config(tmp_path), heartbeat_s=1.0)
+    write_tree(tmp_path / "fs", mains=False)
+    broker = MemoryBroker()
+
+    async def scenario() -> list[DeviceState]:
+        states_seen, stop_observer = await collect(broker, device_state_topic(FLEET, DEVICE))
+        agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker))
+        run = asyncio.create_task(agent.run())
+        await wait_for(lambda: agent.statistics().status is DeviceStatus.IDLE)
+        settled = len(states_seen)
+        # Act: nothing changes for 2.6 s
+        await asyncio.sleep(2.6)
+        repeats = states_seen[settled:]
+        agent.stop()
+        await run
+        await stop_observer()
+        return [decode_message(m.payload, DeviceState) for m in repeats]
+
+    repeats = asyncio.run(scenario())
+
+    # Assert: the same idle state came again, with fresh timestamps
+    assert len(repeats) >= 2
+    assert all(s.status is DeviceStatus.IDLE and s.session == 1 for s in repeats)
+    assert repeats[-1].at > repeats[0].at
