@@ -156,9 +156,9 @@ def aggregator_proc(
     import asyncio
 
     from edgefl.aggregator import Aggregator, AggregatorConfig, NormBoundSetting
-    from edgefl.aggregator.memory import pin_mmap_threshold
+    from edgefl.aggregator.memory import tune_process
 
-    pin_mmap_threshold()  # as run_aggregator (the CLI) does
+    tune_process()  # as run_aggregator (the CLI) does: one BLAS thread, fixed mmap threshold
 
     config = AggregatorConfig(
         broker_url=f"mqtt://127.0.0.1:{port}", fleet=FLEET, model=model,

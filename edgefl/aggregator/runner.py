@@ -7,7 +7,7 @@ import logging
 import signal
 
 from edgefl.aggregator.config import AggregatorConfig
-from edgefl.aggregator.memory import pin_mmap_threshold
+from edgefl.aggregator.memory import tune_process
 from edgefl.aggregator.service import Aggregator
 
 __all__ = ["run_aggregator"]
@@ -22,7 +22,7 @@ def run_aggregator(config: AggregatorConfig, *, ready_message: bool = True) -> i
     committed version if it was not yet, publishes server state ``offline`` and disconnects
     gracefully (so the broker discards the ``lost`` Last Will).
     """
-    pin_mmap_threshold()
+    tune_process()
     return asyncio.run(_main(config, ready_message))
 
 
