@@ -108,8 +108,8 @@ class ScratchUpdate:
     scratch vector (valid until the next :func:`decode_body` with the same scratch).
 
     ``squared_norm`` is the dot product of the dense float32 delta (float32 accumulation);
-    ``add_to`` is ``out += float32(weight) * delta``. Deterministic, so replaying stored updates reproduces
-    the buffer exactly.
+    ``add_to`` is ``out += float32(weight) * delta``. Deterministic, so replaying stored
+    updates reproduces the buffer exactly.
     """
 
     __slots__ = ("_dense",)
