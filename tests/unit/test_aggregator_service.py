@@ -484,3 +484,30 @@ def test_restart_from_a_checkpoint_is_exact(tmp_path: Path) -> None:
         np.testing.assert_allclose(weights, reference.weights, rtol=0, atol=1e-7)
 
     run(body)
+
+
+def test_fedavg_round_survives_a_restart(tmp_path: Path) -> None:
+    """A FedAvg round's members and partial sum come back from the stored updates."""
+    broker = MemoryBroker()
+    config = make_config(tmp_path, algorithm="fedavg", buffer_size=3, round_deadline_s=30.0)
+    w0 = initial_state(config).weights
+    ds = [delta(i) for i in range(3)]
+
+    async def body() -> None:
+        async with Harness(broker, config) as h:
+            await h.send("a", 1, 0, ds[0], num_examples=10)
+            await h.send("b", 1, 0, ds[1], num_examples=20)
+            await h.until(lambda s: s.applied == 2)
+        async with Harness(broker, config) as h:
+            assert h.stats().buffer_fill == 2
+            await h.send("b", 2, 0, ds[1], num_examples=20)  # b is already in this round
+            await h.send("c", 1, 0, ds[2], num_examples=30)
+            s = await h.until(lambda s: s.version == 1)
+            assert s.rounds == {"complete": 1}
+            assert s.rejected == {"duplicate": 1}
+        await wait_for(lambda: retained_model(broker)[0].version == 1)
+        _, weights = retained_model(broker)
+        expected = w0 + (10 * ds[0] + 20 * ds[1] + 30 * ds[2]) / 60
+        np.testing.assert_allclose(weights, expected, atol=1e-6)
+
+    run(body)
