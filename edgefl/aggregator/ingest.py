@@ -89,7 +89,7 @@ def decode_body(
 ) -> AddableUpdate:
     """Validate a codec descriptor and open a body (raises ``CodecError``).
 
-    With ``scratch`` (a float32 vector of ``num_params``, reused between calls) the update is
+    With ``scratch`` (float32 ``(2, num_params)``, reused between calls) the update is
     dequantized once into it and returned as a :class:`ScratchUpdate`: one dequantization pass
     instead of one for the norm and one for the accumulation. Only for consumers that use the
     update immediately and do not keep it (FedBuff without a robust mode).
@@ -112,12 +112,16 @@ class ScratchUpdate:
     updates reproduces the buffer exactly.
     """
 
-    __slots__ = ("_dense",)
+    __slots__ = ("_dense", "_product")
 
     def __init__(self, decoded: DecodedUpdate, scratch: NDArray[np.float32]) -> None:
-        scratch.fill(0.0)
-        decoded.add_to(scratch, 1.0)
-        self._dense = scratch
+        # two rows: the delta, and room for weight * delta
+        dense: NDArray[np.float32] = scratch[0]
+        product: NDArray[np.float32] = scratch[1]
+        dense.fill(0.0)
+        decoded.add_to(dense, 1.0)
+        self._dense = dense
+        self._product = product
 
     @property
     def num_params(self) -> int:
@@ -129,7 +133,9 @@ class ScratchUpdate:
         return float(np.einsum("i,i->", self._dense, self._dense))
 
     def add_to(self, out: NDArray[np.float32], weight: float) -> None:
-        out += np.float32(weight) * self._dense
+        # no temporary: a fresh model-sized array per update costs an mmap and its page faults
+        np.multiply(self._dense, np.float32(weight), out=self._product)
+        np.add(out, self._product, out=out)
 
     def to_dense(self) -> NDArray[np.float32]:
         return self._dense.copy()
@@ -163,7 +169,7 @@ class Ingest:
         self._committed_seen = committed_seen
         self._windows: dict[str, deque[float]] = {}
         self.scratch = (
-            np.zeros(self._spec.num_params, np.float32)
+            np.zeros((2, self._spec.num_params), np.float32)
             if config.robust is RobustMode.NONE
             else None
         )
