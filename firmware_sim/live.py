@@ -127,6 +127,8 @@ class _Shared:
         self.compute = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(1, options.train_threads), thread_name_prefix="edgefl-sim-train"
         )
+        self.slots: dict[int, float] = {}  # device -> when it was granted a training slot
+        self.release: Callable[[int], None] = lambda d: None  # set by the device group
 
     def virtual_now(self) -> float:
         return (time.monotonic() - self.t0) / self.options.time_scale
@@ -152,7 +154,9 @@ class SimSnapshotSource:
         sh = self._shared
         now = time.monotonic()
         available = sh.sc.fleet.is_available(self._device, sh.virtual_now())
-        available = available and now >= sh.away_until.get(self._device, 0.0)
+        available = (
+            available and now >= sh.away_until.get(self._device, 0.0) and self._device in sh.slots
+        )
         return DeviceSnapshot(
             monotonic=now,
             local_time=datetime.now(UTC),
@@ -204,6 +208,12 @@ class SimTrainer:
             time.sleep(0.02)
 
     def train(self, job: TrainJob, should_stop: Callable[[], bool]) -> TrainResult | None:
+        try:
+            return self._train(job, should_stop)
+        finally:
+            self._loop.call_soon_threadsafe(self._shared.release, self._device)
+
+    def _train(self, job: TrainJob, should_stop: Callable[[], bool]) -> TrainResult | None:
         sh = self._shared
         d = self._device
         agent = self.agent
@@ -259,7 +269,7 @@ class SimTrainer:
 
 
 def _agent_config(
-    cfg: SimConfig, opts: LiveOptions, url: str, device: int, root: Path
+    cfg: SimConfig, opts: LiveOptions, url: str, device: int, root: Path, profile: str
 ) -> AgentConfig:
     codec = cfg.codec_config()
     return AgentConfig(
@@ -283,7 +293,7 @@ def _agent_config(
         ),
         spool=SpoolConfig(durable=False),
         state_dir=root / device_id(device),
-        profile=cfg.profile,
+        profile=profile,
     )
 
 
@@ -318,6 +328,54 @@ class _DeviceGroup:
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.stopping = False
         self.started = 0
+        self.capacity = max(1, per_process)
+        first = devices[0] if devices else 0
+        self.rng = np.random.default_rng(
+            [scenario.config.seed & _MASK64, _STREAM_LIVE, 1 << 40, first]
+        )
+        self.shared.release = self._release
+
+    # ------------------------------------------------------------------ training slots
+    def _wants(self, d: int) -> bool:
+        agent = self.agents.get(d)
+        if agent is None or agent.model is None:
+            return False
+        st = agent.statistics()
+        if not st.connected:
+            return False
+        return st.trained_version is None or st.trained_version < agent.model.version
+
+    def _release(self, d: int) -> None:
+        """Device ``d`` finished (or abandoned) a training: give its slot to another device."""
+        if self.shared.slots.pop(d, None) is not None:
+            agent = self.agents.get(d)
+            if agent is not None:
+                agent.check_now()  # it turns ineligible at once
+        self.grant()
+
+    def grant(self) -> None:
+        """Fill free training slots with random devices that are available and want to train
+        (rejection sampling: O(slots), whatever the number of devices)."""
+        sh = self.shared
+        if self.stopping or not self.devices:
+            return
+        now = time.monotonic()
+        for d, since in list(sh.slots.items()):  # revoke slots nobody uses
+            agent = self.agents.get(d)
+            training = agent is not None and agent.statistics().status.value == "training"
+            if not training and now - since > 3.0:
+                del sh.slots[d]
+        t_virtual = sh.virtual_now()
+        tries = 0
+        while len(sh.slots) < self.capacity and tries < 20 * self.capacity:
+            tries += 1
+            d = self.devices[int(self.rng.integers(0, len(self.devices)))]
+            if d in sh.slots or now < sh.away_until.get(d, 0.0):
+                continue
+            if not sh.sc.fleet.is_available(d, t_virtual) or not self._wants(d):
+                continue
+            sh.slots[d] = now
+            self.agents[d].check_now()
 
     def _make(self, d: int, loop: asyncio.AbstractEventLoop) -> DeviceAgent:
         x, y = self.sc.device_data(d)
@@ -325,7 +383,9 @@ class _DeviceGroup:
         data = LocalDataset(x, y, np.zeros(shape, dtype=np.float32), np.zeros(0, dtype=np.int64))
         trainer = SimTrainer(self.shared, d, loop, self._crash)
         agent = DeviceAgent(
-            _agent_config(self.sc.config, self.opts, self.url, d, self.root),
+            _agent_config(
+                self.sc.config, self.opts, self.url, d, self.root, self.sc.fleet.profile_of(d).name
+            ),
             trainer=trainer,
             snapshots=SimSnapshotSource(self.shared, d),
             dataset=data,
@@ -443,6 +503,7 @@ def _worker_main(
         starter = asyncio.create_task(group.start())
         while not stop.is_set():
             await asyncio.sleep(options.poll_s)
+            group.grant()
             reports.put(
                 (
                     os.getpid(),
@@ -655,6 +716,7 @@ async def _run_live_async(
             t = time.monotonic() - t0
             poller.poll(aggregator, t)
             if group is not None:
+                group.grant()
                 states = group.states()
                 for kind, te, d in group.shared.take_events():
                     (record.dropout if kind == "dropout" else record.crash)(te, d)
