@@ -85,7 +85,7 @@ def envelope(model: str, codec: dict[str, Any], body: bytes, n: int, dev: str, s
 
 def publisher_proc(
     port: int, model: str, codec: dict[str, Any], bodies: list[bytes], n: int,
-    index: int, count: int, go: MpEvent, done: Any,
+    index: int, count: int, built: Any, go: MpEvent, done: Any,
 ) -> None:  # fmt: skip
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
@@ -111,6 +111,7 @@ def publisher_proc(
     client.on_publish = on_publish
     client.connect("127.0.0.1", port)
     client.loop_start()
+    built.put(index)
     go.wait()
     for topic, payload in items:
         client.publish(topic, payload, qos=1)
@@ -151,8 +152,9 @@ def subscriber_proc(port: int, total: int, ready: Any, result: Any) -> None:
 
 
 def aggregator_proc(
-    port: int, model: str, state_dir: str, total: int, k: int, ready: Any, result: Any
-) -> None:
+    port: int, model: str, state_dir: str, total: int, k: int, ready: Any, result: Any,
+    tuning: dict[str, Any],
+) -> None:  # fmt: skip
     import asyncio
 
     from edgefl.aggregator import Aggregator, AggregatorConfig, NormBoundSetting
@@ -163,7 +165,7 @@ def aggregator_proc(
     config = AggregatorConfig(
         broker_url=f"mqtt://127.0.0.1:{port}", fleet=FLEET, model=model,
         state_dir=Path(state_dir), buffer_size=k, norm_bound=NormBoundSetting.ADAPTIVE_CLIP,
-        metrics_interval_s=1.0, max_staleness=None,
+        metrics_interval_s=1.0, max_staleness=None, **tuning,
     )  # fmt: skip
 
     async def main() -> None:
@@ -206,18 +208,20 @@ def run_publishers(
 ) -> tuple[float, list[Any]]:
     codec, bodies, n = payload
     go = ctx.Event()
-    done = ctx.Queue()
+    built, done = ctx.Queue(), ctx.Queue()
     per = case.updates // n_pub
     procs = [
         ctx.Process(
             target=publisher_proc,
-            args=(port, case.model, codec, bodies, n, i, per, go, done),
+            args=(port, case.model, codec, bodies, n, i, per, built, go, done),
         )
         for i in range(n_pub)
     ]
     for p in procs:
         p.start()
-    time.sleep(0.5 + case.updates * len(bodies[0]) / 400e6)  # let them build their payloads
+    for _ in procs:  # every publisher has built its payloads and connected: time only sending
+        built.get(timeout=300)
+    time.sleep(0.2)
     start = time.time()
     go.set()
     return start, procs
@@ -242,14 +246,14 @@ def measure_ceiling(ctx: Any, port: int, case: Case, payload: Any, n_pub: int) -
 
 
 def measure_aggregator(
-    ctx: Any, port: int, case: Case, payload: Any, n_pub: int, tmp: Path
+    ctx: Any, port: int, case: Case, payload: Any, n_pub: int, tmp: Path, tuning: dict[str, Any]
 ) -> dict[str, Any]:
     ready, result = ctx.Queue(), ctx.Queue()
     total = (case.updates // n_pub) * n_pub
     state_dir = tmp / f"state-{case.model}"
     agg = ctx.Process(
         target=aggregator_proc,
-        args=(port, case.model, str(state_dir), total, case.buffer_size, ready, result),
+        args=(port, case.model, str(state_dir), total, case.buffer_size, ready, result, tuning),
     )
     agg.start()
     ready.get(timeout=60)
@@ -277,7 +281,21 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer updates (CI smoke run)")
     parser.add_argument("--json", action="store_true", help="print a JSON line at the end")
     parser.add_argument("--publishers", type=int, default=2)
+    parser.add_argument(
+        "--inflight-mib", type=int, default=None, help="aggregator max_inflight_bytes (MiB)"
+    )
+    parser.add_argument(
+        "--no-fsync",
+        action="store_true",
+        help="SQLite synchronous=NORMAL (crash-safe, not power-loss-safe)",
+    )
+    parser.add_argument("--only", choices=["100k", "1m"], default=None, help="run one case")
     args = parser.parse_args()
+    tuning: dict[str, Any] = {}
+    if args.inflight_mib is not None:
+        tuning["max_inflight_bytes"] = args.inflight_mib * 1024 * 1024
+    if args.no_fsync:
+        tuning["fsync"] = False
     from broker.launcher import MosquittoBroker
 
     scale = 0.25 if args.quick else 1.0
@@ -286,16 +304,20 @@ def main() -> None:
         "1m": Case("mlp-1m", int(800 * scale), 20),
     }
     ctx = mp.get_context("spawn")
-    out: dict[str, Any] = {"quick": args.quick, "publishers": args.publishers}
+    out: dict[str, Any] = {"quick": args.quick, "publishers": args.publishers, **tuning}
     with tempfile.TemporaryDirectory(prefix="edgefl-bench-") as tmpdir:
         tmp = Path(tmpdir)
         for key, case in cases.items():
+            if args.only is not None and key != args.only:
+                continue
             payload = encode_bodies(case.model)
             model_mb = payload[2] * 4 / 1e6
             with MosquittoBroker(state_dir=tmp / f"mosquitto-{key}") as broker:
                 ceiling = measure_ceiling(ctx, broker.port, case, payload, args.publishers)
             with MosquittoBroker(state_dir=tmp / f"mosquitto-agg-{key}") as broker:
-                agg = measure_aggregator(ctx, broker.port, case, payload, args.publishers, tmp)
+                agg = measure_aggregator(
+                    ctx, broker.port, case, payload, args.publishers, tmp, tuning
+                )
             fraction = agg["per_s"] / ceiling["per_s"]
             budget = 4 * model_mb + 150
             kb = len(payload[1][0]) / 1e3
