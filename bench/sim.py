@@ -1,0 +1,175 @@
+"""Fleet-simulator benchmark: everything side by side in one run.
+
+1. FedBuff vs synchronous FedAvg, virtual time to 90% on mnist1d (DESIGN.md's calibration fleet:
+   100 devices, Dirichlet(0.5), 30% dropouts, log-normal(sigma = 1) training times, 1 local
+   epoch, batch 32, SGD lr 0.1, staleness (1+tau)^-0.5, server SGD lr 1; FedBuff K = 5 with 20
+   devices training at once, FedAvg cohorts of 20). Target: FedBuff <= 0.5x FedAvg's time.
+2. Virtual updates per wall second at 1,000 and 100,000 devices (same data per device, fixed
+   number of updates). Target: 100k within 25% of 1k.
+3. Live mode: N real agents, each with its own MQTT connection, plus the aggregator on a private
+   Mosquitto for a fixed wall time: updates/s and RSS (all processes).
+4. The demo (100 live devices, mnist1d): wall time to 90%.
+
+    python bench/sim.py [--quick] [--json] [--live-devices N]
+
+``--quick`` shrinks everything (digits for the comparison, fewer updates, 100 live devices for
+15 s, no demo). With ``--json`` the last stdout line is the result object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from typing import Any
+
+
+def _compare(quick: bool) -> dict[str, Any]:
+    from firmware_sim.record import Algorithm
+    from firmware_sim.report import speedup_vs_fedavg
+    from firmware_sim.scenario import SimConfig, build_scenario
+    from firmware_sim.virtual import run_virtual
+
+    if quick:
+        cfg = SimConfig(devices=40, dataset="digits", profile="lab", dropout=0.3, target=0.85)
+    else:
+        cfg = SimConfig(devices=100, dataset="mnist1d", profile="lab", dropout=0.3, target=0.9)
+    cfg = replace(cfg, buffer_size=5, concurrency=20, max_updates=20_000)
+    scenario = build_scenario(cfg)
+    out: dict[str, Any] = {"compare_dataset": cfg.dataset, "target": cfg.target}
+    records = []
+    for algo in (Algorithm.FEDBUFF, Algorithm.FEDAVG):
+        t = time.perf_counter()
+        res = run_virtual(replace(cfg, algorithm=algo), scenario=scenario)
+        s = res.record.summary(cfg.target)
+        records.append(res.record)
+        out[f"{algo.value}_time_to_target_s"] = s["time_to_target_s"]
+        out[f"{algo.value}_updates_to_target"] = s["updates_received_to_target"]
+        out[f"{algo.value}_wall_s"] = time.perf_counter() - t
+        if res.round_deadline_s is not None:
+            out["fedavg_round_deadline_s"] = res.round_deadline_s
+        wall = out[f"{algo.value}_wall_s"]
+        print(
+            f"  {algo.value:8s} time to {100 * cfg.target:.0f}%: {s['time_to_target_s']} s "
+            f"virtual, {s['updates_received_to_target']} updates, {wall:.1f} s wall",
+            flush=True,
+        )
+    speedup = speedup_vs_fedavg(records, cfg.target)
+    out["speedup_vs_fedavg"] = speedup
+    out["fedbuff_time_ratio"] = None if not speedup else 1.0 / speedup
+    return out
+
+
+def _scaling(quick: bool) -> dict[str, Any]:
+    from firmware_sim.scenario import SimConfig, build_scenario
+    from firmware_sim.virtual import run_virtual
+
+    updates = 150 if quick else 600
+    rates: dict[str, float] = {}
+    for n in (1_000, 100_000):
+        cfg = SimConfig(
+            devices=n,
+            dataset="mnist1d",
+            profile="lab",
+            dropout=0.3,
+            max_updates=updates,
+            stop_at_target=False,
+            eval_every_updates=100,
+        )
+        t = time.perf_counter()
+        scenario = build_scenario(cfg)
+        build_s = time.perf_counter() - t
+        res = run_virtual(cfg, scenario=scenario)
+        rates[str(n)] = res.updates_per_s
+        print(
+            f"  {n:>7,} devices: built in {build_s:.2f} s, {res.updates_per_s:.1f} updates/s "
+            f"({res.trainings_computed} trainings in {res.train_calls} batched calls)",
+            flush=True,
+        )
+    return {
+        "virtual_updates_per_s": rates,
+        "virtual_100k_vs_1k": rates["100000"] / rates["1000"],
+    }
+
+
+def _live(devices: int, seconds: float) -> dict[str, Any]:
+    from firmware_sim.live import LiveOptions, run_live
+    from firmware_sim.scenario import SimConfig
+
+    cfg = SimConfig(
+        devices=devices,
+        dataset="mnist1d",
+        profile="lab",
+        dropout=0.1,
+        concurrency=20,
+        buffer_size=20,
+        max_staleness=3,
+        target=1.0,
+        max_wall_s=seconds,
+    )
+    res = run_live(cfg, LiveOptions(broker_kind="mosquitto", fleet="bench", time_scale=0.02))
+    s = res.record.summary(cfg.target)
+    print(
+        f"  {devices} live devices: peak connected {res.peak_connected}, "
+        f"{res.updates_per_s:.1f} updates/s, RSS {res.rss_mb:.0f} MB "
+        f"({res.rss_mb_per_device:.2f} MB/device), accuracy {s['final_accuracy']}",
+        flush=True,
+    )
+    return {
+        "live_devices": devices,
+        "live_peak_connected": res.peak_connected,
+        "live_updates_per_s": res.updates_per_s,
+        "live_rss_mb": res.rss_mb,
+        "live_rss_mb_per_device": res.rss_mb_per_device,
+    }
+
+
+def _demo() -> dict[str, Any]:
+    import tempfile
+    from pathlib import Path
+
+    from firmware_sim.demo import run_demo
+
+    with tempfile.TemporaryDirectory() as tmp:
+        s = run_demo(report=Path(tmp) / "report")
+    print(f"  demo: {s['time_to_target_s']} s to 90%, final {s['final_accuracy']}", flush=True)
+    return {
+        "demo_time_to_target_s": s["time_to_target_s"],
+        "demo_final_accuracy": s["final_accuracy"],
+        "demo_wall_s": s["wall_s"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--live-devices", type=int, default=None)
+    parser.add_argument("--skip", default="", help="comma list of: compare,scaling,live,demo")
+    args = parser.parse_args(argv)
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    result: dict[str, Any] = {"quick": args.quick}
+    t0 = time.perf_counter()
+    if "compare" not in skip:
+        print("FedBuff vs FedAvg (virtual time):", flush=True)
+        result.update(_compare(args.quick))
+    if "scaling" not in skip:
+        print("virtual mode scaling:", flush=True)
+        result.update(_scaling(args.quick))
+    if "live" not in skip:
+        devices = args.live_devices or (100 if args.quick else 500)
+        print("live mode:", flush=True)
+        result.update(_live(devices, 15.0 if args.quick else 40.0))
+    if "demo" not in skip and not args.quick:
+        print("demo:", flush=True)
+        result.update(_demo())
+    result["bench_wall_s"] = time.perf_counter() - t0
+    if args.json:
+        sys.stdout.write(json.dumps(result) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
