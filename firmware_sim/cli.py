@@ -218,7 +218,7 @@ def sim_command(
             attack=AttackConfig(fraction=malicious, kind=AttackKind(attack), scale=attack_scale),
             target=target,
             max_time_s=max_time if mode == "virtual" else None,
-            max_wall_s=max_time if mode == "live" else None,
+            max_wall_s=(max_time or 600.0) if mode == "live" else None,
             max_updates=max_updates,
             seed=seed,
         )

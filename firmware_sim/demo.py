@@ -49,12 +49,6 @@ DEMO_CONFIG = SimConfig(
 DEMO_OPTIONS = LiveOptions(fleet="demo", time_scale=0.02, train_threads=1, workers=2)
 
 
-def _broker_kind() -> str:
-    from broker.launcher import find_mosquitto
-
-    return "mosquitto" if find_mosquitto() is not None else "embedded"
-
-
 def run_demo(
     *,
     devices: int = 100,
@@ -71,12 +65,12 @@ def run_demo(
     from firmware_sim.report import write_report
 
     cfg = replace(config or DEMO_CONFIG, devices=devices, seed=seed)
-    opts = replace(options or DEMO_OPTIONS, broker_kind=_broker_kind())
+    opts = options or DEMO_OPTIONS
     console = Console(stderr=json_out)
     console.print(
         f"[bold]edgefl demo[/]: {cfg.devices} live devices ({cfg.profile} profile, "
         f"{cfg.partition} split of {cfg.dataset}), FedBuff K={cfg.buffer_size}, "
-        f"{opts.broker_kind} broker; target {100 * cfg.target:.0f}% test accuracy"
+        f"{opts.broker_url or 'private'} broker; target {100 * cfg.target:.0f}% test accuracy"
     )
     started = time.monotonic()
     with console.status("starting broker, aggregator and devices...") as status:

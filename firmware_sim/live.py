@@ -80,11 +80,12 @@ _STREAM_LIVE = 0x11_FE_5EED
 @dataclass(frozen=True)
 class LiveOptions:
     """How to run live. ``broker_url`` None starts a private broker of ``broker_kind``:
-    ``embedded`` (amqtt, MQTT 3.1.1, in a child process) or ``mosquitto`` (a private Mosquitto
-    with the dev config)."""
+    ``embedded`` (amqtt, MQTT 3.1.1, in a child process), ``mosquitto`` (a private Mosquitto
+    with the dev config) or ``auto`` (Mosquitto when the binary is installed, else embedded:
+    amqtt manages only a few updates/s with 100 devices)."""
 
     broker_url: str | None = None
-    broker_kind: str = "embedded"
+    broker_kind: str = "auto"
     fleet: str = "sim"
     workers: int = 1
     time_scale: float = 0.05
@@ -636,8 +637,13 @@ async def _run_live_async(
     mosquitto: Any = None
     ctx = mp.get_context("spawn")
     url = options.broker_url
+    broker_kind = options.broker_kind
+    if broker_kind == "auto":
+        from broker.launcher import find_mosquitto
+
+        broker_kind = "mosquitto" if find_mosquitto() is not None else "embedded"
     if url is None:
-        if options.broker_kind == "mosquitto":
+        if broker_kind == "mosquitto":
             from broker.launcher import MosquittoBroker
 
             mosquitto = MosquittoBroker(state_dir=root / "mosquitto")
