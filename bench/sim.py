@@ -109,7 +109,8 @@ def _live(devices: int, seconds: float) -> dict[str, Any]:
         target=1.0,
         max_wall_s=seconds,
     )
-    res = run_live(cfg, LiveOptions(broker_kind="mosquitto", fleet="bench", time_scale=0.02))
+    options = LiveOptions(broker_kind="mosquitto", fleet="bench", time_scale=0.02, workers=2)
+    res = run_live(cfg, options)
     s = res.record.summary(cfg.target)
     print(
         f"  {devices} live devices: peak connected {res.peak_connected}, "
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     if "live" not in skip:
         devices = args.live_devices or (100 if args.quick else 500)
         print("live mode:", flush=True)
-        result.update(_live(devices, 15.0 if args.quick else 40.0))
+        result.update(_live(devices, 15.0 if args.quick else 60.0))
     if "demo" not in skip and not args.quick:
         print("demo:", flush=True)
         result.update(_demo())

@@ -5,14 +5,14 @@ embedded amqtt broker), the real aggregator (FedBuff, held-out evaluation) and a
 device agents of mixed profiles on mnist1d with a Dirichlet(0.5) label split, each with its own
 MQTT connection. Training and MQTT traffic are real; the simulated speeds, availability windows,
 dropouts and crash restarts of the ``mixed`` fleet (50% phones, 30% sensors, 20% vehicles) run
-50x faster than real time (``time_scale`` 0.02). The devices live in two worker processes (one
+100x faster than real time (``time_scale`` 0.01). The devices live in two worker processes (one
 event loop each), the aggregator in the main process. The demo stops at 90% test accuracy (or
 after ``max_wall_s``), writes the report and prints a short summary.
 
 Settings (:data:`DEMO_CONFIG`) and why: 5 local epochs per update (more local work per update
 converges in far fewer updates, so fewer models to distribute); K = 10 with 20 devices training
 at once (1,220 updates to 90% in virtual mode, the fewest of the settings tried);
-``max_staleness`` 3 (in live mode every update is at least as stale as the time a new model
+``max_staleness`` 2 (in live mode every update is at least as stale as the time a new model
 takes to reach the devices; the few much older ones do more harm than good and are rejected,
 counted as ``stale``).
 """
@@ -40,13 +40,13 @@ DEMO_CONFIG = SimConfig(
     local=LocalTrainConfig(epochs=5, batch_size=32, lr=0.1),
     buffer_size=10,
     concurrency=20,
-    max_staleness=3,
+    max_staleness=2,
     target=0.9,
     max_wall_s=300.0,
     codec="int8",
 )
 
-DEMO_OPTIONS = LiveOptions(fleet="demo", time_scale=0.02, train_threads=1, workers=2)
+DEMO_OPTIONS = LiveOptions(fleet="demo", time_scale=0.01, train_threads=1, workers=2)
 
 
 def run_demo(
