@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
-from edgefl.aggregation import RobustMode
+from edgefl.aggregation import Normalisation, RobustMode
 from edgefl.training import LocalTrainConfig
 from firmware_sim.attacks import AttackConfig, AttackKind
 from firmware_sim.record import Algorithm, RunRecord
@@ -190,6 +190,13 @@ def sim_command(
     lr: Annotated[float, typer.Option(help="Local SGD learning rate.")] = 0.1,
     batch_size: Annotated[int, typer.Option(help="Local batch size.")] = 32,
     server_lr: Annotated[float, typer.Option(help="Server SGD learning rate.")] = 1.0,
+    normalisation: Annotated[
+        Normalisation,
+        typer.Option(
+            help="FedBuff buffer: mean (weighted mean) or sum (divide by K, equal weights, as "
+            "in the FedBuff paper; stale buffers take smaller steps, stable with small K)."
+        ),
+    ] = Normalisation.MEAN,
     round_deadline: Annotated[float | None, typer.Option(help="FedAvg round deadline (s).")] = None,
     samples: Annotated[int | None, typer.Option(help="Dataset size (train + test).")] = None,
 ) -> None:
@@ -211,6 +218,7 @@ def sim_command(
             staleness=staleness,
             max_staleness=max_staleness,
             server_lr=server_lr,
+            normalisation=normalisation,
             norm_bound=norm_bound,
             robust=RobustMode(robust),
             round_deadline_s=round_deadline,

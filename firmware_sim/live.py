@@ -565,6 +565,8 @@ def _aggregator_config(cfg: SimConfig, opts: LiveOptions, url: str, state_dir: P
         staleness_a=params[0] if params else None,
         staleness_b=params[1] if len(params) > 1 else None,
         max_staleness=cfg.max_staleness,
+        example_weighting=cfg.example_weighting,
+        normalisation=cfg.normalisation,
         server_lr=cfg.server_lr,
         server_momentum=cfg.server_momentum,
         norm_bound=setting,

@@ -26,7 +26,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from edgefl.aggregation import (
+    ExampleWeighting,
     FedBuffConfig,
+    Normalisation,
     NormBound,
     RobustMode,
     ServerOptimizerConfig,
@@ -156,6 +158,9 @@ class SimConfig:
     max_staleness: int | None = 100
     server_lr: float = 1.0
     server_momentum: float = 0.0
+    # FedBuff buffer normalisation: "mean" (weighted mean, FedAvg-compatible) or "sum" (divide
+    # by K with equal example weights, as in the FedBuff paper: stale buffers take smaller steps)
+    normalisation: Normalisation = Normalisation.MEAN
     norm_bound: str = "auto"
     robust: RobustMode = RobustMode.NONE
     trim_beta: float = 0.2
@@ -217,11 +222,21 @@ class SimConfig:
             buffer_size=self.buffer_size,
             staleness=parse_staleness(self.staleness),
             max_staleness=self.max_staleness,
+            example_weighting=self.example_weighting,
+            normalisation=Normalisation(self.normalisation),
             norm_bound=parse_norm_bound(self.norm_bound),
             robust=self.robust,
             trim_beta=self.trim_beta,
             server_optimizer=self.server_optimizer(),
         )
+
+    @property
+    def example_weighting(self) -> ExampleWeighting:
+        """Equal weights under ``sum`` normalisation (else the step scales with the mean example
+        count); example-count weights under ``mean``."""
+        if Normalisation(self.normalisation) is Normalisation.SUM:
+            return ExampleWeighting.EQUAL
+        return ExampleWeighting.EXAMPLES
 
     def fedavg_config(self) -> SyncFedAvgConfig:
         return SyncFedAvgConfig(

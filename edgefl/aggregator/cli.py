@@ -13,7 +13,13 @@ from typing import Annotated
 
 import typer
 
-from edgefl.aggregation import ExampleWeighting, RobustMode, ServerOptimizerKind, StalenessKind
+from edgefl.aggregation import (
+    ExampleWeighting,
+    Normalisation,
+    RobustMode,
+    ServerOptimizerKind,
+    StalenessKind,
+)
 from edgefl.codec import CodecConfig, Quantization
 
 __all__ = ["aggregator_command"]
@@ -45,6 +51,13 @@ def aggregator_command(
         ExampleWeighting, typer.Option(help="Weigh updates by example count or equally.")
     ] = ExampleWeighting.EXAMPLES,
     example_cap: Annotated[int | None, typer.Option(help="Cap of the example weight.")] = 1000,
+    normalisation: Annotated[
+        Normalisation,
+        typer.Option(
+            help="mean: weighted mean of the buffer (FedAvg-compatible); sum: divide by K as in "
+            "the FedBuff paper, so stale buffers take smaller steps (use with small K)."
+        ),
+    ] = Normalisation.MEAN,
     server_optimizer: Annotated[
         ServerOptimizerKind, typer.Option(help="Server optimizer.")
     ] = ServerOptimizerKind.SGD,
@@ -141,6 +154,7 @@ def aggregator_command(
             max_staleness=max_staleness,
             example_weighting=example_weighting,
             example_cap=example_cap,
+            normalisation=normalisation,
             server_optimizer=server_optimizer,
             server_lr=server_lr,
             server_momentum=server_momentum,

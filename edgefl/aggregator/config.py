@@ -19,6 +19,7 @@ from typing import Any
 from edgefl.aggregation import (
     ExampleWeighting,
     FedBuffConfig,
+    Normalisation,
     NormBound,
     NormBoundMode,
     RobustMode,
@@ -74,6 +75,9 @@ class AggregatorConfig:
     max_staleness: int | None = 100
     example_weighting: ExampleWeighting = ExampleWeighting.EXAMPLES
     example_cap: int | None = 1000
+    # mean: a = A / W (FedAvg-compatible; uniformly stale buffers are not shrunk).
+    # sum: a = A / K (FedBuff paper; stale buffers take smaller steps, robust to small K).
+    normalisation: Normalisation = Normalisation.MEAN
     server_optimizer: ServerOptimizerKind = ServerOptimizerKind.SGD
     server_lr: float = 1.0
     server_momentum: float = 0.0
@@ -122,6 +126,7 @@ class AggregatorConfig:
         object.__setattr__(self, "algorithm", Algorithm(self.algorithm))
         object.__setattr__(self, "staleness", StalenessKind(self.staleness))
         object.__setattr__(self, "example_weighting", ExampleWeighting(self.example_weighting))
+        object.__setattr__(self, "normalisation", Normalisation(self.normalisation))
         object.__setattr__(self, "server_optimizer", ServerOptimizerKind(self.server_optimizer))
         object.__setattr__(self, "norm_bound", NormBoundSetting(self.norm_bound))
         object.__setattr__(self, "robust", RobustMode(self.robust))
@@ -187,6 +192,7 @@ class AggregatorConfig:
             max_staleness=self.max_staleness,
             example_weighting=self.example_weighting,
             example_cap=self.example_cap,
+            normalisation=self.normalisation,
             norm_bound=self.norm_bound_config(),
             robust=self.robust,
             trim_beta=self.trim_beta,
