@@ -31,5 +31,8 @@ def test_twenty_live_devices_reach_the_target(mosquitto: MosquittoBroker) -> Non
     assert s["updates_applied"] > 0
     assert s["dropouts"] > 0  # simulated dropouts made agents abort and publish nothing
     assert result.peak_connected == 20  # every device had its own MQTT connection
-    assert result.agent_totals["updates_sent"] >= s["updates_applied"]
+    # every applied update came from a completed training (the lab profile never crashes, so no
+    # agent was replaced); updates_sent can lag: it counts PUBACKs, which the stop may cut short
+    assert result.agent_totals["trainings_completed"] >= s["updates_applied"]
+    assert result.agent_totals["updates_sent"] > 0
     assert s["bytes_uploaded"] < s["bytes_fp32_equivalent"]  # int8 on the wire
