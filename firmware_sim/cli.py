@@ -278,8 +278,23 @@ def demo_command(
     json_out: Annotated[
         bool, typer.Option("--json", help="Print the summary as the last line.")
     ] = False,
+    broker: Annotated[
+        str | None, typer.Option(help="Use this broker instead of starting a private one.")
+    ] = None,
+    broker_kind: Annotated[
+        str,
+        typer.Option(
+            help="Private broker: auto (Mosquitto when installed, else embedded), mosquitto, "
+            "or embedded (amqtt in a child process; much slower with 100 devices)."
+        ),
+    ] = "auto",
 ) -> None:
-    """Zero-configuration demo: embedded broker, aggregator and ~100 live devices on mnist1d."""
-    from firmware_sim.demo import run_demo
+    """Zero-configuration demo: its own broker, the aggregator and ~100 live devices on mnist1d."""
+    from dataclasses import replace
 
-    run_demo(devices=devices, report=report, seed=seed, json_out=json_out)
+    from firmware_sim.demo import DEMO_OPTIONS, run_demo
+
+    if broker_kind not in ("auto", "mosquitto", "embedded"):
+        raise typer.BadParameter("expected auto, mosquitto or embedded", param_hint="--broker-kind")
+    options = replace(DEMO_OPTIONS, broker_url=broker, broker_kind=broker_kind)
+    run_demo(devices=devices, report=report, seed=seed, json_out=json_out, options=options)

@@ -26,6 +26,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edgefl.training import LocalTrainConfig
 from firmware_sim.live import LiveOptions, run_live
 from firmware_sim.scenario import SimConfig
@@ -70,11 +72,19 @@ def run_demo(
     console.print(
         f"[bold]edgefl demo[/]: {cfg.devices} live devices ({cfg.profile} profile, "
         f"{cfg.partition} split of {cfg.dataset}), FedBuff K={cfg.buffer_size}, "
-        f"{opts.broker_url or 'private'} broker; target {100 * cfg.target:.0f}% test accuracy"
+        f"target {100 * cfg.target:.0f}% test accuracy"
     )
+
+    def announce(url: str, kind: str) -> None:
+        what = {"mosquitto": "private Mosquitto", "embedded": "embedded amqtt broker"}
+        console.print(
+            f"broker: {what.get(kind, 'external broker')} at {url}; watch the fleet with "
+            f"[bold]edgefl monitor --broker {url} --fleet {opts.fleet}[/]"
+        )
+
     started = time.monotonic()
     with console.status("starting broker, aggregator and devices...") as status:
-        result = run_live(cfg, opts, progress=status.update)
+        result = run_live(cfg, opts, progress=status.update, on_broker=announce)
     paths = write_report([result.record], report, cfg.target)
     summary = summary_object(
         [result.record],
@@ -87,14 +97,22 @@ def run_demo(
         },
     )
     ttt = summary["time_to_target_s"]
+    evals = result.record.evals()
+    best = int(np.argmax(evals.accuracy)) if len(evals.accuracy) else None
     console.print(
-        f"final accuracy [bold]{100 * (summary['final_accuracy'] or 0):.1f}%[/] after "
-        f"{summary['updates_applied']:,} updates and {summary['model_versions']} model versions; "
-        + (
+        (
             f"[green]{100 * cfg.target:.0f}% reached after {ttt:.0f} s[/]"
             if ttt is not None
             else "[red]target not reached[/]"
         )
+        + (
+            f"; best {100 * evals.accuracy[best]:.1f}% (model v{evals.version[best]})"
+            if best is not None
+            else ""
+        )
+        + f"; last version v{summary['model_versions']} "
+        f"{100 * (summary['final_accuracy'] or 0):.1f}% after "
+        f"{summary['updates_applied']:,} updates (in-flight updates keep landing after the stop)"
     )
     console.print(
         f"{summary['bytes_uploaded'] / 1e6:.1f} MB uploaded "

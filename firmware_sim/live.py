@@ -631,6 +631,7 @@ async def _run_live_async(
     scenario: Scenario,
     root: Path,
     progress: Callable[[str], None] | None,
+    on_broker: Callable[[str, str], None] | None = None,
 ) -> LiveResult:
     from edgefl.aggregator import Aggregator
 
@@ -662,6 +663,8 @@ async def _run_live_async(
             if not await asyncio.to_thread(ready.wait, 30.0):
                 raise RuntimeError("embedded broker did not start")
             url = f"mqtt://127.0.0.1:{port}"
+    if on_broker is not None:
+        on_broker(url, broker_kind if options.broker_url is None else "external")
     record = RunRecord(
         config={
             **config.to_dict(),
@@ -809,8 +812,13 @@ def run_live(
     *,
     scenario: Scenario | None = None,
     progress: Callable[[str], None] | None = None,
+    on_broker: Callable[[str, str], None] | None = None,
 ) -> LiveResult:
-    """Run the live simulation to the target or the limits (``max_wall_s``, ``max_updates``)."""
+    """Run the live simulation to the target or the limits (``max_wall_s``, ``max_updates``).
+
+    ``on_broker(url, kind)`` is called once the broker is known (``kind``: ``mosquitto`` or
+    ``embedded`` for a private one, ``external`` for ``broker_url``), e.g. to tell the user where
+    ``edgefl monitor`` can connect."""
     opts = options or LiveOptions()
     if opts.quiet:
         _quiet_logs()
@@ -818,7 +826,7 @@ def run_live(
     own_root = opts.state_dir is None
     root = Path(tempfile.mkdtemp(prefix="edgefl-live-")) if own_root else Path(opts.state_dir)  # type: ignore[arg-type]
     try:
-        return asyncio.run(_run_live_async(config, opts, sc, root, progress))
+        return asyncio.run(_run_live_async(config, opts, sc, root, progress, on_broker))
     finally:
         if own_root:
             shutil.rmtree(root, ignore_errors=True)
