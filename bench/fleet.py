@@ -4,13 +4,14 @@
    100 devices, Dirichlet(0.5), 30% dropouts, log-normal(sigma = 1) training times, 1 local
    epoch, batch 32, SGD lr 0.1, staleness (1+tau)^-0.5, server SGD lr 1; FedBuff K = 5 with 20
    devices training at once, FedAvg cohorts of 20). Target: FedBuff <= 0.5x FedAvg's time.
-2. Virtual updates per wall second at 1,000 and 100,000 devices (same data per device, fixed
-   number of updates). Target: 100k within 25% of 1k.
+2. Virtual updates per wall second and peak RSS at 1,000, 10,000 and 100,000 devices (same
+   data per device, fixed number of updates, each size in a fresh process). Target: 100k within
+   25% of 1k.
 3. Live mode: N real agents, each with its own MQTT connection, plus the aggregator on a private
    Mosquitto for a fixed wall time: updates/s and RSS (all processes).
 4. The demo (100 live devices, mnist1d): wall time to 90%.
 
-    python bench/sim.py [--quick] [--json] [--live-devices N]
+    python bench/fleet.py [--quick] [--json] [--live-devices N]
 
 ``--quick`` shrinks everything (digits for the comparison, fewer updates, 100 live devices for
 15 s, no demo). With ``--json`` the last stdout line is the result object.
@@ -62,34 +63,51 @@ def _compare(quick: bool) -> dict[str, Any]:
     return out
 
 
-def _scaling(quick: bool) -> dict[str, Any]:
+def _scaling_one(n: int, updates: int) -> tuple[float, float, float, int, int]:
+    """One fleet size in a fresh process: (updates/s, build seconds, peak RSS MB, trainings,
+    batched training calls)."""
+    import resource
+
     from firmware_sim.scenario import SimConfig, build_scenario
     from firmware_sim.virtual import run_virtual
 
+    cfg = SimConfig(
+        devices=n,
+        dataset="mnist1d",
+        profile="lab",
+        dropout=0.3,
+        max_updates=updates,
+        stop_at_target=False,
+        eval_every_updates=100,
+    )
+    t = time.perf_counter()
+    scenario = build_scenario(cfg)
+    build_s = time.perf_counter() - t
+    res = run_virtual(cfg, scenario=scenario)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return res.updates_per_s, build_s, peak_mb, res.trainings_computed, res.train_calls
+
+
+def _scaling(quick: bool) -> dict[str, Any]:
+    import multiprocessing as mp
+
     updates = 150 if quick else 600
     rates: dict[str, float] = {}
-    for n in (1_000, 100_000):
-        cfg = SimConfig(
-            devices=n,
-            dataset="mnist1d",
-            profile="lab",
-            dropout=0.3,
-            max_updates=updates,
-            stop_at_target=False,
-            eval_every_updates=100,
-        )
-        t = time.perf_counter()
-        scenario = build_scenario(cfg)
-        build_s = time.perf_counter() - t
-        res = run_virtual(cfg, scenario=scenario)
-        rates[str(n)] = res.updates_per_s
+    peaks: dict[str, float] = {}
+    ctx = mp.get_context("spawn")
+    for n in (1_000, 10_000, 100_000):
+        with ctx.Pool(1) as pool:  # a fresh process per size: its peak RSS is its own
+            rate, build_s, peak_mb, trainings, calls = pool.apply(_scaling_one, (n, updates))
+        rates[str(n)] = rate
+        peaks[str(n)] = round(peak_mb, 1)
         print(
-            f"  {n:>7,} devices: built in {build_s:.2f} s, {res.updates_per_s:.1f} updates/s "
-            f"({res.trainings_computed} trainings in {res.train_calls} batched calls)",
+            f"  {n:>7,} devices: built in {build_s:.2f} s, {rate:.1f} updates/s, "
+            f"peak RSS {peak_mb:.0f} MB ({trainings} trainings in {calls} batched calls)",
             flush=True,
         )
     return {
         "virtual_updates_per_s": rates,
+        "virtual_peak_rss_mb": peaks,
         "virtual_100k_vs_1k": rates["100000"] / rates["1000"],
     }
 
