@@ -11,6 +11,7 @@ Probabilities are computed from the logits in numpy (softmax), not in the graph.
 from __future__ import annotations
 
 import io
+import threading
 import warnings
 from typing import Any
 
@@ -25,13 +26,19 @@ DEFAULT_OPSET = 17
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 
+# torch's TorchScript exporter keeps process-global state (GLOBALS.in_onnx_export) and asserts
+# that no other export is running: exports from several threads (an aggregator's publisher, a
+# test's leftover thread) must take turns.
+_EXPORT_LOCK = threading.Lock()
+
 
 def export_onnx(spec: ModelSpec, flat: NDArray[np.float32], *, opset: int = DEFAULT_OPSET) -> bytes:
     """Serialise the model ``spec`` with weights ``flat`` to ONNX bytes.
 
     Uses the TorchScript exporter (``dynamo=False``; the dynamo exporter needs ``onnxscript``).
-    ``opset`` must be >= 17. Leaves torch's global RNG state untouched. Raises ``ValueError`` for
-    a flat vector that does not fit the spec.
+    ``opset`` must be >= 17. Leaves torch's global RNG state untouched. Thread-safe (exports are
+    serialised: torch's exporter has process-global state). Raises ``ValueError`` for a flat
+    vector that does not fit the spec.
     """
     if opset < DEFAULT_OPSET:
         raise ValueError(f"opset {opset} < {DEFAULT_OPSET} is not supported")
@@ -46,7 +53,7 @@ def export_onnx(spec: ModelSpec, flat: NDArray[np.float32], *, opset: int = DEFA
     module.eval()
     dummy = torch.zeros((1, *spec.input_shape), dtype=torch.float32)
     buf = io.BytesIO()
-    with warnings.catch_warnings():
+    with _EXPORT_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
         torch.onnx.export(
             module,

@@ -64,3 +64,16 @@ def test_predictor_runs_without_torch(tmp_path: Path) -> None:
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_concurrent_exports_from_threads_all_succeed() -> None:
+    # torch's exporter has process-global state; export_onnx serialises callers
+    from concurrent.futures import ThreadPoolExecutor
+
+    spec = get_model_spec("digits-mlp")
+    flat = init_weights(spec, 0)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: export_onnx(spec, flat), range(8)))
+
+    assert len({len(r) for r in results}) == 1
+    assert all(r for r in results)
