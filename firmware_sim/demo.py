@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from edgefl.aggregation import Normalisation
 from edgefl.training import LocalTrainConfig
 from firmware_sim.live import LiveOptions, run_live
 from firmware_sim.scenario import SimConfig
@@ -43,6 +44,11 @@ DEMO_CONFIG = SimConfig(
     buffer_size=10,
     concurrency=20,
     max_staleness=2,
+    # FedBuff paper's rule: the step is sum(s(tau) delta) / K, so the (uniformly 1-2 versions
+    # stale) live buffers take damped steps. With the weighted mean instead, accuracy swung
+    # between 20% and 70% and reached 90% only on a spike (119-154 s); with sum it climbs
+    # smoothly (90% after 121 s, last version 89.8%).
+    normalisation=Normalisation.SUM,
     target=0.9,
     max_wall_s=300.0,
     codec="int8",
