@@ -81,10 +81,11 @@ def monitor_command(
     stale_after: Annotated[
         float,
         typer.Option(
-            help="Show a connected device as lost after N s without a sign of life"
-            " (0, the default: never; agents publish their state only on changes)."
+            help="Show a connected device as lost after N s without a sign of life (0: never)."
+            " Agents republish their state every heartbeat_s (300 s by default), so the"
+            " default of 900 s flags a device that missed three heartbeats."
         ),
-    ] = 0.0,
+    ] = 900.0,
     wait: Annotated[
         float, typer.Option(help="Longest wait for the retained messages (--once, clearing).")
     ] = 5.0,
