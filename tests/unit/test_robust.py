@@ -6,6 +6,8 @@ import contextlib
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from numpy.typing import NDArray
 
 from edgefl.aggregation import (
@@ -208,3 +210,16 @@ def test_default_norm_bound_is_on_and_adaptive() -> None:
 def test_norm_bound_validation(kwargs: dict[str, object], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         NormBound(**kwargs)  # type: ignore[arg-type]
+
+
+@given(
+    st.lists(
+        st.floats(min_value=0.0, max_value=1e6, allow_nan=False, allow_infinity=False),
+        min_size=1,
+        max_size=60,
+    )
+)
+def test_norm_tracker_median_equals_numpy_median(norms: list[float]) -> None:
+    tracker = NormTracker(NormBound(), history=norms)
+
+    assert tracker.median() == float(np.median(np.asarray(norms, dtype=np.float64)))
