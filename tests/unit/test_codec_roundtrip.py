@@ -37,11 +37,14 @@ def _roundtrip(
 
 
 def _block_bound(x: NDArray[np.float32], block_size: int, qmax: int) -> NDArray[np.float64]:
-    """Per-element error bound: the block's scale, max|x_b| / qmax (+ the 2**-12 margin)."""
+    """Per-element error bound: the block's scale, max|x_b| / qmax (+ the 2**-12 margin), which
+    the encoder raises to float32's smallest normal number for blocks of tiny values."""
     amax = np.abs(x.astype(np.float64))
     pad = (-x.size) % block_size
     amax = np.pad(amax, (0, pad)).reshape(-1, block_size).max(axis=1)
     scale = amax / qmax * (1 + 2**-12) * (1 + 1e-6)
+    tiny = float(np.finfo(np.float32).tiny)
+    scale = np.where(amax > 0, np.maximum(scale, tiny), scale)
     return np.repeat(scale, block_size)[: x.size]
 
 
@@ -298,3 +301,16 @@ def test_descriptor_raw_size_matches_layout() -> None:
     assert d.raw_size == layout.raw_size == len(_raw_body(encoded))
     assert encoded.encoded_size == encoded.body_size + encoded.descriptor_size
     assert encoded.dense_size == 4000
+
+
+@pytest.mark.parametrize("quantization", INT_CODECS)
+def test_tiny_values_keep_a_normal_scale_and_the_error_bound(quantization: Quantization) -> None:
+    # found by hypothesis in CI: max|x| / qmax is subnormal here; the encoder uses float32's
+    # smallest normal scale instead, so every error stays below that scale
+    x = np.array([3.329405e-38], dtype=np.float32)
+    tiny = float(np.finfo(np.float32).tiny)
+
+    for seed in range(20):
+        _, decoded = _roundtrip(x, CodecConfig(quantization, block_size=4), seed)
+
+        assert abs(float(decoded[0]) - float(x[0])) < tiny
