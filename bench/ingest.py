@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import sys
 import tempfile
 import time
@@ -44,6 +45,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 FLEET = "bench"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 DISTINCT = 4  # distinct pre-encoded bodies per model
 
 
@@ -113,13 +115,14 @@ def publisher_proc(
     client.loop_start()
     built.put(index)
     go.wait()
+    cpu0 = proc_cpu_s()
     for topic, payload in items:
         client.publish(topic, payload, qos=1)
     while acked < len(items):
         time.sleep(0.005)
     client.loop_stop()
     client.disconnect()
-    done.put(index)
+    done.put(proc_cpu_s() - cpu0)
 
 
 def subscriber_proc(port: int, total: int, ready: Any, result: Any) -> None:
@@ -137,7 +140,11 @@ def subscriber_proc(port: int, total: int, ready: Any, result: Any) -> None:
         if received == total:
             finished = time.time()
 
+    cpu0 = 0.0
+
     def on_subscribe(*_: Any) -> None:
+        nonlocal cpu0
+        cpu0 = proc_cpu_s()
         ready.put(True)
 
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-sub")
@@ -148,7 +155,7 @@ def subscriber_proc(port: int, total: int, ready: Any, result: Any) -> None:
     while received < total:
         client.loop(0.1)
     client.disconnect()
-    result.put((finished, nbytes))
+    result.put((finished, nbytes, proc_cpu_s() - cpu0))
 
 
 def aggregator_proc(
@@ -161,6 +168,10 @@ def aggregator_proc(
     from edgefl.aggregator.memory import tune_process
 
     tune_process()  # as run_aggregator (the CLI) does: one BLAS thread, fixed mmap threshold
+    if os.environ.get("BENCH_MMAP_THRESHOLD"):  # experiment knob
+        from edgefl.aggregator.memory import pin_mmap_threshold
+
+        pin_mmap_threshold(int(os.environ["BENCH_MMAP_THRESHOLD"]))
 
     config = AggregatorConfig(
         broker_url=f"mqtt://127.0.0.1:{port}", fleet=FLEET, model=model,
@@ -172,20 +183,65 @@ def aggregator_proc(
         agg = Aggregator(config)
         up = asyncio.Event()
         task = asyncio.create_task(agg.run(up))
+        if os.environ.get("BENCH_TRIM_S"):  # experiment knob
+            import ctypes
+
+            libc = ctypes.CDLL("libc.so.6")
+            period = float(os.environ["BENCH_TRIM_S"])
+
+            async def trimmer() -> None:
+                while True:
+                    await asyncio.sleep(period)
+                    libc.malloc_trim(0)
+
+            trim_task = asyncio.create_task(trimmer())  # noqa: F841
         await up.wait()
         rss_ready = vm_rss_mb()
+        cpu0 = thread_cpu_s()
+        faults0 = minor_faults()
         ready.put(True)
         while agg.statistics().received < total:  # noqa: ASYNC110  (polling the counters)
-            await asyncio.sleep(0.002)
+            await asyncio.sleep(0.01)  # statistics() is not free: poll gently
         finished = time.time()
+        cpu = {k: v - cpu0.get(k, 0.0) for k, v in thread_cpu_s().items()}
+        faults = minor_faults() - faults0
         s = agg.statistics()
         agg.stop()
         await task
         result.put(
-            (finished, s.applied, dict(s.rejected), s.version, s.batches, vm_hwm_mb(), rss_ready)
-        )
+            (finished, s.applied, dict(s.rejected), s.version, s.batches, vm_hwm_mb(), rss_ready,
+             cpu, faults)
+        )  # fmt: skip
 
     asyncio.run(main())
+
+
+def proc_cpu_s(pid: int | str = "self", task: int | None = None) -> float:
+    """User + system CPU seconds of a process (or of one of its threads) from /proc."""
+    path = f"/proc/{pid}/stat" if task is None else f"/proc/{pid}/task/{task}/stat"
+    try:
+        fields = Path(path).read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far (each costs ~0.5-1 us of kernel time)."""
+    return int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[7])
+
+
+def thread_cpu_s() -> dict[str, float]:
+    """CPU seconds per live thread of this process, by thread-name prefix."""
+    import threading
+
+    out: dict[str, float] = {}
+    for t in threading.enumerate():
+        if t.native_id is None:
+            continue
+        name = t.name.rsplit("_", 1)[0] if t.name != "MainThread" else "event-loop"
+        out[name] = out.get(name, 0.0) + proc_cpu_s(task=t.native_id)
+    return out
 
 
 def vm_hwm_mb(key: str = "VmHWM:") -> float:
@@ -203,9 +259,23 @@ def vm_rss_mb() -> float:
 # runs
 
 
+@dataclass
+class Publishers:
+    start: float
+    procs: list[Any]
+    done: Any
+
+    def join(self) -> float:
+        """Wait for every publisher; their total CPU seconds while sending."""
+        cpu = sum(self.done.get(timeout=300) for _ in self.procs)
+        for p in self.procs:
+            p.join(30)
+        return float(cpu)
+
+
 def run_publishers(
     ctx: Any, port: int, case: Case, payload: tuple[dict[str, Any], list[bytes], int], n_pub: int
-) -> tuple[float, list[Any]]:
+) -> Publishers:
     codec, bodies, n = payload
     go = ctx.Event()
     built, done = ctx.Queue(), ctx.Queue()
@@ -224,10 +294,12 @@ def run_publishers(
     time.sleep(0.2)
     start = time.time()
     go.set()
-    return start, procs
+    return Publishers(start, procs, done)
 
 
-def measure_ceiling(ctx: Any, port: int, case: Case, payload: Any, n_pub: int) -> dict[str, float]:
+def measure_ceiling(
+    ctx: Any, port: int, case: Case, payload: Any, n_pub: int, broker_pid: int
+) -> dict[str, Any]:
     from edgefl.protocol import packetize
 
     ready, result = ctx.Queue(), ctx.Queue()
@@ -237,16 +309,31 @@ def measure_ceiling(ctx: Any, port: int, case: Case, payload: Any, n_pub: int) -
     sub = ctx.Process(target=subscriber_proc, args=(port, total * per_update, ready, result))
     sub.start()
     ready.get(timeout=30)
-    start, pubs = run_publishers(ctx, port, case, payload, n_pub)
-    finished, nbytes = result.get(timeout=300)
-    for p in [*pubs, sub]:
-        p.join(30)
-    elapsed = finished - start
-    return {"per_s": total / elapsed, "mb_per_s": nbytes / elapsed / 1e6, "seconds": elapsed}
+    broker0 = proc_cpu_s(broker_pid)
+    pubs = run_publishers(ctx, port, case, payload, n_pub)
+    finished, nbytes, sub_cpu = result.get(timeout=300)
+    broker_cpu = proc_cpu_s(broker_pid) - broker0
+    pub_cpu = pubs.join()
+    sub.join(30)
+    elapsed = finished - pubs.start
+    cpu = {"subscriber": sub_cpu, "broker": broker_cpu, "publishers": pub_cpu}
+    return {
+        "per_s": total / elapsed,
+        "mb_per_s": nbytes / elapsed / 1e6,
+        "seconds": elapsed,
+        "cpu_ms_per_update": {k: round(1000 * v / total, 3) for k, v in cpu.items()},
+    }
 
 
 def measure_aggregator(
-    ctx: Any, port: int, case: Case, payload: Any, n_pub: int, tmp: Path, tuning: dict[str, Any]
+    ctx: Any,
+    port: int,
+    case: Case,
+    payload: Any,
+    n_pub: int,
+    tmp: Path,
+    tuning: dict[str, Any],
+    broker_pid: int,
 ) -> dict[str, Any]:
     ready, result = ctx.Queue(), ctx.Queue()
     total = (case.updates // n_pub) * n_pub
@@ -257,11 +344,17 @@ def measure_aggregator(
     )
     agg.start()
     ready.get(timeout=60)
-    start, pubs = run_publishers(ctx, port, case, payload, n_pub)
-    finished, applied, rejected, version, batches, rss, rss_ready = result.get(timeout=600)
-    for p in [*pubs, agg]:
-        p.join(30)
-    elapsed = finished - start
+    broker0 = proc_cpu_s(broker_pid)
+    pubs = run_publishers(ctx, port, case, payload, n_pub)
+    finished, applied, rejected, version, batches, rss, rss_ready, cpu, faults = result.get(
+        timeout=600
+    )
+    broker_cpu = proc_cpu_s(broker_pid) - broker0
+    pub_cpu = pubs.join()
+    agg.join(30)
+    elapsed = finished - pubs.start
+    cpu = {f"aggregator/{k}": v for k, v in cpu.items()}
+    cpu |= {"broker": broker_cpu, "publishers": pub_cpu}
     size = total * (len(payload[1][0]) + 1000)
     return {
         "per_s": total / elapsed,
@@ -273,6 +366,8 @@ def measure_aggregator(
         "batches": batches,
         "peak_rss_mb": rss,
         "ready_rss_mb": rss_ready,
+        "cpu_ms_per_update": {k: round(1000 * v / total, 3) for k, v in cpu.items()},
+        "page_faults_per_update": round(faults / total, 1),
     }
 
 
@@ -313,10 +408,14 @@ def main() -> None:
             payload = encode_bodies(case.model)
             model_mb = payload[2] * 4 / 1e6
             with MosquittoBroker(state_dir=tmp / f"mosquitto-{key}") as broker:
-                ceiling = measure_ceiling(ctx, broker.port, case, payload, args.publishers)
+                assert broker.pid is not None
+                ceiling = measure_ceiling(
+                    ctx, broker.port, case, payload, args.publishers, broker.pid
+                )
             with MosquittoBroker(state_dir=tmp / f"mosquitto-agg-{key}") as broker:
+                assert broker.pid is not None
                 agg = measure_aggregator(
-                    ctx, broker.port, case, payload, args.publishers, tmp, tuning
+                    ctx, broker.port, case, payload, args.publishers, tmp, tuning, broker.pid
                 )
             fraction = agg["per_s"] / ceiling["per_s"]
             budget = 4 * model_mb + 150
@@ -332,7 +431,14 @@ def main() -> None:
                 f"rejected {agg['rejected'] or 0}",
                 flush=True,
             )
+            for name, run in (("ceiling", ceiling), ("aggregator", agg)):
+                shares = ", ".join(f"{k} {v:.3f}" for k, v in run["cpu_ms_per_update"].items())
+                print(f"    CPU ms per update, {name} run: {shares}", flush=True)
+            print(f"    aggregator page faults per update: {agg['page_faults_per_update']}")
             out |= {
+                f"cpu_ms_per_update_{key}": agg["cpu_ms_per_update"],
+                f"page_faults_per_update_{key}": agg["page_faults_per_update"],
+                f"ceiling_cpu_ms_per_update_{key}": ceiling["cpu_ms_per_update"],
                 f"updates_per_s_{key}": round(agg["per_s"], 1),
                 f"ceiling_per_s_{key}": round(ceiling["per_s"], 1),
                 f"fraction_of_ceiling_{key}": round(fraction, 3),

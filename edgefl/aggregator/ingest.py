@@ -49,9 +49,17 @@ from edgefl.protocol.chunking import DroppedMessage
 from edgefl.protocol.messages import message_from_envelope
 from edgefl.protocol.topics import UpdateTopic
 
-__all__ = ["Ingest", "IngestOutcome", "OutcomeKind", "decode_body", "max_decompressed"]
+__all__ = [
+    "Ingest",
+    "IngestOutcome",
+    "OutcomeKind",
+    "decode_body",
+    "max_decompressed",
+    "open_body",
+]
 
 RATE_WINDOW_S: Final = 60.0
+_CODEC_CACHE: Final = 64  # distinct codec objects remembered
 
 ChunkKey = tuple[str, bytes]  # (device id, chunk message id)
 
@@ -68,7 +76,8 @@ class IngestOutcome:
     reason: RejectReason | None = None
     detail: str = ""
     header: UpdateHeader | None = None
-    body: bytes | None = None
+    body: bytes | memoryview | None = None  # a read-only view into the received payload
+    codec_json: str = ""  # the header's codec object as canonical JSON (what the store keeps)
     result: AddResult | None = None
     chunk_key: ChunkKey | None = None  # set for chunk packets
     completes: bool = False  # this chunk packet completed (or ended) the message of chunk_key
@@ -94,7 +103,16 @@ def decode_body(
     instead of one for the norm and one for the accumulation. Only for consumers that use the
     update immediately and do not keep it (FedBuff without a robust mode).
     """
-    descriptor = CodecDescriptor.from_dict(codec)
+    return open_body(CodecDescriptor.from_dict(codec), body, num_params, scratch)
+
+
+def open_body(
+    descriptor: CodecDescriptor,
+    body: bytes | memoryview,
+    num_params: int,
+    scratch: NDArray[np.float32] | None = None,
+) -> AddableUpdate:
+    """:func:`decode_body` with an already validated descriptor."""
     decoded = open_update(
         descriptor, body, num_params=num_params, max_decompressed=max_decompressed(num_params)
     )
@@ -118,8 +136,7 @@ class ScratchUpdate:
         # two rows: the delta, and room for weight * delta
         dense: NDArray[np.float32] = scratch[0]
         product: NDArray[np.float32] = scratch[1]
-        dense.fill(0.0)
-        decoded.add_to(dense, 1.0)
+        decoded.write_dense(dense)
         self._dense = dense
         self._product = product
 
@@ -168,6 +185,7 @@ class Ingest:
         self._pending_seen: set[tuple[str, int]] = set()
         self._committed_seen = committed_seen
         self._windows: dict[str, deque[float]] = {}
+        self._codecs: dict[tuple[tuple[str, str, Any], ...], tuple[CodecDescriptor, str]] = {}
         self.scratch = (
             np.zeros((2, self._spec.num_params), np.float32)
             if config.robust is RobustMode.NONE
@@ -224,8 +242,8 @@ class Ingest:
             else:
                 raise ProtocolError(RejectReason.BAD_KIND, f"{outer.kind.name} on an update topic")
             header = message_from_envelope(envelope, UpdateHeader, topic=parsed)
-            body = bytes(envelope.payload)
-            result = self._accept(header, body, data, now)
+            body = envelope.payload
+            result, codec_text = self._accept(header, body, data, now)
         except EdgeflError as exc:
             return IngestOutcome(
                 OutcomeKind.REJECTED,
@@ -238,12 +256,15 @@ class Ingest:
             OutcomeKind.ACCEPTED,
             header=header,
             body=body,
+            codec_json=codec_text,
             result=result,
             chunk_key=chunk_key,
             completes=chunk_key is not None,
         )
 
-    def _accept(self, header: UpdateHeader, body: bytes, data: bytes, now: float) -> AddResult:
+    def _accept(
+        self, header: UpdateHeader, body: memoryview, data: bytes, now: float
+    ) -> tuple[AddResult, str]:
         cfg = self._config
         if cfg.authenticator is not None:
             cfg.authenticator.authenticate(header, data)
@@ -264,7 +285,8 @@ class Ingest:
         device, seq = header.device_id, header.seq
         self._check_seq(device, seq)
         window = self._check_rate(device, now)
-        update = decode_body(header.codec, body, self._spec.num_params, self.scratch)
+        descriptor, codec_text = self._codec(header.codec)
+        update = open_body(descriptor, body, self._spec.num_params, self.scratch)
         result = self._engine.add(
             device,
             update,
@@ -276,7 +298,26 @@ class Ingest:
         self._pending_seen.add((device, seq))
         if window is not None:
             window.append(now)
-        return result
+        return result, codec_text
+
+    def _codec(self, codec: Mapping[str, Any]) -> tuple[CodecDescriptor, str]:
+        """The validated descriptor and canonical JSON of a codec object, cached: a fleet uses
+        a handful of codec settings, and parsing one costs about as much as decoding 30 kB."""
+        try:
+            # the type is part of the key: True == 1 == 1.0 must not share an entry
+            key = tuple(sorted((k, type(v).__name__, v) for k, v in codec.items()))
+            cached = self._codecs.get(key)
+        except TypeError:  # an unhashable value: validation below refuses it
+            key, cached = None, None
+        if cached is not None:
+            return cached
+        descriptor = CodecDescriptor.from_dict(codec)
+        text = json.dumps(dict(codec), separators=(",", ":"), sort_keys=True)
+        if key is not None:
+            if len(self._codecs) >= _CODEC_CACHE:
+                self._codecs.clear()
+            self._codecs[key] = (descriptor, text)
+        return descriptor, text
 
     def _check_seq(self, device: str, seq: int) -> None:
         highest = self._max_seq.get(device, -1)
@@ -304,7 +345,3 @@ class Ingest:
                 RejectReason.RATE_LIMITED, f"{device} sent {len(window)} updates in the last minute"
             )
         return window
-
-
-def codec_json(header: UpdateHeader) -> str:
-    return json.dumps(dict(header.codec), separators=(",", ":"), sort_keys=True)

@@ -1,6 +1,6 @@
 """The aggregator service: an asyncio shell around the sans-IO ingest, engine and state store.
 
-Data flow (one process, one event loop, two helper threads)::
+Data flow (one process, one event loop, a writer thread for SQLite)::
 
     MQTT (persistent session, QoS1, manual ack)
       -> reader task -> bounded queue -> ingest task: batch of messages
@@ -41,7 +41,6 @@ from edgefl.aggregator.ingest import (
     Ingest,
     IngestOutcome,
     OutcomeKind,
-    codec_json,
     decode_body,
 )
 from edgefl.aggregator.metrics import PrometheusExporter
@@ -80,6 +79,7 @@ log = logging.getLogger("edgefl.aggregator")
 OnVersion = Callable[[VersionRecord], None]
 _SHUTDOWN_PUBLISH_S = 5.0
 _IDLE_TICK_S = 0.5
+_SLICE_S = 0.01  # longest stretch of batch validation before yielding to the event loop
 
 
 @dataclasses.dataclass
@@ -134,7 +134,6 @@ class Aggregator:
         self._pending_acks = 0
         self._rows_bytes = 0  # encoded update bytes stored since the last snapshot
         self._checkpoint_bytes = 3 * 4 * config.spec.num_params
-        self._cpu: concurrent.futures.ThreadPoolExecutor | None = None
         self._release: _Release | None = None
         self._publish_wanted = asyncio.Event()
         self._publish_lock = asyncio.Lock()
@@ -208,7 +207,6 @@ class Aggregator:
         if self._stopping:
             return
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="edgefl-db")
-        self._cpu = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="edgefl-ingest")
         try:
             await self._restore()
             self._transport = self._given_transport or self._make_transport()
@@ -225,7 +223,6 @@ class Aggregator:
             if self._evaluator is not None:
                 self._evaluator.stop()
             self._writer.shutdown(wait=True)
-            self._cpu.shutdown(wait=True)
             if self._store is not None:
                 self._store.close()
 
@@ -399,9 +396,7 @@ class Aggregator:
                 batch = await self._next_batch(queue)
                 if batch is None:
                     break
-                # validation and decoding run in the ingest thread (numpy, zstd and crc32
-                # release the GIL), so the event loop keeps reading the socket meanwhile
-                prepared = await loop.run_in_executor(self._cpu, self._prepare, batch)
+                prepared = await self._prepare(batch)
                 if prepared is not None:
                     self._counters.update(prepared.record.counters)
                 if pending is not None:
@@ -454,32 +449,26 @@ class Aggregator:
             size += len(item[0].payload)
         return size
 
-    def _prepare(self, batch: list[tuple[InboundMessage, float]]) -> _Prepared | None:
-        """Validate and apply one batch (no I/O); ``None`` when there is nothing to commit."""
+    async def _prepare(self, batch: list[tuple[InboundMessage, float]]) -> _Prepared | None:
+        """Validate and apply one batch (no I/O); ``None`` when there is nothing to commit.
+
+        Runs on the event loop thread and yields to it every ``_SLICE_S`` so the socket keeps
+        being read. (A worker thread cost more than it overlapped: numpy, zstd and crc32
+        release and re-take the GIL around every call, and the hand-offs with the loop thread
+        added 0.27 ms of CPU per 100k-parameter update on two cores.)
+        """
         engine, ingest = self._engine, self._ingest
         assert engine is not None
         assert ingest is not None
         prepared = _Prepared(BatchRecord(generation=engine.generation))
         record, acks = prepared.record, prepared.acks
         now = time.monotonic()
+        slice_end = time.perf_counter() + _SLICE_S
         for message, received_at in batch:
-            record.count("bytes", len(message.payload))
-            out = ingest.process(message.topic, message.payload, now=now)
-            if out.chunk_key is not None and out.kind is OutcomeKind.PENDING and not out.release:
-                self._held.setdefault(out.chunk_key, []).append((message, received_at))
-                continue
-            acks.append((message, received_at))
-            if out.chunk_key is not None and out.completes:
-                acks.extend(self._held.pop(out.chunk_key, []))
-            if out.kind is OutcomeKind.ACCEPTED:
-                prepared.pairs.append(self._accepted(record, out))
-                if engine.generation != record.generation:
-                    self._new_generation(record, prepared.new_versions)
-            elif out.kind is OutcomeKind.REJECTED:
-                assert out.reason is not None
-                record.count("received")
-                record.count(f"rejected:{out.reason.value}")
-                log.debug("rejected %s: %s", message.topic, out.detail)
+            self._prepare_one(prepared, message, received_at, now)
+            if time.perf_counter() > slice_end:
+                await asyncio.sleep(0)
+                slice_end = time.perf_counter() + _SLICE_S
         for dropped in ingest.expire(now):
             record.count("received")
             record.count(f"rejected:{dropped.reason.value}")
@@ -495,6 +484,31 @@ class Aggregator:
             prepared.release = _Release(engine.version, created, engine.weights.copy())
         return prepared
 
+    def _prepare_one(
+        self, prepared: _Prepared, message: InboundMessage, received_at: float, now: float
+    ) -> None:
+        engine, ingest = self._engine, self._ingest
+        assert engine is not None
+        assert ingest is not None
+        record, acks = prepared.record, prepared.acks
+        record.count("bytes", len(message.payload))
+        out = ingest.process(message.topic, message.payload, now=now)
+        if out.chunk_key is not None and out.kind is OutcomeKind.PENDING and not out.release:
+            self._held.setdefault(out.chunk_key, []).append((message, received_at))
+            return
+        acks.append((message, received_at))
+        if out.chunk_key is not None and out.completes:
+            acks.extend(self._held.pop(out.chunk_key, []))
+        if out.kind is OutcomeKind.ACCEPTED:
+            prepared.pairs.append(self._accepted(record, out))
+            if engine.generation != record.generation:
+                self._new_generation(record, prepared.new_versions)
+        elif out.kind is OutcomeKind.REJECTED:
+            assert out.reason is not None
+            record.count("received")
+            record.count(f"rejected:{out.reason.value}")
+            log.debug("rejected %s: %s", message.topic, out.detail)
+
     async def _finish(
         self, transport: Transport, commit: asyncio.Future[None], prepared: _Prepared
     ) -> None:
@@ -504,8 +518,7 @@ class Aggregator:
         assert ingest is not None
         ingest.committed(prepared.pairs)
         self._batches += 1
-        for message, _ in prepared.acks:
-            await transport.ack(message)
+        await transport.ack_many(message for message, _ in prepared.acks)
         done = time.monotonic()
         if self._exporter is not None:
             for _, received_at in prepared.acks:
@@ -540,7 +553,7 @@ class Aggregator:
                 seq=header.seq,
                 base_version=header.base_version,
                 num_examples=header.num_examples,
-                codec=codec_json(header),
+                codec=out.codec_json,
                 body=body,
                 version=header.base_version + result.outcome.staleness,
                 at=time.time(),

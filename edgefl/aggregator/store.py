@@ -168,7 +168,7 @@ class AcceptedRow:
     base_version: int
     num_examples: int
     codec: str  # the header's codec object as JSON text
-    body: bytes
+    body: bytes | memoryview
     version: int  # server version when it was accepted
     at: float
 

@@ -39,6 +39,7 @@ __all__ = [
     "block_scales",
     "chunk_plan",
     "code_square_sums",
+    "dequantize_into",
     "iter_dequantized",
     "max_scale",
     "quantize_into",
@@ -82,7 +83,14 @@ def _scale_by_block(
     block_size: int,
     out: NDArray[np.float32],
 ) -> None:
-    """``out = src * factors[block of each element]`` for one slice of :func:`chunk_plan`."""
+    """``out = src * factors[block of each element]`` for one slice of :func:`chunk_plan`.
+
+    Widens ``src`` into ``out`` first, then multiplies float32 by float32 in place: a mixed
+    int8 x float32 multiply goes through numpy's buffered casting loop and is ~3x slower.
+    """
+    if src.dtype != np.float32:
+        np.copyto(out, src, casting="unsafe")
+        src = out
     full = full_blocks * block_size
     if full:
         np.multiply(
@@ -238,6 +246,21 @@ def iter_dequantized(
         out = tmp[: stop - start]
         _scale_by_block(unpack(start, stop), factors, first_block, full_blocks, block_size, out)
         yield start, stop, out
+
+
+def dequantize_into(
+    codes: NDArray[np.uint8],
+    factors: NDArray[np.float32],
+    quantization: Quantization,
+    block_size: int,
+    out: NDArray[np.float32],
+) -> None:
+    """``out[i] = factors[block of i] · q[i]`` for all ``out.size`` values, written in place
+    (the same float32 values :func:`iter_dequantized` yields, without a scratch slice)."""
+    unpack = _Unpacker(codes, quantization, out.size)
+    for start, stop, first_block, full_blocks in chunk_plan(out.size, block_size):
+        target = out[start:stop]
+        _scale_by_block(unpack(start, stop), factors, first_block, full_blocks, block_size, target)
 
 
 def code_square_sums(

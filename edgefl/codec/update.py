@@ -40,6 +40,7 @@ from edgefl.codec.quantize import (
     SCALE_DTYPE,
     block_scales,
     code_square_sums,
+    dequantize_into,
     iter_dequantized,
     max_scale,
     quantize_into,
@@ -128,6 +129,16 @@ class _CodedValues:
             else:
                 np.multiply(self.floats[start:stop], w, out=out)
             yield start, stop, out
+
+    def write_into(self, out: NDArray[np.float32]) -> None:
+        """``out[:] = value`` for all ``m`` coded values, in place (``out.size == m``)."""
+        if self.quantization.is_integer:
+            scales = self.floats.astype(np.float32, copy=False)
+            dequantize_into(self.codes, scales, self.quantization, self.block_size, out)
+        elif self.quantization is Quantization.FP16:
+            np.take(_fp16_table(), self.floats.view(np.uint16), out=out, mode="clip")
+        else:
+            np.copyto(out, self.floats)
 
     def values(self) -> NDArray[np.float32]:
         """All ``m`` decoded values (for sparse bodies, where ``m`` is small)."""
@@ -239,6 +250,20 @@ class DecodedUpdate:
         ``out`` must be a writeable, C-contiguous float32 vector of length ``num_params``
         (else ``CodecError(SHAPE_MISMATCH)``); ``weight`` must be finite.
         """
+        self._check_out(out)
+        if not math.isfinite(weight):
+            raise CodecError(RejectReason.NON_FINITE, f"weight {weight!r} is not finite")
+        indices = self._indices
+        if indices is None:
+            for start, stop, chunk in self._values.iter_scaled(weight):
+                target = out[start:stop]
+                np.add(target, chunk, out=target)
+        else:
+            for start, stop, chunk in self._values.iter_scaled(weight):
+                positions = indices[start:stop]
+                out[positions] += chunk  # positions are unique, so fancy += is exact
+
+    def _check_out(self, out: NDArray[np.float32]) -> None:
         if not (
             isinstance(out, np.ndarray)
             and out.dtype == np.float32
@@ -251,17 +276,19 @@ class DecodedUpdate:
                 RejectReason.SHAPE_MISMATCH,
                 f"accumulator must be writeable C-contiguous float32[{self.num_params}], got {got}",
             )
-        if not math.isfinite(weight):
-            raise CodecError(RejectReason.NON_FINITE, f"weight {weight!r} is not finite")
+
+    def write_dense(self, out: NDArray[np.float32]) -> None:
+        """``out[:] = delta`` in place (overwrites; same requirements on ``out`` as
+        :meth:`add_to`). The same values as zeroing ``out`` and calling ``add_to(out, 1.0)``
+        (up to the sign of zeros), in one pass and without scratch."""
+        self._check_out(out)
         indices = self._indices
         if indices is None:
-            for start, stop, chunk in self._values.iter_scaled(weight):
-                target = out[start:stop]
-                np.add(target, chunk, out=target)
-        else:
-            for start, stop, chunk in self._values.iter_scaled(weight):
-                positions = indices[start:stop]
-                out[positions] += chunk  # positions are unique, so fancy += is exact
+            self._values.write_into(out)
+            return
+        out.fill(0.0)
+        for start, stop, chunk in self._values.iter_scaled(1.0):
+            out[indices[start:stop]] = chunk
 
     def to_dense(self) -> NDArray[np.float32]:
         """The decoded delta as a new dense float32 vector."""

@@ -23,7 +23,7 @@ Delivery contract shared by every implementation:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import TracebackType
@@ -186,6 +186,10 @@ class Transport(Protocol):
 
     async def ack(self, message: InboundMessage) -> None:
         """Acknowledge a QoS 1 message (``manual_ack`` only; otherwise a no-op). Idempotent."""
+        ...
+
+    async def ack_many(self, messages: Iterable[InboundMessage]) -> None:
+        """:meth:`ack` each message, in order, handing the PUBACKs to the network together."""
         ...
 
     def statistics(self) -> TransportStatistics:

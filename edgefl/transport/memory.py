@@ -29,7 +29,7 @@ import itertools
 import logging
 import secrets
 from collections import deque
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
@@ -330,6 +330,11 @@ class MemoryTransport:
     async def ack(self, message: InboundMessage) -> None:
         if message.ack_token:
             self._send_ack(message.ack_token)
+
+    async def ack_many(self, messages: Iterable[InboundMessage]) -> None:
+        for message in messages:
+            if message.ack_token:
+                self._send_ack(message.ack_token)
 
     def statistics(self) -> TransportStatistics:
         return self._counters.snapshot(

@@ -28,7 +28,7 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterable
 from enum import Enum
 from types import TracebackType
 from typing import Any, Self
@@ -312,6 +312,15 @@ class MqttTransport:
         redelivers it to a persistent session)."""
         if message.ack_token:
             self._send_ack(message.ack_token)
+
+    async def ack_many(self, messages: Iterable[InboundMessage]) -> None:
+        """:meth:`ack` each message; the PUBACKs go to the kernel together, after the last
+        (one write wake-up instead of one per message)."""
+        for message in messages:
+            if message.ack_token:
+                self._send_ack(message.ack_token, flush=False)
+        if self._io is not None:
+            self._io.flush()
 
     def statistics(self) -> TransportStatistics:
         return self._counters.snapshot(
@@ -641,7 +650,7 @@ class MqttTransport:
     def _receive_maximum(self) -> int:
         return self._config.receive_maximum or min(self._config.max_queued_messages, 65535)
 
-    def _send_ack(self, token: int) -> None:
+    def _send_ack(self, token: int, *, flush: bool = True) -> None:
         entry = self._unacked.pop(token, None)
         if entry is None:
             return
@@ -652,7 +661,7 @@ class MqttTransport:
             return
         client.ack(mid, 1)
         self._counters.acked += 1
-        if self._io is not None:
+        if flush and self._io is not None:
             self._io.flush()  # hand the PUBACK to the kernel now, not on the next loop turn
 
     def _send_subscribe(self, filters: dict[str, int], *, renewal: bool = False) -> None:
