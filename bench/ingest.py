@@ -167,11 +167,15 @@ def aggregator_proc(
     from edgefl.aggregator import Aggregator, AggregatorConfig, NormBoundSetting
     from edgefl.aggregator.memory import tune_process
 
-    tune_process()  # as run_aggregator (the CLI) does: one BLAS thread, fixed mmap threshold
+    tune_process()  # as run_aggregator (the CLI) does: one BLAS thread, malloc thresholds
     if os.environ.get("BENCH_MMAP_THRESHOLD"):  # experiment knob
         from edgefl.aggregator.memory import pin_mmap_threshold
 
         pin_mmap_threshold(int(os.environ["BENCH_MMAP_THRESHOLD"]))
+    if os.environ.get("BENCH_TRIM_THRESHOLD"):  # experiment knob
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-1, ctypes.c_int(int(os.environ["BENCH_TRIM_THRESHOLD"])))
 
     config = AggregatorConfig(
         broker_url=f"mqtt://127.0.0.1:{port}", fleet=FLEET, model=model,
@@ -183,18 +187,6 @@ def aggregator_proc(
         agg = Aggregator(config)
         up = asyncio.Event()
         task = asyncio.create_task(agg.run(up))
-        if os.environ.get("BENCH_TRIM_S"):  # experiment knob
-            import ctypes
-
-            libc = ctypes.CDLL("libc.so.6")
-            period = float(os.environ["BENCH_TRIM_S"])
-
-            async def trimmer() -> None:
-                while True:
-                    await asyncio.sleep(period)
-                    libc.malloc_trim(0)
-
-            trim_task = asyncio.create_task(trimmer())  # noqa: F841
         await up.wait()
         rss_ready = vm_rss_mb()
         cpu0 = thread_cpu_s()

@@ -98,7 +98,7 @@ def decode_body(
 ) -> AddableUpdate:
     """Validate a codec descriptor and open a body (raises ``CodecError``).
 
-    With ``scratch`` (float32 ``(2, num_params)``, reused between calls) the update is
+    With ``scratch`` (float32 ``(num_params,)``, reused between calls) the update is
     dequantized once into it and returned as a :class:`ScratchUpdate`: one dequantization pass
     instead of one for the norm and one for the accumulation. Only for consumers that use the
     update immediately and do not keep it (FedBuff without a robust mode).
@@ -126,36 +126,42 @@ class ScratchUpdate:
     scratch vector (valid until the next :func:`decode_body` with the same scratch).
 
     ``squared_norm`` is the dot product of the dense float32 delta (float32 accumulation);
-    ``add_to`` is ``out += float32(weight) * delta``. Deterministic, so replaying stored
-    updates reproduces the buffer exactly.
+    ``add_to`` is ``out += float32(weight) * delta`` and may be called once: it scales the
+    scratch in place instead of writing the product to another model-sized array.
+    Deterministic, so replaying stored updates reproduces the buffer exactly.
     """
 
-    __slots__ = ("_dense", "_product")
+    __slots__ = ("_dense", "_spent")
 
     def __init__(self, decoded: DecodedUpdate, scratch: NDArray[np.float32]) -> None:
-        # two rows: the delta, and room for weight * delta
-        dense: NDArray[np.float32] = scratch[0]
-        product: NDArray[np.float32] = scratch[1]
+        dense: NDArray[np.float32] = scratch.reshape(-1)
         decoded.write_dense(dense)
         self._dense = dense
-        self._product = product
+        self._spent = False
 
     @property
     def num_params(self) -> int:
         return int(self._dense.shape[0])
 
     def squared_norm(self) -> float:
+        self._check()
         # einsum runs numpy's own loop: np.dot would call multi-threaded BLAS, whose helper
         # threads then spin and took a whole core away from ingest (660 -> 357 updates/s)
         return float(np.einsum("i,i->", self._dense, self._dense))
 
     def add_to(self, out: NDArray[np.float32], weight: float) -> None:
-        # no temporary: a fresh model-sized array per update costs an mmap and its page faults
-        np.multiply(self._dense, np.float32(weight), out=self._product)
-        np.add(out, self._product, out=out)
+        self._check()
+        self._spent = True
+        np.multiply(self._dense, np.float32(weight), out=self._dense)
+        np.add(out, self._dense, out=out)
 
     def to_dense(self) -> NDArray[np.float32]:
+        self._check()
         return self._dense.copy()
+
+    def _check(self) -> None:
+        if self._spent:
+            raise RuntimeError("a ScratchUpdate is consumed by its add_to()")
 
 
 class Ingest:
@@ -187,7 +193,7 @@ class Ingest:
         self._windows: dict[str, deque[float]] = {}
         self._codecs: dict[tuple[tuple[str, str, Any], ...], tuple[CodecDescriptor, str]] = {}
         self.scratch = (
-            np.zeros((2, self._spec.num_params), np.float32)
+            np.zeros(self._spec.num_params, np.float32)
             if config.robust is RobustMode.NONE
             else None
         )

@@ -9,11 +9,16 @@ API (what ``threadpoolctl`` does, without the dependency).
 
 **Memory.**
 The aggregator allocates and frees many short-lived buffers of 100 kB to a few MB (MQTT
-payloads, decompressed bodies, dense scratch, model snapshots). glibc's *dynamic* mmap threshold
-grows to the largest freed block, after which such buffers come from the heap and fragment it:
-RSS then stays far above what is live. Pinning the threshold at 128 KiB keeps them in their own
-mappings, returned to the OS when freed. Measured on ``bench/ingest.py`` (1M-parameter model):
-peak RSS 170 MB -> 141 MB.
+payloads, reassembled and decompressed bodies) and, at every server step, a few model-sized
+arrays. glibc's defaults fit neither: its *dynamic* mmap threshold grows to the largest freed
+block, after which big buffers come from the heap and fragment it (RSS stays far above what is
+live), and its 128 KiB trim threshold hands the top of the heap back to the kernel at nearly
+every free, so the next buffer page-faults in again. :func:`tune_malloc` fixes both: buffers
+under 2 MiB come from the heap, whose top is trimmed only past 16 MiB free; model-sized arrays
+(4 MB at 1M parameters) get their own mappings, returned when freed. Measured on
+``bench/ingest.py`` with the 1M-parameter model: 3,193 -> 305 page faults per update, 39 -> 69
+updates/s, peak RSS 152 MB (budget 166). With a pinned 128 KiB mmap threshold and the default
+trim threshold (the previous setting) it was 155 MB; with a 32 MiB threshold, 193 MB.
 """
 
 from __future__ import annotations
@@ -24,25 +29,41 @@ import logging
 import re
 from pathlib import Path
 
-__all__ = ["limit_blas_threads", "pin_mmap_threshold", "tune_process"]
+__all__ = ["limit_blas_threads", "pin_mmap_threshold", "tune_malloc", "tune_process"]
 
 log = logging.getLogger("edgefl.aggregator")
 
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+_M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 2 * 1024 * 1024
+TRIM_THRESHOLD = 16 * 1024 * 1024
 
 
-def pin_mmap_threshold(threshold: int = 128 * 1024) -> bool:
-    """Fix glibc's mmap threshold (disables its dynamic growth); False where not glibc."""
+def _mallopt(param: int, value: int) -> bool:
     name = ctypes.util.find_library("c")
     if name is None:
         return False
     try:
         libc = ctypes.CDLL(name)
-        ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(threshold)))
+        return bool(libc.mallopt(param, ctypes.c_int(value)))
     except (OSError, AttributeError):
         return False
+
+
+def pin_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Fix glibc's mmap threshold (disables its dynamic growth); False where not glibc."""
+    ok = _mallopt(_M_MMAP_THRESHOLD, threshold)
     if not ok:
         log.debug("mallopt(M_MMAP_THRESHOLD) refused")
+    return ok
+
+
+def tune_malloc(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESHOLD) -> bool:
+    """Both glibc thresholds (see the module docstring); False where not glibc."""
+    ok = pin_mmap_threshold(mmap_threshold)
+    if not _mallopt(_M_TRIM_THRESHOLD, trim_threshold):
+        log.debug("mallopt(M_TRIM_THRESHOLD) refused")
+        return False
     return ok
 
 
@@ -80,4 +101,4 @@ def tune_process() -> None:
     import numpy  # noqa: F401  (loads OpenBLAS, so that it can be found and limited)
 
     limit_blas_threads(1)
-    pin_mmap_threshold()
+    tune_malloc()

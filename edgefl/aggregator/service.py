@@ -50,7 +50,6 @@ from edgefl.aggregator.store import (
     AcceptedRow,
     BatchRecord,
     StateStore,
-    encode_state,
     seen_lookup,
 )
 from edgefl.models import init_weights_numpy
@@ -79,6 +78,7 @@ log = logging.getLogger("edgefl.aggregator")
 OnVersion = Callable[[VersionRecord], None]
 _SHUTDOWN_PUBLISH_S = 5.0
 _IDLE_TICK_S = 0.5
+_REPLAY_BOUND = 4  # stored update bytes since the last snapshot, in checkpoint sizes
 _SLICE_S = 0.01  # longest stretch of batch validation before yielding to the event loop
 
 
@@ -572,31 +572,36 @@ class Aggregator:
             record.history.append((engine.version, created, applied))
             new_versions.append(VersionRecord(engine.version, created, applied))
             record.count("steps")
-        record.snapshot = (engine.version, created, encode_state(engine.snapshot()))
+        record.snapshot = (engine.version, created, engine.snapshot())
         record.generation = engine.generation
         self._rows_bytes = 0
 
     def _maybe_checkpoint(self, record: BatchRecord) -> None:
-        """Store the buffer as a checkpoint (accumulator) instead of encoded updates once the
-        updates stored since the last snapshot outweigh it (4 bytes per parameter for weights
-        and accumulator each, plus optimizer moments): at 100k parameters and int8 a batch of
-        40 updates is 3.6 MB of bodies against a 0.8 MB checkpoint."""
+        """Store the buffer as a checkpoint (accumulator) instead of this batch's encoded
+        updates when that writes less, or when the updates stored since the last snapshot
+        exceed ``_REPLAY_BOUND`` checkpoints (which bounds the replay after a crash).
+
+        A checkpoint is about 12 bytes per parameter (weights, accumulator, a momentum): at
+        100k parameters and int8 a batch of 40 updates is 3.6 MB of bodies against a 1.2 MB
+        checkpoint, so it is checkpointed; at 1M parameters a batch of 4 updates (3.6 MB) is
+        not (12 MB), and with K = 20 the step comes before the replay bound."""
         engine = self._engine
         assert engine is not None
         if not engine.can_checkpoint:
             return
-        self._rows_bytes += sum(
-            len(r.body) for r in record.accepted if r.generation == record.generation
-        )
-        if self._rows_bytes <= self._checkpoint_bytes:
+        batch_bytes = sum(len(r.body) for r in record.accepted if r.generation == record.generation)
+        self._rows_bytes += batch_bytes
+        if (
+            batch_bytes <= self._checkpoint_bytes
+            and self._rows_bytes <= _REPLAY_BOUND * self._checkpoint_bytes
+        ):
             return
         state = engine.checkpoint()
         version = engine.version
         created = self._history[-1].created_at if self._history else time.time()
         if record.history:
             created = record.history[-1][1]
-        blob = encode_state(state)
-        record.snapshot = (version, created, blob)
+        record.snapshot = (version, created, state)
         record.generation = engine.generation
         record.count("checkpoints")
         self._rows_bytes = 0

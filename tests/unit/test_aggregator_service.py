@@ -452,16 +452,17 @@ def test_norm_bound_and_examples_reach_the_core(tmp_path: Path) -> None:
 
 
 def test_restart_from_a_checkpoint_is_exact(tmp_path: Path) -> None:
-    """Once the stored bodies outweigh the model, the buffer is stored as a checkpoint (the
-    accumulator); a restart from it plus the bodies stored after it is still exact."""
+    """Once the stored bodies outweigh the replay bound (4 checkpoints), the buffer is stored as
+    a checkpoint (the accumulator); a restart from it plus the bodies stored after it is still
+    exact. fp32 bodies (4 B/param) against 12 B/param checkpoints: the 13th update crosses."""
     broker = MemoryBroker()
-    config = make_config(tmp_path, buffer_size=8, server_momentum=0.5, staleness="polynomial")
-    ds = [delta(i, scale=0.01 * i) for i in range(1, 9)]
+    config = make_config(tmp_path, buffer_size=16, server_momentum=0.5, staleness="polynomial")
+    ds = [delta(i, scale=0.01 * i) for i in range(1, 17)]
     w0 = initial_state(config).weights
 
     async def body() -> None:
         async with Harness(broker, config) as h:
-            for i in range(6):
+            for i in range(14):
                 await h.send(f"d{i}", 1, 0, ds[i], num_examples=3 + i)
                 want = i + 1
                 await h.until(lambda s: s.applied == want)  # noqa: B023
@@ -469,16 +470,16 @@ def test_restart_from_a_checkpoint_is_exact(tmp_path: Path) -> None:
         checkpoints = db.execute("SELECT value FROM counters WHERE name = 'checkpoints'")
         assert checkpoints.fetchone()[0] >= 1
         rows = db.execute("SELECT COUNT(*) FROM buffer").fetchone()[0]
-        assert rows < 6  # the earlier updates live in the checkpoint
+        assert rows < 14  # the earlier updates live in the checkpoint
         db.close()
         async with Harness(broker, config) as h:
-            assert (h.stats().buffer_fill, h.stats().applied) == (6, 6)
-            for i in (6, 7):
+            assert (h.stats().buffer_fill, h.stats().applied) == (14, 14)
+            for i in (14, 15):
                 await h.send(f"d{i}", 1, 0, ds[i], num_examples=3 + i)
             await h.until(lambda s: s.version == 1)
         _, weights = retained_model(broker)
         reference = FedBuff(config.fedbuff_config(), w0)
-        for i in range(8):
+        for i in range(16):
             reference.add(ds[i], base_version=0, num_examples=3 + i)
         reference.step()
         np.testing.assert_allclose(weights, reference.weights, rtol=0, atol=1e-7)
