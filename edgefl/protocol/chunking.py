@@ -347,7 +347,7 @@ class _Partial:
 
     def __init__(self, header: ChunkHeader, now: float) -> None:
         self.header = header
-        self.pieces: dict[int, bytes] = {}
+        self.pieces: dict[int, bytes | memoryview] = {}
         self.received = 0
         self.last_seen = now
 
@@ -463,7 +463,9 @@ class Reassembler:
                 )
             self._counts["duplicates"] += 1
             return None
-        piece = bytes(chunk.data)
+        # a view of an immutable payload is kept as is (no copy); anything else is copied
+        data = chunk.data
+        piece = data if isinstance(data.obj, bytes) else bytes(data)
         partial.pieces[head.index] = piece
         partial.received += len(piece)
         partial.last_seen = now
@@ -475,8 +477,10 @@ class Reassembler:
         self._remove(key)
         return self._finish(key, head, [partial.pieces[i] for i in range(head.count)])
 
-    def _finish(self, key: _Key, head: ChunkHeader, pieces: list[bytes]) -> CompletedMessage:
-        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+    def _finish(
+        self, key: _Key, head: ChunkHeader, pieces: list[bytes | memoryview]
+    ) -> CompletedMessage:
+        data = bytes(pieces[0]) if len(pieces) == 1 else b"".join(pieces)
         if len(data) != head.total_size or hashlib.sha256(data).digest() != head.sha256:
             self._counts["digest_failures"] += 1
             raise ProtocolError(RejectReason.BAD_CHECKSUM, "reassembled message sha256 mismatch")

@@ -44,6 +44,11 @@ import json
 import math
 import struct
 import zlib
+
+try:  # the same CRC-32 (zlib's polynomial) with SIMD folding: ~11 GB/s instead of ~2.3 GB/s
+    from zlib_ng.zlib_ng import crc32
+except ImportError:  # pragma: no cover - a platform without a zlib-ng wheel
+    crc32 = zlib.crc32
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import IntEnum
@@ -222,7 +227,7 @@ def encode_envelope(
     end_body = end_head + len(body)
     out[PREFIX_LEN:end_head] = head
     out[end_head:end_body] = body
-    _CRC.pack_into(out, end_body, zlib.crc32(memoryview(out)[:end_body]))
+    _CRC.pack_into(out, end_body, crc32(memoryview(out)[:end_body]))
     return bytes(out)
 
 
@@ -274,7 +279,7 @@ def decode_envelope(
     if len(view) > total:
         raise ProtocolError(RejectReason.BAD_HEADER, f"{len(view) - total} trailing bytes")
     (crc,) = _CRC.unpack_from(view, end_trailer)
-    if zlib.crc32(view[:end_trailer]) != crc:
+    if crc32(view[:end_trailer]) != crc:
         raise ProtocolError(RejectReason.BAD_CHECKSUM, "crc32 mismatch")
     try:
         header = json.loads(
@@ -332,5 +337,5 @@ def sign_envelope(
         raise ValueError(f"signature must be {SIGNATURE_LEN} bytes, got {len(signature)}")
     end_trailer = end_key + SIGNATURE_LEN
     out[end_key:end_trailer] = signature
-    _CRC.pack_into(out, end_trailer, zlib.crc32(memoryview(out)[:end_trailer]))
+    _CRC.pack_into(out, end_trailer, crc32(memoryview(out)[:end_trailer]))
     return bytes(out)
