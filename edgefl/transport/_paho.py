@@ -36,6 +36,83 @@ log = logging.getLogger("edgefl.transport")
 paho_log = logging.getLogger("edgefl.transport.paho")
 
 _MAX_PACKETS_PER_WAKEUP = 64
+_READ_SIZE = 256 * 1024  # bytes asked of the socket per recv: several update packets at once
+
+
+class BufferedClient(mqtt.Client):
+    """A paho ``Client`` with a cheaper inbound path; everything else is paho's.
+
+    * **Buffered reads.** paho reads each packet with one ``recv`` for the command byte, one per
+      byte of the remaining length and one or more for the body. Here one ``recv`` of up to
+      ``_READ_SIZE`` bytes feeds many packets, and paho's reads are served from it as
+      memoryview slices of that (immutable) buffer, without copying.
+    * **QoS 1 PUBLISH with manual acknowledgement and no properties** (every update a device
+      sends) is decoded in place: paho's decoder copies the payload three times through
+      ``struct.unpack`` and builds a ``Properties`` object per message. Anything else (QoS 0/2,
+      automatic acks, MQTT 5 properties present, an empty MQTT 3 topic) goes to paho's decoder.
+
+    Measured on a socketpair with 90 kB PUBLISH packets: 240 -> ~60 us per message (MQTT 5).
+    Relies on two private paho 2.x methods, ``_sock_recv`` and ``_handle_publish`` (paho is
+    pinned below 3); the transport's integration tests run through both.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._rbuf = memoryview(b"")
+        self._rpos = 0
+        self._rsock: object | None = None
+
+    def buffered_bytes(self) -> int:
+        """Bytes received from the socket that paho has not consumed yet."""
+        if self._rsock is not self._sock:
+            return 0
+        return len(self._rbuf) - self._rpos
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        sock = self._sock
+        if sock is None:
+            raise ConnectionError("self._sock is None")
+        if self._rsock is not sock or self._rpos >= len(self._rbuf):
+            try:
+                data = sock.recv(max(bufsize, _READ_SIZE))
+            except ssl.SSLWantReadError as err:
+                raise BlockingIOError() from err
+            except ssl.SSLWantWriteError as err:
+                self._call_socket_register_write()
+                raise BlockingIOError() from err
+            if not data:
+                return data
+            self._rbuf, self._rpos, self._rsock = memoryview(data), 0, sock
+        start = self._rpos
+        self._rpos = min(start + bufsize, len(self._rbuf))
+        # paho only indexes, measures and appends what it gets: a view does (typed as bytes)
+        return self._rbuf[start : self._rpos]  # type: ignore[return-value]
+
+    def _handle_publish(self) -> MQTTErrorCode:
+        header = self._in_packet["command"]
+        if (header & 0x06) >> 1 != 1 or not self._manual_ack:
+            return super()._handle_publish()
+        with memoryview(self._in_packet["packet"]) as view:
+            size = len(view)
+            topic_end = 2 + ((view[0] << 8) | view[1]) if size >= 2 else size + 1
+            pos = topic_end + 2
+            v5 = self._protocol == mqtt.MQTTv5
+            if (
+                pos + (1 if v5 else 0) > size
+                or (not v5 and topic_end == 2)
+                or (v5 and view[pos] != 0)  # properties present
+            ):
+                return super()._handle_publish()
+            message = mqtt.MQTTMessage(
+                mid=(view[topic_end] << 8) | view[topic_end + 1], topic=bytes(view[2:topic_end])
+            )
+            message.payload = bytes(view[pos + (1 if v5 else 0) :])
+        message.dup = bool(header & 0x08)
+        message.qos = 1
+        message.retain = bool(header & 0x01)
+        message.timestamp = mqtt.time_func()
+        self._handle_on_message(message)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
 
 
 def ssl_context(config: MqttConfig) -> ssl.SSLContext:
@@ -61,7 +138,7 @@ def make_client(
 ) -> mqtt.Client:
     """A paho client for one protocol version, ready for ``reconnect()`` (no callbacks set)."""
     v5 = protocol is MqttProtocol.V5
-    client = mqtt.Client(
+    client = BufferedClient(
         CallbackAPIVersion.VERSION2,
         client_id=client_id,
         clean_session=None if v5 else not config.persistent_session,
@@ -231,12 +308,23 @@ class SocketDriver:
                 rc = self.client.loop_read()
                 if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or self._sock is None or not self._reading:
                     break
-                pending = getattr(self._sock, "pending", None)  # TLS: decrypted, not yet read
-                if self.progress == before and not (pending is not None and pending() > 0):
+                if self.progress == before and not self._buffered():
                     break
+            else:
+                if self._buffered():  # bytes already read from the socket do not wake epoll
+                    self._loop.call_soon(self._on_readable)
         except Exception as exc:
             log.exception("error while reading from the broker")
             self._on_error(f"read error: {exc!r}")
+
+    def _buffered(self) -> bool:
+        """Received bytes not yet parsed: TLS records decrypted but not read, or bytes in the
+        client's own read buffer."""
+        pending = getattr(self._sock, "pending", None)
+        if pending is not None and pending() > 0:
+            return True
+        buffered = getattr(self.client, "buffered_bytes", None)
+        return buffered is not None and buffered() > 0
 
     def _on_writable(self) -> None:
         if self._sock is None:

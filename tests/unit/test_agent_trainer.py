@@ -50,6 +50,7 @@ def test_delta_is_local_minus_base_and_matches_edgefl_training() -> None:
         j.data.x_train,
         j.data.y_train,
         LocalTrainConfig(epochs=2, batch_size=10, lr=0.1, seed=7),
+        threads=j.threads,  # as the trainer runs: other thread counts sum in another order
     )
     accuracy, _ = evaluate(SPEC, j.base_weights, j.data.x_test, j.data.y_test)
 
