@@ -27,7 +27,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 from typing import Any
 
 import numpy as np
@@ -125,9 +125,9 @@ class ModelSpec:
         if len(set(names)) != len(names):
             raise ValueError(f"model {self.name!r}: duplicate tensor names in layout")
 
-    @property
+    @cached_property
     def num_params(self) -> int:
-        """Length of the flat vector: the sum of ``numel`` over the layout."""
+        """Length of the flat vector: the sum of ``numel`` over the layout (computed once)."""
         return sum(t.numel for t in self.layout)
 
     @property

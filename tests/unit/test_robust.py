@@ -16,6 +16,7 @@ from edgefl.aggregation import (
     FedBuff,
     FedBuffConfig,
     NormBound,
+    NormDecision,
     NormBoundMode,
     NormTracker,
     RobustMode,
@@ -223,3 +224,25 @@ def test_norm_tracker_median_equals_numpy_median(norms: list[float]) -> None:
     tracker = NormTracker(NormBound(), history=norms)
 
     assert tracker.median() == float(np.median(np.asarray(norms, dtype=np.float64)))
+
+
+@given(
+    st.lists(
+        st.floats(min_value=0.0, max_value=1e6, allow_nan=False, allow_infinity=False),
+        min_size=1,
+        max_size=80,
+    ),
+    st.integers(min_value=1, max_value=12),
+)
+def test_norm_tracker_median_slides_with_the_window(norms: list[float], window: int) -> None:
+    # Arrange: a window smaller than the stream, so old norms are evicted as new ones arrive
+    tracker = NormTracker(NormBound(adaptive_window=window, adaptive_warmup=1, max_norm=None))
+
+    for i, norm in enumerate(norms):
+        # Act: record an unbounded decision (the norm enters the window as is)
+        tracker.record(NormDecision(norm=norm, bound=None, clip_factor=1.0, reject=False))
+
+        # Assert: the median of exactly the last `window` norms, and the window in order
+        recent = norms[max(0, i + 1 - window) : i + 1]
+        assert tracker.median() == float(np.median(np.asarray(recent, dtype=np.float64)))
+        assert tracker.history().tolist() == recent
