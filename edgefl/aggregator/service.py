@@ -21,6 +21,7 @@ never see a version a restarted aggregator does not know.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -78,6 +79,7 @@ log = logging.getLogger("edgefl.aggregator")
 OnVersion = Callable[[VersionRecord], None]
 _SHUTDOWN_PUBLISH_S = 5.0
 _IDLE_TICK_S = 0.5
+_COMMITS_IN_FLIGHT = 2  # prepared batches waiting for their commit (each holds its payloads)
 _REPLAY_BOUND = 4  # stored update bytes since the last snapshot, in checkpoint sizes
 _SLICE_S = 0.01  # longest stretch of batch validation before yielding to the event loop
 
@@ -383,33 +385,42 @@ class Aggregator:
 
     async def _ingest_loop(self, transport: Transport) -> None:
         """Batches in, group commits out, pipelined: batch N+1 is validated and applied while
-        batch N commits in the writer thread; N's messages are acknowledged once N committed."""
+        batch N commits in the writer thread, and N's messages are acknowledged as soon as N
+        committed (a task per batch, in order), so the broker refills its window without
+        waiting for N+1. At most ``_COMMITS_IN_FLIGHT`` batches wait for their commit."""
         queue = self._queue
         assert queue is not None
-        pending: tuple[asyncio.Future[None], _Prepared] | None = None
+        finishing: collections.deque[asyncio.Task[None]] = collections.deque()
         loop = asyncio.get_running_loop()
+        ok = False
         try:
             while not self._stopping:
-                if pending is not None and queue.empty():
-                    await self._finish(transport, *pending)
-                    pending = None
+                while finishing and finishing[0].done():
+                    finishing.popleft().result()  # re-raises a failed commit
                 batch = await self._next_batch(queue)
                 if batch is None:
                     break
                 prepared = await self._prepare(batch)
-                if prepared is not None:
-                    self._counters.update(prepared.record.counters)
-                if pending is not None:
-                    await self._finish(transport, *pending)
-                    pending = None
-                if prepared is not None:
-                    store = self._store
-                    assert store is not None
-                    commit = loop.run_in_executor(self._writer, store.commit, prepared.record)
-                    pending = (commit, prepared)
+                if prepared is None:
+                    continue
+                self._counters.update(prepared.record.counters)
+                while len(finishing) >= _COMMITS_IN_FLIGHT:
+                    await finishing.popleft()
+                store = self._store
+                assert store is not None
+                commit = loop.run_in_executor(self._writer, store.commit, prepared.record)
+                previous = finishing[-1] if finishing else None
+                finishing.append(
+                    asyncio.create_task(self._finish(transport, commit, prepared, after=previous))
+                )
+            ok = True
         finally:
-            if pending is not None:
-                await self._finish(transport, *pending)
+            if ok:
+                for task in finishing:
+                    await task
+            else:
+                for task in finishing:
+                    task.cancel()
 
     async def _next_batch(
         self, queue: asyncio.Queue[tuple[InboundMessage, float] | None]
@@ -510,9 +521,17 @@ class Aggregator:
             log.debug("rejected %s: %s", message.topic, out.detail)
 
     async def _finish(
-        self, transport: Transport, commit: asyncio.Future[None], prepared: _Prepared
+        self,
+        transport: Transport,
+        commit: asyncio.Future[None],
+        prepared: _Prepared,
+        *,
+        after: asyncio.Task[None] | None = None,
     ) -> None:
-        """Wait for the batch's commit, then acknowledge its messages and announce versions."""
+        """Wait for the previous batch's finish (``after``) and this batch's commit, then
+        acknowledge its messages and announce its versions."""
+        if after is not None:
+            await after
         await commit
         ingest = self._ingest
         assert ingest is not None
