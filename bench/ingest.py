@@ -188,12 +188,41 @@ def aggregator_proc(
         up = asyncio.Event()
         task = asyncio.create_task(agg.run(up))
         await up.wait()
+        if os.environ.get("BENCH_TRACEMALLOC"):  # experiment knob: where the peak memory is
+            import tracemalloc
+
+            tracemalloc.start(8)
+
+            async def watch() -> None:
+                best = 0
+                while True:
+                    await asyncio.sleep(0.05)
+                    cur, _ = tracemalloc.get_traced_memory()
+                    if cur > best:
+                        best = cur
+                        snap = tracemalloc.take_snapshot()
+                        top = snap.statistics("traceback")[:12]
+                        with open("/tmp/prof/tracemalloc.txt", "w") as fh:
+                            fh.write(f"traced {cur / 1e6:.1f} MB rss {vm_rss_mb():.0f}\n")
+                            for st in top:
+                                fh.write(f"{st.size / 1e6:8.1f} MB {st.count:6d}\n")
+                                for line in st.traceback.format()[-8:]:
+                                    fh.write(f"      {line}\n")
+
+            watcher = asyncio.create_task(watch())
+            watcher.add_done_callback(lambda _: None)
         rss_ready = vm_rss_mb()
         cpu0 = thread_cpu_s()
         faults0 = minor_faults()
         ready.put(True)
+        hw = 0
         while agg.statistics().received < total:  # noqa: ASYNC110  (polling the counters)
             await asyncio.sleep(0.01)  # statistics() is not free: poll gently
+            if os.environ.get("BENCH_UNACKED"):
+                t = agg._transport
+                hw = max(hw, len(t._unacked), len(t._inbound))  # type: ignore[union-attr]
+        if os.environ.get("BENCH_UNACKED"):
+            print("unacked high water", hw, agg._transport.statistics(), file=sys.stderr)
         finished = time.time()
         cpu = {k: v - cpu0.get(k, 0.0) for k, v in thread_cpu_s().items()}
         faults = minor_faults() - faults0

@@ -366,10 +366,14 @@ class FedBuff:
         )
 
     # ------------------------------------------------------------------ persistence
-    def snapshot(self) -> FedBuffState:
-        """A self-contained copy of the full state (robust mode densifies the buffered updates)."""
+    def snapshot(self, *, buffer: bool = True) -> FedBuffState:
+        """A self-contained copy of the full state (robust mode densifies the buffered updates).
+
+        ``buffer=False`` leaves the buffer out (no accumulator or kept updates are copied; the
+        buffer fields read as empty): the model part alone, for callers that persist the
+        buffered updates another way."""
         kept_deltas = kept_weights = kept_clip = None
-        if self._robust:
+        if self._robust and buffer:
             kept_deltas = np.empty((len(self._kept), self.num_params), dtype=np.float32)
             for row, kept in zip(kept_deltas, self._kept, strict=True):
                 row[:] = kept.update.to_dense()
@@ -378,15 +382,15 @@ class FedBuff:
         return FedBuffState(
             version=self._version,
             weights=self._weights.copy(),
-            accumulator=None if self._acc is None else self._acc.copy(),
+            accumulator=None if self._acc is None or not buffer else self._acc.copy(),
             kept_deltas=kept_deltas,
             kept_weights=kept_weights,
             kept_clip=kept_clip,
-            weight_sum=self._weight_sum,
-            count=self._count,
-            staleness_sum=self._staleness_sum,
-            staleness_max=self._staleness_max,
-            clipped_in_buffer=self._clipped_in_buffer,
+            weight_sum=self._weight_sum if buffer else 0.0,
+            count=self._count if buffer else 0,
+            staleness_sum=self._staleness_sum if buffer else 0,
+            staleness_max=self._staleness_max if buffer else 0,
+            clipped_in_buffer=self._clipped_in_buffer if buffer else 0,
             optimizer_kind=str(self._optimizer.kind),
             optimizer_state=self._optimizer.state_dict(),
             norm_history=self._norms.history(),

@@ -20,7 +20,6 @@ Never reads a clock: FedAvg deadlines use the ``now`` the caller passes.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -184,19 +183,7 @@ class Engine:
         snapshot is restored with an empty buffer and the current generation's updates are
         replayed through :meth:`add`.
         """
-        full = self._core().snapshot()
-        return dataclasses.replace(
-            full,
-            accumulator=None,
-            kept_deltas=None,
-            kept_weights=None,
-            kept_clip=None,
-            weight_sum=0.0,
-            count=0,
-            staleness_sum=0,
-            staleness_max=0,
-            clipped_in_buffer=0,
-        )
+        return self._core().snapshot(buffer=False)
 
     @property
     def can_checkpoint(self) -> bool:
