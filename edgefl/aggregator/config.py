@@ -107,7 +107,7 @@ class AggregatorConfig:
     # --- ingest tuning
     max_batch: int = 256  # messages per group commit (also bounded by max_inflight_bytes / 4)
     batch_linger_s: float = 0.002
-    max_inflight_bytes: int = 16 * 1024 * 1024  # sizes the MQTT receive window (see below)
+    max_inflight_bytes: int = 32 * 1024 * 1024  # sizes the MQTT receive window (see below)
     fsync: bool = True  # SQLite synchronous=FULL (power-loss safe) vs NORMAL (crash safe)
     seed: int = 0
     # --- security and MQTT identity

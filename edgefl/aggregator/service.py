@@ -492,7 +492,12 @@ class Aggregator:
             return None
         if prepared.new_versions:
             created = prepared.new_versions[-1].created_at
-            prepared.release = _Release(engine.version, created, engine.weights.copy())
+            snapshot = record.snapshot
+            if snapshot is not None and snapshot[0] == engine.version:
+                weights = snapshot[2].weights  # already a copy of this version: share it
+            else:
+                weights = engine.weights.copy()
+            prepared.release = _Release(engine.version, created, weights)
         return prepared
 
     def _prepare_one(
@@ -504,6 +509,9 @@ class Aggregator:
         record, acks = prepared.record, prepared.acks
         record.count("bytes", len(message.payload))
         out = ingest.process(message.topic, message.payload, now=now)
+        # only the ack token is needed from here on: drop the payload reference so a processed
+        # packet's memory is freed before its commit (what the update still needs is in `out`)
+        message = InboundMessage(message.topic, b"", message.qos, ack_token=message.ack_token)
         if out.chunk_key is not None and out.kind is OutcomeKind.PENDING and not out.release:
             self._held.setdefault(out.chunk_key, []).append((message, received_at))
             return
