@@ -50,9 +50,11 @@ from edgefl.protocol.messages import message_from_envelope
 from edgefl.protocol.topics import UpdateTopic
 
 __all__ = [
+    "Decoded",
     "Ingest",
     "IngestOutcome",
     "OutcomeKind",
+    "StagedUpdate",
     "decode_body",
     "max_decompressed",
     "open_body",
@@ -82,6 +84,21 @@ class IngestOutcome:
     chunk_key: ChunkKey | None = None  # set for chunk packets
     completes: bool = False  # this chunk packet completed (or ended) the message of chunk_key
     release: bool = False  # a chunk packet that needs no holding (late duplicate)
+
+
+@dataclass(frozen=True, slots=True)
+class StagedUpdate:
+    """A complete update packet that passed every check that needs no decoding (see
+    :meth:`Ingest.stage`): what :meth:`Ingest.decode` and :meth:`Ingest.finish` need."""
+
+    header: UpdateHeader
+    body: bytes | memoryview
+    descriptor: CodecDescriptor
+    codec_json: str
+    chunk_key: ChunkKey | None
+
+
+Decoded = AddableUpdate | EdgeflError  # what Ingest.decode returns: the update, or why not
 
 
 def max_decompressed(num_params: int) -> int:
@@ -131,13 +148,17 @@ class ScratchUpdate:
     Deterministic, so replaying stored updates reproduces the buffer exactly.
     """
 
-    __slots__ = ("_dense", "_spent")
+    __slots__ = ("_dense", "_spent", "_squared_norm")
 
     def __init__(self, decoded: DecodedUpdate, scratch: NDArray[np.float32]) -> None:
         dense: NDArray[np.float32] = scratch.reshape(-1)
         decoded.write_dense(dense)
         self._dense = dense
         self._spent = False
+        # computed here, where the update is decoded (possibly on a worker thread)
+        # einsum runs numpy's own loop: np.dot would call multi-threaded BLAS, whose helper
+        # threads then spin and took a whole core away from ingest (660 -> 357 updates/s)
+        self._squared_norm = float(np.einsum("i,i->", dense, dense))
 
     @property
     def num_params(self) -> int:
@@ -145,9 +166,7 @@ class ScratchUpdate:
 
     def squared_norm(self) -> float:
         self._check()
-        # einsum runs numpy's own loop: np.dot would call multi-threaded BLAS, whose helper
-        # threads then spin and took a whole core away from ingest (660 -> 357 updates/s)
-        return float(np.einsum("i,i->", self._dense, self._dense))
+        return self._squared_norm
 
     def add_to(self, out: NDArray[np.float32], weight: float) -> None:
         self._check()
@@ -211,7 +230,21 @@ class Ingest:
 
     # ------------------------------------------------------------------ one packet
     def process(self, topic: str, payload: bytes, *, now: float) -> IngestOutcome:
-        """Validate one MQTT message of an update topic (``now``: monotonic seconds)."""
+        """Validate one MQTT message of an update topic (``now``: monotonic seconds):
+        :meth:`stage`, then :meth:`decode` into :attr:`scratch`, then :meth:`finish`."""
+        staged = self.stage(topic, payload, now=now)
+        if isinstance(staged, IngestOutcome):
+            return staged
+        return self.finish(staged, self.decode(staged, self.scratch), now=now)
+
+    def stage(self, topic: str, payload: bytes, *, now: float) -> StagedUpdate | IngestOutcome:
+        """The checks of one packet that need no decoding (topic, envelope, chunks, header,
+        authentication, model, shape, seq, rate, codec descriptor). Returns the outcome when the
+        packet is a pending chunk or rejected, else the staged update.
+
+        Between :meth:`stage` and :meth:`finish` of one update, other packets may be staged and
+        finished: :meth:`finish` repeats the checks whose state they can change (seq, rate), so
+        the outcome is the one of processing the packets one by one in finish order."""
         chunk_key: ChunkKey | None = None
         try:
             parsed = parse_topic(topic, expected_fleet=self._config.fleet)
@@ -248,29 +281,65 @@ class Ingest:
             else:
                 raise ProtocolError(RejectReason.BAD_KIND, f"{outer.kind.name} on an update topic")
             header = message_from_envelope(envelope, UpdateHeader, topic=parsed)
-            body = envelope.payload
-            result, codec_text = self._accept(header, body, data, now)
+            self._check_header(header, data)
+            self._check_seq(header.device_id, header.seq)
+            self._check_rate(header.device_id, now)
+            descriptor, codec_text = self._codec(header.codec)
         except EdgeflError as exc:
-            return IngestOutcome(
-                OutcomeKind.REJECTED,
-                exc.reason,
-                exc.detail,
-                chunk_key=chunk_key,
-                completes=chunk_key is not None,
+            return self._rejected(exc, chunk_key)
+        return StagedUpdate(header, envelope.payload, descriptor, codec_text, chunk_key)
+
+    def decode(self, staged: StagedUpdate, scratch: NDArray[np.float32] | None) -> Decoded:
+        """Decompress and validate a staged body (into ``scratch`` when given). Touches no state
+        of the Ingest, so it may run on another thread; returns the error instead of raising."""
+        try:
+            return open_body(staged.descriptor, staged.body, self._spec.num_params, scratch)
+        except EdgeflError as exc:
+            return exc
+
+    def finish(self, staged: StagedUpdate, decoded: Decoded, *, now: float) -> IngestOutcome:
+        """Re-check seq and rate, then add the decoded update to the engine."""
+        header = staged.header
+        device, seq = header.device_id, header.seq
+        try:
+            self._check_seq(device, seq)
+            window = self._check_rate(device, now)
+            if isinstance(decoded, EdgeflError):
+                raise decoded
+            result = self._engine.add(
+                device,
+                decoded,
+                base_version=header.base_version,
+                num_examples=header.num_examples,
+                now=now,
             )
+        except EdgeflError as exc:
+            return self._rejected(exc, staged.chunk_key)
+        self._max_seq[device] = max(seq, self._max_seq.get(device, -1))
+        self._pending_seen.add((device, seq))
+        if window is not None:
+            window.append(now)
         return IngestOutcome(
             OutcomeKind.ACCEPTED,
             header=header,
-            body=body,
-            codec_json=codec_text,
+            body=staged.body,
+            codec_json=staged.codec_json,
             result=result,
+            chunk_key=staged.chunk_key,
+            completes=staged.chunk_key is not None,
+        )
+
+    @staticmethod
+    def _rejected(exc: EdgeflError, chunk_key: ChunkKey | None) -> IngestOutcome:
+        return IngestOutcome(
+            OutcomeKind.REJECTED,
+            exc.reason,
+            exc.detail,
             chunk_key=chunk_key,
             completes=chunk_key is not None,
         )
 
-    def _accept(
-        self, header: UpdateHeader, body: memoryview, data: bytes, now: float
-    ) -> tuple[AddResult, str]:
+    def _check_header(self, header: UpdateHeader, data: bytes) -> None:
         cfg = self._config
         if cfg.authenticator is not None:
             cfg.authenticator.authenticate(header, data)
@@ -288,23 +357,6 @@ class Ingest:
             layout = tuple((t.name, tuple(t.shape), t.dtype) for t in header.layout)
             if layout != self._layout:
                 raise ProtocolError(RejectReason.SHAPE_MISMATCH, "layout differs from the model's")
-        device, seq = header.device_id, header.seq
-        self._check_seq(device, seq)
-        window = self._check_rate(device, now)
-        descriptor, codec_text = self._codec(header.codec)
-        update = open_body(descriptor, body, self._spec.num_params, self.scratch)
-        result = self._engine.add(
-            device,
-            update,
-            base_version=header.base_version,
-            num_examples=header.num_examples,
-            now=now,
-        )
-        self._max_seq[device] = max(seq, self._max_seq.get(device, -1))
-        self._pending_seen.add((device, seq))
-        if window is not None:
-            window.append(now)
-        return result, codec_text
 
     def _codec(self, codec: Mapping[str, Any]) -> tuple[CodecDescriptor, str]:
         """The validated descriptor and canonical JSON of a codec object, cached: a fleet uses
