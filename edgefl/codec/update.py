@@ -164,11 +164,15 @@ class _CodedValues:
         """Refuse NaN/Inf values or scales, negative scales, and scales that would overflow."""
         if self.quantization.is_integer:
             scales = self.floats
-            if not np.isfinite(scales).all():
+            if not scales.size:
+                return
+            # min/max propagate NaN and surface +-Inf: two reductions instead of three
+            low, high = float(scales.min()), float(scales.max())
+            if not (math.isfinite(low) and math.isfinite(high)):
                 raise CodecError(RejectReason.NON_FINITE, "NaN or Inf in the block scales")
-            if scales.size and float(scales.min()) < 0.0:
+            if low < 0.0:
                 raise CodecError(RejectReason.BAD_CODEC, "negative block scale")
-            if scales.size and float(scales.max()) > max_scale(self.quantization):
+            if high > max_scale(self.quantization):
                 raise CodecError(RejectReason.NON_FINITE, "block scale overflows float32")
         elif self.quantization is Quantization.FP32:
             if not _all_finite_f32(self.floats):
@@ -435,8 +439,11 @@ def open_update(
 def _check_padding(layout: BodyLayout, raw: NDArray[np.uint8]) -> None:
     sections = [s for s in (layout.floats, layout.indices, layout.codes) if s is not None]
     starts = [s.offset for s in sections[1:]] + [layout.raw_size]
+    data = raw.data
     for section, next_start in zip(sections, starts, strict=True):
-        if raw[section.end : next_start].any():
+        gap = data[section.end : next_start]
+        # padding is a few bytes: comparing bytes beats a numpy reduction's call overhead
+        if gap.nbytes and gap != bytes(gap.nbytes):
             raise CodecError(RejectReason.BAD_CODEC, "non-zero padding between body sections")
 
 
