@@ -9,15 +9,22 @@ For each model (``mlp-100k``: 99,823 parameters; ``mlp-1m``: 999,334) the benchm
    is not what is measured;
 2. **ceiling**: publisher processes (plain paho-mqtt, QoS 1, 1,000 in flight) send the very same
    update envelopes to a plain paho subscriber process (QoS 1, auto ack) through the same
-   Mosquitto; updates/s from the first publish to the last message received;
+   Mosquitto; updates/s from the first publish to the last message received. By default each
+   publisher is one thread that writes its own socket (``--publisher direct``);
+   ``--publisher threaded`` uses paho's ``loop_start()`` thread, which costs ~1.7x the CPU
+   (0.35 vs 0.20 ms per 100k update) that the aggregator and broker then do not get;
 3. **aggregator**: the same publishers and payloads into a running
    :class:`edgefl.aggregator.Aggregator` (its own process: persistent session, manual acks, full
    validation and bounded decode into the FedBuff accumulator, group commit to SQLite with
    ``synchronous=FULL``, then acks; new versions published as retained chunks); updates/s from
-   the first publish until the aggregator committed the last update; its peak RSS (``VmHWM``).
+   the first publish until the aggregator acknowledged the last packet (which it does after
+   the commit holding its update); its peak RSS (``VmHWM``).
 
 Mosquitto runs with ``broker/conf/dev.conf`` on a free port, state in a temp dir. Everything
-shares the machine's cores, so the ceiling and the aggregator see the same contention.
+shares the machine's cores, so the ceiling and the aggregator see the same contention. Both
+runs also report the CPU each part used per update (publishers, broker, subscriber or the
+aggregator's threads, from ``/proc``) and the aggregator's page faults per update: on a
+2-core machine the sum, not one process, is what bounds the rate.
 With ``--json`` the last line of stdout is one JSON object with ``updates_per_s_100k``,
 ``updates_per_s_1m``, ``ceiling_per_s_100k``, ``ceiling_per_s_1m``, ``fraction_of_ceiling_100k``,
 ``fraction_of_ceiling_1m``, ``mb_per_s_*``, ``peak_rss_mb_100k``, ``peak_rss_mb_1m`` and the
@@ -87,7 +94,7 @@ def envelope(model: str, codec: dict[str, Any], body: bytes, n: int, dev: str, s
 
 def publisher_proc(
     port: int, model: str, codec: dict[str, Any], bodies: list[bytes], n: int,
-    index: int, count: int, built: Any, go: MpEvent, done: Any,
+    index: int, count: int, built: Any, go: MpEvent, done: Any, mode: str,
 ) -> None:  # fmt: skip
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
@@ -112,15 +119,28 @@ def publisher_proc(
 
     client.on_publish = on_publish
     client.connect("127.0.0.1", port)
-    client.loop_start()
-    built.put(index)
-    go.wait()
-    cpu0 = proc_cpu_s()
-    for topic, payload in items:
-        client.publish(topic, payload, qos=1)
-    while acked < len(items):
-        time.sleep(0.005)
-    client.loop_stop()
+    if mode == "threaded":  # paho's network thread; publish() wakes it through a socketpair
+        client.loop_start()
+        built.put(index)
+        go.wait()
+        cpu0 = proc_cpu_s()
+        for topic, payload in items:
+            client.publish(topic, payload, qos=1)
+        while acked < len(items):
+            time.sleep(0.005)
+        client.loop_stop()
+    else:  # one thread: publish() writes to the socket itself, loop() reads the PUBACKs
+        while not client.is_connected():
+            client.loop(0.1)
+        built.put(index)
+        go.wait()
+        cpu0 = proc_cpu_s()
+        for i, (topic, payload) in enumerate(items):
+            client.publish(topic, payload, qos=1)
+            if i % 8 == 7:
+                client.loop(timeout=0)
+        while acked < len(items):
+            client.loop(timeout=0.01)
     client.disconnect()
     done.put(proc_cpu_s() - cpu0)
 
@@ -159,7 +179,7 @@ def subscriber_proc(port: int, total: int, ready: Any, result: Any) -> None:
 
 
 def aggregator_proc(
-    port: int, model: str, state_dir: str, total: int, k: int, ready: Any, result: Any,
+    port: int, model: str, state_dir: str, total_packets: int, k: int, ready: Any, result: Any,
     tuning: dict[str, Any],
 ) -> None:  # fmt: skip
     import asyncio
@@ -168,14 +188,6 @@ def aggregator_proc(
     from edgefl.aggregator.memory import tune_process
 
     tune_process()  # as run_aggregator (the CLI) does: one BLAS thread, malloc thresholds
-    if os.environ.get("BENCH_MMAP_THRESHOLD"):  # experiment knob
-        from edgefl.aggregator.memory import pin_mmap_threshold
-
-        pin_mmap_threshold(int(os.environ["BENCH_MMAP_THRESHOLD"]))
-    if os.environ.get("BENCH_TRIM_THRESHOLD"):  # experiment knob
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(-1, ctypes.c_int(int(os.environ["BENCH_TRIM_THRESHOLD"])))
 
     config = AggregatorConfig(
         broker_url=f"mqtt://127.0.0.1:{port}", fleet=FLEET, model=model,
@@ -188,41 +200,13 @@ def aggregator_proc(
         up = asyncio.Event()
         task = asyncio.create_task(agg.run(up))
         await up.wait()
-        if os.environ.get("BENCH_TRACEMALLOC"):  # experiment knob: where the peak memory is
-            import tracemalloc
-
-            tracemalloc.start(8)
-
-            async def watch() -> None:
-                best = 0
-                while True:
-                    await asyncio.sleep(0.05)
-                    cur, _ = tracemalloc.get_traced_memory()
-                    if cur > best:
-                        best = cur
-                        snap = tracemalloc.take_snapshot()
-                        top = snap.statistics("traceback")[:12]
-                        with open("/tmp/prof/tracemalloc.txt", "w") as fh:
-                            fh.write(f"traced {cur / 1e6:.1f} MB rss {vm_rss_mb():.0f}\n")
-                            for st in top:
-                                fh.write(f"{st.size / 1e6:8.1f} MB {st.count:6d}\n")
-                                for line in st.traceback.format()[-8:]:
-                                    fh.write(f"      {line}\n")
-
-            watcher = asyncio.create_task(watch())
-            watcher.add_done_callback(lambda _: None)
         rss_ready = vm_rss_mb()
         cpu0 = thread_cpu_s()
         faults0 = minor_faults()
         ready.put(True)
-        hw = 0
-        while agg.statistics().received < total:  # noqa: ASYNC110  (polling the counters)
+        # done when every packet is acknowledged: its update is committed (durable)
+        while agg.statistics().acked < total_packets:  # noqa: ASYNC110  (polling the counters)
             await asyncio.sleep(0.01)  # statistics() is not free: poll gently
-            if os.environ.get("BENCH_UNACKED"):
-                t = agg._transport
-                hw = max(hw, len(t._unacked), len(t._inbound))  # type: ignore[union-attr]
-        if os.environ.get("BENCH_UNACKED"):
-            print("unacked high water", hw, agg._transport.statistics(), file=sys.stderr)
         finished = time.time()
         cpu = {k: v - cpu0.get(k, 0.0) for k, v in thread_cpu_s().items()}
         faults = minor_faults() - faults0
@@ -294,6 +278,9 @@ class Publishers:
         return float(cpu)
 
 
+PUBLISHER_MODE = "direct"  # set from --publisher in main()
+
+
 def run_publishers(
     ctx: Any, port: int, case: Case, payload: tuple[dict[str, Any], list[bytes], int], n_pub: int
 ) -> Publishers:
@@ -304,7 +291,7 @@ def run_publishers(
     procs = [
         ctx.Process(
             target=publisher_proc,
-            args=(port, case.model, codec, bodies, n, i, per, built, go, done),
+            args=(port, case.model, codec, bodies, n, i, per, built, go, done, PUBLISHER_MODE),
         )
         for i in range(n_pub)
     ]
@@ -318,15 +305,20 @@ def run_publishers(
     return Publishers(start, procs, done)
 
 
+def packets_per_update(case: Case, payload: Any) -> int:
+    from edgefl.protocol import packetize
+
+    codec, bodies, n = payload
+    return len(packetize(envelope(case.model, codec, bodies[0], n, "x", 1)))
+
+
 def measure_ceiling(
     ctx: Any, port: int, case: Case, payload: Any, n_pub: int, broker_pid: int
 ) -> dict[str, Any]:
-    from edgefl.protocol import packetize
 
     ready, result = ctx.Queue(), ctx.Queue()
     total = (case.updates // n_pub) * n_pub
-    codec, bodies, n = payload
-    per_update = len(packetize(envelope(case.model, codec, bodies[0], n, "x", 1)))
+    per_update = packets_per_update(case, payload)
     sub = ctx.Process(target=subscriber_proc, args=(port, total * per_update, ready, result))
     sub.start()
     ready.get(timeout=30)
@@ -361,7 +353,16 @@ def measure_aggregator(
     state_dir = tmp / f"state-{case.model}"
     agg = ctx.Process(
         target=aggregator_proc,
-        args=(port, case.model, str(state_dir), total, case.buffer_size, ready, result, tuning),
+        args=(
+            port,
+            case.model,
+            str(state_dir),
+            total * packets_per_update(case, payload),
+            case.buffer_size,
+            ready,
+            result,
+            tuning,
+        ),
     )
     agg.start()
     ready.get(timeout=60)
@@ -406,7 +407,16 @@ def main() -> None:
         help="SQLite synchronous=NORMAL (crash-safe, not power-loss-safe)",
     )
     parser.add_argument("--only", choices=["100k", "1m"], default=None, help="run one case")
+    parser.add_argument(
+        "--publisher",
+        choices=["direct", "threaded"],
+        default="direct",
+        help="paho publisher: one thread writing its own socket (default, the least CPU taken "
+        "from the aggregator and broker on a shared machine) or paho's loop_start() thread",
+    )
     args = parser.parse_args()
+    global PUBLISHER_MODE
+    PUBLISHER_MODE = args.publisher
     tuning: dict[str, Any] = {}
     if args.inflight_mib is not None:
         tuning["max_inflight_bytes"] = args.inflight_mib * 1024 * 1024
@@ -420,7 +430,12 @@ def main() -> None:
         "1m": Case("mlp-1m", int(800 * scale), 20),
     }
     ctx = mp.get_context("spawn")
-    out: dict[str, Any] = {"quick": args.quick, "publishers": args.publishers, **tuning}
+    out: dict[str, Any] = {
+        "quick": args.quick,
+        "publishers": args.publishers,
+        "publisher_mode": args.publisher,
+        **tuning,
+    }
     with tempfile.TemporaryDirectory(prefix="edgefl-bench-") as tmpdir:
         tmp = Path(tmpdir)
         for key, case in cases.items():

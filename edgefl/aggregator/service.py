@@ -194,6 +194,7 @@ class Aggregator:
             rounds=engine.rounds if engine else {},
             pending_acks=self._pending_acks,
             batches=self._batches,
+            acked=ts.acked if ts else 0,
             connected=bool(ts and ts.connected),
             reconnects=ts.reconnects if ts else 0,
             session=self._session,

@@ -30,6 +30,7 @@ class AggregatorStatistics:
     rounds: Mapping[str, int] = field(default_factory=dict)  # FedAvg rounds by status
     pending_acks: int = 0  # chunk packets held until their update completes
     batches: int = 0  # group commits done by this process
+    acked: int = 0  # update packets acknowledged to the broker (after their commit), this process
     connected: bool = False
     reconnects: int = 0  # MQTT reconnections of this process
     session: int = 0
