@@ -382,3 +382,55 @@ def test_publish_while_broker_down_times_out_without_sending(mosquitto: Mosquitt
             await pub.publish("x/y", b"1")
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("protocol", [MqttProtocol.V5, MqttProtocol.V311])
+def test_manual_ack_session_holds_at_most_receive_maximum_unacknowledged(
+    mosquitto: MosquittoBroker, protocol: MqttProtocol
+) -> None:
+    """The transport enforces its Receive Maximum itself on manual-ack sessions (it stops
+    reading), and ack_many() hands the PUBACKs back so the rest flows; nothing is lost."""
+    count, window = 60, 8
+
+    async def main() -> None:
+        sub_cfg = config(
+            mosquitto.url,
+            client_id=f"window-{protocol.value}",
+            persistent_session=True,
+            manual_ack=True,
+            receive_maximum=window,
+            max_queued_messages=100,
+            protocol=protocol,
+        )
+        async with MqttTransport(sub_cfg) as sub, MqttTransport(config(mosquitto.url)) as pub:
+            await sub.subscribe("win/#")
+            await asyncio.gather(
+                *(pub.publish(f"win/{i}", i.to_bytes(4, "big")) for i in range(count))
+            )
+
+            # Act 1: take what comes without acknowledging it
+            held = await receive(sub, window)
+            assert await nothing_within(sub, 0.5)
+            stats = sub.statistics()
+
+            # Assert 1: no more than the window is outstanding
+            assert stats.received == window
+            assert stats.read_pauses >= 1
+
+            # Act 2: acknowledge in one go, then take and acknowledge the rest batch by batch
+            await sub.ack_many(held)
+            got = list(held)
+            while len(got) < count:
+                batch = await receive(sub, min(window, count - len(got)))
+                await sub.ack_many(batch)
+                got += batch
+
+            # Assert 2: everything arrived once and was acknowledged
+            seqs = sorted(int.from_bytes(m.payload, "big") for m in got)
+            assert seqs == list(range(count))
+            assert sub.statistics().acked == count
+
+        async with MqttTransport(sub_cfg) as again:  # the session has nothing left to redeliver
+            assert await nothing_within(again, 0.5)
+
+    asyncio.run(main())
