@@ -20,6 +20,7 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.coordinate import Coordinate
+from textual.css.query import NoMatches
 from textual.widgets import DataTable, Footer, Header, Input, Sparkline, Static
 
 from .client import FleetMonitor
@@ -159,12 +160,16 @@ class MonitorApp(App[None]):
     # ------------------------------------------------------------------ refresh
 
     def refresh_views(self) -> None:
+        try:
+            connection_panel = self.query_one("#connection", Static)
+        except NoMatches:  # a timer tick while the app exits: its widgets are already gone
+            return
         snapshot = self.monitor.snapshot()
         self.last_snapshot = snapshot
         connection = connection_lines(snapshot.connection)
         if self.error is not None:
             connection.insert(0, self.error)
-        self.query_one("#connection", Static).update(Text("\n".join(connection)))
+        connection_panel.update(Text("\n".join(connection)))
         self.query_one("#model", Static).update(Text("\n".join(model_lines(snapshot.model))))
         agg = snapshot.aggregator
         lines = aggregator_lines(agg, with_sparkline=False)
