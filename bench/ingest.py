@@ -94,8 +94,10 @@ def envelope(model: str, codec: dict[str, Any], body: bytes, n: int, dev: str, s
 
 def publisher_proc(
     port: int, model: str, codec: dict[str, Any], bodies: list[bytes], n: int,
-    index: int, count: int, built: Any, go: MpEvent, done: Any, mode: str,
+    index: int, count: int, built: Any, go: MpEvent, done: Any, mode: str, nice: int,
 ) -> None:  # fmt: skip
+    if nice:
+        os.nice(nice)
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
@@ -279,6 +281,7 @@ class Publishers:
 
 
 PUBLISHER_MODE = "direct"  # set from --publisher in main()
+PUBLISHER_NICE = 0  # set from --publisher-nice in main()
 
 
 def run_publishers(
@@ -291,7 +294,20 @@ def run_publishers(
     procs = [
         ctx.Process(
             target=publisher_proc,
-            args=(port, case.model, codec, bodies, n, i, per, built, go, done, PUBLISHER_MODE),
+            args=(
+                port,
+                case.model,
+                codec,
+                bodies,
+                n,
+                i,
+                per,
+                built,
+                go,
+                done,
+                PUBLISHER_MODE,
+                PUBLISHER_NICE,
+            ),
         )
         for i in range(n_pub)
     ]
@@ -414,9 +430,17 @@ def main() -> None:
         help="paho publisher: one thread writing its own socket (default, the least CPU taken "
         "from the aggregator and broker on a shared machine) or paho's loop_start() thread",
     )
+    parser.add_argument(
+        "--publisher-nice",
+        type=int,
+        default=0,
+        help="run the publishers at this nice level (both runs): devices are other machines, "
+        "so their CPU should not be taken from the broker and the consumer",
+    )
     args = parser.parse_args()
-    global PUBLISHER_MODE
+    global PUBLISHER_MODE, PUBLISHER_NICE
     PUBLISHER_MODE = args.publisher
+    PUBLISHER_NICE = args.publisher_nice
     tuning: dict[str, Any] = {}
     if args.inflight_mib is not None:
         tuning["max_inflight_bytes"] = args.inflight_mib * 1024 * 1024
@@ -434,6 +458,7 @@ def main() -> None:
         "quick": args.quick,
         "publishers": args.publishers,
         "publisher_mode": args.publisher,
+        "publisher_nice": args.publisher_nice,
         **tuning,
     }
     with tempfile.TemporaryDirectory(prefix="edgefl-bench-") as tmpdir:
