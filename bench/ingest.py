@@ -13,6 +13,7 @@ For each model (``mlp-100k``: 99,823 parameters; ``mlp-1m``: 999,334) the benchm
    publisher is one thread that writes its own socket (``--publisher direct``);
    ``--publisher threaded`` uses paho's ``loop_start()`` thread, which costs ~1.7x the CPU
    (0.35 vs 0.20 ms per 100k update) that the aggregator and broker then do not get;
+   ``--publisher-nice N`` runs them at a lower priority in both runs;
 3. **aggregator**: the same publishers and payloads into a running
    :class:`edgefl.aggregator.Aggregator` (its own process: persistent session, manual acks, full
    validation and bounded decode into the FedBuff accumulator, group commit to SQLite with
