@@ -33,6 +33,7 @@ other fields and refuse a descriptor whose ``raw_size`` disagrees.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
@@ -154,6 +155,7 @@ def _align(offset: int) -> int:
     return -(-offset // SECTION_ALIGN) * SECTION_ALIGN
 
 
+@functools.lru_cache(maxsize=256)
 def body_layout(
     quantization: Quantization,
     *,
@@ -161,7 +163,8 @@ def body_layout(
     block_size: int,
     index_dtype: IndexDtype | None,
 ) -> BodyLayout:
-    """Compute the section offsets and the exact raw size of a body."""
+    """Compute the section offsets and the exact raw size of a body (memoised: a fleet
+    uses a few geometries, and the aggregator asks for one per update)."""
     if quantization.is_integer:
         float_size = 4 * -(-num_values // block_size)
         code_size: int | None = -(-num_values * quantization.bits // 8)
