@@ -101,6 +101,12 @@ def aggregator_command(
         float | None, typer.Option(help="Accepted updates per device per minute (off).")
     ] = None,
     max_batch: Annotated[int, typer.Option(help="Messages per group commit.")] = 512,
+    max_inflight_mib: Annotated[
+        int,
+        typer.Option(
+            help="MiB of update packets held unacknowledged (receive window; memory vs rate)."
+        ),
+    ] = 32,
     no_fsync: Annotated[
         bool,
         typer.Option("--no-fsync", help="SQLite synchronous=NORMAL: crash-safe, not power-safe."),
@@ -176,6 +182,7 @@ def aggregator_command(
             max_update_bytes=max_update_bytes,
             rate_limit_per_minute=rate_limit,
             max_batch=max_batch,
+            max_inflight_bytes=max_inflight_mib * 1024 * 1024,
             fsync=not no_fsync,
             seed=seed,
             authenticator=authenticator,

@@ -151,6 +151,8 @@ class AggregatorConfig:
             raise ValueError(f"rate_limit_per_minute must be None or > 0, got {rl}")
         if self.max_batch < 1 or self.batch_linger_s < 0:
             raise ValueError("max_batch must be >= 1 and batch_linger_s >= 0")
+        if self.max_inflight_bytes < 64 * 1024:
+            raise ValueError(f"max_inflight_bytes must be >= 64 KiB, got {self.max_inflight_bytes}")
         # build the core configs once: they validate the remaining knobs
         self.fedbuff_config()
         self.sync_config()
