@@ -34,7 +34,13 @@ from numpy.typing import NDArray
 from edgefl.aggregation import AddableUpdate, RobustMode
 from edgefl.aggregator.config import REASSEMBLY_PARTIALS, AggregatorConfig
 from edgefl.aggregator.engine import AddResult, Engine
-from edgefl.codec import CodecDescriptor, DecodedUpdate, open_update
+from edgefl.codec import (
+    CodecDescriptor,
+    DecodedUpdate,
+    inflate_body,
+    open_inflated,
+    open_update,
+)
 from edgefl.errors import EdgeflError, ProtocolError, RejectReason
 from edgefl.protocol import (
     EnvelopeKind,
@@ -128,11 +134,17 @@ def open_body(
     body: bytes | memoryview,
     num_params: int,
     scratch: NDArray[np.float32] | None = None,
+    *,
+    inflated: bytes | None = None,
 ) -> AddableUpdate:
-    """:func:`decode_body` with an already validated descriptor."""
-    decoded = open_update(
-        descriptor, body, num_params=num_params, max_decompressed=max_decompressed(num_params)
-    )
+    """:func:`decode_body` with an already validated descriptor (and, when given, the body
+    already decompressed by :func:`~edgefl.codec.inflate_body`)."""
+    if inflated is None:
+        decoded = open_update(
+            descriptor, body, num_params=num_params, max_decompressed=max_decompressed(num_params)
+        )
+    else:
+        decoded = open_inflated(descriptor, inflated, num_params=num_params)
     if scratch is None:
         return decoded
     return ScratchUpdate(decoded, scratch)
@@ -289,11 +301,38 @@ class Ingest:
             return self._rejected(exc, chunk_key)
         return StagedUpdate(header, envelope.payload, descriptor, codec_text, chunk_key)
 
-    def decode(self, staged: StagedUpdate, scratch: NDArray[np.float32] | None) -> Decoded:
-        """Decompress and validate a staged body (into ``scratch`` when given). Touches no state
-        of the Ingest, so it may run on another thread; returns the error instead of raising."""
+    def inflate(self, staged: StagedUpdate) -> bytes | EdgeflError:
+        """Decompress a staged body (bounded): one GIL-free zstd call that touches no state of
+        the Ingest, so it may run on another thread; returns the error instead of raising."""
         try:
-            return open_body(staged.descriptor, staged.body, self._spec.num_params, scratch)
+            return inflate_body(
+                staged.descriptor,
+                staged.body,
+                num_params=self._spec.num_params,
+                max_decompressed=max_decompressed(self._spec.num_params),
+            )
+        except EdgeflError as exc:
+            return exc
+
+    def decode(
+        self,
+        staged: StagedUpdate,
+        scratch: NDArray[np.float32] | None,
+        inflated: bytes | EdgeflError | None = None,
+    ) -> Decoded:
+        """Validate and decode a staged body (into ``scratch`` when given), from its
+        :meth:`inflate` result when given. Touches no state of the Ingest; returns the error
+        instead of raising."""
+        if isinstance(inflated, EdgeflError):
+            return inflated
+        try:
+            return open_body(
+                staged.descriptor,
+                staged.body,
+                self._spec.num_params,
+                scratch,
+                inflated=inflated,
+            )
         except EdgeflError as exc:
             return exc
 

@@ -31,6 +31,8 @@ from edgefl.codec.update import (
     EncodedUpdate,
     decode_update,
     encode_update,
+    inflate_body,
+    open_inflated,
     open_update,
 )
 
@@ -47,5 +49,7 @@ __all__ = [
     "Residual",
     "decode_update",
     "encode_update",
+    "inflate_body",
+    "open_inflated",
     "open_update",
 ]

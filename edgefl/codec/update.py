@@ -48,7 +48,15 @@ from edgefl.codec.quantize import (
 from edgefl.codec.sparsify import Residual, clip_l2, decode_gaps, encode_gaps, select_topk
 from edgefl.errors import CodecError, RejectReason
 
-__all__ = ["DecodedUpdate", "EncodedUpdate", "decode_update", "encode_update", "open_update"]
+__all__ = [
+    "DecodedUpdate",
+    "EncodedUpdate",
+    "decode_update",
+    "encode_update",
+    "inflate_body",
+    "open_inflated",
+    "open_update",
+]
 
 _FP_DTYPES: Final[dict[Quantization, np.dtype[np.floating]]] = {
     Quantization.FP32: np.dtype("<f4"),
@@ -407,22 +415,42 @@ def open_update(
     declared raw size against ``max_decompressed`` and the zstd frame header
     (``DECOMPRESSION_BOMB``), then bounded decompression (``BAD_COMPRESSION``); zero padding
     (``BAD_CODEC``); scales and fp values finite (``NON_FINITE``); top-k indices strictly
-    increasing and in range (``BAD_CODEC``).
+    increasing and in range (``BAD_CODEC``). The same as :func:`open_inflated` of
+    :func:`inflate_body`.
     """
+    raw = inflate_body(descriptor, body, num_params=num_params, max_decompressed=max_decompressed)
+    return open_inflated(descriptor, raw, num_params=num_params)
+
+
+def inflate_body(
+    descriptor: CodecDescriptor,
+    body: bytes | bytearray | memoryview,
+    *,
+    num_params: int,
+    max_decompressed: int,
+) -> bytes:
+    """The first half of :func:`open_update`: the shape check and the bounded decompression.
+    One call into zstd that releases the GIL for all of its work (so it can run on another
+    thread at little cost)."""
     if descriptor.num_params != num_params:
         raise CodecError(
             RejectReason.SHAPE_MISMATCH,
             f"update has {descriptor.num_params} parameters, the model has {num_params}",
         )
-    layout = body_layout(
-        descriptor.quantization,
-        num_values=descriptor.num_values,
-        block_size=descriptor.block_size,
-        index_dtype=descriptor.index_dtype,
-    )
-    raw_bytes = decompress_bounded(
+    layout = _layout_of(descriptor)
+    return decompress_bounded(
         body, expected_size=layout.raw_size, max_decompressed=max_decompressed
     )
+
+
+def open_inflated(
+    descriptor: CodecDescriptor, raw_bytes: bytes, *, num_params: int
+) -> DecodedUpdate:
+    """The second half of :func:`open_update`: validate the decompressed body (padding, scales
+    or values, top-k indices) and wrap it; ``raw_bytes`` comes from :func:`inflate_body`."""
+    layout = _layout_of(descriptor)
+    if len(raw_bytes) != layout.raw_size or descriptor.num_params != num_params:
+        raise CodecError(RejectReason.BAD_COMPRESSION, "inflated body does not fit the descriptor")
     raw = np.frombuffer(raw_bytes, dtype=np.uint8)
     _check_padding(layout, raw)
     values = _CodedValues(layout, raw)
@@ -434,6 +462,15 @@ def open_update(
         indices = decode_gaps(gaps, num_params)
         indices.setflags(write=False)
     return DecodedUpdate(descriptor, values, indices)
+
+
+def _layout_of(descriptor: CodecDescriptor) -> BodyLayout:
+    return body_layout(
+        descriptor.quantization,
+        num_values=descriptor.num_values,
+        block_size=descriptor.block_size,
+        index_dtype=descriptor.index_dtype,
+    )
 
 
 def _check_padding(layout: BodyLayout, raw: NDArray[np.uint8]) -> None:

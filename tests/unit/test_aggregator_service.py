@@ -29,14 +29,18 @@ from edgefl.protocol import (
     Reassembler,
     ServerState,
     ServerStatus,
+    UpdateHeader,
     decode_chunk,
     decode_envelope,
     decode_message,
+    encode_message,
     manifest_topic,
     model_chunk_topic,
+    packetize,
     server_state_topic,
     update_topic,
 )
+from edgefl.protocol.messages import message_from_envelope
 from edgefl.transport import MemoryBroker, MemoryTransport
 
 FLEET = "lab"
@@ -510,5 +514,46 @@ def test_fedavg_round_survives_a_restart(tmp_path: Path) -> None:
         _, weights = retained_model(broker)
         expected = w0 + (10 * ds[0] + 20 * ds[1] + 30 * ds[2]) / 60
         np.testing.assert_allclose(weights, expected, atol=1e-6)
+
+    run(body)
+
+
+def test_large_updates_are_inflated_off_the_loop_and_give_the_same_step(tmp_path: Path) -> None:
+    """Bodies over 256 KiB (here fp32 updates of a 100k model, 400 kB in two chunks) are
+    decompressed on the inflate thread; the step is the same weighted mean, a truncated body is
+    still rejected (bad_compression), and everything is acknowledged."""
+    broker = MemoryBroker()
+    config = make_config(tmp_path, model="mlp-100k", buffer_size=3)
+    w0 = initial_state(config).weights
+    n = w0.shape[0]
+    ds = [delta(i, n=n) for i in range(3)]
+
+    async def body() -> None:
+        async with Harness(broker, config) as h:
+            for i, d in enumerate(ds):
+                await h.send(f"d{i}", 1, 0, d, model="mlp-100k", num_examples=10 * (i + 1))
+            await h.until(lambda s: s.version == 1)
+            s = h.stats()
+            assert s.applied == 3
+            assert h.agg._inflater is not None
+            assert h.agg._inflater._threads
+            # a body whose zstd frame is cut short: refused by the bounded decompression
+            whole = decode_envelope(
+                build_update_envelope(
+                    fleet=FLEET, model="mlp-100k", device="bad", seq=1, base_version=1,
+                    delta=ds[0], codec=FP32,
+                ),
+                max_payload=1 << 24,
+            )  # fmt: skip
+            header = message_from_envelope(whole, UpdateHeader)
+            broken = encode_message(header, bytes(whole.payload)[:-1000])
+            for p in packetize(broken):
+                await h.device.publish(update_topic(FLEET, "bad", 1), p, qos=1)
+            s = await h.until(lambda s: s.rejected_total == 1)
+            assert s.rejected == {"bad_compression": 1}
+        _manifest, weights = retained_model(broker)
+        expected = w0 + (10 * ds[0] + 20 * ds[1] + 30 * ds[2]) / 60
+        np.testing.assert_allclose(weights, expected, rtol=0, atol=1e-6)
+        assert broker.queued_for("aggregator") == 0
 
     run(body)

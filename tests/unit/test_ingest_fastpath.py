@@ -21,7 +21,14 @@ from edgefl.aggregator.memory import tune_malloc
 from edgefl.aggregator.service import initial_state
 from edgefl.aggregator.store import decode_state, encode_state
 from edgefl.aggregator.updates import build_update_packets
-from edgefl.codec import CodecConfig, Quantization, encode_update, open_update
+from edgefl.codec import (
+    CodecConfig,
+    Quantization,
+    encode_update,
+    inflate_body,
+    open_inflated,
+    open_update,
+)
 from edgefl.errors import CodecError, RejectReason
 from edgefl.protocol import Reassembler, ReassemblyConfig, decode_chunk, decode_envelope
 from edgefl.protocol.chunking import split_message
@@ -272,3 +279,31 @@ def test_inflight_window_is_validated_and_sizes_batches(tmp_path: Path) -> None:
     assert small.inflight_window() == 16 * 3 + 32
     assert large.inflight_window() == (32 << 20) // (256 * 1024)
     assert large.batch_limits()[1] == 8 << 20
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    quantization=st.sampled_from(QUANTIZATIONS),
+    n=st.integers(min_value=1, max_value=3000),
+    topk=st.sampled_from([None, 0.2]),
+    seed=st.integers(min_value=0, max_value=2**31),
+)
+def test_inflate_then_open_is_open_update(
+    quantization: Quantization, n: int, topk: float | None, seed: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    delta = (rng.standard_normal(n) * 0.01).astype(np.float32)
+    encoded, _ = encode_update(
+        delta, CodecConfig(quantization=quantization, topk_fraction=topk), rng=rng
+    )
+    limit = 10 * n + 65536
+
+    raw = inflate_body(encoded.descriptor, encoded.body, num_params=n, max_decompressed=limit)
+    split = open_inflated(encoded.descriptor, raw, num_params=n).to_dense()
+    whole = open_update(
+        encoded.descriptor, encoded.body, num_params=n, max_decompressed=limit
+    ).to_dense()
+
+    assert np.array_equal(split, whole)
+    with pytest.raises(CodecError, match="does not fit"):
+        open_inflated(encoded.descriptor, raw[:-1], num_params=n)
