@@ -167,9 +167,9 @@ class ScratchUpdate:
         decoded.write_dense(dense)
         self._dense = dense
         self._spent = False
-        # computed here, where the update is decoded (possibly on a worker thread)
-        # einsum runs numpy's own loop: np.dot would call multi-threaded BLAS, whose helper
-        # threads then spin and took a whole core away from ingest (660 -> 357 updates/s)
+        # computed while the scratch is hot in cache. einsum runs numpy's own loop: np.dot
+        # would call multi-threaded BLAS, whose helper threads then spin and took a whole
+        # core away from ingest (660 -> 357 updates/s)
         self._squared_norm = float(np.einsum("i,i->", dense, dense))
 
     @property

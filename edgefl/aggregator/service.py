@@ -1,12 +1,14 @@
 """The aggregator service: an asyncio shell around the sans-IO ingest, engine and state store.
 
-Data flow (one process, one event loop, a writer thread for SQLite)::
+Data flow (one process, one event loop, a writer thread for SQLite, an inflate thread)::
 
     MQTT (persistent session, QoS1, manual ack)
       -> reader task -> bounded queue -> ingest task: batch of messages
-           Ingest.process (reassembly, validation, decode, Engine.add / step)
+           Ingest.stage / inflate (bodies > 256 KiB: inflate thread) / decode / finish
+           (reassembly, validation, decode, Engine.add / step)
            -> BatchRecord -> writer thread: StateStore.commit (one SQLite transaction)
-           -> ack every message of the batch (chunks of incomplete updates are held)
+           -> finisher task, in batch order, once committed: ack every message of the batch
+              (chunks of incomplete updates are held)
            -> new versions: history, on_version, publisher, evaluator
       publisher task: retained chunks then manifest of the newest committed version (coalesced),
                       server state; housekeeping: clear old chunk sets, FedAvg deadlines,
@@ -488,8 +490,8 @@ class Aggregator:
         runs on the inflate thread: one call that releases the GIL for all its work, started as
         soon as the packet is staged, so it overlaps with the loop's work on the neighbouring
         packets (1M parameters: loop 7.2-8.1 -> 5.7 ms per update; at 100k the hand-off cost
-        more than the 0.13 ms it moved). Updates are finished
-        in arrival order, so the result is that of processing the batch one packet at a time.
+        more than the 0.13 ms it moved). Updates are finished in arrival order, so the result
+        is that of processing the batch one packet at a time.
         (A worker doing the whole decode was measured slower on 2 cores: numpy releases and
         re-takes the GIL around every call, and those hand-offs cost 0.2-0.27 ms of CPU per
         100k-parameter update.)
