@@ -283,8 +283,19 @@ class DeviceAgent:
         if self._started:
             raise RuntimeError("DeviceAgent.run() may be called once")
         self._started = True
-        await asyncio.to_thread(self._open_state)
-        self._load_security()
+        opening = asyncio.ensure_future(asyncio.to_thread(self._open_state))
+        try:
+            await asyncio.shield(opening)
+            self._load_security()
+        except BaseException:
+            # cancelled or failed while starting: the thread may still be opening the state
+            # directory; let it finish, then release the spool's lock so that another agent
+            # (a restart in the same process) can take it
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(opening)
+            if self._spool is not None:
+                self._spool.close()
+            raise
         if self._trainer is None:
             from device_agent.config import TrainingIsolation
             from device_agent.trainer import ProcessTrainer, TorchTrainer

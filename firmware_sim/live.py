@@ -420,8 +420,13 @@ class _DeviceGroup:
         loop.call_later(max(0.05, restart_after), self._restart, d)
 
     def _restart(self, d: int) -> None:
-        if not self.stopping:
-            self._launch(d)
+        if self.stopping:
+            return
+        old = self.tasks.get(d)
+        if old is not None and not old.done():  # still releasing its state directory
+            asyncio.get_running_loop().call_later(0.05, self._restart, d)
+            return
+        self._launch(d)
 
     async def start(self) -> None:
         interval = 1.0 / self.opts.connect_per_s if self.opts.connect_per_s > 0 else 0.0

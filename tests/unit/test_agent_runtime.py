@@ -681,3 +681,33 @@ def test_idle_agent_republishes_its_state_every_heartbeat(tmp_path: Path) -> Non
     assert len(repeats) >= 2
     assert all(s.status is DeviceStatus.IDLE and s.session == 1 for s in repeats)
     assert repeats[-1].at > repeats[0].at
+
+
+def test_cancelled_while_opening_state_releases_the_spool_lock(tmp_path: Path) -> None:
+    """A simulated crash can cancel an agent while its state directory is being opened (in a
+    thread that keeps running): the spool lock must still be released, or the restarted agent
+    in the same process fails with SpoolLocked."""
+    cfg = make_config(tmp_path)
+    opened = threading.Event()
+
+    class SlowOpen(DeviceAgent):
+        def _open_state(self) -> None:
+            super()._open_state()
+            opened.set()
+            time.sleep(0.3)  # still "opening" when the cancellation lands
+
+    async def body() -> None:
+        # Arrange
+        agent = SlowOpen(cfg, dataset=DATA, transport_factory=factory(MemoryBroker()))
+        task = asyncio.create_task(agent.run())
+        await asyncio.to_thread(opened.wait, 5)
+
+        # Act: cancel mid-open
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+        # Assert: the spool can be opened again at once
+        UpdateSpool(cfg.state_dir / "spool").close()
+
+    asyncio.run(body())
