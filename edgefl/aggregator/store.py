@@ -49,6 +49,7 @@ __all__ = [
     "StateStore",
     "decode_state",
     "encode_state",
+    "state_blob_parts",
 ]
 
 DB_NAME: Final = "state.sqlite"
@@ -91,7 +92,13 @@ _HEAD_LEN: Final = struct.Struct("<I")
 
 
 def encode_state(state: FedBuffState) -> bytes:
-    """Serialise a :class:`FedBuffState` into one blob (no pickle).
+    """Serialise a :class:`FedBuffState` into one blob: the concatenation of
+    :func:`state_blob_parts`."""
+    return b"".join(state_blob_parts(state))
+
+
+def state_blob_parts(state: FedBuffState) -> list[bytes | memoryview]:
+    """The pieces of a :class:`FedBuffState` blob in order (no pickle), views of the arrays.
 
     Layout: ``b"EFS1"``, a little-endian uint32 ``n``, ``n`` bytes of JSON (``meta`` and, per
     array, name, dtype, shape, offset and length), then the raw C-order bytes of the arrays.
@@ -143,7 +150,7 @@ def encode_state(state: FedBuffState) -> bytes:
         parts.append(array.data.cast("B"))
         offset += array.nbytes
     head = json.dumps({"meta": meta, "arrays": entries}, separators=(",", ":")).encode()
-    return b"".join([STATE_MAGIC, _HEAD_LEN.pack(len(head)), head, *parts])
+    return [STATE_MAGIC + _HEAD_LEN.pack(len(head)) + head, *parts]
 
 
 def _read_arrays(blob: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -362,12 +369,7 @@ class StateStore:
             )
             if batch.snapshot is not None:
                 version, created_at, state = batch.snapshot
-                blob = encode_state(state)
-                db.execute(
-                    "UPDATE model SET version = ?, generation = ?, created_at = ?, state = ?"
-                    " WHERE id = 1",
-                    (version, batch.generation, created_at, blob),
-                )
+                self._write_state(version, batch.generation, created_at, state)
             db.execute(
                 "UPDATE meta SET value = ? WHERE key = 'generation'", (str(batch.generation),)
             )
@@ -391,6 +393,22 @@ class StateStore:
         except BaseException:
             db.execute("ROLLBACK")
             raise
+
+    def _write_state(
+        self, version: int, generation: int, created_at: float, state: FedBuffState
+    ) -> None:
+        """Store a snapshot in the open transaction, streaming its arrays into the blob
+        (``zeroblob`` then incremental writes) instead of joining a state-sized copy first."""
+        parts = state_blob_parts(state)
+        db = self._db
+        db.execute(
+            "UPDATE model SET version = ?, generation = ?, created_at = ?, state = zeroblob(?)"
+            " WHERE id = 1",
+            (version, generation, created_at, sum(len(part) for part in parts)),
+        )
+        with db.blobopen("model", "state", 1) as blob:
+            for part in parts:
+                blob.write(part)
 
     def set_accuracy(self, version: int, accuracy: float) -> None:
         self._db.execute("UPDATE history SET accuracy = ? WHERE version = ?", (accuracy, version))

@@ -19,7 +19,7 @@ from edgefl.aggregator.engine import Engine
 from edgefl.aggregator.ingest import Ingest, OutcomeKind, ScratchUpdate, StagedUpdate
 from edgefl.aggregator.memory import tune_malloc
 from edgefl.aggregator.service import initial_state
-from edgefl.aggregator.store import decode_state, encode_state
+from edgefl.aggregator.store import BatchRecord, StateStore, decode_state, encode_state
 from edgefl.aggregator.updates import build_update_packets
 from edgefl.codec import (
     CodecConfig,
@@ -203,6 +203,34 @@ def test_state_blob_round_trip_and_npz_of_earlier_releases() -> None:
         )
         assert (back.version, back.steps_total, back.accumulator) == (1, 1, None)
     assert encode_state(state)[:4] == b"EFS1"
+
+
+def test_committed_snapshot_streamed_into_the_blob_loads_back_exactly(tmp_path: Path) -> None:
+    # Arrange: a store at version 0, then a checkpoint (buffer included) of a later state
+    fb = trained_fedbuff()
+    fb.add(np.full(6, 0.5, np.float32), base_version=1, num_examples=2)
+    store = StateStore(tmp_path, fsync=False)
+    store.initialise(
+        identity={"model": "t"},
+        initial=FedBuff(fb.config, np.zeros(6, np.float32)).snapshot(buffer=False),
+        now=1.0,
+    )
+    state = fb.snapshot()
+
+    # Act
+    store.commit(BatchRecord(generation=3, snapshot=(fb.version, 2.0, state)))
+    loaded = store.load()
+    blob = store.open_reader().execute("SELECT state FROM model").fetchone()[0]
+    store.close()
+
+    # Assert: the blob is byte for byte what encode_state joins, and loads back
+    assert bytes(blob) == encode_state(state)
+    assert (loaded.version, loaded.generation) == (fb.version, 3)
+    np.testing.assert_array_equal(loaded.state.weights, state.weights)
+    assert loaded.state.accumulator is not None
+    assert state.accumulator is not None
+    np.testing.assert_array_equal(loaded.state.accumulator, state.accumulator)
+    assert loaded.state.count == 1
 
 
 def test_truncated_state_blob_is_refused() -> None:
