@@ -102,8 +102,9 @@ def state_blob_parts(state: FedBuffState) -> list[bytes | memoryview]:
 
     Layout: ``b"EFS1"``, a little-endian uint32 ``n``, ``n`` bytes of JSON (``meta`` and, per
     array, name, dtype, shape, offset and length), then the raw C-order bytes of the arrays.
-    One copy of each array and no checksum pass (SQLite's own page handling and the WAL guard
-    the bytes); ``np.savez``'s zip container cost several times more CPU on the ingest path.
+    The array parts are views (no copy; non-contiguous arrays are made contiguous first) and
+    there is no checksum pass (SQLite's own page handling and the WAL guard the bytes);
+    ``np.savez``'s zip container cost several times more CPU on the ingest path.
 
     The buffer is included when it is a non-robust accumulator (a *checkpoint*); robust buffers
     (kept updates) are never stored this way: their encoded updates are stored instead.
