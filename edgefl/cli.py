@@ -1,22 +1,53 @@
 """The ``edgefl`` command line.
 
 Every subcommand imports its implementation lazily, so ``edgefl monitor`` or ``edgefl aggregator``
-start without importing torch, and ``edgefl --help`` is instant.
+start without importing torch, and ``edgefl --help`` is instant. ``edgefl provision`` needs the
+``cryptography`` package only when it runs, so a device install without the security extra still
+has a working ``edgefl``. Errors and exit codes go through :func:`edgefl.clierror.run_cli`.
 """
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 from edgefl import __version__
+from edgefl.clierror import run_cli, set_debug
 
 app = typer.Typer(
     name="edgefl",
     help="Asynchronous federated learning (FedBuff) for fleets of edge and IoT devices over MQTT.",
     no_args_is_help=True,
     add_completion=False,
-    pretty_exceptions_show_locals=False,
+    pretty_exceptions_enable=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"edgefl {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_print_version,
+            is_eager=True,
+            help="Print the edgefl version and exit.",
+        ),
+    ] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Print tracebacks of errors (also EDGEFL_DEBUG=1).")
+    ] = False,
+) -> None:
+    """Asynchronous federated learning (FedBuff) for fleets of edge and IoT devices over MQTT."""
+    if debug:
+        set_debug(True)
 
 
 @app.command()
@@ -31,7 +62,7 @@ def _register_subcommands() -> None:
     from device_agent.cli import agent_app
     from edgefl.aggregator.cli import aggregator_command
     from edgefl.monitor.cli import monitor_command
-    from edgefl.security.cli import provision_app
+    from edgefl.provision_cli import provision_app
     from firmware_sim.cli import demo_command, sim_command
 
     app.command(name="demo")(demo_command)
@@ -43,10 +74,14 @@ def _register_subcommands() -> None:
     app.add_typer(provision_app, name="provision")
 
 
-def main() -> None:
-    """Console-script entry point."""
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: one error line and a documented exit code on failure.
+
+    Always ends in ``SystemExit`` with an :class:`edgefl.clierror.ExitCode`; ``argv`` (default
+    ``sys.argv[1:]``) lets tests run the real command path.
+    """
     _register_subcommands()
-    app()
+    run_cli(lambda: app(args=argv, prog_name="edgefl", standalone_mode=False))
 
 
 if __name__ == "__main__":

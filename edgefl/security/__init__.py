@@ -10,7 +10,7 @@ the three loaders below when security is configured; without it they never impor
   ``UpdateAuthenticator`` (re-read when the directory changes).
 
 Provisioning (CA, broker certificate, MQTT passwords, ACL, key pairs, device bundles) lives in
-:mod:`edgefl.security.provision`, its command line in :mod:`edgefl.security.cli`
+:mod:`edgefl.security.provision`, its command line in :mod:`edgefl.provision_cli`
 (``provision_app``). The wire format of signatures is ``docs/PROTOCOL.md``, "Signed envelopes";
 the deployment walk-through and threat model are ``docs/SECURITY.md``.
 """

@@ -82,6 +82,11 @@ class ProvisionError(RuntimeError):
     """Provisioning cannot proceed (existing files, unknown fleet directory, reserved name...)."""
 
 
+class ProvisionUsageError(ProvisionError):
+    """A provisioning request that contradicts its options (reserved or existing device id,
+    no broker host, a fleet already there without ``--force``): a usage error, exit code 2."""
+
+
 def acl_text(fleet: str) -> str:
     """The Mosquitto ACL for one fleet (``acl_file``).
 
@@ -289,12 +294,14 @@ def init_fleet(
     """
     fleet = fleet_name(fleet)
     if not broker_hosts:
-        raise ProvisionError("at least one --broker-host is needed")
+        raise ProvisionUsageError("at least one --broker-host is needed")
     if not 0 < port < 65536:
-        raise ProvisionError(f"bad port {port}")
+        raise ProvisionUsageError(f"bad port {port}")
     layout = FleetDirectory(Path(out))
     if layout.fleet_file.exists() and not force:
-        raise ProvisionError(f"{layout.root} already holds a fleet (use --force to replace it)")
+        raise ProvisionUsageError(
+            f"{layout.root} already holds a fleet (use --force to replace it)"
+        )
     layout.root.mkdir(parents=True, exist_ok=True)
 
     ca = make_ca(f"edgefl fleet {fleet} CA")
@@ -418,11 +425,11 @@ def add_device(
     fleet = str(info["fleet"])
     device_id = validate_name(device_id, "device id")
     if device_id in RESERVED_USERS:
-        raise ProvisionError(f"{device_id!r} is reserved for the {device_id} account")
+        raise ProvisionUsageError(f"{device_id!r} is reserved for the {device_id} account")
     bundle = layout.device_dir(device_id)
     registered = layout.device_keys_dir / f"{device_id}.pub"
     if (bundle.exists() or registered.exists()) and not force:
-        raise ProvisionError(f"device {device_id!r} exists (use --force to re-provision it)")
+        raise ProvisionUsageError(f"device {device_id!r} exists (use --force to re-provision it)")
     if bundle.exists():
         shutil.rmtree(bundle)
     _private_dir(bundle.parent)

@@ -12,15 +12,17 @@ import pytest
 from cryptography import x509
 from typer.testing import CliRunner
 
+from edgefl.cli import main
+from edgefl.clierror import ExitCode
 from edgefl.errors import ProtocolError
 from edgefl.protocol.messages import ModelFormat, ModelManifest, UpdateHeader, encode_message
+from edgefl.provision_cli import provision_app
 from edgefl.security import (
     load_manifest_verifier,
     load_public_keys,
     load_signer,
     load_update_authenticator,
 )
-from edgefl.security.cli import provision_app
 from edgefl.security.passwords import (
     hash_password,
     read_password_file,
@@ -278,7 +280,7 @@ def test_add_device_needs_an_initialised_directory(tmp_path: Path) -> None:
         add_device(tmp_path, "d1")
 
 
-def test_cli_init_and_device(tmp_path: Path) -> None:
+def test_cli_init_and_device(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     runner = CliRunner()
     out = tmp_path / "fleet"
     result = runner.invoke(
@@ -302,6 +304,7 @@ def test_cli_init_and_device(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "signing key id" in result.output
     assert (out / "devices" / "s-1" / "agent.toml").is_file()
-    result = runner.invoke(provision_app, ["device", "--out", str(out), "--device", "monitor"])
-    assert result.exit_code == 2
-    assert "reserved" in result.output
+    with pytest.raises(SystemExit) as exited:
+        main(["provision", "device", "--out", str(out), "--device", "monitor"])
+    assert exited.value.code == ExitCode.USAGE
+    assert "reserved" in capsys.readouterr().err

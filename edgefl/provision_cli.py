@@ -1,17 +1,20 @@
 """``edgefl provision``: the command line of :mod:`edgefl.security.provision`.
 
-``provision_app`` is a ``typer.Typer`` sub-app with two commands, ``init`` and ``device``; the
-lead wires it into ``edgefl/cli.py`` (``app.add_typer(provision_app, name="provision")``).
+``provision_app`` is a ``typer.Typer`` sub-app with two commands, ``init`` and ``device``, mounted
+by ``edgefl/cli.py``. It lives outside :mod:`edgefl.security` and imports it only when a command
+runs, so ``edgefl --help`` works on an install without the ``cryptography`` package (the
+``security`` extra); running ``edgefl provision`` there says which extra to install.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from types import ModuleType
 from typing import Annotated
 
 import typer
 
-from .provision import ProvisionError, add_device, init_fleet
+from edgefl.clierror import ConfigError, UsageError
 
 __all__ = ["provision_app"]
 
@@ -20,6 +23,20 @@ provision_app = typer.Typer(
     help="Create a fleet's CA, broker TLS/password/ACL files, signing keys and device bundles.",
     no_args_is_help=True,
 )
+
+
+def _provision_module() -> ModuleType:
+    """:mod:`edgefl.security.provision`, or a clear error naming the extra that brings it."""
+    try:
+        import edgefl.security.provision as provision
+    except ModuleNotFoundError as exc:
+        if exc.name != "cryptography":
+            raise
+        raise ConfigError(
+            "edgefl provision needs the 'cryptography' package: install the security extra"
+        ) from None
+    return provision
+
 
 OutDir = Annotated[
     Path, typer.Option("--out", "-o", help="Provisioning directory (holds secrets: keep it safe).")
@@ -52,8 +69,9 @@ def init_command(
     force: Annotated[bool, typer.Option(help="Replace an existing fleet in --out.")] = False,
 ) -> None:
     """Create a fleet: CA, broker TLS/passwords/ACL/config, aggregator and monitor accounts."""
+    provision = _provision_module()
     try:
-        layout = init_fleet(
+        layout = provision.init_fleet(
             out,
             fleet,
             broker_host,
@@ -62,9 +80,12 @@ def init_command(
             broker_dir=broker_dir,
             force=force,
         )
-    except (ProvisionError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    except provision.ProvisionUsageError as exc:
+        raise UsageError(str(exc)) from None
+    except provision.ProvisionError as exc:
+        raise ConfigError(str(exc)) from None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     typer.echo(f"fleet {fleet!r} provisioned in {layout.root}")
     typer.echo(
         f"  broker:     copy {layout.broker_dir}/ to the broker host; mosquitto.conf uses it"
@@ -87,11 +108,17 @@ def device_command(
     force: Annotated[bool, typer.Option(help="Re-provision an existing device.")] = False,
 ) -> None:
     """Add a device: MQTT password, Ed25519 key pair, optional client certificate, bundle."""
+    provision = _provision_module()
     try:
-        bundle = add_device(out, device, client_cert=client_cert, force=force, data_path=data_path)
-    except (ProvisionError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        bundle = provision.add_device(
+            out, device, client_cert=client_cert, force=force, data_path=data_path
+        )
+    except provision.ProvisionUsageError as exc:
+        raise UsageError(str(exc)) from None
+    except provision.ProvisionError as exc:
+        raise ConfigError(str(exc)) from None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     typer.echo(f"device {device!r} provisioned (signing key id {bundle.key_id})")
     typer.echo(f"  bundle:     copy {bundle.directory}/ to /etc/edgefl/ on the device")
     typer.echo(f"  aggregator: {bundle.public_key_file} (picked up automatically)")
