@@ -3,8 +3,8 @@
 * ``mosquitto``: a fresh Mosquitto per test on a free port with ``broker/conf/dev.conf``, state in
   the test's tmp dir. The object has ``.url``, ``.port``, ``.start()``, ``.stop()`` (graceful,
   saves persistence), ``.kill()`` (SIGKILL), ``.save()`` (SIGUSR1: write persistence now),
-  ``.restart()`` and ``.log_tail()``. Without a ``mosquitto`` binary the test is skipped, except
-  when the ``CI`` environment variable is set: then it fails, so CI cannot go green by skipping.
+  ``.restart()`` and ``.log_tail()``. Without a ``mosquitto`` binary the test fails (never
+  skips): ``bash .ci/setup`` installs it (see ``tests/needs.py``).
 * ``embedded_broker``: the amqtt broker (MQTT 3.1.1 only) in a background thread, ``.url``.
 
 pytest has no asyncio plugin here: async tests are sync test functions calling ``asyncio.run``.
@@ -12,28 +12,19 @@ pytest has no asyncio plugin here: async tests are sync test functions calling `
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import needs
 import pytest
 
-from broker.launcher import MosquittoBroker, ThreadedEmbeddedBroker, find_mosquitto
-
-
-def _unavailable(message: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"{message} (CI is set, so this fails instead of skipping)")
-    pytest.skip(message)
+from broker.launcher import MosquittoBroker, ThreadedEmbeddedBroker
 
 
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[MosquittoBroker]:
     """A running Mosquitto (dev config) on a free port, stopped after the test."""
-    binary = find_mosquitto()
-    if binary is None:
-        _unavailable("mosquitto is not installed (apt-get install mosquitto)")
-    broker = MosquittoBroker(state_dir=tmp_path / "mosquitto", binary=binary)
+    broker = MosquittoBroker(state_dir=tmp_path / "mosquitto", binary=Path(needs.mosquitto()))
     broker.start()
     try:
         yield broker

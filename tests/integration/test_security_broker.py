@@ -14,16 +14,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import os
 import struct
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import needs
 import pytest
 
-from broker.launcher import MosquittoBroker, find_mosquitto
+from broker.launcher import MosquittoBroker
 from edgefl.errors import ProtocolError, RejectReason, UpdateRejected
 from edgefl.protocol.messages import (
     DeviceState,
@@ -98,10 +98,7 @@ class SecureFleet:
 
 
 def _require_mosquitto() -> None:
-    if find_mosquitto() is None:
-        if os.environ.get("CI"):
-            pytest.fail("mosquitto is not installed (CI is set)")
-        pytest.skip("mosquitto is not installed")
+    needs.mosquitto()
 
 
 def _start(tmp: Path, layout: FleetDirectory, *, mtls: bool = False) -> MosquittoBroker:

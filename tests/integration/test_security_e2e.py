@@ -19,18 +19,19 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import struct
 import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
 
+import needs
 import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from broker.launcher import find_mosquitto
+import device_agent.agent as device_agent
+import edgefl.aggregator as aggregator_mod
 from edgefl.errors import RejectReason
 from edgefl.protocol.chunking import split_message
 from edgefl.protocol.envelope import EnvelopeKind
@@ -46,9 +47,6 @@ from edgefl.protocol.topics import manifest_topic, model_chunk_topic, update_top
 from edgefl.security import Ed25519Signer, generate_private_key, load_signer
 from edgefl.security.provision import FleetDirectory, add_device, init_fleet, mosquitto_for_fleet
 from edgefl.transport import InboundMessage, MqttConfig, MqttTransport
-
-device_agent = pytest.importorskip("device_agent.agent")
-aggregator_mod = pytest.importorskip("edgefl.aggregator")
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -103,10 +101,7 @@ def _forged_model(signer: Ed25519Signer, version: int) -> list[tuple[str, bytes]
 def test_forged_models_and_forged_or_replayed_updates_are_rejected_by_running_services(
     tmp_path: Path,
 ) -> None:
-    if find_mosquitto() is None:
-        if os.environ.get("CI"):
-            pytest.fail("mosquitto is not installed (CI is set)")
-        pytest.skip("mosquitto is not installed")
+    needs.mosquitto()
     from device_agent.config import load_config
     from device_agent.dataset import LocalDataset
 

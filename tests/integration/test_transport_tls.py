@@ -9,14 +9,15 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import needs
 import pytest
 
-from broker.launcher import MosquittoBroker, find_mosquitto
+from broker.launcher import MosquittoBroker
 from edgefl.transport import MqttConfig, MqttTransport, NotConnectedError
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
 
-x509 = pytest.importorskip("cryptography.x509")
+from cryptography import x509  # noqa: E402
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from cryptography.x509.oid import NameOID  # noqa: E402
@@ -75,10 +76,7 @@ def _write_pki(directory: Path) -> None:
 
 @pytest.fixture
 def tls_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
-    if find_mosquitto() is None:
-        if os.environ.get("CI"):
-            pytest.fail("mosquitto is not installed (CI is set)")
-        pytest.skip("mosquitto is not installed")
+    needs.mosquitto()
     certs = tmp_path / "certs"
     _write_pki(certs)
     template = tmp_path / "tls.conf"

@@ -31,7 +31,8 @@ from edgefl.transport import MemoryBroker
 
 
 def test_signed_updates_are_authenticated_and_manifests_signed(tmp_path: Path) -> None:
-    security = pytest.importorskip("edgefl.security")
+    import edgefl.security as security
+
     keys = tmp_path / "device-keys"
     keys.mkdir()
     device_key = security.generate_private_key()
@@ -88,7 +89,6 @@ def test_signed_updates_are_authenticated_and_manifests_signed(tmp_path: Path) -
 def test_evaluation_and_onnx_publication(tmp_path: Path) -> None:
     """With eval_dataset and publish_onnx (both import torch, lazily), every version gets an
     accuracy in history (the newest at least) and an ONNX graph next to its weights."""
-    pytest.importorskip("torch")
     from edgefl.models import get_model_spec
     from edgefl.models.onnx_export import OnnxPredictor
 

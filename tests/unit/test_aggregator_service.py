@@ -16,7 +16,6 @@ from edgefl.aggregation import (
     ConstantStaleness,
     ExampleWeighting,
     FedBuff,
-    FedBuffConfig,
     NormBound,
 )
 from edgefl.aggregator import Aggregator, AggregatorConfig, AggregatorStatistics
@@ -450,7 +449,6 @@ def test_norm_bound_and_examples_reach_the_core(tmp_path: Path) -> None:
     assert core.norm_bound == NormBound.static(1.0, "reject")  # type: ignore[arg-type]
     assert core.example_weighting is ExampleWeighting.EQUAL
     assert isinstance(core.staleness, ConstantStaleness)
-    assert isinstance(FedBuffConfig(), FedBuffConfig)
     with pytest.raises(ValueError, match="max_norm"):
         make_config(tmp_path, norm_bound="static-clip")
 

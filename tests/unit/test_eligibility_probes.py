@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Sequence
 from datetime import datetime
@@ -76,7 +77,7 @@ def test_load_probe_reads_loadavg_and_counts_cpus(tmp_path: Path) -> None:
 
 def test_load_probe_falls_back_to_os_cpu_count(tmp_path: Path) -> None:
     put(tmp_path, "proc/loadavg", "0.00 0.00 0.00 1/1 1\n")
-    assert LoadProbe(tmp_path).read().cpu_count is not None
+    assert LoadProbe(tmp_path).read().cpu_count == os.cpu_count()
 
 
 def test_load_probe_rejects_garbage(tmp_path: Path) -> None:

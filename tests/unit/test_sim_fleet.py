@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
 from dataclasses import replace
 
 import numpy as np
@@ -27,12 +26,9 @@ def _sensor(**overrides: object) -> DeviceProfile:
 
 def test_fleet_of_100k_devices_constructs_fast_with_numpy_attributes() -> None:
     # Act
-    start = time.perf_counter()
     fleet = Fleet(100_000, "mixed", seed=1)
-    elapsed = time.perf_counter() - start
 
-    # Assert
-    assert elapsed < 1.0  # typically ~0.05 s
+    # Assert: one numpy column per attribute (no per-device Python objects)
     for arr in (
         fleet.profile_index,
         fleet.speed,
@@ -84,9 +80,7 @@ def test_sample_idle_devices_is_o_k_not_o_n() -> None:
     k = 50
 
     # Act
-    start = time.perf_counter()
     picked_large = large.sample_idle_devices(k, 2 * HOUR, rng, busy=set())
-    elapsed = time.perf_counter() - start
     small.sample_idle_devices(k, 2 * HOUR, rng, busy=set())
 
     # Assert
@@ -94,7 +88,6 @@ def test_sample_idle_devices_is_o_k_not_o_n() -> None:
     assert large.draws_total <= 64 * k + 256
     # the same number of draws (within noise) for a fleet 10x larger
     assert large.draws_total < 3 * small.draws_total + 50
-    assert elapsed < 0.2
 
 
 def test_sample_idle_devices_returns_distinct_available_non_busy_devices() -> None:
