@@ -7,7 +7,7 @@
   skips): ``bash .ci/setup`` installs it (see ``tests/needs.py``).
 * ``embedded_broker``: the amqtt broker (MQTT 3.1.1 only) in a background thread, ``.url``.
 
-pytest has no asyncio plugin here: async tests are sync test functions calling ``asyncio.run``.
+Async tests are plain ``async def test_...`` functions (pytest-asyncio in auto mode).
 """
 
 from __future__ import annotations

@@ -138,7 +138,7 @@ class StateWatcher:
         return None if state is None else state.reasons
 
 
-def test_agent_follows_aggregator_model_and_onnx_inference_matches_torch(
+async def test_agent_follows_aggregator_model_and_onnx_inference_matches_torch(
     mosquitto: MosquittoBroker, tmp_path: Path
 ) -> None:
     # Arrange: FedBuff with K=1, ONNX published with every version
@@ -156,19 +156,16 @@ def test_agent_follows_aggregator_model_and_onnx_inference_matches_torch(
     )
     agent = DeviceAgent(agent_config(tmp_path, mosquitto.url), dataset=dataset())
 
-    async def scenario() -> None:
-        ready = asyncio.Event()
-        agg_task = asyncio.create_task(agg.run(ready))
-        await asyncio.wait_for(ready.wait(), 30)
-        agent_task = asyncio.create_task(agent.run())
-        # Act: the agent trains on v0, its update makes v1, the agent picks v1 up
-        await wait_for(lambda: (agent.statistics().model_version or 0) >= 1, 60)
-        agent.stop()
-        await agent_task
-        agg.stop()
-        await agg_task
-
-    asyncio.run(scenario())
+    ready = asyncio.Event()
+    agg_task = asyncio.create_task(agg.run(ready))
+    await asyncio.wait_for(ready.wait(), 30)
+    agent_task = asyncio.create_task(agent.run())
+    # Act: the agent trains on v0, its update makes v1, the agent picks v1 up
+    await wait_for(lambda: (agent.statistics().model_version or 0) >= 1, 60)
+    agent.stop()
+    await agent_task
+    agg.stop()
+    await agg_task
 
     # Assert
     assert agg.statistics().applied >= 1
@@ -207,7 +204,7 @@ class GateTrainer:
         return self.inner.train(job, should_stop)
 
 
-def test_eligibility_over_fake_sysfs_and_abort_mid_training_publishes_nothing(
+async def test_eligibility_over_fake_sysfs_and_abort_mid_training_publishes_nothing(
     mosquitto: MosquittoBroker, tmp_path: Path
 ) -> None:
     # Arrange
@@ -279,22 +276,19 @@ def test_eligibility_over_fake_sysfs_and_abort_mid_training_publishes_nothing(
         agent.check_now()
         await wait_for(lambda: agg.statistics().applied == 1, 60)
 
-    async def main() -> None:
-        ready = asyncio.Event()
-        agg_task = asyncio.create_task(agg.run(ready))
-        await asyncio.wait_for(ready.wait(), 30)
-        agent_task = asyncio.create_task(agent.run())
-        async with StateWatcher(mosquitto.url) as watch:
-            try:
-                await scenario(watch)
-            finally:
-                agent.stop()
-                await agent_task
-                agg.stop()
-                await agg_task
-            await wait_for(lambda: watch.status() == "offline")
-
-    asyncio.run(main())
+    ready = asyncio.Event()
+    agg_task = asyncio.create_task(agg.run(ready))
+    await asyncio.wait_for(ready.wait(), 30)
+    agent_task = asyncio.create_task(agent.run())
+    async with StateWatcher(mosquitto.url) as watch:
+        try:
+            await scenario(watch)
+        finally:
+            agent.stop()
+            await agent_task
+            agg.stop()
+            await agg_task
+        await wait_for(lambda: watch.status() == "offline")
 
     # Assert
     assert seen["after_abort_received"] == ("0",)

@@ -123,7 +123,7 @@ def wait_applied(db: Path, expected: int, timeout: float) -> int:
 
 
 @pytest.mark.slow
-def test_sigkilled_aggregator_counts_every_update_exactly_once(
+async def test_sigkilled_aggregator_counts_every_update_exactly_once(
     mosquitto: MosquittoBroker, tmp_path: Path
 ) -> None:
     devices, per_device = 20, 15
@@ -136,7 +136,7 @@ def test_sigkilled_aggregator_counts_every_update_exactly_once(
     procs = [first]
     applied_at_kill: list[int] = []
 
-    async def scenario() -> None:
+    try:
         tasks = [
             asyncio.create_task(publisher(mosquitto.url, d, per_device, 0.3))
             for d in range(devices)
@@ -150,9 +150,6 @@ def test_sigkilled_aggregator_counts_every_update_exactly_once(
             applied_at_kill.append(wait_applied(db, 0, timeout=1))
             procs.append(await asyncio.to_thread(start_aggregator, mosquitto.url, state_dir))
         await asyncio.gather(*tasks)
-
-    try:
-        asyncio.run(scenario())
         applied = wait_applied(db, total, timeout=60)
         final = procs[-1]
         final.send_signal(signal.SIGTERM)
@@ -186,46 +183,44 @@ def test_sigkilled_aggregator_counts_every_update_exactly_once(
     assert set(rejected) <= {"rejected:duplicate"}  # committed but not yet acked at the kill
     assert counters["received"] == total + sum(rejected.values())
 
-    state = asyncio.run(retained_server_state(mosquitto.url))
+    state = await retained_server_state(mosquitto.url)
     assert state.status is ServerStatus.OFFLINE
     assert (state.applied, state.version, state.session) == (total, total // 7, 3)
 
 
-def test_aggregator_survives_a_broker_restart(mosquitto: MosquittoBroker, tmp_path: Path) -> None:
+async def test_aggregator_survives_a_broker_restart(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
     config = AggregatorConfig(
         broker_url=mosquitto.url, fleet=FLEET, model=MODEL, state_dir=tmp_path / "state",
         buffer_size=5, norm_bound=NormBoundSetting.OFF, metrics_interval_s=0.5,
     )  # fmt: skip
     devices, per_device = 4, 10
 
-    async def scenario() -> None:
-        agg = Aggregator(config)
-        ready = asyncio.Event()
-        task = asyncio.create_task(agg.run(ready))
-        await asyncio.wait_for(ready.wait(), 15)
-        pubs = [
-            asyncio.create_task(publisher(mosquitto.url, d, per_device, 0.1))
-            for d in range(devices)
-        ]
-        await until_applied(agg, 8)
-        applied_before = agg.statistics().applied
-        await asyncio.to_thread(mosquitto.restart)
-        await asyncio.gather(*pubs)
-        await until_applied(agg, devices * per_device)
-        s = agg.statistics()
-        assert s.connected
-        assert s.reconnects >= 1
-        assert 8 <= applied_before < devices * per_device
-        agg.stop()
-        await asyncio.wait_for(task, 15)
-        assert s.applied == devices * per_device
-        assert s.version == devices * per_device // 5
-        assert set(s.rejected) <= {"duplicate"}
-
-    asyncio.run(scenario())
+    agg = Aggregator(config)
+    ready = asyncio.Event()
+    task = asyncio.create_task(agg.run(ready))
+    await asyncio.wait_for(ready.wait(), 15)
+    pubs = [
+        asyncio.create_task(publisher(mosquitto.url, d, per_device, 0.1)) for d in range(devices)
+    ]
+    await until_applied(agg, 8)
+    applied_before = agg.statistics().applied
+    await asyncio.to_thread(mosquitto.restart)
+    await asyncio.gather(*pubs)
+    await until_applied(agg, devices * per_device)
+    s = agg.statistics()
+    assert s.connected
+    assert s.reconnects >= 1
+    assert 8 <= applied_before < devices * per_device
+    agg.stop()
+    await asyncio.wait_for(task, 15)
+    assert s.applied == devices * per_device
+    assert s.version == devices * per_device // 5
+    assert set(s.rejected) <= {"duplicate"}
 
 
-def test_aggregator_runs_on_the_embedded_broker(
+async def test_aggregator_runs_on_the_embedded_broker(
     embedded_broker: ThreadedEmbeddedBroker, tmp_path: Path
 ) -> None:
     config = AggregatorConfig(
@@ -233,21 +228,18 @@ def test_aggregator_runs_on_the_embedded_broker(
         buffer_size=3, norm_bound=NormBoundSetting.OFF,
     )  # fmt: skip
 
-    async def scenario() -> None:
-        agg = Aggregator(config)
-        ready = asyncio.Event()
-        task = asyncio.create_task(agg.run(ready))
-        await asyncio.wait_for(ready.wait(), 15)
-        await asyncio.gather(*(publisher(embedded_broker.url, d, 2, 0.05) for d in range(3)))
-        await until_applied(agg, 6)
-        agg.stop()
-        await asyncio.wait_for(task, 15)
-        assert agg.statistics().version == 2
-
-    asyncio.run(scenario())
+    agg = Aggregator(config)
+    ready = asyncio.Event()
+    task = asyncio.create_task(agg.run(ready))
+    await asyncio.wait_for(ready.wait(), 15)
+    await asyncio.gather(*(publisher(embedded_broker.url, d, 2, 0.05) for d in range(3)))
+    await until_applied(agg, 6)
+    agg.stop()
+    await asyncio.wait_for(task, 15)
+    assert agg.statistics().version == 2
 
 
-def test_restart_drains_a_backlog_larger_than_the_receive_window(
+async def test_restart_drains_a_backlog_larger_than_the_receive_window(
     mosquitto: MosquittoBroker, tmp_path: Path
 ) -> None:
     """Updates queued at the broker while the aggregator was down exceed its inbound window:
@@ -260,23 +252,18 @@ def test_restart_drains_a_backlog_larger_than_the_receive_window(
     assert config.inflight_window() == 32
     devices, per_device = 10, 20
 
-    async def scenario() -> None:
-        first = Aggregator(config)
-        ready = asyncio.Event()
-        task = asyncio.create_task(first.run(ready))
-        await asyncio.wait_for(ready.wait(), 15)
-        first.stop()
-        await asyncio.wait_for(task, 15)
-        await asyncio.gather(
-            *(publisher(mosquitto.url, d, per_device, 0.0) for d in range(devices))
-        )
-        agg = Aggregator(config)
-        ready = asyncio.Event()
-        task = asyncio.create_task(agg.run(ready))
-        await asyncio.wait_for(ready.wait(), 15)
-        await until_applied(agg, devices * per_device)
-        agg.stop()
-        await asyncio.wait_for(task, 15)
-        assert agg.statistics().version == devices * per_device // 10
-
-    asyncio.run(scenario())
+    first = Aggregator(config)
+    ready = asyncio.Event()
+    task = asyncio.create_task(first.run(ready))
+    await asyncio.wait_for(ready.wait(), 15)
+    first.stop()
+    await asyncio.wait_for(task, 15)
+    await asyncio.gather(*(publisher(mosquitto.url, d, per_device, 0.0) for d in range(devices)))
+    agg = Aggregator(config)
+    ready = asyncio.Event()
+    task = asyncio.create_task(agg.run(ready))
+    await asyncio.wait_for(ready.wait(), 15)
+    await until_applied(agg, devices * per_device)
+    agg.stop()
+    await asyncio.wait_for(task, 15)
+    assert agg.statistics().version == devices * per_device // 10

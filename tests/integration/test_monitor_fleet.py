@@ -96,7 +96,7 @@ async def monitor_once(url: str) -> dict[str, Any]:
     return snapshot
 
 
-def test_once_json_matches_a_running_aggregator_and_agents(
+async def test_once_json_matches_a_running_aggregator_and_agents(
     mosquitto: MosquittoBroker, tmp_path: Path
 ) -> None:
     write_tree(tmp_path / "fs", mains=True)
@@ -141,7 +141,7 @@ def test_once_json_matches_a_running_aggregator_and_agents(
             aggregator.stop()
             await agg_task
 
-    live, settled = asyncio.run(scenario())
+    live, settled = await scenario()
 
     # while training: every device is there and connected, the server reports K
     assert sorted(d["device_id"] for d in live["devices"]) == list(DEVICES)

@@ -179,45 +179,36 @@ def _manifest(version: int, *, signer: Ed25519Signer | None) -> bytes:
 # --- authentication -------------------------------------------------------------------------------
 
 
-def test_anonymous_connection_is_refused(fleet: SecureFleet) -> None:
-    async def main() -> None:
-        with pytest.raises(NotConnectedError, match=r"refused|closed"):
-            async with MqttTransport(fleet.config(None, start_timeout=1.0)):
-                pass
-
-    asyncio.run(main())
+async def test_anonymous_connection_is_refused(fleet: SecureFleet) -> None:
+    with pytest.raises(NotConnectedError, match=r"refused|closed"):
+        async with MqttTransport(fleet.config(None, start_timeout=1.0)):
+            pass
 
 
-def test_wrong_password_is_refused(fleet: SecureFleet) -> None:
-    async def main() -> None:
-        wrong = fleet.config("dev-a", password="not-the-password", start_timeout=1.0)
-        with pytest.raises(NotConnectedError, match=r"refused|closed"):
-            async with MqttTransport(wrong):
-                pass
-        stolen_name = fleet.config("dev-a", password=fleet.password("dev-b"), start_timeout=1.0)
-        with pytest.raises(NotConnectedError, match=r"refused|closed"):
-            async with MqttTransport(stolen_name):
-                pass
-
-    asyncio.run(main())
+async def test_wrong_password_is_refused(fleet: SecureFleet) -> None:
+    wrong = fleet.config("dev-a", password="not-the-password", start_timeout=1.0)
+    with pytest.raises(NotConnectedError, match=r"refused|closed"):
+        async with MqttTransport(wrong):
+            pass
+    stolen_name = fleet.config("dev-a", password=fleet.password("dev-b"), start_timeout=1.0)
+    with pytest.raises(NotConnectedError, match=r"refused|closed"):
+        async with MqttTransport(stolen_name):
+            pass
 
 
-def test_plain_tcp_is_not_spoken(fleet: SecureFleet) -> None:
-    async def main() -> None:
-        plain = MqttConfig.from_url(
-            f"mqtt://127.0.0.1:{fleet.broker.port}",
-            username="dev-a",
-            password=fleet.password("dev-a"),
-            start_timeout=1.0,
-        )
-        with pytest.raises(NotConnectedError):
-            async with MqttTransport(plain):
-                pass
-
-    asyncio.run(main())
+async def test_plain_tcp_is_not_spoken(fleet: SecureFleet) -> None:
+    plain = MqttConfig.from_url(
+        f"mqtt://127.0.0.1:{fleet.broker.port}",
+        username="dev-a",
+        password=fleet.password("dev-a"),
+        start_timeout=1.0,
+    )
+    with pytest.raises(NotConnectedError):
+        async with MqttTransport(plain):
+            pass
 
 
-def test_python_written_password_hash_is_accepted_by_mosquitto(fleet: SecureFleet) -> None:
+async def test_python_written_password_hash_is_accepted_by_mosquitto(fleet: SecureFleet) -> None:
     line = next(
         line
         for line in fleet.layout.password_file.read_text().splitlines()
@@ -225,17 +216,14 @@ def test_python_written_password_hash_is_accepted_by_mosquitto(fleet: SecureFlee
     )
     assert line.startswith("dev-py:$7$101$")
 
-    async def main() -> None:
-        async with MqttTransport(fleet.config("dev-py")) as client:
-            await client.publish(device_state_topic(FLEET, "dev-py"), b"x", qos=1)
-
-    asyncio.run(main())
+    async with MqttTransport(fleet.config("dev-py")) as client:
+        await client.publish(device_state_topic(FLEET, "dev-py"), b"x", qos=1)
 
 
 # --- authorisation (ACL) -------------------------------------------------------------------------
 
 
-def test_device_cannot_publish_to_other_devices_or_model_or_server_topics(
+async def test_device_cannot_publish_to_other_devices_or_model_or_server_topics(
     fleet: SecureFleet,
 ) -> None:
     forbidden = [
@@ -248,99 +236,93 @@ def test_device_cannot_publish_to_other_devices_or_model_or_server_topics(
     ]
     marker = update_topic(FLEET, "dev-a", 99)
 
-    async def main() -> None:
-        agg_cfg = fleet.config("aggregator", client_id="agg-acl")
-        async with MqttTransport(agg_cfg) as agg, MqttTransport(fleet.config("dev-a")) as dev:
-            await agg.subscribe(updates_filter(FLEET))
-            await agg.subscribe(f"edgefl/v1/{FLEET}/device/+/state")
-            await agg.subscribe(f"edgefl/v1/{FLEET}/model/#")
-            await agg.subscribe(f"edgefl/v1/{FLEET}/server/#")
-            refused = 0
-            for topic in forbidden:
-                try:
-                    await dev.publish(topic, b"evil", qos=1)
-                except BrokerRefused:
-                    refused += 1  # MQTT 5: PUBACK "not authorized"
-            await dev.publish(marker, b"ok", qos=1)
-            got = await _collect_until(agg, marker)
-            assert got == [marker]  # nothing forbidden got through, the allowed one did
-            # MQTT 5: every denied publish is reported (PUBACK "Not authorized"); 3.1.1 cannot
-            assert refused == (len(forbidden) if dev.statistics().protocol == "5" else 0)
-
-    asyncio.run(main())
+    agg_cfg = fleet.config("aggregator", client_id="agg-acl")
+    async with MqttTransport(agg_cfg) as agg, MqttTransport(fleet.config("dev-a")) as dev:
+        await agg.subscribe(updates_filter(FLEET))
+        await agg.subscribe(f"edgefl/v1/{FLEET}/device/+/state")
+        await agg.subscribe(f"edgefl/v1/{FLEET}/model/#")
+        await agg.subscribe(f"edgefl/v1/{FLEET}/server/#")
+        refused = 0
+        for topic in forbidden:
+            try:
+                await dev.publish(topic, b"evil", qos=1)
+            except BrokerRefused:
+                refused += 1  # MQTT 5: PUBACK "not authorized"
+        await dev.publish(marker, b"ok", qos=1)
+        got = await _collect_until(agg, marker)
+        assert got == [marker]  # nothing forbidden got through, the allowed one did
+        # MQTT 5: every denied publish is reported (PUBACK "Not authorized"); 3.1.1 cannot
+        assert refused == (len(forbidden) if dev.statistics().protocol == "5" else 0)
 
 
-def test_device_cannot_read_other_devices_updates(fleet: SecureFleet) -> None:
-    async def main() -> None:
-        async with (
-            MqttTransport(fleet.config("dev-a")) as a,
-            MqttTransport(fleet.config("dev-b")) as b,
-        ):
-            # Mosquitto 2.0 grants the subscription but checks "read" on every delivery.
-            with contextlib.suppress(BrokerRefused):
-                await b.subscribe(updates_filter(FLEET))
-            await a.publish(update_topic(FLEET, "dev-a", 1), b"private", qos=1)
-            assert await _collect(b, 0.5) == []
-
-    asyncio.run(main())
+async def test_device_cannot_read_other_devices_updates(fleet: SecureFleet) -> None:
+    async with (
+        MqttTransport(fleet.config("dev-a")) as a,
+        MqttTransport(fleet.config("dev-b")) as b,
+    ):
+        # Mosquitto 2.0 grants the subscription but checks "read" on every delivery.
+        with contextlib.suppress(BrokerRefused):
+            await b.subscribe(updates_filter(FLEET))
+        await a.publish(update_topic(FLEET, "dev-a", 1), b"private", qos=1)
+        assert await _collect(b, 0.5) == []
 
 
-def test_device_reads_its_fleets_models_and_verifies_the_signature(fleet: SecureFleet) -> None:
+async def test_device_reads_its_fleets_models_and_verifies_the_signature(
+    fleet: SecureFleet,
+) -> None:
     signer = load_signer(fleet.layout.aggregator_signing_key)
     verifier = load_manifest_verifier(fleet.layout.device_dir("dev-b") / "aggregator.pub")
     forged = Ed25519Signer(generate_private_key())
 
-    async def main() -> None:
-        async with MqttTransport(fleet.config("aggregator")) as agg:
-            await agg.publish(manifest_topic(FLEET), _manifest(3, signer=signer), retain=True)
-            await agg.publish(model_chunk_topic(FLEET, 3, 0), b"chunk", retain=True)
-        async with MqttTransport(fleet.config("dev-b")) as dev:
-            await dev.subscribe(f"edgefl/v1/{FLEET}/model/#")
-            got = {m.topic: m.payload for m in await _collect(dev, 1.0)}
-            assert set(got) == {manifest_topic(FLEET), model_chunk_topic(FLEET, 3, 0)}
-            verifier.verify(got[manifest_topic(FLEET)])
-            assert decode_message(got[manifest_topic(FLEET)], ModelManifest).version == 3
-        # Someone holding the aggregator's MQTT password but not its signing key (or a broker
-        # that was tampered with) publishes a manifest: it reaches devices, but does not verify.
-        async with MqttTransport(fleet.config("aggregator")) as agg:
-            await agg.publish(manifest_topic(FLEET), _manifest(4, signer=forged), retain=True)
-        async with MqttTransport(fleet.config("dev-b")) as dev:
-            await dev.subscribe(manifest_topic(FLEET))
-            (message,) = await _collect(dev, 1.0)
-            with pytest.raises(ProtocolError) as err:
-                verifier.verify(message.payload)
-            assert err.value.reason is RejectReason.BAD_SIGNATURE
-            tampered = _manifest(4, signer=None)  # unsigned
-            with pytest.raises(ProtocolError):
-                verifier.verify(tampered)
-
-    asyncio.run(main())
+    async with MqttTransport(fleet.config("aggregator")) as agg:
+        await agg.publish(manifest_topic(FLEET), _manifest(3, signer=signer), retain=True)
+        await agg.publish(model_chunk_topic(FLEET, 3, 0), b"chunk", retain=True)
+    async with MqttTransport(fleet.config("dev-b")) as dev:
+        await dev.subscribe(f"edgefl/v1/{FLEET}/model/#")
+        got = {m.topic: m.payload for m in await _collect(dev, 1.0)}
+        assert set(got) == {manifest_topic(FLEET), model_chunk_topic(FLEET, 3, 0)}
+        verifier.verify(got[manifest_topic(FLEET)])
+        assert decode_message(got[manifest_topic(FLEET)], ModelManifest).version == 3
+    # Someone holding the aggregator's MQTT password but not its signing key (or a broker
+    # that was tampered with) publishes a manifest: it reaches devices, but does not verify.
+    async with MqttTransport(fleet.config("aggregator")) as agg:
+        await agg.publish(manifest_topic(FLEET), _manifest(4, signer=forged), retain=True)
+    async with MqttTransport(fleet.config("dev-b")) as dev:
+        await dev.subscribe(manifest_topic(FLEET))
+        (message,) = await _collect(dev, 1.0)
+        with pytest.raises(ProtocolError) as err:
+            verifier.verify(message.payload)
+        assert err.value.reason is RejectReason.BAD_SIGNATURE
+        tampered = _manifest(4, signer=None)  # unsigned
+        with pytest.raises(ProtocolError):
+            verifier.verify(tampered)
 
 
-def test_monitor_reads_everything_and_publishes_nothing(fleet: SecureFleet) -> None:
+async def test_monitor_reads_everything_and_publishes_nothing(fleet: SecureFleet) -> None:
     state = DeviceState(fleet=FLEET, device_id="dev-a", status=DeviceStatus.IDLE, session=1, at=1)
 
-    async def main() -> None:
-        async with (
-            MqttTransport(fleet.config("monitor")) as mon,
-            MqttTransport(fleet.config("dev-a")) as dev,
-        ):
-            await mon.subscribe(f"edgefl/v1/{FLEET}/device/+/state")
-            with contextlib.suppress(BrokerRefused):
-                await mon.publish(device_state_topic(FLEET, "dev-b"), b"evil")
-            marker = device_state_topic(FLEET, "dev-a")
-            await dev.publish(marker, encode_message(state))
-            got = await _collect_until(mon, marker)
-            assert got[-1] == marker
-            assert device_state_topic(FLEET, "dev-b") not in got
-
-    asyncio.run(main())
+    async with (
+        MqttTransport(fleet.config("monitor")) as mon,
+        MqttTransport(fleet.config("dev-a")) as dev,
+    ):
+        await mon.subscribe(f"edgefl/v1/{FLEET}/device/+/state")
+        with contextlib.suppress(BrokerRefused):
+            await mon.publish(device_state_topic(FLEET, "dev-b"), b"evil")
+        marker = device_state_topic(FLEET, "dev-a")
+        await dev.publish(marker, encode_message(state))
+        got = await _collect_until(mon, marker)
+        assert got[-1] == marker
+        assert device_state_topic(FLEET, "dev-b") not in got
 
 
 # --- signed updates through the broker -----------------------------------------------------------
 
 
-def test_forged_and_tampered_updates_are_rejected_by_the_authenticator(fleet: SecureFleet) -> None:
+async def test_forged_and_tampered_updates_are_rejected_by_the_authenticator(
+    fleet: SecureFleet,
+) -> None:
+    fleet: SecureFleet,
+) -> None:
     auth = load_update_authenticator(fleet.layout.device_keys_dir)
     dev_a = load_signer(fleet.layout.device_dir("dev-a") / "signing.key")
     thief = Ed25519Signer(generate_private_key())  # has dev-a's MQTT password, not its key
@@ -365,7 +347,7 @@ def test_forged_and_tampered_updates_are_rejected_by_the_authenticator(fleet: Se
             got = await _collect(agg, 1.0)
             return [m.payload for m in got]
 
-    received = asyncio.run(main())
+    received = await main()
     assert received == sent  # the broker lets the device publish on its own topics...
     outcomes: list[str] = []
     for data in received:  # ...and the aggregator's checks decide
@@ -390,7 +372,7 @@ def test_forged_and_tampered_updates_are_rejected_by_the_authenticator(fleet: Se
 # --- mutual TLS ---------------------------------------------------------------------------------
 
 
-def test_mutual_tls_config_takes_identity_from_certificate_and_applies_the_acl(
+async def test_mutual_tls_config_takes_identity_from_certificate_and_applies_the_acl(
     fleet: SecureFleet, tmp_path: Path
 ) -> None:
     broker = _start(tmp_path, fleet.layout, mtls=True)
@@ -400,7 +382,7 @@ def test_mutual_tls_config_takes_identity_from_certificate_and_applies_the_acl(
     agg_dir = fleet.layout.aggregator_dir
     marker = update_topic(FLEET, "dev-a", 7)
 
-    async def main() -> None:
+    try:
         no_cert = MqttConfig.from_url(url, **{**common, "start_timeout": 2.0})
         with pytest.raises(NotConnectedError):
             async with MqttTransport(no_cert):
@@ -417,8 +399,5 @@ def test_mutual_tls_config_takes_identity_from_certificate_and_applies_the_acl(
                 await dev.publish(update_topic(FLEET, "dev-b", 7), b"evil")
             await dev.publish(marker, b"ok")
             assert await _collect_until(agg, marker) == [marker]
-
-    try:
-        asyncio.run(main())
     finally:
         broker.stop()

@@ -98,7 +98,7 @@ def _forged_model(signer: Ed25519Signer, version: int) -> list[tuple[str, bytes]
     return [*out, (manifest_topic(FLEET), encode_message(manifest, signer=signer))]
 
 
-def test_forged_models_and_forged_or_replayed_updates_are_rejected_by_running_services(
+async def test_forged_models_and_forged_or_replayed_updates_are_rejected_by_running_services(
     tmp_path: Path,
 ) -> None:
     needs.mosquitto()
@@ -161,7 +161,7 @@ def test_forged_models_and_forged_or_replayed_updates_are_rejected_by_running_se
 
     captured: list[InboundMessage] = []
 
-    async def scenario() -> None:
+    try:
         ready = asyncio.Event()
         agg_task = asyncio.create_task(aggregator.run(ready))
         await asyncio.wait_for(ready.wait(), 30)
@@ -220,9 +220,6 @@ def test_forged_models_and_forged_or_replayed_updates_are_rejected_by_running_se
             await agent_task
         aggregator.stop()
         await agg_task
-
-    try:
-        asyncio.run(scenario())
     finally:
         broker.stop()
 

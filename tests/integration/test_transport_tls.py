@@ -87,39 +87,33 @@ def tls_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
     broker.stop()
 
 
-def test_tls_roundtrip_with_ca_file_and_hostname_check(tls_broker: MosquittoBroker) -> None:
+async def test_tls_roundtrip_with_ca_file_and_hostname_check(tls_broker: MosquittoBroker) -> None:
     ca = tls_broker.state_dir.parent / "certs" / "ca.pem"
     url = f"mqtts://localhost:{tls_broker.port}"
     payload = os.urandom(300_000)  # several TLS records: exercises the decrypted-bytes path
 
-    async def main() -> None:
-        cfg = MqttConfig.from_url(url, ca_file=ca, start_timeout=10.0)
-        async with MqttTransport(cfg) as sub, MqttTransport(cfg) as pub:
-            await sub.subscribe("tls/#")
-            for i in range(3):
-                await pub.publish(f"tls/{i}", payload)
-            got = []
-            async with asyncio.timeout(10):
-                async for message in sub.messages():
-                    got.append(message.payload)
-                    if len(got) == 3:
-                        break
-            assert got == [payload] * 3
-            assert sub.statistics().protocol == "5"
-
-    asyncio.run(main())
+    cfg = MqttConfig.from_url(url, ca_file=ca, start_timeout=10.0)
+    async with MqttTransport(cfg) as sub, MqttTransport(cfg) as pub:
+        await sub.subscribe("tls/#")
+        for i in range(3):
+            await pub.publish(f"tls/{i}", payload)
+        got = []
+        async with asyncio.timeout(10):
+            async for message in sub.messages():
+                got.append(message.payload)
+                if len(got) == 3:
+                    break
+        assert got == [payload] * 3
+        assert sub.statistics().protocol == "5"
 
 
-def test_tls_rejects_an_untrusted_broker_unless_insecure(tls_broker: MosquittoBroker) -> None:
+async def test_tls_rejects_an_untrusted_broker_unless_insecure(tls_broker: MosquittoBroker) -> None:
     url = f"mqtts://localhost:{tls_broker.port}"
 
-    async def main() -> None:
-        strict = MqttConfig.from_url(url, start_timeout=1.0, reconnect_min_delay=0.1)
-        with pytest.raises(NotConnectedError, match="CERTIFICATE_VERIFY_FAILED"):
-            async with MqttTransport(strict):
-                pass
-        insecure = MqttConfig.from_url(url, tls_insecure=True, start_timeout=5.0)
-        async with MqttTransport(insecure) as t:
-            await t.publish("tls/x", b"1")
-
-    asyncio.run(main())
+    strict = MqttConfig.from_url(url, start_timeout=1.0, reconnect_min_delay=0.1)
+    with pytest.raises(NotConnectedError, match="CERTIFICATE_VERIFY_FAILED"):
+        async with MqttTransport(strict):
+            pass
+    insecure = MqttConfig.from_url(url, tls_insecure=True, start_timeout=5.0)
+    async with MqttTransport(insecure) as t:
+        await t.publish("tls/x", b"1")

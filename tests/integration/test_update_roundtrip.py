@@ -46,7 +46,7 @@ def _five_megabyte_update() -> tuple[np.ndarray, bytes]:
     return delta, encode_message(header, encoded.body)
 
 
-def test_five_megabyte_update_chunked_through_mosquitto_is_bit_exact(
+async def test_five_megabyte_update_chunked_through_mosquitto_is_bit_exact(
     mosquitto: MosquittoBroker,
 ) -> None:
     delta, message = _five_megabyte_update()
@@ -81,7 +81,7 @@ def test_five_megabyte_update_chunked_through_mosquitto_is_bit_exact(
                 await stream.aclose()
         raise AssertionError("stream ended")
 
-    received = asyncio.run(main())
+    received = await main()
 
     assert received == message
     header, body = decode_update(received, topic=parse_topic(topic))

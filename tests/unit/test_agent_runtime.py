@@ -169,24 +169,20 @@ class GateTrainer:
         return self.inner.train(job, should_stop)
 
 
-def test_agent_picks_up_model_trains_and_delivers_one_update(tmp_path: Path) -> None:
+async def test_agent_picks_up_model_trains_and_delivers_one_update(tmp_path: Path) -> None:
     # Arrange
     cfg = make_config(tmp_path)
     broker = MemoryBroker()
     publish_model(broker, 0)
 
-    async def scenario() -> tuple[list[InboundMessage], DeviceAgent]:
-        updates, stop_observer = await collect(broker, updates_filter(FLEET))
-        agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker))
-        run = asyncio.create_task(agent.run())
-        # Act
-        await wait_for(lambda: agent.statistics().updates_sent == 1)
-        agent.stop()
-        await run
-        await stop_observer()
-        return updates, agent
-
-    updates, agent = asyncio.run(scenario())
+    updates, stop_observer = await collect(broker, updates_filter(FLEET))
+    agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker))
+    run = asyncio.create_task(agent.run())
+    # Act
+    await wait_for(lambda: agent.statistics().updates_sent == 1)
+    agent.stop()
+    await run
+    await stop_observer()
 
     # Assert: exactly one update, against v0, decodable, non-trivial
     assert len(updates) == 1
@@ -218,7 +214,7 @@ def test_agent_picks_up_model_trains_and_delivers_one_update(tmp_path: Path) -> 
     assert state.local_accuracy == stats.last_local_accuracy
 
 
-def test_restart_continues_sequence_and_session_and_does_not_retrain_same_version(
+async def test_restart_continues_sequence_and_session_and_does_not_retrain_same_version(
     tmp_path: Path,
 ) -> None:
     # Arrange: a first run trains v0 and delivers seq 0
@@ -235,17 +231,13 @@ def test_restart_continues_sequence_and_session_and_does_not_retrain_same_versio
         await run
         return agent
 
-    async def scenario() -> tuple[list[InboundMessage], DeviceAgent, DeviceAgent]:
-        updates, stop_observer = await collect(broker, updates_filter(FLEET))
-        await one_run(lambda a: a.statistics().updates_sent == 1)
-        # Act: restart with v0 still current (must not train again), then v1 appears
-        second = await one_run(lambda a: a.statistics().model_version == 0, settle=1.5)
-        publish_model(broker, 1, seed=1)
-        third = await one_run(lambda a: a.statistics().updates_sent == 1)
-        await stop_observer()
-        return updates, second, third
-
-    updates, second, third = asyncio.run(scenario())
+    updates, stop_observer = await collect(broker, updates_filter(FLEET))
+    await one_run(lambda a: a.statistics().updates_sent == 1)
+    # Act: restart with v0 still current (must not train again), then v1 appears
+    second = await one_run(lambda a: a.statistics().model_version == 0, settle=1.5)
+    publish_model(broker, 1, seed=1)
+    third = await one_run(lambda a: a.statistics().updates_sent == 1)
+    await stop_observer()
 
     # Assert
     headers = [decode_update(m.payload)[0] for m in updates]
@@ -254,7 +246,7 @@ def test_restart_continues_sequence_and_session_and_does_not_retrain_same_versio
     assert (second.statistics().session, third.statistics().session) == (2, 3)
 
 
-def test_spooled_updates_are_resent_in_order_byte_identical(tmp_path: Path) -> None:
+async def test_spooled_updates_are_resent_in_order_byte_identical(tmp_path: Path) -> None:
     # Arrange: three real updates already in the agent's spool (as after a crash offline)
     cfg = make_config(tmp_path)
     broker = MemoryBroker()
@@ -282,18 +274,14 @@ def test_spooled_updates_are_resent_in_order_byte_identical(tmp_path: Path) -> N
             spooled[seq] = built.envelope
     write_tree(tmp_path / "fs", mains=False)  # on battery: no new training interferes
 
-    async def scenario() -> tuple[list[InboundMessage], DeviceAgent]:
-        updates, stop_observer = await collect(broker, updates_filter(FLEET))
-        agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker))
-        run = asyncio.create_task(agent.run())
-        # Act
-        await wait_for(lambda: agent.statistics().updates_sent == 3)
-        agent.stop()
-        await run
-        await stop_observer()
-        return updates, agent
-
-    updates, agent = asyncio.run(scenario())
+    updates, stop_observer = await collect(broker, updates_filter(FLEET))
+    agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker))
+    run = asyncio.create_task(agent.run())
+    # Act
+    await wait_for(lambda: agent.statistics().updates_sent == 3)
+    agent.stop()
+    await run
+    await stop_observer()
 
     # Assert: in sequence order, the exact spooled bytes, and the spool is empty afterwards
     assert [m.topic.rsplit("/", 1)[1] for m in updates] == ["0", "1", "2"]
@@ -312,7 +300,7 @@ def test_spooled_updates_are_resent_in_order_byte_identical(tmp_path: Path) -> N
         assert spool.next_seq() == 3  # never reused
 
 
-def test_ineligible_mid_training_aborts_publishes_nothing_and_retries_when_back(
+async def test_ineligible_mid_training_aborts_publishes_nothing_and_retries_when_back(
     tmp_path: Path,
 ) -> None:
     # Arrange
@@ -321,30 +309,26 @@ def test_ineligible_mid_training_aborts_publishes_nothing_and_retries_when_back(
     publish_model(broker, 0)
     trainer = GateTrainer()
 
-    async def scenario() -> tuple[list[InboundMessage], dict[str, int], list[str], DeviceAgent]:
-        updates, stop_observer = await collect(broker, updates_filter(FLEET))
-        agent = DeviceAgent(cfg, trainer=trainer, dataset=DATA, transport_factory=factory(broker))
-        run = asyncio.create_task(agent.run())
-        await wait_for(lambda: agent.statistics().status is DeviceStatus.TRAINING)
-        # Act: unplug mid-training
-        write_tree(tmp_path / "fs", mains=False)
-        agent.check_now()
-        await wait_for(lambda: agent.statistics().trainings_aborted.get("ineligible") == 1, 10)
-        aborted = dict(agent.statistics().trainings_aborted)
-        reasons = list(agent.statistics().reasons)
-        await asyncio.sleep(0.3)
-        assert not updates
-        # ... and plug in again: the next attempt completes
-        trainer.gate.set()
-        write_tree(tmp_path / "fs", mains=True)
-        agent.check_now()
-        await wait_for(lambda: agent.statistics().updates_sent == 1)
-        agent.stop()
-        await run
-        await stop_observer()
-        return updates, aborted, reasons, agent
-
-    updates, aborted, reasons, agent = asyncio.run(scenario())
+    updates, stop_observer = await collect(broker, updates_filter(FLEET))
+    agent = DeviceAgent(cfg, trainer=trainer, dataset=DATA, transport_factory=factory(broker))
+    run = asyncio.create_task(agent.run())
+    await wait_for(lambda: agent.statistics().status is DeviceStatus.TRAINING)
+    # Act: unplug mid-training
+    write_tree(tmp_path / "fs", mains=False)
+    agent.check_now()
+    await wait_for(lambda: agent.statistics().trainings_aborted.get("ineligible") == 1, 10)
+    aborted = dict(agent.statistics().trainings_aborted)
+    reasons = list(agent.statistics().reasons)
+    await asyncio.sleep(0.3)
+    assert not updates
+    # ... and plug in again: the next attempt completes
+    trainer.gate.set()
+    write_tree(tmp_path / "fs", mains=True)
+    agent.check_now()
+    await wait_for(lambda: agent.statistics().updates_sent == 1)
+    agent.stop()
+    await run
+    await stop_observer()
 
     # Assert
     assert aborted == {"ineligible": 1}
@@ -354,7 +338,7 @@ def test_ineligible_mid_training_aborts_publishes_nothing_and_retries_when_back(
     assert agent.statistics().trainings_started == 2
 
 
-def test_reconnect_starts_a_new_presence_session_and_the_old_will_is_lower(
+async def test_reconnect_starts_a_new_presence_session_and_the_old_will_is_lower(
     tmp_path: Path,
 ) -> None:
     # Arrange
@@ -363,23 +347,20 @@ def test_reconnect_starts_a_new_presence_session_and_the_old_will_is_lower(
     broker = MemoryBroker()
     made: list[MemoryTransport] = []
 
-    async def scenario() -> list[DeviceState]:
-        states_seen, stop_observer = await collect(broker, device_state_topic(FLEET, DEVICE))
-        agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker, made))
-        run = asyncio.create_task(agent.run())
-        await wait_for(lambda: agent.statistics().status is DeviceStatus.IDLE)
-        await wait_for(lambda: len(states_seen) >= 1)  # ONLINE may coalesce into IDLE
-        # Act: the link drops (the broker publishes the Will), then comes back
-        await made[0].disconnect(abrupt=True)
-        await made[0].connect()
-        await wait_for(lambda: agent.statistics().session == 2 and agent.statistics().connected)
-        await wait_for(lambda: decode_message(states_seen[-1].payload, DeviceState).session == 2)
-        agent.stop()
-        await run
-        await stop_observer()
-        return [decode_message(m.payload, DeviceState) for m in states_seen]
-
-    states = asyncio.run(scenario())
+    states_seen, stop_observer = await collect(broker, device_state_topic(FLEET, DEVICE))
+    agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker, made))
+    run = asyncio.create_task(agent.run())
+    await wait_for(lambda: agent.statistics().status is DeviceStatus.IDLE)
+    await wait_for(lambda: len(states_seen) >= 1)  # ONLINE may coalesce into IDLE
+    # Act: the link drops (the broker publishes the Will), then comes back
+    await made[0].disconnect(abrupt=True)
+    await made[0].connect()
+    await wait_for(lambda: agent.statistics().session == 2 and agent.statistics().connected)
+    await wait_for(lambda: decode_message(states_seen[-1].payload, DeviceState).session == 2)
+    agent.stop()
+    await run
+    await stop_observer()
+    states = [decode_message(m.payload, DeviceState) for m in states_seen]
 
     # Assert: the Will carried session 1; everything after it session 2; supersedes() drops
     # the late Will of session 1 once session 2 was seen
@@ -393,7 +374,7 @@ def test_reconnect_starts_a_new_presence_session_and_the_old_will_is_lower(
     assert "on_battery" in after[0].reasons
 
 
-def test_model_with_corrupt_chunk_is_rejected_and_previous_model_kept(tmp_path: Path) -> None:
+async def test_model_with_corrupt_chunk_is_rejected_and_previous_model_kept(tmp_path: Path) -> None:
     # Arrange: v0 is fine; v1's chunk carries other bytes under the advertised digest
     cfg = make_config(tmp_path)
     write_tree(tmp_path / "fs", mains=False)
@@ -407,20 +388,16 @@ def test_model_with_corrupt_chunk_is_rejected_and_previous_model_kept(tmp_path: 
     tampered[0] ^= 0xFF
     bad_packet = encode_envelope(EnvelopeKind.MODEL_CHUNK, env.header, bytes(tampered))
 
-    async def scenario() -> DeviceAgent:
-        agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker))
-        run = asyncio.create_task(agent.run())
-        await wait_for(lambda: agent.statistics().model_version == 0)
-        # Act
-        for topic, payload in good.messages:
-            broker.publish(topic, bad_packet if topic == chunk_topic else payload, 1, True)
-        await wait_for(lambda: sum(agent.statistics().rejected.values()) >= 1)
-        await asyncio.sleep(0.1)
-        agent.stop()
-        await run
-        return agent
-
-    agent = asyncio.run(scenario())
+    agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker))
+    run = asyncio.create_task(agent.run())
+    await wait_for(lambda: agent.statistics().model_version == 0)
+    # Act
+    for topic, payload in good.messages:
+        broker.publish(topic, bad_packet if topic == chunk_topic else payload, 1, True)
+    await wait_for(lambda: sum(agent.statistics().rejected.values()) >= 1)
+    await asyncio.sleep(0.1)
+    agent.stop()
+    await run
 
     # Assert
     stats = agent.statistics()
@@ -431,7 +408,7 @@ def test_model_with_corrupt_chunk_is_rejected_and_previous_model_kept(tmp_path: 
     assert held.version == 0
 
 
-def test_manifest_for_unknown_model_is_rejected_as_wrong_model(tmp_path: Path) -> None:
+async def test_manifest_for_unknown_model_is_rejected_as_wrong_model(tmp_path: Path) -> None:
     # Arrange: a manifest naming a model this agent cannot build (sizes of digits-mlp)
     cfg = make_config(tmp_path)
     broker = MemoryBroker()
@@ -442,16 +419,12 @@ def test_manifest_for_unknown_model_is_rejected_as_wrong_model(tmp_path: Path) -
     bogus = dataclasses.replace(release.manifest, model="no-such-model")
     broker.publish(manifest_topic_name, encode_message(bogus), 1, True)
 
-    async def scenario() -> DeviceAgent:
-        agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker))
-        run = asyncio.create_task(agent.run())
-        # Act
-        await wait_for(lambda: sum(agent.statistics().rejected.values()) == 1)
-        agent.stop()
-        await run
-        return agent
-
-    agent = asyncio.run(scenario())
+    agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker))
+    run = asyncio.create_task(agent.run())
+    # Act
+    await wait_for(lambda: sum(agent.statistics().rejected.values()) == 1)
+    agent.stop()
+    await run
 
     # Assert
     assert agent.statistics().rejected == {"wrong_model": 1}
@@ -460,7 +433,9 @@ def test_manifest_for_unknown_model_is_rejected_as_wrong_model(tmp_path: Path) -
 
 
 @pytest.mark.parametrize("quantization", ["int8", "fp16"])
-def test_manifest_codec_hint_wins_over_device_preference(tmp_path: Path, quantization: str) -> None:
+async def test_manifest_codec_hint_wins_over_device_preference(
+    tmp_path: Path, quantization: str
+) -> None:
     # Arrange
     cfg = make_config(tmp_path)
     broker = MemoryBroker()
@@ -469,18 +444,14 @@ def test_manifest_codec_hint_wins_over_device_preference(tmp_path: Path, quantiz
     for topic, payload in release.messages:
         broker.publish(topic, payload, 1, True)
 
-    async def scenario() -> list[InboundMessage]:
-        updates, stop_observer = await collect(broker, updates_filter(FLEET))
-        agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker))
-        run = asyncio.create_task(agent.run())
-        # Act
-        await wait_for(lambda: agent.statistics().updates_sent == 1)
-        agent.stop()
-        await run
-        await stop_observer()
-        return updates
-
-    updates = asyncio.run(scenario())
+    updates, stop_observer = await collect(broker, updates_filter(FLEET))
+    agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker))
+    run = asyncio.create_task(agent.run())
+    # Act
+    await wait_for(lambda: agent.statistics().updates_sent == 1)
+    agent.stop()
+    await run
+    await stop_observer()
 
     # Assert: the aggregator's hint decides the codec; batch 16 -> 10 steps over 160 examples
     header, _ = decode_update(updates[0].payload)
@@ -488,7 +459,7 @@ def test_manifest_codec_hint_wins_over_device_preference(tmp_path: Path, quantiz
     assert header.metrics["steps"] == 10
 
 
-def test_signed_manifests_only_and_signed_updates(tmp_path: Path) -> None:
+async def test_signed_manifests_only_and_signed_updates(tmp_path: Path) -> None:
     # Arrange: aggregator and device key pairs as PEM files
     aggregator_key, device_key, stranger_key = (generate_private_key() for _ in range(3))
     write_public_key(tmp_path / "aggregator.pub", aggregator_key.public_key())
@@ -508,26 +479,23 @@ def test_signed_manifests_only_and_signed_updates(tmp_path: Path) -> None:
     forged = model_release(FLEET, 1, MODEL, weights, signer=Ed25519Signer(stranger_key))
     genuine = model_release(FLEET, 2, MODEL, weights, signer=Ed25519Signer(aggregator_key))
 
-    async def scenario() -> tuple[DeviceAgent, list[bytes]]:
-        updates, stop_observer = await collect(broker, updates_filter(FLEET))
-        agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker))
-        run = asyncio.create_task(agent.run())
-        # Act
-        for release in (unsigned, forged):
-            for topic, payload in release.messages:
-                broker.publish(topic, payload, 1, True)
-            await asyncio.sleep(0.2)
-        await wait_for(lambda: sum(agent.statistics().rejected.values()) == 2)
-        assert agent.statistics().model_version is None
-        for topic, payload in genuine.messages:
+    updates, stop_observer = await collect(broker, updates_filter(FLEET))
+    agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker))
+    run = asyncio.create_task(agent.run())
+    # Act
+    for release in (unsigned, forged):
+        for topic, payload in release.messages:
             broker.publish(topic, payload, 1, True)
-        await wait_for(lambda: agent.statistics().updates_sent == 1)
-        agent.stop()
-        await run
-        await stop_observer()
-        return agent, [m.payload for m in updates]
-
-    agent, updates = asyncio.run(scenario())
+        await asyncio.sleep(0.2)
+    await wait_for(lambda: sum(agent.statistics().rejected.values()) == 2)
+    assert agent.statistics().model_version is None
+    for topic, payload in genuine.messages:
+        broker.publish(topic, payload, 1, True)
+    await wait_for(lambda: agent.statistics().updates_sent == 1)
+    agent.stop()
+    await run
+    await stop_observer()
+    agent, updates = agent, [m.payload for m in updates]
 
     # Assert
     assert agent.statistics().rejected == {"bad_signature": 2}
@@ -538,7 +506,7 @@ def test_signed_manifests_only_and_signed_updates(tmp_path: Path) -> None:
     load_update_authenticator(tmp_path / "devices").authenticate(header, payload)  # no raise
 
 
-def test_systemd_ready_status_and_watchdog_from_the_event_loop(tmp_path: Path) -> None:
+async def test_systemd_ready_status_and_watchdog_from_the_event_loop(tmp_path: Path) -> None:
     # Arrange: a notification socket like systemd's, watchdog every 0.2 s
     import socket
 
@@ -563,16 +531,13 @@ def test_systemd_ready_status_and_watchdog_from_the_event_loop(tmp_path: Path) -
     write_tree(tmp_path / "fs", mains=False)
     broker = MemoryBroker()
 
-    async def scenario() -> None:
-        agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker), notifier=notifier)
-        run = asyncio.create_task(agent.run())
-        # Act
-        await asyncio.sleep(0.7)
-        agent.stop()
-        await run
-
-    asyncio.run(scenario())
-    time.sleep(0.3)
+    agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker), notifier=notifier)
+    run = asyncio.create_task(agent.run())
+    # Act
+    await asyncio.sleep(0.7)
+    agent.stop()
+    await run
+    await wait_for(lambda: bool(messages) and messages[-1].startswith("STOPPING=1"))
     done.set()
     reader.join()
     sock.close()
@@ -595,7 +560,7 @@ class FixedDeltaTrainer:
         return TrainResult(self.deltas[job.base_version], job.data.num_train)
 
 
-def test_error_feedback_residual_survives_a_restart(tmp_path: Path) -> None:
+async def test_error_feedback_residual_survives_a_restart(tmp_path: Path) -> None:
     # Arrange: top-k 10 % in fp32 (exact), two versions trained in two agent runs
     cfg = make_config(tmp_path)
     cfg = dataclasses.replace(
@@ -618,16 +583,12 @@ def test_error_feedback_residual_survives_a_restart(tmp_path: Path) -> None:
         agent.stop()
         await run
 
-    async def scenario() -> list[InboundMessage]:
-        updates, stop_observer = await collect(broker, updates_filter(FLEET))
-        await one_run(1)
-        publish_model(broker, 1, seed=1)
-        await one_run(1)
-        await stop_observer()
-        return updates
-
     # Act
-    updates = asyncio.run(scenario())
+    updates, stop_observer = await collect(broker, updates_filter(FLEET))
+    await one_run(1)
+    publish_model(broker, 1, seed=1)
+    await one_run(1)
+    await stop_observer()
 
     # Assert: the second update carries top-k(delta_1 + residual of the first), as if no restart
     topk = CodecConfig(quantization=Quantization.FP32, topk_fraction=0.1)
@@ -655,27 +616,24 @@ def test_error_feedback_residual_survives_a_restart(tmp_path: Path) -> None:
     assert (tmp_path / "state/residual.bin").stat().st_size > 4 * SPEC.num_params
 
 
-def test_idle_agent_republishes_its_state_every_heartbeat(tmp_path: Path) -> None:
+async def test_idle_agent_republishes_its_state_every_heartbeat(tmp_path: Path) -> None:
     # Arrange: an idle agent (on battery, no model) with a 1 s heartbeat
     cfg = dataclasses.replace(make_config(tmp_path), heartbeat_s=1.0)
     write_tree(tmp_path / "fs", mains=False)
     broker = MemoryBroker()
 
-    async def scenario() -> list[DeviceState]:
-        states_seen, stop_observer = await collect(broker, device_state_topic(FLEET, DEVICE))
-        agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker))
-        run = asyncio.create_task(agent.run())
-        await wait_for(lambda: agent.statistics().status is DeviceStatus.IDLE)
-        settled = len(states_seen)
-        # Act: nothing changes for 2.6 s
-        await asyncio.sleep(2.6)
-        repeats = states_seen[settled:]
-        agent.stop()
-        await run
-        await stop_observer()
-        return [decode_message(m.payload, DeviceState) for m in repeats]
-
-    repeats = asyncio.run(scenario())
+    states_seen, stop_observer = await collect(broker, device_state_topic(FLEET, DEVICE))
+    agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker))
+    run = asyncio.create_task(agent.run())
+    await wait_for(lambda: agent.statistics().status is DeviceStatus.IDLE)
+    settled = len(states_seen)
+    # Act: nothing changes for 2.6 s
+    await asyncio.sleep(2.6)
+    repeats = states_seen[settled:]
+    agent.stop()
+    await run
+    await stop_observer()
+    repeats = [decode_message(m.payload, DeviceState) for m in repeats]
 
     # Assert: the same idle state came again, with fresh timestamps
     assert len(repeats) >= 2
@@ -683,7 +641,7 @@ def test_idle_agent_republishes_its_state_every_heartbeat(tmp_path: Path) -> Non
     assert repeats[-1].at > repeats[0].at
 
 
-def test_cancelled_while_opening_state_releases_the_spool_lock(tmp_path: Path) -> None:
+async def test_cancelled_while_opening_state_releases_the_spool_lock(tmp_path: Path) -> None:
     """A simulated crash can cancel an agent while its state directory is being opened (in a
     thread that keeps running): the spool lock must still be released, or the restarted agent
     in the same process fails with SpoolLocked."""
@@ -696,18 +654,15 @@ def test_cancelled_while_opening_state_releases_the_spool_lock(tmp_path: Path) -
             opened.set()
             time.sleep(0.3)  # still "opening" when the cancellation lands
 
-    async def body() -> None:
-        # Arrange
-        agent = SlowOpen(cfg, dataset=DATA, transport_factory=factory(MemoryBroker()))
-        task = asyncio.create_task(agent.run())
-        await asyncio.to_thread(opened.wait, 5)
+    # Arrange
+    agent = SlowOpen(cfg, dataset=DATA, transport_factory=factory(MemoryBroker()))
+    task = asyncio.create_task(agent.run())
+    await asyncio.to_thread(opened.wait, 5)
 
-        # Act: cancel mid-open
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    # Act: cancel mid-open
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
-        # Assert: the spool can be opened again at once
-        UpdateSpool(cfg.state_dir / "spool").close()
-
-    asyncio.run(body())
+    # Assert: the spool can be opened again at once
+    UpdateSpool(cfg.state_dir / "spool").close()

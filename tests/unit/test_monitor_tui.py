@@ -4,7 +4,6 @@ shows the devices, sorts by a clicked column, filters by text, and lost devices 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 
@@ -47,67 +46,62 @@ def cursor_key(table: DataTable) -> str | None:  # type: ignore[type-arg]
     return table.coordinate_to_cell_key(Coordinate(table.cursor_row, 0)).row_key.value
 
 
-def test_fleet_table_sort_filter_and_lost_style() -> None:
-    async def scenario() -> None:
-        broker = MemoryBroker()
-        publish_fleet(broker)
-        monitor = FleetMonitor(
-            monitor_mqtt_config("mqtt://memory.invalid"),
-            FLEET,
-            transport=MemoryTransport(broker),
-        )
-        app = MonitorApp(monitor=monitor, refresh_interval=0.1)
-        async with app.run_test(size=(150, 40)) as pilot:
-            await pilot.pause(0.3)
-            rows = app.fleet_rows()
-            assert [r[0] for r in rows] == ["pi-a", "pi-b", "pi-c"]
-            assert rows[1][:2] == ["pi-b", "lost (will)"]
-            assert rows[2][3:5] == ["v4", "0"]  # model held and its staleness vs v4
+async def test_fleet_table_sort_filter_and_lost_style() -> None:
+    broker = MemoryBroker()
+    publish_fleet(broker)
+    monitor = FleetMonitor(
+        monitor_mqtt_config("mqtt://memory.invalid"),
+        FLEET,
+        transport=MemoryTransport(broker),
+    )
+    app = MonitorApp(monitor=monitor, refresh_interval=0.1)
+    async with app.run_test(size=(150, 40)) as pilot:
+        await pilot.pause(0.3)
+        rows = app.fleet_rows()
+        assert [r[0] for r in rows] == ["pi-a", "pi-b", "pi-c"]
+        assert rows[1][:2] == ["pi-b", "lost (will)"]
+        assert rows[2][3:5] == ["v4", "0"]  # model held and its staleness vs v4
 
-            # lost devices stand out: the whole row is styled
-            cells = app.query_one("#fleet", DataTable).get_row("pi-b")
-            assert all("red" in str(cell.style) for cell in cells)
+        # lost devices stand out: the whole row is styled
+        cells = app.query_one("#fleet", DataTable).get_row("pi-b")
+        assert all("red" in str(cell.style) for cell in cells)
 
-            # keys reach the app's bindings from the start (the table has the focus)
-            await pilot.press("r", "r")
-            assert not app.sort_reverse
-            # clicking the header of the sort column reverses the order
-            await pilot.click("#fleet", offset=(2, 0))  # header row, first column: device
-            assert (app.sort_column, app.sort_reverse) == ("device", True)
-            assert [r[0] for r in app.fleet_rows()] == ["pi-c", "pi-b", "pi-a"]
-            await pilot.press("r")
-            # "s" cycles the sort column: device -> state -> last seen -> ... -> sent
-            await pilot.press(*"s" * 6)
-            assert (app.sort_column, app.sort_reverse) == ("sent", False)
-            assert [r[0] for r in app.fleet_rows()] == ["pi-a", "pi-b", "pi-c"]  # 2, 5, 9
-            await pilot.press("r")
-            assert [r[0] for r in app.fleet_rows()] == ["pi-c", "pi-b", "pi-a"]
+        # keys reach the app's bindings from the start (the table has the focus)
+        await pilot.press("r", "r")
+        assert not app.sort_reverse
+        # clicking the header of the sort column reverses the order
+        await pilot.click("#fleet", offset=(2, 0))  # header row, first column: device
+        assert (app.sort_column, app.sort_reverse) == ("device", True)
+        assert [r[0] for r in app.fleet_rows()] == ["pi-c", "pi-b", "pi-a"]
+        await pilot.press("r")
+        # "s" cycles the sort column: device -> state -> last seen -> ... -> sent
+        await pilot.press(*"s" * 6)
+        assert (app.sort_column, app.sort_reverse) == ("sent", False)
+        assert [r[0] for r in app.fleet_rows()] == ["pi-a", "pi-b", "pi-c"]  # 2, 5, 9
+        await pilot.press("r")
+        assert [r[0] for r in app.fleet_rows()] == ["pi-c", "pi-b", "pi-a"]
 
-            # a rebuild keeps the cursor on the same device when rows move
-            table = app.query_one("#fleet", DataTable)
-            await pilot.press("down")
-            under = cursor_key(table)
-            before = table.cursor_row
-            new = json.dumps({"status": "idle", "session": 1, "updates_sent": 99}).encode()
-            broker.publish(device_state_topic(FLEET, "pi-0"), new, qos=1, retain=True)
-            await pilot.pause(0.3)
-            assert app.fleet_rows()[0][0] == "pi-0"  # sorts first: most updates sent
-            assert table.cursor_row == before + 1
-            assert (
-                table.coordinate_to_cell_key(Coordinate(table.cursor_row, 0)).row_key.value == under
-            )
+        # a rebuild keeps the cursor on the same device when rows move
+        table = app.query_one("#fleet", DataTable)
+        await pilot.press("down")
+        under = cursor_key(table)
+        before = table.cursor_row
+        new = json.dumps({"status": "idle", "session": 1, "updates_sent": 99}).encode()
+        broker.publish(device_state_topic(FLEET, "pi-0"), new, qos=1, retain=True)
+        await pilot.pause(0.3)
+        assert app.fleet_rows()[0][0] == "pi-0"  # sorts first: most updates sent
+        assert table.cursor_row == before + 1
+        assert table.coordinate_to_cell_key(Coordinate(table.cursor_row, 0)).row_key.value == under
 
-            # filter by text: "/" focuses the box, Enter returns to the table
-            await pilot.press("slash")
-            await pilot.press(*"battery", "enter")
-            await pilot.pause(0.05)
-            assert [r[0] for r in app.fleet_rows()] == ["pi-a"]
-            await pilot.press("r")  # a binding again, not typed into the box
-            assert app.filter_text == "battery"
+        # filter by text: "/" focuses the box, Enter returns to the table
+        await pilot.press("slash")
+        await pilot.press(*"battery", "enter")
+        await pilot.pause(0.05)
+        assert [r[0] for r in app.fleet_rows()] == ["pi-a"]
+        await pilot.press("r")  # a binding again, not typed into the box
+        assert app.filter_text == "battery"
 
-            # the aggregator panel shows the buffer fill
-            screen = app.screen_text()
-            assert "buffer 2/5" in screen
-            assert "fleet lab: 2 idle, 1 lost, 1 training" in screen
-
-    asyncio.run(scenario())
+        # the aggregator panel shows the buffer fill
+        screen = app.screen_text()
+        assert "buffer 2/5" in screen
+        assert "fleet lab: 2 idle, 1 lost, 1 training" in screen
