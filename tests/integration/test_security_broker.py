@@ -321,8 +321,6 @@ async def test_monitor_reads_everything_and_publishes_nothing(fleet: SecureFleet
 async def test_forged_and_tampered_updates_are_rejected_by_the_authenticator(
     fleet: SecureFleet,
 ) -> None:
-    fleet: SecureFleet,
-) -> None:
     auth = load_update_authenticator(fleet.layout.device_keys_dir)
     dev_a = load_signer(fleet.layout.device_dir("dev-a") / "signing.key")
     thief = Ed25519Signer(generate_private_key())  # has dev-a's MQTT password, not its key
