@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
-import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from sklearn.datasets import load_digits
+from waiting import eventually
 
 from broker.launcher import MosquittoBroker
 from device_agent.agent import DeviceAgent
@@ -93,14 +93,6 @@ def dataset() -> LocalDataset:
     return LocalDataset.split(x, d.target[:250].astype(np.int64), 0.2, seed=5)
 
 
-async def wait_for(predicate: Callable[[], bool], within: float = 30.0) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.05)
-
-
 class StateWatcher:
     """Follows the agent's retained state topic over its own MQTT connection."""
 
@@ -161,7 +153,7 @@ async def test_agent_follows_aggregator_model_and_onnx_inference_matches_torch(
     await asyncio.wait_for(ready.wait(), 30)
     agent_task = asyncio.create_task(agent.run())
     # Act: the agent trains on v0, its update makes v1, the agent picks v1 up
-    await wait_for(lambda: (agent.statistics().model_version or 0) >= 1, 60)
+    await eventually(lambda: (agent.statistics().model_version or 0) >= 1, 60)
     agent.stop()
     await agent_task
     agg.stop()
@@ -246,7 +238,7 @@ async def test_eligibility_over_fake_sysfs_and_abort_mid_training_publishes_noth
         async def expect(name: str, reasons: tuple[str, ...], **tree: object) -> None:
             write_tree(fs, **tree)  # type: ignore[arg-type]
             agent.check_now()
-            await wait_for(lambda: watch.reasons() == reasons, 10)
+            await eventually(lambda: watch.reasons() == reasons, 10)
             seen[name] = watch.reasons()
 
         await expect("battery", ("on_battery",), mains=False)
@@ -263,18 +255,18 @@ async def test_eligibility_over_fake_sysfs_and_abort_mid_training_publishes_noth
         # Act: eligible -> training starts -> unplugged mid-training
         write_tree(fs)
         agent.check_now()
-        await wait_for(lambda: agent.statistics().status is DeviceStatus.TRAINING, 10)
-        await wait_for(lambda: watch.status() == "training")
+        await eventually(lambda: agent.statistics().status is DeviceStatus.TRAINING, 10)
+        await eventually(lambda: watch.status() == "training")
         write_tree(fs, mains=False)
         agent.check_now()
-        await wait_for(lambda: agent.statistics().trainings_aborted.get("ineligible") == 1, 10)
+        await eventually(lambda: agent.statistics().trainings_aborted.get("ineligible") == 1, 10)
         await asyncio.sleep(1.0)  # anything published would reach the aggregator by now
         seen["after_abort_received"] = (str(agg.statistics().received),)
         # ... plugged in again: the retried training is delivered
         trainer.gate.set()
         write_tree(fs)
         agent.check_now()
-        await wait_for(lambda: agg.statistics().applied == 1, 60)
+        await eventually(lambda: agg.statistics().applied == 1, 60)
 
     ready = asyncio.Event()
     agg_task = asyncio.create_task(agg.run(ready))
@@ -288,7 +280,7 @@ async def test_eligibility_over_fake_sysfs_and_abort_mid_training_publishes_noth
             await agent_task
             agg.stop()
             await agg_task
-        await wait_for(lambda: watch.status() == "offline")
+        await eventually(lambda: watch.status() == "offline")
 
     # Assert
     assert seen["after_abort_received"] == ("0",)

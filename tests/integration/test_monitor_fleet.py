@@ -9,14 +9,13 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from sklearn.datasets import load_digits
+from waiting import eventually
 
 from broker.launcher import MosquittoBroker
 from device_agent.agent import DeviceAgent
@@ -66,14 +65,6 @@ def agent(tmp: Path, url: str, device: str, seed: int) -> DeviceAgent:
     return DeviceAgent(config, dataset=data)
 
 
-async def wait_for(predicate: Callable[[], bool], within: float = 45.0) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.1)
-
-
 async def monitor_once(url: str) -> dict[str, Any]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -120,17 +111,17 @@ async def test_once_json_matches_a_running_aggregator_and_agents(
         tasks = [asyncio.create_task(a.run()) for a in agents]
         try:
             # the fleet trains: K=3 updates per version from three devices
-            await wait_for(lambda: aggregator.statistics().version >= 2)
+            await eventually(lambda: aggregator.statistics().version >= 2, 45)
             live = await monitor_once(mosquitto.url)
 
             # unplug every device: they stop training and report why; the fleet settles
             write_tree(tmp_path / "fs", mains=False)
             for a in agents:
                 a.check_now()
-            await wait_for(lambda: all(a.statistics().reasons == ("on_battery",) for a in agents))
-            await wait_for(lambda: all(a.statistics().spool_depth == 0 for a in agents))
+            await eventually(lambda: all(a.statistics().reasons == ("on_battery",) for a in agents))
+            await eventually(lambda: all(a.statistics().spool_depth == 0 for a in agents))
             version = aggregator.statistics().version
-            await wait_for(lambda: all(a.statistics().model_version == version for a in agents))
+            await eventually(lambda: all(a.statistics().model_version == version for a in agents))
             await asyncio.sleep(1.5)  # > metrics interval: the retained server state is current
             settled = await monitor_once(mosquitto.url)
             return live, settled

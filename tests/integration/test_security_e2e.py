@@ -22,13 +22,13 @@ import hashlib
 import struct
 import time
 import zlib
-from collections.abc import Callable
 from pathlib import Path
 
 import needs
 import numpy as np
 import pytest
 from sklearn.datasets import load_digits
+from waiting import eventually
 
 import device_agent.agent as device_agent
 import edgefl.aggregator as aggregator_mod
@@ -65,14 +65,6 @@ def _fake_sysfs(root: Path) -> None:
     zone = root / "sys/class/thermal/thermal_zone0"
     zone.mkdir(parents=True)
     (zone / "temp").write_text("40000\n")
-
-
-async def _wait_for(predicate: Callable[[], bool], within: float) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.05)
 
 
 def _forged_model(signer: Ed25519Signer, version: int) -> list[tuple[str, bytes]]:
@@ -176,9 +168,9 @@ async def test_forged_models_and_forged_or_replayed_updates_are_rejected_by_runn
 
             sniffer = asyncio.create_task(sniff())
             # 1. genuine path: signed v0 accepted by the agent, signed update by the aggregator
-            await _wait_for(lambda: aggregator.statistics().applied >= 1, 60)
+            await eventually(lambda: aggregator.statistics().applied >= 1, 60)
             assert agent.statistics().model_version == 0
-            await _wait_for(lambda: any("/update/" in m.topic for m in captured), 10)
+            await eventually(lambda: any("/update/" in m.topic for m in captured), 10)
 
             # 2. stolen device password: replay, forgery, unsigned
             (genuine,) = [m for m in captured if "/update/" in m.topic]
@@ -197,7 +189,7 @@ async def test_forged_models_and_forged_or_replayed_updates_are_rejected_by_runn
                 # and plain garbage: counted, and the aggregator keeps running
                 await stolen.publish(update_topic(FLEET, DEVICE, 5000), b"garbage!" * 4)
                 await stolen.publish(update_topic(FLEET, DEVICE, 5001), b"EDFL\x01")
-            await _wait_for(lambda: aggregator.statistics().rejected_total >= 5, 20)
+            await eventually(lambda: aggregator.statistics().rejected_total >= 5, 20)
             assert aggregator.statistics().connected
 
             # 3. stolen aggregator password: forged model v7 and a tampered genuine manifest
@@ -210,7 +202,7 @@ async def test_forged_models_and_forged_or_replayed_updates_are_rejected_by_runn
                 for topic, payload in _forged_model(thief, 7):
                     await stolen_agg.publish(topic, payload, retain=True)
                 await stolen_agg.publish(manifest_topic(FLEET), bytes(tampered), retain=True)
-            await _wait_for(
+            await eventually(
                 lambda: agent.statistics().rejected.get(RejectReason.BAD_SIGNATURE.value, 0) >= 2,
                 20,
             )

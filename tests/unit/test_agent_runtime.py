@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from sklearn.datasets import load_digits
+from waiting import eventually
 
 from device_agent.agent import DeviceAgent
 from device_agent.config import (
@@ -122,14 +123,6 @@ def factory(broker: MemoryBroker, made: list[MemoryTransport] | None = None):  #
     return make
 
 
-async def wait_for(predicate: Callable[[], bool], within: float = 30.0) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
-
-
 async def collect(
     broker: MemoryBroker, topic_filter: str
 ) -> tuple[list[InboundMessage], Callable[[], Awaitable[None]]]:
@@ -179,7 +172,7 @@ async def test_agent_picks_up_model_trains_and_delivers_one_update(tmp_path: Pat
     agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker))
     run = asyncio.create_task(agent.run())
     # Act
-    await wait_for(lambda: agent.statistics().updates_sent == 1)
+    await eventually(lambda: agent.statistics().updates_sent == 1)
     agent.stop()
     await run
     await stop_observer()
@@ -225,7 +218,7 @@ async def test_restart_continues_sequence_and_session_and_does_not_retrain_same_
     async def one_run(until: Callable[[DeviceAgent], bool], settle: float = 0.0) -> DeviceAgent:
         agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker))
         run = asyncio.create_task(agent.run())
-        await wait_for(lambda: until(agent))
+        await eventually(lambda: until(agent))
         await asyncio.sleep(settle)
         agent.stop()
         await run
@@ -278,7 +271,7 @@ async def test_spooled_updates_are_resent_in_order_byte_identical(tmp_path: Path
     agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker))
     run = asyncio.create_task(agent.run())
     # Act
-    await wait_for(lambda: agent.statistics().updates_sent == 3)
+    await eventually(lambda: agent.statistics().updates_sent == 3)
     agent.stop()
     await run
     await stop_observer()
@@ -312,11 +305,11 @@ async def test_ineligible_mid_training_aborts_publishes_nothing_and_retries_when
     updates, stop_observer = await collect(broker, updates_filter(FLEET))
     agent = DeviceAgent(cfg, trainer=trainer, dataset=DATA, transport_factory=factory(broker))
     run = asyncio.create_task(agent.run())
-    await wait_for(lambda: agent.statistics().status is DeviceStatus.TRAINING)
+    await eventually(lambda: agent.statistics().status is DeviceStatus.TRAINING)
     # Act: unplug mid-training
     write_tree(tmp_path / "fs", mains=False)
     agent.check_now()
-    await wait_for(lambda: agent.statistics().trainings_aborted.get("ineligible") == 1, 10)
+    await eventually(lambda: agent.statistics().trainings_aborted.get("ineligible") == 1, 10)
     aborted = dict(agent.statistics().trainings_aborted)
     reasons = list(agent.statistics().reasons)
     await asyncio.sleep(0.3)
@@ -325,7 +318,7 @@ async def test_ineligible_mid_training_aborts_publishes_nothing_and_retries_when
     trainer.gate.set()
     write_tree(tmp_path / "fs", mains=True)
     agent.check_now()
-    await wait_for(lambda: agent.statistics().updates_sent == 1)
+    await eventually(lambda: agent.statistics().updates_sent == 1)
     agent.stop()
     await run
     await stop_observer()
@@ -350,13 +343,13 @@ async def test_reconnect_starts_a_new_presence_session_and_the_old_will_is_lower
     states_seen, stop_observer = await collect(broker, device_state_topic(FLEET, DEVICE))
     agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker, made))
     run = asyncio.create_task(agent.run())
-    await wait_for(lambda: agent.statistics().status is DeviceStatus.IDLE)
-    await wait_for(lambda: len(states_seen) >= 1)  # ONLINE may coalesce into IDLE
+    await eventually(lambda: agent.statistics().status is DeviceStatus.IDLE)
+    await eventually(lambda: len(states_seen) >= 1)  # ONLINE may coalesce into IDLE
     # Act: the link drops (the broker publishes the Will), then comes back
     await made[0].disconnect(abrupt=True)
     await made[0].connect()
-    await wait_for(lambda: agent.statistics().session == 2 and agent.statistics().connected)
-    await wait_for(lambda: decode_message(states_seen[-1].payload, DeviceState).session == 2)
+    await eventually(lambda: agent.statistics().session == 2 and agent.statistics().connected)
+    await eventually(lambda: decode_message(states_seen[-1].payload, DeviceState).session == 2)
     agent.stop()
     await run
     await stop_observer()
@@ -390,11 +383,11 @@ async def test_model_with_corrupt_chunk_is_rejected_and_previous_model_kept(tmp_
 
     agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker))
     run = asyncio.create_task(agent.run())
-    await wait_for(lambda: agent.statistics().model_version == 0)
+    await eventually(lambda: agent.statistics().model_version == 0)
     # Act
     for topic, payload in good.messages:
         broker.publish(topic, bad_packet if topic == chunk_topic else payload, 1, True)
-    await wait_for(lambda: sum(agent.statistics().rejected.values()) >= 1)
+    await eventually(lambda: sum(agent.statistics().rejected.values()) >= 1)
     await asyncio.sleep(0.1)
     agent.stop()
     await run
@@ -422,7 +415,7 @@ async def test_manifest_for_unknown_model_is_rejected_as_wrong_model(tmp_path: P
     agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker))
     run = asyncio.create_task(agent.run())
     # Act
-    await wait_for(lambda: sum(agent.statistics().rejected.values()) == 1)
+    await eventually(lambda: sum(agent.statistics().rejected.values()) == 1)
     agent.stop()
     await run
 
@@ -448,7 +441,7 @@ async def test_manifest_codec_hint_wins_over_device_preference(
     agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker))
     run = asyncio.create_task(agent.run())
     # Act
-    await wait_for(lambda: agent.statistics().updates_sent == 1)
+    await eventually(lambda: agent.statistics().updates_sent == 1)
     agent.stop()
     await run
     await stop_observer()
@@ -487,11 +480,11 @@ async def test_signed_manifests_only_and_signed_updates(tmp_path: Path) -> None:
         for topic, payload in release.messages:
             broker.publish(topic, payload, 1, True)
         await asyncio.sleep(0.2)
-    await wait_for(lambda: sum(agent.statistics().rejected.values()) == 2)
+    await eventually(lambda: sum(agent.statistics().rejected.values()) == 2)
     assert agent.statistics().model_version is None
     for topic, payload in genuine.messages:
         broker.publish(topic, payload, 1, True)
-    await wait_for(lambda: agent.statistics().updates_sent == 1)
+    await eventually(lambda: agent.statistics().updates_sent == 1)
     agent.stop()
     await run
     await stop_observer()
@@ -537,7 +530,7 @@ async def test_systemd_ready_status_and_watchdog_from_the_event_loop(tmp_path: P
     await asyncio.sleep(0.7)
     agent.stop()
     await run
-    await wait_for(lambda: bool(messages) and messages[-1].startswith("STOPPING=1"))
+    await eventually(lambda: bool(messages) and messages[-1].startswith("STOPPING=1"))
     done.set()
     reader.join()
     sock.close()
@@ -579,7 +572,7 @@ async def test_error_feedback_residual_survives_a_restart(tmp_path: Path) -> Non
             transport_factory=factory(broker),
         )
         run = asyncio.create_task(agent.run())
-        await wait_for(lambda: agent.statistics().updates_sent == sent)
+        await eventually(lambda: agent.statistics().updates_sent == sent)
         agent.stop()
         await run
 
@@ -625,7 +618,7 @@ async def test_idle_agent_republishes_its_state_every_heartbeat(tmp_path: Path) 
     states_seen, stop_observer = await collect(broker, device_state_topic(FLEET, DEVICE))
     agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker))
     run = asyncio.create_task(agent.run())
-    await wait_for(lambda: agent.statistics().status is DeviceStatus.IDLE)
+    await eventually(lambda: agent.statistics().status is DeviceStatus.IDLE)
     settled = len(states_seen)
     # Act: nothing changes for 2.6 s
     await asyncio.sleep(2.6)

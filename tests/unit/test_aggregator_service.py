@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from waiting import eventually
 
 from edgefl.aggregation import (
     ConstantStaleness,
@@ -68,13 +69,6 @@ def delta(seed: int, n: int = 2410, scale: float = 0.01) -> np.ndarray:
     return (np.random.default_rng(seed).standard_normal(n) * scale).astype(np.float32)
 
 
-async def wait_for(cond: Callable[[], bool], limit: float = 5.0) -> None:
-    """Poll ``cond`` (service state has no event to wait on from outside) for ``limit`` s."""
-    async with asyncio.timeout(limit):
-        while not cond():  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
-
-
 class Harness:
     """One aggregator on a MemoryBroker plus a device connection to publish with."""
 
@@ -120,7 +114,7 @@ class Harness:
         return self.agg.statistics()
 
     async def until(self, cond: Callable[[AggregatorStatistics], bool]) -> AggregatorStatistics:
-        await wait_for(lambda: cond(self.stats()))
+        await eventually(lambda: cond(self.stats()))
         return self.stats()
 
 
@@ -183,7 +177,7 @@ def test_two_updates_make_the_weighted_mean_step(tmp_path: Path) -> None:
             assert (s.version, s.buffer_fill) == (0, 1)
             await h.send("dev-b", 7, 0, d2, num_examples=30)
             s = await h.until(lambda s: s.version == 1)
-            await wait_for(lambda: retained_model(broker)[0].version == 1)
+            await eventually(lambda: retained_model(broker)[0].version == 1)
             assert h.versions == [1]
             assert [r.version for r in h.agg.history()] == [0, 1]
             assert h.agg.history()[1].applied == 2
@@ -319,7 +313,7 @@ def test_restart_replays_the_buffer_exactly(tmp_path: Path) -> None:
             await h.send("c", 2, 1, ds[5], num_examples=17)
             s = await h.until(lambda s: s.version == 2)
             assert s.rejected == {"duplicate": 1}
-            await wait_for(lambda: len(h.agg.history()) == 3)  # appended once committed
+            await eventually(lambda: len(h.agg.history()) == 3)  # appended once committed
             assert [r.version for r in h.agg.history()] == [0, 1, 2]
         _, weights = retained_model(broker)
         reference = FedBuff(config.fedbuff_config(), w0)
@@ -389,10 +383,10 @@ def test_chunked_update_holds_its_acks_until_complete(tmp_path: Path) -> None:
             assert broker.queued_for("aggregator") == len(packets)
             await h.device.publish(topic, packets[-1], qos=1)
             s = await h.until(lambda s: s.applied == 1)
-            await wait_for(lambda: broker.queued_for("aggregator") == 0)
+            await eventually(lambda: broker.queued_for("aggregator") == 0)
             assert s.pending_acks == 0
             await h.device.publish(topic, packets[1], qos=1)  # late duplicate: acked at once
-            await wait_for(lambda: h.transport.statistics().acked == len(packets) + 2)
+            await eventually(lambda: h.transport.statistics().acked == len(packets) + 2)
 
     run(body)
 
@@ -508,7 +502,7 @@ def test_fedavg_round_survives_a_restart(tmp_path: Path) -> None:
             s = await h.until(lambda s: s.version == 1)
             assert s.rounds == {"complete": 1}
             assert s.rejected == {"duplicate": 1}
-        await wait_for(lambda: retained_model(broker)[0].version == 1)
+        await eventually(lambda: retained_model(broker)[0].version == 1)
         _, weights = retained_model(broker)
         expected = w0 + (10 * ds[0] + 20 * ds[1] + 30 * ds[2]) / 60
         np.testing.assert_allclose(weights, expected, atol=1e-6)
