@@ -35,26 +35,35 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
-from enum import StrEnum
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from device_agent.agent_store import AgentStore
 from device_agent.config import AgentConfig
-from device_agent.dataset import LocalDataset, device_seed, load_local_dataset
+from device_agent.dataset import LocalDataset, load_local_dataset
 from device_agent.eligibility import EligibilityMonitor
 from device_agent.fetch import ModelFetch, check_manifest_size
-from device_agent.model_store import CurrentModel, ModelStore
+from device_agent.model_store import CurrentModel
 from device_agent.notify import SystemdNotifier
-from device_agent.persist import PersistentInt
 from device_agent.snapshots import ProbeSnapshotSource, SnapshotSource
-from device_agent.spool import ResidualStore, SpoolCorrupt, SpoolFull, UpdateSpool
-from device_agent.trainer import Trainer, TrainJob, TrainResult
+from device_agent.spool import SpoolCorrupt, SpoolFull
+from device_agent.trainer import Trainer, TrainResult
+from device_agent.training_policy import (
+    AbortReason,
+    DropReason,
+    TrainingGate,
+    abort_reason,
+    marks_version_done,
+    presence_reasons,
+    should_train,
+    status_line,
+    training_job,
+)
 from device_agent.updates import build_update, codec_config_for, residual_from_bytes
 from edgefl.auth import EnvelopeSigner, ManifestVerifier
 from edgefl.errors import EdgeflError, ProtocolError, RejectReason
@@ -100,21 +109,6 @@ DEFAULT_MAX_MODEL_BYTES = 64 * 1024 * 1024
 TRAINING_PROBE_INTERVAL = 5.0
 """Seconds between eligibility checks while training (when ``probes.interval_s`` is longer)."""
 _OFFLINE_TIMEOUT = 3.0
-
-
-class AbortReason(StrEnum):
-    """Why a started training produced no update."""
-
-    INELIGIBLE = "ineligible"  # a condition broke mid-training
-    STOPPING = "stopping"  # the agent is shutting down
-    TIMEOUT = "timeout"  # longer than training.max_train_seconds
-    ERROR = "error"  # the trainer raised
-
-
-class _Dropped(StrEnum):
-    SPOOL_FULL = "spool_full"
-    SPOOL_CORRUPT = "spool_corrupt"
-    ENCODE_FAILED = "encode_failed"
 
 
 @dataclass(frozen=True)
@@ -169,6 +163,64 @@ class _SessionEnded(Exception):
     """Internal: the presence session is over (reconnected with a stale Will, or stopping)."""
 
 
+@dataclass
+class _Counters:
+    """What the agent did since :meth:`DeviceAgent.run` (the counters of AgentStatistics)."""
+
+    updates_sent: int = 0
+    trainings_started: int = 0
+    trainings_completed: int = 0
+    manifests_accepted: int = 0
+    connections: int = 0
+    last_accuracy: float | None = None
+    aborted: Counter[str] = field(default_factory=Counter)
+    rejected: Counter[str] = field(default_factory=Counter)
+    dropped: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass
+class _Link:
+    """The current presence session: its number, and its transport once CONNACK came."""
+
+    session: int = 0
+    transport: Transport | None = None
+
+    def up(self) -> bool:
+        return self.transport is not None and self.transport.statistics().connected
+
+
+@dataclass(frozen=True)
+class _Wakeups:
+    """The events the agent's loops wait on."""
+
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    scheduler: asyncio.Event = field(default_factory=asyncio.Event)
+    eligibility: asyncio.Event = field(default_factory=asyncio.Event)
+    spool_changed: asyncio.Event = field(default_factory=asyncio.Event)
+    state_dirty: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class _StatusNotifier:
+    """systemd notifications; a status line is sent only when it changed."""
+
+    def __init__(self, notifier: SystemdNotifier) -> None:
+        self.systemd = notifier
+        self._last = ""
+
+    def status(self, line: str) -> None:
+        if line != self._last:
+            self._last = line
+            self.systemd.status(line)
+
+
+@dataclass
+class _Credentials:
+    """The update signer and the manifest verifier (loaded from the config's key files)."""
+
+    signer: EnvelopeSigner | None = None
+    verifier: ManifestVerifier | None = None
+
+
 class DeviceAgent:
     """See the module docstring. ``run()`` once; ``stop()`` from the same event loop (or a
     signal handler installed on it)."""
@@ -188,66 +240,55 @@ class DeviceAgent:
         max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES,
     ) -> None:
         self.config = config
-        self._fleet = config.fleet
-        self._device = config.device_id
         self._trainer = trainer
         self._snapshots: SnapshotSource = snapshots or ProbeSnapshotSource(config.probes)
         self._dataset = dataset
         self._executor = executor
-        self._own_executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._signer = signer
-        self._verifier = manifest_verifier
+        self._credentials = _Credentials(signer, manifest_verifier)
         self._transport_factory = transport_factory or mqtt_transport_factory(config)
-        self._notifier = notifier if notifier is not None else SystemdNotifier()
+        self._notifier = _StatusNotifier(notifier if notifier is not None else SystemdNotifier())
         self._max_model_bytes = max_model_bytes
-        self._state_topic = device_state_topic(self._fleet, self._device)
         self._monitor = EligibilityMonitor(config.eligibility)
-        # durable state (opened in run)
-        self._spool: UpdateSpool | None = None
-        self._residuals: ResidualStore | None = None
-        self._models: ModelStore | None = None
-        self._sessions: PersistentInt | None = None
-        self._trained: PersistentInt | None = None  # last version trained + 1 (0: none)
-        self._io_lock = asyncio.Lock()
-        # runtime state
+        self._store: AgentStore | None = None  # durable state, opened in run()
         self._model: CurrentModel | None = None
         self._fetch: ModelFetch | None = None
         self._status = DeviceStatus.ONLINE
-        self._session = 0
-        self._connected = False
-        self._transport: Transport | None = None
+        self._link = _Link()
         self._probe_failed = False
-        self._training = False
-        self._abort_flag = threading.Event()
-        self._abort_reason: AbortReason | None = None
-        self._stopping = asyncio.Event()
-        self._wake_scheduler = asyncio.Event()
-        self._wake_eligibility = asyncio.Event()
-        self._spool_changed = asyncio.Event()
-        self._state_dirty = asyncio.Event()
+        self._gate = TrainingGate()
+        self._wake = _Wakeups()
         self._started = False
-        self._last_status = ""
-        # counters
-        self._updates_sent = 0
-        self._trainings_started = 0
-        self._trainings_completed = 0
-        self._aborted: Counter[str] = Counter()
-        self._rejected: Counter[str] = Counter()
-        self._dropped: Counter[str] = Counter()
-        self._manifests_accepted = 0
-        self._connections = 0
-        self._last_accuracy: float | None = None
+        self._counts = _Counters()
+
+    @property
+    def _fleet(self) -> str:
+        return self.config.fleet
+
+    @property
+    def _device(self) -> str:
+        return self.config.device_id
+
+    @property
+    def _state_topic(self) -> str:
+        return device_state_topic(self.config.fleet, self.config.device_id)
+
+    @property
+    def _durable(self) -> AgentStore:
+        """The durable state; only used once ``run()`` opened it."""
+        if self._store is None:
+            raise RuntimeError("the agent's state is not open (run() has not started)")
+        return self._store
 
     # ------------------------------------------------------------------ public API
 
     def stop(self) -> None:
         """Ask the agent to stop: abort a running training, publish ``offline``, disconnect."""
-        self._abort(AbortReason.STOPPING)
-        self._stopping.set()
+        self._gate.abort(AbortReason.STOPPING)
+        self._wake.stopping.set()
 
     def check_now(self) -> None:
         """Re-read eligibility now instead of at the next interval (e.g. a simulated plug-in)."""
-        self._wake_eligibility.set()
+        self._wake.eligibility.set()
 
     @property
     def model(self) -> CurrentModel | None:
@@ -255,26 +296,27 @@ class DeviceAgent:
         return self._model
 
     def statistics(self) -> AgentStatistics:
-        trained = self._trained.value if self._trained is not None else 0
+        store, counts = self._store, self._counts
+        trained = store.trained.value if store is not None else 0
         return AgentStatistics(
             device_id=self._device,
             status=self._status,
-            connected=self._link_up(),
-            session=self._session,
+            connected=self._link.up(),
+            session=self._link.session,
             model_version=None if self._model is None else self._model.version,
             trained_version=trained - 1 if trained else None,
             eligible=self._eligible(),
             reasons=self._reasons(),
-            updates_sent=self._updates_sent,
-            spool_depth=0 if self._spool is None else len(self._spool),
-            trainings_started=self._trainings_started,
-            trainings_completed=self._trainings_completed,
-            trainings_aborted=dict(self._aborted),
-            last_local_accuracy=self._last_accuracy,
-            manifests_accepted=self._manifests_accepted,
-            rejected=dict(self._rejected),
-            dropped=dict(self._dropped),
-            connections=self._connections,
+            updates_sent=counts.updates_sent,
+            spool_depth=0 if store is None else len(store.spool),
+            trainings_started=counts.trainings_started,
+            trainings_completed=counts.trainings_completed,
+            trainings_aborted=dict(counts.aborted),
+            last_local_accuracy=counts.last_accuracy,
+            manifests_accepted=counts.manifests_accepted,
+            rejected=dict(counts.rejected),
+            dropped=dict(counts.dropped),
+            connections=counts.connections,
         )
 
     async def run(self) -> None:
@@ -293,8 +335,8 @@ class DeviceAgent:
             # (a restart in the same process) can take it
             with contextlib.suppress(BaseException):
                 await asyncio.shield(opening)
-            if self._spool is not None:
-                self._spool.close()
+            if self._store is not None:
+                self._store.close()
             raise
         if self._trainer is None:
             from device_agent.config import TrainingIsolation
@@ -302,17 +344,18 @@ class DeviceAgent:
 
             isolated = self.config.training.isolation is TrainingIsolation.PROCESS
             self._trainer = ProcessTrainer(TorchTrainer) if isolated else TorchTrainer()
+        own_executor: concurrent.futures.ThreadPoolExecutor | None = None
         if self._executor is None:
-            self._own_executor = concurrent.futures.ThreadPoolExecutor(
+            own_executor = concurrent.futures.ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix=f"edgefl-train-{self._device}"
             )
-            self._executor = self._own_executor
-        self._notifier.ready(self._status_line())
+            self._executor = own_executor
+        self._notifier.systemd.ready(self._status_line())
         log.info(
             "%s: agent started (model %s, %d spooled updates, state %s)",
             self._device,
             "none" if self._model is None else f"v{self._model.version}",
-            len(self._spool) if self._spool else 0,
+            len(self._durable.spool),
             self.config.state_dir,
         )
         try:
@@ -322,65 +365,48 @@ class DeviceAgent:
                 tg.create_task(self._scheduler_loop(), name=f"{self._device}-scheduler")
                 tg.create_task(self._watchdog_loop(), name=f"{self._device}-watchdog")
         finally:
-            self._abort(AbortReason.STOPPING)
-            self._notifier.stopping("stopped")
-            if self._own_executor is not None:
-                self._own_executor.shutdown(wait=False, cancel_futures=True)
-            async with self._io_lock:
-                if self._spool is not None:
-                    self._spool.close()
+            self._gate.abort(AbortReason.STOPPING)
+            self._notifier.systemd.stopping("stopped")
+            if own_executor is not None:
+                own_executor.shutdown(wait=False, cancel_futures=True)
+            async with self._durable.lock:
+                self._durable.close()
             log.info("%s: agent stopped", self._device)
 
     # ------------------------------------------------------------------ start-up
 
     def _open_state(self) -> None:
         cfg = self.config
-        state = cfg.state_dir
-        state.mkdir(parents=True, exist_ok=True, mode=0o700)
-        durable = cfg.spool.durable
-        self._spool = UpdateSpool(
-            state / "spool",
-            max_entries=cfg.spool.max_entries,
-            max_bytes=cfg.spool.max_bytes,
-            durable=durable,
-        )
-        self._residuals = ResidualStore(state / "residual.bin", durable=durable)
-        self._models = ModelStore(state / "model", durable=durable)
-        self._sessions = PersistentInt(state / "session", durable=durable)
-        self._trained = PersistentInt(state / "trained_version", durable=durable)
-        self._model = self._models.load()
+        self._store = AgentStore.open(cfg)
+        self._model = self._store.models.load()
         if self._dataset is None:
             self._dataset = load_local_dataset(
                 cfg.data, cfg.training.holdout_fraction, cfg.device_id
             )
 
     def _load_security(self) -> None:
-        sec = self.config.security
-        if self._signer is None and sec.signing_key_file is not None:
+        sec, creds = self.config.security, self._credentials
+        if creds.signer is None and sec.signing_key_file is not None:
             from edgefl.security import load_signer  # type: ignore[import-not-found,unused-ignore]
 
-            self._signer = load_signer(sec.signing_key_file)
-        if self._verifier is None and sec.aggregator_public_key_file is not None:
+            creds.signer = load_signer(sec.signing_key_file)
+        if creds.verifier is None and sec.aggregator_public_key_file is not None:
             from edgefl.security import (  # type: ignore[import-not-found,unused-ignore]
                 load_manifest_verifier,
             )
 
-            self._verifier = load_manifest_verifier(sec.aggregator_public_key_file)
+            creds.verifier = load_manifest_verifier(sec.aggregator_public_key_file)
 
     # ------------------------------------------------------------------ presence
 
     def _reasons(self) -> tuple[str, ...]:
-        if self._probe_failed:
-            return ("probe_failed",)
         decision = self._monitor.decision
-        reasons = tuple(r.value for r in decision.reasons) if decision is not None else ()
-        if not reasons and decision is not None and not self._training and self._model is None:
-            return ("no_model",)
-        return reasons
-
-    def _link_up(self) -> bool:
-        transport = self._transport
-        return self._connected and transport is not None and transport.statistics().connected
+        return presence_reasons(
+            probe_failed=self._probe_failed,
+            decision_reasons=None if decision is None else [r.value for r in decision.reasons],
+            training=self._gate.active,
+            has_model=self._model is not None,
+        )
 
     def _eligible(self) -> bool:
         return self._monitor.eligible and not self._probe_failed
@@ -390,12 +416,12 @@ class DeviceAgent:
             fleet=self._fleet,
             device_id=self._device,
             status=status,
-            session=self._session,
+            session=self._link.session,
             at=time.time(),
             model_version=None if self._model is None else self._model.version,
             reasons=self._reasons(),
-            updates_sent=self._updates_sent,
-            local_accuracy=self._last_accuracy,
+            updates_sent=self._counts.updates_sent,
+            local_accuracy=self._counts.last_accuracy,
             profile=self.config.profile,
         )
 
@@ -404,30 +430,26 @@ class DeviceAgent:
         self._mark_dirty()
 
     def _mark_dirty(self) -> None:
-        self._state_dirty.set()
-        self._systemd_status()
-
-    def _systemd_status(self) -> None:
-        line = self._status_line()
-        if line != self._last_status:
-            self._last_status = line
-            self._notifier.status(line)
+        self._wake.state_dirty.set()
+        self._notifier.status(self._status_line())
 
     def _status_line(self) -> str:
-        model = "no model" if self._model is None else f"model v{self._model.version}"
-        spool = len(self._spool) if self._spool is not None else 0
-        reasons = ",".join(self._reasons())
-        link = "connected" if self._link_up() else "disconnected"
-        text = f"{self._status.value}; {model}; {link}; spool {spool}; sent {self._updates_sent}"
-        return f"{text}; not eligible: {reasons}" if reasons else text
+        return status_line(
+            status=self._status,
+            model_version=None if self._model is None else self._model.version,
+            connected=self._link.up(),
+            spool_depth=0 if self._store is None else len(self._store.spool),
+            updates_sent=self._counts.updates_sent,
+            reasons=self._reasons(),
+        )
 
     # ------------------------------------------------------------------ connection
 
     async def _connection_loop(self) -> None:
-        assert self._sessions is not None
-        while not self._stopping.is_set():
-            async with self._io_lock:
-                self._session = await asyncio.to_thread(self._sessions.increment)
+        store = self._durable
+        while not self._wake.stopping.is_set():
+            async with store.lock:
+                self._link.session = await asyncio.to_thread(store.sessions.increment)
             will = Will(
                 self._state_topic,
                 encode_msg(self._device_state(DeviceStatus.LOST)),
@@ -448,11 +470,10 @@ class DeviceAgent:
             failed = False
             try:
                 await transport.__aenter__()
-                if await _first(connected.wait(), self._stopping.wait()) == 1:
+                if await _first(connected.wait(), self._wake.stopping.wait()) == 1:
                     return
-                self._connected = True
-                self._transport = transport
-                self._connections += 1
+                self._link.transport = transport
+                self._counts.connections += 1
                 self._mark_dirty()
                 await self._serve(transport, reconnected)
             except* (TransportError, OSError) as group:
@@ -460,7 +481,7 @@ class DeviceAgent:
                 log.warning(
                     "%s: connection session %d failed: %s",
                     self._device,
-                    self._session,
+                    self._link.session,
                     group.exceptions[0],
                 )
             except* Exception as group:  # a bug in a session task: log, reconnect after a pause
@@ -468,21 +489,20 @@ class DeviceAgent:
                 log.error(
                     "%s: session %d ended by an error",
                     self._device,
-                    self._session,
+                    self._link.session,
                     exc_info=group.exceptions[0],
                 )
             finally:
-                self._connected = False
-                self._transport = None
-                self._systemd_status()
+                self._link.transport = None
+                self._notifier.status(self._status_line())
                 await self._close_transport(transport)
             if failed:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(1.0):
-                        await self._stopping.wait()
+                        await self._wake.stopping.wait()
 
     async def _close_transport(self, transport: Transport) -> None:
-        if self._stopping.is_set() and transport.statistics().connected:
+        if self._wake.stopping.is_set() and transport.statistics().connected:
             self._status = DeviceStatus.OFFLINE
             with contextlib.suppress(TransportError, TimeoutError):
                 async with asyncio.timeout(_OFFLINE_TIMEOUT):
@@ -493,7 +513,7 @@ class DeviceAgent:
 
     async def _serve(self, transport: Transport, reconnected: asyncio.Event) -> None:
         async def end_of_session() -> None:
-            if await _first(self._stopping.wait(), reconnected.wait()) == 1:
+            if await _first(self._wake.stopping.wait(), reconnected.wait()) == 1:
                 log.info("%s: reconnected; starting a new presence session", self._device)
             raise _SessionEnded
 
@@ -508,14 +528,14 @@ class DeviceAgent:
 
     async def _publish_states(self, transport: Transport) -> None:
         while True:
-            self._state_dirty.clear()
+            self._wake.state_dirty.clear()
             state = self._device_state(self._status)
             await transport.publish(self._state_topic, encode_msg(state), qos=1, retain=True)
             # Republish at least every heartbeat_s so a monitor can tell a silent device from a
             # healthy idle one even when no Last Will could be delivered (e.g. a broker restart).
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.config.heartbeat_s):
-                    await self._state_dirty.wait()
+                    await self._wake.state_dirty.wait()
 
     # ------------------------------------------------------------------ receiving models
 
@@ -527,7 +547,7 @@ class DeviceAgent:
             await self._handle(transport, message)
 
     def _reject(self, reason: RejectReason, detail: str) -> None:
-        self._rejected[reason.value] += 1
+        self._counts.rejected[reason.value] += 1
         log.warning("%s: rejected: %s: %s", self._device, reason.value, detail)
 
     async def _handle(self, transport: Transport, message: InboundMessage) -> None:
@@ -549,8 +569,9 @@ class DeviceAgent:
         self, transport: Transport, topic: ModelManifestTopic, payload: bytes
     ) -> None:
         try:
-            if self._verifier is not None:
-                self._verifier.verify(payload)
+            verifier = self._credentials.verifier
+            if verifier is not None:
+                verifier.verify(payload)
             manifest = decode_message(payload, ModelManifest, topic=topic)
         except EdgeflError as exc:
             self._reject(exc.reason, f"manifest: {exc.detail}")
@@ -591,30 +612,30 @@ class DeviceAgent:
             return
         if model is None:
             return
-        assert self._models is not None
-        async with self._io_lock:
-            await asyncio.to_thread(self._models.install, model)
+        store = self._durable
+        async with store.lock:
+            await asyncio.to_thread(store.models.install, model)
         self._model = model
         self._fetch = None
-        self._manifests_accepted += 1
+        self._counts.manifests_accepted += 1
         log.info("%s: now holding model v%d", self._device, model.version)
         self._mark_dirty()
-        self._wake_scheduler.set()
+        self._wake.scheduler.set()
 
     # ------------------------------------------------------------------ sending updates
 
     async def _send_spool(self, transport: Transport) -> None:
-        spool = self._spool
-        assert spool is not None
+        store = self._durable
+        spool = store.spool
         max_packet = self.config.broker.max_packet
         while True:
-            self._spool_changed.clear()
+            self._wake.spool_changed.clear()
             for entry in spool.pending():
                 try:
-                    async with self._io_lock:
+                    async with store.lock:
                         payload = await asyncio.to_thread(spool.read, entry.seq)
                 except SpoolCorrupt as exc:
-                    self._dropped[_Dropped.SPOOL_CORRUPT.value] += 1
+                    self._counts.dropped[DropReason.SPOOL_CORRUPT.value] += 1
                     log.error("%s: %s", self._device, exc)
                     continue
                 except KeyError:
@@ -622,20 +643,20 @@ class DeviceAgent:
                 topic = update_topic(self._fleet, self._device, entry.seq)
                 for packet in packetize(payload, max_packet=max_packet):
                     await transport.publish(topic, packet, qos=1)
-                async with self._io_lock:
+                async with store.lock:
                     await asyncio.to_thread(spool.remove, entry.seq)
-                self._updates_sent += 1
+                self._counts.updates_sent += 1
                 log.info("%s: update %d delivered (%d B)", self._device, entry.seq, len(payload))
                 self._mark_dirty()
-            await self._spool_changed.wait()
+            await self._wake.spool_changed.wait()
 
     # ------------------------------------------------------------------ eligibility
 
     async def _eligibility_loop(self) -> None:
         interval = self.config.probes.interval_s
         threads = float(self.config.training.max_threads)
-        while not self._stopping.is_set():
-            self._wake_eligibility.clear()
+        while not self._wake.stopping.is_set():
+            self._wake.eligibility.clear()
             was_eligible, old_reasons = self._eligible(), self._reasons()
             try:
                 snapshot = await self._snapshots.snapshot()
@@ -644,140 +665,112 @@ class DeviceAgent:
                 self._probe_failed = True
             else:
                 self._probe_failed = False
-                self._monitor.update(snapshot, own_load=threads if self._training else 0.0)
+                training = self._gate.active
+                self._monitor.update(snapshot, own_load=threads if training else 0.0)
             eligible = self._eligible()
-            if self._training and not eligible:
+            if self._gate.active and not eligible:
                 log.info("%s: no longer eligible (%s)", self._device, ",".join(self._reasons()))
-                self._abort(AbortReason.INELIGIBLE)
+                self._gate.abort(AbortReason.INELIGIBLE)
             if eligible and not was_eligible:
-                self._wake_scheduler.set()
-            if self._status is DeviceStatus.ONLINE and not self._training:
+                self._wake.scheduler.set()
+            if self._status is DeviceStatus.ONLINE and not self._gate.active:
                 self._set_status(DeviceStatus.IDLE)
             elif eligible != was_eligible or old_reasons != self._reasons():
                 self._mark_dirty()
             # while training, re-check at least every few seconds so a broken condition (unplugged,
             # too hot, busy) gives the CPU back promptly even with a long probes.interval_s
-            wait = min(interval, TRAINING_PROBE_INTERVAL) if self._training else interval
-            await _first(self._stopping.wait(), self._wake_eligibility.wait(), timeout=wait)
+            wait = min(interval, TRAINING_PROBE_INTERVAL) if self._gate.active else interval
+            await _first(self._wake.stopping.wait(), self._wake.eligibility.wait(), timeout=wait)
 
     # ------------------------------------------------------------------ training
 
-    def _abort(self, reason: AbortReason) -> None:
-        if self._training and self._abort_reason is None:
-            self._abort_reason = reason
-        self._abort_flag.set()
-
     def _wants_training(self) -> CurrentModel | None:
         model = self._model
-        if self._stopping.is_set() or model is None or not self._eligible():
-            return None
-        assert self._trained is not None
-        return model if model.version + 1 > self._trained.value else None
+        wanted = should_train(
+            model_version=None if model is None else model.version,
+            trained_mark=self._durable.trained.value,
+            eligible=self._eligible(),
+            stopping=self._wake.stopping.is_set(),
+        )
+        return model if wanted else None
 
     async def _scheduler_loop(self) -> None:
-        while not self._stopping.is_set():
+        while not self._wake.stopping.is_set():
             model = self._wants_training()
             if model is None:
-                self._wake_scheduler.clear()
-                await _first(self._stopping.wait(), self._wake_scheduler.wait())
+                self._wake.scheduler.clear()
+                await _first(self._wake.stopping.wait(), self._wake.scheduler.wait())
                 continue
             await self._train(model)
 
-    def _job(self, model: CurrentModel, spec: ModelSpec) -> TrainJob:
-        limits = self.config.training
-        hints = model.manifest.hints
-        epochs = limits.max_epochs
-        batch, lr = limits.batch_size, limits.lr
-        if hints is not None:
-            epochs = min(hints.local_epochs or epochs, limits.max_epochs)
-            batch = hints.batch_size or batch
-            lr = hints.lr or lr
-        assert self._dataset is not None
-        return TrainJob(
-            spec=spec,
-            base_version=model.version,
-            base_weights=model.weights,
-            data=self._dataset,
-            epochs=epochs,
-            batch_size=batch,
-            lr=lr,
-            max_steps=limits.max_steps,
-            threads=limits.max_threads,
-            nice=limits.nice,
-            seed=(device_seed(self._device) + model.version) % 2**31,
-        )
+    async def _mark_trained(self, version: int) -> None:
+        """Never train on ``version`` (or older) again."""
+        store = self._durable
+        async with store.lock:
+            await asyncio.to_thread(store.trained.set, version + 1)
 
     async def _train(self, model: CurrentModel) -> None:
         trainer = self._trainer
         assert trainer is not None
-        assert self._trained is not None
+        assert self._dataset is not None
         try:
-            job = self._job(model, _spec_for(model.manifest))
+            spec = _spec_for(model.manifest)
+            job = training_job(model, spec, self.config.training, self._dataset, self._device)
         except (EdgeflError, ValueError) as exc:
             log.error("%s: cannot train on model v%d: %s", self._device, model.version, exc)
-            self._aborted[AbortReason.ERROR.value] += 1
-            async with self._io_lock:
-                await asyncio.to_thread(self._trained.set, model.version + 1)
+            self._counts.aborted[AbortReason.ERROR.value] += 1
+            await self._mark_trained(model.version)
             return
-        self._abort_flag.clear()
-        self._abort_reason = None
-        self._training = True
-        self._trainings_started += 1
+        gate = self._gate
+        gate.begin()
+        self._counts.trainings_started += 1
         self._set_status(DeviceStatus.TRAINING)
-        self._wake_eligibility.set()  # switch the eligibility loop to its training interval
+        self._wake.eligibility.set()  # switch the eligibility loop to its training interval
         log.info("%s: training on model v%d", self._device, model.version)
         deadline = time.monotonic() + self.config.training.max_train_seconds
-        flag = self._abort_flag
 
         def should_stop() -> bool:
-            return flag.is_set() or time.monotonic() > deadline
+            return gate.aborted() or time.monotonic() > deadline
 
         loop = asyncio.get_running_loop()
         result: TrainResult | None = None
-        error = False
+        failed = False
         try:
             result = await loop.run_in_executor(self._executor, trainer.train, job, should_stop)
         except asyncio.CancelledError:
-            flag.set()
+            gate.abort(AbortReason.STOPPING)
             raise
         except Exception:
             log.exception("%s: training on model v%d failed", self._device, model.version)
-            error = True
+            failed = True
         finally:
-            self._training = False
+            gate.end()
             self._set_status(DeviceStatus.IDLE)
         if result is None:
-            reason = (
-                AbortReason.ERROR
-                if error
-                else self._abort_reason
-                or (AbortReason.TIMEOUT if time.monotonic() > deadline else AbortReason.STOPPING)
-            )
-            self._aborted[reason.value] += 1
+            timed_out = time.monotonic() > deadline
+            reason = abort_reason(failed=failed, requested=gate.reason, timed_out=timed_out)
+            self._counts.aborted[reason.value] += 1
             log.info("%s: training on v%d aborted: %s", self._device, model.version, reason.value)
-            if reason in (AbortReason.ERROR, AbortReason.TIMEOUT):
-                # do not retry this version in a loop; the next model gets a fresh chance
-                async with self._io_lock:
-                    await asyncio.to_thread(self._trained.set, model.version + 1)
+            if marks_version_done(reason):
+                await self._mark_trained(model.version)
             return
-        self._trainings_completed += 1
+        self._counts.trainings_completed += 1
         if result.global_accuracy is not None:
-            self._last_accuracy = min(1.0, max(0.0, result.global_accuracy))
-        async with self._io_lock:
+            self._counts.last_accuracy = min(1.0, max(0.0, result.global_accuracy))
+        store = self._durable
+        async with store.lock:
             await asyncio.to_thread(self._spool_result, model, result)
         self._mark_dirty()
-        self._spool_changed.set()
+        self._wake.spool_changed.set()
 
     def _spool_result(self, model: CurrentModel, result: TrainResult) -> None:
         """Encode, sign and spool one finished training (worker thread, under the I/O lock)."""
-        assert self._spool is not None
-        assert self._residuals is not None
-        assert self._trained is not None
+        store = self._durable
         manifest = model.manifest
         try:
             codec = codec_config_for(self.config.codec, manifest)
-            residual = residual_from_bytes(self._residuals.load(), manifest.num_params)
-            seq = self._spool.next_seq()
+            residual = residual_from_bytes(store.residuals.load(), manifest.num_params)
+            seq = store.spool.next_seq()
             built = build_update(
                 result,
                 manifest=manifest,
@@ -788,22 +781,22 @@ class DeviceAgent:
                 residual=residual,
                 rng=np.random.default_rng(),
                 created_at=time.time(),
-                signer=self._signer,
+                signer=self._credentials.signer,
             )
         except EdgeflError as exc:
-            self._dropped[_Dropped.ENCODE_FAILED.value] += 1
+            self._counts.dropped[DropReason.ENCODE_FAILED.value] += 1
             log.error("%s: cannot encode the update: %s", self._device, exc)
         else:
             try:
-                self._spool.put(seq, built.envelope, {"base_version": manifest.version})
+                store.spool.put(seq, built.envelope, {"base_version": manifest.version})
             except SpoolFull as exc:
-                self._dropped[_Dropped.SPOOL_FULL.value] += 1
+                self._counts.dropped[DropReason.SPOOL_FULL.value] += 1
                 log.error("%s: update dropped: %s", self._device, exc)
             else:
                 if built.residual is not None:
-                    self._residuals.save(built.residual.values.astype("<f4").tobytes())
+                    store.residuals.save(built.residual.values.astype("<f4").tobytes())
                 else:
-                    self._residuals.clear()
+                    store.residuals.clear()
                 log.info(
                     "%s: update %d spooled (v%d, %d B, %d examples)",
                     self._device,
@@ -812,17 +805,18 @@ class DeviceAgent:
                     len(built.envelope),
                     result.num_examples,
                 )
-        self._trained.set(model.version + 1)
+        store.trained.set(model.version + 1)
 
     # ------------------------------------------------------------------ systemd watchdog
 
     async def _watchdog_loop(self) -> None:
-        interval = self._notifier.watchdog_interval()
+        systemd = self._notifier.systemd
+        interval = systemd.watchdog_interval()
         if interval is None:
             return
-        while not self._stopping.is_set():
-            self._notifier.watchdog()
-            await _first(self._stopping.wait(), timeout=interval / 2)
+        while not self._wake.stopping.is_set():
+            systemd.watchdog()
+            await _first(self._wake.stopping.wait(), timeout=interval / 2)
 
 
 def _spec_for(manifest: ModelManifest) -> ModelSpec:
