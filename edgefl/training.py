@@ -301,53 +301,22 @@ def train_many(
     n_dev = len(datasets)
     if n_dev == 0:
         return []
-    num_params = spec.num_params
-    bases = np.asarray(base_flats)
-    if bases.dtype != np.float32:
-        raise ValueError(f"base_flats dtype {bases.dtype}, need float32")
-    if bases.shape == (num_params,):
-        bases = np.broadcast_to(bases, (n_dev, num_params))
-    if bases.shape != (n_dev, num_params):
-        raise ValueError(
-            f"base_flats has shape {bases.shape}, "
-            f"expected ({n_dev}, {num_params}) or ({num_params},)"
-        )
-    if seeds is None:
-        seeds = [config.seed + i for i in range(n_dev)]
+    bases = _device_bases(base_flats, n_dev, spec.num_params)
+    seeds = [config.seed + i for i in range(n_dev)] if seeds is None else seeds
     if len(seeds) != n_dev:
         raise ValueError(f"{len(seeds)} seeds for {n_dev} devices")
-    data = []
-    for i, (x, y) in enumerate(datasets):
-        try:
-            data.append(_check_data(spec, x, y))
-        except ValueError as exc:
-            raise ValueError(f"device {i}: {exc}") from None
-    plans = []
-    for i, (_, ya) in enumerate(data):
-        if len(ya) == 0:
-            raise ValueError(f"device {i}: no training examples")
-        plans.append(batch_plan(len(ya), config, int(seeds[i])))
+    data, plans = _checked_devices(spec, datasets, config, seeds)
     if batched is None:
-        batched = num_params <= _BATCH_MAX_PARAMS
+        batched = spec.num_params <= _BATCH_MAX_PARAMS
     if not batched:
         with _torch_threads(threads):
             return [
                 train_local(spec, bases[i], x, y, replace(config, seed=int(seeds[i])))
                 for i, (x, y) in enumerate(data)
             ]
-    if max_devices_per_call is None:
-        per_device = 24 * num_params + 256 * 1024
-        max_devices_per_call = max(1, min(_MAX_STACK, _MEMORY_BUDGET // per_device))
-    if max_devices_per_call < 1:
-        raise ValueError(f"max_devices_per_call must be >= 1, got {max_devices_per_call}")
-    order = sorted(range(n_dev), key=lambda i: -len(plans[i]))  # stable: ties keep input order
     results: list[LocalResult | None] = [None] * n_dev
-    # equal-sized chunks (100 devices with a cap of 32 -> 4 x 25, not 32+32+32+4)
-    n_chunks = -(-n_dev // max_devices_per_call)
-    chunk = -(-n_dev // n_chunks)
     with _torch_threads(threads):
-        for c in range(0, n_dev, chunk):
-            group = order[c : c + chunk]
+        for group in _device_groups(plans, spec.num_params, max_devices_per_call):
             deltas, losses = _train_group(
                 spec,
                 np.stack([bases[i] for i in group]),
@@ -364,6 +333,62 @@ def train_many(
                     stopped_early=False,
                 )
     return [r for r in results if r is not None]
+
+
+def _device_bases(
+    base_flats: NDArray[np.float32], n_dev: int, num_params: int
+) -> NDArray[np.float32]:
+    """``(D, P)`` base models: ``base_flats`` as given, or one ``(P,)`` model broadcast."""
+    bases = np.asarray(base_flats)
+    if bases.dtype != np.float32:
+        raise ValueError(f"base_flats dtype {bases.dtype}, need float32")
+    if bases.shape == (num_params,):
+        bases = np.broadcast_to(bases, (n_dev, num_params))
+    if bases.shape != (n_dev, num_params):
+        raise ValueError(
+            f"base_flats has shape {bases.shape}, "
+            f"expected ({n_dev}, {num_params}) or ({num_params},)"
+        )
+    return bases
+
+
+def _checked_devices(
+    spec: ModelSpec,
+    datasets: Sequence[tuple[NDArray[Any], NDArray[Any]]],
+    config: LocalTrainConfig,
+    seeds: Sequence[int],
+) -> tuple[list[tuple[NDArray[np.float32], NDArray[np.int64]]], list[list[NDArray[np.int64]]]]:
+    """Each device's validated data and its batch plan (``ValueError`` naming the device)."""
+    data = []
+    plans = []
+    for i, (x, y) in enumerate(datasets):
+        try:
+            xa, ya = _check_data(spec, x, y)
+        except ValueError as exc:
+            raise ValueError(f"device {i}: {exc}") from None
+        if len(ya) == 0:
+            raise ValueError(f"device {i}: no training examples")
+        data.append((xa, ya))
+        plans.append(batch_plan(len(ya), config, int(seeds[i])))
+    return data, plans
+
+
+def _device_groups(
+    plans: Sequence[Sequence[object]], num_params: int, max_devices_per_call: int | None
+) -> list[list[int]]:
+    """Devices (indices) in equal-sized stacks, longest plans first (stable for ties): 100
+    devices with a cap of 32 make 4 stacks of 25, not 32+32+32+4. The default cap is at most
+    ``_MAX_STACK`` devices, fewer when ``_MEMORY_BUDGET`` requires."""
+    n_dev = len(plans)
+    if max_devices_per_call is None:
+        per_device = 24 * num_params + 256 * 1024
+        max_devices_per_call = max(1, min(_MAX_STACK, _MEMORY_BUDGET // per_device))
+    if max_devices_per_call < 1:
+        raise ValueError(f"max_devices_per_call must be >= 1, got {max_devices_per_call}")
+    order = sorted(range(n_dev), key=lambda i: -len(plans[i]))
+    n_chunks = -(-n_dev // max_devices_per_call)
+    chunk = -(-n_dev // n_chunks)
+    return [order[c : c + chunk] for c in range(0, n_dev, chunk)]
 
 
 def _train_group(
