@@ -349,21 +349,7 @@ def parse_topic(
     ``expected_fleet`` is given, a well-formed topic of another fleet raises ``UNKNOWN_FLEET``.
     ``parse_topic(t).topic == t`` for every topic this returns.
     """
-    if isinstance(topic, bytes | bytearray | memoryview):
-        raw = bytes(topic)
-        if len(raw) > MAX_TOPIC_BYTES:
-            raise ProtocolError(RejectReason.BAD_TOPIC, f"topic longer than {MAX_TOPIC_BYTES} B")
-        try:
-            text = raw.decode("utf-8", errors="strict")
-        except UnicodeDecodeError as exc:
-            raise ProtocolError(RejectReason.BAD_TOPIC, f"topic is not UTF-8: {exc}") from None
-    elif isinstance(topic, str):
-        text = topic
-        if len(text) > MAX_TOPIC_BYTES:  # cheap bound before encoding
-            raise ProtocolError(RejectReason.BAD_TOPIC, f"topic longer than {MAX_TOPIC_BYTES} B")
-    else:
-        raise ProtocolError(RejectReason.BAD_TOPIC, f"topic must be str or bytes: {topic!r}")
-
+    text = _topic_text(topic)
     levels = text.split("/")
     if len(levels) < 4 or levels[0] != "edgefl":
         raise _bad_topic(text, "not an edgefl topic")
@@ -372,9 +358,32 @@ def parse_topic(
     fleet = fleet_name(levels[2])
     if expected_fleet is not None and fleet != expected_fleet:
         raise ProtocolError(RejectReason.UNKNOWN_FLEET, f"topic of fleet {fleet!r}")
-    rest = levels[3:]
-    n = len(rest)
+    parsed = _parse_fleet_levels(fleet, levels[3:], text)
+    if parsed is None:
+        raise _bad_topic(text, "unknown edgefl topic")
+    return parsed
 
+
+def _topic_text(topic: str | bytes | memoryview) -> str:
+    """The topic as text, at most ``MAX_TOPIC_BYTES`` long; strict UTF-8 for bytes."""
+    if isinstance(topic, bytes | bytearray | memoryview):
+        raw = bytes(topic)
+        if len(raw) > MAX_TOPIC_BYTES:
+            raise ProtocolError(RejectReason.BAD_TOPIC, f"topic longer than {MAX_TOPIC_BYTES} B")
+        try:
+            return raw.decode("utf-8", errors="strict")
+        except UnicodeDecodeError as exc:
+            raise ProtocolError(RejectReason.BAD_TOPIC, f"topic is not UTF-8: {exc}") from None
+    if isinstance(topic, str):
+        if len(topic) > MAX_TOPIC_BYTES:  # cheap bound before encoding
+            raise ProtocolError(RejectReason.BAD_TOPIC, f"topic longer than {MAX_TOPIC_BYTES} B")
+        return topic
+    raise ProtocolError(RejectReason.BAD_TOPIC, f"topic must be str or bytes: {topic!r}")
+
+
+def _parse_fleet_levels(fleet: str, rest: list[str], text: str) -> ParsedTopic | None:
+    """The levels after ``edgefl/v1/<fleet>/`` as a typed topic; None if they name none."""
+    n = len(rest)
     match rest[0]:
         case "model":
             if n == 2 and rest[1] == "manifest":
@@ -400,4 +409,4 @@ def parse_topic(
                 return ServerMetricsTopic(fleet)
         case _:
             pass
-    raise _bad_topic(text, "unknown edgefl topic")
+    return None
