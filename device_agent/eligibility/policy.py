@@ -233,8 +233,26 @@ def evaluate(
             while it trains), subtracted before comparing so training does not stop itself.
     """
     was = frozenset(previous.reasons) if previous is not None else frozenset()
-    reasons: list[IneligibleReason] = _power_reasons(policy, snapshot)
+    reasons: list[IneligibleReason] = [
+        *_power_reasons(policy, snapshot),
+        *_load_and_heat_reasons(policy, snapshot, was, own_load),
+        *_link_and_window_reasons(policy, snapshot),
+    ]
+    ordered = tuple(sorted(set(reasons), key=_REASON_ORDER.__getitem__))
+    eligible = not ordered
+    changed = previous is None or previous.eligible != eligible
+    return Decision(eligible=eligible, reasons=ordered, changed=changed)
 
+
+def _load_and_heat_reasons(
+    policy: EligibilityPolicy,
+    snapshot: DeviceSnapshot,
+    was: frozenset[IneligibleReason],
+    own_load: float,
+) -> list[IneligibleReason]:
+    """``busy`` / ``too_hot`` with hysteresis (a device that was busy or hot must come down to
+    the resume thresholds), unknown readings, under-voltage and throttling."""
+    reasons: list[IneligibleReason] = []
     load = snapshot.load_per_cpu(own_load)
     if load is None:
         if not policy.unknown_load_ok:
@@ -245,7 +263,6 @@ def evaluate(
         )
         if load > limit:
             reasons.append(IneligibleReason.BUSY)
-
     temp = snapshot.max_temp_c
     if temp is None:
         if not policy.unknown_temp_ok:
@@ -254,7 +271,6 @@ def evaluate(
         limit = policy.resume_temp_c if IneligibleReason.TOO_HOT in was else policy.max_temp_c
         if temp > limit:
             reasons.append(IneligibleReason.TOO_HOT)
-
     throttle = snapshot.throttle
     if throttle is None:
         if not policy.unknown_throttle_ok:
@@ -264,20 +280,22 @@ def evaluate(
             reasons.append(IneligibleReason.UNDER_VOLTAGE)
         if policy.reject_throttled and throttle.performance_limited_now:
             reasons.append(IneligibleReason.THROTTLED)
+    return reasons
 
+
+def _link_and_window_reasons(
+    policy: EligibilityPolicy, snapshot: DeviceSnapshot
+) -> list[IneligibleReason]:
+    """A metered (or unknown) link and the allowed time windows."""
+    reasons: list[IneligibleReason] = []
     if snapshot.metered is None:
         if not policy.unknown_metered_ok:
             reasons.append(IneligibleReason.METERED_UNKNOWN)
     elif snapshot.metered and not policy.allow_metered:
         reasons.append(IneligibleReason.METERED)
-
     if not policy.in_window(snapshot.local_time):
         reasons.append(IneligibleReason.OUTSIDE_WINDOW)
-
-    ordered = tuple(sorted(set(reasons), key=_REASON_ORDER.__getitem__))
-    eligible = not ordered
-    changed = previous is None or previous.eligible != eligible
-    return Decision(eligible=eligible, reasons=ordered, changed=changed)
+    return reasons
 
 
 # --- monitor ------------------------------------------------------------------------------------
