@@ -61,17 +61,8 @@ def _fmt_acc(value: float | None) -> str:
 def summarize(obs: Observation, payload: bytes) -> str:
     """The one-line description of ``obs`` (decoded from ``payload``)."""
     match obs:
-        case DeviceStateSeen(state=s, encoding=enc):
-            parts = [f"device_state{' (json)' if enc is StateEncoding.JSON else ''}"]
-            parts += [s.device_id, s.status.value, f"session={s.session}"]
-            if s.model_version is not None:
-                parts.append(f"model=v{s.model_version}")
-            parts.append(f"sent={s.updates_sent}")
-            if s.local_accuracy is not None:
-                parts.append(f"acc={s.local_accuracy:.3f}")
-            if s.reasons:
-                parts.append("why=" + ",".join(s.reasons))
-            text = " ".join(parts)
+        case DeviceStateSeen():
+            text = _device_state_text(obs)
         case ManifestSeen(manifest=m):
             chunks = f"{m.num_chunks} chunk{'s' if m.num_chunks != 1 else ''}"
             onnx = " +onnx" if m.onnx is not None else ""
@@ -85,21 +76,8 @@ def summarize(obs: Observation, payload: bytes) -> str:
                 f"model_chunk v{v}{what} {c.index + 1}/{c.count}"
                 f" of {human_bytes(c.total_size)} (data {human_bytes(c.data_length)})"
             )
-        case UpdateSeen(device_id=device, seq=seq, header=h, chunk=c):
-            if h is not None:
-                codec: dict[str, Any] = dict(h.codec)
-                q = codec.get("quantization", "?")
-                topk = f" top{codec['topk']}" if codec.get("topk") else ""
-                text = (
-                    f"update {device} seq={seq} base=v{h.base_version} n={h.num_examples}"
-                    f" {h.model} {q}{topk} {h.num_params} params {human_bytes(len(payload))}"
-                )
-            else:
-                assert c is not None
-                text = (
-                    f"update_chunk {device} seq={seq} chunk {c.index + 1}/{c.count}"
-                    f" of {human_bytes(c.total_size)} id={c.message_id.hex()[:8]}"
-                )
+        case UpdateSeen():
+            text = _update_text(obs, payload)
         case ServerStateSeen(state=s):
             rejected = sum(s.rejected.values())
             text = (
@@ -122,6 +100,37 @@ def summarize(obs: Observation, payload: bytes) -> str:
                 f" {_hex_prefix(payload)}"
             )
     return _short(text, MAX_SUMMARY)
+
+
+def _device_state_text(obs: DeviceStateSeen) -> str:
+    s = obs.state
+    parts = [f"device_state{' (json)' if obs.encoding is StateEncoding.JSON else ''}"]
+    parts += [s.device_id, s.status.value, f"session={s.session}"]
+    if s.model_version is not None:
+        parts.append(f"model=v{s.model_version}")
+    parts.append(f"sent={s.updates_sent}")
+    if s.local_accuracy is not None:
+        parts.append(f"acc={s.local_accuracy:.3f}")
+    if s.reasons:
+        parts.append("why=" + ",".join(s.reasons))
+    return " ".join(parts)
+
+
+def _update_text(obs: UpdateSeen, payload: bytes) -> str:
+    h, c = obs.header, obs.chunk
+    if h is not None:
+        codec: dict[str, Any] = dict(h.codec)
+        q = codec.get("quantization", "?")
+        topk = f" top{codec['topk']}" if codec.get("topk") else ""
+        return (
+            f"update {obs.device_id} seq={obs.seq} base=v{h.base_version} n={h.num_examples}"
+            f" {h.model} {q}{topk} {h.num_params} params {human_bytes(len(payload))}"
+        )
+    assert c is not None  # an UpdateSeen has a header or a chunk
+    return (
+        f"update_chunk {obs.device_id} seq={obs.seq} chunk {c.index + 1}/{c.count}"
+        f" of {human_bytes(c.total_size)} id={c.message_id.hex()[:8]}"
+    )
 
 
 @dataclass(frozen=True)
