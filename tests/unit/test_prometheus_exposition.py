@@ -9,6 +9,7 @@ of a running aggregator is in test_aggregator_observability.py.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import platform
 import re
@@ -27,7 +28,7 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families
 
 import edgefl
-from edgefl.aggregator.metrics import METRICS, MetricType, PrometheusExporter
+from edgefl.aggregator.metrics import METRICS, PrometheusExporter
 from edgefl.aggregator.stats import AggregatorStatistics
 from edgefl.errors import RejectReason
 
@@ -215,13 +216,18 @@ def find_promtool() -> str | None:
     return shutil.which("promtool") or (str(beside) if beside.is_file() else None)
 
 
-def test_promtool_check_metrics_finds_no_problem(served: tuple[PrometheusExporter, str]) -> None:
+def require_promtool() -> str:
     promtool = find_promtool()
     if promtool is None:
         message = "promtool is not installed (Debian: the prometheus package)"
         if os.environ.get("CI"):
             pytest.fail(f"{message} (CI is set, so this fails instead of skipping)")
         pytest.skip(message)
+    return promtool
+
+
+def test_promtool_check_metrics_finds_no_problem(served: tuple[PrometheusExporter, str]) -> None:
+    promtool = require_promtool()
     _, text = served
     out = subprocess.run(
         [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
@@ -230,8 +236,37 @@ def test_promtool_check_metrics_finds_no_problem(served: tuple[PrometheusExporte
 
 
 def test_docs_metrics_reference_lists_every_metric_with_its_type() -> None:
-    """docs/MONITOR.md's reference table: one row per family, name and type as served."""
-    rows = re.findall(r"^\| `(edgefl_[a-z_]+)(?:\{[^}]*\})?` \| (\w+) \|", DOCS.read_text(), re.M)
-    assert dict(rows) == {spec.name: spec.type.value for spec in METRICS}
-    assert len(rows) == len(METRICS)
-    assert all(spec.type in MetricType for spec in METRICS)
+    """docs/MONITOR.md's reference table: one row per family, name, labels and type as served."""
+    section = DOCS.read_text().split("### Metric reference", 1)[1].split("\n#", 1)[0]
+    rows = re.findall(
+        r"^\| `(edgefl_[a-z_]+)(?:\{([a-z_,]*)\})?` \| (counter|gauge|histogram) \|", section, re.M
+    )
+    documented = [
+        (name, tuple(labels.split(",")) if labels else (), kind) for name, labels, kind in rows
+    ]
+    assert documented == [(spec.name, spec.labels, spec.type.value) for spec in METRICS]
+
+
+def test_docs_promql_and_alert_rules_pass_promtool(tmp_path: Path) -> None:
+    """Every query of the ``promql`` block (as a recording rule) and the alert rules of
+    docs/MONITOR.md pass ``promtool check rules``, and only use served metric names."""
+    promtool = require_promtool()
+    text = DOCS.read_text().split("## Prometheus", 1)[1].split("\n## ", 1)[0]
+    promql = text.split("```promql\n", 1)[1].split("```", 1)[0]
+    queries = [q for q in promql.splitlines() if q.strip() and not q.startswith("#")]
+    alerts = text.split("Alert rules worth having:\n\n```yaml\n", 1)[1].split("```", 1)[0]
+    recording = "\n".join(
+        f"      - record: docs:query{i}\n        expr: {json.dumps(q)}"
+        for i, q in enumerate(queries)
+    )
+    rules = tmp_path / "rules.yml"
+    rules.write_text(f"{alerts}  - name: docs-queries\n    rules:\n{recording}\n")
+    out = subprocess.run(
+        [promtool, "check", "rules", str(rules)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stdout + out.stderr + rules.read_text()
+    assert f"SUCCESS: {len(queries) + 5} rules found" in out.stdout
+    served = {spec.name for spec in METRICS} | {"up"}
+    used = set(re.findall(r"\b(edgefl_[a-z_]+|up)\b", promql + alerts))
+    suffixes = ("_bucket", "_sum", "_count")
+    assert {next((u.removesuffix(x) for x in suffixes if u.endswith(x)), u) for u in used} <= served
