@@ -270,3 +270,48 @@ def test_docs_promql_and_alert_rules_pass_promtool(tmp_path: Path) -> None:
     used = set(re.findall(r"\b(edgefl_[a-z_]+|up)\b", promql + alerts))
     suffixes = ("_bucket", "_sum", "_count")
     assert {next((u.removesuffix(x) for x in suffixes if u.endswith(x)), u) for u in used} <= served
+
+
+def test_docs_ratio_and_rate_queries_give_values_per_instance(tmp_path: Path) -> None:
+    """``promtool test rules`` evaluates two of the documented queries on hand-made series:
+    received +8/min, rejected +1/min for each of two reasons, applied +8/min. The rejection
+    ratio must keep the instance (a plain ``sum()`` on one side matches nothing)."""
+    promtool = require_promtool()
+    text = DOCS.read_text().split("```promql\n", 1)[1].split("```", 1)[0]
+    queries = [q for q in text.splitlines() if q.strip() and not q.startswith("#")]
+    ratio = next(q for q in queries if "rejected_updates_total" in q and " / " in q)
+    rate = next(q for q in queries if q.startswith("rate(edgefl_aggregator_applied_updates_total"))
+    target = 'instance="a:9108",job="edgefl-aggregator"'
+    series = [
+        ("edgefl_aggregator_received_updates_total", "", 8),
+        ("edgefl_aggregator_applied_updates_total", "", 8),
+        ("edgefl_aggregator_rejected_updates_total", ',reason="duplicate"', 1),
+        ("edgefl_aggregator_rejected_updates_total", ',reason="stale"', 1),
+    ]
+    inputs = "\n".join(
+        f"      - series: '{name}{{{target}{extra}}}'\n        values: '0+{step}x20'"
+        for name, extra, step in series
+    )
+    tests = tmp_path / "tests.yml"
+    tests.write_text(
+        f"""tests:
+  - interval: 1m
+    input_series:
+{inputs}
+    promql_expr_test:
+      - expr: {json.dumps(ratio)}
+        eval_time: 15m
+        exp_samples:
+          - labels: '{{{target}}}'
+            value: 0.25
+      - expr: {json.dumps(rate)}
+        eval_time: 15m
+        exp_samples:
+          - labels: '{{{target}}}'
+            value: {8 / 60!r}
+"""
+    )
+    out = subprocess.run(
+        [promtool, "test", "rules", str(tests)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stdout + out.stderr + tests.read_text()
