@@ -1,112 +1,247 @@
 """Prometheus exposition of the aggregator's figures (its own registry, never the global one).
 
-Everything in :class:`~edgefl.aggregator.stats.AggregatorStatistics` is exported at scrape time
+The figures of :class:`~edgefl.aggregator.stats.AggregatorStatistics` are exported at scrape time
 from the service's latest snapshot (the collector never touches live service state, so a scrape
 from the HTTP thread is safe), plus the ingest latency histogram (receive -> durable ack)
-observed by the service.
+observed by the service, ``edgefl_build_info`` and the standard ``process_*`` metrics.
 
-=====================================  =========  ==========================================
-metric                                 type       meaning
-=====================================  =========  ==========================================
-edgefl_aggregator_version              gauge      current model version
-edgefl_aggregator_buffer_fill          gauge      k: updates in the buffer
-edgefl_aggregator_buffer_size          gauge      K
-edgefl_aggregator_received_total       counter    complete updates received
-edgefl_aggregator_applied_total        counter    updates accepted into the buffer
-edgefl_aggregator_rejected_total       counter    rejections, label ``reason``
-edgefl_aggregator_bytes_ingested_total counter    MQTT payload bytes of update packets
-edgefl_aggregator_updates_per_second   gauge      over the last metrics period
-edgefl_aggregator_staleness            histogram  staleness of accepted updates
-edgefl_aggregator_accuracy             gauge      held-out accuracy of the last evaluated version
-edgefl_aggregator_ingest_latency_seconds histogram receive -> durable ack, per message
-=====================================  =========  ==========================================
+Names follow https://prometheus.io/docs/practices/naming/: base units in the name (``_seconds``,
+``_bytes``, ``_ratio``), ``_total`` on every counter, nothing precomputed that PromQL can derive
+(rates are ``rate(..._total[5m])``), and labels only with a small closed set of values (a
+:class:`~edgefl.errors.RejectReason`, a FedAvg round status), never a device id. :data:`METRICS`
+is the catalogue (docs/MONITOR.md documents the same list; a test checks they agree).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import platform
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Histogram, ProcessCollector, start_http_server
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
+    Metric,
 )
 from prometheus_client.registry import Collector
 
+import edgefl
+from edgefl.aggregation.fedavg import RoundStatus
 from edgefl.aggregator.stats import AggregatorStatistics
+from edgefl.errors import RejectReason
 
-__all__ = ["PrometheusExporter"]
+__all__ = ["METRICS", "MetricSpec", "MetricType", "PrometheusExporter", "stats_families"]
 
-_PREFIX = "edgefl_aggregator"
+_P = "edgefl_aggregator"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 STALENESS_BUCKETS = (0, 1, 2, 3, 5, 10, 20, 50, 100)
 
 
-class _StatsCollector(Collector):
-    def __init__(self, provider: Callable[[], AggregatorStatistics | None]) -> None:
+class MetricType(StrEnum):
+    COUNTER = "counter"
+    GAUGE = "gauge"
+    HISTOGRAM = "histogram"
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One exported metric family. ``name`` is the name as scraped (counters end in ``_total``;
+    a histogram's samples add ``_bucket``, ``_sum`` and ``_count``)."""
+
+    name: str
+    type: MetricType
+    help: str
+    labels: tuple[str, ...] = ()
+
+
+BUILD_INFO = MetricSpec(
+    "edgefl_build_info",
+    MetricType.GAUGE,
+    "Always 1; the edgefl and Python versions",
+    ("version", "python"),
+)
+MODEL_VERSION = MetricSpec(f"{_P}_model_version", MetricType.GAUGE, "Current model version")
+BUFFERED = MetricSpec(
+    f"{_P}_buffered_updates", MetricType.GAUGE, "Updates in the buffer (k; FedAvg: this round)"
+)
+BUFFER_CAPACITY = MetricSpec(
+    f"{_P}_buffer_capacity_updates", MetricType.GAUGE, "Updates per server step (K)"
+)
+HELD_CHUNKS = MetricSpec(
+    f"{_P}_held_chunk_packets",
+    MetricType.GAUGE,
+    "Chunk packets held unacknowledged until their update is complete",
+)
+CONNECTED = MetricSpec(f"{_P}_connected", MetricType.GAUGE, "1 while connected to the broker")
+ACCURACY = MetricSpec(
+    f"{_P}_accuracy_ratio",
+    MetricType.GAUGE,
+    "Held-out accuracy (0..1) of the last evaluated model version",
+)
+RECEIVED = MetricSpec(
+    f"{_P}_received_updates_total", MetricType.COUNTER, "Complete updates received"
+)
+APPLIED = MetricSpec(
+    f"{_P}_applied_updates_total", MetricType.COUNTER, "Updates accepted into the buffer"
+)
+REJECTED = MetricSpec(
+    f"{_P}_rejected_updates_total", MetricType.COUNTER, "Rejected updates by reason", ("reason",)
+)
+DISCARDED = MetricSpec(
+    f"{_P}_discarded_updates_total",
+    MetricType.COUNTER,
+    "Accepted updates dropped with a failed FedAvg round",
+)
+INGESTED = MetricSpec(
+    f"{_P}_ingested_bytes_total", MetricType.COUNTER, "MQTT payload bytes of update packets"
+)
+STEPS = MetricSpec(f"{_P}_steps_total", MetricType.COUNTER, "Server steps (model versions created)")
+ROUNDS = MetricSpec(
+    f"{_P}_rounds_total", MetricType.COUNTER, "Closed FedAvg rounds by status", ("status",)
+)
+COMMITS = MetricSpec(f"{_P}_commits_total", MetricType.COUNTER, "Group commits to the state store")
+ACKED = MetricSpec(
+    f"{_P}_acked_packets_total",
+    MetricType.COUNTER,
+    "Update packets acknowledged to the broker (after their commit)",
+)
+RECONNECTS = MetricSpec(f"{_P}_reconnects_total", MetricType.COUNTER, "Reconnections to the broker")
+STALENESS = MetricSpec(
+    f"{_P}_staleness_versions",
+    MetricType.HISTOGRAM,
+    "Staleness of accepted updates (model versions behind)",
+)
+LATENCY = MetricSpec(
+    f"{_P}_ingest_latency_seconds",
+    MetricType.HISTOGRAM,
+    "Receive to durable acknowledgement of one update packet",
+)
+
+#: Every edgefl metric family of the endpoint, in exposition order (``process_*`` not included).
+METRICS: tuple[MetricSpec, ...] = (
+    BUILD_INFO,
+    MODEL_VERSION,
+    BUFFERED,
+    BUFFER_CAPACITY,
+    HELD_CHUNKS,
+    CONNECTED,
+    ACCURACY,
+    RECEIVED,
+    APPLIED,
+    REJECTED,
+    DISCARDED,
+    INGESTED,
+    STEPS,
+    ROUNDS,
+    COMMITS,
+    ACKED,
+    RECONNECTS,
+    STALENESS,
+    LATENCY,
+)
+
+
+def _gauge(spec: MetricSpec, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(spec.name, spec.help, value=value)
+
+
+def _counter(spec: MetricSpec, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(spec.name, spec.help, value=value)
+
+
+def _labelled_counter(
+    spec: MetricSpec, counts: Mapping[str, int], known: Iterable[str]
+) -> CounterMetricFamily:
+    """One sample per known label value (0 until it happens, so ``rate()`` sees the first one),
+    plus any other value present in ``counts``."""
+    family = CounterMetricFamily(spec.name, spec.help, labels=list(spec.labels))
+    for value in sorted(set(known) | set(counts)):
+        family.add_metric([value], counts.get(value, 0))
+    return family
+
+
+def _staleness(spec: MetricSpec, staleness: Mapping[int, int]) -> HistogramMetricFamily:
+    buckets = [
+        (str(float(bound)), float(sum(n for tau, n in staleness.items() if tau <= bound)))
+        for bound in STALENESS_BUCKETS
+    ]
+    buckets.append(("+Inf", float(sum(staleness.values()))))
+    tau_sum = sum(tau * n for tau, n in staleness.items())
+    return HistogramMetricFamily(spec.name, spec.help, buckets=buckets, sum_value=tau_sum)
+
+
+def stats_families(s: AggregatorStatistics) -> list[Metric]:
+    """The metric families of one statistics snapshot (pure; ``accuracy_ratio`` only once a
+    version was evaluated)."""
+    families: list[Metric] = [
+        _gauge(MODEL_VERSION, s.version),
+        _gauge(BUFFERED, s.buffer_fill),
+        _gauge(BUFFER_CAPACITY, s.buffer_size),
+        _gauge(HELD_CHUNKS, s.pending_acks),
+        _gauge(CONNECTED, 1 if s.connected else 0),
+    ]
+    if s.last_accuracy is not None:
+        families.append(_gauge(ACCURACY, s.last_accuracy))
+    families += [
+        _counter(RECEIVED, s.received),
+        _counter(APPLIED, s.applied),
+        _labelled_counter(REJECTED, s.rejected, (r.value for r in RejectReason)),
+        _counter(DISCARDED, s.discarded),
+        _counter(INGESTED, s.bytes_ingested),
+        _counter(STEPS, s.steps),
+        _labelled_counter(ROUNDS, s.rounds, (r.value for r in RoundStatus)),
+        _counter(COMMITS, s.batches),
+        _counter(ACKED, s.acked),
+        _counter(RECONNECTS, s.reconnects),
+        _staleness(STALENESS, s.staleness),
+    ]
+    return families
+
+
+def build_info() -> GaugeMetricFamily:
+    family = GaugeMetricFamily(BUILD_INFO.name, BUILD_INFO.help, labels=list(BUILD_INFO.labels))
+    family.add_metric([edgefl.__version__, platform.python_version()], 1)
+    return family
+
+
+def _without_created(family: Metric) -> Metric:
+    """``family`` without its ``_created`` sample (the text format would show it as a separate
+    gauge family carrying the histogram's help; the process start time covers it)."""
+    family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+    return family
+
+
+class _Collector(Collector):
+    def __init__(
+        self, provider: Callable[[], AggregatorStatistics | None], latency: Histogram
+    ) -> None:
         self._provider = provider
+        self._latency = latency
 
     def collect(self) -> Iterator[Any]:
+        yield build_info()
         s = self._provider()
-        if s is None:
-            return
-        yield GaugeMetricFamily(f"{_PREFIX}_version", "Current model version", value=s.version)
-        yield GaugeMetricFamily(f"{_PREFIX}_buffer_fill", "Updates in the buffer", s.buffer_fill)
-        yield GaugeMetricFamily(f"{_PREFIX}_buffer_size", "Updates per server step", s.buffer_size)
-        yield CounterMetricFamily(f"{_PREFIX}_received", "Complete updates received", s.received)
-        yield CounterMetricFamily(f"{_PREFIX}_applied", "Updates accepted", s.applied)
-        rejected = CounterMetricFamily(
-            f"{_PREFIX}_rejected", "Rejected updates by reason", labels=["reason"]
-        )
-        for reason, n in sorted(s.rejected.items()):
-            rejected.add_metric([reason], n)
-        yield rejected
-        yield CounterMetricFamily(
-            f"{_PREFIX}_bytes_ingested", "MQTT payload bytes of update packets", s.bytes_ingested
-        )
-        yield GaugeMetricFamily(
-            f"{_PREFIX}_updates_per_second", "Accepted updates per second", s.updates_per_s
-        )
-        yield GaugeMetricFamily(f"{_PREFIX}_steps", "Versions created", s.steps)
-        buckets: list[tuple[str, float]] = []
-        total = 0
-        tau_sum = 0
-        for bound in STALENESS_BUCKETS:
-            buckets.append(
-                (str(float(bound)), float(sum(n for t, n in s.staleness.items() if t <= bound)))
-            )
-        for tau, n in s.staleness.items():
-            total += n
-            tau_sum += tau * n
-        buckets.append(("+Inf", float(total)))
-        yield HistogramMetricFamily(
-            f"{_PREFIX}_staleness",
-            "Staleness of accepted updates",
-            buckets=buckets,
-            sum_value=tau_sum,
-        )
-        if s.last_accuracy is not None:
-            yield GaugeMetricFamily(
-                f"{_PREFIX}_accuracy",
-                "Held-out accuracy of the last evaluated version",
-                s.last_accuracy,
-            )
+        if s is not None:
+            yield from stats_families(s)
+        for family in self._latency.collect():
+            yield _without_created(family)
 
 
 class PrometheusExporter:
-    """Serves ``/metrics`` on ``port`` from a private :class:`CollectorRegistry`."""
+    """Serves ``/metrics`` on ``port`` from a private :class:`CollectorRegistry`: the families
+    of :data:`METRICS` and the standard ``process_*`` metrics of this process."""
 
     def __init__(self, provider: Callable[[], AggregatorStatistics | None]) -> None:
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_StatsCollector(provider))
         self.latency = Histogram(
-            f"{_PREFIX}_ingest_latency_seconds",
-            "Receive to durable acknowledgement of one update packet",
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
+            LATENCY.name, LATENCY.help, buckets=LATENCY_BUCKETS, registry=None
+        )  # thread-safe: observed on the event loop, collected from the HTTP thread
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_Collector(provider, self.latency))
+        ProcessCollector(registry=self.registry)
         self._server: Any = None
         self.port: int | None = None
 

@@ -6,11 +6,11 @@ import asyncio
 import subprocess
 import sys
 import textwrap
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 from test_aggregator_service import FLEET, Harness, delta, make_config, run
+from test_prometheus_exposition import sample_value, scrape_families
 
 from edgefl.aggregation import FedBuff, ServerOptimizerConfig
 from edgefl.aggregation.fedbuff import FedBuffConfig
@@ -19,18 +19,8 @@ from edgefl.protocol import update_topic
 from edgefl.transport import MemoryBroker
 
 
-def scrape(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    samples: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            samples[name] = float(value)
-    return samples
-
-
 def test_prometheus_endpoint_serves_the_counters(tmp_path: Path) -> None:
+    """A real scrape of a running aggregator, read with prometheus_client's parser."""
     broker = MemoryBroker()
     config = make_config(tmp_path, buffer_size=2, metrics_port=0)
 
@@ -40,20 +30,29 @@ def test_prometheus_endpoint_serves_the_counters(tmp_path: Path) -> None:
             await h.send("b", 1, 0, delta(2))
             await h.send("b", 1, 0, delta(2))  # duplicate
             await h.device.publish(update_topic(FLEET, "c", 1), b"x" * 40, qos=1)
-            await h.until(lambda s: s.received == 4)
+            await h.until(lambda s: s.received == 4 and s.acked == 4)
             port = h.agg.metrics_port
             assert port is not None
-            samples = await asyncio.to_thread(scrape, port)
+            f = await asyncio.to_thread(scrape_families, port)
         p = "edgefl_aggregator"
-        assert samples[f"{p}_version"] == 1
-        assert samples[f"{p}_applied_total"] == 2
-        assert samples[f"{p}_received_total"] == 4
-        assert samples[f'{p}_rejected_total{{reason="duplicate"}}'] == 1
-        assert samples[f'{p}_rejected_total{{reason="bad_magic"}}'] == 1
-        assert samples[f"{p}_buffer_size"] == 2
-        assert samples[f'{p}_staleness_bucket{{le="0.0"}}'] == 2
-        assert samples[f"{p}_bytes_ingested_total"] > 2 * 2410
-        assert samples[f"{p}_ingest_latency_seconds_count"] == 4
+        assert sample_value(f[f"{p}_model_version"]) == 1
+        assert f[f"{p}_steps_total"].type == "counter"
+        assert sample_value(f[f"{p}_steps_total"], "_total") == 1
+        assert sample_value(f[f"{p}_applied_updates_total"], "_total") == 2
+        assert sample_value(f[f"{p}_received_updates_total"], "_total") == 4
+        rejected = f[f"{p}_rejected_updates_total"]
+        assert sample_value(rejected, "_total", reason="duplicate") == 1
+        assert sample_value(rejected, "_total", reason="bad_magic") == 1
+        assert sample_value(f[f"{p}_buffer_capacity_updates"]) == 2
+        assert sample_value(f[f"{p}_buffered_updates"]) == 0
+        assert sample_value(f[f"{p}_connected"]) == 1
+        assert sample_value(f[f"{p}_reconnects_total"], "_total") == 0
+        assert sample_value(f[f"{p}_discarded_updates_total"], "_total") == 0
+        assert sample_value(f[f"{p}_acked_packets_total"], "_total") == 4
+        assert sample_value(f[f"{p}_staleness_versions"], "_bucket", le="0.0") == 2
+        assert sample_value(f[f"{p}_ingested_bytes_total"], "_total") > 2 * 2410
+        assert sample_value(f[f"{p}_ingest_latency_seconds"], "_count") == 4
+        assert f"{p}_updates_per_second" not in f
 
     run(body)
 
