@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Final
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker.launcher import CONF_DIR, MosquittoBroker, render_config
 from edgefl.protocol.topics import fleet_name, validate_name
@@ -303,16 +304,42 @@ def init_fleet(
             f"{layout.root} already holds a fleet (use --force to replace it)"
         )
     layout.root.mkdir(parents=True, exist_ok=True)
-
     ca = make_ca(f"edgefl fleet {fleet} CA")
     ca_pem = ca.cert_pem()
     _private_dir(layout.ca_dir)
     _write_public(layout.ca_dir / "ca.pem", ca_pem)
     _write_secret(layout.ca_dir / "ca.key", ca.key_pem())
+    _write_broker_files(
+        layout, ca, fleet, broker_hosts, port=port, data_dir=data_dir, broker_dir=broker_dir
+    )
+    signing = _write_service_accounts(layout, ca, use_mosquitto_passwd=use_mosquitto_passwd)
+    info = {
+        "layout": LAYOUT_VERSION,
+        "fleet": fleet,
+        "broker_hosts": list(broker_hosts),
+        "port": port,
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "aggregator_key_id": key_id(signing.public_key()).hex(),
+    }
+    _write_public(layout.fleet_file, json.dumps(info, indent=2) + "\n")
+    return layout
 
+
+def _write_broker_files(
+    layout: FleetDirectory,
+    ca: CertifiedKey,
+    fleet: str,
+    broker_hosts: Sequence[str],
+    *,
+    port: int,
+    data_dir: str,
+    broker_dir: str | os.PathLike[str] | None,
+) -> None:
+    """``broker/``: CA, server certificate for every host name, ACL, and both Mosquitto configs
+    (password-only and mutual TLS) pointing at ``broker_dir`` (default: this directory)."""
     broker = _private_dir(layout.broker_dir)
     server = issue_certificate(ca, str(broker_hosts[0]), server_names=broker_hosts)
-    _write_public(broker / "ca.pem", ca_pem)
+    _write_public(broker / "ca.pem", ca.cert_pem())
     _write_public(broker / "server.pem", server.cert_pem())
     _write_secret(broker / "server.key", server.key_pem())
     _write_public(layout.acl_file, acl_text(fleet))
@@ -327,6 +354,13 @@ def init_fleet(
         )
         _write_public(broker / name, text)
 
+
+def _write_service_accounts(
+    layout: FleetDirectory, ca: CertifiedKey, *, use_mosquitto_passwd: bool
+) -> Ed25519PrivateKey:
+    """``aggregator/`` (signing key pair, client certificate, empty device-keys directory) and
+    ``monitor/`` (client certificate), each with an MQTT password; returns the signing key."""
+    ca_pem = ca.cert_pem()
     agg = _private_dir(layout.aggregator_dir)
     signing = generate_private_key()
     write_private_key(layout.aggregator_signing_key, signing)
@@ -349,17 +383,7 @@ def init_fleet(
             layout.password_file, user, password, use_mosquitto_passwd=use_mosquitto_passwd
         )
         _write_secret(directory / "mqtt-password", password + "\n")
-
-    info = {
-        "layout": LAYOUT_VERSION,
-        "fleet": fleet,
-        "broker_hosts": list(broker_hosts),
-        "port": port,
-        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "aggregator_key_id": key_id(signing.public_key()).hex(),
-    }
-    _write_public(layout.fleet_file, json.dumps(info, indent=2) + "\n")
-    return layout
+    return signing
 
 
 @dataclass(frozen=True)
