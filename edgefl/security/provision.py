@@ -432,6 +432,22 @@ aggregator_public_key_file = "aggregator.pub"
 """
 
 
+def _fresh_bundle_dir(layout: FleetDirectory, device_id: str, *, force: bool) -> tuple[Path, Path]:
+    """An empty private bundle directory for ``device_id`` and the path its public key will be
+    registered under; refuses reserved ids and existing devices unless ``force``."""
+    if device_id in RESERVED_USERS:
+        raise ProvisionUsageError(f"{device_id!r} is reserved for the {device_id} account")
+    bundle = layout.device_dir(device_id)
+    registered = layout.device_keys_dir / f"{device_id}.pub"
+    if (bundle.exists() or registered.exists()) and not force:
+        raise ProvisionUsageError(f"device {device_id!r} exists (use --force to re-provision it)")
+    if bundle.exists():
+        shutil.rmtree(bundle)
+    _private_dir(bundle.parent)
+    _private_dir(bundle)
+    return bundle, registered
+
+
 def add_device(
     out: str | os.PathLike[str],
     device_id: str,
@@ -448,17 +464,7 @@ def add_device(
     info = layout.read_fleet()
     fleet = str(info["fleet"])
     device_id = validate_name(device_id, "device id")
-    if device_id in RESERVED_USERS:
-        raise ProvisionUsageError(f"{device_id!r} is reserved for the {device_id} account")
-    bundle = layout.device_dir(device_id)
-    registered = layout.device_keys_dir / f"{device_id}.pub"
-    if (bundle.exists() or registered.exists()) and not force:
-        raise ProvisionUsageError(f"device {device_id!r} exists (use --force to re-provision it)")
-    if bundle.exists():
-        shutil.rmtree(bundle)
-    _private_dir(bundle.parent)
-    _private_dir(bundle)
-
+    bundle, registered = _fresh_bundle_dir(layout, device_id, force=force)
     password = passwords.generate_password()
     writer = passwords.set_password(
         layout.password_file, device_id, password, use_mosquitto_passwd=use_mosquitto_passwd
