@@ -39,6 +39,7 @@ from firmware_sim.profiles import (
     ProfileMix,
     get_mix,
 )
+from firmware_sim.seeding import MASK64
 
 __all__ = ["BURST_CHUNK", "Fate", "Fleet", "TrainingFate"]
 
@@ -54,7 +55,6 @@ EXHAUSTIVE_LIMIT = 4096
 MIN_BANDWIDTH = 1.0
 """Bandwidth draws are clipped to at least this many bytes/s."""
 
-_MASK64 = (1 << 64) - 1
 _STREAM_ATTRS = 0x5EED_A77E
 _STREAM_DIURNAL = 0xD1_0A_1
 _STREAM_BURST = 0xB0_0575
@@ -62,9 +62,9 @@ _STREAM_BURST = 0xB0_0575
 
 def _mix64(x: int) -> int:
     """SplitMix64 finaliser: a bijective, well-mixed 64-bit hash."""
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    x = (x + 0x9E3779B97F4A7C15) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
     return x ^ (x >> 31)
 
 
@@ -120,12 +120,12 @@ class Fleet:
         self.mix = mix
         self.profiles: tuple[DeviceProfile, ...] = mix.profiles
         self.seed = int(seed)
-        self._diurnal_key = _mix64(_mix64(self.seed & _MASK64) ^ _STREAM_DIURNAL)
+        self._diurnal_key = _mix64(_mix64(self.seed & MASK64) ^ _STREAM_DIURNAL)
         self.draws_total = 0
         """Candidates drawn by :meth:`sample_idle_devices` so far (for cost accounting)."""
 
         n = self.num_devices
-        rng = np.random.default_rng([self.seed & _MASK64, _STREAM_ATTRS])
+        rng = np.random.default_rng([self.seed & MASK64, _STREAM_ATTRS])
         if len(self.profiles) == 1:
             self.profile_index: NDArray[np.int8] = np.zeros(n, dtype=np.int8)
         else:
@@ -332,7 +332,7 @@ class Fleet:
     def _slot_available(self, device: int, slot: int, avail: AvailabilityModel) -> bool:
         cycle = (slot - avail.cycle_start_hour) // 24
         h = _mix64(self._diurnal_key ^ device)
-        h = _mix64(h ^ (cycle & _MASK64))
+        h = _mix64(h ^ (cycle & MASK64))
         u = (h >> 11) * (1.0 / (1 << 53))
         return u < avail.hourly[slot % 24]
 
@@ -341,7 +341,7 @@ class Fleet:
     ) -> NDArray[np.float64]:
         """Flip times ending intervals ``chunk·C .. chunk·C + C - 1`` (C = BURST_CHUNK, even),
         interval ``i`` being on iff ``(i even) == initially_on``."""
-        rng = np.random.default_rng([self.seed & _MASK64, _STREAM_BURST, device, chunk])
+        rng = np.random.default_rng([self.seed & MASK64, _STREAM_BURST, device, chunk])
         first_on = bool(self.initially_on[device])
         even = np.arange(BURST_CHUNK) % 2 == 0
         means = np.where(even == first_on, avail.mean_on_s, avail.mean_off_s)

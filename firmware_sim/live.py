@@ -64,16 +64,15 @@ from device_agent.config import (
 from device_agent.dataset import LocalDataset
 from device_agent.eligibility import DeviceSnapshot, EligibilityPolicy, MeteredSource
 from device_agent.trainer import TrainJob, TrainResult
-from edgefl.aggregation import RobustMode
 from firmware_sim.attacks import apply_attack
 from firmware_sim.fleet import Fate
 from firmware_sim.record import Mode, RunRecord
 from firmware_sim.scenario import Scenario, SimConfig, build_scenario
+from firmware_sim.seeding import MASK64
 
 __all__ = ["LiveOptions", "LiveResult", "SimSnapshotSource", "SimTrainer", "run_live"]
 
 log = logging.getLogger("firmware_sim.live")
-_MASK64 = (1 << 64) - 1
 _STREAM_LIVE = 0x11_FE_5EED
 
 
@@ -188,7 +187,7 @@ class SimTrainer:
         self._device = device
         self._loop = loop
         self._on_crash = on_crash
-        seed = shared.sc.config.seed & _MASK64
+        seed = shared.sc.config.seed & MASK64
         self._rng = np.random.default_rng([seed, _STREAM_LIVE, device])
         self.agent: DeviceAgent | None = None
 
@@ -332,7 +331,7 @@ class _DeviceGroup:
         self.capacity = max(1, per_process)
         first = devices[0] if devices else 0
         self.rng = np.random.default_rng(
-            [scenario.config.seed & _MASK64, _STREAM_LIVE, 1 << 40, first]
+            [scenario.config.seed & MASK64, _STREAM_LIVE, 1 << 40, first]
         )
         self.shared.release = self._release
 
@@ -542,14 +541,12 @@ def _embedded_broker_main(port: int, ready: Any, stop: Any) -> None:
 
 
 def _aggregator_config(cfg: SimConfig, opts: LiveOptions, url: str, state_dir: Path) -> Any:
-    from edgefl.aggregation import StalenessKind
+    """The live aggregator's config: the run's :meth:`SimConfig.aggregation_settings` (the same
+    the virtual simulator runs) spelled as the service's flat knobs."""
     from edgefl.aggregator import AggregatorConfig, NormBoundSetting
-    from edgefl.aggregator import Algorithm as AggAlgorithm
-    from firmware_sim.scenario import parse_norm_bound
 
-    head, _, arg = cfg.staleness.partition(":")
-    params = [float(v) for v in arg.split(",")] if arg else []
-    bound = parse_norm_bound(cfg.norm_bound)
+    agg = cfg.aggregation_settings()
+    bound = agg.norm_bound
     if not bound.enabled:
         setting, max_norm = NormBoundSetting.OFF, None
     elif bound.adaptive_multiplier is None:
@@ -564,22 +561,24 @@ def _aggregator_config(cfg: SimConfig, opts: LiveOptions, url: str, state_dir: P
         fleet=opts.fleet,
         model=cfg.model_name,
         state_dir=state_dir,
-        algorithm=AggAlgorithm(cfg.algorithm.value),
-        buffer_size=cfg.buffer_size if cfg.algorithm.value == "fedbuff" else cfg.effective_cohort,
-        staleness=StalenessKind(head),
-        staleness_a=params[0] if params else None,
-        staleness_b=params[1] if len(params) > 1 else None,
-        max_staleness=cfg.max_staleness,
-        example_weighting=cfg.example_weighting,
-        normalisation=cfg.normalisation,
-        server_lr=cfg.server_lr,
-        server_momentum=cfg.server_momentum,
+        algorithm=agg.algorithm,
+        buffer_size=agg.buffer_size,
+        staleness=agg.staleness.kind,
+        staleness_a=agg.staleness.a,
+        staleness_b=agg.staleness.b,
+        max_staleness=agg.max_staleness,
+        example_weighting=agg.example_weighting,
+        example_cap=agg.example_cap,
+        normalisation=agg.normalisation,
+        server_optimizer=agg.server_optimizer.kind,
+        server_lr=agg.server_optimizer.lr,
+        server_momentum=agg.server_optimizer.momentum,
         norm_bound=setting,
         max_norm=max_norm,
-        robust=RobustMode(cfg.robust),
-        trim_beta=cfg.trim_beta,
+        robust=agg.robust,
+        trim_beta=agg.trim_beta,
         round_deadline_s=deadline,
-        min_fraction=cfg.min_fraction,
+        min_fraction=agg.min_fraction,
         local_epochs=cfg.local.epochs,
         batch_size=cfg.local.batch_size,
         lr=cfg.local.lr,

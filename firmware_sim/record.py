@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from edgefl.aggregation import Algorithm  # re-exported: the one enum, owned by the core
 from edgefl.errors import RejectReason
 
 __all__ = [
@@ -43,13 +44,6 @@ class Mode(StrEnum):
 
     VIRTUAL = "virtual"
     LIVE = "live"
-
-
-class Algorithm(StrEnum):
-    """Aggregation algorithm of the run."""
-
-    FEDBUFF = "fedbuff"
-    FEDAVG = "fedavg"
 
 
 class Outcome(StrEnum):

@@ -12,29 +12,31 @@ slices, so 100,000 simulated devices on a 16,000-example dataset still train on 
 amounts of data, and the cost of a run depends on the updates, not on ``N``.
 
 Also here: the text forms the command line uses, :func:`parse_codec` (``int8``,
-``int4+topk=0.1``, ``fp16+clip=5``) and :func:`parse_norm_bound` (``auto``, ``off``, ``3.5``).
+``int4+topk=0.1``, ``fp16+clip=5``) and :func:`parse_norm_bound` (``auto``, ``off``, ``3.5``);
+the staleness text is parsed by :func:`edgefl.aggregation.parse_staleness` (re-exported here).
+:meth:`SimConfig.aggregation_settings` is the one translation of a run's aggregation options into
+the resolved :class:`~edgefl.aggregation.AggregationSettings` that both the virtual simulator and
+the live aggregator (``firmware_sim.live``) run.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from enum import StrEnum
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from edgefl.aggregation import (
+    AggregationSettings,
+    Algorithm,
     ExampleWeighting,
-    FedBuffConfig,
     Normalisation,
     NormBound,
     RobustMode,
     ServerOptimizerConfig,
-    StalenessWeight,
-    SyncFedAvgConfig,
-    make_staleness,
+    parse_staleness,
 )
 from edgefl.codec import CodecConfig, Quantization
 from edgefl.data import Dataset, load_dataset, partition
@@ -43,13 +45,12 @@ from edgefl.training import LocalTrainConfig
 from firmware_sim.attacks import AttackConfig, malicious_mask
 from firmware_sim.fleet import Fleet
 from firmware_sim.profiles import get_mix, parse_distribution
-from firmware_sim.record import Algorithm
+from firmware_sim.seeding import MASK64
 
 __all__ = [
     "DATASET_MODELS",
     "Scenario",
     "SimConfig",
-    "StalenessSpec",
     "build_scenario",
     "codec_to_text",
     "parse_codec",
@@ -60,34 +61,7 @@ __all__ = [
 DATASET_MODELS: dict[str, str] = {"digits": "digits-mlp", "mnist1d": "mnist1d-cnn"}
 """The model each shipped dataset trains by default."""
 
-_MASK64 = (1 << 64) - 1
 _STREAM_PARTITION = 0x9A27_1710
-
-
-class StalenessSpec(StrEnum):
-    """Text names of the staleness functions accepted by :func:`parse_staleness`."""
-
-    CONSTANT = "constant"
-    POLYNOMIAL = "polynomial"
-    HINGE = "hinge"
-
-
-def parse_staleness(text: str) -> StalenessWeight:
-    """``constant`` | ``polynomial`` | ``polynomial:0.5`` (a) | ``hinge:a,b``."""
-    head, _, arg = text.strip().lower().partition(":")
-    kind = StalenessSpec(head)
-    values = [float(v) for v in arg.split(",")] if arg else []
-    if kind is StalenessSpec.CONSTANT:
-        if values:
-            raise ValueError("constant staleness takes no parameter")
-        return make_staleness("constant")
-    if kind is StalenessSpec.POLYNOMIAL:
-        if len(values) > 1:
-            raise ValueError("polynomial staleness takes one parameter: polynomial:A")
-        return make_staleness("polynomial", **({"a": values[0]} if values else {}))
-    if len(values) not in (0, 2):
-        raise ValueError("hinge staleness takes two parameters: hinge:A,B")
-    return make_staleness("hinge", **({"a": values[0], "b": values[1]} if values else {}))
 
 
 def parse_codec(text: str) -> CodecConfig:
@@ -199,7 +173,7 @@ class SimConfig:
             raise ValueError("eval_every_updates must be >= 1")
         parse_codec(self.codec)
         parse_norm_bound(self.norm_bound)
-        parse_staleness(self.staleness)
+        parse_staleness(self.staleness).weight()
         if self.speed is not None:
             parse_distribution(self.speed)
 
@@ -217,17 +191,23 @@ class SimConfig:
     def server_optimizer(self) -> ServerOptimizerConfig:
         return ServerOptimizerConfig.sgd(lr=self.server_lr, momentum=self.server_momentum)
 
-    def fedbuff_config(self) -> FedBuffConfig:
-        return FedBuffConfig(
-            buffer_size=self.buffer_size,
+    def aggregation_settings(self) -> AggregationSettings:
+        """The run's aggregation, resolved: what the virtual simulator builds its core from and
+        what the live aggregator is configured with (the FedAvg cohort is
+        :attr:`effective_cohort`; FedAvg weighs by examples whatever the normalisation)."""
+        fedavg = self.algorithm is Algorithm.FEDAVG
+        return AggregationSettings(
+            algorithm=self.algorithm,
+            buffer_size=self.effective_cohort if fedavg else self.buffer_size,
             staleness=parse_staleness(self.staleness),
             max_staleness=self.max_staleness,
-            example_weighting=self.example_weighting,
+            example_weighting=ExampleWeighting.EXAMPLES if fedavg else self.example_weighting,
             normalisation=Normalisation(self.normalisation),
             norm_bound=parse_norm_bound(self.norm_bound),
             robust=self.robust,
             trim_beta=self.trim_beta,
             server_optimizer=self.server_optimizer(),
+            min_fraction=self.min_fraction,
         )
 
     @property
@@ -237,15 +217,6 @@ class SimConfig:
         if Normalisation(self.normalisation) is Normalisation.SUM:
             return ExampleWeighting.EQUAL
         return ExampleWeighting.EXAMPLES
-
-    def fedavg_config(self) -> SyncFedAvgConfig:
-        return SyncFedAvgConfig(
-            min_fraction=self.min_fraction,
-            norm_bound=parse_norm_bound(self.norm_bound),
-            robust=self.robust,
-            trim_beta=self.trim_beta,
-            server_optimizer=self.server_optimizer(),
-        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready description (for ``summary.json``)."""
@@ -304,7 +275,7 @@ def build_scenario(config: SimConfig, dataset: Dataset | None = None) -> Scenari
     )
     fleet = Fleet(config.devices, mix, seed=config.seed)
     n_slices = max(1, min(config.devices, ds.num_train // max(1, config.min_examples)))
-    rng = np.random.default_rng([config.seed & _MASK64, _STREAM_PARTITION])
+    rng = np.random.default_rng([config.seed & MASK64, _STREAM_PARTITION])
     parts = partition(ds.y_train, n_slices, config.partition, rng)
     slices = tuple(np.asarray(p, dtype=np.int64) for p in parts)
     if any(len(s) == 0 for s in slices):

@@ -2,9 +2,11 @@
 
 No broker and no clocks: a heap of ``(time, seq, event)`` drives the *real* codec
 (:func:`edgefl.codec.encode_update` on the device side, :func:`edgefl.codec.open_update` on the
-aggregator side) and the *real* aggregation core (:class:`~edgefl.aggregation.FedBuff` or
-:class:`~edgefl.aggregation.SyncFedAvg`, with staleness weights, the norm bound and the robust
-modes). Local training is real SGD on each device's data slice (:func:`edgefl.training.train_many`).
+aggregator side, with the service's own bound :func:`edgefl.codec.max_decompressed`) and the
+*real* aggregation core (the :class:`~edgefl.aggregation.AggregationCore` the service drives,
+from :func:`~edgefl.aggregation.make_core`: FedBuff or SyncFedAvg, with staleness weights, the
+norm bound and the robust modes). Local training is real SGD on each device's data slice
+(:func:`edgefl.training.train_many`).
 
 Life of one training (device ``d``, virtual time ``t``)::
 
@@ -48,18 +50,26 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from edgefl.aggregation import FedBuff, SyncFedAvg
-from edgefl.codec import CodecConfig, Residual, encode_update, open_update
+from edgefl.aggregation import AggregationCore, Algorithm, make_core
+from edgefl.codec import (
+    CodecConfig,
+    CodecDescriptor,
+    DecodedUpdate,
+    Residual,
+    encode_update,
+    max_decompressed,
+    open_update,
+)
 from edgefl.errors import EdgeflError
 from edgefl.training import evaluate, train_many
 from firmware_sim.attacks import apply_attack
 from firmware_sim.fleet import Fate
-from firmware_sim.record import Algorithm, Mode, RunRecord
+from firmware_sim.record import Mode, RunRecord
 from firmware_sim.scenario import Scenario, SimConfig, build_scenario, codec_to_text
+from firmware_sim.seeding import MASK64
 
-__all__ = ["Progress", "VirtualResult", "VirtualSimulator", "run_virtual"]
+__all__ = ["Progress", "VirtualResult", "VirtualSimulator", "open_arrival", "run_virtual"]
 
-_MASK64 = (1 << 64) - 1
 _STREAM_ENGINE = 0x51_3E_47
 _STREAM_TRAIN = 0x7A_1A_17
 RETRY_S = 60.0
@@ -68,6 +78,18 @@ MAX_TRAIN_BATCH = 64
 BATCH_MIN = 3
 """Smaller groups are trained one by one (vmap's fixed cost only pays off from about 3 devices)."""
 """At most this many queued trainings go into one ``train_many`` call."""
+
+
+def open_arrival(
+    descriptor: CodecDescriptor, body: bytes | memoryview, *, num_params: int
+) -> DecodedUpdate:
+    """How the simulated aggregator opens an arriving update: :func:`edgefl.codec.open_update`
+    under the service's decompression bound :func:`edgefl.codec.max_decompressed`, so the
+    simulator accepts and rejects (``DECOMPRESSION_BOMB``, ``BAD_COMPRESSION``, ...) exactly
+    the bodies the aggregator's ingest does. Raises ``CodecError``."""
+    return open_update(
+        descriptor, body, num_params=num_params, max_decompressed=max_decompressed(num_params)
+    )
 
 
 class _Ev(IntEnum):
@@ -92,7 +114,7 @@ class _Training:
     delta: NDArray[np.float32] | None = None
     nbytes: int = 0
     restart_s: float = 0.0
-    descriptor: Any = None
+    descriptor: CodecDescriptor | None = None
     body: bytes = b""
 
 
@@ -160,7 +182,7 @@ class VirtualSimulator:
         self.codec: CodecConfig = cfg.codec_config()
         self.progress = progress
         self.rng = np.random.default_rng(
-            [cfg.seed & _MASK64, _STREAM_ENGINE, int(cfg.algorithm == Algorithm.FEDAVG)]
+            [cfg.seed & MASK64, _STREAM_ENGINE, int(cfg.algorithm is Algorithm.FEDAVG)]
         )
         self.record = RunRecord(
             config=cfg.to_dict(),
@@ -172,13 +194,11 @@ class VirtualSimulator:
         self.num_params = scenario.spec.num_params
         self.model_bytes = 4 * self.num_params
         self.fp32_bytes = 4 * self.num_params
-        self.max_decompressed = 4 * self.num_params + 1024
-        self.fedbuff: FedBuff | None = None
-        self.fedavg: SyncFedAvg | None = None
-        if cfg.algorithm is Algorithm.FEDBUFF:
-            self.fedbuff = FedBuff(cfg.fedbuff_config(), scenario.initial_weights)
-        else:
-            self.fedavg = SyncFedAvg(cfg.fedavg_config(), scenario.initial_weights)
+        self.core: AggregationCore = make_core(
+            cfg.aggregation_settings().core_config(), scenario.initial_weights
+        )
+        # scheduling (not aggregation): FedAvg samples cohorts, FedBuff keeps `concurrency` busy
+        self.cohorts = cfg.algorithm is Algorithm.FEDAVG
         self.heap: list[tuple[float, int, _Ev, int]] = []
         self.retry_pending = False
         self.seq = 0
@@ -205,15 +225,11 @@ class VirtualSimulator:
     # ------------------------------------------------------------------ model state
     @property
     def version(self) -> int:
-        core = self.fedbuff if self.fedbuff is not None else self.fedavg
-        assert core is not None
-        return core.version
+        return self.core.version
 
     @property
     def weights(self) -> NDArray[np.float32]:
-        core = self.fedbuff if self.fedbuff is not None else self.fedavg
-        assert core is not None
-        return core.weights
+        return self.core.weights
 
     def _base(self) -> NDArray[np.float32]:
         """A private copy of the current weights, shared by trainings started at this version."""
@@ -277,7 +293,6 @@ class VirtualSimulator:
 
     def _open_round(self) -> None:
         """FedAvg: open a round for a fresh cohort (or retry later if nobody is idle)."""
-        assert self.fedavg is not None
         self.busy.now = self.t
         cohort = self.sc.fleet.sample_idle_devices(
             self.cfg.effective_cohort, self.t, self.rng, self.busy
@@ -287,14 +302,14 @@ class VirtualSimulator:
             return
         assert self.round_deadline_s is not None
         self.round_id += 1
-        self.fedavg.open_round([str(d) for d in cohort], deadline=self.t + self.round_deadline_s)
+        self.core.open_round([str(d) for d in cohort], deadline=self.t + self.round_deadline_s)
         for d in cohort:
             self._start(d, self.round_id)
         self._push(self.t + self.round_deadline_s, _Ev.DEADLINE, self.round_id)
 
     def _auto_deadline(self) -> float:
         fleet = self.sc.fleet
-        rng = np.random.default_rng([self.cfg.seed & _MASK64, 0xDEAD11E])
+        rng = np.random.default_rng([self.cfg.seed & MASK64, 0xDEAD11E])
         sample = rng.integers(0, self.cfg.devices, size=256).tolist()
         upload_guess = self.fp32_bytes // 4 + 256  # about an int8 update
         totals = [
@@ -331,7 +346,7 @@ class VirtualSimulator:
     def _encode(self, tr: _Training) -> None:
         assert tr.delta is not None
         delta = tr.delta
-        rng = np.random.default_rng([self.cfg.seed & _MASK64, _STREAM_TRAIN, tr.tid])
+        rng = np.random.default_rng([self.cfg.seed & MASK64, _STREAM_TRAIN, tr.tid])
         if self.sc.malicious[tr.device]:
             delta = apply_attack(delta, self.cfg.attack, rng)
         residual = self.residuals.get(tr.device)
@@ -366,29 +381,12 @@ class VirtualSimulator:
         outcome = "applied"
         stepped = False
         try:
-            decoded = open_update(
-                tr.descriptor,
-                tr.body,
-                num_params=self.num_params,
-                max_decompressed=self.max_decompressed,
+            assert tr.descriptor is not None  # set by _encode before the upload
+            decoded = open_arrival(tr.descriptor, tr.body, num_params=self.num_params)
+            added = self.core.add(
+                str(tr.device), decoded, base_version=tr.base_version, num_examples=tr.num_examples
             )
-            if self.fedbuff is not None:
-                self.fedbuff.add(
-                    decoded, base_version=tr.base_version, num_examples=tr.num_examples
-                )
-                if self.fedbuff.ready:
-                    self.fedbuff.step()
-                    stepped = True
-            else:
-                assert self.fedavg is not None
-                res = self.fedavg.add(
-                    str(tr.device),
-                    decoded,
-                    base_version=tr.base_version,
-                    num_examples=tr.num_examples,
-                )
-                if res.result is not None:
-                    stepped = res.result.step is not None
+            stepped = added.step is not None
         except EdgeflError as exc:
             outcome = exc.reason.value
         else:
@@ -397,9 +395,14 @@ class VirtualSimulator:
         tr.body = b""
         if stepped:
             self._after_step()
-        if self.fedbuff is not None:
+        self._schedule()
+
+    def _schedule(self) -> None:
+        """Start what the algorithm's scheduling wants: FedBuff refills its ``concurrency``
+        slots; FedAvg opens the next round once none is open."""
+        if not self.cohorts:
             self._fill()
-        elif self.fedavg is not None and not self.fedavg.round_open:
+        elif not self.core.round_open:
             self._open_round()
 
     def _after_step(self) -> None:
@@ -467,25 +470,21 @@ class VirtualSimulator:
             self.queued.remove(tr)
 
     def _refill_after_loss(self) -> None:
-        if self.fedbuff is not None:
+        if not self.cohorts:
             self._fill()
         # FedAvg: a lost cohort member just never arrives; the deadline closes the round.
 
     def _on_deadline(self, round_id: int) -> None:
-        assert self.fedavg is not None
-        if round_id != self.round_id or not self.fedavg.round_open:
+        if round_id != self.round_id or not self.core.round_open:
             return
-        result = self.fedavg.deadline_passed(self.t)
+        result = self.core.deadline_passed(self.t)
         if result is not None and result.step is not None:
             self._after_step()
         self._open_round()
 
     def _on_retry(self) -> None:
         self.retry_pending = False
-        if self.fedbuff is not None:
-            self._fill()
-        elif self.fedavg is not None and not self.fedavg.round_open:
-            self._open_round()
+        self._schedule()
 
     # ------------------------------------------------------------------ main loop
     def _should_stop(self) -> bool:
@@ -502,7 +501,7 @@ class VirtualSimulator:
         self.wall0 = time.perf_counter()
         self.record.started_at = self.wall0
         self._evaluate()  # version 0
-        if self.fedbuff is not None:
+        if not self.cohorts:
             self._fill()
         else:
             self.round_deadline_s = self.cfg.round_deadline_s or self._auto_deadline()
@@ -534,9 +533,7 @@ class VirtualSimulator:
         self.record.finish(
             wall_time_s=wall, model_versions=self.version, final_accuracy=self.last_accuracy
         )
-        core_stats = (
-            self.fedbuff.statistics() if self.fedbuff is not None else self.fedavg.statistics()  # type: ignore[union-attr]
-        )
+        core_stats = self.core.statistics()
         return VirtualResult(
             record=self.record,
             wall_s=wall,

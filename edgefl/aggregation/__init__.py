@@ -6,11 +6,23 @@ Sign convention: ``delta = local_weights - base_weights``; the server moves *alo
 
 Modules: :mod:`.updates` (the ``AddableUpdate`` seam), :mod:`.staleness`, :mod:`.weighting`,
 :mod:`.server_opt`, :mod:`.robust`, :mod:`.fedbuff`, :mod:`.outcomes` (results and
-persisted state), :mod:`.fedavg`.
+persisted state), :mod:`.fedavg`, :mod:`.core` (:class:`Algorithm`, the :class:`AggregationCore`
+seam both the service and the simulator drive, :func:`make_core`), (with the one parser of the
+staleness text, :func:`parse_staleness`), :mod:`.settings` (:class:`AggregationSettings`: the
+resolved knobs and their one translation into the core's configs).
 """
 
 from __future__ import annotations
 
+from edgefl.aggregation.core import (
+    AggregationCore,
+    Algorithm,
+    CoreAdd,
+    CoreConfig,
+    FedBuffCore,
+    SyncCore,
+    make_core,
+)
 from edgefl.aggregation.fedavg import (
     RoundResult,
     RoundStatus,
@@ -48,13 +60,16 @@ from edgefl.aggregation.server_opt import (
     ServerOptimizerKind,
     ServerSGD,
 )
+from edgefl.aggregation.settings import AggregationSettings
 from edgefl.aggregation.staleness import (
     ConstantStaleness,
     HingeStaleness,
     PolynomialStaleness,
     StalenessKind,
+    StalenessSetting,
     StalenessWeight,
     make_staleness,
+    parse_staleness,
 )
 from edgefl.aggregation.updates import AddableUpdate, DenseUpdate
 from edgefl.aggregation.weighting import (
@@ -72,11 +87,17 @@ __all__ = [
     "MAX_CONTRIBUTION_NORM",
     "AddOutcome",
     "AddableUpdate",
+    "AggregationCore",
+    "AggregationSettings",
+    "Algorithm",
     "ConstantStaleness",
+    "CoreAdd",
+    "CoreConfig",
     "DenseUpdate",
     "ExampleWeighting",
     "FedBuff",
     "FedBuffConfig",
+    "FedBuffCore",
     "FedBuffState",
     "FedBuffStatistics",
     "HingeStaleness",
@@ -96,16 +117,20 @@ __all__ = [
     "ServerOptimizerKind",
     "ServerSGD",
     "StalenessKind",
+    "StalenessSetting",
     "StalenessWeight",
     "StepResult",
     "SyncAddOutcome",
+    "SyncCore",
     "SyncFedAvg",
     "SyncFedAvgConfig",
     "SyncFedAvgStatistics",
     "UpdateWeight",
     "coordinate_median",
     "example_weight",
+    "make_core",
     "make_staleness",
+    "parse_staleness",
     "required_updates",
     "robust_center",
     "trim_count",

@@ -36,7 +36,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from edgefl.aggregation.fedbuff import FedBuff, FedBuffConfig, Normalisation
-from edgefl.aggregation.outcomes import AddOutcome, FedBuffStatistics, StepResult
+from edgefl.aggregation.outcomes import AddOutcome, FedBuffState, FedBuffStatistics, StepResult
 from edgefl.aggregation.robust import NormBound, RobustMode
 from edgefl.aggregation.server_opt import ServerOptimizerConfig
 from edgefl.aggregation.staleness import ConstantStaleness
@@ -141,6 +141,11 @@ class SyncFedAvg:
     @property
     def version(self) -> int:
         return self._core.version
+
+    @property
+    def buffer_fill(self) -> int:
+        """Updates accepted into the open round's buffer so far."""
+        return self._core.buffer_fill
 
     @property
     def round_open(self) -> bool:
@@ -251,6 +256,28 @@ class SyncFedAvg:
         self._arrived = set()
         self._deadline = None
         return result
+
+    # ------------------------------------------------------------------ persistence
+    def snapshot(self, *, buffer: bool = True) -> FedBuffState:
+        """The model state of the barrier: weights, version, optimizer moments, norm history and
+        counters (FedBuff's :meth:`~edgefl.aggregation.FedBuff.snapshot` of the core; with
+        ``buffer=True`` also the open round's buffer).
+
+        The round itself (cohort, arrivals, deadline) and the round/rejection tallies are not
+        part of it: :meth:`restore` gives a barrier with no round open, and the caller opens one
+        (a restarted service starts a fresh round; the buffered updates of a round are
+        persisted and replayed by the caller, see :class:`edgefl.aggregator.engine.Engine`).
+        """
+        return self._core.snapshot(buffer=buffer)
+
+    @classmethod
+    def restore(cls, config: SyncFedAvgConfig, state: FedBuffState) -> SyncFedAvg:
+        """Rebuild a barrier from ``config`` and a :meth:`snapshot` (no round open; the restored
+        buffer, if any, is cleared by the next :meth:`open_round`). Raises ``ValueError`` as
+        :meth:`FedBuff.restore` does."""
+        sync = cls(config, state.weights, version=state.version)
+        sync._core = FedBuff.restore(config.fedbuff_config(), state)
+        return sync
 
     def statistics(self) -> SyncFedAvgStatistics:
         core = self._core.statistics()

@@ -126,3 +126,45 @@ def make_staleness(kind: StalenessKind | str, **params: float) -> StalenessWeigh
     if k is StalenessKind.POLYNOMIAL:
         return PolynomialStaleness(**params)
     return HingeStaleness(**params)
+
+
+@dataclass(frozen=True)
+class StalenessSetting:
+    """A staleness function by name and parameters (``None``: the function's default), as the
+    command line and the configs spell it; :meth:`weight` builds it."""
+
+    kind: StalenessKind
+    a: float | None = None
+    b: float | None = None
+
+    def params(self) -> dict[str, float]:
+        """The parameters that are set, by name (what :func:`make_staleness` takes)."""
+        return {name: value for name, value in (("a", self.a), ("b", self.b)) if value is not None}
+
+    def weight(self) -> StalenessWeight:
+        """The staleness function (raises ``ValueError`` for out-of-range parameters)."""
+        return make_staleness(self.kind, **self.params())
+
+
+def parse_staleness(text: str) -> StalenessSetting:
+    """The one parser of the staleness text: ``constant`` | ``polynomial`` | ``polynomial:A`` |
+    ``hinge`` | ``hinge:A,B`` (case and surrounding blanks ignored).
+
+    Raises ``ValueError`` for an unknown kind, a parameter that is not a number, or the wrong
+    number of parameters for the kind. Parameter ranges are checked by :meth:`StalenessSetting.
+    weight` (``make_staleness``)."""
+    head, _, arg = text.strip().lower().partition(":")
+    try:
+        kind = StalenessKind(head)
+    except ValueError:
+        valid = ", ".join(m.value for m in StalenessKind)
+        raise ValueError(f"unknown staleness kind {head!r}; expected one of: {valid}") from None
+    values = [float(v) for v in arg.split(",")] if arg else []
+    if kind is StalenessKind.CONSTANT and values:
+        raise ValueError("constant staleness takes no parameter")
+    if kind is StalenessKind.POLYNOMIAL and len(values) > 1:
+        raise ValueError("polynomial staleness takes one parameter: polynomial:A")
+    if kind is StalenessKind.HINGE and len(values) not in (0, 2):
+        raise ValueError("hinge staleness takes two parameters: hinge:A,B")
+    padded = [*values, None, None]
+    return StalenessSetting(kind, a=padded[0], b=padded[1])

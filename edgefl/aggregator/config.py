@@ -4,7 +4,9 @@
 model it serves, where its SQLite state lives, the aggregation algorithm and its knobs, what it
 asks devices to do (training hints and codec, published in every manifest), and the operational
 limits (update size, per-device rate). :meth:`AggregatorConfig.fedbuff_config` and
-:meth:`AggregatorConfig.sync_config` turn the flat knobs into the aggregation core's configs.
+:meth:`AggregatorConfig.sync_config` turn the flat knobs into the aggregation core's configs
+(through :meth:`AggregatorConfig.aggregation_settings`, the resolved knobs the fleet simulator
+produces too). :class:`Algorithm` lives in :mod:`edgefl.aggregation` and is re-exported here.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from edgefl.aggregation import (
+    AggregationSettings,
+    Algorithm,
     ExampleWeighting,
     FedBuffConfig,
     Normalisation,
@@ -26,9 +30,9 @@ from edgefl.aggregation import (
     ServerOptimizerConfig,
     ServerOptimizerKind,
     StalenessKind,
+    StalenessSetting,
     StalenessWeight,
     SyncFedAvgConfig,
-    make_staleness,
 )
 from edgefl.auth import EnvelopeSigner, UpdateAuthenticator
 from edgefl.codec import CodecConfig
@@ -41,11 +45,6 @@ __all__ = ["REASSEMBLY_PARTIALS", "AggregatorConfig", "Algorithm", "NormBoundSet
 
 REASSEMBLY_PARTIALS = 16
 """Incomplete chunked updates held at once; beyond that the least recently active is evicted."""
-
-
-class Algorithm(StrEnum):
-    FEDBUFF = "fedbuff"
-    FEDAVG = "fedavg"
 
 
 class NormBoundSetting(StrEnum):
@@ -164,12 +163,7 @@ class AggregatorConfig:
         return get_model_spec(self.model)
 
     def staleness_weight(self) -> StalenessWeight:
-        params: dict[str, float] = {}
-        if self.staleness_a is not None:
-            params["a"] = self.staleness_a
-        if self.staleness_b is not None:
-            params["b"] = self.staleness_b
-        return make_staleness(self.staleness, **params)
+        return self.aggregation_settings().staleness.weight()
 
     def norm_bound_config(self) -> NormBound:
         s = self.norm_bound
@@ -187,10 +181,13 @@ class AggregatorConfig:
             return ServerOptimizerConfig.adam(lr=self.server_lr)
         return ServerOptimizerConfig.sgd(lr=self.server_lr, momentum=self.server_momentum)
 
-    def fedbuff_config(self) -> FedBuffConfig:
-        return FedBuffConfig(
+    def aggregation_settings(self) -> AggregationSettings:
+        """The resolved aggregation knobs (the service's FedAvg cohort is ``buffer_size``
+        anonymous slots)."""
+        return AggregationSettings(
+            algorithm=self.algorithm,
             buffer_size=self.buffer_size,
-            staleness=self.staleness_weight(),
+            staleness=StalenessSetting(self.staleness, self.staleness_a, self.staleness_b),
             max_staleness=self.max_staleness,
             example_weighting=self.example_weighting,
             example_cap=self.example_cap,
@@ -199,18 +196,14 @@ class AggregatorConfig:
             robust=self.robust,
             trim_beta=self.trim_beta,
             server_optimizer=self.optimizer_config(),
+            min_fraction=self.min_fraction,
         )
 
+    def fedbuff_config(self) -> FedBuffConfig:
+        return self.aggregation_settings().fedbuff_config()
+
     def sync_config(self) -> SyncFedAvgConfig:
-        return SyncFedAvgConfig(
-            min_fraction=self.min_fraction,
-            example_weighting=self.example_weighting,
-            example_cap=self.example_cap,
-            norm_bound=self.norm_bound_config(),
-            robust=self.robust,
-            trim_beta=self.trim_beta,
-            server_optimizer=self.optimizer_config(),
-        )
+        return self.aggregation_settings().sync_config()
 
     def training_hints(self) -> TrainingHints:
         return TrainingHints(

@@ -15,7 +15,10 @@ and a streaming buffer; the engine adds what the service needs around them:
   update trained from the round's version take them. A second update of a device in the same
   round is ``DUPLICATE``; an update from another version is ``STALE`` / ``FUTURE_VERSION``.
 
-Never reads a clock: FedAvg deadlines use the ``now`` the caller passes.
+The algorithm itself is an :class:`~edgefl.aggregation.AggregationCore` from
+:func:`~edgefl.aggregation.make_core` (the same seam the virtual simulator drives); the engine
+never branches on the algorithm. Never reads a clock: FedAvg deadlines use the ``now`` the
+caller passes.
 """
 
 from __future__ import annotations
@@ -28,16 +31,13 @@ from numpy.typing import NDArray
 from edgefl.aggregation import (
     AddableUpdate,
     AddOutcome,
-    FedBuff,
     FedBuffState,
-    RobustMode,
     RoundResult,
     RoundStatus,
     StepResult,
-    SyncFedAvg,
+    make_core,
 )
 from edgefl.aggregator.config import AggregatorConfig, Algorithm
-from edgefl.errors import RejectReason, UpdateRejected
 
 __all__ = ["AddResult", "Engine"]
 
@@ -66,32 +66,22 @@ class Engine:
         self._generation = generation
         self._discarded = 0
         self._rounds: dict[str, int] = {}
-        self._fedbuff: FedBuff | None = None
-        self._sync: SyncFedAvg | None = None
-        self._round_devices: set[str] = set()
-        if config.algorithm is Algorithm.FEDBUFF:
-            self._fedbuff = FedBuff.restore(config.fedbuff_config(), state)
-        else:
-            sync = SyncFedAvg(config.sync_config(), state.weights, version=state.version)
-            # SyncFedAvg has no restore(): put the restored core (optimizer moments, norm
-            # history) in place of the fresh one it built. See docs/AGGREGATOR.md.
-            sync._core = FedBuff.restore(config.sync_config().fedbuff_config(), state)
-            self._sync = sync
-            self._open_round(now)
+        self._core = make_core(config.aggregation_settings().core_config(), state)
+        self._open_round(now)
 
     # ------------------------------------------------------------------ properties
     @property
     def algorithm(self) -> Algorithm:
-        return self._config.algorithm
+        return self._core.algorithm
 
     @property
     def version(self) -> int:
-        return self._core().version
+        return self._core.version
 
     @property
     def weights(self) -> NDArray[np.float32]:
         """Read-only view of the current weights (changes in place at each step)."""
-        return self._core().weights
+        return self._core.weights
 
     @property
     def generation(self) -> int:
@@ -99,7 +89,7 @@ class Engine:
 
     @property
     def buffer_fill(self) -> int:
-        return self._core().buffer_fill
+        return self._core.buffer_fill
 
     @property
     def buffer_size(self) -> int:
@@ -117,7 +107,7 @@ class Engine:
 
     @property
     def deadline(self) -> float | None:
-        return None if self._sync is None else self._sync.deadline
+        return self._core.deadline
 
     # ------------------------------------------------------------------ ingest
     def add(
@@ -130,34 +120,18 @@ class Engine:
         now: float = 0.0,
     ) -> AddResult:
         """Add one update; raises ``UpdateRejected`` (nothing changes then)."""
-        if self._fedbuff is not None:
-            outcome = self._fedbuff.add(
-                update, base_version=base_version, num_examples=num_examples
-            )
-            step = None
-            if self._fedbuff.ready:
-                step = self._fedbuff.step()
-                self._generation += 1
-            return AddResult(outcome, step=step)
-        sync = self._sync
-        assert sync is not None
-        if base_version == sync.version and device_id in self._round_devices:
-            raise UpdateRejected(
-                RejectReason.DUPLICATE, f"device {device_id!r} already delivered for {sync.version}"
-            )
-        slot = f"slot-{len(self._round_devices)}"
-        added = sync.add(slot, update, base_version=base_version, num_examples=num_examples)
-        self._round_devices.add(device_id)
-        result = added.result
-        if result is not None:
-            self._closed(result, now)
-        return AddResult(added.outcome, step=None if result is None else result.step, round=result)
+        added = self._core.add(
+            device_id, update, base_version=base_version, num_examples=num_examples
+        )
+        if added.round is not None:
+            self._closed(added.round, now)
+        elif added.step is not None:
+            self._generation += 1
+        return AddResult(added.outcome, step=added.step, round=added.round)
 
     def tick(self, now: float) -> RoundResult | None:
         """FedAvg: close the round when its deadline passed (and open the next one)."""
-        if self._sync is None:
-            return None
-        result = self._sync.deadline_passed(now)
+        result = self._core.deadline_passed(now)
         if result is not None:
             self._closed(result, now)
         return result
@@ -170,10 +144,10 @@ class Engine:
         self._open_round(now)
 
     def _open_round(self, now: float) -> None:
-        assert self._sync is not None
-        cohort = [f"slot-{i}" for i in range(self._config.buffer_size)]
-        self._sync.open_round(cohort, deadline=now + self._config.round_deadline_s)
-        self._round_devices = set()
+        """A round of ``buffer_size`` anonymous slots (FedAvg; FedBuff has no rounds)."""
+        if not self._core.round_open:
+            deadline = now + self._config.round_deadline_s
+            self._core.open_round(self._config.buffer_size, deadline=deadline)
 
     # ------------------------------------------------------------------ persistence
     def snapshot(self) -> FedBuffState:
@@ -183,12 +157,12 @@ class Engine:
         snapshot is restored with an empty buffer and the current generation's updates are
         replayed through :meth:`add`.
         """
-        return self._core().snapshot(buffer=False)
+        return self._core.snapshot(buffer=False)
 
     @property
     def can_checkpoint(self) -> bool:
         """FedBuff with a streaming accumulator (no robust mode) can store its buffer compactly."""
-        return self._fedbuff is not None and self._fedbuff.config.robust is RobustMode.NONE
+        return self._core.can_checkpoint
 
     def checkpoint(self) -> FedBuffState:
         """The full state *including* the buffer's accumulator, and a new generation: the
@@ -197,10 +171,4 @@ class Engine:
         if not self.can_checkpoint:
             raise RuntimeError("checkpoints need FedBuff without a robust mode")
         self._generation += 1
-        return self._core().snapshot()
-
-    def _core(self) -> FedBuff:
-        if self._fedbuff is not None:
-            return self._fedbuff
-        assert self._sync is not None
-        return self._sync._core
+        return self._core.snapshot()

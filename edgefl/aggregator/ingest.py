@@ -38,6 +38,7 @@ from edgefl.codec import (
     CodecDescriptor,
     DecodedUpdate,
     inflate_body,
+    max_decompressed,
     open_inflated,
     open_update,
 )
@@ -105,12 +106,6 @@ class StagedUpdate:
 
 
 Decoded = AddableUpdate | EdgeflError  # what Ingest.decode returns: the update, or why not
-
-
-def max_decompressed(num_params: int) -> int:
-    """Bound on an update's decompressed body: a dense fp32 body with uint32 index gaps (8 B per
-    parameter), plus scales and padding slack. Anything larger is a bomb."""
-    return 9 * num_params + 65536
 
 
 def decode_body(

@@ -10,12 +10,15 @@ Sign convention: ``delta = local_weights - base_weights``. Module map:
 * :mod:`~edgefl.codec.quantize` — stochastic rounding, packing, slice-wise dequantization;
 * :mod:`~edgefl.codec.sparsify` — clipping, top-k, index gaps, :class:`Residual`;
 * :mod:`~edgefl.codec.compress` — zstd with bounded decompression;
+* :mod:`~edgefl.codec.bounds` — :func:`max_decompressed`, the one decompression bound of every
+  receiver (aggregator and simulator);
 * :mod:`~edgefl.codec.update` — :func:`encode_update`, :func:`open_update`,
   :class:`DecodedUpdate`, :func:`decode_update`.
 
 numpy and zstandard only; no torch.
 """
 
+from edgefl.codec.bounds import DECOMPRESSION_SLACK, max_body_size, max_decompressed
 from edgefl.codec.config import (
     CODEC_FORMAT,
     CodecConfig,
@@ -38,6 +41,7 @@ from edgefl.codec.update import (
 
 __all__ = [
     "CODEC_FORMAT",
+    "DECOMPRESSION_SLACK",
     "CodecConfig",
     "CodecDescriptor",
     "Compression",
@@ -50,6 +54,8 @@ __all__ = [
     "decode_update",
     "encode_update",
     "inflate_body",
+    "max_body_size",
+    "max_decompressed",
     "open_inflated",
     "open_update",
 ]

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pytest
 
 from edgefl.aggregation import (
+    AddOutcome,
     DenseUpdate,
     FedBuff,
     FedBuffConfig,
@@ -15,6 +14,7 @@ from edgefl.aggregation import (
     NormBound,
     RobustMode,
     ServerOptimizerConfig,
+    StepResult,
 )
 from edgefl.errors import RejectReason, UpdateRejected
 
@@ -34,12 +34,23 @@ def events(seed: int = 11) -> list[tuple[np.ndarray, int, int]]:
     return out
 
 
-def drive(fb: FedBuff, evts: list[tuple[np.ndarray, int, int]]) -> FedBuff:
+Trace = list[AddOutcome | StepResult | RejectReason]
+
+
+def drive(
+    fb: FedBuff, evts: list[tuple[np.ndarray, int, int]], trace: Trace | None = None
+) -> FedBuff:
+    """Feed ``evts``; every add outcome, rejection and step result goes into ``trace``."""
+    out: Trace = [] if trace is None else trace
     for delta, lag, n in evts:
-        with contextlib.suppress(UpdateRejected):
-            fb.add(DenseUpdate(delta), base_version=max(0, fb.version - lag), num_examples=n)
+        try:
+            out.append(
+                fb.add(DenseUpdate(delta), base_version=max(0, fb.version - lag), num_examples=n)
+            )
+        except UpdateRejected as exc:
+            out.append(exc.reason)
         if fb.ready:
-            fb.step()
+            out.append(fb.step())
     return fb
 
 
@@ -68,20 +79,46 @@ CONFIGS = {
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 @pytest.mark.parametrize("cut", [4, 10, 17])
 def test_restore_mid_buffer_matches_uninterrupted_run(name: str, cut: int) -> None:
+    # Arrange: one run straight through, and one cut at `cut` and resumed from a snapshot
     cfg = CONFIGS[name]
     evts = events()
     w0 = np.linspace(-1, 1, NUM_PARAMS, dtype=np.float32)
-    straight = drive(FedBuff(cfg, w0), evts)
-
-    first = drive(FedBuff(cfg, w0), evts[:cut])
+    straight_trace: Trace = []
+    straight = drive(FedBuff(cfg, w0), evts, straight_trace)
+    first_trace: Trace = []
+    first = drive(FedBuff(cfg, w0), evts[:cut], first_trace)
     state = first.snapshot()
     assert state.count == first.buffer_fill
-    drive(first, evts[cut:])  # the original keeps going: the snapshot must not change
-    resumed = drive(FedBuff.restore(cfg, state), evts[cut:])
+    resumed_trace = list(first_trace)
+    prefix = len(first_trace)
 
+    # Act
+    drive(first, evts[cut:], first_trace)  # the original keeps going: the snapshot must not change
+    resumed = drive(FedBuff.restore(cfg, state), evts[cut:], resumed_trace)
+
+    # Assert: every outcome and step result (weights, staleness mean and max, clipping) equal,
+    # and the resumed part holds steps that aggregate updates buffered before the cut
+    assert any(isinstance(r, StepResult) for r in straight_trace[prefix:])
+    assert resumed_trace == straight_trace
+    assert first_trace == straight_trace
     np.testing.assert_array_equal(resumed.weights, straight.weights)
     assert resumed.statistics() == straight.statistics()
     np.testing.assert_array_equal(first.weights, straight.weights)
+
+
+def test_restored_buffer_keeps_its_staleness_statistics() -> None:
+    # Arrange: two buffered updates with staleness 2 and 0 (mean 1, max 2), then a snapshot
+    fb = FedBuff(FedBuffConfig(buffer_size=3), np.zeros(2, np.float32), version=2)
+    fb.add(DenseUpdate([1.0, 0.0]), base_version=0, num_examples=1)
+    fb.add(DenseUpdate([0.0, 1.0]), base_version=2, num_examples=1)
+    restored = FedBuff.restore(fb.config, fb.snapshot())
+
+    # Act: the third update (staleness 0) completes the buffer
+    restored.add(DenseUpdate([1.0, 1.0]), base_version=2, num_examples=1)
+    step = restored.step()
+
+    # Assert: (2 + 0 + 0) / 3 and max 2, as if never restored
+    assert (step.mean_staleness, step.max_staleness) == (2 / 3, 2)
 
 
 def test_some_snapshots_are_taken_mid_buffer() -> None:
