@@ -3,9 +3,9 @@
 **BLAS threads.** numpy's bundled OpenBLAS runs vector products (e.g. the norm of the aggregate
 at every FedBuff step) on a thread pool whose workers then busy-wait for about 0.1 s. With a
 step every few hundred milliseconds they spin almost all the time and take a whole core from
-ingest: measured 357 -> 660 updates/s (100k parameters) and 2.9 -> 1.3 ms CPU per update with
-one BLAS thread. :func:`limit_blas_threads` sets the pool to one thread through OpenBLAS's own
-API (what ``threadpoolctl`` does, without the dependency).
+ingest (measurements: docs/AGGREGATOR.md, "Tuning"). :func:`limit_blas_threads` sets the
+pool to one thread through OpenBLAS's own API (what ``threadpoolctl`` does, without the
+dependency).
 
 **Memory.**
 The aggregator allocates and frees many short-lived buffers of 100 kB to a few MB (MQTT
@@ -15,10 +15,9 @@ block, after which big buffers come from the heap and fragment it (RSS stays far
 live), and its 128 KiB trim threshold hands the top of the heap back to the kernel at nearly
 every free, so the next buffer page-faults in again. :func:`tune_malloc` fixes both: buffers
 under 2 MiB come from the heap, whose top is trimmed only past 16 MiB free; model-sized arrays
-(4 MB at 1M parameters) get their own mappings, returned when freed. Measured on
-``bench/ingest.py`` with the 1M-parameter model: 3,193 -> 305 page faults per update, 39 -> 69
-updates/s, peak RSS 152 MB (budget 166). With a pinned 128 KiB mmap threshold and the default
-trim threshold (the previous setting) it was 155 MB; with a 32 MiB threshold, 193 MB.
+(4 MB at 1M parameters) get their own mappings, returned when freed. The measured effect (page
+faults, updates/s and peak RSS on ``bench/ingest.py``, against the alternatives tried) is in
+docs/AGGREGATOR.md, "Tuning".
 """
 
 from __future__ import annotations
