@@ -12,8 +12,9 @@ device_agent``, digits MLP, always eligible). While they run, a seeded fault sch
   of docs/PROTOCOL.md exist for).
 
 Then every device is unplugged (its fake ``/sys`` says so: no new trainings) and every process
-stays up until each agent's spool is empty (bounded), and the run is reconciled: an update counts as **produced** once its agent logged ``update N spooled`` (written
-after the spool's fsync), and as **accounted** when the aggregator's SQLite ``seen`` table holds
+stays up until each agent's spool is empty (bounded), and the run is reconciled: an update
+counts as **produced** once its agent logged ``update N spooled`` (written after the spool's
+fsync), and as **accounted** when the aggregator's SQLite ``seen`` table holds
 its ``(device, seq)``. ``lost`` = produced but not accounted; ``double_counted`` = accepted
 updates the aggregator counted beyond the distinct ``seen`` rows. Updates accounted but never
 logged (an agent killed between its fsync and its log line) are reported as ``unlogged``, not as
