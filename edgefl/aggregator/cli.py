@@ -308,7 +308,7 @@ def _run(config: Path | None, overrides: dict[str, object]) -> None:
     from edgefl.aggregator.runner import run_aggregator
 
     loaded = _load(config, overrides)
-    preflight(loaded.aggregator)  # before anything is written
+    preflight(loaded)  # before anything is written
     _setup_logging(loaded.log_level)
     raise typer.Exit(run_aggregator(loaded.aggregator))
 
@@ -329,7 +329,7 @@ def check_config_command(
 
     parent_config, overrides = ctx.obj if isinstance(ctx.obj, tuple) else (None, {})
     loaded = _load(config or parent_config, overrides)
-    preflight(loaded.aggregator)
+    preflight(loaded)
     authenticator = loaded.aggregator.authenticator
     statistics = getattr(authenticator, "statistics", None)
     if statistics is not None:

@@ -442,14 +442,17 @@ def describe(loaded: LoadedConfig) -> dict[str, object]:
     return out
 
 
-def preflight(config: AggregatorConfig) -> None:
+def preflight(loaded: LoadedConfig) -> None:
     """Check what the service needs from the machine, creating nothing: the state directory is
-    a writable directory, or can be created (its nearest existing parent is writable).
-    :class:`ConfigError` naming ``state_dir`` otherwise. (The other files were checked by the
-    loader.)"""
-    problem = state_dir_problem(config.state_dir)
+    a writable directory, or can be created (its nearest existing parent is writable). Raises
+    :class:`UsageError` naming ``--state-dir`` when the flag set it, else :class:`ConfigError`
+    naming ``state_dir``. (The other files were checked by the loader.)"""
+    problem = state_dir_problem(loaded.aggregator.state_dir)
     if problem is not None:
-        raise config_error("state_dir", problem)
+        source = loaded.sources.get("state_dir")
+        if source is not None and source.startswith("command line"):
+            raise UsageError(f"{FLAGS['state_dir']}: {problem}")
+        raise config_error("state_dir", problem, source)
 
 
 def state_dir_problem(path: Path) -> str | None:
