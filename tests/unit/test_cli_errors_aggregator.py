@@ -1,3 +1,4 @@
+# ruff: noqa: E501  (one row per case: the tables read better unwrapped)
 """``edgefl aggregator`` with bad input: one line naming the option or key, a documented exit
 code, no traceback, and no state written (the state directory stays absent).
 
