@@ -185,7 +185,7 @@ def aggregator_command(
     rate_limit: Annotated[
         float | None, typer.Option(help="Accepted updates per device per minute (off).")
     ] = None,
-    max_batch: Annotated[int | None, typer.Option(help="Messages per group commit. [256]")] = None,
+    max_batch: Annotated[int | None, typer.Option(help="Messages per group commit. [512]")] = None,
     max_inflight_mib: Annotated[
         int | None,
         typer.Option(

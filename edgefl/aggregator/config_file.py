@@ -164,6 +164,8 @@ FLAGS: dict[str, str] = {key: k.flag for key, k in _KEYS.items()}
 """The command-line flag of every key."""
 _SECTIONS = sorted({key.split(".", 1)[0] for key in _KEYS if "." in key})
 _REQUIRED = ("broker.url", "fleet", "model", "state_dir")
+_SERVICE_DEFAULTS: dict[str, object] = {"limits.max_batch": 512}
+"""Where the command's default differs from :class:`AggregatorConfig`'s (the library's)."""
 _FIELD_TO_KEY = {k.target: key for key, k in _KEYS.items() if k.target is not None}
 
 
@@ -234,7 +236,7 @@ def load_aggregator_config(
         settings["state_dir"] = Setting(first, "$STATE_DIRECTORY", True, None)
     err = _Errors(settings, path is not None)
 
-    values: dict[str, object] = {}
+    values: dict[str, object] = dict(_SERVICE_DEFAULTS)
     for key, setting in settings.items():
         try:
             values[key] = coerce(key, setting, SCHEMA[key])

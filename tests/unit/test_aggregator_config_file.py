@@ -79,7 +79,7 @@ def test_file_values_reach_the_service_config(tmp_path: Path) -> None:
     assert mqtt.password == "s3cret"
 
 
-def test_flags_only_gives_the_dataclass_defaults(tmp_path: Path) -> None:
+def test_flags_only_gives_the_commands_defaults(tmp_path: Path) -> None:
     # Arrange
     flags: dict[str, object] = {
         "broker.url": "mqtt://127.0.0.1:9",
@@ -93,7 +93,11 @@ def test_flags_only_gives_the_dataclass_defaults(tmp_path: Path) -> None:
 
     # Assert
     expected = AggregatorConfig(
-        broker_url="mqtt://127.0.0.1:9", fleet="f1", model="digits-mlp", state_dir=tmp_path / "s"
+        broker_url="mqtt://127.0.0.1:9",
+        fleet="f1",
+        model="digits-mlp",
+        state_dir=tmp_path / "s",
+        max_batch=512,  # the command's default since before the config file
     )
     assert cfg == expected
 
