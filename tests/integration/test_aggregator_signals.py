@@ -174,6 +174,33 @@ def test_signal_while_connecting(
     assert "READY=1" not in after
 
 
+def test_signal_while_waiting_for_a_silent_broker(tmp_path: Path, notify: NotifyListener) -> None:
+    # Arrange: a listener that accepts TCP connections and never answers CONNECT
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    url = f"mqtt://127.0.0.1:{server.getsockname()[1]}"
+    agg = Aggregator(
+        [*base_args(url, tmp_path / "state"), "--connect-timeout", "60"],
+        {"NOTIFY_SOCKET": notify.path},
+    )
+    try:
+        agg.wait_for("connecting to")
+        server.settimeout(30)
+        accepted, _ = server.accept()  # the aggregator's TCP connection is up, CONNACK pending
+
+        # Act
+        code, elapsed, output = agg.signal_and_wait(signal.SIGTERM)
+        accepted.close()
+    finally:
+        server.close()
+
+    # Assert
+    assert code == 0, output
+    assert elapsed < STOP_LIMIT_S
+    assert "Traceback" not in output
+
+
 def test_signal_while_running(
     mosquitto: MosquittoBroker, tmp_path: Path, notify: NotifyListener
 ) -> None:
