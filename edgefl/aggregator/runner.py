@@ -3,8 +3,9 @@
 Start-up order: the signal handlers are installed first, then the service restores its state and
 connects. A signal therefore stops the aggregator in every phase, within :data:`STOP_GRACE_S`:
 
-* before it is serving (restoring, connecting): the run task is cancelled at once (the state
-  store is crash-safe, nothing half-written survives a cancel);
+* before it is serving (restoring, connecting), or while the broker is away: the run task is
+  cancelled at once (the state store is crash-safe, nothing half-written survives a cancel, and
+  what was not acknowledged is redelivered and deduplicated);
 * while serving: :meth:`Aggregator.stop` finishes the batch in flight (commit, then ack),
   publishes the newest version and ``offline``, and disconnects; if that takes longer than
   :data:`STOP_GRACE_S` (a broker that went away, a slow disk) the run task is cancelled;
@@ -37,8 +38,9 @@ __all__ = ["STOP_GRACE_S", "keepalive", "run_aggregator", "status_line", "watchd
 
 log = logging.getLogger("edgefl.aggregator")
 
-STOP_GRACE_S = 1.5
-"""Longest graceful shutdown after a signal before the run task is cancelled."""
+STOP_GRACE_S = 1.0
+"""Longest graceful shutdown after a signal before the run task is cancelled (the rest of the
+2 s budget is for closing the store and the interpreter's exit on a loaded machine)."""
 STATUS_PERIOD_S = 5.0
 """Period of ``STATUS=`` updates when systemd runs no watchdog."""
 
@@ -114,8 +116,8 @@ async def _main(config: AggregatorConfig, ready_message: bool, notifier: Systemd
         log.info("%s: stopping (%s)", signum.name, aggregator.phase)
         notifier.stopping(f"stopping ({signum.name})")
         aggregator.stop()
-        if signals > 1 or not ready.is_set():
-            run_task.cancel()
+        if signals > 1 or not ready.is_set() or not aggregator.statistics().connected:
+            run_task.cancel()  # nothing to finish gracefully without a broker
         elif deadline is None:
             deadline = loop.call_later(STOP_GRACE_S, run_task.cancel)
 
