@@ -224,3 +224,26 @@ def test_check_config_rejects_a_bad_device_key_file(
     # Assert
     assert info.value.code == 78
     assert "security.device_keys: bad key file pi-01.pub" in err
+
+
+def test_tls_options_reach_the_transport(tmp_path: Path) -> None:
+    # Arrange
+    (tmp_path / "ca.crt").write_text("not parsed here: the TLS handshake reads it\n")
+    flags: dict[str, object] = {
+        "broker.url": "mqtts://127.0.0.1:9",
+        "fleet": "f1",
+        "model": "digits-mlp",
+        "state_dir": tmp_path / "s",
+        "broker.tls_insecure": True,
+        "broker.ca_file": tmp_path / "ca.crt",
+        "broker.protocol": "5",
+    }
+
+    # Act
+    mqtt = load_aggregator_config(None, {}, flags).aggregator.mqtt_config()
+
+    # Assert
+    assert mqtt.tls is True
+    assert mqtt.tls_insecure is True
+    assert mqtt.ca_file == tmp_path / "ca.crt"
+    assert mqtt.protocol is MqttProtocol.V5
