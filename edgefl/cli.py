@@ -60,14 +60,14 @@ def _register_subcommands() -> None:
     """Attach the subcommands that live next to their implementation."""
     from broker.cli import broker_command
     from device_agent.cli import agent_app
-    from edgefl.aggregator.cli import aggregator_command
+    from edgefl.aggregator.cli import aggregator_app
     from edgefl.monitor.cli import monitor_command
     from edgefl.provision_cli import provision_app
     from firmware_sim.cli import demo_command, sim_command
 
     app.command(name="demo")(demo_command)
     app.command(name="sim")(sim_command)
-    app.command(name="aggregator")(aggregator_command)
+    app.add_typer(aggregator_app, name="aggregator")
     app.add_typer(agent_app, name="agent")
     app.command(name="monitor")(monitor_command)
     app.command(name="broker")(broker_command)

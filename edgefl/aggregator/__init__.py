@@ -7,7 +7,9 @@ Public API::
         await run(ready=None); stop(); statistics(); history()
     run_aggregator(config) -> int        # blocking, SIGTERM/SIGINT -> clean shutdown
 
-``edgefl.aggregator.cli.aggregator_command`` is the ``edgefl aggregator`` typer command. The ingest
+``edgefl.aggregator.cli.aggregator_app`` is the ``edgefl aggregator`` typer group (run, and
+``check-config``); ``edgefl.aggregator.config_file.load_aggregator_config`` merges the TOML file,
+the ``EDGEFL_AGG_*`` environment and the flags into an ``AggregatorConfig``. The ingest
 path imports no torch: held-out evaluation (``eval_dataset``) and ONNX export (``publish_onnx``)
 import it lazily, only when enabled. See ``docs/AGGREGATOR.md``.
 """

@@ -1,15 +1,29 @@
-"""``edgefl aggregator``: the typer command around :func:`edgefl.aggregator.run_aggregator`.
+"""``edgefl aggregator``: run the aggregator service, or check its configuration.
 
-``edgefl/cli.py`` mounts :func:`aggregator_command` as the ``aggregator`` subcommand. Imports stay
-light: no torch (only ``--eval-dataset`` / ``--publish-onnx`` load it, lazily, at run time) and no
-``cryptography`` unless ``--device-keys`` / ``--signing-key`` are given.
+``edgefl/cli.py`` mounts :data:`aggregator_app` as ``edgefl aggregator``::
+
+    edgefl aggregator --config /etc/edgefl/aggregator.toml [--buffer-size 20 ...]  run it
+    edgefl aggregator --broker mqtt://... --fleet f --model m --state-dir d          flags only
+    edgefl aggregator check-config --config aggregator.toml [--json]                validate
+
+Settings come from the TOML file < ``EDGEFL_AGG_*`` environment < flags
+(:mod:`edgefl.aggregator.config_file`). Everything is validated (URL, model, dataset names, TLS
+and key files, a usable state directory) before any state is created. Exit codes
+(:mod:`edgefl.clierror`): 0 clean stop (also on SIGTERM/SIGINT), 2 a bad flag, 78 a bad config
+key or file, 69 the broker was unreachable for ``broker.connect_timeout_s``.
+
+Imports stay light: no torch (only ``eval_dataset`` / ``publish_onnx`` load it, lazily, at run
+time) and no ``cryptography`` unless key files are configured.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -20,188 +34,329 @@ from edgefl.aggregation import (
     ServerOptimizerKind,
     StalenessKind,
 )
-from edgefl.codec import CodecConfig, Quantization
+from edgefl.codec import Quantization
+from edgefl.transport.config import MqttProtocol
 
-__all__ = ["aggregator_command"]
+if TYPE_CHECKING:
+    from edgefl.aggregator.config_file import LoadedConfig
 
+__all__ = ["aggregator_app", "check_config_command", "main"]
 
-def aggregator_command(
-    broker: Annotated[str, typer.Option(help="Broker URL, mqtt://host:port or mqtts://...")],
-    fleet: Annotated[str, typer.Option(help="Fleet name (topic root edgefl/v1/<fleet>).")],
-    model: Annotated[str, typer.Option(help="Model spec: mnist1d-cnn, digits-mlp, mlp-<N>.")],
-    state_dir: Annotated[Path, typer.Option(help="Directory of the SQLite state (crash-safe).")],
-    algorithm: Annotated[str, typer.Option(help="fedbuff (asynchronous) or fedavg (sync).")] = (
-        "fedbuff"
+aggregator_app = typer.Typer(
+    name="aggregator",
+    help="The FedBuff (or synchronous FedAvg) aggregator service for one fleet.",
+    invoke_without_command=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="Aggregator TOML file (default: $EDGEFL_AGG_CONFIG, else "
+        "/etc/edgefl/aggregator.toml if it exists).",
+        dir_okay=False,
     ),
+]
+
+
+def _setup_logging(level: str) -> None:
+    under_journal = bool(os.environ.get("JOURNAL_STREAM"))
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    if not under_journal:
+        fmt = "%(asctime)s " + fmt
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
+    logging.getLogger("paho").setLevel(logging.WARNING)
+
+
+def _load(config: Path | None, overrides: dict[str, object]) -> LoadedConfig:
+    from edgefl.aggregator.config_file import default_config_path, load_aggregator_config
+
+    path = config if config is not None else default_config_path(os.environ)
+    return load_aggregator_config(path, os.environ, overrides)
+
+
+@aggregator_app.callback()
+def aggregator_command(
+    ctx: typer.Context,
+    config: ConfigOption = None,
+    broker: Annotated[
+        str | None, typer.Option(help="Broker URL, mqtt://host:port or mqtts://... [broker.url]")
+    ] = None,
+    fleet: Annotated[
+        str | None, typer.Option(help="Fleet name (topic root edgefl/v1/<fleet>).")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Model spec: mnist1d-cnn, digits-mlp, mlp-<N>.")
+    ] = None,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(help="Directory of the SQLite state (default: $STATE_DIRECTORY)."),
+    ] = None,
+    algorithm: Annotated[
+        str | None, typer.Option(help="fedbuff (asynchronous, default) or fedavg (sync).")
+    ] = None,
     buffer_size: Annotated[
-        int,
-        typer.Option("--buffer-size", "-k", help="K: updates per server step (fedavg: cohort)."),
-    ] = 10,
+        int | None,
+        typer.Option(
+            "--buffer-size", "-k", help="K: updates per server step (fedavg: cohort). [10]"
+        ),
+    ] = None,
     staleness: Annotated[
-        StalenessKind, typer.Option(help="Staleness weight s(tau).")
-    ] = StalenessKind.POLYNOMIAL,
+        StalenessKind | None, typer.Option(help="Staleness weight s(tau). [polynomial]")
+    ] = None,
     staleness_a: Annotated[
         float | None, typer.Option(help="Staleness parameter a (default 0.5 / hinge 1).")
     ] = None,
     staleness_b: Annotated[float | None, typer.Option(help="Hinge parameter b.")] = None,
     max_staleness: Annotated[
-        int | None, typer.Option(help="Reject updates staler than this (versions).")
-    ] = 100,
+        int | None, typer.Option(help="Reject updates staler than this (versions). [100]")
+    ] = None,
     example_weighting: Annotated[
-        ExampleWeighting, typer.Option(help="Weigh updates by example count or equally.")
-    ] = ExampleWeighting.EXAMPLES,
-    example_cap: Annotated[int | None, typer.Option(help="Cap of the example weight.")] = 1000,
+        ExampleWeighting | None,
+        typer.Option(help="Weigh updates by example count or equally. [examples]"),
+    ] = None,
+    example_cap: Annotated[
+        int | None, typer.Option(help="Cap of the example weight. [1000]")
+    ] = None,
     normalisation: Annotated[
-        Normalisation,
+        Normalisation | None,
         typer.Option(
-            help="mean: weighted mean of the buffer (FedAvg-compatible); sum: divide by K as in "
-            "the FedBuff paper, so stale buffers take smaller steps (use with small K)."
+            help="mean: weighted mean of the buffer (FedAvg-compatible, default); sum: divide "
+            "by K as in the FedBuff paper, so stale buffers take smaller steps (use with "
+            "small K)."
         ),
-    ] = Normalisation.MEAN,
+    ] = None,
     server_optimizer: Annotated[
-        ServerOptimizerKind, typer.Option(help="Server optimizer.")
-    ] = ServerOptimizerKind.SGD,
-    server_lr: Annotated[float, typer.Option(help="Server learning rate.")] = 1.0,
-    server_momentum: Annotated[float, typer.Option(help="Server SGD momentum.")] = 0.0,
+        ServerOptimizerKind | None, typer.Option(help="Server optimizer. [sgd]")
+    ] = None,
+    server_lr: Annotated[float | None, typer.Option(help="Server learning rate. [1.0]")] = None,
+    server_momentum: Annotated[
+        float | None, typer.Option(help="Server SGD momentum. [0.0]")
+    ] = None,
     norm_bound: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="adaptive-clip (default), adaptive-reject, static-clip, static-reject, off."
         ),
-    ] = "adaptive-clip",
+    ] = None,
     max_norm: Annotated[float | None, typer.Option(help="Static update-norm bound.")] = None,
-    robust: Annotated[RobustMode, typer.Option(help="Robust aggregation.")] = RobustMode.NONE,
-    trim_beta: Annotated[float, typer.Option(help="Trimmed-mean fraction per side.")] = 0.2,
+    robust: Annotated[RobustMode | None, typer.Option(help="Robust aggregation. [none]")] = None,
+    trim_beta: Annotated[
+        float | None, typer.Option(help="Trimmed-mean fraction per side. [0.2]")
+    ] = None,
     round_deadline: Annotated[
-        float, typer.Option(help="fedavg: seconds a round waits for its cohort.")
-    ] = 60.0,
+        float | None, typer.Option(help="fedavg: seconds a round waits for its cohort. [60]")
+    ] = None,
     min_fraction: Annotated[
-        float, typer.Option(help="fedavg: fraction of K needed to step at the deadline.")
-    ] = 0.5,
-    local_epochs: Annotated[int, typer.Option(help="Hint: local epochs per update.")] = 1,
-    batch_size: Annotated[int, typer.Option(help="Hint: local batch size.")] = 32,
-    lr: Annotated[float, typer.Option(help="Hint: local learning rate.")] = 0.1,
+        float | None,
+        typer.Option(help="fedavg: fraction of K needed to step at the deadline. [0.5]"),
+    ] = None,
+    local_epochs: Annotated[
+        int | None, typer.Option(help="Hint: local epochs per update. [1]")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Hint: local batch size. [32]")] = None,
+    lr: Annotated[float | None, typer.Option(help="Hint: local learning rate. [0.1]")] = None,
     quantization: Annotated[
-        Quantization, typer.Option(help="Hint: update quantization.")
-    ] = Quantization.INT8,
+        Quantization | None, typer.Option(help="Hint: update quantization. [int8]")
+    ] = None,
     topk: Annotated[float | None, typer.Option(help="Hint: top-k fraction (e.g. 0.01).")] = None,
-    publish_onnx: Annotated[bool, typer.Option(help="Also publish each version as ONNX.")] = False,
+    publish_onnx: Annotated[
+        bool | None,
+        typer.Option("--publish-onnx/--no-publish-onnx", help="Also publish each version as ONNX."),
+    ] = None,
     eval_dataset: Annotated[
         str | None, typer.Option(help="Evaluate each version on digits or mnist1d (test split).")
     ] = None,
-    metrics_interval: Annotated[float, typer.Option(help="Seconds between METRICS.")] = 5.0,
+    metrics_interval: Annotated[
+        float | None, typer.Option(help="Seconds between METRICS. [5]")
+    ] = None,
     metrics_port: Annotated[
         int | None, typer.Option(help="Serve Prometheus metrics on this port.")
     ] = None,
-    metrics_bind: Annotated[str, typer.Option(help="Address of the Prometheus server.")] = (
-        "127.0.0.1"
-    ),
-    max_update_bytes: Annotated[int, typer.Option(help="Largest accepted update.")] = 64 << 20,
+    metrics_bind: Annotated[
+        str | None, typer.Option(help="Address of the Prometheus server. [127.0.0.1]")
+    ] = None,
+    max_update_bytes: Annotated[
+        int | None, typer.Option(help="Largest accepted update. [64 MiB]")
+    ] = None,
     rate_limit: Annotated[
         float | None, typer.Option(help="Accepted updates per device per minute (off).")
     ] = None,
-    max_batch: Annotated[int, typer.Option(help="Messages per group commit.")] = 512,
+    max_batch: Annotated[int | None, typer.Option(help="Messages per group commit. [512]")] = None,
     max_inflight_mib: Annotated[
-        int,
+        int | None,
         typer.Option(
-            help="MiB of update packets held unacknowledged (receive window; memory vs rate)."
+            help="MiB of update packets held unacknowledged (receive window; memory vs rate). [32]"
         ),
-    ] = 32,
+    ] = None,
     no_fsync: Annotated[
         bool,
         typer.Option("--no-fsync", help="SQLite synchronous=NORMAL: crash-safe, not power-safe."),
     ] = False,
-    seed: Annotated[int, typer.Option(help="Seed of version 0 and of the evaluation data.")] = 0,
-    client_id: Annotated[str | None, typer.Option(help="MQTT client id.")] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of version 0 and of the evaluation data. [0]")
+    ] = None,
+    client_id: Annotated[
+        str | None, typer.Option(help="MQTT client id (default: edgefl-aggregator-<fleet>).")
+    ] = None,
     username: Annotated[str | None, typer.Option(help="MQTT user name.")] = None,
     password: Annotated[
         str | None, typer.Option(envvar="EDGEFL_MQTT_PASSWORD", help="MQTT password.")
     ] = None,
-    ca_file: Annotated[Path | None, typer.Option(help="CA bundle (mqtts).")] = None,
+    password_file: Annotated[
+        Path | None, typer.Option(help="Read the MQTT password from this file.")
+    ] = None,
+    ca_file: Annotated[
+        Path | None, typer.Option(help="CA bundle (mqtts; default: system trust store).")
+    ] = None,
     cert_file: Annotated[Path | None, typer.Option(help="Client certificate (mqtts).")] = None,
     key_file: Annotated[Path | None, typer.Option(help="Client key (mqtts).")] = None,
+    tls_insecure: Annotated[
+        bool,
+        typer.Option(
+            "--tls-insecure", help="mqtts: skip certificate and host name checks (never in prod)."
+        ),
+    ] = False,
+    protocol: Annotated[
+        MqttProtocol | None, typer.Option(help="MQTT version: auto (default), 5 or 3.1.1.")
+    ] = None,
+    connect_timeout: Annotated[
+        float | None,
+        typer.Option(help="Give up (exit 69) when the broker is not reachable within N s. [30]"),
+    ] = None,
     device_keys: Annotated[
         Path | None, typer.Option(help="Directory of device public keys: verify signed updates.")
     ] = None,
     signing_key: Annotated[
         Path | None, typer.Option(help="Private key file: sign every manifest.")
     ] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    log_level: Annotated[
+        str | None, typer.Option(help="DEBUG, INFO (default), WARNING, ERROR.")
+    ] = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Debug logging (--log-level DEBUG).")
+    ] = False,
 ) -> None:
-    """Run the FedBuff (or synchronous FedAvg) aggregator for one fleet until SIGTERM/Ctrl-C."""
-    from edgefl.aggregator.config import AggregatorConfig, Algorithm, NormBoundSetting
+    """Run the aggregator for one fleet until SIGTERM/Ctrl-C (or a subcommand below).
+
+    Settings: --config FILE < EDGEFL_AGG_* environment < these flags (docs/AGGREGATOR.md).
+    """
+    overrides: dict[str, object] = {
+        "broker.url": broker,
+        "fleet": fleet,
+        "model": model,
+        "state_dir": state_dir,
+        "algorithm": algorithm,
+        "seed": seed,
+        "log_level": "DEBUG" if verbose else log_level,
+        "broker.client_id": client_id,
+        "broker.username": username,
+        "broker.password": password,
+        "broker.password_file": password_file,
+        "broker.ca_file": ca_file,
+        "broker.cert_file": cert_file,
+        "broker.key_file": key_file,
+        "broker.tls_insecure": True if tls_insecure else None,
+        "broker.protocol": protocol,
+        "broker.connect_timeout_s": connect_timeout,
+        "aggregation.buffer_size": buffer_size,
+        "aggregation.staleness": staleness,
+        "aggregation.staleness_a": staleness_a,
+        "aggregation.staleness_b": staleness_b,
+        "aggregation.max_staleness": max_staleness,
+        "aggregation.example_weighting": example_weighting,
+        "aggregation.example_cap": example_cap,
+        "aggregation.normalisation": normalisation,
+        "aggregation.server_optimizer": server_optimizer,
+        "aggregation.server_lr": server_lr,
+        "aggregation.server_momentum": server_momentum,
+        "aggregation.norm_bound": norm_bound,
+        "aggregation.max_norm": max_norm,
+        "aggregation.robust": robust,
+        "aggregation.trim_beta": trim_beta,
+        "aggregation.round_deadline_s": round_deadline,
+        "aggregation.min_fraction": min_fraction,
+        "hints.local_epochs": local_epochs,
+        "hints.batch_size": batch_size,
+        "hints.lr": lr,
+        "hints.quantization": quantization,
+        "hints.topk_fraction": topk,
+        "outputs.publish_onnx": publish_onnx,
+        "outputs.eval_dataset": eval_dataset,
+        "outputs.metrics_interval_s": metrics_interval,
+        "outputs.metrics_port": metrics_port,
+        "outputs.metrics_bind": metrics_bind,
+        "limits.max_update_bytes": max_update_bytes,
+        "limits.rate_limit_per_minute": rate_limit,
+        "limits.max_batch": max_batch,
+        "limits.max_inflight_mib": max_inflight_mib,
+        "limits.fsync": False if no_fsync else None,
+        "security.device_keys": device_keys,
+        "security.signing_key_file": signing_key,
+    }
+    if ctx.invoked_subcommand is not None:
+        ctx.obj = (config, overrides)
+        return
+    _run(config, overrides)
+
+
+def _run(config: Path | None, overrides: dict[str, object]) -> None:
+    from edgefl.aggregator.config_file import preflight
     from edgefl.aggregator.runner import run_aggregator
 
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    authenticator = None
-    signer = None
-    if device_keys is not None:
-        from edgefl.security import load_update_authenticator
-
-        authenticator = load_update_authenticator(device_keys)
-    if signing_key is not None:
-        from edgefl.security import load_signer
-
-        signer = load_signer(signing_key)
-    try:
-        config = AggregatorConfig(
-            broker_url=broker,
-            fleet=fleet,
-            model=model,
-            state_dir=state_dir,
-            algorithm=Algorithm(algorithm),
-            buffer_size=buffer_size,
-            staleness=staleness,
-            staleness_a=staleness_a,
-            staleness_b=staleness_b,
-            max_staleness=max_staleness,
-            example_weighting=example_weighting,
-            example_cap=example_cap,
-            normalisation=normalisation,
-            server_optimizer=server_optimizer,
-            server_lr=server_lr,
-            server_momentum=server_momentum,
-            norm_bound=NormBoundSetting(norm_bound),
-            max_norm=max_norm,
-            robust=robust,
-            trim_beta=trim_beta,
-            round_deadline_s=round_deadline,
-            min_fraction=min_fraction,
-            local_epochs=local_epochs,
-            batch_size=batch_size,
-            lr=lr,
-            codec=CodecConfig(quantization=quantization, topk_fraction=topk),
-            publish_onnx=publish_onnx,
-            eval_dataset=eval_dataset,
-            metrics_interval_s=metrics_interval,
-            metrics_port=metrics_port,
-            metrics_bind=metrics_bind,
-            max_update_bytes=max_update_bytes,
-            rate_limit_per_minute=rate_limit,
-            max_batch=max_batch,
-            max_inflight_bytes=max_inflight_mib * 1024 * 1024,
-            fsync=not no_fsync,
-            seed=seed,
-            authenticator=authenticator,
-            manifest_signer=signer,
-            username=username,
-            password=password,
-            ca_file=ca_file,
-            cert_file=cert_file,
-            key_file=key_file,
-            client_id=client_id,
-        )
-    except (KeyError, ValueError) as exc:
-        raise typer.BadParameter(str(exc)) from exc
-    raise typer.Exit(run_aggregator(config))
+    loaded = _load(config, overrides)
+    preflight(loaded)  # before anything is written
+    _setup_logging(loaded.log_level)
+    raise typer.Exit(run_aggregator(loaded.aggregator))
 
 
-def main() -> None:
+@aggregator_app.command("check-config")
+def check_config_command(
+    ctx: typer.Context,
+    config: ConfigOption = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Validate the configuration (file < environment < flags) and print the effective values.
+
+    Also checks that TLS files exist, key files parse, every device key in security.device_keys
+    is valid and the state directory is usable. Exit 78 on a bad key (named), 2 on a bad flag.
+    """
+    from edgefl.aggregator.config_file import describe, preflight
+    from edgefl.clierror import ConfigError
+
+    parent_config, overrides = ctx.obj if isinstance(ctx.obj, tuple) else (None, {})
+    loaded = _load(config or parent_config, overrides)
+    preflight(loaded)
+    authenticator = loaded.aggregator.authenticator
+    statistics = getattr(authenticator, "statistics", None)
+    if statistics is not None:
+        bad = statistics().bad_files
+        if bad:
+            name, problem = sorted(bad.items())[0]
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            raise ConfigError(f"security.device_keys: bad key file {name}: {problem}{more}")
+    described = describe(loaded)
+    if json_out:
+        typer.echo(json.dumps(described, indent=2, sort_keys=True))
+        return
+    width = max(len(k) for k in described)
+    for key in sorted(described):
+        source = loaded.sources.get(key, "default")
+        typer.echo(f"{key:<{width}}  {described[key]!r:<28}  # {source}")
+    typer.echo("configuration OK", err=True)
+
+
+def main(argv: list[str] | None = None) -> None:
     """``python -m edgefl.aggregator.cli``: the command without the umbrella CLI."""
-    typer.run(aggregator_command)
+    from edgefl.clierror import run_cli
+
+    run_cli(
+        lambda: aggregator_app(args=argv, prog_name="edgefl aggregator", standalone_mode=False),
+        prog="edgefl aggregator",
+    )
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from edgefl.models import ModelSpec, get_model_spec
 from edgefl.protocol import TrainingHints
 from edgefl.protocol.topics import fleet_name
 from edgefl.transport import MqttConfig
+from edgefl.transport.config import MqttProtocol
 
 __all__ = ["REASSEMBLY_PARTIALS", "AggregatorConfig", "Algorithm", "NormBoundSetting"]
 
@@ -118,6 +119,10 @@ class AggregatorConfig:
     cert_file: Path | None = None
     key_file: Path | None = None
     client_id: str | None = None  # default: edgefl-aggregator-<fleet>
+    tls_insecure: bool = False  # mqtts: skip certificate and host name checks (tests only)
+    protocol: MqttProtocol = MqttProtocol.AUTO
+    # Give up (BrokerUnavailable, exit 69) when the first connection is not up within this.
+    connect_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         fleet_name(self.fleet)
@@ -137,7 +142,12 @@ class AggregatorConfig:
         static = (NormBoundSetting.STATIC_CLIP, NormBoundSetting.STATIC_REJECT)
         if self.norm_bound in static and self.max_norm is None:
             raise ValueError(f"norm bound {self.norm_bound} needs max_norm")
-        for name in ("metrics_interval_s", "round_deadline_s", "chunk_grace_s"):
+        for name in (
+            "metrics_interval_s",
+            "round_deadline_s",
+            "chunk_grace_s",
+            "connect_timeout_s",
+        ):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be > 0, got {value}")
@@ -228,7 +238,11 @@ class AggregatorConfig:
             "max_inflight": 100,
             "reconnect_min_delay": 0.2,
             "reconnect_max_delay": 5.0,
+            "protocol": MqttProtocol(self.protocol),
+            "start_timeout": self.connect_timeout_s,
         }
+        if self.tls_insecure:
+            values["tls_insecure"] = True
         if self.username is not None:
             values["username"] = self.username
         if self.password is not None:

@@ -32,6 +32,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
+from enum import StrEnum
 
 import numpy as np
 from numpy.typing import NDArray
@@ -76,7 +77,7 @@ from edgefl.transport import (
     Will,
 )
 
-__all__ = ["Aggregator", "OnVersion"]
+__all__ = ["Aggregator", "OnVersion", "Phase"]
 
 log = logging.getLogger("edgefl.aggregator")
 
@@ -88,6 +89,16 @@ _INFLATE_OFFLOAD_BYTES = 256 * 1024  # smaller bodies are decompressed on the lo
 _COMMITS_IN_FLIGHT = 2  # prepared batches waiting for their commit (each holds its payloads)
 _REPLAY_BOUND = 4  # stored update bytes since the last snapshot, in checkpoint sizes
 _SLICE_S = 0.01  # longest stretch of batch validation before yielding to the event loop
+
+
+class Phase(StrEnum):
+    """Where :meth:`Aggregator.run` is (for status lines, sd_notify and the signal handling)."""
+
+    STARTING = "starting"
+    RESTORING = "restoring state"
+    CONNECTING = "connecting to the broker"
+    RUNNING = "running"
+    STOPPING = "stopping"
 
 
 @dataclasses.dataclass
@@ -167,6 +178,7 @@ class Aggregator:
         self._batches = 0
         self._rate = (0.0, 0.0)  # updates/s, bytes/s over the last metrics period
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.phase = Phase.STARTING
 
     # ------------------------------------------------------------------ public API
     def stop(self) -> None:
@@ -174,9 +186,14 @@ class Aggregator:
         newest version published, server state ``offline`` published, then disconnect."""
         self._stopping = True
         self._stop.set()
+        self.phase = Phase.STOPPING
         if self._queue is not None:
             with contextlib.suppress(asyncio.QueueFull):
                 self._queue.put_nowait(None)
+
+    def _enter(self, phase: Phase) -> None:
+        if not self._stopping:
+            self.phase = phase
 
     @property
     def metrics_port(self) -> int | None:
@@ -231,8 +248,11 @@ class Aggregator:
             1, thread_name_prefix="edgefl-inflate"
         )
         try:
+            self._enter(Phase.RESTORING)
             await self._restore()
             self._transport = self._given_transport or self._make_transport()
+            self._enter(Phase.CONNECTING)
+            log.info("connecting to %s", self.config.broker_url)
             if self.config.eval_dataset is not None:
                 self._start_evaluator()
             if self.config.metrics_port is not None:
@@ -262,6 +282,7 @@ class Aggregator:
             await self._publish_release(transport, self._release)
             await self._publish_state(transport, ServerStatus.ONLINE)
             self._stats_cache = self.statistics()
+            self._enter(Phase.RUNNING)
             if ready is not None:
                 ready.set()
             log.info(
