@@ -94,6 +94,10 @@ class ConnectJob(Generic[T]):
             abandoned = self._abandoned
         if abandoned:
             self._discard_quietly()
+            if isinstance(value, BaseException):
+                # paho's half-made socket (e.g. a TLS handshake that timed out) is referenced
+                # only by the frames of this traceback: drop them, and it closes now
+                value.__traceback__ = None
             return
         try:
             self._loop.call_soon_threadsafe(self._deliver, ok, value)

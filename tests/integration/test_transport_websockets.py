@@ -189,7 +189,8 @@ def test_ws_session_survives_a_broker_restart_and_redelivers_what_was_not_acked(
             async with MqttTransport(config(ws_broker.ws_url)) as pub:
                 await pub.publish("r/after", os.urandom(BIG))
             [after] = await receive(sub, 1)
-            assert after.topic == "r/after" and len(after.payload) == BIG
+            assert after.topic == "r/after"
+            assert len(after.payload) == BIG
             await sub.ack_many([held, again, after])
             stats = sub.statistics()
             assert (stats.reconnects, stats.acked, stats.stale_acks) == (1, 2, 1)
@@ -222,6 +223,7 @@ def test_wss_refuses_an_untrusted_broker_with_broker_unreachable(wss_broker: WsB
             async with MqttTransport(strict):
                 pass
         assert caught.value.url == wss_broker.wss_url
-        assert caught.value.reason is not None and "CERTIFICATE_VERIFY_FAILED" in caught.value.reason
+        assert caught.value.reason is not None
+        assert "CERTIFICATE_VERIFY_FAILED" in caught.value.reason
 
     asyncio.run(main())
