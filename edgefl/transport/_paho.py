@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import ssl
 import threading
@@ -37,6 +38,11 @@ paho_log = logging.getLogger("edgefl.transport.paho")
 
 _MAX_PACKETS_PER_WAKEUP = 64
 _READ_SIZE = 256 * 1024  # bytes asked of the socket per recv: several update packets at once
+# websockets only, see SocketDriver._arm_nudge: PINGREQs sent at once when a packet stalls; the
+# first after _STALL_S without new bytes, then every _NUDGE_S while each nudge brought bytes
+_NUDGE_BURST = 8
+_STALL_S = 0.05
+_NUDGE_S = 0.002
 
 
 class BufferedClient(mqtt.Client):
@@ -52,8 +58,15 @@ class BufferedClient(mqtt.Client):
       automatic acks, MQTT 5 properties present, an empty MQTT 3 topic) goes to paho's decoder.
 
     Measured on a socketpair with 90 kB PUBLISH packets: 240 -> ~60 us per message (MQTT 5).
-    Relies on two private paho 2.x methods, ``_sock_recv`` and ``_handle_publish`` (paho is
-    pinned below 3); the transport's integration tests run through both.
+    Relies on private paho 2.x methods, ``_sock_recv``, ``_handle_publish``, ``_send_pingreq``
+    and ``_handle_pingresp`` (paho is pinned below 3); the transport's integration tests run
+    through all of them, over TCP, TLS and WebSockets. Over ``ws://``/``wss://`` paho's
+    ``_WebsocketWrapper`` is the socket: its ``recv`` returns (part of) one WebSocket frame's
+    payload per call, which the buffered read serves exactly like a TCP read.
+    * **WebSockets.** The wrapper paho builds for ``ws://``/``wss://`` becomes a
+      :class:`WebSocketConnection` (paho's own loses data when a frame is sent in parts).
+    * **Ping barrier.** :meth:`ping` sends a PINGREQ and counts the PINGRESPs, so a graceful
+      close can wait until the broker processed everything sent before it (acknowledgements).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -61,6 +74,38 @@ class BufferedClient(mqtt.Client):
         self._rbuf = memoryview(b"")
         self._rpos = 0
         self._rsock: object | None = None
+        self.pings_sent = 0
+        self.pings_answered = 0
+        self.on_pingresp: Callable[[], None] | None = None
+        """Called (on the reading thread) after every PINGRESP."""
+
+    def ping(self) -> int:
+        """Send a PINGREQ now (keepalive ones are sent by ``loop_misc``); returns the value
+        ``pings_answered`` reaches once the broker answered it. A broker handles the packets of
+        a connection in order, so that answer proves it processed all that was sent before."""
+        if self._send_pingreq() != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise ConnectionError("PINGREQ not sent: not connected")
+        return self.pings_sent
+
+    def _send_pingreq(self) -> MQTTErrorCode:
+        rc = super()._send_pingreq()
+        if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+            self.pings_sent += 1
+        return rc
+
+    def _handle_pingresp(self) -> MQTTErrorCode:
+        rc = super()._handle_pingresp()
+        if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+            self.pings_answered += 1
+            if self.on_pingresp is not None:
+                self.on_pingresp()
+        return rc
+
+    def _create_socket(self) -> SocketLike:
+        sock = super()._create_socket()
+        if type(sock) is mqtt._WebsocketWrapper:
+            sock.__class__ = WebSocketConnection
+        return sock
 
     def buffered_bytes(self) -> int:
         """Bytes received from the socket that paho has not consumed yet."""
@@ -115,6 +160,55 @@ class BufferedClient(mqtt.Client):
         return MQTTErrorCode.MQTT_ERR_SUCCESS
 
 
+class WebSocketConnection(mqtt._WebsocketWrapper):
+    """paho's WebSocket wrapper with a send path that does not lose data.
+
+    paho 2.2's wrapper returns 0 from ``send`` when the kernel took only part of a frame, and
+    paho's ``_packet_write`` then drops the packet from its queue (it re-queues a packet only on
+    ``BlockingIOError``); the rest of the frame stays in the wrapper and the next packet's
+    accounting is wrong. Measured: a 300 KiB publish over ``ws://`` to Mosquitto, then nothing
+    after it arrived. Here ``send`` frames a packet once, keeps what the kernel did not take and
+    raises ``BlockingIOError`` until the whole frame is out; paho re-queues the packet and calls
+    again with the same bytes, and the call that finishes the frame reports the packet as
+    written. Masking (every client frame is masked, RFC 6455) XORs whole integers instead of
+    paho's loop over each byte (300 KiB: ~40 ms -> well under 1 ms).
+
+    Installed by :meth:`BufferedClient._create_socket` on the wrapper paho built (after the
+    HTTP upgrade), by changing its class: no state of its own.
+    """
+
+    def send(self, data: bytes | bytearray) -> int:
+        if not self._sendbuffer:
+            self._sendbuffer = self._create_frame(self.OPCODE_BINARY, bytearray(data))
+            self._requested_size = len(data)
+        sent = self._socket.send(self._sendbuffer)
+        del self._sendbuffer[:sent]  # O(1) at the front of a bytearray
+        if self._sendbuffer:
+            raise BlockingIOError("WebSocket frame partly sent")
+        return self._requested_size
+
+    write = send
+
+    def _create_frame(self, opcode: int, data: bytearray, do_masking: int = 1) -> bytearray:
+        length = len(data)
+        mask_bit = 0x80 if do_masking else 0
+        frame = bytearray((0x80 | opcode,))
+        if length < 126:
+            frame.append(mask_bit | length)
+        elif length < 65536:
+            frame.append(mask_bit | 126)
+            frame += length.to_bytes(2, "big")
+        else:
+            frame.append(mask_bit | 127)
+            frame += length.to_bytes(8, "big")
+        if not do_masking:
+            return frame + data
+        key = os.urandom(4)
+        stream = (key * (length // 4 + 1))[:length]
+        masked = int.from_bytes(data, "big") ^ int.from_bytes(stream, "big")
+        return frame + key + masked.to_bytes(length, "big")
+
+
 def ssl_context(config: MqttConfig) -> ssl.SSLContext:
     """TLS context: CA file or system trust store, optional client certificate; verification
     of certificate and host name unless ``tls_insecure``."""
@@ -135,7 +229,7 @@ def make_client(
     protocol: MqttProtocol,
     tls: ssl.SSLContext | None,
     receive_maximum: int,
-) -> mqtt.Client:
+) -> BufferedClient:
     """A paho client for one protocol version, ready for ``reconnect()`` (no callbacks set)."""
     v5 = protocol is MqttProtocol.V5
     client = BufferedClient(
@@ -143,9 +237,12 @@ def make_client(
         client_id=client_id,
         clean_session=None if v5 else not config.persistent_session,
         protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
+        transport="tcp" if config.websocket_path is None else "websockets",
         reconnect_on_failure=False,
         manual_ack=True,
     )
+    if config.websocket_path is not None:
+        client.ws_set_options(path=config.websocket_path)
     client.enable_logger(paho_log)
     client.max_inflight_messages_set(config.max_inflight)
     client.max_queued_messages_set(0)
@@ -204,6 +301,10 @@ class SocketDriver:
         self._writing = False
         self.closed = False
         self.progress = 0
+        self.nudges = 0
+        self._nudge_timer: asyncio.TimerHandle | None = None
+        self._nudge_mark = -1
+        self._nudging = False
         client.on_socket_open = self._on_socket_open
         client.on_socket_close = self._on_socket_close
         client.on_socket_register_write = self._on_socket_register_write
@@ -230,6 +331,12 @@ class SocketDriver:
     def flush(self) -> None:
         """Write what paho has queued now instead of on the next loop iteration."""
         self._on_writable()
+
+    def detach(self) -> None:
+        """Stop driving the socket without touching it (its connect was abandoned; another
+        thread closes it)."""
+        self.closed = True
+        self._unregister()
 
     def close_socket(self) -> None:
         """Close the socket without DISCONNECT (the broker then publishes the Will)."""
@@ -272,9 +379,10 @@ class SocketDriver:
             self._unregister()
         self._sock = sock
         self._fd = sock.fileno()
-        if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+        tcp = getattr(sock, "_socket", sock)  # under paho's _WebsocketWrapper (ws/wss)
+        if isinstance(tcp, socket.socket) and tcp.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # Always read a fresh connection (its CONNACK); a still-full queue pauses it again.
         self._loop.add_reader(self._fd, self._on_readable)
         self._reading = True
@@ -290,6 +398,9 @@ class SocketDriver:
             self._writing = False
 
     def _unregister(self) -> None:
+        if self._nudge_timer is not None:
+            self._nudge_timer.cancel()
+            self._nudge_timer = None
         if self._fd >= 0:
             if self._reading:
                 self._loop.remove_reader(self._fd)
@@ -316,6 +427,61 @@ class SocketDriver:
         except Exception as exc:
             log.exception("error while reading from the broker")
             self._on_error(f"read error: {exc!r}")
+            return
+        if isinstance(self._sock, WebSocketConnection):
+            self._arm_nudge()
+
+    # -- Mosquitto 2.0.11 websockets: a large outgoing message stalls half-sent
+
+    def _arm_nudge(self) -> None:
+        """Mosquitto 2.0.11's websockets listener (libwebsockets) stops sending a large packet
+        once its socket would block, and goes on only when this client sends it something
+        (measured: 256 KiB packets stalled for good; with these nudges 12-20 per second pass).
+        So while a packet has been read in part: after ``_STALL_S`` without new bytes send a
+        burst of PINGREQs, and again every ``_NUDGE_S`` as long as each burst was followed by
+        new bytes. A broker without the bug never stalls this way, and a slow link costs at
+        most one burst (16 bytes) per ``_STALL_S`` of silence."""
+        if self._nudge_timer is not None:
+            self._nudge_timer.cancel()
+            self._nudge_timer = None
+        if not self._partial_packet():
+            self._nudging = False
+            return
+        mark = self._received_mark()
+        helped = self._nudging and mark != self._nudge_mark
+        self._nudge_mark = mark
+        self._nudging = helped
+        delay = _NUDGE_S if helped else _STALL_S
+        self._nudge_timer = self._loop.call_later(delay, self._nudge)
+
+    def _nudge(self) -> None:
+        self._nudge_timer = None
+        if self._sock is None or not self._reading or not self._partial_packet():
+            return
+        if self._received_mark() != self._nudge_mark:  # bytes came without us: not stalled
+            self._nudging = False
+            self._arm_nudge()
+            return
+        ping = getattr(self.client, "ping", None)
+        if ping is None:
+            return
+        with contextlib.suppress(ConnectionError):
+            for _ in range(_NUDGE_BURST):
+                ping()
+            self.nudges += 1
+            self.flush()
+        self._nudging = True  # the next read (or the next timer) sees whether it helped
+        self._nudge_timer = self._loop.call_later(_STALL_S, self._nudge)
+
+    def _partial_packet(self) -> bool:
+        in_packet = getattr(self.client, "_in_packet", None)
+        return bool(in_packet and in_packet.get("command")) or bool(
+            getattr(self._sock, "_readbuffer", b"")
+        )
+
+    def _received_mark(self) -> int:
+        in_packet = getattr(self.client, "_in_packet", None) or {}
+        return int(in_packet.get("pos", 0)) + len(getattr(self._sock, "_readbuffer", b""))
 
     def _buffered(self) -> bool:
         """Received bytes not yet parsed: TLS records decrypted but not read, or bytes in the

@@ -146,6 +146,21 @@ class NotConnectedError(TransportTimeout):
     """No connection came up within the timeout. Nothing was handed to the broker."""
 
 
+class BrokerUnreachable(NotConnectedError):
+    """Gave up connecting: no connection to the broker came up within the start timeout
+    (``async with`` / ``wait_connected``). ``url`` is the broker URL without credentials,
+    ``reason`` the last connection error (None if no attempt finished, e.g. a connect that
+    hung). Command-line tools map it to exit code 69 (``edgefl.clierror.BrokerUnavailable``)."""
+
+    def __init__(self, url: str, reason: str | None, timeout: float | None) -> None:
+        within = f" within {timeout:g}s" if timeout is not None else ""
+        last = f" (last error: {reason})" if reason else ""
+        super().__init__(f"cannot reach the MQTT broker at {url}{within}{last}")
+        self.url = url
+        self.reason = reason
+        self.timeout = timeout
+
+
 class AckTimeout(TransportTimeout):
     """The message was handed to the client but not acknowledged in time. It stays queued for
     retransmission and may still be delivered (at-least-once)."""

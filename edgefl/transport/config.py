@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -11,8 +12,124 @@ from urllib.parse import unquote, urlsplit
 
 from edgefl.transport.base import Backpressure, validate_qos, validate_topic
 
-_PLAIN_SCHEMES = {"mqtt": 1883, "tcp": 1883}
-_TLS_SCHEMES = {"mqtts": 8883, "ssl": 8883, "tls": 8883}
+DEFAULT_WEBSOCKET_PATH = "/mqtt"
+"""HTTP path of a ``ws://``/``wss://`` URL without one: what EMQX, HiveMQ, AWS IoT Core and
+paho expect (Mosquitto accepts any path)."""
+
+
+@dataclass(frozen=True)
+class _Scheme:
+    tls: bool
+    websockets: bool
+    default_port: int
+
+
+# ws/wss default to the ports of RFC 6455 (80/443), as every other ws:// URL does; brokers that
+# listen elsewhere (EMQX 8083/8084, HiveMQ 8000/8884) are written with an explicit port.
+_SCHEMES: dict[str, _Scheme] = {
+    "mqtt": _Scheme(tls=False, websockets=False, default_port=1883),
+    "tcp": _Scheme(tls=False, websockets=False, default_port=1883),
+    "mqtts": _Scheme(tls=True, websockets=False, default_port=8883),
+    "ssl": _Scheme(tls=True, websockets=False, default_port=8883),
+    "tls": _Scheme(tls=True, websockets=False, default_port=8883),
+    "ws": _Scheme(tls=False, websockets=True, default_port=80),
+    "wss": _Scheme(tls=True, websockets=True, default_port=443),
+}
+SCHEMES = tuple(_SCHEMES)
+"""Accepted broker URL schemes (``tcp``, ``ssl`` and ``tls`` are aliases of mqtt/mqtts)."""
+
+# RFC 3986 path characters (unreserved, sub-delims, ':', '@', '/', percent escapes): nothing that
+# could end the HTTP request line of the WebSocket handshake (space, CR, LF) or start a query.
+_PATH_RE = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*")
+
+
+def validate_websocket_path(path: str) -> None:
+    """Raise ``ValueError`` unless ``path`` is an absolute HTTP path without query or fragment
+    (it goes verbatim into the ``GET`` line of the WebSocket handshake)."""
+    if not _PATH_RE.fullmatch(path):
+        raise ValueError(
+            f"bad WebSocket path {path!r}: it must start with '/' and hold only URL path "
+            "characters (no spaces, query or fragment)"
+        )
+
+
+@dataclass(frozen=True)
+class BrokerUrl:
+    """A parsed broker URL: ``scheme://[user[:password]@]host[:port][/path]``.
+
+    Schemes: ``mqtt`` (TCP, port 1883), ``mqtts`` (TLS, 8883), ``ws`` (MQTT over WebSockets,
+    80) and ``wss`` (WebSockets over TLS, 443); ``tcp``/``ssl``/``tls`` are aliases of
+    mqtt/mqtts. An explicit port always wins. Only ws/wss take a path (the HTTP path of the
+    WebSocket handshake, :data:`DEFAULT_WEBSOCKET_PATH` when absent). Queries and fragments are
+    rejected everywhere. User name and password are percent-decoded.
+    """
+
+    host: str
+    port: int
+    tls: bool = False
+    websocket_path: str | None = None
+    """None: MQTT over TCP. A path: MQTT over WebSockets with that HTTP path."""
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.host:
+            raise ValueError("host is required")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"bad port {self.port}")
+        if self.websocket_path is not None:
+            validate_websocket_path(self.websocket_path)
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerUrl:
+        """Parse ``url``; ``ValueError`` naming what is wrong (scheme, host, port, path)."""
+        if not isinstance(url, str):
+            raise ValueError(f"broker URL must be a string, got {type(url).__name__}")
+        parts = urlsplit(url)
+        scheme = _SCHEMES.get(parts.scheme.lower())
+        if scheme is None:
+            raise ValueError(
+                f"unsupported broker URL scheme {parts.scheme!r} in {url!r} "
+                f"(use one of: {', '.join(SCHEMES)})"
+            )
+        if "?" in url or "#" in url:  # unencoded in a password, urlsplit would misparse it too
+            raise ValueError(f"broker URL takes no query or fragment: {url!r}")
+        if not parts.hostname:
+            raise ValueError(f"broker URL without host: {url!r}")
+        try:
+            explicit = parts.port
+        except ValueError as exc:
+            raise ValueError(f"bad port in broker URL {url!r}") from exc
+        if explicit == 0:
+            raise ValueError(f"bad port in broker URL {url!r}")
+        path: str | None = None
+        if scheme.websockets:
+            path = parts.path or DEFAULT_WEBSOCKET_PATH
+            validate_websocket_path(path)
+        elif parts.path not in ("", "/"):
+            raise ValueError(f"only ws:// and wss:// broker URLs take a path: {url!r}")
+        return cls(
+            host=parts.hostname,
+            port=explicit or scheme.default_port,
+            tls=scheme.tls,
+            websocket_path=path,
+            username=unquote(parts.username) if parts.username is not None else None,
+            password=unquote(parts.password) if parts.password is not None else None,
+        )
+
+    @property
+    def scheme(self) -> str:
+        """The canonical scheme: ``mqtt``, ``mqtts``, ``ws`` or ``wss``."""
+        if self.websocket_path is not None:
+            return "wss" if self.tls else "ws"
+        return "mqtts" if self.tls else "mqtt"
+
+    @property
+    def display_url(self) -> str:
+        """The URL without credentials, port always written, e.g. ``ws://broker:80/mqtt``;
+        :meth:`parse` of it gives this URL back (less the credentials)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}{self.websocket_path or ''}"
 
 
 class MqttProtocol(StrEnum):
@@ -54,6 +171,9 @@ class MqttConfig:
     host: str = "127.0.0.1"
     port: int = 1883
     tls: bool = False
+    websocket_path: str | None = None
+    """None: MQTT over TCP. A path (e.g. ``/mqtt``): MQTT over WebSockets, the path of the
+    HTTP upgrade request; TLS settings then apply to ``wss://`` as to ``mqtts://``."""
     ca_file: Path | None = None
     """CA bundle for the broker certificate; None uses the system trust store."""
     cert_file: Path | None = None
@@ -111,7 +231,9 @@ class MqttConfig:
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("cert_file and key_file go together")
         if not self.tls and (self.ca_file or self.cert_file or self.tls_insecure):
-            raise ValueError("TLS options given for a plain (mqtt://) connection")
+            raise ValueError("TLS options given for a plain (mqtt:// or ws://) connection")
+        if self.websocket_path is not None:
+            validate_websocket_path(self.websocket_path)
         if self.password is not None and self.username is None:
             raise ValueError("password without username")
         if self.keepalive < 0 or self.keepalive > 65535:
@@ -133,38 +255,33 @@ class MqttConfig:
 
     @classmethod
     def from_url(cls, url: str, **overrides: Any) -> MqttConfig:
-        """Parse ``mqtt://[user[:password]@]host[:port]`` or ``mqtts://...`` (TLS, port 8883 by
-        default); ``tcp``/``ssl``/``tls`` are accepted aliases. Other settings come as keyword
+        """Parse a broker URL (see :class:`BrokerUrl`: ``mqtt://``, ``mqtts://``, ``ws://``,
+        ``wss://``, with optional ``user[:password]@``). Other settings come as keyword
         overrides, e.g. ``MqttConfig.from_url(url, client_id="agg", manual_ack=True)``."""
-        parts = urlsplit(url)
-        scheme = parts.scheme.lower()
-        if scheme in _PLAIN_SCHEMES:
-            tls, default_port = False, _PLAIN_SCHEMES[scheme]
-        elif scheme in _TLS_SCHEMES:
-            tls, default_port = True, _TLS_SCHEMES[scheme]
-        else:
-            raise ValueError(f"unsupported broker URL scheme {parts.scheme!r} in {url!r}")
-        if parts.path not in ("", "/") or parts.query or parts.fragment:
-            raise ValueError(f"broker URL takes no path, query or fragment: {url!r}")
-        if not parts.hostname:
-            raise ValueError(f"broker URL without host: {url!r}")
-        try:
-            port = parts.port or default_port
-        except ValueError as exc:
-            raise ValueError(f"bad port in broker URL {url!r}") from exc
-        values: dict[str, Any] = {"host": parts.hostname, "port": port, "tls": tls}
-        if parts.username is not None:
-            values["username"] = unquote(parts.username)
-        if parts.password is not None:
-            values["password"] = unquote(parts.password)
+        parsed = BrokerUrl.parse(url)
+        values: dict[str, Any] = {
+            "host": parsed.host,
+            "port": parsed.port,
+            "tls": parsed.tls,
+            "websocket_path": parsed.websocket_path,
+        }
+        if parsed.username is not None:
+            values["username"] = parsed.username
+        if parsed.password is not None:
+            values["password"] = parsed.password
         values.update(overrides)
         return cls(**values)
 
     @property
+    def broker_url(self) -> BrokerUrl:
+        """Where this config connects, without credentials."""
+        return BrokerUrl(self.host, self.port, self.tls, self.websocket_path)
+
+    @property
     def url(self) -> str:
-        """The broker URL without credentials, e.g. ``mqtt://127.0.0.1:1883``."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{'mqtts' if self.tls else 'mqtt'}://{host}:{self.port}"
+        """The broker URL without credentials, e.g. ``mqtt://127.0.0.1:1883`` or
+        ``wss://broker.example:443/mqtt`` (safe to log)."""
+        return self.broker_url.display_url
 
     def replace(self, **changes: Any) -> MqttConfig:
         """A copy with ``changes`` applied (validated again)."""

@@ -2,11 +2,14 @@
 
 paho runs without a network thread: :class:`~edgefl.transport._paho.SocketDriver` registers its
 socket with ``loop.add_reader``/``add_writer``, and a small task calls ``loop_misc`` every second
-for keepalive. The only blocking step, TCP connect and TLS handshake inside ``Client.reconnect``,
-runs in the default executor (bounded by ``connect_timeout``); every other paho call happens on
-the event loop thread. A supervisor task owns the connection lifecycle: connect, protocol
-fallback (``auto``: MQTT 5, then 3.1.1), re-subscribe, the ``on_connect`` hook, jittered
-exponential backoff.
+for keepalive. The only blocking step, name resolution, TCP connect, TLS handshake and WebSocket
+upgrade inside ``Client.reconnect``, runs in a daemon thread of its own
+(:class:`~edgefl.transport._connect.ConnectJob`, bounded by ``connect_timeout``); closing the
+transport abandons it at once, so neither ``close()`` nor the process exit waits for a hanging
+connect. Every other paho call happens on the event loop thread. Over ``ws://``/``wss://`` paho
+wraps the socket in its WebSocket framing; everything else is the same. A supervisor task owns
+the connection lifecycle: connect, protocol fallback (``auto``: MQTT 5, then 3.1.1),
+re-subscribe, the ``on_connect`` hook, jittered exponential backoff (cut short by ``close()``).
 
 Delivery: QoS 1 messages handed to paho survive reconnects (paho keeps them until their PUBACK
 and resends them after the next CONNACK). Inbound QoS 1 messages are acknowledged only when the
@@ -16,6 +19,12 @@ than fit. Anything else (QoS 0, MQTT 3.1.1) that finds the queue full stops the 
 socket (``Backpressure.PAUSE``), so TCP flow control pushes back to the broker; or it is dropped
 and counted (``Backpressure.DROP_NEWEST``). Acks carry the connection generation: an ack for a
 delivery of an earlier connection is not sent (the broker redelivers that message).
+
+A graceful close first sends a PINGREQ and waits for its PINGRESP (the ping barrier): a broker
+handles a connection's packets in order, so every acknowledgement sent before has then been
+processed. Without it, a client that reconnected at once with the same client id could take
+over its session while Mosquitto still had PUBACKs of the old connection unread (it reads one
+packet per connection and wake-up), and those messages were delivered again.
 """
 
 from __future__ import annotations
@@ -39,11 +48,13 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from edgefl.transport._connect import ConnectAbandoned, ConnectJob
 from edgefl.transport._inbound import Counters, InboundQueue
-from edgefl.transport._paho import SocketDriver, make_client, ssl_context
+from edgefl.transport._paho import BufferedClient, SocketDriver, make_client, ssl_context
 from edgefl.transport.base import (
     AckTimeout,
     BrokerRefused,
+    BrokerUnreachable,
     ConnectInfo,
     DropReason,
     InboundMessage,
@@ -65,6 +76,9 @@ log = logging.getLogger("edgefl.transport")
 _STABLE_AFTER = 10.0
 """A connection that lived this long resets the reconnect backoff."""
 _DISCONNECT_GRACE = 2.0
+"""A graceful close waits at most this long for the broker (ping barrier, then DISCONNECT)."""
+_BARRIER_GRACE = 1.0
+"""Of which at most this long for the PINGRESP of the ping barrier."""
 _UNSUPPORTED_PROTOCOL = "Unsupported protocol version"
 
 
@@ -78,6 +92,14 @@ class _Attempt(Enum):
     FAILED = 3
 
 
+def _close_quietly(client: mqtt.Client) -> None:
+    """Close the socket an abandoned connect opened (no DISCONNECT, no paho callbacks)."""
+    sock = client.socket()
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.close()
+
+
 def _consume(fut: asyncio.Future[Any]) -> None:
     """Done-callback that marks a future's exception as retrieved (nobody may await it)."""
     if not fut.cancelled():
@@ -88,8 +110,10 @@ class MqttTransport:
     """The :class:`~edgefl.transport.base.Transport` over a real MQTT broker.
 
     Use as ``async with MqttTransport(config) as transport:``. ``__aenter__`` waits up to
-    ``config.start_timeout`` for the first connection; afterwards the transport reconnects on its
-    own until closed. ``on_connect`` runs after every (re)connection (it is cancelled if that
+    ``config.start_timeout`` for the first connection and raises :class:`BrokerUnreachable`
+    if none came up. Cancelling it, or closing the transport from another task, returns
+    promptly, even while a TCP/TLS/WebSocket connect hangs. Afterwards the transport reconnects
+    on its own until closed. ``on_connect`` runs after every (re)connection (it is cancelled if that
     connection drops before it finishes).
     """
 
@@ -113,7 +137,7 @@ class MqttTransport:
         self._try_protocol = (
             MqttProtocol.V311 if config.protocol is MqttProtocol.V311 else (MqttProtocol.V5)
         )
-        self._client: mqtt.Client | None = None
+        self._client: BufferedClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # connection state
         self._gen = 0
@@ -127,6 +151,9 @@ class MqttTransport:
         self._closing_event = asyncio.Event()
         self._closed = False
         self._in_executor = False
+        self._connect_job: ConnectJob[MQTTErrorCode] | None = None
+        self._pong = asyncio.Event()
+        self._draining = False  # graceful close: reading for the barrier, inbound discarded
         self._attempt_lost: asyncio.Future[str] | None = None
         self._connack: asyncio.Future[tuple[ReasonCode, bool]] | None = None
         self._io: SocketDriver | None = None
@@ -186,12 +213,14 @@ class MqttTransport:
         )
 
     async def wait_connected(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
-        """Wait until connected; :class:`NotConnectedError` after ``timeout`` seconds."""
+        """Wait until connected: :class:`BrokerUnreachable` (a :class:`NotConnectedError`)
+        after ``timeout`` seconds; :class:`TransportClosed` as soon as the transport is closed
+        (e.g. by another task while this one waits)."""
         try:
             async with asyncio.timeout(timeout):
                 await self._wait_connected()
         except TimeoutError:
-            raise NotConnectedError(self._not_connected_message(timeout)) from None
+            raise BrokerUnreachable(self._config.url, self._counters.last_error, timeout) from None
 
     async def close(self, *, abrupt: bool = False) -> None:
         """Close the transport. Graceful: send DISCONNECT (the broker discards the Will).
@@ -202,25 +231,51 @@ class MqttTransport:
             if self._supervisor is not None and not self._closed:
                 await asyncio.shield(self._supervisor)
             return
+        graceful = not abrupt and self._connected and self._client is not None
         self._closing = True
         self._closing_event.set()
         self._notify()
-        client = self._client
-        if not self._in_executor:
-            if abrupt or not self._connected or client is None:
-                self._drop_socket("closed abruptly" if abrupt else "closed")
-            else:
-                client.disconnect()
-                if self._attempt_lost is not None:
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(_DISCONNECT_GRACE):
-                            await asyncio.shield(self._attempt_lost)
-                self._drop_socket("closed")
+        if self._in_executor:
+            self._abandon_connect()
+        elif not graceful:
+            self._drop_socket("closed abruptly" if abrupt else "closed")
+        else:
+            try:
+                async with asyncio.timeout(_DISCONNECT_GRACE):
+                    await self._disconnect_gracefully()
+            except TimeoutError:
+                log.info("%s: no answer from the broker while closing", self._client_id)
+            self._drop_socket("closed")
         try:
             if self._supervisor is not None:
                 await asyncio.shield(self._supervisor)  # survives the cancellation of a hook
         finally:
             self._finish_close()
+
+    async def _disconnect_gracefully(self) -> None:
+        """Ping barrier, then DISCONNECT and wait until paho wrote it (bounded by the caller)."""
+        client, lost = self._client, self._attempt_lost
+        assert client is not None
+        # Read for the PINGRESP even when the inbound queue paused reading; what arrives from
+        # now on is not queued (counted as unconsumed_at_close, redelivered to a persistent
+        # session since it is not acknowledged).
+        self._draining = True
+        if self._io is not None:
+            self._io.resume_reading()
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            async with asyncio.timeout(_BARRIER_GRACE):
+                target = client.ping()
+                if self._io is not None:
+                    self._io.flush()
+                while client.pings_answered < target and client is self._client:
+                    if lost is not None and lost.done():
+                        break
+                    self._pong.clear()
+                    await self._pong.wait()
+        if lost is None or lost.done() or client is not self._client:
+            return
+        client.disconnect()
+        await asyncio.shield(lost)
 
     async def publish(
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
@@ -371,8 +426,16 @@ class MqttTransport:
         self._connack = loop.create_future()
         self._connack.add_done_callback(_consume)
         self._in_executor = True
+        self._connect_job = ConnectJob(
+            loop,
+            client.reconnect,
+            lambda: _close_quietly(client),
+            name=f"edgefl-connect-{self._client_id}",
+        )
         try:
-            rc = await loop.run_in_executor(None, client.reconnect)
+            rc = await self._connect_job.result()
+        except ConnectAbandoned:
+            return _Attempt.FAILED
         except (OSError, ValueError) as exc:  # refused, unreachable, TLS/certificate errors
             self._record_failure(f"cannot connect to {self._config.url}: {exc}")
             return _Attempt.FAILED
@@ -380,8 +443,12 @@ class MqttTransport:
             log.exception("%s: unexpected error while connecting", self._client_id)
             self._record_failure(f"cannot connect to {self._config.url}: {exc!r}")
             return _Attempt.FAILED
+        except asyncio.CancelledError:
+            self._abandon_connect()  # the job closes its socket; this client is done
+            raise
         finally:
             self._in_executor = False
+            self._connect_job = None
         if self._closing:
             self._drop_socket("transport closed")
             return _Attempt.FAILED
@@ -423,6 +490,17 @@ class MqttTransport:
             self._record_failure(f"{self._config.url} refused the connection: {reason}")
             return _Attempt.FAILED
         return _Attempt.CONNECTED
+
+    def _abandon_connect(self) -> None:
+        """Stop waiting for the blocking connect (closing): the job's thread closes its socket
+        when it returns; this client and its socket driver are never used again."""
+        if self._connect_job is not None:
+            self._connect_job.abandon()
+        if self._io is not None:
+            self._io.detach()
+        self._io = None
+        self._client = None
+        self._handle_lost("connection attempt abandoned")
 
     def _maybe_fall_back(self, proto: MqttProtocol) -> bool:
         """``auto`` before the first connection: alternate 5 -> 3.1.1 -> 5 ... True if switched."""
@@ -483,7 +561,7 @@ class MqttTransport:
 
     # ------------------------------------------------------------------ paho client
 
-    def _client_for(self, proto: MqttProtocol) -> mqtt.Client:
+    def _client_for(self, proto: MqttProtocol) -> BufferedClient:
         """The paho client for ``proto`` (a new one, with its socket driver, on a switch)."""
         want = (
             MQTTProtocolVersion.MQTTv5
@@ -502,6 +580,7 @@ class MqttTransport:
         client.on_message = self._on_message
         client.on_publish = self._on_publish
         client.on_subscribe = self._on_subscribe
+        client.on_pingresp = self._pong.set
         self._io = SocketDriver(self._running_loop(), client, self._drop_socket)
         self._client = client
         return client
@@ -550,6 +629,9 @@ class MqttTransport:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         self._bump()
+        if self._draining:  # closing: not acknowledged, so a persistent session gets it again
+            self._counters.drop(DropReason.UNCONSUMED_AT_CLOSE)
+            return
         try:
             topic = msg.topic
         except UnicodeDecodeError:
@@ -644,7 +726,7 @@ class MqttTransport:
     # ------------------------------------------------------------------ helpers
 
     def _pause_reading(self) -> None:
-        if self._io is not None:
+        if self._io is not None and not self._draining:
             self._io.pause_reading()
 
     def _resume_reading(self) -> None:
