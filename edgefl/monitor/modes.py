@@ -6,9 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Sequence
+import signal
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 from edgefl.transport.config import MqttConfig
 
@@ -18,7 +19,18 @@ from .model import FleetModelConfig
 from .snapshot import FleetSnapshot
 from .summary import TopicLogEntry
 
-__all__ = ["MonitorOptions", "clear_retained", "dump_json", "snapshot_once", "stream_json"]
+__all__ = [
+    "MonitorOptions",
+    "clear_retained",
+    "dump_json",
+    "snapshot_once",
+    "stream_json",
+    "until_signal",
+]
+
+T = TypeVar("T")
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @dataclass(frozen=True)
@@ -121,6 +133,35 @@ async def clear_retained(
         if not dry_run:
             await monitor.clear_retained(topics)
     return topics, snapshot
+
+
+async def until_signal(awaitable: Awaitable[T]) -> T | None:
+    """Run ``awaitable`` until it is done, or until SIGINT/SIGTERM: then cancel it (in any phase:
+    connecting, waiting for the retained burst, streaming; the monitor's ``async with`` closes
+    the connection on the way out) and return ``None``. The handlers are removed afterwards."""
+    loop = asyncio.get_running_loop()
+    stopped = asyncio.Event()
+    installed: list[signal.Signals] = []
+    for sig in STOP_SIGNALS:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stopped.set)
+            installed.append(sig)
+    work = asyncio.ensure_future(awaitable)
+    waiter = asyncio.ensure_future(stopped.wait())
+    try:
+        await asyncio.wait({work, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if work.done():
+            return work.result()
+        work.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await work
+        return None
+    finally:
+        waiter.cancel()
+        if not work.done():
+            work.cancel()
+        for sig in installed:
+            loop.remove_signal_handler(sig)
 
 
 def topics_filter(values: Sequence[str]) -> tuple[str, ...]:
