@@ -291,7 +291,12 @@ def _validated_options(
         model=FleetModelConfig(stale_after=stale_after if stale_after > 0 else None),
         topic_filters=topic_filters,
         settle_timeout=wait,
+        notice=_notice,
     )
+
+
+def _notice(message: str) -> None:
+    typer.echo(f"edgefl monitor: {message}", err=True)
 
 
 def _check_tls_files(ca_file: Path | None, cert_file: Path | None, key_file: Path | None) -> None:

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import json
 import signal
-from collections.abc import Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO, TypeVar
 
@@ -47,6 +47,10 @@ class MonitorOptions:
     """``--once`` / clearing: the retained burst is over after this long without one."""
     settle_timeout: float = 5.0
     """... or after this long in total (``--wait``)."""
+    notice: Callable[[str], None] | None = None
+    """Told once (one line) when the first connection attempt failed and the monitor keeps
+    trying until ``config.start_timeout`` (when that is at least ``NOTICE_MIN_WAIT_S``): the
+    command line writes it to stderr."""
 
     def monitor(self) -> FleetMonitor:
         return FleetMonitor(
@@ -59,6 +63,44 @@ class MonitorOptions:
         )
 
 
+NOTICE_POLL_S = 0.2
+NOTICE_MIN_WAIT_S = 3.0
+"""A shorter ``--connect-timeout`` ends in its error line soon enough: no notice before it."""
+
+
+@contextlib.asynccontextmanager
+async def _opened(options: MonitorOptions) -> AsyncIterator[FleetMonitor]:
+    """``async with options.monitor()``, telling ``options.notice`` once while the broker
+    cannot be reached yet (instead of waiting silently up to ``--connect-timeout``)."""
+    monitor = options.monitor()
+    watcher: asyncio.Task[None] | None = None
+    limit = options.config.start_timeout
+    if options.notice is not None and (limit is None or limit >= NOTICE_MIN_WAIT_S):
+        watcher = asyncio.create_task(_watch_first_failure(monitor, options))
+    try:
+        async with monitor:
+            if watcher is not None:
+                watcher.cancel()
+            yield monitor
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+
+
+async def _watch_first_failure(monitor: FleetMonitor, options: MonitorOptions) -> None:
+    assert options.notice is not None
+    while True:
+        view = monitor.connection_view()
+        if view.connected:
+            return
+        if view.last_error:
+            limit = options.config.start_timeout
+            within = f"for up to {limit:g} s (--connect-timeout)" if limit else "until stopped"
+            options.notice(f"{view.last_error}; retrying {within}")
+            return
+        await asyncio.sleep(NOTICE_POLL_S)
+
+
 def dump_json(value: Any) -> str:
     """One line of JSON (UTF-8 text, no NaN)."""
     return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
@@ -66,7 +108,7 @@ def dump_json(value: Any) -> str:
 
 async def snapshot_once(options: MonitorOptions) -> FleetSnapshot:
     """Connect, wait for the retained messages (bounded), return one snapshot, disconnect."""
-    async with options.monitor() as monitor:
+    async with _opened(options) as monitor:
         await monitor.settle(quiet=options.settle_quiet, timeout=options.settle_timeout)
         return monitor.snapshot()
 
@@ -99,7 +141,7 @@ async def stream_json(
         if count is not None and written >= count:
             stop.set()
 
-    async with options.monitor() as monitor:
+    async with _opened(options) as monitor:
         if interval > 0:
             await monitor.settle(quiet=options.settle_quiet, timeout=options.settle_timeout)
             while not stop.is_set():
@@ -126,7 +168,7 @@ async def clear_retained(
     after the retained burst arrived; with ``dry_run`` only select them. Returns the topics and
     the snapshot they were chosen from."""
     target = check_target(target, options.fleet)
-    async with options.monitor() as monitor:
+    async with _opened(options) as monitor:
         await monitor.settle(quiet=options.settle_quiet, timeout=options.settle_timeout)
         snapshot = monitor.snapshot()
         topics = select_topics(target, snapshot, monitor.retained_topics)
