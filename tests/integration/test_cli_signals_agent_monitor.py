@@ -13,6 +13,7 @@ once on stderr.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import queue
@@ -318,3 +319,94 @@ def test_monitor_on_a_pipe_streams_json_lines_and_says_so(
     notes = [line for line in monitor.seen["stderr"] if "not a terminal" in line]
     assert len(notes) == 1
     assert "JSON lines" in notes[0]
+
+
+class TerminalCommand:
+    """``edgefl monitor`` (the terminal UI) on a pseudo-terminal; the screen output is read by a
+    thread and searched for markers."""
+
+    def __init__(self, args: list[str], cwd: Path) -> None:
+        import pty
+
+        master, slave = pty.openpty()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFL_")}
+        env.update(TERM="xterm-256color", COLUMNS="140", LINES="40", PYTHONPATH=str(REPO))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "edgefl.cli", *args],
+            cwd=cwd,
+            env=env,
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            start_new_session=True,
+        )
+        os.close(slave)
+        self.master = master
+        self.screen = ""
+        self.chunks: queue.Queue[str | None] = queue.Queue()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = os.read(self.master, 65536)
+            except OSError:  # EIO: the terminal's other side closed
+                break
+            if not data:
+                break
+            self.chunks.put(data.decode(errors="replace"))
+        self.chunks.put(None)
+
+    def wait_for(self, text: str, within: float = 120.0) -> None:
+        deadline = time.monotonic() + within
+        while text not in self.screen:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"{text!r} not on the screen:\n{self.screen[-2000:]}")
+            try:
+                chunk = self.chunks.get(timeout=left)
+            except queue.Empty:
+                continue
+            if chunk is None:
+                raise AssertionError(f"ended before {text!r}:\n{self.screen[-2000:]}")
+            self.screen += chunk
+
+    def stop(self, sig: signal.Signals) -> tuple[int, float]:
+        sent = time.monotonic()
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=60)
+        elapsed = time.monotonic() - sent
+        self.reader.join(timeout=10)
+        while not self.chunks.empty():
+            self.screen += self.chunks.get_nowait() or ""
+        return code, elapsed
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        with contextlib.suppress(OSError):
+            os.close(self.master)
+
+
+@pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: s.name)
+@pytest.mark.parametrize("reachable", [True, False], ids=["connected", "connecting"])
+def test_monitor_terminal_ui_stops(
+    sig: signal.Signals, reachable: bool, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    pytest.importorskip("textual")
+    url = request.getfixturevalue("mosquitto").url if reachable else closed_port_url()
+    ui = TerminalCommand(["monitor", "--fleet", FLEET, "--broker", url], tmp_path)
+    try:
+        ui.wait_for("MQTT 5, connected" if reachable else "Connection refused")
+
+        code, elapsed = ui.stop(sig)
+    finally:
+        ui.close()
+
+    phase = "connected" if reachable else "connecting"
+    print(f"monitor UI {phase}: {sig.name} -> exit {code} after {elapsed:.2f} s")
+    assert code == 0, ui.screen[-2000:]
+    assert "Traceback" not in ui.screen
+    assert elapsed < STOP_WITHIN_S
