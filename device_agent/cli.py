@@ -38,7 +38,7 @@ from typing import Annotated
 import typer
 
 from device_agent.config import DEFAULT_CONFIG_PATH, AgentConfig, ConfigError, load_config
-from edgefl.clierror import CommandError, UsageError, run_cli
+from edgefl.clierror import UsageError, run_cli
 
 __all__ = [
     "agent_app",
@@ -273,11 +273,19 @@ def predict_command(
 
     try:
         x = load_input(input_)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--input {str(input_)!r}: {exc}") from None
+    if not (cfg.state_dir / "model").is_dir():  # LocalModel would create the directory
+        raise ConfigError(
+            "state_dir",
+            f"no model in {str(cfg.state_dir)!r} (has the agent received one yet?)",
+        )
+    try:
         model = LocalModel(cfg.state_dir, threads=cfg.training.max_threads)
         result = model.predict(x)
-    except (NoModel, NoOnnxModel) as exc:
-        raise CommandError(str(exc)) from None
-    except (OSError, ValueError) as exc:
+    except (NoModel, NoOnnxModel) as exc:  # nothing to run: a fresh or wrong state_dir
+        raise ConfigError("state_dir", f"{exc} (in {str(cfg.state_dir)!r})") from None
+    except ValueError as exc:  # samples that do not fit the model's input
         raise UsageError(f"--input {str(input_)!r}: {exc}") from None
     typer.echo(f"# model {model.model} v{result.model_version}", err=True)
     for i, label in enumerate(result.labels):

@@ -45,6 +45,7 @@ def _write_fixtures(root: Path) -> None:
 
     np.savez(root / "train.npz", x=np.zeros((4, 3), np.float32), y=np.zeros(4, np.int64))
     (root / "train.csv").write_text("a,b,target\n1,2,0\n")
+    np.save(root / "x.npy", np.zeros((2, 64), np.float32))
     (root / "garbage.pem").write_text("not a key or a certificate\n")
     ca = make_ca("test-ca")
     (root / "cert.pem").write_bytes(ca.cert_pem())
@@ -76,6 +77,12 @@ CASES = [
     Case("agent unknown option", ["agent", "run", "--confg", "x"], 2, ("--confg",)),
     Case("agent predict without --input", _agent("predict"), 2, ("--input",)),
     Case("agent predict bad --input", _agent("predict", "--input", "nope.npy"), 2, ("--input",)),
+    Case(
+        "agent predict without a model",
+        _agent("predict", "--input", "x.npy"),
+        78,
+        ("state_dir", "model"),
+    ),
     # edgefl agent: configuration (78)
     Case("agent config file missing", ["agent", "run", "--config", "no.toml"], 78, ("config",)),
     Case(
