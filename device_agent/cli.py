@@ -9,15 +9,24 @@ Wire into the top-level command with ``app.add_typer(agent_app, name="agent")``:
 
 The config path defaults to ``$EDGEFL_CONFIG`` or ``/etc/edgefl/agent.toml``. Environment
 overrides (``EDGEFL_...``) and ``--set`` flags apply as described in ``device_agent.config``.
-Exit codes: 0 clean stop, 2 configuration or data error (systemd does not restart it in a loop
-after ``StartLimitBurst``), 1 anything else. Logs go to stderr (the journal under systemd),
-one line per event, without timestamps when ``$JOURNAL_STREAM`` says journald adds them.
-torch is imported only when the first training starts; ``predict`` uses onnxruntime only.
+``run`` and ``check-config`` also open the files the configuration names
+(:mod:`device_agent.preflight`: data, TLS files, Ed25519 keys) before anything is written.
+
+Errors go through :func:`edgefl.clierror.run_cli` (one line on stderr, no traceback without
+``edgefl --debug``). Exit codes: 0 clean stop (also on SIGTERM/SIGINT, in any phase), 2 a bad
+command-line option (e.g. ``--set`` without ``=``), 78 (``EX_CONFIG``) a configuration, data or
+key-file problem found at start (the systemd unit does not restart on it:
+``RestartPreventExitStatus=78``), 1 anything else (a bug). The agent never gives up on an
+unreachable broker (it reconnects with backoff), so it does not exit 69. Logs go to stderr (the
+journal under systemd), one line per event, without timestamps when ``$JOURNAL_STREAM`` says
+journald adds them. torch is imported only when the first training starts; ``predict`` uses
+onnxruntime only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -29,10 +38,12 @@ from typing import Annotated
 import typer
 
 from device_agent.config import DEFAULT_CONFIG_PATH, AgentConfig, ConfigError, load_config
+from edgefl.clierror import UsageError, run_cli
 
 __all__ = [
     "agent_app",
     "check_config_command",
+    "main",
     "predict_command",
     "run_command",
     "run_subcommand",
@@ -43,7 +54,7 @@ agent_app = typer.Typer(
     help="The edgefl device agent (a systemd daemon on a Raspberry Pi or gateway).",
     invoke_without_command=True,
     add_completion=False,
-    pretty_exceptions_show_locals=False,
+    pretty_exceptions_enable=False,
 )
 
 ConfigOption = Annotated[
@@ -66,7 +77,7 @@ def _parse_sets(items: list[str] | None) -> dict[str, object]:
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(item, "expected --set key=value")
+            raise UsageError(f"--set: expected key=value, got {item!r}")
         overrides[key.strip()] = value
     return overrides
 
@@ -81,11 +92,6 @@ def _load(config: Path | None, sets: list[str] | None) -> AgentConfig:
     return load_config(path, os.environ, _parse_sets(sets))
 
 
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    typer.echo(f"edgefl agent: {message}", err=True)
-    return typer.Exit(code)
-
-
 def _setup_logging(level: str) -> None:
     under_journal = bool(os.environ.get("JOURNAL_STREAM"))
     fmt = "%(levelname)s %(name)s: %(message)s"
@@ -96,11 +102,16 @@ def _setup_logging(level: str) -> None:
 
 
 def run_command(config: ConfigOption = None, set_: SetOption = None) -> None:
-    """Run the agent until SIGTERM/SIGINT (the systemd unit's ExecStart)."""
-    try:
-        cfg = _load(config, set_)
-    except ConfigError as exc:
-        raise _fail(f"configuration error: {exc}") from None
+    """Run the agent until SIGTERM/SIGINT (the systemd unit's ExecStart).
+
+    Validates the configuration and its files first (nothing is written before); a signal in any
+    phase (start-up, connecting, idle, training) stops it cleanly with exit status 0.
+    """
+    cfg = _load(config, set_)
+    from device_agent.preflight import check_files
+
+    check_files(cfg)
+    stop_early = _StopFlag.install()  # a signal before the event loop runs is not lost
     _setup_logging(cfg.log_level)
     from device_agent.agent import DeviceAgent
     from device_agent.spool import SpoolLocked
@@ -109,18 +120,89 @@ def run_command(config: ConfigOption = None, set_: SetOption = None) -> None:
     async def main() -> None:
         agent = DeviceAgent(cfg)
         loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            stop_early.signalled = True
+            agent.stop()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, agent.stop)
+            loop.add_signal_handler(sig, on_signal)
+        if stop_early.is_set():
+            agent.stop()
         await agent.run()
 
     try:
-        asyncio.run(main())
+        if not stop_early.is_set():
+            asyncio.run(main())
     except DataSourceError as exc:
-        raise _fail(f"data error: {exc}") from None
+        key = "data.entrypoint" if cfg.data.entrypoint is not None else "data.path"
+        raise ConfigError(key, str(exc)) from None
     except SpoolLocked as exc:
-        raise _fail(f"{exc} (is another agent running with the same state_dir?)") from None
+        raise ConfigError(
+            "state_dir", f"{exc} (is another agent running with the same state_dir?)"
+        ) from None
     except OSError as exc:
-        raise _fail(f"cannot use state_dir {str(cfg.state_dir)!r}: {exc}", 1) from None
+        raise ConfigError(
+            "state_dir", f"cannot use {str(cfg.state_dir)!r}: {exc.strerror or exc}"
+        ) from None
+    finally:
+        stop_early.restore()
+    if stop_early.is_set():
+        _exit_now_if_stuck()
+
+
+EXIT_GRACE_S = 0.5
+"""After a signal stopped the agent, how long the process waits for worker threads to end."""
+
+
+def _exit_now_if_stuck() -> None:
+    """The agent stopped on a signal: its state is closed (offline published, spool closed), and
+    a training thread only computes (an aborted training writes nothing). Such a thread cannot be
+    interrupted inside ``import torch`` (seconds on a Pi, the first training of a process), and
+    the interpreter joins it and then tears torch down (1.5 s measured on a loaded 2-core host)
+    before exiting. To stop within the 2 s a service manager expects, wait ``EXIT_GRACE_S`` for
+    worker threads, then, if one is still running or torch is loaded, flush and end the process
+    with status 0 without the interpreter's teardown."""
+    import threading
+    import time
+
+    deadline = time.monotonic() + EXIT_GRACE_S
+    me = threading.current_thread()
+    workers = [t for t in threading.enumerate() if t is not me and not t.daemon]
+    for thread in workers:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    if any(t.is_alive() for t in workers) or "torch" in sys.modules:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(0)
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT handlers that only remember the signal, for the time before the event loop
+    installs its own (which stop the agent); :meth:`restore` puts the previous ones back."""
+
+    def __init__(self) -> None:
+        self.signalled = False
+        self._previous: dict[int, object] = {}
+
+    def is_set(self) -> bool:
+        return self.signalled
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.signalled = True
+
+    @classmethod
+    def install(cls) -> _StopFlag:
+        flag = cls()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            flag._previous[sig] = signal.signal(sig, flag._handle)
+        return flag
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
 
 
 @agent_app.callback()
@@ -145,10 +227,7 @@ def run_subcommand(ctx: typer.Context, config: ConfigOption = None, set_: SetOpt
 
 def _inherit(ctx: typer.Context, config: Path | None, sets: list[str] | None) -> AgentConfig:
     parent = ctx.obj if isinstance(ctx.obj, tuple) else (None, None)
-    try:
-        return _load(config or parent[0], (parent[1] or []) + (sets or []))
-    except ConfigError as exc:
-        raise _fail(f"configuration error: {exc}") from None
+    return _load(config or parent[0], (parent[1] or []) + (sets or []))
 
 
 @agent_app.command("check-config")
@@ -158,8 +237,16 @@ def check_config_command(
     set_: SetOption = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Validate the configuration (file < environment < --set) and print the effective values."""
+    """Validate the configuration (file < environment < --set) and the files it names (data,
+    TLS files, Ed25519 keys), then print the effective values."""
     cfg = _inherit(ctx, config, set_)
+    from device_agent.preflight import file_problems
+
+    problems = file_problems(cfg)
+    if problems:  # one error line: the first problem, and the keys of any others
+        first, others = problems[0], [p.key for p in problems[1:]]
+        also = f" (also check {', '.join(others)})" if others else ""
+        raise ConfigError(first.key, first.problem + also, source=first.source)
     described = cfg.describe()
     if json_out:
         typer.echo(json.dumps(described, indent=2, sort_keys=True))
@@ -186,12 +273,20 @@ def predict_command(
 
     try:
         x = load_input(input_)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--input {str(input_)!r}: {exc}") from None
+    if not (cfg.state_dir / "model").is_dir():  # LocalModel would create the directory
+        raise ConfigError(
+            "state_dir",
+            f"no model in {str(cfg.state_dir)!r} (has the agent received one yet?)",
+        )
+    try:
         model = LocalModel(cfg.state_dir, threads=cfg.training.max_threads)
         result = model.predict(x)
-    except (NoModel, NoOnnxModel) as exc:
-        raise _fail(str(exc), 1) from None
-    except (OSError, ValueError) as exc:
-        raise _fail(str(exc)) from None
+    except (NoModel, NoOnnxModel) as exc:  # nothing to run: a fresh or wrong state_dir
+        raise ConfigError("state_dir", f"{exc} (in {str(cfg.state_dir)!r})") from None
+    except ValueError as exc:  # samples that do not fit the model's input
+        raise UsageError(f"--input {str(input_)!r}: {exc}") from None
     typer.echo(f"# model {model.model} v{result.model_version}", err=True)
     for i, label in enumerate(result.labels):
         if proba:
@@ -199,3 +294,12 @@ def predict_command(
             typer.echo(f"{int(label)}\t{probs}")
         else:
             typer.echo(str(int(label)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m device_agent``: the agent's commands through the one error path
+    (:func:`edgefl.clierror.run_cli`), as ``edgefl agent`` runs them."""
+    run_cli(
+        lambda: agent_app(args=argv, prog_name="edgefl agent", standalone_mode=False),
+        prog="edgefl agent",
+    )

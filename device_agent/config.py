@@ -43,6 +43,7 @@ from urllib.parse import urlsplit
 
 from device_agent.eligibility.policy import EligibilityPolicy, PolicyError, TimeWindow
 from device_agent.eligibility.probes import MeteredSource
+from edgefl import clierror
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -72,8 +73,12 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
-class ConfigError(ValueError):
-    """A configuration problem. ``str()`` reads ``"<key>: <problem> (from <source>)"``."""
+class ConfigError(clierror.ConfigError):
+    """A configuration problem. ``str()`` reads ``"<key>: <problem> (from <source>)"``.
+
+    A :class:`edgefl.clierror.ConfigError` (so a ``ValueError``): raised out of a command, the
+    one error path prints it on one line and exits 78 (``EX_CONFIG``).
+    """
 
     def __init__(self, key: str, problem: str, *, source: str | None = None) -> None:
         message = f"{key}: {problem}"

@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 from edgefl.clierror import ConfigError, UsageError
+from edgefl.errors import EdgeflError
 
 __all__ = ["provision_app"]
 
@@ -36,6 +37,26 @@ def _provision_module() -> ModuleType:
             "edgefl provision needs the 'cryptography' package: install the security extra"
         ) from None
     return provision
+
+
+def _check_name(option: str, value: str) -> None:
+    """UsageError naming ``option`` unless ``value`` is an edgefl name (fleet, device id)."""
+    from edgefl.errors import ProtocolError
+    from edgefl.protocol.topics import validate_name
+
+    try:
+        validate_name(value, option)
+    except ProtocolError:
+        raise UsageError(
+            f"{option} {value!r}: expected 1-64 characters [A-Za-z0-9_.-] starting with a letter"
+            " or digit"
+        ) from None
+
+
+def _check_out(out: Path) -> None:
+    """UsageError unless ``--out`` is a directory or can become one (nothing is created here)."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {str(out)!r}: exists and is not a directory")
 
 
 OutDir = Annotated[
@@ -69,6 +90,13 @@ def init_command(
     force: Annotated[bool, typer.Option(help="Replace an existing fleet in --out.")] = False,
 ) -> None:
     """Create a fleet: CA, broker TLS/passwords/ACL/config, aggregator and monitor accounts."""
+    _check_name("--fleet", fleet)
+    if not 0 < port < 65536:
+        raise UsageError(f"--port must be in 1..65535, got {port}")
+    for host in broker_host:
+        if not host or any(c.isspace() or c in "/@#?" for c in host):
+            raise UsageError(f"--broker-host {host!r}: expected a host name or IP address")
+    _check_out(out)
     provision = _provision_module()
     try:
         layout = provision.init_fleet(
@@ -83,8 +111,8 @@ def init_command(
     except provision.ProvisionUsageError as exc:
         raise UsageError(str(exc)) from None
     except provision.ProvisionError as exc:
-        raise ConfigError(str(exc)) from None
-    except ValueError as exc:
+        raise ConfigError(f"--out: {exc}") from None
+    except (ValueError, EdgeflError) as exc:
         raise UsageError(str(exc)) from None
     typer.echo(f"fleet {fleet!r} provisioned in {layout.root}")
     typer.echo(
@@ -108,6 +136,8 @@ def device_command(
     force: Annotated[bool, typer.Option(help="Re-provision an existing device.")] = False,
 ) -> None:
     """Add a device: MQTT password, Ed25519 key pair, optional client certificate, bundle."""
+    _check_name("--device", device)
+    _check_out(out)
     provision = _provision_module()
     try:
         bundle = provision.add_device(
@@ -116,8 +146,8 @@ def device_command(
     except provision.ProvisionUsageError as exc:
         raise UsageError(str(exc)) from None
     except provision.ProvisionError as exc:
-        raise ConfigError(str(exc)) from None
-    except ValueError as exc:
+        raise ConfigError(f"--out: {exc}") from None
+    except (ValueError, EdgeflError) as exc:
         raise UsageError(str(exc)) from None
     typer.echo(f"device {device!r} provisioned (signing key id {bundle.key_id})")
     typer.echo(f"  bundle:     copy {bundle.directory}/ to /etc/edgefl/ on the device")

@@ -18,6 +18,9 @@ from typing import Annotated, Any
 
 import typer
 
+from edgefl.clierror import BrokerUnavailable, ConfigError, UsageError, run_cli
+from edgefl.transport import config as transport_config
+from edgefl.transport.base import NotConnectedError, TransportError
 from edgefl.transport.config import MqttProtocol
 
 from .model import FleetModelConfig
@@ -28,14 +31,10 @@ from .modes import (
     snapshot_once,
     stream_json,
     topics_filter,
+    until_signal,
 )
 
 __all__ = ["monitor_command"]
-
-
-def _fail(message: str) -> typer.Exit:
-    typer.echo(f"edgefl monitor: {message}", err=True)
-    return typer.Exit(2)
 
 
 def monitor_command(
@@ -127,77 +126,235 @@ def monitor_command(
 ) -> None:
     """Watch a fleet live through the broker: devices, model, aggregator, topic log.
 
-    Read-only unless --clear-retained is given.
+    Read-only unless --clear-retained is given. When stdout is not a terminal and neither
+    --once nor --json is given, it streams JSON lines (as --json does) and says so on stderr.
     """
-    if password_file is not None:
-        if password is not None:
-            raise _fail("give --password or --password-file, not both")
-        try:
-            password = password_file.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise _fail(f"cannot read --password-file: {exc}") from None
-    overrides: dict[str, Any] = {"protocol": protocol, "start_timeout": connect_timeout}
-    for key, value in (
-        ("username", username),
-        ("password", password),
-        ("ca_file", ca_file),
-        ("cert_file", cert_file),
-        ("key_file", key_file),
-        ("client_id", client_id),
-    ):
-        if value is not None:
-            overrides[key] = value
-    try:
-        from .client import monitor_mqtt_config
-
-        config = monitor_mqtt_config(broker, **overrides)
-        options = MonitorOptions(
-            config=config,
-            fleet=fleet,
-            include_sys=sys_topics,
-            include_updates=updates,
-            model=FleetModelConfig(stale_after=stale_after if stale_after > 0 else None),
-            topic_filters=topics_filter(topic or []),
-            settle_timeout=wait,
+    options = _validated_options(
+        fleet=fleet,
+        broker=broker,
+        interval=interval,
+        topic=topic or [],
+        sys_topics=sys_topics,
+        updates=updates,
+        stale_after=stale_after,
+        wait=wait,
+        connect_timeout=connect_timeout,
+        clear_retained_target=clear_retained_target,
+        dry_run=dry_run,
+        username=username,
+        password=password,
+        password_file=password_file,
+        ca_file=ca_file,
+        cert_file=cert_file,
+        key_file=key_file,
+        client_id=client_id,
+        protocol=protocol,
+    )
+    interactive = not (once or json_output or clear_retained_target is not None)
+    if interactive and not sys.stdout.isatty():
+        typer.echo(
+            "edgefl monitor: stdout is not a terminal: streaming JSON lines (as with --json;"
+            " --once prints one snapshot)",
+            err=True,
         )
-    except ValueError as exc:
-        raise _fail(str(exc)) from None
-    if dry_run and clear_retained_target is None:
-        raise _fail("--dry-run needs --clear-retained")
+        interactive, json_output = False, True
     try:
         if clear_retained_target is not None:
             _run_clear(options, clear_retained_target, dry_run=dry_run, json_output=json_output)
         elif once:
-            snapshot = asyncio.run(snapshot_once(options))
+            snapshot = asyncio.run(until_signal(snapshot_once(options)))
+            if snapshot is None:
+                return  # stopped by SIGTERM/SIGINT before the snapshot was ready
             if json_output:
                 typer.echo(dump_json(snapshot.to_json()))
             else:
                 from .render import snapshot_text
 
                 typer.echo(snapshot_text(snapshot), nl=False)
-        elif json_output:
+        elif not interactive:
             asyncio.run(_stream(options, interval=interval, count=count))
         else:
-            try:
-                from .tui import MonitorApp
-            except ImportError as exc:  # textual is the `monitor` extra
-                raise _fail(
-                    f"the terminal UI needs textual ({exc}): pip install 'edgefl[monitor]';"
-                    " --once and --json work without it"
-                ) from None
-            # interactive: the screen comes up at once and the transport keeps reconnecting
-            interactive = replace(options, config=options.config.replace(start_timeout=None))
-            MonitorApp(interactive).run()
-    except Exception as exc:  # connection refused, bad credentials, TLS, ...
-        from edgefl.transport.base import TransportError
+            _run_interactive(options)
+    except NotConnectedError as exc:
+        raise BrokerUnavailable(f"--broker {broker}: {exc}") from None
+    except TransportError as exc:  # refused subscription, closed, ...
+        raise BrokerUnavailable(f"--broker {broker}: {exc}") from None
 
-        if isinstance(exc, TransportError | OSError | ValueError):
-            raise _fail(str(exc)) from None
-        raise
+
+def _validated_options(
+    *,
+    fleet: str,
+    broker: str,
+    interval: float,
+    topic: list[str],
+    sys_topics: bool,
+    updates: bool,
+    stale_after: float,
+    wait: float,
+    connect_timeout: float,
+    clear_retained_target: str | None,
+    dry_run: bool,
+    username: str | None,
+    password: str | None,
+    password_file: Path | None,
+    ca_file: Path | None,
+    cert_file: Path | None,
+    key_file: Path | None,
+    client_id: str | None,
+    protocol: MqttProtocol,
+) -> MonitorOptions:
+    """Every check that needs no broker, each naming its option; raises UsageError (a bad
+    option) or ConfigError (a file an option names cannot be used)."""
+    from edgefl.errors import ProtocolError
+    from edgefl.protocol.topics import validate_name
+
+    try:
+        validate_name(fleet, "fleet name")
+    except ProtocolError:
+        raise UsageError(
+            f"--fleet {fleet!r}: expected 1-64 characters [A-Za-z0-9_.-] starting with a letter"
+            " or digit"
+        ) from None
+    schemes = sorted({*transport_config._PLAIN_SCHEMES, *transport_config._TLS_SCHEMES})
+    scheme = broker.partition("://")[0].lower() if "://" in broker else ""
+    if scheme not in schemes:
+        raise UsageError(
+            f"--broker {broker!r}: expected <scheme>://host[:port] with scheme one of "
+            + ", ".join(schemes)
+        )
+    for name, value, low in (
+        ("--interval", interval, "0 (0: one line per message)"),
+        ("--stale-after", stale_after, "0 (0: never)"),
+        ("--wait", wait, "0"),
+    ):
+        if not value >= 0:
+            raise UsageError(f"{name} must be >= {low}, got {value:g}")
+    if not connect_timeout > 0:
+        raise UsageError(f"--connect-timeout must be > 0, got {connect_timeout:g}")
+    if dry_run and clear_retained_target is None:
+        raise UsageError("--dry-run needs --clear-retained TARGET ('lost' or a topic filter)")
+    if clear_retained_target is not None:
+        from .clear import check_target
+
+        try:
+            check_target(clear_retained_target, fleet)
+        except ValueError as exc:
+            message = str(exc).removeprefix("--clear-retained ")
+            raise UsageError(
+                f"--clear-retained {clear_retained_target!r}: {message} (or 'lost')"
+            ) from None
+    try:
+        topic_filters = topics_filter(topic)
+    except ValueError as exc:
+        raise UsageError(f"--topic: {exc}") from None
+    if password_file is not None:
+        if password is not None:
+            raise UsageError("give --password or --password-file, not both")
+        try:
+            password = password_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ConfigError(f"--password-file {str(password_file)!r}: {detail}") from None
+    if password is not None and username is None and "@" not in broker:
+        raise UsageError("--password (or --password-file) needs --username")
+    tls = scheme in transport_config._TLS_SCHEMES
+    tls_files = (("--ca-file", ca_file), ("--cert-file", cert_file), ("--key-file", key_file))
+    for name, path in tls_files:
+        if path is not None and not tls:
+            raise UsageError(f"{name} needs an mqtts:// --broker, got {broker!r}")
+    if (cert_file is None) != (key_file is None):
+        raise UsageError("--cert-file and --key-file go together")
+    _check_tls_files(ca_file, cert_file, key_file)
+    overrides: dict[str, Any] = {"protocol": protocol, "start_timeout": connect_timeout}
+    given: tuple[tuple[str, object], ...] = (
+        ("username", username),
+        ("password", password),
+        ("ca_file", ca_file),
+        ("cert_file", cert_file),
+        ("key_file", key_file),
+        ("client_id", client_id),
+    )
+    for key, setting in given:
+        if setting is not None:
+            overrides[key] = setting
+    from .client import monitor_mqtt_config
+
+    try:
+        config = monitor_mqtt_config(broker, **overrides)
+    except ValueError as exc:
+        raise UsageError(f"--broker {broker!r}: {exc}") from None
+    return MonitorOptions(
+        config=config,
+        fleet=fleet,
+        include_sys=sys_topics,
+        include_updates=updates,
+        model=FleetModelConfig(stale_after=stale_after if stale_after > 0 else None),
+        topic_filters=topic_filters,
+        settle_timeout=wait,
+        notice=_notice,
+    )
+
+
+def _notice(message: str) -> None:
+    typer.echo(f"edgefl monitor: {message}", err=True)
+
+
+def _check_tls_files(ca_file: Path | None, cert_file: Path | None, key_file: Path | None) -> None:
+    """Parse the TLS files with the standard library (ConfigError naming the option)."""
+    import re
+    import ssl
+
+    def reason(exc: OSError) -> str:
+        if isinstance(exc, ssl.SSLError):
+            return re.sub(r"\s*\(_ssl\.c:\d+\)", "", str(exc))
+        return str(exc.strerror or exc)
+
+    def context() -> ssl.SSLContext:
+        return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+
+    for name, path in (("--ca-file", ca_file), ("--cert-file", cert_file)):
+        if path is not None:
+            try:
+                context().load_verify_locations(cafile=path)
+            except OSError as exc:
+                raise ConfigError(
+                    f"{name} {str(path)!r}: not a PEM certificate file ({reason(exc)})"
+                ) from None
+    if cert_file is not None and key_file is not None:
+        try:
+            context().load_cert_chain(cert_file, key_file, password=lambda: b"")
+        except OSError as exc:
+            raise ConfigError(
+                f"--key-file {str(key_file)!r}: not an unencrypted PEM private key for"
+                f" --cert-file ({reason(exc)})"
+            ) from None
+
+
+def _run_interactive(options: MonitorOptions) -> None:
+    try:
+        from .tui import MonitorApp
+    except ImportError as exc:  # textual is the `monitor` extra
+        raise ConfigError(
+            f"the terminal UI needs textual ({exc}): pip install 'edgefl[monitor]';"
+            " --once and --json work without it"
+        ) from None
+    # interactive: the screen comes up at once and the transport keeps reconnecting
+    app = MonitorApp(replace(options, config=options.config.replace(start_timeout=None)))
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, app.exit)
+        await app.run_async()
+
+    asyncio.run(run())
 
 
 def _run_clear(options: MonitorOptions, target: str, *, dry_run: bool, json_output: bool) -> None:
-    topics, _ = asyncio.run(clear_retained(options, target, dry_run=dry_run))
+    result = asyncio.run(until_signal(clear_retained(options, target, dry_run=dry_run)))
+    if result is None:
+        return  # stopped by SIGTERM/SIGINT
+    topics, _ = result
     if json_output:
         typer.echo(dump_json({"dry_run": dry_run, "target": target, "topics": topics}))
         return
@@ -208,10 +365,15 @@ def _run_clear(options: MonitorOptions, target: str, *, dry_run: bool, json_outp
 
 
 async def _stream(options: MonitorOptions, *, interval: float, count: int | None) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
     with contextlib.suppress(BrokenPipeError):  # e.g. `| head`
-        await stream_json(options, sys.stdout, interval=interval, count=count, stop=stop)
+        await until_signal(stream_json(options, sys.stdout, interval=interval, count=count))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m edgefl.monitor``: ``edgefl monitor`` through the one error path."""
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command()(monitor_command)
+    run_cli(
+        lambda: app(args=argv, prog_name="edgefl monitor", standalone_mode=False),
+        prog="edgefl monitor",
+    )

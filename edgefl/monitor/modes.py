@@ -6,9 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Sequence
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 from edgefl.transport.config import MqttConfig
 
@@ -18,7 +19,18 @@ from .model import FleetModelConfig
 from .snapshot import FleetSnapshot
 from .summary import TopicLogEntry
 
-__all__ = ["MonitorOptions", "clear_retained", "dump_json", "snapshot_once", "stream_json"]
+__all__ = [
+    "MonitorOptions",
+    "clear_retained",
+    "dump_json",
+    "snapshot_once",
+    "stream_json",
+    "until_signal",
+]
+
+T = TypeVar("T")
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @dataclass(frozen=True)
@@ -35,6 +47,10 @@ class MonitorOptions:
     """``--once`` / clearing: the retained burst is over after this long without one."""
     settle_timeout: float = 5.0
     """... or after this long in total (``--wait``)."""
+    notice: Callable[[str], None] | None = None
+    """Told once (one line) when the first connection attempt failed and the monitor keeps
+    trying until ``config.start_timeout`` (when that is at least ``NOTICE_MIN_WAIT_S``): the
+    command line writes it to stderr."""
 
     def monitor(self) -> FleetMonitor:
         return FleetMonitor(
@@ -47,6 +63,44 @@ class MonitorOptions:
         )
 
 
+NOTICE_POLL_S = 0.2
+NOTICE_MIN_WAIT_S = 3.0
+"""A shorter ``--connect-timeout`` ends in its error line soon enough: no notice before it."""
+
+
+@contextlib.asynccontextmanager
+async def _opened(options: MonitorOptions) -> AsyncIterator[FleetMonitor]:
+    """``async with options.monitor()``, telling ``options.notice`` once while the broker
+    cannot be reached yet (instead of waiting silently up to ``--connect-timeout``)."""
+    monitor = options.monitor()
+    watcher: asyncio.Task[None] | None = None
+    limit = options.config.start_timeout
+    if options.notice is not None and (limit is None or limit >= NOTICE_MIN_WAIT_S):
+        watcher = asyncio.create_task(_watch_first_failure(monitor, options))
+    try:
+        async with monitor:
+            if watcher is not None:
+                watcher.cancel()
+            yield monitor
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+
+
+async def _watch_first_failure(monitor: FleetMonitor, options: MonitorOptions) -> None:
+    assert options.notice is not None
+    while True:
+        view = monitor.connection_view()
+        if view.connected:
+            return
+        if view.last_error:
+            limit = options.config.start_timeout
+            within = f"for up to {limit:g} s (--connect-timeout)" if limit else "until stopped"
+            options.notice(f"{view.last_error}; retrying {within}")
+            return
+        await asyncio.sleep(NOTICE_POLL_S)
+
+
 def dump_json(value: Any) -> str:
     """One line of JSON (UTF-8 text, no NaN)."""
     return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
@@ -54,7 +108,7 @@ def dump_json(value: Any) -> str:
 
 async def snapshot_once(options: MonitorOptions) -> FleetSnapshot:
     """Connect, wait for the retained messages (bounded), return one snapshot, disconnect."""
-    async with options.monitor() as monitor:
+    async with _opened(options) as monitor:
         await monitor.settle(quiet=options.settle_quiet, timeout=options.settle_timeout)
         return monitor.snapshot()
 
@@ -87,7 +141,7 @@ async def stream_json(
         if count is not None and written >= count:
             stop.set()
 
-    async with options.monitor() as monitor:
+    async with _opened(options) as monitor:
         if interval > 0:
             await monitor.settle(quiet=options.settle_quiet, timeout=options.settle_timeout)
             while not stop.is_set():
@@ -114,13 +168,42 @@ async def clear_retained(
     after the retained burst arrived; with ``dry_run`` only select them. Returns the topics and
     the snapshot they were chosen from."""
     target = check_target(target, options.fleet)
-    async with options.monitor() as monitor:
+    async with _opened(options) as monitor:
         await monitor.settle(quiet=options.settle_quiet, timeout=options.settle_timeout)
         snapshot = monitor.snapshot()
         topics = select_topics(target, snapshot, monitor.retained_topics)
         if not dry_run:
             await monitor.clear_retained(topics)
     return topics, snapshot
+
+
+async def until_signal(awaitable: Awaitable[T]) -> T | None:
+    """Run ``awaitable`` until it is done, or until SIGINT/SIGTERM: then cancel it (in any phase:
+    connecting, waiting for the retained burst, streaming; the monitor's ``async with`` closes
+    the connection on the way out) and return ``None``. The handlers are removed afterwards."""
+    loop = asyncio.get_running_loop()
+    stopped = asyncio.Event()
+    installed: list[signal.Signals] = []
+    for sig in STOP_SIGNALS:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stopped.set)
+            installed.append(sig)
+    work = asyncio.ensure_future(awaitable)
+    waiter = asyncio.ensure_future(stopped.wait())
+    try:
+        await asyncio.wait({work, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if work.done():
+            return work.result()
+        work.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await work
+        return None
+    finally:
+        waiter.cancel()
+        if not work.done():
+            work.cancel()
+        for sig in installed:
+            loop.remove_signal_handler(sig)
 
 
 def topics_filter(values: Sequence[str]) -> tuple[str, ...]:

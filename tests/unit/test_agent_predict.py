@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -113,25 +114,48 @@ def test_cli_predict_prints_one_label_per_row(tmp_path: Path) -> None:
     assert labels == list(torch_logits(weights, x).argmax(axis=1))
 
 
-def test_cli_check_config_names_the_bad_key(tmp_path: Path) -> None:
-    ok = CliRunner().invoke(agent_app, ["check-config", "--json"], env=_env(tmp_path))
-    bad = CliRunner().invoke(
-        agent_app, ["check-config", "--set", "training.max_threads=0"], env=_env(tmp_path)
+def _edgefl(
+    args: list[str], env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> tuple[int, str, str]:
+    """``edgefl <args>`` through the one error path: (exit code, stdout, stderr)."""
+    from edgefl.cli import main
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    out = capsys.readouterr()
+    return int(stop.value.code or 0), out.out, out.err
+
+
+def test_cli_check_config_names_the_bad_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    np.savez(tmp_path / "data.npz", x=np.zeros((4, 64), np.float32), y=np.zeros(4, np.int64))
+
+    ok = _edgefl(["agent", "check-config", "--json"], _env(tmp_path), monkeypatch, capsys)
+    bad = _edgefl(
+        ["agent", "check-config", "--set", "training.max_threads=0"],
+        _env(tmp_path),
+        monkeypatch,
+        capsys,
     )
 
-    assert ok.exit_code == 0, ok.output
-    assert '"fleet": "f"' in ok.stdout
-    assert bad.exit_code == 2
-    assert "training.max_threads" in bad.output
+    assert ok[0] == 0, ok[2]
+    assert '"fleet": "f"' in ok[1]
+    assert bad[0] == 78
+    assert "training.max_threads" in bad[2]
 
 
-def test_cli_run_refuses_a_bad_config_with_status_2(tmp_path: Path) -> None:
+def test_cli_run_refuses_a_bad_config_with_status_78(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
     env = _env(tmp_path) | {"EDGEFL_TRAINING__ISOLATION": "container"}
 
-    default = CliRunner().invoke(agent_app, [], env=env)
-    explicit = CliRunner().invoke(agent_app, ["run"], env=env)
+    default = _edgefl(["agent"], env, monkeypatch, capsys)
+    explicit = _edgefl(["agent", "run"], env, monkeypatch, capsys)
 
-    for result in (default, explicit):
-        assert result.exit_code == 2
-        assert "training.isolation" in result.output
-        assert "'thread', 'process'" in result.output
+    for code, _, err in (default, explicit):
+        assert code == 78
+        assert "training.isolation" in err
+        assert "'thread', 'process'" in err
