@@ -39,11 +39,11 @@ from dataclasses import MISSING, dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, NamedTuple, cast
-from urllib.parse import urlsplit
 
 from device_agent.eligibility.policy import EligibilityPolicy, PolicyError, TimeWindow
 from device_agent.eligibility.probes import MeteredSource
 from edgefl import clierror
+from edgefl.transport.config import BrokerUrl
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -119,7 +119,9 @@ def _check_name(key: str, value: str) -> None:
 
 @dataclass(frozen=True, slots=True)
 class BrokerConfig:
-    """MQTT broker connection. ``url`` is ``mqtt://host[:port]`` or ``mqtts://host[:port]``."""
+    """MQTT broker connection. ``url`` is ``mqtt://host[:port]``, ``mqtts://host[:port]``, or MQTT
+    over WebSockets ``ws://host[:port][/path]`` / ``wss://...`` (see
+    :class:`edgefl.transport.config.BrokerUrl`)."""
 
     url: str
     ca_file: Path | None = None
@@ -133,26 +135,13 @@ class BrokerConfig:
     reconnect_max_s: float = 30.0  # cap of the jittered exponential reconnect backoff
 
     def __post_init__(self) -> None:
-        bad = f"expected mqtt:// or mqtts:// URL, got {self.url!r}"
-        if not isinstance(self.url, str):
-            raise ConfigError("broker.url", bad)
-        parts = urlsplit(self.url)
-        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-            raise ConfigError("broker.url", bad)
-        try:
-            port = parts.port  # raises ValueError on a malformed or out-of-range port
-        except ValueError:
-            port = 0
-        if port == 0:
-            raise ConfigError("broker.url", f"bad port in {self.url!r}")
-        if parts.username is not None or parts.password is not None:
+        parsed = self._parsed()
+        if parsed.username is not None or parsed.password is not None:
             raise ConfigError(
                 "broker.url",
                 "credentials do not belong in the URL; use broker.username and "
                 "broker.password_file",
             )
-        if parts.path not in ("", "/") or parts.query or parts.fragment:
-            raise ConfigError("broker.url", f"unexpected path or query in {self.url!r}")
         if not self.tls:
             for key, value in (
                 ("ca_file", self.ca_file),
@@ -160,9 +149,13 @@ class BrokerConfig:
                 ("key_file", self.key_file),
             ):
                 if value is not None:
-                    raise ConfigError(f"broker.{key}", "TLS files need an mqtts:// broker.url")
+                    raise ConfigError(
+                        f"broker.{key}", "TLS files need an mqtts:// or wss:// broker.url"
+                    )
             if self.tls_insecure:
-                raise ConfigError("broker.tls_insecure", "only meaningful with an mqtts:// URL")
+                raise ConfigError(
+                    "broker.tls_insecure", "only meaningful with an mqtts:// or wss:// URL"
+                )
         if (self.cert_file is None) != (self.key_file is None):
             missing = "key_file" if self.key_file is None else "cert_file"
             raise ConfigError(f"broker.{missing}", "cert_file and key_file go together")
@@ -174,17 +167,25 @@ class BrokerConfig:
         _check_int("broker.max_packet", self.max_packet, 1024, 268_435_455)
         _check_float("broker.reconnect_max_s", self.reconnect_max_s, 1.0, 3600.0)
 
+    def _parsed(self) -> BrokerUrl:
+        if not isinstance(self.url, str):
+            raise ConfigError("broker.url", f"expected a broker URL, got {self.url!r}")
+        try:
+            return BrokerUrl.parse(self.url)
+        except ValueError as exc:
+            raise ConfigError("broker.url", str(exc)) from None
+
     @property
     def tls(self) -> bool:
-        return urlsplit(self.url).scheme == "mqtts"
+        return self._parsed().tls
 
     @property
     def host(self) -> str:
-        return urlsplit(self.url).hostname or ""
+        return self._parsed().host
 
     @property
     def port(self) -> int:
-        return urlsplit(self.url).port or (8883 if self.tls else 1883)
+        return self._parsed().port
 
 
 class TrainingIsolation(StrEnum):

@@ -1,15 +1,9 @@
-"""``python -m edgefl.monitor --fleet NAME ...``: the same as ``edgefl monitor``."""
+"""``python -m edgefl.monitor --fleet NAME ...``: the same as ``edgefl monitor``, with the same
+error lines and exit codes."""
 
 from __future__ import annotations
 
-import typer
-
-from edgefl.monitor.cli import monitor_command
-
-
-def main() -> None:
-    typer.run(monitor_command)
-
+from edgefl.monitor.cli import main
 
 if __name__ == "__main__":
     main()

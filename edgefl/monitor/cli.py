@@ -215,13 +215,10 @@ def _validated_options(
             f"--fleet {fleet!r}: expected 1-64 characters [A-Za-z0-9_.-] starting with a letter"
             " or digit"
         ) from None
-    schemes = sorted({*transport_config._PLAIN_SCHEMES, *transport_config._TLS_SCHEMES})
-    scheme = broker.partition("://")[0].lower() if "://" in broker else ""
-    if scheme not in schemes:
-        raise UsageError(
-            f"--broker {broker!r}: expected <scheme>://host[:port] with scheme one of "
-            + ", ".join(schemes)
-        )
+    try:
+        parsed_url = transport_config.BrokerUrl.parse(broker)
+    except ValueError as exc:
+        raise UsageError(f"--broker {broker!r}: {exc}") from None
     for name, value, low in (
         ("--interval", interval, "0 (0: one line per message)"),
         ("--stale-after", stale_after, "0 (0: never)"),
@@ -257,11 +254,10 @@ def _validated_options(
             raise ConfigError(f"--password-file {str(password_file)!r}: {detail}") from None
     if password is not None and username is None and "@" not in broker:
         raise UsageError("--password (or --password-file) needs --username")
-    tls = scheme in transport_config._TLS_SCHEMES
     tls_files = (("--ca-file", ca_file), ("--cert-file", cert_file), ("--key-file", key_file))
     for name, path in tls_files:
-        if path is not None and not tls:
-            raise UsageError(f"{name} needs an mqtts:// --broker, got {broker!r}")
+        if path is not None and not parsed_url.tls:
+            raise UsageError(f"{name} needs an mqtts:// or wss:// --broker, got {broker!r}")
     if (cert_file is None) != (key_file is None):
         raise UsageError("--cert-file and --key-file go together")
     _check_tls_files(ca_file, cert_file, key_file)
