@@ -109,20 +109,27 @@ class LocalResult:
     stopped_early: bool
 
 
-def batch_plan(n: int, config: LocalTrainConfig, seed: int) -> list[NDArray[np.int64]]:
-    """The index batches a device with ``n`` examples trains on, in order (see module doc)."""
+def iter_batches(n: int, config: LocalTrainConfig, seed: int) -> Iterator[NDArray[np.int64]]:
+    """The index batches a device with ``n`` examples trains on, in order (see module doc),
+    drawn lazily: one permutation per epoch as that epoch starts, so a training that stops
+    early never pays for the epochs it skips (``max_epochs`` may be large)."""
     if n < 1:
         raise ValueError("a device needs at least one training example")
     rng = np.random.default_rng(seed)
     limit = config.max_steps if config.max_steps is not None else math.inf
-    plan: list[NDArray[np.int64]] = []
+    produced = 0
     for _ in range(config.epochs):
         perm = rng.permutation(n).astype(np.int64)
         for start in range(0, n, config.batch_size):
-            if len(plan) >= limit:
-                return plan
-            plan.append(perm[start : start + config.batch_size])
-    return plan
+            if produced >= limit:
+                return
+            produced += 1
+            yield perm[start : start + config.batch_size]
+
+
+def batch_plan(n: int, config: LocalTrainConfig, seed: int) -> list[NDArray[np.int64]]:
+    """All of :func:`iter_batches` as a list (the batched trainer needs every plan's length)."""
+    return list(iter_batches(n, config, seed))
 
 
 def _check_data(
@@ -238,7 +245,7 @@ def train_local(
     """
     base = spec.check_flat(base_flat)
     xa, ya = _check_data(spec, x, y)
-    plan = batch_plan(len(ya), config, config.seed)
+    plan = iter_batches(len(ya), config, config.seed)
     import torch
     from torch.func import functional_call
     from torch.nn import functional as fn

@@ -20,6 +20,7 @@ from edgefl.training import (
     OptimizerKind,
     batch_plan,
     evaluate,
+    iter_batches,
     train_local,
     train_many,
 )
@@ -313,3 +314,18 @@ def test_optimizer_matches_torch_optim(digits: Dataset, cfg: LocalTrainConfig) -
         loss.backward()  # type: ignore[no-untyped-call]
         opt.step()
     np.testing.assert_allclose(base + ours.delta, module_to_flat(module), atol=1e-5)
+
+
+def test_batches_are_drawn_lazily_and_match_the_plan() -> None:
+    # Arrange: a billion epochs would never fit in memory as a list
+    huge = LocalTrainConfig(epochs=1_000_000_000, batch_size=4)
+    small = LocalTrainConfig(epochs=3, batch_size=4, max_steps=7)
+
+    # Act
+    first_two = list(itertools.islice(iter_batches(10, huge, seed=5), 2))
+    lazy = list(iter_batches(10, small, seed=5))
+
+    # Assert: the same batches as the materialised plan, in order
+    assert [b.tolist() for b in first_two] == [b.tolist() for b in batch_plan(10, small, 5)[:2]]
+    assert [b.tolist() for b in lazy] == [b.tolist() for b in batch_plan(10, small, 5)]
+    assert [len(b) for b in lazy] == [4, 4, 2, 4, 4, 2, 4]  # max_steps 7 across epochs
