@@ -144,7 +144,7 @@ async def retained_state(url: str) -> DeviceState:
     raise AssertionError("no retained state")
 
 
-def test_sigkill_with_spooled_update_then_restart_delivers_exactly_once(
+async def test_sigkill_with_spooled_update_then_restart_delivers_exactly_once(
     mosquitto: MosquittoBroker, tmp_path: Path
 ) -> None:
     # Arrange
@@ -153,33 +153,29 @@ def test_sigkill_with_spooled_update_then_restart_delivers_exactly_once(
     agg = aggregator(tmp_path, mosquitto.url)
     agent = AgentProcess(config)
 
-    async def scenario() -> tuple[int, DeviceState]:
-        ready = asyncio.Event()
-        agg_task = asyncio.create_task(agg.run(ready))
-        try:
-            await asyncio.wait_for(ready.wait(), 30)
-            agent.start()
-            await wait_for(lambda: (state / "model/current").exists(), 30, agent)
-            # the broker goes away, then the device becomes eligible and finishes an update
-            await asyncio.to_thread(mosquitto.stop)
-            write_tree(tmp_path / "fs", mains=True)
-            await wait_for(lambda: spooled(state) == 1, 60, agent)
-            # Act: crash with the update in the spool, broker back, agent restarted
-            assert agent.signal(signal.SIGKILL) == -signal.SIGKILL
-            await asyncio.to_thread(mosquitto.start)
-            agent.start()
-            await wait_for(lambda: agg.statistics().applied == 1, 60, agent)
-            await wait_for(lambda: spooled(state) == 0, 10, agent)
-            await asyncio.sleep(1.5)  # a duplicate, if any, would arrive by now
-            code = agent.signal(signal.SIGTERM)
-            final = await retained_state(mosquitto.url)
-        finally:
-            agent.close()
-            agg.stop()
-            await agg_task
-        return code, final
-
-    code, final = asyncio.run(scenario())
+    ready = asyncio.Event()
+    agg_task = asyncio.create_task(agg.run(ready))
+    try:
+        await asyncio.wait_for(ready.wait(), 30)
+        agent.start()
+        await wait_for(lambda: (state / "model/current").exists(), 30, agent)
+        # the broker goes away, then the device becomes eligible and finishes an update
+        await asyncio.to_thread(mosquitto.stop)
+        write_tree(tmp_path / "fs", mains=True)
+        await wait_for(lambda: spooled(state) == 1, 60, agent)
+        # Act: crash with the update in the spool, broker back, agent restarted
+        assert agent.signal(signal.SIGKILL) == -signal.SIGKILL
+        await asyncio.to_thread(mosquitto.start)
+        agent.start()
+        await wait_for(lambda: agg.statistics().applied == 1, 60, agent)
+        await wait_for(lambda: spooled(state) == 0, 10, agent)
+        await asyncio.sleep(1.5)  # a duplicate, if any, would arrive by now
+        code = agent.signal(signal.SIGTERM)
+        final = await retained_state(mosquitto.url)
+    finally:
+        agent.close()
+        agg.stop()
+        await agg_task
 
     # Assert: counted once; the restart did not train v0 again; clean stop -> offline
     stats = agg.statistics()
@@ -194,7 +190,7 @@ def test_sigkill_with_spooled_update_then_restart_delivers_exactly_once(
 
 
 @pytest.mark.slow
-def test_broker_down_for_20s_agent_delivers_afterwards(
+async def test_broker_down_for_20s_agent_delivers_afterwards(
     mosquitto: MosquittoBroker, tmp_path: Path
 ) -> None:
     # Arrange
@@ -203,32 +199,29 @@ def test_broker_down_for_20s_agent_delivers_afterwards(
     agg = aggregator(tmp_path, mosquitto.url)
     agent = AgentProcess(config)
 
-    async def scenario() -> tuple[float, float]:
-        ready = asyncio.Event()
-        agg_task = asyncio.create_task(agg.run(ready))
-        try:
-            await asyncio.wait_for(ready.wait(), 30)
-            agent.start()
-            await wait_for(lambda: (state / "model/current").exists(), 30, agent)
-            # Act: broker down 20 s; meanwhile the device trains and spools its update
-            await asyncio.to_thread(mosquitto.stop)
-            down_at = time.monotonic()
-            write_tree(tmp_path / "fs", mains=True)
-            await wait_for(lambda: spooled(state) == 1, 60, agent)
-            await asyncio.sleep(max(0.0, 20.0 - (time.monotonic() - down_at)))
-            assert agg.statistics().applied == 0
-            await asyncio.to_thread(mosquitto.start)
-            up_at = time.monotonic()
-            await wait_for(lambda: agg.statistics().applied == 1, 30, agent)
-            delivered_after = time.monotonic() - up_at
-            assert agent.signal(signal.SIGTERM) == 0
-        finally:
-            agent.close()
-            agg.stop()
-            await agg_task
-        return up_at - down_at, delivered_after
-
-    downtime, delivered_after = asyncio.run(scenario())
+    ready = asyncio.Event()
+    agg_task = asyncio.create_task(agg.run(ready))
+    try:
+        await asyncio.wait_for(ready.wait(), 30)
+        agent.start()
+        await wait_for(lambda: (state / "model/current").exists(), 30, agent)
+        # Act: broker down 20 s; meanwhile the device trains and spools its update
+        await asyncio.to_thread(mosquitto.stop)
+        down_at = time.monotonic()
+        write_tree(tmp_path / "fs", mains=True)
+        await wait_for(lambda: spooled(state) == 1, 60, agent)
+        await asyncio.sleep(max(0.0, 20.0 - (time.monotonic() - down_at)))
+        assert agg.statistics().applied == 0
+        await asyncio.to_thread(mosquitto.start)
+        up_at = time.monotonic()
+        await wait_for(lambda: agg.statistics().applied == 1, 30, agent)
+        delivered_after = time.monotonic() - up_at
+        assert agent.signal(signal.SIGTERM) == 0
+    finally:
+        agent.close()
+        agg.stop()
+        await agg_task
+    downtime, delivered_after = up_at - down_at, delivered_after
 
     # Assert
     assert downtime >= 20.0

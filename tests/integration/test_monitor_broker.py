@@ -107,7 +107,7 @@ def test_states_published_with_mosquitto_pub_show_up_in_once_json(
     assert snapshot["monitor"]["rejected"] == {}
 
 
-def test_device_killed_without_disconnect_turns_lost_and_a_late_will_is_ignored(
+async def test_device_killed_without_disconnect_turns_lost_and_a_late_will_is_ignored(
     mosquitto: MosquittoBroker,
 ) -> None:
     topic = device_state_topic(FLEET, "pi-7")
@@ -122,30 +122,27 @@ def test_device_killed_without_disconnect_turns_lost_and_a_late_will_is_ignored(
         state = DeviceState(FLEET, "pi-7", "online", session, time.time())  # type: ignore[arg-type]
         await transport.publish(topic, encode_message(state), qos=1, retain=True)
 
-    async def scenario() -> None:
-        async with FleetMonitor(monitor_mqtt_config(mosquitto.url), FLEET) as monitor:
+    async with FleetMonitor(monitor_mqtt_config(mosquitto.url), FLEET) as monitor:
 
-            def status() -> tuple[str, int] | None:
-                d = monitor.snapshot().device("pi-7")
-                return None if d is None else (d.status, d.session)
+        def status() -> tuple[str, int] | None:
+            d = monitor.snapshot().device("pi-7")
+            return None if d is None else (d.status, d.session)
 
-            old, new = device(1), device(2)
-            async with old, new:
-                await online(old, 1)
-                await online(new, 2)
-                await eventually(lambda: status() == ("online", 2))
-                # the old connection dies: its Will (session 1) arrives late and is ignored
-                await old.close(abrupt=True)
-                await eventually(lambda: monitor.model.snapshot(0).monitor.superseded_states > 0)
-                assert status() == ("online", 2)
-                # the current connection dies without DISCONNECT: the device is lost
-                await new.close(abrupt=True)
-                await eventually(lambda: status() == ("lost", 2))
-                view = monitor.snapshot().device("pi-7")
-                assert view is not None
-                assert view.lost_reason == "will"
-
-    asyncio.run(scenario())
+        old, new = device(1), device(2)
+        async with old, new:
+            await online(old, 1)
+            await online(new, 2)
+            await eventually(lambda: status() == ("online", 2))
+            # the old connection dies: its Will (session 1) arrives late and is ignored
+            await old.close(abrupt=True)
+            await eventually(lambda: monitor.model.snapshot(0).monitor.superseded_states > 0)
+            assert status() == ("online", 2)
+            # the current connection dies without DISCONNECT: the device is lost
+            await new.close(abrupt=True)
+            await eventually(lambda: status() == ("lost", 2))
+            view = monitor.snapshot().device("pi-7")
+            assert view is not None
+            assert view.lost_reason == "will"
     # a monitor started afterwards sees the retained Will
     assert devices(once_json(mosquitto))["pi-7"]["status"] == "lost"
 
@@ -201,7 +198,7 @@ def test_clear_retained_refuses_filters_outside_the_fleet(mosquitto: MosquittoBr
     assert "must start with 'edgefl/v1/lab/'" in result.stderr
 
 
-def test_terminal_ui_shows_the_fleet_table(mosquitto: MosquittoBroker) -> None:
+async def test_terminal_ui_shows_the_fleet_table(mosquitto: MosquittoBroker) -> None:
     mosquitto_pub(
         mosquitto, device_state_topic(FLEET, "pi-1"), "-m", '{"status": "training", "session": 2}'
     )
@@ -220,18 +217,22 @@ def test_terminal_ui_shows_the_fleet_table(mosquitto: MosquittoBroker) -> None:
             assert [r[:2] for r in rows] == [["pi-1", "training"], ["pi-2", "lost (will)"]]
             return app.screen_text()
 
-    screen = asyncio.run(scenario())
+    screen = await scenario()
     assert "pi-1" in screen
     assert "lost (will)" in screen
     assert "MQTT 5, connected" in screen
     assert f"edgefl/v1/{FLEET}/device/pi-2/state" in screen  # the topic log
 
 
-def test_unreachable_broker_fails_cleanly_or_shows_disconnected() -> None:
+async def test_unreachable_broker_fails_cleanly_or_shows_disconnected() -> None:
     url = f"mqtt://127.0.0.1:{free_port('127.0.0.1')}"  # nothing listens there
     cmd = [sys.executable, "-m", "edgefl.cli", "monitor", "--broker", url, "--fleet", FLEET]
-    once = subprocess.run(
-        [*cmd, "--once", "--connect-timeout", "1"], capture_output=True, text=True, timeout=30
+    once = await asyncio.to_thread(
+        subprocess.run,
+        [*cmd, "--once", "--connect-timeout", "1"],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert once.returncode == 69  # EX_UNAVAILABLE: the broker could not be reached
     assert "Traceback" not in once.stderr
@@ -247,7 +248,7 @@ def test_unreachable_broker_fails_cleanly_or_shows_disconnected() -> None:
             assert snapshot.connection is not None
             return app.screen_text(), snapshot.connection.last_error
 
-    screen, error = asyncio.run(scenario())
+    screen, error = await scenario()
     assert "DISCONNECTED" in screen
     assert "error    cannot connect" in screen
     assert error is not None

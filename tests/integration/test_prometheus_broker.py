@@ -52,7 +52,7 @@ def reconnects(f: Samples) -> float:
     return f["edgefl_aggregator_reconnects_total"]
 
 
-def test_connected_and_reconnects_follow_a_broker_outage(
+async def test_connected_and_reconnects_follow_a_broker_outage(
     mosquitto: MosquittoBroker, tmp_path: Path
 ) -> None:
     config = AggregatorConfig(
@@ -60,24 +60,21 @@ def test_connected_and_reconnects_follow_a_broker_outage(
         buffer_size=2, norm_bound=NormBoundSetting.OFF, metrics_interval_s=0.2, metrics_port=0,
     )  # fmt: skip
 
-    async def scenario() -> None:
-        agg = Aggregator(config)
-        ready = asyncio.Event()
-        task = asyncio.create_task(agg.run(ready))
-        await asyncio.wait_for(ready.wait(), 15)
-        port = agg.metrics_port
-        assert port is not None
-        f = await until_scraped(port, lambda f: "edgefl_aggregator_connected" in f)
-        assert (connected(f), reconnects(f)) == (1, 0)
+    agg = Aggregator(config)
+    ready = asyncio.Event()
+    task = asyncio.create_task(agg.run(ready))
+    await asyncio.wait_for(ready.wait(), 15)
+    port = agg.metrics_port
+    assert port is not None
+    f = await until_scraped(port, lambda f: "edgefl_aggregator_connected" in f)
+    assert (connected(f), reconnects(f)) == (1, 0)
 
-        await asyncio.to_thread(mosquitto.stop)
-        f = await until_scraped(port, lambda f: connected(f) == 0)
-        assert reconnects(f) == 0
+    await asyncio.to_thread(mosquitto.stop)
+    f = await until_scraped(port, lambda f: connected(f) == 0)
+    assert reconnects(f) == 0
 
-        await asyncio.to_thread(mosquitto.start)
-        f = await until_scraped(port, lambda f: connected(f) == 1)
-        assert reconnects(f) == 1
-        agg.stop()
-        await asyncio.wait_for(task, 15)
-
-    asyncio.run(scenario())
+    await asyncio.to_thread(mosquitto.start)
+    f = await until_scraped(port, lambda f: connected(f) == 1)
+    assert reconnects(f) == 1
+    agg.stop()
+    await asyncio.wait_for(task, 15)

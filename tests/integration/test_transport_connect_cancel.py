@@ -81,57 +81,52 @@ async def until_attempting(listener: socket.socket) -> None:
 
 
 @pytest.mark.parametrize("scheme", ["mqtt", "mqtts", "ws"])
-def test_cancelling_a_hanging_connect_returns_promptly(silent: socket.socket, scheme: str) -> None:
-    async def main() -> None:
-        # Arrange
-        transport = MqttTransport(hanging_config(silent_url(silent, scheme)))
-        task = asyncio.create_task(entered(transport))
-        await until_attempting(silent)
-        assert not task.done()
+async def test_cancelling_a_hanging_connect_returns_promptly(
+    silent: socket.socket, scheme: str
+) -> None:
+    # Arrange
+    transport = MqttTransport(hanging_config(silent_url(silent, scheme)))
+    task = asyncio.create_task(entered(transport))
+    await until_attempting(silent)
+    assert not task.done()
 
-        # Act
-        task.cancel()
-        async with asyncio.timeout(PROMPT):
-            await asyncio.wait({task})
+    # Act
+    task.cancel()
+    async with asyncio.timeout(PROMPT):
+        await asyncio.wait({task})
 
-        # Assert
-        assert task.cancelled()
-        assert transport.statistics().connects == 0
-
-    asyncio.run(main())
+    # Assert
+    assert task.cancelled()
+    assert transport.statistics().connects == 0
 
 
 @pytest.mark.parametrize("scheme", ["mqtt", "mqtts", "ws"])
-def test_closing_from_another_task_ends_the_wait_with_transport_closed(
+async def test_closing_from_another_task_ends_the_wait_with_transport_closed(
     silent: socket.socket, scheme: str
 ) -> None:
-    async def main() -> None:
-        transport = MqttTransport(hanging_config(silent_url(silent, scheme)))
-        task = asyncio.create_task(entered(transport))
-        await until_attempting(silent)
+    transport = MqttTransport(hanging_config(silent_url(silent, scheme)))
+    task = asyncio.create_task(entered(transport))
+    await until_attempting(silent)
 
-        async with asyncio.timeout(PROMPT):
-            await transport.close()
-            await asyncio.wait({task})
+    async with asyncio.timeout(PROMPT):
+        await transport.close()
+        await asyncio.wait({task})
 
-        with pytest.raises(TransportClosed):
-            task.result()
-
-    asyncio.run(main())
+    with pytest.raises(TransportClosed):
+        task.result()
 
 
-def test_an_abandoned_connect_closes_its_socket_when_it_returns(silent: socket.socket) -> None:
+async def test_an_abandoned_connect_closes_its_socket_when_it_returns(
+    silent: socket.socket,
+) -> None:
     """The connect thread outlives the cancellation; once its TLS handshake times out it
     closes the socket it opened (the listener sees EOF after the ClientHello)."""
 
-    async def main() -> None:
-        transport = MqttTransport(hanging_config(silent_url(silent, "mqtts"), connect_timeout=1))
-        task = asyncio.create_task(entered(transport))
-        await until_attempting(silent)
-        task.cancel()
-        await asyncio.wait({task})
-
-    asyncio.run(main())
+    transport = MqttTransport(hanging_config(silent_url(silent, "mqtts"), connect_timeout=1))
+    task = asyncio.create_task(entered(transport))
+    await until_attempting(silent)
+    task.cancel()
+    await asyncio.wait({task})
     conn, _ = silent.accept()
     with conn:
         conn.settimeout(15)
@@ -141,50 +136,44 @@ def test_an_abandoned_connect_closes_its_socket_when_it_returns(silent: socket.s
     assert received[:1] == b"\x16"  # a TLS handshake record: the ClientHello
 
 
-def test_the_backoff_sleep_is_cut_short_by_cancellation() -> None:
+async def test_the_backoff_sleep_is_cut_short_by_cancellation() -> None:
     closed_port = free_port()  # nothing listens: every attempt is refused at once
 
-    async def main() -> None:
-        cfg = MqttConfig.from_url(
-            f"mqtt://127.0.0.1:{closed_port}",
-            start_timeout=120.0,
-            reconnect_min_delay=60.0,
-            reconnect_max_delay=60.0,
-        )
-        transport = MqttTransport(cfg)
-        task = asyncio.create_task(entered(transport))
-        async with asyncio.timeout(10):
-            while transport.statistics().connect_failures == 0:  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
+    cfg = MqttConfig.from_url(
+        f"mqtt://127.0.0.1:{closed_port}",
+        start_timeout=120.0,
+        reconnect_min_delay=60.0,
+        reconnect_max_delay=60.0,
+    )
+    transport = MqttTransport(cfg)
+    task = asyncio.create_task(entered(transport))
+    async with asyncio.timeout(10):
+        while transport.statistics().connect_failures == 0:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
 
-        task.cancel()
-        async with asyncio.timeout(PROMPT):
-            await asyncio.wait({task})
-        assert task.cancelled()
-
-    asyncio.run(main())
+    task.cancel()
+    async with asyncio.timeout(PROMPT):
+        await asyncio.wait({task})
+    assert task.cancelled()
 
 
-def test_giving_up_raises_broker_unreachable_with_url_and_reason() -> None:
+async def test_giving_up_raises_broker_unreachable_with_url_and_reason() -> None:
     closed_port = free_port()
 
-    async def main() -> None:
-        cfg = MqttConfig.from_url(
-            f"mqtt://user:secret@127.0.0.1:{closed_port}",
-            start_timeout=0.5,
-            reconnect_min_delay=0.05,
-        )
-        with pytest.raises(BrokerUnreachable) as caught:
-            async with MqttTransport(cfg):
-                pass
-        error = caught.value
-        assert error.url == f"mqtt://127.0.0.1:{closed_port}"
-        assert error.reason is not None
-        assert "Connection refused" in error.reason
-        assert isinstance(error, NotConnectedError)  # earlier callers keep working
-        assert "secret" not in str(error)
-
-    asyncio.run(main())
+    cfg = MqttConfig.from_url(
+        f"mqtt://user:secret@127.0.0.1:{closed_port}",
+        start_timeout=0.5,
+        reconnect_min_delay=0.05,
+    )
+    with pytest.raises(BrokerUnreachable) as caught:
+        async with MqttTransport(cfg):
+            pass
+    error = caught.value
+    assert error.url == f"mqtt://127.0.0.1:{closed_port}"
+    assert error.reason is not None
+    assert "Connection refused" in error.reason
+    assert isinstance(error, NotConnectedError)  # earlier callers keep working
+    assert "secret" not in str(error)
 
 
 def test_a_process_stopped_while_connecting_exits_without_waiting_for_the_connect(

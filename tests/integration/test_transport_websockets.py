@@ -118,112 +118,102 @@ async def next_connect(queue: asyncio.Queue[ConnectInfo]) -> ConnectInfo:
 
 
 @pytest.mark.parametrize("protocol", [MqttProtocol.V5, MqttProtocol.V311])
-def test_ws_qos1_manual_ack_and_a_payload_over_256_kib(
+async def test_ws_qos1_manual_ack_and_a_payload_over_256_kib(
     ws_broker: WsBroker, protocol: MqttProtocol
 ) -> None:
     payloads = [b"small", os.urandom(BIG), os.urandom(BIG), b"last"]
 
-    async def main() -> None:
-        sub_cfg = config(
-            ws_broker.ws_url,
-            client_id=f"ws-sub-{protocol.value}",
-            persistent_session=True,
-            manual_ack=True,
-            protocol=protocol,
-        )
-        async with MqttTransport(sub_cfg) as sub, MqttTransport(config(ws_broker.ws_url)) as pub:
-            # Arrange
-            await sub.subscribe("ws/#", qos=1)
+    sub_cfg = config(
+        ws_broker.ws_url,
+        client_id=f"ws-sub-{protocol.value}",
+        persistent_session=True,
+        manual_ack=True,
+        protocol=protocol,
+    )
+    async with MqttTransport(sub_cfg) as sub, MqttTransport(config(ws_broker.ws_url)) as pub:
+        # Arrange
+        await sub.subscribe("ws/#", qos=1)
 
-            # Act
-            for i, payload in enumerate(payloads):
-                await pub.publish(f"ws/{i}", payload, qos=1)
-            got = await receive(sub, len(payloads))
-            await sub.ack_many(got)
+        # Act
+        for i, payload in enumerate(payloads):
+            await pub.publish(f"ws/{i}", payload, qos=1)
+        got = await receive(sub, len(payloads))
+        await sub.ack_many(got)
 
-            # Assert: order, content, QoS, and every one acknowledged on this connection
-            assert [m.topic for m in got] == [f"ws/{i}" for i in range(len(payloads))]
-            assert [m.payload for m in got] == payloads
-            assert all(m.qos == 1 and m.ack_token for m in got)
-            stats = sub.statistics()
-            assert (stats.protocol, stats.acked, stats.stale_acks) == (protocol.value, 4, 0)
-            assert pub.statistics().published == len(payloads)
+        # Assert: order, content, QoS, and every one acknowledged on this connection
+        assert [m.topic for m in got] == [f"ws/{i}" for i in range(len(payloads))]
+        assert [m.payload for m in got] == payloads
+        assert all(m.qos == 1 and m.ack_token for m in got)
+        stats = sub.statistics()
+        assert (stats.protocol, stats.acked, stats.stale_acks) == (protocol.value, 4, 0)
+        assert pub.statistics().published == len(payloads)
 
-        # nothing was left unacknowledged: the session's first message is a fresh marker
-        async with MqttTransport(sub_cfg) as again:
-            await again.publish("ws/marker", b"marker")
-            [first] = await receive(again, 1)
-            assert first.topic == "ws/marker"
-
-    asyncio.run(main())
+    # nothing was left unacknowledged: the session's first message is a fresh marker
+    async with MqttTransport(sub_cfg) as again:
+        await again.publish("ws/marker", b"marker")
+        [first] = await receive(again, 1)
+        assert first.topic == "ws/marker"
 
 
-def test_ws_session_survives_a_broker_restart_and_redelivers_what_was_not_acked(
+async def test_ws_session_survives_a_broker_restart_and_redelivers_what_was_not_acked(
     ws_broker: WsBroker,
 ) -> None:
-    async def main() -> None:
-        connects: asyncio.Queue[ConnectInfo] = asyncio.Queue()
+    connects: asyncio.Queue[ConnectInfo] = asyncio.Queue()
 
-        async def on_connect(info: ConnectInfo) -> None:
-            connects.put_nowait(info)
+    async def on_connect(info: ConnectInfo) -> None:
+        connects.put_nowait(info)
 
-        sub_cfg = config(
-            ws_broker.ws_url, client_id="ws-restart", persistent_session=True, manual_ack=True
-        )
-        async with MqttTransport(sub_cfg, on_connect=on_connect) as sub:
-            first = await next_connect(connects)
-            await sub.subscribe("r/#")
-            async with MqttTransport(config(ws_broker.ws_url)) as pub:
-                await pub.publish("r/held", b"held")
-            [held] = await receive(sub, 1)  # taken, never acknowledged
+    sub_cfg = config(
+        ws_broker.ws_url, client_id="ws-restart", persistent_session=True, manual_ack=True
+    )
+    async with MqttTransport(sub_cfg, on_connect=on_connect) as sub:
+        first = await next_connect(connects)
+        await sub.subscribe("r/#")
+        async with MqttTransport(config(ws_broker.ws_url)) as pub:
+            await pub.publish("r/held", b"held")
+        [held] = await receive(sub, 1)  # taken, never acknowledged
 
-            # Act: graceful restart (Mosquitto saves the session), the transport reconnects
-            ws_broker.broker.restart()
-            second = await next_connect(connects)
+        # Act: graceful restart (Mosquitto saves the session), the transport reconnects
+        ws_broker.broker.restart()
+        second = await next_connect(connects)
 
-            # Assert: same session, the unacknowledged message comes again, new traffic flows
-            assert (first.connects, second.connects) == (1, 2)
-            assert second.session_present
-            [again] = await receive(sub, 1)
-            assert (again.topic, again.payload, again.duplicate) == ("r/held", b"held", True)
-            async with MqttTransport(config(ws_broker.ws_url)) as pub:
-                await pub.publish("r/after", os.urandom(BIG))
-            [after] = await receive(sub, 1)
-            assert after.topic == "r/after"
-            assert len(after.payload) == BIG
-            await sub.ack_many([held, again, after])
-            stats = sub.statistics()
-            assert (stats.reconnects, stats.acked, stats.stale_acks) == (1, 2, 1)
-
-    asyncio.run(main())
+        # Assert: same session, the unacknowledged message comes again, new traffic flows
+        assert (first.connects, second.connects) == (1, 2)
+        assert second.session_present
+        [again] = await receive(sub, 1)
+        assert (again.topic, again.payload, again.duplicate) == ("r/held", b"held", True)
+        async with MqttTransport(config(ws_broker.ws_url)) as pub:
+            await pub.publish("r/after", os.urandom(BIG))
+        [after] = await receive(sub, 1)
+        assert after.topic == "r/after"
+        assert len(after.payload) == BIG
+        await sub.ack_many([held, again, after])
+        stats = sub.statistics()
+        assert (stats.reconnects, stats.acked, stats.stale_acks) == (1, 2, 1)
 
 
-def test_wss_roundtrip_verifies_the_broker_certificate(wss_broker: WsBroker) -> None:
+async def test_wss_roundtrip_verifies_the_broker_certificate(wss_broker: WsBroker) -> None:
     assert wss_broker.ca_file is not None
     payload = os.urandom(BIG)
 
-    async def main() -> None:
-        cfg = config(wss_broker.wss_url, ca_file=wss_broker.ca_file, manual_ack=True)
-        async with MqttTransport(cfg) as sub, MqttTransport(cfg) as pub:
-            await sub.subscribe("wss/#")
-            await pub.publish("wss/big", payload)
-            await pub.publish("wss/small", b"s")
-            got = await receive(sub, 2)
-            await sub.ack_many(got)
-            assert [m.payload for m in got] == [payload, b"s"]
-            assert sub.statistics().acked == 2
-
-    asyncio.run(main())
+    cfg = config(wss_broker.wss_url, ca_file=wss_broker.ca_file, manual_ack=True)
+    async with MqttTransport(cfg) as sub, MqttTransport(cfg) as pub:
+        await sub.subscribe("wss/#")
+        await pub.publish("wss/big", payload)
+        await pub.publish("wss/small", b"s")
+        got = await receive(sub, 2)
+        await sub.ack_many(got)
+        assert [m.payload for m in got] == [payload, b"s"]
+        assert sub.statistics().acked == 2
 
 
-def test_wss_refuses_an_untrusted_broker_with_broker_unreachable(wss_broker: WsBroker) -> None:
-    async def main() -> None:
-        strict = config(wss_broker.wss_url, start_timeout=1.0, reconnect_min_delay=0.1)
-        with pytest.raises(BrokerUnreachable, match="CERTIFICATE_VERIFY_FAILED") as caught:
-            async with MqttTransport(strict):
-                pass
-        assert caught.value.url == wss_broker.wss_url
-        assert caught.value.reason is not None
-        assert "CERTIFICATE_VERIFY_FAILED" in caught.value.reason
-
-    asyncio.run(main())
+async def test_wss_refuses_an_untrusted_broker_with_broker_unreachable(
+    wss_broker: WsBroker,
+) -> None:
+    strict = config(wss_broker.wss_url, start_timeout=1.0, reconnect_min_delay=0.1)
+    with pytest.raises(BrokerUnreachable, match="CERTIFICATE_VERIFY_FAILED") as caught:
+        async with MqttTransport(strict):
+            pass
+    assert caught.value.url == wss_broker.wss_url
+    assert caught.value.reason is not None
+    assert "CERTIFICATE_VERIFY_FAILED" in caught.value.reason
