@@ -33,7 +33,7 @@ from edgefl.clierror import UsageError
 from edgefl.training import LocalTrainConfig
 from firmware_sim import validate as check
 from firmware_sim.attacks import AttackConfig, AttackKind
-from firmware_sim.interrupt import SignalStop, StopRequested
+from firmware_sim.interrupt import SignalStop, StopRequested, exit_now
 from firmware_sim.progress import ProgressReporter, Sample, format_duration
 from firmware_sim.record import Algorithm, RunRecord
 from firmware_sim.scenario import SimConfig
@@ -500,15 +500,17 @@ def sim_command(
             stop.check()  # a live run stopped by a signal returns early: report it below
         except StopRequested as exc:
             _interrupted(prog, reporter, str(exc), records, target)
-            return
-        try:
-            _finish(prog, records, target, report, json_out, reporter)
-        except StopRequested as exc:
-            reporter.close()
-            where = f" while {reporter.current_phase}" if reporter.current_phase else ""
-            _print(sys.stderr, f"{prog}: stopped by {exc}{where}")
-            if report is not None:
-                _print(sys.stderr, f"{prog}: the report in {report} may be incomplete")
+        else:
+            try:
+                _finish(prog, records, target, report, json_out, reporter)
+            except StopRequested as exc:
+                reporter.close()
+                where = f" while {reporter.current_phase}" if reporter.current_phase else ""
+                _print(sys.stderr, f"{prog}: stopped by {exc}{where}")
+                if report is not None:
+                    _print(sys.stderr, f"{prog}: the report in {report} may be incomplete")
+    if stop.requested:
+        exit_now(0)  # all released; skip the interpreter's slow teardown (see interrupt.py)
 
 
 def _interrupted(
@@ -606,3 +608,5 @@ def demo_command(
             options=options,
             stop=stop,
         )
+    if stop.requested:
+        exit_now(0)  # all released; skip the interpreter's slow teardown (see interrupt.py)

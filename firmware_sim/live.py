@@ -43,7 +43,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -504,7 +504,7 @@ def _worker_main(
     reports: Any,
 ) -> None:
     """Entry point of a worker process: run ``devices`` until ``stop`` is set."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group: the parent stops us
+    _ignore_sigint()
     if options.quiet:
         _quiet_logs()
 
@@ -533,10 +533,32 @@ def _worker_main(
     asyncio.run(main())
 
 
+@contextlib.contextmanager
+def _sigint_blocked() -> Iterator[None]:
+    """Start child processes inside: they inherit SIGINT blocked, so a terminal's Ctrl-C (sent
+    to the whole process group) cannot interrupt their start-up with a traceback; they ignore
+    it for good in :func:`_ignore_sigint` (the parent stops them). A SIGINT that reaches this
+    process meanwhile stays pending and is handled when the block ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _ignore_sigint() -> None:
+    """In a child process: ignore SIGINT (then unblock it, see :func:`_sigint_blocked`)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def _embedded_broker_main(port: int, ready: Any, stop: Any) -> None:
     from broker.launcher import ThreadedEmbeddedBroker
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group: the parent stops us
+    _ignore_sigint()
     broker = ThreadedEmbeddedBroker(port=port)
     broker.start()
     ready.set()
@@ -678,7 +700,8 @@ async def _run_live_async(
             broker_proc = ctx.Process(
                 target=_embedded_broker_main, args=(port, ready, broker_stop), daemon=True
             )
-            broker_proc.start()
+            with _sigint_blocked():
+                broker_proc.start()
             deadline = time.monotonic() + 30.0
             while not await asyncio.to_thread(ready.wait, 0.1):  # short waits: stay interruptible
                 if interrupted.is_set() or time.monotonic() > deadline:
@@ -717,7 +740,6 @@ async def _run_live_async(
         if agg_task.done():
             agg_task.result()  # its error, if it failed
         raise RuntimeError("the aggregator did not start within 60 s")
-    phase(f"starting {config.devices} devices; training")
     poller = _Poller(record, 4 * scenario.spec.num_params, t0_wall)
 
     workers = max(1, options.workers)
@@ -728,8 +750,10 @@ async def _run_live_async(
     reports: Any = None
     worker_state: dict[int, tuple[dict[str, int], dict[str, int], float]] = {}
     starter: asyncio.Task[None] | None = None
+    if not interrupted.is_set():  # else stopped while the aggregator started: no devices
+        phase(f"starting {config.devices} devices in {workers} process(es); training")
     if interrupted.is_set():
-        pass  # stopped while the aggregator started: no devices
+        pass
     elif workers == 1:
         group = _DeviceGroup(scenario, options, url, device_ids, root / "devices", t0)
         starter = asyncio.create_task(group.start())
@@ -742,7 +766,8 @@ async def _run_live_async(
                 args=(config, options, url, mine, str(root / f"devices-{w}"), stop_ev, reports),
                 daemon=True,
             )
-            p.start()
+            with _sigint_blocked():
+                p.start()
             procs.append(p)
 
     def drain_reports() -> None:
@@ -942,6 +967,10 @@ def run_live(
     if opts.quiet:
         _quiet_logs()
     sc = scenario or build_scenario(config)
+    # The aggregator's evaluator thread needs torch; imported there, the import (seconds on a
+    # loaded 2-core machine) would hold up a stop, which joins that thread. Import it here.
+    import torch  # noqa: F401
+
     own_root = opts.state_dir is None
     root = Path(tempfile.mkdtemp(prefix="edgefl-live-")) if own_root else Path(opts.state_dir)  # type: ignore[arg-type]
     try:
