@@ -55,6 +55,8 @@ def eta_to_target(
     least-squares line ``acc = a + slope * t``; with a positive slope the ETA is
     ``(target - newest accuracy) / slope``. None with fewer than two samples with an accuracy at
     distinct times in the window, or a slope that is not positive (accuracy flat or falling).
+    With the accuracy of every version as the input, noisy but honest: the slope of the recent
+    past, extrapolated in a straight line (an underestimate as the curve flattens).
     """
     points = [(s.elapsed_s, s.accuracy) for s in samples if s.accuracy is not None]
     if not points:
@@ -65,6 +67,8 @@ def eta_to_target(
     recent = [(t, a) for t, a in points if t >= t_last - window_s]
     if len(recent) < 2:
         return None
+    if max(a for _, a in recent) - min(a for _, a in recent) < 1e-9:
+        return None  # flat (an exact test: the fitted slope of equal values is rounding noise)
     n = len(recent)
     mean_t = sum(t for t, _ in recent) / n
     mean_a = sum(a for _, a in recent) / n
@@ -171,7 +175,7 @@ class ProgressReporter:
                 TextColumn("{task.description}"),
                 BarColumn(),
                 TextColumn("{task.fields[stats]}"),
-                console=Console(file=self.stream),
+                console=Console(file=self.stream, force_terminal=True),
                 transient=False,
             )
             self._task = self._progress.add_task(prog, total=100 * target, stats="")

@@ -251,3 +251,27 @@ def test_demo_stops_cleanly(marker: str, sig: signal.Signals, tmp_path: Path) ->
     err = _assert_clean_stop(run, elapsed, sig, f"demo, {marker.strip()}")
     assert "no report written" in err
     assert not report.exists()
+
+
+@needs_mosquitto
+@pytest.mark.slow
+def test_demo_in_a_pipe_prints_progress_and_the_summary(tmp_path: Path) -> None:
+    report = tmp_path / "report"
+    run = Run.start(
+        ["demo", "--devices", "6", "--max-time", "12", "--report", str(report), "--json"],
+        tmp_path,
+    )
+    run.proc.wait(timeout=300)
+    out, err = run.finish()
+    assert run.proc.returncode == 0, err
+    assert "Traceback" not in err
+    for phase in ("starting the broker", "starting the aggregator", "starting 6 devices"):
+        assert f"edgefl demo: {phase}" in err, err
+    progress = [line for line in err.splitlines() if line.startswith("edgefl demo: ")]
+    assert any(" acc " in line and " eta " in line for line in progress), err
+    assert f"report: {report}" in err  # the summary, on stderr with --json
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["mode"] == "live"
+    assert summary["devices"] == 6
+    assert (report / "summary.json").exists()
+    assert "\x1b[" not in err

@@ -60,6 +60,8 @@ def _slope(samples: list[Sample]) -> float:
         [_s(3, 0.5)],  # one point: no slope
         [_s(3, 0.5), _s(3, 0.6)],  # two points at one time
         [_s(0, 0.6), _s(10, 0.6)],  # flat
+        # flat, 8 equal values: the fitted slope is rounding noise of 4e-32 (seen: "eta ~1e29 h")
+        [_s(0.6 + 0.5 * i, 0.10925) for i in range(8)],
         [_s(0, 0.7), _s(10, 0.6)],  # falling
     ],
 )
@@ -121,3 +123,19 @@ def test_pipe_reporter_prints_phases_at_once_and_samples_every_interval() -> Non
         f"edgefl sim: 5.5 s  acc 70.0% / 90%  updates 30  version 3  {format_eta(eta)}",
     ]
     assert "\x1b" not in out.getvalue()  # no escape codes in a pipe
+
+
+def test_terminal_reporter_shows_accuracy_target_updates_version_and_eta() -> None:
+    out = io.StringIO()
+    rep = ProgressReporter("edgefl demo", 0.9, tty=True, stream=out)
+    rep.phase("training")
+    rep.update(_s(0.0, 0.5, 10, 1))
+    rep.update(_s(10.0, 0.6, 812, 81))
+    rep.close()
+    text = out.getvalue()
+    assert "edgefl demo: training" in text
+    assert "acc 60.0% / 90%" in text
+    assert "updates 812" in text
+    assert "v81" in text
+    assert "10 s" in text
+    assert "eta ~30 s" in text  # 0.5 -> 0.6 in 10 s, 0.3 to go
