@@ -708,6 +708,10 @@ async def _run_live_async(
                     broker_stop.set()
                     await _join_or_kill(broker_proc, 0.5)
                     if interrupted.is_set():
+                        # release the semaphores now (the command exits without teardown, and
+                        # multiprocessing's resource tracker would warn about leaked ones)
+                        del ready
+                        broker_stop = broker_proc = None
                         raise StopRequested(hooks.signum())
                     raise RuntimeError("embedded broker did not start")
             url = f"mqtt://127.0.0.1:{port}"

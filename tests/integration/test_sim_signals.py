@@ -136,6 +136,7 @@ def _assert_clean_stop(run: Run, elapsed: float, sig: signal.Signals, phase: str
     assert run.proc.returncode == 0, err
     assert "Traceback" not in err + out, err
     assert "Task exception was never retrieved" not in err, err
+    assert "leaked" not in err, err  # multiprocessing's resource tracker: semaphores left behind
     assert elapsed < STOP_BOUND_S, (elapsed, err)
     assert f"stopped by {sig.name}" in err, err
     return err
@@ -195,10 +196,13 @@ def _mosquitto_installed() -> None:
     """The live commands start their own private Mosquitto: skip without the binary, fail
     under CI (the convention of tests/conftest.py's ``mosquitto`` fixture)."""
     if find_mosquitto() is None:
-        message = "mosquitto is not installed (apt-get install mosquitto)"
-        if os.environ.get("CI"):
-            pytest.fail(f"{message} (CI is set, so this fails instead of skipping)")
-        pytest.skip(message)
+        _unavailable("mosquitto is not installed (apt-get install mosquitto)")
+
+
+def _unavailable(message: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"{message} (CI is set, so this fails instead of skipping)")
+    pytest.skip(message)
 
 
 needs_mosquitto = pytest.mark.usefixtures("_mosquitto_installed")
@@ -275,3 +279,19 @@ def test_demo_in_a_pipe_prints_progress_and_the_summary(tmp_path: Path) -> None:
     assert summary["devices"] == 6
     assert (report / "summary.json").exists()
     assert "\x1b[" not in err
+
+
+def test_demo_stops_while_the_embedded_broker_starts(tmp_path: Path) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("amqtt") is None:
+        _unavailable("amqtt (the embedded broker) is not installed")
+    report = tmp_path / "report"
+    run = Run.start(
+        ["demo", "--devices", "4", "--broker-kind", "embedded", "--report", str(report)], tmp_path
+    )
+    run.wait_for("starting the broker (embedded)")
+    elapsed = run.stop(signal.SIGTERM)
+    err = _assert_clean_stop(run, elapsed, signal.SIGTERM, "demo, starting the embedded broker")
+    assert "while starting the broker" in err
+    assert not report.exists()
