@@ -1,9 +1,20 @@
 """``edgefl sim`` and ``edgefl demo``: plain typer-compatible functions (the lead wires them in).
 
 ``sim_command`` runs one simulation (or, with ``--compare fedbuff,fedavg``, one per algorithm on
-the same fleet, data and seed), prints rich progress on a terminal and stays quiet otherwise,
-writes a report with ``--report DIR`` and, with ``--json``, prints the summary object as the
-**last line** of stdout. ``demo_command`` is the zero-configuration live demo.
+the same fleet, data and seed), writes a report with ``--report DIR`` and prints a summary:
+on stdout, or on stderr with ``--json``, which prints the summary object as the **last line** of
+stdout. ``demo_command`` is the zero-configuration live demo.
+
+Contract of both commands (docs/SIMULATOR.md, "Progress, exit codes and signals"):
+
+* **Validation first.** Every option is checked (:mod:`firmware_sim.validate`) before anything
+  is built or written; a bad one is one line on stderr naming the option and what it accepts,
+  exit 2 (:class:`edgefl.clierror.UsageError`).
+* **Progress** on stderr (:class:`firmware_sim.progress.ProgressReporter`): a rich bar on a
+  terminal, else one plain line every few seconds and a line per phase.
+* **Signals.** SIGINT/SIGTERM in any phase stop the command within about a second with exit 0
+  and a short summary of what was done (:class:`firmware_sim.interrupt.SignalStop`); an
+  interrupted run writes no report.
 """
 
 from __future__ import annotations
@@ -13,26 +24,207 @@ import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TextIO
 
 import typer
 
 from edgefl.aggregation import Normalisation, RobustMode
+from edgefl.clierror import UsageError
 from edgefl.training import LocalTrainConfig
+from firmware_sim import validate as check
 from firmware_sim.attacks import AttackConfig, AttackKind
+from firmware_sim.interrupt import SignalStop, StopRequested, exit_now
+from firmware_sim.progress import ProgressReporter, Sample, format_duration
 from firmware_sim.record import Algorithm, RunRecord
 from firmware_sim.scenario import SimConfig
 
 __all__ = ["demo_command", "run_sim", "sim_command", "summary_object"]
 
+MODES = ("virtual", "live")
+BROKER_KINDS = ("auto", "mosquitto", "embedded")
+DIGITS_SIZE = 1797  # images in scikit-learn's digits set: the most --samples can ask for
+
 
 def _parse_compare(text: str | None) -> list[Algorithm]:
-    if not text:
+    if text is None:
         return []
-    algos = [Algorithm(a.strip().lower()) for a in text.split(",") if a.strip()]
+    names = [a.strip() for a in text.split(",") if a.strip()]
+    algos = [Algorithm(check.choice("--compare", a, [x.value for x in Algorithm])) for a in names]
     if len(set(algos)) != len(algos) or len(algos) < 2:
-        raise typer.BadParameter("--compare needs two different algorithms, e.g. fedbuff,fedavg")
+        choices = ", ".join(a.value for a in Algorithm)
+        raise UsageError(
+            f"--compare needs two different algorithms separated by a comma (of {choices}), "
+            f"e.g. fedbuff,fedavg; got {text!r}"
+        )
     return algos
+
+
+def _check_profile(text: str) -> str:
+    from firmware_sim.profiles import get_mix, list_profiles
+
+    if "=" in text:
+        return check.parsed(
+            "--profile",
+            text,
+            lambda t: get_mix(t).name,
+            f"a mix NAME=WEIGHT,... of {', '.join(p for p in list_profiles() if p != 'mixed')}",
+        )
+    return check.choice(
+        "--profile", text, list_profiles(), extra="or a mix such as phone=50,sensor=50"
+    )
+
+
+def _check_private_broker(option: str, kind: str) -> None:
+    """The private broker ``kind`` (auto | mosquitto | embedded) can be started here."""
+    import importlib.util
+
+    from broker.launcher import find_mosquitto
+
+    has_mosquitto = find_mosquitto() is not None
+    has_amqtt = importlib.util.find_spec("amqtt") is not None
+    if kind == "mosquitto" and not has_mosquitto:
+        raise UsageError(
+            f"{option}: no mosquitto binary found (install Mosquitto, or use --broker-kind "
+            "embedded, or --broker mqtt://HOST:PORT)"
+        )
+    if (kind == "embedded" or (kind == "auto" and not has_mosquitto)) and not has_amqtt:
+        raise UsageError(
+            f"{option}: neither Mosquitto nor the embedded broker (the amqtt package) is "
+            "installed; install Mosquitto, or pass --broker mqtt://HOST:PORT"
+        )
+
+
+def sim_config_from_options(
+    *,
+    devices: int,
+    mode: str,
+    algorithm: str,
+    buffer_size: int,
+    concurrency: int,
+    staleness: str,
+    max_staleness: int,
+    dropout: float | None,
+    profile: str,
+    speed: str | None,
+    dataset: str,
+    partition: str,
+    codec: str,
+    target: float,
+    max_time: float | None,
+    max_updates: int | None,
+    seed: int,
+    malicious: float,
+    attack: str,
+    attack_scale: float,
+    robust: str,
+    norm_bound: str,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    server_lr: float,
+    normalisation: Normalisation,
+    round_deadline: float | None,
+    samples: int | None,
+) -> SimConfig:
+    """Check every option of ``edgefl sim`` that goes into the :class:`SimConfig` and build it;
+    raises :class:`UsageError` naming the first bad option (nothing is loaded or written)."""
+    from edgefl.data.partition import PartitionSpec
+    from firmware_sim.profiles import parse_distribution
+    from firmware_sim.scenario import (
+        DATASET_MODELS,
+        parse_codec,
+        parse_norm_bound,
+        parse_staleness,
+    )
+
+    check.at_least("--devices", devices)
+    mode = check.choice("--mode", mode, MODES)
+    algo = Algorithm(check.choice("--algorithm", algorithm, [a.value for a in Algorithm]))
+    check.at_least("--buffer-size", buffer_size)
+    check.at_least("--concurrency", concurrency)
+    staleness = check.parsed(
+        "--staleness",
+        staleness,
+        lambda t: (parse_staleness(t), t.strip().lower())[1],
+        "constant | polynomial[:A] | hinge:A,B (A, B >= 0)",
+    )
+    check.at_least("--max-staleness", max_staleness, 0)
+    if dropout is not None:
+        check.probability("--dropout", dropout)
+    profile = _check_profile(profile)
+    if speed is not None:
+        check.parsed(
+            "--speed",
+            speed,
+            parse_distribution,
+            "lognormal:MU,SIGMA | halfnormal:SCALE | const:V | uniform:LO,HI | exp:MEAN",
+        )
+    dataset = check.choice("--dataset", dataset, DATASET_MODELS)
+    partition = check.parsed(
+        "--partition",
+        partition,
+        lambda t: str(PartitionSpec.parse(t)),
+        "iid | dirichlet:ALPHA (ALPHA > 0) | shards:N (N >= 1)",
+    )
+    check.parsed(
+        "--codec",
+        codec,
+        parse_codec,
+        "fp32|fp16|int8|int4|int2 with optional +topk=F, +clip=C, +zstd=L, +block=B",
+    )
+    check.number("--target", target, low=0.0, high=1.0)
+    if max_time is not None:
+        check.number("--max-time", max_time)
+    if max_updates is not None:
+        check.at_least("--max-updates", max_updates)
+    check.at_least("--seed", seed, 0)
+    check.probability("--malicious", malicious)
+    attack_kind = AttackKind(check.choice("--attack", attack, [a.value for a in AttackKind]))
+    check.number("--attack-scale", attack_scale)
+    robust_mode = RobustMode(check.choice("--robust", robust, [r.value for r in RobustMode]))
+    check.parsed("--norm-bound", norm_bound, parse_norm_bound, "auto | off | MAX (a number > 0)")
+    check.at_least("--epochs", epochs)
+    check.number("--lr", lr)
+    check.at_least("--batch-size", batch_size)
+    check.number("--server-lr", server_lr)
+    if round_deadline is not None:
+        check.number("--round-deadline", round_deadline)
+    if samples is not None:
+        check.at_least("--samples", samples, 20)
+        if dataset == "digits" and samples > DIGITS_SIZE:
+            raise UsageError(
+                f"--samples must be in [20, {DIGITS_SIZE}] for --dataset digits, got {samples}"
+            )
+    try:
+        return SimConfig(
+            devices=devices,
+            algorithm=algo,
+            profile=profile,
+            speed=speed,
+            dropout=dropout,
+            dataset=dataset,
+            num_samples=samples,
+            partition=partition,
+            local=LocalTrainConfig(epochs=epochs, lr=lr, batch_size=batch_size),
+            buffer_size=buffer_size,
+            concurrency=concurrency,
+            staleness=staleness,
+            max_staleness=max_staleness,
+            server_lr=server_lr,
+            normalisation=normalisation,
+            norm_bound=norm_bound,
+            robust=robust_mode,
+            round_deadline_s=round_deadline,
+            codec=codec,
+            attack=AttackConfig(fraction=malicious, kind=attack_kind, scale=attack_scale),
+            target=target,
+            max_time_s=max_time if mode == "virtual" else None,
+            max_wall_s=(max_time or 600.0) if mode == "live" else None,
+            max_updates=max_updates,
+            seed=seed,
+        )
+    except (ValueError, KeyError) as exc:  # a combination the checks above do not cover
+        raise UsageError(f"bad combination of options: {exc}") from None
 
 
 def summary_object(
@@ -55,37 +247,35 @@ def summary_object(
     return first
 
 
-class _Console:
-    """Rich progress on a TTY, nothing otherwise (``--json`` keeps stdout clean but the last
-    line, so progress goes to stderr)."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self._console: Any = None
-        if enabled:
-            from rich.console import Console
-
-            self._console = Console(stderr=True)
-
-    def line(self, text: str) -> None:
-        if self._console is not None:
-            self._console.print(text, highlight=False)
-
-    def status(self, text: str) -> Any:
-        if self._console is None:
-            return _NullCtx()
-        return self._console.status(text)
+def summary_lines(records: list[RunRecord], target: float, summary: dict[str, Any]) -> list[str]:
+    """The human summary of finished (or interrupted) runs, one line per run (+ the speed-up)."""
+    lines = []
+    for r in records:
+        s = r.summary(target)
+        ttt = s["time_to_target_s"]
+        lines.append(
+            f"{s['label']}: final accuracy {100 * (s['final_accuracy'] or 0):.1f}%, "
+            + (f"target reached at {ttt:,.0f}s" if ttt is not None else "target not reached")
+            + f", {s['updates_applied']:,} updates applied, {s['model_versions']} versions"
+        )
+    if summary.get("speedup_vs_fedavg") is not None:
+        lines.append(
+            f"FedBuff speed-up vs FedAvg (time to target): {summary['speedup_vs_fedavg']:.2f}x"
+        )
+    return lines
 
 
-class _NullCtx:
-    def __enter__(self) -> _NullCtx:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def update(self, *args: object, **kwargs: object) -> None:
-        return None
+def partial_line(prog: str, why: str, last: Sample | None, target: float) -> str:
+    """What an interrupted command prints: ``edgefl sim: stopped by SIGTERM while training
+    (12.3 s, acc 71.2% / 90%, 812 updates, version 81)``."""
+    text = f"{prog}: stopped by {why}"
+    if last is not None:
+        acc = "--" if last.accuracy is None else f"{100 * last.accuracy:.1f}%"
+        text += (
+            f" ({format_duration(last.elapsed_s)}, acc {acc} / {100 * target:g}%, "
+            f"{last.updates:,} updates, version {last.version})"
+        )
+    return text
 
 
 def run_sim(
@@ -97,23 +287,43 @@ def run_sim(
     fleet_name: str = "sim",
     workers: int = 1,
     progress: Callable[[str], None] | None = None,
+    reporter: ProgressReporter | None = None,
+    stop: SignalStop | None = None,
 ) -> list[RunRecord]:
-    """Run ``config`` once (or once per algorithm of ``compare`` on the same scenario)."""
+    """Run ``config`` once (or once per algorithm of ``compare`` on the same scenario).
+
+    ``reporter`` gets phases and samples; ``stop`` (an entered :class:`SignalStop`): a signal
+    during a virtual run raises :class:`StopRequested`; during a live run it ends the run early
+    and the partial records are returned (``stop.requested`` tells the caller)."""
     algos = compare or [config.algorithm]
     records: list[RunRecord] = []
     if mode == "virtual":
         from firmware_sim.scenario import build_scenario
         from firmware_sim.virtual import Progress, run_virtual
 
+        if reporter is not None:
+            reporter.phase(f"building the scenario ({config.devices:,} devices, {config.dataset})")
         scenario = build_scenario(config)
         for algo in algos:
             cfg = replace(config, algorithm=algo)
+            if reporter is not None:
+                reporter.new_run(f"training {algo.value} (virtual time)")
 
             def report(p: Progress, algo: Algorithm = algo) -> None:
                 if progress is not None:
                     progress(
                         f"{algo.value}: t={p.t:,.0f}s  v{p.version}  acc {100 * p.accuracy:.1f}%  "
                         f"updates {p.updates_received:,}  wall {p.wall_s:.1f}s"
+                    )
+                if reporter is not None:
+                    reporter.update(
+                        Sample(
+                            elapsed_s=p.wall_s,
+                            accuracy=p.accuracy,
+                            updates=p.updates_received,
+                            version=p.version,
+                            detail=f"virtual {format_duration(p.t)}",
+                        )
                     )
 
             records.append(run_virtual(cfg, scenario=scenario, progress=report).record)
@@ -124,9 +334,31 @@ def run_sim(
         for algo in algos:
             cfg = replace(config, algorithm=algo)
             options = LiveOptions(broker_url=broker, fleet=fleet_name, workers=workers)
-            records.append(run_live(cfg, options, progress=progress).record)
+            if reporter is not None:
+                reporter.new_run(f"live {algo.value}: building the scenario")
+            result = run_live(
+                cfg,
+                options,
+                progress=progress,
+                on_phase=reporter.phase if reporter is not None else None,
+                on_sample=reporter.update if reporter is not None else None,
+                stop=stop,
+            )
+            records.append(result.record)
+            if result.interrupted:
+                break
         return records
-    raise typer.BadParameter(f"unknown mode {mode!r}; expected virtual or live")
+    raise UsageError(f"--mode: {mode!r} is not one of {', '.join(MODES)}")
+
+
+def _emit_json(summary: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(summary, allow_nan=False) + "\n")
+    sys.stdout.flush()
+
+
+def _print(out: TextIO, text: str) -> None:
+    out.write(text + "\n")
+    out.flush()
 
 
 def sim_command(
@@ -200,81 +432,135 @@ def sim_command(
     round_deadline: Annotated[float | None, typer.Option(help="FedAvg round deadline (s).")] = None,
     samples: Annotated[int | None, typer.Option(help="Dataset size (train + test).")] = None,
 ) -> None:
-    """Simulate a fleet (virtual time or live MQTT) and report accuracy, time and traffic."""
-    try:
-        algos = _parse_compare(compare)
-        config = SimConfig(
-            devices=devices,
-            algorithm=Algorithm(algorithm),
-            profile=profile,
-            speed=speed,
-            dropout=dropout,
-            dataset=dataset,
-            num_samples=samples,
-            partition=partition,
-            local=LocalTrainConfig(epochs=epochs, lr=lr, batch_size=batch_size),
-            buffer_size=buffer_size,
-            concurrency=concurrency,
-            staleness=staleness,
-            max_staleness=max_staleness,
-            server_lr=server_lr,
-            normalisation=normalisation,
-            norm_bound=norm_bound,
-            robust=RobustMode(robust),
-            round_deadline_s=round_deadline,
-            codec=codec,
-            attack=AttackConfig(fraction=malicious, kind=AttackKind(attack), scale=attack_scale),
-            target=target,
-            max_time_s=max_time if mode == "virtual" else None,
-            max_wall_s=(max_time or 600.0) if mode == "live" else None,
-            max_updates=max_updates,
-            seed=seed,
-        )
-    except (ValueError, KeyError) as exc:
-        raise typer.BadParameter(str(exc)) from exc
-    console = _Console(sys.stderr.isatty())
-    with console.status("simulating...") as status:
-        records = run_sim(
-            config,
-            mode=mode,
-            compare=algos,
-            broker=broker,
-            fleet_name=fleet,
-            workers=workers,
-            progress=(lambda text: status.update(text)) if console.enabled else None,
-        )
+    """Simulate a fleet (virtual time or live MQTT) and report accuracy, time and traffic.
+
+    Progress goes to stderr; the summary to stdout (to stderr with --json, whose JSON object is
+    the last line of stdout). Exit codes: 0 done or stopped by SIGINT/SIGTERM, 2 a bad option.
+    """
+    config = sim_config_from_options(
+        devices=devices,
+        mode=mode,
+        algorithm=algorithm,
+        buffer_size=buffer_size,
+        concurrency=concurrency,
+        staleness=staleness,
+        max_staleness=max_staleness,
+        dropout=dropout,
+        profile=profile,
+        speed=speed,
+        dataset=dataset,
+        partition=partition,
+        codec=codec,
+        target=target,
+        max_time=max_time,
+        max_updates=max_updates,
+        seed=seed,
+        malicious=malicious,
+        attack=attack,
+        attack_scale=attack_scale,
+        robust=robust,
+        norm_bound=norm_bound,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        server_lr=server_lr,
+        normalisation=normalisation,
+        round_deadline=round_deadline,
+        samples=samples,
+    )
+    mode = mode.strip().lower()
+    algos = _parse_compare(compare)
+    check.fleet_name("--fleet", fleet)
+    check.at_least("--workers", workers)
+    if workers > devices:
+        raise UsageError(f"--workers must be between 1 and --devices ({devices}), got {workers}")
+    if broker is not None:
+        if mode != "live":
+            raise UsageError("--broker applies to --mode live only (virtual mode has no broker)")
+        check.broker_url("--broker", broker)
+    elif mode == "live":
+        _check_private_broker("--mode live", "auto")
+    if report is not None:
+        report = check.output_dir("--report", report)
+
+    prog = "edgefl sim"
+    with SignalStop() as stop, ProgressReporter(prog, target) as reporter:
+        records: list[RunRecord] = []
+        try:
+            records = run_sim(
+                config,
+                mode=mode,
+                compare=algos,
+                broker=broker,
+                fleet_name=fleet,
+                workers=workers,
+                reporter=reporter,
+                stop=stop,
+            )
+            stop.check()  # a live run stopped by a signal returns early: report it below
+        except StopRequested as exc:
+            _interrupted(prog, reporter, str(exc), records, target)
+        else:
+            try:
+                _finish(prog, records, target, report, json_out, reporter)
+            except StopRequested as exc:
+                reporter.close()
+                where = f" while {reporter.current_phase}" if reporter.current_phase else ""
+                _print(sys.stderr, f"{prog}: stopped by {exc}{where}")
+                if report is not None:
+                    _print(sys.stderr, f"{prog}: the report in {report} may be incomplete")
+    if stop.requested:
+        exit_now(0)  # all released; skip the interpreter's slow teardown (see interrupt.py)
+
+
+def _interrupted(
+    prog: str, reporter: ProgressReporter, why: str, records: list[RunRecord], target: float
+) -> None:
+    """What a command stopped by a signal during its run prints (stderr): the phase, the last
+    progress sample and the partial runs' summary lines."""
+    reporter.close()
+    where = f" while {reporter.current_phase}" if reporter.current_phase else ""
+    _print(sys.stderr, partial_line(prog, why + where, reporter.last, target))
+    for line in summary_lines(records, target, {}):
+        _print(sys.stderr, f"  partial run {line}")
+    _print(sys.stderr, f"{prog}: interrupted; no report written")
+
+
+def _finish(
+    prog: str,
+    records: list[RunRecord],
+    target: float,
+    report: Path | None,
+    json_out: bool,
+    reporter: ProgressReporter,
+) -> None:
+    """Write the report (if asked) and print the summary: stdout, or stderr with ``json_out``
+    (then the JSON object is the last line of stdout)."""
     extra: dict[str, Any] = {}
     if report is not None:
         from firmware_sim.report import write_report
 
+        reporter.phase(f"writing the report to {report}")
         paths = write_report(records, report, target)
         extra["report"] = str(paths.out_dir)
+    reporter.phase("done")
+    reporter.close()
+    out = sys.stderr if json_out else sys.stdout
     summary = summary_object(records, target, extra=extra)
-    for r in records:
-        s = r.summary(target)
-        ttt = s["time_to_target_s"]
-        console.line(
-            f"[bold]{s['label']}[/]: final accuracy {100 * (s['final_accuracy'] or 0):.1f}%, "
-            + (f"target reached at {ttt:,.0f}s" if ttt is not None else "target not reached")
-            + f", {s['updates_applied']:,} updates applied, {s['model_versions']} versions"
-        )
-    if summary.get("speedup_vs_fedavg") is not None:
-        console.line(
-            f"FedBuff speed-up vs FedAvg (time to target): {summary['speedup_vs_fedavg']:.2f}x"
-        )
+    for line in summary_lines(records, target, summary):
+        _print(out, line)
     if report is not None:
-        console.line(f"report: {extra['report']}")
+        _print(out, f"report: {extra['report']}")
     if json_out:
-        sys.stdout.write(json.dumps(summary, allow_nan=False) + "\n")
-        sys.stdout.flush()
+        _emit_json(summary)
 
 
 def demo_command(
-    devices: Annotated[int, typer.Option("--devices", "-n", help="Live devices.")] = 100,
+    devices: Annotated[int, typer.Option("--devices", "-n", help="Live devices (>= 1).")] = 100,
     report: Annotated[Path, typer.Option("--report", help="Report directory.")] = Path(
         "edgefl-demo-report"
     ),
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed (>= 0).")] = 0,
     json_out: Annotated[
         bool, typer.Option("--json", help="Print the summary as the last line.")
     ] = False,
@@ -288,13 +574,39 @@ def demo_command(
             "or embedded (amqtt in a child process; much slower with 100 devices)."
         ),
     ] = "auto",
+    target: Annotated[float, typer.Option(help="Stop at this test accuracy (0-1).")] = 0.9,
+    max_time: Annotated[
+        float, typer.Option("--max-time", help="Stop after this many wall-clock seconds.")
+    ] = 300.0,
 ) -> None:
-    """Zero-configuration demo: its own broker, the aggregator and ~100 live devices on mnist1d."""
-    from dataclasses import replace
+    """Zero-configuration demo: its own broker, the aggregator and ~100 live devices on mnist1d.
 
-    from firmware_sim.demo import DEMO_OPTIONS, run_demo
+    Progress goes to stderr; the summary to stdout (to stderr with --json). Exit codes: 0 done
+    or stopped by SIGINT/SIGTERM, 2 a bad option.
+    """
+    from firmware_sim.demo import DEMO_CONFIG, DEMO_OPTIONS, run_demo
 
-    if broker_kind not in ("auto", "mosquitto", "embedded"):
-        raise typer.BadParameter("expected auto, mosquitto or embedded", param_hint="--broker-kind")
+    check.at_least("--devices", devices)
+    report = check.output_dir("--report", report)
+    check.at_least("--seed", seed, 0)
+    if broker is not None:
+        check.broker_url("--broker", broker)
+    broker_kind = check.choice("--broker-kind", broker_kind, BROKER_KINDS)
+    if broker is None:
+        _check_private_broker(f"--broker-kind {broker_kind}", broker_kind)
+    check.number("--target", target, low=0.0, high=1.0)
+    check.number("--max-time", max_time)
     options = replace(DEMO_OPTIONS, broker_url=broker, broker_kind=broker_kind)
-    run_demo(devices=devices, report=report, seed=seed, json_out=json_out, options=options)
+    config = replace(DEMO_CONFIG, target=target, max_wall_s=max_time)
+    with SignalStop() as stop:
+        run_demo(
+            devices=devices,
+            report=report,
+            seed=seed,
+            json_out=json_out,
+            config=config,
+            options=options,
+            stop=stop,
+        )
+    if stop.requested:
+        exit_now(0)  # all released; skip the interpreter's slow teardown (see interrupt.py)

@@ -24,13 +24,15 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 
 from edgefl.aggregation import Normalisation
 from edgefl.training import LocalTrainConfig
+from firmware_sim.interrupt import SignalStop, StopRequested
 from firmware_sim.live import LiveOptions, run_live
+from firmware_sim.progress import ProgressReporter
 from firmware_sim.scenario import SimConfig
 
 __all__ = ["DEMO_CONFIG", "DEMO_OPTIONS", "run_demo"]
@@ -65,33 +67,72 @@ def run_demo(
     json_out: bool = False,
     config: SimConfig | None = None,
     options: LiveOptions | None = None,
+    stop: SignalStop | None = None,
+    reporter: ProgressReporter | None = None,
 ) -> dict[str, Any]:
-    """Run the demo; returns the summary (also printed, as the last line with ``json_out``)."""
-    from rich.console import Console
+    """Run the demo; returns the summary (also printed, as the last line with ``json_out``).
 
-    from firmware_sim.cli import summary_object
+    Progress (phases and samples) goes to ``reporter`` (default: a :class:`ProgressReporter`
+    on stderr). ``stop`` (an entered :class:`SignalStop`): SIGINT/SIGTERM end the demo early;
+    it then prints what was done on stderr, writes no report and returns the partial summary
+    with ``"interrupted"`` set to the signal's name."""
+    from firmware_sim.cli import partial_line, summary_object
     from firmware_sim.report import write_report
 
+    prog = "edgefl demo"
     cfg = replace(config or DEMO_CONFIG, devices=devices, seed=seed)
     opts = options or DEMO_OPTIONS
-    console = Console(stderr=json_out)
-    console.print(
-        f"[bold]edgefl demo[/]: {cfg.devices} live devices ({cfg.profile} profile, "
+    out = sys.stderr if json_out else sys.stdout
+    progress = reporter or ProgressReporter(prog, cfg.target)
+    progress.message(
+        f"{prog}: {cfg.devices} live devices ({cfg.profile} profile, "
         f"{cfg.partition} split of {cfg.dataset}), FedBuff K={cfg.buffer_size}, "
         f"target {100 * cfg.target:.0f}% test accuracy"
     )
 
     def announce(url: str, kind: str) -> None:
         what = {"mosquitto": "private Mosquitto", "embedded": "embedded amqtt broker"}
-        console.print(
-            f"broker: {what.get(kind, 'external broker')} at {url}; watch the fleet with "
-            f"[bold]edgefl monitor --broker {url} --fleet {opts.fleet}[/]"
+        progress.message(
+            f"{prog}: broker: {what.get(kind, 'external broker')} at {url}; watch the fleet "
+            f"with: edgefl monitor --broker {url} --fleet {opts.fleet}"
         )
 
     started = time.monotonic()
-    with console.status("starting broker, aggregator and devices...") as status:
-        result = run_live(cfg, opts, progress=status.update, on_broker=announce)
-    paths = write_report([result.record], report, cfg.target)
+    result = None
+    try:
+        progress.phase("building the scenario")
+        result = run_live(
+            cfg,
+            opts,
+            on_broker=announce,
+            on_phase=progress.phase,
+            on_sample=progress.update,
+            stop=stop,
+        )
+        if stop is not None:
+            stop.check()
+        progress.phase(f"writing the report to {report}")
+        paths = write_report([result.record], report, cfg.target)
+    except StopRequested as exc:
+        progress.close()
+        where = f" while {progress.current_phase}" if progress.current_phase else ""
+        _say(sys.stderr, partial_line(prog, f"{exc}{where}", progress.last, cfg.target))
+        if result is None:
+            return {"interrupted": str(exc)}
+        partial = summary_object([result.record], cfg.target, extra={"interrupted": str(exc)})
+        if not result.interrupted:  # the run had finished: the report was being written
+            _say(sys.stderr, f"{prog}: the report in {report} may be incomplete")
+        else:
+            _say(sys.stderr, f"{prog}: interrupted; no report written")
+        _say(
+            sys.stderr,
+            f"  partial run: {partial['updates_applied']:,} updates applied, "
+            f"{partial['model_versions']} versions, last accuracy "
+            f"{100 * (partial['final_accuracy'] or 0):.1f}%",
+        )
+        return partial
+    progress.phase("done")
+    progress.close()
     summary = summary_object(
         [result.record],
         cfg.target,
@@ -105,11 +146,12 @@ def run_demo(
     ttt = summary["time_to_target_s"]
     evals = result.record.evals()
     best = int(np.argmax(evals.accuracy)) if len(evals.accuracy) else None
-    console.print(
+    _say(
+        out,
         (
-            f"[green]{100 * cfg.target:.0f}% reached after {ttt:.0f} s[/]"
+            f"{100 * cfg.target:.0f}% reached after {ttt:.0f} s"
             if ttt is not None
-            else "[red]target not reached[/]"
+            else "target not reached"
         )
         + (
             f"; best {100 * evals.accuracy[best]:.1f}% (model v{evals.version[best]})"
@@ -118,14 +160,20 @@ def run_demo(
         )
         + f"; last version v{summary['model_versions']} "
         f"{100 * (summary['final_accuracy'] or 0):.1f}% after "
-        f"{summary['updates_applied']:,} updates (in-flight updates keep landing after the stop)"
+        f"{summary['updates_applied']:,} updates (in-flight updates keep landing after the stop)",
     )
-    console.print(
+    _say(
+        out,
         f"{summary['bytes_uploaded'] / 1e6:.1f} MB uploaded "
         f"({summary['bytes_fp32_equivalent'] / 1e6:.1f} MB as float32), "
-        f"{summary['dropouts']} dropouts; report: {paths.out_dir}"
+        f"{summary['dropouts']} dropouts; report: {paths.out_dir}",
     )
     if json_out:
         sys.stdout.write(json.dumps(summary, allow_nan=False) + "\n")
         sys.stdout.flush()
     return summary
+
+
+def _say(out: TextIO, text: str) -> None:
+    out.write(text + "\n")
+    out.flush()

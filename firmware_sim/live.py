@@ -38,11 +38,12 @@ import math
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -66,6 +67,8 @@ from device_agent.eligibility import DeviceSnapshot, EligibilityPolicy, MeteredS
 from device_agent.trainer import TrainJob, TrainResult
 from firmware_sim.attacks import apply_attack
 from firmware_sim.fleet import Fate
+from firmware_sim.interrupt import SignalStop, StopRequested
+from firmware_sim.progress import Sample
 from firmware_sim.record import Mode, RunRecord
 from firmware_sim.scenario import Scenario, SimConfig, build_scenario
 from firmware_sim.seeding import MASK64
@@ -109,6 +112,7 @@ class LiveResult:
     rss_mb_per_device: float
     updates_per_s: float
     agent_totals: dict[str, int] = field(default_factory=dict)
+    interrupted: bool = False  # stopped early by SIGINT/SIGTERM (see ``run_live(stop=...)``)
 
 
 # ----------------------------------------------------------------------------- device side
@@ -455,13 +459,13 @@ class _DeviceGroup:
                 out[f"aborted:{k}"] += v
         return dict(out)
 
-    async def stop(self) -> None:
+    async def stop(self, wait_s: float = 15.0) -> None:
         self.stopping = True
         for agent in self.agents.values():
             agent.stop()
         tasks = list(self.tasks.values())
         if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=15.0)
+            _, pending = await asyncio.wait(tasks, timeout=wait_s)
             for t in pending:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -499,6 +503,7 @@ def _worker_main(
     reports: Any,
 ) -> None:
     """Entry point of a worker process: run ``devices`` until ``stop`` is set."""
+    _ignore_sigint()
     if options.quiet:
         _quiet_logs()
 
@@ -527,9 +532,32 @@ def _worker_main(
     asyncio.run(main())
 
 
+@contextlib.contextmanager
+def _sigint_blocked() -> Iterator[None]:
+    """Start child processes inside: they inherit SIGINT blocked, so a terminal's Ctrl-C (sent
+    to the whole process group) cannot interrupt their start-up with a traceback; they ignore
+    it for good in :func:`_ignore_sigint` (the parent stops them). A SIGINT that reaches this
+    process meanwhile stays pending and is handled when the block ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _ignore_sigint() -> None:
+    """In a child process: ignore SIGINT (then unblock it, see :func:`_sigint_blocked`)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def _embedded_broker_main(port: int, ready: Any, stop: Any) -> None:
     from broker.launcher import ThreadedEmbeddedBroker
 
+    _ignore_sigint()
     broker = ThreadedEmbeddedBroker(port=port)
     broker.start()
     ready.set()
@@ -636,9 +664,16 @@ async def _run_live_async(
     root: Path,
     progress: Callable[[str], None] | None,
     on_broker: Callable[[str, str], None] | None = None,
+    hooks: _Hooks | None = None,
 ) -> LiveResult:
     from edgefl.aggregator import Aggregator
 
+    hooks = hooks or _Hooks()
+    loop = asyncio.get_running_loop()
+    interrupted = asyncio.Event()  # set (thread-safely) by SIGINT/SIGTERM through hooks.stop
+    if hooks.stop is not None:
+        hooks.stop.route(lambda: _call_soon(loop, interrupted.set))
+    phase = hooks.on_phase or (lambda text: None)
     broker_proc: Any = None
     broker_stop: Any = None
     mosquitto: Any = None
@@ -650,6 +685,7 @@ async def _run_live_async(
 
         broker_kind = "mosquitto" if find_mosquitto() is not None else "embedded"
     if url is None:
+        phase(f"starting the broker ({broker_kind})")
         if broker_kind == "mosquitto":
             from broker.launcher import MosquittoBroker
 
@@ -663,9 +699,20 @@ async def _run_live_async(
             broker_proc = ctx.Process(
                 target=_embedded_broker_main, args=(port, ready, broker_stop), daemon=True
             )
-            broker_proc.start()
-            if not await asyncio.to_thread(ready.wait, 30.0):
-                raise RuntimeError("embedded broker did not start")
+            with _sigint_blocked():
+                broker_proc.start()
+            deadline = time.monotonic() + 30.0
+            while not await asyncio.to_thread(ready.wait, 0.1):  # short waits: stay interruptible
+                if interrupted.is_set() or time.monotonic() > deadline:
+                    broker_stop.set()
+                    await _join_or_kill(broker_proc, 0.5)
+                    if interrupted.is_set():
+                        # release the semaphores now (the command exits without teardown, and
+                        # multiprocessing's resource tracker would warn about leaked ones)
+                        del ready
+                        broker_stop = broker_proc = None
+                        raise StopRequested(hooks.signum())
+                    raise RuntimeError("embedded broker did not start")
             url = f"mqtt://127.0.0.1:{port}"
     if on_broker is not None:
         on_broker(url, broker_kind if options.broker_url is None else "external")
@@ -681,10 +728,21 @@ async def _run_live_async(
     t0_wall = time.time()
     t0 = time.monotonic()
     record.started_at = time.perf_counter()
+    phase("starting the aggregator")
     aggregator = Aggregator(_aggregator_config(config, options, url, root / "aggregator"))
     ready_ev = asyncio.Event()
     agg_task = asyncio.create_task(aggregator.run(ready=ready_ev), name="aggregator")
-    await asyncio.wait_for(ready_ev.wait(), 60.0)
+    await _first_of(ready_ev, interrupted, agg_task, wait_s=60.0)
+    if not ready_ev.is_set() and not interrupted.is_set():
+        aggregator.stop()
+        await _first_of(interrupted, agg_task, wait_s=5.0)
+        if broker_stop is not None:
+            broker_stop.set()
+        if mosquitto is not None:
+            mosquitto.stop()
+        if agg_task.done():
+            agg_task.result()  # its error, if it failed
+        raise RuntimeError("the aggregator did not start within 60 s")
     poller = _Poller(record, 4 * scenario.spec.num_params, t0_wall)
 
     workers = max(1, options.workers)
@@ -695,7 +753,11 @@ async def _run_live_async(
     reports: Any = None
     worker_state: dict[int, tuple[dict[str, int], dict[str, int], float]] = {}
     starter: asyncio.Task[None] | None = None
-    if workers == 1:
+    if not interrupted.is_set():  # else stopped while the aggregator started: no devices
+        phase(f"starting {config.devices} devices in {workers} process(es); training")
+    if interrupted.is_set():
+        pass
+    elif workers == 1:
         group = _DeviceGroup(scenario, options, url, device_ids, root / "devices", t0)
         starter = asyncio.create_task(group.start())
     else:
@@ -707,7 +769,8 @@ async def _run_live_async(
                 args=(config, options, url, mine, str(root / f"devices-{w}"), stop_ev, reports),
                 daemon=True,
             )
-            p.start()
+            with _sigint_blocked():
+                p.start()
             procs.append(p)
 
     def drain_reports() -> None:
@@ -727,7 +790,9 @@ async def _run_live_async(
     reached = False
     try:
         while True:
-            await asyncio.sleep(options.poll_s)
+            await _first_of(interrupted, wait_s=options.poll_s)
+            if interrupted.is_set():
+                break
             t = time.monotonic() - t0
             poller.poll(aggregator, t)
             if group is not None:
@@ -750,6 +815,16 @@ async def _run_live_async(
                     f"v{aggregator.statistics().version}  "
                     f"acc {100 * acc:.1f}%  updates {poller.received:,}  devices online {connected}"
                 )
+            if hooks.on_sample is not None:
+                hooks.on_sample(
+                    Sample(
+                        elapsed_s=t,
+                        accuracy=acc if len(ev.accuracy) else None,
+                        updates=poller.received,
+                        version=aggregator.statistics().version,
+                        detail=f"online {connected}",
+                    )
+                )
             if reached and config.stop_at_target:
                 break
             if t >= max_wall:
@@ -759,6 +834,12 @@ async def _run_live_async(
             if agg_task.done():
                 break
     finally:
+        # After SIGINT/SIGTERM every step below gets a short bound (the whole stop within ~2 s);
+        # the flag is read at each step, so a signal during a normal stop shortens the rest.
+        def bound(normal: float, fast: float) -> float:
+            return fast if interrupted.is_set() else normal
+
+        phase("stopping" + (f" ({hooks.signal_name()})" if interrupted.is_set() else ""))
         wall = time.monotonic() - t0
         totals: dict[str, int] = {}
         rss = _rss_mb()
@@ -766,31 +847,35 @@ async def _run_live_async(
             totals = group.totals()
             if starter is not None:
                 starter.cancel()
-            await group.stop()
+            await group.stop(bound(15.0, 0.5))
         else:
             drain_reports()
             rss += sum(r for _, _, r in worker_state.values())
             totals = dict(sum((Counter(tt) for _, tt, _ in worker_state.values()), Counter()))
             if stop_ev is not None:
                 stop_ev.set()
+            deadline = time.monotonic() + bound(20.0, 0.7)
             for p in procs:
-                await asyncio.to_thread(p.join, 20.0)
-                if p.is_alive():
-                    p.kill()
+                await _join_or_kill(p, max(0.0, deadline - time.monotonic()), interrupted)
             drain_reports()
         if broker_proc is not None:
             rss += _rss_mb(broker_proc.pid)
         # let the evaluator catch up with the last version, then stop the aggregator
-        await asyncio.sleep(min(2.0, options.poll_s * 2))
+        await _first_of(interrupted, wait_s=min(2.0, options.poll_s * 2))
         poller.poll(aggregator, time.monotonic() - t0)
         aggregator.stop()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(agg_task, 30.0)
+        done, _ = await asyncio.wait([agg_task], timeout=bound(30.0, 0.5))
+        if done and not agg_task.cancelled():
+            agg_task.exception()  # retrieved (and ignored) as before: the run is over
+        if not done:
+            agg_task.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(agg_task, 0.3)
         if broker_stop is not None:
             broker_stop.set()
-            await asyncio.to_thread(broker_proc.join, 10.0)
+            await _join_or_kill(broker_proc, bound(10.0, 0.3), interrupted)
         if mosquitto is not None:
-            mosquitto.stop()
+            mosquitto.stop(timeout=bound(10.0, 0.3))
     ev = record.evals()
     record.finish(
         wall_time_s=wall,
@@ -807,7 +892,55 @@ async def _run_live_async(
         rss_mb_per_device=rss / n,
         updates_per_s=poller.received / wall if wall > 0 else 0.0,
         agent_totals=totals,
+        interrupted=interrupted.is_set(),
     )
+
+
+@dataclass(frozen=True)
+class _Hooks:
+    """Optional callbacks and the stop signal of :func:`run_live` (see its docstring)."""
+
+    on_phase: Callable[[str], None] | None = None
+    on_sample: Callable[[Sample], None] | None = None
+    stop: SignalStop | None = None
+
+    def signum(self) -> int:
+        return self.stop.signum if self.stop is not None and self.stop.signum else signal.SIGTERM
+
+    def signal_name(self) -> str:
+        return self.stop.name if self.stop is not None else ""
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop is closed: the run is over anyway
+        loop.call_soon_threadsafe(callback)
+
+
+async def _first_of(*waitables: asyncio.Event | asyncio.Task[Any], wait_s: float) -> None:
+    """Wait until one of the events is set or one of the tasks is done, or ``wait_s`` passed."""
+    waiters = [
+        asyncio.ensure_future(w.wait()) if isinstance(w, asyncio.Event) else w for w in waitables
+    ]
+    try:
+        await asyncio.wait(waiters, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w, original in zip(waiters, waitables, strict=True):
+            if w is not original:
+                w.cancel()
+
+
+async def _join_or_kill(proc: Any, wait_s: float, interrupted: asyncio.Event | None = None) -> None:
+    """Join a child process in short steps (so the event loop stays responsive, and nothing is
+    left in the default executor), for at most ``wait_s`` seconds (less once ``interrupted``
+    is set); then kill it."""
+    deadline = time.monotonic() + wait_s
+    while proc.is_alive() and time.monotonic() < deadline:
+        if interrupted is not None and interrupted.is_set():
+            deadline = min(deadline, time.monotonic() + 0.5)
+        await asyncio.to_thread(proc.join, 0.05)
+    if proc.is_alive():
+        proc.kill()
+        await asyncio.to_thread(proc.join, 1.0)
 
 
 def run_live(
@@ -817,20 +950,37 @@ def run_live(
     scenario: Scenario | None = None,
     progress: Callable[[str], None] | None = None,
     on_broker: Callable[[str, str], None] | None = None,
+    on_phase: Callable[[str], None] | None = None,
+    on_sample: Callable[[Sample], None] | None = None,
+    stop: SignalStop | None = None,
 ) -> LiveResult:
     """Run the live simulation to the target or the limits (``max_wall_s``, ``max_updates``).
 
     ``on_broker(url, kind)`` is called once the broker is known (``kind``: ``mosquitto`` or
     ``embedded`` for a private one, ``external`` for ``broker_url``), e.g. to tell the user where
-    ``edgefl monitor`` can connect."""
+    ``edgefl monitor`` can connect. ``on_phase(text)`` announces each phase (starting the
+    broker, the aggregator, the devices; stopping), ``on_sample`` gets a
+    :class:`~firmware_sim.progress.Sample` per poll.
+
+    ``stop`` (an entered :class:`~firmware_sim.interrupt.SignalStop`): SIGINT/SIGTERM during the
+    run stops it with short timeouts (about a second in all) and returns the partial result with
+    ``interrupted`` set; a signal while the private broker starts raises
+    :class:`~firmware_sim.interrupt.StopRequested` once it is stopped again."""
     opts = options or LiveOptions()
     if opts.quiet:
         _quiet_logs()
     sc = scenario or build_scenario(config)
+    # The aggregator's evaluator thread needs torch; imported there, the import (seconds on a
+    # loaded 2-core machine) would hold up a stop, which joins that thread. Import it here.
+    import torch  # noqa: F401
+
     own_root = opts.state_dir is None
     root = Path(tempfile.mkdtemp(prefix="edgefl-live-")) if own_root else Path(opts.state_dir)  # type: ignore[arg-type]
     try:
-        return asyncio.run(_run_live_async(config, opts, sc, root, progress, on_broker))
+        hooks = _Hooks(on_phase=on_phase, on_sample=on_sample, stop=stop)
+        return asyncio.run(_run_live_async(config, opts, sc, root, progress, on_broker, hooks))
     finally:
+        if stop is not None:
+            stop.route(None)
         if own_root:
             shutil.rmtree(root, ignore_errors=True)
