@@ -56,8 +56,15 @@ def version() -> None:
     typer.echo(__version__)
 
 
+_registered = False
+
+
 def _register_subcommands() -> None:
-    """Attach the subcommands that live next to their implementation."""
+    """Attach the subcommands that live next to their implementation (once per process)."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
     from broker.cli import broker_command
     from device_agent.cli import agent_app
     from edgefl.aggregator.cli import aggregator_app

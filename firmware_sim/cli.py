@@ -145,7 +145,7 @@ def sim_config_from_options(
     staleness = check.parsed(
         "--staleness",
         staleness,
-        lambda t: (parse_staleness(t), t.strip().lower())[1],
+        lambda t: (parse_staleness(t).weight(), t.strip().lower())[1],
         "constant | polynomial[:A] | hinge:A,B (A, B >= 0)",
     )
     check.at_least("--max-staleness", max_staleness, 0)

@@ -12,6 +12,7 @@ Async tests are plain ``async def test_...`` functions (pytest-asyncio in auto m
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,3 +42,17 @@ def embedded_broker() -> Iterator[ThreadedEmbeddedBroker]:
         yield broker
     finally:
         broker.stop()
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """Commands run in-process (``edgefl.cli.main([...])``) configure root logging with a handler
+    on the test's captured stderr; put the root logger back so later tests never write to a
+    closed stream."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in root.handlers:
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)

@@ -96,7 +96,7 @@ CASES = [
         "agent bad broker scheme",
         _agent("run", "--set", "broker.url=ftp://x"),
         78,
-        ("broker.url", "mqtt://"),
+        ("broker.url", "mqtts"),
     ),
     Case(
         "agent bad choice",
