@@ -62,7 +62,7 @@ def test_ingest_never_imports_torch(tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
         import asyncio, sys
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).parents[1])!r}]
         from pathlib import Path
         from test_aggregator_service import Harness, delta, make_config
         from edgefl.transport import MemoryBroker
