@@ -88,6 +88,8 @@ class BatchBuilder:
         self._held: dict[ChunkKey, list[Ticket]] = {}
         self._rows_bytes = 0  # encoded update bytes stored since the last snapshot
         self._checkpoint_size = checkpoint_size
+        accuracies = [r.accuracy for r in self._history if r.accuracy is not None]
+        self._last_accuracy = accuracies[-1] if accuracies else None
 
     # ------------------------------------------------------------------ observations
     @property
@@ -102,9 +104,9 @@ class BatchBuilder:
 
     @property
     def last_accuracy(self) -> float | None:
-        """The newest held-out accuracy in the history (``None``: none measured)."""
-        accuracies = [r.accuracy for r in self._history if r.accuracy is not None]
-        return accuracies[-1] if accuracies else None
+        """The held-out accuracy measured last (at start: the newest in the history; ``None``:
+        none measured)."""
+        return self._last_accuracy
 
     def created_at(self, version: int, fallback: float) -> float:
         """When ``version`` was created, from the history (``fallback`` if it is not there)."""
@@ -121,6 +123,7 @@ class BatchBuilder:
 
     def record_accuracy(self, version: int, accuracy: float) -> None:
         """A held-out accuracy measured for ``version`` (kept in its history record)."""
+        self._last_accuracy = accuracy
         for i in range(len(self._history) - 1, -1, -1):
             if self._history[i].version == version:
                 self._history[i] = dataclasses.replace(self._history[i], accuracy=accuracy)

@@ -413,7 +413,8 @@ class Ingest:
 
     def _codec(self, codec: Mapping[str, Any]) -> tuple[CodecDescriptor, str]:
         """The validated descriptor and canonical JSON of a codec object, cached: a fleet uses
-        a handful of codec settings, and parsing one costs about as much as decoding 30 kB."""
+        a handful of codec settings, and parsing one costs about as much as decoding a small
+        body."""
         try:
             # the type is part of the key: True == 1 == 1.0 must not share an entry
             key = tuple(sorted((k, type(v).__name__, v) for k, v in codec.items()))
