@@ -39,6 +39,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
+from enum import StrEnum
 
 from edgefl.aggregation import FedBuff, FedBuffConfig, FedBuffState
 from edgefl.aggregator.batch import Batch, BatchBuilder, Ticket, checkpoint_bytes
@@ -72,7 +73,7 @@ from edgefl.transport import (
     Will,
 )
 
-__all__ = ["Aggregator", "OnVersion"]
+__all__ = ["Aggregator", "OnVersion", "Phase"]
 
 log = logging.getLogger("edgefl.aggregator")
 
@@ -83,6 +84,16 @@ _INFLATE_DEPTH = 2  # updates handed to the inflate thread and not finished yet
 _INFLATE_OFFLOAD_BYTES = 256 * 1024  # smaller bodies are decompressed on the loop
 _COMMITS_IN_FLIGHT = 2  # prepared batches waiting for their commit (each holds its payloads)
 _SLICE_S = 0.01  # longest stretch of batch validation before yielding to the event loop
+
+
+class Phase(StrEnum):
+    """Where :meth:`Aggregator.run` is (for status lines, sd_notify and the signal handling)."""
+
+    STARTING = "starting"
+    RESTORING = "restoring state"
+    CONNECTING = "connecting to the broker"
+    RUNNING = "running"
+    STOPPING = "stopping"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +163,7 @@ class Aggregator:
         self._stats_cache: AggregatorStatistics | None = None
         self._batches = 0
         self._rate = (0.0, 0.0)  # updates/s, bytes/s over the last metrics period
+        self.phase = Phase.STARTING
 
     # ------------------------------------------------------------------ public API
     def stop(self) -> None:
@@ -159,8 +171,13 @@ class Aggregator:
         newest version published, server state ``offline`` published, then disconnect."""
         self._stopping = True
         self._stop.set()
+        self.phase = Phase.STOPPING
         with contextlib.suppress(asyncio.QueueFull):
             self._queue.put_nowait(None)
+
+    def _enter(self, phase: Phase) -> None:
+        if not self._stopping:
+            self.phase = phase
 
     @property
     def metrics_port(self) -> int | None:
@@ -226,9 +243,12 @@ class Aggregator:
         store: StateStore | None = None
         evaluator: Evaluator | None = None
         try:
+            self._enter(Phase.RESTORING)
             store = StateStore(cfg.state_dir, fsync=cfg.fsync)
             restored = await self._restore(store, writer)
             transport = self._given_transport or self._make_transport(restored)
+            self._enter(Phase.CONNECTING)
+            log.info("connecting to %s", cfg.broker_url)
             if cfg.eval_dataset is not None:
                 evaluator = self._start_evaluator(restored, writer)
             if cfg.metrics_port is not None:
@@ -291,6 +311,7 @@ class Aggregator:
             await publisher.publish_current()
             await publisher.publish_state(ServerStatus.ONLINE)
             self._stats_cache = self.statistics()
+            self._enter(Phase.RUNNING)
             if ready is not None:
                 ready.set()
             log.info(
