@@ -2,11 +2,15 @@
 
 :class:`Ingest` turns the (topic, payload) of an MQTT message on an update topic into
 
-* ``PENDING``: a chunk of a larger update was stored; the service holds its MQTT acknowledgement
-  until the update completes (or is given up), so a crash never loses a chunk the broker thinks
-  was delivered;
-* ``ACCEPTED``: a complete update passed every check and went into the engine's buffer;
-* ``REJECTED``: with a :class:`~edgefl.errors.RejectReason`; the service counts and acknowledges it.
+* :class:`Pending`: a chunk of a larger update was stored; the service holds its MQTT
+  acknowledgement until the update completes (or is given up), so a crash never loses a chunk the
+  broker thinks was delivered;
+* :class:`Accepted`: a complete update passed every check and went into the engine's buffer;
+* :class:`Rejected`: with a :class:`~edgefl.errors.RejectReason`; the service counts and
+  acknowledges it.
+
+``IngestOutcome`` is the union of the three frozen variants; callers ``match`` on them, and every
+field a variant has is set (no optional field to assert on).
 
 Checks, in order (first failure wins): topic (``BAD_TOPIC``/``UNKNOWN_FLEET``/...); envelope and
 chunking (``TOO_LARGE`` against ``max_update_bytes``, ``BAD_CHECKSUM``, ``CHUNK_CONFLICT``,
@@ -26,7 +30,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 import numpy as np
 from numpy.typing import NDArray
@@ -57,10 +61,14 @@ from edgefl.protocol.messages import message_from_envelope
 from edgefl.protocol.topics import UpdateTopic
 
 __all__ = [
+    "Accepted",
+    "ChunkKey",
     "Decoded",
     "Ingest",
     "IngestOutcome",
     "OutcomeKind",
+    "Pending",
+    "Rejected",
     "StagedUpdate",
     "decode_body",
     "max_decompressed",
@@ -74,23 +82,55 @@ ChunkKey = tuple[str, bytes]  # (device id, chunk message id)
 
 
 class OutcomeKind(StrEnum):
+    """The name of each outcome variant (``outcome.kind``), for logs and tallies."""
+
     PENDING = "pending"
     ACCEPTED = "accepted"
     REJECTED = "rejected"
 
 
-@dataclass(frozen=True)
-class IngestOutcome:
-    kind: OutcomeKind
-    reason: RejectReason | None = None
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """A chunk packet of an update that is not complete yet.
+
+    ``hold``: its acknowledgement waits until the update of ``chunk_key`` completes or is given
+    up. False for a late duplicate of a chunk already reassembled: acknowledge it now."""
+
+    chunk_key: ChunkKey
+    hold: bool = True
+    kind: ClassVar[OutcomeKind] = OutcomeKind.PENDING
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """A complete update that went into the engine's buffer, with what the store keeps of it.
+
+    ``chunk_key`` is set when the update came in chunks: this packet completed it, so the held
+    chunk packets of that key are acknowledged with it."""
+
+    header: UpdateHeader
+    body: bytes | memoryview  # a read-only view into the received payload
+    codec_json: str  # the header's codec object as canonical JSON (what the store keeps)
+    result: AddResult
+    chunk_key: ChunkKey | None = None
+    kind: ClassVar[OutcomeKind] = OutcomeKind.ACCEPTED
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A refused update (or chunk packet); nothing changed.
+
+    ``ends_message``: the packet ended the chunked message of ``chunk_key`` (its held chunk
+    packets are acknowledged with it); False when the message may still complete."""
+
+    reason: RejectReason
     detail: str = ""
-    header: UpdateHeader | None = None
-    body: bytes | memoryview | None = None  # a read-only view into the received payload
-    codec_json: str = ""  # the header's codec object as canonical JSON (what the store keeps)
-    result: AddResult | None = None
-    chunk_key: ChunkKey | None = None  # set for chunk packets
-    completes: bool = False  # this chunk packet completed (or ended) the message of chunk_key
-    release: bool = False  # a chunk packet that needs no holding (late duplicate)
+    chunk_key: ChunkKey | None = None
+    ends_message: bool = False
+    kind: ClassVar[OutcomeKind] = OutcomeKind.REJECTED
+
+
+IngestOutcome = Pending | Accepted | Rejected
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,8 +203,8 @@ class ScratchUpdate:
         self._dense = dense
         self._spent = False
         # computed while the scratch is hot in cache. einsum runs numpy's own loop: np.dot
-        # would call multi-threaded BLAS, whose helper threads then spin and took a whole
-        # core away from ingest (660 -> 357 updates/s)
+        # would call multi-threaded BLAS, whose helper threads spin and take a core away from
+        # ingest (measured in docs/AGGREGATOR.md)
         self._squared_norm = float(np.einsum("i,i->", dense, dense))
 
     @property
@@ -192,7 +232,7 @@ class ScratchUpdate:
 
 class Ingest:
     """Validation state of one aggregator: reassembly, dedup and rate windows (not durable
-    except through the service, which persists what ``ACCEPTED`` outcomes carry)."""
+    except through the service, which persists what :class:`Accepted` outcomes carry)."""
 
     def __init__(
         self,
@@ -240,11 +280,11 @@ class Ingest:
         """Validate one MQTT message of an update topic (``now``: monotonic seconds):
         :meth:`stage`, then :meth:`decode` into :attr:`scratch`, then :meth:`finish`."""
         staged = self.stage(topic, payload, now=now)
-        if isinstance(staged, IngestOutcome):
+        if not isinstance(staged, StagedUpdate):
             return staged
         return self.finish(staged, self.decode(staged, self.scratch), now=now)
 
-    def stage(self, topic: str, payload: bytes, *, now: float) -> StagedUpdate | IngestOutcome:
+    def stage(self, topic: str, payload: bytes, *, now: float) -> StagedUpdate | Pending | Rejected:
         """The checks of one packet that need no decoding (topic, envelope, chunks, header,
         authentication, model, shape, seq, rate, codec descriptor). Returns the outcome when the
         packet is a pending chunk or rejected, else the staged update.
@@ -268,17 +308,10 @@ class Ingest:
                     done = self._reassembler.add(chunk, source=parsed.device_id, now=now)
                 except ProtocolError as exc:
                     ends = exc.reason is RejectReason.BAD_CHECKSUM
-                    return IngestOutcome(
-                        OutcomeKind.REJECTED,
-                        exc.reason,
-                        exc.detail,
-                        chunk_key=chunk_key,
-                        completes=ends,
-                        release=not ends,
-                    )
+                    return Rejected(exc.reason, exc.detail, chunk_key, ends_message=ends)
                 if done is None:
                     is_late = self._reassembler.statistics().late_duplicates != late
-                    return IngestOutcome(OutcomeKind.PENDING, chunk_key=chunk_key, release=is_late)
+                    return Pending(chunk_key, hold=not is_late)
                 data = done.data
                 envelope = decode_envelope(data, max_payload=self._config.max_update_bytes)
                 if envelope.kind is not EnvelopeKind.UPDATE:
@@ -331,7 +364,7 @@ class Ingest:
         except EdgeflError as exc:
             return exc
 
-    def finish(self, staged: StagedUpdate, decoded: Decoded, *, now: float) -> IngestOutcome:
+    def finish(self, staged: StagedUpdate, decoded: Decoded, *, now: float) -> Accepted | Rejected:
         """Re-check seq and rate, then add the decoded update to the engine."""
         header = staged.header
         device, seq = header.device_id, header.seq
@@ -353,25 +386,11 @@ class Ingest:
         self._pending_seen.add((device, seq))
         if window is not None:
             window.append(now)
-        return IngestOutcome(
-            OutcomeKind.ACCEPTED,
-            header=header,
-            body=staged.body,
-            codec_json=staged.codec_json,
-            result=result,
-            chunk_key=staged.chunk_key,
-            completes=staged.chunk_key is not None,
-        )
+        return Accepted(header, staged.body, staged.codec_json, result, staged.chunk_key)
 
     @staticmethod
-    def _rejected(exc: EdgeflError, chunk_key: ChunkKey | None) -> IngestOutcome:
-        return IngestOutcome(
-            OutcomeKind.REJECTED,
-            exc.reason,
-            exc.detail,
-            chunk_key=chunk_key,
-            completes=chunk_key is not None,
-        )
+    def _rejected(exc: EdgeflError, chunk_key: ChunkKey | None) -> Rejected:
+        return Rejected(exc.reason, exc.detail, chunk_key, ends_message=chunk_key is not None)
 
     def _check_header(self, header: UpdateHeader, data: bytes) -> None:
         cfg = self._config
@@ -394,7 +413,8 @@ class Ingest:
 
     def _codec(self, codec: Mapping[str, Any]) -> tuple[CodecDescriptor, str]:
         """The validated descriptor and canonical JSON of a codec object, cached: a fleet uses
-        a handful of codec settings, and parsing one costs about as much as decoding 30 kB."""
+        a handful of codec settings, and parsing one costs about as much as decoding a small
+        body."""
         try:
             # the type is part of the key: True == 1 == 1.0 must not share an entry
             key = tuple(sorted((k, type(v).__name__, v) for k, v in codec.items()))

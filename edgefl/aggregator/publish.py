@@ -33,7 +33,16 @@ from edgefl.protocol import (
 from edgefl.protocol.messages import ArtifactInfo
 from edgefl.protocol.topics import ModelArtifact
 
-__all__ = ["ModelPackets", "RetainedChunks", "build_model_packets", "clear_packets"]
+__all__ = ["ModelPackets", "Release", "RetainedChunks", "build_model_packets", "clear_packets"]
+
+
+@dataclass(frozen=True)
+class Release:
+    """One committed model version to publish (``created_at``: wall-clock seconds)."""
+
+    version: int
+    created_at: float
+    weights: NDArray[np.float32]
 
 
 @dataclass(frozen=True)

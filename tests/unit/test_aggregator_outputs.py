@@ -14,8 +14,8 @@ from test_aggregator_service import (
     make_config,
     retained_model,
     run,
-    wait_for,
 )
+from waiting import eventually
 
 from edgefl.aggregator.updates import build_update_envelope
 from edgefl.codec import CodecConfig, Quantization
@@ -74,7 +74,7 @@ def test_signed_updates_are_authenticated_and_manifests_signed(tmp_path: Path) -
             assert s.applied == 1
             assert s.version == 1
             assert dict(s.rejected) == {"bad_signature": 2, "unknown_device": 1}
-            await wait_for(
+            await eventually(
                 lambda: (
                     decode_message(broker.retained()[manifest_topic(FLEET)], ModelManifest).version
                     == 1
@@ -100,8 +100,8 @@ def test_evaluation_and_onnx_publication(tmp_path: Path) -> None:
             await h.send("a", 1, 0, delta(1, scale=0.05))
             await h.until(lambda s: s.version == 1)
             # latest wins: version 0 may be skipped when version 1 arrives first
-            await wait_for(lambda: h.agg.history()[-1].accuracy is not None, 60)
-            await wait_for(
+            await eventually(lambda: h.agg.history()[-1].accuracy is not None, 60)
+            await eventually(
                 lambda: (
                     decode_message(broker.retained()[manifest_topic(FLEET)], ModelManifest).version
                     == 1

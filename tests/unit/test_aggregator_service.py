@@ -527,8 +527,9 @@ def test_large_updates_are_inflated_off_the_loop_and_give_the_same_step(tmp_path
             await h.until(lambda s: s.version == 1)
             s = h.stats()
             assert s.applied == 3
-            assert h.agg._inflater is not None
-            assert h.agg._inflater._threads
+            running = h.agg._running
+            assert running is not None
+            assert running.inflater._threads
             # a body whose zstd frame is cut short: refused by the bounded decompression
             whole = decode_envelope(
                 build_update_envelope(
