@@ -14,6 +14,7 @@ The table below must match ``[project.optional-dependencies]`` in pyproject.toml
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from types import ModuleType
 from typing import Final
 
@@ -22,6 +23,7 @@ from edgefl.clierror import ConfigError
 __all__ = [
     "DISTRIBUTION",
     "EXTRA_OF_MODULE",
+    "ensure_installed",
     "install_hint",
     "missing_extra_error",
     "require",
@@ -85,3 +87,22 @@ def require(module: str, *, feature: str) -> ModuleType:
         if err is None:  # a module missing *inside* the optional package: not ours to explain
             raise
         raise err from exc
+
+
+def ensure_installed(*modules: str, feature: str) -> None:
+    """Raise the one-line :class:`ConfigError` unless every optional ``module`` is installed.
+
+    Checks with :func:`importlib.util.find_spec`, without importing: for validating options at
+    start-up (``--publish-onnx`` needs torch and onnx) before anything is written or started.
+    """
+    for module in modules:
+        top = module.partition(".")[0]
+        extra = EXTRA_OF_MODULE.get(top)
+        if extra is None:
+            raise ValueError(f"{module!r} is not an optional dependency of {DISTRIBUTION}")
+        try:
+            found = importlib.util.find_spec(top) is not None
+        except (ImportError, ValueError):  # a finder that refuses it, or a broken module
+            found = False
+        if not found:
+            raise ConfigError(_message(top, extra, feature))

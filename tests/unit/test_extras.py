@@ -21,6 +21,7 @@ from edgefl.clierror import ConfigError, ExitCode
 from edgefl.extras import (
     DISTRIBUTION,
     EXTRA_OF_MODULE,
+    ensure_installed,
     install_hint,
     missing_extra_error,
     require,
@@ -190,6 +191,33 @@ def test_require_raises_a_config_error_for_a_missing_one(tmp_path: Path) -> None
         "the embedded broker needs the optional package 'amqtt', which is not installed: "
         "pip install 'edgefl-mqtt[broker]'"
     )
+
+
+def test_ensure_installed_passes_for_installed_packages() -> None:
+    ensure_installed("cryptography", "textual", feature="x")
+
+
+def test_ensure_installed_names_the_first_missing_extra(tmp_path: Path) -> None:
+    env = _blocked_env(tmp_path, ["onnx"])
+    probe = (
+        "import sys\n"
+        "from edgefl.extras import ensure_installed\n"
+        "from edgefl.clierror import ConfigError\n"
+        "try:\n"
+        "    ensure_installed('torch', 'onnx', feature='--publish-onnx')\n"
+        "except ConfigError as exc:\n"
+        "    print(exc.message)\n"
+        "print('torch' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "--publish-onnx needs the optional package 'onnx', which is not installed: "
+        "pip install 'edgefl-mqtt[onnx]'",
+        "False",  # checked without importing torch
+    ]
 
 
 def test_require_rejects_a_module_that_is_not_optional() -> None:
