@@ -89,20 +89,23 @@ def require(module: str, *, feature: str) -> ModuleType:
         raise err from exc
 
 
-def ensure_installed(*modules: str, feature: str) -> None:
+def ensure_installed(*modules: str, feature: str, extra: str | None = None) -> None:
     """Raise the one-line :class:`ConfigError` unless every optional ``module`` is installed.
 
     Checks with :func:`importlib.util.find_spec`, without importing: for validating options at
     start-up (``--publish-onnx`` needs torch and onnx) before anything is written or started.
+    ``extra`` names the extra to suggest when it is not the module's own (``edgefl sim`` needs
+    torch, scikit-learn and matplotlib: suggest ``sim``, which brings all of them).
     """
+    if extra is not None and extra not in set(EXTRA_OF_MODULE.values()) | {"dev"}:
+        raise ValueError(f"{extra!r} is not an extra of {DISTRIBUTION}")
     for module in modules:
         top = module.partition(".")[0]
-        extra = EXTRA_OF_MODULE.get(top)
-        if extra is None:
+        if top not in EXTRA_OF_MODULE:
             raise ValueError(f"{module!r} is not an optional dependency of {DISTRIBUTION}")
         try:
             found = importlib.util.find_spec(top) is not None
         except (ImportError, ValueError):  # a finder that refuses it, or a broken module
             found = False
         if not found:
-            raise ConfigError(_message(top, extra, feature))
+            raise ConfigError(_message(top, extra or EXTRA_OF_MODULE[top], feature))

@@ -220,6 +220,32 @@ def test_ensure_installed_names_the_first_missing_extra(tmp_path: Path) -> None:
     ]
 
 
+def test_ensure_installed_suggests_the_features_extra(tmp_path: Path) -> None:
+    env = _blocked_env(tmp_path, ["matplotlib"])
+    probe = (
+        "from edgefl.extras import ensure_installed\n"
+        "from edgefl.clierror import ConfigError\n"
+        "try:\n"
+        "    ensure_installed('torch', 'matplotlib', feature='edgefl sim', extra='sim')\n"
+        "except ConfigError as exc:\n"
+        "    print(exc.message)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=False
+    )
+    assert result.stdout.strip() == (
+        "edgefl sim needs the optional package 'matplotlib', which is not installed: "
+        "pip install 'edgefl-mqtt[sim]'"
+    )
+
+
+def test_ensure_installed_rejects_unknown_names() -> None:
+    with pytest.raises(ValueError, match="not an optional dependency"):
+        ensure_installed("numpy", feature="x")
+    with pytest.raises(ValueError, match="not an extra"):
+        ensure_installed("torch", feature="x", extra="gpu")
+
+
 def test_require_rejects_a_module_that_is_not_optional() -> None:
     with pytest.raises(ValueError, match="not an optional dependency"):
         require("numpy", feature="x")
