@@ -25,7 +25,7 @@ from device_agent.config import AgentConfig, ConfigError, DataKind
 
 __all__ = ["SECURITY_EXTRA_HINT", "check_files", "file_problems"]
 
-SECURITY_EXTRA_HINT = "install the security extra (pip install 'edgefl[security]') to check it"
+SECURITY_EXTRA_HINT = "install the security extra (pip install 'edgefl-mqtt[security]') to check it"
 """What to do when an Ed25519 key file is configured but ``cryptography`` is not installed."""
 
 _MAX_HEADER = 64 * 1024

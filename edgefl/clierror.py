@@ -151,6 +151,12 @@ def run_cli(invoke: Callable[[], object], *, prog: str = "edgefl") -> NoReturn:
     except Exception as exc:
         if _debug:
             traceback.print_exc()
+        from edgefl.extras import missing_extra_error
+
+        missing = missing_extra_error(exc)
+        if missing is not None:  # an optional package of an extra that is not installed
+            _fail(prog, missing.message, missing.exit_code)
+        if _debug:
             raise SystemExit(ExitCode.FAILURE) from None
         _fail(
             prog,

@@ -33,8 +33,10 @@ def _provision_module() -> ModuleType:
     except ModuleNotFoundError as exc:
         if exc.name != "cryptography":
             raise
+        from edgefl.extras import install_hint
+
         raise ConfigError(
-            "edgefl provision needs the 'cryptography' package: install the security extra"
+            f"edgefl provision needs the 'cryptography' package: {install_hint('security')}"
         ) from None
     return provision
 

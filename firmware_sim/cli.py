@@ -361,6 +361,17 @@ def _print(out: TextIO, text: str) -> None:
     out.flush()
 
 
+def _require_packages(dataset: str, *, report: bool, feature: str) -> None:
+    """The simulator trains with torch on a packaged dataset and plots with matplotlib: say
+    which extra to install (exit 78) before anything starts, not a traceback half-way."""
+    from edgefl.extras import ensure_installed
+
+    modules = ["torch", "sklearn" if dataset == "digits" else "mnist1d"]
+    if report:
+        modules.append("matplotlib")
+    ensure_installed(*modules, feature=feature, extra="sim")
+
+
 def sim_command(
     devices: Annotated[
         int, typer.Option("--devices", "-n", help="Number of simulated devices.")
@@ -482,6 +493,7 @@ def sim_command(
         _check_private_broker("--mode live", "auto")
     if report is not None:
         report = check.output_dir("--report", report)
+    _require_packages(config.dataset, report=report is not None, feature="edgefl sim")
 
     prog = "edgefl sim"
     with SignalStop() as stop, ProgressReporter(prog, target) as reporter:
@@ -596,6 +608,7 @@ def demo_command(
         _check_private_broker(f"--broker-kind {broker_kind}", broker_kind)
     check.number("--target", target, low=0.0, high=1.0)
     check.number("--max-time", max_time)
+    _require_packages(DEMO_CONFIG.dataset, report=True, feature="edgefl demo")
     options = replace(DEMO_OPTIONS, broker_url=broker, broker_kind=broker_kind)
     config = replace(DEMO_CONFIG, target=target, max_wall_s=max_time)
     with SignalStop() as stop:

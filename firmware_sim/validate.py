@@ -91,15 +91,14 @@ def parsed(option: str, value: str, parse: Callable[[str], T], forms: str) -> T:
 
 
 def broker_url(option: str, url: str) -> str:
-    """A broker URL the MQTT transport accepts (``mqtt://HOST[:PORT]``, ``mqtts://...``)."""
+    """A broker URL the MQTT transport accepts (``mqtt://HOST[:PORT]``, ``mqtts://``, ``ws://``,
+    ``wss://``)."""
     from edgefl.transport.config import MqttConfig
 
     try:
         MqttConfig.from_url(url)
     except ValueError as exc:
-        raise UsageError(
-            f"{option}: {exc}; expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]"
-        ) from None
+        raise UsageError(f"{option}: {exc}") from None
     return url
 
 

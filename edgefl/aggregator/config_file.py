@@ -448,7 +448,16 @@ def preflight(loaded: LoadedConfig) -> None:
     """Check what the service needs from the machine, creating nothing: the state directory is
     a writable directory, or can be created (its nearest existing parent is writable). Raises
     :class:`UsageError` naming ``--state-dir`` when the flag set it, else :class:`ConfigError`
-    naming ``state_dir``. (The other files were checked by the loader.)"""
+    naming ``state_dir``; and the optional packages the outputs need are installed
+    (:class:`ConfigError` naming the extra). (The other files were checked by the loader.)"""
+    from edgefl.extras import ensure_installed
+
+    config = loaded.aggregator
+    if config.publish_onnx:
+        ensure_installed("torch", "onnx", feature="outputs.publish_onnx", extra="onnx")
+    if config.eval_dataset is not None:
+        data_module = "sklearn" if config.eval_dataset == "digits" else "mnist1d"
+        ensure_installed("torch", data_module, feature="outputs.eval_dataset", extra="eval")
     problem = state_dir_problem(loaded.aggregator.state_dir)
     if problem is not None:
         source = loaded.sources.get("state_dir")

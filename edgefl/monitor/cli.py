@@ -331,7 +331,7 @@ def _run_interactive(options: MonitorOptions) -> None:
         from .tui import MonitorApp
     except ImportError as exc:  # textual is the `monitor` extra
         raise ConfigError(
-            f"the terminal UI needs textual ({exc}): pip install 'edgefl[monitor]';"
+            f"the terminal UI needs textual ({exc}): pip install 'edgefl-mqtt[monitor]';"
             " --once and --json work without it"
         ) from None
     # interactive: the screen comes up at once and the transport keeps reconnecting

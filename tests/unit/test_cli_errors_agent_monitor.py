@@ -438,4 +438,4 @@ def test_ed25519_keys_without_cryptography_name_the_extra(
     assert stop.value.code == 78
     assert "security.signing_key_file" in err
     assert "'cryptography'" in err
-    assert "edgefl[security]" in err
+    assert "edgefl-mqtt[security]" in err
