@@ -33,6 +33,7 @@ DISTRIBUTION: Final = "edgefl-mqtt"
 """The name on the package index (``edgefl`` there is an unrelated project)."""
 
 EXTRA_OF_MODULE: Final[dict[str, str]] = {
+    "prometheus_client": "aggregator",
     "torch": "train",
     "onnxruntime": "infer",
     "onnx": "onnx",

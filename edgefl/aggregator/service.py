@@ -40,6 +40,7 @@ import logging
 import time
 from collections.abc import Callable
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from edgefl.aggregation import FedBuff, FedBuffConfig, FedBuffState
 from edgefl.aggregator.batch import Batch, BatchBuilder, Ticket, checkpoint_bytes
@@ -47,7 +48,6 @@ from edgefl.aggregator.config import AggregatorConfig
 from edgefl.aggregator.engine import Engine
 from edgefl.aggregator.evaluation import Evaluator
 from edgefl.aggregator.ingest import Ingest, StagedUpdate
-from edgefl.aggregator.metrics import PrometheusExporter
 from edgefl.aggregator.publish import Release, RetainedChunks
 from edgefl.aggregator.publisher import Publisher
 from edgefl.aggregator.stats import AggregatorStatistics, VersionRecord
@@ -72,6 +72,9 @@ from edgefl.transport import (
     TransportError,
     Will,
 )
+
+if TYPE_CHECKING:
+    from edgefl.aggregator.metrics import PrometheusExporter
 
 __all__ = ["Aggregator", "OnVersion", "Phase"]
 
@@ -252,6 +255,8 @@ class Aggregator:
             if cfg.eval_dataset is not None:
                 evaluator = self._start_evaluator(restored, writer)
             if cfg.metrics_port is not None:
+                from edgefl.aggregator.metrics import PrometheusExporter  # [aggregator] extra
+
                 self._exporter = PrometheusExporter(lambda: self._stats_cache)
                 self._exporter.start(cfg.metrics_port, cfg.metrics_bind)
             running = self._start(restored, transport, writer, inflater, evaluator)
