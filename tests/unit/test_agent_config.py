@@ -164,7 +164,7 @@ def test_bad_url_names_key_and_value(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, MINIMAL), env={}, overrides={"broker.url": "http://x"})
     assert str(info.value).startswith(
-        "broker.url: expected mqtt:// or mqtts:// URL, got 'http://x'"
+        "broker.url: unsupported broker URL scheme 'http' in 'http://x' (use one of: mqtt,"
     )
     assert info.value.source == "command line"
 
