@@ -197,6 +197,7 @@ class _Counters:
     rejected: Counter[str] = field(default_factory=Counter)
     dropped: Counter[str] = field(default_factory=Counter)
     receipted: int = 0
+    resends: int = 0
     receipt_rejected: Counter[str] = field(default_factory=Counter)
 
 
@@ -349,7 +350,7 @@ class DeviceAgent:
             dropped=dict(counts.dropped),
             connections=counts.connections,
             awaiting_receipt=self._tracker.awaiting,
-            resends=self._tracker.resends,
+            resends=counts.resends,
             receipted=counts.receipted,
             receipt_rejected=dict(counts.receipt_rejected),
             receipts=self._receipts_active(),
@@ -703,7 +704,9 @@ class DeviceAgent:
         tracker.reconnected(self._clock())  # a new connection: resend what awaits, in order
         while True:
             self._wake.spool_changed.clear()
-            for seq in tracker.due([e.seq for e in spool.pending()], self._clock()):
+            spooled = [e.seq for e in spool.pending()]
+            tracker.prune(spooled)
+            for seq in tracker.due(spooled, self._clock()):
                 try:
                     async with store.lock:
                         payload = await asyncio.to_thread(spool.read, seq)
@@ -715,33 +718,35 @@ class DeviceAgent:
                 except KeyError:
                     continue  # settled by a receipt meanwhile
                 topic = update_topic(self._fleet, self._device, seq)
+                attempts = tracker.attempts(seq) + 1
                 for packet in packetize(payload, max_packet=max_packet):
                     await transport.publish(topic, packet, qos=1)
-                await self._delivered(seq, len(payload))
+                await self._delivered(seq, attempts, len(payload))
             next_due = tracker.next_due()
             wait = None if next_due is None else max(0.0, next_due - self._clock())
             await _first(self._wake.spool_changed.wait(), timeout=wait)
 
-    async def _delivered(self, seq: int, size: int) -> None:
-        """The broker acknowledged every packet of update ``seq``: delete it (no receipts) or
-        mark it awaiting its receipt (persisted, so a restart keeps it)."""
+    async def _delivered(self, seq: int, attempts: int, size: int) -> None:
+        """The broker acknowledged every packet of the ``attempts``-th send of update ``seq``:
+        delete it (no receipts) or mark it awaiting its receipt (persisted, so a restart keeps
+        it)."""
         store, tracker = self._durable, self._tracker
         keep = self._receipts_active() is not False
-        attempts = tracker.attempts(seq) + 1
-        async with store.lock:
+        async with store.lock:  # serialised with _on_receipt: both change spool and tracker
             if keep:
                 still_there = await asyncio.to_thread(store.spool.mark_sent, seq, attempts)
             else:
                 await asyncio.to_thread(store.spool.remove, seq)
                 still_there = None
-        if still_there is not None:
-            tracker.sent(seq, self._clock())
-        else:
-            tracker.forget(seq)
+            if still_there is not None:
+                tracker.sent(seq, self._clock())
+            else:
+                tracker.forget(seq)  # deleted (no receipts), or settled by a receipt meanwhile
         if attempts == 1:
             self._counts.updates_sent += 1
             log.info("%s: update %d delivered (%d B)", self._device, seq, size)
         else:
+            self._counts.resends += 1
             log.info("%s: update %d sent again (send %d)", self._device, seq, attempts)
         self._mark_dirty()
 
@@ -757,22 +762,21 @@ class DeviceAgent:
             self._reject(exc.reason, f"receipt: {exc.detail}")
             return
         store = self._durable
-        effect = self._tracker.on_receipt(
-            receipt, [e.seq for e in store.spool.pending()], self._clock()
-        )
-        if effect.settled:
-            async with store.lock:
-                for seq in effect.settled:
-                    await asyncio.to_thread(store.spool.remove, seq)
-        for seq, (how, reason) in effect.settled.items():
-            if how is Settlement.COMMITTED:
-                self._counts.receipted += 1
-                log.info("%s: update %d recorded by the aggregator", self._device, seq)
-            else:
-                self._counts.receipt_rejected[reason or "unknown"] += 1
-                log.warning(
-                    "%s: update %d refused by the aggregator: %s", self._device, seq, reason
-                )
+        async with store.lock:  # serialised with _delivered
+            effect = self._tracker.on_receipt(
+                receipt, [e.seq for e in store.spool.pending()], self._clock()
+            )
+            for seq, (how, reason) in effect.settled.items():
+                if how is Settlement.COMMITTED:
+                    self._counts.receipted += 1
+                    log.info("%s: update %d recorded by the aggregator", self._device, seq)
+                else:
+                    self._counts.receipt_rejected[reason or "unknown"] += 1
+                    log.warning(
+                        "%s: update %d refused by the aggregator: %s", self._device, seq, reason
+                    )
+            for seq in effect.settled:
+                await asyncio.to_thread(store.spool.remove, seq)
         if effect.settled or effect.resend_now:
             self._mark_dirty()
             self._wake.spool_changed.set()

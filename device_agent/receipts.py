@@ -150,6 +150,12 @@ class DeliveryTracker:
         """``seq`` left the spool (deleted, dropped as corrupt)."""
         self._awaiting.pop(seq, None)
 
+    def prune(self, spooled: Iterable[int]) -> None:
+        """Forget every seq that is no longer spooled."""
+        keep = set(spooled)
+        for seq in [s for s in self._awaiting if s not in keep]:
+            del self._awaiting[seq]
+
     def on_receipt(self, receipt: Receipt, spooled: Iterable[int], now: float) -> ReceiptEffect:
         """Apply a receipt to the spooled seqs: what to delete, what to resend at once. The
         settled seqs are forgotten here; the caller deletes them from the spool."""

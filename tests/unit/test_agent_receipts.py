@@ -195,23 +195,30 @@ async def test_awaiting_update_survives_a_restart_and_is_resent_at_once(tmp_path
 
 
 async def test_auto_mode_follows_the_aggregators_retained_server_state(tmp_path: Path) -> None:
-    # Arrange: an aggregator without receipts (protocol 1.0) holds the retained server state
+    # Arrange: an aggregator with receipts holds the retained server state
     cfg = receipts_config(tmp_path, ReceiptMode.AUTO)
     spool_updates(tmp_path, 1)
     broker = MemoryBroker()
-    broker.publish(server_state_topic(FLEET), server_state(()), 1, True)
+    broker.publish(server_state_topic(FLEET), server_state((FEATURE_RECEIPTS,)), 1, True)
     agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker))
     run = asyncio.create_task(agent.run())
 
-    # Act / Assert: today's behaviour, deleted once the broker acknowledged it
-    await eventually(lambda: agent.statistics().updates_sent == 1)
+    # Act 1: the update waits for its receipt
+    await eventually(lambda: agent.statistics().awaiting_receipt == 1)
+    assert agent.statistics().receipts is True
+    assert agent.statistics().spool_depth == 1
+    # Act 2: an aggregator without receipts (protocol 1.0) takes over: the broker's PUBACK
+    # counts again, as it did before receipts, so what awaits a receipt is deleted
+    broker.publish(server_state_topic(FLEET), server_state(()), 1, True)
     await eventually(lambda: agent.statistics().spool_depth == 0)
-    assert agent.statistics().receipts is False
-    # an aggregator with receipts takes over: a new update now waits for its receipt
-    broker.publish(server_state_topic(FLEET), server_state((FEATURE_RECEIPTS,)), 1, True)
-    await eventually(lambda: agent.statistics().receipts is True)
+    stats = agent.statistics()
     agent.stop()
     await run
+
+    # Assert
+    assert stats.receipts is False
+    assert stats.awaiting_receipt == 0
+    assert stats.updates_sent == 1
 
 
 async def test_receipts_must_be_signed_by_the_aggregator_when_signing_is_on(

@@ -143,3 +143,11 @@ def test_full_spool_refuses_new_updates_and_never_evicts_awaiting_ones(tmp_path:
             spool.put(spool.next_seq(), b"new", {})
         assert [m.seq for m in spool.awaiting()] == [0, 1]
         assert spool.statistics().rejected_full == 1
+
+
+def test_prune_forgets_updates_that_left_the_spool() -> None:
+    t = tracker()
+    for seq in (1, 2, 3):
+        t.sent(seq, now=0.0)
+    t.prune([2, 5])
+    assert (t.awaiting, t.is_awaiting(2)) == (1, True)
