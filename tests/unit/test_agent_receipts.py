@@ -7,21 +7,22 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import time
 from pathlib import Path
 
-import numpy as np
-from test_agent_runtime import DATA, FLEET, MODEL, SPEC, collect, factory, make_config, write_tree
+from receipt_helpers import (
+    DEVICE,
+    FLEET,
+    collect,
+    dataset,
+    factory,
+    receipts_config,
+    spool_updates,
+)
 from waiting import eventually
 
 from device_agent.agent import DeviceAgent
-from device_agent.config import AgentConfig, ReceiptMode, SecurityConfig, SpoolConfig
-from device_agent.release import model_release
+from device_agent.config import ReceiptMode, SecurityConfig
 from device_agent.spool import UpdateSpool
-from device_agent.trainer import TrainResult
-from device_agent.updates import build_update
-from edgefl.codec import CodecConfig, Quantization
-from edgefl.models.spec import init_weights_numpy
 from edgefl.protocol.messages import (
     FEATURE_RECEIPTS,
     DeviceState,
@@ -44,37 +45,7 @@ from edgefl.security import (
 )
 from edgefl.transport import MemoryBroker
 
-DEVICE = "pi-1"
-
-
-def receipts_config(tmp: Path, mode: ReceiptMode = ReceiptMode.ON) -> AgentConfig:
-    cfg = make_config(tmp)
-    write_tree(tmp / "fs", mains=False)  # on battery: only the spooled updates are sent
-    return dataclasses.replace(
-        cfg,
-        spool=SpoolConfig(receipts=mode, receipt_timeout_s=0.2, resend_max_s=0.2),
-    )
-
-
-def spool_updates(tmp: Path, n: int) -> None:
-    """``n`` real updates in the agent's spool, as after training offline."""
-    manifest = model_release(FLEET, 0, MODEL, init_weights_numpy(SPEC, 0)).manifest
-    rng = np.random.default_rng(0)
-    with UpdateSpool(tmp / "state/spool") as spool:
-        for _ in range(n):
-            seq = spool.next_seq()
-            built = build_update(
-                TrainResult(rng.normal(size=SPEC.num_params).astype(np.float32), 10),
-                manifest=manifest,
-                fleet=FLEET,
-                device_id=DEVICE,
-                seq=seq,
-                codec=CodecConfig(quantization=Quantization.FP32),
-                residual=None,
-                rng=rng,
-                created_at=time.time(),
-            )
-            spool.put(seq, built.envelope, {})
+DATA = dataset()
 
 
 def publish_receipt(
@@ -162,10 +133,7 @@ async def test_rejection_receipt_drops_the_update_and_stops_resends(tmp_path: Pa
 
 async def test_awaiting_update_survives_a_restart_and_is_resent_at_once(tmp_path: Path) -> None:
     # Arrange: a long timeout, so only the restart can cause the second send
-    cfg = receipts_config(tmp_path)
-    cfg = dataclasses.replace(
-        cfg, spool=SpoolConfig(receipts=ReceiptMode.ON, receipt_timeout_s=3600.0)
-    )
+    cfg = receipts_config(tmp_path, timeout_s=3600.0)
     spool_updates(tmp_path, 1)
     broker = MemoryBroker()
     updates, stop_observer = await collect(broker, updates_filter(FLEET))
