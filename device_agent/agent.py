@@ -11,9 +11,11 @@ Tasks (one ``asyncio.TaskGroup``):
   every retained ``DeviceState``. The transport reconnects by itself with jittered exponential
   backoff, but its Will is fixed at construction; so when it reconnects, the agent closes it
   cleanly (DISCONNECT: no Will) and opens a new one with the next session. Per connection:
-  *receiver* (retained manifest → fetch chunks → verify → swap), *sender* (spool in sequence
-  order, QoS 1, an entry is deleted only after the PUBACK of every packet), *state publisher*
-  (retained state after CONNACK and on every change, coalesced).
+  *receiver* (retained manifest → fetch chunks → verify → swap; receipts; the server state),
+  *sender* (spool in sequence order, QoS 1; without receipts an entry is deleted after the
+  PUBACK of every packet, with receipts it then awaits the aggregator's receipt and is resent
+  after a timeout with backoff, see :mod:`device_agent.receipts`), *state publisher* (retained
+  state after CONNACK and on every change, coalesced).
 * **eligibility** — a snapshot every ``probes.interval_s`` (or at once after
   :meth:`DeviceAgent.check_now`) through the :class:`EligibilityMonitor`; becoming ineligible
   aborts a running training.
@@ -44,12 +46,13 @@ from typing import Any
 import numpy as np
 
 from device_agent.agent_store import AgentStore
-from device_agent.config import AgentConfig
+from device_agent.config import AgentConfig, ReceiptMode
 from device_agent.dataset import LocalDataset, load_local_dataset
 from device_agent.eligibility import EligibilityMonitor
 from device_agent.fetch import ModelFetch, check_manifest_size
 from device_agent.model_store import CurrentModel
 from device_agent.notify import SystemdNotifier
+from device_agent.receipts import DeliveryTracker, ReceiptPolicy, Settlement
 from device_agent.snapshots import ProbeSnapshotSource, SnapshotSource
 from device_agent.spool import SpoolCorrupt, SpoolFull
 from device_agent.trainer import Trainer, TrainResult
@@ -69,15 +72,27 @@ from edgefl.auth import EnvelopeSigner, ManifestVerifier
 from edgefl.errors import EdgeflError, ProtocolError, RejectReason
 from edgefl.models.spec import ModelSpec, get_model_spec
 from edgefl.protocol.chunking import packetize
-from edgefl.protocol.messages import DeviceState, DeviceStatus, ModelManifest, decode_message
+from edgefl.protocol.messages import (
+    FEATURE_RECEIPTS,
+    DeviceState,
+    DeviceStatus,
+    ModelManifest,
+    Receipt,
+    ServerState,
+    decode_message,
+)
 from edgefl.protocol.messages import encode_message as encode_msg
 from edgefl.protocol.topics import (
     ModelChunkTopic,
     ModelManifestTopic,
+    ReceiptTopic,
+    ServerStateTopic,
     device_state_topic,
     manifest_topic,
     model_chunks_filter,
     parse_topic,
+    receipt_topic,
+    server_state_topic,
     update_topic,
 )
 from edgefl.transport import (
@@ -133,6 +148,11 @@ class AgentStatistics:
     rejected: dict[str, int]  # inbound rejections by RejectReason value
     dropped: dict[str, int]  # updates lost: spool_full, spool_corrupt, encode_failed
     connections: int
+    awaiting_receipt: int = 0  # spooled updates sent and waiting for the aggregator's receipt
+    resends: int = 0  # sends of an update after its first (timeouts, reconnects)
+    receipted: int = 0  # updates a receipt reported committed (and deleted)
+    receipt_rejected: dict[str, int] = field(default_factory=dict)  # by RejectReason value
+    receipts: bool | None = None  # receipts in use (None: "auto", server state not seen yet)
 
 
 def mqtt_transport_factory(config: AgentConfig) -> TransportFactory:
@@ -176,6 +196,9 @@ class _Counters:
     aborted: Counter[str] = field(default_factory=Counter)
     rejected: Counter[str] = field(default_factory=Counter)
     dropped: Counter[str] = field(default_factory=Counter)
+    receipted: int = 0
+    resends: int = 0
+    receipt_rejected: Counter[str] = field(default_factory=Counter)
 
 
 @dataclass
@@ -219,6 +242,7 @@ class _Credentials:
 
     signer: EnvelopeSigner | None = None
     verifier: ManifestVerifier | None = None
+    receipt_verifier: ManifestVerifier | None = None  # the aggregator's key, RECEIPT envelopes
 
 
 class DeviceAgent:
@@ -238,13 +262,15 @@ class DeviceAgent:
         transport_factory: TransportFactory | None = None,
         notifier: SystemdNotifier | None = None,
         max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES,
+        receipt_verifier: ManifestVerifier | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self._trainer = trainer
         self._snapshots: SnapshotSource = snapshots or ProbeSnapshotSource(config.probes)
         self._dataset = dataset
         self._executor = executor
-        self._credentials = _Credentials(signer, manifest_verifier)
+        self._credentials = _Credentials(signer, manifest_verifier, receipt_verifier)
         self._transport_factory = transport_factory or mqtt_transport_factory(config)
         self._notifier = _StatusNotifier(notifier if notifier is not None else SystemdNotifier())
         self._max_model_bytes = max_model_bytes
@@ -259,6 +285,12 @@ class DeviceAgent:
         self._wake = _Wakeups()
         self._started = False
         self._counts = _Counters()
+        self._clock = clock
+        spool_cfg = config.spool
+        self._tracker = DeliveryTracker(
+            ReceiptPolicy(spool_cfg.receipt_timeout_s, spool_cfg.resend_max_s)
+        )
+        self._server_receipts: bool | None = None  # from the retained server state ("auto")
 
     @property
     def _fleet(self) -> str:
@@ -317,6 +349,11 @@ class DeviceAgent:
             rejected=dict(counts.rejected),
             dropped=dict(counts.dropped),
             connections=counts.connections,
+            awaiting_receipt=self._tracker.awaiting,
+            resends=counts.resends,
+            receipted=counts.receipted,
+            receipt_rejected=dict(counts.receipt_rejected),
+            receipts=self._receipts_active(),
         )
 
     async def run(self) -> None:
@@ -379,6 +416,9 @@ class DeviceAgent:
         cfg = self.config
         self._store = AgentStore.open(cfg)
         self._model = self._store.models.load()
+        now = self._clock()
+        for mark in self._store.spool.awaiting():
+            self._tracker.restore(mark.seq, mark.attempts, now)
         if self._dataset is None:
             self._dataset = load_local_dataset(
                 cfg.data, cfg.training.holdout_fraction, cfg.device_id
@@ -396,6 +436,15 @@ class DeviceAgent:
             )
 
             creds.verifier = load_manifest_verifier(sec.aggregator_public_key_file)
+        if creds.receipt_verifier is None and sec.aggregator_public_key_file is not None:
+            from edgefl.protocol.envelope import EnvelopeKind
+            from edgefl.security import (  # type: ignore[import-not-found,unused-ignore]
+                Ed25519ManifestVerifier,
+                load_public_keys,
+            )
+
+            keys = load_public_keys(sec.aggregator_public_key_file)
+            creds.receipt_verifier = Ed25519ManifestVerifier(keys, kinds=(EnvelopeKind.RECEIPT,))
 
     # ------------------------------------------------------------------ presence
 
@@ -423,6 +472,8 @@ class DeviceAgent:
             updates_sent=self._counts.updates_sent,
             local_accuracy=self._counts.last_accuracy,
             profile=self.config.profile,
+            spool_depth=0 if self._store is None else len(self._store.spool),
+            awaiting_receipt=self._tracker.awaiting,
         )
 
     def _set_status(self, status: DeviceStatus) -> None:
@@ -441,6 +492,7 @@ class DeviceAgent:
             spool_depth=0 if self._store is None else len(self._store.spool),
             updates_sent=self._counts.updates_sent,
             reasons=self._reasons(),
+            awaiting_receipt=self._tracker.awaiting,
         )
 
     # ------------------------------------------------------------------ connection
@@ -540,6 +592,11 @@ class DeviceAgent:
     # ------------------------------------------------------------------ receiving models
 
     async def _receive(self, transport: Transport) -> None:
+        mode = self.config.spool.receipts
+        if mode is not ReceiptMode.OFF:
+            await transport.subscribe(receipt_topic(self._fleet, self._device), qos=1)
+        if mode is ReceiptMode.AUTO:
+            await transport.subscribe(server_state_topic(self._fleet), qos=1)
         await transport.subscribe(manifest_topic(self._fleet), qos=1)
         if self._fetch is not None:
             await transport.subscribe(model_chunks_filter(self._fleet, self._fetch.version))
@@ -562,6 +619,10 @@ class DeviceAgent:
             await self._on_manifest(transport, topic, message.payload)
         elif isinstance(topic, ModelChunkTopic):
             await self._on_chunk(topic, message.payload)
+        elif isinstance(topic, ReceiptTopic) and topic.device_id == self._device:
+            await self._on_receipt(topic, message.payload)
+        elif isinstance(topic, ServerStateTopic):
+            await self._on_server_state(topic, message.payload)
         else:
             self._reject(RejectReason.BAD_TOPIC, f"unexpected topic {message.topic}")
 
@@ -624,31 +685,123 @@ class DeviceAgent:
 
     # ------------------------------------------------------------------ sending updates
 
+    def _receipts_active(self) -> bool | None:
+        """Whether sent updates wait for receipts: the configured mode, or with ``auto`` what
+        the retained server state says (None until it was seen: keep them, to be safe)."""
+        match self.config.spool.receipts:
+            case ReceiptMode.ON:
+                return True
+            case ReceiptMode.OFF:
+                return False
+            case _:
+                return self._server_receipts
+
     async def _send_spool(self, transport: Transport) -> None:
         store = self._durable
         spool = store.spool
+        tracker = self._tracker
         max_packet = self.config.broker.max_packet
+        tracker.reconnected(self._clock())  # a new connection: resend what awaits, in order
         while True:
             self._wake.spool_changed.clear()
-            for entry in spool.pending():
+            spooled = [e.seq for e in spool.pending()]
+            tracker.prune(spooled)
+            for seq in tracker.due(spooled, self._clock()):
                 try:
                     async with store.lock:
-                        payload = await asyncio.to_thread(spool.read, entry.seq)
+                        payload = await asyncio.to_thread(spool.read, seq)
                 except SpoolCorrupt as exc:
+                    tracker.forget(seq)
                     self._counts.dropped[DropReason.SPOOL_CORRUPT.value] += 1
                     log.error("%s: %s", self._device, exc)
                     continue
                 except KeyError:
-                    continue
-                topic = update_topic(self._fleet, self._device, entry.seq)
+                    continue  # settled by a receipt meanwhile
+                topic = update_topic(self._fleet, self._device, seq)
+                attempts = tracker.attempts(seq) + 1
                 for packet in packetize(payload, max_packet=max_packet):
                     await transport.publish(topic, packet, qos=1)
-                async with store.lock:
-                    await asyncio.to_thread(spool.remove, entry.seq)
-                self._counts.updates_sent += 1
-                log.info("%s: update %d delivered (%d B)", self._device, entry.seq, len(payload))
-                self._mark_dirty()
-            await self._wake.spool_changed.wait()
+                await self._delivered(seq, attempts, len(payload))
+            next_due = tracker.next_due()
+            wait = None if next_due is None else max(0.0, next_due - self._clock())
+            await _first(self._wake.spool_changed.wait(), timeout=wait)
+
+    async def _delivered(self, seq: int, attempts: int, size: int) -> None:
+        """The broker acknowledged every packet of the ``attempts``-th send of update ``seq``:
+        delete it (no receipts) or mark it awaiting its receipt (persisted, so a restart keeps
+        it)."""
+        store, tracker = self._durable, self._tracker
+        keep = self._receipts_active() is not False
+        async with store.lock:  # serialised with _on_receipt: both change spool and tracker
+            if keep:
+                still_there = await asyncio.to_thread(store.spool.mark_sent, seq, attempts)
+            else:
+                await asyncio.to_thread(store.spool.remove, seq)
+                still_there = None
+            if still_there is not None:
+                tracker.sent(seq, self._clock())
+            else:
+                tracker.forget(seq)  # deleted (no receipts), or settled by a receipt meanwhile
+        if attempts == 1:
+            self._counts.updates_sent += 1
+            log.info("%s: update %d delivered (%d B)", self._device, seq, size)
+        else:
+            self._counts.resends += 1
+            log.info("%s: update %d sent again (send %d)", self._device, seq, attempts)
+        self._mark_dirty()
+
+    async def _on_receipt(self, topic: ReceiptTopic, payload: bytes) -> None:
+        """Delete the spooled updates a receipt settles; resend at once those it shows this
+        device missed a receipt for."""
+        try:
+            verifier = self._credentials.receipt_verifier
+            if verifier is not None:
+                verifier.verify(payload)
+            receipt = decode_message(payload, Receipt, topic=topic)
+        except EdgeflError as exc:
+            self._reject(exc.reason, f"receipt: {exc.detail}")
+            return
+        store = self._durable
+        async with store.lock:  # serialised with _delivered
+            effect = self._tracker.on_receipt(
+                receipt, [e.seq for e in store.spool.pending()], self._clock()
+            )
+            for seq, (how, reason) in effect.settled.items():
+                if how is Settlement.COMMITTED:
+                    self._counts.receipted += 1
+                    log.info("%s: update %d recorded by the aggregator", self._device, seq)
+                else:
+                    self._counts.receipt_rejected[reason or "unknown"] += 1
+                    log.warning(
+                        "%s: update %d refused by the aggregator: %s", self._device, seq, reason
+                    )
+            for seq in effect.settled:
+                await asyncio.to_thread(store.spool.remove, seq)
+        if effect.settled or effect.resend_now:
+            self._mark_dirty()
+            self._wake.spool_changed.set()
+
+    async def _on_server_state(self, topic: ServerStateTopic, payload: bytes) -> None:
+        """``auto`` receipts: follow the aggregator's ``features``. An aggregator without
+        receipts: what awaits one is deleted, as its PUBACK would have done (protocol 1.0)."""
+        try:
+            state = decode_message(payload, ServerState, topic=topic)
+        except EdgeflError as exc:
+            self._reject(exc.reason, f"server state: {exc.detail}")
+            return
+        supports = FEATURE_RECEIPTS in state.features
+        if supports == self._server_receipts:
+            return
+        self._server_receipts = supports
+        log.info("%s: the aggregator %s receipts", self._device, "sends" if supports else "has no")
+        if supports:
+            return
+        store = self._durable
+        async with store.lock:
+            for mark in store.spool.awaiting():
+                await asyncio.to_thread(store.spool.remove, mark.seq)
+                self._tracker.forget(mark.seq)
+        self._mark_dirty()
 
     # ------------------------------------------------------------------ eligibility
 

@@ -56,6 +56,7 @@ __all__ = [
     "DataConfig",
     "DataKind",
     "ProbeConfig",
+    "ReceiptMode",
     "SecurityConfig",
     "SpoolConfig",
     "TrainingIsolation",
@@ -301,19 +302,45 @@ class ProbeConfig:
             )
 
 
+class ReceiptMode(StrEnum):
+    """Whether the agent keeps a sent update until the aggregator's receipt (protocol 1.1)."""
+
+    AUTO = "auto"  # when the retained server state lists the "receipts" feature
+    ON = "on"  # always (an aggregator without receipts makes the spool fill up)
+    OFF = "off"  # never: delete on the broker's PUBACK (protocol 1.0 behaviour)
+
+
 @dataclass(frozen=True, slots=True)
 class SpoolConfig:
-    """Bounds of the on-disk update spool (``<state_dir>/spool``). When it is full, a new update
-    is dropped and counted (``spool_full``); the spooled ones are older but already paid for.
-    ``durable = false`` skips fsync (simulations on tmpfs only)."""
+    """Bounds of the on-disk update spool (``<state_dir>/spool``) and its receipts.
+
+    Full spool: a new update is refused and counted (``spool_full``); the spooled ones are
+    older but already paid for, and sent ones waiting for a receipt may be the only copy of an
+    update the broker acknowledged, so none is evicted.
+    ``durable = false`` skips fsync (simulations on tmpfs only).
+
+    Receipts (``receipts``, see :class:`ReceiptMode`): an update the broker acknowledged stays
+    in the spool until the aggregator's receipt names it; without one it is sent again after
+    ``receipt_timeout_s``, then after twice that, and so on up to ``resend_max_s`` between sends.
+    """
 
     max_entries: int = 1000
     max_bytes: int = 64 * 1024 * 1024
     durable: bool = True
+    receipts: ReceiptMode = ReceiptMode.AUTO
+    receipt_timeout_s: float = 120.0
+    resend_max_s: float = 3600.0
 
     def __post_init__(self) -> None:
         _check_int("spool.max_entries", self.max_entries, 1, 1_000_000)
         _check_int("spool.max_bytes", self.max_bytes, 1024, 2**40)
+        _check_float("spool.receipt_timeout_s", self.receipt_timeout_s, 0.01, 86400.0)
+        _check_float("spool.resend_max_s", self.resend_max_s, 0.01, 7 * 86400.0)
+        if self.resend_max_s < self.receipt_timeout_s:
+            raise ConfigError(
+                "spool.resend_max_s",
+                f"{self.resend_max_s} is below spool.receipt_timeout_s {self.receipt_timeout_s}",
+            )
 
 
 @dataclass(frozen=True, slots=True)

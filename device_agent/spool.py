@@ -1,8 +1,12 @@
 """Crash-safe on-disk spool of finished updates, and the codec's residual store.
 
-A finished update is written to the spool *before* it is published and leaves only after the
-broker acknowledged it (:meth:`UpdateSpool.remove`), so a device that is offline or restarts
-still delivers. Guarantees, given a filesystem that honours ``fsync``:
+A finished update is written to the spool *before* it is published. Without receipts it leaves
+after the broker acknowledged it (:meth:`UpdateSpool.remove`); with receipts (protocol 1.1) the
+agent marks it *sent, awaiting receipt* after the broker's acknowledgement
+(:meth:`UpdateSpool.mark_sent`, a small ``u-<seq>.sent`` file beside the entry holding the number
+of sends) and removes it only when the aggregator's receipt names it. So a device that is
+offline or restarts still delivers, and an update the broker lost after acknowledging it is
+sent again. Guarantees, given a filesystem that honours ``fsync``:
 
 * an entry is either completely there or not at all (temp file + ``fsync`` + ``os.replace`` +
   ``fsync`` of the directory); a crash mid-write leaves a ``*.tmp`` file that the next start
@@ -16,9 +20,13 @@ still delivers. Guarantees, given a filesystem that honours ``fsync``:
   :class:`SpoolFull` and counts it; the caller decides (drop the new one or evict the oldest);
 * one process at a time: an exclusive ``flock`` on ``<directory>/.lock`` (:class:`SpoolLocked`).
 
-Layout: ``u-<seq, 20 digits>.upd`` entries, ``next_seq`` counter, ``.lock``. Entry format (big
-endian): magic ``EFLSPL01``, u64 seq, f64 created (unix time), u32 meta length, u64 payload length,
-meta (UTF-8 JSON), payload, u32 CRC-32 of everything before it.
+* the awaiting state survives a restart: :meth:`UpdateSpool.awaiting` lists the entries marked
+  sent and how often; a mark without its entry (a crash between the two deletions) is removed at
+  start. Losing a mark only costs one early resend, which the aggregator de-duplicates.
+
+Layout: ``u-<seq, 20 digits>.upd`` entries, ``u-<seq>.sent`` marks, ``next_seq`` counter,
+``.lock``. Entry format (big endian): magic ``EFLSPL01``, u64 seq, f64 created (unix time), u32
+meta length, u64 payload length, meta (UTF-8 JSON), payload, u32 CRC-32 of everything before it.
 
 Not thread-safe; the methods block on disk I/O (use ``asyncio.to_thread`` from an event loop).
 """
@@ -41,6 +49,7 @@ from typing import Self
 
 __all__ = [
     "ResidualStore",
+    "SentMark",
     "SpoolCorrupt",
     "SpoolEntry",
     "SpoolError",
@@ -54,7 +63,7 @@ __all__ = [
 _MAGIC = b"EFLSPL01"
 _HEADER = struct.Struct(">8sQdIQ")  # magic, seq, created, meta_len, payload_len
 _CRC = struct.Struct(">I")
-_ENTRY_PREFIX, _ENTRY_SUFFIX = "u-", ".upd"
+_ENTRY_PREFIX, _ENTRY_SUFFIX, _SENT_SUFFIX = "u-", ".upd", ".sent"
 _COUNTER = "next_seq"
 _TMP_SUFFIX = ".tmp"
 
@@ -93,6 +102,16 @@ class SpoolEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class SentMark:
+    """An entry sent (and acknowledged by the broker) ``attempts`` times, last at ``sent_at``
+    (unix time), still waiting for the aggregator's receipt."""
+
+    seq: int
+    attempts: int
+    sent_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class SpoolStatistics:
     entries: int
     bytes: int
@@ -104,6 +123,7 @@ class SpoolStatistics:
     rejected_full: int
     torn_cleaned: int
     corrupt_dropped: int
+    awaiting: int = 0  # entries sent and waiting for a receipt
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -193,6 +213,7 @@ class UpdateSpool:
             self._lock_fd = None
             raise SpoolLocked(f"{directory} is in use by another process") from None
         self._entries: dict[int, SpoolEntry] = {}
+        self._sent: dict[int, SentMark] = {}
         self._bytes = 0
         self._puts = self._removed = self._rejected_full = 0
         self._torn_cleaned = self._corrupt_dropped = 0
@@ -285,8 +306,25 @@ class UpdateSpool:
             raise SpoolCorrupt(f"spool entry {seq} dropped: {exc}") from None
         return payload
 
+    def mark_sent(self, seq: int, attempts: int) -> SentMark | None:
+        """Record that entry ``seq`` was sent ``attempts`` times (the last send just acknowledged
+        by the broker) and now waits for a receipt. None (nothing written) when the entry is gone,
+        e.g. a receipt removed it while its publication was being acknowledged."""
+        if seq not in self._entries:
+            return None
+        mark = SentMark(seq, attempts, time.time())
+        text = json.dumps({"attempts": attempts, "sent_at": mark.sent_at})
+        _atomic_write(self._sent_path(seq), text.encode(), durable=self._durable)
+        self._sent[seq] = mark
+        return mark
+
+    def awaiting(self) -> list[SentMark]:
+        """Entries marked sent, waiting for a receipt, in sequence order."""
+        return [self._sent[seq] for seq in sorted(self._sent)]
+
     def remove(self, seq: int) -> bool:
-        """Delete entry ``seq`` (after the broker acknowledged it). False if it was not there."""
+        """Delete entry ``seq`` and its sent mark (after the broker's acknowledgement without
+        receipts, or the aggregator's receipt). False if it was not there."""
         entry = self._forget(seq)
         if entry is None:
             return False
@@ -309,6 +347,7 @@ class UpdateSpool:
             rejected_full=self._rejected_full,
             torn_cleaned=self._torn_cleaned,
             corrupt_dropped=self._corrupt_dropped,
+            awaiting=len(self._sent),
         )
 
     # -- internals --
@@ -316,14 +355,21 @@ class UpdateSpool:
     def _path(self, seq: int) -> Path:
         return self.directory / f"{_ENTRY_PREFIX}{seq:020d}{_ENTRY_SUFFIX}"
 
+    def _sent_path(self, seq: int) -> Path:
+        return self.directory / f"{_ENTRY_PREFIX}{seq:020d}{_SENT_SUFFIX}"
+
     def _forget(self, seq: int) -> SpoolEntry | None:
         entry = self._entries.pop(seq, None)
         if entry is not None:
             self._bytes -= entry.file_size
+        if self._sent.pop(seq, None) is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self._sent_path(seq).unlink()  # the mark first: an orphan entry is resent
         return entry
 
     def _scan(self) -> None:
         changed = False
+        marks: list[Path] = []
         for path in sorted(self.directory.iterdir()):
             name = path.name
             if name.endswith(_TMP_SUFFIX):
@@ -339,6 +385,15 @@ class UpdateSpool:
                 else:
                     self._entries[entry.seq] = entry
                     self._bytes += entry.file_size
+            elif name.startswith(_ENTRY_PREFIX) and name.endswith(_SENT_SUFFIX):
+                marks.append(path)
+        for path in marks:
+            mark = self._load_mark(path)
+            if mark is None or mark.seq not in self._entries:
+                path.unlink(missing_ok=True)  # orphaned (its entry was removed) or unreadable
+                changed = True
+            else:
+                self._sent[mark.seq] = mark
         if changed and self._durable:
             _fsync_dir(self.directory)
 
@@ -352,6 +407,18 @@ class UpdateSpool:
         if not digits.isdigit() or int(digits) != seq:
             return None
         return SpoolEntry(seq, meta, len(payload), len(data), created, path)
+
+    @staticmethod
+    def _load_mark(path: Path) -> SentMark | None:
+        digits = path.name[len(_ENTRY_PREFIX) : -len(_SENT_SUFFIX)]
+        try:
+            data = json.loads(path.read_bytes())
+            attempts, sent_at = int(data["attempts"]), float(data["sent_at"])
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
+        if not digits.isdigit() or attempts < 1:
+            return None
+        return SentMark(int(digits), attempts, sent_at)
 
     def _read_counter(self) -> int:
         try:

@@ -180,9 +180,14 @@ def status_line(
     spool_depth: int,
     updates_sent: int,
     reasons: Sequence[str],
+    awaiting_receipt: int = 0,
 ) -> str:
-    """systemd's one-line status, e.g. ``idle; model v3; connected; spool 0; sent 12``."""
+    """systemd's one-line status, e.g. ``idle; model v3; connected; spool 0; sent 12``
+    (``spool 3 (2 awaiting receipt)`` when sent updates wait for the aggregator's receipt)."""
     model = "no model" if model_version is None else f"model v{model_version}"
     link = "connected" if connected else "disconnected"
-    text = f"{status.value}; {model}; {link}; spool {spool_depth}; sent {updates_sent}"
+    spool = f"spool {spool_depth}"
+    if awaiting_receipt:
+        spool += f" ({awaiting_receipt} awaiting receipt)"
+    text = f"{status.value}; {model}; {link}; {spool}; sent {updates_sent}"
     return f"{text}; not eligible: {','.join(reasons)}" if reasons else text

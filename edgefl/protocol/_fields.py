@@ -58,9 +58,15 @@ def opt_number(
     return None if value is None else number(value, field, minimum=minimum, maximum=maximum)
 
 
+MAX_TIMESTAMP: Final = 4102444800.0
+"""2100-01-01T00:00:00Z: the largest timestamp a header keeps (larger ones are clamped to it)."""
+
+
 def timestamp(value: Any, field: str) -> float:
-    """Seconds since the Unix epoch (finite, >= 0)."""
-    return number(value, field, minimum=0.0)
+    """Seconds since the Unix epoch: finite and >= 0 (else BAD_HEADER), clamped to
+    ``MAX_TIMESTAMP``. Device clocks are untrusted (no RTC before NTP), so an absurd future time
+    is bounded, never a reason to reject."""
+    return min(number(value, field, minimum=0.0), MAX_TIMESTAMP)
 
 
 def text(value: Any, field: str, *, max_len: int = MAX_TEXT) -> str:

@@ -115,6 +115,7 @@ class EnvelopeKind(IntEnum):
     DEVICE_STATE = 5  # header DeviceState, empty payload
     SERVER_STATE = 6  # header ServerState, empty payload
     METRICS = 7  # header ServerMetrics, empty payload
+    RECEIPT = 8  # header Receipt, empty payload (protocol 1.1, PROTOCOL.md "Receipts")
 
 
 _KINDS: Final = frozenset(int(k) for k in EnvelopeKind)

@@ -17,10 +17,12 @@ construction; treat them as read-only.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
@@ -38,11 +40,13 @@ from .envelope import (
     encode_envelope,
 )
 from .topics import (
+    MAX_INT,
     DeviceStateTopic,
     ModelArtifact,
     ModelChunkTopic,
     ModelManifestTopic,
     ParsedTopic,
+    ReceiptTopic,
     ServerMetricsTopic,
     ServerStateTopic,
     TopicKind,
@@ -50,7 +54,11 @@ from .topics import (
 )
 
 __all__ = [
+    "FEATURE_RECEIPTS",
+    "MAX_CLOCK_AHEAD",
+    "MAX_TIMESTAMP",
     "MESSAGE_TYPES",
+    "PROTOCOL_REVISION",
     "TENSOR_DTYPES",
     "TOPIC_ENVELOPE_KINDS",
     "ArtifactInfo",
@@ -59,6 +67,7 @@ __all__ = [
     "Message",
     "ModelFormat",
     "ModelManifest",
+    "Receipt",
     "ServerMetrics",
     "ServerState",
     "ServerStatus",
@@ -66,6 +75,7 @@ __all__ = [
     "TrainingHints",
     "UpdateHeader",
     "check_topic",
+    "clamp_timestamp",
     "decode_message",
     "decode_update",
     "encode_message",
@@ -73,6 +83,30 @@ __all__ = [
     "layout_sha256",
     "message_from_envelope",
 ]
+
+PROTOCOL_REVISION: Final = "1.1"
+"""Revision of wire version 1 this module implements (PROTOCOL.md, "Versioning"): 1.1 added
+``RECEIPT``, ``ServerState.features`` and the spool fields of ``DeviceState``."""
+FEATURE_RECEIPTS: Final = "receipts"
+"""``ServerState.features`` entry of an aggregator that publishes receipts (PROTOCOL.md §4.6)."""
+MAX_TIMESTAMP: Final = f.MAX_TIMESTAMP
+"""Timestamps in headers are clamped to this (2100-01-01T00:00:00Z) when decoded."""
+MAX_CLOCK_AHEAD: Final = 86400.0
+"""How far ahead of the receiver's clock :func:`clamp_timestamp` lets a sender's time be."""
+
+
+def clamp_timestamp(value: float, *, now: float, max_ahead: float = MAX_CLOCK_AHEAD) -> float:
+    """A sender's timestamp as a receiver may store or show it: within ``[0, now + max_ahead]``.
+
+    Devices without a real-time clock report 1970 or a wildly wrong time until NTP syncs; their
+    timestamps are never a reason to reject a message (headers only bound them to
+    ``[0, MAX_TIMESTAMP]``), but what is stored or displayed must not claim a far future.
+    Non-finite input gives ``now``.
+    """
+    if not math.isfinite(value):
+        return now
+    return min(max(value, 0.0), max(now, 0.0) + max_ahead)
+
 
 TENSOR_DTYPES: Final = frozenset(
     {"float16", "float32", "float64", "int8", "uint8", "int16", "int32", "int64", "bool"}
@@ -378,10 +412,14 @@ class DeviceState(_Message):
     updates_sent: int = 0
     local_accuracy: float | None = None  # in [0, 1]
     profile: str | None = None  # device profile name, e.g. "phone"
+    spool_depth: int | None = None  # updates in the device's spool (1.1)
+    awaiting_receipt: int | None = None  # of those, sent and waiting for a receipt (1.1)
 
     def __post_init__(self) -> None:
         f.name(self.fleet, "fleet")
         f.name(self.device_id, "device_id")
+        f.opt_integer(self.spool_depth, "spool_depth")
+        f.opt_integer(self.awaiting_receipt, "awaiting_receipt")
         _set(self, "status", f.enum_value(DeviceStatus, self.status, "status"))
         f.integer(self.session, "session")
         _set(self, "at", f.timestamp(self.at, "at"))
@@ -417,9 +455,11 @@ class ServerState(_Message):
     started_at: float
     at: float
     rejected: Mapping[str, int] = field(default_factory=dict)
+    features: tuple[str, ...] = ()  # optional protocol features, e.g. ("receipts",) (1.1)
 
     def __post_init__(self) -> None:
         f.name(self.fleet, "fleet")
+        _set(self, "features", f.text_tuple(self.features, "features"))
         _set(self, "status", f.enum_value(ServerStatus, self.status, "status"))
         f.integer(self.session, "session")
         f.integer(self.version, "version")
@@ -481,13 +521,113 @@ class ServerMetrics(_Message):
 
 
 # ---------------------------------------------------------------------------------------------
+# receipts (protocol 1.1)
+
+SeqRange = tuple[int, int]
+
+
+def _seq_ranges(value: Any) -> tuple[SeqRange, ...]:
+    if not isinstance(value, list | tuple) or len(value) > f.MAX_ENTRIES:
+        raise f.bad("committed", f"expected a list of at most {f.MAX_ENTRIES} [lo, hi] ranges")
+    out: list[SeqRange] = []
+    for item in value:
+        if not isinstance(item, list | tuple) or len(item) != 2:
+            raise f.bad("committed", "each range is [lo, hi]")
+        lo, hi = f.integer(item[0], "committed lo"), f.integer(item[1], "committed hi")
+        if lo > hi or (out and lo <= out[-1][1] + 1):
+            raise f.bad("committed", "ranges must be ascending, disjoint and not adjacent")
+        out.append((lo, hi))
+    return tuple(out)
+
+
+def _rejections(value: Any) -> dict[int, str]:
+    if not isinstance(value, Mapping) or len(value) > f.MAX_ENTRIES:
+        raise f.bad("rejected", f"expected an object of at most {f.MAX_ENTRIES} entries")
+    out: dict[int, str] = {}
+    for key, reason in value.items():
+        if isinstance(key, str) and _CANONICAL_INT.fullmatch(key) is not None:
+            seq = f.integer(int(key), "rejected seq")
+        elif isinstance(key, int) and not isinstance(key, bool):
+            seq = f.integer(key, "rejected seq")
+        else:
+            raise f.bad("rejected", f"key {key!r:.40} is not a canonical seq")
+        out[seq] = f.text(reason, f"rejected[{key}]", max_len=64)
+    return dict(sorted(out.items()))
+
+
+_CANONICAL_INT: Final = re.compile(r"0|[1-9][0-9]{0,18}")
+
+
+@dataclass(frozen=True)
+class Receipt(_Message):
+    """Header of a RECEIPT envelope (retained on ``device/<id>/receipt``; PROTOCOL.md §4.6).
+
+    The aggregator publishes one per device per commit batch, after the batch committed:
+
+    * ``through``: the device's highest durably committed ``seq`` (None: nothing committed yet).
+      Every ``seq <= through`` is *settled*: committed, or refused for good if it ever arrives.
+    * ``committed``: the seqs committed by this batch (resends recognised as already committed
+      included), as ascending, disjoint, non-adjacent ``[lo, hi]`` ranges.
+    * ``rejected``: final rejections of this batch, ``{seq: RejectReason value}`` (unknown
+      reasons from newer aggregators are kept as text).
+
+    A device deletes the spooled updates that ``committed`` or ``rejected`` name. One it still
+    holds with ``seq <= through`` that the receipt does not name was settled by a receipt it
+    missed (or lost on the way): it resends it at once, and the aggregator answers with a
+    receipt naming it. Receipts state facts about ``(device, seq)`` pairs, which are never
+    reused, so a replayed or reordered receipt is harmless.
+    """
+
+    KIND: ClassVar[EnvelopeKind] = EnvelopeKind.RECEIPT
+    fleet: str
+    device_id: str
+    at: float
+    through: int | None = None
+    committed: tuple[SeqRange, ...] = ()
+    rejected: Mapping[int, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        f.name(self.fleet, "fleet")
+        f.name(self.device_id, "device_id")
+        _set(self, "at", f.timestamp(self.at, "at"))
+        f.opt_integer(self.through, "through")
+        _set(self, "committed", _seq_ranges(self.committed))
+        _set(self, "rejected", _rejections(self.rejected))
+        if self.committed and (self.through is None or self.through < self.committed[-1][1]):
+            raise f.bad("through", "lower than a committed seq")
+        both = [seq for seq in self.rejected if self.is_committed(seq)]
+        if both:
+            raise f.bad("rejected", f"seq {both[0]} is also committed")
+
+    def to_header(self) -> JSONObject:
+        header = self.to_json()
+        header.pop("committed", None)
+        header.pop("rejected", None)
+        if self.committed:
+            header["committed"] = [[lo, hi] for lo, hi in self.committed]
+        if self.rejected:
+            header["rejected"] = {str(seq): reason for seq, reason in self.rejected.items()}
+        return header
+
+    def is_committed(self, seq: int) -> bool:
+        """Whether this receipt names ``seq`` as committed."""
+        index = bisect.bisect_right(self.committed, (seq, MAX_INT)) - 1
+        return index >= 0 and self.committed[index][0] <= seq <= self.committed[index][1]
+
+    def settles(self, seq: int) -> bool:
+        """Whether ``seq`` is settled: ``seq <= through`` or named as rejected."""
+        return (self.through is not None and seq <= self.through) or seq in self.rejected
+
+
+# ---------------------------------------------------------------------------------------------
 # envelopes and topics
 
-Message = UpdateHeader | ModelManifest | DeviceState | ServerState | ServerMetrics
-M = TypeVar("M", UpdateHeader, ModelManifest, DeviceState, ServerState, ServerMetrics)
+Message = UpdateHeader | ModelManifest | DeviceState | ServerState | ServerMetrics | Receipt
+M = TypeVar("M", UpdateHeader, ModelManifest, DeviceState, ServerState, ServerMetrics, Receipt)
 
 MESSAGE_TYPES: Final[Mapping[EnvelopeKind, type[Message]]] = {
-    cls.KIND: cls for cls in (UpdateHeader, ModelManifest, DeviceState, ServerState, ServerMetrics)
+    cls.KIND: cls
+    for cls in (UpdateHeader, ModelManifest, DeviceState, ServerState, ServerMetrics, Receipt)
 }
 
 TOPIC_ENVELOPE_KINDS: Final[Mapping[TopicKind, frozenset[EnvelopeKind]]] = {
@@ -495,6 +635,7 @@ TOPIC_ENVELOPE_KINDS: Final[Mapping[TopicKind, frozenset[EnvelopeKind]]] = {
     TopicKind.MODEL_CHUNK: frozenset({EnvelopeKind.MODEL_CHUNK}),
     TopicKind.DEVICE_UPDATE: frozenset({EnvelopeKind.UPDATE, EnvelopeKind.UPDATE_CHUNK}),
     TopicKind.DEVICE_STATE: frozenset({EnvelopeKind.DEVICE_STATE}),
+    TopicKind.DEVICE_RECEIPT: frozenset({EnvelopeKind.RECEIPT}),
     TopicKind.SERVER_STATE: frozenset({EnvelopeKind.SERVER_STATE}),
     TopicKind.SERVER_METRICS: frozenset({EnvelopeKind.METRICS}),
 }
@@ -537,6 +678,8 @@ def check_topic(msg: Message, topic: ParsedTopic) -> None:
         case UpdateHeader(), UpdateTopic():
             mismatch |= (msg.device_id, msg.seq) != (topic.device_id, topic.seq)
         case DeviceState(), DeviceStateTopic():
+            mismatch |= msg.device_id != topic.device_id
+        case Receipt(), ReceiptTopic():
             mismatch |= msg.device_id != topic.device_id
         case ModelManifest(), ModelManifestTopic():
             pass

@@ -8,6 +8,7 @@ Every topic edgefl publishes lives under ``edgefl/v1/<fleet>/``::
     edgefl/v1/<fleet>/model/<version>/onnx/<chunk>    retained, QoS1   MODEL_CHUNK (ONNX graph)
     edgefl/v1/<fleet>/device/<id>/update/<seq>        QoS1             UPDATE or UPDATE_CHUNK
     edgefl/v1/<fleet>/device/<id>/state               retained + Will  DEVICE_STATE
+    edgefl/v1/<fleet>/device/<id>/receipt             retained, QoS1   RECEIPT (protocol 1.1)
     edgefl/v1/<fleet>/server/state                    retained + Will  SERVER_STATE
     edgefl/v1/<fleet>/server/metrics                  QoS0             METRICS
 
@@ -44,6 +45,7 @@ __all__ = [
     "ModelChunkTopic",
     "ModelManifestTopic",
     "ParsedTopic",
+    "ReceiptTopic",
     "ServerMetricsTopic",
     "ServerStateTopic",
     "TopicKind",
@@ -57,6 +59,8 @@ __all__ = [
     "model_chunk_topic",
     "model_chunks_filter",
     "parse_topic",
+    "receipt_topic",
+    "receipts_filter",
     "server_metrics_topic",
     "server_state_topic",
     "shared_subscription",
@@ -129,6 +133,7 @@ class TopicKind(StrEnum):
     MODEL_CHUNK = "model_chunk"
     DEVICE_UPDATE = "device_update"
     DEVICE_STATE = "device_state"
+    DEVICE_RECEIPT = "device_receipt"
     SERVER_STATE = "server_state"
     SERVER_METRICS = "server_metrics"
 
@@ -207,6 +212,22 @@ class DeviceStateTopic:
 
 
 @dataclass(frozen=True)
+class ReceiptTopic:
+    """``edgefl/v1/<fleet>/device/<id>/receipt`` (protocol 1.1)."""
+
+    kind: ClassVar[TopicKind] = TopicKind.DEVICE_RECEIPT
+    fleet: str
+    device_id: str
+
+    def __post_init__(self) -> None:
+        _validate_fields(self)
+
+    @property
+    def topic(self) -> str:
+        return receipt_topic(self.fleet, self.device_id)
+
+
+@dataclass(frozen=True)
 class ServerStateTopic:
     """``edgefl/v1/<fleet>/server/state``."""
 
@@ -241,6 +262,7 @@ ParsedTopic = (
     | ModelChunkTopic
     | UpdateTopic
     | DeviceStateTopic
+    | ReceiptTopic
     | ServerStateTopic
     | ServerMetricsTopic
 )
@@ -280,6 +302,12 @@ def device_state_topic(fleet: str, device: str) -> str:
     return f"{_fleet_root(fleet)}/device/{device_id(device)}/state"
 
 
+def receipt_topic(fleet: str, device: str) -> str:
+    """``edgefl/v1/<fleet>/device/<id>/receipt`` (retained, QoS1, published by the aggregator
+    only; the device reads its own)."""
+    return f"{_fleet_root(fleet)}/device/{device_id(device)}/receipt"
+
+
 def server_state_topic(fleet: str) -> str:
     """``edgefl/v1/<fleet>/server/state`` (retained, QoS1, also the aggregator's Last Will)."""
     return f"{_fleet_root(fleet)}/server/state"
@@ -303,6 +331,11 @@ def updates_filter(fleet: str, *, device: str | None = None) -> str:
 def device_states_filter(fleet: str) -> str:
     """Every device state of a fleet: ``edgefl/v1/<fleet>/device/+/state``."""
     return f"{_fleet_root(fleet)}/device/+/state"
+
+
+def receipts_filter(fleet: str) -> str:
+    """Every device's receipt of a fleet: ``edgefl/v1/<fleet>/device/+/receipt``."""
+    return f"{_fleet_root(fleet)}/device/+/receipt"
 
 
 def model_chunks_filter(fleet: str, version: int) -> str:
@@ -400,6 +433,8 @@ def _parse_fleet_levels(fleet: str, rest: list[str], text: str) -> ParsedTopic |
                 device = device_id(rest[1])
                 if n == 3 and rest[2] == "state":
                     return DeviceStateTopic(fleet, device)
+                if n == 3 and rest[2] == "receipt":
+                    return ReceiptTopic(fleet, device)
                 if n == 4 and rest[2] == "update":
                     return UpdateTopic(fleet, device, _parse_int(rest[3], text, "update seq"))
         case "server":

@@ -39,6 +39,8 @@ from edgefl.protocol.topics import (
     device_state_topic,
     manifest_topic,
     model_chunk_topic,
+    receipt_topic,
+    receipts_filter,
     server_state_topic,
     update_topic,
     updates_filter,
@@ -265,6 +267,30 @@ async def test_device_cannot_read_other_devices_updates(fleet: SecureFleet) -> N
             await b.subscribe(updates_filter(FLEET))
         await a.publish(update_topic(FLEET, "dev-a", 1), b"private", qos=1)
         assert await _collect(b, 0.5) == []
+
+
+async def test_only_the_aggregator_publishes_receipts_and_each_device_reads_only_its_own(
+    fleet: SecureFleet,
+) -> None:
+    own, other = receipt_topic(FLEET, "dev-a"), receipt_topic(FLEET, "dev-b")
+    agg_cfg = fleet.config("aggregator", client_id="agg-receipts")
+    async with (
+        MqttTransport(agg_cfg) as agg,
+        MqttTransport(fleet.config("dev-a")) as a,
+        MqttTransport(fleet.config("dev-b")) as b,
+    ):
+        await agg.subscribe(receipts_filter(FLEET))
+        await a.subscribe(own)
+        with contextlib.suppress(BrokerRefused):  # granted, but "read" is checked on delivery
+            await b.subscribe(own)
+        # devices cannot forge receipts, not even their own
+        for topic in (own, other):
+            with contextlib.suppress(BrokerRefused):
+                await a.publish(topic, b"forged", qos=1)
+        await agg.publish(own, b"genuine", qos=1)
+        assert [(m.topic, m.payload) for m in await _collect(a, 0.5)] == [(own, b"genuine")]
+        assert [m.payload for m in await _collect(agg, 0.3)] == [b"genuine"]  # no forgery
+        assert await _collect(b, 0.3) == []
 
 
 async def test_device_reads_its_fleets_models_and_verifies_the_signature(

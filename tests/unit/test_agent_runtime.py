@@ -26,7 +26,9 @@ from device_agent.config import (
     DataConfig,
     DataKind,
     ProbeConfig,
+    ReceiptMode,
     SecurityConfig,
+    SpoolConfig,
 )
 from device_agent.dataset import LocalDataset
 from device_agent.eligibility import EligibilityPolicy, MeteredSource
@@ -95,6 +97,7 @@ def make_config(tmp: Path) -> AgentConfig:
         ),
         eligibility=EligibilityPolicy(),
         state_dir=tmp / "state",
+        spool=SpoolConfig(receipts=ReceiptMode.OFF),  # protocol 1.0: no aggregator here
     )
 
 

@@ -1,0 +1,135 @@
+"""Helpers shared by the receipt tests (unit and integration): an agent configuration on a fake
+sysfs tree, real spooled updates, and MemoryBroker plumbing."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import numpy as np
+from sklearn.datasets import load_digits
+
+from device_agent.config import (
+    AgentConfig,
+    BrokerConfig,
+    DataConfig,
+    DataKind,
+    ProbeConfig,
+    ReceiptMode,
+    SpoolConfig,
+)
+from device_agent.dataset import LocalDataset
+from device_agent.eligibility import EligibilityPolicy, MeteredSource
+from device_agent.release import model_release
+from device_agent.spool import UpdateSpool
+from device_agent.trainer import TrainResult
+from device_agent.updates import build_update
+from edgefl.codec import CodecConfig, Quantization
+from edgefl.models.spec import get_model_spec, init_weights_numpy
+from edgefl.transport import InboundMessage, MemoryBroker, MemoryTransport, OnConnect, Will
+
+FLEET, DEVICE, MODEL = "farm", "pi-1", "digits-mlp"
+SPEC = get_model_spec(MODEL)
+
+
+def write_tree(root: Path) -> None:
+    """A fake /proc + /sys of a device on battery: it never trains, it only sends its spool."""
+    (root / "proc").mkdir(parents=True, exist_ok=True)
+    (root / "proc/loadavg").write_text("0.00 0.00 0.00 1/100 1\n")
+    (root / "proc/cpuinfo").write_text("processor : 0\nprocessor : 1\n")
+    ac = root / "sys/class/power_supply/AC"
+    bat = root / "sys/class/power_supply/BAT0"
+    for d in (ac, bat):
+        d.mkdir(parents=True, exist_ok=True)
+    (ac / "type").write_text("Mains\n")
+    (ac / "online").write_text("0\n")
+    (bat / "type").write_text("Battery\n")
+    (bat / "status").write_text("Discharging\n")
+    (bat / "capacity").write_text("90\n")
+    zone = root / "sys/class/thermal/thermal_zone0"
+    zone.mkdir(parents=True, exist_ok=True)
+    (zone / "temp").write_text("40000\n")
+
+
+def dataset() -> LocalDataset:
+    d = load_digits()
+    x = (d.data[:200] / 16.0).astype(np.float32)
+    return LocalDataset.split(x, d.target[:200].astype(np.int64), 0.2, seed=3)
+
+
+def receipts_config(
+    tmp: Path,
+    mode: ReceiptMode = ReceiptMode.ON,
+    *,
+    url: str = "mqtt://127.0.0.1:1",
+    timeout_s: float = 0.2,
+    reconnect_max_s: float = 30.0,
+) -> AgentConfig:
+    """An agent on battery (only its spool is sent) with receipts ``mode``, a short timeout."""
+    write_tree(tmp / "fs")
+    return AgentConfig(
+        broker=BrokerConfig(url, reconnect_max_s=reconnect_max_s),
+        fleet=FLEET,
+        device_id=DEVICE,
+        data=DataConfig(kind=DataKind.NPZ, path=tmp / "unused.npz"),
+        probes=ProbeConfig(
+            root=tmp / "fs", metered=MeteredSource.NO, throttle=False, interval_s=1.0
+        ),
+        eligibility=EligibilityPolicy(),
+        state_dir=tmp / "state",
+        spool=SpoolConfig(
+            receipts=mode, receipt_timeout_s=timeout_s, resend_max_s=max(timeout_s, 0.2)
+        ),
+    )
+
+
+def spool_updates(tmp: Path, n: int) -> None:
+    """``n`` real updates in the agent's spool, as after training offline."""
+    manifest = model_release(FLEET, 0, MODEL, init_weights_numpy(SPEC, 0)).manifest
+    rng = np.random.default_rng(0)
+    with UpdateSpool(tmp / "state/spool") as spool:
+        for _ in range(n):
+            seq = spool.next_seq()
+            built = build_update(
+                TrainResult(rng.normal(size=SPEC.num_params).astype(np.float32), 10),
+                manifest=manifest,
+                fleet=FLEET,
+                device_id=DEVICE,
+                seq=seq,
+                codec=CodecConfig(quantization=Quantization.FP32),
+                residual=None,
+                rng=rng,
+                created_at=time.time(),
+            )
+            spool.put(seq, built.envelope, {})
+
+
+def factory(broker: MemoryBroker):  # type: ignore[no-untyped-def]
+    def make(will: Will, on_connect: OnConnect) -> MemoryTransport:
+        return MemoryTransport(broker, DEVICE, will=will, on_connect=on_connect)
+
+    return make
+
+
+async def collect(
+    broker: MemoryBroker, topic_filter: str
+) -> tuple[list[InboundMessage], Callable[[], Awaitable[None]]]:
+    """Subscribe an observer; returns the list it fills and a function that stops it."""
+    observer = MemoryTransport(broker, "observer")
+    await observer.connect()
+    await observer.subscribe(topic_filter)
+    seen: list[InboundMessage] = []
+
+    async def pump() -> None:
+        async for message in observer.messages():
+            seen.append(message)
+
+    task = asyncio.create_task(pump())
+
+    async def stop() -> None:
+        await observer.close()
+        await task
+
+    return seen, stop
