@@ -13,6 +13,10 @@ warning plus an ERROR with a full traceback ("Task failed and will be skipped") 
 
 What this module changes, for brokers it starts only (no global patching):
 
+* :class:`EdgeflAmqttBroker` sends the retained messages of a new subscription without blocking
+  the subscriber's message loop until their PUBACKs (amqtt awaits them there: a device holding
+  the retained model's acknowledgement stalled for 5 s per subscription, and the unretrieved
+  timeouts were the "Task exception was never retrieved" reports).
 * :class:`EdgeflBrokerHandler` waits for a PUBACK as long as the connection lives, as MQTT 3.1.1
   section 4.4 asks (no in-session retransmission timer; keep-alive detects dead clients), and
   bounds the QoS 1/2 messages in flight per client to :data:`INFLIGHT_WINDOW` (Mosquitto's
@@ -118,6 +122,45 @@ class EdgeflBrokerHandler(BrokerProtocolHandler):  # type: ignore[misc]
 class EdgeflAmqttBroker(Broker):  # type: ignore[misc]
     """amqtt's :class:`~amqtt.broker.Broker` whose client connections use
     :class:`EdgeflBrokerHandler`."""
+
+    _retained_sends: set[asyncio.Task[Any]] | None = None
+    retained_send_failures: Counter[str] | None = None
+
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Any
+    ) -> None:
+        """Send the retained messages matching a new subscription without waiting for their
+        PUBACKs. amqtt awaits them inside the client's message loop, so a client that holds
+        the acknowledgement of a retained message (a device holds the retained global model
+        until it has used it) blocks the broker from reading that client's own publishes: up
+        to amqtt's 5 s timeout (then "Task exception was never retrieved"), forever without it.
+        """
+        handler = self._get_handler(session)
+        if handler is None:
+            return
+        if self._retained_sends is None:
+            self._retained_sends = set()
+            self.retained_send_failures = Counter()
+        topic_filter, qos = subscription
+        for topic, retained in list(self._retained_messages.items()):
+            if not self._matches(topic, topic_filter):
+                continue
+            task = asyncio.create_task(
+                handler.mqtt_publish(
+                    retained.topic, retained.data, min(qos, retained.qos or qos), retain=True
+                )
+            )
+            self._retained_sends.add(task)
+            task.add_done_callback(self._retained_send_done)
+
+    def _retained_send_done(self, task: asyncio.Task[Any]) -> None:
+        if self._retained_sends is not None:
+            self._retained_sends.discard(task)
+        if task.cancelled() or self.retained_send_failures is None:
+            return  # the connection ended
+        exc = task.exception()
+        if exc is not None:
+            self.retained_send_failures[type(exc).__name__] += 1
 
     async def _initialize_client_session(
         self, reader: Any, writer: Any, remote_address: str, remote_port: int

@@ -147,20 +147,25 @@ def test_signal_stops_the_broker_cleanly(kind: str, sig: signal.Signals, tmp_pat
 
 
 @pytest.mark.timeout(90)
-def test_embedded_broker_waits_for_late_acknowledgements() -> None:
+def test_embedded_broker_serves_a_subscriber_that_acknowledges_late() -> None:
     """A manual-ack subscriber holds its acknowledgements past amqtt's 5 s PUBACK timeout (as
-    the aggregator does until its SQLite commit): every message arrives once, the broker logs
-    nothing, and delivery goes on afterwards."""
+    the aggregator does until its SQLite commit), including that of a retained message (as a
+    device holds the retained model until it takes it): every message arrives once, the
+    subscriber's own publishes go through while it holds them, the broker logs nothing, and
+    delivery goes on afterwards."""
     held_for = 6.0  # amqtt 0.12 gives up on a PUBACK after 5 s
     publishers, per_publisher = 3, 10
 
-    async def scenario(url: str) -> tuple[list[str], list[str]]:
+    async def scenario(url: str) -> tuple[list[str], str, list[str]]:
         sub_cfg = MqttConfig.from_url(
             url, client_id="late-acker", manual_ack=True, persistent_session=True,
             start_timeout=10.0, protocol_probe_timeout=0.5, max_queued_messages=1000,
         )  # fmt: skip
         pub_cfg = MqttConfig.from_url(url, start_timeout=10.0, protocol_probe_timeout=0.5)
-        async with MqttTransport(sub_cfg) as sub:
+        async with MqttTransport(pub_cfg) as pub:
+            await pub.publish("late/model", b"model", retain=True)
+        async with MqttTransport(sub_cfg) as sub, MqttTransport(pub_cfg) as watcher:
+            await watcher.subscribe("echo/#")
             await sub.subscribe("late/#")
 
             async def publish(i: int) -> None:
@@ -175,8 +180,12 @@ def test_embedded_broker_waits_for_late_acknowledgements() -> None:
                 async with asyncio.timeout(30):
                     async for message in sub.messages():
                         held.append(message)
-                        if len(held) == publishers * per_publisher:
+                        if len(held) == publishers * per_publisher + 1:
                             break
+            # While holding every acknowledgement, the subscriber's own publish goes through.
+            await sub.publish("echo/1", b"echo")
+            async with asyncio.timeout(30):
+                echo = (await anext(watcher.messages())).payload.decode()
             await asyncio.sleep(held_for)  # the aggregator's commit, made long
             await sub.ack_many(held)
             async with MqttTransport(pub_cfg) as pub:
@@ -187,19 +196,17 @@ def test_embedded_broker_waits_for_late_acknowledgements() -> None:
                     await sub.ack(message)
                     after.append(message.payload.decode())
                     break
-            return [m.payload.decode() for m in held], after
+            return [m.payload.decode() for m in held], echo, after
 
     with ThreadedEmbeddedBroker() as broker:
-        held, after = asyncio.run(scenario(broker.url))
+        held, echo, after = asyncio.run(scenario(broker.url))
         log_counts = dict(broker.embedded.log_counts.counts)
-        loop_errors = {
-            k: n
-            for k, n in broker.embedded.loop_errors.counts.items()
-            if "client_connected" not in k
-        }
+        errors = broker.embedded.loop_errors.counts
+        loop_errors = {k: n for k, n in errors.items() if "client_connected" not in k}
 
     expected = sorted(f"{i}-{j}" for i in range(publishers) for j in range(per_publisher))
-    assert sorted(held) == expected  # each exactly once
+    assert sorted(held) == sorted([*expected, "model"])  # each exactly once
+    assert echo == "echo"
     assert after == ["after"]
     assert log_counts == {}  # no "Timeout waiting for PUBACK", no "Task failed"
     assert loop_errors == {}
