@@ -57,6 +57,10 @@ __all__ = [
 INFLIGHT_WINDOW = 1000
 """QoS 1/2 messages the broker sends to one client before waiting for acknowledgements."""
 
+LIVENESS_CHECK_S = 5.0
+"""While waiting for a PUBACK, how often to check that the connection still lives (a publish
+that raced with a disconnect would otherwise wait forever)."""
+
 _AMQTT_LOGGERS = ("amqtt", "transitions")
 
 
@@ -112,11 +116,20 @@ class EdgeflBrokerHandler(BrokerProtocolHandler):  # type: ignore[misc]
         try:
             await self._send_packet(publish_packet)
             app_message.publish_packet = publish_packet
-            # No timeout: the waiter is cancelled when the connection ends (handler.stop).
-            app_message.puback_packet = await waiter
+            # No timeout while the connection lives: handler.stop cancels the waiter; a publish
+            # that raced with the end of the connection is noticed by the liveness check.
+            while not waiter.done():
+                await asyncio.wait({waiter}, timeout=LIVENESS_CHECK_S)
+                if not waiter.done() and not self._connection_alive():
+                    waiter.cancel()
+            app_message.puback_packet = waiter.result()  # CancelledError: connection ended
         finally:
             self._puback_waiters.pop(packet_id, None)
             session.inflight_out.pop(packet_id, None)
+
+    def _connection_alive(self) -> bool:
+        reader = getattr(self, "_reader_task", None)
+        return reader is not None and not reader.done()
 
 
 class EdgeflAmqttBroker(Broker):  # type: ignore[misc]
