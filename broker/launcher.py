@@ -5,7 +5,13 @@
   directory. It waits until the broker accepts connections and can stop (SIGTERM: the database is
   saved), kill (SIGKILL: like a crash), save (SIGUSR1) and restart on the same port.
 * :class:`EmbeddedBroker` runs amqtt inside the current asyncio loop: zero setup, MQTT 3.1.1 only,
-  anonymous, no persistence. amqtt's chatty logging is silenced unless ``quiet=False``.
+  anonymous, no persistence. It uses :mod:`broker.amqtt_broker` (no 5 s PUBACK timeout, an
+  in-flight window per client); amqtt's logging is contained (each kind of record shown once, as
+  one line) unless ``quiet=False``. :class:`ThreadedEmbeddedBroker` runs it on its own loop in a
+  thread (``edgefl demo`` runs that in a child process).
+
+``amqtt`` is an optional dependency, imported only when an embedded broker starts; without it
+:class:`EmbeddedBrokerUnavailable` says which extra to install.
 """
 
 from __future__ import annotations
@@ -39,8 +45,34 @@ _EXTRA_BIN_DIRS = (
 _PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
 
 
+EMBEDDED_EXTRA_HINT = "pip install 'edgefl-mqtt[broker]'"
+"""How to install the embedded broker's dependency (the ``broker`` extra)."""
+
+
 class BrokerStartError(RuntimeError):
     """The broker process exited or did not accept connections in time."""
+
+
+class EmbeddedBrokerUnavailable(BrokerStartError):
+    """``amqtt`` (the embedded broker's optional dependency) is not installed."""
+
+
+class PortInUse(BrokerStartError):
+    """The requested listener address is taken (or cannot be bound)."""
+
+
+def _import_amqtt_broker() -> Any:
+    """:mod:`broker.amqtt_broker`, or :class:`EmbeddedBrokerUnavailable` naming the extra."""
+    try:
+        import amqtt  # noqa: F401
+    except ImportError:
+        raise EmbeddedBrokerUnavailable(
+            f"the embedded broker needs amqtt, which is not installed: {EMBEDDED_EXTRA_HINT} "
+            "(or install Mosquitto)"
+        ) from None
+    from broker import amqtt_broker
+
+    return amqtt_broker
 
 
 def find_mosquitto() -> Path | None:
@@ -193,7 +225,7 @@ class MosquittoBroker:
 
     def _spawn(self, timeout: float) -> None:
         if _accepts(self.host, self.port):  # else we would mistake another broker for ours
-            raise BrokerStartError(f"port {self.port} is already in use (Address already in use)")
+            raise PortInUse(f"port {self.port} is already in use (Address already in use)")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(self.render())
         if self.log_to_console:
@@ -307,6 +339,8 @@ class EmbeddedBroker:
         self.port = free_port(self.host) if self._auto_port else int(port or 0)
         self.quiet = quiet
         self._broker: Any = None
+        self.log_counts: Any = None  # amqtt_broker.OncePerKind once started quietly
+        self.loop_errors: Any = None  # amqtt_broker.AmqttExceptionHandler once started quietly
 
     @property
     def url(self) -> str:
@@ -320,23 +354,33 @@ class EmbeddedBroker:
         """Start listening; returns the URL."""
         if self._broker is not None:
             return self.url
-        if self.quiet:
-            quiet_amqtt_logging()
-        from amqtt.broker import Broker  # imported lazily: amqtt is slow to import
+        amqtt_broker = _import_amqtt_broker()  # lazily: amqtt is optional and slow to import
         from amqtt.errors import BrokerError
 
+        if self.quiet:
+            quiet_amqtt_logging()
+            self.log_counts = amqtt_broker.contain_amqtt_logging()
+            self.loop_errors = amqtt_broker.AmqttExceptionHandler.install(
+                asyncio.get_running_loop()
+            )
         attempts = 3 if self._auto_port else 1
         for attempt in range(attempts):
-            broker = Broker(self._amqtt_config())
-            try:
-                await broker.start()
-            except BrokerError:
-                if attempt + 1 == attempts:
-                    raise
-                self.port = free_port(self.host)
-                continue
-            self._broker = broker
-            return self.url
+            if _accepts(self.host, self.port):
+                error: BrokerStartError = PortInUse(
+                    f"port {self.port} is already in use (Address already in use)"
+                )
+            else:
+                broker = amqtt_broker.EdgeflAmqttBroker(self._amqtt_config())
+                try:
+                    await broker.start()
+                except BrokerError as exc:
+                    error = _start_error(exc, self.port)
+                else:
+                    self._broker = broker
+                    return self.url
+            if attempt + 1 == attempts:
+                raise error
+            self.port = free_port(self.host)
         raise AssertionError("unreachable")
 
     async def stop(self) -> None:
@@ -365,6 +409,17 @@ class EmbeddedBroker:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
+
+
+def _start_error(exc: BaseException, port: int) -> BrokerStartError:
+    """amqtt's BrokerError wraps the OSError of ``bind``: a port in use, or an address that
+    cannot be bound, is :class:`PortInUse`."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, OSError):
+        return PortInUse(f"cannot listen on port {port}: {cause.strerror or cause}")
+    return BrokerStartError(f"embedded broker did not start: {exc}")
 
 
 def quiet_amqtt_logging(level: int = logging.ERROR) -> None:
@@ -405,6 +460,11 @@ class ThreadedEmbeddedBroker:
     def port(self) -> int:
         return self._broker.port
 
+    @property
+    def embedded(self) -> EmbeddedBroker:
+        """The broker running in the thread (its ``log_counts`` and ``loop_errors``)."""
+        return self._broker
+
     def start(self, timeout: float = 10.0) -> str:
         """Start the thread and the broker; returns the URL once it listens."""
         if self._thread is not None:
@@ -436,6 +496,8 @@ class ThreadedEmbeddedBroker:
         if errors:
             self._thread.join()
             self._thread = None
+            if isinstance(errors[0], BrokerStartError):
+                raise errors[0]
             raise BrokerStartError(f"embedded broker did not start: {errors[0]}") from errors[0]
         return self.url
 

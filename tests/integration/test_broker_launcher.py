@@ -130,9 +130,10 @@ def test_threaded_embedded_broker(embedded_broker: ThreadedEmbeddedBroker) -> No
 def test_edgefl_broker_runs_in_foreground_until_sigterm(embedded: bool, tmp_path: Path) -> None:
     if not embedded and find_mosquitto() is None:
         pytest.skip("mosquitto is not installed")
+    kind = "embedded" if embedded else "mosquitto"
     code = (
         "import sys; from broker.cli import run_broker; "
-        f"sys.exit(run_broker(port=0, bind='127.0.0.1', embedded={embedded}, data_dir=None))"
+        f"sys.exit(run_broker(port=0, bind='127.0.0.1', kind={kind!r}, data_dir=None))"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
