@@ -583,7 +583,7 @@ def demo_command(
         str,
         typer.Option(
             help="Private broker: auto (Mosquitto when installed, else embedded), mosquitto, "
-            "or embedded (amqtt in a child process; much slower with 100 devices)."
+            "or embedded (amqtt, MQTT 3.1.1, no persistence; see broker/conf/README.md)."
         ),
     ] = "auto",
     target: Annotated[float, typer.Option(help="Stop at this test accuracy (0-1).")] = 0.9,
