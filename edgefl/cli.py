@@ -8,7 +8,8 @@ has a working ``edgefl``. Errors and exit codes go through :func:`edgefl.clierro
 
 from __future__ import annotations
 
-from typing import Annotated
+import signal
+from typing import Annotated, Any
 
 import typer
 
@@ -87,8 +88,29 @@ def main(argv: list[str] | None = None) -> None:
     Always ends in ``SystemExit`` with an :class:`edgefl.clierror.ExitCode`; ``argv`` (default
     ``sys.argv[1:]``) lets tests run the real command path.
     """
-    _register_subcommands()
+    previous = _quiet_signals()
+    try:
+        _register_subcommands()
+    except KeyboardInterrupt:
+        raise SystemExit(0) from None
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     run_cli(lambda: app(args=argv, prog_name="edgefl", standalone_mode=False))
+
+
+def _quiet_signals() -> dict[int, Any]:
+    """While the subcommands import (seconds on a loaded Pi), SIGTERM and SIGINT end the process
+    quietly with exit 0 (no KeyboardInterrupt traceback, no -15); returns the handlers to put
+    back, after which each command installs its own."""
+
+    def leave(signum: int, frame: object) -> None:
+        raise SystemExit(0)
+
+    previous: dict[int, Any] = {}
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        previous[signum] = signal.signal(signum, leave)
+    return previous
 
 
 if __name__ == "__main__":
