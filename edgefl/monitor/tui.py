@@ -281,7 +281,8 @@ class MonitorApp(App[None]):
         console = Console(
             width=width, height=height, file=io.StringIO(), record=True, color_system=None
         )
-        console.print(self.screen._compositor.render_update(full=True))
+        # textual has no public "render the whole screen as text"; a test-only helper
+        console.print(self.screen._compositor.render_update(full=True))  # noqa: SLF001
         return "\n".join(line.rstrip() for line in console.export_text().splitlines())
 
 

@@ -44,6 +44,64 @@ _NUDGE_BURST = 8
 _STALL_S = 0.05
 _NUDGE_S = 0.002
 
+# The private paho members BufferedClient and WebSocketConnection rely on (paho-mqtt is pinned
+# to the tested minor, 2.2). Checked once at import: a paho without any of them gets the plain
+# paho paths (slower, and without the WebSocket send fix and the close barrier), with a warning.
+_CLIENT_METHODS = (
+    "_sock_recv",
+    "_handle_publish",
+    "_send_pingreq",
+    "_handle_pingresp",
+    "_create_socket",
+    "_handle_on_message",
+    "_call_socket_register_write",
+    "_sock_close",
+)
+_CLIENT_STATE = ("_in_packet", "_sock", "_manual_ack", "_protocol")
+_WRAPPER_CLASS_MEMBERS = ("_create_frame", "OPCODE_BINARY", "send", "write")
+_WRAPPER_STATE = ("_sendbuffer", "_socket", "_requested_size")
+
+
+def missing_paho_internals(module: Any = mqtt) -> tuple[str, ...]:
+    """The private members of paho's ``module`` (``paho.mqtt.client``) that the fast paths use
+    and this paho lacks; empty when all are there."""
+    client = getattr(module, "Client", None)
+    if client is None:
+        return ("Client",)
+    missing = [f"Client.{n}" for n in _CLIENT_METHODS if not callable(getattr(client, n, None))]
+    try:
+        probe = client(CallbackAPIVersion.VERSION2)
+    except Exception as exc:  # a paho whose constructor changed: nothing can be relied on
+        return (*missing, f"Client(): {exc!r}")
+    missing += [f"Client().{n}" for n in _CLIENT_STATE if not hasattr(probe, n)]
+    wrapper = getattr(module, "_WebsocketWrapper", None)
+    if wrapper is None:
+        return (*missing, "_WebsocketWrapper")
+    missing += [f"_WebsocketWrapper.{n}" for n in _WRAPPER_CLASS_MEMBERS if not hasattr(wrapper, n)]
+    assigned = getattr(getattr(wrapper, "__init__", None), "__code__", None)
+    names = set(assigned.co_names) if assigned is not None else set()
+    missing += [f"_WebsocketWrapper().{n}" for n in _WRAPPER_STATE if n not in names]
+    for name in ("MQTTMessage", "time_func", "MQTTv5"):
+        if not hasattr(module, name):
+            missing.append(name)
+    return tuple(missing)
+
+
+def fast_path_available(missing: tuple[str, ...]) -> bool:
+    """True when nothing is missing; otherwise warn once (naming what is missing) and fall back
+    to the plain paho client: the fast paths are an optimisation, never a requirement."""
+    if missing:
+        log.warning(
+            "paho-mqtt %s lacks %s: using paho's plain read/write paths (slower; edgefl is "
+            "tested with paho-mqtt 2.2)",
+            getattr(mqtt, "__version__", "?"),
+            ", ".join(missing),
+        )
+    return not missing
+
+
+FAST_PATH: bool = fast_path_available(missing_paho_internals())
+
 
 class BufferedClient(mqtt.Client):
     """A paho ``Client`` with a cheaper inbound path; everything else is paho's.
@@ -69,6 +127,9 @@ class BufferedClient(mqtt.Client):
       close can wait until the broker processed everything sent before it (acknowledgements).
     """
 
+    fast_path: bool = FAST_PATH
+    """Whether the overrides below are used (False: every call goes to paho's own code)."""
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._rbuf = memoryview(b"")
@@ -83,17 +144,23 @@ class BufferedClient(mqtt.Client):
         """Send a PINGREQ now (keepalive ones are sent by ``loop_misc``); returns the value
         ``pings_answered`` reaches once the broker answered it. A broker handles the packets of
         a connection in order, so that answer proves it processed all that was sent before."""
+        if not self.fast_path:
+            raise ConnectionError("no ping barrier with this paho version")
         if self._send_pingreq() != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise ConnectionError("PINGREQ not sent: not connected")
         return self.pings_sent
 
     def _send_pingreq(self) -> MQTTErrorCode:
+        if not self.fast_path:
+            return super()._send_pingreq()
         rc = super()._send_pingreq()
         if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
             self.pings_sent += 1
         return rc
 
     def _handle_pingresp(self) -> MQTTErrorCode:
+        if not self.fast_path:
+            return super()._handle_pingresp()
         rc = super()._handle_pingresp()
         if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
             self.pings_answered += 1
@@ -103,7 +170,7 @@ class BufferedClient(mqtt.Client):
 
     def _create_socket(self) -> SocketLike:
         sock = super()._create_socket()
-        if type(sock) is mqtt._WebsocketWrapper:
+        if self.fast_path and type(sock) is mqtt._WebsocketWrapper:  # noqa: SLF001 (fenced, see FAST_PATH)
             sock.__class__ = WebSocketConnection
         return sock
 
@@ -114,6 +181,8 @@ class BufferedClient(mqtt.Client):
         return len(self._rbuf) - self._rpos
 
     def _sock_recv(self, bufsize: int) -> bytes:
+        if not self.fast_path:
+            return super()._sock_recv(bufsize)
         sock = self._sock
         if sock is None:
             raise ConnectionError("self._sock is None")
@@ -134,6 +203,8 @@ class BufferedClient(mqtt.Client):
         return self._rbuf[start : self._rpos]  # type: ignore[return-value]
 
     def _handle_publish(self) -> MQTTErrorCode:
+        if not self.fast_path:
+            return super()._handle_publish()
         header = self._in_packet["command"]
         if (header & 0x06) >> 1 != 1 or not self._manual_ack:
             return super()._handle_publish()
@@ -160,7 +231,13 @@ class BufferedClient(mqtt.Client):
         return MQTTErrorCode.MQTT_ERR_SUCCESS
 
 
-class WebSocketConnection(mqtt._WebsocketWrapper):
+if TYPE_CHECKING:
+    _WebsocketWrapper = mqtt._WebsocketWrapper  # noqa: SLF001 (fenced, see FAST_PATH)
+else:  # a paho without it gets a class that is never installed (FAST_PATH is False)
+    _WebsocketWrapper = getattr(mqtt, "_WebsocketWrapper", object)
+
+
+class WebSocketConnection(_WebsocketWrapper):
     """paho's WebSocket wrapper with a send path that does not lose data.
 
     paho 2.2's wrapper returns 0 from ``send`` when the kernel took only part of a frame, and
@@ -341,7 +418,13 @@ class SocketDriver:
     def close_socket(self) -> None:
         """Close the socket without DISCONNECT (the broker then publishes the Will)."""
         if self.client.socket() is not None:
-            self.client._sock_close()  # paho has no public "close without DISCONNECT"
+            if BufferedClient.fast_path:
+                # paho has no public "close without DISCONNECT" (fenced, see FAST_PATH)
+                self.client._sock_close()  # noqa: SLF001
+            else:
+                sock = self.client.socket()
+                if sock is not None:
+                    sock.close()
         self._unregister()
 
     # -- paho socket callbacks

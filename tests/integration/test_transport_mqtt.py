@@ -21,6 +21,7 @@ from edgefl.transport import (
     TransportClosed,
     Will,
 )
+from edgefl.transport._paho import BufferedClient
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
 
@@ -106,10 +107,16 @@ async def test_retained_message_reaches_late_subscriber_and_can_be_cleared(
             assert await nothing_within(later, 0.3)
 
 
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast-path", "plain-paho"])
 @pytest.mark.parametrize("protocol", [MqttProtocol.V5, MqttProtocol.V311])
 async def test_unacked_message_is_redelivered_to_persistent_session(
-    mosquitto: MosquittoBroker, protocol: MqttProtocol
+    mosquitto: MosquittoBroker,
+    protocol: MqttProtocol,
+    fast_path: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # plain-paho: what a paho without the private members the fast path needs gets
+    monkeypatch.setattr(BufferedClient, "fast_path", fast_path)
     topic = "edgefl/v1/f/device/d1/update/1"
     agg = config(
         mosquitto.url,
