@@ -121,6 +121,8 @@ TransportFactory = Callable[[Will, OnConnect], Transport]
 ``async with`` must return without waiting for the broker (the agent waits for ``on_connect``)."""
 
 DEFAULT_MAX_MODEL_BYTES = 64 * 1024 * 1024
+STOP_GRACE_S = 0.5
+"""Seconds a stopping agent waits for a training thread that does not return at once."""
 TRAINING_PROBE_INTERVAL = 5.0
 """Seconds between eligibility checks while training (when ``probes.interval_s`` is longer)."""
 _OFFLINE_TIMEOUT = 3.0
@@ -856,6 +858,29 @@ class DeviceAgent:
                 continue
             await self._train(model)
 
+    async def _training_result(
+        self, running: asyncio.Future[TrainResult | None]
+    ) -> TrainResult | None:
+        """The training's result; once the agent is stopping, at most ``STOP_GRACE_S`` more,
+        then None. A trainer polls ``should_stop`` between batches, but a thread can be stuck
+        where it cannot poll (importing torch takes seconds on a Pi): the agent stops anyway,
+        and the abandoned thread's result is discarded when it ends."""
+        stopping: asyncio.Future[Any] = asyncio.ensure_future(self._wake.stopping.wait())
+        pending: set[asyncio.Future[Any]] = {running, stopping}
+        try:
+            await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if not running.done():
+            try:
+                async with asyncio.timeout(STOP_GRACE_S):
+                    return await asyncio.shield(running)
+            except TimeoutError:
+                running.add_done_callback(_discard_result)
+                log.info("%s: stopping without waiting for the training thread", self._device)
+                return None
+        return running.result()
+
     async def _mark_trained(self, version: int) -> None:
         """Never train on ``version`` (or older) again."""
         store = self._durable
@@ -889,7 +914,8 @@ class DeviceAgent:
         result: TrainResult | None = None
         failed = False
         try:
-            result = await loop.run_in_executor(self._executor, trainer.train, job, should_stop)
+            running = loop.run_in_executor(self._executor, trainer.train, job, should_stop)
+            result = await self._training_result(running)
         except asyncio.CancelledError:
             gate.abort(AbortReason.STOPPING)
             raise
@@ -970,6 +996,12 @@ class DeviceAgent:
         while not self._wake.stopping.is_set():
             systemd.watchdog()
             await _first(self._wake.stopping.wait(), timeout=interval / 2)
+
+
+def _discard_result(future: asyncio.Future[Any]) -> None:
+    """Retrieve an abandoned training's outcome, so asyncio does not report it as lost."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _spec_for(manifest: ModelManifest) -> ModelSpec:

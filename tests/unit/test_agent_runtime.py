@@ -334,6 +334,43 @@ async def test_ineligible_mid_training_aborts_publishes_nothing_and_retries_when
     assert agent.statistics().trainings_started == 2
 
 
+class StuckTrainer:
+    """A trainer stuck where it cannot poll ``should_stop`` (e.g. importing torch on a Pi)."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def train(self, job: TrainJob, should_stop: Callable[[], bool]) -> TrainResult | None:
+        self.entered.set()
+        self.release.wait(60)
+        return None
+
+
+async def test_stop_does_not_wait_for_a_training_thread_that_cannot_poll(tmp_path: Path) -> None:
+    # Arrange: the agent is training in a thread that ignores should_stop
+    cfg = make_config(tmp_path)
+    broker = MemoryBroker()
+    publish_model(broker, 0)
+    trainer = StuckTrainer()
+    agent = DeviceAgent(cfg, trainer=trainer, dataset=DATA, transport_factory=factory(broker))
+    run = asyncio.create_task(agent.run())
+    await eventually(trainer.entered.is_set)
+
+    # Act
+    agent.stop()
+    try:
+        async with asyncio.timeout(10):  # the thread stays stuck for 60 s
+            await run
+        stats = agent.statistics()
+    finally:
+        trainer.release.set()
+
+    # Assert: stopped while the thread was still stuck; the training counts as aborted
+    assert stats.trainings_aborted == {"stopping": 1}
+    assert stats.trainings_completed == 0
+
+
 async def test_reconnect_starts_a_new_presence_session_and_the_old_will_is_lower(
     tmp_path: Path,
 ) -> None:
