@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import needs
 import pytest
 
 from broker.launcher import (
@@ -18,7 +19,6 @@ from broker.launcher import (
     EmbeddedBroker,
     MosquittoBroker,
     ThreadedEmbeddedBroker,
-    find_mosquitto,
     render_config,
 )
 from edgefl.transport import InboundMessage, MqttConfig, MqttTransport
@@ -65,10 +65,10 @@ def test_dev_conf_sizes_queues_and_packets_for_edgefl() -> None:
     assert settings["allow_anonymous"] == "true"
 
 
-def test_mosquitto_broker_lifecycle(mosquitto: MosquittoBroker) -> None:
+async def test_mosquitto_broker_lifecycle(mosquitto: MosquittoBroker) -> None:
     url = mosquitto.url
     assert url == f"mqtt://127.0.0.1:{mosquitto.port}"
-    message, protocol = asyncio.run(roundtrip(url))
+    message, protocol = await roundtrip(url)
     assert (message.payload, protocol) == (b"ok", "5")
     assert f"listener {mosquitto.port} 127.0.0.1" in mosquitto.config_path.read_text()
 
@@ -78,23 +78,22 @@ def test_mosquitto_broker_lifecycle(mosquitto: MosquittoBroker) -> None:
     assert mosquitto.start() == url  # same port
     mosquitto.kill()
     assert mosquitto.restart() == url
-    assert asyncio.run(roundtrip(url))[0].payload == b"ok"
+    assert (await roundtrip(url))[0].payload == b"ok"
     assert "mosquitto version" in mosquitto.log_tail(50)
 
 
-def test_mosquitto_publishes_sys_topics(mosquitto: MosquittoBroker) -> None:
+async def test_mosquitto_publishes_sys_topics(mosquitto: MosquittoBroker) -> None:
     async def main() -> InboundMessage:
         async with MqttTransport(MqttConfig.from_url(mosquitto.url)) as t:
             await t.subscribe("$SYS/broker/version")
             async with asyncio.timeout(5):
                 return await anext(t.messages())
 
-    assert asyncio.run(main()).payload.startswith(b"mosquitto version")
+    assert (await main()).payload.startswith(b"mosquitto version")
 
 
 def test_mosquitto_start_failure_reports_the_log(tmp_path: Path) -> None:
-    if find_mosquitto() is None:
-        pytest.skip("mosquitto is not installed")
+    needs.mosquitto()
     bad = tmp_path / "bad.conf"
     bad.write_text("listener ${port} ${bind}\nno_such_option 1\n# ${data_dir}\n")
     broker = MosquittoBroker(state_dir=tmp_path / "state", config_template=bad)
@@ -112,24 +111,21 @@ def test_port_in_use_is_reported_not_mistaken_for_our_broker(
     assert not second.is_running()
 
 
-def test_embedded_broker_in_the_running_loop() -> None:
-    async def main() -> None:
-        async with EmbeddedBroker() as broker:
-            message, protocol = await roundtrip(broker.url)
-            assert (message.payload, protocol) == (b"ok", "3.1.1")
-        assert not broker.running
-
-    asyncio.run(main())
+async def test_embedded_broker_in_the_running_loop() -> None:
+    async with EmbeddedBroker() as broker:
+        message, protocol = await roundtrip(broker.url)
+        assert (message.payload, protocol) == (b"ok", "3.1.1")
+    assert not broker.running
 
 
-def test_threaded_embedded_broker(embedded_broker: ThreadedEmbeddedBroker) -> None:
-    assert asyncio.run(roundtrip(embedded_broker.url))[0].payload == b"ok"
+async def test_threaded_embedded_broker(embedded_broker: ThreadedEmbeddedBroker) -> None:
+    assert (await roundtrip(embedded_broker.url))[0].payload == b"ok"
 
 
 @pytest.mark.parametrize("embedded", [False, True], ids=["mosquitto", "embedded"])
 def test_edgefl_broker_runs_in_foreground_until_sigterm(embedded: bool, tmp_path: Path) -> None:
-    if not embedded and find_mosquitto() is None:
-        pytest.skip("mosquitto is not installed")
+    if not embedded:
+        needs.mosquitto()
     kind = "embedded" if embedded else "mosquitto"
     code = (
         "import sys; from broker.cli import run_broker; "
@@ -148,7 +144,7 @@ def test_edgefl_broker_runs_in_foreground_until_sigterm(embedded: bool, tmp_path
                 url = found.group(1)
                 break
         assert url is not None
-        message, protocol = asyncio.run(roundtrip(url))
+        message, protocol = asyncio.run(roundtrip(url))  # a process-level test: one client call
         assert (message.payload, protocol) == (b"ok", "3.1.1" if embedded else "5")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0

@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import needs
 import pytest
+from waiting import eventually
 
 from broker.launcher import MosquittoBroker, free_port
 from edgefl.monitor.client import FleetMonitor, monitor_mqtt_config
@@ -31,9 +31,7 @@ FLEET = "lab"
 
 
 def mosquitto_pub(broker: MosquittoBroker, topic: str, *args: str) -> None:
-    binary = shutil.which("mosquitto_pub")
-    if binary is None:
-        pytest.skip("mosquitto_pub is not installed (apt-get install mosquitto-clients)")
+    binary = needs.tool("mosquitto_pub")
     cmd = [binary, "-h", "127.0.0.1", "-p", str(broker.port), "-q", "1", "-r", "-t", topic]
     subprocess.run([*cmd, *args], check=True, timeout=10)
 
@@ -51,14 +49,6 @@ def once_json(broker: MosquittoBroker, *args: str) -> dict[str, Any]:
 
 def devices(snapshot: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {d["device_id"]: d for d in snapshot["devices"]}
-
-
-async def eventually(check: Callable[[], bool], within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.05)
 
 
 def test_states_published_with_mosquitto_pub_show_up_in_once_json(

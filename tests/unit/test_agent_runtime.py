@@ -660,8 +660,8 @@ async def test_idle_agent_republishes_its_state_every_heartbeat(tmp_path: Path) 
     run = asyncio.create_task(agent.run())
     await eventually(lambda: agent.statistics().status is DeviceStatus.IDLE)
     settled = len(states_seen)
-    # Act: nothing changes for 2.6 s
-    await asyncio.sleep(2.6)
+    # Act: nothing changes; wait for two heartbeats
+    await eventually(lambda: len(states_seen) >= settled + 2, 10, what="two heartbeats")
     repeats = states_seen[settled:]
     agent.stop()
     await run
