@@ -95,6 +95,7 @@ from edgefl.protocol.topics import (
     server_state_topic,
     update_topic,
 )
+from edgefl.sdnotify import keepalive, watchdog_period
 from edgefl.transport import (
     ConnectInfo,
     InboundMessage,
@@ -989,13 +990,13 @@ class DeviceAgent:
     # ------------------------------------------------------------------ systemd watchdog
 
     async def _watchdog_loop(self) -> None:
+        """``WATCHDOG=1`` every half ``WatchdogSec`` from the agent's event loop, until it stops
+        (status lines are sent on change by ``_mark_dirty``)."""
         systemd = self._notifier.systemd
-        interval = systemd.watchdog_interval()
-        if interval is None:
+        period = watchdog_period(systemd)
+        if period is None:
             return
-        while not self._wake.stopping.is_set():
-            systemd.watchdog()
-            await _first(self._wake.stopping.wait(), timeout=interval / 2)
+        await _first(self._wake.stopping.wait(), keepalive(systemd, period))
 
 
 def _discard_result(future: asyncio.Future[Any]) -> None:

@@ -14,14 +14,15 @@ level and reported as False.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Self
 
-__all__ = ["SystemdNotifier"]
+__all__ = ["SystemdNotifier", "keepalive", "watchdog_period"]
 
 _log = logging.getLogger("edgefl.sdnotify")
 
@@ -126,3 +127,32 @@ class SystemdNotifier:
         if text is None:
             return ()
         return ("STATUS=" + " ".join(text.splitlines()),)
+
+
+def watchdog_period(notifier: SystemdNotifier) -> float | None:
+    """Seconds between ``WATCHDOG=1`` pings: half of ``$WATCHDOG_USEC`` (None: no watchdog)."""
+    interval = notifier.watchdog_interval()
+    return None if interval is None else interval / 2
+
+
+async def keepalive(
+    notifier: SystemdNotifier,
+    period: float,
+    status: Callable[[], str] | None = None,
+    *,
+    watchdog: bool = True,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> None:
+    """Forever: ``WATCHDOG=1`` (when ``watchdog``) and, with ``status``, ``STATUS=`` when it
+    changed, then sleep ``period``. Run it on the service's own event loop (as a task, cancelled
+    at shutdown), so the pings stop when the loop is stuck and systemd restarts the unit."""
+    last: str | None = None
+    while True:
+        if watchdog:
+            notifier.watchdog()
+        if status is not None:
+            text = status()
+            if text != last:
+                notifier.status(text)
+                last = text
+        await sleep(period)

@@ -539,11 +539,16 @@ async def test_signed_manifests_only_and_signed_updates(tmp_path: Path) -> None:
     load_update_authenticator(tmp_path / "devices").authenticate(header, payload)  # no raise
 
 
-async def test_systemd_ready_status_and_watchdog_from_the_event_loop(tmp_path: Path) -> None:
-    # Arrange: a notification socket like systemd's, watchdog every 0.2 s
+async def test_systemd_ready_status_and_watchdog_from_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Arrange: a notification socket like systemd's, WatchdogSec 0.2 s; the watchdog loop's
+    # sleeps are recorded (and yield one loop tick), so the ping period is read, not timed
     import socket
 
+    import device_agent.agent as agent_module
     from device_agent.notify import SystemdNotifier
+    from edgefl import sdnotify
 
     path = str(tmp_path / "notify.sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -557,6 +562,16 @@ async def test_systemd_ready_status_and_watchdog_from_the_event_loop(tmp_path: P
             with contextlib.suppress(TimeoutError):
                 messages.append(sock.recv(4096).decode())
 
+    sleeps: list[float] = []
+
+    async def tick(seconds: float) -> None:
+        sleeps.append(seconds)
+        await asyncio.sleep(0.01)
+
+    def keepalive(notifier: SystemdNotifier, period: float) -> Awaitable[None]:
+        return sdnotify.keepalive(notifier, period, sleep=tick)
+
+    monkeypatch.setattr(agent_module, "keepalive", keepalive)
     reader = threading.Thread(target=read)
     reader.start()
     notifier = SystemdNotifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"})
@@ -566,8 +581,8 @@ async def test_systemd_ready_status_and_watchdog_from_the_event_loop(tmp_path: P
 
     agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker), notifier=notifier)
     run = asyncio.create_task(agent.run())
-    # Act
-    await asyncio.sleep(0.7)
+    # Act: run until the watchdog loop went round ten times and the state settled
+    await eventually(lambda: len(sleeps) >= 10 and agent.statistics().reasons == ("on_battery",))
     agent.stop()
     await run
     await eventually(lambda: bool(messages) and messages[-1].startswith("STOPPING=1"))
@@ -575,9 +590,10 @@ async def test_systemd_ready_status_and_watchdog_from_the_event_loop(tmp_path: P
     reader.join()
     sock.close()
 
-    # Assert
+    # Assert: one ping per round, every round at most half of WatchdogSec
     assert messages[0].startswith("READY=1\nSTATUS=")
-    assert sum(m == "WATCHDOG=1" for m in messages) >= 3  # every 0.1 s for 0.7 s
+    assert sum(m == "WATCHDOG=1" for m in messages) >= 10
+    assert set(sleeps) == {0.1}
     statuses = [m for m in messages if m.startswith("STATUS=")]
     assert any("not eligible: on_battery" in m for m in statuses)
     assert messages[-1].startswith("STOPPING=1")
