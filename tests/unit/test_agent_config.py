@@ -172,10 +172,11 @@ def test_bad_url_names_key_and_value(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("url", "fragment"),
     [
-        ("mqtt://", "expected mqtt://"),
+        ("mqtt://", "broker URL without host"),
         ("mqtt://host:99999", "bad port"),
         ("mqtt://user:pw@host", "credentials do not belong in the URL"),
-        ("mqtt://host/some/path", "unexpected path"),
+        ("mqtt://host/some/path", "only ws:// and wss:// broker URLs take a path"),
+        ("ws://host:8080/mqtt?token=1", "no query or fragment"),
     ],
 )
 def test_bad_url_variants(tmp_path: Path, url: str, fragment: str) -> None:
@@ -347,3 +348,16 @@ def test_example_covers_every_key_and_loads() -> None:
     assert set(known_keys()) <= mentioned, set(known_keys()) - mentioned
     assert isinstance(cfg, AgentConfig)
     assert tomllib.loads(text)  # valid TOML as shipped
+
+
+def test_websocket_broker_urls_are_accepted(tmp_path: Path) -> None:
+    config = load_config(
+        write(tmp_path, MINIMAL),
+        env={"EDGEFL_BROKER__URL": "wss://broker.example:443/mqtt"},
+        overrides={},
+    )
+    assert (config.broker.host, config.broker.port, config.broker.tls) == (
+        "broker.example",
+        443,
+        True,
+    )
