@@ -172,10 +172,10 @@ def test_bad_url_names_key_and_value(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("url", "fragment"),
     [
-        ("mqtt://", "expected mqtt://"),
+        ("mqtt://", "broker URL without host"),
         ("mqtt://host:99999", "bad port"),
         ("mqtt://user:pw@host", "credentials do not belong in the URL"),
-        ("mqtt://host/some/path", "unexpected path"),
+        ("mqtt://host/some/path", "only ws:// and wss:// broker URLs take a path"),
     ],
 )
 def test_bad_url_variants(tmp_path: Path, url: str, fragment: str) -> None:
