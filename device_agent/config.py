@@ -488,7 +488,7 @@ def _build(settings: dict[str, Setting], env_prefix: str) -> AgentConfig:
     _check_files_exist(sections, sources)
     top = {k: v for k, v in values.items() if "." not in k}
     try:
-        return AgentConfig(**sections, **top)  # type: ignore[arg-type]
+        return AgentConfig(**cast(dict[str, Any], sections), **cast(dict[str, Any], top))
     except ConfigError as exc:
         raise sources.reraise(exc) from None
 
