@@ -42,16 +42,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from numpy.typing import NDArray
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from broker.launcher import MosquittoBroker  # noqa: E402
 from device_agent.release import model_release  # noqa: E402
-from edgefl.models.spec import get_model_spec, init_weights_numpy  # noqa: E402
+from edgefl.models.spec import ModelSpec, get_model_spec, init_weights_numpy  # noqa: E402
 from edgefl.protocol.messages import DeviceState, decode_message  # noqa: E402
 from edgefl.protocol.topics import device_state_topic, updates_filter  # noqa: E402
 from edgefl.transport import MqttConfig, MqttTransport  # noqa: E402
@@ -147,6 +149,101 @@ def write_setup(tmp: Path, url: str, isolation: str) -> Path:
     return config
 
 
+class _AgentRun:
+    """One agent process under measurement, and the subscriber that watches its traffic."""
+
+    def __init__(self, mq: MqttTransport, proc: subprocess.Popen[bytes], tmp: Path) -> None:
+        self.mq, self.proc, self.pid, self.tmp = mq, proc, proc.pid, tmp
+        self.states: list[DeviceState] = []
+        self.arrivals: list[float] = []
+
+    async def pump(self) -> None:
+        """Record the agent's retained states and the arrival time of each update packet."""
+        async for message in self.mq.messages():
+            if "/update/" in message.topic:
+                self.arrivals.append(time.monotonic())
+            elif message.payload:
+                self.states.append(decode_message(message.payload, DeviceState))
+
+    async def until(self, predicate: Callable[[], bool], within: float) -> None:
+        deadline = time.monotonic() + within
+        while not predicate():
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError("the agent did not get there in time")
+            await asyncio.sleep(0.01)
+
+    def holds(self, version: int) -> bool:
+        return bool(self.states) and self.states[-1].model_version == version
+
+    async def idle(self, quick: bool, modules_file: Path) -> dict[str, object]:
+        """Idle RSS, loaded heavy modules and CPU of the agent holding v0 on battery."""
+        results: dict[str, object] = {}
+        await self.until(lambda: self.holds(0), 30)
+        await asyncio.sleep(2.0 if quick else 5.0)  # settle
+        results["idle_rss_mb"] = round(proc_status(self.pid, "VmRSS"), 1)
+        self.proc.send_signal(signal.SIGUSR1)
+        await self.until(modules_file.exists, 5)
+        await asyncio.sleep(0.1)
+        dumped = json.loads(await asyncio.to_thread(modules_file.read_text))
+        results["idle_heavy_modules"] = dumped["heavy"]
+        results["idle_modules"] = dumped["modules"]
+        window = 5.0 if quick else 15.0
+        c0, t0 = cpu_seconds(self.pid), time.monotonic()
+        await asyncio.sleep(window)
+        results["idle_cpu_percent"] = round(
+            100 * (cpu_seconds(self.pid) - c0) / (time.monotonic() - t0), 2
+        )
+        return results
+
+    async def model_pickup(self, spec: ModelSpec) -> float:
+        """Seconds from publishing v1 to the agent's state reporting it."""
+        t_pub = time.monotonic()
+        await publish_release(self.mq, 1, init_weights_numpy(spec, 1))
+        await self.until(lambda: self.holds(1), 30)
+        return round(time.monotonic() - t_pub, 3)
+
+    async def training(self, isolation: str) -> dict[str, object]:
+        """Flip to mains; time to the first update, peak and after-training RSS, exit code."""
+        results: dict[str, object] = {}
+        t_flip = time.monotonic()
+        write_tree(self.tmp / "fs", mains=True)
+        sampler = asyncio.create_task(self._sample_peak())
+        await self.until(lambda: bool(self.arrivals), 120)
+        sampler.cancel()
+        results["seconds_to_first_update"] = round(self.arrivals[0] - t_flip, 2)
+        peak = (
+            training_peak_mb(self.pid) if isolation == "process" else proc_status(self.pid, "VmHWM")
+        )
+        results["training_rss_mb"] = round(peak, 1)
+        await asyncio.sleep(1.0)
+        results["after_training_rss_mb"] = round(proc_status(self.pid, "VmRSS"), 1)
+        self.proc.send_signal(signal.SIGTERM)
+        results["exit_code"] = await asyncio.to_thread(self.proc.wait, 30)
+        return results
+
+    async def _sample_peak(self) -> None:
+        while True:
+            with contextlib.suppress(OSError, KeyError):
+                _peaks[self.pid] = max(_peaks.get(self.pid, 0.0), tree_rss_mb(self.pid))
+            await asyncio.sleep(0.05)
+
+
+async def publish_release(mq: MqttTransport, version: int, weights: NDArray[np.float32]) -> None:
+    """Publish model ``version`` (chunks + manifest, retained) as the aggregator would."""
+    for topic, payload in model_release(FLEET, version, MODEL, weights).messages:
+        await mq.publish(topic, payload, retain=True)
+
+
+def start_agent(tmp: Path, config: Path, modules_file: Path) -> subprocess.Popen[bytes]:
+    """The agent as systemd starts it, wrapped to dump its heavy modules on SIGUSR1."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFL_")}
+    env.pop("NOTIFY_SOCKET", None)
+    boot = BOOT.format(heavy=HEAVY, out=str(modules_file), config=str(config))
+    return subprocess.Popen(
+        [sys.executable, "-c", boot], cwd=tmp, env=env, stdin=subprocess.DEVNULL
+    )
+
+
 async def measure(quick: bool, isolation: str) -> dict[str, object]:
     results: dict[str, object] = {
         "isolation": isolation,
@@ -159,90 +256,19 @@ async def measure(quick: bool, isolation: str) -> dict[str, object]:
         broker.start()
         config = write_setup(tmp, broker.url, isolation)
         modules_file = tmp / "modules.json"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFL_")}
-        env.pop("NOTIFY_SOCKET", None)
         proc: subprocess.Popen[bytes] | None = None
-        states: list[DeviceState] = []
-        arrivals: list[float] = []
         try:
             async with MqttTransport(MqttConfig.from_url(broker.url, client_id="bench")) as mq:
-                for topic, payload in model_release(
-                    FLEET, 0, MODEL, init_weights_numpy(spec, 0)
-                ).messages:
-                    await mq.publish(topic, payload, retain=True)
+                await publish_release(mq, 0, init_weights_numpy(spec, 0))
                 await mq.subscribe(device_state_topic(FLEET, DEVICE))
                 await mq.subscribe(updates_filter(FLEET))
-
-                async def pump() -> None:
-                    async for message in mq.messages():
-                        if "/update/" in message.topic:
-                            arrivals.append(time.monotonic())
-                        elif message.payload:
-                            states.append(decode_message(message.payload, DeviceState))
-
-                pump_task = asyncio.create_task(pump())
-                boot = BOOT.format(heavy=HEAVY, out=str(modules_file), config=str(config))
                 # Popen returns at once; the process is then only signalled and polled
-                proc = subprocess.Popen(  # noqa: ASYNC220
-                    [sys.executable, "-c", boot], cwd=tmp, env=env, stdin=subprocess.DEVNULL
-                )
-                pid = proc.pid
-
-                async def until(predicate: object, within: float) -> None:
-                    deadline = time.monotonic() + within
-                    while not predicate():  # type: ignore[operator]
-                        if time.monotonic() > deadline or proc.poll() is not None:
-                            raise RuntimeError("the agent did not get there in time")
-                        await asyncio.sleep(0.01)
-
-                def holds(version: int) -> bool:
-                    return bool(states) and states[-1].model_version == version
-
-                await until(lambda: holds(0), 30)
-                await asyncio.sleep(2.0 if quick else 5.0)  # settle
-                results["idle_rss_mb"] = round(proc_status(pid, "VmRSS"), 1)
-                proc.send_signal(signal.SIGUSR1)
-                await until(modules_file.exists, 5)
-                await asyncio.sleep(0.1)
-                dumped = json.loads(modules_file.read_text())
-                results["idle_heavy_modules"] = dumped["heavy"]
-                results["idle_modules"] = dumped["modules"]
-                window = 5.0 if quick else 15.0
-                c0, t0 = cpu_seconds(pid), time.monotonic()
-                await asyncio.sleep(window)
-                results["idle_cpu_percent"] = round(
-                    100 * (cpu_seconds(pid) - c0) / (time.monotonic() - t0), 2
-                )
-
-                t_pub = time.monotonic()
-                for topic, payload in model_release(
-                    FLEET, 1, MODEL, init_weights_numpy(spec, 1)
-                ).messages:
-                    await mq.publish(topic, payload, retain=True)
-                await until(lambda: holds(1), 30)
-                results["model_pickup_seconds"] = round(time.monotonic() - t_pub, 3)
-
-                t_flip = time.monotonic()
-                write_tree(tmp / "fs", mains=True)
-
-                async def sample() -> None:
-                    while True:
-                        with contextlib.suppress(OSError, KeyError):
-                            _peaks[pid] = max(_peaks.get(pid, 0.0), tree_rss_mb(pid))
-                        await asyncio.sleep(0.05)
-
-                sampler = asyncio.create_task(sample())
-                await until(lambda: bool(arrivals), 120)
-                sampler.cancel()
-                results["seconds_to_first_update"] = round(arrivals[0] - t_flip, 2)
-                results["training_rss_mb"] = round(
-                    training_peak_mb(pid) if isolation == "process" else proc_status(pid, "VmHWM"),
-                    1,
-                )
-                await asyncio.sleep(1.0)
-                results["after_training_rss_mb"] = round(proc_status(pid, "VmRSS"), 1)
-                proc.send_signal(signal.SIGTERM)
-                results["exit_code"] = await asyncio.to_thread(proc.wait, 30)
+                proc = start_agent(tmp, config, modules_file)
+                run = _AgentRun(mq, proc, tmp)
+                pump_task = asyncio.create_task(run.pump())
+                results.update(await run.idle(quick, modules_file))
+                results["model_pickup_seconds"] = await run.model_pickup(spec)
+                results.update(await run.training(isolation))
                 pump_task.cancel()
         finally:
             if proc is not None and proc.poll() is None:

@@ -24,25 +24,26 @@ so the password need not be in the TOML or the environment; it conflicts with
 (``StateDirectory=``), else ``/var/lib/edgefl``.
 
 Every problem raises :class:`ConfigError` naming the key, the bad value and where it came from.
+The layering itself (reading the file, the environment and the overrides, coercion, secrets) is
+:mod:`edgefl.configlayers`, shared with the aggregator; this module owns the agent's schema and
+its checks.
 """
 
 from __future__ import annotations
 
-import difflib
 import math
 import re
-import tomllib
-import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, NamedTuple, cast
+from typing import Any, cast
 
 from device_agent.eligibility.policy import EligibilityPolicy, PolicyError, TimeWindow
 from device_agent.eligibility.probes import MeteredSource
-from edgefl import clierror
+from edgefl import configlayers
+from edgefl.configlayers import Mismatch, Setting, SettingError
 from edgefl.transport.config import BrokerUrl
 
 __all__ = [
@@ -74,21 +75,10 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
-class ConfigError(clierror.ConfigError):
-    """A configuration problem. ``str()`` reads ``"<key>: <problem> (from <source>)"``.
-
-    A :class:`edgefl.clierror.ConfigError` (so a ``ValueError``): raised out of a command, the
-    one error path prints it on one line and exits 78 (``EX_CONFIG``).
-    """
-
-    def __init__(self, key: str, problem: str, *, source: str | None = None) -> None:
-        message = f"{key}: {problem}"
-        if source:
-            message += f" (from {source})"
-        super().__init__(message)
-        self.key = key
-        self.problem = problem
-        self.source = source
+ConfigError = SettingError
+"""A configuration problem: ``ConfigError(key, problem, source=...)``, ``str()`` reads
+``"<key>: <problem> (from <source>)"``. The one class of :mod:`edgefl.configlayers` (an
+:class:`edgefl.clierror.ConfigError`, exit 78), so the layering raises it directly."""
 
 
 def _check_int(key: str, value: int, low: int, high: int) -> None:
@@ -443,22 +433,10 @@ def known_keys() -> list[str]:
 
 def env_var_name(key: str, prefix: str = ENV_PREFIX) -> str:
     """``"broker.url"`` -> ``"EDGEFL_BROKER__URL"``; ``"fleet"`` -> ``"EDGEFL_FLEET"``."""
-    return prefix + key.replace(".", "__").upper()
-
-
-def _suggest(word: str, candidates: list[str]) -> str:
-    match = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
-    return f"; did you mean {match[0]!r}?" if match else ""
+    return configlayers.env_var_name(key, prefix)
 
 
 # --- loading -------------------------------------------------------------------------------------
-
-
-class _Setting(NamedTuple):
-    value: object
-    source: str
-    textual: bool  # came as text (environment, string flag): parse it
-    base_dir: Path | None  # relative paths resolve against this (the config file's directory)
 
 
 def load_config(
@@ -472,84 +450,50 @@ def load_config(
 
     ``path`` None: no file (everything from the environment and overrides).
     """
-    settings: dict[str, _Setting] = {}
+    settings: dict[str, Setting] = {}
     if path is not None:
-        settings.update(_from_toml(path))
-    settings.update(_from_env(env, env_prefix))
-    settings.update(_from_overrides(overrides))
+        settings.update(configlayers.read_toml(path, _SCHEMA, _SECTIONS))
+    settings.update(configlayers.from_env(env, _SCHEMA, env_prefix, ignored=ENV_IGNORED))
+    settings.update(configlayers.from_overrides(overrides, _SCHEMA, {}))
     if "state_dir" not in settings and env.get("STATE_DIRECTORY"):
         first = env["STATE_DIRECTORY"].split(":")[0]
-        settings["state_dir"] = _Setting(first, "$STATE_DIRECTORY", True, None)
+        settings["state_dir"] = Setting(first, "$STATE_DIRECTORY", True, None)
     return _build(settings, env_prefix)
 
 
-def _from_toml(path: Path) -> dict[str, _Setting]:
-    try:
-        with path.open("rb") as handle:
-            document = tomllib.load(handle)
-    except OSError as exc:
-        raise ConfigError("config", f"cannot read {str(path)!r}: {exc.strerror or exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("config", f"{str(path)!r} is not valid TOML: {exc}") from None
-    source, base = str(path), path.parent
-    out: dict[str, _Setting] = {}
-    for name, value in document.items():
-        if name in _SECTIONS:
-            if not isinstance(value, dict):
-                raise ConfigError(name, f"expected a table [{name}], got {value!r}", source=source)
-            for sub, subvalue in value.items():
-                out[_checked_key(f"{name}.{sub}", source)] = _Setting(subvalue, source, False, base)
-        elif isinstance(value, dict):
-            match = difflib.get_close_matches(name, list(_SECTIONS), n=1, cutoff=0.6)
-            hint = f"; did you mean [{match[0]}]?" if match else ""
-            raise ConfigError(name, f"unknown section [{name}]{hint}", source=source)
-        else:
-            out[_checked_key(name, source)] = _Setting(value, source, False, base)
-    return out
+class _Sources:
+    """Where each key's value came from, to name it in errors raised after coercion."""
 
+    def __init__(self, settings: Mapping[str, Setting]) -> None:
+        self._settings = settings
 
-def _checked_key(key: str, source: str) -> str:
-    if key not in _SCHEMA:
-        raise ConfigError(key, "unknown key" + _suggest(key, list(_SCHEMA)), source=source)
-    return key
-
-
-def _from_env(env: Mapping[str, str], prefix: str) -> dict[str, _Setting]:
-    by_var = {env_var_name(key, prefix): key for key in _SCHEMA}
-    out: dict[str, _Setting] = {}
-    for var in sorted(env):
-        if not var.startswith(prefix) or var in ENV_IGNORED:
-            continue
-        key = by_var.get(var)
-        if key is None:
-            raise ConfigError(
-                var,
-                "unknown environment variable" + _suggest(var, list(by_var)),
-                source="environment",
-            )
-        out[key] = _Setting(env[var], f"environment variable {var}", True, None)
-    return out
-
-
-def _from_overrides(overrides: Mapping[str, object]) -> dict[str, _Setting]:
-    out: dict[str, _Setting] = {}
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        _checked_key(key, "command line")
-        out[key] = _Setting(value, "command line", isinstance(value, str), None)
-    return out
-
-
-def _build(settings: dict[str, _Setting], env_prefix: str) -> AgentConfig:
-    values: dict[str, object] = {}
-    for key, setting in settings.items():
-        values[key] = _coerce(key, setting, _SCHEMA[key])
-
-    def source_of(key: str) -> str | None:
-        setting = settings.get(key)
+    def of(self, key: str) -> str | None:
+        setting = self._settings.get(key)
         return setting.source if setting else None
 
+    def reraise(self, exc: ConfigError) -> ConfigError:
+        """``exc`` again, now naming the source of its key."""
+        return ConfigError(exc.key, exc.problem, source=self.of(exc.key))
+
+
+def _build(settings: dict[str, Setting], env_prefix: str) -> AgentConfig:
+    sources = _Sources(settings)
+    values = {
+        key: configlayers.coerce(key, setting, _SCHEMA[key], custom=_CUSTOM)
+        for key, setting in settings.items()
+    }
+    _require(values, env_prefix)
+    _resolve_password_file(values, sources)
+    sections = _build_sections(values, sources)
+    _check_files_exist(sections, sources)
+    top = {k: v for k, v in values.items() if "." not in k}
+    try:
+        return AgentConfig(**cast(dict[str, Any], sections), **cast(dict[str, Any], top))
+    except ConfigError as exc:
+        raise sources.reraise(exc) from None
+
+
+def _require(values: Mapping[str, object], env_prefix: str) -> None:
     for key in sorted(_REQUIRED):
         if key not in values:
             raise ConfigError(
@@ -558,18 +502,24 @@ def _build(settings: dict[str, _Setting], env_prefix: str) -> AgentConfig:
                 f"{env_var_name(key, env_prefix)} or --set {key}=...)",
             )
 
-    password_file = values.pop("broker.password_file", None)
-    if password_file is not None:
-        if values.get("broker.password") is not None:
-            raise ConfigError(
-                "broker.password_file",
-                "conflicts with broker.password (set only one)",
-                source=source_of("broker.password_file"),
-            )
-        values["broker.password"] = _read_secret(
-            cast(Path, password_file), source_of("broker.password_file")
-        )
 
+def _resolve_password_file(values: dict[str, object], sources: _Sources) -> None:
+    """Replace ``broker.password_file`` by ``broker.password`` read from the file."""
+    password_file = values.pop("broker.password_file", None)
+    if password_file is None:
+        return
+    source = sources.of("broker.password_file")
+    if values.get("broker.password") is not None:
+        raise ConfigError(
+            "broker.password_file", "conflicts with broker.password (set only one)", source=source
+        )
+    values["broker.password"] = configlayers.read_secret(
+        "broker.password_file", cast(Path, password_file), source
+    )
+
+
+def _build_sections(values: Mapping[str, object], sources: _Sources) -> dict[str, object]:
+    """Each table's dataclass from its ``<section>.*`` values; their checks name the source."""
     sections: dict[str, object] = {}
     for section, cls in _SECTIONS.items():
         prefix = section + "."
@@ -577,141 +527,56 @@ def _build(settings: dict[str, _Setting], env_prefix: str) -> AgentConfig:
         try:
             sections[section] = cls(**kwargs)
         except ConfigError as exc:
-            raise ConfigError(exc.key, exc.problem, source=source_of(exc.key)) from None
+            raise sources.reraise(exc) from None
         except PolicyError as exc:
             key = f"{section}.{exc.field}"
-            raise ConfigError(key, exc.problem, source=source_of(key)) from None
+            raise ConfigError(key, exc.problem, source=sources.of(key)) from None
+    return sections
 
-    broker = cast(BrokerConfig, sections["broker"])
-    for key, file in (
-        ("broker.ca_file", broker.ca_file),
-        ("broker.cert_file", broker.cert_file),
-        ("broker.key_file", broker.key_file),
-    ):
+
+_FILE_KEYS = (
+    "broker.ca_file",
+    "broker.cert_file",
+    "broker.key_file",
+    "security.signing_key_file",
+    "security.aggregator_public_key_file",
+)
+
+
+def _check_files_exist(sections: Mapping[str, object], sources: _Sources) -> None:
+    for key in _FILE_KEYS:
+        section, name = key.split(".")
+        file = cast(Path | None, getattr(sections[section], name))
         if file is not None and not file.is_file():
-            raise ConfigError(key, f"no such file {str(file)!r}", source=source_of(key))
-    security = cast(SecurityConfig, sections["security"])
-    for key, file in (
-        ("security.signing_key_file", security.signing_key_file),
-        ("security.aggregator_public_key_file", security.aggregator_public_key_file),
-    ):
-        if file is not None and not file.is_file():
-            raise ConfigError(key, f"no such file {str(file)!r}", source=source_of(key))
-
-    top = {k: v for k, v in values.items() if "." not in k}
-    try:
-        return AgentConfig(
-            broker=broker,
-            data=cast(DataConfig, sections["data"]),
-            training=cast(TrainingLimits, sections["training"]),
-            codec=cast(CodecPrefs, sections["codec"]),
-            eligibility=cast(EligibilityPolicy, sections["eligibility"]),
-            probes=cast(ProbeConfig, sections["probes"]),
-            spool=cast(SpoolConfig, sections["spool"]),
-            security=security,
-            **cast(dict[str, Any], top),
-        )
-    except ConfigError as exc:
-        raise ConfigError(exc.key, exc.problem, source=source_of(exc.key)) from None
+            raise ConfigError(key, f"no such file {str(file)!r}", source=sources.of(key))
 
 
-def _read_secret(path: Path, source: str | None) -> str:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ConfigError(
-            "broker.password_file", f"cannot read {str(path)!r}: {detail}", source=source
-        ) from None
-    secret = text.removesuffix("\n").removesuffix("\r")
-    if not secret:
-        raise ConfigError("broker.password_file", f"{str(path)!r} is empty", source=source)
-    return secret
+# --- coercion of the agent's own types -----------------------------------------------------------
 
 
-# --- coercion ------------------------------------------------------------------------------------
+def _to_windows(key: str, setting: Setting) -> tuple[TimeWindow, ...]:
+    """``eligibility.windows``: a list, or comma-separated text, of ``'HH:MM-HH:MM'``."""
+    value = setting.value
+    items: list[object]
+    if setting.textual and isinstance(value, str):
+        items = [part.strip() for part in value.split(",") if part.strip()]
+    elif isinstance(value, list | tuple):
+        items = list(value)
+    else:
+        raise Mismatch("a list of 'HH:MM-HH:MM' windows")
+    windows: list[TimeWindow] = []
+    for index, item in enumerate(items):
+        if isinstance(item, TimeWindow):
+            windows.append(item)
+            continue
+        try:
+            windows.append(TimeWindow(cast(str, item)))
+        except PolicyError as exc:
+            raise ConfigError(f"{key}[{index}]", exc.problem, source=setting.source) from None
+    return tuple(windows)
 
-_TRUE = frozenset({"true", "1", "yes", "on"})
-_FALSE = frozenset({"false", "0", "no", "off"})
 
-
-def _coerce(key: str, setting: _Setting, tp: object) -> object:
-    value, textual = setting.value, setting.textual
-
-    def fail(expected: str) -> ConfigError:
-        return ConfigError(key, f"expected {expected}, got {value!r}", source=setting.source)
-
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if textual and isinstance(value, str) and value.strip() == "":
-            return None
-        tp, origin = args[0], typing.get_origin(args[0])
-
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if textual and isinstance(value, str):
-            word = value.strip().lower()
-            if word in _TRUE or word in _FALSE:
-                return word in _TRUE
-        raise fail("true or false")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if textual and isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                pass
-        raise fail("an integer")
-    if tp is float:
-        number: float | None = None
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            number = float(value)
-        elif textual and isinstance(value, str):
-            try:
-                number = float(value.strip())
-            except ValueError:
-                number = None
-        if number is None or not math.isfinite(number):
-            raise fail("a number")
-        return number
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise fail("a string")
-    if tp is Path:
-        if isinstance(value, str | Path) and str(value).strip():
-            candidate = Path(str(value).strip() if textual else value)
-            if setting.base_dir is not None and not candidate.is_absolute():
-                candidate = setting.base_dir / candidate
-            return candidate
-        raise fail("a path")
-    if isinstance(tp, type) and issubclass(tp, StrEnum):
-        choices = [m.value for m in tp]
-        if isinstance(value, str) and value.strip().lower() in choices:
-            return tp(value.strip().lower())
-        raise fail("one of " + ", ".join(repr(c) for c in choices))
-    if origin is tuple and typing.get_args(tp)[0] is TimeWindow:
-        items: list[object]
-        if textual and isinstance(value, str):
-            items = [part.strip() for part in value.split(",") if part.strip()]
-        elif isinstance(value, list | tuple):
-            items = list(value)
-        else:
-            raise fail("a list of 'HH:MM-HH:MM' windows")
-        windows: list[TimeWindow] = []
-        for index, item in enumerate(items):
-            if isinstance(item, TimeWindow):
-                windows.append(item)
-                continue
-            try:
-                windows.append(TimeWindow(cast(str, item)))
-            except PolicyError as exc:
-                raise ConfigError(f"{key}[{index}]", exc.problem, source=setting.source) from None
-        return tuple(windows)
-    raise AssertionError(f"no coercion for {key}: {tp!r}")  # pragma: no cover - schema bug
+_CUSTOM: dict[object, configlayers.Coercer] = {tuple[TimeWindow, ...]: _to_windows}
 
 
 def _flatten(config: AgentConfig) -> dict[str, object]:
@@ -727,12 +592,8 @@ def _flatten(config: AgentConfig) -> dict[str, object]:
 
 
 def _plain(value: object) -> object:
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, StrEnum):
-        return value.value
     if isinstance(value, tuple):
         return [_plain(v) for v in value]
     if isinstance(value, TimeWindow):
         return value.spec
-    return value
+    return configlayers.plain(value)

@@ -29,7 +29,10 @@ import sys
 import traceback
 from collections.abc import Callable, Iterable
 from enum import IntEnum
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    from typer import TyperException
 
 __all__ = [
     "BrokerUnavailable",
@@ -114,6 +117,38 @@ def _fail(prog: str, message: str, code: int) -> NoReturn:
     raise SystemExit(code)
 
 
+def _usage_exit(prog: str, exc: TyperException) -> NoReturn:
+    """Typer's (vendored click's) usage errors: bad option, missing option, bad choice."""
+    if _debug:
+        traceback.print_exc()
+    message = " ".join(exc.format_message().split())
+    exit_code = exc.exit_code
+    if not message:  # ``no_args_is_help``: the help was printed already
+        raise SystemExit(exit_code) from None
+    ctx = getattr(exc, "ctx", None)
+    command_path = getattr(ctx, "command_path", "") or prog
+    _fail(command_path, message, exit_code)
+
+
+def _unexpected_exit(prog: str, exc: Exception) -> NoReturn:
+    """Any other exception: a missing optional extra's own error, else one line naming the
+    exception's type and exit 1 (the traceback only with ``--debug``)."""
+    if _debug:
+        traceback.print_exc()
+    from edgefl.extras import missing_extra_error
+
+    missing = missing_extra_error(exc)
+    if missing is not None:  # an optional package of an extra that is not installed
+        _fail(prog, missing.message, missing.exit_code)
+    if _debug:
+        raise SystemExit(ExitCode.FAILURE) from None
+    _fail(
+        prog,
+        f"{type(exc).__name__}: {exc} (run with --debug for the traceback)",
+        ExitCode.FAILURE,
+    )
+
+
 def run_cli(invoke: Callable[[], object], *, prog: str = "edgefl") -> NoReturn:
     """Run a click/typer command in non-standalone mode and map every outcome to an exit code.
 
@@ -131,15 +166,7 @@ def run_cli(invoke: Callable[[], object], *, prog: str = "edgefl") -> NoReturn:
     except typer.Abort:
         raise SystemExit(130) from None
     except typer.TyperException as exc:
-        # Typer's (vendored click's) usage errors: bad option, missing option, bad choice.
-        if _debug:
-            traceback.print_exc()
-        message = " ".join(exc.format_message().split())
-        if not message:  # ``no_args_is_help``: the help was printed already
-            raise SystemExit(exc.exit_code) from None
-        ctx = getattr(exc, "ctx", None)
-        command_path = getattr(ctx, "command_path", "") or prog
-        _fail(command_path, message, exc.exit_code)
+        _usage_exit(prog, exc)
     except CommandError as exc:
         if _debug:
             traceback.print_exc()
@@ -149,19 +176,6 @@ def run_cli(invoke: Callable[[], object], *, prog: str = "edgefl") -> NoReturn:
     except SystemExit:
         raise
     except Exception as exc:
-        if _debug:
-            traceback.print_exc()
-        from edgefl.extras import missing_extra_error
-
-        missing = missing_extra_error(exc)
-        if missing is not None:  # an optional package of an extra that is not installed
-            _fail(prog, missing.message, missing.exit_code)
-        if _debug:
-            raise SystemExit(ExitCode.FAILURE) from None
-        _fail(
-            prog,
-            f"{type(exc).__name__}: {exc} (run with --debug for the traceback)",
-            ExitCode.FAILURE,
-        )
+        _unexpected_exit(prog, exc)
     code = result if isinstance(result, int) else 0
     raise SystemExit(code)

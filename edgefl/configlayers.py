@@ -4,10 +4,14 @@ A service declares a flat **schema**: dotted keys (``broker.url``, ``fleet``) ma
 (``str``, ``int``, ``float``, ``bool``, ``Path``, a ``StrEnum``, or ``X | None``). This module
 reads the three sources into :class:`Setting` values (the raw value, where it came from, whether it
 is text to parse, the directory relative paths resolve against), and :func:`coerce` turns each into
-its type. Every problem raises :class:`edgefl.clierror.ConfigError` (exit 78) worded
-``"<key>: <problem> (from <source>)"``; unknown keys and variables get a "did you mean".
+its type. Every problem raises :class:`SettingError` (an :class:`edgefl.clierror.ConfigError`,
+exit 78) worded ``"<key>: <problem> (from <source>)"``; unknown keys and variables get a "did you
+mean". A schema may name types of its own: ``coerce(..., custom={tp: coercer})``.
 
-Conventions (the same as the device agent's, ``device_agent/config.py``):
+The aggregator (``edgefl/aggregator/config_file.py``) and the device agent
+(``device_agent/config.py``) both load through this module.
+
+Conventions (shared by every service that loads through this module):
 
 * TOML: top-level keys and one level of tables (``[broker]`` holds ``broker.*``); relative paths
   are relative to the file's directory.
@@ -27,7 +31,7 @@ import math
 import tomllib
 import types
 import typing
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -36,7 +40,10 @@ from edgefl.clierror import ConfigError
 
 __all__ = [
     "CONFIG_KEY",
+    "Coercer",
+    "Mismatch",
     "Setting",
+    "SettingError",
     "coerce",
     "config_error",
     "env_var_name",
@@ -52,12 +59,27 @@ CONFIG_KEY = "config"
 """The key named by errors about the file itself (unreadable, not TOML)."""
 
 
-def config_error(key: str, problem: str, source: str | None = None) -> ConfigError:
-    """A :class:`ConfigError` worded ``"<key>: <problem> (from <source>)"``."""
-    message = f"{key}: {problem}"
-    if source:
-        message += f" (from {source})"
-    return ConfigError(message)
+class SettingError(ConfigError):
+    """A problem with one setting. ``str()`` reads ``"<key>: <problem> (from <source>)"``.
+
+    A :class:`edgefl.clierror.ConfigError` (so a ``ValueError``): raised out of a command, the
+    one error path prints it on one line and exits 78 (``EX_CONFIG``). ``key``, ``problem`` and
+    ``source`` stay readable, so a caller can re-raise it with the source it knows.
+    """
+
+    def __init__(self, key: str, problem: str, *, source: str | None = None) -> None:
+        message = f"{key}: {problem}"
+        if source:
+            message += f" (from {source})"
+        super().__init__(message)
+        self.key = key
+        self.problem = problem
+        self.source = source
+
+
+def config_error(key: str, problem: str, source: str | None = None) -> SettingError:
+    """A :class:`SettingError` worded ``"<key>: <problem> (from <source>)"``."""
+    return SettingError(key, problem, source=source)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,72 +195,142 @@ _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})
 
 
-def coerce(key: str, setting: Setting, tp: object) -> object:
-    """Turn one setting into ``tp`` (see the module docstring); :class:`ConfigError` if it
-    cannot be."""
-    value, textual = setting.value, setting.textual
+class Mismatch(Exception):
+    """Raised by a coercer when the value is not of its type; :func:`coerce` words it
+    ``"<key>: expected <expected>, got <value> (from <source>)"``."""
 
-    def fail(expected: str) -> ConfigError:
-        return config_error(key, f"expected {expected}, got {value!r}", setting.source)
+    def __init__(self, expected: str) -> None:
+        super().__init__(expected)
+        self.expected = expected
 
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if textual and isinstance(value, str) and value.strip() == "":
-            return None
-        tp = args[0]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if textual and isinstance(value, str):
-            word = value.strip().lower()
-            if word in _TRUE or word in _FALSE:
-                return word in _TRUE
-        raise fail("true or false")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if textual and isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                pass
-        raise fail("an integer")
-    if tp is float:
-        number: float | None = None
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            number = float(value)
-        elif textual and isinstance(value, str):
-            try:
-                number = float(value.strip())
-            except ValueError:
-                number = None
-        if number is None or not math.isfinite(number):
-            raise fail("a number")
-        return number
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise fail("a string")
-    if tp is Path:
-        if isinstance(value, str | Path) and str(value).strip():
-            candidate = Path(str(value).strip() if textual else value)
-            if setting.base_dir is not None and not candidate.is_absolute():
-                candidate = setting.base_dir / candidate
-            return candidate
-        raise fail("a path")
-    if isinstance(tp, type) and issubclass(tp, StrEnum):
-        choices = [m.value for m in tp]
-        if isinstance(value, StrEnum | str) and str(value).strip().lower() in choices:
-            return tp(str(value).strip().lower())
-        text = str(value) if isinstance(value, str) else repr(value)
-        close = difflib.get_close_matches(text, choices, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+
+Coercer = Callable[[str, Setting], object]
+"""A schema type's own coercion: ``(key, setting) -> value``; raises :class:`Mismatch` or a
+:class:`SettingError`."""
+
+
+def coerce(
+    key: str, setting: Setting, tp: object, *, custom: Mapping[object, Coercer] | None = None
+) -> object:
+    """Turn one setting into ``tp`` (see the module docstring); :class:`SettingError` if it
+    cannot be. ``custom`` maps schema types this module does not know to their coercer."""
+    tp, optional = _unwrap_optional(tp)
+    if optional and _blank_text(setting):
+        return None
+    convert = _coercer_for(tp, custom or {})
+    try:
+        return convert(key, setting)
+    except Mismatch as exc:
         raise config_error(
-            key,
-            f"expected one of {', '.join(repr(c) for c in choices)}, got {value!r}{hint}",
-            setting.source,
-        )
-    raise AssertionError(f"no coercion for {key}: {tp!r}")  # pragma: no cover - schema bug
+            key, f"expected {exc.expected}, got {setting.value!r}", setting.source
+        ) from None
+
+
+def _unwrap_optional(tp: object) -> tuple[object, bool]:
+    """``X | None`` -> ``(X, True)``; any other type -> ``(tp, False)``."""
+    if typing.get_origin(tp) not in (typing.Union, types.UnionType):
+        return tp, False
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0], True
+
+
+def _blank_text(setting: Setting) -> bool:
+    """An empty text value: sets an optional key to none."""
+    return setting.textual and isinstance(setting.value, str) and setting.value.strip() == ""
+
+
+def _coercer_for(tp: object, custom: Mapping[object, Coercer]) -> Coercer:
+    if tp in custom:
+        return custom[tp]
+    if tp in _SCALARS:
+        return _SCALARS[tp]
+    if isinstance(tp, type) and issubclass(tp, StrEnum):
+        return lambda key, setting: _to_enum(key, setting, tp)
+    raise AssertionError(f"no coercion for {tp!r}")  # pragma: no cover - schema bug
+
+
+def _text(setting: Setting) -> str | None:
+    """The stripped value when it came as text to parse, else ``None``."""
+    if setting.textual and isinstance(setting.value, str):
+        return setting.value.strip()
+    return None
+
+
+def _to_bool(_key: str, setting: Setting) -> bool:
+    if isinstance(setting.value, bool):
+        return setting.value
+    word = (_text(setting) or "").lower()
+    if word in _TRUE or word in _FALSE:
+        return word in _TRUE
+    raise Mismatch("true or false")
+
+
+def _to_int(_key: str, setting: Setting) -> int:
+    value = setting.value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    text = _text(setting)
+    if text is not None:
+        try:
+            return int(text)
+        except ValueError:
+            pass
+    raise Mismatch("an integer")
+
+
+def _to_float(_key: str, setting: Setting) -> float:
+    value, text = setting.value, _text(setting)
+    number: float | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        number = float(value)
+    elif text is not None:
+        try:
+            number = float(text)
+        except ValueError:
+            number = None
+    if number is None or not math.isfinite(number):
+        raise Mismatch("a number")
+    return number
+
+
+def _to_str(_key: str, setting: Setting) -> str:
+    if isinstance(setting.value, str):
+        return setting.value
+    raise Mismatch("a string")
+
+
+def _to_path(_key: str, setting: Setting) -> Path:
+    value = setting.value
+    if not (isinstance(value, str | Path) and str(value).strip()):
+        raise Mismatch("a path")
+    candidate = Path(str(value).strip() if setting.textual else value)
+    if setting.base_dir is not None and not candidate.is_absolute():
+        candidate = setting.base_dir / candidate
+    return candidate
+
+
+_SCALARS: dict[object, Coercer] = {
+    bool: _to_bool,
+    int: _to_int,
+    float: _to_float,
+    str: _to_str,
+    Path: _to_path,
+}
+
+
+def _to_enum(key: str, setting: Setting, tp: type[StrEnum]) -> StrEnum:
+    value = setting.value
+    choices = [m.value for m in tp]
+    if isinstance(value, StrEnum | str) and str(value).strip().lower() in choices:
+        return tp(str(value).strip().lower())
+    text = str(value) if isinstance(value, str) else repr(value)
+    close = difflib.get_close_matches(text, choices, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise config_error(
+        key,
+        f"expected one of {', '.join(repr(c) for c in choices)}, got {value!r}{hint}",
+        setting.source,
+    )
 
 
 def plain(value: object) -> object:

@@ -340,53 +340,25 @@ def encode_update(
     largest magnitudes, so they are always among them) to save a pass over the input.
     The caller's ``delta`` is never modified.
     """
-    x = _as_vector(delta)
-    owned = False
-    if config.clip_norm is not None:
-        clipped = clip_l2(x, config.clip_norm)
-        owned, x = clipped is not x, clipped
-    if residual is not None:
-        if residual.num_params != x.size:
-            raise CodecError(
-                RejectReason.SHAPE_MISMATCH,
-                f"residual has {residual.num_params} values, delta has {x.size}",
-            )
-        x = x + residual.values
-        owned = True
+    x, owned = _clipped_with_residual(_as_vector(delta), config.clip_norm, residual)
     num_params = x.size
     k = config.topk_count(num_params)
     idx = None if k is None else select_topk(x, k)
     values = x if idx is None else x[idx]
     gaps, index_dtype = (None, None) if idx is None else encode_gaps(idx)
-    quantization = config.quantization
     layout = body_layout(
-        quantization,
+        config.quantization,
         num_values=values.size,
         block_size=config.block_size,
         index_dtype=index_dtype,
     )
     raw = np.zeros(layout.raw_size, dtype=np.uint8)  # zero padding between sections
-    floats = raw[layout.floats.offset : layout.floats.end]
-    if quantization.is_integer:
-        assert layout.codes is not None
-        scales = block_scales(values, quantization, config.block_size)
-        floats.view(SCALE_DTYPE)[:] = scales
-        codes = raw[layout.codes.offset : layout.codes.end]
-        quantize_into(values, scales, quantization, config.block_size, rng, codes)
-    else:
-        fp = floats.view(_FP_DTYPES[quantization])
-        with np.errstate(over="ignore", invalid="ignore"):  # Inf/NaN are refused just below
-            np.copyto(fp, values, casting="same_kind")
-        finite = _all_finite_f32(fp) if quantization is Quantization.FP32 else _all_finite_f16(fp)
-        if not finite:
-            raise CodecError(
-                RejectReason.NON_FINITE, f"delta has NaN/Inf or exceeds the {quantization} range"
-            )
+    _write_values(raw, layout, values, config, rng)
     if gaps is not None:
         assert layout.indices is not None
         raw[layout.indices.offset : layout.indices.end].view(gaps.dtype)[:] = gaps
     descriptor = CodecDescriptor(
-        quantization=quantization,
+        quantization=config.quantization,
         num_params=num_params,
         block_size=config.block_size,
         raw_size=layout.raw_size,
@@ -400,6 +372,55 @@ def encode_update(
     kept[idx] -= _CodedValues(layout, raw).values()
     kept.setflags(write=False)
     return encoded, Residual(kept)
+
+
+def _clipped_with_residual(
+    x: NDArray[np.float32], clip_norm: float | None, residual: Residual | None
+) -> tuple[NDArray[np.float32], bool]:
+    """``clip(x) + residual`` and whether that is a new array (the caller's ``x`` is never
+    modified, so only an owned one may be reused for the next residual)."""
+    owned = False
+    if clip_norm is not None:
+        clipped = clip_l2(x, clip_norm)
+        owned, x = clipped is not x, clipped
+    if residual is not None:
+        if residual.num_params != x.size:
+            raise CodecError(
+                RejectReason.SHAPE_MISMATCH,
+                f"residual has {residual.num_params} values, delta has {x.size}",
+            )
+        x = x + residual.values
+        owned = True
+    return x, owned
+
+
+def _write_values(
+    raw: NDArray[np.uint8],
+    layout: BodyLayout,
+    values: NDArray[np.float32],
+    config: CodecConfig,
+    rng: np.random.Generator,
+) -> None:
+    """Quantize ``values`` into ``raw``: block scales and codes for an integer codec (stochastic
+    rounding from ``rng``), else the floats themselves; NaN/Inf (or out of the float range):
+    ``CodecError(NON_FINITE)``."""
+    quantization = config.quantization
+    floats = raw[layout.floats.offset : layout.floats.end]
+    if quantization.is_integer:
+        assert layout.codes is not None
+        scales = block_scales(values, quantization, config.block_size)
+        floats.view(SCALE_DTYPE)[:] = scales
+        codes = raw[layout.codes.offset : layout.codes.end]
+        quantize_into(values, scales, quantization, config.block_size, rng, codes)
+        return
+    fp = floats.view(_FP_DTYPES[quantization])
+    with np.errstate(over="ignore", invalid="ignore"):  # Inf/NaN are refused just below
+        np.copyto(fp, values, casting="same_kind")
+    finite = _all_finite_f32(fp) if quantization is Quantization.FP32 else _all_finite_f16(fp)
+    if not finite:
+        raise CodecError(
+            RejectReason.NON_FINITE, f"delta has NaN/Inf or exceeds the {quantization} range"
+        )
 
 
 def open_update(

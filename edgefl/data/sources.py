@@ -130,53 +130,15 @@ class CsvSource:
 
     def load(self) -> XY:
         origin = f"csv source {str(self.path)!r}"
-        try:
-            with open(self.path, newline="", encoding="utf-8") as fh:
-                rows = list(csv.reader(fh, delimiter=self.delimiter))
-        except FileNotFoundError:
-            raise DataSourceError(f"{origin}: file not found") from None
-        except (OSError, UnicodeDecodeError, csv.Error) as exc:
-            raise DataSourceError(f"{origin}: cannot read: {exc}") from None
-        first_data_line = 1
-        if self.has_header:
-            if not rows:
-                raise DataSourceError(f"{origin}: empty file (no header)")
-            header, rows = rows[0], rows[1:]
-            first_data_line = 2
-        else:
-            header = []
-        if isinstance(self.label_column, str):
-            if not self.has_header:
-                raise DataSourceError(f"{origin}: a named label column needs has_header=True")
-            if self.label_column not in header:
-                raise DataSourceError(
-                    f"{origin}: no label column {self.label_column!r}; columns are {header}"
-                )
-            label_idx = header.index(self.label_column)
-        else:
-            label_idx = self.label_column
+        header, rows, first_data_line = self._read(origin)
+        label_idx = self._label_index(header, origin)
         rows = [r for r in rows if r and any(c.strip() for c in r)]
         if not rows:
             raise DataSourceError(f"{origin}: no data rows")
         width = len(rows[0])
         if not 0 <= label_idx < width:
             raise DataSourceError(f"{origin}: label column {label_idx} outside {width} columns")
-        x = np.empty((len(rows), width - 1), dtype=np.float32)
-        y = np.empty(len(rows), dtype=np.float64)
-        for i, row in enumerate(rows):
-            line = i + first_data_line
-            if len(row) != width:
-                raise DataSourceError(f"{origin}: line {line} has {len(row)} columns, not {width}")
-            try:
-                values = [float(c) for c in row]
-            except ValueError:
-                bad = next(j for j, c in enumerate(row) if not _is_float(c))
-                name = header[bad] if bad < len(header) else str(bad)
-                raise DataSourceError(
-                    f"{origin}: line {line}, column {name!r}: {row[bad]!r} is not a number"
-                ) from None
-            y[i] = values[label_idx]
-            x[i] = values[:label_idx] + values[label_idx + 1 :]
+        x, y = _numeric_rows(rows, header, label_idx, first_data_line, origin)
         if self.shape is not None:
             if int(np.prod(self.shape)) != x.shape[1]:
                 raise DataSourceError(
@@ -184,6 +146,57 @@ class CsvSource:
                 )
             x = x.reshape((x.shape[0], *self.shape))
         return validate_xy(x, y, origin=origin)
+
+    def _read(self, origin: str) -> tuple[list[str], list[list[str]], int]:
+        """``(header, rows, line number of the first row)``; header ``[]`` without one."""
+        try:
+            with open(self.path, newline="", encoding="utf-8") as fh:
+                rows = list(csv.reader(fh, delimiter=self.delimiter))
+        except FileNotFoundError:
+            raise DataSourceError(f"{origin}: file not found") from None
+        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            raise DataSourceError(f"{origin}: cannot read: {exc}") from None
+        if not self.has_header:
+            return [], rows, 1
+        if not rows:
+            raise DataSourceError(f"{origin}: empty file (no header)")
+        return rows[0], rows[1:], 2
+
+    def _label_index(self, header: list[str], origin: str) -> int:
+        if not isinstance(self.label_column, str):
+            return self.label_column
+        if not self.has_header:
+            raise DataSourceError(f"{origin}: a named label column needs has_header=True")
+        if self.label_column not in header:
+            raise DataSourceError(
+                f"{origin}: no label column {self.label_column!r}; columns are {header}"
+            )
+        return header.index(self.label_column)
+
+
+def _numeric_rows(
+    rows: list[list[str]], header: list[str], label_idx: int, first_line: int, origin: str
+) -> tuple[NDArray[np.float32], NDArray[np.float64]]:
+    """Features (float32, label column removed) and labels of equally wide numeric rows;
+    errors name the file line and the column."""
+    width = len(rows[0])
+    x = np.empty((len(rows), width - 1), dtype=np.float32)
+    y = np.empty(len(rows), dtype=np.float64)
+    for i, row in enumerate(rows):
+        line = i + first_line
+        if len(row) != width:
+            raise DataSourceError(f"{origin}: line {line} has {len(row)} columns, not {width}")
+        try:
+            values = [float(c) for c in row]
+        except ValueError:
+            bad = next(j for j, c in enumerate(row) if not _is_float(c))
+            name = header[bad] if bad < len(header) else str(bad)
+            raise DataSourceError(
+                f"{origin}: line {line}, column {name!r}: {row[bad]!r} is not a number"
+            ) from None
+        y[i] = values[label_idx]
+        x[i] = values[:label_idx] + values[label_idx + 1 :]
+    return x, y
 
 
 def _is_float(text: str) -> bool:

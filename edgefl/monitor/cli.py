@@ -162,15 +162,7 @@ def monitor_command(
         if clear_retained_target is not None:
             _run_clear(options, clear_retained_target, dry_run=dry_run, json_output=json_output)
         elif once:
-            snapshot = asyncio.run(until_signal(snapshot_once(options)))
-            if snapshot is None:
-                return  # stopped by SIGTERM/SIGINT before the snapshot was ready
-            if json_output:
-                typer.echo(dump_json(snapshot.to_json()))
-            else:
-                from .render import snapshot_text
-
-                typer.echo(snapshot_text(snapshot), nl=False)
+            _run_once(options, json_output=json_output)
         elif not interactive:
             asyncio.run(_stream(options, interval=interval, count=count))
         else:
@@ -179,6 +171,19 @@ def monitor_command(
         raise BrokerUnavailable(f"--broker {broker}: {exc}") from None
     except TransportError as exc:  # refused subscription, closed, ...
         raise BrokerUnavailable(f"--broker {broker}: {exc}") from None
+
+
+def _run_once(options: MonitorOptions, *, json_output: bool) -> None:
+    """``--once``: one snapshot after the retained messages, as JSON or text."""
+    snapshot = asyncio.run(until_signal(snapshot_once(options)))
+    if snapshot is None:
+        return  # stopped by SIGTERM/SIGINT before the snapshot was ready
+    if json_output:
+        typer.echo(dump_json(snapshot.to_json()))
+    else:
+        from .render import snapshot_text
+
+        typer.echo(snapshot_text(snapshot), nl=False)
 
 
 def _validated_options(
@@ -205,6 +210,42 @@ def _validated_options(
 ) -> MonitorOptions:
     """Every check that needs no broker, each naming its option; raises UsageError (a bad
     option) or ConfigError (a file an option names cannot be used)."""
+    parsed_url = _check_fleet_and_broker(fleet, broker)
+    _check_durations(interval=interval, stale_after=stale_after, wait=wait)
+    if not connect_timeout > 0:
+        raise UsageError(f"--connect-timeout must be > 0, got {connect_timeout:g}")
+    _check_clear_target(clear_retained_target, fleet, dry_run=dry_run)
+    try:
+        topic_filters = topics_filter(topic)
+    except ValueError as exc:
+        raise UsageError(f"--topic: {exc}") from None
+    password = _resolved_password(password, password_file, username=username, broker=broker)
+    _check_tls_options(parsed_url, broker, ca_file, cert_file, key_file)
+    config = _mqtt_config(
+        broker,
+        protocol=protocol,
+        start_timeout=connect_timeout,
+        username=username,
+        password=password,
+        ca_file=ca_file,
+        cert_file=cert_file,
+        key_file=key_file,
+        client_id=client_id,
+    )
+    return MonitorOptions(
+        config=config,
+        fleet=fleet,
+        include_sys=sys_topics,
+        include_updates=updates,
+        model=FleetModelConfig(stale_after=stale_after if stale_after > 0 else None),
+        topic_filters=topic_filters,
+        settle_timeout=wait,
+        notice=_notice,
+    )
+
+
+def _check_fleet_and_broker(fleet: str, broker: str) -> transport_config.BrokerUrl:
+    """``--fleet`` is a valid name and ``--broker`` a broker URL (returned parsed)."""
     from edgefl.errors import ProtocolError
     from edgefl.protocol.topics import validate_name
 
@@ -216,9 +257,12 @@ def _validated_options(
             " or digit"
         ) from None
     try:
-        parsed_url = transport_config.BrokerUrl.parse(broker)
+        return transport_config.BrokerUrl.parse(broker)
     except ValueError as exc:
         raise UsageError(f"--broker {broker!r}: {exc}") from None
+
+
+def _check_durations(*, interval: float, stale_after: float, wait: float) -> None:
     for name, value, low in (
         ("--interval", interval, "0 (0: one line per message)"),
         ("--stale-after", stale_after, "0 (0: never)"),
@@ -226,24 +270,28 @@ def _validated_options(
     ):
         if not value >= 0:
             raise UsageError(f"{name} must be >= {low}, got {value:g}")
-    if not connect_timeout > 0:
-        raise UsageError(f"--connect-timeout must be > 0, got {connect_timeout:g}")
-    if dry_run and clear_retained_target is None:
-        raise UsageError("--dry-run needs --clear-retained TARGET ('lost' or a topic filter)")
-    if clear_retained_target is not None:
-        from .clear import check_target
 
-        try:
-            check_target(clear_retained_target, fleet)
-        except ValueError as exc:
-            message = str(exc).removeprefix("--clear-retained ")
-            raise UsageError(
-                f"--clear-retained {clear_retained_target!r}: {message} (or 'lost')"
-            ) from None
+
+def _check_clear_target(target: str | None, fleet: str, *, dry_run: bool) -> None:
+    """``--clear-retained`` is 'lost' or a topic filter of the fleet; ``--dry-run`` needs it."""
+    if target is None:
+        if dry_run:
+            raise UsageError("--dry-run needs --clear-retained TARGET ('lost' or a topic filter)")
+        return
+    from .clear import check_target
+
     try:
-        topic_filters = topics_filter(topic)
+        check_target(target, fleet)
     except ValueError as exc:
-        raise UsageError(f"--topic: {exc}") from None
+        message = str(exc).removeprefix("--clear-retained ")
+        raise UsageError(f"--clear-retained {target!r}: {message} (or 'lost')") from None
+
+
+def _resolved_password(
+    password: str | None, password_file: Path | None, *, username: str | None, broker: str
+) -> str | None:
+    """The password from ``--password`` or ``--password-file`` (not both); it needs a user
+    name (``--username`` or one in the URL)."""
     if password_file is not None:
         if password is not None:
             raise UsageError("give --password or --password-file, not both")
@@ -254,6 +302,17 @@ def _validated_options(
             raise ConfigError(f"--password-file {str(password_file)!r}: {detail}") from None
     if password is not None and username is None and "@" not in broker:
         raise UsageError("--password (or --password-file) needs --username")
+    return password
+
+
+def _check_tls_options(
+    parsed_url: transport_config.BrokerUrl,
+    broker: str,
+    ca_file: Path | None,
+    cert_file: Path | None,
+    key_file: Path | None,
+) -> None:
+    """TLS files only with a TLS URL, certificate and key together, each file usable."""
     tls_files = (("--ca-file", ca_file), ("--cert-file", cert_file), ("--key-file", key_file))
     for name, path in tls_files:
         if path is not None and not parsed_url.tls:
@@ -261,34 +320,20 @@ def _validated_options(
     if (cert_file is None) != (key_file is None):
         raise UsageError("--cert-file and --key-file go together")
     _check_tls_files(ca_file, cert_file, key_file)
-    overrides: dict[str, Any] = {"protocol": protocol, "start_timeout": connect_timeout}
-    given: tuple[tuple[str, object], ...] = (
-        ("username", username),
-        ("password", password),
-        ("ca_file", ca_file),
-        ("cert_file", cert_file),
-        ("key_file", key_file),
-        ("client_id", client_id),
-    )
-    for key, setting in given:
-        if setting is not None:
-            overrides[key] = setting
+
+
+def _mqtt_config(
+    broker: str, *, protocol: MqttProtocol, start_timeout: float, **given: object
+) -> transport_config.MqttConfig:
+    """The monitor's MQTT config; ``given`` settings that are None keep their default."""
     from .client import monitor_mqtt_config
 
+    overrides: dict[str, Any] = {"protocol": protocol, "start_timeout": start_timeout}
+    overrides.update({key: value for key, value in given.items() if value is not None})
     try:
-        config = monitor_mqtt_config(broker, **overrides)
+        return monitor_mqtt_config(broker, **overrides)
     except ValueError as exc:
         raise UsageError(f"--broker {broker!r}: {exc}") from None
-    return MonitorOptions(
-        config=config,
-        fleet=fleet,
-        include_sys=sys_topics,
-        include_updates=updates,
-        model=FleetModelConfig(stale_after=stale_after if stale_after > 0 else None),
-        topic_filters=topic_filters,
-        settle_timeout=wait,
-        notice=_notice,
-    )
 
 
 def _notice(message: str) -> None:

@@ -152,21 +152,12 @@ class FleetModel:
                 self._apply_update(obs, now=now, retained=retained)
             case ManifestSeen(manifest=manifest):
                 self._manifest = manifest
-            case ModelChunkSeen(version=version, artifact=artifact, chunk=chunk):
-                if artifact is ModelArtifact.WEIGHTS:
-                    self._chunks_seen.setdefault(version, set()).add(chunk.index)
-                    for old in [v for v in self._chunks_seen if v < version - 1]:
-                        del self._chunks_seen[old]
+            case ModelChunkSeen():
+                self._apply_chunk(obs)
             case ServerStateSeen(state=server):
-                if server.supersedes(self._server):
-                    self._server = server
+                self._apply_server(server)
             case MetricsSeen(metrics=metrics):
-                self._metrics = metrics
-                if metrics.accuracy is not None:
-                    self._accuracy.pop(metrics.version, None)
-                    self._accuracy[metrics.version] = metrics.accuracy
-                    while len(self._accuracy) > self.config.accuracy_history:
-                        del self._accuracy[min(self._accuracy)]
+                self._apply_metrics(metrics)
             case Cleared(topic=topic):
                 self._apply_cleared(topic)
             case BrokerStat(name=name, value=value):
@@ -190,6 +181,28 @@ class FleetModel:
             record.state, record.encoding = state, encoding
         if not retained:
             record.live_at = now
+
+    def _apply_chunk(self, obs: ModelChunkSeen) -> None:
+        """Count a weights chunk of its version; forget versions older than the previous one."""
+        if obs.artifact is not ModelArtifact.WEIGHTS:
+            return
+        self._chunks_seen.setdefault(obs.version, set()).add(obs.chunk.index)
+        for old in [v for v in self._chunks_seen if v < obs.version - 1]:
+            del self._chunks_seen[old]
+
+    def _apply_server(self, server: ServerState) -> None:
+        """Keep ``server`` when it supersedes the state held (see ``ServerState.supersedes``)."""
+        if server.supersedes(self._server):
+            self._server = server
+
+    def _apply_metrics(self, metrics: ServerMetrics) -> None:
+        """Keep the latest metrics and the accuracy of the last ``accuracy_history`` versions."""
+        self._metrics = metrics
+        if metrics.accuracy is not None:
+            self._accuracy.pop(metrics.version, None)
+            self._accuracy[metrics.version] = metrics.accuracy
+            while len(self._accuracy) > self.config.accuracy_history:
+                del self._accuracy[min(self._accuracy)]
 
     def _apply_update(self, obs: UpdateSeen, *, now: float, retained: bool) -> None:
         seen = self._updates.get(obs.device_id)

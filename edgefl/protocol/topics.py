@@ -27,6 +27,7 @@ no leading zeros) and raises ``ProtocolError`` with ``BAD_TOPIC``, ``BAD_NAME``,
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import ClassVar, NewType
@@ -416,32 +417,51 @@ def _topic_text(topic: str | bytes | memoryview) -> str:
 
 def _parse_fleet_levels(fleet: str, rest: list[str], text: str) -> ParsedTopic | None:
     """The levels after ``edgefl/v1/<fleet>/`` as a typed topic; None if they name none."""
+    family = _FLEET_FAMILIES.get(rest[0])
+    return None if family is None else family(fleet, rest, text)
+
+
+def _parse_model_levels(fleet: str, rest: list[str], text: str) -> ParsedTopic | None:
+    """``model/manifest``, ``model/<version>/<index>``, ``model/<version>/onnx/<index>``."""
     n = len(rest)
-    match rest[0]:
-        case "model":
-            if n == 2 and rest[1] == "manifest":
-                return ModelManifestTopic(fleet)
-            if n == 3:
-                version = _parse_int(rest[1], text, "model version")
-                return ModelChunkTopic(fleet, version, _parse_int(rest[2], text, "chunk index"))
-            if n == 4 and rest[2] == ModelArtifact.ONNX.value:
-                version = _parse_int(rest[1], text, "model version")
-                index = _parse_int(rest[3], text, "chunk index")
-                return ModelChunkTopic(fleet, version, index, ModelArtifact.ONNX)
-        case "device":
-            if n >= 3:
-                device = device_id(rest[1])
-                if n == 3 and rest[2] == "state":
-                    return DeviceStateTopic(fleet, device)
-                if n == 3 and rest[2] == "receipt":
-                    return ReceiptTopic(fleet, device)
-                if n == 4 and rest[2] == "update":
-                    return UpdateTopic(fleet, device, _parse_int(rest[3], text, "update seq"))
-        case "server":
-            if n == 2 and rest[1] == "state":
-                return ServerStateTopic(fleet)
-            if n == 2 and rest[1] == "metrics":
-                return ServerMetricsTopic(fleet)
-        case _:
-            pass
+    if n == 2 and rest[1] == "manifest":
+        return ModelManifestTopic(fleet)
+    if n == 3:
+        version = _parse_int(rest[1], text, "model version")
+        return ModelChunkTopic(fleet, version, _parse_int(rest[2], text, "chunk index"))
+    if n == 4 and rest[2] == ModelArtifact.ONNX.value:
+        version = _parse_int(rest[1], text, "model version")
+        index = _parse_int(rest[3], text, "chunk index")
+        return ModelChunkTopic(fleet, version, index, ModelArtifact.ONNX)
     return None
+
+
+def _parse_device_levels(fleet: str, rest: list[str], text: str) -> ParsedTopic | None:
+    """``device/<id>/state``, ``device/<id>/receipt``, ``device/<id>/update/<seq>``."""
+    n = len(rest)
+    if n < 3:
+        return None
+    device = device_id(rest[1])
+    if n == 3 and rest[2] == "state":
+        return DeviceStateTopic(fleet, device)
+    if n == 3 and rest[2] == "receipt":
+        return ReceiptTopic(fleet, device)
+    if n == 4 and rest[2] == "update":
+        return UpdateTopic(fleet, device, _parse_int(rest[3], text, "update seq"))
+    return None
+
+
+def _parse_server_levels(fleet: str, rest: list[str], _text: str) -> ParsedTopic | None:
+    """``server/state``, ``server/metrics``."""
+    if len(rest) == 2 and rest[1] == "state":
+        return ServerStateTopic(fleet)
+    if len(rest) == 2 and rest[1] == "metrics":
+        return ServerMetricsTopic(fleet)
+    return None
+
+
+_FLEET_FAMILIES: dict[str, Callable[[str, list[str], str], ParsedTopic | None]] = {
+    "model": _parse_model_levels,
+    "device": _parse_device_levels,
+    "server": _parse_server_levels,
+}

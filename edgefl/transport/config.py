@@ -222,12 +222,17 @@ class MqttConfig:
     None waits until the transport is closed."""
 
     def __post_init__(self) -> None:
+        self._check_endpoint()
+        self._check_session()
+        self._check_flow_control()
+        self._check_timing()
+
+    def _check_endpoint(self) -> None:
+        """Where and as whom to connect: host, port, TLS files, WebSocket path, credentials."""
         if not self.host:
             raise ValueError("host is required")
         if not 0 < self.port < 65536:
             raise ValueError(f"bad port {self.port}")
-        if self.persistent_session and not self.client_id:
-            raise ValueError("a persistent session needs a fixed client_id")
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("cert_file and key_file go together")
         if not self.tls and (self.ca_file or self.cert_file or self.tls_insecure):
@@ -236,10 +241,18 @@ class MqttConfig:
             validate_websocket_path(self.websocket_path)
         if self.password is not None and self.username is None:
             raise ValueError("password without username")
+
+    def _check_session(self) -> None:
+        """The MQTT session: client id, keepalive, expiry."""
+        if self.persistent_session and not self.client_id:
+            raise ValueError("a persistent session needs a fixed client_id")
         if self.keepalive < 0 or self.keepalive > 65535:
             raise ValueError("keepalive must be 0..65535")
         if not 0 <= self.session_expiry <= 0xFFFFFFFF:
             raise ValueError("session_expiry out of range")
+
+    def _check_flow_control(self) -> None:
+        """The bounds on messages in flight both ways and on packet size."""
         if self.max_inflight < 1:
             raise ValueError("max_inflight must be >= 1")
         if self.receive_maximum is not None and not 1 <= self.receive_maximum <= 65535:
@@ -248,6 +261,9 @@ class MqttConfig:
             raise ValueError("max_queued_messages must be >= 1")
         if self.max_packet_size is not None and self.max_packet_size < 64:
             raise ValueError("max_packet_size too small")
+
+    def _check_timing(self) -> None:
+        """Reconnect backoff and connect timeouts."""
         if not 0 < self.reconnect_min_delay <= self.reconnect_max_delay:
             raise ValueError("need 0 < reconnect_min_delay <= reconnect_max_delay")
         if self.connect_timeout <= 0 or self.protocol_probe_timeout <= 0:

@@ -423,8 +423,18 @@ class MqttTransport:
         proto = self._try_protocol
         client = self._client_for(proto)
         self._attempt_lost = loop.create_future()
-        self._connack = loop.create_future()
-        self._connack.add_done_callback(_consume)
+        connack = self._connack = loop.create_future()
+        connack.add_done_callback(_consume)
+        failed = await self._send_connect(loop, client)
+        if failed is not None:
+            return failed
+        return await self._await_connack(proto, connack)
+
+    async def _send_connect(
+        self, loop: asyncio.AbstractEventLoop, client: BufferedClient
+    ) -> _Attempt | None:
+        """Open the socket and send CONNECT in the executor (abandonable on close); ``None``
+        when CONNECT is on its way, else the failed attempt (recorded)."""
         self._in_executor = True
         self._connect_job = ConnectJob(
             loop,
@@ -456,6 +466,13 @@ class MqttTransport:
             self._drop_socket(f"CONNECT not sent: {rc}")
             self._record_failure(f"cannot send CONNECT to {self._config.url}: {rc}")
             return _Attempt.FAILED
+        return None
+
+    async def _await_connack(
+        self, proto: MqttProtocol, connack: asyncio.Future[tuple[ReasonCode, bool]]
+    ) -> _Attempt:
+        """Wait for the broker's CONNACK to the CONNECT of ``proto``; fall back to 3.1.1 when
+        the protocol is still being probed and the broker refuses or ignores MQTT 5."""
         # auto, protocol still unknown: amqtt answers a bare MQTT 5 CONNECT with "unsupported
         # protocol version" but ignores one that carries properties, so silence means 3.1.1 too
         probing = self._protocol is None and proto is MqttProtocol.V5
@@ -464,19 +481,9 @@ class MqttTransport:
             timeout = min(timeout, self._config.protocol_probe_timeout)
         try:
             async with asyncio.timeout(timeout):
-                reason, _ = await asyncio.shield(self._connack)
+                reason, _ = await asyncio.shield(connack)
         except TimeoutError:
-            self._drop_socket("no CONNACK")
-            if self._closing:
-                return _Attempt.FAILED
-            if probing and self._maybe_fall_back(proto):
-                log.info(
-                    "%s: no CONNACK for MQTT 5 in %.1fs, trying 3.1.1", self._client_id, timeout
-                )
-                return _Attempt.RETRY_NOW
-            self._record_failure(f"no CONNACK from {self._config.url} (MQTT {proto.value})")
-            self._maybe_fall_back(proto)
-            return _Attempt.FAILED
+            return self._no_connack(proto, probing, timeout)
         except _ConnectionLost as exc:
             if self._closing:
                 return _Attempt.FAILED
@@ -490,6 +497,18 @@ class MqttTransport:
             self._record_failure(f"{self._config.url} refused the connection: {reason}")
             return _Attempt.FAILED
         return _Attempt.CONNECTED
+
+    def _no_connack(self, proto: MqttProtocol, probing: bool, timeout: float) -> _Attempt:
+        """No CONNACK within ``timeout``: retry at once with 3.1.1 when probing MQTT 5."""
+        self._drop_socket("no CONNACK")
+        if self._closing:
+            return _Attempt.FAILED
+        if probing and self._maybe_fall_back(proto):
+            log.info("%s: no CONNACK for MQTT 5 in %.1fs, trying 3.1.1", self._client_id, timeout)
+            return _Attempt.RETRY_NOW
+        self._record_failure(f"no CONNACK from {self._config.url} (MQTT {proto.value})")
+        self._maybe_fall_back(proto)
+        return _Attempt.FAILED
 
     def _abandon_connect(self) -> None:
         """Stop waiting for the blocking connect (closing): the job's thread closes its socket

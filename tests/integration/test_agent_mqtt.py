@@ -196,12 +196,79 @@ class GateTrainer:
         return self.inner.train(job, should_stop)
 
 
+@dataclasses.dataclass
+class ProbedDevice:
+    """A fake device: sysfs tree ``fs``, a stand-in ``nmcli`` program (run as a real
+    subprocess by the probe) printing what ``metered`` holds, and a settable clock."""
+
+    fs: Path
+    metered: Path
+    nmcli: Path
+    now: datetime
+
+    @classmethod
+    def create(cls, root: Path) -> ProbedDevice:
+        fs, metered, nmcli = root / "fs", root / "metered", root / "nmcli"
+        write_tree(fs, mains=False)
+        metered.write_text("no")
+        nmcli.write_text(f"#!/bin/sh\necho GENERAL.METERED:$(cat {metered})\n")
+        nmcli.chmod(0o755)
+        return cls(fs, metered, nmcli, datetime(2026, 1, 5, 23, 0).astimezone())
+
+    def snapshots(self, cfg: AgentConfig) -> ProbeSnapshotSource:
+        probes = default_probes(
+            self.fs,
+            metered=MeteredSource.NETWORKMANAGER,
+            runner=lambda argv, timeout: run_command([str(self.nmcli), *argv[1:]], timeout),
+            clock=ClockProbe(now=lambda: self.now),
+        )
+        return ProbeSnapshotSource(cfg.probes, probes=probes)
+
+
+async def walk_every_ineligibility_reason(
+    agent: DeviceAgent, device: ProbedDevice, watch: StateWatcher
+) -> dict[str, tuple[str, ...] | None]:
+    """Make the device ineligible for each reason in turn; the reasons its state published."""
+    seen: dict[str, tuple[str, ...] | None] = {}
+
+    async def expect(name: str, reasons: tuple[str, ...], **tree: object) -> None:
+        write_tree(device.fs, **tree)  # type: ignore[arg-type]
+        agent.check_now()
+        await eventually(lambda: watch.reasons() == reasons, 10)
+        seen[name] = watch.reasons()
+
+    await expect("battery", ("on_battery",), mains=False)
+    await expect("hot", ("too_hot",), temp_c=85.0)
+    await expect("throttled", ("throttled",), throttled=0x4)
+    await expect("under_voltage", ("under_voltage",), throttled=0x1)
+    await expect("busy", ("busy",), load=1.9)
+    device.metered.write_text("yes")
+    await expect("metered", ("metered",))
+    device.metered.write_text("no")
+    device.now = datetime(2026, 1, 5, 12, 0).astimezone()
+    await expect("outside_window", ("outside_window",))
+    device.now = datetime(2026, 1, 6, 1, 30).astimezone()
+    return seen
+
+
+async def unplug_mid_training(
+    agent: DeviceAgent, device: ProbedDevice, watch: StateWatcher
+) -> None:
+    """Eligible -> training starts -> unplugged: the training is aborted."""
+    write_tree(device.fs)
+    agent.check_now()
+    await eventually(lambda: agent.statistics().status is DeviceStatus.TRAINING, 10)
+    await eventually(lambda: watch.status() == "training")
+    write_tree(device.fs, mains=False)
+    agent.check_now()
+    await eventually(lambda: agent.statistics().trainings_aborted.get("ineligible") == 1, 10)
+
+
 async def test_eligibility_over_fake_sysfs_and_abort_mid_training_publishes_nothing(
     mosquitto: MosquittoBroker, tmp_path: Path
 ) -> None:
-    # Arrange
-    fs = tmp_path / "fs"
-    write_tree(fs, mains=False)
+    # Arrange: NetworkManager and the clock are real probes over fakes, window 22:00-06:00
+    device = ProbedDevice.create(tmp_path)
     agg = Aggregator(
         AggregatorConfig(
             broker_url=mosquitto.url,
@@ -213,60 +280,24 @@ async def test_eligibility_over_fake_sysfs_and_abort_mid_training_publishes_noth
         )
     )
     trainer = GateTrainer()
-    # NetworkManager and the clock: a stand-in `nmcli` program (run as a real subprocess by the
-    # probe) printing what the test wrote, and an injected clock, with a 22:00-06:00 window
-    nmcli = tmp_path / "nmcli"
-    (tmp_path / "metered").write_text("no")
-    nmcli.write_text(f"#!/bin/sh\necho GENERAL.METERED:$(cat {tmp_path / 'metered'})\n")
-    nmcli.chmod(0o755)
-    now = {"t": datetime(2026, 1, 5, 23, 0).astimezone()}
     cfg = dataclasses.replace(
         agent_config(tmp_path, mosquitto.url),
         eligibility=EligibilityPolicy(windows=(TimeWindow("22:00-06:00"),)),
     )
-    probes = default_probes(
-        fs,
-        metered=MeteredSource.NETWORKMANAGER,
-        runner=lambda argv, timeout: run_command([str(nmcli), *argv[1:]], timeout),
-        clock=ClockProbe(now=lambda: now["t"]),
-    )
-    snapshots = ProbeSnapshotSource(cfg.probes, probes=probes)
-    agent = DeviceAgent(cfg, trainer=trainer, dataset=dataset(), snapshots=snapshots)
-    seen: dict[str, tuple[str, ...] | None] = {}
+    agent = DeviceAgent(cfg, trainer=trainer, dataset=dataset(), snapshots=device.snapshots(cfg))
 
-    async def scenario(watch: StateWatcher) -> None:
-        async def expect(name: str, reasons: tuple[str, ...], **tree: object) -> None:
-            write_tree(fs, **tree)  # type: ignore[arg-type]
-            agent.check_now()
-            await eventually(lambda: watch.reasons() == reasons, 10)
-            seen[name] = watch.reasons()
-
-        await expect("battery", ("on_battery",), mains=False)
-        await expect("hot", ("too_hot",), temp_c=85.0)
-        await expect("throttled", ("throttled",), throttled=0x4)
-        await expect("under_voltage", ("under_voltage",), throttled=0x1)
-        await expect("busy", ("busy",), load=1.9)
-        (tmp_path / "metered").write_text("yes")
-        await expect("metered", ("metered",))
-        (tmp_path / "metered").write_text("no")
-        now["t"] = datetime(2026, 1, 5, 12, 0).astimezone()
-        await expect("outside_window", ("outside_window",))
-        now["t"] = datetime(2026, 1, 6, 1, 30).astimezone()
-        # Act: eligible -> training starts -> unplugged mid-training
-        write_tree(fs)
-        agent.check_now()
-        await eventually(lambda: agent.statistics().status is DeviceStatus.TRAINING, 10)
-        await eventually(lambda: watch.status() == "training")
-        write_tree(fs, mains=False)
-        agent.check_now()
-        await eventually(lambda: agent.statistics().trainings_aborted.get("ineligible") == 1, 10)
+    async def scenario(watch: StateWatcher) -> dict[str, tuple[str, ...] | None]:
+        seen = await walk_every_ineligibility_reason(agent, device, watch)
+        # Act
+        await unplug_mid_training(agent, device, watch)
         await asyncio.sleep(1.0)  # anything published would reach the aggregator by now
         seen["after_abort_received"] = (str(agg.statistics().received),)
         # ... plugged in again: the retried training is delivered
         trainer.gate.set()
-        write_tree(fs)
+        write_tree(device.fs)
         agent.check_now()
         await eventually(lambda: agg.statistics().applied == 1, 60)
+        return seen
 
     ready = asyncio.Event()
     agg_task = asyncio.create_task(agg.run(ready))
@@ -274,7 +305,7 @@ async def test_eligibility_over_fake_sysfs_and_abort_mid_training_publishes_noth
     agent_task = asyncio.create_task(agent.run())
     async with StateWatcher(mosquitto.url) as watch:
         try:
-            await scenario(watch)
+            seen = await scenario(watch)
         finally:
             agent.stop()
             await agent_task

@@ -134,7 +134,12 @@ async def test_once_json_matches_a_running_aggregator_and_agents(
 
     live, settled = await scenario()
 
-    # while training: every device is there and connected, the server reports K
+    assert_live_snapshot_shows_the_training_fleet(live)
+    assert_settled_snapshot_matches_the_services(settled, aggregator, agents)
+
+
+def assert_live_snapshot_shows_the_training_fleet(live: dict[str, Any]) -> None:
+    """While training: every device is there and connected, the server reports K."""
     assert sorted(d["device_id"] for d in live["devices"]) == list(DEVICES)
     assert {d["status"] for d in live["devices"]} <= {"online", "idle", "training"}
     assert live["aggregator"]["status"] == "online"
@@ -142,7 +147,11 @@ async def test_once_json_matches_a_running_aggregator_and_agents(
     assert live["aggregator"]["version"] >= 2
     assert live["model"]["version"] >= 2
 
-    # settled: the snapshot agrees with the services' own statistics
+
+def assert_settled_snapshot_matches_the_services(
+    settled: dict[str, Any], aggregator: Aggregator, agents: list[DeviceAgent]
+) -> None:
+    """Settled: the snapshot agrees with the services' own statistics."""
     stats = aggregator.statistics()
     agg = settled["aggregator"]
     assert (agg["version"], agg["buffer_fill"], agg["buffer_size"]) == (

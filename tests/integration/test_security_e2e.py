@@ -90,74 +90,138 @@ def _forged_model(signer: Ed25519Signer, version: int) -> list[tuple[str, bytes]
     return [*out, (manifest_topic(FLEET), encode_message(manifest, signer=signer))]
 
 
+class SecureFleet:
+    """A provisioned fleet on its TLS broker: the URL, the CA and each account's password."""
+
+    def __init__(self, layout: FleetDirectory, bundle: Path, port: int) -> None:
+        self.layout, self.bundle = layout, bundle
+        self.url = f"mqtts://localhost:{port}"
+        self.ca = layout.broker_dir / "ca.pem"
+        self.passwords = {
+            "aggregator": (layout.aggregator_dir / "mqtt-password").read_text().strip(),
+            DEVICE: (bundle / "mqtt-password").read_text().strip(),
+            "monitor": (layout.monitor_dir / "mqtt-password").read_text().strip(),
+        }
+
+    def creds(self, user: str) -> MqttConfig:
+        return MqttConfig.from_url(
+            self.url,
+            username=user,
+            password=self.passwords[user],
+            ca_file=self.ca,
+            start_timeout=10.0,
+        )
+
+    def aggregator(self, state_dir: Path) -> aggregator_mod.Aggregator:
+        """FedBuff K=2 authenticating updates with the device-keys directory, signing models."""
+        from edgefl.security import load_update_authenticator
+
+        return aggregator_mod.Aggregator(
+            aggregator_mod.AggregatorConfig(
+                broker_url=self.url,
+                fleet=FLEET,
+                model=MODEL,
+                state_dir=state_dir,
+                buffer_size=2,
+                fsync=False,
+                username="aggregator",
+                password=self.passwords["aggregator"],
+                ca_file=self.ca,
+                authenticator=load_update_authenticator(self.layout.device_keys_dir),
+                manifest_signer=load_signer(self.layout.aggregator_signing_key),
+            )
+        )
+
+    def agent(self, tmp_path: Path) -> device_agent.DeviceAgent:
+        """The agent configured from its provisioned bundle, on an idle fake machine."""
+        from device_agent.config import load_config
+        from device_agent.dataset import LocalDataset
+
+        _fake_sysfs(tmp_path / "fs")
+        (tmp_path / "train.npz").write_bytes(b"unused: the dataset is passed in")
+        config = load_config(
+            self.bundle / "agent.toml",
+            {},
+            {
+                "broker.url": self.url,
+                "broker.reconnect_max_s": 2.0,
+                "data.path": str(tmp_path / "train.npz"),
+                "state_dir": str(tmp_path / "agent"),
+                "probes.root": str(tmp_path / "fs"),
+                "probes.metered": "no",
+                "probes.interval_s": 1.0,
+            },
+        )
+        digits = load_digits()
+        x = (digits.data[:200] / 16.0).astype(np.float32)
+        data = LocalDataset.split(x, digits.target[:200].astype(np.int64), 0.2, seed=1)
+        return device_agent.DeviceAgent(config, dataset=data)
+
+
+async def attack_with_device_password(
+    fleet: SecureFleet, genuine: InboundMessage, thief: Ed25519Signer
+) -> None:
+    """Replay the genuine update, publish a forged (thief-signed) and an unsigned one, and
+    garbage (bad magic, truncated): five rejections."""
+    header, _ = decode_update(genuine.payload)
+    forged_header = UpdateHeader(**{**header.__dict__, "seq": header.seq + 1000})
+    unsigned = UpdateHeader(**{**header.__dict__, "seq": header.seq + 2000})
+    async with MqttTransport(fleet.creds(DEVICE)) as stolen:
+        await stolen.publish(genuine.topic, genuine.payload)
+        await stolen.publish(
+            update_topic(FLEET, DEVICE, forged_header.seq),
+            encode_message(forged_header, b"\x00" * 8, signer=thief),
+        )
+        await stolen.publish(
+            update_topic(FLEET, DEVICE, unsigned.seq), encode_message(unsigned, b"\x00")
+        )
+        # and plain garbage: counted, and the aggregator keeps running
+        await stolen.publish(update_topic(FLEET, DEVICE, 5000), b"garbage!" * 4)
+        await stolen.publish(update_topic(FLEET, DEVICE, 5001), b"EDFL\x01")
+
+
+def tampered_manifest(genuine: bytes) -> bytes:
+    """The genuine manifest claiming version 8, its CRC fixed (only the signature is wrong)."""
+    tampered = bytearray(genuine)
+    at = tampered.index(b'"version":0')
+    tampered[at : at + 11] = b'"version":8'
+    struct.pack_into(">I", tampered, len(tampered) - 4, zlib.crc32(tampered[:-4]))
+    return bytes(tampered)
+
+
+async def attack_with_aggregator_password(
+    fleet: SecureFleet, genuine_manifest: InboundMessage, thief: Ed25519Signer
+) -> None:
+    """Publish a forged model v7 (thief-signed) and a tampered genuine manifest, retained."""
+    async with MqttTransport(fleet.creds("aggregator")) as stolen_agg:
+        for topic, payload in _forged_model(thief, 7):
+            await stolen_agg.publish(topic, payload, retain=True)
+        await stolen_agg.publish(
+            manifest_topic(FLEET), tampered_manifest(genuine_manifest.payload), retain=True
+        )
+
+
 async def test_forged_models_and_forged_or_replayed_updates_are_rejected_by_running_services(
     tmp_path: Path,
 ) -> None:
     needs.mosquitto()
-    from device_agent.config import load_config
-    from device_agent.dataset import LocalDataset
 
     # --- Arrange: provisioned fleet, secure broker, aggregator and agent from the files
     layout: FleetDirectory = init_fleet(tmp_path / "fleet", FLEET, ["localhost"])
     bundle = add_device(layout.root, DEVICE).directory
     broker = mosquitto_for_fleet(layout, tmp_path / "mosquitto")
     broker.start()
-    url = f"mqtts://localhost:{broker.port}"
-    agg_password = (layout.aggregator_dir / "mqtt-password").read_text().strip()
-    dev_password = (bundle / "mqtt-password").read_text().strip()
-    mon_password = (layout.monitor_dir / "mqtt-password").read_text().strip()
-    ca = layout.broker_dir / "ca.pem"
-
-    from edgefl.security import load_update_authenticator
-
-    aggregator = aggregator_mod.Aggregator(
-        aggregator_mod.AggregatorConfig(
-            broker_url=url,
-            fleet=FLEET,
-            model=MODEL,
-            state_dir=tmp_path / "aggregator",
-            buffer_size=2,
-            fsync=False,
-            username="aggregator",
-            password=agg_password,
-            ca_file=ca,
-            authenticator=load_update_authenticator(layout.device_keys_dir),
-            manifest_signer=load_signer(layout.aggregator_signing_key),
-        )
-    )
-    _fake_sysfs(tmp_path / "fs")
-    (tmp_path / "train.npz").write_bytes(b"unused: the dataset is passed in")
-    config = load_config(
-        bundle / "agent.toml",
-        {},
-        {
-            "broker.url": url,
-            "broker.reconnect_max_s": 2.0,
-            "data.path": str(tmp_path / "train.npz"),
-            "state_dir": str(tmp_path / "agent"),
-            "probes.root": str(tmp_path / "fs"),
-            "probes.metered": "no",
-            "probes.interval_s": 1.0,
-        },
-    )
-    digits = load_digits()
-    x = (digits.data[:200] / 16.0).astype(np.float32)
-    data = LocalDataset.split(x, digits.target[:200].astype(np.int64), 0.2, seed=1)
-    agent = device_agent.DeviceAgent(config, dataset=data)
+    fleet = SecureFleet(layout, bundle, broker.port)
+    aggregator = fleet.aggregator(tmp_path / "aggregator")
+    agent = fleet.agent(tmp_path)
     thief = Ed25519Signer(generate_private_key())
-
-    def creds(user: str, password: str) -> MqttConfig:
-        return MqttConfig.from_url(
-            url, username=user, password=password, ca_file=ca, start_timeout=10.0
-        )
-
     captured: list[InboundMessage] = []
 
     try:
         ready = asyncio.Event()
         agg_task = asyncio.create_task(aggregator.run(ready))
         await asyncio.wait_for(ready.wait(), 30)
-        async with MqttTransport(creds("monitor", mon_password)) as monitor:
+        async with MqttTransport(fleet.creds("monitor")) as monitor:
             await monitor.subscribe(updates_filter(FLEET))
             await monitor.subscribe(manifest_topic(FLEET))
             agent_task = asyncio.create_task(agent.run())
@@ -174,34 +238,13 @@ async def test_forged_models_and_forged_or_replayed_updates_are_rejected_by_runn
 
             # 2. stolen device password: replay, forgery, unsigned
             (genuine,) = [m for m in captured if "/update/" in m.topic]
-            header, _ = decode_update(genuine.payload)
-            forged_header = UpdateHeader(**{**header.__dict__, "seq": header.seq + 1000})
-            async with MqttTransport(creds(DEVICE, dev_password)) as stolen:
-                await stolen.publish(genuine.topic, genuine.payload)
-                await stolen.publish(
-                    update_topic(FLEET, DEVICE, forged_header.seq),
-                    encode_message(forged_header, b"\x00" * 8, signer=thief),
-                )
-                unsigned = UpdateHeader(**{**header.__dict__, "seq": header.seq + 2000})
-                await stolen.publish(
-                    update_topic(FLEET, DEVICE, unsigned.seq), encode_message(unsigned, b"\x00")
-                )
-                # and plain garbage: counted, and the aggregator keeps running
-                await stolen.publish(update_topic(FLEET, DEVICE, 5000), b"garbage!" * 4)
-                await stolen.publish(update_topic(FLEET, DEVICE, 5001), b"EDFL\x01")
+            await attack_with_device_password(fleet, genuine, thief)
             await eventually(lambda: aggregator.statistics().rejected_total >= 5, 20)
             assert aggregator.statistics().connected
 
             # 3. stolen aggregator password: forged model v7 and a tampered genuine manifest
             (genuine_manifest,) = [m for m in captured if m.topic == manifest_topic(FLEET)][:1]
-            tampered = bytearray(genuine_manifest.payload)
-            at = tampered.index(b'"version":0')
-            tampered[at : at + 11] = b'"version":8'
-            struct.pack_into(">I", tampered, len(tampered) - 4, zlib.crc32(tampered[:-4]))
-            async with MqttTransport(creds("aggregator", agg_password)) as stolen_agg:
-                for topic, payload in _forged_model(thief, 7):
-                    await stolen_agg.publish(topic, payload, retain=True)
-                await stolen_agg.publish(manifest_topic(FLEET), bytes(tampered), retain=True)
+            await attack_with_aggregator_password(fleet, genuine_manifest, thief)
             await eventually(
                 lambda: agent.statistics().rejected.get(RejectReason.BAD_SIGNATURE.value, 0) >= 2,
                 20,
@@ -216,12 +259,24 @@ async def test_forged_models_and_forged_or_replayed_updates_are_rejected_by_runn
         broker.stop()
 
     # --- Assert
+    assert_aggregator_accepted_only_the_genuine_update(aggregator)
+    assert_agent_kept_the_genuine_model(agent, captured)
+
+
+def assert_aggregator_accepted_only_the_genuine_update(
+    aggregator: aggregator_mod.Aggregator,
+) -> None:
     agg_stats = aggregator.statistics()
     assert agg_stats.applied == 1  # only the genuine update
     assert agg_stats.rejected.get("bad_signature", 0) == 2  # forged + unsigned
     assert agg_stats.rejected.get("duplicate", 0) + agg_stats.rejected.get("replay", 0) == 1
     assert agg_stats.rejected.get("bad_magic") == 1
     assert agg_stats.rejected.get("truncated") == 1
+
+
+def assert_agent_kept_the_genuine_model(
+    agent: device_agent.DeviceAgent, captured: list[InboundMessage]
+) -> None:
     agent_stats = agent.statistics()
     assert agent_stats.model_version == 0  # kept the genuine model
     assert agent_stats.rejected == {"bad_signature": 2}
