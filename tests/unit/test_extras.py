@@ -255,7 +255,7 @@ def test_extras_table_matches_pyproject() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["name"] == DISTRIBUTION
     extras: dict[str, list[str]] = project["optional-dependencies"]
-    pip_name = {"sklearn": "scikit-learn"}
+    pip_name = {"sklearn": "scikit-learn", "prometheus_client": "prometheus-client"}
     for module, extra in EXTRA_OF_MODULE.items():
         direct = [r for r in extras[extra] if not r.startswith(DISTRIBUTION)]
         names = {r.split(";")[0].split("=")[0].split(">")[0].split("<")[0].strip() for r in direct}
@@ -265,5 +265,14 @@ def test_extras_table_matches_pyproject() -> None:
 def test_core_dependencies_hold_no_optional_package() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     core = " ".join(project["dependencies"])
-    for name in ("torch", "amqtt", "aiomqtt", "cryptography", "matplotlib", "textual", "onnx"):
+    for name in (
+        "torch",
+        "amqtt",
+        "aiomqtt",
+        "cryptography",
+        "matplotlib",
+        "textual",
+        "onnx",
+        "prometheus",
+    ):
         assert name not in core
