@@ -40,7 +40,7 @@ import time
 from collections.abc import AsyncGenerator, Iterable
 from enum import Enum
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, NamedTuple, Self
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTErrorCode, MQTTProtocolVersion
@@ -80,6 +80,23 @@ _DISCONNECT_GRACE = 2.0
 _BARRIER_GRACE = 1.0
 """Of which at most this long for the PINGRESP of the ping barrier."""
 _UNSUPPORTED_PROTOCOL = "Unsupported protocol version"
+
+
+class _PendingPublish(NamedTuple):
+    """A QoS 0/1 publish waiting for paho's ``on_publish`` (PUBACK for QoS 1)."""
+
+    done: asyncio.Future[None]
+    size: int  # payload bytes, for the statistics
+
+
+class _Subscription(NamedTuple):
+    """The SUBSCRIBE that carries one filter in connection ``generation``: ``suback`` resolves
+    to the broker's reason codes, of which this filter's is at ``index``."""
+
+    generation: int
+    suback: asyncio.Future[list[ReasonCode]]
+    index: int
+    qos: int
 
 
 class _ConnectionLost(Exception):
@@ -158,10 +175,10 @@ class MqttTransport:
         self._connack: asyncio.Future[tuple[ReasonCode, bool]] | None = None
         self._io: SocketDriver | None = None
         # operations in flight
-        self._pending_pubs: dict[int, tuple[asyncio.Future[None], int]] = {}
+        self._pending_pubs: dict[int, _PendingPublish] = {}
         self._pending_qos0: set[int] = set()
         self._pending_subs: dict[int, asyncio.Future[list[ReasonCode]]] = {}
-        self._sub_state: dict[str, tuple[int, asyncio.Future[list[ReasonCode]], int, int]] = {}
+        self._sub_state: dict[str, _Subscription] = {}
         self._subscriptions: dict[str, int] = {}
         self._unacked: dict[int, tuple[int, int]] = {}
         self._tokens = itertools.count(1)
@@ -301,7 +318,7 @@ class MqttTransport:
                         await asyncio.sleep(0.01)
                         continue
                     fut: asyncio.Future[None] = self._running_loop().create_future()
-                    self._pending_pubs[info.mid] = (fut, len(data))
+                    self._pending_pubs[info.mid] = _PendingPublish(fut, len(data))
                     if qos == 0:
                         self._pending_qos0.add(info.mid)
                     handed_over = qos > 0
@@ -328,14 +345,14 @@ class MqttTransport:
                 while True:
                     await self._wait_connected()
                     entry = self._sub_state.get(topic_filter)
-                    if entry is None or entry[0] != self._gen or entry[3] != qos:
+                    if entry is None or entry.generation != self._gen or entry.qos != qos:
                         self._send_subscribe({topic_filter: qos})
                         entry = self._sub_state[topic_filter]
-                    _, fut, index, _ = entry
                     try:
-                        codes = await asyncio.shield(fut)
+                        codes = await asyncio.shield(entry.suback)
                     except _ConnectionLost:
                         continue
+                    index = entry.index
                     code = codes[index] if index < len(codes) else None
                     if code is None or code.is_failure:
                         self._subscriptions.pop(topic_filter, None)
@@ -737,8 +754,8 @@ class MqttTransport:
                 fut.set_exception(_ConnectionLost(reason))
         for mid in self._pending_qos0:
             entry = self._pending_pubs.pop(mid, None)
-            if entry is not None and not entry[0].done():
-                entry[0].set_exception(_ConnectionLost(reason))
+            if entry is not None and not entry.done.done():
+                entry.done.set_exception(_ConnectionLost(reason))
         self._pending_qos0.clear()
         self._notify()
 
@@ -796,7 +813,7 @@ class MqttTransport:
         else:
             self._pending_subs[mid] = fut
         for index, (topic_filter, qos) in enumerate(items):
-            self._sub_state[topic_filter] = (self._gen, fut, index, qos)
+            self._sub_state[topic_filter] = _Subscription(self._gen, fut, index, qos)
         if renewal:
             names = [name for name, _ in items]
             fut.add_done_callback(lambda done: self._log_refusals(done, names))
