@@ -91,11 +91,11 @@ class _PendingPublish(NamedTuple):
 
 class _Subscription(NamedTuple):
     """The SUBSCRIBE that carries one filter in connection ``generation``: ``suback`` resolves
-    to the broker's reason codes, of which this filter's is at ``index``."""
+    to the broker's reason codes, of which this filter's is at ``position``."""
 
     generation: int
     suback: asyncio.Future[list[ReasonCode]]
-    index: int
+    position: int
     qos: int
 
 
@@ -352,7 +352,7 @@ class MqttTransport:
                         codes = await asyncio.shield(entry.suback)
                     except _ConnectionLost:
                         continue
-                    index = entry.index
+                    index = entry.position
                     code = codes[index] if index < len(codes) else None
                     if code is None or code.is_failure:
                         self._subscriptions.pop(topic_filter, None)
