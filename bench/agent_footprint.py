@@ -57,6 +57,7 @@ from edgefl.models.spec import ModelSpec, get_model_spec, init_weights_numpy  # 
 from edgefl.protocol.messages import DeviceState, decode_message  # noqa: E402
 from edgefl.protocol.topics import device_state_topic, updates_filter  # noqa: E402
 from edgefl.transport import MqttConfig, MqttTransport  # noqa: E402
+from firmware_sim.fake_sysfs import write_fake_sysfs  # noqa: E402
 
 FLEET, DEVICE, MODEL = "bench", "pi-bench", "mnist1d-cnn"
 HEAVY = ("torch", "onnxruntime", "onnx", "sklearn", "scipy", "matplotlib", "pandas", "cryptography")
@@ -69,6 +70,7 @@ def dump(*_):
         json.dump({{"heavy": heavy, "modules": len(sys.modules)}}, fh)
 signal.signal(signal.SIGUSR1, dump)
 from device_agent.cli import agent_app
+from firmware_sim.fake_sysfs import write_fake_sysfs
 agent_app(["--config", {config!r}], prog_name="edgefl agent")
 """
 
@@ -119,25 +121,12 @@ def import_seconds() -> float:
     return max(0.0, best("import device_agent.agent") - best("import sys"))
 
 
-def write_tree(root: Path, *, mains: bool) -> None:
-    (root / "proc").mkdir(parents=True, exist_ok=True)
-    (root / "proc/loadavg").write_text("0.00 0.00 0.00 1/100 1\n")
-    (root / "proc/cpuinfo").write_text("processor : 0\nprocessor : 1\n")
-    ac, bat = root / "sys/class/power_supply/AC", root / "sys/class/power_supply/BAT0"
-    for d in (ac, bat):
-        d.mkdir(parents=True, exist_ok=True)
-    (ac / "type").write_text("Mains\n")
-    (ac / "online").write_text("1\n" if mains else "0\n")
-    (bat / "type").write_text("Battery\n")
-    (bat / "status").write_text("Charging\n" if mains else "Discharging\n")
-
-
 def write_setup(tmp: Path, url: str, isolation: str) -> Path:
     from edgefl.data import load_dataset
 
     data = load_dataset("mnist1d", num_samples=2000, seed=0)
     np.savez(tmp / "train.npz", x=data.x_train[:1000], y=data.y_train[:1000])
-    write_tree(tmp / "fs", mains=False)
+    write_fake_sysfs(tmp / "fs", mains=False)
     config = tmp / "agent.toml"
     config.write_text(
         f'fleet = "{FLEET}"\ndevice_id = "{DEVICE}"\nstate_dir = "state"\nlog_level = "WARNING"\n'
@@ -206,7 +195,7 @@ class _AgentRun:
         """Flip to mains; time to the first update, peak and after-training RSS, exit code."""
         results: dict[str, object] = {}
         t_flip = time.monotonic()
-        write_tree(self.tmp / "fs", mains=True)
+        write_fake_sysfs(self.tmp / "fs", mains=True)
         sampler = asyncio.create_task(self._sample_peak())
         await self.until(lambda: bool(self.arrivals), 120)
         sampler.cancel()

@@ -29,28 +29,15 @@ from device_agent.updates import build_update
 from edgefl.codec import CodecConfig, Quantization
 from edgefl.models.spec import get_model_spec, init_weights_numpy
 from edgefl.transport import InboundMessage, MemoryBroker, MemoryTransport, OnConnect, Will
+from firmware_sim.fake_sysfs import write_fake_sysfs
 
 FLEET, DEVICE, MODEL = "farm", "pi-1", "digits-mlp"
 SPEC = get_model_spec(MODEL)
 
 
 def write_tree(root: Path) -> None:
-    """A fake /proc + /sys of a device on battery: it never trains, it only sends its spool."""
-    (root / "proc").mkdir(parents=True, exist_ok=True)
-    (root / "proc/loadavg").write_text("0.00 0.00 0.00 1/100 1\n")
-    (root / "proc/cpuinfo").write_text("processor : 0\nprocessor : 1\n")
-    ac = root / "sys/class/power_supply/AC"
-    bat = root / "sys/class/power_supply/BAT0"
-    for d in (ac, bat):
-        d.mkdir(parents=True, exist_ok=True)
-    (ac / "type").write_text("Mains\n")
-    (ac / "online").write_text("0\n")
-    (bat / "type").write_text("Battery\n")
-    (bat / "status").write_text("Discharging\n")
-    (bat / "capacity").write_text("90\n")
-    zone = root / "sys/class/thermal/thermal_zone0"
-    zone.mkdir(parents=True, exist_ok=True)
-    (zone / "temp").write_text("40000\n")
+    """A device on battery: it never trains, it only sends its spool."""
+    write_fake_sysfs(root, mains=False)
 
 
 def dataset() -> LocalDataset:

@@ -26,6 +26,7 @@ from edgefl.aggregator import Aggregator, AggregatorConfig
 from edgefl.protocol.messages import DeviceState, DeviceStatus, decode_message
 from edgefl.protocol.topics import device_state_topic
 from edgefl.transport import MqttConfig, MqttTransport
+from firmware_sim.fake_sysfs import write_fake_sysfs
 
 pytestmark = pytest.mark.integration
 
@@ -33,23 +34,10 @@ FLEET, DEVICE, MODEL = "vineyard", "pi-3", "digits-mlp"
 REPO = Path(__file__).resolve().parents[2]
 
 
-def write_tree(root: Path, *, mains: bool) -> None:
-    (root / "proc").mkdir(parents=True, exist_ok=True)
-    (root / "proc/loadavg").write_text("0.00 0.00 0.00 1/100 1\n")
-    (root / "proc/cpuinfo").write_text("processor : 0\nprocessor : 1\n")
-    ac, bat = root / "sys/class/power_supply/AC", root / "sys/class/power_supply/BAT0"
-    for d in (ac, bat):
-        d.mkdir(parents=True, exist_ok=True)
-    (ac / "type").write_text("Mains\n")
-    (ac / "online").write_text("1\n" if mains else "0\n")
-    (bat / "type").write_text("Battery\n")
-    (bat / "status").write_text("Charging\n" if mains else "Discharging\n")
-
-
 def write_config(tmp: Path, url: str) -> Path:
     d = load_digits()
     np.savez(tmp / "train.npz", x=(d.data[:150] / 16.0).astype(np.float32), y=d.target[:150])
-    write_tree(tmp / "fs", mains=False)
+    write_fake_sysfs(tmp / "fs", mains=False)
     path = tmp / "agent.toml"
     path.write_text(
         f"""
@@ -161,7 +149,7 @@ async def test_sigkill_with_spooled_update_then_restart_delivers_exactly_once(
         await wait_for(lambda: (state / "model/current").exists(), 30, agent)
         # the broker goes away, then the device becomes eligible and finishes an update
         await asyncio.to_thread(mosquitto.stop)
-        write_tree(tmp_path / "fs", mains=True)
+        write_fake_sysfs(tmp_path / "fs", mains=True)
         await wait_for(lambda: spooled(state) == 1, 60, agent)
         # Act: crash with the update in the spool, broker back, agent restarted
         assert agent.signal(signal.SIGKILL) == -signal.SIGKILL
@@ -208,7 +196,7 @@ async def test_broker_down_for_20s_agent_delivers_afterwards(
         # Act: broker down 20 s; meanwhile the device trains and spools its update
         await asyncio.to_thread(mosquitto.stop)
         down_at = time.monotonic()
-        write_tree(tmp_path / "fs", mains=True)
+        write_fake_sysfs(tmp_path / "fs", mains=True)
         await wait_for(lambda: spooled(state) == 1, 60, agent)
         await asyncio.sleep(max(0.0, 20.0 - (time.monotonic() - down_at)))
         assert agg.statistics().applied == 0

@@ -41,6 +41,7 @@ from edgefl.aggregator import Aggregator, AggregatorConfig
 from edgefl.protocol.messages import DeviceState, DeviceStatus, decode_message
 from edgefl.protocol.topics import device_state_topic
 from edgefl.transport import MqttConfig, MqttTransport
+from firmware_sim.fake_sysfs import write_fake_sysfs
 
 pytestmark = pytest.mark.integration
 
@@ -56,23 +57,7 @@ def write_tree(
     throttled: int = 0,
 ) -> None:
     """Fake /proc and /sys: 2 CPUs, AC adapter + battery, a thermal zone, the Pi firmware file."""
-    (root / "proc").mkdir(parents=True, exist_ok=True)
-    (root / "proc/loadavg").write_text(f"{load:.2f} 0.00 0.00 1/100 1\n")
-    (root / "proc/cpuinfo").write_text("processor : 0\nprocessor : 1\n")
-    ac, bat = root / "sys/class/power_supply/AC", root / "sys/class/power_supply/BAT0"
-    for d in (ac, bat):
-        d.mkdir(parents=True, exist_ok=True)
-    (ac / "type").write_text("Mains\n")
-    (ac / "online").write_text("1\n" if mains else "0\n")
-    (bat / "type").write_text("Battery\n")
-    (bat / "status").write_text("Charging\n" if mains else "Discharging\n")
-    (bat / "capacity").write_text("90\n")
-    zone = root / "sys/class/thermal/thermal_zone0"
-    zone.mkdir(parents=True, exist_ok=True)
-    (zone / "temp").write_text(f"{int(temp_c * 1000)}\n")
-    fw = root / "sys/devices/platform/soc/soc:firmware"
-    fw.mkdir(parents=True, exist_ok=True)
-    (fw / "get_throttled").write_text(f"{throttled:x}\n")
+    write_fake_sysfs(root, mains=mains, temp_c=temp_c, load=load, throttled=throttled)
 
 
 def agent_config(tmp: Path, url: str) -> AgentConfig:

@@ -23,29 +23,12 @@ from device_agent.config import AgentConfig, BrokerConfig, DataConfig, DataKind,
 from device_agent.dataset import LocalDataset
 from device_agent.eligibility import EligibilityPolicy, MeteredSource
 from edgefl.aggregator import Aggregator, AggregatorConfig
+from firmware_sim.fake_sysfs import write_fake_sysfs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(120)]
 
 FLEET, MODEL, K = "orchard", "digits-mlp", 3
 DEVICES = ("pi-1", "pi-2", "pi-3")
-
-
-def write_tree(root: Path, *, mains: bool) -> None:
-    """A fake /proc + /sys the agents' probes read: idle CPU, cool, on mains or on battery."""
-    (root / "proc").mkdir(parents=True, exist_ok=True)
-    (root / "proc/loadavg").write_text("0.00 0.00 0.00 1/100 1\n")
-    (root / "proc/cpuinfo").write_text("processor : 0\nprocessor : 1\n")
-    ac, bat = root / "sys/class/power_supply/AC", root / "sys/class/power_supply/BAT0"
-    for d in (ac, bat):
-        d.mkdir(parents=True, exist_ok=True)
-    (ac / "type").write_text("Mains\n")
-    (ac / "online").write_text("1\n" if mains else "0\n")
-    (bat / "type").write_text("Battery\n")
-    (bat / "status").write_text("Charging\n" if mains else "Discharging\n")
-    (bat / "capacity").write_text("90\n")
-    zone = root / "sys/class/thermal/thermal_zone0"
-    zone.mkdir(parents=True, exist_ok=True)
-    (zone / "temp").write_text("40000\n")
 
 
 def agent(tmp: Path, url: str, device: str, seed: int) -> DeviceAgent:
@@ -90,7 +73,7 @@ async def monitor_once(url: str) -> dict[str, Any]:
 async def test_once_json_matches_a_running_aggregator_and_agents(
     mosquitto: MosquittoBroker, tmp_path: Path
 ) -> None:
-    write_tree(tmp_path / "fs", mains=True)
+    write_fake_sysfs(tmp_path / "fs", mains=True)
     aggregator = Aggregator(
         AggregatorConfig(
             broker_url=mosquitto.url,
@@ -115,7 +98,7 @@ async def test_once_json_matches_a_running_aggregator_and_agents(
             live = await monitor_once(mosquitto.url)
 
             # unplug every device: they stop training and report why; the fleet settles
-            write_tree(tmp_path / "fs", mains=False)
+            write_fake_sysfs(tmp_path / "fs", mains=False)
             for a in agents:
                 a.check_now()
             await eventually(lambda: all(a.statistics().reasons == ("on_battery",) for a in agents))

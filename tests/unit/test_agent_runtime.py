@@ -61,32 +61,14 @@ from edgefl.security import (
     write_public_key,
 )
 from edgefl.transport import InboundMessage, MemoryBroker, MemoryTransport, OnConnect, Will
+from firmware_sim.fake_sysfs import write_fake_sysfs
 
 FLEET, DEVICE, MODEL = "farm", "pi-1", "digits-mlp"
 SPEC = get_model_spec(MODEL)
 
 
-def write_tree(root: Path, *, mains: bool = True, temp_c: float = 40.0, load: float = 0.0) -> None:
-    """A fake /proc + /sys: 2 CPUs, an AC adapter and a battery, one thermal zone."""
-    (root / "proc").mkdir(parents=True, exist_ok=True)
-    (root / "proc/loadavg").write_text(f"{load:.2f} 0.00 0.00 1/100 1\n")
-    (root / "proc/cpuinfo").write_text("processor : 0\nprocessor : 1\n")
-    ac = root / "sys/class/power_supply/AC"
-    bat = root / "sys/class/power_supply/BAT0"
-    for d in (ac, bat):
-        d.mkdir(parents=True, exist_ok=True)
-    (ac / "type").write_text("Mains\n")
-    (ac / "online").write_text("1\n" if mains else "0\n")
-    (bat / "type").write_text("Battery\n")
-    (bat / "status").write_text("Charging\n" if mains else "Discharging\n")
-    (bat / "capacity").write_text("90\n")
-    zone = root / "sys/class/thermal/thermal_zone0"
-    zone.mkdir(parents=True, exist_ok=True)
-    (zone / "temp").write_text(f"{int(temp_c * 1000)}\n")
-
-
 def make_config(tmp: Path) -> AgentConfig:
-    write_tree(tmp / "fs")
+    write_fake_sysfs(tmp / "fs")
     return AgentConfig(
         broker=BrokerConfig("mqtt://127.0.0.1:1"),
         fleet=FLEET,
@@ -268,7 +250,7 @@ async def test_spooled_updates_are_resent_in_order_byte_identical(tmp_path: Path
             )
             spool.put(seq, built.envelope, {})
             spooled[seq] = built.envelope
-    write_tree(tmp_path / "fs", mains=False)  # on battery: no new training interferes
+    write_fake_sysfs(tmp_path / "fs", mains=False)  # on battery: no new training interferes
 
     updates, stop_observer = await collect(broker, updates_filter(FLEET))
     agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker))
@@ -310,7 +292,7 @@ async def test_ineligible_mid_training_aborts_publishes_nothing_and_retries_when
     run = asyncio.create_task(agent.run())
     await eventually(lambda: agent.statistics().status is DeviceStatus.TRAINING)
     # Act: unplug mid-training
-    write_tree(tmp_path / "fs", mains=False)
+    write_fake_sysfs(tmp_path / "fs", mains=False)
     agent.check_now()
     await eventually(lambda: agent.statistics().trainings_aborted.get("ineligible") == 1, 10)
     aborted = dict(agent.statistics().trainings_aborted)
@@ -319,7 +301,7 @@ async def test_ineligible_mid_training_aborts_publishes_nothing_and_retries_when
     assert not updates
     # ... and plug in again: the next attempt completes
     trainer.gate.set()
-    write_tree(tmp_path / "fs", mains=True)
+    write_fake_sysfs(tmp_path / "fs", mains=True)
     agent.check_now()
     await eventually(lambda: agent.statistics().updates_sent == 1)
     agent.stop()
@@ -376,7 +358,7 @@ async def test_reconnect_starts_a_new_presence_session_and_the_old_will_is_lower
 ) -> None:
     # Arrange
     cfg = make_config(tmp_path)
-    write_tree(tmp_path / "fs", mains=False)
+    write_fake_sysfs(tmp_path / "fs", mains=False)
     broker = MemoryBroker()
     made: list[MemoryTransport] = []
 
@@ -410,7 +392,7 @@ async def test_reconnect_starts_a_new_presence_session_and_the_old_will_is_lower
 async def test_model_with_corrupt_chunk_is_rejected_and_previous_model_kept(tmp_path: Path) -> None:
     # Arrange: v0 is fine; v1's chunk carries other bytes under the advertised digest
     cfg = make_config(tmp_path)
-    write_tree(tmp_path / "fs", mains=False)
+    write_fake_sysfs(tmp_path / "fs", mains=False)
     broker = MemoryBroker()
     publish_model(broker, 0)
     good = model_release(FLEET, 1, MODEL, init_weights_numpy(SPEC, 1))
@@ -576,7 +558,7 @@ async def test_systemd_ready_status_and_watchdog_from_the_event_loop(
     reader.start()
     notifier = SystemdNotifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"})
     cfg = make_config(tmp_path)
-    write_tree(tmp_path / "fs", mains=False)
+    write_fake_sysfs(tmp_path / "fs", mains=False)
     broker = MemoryBroker()
 
     agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker), notifier=notifier)
@@ -668,7 +650,7 @@ async def test_error_feedback_residual_survives_a_restart(tmp_path: Path) -> Non
 async def test_idle_agent_republishes_its_state_every_heartbeat(tmp_path: Path) -> None:
     # Arrange: an idle agent (on battery, no model) with a 1 s heartbeat
     cfg = dataclasses.replace(make_config(tmp_path), heartbeat_s=1.0)
-    write_tree(tmp_path / "fs", mains=False)
+    write_fake_sysfs(tmp_path / "fs", mains=False)
     broker = MemoryBroker()
 
     states_seen, stop_observer = await collect(broker, device_state_topic(FLEET, DEVICE))
