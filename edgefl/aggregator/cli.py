@@ -154,6 +154,13 @@ def aggregator_command(
         float | None,
         typer.Option(help="fedavg: fraction of K needed to step at the deadline. [0.5]"),
     ] = None,
+    receipts: Annotated[
+        bool | None,
+        typer.Option(
+            "--receipts/--no-receipts",
+            help="Publish a receipt to each device after its updates are committed. [on]",
+        ),
+    ] = None,
     local_epochs: Annotated[
         int | None, typer.Option(help="Hint: local epochs per update. [1]")
     ] = None,
@@ -191,6 +198,10 @@ def aggregator_command(
         typer.Option(
             help="MiB of update packets held unacknowledged (receive window; memory vs rate). [32]"
         ),
+    ] = None,
+    max_seq_jump: Annotated[
+        int | None,
+        typer.Option(help="Refuse a seq this far above the device's highest (seq_jump). [2^32]"),
     ] = None,
     no_fsync: Annotated[
         bool,
@@ -279,6 +290,7 @@ def aggregator_command(
         "aggregation.trim_beta": trim_beta,
         "aggregation.round_deadline_s": round_deadline,
         "aggregation.min_fraction": min_fraction,
+        "aggregation.receipts": receipts,
         "hints.local_epochs": local_epochs,
         "hints.batch_size": batch_size,
         "hints.lr": lr,
@@ -294,6 +306,7 @@ def aggregator_command(
         "limits.max_batch": max_batch,
         "limits.max_inflight_mib": max_inflight_mib,
         "limits.fsync": False if no_fsync else None,
+        "limits.max_seq_jump": max_seq_jump,
         "security.device_keys": device_keys,
         "security.signing_key_file": signing_key,
     }
