@@ -4,6 +4,7 @@ receipts only after the durable commit, the bounded send queue, SEQ_JUMP and res
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from pathlib import Path
 from typing import Any
@@ -190,8 +191,8 @@ def test_a_stalled_broker_drops_receipts_not_ingest(tmp_path: Path) -> None:
             assert (s.applied, s.receipts_sent, s.receipts_dropped) == (4, 0, 2)
             h.transport.gate.set()
             await eventually(lambda: h.stats().receipts_sent == 2)
-            assert receipt(broker, "pi-0") is not None and receipt(broker, "pi-3") is not None
-            assert receipt(broker, "pi-1") is None and receipt(broker, "pi-2") is None
+            published = {d for d in ("pi-0", "pi-1", "pi-2", "pi-3") if receipt(broker, d)}
+            assert published == {"pi-0", "pi-3"}
 
     run(body)
 
@@ -296,7 +297,8 @@ def test_reset_device_to_a_given_seq_and_json(
               "--json"])  # fmt: skip
     assert info.value.code == 0
     out = capsys.readouterr().out
-    assert '"after": 10' in out and f'"before": {MAX_INT}' in out and '"committed": 4' in out
+    result = json.loads(out)
+    assert (result["before"], result["after"], result["committed"]) == (MAX_INT, 10, 4)
 
 
 def test_reset_device_refuses_while_the_aggregator_runs(
