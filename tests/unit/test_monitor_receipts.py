@@ -101,7 +101,9 @@ def test_device_times_are_clamped_to_the_receive_time_plus_a_day() -> None:
     )
 
     state_obs = decode(device_state_topic(FLEET, "pi-1"), encode_message(state))
-    json_obs = decode(device_state_topic(FLEET, "pi-1"), b'{"status": "online", "session": 1, "at": 4e9}')
+    json_obs = decode(
+        device_state_topic(FLEET, "pi-1"), b'{"status": "online", "session": 1, "at": 4e9}'
+    )
     update_obs = decode(update_topic(FLEET, "pi-1", 0), envelope)
 
     assert isinstance(state_obs, DeviceStateSeen)
@@ -111,7 +113,9 @@ def test_device_times_are_clamped_to_the_receive_time_plus_a_day() -> None:
     assert isinstance(update_obs, UpdateSeen)
     assert update_obs.header is not None
     assert update_obs.header.created_at == NOW + MAX_CLOCK_AHEAD
-    early = decode(device_state_topic(FLEET, "pi-1"), b'{"status": "online", "session": 1, "at": 12.0}')
+    early = decode(
+        device_state_topic(FLEET, "pi-1"), b'{"status": "online", "session": 1, "at": 12.0}'
+    )
     assert isinstance(early, DeviceStateSeen)
     assert early.state.at == 12.0  # a Pi before NTP: in range, kept
 
