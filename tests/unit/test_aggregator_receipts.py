@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -325,3 +327,23 @@ def test_reset_device_without_state_is_a_usage_error(
     assert info.value.code == 2
     assert "--state-dir" in capsys.readouterr().err
     assert not (tmp_path / "nothing").exists()
+
+
+def test_a_second_aggregator_on_the_same_state_dir_exits_78(tmp_path: Path) -> None:
+    broker = MemoryBroker()
+    config = make_config(tmp_path)
+    args = [
+        sys.executable, "-m", "edgefl.aggregator.cli", "--broker", "mqtt://127.0.0.1:1",
+        "--fleet", FLEET, "--model", config.model, "--state-dir", str(config.state_dir),
+    ]  # fmt: skip
+
+    async def body() -> None:
+        async with Harness(broker, config):
+            done = await asyncio.to_thread(
+                subprocess.run, args, capture_output=True, text=True, timeout=60
+            )
+            assert done.returncode == 78
+            assert "state_dir" in done.stderr
+            assert "in use by process" in done.stderr
+
+    run(body)
