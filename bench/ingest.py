@@ -31,14 +31,17 @@ aggregator's threads, from ``/proc``) and the aggregator's page faults per updat
 brokers, with receipts on (the default service: one retained QoS 1 receipt per device per
 commit batch, published by its own task) and off, same publishers and payloads; the line shows
 both rates and their ratio, and the receipts published and dropped. ``--receipts on|off`` runs
-one of them. The ``updates_per_s_*`` keys are the receipts-on run when it ran.
+one of them. ``--rounds N`` repeats each setting N times, alternating which goes first, and
+reports the median run of each. The ``updates_per_s_*`` keys are the receipts-on run when it
+ran.
 
 With ``--json`` the last line of stdout is one JSON object with ``updates_per_s_100k``,
 ``updates_per_s_1m``, ``ceiling_per_s_100k``, ``ceiling_per_s_1m``, ``fraction_of_ceiling_100k``,
 ``fraction_of_ceiling_1m``, ``mb_per_s_*``, ``peak_rss_mb_100k``, ``peak_rss_mb_1m`` and the
 RSS budget ``rss_budget_mb_* = 4 x model + 150``; with ``--receipts both``,
-``updates_per_s_receipts``, ``updates_per_s_no_receipts`` and ``receipts_ratio`` (of the first
-model run; per model: ``..._100k``, ``..._1m``).
+``updates_per_s_receipts``, ``updates_per_s_no_receipts``, ``receipts_ratio`` and the
+aggregator's event-loop CPU per update of both, ``event_loop_cpu_ms_(no_)receipts`` (of the
+first model run; per model: ``..._100k``, ``..._1m``).
 """
 
 from __future__ import annotations
@@ -423,6 +426,11 @@ def measure_aggregator(
     }
 
 
+def median_run(found: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median rate (the lower middle one of an even count)."""
+    return sorted(found, key=lambda run: run["per_s"])[(len(found) - 1) // 2]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer updates (CI smoke run)")
@@ -456,6 +464,13 @@ def main() -> None:
         choices=["both", "on", "off"],
         default="both",
         help="run the aggregator with receipts on and off (both, side by side), or one",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="aggregator runs per receipts setting, alternating which goes first; the median "
+        "run is reported (the host's noise is larger than the receipts' cost)",
     )
     args = parser.parse_args()
     global PUBLISHER_MODE, PUBLISHER_NICE
@@ -493,26 +508,40 @@ def main() -> None:
                 ceiling = measure_ceiling(
                     ctx, broker.port, case, payload, args.publishers, broker.pid
                 )
-            runs: dict[bool, dict[str, Any]] = {}
-            for receipts in {"both": (True, False), "on": (True,), "off": (False,)}[args.receipts]:
-                label = "-receipts" if receipts else "-no-receipts"
-                with MosquittoBroker(state_dir=tmp / f"mosquitto-agg-{key}{label}") as broker:
-                    assert broker.pid is not None
-                    runs[receipts] = measure_aggregator(
-                        ctx, broker.port, case, payload, args.publishers, tmp,
-                        {**tuning, "receipts": receipts}, broker.pid, label,
-                    )  # fmt: skip
+            samples: dict[bool, list[dict[str, Any]]] = {}
+            order = {"both": [True, False], "on": [True], "off": [False]}[args.receipts]
+            for r in range(args.rounds):
+                for receipts in order if r % 2 == 0 else order[::-1]:  # alternate who goes first
+                    label = f"-{'receipts' if receipts else 'no-receipts'}-{r}"
+                    with MosquittoBroker(state_dir=tmp / f"mosquitto-agg-{key}{label}") as broker:
+                        assert broker.pid is not None
+                        samples.setdefault(receipts, []).append(
+                            measure_aggregator(
+                                ctx, broker.port, case, payload, args.publishers, tmp,
+                                {**tuning, "receipts": receipts}, broker.pid, label,
+                            )
+                        )  # fmt: skip
+            runs = {on: median_run(found) for on, found in samples.items()}
+            if args.rounds > 1:
+                for on, found in samples.items():
+                    rates = ", ".join(f"{run['per_s']:.0f}" for run in found)
+                    print(f"    receipts {'on' if on else 'off'}: {rates} upd/s", flush=True)
             agg = runs.get(True) or runs[False]
             if len(runs) == 2:
                 on, off = runs[True], runs[False]
                 ratio = on["per_s"] / off["per_s"]
+                loop_on = on["cpu_ms_per_update"].get("aggregator/event-loop", float("nan"))
+                loop_off = off["cpu_ms_per_update"].get("aggregator/event-loop", float("nan"))
                 print(
                     f"{case.model:9s} receipts on {on['per_s']:7.0f} upd/s "
                     f"({on['receipts_sent']} receipts sent, {on['receipts_dropped']} dropped) | "
-                    f"off {off['per_s']:7.0f} upd/s | on/off {ratio:.3f}",
+                    f"off {off['per_s']:7.0f} upd/s | on/off {ratio:.3f} | event-loop CPU ms "
+                    f"per update on {loop_on:.3f}, off {loop_off:.3f}",
                     flush=True,
                 )
                 figures = {
+                    "event_loop_cpu_ms_receipts": loop_on,
+                    "event_loop_cpu_ms_no_receipts": loop_off,
                     "updates_per_s_receipts": round(on["per_s"], 1),
                     "updates_per_s_no_receipts": round(off["per_s"], 1),
                     "receipts_ratio": round(ratio, 3),

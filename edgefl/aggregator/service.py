@@ -620,8 +620,7 @@ class Aggregator:
         self._batches += 1
         if running.receipts is not None and batch.outcomes:
             # only now: a receipt says "durably recorded" (and the batches before this one are)
-            book = running.receipts.book
-            running.receipts.sender.queue.put(book.receipts(batch.outcomes, now=time.time()))
+            self._queue_receipts(running.receipts, batch)
         await running.transport.ack_many(message for message, _ in batch.acks)
         done = time.monotonic()
         if self._exporter is not None:
@@ -630,6 +629,15 @@ class Aggregator:
         if batch.release is not None:
             self._announce(running, batch.release, batch.new_versions)
         self._stats_cache = self.statistics()
+
+    @staticmethod
+    def _queue_receipts(receipts: _Receipts, batch: Batch) -> None:
+        """Hand the committed batch's receipts to the sender task (never waits). A failure
+        here must not stop ingest: a missing receipt only costs the device a resend."""
+        try:
+            receipts.sender.queue.put(receipts.book.receipts(batch.outcomes, now=time.time()))
+        except Exception:
+            log.exception("building the receipts of a batch failed; devices will resend")
 
     def _announce(
         self, running: _Running, release: Release, new_versions: list[VersionRecord]
