@@ -89,6 +89,7 @@ log = logging.getLogger("edgefl.aggregator")
 
 OnVersion = Callable[[VersionRecord], None]
 _SHUTDOWN_PUBLISH_S = 5.0
+_SHUTDOWN_RECEIPTS_S = 1.0  # the stop must stay within 2 s of SIGTERM even with a dead broker
 _IDLE_TICK_S = 0.5
 _INFLATE_DEPTH = 2  # updates handed to the inflate thread and not finished yet
 _INFLATE_OFFLOAD_BYTES = 256 * 1024  # smaller bodies are decompressed on the loop
@@ -369,7 +370,7 @@ class Aggregator:
             if sending is not None and running.receipts is not None:
                 # the last batches' receipts; one not sent costs the device a resend
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(_SHUTDOWN_PUBLISH_S):
+                    async with asyncio.timeout(_SHUTDOWN_RECEIPTS_S):
                         await running.receipts.sender.queue.join()
                 sending.cancel()
             house.cancel()
