@@ -26,10 +26,22 @@ shares the machine's cores, so the ceiling and the aggregator see the same conte
 runs also report the CPU each part used per update (publishers, broker, subscriber or the
 aggregator's threads, from ``/proc``) and the aggregator's page faults per update: on a
 2-core machine the sum, not one process, is what bounds the rate.
+
+**Receipts** (``--receipts both``, the default): the aggregator run is made twice on fresh
+brokers, with receipts on (the default service: one retained QoS 1 receipt per device per
+commit batch, published by its own task) and off, same publishers and payloads; the line shows
+both rates and their ratio, and the receipts published and dropped. ``--receipts on|off`` runs
+one of them. ``--rounds N`` repeats each setting N times, alternating which goes first, and
+reports the median run of each. The ``updates_per_s_*`` keys are the receipts-on run when it
+ran.
+
 With ``--json`` the last line of stdout is one JSON object with ``updates_per_s_100k``,
 ``updates_per_s_1m``, ``ceiling_per_s_100k``, ``ceiling_per_s_1m``, ``fraction_of_ceiling_100k``,
 ``fraction_of_ceiling_1m``, ``mb_per_s_*``, ``peak_rss_mb_100k``, ``peak_rss_mb_1m`` and the
-RSS budget ``rss_budget_mb_* = 4 x model + 150``.
+RSS budget ``rss_budget_mb_* = 4 x model + 150``; with ``--receipts both``,
+``updates_per_s_receipts``, ``updates_per_s_no_receipts``, ``receipts_ratio`` and the
+aggregator's event-loop CPU per update of both, ``event_loop_cpu_ms_(no_)receipts`` (of the
+first model run; per model: ``..._100k``, ``..._1m``).
 """
 
 from __future__ import annotations
@@ -216,9 +228,10 @@ def aggregator_proc(
         s = agg.statistics()
         agg.stop()
         await task
+        receipts = (agg.statistics().receipts_sent, agg.statistics().receipts_dropped)
         result.put(
             (finished, s.applied, dict(s.rejected), s.version, s.batches, vm_hwm_mb(), rss_ready,
-             cpu, faults)
+             cpu, faults, receipts)
         )  # fmt: skip
 
     asyncio.run(main())
@@ -364,10 +377,11 @@ def measure_aggregator(
     tmp: Path,
     tuning: dict[str, Any],
     broker_pid: int,
+    label: str = "",
 ) -> dict[str, Any]:
     ready, result = ctx.Queue(), ctx.Queue()
     total = (case.updates // n_pub) * n_pub
-    state_dir = tmp / f"state-{case.model}"
+    state_dir = tmp / f"state-{case.model}{label}"
     agg = ctx.Process(
         target=aggregator_proc,
         args=(
@@ -385,8 +399,8 @@ def measure_aggregator(
     ready.get(timeout=60)
     broker0 = proc_cpu_s(broker_pid)
     pubs = run_publishers(ctx, port, case, payload, n_pub)
-    finished, applied, rejected, version, batches, rss, rss_ready, cpu, faults = result.get(
-        timeout=600
+    finished, applied, rejected, version, batches, rss, rss_ready, cpu, faults, receipts = (
+        result.get(timeout=600)
     )
     broker_cpu = proc_cpu_s(broker_pid) - broker0
     pub_cpu = pubs.join()
@@ -407,7 +421,14 @@ def measure_aggregator(
         "ready_rss_mb": rss_ready,
         "cpu_ms_per_update": {k: round(1000 * v / total, 3) for k, v in cpu.items()},
         "page_faults_per_update": round(faults / total, 1),
+        "receipts_sent": receipts[0],
+        "receipts_dropped": receipts[1],
     }
+
+
+def median_run(found: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median rate (the lower middle one of an even count)."""
+    return sorted(found, key=lambda run: run["per_s"])[(len(found) - 1) // 2]
 
 
 def main() -> None:
@@ -437,6 +458,19 @@ def main() -> None:
         default=0,
         help="run the publishers at this nice level (both runs): devices are other machines, "
         "so their CPU should not be taken from the broker and the consumer",
+    )
+    parser.add_argument(
+        "--receipts",
+        choices=["both", "on", "off"],
+        default="both",
+        help="run the aggregator with receipts on and off (both, side by side), or one",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="aggregator runs per receipts setting, alternating which goes first; the median "
+        "run is reported (the host's noise is larger than the receipts' cost)",
     )
     args = parser.parse_args()
     global PUBLISHER_MODE, PUBLISHER_NICE
@@ -474,11 +508,49 @@ def main() -> None:
                 ceiling = measure_ceiling(
                     ctx, broker.port, case, payload, args.publishers, broker.pid
                 )
-            with MosquittoBroker(state_dir=tmp / f"mosquitto-agg-{key}") as broker:
-                assert broker.pid is not None
-                agg = measure_aggregator(
-                    ctx, broker.port, case, payload, args.publishers, tmp, tuning, broker.pid
+            samples: dict[bool, list[dict[str, Any]]] = {}
+            order = {"both": [True, False], "on": [True], "off": [False]}[args.receipts]
+            for r in range(args.rounds):
+                for receipts in order if r % 2 == 0 else order[::-1]:  # alternate who goes first
+                    label = f"-{'receipts' if receipts else 'no-receipts'}-{r}"
+                    with MosquittoBroker(state_dir=tmp / f"mosquitto-agg-{key}{label}") as broker:
+                        assert broker.pid is not None
+                        samples.setdefault(receipts, []).append(
+                            measure_aggregator(
+                                ctx, broker.port, case, payload, args.publishers, tmp,
+                                {**tuning, "receipts": receipts}, broker.pid, label,
+                            )
+                        )  # fmt: skip
+            runs = {on: median_run(found) for on, found in samples.items()}
+            if args.rounds > 1:
+                for on, found in samples.items():
+                    rates = ", ".join(f"{run['per_s']:.0f}" for run in found)
+                    print(f"    receipts {'on' if on else 'off'}: {rates} upd/s", flush=True)
+            agg = runs.get(True) or runs[False]
+            if len(runs) == 2:
+                on, off = runs[True], runs[False]
+                ratio = on["per_s"] / off["per_s"]
+                loop_on = on["cpu_ms_per_update"].get("aggregator/event-loop", float("nan"))
+                loop_off = off["cpu_ms_per_update"].get("aggregator/event-loop", float("nan"))
+                print(
+                    f"{case.model:9s} receipts on {on['per_s']:7.0f} upd/s "
+                    f"({on['receipts_sent']} receipts sent, {on['receipts_dropped']} dropped) | "
+                    f"off {off['per_s']:7.0f} upd/s | on/off {ratio:.3f} | event-loop CPU ms "
+                    f"per update on {loop_on:.3f}, off {loop_off:.3f}",
+                    flush=True,
                 )
+                figures = {
+                    "event_loop_cpu_ms_receipts": loop_on,
+                    "event_loop_cpu_ms_no_receipts": loop_off,
+                    "updates_per_s_receipts": round(on["per_s"], 1),
+                    "updates_per_s_no_receipts": round(off["per_s"], 1),
+                    "receipts_ratio": round(ratio, 3),
+                    "receipts_sent": on["receipts_sent"],
+                    "receipts_dropped": on["receipts_dropped"],
+                }
+                for name, value in figures.items():
+                    out.setdefault(name, value)  # the first model run
+                    out[f"{name}_{key}"] = value
             fraction = agg["per_s"] / ceiling["per_s"]
             budget = 4 * model_mb + 150
             kb = len(payload[1][0]) / 1e3
@@ -497,6 +569,7 @@ def main() -> None:
                 shares = ", ".join(f"{k} {v:.3f}" for k, v in run["cpu_ms_per_update"].items())
                 print(f"    CPU ms per update, {name} run: {shares}", flush=True)
             print(f"    aggregator page faults per update: {agg['page_faults_per_update']}")
+            print(f"    receipts: {'on' if True in runs else 'off'} in the figures above")
             out |= {
                 f"cpu_ms_per_update_{key}": agg["cpu_ms_per_update"],
                 f"page_faults_per_update_{key}": agg["page_faults_per_update"],

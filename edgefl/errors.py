@@ -47,6 +47,7 @@ class RejectReason(StrEnum):
     BAD_SIGNATURE = "bad_signature"
     UNKNOWN_DEVICE = "unknown_device"
     REPLAY = "replay"
+    SEQ_JUMP = "seq_jump"  # seq too far above the device's highest (protocol/sequence.py)
     RATE_LIMITED = "rate_limited"
 
 

@@ -12,7 +12,10 @@ and books every outcome here. :class:`BatchBuilder` owns what a batch changes be
 * **checkpoint rule**: store the buffer (accumulator) instead of the batch's encoded updates
   when that writes less, or when the updates stored since the last snapshot exceed
   ``REPLAY_BOUND`` checkpoints (which bounds the replay after a crash);
-* **history**: versions and when they were created, committed with the batch that made them.
+* **history**: versions and when they were created, committed with the batch that made them;
+* **receipt outcomes**: every accepted update and every rejection a receipt reports
+  (:data:`~edgefl.protocol.receipts.RECEIPTED_REJECTIONS`), as ``batch.outcomes``; the service
+  turns them into receipts only after the batch committed.
 
 Stages of one batch (each a distinct method): :meth:`BatchBuilder.open` ->
 :meth:`~BatchBuilder.book` per packet -> :meth:`~BatchBuilder.close` (expiry, deadlines,
@@ -38,6 +41,9 @@ from edgefl.aggregator.publish import Release
 from edgefl.aggregator.stats import VersionRecord
 from edgefl.aggregator.store import AcceptedRow, BatchRecord
 from edgefl.aggregator.tally import Tally
+from edgefl.errors import EdgeflError, RejectReason
+from edgefl.protocol.receipts import RECEIPTED_REJECTIONS, CommitOutcome
+from edgefl.protocol.topics import UpdateTopic, parse_topic
 from edgefl.transport.base import InboundMessage
 
 __all__ = ["REPLAY_BOUND", "Batch", "BatchBuilder", "Ticket", "checkpoint_bytes"]
@@ -65,6 +71,8 @@ class Batch:
     tally: Tally = field(default_factory=Tally)
     acks: list[Ticket] = field(default_factory=list)
     accepted: list[tuple[str, int]] = field(default_factory=list)  # (device, seq) of new rows
+    # the final outcomes a receipt reports, in booking order (published once committed)
+    outcomes: list[CommitOutcome] = field(default_factory=list)
     new_versions: list[VersionRecord] = field(default_factory=list)
     release: Release | None = None  # the newest version this batch made, once committed
 
@@ -154,6 +162,8 @@ class BatchBuilder:
                 if out.ends_message:
                     self._release_held(batch, out.chunk_key)
                 batch.tally.reject(out.reason)
+                if out.reason in RECEIPTED_REJECTIONS:
+                    self._receipt_rejection(batch, message.topic, out.reason)
                 log.debug("rejected %s: %s", message.topic, out.detail)
 
     def close(self, batch: Batch) -> Batch | None:
@@ -210,6 +220,17 @@ class BatchBuilder:
         return batch
 
     # ------------------------------------------------------------------ steps of a stage
+    @staticmethod
+    def _receipt_rejection(batch: Batch, topic: str, reason: RejectReason) -> None:
+        """Book a final rejection for the device's receipt: device and seq come from the topic
+        (a rejected update may have no decoded header)."""
+        try:
+            parsed = parse_topic(topic)
+        except EdgeflError:
+            return
+        if isinstance(parsed, UpdateTopic):
+            batch.outcomes.append(CommitOutcome(parsed.device_id, parsed.seq, reason))
+
     def _release_held(self, batch: Batch, key: ChunkKey | None) -> None:
         if key is not None:
             batch.acks.extend(self._held.pop(key, []))
@@ -232,6 +253,7 @@ class BatchBuilder:
             )
         )
         batch.accepted.append((header.device_id, header.seq))
+        batch.outcomes.append(CommitOutcome(header.device_id, header.seq))
         if self.engine.generation != record.generation:
             self._new_generation(batch)
 

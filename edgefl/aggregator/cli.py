@@ -5,6 +5,7 @@
     edgefl aggregator --config /etc/edgefl/aggregator.toml [--buffer-size 20 ...]  run it
     edgefl aggregator --broker mqtt://... --fleet f --model m --state-dir d          flags only
     edgefl aggregator check-config --config aggregator.toml [--json]                validate
+    edgefl aggregator reset-device DEVICE [--to SEQ] --state-dir d | --config f    offline repair
 
 Settings come from the TOML file < ``EDGEFL_AGG_*`` environment < flags
 (:mod:`edgefl.aggregator.config_file`). Everything is validated (URL, model, dataset names, TLS
@@ -22,6 +23,7 @@ import json
 import logging
 import os
 import sys
+import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -154,6 +156,13 @@ def aggregator_command(
         float | None,
         typer.Option(help="fedavg: fraction of K needed to step at the deadline. [0.5]"),
     ] = None,
+    receipts: Annotated[
+        bool | None,
+        typer.Option(
+            "--receipts/--no-receipts",
+            help="Publish a receipt to each device after its updates are committed. [on]",
+        ),
+    ] = None,
     local_epochs: Annotated[
         int | None, typer.Option(help="Hint: local epochs per update. [1]")
     ] = None,
@@ -191,6 +200,10 @@ def aggregator_command(
         typer.Option(
             help="MiB of update packets held unacknowledged (receive window; memory vs rate). [32]"
         ),
+    ] = None,
+    max_seq_jump: Annotated[
+        int | None,
+        typer.Option(help="Refuse a seq this far above the device's highest (seq_jump). [2^32]"),
     ] = None,
     no_fsync: Annotated[
         bool,
@@ -279,6 +292,7 @@ def aggregator_command(
         "aggregation.trim_beta": trim_beta,
         "aggregation.round_deadline_s": round_deadline,
         "aggregation.min_fraction": min_fraction,
+        "aggregation.receipts": receipts,
         "hints.local_epochs": local_epochs,
         "hints.batch_size": batch_size,
         "hints.lr": lr,
@@ -294,6 +308,7 @@ def aggregator_command(
         "limits.max_batch": max_batch,
         "limits.max_inflight_mib": max_inflight_mib,
         "limits.fsync": False if no_fsync else None,
+        "limits.max_seq_jump": max_seq_jump,
         "security.device_keys": device_keys,
         "security.signing_key_file": signing_key,
     }
@@ -347,6 +362,98 @@ def check_config_command(
         source = loaded.sources.get(key, "default")
         typer.echo(f"{key:<{width}}  {described[key]!r:<28}  # {source}")
     typer.echo("configuration OK", err=True)
+
+
+@aggregator_app.command("reset-device")
+def reset_device_command(
+    ctx: typer.Context,
+    device: Annotated[str, typer.Argument(help="The device id whose seq mark to reset.")],
+    to: Annotated[
+        int | None,
+        typer.Option(
+            "--to",
+            help="Store this seq as the device's highest (default: the highest committed seq "
+            "reachable within --max-seq-jump steps).",
+        ),
+    ] = None,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(help="The aggregator's state directory (or take it from --config)."),
+    ] = None,
+    config: ConfigOption = None,
+    max_seq_jump: Annotated[
+        int | None,
+        typer.Option(help="The sequence window (default: the configuration's, else 2^32)."),
+    ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Recover a device locked out by a far seq jump: reset its highest accepted seq.
+
+    Reads the device's committed seqs from the state's seen table and stores the highest one
+    reachable without a jump above --max-seq-jump (or --to SEQ). Committed updates stay
+    recorded, so nothing can be counted twice. Refuses while the aggregator runs.
+    """
+    from edgefl.aggregator.maintenance import NoState, reset_device
+    from edgefl.aggregator.statelock import StateDirBusy
+    from edgefl.clierror import ConfigError, UsageError
+    from edgefl.errors import EdgeflError
+    from edgefl.protocol.sequence import DEFAULT_MAX_SEQ_JUMP
+    from edgefl.protocol.topics import MAX_INT, device_id
+
+    parent_config, overrides = ctx.obj if isinstance(ctx.obj, tuple) else (None, {})
+    try:
+        device_id(device)
+    except (EdgeflError, ValueError) as exc:
+        raise UsageError(f"DEVICE: not a device id: {device!r} ({exc})") from None
+    if to is not None and not 0 <= to <= MAX_INT:
+        raise UsageError(f"--to: expected a seq in [0, 2**63-1], got {to}")
+    if max_seq_jump is not None and max_seq_jump < 1:
+        raise UsageError(f"--max-seq-jump: expected at least 1, got {max_seq_jump}")
+    path = state_dir or typing.cast("Path | None", overrides.get("state_dir"))
+    jump = max_seq_jump or typing.cast("int | None", overrides.get("limits.max_seq_jump"))
+    flag = "--state-dir"
+    if path is None:
+        config_path = config or parent_config or _default_config()
+        if config_path is None:
+            raise UsageError("missing option --state-dir (or --config FILE)")
+        loaded = _load(config_path, overrides)
+        path, flag = loaded.aggregator.state_dir, "state_dir"
+        jump = jump or loaded.aggregator.max_seq_jump
+    jump = jump or DEFAULT_MAX_SEQ_JUMP
+    try:
+        result = reset_device(path, device, max_seq_jump=jump, to=to)
+    except NoState as exc:
+        raise (UsageError if flag.startswith("--") else ConfigError)(f"{flag}: {exc}") from None
+    except StateDirBusy as exc:
+        raise ConfigError(f"{flag}: {exc}; stop the aggregator first") from None
+    if json_out:
+        typer.echo(
+            json.dumps(
+                {
+                    "device": result.device,
+                    "committed": result.committed,
+                    "highest_committed": result.highest_committed,
+                    "before": result.before,
+                    "after": result.after,
+                    "changed": result.changed,
+                },
+                sort_keys=True,
+            )
+        )
+        return
+    what = "reset" if result.changed else "unchanged"
+    after = "none (a seq below the window is accepted)" if result.after is None else result.after
+    typer.echo(
+        f"{result.device}: highest accepted seq {result.before} -> {after} ({what}); "
+        f"{result.committed} committed updates stay recorded "
+        f"(highest {result.highest_committed}, never counted again)"
+    )
+
+
+def _default_config() -> Path | None:
+    from edgefl.aggregator.config_file import default_config_path
+
+    return default_config_path(os.environ)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -38,6 +38,7 @@ from edgefl.auth import EnvelopeSigner, UpdateAuthenticator
 from edgefl.codec import CodecConfig
 from edgefl.models import ModelSpec, get_model_spec
 from edgefl.protocol import TrainingHints
+from edgefl.protocol.sequence import DEFAULT_MAX_SEQ_JUMP
 from edgefl.protocol.topics import fleet_name
 from edgefl.transport import MqttConfig
 from edgefl.transport.config import MqttProtocol
@@ -103,6 +104,8 @@ class AggregatorConfig:
     max_update_bytes: int = 64 * 1024 * 1024
     rate_limit_per_minute: float | None = None
     chunk_grace_s: float = 30.0
+    # a seq more than this above the device's highest accepted one is refused (SEQ_JUMP)
+    max_seq_jump: int = DEFAULT_MAX_SEQ_JUMP
     max_packet: int = 256 * 1024
     # --- ingest tuning
     max_batch: int = 256  # messages per group commit (also bounded by max_inflight_bytes / 4)
@@ -110,6 +113,9 @@ class AggregatorConfig:
     max_inflight_bytes: int = 32 * 1024 * 1024  # sizes the MQTT receive window (see below)
     fsync: bool = True  # SQLite synchronous=FULL (power-loss safe) vs NORMAL (crash safe)
     seed: int = 0
+    # --- receipts (docs/PROTOCOL.md 4.6): one per device per committed batch, QoS 1, retained
+    receipts: bool = True
+    receipt_queue: int = 4096  # receipts waiting for the broker; beyond it the oldest is dropped
     # --- security and MQTT identity
     authenticator: UpdateAuthenticator | None = None
     manifest_signer: EnvelopeSigner | None = None
@@ -160,6 +166,10 @@ class AggregatorConfig:
             raise ValueError(f"rate_limit_per_minute must be None or > 0, got {rl}")
         if self.max_batch < 1 or self.batch_linger_s < 0:
             raise ValueError("max_batch must be >= 1 and batch_linger_s >= 0")
+        if isinstance(self.max_seq_jump, bool) or self.max_seq_jump < 1:
+            raise ValueError(f"max_seq_jump must be >= 1, got {self.max_seq_jump}")
+        if self.receipt_queue < 1:
+            raise ValueError(f"receipt_queue must be >= 1, got {self.receipt_queue}")
         if self.max_inflight_bytes < 64 * 1024:
             raise ValueError(f"max_inflight_bytes must be >= 64 KiB, got {self.max_inflight_bytes}")
         # build the core configs once: they validate the remaining knobs

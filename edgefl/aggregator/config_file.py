@@ -135,6 +135,7 @@ _KEYS: dict[str, _Key] = {
     "aggregation.trim_beta": _Key(float, "--trim-beta", "trim_beta"),
     "aggregation.round_deadline_s": _Key(float, "--round-deadline", "round_deadline_s"),
     "aggregation.min_fraction": _Key(float, "--min-fraction", "min_fraction"),
+    "aggregation.receipts": _Key(bool, "--receipts", "receipts"),
     # [hints]: what devices are asked to do (published in every manifest)
     "hints.local_epochs": _Key(int, "--local-epochs", "local_epochs"),
     "hints.batch_size": _Key(int, "--batch-size", "batch_size"),
@@ -153,6 +154,7 @@ _KEYS: dict[str, _Key] = {
     "limits.max_batch": _Key(int, "--max-batch", "max_batch"),
     "limits.max_inflight_mib": _Key(int, "--max-inflight-mib", None),
     "limits.fsync": _Key(bool, "--no-fsync", "fsync"),
+    "limits.max_seq_jump": _Key(int, "--max-seq-jump", "max_seq_jump"),
     # [security]
     "security.device_keys": _Key(Path | None, "--device-keys", None),
     "security.signing_key_file": _Key(Path | None, "--signing-key", None),

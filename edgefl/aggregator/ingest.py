@@ -17,9 +17,11 @@ chunking (``TOO_LARGE`` against ``max_update_bytes``, ``BAD_CHECKSUM``, ``CHUNK_
 ``REASSEMBLY_*``, ``BAD_KIND``); header against topic (``BAD_HEADER``); the authenticator when
 configured (``UNKNOWN_DEVICE``/``BAD_SIGNATURE``); model name (``WRONG_MODEL``), ``num_params``
 and layout (``SHAPE_MISMATCH``); ``(device, seq)`` already accepted (``DUPLICATE``) or lower than
-the device's highest accepted seq (``REPLAY``); per-device rate (``RATE_LIMITED``); codec (bounded
-decode: ``BAD_CODEC``, ``DECOMPRESSION_BOMB``, ``NON_FINITE``, ...); then the engine (``STALE``,
-``FUTURE_VERSION``, ``BAD_EXAMPLES``, ``NORM_BOUND``, FedAvg ``DUPLICATE``).
+the device's highest accepted seq (``REPLAY``), or more than ``max_seq_jump`` above it
+(``SEQ_JUMP``, :func:`~edgefl.protocol.sequence.seq_verdict`); per-device rate
+(``RATE_LIMITED``); codec (bounded decode: ``BAD_CODEC``, ``DECOMPRESSION_BOMB``,
+``NON_FINITE``, ...); then the engine (``STALE``, ``FUTURE_VERSION``, ``BAD_EXAMPLES``,
+``NORM_BOUND``, FedAvg ``DUPLICATE``).
 Nothing changes for a rejected update.
 """
 
@@ -58,6 +60,7 @@ from edgefl.protocol import (
 )
 from edgefl.protocol.chunking import DroppedMessage
 from edgefl.protocol.messages import message_from_envelope
+from edgefl.protocol.sequence import SeqVerdict, seq_verdict
 from edgefl.protocol.topics import UpdateTopic
 
 __all__ = [
@@ -432,9 +435,17 @@ class Ingest:
         return descriptor, text
 
     def _check_seq(self, device: str, seq: int) -> None:
-        highest = self._max_seq.get(device, -1)
-        if seq > highest:
+        last = self._max_seq.get(device)
+        verdict = seq_verdict(last, seq, self._config.max_seq_jump)
+        if verdict is SeqVerdict.NEW:
             return
+        if verdict is SeqVerdict.TOO_FAR:
+            raise ProtocolError(
+                RejectReason.SEQ_JUMP,
+                f"seq {seq} is more than {self._config.max_seq_jump} above the highest accepted"
+                f" seq {-1 if last is None else last} of {device}",
+            )
+        highest = -1 if last is None else last
         if (
             seq == highest
             or (device, seq) in self._pending_seen

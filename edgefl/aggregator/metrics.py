@@ -109,6 +109,16 @@ ACKED = MetricSpec(
     MetricType.COUNTER,
     "Update packets acknowledged to the broker (after their commit)",
 )
+RECEIPTS_SENT = MetricSpec(
+    f"{_P}_receipts_sent_total",
+    MetricType.COUNTER,
+    "Receipts published to devices (after their batch committed)",
+)
+RECEIPTS_DROPPED = MetricSpec(
+    f"{_P}_receipts_dropped_total",
+    MetricType.COUNTER,
+    "Receipts dropped from the full send queue (each costs the device a resend)",
+)
 RECONNECTS = MetricSpec(f"{_P}_reconnects_total", MetricType.COUNTER, "Reconnections to the broker")
 STALENESS = MetricSpec(
     f"{_P}_staleness_versions",
@@ -139,6 +149,8 @@ METRICS: tuple[MetricSpec, ...] = (
     ROUNDS,
     COMMITS,
     ACKED,
+    RECEIPTS_SENT,
+    RECEIPTS_DROPPED,
     RECONNECTS,
     STALENESS,
     LATENCY,
@@ -196,6 +208,8 @@ def stats_families(s: AggregatorStatistics) -> list[Metric]:
         _labelled_counter(ROUNDS, s.rounds, (r.value for r in RoundStatus)),
         _counter(COMMITS, s.batches),
         _counter(ACKED, s.acked),
+        _counter(RECEIPTS_SENT, s.receipts_sent),
+        _counter(RECEIPTS_DROPPED, s.receipts_dropped),
         _counter(RECONNECTS, s.reconnects),
         _staleness(STALENESS, s.staleness),
     ]

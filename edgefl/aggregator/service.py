@@ -14,6 +14,9 @@ Data flow (one process, one event loop, a writer thread for SQLite, an inflate t
                         versions: history, on_version, publisher, evaluator
       publisher task (Publisher.run): retained chunks then manifest of the newest committed
                       version (coalesced), server state; housekeeping task: clear old chunk sets;
+      receipts task (ReceiptSender.run, ``receipts = true``): the receipts of each batch, built
+                      by ReceiptBook in stage 4 after the commit, from a bounded queue, in
+                      order (QoS 1, retained); full queue: the oldest is dropped and counted;
       metrics task: METRICS + server state every interval.
 
 The sans-IO parts: :class:`~edgefl.aggregator.ingest.Ingest` (one packet in, one outcome out),
@@ -50,6 +53,8 @@ from edgefl.aggregator.evaluation import Evaluator
 from edgefl.aggregator.ingest import Ingest, StagedUpdate
 from edgefl.aggregator.publish import Release, RetainedChunks
 from edgefl.aggregator.publisher import Publisher
+from edgefl.aggregator.receipts import ReceiptQueue, ReceiptSender
+from edgefl.aggregator.statelock import StateDirLock
 from edgefl.aggregator.stats import AggregatorStatistics, VersionRecord
 from edgefl.aggregator.store import StateStore, seen_lookup
 from edgefl.aggregator.tally import Tally
@@ -63,6 +68,8 @@ from edgefl.protocol import (
     server_metrics_topic,
     server_state_topic,
 )
+from edgefl.protocol.messages import FEATURE_RECEIPTS
+from edgefl.protocol.receipts import ReceiptBook
 from edgefl.protocol.topics import updates_filter
 from edgefl.transport import (
     ConnectInfo,
@@ -82,6 +89,7 @@ log = logging.getLogger("edgefl.aggregator")
 
 OnVersion = Callable[[VersionRecord], None]
 _SHUTDOWN_PUBLISH_S = 5.0
+_SHUTDOWN_RECEIPTS_S = 1.0  # the stop must stay within 2 s of SIGTERM even with a dead broker
 _IDLE_TICK_S = 0.5
 _INFLATE_DEPTH = 2  # updates handed to the inflate thread and not finished yet
 _INFLATE_OFFLOAD_BYTES = 256 * 1024  # smaller bodies are decompressed on the loop
@@ -119,6 +127,16 @@ class _Restored:
     retained: RetainedChunks  # chunk sets a previous run left on the broker
     session: int
     started_at: float
+    high_water: dict[str, int]  # committed max seq per device (the receipts' ``through``)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Receipts:
+    """What publishes receipts (``receipts = true``): the book that builds them after each
+    commit, and the sender task's queue."""
+
+    book: ReceiptBook
+    sender: ReceiptSender
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +150,7 @@ class _Running:
     builder: BatchBuilder
     publisher: Publisher
     evaluator: Evaluator | None  # only with ``eval_dataset``
+    receipts: _Receipts | None  # only with ``receipts``
     session: int
     started_at: float
 
@@ -210,6 +229,7 @@ class Aggregator:
     ) -> AggregatorStatistics:
         totals, engine = builder.totals, builder.engine
         ts = transport.statistics() if transport is not None else None
+        receipts = self._running.receipts if self._running is not None else None
         return AggregatorStatistics(
             version=engine.version,
             buffer_fill=engine.buffer_fill,
@@ -232,6 +252,8 @@ class Aggregator:
             reconnects=ts.reconnects if ts else 0,
             session=session,
             started_at=started_at,
+            receipts_sent=receipts.sender.sent if receipts else 0,
+            receipts_dropped=receipts.sender.queue.dropped if receipts else 0,
         )
 
     # ------------------------------------------------------------------ run
@@ -245,8 +267,10 @@ class Aggregator:
         inflater = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="edgefl-inflate")
         store: StateStore | None = None
         evaluator: Evaluator | None = None
+        lock = StateDirLock(cfg.state_dir)
         try:
             self._enter(Phase.RESTORING)
+            lock.acquire()  # held until the process ends: reset-device refuses meanwhile
             store = StateStore(cfg.state_dir, fsync=cfg.fsync)
             restored = await self._restore(store, writer)
             transport = self._given_transport or self._make_transport(restored)
@@ -271,6 +295,7 @@ class Aggregator:
             inflater.shutdown(wait=True)
             if store is not None:
                 store.close()
+            lock.release()
 
     def _start(
         self,
@@ -290,6 +315,13 @@ class Aggregator:
             release=restored.release,
             server_state=lambda status: self._server_state(status, publisher.published_version),
         )
+        receipts = None
+        if self.config.receipts:
+            book = ReceiptBook(
+                self.config.fleet, restored.high_water, signer=self.config.manifest_signer
+            )
+            sender = ReceiptSender(ReceiptQueue(self.config.receipt_queue), transport)
+            receipts = _Receipts(book, sender)
         running = _Running(
             transport=transport,
             store=restored.store,
@@ -298,6 +330,7 @@ class Aggregator:
             builder=restored.builder,
             publisher=publisher,
             evaluator=evaluator,
+            receipts=receipts,
             session=restored.session,
             started_at=restored.started_at,
         )
@@ -327,9 +360,19 @@ class Aggregator:
             publishing = tg.create_task(publisher.run(), name="edgefl-agg-publisher")
             house = tg.create_task(publisher.housekeeping(), name="edgefl-agg-house")
             metrics = tg.create_task(self._metrics(running), name="edgefl-agg-metrics")
+            sending = None
+            if running.receipts is not None:
+                sender = running.receipts.sender
+                sending = tg.create_task(sender.run(), name="edgefl-agg-receipts")
             await self._stop.wait()
             reader.cancel()
             await ingest  # finishes the batch in flight (commit, then ack)
+            if sending is not None and running.receipts is not None:
+                # the last batches' receipts; one not sent costs the device a resend
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_SHUTDOWN_RECEIPTS_S):
+                        await running.receipts.sender.queue.join()
+                sending.cancel()
             house.cancel()
             metrics.cancel()
             publishing.cancel()
@@ -376,7 +419,15 @@ class Aggregator:
         retained = RetainedChunks(cfg.chunk_grace_s)
         retained.restore(loaded.published, now)
         release = builder.current_release(loaded.created_at)
-        return _Restored(store, builder, release, retained, loaded.session, loaded.started_at)
+        return _Restored(
+            store,
+            builder,
+            release,
+            retained,
+            loaded.session,
+            loaded.started_at,
+            dict(loaded.max_seq),
+        )
 
     @staticmethod
     def _seen_reader(store: StateStore) -> Callable[[str, int], bool]:
@@ -386,7 +437,8 @@ class Aggregator:
     def _make_transport(self, restored: _Restored) -> MqttTransport:
         cfg = self.config
         stats = self._statistics(restored.builder, restored.session, restored.started_at)
-        will = encode_message(_server_state(cfg.fleet, ServerStatus.LOST, stats, None))
+        lost = _server_state(cfg.fleet, ServerStatus.LOST, stats, None, self._features())
+        will = encode_message(lost)
         mqtt = cfg.mqtt_config(will=Will(server_state_topic(cfg.fleet), will, qos=1, retain=True))
         return MqttTransport(mqtt, on_connect=self._on_connect)
 
@@ -567,6 +619,9 @@ class Aggregator:
         await commit
         running.builder.committed(batch)
         self._batches += 1
+        if running.receipts is not None and batch.outcomes:
+            # only now: a receipt says "durably recorded" (and the batches before this one are)
+            self._queue_receipts(running.receipts, batch)
         await running.transport.ack_many(message for message, _ in batch.acks)
         done = time.monotonic()
         if self._exporter is not None:
@@ -575,6 +630,15 @@ class Aggregator:
         if batch.release is not None:
             self._announce(running, batch.release, batch.new_versions)
         self._stats_cache = self.statistics()
+
+    @staticmethod
+    def _queue_receipts(receipts: _Receipts, batch: Batch) -> None:
+        """Hand the committed batch's receipts to the sender task (never waits). A failure
+        here must not stop ingest: a missing receipt only costs the device a resend."""
+        try:
+            receipts.sender.queue.put(receipts.book.receipts(batch.outcomes, now=time.time()))
+        except Exception:
+            log.exception("building the receipts of a batch failed; devices will resend")
 
     def _announce(
         self, running: _Running, release: Release, new_versions: list[VersionRecord]
@@ -592,7 +656,13 @@ class Aggregator:
 
     # ------------------------------------------------------------------ server state, metrics
     def _server_state(self, status: ServerStatus, published_version: int | None) -> ServerState:
-        return _server_state(self.config.fleet, status, self.statistics(), published_version)
+        return _server_state(
+            self.config.fleet, status, self.statistics(), published_version, self._features()
+        )
+
+    def _features(self) -> tuple[str, ...]:
+        """``ServerState.features``: what devices may rely on (PROTOCOL.md §4.6)."""
+        return (FEATURE_RECEIPTS,) if self.config.receipts else ()
 
     async def _metrics(self, running: _Running) -> None:
         cfg, totals = self.config, running.builder.totals
@@ -618,7 +688,11 @@ class Aggregator:
 
 
 def _server_state(
-    fleet: str, status: ServerStatus, s: AggregatorStatistics, published_version: int | None
+    fleet: str,
+    status: ServerStatus,
+    s: AggregatorStatistics,
+    published_version: int | None,
+    features: tuple[str, ...] = (),
 ) -> ServerState:
     """The retained server state message (``version``: the newest published, else current)."""
     return ServerState(
@@ -632,6 +706,7 @@ def _server_state(
         started_at=s.started_at or time.time(),
         at=time.time(),
         rejected=s.rejected,
+        features=features,
     )
 
 
@@ -651,5 +726,11 @@ def _server_metrics(fleet: str, s: AggregatorStatistics) -> ServerMetrics:
         staleness=s.staleness,
         rejected=s.rejected,
         accuracy=s.last_accuracy,
-        extra={"steps": s.steps, "pending_acks": s.pending_acks, "session": s.session},
+        extra={
+            "steps": s.steps,
+            "pending_acks": s.pending_acks,
+            "session": s.session,
+            "receipts_sent": s.receipts_sent,
+            "receipts_dropped": s.receipts_dropped,
+        },
     )

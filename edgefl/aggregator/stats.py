@@ -35,6 +35,8 @@ class AggregatorStatistics:
     reconnects: int = 0  # MQTT reconnections of this process
     session: int = 0
     started_at: float = 0.0
+    receipts_sent: int = 0  # receipts published (PUBACKed), this process
+    receipts_dropped: int = 0  # receipts dropped from the full queue (cost: a resend), this process
 
     @property
     def rejected_total(self) -> int:

@@ -422,6 +422,36 @@ class StateStore:
     def forget_published(self, entries: Iterable[tuple[int, str]]) -> None:
         self._db.executemany("DELETE FROM published WHERE version = ? AND artifact = ?", entries)
 
+    # ------------------------------------------------------------------ maintenance
+    def device_seqs(self, device: str) -> list[int]:
+        """Every committed (accepted) seq of ``device``, ascending (from ``seen``)."""
+        rows = self._db.execute("SELECT seq FROM seen WHERE device = ? ORDER BY seq", (device,))
+        return [int(seq) for (seq,) in rows.fetchall()]
+
+    def device_max_seq(self, device: str) -> int | None:
+        """The device's high-water mark (``devices.max_seq``; None: no row)."""
+        row = self._db.execute("SELECT max_seq FROM devices WHERE device = ?", (device,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def set_device_max_seq(self, device: str, max_seq: int | None) -> None:
+        """Overwrite the device's high-water mark (None deletes its row), in one transaction.
+        ``seen`` is never touched: a committed ``(device, seq)`` stays a ``DUPLICATE``."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if max_seq is None:
+                db.execute("DELETE FROM devices WHERE device = ?", (device,))
+            else:
+                db.execute(
+                    "INSERT INTO devices VALUES (?, ?)"
+                    " ON CONFLICT(device) DO UPDATE SET max_seq = excluded.max_seq",
+                    (device, max_seq),
+                )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
 
 def seen_lookup(reader: sqlite3.Connection, device: str, seq: int) -> bool:
     """Whether ``(device, seq)`` was committed as accepted."""

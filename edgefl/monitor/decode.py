@@ -12,15 +12,20 @@ The monitor sees everything under ``edgefl/v1/<fleet>/#`` plus, optionally, ``$S
 * ``UpdateSeen`` — an ``UPDATE`` envelope (its header) or one ``UPDATE_CHUNK`` packet (its
   chunk header); the codec body is never opened.
 * ``ModelChunkSeen`` — one retained ``MODEL_CHUNK`` packet.
+* ``ReceiptSeen`` — a ``RECEIPT`` the aggregator published for a device (protocol 1.1).
 * ``Cleared`` — a zero-length payload: the deletion of a retained message (never ``TRUNCATED``).
 * ``BrokerStat`` — a ``$SYS/...`` value as text (at most 256 characters kept).
 * ``Undecodable`` — anything else, with the ``RejectReason`` a receiver would count.
 
 Nothing here allocates from a declared size: envelopes are checked against the received length.
+Device-provided times (a device state's ``at``, an update's ``created_at``) are clamped with
+:func:`~edgefl.protocol.messages.clamp_timestamp` against the receive time: a device without a
+real-time clock never makes the monitor show a far future.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from enum import StrEnum
@@ -32,9 +37,11 @@ from edgefl.protocol.envelope import EnvelopeKind, decode_envelope
 from edgefl.protocol.messages import (
     DeviceState,
     ModelManifest,
+    Receipt,
     ServerMetrics,
     ServerState,
     UpdateHeader,
+    clamp_timestamp,
     message_from_envelope,
 )
 from edgefl.protocol.topics import (
@@ -43,6 +50,7 @@ from edgefl.protocol.topics import (
     ModelChunkTopic,
     ModelManifestTopic,
     ParsedTopic,
+    ReceiptTopic,
     ServerMetricsTopic,
     ServerStateTopic,
     UpdateTopic,
@@ -59,6 +67,7 @@ __all__ = [
     "MetricsSeen",
     "ModelChunkSeen",
     "Observation",
+    "ReceiptSeen",
     "ServerStateSeen",
     "StateEncoding",
     "Undecodable",
@@ -120,6 +129,13 @@ class ModelChunkSeen:
 
 
 @dataclass(frozen=True)
+class ReceiptSeen:
+    """A receipt of the aggregator to one device: what it durably committed (or refused)."""
+
+    receipt: Receipt
+
+
+@dataclass(frozen=True)
 class Cleared:
     """A zero-length payload on an edgefl topic: a retained message was deleted."""
 
@@ -147,6 +163,7 @@ Observation = (
     | MetricsSeen
     | UpdateSeen
     | ModelChunkSeen
+    | ReceiptSeen
     | Cleared
     | BrokerStat
     | Undecodable
@@ -160,6 +177,7 @@ _KIND_NAMES: Final[dict[type, str]] = {
     UpdateSeen: "update",
     ServerStateSeen: "server_state",
     MetricsSeen: "metrics",
+    ReceiptSeen: "receipt",
     Cleared: "cleared",
     BrokerStat: "sys",
     Undecodable: "undecodable",
@@ -193,7 +211,13 @@ def parse_json_state(payload: bytes, topic: DeviceStateTopic, *, now: float) -> 
         if obj.setdefault(key, expected) != expected:
             raise ProtocolError(RejectReason.BAD_HEADER, f"{key} does not match the topic")
     obj.setdefault("at", now)
-    return DeviceState.from_header(obj)
+    return _clamped(DeviceState.from_header(obj), now)
+
+
+def _clamped(state: DeviceState, now: float) -> DeviceState:
+    """``state`` with its device-provided ``at`` bounded for display (``clamp_timestamp``)."""
+    at = clamp_timestamp(state.at, now=now)
+    return state if at == state.at else dataclasses.replace(state, at=at)
 
 
 def _looks_like_json(payload: bytes) -> bool:
@@ -209,7 +233,9 @@ def _decode_edgefl(topic: ParsedTopic, payload: bytes, now: float) -> Observatio
     match topic:
         case DeviceStateTopic():
             state = message_from_envelope(envelope, DeviceState, topic=topic)
-            return DeviceStateSeen(state, StateEncoding.ENVELOPE)
+            return DeviceStateSeen(_clamped(state, now), StateEncoding.ENVELOPE)
+        case ReceiptTopic():
+            return ReceiptSeen(message_from_envelope(envelope, Receipt, topic=topic))
         case ModelManifestTopic():
             return ManifestSeen(message_from_envelope(envelope, ModelManifest, topic=topic))
         case ServerStateTopic():
@@ -221,6 +247,9 @@ def _decode_edgefl(topic: ParsedTopic, payload: bytes, now: float) -> Observatio
                 chunk = decode_chunk(envelope)
                 return UpdateSeen(topic.device_id, topic.seq, chunk=chunk.header)
             header = message_from_envelope(envelope, UpdateHeader, topic=topic)
+            created = clamp_timestamp(header.created_at, now=now)
+            if created != header.created_at:
+                header = dataclasses.replace(header, created_at=created)
             return UpdateSeen(topic.device_id, topic.seq, header=header)
         case ModelChunkTopic():
             if envelope.kind is not EnvelopeKind.MODEL_CHUNK:

@@ -56,6 +56,7 @@ from .decode import (
     MetricsSeen,
     ModelChunkSeen,
     Observation,
+    ReceiptSeen,
     ServerStateSeen,
     StateEncoding,
     Undecodable,
@@ -128,6 +129,7 @@ class FleetModel:
         self._accuracy: dict[int, float] = {}
         self._update_times: deque[float] = deque()
         self._updates: dict[str, tuple[int, int]] = {}  # device -> (last seq, distinct seqs)
+        self._receipts: dict[str, int | None] = {}  # device -> ``through`` of its last receipt
         self._broker = BrokerStats()
         self._counters = _Counters()
         self._first_at: float | None = None
@@ -158,6 +160,9 @@ class FleetModel:
                 self._apply_server(server)
             case MetricsSeen(metrics=metrics):
                 self._apply_metrics(metrics)
+            case ReceiptSeen(receipt=receipt):
+                self._receipts[receipt.device_id] = receipt.through
+                self._bound_receipts()
             case Cleared(topic=topic):
                 self._apply_cleared(topic)
             case BrokerStat(name=name, value=value):
@@ -215,6 +220,12 @@ class FleetModel:
         if first_packet and not retained:
             self._update_times.append(now)
         self._trim_rate(now)
+
+    def _bound_receipts(self) -> None:
+        """Receipts of devices never seen stay bounded (a retained receipt per device id)."""
+        if len(self._receipts) > 4 * max(len(self._devices), 1024):
+            for device in [d for d in self._receipts if d not in self._devices]:
+                del self._receipts[device]
 
     def _apply_cleared(self, topic: object) -> None:
         match topic:
@@ -313,6 +324,9 @@ class FleetModel:
             updates_seen=self._updates.get(state.device_id, (0, 0))[1],
             local_accuracy=state.local_accuracy,
             profile=state.profile,
+            spool_depth=state.spool_depth,
+            awaiting_receipt=state.awaiting_receipt,
+            receipt_through=self._receipts.get(state.device_id),
         )
 
     def _model_view(self, now: float) -> ModelView | None:
@@ -354,6 +368,7 @@ class FleetModel:
         return AggregatorView(
             status=state.status.value if state is not None else None,
             session=state.session if state is not None else None,
+            features=state.features if state is not None else (),
             version=newest.version,
             buffer_fill=newest.buffer_fill,
             buffer_size=newest.buffer_size,

@@ -80,6 +80,9 @@ class DeviceView:
     updates_seen: int
     local_accuracy: float | None
     profile: str | None
+    spool_depth: int | None = None  # updates in the device's spool (protocol 1.1 devices)
+    awaiting_receipt: int | None = None  # of those, sent and waiting for a receipt
+    receipt_through: int | None = None  # ``through`` of the last receipt the monitor saw
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,7 @@ class AggregatorView:
 
     status: str | None = None
     session: int | None = None
+    features: tuple[str, ...] = ()  # ServerState.features, e.g. ("receipts",)
     version: int | None = None
     buffer_fill: int | None = None
     buffer_size: int | None = None

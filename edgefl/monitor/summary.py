@@ -21,6 +21,7 @@ from .decode import (
     MetricsSeen,
     ModelChunkSeen,
     Observation,
+    ReceiptSeen,
     ServerStateSeen,
     StateEncoding,
     Undecodable,
@@ -80,9 +81,18 @@ def summarize(obs: Observation, payload: bytes) -> str:
             text = _update_text(obs, payload)
         case ServerStateSeen(state=s):
             rejected = sum(s.rejected.values())
+            features = f" features={','.join(s.features)}" if s.features else ""
             text = (
                 f"server_state {s.status.value} session={s.session} v{s.version}"
                 f" buffer {s.buffer_fill}/{s.buffer_size} applied={s.applied} rejected={rejected}"
+                f"{features}"
+            )
+        case ReceiptSeen(receipt=r):
+            committed = ",".join(f"{lo}" if lo == hi else f"{lo}-{hi}" for lo, hi in r.committed)
+            rejected_seqs = ",".join(f"{seq}:{why}" for seq, why in sorted(r.rejected.items()))
+            text = (
+                f"receipt {r.device_id} through={r.through}"
+                f" committed={committed or '-'} rejected={rejected_seqs or '-'}"
             )
         case MetricsSeen(metrics=m):
             text = (
@@ -109,6 +119,10 @@ def _device_state_text(obs: DeviceStateSeen) -> str:
     if s.model_version is not None:
         parts.append(f"model=v{s.model_version}")
     parts.append(f"sent={s.updates_sent}")
+    if s.spool_depth is not None:
+        parts.append(f"spool={s.spool_depth}")
+    if s.awaiting_receipt is not None:
+        parts.append(f"awaiting_receipt={s.awaiting_receipt}")
     if s.local_accuracy is not None:
         parts.append(f"acc={s.local_accuracy:.3f}")
     if s.reasons:

@@ -56,6 +56,7 @@ RECEIPTED_REJECTIONS: Final = frozenset(
         RejectReason.NORM_BOUND,
         RejectReason.BAD_EXAMPLES,
         RejectReason.REPLAY,
+        RejectReason.SEQ_JUMP,
     }
 )
 """Rejections a receipt reports (the device then stops resending that seq). Any other reason is

@@ -247,3 +247,38 @@ def test_tls_options_reach_the_transport(tmp_path: Path) -> None:
     assert mqtt.tls_insecure is True
     assert mqtt.ca_file == tmp_path / "ca.crt"
     assert mqtt.protocol is MqttProtocol.V5
+
+
+def test_receipts_and_the_seq_window_come_from_file_environment_and_flags(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Arrange
+    (tmp_path / "plain").mkdir()
+    plain = write(tmp_path / "plain", "")
+    path = write(tmp_path, "[aggregation]\nreceipts = false\n[limits]\nmax_seq_jump = 100\n")
+
+    # Act
+    default = load_aggregator_config(plain, {}, {})
+    from_file = load_aggregator_config(path, {}, {})
+    from_env = load_aggregator_config(path, {"EDGEFL_AGG_LIMITS__MAX_SEQ_JUMP": "7"}, {})
+    from_flag = load_aggregator_config(path, {}, {"aggregation.receipts": True})
+    with pytest.raises(SystemExit) as info:
+        main(["aggregator", "--no-receipts", "--max-seq-jump", "9", "check-config",
+              "--config", str(path), "--json"])  # fmt: skip
+    values = json.loads(capsys.readouterr().out)
+
+    # Assert
+    assert (default.aggregator.receipts, default.aggregator.max_seq_jump) == (True, 2**32)
+    assert (from_file.aggregator.receipts, from_file.aggregator.max_seq_jump) == (False, 100)
+    assert from_env.aggregator.max_seq_jump == 7
+    assert from_flag.aggregator.receipts is True
+    assert from_flag.sources["aggregation.receipts"] == "command line (--receipts)"
+    assert info.value.code == 0
+    assert (values["aggregation.receipts"], values["limits.max_seq_jump"]) == (False, 9)
+
+
+def test_a_seq_window_below_one_names_its_key(tmp_path: Path) -> None:
+    path = write(tmp_path, "[limits]\nmax_seq_jump = 0\n")
+    with pytest.raises(ConfigError) as info:
+        load_aggregator_config(path, {}, {})
+    assert "limits.max_seq_jump" in info.value.message

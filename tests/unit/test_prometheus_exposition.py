@@ -54,6 +54,8 @@ STATS = AggregatorStatistics(
     acked=9,
     connected=True,
     reconnects=1,
+    receipts_sent=11,
+    receipts_dropped=3,
 )
 
 
@@ -136,6 +138,8 @@ def test_values_of_a_hand_made_snapshot(served: tuple[PrometheusExporter, str]) 
     assert sample_value(f[f"{p}_commits_total"], "_total") == 6
     assert sample_value(f[f"{p}_acked_packets_total"], "_total") == 9
     assert sample_value(f[f"{p}_reconnects_total"], "_total") == 1
+    assert sample_value(f[f"{p}_receipts_sent_total"], "_total") == 11
+    assert sample_value(f[f"{p}_receipts_dropped_total"], "_total") == 3
     rejected = f[f"{p}_rejected_updates_total"]
     assert sample_value(rejected, "_total", reason="duplicate") == 1
     assert sample_value(rejected, "_total", reason="bad_magic") == 1
