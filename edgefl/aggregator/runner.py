@@ -25,13 +25,12 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable
 
 from edgefl.aggregator.config import AggregatorConfig
 from edgefl.aggregator.memory import tune_process
 from edgefl.aggregator.service import Aggregator, Phase
 from edgefl.clierror import BrokerUnavailable, ConfigError
-from edgefl.sdnotify import SystemdNotifier
+from edgefl.sdnotify import SystemdNotifier, keepalive, watchdog_period
 from edgefl.transport import TransportError
 
 __all__ = ["STOP_GRACE_S", "keepalive", "run_aggregator", "status_line", "watchdog_period"]
@@ -44,14 +43,6 @@ STOP_GRACE_S = 1.0
 STATUS_PERIOD_S = 5.0
 """Period of ``STATUS=`` updates when systemd runs no watchdog."""
 
-Sleep = Callable[[float], Awaitable[None]]
-
-
-def watchdog_period(notifier: SystemdNotifier) -> float | None:
-    """Seconds between ``WATCHDOG=1`` pings: half of ``$WATCHDOG_USEC`` (None: no watchdog)."""
-    interval = notifier.watchdog_interval()
-    return None if interval is None else interval / 2
-
 
 def status_line(aggregator: Aggregator) -> str:
     """One line for ``systemctl status``: the phase, or the serving figures."""
@@ -63,27 +54,6 @@ def status_line(aggregator: Aggregator) -> str:
         f"serving fleet {aggregator.config.fleet}: version {s.version}, applied {s.applied}, "
         f"buffer {min(s.buffer_fill, s.buffer_size)}/{s.buffer_size}, {link}"
     )
-
-
-async def keepalive(
-    notifier: SystemdNotifier,
-    period: float,
-    status: Callable[[], str],
-    *,
-    watchdog: bool = True,
-    sleep: Sleep = asyncio.sleep,
-) -> None:
-    """Forever: ``WATCHDOG=1`` (when ``watchdog``) and ``STATUS=`` when it changed, then sleep
-    ``period``. Runs on the service's event loop, so pings stop when the loop is stuck."""
-    last: str | None = None
-    while True:
-        if watchdog:
-            notifier.watchdog()
-        text = status()
-        if text != last:
-            notifier.status(text)
-            last = text
-        await sleep(period)
 
 
 def run_aggregator(

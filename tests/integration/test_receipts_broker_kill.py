@@ -5,7 +5,8 @@ A consumer standing in for the aggregator's ingest (a persistent session that re
 paused while a real agent publishes its spool; Mosquitto acknowledges every update, then is
 SIGKILLed before it wrote them to disk. With receipts, the agent still holds them, resends them
 after reconnecting, and every update is recorded exactly once; its spool ends empty.
-(The real aggregator calls the same ReceiptBook once the lead wires it in.)
+(tests/integration/test_aggregator_receipts_broker_kill.py runs the same scenario with the real
+aggregator.)
 """
 
 from __future__ import annotations

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from edgefl.aggregator.runner import keepalive, watchdog_period
-from edgefl.sdnotify import SystemdNotifier
+from edgefl.sdnotify import SystemdNotifier, keepalive, watchdog_period
 
 WATCHDOG_USEC = 2_000_000  # WatchdogSec=2
 

@@ -25,9 +25,10 @@ def test_aggregator_passes_normalisation_to_fedbuff(tmp_path: Path, mode: str) -
 
 
 def test_simulator_sum_normalisation_uses_equal_example_weights() -> None:
-    mean, summed = SimConfig(), SimConfig(normalisation=Normalisation.SUM)
+    mean = SimConfig().aggregation_settings().core_config()
+    summed = SimConfig(normalisation=Normalisation.SUM).aggregation_settings().core_config()
 
-    assert mean.fedbuff_config().normalisation is Normalisation.MEAN
-    assert mean.fedbuff_config().example_weighting is ExampleWeighting.EXAMPLES
-    assert summed.fedbuff_config().normalisation is Normalisation.SUM
-    assert summed.fedbuff_config().example_weighting is ExampleWeighting.EQUAL
+    assert mean.normalisation is Normalisation.MEAN  # type: ignore[union-attr]
+    assert mean.example_weighting is ExampleWeighting.EXAMPLES  # type: ignore[union-attr]
+    assert summed.normalisation is Normalisation.SUM  # type: ignore[union-attr]
+    assert summed.example_weighting is ExampleWeighting.EQUAL  # type: ignore[union-attr]
