@@ -341,7 +341,7 @@ def _check_fields(values: Mapping[str, object], err: _Errors) -> None:
     try:
         MqttConfig.from_url(url)
     except ValueError as exc:
-        raise err("broker.url", f"{exc} (expected mqtt://host[:port] or mqtts://...)") from None
+        raise err("broker.url", str(exc)) from None
     timeout = values.get("broker.connect_timeout_s")
     if timeout is not None and not typing.cast(float, timeout) > 0:
         raise err("broker.connect_timeout_s", f"expected a number > 0, got {timeout!r}")
