@@ -85,7 +85,8 @@ def aggregator_command(
     ctx: typer.Context,
     config: ConfigOption = None,
     broker: Annotated[
-        str | None, typer.Option(help="Broker URL, mqtt://host:port or mqtts://... [broker.url]")
+        str | None,
+        typer.Option(help="Broker URL: mqtt://, mqtts://, ws://, wss:// host[:port] [broker.url]"),
     ] = None,
     fleet: Annotated[
         str | None, typer.Option(help="Fleet name (topic root edgefl/v1/<fleet>).")

@@ -40,7 +40,8 @@ __all__ = ["monitor_command"]
 def monitor_command(
     fleet: Annotated[str, typer.Option(help="Fleet name (the <fleet> level of the topics).")],
     broker: Annotated[
-        str, typer.Option(help="Broker URL: mqtt://[user[:pass]@]host[:port] or mqtts://...")
+        str,
+        typer.Option(help="Broker URL: mqtt://[user[:pass]@]host[:port], mqtts://, ws://, wss://"),
     ] = "mqtt://127.0.0.1:1883",
     once: Annotated[
         bool, typer.Option("--once", help="Print one snapshot after the retained messages.")
