@@ -43,11 +43,11 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import numpy as np
 
@@ -72,6 +72,13 @@ from firmware_sim.progress import Sample
 from firmware_sim.record import Mode, RunRecord
 from firmware_sim.scenario import Scenario, SimConfig, build_scenario
 from firmware_sim.seeding import MASK64
+
+if TYPE_CHECKING:
+    from multiprocessing.process import BaseProcess
+    from multiprocessing.queues import Queue as MpQueue
+    from multiprocessing.synchronize import Event as MpEvent
+
+    from edgefl.aggregator import Aggregator, AggregatorConfig
 
 __all__ = ["LiveOptions", "LiveResult", "SimSnapshotSource", "SimTrainer", "run_live"]
 
@@ -476,6 +483,16 @@ class _DeviceGroup:
 # ----------------------------------------------------------------------------- workers
 
 
+class _WorkerReport(NamedTuple):
+    """What a worker process puts on the report queue after each poll (and once at the end)."""
+
+    pid: int
+    states: dict[str, int]  # device-state counts of its agents
+    events: list[tuple[str, float, int]]  # dropouts and crashes since the last report
+    totals: dict[str, int]  # agent counters (see :meth:`_DeviceGroup.totals`)
+    rss_mb: float
+
+
 def _rss_mb(pid: int | None = None) -> float:
     path = f"/proc/{pid or 'self'}/status"
     try:
@@ -493,14 +510,20 @@ def _quiet_logs() -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
+def _group_report(group: _DeviceGroup) -> _WorkerReport:
+    return _WorkerReport(
+        os.getpid(), group.states(), group.shared.take_events(), group.totals(), _rss_mb()
+    )
+
+
 def _worker_main(
     config: SimConfig,
     options: LiveOptions,
     url: str,
     devices: list[int],
     root: str,
-    stop: Any,
-    reports: Any,
+    stop: MpEvent,
+    reports: MpQueue[_WorkerReport],
 ) -> None:
     """Entry point of a worker process: run ``devices`` until ``stop`` is set."""
     _ignore_sigint()
@@ -514,20 +537,10 @@ def _worker_main(
         while not stop.is_set():
             await asyncio.sleep(options.poll_s)
             group.grant()
-            reports.put(
-                (
-                    os.getpid(),
-                    group.states(),
-                    group.shared.take_events(),
-                    group.totals(),
-                    _rss_mb(),
-                )
-            )
+            reports.put(_group_report(group))
         starter.cancel()
         await group.stop()
-        reports.put(
-            (os.getpid(), group.states(), group.shared.take_events(), group.totals(), _rss_mb())
-        )
+        reports.put(_group_report(group))
 
     asyncio.run(main())
 
@@ -554,7 +567,7 @@ def _ignore_sigint() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
-def _embedded_broker_main(port: int, ready: Any, stop: Any) -> None:
+def _embedded_broker_main(port: int, ready: MpEvent, stop: MpEvent) -> None:
     from broker.launcher import ThreadedEmbeddedBroker
 
     _ignore_sigint()
@@ -565,10 +578,12 @@ def _embedded_broker_main(port: int, ready: Any, stop: Any) -> None:
     broker.stop()
 
 
-# ----------------------------------------------------------------------------- the run
+# ----------------------------------------------------------------------------- the aggregator
 
 
-def _aggregator_config(cfg: SimConfig, opts: LiveOptions, url: str, state_dir: Path) -> Any:
+def _aggregator_config(
+    cfg: SimConfig, opts: LiveOptions, url: str, state_dir: Path
+) -> AggregatorConfig:
     """The live aggregator's config: the run's :meth:`SimConfig.aggregation_settings` (the same
     the virtual simulator runs) spelled as the service's flat knobs."""
     from edgefl.aggregator import AggregatorConfig, NormBoundSetting
@@ -631,7 +646,7 @@ class _Poller:
         self.bytes = 0
         self.evaluated: set[int] = set()
 
-    def poll(self, aggregator: Any, t: float) -> None:
+    def poll(self, aggregator: Aggregator, t: float) -> None:
         st = aggregator.statistics()
         new_received = st.received - self.received
         per_update = (st.bytes_ingested - self.bytes) // new_received if new_received > 0 else 0
@@ -657,243 +672,14 @@ class _Poller:
                 )
 
 
-async def _run_live_async(
-    config: SimConfig,
-    options: LiveOptions,
-    scenario: Scenario,
-    root: Path,
-    progress: Callable[[str], None] | None,
-    on_broker: Callable[[str, str], None] | None = None,
-    hooks: _Hooks | None = None,
-) -> LiveResult:
-    from edgefl.aggregator import Aggregator
-
-    hooks = hooks or _Hooks()
-    loop = asyncio.get_running_loop()
-    interrupted = asyncio.Event()  # set (thread-safely) by SIGINT/SIGTERM through hooks.stop
-    if hooks.stop is not None:
-        hooks.stop.route(lambda: _call_soon(loop, interrupted.set))
-    phase = hooks.on_phase or (lambda text: None)
-    broker_proc: Any = None
-    broker_stop: Any = None
-    mosquitto: Any = None
-    ctx = mp.get_context("spawn")
-    url = options.broker_url
-    broker_kind = options.broker_kind
-    if broker_kind == "auto":
-        from broker.launcher import find_mosquitto
-
-        broker_kind = "mosquitto" if find_mosquitto() is not None else "embedded"
-    if url is None:
-        phase(f"starting the broker ({broker_kind})")
-        if broker_kind == "mosquitto":
-            from broker.launcher import MosquittoBroker
-
-            mosquitto = MosquittoBroker(state_dir=root / "mosquitto")
-            url = mosquitto.start()
-        else:
-            from broker.launcher import free_port
-
-            port = free_port()
-            ready, broker_stop = ctx.Event(), ctx.Event()
-            broker_proc = ctx.Process(
-                target=_embedded_broker_main, args=(port, ready, broker_stop), daemon=True
-            )
-            with _sigint_blocked():
-                broker_proc.start()
-            deadline = time.monotonic() + 30.0
-            while not await asyncio.to_thread(ready.wait, 0.1):  # short waits: stay interruptible
-                if interrupted.is_set() or time.monotonic() > deadline:
-                    broker_stop.set()
-                    await _join_or_kill(broker_proc, 0.5)
-                    if interrupted.is_set():
-                        # release the semaphores now (the command exits without teardown, and
-                        # multiprocessing's resource tracker would warn about leaked ones)
-                        del ready
-                        broker_stop = broker_proc = None
-                        raise StopRequested(hooks.signum())
-                    raise RuntimeError("embedded broker did not start")
-            url = f"mqtt://127.0.0.1:{port}"
-    if on_broker is not None:
-        on_broker(url, broker_kind if options.broker_url is None else "external")
-    record = RunRecord(
-        config={
-            **config.to_dict(),
-            "live": {"workers": options.workers, "time_scale": options.time_scale},
-        },
-        mode=Mode.LIVE,
-        algorithm=config.algorithm,
-        devices=config.devices,
-    )
-    t0_wall = time.time()
-    t0 = time.monotonic()
-    record.started_at = time.perf_counter()
-    phase("starting the aggregator")
-    aggregator = Aggregator(_aggregator_config(config, options, url, root / "aggregator"))
-    ready_ev = asyncio.Event()
-    agg_task = asyncio.create_task(aggregator.run(ready=ready_ev), name="aggregator")
-    await _first_of(ready_ev, interrupted, agg_task, wait_s=60.0)
-    if not ready_ev.is_set() and not interrupted.is_set():
-        aggregator.stop()
-        await _first_of(interrupted, agg_task, wait_s=5.0)
-        if broker_stop is not None:
-            broker_stop.set()
-        if mosquitto is not None:
-            mosquitto.stop()
-        if agg_task.done():
-            agg_task.result()  # its error, if it failed
-        raise RuntimeError("the aggregator did not start within 60 s")
-    poller = _Poller(record, 4 * scenario.spec.num_params, t0_wall)
-
-    workers = max(1, options.workers)
-    device_ids = list(range(config.devices))
-    group: _DeviceGroup | None = None
-    procs: list[Any] = []
-    stop_ev: Any = None
-    reports: Any = None
-    worker_state: dict[int, tuple[dict[str, int], dict[str, int], float]] = {}
-    starter: asyncio.Task[None] | None = None
-    if not interrupted.is_set():  # else stopped while the aggregator started: no devices
-        phase(f"starting {config.devices} devices in {workers} process(es); training")
-    if interrupted.is_set():
-        pass
-    elif workers == 1:
-        group = _DeviceGroup(scenario, options, url, device_ids, root / "devices", t0)
-        starter = asyncio.create_task(group.start())
-    else:
-        stop_ev, reports = ctx.Event(), ctx.Queue()
-        for w in range(workers):
-            mine = device_ids[w::workers]
-            p = ctx.Process(
-                target=_worker_main,
-                args=(config, options, url, mine, str(root / f"devices-{w}"), stop_ev, reports),
-                daemon=True,
-            )
-            with _sigint_blocked():
-                p.start()
-            procs.append(p)
-
-    def drain_reports() -> None:
-        if reports is None:
-            return
-        while True:
-            try:
-                pid, states, events, totals, rss = reports.get_nowait()
-            except Exception:
-                return
-            worker_state[pid] = (states, totals, rss)
-            for kind, t, d in events:
-                (record.dropout if kind == "dropout" else record.crash)(t, d)
-
-    peak = 0
-    max_wall = config.max_wall_s if config.max_wall_s is not None else math.inf
-    reached = False
-    try:
-        while True:
-            await _first_of(interrupted, wait_s=options.poll_s)
-            if interrupted.is_set():
-                break
-            t = time.monotonic() - t0
-            poller.poll(aggregator, t)
-            if group is not None:
-                group.grant()
-                states = group.states()
-                for kind, te, d in group.shared.take_events():
-                    (record.dropout if kind == "dropout" else record.crash)(te, d)
-            else:
-                drain_reports()
-                states = dict(sum((Counter(s) for s, _, _ in worker_state.values()), Counter()))
-            record.device_states(t, states)
-            connected = sum(v for k, v in states.items() if k != "offline")
-            peak = max(peak, connected)
-            ev = record.evals()
-            acc = float(ev.accuracy[-1]) if len(ev.accuracy) else 0.0
-            reached = reached or bool(len(ev.accuracy) and ev.accuracy.max() >= config.target)
-            if progress is not None:
-                progress(
-                    f"live {config.algorithm.value}: {t:5.1f}s  "
-                    f"v{aggregator.statistics().version}  "
-                    f"acc {100 * acc:.1f}%  updates {poller.received:,}  devices online {connected}"
-                )
-            if hooks.on_sample is not None:
-                hooks.on_sample(
-                    Sample(
-                        elapsed_s=t,
-                        accuracy=acc if len(ev.accuracy) else None,
-                        updates=poller.received,
-                        version=aggregator.statistics().version,
-                        detail=f"online {connected}",
-                    )
-                )
-            if reached and config.stop_at_target:
-                break
-            if t >= max_wall:
-                break
-            if config.max_updates is not None and poller.received >= config.max_updates:
-                break
-            if agg_task.done():
-                break
-    finally:
-        # After SIGINT/SIGTERM every step below gets a short bound (the whole stop within ~2 s);
-        # the flag is read at each step, so a signal during a normal stop shortens the rest.
-        def bound(normal: float, fast: float) -> float:
-            return fast if interrupted.is_set() else normal
-
-        phase("stopping" + (f" ({hooks.signal_name()})" if interrupted.is_set() else ""))
-        wall = time.monotonic() - t0
-        totals: dict[str, int] = {}
-        rss = _rss_mb()
-        if group is not None:
-            totals = group.totals()
-            if starter is not None:
-                starter.cancel()
-            await group.stop(bound(15.0, 0.5))
-        else:
-            drain_reports()
-            rss += sum(r for _, _, r in worker_state.values())
-            totals = dict(sum((Counter(tt) for _, tt, _ in worker_state.values()), Counter()))
-            if stop_ev is not None:
-                stop_ev.set()
-            deadline = time.monotonic() + bound(20.0, 0.7)
-            for p in procs:
-                await _join_or_kill(p, max(0.0, deadline - time.monotonic()), interrupted)
-            drain_reports()
-        if broker_proc is not None:
-            rss += _rss_mb(broker_proc.pid)
-        # let the evaluator catch up with the last version, then stop the aggregator
-        await _first_of(interrupted, wait_s=min(2.0, options.poll_s * 2))
-        poller.poll(aggregator, time.monotonic() - t0)
-        aggregator.stop()
-        done, _ = await asyncio.wait([agg_task], timeout=bound(30.0, 0.5))
-        if done and not agg_task.cancelled():
-            agg_task.exception()  # retrieved (and ignored) as before: the run is over
-        if not done:
-            agg_task.cancel()
-            with contextlib.suppress(BaseException):
-                await asyncio.wait_for(agg_task, 0.3)
-        if broker_stop is not None:
-            broker_stop.set()
-            await _join_or_kill(broker_proc, bound(10.0, 0.3), interrupted)
-        if mosquitto is not None:
-            mosquitto.stop(timeout=bound(10.0, 0.3))
-    ev = record.evals()
-    record.finish(
-        wall_time_s=wall,
-        model_versions=aggregator.statistics().version,
-        final_accuracy=float(ev.accuracy[-1]) if len(ev.accuracy) else None,
-    )
-    n = max(1, config.devices)
-    return LiveResult(
-        record=record,
-        wall_s=wall,
-        devices_started=config.devices,
-        peak_connected=peak,
-        rss_mb=rss,
-        rss_mb_per_device=rss / n,
-        updates_per_s=poller.received / wall if wall > 0 else 0.0,
-        agent_totals=totals,
-        interrupted=interrupted.is_set(),
-    )
+# ----------------------------------------------------------------------------- the run
+#
+# _run_live_async enters, in order, on one AsyncExitStack: the broker, the running aggregator,
+# the evaluator's catch-up, the embedded broker's RSS reading, the devices and the "stopping"
+# announcement; then it polls until a limit. Leaving the stack undoes them in reverse: announce,
+# stop the devices, read the broker's RSS, let the evaluator catch up, stop the aggregator, stop
+# the broker. After SIGINT/SIGTERM every step gets a short bound (the whole stop within ~2 s);
+# the flag is read at each step, so a signal during a normal stop shortens the rest.
 
 
 @dataclass(frozen=True)
@@ -910,13 +696,457 @@ class _Hooks:
     def signal_name(self) -> str:
         return self.stop.name if self.stop is not None else ""
 
+    def phase(self, text: str) -> None:
+        if self.on_phase is not None:
+            self.on_phase(text)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """The fixed inputs of one live run, and its stop flag."""
+
+    config: SimConfig
+    options: LiveOptions
+    scenario: Scenario
+    root: Path
+    hooks: _Hooks
+    interrupted: asyncio.Event  # set (thread-safely) by SIGINT/SIGTERM through hooks.stop
+
+    def bound(self, normal: float, fast: float) -> float:
+        """A shutdown step's time limit: ``fast`` once a signal asked to stop."""
+        return fast if self.interrupted.is_set() else normal
+
+
+@dataclass
+class _Ending:
+    """What the stop measures, filled in while the exit stack unwinds."""
+
+    wall_s: float = 0.0
+    rss_mb: float = 0.0
+    totals: dict[str, int] = field(default_factory=dict)
+
+    def add_rss_of(self, pid: int) -> None:
+        self.rss_mb += _rss_mb(pid)
+
+
+@dataclass(frozen=True)
+class _Broker:
+    """The broker of the run: ``kind`` ``mosquitto`` | ``embedded`` (private) | ``external``;
+    ``pid`` the embedded broker's process (its RSS counts toward the run's)."""
+
+    url: str
+    kind: str
+    pid: int | None = None
+
+
+def _private_broker_kind(requested: str) -> str:
+    """``auto``: Mosquitto when the binary is installed, else the embedded broker."""
+    if requested != "auto":
+        return requested
+    from broker.launcher import find_mosquitto
+
+    return "mosquitto" if find_mosquitto() is not None else "embedded"
+
+
+@contextlib.asynccontextmanager
+async def _broker(run: _Run) -> AsyncIterator[_Broker]:
+    """The external broker of ``options.broker_url``, else a private one (stopped on exit)."""
+    if run.options.broker_url is not None:
+        yield _Broker(run.options.broker_url, "external")
+        return
+    kind = _private_broker_kind(run.options.broker_kind)
+    run.hooks.phase(f"starting the broker ({kind})")
+    private = _private_mosquitto(run) if kind == "mosquitto" else _embedded_broker(run)
+    async with private as broker:
+        yield broker
+
+
+@contextlib.asynccontextmanager
+async def _private_mosquitto(run: _Run) -> AsyncIterator[_Broker]:
+    from broker.launcher import MosquittoBroker
+
+    mosquitto = MosquittoBroker(state_dir=run.root / "mosquitto")
+    url = mosquitto.start()
+    try:
+        yield _Broker(url, "mosquitto")
+    finally:
+        mosquitto.stop(timeout=run.bound(10.0, 0.3))
+
+
+@contextlib.asynccontextmanager
+async def _embedded_broker(run: _Run) -> AsyncIterator[_Broker]:
+    """The embedded (amqtt) broker in a child process."""
+    from broker.launcher import free_port
+
+    port = free_port()
+    proc, stop = await _start_embedded_broker(run, port)
+    try:
+        yield _Broker(f"mqtt://127.0.0.1:{port}", "embedded", proc.pid)
+    finally:
+        stop.set()
+        await _join_or_kill(proc, run.bound(10.0, 0.3), run.interrupted)
+
+
+async def _start_embedded_broker(run: _Run, port: int) -> tuple[BaseProcess, MpEvent]:
+    """Start the broker process and wait (in short, interruptible steps, at most 30 s) until it
+    listens. A signal meanwhile stops it and raises :class:`StopRequested`."""
+    ctx = mp.get_context("spawn")
+    ready, stop = ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=_embedded_broker_main, args=(port, ready, stop), daemon=True)
+    with _sigint_blocked():
+        proc.start()
+    deadline = time.monotonic() + 30.0
+    while not await asyncio.to_thread(ready.wait, 0.1):
+        if run.interrupted.is_set() or time.monotonic() > deadline:
+            stop.set()
+            await _join_or_kill(proc, 0.5)
+            if run.interrupted.is_set():
+                # release the semaphores now (the command exits without teardown, and
+                # multiprocessing's resource tracker would warn about leaked ones): the
+                # traceback keeps this frame, and its locals, alive
+                del ready, stop, proc
+                raise StopRequested(run.hooks.signum())
+            raise RuntimeError("embedded broker did not start")
+    return proc, stop
+
+
+@dataclass(frozen=True)
+class _RunningAggregator:
+    service: Aggregator
+    task: asyncio.Task[None]
+
+
+@contextlib.asynccontextmanager
+async def _running_aggregator(run: _Run, url: str) -> AsyncIterator[_RunningAggregator]:
+    """The aggregator service, running (or stopped by a signal while it started: it still gets
+    stopped on exit). Raises RuntimeError when it is not ready within 60 s."""
+    from edgefl.aggregator import Aggregator
+
+    run.hooks.phase("starting the aggregator")
+    aggregator = Aggregator(
+        _aggregator_config(run.config, run.options, url, run.root / "aggregator")
+    )
+    ready = asyncio.Event()
+    task = asyncio.create_task(aggregator.run(ready=ready), name="aggregator")
+    await _first_of(ready, run.interrupted, task, wait_s=60.0)
+    if not ready.is_set() and not run.interrupted.is_set():
+        aggregator.stop()
+        await _first_of(run.interrupted, task, wait_s=5.0)
+        if task.done():
+            task.result()  # its error, if it failed
+        raise RuntimeError("the aggregator did not start within 60 s")
+    try:
+        yield _RunningAggregator(aggregator, task)
+    finally:
+        aggregator.stop()
+        done, _ = await asyncio.wait([task], timeout=run.bound(30.0, 0.5))
+        if done and not task.cancelled():
+            task.exception()  # retrieved (and ignored) as before: the run is over
+        if not done:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(task, 0.3)
+
+
+async def _catch_up(run: _Run, aggregator: Aggregator, poller: _Poller, t0: float) -> None:
+    """Let the evaluator catch up with the last version, and record it."""
+    await _first_of(run.interrupted, wait_s=min(2.0, run.options.poll_s * 2))
+    poller.poll(aggregator, time.monotonic() - t0)
+
+
+class _Devices(Protocol):
+    """The run's devices, wherever they live."""
+
+    def poll(self) -> dict[str, int]:
+        """Hand out training slots, move dropouts and crashes into the record; device-state
+        counts (``offline`` for agents not connected)."""
+        ...
+
+    async def stop(self, ending: _Ending) -> None:
+        """Stop every agent (within the run's bounds); add totals and RSS to ``ending``."""
+        ...
+
+
+def _record_events(record: RunRecord, events: list[tuple[str, float, int]]) -> None:
+    for kind, t, d in events:
+        (record.dropout if kind == "dropout" else record.crash)(t, d)
+
+
+class _NoDevices:
+    """Stopped before the devices started."""
+
+    def poll(self) -> dict[str, int]:
+        return {}
+
+    async def stop(self, ending: _Ending) -> None:
+        return None
+
+
+class _InProcessDevices:
+    """All agents on this process's event loop (``workers`` 1)."""
+
+    def __init__(self, run: _Run, url: str, record: RunRecord, t0: float) -> None:
+        devices = list(range(run.config.devices))
+        self._run = run
+        self._record = record
+        self._group = _DeviceGroup(
+            run.scenario, run.options, url, devices, run.root / "devices", t0
+        )
+        self._starter = asyncio.create_task(self._group.start())
+
+    def poll(self) -> dict[str, int]:
+        self._group.grant()
+        states = self._group.states()
+        _record_events(self._record, self._group.shared.take_events())
+        return states
+
+    async def stop(self, ending: _Ending) -> None:
+        ending.totals = self._group.totals()
+        self._starter.cancel()
+        await self._group.stop(self._run.bound(15.0, 0.5))
+
+
+class _WorkerProcesses:
+    """The agents spread over ``workers`` processes, which report on a queue."""
+
+    def __init__(self, run: _Run, url: str, record: RunRecord) -> None:
+        ctx = mp.get_context("spawn")
+        workers = max(1, run.options.workers)
+        devices = list(range(run.config.devices))
+        self._run = run
+        self._record = record
+        self._stop = ctx.Event()
+        self._reports: MpQueue[_WorkerReport] = ctx.Queue()
+        self._latest: dict[int, _WorkerReport] = {}  # pid -> its last report
+        self._procs: list[BaseProcess] = []
+        for w in range(workers):
+            args = (
+                run.config,
+                run.options,
+                url,
+                devices[w::workers],
+                str(run.root / f"devices-{w}"),
+                self._stop,
+                self._reports,
+            )
+            proc = ctx.Process(target=_worker_main, args=args, daemon=True)
+            with _sigint_blocked():
+                proc.start()
+            self._procs.append(proc)
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                report: _WorkerReport = self._reports.get_nowait()
+            except Exception:
+                return
+            self._latest[report.pid] = report
+            _record_events(self._record, report.events)
+
+    def _sum(self, counts: Callable[[_WorkerReport], dict[str, int]]) -> dict[str, int]:
+        return dict(sum((Counter(counts(r)) for r in self._latest.values()), Counter()))
+
+    def poll(self) -> dict[str, int]:
+        self._drain()
+        return self._sum(lambda r: r.states)
+
+    async def stop(self, ending: _Ending) -> None:
+        self._drain()
+        ending.rss_mb += sum(r.rss_mb for r in self._latest.values())
+        ending.totals = self._sum(lambda r: r.totals)
+        self._stop.set()
+        deadline = time.monotonic() + self._run.bound(20.0, 0.7)
+        for p in self._procs:
+            await _join_or_kill(p, max(0.0, deadline - time.monotonic()), self._run.interrupted)
+        self._drain()
+
+
+@contextlib.asynccontextmanager
+async def _devices(
+    run: _Run, url: str, record: RunRecord, t0: float, ending: _Ending
+) -> AsyncIterator[_Devices]:
+    """Start the devices (none when a signal already arrived); stop them on exit."""
+    devices: _Devices
+    workers = max(1, run.options.workers)
+    if run.interrupted.is_set():
+        devices = _NoDevices()
+    else:
+        run.hooks.phase(f"starting {run.config.devices} devices in {workers} process(es); training")
+        if workers == 1:
+            devices = _InProcessDevices(run, url, record, t0)
+        else:
+            devices = _WorkerProcesses(run, url, record)
+    try:
+        yield devices
+    finally:
+        await devices.stop(ending)
+
+
+class _PollLoop:
+    """The poll loop: samples the aggregator and the devices into the record, reports progress
+    and decides when the run is over."""
+
+    def __init__(
+        self,
+        run: _Run,
+        aggregator: _RunningAggregator,
+        devices: _Devices,
+        poller: _Poller,
+        t0: float,
+        progress: Callable[[str], None] | None,
+    ) -> None:
+        self._run = run
+        self._aggregator = aggregator
+        self._devices = devices
+        self._poller = poller
+        self._t0 = t0
+        self._progress = progress
+        self.peak_connected = 0
+        self._reached = False
+
+    async def until_done(self) -> None:
+        """Poll every ``poll_s`` until a signal, the target (with ``stop_at_target``), a limit
+        (``max_wall_s``, ``max_updates``) or the aggregator's end."""
+        while True:
+            await _first_of(self._run.interrupted, wait_s=self._run.options.poll_s)
+            if self._run.interrupted.is_set() or self._tick(time.monotonic() - self._t0):
+                return
+
+    def _tick(self, t: float) -> bool:
+        """One poll at ``t`` seconds into the run; True when the run is over."""
+        record = self._poller.record
+        self._poller.poll(self._aggregator.service, t)
+        states = self._devices.poll()
+        record.device_states(t, states)
+        connected = sum(v for k, v in states.items() if k != "offline")
+        self.peak_connected = max(self.peak_connected, connected)
+        accuracy = record.evals().accuracy
+        acc = float(accuracy[-1]) if len(accuracy) else None
+        cfg = self._run.config
+        self._reached = self._reached or bool(len(accuracy) and accuracy.max() >= cfg.target)
+        self._report(t, acc, connected)
+        return (
+            (self._reached and cfg.stop_at_target)
+            or t >= (cfg.max_wall_s if cfg.max_wall_s is not None else math.inf)
+            or (cfg.max_updates is not None and self._poller.received >= cfg.max_updates)
+            or self._aggregator.task.done()
+        )
+
+    def _report(self, t: float, acc: float | None, connected: int) -> None:
+        received = self._poller.received
+        if self._progress is not None:
+            self._progress(
+                f"live {self._run.config.algorithm.value}: {t:5.1f}s  "
+                f"v{self._aggregator.service.statistics().version}  "
+                f"acc {100 * (acc or 0.0):.1f}%  updates {received:,}  devices online {connected}"
+            )
+        if self._run.hooks.on_sample is not None:
+            self._run.hooks.on_sample(
+                Sample(
+                    elapsed_s=t,
+                    accuracy=acc,
+                    updates=received,
+                    version=self._aggregator.service.statistics().version,
+                    detail=f"online {connected}",
+                )
+            )
+
+
+def _new_record(config: SimConfig, options: LiveOptions) -> RunRecord:
+    return RunRecord(
+        config={
+            **config.to_dict(),
+            "live": {"workers": options.workers, "time_scale": options.time_scale},
+        },
+        mode=Mode.LIVE,
+        algorithm=config.algorithm,
+        devices=config.devices,
+    )
+
+
+def _interrupt_flag(hooks: _Hooks) -> asyncio.Event:
+    """An event that SIGINT/SIGTERM (routed through ``hooks.stop``) set from any thread."""
+    loop = asyncio.get_running_loop()
+    interrupted = asyncio.Event()
+    if hooks.stop is not None:
+        hooks.stop.route(lambda: _call_soon(loop, interrupted.set))
+    return interrupted
+
+
+async def _run_live_async(
+    config: SimConfig,
+    options: LiveOptions,
+    scenario: Scenario,
+    root: Path,
+    progress: Callable[[str], None] | None,
+    on_broker: Callable[[str, str], None] | None = None,
+    hooks: _Hooks | None = None,
+) -> LiveResult:
+    hooks = hooks or _Hooks()
+    run = _Run(config, options, scenario, root, hooks, _interrupt_flag(hooks))
+    ending = _Ending()
+    record = _new_record(config, options)
+    async with contextlib.AsyncExitStack() as stack:
+        broker = await stack.enter_async_context(_broker(run))
+        if on_broker is not None:
+            on_broker(broker.url, broker.kind)
+        t0_wall, t0 = time.time(), time.monotonic()
+        record.started_at = time.perf_counter()
+        aggregator = await stack.enter_async_context(_running_aggregator(run, broker.url))
+        poller = _Poller(record, 4 * scenario.spec.num_params, t0_wall)
+        stack.push_async_callback(_catch_up, run, aggregator.service, poller, t0)
+        if broker.pid is not None:
+            stack.callback(ending.add_rss_of, broker.pid)
+        devices = await stack.enter_async_context(_devices(run, broker.url, record, t0, ending))
+
+        @stack.callback
+        def announce_stop() -> None:
+            signal_name = f" ({hooks.signal_name()})" if run.interrupted.is_set() else ""
+            hooks.phase("stopping" + signal_name)
+            ending.wall_s = time.monotonic() - t0
+            ending.rss_mb = _rss_mb()
+
+        watch = _PollLoop(run, aggregator, devices, poller, t0, progress)
+        await watch.until_done()
+    return _result(run, record, aggregator.service, poller, watch.peak_connected, ending)
+
+
+def _result(
+    run: _Run,
+    record: RunRecord,
+    aggregator: Aggregator,
+    poller: _Poller,
+    peak_connected: int,
+    ending: _Ending,
+) -> LiveResult:
+    """Close the record and sum up the run."""
+    ev = record.evals()
+    wall = ending.wall_s
+    record.finish(
+        wall_time_s=wall,
+        model_versions=aggregator.statistics().version,
+        final_accuracy=float(ev.accuracy[-1]) if len(ev.accuracy) else None,
+    )
+    devices = run.config.devices
+    return LiveResult(
+        record=record,
+        wall_s=wall,
+        devices_started=devices,
+        peak_connected=peak_connected,
+        rss_mb=ending.rss_mb,
+        rss_mb_per_device=ending.rss_mb / max(1, devices),
+        updates_per_s=poller.received / wall if wall > 0 else 0.0,
+        agent_totals=ending.totals,
+        interrupted=run.interrupted.is_set(),
+    )
+
 
 def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
     with contextlib.suppress(RuntimeError):  # the loop is closed: the run is over anyway
         loop.call_soon_threadsafe(callback)
 
 
-async def _first_of(*waitables: asyncio.Event | asyncio.Task[Any], wait_s: float) -> None:
+async def _first_of(*waitables: asyncio.Event | asyncio.Task[object], wait_s: float) -> None:
     """Wait until one of the events is set or one of the tasks is done, or ``wait_s`` passed."""
     waiters = [
         asyncio.ensure_future(w.wait()) if isinstance(w, asyncio.Event) else w for w in waitables
@@ -929,7 +1159,9 @@ async def _first_of(*waitables: asyncio.Event | asyncio.Task[Any], wait_s: float
                 w.cancel()
 
 
-async def _join_or_kill(proc: Any, wait_s: float, interrupted: asyncio.Event | None = None) -> None:
+async def _join_or_kill(
+    proc: BaseProcess, wait_s: float, interrupted: asyncio.Event | None = None
+) -> None:
     """Join a child process in short steps (so the event loop stays responsive, and nothing is
     left in the default executor), for at most ``wait_s`` seconds (less once ``interrupted``
     is set); then kill it."""
