@@ -320,69 +320,107 @@ class RunRecord:
         ev = self.evals()
         up = self.updates()
         counts = self.outcome_counts()
+        return {
+            "label": self.label,
+            "mode": self.mode.value,
+            "algorithm": self.algorithm.value,
+            "devices": self.devices,
+            **self._final_metrics(),
+            "target_accuracy": float(target_accuracy),
+            **_time_to_target(ev, up, target_accuracy),
+            "model_versions": self._model_versions(ev),
+            **self._update_counts(counts),
+            **_traffic(up),
+            **_staleness(up),
+            "evaluations": len(self._eval_t),
+            "duration_s": self._duration(ev, up),
+            "wall_time_s": self.wall_time_s,
+            "config": self.config,
+        }
 
-        reached = ev.accuracy >= target_accuracy
-        time_to_target: float | None = None
-        updates_to_target: int | None = None
-        received_to_target: int | None = None
-        if reached.any():
-            i = int(np.argmax(reached))
-            time_to_target = float(ev.t[i])
-            updates_to_target = int(ev.updates_applied[i])
-            received_to_target = int(np.count_nonzero(up.t <= time_to_target))
-
+    def _final_metrics(self) -> dict[str, float | None]:
+        """``final_accuracy``/``final_loss``: given to :meth:`finish`, else the latest
+        evaluation's (in recording order)."""
         final_accuracy = self.final_accuracy
         if final_accuracy is None and len(self._eval_acc):
             final_accuracy = self._eval_acc[-1]
         final_loss = self.final_loss
         if final_loss is None and len(self._eval_loss):
             final_loss = self._eval_loss[-1]
-        model_versions = self.model_versions
-        if model_versions is None and len(ev.version):
-            model_versions = int(ev.version.max())
+        return {
+            "final_accuracy": _json_float(final_accuracy),
+            "final_loss": _json_float(final_loss),
+        }
 
+    def _model_versions(self, ev: EvalSeries) -> int | None:
+        """Given to :meth:`finish`, else the highest evaluated version."""
+        if self.model_versions is None and len(ev.version):
+            return int(ev.version.max())
+        return self.model_versions
+
+    def _update_counts(self, counts: dict[str, int]) -> dict[str, Any]:
+        """Updates by outcome (rejections by reason, ``stale`` included), dropouts, crashes."""
         rejected = {
             name.removeprefix(_REJECT_PREFIX): n
             for name, n in counts.items()
             if name == Outcome.STALE or name.startswith(_REJECT_PREFIX)
         }
-        nbytes = int(up.nbytes.sum())
-        fp32 = int(up.fp32_bytes.sum())
-        last_times = [float(a[-1]) for a in (up.t, ev.t, _f64(self._drop_t)) if len(a)]
-
-        applied_code = up.outcomes.index(Outcome.APPLIED) if Outcome.APPLIED in up.outcomes else -1
-        known = up.staleness >= 0
         return {
-            "label": self.label,
-            "mode": self.mode.value,
-            "algorithm": self.algorithm.value,
-            "devices": self.devices,
-            "final_accuracy": _json_float(final_accuracy),
-            "final_loss": _json_float(final_loss),
-            "target_accuracy": float(target_accuracy),
-            "reached_target": time_to_target is not None,
-            "time_to_target_s": time_to_target,
-            "updates_to_target": updates_to_target,
-            "updates_received_to_target": received_to_target,
-            "model_versions": model_versions,
             "updates_received": len(self._up_t),
             "updates_applied": counts.get(Outcome.APPLIED, 0),
             "updates_rejected": dict(sorted(rejected.items())),
             "updates_dropped": counts.get(Outcome.DROPPED, 0),
             "dropouts": len(self._drop_t),
             "crashes": len(self._crash_t),
-            "bytes_uploaded": nbytes,
-            "bytes_fp32_equivalent": fp32,
-            "compression_ratio": fp32 / nbytes if nbytes > 0 else None,
-            "staleness": _staleness_stats(up.staleness[known]),
-            "staleness_applied": _staleness_stats(
-                up.staleness[known & (up.outcome == applied_code)]
-            ),
-            "evaluations": len(self._eval_t),
-            "duration_s": max(last_times) if last_times else 0.0,
-            "wall_time_s": self.wall_time_s,
-            "config": self.config,
         }
+
+    def _duration(self, ev: EvalSeries, up: UpdateSeries) -> float:
+        """Time of the last recorded update, evaluation or dropout (0 for an empty record)."""
+        last_times = [float(a[-1]) for a in (up.t, ev.t, _f64(self._drop_t)) if len(a)]
+        return max(last_times) if last_times else 0.0
+
+
+def _time_to_target(
+    ev: EvalSeries, up: UpdateSeries, target_accuracy: float
+) -> dict[str, bool | float | int | None]:
+    """The first evaluation (in time order) at or above the target: its time, its
+    ``updates_applied`` and the updates recorded up to then (all None when never reached)."""
+    reached = ev.accuracy >= target_accuracy
+    time_to_target: float | None = None
+    updates_to_target: int | None = None
+    received_to_target: int | None = None
+    if reached.any():
+        i = int(np.argmax(reached))
+        time_to_target = float(ev.t[i])
+        updates_to_target = int(ev.updates_applied[i])
+        received_to_target = int(np.count_nonzero(up.t <= time_to_target))
+    return {
+        "reached_target": time_to_target is not None,
+        "time_to_target_s": time_to_target,
+        "updates_to_target": updates_to_target,
+        "updates_received_to_target": received_to_target,
+    }
+
+
+def _traffic(up: UpdateSeries) -> dict[str, int | float | None]:
+    """Bytes on the wire, what float32 would have cost, and their ratio."""
+    nbytes = int(up.nbytes.sum())
+    fp32 = int(up.fp32_bytes.sum())
+    return {
+        "bytes_uploaded": nbytes,
+        "bytes_fp32_equivalent": fp32,
+        "compression_ratio": fp32 / nbytes if nbytes > 0 else None,
+    }
+
+
+def _staleness(up: UpdateSeries) -> dict[str, dict[str, float | int | None]]:
+    """Staleness statistics over the updates with known staleness: all, and applied ones."""
+    applied_code = up.outcomes.index(Outcome.APPLIED) if Outcome.APPLIED in up.outcomes else -1
+    known = up.staleness >= 0
+    return {
+        "staleness": _staleness_stats(up.staleness[known]),
+        "staleness_applied": _staleness_stats(up.staleness[known & (up.outcome == applied_code)]),
+    }
 
 
 def _staleness_stats(values: NDArray[np.int64]) -> dict[str, float | int | None]:
