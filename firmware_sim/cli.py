@@ -108,87 +108,135 @@ def _check_private_broker(option: str, kind: str) -> None:
 
 
 @dataclass(frozen=True)
-class SimOptions:
-    """The options of ``edgefl sim`` that go into the :class:`SimConfig`, as given."""
+class AlgorithmOptions:
+    """``--algorithm``, ``--buffer-size``, ``--concurrency``, ``--staleness``,
+    ``--max-staleness``, as given."""
 
-    devices: int
-    mode: str
     algorithm: str
     buffer_size: int
     concurrency: int
     staleness: str
     max_staleness: int
+
+
+@dataclass(frozen=True)
+class FleetOptions:
+    """``--devices``, ``--dropout``, ``--profile``, ``--speed``, as given."""
+
+    devices: int
     dropout: float | None
     profile: str
     speed: str | None
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """``--dataset``, ``--partition``, ``--codec``, ``--samples``, as given."""
+
     dataset: str
     partition: str
     codec: str
+    samples: int | None
+
+
+@dataclass(frozen=True)
+class LimitOptions:
+    """``--target``, ``--max-time``, ``--max-updates``, ``--seed``, as given."""
+
     target: float
     max_time: float | None
     max_updates: int | None
     seed: int
+
+
+@dataclass(frozen=True)
+class AttackOptions:
+    """``--malicious``, ``--attack``, ``--attack-scale``, ``--robust``, ``--norm-bound``, as
+    given."""
+
     malicious: float
     attack: str
     attack_scale: float
     robust: str
     norm_bound: str
+
+
+@dataclass(frozen=True)
+class TrainingOptions:
+    """``--epochs``, ``--lr``, ``--batch-size``, ``--server-lr``, ``--normalisation``,
+    ``--round-deadline``, as given."""
+
     epochs: int
     lr: float
     batch_size: int
     server_lr: float
     normalisation: Normalisation
     round_deadline: float | None
-    samples: int | None
+
+
+@dataclass(frozen=True)
+class SimOptions:
+    """The options of ``edgefl sim`` that go into the :class:`SimConfig`, as given."""
+
+    mode: str
+    fleet: FleetOptions
+    algorithm: AlgorithmOptions
+    data: DataOptions
+    limits: LimitOptions
+    attack: AttackOptions
+    training: TrainingOptions
 
 
 def sim_config_from_options(o: SimOptions) -> SimConfig:
     """Check every option of ``edgefl sim`` that goes into the :class:`SimConfig` (in the order
     of the help) and build it; raises :class:`UsageError` naming the first bad option (nothing
     is loaded or written)."""
-    check.at_least("--devices", o.devices)
+    check.at_least("--devices", o.fleet.devices)
     mode = check.choice("--mode", o.mode, MODES)
-    algo, staleness = _check_algorithm(o)
-    profile = _check_fleet(o)
-    dataset, partition = _check_data(o)
-    _check_limits(o)
-    attack, robust = _check_attack_and_defence(o)
-    _check_training(o)
-    _check_samples(o.samples, dataset)
+    algo, staleness = _check_algorithm(o.algorithm)
+    profile = _check_fleet(o.fleet)
+    dataset, partition = _check_data(o.data)
+    _check_limits(o.limits)
+    attack, robust = _check_attack_and_defence(o.attack)
+    _check_training(o.training)
+    _check_samples(o.data.samples, dataset)
+    limits, training = o.limits, o.training
     try:
         return SimConfig(
-            devices=o.devices,
+            devices=o.fleet.devices,
             algorithm=algo,
             profile=profile,
-            speed=o.speed,
-            dropout=o.dropout,
+            speed=o.fleet.speed,
+            dropout=o.fleet.dropout,
             dataset=dataset,
-            num_samples=o.samples,
+            num_samples=o.data.samples,
             partition=partition,
-            local=LocalTrainConfig(epochs=o.epochs, lr=o.lr, batch_size=o.batch_size),
-            buffer_size=o.buffer_size,
-            concurrency=o.concurrency,
+            local=LocalTrainConfig(
+                epochs=training.epochs, lr=training.lr, batch_size=training.batch_size
+            ),
+            buffer_size=o.algorithm.buffer_size,
+            concurrency=o.algorithm.concurrency,
             staleness=staleness,
-            max_staleness=o.max_staleness,
-            server_lr=o.server_lr,
-            normalisation=o.normalisation,
-            norm_bound=o.norm_bound,
+            max_staleness=o.algorithm.max_staleness,
+            server_lr=training.server_lr,
+            normalisation=training.normalisation,
+            norm_bound=o.attack.norm_bound,
             robust=robust,
-            round_deadline_s=o.round_deadline,
-            codec=o.codec,
+            round_deadline_s=training.round_deadline,
+            codec=o.data.codec,
             attack=attack,
-            target=o.target,
-            max_time_s=o.max_time if mode == "virtual" else None,
-            max_wall_s=(o.max_time or 600.0) if mode == "live" else None,
-            max_updates=o.max_updates,
-            seed=o.seed,
+            target=limits.target,
+            max_time_s=limits.max_time if mode == "virtual" else None,
+            max_wall_s=(limits.max_time or 600.0) if mode == "live" else None,
+            max_updates=limits.max_updates,
+            seed=limits.seed,
         )
     except (ValueError, KeyError) as exc:  # a combination the checks above do not cover
         raise UsageError(f"bad combination of options: {exc}") from None
 
 
-def _check_algorithm(o: SimOptions) -> tuple[Algorithm, str]:
-    """``--algorithm`` .. ``--max-staleness``; the algorithm and the normalised staleness."""
+def _check_algorithm(o: AlgorithmOptions) -> tuple[Algorithm, str]:
+    """The algorithm and the normalised staleness."""
     from firmware_sim.scenario import parse_staleness
 
     algo = Algorithm(check.choice("--algorithm", o.algorithm, [a.value for a in Algorithm]))
@@ -204,8 +252,8 @@ def _check_algorithm(o: SimOptions) -> tuple[Algorithm, str]:
     return algo, staleness
 
 
-def _check_fleet(o: SimOptions) -> str:
-    """``--dropout``, ``--profile``, ``--speed``; the profile (or mix) name."""
+def _check_fleet(o: FleetOptions) -> str:
+    """The profile (or mix) name (``--devices`` is checked first of all)."""
     from firmware_sim.profiles import parse_distribution
 
     if o.dropout is not None:
@@ -221,8 +269,8 @@ def _check_fleet(o: SimOptions) -> str:
     return profile
 
 
-def _check_data(o: SimOptions) -> tuple[str, str]:
-    """``--dataset``, ``--partition``, ``--codec``; the dataset and the normalised partition."""
+def _check_data(o: DataOptions) -> tuple[str, str]:
+    """The dataset and the normalised partition (``--samples`` is checked last)."""
     from edgefl.data.partition import PartitionSpec
     from firmware_sim.scenario import DATASET_MODELS, parse_codec
 
@@ -242,8 +290,7 @@ def _check_data(o: SimOptions) -> tuple[str, str]:
     return dataset, partition
 
 
-def _check_limits(o: SimOptions) -> None:
-    """``--target``, ``--max-time``, ``--max-updates``, ``--seed``."""
+def _check_limits(o: LimitOptions) -> None:
     check.number("--target", o.target, low=0.0, high=1.0)
     if o.max_time is not None:
         check.number("--max-time", o.max_time)
@@ -252,8 +299,7 @@ def _check_limits(o: SimOptions) -> None:
     check.at_least("--seed", o.seed, 0)
 
 
-def _check_attack_and_defence(o: SimOptions) -> tuple[AttackConfig, RobustMode]:
-    """``--malicious``, ``--attack``, ``--attack-scale``, ``--robust``, ``--norm-bound``."""
+def _check_attack_and_defence(o: AttackOptions) -> tuple[AttackConfig, RobustMode]:
     from firmware_sim.scenario import parse_norm_bound
 
     check.probability("--malicious", o.malicious)
@@ -264,8 +310,8 @@ def _check_attack_and_defence(o: SimOptions) -> tuple[AttackConfig, RobustMode]:
     return AttackConfig(fraction=o.malicious, kind=attack_kind, scale=o.attack_scale), robust
 
 
-def _check_training(o: SimOptions) -> None:
-    """``--epochs``, ``--lr``, ``--batch-size``, ``--server-lr``, ``--round-deadline``."""
+def _check_training(o: TrainingOptions) -> None:
+    """(``--normalisation`` is an enum: typer checked it.)"""
     check.at_least("--epochs", o.epochs)
     check.number("--lr", o.lr)
     check.at_least("--batch-size", o.batch_size)
@@ -486,35 +532,32 @@ def sim_command(
     the last line of stdout). Exit codes: 0 done or stopped by SIGINT/SIGTERM, 2 a bad option.
     """
     options = SimOptions(
-        devices=devices,
         mode=mode,
-        algorithm=algorithm,
-        buffer_size=buffer_size,
-        concurrency=concurrency,
-        staleness=staleness,
-        max_staleness=max_staleness,
-        dropout=dropout,
-        profile=profile,
-        speed=speed,
-        dataset=dataset,
-        partition=partition,
-        codec=codec,
-        target=target,
-        max_time=max_time,
-        max_updates=max_updates,
-        seed=seed,
-        malicious=malicious,
-        attack=attack,
-        attack_scale=attack_scale,
-        robust=robust,
-        norm_bound=norm_bound,
-        epochs=epochs,
-        lr=lr,
-        batch_size=batch_size,
-        server_lr=server_lr,
-        normalisation=normalisation,
-        round_deadline=round_deadline,
-        samples=samples,
+        fleet=FleetOptions(devices=devices, dropout=dropout, profile=profile, speed=speed),
+        algorithm=AlgorithmOptions(
+            algorithm=algorithm,
+            buffer_size=buffer_size,
+            concurrency=concurrency,
+            staleness=staleness,
+            max_staleness=max_staleness,
+        ),
+        data=DataOptions(dataset=dataset, partition=partition, codec=codec, samples=samples),
+        limits=LimitOptions(target=target, max_time=max_time, max_updates=max_updates, seed=seed),
+        attack=AttackOptions(
+            malicious=malicious,
+            attack=attack,
+            attack_scale=attack_scale,
+            robust=robust,
+            norm_bound=norm_bound,
+        ),
+        training=TrainingOptions(
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            server_lr=server_lr,
+            normalisation=normalisation,
+            round_deadline=round_deadline,
+        ),
     )
     config = sim_config_from_options(options)
     mode = mode.strip().lower()
