@@ -22,9 +22,9 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated, Any, TextIO
+from typing import TYPE_CHECKING, Annotated, Any, TextIO
 
 import typer
 
@@ -36,9 +36,22 @@ from firmware_sim.attacks import AttackConfig, AttackKind
 from firmware_sim.interrupt import SignalStop, StopRequested, exit_now
 from firmware_sim.progress import ProgressReporter, Sample, format_duration
 from firmware_sim.record import Algorithm, RunRecord
+from firmware_sim.report import partial_line, summary_lines, summary_object
 from firmware_sim.scenario import SimConfig
 
-__all__ = ["demo_command", "run_sim", "sim_command", "summary_object"]
+if TYPE_CHECKING:
+    from firmware_sim.live import LiveOptions
+    from firmware_sim.virtual import Progress
+
+# summary_object, summary_lines and partial_line live in firmware_sim.report; re-exported here
+__all__ = [
+    "demo_command",
+    "partial_line",
+    "run_sim",
+    "sim_command",
+    "summary_lines",
+    "summary_object",
+]
 
 MODES = ("virtual", "live")
 BROKER_KINDS = ("auto", "mosquitto", "embedded")
@@ -94,188 +107,226 @@ def _check_private_broker(option: str, kind: str) -> None:
         )
 
 
-def sim_config_from_options(
-    *,
-    devices: int,
-    mode: str,
-    algorithm: str,
-    buffer_size: int,
-    concurrency: int,
-    staleness: str,
-    max_staleness: int,
-    dropout: float | None,
-    profile: str,
-    speed: str | None,
-    dataset: str,
-    partition: str,
-    codec: str,
-    target: float,
-    max_time: float | None,
-    max_updates: int | None,
-    seed: int,
-    malicious: float,
-    attack: str,
-    attack_scale: float,
-    robust: str,
-    norm_bound: str,
-    epochs: int,
-    lr: float,
-    batch_size: int,
-    server_lr: float,
-    normalisation: Normalisation,
-    round_deadline: float | None,
-    samples: int | None,
-) -> SimConfig:
-    """Check every option of ``edgefl sim`` that goes into the :class:`SimConfig` and build it;
-    raises :class:`UsageError` naming the first bad option (nothing is loaded or written)."""
-    from edgefl.data.partition import PartitionSpec
-    from firmware_sim.profiles import parse_distribution
-    from firmware_sim.scenario import (
-        DATASET_MODELS,
-        parse_codec,
-        parse_norm_bound,
-        parse_staleness,
-    )
+@dataclass(frozen=True)
+class AlgorithmOptions:
+    """``--algorithm``, ``--buffer-size``, ``--concurrency``, ``--staleness``,
+    ``--max-staleness``, as given."""
 
-    check.at_least("--devices", devices)
-    mode = check.choice("--mode", mode, MODES)
-    algo = Algorithm(check.choice("--algorithm", algorithm, [a.value for a in Algorithm]))
-    check.at_least("--buffer-size", buffer_size)
-    check.at_least("--concurrency", concurrency)
+    algorithm: str
+    buffer_size: int
+    concurrency: int
+    staleness: str
+    max_staleness: int
+
+
+@dataclass(frozen=True)
+class FleetOptions:
+    """``--devices``, ``--dropout``, ``--profile``, ``--speed``, as given."""
+
+    devices: int
+    dropout: float | None
+    profile: str
+    speed: str | None
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """``--dataset``, ``--partition``, ``--codec``, ``--samples``, as given."""
+
+    dataset: str
+    partition: str
+    codec: str
+    samples: int | None
+
+
+@dataclass(frozen=True)
+class LimitOptions:
+    """``--target``, ``--max-time``, ``--max-updates``, ``--seed``, as given."""
+
+    target: float
+    max_time: float | None
+    max_updates: int | None
+    seed: int
+
+
+@dataclass(frozen=True)
+class AttackOptions:
+    """``--malicious``, ``--attack``, ``--attack-scale``, ``--robust``, ``--norm-bound``, as
+    given."""
+
+    malicious: float
+    attack: str
+    attack_scale: float
+    robust: str
+    norm_bound: str
+
+
+@dataclass(frozen=True)
+class TrainingOptions:
+    """``--epochs``, ``--lr``, ``--batch-size``, ``--server-lr``, ``--normalisation``,
+    ``--round-deadline``, as given."""
+
+    epochs: int
+    lr: float
+    batch_size: int
+    server_lr: float
+    normalisation: Normalisation
+    round_deadline: float | None
+
+
+@dataclass(frozen=True)
+class SimOptions:
+    """The options of ``edgefl sim`` that go into the :class:`SimConfig`, as given."""
+
+    mode: str
+    fleet: FleetOptions
+    algorithm: AlgorithmOptions
+    data: DataOptions
+    limits: LimitOptions
+    attack: AttackOptions
+    training: TrainingOptions
+
+
+def sim_config_from_options(o: SimOptions) -> SimConfig:
+    """Check every option of ``edgefl sim`` that goes into the :class:`SimConfig` (in the order
+    of the help) and build it; raises :class:`UsageError` naming the first bad option (nothing
+    is loaded or written)."""
+    check.at_least("--devices", o.fleet.devices)
+    mode = check.choice("--mode", o.mode, MODES)
+    algo, staleness = _check_algorithm(o.algorithm)
+    profile = _check_fleet(o.fleet)
+    dataset, partition = _check_data(o.data)
+    _check_limits(o.limits)
+    attack, robust = _check_attack_and_defence(o.attack)
+    _check_training(o.training)
+    _check_samples(o.data.samples, dataset)
+    limits, training = o.limits, o.training
+    try:
+        return SimConfig(
+            devices=o.fleet.devices,
+            algorithm=algo,
+            profile=profile,
+            speed=o.fleet.speed,
+            dropout=o.fleet.dropout,
+            dataset=dataset,
+            num_samples=o.data.samples,
+            partition=partition,
+            local=LocalTrainConfig(
+                epochs=training.epochs, lr=training.lr, batch_size=training.batch_size
+            ),
+            buffer_size=o.algorithm.buffer_size,
+            concurrency=o.algorithm.concurrency,
+            staleness=staleness,
+            max_staleness=o.algorithm.max_staleness,
+            server_lr=training.server_lr,
+            normalisation=training.normalisation,
+            norm_bound=o.attack.norm_bound,
+            robust=robust,
+            round_deadline_s=training.round_deadline,
+            codec=o.data.codec,
+            attack=attack,
+            target=limits.target,
+            max_time_s=limits.max_time if mode == "virtual" else None,
+            max_wall_s=(limits.max_time or 600.0) if mode == "live" else None,
+            max_updates=limits.max_updates,
+            seed=limits.seed,
+        )
+    except (ValueError, KeyError) as exc:  # a combination the checks above do not cover
+        raise UsageError(f"bad combination of options: {exc}") from None
+
+
+def _check_algorithm(o: AlgorithmOptions) -> tuple[Algorithm, str]:
+    """The algorithm and the normalised staleness."""
+    from firmware_sim.scenario import parse_staleness
+
+    algo = Algorithm(check.choice("--algorithm", o.algorithm, [a.value for a in Algorithm]))
+    check.at_least("--buffer-size", o.buffer_size)
+    check.at_least("--concurrency", o.concurrency)
     staleness = check.parsed(
         "--staleness",
-        staleness,
+        o.staleness,
         lambda t: (parse_staleness(t).weight(), t.strip().lower())[1],
         "constant | polynomial[:A] | hinge:A,B (A, B >= 0)",
     )
-    check.at_least("--max-staleness", max_staleness, 0)
-    if dropout is not None:
-        check.probability("--dropout", dropout)
-    profile = _check_profile(profile)
-    if speed is not None:
+    check.at_least("--max-staleness", o.max_staleness, 0)
+    return algo, staleness
+
+
+def _check_fleet(o: FleetOptions) -> str:
+    """The profile (or mix) name (``--devices`` is checked first of all)."""
+    from firmware_sim.profiles import parse_distribution
+
+    if o.dropout is not None:
+        check.probability("--dropout", o.dropout)
+    profile = _check_profile(o.profile)
+    if o.speed is not None:
         check.parsed(
             "--speed",
-            speed,
+            o.speed,
             parse_distribution,
             "lognormal:MU,SIGMA | halfnormal:SCALE | const:V | uniform:LO,HI | exp:MEAN",
         )
-    dataset = check.choice("--dataset", dataset, DATASET_MODELS)
+    return profile
+
+
+def _check_data(o: DataOptions) -> tuple[str, str]:
+    """The dataset and the normalised partition (``--samples`` is checked last)."""
+    from edgefl.data.partition import PartitionSpec
+    from firmware_sim.scenario import DATASET_MODELS, parse_codec
+
+    dataset = check.choice("--dataset", o.dataset, DATASET_MODELS)
     partition = check.parsed(
         "--partition",
-        partition,
+        o.partition,
         lambda t: str(PartitionSpec.parse(t)),
         "iid | dirichlet:ALPHA (ALPHA > 0) | shards:N (N >= 1)",
     )
     check.parsed(
         "--codec",
-        codec,
+        o.codec,
         parse_codec,
         "fp32|fp16|int8|int4|int2 with optional +topk=F, +clip=C, +zstd=L, +block=B",
     )
-    check.number("--target", target, low=0.0, high=1.0)
-    if max_time is not None:
-        check.number("--max-time", max_time)
-    if max_updates is not None:
-        check.at_least("--max-updates", max_updates)
-    check.at_least("--seed", seed, 0)
-    check.probability("--malicious", malicious)
-    attack_kind = AttackKind(check.choice("--attack", attack, [a.value for a in AttackKind]))
-    check.number("--attack-scale", attack_scale)
-    robust_mode = RobustMode(check.choice("--robust", robust, [r.value for r in RobustMode]))
-    check.parsed("--norm-bound", norm_bound, parse_norm_bound, "auto | off | MAX (a number > 0)")
-    check.at_least("--epochs", epochs)
-    check.number("--lr", lr)
-    check.at_least("--batch-size", batch_size)
-    check.number("--server-lr", server_lr)
-    if round_deadline is not None:
-        check.number("--round-deadline", round_deadline)
+    return dataset, partition
+
+
+def _check_limits(o: LimitOptions) -> None:
+    check.number("--target", o.target, low=0.0, high=1.0)
+    if o.max_time is not None:
+        check.number("--max-time", o.max_time)
+    if o.max_updates is not None:
+        check.at_least("--max-updates", o.max_updates)
+    check.at_least("--seed", o.seed, 0)
+
+
+def _check_attack_and_defence(o: AttackOptions) -> tuple[AttackConfig, RobustMode]:
+    from firmware_sim.scenario import parse_norm_bound
+
+    check.probability("--malicious", o.malicious)
+    attack_kind = AttackKind(check.choice("--attack", o.attack, [a.value for a in AttackKind]))
+    check.number("--attack-scale", o.attack_scale)
+    robust = RobustMode(check.choice("--robust", o.robust, [r.value for r in RobustMode]))
+    check.parsed("--norm-bound", o.norm_bound, parse_norm_bound, "auto | off | MAX (a number > 0)")
+    return AttackConfig(fraction=o.malicious, kind=attack_kind, scale=o.attack_scale), robust
+
+
+def _check_training(o: TrainingOptions) -> None:
+    """(``--normalisation`` is an enum: typer checked it.)"""
+    check.at_least("--epochs", o.epochs)
+    check.number("--lr", o.lr)
+    check.at_least("--batch-size", o.batch_size)
+    check.number("--server-lr", o.server_lr)
+    if o.round_deadline is not None:
+        check.number("--round-deadline", o.round_deadline)
+
+
+def _check_samples(samples: int | None, dataset: str) -> None:
     if samples is not None:
         check.at_least("--samples", samples, 20)
         if dataset == "digits" and samples > DIGITS_SIZE:
             raise UsageError(
                 f"--samples must be in [20, {DIGITS_SIZE}] for --dataset digits, got {samples}"
             )
-    try:
-        return SimConfig(
-            devices=devices,
-            algorithm=algo,
-            profile=profile,
-            speed=speed,
-            dropout=dropout,
-            dataset=dataset,
-            num_samples=samples,
-            partition=partition,
-            local=LocalTrainConfig(epochs=epochs, lr=lr, batch_size=batch_size),
-            buffer_size=buffer_size,
-            concurrency=concurrency,
-            staleness=staleness,
-            max_staleness=max_staleness,
-            server_lr=server_lr,
-            normalisation=normalisation,
-            norm_bound=norm_bound,
-            robust=robust_mode,
-            round_deadline_s=round_deadline,
-            codec=codec,
-            attack=AttackConfig(fraction=malicious, kind=attack_kind, scale=attack_scale),
-            target=target,
-            max_time_s=max_time if mode == "virtual" else None,
-            max_wall_s=(max_time or 600.0) if mode == "live" else None,
-            max_updates=max_updates,
-            seed=seed,
-        )
-    except (ValueError, KeyError) as exc:  # a combination the checks above do not cover
-        raise UsageError(f"bad combination of options: {exc}") from None
-
-
-def summary_object(
-    records: list[RunRecord], target: float, *, extra: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """The ``--json`` object: the first run's summary at top level (minus its bulky config);
-    with several runs also ``runs`` (label -> summary) and ``speedup_vs_fedavg``."""
-    from firmware_sim.report import build_summary, speedup_vs_fedavg
-
-    first: dict[str, Any] = build_summary(records[:1], target)
-    first.pop("config", None)
-    if len(records) > 1:
-        full = build_summary(records, target)
-        for run in full["runs"].values():
-            run.pop("config", None)
-        first["runs"] = full["runs"]
-        first["speedup_vs_fedavg"] = speedup_vs_fedavg(records, target)
-    if extra:
-        first.update(extra)
-    return first
-
-
-def summary_lines(records: list[RunRecord], target: float, summary: dict[str, Any]) -> list[str]:
-    """The human summary of finished (or interrupted) runs, one line per run (+ the speed-up)."""
-    lines = []
-    for r in records:
-        s = r.summary(target)
-        ttt = s["time_to_target_s"]
-        lines.append(
-            f"{s['label']}: final accuracy {100 * (s['final_accuracy'] or 0):.1f}%, "
-            + (f"target reached at {ttt:,.0f}s" if ttt is not None else "target not reached")
-            + f", {s['updates_applied']:,} updates applied, {s['model_versions']} versions"
-        )
-    if summary.get("speedup_vs_fedavg") is not None:
-        lines.append(
-            f"FedBuff speed-up vs FedAvg (time to target): {summary['speedup_vs_fedavg']:.2f}x"
-        )
-    return lines
-
-
-def partial_line(prog: str, why: str, last: Sample | None, target: float) -> str:
-    """What an interrupted command prints: ``edgefl sim: stopped by SIGTERM while training
-    (12.3 s, acc 71.2% / 90%, 812 updates, version 81)``."""
-    text = f"{prog}: stopped by {why}"
-    if last is not None:
-        acc = "--" if last.accuracy is None else f"{100 * last.accuracy:.1f}%"
-        text += (
-            f" ({format_duration(last.elapsed_s)}, acc {acc} / {100 * target:g}%, "
-            f"{last.updates:,} updates, version {last.version})"
-        )
-    return text
 
 
 def run_sim(
@@ -296,59 +347,91 @@ def run_sim(
     during a virtual run raises :class:`StopRequested`; during a live run it ends the run early
     and the partial records are returned (``stop.requested`` tells the caller)."""
     algos = compare or [config.algorithm]
-    records: list[RunRecord] = []
     if mode == "virtual":
-        from firmware_sim.scenario import build_scenario
-        from firmware_sim.virtual import Progress, run_virtual
-
-        if reporter is not None:
-            reporter.phase(f"building the scenario ({config.devices:,} devices, {config.dataset})")
-        scenario = build_scenario(config)
-        for algo in algos:
-            cfg = replace(config, algorithm=algo)
-            if reporter is not None:
-                reporter.new_run(f"training {algo.value} (virtual time)")
-
-            def report(p: Progress, algo: Algorithm = algo) -> None:
-                if progress is not None:
-                    progress(
-                        f"{algo.value}: t={p.t:,.0f}s  v{p.version}  acc {100 * p.accuracy:.1f}%  "
-                        f"updates {p.updates_received:,}  wall {p.wall_s:.1f}s"
-                    )
-                if reporter is not None:
-                    reporter.update(
-                        Sample(
-                            elapsed_s=p.wall_s,
-                            accuracy=p.accuracy,
-                            updates=p.updates_received,
-                            version=p.version,
-                            detail=f"virtual {format_duration(p.t)}",
-                        )
-                    )
-
-            records.append(run_virtual(cfg, scenario=scenario, progress=report).record)
-        return records
+        return _run_virtual(config, algos, progress, reporter)
     if mode == "live":
-        from firmware_sim.live import LiveOptions, run_live
+        from firmware_sim.live import LiveOptions
 
-        for algo in algos:
-            cfg = replace(config, algorithm=algo)
-            options = LiveOptions(broker_url=broker, fleet=fleet_name, workers=workers)
-            if reporter is not None:
-                reporter.new_run(f"live {algo.value}: building the scenario")
-            result = run_live(
-                cfg,
-                options,
-                progress=progress,
-                on_phase=reporter.phase if reporter is not None else None,
-                on_sample=reporter.update if reporter is not None else None,
-                stop=stop,
-            )
-            records.append(result.record)
-            if result.interrupted:
-                break
-        return records
+        options = LiveOptions(broker_url=broker, fleet=fleet_name, workers=workers)
+        return _run_live(config, algos, options, progress, reporter, stop)
     raise UsageError(f"--mode: {mode!r} is not one of {', '.join(MODES)}")
+
+
+def _run_virtual(
+    config: SimConfig,
+    algos: list[Algorithm],
+    progress: Callable[[str], None] | None,
+    reporter: ProgressReporter | None,
+) -> list[RunRecord]:
+    """One virtual run per algorithm, all on the same scenario (fleet, data, seed)."""
+    from firmware_sim.scenario import build_scenario
+    from firmware_sim.virtual import run_virtual
+
+    if reporter is not None:
+        reporter.phase(f"building the scenario ({config.devices:,} devices, {config.dataset})")
+    scenario = build_scenario(config)
+    records: list[RunRecord] = []
+    for algo in algos:
+        if reporter is not None:
+            reporter.new_run(f"training {algo.value} (virtual time)")
+        report = _virtual_progress(algo, progress, reporter)
+        cfg = replace(config, algorithm=algo)
+        records.append(run_virtual(cfg, scenario=scenario, progress=report).record)
+    return records
+
+
+def _virtual_progress(
+    algo: Algorithm, progress: Callable[[str], None] | None, reporter: ProgressReporter | None
+) -> Callable[[Progress], None]:
+    """The virtual simulator's progress callback: a text line and a :class:`Sample`."""
+
+    def report(p: Progress) -> None:
+        if progress is not None:
+            progress(
+                f"{algo.value}: t={p.t:,.0f}s  v{p.version}  acc {100 * p.accuracy:.1f}%  "
+                f"updates {p.updates_received:,}  wall {p.wall_s:.1f}s"
+            )
+        if reporter is not None:
+            reporter.update(
+                Sample(
+                    elapsed_s=p.wall_s,
+                    accuracy=p.accuracy,
+                    updates=p.updates_received,
+                    version=p.version,
+                    detail=f"virtual {format_duration(p.t)}",
+                )
+            )
+
+    return report
+
+
+def _run_live(
+    config: SimConfig,
+    algos: list[Algorithm],
+    options: LiveOptions,
+    progress: Callable[[str], None] | None,
+    reporter: ProgressReporter | None,
+    stop: SignalStop | None,
+) -> list[RunRecord]:
+    """One live run per algorithm; a run stopped by a signal ends the series."""
+    from firmware_sim.live import run_live
+
+    records: list[RunRecord] = []
+    for algo in algos:
+        if reporter is not None:
+            reporter.new_run(f"live {algo.value}: building the scenario")
+        result = run_live(
+            replace(config, algorithm=algo),
+            options,
+            progress=progress,
+            on_phase=reporter.phase if reporter is not None else None,
+            on_sample=reporter.update if reporter is not None else None,
+            stop=stop,
+        )
+        records.append(result.record)
+        if result.interrupted:
+            break
+    return records
 
 
 def _emit_json(summary: dict[str, Any]) -> None:
@@ -448,39 +531,53 @@ def sim_command(
     Progress goes to stderr; the summary to stdout (to stderr with --json, whose JSON object is
     the last line of stdout). Exit codes: 0 done or stopped by SIGINT/SIGTERM, 2 a bad option.
     """
-    config = sim_config_from_options(
-        devices=devices,
+    options = SimOptions(
         mode=mode,
-        algorithm=algorithm,
-        buffer_size=buffer_size,
-        concurrency=concurrency,
-        staleness=staleness,
-        max_staleness=max_staleness,
-        dropout=dropout,
-        profile=profile,
-        speed=speed,
-        dataset=dataset,
-        partition=partition,
-        codec=codec,
-        target=target,
-        max_time=max_time,
-        max_updates=max_updates,
-        seed=seed,
-        malicious=malicious,
-        attack=attack,
-        attack_scale=attack_scale,
-        robust=robust,
-        norm_bound=norm_bound,
-        epochs=epochs,
-        lr=lr,
-        batch_size=batch_size,
-        server_lr=server_lr,
-        normalisation=normalisation,
-        round_deadline=round_deadline,
-        samples=samples,
+        fleet=FleetOptions(devices=devices, dropout=dropout, profile=profile, speed=speed),
+        algorithm=AlgorithmOptions(
+            algorithm=algorithm,
+            buffer_size=buffer_size,
+            concurrency=concurrency,
+            staleness=staleness,
+            max_staleness=max_staleness,
+        ),
+        data=DataOptions(dataset=dataset, partition=partition, codec=codec, samples=samples),
+        limits=LimitOptions(target=target, max_time=max_time, max_updates=max_updates, seed=seed),
+        attack=AttackOptions(
+            malicious=malicious,
+            attack=attack,
+            attack_scale=attack_scale,
+            robust=robust,
+            norm_bound=norm_bound,
+        ),
+        training=TrainingOptions(
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            server_lr=server_lr,
+            normalisation=normalisation,
+            round_deadline=round_deadline,
+        ),
     )
+    config = sim_config_from_options(options)
     mode = mode.strip().lower()
     algos = _parse_compare(compare)
+    _check_live_options(mode, devices, fleet, workers, broker)
+    if report is not None:
+        report = check.output_dir("--report", report)
+    _require_packages(config.dataset, report=report is not None, feature="edgefl sim")
+    run = _SimRun(config, mode, algos, broker, fleet, workers, report, json_out)
+    with SignalStop() as stop:
+        _run_and_report(run, stop)
+    if stop.requested:
+        exit_now(0)  # all released; skip the interpreter's slow teardown (see interrupt.py)
+
+
+def _check_live_options(
+    mode: str, devices: int, fleet: str, workers: int, broker: str | None
+) -> None:
+    """``--fleet``, ``--workers`` and ``--broker`` (live mode only; without it, a private
+    broker must be possible here)."""
     check.fleet_name("--fleet", fleet)
     check.at_least("--workers", workers)
     if workers > devices:
@@ -491,38 +588,52 @@ def sim_command(
         check.broker_url("--broker", broker)
     elif mode == "live":
         _check_private_broker("--mode live", "auto")
-    if report is not None:
-        report = check.output_dir("--report", report)
-    _require_packages(config.dataset, report=report is not None, feature="edgefl sim")
 
+
+@dataclass(frozen=True)
+class _SimRun:
+    """A validated ``edgefl sim`` invocation."""
+
+    config: SimConfig
+    mode: str
+    algos: list[Algorithm]
+    broker: str | None
+    fleet: str
+    workers: int
+    report: Path | None
+    json_out: bool
+
+
+def _run_and_report(run: _SimRun, stop: SignalStop) -> None:
+    """Run the simulation(s), then write the report and print the summary; a signal in any
+    phase prints what was done instead (see :func:`_interrupted`)."""
     prog = "edgefl sim"
-    with SignalStop() as stop, ProgressReporter(prog, target) as reporter:
+    target = run.config.target
+    with ProgressReporter(prog, target) as reporter:
         records: list[RunRecord] = []
         try:
             records = run_sim(
-                config,
-                mode=mode,
-                compare=algos,
-                broker=broker,
-                fleet_name=fleet,
-                workers=workers,
+                run.config,
+                mode=run.mode,
+                compare=run.algos,
+                broker=run.broker,
+                fleet_name=run.fleet,
+                workers=run.workers,
                 reporter=reporter,
                 stop=stop,
             )
             stop.check()  # a live run stopped by a signal returns early: report it below
         except StopRequested as exc:
             _interrupted(prog, reporter, str(exc), records, target)
-        else:
-            try:
-                _finish(prog, records, target, report, json_out, reporter)
-            except StopRequested as exc:
-                reporter.close()
-                where = f" while {reporter.current_phase}" if reporter.current_phase else ""
-                _print(sys.stderr, f"{prog}: stopped by {exc}{where}")
-                if report is not None:
-                    _print(sys.stderr, f"{prog}: the report in {report} may be incomplete")
-    if stop.requested:
-        exit_now(0)  # all released; skip the interpreter's slow teardown (see interrupt.py)
+            return
+        try:
+            _finish(prog, records, target, run.report, run.json_out, reporter)
+        except StopRequested as exc:
+            reporter.close()
+            where = f" while {reporter.current_phase}" if reporter.current_phase else ""
+            _print(sys.stderr, f"{prog}: stopped by {exc}{where}")
+            if run.report is not None:
+                _print(sys.stderr, f"{prog}: the report in {run.report} may be incomplete")
 
 
 def _interrupted(

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
@@ -31,8 +32,10 @@ import numpy as np
 from edgefl.aggregation import Normalisation
 from edgefl.training import LocalTrainConfig
 from firmware_sim.interrupt import SignalStop, StopRequested
-from firmware_sim.live import LiveOptions, run_live
+from firmware_sim.live import LiveOptions, LiveResult, run_live
 from firmware_sim.progress import ProgressReporter
+from firmware_sim.record import RunRecord
+from firmware_sim.report import partial_line, summary_object, write_report
 from firmware_sim.scenario import SimConfig
 
 __all__ = ["DEMO_CONFIG", "DEMO_OPTIONS", "run_demo"]
@@ -76,27 +79,14 @@ def run_demo(
     on stderr). ``stop`` (an entered :class:`SignalStop`): SIGINT/SIGTERM end the demo early;
     it then prints what was done on stderr, writes no report and returns the partial summary
     with ``"interrupted"`` set to the signal's name."""
-    from firmware_sim.cli import partial_line, summary_object
-    from firmware_sim.report import write_report
-
-    prog = "edgefl demo"
     cfg = replace(config or DEMO_CONFIG, devices=devices, seed=seed)
     opts = options or DEMO_OPTIONS
-    out = sys.stderr if json_out else sys.stdout
-    progress = reporter or ProgressReporter(prog, cfg.target)
+    progress = reporter or ProgressReporter(_PROG, cfg.target)
     progress.message(
-        f"{prog}: {cfg.devices} live devices ({cfg.profile} profile, "
+        f"{_PROG}: {cfg.devices} live devices ({cfg.profile} profile, "
         f"{cfg.partition} split of {cfg.dataset}), FedBuff K={cfg.buffer_size}, "
         f"target {100 * cfg.target:.0f}% test accuracy"
     )
-
-    def announce(url: str, kind: str) -> None:
-        what = {"mosquitto": "private Mosquitto", "embedded": "embedded amqtt broker"}
-        progress.message(
-            f"{prog}: broker: {what.get(kind, 'external broker')} at {url}; watch the fleet "
-            f"with: edgefl monitor --broker {url} --fleet {opts.fleet}"
-        )
-
     started = time.monotonic()
     result = None
     try:
@@ -104,7 +94,7 @@ def run_demo(
         result = run_live(
             cfg,
             opts,
-            on_broker=announce,
+            on_broker=_broker_announcer(progress, opts.fleet),
             on_phase=progress.phase,
             on_sample=progress.update,
             stop=stop,
@@ -114,23 +104,7 @@ def run_demo(
         progress.phase(f"writing the report to {report}")
         paths = write_report([result.record], report, cfg.target)
     except StopRequested as exc:
-        progress.close()
-        where = f" while {progress.current_phase}" if progress.current_phase else ""
-        _say(sys.stderr, partial_line(prog, f"{exc}{where}", progress.last, cfg.target))
-        if result is None:
-            return {"interrupted": str(exc)}
-        partial = summary_object([result.record], cfg.target, extra={"interrupted": str(exc)})
-        if not result.interrupted:  # the run had finished: the report was being written
-            _say(sys.stderr, f"{prog}: the report in {report} may be incomplete")
-        else:
-            _say(sys.stderr, f"{prog}: interrupted; no report written")
-        _say(
-            sys.stderr,
-            f"  partial run: {partial['updates_applied']:,} updates applied, "
-            f"{partial['model_versions']} versions, last accuracy "
-            f"{100 * (partial['final_accuracy'] or 0):.1f}%",
-        )
-        return partial
+        return _interrupted(progress, str(exc), result, cfg.target, report)
     progress.phase("done")
     progress.close()
     summary = summary_object(
@@ -143,13 +117,65 @@ def run_demo(
             "rss_mb": result.rss_mb,
         },
     )
+    _print_summary(sys.stderr if json_out else sys.stdout, result.record, cfg.target, summary)
+    if json_out:
+        sys.stdout.write(json.dumps(summary, allow_nan=False) + "\n")
+        sys.stdout.flush()
+    return summary
+
+
+_PROG = "edgefl demo"
+
+
+def _broker_announcer(progress: ProgressReporter, fleet: str) -> Callable[[str, str], None]:
+    """``run_live``'s ``on_broker``: say where the broker is and how to watch the fleet."""
+
+    def announce(url: str, kind: str) -> None:
+        what = {"mosquitto": "private Mosquitto", "embedded": "embedded amqtt broker"}
+        progress.message(
+            f"{_PROG}: broker: {what.get(kind, 'external broker')} at {url}; watch the fleet "
+            f"with: edgefl monitor --broker {url} --fleet {fleet}"
+        )
+
+    return announce
+
+
+def _interrupted(
+    progress: ProgressReporter,
+    why: str,
+    result: LiveResult | None,
+    target: float,
+    report: Path,
+) -> dict[str, Any]:
+    """Stopped by a signal: say what was done (stderr); the partial summary."""
+    progress.close()
+    where = f" while {progress.current_phase}" if progress.current_phase else ""
+    _say(sys.stderr, partial_line(_PROG, f"{why}{where}", progress.last, target))
+    if result is None:
+        return {"interrupted": why}
+    partial = summary_object([result.record], target, extra={"interrupted": why})
+    if not result.interrupted:  # the run had finished: the report was being written
+        _say(sys.stderr, f"{_PROG}: the report in {report} may be incomplete")
+    else:
+        _say(sys.stderr, f"{_PROG}: interrupted; no report written")
+    _say(
+        sys.stderr,
+        f"  partial run: {partial['updates_applied']:,} updates applied, "
+        f"{partial['model_versions']} versions, last accuracy "
+        f"{100 * (partial['final_accuracy'] or 0):.1f}%",
+    )
+    return partial
+
+
+def _print_summary(out: TextIO, record: RunRecord, target: float, summary: dict[str, Any]) -> None:
+    """Two lines: time to target, best and last model; traffic, dropouts and the report."""
     ttt = summary["time_to_target_s"]
-    evals = result.record.evals()
+    evals = record.evals()
     best = int(np.argmax(evals.accuracy)) if len(evals.accuracy) else None
     _say(
         out,
         (
-            f"{100 * cfg.target:.0f}% reached after {ttt:.0f} s"
+            f"{100 * target:.0f}% reached after {ttt:.0f} s"
             if ttt is not None
             else "target not reached"
         )
@@ -166,12 +192,8 @@ def run_demo(
         out,
         f"{summary['bytes_uploaded'] / 1e6:.1f} MB uploaded "
         f"({summary['bytes_fp32_equivalent'] / 1e6:.1f} MB as float32), "
-        f"{summary['dropouts']} dropouts; report: {paths.out_dir}",
+        f"{summary['dropouts']} dropouts; report: {summary['report']}",
     )
-    if json_out:
-        sys.stdout.write(json.dumps(summary, allow_nan=False) + "\n")
-        sys.stdout.flush()
-    return summary
 
 
 def _say(out: TextIO, text: str) -> None:

@@ -130,6 +130,129 @@ def _json_float(x: float | np.floating[Any] | None) -> float | None:
     return value if np.isfinite(value) else None
 
 
+def _doubles() -> array[float]:
+    return array("d")
+
+
+def _longs() -> array[int]:
+    return array("q")
+
+
+@dataclass(eq=False)
+class _EvalColumns:
+    t: array[float] = field(default_factory=_doubles)
+    version: array[int] = field(default_factory=_longs)
+    accuracy: array[float] = field(default_factory=_doubles)
+    loss: array[float] = field(default_factory=_doubles)  # NaN when unknown
+    updates_applied: array[int] = field(default_factory=_longs)
+
+    def append(
+        self, t: float, version: int, accuracy: float, loss: float | None, updates_applied: int
+    ) -> None:
+        self.t.append(float(t))
+        self.version.append(int(version))
+        self.accuracy.append(float(accuracy))
+        self.loss.append(float("nan") if loss is None else float(loss))
+        self.updates_applied.append(int(updates_applied))
+
+    def series(self) -> EvalSeries:
+        """Sorted by time (stable)."""
+        t = _f64(self.t)
+        order = np.argsort(t, kind="stable")
+        return EvalSeries(
+            t=t[order],
+            version=_i64(self.version)[order],
+            accuracy=_f64(self.accuracy)[order],
+            loss=_f64(self.loss)[order],
+            updates_applied=_i64(self.updates_applied)[order],
+        )
+
+
+@dataclass(eq=False)
+class _UpdateColumns:
+    t: array[float] = field(default_factory=_doubles)
+    device: array[int] = field(default_factory=_longs)
+    outcome: array[int] = field(default_factory=lambda: array("h"))  # index into ``names``
+    staleness: array[int] = field(default_factory=_longs)  # -1 when unknown
+    nbytes: array[int] = field(default_factory=_longs)
+    fp32: array[int] = field(default_factory=_longs)
+    codes: dict[str, int] = field(default_factory=dict)  # outcome as given -> code
+    names: list[str] = field(default_factory=list)  # code -> normalised outcome
+
+    def append(
+        self,
+        t: float,
+        device: int,
+        outcome: str,
+        staleness: int | None,
+        nbytes: int,
+        fp32_bytes: int,
+    ) -> None:
+        code = self.codes.get(outcome)
+        if code is None:
+            name = normalize_outcome(outcome)
+            if name not in self.names:
+                self.names.append(name)
+            code = self.names.index(name)
+            self.codes[outcome] = code
+        self.t.append(float(t))
+        self.device.append(int(device))
+        self.outcome.append(code)
+        self.staleness.append(-1 if staleness is None else int(staleness))
+        self.nbytes.append(int(nbytes))
+        self.fp32.append(int(fp32_bytes))
+
+    def series(self) -> UpdateSeries:
+        """Zero-copy views over the columns."""
+        outcome = (
+            np.frombuffer(self.outcome, dtype=np.int16)
+            if len(self.outcome)
+            else np.zeros(0, dtype=np.int16)
+        )
+        return UpdateSeries(
+            t=_f64(self.t),
+            device=_i64(self.device),
+            outcome=outcome,
+            outcomes=tuple(self.names),
+            staleness=_i64(self.staleness),
+            nbytes=_i64(self.nbytes),
+            fp32_bytes=_i64(self.fp32),
+        )
+
+
+@dataclass(eq=False)
+class _StateColumns:
+    t: array[float] = field(default_factory=_doubles)
+    rows: list[dict[str, int]] = field(default_factory=list)
+
+    def append(self, t: float, counts: dict[str, int]) -> None:
+        self.t.append(float(t))
+        self.rows.append({str(k): int(v) for k, v in counts.items()})
+
+    def series(self) -> StateSeries:
+        """States in first-seen order, missing counts are 0."""
+        names: dict[str, None] = {}
+        for row in self.rows:
+            names.update(dict.fromkeys(row))
+        states = tuple(names)
+        counts = np.array(
+            [[row.get(s, 0) for s in states] for row in self.rows], dtype=np.int64
+        ).reshape(len(self.rows), len(states))
+        return StateSeries(t=_f64(self.t).copy(), states=states, counts=counts)
+
+
+@dataclass(eq=False)
+class _DeviceEvents:
+    """Times and devices of one kind of device event (dropouts, crashes)."""
+
+    t: array[float] = field(default_factory=_doubles)
+    device: array[int] = field(default_factory=_longs)
+
+    def append(self, t: float, device: int) -> None:
+        self.t.append(float(t))
+        self.device.append(int(device))
+
+
 @dataclass(eq=False)
 class RunRecord:
     """Append-only log of one run (times ``t`` in seconds: virtual for ``virtual`` mode, since
@@ -146,25 +269,11 @@ class RunRecord:
     wall_time_s: float | None = None
     started_at: float = field(default_factory=time.perf_counter, repr=False)
 
-    _eval_t: array[float] = field(default_factory=lambda: array("d"), repr=False)
-    _eval_version: array[int] = field(default_factory=lambda: array("q"), repr=False)
-    _eval_acc: array[float] = field(default_factory=lambda: array("d"), repr=False)
-    _eval_loss: array[float] = field(default_factory=lambda: array("d"), repr=False)
-    _eval_applied: array[int] = field(default_factory=lambda: array("q"), repr=False)
-    _up_t: array[float] = field(default_factory=lambda: array("d"), repr=False)
-    _up_device: array[int] = field(default_factory=lambda: array("q"), repr=False)
-    _up_outcome: array[int] = field(default_factory=lambda: array("h"), repr=False)
-    _up_staleness: array[int] = field(default_factory=lambda: array("q"), repr=False)
-    _up_nbytes: array[int] = field(default_factory=lambda: array("q"), repr=False)
-    _up_fp32: array[int] = field(default_factory=lambda: array("q"), repr=False)
-    _outcome_codes: dict[str, int] = field(default_factory=dict, repr=False)
-    _outcome_names: list[str] = field(default_factory=list, repr=False)
-    _state_t: array[float] = field(default_factory=lambda: array("d"), repr=False)
-    _state_rows: list[dict[str, int]] = field(default_factory=list, repr=False)
-    _drop_t: array[float] = field(default_factory=lambda: array("d"), repr=False)
-    _drop_device: array[int] = field(default_factory=lambda: array("q"), repr=False)
-    _crash_t: array[float] = field(default_factory=lambda: array("d"), repr=False)
-    _crash_device: array[int] = field(default_factory=lambda: array("q"), repr=False)
+    _evals: _EvalColumns = field(default_factory=_EvalColumns, repr=False)
+    _updates: _UpdateColumns = field(default_factory=_UpdateColumns, repr=False)
+    _states: _StateColumns = field(default_factory=_StateColumns, repr=False)
+    _dropouts: _DeviceEvents = field(default_factory=_DeviceEvents, repr=False)
+    _crashes: _DeviceEvents = field(default_factory=_DeviceEvents, repr=False)
 
     def __post_init__(self) -> None:
         self.mode = Mode(self.mode)
@@ -183,11 +292,7 @@ class RunRecord:
         updates_applied: int = 0,
     ) -> None:
         """An evaluation of model ``version`` at ``t`` after ``updates_applied`` applied updates."""
-        self._eval_t.append(float(t))
-        self._eval_version.append(int(version))
-        self._eval_acc.append(float(accuracy))
-        self._eval_loss.append(float("nan") if loss is None else float(loss))
-        self._eval_applied.append(int(updates_applied))
+        self._evals.append(t, version, accuracy, loss, updates_applied)
 
     def update(
         self,
@@ -200,34 +305,19 @@ class RunRecord:
     ) -> None:
         """An update from ``device`` judged at ``t`` (see :func:`normalize_outcome`);
         ``nbytes`` encoded bytes on the wire, ``fp32_bytes`` what plain float32 would cost."""
-        code = self._outcome_codes.get(outcome)
-        if code is None:
-            name = normalize_outcome(outcome)
-            if name not in self._outcome_names:
-                self._outcome_names.append(name)
-            code = self._outcome_names.index(name)
-            self._outcome_codes[outcome] = code
-        self._up_t.append(float(t))
-        self._up_device.append(int(device))
-        self._up_outcome.append(code)
-        self._up_staleness.append(-1 if staleness is None else int(staleness))
-        self._up_nbytes.append(int(nbytes))
-        self._up_fp32.append(int(fp32_bytes))
+        self._updates.append(t, device, outcome, staleness, nbytes, fp32_bytes)
 
     def device_states(self, t: float, counts: dict[str, int]) -> None:
         """How many devices are in each state (idle, training, offline, ...) at ``t``."""
-        self._state_t.append(float(t))
-        self._state_rows.append({str(k): int(v) for k, v in counts.items()})
+        self._states.append(t, counts)
 
     def dropout(self, t: float, device: int) -> None:
         """``device`` vanished mid-training at ``t`` (its update never comes)."""
-        self._drop_t.append(float(t))
-        self._drop_device.append(int(device))
+        self._dropouts.append(t, device)
 
     def crash(self, t: float, device: int) -> None:
         """``device``'s agent crashed at ``t`` and lost its in-flight work."""
-        self._crash_t.append(float(t))
-        self._crash_device.append(int(device))
+        self._crashes.append(t, device)
 
     def finish(
         self,
@@ -252,47 +342,19 @@ class RunRecord:
 
     def evals(self) -> EvalSeries:
         """Evaluations sorted by time (stable)."""
-        t = _f64(self._eval_t)
-        order = np.argsort(t, kind="stable")
-        return EvalSeries(
-            t=t[order],
-            version=_i64(self._eval_version)[order],
-            accuracy=_f64(self._eval_acc)[order],
-            loss=_f64(self._eval_loss)[order],
-            updates_applied=_i64(self._eval_applied)[order],
-        )
+        return self._evals.series()
 
     def updates(self) -> UpdateSeries:
         """All updates (zero-copy views over the columns; do not append while holding them)."""
-        outcome = (
-            np.frombuffer(self._up_outcome, dtype=np.int16)
-            if len(self._up_outcome)
-            else np.zeros(0, dtype=np.int16)
-        )
-        return UpdateSeries(
-            t=_f64(self._up_t),
-            device=_i64(self._up_device),
-            outcome=outcome,
-            outcomes=tuple(self._outcome_names),
-            staleness=_i64(self._up_staleness),
-            nbytes=_i64(self._up_nbytes),
-            fp32_bytes=_i64(self._up_fp32),
-        )
+        return self._updates.series()
 
     def states(self) -> StateSeries:
         """Device-state samples; states in first-seen order, missing counts are 0."""
-        names: dict[str, None] = {}
-        for row in self._state_rows:
-            names.update(dict.fromkeys(row))
-        states = tuple(names)
-        counts = np.array(
-            [[row.get(s, 0) for s in states] for row in self._state_rows], dtype=np.int64
-        ).reshape(len(self._state_rows), len(states))
-        return StateSeries(t=_f64(self._state_t).copy(), states=states, counts=counts)
+        return self._states.series()
 
     def dropout_times(self) -> NDArray[np.float64]:
         """Times of the recorded mid-training dropouts."""
-        return _f64(self._drop_t)
+        return _f64(self._dropouts.t)
 
     def outcome_counts(self) -> dict[str, int]:
         """``{normalised outcome: count}`` over all updates."""
@@ -320,69 +382,107 @@ class RunRecord:
         ev = self.evals()
         up = self.updates()
         counts = self.outcome_counts()
-
-        reached = ev.accuracy >= target_accuracy
-        time_to_target: float | None = None
-        updates_to_target: int | None = None
-        received_to_target: int | None = None
-        if reached.any():
-            i = int(np.argmax(reached))
-            time_to_target = float(ev.t[i])
-            updates_to_target = int(ev.updates_applied[i])
-            received_to_target = int(np.count_nonzero(up.t <= time_to_target))
-
-        final_accuracy = self.final_accuracy
-        if final_accuracy is None and len(self._eval_acc):
-            final_accuracy = self._eval_acc[-1]
-        final_loss = self.final_loss
-        if final_loss is None and len(self._eval_loss):
-            final_loss = self._eval_loss[-1]
-        model_versions = self.model_versions
-        if model_versions is None and len(ev.version):
-            model_versions = int(ev.version.max())
-
-        rejected = {
-            name.removeprefix(_REJECT_PREFIX): n
-            for name, n in counts.items()
-            if name == Outcome.STALE or name.startswith(_REJECT_PREFIX)
-        }
-        nbytes = int(up.nbytes.sum())
-        fp32 = int(up.fp32_bytes.sum())
-        last_times = [float(a[-1]) for a in (up.t, ev.t, _f64(self._drop_t)) if len(a)]
-
-        applied_code = up.outcomes.index(Outcome.APPLIED) if Outcome.APPLIED in up.outcomes else -1
-        known = up.staleness >= 0
         return {
             "label": self.label,
             "mode": self.mode.value,
             "algorithm": self.algorithm.value,
             "devices": self.devices,
-            "final_accuracy": _json_float(final_accuracy),
-            "final_loss": _json_float(final_loss),
+            **self._final_metrics(),
             "target_accuracy": float(target_accuracy),
-            "reached_target": time_to_target is not None,
-            "time_to_target_s": time_to_target,
-            "updates_to_target": updates_to_target,
-            "updates_received_to_target": received_to_target,
-            "model_versions": model_versions,
-            "updates_received": len(self._up_t),
-            "updates_applied": counts.get(Outcome.APPLIED, 0),
-            "updates_rejected": dict(sorted(rejected.items())),
-            "updates_dropped": counts.get(Outcome.DROPPED, 0),
-            "dropouts": len(self._drop_t),
-            "crashes": len(self._crash_t),
-            "bytes_uploaded": nbytes,
-            "bytes_fp32_equivalent": fp32,
-            "compression_ratio": fp32 / nbytes if nbytes > 0 else None,
-            "staleness": _staleness_stats(up.staleness[known]),
-            "staleness_applied": _staleness_stats(
-                up.staleness[known & (up.outcome == applied_code)]
-            ),
-            "evaluations": len(self._eval_t),
-            "duration_s": max(last_times) if last_times else 0.0,
+            **_time_to_target(ev, up, target_accuracy),
+            "model_versions": self._model_versions(ev),
+            **self._update_counts(counts),
+            **_traffic(up),
+            **_staleness(up),
+            "evaluations": len(self._evals.t),
+            "duration_s": self._duration(ev, up),
             "wall_time_s": self.wall_time_s,
             "config": self.config,
         }
+
+    def _final_metrics(self) -> dict[str, float | None]:
+        """``final_accuracy``/``final_loss``: given to :meth:`finish`, else the latest
+        evaluation's (in recording order)."""
+        final_accuracy = self.final_accuracy
+        if final_accuracy is None and len(self._evals.accuracy):
+            final_accuracy = self._evals.accuracy[-1]
+        final_loss = self.final_loss
+        if final_loss is None and len(self._evals.loss):
+            final_loss = self._evals.loss[-1]
+        return {
+            "final_accuracy": _json_float(final_accuracy),
+            "final_loss": _json_float(final_loss),
+        }
+
+    def _model_versions(self, ev: EvalSeries) -> int | None:
+        """Given to :meth:`finish`, else the highest evaluated version."""
+        if self.model_versions is None and len(ev.version):
+            return int(ev.version.max())
+        return self.model_versions
+
+    def _update_counts(self, counts: dict[str, int]) -> dict[str, Any]:
+        """Updates by outcome (rejections by reason, ``stale`` included), dropouts, crashes."""
+        rejected = {
+            name.removeprefix(_REJECT_PREFIX): n
+            for name, n in counts.items()
+            if name == Outcome.STALE or name.startswith(_REJECT_PREFIX)
+        }
+        return {
+            "updates_received": len(self._updates.t),
+            "updates_applied": counts.get(Outcome.APPLIED, 0),
+            "updates_rejected": dict(sorted(rejected.items())),
+            "updates_dropped": counts.get(Outcome.DROPPED, 0),
+            "dropouts": len(self._dropouts.t),
+            "crashes": len(self._crashes.t),
+        }
+
+    def _duration(self, ev: EvalSeries, up: UpdateSeries) -> float:
+        """Time of the last recorded update, evaluation or dropout (0 for an empty record)."""
+        last_times = [float(a[-1]) for a in (up.t, ev.t, _f64(self._dropouts.t)) if len(a)]
+        return max(last_times) if last_times else 0.0
+
+
+def _time_to_target(
+    ev: EvalSeries, up: UpdateSeries, target_accuracy: float
+) -> dict[str, bool | float | int | None]:
+    """The first evaluation (in time order) at or above the target: its time, its
+    ``updates_applied`` and the updates recorded up to then (all None when never reached)."""
+    reached = ev.accuracy >= target_accuracy
+    time_to_target: float | None = None
+    updates_to_target: int | None = None
+    received_to_target: int | None = None
+    if reached.any():
+        i = int(np.argmax(reached))
+        time_to_target = float(ev.t[i])
+        updates_to_target = int(ev.updates_applied[i])
+        received_to_target = int(np.count_nonzero(up.t <= time_to_target))
+    return {
+        "reached_target": time_to_target is not None,
+        "time_to_target_s": time_to_target,
+        "updates_to_target": updates_to_target,
+        "updates_received_to_target": received_to_target,
+    }
+
+
+def _traffic(up: UpdateSeries) -> dict[str, int | float | None]:
+    """Bytes on the wire, what float32 would have cost, and their ratio."""
+    nbytes = int(up.nbytes.sum())
+    fp32 = int(up.fp32_bytes.sum())
+    return {
+        "bytes_uploaded": nbytes,
+        "bytes_fp32_equivalent": fp32,
+        "compression_ratio": fp32 / nbytes if nbytes > 0 else None,
+    }
+
+
+def _staleness(up: UpdateSeries) -> dict[str, dict[str, float | int | None]]:
+    """Staleness statistics over the updates with known staleness: all, and applied ones."""
+    applied_code = up.outcomes.index(Outcome.APPLIED) if Outcome.APPLIED in up.outcomes else -1
+    known = up.staleness >= 0
+    return {
+        "staleness": _staleness_stats(up.staleness[known]),
+        "staleness_applied": _staleness_stats(up.staleness[known & (up.outcome == applied_code)]),
+    }
 
 
 def _staleness_stats(values: NDArray[np.int64]) -> dict[str, float | int | None]:

@@ -24,13 +24,22 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from firmware_sim.progress import Sample, format_duration
 from firmware_sim.record import Algorithm, Mode, Outcome, RunRecord
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["ReportPaths", "build_summary", "speedup_vs_fedavg", "write_report"]
+__all__ = [
+    "ReportPaths",
+    "build_summary",
+    "partial_line",
+    "speedup_vs_fedavg",
+    "summary_lines",
+    "summary_object",
+    "write_report",
+]
 
 _DPI = 110
 _STATE_ORDER = (
@@ -155,6 +164,56 @@ def build_summary(records: Sequence[RunRecord], target_accuracy: float) -> dict[
     }
     result: dict[str, Any] = _jsonable(out)
     return result
+
+
+def summary_object(
+    records: list[RunRecord], target: float, *, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The ``--json`` object of ``edgefl sim`` and ``edgefl demo``: the first run's summary at
+    top level (minus its bulky config); with several runs also ``runs`` (label -> summary) and
+    ``speedup_vs_fedavg``; then ``extra``."""
+    first: dict[str, Any] = build_summary(records[:1], target)
+    first.pop("config", None)
+    if len(records) > 1:
+        full = build_summary(records, target)
+        for run in full["runs"].values():
+            run.pop("config", None)
+        first["runs"] = full["runs"]
+        first["speedup_vs_fedavg"] = speedup_vs_fedavg(records, target)
+    if extra:
+        first.update(extra)
+    return first
+
+
+def summary_lines(records: list[RunRecord], target: float, summary: dict[str, Any]) -> list[str]:
+    """The human summary of finished (or interrupted) runs, one line per run (+ the speed-up)."""
+    lines = []
+    for r in records:
+        s = r.summary(target)
+        ttt = s["time_to_target_s"]
+        lines.append(
+            f"{s['label']}: final accuracy {100 * (s['final_accuracy'] or 0):.1f}%, "
+            + (f"target reached at {ttt:,.0f}s" if ttt is not None else "target not reached")
+            + f", {s['updates_applied']:,} updates applied, {s['model_versions']} versions"
+        )
+    if summary.get("speedup_vs_fedavg") is not None:
+        lines.append(
+            f"FedBuff speed-up vs FedAvg (time to target): {summary['speedup_vs_fedavg']:.2f}x"
+        )
+    return lines
+
+
+def partial_line(prog: str, why: str, last: Sample | None, target: float) -> str:
+    """What an interrupted command prints: ``edgefl sim: stopped by SIGTERM while training
+    (12.3 s, acc 71.2% / 90%, 812 updates, version 81)``."""
+    text = f"{prog}: stopped by {why}"
+    if last is not None:
+        acc = "--" if last.accuracy is None else f"{100 * last.accuracy:.1f}%"
+        text += (
+            f" ({format_duration(last.elapsed_s)}, acc {acc} / {100 * target:g}%, "
+            f"{last.updates:,} updates, version {last.version})"
+        )
+    return text
 
 
 # -------------------------------------------------------------------------------- plotting

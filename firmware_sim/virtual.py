@@ -166,6 +166,65 @@ class _Busy:
         return True
 
 
+@dataclass(eq=False)
+class _Schedule:
+    """Scheduling state (not aggregation): FedAvg samples cohorts in rounds, FedBuff keeps
+    ``concurrency`` trainings busy and retries later when too few devices are idle."""
+
+    cohorts: bool  # FedAvg
+    round_id: int = 0
+    round_deadline_s: float | None = None
+    retry_pending: bool = False
+
+
+class _EventQueue:
+    """Pending events in time order (ties: first pushed, first out)."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, _Ev, int]] = []
+        self._seq = 0
+
+    def push(self, t: float, kind: _Ev, ref: int) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (t, self._seq, kind, ref))
+
+    def pop(self) -> tuple[float, int, _Ev, int]:
+        return heapq.heappop(self._heap)
+
+    def __bool__(self) -> bool:
+        return bool(self._heap)
+
+
+@dataclass(eq=False)
+class _InFlight:
+    """Trainings between their start and their end (arrival, dropout or crash)."""
+
+    trainings: dict[int, _Training] = field(default_factory=dict)  # tid -> training
+    queued: list[_Training] = field(default_factory=list)  # started, completing, not trained
+    uploading: int = 0
+    next_tid: int = 0
+
+
+@dataclass(eq=False)
+class _Tally:
+    """What the run counted: updates received and applied, the last evaluation."""
+
+    received: int = 0
+    applied: int = 0
+    applied_at_eval: int = 0
+    last_accuracy: float = 0.0
+    reached: bool = False
+
+
+@dataclass(eq=False)
+class _ComputeStats:
+    """Where the real training went: trainings, ``train_many`` calls, wall seconds."""
+
+    trainings_computed: int = 0
+    train_calls: int = 0
+    train_wall: float = 0.0
+
+
 class VirtualSimulator:
     """One virtual-time run of ``scenario`` (see module docstring). Use :meth:`run` once."""
 
@@ -198,28 +257,15 @@ class VirtualSimulator:
             cfg.aggregation_settings().core_config(), scenario.initial_weights
         )
         # scheduling (not aggregation): FedAvg samples cohorts, FedBuff keeps `concurrency` busy
-        self.cohorts = cfg.algorithm is Algorithm.FEDAVG
-        self.heap: list[tuple[float, int, _Ev, int]] = []
-        self.retry_pending = False
-        self.seq = 0
+        self.schedule = _Schedule(cohorts=cfg.algorithm is Algorithm.FEDAVG)
+        self.events = _EventQueue()
         self.t = 0.0
         self.busy = _Busy()
-        self.in_flight: dict[int, _Training] = {}  # tid -> training (until it ends)
-        self.uploading = 0
-        self.queued: list[_Training] = []  # started, completing, not trained yet
-        self.next_tid = 0
+        self.flight = _InFlight()
         self.base_cache: tuple[int, NDArray[np.float32]] | None = None
         self.residuals: dict[int, Residual | None] = {}
-        self.received = 0
-        self.applied = 0
-        self.applied_at_eval = 0
-        self.last_accuracy = 0.0
-        self.reached = False
-        self.round_id = 0
-        self.round_deadline_s: float | None = None
-        self.trainings_computed = 0
-        self.train_calls = 0
-        self.train_wall = 0.0
+        self.tally = _Tally()
+        self.compute = _ComputeStats()
         self.wall0 = 0.0
 
     # ------------------------------------------------------------------ model state
@@ -239,15 +285,11 @@ class VirtualSimulator:
         return self.base_cache[1]
 
     # ------------------------------------------------------------------ events
-    def _push(self, t: float, kind: _Ev, ref: int) -> None:
-        self.seq += 1
-        heapq.heappush(self.heap, (t, self.seq, kind, ref))
-
     def _start(self, device: int, round_id: int = -1) -> None:
         fleet = self.sc.fleet
         n = self.sc.num_examples(device)
-        tid = self.next_tid
-        self.next_tid += 1
+        tid = self.flight.next_tid
+        self.flight.next_tid += 1
         tr = _Training(
             tid=tid,
             device=device,
@@ -258,7 +300,7 @@ class VirtualSimulator:
             num_examples=n,
             round_id=round_id,
         )
-        self.in_flight[tid] = tr
+        self.flight.trainings[tid] = tr
         self.busy.until[device] = math.inf
         download = fleet.download_duration(device, self.model_bytes)
         duration = fleet.training_duration(device, n, self.cfg.local.epochs, self.rng)
@@ -267,29 +309,29 @@ class VirtualSimulator:
         window_end = fleet.available_until(device, self.t)
         if fate.kind is Fate.DROPPED:
             tr.restart_s = fate.restart_after_s
-            self._push(train_start + fate.at_fraction * duration, _Ev.DROP, tid)
+            self.events.push(train_start + fate.at_fraction * duration, _Ev.DROP, tid)
         elif fate.kind is Fate.CRASHED:
             tr.restart_s = fate.restart_after_s
-            self._push(train_start + fate.at_fraction * duration, _Ev.CRASH, tid)
+            self.events.push(train_start + fate.at_fraction * duration, _Ev.CRASH, tid)
         elif window_end < train_start + duration:  # the window closes first: gone until the next
             tr.restart_s = max(0.0, fleet.next_available(device, window_end) - window_end)
-            self._push(max(self.t, window_end), _Ev.DROP, tid)
+            self.events.push(max(self.t, window_end), _Ev.DROP, tid)
         else:
-            self.queued.append(tr)
-            self._push(train_start + duration, _Ev.TRAIN_DONE, tid)
+            self.flight.queued.append(tr)
+            self.events.push(train_start + duration, _Ev.TRAIN_DONE, tid)
 
     def _fill(self) -> None:
         """FedBuff: keep ``concurrency`` trainings in flight."""
-        want = self.cfg.concurrency - len(self.in_flight)
+        want = self.cfg.concurrency - len(self.flight.trainings)
         if want <= 0:
             return
         self.busy.now = self.t
         chosen = self.sc.fleet.sample_idle_devices(want, self.t, self.rng, self.busy)
         for d in chosen:
             self._start(d)
-        if len(chosen) < want and not self.retry_pending:
-            self.retry_pending = True
-            self._push(self.t + RETRY_S, _Ev.RETRY, -1)
+        if len(chosen) < want and not self.schedule.retry_pending:
+            self.schedule.retry_pending = True
+            self.events.push(self.t + RETRY_S, _Ev.RETRY, -1)
 
     def _open_round(self) -> None:
         """FedAvg: open a round for a fresh cohort (or retry later if nobody is idle)."""
@@ -298,14 +340,18 @@ class VirtualSimulator:
             self.cfg.effective_cohort, self.t, self.rng, self.busy
         )
         if not cohort:
-            self._push(self.t + RETRY_S, _Ev.RETRY, -1)
+            self.events.push(self.t + RETRY_S, _Ev.RETRY, -1)
             return
-        assert self.round_deadline_s is not None
-        self.round_id += 1
-        self.core.open_round([str(d) for d in cohort], deadline=self.t + self.round_deadline_s)
+        assert self.schedule.round_deadline_s is not None
+        self.schedule.round_id += 1
+        self.core.open_round(
+            [str(d) for d in cohort], deadline=self.t + self.schedule.round_deadline_s
+        )
         for d in cohort:
-            self._start(d, self.round_id)
-        self._push(self.t + self.round_deadline_s, _Ev.DEADLINE, self.round_id)
+            self._start(d, self.schedule.round_id)
+        self.events.push(
+            self.t + self.schedule.round_deadline_s, _Ev.DEADLINE, self.schedule.round_id
+        )
 
     def _auto_deadline(self) -> float:
         fleet = self.sc.fleet
@@ -323,7 +369,7 @@ class VirtualSimulator:
     # ------------------------------------------------------------------ training and coding
     def _train_queued(self) -> None:
         """Train every queued training in as few ``train_many`` calls as possible."""
-        pending, self.queued = self.queued, []
+        pending, self.flight.queued = self.flight.queued, []
         cfg = self.cfg
         w0 = time.perf_counter()
         for c in range(0, len(pending), MAX_TRAIN_BATCH):
@@ -337,11 +383,11 @@ class VirtualSimulator:
                 threads=cfg.threads,
                 batched=len(group) >= BATCH_MIN,
             )
-            self.train_calls += 1
+            self.compute.train_calls += 1
             for tr, res in zip(group, results, strict=True):
                 tr.delta = res.delta
-            self.trainings_computed += len(group)
-        self.train_wall += time.perf_counter() - w0
+            self.compute.trainings_computed += len(group)
+        self.compute.train_wall += time.perf_counter() - w0
 
     def _encode(self, tr: _Training) -> None:
         assert tr.delta is not None
@@ -363,20 +409,22 @@ class VirtualSimulator:
         if tr.delta is None:
             self._train_queued()
         self._encode(tr)
-        self.uploading += 1
-        self._push(self.t + self.sc.fleet.upload_duration(tr.device, tr.nbytes), _Ev.ARRIVE, tr.tid)
+        self.flight.uploading += 1
+        self.events.push(
+            self.t + self.sc.fleet.upload_duration(tr.device, tr.nbytes), _Ev.ARRIVE, tr.tid
+        )
 
     def _end(self, tr: _Training, busy_until: float) -> None:
-        del self.in_flight[tr.tid]
+        del self.flight.trainings[tr.tid]
         if busy_until > self.t:
             self.busy.until[tr.device] = busy_until
         else:
             self.busy.until.pop(tr.device, None)
 
     def _on_arrive(self, tr: _Training) -> None:
-        self.uploading -= 1
+        self.flight.uploading -= 1
         self._end(tr, self.t)
-        self.received += 1
+        self.tally.received += 1
         staleness = self.version - tr.base_version
         outcome = "applied"
         stepped = False
@@ -390,7 +438,7 @@ class VirtualSimulator:
         except EdgeflError as exc:
             outcome = exc.reason.value
         else:
-            self.applied += 1
+            self.tally.applied += 1
         self.record.update(self.t, tr.device, outcome, staleness, tr.nbytes, self.fp32_bytes)
         tr.body = b""
         if stepped:
@@ -400,13 +448,13 @@ class VirtualSimulator:
     def _schedule(self) -> None:
         """Start what the algorithm's scheduling wants: FedBuff refills its ``concurrency``
         slots; FedAvg opens the next round once none is open."""
-        if not self.cohorts:
+        if not self.schedule.cohorts:
             self._fill()
         elif not self.core.round_open:
             self._open_round()
 
     def _after_step(self) -> None:
-        if self.applied - self.applied_at_eval >= self.cfg.eval_every_updates:
+        if self.tally.applied - self.tally.applied_at_eval >= self.cfg.eval_every_updates:
             self._evaluate()
 
     def _evaluate(self) -> None:
@@ -417,20 +465,20 @@ class VirtualSimulator:
             self.sc.dataset.y_test,
             threads=self.cfg.threads,
         )
-        self.applied_at_eval = self.applied
-        self.last_accuracy = acc
-        self.record.eval(self.t, self.version, acc, loss, self.applied)
+        self.tally.applied_at_eval = self.tally.applied
+        self.tally.last_accuracy = acc
+        self.record.eval(self.t, self.version, acc, loss, self.tally.applied)
         self._sample_states()
         if acc >= self.cfg.target:
-            self.reached = True
+            self.tally.reached = True
         if self.progress is not None:
             self.progress(
                 Progress(
                     self.t,
                     self.version,
                     acc,
-                    self.received,
-                    self.applied,
+                    self.tally.received,
+                    self.tally.applied,
                     time.perf_counter() - self.wall0,
                 )
             )
@@ -439,9 +487,9 @@ class VirtualSimulator:
         fleet = self.sc.fleet
         available = fleet.estimate_available(self.t, self.rng)
         self.busy.now = self.t
-        in_flight = len(self.in_flight)
+        in_flight = len(self.flight.trainings)
         away = sum(1 for d, u in self.busy.until.items() if self.t < u < math.inf)
-        uploading = self.uploading
+        uploading = self.flight.uploading
         training = in_flight - uploading
         idle = max(0, available - in_flight - away)
         self.record.device_states(
@@ -466,16 +514,16 @@ class VirtualSimulator:
         self._refill_after_loss()
 
     def _discard_queued(self, tr: _Training) -> None:
-        if tr in self.queued:
-            self.queued.remove(tr)
+        if tr in self.flight.queued:
+            self.flight.queued.remove(tr)
 
     def _refill_after_loss(self) -> None:
-        if not self.cohorts:
+        if not self.schedule.cohorts:
             self._fill()
         # FedAvg: a lost cohort member just never arrives; the deadline closes the round.
 
     def _on_deadline(self, round_id: int) -> None:
-        if round_id != self.round_id or not self.core.round_open:
+        if round_id != self.schedule.round_id or not self.core.round_open:
             return
         result = self.core.deadline_passed(self.t)
         if result is not None and result.step is not None:
@@ -483,15 +531,15 @@ class VirtualSimulator:
         self._open_round()
 
     def _on_retry(self) -> None:
-        self.retry_pending = False
+        self.schedule.retry_pending = False
         self._schedule()
 
     # ------------------------------------------------------------------ main loop
     def _should_stop(self) -> bool:
         cfg = self.cfg
-        if self.reached and cfg.stop_at_target:
+        if self.tally.reached and cfg.stop_at_target:
             return True
-        if cfg.max_updates is not None and self.received >= cfg.max_updates:
+        if cfg.max_updates is not None and self.tally.received >= cfg.max_updates:
             return True
         wall_limit = cfg.max_wall_s if cfg.max_wall_s is not None else math.inf
         return time.perf_counter() - self.wall0 >= wall_limit
@@ -501,14 +549,14 @@ class VirtualSimulator:
         self.wall0 = time.perf_counter()
         self.record.started_at = self.wall0
         self._evaluate()  # version 0
-        if not self.cohorts:
+        if not self.schedule.cohorts:
             self._fill()
         else:
-            self.round_deadline_s = self.cfg.round_deadline_s or self._auto_deadline()
+            self.schedule.round_deadline_s = self.cfg.round_deadline_s or self._auto_deadline()
             self._open_round()
         max_time = self.cfg.max_time_s if self.cfg.max_time_s is not None else math.inf
-        while self.heap and not self._should_stop():
-            t, _, kind, ref = heapq.heappop(self.heap)
+        while self.events and not self._should_stop():
+            t, _, kind, ref = self.events.pop()
             if t > max_time:
                 self.t = max_time
                 break
@@ -518,7 +566,7 @@ class VirtualSimulator:
             elif kind is _Ev.RETRY:
                 self._on_retry()
             else:
-                tr = self.in_flight[ref]
+                tr = self.flight.trainings[ref]
                 if kind is _Ev.TRAIN_DONE:
                     self._on_train_done(tr)
                 elif kind is _Ev.ARRIVE:
@@ -527,20 +575,20 @@ class VirtualSimulator:
                     self._on_drop(tr)
                 else:
                     self._on_crash(tr)
-        if self.applied != self.applied_at_eval:
+        if self.tally.applied != self.tally.applied_at_eval:
             self._evaluate()  # the final model, unless it was just evaluated
         wall = time.perf_counter() - self.wall0
         self.record.finish(
-            wall_time_s=wall, model_versions=self.version, final_accuracy=self.last_accuracy
+            wall_time_s=wall, model_versions=self.version, final_accuracy=self.tally.last_accuracy
         )
         core_stats = self.core.statistics()
         return VirtualResult(
             record=self.record,
             wall_s=wall,
-            trainings_computed=self.trainings_computed,
-            train_calls=self.train_calls,
-            train_wall_s=self.train_wall,
-            round_deadline_s=self.round_deadline_s,
+            trainings_computed=self.compute.trainings_computed,
+            train_calls=self.compute.train_calls,
+            train_wall_s=self.compute.train_wall,
+            round_deadline_s=self.schedule.round_deadline_s,
             stats={"core": repr(core_stats), "codec": codec_to_text(self.codec)},
         )
 

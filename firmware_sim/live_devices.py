@@ -1,0 +1,528 @@
+"""The simulated devices of a live run (see :mod:`firmware_sim.live`), and its child processes.
+
+Every simulated device is a real :class:`device_agent.agent.DeviceAgent`; this module supplies
+what its hardware would: eligibility (:class:`SimSnapshotSource`), speed, dropouts and crashes
+around real SGD (:class:`SimTrainer`), and training slots (:class:`DeviceGroup`, at most
+``ceil(concurrency / workers)`` trainings at once per process). :func:`worker_main` runs a
+group in a worker process and reports on a queue (:class:`WorkerReport`);
+:func:`embedded_broker_main` runs the embedded broker in a child process. Children inherit
+SIGINT blocked (:func:`sigint_blocked`) and ignore it (:func:`ignore_sigint`): the parent stops
+them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+
+from device_agent.agent import DeviceAgent
+from device_agent.config import (
+    AgentConfig,
+    BrokerConfig,
+    CodecPrefs,
+    DataConfig,
+    DataKind,
+    ProbeConfig,
+    SpoolConfig,
+    TrainingLimits,
+)
+from device_agent.dataset import LocalDataset
+from device_agent.eligibility import DeviceSnapshot, EligibilityPolicy, MeteredSource
+from device_agent.trainer import TrainJob, TrainResult
+from firmware_sim.attacks import apply_attack
+from firmware_sim.fleet import Fate
+from firmware_sim.scenario import Scenario, SimConfig, build_scenario
+from firmware_sim.seeding import MASK64
+
+if TYPE_CHECKING:
+    from multiprocessing.queues import Queue as MpQueue
+    from multiprocessing.synchronize import Event as MpEvent
+
+    from firmware_sim.live import LiveOptions
+
+__all__ = [
+    "DeviceGroup",
+    "SimSnapshotSource",
+    "SimTrainer",
+    "WorkerReport",
+    "device_id",
+    "embedded_broker_main",
+    "ignore_sigint",
+    "quiet_logs",
+    "rss_mb",
+    "sigint_blocked",
+    "worker_main",
+]
+
+log = logging.getLogger("firmware_sim.live")
+_STREAM_LIVE = 0x11_FE_5EED
+
+
+# ----------------------------------------------------------------------------- device side
+
+
+class _Shared:
+    """What the simulated devices of one process share (thread-safe where it must be)."""
+
+    def __init__(self, scenario: Scenario, options: LiveOptions, t0: float) -> None:
+        self.sc = scenario
+        self.options = options
+        self.t0 = t0
+        self.lock = threading.Lock()
+        self.away_until: dict[int, float] = {}
+        self.events: list[tuple[str, float, int]] = []  # ("dropout"|"crash", t, device)
+        self.compute = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(1, options.train_threads), thread_name_prefix="edgefl-sim-train"
+        )
+        self.slots: dict[int, float] = {}  # device -> when it was granted a training slot
+        self.release: Callable[[int], None] = lambda d: None  # set by the device group
+
+    def virtual_now(self) -> float:
+        return (time.monotonic() - self.t0) / self.options.time_scale
+
+    def note(self, kind: str, device: int) -> None:
+        with self.lock:
+            self.events.append((kind, time.monotonic() - self.t0, device))
+
+    def take_events(self) -> list[tuple[str, float, int]]:
+        with self.lock:
+            out, self.events = self.events, []
+        return out
+
+
+class SimSnapshotSource:
+    """Eligibility conditions of simulated device ``device`` (see module docstring)."""
+
+    def __init__(self, shared: _Shared, device: int) -> None:
+        self._shared = shared
+        self._device = device
+
+    async def snapshot(self) -> DeviceSnapshot:
+        sh = self._shared
+        now = time.monotonic()
+        available = sh.sc.fleet.is_available(self._device, sh.virtual_now())
+        available = (
+            available and now >= sh.away_until.get(self._device, 0.0) and self._device in sh.slots
+        )
+        return DeviceSnapshot(
+            monotonic=now,
+            local_time=datetime.now(UTC),
+            load1=0.0,
+            load5=0.0,
+            load15=0.0,
+            cpu_count=4,
+            on_mains=available,
+            battery_percent=100.0 if available else 40.0,
+            charging=available,
+            max_temp_c=40.0,
+            metered=False,
+        )
+
+
+class SimTrainer:
+    """The agent's :class:`~device_agent.trainer.Trainer` for one simulated device: simulated
+    duration and fate around real SGD (``edgefl.training.train_local``)."""
+
+    def __init__(
+        self,
+        shared: _Shared,
+        device: int,
+        loop: asyncio.AbstractEventLoop,
+        on_crash: Callable[[int, float], None],
+    ) -> None:
+        self._shared = shared
+        self._device = device
+        self._loop = loop
+        self._on_crash = on_crash
+        seed = shared.sc.config.seed & MASK64
+        self._rng = np.random.default_rng([seed, _STREAM_LIVE, device])
+        self.agent: DeviceAgent | None = None
+
+    def _sleep(self, seconds: float, should_stop: Callable[[], bool]) -> bool:
+        """Sleep ``seconds`` polling ``should_stop``; False when told to stop."""
+        end = time.monotonic() + seconds
+        while True:
+            if should_stop():
+                return False
+            left = end - time.monotonic()
+            if left <= 0:
+                return True
+            time.sleep(min(left, 0.05))
+
+    def _wait_abort(self, should_stop: Callable[[], bool], limit: float = 10.0) -> None:
+        end = time.monotonic() + limit
+        while not should_stop() and time.monotonic() < end:
+            time.sleep(0.02)
+
+    def train(self, job: TrainJob, should_stop: Callable[[], bool]) -> TrainResult | None:
+        try:
+            return self._train(job, should_stop)
+        finally:
+            self._loop.call_soon_threadsafe(self._shared.release, self._device)
+
+    def _train(self, job: TrainJob, should_stop: Callable[[], bool]) -> TrainResult | None:
+        sh = self._shared
+        d = self._device
+        agent = self.agent
+        if agent is not None and agent.model is not None and agent.model.version > job.base_version:
+            return None  # a newer model arrived while this device waited for a training slot
+        fleet = sh.sc.fleet
+        scale = sh.options.time_scale
+        fate = fleet.training_fate(d, self._rng)
+        duration = fleet.training_duration(d, job.data.num_train, job.epochs, self._rng) * scale
+        if fate.kind is Fate.DROPPED:
+            if self._sleep(fate.at_fraction * duration, should_stop):
+                away = max(fate.restart_after_s * scale, 0.3)
+                sh.away_until[d] = time.monotonic() + away
+                sh.note("dropout", d)
+                if agent is not None:
+                    self._loop.call_soon_threadsafe(agent.check_now)
+                self._wait_abort(should_stop)
+            return None
+        if fate.kind is Fate.CRASHED:
+            if self._sleep(fate.at_fraction * duration, should_stop):
+                sh.note("crash", d)
+                self._loop.call_soon_threadsafe(self._on_crash, d, fate.restart_after_s * scale)
+                self._wait_abort(should_stop)
+            return None
+        started = time.monotonic()
+        future = sh.compute.submit(self._compute, job, should_stop)
+        result = future.result()
+        if result is None or not self._sleep(duration - (time.monotonic() - started), should_stop):
+            return None
+        return result
+
+    def _compute(self, job: TrainJob, should_stop: Callable[[], bool]) -> TrainResult | None:
+        from edgefl.training import LocalTrainConfig, train_local
+
+        res = train_local(
+            job.spec,
+            job.base_weights,
+            job.data.x_train,
+            job.data.y_train,
+            LocalTrainConfig(
+                epochs=job.epochs, batch_size=job.batch_size, lr=job.lr, seed=job.seed
+            ),
+            should_stop=should_stop,
+            threads=1,
+        )
+        if res.stopped_early:
+            return None
+        delta = res.delta
+        sc = self._shared.sc
+        if sc.malicious[self._device]:
+            delta = apply_attack(delta, sc.config.attack, self._rng)
+        return TrainResult(delta=delta, num_examples=res.num_examples, metrics={"loss": res.loss})
+
+
+def _agent_config(
+    cfg: SimConfig, opts: LiveOptions, url: str, device: int, root: Path, profile: str
+) -> AgentConfig:
+    codec = cfg.codec_config()
+    return AgentConfig(
+        broker=BrokerConfig(url, keepalive=60, reconnect_max_s=5.0),
+        fleet=opts.fleet,
+        device_id=device_id(device),
+        data=DataConfig(kind=DataKind.NPZ, path=root / "unused.npz"),
+        training=TrainingLimits(
+            max_threads=1,
+            nice=0,
+            max_epochs=cfg.local.epochs,
+            batch_size=cfg.local.batch_size,
+            lr=cfg.local.lr,
+            max_train_seconds=3600.0,
+            holdout_fraction=0.0,
+        ),
+        codec=CodecPrefs(quantization=codec.quantization.value, topk_fraction=codec.topk_fraction),
+        eligibility=EligibilityPolicy(settle_seconds=0.0),
+        probes=ProbeConfig(
+            root=root, interval_s=opts.probe_interval_s, metered=MeteredSource.NO, throttle=False
+        ),
+        spool=SpoolConfig(durable=False),
+        state_dir=root / device_id(device),
+        profile=profile,
+    )
+
+
+def device_id(device: int) -> str:
+    """MQTT client id and device id of simulated device ``device``."""
+    return f"sim-{device:06d}"
+
+
+class DeviceGroup:
+    """The agents of one process, on one event loop."""
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        options: LiveOptions,
+        url: str,
+        devices: list[int],
+        root: Path,
+        t0: float,
+    ) -> None:
+        self.sc = scenario
+        self.opts = options
+        self.url = url
+        self.devices = devices
+        self.root = root
+        self.shared = _Shared(scenario, options, t0)
+        per_process = math.ceil(scenario.config.concurrency / max(1, options.workers))
+        self.executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(1, per_process), thread_name_prefix="edgefl-sim-agent"
+        )
+        self.agents: dict[int, DeviceAgent] = {}
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.stopping = False
+        self.started = 0
+        self.capacity = max(1, per_process)
+        first = devices[0] if devices else 0
+        self.rng = np.random.default_rng(
+            [scenario.config.seed & MASK64, _STREAM_LIVE, 1 << 40, first]
+        )
+        self.shared.release = self._release
+
+    # ------------------------------------------------------------------ training slots
+    def _wants(self, d: int) -> bool:
+        agent = self.agents.get(d)
+        if agent is None or agent.model is None:
+            return False
+        st = agent.statistics()
+        if not st.connected:
+            return False
+        return st.trained_version is None or st.trained_version < agent.model.version
+
+    def _release(self, d: int) -> None:
+        """Device ``d`` finished (or abandoned) a training: give its slot to another device."""
+        if self.shared.slots.pop(d, None) is not None:
+            agent = self.agents.get(d)
+            if agent is not None:
+                agent.check_now()  # it turns ineligible at once
+        self.grant()
+
+    def grant(self) -> None:
+        """Fill free training slots with random devices that are available and want to train
+        (rejection sampling: O(slots), whatever the number of devices)."""
+        sh = self.shared
+        if self.stopping or not self.devices:
+            return
+        now = time.monotonic()
+        for d, since in list(sh.slots.items()):  # revoke slots nobody uses
+            agent = self.agents.get(d)
+            training = agent is not None and agent.statistics().status.value == "training"
+            if not training and now - since > 3.0:
+                del sh.slots[d]
+        t_virtual = sh.virtual_now()
+        tries = 0
+        while len(sh.slots) < self.capacity and tries < 20 * self.capacity:
+            tries += 1
+            d = self.devices[int(self.rng.integers(0, len(self.devices)))]
+            if d in sh.slots or now < sh.away_until.get(d, 0.0):
+                continue
+            if not sh.sc.fleet.is_available(d, t_virtual) or not self._wants(d):
+                continue
+            sh.slots[d] = now
+            self.agents[d].check_now()
+
+    def _make(self, d: int, loop: asyncio.AbstractEventLoop) -> DeviceAgent:
+        x, y = self.sc.device_data(d)
+        shape = (0, *x.shape[1:])
+        data = LocalDataset(x, y, np.zeros(shape, dtype=np.float32), np.zeros(0, dtype=np.int64))
+        trainer = SimTrainer(self.shared, d, loop, self._crash)
+        agent = DeviceAgent(
+            _agent_config(
+                self.sc.config, self.opts, self.url, d, self.root, self.sc.fleet.profile_of(d).name
+            ),
+            trainer=trainer,
+            snapshots=SimSnapshotSource(self.shared, d),
+            dataset=data,
+            executor=self.executor,
+        )
+        trainer.agent = agent
+        return agent
+
+    def _launch(self, d: int) -> None:
+        loop = asyncio.get_running_loop()
+        agent = self._make(d, loop)
+        self.agents[d] = agent
+        self.tasks[d] = loop.create_task(self._run_agent(agent), name=device_id(d))
+        self.started += 1
+
+    async def _run_agent(self, agent: DeviceAgent) -> None:
+        try:
+            await agent.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("agent %s failed", agent.config.device_id)
+
+    def _crash(self, d: int, restart_after: float) -> None:
+        """Kill device ``d``'s agent (in-flight work is lost), restart it later."""
+        task = self.tasks.get(d)
+        if task is None or self.stopping:
+            return
+        task.cancel()
+        loop = asyncio.get_running_loop()
+        loop.call_later(max(0.05, restart_after), self._restart, d)
+
+    def _restart(self, d: int) -> None:
+        if self.stopping:
+            return
+        old = self.tasks.get(d)
+        if old is not None and not old.done():  # still releasing its state directory
+            asyncio.get_running_loop().call_later(0.05, self._restart, d)
+            return
+        self._launch(d)
+
+    async def start(self) -> None:
+        interval = 1.0 / self.opts.connect_per_s if self.opts.connect_per_s > 0 else 0.0
+        for d in self.devices:
+            if self.stopping:
+                return
+            self._launch(d)
+            if interval:
+                await asyncio.sleep(interval)
+
+    def states(self) -> dict[str, int]:
+        counts: Counter[str] = Counter()
+        for agent in self.agents.values():
+            st = agent.statistics()
+            counts[st.status.value if st.connected else "offline"] += 1
+        return dict(counts)
+
+    def totals(self) -> dict[str, int]:
+        out: Counter[str] = Counter()
+        for agent in self.agents.values():
+            st = agent.statistics()
+            out["updates_sent"] += st.updates_sent
+            out["trainings_started"] += st.trainings_started
+            out["trainings_completed"] += st.trainings_completed
+            out["connected"] += int(st.connected)
+            for k, v in st.trainings_aborted.items():
+                out[f"aborted:{k}"] += v
+        return dict(out)
+
+    async def stop(self, wait_s: float = 15.0) -> None:
+        self.stopping = True
+        for agent in self.agents.values():
+            agent.stop()
+        tasks = list(self.tasks.values())
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=wait_s)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.shared.compute.shutdown(wait=False, cancel_futures=True)
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+class WorkerReport(NamedTuple):
+    """What a worker process puts on the report queue after each poll (and once at the end)."""
+
+    pid: int
+    states: dict[str, int]  # device-state counts of its agents
+    events: list[tuple[str, float, int]]  # dropouts and crashes since the last report
+    totals: dict[str, int]  # agent counters (see :meth:`DeviceGroup.totals`)
+    rss_mb: float
+
+
+def rss_mb(pid: int | None = None) -> float:
+    path = f"/proc/{pid or 'self'}/status"
+    try:
+        with open(path) as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        return 0.0
+    return 0.0
+
+
+def quiet_logs() -> None:
+    for name in ("device_agent", "edgefl", "edgefl.aggregator", "amqtt", "transitions"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _group_report(group: DeviceGroup) -> WorkerReport:
+    return WorkerReport(
+        os.getpid(), group.states(), group.shared.take_events(), group.totals(), rss_mb()
+    )
+
+
+def worker_main(
+    config: SimConfig,
+    options: LiveOptions,
+    url: str,
+    devices: list[int],
+    root: str,
+    stop: MpEvent,
+    reports: MpQueue[WorkerReport],
+) -> None:
+    """Entry point of a worker process: run ``devices`` until ``stop`` is set."""
+    ignore_sigint()
+    if options.quiet:
+        quiet_logs()
+
+    async def main() -> None:
+        scenario = build_scenario(config)
+        group = DeviceGroup(scenario, options, url, devices, Path(root), time.monotonic())
+        starter = asyncio.create_task(group.start())
+        while not stop.is_set():
+            await asyncio.sleep(options.poll_s)
+            group.grant()
+            reports.put(_group_report(group))
+        starter.cancel()
+        await group.stop()
+        reports.put(_group_report(group))
+
+    asyncio.run(main())
+
+
+@contextlib.contextmanager
+def sigint_blocked() -> Iterator[None]:
+    """Start child processes inside: they inherit SIGINT blocked, so a terminal's Ctrl-C (sent
+    to the whole process group) cannot interrupt their start-up with a traceback; they ignore
+    it for good in :func:`ignore_sigint` (the parent stops them). A SIGINT that reaches this
+    process meanwhile stays pending and is handled when the block ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def ignore_sigint() -> None:
+    """In a child process: ignore SIGINT (then unblock it, see :func:`sigint_blocked`)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def embedded_broker_main(port: int, ready: MpEvent, stop: MpEvent) -> None:
+    from broker.launcher import ThreadedEmbeddedBroker
+
+    ignore_sigint()
+    broker = ThreadedEmbeddedBroker(port=port)
+    broker.start()
+    ready.set()
+    stop.wait()
+    broker.stop()
