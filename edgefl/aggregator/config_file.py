@@ -50,6 +50,7 @@ from edgefl.clierror import ConfigError, UsageError
 from edgefl.codec import CodecConfig, Quantization
 from edgefl.configlayers import (
     Setting,
+    SettingError,
     coerce,
     config_error,
     env_var_name,
@@ -228,6 +229,39 @@ def load_aggregator_config(
     """Merge file < environment < overrides (flags: dotted key -> value, ``None`` = not given),
     validate and build the :class:`AggregatorConfig`. Reads the password file and loads the key
     files (``security.*``) unless ``authenticator`` / ``signer`` are given. Writes nothing."""
+    settings = _layered_settings(path, env, overrides)
+    err = _Errors(settings, path is not None)
+    values = _coerced_values(settings, err)
+    kwargs: dict[str, Any] = {
+        k.target: values[key] for key, k in _KEYS.items() if k.target and key in values
+    }
+    _check_fields(values, err)
+    kwargs.update(_derived_fields(values, err))
+    kwargs["authenticator"] = authenticator
+    kwargs["manifest_signer"] = signer
+    keys_dir = values.get("security.device_keys")
+    if keys_dir is not None and authenticator is None:
+        kwargs["authenticator"] = _load_authenticator(cast_path(keys_dir), err)
+    signing = values.get("security.signing_key_file")
+    if signing is not None and signer is None:
+        kwargs["manifest_signer"] = _load_signer(cast_path(signing), err)
+    config = _built_config(kwargs, values, err)
+    level = str(values.get("log_level", "INFO")).upper()
+    if level not in LOG_LEVELS:
+        raise err("log_level", f"expected one of {', '.join(LOG_LEVELS)}, got {level!r}")
+    return LoadedConfig(
+        aggregator=config,
+        log_level=level,
+        values=_effective(config, values, level),
+        sources={key: s.source for key, s in settings.items()},
+    )
+
+
+def _layered_settings(
+    path: Path | None, env: Mapping[str, str], overrides: Mapping[str, object]
+) -> dict[str, Setting]:
+    """The raw settings, later layers winning: file, environment, flags; ``state_dir`` falls
+    back to systemd's ``$STATE_DIRECTORY``."""
     settings: dict[str, Setting] = {}
     if path is not None:
         settings.update(read_toml(path, SCHEMA, _SECTIONS))
@@ -236,35 +270,38 @@ def load_aggregator_config(
     if "state_dir" not in settings and env.get("STATE_DIRECTORY"):
         first = env["STATE_DIRECTORY"].split(":")[0]
         settings["state_dir"] = Setting(first, "$STATE_DIRECTORY", True, None)
-    err = _Errors(settings, path is not None)
+    return settings
 
+
+def _coerced_values(settings: Mapping[str, Setting], err: _Errors) -> dict[str, object]:
+    """Every setting in its schema type over the service defaults; a flag's bad value is a
+    usage error naming the flag, a file's or variable's a config error naming the key."""
     values: dict[str, object] = dict(_SERVICE_DEFAULTS)
     for key, setting in settings.items():
         try:
             values[key] = coerce(key, setting, SCHEMA[key])
-        except ConfigError as exc:
+        except SettingError as exc:
             if setting.source.startswith("command line"):
-                problem = exc.message.split(": ", 1)[1].rsplit(" (from ", 1)[0]
-                raise UsageError(f"{FLAGS[key]}: {problem}") from None
+                raise UsageError(f"{FLAGS[key]}: {exc.problem}") from None
             raise
     for key in _REQUIRED:
         if values.get(key) is None:
             raise err.missing(key)
+    return values
 
-    kwargs: dict[str, Any] = {
-        k.target: values[key] for key, k in _KEYS.items() if k.target and key in values
-    }
-    _check_fields(values, err)
 
+def _derived_fields(values: Mapping[str, object], err: _Errors) -> dict[str, Any]:
+    """Config fields computed from several keys: the password (inline or from its file), the
+    codec hint, the receive window in bytes."""
+    fields: dict[str, Any] = {}
     password_file = values.get("broker.password_file")
     if password_file is not None:
         if values.get("broker.password") is not None:
             raise err("broker.password_file", "conflicts with broker.password (set only one)")
-        kwargs["password"] = _secret(cast_path(password_file), err)
-
+        fields["password"] = _secret(cast_path(password_file), err)
     codec_defaults = CodecConfig()
     try:
-        kwargs["codec"] = CodecConfig(
+        fields["codec"] = CodecConfig(
             quantization=typing.cast(
                 Quantization, values.get("hints.quantization", codec_defaults.quantization)
             ),
@@ -276,17 +313,15 @@ def load_aggregator_config(
         mib = typing.cast(int, values["limits.max_inflight_mib"])
         if mib < 1:
             raise err("limits.max_inflight_mib", f"expected at least 1, got {mib}")
-        kwargs["max_inflight_bytes"] = mib * 1024 * 1024
+        fields["max_inflight_bytes"] = mib * 1024 * 1024
+    return fields
 
-    kwargs["authenticator"] = authenticator
-    kwargs["manifest_signer"] = signer
-    keys_dir = values.get("security.device_keys")
-    if keys_dir is not None and authenticator is None:
-        kwargs["authenticator"] = _load_authenticator(cast_path(keys_dir), err)
-    signing = values.get("security.signing_key_file")
-    if signing is not None and signer is None:
-        kwargs["manifest_signer"] = _load_signer(cast_path(signing), err)
 
+def _built_config(
+    kwargs: Mapping[str, Any], values: Mapping[str, object], err: _Errors
+) -> AggregatorConfig:
+    """The validated :class:`AggregatorConfig`, its MQTT settings checked too; a failure names
+    the key that caused it."""
     try:
         config = AggregatorConfig(**kwargs)
     except (KeyError, ValueError, TypeError) as exc:
@@ -296,16 +331,7 @@ def load_aggregator_config(
     except ValueError as exc:
         key = _blame_broker(str(exc), values)
         raise err(key, f"{exc}") from None
-
-    level = str(values.get("log_level", "INFO")).upper()
-    if level not in LOG_LEVELS:
-        raise err("log_level", f"expected one of {', '.join(LOG_LEVELS)}, got {level!r}")
-    return LoadedConfig(
-        aggregator=config,
-        log_level=level,
-        values=_effective(config, values, level),
-        sources={key: s.source for key, s in settings.items()},
-    )
+    return config
 
 
 def cast_path(value: object) -> Path:
