@@ -22,7 +22,6 @@ same loop as the service: a wedged loop stops the pings and systemd restarts the
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 
@@ -72,42 +71,65 @@ def run_aggregator(
         return asyncio.run(_main(config, ready_message, notify))
 
 
-async def _main(config: AggregatorConfig, ready_message: bool, notifier: SystemdNotifier) -> int:
-    loop = asyncio.get_running_loop()
-    aggregator = Aggregator(config)
-    ready = asyncio.Event()
-    run_task = asyncio.create_task(aggregator.run(ready), name="edgefl-aggregator")
-    signals = 0
-    deadline: asyncio.TimerHandle | None = None
+class _SignalStop:
+    """SIGTERM / SIGINT: ask the service to stop gracefully while it is serving (cancelled after
+    ``STOP_GRACE_S``); cancel it at once before it serves, without a broker, or on a second
+    signal. The state store is crash-safe, so a cancel loses nothing."""
 
-    def on_signal(signum: signal.Signals) -> None:
-        nonlocal signals, deadline
-        signals += 1
-        log.info("%s: stopping (%s)", signum.name, aggregator.phase)
-        notifier.stopping(f"stopping ({signum.name})")
-        aggregator.stop()
-        if signals > 1 or not ready.is_set() or not aggregator.statistics().connected:
-            run_task.cancel()  # nothing to finish gracefully without a broker
-        elif deadline is None:
-            deadline = loop.call_later(STOP_GRACE_S, run_task.cancel)
+    def __init__(
+        self, aggregator: Aggregator, run_task: asyncio.Task[None], ready: asyncio.Event,
+        notifier: SystemdNotifier,
+    ) -> None:  # fmt: skip
+        self.aggregator, self.run_task, self.ready, self.notifier = (
+            aggregator, run_task, ready, notifier,
+        )  # fmt: skip
+        self.count = 0
+        self._deadline: asyncio.TimerHandle | None = None
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
+    def __call__(self, signum: signal.Signals) -> None:
+        self.count += 1
+        log.info("%s: stopping (%s)", signum.name, self.aggregator.phase)
+        self.notifier.stopping(f"stopping ({signum.name})")
+        self.aggregator.stop()
+        serving = self.ready.is_set() and self.aggregator.statistics().connected
+        if self.count > 1 or not serving:
+            self.run_task.cancel()  # nothing to finish gracefully without a broker
+        elif self._deadline is None:
+            loop = asyncio.get_running_loop()
+            self._deadline = loop.call_later(STOP_GRACE_S, self.run_task.cancel)
 
-    async def announce() -> None:
-        await ready.wait()
-        notifier.ready(status_line(aggregator))
-        if ready_message:
-            s = aggregator.statistics()
-            port = aggregator.metrics_port
-            extra = f", metrics on :{port}" if port is not None else ""
-            print(
-                f"edgefl aggregator ready: fleet {config.fleet}, model {config.model}, "
-                f"version {s.version}, applied {s.applied}{extra}",
-                flush=True,
-            )
+    def close(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
 
-    helpers = [asyncio.create_task(announce(), name="edgefl-aggregator-announce")]
+
+async def _announce(
+    aggregator: Aggregator, ready: asyncio.Event, notifier: SystemdNotifier, ready_message: bool
+) -> None:
+    """READY=1 to systemd and the ready line on stdout once the service serves."""
+    await ready.wait()
+    notifier.ready(status_line(aggregator))
+    if ready_message:
+        config, s = aggregator.config, aggregator.statistics()
+        port = aggregator.metrics_port
+        extra = f", metrics on :{port}" if port is not None else ""
+        print(
+            f"edgefl aggregator ready: fleet {config.fleet}, model {config.model}, "
+            f"version {s.version}, applied {s.applied}{extra}",
+            flush=True,
+        )
+
+
+def _start_helpers(
+    aggregator: Aggregator, ready: asyncio.Event, notifier: SystemdNotifier, ready_message: bool
+) -> list[asyncio.Task[None]]:
+    """The announcement and, under systemd, the keepalive (watchdog pings and status lines)."""
+    helpers = [
+        asyncio.create_task(
+            _announce(aggregator, ready, notifier, ready_message),
+            name="edgefl-aggregator-announce",
+        )
+    ]
     if notifier.enabled:
         period = watchdog_period(notifier)
         helpers.append(
@@ -121,32 +143,51 @@ async def _main(config: AggregatorConfig, ready_message: bool, notifier: Systemd
                 name="edgefl-aggregator-keepalive",
             )
         )
+    return helpers
+
+
+async def _main(config: AggregatorConfig, ready_message: bool, notifier: SystemdNotifier) -> int:
+    loop = asyncio.get_running_loop()
+    aggregator = Aggregator(config)
+    ready = asyncio.Event()
+    run_task = asyncio.create_task(aggregator.run(ready), name="edgefl-aggregator")
+    stop = _SignalStop(aggregator, run_task, ready, notifier)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop, sig)
+    helpers = _start_helpers(aggregator, ready, notifier, ready_message)
+    try:
+        await _run_outcome(run_task, stop, ready, aggregator)
+    finally:
+        stop.close()
+        for helper in helpers:
+            helper.cancel()
+        await asyncio.gather(*helpers, return_exceptions=True)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    if stop.count:
+        notifier.stopping("stopped")
+    return 0
+
+
+async def _run_outcome(
+    run_task: asyncio.Task[None], stop: _SignalStop, ready: asyncio.Event, aggregator: Aggregator
+) -> None:
+    """Await the service; a signal's cancel is a clean stop, a broker that never came up is
+    :class:`BrokerUnavailable`, an unusable state directory at start a :class:`ConfigError`."""
     try:
         await run_task
     except asyncio.CancelledError:
-        if signals == 0:
+        if stop.count == 0:
             raise  # cancelled from outside, not by a signal
         log.info("stopped before the graceful shutdown completed (state is crash-safe)")
     except TransportError as exc:
-        if signals:
-            return 0
+        if stop.count:
+            return
         if not ready.is_set():
             raise BrokerUnavailable(f"cannot reach the broker: {exc}") from None
         raise
     except OSError as exc:
         if aggregator.phase in (Phase.STARTING, Phase.RESTORING):
-            raise ConfigError(f"state_dir: cannot use {str(config.state_dir)!r}: {exc}") from None
+            state_dir = str(aggregator.config.state_dir)
+            raise ConfigError(f"state_dir: cannot use {state_dir!r}: {exc}") from None
         raise
-    finally:
-        if deadline is not None:
-            deadline.cancel()
-        for helper in helpers:
-            helper.cancel()
-        for helper in helpers:
-            with contextlib.suppress(asyncio.CancelledError):
-                await helper
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-    if signals:
-        notifier.stopping("stopped")
-    return 0

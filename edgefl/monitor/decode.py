@@ -33,7 +33,7 @@ from typing import Any, Final
 
 from edgefl.errors import EdgeflError, ProtocolError, RejectReason
 from edgefl.protocol.chunking import ChunkHeader, decode_chunk
-from edgefl.protocol.envelope import EnvelopeKind, decode_envelope
+from edgefl.protocol.envelope import Envelope, EnvelopeKind, decode_envelope
 from edgefl.protocol.messages import (
     DeviceState,
     ModelManifest,
@@ -243,22 +243,32 @@ def _decode_edgefl(topic: ParsedTopic, payload: bytes, now: float) -> Observatio
         case ServerMetricsTopic():
             return MetricsSeen(message_from_envelope(envelope, ServerMetrics, topic=topic))
         case UpdateTopic():
-            if envelope.kind is EnvelopeKind.UPDATE_CHUNK:
-                chunk = decode_chunk(envelope)
-                return UpdateSeen(topic.device_id, topic.seq, chunk=chunk.header)
-            header = message_from_envelope(envelope, UpdateHeader, topic=topic)
-            created = clamp_timestamp(header.created_at, now=now)
-            if created != header.created_at:
-                header = dataclasses.replace(header, created_at=created)
-            return UpdateSeen(topic.device_id, topic.seq, header=header)
+            return _update_seen(topic, envelope, now)
         case ModelChunkTopic():
-            if envelope.kind is not EnvelopeKind.MODEL_CHUNK:
-                raise ProtocolError(RejectReason.BAD_KIND, f"{envelope.kind.name} on a model chunk")
-            chunk = decode_chunk(envelope)
-            if chunk.header.index != topic.index:
-                raise ProtocolError(RejectReason.BAD_CHUNK, "chunk index differs from topic")
-            return ModelChunkSeen(topic.version, topic.artifact, chunk.header)
+            return _model_chunk_seen(topic, envelope)
     raise ProtocolError(RejectReason.BAD_TOPIC, "unhandled topic")  # pragma: no cover
+
+
+def _update_seen(topic: UpdateTopic, envelope: Envelope, now: float) -> UpdateSeen:
+    """An update's header (its device-provided time clamped for display), or one of its chunks."""
+    if envelope.kind is EnvelopeKind.UPDATE_CHUNK:
+        chunk = decode_chunk(envelope)
+        return UpdateSeen(topic.device_id, topic.seq, chunk=chunk.header)
+    header = message_from_envelope(envelope, UpdateHeader, topic=topic)
+    created = clamp_timestamp(header.created_at, now=now)
+    if created != header.created_at:
+        header = dataclasses.replace(header, created_at=created)
+    return UpdateSeen(topic.device_id, topic.seq, header=header)
+
+
+def _model_chunk_seen(topic: ModelChunkTopic, envelope: Envelope) -> ModelChunkSeen:
+    """A model chunk whose envelope kind and index agree with its topic."""
+    if envelope.kind is not EnvelopeKind.MODEL_CHUNK:
+        raise ProtocolError(RejectReason.BAD_KIND, f"{envelope.kind.name} on a model chunk")
+    chunk = decode_chunk(envelope)
+    if chunk.header.index != topic.index:
+        raise ProtocolError(RejectReason.BAD_CHUNK, "chunk index differs from topic")
+    return ModelChunkSeen(topic.version, topic.artifact, chunk.header)
 
 
 def decode_inbound(topic: str, payload: bytes, *, fleet: str, now: float) -> Observation:
