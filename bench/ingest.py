@@ -431,7 +431,7 @@ def median_run(found: list[dict[str, Any]]) -> dict[str, Any]:
     return sorted(found, key=lambda run: run["per_s"])[(len(found) - 1) // 2]
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer updates (CI smoke run)")
     parser.add_argument("--json", action="store_true", help="print a JSON line at the end")
@@ -472,7 +472,103 @@ def main() -> None:
         help="aggregator runs per receipts setting, alternating which goes first; the median "
         "run is reported (the host's noise is larger than the receipts' cost)",
     )
-    args = parser.parse_args()
+    return parser
+
+
+def _bench_case(
+    key: str, case: Case, args: argparse.Namespace, ctx: Any, tmp: Path,
+    tuning: dict[str, Any], out: dict[str, Any],
+) -> None:  # fmt: skip
+    """One model: the raw broker ceiling, then the aggregator (receipts on / off), printed
+    side by side; adds the figures to ``out``."""
+    from broker.launcher import MosquittoBroker
+
+    payload = encode_bodies(case.model)
+    model_mb = payload[2] * 4 / 1e6
+    with MosquittoBroker(state_dir=tmp / f"mosquitto-{key}") as broker:
+        assert broker.pid is not None
+        ceiling = measure_ceiling(ctx, broker.port, case, payload, args.publishers, broker.pid)
+    samples: dict[bool, list[dict[str, Any]]] = {}
+    order = {"both": [True, False], "on": [True], "off": [False]}[args.receipts]
+    for r in range(args.rounds):
+        for receipts in order if r % 2 == 0 else order[::-1]:  # alternate who goes first
+            label = f"-{'receipts' if receipts else 'no-receipts'}-{r}"
+            with MosquittoBroker(state_dir=tmp / f"mosquitto-agg-{key}{label}") as broker:
+                assert broker.pid is not None
+                samples.setdefault(receipts, []).append(
+                    measure_aggregator(
+                        ctx, broker.port, case, payload, args.publishers, tmp,
+                        {**tuning, "receipts": receipts}, broker.pid, label,
+                    )
+                )  # fmt: skip
+    runs = {on: median_run(found) for on, found in samples.items()}
+    if args.rounds > 1:
+        for on, found in samples.items():
+            rates = ", ".join(f"{run['per_s']:.0f}" for run in found)
+            print(f"    receipts {'on' if on else 'off'}: {rates} upd/s", flush=True)
+    agg = runs.get(True) or runs[False]
+    if len(runs) == 2:
+        on, off = runs[True], runs[False]
+        ratio = on["per_s"] / off["per_s"]
+        loop_on = on["cpu_ms_per_update"].get("aggregator/event-loop", float("nan"))
+        loop_off = off["cpu_ms_per_update"].get("aggregator/event-loop", float("nan"))
+        print(
+            f"{case.model:9s} receipts on {on['per_s']:7.0f} upd/s "
+            f"({on['receipts_sent']} receipts sent, {on['receipts_dropped']} dropped) | "
+            f"off {off['per_s']:7.0f} upd/s | on/off {ratio:.3f} | event-loop CPU ms "
+            f"per update on {loop_on:.3f}, off {loop_off:.3f}",
+            flush=True,
+        )
+        figures = {
+            "event_loop_cpu_ms_receipts": loop_on,
+            "event_loop_cpu_ms_no_receipts": loop_off,
+            "updates_per_s_receipts": round(on["per_s"], 1),
+            "updates_per_s_no_receipts": round(off["per_s"], 1),
+            "receipts_ratio": round(ratio, 3),
+            "receipts_sent": on["receipts_sent"],
+            "receipts_dropped": on["receipts_dropped"],
+        }
+        for name, value in figures.items():
+            out.setdefault(name, value)  # the first model run
+            out[f"{name}_{key}"] = value
+    fraction = agg["per_s"] / ceiling["per_s"]
+    budget = 4 * model_mb + 150
+    kb = len(payload[1][0]) / 1e3
+    print(
+        f"{case.model:9s} {case.updates:5d} int8 updates of {kb:.0f} kB"
+        f" (K={case.buffer_size}): aggregator {agg['per_s']:7.0f} upd/s "
+        f"{agg['mb_per_s']:6.1f} MB/s | ceiling {ceiling['per_s']:7.0f} upd/s "
+        f"{ceiling['mb_per_s']:6.1f} MB/s | {100 * fraction:5.1f}% of ceiling | "
+        f"peak RSS {agg['peak_rss_mb']:.0f} MB (idle {agg['ready_rss_mb']:.0f}, "
+        f"budget {budget:.0f}, model {model_mb:.1f} MB) | applied {agg['applied']} in "
+        f"{agg['batches']} commits, version {agg['version']}, "
+        f"rejected {agg['rejected'] or 0}",
+        flush=True,
+    )
+    for name, run in (("ceiling", ceiling), ("aggregator", agg)):
+        shares = ", ".join(f"{k} {v:.3f}" for k, v in run["cpu_ms_per_update"].items())
+        print(f"    CPU ms per update, {name} run: {shares}", flush=True)
+    print(f"    aggregator page faults per update: {agg['page_faults_per_update']}")
+    print(f"    receipts: {'on' if True in runs else 'off'} in the figures above")
+    out |= {
+        f"cpu_ms_per_update_{key}": agg["cpu_ms_per_update"],
+        f"page_faults_per_update_{key}": agg["page_faults_per_update"],
+        f"ceiling_cpu_ms_per_update_{key}": ceiling["cpu_ms_per_update"],
+        f"updates_per_s_{key}": round(agg["per_s"], 1),
+        f"ceiling_per_s_{key}": round(ceiling["per_s"], 1),
+        f"fraction_of_ceiling_{key}": round(fraction, 3),
+        f"mb_per_s_{key}": round(agg["mb_per_s"], 1),
+        f"ceiling_mb_per_s_{key}": round(ceiling["mb_per_s"], 1),
+        f"peak_rss_mb_{key}": round(agg["peak_rss_mb"], 1),
+        f"rss_budget_mb_{key}": round(budget, 1),
+        f"idle_rss_mb_{key}": round(agg["ready_rss_mb"], 1),
+        f"seconds_{key}": round(agg["seconds"], 2),
+        f"applied_{key}": agg["applied"],
+    }
+
+
+def main() -> None:
+    args = _parser().parse_args()
     global PUBLISHER_MODE, PUBLISHER_NICE
     PUBLISHER_MODE = args.publisher
     PUBLISHER_NICE = args.publisher_nice
@@ -481,7 +577,6 @@ def main() -> None:
         tuning["max_inflight_bytes"] = args.inflight_mib * 1024 * 1024
     if args.no_fsync:
         tuning["fsync"] = False
-    from broker.launcher import MosquittoBroker
 
     scale = 0.25 if args.quick else 1.0
     cases = {
@@ -501,90 +596,7 @@ def main() -> None:
         for key, case in cases.items():
             if args.only is not None and key != args.only:
                 continue
-            payload = encode_bodies(case.model)
-            model_mb = payload[2] * 4 / 1e6
-            with MosquittoBroker(state_dir=tmp / f"mosquitto-{key}") as broker:
-                assert broker.pid is not None
-                ceiling = measure_ceiling(
-                    ctx, broker.port, case, payload, args.publishers, broker.pid
-                )
-            samples: dict[bool, list[dict[str, Any]]] = {}
-            order = {"both": [True, False], "on": [True], "off": [False]}[args.receipts]
-            for r in range(args.rounds):
-                for receipts in order if r % 2 == 0 else order[::-1]:  # alternate who goes first
-                    label = f"-{'receipts' if receipts else 'no-receipts'}-{r}"
-                    with MosquittoBroker(state_dir=tmp / f"mosquitto-agg-{key}{label}") as broker:
-                        assert broker.pid is not None
-                        samples.setdefault(receipts, []).append(
-                            measure_aggregator(
-                                ctx, broker.port, case, payload, args.publishers, tmp,
-                                {**tuning, "receipts": receipts}, broker.pid, label,
-                            )
-                        )  # fmt: skip
-            runs = {on: median_run(found) for on, found in samples.items()}
-            if args.rounds > 1:
-                for on, found in samples.items():
-                    rates = ", ".join(f"{run['per_s']:.0f}" for run in found)
-                    print(f"    receipts {'on' if on else 'off'}: {rates} upd/s", flush=True)
-            agg = runs.get(True) or runs[False]
-            if len(runs) == 2:
-                on, off = runs[True], runs[False]
-                ratio = on["per_s"] / off["per_s"]
-                loop_on = on["cpu_ms_per_update"].get("aggregator/event-loop", float("nan"))
-                loop_off = off["cpu_ms_per_update"].get("aggregator/event-loop", float("nan"))
-                print(
-                    f"{case.model:9s} receipts on {on['per_s']:7.0f} upd/s "
-                    f"({on['receipts_sent']} receipts sent, {on['receipts_dropped']} dropped) | "
-                    f"off {off['per_s']:7.0f} upd/s | on/off {ratio:.3f} | event-loop CPU ms "
-                    f"per update on {loop_on:.3f}, off {loop_off:.3f}",
-                    flush=True,
-                )
-                figures = {
-                    "event_loop_cpu_ms_receipts": loop_on,
-                    "event_loop_cpu_ms_no_receipts": loop_off,
-                    "updates_per_s_receipts": round(on["per_s"], 1),
-                    "updates_per_s_no_receipts": round(off["per_s"], 1),
-                    "receipts_ratio": round(ratio, 3),
-                    "receipts_sent": on["receipts_sent"],
-                    "receipts_dropped": on["receipts_dropped"],
-                }
-                for name, value in figures.items():
-                    out.setdefault(name, value)  # the first model run
-                    out[f"{name}_{key}"] = value
-            fraction = agg["per_s"] / ceiling["per_s"]
-            budget = 4 * model_mb + 150
-            kb = len(payload[1][0]) / 1e3
-            print(
-                f"{case.model:9s} {case.updates:5d} int8 updates of {kb:.0f} kB"
-                f" (K={case.buffer_size}): aggregator {agg['per_s']:7.0f} upd/s "
-                f"{agg['mb_per_s']:6.1f} MB/s | ceiling {ceiling['per_s']:7.0f} upd/s "
-                f"{ceiling['mb_per_s']:6.1f} MB/s | {100 * fraction:5.1f}% of ceiling | "
-                f"peak RSS {agg['peak_rss_mb']:.0f} MB (idle {agg['ready_rss_mb']:.0f}, "
-                f"budget {budget:.0f}, model {model_mb:.1f} MB) | applied {agg['applied']} in "
-                f"{agg['batches']} commits, version {agg['version']}, "
-                f"rejected {agg['rejected'] or 0}",
-                flush=True,
-            )
-            for name, run in (("ceiling", ceiling), ("aggregator", agg)):
-                shares = ", ".join(f"{k} {v:.3f}" for k, v in run["cpu_ms_per_update"].items())
-                print(f"    CPU ms per update, {name} run: {shares}", flush=True)
-            print(f"    aggregator page faults per update: {agg['page_faults_per_update']}")
-            print(f"    receipts: {'on' if True in runs else 'off'} in the figures above")
-            out |= {
-                f"cpu_ms_per_update_{key}": agg["cpu_ms_per_update"],
-                f"page_faults_per_update_{key}": agg["page_faults_per_update"],
-                f"ceiling_cpu_ms_per_update_{key}": ceiling["cpu_ms_per_update"],
-                f"updates_per_s_{key}": round(agg["per_s"], 1),
-                f"ceiling_per_s_{key}": round(ceiling["per_s"], 1),
-                f"fraction_of_ceiling_{key}": round(fraction, 3),
-                f"mb_per_s_{key}": round(agg["mb_per_s"], 1),
-                f"ceiling_mb_per_s_{key}": round(ceiling["mb_per_s"], 1),
-                f"peak_rss_mb_{key}": round(agg["peak_rss_mb"], 1),
-                f"rss_budget_mb_{key}": round(budget, 1),
-                f"idle_rss_mb_{key}": round(agg["ready_rss_mb"], 1),
-                f"seconds_{key}": round(agg["seconds"], 2),
-                f"applied_{key}": agg["applied"],
-            }
+            _bench_case(key, case, args, ctx, tmp, tuning, out)
     if args.json:
         print(json.dumps(out))
 
