@@ -219,6 +219,7 @@ class _Link:
 class _Wakeups:
     """The events the agent's loops wait on."""
 
+    started: asyncio.Event = field(default_factory=asyncio.Event)  # run() was called
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     scheduler: asyncio.Event = field(default_factory=asyncio.Event)
     eligibility: asyncio.Event = field(default_factory=asyncio.Event)
@@ -237,6 +238,16 @@ class _StatusNotifier:
         if line != self._last:
             self._last = line
             self.systemd.status(line)
+
+
+@dataclass
+class _Delivery:
+    """End-to-end receipts: the tracker of sent, awaiting updates, its clock, and whether the
+    aggregator announced receipts (None until its retained server state came; "auto" mode)."""
+
+    tracker: DeliveryTracker
+    clock: Callable[[], float]
+    server_receipts: bool | None = None
 
 
 @dataclass
@@ -286,14 +297,12 @@ class DeviceAgent:
         self._probe_failed = False
         self._gate = TrainingGate()
         self._wake = _Wakeups()
-        self._started = False
         self._counts = _Counters()
-        self._clock = clock
         spool_cfg = config.spool
-        self._tracker = DeliveryTracker(
-            ReceiptPolicy(spool_cfg.receipt_timeout_s, spool_cfg.resend_max_s)
+        self._delivery = _Delivery(
+            DeliveryTracker(ReceiptPolicy(spool_cfg.receipt_timeout_s, spool_cfg.resend_max_s)),
+            clock,
         )
-        self._server_receipts: bool | None = None  # from the retained server state ("auto")
 
     @property
     def _fleet(self) -> str:
@@ -352,7 +361,7 @@ class DeviceAgent:
             rejected=dict(counts.rejected),
             dropped=dict(counts.dropped),
             connections=counts.connections,
-            awaiting_receipt=self._tracker.awaiting,
+            awaiting_receipt=self._delivery.tracker.awaiting,
             resends=counts.resends,
             receipted=counts.receipted,
             receipt_rejected=dict(counts.receipt_rejected),
@@ -362,9 +371,9 @@ class DeviceAgent:
     async def run(self) -> None:
         """Open the state directory, then run until :meth:`stop`. Raises on a configuration or
         data problem found at start (``DataSourceError``, ``SpoolLocked``, ...)."""
-        if self._started:
+        if self._wake.started.is_set():
             raise RuntimeError("DeviceAgent.run() may be called once")
-        self._started = True
+        self._wake.started.set()
         opening = asyncio.ensure_future(asyncio.to_thread(self._open_state))
         try:
             await asyncio.shield(opening)
@@ -419,9 +428,9 @@ class DeviceAgent:
         cfg = self.config
         self._store = AgentStore.open(cfg)
         self._model = self._store.models.load()
-        now = self._clock()
+        now = self._delivery.clock()
         for mark in self._store.spool.awaiting():
-            self._tracker.restore(mark.seq, mark.attempts, now)
+            self._delivery.tracker.restore(mark.seq, mark.attempts, now)
         if self._dataset is None:
             self._dataset = load_local_dataset(
                 cfg.data, cfg.training.holdout_fraction, cfg.device_id
@@ -476,7 +485,7 @@ class DeviceAgent:
             local_accuracy=self._counts.last_accuracy,
             profile=self.config.profile,
             spool_depth=0 if self._store is None else len(self._store.spool),
-            awaiting_receipt=self._tracker.awaiting,
+            awaiting_receipt=self._delivery.tracker.awaiting,
         )
 
     def _set_status(self, status: DeviceStatus) -> None:
@@ -495,7 +504,7 @@ class DeviceAgent:
             spool_depth=0 if self._store is None else len(self._store.spool),
             updates_sent=self._counts.updates_sent,
             reasons=self._reasons(),
-            awaiting_receipt=self._tracker.awaiting,
+            awaiting_receipt=self._delivery.tracker.awaiting,
         )
 
     # ------------------------------------------------------------------ connection
@@ -697,19 +706,20 @@ class DeviceAgent:
             case ReceiptMode.OFF:
                 return False
             case _:
-                return self._server_receipts
+                return self._delivery.server_receipts
 
     async def _send_spool(self, transport: Transport) -> None:
         store = self._durable
         spool = store.spool
-        tracker = self._tracker
+        tracker = self._delivery.tracker
         max_packet = self.config.broker.max_packet
-        tracker.reconnected(self._clock())  # a new connection: resend what awaits, in order
+        # a new connection: resend what awaits, in order
+        tracker.reconnected(self._delivery.clock())
         while True:
             self._wake.spool_changed.clear()
             spooled = [e.seq for e in spool.pending()]
             tracker.prune(spooled)
-            for seq in tracker.due(spooled, self._clock()):
+            for seq in tracker.due(spooled, self._delivery.clock()):
                 try:
                     async with store.lock:
                         payload = await asyncio.to_thread(spool.read, seq)
@@ -726,14 +736,14 @@ class DeviceAgent:
                     await transport.publish(topic, packet, qos=1)
                 await self._delivered(seq, attempts, len(payload))
             next_due = tracker.next_due()
-            wait = None if next_due is None else max(0.0, next_due - self._clock())
+            wait = None if next_due is None else max(0.0, next_due - self._delivery.clock())
             await _first(self._wake.spool_changed.wait(), timeout=wait)
 
     async def _delivered(self, seq: int, attempts: int, size: int) -> None:
         """The broker acknowledged every packet of the ``attempts``-th send of update ``seq``:
         delete it (no receipts) or mark it awaiting its receipt (persisted, so a restart keeps
         it)."""
-        store, tracker = self._durable, self._tracker
+        store, tracker = self._durable, self._delivery.tracker
         keep = self._receipts_active() is not False
         async with store.lock:  # serialised with _on_receipt: both change spool and tracker
             if keep:
@@ -742,7 +752,7 @@ class DeviceAgent:
                 await asyncio.to_thread(store.spool.remove, seq)
                 still_there = None
             if still_there is not None:
-                tracker.sent(seq, self._clock())
+                tracker.sent(seq, self._delivery.clock())
             else:
                 tracker.forget(seq)  # deleted (no receipts), or settled by a receipt meanwhile
         if attempts == 1:
@@ -766,8 +776,8 @@ class DeviceAgent:
             return
         store = self._durable
         async with store.lock:  # serialised with _delivered
-            effect = self._tracker.on_receipt(
-                receipt, [e.seq for e in store.spool.pending()], self._clock()
+            effect = self._delivery.tracker.on_receipt(
+                receipt, [e.seq for e in store.spool.pending()], self._delivery.clock()
             )
             for seq, (how, reason) in effect.settled.items():
                 if how is Settlement.COMMITTED:
@@ -793,9 +803,9 @@ class DeviceAgent:
             self._reject(exc.reason, f"server state: {exc.detail}")
             return
         supports = FEATURE_RECEIPTS in state.features
-        if supports == self._server_receipts:
+        if supports == self._delivery.server_receipts:
             return
-        self._server_receipts = supports
+        self._delivery.server_receipts = supports
         log.info("%s: the aggregator %s receipts", self._device, "sends" if supports else "has no")
         if supports:
             return
@@ -803,7 +813,7 @@ class DeviceAgent:
         async with store.lock:
             for mark in store.spool.awaiting():
                 await asyncio.to_thread(store.spool.remove, mark.seq)
-                self._tracker.forget(mark.seq)
+                self._delivery.tracker.forget(mark.seq)
         self._mark_dirty()
 
     # ------------------------------------------------------------------ eligibility
