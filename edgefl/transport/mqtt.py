@@ -37,7 +37,7 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import AsyncGenerator, Iterable
+from collections.abc import AsyncGenerator, Iterable, Iterator
 from enum import Enum
 from types import TracebackType
 from typing import Any, NamedTuple, Self
@@ -99,6 +99,62 @@ class _Subscription(NamedTuple):
     qos: int
 
 
+@dataclasses.dataclass
+class _SessionState:
+    """What the current connection established (generation counts connections)."""
+
+    gen: int = 0
+    connected: bool = False
+    session_present: bool = False
+    server_max_packet: int | None = None
+    rm_bounds_qos1: bool = False  # the broker honours Receive Maximum for QoS 1
+    unacked_paused: bool = False  # reading paused: too many delivered messages unacknowledged
+
+
+@dataclasses.dataclass
+class _AttemptState:
+    """One connection attempt: the CONNACK and the loss of its socket, the connect thread."""
+
+    connack: asyncio.Future[tuple[ReasonCode, bool]] | None = None
+    attempt_lost: asyncio.Future[str] | None = None
+    connect_job: ConnectJob[MQTTErrorCode] | None = None
+    in_executor: bool = False
+
+
+@dataclasses.dataclass
+class _Lifecycle:
+    """Closing: requested, announced (event), done; draining for the close barrier."""
+
+    closing: bool = False
+    closing_event: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    closed: bool = False
+    draining: bool = False  # graceful close: reading for the barrier, inbound discarded
+
+
+@dataclasses.dataclass
+class _Operations:
+    """Operations in flight and the wanted subscriptions (renewed after every reconnect)."""
+
+    pending_pubs: dict[int, _PendingPublish] = dataclasses.field(default_factory=dict)
+    pending_qos0: set[int] = dataclasses.field(default_factory=set)
+    pending_subs: dict[int, asyncio.Future[list[ReasonCode]]] = dataclasses.field(
+        default_factory=dict
+    )
+    sub_state: dict[str, _Subscription] = dataclasses.field(default_factory=dict)
+    subscriptions: dict[str, int] = dataclasses.field(default_factory=dict)
+    unacked: dict[int, tuple[int, int]] = dataclasses.field(default_factory=dict)
+    tokens: Iterator[int] = dataclasses.field(default_factory=lambda: itertools.count(1))
+
+
+@dataclasses.dataclass
+class _Tasks:
+    """The transport's background tasks."""
+
+    supervisor: asyncio.Task[None] | None = None
+    misc_task: asyncio.Task[None] | None = None
+    hook_task: asyncio.Task[None] | None = None
+
+
 class _ConnectionLost(Exception):
     """Internal: the connection an operation was waiting on went away."""
 
@@ -156,35 +212,14 @@ class MqttTransport:
         )
         self._client: BufferedClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        # connection state
-        self._gen = 0
-        self._connected = False
-        self._session_present = False
-        self._server_max_packet: int | None = None
-        self._rm_bounds_qos1 = False
-        self._unacked_paused = False  # reading paused: too many delivered messages unacknowledged
         self._state_changed = asyncio.Event()
-        self._closing = False
-        self._closing_event = asyncio.Event()
-        self._closed = False
-        self._in_executor = False
-        self._connect_job: ConnectJob[MQTTErrorCode] | None = None
         self._pong = asyncio.Event()
-        self._draining = False  # graceful close: reading for the barrier, inbound discarded
-        self._attempt_lost: asyncio.Future[str] | None = None
-        self._connack: asyncio.Future[tuple[ReasonCode, bool]] | None = None
         self._io: SocketDriver | None = None
-        # operations in flight
-        self._pending_pubs: dict[int, _PendingPublish] = {}
-        self._pending_qos0: set[int] = set()
-        self._pending_subs: dict[int, asyncio.Future[list[ReasonCode]]] = {}
-        self._sub_state: dict[str, _Subscription] = {}
-        self._subscriptions: dict[str, int] = {}
-        self._unacked: dict[int, tuple[int, int]] = {}
-        self._tokens = itertools.count(1)
-        self._supervisor: asyncio.Task[None] | None = None
-        self._misc_task: asyncio.Task[None] | None = None
-        self._hook_task: asyncio.Task[None] | None = None
+        self._session = _SessionState()
+        self._attempt_state = _AttemptState()
+        self._life = _Lifecycle()
+        self._ops = _Operations()
+        self._tasks = _Tasks()
 
     # ------------------------------------------------------------------ public API
 
@@ -198,7 +233,7 @@ class MqttTransport:
 
     @property
     def connected(self) -> bool:
-        return self._connected
+        return self._session.connected
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -220,12 +255,12 @@ class MqttTransport:
 
     async def start(self) -> None:
         """Start connecting in the background (``__aenter__`` calls this)."""
-        if self._supervisor is not None:
+        if self._tasks.supervisor is not None:
             raise RuntimeError("transport already started")
-        if self._closing:
+        if self._life.closing:
             raise TransportClosed("transport closed")
         self._loop = asyncio.get_running_loop()
-        self._supervisor = self._loop.create_task(
+        self._tasks.supervisor = self._loop.create_task(
             self._supervise(), name=f"edgefl-mqtt-{self._client_id}"
         )
 
@@ -244,15 +279,15 @@ class MqttTransport:
         ``abrupt=True`` drops the TCP connection instead, so the broker publishes the Will (the
         same as a crash). Pending operations fail with :class:`TransportClosed`; queued inbound
         messages are counted as ``unconsumed_at_close``."""
-        if self._closed or self._closing:
-            if self._supervisor is not None and not self._closed:
-                await asyncio.shield(self._supervisor)
+        if self._life.closed or self._life.closing:
+            if self._tasks.supervisor is not None and not self._life.closed:
+                await asyncio.shield(self._tasks.supervisor)
             return
-        graceful = not abrupt and self._connected and self._client is not None
-        self._closing = True
-        self._closing_event.set()
+        graceful = not abrupt and self._session.connected and self._client is not None
+        self._life.closing = True
+        self._life.closing_event.set()
         self._notify()
-        if self._in_executor:
+        if self._attempt_state.in_executor:
             self._abandon_connect()
         elif not graceful:
             self._drop_socket("closed abruptly" if abrupt else "closed")
@@ -264,19 +299,19 @@ class MqttTransport:
                 log.info("%s: no answer from the broker while closing", self._client_id)
             self._drop_socket("closed")
         try:
-            if self._supervisor is not None:
-                await asyncio.shield(self._supervisor)  # survives the cancellation of a hook
+            if self._tasks.supervisor is not None:
+                await asyncio.shield(self._tasks.supervisor)  # survives the cancellation of a hook
         finally:
             self._finish_close()
 
     async def _disconnect_gracefully(self) -> None:
         """Ping barrier, then DISCONNECT and wait until paho wrote it (bounded by the caller)."""
-        client, lost = self._client, self._attempt_lost
+        client, lost = self._client, self._attempt_state.attempt_lost
         assert client is not None
         # Read for the PINGRESP even when the inbound queue paused reading; what arrives from
         # now on is not queued (counted as unconsumed_at_close, redelivered to a persistent
         # session since it is not acknowledged).
-        self._draining = True
+        self._life.draining = True
         if self._io is not None:
             self._io.resume_reading()
         with contextlib.suppress(TimeoutError, ConnectionError):
@@ -310,7 +345,7 @@ class MqttTransport:
                     await self._wait_connected()
                     client = self._client
                     assert client is not None
-                    self._check_size(topic, data, self._server_max_packet)
+                    self._check_size(topic, data, self._session.server_max_packet)
                     info = client.publish(topic, data, qos=qos, retain=retain)
                     if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
                         raise TransportError("outbound queue full")
@@ -318,9 +353,9 @@ class MqttTransport:
                         await asyncio.sleep(0.01)
                         continue
                     fut: asyncio.Future[None] = self._running_loop().create_future()
-                    self._pending_pubs[info.mid] = _PendingPublish(fut, len(data))
+                    self._ops.pending_pubs[info.mid] = _PendingPublish(fut, len(data))
                     if qos == 0:
-                        self._pending_qos0.add(info.mid)
+                        self._ops.pending_qos0.add(info.mid)
                     handed_over = qos > 0
                     try:
                         await fut
@@ -339,15 +374,15 @@ class MqttTransport:
         """See :meth:`Transport.subscribe`; the filter is renewed after every reconnect."""
         validate_filter(topic_filter)
         validate_qos(qos)
-        self._subscriptions[topic_filter] = qos
+        self._ops.subscriptions[topic_filter] = qos
         try:
             async with asyncio.timeout(self._config.operation_timeout):
                 while True:
                     await self._wait_connected()
-                    entry = self._sub_state.get(topic_filter)
-                    if entry is None or entry.generation != self._gen or entry.qos != qos:
+                    entry = self._ops.sub_state.get(topic_filter)
+                    if entry is None or entry.generation != self._session.gen or entry.qos != qos:
                         self._send_subscribe({topic_filter: qos})
-                        entry = self._sub_state[topic_filter]
+                        entry = self._ops.sub_state[topic_filter]
                     try:
                         codes = await asyncio.shield(entry.suback)
                     except _ConnectionLost:
@@ -355,7 +390,7 @@ class MqttTransport:
                     index = entry.position
                     code = codes[index] if index < len(codes) else None
                     if code is None or code.is_failure:
-                        self._subscriptions.pop(topic_filter, None)
+                        self._ops.subscriptions.pop(topic_filter, None)
                         raise BrokerRefused(f"subscribe {topic_filter!r}", str(code))
                     return
         except TimeoutError as exc:
@@ -397,7 +432,7 @@ class MqttTransport:
 
     def statistics(self) -> TransportStatistics:
         return self._counters.snapshot(
-            connected=self._connected,
+            connected=self._session.connected,
             protocol=self._protocol.value if self._protocol else None,
             queued=len(self._inbound),
         )
@@ -408,7 +443,7 @@ class MqttTransport:
         cfg = self._config
         delay = cfg.reconnect_min_delay
         try:
-            while not self._closing:
+            while not self._life.closing:
                 started = time.monotonic()
                 try:
                     outcome = await self._attempt()
@@ -418,7 +453,7 @@ class MqttTransport:
                     log.exception("%s: connection supervisor error", self._client_id)
                     self._drop_socket("supervisor error")
                     outcome = _Attempt.FAILED
-                if self._closing:
+                if self._life.closing:
                     break
                 if outcome is _Attempt.RETRY_NOW:
                     continue
@@ -428,10 +463,10 @@ class MqttTransport:
                 log.debug("%s: reconnecting in %.2fs", self._client_id, pause)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(pause):
-                        await self._closing_event.wait()
+                        await self._life.closing_event.wait()
                 delay = min(delay * 2, cfg.reconnect_max_delay)
         finally:
-            if not self._in_executor:
+            if not self._attempt_state.in_executor:
                 self._drop_socket("transport closed")
 
     async def _attempt(self) -> _Attempt:
@@ -439,8 +474,8 @@ class MqttTransport:
         loop = self._running_loop()
         proto = self._try_protocol
         client = self._client_for(proto)
-        self._attempt_lost = loop.create_future()
-        connack = self._connack = loop.create_future()
+        self._attempt_state.attempt_lost = loop.create_future()
+        connack = self._attempt_state.connack = loop.create_future()
         connack.add_done_callback(_consume)
         failed = await self._send_connect(loop, client)
         if failed is not None:
@@ -452,15 +487,15 @@ class MqttTransport:
     ) -> _Attempt | None:
         """Open the socket and send CONNECT in the executor (abandonable on close); ``None``
         when CONNECT is on its way, else the failed attempt (recorded)."""
-        self._in_executor = True
-        self._connect_job = ConnectJob(
+        self._attempt_state.in_executor = True
+        self._attempt_state.connect_job = ConnectJob(
             loop,
             client.reconnect,
             lambda: _close_quietly(client),
             name=f"edgefl-connect-{self._client_id}",
         )
         try:
-            rc = await self._connect_job.result()
+            rc = await self._attempt_state.connect_job.result()
         except ConnectAbandoned:
             return _Attempt.FAILED
         except (OSError, ValueError) as exc:  # refused, unreachable, TLS/certificate errors
@@ -474,9 +509,9 @@ class MqttTransport:
             self._abandon_connect()  # the job closes its socket; this client is done
             raise
         finally:
-            self._in_executor = False
-            self._connect_job = None
-        if self._closing:
+            self._attempt_state.in_executor = False
+            self._attempt_state.connect_job = None
+        if self._life.closing:
             self._drop_socket("transport closed")
             return _Attempt.FAILED
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
@@ -502,7 +537,7 @@ class MqttTransport:
         except TimeoutError:
             return self._no_connack(proto, probing, timeout)
         except _ConnectionLost as exc:
-            if self._closing:
+            if self._life.closing:
                 return _Attempt.FAILED
             self._record_failure(f"{self._config.url} closed the connection before CONNACK: {exc}")
             self._maybe_fall_back(proto)
@@ -518,7 +553,7 @@ class MqttTransport:
     def _no_connack(self, proto: MqttProtocol, probing: bool, timeout: float) -> _Attempt:
         """No CONNACK within ``timeout``: retry at once with 3.1.1 when probing MQTT 5."""
         self._drop_socket("no CONNACK")
-        if self._closing:
+        if self._life.closing:
             return _Attempt.FAILED
         if probing and self._maybe_fall_back(proto):
             log.info("%s: no CONNACK for MQTT 5 in %.1fs, trying 3.1.1", self._client_id, timeout)
@@ -530,8 +565,8 @@ class MqttTransport:
     def _abandon_connect(self) -> None:
         """Stop waiting for the blocking connect (closing): the job's thread closes its socket
         when it returns; this client and its socket driver are never used again."""
-        if self._connect_job is not None:
-            self._connect_job.abandon()
+        if self._attempt_state.connect_job is not None:
+            self._attempt_state.connect_job.abandon()
         if self._io is not None:
             self._io.detach()
         self._io = None
@@ -548,7 +583,7 @@ class MqttTransport:
     async def _serve_connection(self) -> None:
         """Run while connected: keepalive task, on_connect hook; return when the link drops."""
         client = self._client
-        lost = self._attempt_lost
+        lost = self._attempt_state.attempt_lost
         assert client is not None
         assert lost is not None
         assert self._protocol is not None
@@ -558,26 +593,26 @@ class MqttTransport:
             self._client_id,
             self._config.url,
             self._protocol.value,
-            self._session_present,
+            self._session.session_present,
         )
-        self._misc_task = loop.create_task(self._misc_loop(client))
+        self._tasks.misc_task = loop.create_task(self._misc_loop(client))
         if self._on_connect_hook is not None:
             info = ConnectInfo(
-                session_present=self._session_present,
+                session_present=self._session.session_present,
                 protocol=self._protocol.value,
                 connects=self._counters.connects,
             )
-            self._hook_task = loop.create_task(self._run_hook(info))
+            self._tasks.hook_task = loop.create_task(self._run_hook(info))
         try:
             reason = await lost
         finally:
-            for task in (self._misc_task, self._hook_task):
+            for task in (self._tasks.misc_task, self._tasks.hook_task):
                 if task is not None and not task.done():
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await task
-            self._misc_task = self._hook_task = None
-        if not self._closing:
+            self._tasks.misc_task = self._tasks.hook_task = None
+        if not self._life.closing:
             log.warning("%s: connection to %s lost: %s", self._client_id, self._config.url, reason)
 
     async def _run_hook(self, info: ConnectInfo) -> None:
@@ -635,21 +670,21 @@ class MqttTransport:
         if client is not self._client:
             return
         if not reason.is_failure:
-            self._gen += 1
-            self._connected = True
-            self._session_present = bool(flags.session_present)
+            self._session.gen += 1
+            self._session.connected = True
+            self._session.session_present = bool(flags.session_present)
             self._protocol = self._try_protocol
             self._counters.connects += 1
-            self._rm_bounds_qos1 = (
+            self._session.rm_bounds_qos1 = (
                 client.protocol == MQTTProtocolVersion.MQTTv5
                 and self._receive_maximum() <= self._config.max_queued_messages
             )
-            self._server_max_packet = getattr(properties, "MaximumPacketSize", None)
-            if self._subscriptions:
-                self._send_subscribe(dict(self._subscriptions), renewal=True)
+            self._session.server_max_packet = getattr(properties, "MaximumPacketSize", None)
+            if self._ops.subscriptions:
+                self._send_subscribe(dict(self._ops.subscriptions), renewal=True)
             self._notify()
-        if self._connack is not None and not self._connack.done():
-            self._connack.set_result((reason, bool(flags.session_present)))
+        if self._attempt_state.connack is not None and not self._attempt_state.connack.done():
+            self._attempt_state.connack.set_result((reason, bool(flags.session_present)))
 
     def _on_disconnect(
         self,
@@ -665,7 +700,7 @@ class MqttTransport:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         self._bump()
-        if self._draining:  # closing: not acknowledged, so a persistent session gets it again
+        if self._life.draining:  # closing: not acknowledged, so a persistent session gets it again
             self._counters.drop(DropReason.UNCONSUMED_AT_CLOSE)
             return
         try:
@@ -677,23 +712,23 @@ class MqttTransport:
             return
         token = 0
         if msg.qos == 1:
-            token = next(self._tokens)
-            self._unacked[token] = (self._gen, msg.mid)
-            if self._config.manual_ack and len(self._unacked) >= self._receive_maximum():
+            token = next(self._ops.tokens)
+            self._ops.unacked[token] = (self._session.gen, msg.mid)
+            if self._config.manual_ack and len(self._ops.unacked) >= self._receive_maximum():
                 # Our Receive Maximum, enforced here too: Mosquitto 2.0 was measured with 175
                 # unacknowledged messages in flight to a client whose maximum was 81
-                if not self._unacked_paused:
-                    self._unacked_paused = True
+                if not self._session.unacked_paused:
+                    self._session.unacked_paused = True
                     self._counters.read_pauses += 1
                 self._pause_reading()
         payload = msg.payload if isinstance(msg.payload, bytes) else bytes(msg.payload)
         message = InboundMessage(topic, payload, msg.qos, bool(msg.retain), bool(msg.dup), token)
         # QoS 1 inflow is bounded by our Receive Maximum on MQTT 5: pausing the socket for it
         # would only starve paho's keepalive (it could not read the PINGRESP)
-        rm_bounded = token != 0 and self._rm_bounds_qos1
+        rm_bounded = token != 0 and self._session.rm_bounds_qos1
         if not self._inbound.offer(message, may_pause=not rm_bounded) and token:
             # dropped (and counted): acknowledge so the broker does not hold it in flight forever
-            del self._unacked[token]
+            del self._ops.unacked[token]
             client.ack(msg.mid, 1)
 
     def _on_publish(
@@ -707,8 +742,8 @@ class MqttTransport:
         self._bump()
         if client is not self._client:
             return
-        self._pending_qos0.discard(mid)
-        entry = self._pending_pubs.pop(mid, None)
+        self._ops.pending_qos0.discard(mid)
+        entry = self._ops.pending_pubs.pop(mid, None)
         if entry is None:
             return
         fut, size = entry
@@ -730,7 +765,7 @@ class MqttTransport:
         properties: Properties | None,
     ) -> None:
         self._bump()
-        fut = self._pending_subs.pop(mid, None)
+        fut = self._ops.pending_subs.pop(mid, None)
         if fut is not None and not fut.done():
             fut.set_result(list(reason_codes))
 
@@ -742,31 +777,34 @@ class MqttTransport:
 
     def _handle_lost(self, reason: str) -> None:
         """The current connection (or attempt) is gone: update state, fail what waited on it."""
-        self._connected = False
-        self._server_max_packet = None
-        if self._attempt_lost is not None and not self._attempt_lost.done():
-            self._attempt_lost.set_result(reason)
-        if self._connack is not None and not self._connack.done():
-            self._connack.set_exception(_ConnectionLost(reason))
-        subs, self._pending_subs = self._pending_subs, {}
+        self._session.connected = False
+        self._session.server_max_packet = None
+        if (
+            self._attempt_state.attempt_lost is not None
+            and not self._attempt_state.attempt_lost.done()
+        ):
+            self._attempt_state.attempt_lost.set_result(reason)
+        if self._attempt_state.connack is not None and not self._attempt_state.connack.done():
+            self._attempt_state.connack.set_exception(_ConnectionLost(reason))
+        subs, self._ops.pending_subs = self._ops.pending_subs, {}
         for fut in subs.values():
             if not fut.done():
                 fut.set_exception(_ConnectionLost(reason))
-        for mid in self._pending_qos0:
-            entry = self._pending_pubs.pop(mid, None)
+        for mid in self._ops.pending_qos0:
+            entry = self._ops.pending_pubs.pop(mid, None)
             if entry is not None and not entry.done.done():
                 entry.done.set_exception(_ConnectionLost(reason))
-        self._pending_qos0.clear()
+        self._ops.pending_qos0.clear()
         self._notify()
 
     # ------------------------------------------------------------------ helpers
 
     def _pause_reading(self) -> None:
-        if self._io is not None and not self._draining:
+        if self._io is not None and not self._life.draining:
             self._io.pause_reading()
 
     def _resume_reading(self) -> None:
-        if self._io is not None and not self._unacked_paused:
+        if self._io is not None and not self._session.unacked_paused:
             self._io.resume_reading()
 
     def _bump(self) -> None:
@@ -777,16 +815,19 @@ class MqttTransport:
         return self._config.receive_maximum or min(self._config.max_queued_messages, 65535)
 
     def _send_ack(self, token: int, *, flush: bool = True) -> None:
-        entry = self._unacked.pop(token, None)
+        entry = self._ops.unacked.pop(token, None)
         if entry is None:
             return
-        if self._unacked_paused and len(self._unacked) <= self._receive_maximum() * 3 // 4:
-            self._unacked_paused = False
+        if (
+            self._session.unacked_paused
+            and len(self._ops.unacked) <= self._receive_maximum() * 3 // 4
+        ):
+            self._session.unacked_paused = False
             if not self._inbound.paused:
                 self._resume_reading()
         gen, mid = entry
         client = self._client
-        if gen != self._gen or not self._connected or client is None:
+        if gen != self._session.gen or not self._session.connected or client is None:
             self._counters.stale_acks += 1
             return
         client.ack(mid, 1)
@@ -811,9 +852,9 @@ class MqttTransport:
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
             fut.set_exception(_ConnectionLost(f"SUBSCRIBE not sent: {rc}"))
         else:
-            self._pending_subs[mid] = fut
+            self._ops.pending_subs[mid] = fut
         for index, (topic_filter, qos) in enumerate(items):
-            self._sub_state[topic_filter] = _Subscription(self._gen, fut, index, qos)
+            self._ops.sub_state[topic_filter] = _Subscription(self._session.gen, fut, index, qos)
         if renewal:
             names = [name for name, _ in items]
             fut.add_done_callback(lambda done: self._log_refusals(done, names))
@@ -839,12 +880,12 @@ class MqttTransport:
             )
 
     async def _wait_connected(self) -> None:
-        if self._supervisor is None and not self._closing:
+        if self._tasks.supervisor is None and not self._life.closing:
             raise RuntimeError("transport not started: use `async with` or start()")
         while True:
-            if self._closing:
+            if self._life.closing:
                 raise TransportClosed("transport closed")
-            if self._connected:
+            if self._session.connected:
                 return
             await self._state_changed.wait()
 
@@ -869,19 +910,19 @@ class MqttTransport:
         return self._loop
 
     def _finish_close(self) -> None:
-        self._closed = True
+        self._life.closed = True
         if self._io is not None:
             self._io.closed = True
         closed = TransportClosed("transport closed")
-        for fut, _ in self._pending_pubs.values():
+        for fut, _ in self._ops.pending_pubs.values():
             if not fut.done():
                 fut.set_exception(closed)
-        self._pending_pubs.clear()
-        self._pending_qos0.clear()
-        for sub_fut in self._pending_subs.values():
+        self._ops.pending_pubs.clear()
+        self._ops.pending_qos0.clear()
+        for sub_fut in self._ops.pending_subs.values():
             if not sub_fut.done():
                 sub_fut.set_exception(closed)
-        self._pending_subs.clear()
-        self._unacked.clear()
+        self._ops.pending_subs.clear()
+        self._ops.unacked.clear()
         self._inbound.close()
         self._notify()
