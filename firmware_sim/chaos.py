@@ -163,7 +163,9 @@ class _Fleet:
 def _agent_config(directory: Path, index: int, url: str, receipts: bool) -> Path:
     _digits_npz(directory / "train.npz", index)
     _eligible_tree(directory / "fs")
-    receipts_line = "receipts = true\n" if receipts else ""
+    # device_agent/config.py SpoolConfig.receipts: "auto" | "on" | "off". The harness never
+    # relies on "auto" (it would follow whatever the aggregator announces): on or off, explicitly.
+    receipts_line = f'receipts = "{"on" if receipts else "off"}"\n'
     path = directory / "agent.toml"
     path.write_text(
         f'fleet = "{FLEET}"\ndevice_id = "dev-{index:02d}"\nstate_dir = "state"\n'
