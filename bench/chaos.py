@@ -58,7 +58,7 @@ def main() -> int:
         f"left in spools {result.spooled_left}, duplicates dropped {result.duplicates_dropped}, "
         f"drained {result.drained}; broker restarts {result.broker_restarts}, "
         f"backlog acknowledged by the broker {result.backlog_acked}, "
-        f"produced after the first broker kill {result.produced_after_first_broker_kill}; "
+        f"produced at the broker kills {result.produced_at_broker_kills}; "
         f"model v{result.model_version}, {result.wall_s} s",
         file=sys.stderr,
     )

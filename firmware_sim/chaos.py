@@ -31,8 +31,9 @@ stays up until each agent's spool is empty (bounded), and the run is reconciled:
   accepted (its ``applied`` counter, committed in the same transaction as ``seen``) beyond the
   distinct ``seen`` rows; ``unlogged`` = accounted updates that no log line names (informative).
 
-``broker_restarts``, ``backlog_acked`` and ``produced_after_first_broker_kill`` show that the
-faults hit a live fleet. Every wait is bounded in time; every process is stopped on the way out,
+``broker_restarts``, ``backlog_acked`` and ``produced_at_broker_kills`` (updates produced so far
+at each broker kill, to compare with ``updates_produced``) show that the faults hit a live
+fleet. Every wait is bounded in time; every process is stopped on the way out,
 also on errors; traffic stays on 127.0.0.1; logs (``aggregator.log``, ``agent-NN/agent.log``,
 ``mosquitto/mosquitto.log``) and state stay in ``workdir`` when one is given.
 """
@@ -64,6 +65,7 @@ MODEL = "digits-mlp"
 FAULT_KINDS = ("broker", "aggregator", "agent", "broker_backlog")
 _SPOOLED = re.compile(rb"update (\d+) spooled")
 _DELIVERED = re.compile(rb"update \d+ delivered")
+_NEW_MODEL = re.compile(rb"now holding model v")
 _REFUSED = re.compile(rb"update (\d+) refused by the aggregator")
 _SPOOL_FILE = re.compile(r"u-(\d+)\.upd")
 
@@ -112,7 +114,7 @@ class ChaosResult:
     rejected_by_aggregator: int = 0
     broker_restarts: int = 0
     backlog_acked: int = 0
-    produced_after_first_broker_kill: int = 0
+    produced_at_broker_kills: list[int] = field(default_factory=list)
     drained: bool = False
     applied: int = 0
     model_version: int = 0
@@ -261,8 +263,9 @@ def _fleet(config: ChaosConfig, root: Path) -> Iterator[_Fleet]:
         yield fleet
 
 
-def _delivered_count(agent_dirs: list[Path]) -> int:
-    return sum(len(_DELIVERED.findall(_log(d))) for d in agent_dirs)
+def _count(agent_dirs: list[Path], pattern: re.Pattern[bytes]) -> int:
+    """Log lines matching ``pattern``, summed over the agents."""
+    return sum(len(pattern.findall(_log(d))) for d in agent_dirs)
 
 
 def _inject(fleet: _Fleet, kind: str, rng: random.Random, config: ChaosConfig) -> int:
@@ -283,15 +286,23 @@ def _inject(fleet: _Fleet, kind: str, rng: random.Random, config: ChaosConfig) -
         time.sleep(pause)
         agent.start()
     elif kind == "broker_backlog":
+        # Pause the aggregator just after it published a model version, while the agents fetch
+        # it from the broker and train: their updates then reach the broker, not the
+        # aggregator. (Paused at a random moment it mostly finds every agent idle, waiting
+        # for the next version: one update per version.)
+        models = _count(fleet.agent_dirs, _NEW_MODEL)
+        deadline = time.monotonic() + config.backlog_max_s
+        while _count(fleet.agent_dirs, _NEW_MODEL) == models and time.monotonic() < deadline:
+            time.sleep(0.05)
         fleet.aggregator.signal(signal.SIGSTOP)
         try:
-            before = _delivered_count(fleet.agent_dirs)
+            before = _count(fleet.agent_dirs, _DELIVERED)
             started = time.monotonic()
             # agents keep publishing; the broker acknowledges and queues for the aggregator
             while True:
-                time.sleep(0.5)
+                time.sleep(0.2)
                 waited = time.monotonic() - started
-                backlog = _delivered_count(fleet.agent_dirs) - before
+                backlog = _count(fleet.agent_dirs, _DELIVERED) - before
                 if waited >= config.backlog_s and (backlog > 0 or waited >= config.backlog_max_s):
                     break
             fleet.broker.kill()
@@ -362,11 +373,10 @@ def run_chaos(config: ChaosConfig) -> ChaosResult:
         gap = config.duration_s / max(1, config.faults)
         kinds = [FAULT_KINDS[i % len(FAULT_KINDS)] for i in range(config.faults)]
         rng.shuffle(kinds)
-        first_broker_kill: int | None = None
         for kind in kinds:
             time.sleep(rng.uniform(0.5 * gap, 1.0 * gap))
-            if kind.startswith("broker") and first_broker_kill is None:
-                first_broker_kill = len(_produced(fleet.agent_dirs))
+            if kind.startswith("broker"):
+                result.produced_at_broker_kills.append(len(_produced(fleet.agent_dirs)))
             result.backlog_acked += _inject(fleet, kind, rng, config)
             result.faults += 1
             result.faults_by_kind[kind] = result.faults_by_kind.get(kind, 0) + 1
@@ -417,8 +427,6 @@ def run_chaos(config: ChaosConfig) -> ChaosResult:
         result.lost = len(missing)
         result.lost_examples = [f"{d}/{s}" for d, s in missing[:10]]
         result.unlogged = len(accounted - logged)
-        if first_broker_kill is not None:
-            result.produced_after_first_broker_kill = len(produced) - first_broker_kill
         result.applied = counters.get("applied", 0)
         result.double_counted = max(0, result.applied - len(seen))
         result.spooled_left = _spooled_left(fleet.agent_dirs)

@@ -47,12 +47,15 @@ def test_every_update_is_accounted_exactly_once_after_broker_aggregator_and_agen
     result = run_chaos(config)
 
     summary = json.dumps(result.to_json())  # every number in the failure message
+    print(summary)  # and in the captured output of a passing run (pytest -rP)
     # the faults hit a live fleet
     assert result.faults == 8, summary
     assert result.faults_by_kind["broker_backlog"] >= 1, summary
     assert result.broker_restarts >= 2, summary
     assert result.backlog_acked >= 1, summary  # the broker held acknowledged updates when killed
-    assert result.produced_after_first_broker_kill >= 1, summary
+    # updates were produced before a broker kill, and more after the last one
+    assert max(result.produced_at_broker_kills) >= 1, summary
+    assert result.updates_produced > result.produced_at_broker_kills[-1], summary
     # and nothing was lost or counted twice
     assert result.lost == 0, f"{summary}\nlogs in {tmp_path}"
     assert result.double_counted == 0, summary
