@@ -56,7 +56,7 @@ from pathlib import Path
 
 import numpy as np
 
-from broker.launcher import MosquittoBroker
+from broker.launcher import MosquittoBroker, free_port
 
 __all__ = ["ChaosConfig", "ChaosResult", "run_chaos"]
 
@@ -224,7 +224,9 @@ def _agent_config(
 
 @contextlib.contextmanager
 def _fleet(config: ChaosConfig, root: Path) -> Iterator[_Fleet]:
-    broker = MosquittoBroker(state_dir=root / "mosquitto")  # binds 127.0.0.1 only
+    # binds 127.0.0.1 only; a fixed port: with an automatic one, a restart that found it taken
+    # would move to another port and strand every client on the old URL
+    broker = MosquittoBroker(port=free_port(), state_dir=root / "mosquitto")
     broker.start()
     state_dir = root / "aggregator"
     aggregator = _Process(
