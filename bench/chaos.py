@@ -33,6 +33,9 @@ def main() -> int:
     parser.add_argument("--recovery", type=float, default=120.0, help="max seconds to drain")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--no-receipts", action="store_true")
+    parser.add_argument(
+        "--receipt-timeout", type=float, default=10.0, help="agents' first resend, seconds"
+    )
     parser.add_argument("--workdir", type=Path, help="keep logs and state here")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -43,6 +46,7 @@ def main() -> int:
         recovery_s=args.recovery,
         seed=args.seed,
         receipts=not args.no_receipts,
+        receipt_timeout_s=args.receipt_timeout,
         workdir=args.workdir,
     )
     result = run_chaos(config)
@@ -50,7 +54,11 @@ def main() -> int:
         f"faults {result.faults} {result.faults_by_kind}; produced {result.updates_produced}, "
         f"accounted {result.updates_accounted}, lost {result.lost}, "
         f"double-counted {result.double_counted}, unlogged {result.unlogged}, "
-        f"left in spools {result.spooled_left}, drained {result.drained}; "
+        f"refused {result.refused}, pending {result.pending}, "
+        f"left in spools {result.spooled_left}, duplicates dropped {result.duplicates_dropped}, "
+        f"drained {result.drained}; broker restarts {result.broker_restarts}, "
+        f"backlog acknowledged by the broker {result.backlog_acked}, "
+        f"produced at the broker kills {result.produced_at_broker_kills}; "
         f"model v{result.model_version}, {result.wall_s} s",
         file=sys.stderr,
     )

@@ -7,18 +7,35 @@ device_agent``, digits MLP, always eligible). While they run, a seeded fault sch
 * ``broker`` — SIGKILL Mosquitto, restart it on the same port;
 * ``aggregator`` — SIGKILL the aggregator, restart it on the same state directory;
 * ``agent`` — SIGKILL one agent, restart it on the same state directory;
-* ``broker_backlog`` — SIGSTOP the aggregator until the broker holds a backlog of acknowledged
-  updates for it, SIGKILL the broker, restart it, SIGCONT the aggregator (the loss the receipts
-  of docs/PROTOCOL.md exist for).
+* ``broker_backlog`` — SIGSTOP the aggregator until the broker acknowledged at least one update
+  it could not deliver (an agent logged ``update N delivered`` after the pause; bounded wait),
+  SIGKILL the broker, restart it, SIGCONT the aggregator (the loss the receipts of
+  docs/PROTOCOL.md section 4.6 exist for). The number of such updates is ``backlog_acked``.
 
 Then every device is unplugged (its fake ``/sys`` says so: no new trainings) and every process
-stays up until each agent's spool is empty (bounded), and the run is reconciled: an update
-counts as **produced** once its agent logged ``update N spooled`` (written after the spool's
-fsync), and as **accounted** when the aggregator's SQLite ``seen`` table holds
-its ``(device, seq)``. ``lost`` = produced but not accounted; ``double_counted`` = accepted
-updates the aggregator counted beyond the distinct ``seen`` rows. Updates accounted but never
-logged (an agent killed between its fsync and its log line) are reported as ``unlogged``, not as
-losses. Every wait is bounded in time; traffic stays on 127.0.0.1.
+stays up until each agent's spool is empty (bounded), and the run is reconciled:
+
+* **produced**: every ``(device, seq)`` an agent logged as ``update N spooled`` (logged after the
+  spool's fsync) *or* that is still a spool file ``u-<seq>.upd``: an agent SIGKILLed between the
+  fsync and the log line has spooled an update that its log never names, and it must count
+  (earlier versions of this harness missed those, and reported them as ``unlogged`` when the
+  aggregator had them, or not at all when it did not);
+* **accounted**: the aggregator's SQLite ``seen`` table holds its ``(device, seq)`` (every
+  accepted update, exactly once), or a receipt refused it (the agent logged ``update N refused
+  by the aggregator``; counted as ``refused``; the harness's aggregator settings make
+  refusals unexpected);
+* ``lost`` = produced, not accounted, and in no spool any more: the device let go of an update
+  the aggregator never recorded. Produced and not accounted but still spooled is ``pending``
+  (the device still holds it and sends it again; with receipts that is what a fleet that has
+  not drained shows, and it is not a loss); ``double_counted`` = updates the aggregator counted as
+  accepted (its ``applied`` counter, committed in the same transaction as ``seen``) beyond the
+  distinct ``seen`` rows; ``unlogged`` = accounted updates that no log line names (informative).
+
+``broker_restarts``, ``backlog_acked`` and ``produced_at_broker_kills`` (updates produced so far
+at each broker kill, to compare with ``updates_produced``) show that the faults hit a live
+fleet. Every wait is bounded in time; every process is stopped on the way out,
+also on errors; traffic stays on 127.0.0.1; logs (``aggregator.log``, ``agent-NN/agent.log``,
+``mosquitto/mosquitto.log``) and state stay in ``workdir`` when one is given.
 """
 
 from __future__ import annotations
@@ -39,7 +56,7 @@ from pathlib import Path
 
 import numpy as np
 
-from broker.launcher import MosquittoBroker
+from broker.launcher import MosquittoBroker, free_port
 
 __all__ = ["ChaosConfig", "ChaosResult", "run_chaos"]
 
@@ -47,13 +64,20 @@ FLEET = "chaos"
 MODEL = "digits-mlp"
 FAULT_KINDS = ("broker", "aggregator", "agent", "broker_backlog")
 _SPOOLED = re.compile(rb"update (\d+) spooled")
+_DELIVERED = re.compile(rb"update \d+ delivered")
+_NEW_MODEL = re.compile(rb"now holding model v")
+_REFUSED = re.compile(rb"update (\d+) refused by the aggregator")
+_SPOOL_FILE = re.compile(r"u-(\d+)\.upd")
 
 
 @dataclass(frozen=True)
 class ChaosConfig:
     """One chaos run. ``faults`` are spread over ``duration_s``; ``recovery_s`` bounds the wait
-    for the fleet to drain afterwards. ``receipts`` asks agents and aggregator to use
-    end-to-end receipts (when the installed version supports them)."""
+    for the fleet to drain afterwards. ``receipts`` asks agents to wait
+    for end-to-end receipts (``[spool] receipts = "on"``, else ``"off"``); without a receipt an
+    agent resends after ``receipt_timeout_s`` (doubling up to 4x that) and on every reconnect.
+    A ``broker_backlog`` fault waits up to ``backlog_max_s`` for an acknowledged, undelivered
+    update (at least ``backlog_s``)."""
 
     agents: int = 4
     faults: int = 20
@@ -62,7 +86,9 @@ class ChaosConfig:
     seed: int = 1
     buffer_size: int = 3
     backlog_s: float = 4.0
+    backlog_max_s: float = 20.0
     receipts: bool = True
+    receipt_timeout_s: float = 10.0
     workdir: Path | None = None
 
     def __post_init__(self) -> None:
@@ -82,6 +108,13 @@ class ChaosResult:
     double_counted: int = 0
     unlogged: int = 0
     spooled_left: int = 0
+    pending: int = 0
+    duplicates_dropped: int = 0
+    refused: int = 0
+    rejected_by_aggregator: int = 0
+    broker_restarts: int = 0
+    backlog_acked: int = 0
+    produced_at_broker_kills: list[int] = field(default_factory=list)
     drained: bool = False
     applied: int = 0
     model_version: int = 0
@@ -103,11 +136,18 @@ def _digits_npz(path: Path, device: int) -> None:
 
 
 def _eligible_tree(root: Path, *, mains: bool = True) -> None:
+    """A fake ``/proc`` and ``/sys`` for the agent's probes: idle, on mains (eligible) or on a
+    discharging battery (``on_battery``: no new training). The battery matters: a device whose
+    only supply is an offline adapter and that has no battery is assumed to be on mains (see
+    ``device_agent/eligibility/probes.py``), so an adapter going offline alone unplugs nothing."""
     files = {
         "proc/loadavg": "0.00 0.00 0.00 1/100 1\n",
         "proc/cpuinfo": "processor : 0\nprocessor : 1\n",
         "sys/class/power_supply/AC/type": "Mains\n",
         "sys/class/power_supply/AC/online": "1\n" if mains else "0\n",
+        "sys/class/power_supply/BAT0/type": "Battery\n",
+        "sys/class/power_supply/BAT0/status": "Full\n" if mains else "Discharging\n",
+        "sys/class/power_supply/BAT0/capacity": "100\n" if mains else "60\n",
     }
     for name, text in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -122,6 +162,8 @@ class _Process:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            raise RuntimeError(f"{self.name} is already running")
         env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFL_")}
         env.pop("NOTIFY_SOCKET", None)
         env["PYTHONUNBUFFERED"] = "1"
@@ -137,7 +179,7 @@ class _Process:
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait(10)
+            self.proc.wait(10)  # SIGKILL cannot be ignored; 10 s only bounds a wedged kernel
 
     def stop(self) -> None:
         """SIGCONT (it may be stopped), SIGTERM, then SIGKILL after 10 s."""
@@ -160,24 +202,31 @@ class _Fleet:
     agent_dirs: list[Path]
 
 
-def _agent_config(directory: Path, index: int, url: str, receipts: bool) -> Path:
+def _agent_config(
+    directory: Path, index: int, url: str, receipts: bool, receipt_timeout_s: float
+) -> Path:
     _digits_npz(directory / "train.npz", index)
     _eligible_tree(directory / "fs")
-    receipts_line = "receipts = true\n" if receipts else ""
+    # device_agent/config.py SpoolConfig.receipts: "auto" | "on" | "off". The harness never
+    # relies on "auto" (it would follow whatever the aggregator announces): on or off, explicitly.
+    receipts_line = f'receipts = "{"on" if receipts else "off"}"\n'
     path = directory / "agent.toml"
     path.write_text(
         f'fleet = "{FLEET}"\ndevice_id = "dev-{index:02d}"\nstate_dir = "state"\n'
         f'log_level = "INFO"\n\n[broker]\nurl = "{url}"\nreconnect_max_s = 1.0\n\n'
         f'[data]\nkind = "npz"\npath = "train.npz"\n\n[training]\nmax_threads = 1\n\n'
         f'[probes]\nroot = "fs"\ninterval_s = 1.0\nmetered = "no"\nthrottle = false\n\n'
-        f"[spool]\n{receipts_line}"
+        f"[spool]\n{receipts_line}receipt_timeout_s = {receipt_timeout_s}\n"
+        f"resend_max_s = {4 * receipt_timeout_s}\n"
     )
     return path
 
 
 @contextlib.contextmanager
 def _fleet(config: ChaosConfig, root: Path) -> Iterator[_Fleet]:
-    broker = MosquittoBroker(state_dir=root / "mosquitto")
+    # binds 127.0.0.1 only; a fixed port: with an automatic one, a restart that found it taken
+    # would move to another port and strand every client on the old URL
+    broker = MosquittoBroker(port=free_port(), state_dir=root / "mosquitto")
     broker.start()
     state_dir = root / "aggregator"
     aggregator = _Process(
@@ -194,7 +243,7 @@ def _fleet(config: ChaosConfig, root: Path) -> Iterator[_Fleet]:
     for i in range(config.agents):
         directory = root / f"agent-{i:02d}"
         directory.mkdir()
-        conf = _agent_config(directory, i, broker.url, config.receipts)
+        conf = _agent_config(directory, i, broker.url, config.receipts, config.receipt_timeout_s)
         dirs.append(directory)
         agents.append(
             _Process(
@@ -204,19 +253,26 @@ def _fleet(config: ChaosConfig, root: Path) -> Iterator[_Fleet]:
             )
         )
     fleet = _Fleet(broker, aggregator, agents, state_dir, dirs)
-    try:
+    with contextlib.ExitStack() as cleanup:
+        # registered before each start, run in reverse order (agents, aggregator, broker) even
+        # when a start or a stop fails: no process outlives the run
+        cleanup.callback(broker.stop)
+        cleanup.callback(aggregator.stop)
         aggregator.start()
         for agent in agents:
+            cleanup.callback(agent.stop)
             agent.start()
         yield fleet
-    finally:
-        for agent in agents:
-            agent.stop()
-        aggregator.stop()
-        broker.stop()
 
 
-def _inject(fleet: _Fleet, kind: str, rng: random.Random, backlog_s: float) -> None:
+def _count(agent_dirs: list[Path], pattern: re.Pattern[bytes]) -> int:
+    """Log lines matching ``pattern``, summed over the agents."""
+    return sum(len(pattern.findall(_log(d))) for d in agent_dirs)
+
+
+def _inject(fleet: _Fleet, kind: str, rng: random.Random, config: ChaosConfig) -> int:
+    """Inject one fault; returns the backlog of acknowledged, undelivered updates (backlog
+    faults), else 0."""
     pause = rng.uniform(0.3, 1.5)
     if kind == "broker":
         fleet.broker.kill()
@@ -232,26 +288,65 @@ def _inject(fleet: _Fleet, kind: str, rng: random.Random, backlog_s: float) -> N
         time.sleep(pause)
         agent.start()
     elif kind == "broker_backlog":
+        # Pause the aggregator just after it published a model version, while the agents fetch
+        # it from the broker and train: their updates then reach the broker, not the
+        # aggregator. (Paused at a random moment it mostly finds every agent idle, waiting
+        # for the next version: one update per version.)
+        models = _count(fleet.agent_dirs, _NEW_MODEL)
+        deadline = time.monotonic() + config.backlog_max_s
+        while _count(fleet.agent_dirs, _NEW_MODEL) == models and time.monotonic() < deadline:
+            time.sleep(0.05)
         fleet.aggregator.signal(signal.SIGSTOP)
-        time.sleep(backlog_s)  # agents keep publishing; the broker queues for the aggregator
-        fleet.broker.kill()
-        time.sleep(pause)
-        fleet.broker.start()
-        fleet.aggregator.signal(signal.SIGCONT)
+        try:
+            before = _count(fleet.agent_dirs, _DELIVERED)
+            started = time.monotonic()
+            # agents keep publishing; the broker acknowledges and queues for the aggregator
+            while True:
+                time.sleep(0.2)
+                waited = time.monotonic() - started
+                backlog = _count(fleet.agent_dirs, _DELIVERED) - before
+                if waited >= config.backlog_s and (backlog > 0 or waited >= config.backlog_max_s):
+                    break
+            fleet.broker.kill()
+            time.sleep(pause)
+            fleet.broker.start()
+        finally:
+            fleet.aggregator.signal(signal.SIGCONT)
+        return backlog
     else:
         raise ValueError(f"unknown fault {kind!r}")
+    return 0
+
+
+def _log(directory: Path) -> bytes:
+    path = directory / "agent.log"
+    return path.read_bytes() if path.exists() else b""
+
+
+def _spool_files(directory: Path) -> set[int]:
+    spool = directory / "state" / "spool"
+    if not spool.is_dir():
+        return set()
+    return {int(m.group(1)) for p in spool.iterdir() if (m := _SPOOL_FILE.fullmatch(p.name))}
+
+
+def _logged(agent_dirs: list[Path], pattern: re.Pattern[bytes]) -> set[tuple[str, int]]:
+    found: set[tuple[str, int]] = set()
+    for i, directory in enumerate(agent_dirs):
+        found |= {(f"dev-{i:02d}", int(m.group(1))) for m in pattern.finditer(_log(directory))}
+    return found
 
 
 def _produced(agent_dirs: list[Path]) -> set[tuple[str, int]]:
-    produced: set[tuple[str, int]] = set()
+    """Logged as spooled, or still in a spool (see the module docstring)."""
+    produced = _logged(agent_dirs, _SPOOLED)
     for i, directory in enumerate(agent_dirs):
-        log = (directory / "agent.log").read_bytes()
-        produced |= {(f"dev-{i:02d}", int(m.group(1))) for m in _SPOOLED.finditer(log)}
+        produced |= {(f"dev-{i:02d}", seq) for seq in _spool_files(directory)}
     return produced
 
 
 def _spooled_left(agent_dirs: list[Path]) -> int:
-    return sum(len(list((d / "state" / "spool").glob("u-*.upd"))) for d in agent_dirs)
+    return sum(len(_spool_files(d)) for d in agent_dirs)
 
 
 def _accounted(state_dir: Path) -> tuple[set[tuple[str, int]], dict[str, int], int]:
@@ -282,9 +377,12 @@ def run_chaos(config: ChaosConfig) -> ChaosResult:
         rng.shuffle(kinds)
         for kind in kinds:
             time.sleep(rng.uniform(0.5 * gap, 1.0 * gap))
-            _inject(fleet, kind, rng, config.backlog_s)
+            if kind.startswith("broker"):
+                result.produced_at_broker_kills.append(len(_produced(fleet.agent_dirs)))
+            result.backlog_acked += _inject(fleet, kind, rng, config)
             result.faults += 1
             result.faults_by_kind[kind] = result.faults_by_kind.get(kind, 0) + 1
+            result.broker_restarts += kind.startswith("broker")
         # recovery: unplug every device (they stop training; a running training is aborted and
         # leaves nothing behind), so what they spooled can drain
         for directory in fleet.agent_dirs:
@@ -292,8 +390,12 @@ def run_chaos(config: ChaosConfig) -> ChaosResult:
         deadline = time.monotonic() + config.recovery_s
         while time.monotonic() < deadline:
             produced = _produced(fleet.agent_dirs)
-            seen, _, _ = _accounted(fleet.state_dir)
-            if produced and produced <= seen and _spooled_left(fleet.agent_dirs) == 0:
+            try:
+                seen, _, _ = _accounted(fleet.state_dir)
+            except sqlite3.Error:  # the aggregator is creating or migrating it: look again
+                seen = set()
+            accounted = seen | _logged(fleet.agent_dirs, _REFUSED)
+            if produced and produced <= accounted and _spooled_left(fleet.agent_dirs) == 0:
                 result.drained = True
                 break
             time.sleep(1.0)
@@ -302,13 +404,31 @@ def run_chaos(config: ChaosConfig) -> ChaosResult:
             agent.stop()
         fleet.aggregator.stop()
         produced = _produced(fleet.agent_dirs)
+        logged = _logged(fleet.agent_dirs, _SPOOLED)
+        refused = _logged(fleet.agent_dirs, _REFUSED)
         seen, counters, version = _accounted(fleet.state_dir)
+        accounted = seen | refused
         result.updates_produced = len(produced)
-        result.updates_accounted = len(seen)
-        missing = sorted(produced - seen)
+        result.updates_accounted = len(accounted)
+        result.refused = len(refused)
+        result.rejected_by_aggregator = sum(
+            v
+            for k, v in counters.items()
+            if k.startswith("rejected:") and k != "rejected:duplicate"
+        )
+        # a resend of an update the aggregator already has: expected after every lost PUBACK,
+        # reconnect or receipt timeout, and harmless
+        result.duplicates_dropped = counters.get("rejected:duplicate", 0)
+        still_spooled = {
+            (f"dev-{i:02d}", seq)
+            for i, directory in enumerate(fleet.agent_dirs)
+            for seq in _spool_files(directory)
+        }
+        result.pending = len((produced - accounted) & still_spooled)
+        missing = sorted(produced - accounted - still_spooled)
         result.lost = len(missing)
         result.lost_examples = [f"{d}/{s}" for d, s in missing[:10]]
-        result.unlogged = len(seen - produced)
+        result.unlogged = len(accounted - logged)
         result.applied = counters.get("applied", 0)
         result.double_counted = max(0, result.applied - len(seen))
         result.spooled_left = _spooled_left(fleet.agent_dirs)

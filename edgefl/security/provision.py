@@ -24,6 +24,14 @@
 ``<out>/devices/<id>/`` (agent.toml, ca.pem, mqtt-password, signing.key, aggregator.pub) to copy
 to ``/etc/edgefl/`` on the device. Secrets are written ``0600``, directories holding them ``0700``.
 
+The ``broker/`` directory can be used in place (``mosquitto -c <out>/broker/mosquitto.conf``):
+Mosquitto started as root reads its config and TLS files, then drops to the ``mosquitto`` user
+*before* it opens the password file and the ACL. So when provisioning runs as root and that user
+exists (:func:`share_with_broker`), ``broker/`` is ``root:<its group>`` ``0750`` and the two
+secrets in it (``server.key``, ``passwd``) are owned by the ``mosquitto`` user, still ``0600``:
+readable by the broker, by no other user. Run as another user (an admin machine), nothing is
+chowned: copy the files to the broker host as ``docs/SECURITY.md`` shows.
+
 One fleet per provisioning directory (and per ACL file): Mosquitto's ACL patterns substitute the
 username (``%u``) but cannot tie a username to a fleet, so the fleet name is written into each
 pattern. See ``docs/SECURITY.md``.
@@ -35,6 +43,7 @@ import datetime as dt
 import json
 import os
 import shutil
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +78,7 @@ __all__ = [
     "init_fleet",
     "mosquitto_for_fleet",
     "render_broker_config",
+    "share_with_broker",
 ]
 
 AGGREGATOR_USER: Final = "aggregator"
@@ -77,6 +87,9 @@ RESERVED_USERS: Final = frozenset({AGGREGATOR_USER, MONITOR_USER})
 SECURE_CONF: Final = CONF_DIR / "secure.conf"
 SECURE_MTLS_CONF: Final = CONF_DIR / "secure-mtls.conf"
 DEFAULT_PORT: Final = 8883
+BROKER_USER: Final = "mosquitto"
+"""The account Mosquitto drops to when started as root (its ``user`` option's default)."""
+BROKER_SECRETS: Final = ("server.key", "passwd")
 LAYOUT_VERSION: Final = 1
 
 
@@ -271,6 +284,35 @@ def _private_dir(path: Path) -> Path:
     return path
 
 
+def share_with_broker(layout: FleetDirectory, user: str = BROKER_USER) -> bool:
+    """Make ``broker/`` usable in place by a Mosquitto that starts as root and drops to ``user``.
+
+    Only when this process is root and ``user`` exists (else returns False and changes nothing):
+    the directory becomes ``root:<user's group>`` mode ``0750`` (the broker can read it but not
+    create or replace files in it, e.g. its own config), ``server.key`` and ``passwd`` are owned
+    by ``user`` and its group with mode ``0600`` (no other account can read them), the public
+    files stay ``root`` ``0644``. Called after every change of the directory (``init_fleet``,
+    ``add_device``: the password file is replaced atomically, so it is root's again until then).
+    """
+    if sys.platform == "win32" or os.geteuid() != 0:
+        return False
+    import pwd
+
+    try:
+        account = pwd.getpwnam(user)
+    except KeyError:
+        return False
+    broker = layout.broker_dir
+    os.chown(broker, 0, account.pw_gid)
+    broker.chmod(0o750)
+    for name in BROKER_SECRETS:
+        path = broker / name
+        if path.exists():
+            os.chown(path, account.pw_uid, account.pw_gid)
+            path.chmod(0o600)
+    return True
+
+
 def _load_fleet_ca(layout: FleetDirectory) -> CertifiedKey:
     try:
         return load_ca(
@@ -327,6 +369,7 @@ def init_fleet(
         "aggregator_key_id": key_id(signing.public_key()).hex(),
     }
     _write_public(layout.fleet_file, json.dumps(info, indent=2) + "\n")
+    share_with_broker(layout)
     return layout
 
 
@@ -475,6 +518,7 @@ def add_device(
         layout.password_file, device_id, password, use_mosquitto_passwd=use_mosquitto_passwd
     )
     _write_secret(bundle / "mqtt-password", password + "\n")
+    share_with_broker(layout)  # the password file was replaced: the broker must read it again
 
     signing = generate_private_key()
     write_private_key(bundle / "signing.key", signing)
