@@ -609,9 +609,11 @@ class DeviceAgent:
             await transport.subscribe(receipt_topic(self._fleet, self._device), qos=1)
         if mode is ReceiptMode.AUTO:
             await transport.subscribe(server_state_topic(self._fleet), qos=1)
+        # A fetch that a previous connection started is dropped: the retained manifest comes
+        # again on this subscription and starts a fresh one (chunks that went to the closed
+        # connection would otherwise never come, and the device would wait for ever).
+        self._fetch = None
         await transport.subscribe(manifest_topic(self._fleet), qos=1)
-        if self._fetch is not None:
-            await transport.subscribe(model_chunks_filter(self._fleet, self._fetch.version))
         async for message in transport.messages():
             await self._handle(transport, message)
 
