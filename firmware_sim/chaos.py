@@ -372,66 +372,80 @@ def run_chaos(config: ChaosConfig) -> ChaosResult:
             root = config.workdir
             root.mkdir(parents=True, exist_ok=True)
         fleet = stack.enter_context(_fleet(config, root))
-        gap = config.duration_s / max(1, config.faults)
-        kinds = [FAULT_KINDS[i % len(FAULT_KINDS)] for i in range(config.faults)]
-        rng.shuffle(kinds)
-        for kind in kinds:
-            time.sleep(rng.uniform(0.5 * gap, 1.0 * gap))
-            if kind.startswith("broker"):
-                result.produced_at_broker_kills.append(len(_produced(fleet.agent_dirs)))
-            result.backlog_acked += _inject(fleet, kind, rng, config)
-            result.faults += 1
-            result.faults_by_kind[kind] = result.faults_by_kind.get(kind, 0) + 1
-            result.broker_restarts += kind.startswith("broker")
-        # recovery: unplug every device (they stop training; a running training is aborted and
-        # leaves nothing behind), so what they spooled can drain
-        for directory in fleet.agent_dirs:
-            _eligible_tree(directory / "fs", mains=False)
-        deadline = time.monotonic() + config.recovery_s
-        while time.monotonic() < deadline:
-            produced = _produced(fleet.agent_dirs)
-            try:
-                seen, _, _ = _accounted(fleet.state_dir)
-            except sqlite3.Error:  # the aggregator is creating or migrating it: look again
-                seen = set()
-            accounted = seen | _logged(fleet.agent_dirs, _REFUSED)
-            if produced and produced <= accounted and _spooled_left(fleet.agent_dirs) == 0:
-                result.drained = True
-                break
-            time.sleep(1.0)
+        _inject_faults(fleet, config, rng, result)
+        result.drained = _drain(fleet, config)
         # stop the agents first (no new updates), then read the final state
         for agent in fleet.agents:
             agent.stop()
         fleet.aggregator.stop()
-        produced = _produced(fleet.agent_dirs)
-        logged = _logged(fleet.agent_dirs, _SPOOLED)
-        refused = _logged(fleet.agent_dirs, _REFUSED)
-        seen, counters, version = _accounted(fleet.state_dir)
-        accounted = seen | refused
-        result.updates_produced = len(produced)
-        result.updates_accounted = len(accounted)
-        result.refused = len(refused)
-        result.rejected_by_aggregator = sum(
-            v
-            for k, v in counters.items()
-            if k.startswith("rejected:") and k != "rejected:duplicate"
-        )
-        # a resend of an update the aggregator already has: expected after every lost PUBACK,
-        # reconnect or receipt timeout, and harmless
-        result.duplicates_dropped = counters.get("rejected:duplicate", 0)
-        still_spooled = {
-            (f"dev-{i:02d}", seq)
-            for i, directory in enumerate(fleet.agent_dirs)
-            for seq in _spool_files(directory)
-        }
-        result.pending = len((produced - accounted) & still_spooled)
-        missing = sorted(produced - accounted - still_spooled)
-        result.lost = len(missing)
-        result.lost_examples = [f"{d}/{s}" for d, s in missing[:10]]
-        result.unlogged = len(accounted - logged)
-        result.applied = counters.get("applied", 0)
-        result.double_counted = max(0, result.applied - len(seen))
-        result.spooled_left = _spooled_left(fleet.agent_dirs)
-        result.model_version = version
+        _reconcile(fleet, result)
     result.wall_s = round(time.monotonic() - started, 1)
     return result
+
+
+def _inject_faults(
+    fleet: _Fleet, config: ChaosConfig, rng: random.Random, result: ChaosResult
+) -> None:
+    """The seeded schedule: every kind in turn, shuffled, spread over ``duration_s``."""
+    gap = config.duration_s / max(1, config.faults)
+    kinds = [FAULT_KINDS[i % len(FAULT_KINDS)] for i in range(config.faults)]
+    rng.shuffle(kinds)
+    for kind in kinds:
+        time.sleep(rng.uniform(0.5 * gap, 1.0 * gap))
+        if kind.startswith("broker"):
+            result.produced_at_broker_kills.append(len(_produced(fleet.agent_dirs)))
+        result.backlog_acked += _inject(fleet, kind, rng, config)
+        result.faults += 1
+        result.faults_by_kind[kind] = result.faults_by_kind.get(kind, 0) + 1
+        result.broker_restarts += kind.startswith("broker")
+
+
+def _drain(fleet: _Fleet, config: ChaosConfig) -> bool:
+    """Unplug every device (they stop training; a running training is aborted and leaves nothing
+    behind) and wait, at most ``recovery_s``, until everything spooled is accounted for."""
+    for directory in fleet.agent_dirs:
+        _eligible_tree(directory / "fs", mains=False)
+    deadline = time.monotonic() + config.recovery_s
+    while time.monotonic() < deadline:
+        produced = _produced(fleet.agent_dirs)
+        try:
+            seen, _, _ = _accounted(fleet.state_dir)
+        except sqlite3.Error:  # the aggregator is creating or migrating it: look again
+            seen = set()
+        accounted = seen | _logged(fleet.agent_dirs, _REFUSED)
+        if produced and produced <= accounted and _spooled_left(fleet.agent_dirs) == 0:
+            return True
+        time.sleep(1.0)
+    return False
+
+
+def _reconcile(fleet: _Fleet, result: ChaosResult) -> None:
+    """Every produced update against the aggregator's durable state (see the module doc)."""
+    produced = _produced(fleet.agent_dirs)
+    logged = _logged(fleet.agent_dirs, _SPOOLED)
+    refused = _logged(fleet.agent_dirs, _REFUSED)
+    seen, counters, version = _accounted(fleet.state_dir)
+    accounted = seen | refused
+    result.updates_produced = len(produced)
+    result.updates_accounted = len(accounted)
+    result.refused = len(refused)
+    result.rejected_by_aggregator = sum(
+        v for k, v in counters.items() if k.startswith("rejected:") and k != "rejected:duplicate"
+    )
+    # a resend of an update the aggregator already has: expected after every lost PUBACK,
+    # reconnect or receipt timeout, and harmless
+    result.duplicates_dropped = counters.get("rejected:duplicate", 0)
+    still_spooled = {
+        (f"dev-{i:02d}", seq)
+        for i, directory in enumerate(fleet.agent_dirs)
+        for seq in _spool_files(directory)
+    }
+    result.pending = len((produced - accounted) & still_spooled)
+    missing = sorted(produced - accounted - still_spooled)
+    result.lost = len(missing)
+    result.lost_examples = [f"{d}/{s}" for d, s in missing[:10]]
+    result.unlogged = len(accounted - logged)
+    result.applied = counters.get("applied", 0)
+    result.double_counted = max(0, result.applied - len(seen))
+    result.spooled_left = _spooled_left(fleet.agent_dirs)
+    result.model_version = version
