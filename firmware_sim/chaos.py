@@ -57,6 +57,7 @@ from pathlib import Path
 import numpy as np
 
 from broker.launcher import MosquittoBroker, free_port
+from firmware_sim.fake_sysfs import write_fake_sysfs
 
 __all__ = ["ChaosConfig", "ChaosResult", "run_chaos"]
 
@@ -135,25 +136,6 @@ def _digits_npz(path: Path, device: int) -> None:
     np.savez(path, x=x, y=digits.target[rows].astype(np.int64))
 
 
-def _eligible_tree(root: Path, *, mains: bool = True) -> None:
-    """A fake ``/proc`` and ``/sys`` for the agent's probes: idle, on mains (eligible) or on a
-    discharging battery (``on_battery``: no new training). The battery matters: a device whose
-    only supply is an offline adapter and that has no battery is assumed to be on mains (see
-    ``device_agent/eligibility/probes.py``), so an adapter going offline alone unplugs nothing."""
-    files = {
-        "proc/loadavg": "0.00 0.00 0.00 1/100 1\n",
-        "proc/cpuinfo": "processor : 0\nprocessor : 1\n",
-        "sys/class/power_supply/AC/type": "Mains\n",
-        "sys/class/power_supply/AC/online": "1\n" if mains else "0\n",
-        "sys/class/power_supply/BAT0/type": "Battery\n",
-        "sys/class/power_supply/BAT0/status": "Full\n" if mains else "Discharging\n",
-        "sys/class/power_supply/BAT0/capacity": "100\n" if mains else "60\n",
-    }
-    for name, text in files.items():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_text(text)
-
-
 class _Process:
     """A child process with its output appended to a log file, restartable."""
 
@@ -206,7 +188,7 @@ def _agent_config(
     directory: Path, index: int, url: str, receipts: bool, receipt_timeout_s: float
 ) -> Path:
     _digits_npz(directory / "train.npz", index)
-    _eligible_tree(directory / "fs")
+    write_fake_sysfs(directory / "fs")
     # device_agent/config.py SpoolConfig.receipts: "auto" | "on" | "off". The harness never
     # relies on "auto" (it would follow whatever the aggregator announces): on or off, explicitly.
     receipts_line = f'receipts = "{"on" if receipts else "off"}"\n'
@@ -404,7 +386,7 @@ def _drain(fleet: _Fleet, config: ChaosConfig) -> bool:
     """Unplug every device (they stop training; a running training is aborted and leaves nothing
     behind) and wait, at most ``recovery_s``, until everything spooled is accounted for."""
     for directory in fleet.agent_dirs:
-        _eligible_tree(directory / "fs", mains=False)
+        write_fake_sysfs(directory / "fs", mains=False)
     deadline = time.monotonic() + config.recovery_s
     while time.monotonic() < deadline:
         produced = _produced(fleet.agent_dirs)
