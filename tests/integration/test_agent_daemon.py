@@ -156,7 +156,7 @@ async def test_sigkill_with_spooled_update_then_restart_delivers_exactly_once(
         await asyncio.to_thread(mosquitto.start)
         agent.start()
         await wait_for(lambda: agg.statistics().applied == 1, 60, agent)
-        await wait_for(lambda: spooled(state) == 0, 10, agent)
+        await wait_for(lambda: spooled(state) == 0, 30, agent)
         await asyncio.sleep(1.5)  # a duplicate, if any, would arrive by now
         code = agent.signal(signal.SIGTERM)
         final = await retained_state(mosquitto.url)
