@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from receipt_helpers import collect
 from sklearn.datasets import load_digits
 from waiting import eventually
 
@@ -60,7 +61,7 @@ from edgefl.security import (
     write_private_key,
     write_public_key,
 )
-from edgefl.transport import InboundMessage, MemoryBroker, MemoryTransport, OnConnect, Will
+from edgefl.transport import MemoryBroker, MemoryTransport, OnConnect, Will
 from firmware_sim.fake_sysfs import write_fake_sysfs
 
 FLEET, DEVICE, MODEL = "farm", "pi-1", "digits-mlp"
@@ -106,28 +107,6 @@ def factory(broker: MemoryBroker, made: list[MemoryTransport] | None = None):  #
         return transport
 
     return make
-
-
-async def collect(
-    broker: MemoryBroker, topic_filter: str
-) -> tuple[list[InboundMessage], Callable[[], Awaitable[None]]]:
-    """Subscribe an observer; returns the list it fills and a function that stops it."""
-    observer = MemoryTransport(broker, "observer")
-    await observer.connect()
-    await observer.subscribe(topic_filter)
-    seen: list[InboundMessage] = []
-
-    async def pump() -> None:
-        async for message in observer.messages():
-            seen.append(message)
-
-    task = asyncio.create_task(pump())
-
-    async def stop() -> None:
-        await observer.close()
-        await task
-
-    return seen, stop
 
 
 class GateTrainer:
