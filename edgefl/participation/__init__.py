@@ -4,7 +4,8 @@ concurrency ``C`` in the real runtime and in the simulator alike.
 * :class:`ParticipationConfig` — ``C``, lease length and grace, check-in lifetime, flush deadline;
 * :class:`CheckInPool` / :class:`CandidatePool` — who may be granted a lease;
 * :class:`LeaseBook` — grants, expiries, verdicts on delivered updates, snapshot/restore;
-* :func:`flush_due` — when a partly filled buffer steps (liveness below ``K`` devices).
+* :func:`flush_due` — when a partly filled buffer steps (liveness below ``K`` devices);
+* :class:`PresenceWatch` — a device whose Last Will arrived gives its check-in and lease back.
 """
 
 from .config import (
@@ -17,6 +18,7 @@ from .config import (
 from .flush import flush_due
 from .leases import Lease, LeaseBook, LeaseBookState, LeaseStatistics, LeaseVerdict
 from .pool import CandidatePool, CheckInPool
+from .presence import PresenceWatch
 
 __all__ = [
     "DEFAULT_CHECKIN_TTL_S",
@@ -31,5 +33,6 @@ __all__ = [
     "LeaseStatistics",
     "LeaseVerdict",
     "ParticipationConfig",
+    "PresenceWatch",
     "flush_due",
 ]

@@ -22,7 +22,7 @@ __all__ = [
 DEFAULT_CONCURRENCY: Final = 20
 DEFAULT_LEASE_S: Final = 600.0
 DEFAULT_LEASE_GRACE: Final = 0.1
-DEFAULT_CHECKIN_TTL_S: Final = 1800.0
+DEFAULT_CHECKIN_TTL_S: Final = 3600.0
 
 
 def _positive(value: float, what: str) -> float:

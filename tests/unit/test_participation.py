@@ -12,8 +12,10 @@ from edgefl.participation import (
     LeaseBook,
     LeaseVerdict,
     ParticipationConfig,
+    PresenceWatch,
     flush_due,
 )
+from edgefl.protocol.messages import DeviceState, DeviceStatus
 
 
 def book(c: int = 2, *, lease_s: float = 100.0, grace: float = 0.1, seed: int = 0) -> LeaseBook:
@@ -275,3 +277,22 @@ def test_grant_fills_only_the_free_slots() -> None:
 
     assert len(more) == 1
     assert b.in_flight == 2
+
+
+def _state(status: str, session: int) -> DeviceState:
+    return DeviceState("f", "d1", DeviceStatus(status), session, 1.0)
+
+
+def test_presence_a_will_or_shutdown_of_the_newest_session_means_gone() -> None:
+    watch = PresenceWatch()
+
+    assert watch.gone(_state("online", 3)) is False
+    assert watch.gone(_state("lost", 3)) is True
+    assert watch.gone(_state("offline", 4)) is True
+
+
+def test_presence_a_late_will_of_an_older_connection_is_ignored() -> None:
+    watch = PresenceWatch()
+    watch.gone(_state("idle", 5))
+
+    assert watch.gone(_state("lost", 4)) is False
