@@ -17,6 +17,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+import samples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -32,7 +33,6 @@ from edgefl.protocol.envelope import (
 from edgefl.protocol.messages import (
     DeviceState,
     DeviceStatus,
-    ModelFormat,
     ModelManifest,
     ServerMetrics,
     ServerState,
@@ -72,8 +72,7 @@ def typed(call: Callable[[], Any]) -> Any:
 
 def _valid_messages() -> list[bytes]:
     layout = (TensorSpec("w", (2, 2)), TensorSpec("b", (4,)))
-    update = UpdateHeader(
-        fleet="lab",
+    update = samples.update_header(
         device_id="dev-1",
         seq=7,
         base_version=3,
@@ -81,21 +80,13 @@ def _valid_messages() -> list[bytes]:
         model="mnist1d-cnn",
         codec={"format": 1, "quantization": "int8"},
         num_params=8,
-        created_at=1.7e9,
         layout=layout,
         metrics={"loss": 0.25},
     )
-    manifest = ModelManifest(
-        fleet="lab",
+    manifest = samples.fp32_manifest(
+        8,
         version=4,
         model="mnist1d-cnn",
-        format=ModelFormat.FP32_FLAT,
-        sha256="0" * 64,
-        size=32,
-        chunk_size=32,
-        num_chunks=1,
-        num_params=8,
-        created_at=1.7e9,
         layout=layout,
         hints=TrainingHints(local_epochs=1, batch_size=32, lr=0.1),
     )
