@@ -9,7 +9,6 @@ long run: ``HYPOTHESIS_PROFILE=fuzz-long .venv/bin/pytest tests/unit/test_fuzz_*
 from __future__ import annotations
 
 import json
-import os
 import struct
 import tracemalloc
 import zlib
@@ -18,7 +17,8 @@ from functools import partial
 from typing import Any
 
 import samples
-from hypothesis import HealthCheck, given, settings
+from fuzzing import fuzz_settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from edgefl.errors import EdgeflError, ProtocolError, RejectReason
@@ -47,12 +47,7 @@ from edgefl.protocol.messages import (
 from edgefl.protocol.topics import parse_topic
 from edgefl.security import Ed25519ManifestVerifier, Ed25519Signer, generate_private_key
 
-LONG = os.environ.get("HYPOTHESIS_PROFILE") == "fuzz-long"
-FUZZ = settings(
-    max_examples=20_000 if LONG else 250,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+FUZZ = fuzz_settings(250)
 
 SIGNER = Ed25519Signer(generate_private_key())
 VERIFIER = Ed25519ManifestVerifier([SIGNER.public_key])
