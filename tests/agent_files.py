@@ -1,9 +1,33 @@
-"""The files a real agent process (``python -m device_agent``, ``edgefl agent run``) starts
-from in the integration tests: its TOML configuration next to its data and fake sysfs tree."""
+"""How the integration tests configure a device agent: the TOML file a real agent process
+(``python -m device_agent``, ``edgefl agent run``) starts from, or the :class:`AgentConfig` of
+an agent run in-process; both probe a fake sysfs tree at ``tmp/fs``."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any
+
+from device_agent.config import AgentConfig, BrokerConfig, DataConfig, DataKind, ProbeConfig
+from device_agent.eligibility import EligibilityPolicy, MeteredSource
+
+
+def agent_config(
+    tmp: Path, url: str, *, fleet: str, device: str, state_dir: Path, **fields: Any
+) -> AgentConfig:
+    """An in-process agent (the test hands it its dataset): probes read ``tmp/fs`` every second
+    (unmetered), the default eligibility policy, reconnects within 2 s; ``fields`` replace any
+    field."""
+    config = AgentConfig(
+        broker=BrokerConfig(url, reconnect_max_s=2.0),
+        fleet=fleet,
+        device_id=device,
+        data=DataConfig(kind=DataKind.NPZ, path=tmp / "unused.npz"),
+        probes=ProbeConfig(root=tmp / "fs", metered=MeteredSource.NO, interval_s=1.0),
+        eligibility=EligibilityPolicy(),
+        state_dir=state_dir,
+    )
+    return dataclasses.replace(config, **fields)
 
 
 def write_agent_toml(

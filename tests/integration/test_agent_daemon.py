@@ -18,13 +18,14 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import fleet_parts
 import numpy as np
 import pytest
 from agent_files import write_agent_toml
 from sklearn.datasets import load_digits
 
 from broker.launcher import MosquittoBroker
-from edgefl.aggregator import Aggregator, AggregatorConfig
+from edgefl.aggregator import Aggregator
 from edgefl.protocol.messages import DeviceState, DeviceStatus, decode_message
 from edgefl.protocol.topics import device_state_topic
 from edgefl.transport import MqttConfig, MqttTransport
@@ -121,16 +122,7 @@ async def update_spooled_while_broker_down(
 
 
 def aggregator(tmp: Path, url: str) -> Aggregator:
-    return Aggregator(
-        AggregatorConfig(
-            broker_url=url,
-            fleet=FLEET,
-            model=MODEL,
-            state_dir=tmp / "aggregator",
-            buffer_size=10,
-            fsync=False,
-        )
-    )
+    return fleet_parts.aggregator(tmp, url, fleet=FLEET, model=MODEL, buffer_size=10)
 
 
 async def retained_state(url: str) -> DeviceState:

@@ -7,13 +7,13 @@ import os
 from collections.abc import Callable
 
 import pytest
+from transport_helpers import config, receive
 
 from broker.launcher import MosquittoBroker, ThreadedEmbeddedBroker
 from edgefl.transport import (
     Backpressure,
     ConnectInfo,
     InboundMessage,
-    MqttConfig,
     MqttProtocol,
     MqttTransport,
     NotConnectedError,
@@ -24,34 +24,6 @@ from edgefl.transport import (
 from edgefl.transport._paho import BufferedClient
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
-
-FAST = {
-    "reconnect_min_delay": 0.05,
-    "reconnect_max_delay": 0.5,
-    "start_timeout": 10.0,
-    "protocol_probe_timeout": 0.5,
-}
-
-
-def config(url: str, **overrides: object) -> MqttConfig:
-    return MqttConfig.from_url(url, **{**FAST, **overrides})
-
-
-async def receive(
-    transport: MqttTransport, count: int = 1, within: float = 5.0
-) -> list[InboundMessage]:
-    """The next ``count`` messages (TimeoutError if they do not come)."""
-    out: list[InboundMessage] = []
-    stream = transport.messages()
-    try:
-        async with asyncio.timeout(within):
-            async for message in stream:
-                out.append(message)
-                if len(out) == count:
-                    break
-    finally:
-        await stream.aclose()
-    return out
 
 
 async def nothing_within(transport: MqttTransport, seconds: float) -> bool:

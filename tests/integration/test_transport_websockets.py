@@ -14,25 +14,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import transport_helpers
+from transport_helpers import config
 
 from broker.launcher import MosquittoBroker, find_mosquitto, free_port
 from edgefl.transport import (
     BrokerUnreachable,
     ConnectInfo,
     InboundMessage,
-    MqttConfig,
     MqttProtocol,
     MqttTransport,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
-FAST = {
-    "reconnect_min_delay": 0.05,
-    "reconnect_max_delay": 0.5,
-    "start_timeout": 10.0,
-    "protocol_probe_timeout": 0.5,
-}
 BIG = 300 * 1024  # > 256 KiB: several WebSocket frames per read, several reads per frame
 
 
@@ -94,22 +89,8 @@ def wss_broker(tmp_path: Path) -> Iterator[WsBroker]:
     started.broker.stop()
 
 
-def config(url: str, **overrides: object) -> MqttConfig:
-    return MqttConfig.from_url(url, **{**FAST, **overrides})
-
-
 async def receive(transport: MqttTransport, count: int) -> list[InboundMessage]:
-    out: list[InboundMessage] = []
-    stream = transport.messages()
-    try:
-        async with asyncio.timeout(10):
-            async for message in stream:
-                out.append(message)
-                if len(out) == count:
-                    break
-    finally:
-        await stream.aclose()
-    return out
+    return await transport_helpers.receive(transport, count, within=10.0)
 
 
 async def next_connect(queue: asyncio.Queue[ConnectInfo]) -> ConnectInfo:
