@@ -20,6 +20,12 @@ def config(url: str, **overrides: object) -> MqttConfig:
     return MqttConfig.from_url(url, **{**FAST, **overrides})
 
 
+def consumer_config(url: str, client_id: str, **overrides: object) -> MqttConfig:
+    """:func:`config` of a consumer like the aggregator: a persistent session that acknowledges
+    each message itself (``manual_ack``)."""
+    return config(url, client_id=client_id, persistent_session=True, manual_ack=True, **overrides)
+
+
 async def receive(
     transport: Transport, count: int = 1, within: float = 5.0
 ) -> list[InboundMessage]:

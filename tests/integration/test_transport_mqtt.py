@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable
 
 import pytest
-from transport_helpers import config, receive
+from transport_helpers import config, consumer_config, receive
 
 from broker.launcher import MosquittoBroker, ThreadedEmbeddedBroker
 from edgefl.transport import (
@@ -90,13 +90,7 @@ async def test_unacked_message_is_redelivered_to_persistent_session(
     # plain-paho: what a paho without the private members the fast path needs gets
     monkeypatch.setattr(BufferedClient, "fast_path", fast_path)
     topic = "edgefl/v1/f/device/d1/update/1"
-    agg = config(
-        mosquitto.url,
-        client_id=f"aggregator-{protocol.value}",
-        persistent_session=True,
-        manual_ack=True,
-        protocol=protocol,
-    )
+    agg = consumer_config(mosquitto.url, f"aggregator-{protocol.value}", protocol=protocol)
 
     async with MqttTransport(config(mosquitto.url)) as pub:
         first = MqttTransport(agg)
@@ -278,7 +272,7 @@ async def test_ack_after_reconnect_is_stale_and_the_broker_redelivers(
     mosquitto: MosquittoBroker,
 ) -> None:
     loop = asyncio.get_running_loop()
-    cfg = config(mosquitto.url, client_id="agg", persistent_session=True, manual_ack=True)
+    cfg = consumer_config(mosquitto.url, "agg")
     async with MqttTransport(cfg) as agg, MqttTransport(config(mosquitto.url)) as pub:
         await agg.subscribe("u/#")
         await pub.publish("u/1", b"a")
@@ -339,11 +333,9 @@ async def test_manual_ack_session_holds_at_most_receive_maximum_unacknowledged(
     reading), and ack_many() hands the PUBACKs back so the rest flows; nothing is lost."""
     count, window = 60, 8
 
-    sub_cfg = config(
+    sub_cfg = consumer_config(
         mosquitto.url,
-        client_id=f"window-{protocol.value}",
-        persistent_session=True,
-        manual_ack=True,
+        f"window-{protocol.value}",
         receive_maximum=window,
         max_queued_messages=100,
         protocol=protocol,
@@ -398,11 +390,9 @@ async def test_acks_sent_before_a_graceful_close_are_processed_before_a_session_
     count = 3000
 
     for round_ in range(3):
-        sub_cfg = config(
+        sub_cfg = consumer_config(
             mosquitto.url,
-            client_id=f"takeover-{protocol.value}-{round_}",
-            persistent_session=True,
-            manual_ack=True,
+            f"takeover-{protocol.value}-{round_}",
             receive_maximum=count,
             max_queued_messages=count + 10,
             protocol=protocol,

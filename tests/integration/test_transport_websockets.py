@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import transport_helpers
-from transport_helpers import config
+from transport_helpers import config, consumer_config
 
 from broker.launcher import MosquittoBroker, find_mosquitto, free_port
 from edgefl.transport import (
@@ -104,13 +104,7 @@ async def test_ws_qos1_manual_ack_and_a_payload_over_256_kib(
 ) -> None:
     payloads = [b"small", os.urandom(BIG), os.urandom(BIG), b"last"]
 
-    sub_cfg = config(
-        ws_broker.ws_url,
-        client_id=f"ws-sub-{protocol.value}",
-        persistent_session=True,
-        manual_ack=True,
-        protocol=protocol,
-    )
+    sub_cfg = consumer_config(ws_broker.ws_url, f"ws-sub-{protocol.value}", protocol=protocol)
     async with MqttTransport(sub_cfg) as sub, MqttTransport(config(ws_broker.ws_url)) as pub:
         # Arrange
         await sub.subscribe("ws/#", qos=1)
@@ -144,9 +138,7 @@ async def test_ws_session_survives_a_broker_restart_and_redelivers_what_was_not_
     async def on_connect(info: ConnectInfo) -> None:
         connects.put_nowait(info)
 
-    sub_cfg = config(
-        ws_broker.ws_url, client_id="ws-restart", persistent_session=True, manual_ack=True
-    )
+    sub_cfg = consumer_config(ws_broker.ws_url, "ws-restart")
     async with MqttTransport(sub_cfg, on_connect=on_connect) as sub:
         first = await next_connect(connects)
         await sub.subscribe("r/#")
