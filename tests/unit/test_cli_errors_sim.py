@@ -109,6 +109,22 @@ def _assert_one_error_line(err: str, option: str, words: list[str]) -> None:
         assert word in line, (word, line)
 
 
+def _assert_refused(
+    argv: list[str],
+    option: str,
+    words: list[str],
+    workdir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``edgefl <argv>`` exits with a usage error, one line naming ``option`` and ``words``,
+    and writes nothing: no output, no file in ``workdir`` (no report either)."""
+    code, out, err = _run(argv, capsys)
+    assert code == ExitCode.USAGE
+    _assert_one_error_line(err, option, words)
+    assert out == ""
+    assert list(workdir.iterdir()) == []
+
+
 @pytest.mark.parametrize(("args", "option", "words"), SIM_CASES, ids=lambda v: str(v))
 def test_bad_sim_invocation(
     args: list[str],
@@ -120,12 +136,7 @@ def test_bad_sim_invocation(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     report = tmp_path / "report"
-    code, out, err = _run(["sim", *args, "--report", str(report)], capsys)
-    assert code == ExitCode.USAGE
-    _assert_one_error_line(err, option, words)
-    assert out == ""
-    assert not report.exists()
-    assert list(tmp_path.iterdir()) == []  # nothing else written either
+    _assert_refused(["sim", *args, "--report", str(report)], option, words, tmp_path, capsys)
 
 
 @pytest.mark.parametrize(("args", "option", "words"), DEMO_CASES, ids=lambda v: str(v))
@@ -138,11 +149,7 @@ def test_bad_demo_invocation(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.chdir(tmp_path)  # the default report directory would land here
-    code, out, err = _run(["demo", *args], capsys)
-    assert code == ExitCode.USAGE
-    _assert_one_error_line(err, option, words)
-    assert out == ""
-    assert list(tmp_path.iterdir()) == []
+    _assert_refused(["demo", *args], option, words, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("command", ["sim", "demo"])
