@@ -64,6 +64,23 @@ def start_aggregator_process(
     raise AssertionError(f"aggregator did not start: {stderr_path.read_text()[-2000:]}")
 
 
+def start_edgefl(
+    args: Sequence[str], cwd: Path, env: dict[str, str], **popen: Any
+) -> subprocess.Popen[str]:
+    """``python -m edgefl.cli <args>`` (the console script's code path) in ``cwd``: no stdin,
+    stdout and stderr on text pipes; ``popen`` are more :class:`subprocess.Popen` options."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "edgefl.cli", *args],
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+
+
 def listening_url(stdout: Iterable[str]) -> str | None:
     """The URL from the first "listening on mqtt://..." line of a broker's output (``None`` if
     the output ends without one)."""

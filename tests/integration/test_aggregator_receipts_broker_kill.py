@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from fleet_parts import start_aggregator_process
-from receipt_helpers import DEVICE, FLEET, MODEL, dataset, receipts_config, spool_updates
+from receipt_helpers import DEVICE, FLEET, MODEL, spooled_agent
 from waiting import eventually
 
 from broker.launcher import MosquittoBroker
@@ -59,9 +59,7 @@ async def test_paused_aggregator_and_broker_sigkill_account_every_update_exactly
     try:
         mosquitto.save()
         os.kill(aggregator.pid, signal.SIGSTOP)
-        cfg = receipts_config(tmp_path, url=mosquitto.url, timeout_s=3600.0, reconnect_max_s=1.0)
-        spool_updates(tmp_path, N)
-        agent = DeviceAgent(cfg, dataset=dataset())
+        agent = spooled_agent(tmp_path, mosquitto.url, N)
         run = asyncio.create_task(agent.run())
         await eventually(lambda: agent.statistics().updates_sent == N, 90)  # all PUBACKed
 

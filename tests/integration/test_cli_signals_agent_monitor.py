@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from agent_files import write_agent_toml
+from fleet_parts import start_edgefl
 
 from broker.launcher import MosquittoBroker
 from device_agent.release import model_release
@@ -60,15 +61,7 @@ class Command:
         env.pop("NOTIFY_SOCKET", None)
         env["PYTHONUNBUFFERED"] = "1"
         env["PYTHONPATH"] = str(REPO)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edgefl.cli", *args],
-            cwd=cwd,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        self.proc = start_edgefl(args, cwd, env)
         self.lines: queue.Queue[tuple[str, str | None]] = queue.Queue()
         self.seen: dict[str, list[str]] = {"stdout": [], "stderr": []}
         self._readers = [
