@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import threading
 from collections.abc import Callable
 from datetime import datetime
@@ -51,16 +52,9 @@ pytestmark = pytest.mark.integration
 FLEET, DEVICE, MODEL = "orchard", "pi-7", "digits-mlp"
 
 
-def write_tree(
-    root: Path,
-    *,
-    mains: bool = True,
-    temp_c: float = 40.0,
-    load: float = 0.0,
-    throttled: int = 0,
-) -> None:
-    """Fake /proc and /sys: 2 CPUs, AC adapter + battery, a thermal zone, the Pi firmware file."""
-    write_fake_sysfs(root, mains=mains, temp_c=temp_c, load=load, throttled=throttled)
+write_tree = functools.partial(write_fake_sysfs, throttled=0)
+"""Fake /proc and /sys: 2 CPUs, AC adapter + battery, a thermal zone, the Pi firmware file
+(reporting no throttling unless ``throttled`` says otherwise)."""
 
 
 def aggregator(tmp: Path, url: str, **settings: Any) -> Aggregator:
