@@ -31,8 +31,9 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
+
+from edgefl.lifecycle import AsyncLifecycle, Lifecycle
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 DEV_CONF = CONF_DIR / "dev.conf"
@@ -129,7 +130,7 @@ def _url(host: str, port: int) -> str:
     return f"mqtt://[{host}]:{port}" if ":" in host else f"mqtt://{host}:{port}"
 
 
-class MosquittoBroker:
+class MosquittoBroker(Lifecycle):
     """A Mosquitto process with a rendered config in ``state_dir`` (a temp dir if not given).
 
     ``port=None`` picks a free port once; ``restart``/``start`` after ``stop``/``kill`` reuse it,
@@ -311,20 +312,11 @@ class MosquittoBroker:
             self._log_file.close()
             self._log_file = None
 
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.cleanup()
+    open = start
+    close = cleanup
 
 
-class EmbeddedBroker:
+class EmbeddedBroker(AsyncLifecycle):
     """amqtt in the running asyncio loop: MQTT 3.1.1 only, anonymous, no persistence.
 
     ``async with EmbeddedBroker() as broker:`` then connect to ``broker.url``.
@@ -398,17 +390,8 @@ class EmbeddedBroker:
             },
         }
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
+    open = start
+    close = stop
 
 
 def _start_error(exc: BaseException, port: int) -> BrokerStartError:
@@ -441,7 +424,7 @@ class _AmqttHandlerNoise(logging.Filter):
         return not record.getMessage().startswith("Unhandled exception in client_connected_cb")
 
 
-class ThreadedEmbeddedBroker:
+class ThreadedEmbeddedBroker(Lifecycle):
     """An :class:`EmbeddedBroker` on its own event loop in a daemon thread, for synchronous code
     and test fixtures whose clients run in a different loop."""
 
@@ -511,14 +494,5 @@ class ThreadedEmbeddedBroker:
         thread.join(timeout)
         self._thread = self._loop = None
 
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+    open = start
+    close = stop

@@ -38,6 +38,7 @@ from typing import Annotated
 import typer
 
 from device_agent.config import DEFAULT_CONFIG_PATH, AgentConfig, ConfigError, load_config
+from edgefl.cliapp import setup_logging
 from edgefl.clierror import UsageError, run_cli
 
 __all__ = [
@@ -92,15 +93,6 @@ def _load(config: Path | None, sets: list[str] | None) -> AgentConfig:
     return load_config(path, os.environ, _parse_sets(sets))
 
 
-def _setup_logging(level: str) -> None:
-    under_journal = bool(os.environ.get("JOURNAL_STREAM"))
-    fmt = "%(levelname)s %(name)s: %(message)s"
-    if not under_journal:
-        fmt = "%(asctime)s " + fmt
-    logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
-    logging.getLogger("paho").setLevel(logging.WARNING)
-
-
 def run_command(config: ConfigOption = None, set_: SetOption = None) -> None:
     """Run the agent until SIGTERM/SIGINT (the systemd unit's ExecStart).
 
@@ -112,7 +104,7 @@ def run_command(config: ConfigOption = None, set_: SetOption = None) -> None:
 
     check_files(cfg)
     stop_early = _StopFlag.install()  # a signal before the event loop runs is not lost
-    _setup_logging(cfg.log_level)
+    setup_logging(cfg.log_level)
     from device_agent.agent import DeviceAgent
     from device_agent.spool import SpoolLocked
     from edgefl.data.sources import DataSourceError

@@ -44,8 +44,8 @@ import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Self
+
+from edgefl.lifecycle import Lifecycle
 
 __all__ = [
     "ResidualStore",
@@ -185,7 +185,7 @@ def _decode_entry(data: bytes) -> tuple[int, float, dict[str, object], bytes]:
     return seq, created, meta, body[meta_end:]
 
 
-class UpdateSpool:
+class UpdateSpool(Lifecycle):
     """Bounded, crash-safe spool of encoded updates keyed by sequence number."""
 
     def __init__(
@@ -231,17 +231,6 @@ class UpdateSpool:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # closing the descriptor releases the flock
             self._lock_fd = None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- sequence numbers --
 

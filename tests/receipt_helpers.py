@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.datasets import load_digits
 
+from device_agent.agent import DeviceAgent
 from device_agent.config import (
     AgentConfig,
     BrokerConfig,
@@ -91,6 +92,14 @@ def spool_updates(tmp: Path, n: int) -> None:
                 created_at=time.time(),
             )
             spool.put(seq, built.envelope, {})
+
+
+def spooled_agent(tmp: Path, url: str, n: int) -> DeviceAgent:
+    """A real agent on battery with ``n`` updates in its spool and receipts on (an hour's
+    timeout: only a reconnect resends), reconnecting within 1 s."""
+    config = receipts_config(tmp, url=url, timeout_s=3600.0, reconnect_max_s=1.0)
+    spool_updates(tmp, n)
+    return DeviceAgent(config, dataset=dataset())
 
 
 def factory(broker: MemoryBroker):  # type: ignore[no-untyped-def]

@@ -39,6 +39,7 @@ from edgefl.aggregation.fedbuff import FedBuff, FedBuffConfig
 from edgefl.aggregation.outcomes import AddOutcome, FedBuffState, FedBuffStatistics, StepResult
 from edgefl.aggregation.robust import RobustMode
 from edgefl.aggregation.updates import AddableUpdate
+from edgefl.aggregation.view import ModelView
 from edgefl.errors import RejectReason, UpdateRejected
 
 __all__ = [
@@ -125,25 +126,13 @@ class AggregationCore(Protocol):
     def statistics(self) -> FedBuffStatistics | SyncFedAvgStatistics: ...
 
 
-class FedBuffCore:
+class FedBuffCore(ModelView[FedBuff]):
     """:class:`AggregationCore` over :class:`~edgefl.aggregation.FedBuff`."""
 
     algorithm = Algorithm.FEDBUFF
 
     def __init__(self, fedbuff: FedBuff) -> None:
-        self._fb = fedbuff
-
-    @property
-    def version(self) -> int:
-        return self._fb.version
-
-    @property
-    def weights(self) -> NDArray[np.float32]:
-        return self._fb.weights
-
-    @property
-    def buffer_fill(self) -> int:
-        return self._fb.buffer_fill
+        self._core = fedbuff
 
     @property
     def round_open(self) -> bool:
@@ -155,13 +144,13 @@ class FedBuffCore:
 
     @property
     def can_checkpoint(self) -> bool:
-        return self._fb.config.robust is RobustMode.NONE
+        return self._core.config.robust is RobustMode.NONE
 
     def add(
         self, device_id: str, update: AddableUpdate, *, base_version: int, num_examples: int
     ) -> CoreAdd:
-        outcome = self._fb.add(update, base_version=base_version, num_examples=num_examples)
-        return CoreAdd(outcome, step=self._fb.step() if self._fb.ready else None)
+        outcome = self._core.add(update, base_version=base_version, num_examples=num_examples)
+        return CoreAdd(outcome, step=self._core.step() if self._core.ready else None)
 
     def open_round(self, cohort: Iterable[str] | int, *, deadline: float | None) -> None:
         """FedBuff has no rounds: nothing to open."""
@@ -170,41 +159,29 @@ class FedBuffCore:
         return None
 
     def snapshot(self, *, buffer: bool = True) -> FedBuffState:
-        return self._fb.snapshot(buffer=buffer)
+        return self._core.snapshot(buffer=buffer)
 
     def statistics(self) -> FedBuffStatistics:
-        return self._fb.statistics()
+        return self._core.statistics()
 
 
-class SyncCore:
+class SyncCore(ModelView[SyncFedAvg]):
     """:class:`AggregationCore` over :class:`~edgefl.aggregation.SyncFedAvg`."""
 
     algorithm = Algorithm.FEDAVG
 
     def __init__(self, sync: SyncFedAvg) -> None:
-        self._sync = sync
+        self._core = sync
         self._slots = 0  # > 0: the open round has this many anonymous slots
         self._devices: set[str] = set()  # devices that took a slot in the open round
 
     @property
-    def version(self) -> int:
-        return self._sync.version
-
-    @property
-    def weights(self) -> NDArray[np.float32]:
-        return self._sync.weights
-
-    @property
-    def buffer_fill(self) -> int:
-        return self._sync.buffer_fill
-
-    @property
     def round_open(self) -> bool:
-        return self._sync.round_open
+        return self._core.round_open
 
     @property
     def deadline(self) -> float | None:
-        return self._sync.deadline
+        return self._core.deadline
 
     @property
     def can_checkpoint(self) -> bool:
@@ -217,33 +194,33 @@ class SyncCore:
         else:
             self._slots = 0
         self._devices = set()
-        self._sync.open_round(cohort, deadline=deadline)
+        self._core.open_round(cohort, deadline=deadline)
 
     def add(
         self, device_id: str, update: AddableUpdate, *, base_version: int, num_examples: int
     ) -> CoreAdd:
         member = device_id
         if self._slots:
-            if base_version == self._sync.version and device_id in self._devices:
+            if base_version == self._core.version and device_id in self._devices:
                 raise UpdateRejected(
                     RejectReason.DUPLICATE,
-                    f"device {device_id!r} already delivered for {self._sync.version}",
+                    f"device {device_id!r} already delivered for {self._core.version}",
                 )
             member = f"slot-{len(self._devices)}"
-        added = self._sync.add(member, update, base_version=base_version, num_examples=num_examples)
+        added = self._core.add(member, update, base_version=base_version, num_examples=num_examples)
         if self._slots:
             self._devices.add(device_id)
         result = added.result
         return CoreAdd(added.outcome, step=None if result is None else result.step, round=result)
 
     def deadline_passed(self, now: float) -> RoundResult | None:
-        return self._sync.deadline_passed(now)
+        return self._core.deadline_passed(now)
 
     def snapshot(self, *, buffer: bool = True) -> FedBuffState:
-        return self._sync.snapshot(buffer=buffer)
+        return self._core.snapshot(buffer=buffer)
 
     def statistics(self) -> SyncFedAvgStatistics:
-        return self._sync.statistics()
+        return self._core.statistics()
 
 
 def make_core(config: CoreConfig, initial: ArrayLike | FedBuffState) -> AggregationCore:

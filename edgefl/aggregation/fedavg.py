@@ -32,8 +32,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
 
-import numpy as np
-from numpy.typing import ArrayLike, NDArray
+from numpy.typing import ArrayLike
 
 from edgefl.aggregation.fedbuff import FedBuff, FedBuffConfig, Normalisation
 from edgefl.aggregation.outcomes import AddOutcome, FedBuffState, FedBuffStatistics, StepResult
@@ -41,6 +40,7 @@ from edgefl.aggregation.robust import NormBound, RobustMode
 from edgefl.aggregation.server_opt import ServerOptimizerConfig
 from edgefl.aggregation.staleness import ConstantStaleness
 from edgefl.aggregation.updates import AddableUpdate
+from edgefl.aggregation.view import ModelView
 from edgefl.aggregation.weighting import DEFAULT_EXAMPLE_CAP, ExampleWeighting
 from edgefl.errors import RejectReason, UpdateRejected
 
@@ -117,7 +117,7 @@ def required_updates(cohort_size: int, min_fraction: float) -> int:
     return max(1, math.ceil(min_fraction * cohort_size - 1e-9))
 
 
-class SyncFedAvg:
+class SyncFedAvg(ModelView[FedBuff]):
     """Round-based synchronous FedAvg over the FedBuff core."""
 
     def __init__(self, config: SyncFedAvgConfig, initial_weights: ArrayLike, *, version: int = 0):
@@ -132,20 +132,6 @@ class SyncFedAvg:
     @property
     def config(self) -> SyncFedAvgConfig:
         return self._config
-
-    @property
-    def weights(self) -> NDArray[np.float32]:
-        """Read-only view of the current weights (changes in place at each step)."""
-        return self._core.weights
-
-    @property
-    def version(self) -> int:
-        return self._core.version
-
-    @property
-    def buffer_fill(self) -> int:
-        """Updates accepted into the open round's buffer so far."""
-        return self._core.buffer_fill
 
     @property
     def round_open(self) -> bool:

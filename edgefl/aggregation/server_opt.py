@@ -113,8 +113,20 @@ def _reject_unknown_keys(
         raise ValueError(f"unknown optimizer state keys {unknown}; expected {sorted(allowed)}")
 
 
-class ServerSGD:
+class _Counted:
+    """The steps an optimizer took (its ``_steps``)."""
+
+    _steps: int
+
+    @property
+    def steps(self) -> int:
+        return self._steps
+
+
+class ServerSGD(_Counted):
     """Server SGD with heavy-ball momentum: ``m <- mu m + a``; ``w <- w + lr m``."""
+
+    kind = ServerOptimizerKind.SGD
 
     def __init__(self, lr: float = 1.0, momentum: float = 0.0) -> None:
         _check_lr(lr)
@@ -123,14 +135,6 @@ class ServerSGD:
         self.momentum = float(momentum)
         self._buf: NDArray[np.float32] | None = None
         self._steps = 0
-
-    @property
-    def kind(self) -> ServerOptimizerKind:
-        return ServerOptimizerKind.SGD
-
-    @property
-    def steps(self) -> int:
-        return self._steps
 
     def step(self, weights: NDArray[np.float32], aggregate: NDArray[np.float32]) -> None:
         _check_step_args(weights, aggregate)
@@ -159,8 +163,10 @@ class ServerSGD:
         self._buf = _array_of(state, "momentum_buffer")
 
 
-class ServerAdam:
+class ServerAdam(_Counted):
     """FedAdam (Reddi et al.): Adam on the pseudo-gradient ``-aggregate``; see module docstring."""
+
+    kind = ServerOptimizerKind.ADAM
 
     def __init__(
         self,
@@ -185,14 +191,6 @@ class ServerAdam:
         self._m: NDArray[np.float32] | None = None
         self._v: NDArray[np.float32] | None = None
         self._steps = 0
-
-    @property
-    def kind(self) -> ServerOptimizerKind:
-        return ServerOptimizerKind.ADAM
-
-    @property
-    def steps(self) -> int:
-        return self._steps
 
     def step(self, weights: NDArray[np.float32], aggregate: NDArray[np.float32]) -> None:
         _check_step_args(weights, aggregate)

@@ -12,6 +12,7 @@ the same aggregation for the same run description (a unit test compares them).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from edgefl.aggregation.core import Algorithm, CoreConfig
 from edgefl.aggregation.fedavg import SyncFedAvgConfig
@@ -22,6 +23,15 @@ from edgefl.aggregation.staleness import StalenessKind, StalenessSetting
 from edgefl.aggregation.weighting import DEFAULT_EXAMPLE_CAP, ExampleWeighting
 
 __all__ = ["AggregationSettings"]
+
+_SHARED = (
+    "example_weighting",
+    "example_cap",
+    "norm_bound",
+    "robust",
+    "trim_beta",
+    "server_optimizer",
+)
 
 
 @dataclass(frozen=True)
@@ -55,25 +65,16 @@ class AggregationSettings:
             buffer_size=self.buffer_size,
             staleness=self.staleness.weight(),
             max_staleness=self.max_staleness,
-            example_weighting=self.example_weighting,
-            example_cap=self.example_cap,
             normalisation=self.normalisation,
-            norm_bound=self.norm_bound,
-            robust=self.robust,
-            trim_beta=self.trim_beta,
-            server_optimizer=self.server_optimizer,
+            **self._shared(),
         )
 
     def sync_config(self) -> SyncFedAvgConfig:
-        return SyncFedAvgConfig(
-            min_fraction=self.min_fraction,
-            example_weighting=self.example_weighting,
-            example_cap=self.example_cap,
-            norm_bound=self.norm_bound,
-            robust=self.robust,
-            trim_beta=self.trim_beta,
-            server_optimizer=self.server_optimizer,
-        )
+        return SyncFedAvgConfig(min_fraction=self.min_fraction, **self._shared())
+
+    def _shared(self) -> dict[str, Any]:
+        """The fields both algorithms' configs take, by name."""
+        return {name: getattr(self, name) for name in _SHARED}
 
     def core_config(self) -> CoreConfig:
         """The config of :attr:`algorithm` (what :func:`~edgefl.aggregation.make_core` takes)."""

@@ -20,9 +20,7 @@ time) and no ``cryptography`` unless key files are configured.
 from __future__ import annotations
 
 import json
-import logging
 import os
-import sys
 import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -36,6 +34,7 @@ from edgefl.aggregation import (
     ServerOptimizerKind,
     StalenessKind,
 )
+from edgefl.cliapp import command_group, config_option, setup_logging
 from edgefl.codec import Quantization
 from edgefl.transport.config import MqttProtocol
 
@@ -44,33 +43,17 @@ if TYPE_CHECKING:
 
 __all__ = ["aggregator_app", "check_config_command", "main"]
 
-aggregator_app = typer.Typer(
-    name="aggregator",
-    help="The FedBuff (or synchronous FedAvg) aggregator service for one fleet.",
-    invoke_without_command=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
+aggregator_app = command_group(
+    "aggregator", "The FedBuff (or synchronous FedAvg) aggregator service for one fleet."
 )
 
 ConfigOption = Annotated[
     Path | None,
-    typer.Option(
-        "--config",
-        "-c",
-        help="Aggregator TOML file (default: $EDGEFL_AGG_CONFIG, else "
-        "/etc/edgefl/aggregator.toml if it exists).",
-        dir_okay=False,
+    config_option(
+        "Aggregator TOML file (default: $EDGEFL_AGG_CONFIG, else "
+        "/etc/edgefl/aggregator.toml if it exists)."
     ),
 ]
-
-
-def _setup_logging(level: str) -> None:
-    under_journal = bool(os.environ.get("JOURNAL_STREAM"))
-    fmt = "%(levelname)s %(name)s: %(message)s"
-    if not under_journal:
-        fmt = "%(asctime)s " + fmt
-    logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
-    logging.getLogger("paho").setLevel(logging.WARNING)
 
 
 def _load(config: Path | None, overrides: dict[str, object]) -> LoadedConfig:
@@ -325,7 +308,7 @@ def _run(config: Path | None, overrides: dict[str, object]) -> None:
 
     loaded = _load(config, overrides)
     preflight(loaded)  # before anything is written
-    _setup_logging(loaded.log_level)
+    setup_logging(loaded.log_level)
     raise typer.Exit(run_aggregator(loaded.aggregator))
 
 

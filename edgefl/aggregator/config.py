@@ -203,21 +203,19 @@ class AggregatorConfig:
 
     def aggregation_settings(self) -> AggregationSettings:
         """The resolved aggregation knobs (the service's FedAvg cohort is ``buffer_size``
-        anonymous slots)."""
-        return AggregationSettings(
-            algorithm=self.algorithm,
-            buffer_size=self.buffer_size,
-            staleness=StalenessSetting(self.staleness, self.staleness_a, self.staleness_b),
-            max_staleness=self.max_staleness,
-            example_weighting=self.example_weighting,
-            example_cap=self.example_cap,
-            normalisation=self.normalisation,
-            norm_bound=self.norm_bound_config(),
-            robust=self.robust,
-            trim_beta=self.trim_beta,
-            server_optimizer=self.optimizer_config(),
-            min_fraction=self.min_fraction,
-        )
+        anonymous slots): the staleness, norm bound and optimizer built from their flat options,
+        every other field taken from the option of the same name."""
+        resolved: dict[str, Any] = {
+            "staleness": StalenessSetting(self.staleness, self.staleness_a, self.staleness_b),
+            "norm_bound": self.norm_bound_config(),
+            "server_optimizer": self.optimizer_config(),
+        }
+        same_name = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(AggregationSettings)
+            if f.name not in resolved
+        }
+        return AggregationSettings(**same_name, **resolved)
 
     def fedbuff_config(self) -> FedBuffConfig:
         return self.aggregation_settings().fedbuff_config()

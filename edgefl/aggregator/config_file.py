@@ -32,10 +32,10 @@ from __future__ import annotations
 
 import os
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from edgefl.aggregation import (
     ExampleWeighting,
@@ -93,6 +93,7 @@ class _Key:
 
 
 _D = AggregatorConfig  # defaults are read from the dataclass
+_T = TypeVar("_T")
 
 _KEYS: dict[str, _Key] = {
     # top level
@@ -386,31 +387,34 @@ def _secret(path: Path, err: _Errors) -> str:
 
 
 def _load_authenticator(path: Path, err: _Errors) -> UpdateAuthenticator:
-    try:
+    def load() -> UpdateAuthenticator:
         from edgefl.security import load_update_authenticator
-    except ImportError as exc:
-        raise err(
-            "security.device_keys",
-            f"needs the cryptography package ({exc}): pip install 'edgefl-mqtt[security]'",
-        ) from None
-    try:
+
         return load_update_authenticator(path)
-    except ValueError as exc:
-        raise err("security.device_keys", str(exc)) from None
+
+    return _load_security("security.device_keys", load, err)
 
 
 def _load_signer(path: Path, err: _Errors) -> EnvelopeSigner:
-    try:
+    def load() -> EnvelopeSigner:
         from edgefl.security import load_signer
+
+        return load_signer(path)
+
+    return _load_security("security.signing_key_file", load, err)
+
+
+def _load_security(key: str, load: Callable[[], _T], err: _Errors) -> _T:
+    """``load()`` a key file with :mod:`edgefl.security` (imported lazily); a missing
+    cryptography package or a bad file is a config error of ``key``."""
+    try:
+        return load()
     except ImportError as exc:
         raise err(
-            "security.signing_key_file",
-            f"needs the cryptography package ({exc}): pip install 'edgefl-mqtt[security]'",
+            key, f"needs the cryptography package ({exc}): pip install 'edgefl-mqtt[security]'"
         ) from None
-    try:
-        return load_signer(path)
     except ValueError as exc:
-        raise err("security.signing_key_file", str(exc)) from None
+        raise err(key, str(exc)) from None
 
 
 def _blame(exc: BaseException, values: Mapping[str, object], err: _Errors) -> Exception:

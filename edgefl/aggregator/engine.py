@@ -25,18 +25,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-from numpy.typing import NDArray
-
 from edgefl.aggregation import (
     AddableUpdate,
     AddOutcome,
+    AggregationCore,
     FedBuffState,
     RoundResult,
     RoundStatus,
     StepResult,
     make_core,
 )
+from edgefl.aggregation.view import ModelView
 from edgefl.aggregator.config import AggregatorConfig, Algorithm
 
 __all__ = ["AddResult", "Engine"]
@@ -51,7 +50,7 @@ class AddResult:
     round: RoundResult | None = None
 
 
-class Engine:
+class Engine(ModelView[AggregationCore]):
     """FedBuff or synchronous FedAvg behind one interface (see the module docstring)."""
 
     def __init__(
@@ -75,21 +74,8 @@ class Engine:
         return self._core.algorithm
 
     @property
-    def version(self) -> int:
-        return self._core.version
-
-    @property
-    def weights(self) -> NDArray[np.float32]:
-        """Read-only view of the current weights (changes in place at each step)."""
-        return self._core.weights
-
-    @property
     def generation(self) -> int:
         return self._generation
-
-    @property
-    def buffer_fill(self) -> int:
-        return self._core.buffer_fill
 
     @property
     def buffer_size(self) -> int:

@@ -21,9 +21,9 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
+from edgefl.lifecycle import AsyncLifecycle
 from edgefl.protocol.topics import (
     all_fleet_filter,
     device_states_filter,
@@ -85,7 +85,7 @@ def server_filter(fleet: str) -> str:
     return server_state_topic(fleet).rsplit("/", 1)[0] + "/+"
 
 
-class FleetMonitor:
+class FleetMonitor(AsyncLifecycle):
     """Watch one fleet. Use as ``async with FleetMonitor(config, fleet) as monitor:``.
 
     ``include_updates=False`` leaves update and model-chunk packets out of the subscription
@@ -131,18 +131,6 @@ class FleetMonitor:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
     async def start(self) -> None:
         """Connect (bounded by ``config.start_timeout``), subscribe, start consuming."""
         await self._transport.__aenter__()
@@ -163,6 +151,8 @@ class FleetMonitor:
         except BaseException:
             await self.close()
             raise
+
+    open = start
 
     async def close(self) -> None:
         await self._transport.close()

@@ -54,34 +54,48 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def make_ca(common_name: str, *, days: int = CA_DAYS) -> CertifiedKey:
-    """A self-signed CA certificate (path length 0: it signs leaves only)."""
-    key = ec.generate_private_key(ec.SECP256R1())
+def _builder(
+    common_name: str,
+    issuer: x509.Name | None,
+    key: ec.EllipticCurvePrivateKey,
+    *,
+    ca: bool,
+    days: int,
+) -> x509.CertificateBuilder:
+    """A certificate for ``key`` named ``common_name`` (self-issued when ``issuer`` is None),
+    valid from 5 minutes ago (clock skew) for ``days``: a CA signs certificates only, a leaf
+    signs (ECDSA) and agrees keys (ECDH)."""
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = _now()
-    cert = (
+    usage = x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=not ca,
+        key_cert_sign=ca,
+        crl_sign=ca,
+        encipher_only=False,
+        decipher_only=False,
+    )
+    return (
         x509.CertificateBuilder()
         .subject_name(name)
-        .issuer_name(name)
+        .issuer_name(name if issuer is None else issuer)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True)
+        .add_extension(usage, critical=True)
+    )
+
+
+def make_ca(common_name: str, *, days: int = CA_DAYS) -> CertifiedKey:
+    """A self-signed CA certificate (path length 0: it signs leaves only)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        _builder(common_name, None, key, ca=True, days=days)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
@@ -115,35 +129,13 @@ def issue_certificate(
     if not server_names and not client:
         raise ValueError("a certificate needs server names or client=True")
     key = ec.generate_private_key(ec.SECP256R1())
-    now = _now()
     usages = []
     if server_names:
         usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
     if client:
         usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
     builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-        .issuer_name(ca.certificate.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=True,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        _builder(common_name, ca.certificate.subject, key, ca=False, days=days)
         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from edgefl.transport.base import (
     Backpressure,
@@ -41,24 +41,16 @@ class Counters:
     def snapshot(
         self, *, connected: bool, protocol: str | None, queued: int
     ) -> TransportStatistics:
-        """Freeze the counters into a :class:`TransportStatistics`."""
+        """Freeze the counters into a :class:`TransportStatistics` (the counters of the same
+        name, and the reconnects: every connect after the first)."""
+        counts = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "dropped"}
         return TransportStatistics(
             connected=connected,
             protocol=protocol,
-            connects=self.connects,
             reconnects=max(0, self.connects - 1),
-            connect_failures=self.connect_failures,
-            published=self.published,
-            published_bytes=self.published_bytes,
-            received=self.received,
-            received_bytes=self.received_bytes,
-            acked=self.acked,
-            stale_acks=self.stale_acks,
             queued=queued,
-            queue_high_water=self.queue_high_water,
-            read_pauses=self.read_pauses,
             dropped_by_reason=dict(self.dropped),
-            last_error=self.last_error,
+            **counts,
         )
 
 

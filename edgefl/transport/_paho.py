@@ -151,18 +151,14 @@ class BufferedClient(mqtt.Client):
         return self.pings_sent
 
     def _send_pingreq(self) -> MQTTErrorCode:
-        if not self.fast_path:
-            return super()._send_pingreq()
         rc = super()._send_pingreq()
-        if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+        if self.fast_path and rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
             self.pings_sent += 1
         return rc
 
     def _handle_pingresp(self) -> MQTTErrorCode:
-        if not self.fast_path:
-            return super()._handle_pingresp()
         rc = super()._handle_pingresp()
-        if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+        if self.fast_path and rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
             self.pings_answered += 1
             if self.on_pingresp is not None:
                 self.on_pingresp()

@@ -31,9 +31,8 @@ import secrets
 from collections import deque
 from collections.abc import AsyncGenerator, Iterable
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Self
 
+from edgefl.lifecycle import AsyncLifecycle
 from edgefl.transport._inbound import Counters, InboundQueue
 from edgefl.transport.base import (
     Backpressure,
@@ -203,7 +202,7 @@ class MemoryBroker:
         return session
 
 
-class MemoryTransport:
+class MemoryTransport(AsyncLifecycle):
     """:class:`~edgefl.transport.base.Transport` on a :class:`MemoryBroker`.
 
     ``disconnect(abrupt=...)`` and ``connect()`` simulate a dropped and restored connection
@@ -249,18 +248,6 @@ class MemoryTransport:
     def connected(self) -> bool:
         return self._connected
 
-    async def __aenter__(self) -> Self:
-        await self.connect()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
     async def connect(self) -> None:
         """(Re)connect: resume or create the session, re-subscribe, run ``on_connect``."""
         if self._closed:
@@ -280,6 +267,8 @@ class MemoryTransport:
                 await self._on_connect_hook(info)
             except Exception:
                 log.exception("%s: on_connect hook failed", self.client_id)
+
+    open = connect
 
     async def disconnect(self, *, abrupt: bool = False) -> None:
         """Drop the connection but keep the transport (``connect()`` restores it). Abrupt: the

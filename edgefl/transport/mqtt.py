@@ -39,8 +39,7 @@ import secrets
 import time
 from collections.abc import AsyncGenerator, Iterable, Iterator
 from enum import Enum
-from types import TracebackType
-from typing import Any, NamedTuple, Self
+from typing import Any, NamedTuple
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTErrorCode, MQTTProtocolVersion
@@ -48,6 +47,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from edgefl.lifecycle import AsyncLifecycle
 from edgefl.transport._connect import ConnectAbandoned, ConnectJob
 from edgefl.transport._inbound import Counters, InboundQueue
 from edgefl.transport._paho import BufferedClient, SocketDriver, make_client, ssl_context
@@ -179,7 +179,7 @@ def _consume(fut: asyncio.Future[Any]) -> None:
         fut.exception()
 
 
-class MqttTransport:
+class MqttTransport(AsyncLifecycle):
     """The :class:`~edgefl.transport.base.Transport` over a real MQTT broker.
 
     Use as ``async with MqttTransport(config) as transport:``. ``__aenter__`` waits up to
@@ -235,7 +235,9 @@ class MqttTransport:
     def connected(self) -> bool:
         return self._session.connected
 
-    async def __aenter__(self) -> Self:
+    async def open(self) -> None:
+        """:meth:`start`, then wait ``config.start_timeout`` (if set) for the first connection;
+        closes again if it does not come (``async with`` calls this)."""
         await self.start()
         if self._config.start_timeout is not None:
             try:
@@ -243,15 +245,6 @@ class MqttTransport:
             except BaseException:
                 await self.close()
                 raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def start(self) -> None:
         """Start connecting in the background (``__aenter__`` calls this)."""

@@ -9,20 +9,23 @@ runs) against a real Mosquitto and the real aggregator:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import fleet_parts
 import numpy as np
 import pytest
+from agent_files import write_agent_toml
 from sklearn.datasets import load_digits
 
 from broker.launcher import MosquittoBroker
-from edgefl.aggregator import Aggregator, AggregatorConfig
+from edgefl.aggregator import Aggregator
 from edgefl.protocol.messages import DeviceState, DeviceStatus, decode_message
 from edgefl.protocol.topics import device_state_topic
 from edgefl.transport import MqttConfig, MqttTransport
@@ -38,30 +41,7 @@ def write_config(tmp: Path, url: str) -> Path:
     d = load_digits()
     np.savez(tmp / "train.npz", x=(d.data[:150] / 16.0).astype(np.float32), y=d.target[:150])
     write_fake_sysfs(tmp / "fs", mains=False)
-    path = tmp / "agent.toml"
-    path.write_text(
-        f"""
-fleet = "{FLEET}"
-device_id = "{DEVICE}"
-state_dir = "state"
-log_level = "INFO"
-
-[broker]
-url = "{url}"
-reconnect_max_s = 2.0
-
-[data]
-kind = "npz"
-path = "train.npz"
-
-[probes]
-root = "fs"
-interval_s = 1.0
-metered = "no"
-throttle = false
-"""
-    )
-    return path
+    return write_agent_toml(tmp, fleet=FLEET, device=DEVICE, url=url, reconnect_max_s=2.0)
 
 
 class AgentProcess:
@@ -110,17 +90,39 @@ def spooled(state: Path) -> int:
     return len(list((state / "spool").glob("u-*.upd"))) if (state / "spool").is_dir() else 0
 
 
+@contextlib.asynccontextmanager
+async def agent_holding_v0(tmp: Path, url: str) -> AsyncIterator[tuple[Aggregator, AgentProcess]]:
+    """The aggregator running and the agent process started and holding model v0; on the way
+    out the agent is killed (if still running) and the aggregator stopped."""
+    agent = AgentProcess(write_config(tmp, url))
+    agg = aggregator(tmp, url)
+    ready = asyncio.Event()
+    agg_task = asyncio.create_task(agg.run(ready))
+    try:
+        await asyncio.wait_for(ready.wait(), 30)
+        agent.start()
+        await wait_for(lambda: (tmp / "state" / "model/current").exists(), 30, agent)
+        yield agg, agent
+    finally:
+        agent.close()
+        agg.stop()
+        await agg_task
+
+
+async def update_spooled_while_broker_down(
+    mosquitto: MosquittoBroker, tmp: Path, agent: AgentProcess
+) -> float:
+    """The broker goes away, then the device is plugged in and spools the update it trains;
+    returns when the broker went down (``time.monotonic``)."""
+    await asyncio.to_thread(mosquitto.stop)
+    down_at = time.monotonic()
+    write_fake_sysfs(tmp / "fs", mains=True)
+    await wait_for(lambda: spooled(tmp / "state") == 1, 60, agent)
+    return down_at
+
+
 def aggregator(tmp: Path, url: str) -> Aggregator:
-    return Aggregator(
-        AggregatorConfig(
-            broker_url=url,
-            fleet=FLEET,
-            model=MODEL,
-            state_dir=tmp / "aggregator",
-            buffer_size=10,
-            fsync=False,
-        )
-    )
+    return fleet_parts.aggregator(tmp, url, fleet=FLEET, model=MODEL, buffer_size=10)
 
 
 async def retained_state(url: str) -> DeviceState:
@@ -136,21 +138,9 @@ async def test_sigkill_with_spooled_update_then_restart_delivers_exactly_once(
     mosquitto: MosquittoBroker, tmp_path: Path
 ) -> None:
     # Arrange
-    config = write_config(tmp_path, mosquitto.url)
     state = tmp_path / "state"
-    agg = aggregator(tmp_path, mosquitto.url)
-    agent = AgentProcess(config)
-
-    ready = asyncio.Event()
-    agg_task = asyncio.create_task(agg.run(ready))
-    try:
-        await asyncio.wait_for(ready.wait(), 30)
-        agent.start()
-        await wait_for(lambda: (state / "model/current").exists(), 30, agent)
-        # the broker goes away, then the device becomes eligible and finishes an update
-        await asyncio.to_thread(mosquitto.stop)
-        write_fake_sysfs(tmp_path / "fs", mains=True)
-        await wait_for(lambda: spooled(state) == 1, 60, agent)
+    async with agent_holding_v0(tmp_path, mosquitto.url) as (agg, agent):
+        await update_spooled_while_broker_down(mosquitto, tmp_path, agent)
         # Act: crash with the update in the spool, broker back, agent restarted
         assert agent.signal(signal.SIGKILL) == -signal.SIGKILL
         await asyncio.to_thread(mosquitto.start)
@@ -160,10 +150,6 @@ async def test_sigkill_with_spooled_update_then_restart_delivers_exactly_once(
         await asyncio.sleep(1.5)  # a duplicate, if any, would arrive by now
         code = agent.signal(signal.SIGTERM)
         final = await retained_state(mosquitto.url)
-    finally:
-        agent.close()
-        agg.stop()
-        await agg_task
 
     # Assert: counted once; the restart did not train v0 again; clean stop -> offline
     stats = agg.statistics()
@@ -182,22 +168,10 @@ async def test_broker_down_for_20s_agent_delivers_afterwards(
     mosquitto: MosquittoBroker, tmp_path: Path
 ) -> None:
     # Arrange
-    config = write_config(tmp_path, mosquitto.url)
     state = tmp_path / "state"
-    agg = aggregator(tmp_path, mosquitto.url)
-    agent = AgentProcess(config)
-
-    ready = asyncio.Event()
-    agg_task = asyncio.create_task(agg.run(ready))
-    try:
-        await asyncio.wait_for(ready.wait(), 30)
-        agent.start()
-        await wait_for(lambda: (state / "model/current").exists(), 30, agent)
+    async with agent_holding_v0(tmp_path, mosquitto.url) as (agg, agent):
         # Act: broker down 20 s; meanwhile the device trains and spools its update
-        await asyncio.to_thread(mosquitto.stop)
-        down_at = time.monotonic()
-        write_fake_sysfs(tmp_path / "fs", mains=True)
-        await wait_for(lambda: spooled(state) == 1, 60, agent)
+        down_at = await update_spooled_while_broker_down(mosquitto, tmp_path, agent)
         await asyncio.sleep(max(0.0, 20.0 - (time.monotonic() - down_at)))
         assert agg.statistics().applied == 0
         await asyncio.to_thread(mosquitto.start)
@@ -207,10 +181,6 @@ async def test_broker_down_for_20s_agent_delivers_afterwards(
         # the update leaves the spool when the aggregator's receipt arrives (after its commit)
         await wait_for(lambda: spooled(state) == 0, 30, agent)
         assert agent.signal(signal.SIGTERM) == 0
-    finally:
-        agent.close()
-        agg.stop()
-        await agg_task
     downtime, delivered_after = up_at - down_at, delivered_after
 
     # Assert

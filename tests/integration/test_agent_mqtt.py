@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import threading
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
+import agent_files
+import fleet_parts
 import numpy as np
 import pytest
 from sklearn.datasets import load_digits
@@ -23,7 +27,7 @@ from waiting import eventually
 
 from broker.launcher import MosquittoBroker
 from device_agent.agent import DeviceAgent
-from device_agent.config import AgentConfig, BrokerConfig, DataConfig, DataKind, ProbeConfig
+from device_agent.config import AgentConfig
 from device_agent.dataset import LocalDataset
 from device_agent.eligibility import (
     ClockProbe,
@@ -37,7 +41,7 @@ from device_agent.model_store import ModelStore
 from device_agent.predict import LocalModel
 from device_agent.snapshots import ProbeSnapshotSource
 from device_agent.trainer import TorchTrainer, TrainJob, TrainResult
-from edgefl.aggregator import Aggregator, AggregatorConfig
+from edgefl.aggregator import Aggregator
 from edgefl.protocol.messages import DeviceState, DeviceStatus, decode_message
 from edgefl.protocol.topics import device_state_topic
 from edgefl.transport import MqttConfig, MqttTransport
@@ -48,28 +52,17 @@ pytestmark = pytest.mark.integration
 FLEET, DEVICE, MODEL = "orchard", "pi-7", "digits-mlp"
 
 
-def write_tree(
-    root: Path,
-    *,
-    mains: bool = True,
-    temp_c: float = 40.0,
-    load: float = 0.0,
-    throttled: int = 0,
-) -> None:
-    """Fake /proc and /sys: 2 CPUs, AC adapter + battery, a thermal zone, the Pi firmware file."""
-    write_fake_sysfs(root, mains=mains, temp_c=temp_c, load=load, throttled=throttled)
+write_tree = functools.partial(write_fake_sysfs, throttled=0)
+"""Fake /proc and /sys: 2 CPUs, AC adapter + battery, a thermal zone, the Pi firmware file
+(reporting no throttling unless ``throttled`` says otherwise)."""
+
+
+def aggregator(tmp: Path, url: str, **settings: Any) -> Aggregator:
+    return fleet_parts.aggregator(tmp, url, fleet=FLEET, model=MODEL, **settings)
 
 
 def agent_config(tmp: Path, url: str) -> AgentConfig:
-    return AgentConfig(
-        broker=BrokerConfig(url, reconnect_max_s=2.0),
-        fleet=FLEET,
-        device_id=DEVICE,
-        data=DataConfig(kind=DataKind.NPZ, path=tmp / "unused.npz"),
-        probes=ProbeConfig(root=tmp / "fs", metered=MeteredSource.NO, interval_s=1.0),
-        eligibility=EligibilityPolicy(),
-        state_dir=tmp / "agent",
-    )
+    return agent_files.agent_config(tmp, url, fleet=FLEET, device=DEVICE, state_dir=tmp / "agent")
 
 
 def dataset() -> LocalDataset:
@@ -120,17 +113,7 @@ async def test_agent_follows_aggregator_model_and_onnx_inference_matches_torch(
 ) -> None:
     # Arrange: FedBuff with K=1, ONNX published with every version
     write_tree(tmp_path / "fs")
-    agg = Aggregator(
-        AggregatorConfig(
-            broker_url=mosquitto.url,
-            fleet=FLEET,
-            model=MODEL,
-            state_dir=tmp_path / "aggregator",
-            buffer_size=1,
-            publish_onnx=True,
-            fsync=False,
-        )
-    )
+    agg = aggregator(tmp_path, mosquitto.url, buffer_size=1, publish_onnx=True)
     agent = DeviceAgent(agent_config(tmp_path, mosquitto.url), dataset=dataset())
 
     ready = asyncio.Event()
@@ -254,16 +237,7 @@ async def test_eligibility_over_fake_sysfs_and_abort_mid_training_publishes_noth
 ) -> None:
     # Arrange: NetworkManager and the clock are real probes over fakes, window 22:00-06:00
     device = ProbedDevice.create(tmp_path)
-    agg = Aggregator(
-        AggregatorConfig(
-            broker_url=mosquitto.url,
-            fleet=FLEET,
-            model=MODEL,
-            state_dir=tmp_path / "aggregator",
-            buffer_size=10,
-            fsync=False,
-        )
-    )
+    agg = aggregator(tmp_path, mosquitto.url, buffer_size=10)
     trainer = GateTrainer()
     cfg = dataclasses.replace(
         agent_config(tmp_path, mosquitto.url),

@@ -10,16 +10,15 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import select
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from fleet_parts import start_aggregator_process
 
 from broker.launcher import MosquittoBroker, ThreadedEmbeddedBroker
 from edgefl.aggregator import Aggregator, AggregatorConfig, NormBoundSetting
@@ -31,7 +30,6 @@ from edgefl.transport import MqttConfig, MqttTransport
 FLEET = "crash"
 MODEL = "digits-mlp"
 NUM_PARAMS = 2410
-REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.integration
 
@@ -39,37 +37,14 @@ pytestmark = pytest.mark.integration
 def start_aggregator(
     url: str, state_dir: Path, *, importtime: bool = False
 ) -> subprocess.Popen[str]:
-    args = [sys.executable]
-    if importtime:
-        args += ["-X", "importtime"]
-    args += [
-        "-m", "edgefl.aggregator.cli",
+    args = [
         "--broker", url, "--fleet", FLEET, "--model", MODEL, "--state-dir", str(state_dir),
         "--buffer-size", "7", "--norm-bound", "off", "--metrics-interval", "0.5",
         "--max-batch", "64",
     ]  # fmt: skip
-    stderr_path = state_dir.parent / f"aggregator-{time.monotonic_ns()}.err"
-    proc = subprocess.Popen(
-        args,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=stderr_path.open("w"),
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    return start_aggregator_process(
+        args, state_dir, python=["-X", "importtime"] if importtime else ()
     )
-    proc.stderr_path = stderr_path  # type: ignore[attr-defined]
-    deadline = time.monotonic() + 30
-    assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 0.2)
-        if ready:
-            line = proc.stdout.readline()
-            if "aggregator ready" in line:
-                return proc
-            if not line and proc.poll() is not None:
-                break
-    proc.kill()
-    raise AssertionError(f"aggregator did not start: {stderr_path.read_text()[-2000:]}")
 
 
 def delta(device: int, seq: int) -> np.ndarray:

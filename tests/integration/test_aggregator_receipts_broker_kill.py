@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import select
 import signal
 import sqlite3
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-from receipt_helpers import DEVICE, FLEET, MODEL, dataset, receipts_config, spool_updates
+from fleet_parts import start_aggregator_process
+from receipt_helpers import DEVICE, FLEET, MODEL, spooled_agent
 from waiting import eventually
 
 from broker.launcher import MosquittoBroker
@@ -31,37 +29,15 @@ from device_agent.agent import DeviceAgent
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 N = 300  # more than the aggregator's receive window (--max-inflight-mib 1): some stay queued
-REPO = Path(__file__).resolve().parents[2]
 
 
 def start_aggregator(url: str, state_dir: Path) -> subprocess.Popen[str]:
     args = [
-        sys.executable, "-m", "edgefl.aggregator.cli",
         "--broker", url, "--fleet", FLEET, "--model", MODEL, "--state-dir", str(state_dir),
         "--buffer-size", "50", "--norm-bound", "off", "--metrics-interval", "0.5",
         "--max-inflight-mib", "1", "--receipts",
     ]  # fmt: skip
-    err = state_dir.parent / "aggregator.err"
-    proc = subprocess.Popen(
-        args,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=err.open("w"),
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    deadline = time.monotonic() + 30
-    assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 0.2)
-        if ready:
-            line = proc.stdout.readline()
-            if "aggregator ready" in line:
-                return proc
-            if not line and proc.poll() is not None:
-                break
-    proc.kill()
-    raise AssertionError(f"aggregator did not start: {err.read_text()[-2000:]}")
+    return start_aggregator_process(args, state_dir)
 
 
 def durable(db: Path) -> tuple[list[tuple[str, int]], int]:
@@ -83,9 +59,7 @@ async def test_paused_aggregator_and_broker_sigkill_account_every_update_exactly
     try:
         mosquitto.save()
         os.kill(aggregator.pid, signal.SIGSTOP)
-        cfg = receipts_config(tmp_path, url=mosquitto.url, timeout_s=3600.0, reconnect_max_s=1.0)
-        spool_updates(tmp_path, N)
-        agent = DeviceAgent(cfg, dataset=dataset())
+        agent = spooled_agent(tmp_path, mosquitto.url, N)
         run = asyncio.create_task(agent.run())
         await eventually(lambda: agent.statistics().updates_sent == N, 90)  # all PUBACKed
 

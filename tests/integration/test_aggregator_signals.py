@@ -155,6 +155,22 @@ def base_args(url: str, state_dir: Path) -> list[str]:
     ]  # fmt: skip
 
 
+def watched_aggregator(url: str, tmp_path: Path, notify: NotifyListener) -> Aggregator:
+    """The aggregator under systemd's eye: it notifies ``notify``, WatchdogSec=0.4 (a ping
+    every 0.2 s)."""
+    return Aggregator(
+        base_args(url, tmp_path / "state"),
+        {"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "400000"},
+    )
+
+
+def assert_stopped_cleanly(code: int, elapsed: float, output: str) -> None:
+    """Exit code 0, within the stop limit, and no traceback."""
+    assert code == 0, output
+    assert elapsed < STOP_LIMIT_S
+    assert "Traceback" not in output
+
+
 def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -178,9 +194,7 @@ def test_signal_while_connecting(
     code, elapsed, output = agg.signal_and_wait(sig)
 
     # Assert
-    assert code == 0, output
-    assert elapsed < STOP_LIMIT_S
-    assert "Traceback" not in output
+    assert_stopped_cleanly(code, elapsed, output)
     assert "error" not in output.lower()
     after = notify.wait_for(lambda m: "STATUS=stopped" in m, timeout=5)
     assert "STOPPING=1" in after
@@ -209,19 +223,14 @@ def test_signal_while_waiting_for_a_silent_broker(tmp_path: Path, notify: Notify
         server.close()
 
     # Assert
-    assert code == 0, output
-    assert elapsed < STOP_LIMIT_S
-    assert "Traceback" not in output
+    assert_stopped_cleanly(code, elapsed, output)
 
 
 def test_signal_while_running(
     mosquitto: MosquittoBroker, tmp_path: Path, notify: NotifyListener
 ) -> None:
-    # Arrange: WatchdogSec=0.4, so pings come every 0.2 s
-    agg = Aggregator(
-        base_args(mosquitto.url, tmp_path / "state"),
-        {"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "400000"},
-    )
+    # Arrange
+    agg = watched_aggregator(mosquitto.url, tmp_path, notify)
     agg.wait_for("aggregator ready")
     seen = notify.wait_for(lambda m: "READY=1" in m and m.count("WATCHDOG=1") >= 3)
 
@@ -229,9 +238,7 @@ def test_signal_while_running(
     code, elapsed, output = agg.signal_and_wait(signal.SIGTERM)
 
     # Assert
-    assert code == 0, output
-    assert elapsed < STOP_LIMIT_S
-    assert "Traceback" not in output
+    assert_stopped_cleanly(code, elapsed, output)
     assert any(m.startswith("STATUS=serving fleet sig: version 0") for m in seen)
     after = notify.wait_for(lambda m: "STATUS=stopped" in m, timeout=5)
     assert after.index("STOPPING=1") > after.index("READY=1")
@@ -241,10 +248,7 @@ def test_signal_after_the_broker_went_away(
     mosquitto: MosquittoBroker, tmp_path: Path, notify: NotifyListener
 ) -> None:
     # Arrange: serving, then the broker dies; the graceful shutdown cannot publish "offline"
-    agg = Aggregator(
-        base_args(mosquitto.url, tmp_path / "state"),
-        {"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "400000"},
-    )
+    agg = watched_aggregator(mosquitto.url, tmp_path, notify)
     agg.wait_for("aggregator ready")
     mosquitto.kill()
     notify.wait_for(lambda m: any("disconnected, reconnecting" in x for x in m))
@@ -253,9 +257,7 @@ def test_signal_after_the_broker_went_away(
     code, elapsed, output = agg.signal_and_wait(signal.SIGTERM)
 
     # Assert
-    assert code == 0, output
-    assert elapsed < STOP_LIMIT_S
-    assert "Traceback" not in output
+    assert_stopped_cleanly(code, elapsed, output)
 
 
 def delta(device: int, seq: int) -> np.ndarray:
@@ -314,6 +316,4 @@ def test_signal_while_committing(
         publishers.join(10)
 
     # Assert
-    assert code == 0, output
-    assert elapsed < STOP_LIMIT_S
-    assert "Traceback" not in output
+    assert_stopped_cleanly(code, elapsed, output)

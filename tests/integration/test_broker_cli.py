@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import needs
 import pytest
+from fleet_parts import listening_url
 
 from broker.launcher import ThreadedEmbeddedBroker
 from edgefl.cli import main
@@ -124,12 +124,7 @@ def test_signal_stops_the_broker_cleanly(kind: str, sig: signal.Signals, tmp_pat
     )
     try:
         assert proc.stdout is not None
-        url = None
-        for line in proc.stdout:
-            found = re.search(r"listening on (mqtt://\S+)", line)
-            if found:
-                url = found.group(1)
-                break
+        url = listening_url(proc.stdout)
         assert url is not None, proc.stderr.read() if proc.stderr else ""
         signalled = time.monotonic()
         proc.send_signal(sig)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import needs
 import pytest
+from fleet_parts import listening_url
 
 from broker.launcher import (
     DEV_CONF,
@@ -137,12 +137,7 @@ def test_edgefl_broker_runs_in_foreground_until_sigterm(embedded: bool, tmp_path
     )
     try:
         assert proc.stdout is not None
-        url = None
-        for line in proc.stdout:
-            found = re.search(r"listening on (mqtt://\S+)", line)
-            if found:
-                url = found.group(1)
-                break
+        url = listening_url(proc.stdout)
         assert url is not None
         message, protocol = asyncio.run(roundtrip(url))  # a process-level test: one client call
         assert (message.payload, protocol) == (b"ok", "3.1.1" if embedded else "5")

@@ -24,16 +24,19 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from agent_files import write_agent_toml
+from fleet_parts import start_edgefl
 
 from broker.launcher import MosquittoBroker
 from device_agent.release import model_release
 from edgefl.models.spec import get_model_spec, init_weights_numpy
 from edgefl.transport import MqttConfig, MqttTransport
+from firmware_sim.fake_sysfs import write_fake_sysfs
 
 pytestmark = pytest.mark.integration
 
@@ -58,15 +61,7 @@ class Command:
         env.pop("NOTIFY_SOCKET", None)
         env["PYTHONUNBUFFERED"] = "1"
         env["PYTHONPATH"] = str(REPO)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edgefl.cli", *args],
-            cwd=cwd,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        self.proc = start_edgefl(args, cwd, env)
         self.lines: queue.Queue[tuple[str, str | None]] = queue.Queue()
         self.seen: dict[str, list[str]] = {"stdout": [], "stderr": []}
         self._readers = [
@@ -125,10 +120,19 @@ class Command:
             self.proc.wait()
 
 
+Start = Callable[[list[str]], Command]
+
+
 @pytest.fixture
-def commands() -> Iterator[list[Command]]:
+def start(tmp_path: Path) -> Iterator[Start]:
+    """Starts ``edgefl <args>`` in ``tmp_path``; every command it started is closed afterwards."""
     started: list[Command] = []
-    yield started
+
+    def start_command(args: list[str]) -> Command:
+        started.append(Command(args, tmp_path))
+        return started[-1]
+
+    yield start_command
     for command in started:
         command.close()
 
@@ -149,30 +153,8 @@ def write_agent_config(tmp: Path, url: str, *, examples: int = 200, training: st
     rng = np.random.default_rng(0)
     x = rng.random((examples, 64), dtype=np.float32)
     np.savez(tmp / "train.npz", x=x, y=rng.integers(0, 10, examples))
-    fs = tmp / "fs"
-    (fs / "proc").mkdir(parents=True)
-    (fs / "proc/loadavg").write_text("0.00 0.00 0.00 1/100 1\n")
-    (fs / "proc/cpuinfo").write_text("processor : 0\nprocessor : 1\n")
-    ac = fs / "sys/class/power_supply/AC"
-    ac.mkdir(parents=True)
-    (ac / "type").write_text("Mains\n")
-    (ac / "online").write_text("1\n")
-    path = tmp / "agent.toml"
-    path.write_text(
-        f"""
-fleet = "{FLEET}"
-device_id = "{DEVICE}"
-state_dir = "state"
-log_level = "INFO"
-
-[broker]
-url = "{url}"
-reconnect_max_s = 1.0
-
-[data]
-kind = "npz"
-path = "train.npz"
-
+    write_fake_sysfs(tmp / "fs", mains=True)
+    sections = f"""
 [training]
 max_epochs = 50
 batch_size = 8
@@ -180,15 +162,10 @@ batch_size = 8
 
 [spool]
 durable = false
-
-[probes]
-root = "fs"
-interval_s = 1.0
-metered = "no"
-throttle = false
 """
+    return write_agent_toml(
+        tmp, fleet=FLEET, device=DEVICE, url=url, reconnect_max_s=1.0, sections=sections
     )
-    return path
 
 
 def publish_model(url: str, version: int = 0) -> None:
@@ -206,34 +183,27 @@ def publish_model(url: str, version: int = 0) -> None:
 
 
 @pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: s.name)
-def test_agent_stops_while_connecting_to_an_unreachable_broker(
-    sig: signal.Signals, tmp_path: Path, commands: list[Command]
+@pytest.mark.parametrize("reachable", [False, True], ids=["connecting", "idle"])
+def test_agent_stops_while_connecting_or_connected_and_idle(
+    sig: signal.Signals,
+    reachable: bool,
+    tmp_path: Path,
+    start: Start,
+    request: pytest.FixtureRequest,
 ) -> None:
-    config = write_agent_config(tmp_path, closed_port_url())
-    agent = Command(["agent", "run", "--config", str(config)], tmp_path)
-    commands.append(agent)
+    """Connecting to an unreachable broker, or connected to Mosquitto with nothing to do."""
+    url = request.getfixturevalue("mosquitto").url if reachable else closed_port_url()
+    config = write_agent_config(tmp_path, url)
+    agent = start(["agent", "run", "--config", str(config)])
 
-    agent.wait_for(r"cannot connect to mqtt://")
+    agent.wait_for(r"connected to mqtt://" if reachable else r"cannot connect to mqtt://")
 
-    assert_clean_stop(agent, sig, "agent connecting")
-
-
-@pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: s.name)
-def test_agent_stops_while_connected_and_idle(
-    sig: signal.Signals, mosquitto: MosquittoBroker, tmp_path: Path, commands: list[Command]
-) -> None:
-    config = write_agent_config(tmp_path, mosquitto.url)
-    agent = Command(["agent", "run", "--config", str(config)], tmp_path)
-    commands.append(agent)
-
-    agent.wait_for(r"connected to mqtt://")
-
-    assert_clean_stop(agent, sig, "agent idle")
+    assert_clean_stop(agent, sig, "agent idle" if reachable else "agent connecting")
 
 
 @pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: s.name)
 def test_agent_stops_while_training(
-    sig: signal.Signals, mosquitto: MosquittoBroker, tmp_path: Path, commands: list[Command]
+    sig: signal.Signals, mosquitto: MosquittoBroker, tmp_path: Path, start: Start
 ) -> None:
     """Training in the agent's worker thread, torch already imported: the first training (v0)
     runs into ``max_train_seconds`` while it imports torch; the signal comes during the second
@@ -242,8 +212,7 @@ def test_agent_stops_while_training(
         tmp_path, mosquitto.url, examples=20_000, training="max_train_seconds = 3.0"
     )
     publish_model(mosquitto.url, 0)
-    agent = Command(["agent", "run", "--config", str(config)], tmp_path)
-    commands.append(agent)
+    agent = start(["agent", "run", "--config", str(config)])
     agent.wait_for(r"training on v0 aborted: timeout")
     publish_model(mosquitto.url, 1)
 
@@ -256,7 +225,7 @@ def test_agent_stops_while_training(
 
 @pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: s.name)
 def test_agent_stops_while_a_training_process_starts(
-    sig: signal.Signals, mosquitto: MosquittoBroker, tmp_path: Path, commands: list[Command]
+    sig: signal.Signals, mosquitto: MosquittoBroker, tmp_path: Path, start: Start
 ) -> None:
     """``training.isolation = "process"``: the signal comes while the training child starts
     (imports torch); the agent ends the child and stops."""
@@ -264,8 +233,7 @@ def test_agent_stops_while_a_training_process_starts(
         tmp_path, mosquitto.url, examples=20_000, training='isolation = "process"'
     )
     publish_model(mosquitto.url, 0)
-    agent = Command(["agent", "run", "--config", str(config)], tmp_path)
-    commands.append(agent)
+    agent = start(["agent", "run", "--config", str(config)])
 
     agent.wait_for(r"training on model v0")
 
@@ -277,13 +245,10 @@ def test_agent_stops_while_a_training_process_starts(
 
 @pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: s.name)
 @pytest.mark.parametrize("mode", [["--once"], ["--json"]], ids=["once", "stream"])
-def test_monitor_stops_while_connecting(
-    sig: signal.Signals, mode: list[str], tmp_path: Path, commands: list[Command]
-) -> None:
+def test_monitor_stops_while_connecting(sig: signal.Signals, mode: list[str], start: Start) -> None:
     url = closed_port_url()
     args = ["monitor", "--fleet", FLEET, "--broker", url, "--connect-timeout", "60", *mode]
-    monitor = Command(args, tmp_path)
-    commands.append(monitor)
+    monitor = start(args)
 
     monitor.wait_for(r"Connection refused; retrying")
 
@@ -292,12 +257,11 @@ def test_monitor_stops_while_connecting(
 
 @pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: s.name)
 def test_monitor_stream_stops_while_running(
-    sig: signal.Signals, mosquitto: MosquittoBroker, tmp_path: Path, commands: list[Command]
+    sig: signal.Signals, mosquitto: MosquittoBroker, start: Start
 ) -> None:
     publish_model(mosquitto.url)
     args = ["monitor", "--fleet", FLEET, "--broker", mosquitto.url, "--json"]
-    stream = Command(args, tmp_path)
-    commands.append(stream)
+    stream = start(args)
 
     stream.wait_for(r'"type":"message"')  # connected, subscribed, streaming
 
@@ -305,11 +269,10 @@ def test_monitor_stream_stops_while_running(
 
 
 def test_monitor_on_a_pipe_streams_json_lines_and_says_so(
-    mosquitto: MosquittoBroker, tmp_path: Path, commands: list[Command]
+    mosquitto: MosquittoBroker, start: Start
 ) -> None:
     publish_model(mosquitto.url)
-    monitor = Command(["monitor", "--fleet", FLEET, "--broker", mosquitto.url], tmp_path)
-    commands.append(monitor)
+    monitor = start(["monitor", "--fleet", FLEET, "--broker", mosquitto.url])
 
     first = monitor.wait_for(r"^\{")
 

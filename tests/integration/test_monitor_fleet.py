@@ -12,17 +12,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import fleet_parts
 import numpy as np
 import pytest
+from agent_files import agent_config
 from sklearn.datasets import load_digits
 from waiting import eventually
 
 from broker.launcher import MosquittoBroker
 from device_agent.agent import DeviceAgent
-from device_agent.config import AgentConfig, BrokerConfig, DataConfig, DataKind, ProbeConfig
 from device_agent.dataset import LocalDataset
-from device_agent.eligibility import EligibilityPolicy, MeteredSource
-from edgefl.aggregator import Aggregator, AggregatorConfig
+from edgefl.aggregator import Aggregator
 from firmware_sim.fake_sysfs import write_fake_sysfs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(120)]
@@ -32,15 +32,7 @@ DEVICES = ("pi-1", "pi-2", "pi-3")
 
 
 def agent(tmp: Path, url: str, device: str, seed: int) -> DeviceAgent:
-    config = AgentConfig(
-        broker=BrokerConfig(url, reconnect_max_s=2.0),
-        fleet=FLEET,
-        device_id=device,
-        data=DataConfig(kind=DataKind.NPZ, path=tmp / "unused.npz"),
-        probes=ProbeConfig(root=tmp / "fs", metered=MeteredSource.NO, interval_s=1.0),
-        eligibility=EligibilityPolicy(),
-        state_dir=tmp / device,
-    )
+    config = agent_config(tmp, url, fleet=FLEET, device=device, state_dir=tmp / device)
     digits = load_digits()
     rows = slice(seed * 200, seed * 200 + 200)
     x = (digits.data[rows] / 16.0).astype(np.float32)
@@ -74,16 +66,8 @@ async def test_once_json_matches_a_running_aggregator_and_agents(
     mosquitto: MosquittoBroker, tmp_path: Path
 ) -> None:
     write_fake_sysfs(tmp_path / "fs", mains=True)
-    aggregator = Aggregator(
-        AggregatorConfig(
-            broker_url=mosquitto.url,
-            fleet=FLEET,
-            model=MODEL,
-            state_dir=tmp_path / "aggregator",
-            buffer_size=K,
-            metrics_interval_s=0.5,
-            fsync=False,
-        )
+    aggregator = fleet_parts.aggregator(
+        tmp_path, mosquitto.url, fleet=FLEET, model=MODEL, buffer_size=K, metrics_interval_s=0.5
     )
     agents = [agent(tmp_path, mosquitto.url, d, i) for i, d in enumerate(DEVICES)]
 

@@ -18,11 +18,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from receipt_helpers import FLEET, dataset, receipts_config, spool_updates
+from receipt_helpers import DEVICE, FLEET, spooled_agent
 from waiting import eventually
 
 from broker.launcher import MosquittoBroker
-from device_agent.agent import DeviceAgent
 from edgefl.errors import RejectReason
 from edgefl.protocol.messages import decode_update
 from edgefl.protocol.receipts import CommitOutcome, ReceiptBook
@@ -66,9 +65,7 @@ async def test_broker_sigkill_with_a_backlog_loses_no_acknowledged_update(
     async with MqttTransport(consumer_config(mosquitto.url)) as transport:
         await transport.subscribe(updates_filter(FLEET), qos=1)
     mosquitto.save()
-    cfg = receipts_config(tmp_path, url=mosquitto.url, timeout_s=3600.0, reconnect_max_s=1.0)
-    spool_updates(tmp_path, N)
-    agent = DeviceAgent(cfg, dataset=dataset())
+    agent = spooled_agent(tmp_path, mosquitto.url, N)
     run = asyncio.create_task(agent.run())
     await eventually(lambda: agent.statistics().updates_sent == N, 60)  # all PUBACKed
 
@@ -87,7 +84,7 @@ async def test_broker_sigkill_with_a_backlog_loses_no_acknowledged_update(
             await consumer
 
     # Assert: every update recorded exactly once, and the agent knows it
-    assert sorted(recorded) == [(cfg.device_id, seq) for seq in range(N)]
+    assert sorted(recorded) == [(DEVICE, seq) for seq in range(N)]
     assert set(recorded.values()) == {1}
     stats = agent.statistics()
     assert stats.receipted == N

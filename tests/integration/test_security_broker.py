@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import struct
 import zlib
 from collections.abc import Iterator
@@ -22,15 +21,14 @@ from pathlib import Path
 
 import needs
 import pytest
+import samples
 
 from broker.launcher import MosquittoBroker
 from edgefl.errors import ProtocolError, RejectReason, UpdateRejected
 from edgefl.protocol.messages import (
     DeviceState,
     DeviceStatus,
-    ModelFormat,
     ModelManifest,
-    UpdateHeader,
     decode_message,
     decode_update,
     encode_message,
@@ -147,35 +145,13 @@ async def _collect_until(sub: MqttTransport, topic: str, seconds: float = 5.0) -
 
 
 def _update(device: str, seq: int, *, signer: Ed25519Signer | None) -> bytes:
-    header = UpdateHeader(
-        fleet=FLEET,
-        device_id=device,
-        seq=seq,
-        base_version=0,
-        num_examples=10,
-        model="tiny",
-        codec={"format": 1},
-        num_params=4,
-        created_at=1_700_000_000.0,
-    )
+    header = samples.update_header(fleet=FLEET, device_id=device, seq=seq, num_examples=10)
     return encode_message(header, b"\x00" * 16, signer=signer)
 
 
 def _manifest(version: int, *, signer: Ed25519Signer | None) -> bytes:
-    weights = b"\x00" * 16
-    msg = ModelManifest(
-        fleet=FLEET,
-        version=version,
-        model="tiny",
-        format=ModelFormat.FP32_FLAT,
-        sha256=hashlib.sha256(weights).hexdigest(),
-        size=16,
-        chunk_size=16,
-        num_chunks=1,
-        num_params=4,
-        created_at=1_700_000_000.0,
-    )
-    return encode_message(msg, signer=signer)
+    """A manifest of 4 zero float32 weights."""
+    return encode_message(samples.fp32_manifest(fleet=FLEET, version=version), signer=signer)
 
 
 # --- authentication -------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ import os
 import queue
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from fleet_parts import start_edgefl
 
 from broker.launcher import find_mosquitto
 
@@ -64,16 +64,8 @@ class Run:
     def start(cls, args: Sequence[str], cwd: Path) -> Run:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
         env.pop("EDGEFL_DEBUG", None)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "edgefl.cli", *args],
-            cwd=cwd,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,  # its own process group: killpg is a terminal's Ctrl-C
-        )
+        # its own process group: killpg is a terminal's Ctrl-C
+        proc = start_edgefl(args, cwd, env, start_new_session=True)
         run = cls(proc)
         threading.Thread(target=run._read_err, daemon=True).start()
         threading.Thread(target=run._read_out, daemon=True).start()

@@ -80,14 +80,22 @@ async def until_attempting(listener: socket.socket) -> None:
     assert await asyncio.to_thread(connection_pending, listener)
 
 
+async def hanging(
+    silent: socket.socket, scheme: str, **overrides: object
+) -> tuple[MqttTransport, asyncio.Task[None]]:
+    """A transport entering ``async with`` (in a task) whose attempt hangs at ``silent``."""
+    transport = MqttTransport(hanging_config(silent_url(silent, scheme), **overrides))
+    task = asyncio.create_task(entered(transport))
+    await until_attempting(silent)
+    return transport, task
+
+
 @pytest.mark.parametrize("scheme", ["mqtt", "mqtts", "ws"])
 async def test_cancelling_a_hanging_connect_returns_promptly(
     silent: socket.socket, scheme: str
 ) -> None:
     # Arrange
-    transport = MqttTransport(hanging_config(silent_url(silent, scheme)))
-    task = asyncio.create_task(entered(transport))
-    await until_attempting(silent)
+    transport, task = await hanging(silent, scheme)
     assert not task.done()
 
     # Act
@@ -104,9 +112,7 @@ async def test_cancelling_a_hanging_connect_returns_promptly(
 async def test_closing_from_another_task_ends_the_wait_with_transport_closed(
     silent: socket.socket, scheme: str
 ) -> None:
-    transport = MqttTransport(hanging_config(silent_url(silent, scheme)))
-    task = asyncio.create_task(entered(transport))
-    await until_attempting(silent)
+    transport, task = await hanging(silent, scheme)
 
     async with asyncio.timeout(PROMPT):
         await transport.close()
@@ -122,9 +128,7 @@ async def test_an_abandoned_connect_closes_its_socket_when_it_returns(
     """The connect thread outlives the cancellation; once its TLS handshake times out it
     closes the socket it opened (the listener sees EOF after the ClientHello)."""
 
-    transport = MqttTransport(hanging_config(silent_url(silent, "mqtts"), connect_timeout=1))
-    task = asyncio.create_task(entered(transport))
-    await until_attempting(silent)
+    _, task = await hanging(silent, "mqtts", connect_timeout=1)
     task.cancel()
     await asyncio.wait({task})
     conn, _ = silent.accept()

@@ -7,13 +7,13 @@ import os
 from collections.abc import Callable
 
 import pytest
+from transport_helpers import config, consumer_config, receive
 
 from broker.launcher import MosquittoBroker, ThreadedEmbeddedBroker
 from edgefl.transport import (
     Backpressure,
     ConnectInfo,
     InboundMessage,
-    MqttConfig,
     MqttProtocol,
     MqttTransport,
     NotConnectedError,
@@ -24,34 +24,6 @@ from edgefl.transport import (
 from edgefl.transport._paho import BufferedClient
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
-
-FAST = {
-    "reconnect_min_delay": 0.05,
-    "reconnect_max_delay": 0.5,
-    "start_timeout": 10.0,
-    "protocol_probe_timeout": 0.5,
-}
-
-
-def config(url: str, **overrides: object) -> MqttConfig:
-    return MqttConfig.from_url(url, **{**FAST, **overrides})
-
-
-async def receive(
-    transport: MqttTransport, count: int = 1, within: float = 5.0
-) -> list[InboundMessage]:
-    """The next ``count`` messages (TimeoutError if they do not come)."""
-    out: list[InboundMessage] = []
-    stream = transport.messages()
-    try:
-        async with asyncio.timeout(within):
-            async for message in stream:
-                out.append(message)
-                if len(out) == count:
-                    break
-    finally:
-        await stream.aclose()
-    return out
 
 
 async def nothing_within(transport: MqttTransport, seconds: float) -> bool:
@@ -118,13 +90,7 @@ async def test_unacked_message_is_redelivered_to_persistent_session(
     # plain-paho: what a paho without the private members the fast path needs gets
     monkeypatch.setattr(BufferedClient, "fast_path", fast_path)
     topic = "edgefl/v1/f/device/d1/update/1"
-    agg = config(
-        mosquitto.url,
-        client_id=f"aggregator-{protocol.value}",
-        persistent_session=True,
-        manual_ack=True,
-        protocol=protocol,
-    )
+    agg = consumer_config(mosquitto.url, f"aggregator-{protocol.value}", protocol=protocol)
 
     async with MqttTransport(config(mosquitto.url)) as pub:
         first = MqttTransport(agg)
@@ -306,7 +272,7 @@ async def test_ack_after_reconnect_is_stale_and_the_broker_redelivers(
     mosquitto: MosquittoBroker,
 ) -> None:
     loop = asyncio.get_running_loop()
-    cfg = config(mosquitto.url, client_id="agg", persistent_session=True, manual_ack=True)
+    cfg = consumer_config(mosquitto.url, "agg")
     async with MqttTransport(cfg) as agg, MqttTransport(config(mosquitto.url)) as pub:
         await agg.subscribe("u/#")
         await pub.publish("u/1", b"a")
@@ -367,11 +333,9 @@ async def test_manual_ack_session_holds_at_most_receive_maximum_unacknowledged(
     reading), and ack_many() hands the PUBACKs back so the rest flows; nothing is lost."""
     count, window = 60, 8
 
-    sub_cfg = config(
+    sub_cfg = consumer_config(
         mosquitto.url,
-        client_id=f"window-{protocol.value}",
-        persistent_session=True,
-        manual_ack=True,
+        f"window-{protocol.value}",
         receive_maximum=window,
         max_queued_messages=100,
         protocol=protocol,
@@ -426,11 +390,9 @@ async def test_acks_sent_before_a_graceful_close_are_processed_before_a_session_
     count = 3000
 
     for round_ in range(3):
-        sub_cfg = config(
+        sub_cfg = consumer_config(
             mosquitto.url,
-            client_id=f"takeover-{protocol.value}-{round_}",
-            persistent_session=True,
-            manual_ack=True,
+            f"takeover-{protocol.value}-{round_}",
             receive_maximum=count,
             max_queued_messages=count + 10,
             protocol=protocol,

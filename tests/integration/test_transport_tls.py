@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
-import ipaddress
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,14 +11,11 @@ import needs
 import pytest
 
 from broker.launcher import MosquittoBroker
+from edgefl.security.pki import issue_certificate, make_ca
 from edgefl.transport import MqttConfig, MqttTransport, NotConnectedError
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
 
-from cryptography import x509  # noqa: E402
-from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
-from cryptography.x509.oid import NameOID  # noqa: E402
 
 TLS_CONF = """per_listener_settings false
 listener ${port} ${bind}
@@ -36,42 +31,12 @@ log_dest stderr
 
 def _write_pki(directory: Path) -> None:
     """A CA and a server certificate for localhost/127.0.0.1, as PEM files in ``directory``."""
-    now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edgefl test CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    san = x509.SubjectAlternativeName(
-        [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-    )
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(san, critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
+    ca = make_ca("edgefl test CA", days=1)
+    server = issue_certificate(ca, "localhost", server_names=["localhost", "127.0.0.1"], days=1)
     directory.mkdir(parents=True, exist_ok=True)
-    pem = serialization.Encoding.PEM
-    (directory / "ca.pem").write_bytes(ca.public_bytes(pem))
-    (directory / "server.pem").write_bytes(cert.public_bytes(pem))
-    (directory / "server.key").write_bytes(
-        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
+    (directory / "ca.pem").write_bytes(ca.cert_pem())
+    (directory / "server.pem").write_bytes(server.cert_pem())
+    (directory / "server.key").write_bytes(server.key_pem())
 
 
 @pytest.fixture

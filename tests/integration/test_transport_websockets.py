@@ -14,25 +14,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import transport_helpers
+from transport_helpers import config, consumer_config
 
 from broker.launcher import MosquittoBroker, find_mosquitto, free_port
 from edgefl.transport import (
     BrokerUnreachable,
     ConnectInfo,
     InboundMessage,
-    MqttConfig,
     MqttProtocol,
     MqttTransport,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
-FAST = {
-    "reconnect_min_delay": 0.05,
-    "reconnect_max_delay": 0.5,
-    "start_timeout": 10.0,
-    "protocol_probe_timeout": 0.5,
-}
 BIG = 300 * 1024  # > 256 KiB: several WebSocket frames per read, several reads per frame
 
 
@@ -94,22 +89,8 @@ def wss_broker(tmp_path: Path) -> Iterator[WsBroker]:
     started.broker.stop()
 
 
-def config(url: str, **overrides: object) -> MqttConfig:
-    return MqttConfig.from_url(url, **{**FAST, **overrides})
-
-
 async def receive(transport: MqttTransport, count: int) -> list[InboundMessage]:
-    out: list[InboundMessage] = []
-    stream = transport.messages()
-    try:
-        async with asyncio.timeout(10):
-            async for message in stream:
-                out.append(message)
-                if len(out) == count:
-                    break
-    finally:
-        await stream.aclose()
-    return out
+    return await transport_helpers.receive(transport, count, within=10.0)
 
 
 async def next_connect(queue: asyncio.Queue[ConnectInfo]) -> ConnectInfo:
@@ -123,13 +104,7 @@ async def test_ws_qos1_manual_ack_and_a_payload_over_256_kib(
 ) -> None:
     payloads = [b"small", os.urandom(BIG), os.urandom(BIG), b"last"]
 
-    sub_cfg = config(
-        ws_broker.ws_url,
-        client_id=f"ws-sub-{protocol.value}",
-        persistent_session=True,
-        manual_ack=True,
-        protocol=protocol,
-    )
+    sub_cfg = consumer_config(ws_broker.ws_url, f"ws-sub-{protocol.value}", protocol=protocol)
     async with MqttTransport(sub_cfg) as sub, MqttTransport(config(ws_broker.ws_url)) as pub:
         # Arrange
         await sub.subscribe("ws/#", qos=1)
@@ -163,9 +138,7 @@ async def test_ws_session_survives_a_broker_restart_and_redelivers_what_was_not_
     async def on_connect(info: ConnectInfo) -> None:
         connects.put_nowait(info)
 
-    sub_cfg = config(
-        ws_broker.ws_url, client_id="ws-restart", persistent_session=True, manual_ack=True
-    )
+    sub_cfg = consumer_config(ws_broker.ws_url, "ws-restart")
     async with MqttTransport(sub_cfg, on_connect=on_connect) as sub:
         first = await next_connect(connects)
         await sub.subscribe("r/#")

@@ -21,7 +21,7 @@ from receipt_helpers import (
 from waiting import eventually
 
 from device_agent.agent import DeviceAgent
-from device_agent.config import ReceiptMode, SecurityConfig
+from device_agent.config import AgentConfig, ReceiptMode, SecurityConfig
 from device_agent.spool import UpdateSpool
 from edgefl.protocol.messages import (
     FEATURE_RECEIPTS,
@@ -63,6 +63,12 @@ def server_state(features: tuple[str, ...]) -> bytes:
     return encode_message(state)
 
 
+def running_agent(cfg: AgentConfig, broker: MemoryBroker) -> tuple[DeviceAgent, asyncio.Task[None]]:
+    """An agent on ``broker``, and the task running it."""
+    agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker))
+    return agent, asyncio.create_task(agent.run())
+
+
 def seqs_of(messages: list) -> list[int]:  # type: ignore[type-arg]
     return [int(m.topic.rsplit("/", 1)[1]) for m in messages]
 
@@ -75,8 +81,7 @@ async def test_update_stays_until_its_receipt_and_is_resent_after_the_timeout(
     spool_updates(tmp_path, 1)
     broker = MemoryBroker()
     updates, stop_observer = await collect(broker, updates_filter(FLEET))
-    agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker))
-    run = asyncio.create_task(agent.run())
+    agent, run = running_agent(cfg, broker)
 
     # Act 1: delivered to the broker, but no receipt yet
     await eventually(lambda: agent.statistics().awaiting_receipt == 1)
@@ -110,8 +115,7 @@ async def test_rejection_receipt_drops_the_update_and_stops_resends(tmp_path: Pa
     cfg = receipts_config(tmp_path)
     spool_updates(tmp_path, 2)
     broker = MemoryBroker()
-    agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker))
-    run = asyncio.create_task(agent.run())
+    agent, run = running_agent(cfg, broker)
     await eventually(lambda: agent.statistics().awaiting_receipt == 2)
 
     # Act: seq 0 refused as stale, seq 1 committed
@@ -137,8 +141,7 @@ async def test_awaiting_update_survives_a_restart_and_is_resent_at_once(tmp_path
     spool_updates(tmp_path, 1)
     broker = MemoryBroker()
     updates, stop_observer = await collect(broker, updates_filter(FLEET))
-    first = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker))
-    run = asyncio.create_task(first.run())
+    first, run = running_agent(cfg, broker)
     await eventually(lambda: first.statistics().awaiting_receipt == 1)
     first.stop()
     await run
@@ -146,8 +149,7 @@ async def test_awaiting_update_survives_a_restart_and_is_resent_at_once(tmp_path
         assert [(m.seq, m.attempts) for m in spool.awaiting()] == [(0, 1)]
 
     # Act: restart
-    second = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker))
-    run = asyncio.create_task(second.run())
+    second, run = running_agent(cfg, broker)
     await eventually(lambda: len(updates) == 2, what="the resend after the restart")
     await eventually(lambda: second.statistics().awaiting_receipt == 1)
     publish_receipt(broker, Receipt(FLEET, DEVICE, 1.0, through=0, committed=((0, 0),)))
@@ -168,8 +170,7 @@ async def test_auto_mode_follows_the_aggregators_retained_server_state(tmp_path:
     spool_updates(tmp_path, 1)
     broker = MemoryBroker()
     broker.publish(server_state_topic(FLEET), server_state((FEATURE_RECEIPTS,)), 1, True)
-    agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker))
-    run = asyncio.create_task(agent.run())
+    agent, run = running_agent(cfg, broker)
 
     # Act 1: the update waits for its receipt
     await eventually(lambda: agent.statistics().awaiting_receipt == 1)
@@ -201,8 +202,7 @@ async def test_receipts_must_be_signed_by_the_aggregator_when_signing_is_on(
     )
     spool_updates(tmp_path, 1)
     broker = MemoryBroker()
-    agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker))
-    run = asyncio.create_task(agent.run())
+    agent, run = running_agent(cfg, broker)
     await eventually(lambda: agent.statistics().awaiting_receipt == 1)
     receipt = Receipt(FLEET, DEVICE, 1.0, through=0, committed=((0, 0),))
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
+from notify_socket import notify_socket
 
 from edgefl.sdnotify import SystemdNotifier, keepalive, watchdog_period
 
@@ -18,15 +17,8 @@ WATCHDOG_USEC = 2_000_000  # WatchdogSec=2
 
 @pytest.fixture
 def listener() -> Iterator[tuple[socket.socket, str]]:
-    with tempfile.TemporaryDirectory(prefix="efa-") as directory:
-        path = str(Path(directory) / "notify")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        sock.bind(path)
-        sock.setblocking(False)
-        try:
-            yield sock, path
-        finally:
-            sock.close()
+    with notify_socket(0.0) as bound:  # non-blocking
+        yield bound
 
 
 def drain(sock: socket.socket) -> list[str]:

@@ -69,6 +69,12 @@ def delta(seed: int, n: int = 2410, scale: float = 0.01) -> np.ndarray:
     return (np.random.default_rng(seed).standard_normal(n) * scale).astype(np.float32)
 
 
+def update(device: str, seq: int, d: np.ndarray, **fields: Any) -> dict[str, Any]:
+    """The fields of an FP32 update of the fleet's model from version 0; ``fields`` override."""
+    values = {"fleet": FLEET, "model": MODEL, "base_version": 0, "codec": FP32, **fields}
+    return {"device": device, "seq": seq, "delta": d, **values}
+
+
 class Harness:
     """One aggregator on a MemoryBroker plus a device connection to publish with."""
 
@@ -97,16 +103,7 @@ class Harness:
         await self.device.close()
 
     async def send(self, device: str, seq: int, base: int, d: np.ndarray, **kw: Any) -> None:
-        topic, packets = build_update_packets(
-            fleet=FLEET,
-            model=kw.pop("model", MODEL),
-            device=device,
-            seq=seq,
-            base_version=base,
-            delta=d,
-            codec=kw.pop("codec", FP32),
-            **kw,
-        )
+        topic, packets = build_update_packets(**update(device, seq, d, base_version=base, **kw))
         for p in packets:
             await self.device.publish(topic, p, qos=1)
 
@@ -241,15 +238,7 @@ def test_non_finite_and_bad_codec_are_rejected(tmp_path: Path) -> None:
 
     async def body() -> None:
         async with Harness(broker, config) as h:
-            good = build_update_envelope(
-                fleet=FLEET,
-                model=MODEL,
-                device="d",
-                seq=1,
-                base_version=0,
-                delta=delta(1),
-                codec=FP32,
-            )
+            good = build_update_envelope(**update("d", 1, delta(1)))
             payload = bytearray(good)
             env = decode_envelope(good, max_payload=1 << 20)
             body_offset = len(good) - 4 - len(env.payload)
@@ -339,15 +328,7 @@ def test_unacknowledged_messages_are_redelivered_after_a_crash(tmp_path: Path) -
         device = MemoryTransport(broker, "late-device")
         await device.connect()
         for seq in (1, 2, 3):
-            topic, packets = build_update_packets(
-                fleet=FLEET,
-                model=MODEL,
-                device="x",
-                seq=seq,
-                base_version=0,
-                delta=delta(seq),
-                codec=FP32,
-            )
+            topic, packets = build_update_packets(**update("x", seq, delta(seq)))
             await device.publish(topic, packets[0], qos=1)
         assert broker.queued_for("aggregator") == 3
         async with Harness(broker, config) as h:
@@ -364,16 +345,7 @@ def test_chunked_update_holds_its_acks_until_complete(tmp_path: Path) -> None:
 
     async def body() -> None:
         async with Harness(broker, config) as h:
-            topic, packets = build_update_packets(
-                fleet=FLEET,
-                model=MODEL,
-                device="c",
-                seq=1,
-                base_version=0,
-                delta=delta(1),
-                codec=FP32,
-                max_packet=2048,
-            )
+            topic, packets = build_update_packets(**update("c", 1, delta(1)), max_packet=2048)
             assert len(packets) > 3
             for p in packets[:-1]:
                 await h.device.publish(topic, p, qos=1)

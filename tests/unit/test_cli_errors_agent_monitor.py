@@ -67,7 +67,16 @@ def _agent(*args: str) -> list[str]:
     return ["agent", *args[:1], "--config", "agent.toml", *args[1:]]
 
 
-TLS = ["--set", "broker.url=mqtts://127.0.0.1:8883"]
+TLS_URL = "broker.url=mqtts://127.0.0.1:8883"
+TLS = ["--set", TLS_URL]
+
+
+def _bad_config(name: str, command: str, *settings: str, names: tuple[str, ...]) -> Case:
+    """``edgefl agent <command>`` with ``--set`` each of ``settings``: a config error (78)."""
+    sets = [arg for setting in settings for arg in ("--set", setting)]
+    return Case(name, _agent(command, *sets), 78, names)
+
+
 CLOSED = f"mqtt://127.0.0.1:{_free_port()}"
 
 CASES = [
@@ -91,125 +100,100 @@ CASES = [
         78,
         ("broker.url",),
     ),
-    Case("agent unknown key", _agent("check-config", "--set", "brokr.url=x"), 78, ("brokr.url",)),
-    Case(
-        "agent bad broker scheme",
-        _agent("run", "--set", "broker.url=ftp://x"),
-        78,
-        ("broker.url", "mqtts"),
+    _bad_config("agent unknown key", "check-config", "brokr.url=x", names=("brokr.url",)),
+    _bad_config(
+        "agent bad broker scheme", "run", "broker.url=ftp://x", names=("broker.url", "mqtts")
     ),
-    Case(
+    _bad_config(
         "agent bad choice",
-        _agent("run", "--set", "training.isolation=container"),
-        78,
-        ("training.isolation", "'thread', 'process'"),
+        "run",
+        "training.isolation=container",
+        names=("training.isolation", "'thread', 'process'"),
     ),
-    Case(
+    _bad_config(
         "agent run data.path missing",
-        _agent("run", "--set", "data.path=missing.npz"),
-        78,
-        ("data.path", "missing.npz"),
+        "run",
+        "data.path=missing.npz",
+        names=("data.path", "missing.npz"),
     ),
-    Case(
+    _bad_config(
         "agent check-config data.path missing",
-        _agent("check-config", "--set", "data.path=missing.npz"),
-        78,
-        ("data.path",),
+        "check-config",
+        "data.path=missing.npz",
+        names=("data.path",),
     ),
-    Case(
-        "agent data.path not an npz",
-        _agent("check-config", "--set", "data.path=garbage.pem"),
-        78,
-        ("data.path",),
+    _bad_config(
+        "agent data.path not an npz", "check-config", "data.path=garbage.pem", names=("data.path",)
     ),
-    Case(
+    _bad_config(
         "agent npz without y_key",
-        _agent("check-config", "--set", "data.y_key=labels"),
-        78,
-        ("data.y_key", "labels"),
+        "check-config",
+        "data.y_key=labels",
+        names=("data.y_key", "labels"),
     ),
-    Case(
+    _bad_config(
         "agent csv without label column",
-        _agent("check-config", "--set", "data.kind=csv", "--set", "data.path=train.csv"),
-        78,
-        ("data.label_column", "label"),
+        "check-config",
+        "data.kind=csv",
+        "data.path=train.csv",
+        names=("data.label_column", "label"),
     ),
-    Case(
+    _bad_config(
         "agent entrypoint module missing",
-        _agent(
-            "check-config",
-            "--set",
-            "data.kind=entrypoint",
-            "--set",
-            "data.path=",
-            "--set",
-            "data.entrypoint=no_such_module_x:load",
-        ),
-        78,
-        ("data.entrypoint", "no_such_module_x"),
+        "check-config",
+        "data.kind=entrypoint",
+        "data.path=",
+        "data.entrypoint=no_such_module_x:load",
+        names=("data.entrypoint", "no_such_module_x"),
     ),
-    Case(
+    _bad_config(
         "agent garbage signing key",
-        _agent("check-config", "--set", "security.signing_key_file=garbage.pem"),
-        78,
-        ("security.signing_key_file",),
+        "check-config",
+        "security.signing_key_file=garbage.pem",
+        names=("security.signing_key_file",),
     ),
-    Case(
+    _bad_config(
         "agent run garbage signing key",
-        _agent("run", "--set", "security.signing_key_file=garbage.pem"),
-        78,
-        ("security.signing_key_file",),
+        "run",
+        "security.signing_key_file=garbage.pem",
+        names=("security.signing_key_file",),
     ),
-    Case(
+    _bad_config(
         "agent public key given as signing key",
-        _agent("check-config", "--set", "security.signing_key_file=good.pub"),
-        78,
-        ("security.signing_key_file",),
+        "check-config",
+        "security.signing_key_file=good.pub",
+        names=("security.signing_key_file",),
     ),
-    Case(
+    _bad_config(
         "agent garbage manifest key",
-        _agent("check-config", "--set", "security.aggregator_public_key_file=garbage.pem"),
-        78,
-        ("security.aggregator_public_key_file",),
+        "check-config",
+        "security.aggregator_public_key_file=garbage.pem",
+        names=("security.aggregator_public_key_file",),
     ),
-    Case(
+    _bad_config(
         "agent garbage CA",
-        _agent("check-config", *TLS, "--set", "broker.ca_file=garbage.pem"),
-        78,
-        ("broker.ca_file",),
+        "check-config",
+        TLS_URL,
+        "broker.ca_file=garbage.pem",
+        names=("broker.ca_file",),
     ),
-    Case(
+    _bad_config(
         "agent garbage client cert",
-        _agent(
-            "check-config",
-            *TLS,
-            "--set",
-            "broker.cert_file=garbage.pem",
-            "--set",
-            "broker.key_file=good.key",
-        ),
-        78,
-        ("broker.cert_file",),
+        "check-config",
+        TLS_URL,
+        "broker.cert_file=garbage.pem",
+        "broker.key_file=good.key",
+        names=("broker.cert_file",),
     ),
-    Case(
+    _bad_config(
         "agent key not matching cert",
-        _agent(
-            "run",
-            *TLS,
-            "--set",
-            "broker.cert_file=cert.pem",
-            "--set",
-            "broker.key_file=other.key",
-        ),
-        78,
-        ("broker.key_file",),
+        "run",
+        TLS_URL,
+        "broker.cert_file=cert.pem",
+        "broker.key_file=other.key",
+        names=("broker.key_file",),
     ),
-    Case(
-        "agent state_dir is a file",
-        _agent("run", "--set", "state_dir=train.csv"),
-        78,
-        ("state_dir",),
-    ),
+    _bad_config("agent state_dir is a file", "run", "state_dir=train.csv", names=("state_dir",)),
     # edgefl monitor
     Case("monitor bad fleet", ["monitor", "--fleet", "bad fleet"], 2, ("--fleet", "bad fleet")),
     Case("monitor no fleet", ["monitor", "--once"], 2, ("--fleet",)),

@@ -109,36 +109,24 @@ def _assert_one_error_line(err: str, option: str, words: list[str]) -> None:
         assert word in line, (word, line)
 
 
-@pytest.mark.parametrize(("args", "option", "words"), SIM_CASES, ids=lambda v: str(v))
-def test_bad_sim_invocation(
-    args: list[str],
+BAD_INVOCATIONS = [(["sim", *args, "--report", "report"], o, w) for args, o, w in SIM_CASES] + [
+    (["demo", *args], o, w) for args, o, w in DEMO_CASES
+]
+
+
+@pytest.mark.parametrize(("argv", "option", "words"), BAD_INVOCATIONS, ids=lambda v: str(v))
+def test_bad_sim_and_demo_invocations(
+    argv: list[str],
     option: str,
     words: list[str],
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """A usage error: one line naming ``option`` and ``words``, and nothing written (no output,
+    no file in the working directory, where a report (``demo``: the default one) would land)."""
     monkeypatch.chdir(tmp_path)
-    report = tmp_path / "report"
-    code, out, err = _run(["sim", *args, "--report", str(report)], capsys)
-    assert code == ExitCode.USAGE
-    _assert_one_error_line(err, option, words)
-    assert out == ""
-    assert not report.exists()
-    assert list(tmp_path.iterdir()) == []  # nothing else written either
-
-
-@pytest.mark.parametrize(("args", "option", "words"), DEMO_CASES, ids=lambda v: str(v))
-def test_bad_demo_invocation(
-    args: list[str],
-    option: str,
-    words: list[str],
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.chdir(tmp_path)  # the default report directory would land here
-    code, out, err = _run(["demo", *args], capsys)
+    code, out, err = _run(argv, capsys)
     assert code == ExitCode.USAGE
     _assert_one_error_line(err, option, words)
     assert out == ""

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from subprocess import CompletedProcess
 
 import numpy as np
 import pytest
@@ -62,9 +63,8 @@ def _blocked_env(tmp_path: Path, blocked: list[str]) -> dict[str, str]:
     return env
 
 
-def _edgefl(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    """Run the ``edgefl`` console script's entry point in a fresh interpreter."""
-    code = "import sys; from edgefl.cli import main; main(sys.argv[1:])"
+def _python(code: str, *args: str, env: dict[str, str] | None = None) -> CompletedProcess[str]:
+    """Run ``code`` with ``args`` in a fresh interpreter (with ``env``: behind the blocker)."""
     return subprocess.run(
         [sys.executable, "-c", code, *args],
         capture_output=True,
@@ -76,11 +76,33 @@ def _edgefl(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]
     )
 
 
+def _edgefl(env: dict[str, str], *args: str) -> CompletedProcess[str]:
+    """Run the ``edgefl`` console script's entry point in a fresh interpreter."""
+    return _python("import sys; from edgefl.cli import main; main(sys.argv[1:])", *args, env=env)
+
+
+def _config_error_output(tmp_path: Path, blocked: list[str], call: str) -> list[str]:
+    """What a fresh interpreter with ``blocked`` unimportable prints when it runs ``call``
+    (from :mod:`edgefl.extras`): the ``ConfigError`` message it raises, then whether torch
+    got imported."""
+    probe = (
+        "import sys\n"
+        "from edgefl.extras import ensure_installed, require\n"
+        "from edgefl.clierror import ConfigError\n"
+        "try:\n"
+        f"    {call}\n"
+        "except ConfigError as exc:\n"
+        "    print(exc.message)\n"
+        "print('torch' in sys.modules)\n"
+    )
+    result = _python(probe, env=_blocked_env(tmp_path, blocked))
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
 def test_the_blocker_blocks(tmp_path: Path) -> None:
     env = _blocked_env(tmp_path, ["numpy"])
-    result = subprocess.run(
-        [sys.executable, "-c", "import numpy"], capture_output=True, text=True, env=env, check=False
-    )
+    result = _python("import numpy", env=env)
     assert result.returncode == 1
     assert "blocked by the test" in result.stderr
 
@@ -137,9 +159,7 @@ def test_importing_the_cli_and_its_commands_imports_no_optional_package(tmp_path
         "edgefl.cli._register_subcommands()\n"
         f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {OPTIONAL!r})))\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False
-    )
+    result = _python(probe)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
 
@@ -173,70 +193,41 @@ def test_require_imports_an_installed_optional_package() -> None:
     assert module.__name__ == "cryptography"
 
 
-def test_require_raises_a_config_error_for_a_missing_one(tmp_path: Path) -> None:
-    env = _blocked_env(tmp_path, ["amqtt"])
-    probe = (
-        "from edgefl.extras import require\n"
-        "from edgefl.clierror import ConfigError\n"
-        "try:\n"
-        "    require('amqtt.broker', feature='the embedded broker')\n"
-        "except ConfigError as exc:\n"
-        "    print(exc.message)\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=False
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == (
-        "the embedded broker needs the optional package 'amqtt', which is not installed: "
-        "pip install 'edgefl-mqtt[broker]'"
-    )
-
-
 def test_ensure_installed_passes_for_installed_packages() -> None:
     ensure_installed("cryptography", "textual", feature="x")
 
 
-def test_ensure_installed_names_the_first_missing_extra(tmp_path: Path) -> None:
-    env = _blocked_env(tmp_path, ["onnx"])
-    probe = (
-        "import sys\n"
-        "from edgefl.extras import ensure_installed\n"
-        "from edgefl.clierror import ConfigError\n"
-        "try:\n"
-        "    ensure_installed('torch', 'onnx', feature='--publish-onnx')\n"
-        "except ConfigError as exc:\n"
-        "    print(exc.message)\n"
-        "print('torch' in sys.modules)\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=False
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == [
-        "--publish-onnx needs the optional package 'onnx', which is not installed: "
-        "pip install 'edgefl-mqtt[onnx]'",
-        "False",  # checked without importing torch
-    ]
-
-
-def test_ensure_installed_suggests_the_features_extra(tmp_path: Path) -> None:
-    env = _blocked_env(tmp_path, ["matplotlib"])
-    probe = (
-        "from edgefl.extras import ensure_installed\n"
-        "from edgefl.clierror import ConfigError\n"
-        "try:\n"
-        "    ensure_installed('torch', 'matplotlib', feature='edgefl sim', extra='sim')\n"
-        "except ConfigError as exc:\n"
-        "    print(exc.message)\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=False
-    )
-    assert result.stdout.strip() == (
-        "edgefl sim needs the optional package 'matplotlib', which is not installed: "
-        "pip install 'edgefl-mqtt[sim]'"
-    )
+@pytest.mark.parametrize(
+    ("blocked", "call", "message"),
+    [
+        pytest.param(
+            "amqtt",
+            "require('amqtt.broker', feature='the embedded broker')",
+            "the embedded broker needs the optional package 'amqtt', which is not installed: "
+            "pip install 'edgefl-mqtt[broker]'",
+            id="require",
+        ),
+        pytest.param(
+            "onnx",
+            "ensure_installed('torch', 'onnx', feature='--publish-onnx')",
+            "--publish-onnx needs the optional package 'onnx', which is not installed: "
+            "pip install 'edgefl-mqtt[onnx]'",
+            id="ensure_installed names the first missing extra",
+        ),
+        pytest.param(
+            "matplotlib",
+            "ensure_installed('torch', 'matplotlib', feature='edgefl sim', extra='sim')",
+            "edgefl sim needs the optional package 'matplotlib', which is not installed: "
+            "pip install 'edgefl-mqtt[sim]'",
+            id="ensure_installed suggests the feature's extra",
+        ),
+    ],
+)
+def test_a_missing_optional_package_is_a_config_error_naming_its_extra(
+    tmp_path: Path, blocked: str, call: str, message: str
+) -> None:
+    lines = _config_error_output(tmp_path, [blocked], call)
+    assert lines == [message, "False"]  # checked without importing torch
 
 
 def test_ensure_installed_rejects_unknown_names() -> None:

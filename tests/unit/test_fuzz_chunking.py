@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 import zlib
 from typing import Any
 
-from hypothesis import HealthCheck, event, given, settings
+from fuzzing import fuzz_settings
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 from edgefl.errors import EdgeflError, RejectReason
@@ -31,12 +31,7 @@ from edgefl.protocol.chunking import (
 )
 from edgefl.protocol.envelope import EnvelopeKind, decode_envelope, encode_envelope
 
-LONG = os.environ.get("HYPOTHESIS_PROFILE") == "fuzz-long"
-FUZZ = settings(
-    max_examples=20_000 if LONG else 120,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+FUZZ = fuzz_settings(120)
 MAX_PACKET = 1024
 
 

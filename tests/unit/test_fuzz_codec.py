@@ -7,7 +7,6 @@ Long run: ``HYPOTHESIS_PROFILE=fuzz-long`` (docs/SECURITY.md, "Fuzzing").
 
 from __future__ import annotations
 
-import os
 import tracemalloc
 from collections.abc import Callable
 from functools import partial
@@ -15,7 +14,8 @@ from typing import Any
 
 import numpy as np
 import zstandard
-from hypothesis import HealthCheck, given, settings
+from fuzzing import fuzz_settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from edgefl.codec import (
@@ -28,12 +28,7 @@ from edgefl.codec import (
 )
 from edgefl.errors import EdgeflError, RejectReason
 
-LONG = os.environ.get("HYPOTHESIS_PROFILE") == "fuzz-long"
-FUZZ = settings(
-    max_examples=20_000 if LONG else 150,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+FUZZ = fuzz_settings(150)
 N = 300
 LIMIT = 1 << 20
 

@@ -9,7 +9,6 @@ long run: ``HYPOTHESIS_PROFILE=fuzz-long .venv/bin/pytest tests/unit/test_fuzz_*
 from __future__ import annotations
 
 import json
-import os
 import struct
 import tracemalloc
 import zlib
@@ -17,7 +16,9 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+import samples
+from fuzzing import fuzz_settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from edgefl.errors import EdgeflError, ProtocolError, RejectReason
@@ -32,7 +33,6 @@ from edgefl.protocol.envelope import (
 from edgefl.protocol.messages import (
     DeviceState,
     DeviceStatus,
-    ModelFormat,
     ModelManifest,
     ServerMetrics,
     ServerState,
@@ -47,12 +47,7 @@ from edgefl.protocol.messages import (
 from edgefl.protocol.topics import parse_topic
 from edgefl.security import Ed25519ManifestVerifier, Ed25519Signer, generate_private_key
 
-LONG = os.environ.get("HYPOTHESIS_PROFILE") == "fuzz-long"
-FUZZ = settings(
-    max_examples=20_000 if LONG else 250,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+FUZZ = fuzz_settings(250)
 
 SIGNER = Ed25519Signer(generate_private_key())
 VERIFIER = Ed25519ManifestVerifier([SIGNER.public_key])
@@ -72,8 +67,7 @@ def typed(call: Callable[[], Any]) -> Any:
 
 def _valid_messages() -> list[bytes]:
     layout = (TensorSpec("w", (2, 2)), TensorSpec("b", (4,)))
-    update = UpdateHeader(
-        fleet="lab",
+    update = samples.update_header(
         device_id="dev-1",
         seq=7,
         base_version=3,
@@ -81,21 +75,13 @@ def _valid_messages() -> list[bytes]:
         model="mnist1d-cnn",
         codec={"format": 1, "quantization": "int8"},
         num_params=8,
-        created_at=1.7e9,
         layout=layout,
         metrics={"loss": 0.25},
     )
-    manifest = ModelManifest(
-        fleet="lab",
+    manifest = samples.fp32_manifest(
+        8,
         version=4,
         model="mnist1d-cnn",
-        format=ModelFormat.FP32_FLAT,
-        sha256="0" * 64,
-        size=32,
-        chunk_size=32,
-        num_chunks=1,
-        num_params=8,
-        created_at=1.7e9,
         layout=layout,
         hints=TrainingHints(local_epochs=1, batch_size=32, lr=0.1),
     )

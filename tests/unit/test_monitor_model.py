@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import pytest
+import samples
 
 from edgefl.errors import RejectReason
 from edgefl.monitor.decode import (
@@ -27,7 +28,6 @@ from edgefl.protocol.chunking import split_message
 from edgefl.protocol.envelope import EnvelopeKind
 from edgefl.protocol.messages import (
     DeviceState,
-    ModelFormat,
     ModelManifest,
     ServerMetrics,
     ServerState,
@@ -54,18 +54,7 @@ def seen(s: DeviceState) -> DeviceStateSeen:
 
 
 def manifest(version: int, created_at: float = 900.0) -> ModelManifest:
-    return ModelManifest(
-        fleet=FLEET,
-        version=version,
-        model="tiny",
-        format=ModelFormat.FP32_FLAT,
-        sha256="ab" * 32,
-        size=40,
-        chunk_size=40,
-        num_chunks=1,
-        num_params=10,
-        created_at=created_at,
-    )
+    return samples.fp32_manifest(10, fleet=FLEET, version=version, created_at=created_at)
 
 
 def server(session: int, version: int, fill: int, at: float, **kw: Any) -> ServerState:

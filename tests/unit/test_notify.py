@@ -4,28 +4,20 @@ from __future__ import annotations
 
 import os
 import socket
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from notify_socket import notify_socket
 
 from device_agent.notify import SystemdNotifier
 
 
 @pytest.fixture
 def listener() -> Iterator[tuple[socket.socket, str]]:
-    # A short directory: AF_UNIX paths are limited to 108 bytes.
-    with tempfile.TemporaryDirectory(prefix="efn-") as directory:
-        path = str(Path(directory) / "notify")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        sock.bind(path)
-        sock.settimeout(2.0)
-        try:
-            yield sock, path
-        finally:
-            sock.close()
+    with notify_socket(2.0) as bound:
+        yield bound
 
 
 def test_messages_reach_the_socket(listener: tuple[socket.socket, str]) -> None:

@@ -8,6 +8,7 @@ of a running aggregator is in test_aggregator_observability.py.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -17,7 +18,7 @@ import shutil
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -88,17 +89,32 @@ def scrape_families(port: int) -> dict[str, Metric]:
     return families(scrape(port))
 
 
+@contextlib.contextmanager
+def serving(
+    stats: Callable[[], AggregatorStatistics | None],
+) -> Iterator[tuple[PrometheusExporter, int]]:
+    """An exporter over ``stats`` and the free local port it serves on; stopped on the way out."""
+    exporter = PrometheusExporter(stats)
+    port = exporter.start(0, "127.0.0.1")
+    try:
+        yield exporter, port
+    finally:
+        exporter.stop()
+
+
+def scrape_once(stats: Callable[[], AggregatorStatistics | None]) -> dict[str, Metric]:
+    """The families an exporter over ``stats`` serves."""
+    with serving(stats) as (_, port):
+        return scrape_families(port)
+
+
 @pytest.fixture
 def served() -> Iterator[tuple[PrometheusExporter, str]]:
     """The exporter over :data:`STATS` with two observed latencies, and one scrape of it."""
-    exporter = PrometheusExporter(lambda: STATS)
-    exporter.latency.observe(0.003)
-    exporter.latency.observe(0.2)
-    port = exporter.start(0, "127.0.0.1")
-    try:
+    with serving(lambda: STATS) as (exporter, port):
+        exporter.latency.observe(0.003)
+        exporter.latency.observe(0.2)
         yield exporter, scrape(port)
-    finally:
-        exporter.stop()
 
 
 def test_every_catalogued_family_is_served_with_its_type(
@@ -192,24 +208,14 @@ def test_openmetrics_scrape_parses_strictly(served: tuple[PrometheusExporter, st
 
 
 def test_without_a_snapshot_only_build_info_and_latency_are_served() -> None:
-    exporter = PrometheusExporter(lambda: None)
-    port = exporter.start(0, "127.0.0.1")
-    try:
-        got = scrape_families(port)
-    finally:
-        exporter.stop()
+    got = scrape_once(lambda: None)
     assert {n for n in got if n.startswith("edgefl_")} == {
         "edgefl_build_info", "edgefl_aggregator_ingest_latency_seconds"}  # fmt: skip
 
 
 def test_a_disconnected_unevaluated_aggregator() -> None:
     stats = dataclasses.replace(STATS, connected=False, last_accuracy=None)
-    exporter = PrometheusExporter(lambda: stats)
-    port = exporter.start(0, "127.0.0.1")
-    try:
-        got = scrape_families(port)
-    finally:
-        exporter.stop()
+    got = scrape_once(lambda: stats)
     assert sample_value(got["edgefl_aggregator_connected"]) == 0
     assert "edgefl_aggregator_accuracy_ratio" not in got  # unknown, not 0
 

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import needs
 import pytest
+import samples
 from cryptography import x509
 from typer.testing import CliRunner
 
 from edgefl.cli import main
 from edgefl.clierror import ExitCode
 from edgefl.errors import ProtocolError
-from edgefl.protocol.messages import ModelFormat, ModelManifest, UpdateHeader, encode_message
+from edgefl.protocol.messages import encode_message
 from edgefl.provision_cli import provision_app
 from edgefl.security import (
     load_manifest_verifier,
@@ -186,32 +187,11 @@ def test_device_keys_pair_up_with_the_aggregator(fleet_dir: FleetDirectory) -> N
     device = load_signer(bundle / "signing.key")
     (registered,) = load_public_keys(fleet_dir.device_keys_dir / "pi-07.pub")
     assert registered == device.public_key
-    header = UpdateHeader(
-        fleet="greenhouse",
-        device_id="pi-07",
-        seq=1,
-        base_version=0,
-        num_examples=1,
-        model="m",
-        codec={},
-        num_params=1,
-        created_at=1.0,
-    )
+    header = samples.update_header(fleet="greenhouse", device_id="pi-07")
     load_update_authenticator(fleet_dir.device_keys_dir).authenticate(
         header, encode_message(header, signer=device)
     )
-    manifest = ModelManifest(
-        fleet="greenhouse",
-        version=1,
-        model="m",
-        format=ModelFormat.FP32_FLAT,
-        sha256="0" * 64,
-        size=4,
-        chunk_size=4,
-        num_chunks=1,
-        num_params=1,
-        created_at=1.0,
-    )
+    manifest = samples.fp32_manifest(fleet="greenhouse")
     aggregator = load_signer(fleet_dir.aggregator_signing_key)
     verifier = load_manifest_verifier(bundle / "aggregator.pub")
     verifier.verify(encode_message(manifest, signer=aggregator))

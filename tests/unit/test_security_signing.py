@@ -8,6 +8,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+import samples
 
 from edgefl.errors import EdgeflError, ProtocolError, RejectReason, UpdateRejected
 from edgefl.protocol.chunking import Reassembler, depacketize, packetize
@@ -24,7 +25,6 @@ from edgefl.protocol.envelope import (
 from edgefl.protocol.messages import (
     DeviceState,
     DeviceStatus,
-    ModelFormat,
     ModelManifest,
     UpdateHeader,
     decode_message,
@@ -48,33 +48,12 @@ from edgefl.security import (
 from edgefl.security.keys import public_key_pem
 
 
-def update_header(device: str = "dev-a", seq: int = 3, base_version: int = 7) -> UpdateHeader:
-    return UpdateHeader(
-        fleet="lab",
-        device_id=device,
-        seq=seq,
-        base_version=base_version,
-        num_examples=32,
-        model="tiny",
-        codec={"format": 1},
-        num_params=4,
-        created_at=1_700_000_000.0,
-    )
+def update_header(device: str = "dev-a", seq: int = 3) -> UpdateHeader:
+    return samples.update_header(device_id=device, seq=seq, base_version=7)
 
 
 def manifest(version: int = 5) -> ModelManifest:
-    return ModelManifest(
-        fleet="lab",
-        version=version,
-        model="tiny",
-        format=ModelFormat.FP32_FLAT,
-        sha256="ab" * 32,
-        size=16,
-        chunk_size=16,
-        num_chunks=1,
-        num_params=4,
-        created_at=1_700_000_000.0,
-    )
+    return samples.fp32_manifest(version=version)
 
 
 @pytest.fixture

@@ -79,15 +79,22 @@ def test_delta_sign_and_loss_decrease(digits: Dataset) -> None:
     np.testing.assert_array_equal(again.delta, res.delta)  # deterministic for a seed
 
 
+class StopAfter:
+    """A ``should_stop`` that says stop from its ``(n + 1)``-th poll on; counts its polls."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.polls = 0
+
+    def __call__(self) -> bool:
+        self.polls += 1
+        return self.polls > self.n
+
+
 def test_should_stop_counts_batches(digits: Dataset) -> None:
     spec = get_model_spec("digits-mlp")
     base = init_weights(spec, 0)
-    calls = 0
-
-    def stop_after_three() -> bool:
-        nonlocal calls
-        calls += 1
-        return calls > 3
+    stop_after_three = StopAfter(3)
 
     res = train_local(
         spec,
@@ -114,12 +121,7 @@ def test_should_stop_counts_batches(digits: Dataset) -> None:
 
 def test_should_stop_returns_promptly(mnist1d: Dataset) -> None:
     spec = get_model_spec("mnist1d-cnn")
-    polls = 0
-
-    def stop_after_seven_polls() -> bool:
-        nonlocal polls
-        polls += 1
-        return polls > 7
+    stop_after_seven_polls = StopAfter(7)
 
     res = train_local(
         spec,
@@ -133,7 +135,7 @@ def test_should_stop_returns_promptly(mnist1d: Dataset) -> None:
     # polled before every batch: 7 batches ran, the 8th poll stopped it
     assert res.stopped_early
     assert res.steps == 7
-    assert polls == 8
+    assert stop_after_seven_polls.polls == 8
 
 
 def _sequential(

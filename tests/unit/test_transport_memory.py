@@ -8,6 +8,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from transport_helpers import receive
 
 from edgefl.transport import (
     Backpressure,
@@ -31,15 +32,7 @@ pytestmark = pytest.mark.timeout(10)
 
 
 async def take(transport: MemoryTransport, count: int) -> list[InboundMessage]:
-    out: list[InboundMessage] = []
-    stream = transport.messages()
-    async with asyncio.timeout(1):
-        async for message in stream:
-            out.append(message)
-            if len(out) == count:
-                break
-    await stream.aclose()
-    return out
+    return await receive(transport, count, within=1.0)
 
 
 def payloads(messages: list[InboundMessage]) -> list[bytes]:
