@@ -35,6 +35,7 @@ class Fleet:
         self.transport = MemoryTransport(broker, "fleet-devices")
         self.leases: list[Lease] = []
         self.topics: list[str] = []
+        self.payloads: list[bytes] = []
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Fleet:
@@ -51,6 +52,7 @@ class Fleet:
     async def _read(self) -> None:
         async for message in self.transport.messages():
             self.topics.append(message.topic)
+            self.payloads.append(message.payload)
             self.leases.append(decode_message(message.payload, Lease))
 
     async def check_in(self, device: str, *, available: bool = True) -> None:
@@ -357,5 +359,47 @@ def test_participation_off_takes_updates_without_leases(tmp_path: Path) -> None:
             for _ in range(20):
                 await asyncio.sleep(0)
             assert fleet.leases == []
+
+    run(body)
+
+
+# --------------------------------------------------------------------------- signatures
+
+
+def test_signed_check_ins_and_signed_leases(tmp_path: Path) -> None:
+    """With device keys, a check-in counts only when its device signed it (refusals counted
+    by reason); with a signing key, every LEASE is signed by the aggregator."""
+    from edgefl.protocol import EnvelopeKind
+    from edgefl.security import Ed25519ManifestVerifier, Ed25519Signer, generate_private_key
+    from edgefl.security.keys import write_public_key
+    from edgefl.security.signing import KeyDirectoryAuthenticator
+
+    keys = tmp_path / "device-keys"
+    keys.mkdir()
+    device_key, other_key, agg_key = (generate_private_key() for _ in range(3))
+    write_public_key(keys / "pi-1.pub", device_key.public_key())
+    config = leasing(tmp_path, concurrency=5).replace(
+        authenticator=KeyDirectoryAuthenticator(keys), manifest_signer=Ed25519Signer(agg_key)
+    )
+    broker = MemoryBroker()
+
+    async def signed_check_in(fleet: Fleet, device: str, key: Any) -> None:
+        msg = CheckIn(fleet=FLEET, device_id=device, at=time.time())
+        payload = encode_message(msg, signer=None if key is None else Ed25519Signer(key))
+        await fleet.transport.publish(checkin_topic(FLEET, device), payload, qos=1)
+
+    async def body() -> None:
+        async with Harness(broker, config) as h, Fleet(broker) as fleet:
+            await signed_check_in(fleet, "pi-1", None)  # unsigned
+            await signed_check_in(fleet, "pi-1", other_key)  # someone else's key
+            await signed_check_in(fleet, "pi-2", device_key)  # no key registered for pi-2
+            await until(lambda: sum(participation(h).checkins.values()) == 3)
+            assert dict(participation(h).checkins) == {"bad_signature": 2, "unknown_device": 1}
+            assert fleet.leases == []
+            await signed_check_in(fleet, "pi-1", device_key)
+            await until(lambda: fleet.lease_of("pi-1") is not None)
+            verifier = Ed25519ManifestVerifier([agg_key.public_key()], kinds=(EnvelopeKind.LEASE,))
+            verifier.verify(fleet.payloads[0])
+            assert dict(participation(h).checkins)["available"] == 1
 
     run(body)
