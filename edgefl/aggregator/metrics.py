@@ -33,6 +33,7 @@ import edgefl
 from edgefl.aggregation.fedavg import RoundStatus
 from edgefl.aggregator.stats import AggregatorStatistics
 from edgefl.errors import RejectReason
+from edgefl.participation import LeaseVerdict
 
 __all__ = ["METRICS", "MetricSpec", "MetricType", "PrometheusExporter", "stats_families"]
 
@@ -130,6 +131,40 @@ LATENCY = MetricSpec(
     MetricType.HISTOGRAM,
     "Receive to durable acknowledgement of one update packet",
 )
+# participation (PROTOCOL.md 4.7): only exported while it is on
+LEASES_IN_FLIGHT = MetricSpec(
+    f"{_P}_leases_in_flight", MetricType.GAUGE, "Training leases held (devices training now)"
+)
+LEASE_CONCURRENCY = MetricSpec(
+    f"{_P}_lease_concurrency", MetricType.GAUGE, "Leases held at most at once (C)"
+)
+LEASE_CANDIDATES = MetricSpec(
+    f"{_P}_lease_candidates", MetricType.GAUGE, "Devices checked in and waiting for a lease"
+)
+STALENESS_REFERENCE = MetricSpec(
+    f"{_P}_staleness_reference_versions",
+    MetricType.GAUGE,
+    "C / K: the staleness FedBuff expects at concurrency C and buffer size K",
+)
+LEASES_GRANTED = MetricSpec(f"{_P}_leases_granted_total", MetricType.COUNTER, "Leases granted")
+LEASES_ENDED = MetricSpec(
+    f"{_P}_leases_ended_total",
+    MetricType.COUNTER,
+    "Leases ended, by how (completed, released, expired)",
+    ("how",),
+)
+LEASE_VERDICTS = MetricSpec(
+    f"{_P}_lease_verdicts_total",
+    MetricType.COUNTER,
+    "Lease checks of delivered updates, by verdict",
+    ("verdict",),
+)
+CHECKINS = MetricSpec(
+    f"{_P}_checkins_total",
+    MetricType.COUNTER,
+    "Check-ins by outcome (available, withdrawn, or the rejection reason)",
+    ("outcome",),
+)
 
 #: Every edgefl metric family of the endpoint, in exposition order (``process_*`` not included).
 METRICS: tuple[MetricSpec, ...] = (
@@ -154,6 +189,14 @@ METRICS: tuple[MetricSpec, ...] = (
     RECONNECTS,
     STALENESS,
     LATENCY,
+    LEASES_IN_FLIGHT,
+    LEASE_CONCURRENCY,
+    LEASE_CANDIDATES,
+    STALENESS_REFERENCE,
+    LEASES_GRANTED,
+    LEASES_ENDED,
+    LEASE_VERDICTS,
+    CHECKINS,
 )
 
 
@@ -213,7 +256,24 @@ def stats_families(s: AggregatorStatistics) -> list[Metric]:
         _counter(RECONNECTS, s.reconnects),
         _staleness(STALENESS, s.staleness),
     ]
-    return families
+    return families + _participation_families(s)
+
+
+def _participation_families(s: AggregatorStatistics) -> list[Metric]:
+    """The lease figures (none while participation is off)."""
+    p = s.participation
+    if p is None:
+        return []
+    return [
+        _gauge(LEASES_IN_FLIGHT, p.in_flight),
+        _gauge(LEASE_CONCURRENCY, p.concurrency),
+        _gauge(LEASE_CANDIDATES, p.candidates),
+        _gauge(STALENESS_REFERENCE, p.concurrency / max(1, s.buffer_size)),
+        _counter(LEASES_GRANTED, p.granted),
+        _labelled_counter(LEASES_ENDED, p.ended, ("completed", "released", "expired")),
+        _labelled_counter(LEASE_VERDICTS, p.verdicts, (v.value for v in LeaseVerdict)),
+        _labelled_counter(CHECKINS, p.checkins, ("available", "withdrawn")),
+    ]
 
 
 def build_info() -> GaugeMetricFamily:

@@ -866,8 +866,26 @@ def _server_metrics(fleet: str, s: AggregatorStatistics) -> ServerMetrics:
             "session": s.session,
             "receipts_sent": s.receipts_sent,
             "receipts_dropped": s.receipts_dropped,
+            **_participation_extra(s),
         },
     )
+
+
+def _participation_extra(s: AggregatorStatistics) -> dict[str, object]:
+    """The lease figures of METRICS ``extra`` (none while participation is off)."""
+    p = s.participation
+    if p is None:
+        return {}
+    return {
+        "leases_in_flight": p.in_flight,
+        "concurrency": p.concurrency,
+        "lease_candidates": p.candidates,
+        "staleness_reference": p.concurrency / max(1, s.buffer_size),
+        "leases_granted": p.granted,
+        "leases_ended": dict(p.ended),
+        "lease_verdicts": dict(p.verdicts),
+        "checkins": dict(p.checkins),
+    }
 
 
 def _admit_now(desk: LeaseDesk) -> Callable[[UpdateHeader], None]:

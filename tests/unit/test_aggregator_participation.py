@@ -403,3 +403,39 @@ def test_signed_check_ins_and_signed_leases(tmp_path: Path) -> None:
             assert dict(participation(h).checkins)["available"] == 1
 
     run(body)
+
+
+# --------------------------------------------------------------------------- visible
+
+
+def test_prometheus_and_server_metrics_show_the_leases_against_c(tmp_path: Path) -> None:
+    from edgefl.aggregator.metrics import PrometheusExporter
+    from edgefl.aggregator.service import _server_metrics
+
+    async def scenario(h: Harness, fleet: Fleet) -> None:
+        for device in ("a", "b", "c"):
+            await fleet.check_in(device)
+        await until(lambda: len(fleet.leases) == 2 and participation(h).candidates == 1)
+        idle = next(d for d in ("a", "b", "c") if fleet.lease_of(d) is None)
+        await fleet.send(fleet.leases[0].device_id, 0, fleet.leases[0].lease_id)
+        await fleet.send(idle, 0, None)
+        await h.until(lambda s: s.received == 2)
+        await until(lambda: len(fleet.leases) == 3)
+        stats = h.stats()
+        registry = PrometheusExporter(lambda: stats).registry
+        value = registry.get_sample_value
+        assert value("edgefl_aggregator_leases_in_flight") == 2
+        assert value("edgefl_aggregator_lease_concurrency") == 2
+        assert value("edgefl_aggregator_lease_candidates") == 0
+        assert value("edgefl_aggregator_staleness_reference_versions") == 0.5  # C / K = 2 / 4
+        assert value("edgefl_aggregator_leases_granted_total") == 3
+        assert value("edgefl_aggregator_leases_ended_total", {"how": "completed"}) == 1
+        assert value("edgefl_aggregator_leases_ended_total", {"how": "expired"}) == 0
+        assert value("edgefl_aggregator_lease_verdicts_total", {"verdict": "valid"}) == 1
+        assert value("edgefl_aggregator_lease_verdicts_total", {"verdict": "no_lease"}) == 1
+        assert value("edgefl_aggregator_checkins_total", {"outcome": "available"}) == 3
+        extra = _server_metrics(FLEET, stats).extra
+        assert (extra["leases_in_flight"], extra["concurrency"]) == (2, 2)
+        assert extra["staleness_reference"] == 0.5
+
+    run_with_leases(tmp_path, scenario, concurrency=2, buffer_size=4)
