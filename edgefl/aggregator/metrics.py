@@ -131,39 +131,28 @@ LATENCY = MetricSpec(
     MetricType.HISTOGRAM,
     "Receive to durable acknowledgement of one update packet",
 )
-# participation (PROTOCOL.md 4.7): only exported while it is on
-LEASES_IN_FLIGHT = MetricSpec(
-    f"{_P}_leases_in_flight", MetricType.GAUGE, "Training leases held (devices training now)"
+# participation (PROTOCOL.md 4.7): only exported while it is on; (name, type, help, labels)
+_G, _C = MetricType.GAUGE, MetricType.COUNTER
+_LEASE_ROWS: tuple[tuple[str, MetricType, str, tuple[str, ...]], ...] = (
+    ("leases_in_flight", _G, "Training leases held (devices training now)", ()),
+    ("lease_concurrency", _G, "Leases held at most at once (C)", ()),
+    ("lease_candidates", _G, "Devices checked in and waiting for a lease", ()),
+    ("staleness_reference_versions", _G, "C / K: the staleness FedBuff expects", ()),
+    ("leases_granted_total", _C, "Leases granted", ()),
+    ("leases_ended_total", _C, "Leases ended, by how (completed, released, expired)", ("how",)),
+    ("lease_verdicts_total", _C, "Lease checks of delivered updates, by verdict", ("verdict",)),
+    (
+        "checkins_total",
+        _C,
+        "Check-ins by outcome (available, withdrawn, or why refused)",
+        ("outcome",),
+    ),
 )
-LEASE_CONCURRENCY = MetricSpec(
-    f"{_P}_lease_concurrency", MetricType.GAUGE, "Leases held at most at once (C)"
+LEASES_IN_FLIGHT, LEASE_CONCURRENCY, LEASE_CANDIDATES, STALENESS_REFERENCE = (
+    MetricSpec(f"{_P}_{name}", kind, help_, labels) for name, kind, help_, labels in _LEASE_ROWS[:4]
 )
-LEASE_CANDIDATES = MetricSpec(
-    f"{_P}_lease_candidates", MetricType.GAUGE, "Devices checked in and waiting for a lease"
-)
-STALENESS_REFERENCE = MetricSpec(
-    f"{_P}_staleness_reference_versions",
-    MetricType.GAUGE,
-    "C / K: the staleness FedBuff expects at concurrency C and buffer size K",
-)
-LEASES_GRANTED = MetricSpec(f"{_P}_leases_granted_total", MetricType.COUNTER, "Leases granted")
-LEASES_ENDED = MetricSpec(
-    f"{_P}_leases_ended_total",
-    MetricType.COUNTER,
-    "Leases ended, by how (completed, released, expired)",
-    ("how",),
-)
-LEASE_VERDICTS = MetricSpec(
-    f"{_P}_lease_verdicts_total",
-    MetricType.COUNTER,
-    "Lease checks of delivered updates, by verdict",
-    ("verdict",),
-)
-CHECKINS = MetricSpec(
-    f"{_P}_checkins_total",
-    MetricType.COUNTER,
-    "Check-ins by outcome (available, withdrawn, or the rejection reason)",
-    ("outcome",),
+LEASES_GRANTED, LEASES_ENDED, LEASE_VERDICTS, CHECKINS = (
+    MetricSpec(f"{_P}_{name}", kind, help_, labels) for name, kind, help_, labels in _LEASE_ROWS[4:]
 )
 
 #: Every edgefl metric family of the endpoint, in exposition order (``process_*`` not included).
