@@ -247,23 +247,25 @@ def test_a_restart_restores_the_leases_and_grants_no_more_than_c(tmp_path: Path)
     run(body)
 
 
-def test_a_crash_before_the_commit_keeps_the_lease_and_counts_the_update_once(
-    tmp_path: Path,
+def test_a_crash_in_the_commit_keeps_the_lease_and_counts_the_update_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The completion of a lease commits with the update: when that commit fails (a crash
-    before it), the lease is still held after the restart, and the redelivered update
-    completes it exactly once."""
+    """The completion of a lease commits in the transaction of the update that completed it:
+    when that transaction fails after the lease rows were written (a crash before its COMMIT),
+    the lease is still held after the restart, and the redelivered update completes it, once."""
     broker = MemoryBroker()
     config = leasing(tmp_path, concurrency=1, buffer_size=10)
     from edgefl.aggregator.store import StateStore
 
-    real_commit = StateStore.commit
+    real_write = StateStore._write_leases
     crash = {"armed": False}
 
-    def commit(self: StateStore, batch: Any) -> None:
+    def write_then_crash(self: StateStore, batch: Any) -> None:
+        real_write(self, batch)
         if crash["armed"] and batch.accepted:
-            raise OSError("simulated crash before the commit")
-        real_commit(self, batch)
+            raise OSError("simulated crash before the COMMIT")
+
+    monkeypatch.setattr(StateStore, "_write_leases", write_then_crash)
 
     async def body() -> None:
         async with Fleet(broker) as fleet:
@@ -280,13 +282,44 @@ def test_a_crash_before_the_commit_keeps_the_lease_and_counts_the_update_once(
                 s = await h.until(lambda s: s.applied == 1)
                 assert s.rejected == {}
                 p = participation(h)
-                assert (p.in_flight, dict(p.verdicts)) == (0, {"valid": 1})
+                assert (p.in_flight, dict(p.verdicts)) == (0, {"valid": 1})  # it survived
 
-    StateStore.commit = commit  # type: ignore[method-assign]
+    run(body)
+
+
+def test_a_lease_is_published_only_after_its_grant_committed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from edgefl.aggregator.store import StateStore
+
+    gate, entered = threading.Event(), threading.Event()
+    real_commit = StateStore.commit
+
+    def gated_commit(self: StateStore, batch: Any) -> None:
+        if batch.leases_granted:
+            entered.set()
+            gate.wait(10)
+        real_commit(self, batch)
+
+    monkeypatch.setattr(StateStore, "commit", gated_commit)
+
+    async def scenario(h: Harness, fleet: Fleet) -> None:
+        await fleet.check_in("pi-1")
+        await asyncio.to_thread(entered.wait, 10)
+        # Assert: granted in memory, its commit in progress: nothing published yet
+        assert participation(h).in_flight == 1
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert fleet.leases == []
+        gate.set()
+        await until(lambda: len(fleet.leases) == 1)
+
     try:
-        run(body)
+        run_with_leases(tmp_path, scenario, concurrency=1)
     finally:
-        StateStore.commit = real_commit  # type: ignore[method-assign]
+        gate.set()
 
 
 # --------------------------------------------------------------------------- liveness
