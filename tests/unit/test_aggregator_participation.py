@@ -443,6 +443,7 @@ def test_signed_check_ins_and_signed_leases(tmp_path: Path) -> None:
 
 def test_prometheus_and_server_metrics_show_the_leases_against_c(tmp_path: Path) -> None:
     from edgefl.aggregator.metrics import PrometheusExporter
+    from edgefl.aggregator.runner import status_line
     from edgefl.aggregator.service import _server_metrics
 
     async def scenario(h: Harness, fleet: Fleet) -> None:
@@ -470,5 +471,6 @@ def test_prometheus_and_server_metrics_show_the_leases_against_c(tmp_path: Path)
         extra = _server_metrics(FLEET, stats).extra
         assert (extra["leases_in_flight"], extra["concurrency"]) == (2, 2)
         assert extra["staleness_reference"] == 0.5
+        assert ", leases 2/2, " in status_line(h.agg)  # systemctl status
 
     run_with_leases(tmp_path, scenario, concurrency=2, buffer_size=4)
