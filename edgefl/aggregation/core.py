@@ -121,6 +121,11 @@ class AggregationCore(Protocol):
         """Close the open round if its deadline passed; ``None`` if nothing closed."""
         ...
 
+    def flush(self) -> StepResult | None:
+        """Step on a partly filled buffer now (FedBuff; a flush deadline); ``None`` when there
+        is nothing to step (an empty buffer, or FedAvg, whose rounds have deadlines)."""
+        ...
+
     def snapshot(self, *, buffer: bool = True) -> FedBuffState: ...
 
     def statistics(self) -> FedBuffStatistics | SyncFedAvgStatistics: ...
@@ -157,6 +162,9 @@ class FedBuffCore(ModelView[FedBuff]):
 
     def deadline_passed(self, now: float) -> RoundResult | None:
         return None
+
+    def flush(self) -> StepResult | None:
+        return self._fb.step() if self._fb.buffer_fill else None
 
     def snapshot(self, *, buffer: bool = True) -> FedBuffState:
         return self._core.snapshot(buffer=buffer)
@@ -215,6 +223,9 @@ class SyncCore(ModelView[SyncFedAvg]):
 
     def deadline_passed(self, now: float) -> RoundResult | None:
         return self._core.deadline_passed(now)
+
+    def flush(self) -> StepResult | None:
+        return None
 
     def snapshot(self, *, buffer: bool = True) -> FedBuffState:
         return self._core.snapshot(buffer=buffer)

@@ -23,7 +23,8 @@ __all__ = ["UpdateFields", "build_update_envelope", "build_update_packets"]
 class UpdateFields(TypedDict):
     """What describes one update: whose (``fleet``, ``device``, ``seq``), of which model and
     base version, its ``delta``, and optionally the ``num_examples`` it trained on (32), the
-    ``codec`` (the default :class:`CodecConfig`) and the encoder's ``rng`` (seeded by ``seq``)."""
+    ``codec`` (the default :class:`CodecConfig`), the encoder's ``rng`` (seeded by ``seq``) and the
+    participation ``lease_id`` it was trained under."""
 
     fleet: str
     model: str
@@ -34,6 +35,7 @@ class UpdateFields(TypedDict):
     num_examples: NotRequired[int]
     codec: NotRequired[CodecConfig | None]
     rng: NotRequired[np.random.Generator | None]
+    lease_id: NotRequired[int | None]
 
 
 def build_update_envelope(
@@ -56,6 +58,7 @@ def build_update_envelope(
         codec=encoded.descriptor.to_dict(),
         num_params=int(np.asarray(delta).shape[0]),
         created_at=time.time() if created_at is None else created_at,
+        lease_id=update.get("lease_id"),
     )
     return encode_message(header, encoded.body)
 

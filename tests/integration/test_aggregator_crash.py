@@ -14,6 +14,7 @@ import signal
 import sqlite3
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,13 +35,18 @@ NUM_PARAMS = 2410
 pytestmark = pytest.mark.integration
 
 
+RAW_UPDATES = (
+    "--buffer-size", "7", "--norm-bound", "off", "--metrics-interval", "0.5",
+    "--max-batch", "64", "--no-participation",  # raw updates, no leases
+)  # fmt: skip
+
+
 def start_aggregator(
-    url: str, state_dir: Path, *, importtime: bool = False
+    url: str, state_dir: Path, *, importtime: bool = False, options: Sequence[str] = RAW_UPDATES
 ) -> subprocess.Popen[str]:
     args = [
         "--broker", url, "--fleet", FLEET, "--model", MODEL, "--state-dir", str(state_dir),
-        "--buffer-size", "7", "--norm-bound", "off", "--metrics-interval", "0.5",
-        "--max-batch", "64",
+        *options,
     ]  # fmt: skip
     return start_aggregator_process(
         args, state_dir, python=["-X", "importtime"] if importtime else ()

@@ -35,7 +35,7 @@ def start_aggregator(url: str, state_dir: Path) -> subprocess.Popen[str]:
     args = [
         "--broker", url, "--fleet", FLEET, "--model", MODEL, "--state-dir", str(state_dir),
         "--buffer-size", "50", "--norm-bound", "off", "--metrics-interval", "0.5",
-        "--max-inflight-mib", "1", "--receipts",
+        "--max-inflight-mib", "1", "--receipts", "--no-participation",  # raw updates
     ]  # fmt: skip
     return start_aggregator_process(args, state_dir)
 
