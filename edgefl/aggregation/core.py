@@ -120,6 +120,11 @@ class AggregationCore(Protocol):
         """Close the open round if its deadline passed; ``None`` if nothing closed."""
         ...
 
+    def flush(self) -> StepResult | None:
+        """Step on a partly filled buffer now (FedBuff; a flush deadline); ``None`` when there
+        is nothing to step (an empty buffer, or FedAvg, whose rounds have deadlines)."""
+        ...
+
     def snapshot(self, *, buffer: bool = True) -> FedBuffState: ...
 
     def statistics(self) -> FedBuffStatistics | SyncFedAvgStatistics: ...
@@ -168,6 +173,9 @@ class FedBuffCore:
 
     def deadline_passed(self, now: float) -> RoundResult | None:
         return None
+
+    def flush(self) -> StepResult | None:
+        return self._fb.step() if self._fb.buffer_fill else None
 
     def snapshot(self, *, buffer: bool = True) -> FedBuffState:
         return self._fb.snapshot(buffer=buffer)
@@ -238,6 +246,9 @@ class SyncCore:
 
     def deadline_passed(self, now: float) -> RoundResult | None:
         return self._sync.deadline_passed(now)
+
+    def flush(self) -> StepResult | None:
+        return None
 
     def snapshot(self, *, buffer: bool = True) -> FedBuffState:
         return self._sync.snapshot(buffer=buffer)

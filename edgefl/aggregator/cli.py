@@ -164,6 +164,30 @@ def aggregator_command(
             help="Publish a receipt to each device after its updates are committed. [on]",
         ),
     ] = None,
+    participation: Annotated[
+        bool | None,
+        typer.Option(
+            "--participation/--no-participation",
+            help="Grant training leases: at most --concurrency devices train at once. [on]",
+        ),
+    ] = None,
+    concurrency: Annotated[
+        int | None, typer.Option(help="Participation: leases held at once (C). [20]")
+    ] = None,
+    lease_s: Annotated[
+        float | None, typer.Option("--lease-s", help="Participation: lease length, s. [600]")
+    ] = None,
+    lease_grace: Annotated[
+        float | None,
+        typer.Option(help="Participation: late updates accepted, fraction of --lease-s. [0.1]"),
+    ] = None,
+    checkin_ttl: Annotated[
+        float | None, typer.Option(help="Participation: a check-in lasts this long, s. [1800]")
+    ] = None,
+    flush_after: Annotated[
+        float | None,
+        typer.Option(help="Participation: step a partly filled buffer after N s. [120]"),
+    ] = None,
     local_epochs: Annotated[
         int | None, typer.Option(help="Hint: local epochs per update. [1]")
     ] = None,
@@ -294,6 +318,12 @@ def aggregator_command(
         "aggregation.round_deadline_s": round_deadline,
         "aggregation.min_fraction": min_fraction,
         "aggregation.receipts": receipts,
+        "participation.enabled": participation,
+        "participation.concurrency": concurrency,
+        "participation.lease_s": lease_s,
+        "participation.lease_grace": lease_grace,
+        "participation.checkin_ttl_s": checkin_ttl,
+        "participation.flush_after_s": flush_after,
         "hints.local_epochs": local_epochs,
         "hints.batch_size": batch_size,
         "hints.lr": lr,

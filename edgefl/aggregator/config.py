@@ -37,6 +37,7 @@ from edgefl.aggregation import (
 from edgefl.auth import EnvelopeSigner, UpdateAuthenticator
 from edgefl.codec import CodecConfig
 from edgefl.models import ModelSpec, get_model_spec
+from edgefl.participation import ParticipationConfig
 from edgefl.protocol import TrainingHints
 from edgefl.protocol.sequence import DEFAULT_MAX_SEQ_JUMP
 from edgefl.protocol.topics import fleet_name
@@ -116,6 +117,9 @@ class AggregatorConfig:
     # --- receipts (docs/PROTOCOL.md 4.6): one per device per committed batch, QoS 1, retained
     receipts: bool = True
     receipt_queue: int = 4096  # receipts waiting for the broker; beyond it the oldest is dropped
+    # --- server-controlled participation (docs/PROTOCOL.md 4.7): None = off, every update
+    # is taken as before (the config file and the CLI turn it on, with C = 20)
+    participation: ParticipationConfig | None = None
     # --- security and MQTT identity
     authenticator: UpdateAuthenticator | None = None
     manifest_signer: EnvelopeSigner | None = None

@@ -5,8 +5,9 @@ Sources, lowest precedence first (the device agent's scheme, ``device_agent/conf
 1. **TOML file** (``--config FILE``, else ``$EDGEFL_AGG_CONFIG``, else
    ``/etc/edgefl/aggregator.toml`` when it exists; see ``edgefl/aggregator/examples/
    aggregator.toml``). Top-level keys ``fleet``, ``model``, ``state_dir``, ``algorithm``, ``seed``,
-   ``log_level`` and the tables ``[broker]``, ``[aggregation]``, ``[hints]``, ``[outputs]``,
-   ``[limits]``, ``[security]``. Relative paths are relative to the file's directory.
+   ``log_level`` and the tables ``[broker]``, ``[aggregation]``, ``[participation]``,
+   ``[hints]``, ``[outputs]``, ``[limits]``, ``[security]``. Relative paths are relative to
+   the file's directory.
 2. **Environment**: ``EDGEFL_AGG_<SECTION>__<KEY>`` / ``EDGEFL_AGG_<KEY>``, e.g.
    ``EDGEFL_AGG_BROKER__URL``, ``EDGEFL_AGG_AGGREGATION__BUFFER_SIZE``, ``EDGEFL_AGG_FLEET``.
    An unknown ``EDGEFL_AGG_*`` variable is an error (with a suggestion), except
@@ -60,6 +61,13 @@ from edgefl.configlayers import (
     read_secret,
     read_toml,
 )
+from edgefl.participation import (
+    DEFAULT_CHECKIN_TTL_S,
+    DEFAULT_CONCURRENCY,
+    DEFAULT_LEASE_GRACE,
+    DEFAULT_LEASE_S,
+    ParticipationConfig,
+)
 from edgefl.transport.config import MqttProtocol
 
 __all__ = [
@@ -78,6 +86,9 @@ __all__ = [
 
 DEFAULT_CONFIG_PATH = Path("/etc/edgefl/aggregator.toml")
 ENV_PREFIX = "EDGEFL_AGG_"
+DEFAULT_FLUSH_AFTER_S = 120.0
+"""The command's flush deadline: a partly filled buffer steps after two minutes (liveness of a
+fleet smaller than K; docs/AGGREGATOR.md, "Participation")."""
 ENV_CONFIG = "EDGEFL_AGG_CONFIG"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 EVAL_DATASETS = ("digits", "mnist1d")
@@ -137,6 +148,13 @@ _KEYS: dict[str, _Key] = {
     "aggregation.round_deadline_s": _Key(float, "--round-deadline", "round_deadline_s"),
     "aggregation.min_fraction": _Key(float, "--min-fraction", "min_fraction"),
     "aggregation.receipts": _Key(bool, "--receipts", "receipts"),
+    # [participation]: leases (PROTOCOL.md 4.7); on by default for the command
+    "participation.enabled": _Key(bool, "--participation", None),
+    "participation.concurrency": _Key(int, "--concurrency", None),
+    "participation.lease_s": _Key(float, "--lease-s", None),
+    "participation.lease_grace": _Key(float, "--lease-grace", None),
+    "participation.checkin_ttl_s": _Key(float, "--checkin-ttl", None),
+    "participation.flush_after_s": _Key(float | None, "--flush-after", None),
     # [hints]: what devices are asked to do (published in every manifest)
     "hints.local_epochs": _Key(int, "--local-epochs", "local_epochs"),
     "hints.batch_size": _Key(int, "--batch-size", "batch_size"),
@@ -167,7 +185,15 @@ FLAGS: dict[str, str] = {key: k.flag for key, k in _KEYS.items()}
 """The command-line flag of every key."""
 _SECTIONS = sorted({key.split(".", 1)[0] for key in _KEYS if "." in key})
 _REQUIRED = ("broker.url", "fleet", "model", "state_dir")
-_SERVICE_DEFAULTS: dict[str, object] = {"limits.max_batch": 512}
+_SERVICE_DEFAULTS: dict[str, object] = {
+    "limits.max_batch": 512,
+    "participation.enabled": True,
+    "participation.concurrency": DEFAULT_CONCURRENCY,
+    "participation.lease_s": DEFAULT_LEASE_S,
+    "participation.lease_grace": DEFAULT_LEASE_GRACE,
+    "participation.checkin_ttl_s": DEFAULT_CHECKIN_TTL_S,
+    "participation.flush_after_s": DEFAULT_FLUSH_AFTER_S,
+}
 """Where the command's default differs from :class:`AggregatorConfig`'s (the library's)."""
 _FIELD_TO_KEY = {k.target: key for key, k in _KEYS.items() if k.target is not None}
 
@@ -314,7 +340,23 @@ def _derived_fields(values: Mapping[str, object], err: _Errors) -> dict[str, Any
         if mib < 1:
             raise err("limits.max_inflight_mib", f"expected at least 1, got {mib}")
         fields["max_inflight_bytes"] = mib * 1024 * 1024
+    fields["participation"] = _participation(values, err)
     return fields
+
+
+def _participation(values: Mapping[str, object], err: _Errors) -> ParticipationConfig | None:
+    """The ``[participation]`` table as a :class:`ParticipationConfig` (None: disabled)."""
+    if not values.get("participation.enabled", True):
+        return None
+    fields = ("concurrency", "lease_s", "lease_grace", "checkin_ttl_s", "flush_after_s")
+    kwargs = {f: values[f"participation.{f}"] for f in fields if f"participation.{f}" in values}
+    if kwargs.get("flush_after_s") == 0:
+        kwargs["flush_after_s"] = None  # 0: only full buffers step
+    try:
+        return ParticipationConfig(**kwargs)  # type: ignore[arg-type]
+    except ValueError as exc:
+        named = [f for f in fields if str(exc).startswith(f)]
+        raise err(f"participation.{named[0] if named else 'concurrency'}", str(exc)) from None
 
 
 def _built_config(

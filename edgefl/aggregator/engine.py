@@ -38,6 +38,7 @@ from edgefl.aggregation import (
     make_core,
 )
 from edgefl.aggregator.config import AggregatorConfig, Algorithm
+from edgefl.participation import flush_due
 
 __all__ = ["AddResult", "Engine"]
 
@@ -67,6 +68,10 @@ class Engine:
         self._discarded = 0
         self._rounds: dict[str, int] = {}
         self._core = make_core(config.aggregation_settings().core_config(), state)
+        part = config.participation
+        self._flush_after = None if part is None else part.flush_after_s
+        # when the buffer last became non-empty (a restored checkpoint's buffer: now)
+        self._first_buffered_at = now if self._core.buffer_fill else None
         self._open_round(now)
 
     # ------------------------------------------------------------------ properties
@@ -109,6 +114,13 @@ class Engine:
     def deadline(self) -> float | None:
         return self._core.deadline
 
+    @property
+    def flush_deadline(self) -> float | None:
+        """When a partly filled buffer steps (``participation.flush_after_s``; None: never)."""
+        if self._flush_after is None or self._first_buffered_at is None:
+            return None
+        return self._first_buffered_at + self._flush_after
+
     # ------------------------------------------------------------------ ingest
     def add(
         self,
@@ -127,14 +139,31 @@ class Engine:
             self._closed(added.round, now)
         elif added.step is not None:
             self._generation += 1
+        if self._core.buffer_fill == 0:
+            self._first_buffered_at = None
+        elif self._first_buffered_at is None:
+            self._first_buffered_at = now
         return AddResult(added.outcome, step=added.step, round=added.round)
 
-    def tick(self, now: float) -> RoundResult | None:
-        """FedAvg: close the round when its deadline passed (and open the next one)."""
+    def tick(self, now: float) -> RoundResult | StepResult | None:
+        """FedAvg: close the round when its deadline passed (and open the next one). FedBuff
+        with a flush deadline: step on the partly filled buffer when its first update waited
+        ``flush_after_s`` (:func:`~edgefl.participation.flush_due`). Returns what happened."""
         result = self._core.deadline_passed(now)
         if result is not None:
             self._closed(result, now)
-        return result
+            return result
+        due = flush_due(
+            buffer_fill=self._core.buffer_fill,
+            first_buffered_at=self._first_buffered_at,
+            now=now,
+            flush_after_s=self._flush_after,
+        )
+        step = self._core.flush() if due else None
+        if step is not None:
+            self._generation += 1
+            self._first_buffered_at = None
+        return step
 
     def _closed(self, result: RoundResult, now: float) -> None:
         self._rounds[result.status.value] = self._rounds.get(result.status.value, 0) + 1

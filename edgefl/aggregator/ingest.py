@@ -20,7 +20,8 @@ and layout (``SHAPE_MISMATCH``); ``(device, seq)`` already accepted (``DUPLICATE
 the device's highest accepted seq (``REPLAY``), or more than ``max_seq_jump`` above it
 (``SEQ_JUMP``, :func:`~edgefl.protocol.sequence.seq_verdict`); per-device rate
 (``RATE_LIMITED``); codec (bounded decode: ``BAD_CODEC``, ``DECOMPRESSION_BOMB``,
-``NON_FINITE``, ...); then the engine (``STALE``, ``FUTURE_VERSION``, ``BAD_EXAMPLES``,
+``NON_FINITE``, ...); the ``admit`` hook when given (the participation lease check:
+``NO_LEASE``, ``LEASE_EXPIRED``); then the engine (``STALE``, ``FUTURE_VERSION``, ``BAD_EXAMPLES``,
 ``NORM_BOUND``, FedAvg ``DUPLICATE``).
 Nothing changes for a rejected update.
 """
@@ -244,8 +245,10 @@ class Ingest:
         *,
         max_seq: Mapping[str, int] | None = None,
         committed_seen: Callable[[str, int], bool] = lambda device, seq: False,
+        admit: Callable[[UpdateHeader], None] | None = None,
     ) -> None:
         self._config = config
+        self._admit = admit
         self._engine = engine
         self._spec = config.spec
         self._layout = tuple((t.name, tuple(t.shape), t.dtype) for t in self._spec.layout)
@@ -376,6 +379,8 @@ class Ingest:
             window = self._check_rate(device, now)
             if isinstance(decoded, EdgeflError):
                 raise decoded
+            if self._admit is not None:  # the participation lease check (it ends the lease)
+                self._admit(header)
             result = self._engine.add(
                 device,
                 decoded,

@@ -43,7 +43,9 @@ import logging
 import time
 from collections.abc import Callable
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
+
+import numpy as np
 
 from edgefl.aggregation import FedBuff, FedBuffConfig, FedBuffState
 from edgefl.aggregator.batch import Batch, BatchBuilder, Ticket, checkpoint_bytes
@@ -51,6 +53,7 @@ from edgefl.aggregator.config import AggregatorConfig
 from edgefl.aggregator.engine import Engine
 from edgefl.aggregator.evaluation import Evaluator
 from edgefl.aggregator.ingest import Ingest, StagedUpdate
+from edgefl.aggregator.participation import CheckInAuthenticator, LeaseDesk
 from edgefl.aggregator.publish import Release, RetainedChunks
 from edgefl.aggregator.publisher import Publisher
 from edgefl.aggregator.receipts import ReceiptQueue, ReceiptSender
@@ -60,6 +63,7 @@ from edgefl.aggregator.store import StateStore, seen_lookup
 from edgefl.aggregator.tally import Tally
 from edgefl.errors import EdgeflError
 from edgefl.models import init_weights_numpy
+from edgefl.participation import LeaseBookState
 from edgefl.protocol import (
     ServerMetrics,
     ServerState,
@@ -68,9 +72,9 @@ from edgefl.protocol import (
     server_metrics_topic,
     server_state_topic,
 )
-from edgefl.protocol.messages import FEATURE_RECEIPTS
+from edgefl.protocol.messages import FEATURE_LEASES, FEATURE_RECEIPTS, UpdateHeader
 from edgefl.protocol.receipts import ReceiptBook
-from edgefl.protocol.topics import updates_filter
+from edgefl.protocol.topics import CheckInTopic, checkins_filter, updates_filter
 from edgefl.transport import (
     ConnectInfo,
     InboundMessage,
@@ -95,6 +99,8 @@ _INFLATE_DEPTH = 2  # updates handed to the inflate thread and not finished yet
 _INFLATE_OFFLOAD_BYTES = 256 * 1024  # smaller bodies are decompressed on the loop
 _COMMITS_IN_FLIGHT = 2  # prepared batches waiting for their commit (each holds its payloads)
 _SLICE_S = 0.01  # longest stretch of batch validation before yielding to the event loop
+_STATE_EVERY_S = 1.0  # the retained server state is republished at most this often for leases
+_CHECKIN_LEAF = "/" + CheckInTopic.leaf
 
 
 class Phase(StrEnum):
@@ -128,6 +134,7 @@ class _Restored:
     session: int
     started_at: float
     high_water: dict[str, int]  # committed max seq per device (the receipts' ``through``)
+    desk: LeaseDesk | None  # participation (None: off)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +158,7 @@ class _Running:
     publisher: Publisher
     evaluator: Evaluator | None  # only with ``eval_dataset``
     receipts: _Receipts | None  # only with ``receipts``
+    desk: LeaseDesk | None  # only with ``participation``
     session: int
     started_at: float
 
@@ -185,6 +193,9 @@ class Aggregator:
         self._stats_cache: AggregatorStatistics | None = None
         self._batches = 0
         self._rate = (0.0, 0.0)  # updates/s, bytes/s over the last metrics period
+        self._state_shown: tuple[int, int] | None = None  # (in_flight, candidates) published
+        self._state_at = 0.0  # monotonic time of the last server state published for leases
+        self._state_wanted = asyncio.Event()  # the participation figures changed
         self.phase = Phase.STARTING
 
     # ------------------------------------------------------------------ public API
@@ -254,6 +265,9 @@ class Aggregator:
             started_at=started_at,
             receipts_sent=receipts.sender.sent if receipts else 0,
             receipts_dropped=receipts.sender.queue.dropped if receipts else 0,
+            participation=self._running.desk.statistics()
+            if self._running is not None and self._running.desk is not None
+            else None,
         )
 
     # ------------------------------------------------------------------ run
@@ -331,6 +345,7 @@ class Aggregator:
             publisher=publisher,
             evaluator=evaluator,
             receipts=receipts,
+            desk=restored.desk,
             session=restored.session,
             started_at=restored.started_at,
         )
@@ -346,6 +361,8 @@ class Aggregator:
             reader = tg.create_task(self._reader(transport), name="edgefl-agg-reader")
             ingest = tg.create_task(self._ingest_loop(running), name="edgefl-agg-ingest")
             await transport.subscribe(updates_filter(self.config.fleet), qos=1)
+            if running.desk is not None:
+                await transport.subscribe(checkins_filter(self.config.fleet), qos=1)
             await publisher.publish_current()
             await publisher.publish_state(ServerStatus.ONLINE)
             self._stats_cache = self.statistics()
@@ -360,7 +377,11 @@ class Aggregator:
             publishing = tg.create_task(publisher.run(), name="edgefl-agg-publisher")
             house = tg.create_task(publisher.housekeeping(), name="edgefl-agg-house")
             metrics = tg.create_task(self._metrics(running), name="edgefl-agg-metrics")
-            sending = None
+            sending = leasing = None
+            if running.desk is not None:
+                leasing = tg.create_task(
+                    self._participation_state(publisher, running.desk), name="edgefl-agg-leases"
+                )
             if running.receipts is not None:
                 sender = running.receipts.sender
                 sending = tg.create_task(sender.run(), name="edgefl-agg-receipts")
@@ -376,6 +397,8 @@ class Aggregator:
             house.cancel()
             metrics.cancel()
             publishing.cancel()
+            if leasing is not None:
+                leasing.cancel()
         with contextlib.suppress(TransportError, TimeoutError):
             async with asyncio.timeout(_SHUTDOWN_PUBLISH_S):
                 await publisher.publish_final()
@@ -402,8 +425,13 @@ class Aggregator:
         )
         now = time.monotonic()
         engine = Engine(cfg, loaded.state, generation=loaded.generation, now=now)
+        desk = self._lease_desk(loaded.leases, loaded.session)
         ingest = Ingest(
-            cfg, engine, max_seq=loaded.max_seq, committed_seen=self._seen_reader(store)
+            cfg,
+            engine,
+            max_seq=loaded.max_seq,
+            committed_seen=self._seen_reader(store),
+            admit=None if desk is None else _admit_now(desk),
         )
         builder = BatchBuilder(
             engine,
@@ -427,6 +455,25 @@ class Aggregator:
             loaded.session,
             loaded.started_at,
             dict(loaded.max_seq),
+            desk,
+        )
+
+    def _lease_desk(self, leases: LeaseBookState, session: int) -> LeaseDesk | None:
+        """The participation desk with the leases the store holds (None: participation off).
+        Leases that expired while the aggregator was down expire at its first grant."""
+        cfg = self.config
+        if cfg.participation is None:
+            return None
+        authenticator = cfg.authenticator
+        if authenticator is not None and not hasattr(authenticator, "authenticate_checkin"):
+            raise ValueError("participation with signatures needs an authenticator of check-ins")
+        return LeaseDesk(
+            cfg.participation,
+            cfg.fleet,
+            rng=np.random.default_rng([cfg.seed, session]),
+            state=leases,
+            authenticator=cast(CheckInAuthenticator | None, authenticator),
+            signer=cfg.manifest_signer,
         )
 
     @staticmethod
@@ -489,7 +536,7 @@ class Aggregator:
             while not self._stopping:
                 while acknowledging and acknowledging[0].done():
                     acknowledging.popleft().result()  # re-raises a failed commit
-                messages = await self._next_batch()
+                messages = await self._next_batch(self._idle_wait(running))
                 if messages is None:
                     break
                 batch = await self._apply_batch(running, messages)
@@ -511,12 +558,26 @@ class Aggregator:
                 for task in acknowledging:
                     task.cancel()
 
-    async def _next_batch(self) -> list[Ticket] | None:
-        """Stage 1, collect: the next batch (``[]`` after an idle period: deadlines and expiry
-        still run; ``None`` when stopping)."""
+    def _idle_wait(self, running: _Running) -> float:
+        """How long stage 1 may wait for a first message: the idle tick, or less when a lease
+        expires, a partly filled buffer is due to flush, or the server state is due sooner."""
+        wait = _IDLE_TICK_S
+        flush = running.builder.engine.flush_deadline
+        if flush is not None:
+            wait = min(wait, flush - time.monotonic())
+        desk = running.desk
+        if desk is not None:
+            expiry = desk.next_expiry()
+            if expiry is not None:
+                wait = min(wait, expiry - time.time())
+        return max(0.0, wait)
+
+    async def _next_batch(self, idle_s: float = _IDLE_TICK_S) -> list[Ticket] | None:
+        """Stage 1, collect: the next batch (``[]`` after ``idle_s`` without a message: deadlines
+        and expiry still run; ``None`` when stopping)."""
         queue = self._queue
         try:
-            async with asyncio.timeout(_IDLE_TICK_S):
+            async with asyncio.timeout(idle_s):
                 item = await queue.get()
         except TimeoutError:
             return []
@@ -560,6 +621,9 @@ class Aggregator:
         inflight: collections.deque[_Inflating] = collections.deque()
         slice_end = time.perf_counter() + _SLICE_S
         for message, received_at in messages:
+            if running.desk is not None and message.topic.endswith(_CHECKIN_LEAF):
+                self._check_in(running.desk, batch, (message, received_at))
+                continue
             batch.tally.bytes += len(message.payload)
             staged = ingest.stage(message.topic, message.payload, now=batch.now)
             # only the ack token is needed from here on: drop the payload reference so the
@@ -578,7 +642,34 @@ class Aggregator:
                 slice_end = time.perf_counter() + _SLICE_S
         while inflight:
             self._finish_inflated(builder, batch, inflight.popleft())
+        if running.desk is not None:
+            self._grant(running.desk, batch, builder.engine.version)
         return builder.close(batch)
+
+    @staticmethod
+    def _check_in(desk: LeaseDesk, batch: Batch, ticket: Ticket) -> None:
+        """One CHECKIN packet: applied to the pool and the lease book (or refused, counted by
+        the desk), and acknowledged with the batch."""
+        message, received_at = ticket
+        refused = desk.check_in(message.topic, message.payload, now=batch.wall)
+        if refused is not None:
+            log.debug("refused check-in on %s: %s", message.topic, refused.value)
+        stub = InboundMessage(message.topic, b"", message.qos, ack_token=message.ack_token)
+        batch.acks.append((stub, received_at))
+
+    @staticmethod
+    def _grant(desk: LeaseDesk, batch: Batch, version: int) -> None:
+        """Fill the free lease slots (the batch's completions and releases freed some, its
+        check-ins brought candidates, time expired some), and put every lease change into the
+        batch's record: completions commit with the updates that completed them, and new
+        leases are durable before they are published (stage 4)."""
+        desk.grant(now=batch.wall, version=version)
+        changes = desk.changes()
+        if changes is not None:
+            record = batch.record
+            record.leases_granted = changes.granted
+            record.leases_ended = changes.ended
+            record.lease_next_id = changes.next_id
 
     @staticmethod
     def _start_inflate(
@@ -623,6 +714,8 @@ class Aggregator:
             # only now: a receipt says "durably recorded" (and the batches before this one are)
             self._queue_receipts(running.receipts, batch)
         await running.transport.ack_many(message for message, _ in batch.acks)
+        if running.desk is not None:
+            await self._publish_leases(running, running.desk, batch)
         done = time.monotonic()
         if self._exporter is not None:
             for _, received_at in batch.acks:
@@ -630,6 +723,37 @@ class Aggregator:
         if batch.release is not None:
             self._announce(running, batch.release, batch.new_versions)
         self._stats_cache = self.statistics()
+
+    async def _publish_leases(self, running: _Running, desk: LeaseDesk, batch: Batch) -> None:
+        """The committed batch's new leases (QoS 1, not retained), then the server state when
+        the in-flight or candidate count changed (at most every ``_STATE_EVERY_S``). A LEASE
+        lost here (the broker went away) costs its slot until the lease expires."""
+        now = time.time()
+        messages = [desk.lease_message(lease, now=now) for lease in batch.record.leases_granted]
+        try:
+            await asyncio.gather(*(running.transport.publish(t, p, qos=1) for t, p in messages))
+        except TransportError as exc:
+            log.warning("publishing leases failed: %s", exc)
+        if self._state_stale(desk):
+            self._state_wanted.set()
+
+    async def _participation_state(self, publisher: Publisher, desk: LeaseDesk) -> None:
+        """The participation state task: republish the retained server state when its
+        in-flight or candidate count is out of date, at most every ``_STATE_EVERY_S``."""
+        while True:
+            await self._state_wanted.wait()
+            self._state_wanted.clear()
+            await asyncio.sleep(max(0.0, self._state_at + _STATE_EVERY_S - time.monotonic()))
+            if self._state_stale(desk):
+                try:
+                    await publisher.publish_state(ServerStatus.ONLINE)
+                except TransportError as exc:
+                    log.warning("publishing the server state failed: %s", exc)
+
+    def _state_stale(self, desk: LeaseDesk) -> bool:
+        """Whether the published server state shows other in-flight or candidate counts."""
+        p = desk.participation()
+        return self._state_shown != (p.in_flight, p.candidates)
 
     @staticmethod
     def _queue_receipts(receipts: _Receipts, batch: Batch) -> None:
@@ -656,13 +780,23 @@ class Aggregator:
 
     # ------------------------------------------------------------------ server state, metrics
     def _server_state(self, status: ServerStatus, published_version: int | None) -> ServerState:
-        return _server_state(
+        state = _server_state(
             self.config.fleet, status, self.statistics(), published_version, self._features()
         )
+        desk = self._running.desk if self._running is not None else None
+        if desk is None:
+            return state
+        participation = desk.participation()
+        self._state_shown = (participation.in_flight, participation.candidates)
+        self._state_at = time.monotonic()
+        return dataclasses.replace(state, participation=participation)
 
     def _features(self) -> tuple[str, ...]:
-        """``ServerState.features``: what devices may rely on (PROTOCOL.md §4.6)."""
-        return (FEATURE_RECEIPTS,) if self.config.receipts else ()
+        """``ServerState.features``: what devices may rely on (PROTOCOL.md §4.6, §4.7)."""
+        features = [FEATURE_RECEIPTS] if self.config.receipts else []
+        if self.config.participation is not None:
+            features.append(FEATURE_LEASES)
+        return tuple(features)
 
     async def _metrics(self, running: _Running) -> None:
         cfg, totals = self.config, running.builder.totals
@@ -734,3 +868,8 @@ def _server_metrics(fleet: str, s: AggregatorStatistics) -> ServerMetrics:
             "receipts_dropped": s.receipts_dropped,
         },
     )
+
+
+def _admit_now(desk: LeaseDesk) -> Callable[[UpdateHeader], None]:
+    """``Ingest``'s lease check: :meth:`LeaseDesk.admit` at the wall-clock time of the call."""
+    return lambda header: desk.admit(header, now=time.time())

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from edgefl.aggregator.participation import LeaseDeskStatistics
+
 __all__ = ["AggregatorStatistics", "VersionRecord"]
 
 
@@ -37,6 +39,7 @@ class AggregatorStatistics:
     started_at: float = 0.0
     receipts_sent: int = 0  # receipts published (PUBACKed), this process
     receipts_dropped: int = 0  # receipts dropped from the full queue (cost: a resend), this process
+    participation: LeaseDeskStatistics | None = None  # leases (None: participation is off)
 
     @property
     def rejected_total(self) -> int:

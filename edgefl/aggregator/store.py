@@ -11,6 +11,9 @@ Tables (``state.sqlite``)::
     counters(name, value)            received, applied, bytes, rejected:<reason>, staleness:<tau>
     history(version, created_at, applied, accuracy)
     published(version, artifact, num_chunks)   retained chunk sets still on the broker
+    leases(lease_id, device, granted_at, expires_at, version)
+                                     participation leases held (PROTOCOL.md §4.7); meta
+                                     ``lease_next_id`` is the next lease id
 
 Contract: :meth:`StateStore.commit` writes one :class:`BatchRecord` in one transaction; the service
 acknowledges the batch's MQTT messages only after it returned. After a crash, :meth:`load`
@@ -39,6 +42,7 @@ from typing import Any, Final
 import numpy as np
 
 from edgefl.aggregation import FedBuffState
+from edgefl.participation import Lease, LeaseBookState
 
 __all__ = [
     "DB_NAME",
@@ -75,6 +79,9 @@ CREATE TABLE IF NOT EXISTS history (
 CREATE TABLE IF NOT EXISTS published (
     version INTEGER NOT NULL, artifact TEXT NOT NULL, num_chunks INTEGER NOT NULL,
     PRIMARY KEY (version, artifact));
+CREATE TABLE IF NOT EXISTS leases (
+    lease_id INTEGER PRIMARY KEY, device TEXT NOT NULL, granted_at REAL NOT NULL,
+    expires_at REAL NOT NULL, version INTEGER NOT NULL);
 """
 
 
@@ -235,13 +242,27 @@ class BatchRecord:
     snapshot: tuple[int, float, FedBuffState] | None = None
     history: list[tuple[int, float, int]] = field(default_factory=list)
     rebuffer: list[AcceptedRow] = field(default_factory=list)  # already seen: buffer rows only
+    # participation: leases granted and ended (ids) by this batch, and the next lease id; the
+    # completion of a lease commits with the update that completed it, and a lease is durable
+    # before its LEASE message is published
+    leases_granted: tuple[Lease, ...] = ()
+    leases_ended: tuple[int, ...] = ()
+    lease_next_id: int | None = None
 
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
 
     @property
     def empty(self) -> bool:
-        return not (self.accepted or self.counters or self.snapshot or self.history)
+        return not (
+            self.accepted
+            or self.counters
+            or self.snapshot
+            or self.history
+            or self.leases_granted
+            or self.leases_ended
+            or self.lease_next_id is not None
+        )
 
 
 @dataclass(frozen=True)
@@ -257,6 +278,7 @@ class LoadedState:
     published: list[tuple[int, str, int]]
     started_at: float
     session: int
+    leases: LeaseBookState = field(default_factory=lambda: LeaseBookState((), 1))
 
 
 class StateStore:
@@ -350,7 +372,15 @@ class StateStore:
             published=list(db.execute("SELECT version, artifact, num_chunks FROM published")),
             started_at=float(meta["started_at"]),
             session=int(meta["session"]),
+            leases=self._load_leases(meta),
         )
+
+    def _load_leases(self, meta: Mapping[str, str]) -> LeaseBookState:
+        rows = self._db.execute(
+            "SELECT device, lease_id, granted_at, expires_at, version FROM leases ORDER BY 2"
+        )
+        leases = tuple(Lease(d, int(i), float(g), float(e), int(v)) for d, i, g, e, v in rows)
+        return LeaseBookState(leases, int(meta.get("lease_next_id", "1")))
 
     # ------------------------------------------------------------------ writes
     def commit(self, batch: BatchRecord) -> None:
@@ -390,10 +420,30 @@ class StateStore:
                 list(batch.counters.items()),
             )
             db.executemany("INSERT OR REPLACE INTO history VALUES (?, ?, ?, NULL)", batch.history)
+            self._write_leases(batch)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
+
+    def _write_leases(self, batch: BatchRecord) -> None:
+        """The batch's lease changes, in the open transaction (ended first: a device may end
+        one lease and be granted the next in the same batch)."""
+        db = self._db
+        db.executemany("DELETE FROM leases WHERE lease_id = ?", [(i,) for i in batch.leases_ended])
+        db.executemany(
+            "INSERT INTO leases VALUES (?, ?, ?, ?, ?)",
+            [
+                (x.lease_id, x.device, x.granted_at, x.expires_at, x.version)
+                for x in batch.leases_granted
+            ],
+        )
+        if batch.lease_next_id is not None:
+            db.execute(
+                "INSERT INTO meta VALUES ('lease_next_id', ?)"
+                " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (str(batch.lease_next_id),),
+            )
 
     def _write_state(
         self, version: int, generation: int, created_at: float, state: FedBuffState

@@ -31,8 +31,10 @@ def build_update_envelope(
     codec: CodecConfig | None = None,
     rng: np.random.Generator | None = None,
     created_at: float | None = None,
+    lease_id: int | None = None,
 ) -> bytes:
-    """One encoded UPDATE envelope (not yet packetized)."""
+    """One encoded UPDATE envelope (not yet packetized; ``lease_id``: trained under that
+    participation lease)."""
     encoded, _ = encode_update(
         np.asarray(delta, dtype=np.float32),
         codec or CodecConfig(),
@@ -48,6 +50,7 @@ def build_update_envelope(
         codec=encoded.descriptor.to_dict(),
         num_params=int(np.asarray(delta).shape[0]),
         created_at=time.time() if created_at is None else created_at,
+        lease_id=lease_id,
     )
     return encode_message(header, encoded.body)
 
@@ -64,6 +67,7 @@ def build_update_packets(
     codec: CodecConfig | None = None,
     rng: np.random.Generator | None = None,
     max_packet: int = 256 * 1024,
+    lease_id: int | None = None,
 ) -> tuple[str, list[bytes]]:
     """``(topic, packets)`` of one update, as a device publishes them."""
     envelope = build_update_envelope(
@@ -76,5 +80,6 @@ def build_update_packets(
         num_examples=num_examples,
         codec=codec,
         rng=rng,
+        lease_id=lease_id,
     )
     return update_topic(fleet, device, seq), packetize(envelope, max_packet=max_packet)

@@ -57,6 +57,12 @@ RECEIPTED_REJECTIONS: Final = frozenset(
         RejectReason.BAD_EXAMPLES,
         RejectReason.REPLAY,
         RejectReason.SEQ_JUMP,
+        # participation (1.2): checked after authentication and de-duplication, and final: a
+        # lease id is granted once and never reused, a used or never-granted one never becomes
+        # valid, and an expired one stays expired (a resend of the same bytes gets the same
+        # answer); a receipt stops the device from resending an update no one will take
+        RejectReason.NO_LEASE,
+        RejectReason.LEASE_EXPIRED,
     }
 )
 """Rejections a receipt reports (the device then stops resending that seq). Any other reason is

@@ -38,7 +38,7 @@ from edgefl.protocol.envelope import (
     decode_envelope,
     sign_envelope,
 )
-from edgefl.protocol.messages import UpdateHeader
+from edgefl.protocol.messages import CheckIn, UpdateHeader
 from edgefl.protocol.topics import validate_name
 
 from .keys import KeyFileError, key_id, load_public_keys
@@ -246,26 +246,41 @@ class KeyDirectoryAuthenticator:
 
     def authenticate(self, header: UpdateHeader, envelope: EnvelopeInput) -> None:
         """See the class docstring; never raises anything but ``UpdateRejected``."""
+        fields = ("device_id", "fleet", "seq", "base_version")
+        self._verify_device(header, fields, envelope, EnvelopeKind.UPDATE)
+
+    def authenticate_checkin(self, checkin: CheckIn, envelope: EnvelopeInput) -> None:
+        """The same check for a CHECKIN (participation, PROTOCOL.md §4.7): signed by the key of
+        ``checkin.device_id``; never raises anything but ``UpdateRejected``."""
+        fields = ("device_id", "fleet", "at", "available")
+        self._verify_device(checkin, fields, envelope, EnvelopeKind.CHECKIN)
+
+    def _verify_device(
+        self,
+        message: UpdateHeader | CheckIn,
+        fields: tuple[str, ...],
+        envelope: EnvelopeInput,
+        kind: EnvelopeKind,
+    ) -> None:
+        """``envelope`` is a ``kind`` envelope signed by ``message.device_id``'s key whose
+        signed header agrees with ``message`` on ``fields``."""
         self._maybe_reload()
         with self._lock:
-            keys = self._keys.get(header.device_id)
+            keys = self._keys.get(message.device_id)
         if keys is None:
             raise UpdateRejected(
-                RejectReason.UNKNOWN_DEVICE, f"no key registered for device {header.device_id!r}"
+                RejectReason.UNKNOWN_DEVICE, f"no key registered for device {message.device_id!r}"
             )
         try:
             env = verify_envelope(envelope, keys, max_payload=self._max_payload)
         except ProtocolError as exc:
             raise UpdateRejected(RejectReason.BAD_SIGNATURE, exc.detail) from None
-        if env.kind is not EnvelopeKind.UPDATE:
-            raise UpdateRejected(RejectReason.BAD_SIGNATURE, f"signed {env.kind.name}, not UPDATE")
-        signed_header = env.header
-        if (
-            signed_header.get("device_id"),
-            signed_header.get("fleet"),
-            signed_header.get("seq"),
-            signed_header.get("base_version"),
-        ) != (header.device_id, header.fleet, header.seq, header.base_version):
+        if env.kind is not kind:
+            raise UpdateRejected(
+                RejectReason.BAD_SIGNATURE, f"signed {env.kind.name}, not {kind.name}"
+            )
+        signed = env.header
+        if tuple(signed.get(f) for f in fields) != tuple(getattr(message, f) for f in fields):
             raise UpdateRejected(
                 RejectReason.BAD_SIGNATURE, "the signed envelope carries a different header"
             )

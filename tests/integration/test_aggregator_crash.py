@@ -46,7 +46,7 @@ def start_aggregator(
         "-m", "edgefl.aggregator.cli",
         "--broker", url, "--fleet", FLEET, "--model", MODEL, "--state-dir", str(state_dir),
         "--buffer-size", "7", "--norm-bound", "off", "--metrics-interval", "0.5",
-        "--max-batch", "64",
+        "--max-batch", "64", "--no-participation",  # raw updates, no leases
     ]  # fmt: skip
     stderr_path = state_dir.parent / f"aggregator-{time.monotonic_ns()}.err"
     proc = subprocess.Popen(

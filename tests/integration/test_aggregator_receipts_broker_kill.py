@@ -39,7 +39,7 @@ def start_aggregator(url: str, state_dir: Path) -> subprocess.Popen[str]:
         sys.executable, "-m", "edgefl.aggregator.cli",
         "--broker", url, "--fleet", FLEET, "--model", MODEL, "--state-dir", str(state_dir),
         "--buffer-size", "50", "--norm-bound", "off", "--metrics-interval", "0.5",
-        "--max-inflight-mib", "1", "--receipts",
+        "--max-inflight-mib", "1", "--receipts", "--no-participation",  # raw updates
     ]  # fmt: skip
     err = state_dir.parent / "aggregator.err"
     proc = subprocess.Popen(

@@ -152,6 +152,7 @@ def base_args(url: str, state_dir: Path) -> list[str]:
     return [
         "--broker", url, "--fleet", FLEET, "--model", MODEL, "--state-dir", str(state_dir),
         "--buffer-size", "5", "--norm-bound", "off", "--metrics-interval", "0.5",
+        "--no-participation",  # the devices here publish raw updates, without leases
     ]  # fmt: skip
 
 

@@ -12,6 +12,7 @@ from edgefl.aggregator.config import AggregatorConfig
 from edgefl.aggregator.config_file import known_keys, load_aggregator_config
 from edgefl.cli import main
 from edgefl.clierror import ConfigError, UsageError
+from edgefl.participation import ParticipationConfig
 from edgefl.transport.config import MqttProtocol
 
 REPO = Path(__file__).resolve().parents[2]
@@ -98,6 +99,7 @@ def test_flags_only_gives_the_commands_defaults(tmp_path: Path) -> None:
         model="digits-mlp",
         state_dir=tmp_path / "s",
         max_batch=512,  # the command's default since before the config file
+        participation=ParticipationConfig(flush_after_s=120.0),  # leases on, C = 20
     )
     assert cfg == expected
 
