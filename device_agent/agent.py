@@ -361,6 +361,11 @@ class DeviceAgent:
         """The verified model the agent holds (None before the first one)."""
         return self._model
 
+    @property
+    def training_lease(self) -> HeldLease | None:
+        """The lease the running training is under (None: no training, or no leases)."""
+        return self._leases.training
+
     def statistics(self) -> AgentStatistics:
         store, counts = self._store, self._counts
         trained = store.trained.value if store is not None else 0

@@ -139,6 +139,7 @@ class LeaseClient:
         self._settings: Participation | None = None
         self.presence = Presence.IDLE
         self.lease: HeldLease | None = None  # held and not yet trained under
+        self.training: HeldLease | None = None  # the lease the running training is under
         self._renew_at: float | None = None
         self._wake = asyncio.Event()
         self._counts: Counter[str] = Counter()
@@ -219,11 +220,13 @@ class LeaseClient:
     def take(self) -> HeldLease | None:
         """A training starts under the held lease (None: no lease); it is used up."""
         lease, self.lease = self.lease, None
+        self.training = lease
         return lease
 
     def done(self) -> None:
         """A training under a lease ended (an update, or none): check in again when eligible,
         unless a newer lease arrived meanwhile."""
+        self.training = None
         if self.lease is None and self.presence is Presence.LEASED:
             self.presence = Presence.IDLE
         self.poke()
