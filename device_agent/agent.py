@@ -73,6 +73,7 @@ from device_agent.training_policy import (
     lease_expired,
     marks_version_done,
     presence_reasons,
+    should_fetch,
     should_train,
     should_train_leased,
     status_line,
@@ -305,6 +306,7 @@ class DeviceAgent:
         self._store: AgentStore | None = None  # durable state, opened in run()
         self._model: CurrentModel | None = None
         self._fetch: ModelFetch | None = None
+        self._deferred: tuple[ModelManifest, bytes] | None = None  # fetched when a lease asks
         self._status = DeviceStatus.ONLINE
         self._link = _Link()
         self._probe_failed = False
@@ -689,8 +691,10 @@ class DeviceAgent:
             await self._on_receipt(topic, message.payload)
         elif isinstance(topic, ServerStateTopic):
             await self._on_server_state(topic, message.payload)
+            await self._fetch_deferred(transport)
         elif isinstance(topic, LeaseTopic):
             self._leases.on_lease(topic, message.payload)
+            await self._fetch_deferred(transport)
         else:
             self._reject(RejectReason.BAD_TOPIC, f"unexpected topic {message.topic}")
 
@@ -714,6 +718,27 @@ class DeviceAgent:
             self._reject(exc.reason, f"manifest v{manifest.version}: {exc.detail}")
             return
         del spec
+        self._deferred = (manifest, payload)
+        await self._fetch_deferred(transport)
+
+    def _wants_fetch(self) -> bool:
+        return should_fetch(
+            leases=self._leases.active,
+            held_version=None if self._model is None else self._model.version,
+            lease_version=self._leases.wanted_version(),
+        )
+
+    async def _fetch_deferred(self, transport: Transport) -> None:
+        """Start fetching the newest manifest seen, when :func:`should_fetch` says so now (under
+        leases a device fetches a new model only when a lease asks for it)."""
+        if self._deferred is None or not self._wants_fetch():
+            return
+        manifest, payload = self._deferred
+        self._deferred = None
+        fetching = self._fetch.version if self._fetch is not None else -1
+        held = self._model.version if self._model is not None else -1
+        if manifest.version <= max(held, fetching):
+            return
         log.info(
             "%s: fetching model v%d (%s, %d B in %d chunks%s)",
             self._device,

@@ -141,6 +141,7 @@ class LeaseClient:
         self.lease: HeldLease | None = None  # held and not yet trained under
         self.training: HeldLease | None = None  # the lease the running training is under
         self._renew_at: float | None = None
+        self._withdrawn = False  # withdrew, and has not checked in since
         self._wake = asyncio.Event()
         self._counts: Counter[str] = Counter()
         self._ignored: Counter[str] = Counter()
@@ -204,6 +205,11 @@ class LeaseClient:
         if lease.fleet != self._fleet:
             self._ignored["other_fleet"] += 1
             return
+        if self._withdrawn and self.presence is Presence.IDLE:
+            # granted before the aggregator saw the withdrawal, which released it: an update
+            # under it would be refused (NO_LEASE)
+            self._ignored["withdrawn"] += 1
+            return
         self.lease = HeldLease(lease.lease_id, lease.version, self.clock() + lease.ttl_s)
         self.presence, self._renew_at = Presence.LEASED, None
         self._counts["leases"] += 1
@@ -216,6 +222,10 @@ class LeaseClient:
         )
         self._changed()
         self.poke()
+
+    def wanted_version(self) -> int | None:
+        """The model version the held lease asks for (None: no lease held)."""
+        return None if self.lease is None else self.lease.version
 
     def take(self) -> HeldLease | None:
         """A training starts under the held lease (None: no lease); it is used up."""
@@ -263,7 +273,7 @@ class LeaseClient:
         )
         if action is CheckInAction.CHECK_IN:
             await self._publish(transport, available=True, model_version=cond.model_version)
-            self.presence = Presence.CHECKED_IN
+            self.presence, self._withdrawn = Presence.CHECKED_IN, False
             ttl = self._settings.checkin_ttl_s if self._settings is not None else 60.0
             self._renew_at = now + renew_interval(ttl)
             self._changed()  # the device state now says waiting_for_slot
@@ -287,6 +297,7 @@ class LeaseClient:
             return
         cond = self._conditions()
         self.presence, self.lease, self._renew_at = Presence.IDLE, None, None
+        self._withdrawn = True
         await self._publish(transport, available=False, model_version=cond.model_version)
         self._changed()
 

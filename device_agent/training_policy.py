@@ -15,7 +15,8 @@ decides everything else about a training from plain values, so the agent's async
 * server-controlled participation (protocol 1.2, PROTOCOL.md §4.7): :func:`leases_required`
   (does the aggregator grant leases), :func:`check_in_action` (check in, renew, withdraw),
   :func:`should_train_leased` (train under a held lease), :func:`lease_expired` and the
-  ``LEASE_EXPIRED`` abort reason; :func:`training_job` takes the lease id into the seed.
+  ``LEASE_EXPIRED`` abort reason; :func:`should_fetch` (fetch a new model now, or when a lease
+  needs it); :func:`training_job` takes the lease id into the seed.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ __all__ = [
     "marks_version_done",
     "presence_reasons",
     "renew_interval",
+    "should_fetch",
     "should_train",
     "should_train_leased",
     "status_line",
@@ -320,3 +322,15 @@ def should_train_leased(
     if lease is None or model_version is None or stopping or not eligible:
         return False
     return model_version >= lease.version and not lease_expired(lease, now)
+
+
+def should_fetch(*, leases: bool, held_version: int | None, lease_version: int | None) -> bool:
+    """Whether to fetch a newer model as soon as its manifest arrives. Without leases, always
+    (the device trains on every version). Under leases only a device that will train needs the
+    newest model: fetch when no model is held (the device needs one to check in) or when the
+    held lease names a newer version than the one held; otherwise keep the manifest and fetch
+    when a lease asks for it. A fleet of ``N`` devices then downloads a version about ``C``
+    times instead of ``N`` times."""
+    if not leases or held_version is None:
+        return True
+    return lease_version is not None and lease_version > held_version

@@ -194,12 +194,18 @@ async def test_ineligible_withdraws_and_aborts_the_training_under_the_lease(
         agent.check_now()
         await eventually(lambda: agent.statistics().trainings_aborted.get("ineligible") == 1, 10)
         await eventually(lambda: len(on(seen, CHECKINS)) == 2)
+        # ... and a lease the aggregator granted before it saw the withdrawal (which released
+        # it) comes late: an update under it would be refused, so it is not taken
+        grant(broker, 8)
+        await eventually(lambda: agent.statistics().participation.leases_ignored != {})
         await asyncio.sleep(0.3)
         stats = agent.statistics()
     # Assert: one check-in, one withdrawal, nothing after (idle and ineligible: nothing to say)
     assert [c.available for c in check_ins(on(seen, CHECKINS))] == [True, False]
     assert stats.updates_sent == 0
     assert stats.participation.presence == "idle"
+    assert stats.participation.leases_ignored == {"withdrawn": 1}
+    assert stats.participation.lease_id is None
     assert device_state(broker).waiting_for_slot is False
 
 
@@ -269,3 +275,23 @@ async def test_a_lease_naming_another_device_is_refused(tmp_path: Path) -> None:
         stats = agent.statistics()
     assert stats.trainings_started == 0
     assert stats.participation.leases_received == 0
+
+
+async def test_a_waiting_device_fetches_a_new_model_only_when_a_lease_asks_for_it(
+    tmp_path: Path,
+) -> None:
+    broker = leasing_broker()
+    async with running(broker, make_config(tmp_path)) as (agent, seen):
+        await eventually(lambda: agent.statistics().participation.check_ins == 1)
+        # Act 1: v1 is published while the device waits for a slot: it keeps v0
+        publish_model(broker, 1, seed=1)
+        await asyncio.sleep(0.5)
+        waiting = agent.statistics()
+        # Act 2: a lease for v1
+        grant(broker, 2, version=1)
+        await eventually(lambda: agent.statistics().updates_sent == 1)
+    # Assert
+    assert (waiting.model_version, waiting.manifests_accepted) == (0, 1)
+    assert agent.statistics().model_version == 1
+    header, _ = decode_update(on(seen, UPDATES)[0].payload)
+    assert (header.base_version, header.lease_id) == (1, 2)

@@ -18,6 +18,7 @@ from device_agent.training_policy import (
     leases_required,
     marks_version_done,
     renew_interval,
+    should_fetch,
     should_train_leased,
     status_line,
     training_seed,
@@ -180,3 +181,19 @@ def test_status_line_says_waiting_for_a_slot() -> None:
     waiting = status_line(**common, waiting_for_slot=True)  # type: ignore[arg-type]
     assert waiting == "idle; model v3; connected; spool 0; sent 2; waiting for a training slot"
     assert "slot" not in status_line(**common)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("leases", "held", "lease_version", "expected"),
+    [
+        (False, 3, None, True),  # protocol 1.1: every version
+        (True, None, None, True),  # no model yet: one is needed to check in
+        (True, 3, None, False),  # waiting for a slot: keep the manifest for later
+        (True, 3, 4, True),  # the lease asks for v4
+        (True, 4, 4, False),  # the lease's version is held already
+    ],
+)
+def test_should_fetch(
+    leases: bool, held: int | None, lease_version: int | None, expected: bool
+) -> None:
+    assert should_fetch(leases=leases, held_version=held, lease_version=lease_version) is expected
