@@ -21,7 +21,9 @@ Tasks (one ``asyncio.TaskGroup``):
   aborts a running training.
 * **scheduler** — when eligible and the held model is newer than the last one trained on, train
   in the executor; a finished training is encoded, signed and written to the spool *before*
-  anything is published; an aborted one leaves nothing behind.
+  anything is published; an aborted one leaves nothing behind. When the aggregator grants
+  leases (protocol 1.2), train only under a lease instead, once per lease
+  (:mod:`device_agent.participation`: the per-connection *check-in* task, and the lease state).
 * **watchdog** — ``WATCHDOG=1`` every ``WatchdogSec / 2`` from the event loop.
 
 Model swap: a manifest is accepted only when its envelope verifies (``manifest_verifier``, when
@@ -52,18 +54,28 @@ from device_agent.eligibility import EligibilityMonitor
 from device_agent.fetch import ModelFetch, check_manifest_size
 from device_agent.model_store import CurrentModel
 from device_agent.notify import SystemdNotifier
+from device_agent.participation import (
+    Conditions,
+    LeaseClient,
+    ParticipationStatistics,
+    verified,
+)
 from device_agent.receipts import DeliveryTracker, ReceiptPolicy, Settlement
 from device_agent.snapshots import ProbeSnapshotSource, SnapshotSource
 from device_agent.spool import SpoolCorrupt, SpoolFull
-from device_agent.trainer import Trainer, TrainResult
+from device_agent.trainer import Trainer, TrainJob, TrainResult
 from device_agent.training_policy import (
     AbortReason,
     DropReason,
+    HeldLease,
     TrainingGate,
     abort_reason,
+    lease_expired,
     marks_version_done,
     presence_reasons,
+    should_fetch,
     should_train,
+    should_train_leased,
     status_line,
     training_job,
 )
@@ -79,10 +91,10 @@ from edgefl.protocol.messages import (
     ModelManifest,
     Receipt,
     ServerState,
-    decode_message,
 )
 from edgefl.protocol.messages import encode_message as encode_msg
 from edgefl.protocol.topics import (
+    LeaseTopic,
     ModelChunkTopic,
     ModelManifestTopic,
     ReceiptTopic,
@@ -156,6 +168,7 @@ class AgentStatistics:
     receipted: int = 0  # updates a receipt reported committed (and deleted)
     receipt_rejected: dict[str, int] = field(default_factory=dict)  # by RejectReason value
     receipts: bool | None = None  # receipts in use (None: "auto", server state not seen yet)
+    participation: ParticipationStatistics = field(default_factory=ParticipationStatistics)
 
 
 def mqtt_transport_factory(config: AgentConfig) -> TransportFactory:
@@ -257,6 +270,7 @@ class _Credentials:
     signer: EnvelopeSigner | None = None
     verifier: ManifestVerifier | None = None
     receipt_verifier: ManifestVerifier | None = None  # the aggregator's key, RECEIPT envelopes
+    lease_verifier: ManifestVerifier | None = None  # the aggregator's key, LEASE envelopes
 
 
 class DeviceAgent:
@@ -292,6 +306,7 @@ class DeviceAgent:
         self._store: AgentStore | None = None  # durable state, opened in run()
         self._model: CurrentModel | None = None
         self._fetch: ModelFetch | None = None
+        self._deferred: tuple[ModelManifest, bytes] | None = None  # fetched when a lease asks
         self._status = DeviceStatus.ONLINE
         self._link = _Link()
         self._probe_failed = False
@@ -302,6 +317,15 @@ class DeviceAgent:
         self._delivery = _Delivery(
             DeliveryTracker(ReceiptPolicy(spool_cfg.receipt_timeout_s, spool_cfg.resend_max_s)),
             clock,
+        )
+        self._leases = LeaseClient(
+            config.fleet,
+            config.device_id,
+            keys=self._credentials,
+            conditions=self._conditions,
+            on_change=self._participation_changed,
+            reject=self._reject,
+            clock=clock,
         )
 
     @property
@@ -339,6 +363,11 @@ class DeviceAgent:
         """The verified model the agent holds (None before the first one)."""
         return self._model
 
+    @property
+    def training_lease(self) -> HeldLease | None:
+        """The lease the running training is under (None: no training, or no leases)."""
+        return self._leases.training
+
     def statistics(self) -> AgentStatistics:
         store, counts = self._store, self._counts
         trained = store.trained.value if store is not None else 0
@@ -366,6 +395,7 @@ class DeviceAgent:
             receipted=counts.receipted,
             receipt_rejected=dict(counts.receipt_rejected),
             receipts=self._receipts_active(),
+            participation=self._leases.statistics(),
         )
 
     async def run(self) -> None:
@@ -448,7 +478,7 @@ class DeviceAgent:
             )
 
             creds.verifier = load_manifest_verifier(sec.aggregator_public_key_file)
-        if creds.receipt_verifier is None and sec.aggregator_public_key_file is not None:
+        if sec.aggregator_public_key_file is not None:
             from edgefl.protocol.envelope import EnvelopeKind
             from edgefl.security import (  # type: ignore[import-not-found,unused-ignore]
                 Ed25519ManifestVerifier,
@@ -456,7 +486,12 @@ class DeviceAgent:
             )
 
             keys = load_public_keys(sec.aggregator_public_key_file)
-            creds.receipt_verifier = Ed25519ManifestVerifier(keys, kinds=(EnvelopeKind.RECEIPT,))
+            if creds.receipt_verifier is None:
+                kinds = (EnvelopeKind.RECEIPT,)
+                creds.receipt_verifier = Ed25519ManifestVerifier(keys, kinds=kinds)
+            if creds.lease_verifier is None:
+                kinds = (EnvelopeKind.LEASE,)
+                creds.lease_verifier = Ed25519ManifestVerifier(keys, kinds=kinds)
 
     # ------------------------------------------------------------------ presence
 
@@ -486,6 +521,7 @@ class DeviceAgent:
             profile=self.config.profile,
             spool_depth=0 if self._store is None else len(self._store.spool),
             awaiting_receipt=self._delivery.tracker.awaiting,
+            waiting_for_slot=self._leases.waiting_for_slot,
         )
 
     def _set_status(self, status: DeviceStatus) -> None:
@@ -493,6 +529,20 @@ class DeviceAgent:
         self._mark_dirty()
 
     def _mark_dirty(self) -> None:
+        self._wake.state_dirty.set()
+        self._notifier.status(self._status_line())
+        self._leases.poke()
+
+    def _conditions(self) -> Conditions:
+        return Conditions(
+            eligible=self._eligible(),
+            stopping=self._wake.stopping.is_set(),
+            model_version=None if self._model is None else self._model.version,
+        )
+
+    def _participation_changed(self) -> None:
+        """A lease came or went, or the aggregator switched leases on or off."""
+        self._wake.scheduler.set()
         self._wake.state_dirty.set()
         self._notifier.status(self._status_line())
 
@@ -505,6 +555,7 @@ class DeviceAgent:
             updates_sent=self._counts.updates_sent,
             reasons=self._reasons(),
             awaiting_receipt=self._delivery.tracker.awaiting,
+            waiting_for_slot=bool(self._leases.waiting_for_slot),
         )
 
     # ------------------------------------------------------------------ connection
@@ -570,6 +621,7 @@ class DeviceAgent:
             self._status = DeviceStatus.OFFLINE
             with contextlib.suppress(TransportError, TimeoutError):
                 async with asyncio.timeout(_OFFLINE_TIMEOUT):
+                    await self._leases.withdraw(transport)
                     state = self._device_state(DeviceStatus.OFFLINE)
                     await transport.publish(self._state_topic, encode_msg(state), retain=True)
         with contextlib.suppress(TransportError):
@@ -587,6 +639,7 @@ class DeviceAgent:
                 tg.create_task(self._publish_states(transport))
                 tg.create_task(self._receive(transport))
                 tg.create_task(self._send_spool(transport))
+                tg.create_task(self._leases.serve(transport))
         except* _SessionEnded:
             pass
 
@@ -607,8 +660,9 @@ class DeviceAgent:
         mode = self.config.spool.receipts
         if mode is not ReceiptMode.OFF:
             await transport.subscribe(receipt_topic(self._fleet, self._device), qos=1)
-        if mode is ReceiptMode.AUTO:
-            await transport.subscribe(server_state_topic(self._fleet), qos=1)
+        # the server state says whether the aggregator sends receipts ("auto") and whether it
+        # grants training leases (protocol 1.2)
+        await transport.subscribe(server_state_topic(self._fleet), qos=1)
         # A fetch that a previous connection started is dropped: the retained manifest comes
         # again on this subscription and starts a fresh one (chunks that went to the closed
         # connection would otherwise never come, and the device would wait for ever).
@@ -637,19 +691,21 @@ class DeviceAgent:
             await self._on_receipt(topic, message.payload)
         elif isinstance(topic, ServerStateTopic):
             await self._on_server_state(topic, message.payload)
+            await self._fetch_deferred(transport)
+        elif isinstance(topic, LeaseTopic):
+            self._leases.on_lease(topic, message.payload)
+            await self._fetch_deferred(transport)
         else:
             self._reject(RejectReason.BAD_TOPIC, f"unexpected topic {message.topic}")
 
     async def _on_manifest(
         self, transport: Transport, topic: ModelManifestTopic, payload: bytes
     ) -> None:
-        try:
-            verifier = self._credentials.verifier
-            if verifier is not None:
-                verifier.verify(payload)
-            manifest = decode_message(payload, ModelManifest, topic=topic)
-        except EdgeflError as exc:
-            self._reject(exc.reason, f"manifest: {exc.detail}")
+        verifier = self._credentials.verifier
+        manifest = verified(
+            payload, ModelManifest, topic=topic, verifier=verifier, reject=self._reject
+        )
+        if manifest is None:
             return
         held = self._model.version if self._model is not None else -1
         fetching = self._fetch.version if self._fetch is not None else -1
@@ -662,6 +718,27 @@ class DeviceAgent:
             self._reject(exc.reason, f"manifest v{manifest.version}: {exc.detail}")
             return
         del spec
+        self._deferred = (manifest, payload)
+        await self._fetch_deferred(transport)
+
+    def _wants_fetch(self) -> bool:
+        return should_fetch(
+            leases=self._leases.active,
+            held_version=None if self._model is None else self._model.version,
+            lease_version=self._leases.wanted_version(),
+        )
+
+    async def _fetch_deferred(self, transport: Transport) -> None:
+        """Start fetching the newest manifest seen, when :func:`should_fetch` says so now (under
+        leases a device fetches a new model only when a lease asks for it)."""
+        if self._deferred is None or not self._wants_fetch():
+            return
+        manifest, payload = self._deferred
+        self._deferred = None
+        fetching = self._fetch.version if self._fetch is not None else -1
+        held = self._model.version if self._model is not None else -1
+        if manifest.version <= max(held, fetching):
+            return
         log.info(
             "%s: fetching model v%d (%s, %d B in %d chunks%s)",
             self._device,
@@ -768,13 +845,9 @@ class DeviceAgent:
     async def _on_receipt(self, topic: ReceiptTopic, payload: bytes) -> None:
         """Delete the spooled updates a receipt settles; resend at once those it shows this
         device missed a receipt for."""
-        try:
-            verifier = self._credentials.receipt_verifier
-            if verifier is not None:
-                verifier.verify(payload)
-            receipt = decode_message(payload, Receipt, topic=topic)
-        except EdgeflError as exc:
-            self._reject(exc.reason, f"receipt: {exc.detail}")
+        verifier = self._credentials.receipt_verifier
+        receipt = verified(payload, Receipt, topic=topic, verifier=verifier, reject=self._reject)
+        if receipt is None:
             return
         store = self._durable
         async with store.lock:  # serialised with _delivered
@@ -797,14 +870,16 @@ class DeviceAgent:
             self._wake.spool_changed.set()
 
     async def _on_server_state(self, topic: ServerStateTopic, payload: bytes) -> None:
-        """``auto`` receipts: follow the aggregator's ``features``. An aggregator without
-        receipts: what awaits one is deleted, as its PUBACK would have done (protocol 1.0)."""
-        try:
-            state = decode_message(payload, ServerState, topic=topic)
-        except EdgeflError as exc:
-            self._reject(exc.reason, f"server state: {exc.detail}")
+        """Leases: follow the aggregator's ``leases`` feature. ``auto`` receipts: follow its
+        ``receipts`` feature; an aggregator without receipts: what awaits one is deleted, as its
+        PUBACK would have done (protocol 1.0)."""
+        state = verified(payload, ServerState, topic=topic, verifier=None, reject=self._reject)
+        if state is None:
             return
+        self._leases.on_server_state(state)
         supports = FEATURE_RECEIPTS in state.features
+        if self.config.spool.receipts is not ReceiptMode.AUTO:
+            return
         if supports == self._delivery.server_receipts:
             return
         self._delivery.server_receipts = supports
@@ -854,22 +929,37 @@ class DeviceAgent:
 
     def _wants_training(self) -> CurrentModel | None:
         model = self._model
-        wanted = should_train(
-            model_version=None if model is None else model.version,
-            trained_mark=self._durable.trained.value,
-            eligible=self._eligible(),
-            stopping=self._wake.stopping.is_set(),
-        )
+        version = None if model is None else model.version
+        if self._leases.active:
+            wanted = should_train_leased(
+                model_version=version,
+                lease=self._leases.lease,
+                eligible=self._eligible(),
+                stopping=self._wake.stopping.is_set(),
+                now=self._delivery.clock(),
+            )
+        else:
+            wanted = should_train(
+                model_version=version,
+                trained_mark=self._durable.trained.value,
+                eligible=self._eligible(),
+                stopping=self._wake.stopping.is_set(),
+            )
         return model if wanted else None
 
     async def _scheduler_loop(self) -> None:
         while not self._wake.stopping.is_set():
+            self._wake.scheduler.clear()
             model = self._wants_training()
             if model is None:
-                self._wake.scheduler.clear()
                 await _first(self._wake.stopping.wait(), self._wake.scheduler.wait())
                 continue
-            await self._train(model)
+            lease = self._leases.take() if self._leases.active else None
+            try:
+                await self._train(model, lease)
+            finally:
+                if lease is not None:
+                    self._leases.done()
 
     async def _training_result(
         self, running: asyncio.Future[TrainResult | None]
@@ -900,28 +990,60 @@ class DeviceAgent:
         async with store.lock:
             await asyncio.to_thread(store.trained.set, version + 1)
 
-    async def _train(self, model: CurrentModel) -> None:
+    async def _train(self, model: CurrentModel, lease: HeldLease | None) -> None:
+        """Train on ``model`` (under ``lease``, when the aggregator grants leases), then spool
+        the update; an aborted training is counted by reason."""
         trainer = self._trainer
         assert trainer is not None
         assert self._dataset is not None
+        lease_id = None if lease is None else lease.lease_id
         try:
             spec = _spec_for(model.manifest)
-            job = training_job(model, spec, self.config.training, self._dataset, self._device)
+            job = training_job(
+                model, spec, self.config.training, self._dataset, self._device, lease_id
+            )
         except (EdgeflError, ValueError) as exc:
             log.error("%s: cannot train on model v%d: %s", self._device, model.version, exc)
             self._counts.aborted[AbortReason.ERROR.value] += 1
             await self._mark_trained(model.version)
             return
+        result = await self._run_job(trainer, job, lease)
+        if isinstance(result, AbortReason):
+            reason = result
+            self._counts.aborted[reason.value] += 1
+            log.info("%s: training on v%d aborted: %s", self._device, model.version, reason.value)
+            if marks_version_done(reason):
+                await self._mark_trained(model.version)
+            return
+        self._counts.trainings_completed += 1
+        if result.global_accuracy is not None:
+            self._counts.last_accuracy = min(1.0, max(0.0, result.global_accuracy))
+        store = self._durable
+        async with store.lock:
+            await asyncio.to_thread(self._spool_result, model, result, lease_id)
+        self._mark_dirty()
+        self._wake.spool_changed.set()
+
+    async def _run_job(
+        self, trainer: Trainer, job: TrainJob, lease: HeldLease | None
+    ) -> TrainResult | AbortReason:
+        """Run ``job`` in the executor until it returns, or it is asked to stop (an abort, its
+        ``max_train_seconds``, the end of its lease): its result, or why there is none."""
         gate = self._gate
         gate.begin()
         self._counts.trainings_started += 1
         self._set_status(DeviceStatus.TRAINING)
         self._wake.eligibility.set()  # switch the eligibility loop to its training interval
-        log.info("%s: training on model v%d", self._device, model.version)
+        version = job.base_version
+        log.info("%s: training on model v%d", self._device, version)
         deadline = time.monotonic() + self.config.training.max_train_seconds
+        clock = self._delivery.clock
+
+        def out_of_lease() -> bool:
+            return lease is not None and lease_expired(lease, clock())
 
         def should_stop() -> bool:
-            return gate.aborted() or time.monotonic() > deadline
+            return gate.aborted() or time.monotonic() > deadline or out_of_lease()
 
         loop = asyncio.get_running_loop()
         result: TrainResult | None = None
@@ -933,29 +1055,21 @@ class DeviceAgent:
             gate.abort(AbortReason.STOPPING)
             raise
         except Exception:
-            log.exception("%s: training on model v%d failed", self._device, model.version)
+            log.exception("%s: training on model v%d failed", self._device, version)
             failed = True
         finally:
             gate.end()
             self._set_status(DeviceStatus.IDLE)
-        if result is None:
-            timed_out = time.monotonic() > deadline
-            reason = abort_reason(failed=failed, requested=gate.reason, timed_out=timed_out)
-            self._counts.aborted[reason.value] += 1
-            log.info("%s: training on v%d aborted: %s", self._device, model.version, reason.value)
-            if marks_version_done(reason):
-                await self._mark_trained(model.version)
-            return
-        self._counts.trainings_completed += 1
-        if result.global_accuracy is not None:
-            self._counts.last_accuracy = min(1.0, max(0.0, result.global_accuracy))
-        store = self._durable
-        async with store.lock:
-            await asyncio.to_thread(self._spool_result, model, result)
-        self._mark_dirty()
-        self._wake.spool_changed.set()
+        if result is not None:
+            return result
+        return abort_reason(
+            failed=failed,
+            requested=gate.reason,
+            timed_out=time.monotonic() > deadline,
+            lease_expired=out_of_lease(),
+        )
 
-    def _spool_result(self, model: CurrentModel, result: TrainResult) -> None:
+    def _spool_result(self, model: CurrentModel, result: TrainResult, lease_id: int | None) -> None:
         """Encode, sign and spool one finished training (worker thread, under the I/O lock)."""
         store = self._durable
         manifest = model.manifest
@@ -974,6 +1088,7 @@ class DeviceAgent:
                 rng=np.random.default_rng(),
                 created_at=time.time(),
                 signer=self._credentials.signer,
+                lease_id=lease_id,
             )
         except EdgeflError as exc:
             self._counts.dropped[DropReason.ENCODE_FAILED.value] += 1

@@ -11,13 +11,19 @@ decides everything else about a training from plain values, so the agent's async
   :func:`marks_version_done` — whether that version is given up (error, timeout) or retried
   (a broken condition, a shutdown);
 * :func:`presence_reasons` and :func:`status_line` — what the device state and systemd's status
-  line say.
+  line say;
+* server-controlled participation (protocol 1.2, PROTOCOL.md §4.7): :func:`leases_required`
+  (does the aggregator grant leases), :func:`check_in_action` (check in, renew, withdraw),
+  :func:`should_train_leased` (train under a held lease), :func:`lease_expired` and the
+  ``LEASE_EXPIRED`` abort reason; :func:`should_fetch` (fetch a new model now, or when a lease
+  needs it); :func:`training_job` takes the lease id into the seed.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from enum import StrEnum
 
 from device_agent.config import TrainingLimits
@@ -25,18 +31,28 @@ from device_agent.dataset import LocalDataset, device_seed
 from device_agent.model_store import CurrentModel
 from device_agent.trainer import TrainJob
 from edgefl.models.spec import ModelSpec
-from edgefl.protocol.messages import DeviceStatus
+from edgefl.protocol.messages import FEATURE_LEASES, DeviceStatus, ServerState
 
 __all__ = [
     "AbortReason",
+    "CheckInAction",
     "DropReason",
+    "HeldLease",
+    "Presence",
     "TrainingGate",
     "abort_reason",
+    "check_in_action",
+    "lease_expired",
+    "leases_required",
     "marks_version_done",
     "presence_reasons",
+    "renew_interval",
+    "should_fetch",
     "should_train",
+    "should_train_leased",
     "status_line",
     "training_job",
+    "training_seed",
 ]
 
 
@@ -47,6 +63,7 @@ class AbortReason(StrEnum):
     STOPPING = "stopping"  # the agent is shutting down
     TIMEOUT = "timeout"  # longer than training.max_train_seconds
     ERROR = "error"  # the trainer raised
+    LEASE_EXPIRED = "lease_expired"  # the lease ran out before the training ended (1.2)
 
 
 class DropReason(StrEnum):
@@ -74,10 +91,11 @@ def training_job(
     limits: TrainingLimits,
     data: LocalDataset,
     device_id: str,
+    lease_id: int | None = None,
 ) -> TrainJob:
     """The job for ``model``: the manifest's hints (epochs, batch size, learning rate) where given,
-    epochs capped by ``limits.max_epochs``; seed ``(device_seed(device_id) + version) mod 2^31``
-    so a device trains a version reproducibly and differently from its neighbours."""
+    epochs capped by ``limits.max_epochs``; seed :func:`training_seed` so a device trains a
+    version (and a lease) reproducibly and differently from its neighbours."""
     hints = model.manifest.hints
     epochs = limits.max_epochs
     batch, lr = limits.batch_size, limits.lr
@@ -96,8 +114,23 @@ def training_job(
         max_steps=limits.max_steps,
         threads=limits.max_threads,
         nice=limits.nice,
-        seed=(device_seed(device_id) + model.version) % 2**31,
+        seed=training_seed(device_id, model.version, lease_id),
     )
+
+
+_LEASE_STRIDE = 1_000_003
+"""A prime: lease ids spread the seeds of one device far apart from its version steps."""
+
+
+def training_seed(device_id: str, version: int, lease_id: int | None = None) -> int:
+    """The seed of one local training: ``(device_seed + version) mod 2^31`` without a lease
+    (one training per version), ``(device_seed + version + 1000003 * lease_id) mod 2^31`` under
+    a lease (one training per lease, several per version on a small fleet): deterministic, and
+    different for each lease of a device."""
+    seed = device_seed(device_id) + version
+    if lease_id is not None:
+        seed += _LEASE_STRIDE * lease_id
+    return seed % 2**31
 
 
 class TrainingGate:
@@ -138,13 +171,22 @@ class TrainingGate:
         return self._reason
 
 
-def abort_reason(*, failed: bool, requested: AbortReason | None, timed_out: bool) -> AbortReason:
+def abort_reason(
+    *,
+    failed: bool,
+    requested: AbortReason | None,
+    timed_out: bool,
+    lease_expired: bool = False,
+) -> AbortReason:
     """Why a training returned no result: the trainer raised (``ERROR``), else the reason it was
-    asked to stop for, else its deadline passed (``TIMEOUT``), else a shutdown (``STOPPING``)."""
+    asked to stop for, else its lease ran out (``LEASE_EXPIRED``), else its own deadline passed
+    (``TIMEOUT``), else a shutdown (``STOPPING``)."""
     if failed:
         return AbortReason.ERROR
     if requested is not None:
         return requested
+    if lease_expired:
+        return AbortReason.LEASE_EXPIRED
     return AbortReason.TIMEOUT if timed_out else AbortReason.STOPPING
 
 
@@ -181,13 +223,114 @@ def status_line(
     updates_sent: int,
     reasons: Sequence[str],
     awaiting_receipt: int = 0,
+    waiting_for_slot: bool = False,
 ) -> str:
     """systemd's one-line status, e.g. ``idle; model v3; connected; spool 0; sent 12``
-    (``spool 3 (2 awaiting receipt)`` when sent updates wait for the aggregator's receipt)."""
+    (``spool 3 (2 awaiting receipt)`` when sent updates wait for the aggregator's receipt;
+    ``; waiting for a training slot`` when checked in with a leasing aggregator)."""
     model = "no model" if model_version is None else f"model v{model_version}"
     link = "connected" if connected else "disconnected"
     spool = f"spool {spool_depth}"
     if awaiting_receipt:
         spool += f" ({awaiting_receipt} awaiting receipt)"
     text = f"{status.value}; {model}; {link}; {spool}; sent {updates_sent}"
+    if waiting_for_slot:
+        text += "; waiting for a training slot"
     return f"{text}; not eligible: {','.join(reasons)}" if reasons else text
+
+
+# ----------------------------------------------------------------------------- participation
+
+
+def leases_required(state: ServerState) -> bool:
+    """Whether the aggregator of ``state`` grants training leases: its ``features`` list
+    ``leases`` and it publishes its participation settings. Otherwise (an older aggregator, or
+    one without participation) the agent trains on every new version as in protocol 1.1."""
+    return FEATURE_LEASES in state.features and state.participation is not None
+
+
+def renew_interval(checkin_ttl_s: float) -> float:
+    """Seconds between two check-ins of a waiting device: half the aggregator's check-in
+    lifetime, so one lost check-in does not drop the device from the candidates."""
+    return checkin_ttl_s / 2.0
+
+
+class Presence(StrEnum):
+    """What the aggregator knows of the device's participation (as far as the device knows)."""
+
+    IDLE = "idle"  # not a candidate: never checked in, withdrew, or its lease ended
+    CHECKED_IN = "checked_in"  # a candidate: waiting for a lease (``waiting_for_slot``)
+    LEASED = "leased"  # holds a lease: waiting for its model, or training under it
+
+
+class CheckInAction(StrEnum):
+    """What the agent publishes on its check-in topic now."""
+
+    NONE = "none"
+    CHECK_IN = "check_in"  # CheckIn(available=True): a candidate, or still one (renewal)
+    WITHDRAW = "withdraw"  # CheckIn(available=False): no longer a candidate; gives a lease back
+
+
+def check_in_action(
+    *, presence: Presence, eligible: bool, stopping: bool, has_model: bool, renew_due: bool
+) -> CheckInAction:
+    """The participation rule of a device under a leasing aggregator:
+
+    * a device that is eligible, holds a model and is not stopping checks in when it is not a
+      candidate yet (``IDLE``), and again when its renewal is due (``CHECKED_IN``);
+    * a candidate or a lease holder that turns ineligible, or stops, withdraws (the aggregator
+      frees the slot at once instead of at the lease's expiry);
+    * a lease holder otherwise stays quiet: it trains, or waits for the lease's model."""
+    wants = eligible and not stopping
+    if presence is Presence.IDLE:
+        return CheckInAction.CHECK_IN if wants and has_model else CheckInAction.NONE
+    if not wants:
+        return CheckInAction.WITHDRAW
+    if presence is Presence.CHECKED_IN and renew_due:
+        return CheckInAction.CHECK_IN
+    return CheckInAction.NONE
+
+
+@dataclass(frozen=True, slots=True)
+class HeldLease:
+    """A lease as the device holds it: ``lease_id``, the oldest model ``version`` to train on,
+    and ``deadline``, the device's own monotonic clock when it arrived plus its ``ttl_s``
+    (device and aggregator clocks are never compared)."""
+
+    lease_id: int
+    version: int
+    deadline: float
+
+
+def lease_expired(lease: HeldLease, now: float) -> bool:
+    """The lease ran out (``now`` on the device's monotonic clock): an update under it would be
+    refused, so a training under it stops and an unused one is dropped."""
+    return now >= lease.deadline
+
+
+def should_train_leased(
+    *,
+    model_version: int | None,
+    lease: HeldLease | None,
+    eligible: bool,
+    stopping: bool,
+    now: float,
+) -> bool:
+    """Under leases: train iff a lease is held and not expired, the held model is the lease's
+    version or newer (else wait for that model), the device is eligible and not stopping. A
+    lease allows one training, whatever versions the device trained on before."""
+    if lease is None or model_version is None or stopping or not eligible:
+        return False
+    return model_version >= lease.version and not lease_expired(lease, now)
+
+
+def should_fetch(*, leases: bool, held_version: int | None, lease_version: int | None) -> bool:
+    """Whether to fetch a newer model as soon as its manifest arrives. Without leases, always
+    (the device trains on every version). Under leases only a device that will train needs the
+    newest model: fetch when no model is held (the device needs one to check in) or when the
+    held lease names a newer version than the one held; otherwise keep the manifest and fetch
+    when a lease asks for it. A fleet of ``N`` devices then downloads a version about ``C``
+    times instead of ``N`` times."""
+    if not leases or held_version is None:
+        return True
+    return lease_version is not None and lease_version > held_version

@@ -65,9 +65,11 @@ def build_update(
     created_at: float,
     signer: EnvelopeSigner | None = None,
     extra_metrics: Mapping[str, float] | None = None,
+    lease_id: int | None = None,
 ) -> BuiltUpdate:
-    """Encode ``result`` as update ``seq`` against ``manifest`` (base version, model, layout).
-    Raises ``CodecError`` (e.g. NaN in the delta) or ``ProtocolError`` for invalid fields."""
+    """Encode ``result`` as update ``seq`` against ``manifest`` (base version, model, layout),
+    trained under lease ``lease_id`` (protocol 1.2; None: no lease). Raises ``CodecError`` (e.g.
+    NaN in the delta) or ``ProtocolError`` for invalid fields."""
     delta: NDArray[np.float32] = np.asarray(result.delta, dtype=np.float32)
     encoded, new_residual = encode_update(delta, codec, rng=rng, residual=residual)
     metrics = {k: float(v) for k, v in result.metrics.items() if np.isfinite(v)}
@@ -85,6 +87,7 @@ def build_update(
         created_at=created_at,
         layout=manifest.layout,
         metrics=metrics,
+        lease_id=lease_id,
     )
     envelope = encode_message(header, encoded.body)
     if signer is not None:

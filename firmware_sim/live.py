@@ -16,10 +16,11 @@ chunks). The simulator only supplies what a real device would get from its hardw
   cancelled (its in-flight work is lost) and a new agent is started on the same state directory
   after ``crash_restart · time_scale`` seconds. Link bandwidth is *not* simulated in live mode:
   bytes move through the broker at whatever speed it manages.
-* **Concurrency**: each process runs its agents' trainings in a thread pool of
-  ``ceil(concurrency / workers)`` threads, so at most ``concurrency`` devices train at once,
-  as in FedBuff; a device whose turn comes after a newer model arrived skips the stale base and
-  trains on the newer one.
+* **Concurrency** is not simulated: the aggregator runs with server-controlled participation
+  (protocol 1.2, PROTOCOL.md §4.7), ``C = concurrency`` leases at once; available devices check
+  in, the aggregator grants leases at random among them, and an agent trains only under a
+  lease, as a real fleet does. Leases last ``DEFAULT_LEASE_S · time_scale`` wall seconds (at
+  least 10), check-ins ``DEFAULT_CHECKIN_TTL_S · time_scale`` (see :func:`participation_for`).
 
 ``time_scale`` maps simulated seconds to wall seconds (0.05: 20x faster than real time).
 With ``workers > 1`` the devices are spread over that many processes (``spawn``), each with one
@@ -49,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from edgefl.aggregation import Algorithm
 from firmware_sim.interrupt import SignalStop, StopRequested
 from firmware_sim.live_devices import (
     DeviceGroup,
@@ -72,6 +74,7 @@ if TYPE_CHECKING:
     from multiprocessing.synchronize import Event as MpEvent
 
     from edgefl.aggregator import Aggregator, AggregatorConfig
+    from edgefl.participation import ParticipationConfig
 
 # SimSnapshotSource, SimTrainer and device_id live in firmware_sim.live_devices; re-exported
 __all__ = [
@@ -80,6 +83,7 @@ __all__ = [
     "SimSnapshotSource",
     "SimTrainer",
     "device_id",
+    "participation_for",
     "run_live",
 ]
 
@@ -121,6 +125,22 @@ class LiveResult:
 
 
 # ----------------------------------------------------------------------------- the aggregator
+
+MIN_LEASE_S = 10.0
+"""Shortest lease of a live run, in wall seconds (however small ``time_scale``)."""
+
+
+def participation_for(cfg: SimConfig, opts: LiveOptions) -> ParticipationConfig:
+    """The live aggregator's participation: ``C`` = the run's ``concurrency`` (the FedAvg
+    cohort), leases and check-ins as long as the runtime's defaults in simulated time."""
+    from edgefl.participation import DEFAULT_CHECKIN_TTL_S, DEFAULT_LEASE_S, ParticipationConfig
+
+    fedavg = cfg.algorithm is Algorithm.FEDAVG
+    return ParticipationConfig(
+        concurrency=cfg.effective_cohort if fedavg else cfg.concurrency,
+        lease_s=max(MIN_LEASE_S, DEFAULT_LEASE_S * opts.time_scale),
+        checkin_ttl_s=max(2 * MIN_LEASE_S, DEFAULT_CHECKIN_TTL_S * opts.time_scale),
+    )
 
 
 def _aggregator_config(
@@ -172,6 +192,7 @@ def _aggregator_config(
         metrics_interval_s=1.0,
         fsync=False,
         seed=cfg.seed,
+        participation=participation_for(cfg, opts),
     )
 
 
@@ -400,8 +421,8 @@ class _Devices(Protocol):
     """The run's devices, wherever they live."""
 
     def poll(self) -> dict[str, int]:
-        """Hand out training slots, move dropouts and crashes into the record; device-state
-        counts (``offline`` for agents not connected)."""
+        """Move dropouts and crashes into the record; device-state counts (``offline`` for
+        agents not connected)."""
         ...
 
     async def stop(self, ending: _Ending) -> None:
@@ -435,7 +456,6 @@ class _InProcessDevices:
         self._starter = asyncio.create_task(self._group.start())
 
     def poll(self) -> dict[str, int]:
-        self._group.grant()
         states = self._group.states()
         _record_events(self._record, self._group.shared.take_events())
         return states

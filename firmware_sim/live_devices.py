@@ -1,11 +1,13 @@
 """The simulated devices of a live run (see :mod:`firmware_sim.live`), and its child processes.
 
 Every simulated device is a real :class:`device_agent.agent.DeviceAgent`; this module supplies
-what its hardware would: eligibility (:class:`SimSnapshotSource`), speed, dropouts and crashes
-around real SGD (:class:`SimTrainer`), and training slots (:class:`DeviceGroup`, at most
-``ceil(concurrency / workers)`` trainings at once per process). :func:`worker_main` runs a
-group in a worker process and reports on a queue (:class:`WorkerReport`);
-:func:`embedded_broker_main` runs the embedded broker in a child process. Children inherit
+what its hardware would: eligibility (:class:`SimSnapshotSource`: power and availability, and
+the absence after a dropout), and speed, dropouts and crashes around real SGD
+(:class:`SimTrainer`). Who trains when is not simulated: the live aggregator grants training
+leases (protocol 1.2, PROTOCOL.md §4.7) and the agents obey them, as a real fleet does.
+:class:`DeviceGroup` runs the agents of one process; :func:`worker_main` runs a group in a
+worker process and reports on a queue (:class:`WorkerReport`); :func:`embedded_broker_main`
+runs the embedded broker in a child process. Children inherit
 SIGINT blocked (:func:`sigint_blocked`) and ignore it (:func:`ignore_sigint`): the parent stops
 them.
 """
@@ -16,7 +18,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
-import math
 import os
 import signal
 import threading
@@ -88,8 +89,6 @@ class _Shared:
         self.compute = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(1, options.train_threads), thread_name_prefix="edgefl-sim-train"
         )
-        self.slots: dict[int, float] = {}  # device -> when it was granted a training slot
-        self.release: Callable[[int], None] = lambda d: None  # set by the device group
 
     def virtual_now(self) -> float:
         return (time.monotonic() - self.t0) / self.options.time_scale
@@ -105,7 +104,9 @@ class _Shared:
 
 
 class SimSnapshotSource:
-    """Eligibility conditions of simulated device ``device`` (see module docstring)."""
+    """Eligibility conditions of simulated device ``device``: on mains power (and charging,
+    cool, unmetered) exactly when its profile's availability model says it is available at the
+    current simulated time and it is not away after a dropout; on battery otherwise."""
 
     def __init__(self, shared: _Shared, device: int) -> None:
         self._shared = shared
@@ -115,9 +116,7 @@ class SimSnapshotSource:
         sh = self._shared
         now = time.monotonic()
         available = sh.sc.fleet.is_available(self._device, sh.virtual_now())
-        available = (
-            available and now >= sh.away_until.get(self._device, 0.0) and self._device in sh.slots
-        )
+        available = available and now >= sh.away_until.get(self._device, 0.0)
         return DeviceSnapshot(
             monotonic=now,
             local_time=datetime.now(UTC),
@@ -169,17 +168,9 @@ class SimTrainer:
             time.sleep(0.02)
 
     def train(self, job: TrainJob, should_stop: Callable[[], bool]) -> TrainResult | None:
-        try:
-            return self._train(job, should_stop)
-        finally:
-            self._loop.call_soon_threadsafe(self._shared.release, self._device)
-
-    def _train(self, job: TrainJob, should_stop: Callable[[], bool]) -> TrainResult | None:
         sh = self._shared
         d = self._device
         agent = self.agent
-        if agent is not None and agent.model is not None and agent.model.version > job.base_version:
-            return None  # a newer model arrived while this device waited for a training slot
         fleet = sh.sc.fleet
         scale = sh.options.time_scale
         fate = fleet.training_fate(d, self._rng)
@@ -281,62 +272,15 @@ class DeviceGroup:
         self.devices = devices
         self.root = root
         self.shared = _Shared(scenario, options, t0)
-        per_process = math.ceil(scenario.config.concurrency / max(1, options.workers))
+        # The aggregator may grant every one of its C leases to devices of this process: one
+        # agent thread per lease (the threads mostly sleep out the simulated training time).
         self.executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=max(1, per_process), thread_name_prefix="edgefl-sim-agent"
+            max_workers=max(1, scenario.config.concurrency), thread_name_prefix="edgefl-sim-agent"
         )
         self.agents: dict[int, DeviceAgent] = {}
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.stopping = False
         self.started = 0
-        self.capacity = max(1, per_process)
-        first = devices[0] if devices else 0
-        self.rng = np.random.default_rng(
-            [scenario.config.seed & MASK64, _STREAM_LIVE, 1 << 40, first]
-        )
-        self.shared.release = self._release
-
-    # ------------------------------------------------------------------ training slots
-    def _wants(self, d: int) -> bool:
-        agent = self.agents.get(d)
-        if agent is None or agent.model is None:
-            return False
-        st = agent.statistics()
-        if not st.connected:
-            return False
-        return st.trained_version is None or st.trained_version < agent.model.version
-
-    def _release(self, d: int) -> None:
-        """Device ``d`` finished (or abandoned) a training: give its slot to another device."""
-        if self.shared.slots.pop(d, None) is not None:
-            agent = self.agents.get(d)
-            if agent is not None:
-                agent.check_now()  # it turns ineligible at once
-        self.grant()
-
-    def grant(self) -> None:
-        """Fill free training slots with random devices that are available and want to train
-        (rejection sampling: O(slots), whatever the number of devices)."""
-        sh = self.shared
-        if self.stopping or not self.devices:
-            return
-        now = time.monotonic()
-        for d, since in list(sh.slots.items()):  # revoke slots nobody uses
-            agent = self.agents.get(d)
-            training = agent is not None and agent.statistics().status.value == "training"
-            if not training and now - since > 3.0:
-                del sh.slots[d]
-        t_virtual = sh.virtual_now()
-        tries = 0
-        while len(sh.slots) < self.capacity and tries < 20 * self.capacity:
-            tries += 1
-            d = self.devices[int(self.rng.integers(0, len(self.devices)))]
-            if d in sh.slots or now < sh.away_until.get(d, 0.0):
-                continue
-            if not sh.sc.fleet.is_available(d, t_virtual) or not self._wants(d):
-                continue
-            sh.slots[d] = now
-            self.agents[d].check_now()
 
     def _make(self, d: int, loop: asyncio.AbstractEventLoop) -> DeviceAgent:
         x, y = self.sc.device_data(d)
@@ -414,6 +358,11 @@ class DeviceGroup:
             out["connected"] += int(st.connected)
             for k, v in st.trainings_aborted.items():
                 out[f"aborted:{k}"] += v
+            part = st.participation
+            out["check_ins"] += part.check_ins
+            out["withdrawals"] += part.withdrawals
+            out["leases_received"] += part.leases_received
+            out["leases_unused"] += part.leases_unused
         return dict(out)
 
     async def stop(self, wait_s: float = 15.0) -> None:
@@ -486,7 +435,6 @@ def worker_main(
         starter = asyncio.create_task(group.start())
         while not stop.is_set():
             await asyncio.sleep(options.poll_s)
-            group.grant()
             reports.put(_group_report(group))
         starter.cancel()
         await group.stop()

@@ -170,10 +170,12 @@ def summary_object(
     records: list[RunRecord], target: float, *, extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """The ``--json`` object of ``edgefl sim`` and ``edgefl demo``: the first run's summary at
-    top level (minus its bulky config); with several runs also ``runs`` (label -> summary) and
-    ``speedup_vs_fedavg``; then ``extra``."""
+    top level (minus its bulky config, but with its ``concurrency`` and ``buffer_size``); with
+    several runs also ``runs`` (label -> summary) and ``speedup_vs_fedavg``; then ``extra``."""
     first: dict[str, Any] = build_summary(records[:1], target)
-    first.pop("config", None)
+    config = first.pop("config", None) or {}
+    for knob in ("concurrency", "buffer_size"):  # C and K: staleness is about C / K
+        first[knob] = config.get(knob)
     if len(records) > 1:
         full = build_summary(records, target)
         for run in full["runs"].values():

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import numpy as np
-from sklearn.datasets import load_digits
+from agent_helpers import DEVICE, FLEET, MODEL, SPEC, digits_dataset
 
 from device_agent.agent import DeviceAgent
 from device_agent.config import (
@@ -21,19 +21,15 @@ from device_agent.config import (
     ReceiptMode,
     SpoolConfig,
 )
-from device_agent.dataset import LocalDataset
 from device_agent.eligibility import EligibilityPolicy, MeteredSource
 from device_agent.release import model_release
 from device_agent.spool import UpdateSpool
 from device_agent.trainer import TrainResult
 from device_agent.updates import build_update
 from edgefl.codec import CodecConfig, Quantization
-from edgefl.models.spec import get_model_spec, init_weights_numpy
+from edgefl.models.spec import init_weights_numpy
 from edgefl.transport import InboundMessage, MemoryBroker, MemoryTransport, OnConnect, Will
 from firmware_sim.fake_sysfs import write_fake_sysfs
-
-FLEET, DEVICE, MODEL = "farm", "pi-1", "digits-mlp"
-SPEC = get_model_spec(MODEL)
 
 
 def write_tree(root: Path) -> None:
@@ -41,10 +37,7 @@ def write_tree(root: Path) -> None:
     write_fake_sysfs(root, mains=False)
 
 
-def dataset() -> LocalDataset:
-    d = load_digits()
-    x = (d.data[:200] / 16.0).astype(np.float32)
-    return LocalDataset.split(x, d.target[:200].astype(np.int64), 0.2, seed=3)
+dataset = digits_dataset
 
 
 def receipts_config(

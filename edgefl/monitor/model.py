@@ -63,6 +63,7 @@ from .decode import (
     UpdateSeen,
     observation_kind,
 )
+from .participation import with_participation
 from .snapshot import (
     AggregatorView,
     ConnectionView,
@@ -280,7 +281,9 @@ class FleetModel:
             devices=devices,
             counts=dict(sorted(counts.items())),
             model=self._model_view(now),
-            aggregator=self._aggregator_view(now),
+            aggregator=with_participation(
+                self._aggregator_view(now), self._server, self._metrics, devices
+            ),
             monitor=MonitorCounters(
                 messages=c.messages,
                 bytes=c.bytes,
@@ -327,6 +330,7 @@ class FleetModel:
             spool_depth=state.spool_depth,
             awaiting_receipt=state.awaiting_receipt,
             receipt_through=self._receipts.get(state.device_id),
+            waiting_for_slot=state.waiting_for_slot,
         )
 
     def _model_view(self, now: float) -> ModelView | None:

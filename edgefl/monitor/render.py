@@ -9,7 +9,14 @@ import time
 from collections.abc import Sequence
 from typing import Final
 
-from .snapshot import AggregatorView, ConnectionView, DeviceView, FleetSnapshot, ModelView
+from .snapshot import (
+    AggregatorView,
+    ConnectionView,
+    DeviceView,
+    FleetSnapshot,
+    ModelView,
+    ParticipationView,
+)
 from .summary import human_bytes
 
 __all__ = [
@@ -20,6 +27,7 @@ __all__ = [
     "device_cells",
     "format_age",
     "model_lines",
+    "participation_lines",
     "snapshot_text",
     "sparkline",
 ]
@@ -88,7 +96,7 @@ def device_cells(device: DeviceView) -> dict[str, str]:
         "last seen": format_age(device.last_seen_age_s) + " ago",
         "model": _opt(device.model_version, "v{}"),
         "staleness": _opt(device.model_staleness),
-        "why": ",".join(device.reasons) or "-",
+        "why": ",".join(device.reasons) or ("waiting for slot" if device.waiting_for_slot else "-"),
         "sent": f"{device.updates_sent}",
         "accuracy": _opt(device.local_accuracy, "{:.3f}"),
     }
@@ -158,9 +166,25 @@ def aggregator_lines(
         f"server   {_opt(agg.status)} v{agg.version}, buffer {fill}, applied {_opt(agg.applied)}",
         f"updates  {rate}/s server, {agg.observed_updates_per_s:.1f}/s seen",
         f"rejected {rejected}",
+        *participation_lines(agg.participation),
         f"τ:count  {stale}",
         acc_line,
     ]
+
+
+def participation_lines(p: ParticipationView | None) -> list[str]:
+    """``leases   7/10 in flight (C), 41 checked in, 38 waiting for a slot`` and the staleness
+    of accepted updates against ``C / K``; nothing without leases."""
+    if p is None:
+        return []
+    lines = [
+        f"leases   {p.in_flight}/{p.concurrency} in flight (C), {p.candidates} checked in,"
+        f" {p.waiting_for_slot} waiting for a slot"
+    ]
+    s = p.staleness
+    seen = "no updates yet" if s is None else f"mean {s.mean:.1f}, p90 {s.p90}, max {s.max}"
+    lines.append(f"τ vs C/K {seen} (C/K = {p.staleness_target:.1f})")
+    return lines
 
 
 def snapshot_text(snapshot: FleetSnapshot) -> str:

@@ -23,6 +23,8 @@ __all__ = [
     "LostReason",
     "ModelView",
     "MonitorCounters",
+    "ParticipationView",
+    "StalenessSummary",
     "to_jsonable",
 ]
 
@@ -83,6 +85,7 @@ class DeviceView:
     spool_depth: int | None = None  # updates in the device's spool (protocol 1.1 devices)
     awaiting_receipt: int | None = None  # of those, sent and waiting for a receipt
     receipt_through: int | None = None  # ``through`` of the last receipt the monitor saw
+    waiting_for_slot: bool | None = None  # checked in with a leasing aggregator (protocol 1.2)
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,34 @@ class ModelView:
     chunks_seen: int
     """Retained chunks of this version the monitor received (weights artifact)."""
     onnx: bool
+
+
+@dataclass(frozen=True)
+class StalenessSummary:
+    """A staleness histogram in four numbers (``p90``: the smallest τ with at least 90 % of
+    the accepted updates at or below it)."""
+
+    count: int
+    mean: float
+    p90: int
+    max: int
+
+
+@dataclass(frozen=True)
+class ParticipationView:
+    """Server-controlled participation (protocol 1.2): leases held (``in_flight``) against
+    ``concurrency`` (``C``), devices checked in (``candidates``, the aggregator's count) and
+    devices whose state says ``waiting_for_slot`` (the monitor's count), and the staleness of
+    accepted updates against ``staleness_target = C / K``."""
+
+    concurrency: int
+    in_flight: int
+    candidates: int
+    lease_s: float
+    checkin_ttl_s: float
+    waiting_for_slot: int
+    staleness_target: float
+    staleness: StalenessSummary | None = None
 
 
 @dataclass(frozen=True)
@@ -133,6 +164,7 @@ class AggregatorView:
     state_at: float | None = None
     metrics_at: float | None = None
     observed_updates_per_s: float = 0.0
+    participation: ParticipationView | None = None  # a leasing aggregator (protocol 1.2)
 
 
 @dataclass(frozen=True)

@@ -82,10 +82,13 @@ def summarize(obs: Observation, payload: bytes) -> str:
         case ServerStateSeen(state=s):
             rejected = sum(s.rejected.values())
             features = f" features={','.join(s.features)}" if s.features else ""
+            p = s.participation
+            leases = "" if p is None else f" leases={p.in_flight}/{p.concurrency}"
+            leases += "" if p is None else f" candidates={p.candidates}"
             text = (
                 f"server_state {s.status.value} session={s.session} v{s.version}"
                 f" buffer {s.buffer_fill}/{s.buffer_size} applied={s.applied} rejected={rejected}"
-                f"{features}"
+                f"{features}{leases}"
             )
         case ReceiptSeen(receipt=r):
             committed = ",".join(f"{lo}" if lo == hi else f"{lo}-{hi}" for lo, hi in r.committed)
@@ -123,6 +126,8 @@ def _device_state_text(obs: DeviceStateSeen) -> str:
         parts.append(f"spool={s.spool_depth}")
     if s.awaiting_receipt is not None:
         parts.append(f"awaiting_receipt={s.awaiting_receipt}")
+    if s.waiting_for_slot:
+        parts.append("waiting_for_slot")
     if s.local_accuracy is not None:
         parts.append(f"acc={s.local_accuracy:.3f}")
     if s.reasons:

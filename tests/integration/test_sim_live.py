@@ -36,3 +36,8 @@ def test_twenty_live_devices_reach_the_target(mosquitto: MosquittoBroker) -> Non
     assert result.agent_totals["trainings_completed"] >= s["updates_applied"]
     assert result.agent_totals["updates_sent"] > 0
     assert s["bytes_uploaded"] < s["bytes_fp32_equivalent"]  # int8 on the wire
+    # concurrency came from the aggregator's leases: every training ran under one
+    totals = result.agent_totals
+    assert totals["leases_received"] >= totals["trainings_started"] > 0
+    assert totals["check_ins"] >= totals["leases_received"]
+    assert "no_lease" not in s["updates_rejected"]

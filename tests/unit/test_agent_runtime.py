@@ -16,30 +16,31 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from agent_helpers import (
+    DATA,
+    DEVICE,
+    FLEET,
+    MODEL,
+    SPEC,
+    GateTrainer,
+    factory,
+    make_config,
+    publish_model,
+)
 from receipt_helpers import collect
-from sklearn.datasets import load_digits
 from waiting import eventually
 
 from device_agent.agent import DeviceAgent
 from device_agent.config import (
-    AgentConfig,
-    BrokerConfig,
-    DataConfig,
-    DataKind,
-    ProbeConfig,
-    ReceiptMode,
     SecurityConfig,
-    SpoolConfig,
 )
-from device_agent.dataset import LocalDataset
-from device_agent.eligibility import EligibilityPolicy, MeteredSource
 from device_agent.model_store import ModelStore
 from device_agent.release import model_release
 from device_agent.spool import UpdateSpool
-from device_agent.trainer import TorchTrainer, TrainJob, TrainResult
+from device_agent.trainer import TrainJob, TrainResult
 from device_agent.updates import build_update
 from edgefl.codec import CodecConfig, CodecDescriptor, Quantization, encode_update, open_update
-from edgefl.models.spec import get_model_spec, init_weights_numpy
+from edgefl.models.spec import init_weights_numpy
 from edgefl.protocol.envelope import EnvelopeKind, decode_envelope, encode_envelope
 from edgefl.protocol.messages import (
     DeviceState,
@@ -61,69 +62,8 @@ from edgefl.security import (
     write_private_key,
     write_public_key,
 )
-from edgefl.transport import MemoryBroker, MemoryTransport, OnConnect, Will
+from edgefl.transport import MemoryBroker, MemoryTransport
 from firmware_sim.fake_sysfs import write_fake_sysfs
-
-FLEET, DEVICE, MODEL = "farm", "pi-1", "digits-mlp"
-SPEC = get_model_spec(MODEL)
-
-
-def make_config(tmp: Path) -> AgentConfig:
-    write_fake_sysfs(tmp / "fs")
-    return AgentConfig(
-        broker=BrokerConfig("mqtt://127.0.0.1:1"),
-        fleet=FLEET,
-        device_id=DEVICE,
-        data=DataConfig(kind=DataKind.NPZ, path=tmp / "unused.npz"),
-        probes=ProbeConfig(
-            root=tmp / "fs", metered=MeteredSource.NO, throttle=False, interval_s=1.0
-        ),
-        eligibility=EligibilityPolicy(),
-        state_dir=tmp / "state",
-        spool=SpoolConfig(receipts=ReceiptMode.OFF),  # protocol 1.0: no aggregator here
-    )
-
-
-def digits_dataset() -> LocalDataset:
-    d = load_digits()
-    x = (d.data[:200] / 16.0).astype(np.float32)
-    return LocalDataset.split(x, d.target[:200].astype(np.int64), 0.2, seed=3)
-
-
-DATA = digits_dataset()
-
-
-def publish_model(broker: MemoryBroker, version: int, seed: int = 0) -> None:
-    release = model_release(FLEET, version, MODEL, init_weights_numpy(SPEC, seed))
-    for topic, payload in release.messages:
-        broker.publish(topic, payload, 1, True)
-
-
-def factory(broker: MemoryBroker, made: list[MemoryTransport] | None = None):  # type: ignore[no-untyped-def]
-    def make(will: Will, on_connect: OnConnect) -> MemoryTransport:
-        transport = MemoryTransport(broker, DEVICE, will=will, on_connect=on_connect)
-        if made is not None:
-            made.append(transport)
-        return transport
-
-    return make
-
-
-class GateTrainer:
-    """A Trainer that waits (polling ``should_stop``, as the contract requires) until the test
-    opens the gate, then trains for real; the simulator wraps trainers the same way."""
-
-    def __init__(self) -> None:
-        self.gate = threading.Event()
-        self.entered = threading.Event()
-        self.inner = TorchTrainer()
-
-    def train(self, job: TrainJob, should_stop: Callable[[], bool]) -> TrainResult | None:
-        self.entered.set()
-        while not self.gate.wait(0.01):
-            if should_stop():
-                return None
-        return self.inner.train(job, should_stop)
 
 
 async def test_agent_picks_up_model_trains_and_delivers_one_update(tmp_path: Path) -> None:
