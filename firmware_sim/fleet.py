@@ -304,6 +304,23 @@ class Fleet:
                         break
         return chosen
 
+    def next_available_any(
+        self, t: float, rng: np.random.Generator, busy: Container[int], scan: int = 512
+    ) -> float:
+        """The earliest time ``>= t`` at which a device not in ``busy`` is available: over
+        every device of fleets of at most ``scan`` devices, else over ``scan`` devices drawn
+        uniformly (then an upper bound of the true earliest time; ``inf`` if none ever is)."""
+        n = self.num_devices
+        devices = range(n) if n <= scan else rng.integers(0, n, size=scan).tolist()
+        best = math.inf
+        for d in devices:
+            if d in busy:
+                continue
+            best = min(best, self.next_available(d, t))
+            if best <= t:
+                break
+        return best
+
     def estimate_available(
         self, t: float, rng: np.random.Generator, sample_size: int = 2048
     ) -> int:
