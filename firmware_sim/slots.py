@@ -97,6 +97,7 @@ class SlotLedger:
     _series_n: array[int] = field(default_factory=lambda: array("q"))
     rounds: int = 0
     round_seconds: float = 0.0
+    round_updates: int = 0
 
     def observe(self, t: float, training: int, lost_lease: int = 0, waiting: int = 0) -> None:
         """From ``t`` on, ``training`` devices train, ``lost_lease`` slots are held by lost
@@ -112,10 +113,11 @@ class SlotLedger:
         """One training ended ``kind`` after ``seconds`` of device time."""
         self._work[kind] += max(0.0, seconds)
 
-    def round_closed(self, seconds: float) -> None:
-        """A FedAvg round closed after ``seconds``."""
+    def round_closed(self, seconds: float, updates: int) -> None:
+        """A FedAvg round closed after ``seconds`` with ``updates`` accepted."""
         self.rounds += 1
         self.round_seconds += seconds
+        self.round_updates += updates
 
     def _advance(self, t: float) -> None:
         dt = t - self._t
@@ -158,6 +160,7 @@ class SlotLedger:
         if self.rounds:
             out["rounds"] = self.rounds
             out["mean_round_s"] = self.round_seconds / self.rounds
+            out["mean_updates_per_round"] = self.round_updates / self.rounds
         return out
 
 

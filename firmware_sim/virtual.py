@@ -200,6 +200,7 @@ class _Schedule:
     round_id: int = 0
     round_deadline_s: float | None = None
     round_opened_at: float | None = None  # None: no round open
+    applied_at_open: int = 0
     waiting: int = 0
     wake_at: float = math.inf
 
@@ -448,6 +449,7 @@ class VirtualSimulator:
         assert deadline_s is not None
         self.schedule.round_id += 1
         self.schedule.round_opened_at = self.t
+        self.schedule.applied_at_open = self.tally.applied
         goal = reporting_goal(len(cohort), self.cfg.overselect)
         self.core.open_round(goal, deadline=self.t + deadline_s)
         for d in cohort:
@@ -461,7 +463,9 @@ class VirtualSimulator:
         if opened is None:
             return
         self.schedule.round_opened_at = None
-        self.ledger.round_closed(self.t - opened)
+        self.ledger.round_closed(
+            self.t - opened, self.tally.applied - self.schedule.applied_at_open
+        )
         rid = self.schedule.round_id
         for tr in [tr for tr in self.flight.trainings.values() if tr.round_id == rid]:
             del self.flight.trainings[tr.tid]
@@ -712,8 +716,6 @@ class VirtualSimulator:
     def _finish_ledger(self) -> None:
         """Put where the time went into the record: ``utilisation`` and ``bottleneck``."""
         util = self.ledger.summary(self.t)
-        if self.schedule.cohorts and self.ledger.rounds:
-            util["mean_updates_per_round"] = self.tally.applied / self.ledger.rounds
         self.record.set_utilisation(
             util, verdict(util, cohorts=self.schedule.cohorts), self.ledger.series()
         )
