@@ -30,8 +30,8 @@ members still training then are stragglers, aborted, and their work counted as w
 
 When too few devices are idle, the scheduler sleeps until the next moment one can be: the
 earliest end of a device's time away (after a dropout or crash), the earliest start of an
-availability window (over every device of fleets up to :data:`WAKE_SCAN` devices, else over a
-seeded sample of that many) or the next lease expiry. No fixed retry period.
+availability window (over every device of fleets up to :data:`WAKE_SCAN` devices, else over
+that many evenly spaced ones) or the next lease expiry. No fixed retry period.
 
 Where the time went (slots training, waiting for a device, idle at the round barrier; work lost
 by cause) is kept by :class:`~firmware_sim.slots.SlotLedger` and lands in the summary's
@@ -482,7 +482,7 @@ class VirtualSimulator:
         t = self.t
         wake = min((u for u in self.busy.until.values() if t < u < math.inf), default=math.inf)
         self.busy.now = t
-        wake = min(wake, self.sc.fleet.next_available_any(t, self.rng, self.busy, WAKE_SCAN))
+        wake = min(wake, self.sc.fleet.next_available_any(t, self.busy, WAKE_SCAN))
         expiry = self.slots.next_expiry()
         if expiry is not None:
             wake = min(wake, expiry)

@@ -6,8 +6,6 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-import numpy as np
-
 from firmware_sim.fleet import Fleet
 from firmware_sim.record import Algorithm
 from firmware_sim.scenario import SimConfig, build_scenario, reporting_goal
@@ -27,10 +25,12 @@ def test_next_available_any_is_the_earliest_window_start_of_a_non_busy_device() 
     busy = {3, 7}
     expected = min(fleet.next_available(d, t) for d in range(30) if d not in busy)
 
-    got = fleet.next_available_any(t, np.random.default_rng(0), busy)
+    got = fleet.next_available_any(t, busy)
+    again = fleet.next_available_any(t + 1.0, busy)  # from the cache
 
     assert got == expected
-    assert fleet.next_available_any(t, np.random.default_rng(0), set(range(30))) == math.inf
+    assert again == min(fleet.next_available(d, t + 1.0) for d in range(30) if d not in busy)
+    assert fleet.next_available_any(t, set(range(30))) == math.inf
 
 
 def _window_starts(fleet: Fleet, t: float) -> bool:
