@@ -141,6 +141,7 @@ class SimConfig:
     cohort_size: int | None = None  # FedAvg: devices selected per round, default = concurrency
     overselect: float = 1.3  # FedAvg: select this many times the reporting goal (Bonawitz 2019)
     round_deadline_s: float | None = None  # FedAvg: default automatic (see virtual.py)
+    lease_s: float | None = None  # FedBuff: participation lease, default automatic (virtual.py)
     min_fraction: float = 0.5
     # codec and attacks
     codec: str = "int8"

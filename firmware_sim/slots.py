@@ -15,7 +15,8 @@ docs/SIMULATOR.md). Between two events every slot is in exactly one state:
 :class:`SlotLedger` integrates these counts over virtual time (piecewise constant between events,
 so ``∫ n(t) dt`` is a sum of ``n · Δt``) and also keeps the *work* of every training, in
 device-seconds from its start to its end, by how it ended: ``applied``, ``dropout``, ``crash``,
-``stale``, ``deadline`` (a FedAvg straggler aborted when its round closed) or ``rejected``.
+``stale``, ``deadline`` (a FedAvg straggler aborted when its round closed), ``lease_expired``
+(a FedBuff update that arrived after its lease and the grace) or ``rejected``.
 
 :func:`verdict` turns the result into the summary's ``bottleneck`` line, e.g.
 ``availability-bound: 4.6 of 20 slots filled on average; add devices or lower concurrency``.
@@ -68,6 +69,7 @@ class Work(StrEnum):
     CRASH = "crash"
     STALE = "stale"
     DEADLINE = "deadline"
+    LEASE_EXPIRED = "lease_expired"
     REJECTED = "rejected"
 
 

@@ -55,7 +55,7 @@ from __future__ import annotations
 import heapq
 import math
 import time
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from typing import Any
@@ -73,7 +73,8 @@ from edgefl.codec import (
     max_decompressed,
     open_update,
 )
-from edgefl.errors import EdgeflError
+from edgefl.errors import EdgeflError, RejectReason, UpdateRejected
+from edgefl.participation import LeaseBook, LeaseVerdict, ParticipationConfig
 from edgefl.training import evaluate, train_many
 from firmware_sim.attacks import apply_attack
 from firmware_sim.fleet import Fate, Fleet
@@ -94,6 +95,9 @@ _STREAM_ENGINE = 0x51_3E_47
 _STREAM_TRAIN = 0x7A_1A_17
 WAKE_SCAN = 512
 """Devices scanned for the next start of an availability window when the scheduler waits."""
+LEASE_FACTOR = 2.0
+"""FedBuff's default lease: this many times the automatic FedAvg deadline (the p90 of a
+training's duration), long enough for stragglers, short enough to free a lost device's slot."""
 MIN_WAKE_S = 1.0
 """A waiting scheduler looks again no sooner than this (virtual seconds)."""
 MAX_TRAIN_BATCH = 64
@@ -218,63 +222,22 @@ class _Excluding:
 
 @dataclass(eq=False)
 class FleetPool:
-    """The virtual fleet as a candidate pool of the participation code: ``sample`` draws up
-    to ``k`` idle devices available at ``t``, uniformly at random, none of ``exclude``."""
+    """The virtual fleet as the :class:`~edgefl.participation.CandidatePool` of the product's
+    lease book: ``sample`` draws up to ``k`` devices idle and available at ``now``, uniformly at
+    random (:meth:`Fleet.sample_idle_devices`), none of ``exclude`` (the leaseholders)."""
 
     fleet: Fleet
     busy: _Busy
-    t: float = 0.0
 
-    def sample(self, k: int, rng: np.random.Generator, exclude: Container[str]) -> list[str]:
-        self.busy.now = self.t
-        picked = self.fleet.sample_idle_devices(k, self.t, rng, _Excluding(self.busy, exclude))
+    def sample(
+        self, k: int, *, rng: np.random.Generator, exclude: Container[str], now: float
+    ) -> list[str]:
+        self.busy.now = now
+        picked = self.fleet.sample_idle_devices(k, now, rng, _Excluding(self.busy, exclude))
         return [str(d) for d in picked]
 
-
-@dataclass(frozen=True)
-class _Lease:
-    device: str
-    lease_id: int
-
-
-class _SlotBook:
-    """FedBuff's participation slots, with the contract of the runtime's lease book
-    (``grant(now, pool)``, ``complete``, ``release``, ``expire``, ``next_expiry``): at most
-    ``concurrency`` leases, granted to devices ``pool`` draws uniformly at random."""
-
-    def __init__(self, concurrency: int, rng: np.random.Generator) -> None:
-        self.concurrency = concurrency
-        self.rng = rng
-        self.held: dict[str, int] = {}  # device -> lease id
-        self.next_id = 0
-
-    def grant(self, now: float, pool: FleetPool) -> list[_Lease]:
-        want = self.concurrency - len(self.held)
-        if want <= 0:
-            return []
-        out = []
-        for device in pool.sample(want, self.rng, self.held):
-            self.next_id += 1
-            self.held[device] = self.next_id
-            out.append(_Lease(device, self.next_id))
-        return out
-
-    def complete(self, device: str, lease_id: int, now: float) -> None:
-        if self.held.get(device) == lease_id:
-            del self.held[device]
-
-    def release(self, device: str) -> None:
-        self.held.pop(device, None)
-
-    def expire(self, now: float) -> list[str]:
-        return []
-
-    def next_expiry(self) -> float | None:
-        return None
-
-    @property
-    def in_flight(self) -> int:
-        return len(self.held)
+    def take(self, devices: Iterable[str]) -> None:
+        """Nothing to do: a granted device starts training at once and is busy until it ends."""
 
 
 class _EventQueue:
@@ -368,7 +331,7 @@ class VirtualSimulator:
         self.compute = _ComputeStats()
         self.wall0 = 0.0
         self.pool = FleetPool(scenario.fleet, self.busy)
-        self.slots = _SlotBook(cfg.concurrency, self.rng)
+        self.slots: LeaseBook | None = None  # FedBuff: built in run(), once the lease is known
         self.ledger = SlotLedger(cfg.effective_cohort if self.schedule.cohorts else cfg.concurrency)
 
     # ------------------------------------------------------------------ model state
@@ -425,15 +388,19 @@ class VirtualSimulator:
             self.events.push(train_start + duration, _Ev.TRAIN_DONE, tid)
 
     def _fill(self) -> None:
-        """FedBuff: the slot book grants free slots to idle devices; a slot left empty waits
-        for the next moment a device can be idle (:meth:`_wait_for_devices`)."""
-        self.slots.expire(self.t)
-        self.pool.t = self.t
-        for lease in self.slots.grant(self.t, self.pool):
+        """FedBuff: the product's lease book expires what is due and grants every free slot to
+        a uniformly drawn idle device; a slot left empty waits for the next moment a device can
+        be idle or a lease expires (:meth:`_wait_for_devices`)."""
+        assert self.slots is not None
+        for lease in self.slots.grant(self.t, self.pool, version=self.version):
             self._start(int(lease.device), lease_id=lease.lease_id)
-        self.schedule.waiting = self.cfg.concurrency - self.slots.in_flight
+        self.schedule.waiting = self.slots.free
         if self.schedule.waiting > 0:
             self._wait_for_devices()
+        elif self.slots.in_flight > len(self.flight.trainings):  # leases of lost devices
+            expiry = self.slots.next_expiry()
+            assert expiry is not None
+            self._wake_at(max(expiry, self.t + MIN_WAKE_S))
 
     def _open_round(self) -> None:
         """FedAvg: select ``cohort_size`` idle devices and open a round with the reporting goal
@@ -483,10 +450,13 @@ class VirtualSimulator:
         wake = min((u for u in self.busy.until.values() if t < u < math.inf), default=math.inf)
         self.busy.now = t
         wake = min(wake, self.sc.fleet.next_available_any(t, self.busy, WAKE_SCAN))
-        expiry = self.slots.next_expiry()
+        expiry = None if self.slots is None else self.slots.next_expiry()
         if expiry is not None:
             wake = min(wake, expiry)
-        wake = max(wake, t + MIN_WAKE_S)
+        self._wake_at(max(wake, t + MIN_WAKE_S))
+
+    def _wake_at(self, wake: float) -> None:
+        """Schedule a wake-up at ``wake`` unless an earlier one is pending."""
         if wake < self.schedule.wake_at and math.isfinite(wake):
             self.schedule.wake_at = wake
             self.events.push(wake, _Ev.WAKE, -1)
@@ -563,12 +533,12 @@ class VirtualSimulator:
 
     def _on_arrive(self, tr: _Training) -> None:
         self.flight.uploading -= 1
-        self.slots.complete(str(tr.device), tr.lease_id, self.t)
         self.tally.received += 1
         staleness = self.version - tr.base_version
         outcome = "applied"
         stepped = False
         try:
+            self._check_lease(tr)
             assert tr.descriptor is not None  # set by _encode before the upload
             decoded = open_arrival(tr.descriptor, tr.body, num_params=self.num_params)
             added = self.core.add(
@@ -585,6 +555,18 @@ class VirtualSimulator:
         if stepped:
             self._after_step()
         self._schedule()
+
+    def _check_lease(self, tr: _Training) -> None:
+        """FedBuff: the lease book's verdict on the update (raises ``UpdateRejected``
+        ``lease_expired`` / ``no_lease`` when it refuses it, as the aggregator does)."""
+        if self.slots is None:
+            return
+        verdict = self.slots.complete(str(tr.device), tr.lease_id, self.t)
+        if not verdict.accepted:
+            reason = RejectReason.NO_LEASE
+            if verdict is LeaseVerdict.EXPIRED:
+                reason = RejectReason.LEASE_EXPIRED
+            raise UpdateRejected(reason, f"lease {tr.lease_id} of device {tr.device}: {verdict}")
 
     def _schedule(self) -> None:
         """Start what the algorithm's scheduling wants: FedBuff refills its ``concurrency``
@@ -660,10 +642,11 @@ class VirtualSimulator:
             self.flight.queued.remove(tr)
 
     def _refill_after_loss(self, tr: _Training) -> None:
+        """A device that dropped out or crashed says nothing: under FedBuff its lease keeps
+        the slot until it expires (as in the product), under FedAvg the deadline or the goal
+        closes the round."""
         if not self.schedule.cohorts:
-            self.slots.release(str(tr.device))
             self._fill()
-        # FedAvg: a lost cohort member just never arrives; the deadline closes the round.
 
     def _on_deadline(self, round_id: int) -> None:
         if round_id != self.schedule.round_id or not self.core.round_open:
@@ -681,7 +664,7 @@ class VirtualSimulator:
     def _observe(self) -> None:
         """Tell the ledger the slot counts from now on (see :mod:`firmware_sim.slots`)."""
         alive = len(self.flight.trainings)
-        lost = 0 if self.schedule.cohorts else max(0, self.slots.in_flight - alive)
+        lost = 0 if self.slots is None else max(0, self.slots.in_flight - alive)
         self.ledger.observe(self.t, alive, lost, self.schedule.waiting)
 
     # ------------------------------------------------------------------ main loop
@@ -726,6 +709,9 @@ class VirtualSimulator:
         self.record.started_at = self.wall0
         self._evaluate()  # version 0
         if not self.schedule.cohorts:
+            lease_s = self.cfg.lease_s or LEASE_FACTOR * self._auto_deadline()
+            config = ParticipationConfig(concurrency=self.cfg.concurrency, lease_s=lease_s)
+            self.slots = LeaseBook(config, rng=self.rng)
             self._fill()
         else:
             self.schedule.round_deadline_s = self.cfg.round_deadline_s or self._auto_deadline()
@@ -763,6 +749,8 @@ def _work_of(outcome: str) -> Work:
     """How the work of a training that reached the aggregator ended."""
     if outcome == "applied":
         return Work.APPLIED
+    if outcome in (RejectReason.LEASE_EXPIRED, RejectReason.NO_LEASE):
+        return Work.LEASE_EXPIRED
     return Work.STALE if outcome == "stale" else Work.REJECTED
 
 

@@ -48,17 +48,18 @@ def test_a_waiting_scheduler_starts_a_device_the_moment_one_can_start() -> None:
     # Act
     record = run_virtual(VEHICLES, scenario=scenario).record
 
-    # Assert: every start into a slot that was waiting happened at an arrival, at a window
-    # closing mid-training (a dropout) or exactly when a window opened; never on a fixed period
+    # Assert: every start into a slot that was waiting happened at an arrival, when the lease
+    # of a device that went away expired, or exactly when a window opened; never on a period
     series = record.slot_series
     assert series is not None
-    events = set(record.updates().t.tolist()) | set(record.dropout_times().tolist())
+    arrivals = set(record.updates().t.tolist())
     waited = 0
     for i in range(1, len(series.t)):
         if series.waiting[i - 1] > 0 and series.training[i] > series.training[i - 1]:
             t = float(series.t[i])
             waited += 1
-            assert t in events or _window_starts(scenario.fleet, t), t
+            expired = series.lost_lease[i] < series.lost_lease[i - 1]
+            assert t in arrivals or expired or _window_starts(scenario.fleet, t), t
     assert waited > 0
 
 
@@ -111,3 +112,21 @@ def test_no_overselection_waits_for_the_whole_cohort() -> None:
     assert util is not None
     assert util["work_s"]["deadline"] == 0.0
     assert util["mean_updates_per_round"] == 13.0
+
+
+def test_a_silently_lost_device_keeps_its_lease_until_it_expires() -> None:
+    # Arrange: half the trainings drop out silently; leases of 30 s
+    cfg = replace(LAB, dropout=0.5, lease_s=30.0, max_updates=80)
+
+    # Act
+    record = run_virtual(cfg).record
+
+    # Assert: slots were held by lost devices, at most one lease length per dropout
+    util = record.utilisation
+    assert util is not None
+    dropouts = record.summary(0.9)["dropouts"]
+    assert dropouts > 0
+    assert 0 < util["slot_seconds"]["lost_lease"] <= 30.0 * dropouts
+    series = record.slot_series
+    assert series is not None
+    assert int((series.training + series.lost_lease).max()) <= 13
