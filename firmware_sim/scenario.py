@@ -113,7 +113,7 @@ def parse_norm_bound(text: str) -> NormBound:
 class SimConfig:
     """One simulated run. Times are seconds (virtual in virtual mode)."""
 
-    devices: int = 100
+    devices: int = 1000
     algorithm: Algorithm = Algorithm.FEDBUFF
     profile: str = "mixed"
     speed: str | None = None  # e.g. "lognormal:0,1": overrides every profile's compute speed
@@ -123,7 +123,7 @@ class SimConfig:
     num_samples: int | None = None
     model: str | None = None  # default: DATASET_MODELS[dataset]
     partition: str = "dirichlet:0.5"
-    min_examples: int = 16
+    min_examples: int = 160  # 16,000 mnist1d training examples: 100 slices, 10 devices each
     local: LocalTrainConfig = field(default_factory=LocalTrainConfig)
     # aggregation
     buffer_size: int = 5
