@@ -56,6 +56,7 @@ __all__ = [
 MODES = ("virtual", "live")
 _DEFAULT = SimConfig()
 """``edgefl sim``'s defaults are the :class:`SimConfig` defaults (docs/SIMULATOR.md, "Defaults")."""
+_K = "FedBuff K (updates per server step)."
 LIVE_DEVICES = 100
 """``--mode live`` without ``--devices``: real MQTT clients cost memory, so fewer."""
 BROKER_KINDS = ("auto", "mosquitto", "embedded")
@@ -483,7 +484,7 @@ def sim_command(
     ] = "virtual",
     algorithm: Annotated[str, typer.Option(help="fedbuff or fedavg.")] = "fedbuff",
     buffer_size: Annotated[
-        int, typer.Option("--buffer-size", "-k", help="FedBuff K.")
+        int, typer.Option("--buffer-size", "-k", help=_K)
     ] = _DEFAULT.buffer_size,
     concurrency: Annotated[
         int, typer.Option(help="Devices training at once (FedAvg: devices selected per round).")
