@@ -54,6 +54,11 @@ __all__ = [
 ]
 
 MODES = ("virtual", "live")
+_DEFAULT = SimConfig()
+"""``edgefl sim``'s defaults are the :class:`SimConfig` defaults (docs/SIMULATOR.md, "Defaults")."""
+_K = "FedBuff K (updates per server step)."
+LIVE_DEVICES = 100
+"""``--mode live`` without ``--devices``: real MQTT clients cost memory, so fewer."""
 BROKER_KINDS = ("auto", "mosquitto", "embedded")
 DIGITS_SIZE = 1797  # images in scikit-learn's digits set: the most --samples can ask for
 
@@ -172,6 +177,9 @@ class TrainingOptions:
     server_lr: float
     normalisation: Normalisation
     round_deadline: float | None
+    server_momentum: float = _DEFAULT.server_momentum
+    overselect: float = _DEFAULT.overselect
+    lease: float | None = None
 
 
 @dataclass(frozen=True)
@@ -219,6 +227,9 @@ def sim_config_from_options(o: SimOptions) -> SimConfig:
             staleness=staleness,
             max_staleness=o.algorithm.max_staleness,
             server_lr=training.server_lr,
+            server_momentum=training.server_momentum,
+            overselect=training.overselect,
+            lease_s=training.lease,
             normalisation=training.normalisation,
             norm_bound=o.attack.norm_bound,
             robust=robust,
@@ -316,8 +327,12 @@ def _check_training(o: TrainingOptions) -> None:
     check.number("--lr", o.lr)
     check.at_least("--batch-size", o.batch_size)
     check.number("--server-lr", o.server_lr)
+    check.number("--server-momentum", o.server_momentum, low_open=False, high=1.0, high_open=True)
+    check.number("--overselect", o.overselect, low=1.0, low_open=False)
     if o.round_deadline is not None:
         check.number("--round-deadline", o.round_deadline)
+    if o.lease is not None:
+        check.number("--lease", o.lease)
 
 
 def _check_samples(samples: int | None, dataset: str) -> None:
@@ -457,19 +472,26 @@ def _require_packages(dataset: str, *, report: bool, feature: str) -> None:
 
 def sim_command(
     devices: Annotated[
-        int, typer.Option("--devices", "-n", help="Number of simulated devices.")
-    ] = 100,
+        int | None,
+        typer.Option(
+            "--devices",
+            "-n",
+            help=f"Simulated devices (default {_DEFAULT.devices:,}; live: {LIVE_DEVICES}).",
+        ),
+    ] = None,
     mode: Annotated[
         str, typer.Option(help="virtual (discrete-event, no broker) or live.")
     ] = "virtual",
     algorithm: Annotated[str, typer.Option(help="fedbuff or fedavg.")] = "fedbuff",
-    buffer_size: Annotated[int, typer.Option("--buffer-size", "-k", help="FedBuff K.")] = 5,
+    buffer_size: Annotated[
+        int, typer.Option("--buffer-size", "-k", help=_K)
+    ] = _DEFAULT.buffer_size,
     concurrency: Annotated[
-        int, typer.Option(help="Devices training at once (FedAvg: cohort).")
-    ] = 20,
+        int, typer.Option(help="Devices training at once (FedAvg: devices selected per round).")
+    ] = _DEFAULT.concurrency,
     staleness: Annotated[
         str, typer.Option(help="constant | polynomial[:A] | hinge:A,B")
-    ] = "polynomial:0.5",
+    ] = _DEFAULT.staleness,
     max_staleness: Annotated[int, typer.Option(help="Reject updates staler than this.")] = 100,
     dropout: Annotated[
         float | None, typer.Option(help="P(drop out mid-training); default per profile.")
@@ -515,14 +537,30 @@ def sim_command(
     epochs: Annotated[int, typer.Option(help="Local epochs.")] = 1,
     lr: Annotated[float, typer.Option(help="Local SGD learning rate.")] = 0.1,
     batch_size: Annotated[int, typer.Option(help="Local batch size.")] = 32,
-    server_lr: Annotated[float, typer.Option(help="Server SGD learning rate.")] = 1.0,
+    server_lr: Annotated[
+        float, typer.Option(help="Server SGD learning rate.")
+    ] = _DEFAULT.server_lr,
+    server_momentum: Annotated[
+        float, typer.Option(help="Server SGD momentum (0 <= m < 1).")
+    ] = _DEFAULT.server_momentum,
+    overselect: Annotated[
+        float,
+        typer.Option(
+            help="FedAvg: select this many times the reporting goal; a round closes at "
+            "ceil(concurrency / overselect) updates, stragglers' work is discarded."
+        ),
+    ] = _DEFAULT.overselect,
+    lease: Annotated[
+        float | None,
+        typer.Option(help="FedBuff participation lease (s); default 2x the p90 training time."),
+    ] = None,
     normalisation: Annotated[
         Normalisation,
         typer.Option(
             help="FedBuff buffer: mean (weighted mean) or sum (divide by K, equal weights, as "
             "in the FedBuff paper; stale buffers take smaller steps, stable with small K)."
         ),
-    ] = Normalisation.MEAN,
+    ] = _DEFAULT.normalisation,
     round_deadline: Annotated[float | None, typer.Option(help="FedAvg round deadline (s).")] = None,
     samples: Annotated[int | None, typer.Option(help="Dataset size (train + test).")] = None,
 ) -> None:
@@ -531,6 +569,8 @@ def sim_command(
     Progress goes to stderr; the summary to stdout (to stderr with --json, whose JSON object is
     the last line of stdout). Exit codes: 0 done or stopped by SIGINT/SIGTERM, 2 a bad option.
     """
+    if devices is None:
+        devices = LIVE_DEVICES if mode.strip().lower() == "live" else _DEFAULT.devices
     options = SimOptions(
         mode=mode,
         fleet=FleetOptions(devices=devices, dropout=dropout, profile=profile, speed=speed),
@@ -557,6 +597,9 @@ def sim_command(
             server_lr=server_lr,
             normalisation=normalisation,
             round_deadline=round_deadline,
+            server_momentum=server_momentum,
+            overselect=overselect,
+            lease=lease,
         ),
     )
     config = sim_config_from_options(options)

@@ -158,6 +158,7 @@ class Fleet:
             elif avail.kind is AvailabilityKind.BURSTY:
                 self.initially_on[mask] = rng.random(m) < avail.mean_fraction
         self._bursts: dict[int, _BurstTrack] = {}
+        self._off: dict[int, tuple[float, float]] = {}  # device -> (unavailable from, until)
 
     # ---------------------------------------------------------------- per-device look-ups
 
@@ -303,6 +304,34 @@ class Fleet:
                     if len(chosen) == k:
                         break
         return chosen
+
+    def next_available_any(self, t: float, busy: Container[int], scan: int = 512) -> float:
+        """The earliest time ``>= t`` at which a device not in ``busy`` is available: over
+        every device of fleets of at most ``scan`` devices, else over the ``scan`` evenly spaced
+        devices ``i·n // scan`` (then an upper bound of the true earliest time); ``inf`` if none
+        ever is. A device's answer is cached while it stays unavailable, so repeated calls
+        cost O(scan) look-ups."""
+        n = self.num_devices
+        devices = range(n) if n <= scan else (i * n // scan for i in range(scan))
+        best = math.inf
+        for d in devices:
+            if d in busy:
+                continue
+            best = min(best, self._next_on(d, t))
+            if best <= t:
+                break
+        return best
+
+    def _next_on(self, device: int, t: float) -> float:
+        """:meth:`next_available`, cached: a device unavailable at ``t0`` until ``t1`` stays
+        so for every ``t0 <= t < t1``."""
+        cached = self._off.get(device)
+        if cached is not None and cached[0] <= t < cached[1]:
+            return cached[1]
+        nxt = self.next_available(device, t)
+        if nxt > t:
+            self._off[device] = (t, nxt)
+        return nxt
 
     def estimate_available(
         self, t: float, rng: np.random.Generator, sample_size: int = 2048

@@ -26,6 +26,7 @@ from numpy.typing import NDArray
 
 from edgefl.aggregation import Algorithm  # re-exported: the one enum, owned by the core
 from edgefl.errors import RejectReason
+from firmware_sim.slots import SlotSeries
 
 __all__ = [
     "Algorithm",
@@ -274,6 +275,9 @@ class RunRecord:
     _states: _StateColumns = field(default_factory=_StateColumns, repr=False)
     _dropouts: _DeviceEvents = field(default_factory=_DeviceEvents, repr=False)
     _crashes: _DeviceEvents = field(default_factory=_DeviceEvents, repr=False)
+    utilisation: dict[str, Any] | None = field(default=None, repr=False)
+    bottleneck: str | None = None
+    slot_series: SlotSeries | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.mode = Mode(self.mode)
@@ -318,6 +322,15 @@ class RunRecord:
     def crash(self, t: float, device: int) -> None:
         """``device``'s agent crashed at ``t`` and lost its in-flight work."""
         self._crashes.append(t, device)
+
+    def set_utilisation(
+        self, utilisation: dict[str, Any], bottleneck: str, series: SlotSeries
+    ) -> None:
+        """Where the run's time went (see :mod:`firmware_sim.slots`): the summary's
+        ``utilisation`` and ``bottleneck``, and the slot counts over time for the report."""
+        self.utilisation = utilisation
+        self.bottleneck = bottleneck
+        self.slot_series = series
 
     def finish(
         self,
@@ -378,6 +391,8 @@ class RunRecord:
           ``bytes_fp32_equivalent / bytes_uploaded``.
         * ``staleness`` (over updates with known staleness, any outcome) and
           ``staleness_applied``: count, mean, p50, p90 (linear interpolation), max.
+        * ``utilisation`` and ``bottleneck`` when the simulator measured them
+          (:meth:`set_utilisation`; :mod:`firmware_sim.slots`).
         """
         ev = self.evals()
         up = self.updates()
@@ -397,8 +412,14 @@ class RunRecord:
             "evaluations": len(self._evals.t),
             "duration_s": self._duration(ev, up),
             "wall_time_s": self.wall_time_s,
+            **self._utilisation(),
             "config": self.config,
         }
+
+    def _utilisation(self) -> dict[str, Any]:
+        if self.utilisation is None:
+            return {}
+        return {"bottleneck": self.bottleneck, "utilisation": self.utilisation}
 
     def _final_metrics(self) -> dict[str, float | None]:
         """``final_accuracy``/``final_loss``: given to :meth:`finish`, else the latest

@@ -7,7 +7,13 @@
   where speedup = FedAvg's ``time_to_target_s`` / the other run's (``null`` when either never
   reached the target);
 * ``accuracy_vs_time.png``, ``staleness_hist.png``, ``bytes_uploaded.png``,
-  ``updates_by_outcome.png``, ``device_states.png``.
+  ``updates_by_outcome.png``, ``device_states.png``, and ``slots.png`` (where the time went:
+  slots training, held by lost devices, waiting for a device, idle at the round barrier, against
+  the target; see :mod:`firmware_sim.slots`).
+
+A comparison whose runs were *starved* (their slots waited for a device at least
+:data:`~firmware_sim.slots.STARVED_FRACTION` of the time) carries ``warnings``: such a
+comparison measures the fleet's availability, not the algorithms.
 
 Matplotlib is imported lazily and only through the Agg canvas (no pyplot, no global backend
 switch), so importing this module is cheap and it is safe in headless processes and threads.
@@ -26,6 +32,7 @@ import numpy as np
 
 from firmware_sim.progress import Sample, format_duration
 from firmware_sim.record import Algorithm, Mode, Outcome, RunRecord
+from firmware_sim.slots import starved
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -36,6 +43,7 @@ __all__ = [
     "build_summary",
     "partial_line",
     "speedup_vs_fedavg",
+    "starvation_warnings",
     "summary_lines",
     "summary_object",
     "write_report",
@@ -67,6 +75,7 @@ class ReportPaths:
     bytes_uploaded: Path
     updates_by_outcome: Path
     device_states: Path
+    slots: Path
 
     def plots(self) -> tuple[Path, ...]:
         """The PNG files."""
@@ -76,6 +85,7 @@ class ReportPaths:
             self.bytes_uploaded,
             self.updates_by_outcome,
             self.device_states,
+            self.slots,
         )
 
     def all(self) -> tuple[Path, ...]:
@@ -161,9 +171,22 @@ def build_summary(records: Sequence[RunRecord], target_accuracy: float) -> dict[
         "runs": runs,
         "speedup_vs_fedavg": speedup_vs_fedavg(records, target_accuracy),
         "speedup_vs_fedavg_by_run": by_run,
+        "warnings": starvation_warnings(records),
     }
     result: dict[str, Any] = _jsonable(out)
     return result
+
+
+def starvation_warnings(records: Sequence[RunRecord]) -> list[str]:
+    """One warning per starved run of a comparison (none for a single run)."""
+    if len(records) < 2:
+        return []
+    return [
+        f"{label} was starved ({r.bottleneck}): this comparison measures the fleet's "
+        "availability, not the algorithm"
+        for label, r in zip(_labels(records), records, strict=True)
+        if r.utilisation is not None and starved(r.utilisation)
+    ]
 
 
 def summary_object(
@@ -182,6 +205,7 @@ def summary_object(
             run.pop("config", None)
         first["runs"] = full["runs"]
         first["speedup_vs_fedavg"] = speedup_vs_fedavg(records, target)
+        first["warnings"] = full["warnings"]
     if extra:
         first.update(extra)
     return first
@@ -198,10 +222,13 @@ def summary_lines(records: list[RunRecord], target: float, summary: dict[str, An
             + (f"target reached at {ttt:,.0f}s" if ttt is not None else "target not reached")
             + f", {s['updates_applied']:,} updates applied, {s['model_versions']} versions"
         )
+        if r.bottleneck is not None:
+            lines.append(f"  {s['label']} bottleneck: {r.bottleneck}")
     if summary.get("speedup_vs_fedavg") is not None:
         lines.append(
             f"FedBuff speed-up vs FedAvg (time to target): {summary['speedup_vs_fedavg']:.2f}x"
         )
+    lines.extend(f"warning: {w}" for w in summary.get("warnings", ()))
     return lines
 
 
@@ -431,10 +458,48 @@ def _plot_states(records: Sequence[RunRecord], labels: list[str], path: Path) ->
     return _save(fig, path)
 
 
+_SLOT_STATES = ("training", "lost lease", "waiting for a device", "round barrier")
+
+
+def _plot_slots(records: Sequence[RunRecord], labels: list[str], path: Path) -> Path:
+    """Per run: slots training / held by lost devices / waiting for a device / idle at the round
+    barrier over time (steps), stacked up to the target."""
+    fig, axes = _new_figure(height=max(4.0, 2.6 * len(records) + 1.0), nrows=len(records))
+    div, _, xlabel = _time_axis(records)
+    palette = _colors(len(_SLOT_STATES))
+    for ax, r, label in zip(axes, records, labels, strict=True):
+        s = r.slot_series
+        if s is None or not len(s.t):
+            _no_data(ax, "slots")
+        else:
+            barrier = np.maximum(0, s.target - s.training - s.lost_lease - s.waiting)
+            ax.stackplot(
+                s.t / div,
+                s.training,
+                s.lost_lease,
+                s.waiting,
+                barrier,
+                labels=_SLOT_STATES,
+                colors=palette,
+                step="post",
+                alpha=0.85,
+            )
+            ax.axhline(s.target, color="black", ls="--", lw=1.0, label=f"target {s.target}")
+            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+        title = f"Slots over time: {label}"
+        if r.bottleneck:
+            title += f"\n{r.bottleneck}"
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel("slots")
+        ax.grid(True, alpha=0.3)
+    axes[-1].set_xlabel(xlabel)
+    return _save(fig, path)
+
+
 def write_report(
     records: Sequence[RunRecord], out_dir: Path, target_accuracy: float
 ) -> ReportPaths:
-    """Write ``summary.json`` and the five PNG plots into ``out_dir`` (created if missing)."""
+    """Write ``summary.json`` and the six PNG plots into ``out_dir`` (created if missing)."""
     if not records:
         raise ValueError("a report needs at least one run record")
     out = Path(out_dir)
@@ -448,6 +513,7 @@ def write_report(
         bytes_uploaded=out / "bytes_uploaded.png",
         updates_by_outcome=out / "updates_by_outcome.png",
         device_states=out / "device_states.png",
+        slots=out / "slots.png",
     )
     summary = build_summary(records, target_accuracy)
     paths.summary.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
@@ -456,4 +522,5 @@ def write_report(
     _plot_bytes(records, labels, paths.bytes_uploaded)
     _plot_outcomes(records, labels, paths.updates_by_outcome)
     _plot_states(records, labels, paths.device_states)
+    _plot_slots(records, labels, paths.slots)
     return paths

@@ -113,7 +113,7 @@ def parse_norm_bound(text: str) -> NormBound:
 class SimConfig:
     """One simulated run. Times are seconds (virtual in virtual mode)."""
 
-    devices: int = 100
+    devices: int = 1000
     algorithm: Algorithm = Algorithm.FEDBUFF
     profile: str = "mixed"
     speed: str | None = None  # e.g. "lognormal:0,1": overrides every profile's compute speed
@@ -123,7 +123,7 @@ class SimConfig:
     num_samples: int | None = None
     model: str | None = None  # default: DATASET_MODELS[dataset]
     partition: str = "dirichlet:0.5"
-    min_examples: int = 16
+    min_examples: int = 160  # 16,000 mnist1d training examples: 100 slices, 10 devices each
     local: LocalTrainConfig = field(default_factory=LocalTrainConfig)
     # aggregation
     buffer_size: int = 5
@@ -138,8 +138,10 @@ class SimConfig:
     norm_bound: str = "auto"
     robust: RobustMode = RobustMode.NONE
     trim_beta: float = 0.2
-    cohort_size: int | None = None  # FedAvg: default = concurrency
+    cohort_size: int | None = None  # FedAvg: devices selected per round, default = concurrency
+    overselect: float = 1.3  # FedAvg: select this many times the reporting goal (Bonawitz 2019)
     round_deadline_s: float | None = None  # FedAvg: default automatic (see virtual.py)
+    lease_s: float | None = None  # FedBuff: participation lease, default automatic (virtual.py)
     min_fraction: float = 0.5
     # codec and attacks
     codec: str = "int8"
@@ -163,6 +165,8 @@ class SimConfig:
             raise ValueError("concurrency and buffer_size must be >= 1")
         if self.cohort_size is not None and self.cohort_size < 1:
             raise ValueError("cohort_size must be >= 1")
+        if not (math.isfinite(self.overselect) and self.overselect >= 1.0):
+            raise ValueError(f"overselect must be >= 1, got {self.overselect}")
         if not 0.0 < self.target <= 1.0:
             raise ValueError(f"target accuracy must be in (0, 1], got {self.target}")
         if self.dataset not in DATASET_MODELS:
@@ -183,7 +187,15 @@ class SimConfig:
 
     @property
     def effective_cohort(self) -> int:
+        """FedAvg: devices selected per round (default: FedBuff's ``concurrency``, so both
+        algorithms have the same number of devices training at once)."""
         return self.cohort_size or self.concurrency
+
+    @property
+    def reporting_goal(self) -> int:
+        """FedAvg: accepted updates that close a round, ``ceil(cohort / overselect)``; the
+        over-selected rest are stragglers whose work is discarded (Bonawitz et al. 2019)."""
+        return reporting_goal(self.effective_cohort, self.overselect)
 
     def codec_config(self) -> CodecConfig:
         return parse_codec(self.codec)
@@ -194,11 +206,11 @@ class SimConfig:
     def aggregation_settings(self) -> AggregationSettings:
         """The run's aggregation, resolved: what the virtual simulator builds its core from and
         what the live aggregator is configured with (the FedAvg cohort is
-        :attr:`effective_cohort`; FedAvg weighs by examples whatever the normalisation)."""
+        :attr:`reporting_goal`; FedAvg weighs by examples whatever the normalisation)."""
         fedavg = self.algorithm is Algorithm.FEDAVG
         return AggregationSettings(
             algorithm=self.algorithm,
-            buffer_size=self.effective_cohort if fedavg else self.buffer_size,
+            buffer_size=self.reporting_goal if fedavg else self.buffer_size,
             staleness=parse_staleness(self.staleness),
             max_staleness=self.max_staleness,
             example_weighting=ExampleWeighting.EXAMPLES if fedavg else self.example_weighting,
@@ -289,6 +301,11 @@ def build_scenario(config: SimConfig, dataset: Dataset | None = None) -> Scenari
         slices=slices,
         malicious=malicious_mask(config.devices, config.attack.fraction, config.seed),
     )
+
+
+def reporting_goal(selected: int, overselect: float) -> int:
+    """``max(1, ceil(selected / overselect))`` (a tolerance keeps ``13 / 1.3`` at 10)."""
+    return max(1, math.ceil(selected / overselect - 1e-9))
 
 
 def percentile(values: list[float], q: float) -> float:

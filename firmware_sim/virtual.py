@@ -17,12 +17,25 @@ Life of one training (device ``d``, virtual time ``t``)::
           │     availability window ends first  -> DROP   (the device went away: unplugged, parked)
           ── upload (latency + encoded bytes / up-bandwidth)   -> ARRIVE at the aggregator
 
-FedBuff keeps ``concurrency`` trainings in flight, refilling a slot (with a uniformly drawn idle,
-available device, :meth:`Fleet.sample_idle_devices`) whenever one ends; the server steps every
-``buffer_size`` accepted updates. Sync FedAvg opens a round for a cohort of ``cohort_size`` idle
-devices at the current version with a deadline; the round closes when every member was accepted
-or at the deadline (stepping if at least ``min_fraction`` arrived), and the next round opens at
-once. Late updates of closed rounds are rejected as stale, exactly as the live aggregator would.
+FedBuff keeps ``concurrency`` trainings in flight: a slot book (the participation leases of the
+runtime) fills free slots with idle, available devices drawn uniformly at random
+(:meth:`Fleet.sample_idle_devices`) whenever one ends; the server steps every ``buffer_size``
+accepted updates. Sync FedAvg is the production baseline of Bonawitz et al. (2019): a round
+selects ``cohort_size`` idle devices (default: ``concurrency``, so both algorithms train the same
+number of devices at once) at the current version, with a reporting goal of
+``ceil(cohort_size / overselect)`` accepted updates and a deadline. The round closes at its goal
+(stepping) or at the deadline (stepping if at least ``min_fraction`` of the goal arrived); the
+members still training then are stragglers, aborted, and their work counted as wasted
+(``deadline``); the next round opens at once.
+
+When too few devices are idle, the scheduler sleeps until the next moment one can be: the
+earliest end of a device's time away (after a dropout or crash), the earliest start of an
+availability window (over every device of fleets up to :data:`WAKE_SCAN` devices, else over
+that many evenly spaced ones) or the next lease expiry. No fixed retry period.
+
+Where the time went (slots training, waiting for a device, idle at the round barrier; work lost
+by cause) is kept by :class:`~firmware_sim.slots.SlotLedger` and lands in the summary's
+``utilisation`` and ``bottleneck``.
 
 Batching is where the speed lives. A training's result depends only on its base weights, data
 and seed, never on when it is computed, so a started training is queued and trained lazily: the
@@ -42,7 +55,7 @@ from __future__ import annotations
 import heapq
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from typing import Any
@@ -60,20 +73,33 @@ from edgefl.codec import (
     max_decompressed,
     open_update,
 )
-from edgefl.errors import EdgeflError
+from edgefl.errors import EdgeflError, RejectReason, UpdateRejected
+from edgefl.participation import LeaseBook, LeaseVerdict, ParticipationConfig
 from edgefl.training import evaluate, train_many
 from firmware_sim.attacks import apply_attack
-from firmware_sim.fleet import Fate
+from firmware_sim.fleet import Fate, Fleet
 from firmware_sim.record import Mode, RunRecord
-from firmware_sim.scenario import Scenario, SimConfig, build_scenario, codec_to_text
+from firmware_sim.scenario import (
+    Scenario,
+    SimConfig,
+    build_scenario,
+    codec_to_text,
+    reporting_goal,
+)
 from firmware_sim.seeding import MASK64
+from firmware_sim.slots import SlotLedger, Work, verdict
 
 __all__ = ["Progress", "VirtualResult", "VirtualSimulator", "open_arrival", "run_virtual"]
 
 _STREAM_ENGINE = 0x51_3E_47
 _STREAM_TRAIN = 0x7A_1A_17
-RETRY_S = 60.0
-"""When no idle device is available, look again after this long (virtual seconds)."""
+WAKE_SCAN = 512
+"""Devices scanned for the next start of an availability window when the scheduler waits."""
+LEASE_FACTOR = 2.0
+"""FedBuff's default lease: this many times the automatic FedAvg deadline (the p90 of a
+training's duration), long enough for stragglers, short enough to free a lost device's slot."""
+MIN_WAKE_S = 1.0
+"""A waiting scheduler looks again no sooner than this (virtual seconds)."""
 MAX_TRAIN_BATCH = 64
 BATCH_MIN = 3
 """Smaller groups are trained one by one (vmap's fixed cost only pays off from about 3 devices)."""
@@ -98,7 +124,7 @@ class _Ev(IntEnum):
     DROP = 2
     CRASH = 3
     DEADLINE = 4
-    RETRY = 5
+    WAKE = 5
 
 
 @dataclass(eq=False)
@@ -116,6 +142,8 @@ class _Training:
     restart_s: float = 0.0
     descriptor: CodecDescriptor | None = None
     body: bytes = b""
+    uploading: bool = False
+    lease_id: int = -1
 
 
 @dataclass(frozen=True)
@@ -169,12 +197,47 @@ class _Busy:
 @dataclass(eq=False)
 class _Schedule:
     """Scheduling state (not aggregation): FedAvg samples cohorts in rounds, FedBuff keeps
-    ``concurrency`` trainings busy and retries later when too few devices are idle."""
+    ``concurrency`` trainings busy; both sleep until ``wake_at`` when too few devices are idle
+    (``waiting`` slots stay empty meanwhile)."""
 
     cohorts: bool  # FedAvg
     round_id: int = 0
     round_deadline_s: float | None = None
-    retry_pending: bool = False
+    round_opened_at: float | None = None  # None: no round open
+    applied_at_open: int = 0
+    waiting: int = 0
+    wake_at: float = math.inf
+
+
+class _Excluding:
+    """``busy``, plus the devices (ids as text) that ``exclude`` holds."""
+
+    def __init__(self, busy: _Busy, exclude: Container[str]) -> None:
+        self.busy = busy
+        self.exclude = exclude
+
+    def __contains__(self, device: object) -> bool:
+        return device in self.busy or str(device) in self.exclude
+
+
+@dataclass(eq=False)
+class FleetPool:
+    """The virtual fleet as the :class:`~edgefl.participation.CandidatePool` of the product's
+    lease book: ``sample`` draws up to ``k`` devices idle and available at ``now``, uniformly at
+    random (:meth:`Fleet.sample_idle_devices`), none of ``exclude`` (the leaseholders)."""
+
+    fleet: Fleet
+    busy: _Busy
+
+    def sample(
+        self, k: int, *, rng: np.random.Generator, exclude: Container[str], now: float
+    ) -> list[str]:
+        self.busy.now = now
+        picked = self.fleet.sample_idle_devices(k, now, rng, _Excluding(self.busy, exclude))
+        return [str(d) for d in picked]
+
+    def take(self, devices: Iterable[str]) -> None:
+        """Nothing to do: a granted device starts training at once and is busy until it ends."""
 
 
 class _EventQueue:
@@ -267,6 +330,9 @@ class VirtualSimulator:
         self.tally = _Tally()
         self.compute = _ComputeStats()
         self.wall0 = 0.0
+        self.pool = FleetPool(scenario.fleet, self.busy)
+        self.slots: LeaseBook | None = None  # FedBuff: built in run(), once the lease is known
+        self.ledger = SlotLedger(cfg.effective_cohort if self.schedule.cohorts else cfg.concurrency)
 
     # ------------------------------------------------------------------ model state
     @property
@@ -285,7 +351,7 @@ class VirtualSimulator:
         return self.base_cache[1]
 
     # ------------------------------------------------------------------ events
-    def _start(self, device: int, round_id: int = -1) -> None:
+    def _start(self, device: int, round_id: int = -1, lease_id: int = -1) -> None:
         fleet = self.sc.fleet
         n = self.sc.num_examples(device)
         tid = self.flight.next_tid
@@ -299,6 +365,7 @@ class VirtualSimulator:
             seed=int(self.rng.integers(0, 2**31 - 1)),
             num_examples=n,
             round_id=round_id,
+            lease_id=lease_id,
         )
         self.flight.trainings[tid] = tr
         self.busy.until[device] = math.inf
@@ -321,37 +388,78 @@ class VirtualSimulator:
             self.events.push(train_start + duration, _Ev.TRAIN_DONE, tid)
 
     def _fill(self) -> None:
-        """FedBuff: keep ``concurrency`` trainings in flight."""
-        want = self.cfg.concurrency - len(self.flight.trainings)
-        if want <= 0:
-            return
-        self.busy.now = self.t
-        chosen = self.sc.fleet.sample_idle_devices(want, self.t, self.rng, self.busy)
-        for d in chosen:
-            self._start(d)
-        if len(chosen) < want and not self.schedule.retry_pending:
-            self.schedule.retry_pending = True
-            self.events.push(self.t + RETRY_S, _Ev.RETRY, -1)
+        """FedBuff: the product's lease book expires what is due and grants every free slot to
+        a uniformly drawn idle device; a slot left empty waits for the next moment a device can
+        be idle or a lease expires (:meth:`_wait_for_devices`)."""
+        assert self.slots is not None
+        for lease in self.slots.grant(self.t, self.pool, version=self.version):
+            self._start(int(lease.device), lease_id=lease.lease_id)
+        self.schedule.waiting = self.slots.free
+        if self.schedule.waiting > 0:
+            self._wait_for_devices()
+        elif self.slots.in_flight > len(self.flight.trainings):  # leases of lost devices
+            expiry = self.slots.next_expiry()
+            assert expiry is not None
+            self._wake_at(max(expiry, self.t + MIN_WAKE_S))
 
     def _open_round(self) -> None:
-        """FedAvg: open a round for a fresh cohort (or retry later if nobody is idle)."""
+        """FedAvg: select ``cohort_size`` idle devices and open a round with the reporting goal
+        ``ceil(selected / overselect)`` and the deadline (or wait if nobody is idle)."""
         self.busy.now = self.t
-        cohort = self.sc.fleet.sample_idle_devices(
-            self.cfg.effective_cohort, self.t, self.rng, self.busy
-        )
+        selected = self.cfg.effective_cohort
+        cohort = self.sc.fleet.sample_idle_devices(selected, self.t, self.rng, self.busy)
+        self.schedule.waiting = selected - len(cohort)
         if not cohort:
-            self.events.push(self.t + RETRY_S, _Ev.RETRY, -1)
+            self._wait_for_devices()
             return
-        assert self.schedule.round_deadline_s is not None
+        deadline_s = self.schedule.round_deadline_s
+        assert deadline_s is not None
         self.schedule.round_id += 1
-        self.core.open_round(
-            [str(d) for d in cohort], deadline=self.t + self.schedule.round_deadline_s
-        )
+        self.schedule.round_opened_at = self.t
+        self.schedule.applied_at_open = self.tally.applied
+        goal = reporting_goal(len(cohort), self.cfg.overselect)
+        self.core.open_round(goal, deadline=self.t + deadline_s)
         for d in cohort:
             self._start(d, self.schedule.round_id)
-        self.events.push(
-            self.t + self.schedule.round_deadline_s, _Ev.DEADLINE, self.schedule.round_id
+        self.events.push(self.t + deadline_s, _Ev.DEADLINE, self.schedule.round_id)
+
+    def _close_round(self) -> None:
+        """FedAvg: the round closed (goal, or deadline); its members still training are
+        stragglers: aborted, their device idle again, their work wasted."""
+        opened = self.schedule.round_opened_at
+        if opened is None:
+            return
+        self.schedule.round_opened_at = None
+        self.ledger.round_closed(
+            self.t - opened, self.tally.applied - self.schedule.applied_at_open
         )
+        rid = self.schedule.round_id
+        for tr in [tr for tr in self.flight.trainings.values() if tr.round_id == rid]:
+            del self.flight.trainings[tr.tid]
+            self._discard_queued(tr)
+            self.flight.uploading -= int(tr.uploading)
+            self.busy.until.pop(tr.device, None)
+            self.ledger.work(Work.DEADLINE, self.t - tr.start_t)
+
+    def _wait_for_devices(self) -> None:
+        """Wake the scheduler at the next moment a device can become idle and available:
+        the earliest end of a device's time away, the earliest start of an availability window
+        (:meth:`Fleet.next_available_any`) or the next lease expiry; no sooner than
+        :data:`MIN_WAKE_S`."""
+        t = self.t
+        wake = min((u for u in self.busy.until.values() if t < u < math.inf), default=math.inf)
+        self.busy.now = t
+        wake = min(wake, self.sc.fleet.next_available_any(t, self.busy, WAKE_SCAN))
+        expiry = None if self.slots is None else self.slots.next_expiry()
+        if expiry is not None:
+            wake = min(wake, expiry)
+        self._wake_at(max(wake, t + MIN_WAKE_S))
+
+    def _wake_at(self, wake: float) -> None:
+        """Schedule a wake-up at ``wake`` unless an earlier one is pending."""
+        if wake < self.schedule.wake_at and math.isfinite(wake):
+            self.schedule.wake_at = wake
+            self.events.push(wake, _Ev.WAKE, -1)
 
     def _auto_deadline(self) -> float:
         fleet = self.sc.fleet
@@ -410,12 +518,14 @@ class VirtualSimulator:
             self._train_queued()
         self._encode(tr)
         self.flight.uploading += 1
+        tr.uploading = True
         self.events.push(
             self.t + self.sc.fleet.upload_duration(tr.device, tr.nbytes), _Ev.ARRIVE, tr.tid
         )
 
-    def _end(self, tr: _Training, busy_until: float) -> None:
+    def _end(self, tr: _Training, busy_until: float, work: Work) -> None:
         del self.flight.trainings[tr.tid]
+        self.ledger.work(work, self.t - tr.start_t)
         if busy_until > self.t:
             self.busy.until[tr.device] = busy_until
         else:
@@ -423,12 +533,12 @@ class VirtualSimulator:
 
     def _on_arrive(self, tr: _Training) -> None:
         self.flight.uploading -= 1
-        self._end(tr, self.t)
         self.tally.received += 1
         staleness = self.version - tr.base_version
         outcome = "applied"
         stepped = False
         try:
+            self._check_lease(tr)
             assert tr.descriptor is not None  # set by _encode before the upload
             decoded = open_arrival(tr.descriptor, tr.body, num_params=self.num_params)
             added = self.core.add(
@@ -439,11 +549,24 @@ class VirtualSimulator:
             outcome = exc.reason.value
         else:
             self.tally.applied += 1
+        self._end(tr, self.t, _work_of(outcome))
         self.record.update(self.t, tr.device, outcome, staleness, tr.nbytes, self.fp32_bytes)
         tr.body = b""
         if stepped:
             self._after_step()
         self._schedule()
+
+    def _check_lease(self, tr: _Training) -> None:
+        """FedBuff: the lease book's verdict on the update (raises ``UpdateRejected``
+        ``lease_expired`` / ``no_lease`` when it refuses it, as the aggregator does)."""
+        if self.slots is None:
+            return
+        verdict = self.slots.complete(str(tr.device), tr.lease_id, self.t)
+        if not verdict.accepted:
+            reason = RejectReason.NO_LEASE
+            if verdict is LeaseVerdict.EXPIRED:
+                reason = RejectReason.LEASE_EXPIRED
+            raise UpdateRejected(reason, f"lease {tr.lease_id} of device {tr.device}: {verdict}")
 
     def _schedule(self) -> None:
         """Start what the algorithm's scheduling wants: FedBuff refills its ``concurrency``
@@ -451,6 +574,7 @@ class VirtualSimulator:
         if not self.schedule.cohorts:
             self._fill()
         elif not self.core.round_open:
+            self._close_round()
             self._open_round()
 
     def _after_step(self) -> None:
@@ -504,23 +628,25 @@ class VirtualSimulator:
 
     def _on_drop(self, tr: _Training) -> None:
         self.record.dropout(self.t, tr.device)
-        self._end(tr, self.t + tr.restart_s)
+        self._end(tr, self.t + tr.restart_s, Work.DROPOUT)
         self._discard_queued(tr)
-        self._refill_after_loss()
+        self._refill_after_loss(tr)
 
     def _on_crash(self, tr: _Training) -> None:
         self.record.crash(self.t, tr.device)
-        self._end(tr, self.t + tr.restart_s)
-        self._refill_after_loss()
+        self._end(tr, self.t + tr.restart_s, Work.CRASH)
+        self._refill_after_loss(tr)
 
     def _discard_queued(self, tr: _Training) -> None:
         if tr in self.flight.queued:
             self.flight.queued.remove(tr)
 
-    def _refill_after_loss(self) -> None:
+    def _refill_after_loss(self, tr: _Training) -> None:
+        """A device that dropped out or crashed says nothing: under FedBuff its lease keeps
+        the slot until it expires (as in the product), under FedAvg the deadline or the goal
+        closes the round."""
         if not self.schedule.cohorts:
             self._fill()
-        # FedAvg: a lost cohort member just never arrives; the deadline closes the round.
 
     def _on_deadline(self, round_id: int) -> None:
         if round_id != self.schedule.round_id or not self.core.round_open:
@@ -528,11 +654,18 @@ class VirtualSimulator:
         result = self.core.deadline_passed(self.t)
         if result is not None and result.step is not None:
             self._after_step()
-        self._open_round()
-
-    def _on_retry(self) -> None:
-        self.schedule.retry_pending = False
         self._schedule()
+
+    def _on_wake(self) -> None:
+        if self.t >= self.schedule.wake_at:
+            self.schedule.wake_at = math.inf
+        self._schedule()
+
+    def _observe(self) -> None:
+        """Tell the ledger the slot counts from now on (see :mod:`firmware_sim.slots`)."""
+        alive = len(self.flight.trainings)
+        lost = 0 if self.slots is None else max(0, self.slots.in_flight - alive)
+        self.ledger.observe(self.t, alive, lost, self.schedule.waiting)
 
     # ------------------------------------------------------------------ main loop
     def _should_stop(self) -> bool:
@@ -544,16 +677,46 @@ class VirtualSimulator:
         wall_limit = cfg.max_wall_s if cfg.max_wall_s is not None else math.inf
         return time.perf_counter() - self.wall0 >= wall_limit
 
+    def _dispatch(self, kind: _Ev, ref: int) -> None:
+        if kind is _Ev.DEADLINE:
+            self._on_deadline(ref)
+            return
+        if kind is _Ev.WAKE:
+            self._on_wake()
+            return
+        tr = self.flight.trainings.get(ref)
+        if tr is None:  # a straggler aborted when its round closed
+            return
+        if kind is _Ev.TRAIN_DONE:
+            self._on_train_done(tr)
+        elif kind is _Ev.ARRIVE:
+            self._on_arrive(tr)
+        elif kind is _Ev.DROP:
+            self._on_drop(tr)
+        else:
+            self._on_crash(tr)
+
+    def _finish_ledger(self) -> None:
+        """Put where the time went into the record: ``utilisation`` and ``bottleneck``."""
+        util = self.ledger.summary(self.t)
+        self.record.set_utilisation(
+            util, verdict(util, cohorts=self.schedule.cohorts), self.ledger.series()
+        )
+
     def run(self) -> VirtualResult:
         """Run to the target / limits; returns the filled record (already finished)."""
         self.wall0 = time.perf_counter()
         self.record.started_at = self.wall0
         self._evaluate()  # version 0
         if not self.schedule.cohorts:
+            lease_s = self.cfg.lease_s or LEASE_FACTOR * self._auto_deadline()
+            config = ParticipationConfig(concurrency=self.cfg.concurrency, lease_s=lease_s)
+            self.slots = LeaseBook(config, rng=self.rng)
             self._fill()
         else:
             self.schedule.round_deadline_s = self.cfg.round_deadline_s or self._auto_deadline()
             self._open_round()
+        self._observe()
         max_time = self.cfg.max_time_s if self.cfg.max_time_s is not None else math.inf
         while self.events and not self._should_stop():
             t, _, kind, ref = self.events.pop()
@@ -561,20 +724,9 @@ class VirtualSimulator:
                 self.t = max_time
                 break
             self.t = t
-            if kind is _Ev.DEADLINE:
-                self._on_deadline(ref)
-            elif kind is _Ev.RETRY:
-                self._on_retry()
-            else:
-                tr = self.flight.trainings[ref]
-                if kind is _Ev.TRAIN_DONE:
-                    self._on_train_done(tr)
-                elif kind is _Ev.ARRIVE:
-                    self._on_arrive(tr)
-                elif kind is _Ev.DROP:
-                    self._on_drop(tr)
-                else:
-                    self._on_crash(tr)
+            self._dispatch(kind, ref)
+            self._observe()
+        self._finish_ledger()
         if self.tally.applied != self.tally.applied_at_eval:
             self._evaluate()  # the final model, unless it was just evaluated
         wall = time.perf_counter() - self.wall0
@@ -591,6 +743,15 @@ class VirtualSimulator:
             round_deadline_s=self.schedule.round_deadline_s,
             stats={"core": repr(core_stats), "codec": codec_to_text(self.codec)},
         )
+
+
+def _work_of(outcome: str) -> Work:
+    """How the work of a training that reached the aggregator ended."""
+    if outcome == "applied":
+        return Work.APPLIED
+    if outcome in (RejectReason.LEASE_EXPIRED, RejectReason.NO_LEASE):
+        return Work.LEASE_EXPIRED
+    return Work.STALE if outcome == "stale" else Work.REJECTED
 
 
 def run_virtual(

@@ -75,6 +75,9 @@ SIM_CASES: list[tuple[list[str], str, list[str]]] = [
     (["--dataset", "digits", "--samples", "5000"], "--samples", ["1797"]),
     (["--devices", "ten"], "--devices", ["integer"]),
     (["--no-such-option"], "--no-such-option", []),
+    (["--overselect", "0.9"], "--overselect", ["[1, inf)"]),
+    (["--server-momentum", "1"], "--server-momentum", ["[0, 1)"]),
+    (["--lease", "0"], "--lease", ["(0, inf)"]),
 ]
 
 DEMO_CASES: list[tuple[list[str], str, list[str]]] = [

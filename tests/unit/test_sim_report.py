@@ -222,6 +222,7 @@ def test_write_report_single_run(tmp_path: Path) -> None:
         "bytes_uploaded.png",
         "updates_by_outcome.png",
         "device_states.png",
+        "slots.png",
     }
     summary = json.loads(paths.summary.read_text())
     assert summary == json.loads(json.dumps(record.summary(0.9)))

@@ -1,0 +1,123 @@
+"""Where FedBuff's defaults come from: a small coordinate sweep on the default fleet.
+
+The default ``edgefl sim`` fleet (:class:`firmware_sim.scenario.SimConfig` defaults) is run once
+with synchronous FedAvg (the reference: its virtual time and updates to target), then FedBuff is
+swept one setting at a time, starting from the first value of each axis and keeping the best
+value of each axis before moving to the next (coordinate descent; a full grid does not fit 2
+shared cores):
+
+* ``buffer_size`` K, ``concurrency`` C (FedAvg selects C devices per round as well, so the
+  reference is re-run when C changes), ``staleness``, ``normalisation``, ``server_lr``,
+  ``server_momentum``.
+
+Score of a FedBuff run: its virtual time to target, if it used at most ``1.2x`` FedAvg's
+updates to target (the issue's budget), else infinity. Every run is printed; the best setting
+is the last line. docs/SIMULATOR.md records the output.
+
+    python bench/fedbuff_sweep.py [--seed 7] [--devices N] [--quick] [--json]
+
+``--quick`` sweeps fewer values (K and C only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import replace
+from typing import Any
+
+UPDATE_BUDGET = 1.2
+"""FedBuff may use at most this many times FedAvg's updates to target."""
+
+AXES: dict[str, tuple[Any, ...]] = {
+    "buffer_size": (5, 10, 20),
+    "concurrency": (20, 50, 100),
+    "staleness": ("polynomial:0.5", "constant", "hinge:10,4"),
+    "normalisation": ("mean", "sum"),
+    "server_lr": (1.0, 2.0),
+    "server_momentum": (0.0, 0.5),
+}
+QUICK_AXES = ("buffer_size", "concurrency")
+
+
+def _run(cfg: Any, scenario: Any) -> dict[str, Any]:
+    from firmware_sim.virtual import run_virtual
+
+    t = time.perf_counter()
+    s = run_virtual(cfg, scenario=scenario).record.summary(cfg.target)
+    return {
+        "time_to_target_s": s["time_to_target_s"],
+        "updates_to_target": s["updates_to_target"],
+        "staleness_mean": s["staleness_applied"]["mean"],
+        "bottleneck": s.get("bottleneck"),
+        "wall_s": round(time.perf_counter() - t, 1),
+    }
+
+
+def _score(run: dict[str, Any], reference: dict[str, Any]) -> float:
+    ttt, updates = run["time_to_target_s"], run["updates_to_target"]
+    budget = UPDATE_BUDGET * (reference["updates_to_target"] or 0)
+    if ttt is None or updates is None or updates > budget:
+        return math.inf
+    return float(ttt)
+
+
+def sweep(seed: int, devices: int | None, quick: bool) -> dict[str, Any]:
+    """The coordinate sweep (see module docstring)."""
+    from firmware_sim.record import Algorithm
+    from firmware_sim.scenario import SimConfig, build_scenario
+
+    base = SimConfig(seed=seed, max_updates=10_000)
+    if devices is not None:
+        base = replace(base, devices=devices)
+    scenario = build_scenario(base)
+    best = {axis: values[0] for axis, values in AXES.items()}
+    references: dict[int, dict[str, Any]] = {}
+    runs: list[dict[str, Any]] = []
+
+    def reference(concurrency: int) -> dict[str, Any]:
+        if concurrency not in references:
+            cfg = replace(base, algorithm=Algorithm.FEDAVG, concurrency=concurrency)
+            references[concurrency] = _run(cfg, scenario)
+            print(f"fedavg C={concurrency}: {references[concurrency]}", flush=True)
+        return references[concurrency]
+
+    for axis in QUICK_AXES if quick else tuple(AXES):
+        scores = {}
+        for value in AXES[axis]:
+            setting = {**best, axis: value}
+            cfg = replace(base, algorithm=Algorithm.FEDBUFF, **setting)
+            ref = reference(setting["concurrency"])
+            run = {**setting, **_run(cfg, scenario)}
+            run["score"] = _score(run, ref)
+            runs.append(run)
+            scores[value] = run["score"]
+            print(json.dumps(run), flush=True)
+        best[axis] = min(scores, key=lambda v: scores[v])
+    ref = reference(best["concurrency"])
+    final = next(r for r in runs if all(r[a] == best[a] for a in AXES))
+    speedup = None
+    if final["time_to_target_s"] and ref["time_to_target_s"]:
+        speedup = ref["time_to_target_s"] / final["time_to_target_s"]
+    print(f"best: {json.dumps(best)} speed-up {speedup}", flush=True)
+    return {"best": best, "speedup_vs_fedavg": speedup, "fedavg": ref, "runs": runs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--devices", type=int, default=None)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    result = sweep(args.seed, args.devices, args.quick)
+    if args.json:
+        sys.stdout.write(json.dumps(result, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
