@@ -14,10 +14,15 @@ Math (both paths, identically):
 - Result: ``delta = w_trained − w_base`` (float32), the sign used everywhere in edgefl.
   ``loss`` is the mean training loss over the examples processed (NaN if no step ran).
 
-:func:`train_many` stacks the devices' parameters into one ``(D, P)`` tensor and runs
-``torch.vmap(torch.func.grad_and_value(loss))`` over them with ``functional_call``. Devices are
-sorted by number of steps, so at step ``t`` the still-active devices are a prefix ``[:k_t]`` of
-the stack and finished devices cost nothing; short final batches are padded and masked.
+:func:`train_many` stacks the devices' parameters into one ``(D, P)`` tensor and runs the
+hand-written stacked forward/backward of :mod:`edgefl.stacked_nets` (batched matrix products over
+the device axis). Devices are sorted by number of steps, so at step ``t`` the still-active
+devices are a prefix ``[:k_t]`` of the stack and finished devices cost nothing; every batch is
+padded to ``batch_size`` rows and the padding masked. :func:`train_local` is the same kernel on a
+stack of one, so a device's result is *bit-identical* whether it trains alone or stacked with any
+other devices, on any number of threads (``tests/unit/test_training_batched.py``): the optimizer
+uses only single-rounding elementwise ops and the kernels avoid every reduction whose order
+depends on the stack (see :mod:`edgefl.stacked_nets`).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from numpy.typing import NDArray
 from edgefl.models.spec import ModelSpec
 
 if TYPE_CHECKING:
-    from torch import Tensor, nn
+    from torch import Tensor
 
 __all__ = [
     "LocalResult",
@@ -200,30 +205,34 @@ class _Optimizer:
             self.buf = torch.zeros_like(like)
 
     def step(self, w: Tensor, g: Tensor, k: int | None = None) -> None:
-        """In place: ``w[:k] ← update(w[:k], g)`` (all rows when ``k`` is None)."""
+        """In place: ``w[:k] ← update(w[:k], g)`` (all rows when ``k`` is None).
+
+        Only single-rounding elementwise ops (no ``alpha=``/``value=`` forms, which torch
+        vectorises as fused multiply-adds but computes unfused in a loop's scalar tail), so a
+        row's result does not depend on how many rows step with it."""
         cfg = self.cfg
         self.t += 1
         sl = slice(None) if k is None else slice(0, k)
         w = w[sl]
         if cfg.weight_decay:
-            g = g.add(w, alpha=cfg.weight_decay)
+            g = g + w * cfg.weight_decay
         if cfg.optimizer is OptimizerKind.ADAM:
             assert self.m is not None
             assert self.v is not None
             b1, b2 = _ADAM_BETAS
             m, v = self.m[sl], self.v[sl]
-            m.mul_(b1).add_(g, alpha=1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            m.mul_(b1).add_(g * (1 - b1))
+            v.mul_(b2).add_(g * g * (1 - b2))
             bc1 = 1 - b1**self.t
             bc2 = 1 - b2**self.t
             denom = (v.sqrt() / math.sqrt(bc2)).add_(_ADAM_EPS)
-            w.addcdiv_(m, denom, value=-cfg.lr / bc1)
+            w.sub_(m / denom * (cfg.lr / bc1))
             return
         if self.buf is not None:
             buf = self.buf[sl]
             buf.mul_(cfg.momentum).add_(g)
             g = buf
-        w.add_(g, alpha=-cfg.lr)
+        w.sub_(g * cfg.lr)
 
 
 def train_local(
@@ -242,19 +251,18 @@ def train_local(
     true); when it returns true training stops and the partial ``delta`` is returned with
     ``stopped_early=True``. ``threads`` temporarily sets torch's process-wide thread count.
     Raises ``ValueError`` for data or a vector that does not fit ``spec``, or no examples.
+    The result is bit-identical to the same device's result from :func:`train_many`.
     """
     base = spec.check_flat(base_flat)
     xa, ya = _check_data(spec, x, y)
     plan = iter_batches(len(ya), config, config.seed)
     import torch
-    from torch.func import functional_call
-    from torch.nn import functional as fn
 
-    from edgefl.models.torch_models import template_module
+    from edgefl.stacked_nets import stacked_net
 
     with _torch_threads(threads):
-        template = template_module(spec)
-        w = torch.from_numpy(base.copy())
+        net = stacked_net(spec)
+        w = torch.from_numpy(base.copy()).unsqueeze(0)
         xt, yt = _as_tensor(xa), _as_tensor(ya)
         opt = _Optimizer(config, w)
         loss_sum, seen, steps, stopped = 0.0, 0, 0, False
@@ -262,17 +270,13 @@ def train_local(
             if should_stop is not None and should_stop():
                 stopped = True
                 break
-            leaves = {k: v.detach().requires_grad_() for k, v in _param_views(spec, w).items()}
-            ib = torch.from_numpy(idx)
-            logits = functional_call(template, leaves, (xt[ib],))
-            loss = fn.cross_entropy(logits, yt[ib], reduction="sum") / len(idx)
-            grads = torch.autograd.grad(loss, list(leaves.values()))
-            with torch.no_grad():
-                opt.step(w, torch.cat([gr.reshape(-1) for gr in grads]))
-            loss_sum += float(loss.detach()) * len(idx)
+            ib, mb = _padded_batch(idx, config.batch_size)
+            loss, grad = net.loss_and_grad(w, xt[ib], yt[ib], mb)
+            opt.step(w, grad)
+            loss_sum += float(loss[0]) * len(idx)
             seen += len(idx)
             steps += 1
-        delta = w.numpy() - base
+        delta = w[0].numpy() - base
     return LocalResult(
         delta=delta.astype(np.float32, copy=False),
         num_examples=len(ya),
@@ -280,6 +284,17 @@ def train_local(
         steps=steps,
         stopped_early=stopped,
     )
+
+
+def _padded_batch(idx: NDArray[np.int64], batch_size: int) -> tuple[Tensor, Tensor]:
+    """``(indices (1, B), mask (1, B))`` of one batch padded to ``B`` rows (index 0, mask 0)."""
+    import torch
+
+    ib = np.zeros((1, batch_size), dtype=np.int64)
+    mb = np.zeros((1, batch_size), dtype=np.float32)
+    ib[0, : len(idx)] = idx
+    mb[0, : len(idx)] = 1.0
+    return torch.from_numpy(ib), torch.from_numpy(mb)
 
 
 def train_many(
@@ -293,17 +308,17 @@ def train_many(
     max_devices_per_call: int | None = None,
     batched: bool | None = None,
 ) -> list[LocalResult]:
-    """Local training of ``D = len(datasets)`` devices batched into one vmapped computation.
+    """Local training of ``D = len(datasets)`` devices, stacked (see module docstring).
 
     ``base_flats`` is ``(D, P)`` (each device's base model) or ``(P,)`` (shared). Device ``i``
-    uses seed ``seeds[i]`` (default ``config.seed + i``), so its result equals
-    ``train_local(spec, base_flats[i], *datasets[i], replace(config, seed=seeds[i]))`` up to
-    float rounding. Devices may have different numbers of examples. ``max_devices_per_call``
-    bounds how many devices share one stack (default: at most 32, less when a ~256 MB
-    memory budget requires). Results are in input order; ``delta`` arrays of one chunk are rows
-    of one shared ``(chunk, P)`` array. ``batched=None`` stacks models up to 50k parameters and
-    runs :func:`train_local` one device at a time above that (where stacking is no faster);
-    ``True``/``False`` force either path.
+    uses seed ``seeds[i]`` (default ``config.seed + i``), and its result equals
+    ``train_local(spec, base_flats[i], *datasets[i], replace(config, seed=seeds[i]))`` bit for
+    bit, whatever the stacking. Devices may have different numbers of examples.
+    ``max_devices_per_call`` bounds how many devices share one stack (default: at most 32,
+    less when a ~256 MB memory budget requires). Results are in input order; ``delta`` arrays
+    of one chunk are rows of one shared ``(chunk, P)`` array. ``batched=None`` stacks models up
+    to 50k parameters and runs :func:`train_local` one device at a time above that (where
+    stacking is no faster); ``True``/``False`` force either path (same results).
     """
     n_dev = len(datasets)
     if n_dev == 0:
@@ -408,12 +423,10 @@ def _train_group(
     """Train ``G`` devices whose plans are sorted by length, descending. Returns
     ``(deltas (G, P), mean losses (G,))``."""
     import torch
-    from torch.func import functional_call, grad_and_value, vmap
-    from torch.nn import functional as fn
 
-    from edgefl.models.torch_models import template_module
+    from edgefl.stacked_nets import stacked_net
 
-    template: nn.Module = template_module(spec)
+    net = stacked_net(spec)
     n_group, batch = len(data), config.batch_size
     n_steps = len(plans[0])
     offsets = np.cumsum([0] + [len(y) for _, y in data])
@@ -424,29 +437,21 @@ def _train_group(
     active = np.zeros(n_steps, dtype=np.int64)
     for g, plan in enumerate(plans):
         active[: len(plan)] += 1
+        idx[: len(plan), g] = offsets[g]  # padding rows point at the device's first example
         for t, b in enumerate(plan):
             idx[t, g, : len(b)] = b + offsets[g]
             mask[t, g, : len(b)] = 1.0
-    counts = mask.sum(axis=2)  # (T, G)
+    counts = mask.sum(axis=2, dtype=np.float64)  # (T, G)
     idx_t, mask_t = torch.from_numpy(idx), torch.from_numpy(mask)
-
-    def batch_loss(params: dict[str, Tensor], xb: Tensor, yb: Tensor, mb: Tensor) -> Tensor:
-        logits = functional_call(template, params, (xb,))
-        ce = fn.cross_entropy(logits, yb, reduction="none")
-        return (ce * mb).sum() / mb.sum()
-
-    step_fn = vmap(grad_and_value(batch_loss))
     w = torch.from_numpy(np.array(bases, dtype=np.float32, copy=True))
     opt = _Optimizer(config, w)
     loss_sums = torch.zeros(n_group, dtype=torch.float64)
     for t in range(n_steps):
         k = int(active[t])
         ib = idx_t[t, :k]
-        grads, losses = step_fn(_param_views(spec, w[:k]), x_cat[ib], y_cat[ib], mask_t[t, :k])
-        with torch.no_grad():
-            flat_grad = torch.cat([grads[ts.name].reshape(k, -1) for ts in spec.layout], dim=1)
-            opt.step(w, flat_grad, k)
-            loss_sums[:k] += losses.detach().double() * torch.from_numpy(counts[t, :k]).double()
+        losses, grad = net.loss_and_grad(w[:k], x_cat[ib], y_cat[ib], mask_t[t, :k])
+        opt.step(w, grad, k)
+        loss_sums[:k] += losses.double() * torch.from_numpy(counts[t, :k])
     seen = counts.sum(axis=0)
     deltas = (w.numpy() - bases).astype(np.float32, copy=False)
     return deltas, loss_sums.numpy() / seen

@@ -100,10 +100,9 @@ LEASE_FACTOR = 2.0
 training's duration), long enough for stragglers, short enough to free a lost device's slot."""
 MIN_WAKE_S = 1.0
 """A waiting scheduler looks again no sooner than this (virtual seconds)."""
-MAX_TRAIN_BATCH = 64
-BATCH_MIN = 3
-"""Smaller groups are trained one by one (vmap's fixed cost only pays off from about 3 devices)."""
-"""At most this many queued trainings go into one ``train_many`` call."""
+MAX_TRAIN_BATCH = 256
+"""At most this many queued trainings go into one ``train_many`` call (which stacks them by
+number of steps into stacks of at most 32; results do not depend on the grouping)."""
 
 
 def open_arrival(
@@ -476,20 +475,28 @@ class VirtualSimulator:
 
     # ------------------------------------------------------------------ training and coding
     def _train_queued(self) -> None:
-        """Train every queued training in as few ``train_many`` calls as possible."""
+        """Train every queued training, in as few ``train_many`` calls as possible.
+
+        All of them are independent (a result depends only on base weights, data and seed), so
+        they go in together whatever their base versions: a whole FedAvg cohort at once, all
+        FedBuff trainings started since the last flush. Trainings that share a base version
+        share one base vector; ``train_many`` buckets them by number of steps. Each result is
+        bit-identical to training that device alone (``tests/unit/test_training_batched.py``).
+        """
         pending, self.flight.queued = self.flight.queued, []
+        pending.sort(key=lambda tr: tr.base_version)  # stable: start order within a version
         cfg = self.cfg
         w0 = time.perf_counter()
         for c in range(0, len(pending), MAX_TRAIN_BATCH):
             group = pending[c : c + MAX_TRAIN_BATCH]
+            same_base = group[0].base_version == group[-1].base_version
             results = train_many(
                 self.sc.spec,
-                np.stack([tr.base for tr in group]),
+                group[0].base if same_base else np.stack([tr.base for tr in group]),
                 [self.sc.device_data(tr.device) for tr in group],
                 cfg.local,
                 seeds=[tr.seed for tr in group],
                 threads=cfg.threads,
-                batched=len(group) >= BATCH_MIN,
             )
             self.compute.train_calls += 1
             for tr, res in zip(group, results, strict=True):
