@@ -160,7 +160,9 @@ class FedBuffCore:
     def add(
         self, device_id: str, update: AddableUpdate, *, base_version: int, num_examples: int
     ) -> CoreAdd:
-        outcome = self._fb.add(update, base_version=base_version, num_examples=num_examples)
+        outcome = self._fb.add(
+            update, base_version=base_version, num_examples=num_examples, device_id=device_id
+        )
         return CoreAdd(outcome, step=self._fb.step() if self._fb.ready else None)
 
     def open_round(self, cohort: Iterable[str] | int, *, deadline: float | None) -> None:
