@@ -17,7 +17,7 @@ extras); the device side (:mod:`.local`) never needs it.
 
 from __future__ import annotations
 
-from edgefl.privacy.accountant import AccountantKind, epsilon, participation_cap
+from edgefl.privacy.accountant import AccountantKind, calibrate_noise, epsilon, participation_cap
 from edgefl.privacy.central import CentralDP, GaussianNoise
 from edgefl.privacy.ledger import ParticipationLedger, PrivacyState, PrivacyStatistics
 from edgefl.privacy.local import LocalDP, LocalMechanism, LocalRelease, LocalSpend, may_train
@@ -33,6 +33,7 @@ __all__ = [
     "ParticipationLedger",
     "PrivacyState",
     "PrivacyStatistics",
+    "calibrate_noise",
     "epsilon",
     "may_train",
     "participation_cap",

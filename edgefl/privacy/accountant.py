@@ -32,7 +32,7 @@ from collections.abc import Callable
 from enum import StrEnum
 from typing import Final
 
-__all__ = ["MAX_CAP", "AccountantKind", "epsilon", "participation_cap"]
+__all__ = ["MAX_CAP", "AccountantKind", "calibrate_noise", "epsilon", "participation_cap"]
 
 MAX_CAP: Final = 1 << 20
 """The largest participation cap :func:`participation_cap` returns (a search bound)."""
@@ -111,6 +111,35 @@ def _cap(target: float, z: float, delta: float, kind: AccountantKind) -> int:
     if high > MAX_CAP:
         return MAX_CAP if fits(MAX_CAP) else _bisect(fits, low, MAX_CAP)
     return _bisect(fits, low, high)
+
+
+def calibrate_noise(
+    target_epsilon: float,
+    participations: int,
+    *,
+    delta: float,
+    kind: AccountantKind = AccountantKind.RDP,
+) -> float:
+    """The smallest noise multiplier ``z`` (to 0.1%) with which ``participations`` flushes per
+    device stay within ``target_epsilon`` at ``delta``: ``epsilon(participations, z, delta) <=
+    target_epsilon``. Raises ``ValueError``."""
+    if not (math.isfinite(target_epsilon) and target_epsilon > 0.0):
+        raise ValueError(f"target epsilon must be finite and > 0, got {target_epsilon!r}")
+    if isinstance(participations, bool) or not isinstance(participations, int):
+        raise ValueError(f"participations must be an integer, got {participations!r}")
+    if participations < 1:
+        raise ValueError(f"participations must be >= 1, got {participations}")
+
+    def fits(z: float) -> bool:
+        return epsilon(participations, z, delta, kind) <= target_epsilon
+
+    low, high = 0.0, 1.0
+    while not fits(high):
+        low, high = high, 2.0 * high
+    while high - low > 1e-3 * high:
+        mid = 0.5 * (low + high)
+        low, high = (low, mid) if fits(mid) else (mid, high)
+    return high
 
 
 def _bisect(fits: Callable[[int], bool], low: int, high: int) -> int:
