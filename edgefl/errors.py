@@ -43,6 +43,9 @@ class RejectReason(StrEnum):
     DUPLICATE = "duplicate"
     NORM_BOUND = "norm_bound"
     BAD_EXAMPLES = "bad_examples"
+    # differential privacy (edgefl/privacy, docs/PRIVACY.md)
+    DP_ONE_PER_BUFFER = "dp_one_per_buffer"  # a second update of a device in one buffer
+    DP_BUDGET_EXHAUSTED = "dp_budget_exhausted"  # the device reached its participation cap
     # security
     BAD_SIGNATURE = "bad_signature"
     UNKNOWN_DEVICE = "unknown_device"

@@ -41,6 +41,7 @@ from edgefl.aggregation import (
 from edgefl.codec import CodecConfig, Quantization
 from edgefl.data import Dataset, load_dataset, partition
 from edgefl.models.spec import ModelSpec, get_model_spec, init_weights_numpy
+from edgefl.privacy.central import CentralDP
 from edgefl.training import LocalTrainConfig
 from firmware_sim.attacks import AttackConfig, malicious_mask
 from firmware_sim.fleet import Fleet
@@ -155,6 +156,7 @@ class SimConfig:
     eval_every_updates: int = 20
     seed: int = 0
     threads: int = 1
+    privacy: CentralDP | None = None  # central DP at the simulated aggregator (docs/PRIVACY.md)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "algorithm", Algorithm(self.algorithm))
@@ -220,6 +222,7 @@ class SimConfig:
             trim_beta=self.trim_beta,
             server_optimizer=self.server_optimizer(),
             min_fraction=self.min_fraction,
+            privacy=self.privacy,
         )
 
     @property

@@ -154,7 +154,9 @@ class FedBuffCore(ModelView[FedBuff]):
     def add(
         self, device_id: str, update: AddableUpdate, *, base_version: int, num_examples: int
     ) -> CoreAdd:
-        outcome = self._core.add(update, base_version=base_version, num_examples=num_examples)
+        outcome = self._core.add(
+            update, base_version=base_version, num_examples=num_examples, device_id=device_id
+        )
         return CoreAdd(outcome, step=self._core.step() if self._core.ready else None)
 
     def open_round(self, cohort: Iterable[str] | int, *, deadline: float | None) -> None:
@@ -164,7 +166,7 @@ class FedBuffCore(ModelView[FedBuff]):
         return None
 
     def flush(self) -> StepResult | None:
-        return self._fb.step() if self._fb.buffer_fill else None
+        return self._core.step() if self._core.buffer_fill else None
 
     def snapshot(self, *, buffer: bool = True) -> FedBuffState:
         return self._core.snapshot(buffer=buffer)

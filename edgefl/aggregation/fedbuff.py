@@ -30,6 +30,19 @@ i.e. the unweighted robust statistic, scaled so that it equals the non-robust ag
 all buffered deltas are identical. Staleness therefore only matters through ``max_staleness`` and,
 under ``sum``, through the mean weight.
 
+Central differential privacy (``FedBuffConfig.privacy``, a :class:`~edgefl.privacy.CentralDP`;
+``None`` by default, and then nothing below applies and every result is bit-identical to a
+FedBuff without it). Each update is admitted only if its device has no update in the open buffer
+(``DP_ONE_PER_BUFFER``) and took part in fewer than the cap's flushes (``DP_BUDGET_EXHAUSTED``),
+enters with ``w_i' = min(w_i, 1)`` and ``c_i = min(c_i, C / ||delta_i||)`` (the decoded update
+clipped to ``C``), and each step adds ``N(0, (zC)^2 I)`` to ``A`` before the division by ``K``::
+
+    a = (sum_i w_i' c_i delta_i + N(0, (zC)^2 I)) / K
+
+It requires ``sum`` normalisation, no robust mode and a norm bound without its adaptive part
+(see :mod:`edgefl.privacy.central` for the sensitivity argument). The participation counts and
+the open buffer's devices are in :meth:`FedBuff.snapshot` (``FedBuffState.privacy``).
+
 Rejections raise :class:`~edgefl.errors.UpdateRejected` (and are counted by reason in
 :meth:`FedBuff.statistics`); an :class:`AddOutcome` always means "accepted". ``add`` keeps
 accepting after the buffer is full; ``step`` aggregates everything buffered. Not thread-safe.
@@ -66,6 +79,8 @@ from edgefl.aggregation.weighting import (
     update_weight,
 )
 from edgefl.errors import RejectReason, UpdateRejected
+from edgefl.privacy.central import CentralDP, GaussianNoise
+from edgefl.privacy.ledger import ParticipationLedger
 
 DEFAULT_BUFFER_SIZE: Final = 5
 DEFAULT_MAX_STALENESS: Final = 100
@@ -94,6 +109,7 @@ class FedBuffConfig:
     robust: RobustMode = RobustMode.NONE
     trim_beta: float = 0.2
     server_optimizer: ServerOptimizerConfig = field(default_factory=ServerOptimizerConfig)
+    privacy: CentralDP | None = None  # central DP (module docstring); None: off
 
     def __post_init__(self) -> None:
         if isinstance(self.buffer_size, bool) or not isinstance(self.buffer_size, int):
@@ -110,6 +126,31 @@ class FedBuffConfig:
         object.__setattr__(self, "normalisation", Normalisation(self.normalisation))
         object.__setattr__(self, "robust", RobustMode(self.robust))
         trim_count(self.buffer_size, self.trim_beta)  # validates beta in [0, 0.5)
+        if self.privacy is not None:
+            _check_privacy(self)
+
+
+def _check_privacy(config: FedBuffConfig) -> None:
+    """Central DP's sensitivity argument holds only with these settings; raises ``ValueError``."""
+    if not isinstance(config.privacy, CentralDP):
+        raise ValueError(f"privacy must be a CentralDP or None, got {config.privacy!r}")
+    if config.normalisation is not Normalisation.SUM:
+        raise ValueError(
+            "differential privacy needs normalisation 'sum': under 'mean' the buffer is divided "
+            "by the weight sum W, which depends on each device's own weight, so one device's "
+            "influence on the released aggregate is not bounded by the clip C"
+        )
+    if config.robust is not RobustMode.NONE:
+        raise ValueError(
+            "differential privacy needs robust 'none' (a robust statistic of the "
+            "buffer is not a sum whose sensitivity is the clip C)"
+        )
+    if config.norm_bound.adaptive_multiplier is not None:
+        raise ValueError(
+            "differential privacy needs a norm bound without the adaptive part (off or static): "
+            "the adaptive bound follows the median of all devices' norms, so one device would "
+            "change how the others are clipped; the DP clip C bounds every update already"
+        )
 
 
 @dataclass(frozen=True)
@@ -152,6 +193,9 @@ class FedBuff:
         self._clipped_total = 0
         self._steps_total = 0
         self._rejected: Counter[RejectReason] = Counter()
+        privacy = config.privacy
+        self._ledger = None if privacy is None else ParticipationLedger(privacy.participation_cap)
+        self._noise: GaussianNoise | None = None if privacy is None else privacy.noise()
 
     # ------------------------------------------------------------------ properties
     @property
@@ -188,17 +232,22 @@ class FedBuff:
         *,
         base_version: int,
         num_examples: int,
+        device_id: str | None = None,
     ) -> AddOutcome:
         """Weigh, bound and buffer one update; raises ``UpdateRejected`` (counted) on refusal.
 
         ``update`` is an :class:`AddableUpdate` (e.g. the codec's ``DecodedUpdate``) or a dense
-        1-D numpy delta, which is wrapped in a :class:`DenseUpdate` (one copy).
+        1-D numpy delta, which is wrapped in a :class:`DenseUpdate` (one copy). ``device_id`` is
+        required with central DP (``ValueError`` without it) and unused otherwise.
 
         Reasons: SHAPE_MISMATCH (``num_params``), BAD_HEADER (negative ``base_version``),
         FUTURE_VERSION (``base_version > version``), STALE (``tau > max_staleness``), BAD_EXAMPLES,
         NON_FINITE (NaN/Inf delta, or ``weight * ||delta||`` above ``MAX_CONTRIBUTION_NORM``),
-        NORM_BOUND (reject mode). Nothing is changed when an update is rejected.
+        NORM_BOUND (reject mode); with DP also DP_ONE_PER_BUFFER and DP_BUDGET_EXHAUSTED.
+        Nothing is changed when an update is rejected.
         """
+        if self._ledger is not None and device_id is None:
+            raise ValueError("FedBuff with differential privacy needs the update's device_id")
         try:
             if isinstance(update, np.ndarray):
                 if update.ndim != 1:
@@ -206,33 +255,21 @@ class FedBuff:
                         RejectReason.SHAPE_MISMATCH, f"dense delta has shape {update.shape}"
                     )
                 update = DenseUpdate(update)
-            return self._add(update, base_version, num_examples)
+            return self._add(update, base_version, num_examples, device_id)
         except UpdateRejected as exc:
             self._rejected[exc.reason] += 1
             raise
 
-    def _add(self, update: AddableUpdate, base_version: int, num_examples: int) -> AddOutcome:
+    def _add(
+        self, update: AddableUpdate, base_version: int, num_examples: int, device_id: str | None
+    ) -> AddOutcome:
         cfg = self._config
         if update.num_params != self.num_params:
             raise UpdateRejected(
                 RejectReason.SHAPE_MISMATCH,
                 f"update has {update.num_params} parameters, model has {self.num_params}",
             )
-        if isinstance(base_version, bool) or not isinstance(base_version, int | np.integer):
-            raise UpdateRejected(RejectReason.BAD_HEADER, f"base_version {base_version!r}")
-        base_version = int(base_version)
-        if base_version < 0:
-            raise UpdateRejected(RejectReason.BAD_HEADER, f"negative base_version {base_version}")
-        if base_version > self._version:
-            raise UpdateRejected(
-                RejectReason.FUTURE_VERSION,
-                f"base_version {base_version} is ahead of the server's version {self._version}",
-            )
-        tau = self._version - base_version
-        if cfg.max_staleness is not None and tau > cfg.max_staleness:
-            raise UpdateRejected(
-                RejectReason.STALE, f"staleness {tau} exceeds max_staleness {cfg.max_staleness}"
-            )
+        tau = self._staleness_of(base_version)
         weight = update_weight(
             num_examples,
             tau,
@@ -251,11 +288,17 @@ class FedBuff:
                 f"update norm {norm:.6g} exceeds bound {decision.bound:.6g}",
             )
         w = weight.total
+        if cfg.privacy is not None:
+            w, decision = cfg.privacy.bounded_weight(w), _dp_clip(decision, cfg.privacy)
         if w * decision.clip_factor * norm > MAX_CONTRIBUTION_NORM:
             raise UpdateRejected(
                 RejectReason.NON_FINITE,
                 f"weighted norm {w * decision.clip_factor * norm:.3g} would overflow float32",
             )
+        if self._ledger is not None:
+            assert device_id is not None  # checked by add()
+            self._ledger.admit(device_id)
+            self._ledger.enter(device_id)
         self._buffer(update, w, decision)
         self._staleness_sum += tau
         self._staleness_max = max(self._staleness_max, tau)
@@ -273,6 +316,26 @@ class FedBuff:
             buffer_size=cfg.buffer_size,
             ready=self.ready,
         )
+
+    def _staleness_of(self, base_version: int) -> int:
+        """``tau = version - base_version``; raises BAD_HEADER, FUTURE_VERSION or STALE."""
+        if isinstance(base_version, bool) or not isinstance(base_version, int | np.integer):
+            raise UpdateRejected(RejectReason.BAD_HEADER, f"base_version {base_version!r}")
+        base_version = int(base_version)
+        if base_version < 0:
+            raise UpdateRejected(RejectReason.BAD_HEADER, f"negative base_version {base_version}")
+        if base_version > self._version:
+            raise UpdateRejected(
+                RejectReason.FUTURE_VERSION,
+                f"base_version {base_version} is ahead of the server's version {self._version}",
+            )
+        tau = self._version - base_version
+        limit = self._config.max_staleness
+        if limit is not None and tau > limit:
+            raise UpdateRejected(
+                RejectReason.STALE, f"staleness {tau} exceeds max_staleness {limit}"
+            )
+        return tau
 
     def _buffer(self, update: AddableUpdate, weight: float, decision: NormDecision) -> None:
         if self._acc is not None:
@@ -316,6 +379,11 @@ class FedBuff:
         configured K there); raises ``RuntimeError`` when the buffer is empty.
         """
         aggregate = self.aggregate()
+        if self._noise is not None:  # (A + N(0, (zC)^2 I)) / K: noise on the sum, then / K
+            noise = self._noise.sample(self._version, self.num_params)
+            noise /= np.float32(self._config.buffer_size)
+            aggregate += noise
+            del noise
         agg64 = aggregate.astype(np.float64)
         aggregate_norm = float(math.sqrt(np.dot(agg64, agg64)))
         del agg64
@@ -333,7 +401,10 @@ class FedBuff:
             max_staleness=self._staleness_max,
             clipped=self._clipped_in_buffer,
             robust=self._config.robust,
+            noise_std=None if self._noise is None else self._noise.std,
         )
+        if self._ledger is not None:
+            self._ledger.flush()
         self.clear_buffer()
         return result
 
@@ -348,6 +419,8 @@ class FedBuff:
         self._staleness_sum = 0
         self._staleness_max = 0
         self._clipped_in_buffer = 0
+        if self._ledger is not None:
+            self._ledger.drop_buffer()
         return dropped
 
     # ------------------------------------------------------------------ observability
@@ -363,6 +436,9 @@ class FedBuff:
             rejected=MappingProxyType(dict(self._rejected)),
             norm_bound=self._norms.bound(),
             norm_median=self._norms.median(),
+            privacy=None
+            if self._ledger is None or self._config.privacy is None
+            else self._ledger.statistics(self._config.privacy),
         )
 
     # ------------------------------------------------------------------ persistence
@@ -398,6 +474,7 @@ class FedBuff:
             clipped_total=self._clipped_total,
             steps_total=self._steps_total,
             rejected={str(r): n for r, n in self._rejected.items()},
+            privacy=None if self._ledger is None else self._ledger.state(buffer=buffer),
         )
 
     @classmethod
@@ -445,7 +522,32 @@ class FedBuff:
         fb._clipped_total = state.clipped_total
         fb._steps_total = state.steps_total
         fb._rejected = Counter({RejectReason(r): n for r, n in state.rejected.items()})
+        fb._restore_privacy(state)
         return fb
+
+    def _restore_privacy(self, state: FedBuffState) -> None:
+        """The participation ledger of ``state`` (DP on); a DP-less snapshot starts it empty,
+        unless it has buffered updates whose devices are unknown (``ValueError``)."""
+        privacy = self._config.privacy
+        if privacy is None:
+            return
+        if state.privacy is None:
+            if state.count > 0:
+                raise ValueError("snapshot buffers updates but has no privacy state (DP is on)")
+            return
+        if len(state.privacy.buffer_devices) != state.count:
+            raise ValueError(
+                f"snapshot buffers {state.count} updates from "
+                f"{len(state.privacy.buffer_devices)} devices (DP: one update per device)"
+            )
+        self._ledger = ParticipationLedger(privacy.participation_cap, state.privacy)
+
+
+def _dp_clip(decision: NormDecision, privacy: CentralDP) -> NormDecision:
+    """``decision`` with the DP clip to ``C`` applied on top (the smaller factor wins)."""
+    factor = min(decision.clip_factor, privacy.clip_factor(decision.norm))
+    bound = privacy.clip_norm if decision.bound is None else min(decision.bound, privacy.clip_norm)
+    return NormDecision(norm=decision.norm, bound=bound, clip_factor=factor, reject=False)
 
 
 def _restore_kept(state: FedBuffState, num_params: int) -> list[_Kept]:

@@ -11,6 +11,7 @@ from numpy.typing import NDArray
 from edgefl.aggregation.robust import RobustMode
 from edgefl.aggregation.server_opt import OptimizerState
 from edgefl.errors import RejectReason
+from edgefl.privacy.ledger import PrivacyState, PrivacyStatistics
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class StepResult:
     max_staleness: int
     clipped: int
     robust: RobustMode
+    noise_std: float | None = None  # central DP: std of the noise added to the buffer sum (zC)
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class FedBuffStatistics:
     rejected: Mapping[RejectReason, int]
     norm_bound: float | None
     norm_median: float | None
+    privacy: PrivacyStatistics | None = None  # central DP on: epsilon, z, C, participations
 
 
 @dataclass(frozen=True, eq=False)
@@ -64,7 +67,9 @@ class FedBuffState:
     """Everything needed to resume a FedBuff exactly (arrays are private copies).
 
     ``accumulator`` is set in non-robust mode; ``kept_deltas`` (n x P dense float32, unclipped),
-    ``kept_weights`` and ``kept_clip`` (float64, length n) in robust mode.
+    ``kept_weights`` and ``kept_clip`` (float64, length n) in robust mode. ``privacy`` is set
+    when central DP is on (:class:`~edgefl.privacy.PrivacyState`; its ``to_json`` is the
+    form to persist).
     """
 
     version: int
@@ -85,3 +90,4 @@ class FedBuffState:
     clipped_total: int
     steps_total: int
     rejected: dict[str, int]
+    privacy: PrivacyState | None = None  # central DP: participations, the buffer's devices

@@ -21,6 +21,7 @@ from edgefl.aggregation.robust import NormBound, RobustMode
 from edgefl.aggregation.server_opt import ServerOptimizerConfig
 from edgefl.aggregation.staleness import StalenessKind, StalenessSetting
 from edgefl.aggregation.weighting import DEFAULT_EXAMPLE_CAP, ExampleWeighting
+from edgefl.privacy.central import CentralDP
 
 __all__ = ["AggregationSettings"]
 
@@ -55,6 +56,7 @@ class AggregationSettings:
     trim_beta: float = 0.2
     server_optimizer: ServerOptimizerConfig = field(default_factory=ServerOptimizerConfig)
     min_fraction: float = 0.5
+    privacy: CentralDP | None = None  # central DP (FedBuff only; docs/PRIVACY.md)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "algorithm", Algorithm(self.algorithm))
@@ -66,6 +68,7 @@ class AggregationSettings:
             staleness=self.staleness.weight(),
             max_staleness=self.max_staleness,
             normalisation=self.normalisation,
+            privacy=self.privacy,
             **self._shared(),
         )
 
@@ -80,4 +83,6 @@ class AggregationSettings:
         """The config of :attr:`algorithm` (what :func:`~edgefl.aggregation.make_core` takes)."""
         if self.algorithm is Algorithm.FEDBUFF:
             return self.fedbuff_config()
+        if self.privacy is not None:
+            raise ValueError("differential privacy is implemented for fedbuff only")
         return self.sync_config()
