@@ -38,6 +38,7 @@ from edgefl.auth import EnvelopeSigner, UpdateAuthenticator
 from edgefl.codec import CodecConfig
 from edgefl.models import ModelSpec, get_model_spec
 from edgefl.participation import ParticipationConfig
+from edgefl.privacy import CentralDP
 from edgefl.protocol import TrainingHints
 from edgefl.protocol.sequence import DEFAULT_MAX_SEQ_JUMP
 from edgefl.protocol.topics import fleet_name
@@ -87,6 +88,8 @@ class AggregatorConfig:
     max_norm: float | None = None
     robust: RobustMode = RobustMode.NONE
     trim_beta: float = 0.2
+    # central differential privacy (docs/PRIVACY.md): None = off; needs normalisation = sum
+    privacy: CentralDP | None = None
     # --- fedavg: a round waits for `buffer_size` updates or `round_deadline_s`
     round_deadline_s: float = 60.0
     min_fraction: float = 0.5
