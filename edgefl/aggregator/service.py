@@ -4,20 +4,26 @@ Data flow (one process, one event loop, a writer thread for SQLite, an inflate t
 
     MQTT (persistent session, QoS1, manual ack)
       -> reader task -> bounded queue -> ingest task, one batch of messages at a time:
-           1. collect   (_next_batch): up to the batch limits, lingering ``batch_linger_s``
+           1. collect   (_next_batch): up to the batch limits, lingering ``batch_linger_s``;
+                        an idle wait ends early when a lease expires or a buffer is due to flush
            2. apply     (_apply_batch): Ingest.stage each packet; bodies > 256 KiB inflate on the
                         inflate thread (_start_inflate / _finish_inflated), the rest on the loop;
-                        BatchBuilder.book each outcome, BatchBuilder.close the batch
+                        BatchBuilder.book each outcome; with participation, check-ins go to the
+                        LeaseDesk, each update's lease is checked (Ingest's admit hook) and the
+                        free slots are granted (_grant), the lease changes joining the record;
+                        BatchBuilder.close the batch
            3. commit    writer thread: StateStore.commit(batch.record), one SQLite transaction
            4. acknowledge (_acknowledge), in batch order, once committed: ack every message of
-                        the batch (chunks of incomplete updates are held), then announce its new
-                        versions: history, on_version, publisher, evaluator
+                        the batch (chunks of incomplete updates are held), publish its new
+                        leases, then announce its new versions: history, on_version, publisher,
+                        evaluator
       publisher task (Publisher.run): retained chunks then manifest of the newest committed
                       version (coalesced), server state; housekeeping task: clear old chunk sets;
       receipts task (ReceiptSender.run, ``receipts = true``): the receipts of each batch, built
                       by ReceiptBook in stage 4 after the commit, from a bounded queue, in
                       order (QoS 1, retained); full queue: the oldest is dropped and counted;
-      metrics task: METRICS + server state every interval.
+      metrics task: METRICS + server state every interval; participation task (leases on):
+                      the server state again when in-flight or candidates changed (<= 1/s).
 
 The sans-IO parts: :class:`~edgefl.aggregator.ingest.Ingest` (one packet in, one outcome out),
 :class:`~edgefl.aggregator.batch.BatchBuilder` (outcomes in, one batch to commit out: holding,
@@ -560,7 +566,7 @@ class Aggregator:
 
     def _idle_wait(self, running: _Running) -> float:
         """How long stage 1 may wait for a first message: the idle tick, or less when a lease
-        expires, a partly filled buffer is due to flush, or the server state is due sooner."""
+        expires or a partly filled buffer is due to flush (the timers of participation)."""
         wait = _IDLE_TICK_S
         flush = running.builder.engine.flush_deadline
         if flush is not None:
@@ -725,9 +731,9 @@ class Aggregator:
         self._stats_cache = self.statistics()
 
     async def _publish_leases(self, running: _Running, desk: LeaseDesk, batch: Batch) -> None:
-        """The committed batch's new leases (QoS 1, not retained), then the server state when
-        the in-flight or candidate count changed (at most every ``_STATE_EVERY_S``). A LEASE
-        lost here (the broker went away) costs its slot until the lease expires."""
+        """Publish the committed batch's new leases (QoS 1, not retained), and wake the
+        participation state task when the in-flight or candidate count changed. A LEASE lost
+        here (the broker went away) costs its slot until the lease expires."""
         now = time.time()
         messages = [desk.lease_message(lease, now=now) for lease in batch.record.leases_granted]
         try:
