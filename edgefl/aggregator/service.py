@@ -345,13 +345,13 @@ class Aggregator:
         running = _Running(
             transport=transport,
             store=restored.store,
+            desk=restored.desk,
             writer=writer,
             inflater=inflater,
             builder=restored.builder,
             publisher=publisher,
             evaluator=evaluator,
             receipts=receipts,
-            desk=restored.desk,
             session=restored.session,
             started_at=restored.started_at,
         )

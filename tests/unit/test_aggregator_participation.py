@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from commit_gate import gated_commits
 from test_aggregator_service import FLEET, FP32, MODEL, Harness, delta, make_config, run
 from waiting import eventually
 
@@ -290,36 +291,20 @@ def test_a_crash_in_the_commit_keeps_the_lease_and_counts_the_update_once(
 def test_a_lease_is_published_only_after_its_grant_committed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import threading
-
-    from edgefl.aggregator.store import StateStore
-
-    gate, entered = threading.Event(), threading.Event()
-    real_commit = StateStore.commit
-
-    def gated_commit(self: StateStore, batch: Any) -> None:
-        if batch.leases_granted:
-            entered.set()
-            gate.wait(10)
-        real_commit(self, batch)
-
-    monkeypatch.setattr(StateStore, "commit", gated_commit)
-
     async def scenario(h: Harness, fleet: Fleet) -> None:
         await fleet.check_in("pi-1")
-        await asyncio.to_thread(entered.wait, 10)
+        await asyncio.to_thread(gate.entered.wait, 10)
         # Assert: granted in memory, its commit in progress: nothing published yet
         assert participation(h).in_flight == 1
         for _ in range(50):
             await asyncio.sleep(0)
         assert fleet.leases == []
-        gate.set()
+        gate.opened.set()
         await until(lambda: len(fleet.leases) == 1)
 
-    try:
+    with gated_commits(monkeypatch, lambda batch: bool(batch.leases_granted)) as gate:
         run_with_leases(tmp_path, scenario, concurrency=1)
-    finally:
-        gate.set()
+    assert gate.entered.is_set()  # the commit was held
 
 
 # --------------------------------------------------------------------------- liveness
