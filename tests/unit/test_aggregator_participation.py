@@ -459,3 +459,18 @@ def test_prometheus_and_server_metrics_show_the_leases_against_c(tmp_path: Path)
         assert ", leases 2/2, " in status_line(h.agg)  # systemctl status
 
     run_with_leases(tmp_path, scenario, concurrency=2, buffer_size=4)
+
+
+def test_the_flush_deadline_is_fedbuffs_only(tmp_path: Path) -> None:
+    """FedAvg rounds have their own deadline: a flush deadline would never fire there, and an
+    overdue one would make the ingest loop spin."""
+    from edgefl.aggregator.engine import Engine
+    from edgefl.aggregator.service import initial_state
+
+    for algorithm, expected in (("fedbuff", 10.5), ("fedavg", None)):
+        config = leasing(tmp_path, flush_after_s=0.5).replace(algorithm=algorithm)
+        engine = Engine(config, initial_state(config), now=0.0)
+        engine.add("pi-1", delta(1), base_version=0, num_examples=8, now=10.0)
+        assert engine.flush_deadline == expected
+        stepped = engine.tick(11.0) is not None
+        assert (stepped, engine.version) == ((True, 1) if expected else (False, 0))
