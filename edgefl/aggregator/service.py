@@ -65,11 +65,10 @@ from edgefl.aggregator.publisher import Publisher
 from edgefl.aggregator.receipts import ReceiptQueue, ReceiptSender
 from edgefl.aggregator.statelock import StateDirLock
 from edgefl.aggregator.stats import AggregatorStatistics, VersionRecord
-from edgefl.aggregator.store import StateStore, seen_lookup
+from edgefl.aggregator.store import LoadedState, StateStore, seen_lookup
 from edgefl.aggregator.tally import Tally
 from edgefl.errors import EdgeflError
 from edgefl.models import init_weights_numpy
-from edgefl.participation import LeaseBookState
 from edgefl.protocol import (
     ServerMetrics,
     ServerState,
@@ -429,9 +428,12 @@ class Aggregator:
                 identity=identity, initial=initial_state(cfg), now=time.time()
             ),
         )
+        if cfg.participation is not None:  # bound the table: expired check-ins go at start
+            before = time.time() - cfg.participation.checkin_ttl_s
+            await loop.run_in_executor(writer, store.forget_checkins, before)
         now = time.monotonic()
         engine = Engine(cfg, loaded.state, generation=loaded.generation, now=now)
-        desk = self._lease_desk(loaded.leases, loaded.session)
+        desk = self._lease_desk(loaded)
         ingest = Ingest(
             cfg,
             engine,
@@ -464,9 +466,10 @@ class Aggregator:
             desk,
         )
 
-    def _lease_desk(self, leases: LeaseBookState, session: int) -> LeaseDesk | None:
-        """The participation desk with the leases the store holds (None: participation off).
-        Leases that expired while the aggregator was down expire at its first grant."""
+    def _lease_desk(self, loaded: LoadedState) -> LeaseDesk | None:
+        """The participation desk with the leases and check-ins the store holds (None:
+        participation off). Leases that expired while the aggregator was down expire at its
+        first grant; expired check-ins are dropped when drawn (and from the store at start)."""
         cfg = self.config
         if cfg.participation is None:
             return None
@@ -476,8 +479,9 @@ class Aggregator:
         return LeaseDesk(
             cfg.participation,
             cfg.fleet,
-            rng=np.random.default_rng([cfg.seed, session]),
-            state=leases,
+            rng=np.random.default_rng([cfg.seed, loaded.session]),
+            state=loaded.leases,
+            checkins=loaded.checkins,
             authenticator=cast(CheckInAuthenticator | None, authenticator),
             signer=cfg.manifest_signer,
         )
@@ -670,12 +674,7 @@ class Aggregator:
         batch's record: completions commit with the updates that completed them, and new
         leases are durable before they are published (stage 4)."""
         desk.grant(now=batch.wall, version=version)
-        changes = desk.changes()
-        if changes is not None:
-            record = batch.record
-            record.leases_granted = changes.granted
-            record.leases_ended = changes.ended
-            record.lease_next_id = changes.next_id
+        batch.record.participation = desk.changes()
 
     @staticmethod
     def _start_inflate(
@@ -735,7 +734,9 @@ class Aggregator:
         participation state task when the in-flight or candidate count changed. A LEASE lost
         here (the broker went away) costs its slot until the lease expires."""
         now = time.time()
-        messages = [desk.lease_message(lease, now=now) for lease in batch.record.leases_granted]
+        changes = batch.record.participation
+        granted = () if changes is None else changes.granted
+        messages = [desk.lease_message(lease, now=now) for lease in granted]
         try:
             await asyncio.gather(*(running.transport.publish(t, p, qos=1) for t, p in messages))
         except TransportError as exc:

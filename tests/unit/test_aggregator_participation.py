@@ -219,31 +219,31 @@ def test_a_lost_lease_frees_its_slot_and_a_late_update_under_it_is_refused(
 # --------------------------------------------------------------------------- restarts
 
 
-def test_a_restart_restores_the_leases_and_grants_no_more_than_c(tmp_path: Path) -> None:
+def test_a_restart_restores_leases_and_candidates_and_grants_no_more_than_c(
+    tmp_path: Path,
+) -> None:
+    """Leases and check-ins are durable: after a restart both leases are held again (no slot
+    for the two waiting devices), a restored lease is honoured, and its slot goes to a waiting
+    device that did not check in again."""
     broker = MemoryBroker()
     config = leasing(tmp_path, concurrency=2, buffer_size=10)
 
     async def body() -> None:
         async with Fleet(broker) as fleet:
             async with Harness(broker, config) as h:
-                for i in range(3):
+                for i in range(4):
                     await fleet.check_in(f"pi-{i}")
-                await until(lambda: len(fleet.leases) == 2 and participation(h).candidates == 1)
-            held = {lease.device_id: lease.lease_id for lease in fleet.leases}
+                await until(lambda: len(fleet.leases) == 2 and participation(h).candidates == 2)
             async with Harness(broker, config) as h:
-                # Assert: both leases are back; a new check-in finds no free slot
-                assert participation(h).in_flight == 2
-                spare = next(f"pi-{i}" for i in range(3) if f"pi-{i}" not in held)
-                await fleet.check_in(spare)
-                await until(lambda: participation(h).candidates == 1)
-                assert len(fleet.leases) == 2
-                # a restored lease is honoured; its slot then goes to the spare device
-                device, lease_id = next(iter(held.items()))
-                await fleet.send(device, 0, lease_id)
+                assert (participation(h).in_flight, participation(h).candidates) == (2, 2)
+                first = fleet.leases[0]
+                await fleet.send(first.device_id, 0, first.lease_id)
                 await h.until(lambda s: s.applied == 1)
-                await until(lambda: fleet.lease_of(spare) is not None)
-                assert fleet.lease_of(spare).lease_id == 3  # type: ignore[union-attr]
-                assert participation(h).in_flight == 2
+                await until(lambda: len(fleet.leases) == 3)
+                third = fleet.leases[2]
+                assert third.lease_id == 3
+                assert third.device_id not in {lease.device_id for lease in fleet.leases[:2]}
+                assert (participation(h).in_flight, participation(h).candidates) == (2, 1)
 
     run(body)
 
@@ -302,7 +302,10 @@ def test_a_lease_is_published_only_after_its_grant_committed(
         gate.opened.set()
         await until(lambda: len(fleet.leases) == 1)
 
-    with gated_commits(monkeypatch, lambda batch: bool(batch.leases_granted)) as gate:
+    with gated_commits(
+        monkeypatch,
+        lambda batch: batch.participation is not None and bool(batch.participation.granted),
+    ) as gate:
         run_with_leases(tmp_path, scenario, concurrency=1)
     assert gate.entered.is_set()  # the commit was held
 
