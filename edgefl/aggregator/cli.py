@@ -165,7 +165,7 @@ def aggregator_command(
         typer.Option(help="Participation: late updates accepted, fraction of --lease-s. [0.1]"),
     ] = None,
     checkin_ttl: Annotated[
-        float | None, typer.Option(help="Participation: a check-in lasts this long, s. [1800]")
+        float | None, typer.Option(help="Participation: a check-in lasts this long, s. [3600]")
     ] = None,
     flush_after: Annotated[
         float | None,

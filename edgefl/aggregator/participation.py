@@ -8,6 +8,10 @@ every change it makes lands in exactly one commit batch:
 * :meth:`LeaseDesk.check_in`: one CHECKIN packet in (``available``: a candidate;
   not ``available``: withdrawn, its lease released), a :class:`~edgefl.errors.RejectReason` out
   when it is refused (counted by reason);
+* :meth:`LeaseDesk.presence`: one device state in (retained, or the broker's Last Will): a
+  device whose newest connection died (``lost``) or shut down (``offline``) is withdrawn and
+  its lease released at once (:class:`~edgefl.participation.PresenceWatch`), instead of holding
+  a slot until its lease expires and winning leases with a stale check-in;
 * :meth:`LeaseDesk.admit`: the lease check of one update, after its de-duplication and before
   it enters the buffer (``Ingest``'s ``admit`` hook): the lease ends (completed), or the update
   is refused ``NO_LEASE`` / ``LEASE_EXPIRED``;
@@ -41,11 +45,18 @@ from edgefl.participation import (
     LeaseBookState,
     LeaseVerdict,
     ParticipationConfig,
+    PresenceWatch,
 )
 from edgefl.protocol import decode_envelope, encode_message, parse_topic
-from edgefl.protocol.messages import CheckIn, Participation, UpdateHeader, message_from_envelope
+from edgefl.protocol.messages import (
+    CheckIn,
+    DeviceState,
+    Participation,
+    UpdateHeader,
+    message_from_envelope,
+)
 from edgefl.protocol.messages import Lease as LeaseMessage
-from edgefl.protocol.topics import CheckInTopic, lease_topic
+from edgefl.protocol.topics import CheckInTopic, DeviceStateTopic, lease_topic
 
 __all__ = ["CheckInAuthenticator", "LeaseChanges", "LeaseDesk", "LeaseDeskStatistics"]
 
@@ -123,6 +134,7 @@ class LeaseDesk:
         for device, at in checkins:
             if self.book.holder(device) is None:
                 self.pool.check_in(device, at)
+        self._presence = PresenceWatch()
         self._arrived: dict[str, float] = {}  # check-ins since the last changes()
         self._left: set[str] = set()  # candidates gone since the last changes()
 
@@ -152,6 +164,32 @@ class LeaseDesk:
             self._gone(device)
             self._checkins["withdrawn"] += 1
         return None
+
+    def presence(self, topic: str, payload: bytes) -> bool:
+        """One device state: True when it withdrew the device (its Will or clean shutdown,
+        for the newest session seen), which then loses its candidacy and its lease. An empty
+        payload (a cleared retained state) is ignored; a malformed one is counted."""
+        if not payload:
+            return False
+        try:
+            parsed = parse_topic(topic, expected_fleet=self._fleet)
+            if not isinstance(parsed, DeviceStateTopic):
+                return False
+            envelope = decode_envelope(payload, max_payload=MAX_CHECKIN_BYTES)
+            state = message_from_envelope(envelope, DeviceState, topic=parsed)
+        except EdgeflError:
+            self._checkins["bad_state"] += 1
+            return False
+        device = state.device_id
+        if not self._presence.gone(state):
+            return False
+        if device not in self.pool and self.book.holder(device) is None:
+            return False
+        self.pool.withdraw(device)
+        self.book.release(device)
+        self._gone(device)
+        self._checkins["presence_gone"] += 1
+        return True
 
     def _gone(self, device: str) -> None:
         self._arrived.pop(device, None)

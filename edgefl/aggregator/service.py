@@ -79,7 +79,13 @@ from edgefl.protocol import (
 )
 from edgefl.protocol.messages import FEATURE_LEASES, FEATURE_RECEIPTS, UpdateHeader
 from edgefl.protocol.receipts import ReceiptBook
-from edgefl.protocol.topics import CheckInTopic, checkins_filter, updates_filter
+from edgefl.protocol.topics import (
+    CheckInTopic,
+    DeviceStateTopic,
+    checkins_filter,
+    device_states_filter,
+    updates_filter,
+)
 from edgefl.transport import (
     ConnectInfo,
     InboundMessage,
@@ -106,6 +112,7 @@ _COMMITS_IN_FLIGHT = 2  # prepared batches waiting for their commit (each holds 
 _SLICE_S = 0.01  # longest stretch of batch validation before yielding to the event loop
 _STATE_EVERY_S = 1.0  # the retained server state is republished at most this often for leases
 _CHECKIN_LEAF = "/" + CheckInTopic.leaf
+_STATE_LEAF = "/" + DeviceStateTopic.leaf
 
 
 class Phase(StrEnum):
@@ -368,6 +375,7 @@ class Aggregator:
             await transport.subscribe(updates_filter(self.config.fleet), qos=1)
             if running.desk is not None:
                 await transport.subscribe(checkins_filter(self.config.fleet), qos=1)
+                await transport.subscribe(device_states_filter(self.config.fleet), qos=1)
             await publisher.publish_current()
             await publisher.publish_state(ServerStatus.ONLINE)
             self._stats_cache = self.statistics()
@@ -631,7 +639,7 @@ class Aggregator:
         inflight: collections.deque[_Inflating] = collections.deque()
         slice_end = time.perf_counter() + _SLICE_S
         for message, received_at in messages:
-            if running.desk is not None and message.topic.endswith(_CHECKIN_LEAF):
+            if running.desk is not None and message.topic.endswith((_CHECKIN_LEAF, _STATE_LEAF)):
                 self._check_in(running.desk, batch, (message, received_at))
                 continue
             batch.tally.bytes += len(message.payload)
@@ -658,12 +666,17 @@ class Aggregator:
 
     @staticmethod
     def _check_in(desk: LeaseDesk, batch: Batch, ticket: Ticket) -> None:
-        """One CHECKIN packet: applied to the pool and the lease book (or refused, counted by
-        the desk), and acknowledged with the batch."""
+        """One CHECKIN packet, or one device state (a Will withdraws the device): applied to
+        the pool and the lease book (or refused, counted by the desk), and acknowledged with
+        the batch."""
         message, received_at = ticket
-        refused = desk.check_in(message.topic, message.payload, now=batch.wall)
-        if refused is not None:
-            log.debug("refused check-in on %s: %s", message.topic, refused.value)
+        if message.topic.endswith(_STATE_LEAF):
+            if desk.presence(message.topic, message.payload):
+                log.debug("withdrew %s: its connection ended", message.topic)
+        else:
+            refused = desk.check_in(message.topic, message.payload, now=batch.wall)
+            if refused is not None:
+                log.debug("refused check-in on %s: %s", message.topic, refused.value)
         stub = InboundMessage(message.topic, b"", message.qos, ack_token=message.ack_token)
         batch.acks.append((stub, received_at))
 

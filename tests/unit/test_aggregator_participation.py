@@ -18,8 +18,16 @@ from waiting import eventually
 from edgefl.aggregator.updates import build_update_packets
 from edgefl.participation import ParticipationConfig
 from edgefl.protocol import ServerState, decode_message, server_state_topic
-from edgefl.protocol.messages import FEATURE_LEASES, CheckIn, Lease, Receipt, encode_message
-from edgefl.protocol.topics import checkin_topic, lease_topic, receipt_topic
+from edgefl.protocol.messages import (
+    FEATURE_LEASES,
+    CheckIn,
+    DeviceState,
+    DeviceStatus,
+    Lease,
+    Receipt,
+    encode_message,
+)
+from edgefl.protocol.topics import checkin_topic, device_state_topic, lease_topic, receipt_topic
 from edgefl.transport import MemoryBroker, MemoryTransport
 
 
@@ -477,3 +485,53 @@ def test_the_flush_deadline_is_fedbuffs_only(tmp_path: Path) -> None:
         assert engine.flush_deadline == expected
         stepped = engine.tick(11.0) is not None
         assert (stepped, engine.version) == ((True, 1) if expected else (False, 0))
+
+
+# --------------------------------------------------------------------------- presence
+
+
+async def publish_state(fleet: Fleet, device: str, status: str, session: int) -> None:
+    state = DeviceState(FLEET, device, DeviceStatus(status), session, time.time())
+    topic = device_state_topic(FLEET, device)
+    await fleet.transport.publish(topic, encode_message(state), qos=1, retain=True)
+
+
+def test_a_device_whose_will_arrives_gives_back_its_lease_and_candidacy(tmp_path: Path) -> None:
+    """pi-1 holds the only lease and pi-2 waits; pi-1's connection dies (the broker publishes
+    its Will, status lost): its lease is released at once and pi-2 gets the slot, long before
+    the lease would have expired. pi-3's candidacy goes the same way when it shuts down."""
+
+    async def scenario(h: Harness, fleet: Fleet) -> None:
+        await publish_state(fleet, "pi-1", "idle", 4)
+        await fleet.check_in("pi-1")
+        await until(lambda: len(fleet.leases) == 1)
+        await fleet.check_in("pi-2")
+        await fleet.check_in("pi-3")
+        await until(lambda: participation(h).candidates == 2)
+
+        await publish_state(fleet, "pi-1", "lost", 4)
+        await until(lambda: len(fleet.leases) == 2)
+        await publish_state(fleet, "pi-3" if fleet.leases[1].device_id == "pi-2" else "pi-2",
+                            "offline", 1)  # fmt: skip
+
+        await until(lambda: participation(h).candidates == 0)
+        assert dict(participation(h).ended) == {"released": 1}
+        assert dict(participation(h).checkins)["presence_gone"] == 2
+
+    run_with_leases(tmp_path, scenario, concurrency=1, lease_s=600.0)
+
+
+def test_a_late_will_of_an_older_connection_keeps_the_lease(tmp_path: Path) -> None:
+    async def scenario(h: Harness, fleet: Fleet) -> None:
+        await publish_state(fleet, "pi-1", "idle", 5)
+        await fleet.check_in("pi-1")
+        await until(lambda: len(fleet.leases) == 1)
+
+        await publish_state(fleet, "pi-1", "lost", 4)  # the Will of session 4, after session 5
+        await fleet.check_in("pi-2")
+        await until(lambda: participation(h).candidates == 1)
+
+        assert participation(h).in_flight == 1
+        assert len(fleet.leases) == 1
+
+    run_with_leases(tmp_path, scenario, concurrency=1, lease_s=600.0)

@@ -23,7 +23,7 @@ def _file(tmp_path: Path, body: str) -> Path:
 def test_the_command_leases_by_default(tmp_path: Path) -> None:
     loaded = load_aggregator_config(_file(tmp_path, ""), {}, {})
     assert loaded.aggregator.participation == ParticipationConfig(
-        concurrency=20, lease_s=600.0, lease_grace=0.1, checkin_ttl_s=1800.0, flush_after_s=120.0
+        concurrency=20, lease_s=600.0, lease_grace=0.1, checkin_ttl_s=3600.0, flush_after_s=120.0
     )
 
 
@@ -66,6 +66,6 @@ def test_check_config_shows_the_participation_settings(tmp_path: Path) -> None:
         "participation.concurrency": 8,
         "participation.lease_s": 600.0,
         "participation.lease_grace": 0.1,
-        "participation.checkin_ttl_s": 1800.0,
+        "participation.checkin_ttl_s": 3600.0,
         "participation.flush_after_s": 120.0,
     }

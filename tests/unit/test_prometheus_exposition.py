@@ -30,6 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import edgefl
 from edgefl.aggregator.metrics import METRICS, PrometheusExporter
+from edgefl.aggregator.participation import LeaseDeskStatistics
 from edgefl.aggregator.stats import AggregatorStatistics
 from edgefl.errors import RejectReason
 
@@ -57,6 +58,15 @@ STATS = AggregatorStatistics(
     reconnects=1,
     receipts_sent=11,
     receipts_dropped=3,
+    participation=LeaseDeskStatistics(
+        in_flight=2,
+        concurrency=4,
+        candidates=7,
+        granted=9,
+        ended={"completed": 6, "expired": 1},
+        verdicts={"valid": 6, "no_lease": 1},
+        checkins={"available": 12, "withdrawn": 2, "presence_gone": 1},
+    ),
 )
 
 
@@ -191,7 +201,17 @@ def test_no_precomputed_rates_old_names_or_device_labels(
         for sample in family.samples
         for name in sample.labels
     }
-    assert label_names <= {"reason", "status", "le", "version", "python"}
+    # bounded label sets only (never a device id): reasons, statuses, buckets, lease outcomes
+    assert label_names <= {
+        "reason",
+        "status",
+        "le",
+        "version",
+        "python",
+        "how",
+        "verdict",
+        "outcome",
+    }
 
 
 def test_openmetrics_scrape_parses_strictly(served: tuple[PrometheusExporter, str]) -> None:
