@@ -431,22 +431,18 @@ class ThreadedEmbeddedBroker(Lifecycle):
     def __init__(
         self, *, port: int | None = None, bind: str = "127.0.0.1", quiet: bool = True
     ) -> None:
-        self._broker = EmbeddedBroker(port=port, bind=bind, quiet=quiet)
+        self.embedded = EmbeddedBroker(port=port, bind=bind, quiet=quiet)
+        """The broker running in the thread (its ``log_counts`` and ``loop_errors``)."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
-        return self._broker.url
+        return self.embedded.url
 
     @property
     def port(self) -> int:
-        return self._broker.port
-
-    @property
-    def embedded(self) -> EmbeddedBroker:
-        """The broker running in the thread (its ``log_counts`` and ``loop_errors``)."""
-        return self._broker
+        return self.embedded.port
 
     def start(self, timeout: float = 10.0) -> str:
         """Start the thread and the broker; returns the URL once it listens."""
@@ -459,7 +455,7 @@ class ThreadedEmbeddedBroker(Lifecycle):
             loop = asyncio.new_event_loop()
             self._loop = loop
             try:
-                loop.run_until_complete(self._broker.start())
+                loop.run_until_complete(self.embedded.start())
             except BaseException as exc:  # reported to start()
                 errors.append(exc)
                 ready.set()
@@ -468,7 +464,7 @@ class ThreadedEmbeddedBroker(Lifecycle):
             ready.set()
             try:
                 loop.run_forever()
-                loop.run_until_complete(self._broker.stop())
+                loop.run_until_complete(self.embedded.stop())
             finally:
                 loop.close()
 

@@ -244,6 +244,24 @@ def evaluate(
     return Decision(eligible=eligible, reasons=ordered, changed=changed)
 
 
+@dataclass(frozen=True)
+class _Threshold:
+    """A reading with an upper limit and hysteresis: over ``limit`` it is ``over``, and stays
+    so until it is back under ``resume``; an unknown reading is ``unknown`` (None: tolerated)."""
+
+    value: float | None
+    limit: float
+    resume: float
+    over: IneligibleReason
+    unknown: IneligibleReason | None
+
+    def reason(self, was: frozenset[IneligibleReason]) -> IneligibleReason | None:
+        if self.value is None:
+            return self.unknown
+        limit = self.resume if self.over in was else self.limit
+        return self.over if self.value > limit else None
+
+
 def _load_and_heat_reasons(
     policy: EligibilityPolicy,
     snapshot: DeviceSnapshot,
@@ -252,25 +270,23 @@ def _load_and_heat_reasons(
 ) -> list[IneligibleReason]:
     """``busy`` / ``too_hot`` with hysteresis (a device that was busy or hot must come down to
     the resume thresholds), unknown readings, under-voltage and throttling."""
-    reasons: list[IneligibleReason] = []
-    load = snapshot.load_per_cpu(own_load)
-    if load is None:
-        if not policy.unknown_load_ok:
-            reasons.append(IneligibleReason.LOAD_UNKNOWN)
-    else:
-        limit = (
-            policy.resume_load_per_cpu if IneligibleReason.BUSY in was else policy.max_load_per_cpu
-        )
-        if load > limit:
-            reasons.append(IneligibleReason.BUSY)
-    temp = snapshot.max_temp_c
-    if temp is None:
-        if not policy.unknown_temp_ok:
-            reasons.append(IneligibleReason.TEMP_UNKNOWN)
-    else:
-        limit = policy.resume_temp_c if IneligibleReason.TOO_HOT in was else policy.max_temp_c
-        if temp > limit:
-            reasons.append(IneligibleReason.TOO_HOT)
+    thresholds = (
+        _Threshold(
+            snapshot.load_per_cpu(own_load),
+            policy.max_load_per_cpu,
+            policy.resume_load_per_cpu,
+            IneligibleReason.BUSY,
+            None if policy.unknown_load_ok else IneligibleReason.LOAD_UNKNOWN,
+        ),
+        _Threshold(
+            snapshot.max_temp_c,
+            policy.max_temp_c,
+            policy.resume_temp_c,
+            IneligibleReason.TOO_HOT,
+            None if policy.unknown_temp_ok else IneligibleReason.TEMP_UNKNOWN,
+        ),
+    )
+    reasons = [r for t in thresholds if (r := t.reason(was)) is not None]
     throttle = snapshot.throttle
     if throttle is None:
         if not policy.unknown_throttle_ok:

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from device_agent.eligibility.snapshot import (
     ClockReading,
@@ -412,16 +412,28 @@ class ClockProbe:
 # --- collection ----------------------------------------------------------------------------------
 
 
+_READING_KINDS = (
+    LoadReading,
+    PowerReading,
+    ThermalReading,
+    ThrottleReading,
+    MeteredReading,
+    ClockReading,
+)
+_R = TypeVar("_R")
+
+
+def _reading(found: dict[type, object], kind: type[_R]) -> _R | None:
+    """The reading of ``kind`` among ``found`` (None if no probe gave one)."""
+    reading = found.get(kind)
+    return reading if isinstance(reading, kind) else None
+
+
 def collect_snapshot(probes: Iterable[Probe]) -> DeviceSnapshot:
     """Run every probe once and fold the readings into a snapshot. Never raises for a probe's
     sake: a failing probe leaves its signals unknown (None) and adds a :class:`ProbeError`. Without
     a clock probe (or if it fails) the real clock is used."""
-    load: LoadReading | None = None
-    power: PowerReading | None = None
-    thermal: ThermalReading | None = None
-    throttle: ThrottleReading | None = None
-    metered: MeteredReading | None = None
-    clock: ClockReading | None = None
+    found: dict[type, object] = {}
     errors: list[ProbeError] = []
     for probe in probes:
         name = getattr(probe, "name", type(probe).__name__)
@@ -430,20 +442,14 @@ def collect_snapshot(probes: Iterable[Probe]) -> DeviceSnapshot:
         except Exception as exc:  # a probe must never take the agent down
             errors.append(ProbeError(name, f"{type(exc).__name__}: {exc}"))
             continue
-        if isinstance(reading, LoadReading):
-            load = reading
-        elif isinstance(reading, PowerReading):
-            power = reading
-        elif isinstance(reading, ThermalReading):
-            thermal = reading
-        elif isinstance(reading, ThrottleReading):
-            throttle = reading
-        elif isinstance(reading, MeteredReading):
-            metered = reading
-        elif isinstance(reading, ClockReading):
-            clock = reading
-        else:
+        kind = next((k for k in _READING_KINDS if isinstance(reading, k)), None)
+        if kind is None:
             errors.append(ProbeError(name, f"TypeError: unknown reading {type(reading).__name__}"))
+        else:
+            found[kind] = reading  # the last reading of a kind wins
+    load, power = _reading(found, LoadReading), _reading(found, PowerReading)
+    thermal, throttle = _reading(found, ThermalReading), _reading(found, ThrottleReading)
+    metered, clock = _reading(found, MeteredReading), _reading(found, ClockReading)
     if clock is None:
         clock = ClockReading(local_time=_local_now(), monotonic=time.monotonic())
     return DeviceSnapshot(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import overload
 
 __all__ = [
     "ClockReading",
@@ -35,48 +36,41 @@ THROTTLED_OCCURRED = 1 << 18
 SOFT_TEMP_LIMIT_OCCURRED = 1 << 19
 
 
+class _Bits:
+    """A read-only bool of a :class:`ThrottleState`: whether any bit of ``mask`` is set."""
+
+    def __init__(self, mask: int, doc: str | None = None) -> None:
+        self.mask = mask
+        self.__doc__ = doc
+
+    @overload
+    def __get__(self, state: None, owner: type | None = None) -> _Bits: ...
+
+    @overload
+    def __get__(self, state: ThrottleState, owner: type | None = None) -> bool: ...
+
+    def __get__(self, state: ThrottleState | None, owner: type | None = None) -> bool | _Bits:
+        return self if state is None else bool(state.raw & self.mask)
+
+
 @dataclass(frozen=True, slots=True)
 class ThrottleState:
     """Decoded Raspberry Pi ``get_throttled`` bitmask (``raw``, e.g. ``0x50005``)."""
 
     raw: int
 
-    @property
-    def under_voltage_now(self) -> bool:
-        return bool(self.raw & UNDER_VOLTAGE_NOW)
-
-    @property
-    def arm_freq_capped_now(self) -> bool:
-        return bool(self.raw & ARM_FREQ_CAPPED_NOW)
-
-    @property
-    def throttled_now(self) -> bool:
-        return bool(self.raw & THROTTLED_NOW)
-
-    @property
-    def soft_temp_limit_now(self) -> bool:
-        return bool(self.raw & SOFT_TEMP_LIMIT_NOW)
-
-    @property
-    def under_voltage_occurred(self) -> bool:
-        return bool(self.raw & UNDER_VOLTAGE_OCCURRED)
-
-    @property
-    def arm_freq_capped_occurred(self) -> bool:
-        return bool(self.raw & ARM_FREQ_CAPPED_OCCURRED)
-
-    @property
-    def throttled_occurred(self) -> bool:
-        return bool(self.raw & THROTTLED_OCCURRED)
-
-    @property
-    def soft_temp_limit_occurred(self) -> bool:
-        return bool(self.raw & SOFT_TEMP_LIMIT_OCCURRED)
-
-    @property
-    def performance_limited_now(self) -> bool:
-        """Frequency capped, throttled or at the soft temperature limit right now."""
-        return bool(self.raw & (ARM_FREQ_CAPPED_NOW | THROTTLED_NOW | SOFT_TEMP_LIMIT_NOW))
+    under_voltage_now = _Bits(UNDER_VOLTAGE_NOW)
+    arm_freq_capped_now = _Bits(ARM_FREQ_CAPPED_NOW)
+    throttled_now = _Bits(THROTTLED_NOW)
+    soft_temp_limit_now = _Bits(SOFT_TEMP_LIMIT_NOW)
+    under_voltage_occurred = _Bits(UNDER_VOLTAGE_OCCURRED)
+    arm_freq_capped_occurred = _Bits(ARM_FREQ_CAPPED_OCCURRED)
+    throttled_occurred = _Bits(THROTTLED_OCCURRED)
+    soft_temp_limit_occurred = _Bits(SOFT_TEMP_LIMIT_OCCURRED)
+    performance_limited_now = _Bits(
+        ARM_FREQ_CAPPED_NOW | THROTTLED_NOW | SOFT_TEMP_LIMIT_NOW,
+        "Frequency capped, throttled or at the soft temperature limit right now.",
+    )
 
 
 @dataclass(frozen=True, slots=True)

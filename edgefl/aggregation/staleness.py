@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import ClassVar, Protocol
 
+from edgefl.kinds import split_kind
+
 
 class StalenessWeight(Protocol):
     """``s(tau)``: a finite weight > 0 for a staleness ``tau >= 0``."""
@@ -153,12 +155,7 @@ def parse_staleness(text: str) -> StalenessSetting:
     Raises ``ValueError`` for an unknown kind, a parameter that is not a number, or the wrong
     number of parameters for the kind. Parameter ranges are checked by :meth:`StalenessSetting.
     weight` (``make_staleness``)."""
-    head, _, arg = text.strip().lower().partition(":")
-    try:
-        kind = StalenessKind(head)
-    except ValueError:
-        valid = ", ".join(m.value for m in StalenessKind)
-        raise ValueError(f"unknown staleness kind {head!r}; expected one of: {valid}") from None
+    kind, arg = split_kind(text, StalenessKind, "staleness kind")
     values = [float(v) for v in arg.split(",")] if arg else []
     if kind is StalenessKind.CONSTANT and values:
         raise ValueError("constant staleness takes no parameter")

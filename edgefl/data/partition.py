@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from edgefl.kinds import split_kind
+
 __all__ = [
     "PartitionKind",
     "PartitionSpec",
@@ -158,12 +160,7 @@ class PartitionSpec:
     @classmethod
     def parse(cls, text: str) -> PartitionSpec:
         """``"iid"`` | ``"dirichlet"`` | ``"dirichlet:0.3"`` | ``"shards"`` | ``"shards:2"``."""
-        head, _, arg = text.strip().lower().partition(":")
-        try:
-            kind = PartitionKind(head)
-        except ValueError:
-            known = ", ".join(k.value for k in PartitionKind)
-            raise ValueError(f"unknown partition {text!r}; known: {known}") from None
+        kind, arg = split_kind(text, PartitionKind, "partition")
         try:
             if kind is PartitionKind.IID:
                 if arg:

@@ -29,7 +29,8 @@ Rules:
 from __future__ import annotations
 
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from edgefl.protocol.messages import (
     DeviceState,
@@ -334,23 +335,20 @@ class FleetModel:
         )
 
     def _model_view(self, now: float) -> ModelView | None:
+        """The manifest's fields of the same name, and what the monitor derives."""
         m = self._manifest
         if m is None:
             return None
-        return ModelView(
-            version=m.version,
-            model=m.model,
-            format=m.format.value,
-            size=m.size,
-            num_chunks=m.num_chunks,
-            chunk_size=m.chunk_size,
-            num_params=m.num_params,
-            sha256=m.sha256,
-            created_at=m.created_at,
-            age_s=max(0.0, now - m.created_at),
-            chunks_seen=len(self._chunks_seen.get(m.version, ())),
-            onnx=m.onnx is not None,
-        )
+        derived: dict[str, Any] = {
+            "format": m.format.value,
+            "age_s": max(0.0, now - m.created_at),
+            "chunks_seen": len(self._chunks_seen.get(m.version, ())),
+            "onnx": m.onnx is not None,
+        }
+        from_manifest = {
+            f.name: getattr(m, f.name) for f in fields(ModelView) if f.name not in derived
+        }
+        return ModelView(**from_manifest, **derived)
 
     def _aggregator_view(self, now: float) -> AggregatorView:
         state, metrics = self._server, self._metrics

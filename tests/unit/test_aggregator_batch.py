@@ -37,6 +37,12 @@ def make_builder(
     return BatchBuilder(engine, Ingest(config, engine), checkpoint_size=checkpoint_size)
 
 
+def open_batch(tmp_path: Path, **overrides: Any) -> tuple[BatchBuilder, Batch]:
+    """A builder (see :func:`make_builder`) and the batch it opened at time 0."""
+    builder = make_builder(tmp_path, **overrides)
+    return builder, builder.open(now=0.0, wall=WALL)
+
+
 def packets(device: str, seq: int, *, max_packet: int = 256 * 1024) -> tuple[str, list[bytes]]:
     """The packets of one update; every update has the same delta and the same encoded body."""
     d = (np.random.default_rng(0).standard_normal(2410) * 0.01).astype(np.float32)
@@ -63,8 +69,7 @@ def tokens(batch: Batch) -> list[object]:
 
 def test_chunks_are_held_until_their_update_completes(tmp_path: Path) -> None:
     # Arrange: an update in several chunk packets
-    builder = make_builder(tmp_path, buffer_size=10)
-    batch = builder.open(now=0.0, wall=WALL)
+    builder, batch = open_batch(tmp_path, buffer_size=10)
     topic, payloads = packets("d", 7, max_packet=1024)
     assert len(payloads) >= 3
     held = []
@@ -87,8 +92,7 @@ def test_a_held_chunk_is_acknowledged_when_its_message_ends_in_a_rejection(
     tmp_path: Path,
 ) -> None:
     # Arrange: two chunk packets of message b"m" held, as Ingest reports them
-    builder = make_builder(tmp_path)
-    batch = builder.open(now=0.0, wall=WALL)
+    builder, batch = open_batch(tmp_path)
     key = ("d", b"m")
     first, second, last = (InboundMessage("t", b"", 1, ack_token=i) for i in (1, 2, 3))
     builder.book(batch, first, 0.0, Pending(key))
@@ -108,8 +112,7 @@ def test_late_duplicate_chunks_and_non_final_rejections_release_nothing_held(
     tmp_path: Path,
 ) -> None:
     # Arrange: one packet of message b"m" held
-    builder = make_builder(tmp_path)
-    batch = builder.open(now=0.0, wall=WALL)
+    builder, batch = open_batch(tmp_path)
     key = ("d", b"m")
     builder.book(batch, InboundMessage("t", b"", 1, ack_token=1), 0.0, Pending(key))
 
@@ -165,8 +168,7 @@ def test_an_empty_batch_is_nothing_to_commit(tmp_path: Path) -> None:
 
 def test_rejections_are_counted_by_reason_and_acknowledged(tmp_path: Path) -> None:
     # Arrange: seq 5 accepted, then seq 5 again (duplicate) and seq 4 (replay)
-    builder = make_builder(tmp_path, buffer_size=10)
-    batch = builder.open(now=0.0, wall=WALL)
+    builder, batch = open_batch(tmp_path, buffer_size=10)
 
     # Act
     kinds = [feed(builder, batch, "d", seq) for seq in (5, 5, 4)]
@@ -232,8 +234,7 @@ def test_a_step_starts_the_replay_bound_again(tmp_path: Path) -> None:
 
 def test_a_batch_larger_than_a_checkpoint_is_checkpointed(tmp_path: Path) -> None:
     # Arrange: checkpoints of 1 byte
-    builder = make_builder(tmp_path, buffer_size=100, checkpoint_size=1)
-    batch = builder.open(now=0.0, wall=WALL)
+    builder, batch = open_batch(tmp_path, buffer_size=100, checkpoint_size=1)
     generation = builder.engine.generation
 
     # Act

@@ -7,6 +7,7 @@ import asyncio
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,16 @@ from edgefl.transport import MemoryBroker, MemoryTransport
 def receipt(broker: MemoryBroker, device: str) -> Receipt | None:
     payload = broker.retained().get(receipt_topic(FLEET, device))
     return None if payload is None else decode_message(payload, Receipt)
+
+
+async def receipt_when(
+    broker: MemoryBroker, device: str, holds: Callable[[Receipt], bool] = lambda r: True
+) -> Receipt:
+    """The device's retained receipt, once there is one for which ``holds``."""
+    await eventually(lambda: (r := receipt(broker, device)) is not None and holds(r))
+    r = receipt(broker, device)
+    assert r is not None
+    return r
 
 
 def seen_rows(state_dir: Path) -> list[tuple[str, int]]:
@@ -61,9 +72,7 @@ def test_a_receipt_is_published_only_after_its_batch_committed(
                 await asyncio.sleep(0)
             assert receipt(broker, "pi-1") is None
             gate.opened.set()
-            await eventually(lambda: receipt(broker, "pi-1") is not None)
-            r = receipt(broker, "pi-1")
-            assert r is not None
+            r = await receipt_when(broker, "pi-1")
             assert (r.through, r.committed, dict(r.rejected)) == (0, ((0, 0),), {})
             assert seen_rows(config.state_dir) == [("pi-1", 0)]  # durable when it was sent
 
@@ -81,14 +90,12 @@ def test_receipts_report_accepted_resent_and_finally_rejected_seqs(tmp_path: Pat
             await h.send("pi-1", 0, 0, delta(1))
             await h.send("pi-1", 1, 0, delta(2))
             await h.until(lambda s: s.applied == 2)
-            await eventually(lambda: (r := receipt(broker, "pi-1")) is not None and r.through == 1)
+            await receipt_when(broker, "pi-1", lambda r: r.through == 1)
             # a resend of a committed update, and one for another model (final: WRONG_MODEL)
             await h.send("pi-1", 1, 0, delta(2))
             await h.send("pi-1", 2, 0, delta(3), model="mnist1d-cnn")
             await h.until(lambda s: s.received == 4)
-            await eventually(lambda: 2 in receipt(broker, "pi-1").rejected)  # type: ignore[union-attr]
-            r = receipt(broker, "pi-1")
-            assert r is not None
+            r = await receipt_when(broker, "pi-1", lambda r: 2 in r.rejected)
             assert r.through == 1
             assert r.committed == ((1, 1),)  # the resend is reported as committed
             assert dict(r.rejected) == {2: "wrong_model"}
@@ -107,7 +114,7 @@ def test_signed_receipts_and_the_receipts_feature_in_server_state(tmp_path: Path
             state = decode_message(broker.retained()[server_state_topic(FLEET)], ServerState)
             assert state.features == (FEATURE_RECEIPTS,)
             await h.send("pi-1", 0, 0, delta(1))
-            await eventually(lambda: receipt(broker, "pi-1") is not None)
+            await receipt_when(broker, "pi-1")
         payload = broker.retained()[receipt_topic(FLEET, "pi-1")]
         verifier = Ed25519ManifestVerifier([key.public_key()], kinds=(EnvelopeKind.RECEIPT,))
         verifier.verify(payload)
@@ -220,7 +227,7 @@ def test_a_far_seq_jump_is_refused_and_the_device_keeps_working(tmp_path: Path) 
             s = await h.until(lambda s: s.received == 3)
             assert s.applied == 2
             assert dict(s.rejected) == {"seq_jump": 1}
-            await eventually(lambda: (r := receipt(broker, "pi-1")) is not None and r.through == 3)
+            await receipt_when(broker, "pi-1", lambda r: r.through == 3)
         assert seen_rows(config.state_dir) == [("pi-1", 2), ("pi-1", 3)]
 
     run(body)

@@ -7,6 +7,7 @@ import struct
 import zlib
 from typing import Any
 
+import fuzzing
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -33,13 +34,7 @@ json_scalars = st.one_of(
     st.floats(allow_nan=False, allow_infinity=False),
     st.text(max_size=20),
 )
-json_values = st.recursive(
-    json_scalars,
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
-    ),
-    max_leaves=12,
-)
+json_values = fuzzing.json_values(json_scalars, max_leaves=12)
 headers = st.dictionaries(st.text(max_size=12), json_values, max_size=6)
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+import fuzzing
 import samples
 from fuzzing import fuzz_settings
 from hypothesis import given
@@ -204,13 +205,7 @@ json_scalars = st.one_of(
     st.floats(allow_nan=False, allow_infinity=False),
     st.text(max_size=30),
 )
-json_values = st.recursive(
-    json_scalars,
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
-    ),
-    max_leaves=16,
-)
+json_values = fuzzing.json_values(json_scalars, max_leaves=16)
 FIELD_NAMES = sorted(
     {f for cls in MESSAGE_TYPES for f in cls.__dataclass_fields__}
     | {"shape", "dtype", "name", "local_epochs", "lr", "onnx"}

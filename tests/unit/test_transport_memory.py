@@ -35,6 +35,13 @@ async def take(transport: MemoryTransport, count: int) -> list[InboundMessage]:
     return await receive(transport, count, within=1.0)
 
 
+async def session(broker: MemoryBroker, client_id: str, **options: bool) -> MemoryTransport:
+    """A connected transport with a persistent session of ``client_id``."""
+    transport = MemoryTransport(broker, client_id, persistent_session=True, **options)
+    await transport.connect()
+    return transport
+
+
 def payloads(messages: list[InboundMessage]) -> list[bytes]:
     return [m.payload for m in messages]
 
@@ -155,8 +162,7 @@ async def test_last_will_on_abrupt_close_only() -> None:
 async def test_unacked_messages_are_redelivered_to_the_same_persistent_client() -> None:
     broker = MemoryBroker()
     async with MemoryTransport(broker) as pub:
-        first = MemoryTransport(broker, "agg", persistent_session=True, manual_ack=True)
-        await first.connect()
+        first = await session(broker, "agg", manual_ack=True)
         await first.subscribe("u/#")
         await pub.publish("u/1", b"a")
         await pub.publish("u/2", b"b")
@@ -166,8 +172,7 @@ async def test_unacked_messages_are_redelivered_to_the_same_persistent_client() 
         await first.close(abrupt=True)
         assert broker.queued_for("agg") == 1
 
-        second = MemoryTransport(broker, "agg", persistent_session=True, manual_ack=True)
-        await second.connect()  # no subscribe: the session keeps it
+        second = await session(broker, "agg", manual_ack=True)  # no subscribe: the session keeps it
         [again] = await take(second, 1)
         assert (again.payload, again.duplicate) == (b"a", True)
         await second.ack(again)
@@ -179,8 +184,7 @@ async def test_unacked_messages_are_redelivered_to_the_same_persistent_client() 
         await second.ack(fresh)
         await second.close()
 
-        third = MemoryTransport(broker, "agg", persistent_session=True, manual_ack=True)
-        await third.connect()
+        third = await session(broker, "agg", manual_ack=True)
         assert third.statistics().queued == 0
         await third.close()
 
@@ -206,23 +210,20 @@ async def test_ack_from_an_earlier_connection_is_stale_and_the_message_comes_bac
 async def test_auto_ack_messages_are_not_redelivered() -> None:
     broker = MemoryBroker()
     async with MemoryTransport(broker) as pub:
-        sub = MemoryTransport(broker, "s", persistent_session=True)
-        await sub.connect()
+        sub = await session(broker, "s")
         await sub.subscribe("t")
         await pub.publish("t", b"x")
         [message] = await take(sub, 1)
         assert message.ack_token == 0
         await sub.close(abrupt=True)
-        again = MemoryTransport(broker, "s", persistent_session=True)
-        await again.connect()
+        again = await session(broker, "s")
         assert again.statistics().queued == 0
 
 
 async def test_offline_persistent_session_queues_qos1_and_drops_qos0_counted() -> None:
     broker = MemoryBroker()
     async with MemoryTransport(broker) as pub:
-        sub = MemoryTransport(broker, "dev", persistent_session=True)
-        await sub.connect()
+        sub = await session(broker, "dev")
         await sub.subscribe("cmd/#", qos=1)
         await sub.close()
         await pub.publish("cmd/a", b"1", qos=1)
