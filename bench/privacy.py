@@ -2,8 +2,9 @@
 
 Runs the virtual fleet simulator (mnist1d, the simulator's default fleet of 100 devices: mixed
 profiles, Dirichlet(0.5) data, 20 devices training at once) once per epsilon with central DP at
-the aggregator, and once without privacy (epsilon = infinity), all with the same update budget,
-buffer size K, server optimizer and ``sum`` normalisation, so that only the privacy differs.
+the aggregator, and once without privacy (epsilon = infinity: the same clip to C, as a static
+norm bound, without noise or caps), all with the same update budget, buffer size K, server
+optimizer and ``sum`` normalisation, so that only the noise and the caps differ.
 
 For each finite epsilon the noise multiplier z is calibrated
 (:func:`edgefl.privacy.calibrate_noise`, RDP accountant, ``delta = min(1e-5, 1/N)``) so that
@@ -91,6 +92,8 @@ def _privacy(plan: Plan, eps: float) -> CentralDP:
 def _run(plan: Plan, scenario: Scenario, eps: float | None) -> dict[str, Any]:
     privacy = None if eps is None else _privacy(plan, eps)
     cfg = replace(_base_config(plan), privacy=privacy)
+    if privacy is None:  # the same clip to C, without noise, cap or one-per-buffer rule
+        cfg = replace(cfg, norm_bound=f"{plan.clip:g}")
     t0 = time.perf_counter()
     sim = VirtualSimulator(replace(scenario, config=cfg), label=f"eps={eps}")
     diverged = False
