@@ -3,7 +3,9 @@ buffer, the participation cap across snapshots and replays, and privacy off is u
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -21,7 +23,7 @@ from edgefl.aggregation import (
 )
 from edgefl.codec import CodecConfig, CodecDescriptor, Quantization, encode_update, open_update
 from edgefl.errors import RejectReason, UpdateRejected
-from edgefl.privacy import CentralDP
+from edgefl.privacy import CentralDP, PrivacyState
 
 
 def dp(**overrides: object) -> CentralDP:
@@ -268,3 +270,20 @@ def test_privacy_off_is_the_documented_fedbuff_bit_for_bit() -> None:
     assert step.noise_std is None
     assert fb.statistics().privacy is None
     assert fb.snapshot().privacy is None
+
+
+def test_the_privacy_state_survives_its_json_form() -> None:
+    """What a store does: persist ``PrivacyState.to_json()`` beside the model, restore from it."""
+    cfg = config(dp(max_participations=1), buffer_size=1)
+    fb = FedBuff(cfg, np.zeros(3))
+    _flush_one(fb, "a")
+    state = fb.snapshot(buffer=False)
+    assert state.privacy is not None
+    stored = json.dumps(state.privacy.to_json())
+
+    loaded = replace(state, privacy=PrivacyState.from_json(json.loads(stored)))
+    restored = FedBuff.restore(cfg, loaded)
+
+    with pytest.raises(UpdateRejected) as caught:
+        _flush_one(restored, "a")
+    assert caught.value.reason is RejectReason.DP_BUDGET_EXHAUSTED
