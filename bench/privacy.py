@@ -129,10 +129,16 @@ def _print_row(plan: Plan, row: dict[str, Any]) -> None:
     eps = "inf" if row["epsilon"] is None else f"{row['epsilon']:g}"
     z = "-" if row["noise_multiplier"] is None else f"{row['noise_multiplier']:.3f}"
     cap = "-" if row["cap"] is None else str(row["cap"])
+    spent = (
+        "-"
+        if row["spent_epsilon"] is None
+        else f"{row['participation_max']}, {row['spent_epsilon']:.3f}"
+    )
     print(
         f"| {eps:>3} | {z:>6} | {cap:>3} | {plan.buffer_size} | {plan.devices} | "
         f"{100 * row['accuracy']:5.1f}% | {row['updates']:>5} | {row['applied']:>5} | "
-        f"{row['flushes']:>4} | {row['wall_s']:>6.1f} s |{' diverged' if row['diverged'] else ''}",
+        f"{row['flushes']:>4} | {row['wall_s']:>6.1f} s | {spent} |"
+        f"{' diverged' if row['diverged'] else ''}",
         flush=True,
     )
 
@@ -168,8 +174,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{plan.server_momentum:g}, {plan.max_updates} updates per run",
         flush=True,
     )
-    print("| eps | z | cap | K | N | accuracy | updates | applied | flushes | wall |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| eps | z | cap | K | N | accuracy | updates | applied | flushes | wall "
+        "| max participations, their epsilon |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for eps in (*plan.epsilons, None):
         row = _run(plan, scenario, eps)

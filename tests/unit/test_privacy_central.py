@@ -150,6 +150,7 @@ def test_a_second_update_of_a_device_in_one_buffer_is_rejected_and_counted() -> 
         fb.add(np.ones(2, np.float32), base_version=0, num_examples=1, device_id="a")
 
     assert caught.value.reason is RejectReason.DP_ONE_PER_BUFFER
+    assert not fb.privacy_admits("a")
     assert fb.statistics().rejected == {RejectReason.DP_ONE_PER_BUFFER: 1}
     assert fb.buffer_fill == 1
     fb.add(np.ones(2, np.float32), base_version=0, num_examples=1, device_id="b")
@@ -181,6 +182,8 @@ def test_the_cap_holds_across_snapshot_restore_and_a_replayed_update() -> None:
         restored.add(replay, base_version=restored.version, num_examples=1, device_id="a")
 
     assert caught.value.reason is RejectReason.DP_BUDGET_EXHAUSTED
+    assert not restored.privacy_admits("a")
+    assert restored.privacy_admits("b")
     stats = restored.statistics()
     assert stats.rejected == {RejectReason.DP_BUDGET_EXHAUSTED: 1}
     assert stats.privacy is not None
@@ -268,6 +271,7 @@ def test_privacy_off_is_the_documented_fedbuff_bit_for_bit() -> None:
     expected = w0 + acc / np.float32(sum(weights))
     np.testing.assert_array_equal(fb.weights, expected)
     assert step.noise_std is None
+    assert fb.privacy_admits("same-device")
     assert fb.statistics().privacy is None
     assert fb.snapshot().privacy is None
 
