@@ -52,6 +52,9 @@ class RejectReason(StrEnum):
     REPLAY = "replay"
     SEQ_JUMP = "seq_jump"  # seq too far above the device's highest (protocol/sequence.py)
     RATE_LIMITED = "rate_limited"
+    # participation (protocol 1.2, edgefl/participation)
+    NO_LEASE = "no_lease"  # the device holds no lease of that id (never granted, or used)
+    LEASE_EXPIRED = "lease_expired"  # delivered after its lease expired (plus the grace)
 
 
 class EdgeflError(Exception):

@@ -36,6 +36,12 @@ def integer(value: Any, field: str, *, minimum: int = 0, maximum: int = MAX_INT)
     return value
 
 
+def flag(value: Any, field: str) -> bool:
+    if not isinstance(value, bool):
+        raise bad(field, f"expected true or false, got {type(value).__name__}")
+    return value
+
+
 def opt_integer(value: Any, field: str, *, minimum: int = 0) -> int | None:
     return None if value is None else integer(value, field, minimum=minimum)
 

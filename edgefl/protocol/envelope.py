@@ -116,6 +116,8 @@ class EnvelopeKind(IntEnum):
     SERVER_STATE = 6  # header ServerState, empty payload
     METRICS = 7  # header ServerMetrics, empty payload
     RECEIPT = 8  # header Receipt, empty payload (protocol 1.1, PROTOCOL.md "Receipts")
+    CHECKIN = 9  # header CheckIn, empty payload (protocol 1.2, PROTOCOL.md "Participation")
+    LEASE = 10  # header Lease, empty payload (protocol 1.2)
 
 
 _KINDS: Final = frozenset(int(k) for k in EnvelopeKind)

@@ -41,7 +41,9 @@ from .envelope import (
 )
 from .topics import (
     MAX_INT,
+    CheckInTopic,
     DeviceStateTopic,
+    LeaseTopic,
     ModelArtifact,
     ModelChunkTopic,
     ModelManifestTopic,
@@ -54,6 +56,7 @@ from .topics import (
 )
 
 __all__ = [
+    "FEATURE_LEASES",
     "FEATURE_RECEIPTS",
     "MAX_CLOCK_AHEAD",
     "MAX_TIMESTAMP",
@@ -62,11 +65,14 @@ __all__ = [
     "TENSOR_DTYPES",
     "TOPIC_ENVELOPE_KINDS",
     "ArtifactInfo",
+    "CheckIn",
     "DeviceState",
     "DeviceStatus",
+    "Lease",
     "Message",
     "ModelFormat",
     "ModelManifest",
+    "Participation",
     "Receipt",
     "ServerMetrics",
     "ServerState",
@@ -84,11 +90,16 @@ __all__ = [
     "message_from_envelope",
 ]
 
-PROTOCOL_REVISION: Final = "1.1"
+PROTOCOL_REVISION: Final = "1.2"
 """Revision of wire version 1 this module implements (PROTOCOL.md, "Versioning"): 1.1 added
-``RECEIPT``, ``ServerState.features`` and the spool fields of ``DeviceState``."""
+``RECEIPT``, ``ServerState.features`` and the spool fields of ``DeviceState``; 1.2 added
+server-controlled participation (``CHECKIN``, ``LEASE``, ``UpdateHeader.lease_id``,
+``ServerState.participation``, ``DeviceState.waiting_for_slot``)."""
 FEATURE_RECEIPTS: Final = "receipts"
 """``ServerState.features`` entry of an aggregator that publishes receipts (PROTOCOL.md §4.6)."""
+FEATURE_LEASES: Final = "leases"
+"""``ServerState.features`` entry of an aggregator that grants training leases (PROTOCOL.md
+§4.7): a device then trains only under a lease it was granted."""
 MAX_TIMESTAMP: Final = f.MAX_TIMESTAMP
 """Timestamps in headers are clamped to this (2100-01-01T00:00:00Z) when decoded."""
 MAX_CLOCK_AHEAD: Final = 86400.0
@@ -243,11 +254,13 @@ class UpdateHeader(_Message):
     created_at: float
     layout: tuple[TensorSpec, ...] = ()
     metrics: Mapping[str, float] = field(default_factory=dict)  # e.g. {"loss": 0.3}
+    lease_id: int | None = None  # the lease it was trained under (1.2)
 
     def __post_init__(self) -> None:
         f.name(self.fleet, "fleet")
         f.name(self.device_id, "device_id")
         f.integer(self.seq, "seq")
+        f.opt_integer(self.lease_id, "lease_id")
         f.integer(self.base_version, "base_version")
         f.integer(self.num_examples, "num_examples")
         f.name(self.model, "model")
@@ -414,8 +427,11 @@ class DeviceState(_Message):
     profile: str | None = None  # device profile name, e.g. "phone"
     spool_depth: int | None = None  # updates in the device's spool (1.1)
     awaiting_receipt: int | None = None  # of those, sent and waiting for a receipt (1.1)
+    waiting_for_slot: bool | None = None  # True: eligible, checked in, waiting for a lease (1.2)
 
     def __post_init__(self) -> None:
+        if self.waiting_for_slot is not None:
+            f.flag(self.waiting_for_slot, "waiting_for_slot")
         f.name(self.fleet, "fleet")
         f.name(self.device_id, "device_id")
         f.opt_integer(self.spool_depth, "spool_depth")
@@ -434,6 +450,26 @@ class DeviceState(_Message):
     def supersedes(self, previous: DeviceState | None) -> bool:
         """Whether this state replaces ``previous`` under the presence rule (session >= old)."""
         return previous is None or self.session >= previous.session
+
+
+@dataclass(frozen=True)
+class Participation(_JSONFields):
+    """Server-controlled participation of a leasing aggregator (``ServerState.participation``,
+    protocol 1.2): at most ``concurrency`` leases at once, each valid ``lease_s`` seconds; a
+    checked-in device stays a candidate ``checkin_ttl_s`` seconds unless it checks in again."""
+
+    concurrency: int
+    lease_s: float
+    checkin_ttl_s: float
+    in_flight: int = 0  # leases held when the state was published
+    candidates: int = 0  # devices checked in and waiting for a lease
+
+    def __post_init__(self) -> None:
+        f.integer(self.concurrency, "concurrency", minimum=1)
+        _set(self, "lease_s", f.number(self.lease_s, "lease_s", minimum=1.0))
+        _set(self, "checkin_ttl_s", f.number(self.checkin_ttl_s, "checkin_ttl_s", minimum=1.0))
+        f.integer(self.in_flight, "in_flight")
+        f.integer(self.candidates, "candidates")
 
 
 @dataclass(frozen=True)
@@ -456,10 +492,13 @@ class ServerState(_Message):
     at: float
     rejected: Mapping[str, int] = field(default_factory=dict)
     features: tuple[str, ...] = ()  # optional protocol features, e.g. ("receipts",) (1.1)
+    participation: Participation | None = None  # with the "leases" feature (1.2)
 
     def __post_init__(self) -> None:
         f.name(self.fleet, "fleet")
         _set(self, "features", f.text_tuple(self.features, "features"))
+        if self.participation is not None and not isinstance(self.participation, Participation):
+            _set(self, "participation", Participation.from_json(self.participation))
         _set(self, "status", f.enum_value(ServerStatus, self.status, "status"))
         f.integer(self.session, "session")
         f.integer(self.version, "version")
@@ -622,12 +661,95 @@ class Receipt(_Message):
 # ---------------------------------------------------------------------------------------------
 # envelopes and topics
 
-Message = UpdateHeader | ModelManifest | DeviceState | ServerState | ServerMetrics | Receipt
-M = TypeVar("M", UpdateHeader, ModelManifest, DeviceState, ServerState, ServerMetrics, Receipt)
+# ---------------------------------------------------------------------------------------------
+# participation (protocol 1.2)
+
+
+@dataclass(frozen=True)
+class CheckIn(_Message):
+    """Header of a CHECKIN envelope (QoS 1 on ``device/<id>/checkin``; PROTOCOL.md §4.7).
+
+    ``available = True``: the device is eligible, holds model ``model_version`` and asks for a
+    training lease; it stays a candidate for the aggregator's ``checkin_ttl_s`` and checks in
+    again before that runs out. ``available = False``: it withdraws (no longer eligible, or
+    stopping), and gives back a lease it holds without an update.
+    """
+
+    KIND: ClassVar[EnvelopeKind] = EnvelopeKind.CHECKIN
+    fleet: str
+    device_id: str
+    at: float
+    available: bool = True
+    model_version: int | None = None
+
+    def __post_init__(self) -> None:
+        f.name(self.fleet, "fleet")
+        f.name(self.device_id, "device_id")
+        _set(self, "at", f.timestamp(self.at, "at"))
+        f.flag(self.available, "available")
+        f.opt_integer(self.model_version, "model_version")
+
+
+@dataclass(frozen=True)
+class Lease(_Message):
+    """Header of a LEASE envelope (QoS 1 on ``device/<id>/lease``, from the aggregator only).
+
+    The device may train one update, on model ``version`` or newer, and must deliver it under
+    ``lease_id`` within ``ttl_s`` seconds of receiving the lease (a relative time: device clocks
+    are untrusted). ``lease_id`` increases across every lease the aggregator ever granted.
+    """
+
+    KIND: ClassVar[EnvelopeKind] = EnvelopeKind.LEASE
+    fleet: str
+    device_id: str
+    at: float
+    lease_id: int
+    ttl_s: float
+    version: int
+
+    def __post_init__(self) -> None:
+        f.name(self.fleet, "fleet")
+        f.name(self.device_id, "device_id")
+        _set(self, "at", f.timestamp(self.at, "at"))
+        f.integer(self.lease_id, "lease_id", minimum=1)
+        _set(self, "ttl_s", f.number(self.ttl_s, "ttl_s", minimum=1.0))
+        f.integer(self.version, "version")
+
+
+Message = (
+    UpdateHeader
+    | ModelManifest
+    | DeviceState
+    | ServerState
+    | ServerMetrics
+    | Receipt
+    | CheckIn
+    | Lease
+)
+M = TypeVar(
+    "M",
+    UpdateHeader,
+    ModelManifest,
+    DeviceState,
+    ServerState,
+    ServerMetrics,
+    Receipt,
+    CheckIn,
+    Lease,
+)
 
 MESSAGE_TYPES: Final[Mapping[EnvelopeKind, type[Message]]] = {
     cls.KIND: cls
-    for cls in (UpdateHeader, ModelManifest, DeviceState, ServerState, ServerMetrics, Receipt)
+    for cls in (
+        UpdateHeader,
+        ModelManifest,
+        DeviceState,
+        ServerState,
+        ServerMetrics,
+        Receipt,
+        CheckIn,
+        Lease,
+    )
 }
 
 TOPIC_ENVELOPE_KINDS: Final[Mapping[TopicKind, frozenset[EnvelopeKind]]] = {
@@ -636,6 +758,8 @@ TOPIC_ENVELOPE_KINDS: Final[Mapping[TopicKind, frozenset[EnvelopeKind]]] = {
     TopicKind.DEVICE_UPDATE: frozenset({EnvelopeKind.UPDATE, EnvelopeKind.UPDATE_CHUNK}),
     TopicKind.DEVICE_STATE: frozenset({EnvelopeKind.DEVICE_STATE}),
     TopicKind.DEVICE_RECEIPT: frozenset({EnvelopeKind.RECEIPT}),
+    TopicKind.DEVICE_CHECKIN: frozenset({EnvelopeKind.CHECKIN}),
+    TopicKind.DEVICE_LEASE: frozenset({EnvelopeKind.LEASE}),
     TopicKind.SERVER_STATE: frozenset({EnvelopeKind.SERVER_STATE}),
     TopicKind.SERVER_METRICS: frozenset({EnvelopeKind.METRICS}),
 }
@@ -677,9 +801,10 @@ def check_topic(msg: Message, topic: ParsedTopic) -> None:
     match msg, topic:
         case UpdateHeader(), UpdateTopic():
             mismatch |= (msg.device_id, msg.seq) != (topic.device_id, topic.seq)
-        case DeviceState(), DeviceStateTopic():
-            mismatch |= msg.device_id != topic.device_id
-        case Receipt(), ReceiptTopic():
+        case (
+            DeviceState() | Receipt() | CheckIn() | Lease(),
+            DeviceStateTopic() | ReceiptTopic() | CheckInTopic() | LeaseTopic(),
+        ):
             mismatch |= msg.device_id != topic.device_id
         case ModelManifest(), ModelManifestTopic():
             pass

@@ -9,6 +9,8 @@ Every topic edgefl publishes lives under ``edgefl/v1/<fleet>/``::
     edgefl/v1/<fleet>/device/<id>/update/<seq>        QoS1             UPDATE or UPDATE_CHUNK
     edgefl/v1/<fleet>/device/<id>/state               retained + Will  DEVICE_STATE
     edgefl/v1/<fleet>/device/<id>/receipt             retained, QoS1   RECEIPT (protocol 1.1)
+    edgefl/v1/<fleet>/device/<id>/checkin             QoS1             CHECKIN (protocol 1.2)
+    edgefl/v1/<fleet>/device/<id>/lease               QoS1             LEASE (protocol 1.2)
     edgefl/v1/<fleet>/server/state                    retained + Will  SERVER_STATE
     edgefl/v1/<fleet>/server/metrics                  QoS0             METRICS
 
@@ -39,9 +41,11 @@ __all__ = [
     "MAX_TOPIC_BYTES",
     "NAME_PATTERN",
     "PROTOCOL_ROOT",
+    "CheckInTopic",
     "DeviceId",
     "DeviceStateTopic",
     "FleetName",
+    "LeaseTopic",
     "ModelArtifact",
     "ModelChunkTopic",
     "ModelManifestTopic",
@@ -52,10 +56,13 @@ __all__ = [
     "TopicKind",
     "UpdateTopic",
     "all_fleet_filter",
+    "checkin_topic",
+    "checkins_filter",
     "device_id",
     "device_state_topic",
     "device_states_filter",
     "fleet_name",
+    "lease_topic",
     "manifest_topic",
     "model_chunk_topic",
     "model_chunks_filter",
@@ -135,6 +142,8 @@ class TopicKind(StrEnum):
     DEVICE_UPDATE = "device_update"
     DEVICE_STATE = "device_state"
     DEVICE_RECEIPT = "device_receipt"
+    DEVICE_CHECKIN = "device_checkin"
+    DEVICE_LEASE = "device_lease"
     SERVER_STATE = "server_state"
     SERVER_METRICS = "server_metrics"
 
@@ -197,65 +206,84 @@ class UpdateTopic:
 
 
 @dataclass(frozen=True)
-class DeviceStateTopic:
+class _DeviceLeafTopic:
+    """``edgefl/v1/<fleet>/device/<id>/<leaf>``: the one-level topics of a device."""
+
+    kind: ClassVar[TopicKind]
+    leaf: ClassVar[str]
+    fleet: str
+    device_id: str
+
+    def __post_init__(self) -> None:
+        _validate_fields(self)
+
+    @property
+    def topic(self) -> str:
+        return _device_leaf(self.fleet, self.device_id, self.leaf)
+
+
+@dataclass(frozen=True)
+class DeviceStateTopic(_DeviceLeafTopic):
     """``edgefl/v1/<fleet>/device/<id>/state``."""
 
-    kind: ClassVar[TopicKind] = TopicKind.DEVICE_STATE
-    fleet: str
-    device_id: str
-
-    def __post_init__(self) -> None:
-        _validate_fields(self)
-
-    @property
-    def topic(self) -> str:
-        return device_state_topic(self.fleet, self.device_id)
+    kind = TopicKind.DEVICE_STATE
+    leaf = "state"
 
 
 @dataclass(frozen=True)
-class ReceiptTopic:
+class ReceiptTopic(_DeviceLeafTopic):
     """``edgefl/v1/<fleet>/device/<id>/receipt`` (protocol 1.1)."""
 
-    kind: ClassVar[TopicKind] = TopicKind.DEVICE_RECEIPT
+    kind = TopicKind.DEVICE_RECEIPT
+    leaf = "receipt"
+
+
+@dataclass(frozen=True)
+class CheckInTopic(_DeviceLeafTopic):
+    """``edgefl/v1/<fleet>/device/<id>/checkin`` (protocol 1.2)."""
+
+    kind = TopicKind.DEVICE_CHECKIN
+    leaf = "checkin"
+
+
+@dataclass(frozen=True)
+class LeaseTopic(_DeviceLeafTopic):
+    """``edgefl/v1/<fleet>/device/<id>/lease`` (protocol 1.2)."""
+
+    kind = TopicKind.DEVICE_LEASE
+    leaf = "lease"
+
+
+@dataclass(frozen=True)
+class _ServerLeafTopic:
+    """``edgefl/v1/<fleet>/server/<leaf>``."""
+
+    kind: ClassVar[TopicKind]
+    leaf: ClassVar[str]
     fleet: str
-    device_id: str
 
     def __post_init__(self) -> None:
         _validate_fields(self)
 
     @property
     def topic(self) -> str:
-        return receipt_topic(self.fleet, self.device_id)
+        return f"{_fleet_root(self.fleet)}/server/{self.leaf}"
 
 
 @dataclass(frozen=True)
-class ServerStateTopic:
+class ServerStateTopic(_ServerLeafTopic):
     """``edgefl/v1/<fleet>/server/state``."""
 
-    kind: ClassVar[TopicKind] = TopicKind.SERVER_STATE
-    fleet: str
-
-    def __post_init__(self) -> None:
-        _validate_fields(self)
-
-    @property
-    def topic(self) -> str:
-        return server_state_topic(self.fleet)
+    kind = TopicKind.SERVER_STATE
+    leaf = "state"
 
 
 @dataclass(frozen=True)
-class ServerMetricsTopic:
+class ServerMetricsTopic(_ServerLeafTopic):
     """``edgefl/v1/<fleet>/server/metrics``."""
 
-    kind: ClassVar[TopicKind] = TopicKind.SERVER_METRICS
-    fleet: str
-
-    def __post_init__(self) -> None:
-        _validate_fields(self)
-
-    @property
-    def topic(self) -> str:
-        return server_metrics_topic(self.fleet)
+    kind = TopicKind.SERVER_METRICS
+    leaf = "metrics"
 
 
 ParsedTopic = (
@@ -264,6 +292,8 @@ ParsedTopic = (
     | UpdateTopic
     | DeviceStateTopic
     | ReceiptTopic
+    | CheckInTopic
+    | LeaseTopic
     | ServerStateTopic
     | ServerMetricsTopic
 )
@@ -298,25 +328,41 @@ def update_topic(fleet: str, device: str, seq: int) -> str:
     return f"{_fleet_root(fleet)}/device/{device_id(device)}/update/{_check_int(seq, 'seq')}"
 
 
+def _device_leaf(fleet: str, device: str, leaf: str) -> str:
+    return f"{_fleet_root(fleet)}/device/{device_id(device)}/{leaf}"
+
+
 def device_state_topic(fleet: str, device: str) -> str:
     """``edgefl/v1/<fleet>/device/<id>/state`` (retained, QoS1, also the device's Last Will)."""
-    return f"{_fleet_root(fleet)}/device/{device_id(device)}/state"
+    return _device_leaf(fleet, device, DeviceStateTopic.leaf)
 
 
 def receipt_topic(fleet: str, device: str) -> str:
     """``edgefl/v1/<fleet>/device/<id>/receipt`` (retained, QoS1, published by the aggregator
     only; the device reads its own)."""
-    return f"{_fleet_root(fleet)}/device/{device_id(device)}/receipt"
+    return _device_leaf(fleet, device, ReceiptTopic.leaf)
+
+
+def checkin_topic(fleet: str, device: str) -> str:
+    """``edgefl/v1/<fleet>/device/<id>/checkin`` (QoS1, not retained, published by the device:
+    it asks for, or gives up, a training lease)."""
+    return _device_leaf(fleet, device, CheckInTopic.leaf)
+
+
+def lease_topic(fleet: str, device: str) -> str:
+    """``edgefl/v1/<fleet>/device/<id>/lease`` (QoS1, not retained, published by the aggregator
+    only: a training lease for that device)."""
+    return _device_leaf(fleet, device, LeaseTopic.leaf)
 
 
 def server_state_topic(fleet: str) -> str:
     """``edgefl/v1/<fleet>/server/state`` (retained, QoS1, also the aggregator's Last Will)."""
-    return f"{_fleet_root(fleet)}/server/state"
+    return ServerStateTopic(fleet).topic
 
 
 def server_metrics_topic(fleet: str) -> str:
     """``edgefl/v1/<fleet>/server/metrics`` (QoS0, not retained, periodic)."""
-    return f"{_fleet_root(fleet)}/server/metrics"
+    return ServerMetricsTopic(fleet).topic
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,12 +377,17 @@ def updates_filter(fleet: str, *, device: str | None = None) -> str:
 
 def device_states_filter(fleet: str) -> str:
     """Every device state of a fleet: ``edgefl/v1/<fleet>/device/+/state``."""
-    return f"{_fleet_root(fleet)}/device/+/state"
+    return f"{_fleet_root(fleet)}/device/+/{DeviceStateTopic.leaf}"
 
 
 def receipts_filter(fleet: str) -> str:
     """Every device's receipt of a fleet: ``edgefl/v1/<fleet>/device/+/receipt``."""
-    return f"{_fleet_root(fleet)}/device/+/receipt"
+    return f"{_fleet_root(fleet)}/device/+/{ReceiptTopic.leaf}"
+
+
+def checkins_filter(fleet: str) -> str:
+    """Every device's check-in of a fleet: ``edgefl/v1/<fleet>/device/+/checkin``."""
+    return f"{_fleet_root(fleet)}/device/+/{CheckInTopic.leaf}"
 
 
 def model_chunks_filter(fleet: str, version: int) -> str:
@@ -436,16 +487,27 @@ def _parse_model_levels(fleet: str, rest: list[str], text: str) -> ParsedTopic |
     return None
 
 
+_DEVICE_LEAVES: dict[str, Callable[[str, str], ParsedTopic]] = {
+    DeviceStateTopic.leaf: DeviceStateTopic,
+    ReceiptTopic.leaf: ReceiptTopic,
+    CheckInTopic.leaf: CheckInTopic,
+    LeaseTopic.leaf: LeaseTopic,
+}
+_SERVER_LEAVES: dict[str, Callable[[str], ParsedTopic]] = {
+    ServerStateTopic.leaf: ServerStateTopic,
+    ServerMetricsTopic.leaf: ServerMetricsTopic,
+}
+
+
 def _parse_device_levels(fleet: str, rest: list[str], text: str) -> ParsedTopic | None:
-    """``device/<id>/state``, ``device/<id>/receipt``, ``device/<id>/update/<seq>``."""
+    """``device/<id>/<leaf>`` (state, receipt, checkin, lease), ``device/<id>/update/<seq>``."""
     n = len(rest)
     if n < 3:
         return None
     device = device_id(rest[1])
-    if n == 3 and rest[2] == "state":
-        return DeviceStateTopic(fleet, device)
-    if n == 3 and rest[2] == "receipt":
-        return ReceiptTopic(fleet, device)
+    leaf = _DEVICE_LEAVES.get(rest[2]) if n == 3 else None
+    if leaf is not None:
+        return leaf(fleet, device)
     if n == 4 and rest[2] == "update":
         return UpdateTopic(fleet, device, _parse_int(rest[3], text, "update seq"))
     return None
@@ -453,11 +515,8 @@ def _parse_device_levels(fleet: str, rest: list[str], text: str) -> ParsedTopic 
 
 def _parse_server_levels(fleet: str, rest: list[str], _text: str) -> ParsedTopic | None:
     """``server/state``, ``server/metrics``."""
-    if len(rest) == 2 and rest[1] == "state":
-        return ServerStateTopic(fleet)
-    if len(rest) == 2 and rest[1] == "metrics":
-        return ServerMetricsTopic(fleet)
-    return None
+    leaf = _SERVER_LEAVES.get(rest[1]) if len(rest) == 2 else None
+    return None if leaf is None else leaf(fleet)
 
 
 _FLEET_FAMILIES: dict[str, Callable[[str, list[str], str], ParsedTopic | None]] = {
