@@ -2,8 +2,9 @@
 
 Runs the virtual fleet simulator (mnist1d, the simulator's default fleet of 100 devices: mixed
 profiles, Dirichlet(0.5) data, 20 devices training at once) once per epsilon with central DP at
-the aggregator, and once without privacy (epsilon = infinity), all with the same update budget,
-buffer size K, server optimizer and ``sum`` normalisation, so that only the privacy differs.
+the aggregator, and once without privacy (epsilon = infinity: the same clip to C, as a static
+norm bound, without noise or caps), all with the same update budget, buffer size K, server
+optimizer and ``sum`` normalisation, so that only the noise and the caps differ.
 
 For each finite epsilon the noise multiplier z is calibrated
 (:func:`edgefl.privacy.calibrate_noise`, RDP accountant, ``delta = min(1e-5, 1/N)``) so that
@@ -91,6 +92,8 @@ def _privacy(plan: Plan, eps: float) -> CentralDP:
 def _run(plan: Plan, scenario: Scenario, eps: float | None) -> dict[str, Any]:
     privacy = None if eps is None else _privacy(plan, eps)
     cfg = replace(_base_config(plan), privacy=privacy)
+    if privacy is None:  # the same clip to C, without noise, cap or one-per-buffer rule
+        cfg = replace(cfg, norm_bound=f"{plan.clip:g}")
     t0 = time.perf_counter()
     sim = VirtualSimulator(replace(scenario, config=cfg), label=f"eps={eps}")
     diverged = False
@@ -126,10 +129,16 @@ def _print_row(plan: Plan, row: dict[str, Any]) -> None:
     eps = "inf" if row["epsilon"] is None else f"{row['epsilon']:g}"
     z = "-" if row["noise_multiplier"] is None else f"{row['noise_multiplier']:.3f}"
     cap = "-" if row["cap"] is None else str(row["cap"])
+    spent = (
+        "-"
+        if row["spent_epsilon"] is None
+        else f"{row['participation_max']}, {row['spent_epsilon']:.3f}"
+    )
     print(
         f"| {eps:>3} | {z:>6} | {cap:>3} | {plan.buffer_size} | {plan.devices} | "
         f"{100 * row['accuracy']:5.1f}% | {row['updates']:>5} | {row['applied']:>5} | "
-        f"{row['flushes']:>4} | {row['wall_s']:>6.1f} s |{' diverged' if row['diverged'] else ''}",
+        f"{row['flushes']:>4} | {row['wall_s']:>6.1f} s | {spent} |"
+        f"{' diverged' if row['diverged'] else ''}",
         flush=True,
     )
 
@@ -165,8 +174,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{plan.server_momentum:g}, {plan.max_updates} updates per run",
         flush=True,
     )
-    print("| eps | z | cap | K | N | accuracy | updates | applied | flushes | wall |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| eps | z | cap | K | N | accuracy | updates | applied | flushes | wall "
+        "| max participations, their epsilon |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for eps in (*plan.epsilons, None):
         row = _run(plan, scenario, eps)

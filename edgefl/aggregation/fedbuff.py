@@ -225,6 +225,12 @@ class FedBuff:
     def ready(self) -> bool:
         return self._count >= self._config.buffer_size
 
+    def privacy_admits(self, device_id: str) -> bool:
+        """Whether central DP would let an update of ``device_id`` into the buffer now (not
+        already in it, under its participation cap); always true without DP. For schedulers:
+        a device refused here would train for nothing."""
+        return self._ledger is None or self._ledger.admissible(device_id)
+
     # ------------------------------------------------------------------ ingest
     def add(
         self,

@@ -10,6 +10,7 @@
 * :mod:`.local` -- :class:`LocalDP`: the device clips and adds Gaussian (analytic calibration)
   or Laplace noise before encoding, and keeps its running total (:class:`LocalSpend`).
 * :mod:`.analytic` -- the analytic Gaussian mechanism in plain ``math`` (devices, no scipy).
+* :mod:`.spec` -- :func:`parse_dp`: the ``--dp central:z=3,C=0.3,eps=8`` / ``local:...`` text.
 
 ``dp-accounting`` is imported only when an epsilon is computed (``aggregator`` / ``sim``
 extras); the device side (:mod:`.local`) never needs it.
@@ -21,6 +22,7 @@ from edgefl.privacy.accountant import AccountantKind, calibrate_noise, epsilon, 
 from edgefl.privacy.central import CentralDP, GaussianNoise
 from edgefl.privacy.ledger import ParticipationLedger, PrivacyState, PrivacyStatistics
 from edgefl.privacy.local import LocalDP, LocalMechanism, LocalRelease, LocalSpend, may_train
+from edgefl.privacy.spec import dp_to_text, parse_dp
 
 __all__ = [
     "AccountantKind",
@@ -34,7 +36,9 @@ __all__ = [
     "PrivacyState",
     "PrivacyStatistics",
     "calibrate_noise",
+    "dp_to_text",
     "epsilon",
     "may_train",
+    "parse_dp",
     "participation_cap",
 ]

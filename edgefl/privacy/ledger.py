@@ -97,6 +97,11 @@ class ParticipationLedger:
     def participations(self, device_id: str) -> int:
         return self._counts.get(device_id, 0)
 
+    def admissible(self, device_id: str) -> bool:
+        """Whether :meth:`admit` would accept an update of ``device_id`` now (no side effect):
+        e.g. to grant no participation lease to a device whose update would be refused."""
+        return device_id not in self._buffer and self._counts.get(device_id, 0) < self._cap
+
     def admit(self, device_id: str) -> None:
         """Raise ``UpdateRejected`` unless an update of ``device_id`` may enter the buffer."""
         if device_id in self._buffer:

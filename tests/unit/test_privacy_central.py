@@ -3,7 +3,9 @@ buffer, the participation cap across snapshots and replays, and privacy off is u
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -21,7 +23,7 @@ from edgefl.aggregation import (
 )
 from edgefl.codec import CodecConfig, CodecDescriptor, Quantization, encode_update, open_update
 from edgefl.errors import RejectReason, UpdateRejected
-from edgefl.privacy import CentralDP
+from edgefl.privacy import CentralDP, PrivacyState
 
 
 def dp(**overrides: object) -> CentralDP:
@@ -148,6 +150,7 @@ def test_a_second_update_of_a_device_in_one_buffer_is_rejected_and_counted() -> 
         fb.add(np.ones(2, np.float32), base_version=0, num_examples=1, device_id="a")
 
     assert caught.value.reason is RejectReason.DP_ONE_PER_BUFFER
+    assert not fb.privacy_admits("a")
     assert fb.statistics().rejected == {RejectReason.DP_ONE_PER_BUFFER: 1}
     assert fb.buffer_fill == 1
     fb.add(np.ones(2, np.float32), base_version=0, num_examples=1, device_id="b")
@@ -179,6 +182,8 @@ def test_the_cap_holds_across_snapshot_restore_and_a_replayed_update() -> None:
         restored.add(replay, base_version=restored.version, num_examples=1, device_id="a")
 
     assert caught.value.reason is RejectReason.DP_BUDGET_EXHAUSTED
+    assert not restored.privacy_admits("a")
+    assert restored.privacy_admits("b")
     stats = restored.statistics()
     assert stats.rejected == {RejectReason.DP_BUDGET_EXHAUSTED: 1}
     assert stats.privacy is not None
@@ -266,5 +271,23 @@ def test_privacy_off_is_the_documented_fedbuff_bit_for_bit() -> None:
     expected = w0 + acc / np.float32(sum(weights))
     np.testing.assert_array_equal(fb.weights, expected)
     assert step.noise_std is None
+    assert fb.privacy_admits("same-device")
     assert fb.statistics().privacy is None
     assert fb.snapshot().privacy is None
+
+
+def test_the_privacy_state_survives_its_json_form() -> None:
+    """What a store does: persist ``PrivacyState.to_json()`` beside the model, restore from it."""
+    cfg = config(dp(max_participations=1), buffer_size=1)
+    fb = FedBuff(cfg, np.zeros(3))
+    _flush_one(fb, "a")
+    state = fb.snapshot(buffer=False)
+    assert state.privacy is not None
+    stored = json.dumps(state.privacy.to_json())
+
+    loaded = replace(state, privacy=PrivacyState.from_json(json.loads(stored)))
+    restored = FedBuff.restore(cfg, loaded)
+
+    with pytest.raises(UpdateRejected) as caught:
+        _flush_one(restored, "a")
+    assert caught.value.reason is RejectReason.DP_BUDGET_EXHAUSTED
