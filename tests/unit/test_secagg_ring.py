@@ -139,11 +139,14 @@ def test_fixed_point_weight_rounds_and_keeps_at_least_one() -> None:
     assert fixed_point_weight(0.5, 256) == 128
     assert fixed_point_weight(1e-9, 256) == 1
     assert fixed_point_weight(3.0, 1) == 3
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="finite"):
         fixed_point_weight(float("nan"), 256)
 
 
-@pytest.mark.parametrize("kwargs", [{"bits": 16}, {"scale": 3}, {"clip_norm": 0.0}])
-def test_ring_spec_refuses_bad_settings(kwargs: dict[str, float]) -> None:
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"bits": 16}, "bits"), ({"scale": 3}, "power of two"), ({"clip_norm": 0.0}, "clip_norm")],
+)
+def test_ring_spec_refuses_bad_settings(kwargs: dict[str, float], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
         RingSpec(**kwargs)  # type: ignore[arg-type]

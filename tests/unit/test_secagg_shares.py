@@ -20,6 +20,7 @@ from edgefl.secagg import (
     open_seed,
 )
 from edgefl.secagg.ring import from_bytes
+from edgefl.security.keys import generate_private_key, private_key_pem, public_key_pem
 
 P = 256
 SPEC = RingSpec(bits=32, scale=2**16, clip_norm=1.0)
@@ -144,8 +145,11 @@ def test_helper_keys_round_trip_through_pem() -> None:
     public = load_helper_public_key(KEYS.public_pem())
     shares = make_shares(_update(), SPEC, public, CTX)
     assert open_seed(shares.sealed, loaded, CTX) == open_seed(shares.sealed, KEYS, CTX)
-    with pytest.raises(ValueError):
-        load_helper_public_key(b"-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n")
+    signing_key = generate_private_key()  # an Ed25519 key is not a helper key
+    with pytest.raises(ValueError, match="not an X25519"):
+        load_helper_public_key(public_key_pem(signing_key.public_key()))
+    with pytest.raises(ValueError, match="not an X25519"):
+        HelperKeys.from_pem(private_key_pem(signing_key))
 
 
 def test_a_wrong_length_masked_share_is_refused() -> None:
