@@ -58,7 +58,8 @@ def _send(
 def _plain(codes: list[np.ndarray], weights: list[int] | None = None) -> np.ndarray:
     """``Σ w_i q_i`` over the integers (int64: no wrap at these sizes), as float64."""
     w = np.ones(len(codes), np.int64) if weights is None else np.array(weights, np.int64)
-    return (w[:, None] * np.stack(codes)).sum(axis=0).astype(np.float64)
+    total: np.ndarray = (w[:, None] * np.stack(codes)).sum(axis=0)
+    return total.astype(np.float64)
 
 
 def _roles() -> tuple[SecAggLeader, SecAggHelper]:
