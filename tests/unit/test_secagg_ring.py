@@ -150,3 +150,12 @@ def test_fixed_point_weight_rounds_and_keeps_at_least_one() -> None:
 def test_ring_spec_refuses_bad_settings(kwargs: dict[str, float], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         RingSpec(**kwargs)  # type: ignore[arg-type]
+
+
+def test_one_coordinate_beyond_the_range_is_overflow_even_with_a_small_norm() -> None:
+    spec = RingSpec(bits=32, scale=2**10, clip_norm=1.0)
+    total = np.zeros(100, dtype=np.int64)
+    total[7] = -(spec.sum_bound([3]) + 1)  # the L2 norm is far below the norm bound
+    with pytest.raises(SecAggError) as info:
+        decode_sum(total.astype(np.int32).view(spec.dtype), spec, [3])
+    assert info.value.reason is SecAggReason.OVERFLOW

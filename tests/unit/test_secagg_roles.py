@@ -291,3 +291,33 @@ def test_decisions_round_trip_through_json() -> None:
     assert BufferDecision.from_json(decision.to_json()) == decision
     with pytest.raises(ValueError, match="bad decision"):
         BufferDecision.from_json(b'{"buffer_id": 1, "members": [["a", 1]], "weights": []}')
+
+
+def test_an_update_is_not_a_member_until_the_helper_reports_its_seed() -> None:
+    leader, helper = _roles()
+    _, lonely = _device(("pi-x", 1), 99)
+    leader.receive_masked(("pi-x", 1), lonely.masked, 1, now=0.0)
+    for i in range(K - 1):
+        _send(leader, helper, (f"pi-{i}", 1), 1, i)
+    assert not leader.ready  # K shares at the leader, but only K - 1 complete
+
+    _send(leader, helper, ("pi-last", 1), 1, 7)
+    decision = leader.decide()
+
+    assert ("pi-x", 1) not in decision.members
+    assert leader.statistics()["pending"] == 1
+
+
+def test_a_redelivered_seed_is_reported_again_and_a_conflicting_one_is_a_duplicate() -> None:
+    _, helper = _roles()
+    _, shares = _device(("pi-1", 1), 1)
+    _, other = _device(("pi-1", 1), 2)
+    first = helper.receive_sealed(("pi-1", 1), shares.sealed, now=0.0)
+
+    again = helper.receive_sealed(("pi-1", 1), shares.sealed, now=1.0)  # QoS 1 redelivery
+    conflict = helper.receive_sealed(("pi-1", 1), other.sealed, now=1.0)
+
+    assert first == again == SeedReport(("pi-1", 1), True)
+    assert conflict is None
+    assert helper.statistics()[SecAggReason.DUPLICATE] == 1
+    assert helper.statistics()["accepted"] == 1

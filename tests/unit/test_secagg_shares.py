@@ -156,3 +156,25 @@ def test_a_wrong_length_masked_share_is_refused() -> None:
     with pytest.raises(SecAggError) as info:
         from_bytes(bytes(4 * P - 1), SPEC, P)
     assert info.value.reason is SecAggReason.BAD_SHARE
+
+
+def test_the_seal_follows_the_documented_construction() -> None:
+    # an independent opening: X25519, HKDF-SHA256(info = tag || eph_pub || helper_pub), AEAD
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    seed = bytes(range(32))
+    sealed = make_shares(_update(), SPEC, KEYS.public_key, CTX, seed=seed).sealed
+    eph_pub, ciphertext = sealed[:32], sealed[32:]
+    raw = serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    helper_pub = KEYS.public_key.public_bytes(*raw)
+    shared = KEYS.private_key.exchange(X25519PublicKey.from_public_bytes(eph_pub))
+    info = b"edgefl-secagg/1 seal" + eph_pub + helper_pub
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(shared)
+    ad = (
+        b'{"bits":32,"device_id":"pi-1","fleet":"lab","model":"mlp-100k","num_params":256,'
+        b'"protocol":"edgefl-secagg/1","seq":7}'
+    )
+    assert ChaCha20Poly1305(key).decrypt(bytes(12), ciphertext, ad) == seed
