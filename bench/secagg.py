@@ -28,38 +28,39 @@ With ``--json`` the last line of stdout is one JSON object with ``bytes_per_upda
 
 from __future__ import annotations
 
-import os
+# bench/codec.py first: it pins the BLAS/OpenMP pools to one thread before numpy is imported
+from codec import best_of, real_model_delta, tile_permuted  # isort: skip
 
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
-    os.environ[_var] = "1"
+import argparse
+import json
+import time
+from collections.abc import Callable
+from typing import Any
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
-from typing import Any  # noqa: E402
+import numpy as np
+from numpy.typing import NDArray
 
-import numpy as np  # noqa: E402
-from codec import best_of, real_model_delta, tile_permuted  # noqa: E402  (bench/codec.py)
-from numpy.typing import NDArray  # noqa: E402
-
-from edgefl.aggregation import FedBuff, FedBuffConfig  # noqa: E402
-from edgefl.codec import CodecConfig, encode_update, max_decompressed, open_update  # noqa: E402
-from edgefl.models import get_model_spec  # noqa: E402
-from edgefl.protocol import UpdateHeader, encode_message  # noqa: E402
-from edgefl.secagg import (  # noqa: E402
+from edgefl.aggregation import FedBuff, FedBuffConfig
+from edgefl.codec import CodecConfig, encode_update, max_decompressed, open_update
+from edgefl.models import get_model_spec
+from edgefl.protocol import UpdateHeader, encode_message
+from edgefl.secagg import (
+    BufferDecision,
     HelperConfig,
     HelperKeys,
+    HelperPartial,
     LeaderConfig,
     RingSpec,
     SecAggHelper,
     SecAggLeader,
+    SeedReport,
     Shares,
     encode,
     expand_mask,
     make_shares,
     open_seed,
 )
-from edgefl.secagg.ring import weighted_add  # noqa: E402
+from edgefl.secagg.ring import weighted_add
 
 MODEL = "mlp-100k"
 FLEET = "bench"
@@ -119,6 +120,21 @@ def plain_ingest(delta: NDArray[np.float32], updates: int, repeats: int) -> floa
     return updates / best_of(run, repeats)
 
 
+def feed(
+    leader: SecAggLeader,
+    shares: list[Shares],
+    reports: list[SeedReport | None],
+    partial: Callable[[BufferDecision], HelperPartial],
+) -> None:
+    """The leader's ingest: receive and report per update, decide and combine per K."""
+    for i, (share, report) in enumerate(zip(shares, reports, strict=True)):
+        assert report is not None
+        leader.receive_masked(("pi", i), share.masked, 100, 0.0)
+        leader.helper_report(report, 0.0)
+        if leader.ready:
+            leader.combine(partial(leader.decide()))
+
+
 def secagg_ingest(
     delta: NDArray[np.float32], spec: RingSpec, keys: HelperKeys, updates: int, repeats: int
 ) -> float:
@@ -133,24 +149,15 @@ def secagg_ingest(
     ]
     helper = SecAggHelper(hcfg, keys)
     reports = [helper.receive_sealed(("pi", i), s.sealed, 0.0) for i, s in enumerate(shares)]
-    partials = {}  # the helper's answers, computed ahead: its cost is measured separately
-    probe = SecAggLeader(lcfg)
-    for i, share in enumerate(shares):
-        probe.receive_masked(("pi", i), share.masked, 100, 0.0)
-        probe.helper_report(reports[i], 0.0)  # type: ignore[arg-type]
-        if probe.ready:
-            decision = probe.decide()
-            partials[decision.buffer_id] = helper.apply(decision)
-            probe.combine(partials[decision.buffer_id])
+    partials: dict[int, HelperPartial] = {}  # the helper's answers, computed ahead
+
+    def answer(decision: BufferDecision) -> HelperPartial:
+        return partials.setdefault(decision.buffer_id, helper.apply(decision))
+
+    feed(SecAggLeader(lcfg), shares, reports, answer)  # its cost is measured separately
 
     def run() -> None:
-        leader = SecAggLeader(lcfg)
-        for i, share in enumerate(shares):
-            leader.receive_masked(("pi", i), share.masked, 100, 0.0)
-            leader.helper_report(reports[i], 0.0)  # type: ignore[arg-type]
-            if leader.ready:
-                decision = leader.decide()
-                leader.combine(partials[decision.buffer_id])
+        feed(SecAggLeader(lcfg), shares, reports, lambda d: partials[d.buffer_id])
 
     return updates / best_of(run, repeats)
 
