@@ -14,6 +14,13 @@ decision gets the same partial again. A decision with an id below the highest an
 ``STALE_DECISION``; one naming a seed the helper does not hold is ``BAD_DECISION`` (the error's
 ``missing`` attribute lists them for the leader's :meth:`~SecAggLeader.abort`).
 
+The helper is what stops a dishonest leader from learning a single update from the sums: it
+refuses (``BAD_DECISION``) a decision of fewer than ``min_members`` updates, and one naming an
+update that was a member of an earlier decision (the difference of two overlapping sums is the
+updates they do not share). Seeds are deleted once superseded, so they cannot be reused later
+either. What it cannot stop: a leader that is also K - 1 of the devices (Sybils) learns the one
+honest update of a buffer, as in every secure aggregation without device authentication.
+
 ``seed_timeout`` must be far longer than the longest time a complete update may wait in the
 leader's queue (a slow fleet fills a buffer slowly): it only collects seeds the leader never
 claims.
@@ -45,6 +52,11 @@ class HelperConfig:
     fleet: str
     model: str
     seed_timeout: float = 3600.0
+    min_members: int = 2
+
+    def __post_init__(self) -> None:
+        if self.min_members < 1 or not self.seed_timeout > 0:
+            raise ValueError("min_members must be >= 1 and seed_timeout > 0")
 
     def context(self, key: UpdateKey) -> ShareContext:
         return ShareContext(
@@ -119,6 +131,11 @@ class SecAggHelper:
             return
         if decision.buffer_id <= self._last_id:
             raise SecAggError(SecAggReason.STALE_DECISION, f"decision {decision.buffer_id}")
+        if len(decision.members) < self._config.min_members:
+            raise SecAggError(SecAggReason.BAD_DECISION, f"fewer than {self._config.min_members}")
+        used = {k for d in self._answered.values() for k in d.members}
+        if any(k in used for k in decision.members):  # two sums would isolate the difference
+            raise SecAggError(SecAggReason.BAD_DECISION, "a member of an earlier decision")
         missing = frozenset(k for k in decision.members if k not in self._seeds)
         if missing:
             raise MissingSeeds(missing)

@@ -52,7 +52,8 @@ class SumNoise(Protocol):
 @dataclass(frozen=True)
 class LeaderConfig:
     """``buffer_size`` K, ``w_max`` (largest integer weight), ``share_timeout`` seconds,
-    ``memory`` (how many closed update keys are remembered to tell late and duplicate shares)."""
+    ``memory`` (how many closed update keys are remembered to tell late and duplicate shares),
+    ``min_members`` (the smallest flushed buffer; the helper enforces its own)."""
 
     spec: RingSpec
     num_params: int
@@ -60,6 +61,7 @@ class LeaderConfig:
     w_max: int
     share_timeout: float = 60.0
     memory: int = 100_000
+    min_members: int = 2
     noise: SumNoise | None = None
 
     def __post_init__(self) -> None:
@@ -72,6 +74,8 @@ class LeaderConfig:
             )
         if not self.share_timeout > 0 or self.memory < 1:
             raise ValueError("share_timeout must be > 0 and memory >= 1")
+        if not 1 <= self.min_members <= self.buffer_size:
+            raise ValueError("min_members must be in [1, buffer_size]")
 
 
 @dataclass(frozen=True)
@@ -191,12 +195,13 @@ class SecAggLeader:
 
     def decide(self, *, flush: bool = False) -> BufferDecision:
         """Close the next buffer: the first K complete updates (``flush``: up to K, at least
-        one). Their masked shares stay with the decision until :meth:`combine`."""
+        ``min_members``; the helper refuses fewer). The masked shares stay with the decision
+        until :meth:`combine`."""
         cfg = self._config
         if self._open is not None:
             raise RuntimeError(f"decision {self._open.buffer_id} is still open")
         count = min(len(self._complete), cfg.buffer_size)
-        if count == 0 or (count < cfg.buffer_size and not flush):
+        if count < cfg.min_members or (count < cfg.buffer_size and not flush):
             raise RuntimeError(f"{len(self._complete)} complete updates, need {cfg.buffer_size}")
         members = list(self._complete)[:count]
         shares = tuple(self._pending.pop(k) for k in members)

@@ -180,8 +180,11 @@ def test_no_decision_before_k_complete_updates_unless_flushed() -> None:
     assert not leader.ready
     with pytest.raises(RuntimeError, match="need"):
         leader.decide()
+    with pytest.raises(RuntimeError, match="need"):
+        leader.decide(flush=True)  # one member: its sum would be the update itself
+    _send(leader, helper, ("pi-1", 1), 1, 1)
     decision = leader.decide(flush=True)
-    assert decision.members == (("pi-0", 1),)
+    assert decision.members == (("pi-0", 1), ("pi-1", 1))
 
 
 def test_a_leader_restart_between_decision_and_partial_loses_and_doubles_nothing() -> None:
@@ -321,3 +324,19 @@ def test_a_redelivered_seed_is_reported_again_and_a_conflicting_one_is_a_duplica
     assert conflict is None
     assert helper.statistics()[SecAggReason.DUPLICATE] == 1
     assert helper.statistics()["accepted"] == 1
+
+
+def test_the_helper_refuses_decisions_that_would_isolate_one_update() -> None:
+    leader, helper = _roles()
+    for i in range(K):
+        _send(leader, helper, (f"pi-{i}", 1), 1, i)
+    first = leader.decide()
+    helper.apply(first)
+    overlapping = BufferDecision(first.buffer_id + 1, first.members[:2], (1, 1))
+    alone = BufferDecision(first.buffer_id + 1, first.members[:1], (1,))
+
+    for bad in (overlapping, alone):
+        with pytest.raises(SecAggError) as info:
+            helper.apply(bad)
+        assert info.value.reason is SecAggReason.BAD_DECISION
+    assert helper.statistics()[SecAggReason.BAD_DECISION] == 2
