@@ -332,8 +332,9 @@ def test_the_helper_refuses_decisions_that_would_isolate_one_update() -> None:
         _send(leader, helper, (f"pi-{i}", 1), 1, i)
     first = leader.decide()
     helper.apply(first)
-    overlapping = BufferDecision(first.buffer_id + 1, first.members[:2], (1, 1))
-    alone = BufferDecision(first.buffer_id + 1, first.members[:1], (1,))
+    _send(leader, helper, ("pi-new", 1), 1, 9)
+    overlapping = BufferDecision(first.buffer_id + 1, (first.members[0], ("pi-new", 1)), (1, 1))
+    alone = BufferDecision(first.buffer_id + 1, (("pi-new", 1),), (1,))
 
     for bad in (overlapping, alone):
         with pytest.raises(SecAggError) as info:
