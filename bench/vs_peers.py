@@ -12,8 +12,9 @@ test accuracy of the final model. The arrays go to one ``.npz`` that every peer 
 Systems, one after the other:
 
 1. Flower 1.40 simulation, Ray backend, 2 CPUs, 1 CPU per client (``bench/peers/flower_fedavg.py``);
-2. pfl 0.6.0 FedAvg, SimulatedBackend, 1 process and 2 worker processes
-   (``bench/peers/pfl_fedavg.py``);
+2. pfl 0.6.0 FedAvg, SimulatedBackend, 1 process and 2 worker processes, one torch thread each
+   (``bench/peers/pfl_fedavg.py``; with torch's default 2 threads one process ran at 1 update/s
+   on the loaded machine, OpenMP spinning against the other jobs);
 3. edgefl's virtual simulator (the engine of ``edgefl sim --algorithm fedavg``): lab fleet (no
    dropouts, crashes or deadlines: every round waits for its whole cohort), fp32 updates, no norm
    bound, evaluation only at the start and the end, one torch thread.
@@ -127,7 +128,7 @@ def run_peer(peer: str, script: str, workload: Path, workers: int = 1) -> dict[s
     python = str(venv_python(peer))
     cmd = [python, str(HERE / "peers" / script)]
     if workers == 1:
-        envs = [_peer_env(workload)]
+        envs = [_peer_env(workload, EDGEFL_BENCH_THREADS="1")]
     else:
         addresses = ",".join(f"localhost:{_free_port()}" for _ in range(workers))
         envs = [
@@ -151,6 +152,8 @@ def run_peer(peer: str, script: str, workload: Path, workers: int = 1) -> dict[s
 
 
 def run_edgefl(scenario: Any) -> dict[str, Any]:
+    import torch  # noqa: F401  (imported before the clock starts, as the peers' imports are)
+
     from firmware_sim.virtual import run_virtual
 
     res = run_virtual(scenario.config, scenario=scenario)
@@ -202,9 +205,11 @@ def physical_limit(scenario: Any) -> dict[str, float]:
 
 def _line(r: dict[str, Any]) -> str:
     rate = r["updates"] / r["train_wall_s"]
+    steady = r.get("steady_updates_per_s")
+    after_first = f" ({steady:.1f}/s after round 1)" if steady else ""
     return (
         f"  {r['system']:9s} {r['updates']:4d} updates in {r['train_wall_s']:7.2f} s = "
-        f"{rate:8.1f} updates/s, accuracy {100 * r['accuracy']:.2f}%"
+        f"{rate:8.1f} updates/s{after_first}, accuracy {100 * r['accuracy']:.2f}%"
     )
 
 
@@ -213,6 +218,8 @@ def _summary(results: dict[str, dict[str, Any]], limit: dict[str, float]) -> dic
     for key, r in results.items():
         out[f"{key}_updates_per_s"] = round(r["updates"] / r["train_wall_s"], 2)
         out[f"{key}_accuracy"] = r["accuracy"]
+        if "steady_updates_per_s" in r:
+            out[f"{key}_steady_updates_per_s"] = round(r["steady_updates_per_s"], 2)
     ours = out["edgefl_updates_per_s"]
     if "flower" in results:
         out["ratio_vs_flower"] = round(ours / out["flower_updates_per_s"], 2)

@@ -49,6 +49,11 @@ class _Cache:
 
 
 class _Layer(Protocol):
+    @property
+    def macs(self) -> int:
+        """Multiply-accumulates of the forward product per example."""
+        ...
+
     def forward(self, w: Tensor, h: Tensor) -> tuple[Tensor, _Cache]: ...
 
     def backward(
@@ -100,6 +105,10 @@ class _Conv1d:
     @property
     def l_out(self) -> int:
         return (self.l_in + 2 * self.p - self.k) // self.s + 1
+
+    @property
+    def macs(self) -> int:
+        return self.l_out * self.c_out * self.c_in * self.k
 
     def _w(self, w: Tensor) -> tuple[Tensor, Tensor]:
         """``(W (G, out, k, in), bias (G, 1, out))``; ``W`` is a (non-contiguous) view."""
@@ -171,6 +180,10 @@ class _Linear:
     relu: bool
     perm: tuple[int, int] | None = None
 
+    @property
+    def macs(self) -> int:
+        return self.n_in * self.n_out
+
     def _w(self, w: Tensor) -> tuple[Tensor, Tensor]:
         g, n = w.shape[0], self.n_out * self.n_in
         wm = w[:, self.a : self.a + n].view(g, self.n_out, self.n_in)
@@ -210,6 +223,13 @@ class StackedNet:
     def __init__(self, layers: list[_Layer], in_shape: tuple[int, ...]) -> None:
         self.layers = layers
         self.in_shape = in_shape  # per-sample input as the first layer wants it
+
+    def flops_per_example(self) -> int:
+        """Multiply-add FLOPs (2 per MAC) of one training example: the forward products, their
+        weight gradients and the input gradients of every layer but the first (``3×`` forward
+        but for the first layer's ``2×``), ignoring the elementwise work."""
+        macs = [layer.macs for layer in self.layers]
+        return 2 * (3 * sum(macs) - macs[0])
 
     def loss_and_grad(self, w: Tensor, x: Tensor, y: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
         """``(loss (G,), grad (G, P))`` of the masked mean cross-entropy (module docstring).

@@ -174,3 +174,11 @@ def test_virtual_results_are_bit_identical_to_unbatched_training(
     assert batched.record.summary(cfg.target) == one_by_one.record.summary(cfg.target) | {
         "wall_time_s": batched.record.summary(cfg.target)["wall_time_s"]
     }
+
+
+def test_flops_per_example_counts_products_and_their_gradients() -> None:
+    # digits-mlp 64 -> 32 -> 10: forward MACs 64·32 + 32·10 = 2,368; the weight gradients
+    # repeat them, the input gradient of the second layer adds 32·10 (none for the first)
+    net = stacked_net(get_model_spec("digits-mlp"))
+
+    assert net.flops_per_example() == 2 * (2 * 2368 + 320)
