@@ -54,6 +54,11 @@ class _Layer(Protocol):
         """Multiply-accumulates of the forward product per example."""
         ...
 
+    @property
+    def floats(self) -> int:
+        """Working floats per example, forward and backward (a rough bound)."""
+        ...
+
     def forward(self, w: Tensor, h: Tensor) -> tuple[Tensor, _Cache]: ...
 
     def backward(
@@ -109,6 +114,11 @@ class _Conv1d:
     @property
     def macs(self) -> int:
         return self.l_out * self.c_out * self.c_in * self.k
+
+    @property
+    def floats(self) -> int:
+        padded = (self.l_in + 2 * self.p) * self.c_in
+        return 2 * (self.l_out * self.k * self.c_in + padded) + 3 * self.l_out * self.c_out
 
     def _w(self, w: Tensor) -> tuple[Tensor, Tensor]:
         """``(W (G, out, k, in), bias (G, 1, out))``; ``W`` is a (non-contiguous) view."""
@@ -184,6 +194,10 @@ class _Linear:
     def macs(self) -> int:
         return self.n_in * self.n_out
 
+    @property
+    def floats(self) -> int:
+        return 2 * self.n_in + 3 * self.n_out
+
     def _w(self, w: Tensor) -> tuple[Tensor, Tensor]:
         g, n = w.shape[0], self.n_out * self.n_in
         wm = w[:, self.a : self.a + n].view(g, self.n_out, self.n_in)
@@ -223,6 +237,11 @@ class StackedNet:
     def __init__(self, layers: list[_Layer], in_shape: tuple[int, ...]) -> None:
         self.layers = layers
         self.in_shape = in_shape  # per-sample input as the first layer wants it
+
+    def bytes_per_example(self) -> int:
+        """A rough bound of the float32 working memory one example takes in a step (inputs,
+        ``im2col`` windows and outputs of every layer, forward and backward)."""
+        return 4 * sum(layer.floats for layer in self.layers)
 
     def flops_per_example(self) -> int:
         """Multiply-add FLOPs (2 per MAC) of one training example: the forward products, their
