@@ -336,29 +336,39 @@ def train_many(
                 train_local(spec, bases[i], x, y, replace(config, seed=int(seeds[i])))
                 for i, (x, y) in enumerate(data)
             ]
-    results: list[LocalResult | None] = [None] * n_dev
     with _torch_threads(threads):
-        from edgefl.stacked_nets import stacked_net
+        return _train_stacked(spec, bases, data, plans, config, max_devices_per_call)
 
-        per_device = (
-            24 * spec.num_params + config.batch_size * stacked_net(spec).bytes_per_example()
+
+def _train_stacked(
+    spec: ModelSpec,
+    bases: NDArray[np.float32],
+    data: list[tuple[NDArray[np.float32], NDArray[np.int64]]],
+    plans: list[list[NDArray[np.int64]]],
+    config: LocalTrainConfig,
+    max_devices_per_call: int | None,
+) -> list[LocalResult]:
+    """The stacked path of :func:`train_many` (inputs already checked)."""
+    from edgefl.stacked_nets import stacked_net
+
+    per_device = 24 * spec.num_params + config.batch_size * stacked_net(spec).bytes_per_example()
+    results: list[LocalResult | None] = [None] * len(data)
+    for group in _device_groups(plans, per_device, max_devices_per_call):
+        deltas, losses = _train_group(
+            spec,
+            np.stack([bases[i] for i in group]),
+            [data[i] for i in group],
+            [plans[i] for i in group],
+            config,
         )
-        for group in _device_groups(plans, per_device, max_devices_per_call):
-            deltas, losses = _train_group(
-                spec,
-                np.stack([bases[i] for i in group]),
-                [data[i] for i in group],
-                [plans[i] for i in group],
-                config,
+        for j, i in enumerate(group):
+            results[i] = LocalResult(
+                delta=deltas[j],
+                num_examples=len(data[i][1]),
+                loss=float(losses[j]),
+                steps=len(plans[i]),
+                stopped_early=False,
             )
-            for j, i in enumerate(group):
-                results[i] = LocalResult(
-                    delta=deltas[j],
-                    num_examples=len(data[i][1]),
-                    loss=float(losses[j]),
-                    steps=len(plans[i]),
-                    stopped_early=False,
-                )
     return [r for r in results if r is not None]
 
 
