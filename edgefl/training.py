@@ -337,18 +337,22 @@ def train_many(
                 for i, (x, y) in enumerate(data)
             ]
     with _torch_threads(threads):
-        return _train_stacked(spec, bases, data, plans, config, max_devices_per_call)
+        return _train_stacked(spec, bases, (data, plans), config, max_devices_per_call)
+
+
+_Devices = tuple[list[tuple[NDArray[np.float32], NDArray[np.int64]]], list[list[NDArray[np.int64]]]]
+"""Checked devices: each one's ``(x, y)`` and batch plan (:func:`_checked_devices`)."""
 
 
 def _train_stacked(
     spec: ModelSpec,
     bases: NDArray[np.float32],
-    data: list[tuple[NDArray[np.float32], NDArray[np.int64]]],
-    plans: list[list[NDArray[np.int64]]],
+    devices: _Devices,
     config: LocalTrainConfig,
     max_devices_per_call: int | None,
 ) -> list[LocalResult]:
     """The stacked path of :func:`train_many` (inputs already checked)."""
+    data, plans = devices
     from edgefl.stacked_nets import stacked_net
 
     per_device = 24 * spec.num_params + config.batch_size * stacked_net(spec).bytes_per_example()
@@ -394,7 +398,7 @@ def _checked_devices(
     datasets: Sequence[tuple[NDArray[Any], NDArray[Any]]],
     config: LocalTrainConfig,
     seeds: Sequence[int],
-) -> tuple[list[tuple[NDArray[np.float32], NDArray[np.int64]]], list[list[NDArray[np.int64]]]]:
+) -> _Devices:
     """Each device's validated data and its batch plan (``ValueError`` naming the device)."""
     data = []
     plans = []
