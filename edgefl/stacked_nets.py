@@ -90,8 +90,10 @@ def _im2col(h: Tensor, size: int, step: int, n: int, left: int) -> Tensor:
         if t1 <= t0:
             cols[:, :, :, j].zero_()
             continue
-        cols[:, :, :t0, j].zero_()
-        cols[:, :, t1:, j].zero_()
+        if t0 > 0:
+            cols[:, :, :t0, j].zero_()
+        if t1 < n:
+            cols[:, :, t1:, j].zero_()
         q0 = step * t0 + j - left
         cols[:, :, t0:t1, j] = h[:, :, q0 : q0 + step * (t1 - t0 - 1) + 1 : step]
     return cols.view(g, b * n, size * c)
