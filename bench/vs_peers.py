@@ -12,11 +12,14 @@ test accuracy of the final model. The arrays go to one ``.npz`` that every peer 
 Systems, one after the other:
 
 1. Flower 1.40 simulation, Ray backend, 2 CPUs, 1 CPU per client (``bench/peers/flower_fedavg.py``);
-2. pfl 0.6.0 FedAvg, SimulatedBackend, 1 process and 2 worker processes
-   (``bench/peers/pfl_fedavg.py``);
-3. edgefl's virtual simulator (the engine of ``edgefl sim --algorithm fedavg``): lab fleet (no
-   dropouts, crashes or deadlines: every round waits for its whole cohort), fp32 updates, no norm
-   bound, evaluation only at the start and the end, one torch thread.
+2. pfl 0.6.0 FedAvg, SimulatedBackend, 1 process and 2 worker processes, one torch thread each
+   (``bench/peers/pfl_fedavg.py``; with torch's default 2 threads one process ran at 1 update/s
+   on the loaded machine, OpenMP spinning against the other jobs);
+3. edgefl's virtual simulator: lab fleet (no dropouts, crashes or deadlines: every round waits
+   for its whole cohort), fp32 updates, no norm bound, evaluation only at the start and the end,
+   one torch thread. The same run from the command line (which also evaluates every round):
+   ``edgefl sim --algorithm fedavg --profile lab --devices 100 --concurrency 20
+   --max-updates 600 --codec fp32 --norm-bound off --round-deadline 1e9 --target 1.0``.
 
 The peers run in cached venvs (``bench/peer_venvs.py``: ``~/.cache/edgefl-bench/``, this
 project's torch pin plus the peer, from the package registry); they never become edgefl
@@ -26,8 +29,9 @@ imports excluded. The physical limit is the machine's measured single-core matmu
 by the FLOPs of one update (``StackedNet.flops_per_example`` × the mean client size × epochs).
 
 With ``--json`` the last stdout line is one JSON object with ``ratio_vs_flower``,
-``ratio_vs_pfl`` (against pfl's best configuration) and each system's ``*_updates_per_s`` and
-``*_accuracy``.
+``ratio_vs_pfl`` (against pfl's best configuration), each system's ``*_updates_per_s`` and
+``*_accuracy``, the peers' ``*_steady_updates_per_s`` (after round 1) and
+``ratio_vs_flower_steady``.
 """
 
 from __future__ import annotations
@@ -127,7 +131,7 @@ def run_peer(peer: str, script: str, workload: Path, workers: int = 1) -> dict[s
     python = str(venv_python(peer))
     cmd = [python, str(HERE / "peers" / script)]
     if workers == 1:
-        envs = [_peer_env(workload)]
+        envs = [_peer_env(workload, EDGEFL_BENCH_THREADS="1")]
     else:
         addresses = ",".join(f"localhost:{_free_port()}" for _ in range(workers))
         envs = [
@@ -151,6 +155,8 @@ def run_peer(peer: str, script: str, workload: Path, workers: int = 1) -> dict[s
 
 
 def run_edgefl(scenario: Any) -> dict[str, Any]:
+    import torch  # noqa: F401  (imported before the clock starts, as the peers' imports are)
+
     from firmware_sim.virtual import run_virtual
 
     res = run_virtual(scenario.config, scenario=scenario)
@@ -202,9 +208,11 @@ def physical_limit(scenario: Any) -> dict[str, float]:
 
 def _line(r: dict[str, Any]) -> str:
     rate = r["updates"] / r["train_wall_s"]
+    steady = r.get("steady_updates_per_s")
+    after_first = f" ({steady:.1f}/s after round 1)" if steady else ""
     return (
         f"  {r['system']:9s} {r['updates']:4d} updates in {r['train_wall_s']:7.2f} s = "
-        f"{rate:8.1f} updates/s, accuracy {100 * r['accuracy']:.2f}%"
+        f"{rate:8.1f} updates/s{after_first}, accuracy {100 * r['accuracy']:.2f}%"
     )
 
 
@@ -213,9 +221,13 @@ def _summary(results: dict[str, dict[str, Any]], limit: dict[str, float]) -> dic
     for key, r in results.items():
         out[f"{key}_updates_per_s"] = round(r["updates"] / r["train_wall_s"], 2)
         out[f"{key}_accuracy"] = r["accuracy"]
+        if "steady_updates_per_s" in r:
+            out[f"{key}_steady_updates_per_s"] = round(r["steady_updates_per_s"], 2)
     ours = out["edgefl_updates_per_s"]
     if "flower" in results:
         out["ratio_vs_flower"] = round(ours / out["flower_updates_per_s"], 2)
+        if "flower_steady_updates_per_s" in out:
+            out["ratio_vs_flower_steady"] = round(ours / out["flower_steady_updates_per_s"], 2)
     pfl = [k for k in results if k.startswith("pfl_")]
     if pfl:
         best = max(pfl, key=lambda k: out[f"{k}_updates_per_s"])
@@ -264,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{limit['physical_limit_updates_per_s_per_core']:.0f} updates/s per core; edgefl at "
         f"{100 * summary['edgefl_share_of_limit']:.0f}% of it"
     )
-    for key in ("ratio_vs_flower", "ratio_vs_pfl"):
+    for key in ("ratio_vs_flower", "ratio_vs_flower_steady", "ratio_vs_pfl"):
         if key in summary:
             print(f"  {key}: {summary[key]:.1f}x")
     if args.json:

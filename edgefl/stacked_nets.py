@@ -49,6 +49,16 @@ class _Cache:
 
 
 class _Layer(Protocol):
+    @property
+    def macs(self) -> int:
+        """Multiply-accumulates of the forward product per example."""
+        ...
+
+    @property
+    def floats(self) -> int:
+        """Working floats per example, forward and backward (a rough bound)."""
+        ...
+
     def forward(self, w: Tensor, h: Tensor) -> tuple[Tensor, _Cache]: ...
 
     def backward(
@@ -67,20 +77,33 @@ def _relu_grad(dout: Tensor, out: Tensor, relu: bool) -> Tensor:
     return grad
 
 
-def _windows(h: Tensor, size: int, step: int, n: int) -> Tensor:
-    """``im2col`` of a contiguous channels-last ``h (G, B, L, C)``: ``(G, B·n, size·C)`` with row
-    ``(b, t)`` = positions ``step·t … step·t + size − 1`` in ``(position, channel)`` order (each
-    row is one contiguous run of ``h``, so the copy is fast)."""
-    g, b, _, c = h.shape
-    view = h.as_strided((g, b, n, size * c), (h.stride(0), h.stride(1), step * c, 1))
-    return view.reshape(g, b * n, size * c)
+def _im2col(h: Tensor, size: int, step: int, n: int, left: int) -> Tensor:
+    """``im2col`` of a channels-last ``h (G, B, L, C)``: ``(G, B·n, size·C)`` whose row
+    ``(b, t)`` holds positions ``step·t − left + j`` for ``j < size`` in ``(position, channel)``
+    order, zero outside ``[0, L)``. Built by one strided copy per window slot, straight from
+    ``h`` (no padded copy first)."""
+    g, b, length, c = h.shape
+    cols = torch.empty(g, b, n, size, c, dtype=h.dtype)
+    for j in range(size):
+        t0 = max(0, -(-(left - j) // step))  # first t whose position is >= 0
+        t1 = min(n, (length - 1 - j + left) // step + 1)  # past the last t inside h
+        if t1 <= t0:
+            cols[:, :, :, j].zero_()
+            continue
+        if t0 > 0:
+            cols[:, :, :t0, j].zero_()
+        if t1 < n:
+            cols[:, :, t1:, j].zero_()
+        q0 = step * t0 + j - left
+        cols[:, :, t0:t1, j] = h[:, :, q0 : q0 + step * (t1 - t0 - 1) + 1 : step]
+    return cols.view(g, b * n, size * c)
 
 
 @dataclass(frozen=True)
 class _Conv1d:
     """``Conv1d(c_in → c_out, kernel k, stride s, padding p)`` on channels-last ``(G, B, L, C)``,
     then ReLU. Weights at flat ``[a, a + c_out·c_in·k)`` (torch's ``(out, in, k)``), bias after.
-    Products use the weights in ``(out, k, in)`` order, matching :func:`_windows`."""
+    Products use the weights in ``(out, k, in)`` order, matching :func:`_im2col`."""
 
     a: int
     c_in: int
@@ -92,14 +115,21 @@ class _Conv1d:
     relu: bool = True
 
     def __post_init__(self) -> None:
-        d_min, table = self._phases()
-        right = self.l_in // self.s + len(table) // self.s - 1 - self.l_out + d_min
-        if self.l_in % self.s or d_min > 0 or right < 0:
-            raise ValueError(f"no polyphase input gradient for {self}")
+        if self.l_in % self.s:  # the polyphase input gradient has l_in / s rows per phase
+            raise ValueError(f"input length is not a multiple of the stride: {self}")
 
     @property
     def l_out(self) -> int:
         return (self.l_in + 2 * self.p - self.k) // self.s + 1
+
+    @property
+    def macs(self) -> int:
+        return self.l_out * self.c_out * self.c_in * self.k
+
+    @property
+    def floats(self) -> int:
+        padded = (self.l_in + 2 * self.p) * self.c_in
+        return 2 * (self.l_out * self.k * self.c_in + padded) + 3 * self.l_out * self.c_out
 
     def _w(self, w: Tensor) -> tuple[Tensor, Tensor]:
         """``(W (G, out, k, in), bias (G, 1, out))``; ``W`` is a (non-contiguous) view."""
@@ -111,8 +141,7 @@ class _Conv1d:
     def forward(self, w: Tensor, h: Tensor) -> tuple[Tensor, _Cache]:
         g, b = h.shape[0], h.shape[1]
         wm, bias = self._w(w)
-        hp = torch.nn.functional.pad(h, (0, 0, self.p, self.p))
-        cols = _windows(hp, self.k, self.s, self.l_out)
+        cols = _im2col(h, self.k, self.s, self.l_out, self.p)
         w_t = wm.reshape(g, self.c_out, self.k * self.c_in).transpose(1, 2)
         z = torch.baddbmm(bias, cols, w_t)
         out = torch.relu_(z) if self.relu else z
@@ -153,9 +182,7 @@ class _Conv1d:
         w_ext = torch.cat([wm, torch.zeros(g, self.c_out, 1, self.c_in)], dim=2)
         taps = w_ext[:, :, table].view(g, self.c_out, nu, self.s * self.c_in)
         mat = taps.transpose(1, 2).reshape(g, nu * self.c_out, self.s * self.c_in)
-        right = n_i + nu - 1 - self.l_out + d_min
-        dzp = torch.nn.functional.pad(dz.view(g, b, self.l_out, self.c_out), (0, 0, -d_min, right))
-        cols = _windows(dzp, nu, 1, n_i)
+        cols = _im2col(dz.view(g, b, self.l_out, self.c_out), nu, 1, n_i, -d_min)
         return torch.bmm(cols, mat).view(g, b, self.l_in, self.c_in)
 
 
@@ -170,6 +197,14 @@ class _Linear:
     n_out: int
     relu: bool
     perm: tuple[int, int] | None = None
+
+    @property
+    def macs(self) -> int:
+        return self.n_in * self.n_out
+
+    @property
+    def floats(self) -> int:
+        return 2 * self.n_in + 3 * self.n_out
 
     def _w(self, w: Tensor) -> tuple[Tensor, Tensor]:
         g, n = w.shape[0], self.n_out * self.n_in
@@ -210,6 +245,18 @@ class StackedNet:
     def __init__(self, layers: list[_Layer], in_shape: tuple[int, ...]) -> None:
         self.layers = layers
         self.in_shape = in_shape  # per-sample input as the first layer wants it
+
+    def bytes_per_example(self) -> int:
+        """A rough bound of the float32 working memory one example takes in a step (inputs,
+        ``im2col`` windows and outputs of every layer, forward and backward)."""
+        return 4 * sum(layer.floats for layer in self.layers)
+
+    def flops_per_example(self) -> int:
+        """Multiply-add FLOPs (2 per MAC) of one training example: the forward products, their
+        weight gradients and the input gradients of every layer but the first (``3×`` forward
+        but for the first layer's ``2×``), ignoring the elementwise work."""
+        macs = [layer.macs for layer in self.layers]
+        return 2 * (3 * sum(macs) - macs[0])
 
     def loss_and_grad(self, w: Tensor, x: Tensor, y: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
         """``(loss (G,), grad (G, P))`` of the masked mean cross-entropy (module docstring).

@@ -55,8 +55,8 @@ __all__ = [
 _ADAM_BETAS = (0.9, 0.999)
 _ADAM_EPS = 1e-8
 _MEMORY_BUDGET = 256 * 1024 * 1024  # bytes per train_many chunk, a rough bound
-# Measured on mnist1d-cnn (1 thread, 2-core box): per-device step cost is lowest around 25-50
-# stacked devices and grows again past ~64 (the grouped convolutions fall out of cache).
+# Measured on mnist1d-cnn (1 thread, 2-core box): per-device step cost is about flat from 10 to
+# 32 stacked devices and higher below 8 (per-op overhead).
 _MAX_STACK = 32
 # Above this size stacking stops paying: per-device weights are used by one small batch only, so
 # the step is memory-bound either way (mlp-5k: 3.7x, mlp-20k: 2x, mlp-100k: 1x the sequential
@@ -336,24 +336,43 @@ def train_many(
                 train_local(spec, bases[i], x, y, replace(config, seed=int(seeds[i])))
                 for i, (x, y) in enumerate(data)
             ]
-    results: list[LocalResult | None] = [None] * n_dev
     with _torch_threads(threads):
-        for group in _device_groups(plans, spec.num_params, max_devices_per_call):
-            deltas, losses = _train_group(
-                spec,
-                np.stack([bases[i] for i in group]),
-                [data[i] for i in group],
-                [plans[i] for i in group],
-                config,
+        return _train_stacked(spec, bases, (data, plans), config, max_devices_per_call)
+
+
+_Devices = tuple[list[tuple[NDArray[np.float32], NDArray[np.int64]]], list[list[NDArray[np.int64]]]]
+"""Checked devices: each one's ``(x, y)`` and batch plan (:func:`_checked_devices`)."""
+
+
+def _train_stacked(
+    spec: ModelSpec,
+    bases: NDArray[np.float32],
+    devices: _Devices,
+    config: LocalTrainConfig,
+    max_devices_per_call: int | None,
+) -> list[LocalResult]:
+    """The stacked path of :func:`train_many` (inputs already checked)."""
+    data, plans = devices
+    from edgefl.stacked_nets import stacked_net
+
+    per_device = 24 * spec.num_params + config.batch_size * stacked_net(spec).bytes_per_example()
+    results: list[LocalResult | None] = [None] * len(data)
+    for group in _device_groups(plans, per_device, max_devices_per_call):
+        deltas, losses = _train_group(
+            spec,
+            np.stack([bases[i] for i in group]),
+            [data[i] for i in group],
+            [plans[i] for i in group],
+            config,
+        )
+        for j, i in enumerate(group):
+            results[i] = LocalResult(
+                delta=deltas[j],
+                num_examples=len(data[i][1]),
+                loss=float(losses[j]),
+                steps=len(plans[i]),
+                stopped_early=False,
             )
-            for j, i in enumerate(group):
-                results[i] = LocalResult(
-                    delta=deltas[j],
-                    num_examples=len(data[i][1]),
-                    loss=float(losses[j]),
-                    steps=len(plans[i]),
-                    stopped_early=False,
-                )
     return [r for r in results if r is not None]
 
 
@@ -379,7 +398,7 @@ def _checked_devices(
     datasets: Sequence[tuple[NDArray[Any], NDArray[Any]]],
     config: LocalTrainConfig,
     seeds: Sequence[int],
-) -> tuple[list[tuple[NDArray[np.float32], NDArray[np.int64]]], list[list[NDArray[np.int64]]]]:
+) -> _Devices:
     """Each device's validated data and its batch plan (``ValueError`` naming the device)."""
     data = []
     plans = []
@@ -396,14 +415,14 @@ def _checked_devices(
 
 
 def _device_groups(
-    plans: Sequence[Sequence[object]], num_params: int, max_devices_per_call: int | None
+    plans: Sequence[Sequence[object]], per_device: int, max_devices_per_call: int | None
 ) -> list[list[int]]:
     """Devices (indices) in equal-sized stacks, longest plans first (stable for ties): 100
     devices with a cap of 32 make 4 stacks of 25, not 32+32+32+4. The default cap is at most
-    ``_MAX_STACK`` devices, fewer when ``_MEMORY_BUDGET`` requires."""
+    ``_MAX_STACK`` devices, fewer when ``_MEMORY_BUDGET`` over ``per_device`` bytes (weights,
+    gradients, optimizer state and a batch's working memory) requires."""
     n_dev = len(plans)
     if max_devices_per_call is None:
-        per_device = 24 * num_params + 256 * 1024
         max_devices_per_call = max(1, min(_MAX_STACK, _MEMORY_BUDGET // per_device))
     if max_devices_per_call < 1:
         raise ValueError(f"max_devices_per_call must be >= 1, got {max_devices_per_call}")

@@ -10,6 +10,8 @@ global model is evaluated on the test split afterwards.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 import workload
@@ -40,12 +42,25 @@ def train(msg: Message, context: Context) -> Message:
 server = ServerApp()
 
 
+class TimedFedAvg(FedAvg):
+    """Flower's FedAvg, noting when each round's aggregation ends."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.round_ends: list[float] = []
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> Any:
+        out = super().aggregate_train(server_round, replies)
+        self.round_ends.append(time.perf_counter())
+        return out
+
+
 @server.main()
 def main(grid: Grid, context: Context) -> None:
     wl = workload.load()
     s = wl.settings
     model = workload.new_model(wl)
-    strategy = FedAvg(
+    strategy = TimedFedAvg(
         fraction_train=s["cohort"] / wl.clients,
         fraction_evaluate=0.0,
         min_train_nodes=s["cohort"],
@@ -57,7 +72,8 @@ def main(grid: Grid, context: Context) -> None:
     )
     wall = time.perf_counter() - t0
     model.load_state_dict(result.arrays.to_torch_state_dict())
-    workload.report("flower", s["rounds"] * s["cohort"], wall, workload.accuracy(model, wl))
+    acc = workload.accuracy(model, wl)
+    workload.report("flower", s["rounds"] * s["cohort"], wall, acc, strategy.round_ends)
 
 
 if __name__ == "__main__":

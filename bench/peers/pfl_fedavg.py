@@ -21,11 +21,12 @@ import workload
 from pfl.aggregate.simulate import SimulatedBackend
 from pfl.aggregate.weighting import WeightByDatapoints
 from pfl.algorithm import FederatedAveraging, NNAlgorithmParams
+from pfl.callback.base import TrainingProcessCallback
 from pfl.data.dataset import Dataset
 from pfl.data.federated_dataset import FederatedDataset
 from pfl.data.sampling import get_user_sampler
 from pfl.hyperparam import NNEvalHyperParams, NNTrainHyperParams
-from pfl.metrics import Weighted
+from pfl.metrics import Metrics, Weighted
 from pfl.model.pytorch import PyTorchModel
 from torch.nn import functional as fn
 
@@ -45,6 +46,19 @@ class PflCnn(Mnist1dCnn):
             logits = self(x)
         loss = float(fn.cross_entropy(logits, y, reduction="sum"))
         return {"loss": Weighted(loss, len(y))}
+
+
+class RoundClock(TrainingProcessCallback):  # type: ignore[misc]
+    """Notes when each central iteration ends."""
+
+    def __init__(self) -> None:
+        self.round_ends: list[float] = []
+
+    def after_central_iteration(
+        self, aggregate_metrics: Any, model: Any, *, central_iteration: int
+    ) -> tuple[bool, Any]:
+        self.round_ends.append(time.perf_counter())
+        return False, Metrics()
 
 
 def _federated(wl: workload.Workload) -> FederatedDataset:
@@ -88,6 +102,7 @@ def main() -> None:
     train = NNTrainHyperParams(
         local_learning_rate=s["lr"], local_num_epochs=s["epochs"], local_batch_size=s["batch_size"]
     )
+    clock = RoundClock()
     t0 = time.perf_counter()
     FederatedAveraging().run(
         algorithm_params=params,
@@ -95,13 +110,13 @@ def main() -> None:
         model=model,
         model_train_params=train,
         model_eval_params=NNEvalHyperParams(local_batch_size=1024),
-        callbacks=[],
+        callbacks=[clock],
     )
     wall = time.perf_counter() - t0
     if int(os.environ.get("PFL_WORKER_RANK", "0")) == 0:
         workers = len(os.environ.get("PFL_WORKER_ADDRESSES", "x").split(","))
         acc = workload.accuracy(net, wl)
-        workload.report(f"pfl-{workers}p", s["rounds"] * s["cohort"], wall, acc)
+        workload.report(f"pfl-{workers}p", s["rounds"] * s["cohort"], wall, acc, clock.round_ends)
 
 
 if __name__ == "__main__":

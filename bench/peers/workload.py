@@ -88,7 +88,15 @@ def accuracy(model: torch.nn.Module, wl: Workload) -> float:
     return float((logits.argmax(1).numpy() == wl.y_test).mean())
 
 
-def report(system: str, updates: int, train_wall_s: float, acc: float) -> None:
-    """The result line ``bench/vs_peers.py`` reads (the last ``PEER_RESULT`` line of stdout)."""
+def report(
+    system: str, updates: int, train_wall_s: float, acc: float, round_ends: list[float]
+) -> None:
+    """The result line ``bench/vs_peers.py`` reads (the last ``PEER_RESULT`` line of stdout).
+    ``round_ends`` (``perf_counter`` at the end of each round) gives the steady rate: the
+    updates of rounds 2.. over the time from the end of round 1 to the end of the last."""
     line = {"system": system, "updates": updates, "train_wall_s": train_wall_s, "accuracy": acc}
+    if len(round_ends) > 1:
+        per_round = updates / len(round_ends)
+        steady = per_round * (len(round_ends) - 1) / (round_ends[-1] - round_ends[0])
+        line["steady_updates_per_s"] = steady
     print("PEER_RESULT " + json.dumps(line), flush=True)

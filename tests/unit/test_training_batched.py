@@ -56,7 +56,7 @@ def test_stacked_loss_and_gradient_equal_autograd(model: str) -> None:
         )
         ref.backward()  # type: ignore[no-untyped-call]
         ref_grad = torch.cat([p.grad.reshape(-1) for p in module.parameters()])  # type: ignore[union-attr]
-        assert float(loss[g]) == pytest.approx(float(ref), rel=1e-6)
+        assert float(loss[g]) == pytest.approx(float(ref.detach()), rel=1e-6)
         np.testing.assert_allclose(grad[g].numpy(), ref_grad.numpy(), rtol=1e-4, atol=1e-7)
 
 
@@ -174,3 +174,11 @@ def test_virtual_results_are_bit_identical_to_unbatched_training(
     assert batched.record.summary(cfg.target) == one_by_one.record.summary(cfg.target) | {
         "wall_time_s": batched.record.summary(cfg.target)["wall_time_s"]
     }
+
+
+def test_flops_per_example_counts_products_and_their_gradients() -> None:
+    # digits-mlp 64 -> 32 -> 10: forward MACs 64·32 + 32·10 = 2,368; the weight gradients
+    # repeat them, the input gradient of the second layer adds 32·10 (none for the first)
+    net = stacked_net(get_model_spec("digits-mlp"))
+
+    assert net.flops_per_example() == 2 * (2 * 2368 + 320)
