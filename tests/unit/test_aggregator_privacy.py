@@ -1,0 +1,111 @@
+"""Central DP in the aggregator service, over the in-memory broker: the participation counts and
+the open buffer's devices survive a restart (SQLite), a replayed or fresh update past the cap is
+refused, and the figures show in the statistics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from test_aggregator_service import Harness, delta, make_config, run
+
+from edgefl.aggregation import FedBuff, FedBuffConfig, Normalisation, NormBound
+from edgefl.aggregator import AggregatorConfig
+from edgefl.aggregator.store import decode_state, encode_state
+from edgefl.privacy import CentralDP, PrivacyState
+from edgefl.transport import MemoryBroker
+
+# one participation per device: the smallest cap, so a restart that forgot it shows at once
+DP_CAP_1 = CentralDP(clip_norm=1.0, noise_multiplier=3.0, target_epsilon=None, max_participations=1)
+
+
+def dp_config(tmp_path: Path, **overrides: Any) -> AggregatorConfig:
+    values: dict[str, Any] = {
+        "privacy": DP_CAP_1,
+        "normalisation": "sum",
+        "example_weighting": "equal",
+        **overrides,
+    }
+    return make_config(tmp_path, **values)
+
+
+def test_the_state_blob_carries_the_privacy_state() -> None:
+    config = FedBuffConfig(
+        buffer_size=3,
+        normalisation=Normalisation.SUM,
+        norm_bound=NormBound.off(),
+        privacy=DP_CAP_1,
+    )
+    fb = FedBuff(config, np.zeros(4, np.float32))
+    for device in ("a", "b", "c"):
+        fb.add(np.full(4, 0.1, np.float32), base_version=0, num_examples=1, device_id=device)
+    fb.step()
+    fb.add(np.full(4, 0.1, np.float32), base_version=1, num_examples=1, device_id="d")
+
+    state = decode_state(encode_state(fb.snapshot()))
+
+    assert state.privacy == PrivacyState({"a": 1, "b": 1, "c": 1}, ("d",))
+    restored = FedBuff.restore(config, state)
+    assert [restored.privacy_admits(d) for d in "abcde"] == [False] * 4 + [True]
+
+
+def test_a_state_blob_without_dp_has_no_privacy_state() -> None:
+    fb = FedBuff(FedBuffConfig(), np.zeros(4, np.float32))
+    assert decode_state(encode_state(fb.snapshot())).privacy is None
+
+
+def test_caps_and_the_open_buffer_survive_a_restart_and_refuse_replays(tmp_path: Path) -> None:
+    """Two devices step (each at its cap of 1), a third waits in the open buffer; after a
+    restart the first is refused with a fresh seq (budget), the third with a fresh seq (one per
+    buffer), and a replay of an accepted update is a duplicate."""
+    broker = MemoryBroker()
+    config = dp_config(tmp_path)
+
+    async def body() -> None:
+        async with Harness(broker, config) as h:
+            await h.send("dev-a", 1, 0, delta(1))
+            await h.send("dev-b", 1, 0, delta(2))
+            await h.until(lambda s: s.version == 1)
+            await h.send("dev-c", 1, 1, delta(3))
+            await h.until(lambda s: s.applied == 3)
+        async with Harness(broker, config) as h:
+            assert (h.stats().version, h.stats().buffer_fill) == (1, 1)
+            await h.send("dev-a", 2, 1, delta(4))  # a fresh update past the cap
+            await h.send("dev-c", 2, 1, delta(5))  # a second update in the open buffer
+            await h.send("dev-b", 1, 0, delta(2))  # the accepted update again
+            s = await h.until(lambda s: s.received == 6)
+            assert dict(s.rejected) == {
+                "dp_budget_exhausted": 1,
+                "dp_one_per_buffer": 1,
+                "duplicate": 1,
+            }
+            assert (s.applied, s.version, s.buffer_fill) == (3, 1, 1)
+
+    run(body)
+
+
+def test_a_checkpointed_buffer_keeps_its_devices_across_a_restart(tmp_path: Path) -> None:
+    """Thirteen updates exceed the replay bound, so the buffer is checkpointed (its devices go
+    into the snapshot, not the replayed rows); after a restart each of them is still in it."""
+    broker = MemoryBroker()
+    config = dp_config(tmp_path, buffer_size=20)
+
+    async def body() -> None:
+        async with Harness(broker, config) as h:
+            for i in range(13):
+                await h.send(f"dev-{i}", 1, 0, delta(i))
+            await h.until(lambda s: s.applied == 13)
+            running = h.agg._running
+            assert running is not None
+            assert running.builder.totals.checkpoints >= 1
+        async with Harness(broker, config) as h:
+            assert h.stats().buffer_fill == 13
+            await h.send("dev-0", 2, 0, delta(20))
+            await h.send("dev-12", 2, 0, delta(21))
+            await h.send("dev-new", 1, 0, delta(22))
+            s = await h.until(lambda s: s.received == 16)
+            assert dict(s.rejected) == {"dp_one_per_buffer": 2}
+            assert s.buffer_fill == 14
+
+    run(body)
