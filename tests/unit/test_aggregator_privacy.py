@@ -8,11 +8,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
+from test_aggregator_config_file import write as write_config
 from test_aggregator_service import Harness, delta, make_config, run
 
 from edgefl.aggregation import FedBuff, FedBuffConfig, Normalisation, NormBound
 from edgefl.aggregator import AggregatorConfig
+from edgefl.aggregator.config_file import describe, load_aggregator_config
 from edgefl.aggregator.store import decode_state, encode_state
+from edgefl.cli import main
 from edgefl.privacy import CentralDP, PrivacyState
 from edgefl.transport import MemoryBroker
 
@@ -109,3 +113,53 @@ def test_a_checkpointed_buffer_keeps_its_devices_across_a_restart(tmp_path: Path
             assert s.buffer_fill == 14
 
     run(body)
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def test_the_privacy_table_turns_central_dp_on_with_its_defaults(tmp_path: Path) -> None:
+    path = write_config(tmp_path, '[privacy]\ndp = "central:z=2,C=0.3,eps=4,delta=1e-6"\n')
+
+    loaded = load_aggregator_config(path, {}, {})
+
+    cfg = loaded.aggregator
+    assert cfg.privacy == CentralDP(
+        noise_multiplier=2.0, clip_norm=0.3, target_epsilon=4.0, delta=1e-6
+    )
+    assert (cfg.normalisation, cfg.norm_bound, cfg.example_weighting) == ("sum", "off", "equal")
+    assert describe(loaded)["privacy.dp"] == "central:z=2,C=0.3,delta=1e-06,eps=4,accountant=rdp"
+    assert describe(loaded)["aggregation.normalisation"] == "sum"
+
+
+def test_the_dp_flag_beats_the_file_and_off_turns_it_off(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path, '[aggregation]\nnorm_bound = "static-clip"\nmax_norm = 5.0\n'
+        '[privacy]\ndp = "central:z=3"\n',
+    )  # fmt: skip
+
+    flagged = load_aggregator_config(path, {}, {"privacy.dp": "central:z=4,cap=5"})
+    off = load_aggregator_config(path, {}, {"privacy.dp": "off"})
+
+    dp = flagged.aggregator.privacy
+    assert dp is not None
+    assert (dp.noise_multiplier, dp.participation_cap, dp.target_epsilon) == (4.0, 5, None)
+    assert flagged.aggregator.norm_bound == "static-clip"  # set in the file: kept
+    assert flagged.sources["privacy.dp"] == "command line (--dp)"
+    assert off.aggregator.privacy is None
+    assert off.aggregator.normalisation == "mean"  # the service's defaults without DP
+    assert describe(off)["privacy.dp"] == "off"
+
+
+def test_check_config_shows_the_dp_setting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(tmp_path, "")
+
+    with pytest.raises(SystemExit) as exited:
+        main(["aggregator", "--dp", "central:z=3,eps=8", "check-config", "--config", str(path)])
+
+    assert exited.value.code == 0
+
+    out = capsys.readouterr().out
+    assert "central:z=3,C=1,delta=1e-05,eps=8,accountant=rdp" in out
