@@ -51,9 +51,11 @@ def status_line(aggregator: Aggregator) -> str:
     link = "connected" if s.connected else "disconnected, reconnecting"
     p = s.participation
     leases = "" if p is None else f", leases {p.in_flight}/{p.concurrency}"
+    dp = s.privacy
+    spent = "" if dp is None else f", dp epsilon {dp.epsilon:.2f} (delta {dp.delta:g})"
     return (
         f"serving fleet {aggregator.config.fleet}: version {s.version}, applied {s.applied}, "
-        f"buffer {min(s.buffer_fill, s.buffer_size)}/{s.buffer_size}{leases}, {link}"
+        f"buffer {min(s.buffer_fill, s.buffer_size)}/{s.buffer_size}{leases}{spent}, {link}"
     )
 
 

@@ -280,6 +280,7 @@ class Aggregator:
             participation=self._running.desk.statistics()
             if self._running is not None and self._running.desk is not None
             else None,
+            privacy=engine.privacy(),
         )
 
     # ------------------------------------------------------------------ run
@@ -887,6 +888,7 @@ def _server_metrics(fleet: str, s: AggregatorStatistics) -> ServerMetrics:
             "receipts_sent": s.receipts_sent,
             "receipts_dropped": s.receipts_dropped,
             **_participation_extra(s),
+            **_privacy_extra(s),
         },
     )
 
@@ -906,6 +908,18 @@ def _participation_extra(s: AggregatorStatistics) -> dict[str, object]:
         "lease_verdicts": dict(p.verdicts),
         "checkins": dict(p.checkins),
     }
+
+
+def _privacy_extra(s: AggregatorStatistics) -> dict[str, object]:
+    """The central DP figures of METRICS ``extra``, each :class:`~edgefl.privacy.PrivacyStatistics`
+    field as ``dp_<field>`` (none while DP is off); the histogram's keys (participation counts)
+    become strings, as JSON object keys must be."""
+    p = s.privacy
+    if p is None:
+        return {}
+    figures = {f.name: getattr(p, f.name) for f in dataclasses.fields(p)}
+    figures["participation_histogram"] = {str(k): n for k, n in p.participation_histogram.items()}
+    return {f"dp_{name}": value for name, value in figures.items()}
 
 
 def _admit_now(desk: LeaseDesk) -> Callable[[UpdateHeader], None]:

@@ -18,6 +18,7 @@ from edgefl.aggregator.config_file import describe, load_aggregator_config
 from edgefl.aggregator.store import decode_state, encode_state
 from edgefl.cli import main
 from edgefl.privacy import CentralDP, PrivacyState
+from edgefl.protocol import ServerMetrics, decode_message, encode_message
 from edgefl.transport import MemoryBroker
 
 # one participation per device: the smallest cap, so a restart that forgot it shows at once
@@ -163,3 +164,57 @@ def test_check_config_shows_the_dp_setting(
 
     out = capsys.readouterr().out
     assert "central:z=3,C=1,delta=1e-05,eps=8,accountant=rdp" in out
+
+
+# --------------------------------------------------------------------------- visible
+
+
+def test_statistics_metrics_and_prometheus_show_the_spent_epsilon(tmp_path: Path) -> None:
+    from edgefl.aggregator.metrics import PrometheusExporter
+    from edgefl.aggregator.runner import status_line
+    from edgefl.aggregator.service import _server_metrics
+
+    dp = CentralDP(clip_norm=0.5, noise_multiplier=2.0, target_epsilon=8.0)
+    config = dp_config(tmp_path, privacy=dp)
+    broker = MemoryBroker()
+
+    async def body() -> None:
+        async with Harness(broker, config) as h:
+            assert h.stats().privacy is not None
+            assert h.stats().privacy.participation_max == 0  # type: ignore[union-attr]
+            await h.send("dev-a", 1, 0, delta(1))
+            await h.send("dev-b", 1, 0, delta(2))
+            await h.until(lambda s: s.version == 1)
+            await h.send("dev-a", 2, 1, delta(3))
+            await h.send("dev-c", 1, 1, delta(4))
+            s = await h.until(lambda s: s.version == 2)
+            assert "dp epsilon " in status_line(h.agg)
+        p = s.privacy
+        assert p is not None
+        assert (p.participation_max, p.devices, dict(p.participation_histogram)) == (
+            2, 3, {1: 2, 2: 1})  # fmt: skip
+        assert p.epsilon == dp.epsilon(2)
+        assert (p.delta, p.noise_multiplier, p.clip_norm) == (1e-5, 2.0, 0.5)
+        assert p.participation_cap == dp.participation_cap == 9
+        message = _server_metrics("lab", s)
+        extra = decode_message(encode_message(message), ServerMetrics).extra  # JSON and back
+        assert extra["dp_participation_histogram"] == {"1": 2, "2": 1}
+        assert (extra["dp_epsilon"], extra["dp_participation_max"]) == (p.epsilon, 2)
+        value = PrometheusExporter(lambda: s).registry.get_sample_value
+        assert value("edgefl_aggregator_dp_epsilon_spent_max") == p.epsilon
+        assert value("edgefl_aggregator_dp_participations_max") == 2
+        assert value("edgefl_aggregator_dp_participation_cap") == 9
+
+    run(body)
+
+
+def test_without_dp_nothing_about_it_is_shown(tmp_path: Path) -> None:
+    from edgefl.aggregator.service import _server_metrics
+
+    async def body() -> None:
+        async with Harness(MemoryBroker(), make_config(tmp_path)) as h:
+            s = h.stats()
+        assert s.privacy is None
+        assert not [k for k in _server_metrics("lab", s).extra if k.startswith("dp_")]
+
+    run(body)
