@@ -69,6 +69,7 @@ from edgefl.aggregator.store import LoadedState, StateStore, seen_lookup
 from edgefl.aggregator.tally import Tally
 from edgefl.errors import EdgeflError
 from edgefl.models import init_weights_numpy
+from edgefl.privacy import PrivacyStatistics
 from edgefl.protocol import (
     ServerMetrics,
     ServerState,
@@ -77,7 +78,7 @@ from edgefl.protocol import (
     server_metrics_topic,
     server_state_topic,
 )
-from edgefl.protocol.messages import FEATURE_LEASES, FEATURE_RECEIPTS, UpdateHeader
+from edgefl.protocol.messages import FEATURE_LEASES, FEATURE_RECEIPTS, CentralPrivacy, UpdateHeader
 from edgefl.protocol.receipts import ReceiptBook
 from edgefl.protocol.topics import (
     CheckInTopic,
@@ -862,7 +863,14 @@ def _server_state(
         at=time.time(),
         rejected=s.rejected,
         features=features,
+        privacy=None if s.privacy is None else _central_privacy(s.privacy),
     )
+
+
+def _central_privacy(p: PrivacyStatistics) -> CentralPrivacy:
+    """The server state's central DP figures (PROTOCOL.md §4.4, 1.2): the fields of the same
+    names."""
+    return CentralPrivacy(**{f.name: getattr(p, f.name) for f in dataclasses.fields(p)})
 
 
 def _server_metrics(fleet: str, s: AggregatorStatistics) -> ServerMetrics:

@@ -4,6 +4,7 @@ refused, and the figures show in the statistics."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,14 +12,24 @@ import numpy as np
 import pytest
 from test_aggregator_config_file import write as write_config
 from test_aggregator_service import Harness, delta, make_config, run
+from waiting import eventually
 
 from edgefl.aggregation import FedBuff, FedBuffConfig, Normalisation, NormBound
 from edgefl.aggregator import AggregatorConfig
 from edgefl.aggregator.config_file import describe, load_aggregator_config
 from edgefl.aggregator.store import decode_state, encode_state
 from edgefl.cli import main
+from edgefl.errors import ProtocolError, RejectReason
 from edgefl.privacy import CentralDP, PrivacyState
-from edgefl.protocol import ServerMetrics, decode_message, encode_message
+from edgefl.protocol import (
+    ServerMetrics,
+    ServerState,
+    decode_message,
+    encode_message,
+    server_state_topic,
+)
+from edgefl.protocol.messages import CentralPrivacy, Receipt
+from edgefl.protocol.receipts import RECEIPTED_REJECTIONS
 from edgefl.transport import MemoryBroker
 
 # one participation per device: the smallest cap, so a restart that forgot it shows at once
@@ -33,6 +44,13 @@ def dp_config(tmp_path: Path, **overrides: Any) -> AggregatorConfig:
         **overrides,
     }
     return make_config(tmp_path, **values)
+
+
+async def step_once(h: Harness, first: str, second: str) -> None:
+    """Version 1 from one update of each of two devices (K = 2), from version 0."""
+    await h.send(first, 1, 0, delta(1))
+    await h.send(second, 1, 0, delta(2))
+    await h.until(lambda s: s.version == 1)
 
 
 def test_the_state_blob_carries_the_privacy_state() -> None:
@@ -69,9 +87,7 @@ def test_caps_and_the_open_buffer_survive_a_restart_and_refuse_replays(tmp_path:
 
     async def body() -> None:
         async with Harness(broker, config) as h:
-            await h.send("dev-a", 1, 0, delta(1))
-            await h.send("dev-b", 1, 0, delta(2))
-            await h.until(lambda s: s.version == 1)
+            await step_once(h, "dev-a", "dev-b")
             await h.send("dev-c", 1, 1, delta(3))
             await h.until(lambda s: s.applied == 3)
         async with Harness(broker, config) as h:
@@ -182,9 +198,7 @@ def test_statistics_metrics_and_prometheus_show_the_spent_epsilon(tmp_path: Path
         async with Harness(broker, config) as h:
             assert h.stats().privacy is not None
             assert h.stats().privacy.participation_max == 0  # type: ignore[union-attr]
-            await h.send("dev-a", 1, 0, delta(1))
-            await h.send("dev-b", 1, 0, delta(2))
-            await h.until(lambda s: s.version == 1)
+            await step_once(h, "dev-a", "dev-b")
             await h.send("dev-a", 2, 1, delta(3))
             await h.send("dev-c", 1, 1, delta(4))
             s = await h.until(lambda s: s.version == 2)
@@ -204,6 +218,12 @@ def test_statistics_metrics_and_prometheus_show_the_spent_epsilon(tmp_path: Path
         assert value("edgefl_aggregator_dp_epsilon_spent_max") == p.epsilon
         assert value("edgefl_aggregator_dp_participations_max") == 2
         assert value("edgefl_aggregator_dp_participation_cap") == 9
+        state = decode_message(broker.retained()[server_state_topic("lab")], ServerState)
+        assert state.privacy == CentralPrivacy(
+            epsilon=p.epsilon, delta=1e-5, noise_multiplier=2.0, clip_norm=0.5,
+            participation_cap=9, participation_max=2, devices=3,
+            participation_histogram={1: 2, 2: 1}, accountant="rdp",
+        )  # fmt: skip
 
     run(body)
 
@@ -212,9 +232,70 @@ def test_without_dp_nothing_about_it_is_shown(tmp_path: Path) -> None:
     from edgefl.aggregator.service import _server_metrics
 
     async def body() -> None:
-        async with Harness(MemoryBroker(), make_config(tmp_path)) as h:
+        async with Harness(broker, make_config(tmp_path)) as h:
             s = h.stats()
         assert s.privacy is None
         assert not [k for k in _server_metrics("lab", s).extra if k.startswith("dp_")]
+        state = broker.retained()[server_state_topic("lab")]
+        assert decode_message(state, ServerState).privacy is None
+        assert b"privacy" not in state
+
+    broker = MemoryBroker()
+    run(body)
+
+
+def test_central_privacy_round_trips_and_is_validated() -> None:
+    figures = CentralPrivacy(
+        epsilon=1.5, delta=1e-5, noise_multiplier=3, clip_norm=1, participation_cap=22,
+        participation_max=1, devices=2, participation_histogram={1: 2},
+    )  # fmt: skip
+
+    again = CentralPrivacy.from_json(json.loads(json.dumps(figures.to_json())))
+
+    assert again == figures
+    assert figures.to_json()["participation_histogram"] == {"1": 2}
+    with pytest.raises(ProtocolError):
+        CentralPrivacy.from_json({**figures.to_json(), "participation_cap": 0})
+    with pytest.raises(ProtocolError):
+        CentralPrivacy.from_json({**figures.to_json(), "epsilon": "lots"})
+
+
+# --------------------------------------------------------------------------- receipts
+
+
+def test_budget_exhausted_is_receipted_and_one_per_buffer_is_resent(tmp_path: Path) -> None:
+    """Cap 3, K = 2: a second update of a device in the open buffer is refused without a
+    receipt, and its resend after the flush is accepted; past the cap the refusal is final and
+    receipted."""
+    from test_aggregator_participation import receipt
+
+    assert RejectReason.DP_BUDGET_EXHAUSTED in RECEIPTED_REJECTIONS
+    assert RejectReason.DP_ONE_PER_BUFFER not in RECEIPTED_REJECTIONS
+    broker = MemoryBroker()
+    config = dp_config(tmp_path, privacy=CentralDP(target_epsilon=None, max_participations=3))
+
+    def receipt_of(device: str) -> Receipt:
+        r = receipt(broker, device)
+        assert r is not None
+        return r
+
+    async def body() -> None:
+        async with Harness(broker, config) as h:
+            await step_once(h, "a", "b")
+            await h.send("a", 2, 1, delta(3))
+            await h.send("a", 3, 1, delta(4))  # a's update 2 is in the open buffer
+            await h.until(lambda s: s.received == 4)
+            await h.send("c", 1, 1, delta(5))  # the flush
+            await eventually(lambda: receipt(broker, "c") is not None)  # receipts go in order
+            assert (receipt_of("a").through, dict(receipt_of("a").rejected)) == (2, {})
+            await h.send("a", 3, 1, delta(4))  # the device's resend after its timeout
+            await eventually(lambda: receipt_of("a").through == 3)
+            assert dict(receipt_of("a").rejected) == {}
+            await h.send("b", 2, 2, delta(6))  # the flush: a has taken part 3 times
+            await h.until(lambda s: s.version == 3)
+            await h.send("a", 4, 3, delta(7))
+            await eventually(lambda: 4 in receipt_of("a").rejected)
+            assert dict(receipt_of("a").rejected) == {4: "dp_budget_exhausted"}
+            assert dict(h.stats().rejected) == {"dp_one_per_buffer": 1, "dp_budget_exhausted": 1}
 
     run(body)
