@@ -443,7 +443,7 @@ class Aggregator:
             await loop.run_in_executor(writer, store.forget_checkins, before)
         now = time.monotonic()
         engine = Engine(cfg, loaded.state, generation=loaded.generation, now=now)
-        desk = self._lease_desk(loaded)
+        desk = self._lease_desk(loaded, engine)
         ingest = Ingest(
             cfg,
             engine,
@@ -476,10 +476,11 @@ class Aggregator:
             desk,
         )
 
-    def _lease_desk(self, loaded: LoadedState) -> LeaseDesk | None:
+    def _lease_desk(self, loaded: LoadedState, engine: Engine) -> LeaseDesk | None:
         """The participation desk with the leases and check-ins the store holds (None:
         participation off). Leases that expired while the aggregator was down expire at its
-        first grant; expired check-ins are dropped when drawn (and from the store at start)."""
+        first grant; expired check-ins are dropped when drawn (and from the store at start).
+        With central DP, no lease goes to a device whose update DP would refuse now."""
         cfg = self.config
         if cfg.participation is None:
             return None
@@ -494,6 +495,7 @@ class Aggregator:
             checkins=loaded.checkins,
             authenticator=cast(CheckInAuthenticator | None, authenticator),
             signer=cfg.manifest_signer,
+            admissible=None if cfg.privacy is None else engine.privacy_admits,
         )
 
     @staticmethod

@@ -299,3 +299,77 @@ def test_budget_exhausted_is_receipted_and_one_per_buffer_is_resent(tmp_path: Pa
             assert dict(h.stats().rejected) == {"dp_one_per_buffer": 1, "dp_budget_exhausted": 1}
 
     run(body)
+
+
+# --------------------------------------------------------------------------- leases
+
+
+def test_no_lease_for_a_device_dp_would_refuse_and_its_check_in_is_kept(tmp_path: Path) -> None:
+    """Cap 2, K = 2, C = 2: a device with an update in the open buffer gets no lease until the
+    flush, then gets one from the check-in it made before; at its cap it gets none, while a
+    new device does."""
+    from test_aggregator_participation import Fleet, participation, until
+
+    from edgefl.participation import ParticipationConfig
+
+    broker = MemoryBroker()
+    dp = CentralDP(target_epsilon=None, max_participations=2)
+    config = dp_config(tmp_path, privacy=dp, participation=ParticipationConfig(concurrency=2))
+
+    def leases(fleet: Fleet, device: str) -> list[int]:
+        return [lease.lease_id for lease in fleet.leases if lease.device_id == device]
+
+    async def body() -> None:
+        async with Harness(broker, config) as h, Fleet(broker) as fleet:
+
+            async def train(device: str, seq: int, base: int) -> None:
+                await fleet.send(device, seq, leases(fleet, device)[-1], base=base)
+
+            await fleet.check_in("a")
+            await fleet.check_in("b")
+            await until(lambda: len(fleet.leases) == 2)
+            await train("a", 1, 0)
+            await h.until(lambda s: s.applied == 1)
+            await fleet.check_in("a")  # a's update waits in the open buffer
+            await until(lambda: participation(h).checkins["available"] == 3)
+            await fleet.check_in("c")  # the free slot is c's, not a's
+            await until(lambda: leases(fleet, "c") != [])
+            assert (len(leases(fleet, "a")), participation(h).candidates) == (1, 1)
+            await train("b", 1, 0)  # the flush: a is admissible again, still checked in
+            await until(lambda: len(leases(fleet, "a")) == 2)
+            await train("a", 2, 1)
+            await train("c", 1, 1)
+            await h.until(lambda s: s.version == 2)  # a took part twice: its cap
+            await fleet.check_in("a")
+            await fleet.check_in("d")
+            await until(lambda: leases(fleet, "d") != [])
+            assert len(leases(fleet, "a")) == 2
+            assert participation(h).candidates == 1  # a keeps its check-in
+            assert h.stats().rejected == {}  # nobody trained for nothing
+
+    run(body)
+
+
+def test_the_lease_desk_draws_only_admissible_candidates() -> None:
+    from edgefl.aggregator.participation import LeaseDesk
+    from edgefl.participation import ParticipationConfig
+    from edgefl.protocol.messages import CheckIn
+    from edgefl.protocol.topics import checkin_topic
+
+    refused = {"b"}
+    desk = LeaseDesk(
+        ParticipationConfig(concurrency=3), "lab", rng=np.random.default_rng(0),
+        admissible=lambda device: device not in refused,
+    )  # fmt: skip
+    for device in "abc":
+        message = CheckIn(fleet="lab", device_id=device, at=100.0, available=True)
+        assert (
+            desk.check_in(checkin_topic("lab", device), encode_message(message), now=100.0) is None
+        )
+
+    first = desk.grant(now=101.0, version=0)
+    refused.clear()
+    second = desk.grant(now=102.0, version=0)
+
+    assert sorted(lease.device for lease in first) == ["a", "c"]
+    assert [lease.device for lease in second] == ["b"]  # its check-in was kept
