@@ -375,9 +375,14 @@ def _privacy_fields(values: Mapping[str, object], err: _Errors) -> dict[str, Any
     if text is None:
         return {}
     try:
-        dp = parse_dp(typing.cast(str, text))
+        dp = parse_dp(typing.cast(str, text))  # the accountant computes the cap: dp-accounting
     except ValueError as exc:
         raise err("privacy.dp", str(exc)) from None
+    except ImportError as exc:
+        from edgefl.extras import install_hint
+
+        needs = f"needs the dp-accounting package ({exc}): {install_hint('aggregator')}"
+        raise err("privacy.dp", needs) from None
     if dp is None:
         return {}
     if not isinstance(dp, CentralDP):

@@ -19,6 +19,7 @@ from edgefl.aggregator import AggregatorConfig
 from edgefl.aggregator.config_file import describe, load_aggregator_config
 from edgefl.aggregator.store import decode_state, encode_state
 from edgefl.cli import main
+from edgefl.clierror import ConfigError
 from edgefl.errors import ProtocolError, RejectReason
 from edgefl.privacy import CentralDP, PrivacyState
 from edgefl.protocol import (
@@ -373,3 +374,22 @@ def test_the_lease_desk_draws_only_admissible_candidates() -> None:
 
     assert sorted(lease.device for lease in first) == ["a", "c"]
     assert [lease.device for lease in second] == ["b"]  # its check-in was kept
+
+
+def test_dp_without_dp_accounting_is_a_config_error_naming_the_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    from edgefl.privacy import accountant
+
+    accountant.epsilon.cache_clear()  # nothing computed before: every value needs the package
+    accountant._cap.cache_clear()
+    monkeypatch.setitem(sys.modules, "dp_accounting", None)  # import fails as if not installed
+    path = write_config(tmp_path, '[privacy]\ndp = "central:z=3.5,eps=7"\n')
+
+    with pytest.raises(ConfigError) as raised:
+        load_aggregator_config(path, {}, {})
+
+    assert "privacy.dp" in str(raised.value)
+    assert "edgefl-mqtt[aggregator]" in str(raised.value)
