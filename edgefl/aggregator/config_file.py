@@ -275,8 +275,17 @@ def load_aggregator_config(
         aggregator=config,
         log_level=level,
         values=_effective(config, values, level),
-        sources={key: s.source for key, s in settings.items()},
+        sources=_sources(settings, config),
     )
+
+
+def _sources(settings: Mapping[str, Setting], config: AggregatorConfig) -> dict[str, str]:
+    """Where each set key came from; with DP on, the keys it defaulted say so."""
+    sources = {key: s.source for key, s in settings.items()}
+    if config.privacy is not None:
+        for key in _DP_DEFAULTS:
+            sources.setdefault(key, "default with privacy.dp")
+    return sources
 
 
 def _layered_settings(

@@ -148,6 +148,7 @@ def test_the_privacy_table_turns_central_dp_on_with_its_defaults(tmp_path: Path)
     assert (cfg.normalisation, cfg.norm_bound, cfg.example_weighting) == ("sum", "off", "equal")
     assert describe(loaded)["privacy.dp"] == "central:z=2,C=0.3,delta=1e-06,eps=4,accountant=rdp"
     assert describe(loaded)["aggregation.normalisation"] == "sum"
+    assert loaded.sources["aggregation.normalisation"] == "default with privacy.dp"
 
 
 def test_the_dp_flag_beats_the_file_and_off_turns_it_off(tmp_path: Path) -> None:
