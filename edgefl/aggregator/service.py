@@ -65,7 +65,7 @@ from edgefl.aggregator.publisher import Publisher
 from edgefl.aggregator.receipts import ReceiptQueue, ReceiptSender
 from edgefl.aggregator.statelock import StateDirLock
 from edgefl.aggregator.stats import AggregatorStatistics, VersionRecord
-from edgefl.aggregator.store import LoadedState, StateStore, seen_lookup
+from edgefl.aggregator.store import LoadedState, StateMismatch, StateStore, seen_lookup
 from edgefl.aggregator.tally import Tally
 from edgefl.errors import EdgeflError
 from edgefl.models import init_weights_numpy
@@ -441,6 +441,11 @@ class Aggregator:
         if cfg.participation is not None:  # bound the table: expired check-ins go at start
             before = time.time() - cfg.participation.checkin_ttl_s
             await loop.run_in_executor(writer, store.forget_checkins, before)
+        if cfg.privacy is not None and loaded.state.privacy is None and loaded.state.count:
+            raise StateMismatch(
+                f"{store.path} holds a buffer checkpointed before differential privacy was on, "
+                "whose devices are unknown; start DP with a new --state-dir"
+            )
         now = time.monotonic()
         engine = Engine(cfg, loaded.state, generation=loaded.generation, now=now)
         desk = self._lease_desk(loaded, engine)

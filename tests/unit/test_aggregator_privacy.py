@@ -133,6 +133,26 @@ def test_a_checkpointed_buffer_keeps_its_devices_across_a_restart(tmp_path: Path
     run(body)
 
 
+def test_dp_refuses_a_buffer_checkpointed_without_it(tmp_path: Path) -> None:
+    from edgefl.aggregator import Aggregator
+    from edgefl.aggregator.store import StateMismatch
+    from edgefl.transport import MemoryTransport
+
+    broker = MemoryBroker()
+    plain = make_config(tmp_path, buffer_size=20, normalisation="sum", example_weighting="equal")
+
+    async def body() -> None:
+        async with Harness(broker, plain) as h:
+            for i in range(13):
+                await h.send(f"dev-{i}", 1, 0, delta(i))
+            await h.until(lambda s: s.applied == 13)
+        transport = MemoryTransport(broker, "aggregator", persistent_session=True, manual_ack=True)
+        with pytest.raises(StateMismatch, match="before differential privacy"):
+            await Aggregator(plain.replace(privacy=DP_CAP_1), transport=transport).run()
+
+    run(body)
+
+
 # --------------------------------------------------------------------------- configuration
 
 
