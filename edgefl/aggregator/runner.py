@@ -29,6 +29,7 @@ from edgefl.aggregator.config import AggregatorConfig
 from edgefl.aggregator.memory import tune_process
 from edgefl.aggregator.service import Aggregator, Phase
 from edgefl.clierror import BrokerUnavailable, ConfigError
+from edgefl.privacy import dp_to_text
 from edgefl.sdnotify import SystemdNotifier, keepalive, watchdog_period
 from edgefl.transport import TransportError
 
@@ -120,6 +121,8 @@ async def _announce(
         part = config.participation
         if part is not None:
             extra += f", leases: C = {part.concurrency}"
+        if config.privacy is not None:
+            extra += f", dp: {dp_to_text(config.privacy)}"
         print(
             f"edgefl aggregator ready: fleet {config.fleet}, model {config.model}, "
             f"version {s.version}, applied {s.applied}{extra}",
