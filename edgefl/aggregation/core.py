@@ -130,6 +130,11 @@ class AggregationCore(Protocol):
 
     def statistics(self) -> FedBuffStatistics | SyncFedAvgStatistics: ...
 
+    def privacy_admits(self, device_id: str) -> bool:
+        """Whether central DP would accept an update of ``device_id`` now (always without DP):
+        a scheduler grants no lease to a device refused here."""
+        ...
+
 
 class FedBuffCore(ModelView[FedBuff]):
     """:class:`AggregationCore` over :class:`~edgefl.aggregation.FedBuff`."""
@@ -173,6 +178,9 @@ class FedBuffCore(ModelView[FedBuff]):
 
     def statistics(self) -> FedBuffStatistics:
         return self._core.statistics()
+
+    def privacy_admits(self, device_id: str) -> bool:
+        return self._core.privacy_admits(device_id)
 
 
 class SyncCore(ModelView[SyncFedAvg]):
@@ -234,6 +242,9 @@ class SyncCore(ModelView[SyncFedAvg]):
 
     def statistics(self) -> SyncFedAvgStatistics:
         return self._core.statistics()
+
+    def privacy_admits(self, device_id: str) -> bool:
+        return True  # no DP with FedAvg (AggregationSettings refuses it)
 
 
 def make_core(config: CoreConfig, initial: ArrayLike | FedBuffState) -> AggregationCore:

@@ -171,6 +171,13 @@ def aggregator_command(
         float | None,
         typer.Option(help="Participation: step a partly filled buffer after N s. [120]"),
     ] = None,
+    dp: Annotated[
+        str | None,
+        typer.Option(
+            "--dp",
+            help="Central differential privacy: central:z=3,C=1,eps=8 (docs/PRIVACY.md). [off]",
+        ),
+    ] = None,
     local_epochs: Annotated[
         int | None, typer.Option(help="Hint: local epochs per update. [1]")
     ] = None,
@@ -325,6 +332,7 @@ def aggregator_command(
         "limits.max_seq_jump": max_seq_jump,
         "security.device_keys": device_keys,
         "security.signing_key_file": signing_key,
+        "privacy.dp": dp,
     }
     if ctx.invoked_subcommand is not None:
         ctx.obj = (config, overrides)

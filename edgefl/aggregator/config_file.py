@@ -6,8 +6,8 @@ Sources, lowest precedence first (the device agent's scheme, ``device_agent/conf
    ``/etc/edgefl/aggregator.toml`` when it exists; see ``edgefl/aggregator/examples/
    aggregator.toml``). Top-level keys ``fleet``, ``model``, ``state_dir``, ``algorithm``, ``seed``,
    ``log_level`` and the tables ``[broker]``, ``[aggregation]``, ``[participation]``,
-   ``[hints]``, ``[outputs]``, ``[limits]``, ``[security]``. Relative paths are relative to
-   the file's directory.
+   ``[hints]``, ``[outputs]``, ``[limits]``, ``[security]``, ``[privacy]``. Relative paths
+   are relative to the file's directory.
 2. **Environment**: ``EDGEFL_AGG_<SECTION>__<KEY>`` / ``EDGEFL_AGG_<KEY>``, e.g.
    ``EDGEFL_AGG_BROKER__URL``, ``EDGEFL_AGG_AGGREGATION__BUFFER_SIZE``, ``EDGEFL_AGG_FLEET``.
    An unknown ``EDGEFL_AGG_*`` variable is an error (with a suggestion), except
@@ -63,6 +63,7 @@ from edgefl.configlayers import (
     read_toml,
 )
 from edgefl.participation import ParticipationConfig
+from edgefl.privacy import CentralDP, dp_to_text, parse_dp
 from edgefl.transport.config import MqttProtocol
 
 __all__ = [
@@ -173,6 +174,8 @@ _KEYS: dict[str, _Key] = {
     # [security]
     "security.device_keys": _Key(Path | None, "--device-keys", None),
     "security.signing_key_file": _Key(Path | None, "--signing-key", None),
+    # [privacy]: central differential privacy (docs/PRIVACY.md), edgefl.privacy.parse_dp's text
+    "privacy.dp": _Key(str | None, "--dp", None),
 }
 
 SCHEMA: dict[str, object] = {key: k.tp for key, k in _KEYS.items()}
@@ -272,8 +275,17 @@ def load_aggregator_config(
         aggregator=config,
         log_level=level,
         values=_effective(config, values, level),
-        sources={key: s.source for key, s in settings.items()},
+        sources=_sources(settings, config),
     )
+
+
+def _sources(settings: Mapping[str, Setting], config: AggregatorConfig) -> dict[str, str]:
+    """Where each set key came from; with DP on, the keys it defaulted say so."""
+    sources = {key: s.source for key, s in settings.items()}
+    if config.privacy is not None:
+        for key in _DP_DEFAULTS:
+            sources.setdefault(key, "default with privacy.dp")
+    return sources
 
 
 def _layered_settings(
@@ -334,6 +346,63 @@ def _derived_fields(values: Mapping[str, object], err: _Errors) -> dict[str, Any
             raise err("limits.max_inflight_mib", f"expected at least 1, got {mib}")
         fields["max_inflight_bytes"] = mib * 1024 * 1024
     fields["participation"] = _participation(values, err)
+    fields.update(_privacy_fields(values, err))
+    return fields
+
+
+_DP_DEFAULTS: dict[str, object] = {
+    "aggregation.normalisation": Normalisation.SUM,
+    "aggregation.norm_bound": NormBoundSetting.OFF,
+    "aggregation.example_weighting": ExampleWeighting.EQUAL,
+}
+"""What central DP changes in the defaults (a key set in any layer keeps its value)."""
+_DP_REFUSED: dict[str, tuple[tuple[object, ...], str]] = {
+    "algorithm": ((Algorithm.FEDAVG,), "is implemented for fedbuff only"),
+    "aggregation.normalisation": (
+        (Normalisation.MEAN,),
+        "needs normalisation 'sum' (under 'mean' one device's weight is in the divisor, so its "
+        "influence is not bounded by the clip C)",
+    ),
+    "aggregation.norm_bound": (
+        (NormBoundSetting.ADAPTIVE_CLIP, NormBoundSetting.ADAPTIVE_REJECT),
+        "needs norm_bound 'off' or a static one (the adaptive bound follows every device's "
+        "norm, so one device would change how the others are clipped)",
+    ),
+    "aggregation.robust": (
+        (RobustMode.MEDIAN, RobustMode.TRIMMED_MEAN),
+        "needs robust 'none' (a robust statistic's sensitivity is not the clip C)",
+    ),
+}
+"""Settings central DP's sensitivity argument does not hold under (docs/PRIVACY.md)."""
+
+
+def _privacy_fields(values: Mapping[str, object], err: _Errors) -> dict[str, Any]:
+    """``privacy.dp`` as the config's ``privacy`` (a :class:`CentralDP`, or nothing when off),
+    with the DP defaults for the aggregation keys no layer set; a setting DP cannot work with
+    is an error naming that key."""
+    text = values.get("privacy.dp")
+    if text is None:
+        return {}
+    try:
+        dp = parse_dp(typing.cast(str, text))  # the accountant computes the cap: dp-accounting
+    except ValueError as exc:
+        raise err("privacy.dp", str(exc)) from None
+    except ImportError as exc:
+        from edgefl.extras import install_hint
+
+        needs = f"needs the dp-accounting package ({exc}): {install_hint('aggregator')}"
+        raise err("privacy.dp", needs) from None
+    if dp is None:
+        return {}
+    if not isinstance(dp, CentralDP):
+        raise err("privacy.dp", "local DP is a device setting; the aggregator takes central:...")
+    fields: dict[str, Any] = {"privacy": dp}
+    for key, default in _DP_DEFAULTS.items():
+        if key not in values:
+            fields[_KEYS[key].target or key] = default
+    for key, (refused, why) in _DP_REFUSED.items():
+        if values.get(key) in refused:
+            raise err(key, f"{values[key]} with privacy.dp: differential privacy {why}")
     return fields
 
 
@@ -496,6 +565,8 @@ def _effective(
             value = config.codec.topk_fraction
         elif key == "limits.max_inflight_mib":
             value = config.max_inflight_bytes // (1024 * 1024)
+        elif key == "privacy.dp":
+            value = dp_to_text(config.privacy)
         else:
             value = values.get(key)
         out[key] = plain(value)

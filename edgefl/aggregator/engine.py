@@ -30,6 +30,7 @@ from edgefl.aggregation import (
     AddOutcome,
     AggregationCore,
     FedBuffState,
+    FedBuffStatistics,
     RoundResult,
     RoundStatus,
     StepResult,
@@ -38,6 +39,7 @@ from edgefl.aggregation import (
 from edgefl.aggregation.view import ModelView
 from edgefl.aggregator.config import AggregatorConfig, Algorithm
 from edgefl.participation import flush_due
+from edgefl.privacy import PrivacyStatistics
 
 __all__ = ["AddResult", "Engine"]
 
@@ -66,6 +68,7 @@ class Engine(ModelView[AggregationCore]):
         self._generation = generation
         self._discarded = 0
         self._rounds: dict[str, int] = {}
+        self._privacy: tuple[int, PrivacyStatistics | None] | None = None  # (version, figures)
         self._core = make_core(config.aggregation_settings().core_config(), state)
         part = config.participation
         flushes = part is not None and self._core.algorithm is Algorithm.FEDBUFF  # FedAvg: rounds
@@ -164,6 +167,24 @@ class Engine(ModelView[AggregationCore]):
         if not self._core.round_open:
             deadline = now + self._config.round_deadline_s
             self._core.open_round(self._config.buffer_size, deadline=deadline)
+
+    # ------------------------------------------------------------------ central DP
+    def privacy_admits(self, device_id: str) -> bool:
+        """Whether central DP would accept an update of ``device_id`` now (always without DP):
+        not at its participation cap, no update in the open buffer. The lease desk's filter."""
+        return self._core.privacy_admits(device_id)
+
+    def privacy(self) -> PrivacyStatistics | None:
+        """The central DP figures (None: DP off), computed once per version: the participation
+        counts change only at a step."""
+        if self._config.privacy is None:
+            return None
+        cached = self._privacy
+        if cached is None or cached[0] != self._core.version:
+            stats = self._core.statistics()
+            privacy = stats.privacy if isinstance(stats, FedBuffStatistics) else None
+            cached = self._privacy = (self._core.version, privacy)
+        return cached[1]
 
     # ------------------------------------------------------------------ persistence
     def snapshot(self) -> FedBuffState:

@@ -154,6 +154,18 @@ LEASES_IN_FLIGHT, LEASE_CONCURRENCY, LEASE_CANDIDATES, STALENESS_REFERENCE = (
 LEASES_GRANTED, LEASES_ENDED, LEASE_VERDICTS, CHECKINS = (
     MetricSpec(f"{_P}_{name}", kind, help_, labels) for name, kind, help_, labels in _LEASE_ROWS[4:]
 )
+# central differential privacy (docs/PRIVACY.md): only exported while it is on
+_DP_ROWS: tuple[tuple[str, str], ...] = (
+    ("dp_epsilon_spent_max", "Largest epsilon spent by a device (at dp_delta; the accountant's)"),
+    ("dp_delta", "The delta of the reported epsilon"),
+    ("dp_noise_multiplier", "Noise multiplier z: noise std z*C on the buffer sum"),
+    ("dp_clip_norm", "Clip norm C of every update (L2, after decoding)"),
+    ("dp_participation_cap", "Flushes a device may take part in"),
+    ("dp_participations_max", "Most flushes one device took part in"),
+)
+DP_EPSILON, DP_DELTA, DP_NOISE, DP_CLIP, DP_CAP, DP_MAX = (
+    MetricSpec(f"{_P}_{name}", MetricType.GAUGE, help_) for name, help_ in _DP_ROWS
+)
 
 #: Every edgefl metric family of the endpoint, in exposition order (``process_*`` not included).
 METRICS: tuple[MetricSpec, ...] = (
@@ -186,6 +198,12 @@ METRICS: tuple[MetricSpec, ...] = (
     LEASES_ENDED,
     LEASE_VERDICTS,
     CHECKINS,
+    DP_EPSILON,
+    DP_DELTA,
+    DP_NOISE,
+    DP_CLIP,
+    DP_CAP,
+    DP_MAX,
 )
 
 
@@ -245,7 +263,7 @@ def stats_families(s: AggregatorStatistics) -> list[Metric]:
         _counter(RECONNECTS, s.reconnects),
         _staleness(STALENESS, s.staleness),
     ]
-    return families + _participation_families(s)
+    return families + _participation_families(s) + _privacy_families(s)
 
 
 def _participation_families(s: AggregatorStatistics) -> list[Metric]:
@@ -263,6 +281,23 @@ def _participation_families(s: AggregatorStatistics) -> list[Metric]:
         _labelled_counter(LEASE_VERDICTS, p.verdicts, (v.value for v in LeaseVerdict)),
         _labelled_counter(CHECKINS, p.checkins, ("available", "withdrawn")),
     ]
+
+
+def _privacy_families(s: AggregatorStatistics) -> list[Metric]:
+    """The central DP figures (none while DP is off)."""
+    p = s.privacy
+    if p is None:
+        return []
+    values = (
+        p.epsilon,
+        p.delta,
+        p.noise_multiplier,
+        p.clip_norm,
+        p.participation_cap,
+        p.participation_max,
+    )
+    specs = (DP_EPSILON, DP_DELTA, DP_NOISE, DP_CLIP, DP_CAP, DP_MAX)
+    return [_gauge(spec, value) for spec, value in zip(specs, values, strict=True)]
 
 
 def build_info() -> GaugeMetricFamily:

@@ -15,7 +15,10 @@ every change it makes lands in exactly one commit batch:
 * :meth:`LeaseDesk.admit`: the lease check of one update, after its de-duplication and before
   it enters the buffer (``Ingest``'s ``admit`` hook): the lease ends (completed), or the update
   is refused ``NO_LEASE`` / ``LEASE_EXPIRED``;
-* :meth:`LeaseDesk.grant`: fill the free slots (expiring what is due first);
+* :meth:`LeaseDesk.grant`: fill the free slots (expiring what is due first), from the
+  candidates the ``admissible`` predicate accepts (central DP: not at its participation cap and
+  no update in the open buffer, so no device trains for an update that would be refused); the
+  others stay candidates for a later grant;
 * :meth:`LeaseDesk.changes`: what the store must write with the batch: the leases granted and
   ended since the last call, the next lease id, and the candidates that checked in or left
   (withdrew, or were granted a lease). The service puts them in the batch's record, so a
@@ -30,7 +33,7 @@ Time is wall-clock seconds (leases outlive a restart).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Final, Protocol
@@ -39,6 +42,7 @@ import numpy as np
 
 from edgefl.errors import EdgeflError, ProtocolError, RejectReason, UpdateRejected
 from edgefl.participation import (
+    CandidatePool,
     CheckInPool,
     Lease,
     LeaseBook,
@@ -120,12 +124,17 @@ class LeaseDesk:
         checkins: Iterable[tuple[str, float]] = (),
         authenticator: CheckInAuthenticator | None = None,
         signer: _Signer | None = None,
+        admissible: Callable[[str], bool] | None = None,
     ) -> None:
-        """``state`` and ``checkins`` ((device, when) rows) are what the store holds."""
+        """``state`` and ``checkins`` ((device, when) rows) are what the store holds;
+        ``admissible(device)`` false keeps a candidate from being granted a lease now."""
         self.config = config
         self._fleet = fleet
         self.book = LeaseBook(config, rng=rng, state=state)
         self.pool = CheckInPool(config.checkin_ttl_s)
+        self._draw: CandidatePool = (
+            self.pool if admissible is None else _AdmissiblePool(self.pool, admissible)
+        )
         self._authenticator = authenticator
         self._signer = signer
         self._durable: dict[int, Lease] = {} if state is None else _by_id(state.leases)
@@ -209,8 +218,9 @@ class LeaseDesk:
 
     # ------------------------------------------------------------------ decisions
     def grant(self, *, now: float, version: int) -> list[Lease]:
-        """Expire what is due, then fill the free slots from the checked-in devices."""
-        leases = self.book.grant(now, self.pool, version=version)
+        """Expire what is due, then fill the free slots from the checked-in devices that are
+        admissible now (the others keep their check-in)."""
+        leases = self.book.grant(now, self._draw, version=version)
         for lease in leases:
             self._gone(lease.device)
         return leases
@@ -272,6 +282,36 @@ class LeaseDesk:
             verdicts=s.verdicts,
             checkins=MappingProxyType(dict(self._checkins)),
         )
+
+
+class _AdmissiblePool:
+    """The check-in pool as the lease book draws from it: a candidate ``admissible`` refuses is
+    skipped as if excluded (it stays in the pool, so it may be drawn once admissible again)."""
+
+    def __init__(self, pool: CheckInPool, admissible: Callable[[str], bool]) -> None:
+        self._pool = pool
+        self._admissible = admissible
+
+    def sample(
+        self, k: int, *, rng: np.random.Generator, exclude: Container[str], now: float
+    ) -> list[str]:
+        return self._pool.sample(k, rng=rng, exclude=_Excluded(exclude, self._admissible), now=now)
+
+    def take(self, devices: Iterable[str]) -> None:
+        self._pool.take(devices)
+
+
+class _Excluded:
+    """``exclude``, plus every device ``admissible`` refuses."""
+
+    def __init__(self, exclude: Container[str], admissible: Callable[[str], bool]) -> None:
+        self._exclude = exclude
+        self._admissible = admissible
+
+    def __contains__(self, device: object) -> bool:
+        if device in self._exclude:
+            return True
+        return isinstance(device, str) and not self._admissible(device)
 
 
 def _by_id(leases: tuple[Lease, ...]) -> dict[int, Lease]:

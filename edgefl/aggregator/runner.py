@@ -29,6 +29,7 @@ from edgefl.aggregator.config import AggregatorConfig
 from edgefl.aggregator.memory import tune_process
 from edgefl.aggregator.service import Aggregator, Phase
 from edgefl.clierror import BrokerUnavailable, ConfigError
+from edgefl.privacy import dp_to_text
 from edgefl.sdnotify import SystemdNotifier, keepalive, watchdog_period
 from edgefl.transport import TransportError
 
@@ -51,9 +52,11 @@ def status_line(aggregator: Aggregator) -> str:
     link = "connected" if s.connected else "disconnected, reconnecting"
     p = s.participation
     leases = "" if p is None else f", leases {p.in_flight}/{p.concurrency}"
+    dp = s.privacy
+    spent = "" if dp is None else f", dp epsilon {dp.epsilon:.2f} (delta {dp.delta:g})"
     return (
         f"serving fleet {aggregator.config.fleet}: version {s.version}, applied {s.applied}, "
-        f"buffer {min(s.buffer_fill, s.buffer_size)}/{s.buffer_size}{leases}, {link}"
+        f"buffer {min(s.buffer_fill, s.buffer_size)}/{s.buffer_size}{leases}{spent}, {link}"
     )
 
 
@@ -118,6 +121,8 @@ async def _announce(
         part = config.participation
         if part is not None:
             extra += f", leases: C = {part.concurrency}"
+        if config.privacy is not None:
+            extra += f", dp: {dp_to_text(config.privacy)}"
         print(
             f"edgefl aggregator ready: fleet {config.fleet}, model {config.model}, "
             f"version {s.version}, applied {s.applied}{extra}",

@@ -65,10 +65,11 @@ from edgefl.aggregator.publisher import Publisher
 from edgefl.aggregator.receipts import ReceiptQueue, ReceiptSender
 from edgefl.aggregator.statelock import StateDirLock
 from edgefl.aggregator.stats import AggregatorStatistics, VersionRecord
-from edgefl.aggregator.store import LoadedState, StateStore, seen_lookup
+from edgefl.aggregator.store import LoadedState, StateMismatch, StateStore, seen_lookup
 from edgefl.aggregator.tally import Tally
 from edgefl.errors import EdgeflError
 from edgefl.models import init_weights_numpy
+from edgefl.privacy import PrivacyStatistics
 from edgefl.protocol import (
     ServerMetrics,
     ServerState,
@@ -77,7 +78,7 @@ from edgefl.protocol import (
     server_metrics_topic,
     server_state_topic,
 )
-from edgefl.protocol.messages import FEATURE_LEASES, FEATURE_RECEIPTS, UpdateHeader
+from edgefl.protocol.messages import FEATURE_LEASES, FEATURE_RECEIPTS, CentralPrivacy, UpdateHeader
 from edgefl.protocol.receipts import ReceiptBook
 from edgefl.protocol.topics import (
     CheckInTopic,
@@ -280,6 +281,7 @@ class Aggregator:
             participation=self._running.desk.statistics()
             if self._running is not None and self._running.desk is not None
             else None,
+            privacy=engine.privacy(),
         )
 
     # ------------------------------------------------------------------ run
@@ -439,9 +441,14 @@ class Aggregator:
         if cfg.participation is not None:  # bound the table: expired check-ins go at start
             before = time.time() - cfg.participation.checkin_ttl_s
             await loop.run_in_executor(writer, store.forget_checkins, before)
+        if cfg.privacy is not None and loaded.state.privacy is None and loaded.state.count:
+            raise StateMismatch(
+                f"{store.path} holds a buffer checkpointed before differential privacy was on, "
+                "whose devices are unknown; start DP with a new --state-dir"
+            )
         now = time.monotonic()
         engine = Engine(cfg, loaded.state, generation=loaded.generation, now=now)
-        desk = self._lease_desk(loaded)
+        desk = self._lease_desk(loaded, engine)
         ingest = Ingest(
             cfg,
             engine,
@@ -474,10 +481,11 @@ class Aggregator:
             desk,
         )
 
-    def _lease_desk(self, loaded: LoadedState) -> LeaseDesk | None:
+    def _lease_desk(self, loaded: LoadedState, engine: Engine) -> LeaseDesk | None:
         """The participation desk with the leases and check-ins the store holds (None:
         participation off). Leases that expired while the aggregator was down expire at its
-        first grant; expired check-ins are dropped when drawn (and from the store at start)."""
+        first grant; expired check-ins are dropped when drawn (and from the store at start).
+        With central DP, no lease goes to a device whose update DP would refuse now."""
         cfg = self.config
         if cfg.participation is None:
             return None
@@ -492,6 +500,7 @@ class Aggregator:
             checkins=loaded.checkins,
             authenticator=cast(CheckInAuthenticator | None, authenticator),
             signer=cfg.manifest_signer,
+            admissible=None if cfg.privacy is None else engine.privacy_admits,
         )
 
     @staticmethod
@@ -861,7 +870,14 @@ def _server_state(
         at=time.time(),
         rejected=s.rejected,
         features=features,
+        privacy=None if s.privacy is None else _central_privacy(s.privacy),
     )
+
+
+def _central_privacy(p: PrivacyStatistics) -> CentralPrivacy:
+    """The server state's central DP figures (PROTOCOL.md §4.4, 1.2): the fields of the same
+    names."""
+    return CentralPrivacy(**{f.name: getattr(p, f.name) for f in dataclasses.fields(p)})
 
 
 def _server_metrics(fleet: str, s: AggregatorStatistics) -> ServerMetrics:
@@ -887,6 +903,7 @@ def _server_metrics(fleet: str, s: AggregatorStatistics) -> ServerMetrics:
             "receipts_sent": s.receipts_sent,
             "receipts_dropped": s.receipts_dropped,
             **_participation_extra(s),
+            **_privacy_extra(s),
         },
     )
 
@@ -906,6 +923,18 @@ def _participation_extra(s: AggregatorStatistics) -> dict[str, object]:
         "lease_verdicts": dict(p.verdicts),
         "checkins": dict(p.checkins),
     }
+
+
+def _privacy_extra(s: AggregatorStatistics) -> dict[str, object]:
+    """The central DP figures of METRICS ``extra``, each :class:`~edgefl.privacy.PrivacyStatistics`
+    field as ``dp_<field>`` (none while DP is off); the histogram's keys (participation counts)
+    become strings, as JSON object keys must be."""
+    p = s.privacy
+    if p is None:
+        return {}
+    figures = {f.name: getattr(p, f.name) for f in dataclasses.fields(p)}
+    figures["participation_histogram"] = {str(k): n for k, n in p.participation_histogram.items()}
+    return {f"dp_{name}": value for name, value in figures.items()}
 
 
 def _admit_now(desk: LeaseDesk) -> Callable[[UpdateHeader], None]:

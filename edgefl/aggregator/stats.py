@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from edgefl.aggregator.participation import LeaseDeskStatistics
+from edgefl.privacy import PrivacyStatistics
 
 __all__ = ["AggregatorStatistics", "VersionRecord"]
 
@@ -40,6 +41,7 @@ class AggregatorStatistics:
     receipts_sent: int = 0  # receipts published (PUBACKed), this process
     receipts_dropped: int = 0  # receipts dropped from the full queue (cost: a resend), this process
     participation: LeaseDeskStatistics | None = None  # leases (None: participation is off)
+    privacy: PrivacyStatistics | None = None  # central DP: epsilon, z, C, counts (None: off)
 
     @property
     def rejected_total(self) -> int:

@@ -3,7 +3,9 @@
 Tables (``state.sqlite``)::
 
     meta(key, value)                 model, num_params, algorithm, started_at, session, generation
-    model(id=1, version, generation, created_at, state)   last snapshot or checkpoint (encode_state)
+    model(id=1, version, generation, created_at, state)   last snapshot or checkpoint (encode_state;
+                                     with central DP its JSON head carries ``privacy``: the
+                                     participation counts and the checkpointed buffer's devices)
     buffer(id, generation, device, seq, base_version, num_examples, codec, body)
                                      accepted ENCODED updates of the current buffer generation
     seen(device, seq, version, at)   every accepted (device, seq), exactly once (primary key)
@@ -45,6 +47,7 @@ import numpy as np
 from edgefl.aggregation import FedBuffState
 from edgefl.aggregator.participation import LeaseChanges
 from edgefl.participation import Lease, LeaseBookState
+from edgefl.privacy import PrivacyState
 
 __all__ = [
     "DB_NAME",
@@ -146,6 +149,8 @@ def state_blob_parts(state: FedBuffState) -> list[bytes | memoryview]:
             "clipped_in_buffer": state.clipped_in_buffer,
         },
     }
+    if state.privacy is not None:  # central DP: participation counts, the buffer's devices
+        meta["privacy"] = state.privacy.to_json()
     entries, parts, offset = [], [], 0
     for name, value in arrays.items():
         array = np.ascontiguousarray(value)
@@ -193,6 +198,7 @@ def decode_state(blob: bytes) -> FedBuffState:
     opt.update({k[4:]: v for k, v in meta["scalars"].items()})
     buf = meta.get("buffer", {})
     accumulator = arrays.get("accumulator")
+    privacy = meta.get("privacy")
     return FedBuffState(
         version=int(meta["version"]),
         weights=arrays["weights"].astype(np.float32),
@@ -212,6 +218,7 @@ def decode_state(blob: bytes) -> FedBuffState:
         clipped_total=int(meta["clipped_total"]),
         steps_total=int(meta["steps_total"]),
         rejected={str(k): int(v) for k, v in meta["rejected"].items()},
+        privacy=None if privacy is None else PrivacyState.from_json(privacy),
     )
 
 

@@ -94,7 +94,8 @@ PROTOCOL_REVISION: Final = "1.2"
 """Revision of wire version 1 this module implements (PROTOCOL.md, "Versioning"): 1.1 added
 ``RECEIPT``, ``ServerState.features`` and the spool fields of ``DeviceState``; 1.2 added
 server-controlled participation (``CHECKIN``, ``LEASE``, ``UpdateHeader.lease_id``,
-``ServerState.participation``, ``DeviceState.waiting_for_slot``)."""
+``ServerState.participation``, ``DeviceState.waiting_for_slot``) and ``ServerState.privacy``
+(central differential privacy)."""
 FEATURE_RECEIPTS: Final = "receipts"
 """``ServerState.features`` entry of an aggregator that publishes receipts (PROTOCOL.md §4.6)."""
 FEATURE_LEASES: Final = "leases"
@@ -473,6 +474,38 @@ class Participation(_JSONFields):
 
 
 @dataclass(frozen=True)
+class CentralPrivacy(_JSONFields):
+    """Central differential privacy of the aggregator (``ServerState.privacy``, protocol 1.2):
+    every update is clipped to L2 norm ``clip_norm`` and every flush adds Gaussian noise of std
+    ``noise_multiplier * clip_norm``; ``epsilon`` (at ``delta``) is what the device with the
+    most participations (``participation_max`` flushes) spent; a device may take part in
+    ``participation_cap`` flushes; ``devices`` took part at least once, and
+    ``participation_histogram`` maps a participation count to its number of devices."""
+
+    epsilon: float
+    delta: float
+    noise_multiplier: float
+    clip_norm: float
+    participation_cap: int
+    participation_max: int = 0
+    devices: int = 0  # devices with at least one participation
+    participation_histogram: Mapping[int, int] = field(default_factory=dict)
+    accountant: str = "rdp"
+
+    def __post_init__(self) -> None:
+        _set(self, "epsilon", f.number(self.epsilon, "epsilon", minimum=0.0))
+        _set(self, "delta", f.number(self.delta, "delta", minimum=0.0, maximum=1.0))
+        _set(self, "noise_multiplier", f.number(self.noise_multiplier, "noise_multiplier"))
+        _set(self, "clip_norm", f.number(self.clip_norm, "clip_norm", minimum=0.0))
+        f.integer(self.participation_cap, "participation_cap", minimum=1)
+        f.integer(self.participation_max, "participation_max")
+        f.integer(self.devices, "devices")
+        histogram = f.int_count_map(self.participation_histogram, "participation_histogram")
+        _set(self, "participation_histogram", histogram)
+        _set(self, "accountant", f.text(self.accountant, "accountant", max_len=16))
+
+
+@dataclass(frozen=True)
 class ServerState(_Message):
     """Header of a SERVER_STATE envelope (retained on ``server/state``, also the Will).
 
@@ -493,12 +526,15 @@ class ServerState(_Message):
     rejected: Mapping[str, int] = field(default_factory=dict)
     features: tuple[str, ...] = ()  # optional protocol features, e.g. ("receipts",) (1.1)
     participation: Participation | None = None  # with the "leases" feature (1.2)
+    privacy: CentralPrivacy | None = None  # central differential privacy on (1.2)
 
     def __post_init__(self) -> None:
         f.name(self.fleet, "fleet")
         _set(self, "features", f.text_tuple(self.features, "features"))
         if self.participation is not None and not isinstance(self.participation, Participation):
             _set(self, "participation", Participation.from_json(self.participation))
+        if self.privacy is not None and not isinstance(self.privacy, CentralPrivacy):
+            _set(self, "privacy", CentralPrivacy.from_json(self.privacy))
         _set(self, "status", f.enum_value(ServerStatus, self.status, "status"))
         f.integer(self.session, "session")
         f.integer(self.version, "version")

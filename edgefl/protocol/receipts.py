@@ -63,6 +63,12 @@ RECEIPTED_REJECTIONS: Final = frozenset(
         # answer); a receipt stops the device from resending an update no one will take
         RejectReason.NO_LEASE,
         RejectReason.LEASE_EXPIRED,
+        # central DP: final. A device's participation count only grows (it is durable, restored
+        # after a restart), so a device at its cap stays there and a resend of the same bytes
+        # gets the same answer; a receipt stops it resending an update no one will take.
+        # (DP_ONE_PER_BUFFER is not here: it is transient. The device's resend after its
+        # timeout is accepted once the buffer holding its other update has flushed.)
+        RejectReason.DP_BUDGET_EXHAUSTED,
     }
 )
 """Rejections a receipt reports (the device then stops resending that seq). Any other reason is

@@ -124,6 +124,13 @@ CONFIG_CASES: list[tuple[str, str, dict[str, str], tuple[str, ...]]] = [
     ("env typo", "", {"EDGEFL_AGG_BROKER_URL": "mqtt://x"}, ("EDGEFL_AGG_BROKER_URL", "EDGEFL_AGG_BROKER__URL")),
     ("env bad value", "", {"EDGEFL_AGG_BROKER__URL": "ftp://x"}, ("broker.url", "EDGEFL_AGG_BROKER__URL")),
     ("not toml", "[[[", {}, ("config", "not valid TOML")),
+    ("dp with mean", "[aggregation]\nnormalisation = \"mean\"\n[privacy]\ndp = \"central:z=3\"\n", {}, ("aggregation.normalisation", "privacy.dp", "'sum'")),
+    ("dp adaptive bound", "[aggregation]\nnorm_bound = \"adaptive-clip\"\n[privacy]\ndp = \"central:z=3\"\n", {}, ("aggregation.norm_bound", "static")),
+    ("dp robust", "[aggregation]\nrobust = \"median\"\n[privacy]\ndp = \"central:z=3\"\n", {}, ("aggregation.robust", "privacy.dp")),
+    ("dp fedavg", "[privacy]\ndp = \"central:z=3\"\n", {"EDGEFL_AGG_ALGORITHM": "fedavg"}, ("algorithm", "fedbuff only")),
+    ("dp bad text", "[privacy]\ndp = \"central:zz=3\"\n", {}, ("privacy.dp", "bad dp option")),
+    ("dp too little noise", "[privacy]\ndp = \"central:z=0.3,eps=1\"\n", {}, ("privacy.dp", "noise multiplier")),
+    ("dp local", "[privacy]\ndp = \"local:gaussian,eps=8\"\n", {}, ("privacy.dp", "device setting")),
 ]  # fmt: skip
 
 

@@ -33,6 +33,7 @@ from edgefl.aggregator.metrics import METRICS, PrometheusExporter
 from edgefl.aggregator.participation import LeaseDeskStatistics
 from edgefl.aggregator.stats import AggregatorStatistics
 from edgefl.errors import RejectReason
+from edgefl.privacy import PrivacyStatistics
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "MONITOR.md"
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
@@ -66,6 +67,17 @@ STATS = AggregatorStatistics(
         ended={"completed": 6, "expired": 1},
         verdicts={"valid": 6, "no_lease": 1},
         checkins={"available": 12, "withdrawn": 2, "presence_gone": 1},
+    ),
+    privacy=PrivacyStatistics(
+        epsilon=4.25,
+        delta=1e-5,
+        noise_multiplier=3.0,
+        clip_norm=0.5,
+        participation_cap=22,
+        participation_max=6,
+        devices=9,
+        participation_histogram={1: 4, 3: 4, 6: 1},
+        accountant="rdp",
     ),
 )
 
@@ -186,6 +198,11 @@ def test_values_of_a_hand_made_snapshot(served: tuple[PrometheusExporter, str]) 
     assert sample_value(latency, "_count") == 2
     assert sample_value(latency, "_sum") == pytest.approx(0.203)
     assert sample_value(latency, "_bucket", le="0.005") == 1
+    dp = {name: sample_value(f[f"{p}_dp_{name}"]) for name in (
+        "epsilon_spent_max", "delta", "noise_multiplier", "clip_norm", "participation_cap",
+        "participations_max")}  # fmt: skip
+    assert dp == {"epsilon_spent_max": 4.25, "delta": 1e-5, "noise_multiplier": 3.0,
+                  "clip_norm": 0.5, "participation_cap": 22, "participations_max": 6}  # fmt: skip
 
 
 def test_no_precomputed_rates_old_names_or_device_labels(
@@ -238,6 +255,12 @@ def test_a_disconnected_unevaluated_aggregator() -> None:
     got = scrape_once(lambda: stats)
     assert sample_value(got["edgefl_aggregator_connected"]) == 0
     assert "edgefl_aggregator_accuracy_ratio" not in got  # unknown, not 0
+
+
+def test_without_dp_no_dp_family_is_served() -> None:
+    got = scrape_once(lambda: dataclasses.replace(STATS, privacy=None))
+    assert [n for n in got if "_dp_" in n] == []
+    assert "edgefl_aggregator_model_version" in got
 
 
 def find_promtool() -> str | None:
