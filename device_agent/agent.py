@@ -1008,6 +1008,10 @@ class DeviceAgent:
             await self._mark_trained(model.version)
             return
         result = await self._run_job(trainer, job, lease)
+        if lease is not None:
+            # the lease is used up now, before its update is spooled and sent: a withdrawal
+            # from here on would release it on the aggregator before the update arrives
+            self._leases.done()
         if isinstance(result, AbortReason):
             reason = result
             self._counts.aborted[reason.value] += 1
