@@ -457,6 +457,7 @@ class DeviceAgent:
     def _open_state(self) -> None:
         cfg = self.config
         self._store = AgentStore.open(cfg)
+        self._leases.remember_in(cfg.state_dir / "leases", durable=cfg.spool.durable)
         self._model = self._store.models.load()
         now = self._delivery.clock()
         for mark in self._store.spool.awaiting():

@@ -29,8 +29,10 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
+from device_agent.persist import PersistentInt
 from device_agent.training_policy import (
     CheckInAction,
     HeldLease,
@@ -143,6 +145,7 @@ class LeaseClient:
         self._renew_at: float | None = None
         self._withdrawn = False  # withdrew, and has not checked in since
         self._wake = asyncio.Event()
+        self._remembered: PersistentInt | None = None
         self._counts: Counter[str] = Counter()
         self._ignored: Counter[str] = Counter()
 
@@ -173,6 +176,15 @@ class LeaseClient:
 
     # ------------------------------------------------------------------ events
 
+    def remember_in(self, path: Path, *, durable: bool) -> None:
+        """Keep whether the aggregator grants leases in ``path`` (0 unknown, 1 no, 2 yes), and
+        start from what it says: a restarted agent must not train on a model it holds before
+        the aggregator's retained state arrives, when the aggregator requires leases
+        (blocking; called while the agent opens its state directory)."""
+        self._remembered = PersistentInt(path, durable=durable)
+        if self.enabled is None and self._remembered.value in (1, 2):
+            self.enabled = self._remembered.value == 2
+
     def poke(self) -> None:
         """Something the check-in rule reads changed (eligibility, model, training)."""
         self._wake.set()
@@ -188,6 +200,8 @@ class LeaseClient:
                 "grants" if enabled else "does not grant",
             )
             self.enabled = enabled
+            if self._remembered is not None:
+                self._remembered.set(2 if enabled else 1)
             if not enabled:
                 self.presence, self.lease = Presence.IDLE, None
             self._changed()  # the scheduler's rule changed

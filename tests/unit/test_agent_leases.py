@@ -295,3 +295,24 @@ async def test_a_waiting_device_fetches_a_new_model_only_when_a_lease_asks_for_i
     assert agent.statistics().model_version == 1
     header, _ = decode_update(on(seen, UPDATES)[0].payload)
     assert (header.base_version, header.lease_id) == (1, 2)
+
+
+async def test_a_restarted_agent_remembers_that_the_aggregator_requires_leases(
+    tmp_path: Path,
+) -> None:
+    # Arrange: a first run fetched v0 and checked in, but got no lease
+    config = make_config(tmp_path)
+    async with running(leasing_broker(), config) as (agent, _):
+        await eventually(lambda: agent.statistics().participation.check_ins == 1)
+    # Act: restarted where the aggregator's retained state has not arrived (yet): only v0
+    broker = MemoryBroker()
+    publish_model(broker, 0)
+    async with running(broker, config) as (agent, seen):
+        await eventually(lambda: agent.statistics().connections == 1)
+        await asyncio.sleep(1.0)
+        stats = agent.statistics()
+    # Assert: it holds v0, never trained on it, and still waits for a lease
+    assert stats.model_version == 0
+    assert stats.trainings_started == 0
+    assert stats.participation.leases is True
+    assert on(seen, UPDATES) == []
