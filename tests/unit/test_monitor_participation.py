@@ -79,8 +79,8 @@ def test_snapshot_shows_leases_against_c_waiting_devices_and_staleness_against_c
     assert view.staleness_target == 2.0
     assert view.staleness == StalenessSummary(count=10, mean=1.4, p90=2, max=9)
     lines = aggregator_lines(snap.aggregator)
-    assert "leases   8/10 in flight (C), 2 checked in, 2 waiting for a slot" in lines
-    assert "τ vs C/K mean 1.4, p90 2, max 9 (C/K = 2.0)" in lines
+    assert "leases   8/10 in flight, 2 checked in, 2 waiting" in lines
+    assert "τ vs C/K mean 1.4, p90 2, max 9 (C/K 2.0)" in lines
     assert device_cells(snap.devices[0])["why"] == "waiting for slot"
     assert device_cells(snap.devices[2])["why"] == "-"
     out = json.loads(json.dumps(snap.to_json()))
