@@ -661,14 +661,18 @@ class DeviceAgent:
         mode = self.config.spool.receipts
         if mode is not ReceiptMode.OFF:
             await transport.subscribe(receipt_topic(self._fleet, self._device), qos=1)
-        # the server state says whether the aggregator sends receipts ("auto") and whether it
-        # grants training leases (protocol 1.2)
-        await transport.subscribe(server_state_topic(self._fleet), qos=1)
+        # The server state says whether the aggregator sends receipts ("auto") and whether it
+        # grants training leases (protocol 1.2). It and the manifest are retained and every
+        # connection subscribes afresh, so QoS 0 loses nothing for good (a copy dropped on the
+        # way is replaced by the next one, or the retained one on reconnect) and spares the
+        # broker a PUBACK per device per publication (a leasing aggregator republishes its
+        # state up to once a second: 500 PUBACKs/s from 500 devices).
+        await transport.subscribe(server_state_topic(self._fleet), qos=0)
         # A fetch that a previous connection started is dropped: the retained manifest comes
         # again on this subscription and starts a fresh one (chunks that went to the closed
         # connection would otherwise never come, and the device would wait for ever).
         self._fetch = None
-        await transport.subscribe(manifest_topic(self._fleet), qos=1)
+        await transport.subscribe(manifest_topic(self._fleet), qos=0)
         async for message in transport.messages():
             await self._handle(transport, message)
 
