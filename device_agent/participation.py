@@ -39,7 +39,8 @@ from device_agent.training_policy import (
     Presence,
     check_in_action,
     lease_expired,
-    leases_required,
+    leases_mode,
+    needs_resync,
     renew_interval,
 )
 from edgefl.auth import EnvelopeSigner, ManifestVerifier
@@ -50,6 +51,7 @@ from edgefl.protocol.messages import (
     M,
     Participation,
     ServerState,
+    ServerStatus,
     decode_message,
 )
 from edgefl.protocol.messages import encode_message as encode_msg
@@ -144,6 +146,8 @@ class LeaseClient:
         self.training: HeldLease | None = None  # the lease the running training is under
         self._renew_at: float | None = None
         self._withdrawn = False  # withdrew, and has not checked in since
+        self._server_session: int | None = None
+        self._resync = False  # a new connection or aggregator session: see needs_resync
         self._wake = asyncio.Event()
         self._remembered: PersistentInt | None = None
         self._counts: Counter[str] = Counter()
@@ -191,8 +195,15 @@ class LeaseClient:
 
     def on_server_state(self, state: ServerState) -> None:
         """Follow the aggregator's ``leases`` feature (and its check-in lifetime)."""
-        enabled = leases_required(state)
-        self._settings = state.participation if enabled else None
+        enabled = leases_mode(state, self.enabled)  # a stopped or lost aggregator: as we are
+        if state.status is ServerStatus.ONLINE:
+            self._settings = state.participation if enabled else None
+            known, self._server_session = self._server_session, state.session
+            self._resync |= needs_resync(
+                presence=self.presence,
+                new_connection=False,
+                new_server_session=known is not None and known != state.session,
+            )
         if enabled != self.enabled:
             log.info(
                 "%s: the aggregator %s training leases",
@@ -261,7 +272,9 @@ class LeaseClient:
         """The check-in task of one connection: subscribe to the lease topic, then check in,
         renew and withdraw as :func:`~device_agent.training_policy.check_in_action` says."""
         await transport.subscribe(lease_topic(self._fleet, self._device), qos=1)
-        self._renew_at = None  # a check-in may have been lost with the last connection
+        self._resync = needs_resync(
+            presence=self.presence, new_connection=True, new_server_session=False
+        )
         while True:
             self._wake.clear()
             if self.active:
@@ -272,6 +285,10 @@ class LeaseClient:
                     await self._wake.wait()
 
     async def _step(self, transport: Transport) -> None:
+        if self._resync:
+            self._resync = False
+            if self.presence is Presence.CHECKED_IN:
+                await self.withdraw(transport)  # then check in again, below
         now = self.clock()
         if self.lease is not None and lease_expired(self.lease, now):
             log.info("%s: lease %d expired unused", self._device, self.lease.lease_id)

@@ -31,7 +31,7 @@ from device_agent.dataset import LocalDataset, device_seed
 from device_agent.model_store import CurrentModel
 from device_agent.trainer import TrainJob
 from edgefl.models.spec import ModelSpec
-from edgefl.protocol.messages import FEATURE_LEASES, DeviceStatus, ServerState
+from edgefl.protocol.messages import FEATURE_LEASES, DeviceStatus, ServerState, ServerStatus
 
 __all__ = [
     "AbortReason",
@@ -43,8 +43,10 @@ __all__ = [
     "abort_reason",
     "check_in_action",
     "lease_expired",
+    "leases_mode",
     "leases_required",
     "marks_version_done",
+    "needs_resync",
     "presence_reasons",
     "renew_interval",
     "should_fetch",
@@ -249,6 +251,13 @@ def leases_required(state: ServerState) -> bool:
     return FEATURE_LEASES in state.features and state.participation is not None
 
 
+def leases_mode(state: ServerState, current: bool | None) -> bool | None:
+    """The leases mode after ``state``: what an online aggregator says
+    (:func:`leases_required`); an offline or lost one (a clean stop, its Last Will) changes
+    nothing, since it grants nothing and takes no update until it is back, and says again."""
+    return leases_required(state) if state.status is ServerStatus.ONLINE else current
+
+
 def renew_interval(checkin_ttl_s: float) -> float:
     """Seconds between two check-ins of a waiting device: half the aggregator's check-in
     lifetime, so one lost check-in does not drop the device from the candidates."""
@@ -289,6 +298,16 @@ def check_in_action(
     if presence is Presence.CHECKED_IN and renew_due:
         return CheckInAction.CHECK_IN
     return CheckInAction.NONE
+
+
+def needs_resync(*, presence: Presence, new_connection: bool, new_server_session: bool) -> bool:
+    """Whether a waiting candidate must withdraw and check in again at once: after it
+    reconnected (a LEASE published while it was away is lost: MQTT keeps no messages for a
+    clean session) and after the aggregator restarted (its check-ins are not durable, and a
+    lease it granted just before it stopped may never have been published). The withdrawal
+    releases such a lease, which would otherwise hold a slot, and keep the device waiting, until
+    it expires; the check-in makes the device a candidate again."""
+    return presence is Presence.CHECKED_IN and (new_connection or new_server_session)
 
 
 @dataclass(frozen=True, slots=True)

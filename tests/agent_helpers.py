@@ -90,12 +90,14 @@ class GateTrainer:
         return self.inner.train(job, should_stop)
 
 
-def server_state(features: tuple[str, ...], participation: Participation | None) -> ServerState:
+def server_state(
+    features: tuple[str, ...], participation: Participation | None, session: int = 1
+) -> ServerState:
     """An online aggregator's state at version 0 announcing ``features`` and ``participation``."""
     return ServerState(
         fleet=FLEET,
         status=ServerStatus.ONLINE,
-        session=1,
+        session=session,
         version=0,
         buffer_fill=0,
         buffer_size=10,

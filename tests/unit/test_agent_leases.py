@@ -41,6 +41,7 @@ from edgefl.protocol.messages import (
     DeviceState,
     Lease,
     Participation,
+    ServerStatus,
     decode_message,
     decode_update,
     encode_message,
@@ -316,3 +317,30 @@ async def test_a_restarted_agent_remembers_that_the_aggregator_requires_leases(
     assert stats.trainings_started == 0
     assert stats.participation.leases is True
     assert on(seen, UPDATES) == []
+
+
+async def test_a_waiting_device_checks_in_afresh_with_a_restarted_aggregator(
+    tmp_path: Path,
+) -> None:
+    broker = leasing_broker()
+    async with running(broker, make_config(tmp_path)) as (agent, seen):
+        await eventually(lambda: len(on(seen, CHECKINS)) == 1)
+        # Act: the aggregator dies (its Last Will: lost, without the participation settings);
+        # the device keeps waiting for a lease, it does not fall back to training per version
+        will = server_state((FEATURE_LEASES,), None)
+        will = dataclasses.replace(will, status=ServerStatus.LOST)
+        broker.publish(server_state_topic(FLEET), encode_message(will), 1, True)
+        await asyncio.sleep(0.5)
+        during_outage = agent.statistics()
+        # ... and comes back (a new session): its check-ins were in memory, and a lease it
+        # granted just before it died may never have been published
+        state = server_state((FEATURE_LEASES,), SETTINGS, session=2)
+        broker.publish(server_state_topic(FLEET), encode_message(state), 1, True)
+        await eventually(lambda: len(on(seen, CHECKINS)) == 3)
+        # ... and the same session again (a republished state) changes nothing
+        broker.publish(server_state_topic(FLEET), encode_message(state), 1, True)
+        await asyncio.sleep(0.3)
+    # Assert: withdraw (releases such a lease), check in again; then the stop's withdrawal
+    assert [c.available for c in check_ins(on(seen, CHECKINS))] == [True, False, True, False]
+    assert during_outage.participation.leases is True
+    assert during_outage.trainings_started == 0

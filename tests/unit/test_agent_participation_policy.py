@@ -3,6 +3,8 @@ check in, renew and withdraw, when to train under a lease, the per-lease seed, t
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from agent_helpers import server_state
 
@@ -15,8 +17,10 @@ from device_agent.training_policy import (
     abort_reason,
     check_in_action,
     lease_expired,
+    leases_mode,
     leases_required,
     marks_version_done,
+    needs_resync,
     renew_interval,
     should_fetch,
     should_train_leased,
@@ -28,6 +32,7 @@ from edgefl.protocol.messages import (
     FEATURE_RECEIPTS,
     DeviceStatus,
     Participation,
+    ServerStatus,
 )
 
 IDLE, CHECKED_IN, LEASED = Presence.IDLE, Presence.CHECKED_IN, Presence.LEASED
@@ -197,3 +202,32 @@ def test_should_fetch(
     leases: bool, held: int | None, lease_version: int | None, expected: bool
 ) -> None:
     assert should_fetch(leases=leases, held_version=held, lease_version=lease_version) is expected
+
+
+@pytest.mark.parametrize(
+    ("presence", "new_connection", "new_session", "expected"),
+    [
+        (CHECKED_IN, True, False, True),  # a lease sent while away is lost
+        (CHECKED_IN, False, True, True),  # the aggregator restarted
+        (CHECKED_IN, False, False, False),
+        (LEASED, True, True, False),  # it holds its lease: nothing to recover
+        (IDLE, True, True, False),  # not a candidate: it checks in anyway when it can
+    ],
+)
+def test_needs_resync(
+    presence: Presence, new_connection: bool, new_session: bool, expected: bool
+) -> None:
+    resync = needs_resync(
+        presence=presence, new_connection=new_connection, new_server_session=new_session
+    )
+    assert resync is expected
+
+
+@pytest.mark.parametrize("current", [True, False, None])
+def test_a_stopped_or_lost_aggregator_does_not_change_the_leases_mode(current: bool | None) -> None:
+    online = server_state((FEATURE_LEASES,), SETTINGS)
+    for status in (ServerStatus.OFFLINE, ServerStatus.LOST):
+        # its Last Will may carry the feature without the settings
+        will = dataclasses.replace(online, status=status, participation=None)
+        assert leases_mode(will, current) is current
+    assert leases_mode(online, current) is True
