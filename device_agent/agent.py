@@ -539,6 +539,7 @@ class DeviceAgent:
             eligible=self._eligible(),
             stopping=self._wake.stopping.is_set(),
             model_version=None if self._model is None else self._model.version,
+            update_pending=self._store is not None and len(self._store.spool) > 0,
         )
 
     def _participation_changed(self) -> None:

@@ -37,11 +37,12 @@ from device_agent.training_policy import (
     CheckInAction,
     HeldLease,
     Presence,
+    Resync,
     check_in_action,
     lease_expired,
     leases_mode,
-    needs_resync,
     renew_interval,
+    resync_action,
 )
 from edgefl.auth import EnvelopeSigner, ManifestVerifier
 from edgefl.errors import EdgeflError, RejectReason
@@ -102,6 +103,7 @@ class Conditions:
     eligible: bool
     stopping: bool
     model_version: int | None
+    update_pending: bool = False  # a spooled update not yet settled (its lease is held for it)
 
 
 @dataclass(frozen=True)
@@ -147,7 +149,7 @@ class LeaseClient:
         self._renew_at: float | None = None
         self._withdrawn = False  # withdrew, and has not checked in since
         self._server_session: int | None = None
-        self._resync = False  # a new connection or aggregator session: see needs_resync
+        self._resync = False  # a new connection or aggregator session: see resync_action
         self._wake = asyncio.Event()
         self._remembered: PersistentInt | None = None
         self._counts: Counter[str] = Counter()
@@ -199,11 +201,7 @@ class LeaseClient:
         if state.status is ServerStatus.ONLINE:
             self._settings = state.participation if enabled else None
             known, self._server_session = self._server_session, state.session
-            self._resync |= needs_resync(
-                presence=self.presence,
-                new_connection=False,
-                new_server_session=known is not None and known != state.session,
-            )
+            self._resync |= known is not None and known != state.session
         if enabled != self.enabled:
             log.info(
                 "%s: the aggregator %s training leases",
@@ -272,9 +270,7 @@ class LeaseClient:
         """The check-in task of one connection: subscribe to the lease topic, then check in,
         renew and withdraw as :func:`~device_agent.training_policy.check_in_action` says."""
         await transport.subscribe(lease_topic(self._fleet, self._device), qos=1)
-        self._resync = needs_resync(
-            presence=self.presence, new_connection=True, new_server_session=False
-        )
+        self._resync = True
         while True:
             self._wake.clear()
             if self.active:
@@ -285,16 +281,21 @@ class LeaseClient:
                     await self._wake.wait()
 
     async def _step(self, transport: Transport) -> None:
+        cond = self._conditions()
         if self._resync:
             self._resync = False
-            if self.presence is Presence.CHECKED_IN:
+            resync = resync_action(
+                presence=self.presence, reconnected=True, update_pending=cond.update_pending
+            )
+            if resync is Resync.REJOIN:
                 await self.withdraw(transport)  # then check in again, below
+            elif resync is Resync.RENEW:
+                self._renew_at = None
         now = self.clock()
         if self.lease is not None and lease_expired(self.lease, now):
             log.info("%s: lease %d expired unused", self._device, self.lease.lease_id)
             self.lease, self.presence = None, Presence.IDLE
             self._counts["unused"] += 1
-        cond = self._conditions()
         action = check_in_action(
             presence=self.presence,
             eligible=cond.eligible,

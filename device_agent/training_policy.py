@@ -39,6 +39,7 @@ __all__ = [
     "DropReason",
     "HeldLease",
     "Presence",
+    "Resync",
     "TrainingGate",
     "abort_reason",
     "check_in_action",
@@ -46,9 +47,9 @@ __all__ = [
     "leases_mode",
     "leases_required",
     "marks_version_done",
-    "needs_resync",
     "presence_reasons",
     "renew_interval",
+    "resync_action",
     "should_fetch",
     "should_train",
     "should_train_leased",
@@ -300,14 +301,26 @@ def check_in_action(
     return CheckInAction.NONE
 
 
-def needs_resync(*, presence: Presence, new_connection: bool, new_server_session: bool) -> bool:
-    """Whether a waiting candidate must withdraw and check in again at once: after it
-    reconnected (a LEASE published while it was away is lost: MQTT keeps no messages for a
-    clean session) and after the aggregator restarted (its check-ins are not durable, and a
-    lease it granted just before it stopped may never have been published). The withdrawal
-    releases such a lease, which would otherwise hold a slot, and keep the device waiting, until
-    it expires; the check-in makes the device a candidate again."""
-    return presence is Presence.CHECKED_IN and (new_connection or new_server_session)
+class Resync(StrEnum):
+    """What a waiting candidate does after a reconnect or an aggregator restart."""
+
+    NONE = "none"
+    RENEW = "renew"  # check in again now
+    REJOIN = "rejoin"  # withdraw (releasing a lease it never received), then check in again
+
+
+def resync_action(*, presence: Presence, reconnected: bool, update_pending: bool) -> Resync:
+    """A candidate (``CHECKED_IN``) checks in again after it ``reconnected`` or after the
+    aggregator restarted (its check-ins are not durable). It also withdraws first, to release a
+    lease the aggregator may have granted it whose LEASE message was lost (published while the
+    device was away: MQTT keeps nothing for a clean session; or granted just before the
+    aggregator stopped), which would otherwise hold a slot, and keep the device waiting, until
+    it expires; except while one of its updates is still on its way (``update_pending``): the
+    lease the aggregator holds for it is then that update's, and a withdrawal would release it
+    before the update arrives (``no_lease``)."""
+    if presence is not Presence.CHECKED_IN or not reconnected:
+        return Resync.NONE
+    return Resync.RENEW if update_pending else Resync.REJOIN
 
 
 @dataclass(frozen=True, slots=True)

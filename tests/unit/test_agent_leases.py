@@ -31,7 +31,7 @@ from receipt_helpers import collect
 from waiting import eventually
 
 from device_agent.agent import DeviceAgent
-from device_agent.config import AgentConfig, SecurityConfig
+from device_agent.config import AgentConfig, ReceiptMode, SecurityConfig, SpoolConfig
 from device_agent.release import model_release
 from edgefl.models.spec import init_weights_numpy
 from edgefl.protocol.envelope import EnvelopeKind
@@ -344,3 +344,26 @@ async def test_a_waiting_device_checks_in_afresh_with_a_restarted_aggregator(
     assert [c.available for c in check_ins(on(seen, CHECKINS))] == [True, False, True, False]
     assert during_outage.participation.leases is True
     assert during_outage.trainings_started == 0
+
+
+async def test_with_an_update_on_its_way_a_restarted_aggregator_gets_a_check_in_only(
+    tmp_path: Path,
+) -> None:
+    # Arrange: receipts on, and no aggregator here to send one: the update stays pending, and
+    # the aggregator holds lease 5 for it
+    config = dataclasses.replace(
+        make_config(tmp_path), spool=SpoolConfig(receipts=ReceiptMode.ON, receipt_timeout_s=60)
+    )
+    broker = leasing_broker()
+    async with running(broker, config) as (agent, seen):
+        await eventually(lambda: len(on(seen, CHECKINS)) == 1)
+        grant(broker, 5)
+        await eventually(lambda: agent.statistics().awaiting_receipt == 1)
+        await eventually(lambda: len(on(seen, CHECKINS)) == 2)
+        # Act: the aggregator restarted
+        state = server_state((FEATURE_LEASES,), SETTINGS, session=2)
+        broker.publish(server_state_topic(FLEET), encode_message(state), 1, True)
+        await eventually(lambda: len(on(seen, CHECKINS)) == 3)
+        await asyncio.sleep(0.3)
+    # Assert: checked in again, no withdrawal (it would release lease 5 before its update)
+    assert [c.available for c in check_ins(on(seen, CHECKINS))] == [True, True, True, False]

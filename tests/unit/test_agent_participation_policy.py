@@ -14,14 +14,15 @@ from device_agent.training_policy import (
     CheckInAction,
     HeldLease,
     Presence,
+    Resync,
     abort_reason,
     check_in_action,
     lease_expired,
     leases_mode,
     leases_required,
     marks_version_done,
-    needs_resync,
     renew_interval,
+    resync_action,
     should_fetch,
     should_train_leased,
     status_line,
@@ -205,22 +206,22 @@ def test_should_fetch(
 
 
 @pytest.mark.parametrize(
-    ("presence", "new_connection", "new_session", "expected"),
+    ("presence", "reconnected", "update_pending", "expected"),
     [
-        (CHECKED_IN, True, False, True),  # a lease sent while away is lost
-        (CHECKED_IN, False, True, True),  # the aggregator restarted
-        (CHECKED_IN, False, False, False),
-        (LEASED, True, True, False),  # it holds its lease: nothing to recover
-        (IDLE, True, True, False),  # not a candidate: it checks in anyway when it can
+        (CHECKED_IN, True, False, Resync.REJOIN),  # release a lease whose message was lost
+        (CHECKED_IN, True, True, Resync.RENEW),  # the held lease is its update's: keep it
+        (CHECKED_IN, False, False, Resync.NONE),
+        (LEASED, True, False, Resync.NONE),  # it holds its lease: nothing to recover
+        (IDLE, True, False, Resync.NONE),  # not a candidate: it checks in anyway when it can
     ],
 )
-def test_needs_resync(
-    presence: Presence, new_connection: bool, new_session: bool, expected: bool
+def test_resync_action(
+    presence: Presence, reconnected: bool, update_pending: bool, expected: Resync
 ) -> None:
-    resync = needs_resync(
-        presence=presence, new_connection=new_connection, new_server_session=new_session
+    action = resync_action(
+        presence=presence, reconnected=reconnected, update_pending=update_pending
     )
-    assert resync is expected
+    assert action is expected
 
 
 @pytest.mark.parametrize("current", [True, False, None])
