@@ -1017,6 +1017,8 @@ class DeviceAgent:
         if lease is not None:
             # the lease is used up now, before its update is spooled and sent: a withdrawal
             # from here on would release it on the aggregator before the update arrives
+            if self._leases.given_back(lease) and not isinstance(result, AbortReason):
+                result = self._gate.reason or AbortReason.INELIGIBLE  # finished too late
             self._leases.done()
         if isinstance(result, AbortReason):
             reason = result

@@ -146,6 +146,7 @@ class LeaseClient:
         self.presence = Presence.IDLE
         self.lease: HeldLease | None = None  # held and not yet trained under
         self.training: HeldLease | None = None  # the lease the running training is under
+        self._given_back: int | None = None  # the id of a training's lease a withdrawal released
         self._renew_at: float | None = None
         self._withdrawn = False  # withdrew, and has not checked in since
         self._server_session: int | None = None
@@ -256,6 +257,11 @@ class LeaseClient:
         self.training = lease
         return lease
 
+    def given_back(self, lease: HeldLease) -> bool:
+        """Whether a withdrawal released ``lease`` while a training ran under it: the
+        aggregator would refuse its update (``no_lease``), even if the training finished."""
+        return self._given_back == lease.lease_id
+
     def done(self) -> None:
         """A training under a lease ended (an update, or none): check in again when eligible,
         unless a newer lease arrived meanwhile."""
@@ -328,6 +334,8 @@ class LeaseClient:
         if not self.active or self.presence is Presence.IDLE:
             return
         cond = self._conditions()
+        if self.training is not None:
+            self._given_back = self.training.lease_id
         self.presence, self.lease, self._renew_at = Presence.IDLE, None, None
         self._withdrawn = True
         await self._publish(transport, available=False, model_version=cond.model_version)

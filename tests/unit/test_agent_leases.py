@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from agent_helpers import (
@@ -33,6 +34,7 @@ from waiting import eventually
 from device_agent.agent import DeviceAgent
 from device_agent.config import AgentConfig, ReceiptMode, SecurityConfig, SpoolConfig
 from device_agent.release import model_release
+from device_agent.trainer import TorchTrainer, Trainer, TrainJob, TrainResult
 from edgefl.models.spec import init_weights_numpy
 from edgefl.protocol.envelope import EnvelopeKind
 from edgefl.protocol.messages import (
@@ -78,7 +80,7 @@ def leasing_broker(*, leases: bool = True) -> MemoryBroker:
 
 @contextlib.asynccontextmanager
 async def running(
-    broker: MemoryBroker, config: AgentConfig, trainer: GateTrainer | None = None
+    broker: MemoryBroker, config: AgentConfig, trainer: Trainer | None = None
 ) -> AsyncIterator[tuple[DeviceAgent, list[InboundMessage]]]:
     """A running agent, and what an observer sees on the device's topics (until it stopped)."""
     seen, stop_observer = await collect(broker, f"edgefl/v1/{FLEET}/device/{DEVICE}/#")
@@ -367,3 +369,39 @@ async def test_with_an_update_on_its_way_a_restarted_aggregator_gets_a_check_in_
         await asyncio.sleep(0.3)
     # Assert: checked in again, no withdrawal (it would release lease 5 before its update)
     assert [c.available for c in check_ins(on(seen, CHECKINS))] == [True, True, True, False]
+
+
+class LateTrainer:
+    """The real trainer behind a gate that does not poll ``should_stop`` while it waits (a
+    thread busy where it cannot poll): it returns an update even after an abort."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.inner = TorchTrainer()
+
+    def train(self, job: TrainJob, should_stop: Callable[[], bool]) -> TrainResult | None:
+        self.entered.set()
+        self.gate.wait(30)
+        return self.inner.train(job, lambda: False)
+
+
+async def test_an_update_finished_after_the_withdrawal_released_its_lease_is_dropped(
+    tmp_path: Path,
+) -> None:
+    broker, trainer = leasing_broker(), LateTrainer()
+    async with running(broker, make_config(tmp_path), trainer) as (agent, seen):
+        await eventually(lambda: len(on(seen, CHECKINS)) == 1)
+        grant(broker, 3)
+        await eventually(trainer.entered.is_set)
+        # Act: unplugged (the withdrawal releases lease 3), then the training returns anyway
+        write_fake_sysfs(tmp_path / "fs", mains=False)
+        agent.check_now()
+        await eventually(lambda: len(on(seen, CHECKINS)) == 2)
+        trainer.gate.set()
+        await eventually(lambda: agent.statistics().trainings_aborted.get("ineligible") == 1)
+        await asyncio.sleep(0.3)
+        stats = agent.statistics()
+    # Assert: nothing spooled or sent for it (the aggregator would refuse it: no_lease)
+    assert on(seen, UPDATES) == []
+    assert (stats.trainings_completed, stats.spool_depth) == (0, 0)
