@@ -75,15 +75,21 @@ def factory(broker: MemoryBroker, made: list[MemoryTransport] | None = None):  #
 
 class GateTrainer:
     """A Trainer that waits (polling ``should_stop``, as the contract requires) until the test
-    opens the gate, then trains for real; the simulator wraps trainers the same way."""
+    opens the gate, then trains for real; the simulator wraps trainers the same way. With
+    ``polls=False`` it is a thread busy where it cannot poll: it neither polls while it waits
+    nor stops training, so it returns an update even after an abort."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, polls: bool = True) -> None:
         self.gate = threading.Event()
         self.entered = threading.Event()
         self.inner = TorchTrainer()
+        self.polls = polls
 
     def train(self, job: TrainJob, should_stop: Callable[[], bool]) -> TrainResult | None:
         self.entered.set()
+        if not self.polls:
+            self.gate.wait(30)
+            return self.inner.train(job, lambda: False)
         while not self.gate.wait(0.01):
             if should_stop():
                 return None

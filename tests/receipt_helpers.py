@@ -4,23 +4,20 @@ sysfs tree, real spooled updates, and MemoryBroker plumbing."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import numpy as np
-from agent_helpers import DEVICE, FLEET, MODEL, SPEC, digits_dataset
+from agent_helpers import DEVICE, FLEET, MODEL, SPEC, digits_dataset, make_config
 
 from device_agent.config import (
     AgentConfig,
     BrokerConfig,
-    DataConfig,
-    DataKind,
-    ProbeConfig,
     ReceiptMode,
     SpoolConfig,
 )
-from device_agent.eligibility import EligibilityPolicy, MeteredSource
 from device_agent.release import model_release
 from device_agent.spool import UpdateSpool
 from device_agent.trainer import TrainResult
@@ -48,17 +45,11 @@ def receipts_config(
     reconnect_max_s: float = 30.0,
 ) -> AgentConfig:
     """An agent on battery (only its spool is sent) with receipts ``mode``, a short timeout."""
+    config = make_config(tmp)
     write_tree(tmp / "fs")
-    return AgentConfig(
+    return dataclasses.replace(
+        config,
         broker=BrokerConfig(url, reconnect_max_s=reconnect_max_s),
-        fleet=FLEET,
-        device_id=DEVICE,
-        data=DataConfig(kind=DataKind.NPZ, path=tmp / "unused.npz"),
-        probes=ProbeConfig(
-            root=tmp / "fs", metered=MeteredSource.NO, throttle=False, interval_s=1.0
-        ),
-        eligibility=EligibilityPolicy(),
-        state_dir=tmp / "state",
         spool=SpoolConfig(
             receipts=mode, receipt_timeout_s=timeout_s, resend_max_s=max(timeout_s, 0.2)
         ),

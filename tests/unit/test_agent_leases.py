@@ -11,9 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from agent_helpers import (
@@ -34,7 +33,7 @@ from waiting import eventually
 from device_agent.agent import DeviceAgent
 from device_agent.config import AgentConfig, ReceiptMode, SecurityConfig, SpoolConfig
 from device_agent.release import model_release
-from device_agent.trainer import TorchTrainer, Trainer, TrainJob, TrainResult
+from device_agent.trainer import Trainer
 from edgefl.models.spec import init_weights_numpy
 from edgefl.protocol.envelope import EnvelopeKind
 from edgefl.protocol.messages import (
@@ -120,6 +119,22 @@ def on(seen: list[InboundMessage], part: str) -> list[InboundMessage]:
     return [m for m in seen if part in m.topic]
 
 
+async def unplug_while_training(
+    broker: MemoryBroker,
+    agent: DeviceAgent,
+    trainer: GateTrainer,
+    seen: list[InboundMessage],
+    fs: Path,
+) -> None:
+    """Check in, train under lease 3 (held in the gate), then unplug: the agent withdraws."""
+    await eventually(lambda: len(on(seen, CHECKINS)) == 1)
+    grant(broker, 3)
+    await eventually(trainer.entered.is_set)
+    write_fake_sysfs(fs, mains=False)
+    agent.check_now()
+    await eventually(lambda: len(on(seen, CHECKINS)) == 2)
+
+
 def check_ins(seen: list[InboundMessage]) -> list[CheckIn]:
     return [decode_message(m.payload, CheckIn) for m in seen]
 
@@ -189,14 +204,9 @@ async def test_ineligible_withdraws_and_aborts_the_training_under_the_lease(
     # Arrange: training under lease 3, held in the gate
     broker, trainer = leasing_broker(), GateTrainer()
     async with running(broker, make_config(tmp_path), trainer) as (agent, seen):
-        await eventually(lambda: len(on(seen, CHECKINS)) == 1)
-        grant(broker, 3)
-        await eventually(trainer.entered.is_set)
         # Act: unplugged mid-training
-        write_fake_sysfs(tmp_path / "fs", mains=False)
-        agent.check_now()
+        await unplug_while_training(broker, agent, trainer, seen, tmp_path / "fs")
         await eventually(lambda: agent.statistics().trainings_aborted.get("ineligible") == 1, 10)
-        await eventually(lambda: len(on(seen, CHECKINS)) == 2)
         # ... and a lease the aggregator granted before it saw the withdrawal (which released
         # it) comes late: an update under it would be refused, so it is not taken
         grant(broker, 8)
@@ -371,33 +381,14 @@ async def test_with_an_update_on_its_way_a_restarted_aggregator_gets_a_check_in_
     assert [c.available for c in check_ins(on(seen, CHECKINS))] == [True, True, True, False]
 
 
-class LateTrainer:
-    """The real trainer behind a gate that does not poll ``should_stop`` while it waits (a
-    thread busy where it cannot poll): it returns an update even after an abort."""
-
-    def __init__(self) -> None:
-        self.gate = threading.Event()
-        self.entered = threading.Event()
-        self.inner = TorchTrainer()
-
-    def train(self, job: TrainJob, should_stop: Callable[[], bool]) -> TrainResult | None:
-        self.entered.set()
-        self.gate.wait(30)
-        return self.inner.train(job, lambda: False)
-
-
 async def test_an_update_finished_after_the_withdrawal_released_its_lease_is_dropped(
     tmp_path: Path,
 ) -> None:
-    broker, trainer = leasing_broker(), LateTrainer()
+    # Arrange: a training thread that cannot poll should_stop while it waits
+    broker, trainer = leasing_broker(), GateTrainer(polls=False)
     async with running(broker, make_config(tmp_path), trainer) as (agent, seen):
-        await eventually(lambda: len(on(seen, CHECKINS)) == 1)
-        grant(broker, 3)
-        await eventually(trainer.entered.is_set)
         # Act: unplugged (the withdrawal releases lease 3), then the training returns anyway
-        write_fake_sysfs(tmp_path / "fs", mains=False)
-        agent.check_now()
-        await eventually(lambda: len(on(seen, CHECKINS)) == 2)
+        await unplug_while_training(broker, agent, trainer, seen, tmp_path / "fs")
         trainer.gate.set()
         await eventually(lambda: agent.statistics().trainings_aborted.get("ineligible") == 1)
         await asyncio.sleep(0.3)
