@@ -120,6 +120,15 @@ class ParticipationStatistics:
     lease_id: int | None = None  # the lease held now
 
 
+@dataclass(frozen=True, slots=True)
+class _Hooks:
+    """What the lease client calls back in the agent."""
+
+    conditions: Callable[[], Conditions]
+    on_change: Callable[[], None]  # a lease came or went, the mode or the presence changed
+    reject: Reject  # an inbound message refused, by reason
+
+
 class LeaseClient:
     """See the module docstring. One per agent; not thread-safe (the agent's event loop)."""
 
@@ -134,13 +143,8 @@ class LeaseClient:
         reject: Reject,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._fleet = fleet
-        self._device = device
-        self._keys = keys
-        self._conditions = conditions
-        self._changed = on_change
-        self._reject = reject
-        self.clock = clock
+        self._fleet, self._device, self._keys, self.clock = fleet, device, keys, clock
+        self._hooks = _Hooks(conditions, on_change, reject)
         self.enabled: bool | None = None  # None: the server state was not seen yet
         self._settings: Participation | None = None
         self.presence = Presence.IDLE
@@ -153,8 +157,7 @@ class LeaseClient:
         self._resync = False  # a new connection or aggregator session: see resync_action
         self._wake = asyncio.Event()
         self._remembered: PersistentInt | None = None
-        self._counts: Counter[str] = Counter()
-        self._ignored: Counter[str] = Counter()
+        self._counts: Counter[str] = Counter()  # and "ignored:<reason>" for leases not taken
 
     # ------------------------------------------------------------------ queries
 
@@ -176,7 +179,9 @@ class LeaseClient:
             check_ins=c["check_ins"],
             withdrawals=c["withdrawals"],
             leases_received=c["leases"],
-            leases_ignored=dict(self._ignored),
+            leases_ignored={
+                k.removeprefix("ignored:"): n for k, n in c.items() if k.startswith("ignored:")
+            },
             leases_unused=c["unused"],
             lease_id=None if self.lease is None else self.lease.lease_id,
         )
@@ -214,25 +219,25 @@ class LeaseClient:
                 self._remembered.set(2 if enabled else 1)
             if not enabled:
                 self.presence, self.lease = Presence.IDLE, None
-            self._changed()  # the scheduler's rule changed
+            self._hooks.on_change()  # the scheduler's rule changed
         self.poke()
 
     def on_lease(self, topic: LeaseTopic, payload: bytes) -> None:
         """A lease for this device: hold it until its local deadline, wake the scheduler."""
         if topic.device_id != self._device:
-            self._ignored["other_device"] += 1
+            self._counts["ignored:other_device"] += 1
             return
         verifier = self._keys.lease_verifier
-        lease = verified(payload, Lease, topic=topic, verifier=verifier, reject=self._reject)
+        lease = verified(payload, Lease, topic=topic, verifier=verifier, reject=self._hooks.reject)
         if lease is None:
             return
         if lease.fleet != self._fleet:
-            self._ignored["other_fleet"] += 1
+            self._counts["ignored:other_fleet"] += 1
             return
         if self._withdrawn and self.presence is Presence.IDLE:
             # granted before the aggregator saw the withdrawal, which released it: an update
             # under it would be refused (NO_LEASE)
-            self._ignored["withdrawn"] += 1
+            self._counts["ignored:withdrawn"] += 1
             return
         self.lease = HeldLease(lease.lease_id, lease.version, self.clock() + lease.ttl_s)
         self.presence, self._renew_at = Presence.LEASED, None
@@ -244,7 +249,7 @@ class LeaseClient:
             lease.version,
             lease.ttl_s,
         )
-        self._changed()
+        self._hooks.on_change()
         self.poke()
 
     def wanted_version(self) -> int | None:
@@ -287,7 +292,7 @@ class LeaseClient:
                     await self._wake.wait()
 
     async def _step(self, transport: Transport) -> None:
-        cond = self._conditions()
+        cond = self._hooks.conditions()
         if self._resync:
             self._resync = False
             resync = resync_action(
@@ -314,7 +319,7 @@ class LeaseClient:
             self.presence, self._withdrawn = Presence.CHECKED_IN, False
             ttl = self._settings.checkin_ttl_s if self._settings is not None else 60.0
             self._renew_at = now + renew_interval(ttl)
-            self._changed()  # the device state now says waiting_for_slot
+            self._hooks.on_change()  # the device state now says waiting_for_slot
         elif action is CheckInAction.WITHDRAW:
             await self.withdraw(transport)
 
@@ -333,13 +338,13 @@ class LeaseClient:
         """Give up candidacy and a held lease (ineligible, or stopping); a no-op when idle."""
         if not self.active or self.presence is Presence.IDLE:
             return
-        cond = self._conditions()
+        cond = self._hooks.conditions()
         if self.training is not None:
             self._given_back = self.training.lease_id
         self.presence, self.lease, self._renew_at = Presence.IDLE, None, None
         self._withdrawn = True
         await self._publish(transport, available=False, model_version=cond.model_version)
-        self._changed()
+        self._hooks.on_change()
 
     async def _publish(
         self, transport: Transport, *, available: bool, model_version: int | None

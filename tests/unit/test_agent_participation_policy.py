@@ -92,14 +92,8 @@ def test_check_in_action(
     renew_due: bool,
     expected: CheckInAction,
 ) -> None:
-    action = check_in_action(
-        presence=presence,
-        eligible=eligible,
-        stopping=stopping,
-        has_model=has_model,
-        renew_due=renew_due,
-    )
-    assert action is expected
+    conditions = {"eligible": eligible, "stopping": stopping, "has_model": has_model}
+    assert check_in_action(presence=presence, renew_due=renew_due, **conditions) is expected
 
 
 LEASE = HeldLease(lease_id=7, version=4, deadline=100.0)

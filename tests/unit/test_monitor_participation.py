@@ -3,10 +3,12 @@ devices waiting for a slot, and the staleness distribution against C / K."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
 import pytest
+from agent_helpers import FLEET, server_state
 
 from edgefl.monitor.decode import DeviceStateSeen, MetricsSeen, ServerStateSeen, StateEncoding
 from edgefl.monitor.model import FleetModel
@@ -16,23 +18,10 @@ from edgefl.monitor.snapshot import StalenessSummary
 from edgefl.monitor.summary import summarize
 from edgefl.protocol.messages import DeviceState, Participation, ServerMetrics, ServerState
 
-FLEET = "lab"
 
-
-def server(participation: Participation | None, at: float = 100.0) -> ServerState:
-    return ServerState(
-        fleet=FLEET,
-        status="online",  # type: ignore[arg-type]
-        session=1,
-        version=7,
-        buffer_fill=2,
-        buffer_size=5,
-        applied=30,
-        started_at=0.0,
-        at=at,
-        features=("leases",) if participation is not None else (),
-        participation=participation,
-    )
+def server(participation: Participation | None) -> ServerState:
+    features = ("leases",) if participation is not None else ()
+    return dataclasses.replace(server_state(features, participation), buffer_size=5)
 
 
 def metrics(staleness: dict[int, int], at: float = 101.0) -> ServerMetrics:
