@@ -3,6 +3,7 @@ fake sysfs tree, digits data, model releases, a transport factory and a gated re
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -99,17 +100,8 @@ class GateTrainer:
 def server_state(
     features: tuple[str, ...], participation: Participation | None, session: int = 1
 ) -> ServerState:
-    """An online aggregator's state at version 0 announcing ``features`` and ``participation``."""
-    return ServerState(
-        fleet=FLEET,
-        status=ServerStatus.ONLINE,
-        session=session,
-        version=0,
-        buffer_fill=0,
-        buffer_size=10,
-        applied=0,
-        started_at=1.0,
-        at=2.0,
-        features=features,
-        participation=participation,
-    )
+    """An online aggregator's state at version 0 announcing ``features`` and ``participation``
+    (session ``session``, buffer 0/10, nothing applied, started at 1.0, published at 2.0)."""
+    online = ServerStatus.ONLINE
+    state = ServerState(FLEET, online, session, 0, 0, 10, 0, 1.0, 2.0, features=features)
+    return dataclasses.replace(state, participation=participation)
