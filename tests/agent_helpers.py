@@ -3,14 +3,18 @@ fake sysfs tree, digits data, model releases, a transport factory and a gated re
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sklearn.datasets import load_digits
 
+from device_agent.agent import DeviceAgent
 from device_agent.config import (
     AgentConfig,
     BrokerConfig,
@@ -26,7 +30,7 @@ from device_agent.release import model_release
 from device_agent.trainer import TorchTrainer, TrainJob, TrainResult
 from edgefl.models.spec import get_model_spec, init_weights_numpy
 from edgefl.protocol.messages import Participation, ServerState, ServerStatus
-from edgefl.transport import MemoryBroker, MemoryTransport, OnConnect, Will
+from edgefl.transport import InboundMessage, MemoryBroker, MemoryTransport, OnConnect, Will
 from firmware_sim.fake_sysfs import write_fake_sysfs
 
 FLEET, DEVICE, MODEL = "farm", "pi-1", "digits-mlp"
@@ -105,3 +109,43 @@ def server_state(
     online = ServerStatus.ONLINE
     state = ServerState(FLEET, online, session, 0, 0, 10, 0, 1.0, 2.0, features=features)
     return dataclasses.replace(state, participation=participation)
+
+
+async def collect(
+    broker: MemoryBroker, topic_filter: str
+) -> tuple[list[InboundMessage], Callable[[], Awaitable[None]]]:
+    """Subscribe an observer; returns the list it fills and a function that stops it."""
+    observer = MemoryTransport(broker, "observer")
+    await observer.connect()
+    await observer.subscribe(topic_filter)
+    seen: list[InboundMessage] = []
+
+    async def pump() -> None:
+        async for message in observer.messages():
+            seen.append(message)
+
+    task = asyncio.create_task(pump())
+
+    async def stop() -> None:
+        await observer.close()
+        await task
+
+    return seen, stop
+
+
+@contextlib.asynccontextmanager
+async def running(
+    broker: MemoryBroker, config: AgentConfig, observe: str, **kwargs: Any
+) -> AsyncIterator[tuple[DeviceAgent, list[InboundMessage]]]:
+    """A running agent on ``broker`` (the digits data, this broker's transports, ``kwargs``
+    for the rest), and what an observer of ``observe`` sees until the agent stopped."""
+    seen, stop_observer = await collect(broker, observe)
+    options: dict[str, Any] = {"dataset": DATA, "transport_factory": factory(broker), **kwargs}
+    agent = DeviceAgent(config, **options)
+    run = asyncio.create_task(agent.run())
+    try:
+        yield agent, seen
+    finally:
+        agent.stop()
+        await run
+        await stop_observer()

@@ -3,14 +3,13 @@ sysfs tree, real spooled updates, and MemoryBroker plumbing."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import numpy as np
 from agent_helpers import DEVICE, FLEET, MODEL, SPEC, digits_dataset, make_config
+from numpy.typing import NDArray
 
 from device_agent.config import (
     AgentConfig,
@@ -24,7 +23,6 @@ from device_agent.trainer import TrainResult
 from device_agent.updates import build_update
 from edgefl.codec import CodecConfig, Quantization
 from edgefl.models.spec import init_weights_numpy
-from edgefl.transport import InboundMessage, MemoryBroker, MemoryTransport, OnConnect, Will
 from firmware_sim.fake_sysfs import write_fake_sysfs
 
 
@@ -56,15 +54,18 @@ def receipts_config(
     )
 
 
-def spool_updates(tmp: Path, n: int) -> None:
-    """``n`` real updates in the agent's spool, as after training offline."""
+def spool_updates(tmp: Path, n: int) -> dict[int, tuple[NDArray[np.float32], bytes]]:
+    """``n`` real fp32 updates in the agent's spool, as after training offline; returns each
+    one's delta and envelope by seq."""
     manifest = model_release(FLEET, 0, MODEL, init_weights_numpy(SPEC, 0)).manifest
     rng = np.random.default_rng(0)
+    spooled = {}
     with UpdateSpool(tmp / "state/spool") as spool:
         for _ in range(n):
             seq = spool.next_seq()
+            delta = rng.normal(size=SPEC.num_params).astype(np.float32)
             built = build_update(
-                TrainResult(rng.normal(size=SPEC.num_params).astype(np.float32), 10),
+                TrainResult(delta, 10),
                 manifest=manifest,
                 fleet=FLEET,
                 device_id=DEVICE,
@@ -75,32 +76,5 @@ def spool_updates(tmp: Path, n: int) -> None:
                 created_at=time.time(),
             )
             spool.put(seq, built.envelope, {})
-
-
-def factory(broker: MemoryBroker):  # type: ignore[no-untyped-def]
-    def make(will: Will, on_connect: OnConnect) -> MemoryTransport:
-        return MemoryTransport(broker, DEVICE, will=will, on_connect=on_connect)
-
-    return make
-
-
-async def collect(
-    broker: MemoryBroker, topic_filter: str
-) -> tuple[list[InboundMessage], Callable[[], Awaitable[None]]]:
-    """Subscribe an observer; returns the list it fills and a function that stops it."""
-    observer = MemoryTransport(broker, "observer")
-    await observer.connect()
-    await observer.subscribe(topic_filter)
-    seen: list[InboundMessage] = []
-
-    async def pump() -> None:
-        async for message in observer.messages():
-            seen.append(message)
-
-    task = asyncio.create_task(pump())
-
-    async def stop() -> None:
-        await observer.close()
-        await task
-
-    return seen, stop
+            spooled[seq] = (delta, built.envelope)
+    return spooled

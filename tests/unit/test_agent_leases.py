@@ -12,22 +12,19 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
+import agent_helpers
 from agent_helpers import (
-    DATA,
     DEVICE,
     FLEET,
     MODEL,
     SPEC,
     GateTrainer,
-    factory,
     make_config,
     publish_model,
     server_state,
 )
-from receipt_helpers import collect
 from waiting import eventually
 
 from device_agent.agent import DeviceAgent
@@ -77,20 +74,12 @@ def leasing_broker(*, leases: bool = True) -> MemoryBroker:
     return broker
 
 
-@contextlib.asynccontextmanager
-async def running(
+def running(
     broker: MemoryBroker, config: AgentConfig, trainer: Trainer | None = None
-) -> AsyncIterator[tuple[DeviceAgent, list[InboundMessage]]]:
+) -> contextlib.AbstractAsyncContextManager[tuple[DeviceAgent, list[InboundMessage]]]:
     """A running agent, and what an observer sees on the device's topics (until it stopped)."""
-    seen, stop_observer = await collect(broker, f"edgefl/v1/{FLEET}/device/{DEVICE}/#")
-    agent = DeviceAgent(config, trainer=trainer, dataset=DATA, transport_factory=factory(broker))
-    run = asyncio.create_task(agent.run())
-    try:
-        yield agent, seen
-    finally:
-        agent.stop()
-        await run
-        await stop_observer()
+    devices = f"edgefl/v1/{FLEET}/device/{DEVICE}/#"
+    return agent_helpers.running(broker, config, devices, trainer=trainer)
 
 
 def lease_envelope(
