@@ -8,10 +8,12 @@ import contextlib
 import dataclasses
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sklearn.datasets import load_digits
 
 from device_agent.agent import DeviceAgent
@@ -22,6 +24,7 @@ from device_agent.config import (
     DataKind,
     ProbeConfig,
     ReceiptMode,
+    SecurityConfig,
     SpoolConfig,
 )
 from device_agent.dataset import LocalDataset
@@ -30,6 +33,7 @@ from device_agent.release import model_release
 from device_agent.trainer import TorchTrainer, TrainJob, TrainResult
 from edgefl.models.spec import get_model_spec, init_weights_numpy
 from edgefl.protocol.messages import Participation, ServerState, ServerStatus
+from edgefl.security import generate_private_key, write_private_key, write_public_key
 from edgefl.transport import InboundMessage, MemoryBroker, MemoryTransport, OnConnect, Will
 from firmware_sim.fake_sysfs import write_fake_sysfs
 
@@ -149,3 +153,24 @@ async def running(
         agent.stop()
         await run
         await stop_observer()
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key pairs of a signed deployment: the aggregator's, the device's, and a stranger's."""
+
+    aggregator: Ed25519PrivateKey
+    device: Ed25519PrivateKey
+    stranger: Ed25519PrivateKey
+
+
+def signed_config(tmp: Path) -> tuple[AgentConfig, Keys]:
+    """:func:`make_config` with a device signing key and the aggregator's public key (PEM files
+    in ``tmp``), and the key pairs."""
+    keys = Keys(*(generate_private_key() for _ in range(3)))
+    write_public_key(tmp / "aggregator.pub", keys.aggregator.public_key())
+    write_private_key(tmp / "device.key", keys.device)
+    security = SecurityConfig(
+        signing_key_file=tmp / "device.key", aggregator_public_key_file=tmp / "aggregator.pub"
+    )
+    return dataclasses.replace(make_config(tmp), security=security), keys

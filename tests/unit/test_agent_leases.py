@@ -24,11 +24,12 @@ from agent_helpers import (
     make_config,
     publish_model,
     server_state,
+    signed_config,
 )
 from waiting import eventually
 
 from device_agent.agent import DeviceAgent
-from device_agent.config import AgentConfig, ReceiptMode, SecurityConfig, SpoolConfig
+from device_agent.config import AgentConfig, ReceiptMode, SpoolConfig
 from device_agent.release import model_release
 from device_agent.trainer import Trainer
 from edgefl.models.spec import init_weights_numpy
@@ -53,9 +54,6 @@ from edgefl.protocol.topics import (
 from edgefl.security import (
     Ed25519ManifestVerifier,
     Ed25519Signer,
-    generate_private_key,
-    write_private_key,
-    write_public_key,
 )
 from edgefl.transport import InboundMessage, MemoryBroker
 from firmware_sim.fake_sysfs import write_fake_sysfs
@@ -230,16 +228,8 @@ async def test_leases_must_be_signed_by_the_aggregator_and_check_ins_are_signed(
     tmp_path: Path,
 ) -> None:
     # Arrange: key pairs; the model is signed by the aggregator
-    aggregator_key, device_key, stranger_key = (generate_private_key() for _ in range(3))
-    write_public_key(tmp_path / "aggregator.pub", aggregator_key.public_key())
-    write_private_key(tmp_path / "device.key", device_key)
-    cfg = dataclasses.replace(
-        make_config(tmp_path),
-        security=SecurityConfig(
-            signing_key_file=tmp_path / "device.key",
-            aggregator_public_key_file=tmp_path / "aggregator.pub",
-        ),
-    )
+    cfg, keys = signed_config(tmp_path)
+    aggregator_key, device_key, stranger_key = keys.aggregator, keys.device, keys.stranger
     broker = leasing_broker()
     signed = model_release(
         FLEET, 1, MODEL, init_weights_numpy(SPEC, 0), signer=Ed25519Signer(aggregator_key)

@@ -28,14 +28,12 @@ from agent_helpers import (
     make_config,
     publish_model,
     running,
+    signed_config,
 )
 from receipt_helpers import spool_updates
 from waiting import eventually
 
 from device_agent.agent import DeviceAgent
-from device_agent.config import (
-    SecurityConfig,
-)
 from device_agent.model_store import ModelStore
 from device_agent.release import model_release
 from device_agent.spool import UpdateSpool
@@ -58,9 +56,7 @@ from edgefl.protocol.topics import (
 )
 from edgefl.security import (
     Ed25519Signer,
-    generate_private_key,
     load_update_authenticator,
-    write_private_key,
     write_public_key,
 )
 from edgefl.transport import MemoryBroker, MemoryTransport
@@ -353,18 +349,10 @@ async def test_manifest_codec_hint_wins_over_device_preference(
 
 async def test_signed_manifests_only_and_signed_updates(tmp_path: Path) -> None:
     # Arrange: aggregator and device key pairs as PEM files
-    aggregator_key, device_key, stranger_key = (generate_private_key() for _ in range(3))
-    write_public_key(tmp_path / "aggregator.pub", aggregator_key.public_key())
-    write_private_key(tmp_path / "device.key", device_key)
+    cfg, keys = signed_config(tmp_path)
+    aggregator_key, stranger_key = keys.aggregator, keys.stranger
     (tmp_path / "devices").mkdir()
-    write_public_key(tmp_path / f"devices/{DEVICE}.pub", device_key.public_key())
-    cfg = dataclasses.replace(
-        make_config(tmp_path),
-        security=SecurityConfig(
-            signing_key_file=tmp_path / "device.key",
-            aggregator_public_key_file=tmp_path / "aggregator.pub",
-        ),
-    )
+    write_public_key(tmp_path / f"devices/{DEVICE}.pub", keys.device.public_key())
     broker = MemoryBroker()
     weights = init_weights_numpy(SPEC, 0)
     unsigned = model_release(FLEET, 0, MODEL, weights)
