@@ -35,6 +35,7 @@ import os
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
@@ -61,13 +62,7 @@ from edgefl.configlayers import (
     read_secret,
     read_toml,
 )
-from edgefl.participation import (
-    DEFAULT_CHECKIN_TTL_S,
-    DEFAULT_CONCURRENCY,
-    DEFAULT_LEASE_GRACE,
-    DEFAULT_LEASE_S,
-    ParticipationConfig,
-)
+from edgefl.participation import ParticipationConfig
 from edgefl.transport.config import MqttProtocol
 
 __all__ = [
@@ -185,14 +180,11 @@ FLAGS: dict[str, str] = {key: k.flag for key, k in _KEYS.items()}
 """The command-line flag of every key."""
 _SECTIONS = sorted({key.split(".", 1)[0] for key in _KEYS if "." in key})
 _REQUIRED = ("broker.url", "fleet", "model", "state_dir")
+_LEASES = ParticipationConfig(flush_after_s=DEFAULT_FLUSH_AFTER_S)  # the command's default
 _SERVICE_DEFAULTS: dict[str, object] = {
     "limits.max_batch": 512,
     "participation.enabled": True,
-    "participation.concurrency": DEFAULT_CONCURRENCY,
-    "participation.lease_s": DEFAULT_LEASE_S,
-    "participation.lease_grace": DEFAULT_LEASE_GRACE,
-    "participation.checkin_ttl_s": DEFAULT_CHECKIN_TTL_S,
-    "participation.flush_after_s": DEFAULT_FLUSH_AFTER_S,
+    **{f"participation.{f.name}": getattr(_LEASES, f.name) for f in dataclass_fields(_LEASES)},
 }
 """Where the command's default differs from :class:`AggregatorConfig`'s (the library's)."""
 _FIELD_TO_KEY = {k.target: key for key, k in _KEYS.items() if k.target is not None}
@@ -348,14 +340,14 @@ def _participation(values: Mapping[str, object], err: _Errors) -> ParticipationC
     """The ``[participation]`` table as a :class:`ParticipationConfig` (None: disabled)."""
     if not values.get("participation.enabled", True):
         return None
-    fields = ("concurrency", "lease_s", "lease_grace", "checkin_ttl_s", "flush_after_s")
-    kwargs = {f: values[f"participation.{f}"] for f in fields if f"participation.{f}" in values}
+    names = [f.name for f in dataclass_fields(ParticipationConfig)]
+    kwargs = {n: values[f"participation.{n}"] for n in names if f"participation.{n}" in values}
     if kwargs.get("flush_after_s") == 0:
         kwargs["flush_after_s"] = None  # 0: only full buffers step
     try:
         return ParticipationConfig(**kwargs)  # type: ignore[arg-type]
     except ValueError as exc:
-        named = [f for f in fields if str(exc).startswith(f)]
+        named = [n for n in names if str(exc).startswith(n)]
         raise err(f"participation.{named[0] if named else 'concurrency'}", str(exc)) from None
 
 

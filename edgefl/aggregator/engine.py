@@ -69,7 +69,8 @@ class Engine:
         self._rounds: dict[str, int] = {}
         self._core = make_core(config.aggregation_settings().core_config(), state)
         part = config.participation
-        self._flush_after = None if part is None else part.flush_after_s
+        flushes = part is not None and self._core.algorithm is Algorithm.FEDBUFF  # FedAvg: rounds
+        self._flush_after = part.flush_after_s if part is not None and flushes else None
         # when the buffer last became non-empty (a restored checkpoint's buffer: now)
         self._first_buffered_at = now if self._core.buffer_fill else None
         self._open_round(now)

@@ -33,6 +33,7 @@ import edgefl
 from edgefl.aggregation.fedavg import RoundStatus
 from edgefl.aggregator.stats import AggregatorStatistics
 from edgefl.errors import RejectReason
+from edgefl.participation import LeaseVerdict
 
 __all__ = ["METRICS", "MetricSpec", "MetricType", "PrometheusExporter", "stats_families"]
 
@@ -130,6 +131,29 @@ LATENCY = MetricSpec(
     MetricType.HISTOGRAM,
     "Receive to durable acknowledgement of one update packet",
 )
+# participation (PROTOCOL.md 4.7): only exported while it is on; (name, type, help, labels)
+_G, _C = MetricType.GAUGE, MetricType.COUNTER
+_LEASE_ROWS: tuple[tuple[str, MetricType, str, tuple[str, ...]], ...] = (
+    ("leases_in_flight", _G, "Training leases held (devices training now)", ()),
+    ("lease_concurrency", _G, "Leases held at most at once (C)", ()),
+    ("lease_candidates", _G, "Devices checked in and waiting for a lease", ()),
+    ("staleness_reference_versions", _G, "C / K: the staleness FedBuff expects", ()),
+    ("leases_granted_total", _C, "Leases granted", ()),
+    ("leases_ended_total", _C, "Leases ended, by how (completed, released, expired)", ("how",)),
+    ("lease_verdicts_total", _C, "Lease checks of delivered updates, by verdict", ("verdict",)),
+    (
+        "checkins_total",
+        _C,
+        "Check-ins by outcome (available, withdrawn, or why refused)",
+        ("outcome",),
+    ),
+)
+LEASES_IN_FLIGHT, LEASE_CONCURRENCY, LEASE_CANDIDATES, STALENESS_REFERENCE = (
+    MetricSpec(f"{_P}_{name}", kind, help_, labels) for name, kind, help_, labels in _LEASE_ROWS[:4]
+)
+LEASES_GRANTED, LEASES_ENDED, LEASE_VERDICTS, CHECKINS = (
+    MetricSpec(f"{_P}_{name}", kind, help_, labels) for name, kind, help_, labels in _LEASE_ROWS[4:]
+)
 
 #: Every edgefl metric family of the endpoint, in exposition order (``process_*`` not included).
 METRICS: tuple[MetricSpec, ...] = (
@@ -154,6 +178,14 @@ METRICS: tuple[MetricSpec, ...] = (
     RECONNECTS,
     STALENESS,
     LATENCY,
+    LEASES_IN_FLIGHT,
+    LEASE_CONCURRENCY,
+    LEASE_CANDIDATES,
+    STALENESS_REFERENCE,
+    LEASES_GRANTED,
+    LEASES_ENDED,
+    LEASE_VERDICTS,
+    CHECKINS,
 )
 
 
@@ -213,7 +245,24 @@ def stats_families(s: AggregatorStatistics) -> list[Metric]:
         _counter(RECONNECTS, s.reconnects),
         _staleness(STALENESS, s.staleness),
     ]
-    return families
+    return families + _participation_families(s)
+
+
+def _participation_families(s: AggregatorStatistics) -> list[Metric]:
+    """The lease figures (none while participation is off)."""
+    p = s.participation
+    if p is None:
+        return []
+    return [
+        _gauge(LEASES_IN_FLIGHT, p.in_flight),
+        _gauge(LEASE_CONCURRENCY, p.concurrency),
+        _gauge(LEASE_CANDIDATES, p.candidates),
+        _gauge(STALENESS_REFERENCE, p.concurrency / max(1, s.buffer_size)),
+        _counter(LEASES_GRANTED, p.granted),
+        _labelled_counter(LEASES_ENDED, p.ended, ("completed", "released", "expired")),
+        _labelled_counter(LEASE_VERDICTS, p.verdicts, (v.value for v in LeaseVerdict)),
+        _labelled_counter(CHECKINS, p.checkins, ("available", "withdrawn")),
+    ]
 
 
 def build_info() -> GaugeMetricFamily:

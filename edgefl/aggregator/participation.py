@@ -13,10 +13,12 @@ every change it makes lands in exactly one commit batch:
   is refused ``NO_LEASE`` / ``LEASE_EXPIRED``;
 * :meth:`LeaseDesk.grant`: fill the free slots (expiring what is due first);
 * :meth:`LeaseDesk.changes`: what the store must write with the batch: the leases granted and
-  ended since the last call, and the next lease id. The service puts them in the batch's
-  record, so a lease's completion commits in the same SQLite transaction as the update that
-  completed it, and a new lease is durable before its LEASE message is published (after the
-  commit).
+  ended since the last call, the next lease id, and the candidates that checked in or left
+  (withdrew, or were granted a lease). The service puts them in the batch's record, so a
+  lease's completion commits in the same SQLite transaction as the update that completed it, a
+  new lease is durable before its LEASE message is published (after the commit), and a
+  check-in is durable before it is acknowledged: a restart forgets neither leases nor
+  candidates.
 
 Time is wall-clock seconds (leases outlive a restart).
 """
@@ -24,7 +26,7 @@ Time is wall-clock seconds (leases outlive a restart).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Final, Protocol
@@ -65,11 +67,13 @@ class _Signer(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class LeaseChanges:
-    """What one batch changes in the durable lease table."""
+    """What one batch changes in the durable lease and check-in tables."""
 
-    granted: tuple[Lease, ...]
-    ended: tuple[int, ...]  # lease ids completed, released or expired
-    next_id: int
+    granted: tuple[Lease, ...] = ()
+    ended: tuple[int, ...] = ()  # lease ids completed, released or expired
+    next_id: int | None = None  # None: unchanged
+    checked_in: tuple[tuple[str, float], ...] = ()  # (device, when) of new or renewed check-ins
+    left: tuple[str, ...] = ()  # devices no longer candidates (withdrew, or granted a lease)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,9 +106,11 @@ class LeaseDesk:
         *,
         rng: np.random.Generator,
         state: LeaseBookState | None = None,
+        checkins: Iterable[tuple[str, float]] = (),
         authenticator: CheckInAuthenticator | None = None,
         signer: _Signer | None = None,
     ) -> None:
+        """``state`` and ``checkins`` ((device, when) rows) are what the store holds."""
         self.config = config
         self._fleet = fleet
         self.book = LeaseBook(config, rng=rng, state=state)
@@ -114,6 +120,11 @@ class LeaseDesk:
         self._durable: dict[int, Lease] = {} if state is None else _by_id(state.leases)
         self._next_id_durable = self.book.snapshot().next_id
         self._checkins: Counter[str] = Counter()
+        for device, at in checkins:
+            if self.book.holder(device) is None:
+                self.pool.check_in(device, at)
+        self._arrived: dict[str, float] = {}  # check-ins since the last changes()
+        self._left: set[str] = set()  # candidates gone since the last changes()
 
     # ------------------------------------------------------------------ inbound
     def check_in(self, topic: str, payload: bytes, *, now: float) -> RejectReason | None:
@@ -132,12 +143,19 @@ class LeaseDesk:
         device = checkin.device_id
         if checkin.available:
             self.pool.check_in(device, now)
+            self._arrived[device] = now
+            self._left.discard(device)
             self._checkins["available"] += 1
         else:
             self.pool.withdraw(device)
             self.book.release(device)
+            self._gone(device)
             self._checkins["withdrawn"] += 1
         return None
+
+    def _gone(self, device: str) -> None:
+        self._arrived.pop(device, None)
+        self._left.add(device)
 
     def admit(self, header: UpdateHeader, *, now: float) -> None:
         """The lease check of one update (ends its lease); raises ``UpdateRejected``
@@ -154,20 +172,28 @@ class LeaseDesk:
     # ------------------------------------------------------------------ decisions
     def grant(self, *, now: float, version: int) -> list[Lease]:
         """Expire what is due, then fill the free slots from the checked-in devices."""
-        return self.book.grant(now, self.pool, version=version)
+        leases = self.book.grant(now, self.pool, version=version)
+        for lease in leases:
+            self._gone(lease.device)
+        return leases
 
     def changes(self) -> LeaseChanges | None:
-        """The lease rows to write with the current batch (None: nothing changed since the
-        last call); from then on they count as durable."""
+        """The lease and check-in rows to write with the current batch (None: nothing changed
+        since the last call); from then on they count as durable."""
         snapshot = self.book.snapshot()
         current = _by_id(snapshot.leases)
         granted = tuple(lease for i, lease in current.items() if i not in self._durable)
         ended = tuple(i for i in self._durable if i not in current)
-        if not granted and not ended and snapshot.next_id == self._next_id_durable:
+        next_id = None if snapshot.next_id == self._next_id_durable else snapshot.next_id
+        changes = LeaseChanges(
+            granted, ended, next_id, tuple(self._arrived.items()), tuple(self._left)
+        )
+        if changes == LeaseChanges():
             return None
         self._durable = current
         self._next_id_durable = snapshot.next_id
-        return LeaseChanges(granted, ended, snapshot.next_id)
+        self._arrived, self._left = {}, set()
+        return changes
 
     # ------------------------------------------------------------------ outbound
     def lease_message(self, lease: Lease, *, now: float) -> tuple[str, bytes]:

@@ -49,9 +49,11 @@ def status_line(aggregator: Aggregator) -> str:
         return str(aggregator.phase)
     s = aggregator.statistics()
     link = "connected" if s.connected else "disconnected, reconnecting"
+    p = s.participation
+    leases = "" if p is None else f", leases {p.in_flight}/{p.concurrency}"
     return (
         f"serving fleet {aggregator.config.fleet}: version {s.version}, applied {s.applied}, "
-        f"buffer {min(s.buffer_fill, s.buffer_size)}/{s.buffer_size}, {link}"
+        f"buffer {min(s.buffer_fill, s.buffer_size)}/{s.buffer_size}{leases}, {link}"
     )
 
 
@@ -113,6 +115,9 @@ async def _announce(
         config, s = aggregator.config, aggregator.statistics()
         port = aggregator.metrics_port
         extra = f", metrics on :{port}" if port is not None else ""
+        part = config.participation
+        if part is not None:
+            extra += f", leases: C = {part.concurrency}"
         print(
             f"edgefl aggregator ready: fleet {config.fleet}, model {config.model}, "
             f"version {s.version}, applied {s.applied}{extra}",

@@ -4,20 +4,26 @@ Data flow (one process, one event loop, a writer thread for SQLite, an inflate t
 
     MQTT (persistent session, QoS1, manual ack)
       -> reader task -> bounded queue -> ingest task, one batch of messages at a time:
-           1. collect   (_next_batch): up to the batch limits, lingering ``batch_linger_s``
+           1. collect   (_next_batch): up to the batch limits, lingering ``batch_linger_s``;
+                        an idle wait ends early when a lease expires or a buffer is due to flush
            2. apply     (_apply_batch): Ingest.stage each packet; bodies > 256 KiB inflate on the
                         inflate thread (_start_inflate / _finish_inflated), the rest on the loop;
-                        BatchBuilder.book each outcome, BatchBuilder.close the batch
+                        BatchBuilder.book each outcome; with participation, check-ins go to the
+                        LeaseDesk, each update's lease is checked (Ingest's admit hook) and the
+                        free slots are granted (_grant), the lease changes joining the record;
+                        BatchBuilder.close the batch
            3. commit    writer thread: StateStore.commit(batch.record), one SQLite transaction
            4. acknowledge (_acknowledge), in batch order, once committed: ack every message of
-                        the batch (chunks of incomplete updates are held), then announce its new
-                        versions: history, on_version, publisher, evaluator
+                        the batch (chunks of incomplete updates are held), publish its new
+                        leases, then announce its new versions: history, on_version, publisher,
+                        evaluator
       publisher task (Publisher.run): retained chunks then manifest of the newest committed
                       version (coalesced), server state; housekeeping task: clear old chunk sets;
       receipts task (ReceiptSender.run, ``receipts = true``): the receipts of each batch, built
                       by ReceiptBook in stage 4 after the commit, from a bounded queue, in
                       order (QoS 1, retained); full queue: the oldest is dropped and counted;
-      metrics task: METRICS + server state every interval.
+      metrics task: METRICS + server state every interval; participation task (leases on):
+                      the server state again when in-flight or candidates changed (<= 1/s).
 
 The sans-IO parts: :class:`~edgefl.aggregator.ingest.Ingest` (one packet in, one outcome out),
 :class:`~edgefl.aggregator.batch.BatchBuilder` (outcomes in, one batch to commit out: holding,
@@ -59,11 +65,10 @@ from edgefl.aggregator.publisher import Publisher
 from edgefl.aggregator.receipts import ReceiptQueue, ReceiptSender
 from edgefl.aggregator.statelock import StateDirLock
 from edgefl.aggregator.stats import AggregatorStatistics, VersionRecord
-from edgefl.aggregator.store import StateStore, seen_lookup
+from edgefl.aggregator.store import LoadedState, StateStore, seen_lookup
 from edgefl.aggregator.tally import Tally
 from edgefl.errors import EdgeflError
 from edgefl.models import init_weights_numpy
-from edgefl.participation import LeaseBookState
 from edgefl.protocol import (
     ServerMetrics,
     ServerState,
@@ -339,13 +344,13 @@ class Aggregator:
         running = _Running(
             transport=transport,
             store=restored.store,
+            desk=restored.desk,
             writer=writer,
             inflater=inflater,
             builder=restored.builder,
             publisher=publisher,
             evaluator=evaluator,
             receipts=receipts,
-            desk=restored.desk,
             session=restored.session,
             started_at=restored.started_at,
         )
@@ -423,9 +428,12 @@ class Aggregator:
                 identity=identity, initial=initial_state(cfg), now=time.time()
             ),
         )
+        if cfg.participation is not None:  # bound the table: expired check-ins go at start
+            before = time.time() - cfg.participation.checkin_ttl_s
+            await loop.run_in_executor(writer, store.forget_checkins, before)
         now = time.monotonic()
         engine = Engine(cfg, loaded.state, generation=loaded.generation, now=now)
-        desk = self._lease_desk(loaded.leases, loaded.session)
+        desk = self._lease_desk(loaded)
         ingest = Ingest(
             cfg,
             engine,
@@ -458,9 +466,10 @@ class Aggregator:
             desk,
         )
 
-    def _lease_desk(self, leases: LeaseBookState, session: int) -> LeaseDesk | None:
-        """The participation desk with the leases the store holds (None: participation off).
-        Leases that expired while the aggregator was down expire at its first grant."""
+    def _lease_desk(self, loaded: LoadedState) -> LeaseDesk | None:
+        """The participation desk with the leases and check-ins the store holds (None:
+        participation off). Leases that expired while the aggregator was down expire at its
+        first grant; expired check-ins are dropped when drawn (and from the store at start)."""
         cfg = self.config
         if cfg.participation is None:
             return None
@@ -470,8 +479,9 @@ class Aggregator:
         return LeaseDesk(
             cfg.participation,
             cfg.fleet,
-            rng=np.random.default_rng([cfg.seed, session]),
-            state=leases,
+            rng=np.random.default_rng([cfg.seed, loaded.session]),
+            state=loaded.leases,
+            checkins=loaded.checkins,
             authenticator=cast(CheckInAuthenticator | None, authenticator),
             signer=cfg.manifest_signer,
         )
@@ -560,7 +570,7 @@ class Aggregator:
 
     def _idle_wait(self, running: _Running) -> float:
         """How long stage 1 may wait for a first message: the idle tick, or less when a lease
-        expires, a partly filled buffer is due to flush, or the server state is due sooner."""
+        expires or a partly filled buffer is due to flush (the timers of participation)."""
         wait = _IDLE_TICK_S
         flush = running.builder.engine.flush_deadline
         if flush is not None:
@@ -664,12 +674,7 @@ class Aggregator:
         batch's record: completions commit with the updates that completed them, and new
         leases are durable before they are published (stage 4)."""
         desk.grant(now=batch.wall, version=version)
-        changes = desk.changes()
-        if changes is not None:
-            record = batch.record
-            record.leases_granted = changes.granted
-            record.leases_ended = changes.ended
-            record.lease_next_id = changes.next_id
+        batch.record.participation = desk.changes()
 
     @staticmethod
     def _start_inflate(
@@ -725,11 +730,13 @@ class Aggregator:
         self._stats_cache = self.statistics()
 
     async def _publish_leases(self, running: _Running, desk: LeaseDesk, batch: Batch) -> None:
-        """The committed batch's new leases (QoS 1, not retained), then the server state when
-        the in-flight or candidate count changed (at most every ``_STATE_EVERY_S``). A LEASE
-        lost here (the broker went away) costs its slot until the lease expires."""
+        """Publish the committed batch's new leases (QoS 1, not retained), and wake the
+        participation state task when the in-flight or candidate count changed. A LEASE lost
+        here (the broker went away) costs its slot until the lease expires."""
         now = time.time()
-        messages = [desk.lease_message(lease, now=now) for lease in batch.record.leases_granted]
+        changes = batch.record.participation
+        granted = () if changes is None else changes.granted
+        messages = [desk.lease_message(lease, now=now) for lease in granted]
         try:
             await asyncio.gather(*(running.transport.publish(t, p, qos=1) for t, p in messages))
         except TransportError as exc:
@@ -866,8 +873,26 @@ def _server_metrics(fleet: str, s: AggregatorStatistics) -> ServerMetrics:
             "session": s.session,
             "receipts_sent": s.receipts_sent,
             "receipts_dropped": s.receipts_dropped,
+            **_participation_extra(s),
         },
     )
+
+
+def _participation_extra(s: AggregatorStatistics) -> dict[str, object]:
+    """The lease figures of METRICS ``extra`` (none while participation is off)."""
+    p = s.participation
+    if p is None:
+        return {}
+    return {
+        "leases_in_flight": p.in_flight,
+        "concurrency": p.concurrency,
+        "lease_candidates": p.candidates,
+        "staleness_reference": p.concurrency / max(1, s.buffer_size),
+        "leases_granted": p.granted,
+        "leases_ended": dict(p.ended),
+        "lease_verdicts": dict(p.verdicts),
+        "checkins": dict(p.checkins),
+    }
 
 
 def _admit_now(desk: LeaseDesk) -> Callable[[UpdateHeader], None]:

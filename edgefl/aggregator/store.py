@@ -14,6 +14,7 @@ Tables (``state.sqlite``)::
     leases(lease_id, device, granted_at, expires_at, version)
                                      participation leases held (PROTOCOL.md §4.7); meta
                                      ``lease_next_id`` is the next lease id
+    checkins(device, at)             lease candidates: devices checked in, not granted since
 
 Contract: :meth:`StateStore.commit` writes one :class:`BatchRecord` in one transaction; the service
 acknowledges the batch's MQTT messages only after it returned. After a crash, :meth:`load`
@@ -42,6 +43,7 @@ from typing import Any, Final
 import numpy as np
 
 from edgefl.aggregation import FedBuffState
+from edgefl.aggregator.participation import LeaseChanges
 from edgefl.participation import Lease, LeaseBookState
 
 __all__ = [
@@ -82,6 +84,7 @@ CREATE TABLE IF NOT EXISTS published (
 CREATE TABLE IF NOT EXISTS leases (
     lease_id INTEGER PRIMARY KEY, device TEXT NOT NULL, granted_at REAL NOT NULL,
     expires_at REAL NOT NULL, version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS checkins (device TEXT PRIMARY KEY, at REAL NOT NULL) WITHOUT ROWID;
 """
 
 
@@ -242,12 +245,10 @@ class BatchRecord:
     snapshot: tuple[int, float, FedBuffState] | None = None
     history: list[tuple[int, float, int]] = field(default_factory=list)
     rebuffer: list[AcceptedRow] = field(default_factory=list)  # already seen: buffer rows only
-    # participation: leases granted and ended (ids) by this batch, and the next lease id; the
-    # completion of a lease commits with the update that completed it, and a lease is durable
-    # before its LEASE message is published
-    leases_granted: tuple[Lease, ...] = ()
-    leases_ended: tuple[int, ...] = ()
-    lease_next_id: int | None = None
+    # participation: leases granted and ended by this batch, the next lease id, candidates in
+    # and out; a lease's completion commits with the update that completed it, and a lease is
+    # durable before its LEASE message is published
+    participation: LeaseChanges | None = None
 
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
@@ -259,9 +260,7 @@ class BatchRecord:
             or self.counters
             or self.snapshot
             or self.history
-            or self.leases_granted
-            or self.leases_ended
-            or self.lease_next_id is not None
+            or self.participation is not None
         )
 
 
@@ -279,6 +278,7 @@ class LoadedState:
     started_at: float
     session: int
     leases: LeaseBookState = field(default_factory=lambda: LeaseBookState((), 1))
+    checkins: list[tuple[str, float]] = field(default_factory=list)  # (device, when)
 
 
 class StateStore:
@@ -373,6 +373,7 @@ class StateStore:
             started_at=float(meta["started_at"]),
             session=int(meta["session"]),
             leases=self._load_leases(meta),
+            checkins=[(str(d), float(at)) for d, at in db.execute("SELECT * FROM checkins")],
         )
 
     def _load_leases(self, meta: Mapping[str, str]) -> LeaseBookState:
@@ -427,23 +428,32 @@ class StateStore:
             raise
 
     def _write_leases(self, batch: BatchRecord) -> None:
-        """The batch's lease changes, in the open transaction (ended first: a device may end
-        one lease and be granted the next in the same batch)."""
+        """The batch's participation changes, in the open transaction (ended leases first: a
+        device may end one lease and be granted the next in the same batch)."""
+        changes = batch.participation
+        if changes is None:
+            return
         db = self._db
-        db.executemany("DELETE FROM leases WHERE lease_id = ?", [(i,) for i in batch.leases_ended])
+        db.executemany("DELETE FROM leases WHERE lease_id = ?", [(i,) for i in changes.ended])
         db.executemany(
             "INSERT INTO leases VALUES (?, ?, ?, ?, ?)",
             [
                 (x.lease_id, x.device, x.granted_at, x.expires_at, x.version)
-                for x in batch.leases_granted
+                for x in changes.granted
             ],
         )
-        if batch.lease_next_id is not None:
+        if changes.next_id is not None:
             db.execute(
                 "INSERT INTO meta VALUES ('lease_next_id', ?)"
                 " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                (str(batch.lease_next_id),),
+                (str(changes.next_id),),
             )
+        db.executemany("DELETE FROM checkins WHERE device = ?", [(d,) for d in changes.left])
+        db.executemany("INSERT OR REPLACE INTO checkins VALUES (?, ?)", changes.checked_in)
+
+    def forget_checkins(self, before: float) -> None:
+        """Delete the check-ins made before ``before`` (expired: at start, one transaction)."""
+        self._db.execute("DELETE FROM checkins WHERE at < ?", (before,))
 
     def _write_state(
         self, version: int, generation: int, created_at: float, state: FedBuffState

@@ -7,7 +7,7 @@
     <out>/broker/                    copy to the broker host, e.g. /etc/mosquitto/edgefl/
         ca.pem server.pem server.key   TLS (server.key 0600)
         passwd                         Mosquitto password file ($7$ PBKDF2-SHA512)
-        acl                            ACL: devices publish only their own update/state topics
+        acl                            ACL: devices publish only their own update/state/checkin
                                        and read only their own receipts
         mosquitto.conf                 broker/conf/secure.conf rendered for this directory
         mosquitto-mtls.conf            broker/conf/secure-mtls.conf (client certificates)
@@ -106,10 +106,10 @@ def acl_text(fleet: str) -> str:
     """The Mosquitto ACL for one fleet (``acl_file``).
 
     Patterns apply to every authenticated client with ``%u`` replaced by its username (the device
-    id): a device may publish its own updates and state, read its own receipts, the fleet's
-    models and the server's state, nothing else (no other device's topics, no receipt or model
-    topics for writing, no ``#``). The aggregator (the only publisher of receipts) and the
-    monitor get explicit ``user`` sections.
+    id): a device may publish its own updates, state and check-ins, read its own receipts and
+    leases, the fleet's models and the server's state, nothing else (no other device's topics,
+    no receipt, lease or model topics for writing, no ``#``). The aggregator (the only
+    publisher of receipts and leases) and the monitor get explicit ``user`` sections.
     """
     fleet = fleet_name(fleet)
     root = f"edgefl/v1/{fleet}"
@@ -125,17 +125,22 @@ def acl_text(fleet: str) -> str:
 # Publish its own updates and presence (the Last Will goes to the state topic too).
 pattern write {root}/device/%u/update/+
 pattern readwrite {root}/device/%u/state
+# Ask for / give back a training lease, and read its own leases (participation, protocol 1.2).
+pattern write {root}/device/%u/checkin
+pattern read {root}/device/%u/lease
 # Read its own receipts (protocol 1.1), the fleet's models (manifest, weight and ONNX chunks)
 # and the server's presence.
 pattern read {root}/device/%u/receipt
 pattern read {root}/model/#
 pattern read {root}/server/state
 
-# --- the aggregator: the only publisher of models, receipts and server state/metrics -----------
+# --- the aggregator: the only publisher of models, receipts, leases and server state/metrics ---
 user {AGGREGATOR_USER}
 topic read {root}/device/+/update/+
 topic read {root}/device/+/state
+topic read {root}/device/+/checkin
 topic readwrite {root}/device/+/receipt
+topic readwrite {root}/device/+/lease
 topic readwrite {root}/model/#
 topic readwrite {root}/server/#
 

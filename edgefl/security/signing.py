@@ -252,7 +252,7 @@ class KeyDirectoryAuthenticator:
     def authenticate_checkin(self, checkin: CheckIn, envelope: EnvelopeInput) -> None:
         """The same check for a CHECKIN (participation, PROTOCOL.md §4.7): signed by the key of
         ``checkin.device_id``; never raises anything but ``UpdateRejected``."""
-        fields = ("device_id", "fleet", "at", "available")
+        fields = ("device_id", "fleet")  # the rest is read from the verified bytes themselves
         self._verify_device(checkin, fields, envelope, EnvelopeKind.CHECKIN)
 
     def _verify_device(

@@ -16,6 +16,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +37,14 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
 
 
+RAW_UPDATES = (
+    "--buffer-size", "7", "--norm-bound", "off", "--metrics-interval", "0.5",
+    "--max-batch", "64", "--no-participation",  # raw updates, no leases
+)  # fmt: skip
+
+
 def start_aggregator(
-    url: str, state_dir: Path, *, importtime: bool = False
+    url: str, state_dir: Path, *, importtime: bool = False, options: Sequence[str] = RAW_UPDATES
 ) -> subprocess.Popen[str]:
     args = [sys.executable]
     if importtime:
@@ -45,8 +52,7 @@ def start_aggregator(
     args += [
         "-m", "edgefl.aggregator.cli",
         "--broker", url, "--fleet", FLEET, "--model", MODEL, "--state-dir", str(state_dir),
-        "--buffer-size", "7", "--norm-bound", "off", "--metrics-interval", "0.5",
-        "--max-batch", "64", "--no-participation",  # raw updates, no leases
+        *options,
     ]  # fmt: skip
     stderr_path = state_dir.parent / f"aggregator-{time.monotonic_ns()}.err"
     proc = subprocess.Popen(

@@ -16,7 +16,7 @@ import contextlib
 import hashlib
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,11 +36,13 @@ from edgefl.protocol.messages import (
     encode_message,
 )
 from edgefl.protocol.topics import (
+    checkin_topic,
+    checkins_filter,
     device_state_topic,
+    lease_topic,
     manifest_topic,
     model_chunk_topic,
     receipt_topic,
-    receipts_filter,
     server_state_topic,
     update_topic,
     updates_filter,
@@ -269,17 +271,18 @@ async def test_device_cannot_read_other_devices_updates(fleet: SecureFleet) -> N
         assert await _collect(b, 0.5) == []
 
 
-async def test_only_the_aggregator_publishes_receipts_and_each_device_reads_only_its_own(
-    fleet: SecureFleet,
+@pytest.mark.parametrize("leaf", [receipt_topic, lease_topic])
+async def test_only_the_aggregator_publishes_receipts_and_leases_and_each_device_reads_its_own(
+    fleet: SecureFleet, leaf: Callable[[str, str], str]
 ) -> None:
-    own, other = receipt_topic(FLEET, "dev-a"), receipt_topic(FLEET, "dev-b")
+    own, other = leaf(FLEET, "dev-a"), leaf(FLEET, "dev-b")
     agg_cfg = fleet.config("aggregator", client_id="agg-receipts")
     async with (
         MqttTransport(agg_cfg) as agg,
         MqttTransport(fleet.config("dev-a")) as a,
         MqttTransport(fleet.config("dev-b")) as b,
     ):
-        await agg.subscribe(receipts_filter(FLEET))
+        await agg.subscribe(own.replace("/dev-a/", "/+/"))
         await a.subscribe(own)
         with contextlib.suppress(BrokerRefused):  # granted, but "read" is checked on delivery
             await b.subscribe(own)
@@ -290,6 +293,26 @@ async def test_only_the_aggregator_publishes_receipts_and_each_device_reads_only
         await agg.publish(own, b"genuine", qos=1)
         assert [(m.topic, m.payload) for m in await _collect(a, 0.5)] == [(own, b"genuine")]
         assert [m.payload for m in await _collect(agg, 0.3)] == [b"genuine"]  # no forgery
+        assert await _collect(b, 0.3) == []
+
+
+async def test_a_device_checks_in_only_as_itself_and_only_the_aggregator_reads_check_ins(
+    fleet: SecureFleet,
+) -> None:
+    agg_cfg = fleet.config("aggregator", client_id="agg-checkins")
+    async with (
+        MqttTransport(agg_cfg) as agg,
+        MqttTransport(fleet.config("dev-a")) as a,
+        MqttTransport(fleet.config("dev-b")) as b,
+    ):
+        await agg.subscribe(checkins_filter(FLEET))
+        with contextlib.suppress(BrokerRefused):  # granted, but "read" is checked on delivery
+            await b.subscribe(checkins_filter(FLEET))
+        with contextlib.suppress(BrokerRefused):
+            await a.publish(checkin_topic(FLEET, "dev-b"), b"forged", qos=1)
+        await a.publish(checkin_topic(FLEET, "dev-a"), b"mine", qos=1)
+        got = [(m.topic, m.payload) for m in await _collect(agg, 0.5)]
+        assert got == [(checkin_topic(FLEET, "dev-a"), b"mine")]
         assert await _collect(b, 0.3) == []
 
 

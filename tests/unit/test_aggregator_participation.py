@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from commit_gate import gated_commits
 from test_aggregator_service import FLEET, FP32, MODEL, Harness, delta, make_config, run
 from waiting import eventually
 
@@ -218,52 +219,54 @@ def test_a_lost_lease_frees_its_slot_and_a_late_update_under_it_is_refused(
 # --------------------------------------------------------------------------- restarts
 
 
-def test_a_restart_restores_the_leases_and_grants_no_more_than_c(tmp_path: Path) -> None:
+def test_a_restart_restores_leases_and_candidates_and_grants_no_more_than_c(
+    tmp_path: Path,
+) -> None:
+    """Leases and check-ins are durable: after a restart both leases are held again (no slot
+    for the two waiting devices), a restored lease is honoured, and its slot goes to a waiting
+    device that did not check in again."""
     broker = MemoryBroker()
     config = leasing(tmp_path, concurrency=2, buffer_size=10)
 
     async def body() -> None:
         async with Fleet(broker) as fleet:
             async with Harness(broker, config) as h:
-                for i in range(3):
+                for i in range(4):
                     await fleet.check_in(f"pi-{i}")
-                await until(lambda: len(fleet.leases) == 2 and participation(h).candidates == 1)
-            held = {lease.device_id: lease.lease_id for lease in fleet.leases}
+                await until(lambda: len(fleet.leases) == 2 and participation(h).candidates == 2)
             async with Harness(broker, config) as h:
-                # Assert: both leases are back; a new check-in finds no free slot
-                assert participation(h).in_flight == 2
-                spare = next(f"pi-{i}" for i in range(3) if f"pi-{i}" not in held)
-                await fleet.check_in(spare)
-                await until(lambda: participation(h).candidates == 1)
-                assert len(fleet.leases) == 2
-                # a restored lease is honoured; its slot then goes to the spare device
-                device, lease_id = next(iter(held.items()))
-                await fleet.send(device, 0, lease_id)
+                assert (participation(h).in_flight, participation(h).candidates) == (2, 2)
+                first = fleet.leases[0]
+                await fleet.send(first.device_id, 0, first.lease_id)
                 await h.until(lambda s: s.applied == 1)
-                await until(lambda: fleet.lease_of(spare) is not None)
-                assert fleet.lease_of(spare).lease_id == 3  # type: ignore[union-attr]
-                assert participation(h).in_flight == 2
+                await until(lambda: len(fleet.leases) == 3)
+                third = fleet.leases[2]
+                assert third.lease_id == 3
+                assert third.device_id not in {lease.device_id for lease in fleet.leases[:2]}
+                assert (participation(h).in_flight, participation(h).candidates) == (2, 1)
 
     run(body)
 
 
-def test_a_crash_before_the_commit_keeps_the_lease_and_counts_the_update_once(
-    tmp_path: Path,
+def test_a_crash_in_the_commit_keeps_the_lease_and_counts_the_update_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The completion of a lease commits with the update: when that commit fails (a crash
-    before it), the lease is still held after the restart, and the redelivered update
-    completes it exactly once."""
+    """The completion of a lease commits in the transaction of the update that completed it:
+    when that transaction fails after the lease rows were written (a crash before its COMMIT),
+    the lease is still held after the restart, and the redelivered update completes it, once."""
     broker = MemoryBroker()
     config = leasing(tmp_path, concurrency=1, buffer_size=10)
     from edgefl.aggregator.store import StateStore
 
-    real_commit = StateStore.commit
+    real_write = StateStore._write_leases
     crash = {"armed": False}
 
-    def commit(self: StateStore, batch: Any) -> None:
+    def write_then_crash(self: StateStore, batch: Any) -> None:
+        real_write(self, batch)
         if crash["armed"] and batch.accepted:
-            raise OSError("simulated crash before the commit")
-        real_commit(self, batch)
+            raise OSError("simulated crash before the COMMIT")
+
+    monkeypatch.setattr(StateStore, "_write_leases", write_then_crash)
 
     async def body() -> None:
         async with Fleet(broker) as fleet:
@@ -280,13 +283,31 @@ def test_a_crash_before_the_commit_keeps_the_lease_and_counts_the_update_once(
                 s = await h.until(lambda s: s.applied == 1)
                 assert s.rejected == {}
                 p = participation(h)
-                assert (p.in_flight, dict(p.verdicts)) == (0, {"valid": 1})
+                assert (p.in_flight, dict(p.verdicts)) == (0, {"valid": 1})  # it survived
 
-    StateStore.commit = commit  # type: ignore[method-assign]
-    try:
-        run(body)
-    finally:
-        StateStore.commit = real_commit  # type: ignore[method-assign]
+    run(body)
+
+
+def test_a_lease_is_published_only_after_its_grant_committed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def scenario(h: Harness, fleet: Fleet) -> None:
+        await fleet.check_in("pi-1")
+        await asyncio.to_thread(gate.entered.wait, 10)
+        # Assert: granted in memory, its commit in progress: nothing published yet
+        assert participation(h).in_flight == 1
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert fleet.leases == []
+        gate.opened.set()
+        await until(lambda: len(fleet.leases) == 1)
+
+    with gated_commits(
+        monkeypatch,
+        lambda batch: batch.participation is not None and bool(batch.participation.granted),
+    ) as gate:
+        run_with_leases(tmp_path, scenario, concurrency=1)
+    assert gate.entered.is_set()  # the commit was held
 
 
 # --------------------------------------------------------------------------- liveness
@@ -403,3 +424,56 @@ def test_signed_check_ins_and_signed_leases(tmp_path: Path) -> None:
             assert dict(participation(h).checkins)["available"] == 1
 
     run(body)
+
+
+# --------------------------------------------------------------------------- visible
+
+
+def test_prometheus_and_server_metrics_show_the_leases_against_c(tmp_path: Path) -> None:
+    from edgefl.aggregator.metrics import PrometheusExporter
+    from edgefl.aggregator.runner import status_line
+    from edgefl.aggregator.service import _server_metrics
+
+    async def scenario(h: Harness, fleet: Fleet) -> None:
+        for device in ("a", "b", "c"):
+            await fleet.check_in(device)
+        await until(lambda: len(fleet.leases) == 2 and participation(h).candidates == 1)
+        idle = next(d for d in ("a", "b", "c") if fleet.lease_of(d) is None)
+        await fleet.send(fleet.leases[0].device_id, 0, fleet.leases[0].lease_id)
+        await fleet.send(idle, 0, None)
+        await h.until(lambda s: s.received == 2)
+        await until(lambda: len(fleet.leases) == 3)
+        stats = h.stats()
+        registry = PrometheusExporter(lambda: stats).registry
+        value = registry.get_sample_value
+        assert value("edgefl_aggregator_leases_in_flight") == 2
+        assert value("edgefl_aggregator_lease_concurrency") == 2
+        assert value("edgefl_aggregator_lease_candidates") == 0
+        assert value("edgefl_aggregator_staleness_reference_versions") == 0.5  # C / K = 2 / 4
+        assert value("edgefl_aggregator_leases_granted_total") == 3
+        assert value("edgefl_aggregator_leases_ended_total", {"how": "completed"}) == 1
+        assert value("edgefl_aggregator_leases_ended_total", {"how": "expired"}) == 0
+        assert value("edgefl_aggregator_lease_verdicts_total", {"verdict": "valid"}) == 1
+        assert value("edgefl_aggregator_lease_verdicts_total", {"verdict": "no_lease"}) == 1
+        assert value("edgefl_aggregator_checkins_total", {"outcome": "available"}) == 3
+        extra = _server_metrics(FLEET, stats).extra
+        assert (extra["leases_in_flight"], extra["concurrency"]) == (2, 2)
+        assert extra["staleness_reference"] == 0.5
+        assert ", leases 2/2, " in status_line(h.agg)  # systemctl status
+
+    run_with_leases(tmp_path, scenario, concurrency=2, buffer_size=4)
+
+
+def test_the_flush_deadline_is_fedbuffs_only(tmp_path: Path) -> None:
+    """FedAvg rounds have their own deadline: a flush deadline would never fire there, and an
+    overdue one would make the ingest loop spin."""
+    from edgefl.aggregator.engine import Engine
+    from edgefl.aggregator.service import initial_state
+
+    for algorithm, expected in (("fedbuff", 10.5), ("fedavg", None)):
+        config = leasing(tmp_path, flush_after_s=0.5).replace(algorithm=algorithm)
+        engine = Engine(config, initial_state(config), now=0.0)
+        engine.add("pi-1", delta(1), base_version=0, num_examples=8, now=10.0)
+        assert engine.flush_deadline == expected
+        stepped = engine.tick(11.0) is not None
+        assert (stepped, engine.version) == ((True, 1) if expected else (False, 0))

@@ -7,11 +7,11 @@ import asyncio
 import json
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
+from commit_gate import gated_commits
 from test_aggregator_service import FLEET, Harness, delta, make_config, run
 from waiting import eventually
 
@@ -49,39 +49,27 @@ def test_a_receipt_is_published_only_after_its_batch_committed(
     # Arrange: the writer thread's commit waits on a gate
     broker = MemoryBroker()
     config = make_config(tmp_path, buffer_size=10)
-    gate = threading.Event()
-    entered = threading.Event()
-    real_commit = StateStore.commit
-
-    def gated_commit(self: StateStore, batch: Any) -> None:
-        if batch.accepted:
-            entered.set()
-            gate.wait(10)
-        real_commit(self, batch)
-
-    monkeypatch.setattr(StateStore, "commit", gated_commit)
 
     async def body() -> None:
         async with Harness(broker, config) as h:
             # Act
             await h.send("pi-1", 0, 0, delta(1))
-            await asyncio.to_thread(entered.wait, 10)
+            await asyncio.to_thread(gate.entered.wait, 10)
             # Assert: applied in memory, the commit in progress: no receipt yet
             assert h.stats().applied == 1
             for _ in range(20):
                 await asyncio.sleep(0)
             assert receipt(broker, "pi-1") is None
-            gate.set()
+            gate.opened.set()
             await eventually(lambda: receipt(broker, "pi-1") is not None)
             r = receipt(broker, "pi-1")
             assert r is not None
             assert (r.through, r.committed, dict(r.rejected)) == (0, ((0, 0),), {})
             assert seen_rows(config.state_dir) == [("pi-1", 0)]  # durable when it was sent
 
-    try:
+    with gated_commits(monkeypatch, lambda batch: bool(batch.accepted)) as gate:
         run(body)
-    finally:
-        gate.set()
+    assert gate.entered.is_set()  # the commit was held
 
 
 def test_receipts_report_accepted_resent_and_finally_rejected_seqs(tmp_path: Path) -> None:

@@ -101,6 +101,8 @@ def test_acl_grants_devices_only_their_own_topics() -> None:
     assert patterns == [
         "pattern write edgefl/v1/greenhouse/device/%u/update/+",
         "pattern readwrite edgefl/v1/greenhouse/device/%u/state",
+        "pattern write edgefl/v1/greenhouse/device/%u/checkin",
+        "pattern read edgefl/v1/greenhouse/device/%u/lease",
         "pattern read edgefl/v1/greenhouse/device/%u/receipt",
         "pattern read edgefl/v1/greenhouse/model/#",
         "pattern read edgefl/v1/greenhouse/server/state",
@@ -108,6 +110,8 @@ def test_acl_grants_devices_only_their_own_topics() -> None:
     aggregator = lines[lines.index("user aggregator") + 1 : lines.index("user monitor")]
     assert "topic readwrite edgefl/v1/greenhouse/model/#" in aggregator
     assert "topic readwrite edgefl/v1/greenhouse/device/+/receipt" in aggregator
+    assert "topic read edgefl/v1/greenhouse/device/+/checkin" in aggregator
+    assert "topic readwrite edgefl/v1/greenhouse/device/+/lease" in aggregator
     assert all("write" not in line for line in lines[lines.index("user monitor") :])
 
 
