@@ -39,6 +39,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
@@ -78,6 +79,7 @@ from device_agent.training_policy import (
     should_train_leased,
     status_line,
     training_job,
+    undecided_wait,
 )
 from device_agent.updates import build_update, codec_config_for, residual_from_bytes
 from edgefl.auth import EnvelopeSigner, ManifestVerifier
@@ -139,6 +141,9 @@ STOP_GRACE_S = 0.5
 TRAINING_PROBE_INTERVAL = 5.0
 """Seconds between eligibility checks while training (when ``probes.interval_s`` is longer)."""
 _OFFLINE_TIMEOUT = 3.0
+SERVER_STATE_GRACE_S = 2.0
+"""Seconds after its first connection an agent waits for the aggregator's retained state before
+it trains without knowing whether leases are required (see ``undecided_wait``)."""
 
 
 @dataclass(frozen=True)
@@ -223,6 +228,7 @@ class _Link:
 
     session: int = 0
     transport: Transport | None = None
+    first_connected_at: float | None = None  # the agent's clock at its first CONNACK
 
     def up(self) -> bool:
         return self.transport is not None and self.transport.statistics().connected
@@ -591,6 +597,9 @@ class DeviceAgent:
                     return
                 self._link.transport = transport
                 self._counts.connections += 1
+                if self._link.first_connected_at is None:
+                    self._link.first_connected_at = self._delivery.clock()
+                    self._wake.scheduler.set()
                 self._mark_dirty()
                 await self._serve(transport, reconnected)
             except* (TransportError, OSError) as group:
@@ -956,6 +965,18 @@ class DeviceAgent:
     async def _scheduler_loop(self) -> None:
         while not self._wake.stopping.is_set():
             self._wake.scheduler.clear()
+            undecided = undecided_wait(
+                leases=self._leases.enabled,
+                connected_at=self._link.first_connected_at,
+                now=self._delivery.clock(),
+                grace_s=SERVER_STATE_GRACE_S,
+            )
+            if undecided is not None:
+                timeout = None if math.isinf(undecided) else undecided
+                await _first(
+                    self._wake.stopping.wait(), self._wake.scheduler.wait(), timeout=timeout
+                )
+                continue
             model = self._wants_training()
             if model is None:
                 await _first(self._wake.stopping.wait(), self._wake.scheduler.wait())

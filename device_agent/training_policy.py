@@ -21,6 +21,7 @@ decides everything else about a training from plain values, so the agent's async
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,6 +57,7 @@ __all__ = [
     "status_line",
     "training_job",
     "training_seed",
+    "undecided_wait",
 ]
 
 
@@ -257,6 +259,24 @@ def leases_mode(state: ServerState, current: bool | None) -> bool | None:
     (:func:`leases_required`); an offline or lost one (a clean stop, its Last Will) changes
     nothing, since it grants nothing and takes no update until it is back, and says again."""
     return leases_required(state) if state.status is ServerStatus.ONLINE else current
+
+
+def undecided_wait(
+    *, leases: bool | None, connected_at: float | None, now: float, grace_s: float
+) -> float | None:
+    """Seconds the agent still waits before it trains without knowing whether the aggregator
+    grants leases (``leases`` None: no server state seen, and none remembered); None: no wait.
+    An aggregator publishes its retained state when it starts, but possibly after its first
+    manifest, so a device that connected at ``connected_at`` waits up to ``grace_s`` for it
+    (and, never connected, until it connects: its model comes from the broker anyway) rather
+    than train an update a leasing aggregator would refuse (``no_lease``). After that it
+    trains as with a protocol 1.1 aggregator."""
+    if leases is not None:
+        return None
+    if connected_at is None:
+        return math.inf
+    left = connected_at + grace_s - now
+    return left if left > 0 else None
 
 
 def renew_interval(checkin_ttl_s: float) -> float:

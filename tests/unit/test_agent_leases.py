@@ -375,3 +375,22 @@ async def test_an_update_finished_after_the_withdrawal_released_its_lease_is_dro
     # Assert: nothing spooled or sent for it (the aggregator would refuse it: no_lease)
     assert on(seen, UPDATES) == []
     assert (stats.trainings_completed, stats.spool_depth) == (0, 0)
+
+
+async def test_a_new_agent_waits_for_the_aggregators_state_before_it_trains(
+    tmp_path: Path,
+) -> None:
+    # Arrange: the aggregator's first manifest is there, its retained state not yet
+    broker = MemoryBroker()
+    publish_model(broker, 0)
+    async with running(broker, make_config(tmp_path)) as (agent, seen):
+        await eventually(lambda: agent.statistics().model_version == 0)
+        # Act: the state (leases) comes half a second later
+        await asyncio.sleep(0.5)
+        state = server_state((FEATURE_LEASES,), SETTINGS)
+        broker.publish(server_state_topic(FLEET), encode_message(state), 1, True)
+        await eventually(lambda: len(on(seen, CHECKINS)) == 1)
+        stats = agent.statistics()
+    # Assert: it checked in instead of training an update the aggregator would refuse
+    assert stats.trainings_started == 0
+    assert on(seen, UPDATES) == []

@@ -4,6 +4,7 @@ check in, renew and withdraw, when to train under a lease, the per-lease seed, t
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 from agent_helpers import server_state
@@ -27,6 +28,7 @@ from device_agent.training_policy import (
     should_train_leased,
     status_line,
     training_seed,
+    undecided_wait,
 )
 from edgefl.protocol.messages import (
     FEATURE_LEASES,
@@ -226,3 +228,20 @@ def test_a_stopped_or_lost_aggregator_does_not_change_the_leases_mode(current: b
         will = dataclasses.replace(online, status=status, participation=None)
         assert leases_mode(will, current) is current
     assert leases_mode(online, current) is True
+
+
+@pytest.mark.parametrize(
+    ("leases", "connected_at", "now", "expected"),
+    [
+        (True, None, 0.0, None),  # decided (seen, or remembered): no wait
+        (False, 10.0, 10.0, None),
+        (None, None, 5.0, math.inf),  # never connected: wait for the broker
+        (None, 10.0, 10.5, 1.5),  # connected half a second ago: 1.5 s of the 2 s grace left
+        (None, 10.0, 12.0, None),  # no server state within the grace: train as with 1.1
+    ],
+)
+def test_undecided_wait(
+    leases: bool | None, connected_at: float | None, now: float, expected: float | None
+) -> None:
+    wait = undecided_wait(leases=leases, connected_at=connected_at, now=now, grace_s=2.0)
+    assert wait == expected
