@@ -39,6 +39,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
@@ -78,6 +79,7 @@ from device_agent.training_policy import (
     should_train_leased,
     status_line,
     training_job,
+    undecided_wait,
 )
 from device_agent.updates import build_update, codec_config_for, residual_from_bytes
 from edgefl.auth import EnvelopeSigner, ManifestVerifier
@@ -139,6 +141,9 @@ STOP_GRACE_S = 0.5
 TRAINING_PROBE_INTERVAL = 5.0
 """Seconds between eligibility checks while training (when ``probes.interval_s`` is longer)."""
 _OFFLINE_TIMEOUT = 3.0
+SERVER_STATE_GRACE_S = 2.0
+"""Seconds after its first connection an agent waits for the aggregator's retained state before
+it trains without knowing whether leases are required (see ``undecided_wait``)."""
 
 
 @dataclass(frozen=True)
@@ -223,6 +228,7 @@ class _Link:
 
     session: int = 0
     transport: Transport | None = None
+    first_connected_at: float | None = None  # the agent's clock at its first CONNACK
 
     def up(self) -> bool:
         return self.transport is not None and self.transport.statistics().connected
@@ -457,6 +463,7 @@ class DeviceAgent:
     def _open_state(self) -> None:
         cfg = self.config
         self._store = AgentStore.open(cfg)
+        self._leases.remember_in(cfg.state_dir / "leases", durable=cfg.spool.durable)
         self._model = self._store.models.load()
         now = self._delivery.clock()
         for mark in self._store.spool.awaiting():
@@ -538,6 +545,7 @@ class DeviceAgent:
             eligible=self._eligible(),
             stopping=self._wake.stopping.is_set(),
             model_version=None if self._model is None else self._model.version,
+            update_pending=self._store is not None and len(self._store.spool) > 0,
         )
 
     def _participation_changed(self) -> None:
@@ -589,6 +597,9 @@ class DeviceAgent:
                     return
                 self._link.transport = transport
                 self._counts.connections += 1
+                if self._link.first_connected_at is None:
+                    self._link.first_connected_at = self._delivery.clock()
+                    self._wake.scheduler.set()
                 self._mark_dirty()
                 await self._serve(transport, reconnected)
             except* (TransportError, OSError) as group:
@@ -660,14 +671,18 @@ class DeviceAgent:
         mode = self.config.spool.receipts
         if mode is not ReceiptMode.OFF:
             await transport.subscribe(receipt_topic(self._fleet, self._device), qos=1)
-        # the server state says whether the aggregator sends receipts ("auto") and whether it
-        # grants training leases (protocol 1.2)
-        await transport.subscribe(server_state_topic(self._fleet), qos=1)
+        # The server state says whether the aggregator sends receipts ("auto") and whether it
+        # grants training leases (protocol 1.2). It and the manifest are retained and every
+        # connection subscribes afresh, so QoS 0 loses nothing for good (a copy dropped on the
+        # way is replaced by the next one, or the retained one on reconnect) and spares the
+        # broker a PUBACK per device per publication (a leasing aggregator republishes its
+        # state up to once a second: 500 PUBACKs/s from 500 devices).
+        await transport.subscribe(server_state_topic(self._fleet), qos=0)
         # A fetch that a previous connection started is dropped: the retained manifest comes
         # again on this subscription and starts a fresh one (chunks that went to the closed
         # connection would otherwise never come, and the device would wait for ever).
         self._fetch = None
-        await transport.subscribe(manifest_topic(self._fleet), qos=1)
+        await transport.subscribe(manifest_topic(self._fleet), qos=0)
         async for message in transport.messages():
             await self._handle(transport, message)
 
@@ -950,6 +965,18 @@ class DeviceAgent:
     async def _scheduler_loop(self) -> None:
         while not self._wake.stopping.is_set():
             self._wake.scheduler.clear()
+            undecided = undecided_wait(
+                leases=self._leases.enabled,
+                connected_at=self._link.first_connected_at,
+                now=self._delivery.clock(),
+                grace_s=SERVER_STATE_GRACE_S,
+            )
+            if undecided is not None:
+                timeout = None if math.isinf(undecided) else undecided
+                await _first(
+                    self._wake.stopping.wait(), self._wake.scheduler.wait(), timeout=timeout
+                )
+                continue
             model = self._wants_training()
             if model is None:
                 await _first(self._wake.stopping.wait(), self._wake.scheduler.wait())
@@ -1008,6 +1035,12 @@ class DeviceAgent:
             await self._mark_trained(model.version)
             return
         result = await self._run_job(trainer, job, lease)
+        if lease is not None:
+            # the lease is used up now, before its update is spooled and sent: a withdrawal
+            # from here on would release it on the aggregator before the update arrives
+            if self._leases.given_back(lease) and not isinstance(result, AbortReason):
+                result = self._gate.reason or AbortReason.INELIGIBLE  # finished too late
+            self._leases.done()
         if isinstance(result, AbortReason):
             reason = result
             self._counts.aborted[reason.value] += 1

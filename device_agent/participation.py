@@ -29,16 +29,20 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
+from device_agent.persist import PersistentInt
 from device_agent.training_policy import (
     CheckInAction,
     HeldLease,
     Presence,
+    Resync,
     check_in_action,
     lease_expired,
-    leases_required,
+    leases_mode,
     renew_interval,
+    resync_action,
 )
 from edgefl.auth import EnvelopeSigner, ManifestVerifier
 from edgefl.errors import EdgeflError, RejectReason
@@ -48,6 +52,7 @@ from edgefl.protocol.messages import (
     M,
     Participation,
     ServerState,
+    ServerStatus,
     decode_message,
 )
 from edgefl.protocol.messages import encode_message as encode_msg
@@ -98,6 +103,7 @@ class Conditions:
     eligible: bool
     stopping: bool
     model_version: int | None
+    update_pending: bool = False  # a spooled update not yet settled (its lease is held for it)
 
 
 @dataclass(frozen=True)
@@ -114,6 +120,15 @@ class ParticipationStatistics:
     lease_id: int | None = None  # the lease held now
 
 
+@dataclass(frozen=True, slots=True)
+class _Hooks:
+    """What the lease client calls back in the agent."""
+
+    conditions: Callable[[], Conditions]
+    on_change: Callable[[], None]  # a lease came or went, the mode or the presence changed
+    reject: Reject  # an inbound message refused, by reason
+
+
 class LeaseClient:
     """See the module docstring. One per agent; not thread-safe (the agent's event loop)."""
 
@@ -128,23 +143,21 @@ class LeaseClient:
         reject: Reject,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._fleet = fleet
-        self._device = device
-        self._keys = keys
-        self._conditions = conditions
-        self._changed = on_change
-        self._reject = reject
-        self.clock = clock
+        self._fleet, self._device, self._keys, self.clock = fleet, device, keys, clock
+        self._hooks = _Hooks(conditions, on_change, reject)
         self.enabled: bool | None = None  # None: the server state was not seen yet
         self._settings: Participation | None = None
         self.presence = Presence.IDLE
         self.lease: HeldLease | None = None  # held and not yet trained under
         self.training: HeldLease | None = None  # the lease the running training is under
+        self._given_back: int | None = None  # the id of a training's lease a withdrawal released
         self._renew_at: float | None = None
         self._withdrawn = False  # withdrew, and has not checked in since
+        self._server_session: int | None = None
+        self._resync = False  # a new connection or aggregator session: see resync_action
         self._wake = asyncio.Event()
-        self._counts: Counter[str] = Counter()
-        self._ignored: Counter[str] = Counter()
+        self._remembered: PersistentInt | None = None
+        self._counts: Counter[str] = Counter()  # and "ignored:<reason>" for leases not taken
 
     # ------------------------------------------------------------------ queries
 
@@ -166,12 +179,23 @@ class LeaseClient:
             check_ins=c["check_ins"],
             withdrawals=c["withdrawals"],
             leases_received=c["leases"],
-            leases_ignored=dict(self._ignored),
+            leases_ignored={
+                k.removeprefix("ignored:"): n for k, n in c.items() if k.startswith("ignored:")
+            },
             leases_unused=c["unused"],
             lease_id=None if self.lease is None else self.lease.lease_id,
         )
 
     # ------------------------------------------------------------------ events
+
+    def remember_in(self, path: Path, *, durable: bool) -> None:
+        """Keep whether the aggregator grants leases in ``path`` (0 unknown, 1 no, 2 yes), and
+        start from what it says: a restarted agent must not train on a model it holds before
+        the aggregator's retained state arrives, when the aggregator requires leases
+        (blocking; called while the agent opens its state directory)."""
+        self._remembered = PersistentInt(path, durable=durable)
+        if self.enabled is None and self._remembered.value in (1, 2):
+            self.enabled = self._remembered.value == 2
 
     def poke(self) -> None:
         """Something the check-in rule reads changed (eligibility, model, training)."""
@@ -179,8 +203,11 @@ class LeaseClient:
 
     def on_server_state(self, state: ServerState) -> None:
         """Follow the aggregator's ``leases`` feature (and its check-in lifetime)."""
-        enabled = leases_required(state)
-        self._settings = state.participation if enabled else None
+        enabled = leases_mode(state, self.enabled)  # a stopped or lost aggregator: as we are
+        if state.status is ServerStatus.ONLINE:
+            self._settings = state.participation if enabled else None
+            known, self._server_session = self._server_session, state.session
+            self._resync |= known is not None and known != state.session
         if enabled != self.enabled:
             log.info(
                 "%s: the aggregator %s training leases",
@@ -188,27 +215,29 @@ class LeaseClient:
                 "grants" if enabled else "does not grant",
             )
             self.enabled = enabled
+            if self._remembered is not None:
+                self._remembered.set(2 if enabled else 1)
             if not enabled:
                 self.presence, self.lease = Presence.IDLE, None
-            self._changed()  # the scheduler's rule changed
+            self._hooks.on_change()  # the scheduler's rule changed
         self.poke()
 
     def on_lease(self, topic: LeaseTopic, payload: bytes) -> None:
         """A lease for this device: hold it until its local deadline, wake the scheduler."""
         if topic.device_id != self._device:
-            self._ignored["other_device"] += 1
+            self._counts["ignored:other_device"] += 1
             return
         verifier = self._keys.lease_verifier
-        lease = verified(payload, Lease, topic=topic, verifier=verifier, reject=self._reject)
+        lease = verified(payload, Lease, topic=topic, verifier=verifier, reject=self._hooks.reject)
         if lease is None:
             return
         if lease.fleet != self._fleet:
-            self._ignored["other_fleet"] += 1
+            self._counts["ignored:other_fleet"] += 1
             return
         if self._withdrawn and self.presence is Presence.IDLE:
             # granted before the aggregator saw the withdrawal, which released it: an update
             # under it would be refused (NO_LEASE)
-            self._ignored["withdrawn"] += 1
+            self._counts["ignored:withdrawn"] += 1
             return
         self.lease = HeldLease(lease.lease_id, lease.version, self.clock() + lease.ttl_s)
         self.presence, self._renew_at = Presence.LEASED, None
@@ -220,7 +249,7 @@ class LeaseClient:
             lease.version,
             lease.ttl_s,
         )
-        self._changed()
+        self._hooks.on_change()
         self.poke()
 
     def wanted_version(self) -> int | None:
@@ -232,6 +261,11 @@ class LeaseClient:
         lease, self.lease = self.lease, None
         self.training = lease
         return lease
+
+    def given_back(self, lease: HeldLease) -> bool:
+        """Whether a withdrawal released ``lease`` while a training ran under it: the
+        aggregator would refuse its update (``no_lease``), even if the training finished."""
+        return self._given_back == lease.lease_id
 
     def done(self) -> None:
         """A training under a lease ended (an update, or none): check in again when eligible,
@@ -247,7 +281,7 @@ class LeaseClient:
         """The check-in task of one connection: subscribe to the lease topic, then check in,
         renew and withdraw as :func:`~device_agent.training_policy.check_in_action` says."""
         await transport.subscribe(lease_topic(self._fleet, self._device), qos=1)
-        self._renew_at = None  # a check-in may have been lost with the last connection
+        self._resync = True
         while True:
             self._wake.clear()
             if self.active:
@@ -258,12 +292,21 @@ class LeaseClient:
                     await self._wake.wait()
 
     async def _step(self, transport: Transport) -> None:
+        cond = self._hooks.conditions()
+        if self._resync:
+            self._resync = False
+            resync = resync_action(
+                presence=self.presence, reconnected=True, update_pending=cond.update_pending
+            )
+            if resync is Resync.REJOIN:
+                await self.withdraw(transport)  # then check in again, below
+            elif resync is Resync.RENEW:
+                self._renew_at = None
         now = self.clock()
         if self.lease is not None and lease_expired(self.lease, now):
             log.info("%s: lease %d expired unused", self._device, self.lease.lease_id)
             self.lease, self.presence = None, Presence.IDLE
             self._counts["unused"] += 1
-        cond = self._conditions()
         action = check_in_action(
             presence=self.presence,
             eligible=cond.eligible,
@@ -276,7 +319,7 @@ class LeaseClient:
             self.presence, self._withdrawn = Presence.CHECKED_IN, False
             ttl = self._settings.checkin_ttl_s if self._settings is not None else 60.0
             self._renew_at = now + renew_interval(ttl)
-            self._changed()  # the device state now says waiting_for_slot
+            self._hooks.on_change()  # the device state now says waiting_for_slot
         elif action is CheckInAction.WITHDRAW:
             await self.withdraw(transport)
 
@@ -295,11 +338,13 @@ class LeaseClient:
         """Give up candidacy and a held lease (ineligible, or stopping); a no-op when idle."""
         if not self.active or self.presence is Presence.IDLE:
             return
-        cond = self._conditions()
+        cond = self._hooks.conditions()
+        if self.training is not None:
+            self._given_back = self.training.lease_id
         self.presence, self.lease, self._renew_at = Presence.IDLE, None, None
         self._withdrawn = True
         await self._publish(transport, available=False, model_version=cond.model_version)
-        self._changed()
+        self._hooks.on_change()
 
     async def _publish(
         self, transport: Transport, *, available: bool, model_version: int | None

@@ -21,6 +21,7 @@ decides everything else about a training from plain values, so the agent's async
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from device_agent.dataset import LocalDataset, device_seed
 from device_agent.model_store import CurrentModel
 from device_agent.trainer import TrainJob
 from edgefl.models.spec import ModelSpec
-from edgefl.protocol.messages import FEATURE_LEASES, DeviceStatus, ServerState
+from edgefl.protocol.messages import FEATURE_LEASES, DeviceStatus, ServerState, ServerStatus
 
 __all__ = [
     "AbortReason",
@@ -39,20 +40,24 @@ __all__ = [
     "DropReason",
     "HeldLease",
     "Presence",
+    "Resync",
     "TrainingGate",
     "abort_reason",
     "check_in_action",
     "lease_expired",
+    "leases_mode",
     "leases_required",
     "marks_version_done",
     "presence_reasons",
     "renew_interval",
+    "resync_action",
     "should_fetch",
     "should_train",
     "should_train_leased",
     "status_line",
     "training_job",
     "training_seed",
+    "undecided_wait",
 ]
 
 
@@ -249,6 +254,31 @@ def leases_required(state: ServerState) -> bool:
     return FEATURE_LEASES in state.features and state.participation is not None
 
 
+def leases_mode(state: ServerState, current: bool | None) -> bool | None:
+    """The leases mode after ``state``: what an online aggregator says
+    (:func:`leases_required`); an offline or lost one (a clean stop, its Last Will) changes
+    nothing, since it grants nothing and takes no update until it is back, and says again."""
+    return leases_required(state) if state.status is ServerStatus.ONLINE else current
+
+
+def undecided_wait(
+    *, leases: bool | None, connected_at: float | None, now: float, grace_s: float
+) -> float | None:
+    """Seconds the agent still waits before it trains without knowing whether the aggregator
+    grants leases (``leases`` None: no server state seen, and none remembered); None: no wait.
+    An aggregator publishes its retained state when it starts, but possibly after its first
+    manifest, so a device that connected at ``connected_at`` waits up to ``grace_s`` for it
+    (and, never connected, until it connects: its model comes from the broker anyway) rather
+    than train an update a leasing aggregator would refuse (``no_lease``). After that it
+    trains as with a protocol 1.1 aggregator."""
+    if leases is not None:
+        return None
+    if connected_at is None:
+        return math.inf
+    left = connected_at + grace_s - now
+    return left if left > 0 else None
+
+
 def renew_interval(checkin_ttl_s: float) -> float:
     """Seconds between two check-ins of a waiting device: half the aggregator's check-in
     lifetime, so one lost check-in does not drop the device from the candidates."""
@@ -289,6 +319,28 @@ def check_in_action(
     if presence is Presence.CHECKED_IN and renew_due:
         return CheckInAction.CHECK_IN
     return CheckInAction.NONE
+
+
+class Resync(StrEnum):
+    """What a waiting candidate does after a reconnect or an aggregator restart."""
+
+    NONE = "none"
+    RENEW = "renew"  # check in again now
+    REJOIN = "rejoin"  # withdraw (releasing a lease it never received), then check in again
+
+
+def resync_action(*, presence: Presence, reconnected: bool, update_pending: bool) -> Resync:
+    """A candidate (``CHECKED_IN``) checks in again after it ``reconnected`` or after the
+    aggregator restarted (its check-ins are not durable). It also withdraws first, to release a
+    lease the aggregator may have granted it whose LEASE message was lost (published while the
+    device was away: MQTT keeps nothing for a clean session; or granted just before the
+    aggregator stopped), which would otherwise hold a slot, and keep the device waiting, until
+    it expires; except while one of its updates is still on its way (``update_pending``): the
+    lease the aggregator holds for it is then that update's, and a withdrawal would release it
+    before the update arrives (``no_lease``)."""
+    if presence is not Presence.CHECKED_IN or not reconnected:
+        return Resync.NONE
+    return Resync.RENEW if update_pending else Resync.REJOIN
 
 
 @dataclass(frozen=True, slots=True)

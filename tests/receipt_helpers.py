@@ -3,32 +3,27 @@ sysfs tree, real spooled updates, and MemoryBroker plumbing."""
 
 from __future__ import annotations
 
-import asyncio
+import dataclasses
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import numpy as np
-from agent_helpers import DEVICE, FLEET, MODEL, SPEC, digits_dataset
+from agent_helpers import DEVICE, FLEET, MODEL, SPEC, digits_dataset, make_config
+from numpy.typing import NDArray
 
 from device_agent.agent import DeviceAgent
 from device_agent.config import (
     AgentConfig,
     BrokerConfig,
-    DataConfig,
-    DataKind,
-    ProbeConfig,
     ReceiptMode,
     SpoolConfig,
 )
-from device_agent.eligibility import EligibilityPolicy, MeteredSource
 from device_agent.release import model_release
 from device_agent.spool import UpdateSpool
 from device_agent.trainer import TrainResult
 from device_agent.updates import build_update
 from edgefl.codec import CodecConfig, Quantization
 from edgefl.models.spec import init_weights_numpy
-from edgefl.transport import InboundMessage, MemoryBroker, MemoryTransport, OnConnect, Will
 from firmware_sim.fake_sysfs import write_fake_sysfs
 
 
@@ -49,32 +44,29 @@ def receipts_config(
     reconnect_max_s: float = 30.0,
 ) -> AgentConfig:
     """An agent on battery (only its spool is sent) with receipts ``mode``, a short timeout."""
+    config = make_config(tmp)
     write_tree(tmp / "fs")
-    return AgentConfig(
+    return dataclasses.replace(
+        config,
         broker=BrokerConfig(url, reconnect_max_s=reconnect_max_s),
-        fleet=FLEET,
-        device_id=DEVICE,
-        data=DataConfig(kind=DataKind.NPZ, path=tmp / "unused.npz"),
-        probes=ProbeConfig(
-            root=tmp / "fs", metered=MeteredSource.NO, throttle=False, interval_s=1.0
-        ),
-        eligibility=EligibilityPolicy(),
-        state_dir=tmp / "state",
         spool=SpoolConfig(
             receipts=mode, receipt_timeout_s=timeout_s, resend_max_s=max(timeout_s, 0.2)
         ),
     )
 
 
-def spool_updates(tmp: Path, n: int) -> None:
-    """``n`` real updates in the agent's spool, as after training offline."""
+def spool_updates(tmp: Path, n: int) -> dict[int, tuple[NDArray[np.float32], bytes]]:
+    """``n`` real fp32 updates in the agent's spool, as after training offline; returns each
+    one's delta and envelope by seq."""
     manifest = model_release(FLEET, 0, MODEL, init_weights_numpy(SPEC, 0)).manifest
     rng = np.random.default_rng(0)
+    spooled = {}
     with UpdateSpool(tmp / "state/spool") as spool:
         for _ in range(n):
             seq = spool.next_seq()
+            delta = rng.normal(size=SPEC.num_params).astype(np.float32)
             built = build_update(
-                TrainResult(rng.normal(size=SPEC.num_params).astype(np.float32), 10),
+                TrainResult(delta, 10),
                 manifest=manifest,
                 fleet=FLEET,
                 device_id=DEVICE,
@@ -85,6 +77,8 @@ def spool_updates(tmp: Path, n: int) -> None:
                 created_at=time.time(),
             )
             spool.put(seq, built.envelope, {})
+            spooled[seq] = (delta, built.envelope)
+    return spooled
 
 
 def spooled_agent(tmp: Path, url: str, n: int) -> DeviceAgent:
@@ -93,32 +87,3 @@ def spooled_agent(tmp: Path, url: str, n: int) -> DeviceAgent:
     config = receipts_config(tmp, url=url, timeout_s=3600.0, reconnect_max_s=1.0)
     spool_updates(tmp, n)
     return DeviceAgent(config, dataset=dataset())
-
-
-def factory(broker: MemoryBroker):  # type: ignore[no-untyped-def]
-    def make(will: Will, on_connect: OnConnect) -> MemoryTransport:
-        return MemoryTransport(broker, DEVICE, will=will, on_connect=on_connect)
-
-    return make
-
-
-async def collect(
-    broker: MemoryBroker, topic_filter: str
-) -> tuple[list[InboundMessage], Callable[[], Awaitable[None]]]:
-    """Subscribe an observer; returns the list it fills and a function that stops it."""
-    observer = MemoryTransport(broker, "observer")
-    await observer.connect()
-    await observer.subscribe(topic_filter)
-    seen: list[InboundMessage] = []
-
-    async def pump() -> None:
-        async for message in observer.messages():
-            seen.append(message)
-
-    task = asyncio.create_task(pump())
-
-    async def stop() -> None:
-        await observer.close()
-        await task
-
-    return seen, stop

@@ -173,17 +173,17 @@ def aggregator_lines(
 
 
 def participation_lines(p: ParticipationView | None) -> list[str]:
-    """``leases   7/10 in flight (C), 41 checked in, 38 waiting for a slot`` and the staleness
+    """``leases   7/10 in flight, 41 checked in, 38 waiting`` (for a slot) and the staleness
     of accepted updates against ``C / K``; nothing without leases."""
     if p is None:
         return []
     lines = [
-        f"leases   {p.in_flight}/{p.concurrency} in flight (C), {p.candidates} checked in,"
-        f" {p.waiting_for_slot} waiting for a slot"
+        f"leases   {p.in_flight}/{p.concurrency} in flight, {p.candidates} checked in,"
+        f" {p.waiting_for_slot} waiting"
     ]
     s = p.staleness
     seen = "no updates yet" if s is None else f"mean {s.mean:.1f}, p90 {s.p90}, max {s.max}"
-    lines.append(f"τ vs C/K {seen} (C/K = {p.staleness_target:.1f})")
+    lines.append(f"τ vs C/K {seen} (C/K {p.staleness_target:.1f})")
     return lines
 
 

@@ -12,27 +12,26 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
+import agent_helpers
 from agent_helpers import (
-    DATA,
     DEVICE,
     FLEET,
     MODEL,
     SPEC,
     GateTrainer,
-    factory,
     make_config,
     publish_model,
     server_state,
+    signed_config,
 )
-from receipt_helpers import collect
 from waiting import eventually
 
 from device_agent.agent import DeviceAgent
-from device_agent.config import AgentConfig, SecurityConfig
+from device_agent.config import AgentConfig, ReceiptMode, SpoolConfig
 from device_agent.release import model_release
+from device_agent.trainer import Trainer
 from edgefl.models.spec import init_weights_numpy
 from edgefl.protocol.envelope import EnvelopeKind
 from edgefl.protocol.messages import (
@@ -41,6 +40,7 @@ from edgefl.protocol.messages import (
     DeviceState,
     Lease,
     Participation,
+    ServerStatus,
     decode_message,
     decode_update,
     encode_message,
@@ -54,9 +54,6 @@ from edgefl.protocol.topics import (
 from edgefl.security import (
     Ed25519ManifestVerifier,
     Ed25519Signer,
-    generate_private_key,
-    write_private_key,
-    write_public_key,
 )
 from edgefl.transport import InboundMessage, MemoryBroker
 from firmware_sim.fake_sysfs import write_fake_sysfs
@@ -75,20 +72,12 @@ def leasing_broker(*, leases: bool = True) -> MemoryBroker:
     return broker
 
 
-@contextlib.asynccontextmanager
-async def running(
-    broker: MemoryBroker, config: AgentConfig, trainer: GateTrainer | None = None
-) -> AsyncIterator[tuple[DeviceAgent, list[InboundMessage]]]:
+def running(
+    broker: MemoryBroker, config: AgentConfig, trainer: Trainer | None = None
+) -> contextlib.AbstractAsyncContextManager[tuple[DeviceAgent, list[InboundMessage]]]:
     """A running agent, and what an observer sees on the device's topics (until it stopped)."""
-    seen, stop_observer = await collect(broker, f"edgefl/v1/{FLEET}/device/{DEVICE}/#")
-    agent = DeviceAgent(config, trainer=trainer, dataset=DATA, transport_factory=factory(broker))
-    run = asyncio.create_task(agent.run())
-    try:
-        yield agent, seen
-    finally:
-        agent.stop()
-        await run
-        await stop_observer()
+    devices = f"edgefl/v1/{FLEET}/device/{DEVICE}/#"
+    return agent_helpers.running(broker, config, devices, trainer=trainer)
 
 
 def lease_envelope(
@@ -115,6 +104,22 @@ CHECKINS, UPDATES = checkin_topic(FLEET, DEVICE), f"device/{DEVICE}/update/"
 def on(seen: list[InboundMessage], part: str) -> list[InboundMessage]:
     """The messages of ``seen`` whose topic contains ``part``."""
     return [m for m in seen if part in m.topic]
+
+
+async def unplug_while_training(
+    broker: MemoryBroker,
+    agent: DeviceAgent,
+    trainer: GateTrainer,
+    seen: list[InboundMessage],
+    fs: Path,
+) -> None:
+    """Check in, train under lease 3 (held in the gate), then unplug: the agent withdraws."""
+    await eventually(lambda: len(on(seen, CHECKINS)) == 1)
+    grant(broker, 3)
+    await eventually(trainer.entered.is_set)
+    write_fake_sysfs(fs, mains=False)
+    agent.check_now()
+    await eventually(lambda: len(on(seen, CHECKINS)) == 2)
 
 
 def check_ins(seen: list[InboundMessage]) -> list[CheckIn]:
@@ -186,14 +191,9 @@ async def test_ineligible_withdraws_and_aborts_the_training_under_the_lease(
     # Arrange: training under lease 3, held in the gate
     broker, trainer = leasing_broker(), GateTrainer()
     async with running(broker, make_config(tmp_path), trainer) as (agent, seen):
-        await eventually(lambda: len(on(seen, CHECKINS)) == 1)
-        grant(broker, 3)
-        await eventually(trainer.entered.is_set)
         # Act: unplugged mid-training
-        write_fake_sysfs(tmp_path / "fs", mains=False)
-        agent.check_now()
+        await unplug_while_training(broker, agent, trainer, seen, tmp_path / "fs")
         await eventually(lambda: agent.statistics().trainings_aborted.get("ineligible") == 1, 10)
-        await eventually(lambda: len(on(seen, CHECKINS)) == 2)
         # ... and a lease the aggregator granted before it saw the withdrawal (which released
         # it) comes late: an update under it would be refused, so it is not taken
         grant(broker, 8)
@@ -228,16 +228,8 @@ async def test_leases_must_be_signed_by_the_aggregator_and_check_ins_are_signed(
     tmp_path: Path,
 ) -> None:
     # Arrange: key pairs; the model is signed by the aggregator
-    aggregator_key, device_key, stranger_key = (generate_private_key() for _ in range(3))
-    write_public_key(tmp_path / "aggregator.pub", aggregator_key.public_key())
-    write_private_key(tmp_path / "device.key", device_key)
-    cfg = dataclasses.replace(
-        make_config(tmp_path),
-        security=SecurityConfig(
-            signing_key_file=tmp_path / "device.key",
-            aggregator_public_key_file=tmp_path / "aggregator.pub",
-        ),
-    )
+    cfg, keys = signed_config(tmp_path)
+    aggregator_key, device_key, stranger_key = keys.aggregator, keys.device, keys.stranger
     broker = leasing_broker()
     signed = model_release(
         FLEET, 1, MODEL, init_weights_numpy(SPEC, 0), signer=Ed25519Signer(aggregator_key)
@@ -295,3 +287,110 @@ async def test_a_waiting_device_fetches_a_new_model_only_when_a_lease_asks_for_i
     assert agent.statistics().model_version == 1
     header, _ = decode_update(on(seen, UPDATES)[0].payload)
     assert (header.base_version, header.lease_id) == (1, 2)
+
+
+async def test_a_restarted_agent_remembers_that_the_aggregator_requires_leases(
+    tmp_path: Path,
+) -> None:
+    # Arrange: a first run fetched v0 and checked in, but got no lease
+    config = make_config(tmp_path)
+    async with running(leasing_broker(), config) as (agent, _):
+        await eventually(lambda: agent.statistics().participation.check_ins == 1)
+    # Act: restarted where the aggregator's retained state has not arrived (yet): only v0
+    broker = MemoryBroker()
+    publish_model(broker, 0)
+    async with running(broker, config) as (agent, seen):
+        await eventually(lambda: agent.statistics().connections == 1)
+        await asyncio.sleep(1.0)
+        stats = agent.statistics()
+    # Assert: it holds v0, never trained on it, and still waits for a lease
+    assert stats.model_version == 0
+    assert stats.trainings_started == 0
+    assert stats.participation.leases is True
+    assert on(seen, UPDATES) == []
+
+
+async def test_a_waiting_device_checks_in_afresh_with_a_restarted_aggregator(
+    tmp_path: Path,
+) -> None:
+    broker = leasing_broker()
+    async with running(broker, make_config(tmp_path)) as (agent, seen):
+        await eventually(lambda: len(on(seen, CHECKINS)) == 1)
+        # Act: the aggregator dies (its Last Will: lost, without the participation settings);
+        # the device keeps waiting for a lease, it does not fall back to training per version
+        will = server_state((FEATURE_LEASES,), None)
+        will = dataclasses.replace(will, status=ServerStatus.LOST)
+        broker.publish(server_state_topic(FLEET), encode_message(will), 1, True)
+        await asyncio.sleep(0.5)
+        during_outage = agent.statistics()
+        # ... and comes back (a new session): its check-ins were in memory, and a lease it
+        # granted just before it died may never have been published
+        state = server_state((FEATURE_LEASES,), SETTINGS, session=2)
+        broker.publish(server_state_topic(FLEET), encode_message(state), 1, True)
+        await eventually(lambda: len(on(seen, CHECKINS)) == 3)
+        # ... and the same session again (a republished state) changes nothing
+        broker.publish(server_state_topic(FLEET), encode_message(state), 1, True)
+        await asyncio.sleep(0.3)
+    # Assert: withdraw (releases such a lease), check in again; then the stop's withdrawal
+    assert [c.available for c in check_ins(on(seen, CHECKINS))] == [True, False, True, False]
+    assert during_outage.participation.leases is True
+    assert during_outage.trainings_started == 0
+
+
+async def test_with_an_update_on_its_way_a_restarted_aggregator_gets_a_check_in_only(
+    tmp_path: Path,
+) -> None:
+    # Arrange: receipts on, and no aggregator here to send one: the update stays pending, and
+    # the aggregator holds lease 5 for it
+    config = dataclasses.replace(
+        make_config(tmp_path), spool=SpoolConfig(receipts=ReceiptMode.ON, receipt_timeout_s=60)
+    )
+    broker = leasing_broker()
+    async with running(broker, config) as (agent, seen):
+        await eventually(lambda: len(on(seen, CHECKINS)) == 1)
+        grant(broker, 5)
+        await eventually(lambda: agent.statistics().awaiting_receipt == 1)
+        await eventually(lambda: len(on(seen, CHECKINS)) == 2)
+        # Act: the aggregator restarted
+        state = server_state((FEATURE_LEASES,), SETTINGS, session=2)
+        broker.publish(server_state_topic(FLEET), encode_message(state), 1, True)
+        await eventually(lambda: len(on(seen, CHECKINS)) == 3)
+        await asyncio.sleep(0.3)
+    # Assert: checked in again, no withdrawal (it would release lease 5 before its update)
+    assert [c.available for c in check_ins(on(seen, CHECKINS))] == [True, True, True, False]
+
+
+async def test_an_update_finished_after_the_withdrawal_released_its_lease_is_dropped(
+    tmp_path: Path,
+) -> None:
+    # Arrange: a training thread that cannot poll should_stop while it waits
+    broker, trainer = leasing_broker(), GateTrainer(polls=False)
+    async with running(broker, make_config(tmp_path), trainer) as (agent, seen):
+        # Act: unplugged (the withdrawal releases lease 3), then the training returns anyway
+        await unplug_while_training(broker, agent, trainer, seen, tmp_path / "fs")
+        trainer.gate.set()
+        await eventually(lambda: agent.statistics().trainings_aborted.get("ineligible") == 1)
+        await asyncio.sleep(0.3)
+        stats = agent.statistics()
+    # Assert: nothing spooled or sent for it (the aggregator would refuse it: no_lease)
+    assert on(seen, UPDATES) == []
+    assert (stats.trainings_completed, stats.spool_depth) == (0, 0)
+
+
+async def test_a_new_agent_waits_for_the_aggregators_state_before_it_trains(
+    tmp_path: Path,
+) -> None:
+    # Arrange: the aggregator's first manifest is there, its retained state not yet
+    broker = MemoryBroker()
+    publish_model(broker, 0)
+    async with running(broker, make_config(tmp_path)) as (agent, seen):
+        await eventually(lambda: agent.statistics().model_version == 0)
+        # Act: the state (leases) comes half a second later
+        await asyncio.sleep(0.5)
+        state = server_state((FEATURE_LEASES,), SETTINGS)
+        broker.publish(server_state_topic(FLEET), encode_message(state), 1, True)
+        await eventually(lambda: len(on(seen, CHECKINS)) == 1)
+        stats = agent.statistics()
+    # Assert: it checked in instead of training an update the aggregator would refuse
+    assert stats.trainings_started == 0
+    assert on(seen, UPDATES) == []

@@ -3,6 +3,9 @@ check in, renew and withdraw, when to train under a lease, the per-lease seed, t
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import pytest
 from agent_helpers import server_state
 
@@ -12,22 +15,27 @@ from device_agent.training_policy import (
     CheckInAction,
     HeldLease,
     Presence,
+    Resync,
     abort_reason,
     check_in_action,
     lease_expired,
+    leases_mode,
     leases_required,
     marks_version_done,
     renew_interval,
+    resync_action,
     should_fetch,
     should_train_leased,
     status_line,
     training_seed,
+    undecided_wait,
 )
 from edgefl.protocol.messages import (
     FEATURE_LEASES,
     FEATURE_RECEIPTS,
     DeviceStatus,
     Participation,
+    ServerStatus,
 )
 
 IDLE, CHECKED_IN, LEASED = Presence.IDLE, Presence.CHECKED_IN, Presence.LEASED
@@ -86,14 +94,8 @@ def test_check_in_action(
     renew_due: bool,
     expected: CheckInAction,
 ) -> None:
-    action = check_in_action(
-        presence=presence,
-        eligible=eligible,
-        stopping=stopping,
-        has_model=has_model,
-        renew_due=renew_due,
-    )
-    assert action is expected
+    conditions = {"eligible": eligible, "stopping": stopping, "has_model": has_model}
+    assert check_in_action(presence=presence, renew_due=renew_due, **conditions) is expected
 
 
 LEASE = HeldLease(lease_id=7, version=4, deadline=100.0)
@@ -197,3 +199,49 @@ def test_should_fetch(
     leases: bool, held: int | None, lease_version: int | None, expected: bool
 ) -> None:
     assert should_fetch(leases=leases, held_version=held, lease_version=lease_version) is expected
+
+
+@pytest.mark.parametrize(
+    ("presence", "reconnected", "update_pending", "expected"),
+    [
+        (CHECKED_IN, True, False, Resync.REJOIN),  # release a lease whose message was lost
+        (CHECKED_IN, True, True, Resync.RENEW),  # the held lease is its update's: keep it
+        (CHECKED_IN, False, False, Resync.NONE),
+        (LEASED, True, False, Resync.NONE),  # it holds its lease: nothing to recover
+        (IDLE, True, False, Resync.NONE),  # not a candidate: it checks in anyway when it can
+    ],
+)
+def test_resync_action(
+    presence: Presence, reconnected: bool, update_pending: bool, expected: Resync
+) -> None:
+    action = resync_action(
+        presence=presence, reconnected=reconnected, update_pending=update_pending
+    )
+    assert action is expected
+
+
+@pytest.mark.parametrize("current", [True, False, None])
+def test_a_stopped_or_lost_aggregator_does_not_change_the_leases_mode(current: bool | None) -> None:
+    online = server_state((FEATURE_LEASES,), SETTINGS)
+    for status in (ServerStatus.OFFLINE, ServerStatus.LOST):
+        # its Last Will may carry the feature without the settings
+        will = dataclasses.replace(online, status=status, participation=None)
+        assert leases_mode(will, current) is current
+    assert leases_mode(online, current) is True
+
+
+@pytest.mark.parametrize(
+    ("leases", "connected_at", "now", "expected"),
+    [
+        (True, None, 0.0, None),  # decided (seen, or remembered): no wait
+        (False, 10.0, 10.0, None),
+        (None, None, 5.0, math.inf),  # never connected: wait for the broker
+        (None, 10.0, 10.5, 1.5),  # connected half a second ago: 1.5 s of the 2 s grace left
+        (None, 10.0, 12.0, None),  # no server state within the grace: train as with 1.1
+    ],
+)
+def test_undecided_wait(
+    leases: bool | None, connected_at: float | None, now: float, expected: float | None
+) -> None:
+    wait = undecided_wait(leases=leases, connected_at=connected_at, now=now, grace_s=2.0)
+    assert wait == expected

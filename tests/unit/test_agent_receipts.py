@@ -9,12 +9,11 @@ import asyncio
 import dataclasses
 from pathlib import Path
 
+from agent_helpers import collect, factory
 from receipt_helpers import (
     DEVICE,
     FLEET,
-    collect,
     dataset,
-    factory,
     receipts_config,
     spool_updates,
 )

@@ -23,22 +23,21 @@ from agent_helpers import (
     MODEL,
     SPEC,
     GateTrainer,
+    collect,
     factory,
     make_config,
     publish_model,
+    running,
+    signed_config,
 )
-from receipt_helpers import collect
+from receipt_helpers import spool_updates
 from waiting import eventually
 
 from device_agent.agent import DeviceAgent
-from device_agent.config import (
-    SecurityConfig,
-)
 from device_agent.model_store import ModelStore
 from device_agent.release import model_release
 from device_agent.spool import UpdateSpool
 from device_agent.trainer import TrainJob, TrainResult
-from device_agent.updates import build_update
 from edgefl.codec import CodecConfig, CodecDescriptor, Quantization, encode_update, open_update
 from edgefl.models.spec import init_weights_numpy
 from edgefl.protocol.envelope import EnvelopeKind, decode_envelope, encode_envelope
@@ -57,9 +56,7 @@ from edgefl.protocol.topics import (
 )
 from edgefl.security import (
     Ed25519Signer,
-    generate_private_key,
     load_update_authenticator,
-    write_private_key,
     write_public_key,
 )
 from edgefl.transport import MemoryBroker, MemoryTransport
@@ -72,14 +69,9 @@ async def test_agent_picks_up_model_trains_and_delivers_one_update(tmp_path: Pat
     broker = MemoryBroker()
     publish_model(broker, 0)
 
-    updates, stop_observer = await collect(broker, updates_filter(FLEET))
-    agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker))
-    run = asyncio.create_task(agent.run())
-    # Act
-    await eventually(lambda: agent.statistics().updates_sent == 1)
-    agent.stop()
-    await run
-    await stop_observer()
+    async with running(broker, cfg, updates_filter(FLEET)) as (agent, updates):
+        # Act
+        await eventually(lambda: agent.statistics().updates_sent == 1)
 
     # Assert: exactly one update, against v0, decodable, non-trivial
     assert len(updates) == 1
@@ -148,41 +140,16 @@ async def test_spooled_updates_are_resent_in_order_byte_identical(tmp_path: Path
     cfg = make_config(tmp_path)
     broker = MemoryBroker()
     publish_model(broker, 0)
-    manifest = model_release(FLEET, 0, MODEL, init_weights_numpy(SPEC, 0)).manifest
-    rng = np.random.default_rng(0)
-    spooled: dict[int, bytes] = {}
-    deltas: dict[int, np.ndarray] = {}
-    with UpdateSpool(tmp_path / "state/spool") as spool:
-        for _ in range(3):
-            seq = spool.next_seq()
-            deltas[seq] = rng.normal(size=SPEC.num_params).astype(np.float32)
-            built = build_update(
-                TrainResult(deltas[seq], 10),
-                manifest=manifest,
-                fleet=FLEET,
-                device_id=DEVICE,
-                seq=seq,
-                codec=CodecConfig(quantization=Quantization.FP32),
-                residual=None,
-                rng=rng,
-                created_at=time.time(),
-            )
-            spool.put(seq, built.envelope, {})
-            spooled[seq] = built.envelope
+    spooled = spool_updates(tmp_path, 3)
     write_fake_sysfs(tmp_path / "fs", mains=False)  # on battery: no new training interferes
 
-    updates, stop_observer = await collect(broker, updates_filter(FLEET))
-    agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker))
-    run = asyncio.create_task(agent.run())
-    # Act
-    await eventually(lambda: agent.statistics().updates_sent == 3)
-    agent.stop()
-    await run
-    await stop_observer()
+    async with running(broker, cfg, updates_filter(FLEET)) as (agent, updates):
+        # Act
+        await eventually(lambda: agent.statistics().updates_sent == 3)
 
     # Assert: in sequence order, the exact spooled bytes, and the spool is empty afterwards
     assert [m.topic.rsplit("/", 1)[1] for m in updates] == ["0", "1", "2"]
-    assert [m.payload for m in updates] == [spooled[0], spooled[1], spooled[2]]
+    assert [m.payload for m in updates] == [spooled[seq][1] for seq in range(3)]
     header, body = decode_update(updates[2].payload)
     decoded = open_update(
         CodecDescriptor.from_dict(header.codec),
@@ -190,7 +157,7 @@ async def test_spooled_updates_are_resent_in_order_byte_identical(tmp_path: Path
         num_params=SPEC.num_params,
         max_decompressed=1 << 20,
     ).to_dense()
-    np.testing.assert_array_equal(decoded, deltas[2])
+    np.testing.assert_array_equal(decoded, spooled[2][0])
     assert agent.statistics().spool_depth == 0
     assert agent.statistics().trainings_started == 0
     with UpdateSpool(tmp_path / "state/spool") as spool:
@@ -206,26 +173,21 @@ async def test_ineligible_mid_training_aborts_publishes_nothing_and_retries_when
     publish_model(broker, 0)
     trainer = GateTrainer()
 
-    updates, stop_observer = await collect(broker, updates_filter(FLEET))
-    agent = DeviceAgent(cfg, trainer=trainer, dataset=DATA, transport_factory=factory(broker))
-    run = asyncio.create_task(agent.run())
-    await eventually(lambda: agent.statistics().status is DeviceStatus.TRAINING)
-    # Act: unplug mid-training
-    write_fake_sysfs(tmp_path / "fs", mains=False)
-    agent.check_now()
-    await eventually(lambda: agent.statistics().trainings_aborted.get("ineligible") == 1, 10)
-    aborted = dict(agent.statistics().trainings_aborted)
-    reasons = list(agent.statistics().reasons)
-    await asyncio.sleep(0.3)
-    assert not updates
-    # ... and plug in again: the next attempt completes
-    trainer.gate.set()
-    write_fake_sysfs(tmp_path / "fs", mains=True)
-    agent.check_now()
-    await eventually(lambda: agent.statistics().updates_sent == 1)
-    agent.stop()
-    await run
-    await stop_observer()
+    async with running(broker, cfg, updates_filter(FLEET), trainer=trainer) as (agent, updates):
+        await eventually(lambda: agent.statistics().status is DeviceStatus.TRAINING)
+        # Act: unplug mid-training
+        write_fake_sysfs(tmp_path / "fs", mains=False)
+        agent.check_now()
+        await eventually(lambda: agent.statistics().trainings_aborted.get("ineligible") == 1, 10)
+        aborted = dict(agent.statistics().trainings_aborted)
+        reasons = list(agent.statistics().reasons)
+        await asyncio.sleep(0.3)
+        assert not updates
+        # ... and plug in again: the next attempt completes
+        trainer.gate.set()
+        write_fake_sysfs(tmp_path / "fs", mains=True)
+        agent.check_now()
+        await eventually(lambda: agent.statistics().updates_sent == 1)
 
     # Assert
     assert aborted == {"ineligible": 1}
@@ -281,19 +243,16 @@ async def test_reconnect_starts_a_new_presence_session_and_the_old_will_is_lower
     broker = MemoryBroker()
     made: list[MemoryTransport] = []
 
-    states_seen, stop_observer = await collect(broker, device_state_topic(FLEET, DEVICE))
-    agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker, made))
-    run = asyncio.create_task(agent.run())
-    await eventually(lambda: agent.statistics().status is DeviceStatus.IDLE)
-    await eventually(lambda: len(states_seen) >= 1)  # ONLINE may coalesce into IDLE
-    # Act: the link drops (the broker publishes the Will), then comes back
-    await made[0].disconnect(abrupt=True)
-    await made[0].connect()
-    await eventually(lambda: agent.statistics().session == 2 and agent.statistics().connected)
-    await eventually(lambda: decode_message(states_seen[-1].payload, DeviceState).session == 2)
-    agent.stop()
-    await run
-    await stop_observer()
+    async with running(
+        broker, cfg, device_state_topic(FLEET, DEVICE), transport_factory=factory(broker, made)
+    ) as (agent, states_seen):
+        await eventually(lambda: agent.statistics().status is DeviceStatus.IDLE)
+        await eventually(lambda: len(states_seen) >= 1)  # ONLINE may coalesce into IDLE
+        # Act: the link drops (the broker publishes the Will), then comes back
+        await made[0].disconnect(abrupt=True)
+        await made[0].connect()
+        await eventually(lambda: agent.statistics().session == 2 and agent.statistics().connected)
+        await eventually(lambda: decode_message(states_seen[-1].payload, DeviceState).session == 2)
     states = [decode_message(m.payload, DeviceState) for m in states_seen]
 
     # Assert: the Will carried session 1; everything after it session 2; supersedes() drops
@@ -378,14 +337,9 @@ async def test_manifest_codec_hint_wins_over_device_preference(
     for topic, payload in release.messages:
         broker.publish(topic, payload, 1, True)
 
-    updates, stop_observer = await collect(broker, updates_filter(FLEET))
-    agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker))
-    run = asyncio.create_task(agent.run())
-    # Act
-    await eventually(lambda: agent.statistics().updates_sent == 1)
-    agent.stop()
-    await run
-    await stop_observer()
+    async with running(broker, cfg, updates_filter(FLEET)) as (agent, updates):
+        # Act
+        await eventually(lambda: agent.statistics().updates_sent == 1)
 
     # Assert: the aggregator's hint decides the codec; batch 16 -> 10 steps over 160 examples
     header, _ = decode_update(updates[0].payload)
@@ -395,40 +349,27 @@ async def test_manifest_codec_hint_wins_over_device_preference(
 
 async def test_signed_manifests_only_and_signed_updates(tmp_path: Path) -> None:
     # Arrange: aggregator and device key pairs as PEM files
-    aggregator_key, device_key, stranger_key = (generate_private_key() for _ in range(3))
-    write_public_key(tmp_path / "aggregator.pub", aggregator_key.public_key())
-    write_private_key(tmp_path / "device.key", device_key)
+    cfg, keys = signed_config(tmp_path)
+    aggregator_key, stranger_key = keys.aggregator, keys.stranger
     (tmp_path / "devices").mkdir()
-    write_public_key(tmp_path / f"devices/{DEVICE}.pub", device_key.public_key())
-    cfg = dataclasses.replace(
-        make_config(tmp_path),
-        security=SecurityConfig(
-            signing_key_file=tmp_path / "device.key",
-            aggregator_public_key_file=tmp_path / "aggregator.pub",
-        ),
-    )
+    write_public_key(tmp_path / f"devices/{DEVICE}.pub", keys.device.public_key())
     broker = MemoryBroker()
     weights = init_weights_numpy(SPEC, 0)
     unsigned = model_release(FLEET, 0, MODEL, weights)
     forged = model_release(FLEET, 1, MODEL, weights, signer=Ed25519Signer(stranger_key))
     genuine = model_release(FLEET, 2, MODEL, weights, signer=Ed25519Signer(aggregator_key))
 
-    updates, stop_observer = await collect(broker, updates_filter(FLEET))
-    agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker))
-    run = asyncio.create_task(agent.run())
-    # Act
-    for release in (unsigned, forged):
-        for topic, payload in release.messages:
+    async with running(broker, cfg, updates_filter(FLEET)) as (agent, updates):
+        # Act
+        for release in (unsigned, forged):
+            for topic, payload in release.messages:
+                broker.publish(topic, payload, 1, True)
+            await asyncio.sleep(0.2)
+        await eventually(lambda: sum(agent.statistics().rejected.values()) == 2)
+        assert agent.statistics().model_version is None
+        for topic, payload in genuine.messages:
             broker.publish(topic, payload, 1, True)
-        await asyncio.sleep(0.2)
-    await eventually(lambda: sum(agent.statistics().rejected.values()) == 2)
-    assert agent.statistics().model_version is None
-    for topic, payload in genuine.messages:
-        broker.publish(topic, payload, 1, True)
-    await eventually(lambda: agent.statistics().updates_sent == 1)
-    agent.stop()
-    await run
-    await stop_observer()
+        await eventually(lambda: agent.statistics().updates_sent == 1)
     agent, updates = agent, [m.payload for m in updates]
 
     # Assert
@@ -572,17 +513,12 @@ async def test_idle_agent_republishes_its_state_every_heartbeat(tmp_path: Path) 
     write_fake_sysfs(tmp_path / "fs", mains=False)
     broker = MemoryBroker()
 
-    states_seen, stop_observer = await collect(broker, device_state_topic(FLEET, DEVICE))
-    agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker))
-    run = asyncio.create_task(agent.run())
-    await eventually(lambda: agent.statistics().status is DeviceStatus.IDLE)
-    settled = len(states_seen)
-    # Act: nothing changes; wait for two heartbeats
-    await eventually(lambda: len(states_seen) >= settled + 2, 10, what="two heartbeats")
-    repeats = states_seen[settled:]
-    agent.stop()
-    await run
-    await stop_observer()
+    async with running(broker, cfg, device_state_topic(FLEET, DEVICE)) as (agent, states_seen):
+        await eventually(lambda: agent.statistics().status is DeviceStatus.IDLE)
+        settled = len(states_seen)
+        # Act: nothing changes; wait for two heartbeats
+        await eventually(lambda: len(states_seen) >= settled + 2, 10, what="two heartbeats")
+        repeats = states_seen[settled:]
     repeats = [decode_message(m.payload, DeviceState) for m in repeats]
 
     # Assert: the same idle state came again, with fresh timestamps

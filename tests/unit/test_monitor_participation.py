@@ -3,10 +3,12 @@ devices waiting for a slot, and the staleness distribution against C / K."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
 import pytest
+from agent_helpers import FLEET, server_state
 
 from edgefl.monitor.decode import DeviceStateSeen, MetricsSeen, ServerStateSeen, StateEncoding
 from edgefl.monitor.model import FleetModel
@@ -16,23 +18,10 @@ from edgefl.monitor.snapshot import StalenessSummary
 from edgefl.monitor.summary import summarize
 from edgefl.protocol.messages import DeviceState, Participation, ServerMetrics, ServerState
 
-FLEET = "lab"
 
-
-def server(participation: Participation | None, at: float = 100.0) -> ServerState:
-    return ServerState(
-        fleet=FLEET,
-        status="online",  # type: ignore[arg-type]
-        session=1,
-        version=7,
-        buffer_fill=2,
-        buffer_size=5,
-        applied=30,
-        started_at=0.0,
-        at=at,
-        features=("leases",) if participation is not None else (),
-        participation=participation,
-    )
+def server(participation: Participation | None) -> ServerState:
+    features = ("leases",) if participation is not None else ()
+    return dataclasses.replace(server_state(features, participation), buffer_size=5)
 
 
 def metrics(staleness: dict[int, int], at: float = 101.0) -> ServerMetrics:
@@ -79,8 +68,8 @@ def test_snapshot_shows_leases_against_c_waiting_devices_and_staleness_against_c
     assert view.staleness_target == 2.0
     assert view.staleness == StalenessSummary(count=10, mean=1.4, p90=2, max=9)
     lines = aggregator_lines(snap.aggregator)
-    assert "leases   8/10 in flight (C), 2 checked in, 2 waiting for a slot" in lines
-    assert "τ vs C/K mean 1.4, p90 2, max 9 (C/K = 2.0)" in lines
+    assert "leases   8/10 in flight, 2 checked in, 2 waiting" in lines
+    assert "τ vs C/K mean 1.4, p90 2, max 9 (C/K 2.0)" in lines
     assert device_cells(snap.devices[0])["why"] == "waiting for slot"
     assert device_cells(snap.devices[2])["why"] == "-"
     out = json.loads(json.dumps(snap.to_json()))
