@@ -43,7 +43,7 @@ def _compare(quick: bool) -> dict[str, Any]:
         cfg = SimConfig(devices=40, dataset="digits", profile="lab", dropout=0.3, target=0.85)
     else:
         cfg = SimConfig(devices=100, dataset="mnist1d", profile="lab", dropout=0.3, target=0.9)
-    cfg = replace(cfg, buffer_size=5, concurrency=20, max_updates=20_000)
+    cfg = replace(cfg, buffer_size=5, concurrency=20, server_lr=1.0, max_updates=20_000)
     scenario = build_scenario(cfg)
     out: dict[str, Any] = {"compare_dataset": cfg.dataset, "target": cfg.target}
     records = []
@@ -143,6 +143,7 @@ def _scaling_one(n: int, updates: int) -> tuple[float, float, float, int, int]:
         dataset="mnist1d",
         profile="lab",
         dropout=0.3,
+        min_examples=16,
         max_updates=updates,
         stop_at_target=False,
         eval_every_updates=100,
