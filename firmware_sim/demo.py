@@ -48,7 +48,6 @@ DEMO_CONFIG = SimConfig(
     local=LocalTrainConfig(epochs=5, batch_size=32, lr=0.1),
     buffer_size=10,
     concurrency=20,
-    server_lr=1.0,  # the live demo's tuned setting (the simulator's default is 2.0)
     max_staleness=2,
     # FedBuff paper's rule: the step is sum(s(tau) delta) / K, so the (uniformly 1-2 versions
     # stale) live buffers take damped steps. With the weighted mean instead, accuracy swung
