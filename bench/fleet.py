@@ -10,8 +10,14 @@
 3. Live mode: N real agents, each with its own MQTT connection, plus the aggregator on a private
    Mosquitto for a fixed wall time: updates/s and RSS (all processes).
 4. The demo (100 live devices, mnist1d): wall time to 90%.
+5. The regime table (``--only regimes``): for each profile (mixed, phone, sensor, vehicle, lab)
+   and fleet size (100, 1,000, 10,000), FedBuff and FedAvg on the default ``edgefl sim``
+   settings (:class:`firmware_sim.scenario.SimConfig` defaults, seed 7): virtual time and
+   updates to target, the speed-up and each run's measured bottleneck, as a Markdown table
+   (docs/SIMULATOR.md, "Regimes"). ``--sizes`` and ``--profiles`` narrow it.
 
     python bench/fleet.py [--quick] [--json] [--live-devices N]
+    python bench/fleet.py --only regimes [--sizes 100,1000,10000] [--profiles mixed,lab]
 
 ``--quick`` shrinks everything (digits for the comparison, fewer updates, 100 live devices for
 15 s, no demo). With ``--json`` the last stdout line is the result object.
@@ -37,7 +43,7 @@ def _compare(quick: bool) -> dict[str, Any]:
         cfg = SimConfig(devices=40, dataset="digits", profile="lab", dropout=0.3, target=0.85)
     else:
         cfg = SimConfig(devices=100, dataset="mnist1d", profile="lab", dropout=0.3, target=0.9)
-    cfg = replace(cfg, buffer_size=5, concurrency=20, max_updates=20_000)
+    cfg = replace(cfg, buffer_size=5, concurrency=20, server_lr=1.0, max_updates=20_000)
     scenario = build_scenario(cfg)
     out: dict[str, Any] = {"compare_dataset": cfg.dataset, "target": cfg.target}
     records = []
@@ -63,6 +69,67 @@ def _compare(quick: bool) -> dict[str, Any]:
     return out
 
 
+REGIME_PROFILES = ("mixed", "phone", "sensor", "vehicle", "lab")
+REGIME_SIZES = (100, 1_000, 10_000)
+REGIME_MAX_UPDATES = 15_000
+
+
+def _regime_cell(profile: str, devices: int, seed: int) -> dict[str, Any]:
+    """FedBuff and FedAvg on one fleet (default settings): time, updates, bottleneck."""
+    from firmware_sim.record import Algorithm
+    from firmware_sim.scenario import SimConfig, build_scenario
+    from firmware_sim.virtual import run_virtual
+
+    cfg = SimConfig(devices=devices, profile=profile, seed=seed, max_updates=REGIME_MAX_UPDATES)
+    scenario = build_scenario(cfg)
+    cell: dict[str, Any] = {"profile": profile, "devices": devices}
+    for algo in (Algorithm.FEDBUFF, Algorithm.FEDAVG):
+        t = time.perf_counter()
+        s = run_virtual(replace(cfg, algorithm=algo), scenario=scenario).record.summary(cfg.target)
+        cell[algo.value] = {
+            "time_to_target_s": s["time_to_target_s"],
+            "updates_to_target": s["updates_to_target"],
+            "bottleneck": s["bottleneck"],
+            "wall_s": round(time.perf_counter() - t, 1),
+        }
+    buff, avg = cell["fedbuff"]["time_to_target_s"], cell["fedavg"]["time_to_target_s"]
+    cell["speedup"] = avg / buff if buff and avg else None
+    return cell
+
+
+def _fmt_run(run: dict[str, Any]) -> str:
+    if run["time_to_target_s"] is None:
+        return f"not reached in {REGIME_MAX_UPDATES:,} updates"
+    return f"{run['time_to_target_s']:,.0f} s / {run['updates_to_target']:,}"
+
+
+def regime_row(cell: dict[str, Any]) -> str:
+    """One Markdown table row: profile, devices, FedBuff, FedAvg, speed-up, bottlenecks."""
+    speedup = "n/a" if cell["speedup"] is None else f"{cell['speedup']:.1f}x"
+    verdicts = "; ".join(
+        f"{name}: {cell[name]['bottleneck'].split(';')[0]}" for name in ("fedbuff", "fedavg")
+    )
+    return (
+        f"| {cell['profile']} | {cell['devices']:,} | {_fmt_run(cell['fedbuff'])} | "
+        f"{_fmt_run(cell['fedavg'])} | {speedup} | {verdicts} |"
+    )
+
+
+def _regimes(sizes: list[int], profiles: list[str], seed: int) -> dict[str, Any]:
+    print(
+        "| profile | devices | FedBuff time / updates to target | FedAvg time / updates "
+        "| speed-up | measured bottleneck |\n|---|---|---|---|---|---|",
+        flush=True,
+    )
+    cells = []
+    for profile in profiles:
+        for devices in sizes:
+            cell = _regime_cell(profile, devices, seed)
+            cells.append(cell)
+            print(regime_row(cell), flush=True)
+    return {"regimes": cells}
+
+
 def _scaling_one(n: int, updates: int) -> tuple[float, float, float, int, int]:
     """One fleet size in a fresh process: (updates/s, build seconds, peak RSS MB, trainings,
     batched training calls)."""
@@ -76,6 +143,7 @@ def _scaling_one(n: int, updates: int) -> tuple[float, float, float, int, int]:
         dataset="mnist1d",
         profile="lab",
         dropout=0.3,
+        min_examples=16,
         max_updates=updates,
         stop_at_target=False,
         eval_every_updates=100,
@@ -167,10 +235,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--live-devices", type=int, default=None)
     parser.add_argument("--skip", default="", help="comma list of: compare,scaling,live,demo")
+    parser.add_argument("--only", default=None, help="run only this part: regimes")
+    parser.add_argument("--sizes", default=",".join(map(str, REGIME_SIZES)))
+    parser.add_argument("--profiles", default=",".join(REGIME_PROFILES))
+    parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args(argv)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     result: dict[str, Any] = {"quick": args.quick}
     t0 = time.perf_counter()
+    if args.only == "regimes":
+        sizes = [int(n) for n in args.sizes.split(",")]
+        result.update(_regimes(sizes, args.profiles.split(","), args.seed))
+        skip = {"compare", "scaling", "live", "demo"}
     if "compare" not in skip:
         print("FedBuff vs FedAvg (virtual time):", flush=True)
         result.update(_compare(args.quick))

@@ -552,7 +552,7 @@ def sim_command(
     ] = _DEFAULT.overselect,
     lease: Annotated[
         float | None,
-        typer.Option(help="FedBuff participation lease (s); default 2x the p90 training time."),
+        typer.Option(help="FedBuff participation lease (s); default the p90 training time."),
     ] = None,
     normalisation: Annotated[
         Normalisation,

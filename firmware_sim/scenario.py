@@ -131,7 +131,7 @@ class SimConfig:
     concurrency: int = 20
     staleness: str = "polynomial:0.5"
     max_staleness: int | None = 100
-    server_lr: float = 1.0
+    server_lr: float = 1.0  # both algorithms; bench/fedbuff_sweep.py, docs/SIMULATOR.md "Defaults"
     server_momentum: float = 0.0
     # FedBuff buffer normalisation: "mean" (weighted mean, FedAvg-compatible) or "sum" (divide
     # by K with equal example weights, as in the FedBuff paper: stale buffers take smaller steps)

@@ -84,10 +84,12 @@ def test_fedavg_selects_fedbuffs_concurrency_and_closes_rounds_at_the_reporting_
     fedbuff = run_virtual(LAB, scenario=scenario).record
     fedavg = run_virtual(fedavg_cfg, scenario=scenario).record
 
-    # Assert: the same number of devices training at once
+    # Assert: both start with the same number of devices training at once (FedBuff can exceed
+    # it later by the lease slack: a straggler trains on after its lease expired)
     assert fedbuff.slot_series is not None
     assert fedavg.slot_series is not None
-    assert int(fedbuff.slot_series.training.max()) == 13
+    assert int(fedbuff.slot_series.training[0]) == 13
+    assert int(fedavg.slot_series.training[0]) == 13
     assert int(fedavg.slot_series.training.max()) == 13
     assert fedavg.slot_series.target == fedbuff.slot_series.target == 13
     # every round stepped with exactly the goal (no dropouts in the lab, deadline at p90)

@@ -116,7 +116,7 @@ def test_a_run_with_more_slots_than_devices_is_availability_bound() -> None:
 
     util = s["utilisation"]
     assert util["target_slots"] == 40
-    assert util["mean_training"] <= 20.0
+    assert util["mean_training"] <= 20.0 + 1e-9
     assert util["slot_time"]["waiting_for_device"] >= 0.5 - 1e-9
     assert s["bottleneck"].startswith("availability-bound")
 

@@ -50,7 +50,9 @@ def test_fedbuff_reaches_the_target_with_30_percent_dropouts() -> None:
     s = result.record.summary(cfg.target)
     assert s["reached_target"] is True
     assert s["dropouts"] > 0.2 * (s["updates_received"] + s["dropouts"])
-    assert s["updates_rejected"] == {}
+    # only the heavy tail's stragglers outlive their lease (the p90 training time + 10% grace)
+    assert set(s["updates_rejected"]) <= {"lease_expired", "no_lease"}
+    assert sum(s["updates_rejected"].values()) <= 0.15 * s["updates_received"]
     # every update went through the real int8 codec + zstd: at least 3x smaller than float32
     assert s["compression_ratio"] > 3.0
     assert s["bytes_fp32_equivalent"] == 4 * 2410 * s["updates_received"]
