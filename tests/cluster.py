@@ -172,6 +172,12 @@ class NatsCluster:
 
     def config(self, node: NatsNode) -> str:
         routes = ", ".join(f"nats-route://{n.host}:{n.cluster_port}" for n in self.nodes)
+        cluster = (
+            f"cluster {{ name: edgefl, listen: {node.host}:{node.cluster_port}, "
+            f"routes: [{routes}] }}"
+            if len(self.nodes) > 1
+            else "# one node: no cluster (JetStream runs stand-alone)"
+        )
         return "\n".join(
             [
                 f"server_name: {node.name}",
@@ -182,8 +188,7 @@ class NatsCluster:
                 "  max_memory_store: 64MB",
                 "  max_file_store: 512MB",
                 "}",
-                f"cluster {{ name: edgefl, listen: {node.host}:{node.cluster_port}, "
-                f"routes: [{routes}] }}",
+                cluster,
                 f"mqtt {{ listen: {node.host}:{node.mqtt_port}, ack_wait: {ACK_WAIT} }}",
                 "",
             ]
