@@ -1,13 +1,15 @@
 """Relay rate of a broker: QoS 1 messages of one size from a publisher to a subscriber.
 
-Brokers: ``mosquitto`` (one node), ``nats1`` (one NATS node, MQTT on JetStream) and ``nats3``
-(the 3-node NATS cluster of ``tests/cluster.py``, publisher on node 0, subscriber on node 2, so
-every message crosses a cluster route). One paho publisher keeps up to ``--inflight`` QoS 1
-messages unacknowledged; one paho subscriber (persistent-free, QoS 1, auto PUBACK) counts
-arrivals. The rate is messages received / seconds from the first publish to the last arrival.
-Also reports the broker processes' CPU seconds per message (from ``/proc/<pid>/stat``).
+Brokers: ``mosquitto`` (one node), ``nats1`` (one NATS node, MQTT on JetStream), ``nats3``
+(the 3-node NATS cluster of ``tests/cluster.py``, publisher on node 0, subscriber on node 2,
+so every message crosses a cluster route; its ``$MQTT_*`` streams have 3 replicas) and
+``nats3r1`` (the same cluster with one replica: faster, but a node's death loses what it
+stored). One paho publisher keeps up to 64 QoS 1 messages unacknowledged; one paho subscriber
+(QoS 1, PUBACK on arrival) counts arrivals. The rate is messages received / seconds from the
+first publish to the last arrival. Also reports the broker processes' CPU per message (from
+``/proc/<pid>/stat``, 10 ms ticks: coarse for Mosquitto's short runs).
 
-    python bench/cluster_relay.py --messages 500 --size 92000 --json
+    python bench/cluster_relay.py --messages 400 --size 92000 --json
 
 Everything runs on this machine, so the publisher, subscriber and nodes share its cores: on 2
 cores the cluster's figure is a lower bound of what three hosts give.
@@ -99,7 +101,8 @@ def run(broker: str, messages: int, size: int) -> dict[str, float]:
                 ends = (_host_port(mosq.url),) * 2
                 return _measure(pids, ends, messages, size)
         nodes = 1 if broker == "nats1" else 3
-        with NatsCluster(Path(tmp), size=nodes) as cluster:
+        replicas = 1 if broker == "nats3r1" else None
+        with NatsCluster(Path(tmp), size=nodes, replicas=replicas) as cluster:
             pids = [n.proc.pid for n in cluster.nodes if n.proc is not None]
             ends = (_host_port(cluster.urls[0]), _host_port(cluster.urls[-1]))
             return _measure(pids, ends, messages, size)

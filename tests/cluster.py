@@ -146,12 +146,15 @@ class NatsNode:
 class NatsCluster:
     """``size`` NATS Server nodes clustered with JetStream and MQTT; see the module docstring."""
 
-    def __init__(self, base_dir: Path, *, size: int = 3, netns: bool = False) -> None:
+    def __init__(
+        self, base_dir: Path, *, size: int = 3, netns: bool = False, replicas: int | None = None
+    ) -> None:
         binary = find_nats_server()
         if binary is None:
             raise FileNotFoundError("nats-server is not installed (apt-get install nats-server)")
         self.binary = binary
         self.base_dir = base_dir
+        self.replicas = replicas  # the $MQTT_* streams' replicas; None: min(size, 3)
         self._hosts: _Hosts | None = None
         if netns:
             seed = os.getpid() % 10000
@@ -178,6 +181,7 @@ class NatsCluster:
             if len(self.nodes) > 1
             else "# one node: no cluster (JetStream runs stand-alone)"
         )
+        replicas = f", stream_replicas: {self.replicas}" if self.replicas else ""
         return "\n".join(
             [
                 f"server_name: {node.name}",
@@ -189,7 +193,7 @@ class NatsCluster:
                 "  max_file_store: 512MB",
                 "}",
                 cluster,
-                f"mqtt {{ listen: {node.host}:{node.mqtt_port}, ack_wait: {ACK_WAIT} }}",
+                f"mqtt {{ listen: {node.host}:{node.mqtt_port}, ack_wait: {ACK_WAIT}{replicas} }}",
                 "",
             ]
         )
