@@ -39,7 +39,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from edgefl.aggregation.fedbuff import FedBuff, FedBuffConfig
-from edgefl.aggregation.outcomes import StepResult
+from edgefl.aggregation.outcomes import FedBuffState, StepResult
 from edgefl.sharding.partial import PartialId, PartialSum, check_presummable
 from edgefl.sharding.partitions import check_partitions, partition_of
 
@@ -54,6 +54,26 @@ class PartialVerdict(StrEnum):
     OVERLAP = "overlap"
     WRONG_PARTITION = "wrong_partition"
     SHAPE_MISMATCH = "shape_mismatch"
+
+
+@dataclasses.dataclass(frozen=True)
+class RootState:
+    """Everything a root must commit to resume exactly (private copies): the model (a FedBuff
+    snapshot without buffer), the summed partials, the owner epochs, the applied partial ids,
+    the per-partition high-water marks and the verdict counters. The root shell commits it in
+    the same transaction as, and before confirming, each applied partial."""
+
+    model: FedBuffState
+    accumulator: NDArray[np.float32]
+    weight_sum: float
+    count: int
+    staleness_sum: int
+    staleness_max: int
+    clipped: int
+    epochs: dict[int, int]
+    applied: frozenset[PartialId]
+    high_water: dict[int, dict[str, int]]
+    verdicts: dict[str, int]
 
 
 @dataclasses.dataclass
@@ -188,3 +208,45 @@ class RootBuffer:
         self._model = model
         self._buffer = _Buffer(np.zeros(model.num_params, np.float32))
         return result
+
+    # ------------------------------------------------------------------ persistence
+    def snapshot(self) -> RootState:
+        """A self-contained copy of the state (see :class:`RootState`)."""
+        buf = self._buffer
+        return RootState(
+            model=self._model.snapshot(buffer=False),
+            accumulator=buf.acc.copy(),
+            weight_sum=buf.weight_sum,
+            count=buf.count,
+            staleness_sum=buf.staleness_sum,
+            staleness_max=buf.staleness_max,
+            clipped=buf.clipped,
+            epochs=dict(self._epochs),
+            applied=frozenset(self._applied),
+            high_water={k: dict(v) for k, v in self._high_water.items()},
+            verdicts={**{str(v): n for v, n in self._verdicts.items()}, "late": self._late},
+        )
+
+    @classmethod
+    def restore(cls, config: FedBuffConfig, state: RootState, *, partitions: int) -> RootBuffer:
+        """Rebuild a root from :meth:`snapshot`; ``ValueError`` for an inconsistent state."""
+        model = FedBuff.restore(config, state.model)
+        if state.accumulator.shape != (model.num_params,):
+            raise ValueError("accumulator shape does not match the model")
+        root = cls(config, model.weights, partitions=partitions, version=model.version)
+        root._model = model
+        root._buffer = _Buffer(
+            state.accumulator.astype(np.float32, copy=True),
+            state.weight_sum,
+            state.count,
+            state.staleness_sum,
+            state.staleness_max,
+            state.clipped,
+        )
+        root._epochs = dict(state.epochs)
+        root._applied = set(state.applied)
+        root._high_water = {k: dict(v) for k, v in state.high_water.items()}
+        counts = dict(state.verdicts)
+        root._late = counts.pop("late", 0)
+        root._verdicts = Counter({PartialVerdict(v): n for v, n in counts.items()})
+        return root

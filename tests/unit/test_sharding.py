@@ -216,6 +216,28 @@ def test_deposed_owner_is_fenced_and_the_new_owner_skips_what_was_applied() -> N
     assert root.buffer_fill == 4  # each update exactly once
 
 
+def test_restored_root_dedupes_and_steps_like_the_one_that_never_stopped() -> None:
+    config = _config(Normalisation.MEAN, 4)
+    root = RootBuffer(config, np.ones(P, np.float32), partitions=PARTITIONS)
+    root.take_over(0, 0)
+    ups = _in_partition(0, 4, 0)
+    first = _one_partial(root, 0, 0, ups[:2])
+    root.add_partial(first)
+
+    restored = RootBuffer.restore(config, root.snapshot(), partitions=PARTITIONS)  # a crash
+    second = _one_partial(root, 0, 0, ups[2:])
+    second = dataclasses.replace(second, id=dataclasses.replace(second.id, number=1))
+    verdicts = [restored.add_partial(first), restored.add_partial(second)]
+    root.add_partial(second)
+    restored.step()
+    root.step()
+
+    assert verdicts == [PartialVerdict.DUPLICATE, PartialVerdict.APPLIED]
+    np.testing.assert_array_equal(restored.weights, root.weights)
+    assert restored.take_over(0, 1) == root.take_over(0, 1)
+    assert restored.verdicts() == {"applied": 2, "duplicate": 1, "late": 0}
+
+
 def test_partial_covering_a_counted_update_is_refused() -> None:
     root = RootBuffer(_config(Normalisation.MEAN, 10), np.zeros(P), partitions=PARTITIONS)
     root.take_over(1, 0)
