@@ -139,6 +139,11 @@ class RootBuffer:
         """The partition's current owner epoch (None before the first take-over)."""
         return self._epochs.get(partition)
 
+    @property
+    def epochs(self) -> MappingProxyType[int, int]:
+        """Current owner epoch of every partition taken over so far."""
+        return MappingProxyType(dict(self._epochs))
+
     def verdicts(self) -> MappingProxyType[str, int]:
         """Partials by verdict, plus ``late`` (applied against an older version)."""
         counts = {str(v): n for v, n in self._verdicts.items()}
