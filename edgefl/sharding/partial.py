@@ -18,9 +18,10 @@ equality the norm bound must not be adaptive (``adaptive_multiplier=None``): an 
 follows the history of the norms a process saw, and each shard sees only its own
 (:func:`presum_is_exact`).
 
-Duplicates: a shard keeps, per device of its partition, the highest ``seq`` counted (seeded at
-take-over with the root's high-water marks, :meth:`RootBuffer.take_over`); an update with a
-``seq`` at or below it is a ``REPLAY`` (the same rule as the single aggregator's).
+Duplicates: a shard keeps, per device of its partition, which ``seq`` were counted (a
+:class:`~edgefl.sharding.seqwindow.SeqWindow`, seeded at take-over with the root's,
+:meth:`RootBuffer.take_over`); a ``seq`` counted before is a ``REPLAY``. The window, not a bare
+high-water mark, because brokers may redeliver out of order.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from edgefl.aggregation.robust import RobustMode
 from edgefl.aggregation.updates import AddableUpdate
 from edgefl.errors import RejectReason, UpdateRejected
 from edgefl.protocol.topics import validate_name
+from edgefl.sharding.seqwindow import SeqWindow
 
 UpdateId = tuple[str, int]
 """``(device_id, seq)``: what the root counts at most once."""
@@ -102,7 +104,7 @@ class ShardAccumulator:
         num_params: int,
         version: int,
         id_prefix: PartialId,
-        high_water: Mapping[str, int] | None = None,
+        high_water: Mapping[str, SeqWindow] | None = None,
     ) -> None:
         check_presummable(config)
         validate_name(id_prefix.shard, "shard id")
@@ -110,7 +112,7 @@ class ShardAccumulator:
         self._num_params = num_params
         self._fedbuff = FedBuff(config, np.zeros(num_params, np.float32), version=version)
         self._next = id_prefix
-        self._high_water: dict[str, int] = dict(high_water or {})
+        self._windows = {d: w.copy() for d, w in (high_water or {}).items()}
         self._covered: list[UpdateId] = []
 
     @property
@@ -124,7 +126,8 @@ class ShardAccumulator:
 
     def high_water(self, device_id: str) -> int:
         """The highest ``seq`` counted for ``device_id`` (``-1``: none)."""
-        return self._high_water.get(device_id, -1)
+        window = self._windows.get(device_id)
+        return -1 if window is None else window.high
 
     def add(
         self,
@@ -136,12 +139,11 @@ class ShardAccumulator:
         num_examples: int,
     ) -> AddOutcome:
         """Accept one update (``REPLAY`` for a ``seq`` already counted, then FedBuff's checks)."""
-        if seq <= self.high_water(device_id):
-            raise UpdateRejected(
-                RejectReason.REPLAY, f"{device_id} seq {seq} <= {self.high_water(device_id)}"
-            )
+        window = self._windows.setdefault(device_id, SeqWindow())
+        if window.counted(seq):
+            raise UpdateRejected(RejectReason.REPLAY, f"{device_id} seq {seq} already counted")
         outcome = self._fedbuff.add(update, base_version=base_version, num_examples=num_examples)
-        self._high_water[device_id] = seq
+        window.record(seq)
         self._covered.append((device_id, seq))
         return outcome
 

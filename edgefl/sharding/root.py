@@ -42,6 +42,7 @@ from edgefl.aggregation.fedbuff import FedBuff, FedBuffConfig
 from edgefl.aggregation.outcomes import FedBuffState, StepResult
 from edgefl.sharding.partial import PartialId, PartialSum, check_presummable
 from edgefl.sharding.partitions import check_partitions, partition_of
+from edgefl.sharding.seqwindow import SeqWindow
 
 
 class PartialVerdict(StrEnum):
@@ -72,7 +73,7 @@ class RootState:
     clipped: int
     epochs: dict[int, int]
     applied: frozenset[PartialId]
-    high_water: dict[int, dict[str, int]]
+    high_water: dict[int, dict[str, SeqWindow]]
     verdicts: dict[str, int]
 
 
@@ -114,7 +115,7 @@ class RootBuffer:
         self._buffer = _Buffer(np.zeros(self._model.num_params, np.float32))
         self._epochs: dict[int, int] = {}
         self._applied: set[PartialId] = set()
-        self._high_water: dict[int, dict[str, int]] = {}
+        self._high_water: dict[int, dict[str, SeqWindow]] = {}
         self._verdicts: Counter[PartialVerdict] = Counter()
         self._late = 0
 
@@ -150,10 +151,10 @@ class RootBuffer:
         return MappingProxyType({**counts, "late": self._late})
 
     # ------------------------------------------------------------------ ownership
-    def take_over(self, partition: int, epoch: int) -> dict[str, int]:
-        """Make ``epoch`` the partition's owner epoch; returns its per-device high-water marks
-        (``device_id -> highest seq applied``) for the new owner. ``ValueError`` unless the
-        epoch is newer than the current one."""
+    def take_over(self, partition: int, epoch: int) -> dict[str, SeqWindow]:
+        """Make ``epoch`` the partition's owner epoch; returns its per-device windows of the
+        ``seq`` applied (copies) for the new owner. ``ValueError`` unless the epoch is newer
+        than the current one."""
         if not 0 <= partition < self._partitions:
             raise ValueError(f"partition {partition} outside [0, {self._partitions})")
         current = self._epochs.get(partition, -1)
@@ -161,7 +162,7 @@ class RootBuffer:
             raise ValueError(f"epoch {epoch} of partition {partition} is not after {current}")
         self._epochs[partition] = epoch
         self._applied = {i for i in self._applied if i.partition != partition or i.epoch >= epoch}
-        return dict(self._high_water.get(partition, {}))
+        return {d: w.copy() for d, w in self._high_water.get(partition, {}).items()}
 
     # ------------------------------------------------------------------ ingest
     def add_partial(self, partial: PartialSum) -> PartialVerdict:
@@ -172,7 +173,7 @@ class RootBuffer:
             self._applied.add(partial.id)
             marks = self._high_water.setdefault(partial.id.partition, {})
             for device, seq in partial.covered:
-                marks[device] = max(seq, marks.get(device, -1))
+                marks.setdefault(device, SeqWindow()).record(seq)
             self._late += partial.version < self.version
         self._verdicts[verdict] += 1
         return verdict
@@ -191,7 +192,8 @@ class RootBuffer:
         for device, seq in partial.covered:
             if partition_of(device, self._partitions) != pid.partition:
                 return PartialVerdict.WRONG_PARTITION
-            if seq <= marks.get(device, -1):
+            window = marks.get(device)
+            if window is not None and window.counted(seq):
                 return PartialVerdict.OVERLAP
         return PartialVerdict.APPLIED
 
@@ -228,7 +230,9 @@ class RootBuffer:
             clipped=buf.clipped,
             epochs=dict(self._epochs),
             applied=frozenset(self._applied),
-            high_water={k: dict(v) for k, v in self._high_water.items()},
+            high_water={
+                k: {d: w.copy() for d, w in v.items()} for k, v in self._high_water.items()
+            },
             verdicts={**{str(v): n for v, n in self._verdicts.items()}, "late": self._late},
         )
 
@@ -250,7 +254,9 @@ class RootBuffer:
         )
         root._epochs = dict(state.epochs)
         root._applied = set(state.applied)
-        root._high_water = {k: dict(v) for k, v in state.high_water.items()}
+        root._high_water = {
+            k: {d: w.copy() for d, w in v.items()} for k, v in state.high_water.items()
+        }
         counts = dict(state.verdicts)
         root._late = counts.pop("late", 0)
         root._verdicts = Counter({PartialVerdict(v): n for v, n in counts.items()})

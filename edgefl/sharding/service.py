@@ -50,6 +50,7 @@ from edgefl.sharding.partitions import (
     partition_updates_filter,
 )
 from edgefl.sharding.root import PartialVerdict, RootBuffer, RootState
+from edgefl.sharding.seqwindow import SeqWindow
 from edgefl.sharding.wire import decode_partial, encode_partial
 from edgefl.transport.base import InboundMessage, Transport
 from edgefl.transport.config import MqttConfig
@@ -116,7 +117,8 @@ class RootService:
         try:
             marks = self._root.take_over(k, epoch)
             self._commit()
-            reply = {"epoch": epoch, "version": self._root.version, "high_water": marks}
+            windows = {d: w.to_json() for d, w in marks.items()}
+            reply = {"epoch": epoch, "version": self._root.version, "high_water": windows}
         except ValueError as exc:
             reply = {"epoch": epoch, "refused": str(exc)}
         await self._t.publish(_part(self._fleet, k, "granted"), _json(reply), qos=1)
@@ -225,7 +227,7 @@ class PartitionWorker:
             num_params=s.num_params,
             version=int(reply["version"]),
             id_prefix=PartialId(s.shard, s.partition, s.epoch, 0),
-            high_water={str(d): int(q) for d, q in reply["high_water"].items()},
+            high_water={str(d): SeqWindow.from_json(w) for d, w in reply["high_water"].items()},
         )
         waiting, self._waiting = self._waiting, []
         for message in waiting:

@@ -23,6 +23,7 @@ from edgefl.sharding.partitions import (
     partitioned_update_topic,
 )
 from edgefl.sharding.root import PartialVerdict, RootBuffer
+from edgefl.sharding.seqwindow import WINDOW, SeqWindow
 
 P = 8  # model parameters
 PARTITIONS = 4
@@ -164,6 +165,17 @@ def _one_partial(root: RootBuffer, part: int, epoch: int, ups: list[Upd]) -> Par
     return partial
 
 
+def _successor(part: int, marks: dict[str, SeqWindow]) -> ShardAccumulator:
+    """The next owner of ``part`` (shard s1, epoch 1), seeded with the root's windows."""
+    return ShardAccumulator(
+        _config(Normalisation.MEAN, 10),
+        num_params=P,
+        version=0,
+        id_prefix=PartialId("s1", part, 1, 0),
+        high_water=marks,
+    )
+
+
 def _in_partition(part: int, n: int, version: int) -> list[Upd]:
     return [u for u in _updates(200, version) if partition_of(u.device, PARTITIONS) == part][:n]
 
@@ -192,13 +204,7 @@ def test_deposed_owner_is_fenced_and_the_new_owner_skips_what_was_applied() -> N
 
     marks = root.take_over(2, 1)  # the owner died: epoch 1 for its successor
     late = root.add_partial(in_flight)
-    successor = ShardAccumulator(
-        _config(Normalisation.MEAN, 10),
-        num_params=P,
-        version=0,
-        id_prefix=PartialId("s1", 2, 1, 0),
-        high_water=marks,
-    )
+    successor = _successor(2, marks)
     redelivered, replays = [], []  # every update comes again (none was acknowledged)
     for u in ups:
         try:
@@ -335,3 +341,58 @@ def test_joining_shard_takes_only_partitions_it_ranks_first_for() -> None:
     assert Assignment.from_json(after.to_json()) == after
     with pytest.raises(ValueError, match="bad assignment"):
         Assignment.from_json(b'{"partitions": 2}')
+
+
+# ---------------------------------------------------------------------------- out of order
+def test_out_of_order_redelivery_is_counted_once() -> None:
+    """NATS redelivers unacknowledged QoS 1 messages out of order: seq 30 after seq 37 is new."""
+    acc = _shard(_config(Normalisation.MEAN, 4), "s0", 0, 0)
+    delta = np.ones(P, np.float32)
+    for seq in (37, 30):
+        acc.add("d1", seq, delta, base_version=0, num_examples=1)
+
+    with pytest.raises(UpdateRejected) as info:
+        acc.add("d1", 30, delta, base_version=0, num_examples=1)
+
+    assert info.value.reason is RejectReason.REPLAY
+    assert acc.pending == 2
+
+
+def test_seq_window_bounds_and_round_trip() -> None:
+    window = SeqWindow()
+    for seq in (5, 300, 299, 100):
+        window.record(seq)
+
+    assert [window.counted(s) for s in (5, 44, 45, 46, 100, 101, 299, 300, 301)] == [
+        True,  # 5 <= 300 - WINDOW: too old to tell, treated as counted
+        True,
+        False,  # 45 = 300 - 255: inside the window, never counted
+        False,
+        True,
+        False,
+        True,
+        True,
+        False,
+    ]
+    assert SeqWindow.from_json(window.to_json()) == window
+    assert 300 - WINDOW == 44
+    with pytest.raises(ValueError, match="bad seq window"):
+        SeqWindow.from_json([1, "zz" * 200])
+
+
+def test_root_hands_the_window_to_the_next_owner() -> None:
+    root = RootBuffer(_config(Normalisation.MEAN, 10), np.zeros(P), partitions=PARTITIONS)
+    root.take_over(0, 0)
+    one = _in_partition(0, 1, 0)[0]
+    ups = [dataclasses.replace(one, seq=seq) for seq in (3, 5, 9)]  # one device
+    root.add_partial(_one_partial(root, 0, 0, [ups[2]]))  # the newest first
+
+    marks = root.take_over(0, 1)
+    successor = _successor(0, marks)
+    for u in ups[:2]:  # older seqs, redelivered late: new, not replays
+        successor.add(u.device, u.seq, u.delta, base_version=u.base, num_examples=u.examples)
+    partial = successor.close()
+    assert partial is not None
+
+    assert root.add_partial(partial) is PartialVerdict.APPLIED
+    assert root.buffer_fill == 3
