@@ -10,7 +10,7 @@ Control topics under ``edgefl/v1/<fleet>/shards/`` (JSON unless said; docs/SCALI
     part/<k>/granted    root -> worker   {"epoch", "version", "high_water"} or {"epoch", "refused"}
     part/<k>/confirm    root -> worker   {"id": [shard, k, e, n], "verdict": ...}
     partial             worker -> root   encode_partial(...) bytes     QoS 1
-    part/<k>/progress   worker -> anyone {"shard", "epoch", "open"}    QoS 0, after each update
+    part/<k>/progress   worker -> anyone {"shard", "epoch", "open"}    QoS 0, with --progress
     root/status         root -> anyone   {"version", "buffer_fill", "epochs", "verdicts",
                                           "weights", "last_step"}      retained
 
@@ -30,7 +30,7 @@ import json
 import logging
 import os
 import pickle
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,14 +171,19 @@ class WorkerSettings:
     config: FedBuffConfig
     flush_every: int = 5
     flush_after: float = 0.5
+    progress: bool = False
     counts: dict[str, int] = field(default_factory=dict)
 
 
 class PartitionWorker:
     """Owns one partition at one epoch: take over, pre-sum, forward, ack on confirmation."""
 
-    def __init__(self, transport: Transport, settings: WorkerSettings) -> None:
-        self._t, self._s = transport, settings
+    def __init__(self, data: Transport, control: Transport, settings: WorkerSettings) -> None:
+        """``data``: the partition's session (updates only); ``control``: another connection
+        for grants and confirmations. They must not share a connection: with updates held
+        unacknowledged until their confirmation, a full in-flight window on one connection
+        would keep the confirmation that frees it from being read (a deadlock)."""
+        self._t, self._ctl, self._s = data, control, settings
         self._acc: ShardAccumulator | None = None
         self._open: list[InboundMessage] = []
         self._held: dict[PartialId, _Held] = {}
@@ -187,27 +192,36 @@ class PartitionWorker:
 
     async def run(self) -> None:
         s = self._s
-        messages = self._t.messages()
+        control, data = self._ctl.messages(), self._t.messages()
         for what in ("granted", "confirm"):
-            await self._t.subscribe(_part(s.fleet, s.partition, what), qos=1)
+            await self._ctl.subscribe(_part(s.fleet, s.partition, what), qos=1)
         await self._t.subscribe(partition_updates_filter(s.fleet, s.partition), qos=1)
         takeover = _json({"epoch": s.epoch})
-        await self._t.publish(_part(s.fleet, s.partition, "takeover"), takeover, qos=1)
-        flusher = asyncio.get_running_loop().create_task(self._flush_periodically())
+        await self._ctl.publish(_part(s.fleet, s.partition, "takeover"), takeover, qos=1)
+        loop = asyncio.get_running_loop()
+        tasks = [
+            loop.create_task(self._flush_periodically()),
+            loop.create_task(self._consume(control)),
+            loop.create_task(self._consume(data)),
+        ]
         try:
-            async for message in messages:
-                await self._dispatch(message)
-                if self.deposed:
-                    return
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            flusher.cancel()
+            for task in tasks:
+                task.cancel()
+
+    async def _consume(self, messages: AsyncIterator[InboundMessage]) -> None:
+        async for message in messages:
+            await self._dispatch(message)
+            if self.deposed:
+                return
 
     async def _dispatch(self, message: InboundMessage) -> None:
         if message.topic.endswith("/granted"):
-            await self._t.ack(message)
+            await self._ctl.ack(message)
             await self._on_granted(json.loads(message.payload))
         elif message.topic.endswith("/confirm"):
-            await self._t.ack(message)
+            await self._ctl.ack(message)
             await self._on_confirm(json.loads(message.payload))
         elif self._acc is None:
             self._waiting.append(message)  # not granted yet: unacknowledged, kept
@@ -259,8 +273,9 @@ class PartitionWorker:
         self._open.append(message)
         if self._acc.pending >= s.flush_every:
             await self._forward()
-        progress = {"shard": s.shard, "epoch": s.epoch, "open": len(self._open)}
-        await self._t.publish(_part(s.fleet, s.partition, "progress"), _json(progress), qos=0)
+        if s.progress:
+            progress = {"shard": s.shard, "epoch": s.epoch, "open": len(self._open)}
+            await self._t.publish(_part(s.fleet, s.partition, "progress"), _json(progress), qos=0)
 
     async def _forward(self) -> None:
         if self._acc is None:
@@ -270,7 +285,7 @@ class PartitionWorker:
             return
         self._held[partial.id] = _Held(partial, self._open)
         self._open = []
-        await self._t.publish(f"{_base(self._s.fleet)}/partial", encode_partial(partial), qos=1)
+        await self._ctl.publish(f"{_base(self._s.fleet)}/partial", encode_partial(partial), qos=1)
 
     async def _on_confirm(self, confirm: dict[str, Any]) -> None:
         shard, k, epoch, number = confirm["id"]
@@ -309,11 +324,14 @@ async def _run_root(args: argparse.Namespace) -> None:
 
 async def _run_shard(args: argparse.Namespace) -> None:
     async def one(k: int) -> None:
-        mqtt = MqttConfig.from_url(
-            args.broker,
-            client_id=f"edgefl-{args.fleet}-part-{k}",
-            persistent_session=True,
-            manual_ack=True,
+        data, control = (
+            MqttConfig.from_url(
+                args.broker,
+                client_id=f"edgefl-{args.fleet}-part-{k}{suffix}",
+                persistent_session=True,
+                manual_ack=True,
+            )
+            for suffix in ("", "-control")
         )
         settings = WorkerSettings(
             fleet=args.fleet,
@@ -325,9 +343,10 @@ async def _run_shard(args: argparse.Namespace) -> None:
             config=fedbuff_config(args.k),
             flush_every=args.flush_every,
             flush_after=args.flush_after,
+            progress=args.progress,
         )
-        async with MqttTransport(mqtt) as transport:
-            await PartitionWorker(transport, settings).run()
+        async with MqttTransport(data) as data_t, MqttTransport(control) as control_t:
+            await PartitionWorker(data_t, control_t, settings).run()
 
     await asyncio.gather(*(one(int(k)) for k in args.own.split(",")))
 
@@ -346,6 +365,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--epoch", type=int, default=0)
     parser.add_argument("--flush-every", type=int, default=5, help="shard: updates per partial")
     parser.add_argument("--flush-after", type=float, default=0.5, help="shard: seconds")
+    parser.add_argument("--progress", action="store_true", help="shard: publish open counts")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     asyncio.run(_run_root(args) if args.role == "root" else _run_shard(args))

@@ -117,7 +117,16 @@ async def test_shard_and_root_crashes_lose_nothing_and_count_nothing_twice(
     partials_seen: list[bytes] = []
     progress: dict[str, Any] = {}
     root_args = ("root", "--state", str(tmp_path / "root.state"))
-    slow_shard = ("shard", "--own", "0", "--flush-every", "10", "--flush-after", "600")
+    slow_shard = (
+        "shard",
+        "--own",
+        "0",
+        "--flush-every",
+        "10",
+        "--flush-after",
+        "600",
+        "--progress",
+    )
 
     async with MqttTransport(MqttConfig.from_url(procs.urls[2])) as client:
         messages = client.messages()
