@@ -159,6 +159,7 @@ class NatsCluster:
         if netns:
             seed = os.getpid() % 10000
             self._hosts = _Hosts(f"es{seed}", _free_prefix(seed), size)
+        self._ports: set[int] = set()
         self.nodes = [self._plan(i) for i in range(size)]
 
     def _plan(self, i: int) -> NatsNode:
@@ -166,8 +167,15 @@ class NatsCluster:
         if self._hosts is not None:  # a host of its own: fixed ports are free there
             host = self._hosts.address(i)
             return NatsNode(i, host, 1883, 4222, 6222, 8222, state, self._hosts.namespace(i))
-        mqtt_port, client_port, cluster_port, http_port = (free_port() for _ in range(4))
+        mqtt_port, client_port, cluster_port, http_port = (self._distinct_port() for _ in range(4))
         return NatsNode(i, "127.0.0.1", mqtt_port, client_port, cluster_port, http_port, state)
+
+    def _distinct_port(self) -> int:
+        """A free port none of this cluster's nodes was given (free_port may repeat one)."""
+        while (port := free_port()) in self._ports:
+            pass
+        self._ports.add(port)
+        return port
 
     @property
     def urls(self) -> list[str]:
