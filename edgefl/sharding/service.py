@@ -1,0 +1,375 @@
+"""Asyncio shells of hierarchical FedBuff over MQTT: a root and partition workers (a shard runs
+one worker per partition it owns). A first, minimal form: updates of any codec but unchunked (no
+reassembly yet), no signature checks, the model version taken from the root's grant (the root
+publishes no manifest or model yet), and a shard's partitions given on its command line (the
+assignment of :mod:`~edgefl.sharding.assignment` is not yet read from the broker).
+
+Control topics under ``edgefl/v1/<fleet>/shards/`` (JSON unless said; docs/SCALING.md):
+
+    part/<k>/takeover   worker -> root   {"epoch": e}                  QoS 1
+    part/<k>/granted    root -> worker   {"epoch", "version", "high_water"} or {"epoch", "refused"}
+    part/<k>/confirm    root -> worker   {"id": [shard, k, e, n], "verdict": ...}
+    partial             worker -> root   encode_partial(...) bytes     QoS 1
+    part/<k>/progress   worker -> anyone {"shard", "epoch", "open"}    QoS 0, with --progress
+    root/status         root -> anyone   {"version", "buffer_fill", "epochs", "verdicts",
+                                          "weights", "last_step"}      retained
+
+Each partition worker owns the MQTT session ``edgefl-<fleet>-part-<k>`` (persistent, manual
+acks): device updates stay unacknowledged until the root confirmed the partial covering them
+(the exactly-once rule). The root commits its :class:`RootState` (one file, written atomically)
+before it confirms or grants.
+
+Run: ``python -m edgefl.sharding.service root|shard --broker URL ...`` (``--help``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import pickle
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgefl.aggregation.fedbuff import FedBuffConfig
+from edgefl.aggregation.robust import NormBound
+from edgefl.codec.config import CodecDescriptor
+from edgefl.codec.update import open_update
+from edgefl.errors import ProtocolError, UpdateRejected
+from edgefl.protocol.messages import decode_update
+from edgefl.sharding.partial import PartialId, PartialSum, ShardAccumulator
+from edgefl.sharding.partitions import (
+    check_owner,
+    parse_partitioned_update,
+    partition_updates_filter,
+)
+from edgefl.sharding.root import PartialVerdict, RootBuffer, RootState
+from edgefl.sharding.seqwindow import SeqWindow
+from edgefl.sharding.wire import decode_partial, encode_partial
+from edgefl.transport.base import InboundMessage, Transport
+from edgefl.transport.config import MqttConfig
+from edgefl.transport.mqtt import MqttTransport
+
+log = logging.getLogger("edgefl.sharding")
+MAX_DECOMPRESSED = 1 << 28
+
+
+def _base(fleet: str) -> str:
+    return f"edgefl/v1/{fleet}/shards"
+
+
+def _part(fleet: str, k: int, what: str) -> str:
+    return f"{_base(fleet)}/part/{k}/{what}"
+
+
+def _json(data: dict[str, Any]) -> bytes:
+    return json.dumps(data, separators=(",", ":"), sort_keys=True).encode()
+
+
+# ---------------------------------------------------------------------------- root
+class RootService:
+    """Applies partials, grants take-overs, steps at K; state committed to ``state_path``."""
+
+    def __init__(self, transport: Transport, root: RootBuffer, fleet: str, state_path: Path):
+        self._t, self._root, self._fleet, self._path = transport, root, fleet, state_path
+        self._last_step: dict[str, Any] | None = None
+
+    @staticmethod
+    def load(config: FedBuffConfig, path: Path, *, partitions: int, params: int) -> RootBuffer:
+        """The committed root, or a fresh one at version 0 with zero weights."""
+        if path.exists():
+            state: RootState = pickle.loads(
+                path.read_bytes()
+            )  # the root's own file, never received
+            return RootBuffer.restore(config, state, partitions=partitions)
+        return RootBuffer(config, np.zeros(params, np.float32), partitions=partitions)
+
+    def _commit(self) -> None:
+        tmp = self._path.with_suffix(".tmp")
+        with tmp.open("wb") as f:
+            f.write(pickle.dumps(self._root.snapshot()))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._path)
+
+    async def run(self) -> None:
+        base = _base(self._fleet)
+        messages = self._t.messages()
+        await self._t.subscribe(f"{base}/partial", qos=1)
+        await self._t.subscribe(f"{base}/part/+/takeover", qos=1)
+        await self._publish_status()
+        async for message in messages:
+            if message.topic.endswith("/takeover"):
+                await self._on_takeover(message)
+            else:
+                await self._on_partial(message)
+            await self._t.ack(message)
+
+    async def _on_takeover(self, message: InboundMessage) -> None:
+        k = int(message.topic.split("/")[-2])
+        epoch = int(json.loads(message.payload)["epoch"])
+        try:
+            marks = self._root.take_over(k, epoch)
+            self._commit()
+            windows = {d: w.to_json() for d, w in marks.items()}
+            reply = {"epoch": epoch, "version": self._root.version, "high_water": windows}
+        except ValueError as exc:
+            reply = {"epoch": epoch, "refused": str(exc)}
+        await self._t.publish(_part(self._fleet, k, "granted"), _json(reply), qos=1)
+        await self._publish_status()
+
+    async def _on_partial(self, message: InboundMessage) -> None:
+        try:
+            partial = decode_partial(message.payload, max_params=len(self._root.weights))
+        except ProtocolError as exc:
+            log.warning("root: bad partial: %s", exc)
+            return
+        verdict = self._root.add_partial(partial)
+        if verdict is PartialVerdict.APPLIED:
+            if self._root.ready:
+                result = self._root.step()
+                self._last_step = {"version": result.version, "num_updates": result.num_updates}
+            self._commit()
+        pid = partial.id
+        confirm = {"id": [pid.shard, pid.partition, pid.epoch, pid.number], "verdict": verdict}
+        await self._t.publish(_part(self._fleet, pid.partition, "confirm"), _json(confirm))
+        await self._publish_status()
+
+    async def _publish_status(self) -> None:
+        status = {
+            "version": self._root.version,
+            "buffer_fill": self._root.buffer_fill,
+            "epochs": {str(k): e for k, e in self._root.epochs.items()},
+            "verdicts": dict(self._root.verdicts()),
+            "weights": [float(w) for w in self._root.weights[:64]],
+            "last_step": self._last_step,
+        }
+        await self._t.publish(f"{_base(self._fleet)}/root/status", _json(status), retain=True)
+
+
+# ---------------------------------------------------------------------------- partition worker
+@dataclass
+class _Held:
+    partial: PartialSum
+    messages: list[InboundMessage]
+
+
+@dataclass
+class WorkerSettings:
+    fleet: str
+    shard: str
+    partition: int
+    partitions: int
+    epoch: int
+    num_params: int
+    config: FedBuffConfig
+    flush_every: int = 5
+    flush_after: float = 0.5
+    progress: bool = False
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+class PartitionWorker:
+    """Owns one partition at one epoch: take over, pre-sum, forward, ack on confirmation."""
+
+    def __init__(self, data: Transport, control: Transport, settings: WorkerSettings) -> None:
+        """``data``: the partition's session (updates only); ``control``: another connection
+        for grants and confirmations. They must not share a connection: with updates held
+        unacknowledged until their confirmation, a full in-flight window on one connection
+        would keep the confirmation that frees it from being read (a deadlock)."""
+        self._t, self._ctl, self._s = data, control, settings
+        self._acc: ShardAccumulator | None = None
+        self._open: list[InboundMessage] = []
+        self._held: dict[PartialId, _Held] = {}
+        self._waiting: list[InboundMessage] = []
+        self.deposed = False
+
+    async def run(self) -> None:
+        s = self._s
+        control, data = self._ctl.messages(), self._t.messages()
+        for what in ("granted", "confirm"):
+            await self._ctl.subscribe(_part(s.fleet, s.partition, what), qos=1)
+        await self._t.subscribe(partition_updates_filter(s.fleet, s.partition), qos=1)
+        takeover = _json({"epoch": s.epoch})
+        await self._ctl.publish(_part(s.fleet, s.partition, "takeover"), takeover, qos=1)
+        loop = asyncio.get_running_loop()
+        tasks = [
+            loop.create_task(self._flush_periodically()),
+            loop.create_task(self._consume(control)),
+            loop.create_task(self._consume(data)),
+        ]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def _consume(self, messages: AsyncIterator[InboundMessage]) -> None:
+        async for message in messages:
+            await self._dispatch(message)
+            if self.deposed:
+                return
+
+    async def _dispatch(self, message: InboundMessage) -> None:
+        if message.topic.endswith("/granted"):
+            await self._ctl.ack(message)
+            await self._on_granted(json.loads(message.payload))
+        elif message.topic.endswith("/confirm"):
+            await self._ctl.ack(message)
+            await self._on_confirm(json.loads(message.payload))
+        elif self._acc is None:
+            self._waiting.append(message)  # not granted yet: unacknowledged, kept
+        else:
+            await self._on_update(message)
+
+    async def _on_granted(self, reply: dict[str, Any]) -> None:
+        s = self._s
+        if reply["epoch"] != s.epoch or self._acc is not None:
+            return  # a reply to an older owner of this partition
+        if "refused" in reply:
+            log.warning("partition %d: take-over refused: %s", s.partition, reply["refused"])
+            self.deposed = True
+            return
+        self._acc = ShardAccumulator(
+            s.config,
+            num_params=s.num_params,
+            version=int(reply["version"]),
+            id_prefix=PartialId(s.shard, s.partition, s.epoch, 0),
+            high_water={str(d): SeqWindow.from_json(w) for d, w in reply["high_water"].items()},
+        )
+        waiting, self._waiting = self._waiting, []
+        for message in waiting:
+            await self._on_update(message)
+
+    async def _on_update(self, message: InboundMessage) -> None:
+        assert self._acc is not None
+        s = self._s
+        try:
+            parsed = parse_partitioned_update(message.topic, fleet=s.fleet)
+            check_owner(parsed, s.partitions)
+            header, body = decode_update(message.payload, topic=parsed.update)
+            descriptor = CodecDescriptor.from_dict(header.codec)
+            update = open_update(
+                descriptor, body, num_params=s.num_params, max_decompressed=MAX_DECOMPRESSED
+            )
+            self._acc.add(
+                header.device_id,
+                header.seq,
+                update,
+                base_version=header.base_version,
+                num_examples=header.num_examples,
+            )
+        except (ProtocolError, UpdateRejected) as exc:
+            reason = str(getattr(exc, "reason", "rejected"))
+            s.counts[reason] = s.counts.get(reason, 0) + 1
+            await self._t.ack(message)  # judged for good: never counted, never redelivered
+            return
+        self._open.append(message)
+        if self._acc.pending >= s.flush_every:
+            await self._forward()
+        if s.progress:
+            progress = {"shard": s.shard, "epoch": s.epoch, "open": len(self._open)}
+            await self._t.publish(_part(s.fleet, s.partition, "progress"), _json(progress), qos=0)
+
+    async def _forward(self) -> None:
+        if self._acc is None:
+            return
+        partial = self._acc.close()
+        if partial is None:
+            return
+        self._held[partial.id] = _Held(partial, self._open)
+        self._open = []
+        await self._ctl.publish(f"{_base(self._s.fleet)}/partial", encode_partial(partial), qos=1)
+
+    async def _on_confirm(self, confirm: dict[str, Any]) -> None:
+        shard, k, epoch, number = confirm["id"]
+        held = self._held.pop(PartialId(shard, k, epoch, number), None)
+        if held is None:
+            return  # another owner's, or confirmed before
+        if confirm["verdict"] in (PartialVerdict.APPLIED, PartialVerdict.DUPLICATE):
+            await self._t.ack_many(held.messages)
+        elif confirm["verdict"] == PartialVerdict.STALE_EPOCH:
+            self.deposed = True  # a newer owner has the partition; our updates go to it
+
+    async def _flush_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self._s.flush_after)
+            await self._forward()
+
+
+# ---------------------------------------------------------------------------- command line
+def fedbuff_config(k: int) -> FedBuffConfig:
+    return FedBuffConfig(buffer_size=k, norm_bound=NormBound(adaptive_multiplier=None))
+
+
+async def _run_root(args: argparse.Namespace) -> None:
+    config = fedbuff_config(args.k)
+    path = Path(args.state)
+    root = RootService.load(config, path, partitions=args.partitions, params=args.params)
+    mqtt = MqttConfig.from_url(
+        args.broker,
+        client_id=f"edgefl-{args.fleet}-root",
+        persistent_session=True,
+        manual_ack=True,
+    )
+    async with MqttTransport(mqtt) as transport:
+        await RootService(transport, root, args.fleet, path).run()
+
+
+async def _run_shard(args: argparse.Namespace) -> None:
+    async def one(k: int) -> None:
+        data, control = (
+            MqttConfig.from_url(
+                args.broker,
+                client_id=f"edgefl-{args.fleet}-part-{k}{suffix}",
+                persistent_session=True,
+                manual_ack=True,
+            )
+            for suffix in ("", "-control")
+        )
+        settings = WorkerSettings(
+            fleet=args.fleet,
+            shard=args.shard,
+            partition=k,
+            partitions=args.partitions,
+            epoch=args.epoch,
+            num_params=args.params,
+            config=fedbuff_config(args.k),
+            flush_every=args.flush_every,
+            flush_after=args.flush_after,
+            progress=args.progress,
+        )
+        async with MqttTransport(data) as data_t, MqttTransport(control) as control_t:
+            await PartitionWorker(data_t, control_t, settings).run()
+
+    await asyncio.gather(*(one(int(k)) for k in args.own.split(",")))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m edgefl.sharding.service")
+    parser.add_argument("role", choices=["root", "shard"])
+    parser.add_argument("--broker", required=True)
+    parser.add_argument("--fleet", required=True)
+    parser.add_argument("--partitions", type=int, required=True)
+    parser.add_argument("--params", type=int, required=True)
+    parser.add_argument("--k", type=int, required=True, help="FedBuff buffer size K")
+    parser.add_argument("--state", help="root: state file")
+    parser.add_argument("--shard", default="s0")
+    parser.add_argument("--own", default="0", help="shard: partitions, comma-separated")
+    parser.add_argument("--epoch", type=int, default=0)
+    parser.add_argument("--flush-every", type=int, default=5, help="shard: updates per partial")
+    parser.add_argument("--flush-after", type=float, default=0.5, help="shard: seconds")
+    parser.add_argument("--progress", action="store_true", help="shard: publish open counts")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    asyncio.run(_run_root(args) if args.role == "root" else _run_shard(args))
+
+
+if __name__ == "__main__":
+    main()
