@@ -11,21 +11,22 @@ A class names its two lifecycle steps ``open`` and ``close`` (or binds them, e.g
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Self
 
 __all__ = ["AsyncLifecycle", "Lifecycle"]
 
 
-class Lifecycle:
+class Lifecycle(ABC):
     """``with obj:`` calls ``obj.open()``, yields ``obj``, then calls ``obj.close()``."""
 
     def open(self) -> object:
         """Acquire what the object needs; nothing by default (open once constructed)."""
         return None
 
+    @abstractmethod
     def close(self) -> None:
         """Release what the object holds (each subclass defines it)."""
-        raise NotImplementedError
 
     def __enter__(self) -> Self:
         self.open()
@@ -35,16 +36,16 @@ class Lifecycle:
         self.close()
 
 
-class AsyncLifecycle:
+class AsyncLifecycle(ABC):
     """``async with obj:`` awaits ``obj.open()``, yields ``obj``, then awaits ``obj.close()``."""
 
     async def open(self) -> object:
         """Acquire what the object needs; nothing by default (open once constructed)."""
         return None
 
+    @abstractmethod
     async def close(self) -> None:
         """Release what the object holds (each subclass defines it)."""
-        raise NotImplementedError
 
     async def __aenter__(self) -> Self:
         await self.open()
