@@ -26,7 +26,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
-from typing import Any, ClassVar, Final, Protocol, Self, TypeVar
+from typing import Any, ClassVar, Final, Protocol, Self, TypeVar, get_args
 
 from edgefl.errors import ProtocolError, RejectReason
 
@@ -775,17 +775,7 @@ M = TypeVar(
 )
 
 MESSAGE_TYPES: Final[Mapping[EnvelopeKind, type[Message]]] = {
-    cls.KIND: cls
-    for cls in (
-        UpdateHeader,
-        ModelManifest,
-        DeviceState,
-        ServerState,
-        ServerMetrics,
-        Receipt,
-        CheckIn,
-        Lease,
-    )
+    cls.KIND: cls for cls in get_args(Message)
 }
 
 TOPIC_ENVELOPE_KINDS: Final[Mapping[TopicKind, frozenset[EnvelopeKind]]] = {
