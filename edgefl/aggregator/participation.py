@@ -89,6 +89,8 @@ class LeaseChanges:
     next_id: int | None = None  # None: unchanged
     checked_in: tuple[tuple[str, float], ...] = ()  # (device, when) of new or renewed check-ins
     left: tuple[str, ...] = ()  # devices no longer candidates (withdrew, or granted a lease)
+    returned: tuple[Lease, ...] = ()  # leases released since, redeemable until they expire
+    forgotten: tuple[int, ...] = ()  # returned lease ids redeemed or past their expiry
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +140,7 @@ class LeaseDesk:
         self._authenticator = authenticator
         self._signer = signer
         self._durable: dict[int, Lease] = {} if state is None else _by_id(state.leases)
+        self._durable_returned: dict[int, Lease] = {} if state is None else _by_id(state.returned)
         self._next_id_durable = self.book.snapshot().next_id
         self._checkins: Counter[str] = Counter()
         for device, at in checkins:
@@ -195,7 +198,7 @@ class LeaseDesk:
         if device not in self.pool and self.book.holder(device) is None:
             return False
         self.pool.withdraw(device)
-        self.book.release(device)
+        self.book.release(device, redeemable=True)
         self._gone(device)
         self._checkins["presence_gone"] += 1
         return True
@@ -233,12 +236,19 @@ class LeaseDesk:
         granted = tuple(lease for i, lease in current.items() if i not in self._durable)
         ended = tuple(i for i in self._durable if i not in current)
         next_id = None if snapshot.next_id == self._next_id_durable else snapshot.next_id
+        returned = _by_id(snapshot.returned)
         changes = LeaseChanges(
-            granted, ended, next_id, tuple(self._arrived.items()), tuple(self._left)
+            granted,
+            ended,
+            next_id,
+            tuple(self._arrived.items()),
+            tuple(self._left),
+            returned=tuple(x for i, x in returned.items() if i not in self._durable_returned),
+            forgotten=tuple(i for i in self._durable_returned if i not in returned),
         )
         if changes == LeaseChanges():
             return None
-        self._durable = current
+        self._durable, self._durable_returned = current, returned
         self._next_id_durable = snapshot.next_id
         self._arrived, self._left = {}, set()
         return changes

@@ -16,6 +16,8 @@ Tables (``state.sqlite``)::
     leases(lease_id, device, granted_at, expires_at, version)
                                      participation leases held (PROTOCOL.md §4.7); meta
                                      ``lease_next_id`` is the next lease id
+    returned_leases(...)             the same columns: leases released (withdrawal, presence
+                                     lost), still redeemable once until they expire
     checkins(device, at)             lease candidates: devices checked in, not granted since
 
 Contract: :meth:`StateStore.commit` writes one :class:`BatchRecord` in one transaction; the service
@@ -85,6 +87,9 @@ CREATE TABLE IF NOT EXISTS published (
     version INTEGER NOT NULL, artifact TEXT NOT NULL, num_chunks INTEGER NOT NULL,
     PRIMARY KEY (version, artifact));
 CREATE TABLE IF NOT EXISTS leases (
+    lease_id INTEGER PRIMARY KEY, device TEXT NOT NULL, granted_at REAL NOT NULL,
+    expires_at REAL NOT NULL, version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS returned_leases (
     lease_id INTEGER PRIMARY KEY, device TEXT NOT NULL, granted_at REAL NOT NULL,
     expires_at REAL NOT NULL, version INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS checkins (device TEXT PRIMARY KEY, at REAL NOT NULL) WITHOUT ROWID;
@@ -384,11 +389,14 @@ class StateStore:
         )
 
     def _load_leases(self, meta: Mapping[str, str]) -> LeaseBookState:
-        rows = self._db.execute(
-            "SELECT device, lease_id, granted_at, expires_at, version FROM leases ORDER BY 2"
-        )
-        leases = tuple(Lease(d, int(i), float(g), float(e), int(v)) for d, i, g, e, v in rows)
-        return LeaseBookState(leases, int(meta.get("lease_next_id", "1")))
+        def rows(table: str) -> tuple[Lease, ...]:
+            got = self._db.execute(
+                f"SELECT device, lease_id, granted_at, expires_at, version FROM {table} ORDER BY 2"
+            )
+            return tuple(Lease(d, int(i), float(g), float(e), int(v)) for d, i, g, e, v in got)
+
+        next_id = int(meta.get("lease_next_id", "1"))
+        return LeaseBookState(rows("leases"), next_id, returned=rows("returned_leases"))
 
     # ------------------------------------------------------------------ writes
     def commit(self, batch: BatchRecord) -> None:
@@ -442,12 +450,13 @@ class StateStore:
             return
         db = self._db
         db.executemany("DELETE FROM leases WHERE lease_id = ?", [(i,) for i in changes.ended])
+        db.executemany("INSERT INTO leases VALUES (?, ?, ?, ?, ?)", _lease_rows(changes.granted))
         db.executemany(
-            "INSERT INTO leases VALUES (?, ?, ?, ?, ?)",
-            [
-                (x.lease_id, x.device, x.granted_at, x.expires_at, x.version)
-                for x in changes.granted
-            ],
+            "DELETE FROM returned_leases WHERE lease_id = ?", [(i,) for i in changes.forgotten]
+        )
+        db.executemany(
+            "INSERT OR REPLACE INTO returned_leases VALUES (?, ?, ?, ?, ?)",
+            _lease_rows(changes.returned),
         )
         if changes.next_id is not None:
             db.execute(
@@ -528,3 +537,7 @@ def seen_lookup(reader: sqlite3.Connection, device: str, seq: int) -> bool:
 
 def wall_time() -> float:
     return time.time()
+
+
+def _lease_rows(leases: Iterable[Lease]) -> list[tuple[int, str, float, float, int]]:
+    return [(x.lease_id, x.device, x.granted_at, x.expires_at, x.version) for x in leases]

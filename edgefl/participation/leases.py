@@ -6,15 +6,20 @@ lease valid ``lease_s`` from its grant. A lease ends in exactly one way:
 
 * **completed**: its update arrived (:meth:`LeaseBook.complete` says ``VALID``, or ``LATE``
   within ``grace_s`` after expiry);
-* **released**: the device gave it back (a withdrawal, :meth:`LeaseBook.release`);
+* **released**: the device gave it back (a withdrawal), or its presence went away
+  (:meth:`LeaseBook.release`); the slot is free at once. A lease lost with the device's
+  presence (not given back) stays *redeemable* until it would have expired (plus ``grace_s``),
+  even when the device holds a newer one: an agent SIGKILLed between spooling its update and
+  delivering it comes back, checks in and resends, and the work it finished under the lease is
+  accepted (``LATE``), once. A withdrawn lease is gone (``NO_LEASE``);
 * **expired**: ``lease_s`` passed (:meth:`LeaseBook.expire`); the slot is free again, and an
   update under it that arrives later than the grace is refused (``EXPIRED``).
 
 Invariants, for any sequence of calls: ``in_flight <= C``; lease ids strictly increase and are
 never reused (``next_id`` is part of the snapshot); one lease per device at a time; every
-update accepted under a lease names a lease the book granted to that device and has not yet
-ended. After a restart, :meth:`LeaseBook.restore` brings back every unexpired lease, so a
-restarted aggregator never holds more than ``C``.
+update accepted under a lease names a lease the book granted to that device, and each lease is
+redeemed at most once. After a restart, the snapshot brings back every unexpired lease, so a
+restarted aggregator never holds more than ``C``, and every released one still redeemable.
 
 Time is the caller's clock, in seconds (the aggregator passes wall-clock time, so that leases
 persist across restarts; the simulator passes virtual time).
@@ -53,7 +58,9 @@ class LeaseVerdict(StrEnum):
     """What :meth:`LeaseBook.check` says of an update delivered under a lease."""
 
     VALID = "valid"  # the device's current lease, not expired
-    LATE = "late"  # expired less than grace_s ago, and the slot not claimed by a newer lease
+    # its slot already freed: expired less than grace_s ago and the slot not claimed by a newer
+    # lease of the device, or released with the device's presence and not yet expired + grace
+    LATE = "late"
     EXPIRED = "expired"  # expired longer ago (or its slot went to the device's newer lease)
     NO_LEASE = "no_lease"  # the device holds no lease of that id
 
@@ -64,10 +71,12 @@ class LeaseVerdict(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class LeaseBookState:
-    """What survives a restart: the held leases and the next lease id."""
+    """What survives a restart: the held leases, the next lease id, and the released leases
+    still redeemable."""
 
     leases: tuple[Lease, ...]
     next_id: int
+    returned: tuple[Lease, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +111,7 @@ class LeaseBook:
         self._leases: dict[str, Lease] = {}
         self._expiries: list[tuple[float, int, str]] = []
         self._recent: dict[str, Lease] = {}  # device -> its last lease that expired (grace)
+        self._returned: dict[int, Lease] = {}  # lease id -> lost with presence, redeemable
         self._next_id = 1
         self._granted = 0
         self._ended: Counter[str] = Counter()
@@ -110,6 +120,9 @@ class LeaseBook:
             self._next_id = max(1, state.next_id)
             for lease in state.leases:
                 self._hold(lease)
+                self._next_id = max(self._next_id, lease.lease_id + 1)
+            for lease in state.returned:
+                self._returned[lease.lease_id] = lease
                 self._next_id = max(self._next_id, lease.lease_id + 1)
 
     # ------------------------------------------------------------------ queries
@@ -146,7 +159,8 @@ class LeaseBook:
 
     def snapshot(self) -> LeaseBookState:
         leases = tuple(sorted(self._leases.values(), key=lambda lease: lease.lease_id))
-        return LeaseBookState(leases=leases, next_id=self._next_id)
+        returned = tuple(self._returned[i] for i in sorted(self._returned))
+        return LeaseBookState(leases=leases, next_id=self._next_id, returned=returned)
 
     def statistics(self) -> LeaseStatistics:
         return LeaseStatistics(
@@ -183,6 +197,9 @@ class LeaseBook:
             if now < held.expires_at:
                 return LeaseVerdict.VALID
             return self._late_or_expired(held, now)
+        returned = self._returned.get(lease_id) if lease_id is not None else None
+        if returned is not None and returned.device == device:
+            return self._late_or_expired(returned, now)
         recent = self._recent.get(device)
         if recent is not None and recent.lease_id == lease_id:
             if held is not None:  # the device already holds a newer lease: one at a time
@@ -199,14 +216,21 @@ class LeaseBook:
             held = self._leases.get(device)
             if held is not None and held.lease_id == lease_id:
                 self._end(device, _Ended.COMPLETED)
+            elif lease_id is not None and lease_id in self._returned:
+                del self._returned[lease_id]  # one update per lease
+                return verdict
             self._recent.pop(device, None)  # one update per lease
         return verdict
 
-    def release(self, device: str) -> Lease | None:
-        """``device`` gave its lease back (it withdrew): the slot is free at once."""
+    def release(self, device: str, *, redeemable: bool = False) -> Lease | None:
+        """``device``'s lease ends at once and its slot is free: it withdrew (the lease is gone),
+        or ``redeemable``: its presence went away, and an update it finished under the lease
+        may still come, once, until the lease would have expired (module doc)."""
         lease = self._leases.get(device)
         if lease is not None:
             self._end(device, _Ended.RELEASED)
+            if redeemable:
+                self._returned[lease.lease_id] = lease
         self._recent.pop(device, None)
         return lease
 
@@ -221,6 +245,9 @@ class LeaseBook:
                 self._recent[device] = lease
                 out.append(lease)
         self._forget_recent(now)
+        grace = self._config.grace_s
+        for lease_id in [i for i, x in self._returned.items() if x.expires_at + grace <= now]:
+            del self._returned[lease_id]
         return out
 
     # ------------------------------------------------------------------ internals

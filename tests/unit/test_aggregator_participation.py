@@ -535,3 +535,35 @@ def test_a_late_will_of_an_older_connection_keeps_the_lease(tmp_path: Path) -> N
         assert len(fleet.leases) == 1
 
     run_with_leases(tmp_path, scenario, concurrency=1, lease_s=600.0)
+
+
+def test_an_update_spooled_before_the_device_died_is_accepted_after_its_lease_was_released(
+    tmp_path: Path,
+) -> None:
+    """The chaos case: pi-1 spools an update under its lease and is SIGKILLed before delivering
+    it; its Will releases the lease; the aggregator restarts; pi-1 comes back, checks in (a new
+    lease) and resends the update under the released lease: accepted once, then the new lease."""
+    broker = MemoryBroker()
+    config = leasing(tmp_path, concurrency=1, lease_s=600.0, buffer_size=10)
+
+    async def body() -> None:
+        async with Fleet(broker) as fleet:
+            async with Harness(broker, config) as h:
+                await publish_state(fleet, "pi-1", "idle", 4)
+                await fleet.check_in("pi-1")
+                await until(lambda: len(fleet.leases) == 1)
+                await publish_state(fleet, "pi-1", "lost", 4)
+                await until(lambda: dict(participation(h).ended) == {"released": 1})
+            async with Harness(broker, config) as h:
+                await publish_state(fleet, "pi-1", "idle", 5)
+                await fleet.check_in("pi-1")
+                await until(lambda: len(fleet.leases) == 2)
+                old, new = fleet.leases
+                await fleet.send("pi-1", 0, old.lease_id)
+                await fleet.send("pi-1", 1, old.lease_id)  # a second update under it: refused
+                await fleet.send("pi-1", 2, new.lease_id)
+                await until(lambda: (r := receipt(h.broker, "pi-1")) is not None and r.through == 2)
+                assert dict(receipt(h.broker, "pi-1").rejected) == {1: "no_lease"}  # type: ignore[union-attr]
+                assert dict(participation(h).verdicts) == {"late": 1, "no_lease": 1, "valid": 1}
+
+    run(body)

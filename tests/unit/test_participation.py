@@ -125,7 +125,38 @@ def test_release_frees_the_slot_at_once() -> None:
 
     assert b.release(lease.device) == lease
     assert b.in_flight == 0
+    assert b.check(lease.device, lease.lease_id, 1.0) is LeaseVerdict.NO_LEASE  # given back
     assert len(b.grant(1.0, pool, version=0)) == 1
+
+
+def test_a_released_lease_is_redeemable_once_until_it_expires_even_under_a_newer_one() -> None:
+    """An agent killed between spooling and delivering: its presence goes (release), it comes
+    back, checks in, is granted a new lease, and resends the update of the old one."""
+    b, pool = book(1, lease_s=100.0, grace=0.1), pool_of("a")
+    (old,) = b.grant(0.0, pool, version=0)
+    b.release("a", redeemable=True)
+    pool.check_in("a", 5.0)
+    (new,) = b.grant(5.0, pool, version=1)
+
+    assert b.in_flight == 1
+    assert b.complete("a", old.lease_id, 6.0) is LeaseVerdict.LATE
+    assert b.complete("a", old.lease_id, 7.0) is LeaseVerdict.NO_LEASE  # once
+    assert b.complete("a", new.lease_id, 8.0) is LeaseVerdict.VALID
+
+
+def test_a_released_lease_dies_with_its_expiry_and_survives_a_restart() -> None:
+    b, pool = book(1, lease_s=100.0, grace=0.1), pool_of("a", "b")
+    (lease,) = b.grant(0.0, pool, version=0)
+    b.release(lease.device, redeemable=True)
+
+    again = LeaseBook(b.config, rng=np.random.default_rng(1), state=b.snapshot())
+
+    assert again.snapshot().returned == (lease,)
+    assert again.check(lease.device, lease.lease_id, 50.0) is LeaseVerdict.LATE
+    assert again.check("b", lease.lease_id, 50.0) is LeaseVerdict.NO_LEASE
+    again.expire(110.0)
+    assert again.snapshot().returned == ()
+    assert again.complete(lease.device, lease.lease_id, 110.0) is LeaseVerdict.NO_LEASE
 
 
 def test_restore_brings_back_held_leases_so_a_restart_grants_no_more_than_c() -> None:
