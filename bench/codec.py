@@ -221,6 +221,36 @@ def print_tables(
             print("  ".join(f"{c:>16}" for c in row_cells))
 
 
+def json_summary(
+    num_params_real: int,
+    memcpy: float,
+    memcpy_large: float,
+    real_ratios: dict[str, tuple[float, float, float]],
+    results: dict[str, dict[str, Row]],
+) -> dict[str, float | int]:
+    """The ``--json`` line: every codec's ratio, error and speeds on both inputs."""
+    real_label, heavy_label = list(results)
+    summary: dict[str, float | int] = {
+        "num_params_real": int(num_params_real),
+        "num_params_throughput": THROUGHPUT_PARAMS,
+        "memcpy_gbps": round(memcpy, 3),
+        "memcpy_large_gbps": round(memcpy_large, 3),
+    }
+    for name in CODECS:
+        ratio, with_header, error = real_ratios[name]
+        summary[f"ratio_{name}"] = round(ratio, 3)
+        summary[f"relerr_{name}"] = round(error, 4)
+        summary[f"ratio_{name}_with_header"] = round(with_header, 3)
+        summary[f"encode_{name}_gbps"] = round(results[real_label][name].encode_gbps, 3)
+        summary[f"decode_accumulate_{name}_gbps"] = round(results[real_label][name].decode_gbps, 3)
+        summary[f"heavy_ratio_{name}"] = round(results[heavy_label][name].ratio, 3)
+        summary[f"heavy_encode_{name}_gbps"] = round(results[heavy_label][name].encode_gbps, 3)
+        summary[f"heavy_decode_accumulate_{name}_gbps"] = round(
+            results[heavy_label][name].decode_gbps, 3
+        )
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="last stdout line is a JSON object")
@@ -263,28 +293,11 @@ def main(argv: list[str] | None = None) -> int:
     print_tables(real.size, real_ratios, results, memcpy)
 
     if args.json:
-        real_label, heavy_label = list(results)
-        summary: dict[str, float | int] = {
-            "num_params_real": int(real.size),
-            "num_params_throughput": THROUGHPUT_PARAMS,
-            "memcpy_gbps": round(memcpy, 3),
-            "memcpy_large_gbps": round(memcpy_large, 3),
-        }
-        for name in CODECS:
-            ratio, with_header, error = real_ratios[name]
-            summary[f"ratio_{name}"] = round(ratio, 3)
-            summary[f"relerr_{name}"] = round(error, 4)
-            summary[f"ratio_{name}_with_header"] = round(with_header, 3)
-            summary[f"encode_{name}_gbps"] = round(results[real_label][name].encode_gbps, 3)
-            summary[f"decode_accumulate_{name}_gbps"] = round(
-                results[real_label][name].decode_gbps, 3
+        print(
+            json.dumps(
+                json_summary(real.size, memcpy, memcpy_large, real_ratios, results), sort_keys=True
             )
-            summary[f"heavy_ratio_{name}"] = round(results[heavy_label][name].ratio, 3)
-            summary[f"heavy_encode_{name}_gbps"] = round(results[heavy_label][name].encode_gbps, 3)
-            summary[f"heavy_decode_accumulate_{name}_gbps"] = round(
-                results[heavy_label][name].decode_gbps, 3
-            )
-        print(json.dumps(summary, sort_keys=True))
+        )
     return 0
 
 

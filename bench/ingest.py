@@ -502,35 +502,8 @@ def _bench_case(
                     )
                 )  # fmt: skip
     runs = {on: median_run(found) for on, found in samples.items()}
-    if args.rounds > 1:
-        for on, found in samples.items():
-            rates = ", ".join(f"{run['per_s']:.0f}" for run in found)
-            print(f"    receipts {'on' if on else 'off'}: {rates} upd/s", flush=True)
     agg = runs.get(True) or runs[False]
-    if len(runs) == 2:
-        on, off = runs[True], runs[False]
-        ratio = on["per_s"] / off["per_s"]
-        loop_on = on["cpu_ms_per_update"].get("aggregator/event-loop", float("nan"))
-        loop_off = off["cpu_ms_per_update"].get("aggregator/event-loop", float("nan"))
-        print(
-            f"{case.model:9s} receipts on {on['per_s']:7.0f} upd/s "
-            f"({on['receipts_sent']} receipts sent, {on['receipts_dropped']} dropped) | "
-            f"off {off['per_s']:7.0f} upd/s | on/off {ratio:.3f} | event-loop CPU ms "
-            f"per update on {loop_on:.3f}, off {loop_off:.3f}",
-            flush=True,
-        )
-        figures = {
-            "event_loop_cpu_ms_receipts": loop_on,
-            "event_loop_cpu_ms_no_receipts": loop_off,
-            "updates_per_s_receipts": round(on["per_s"], 1),
-            "updates_per_s_no_receipts": round(off["per_s"], 1),
-            "receipts_ratio": round(ratio, 3),
-            "receipts_sent": on["receipts_sent"],
-            "receipts_dropped": on["receipts_dropped"],
-        }
-        for name, value in figures.items():
-            out.setdefault(name, value)  # the first model run
-            out[f"{name}_{key}"] = value
+    _report_receipts(key, case, samples, runs, args.rounds, out)
     fraction = agg["per_s"] / ceiling["per_s"]
     budget = 4 * model_mb + 150
     kb = len(payload[1][0]) / 1e3
@@ -565,6 +538,41 @@ def _bench_case(
         f"seconds_{key}": round(agg["seconds"], 2),
         f"applied_{key}": agg["applied"],
     }
+
+
+def _report_receipts(
+    key: str, case: Case, samples: dict[bool, list[dict[str, Any]]],
+    runs: dict[bool, dict[str, Any]], rounds: int, out: dict[str, Any],
+) -> None:  # fmt: skip
+    """Receipts on against off, side by side (when both ran); adds the figures to ``out``."""
+    if rounds > 1:
+        for on, found in samples.items():
+            rates = ", ".join(f"{run['per_s']:.0f}" for run in found)
+            print(f"    receipts {'on' if on else 'off'}: {rates} upd/s", flush=True)
+    if len(runs) == 2:
+        on, off = runs[True], runs[False]
+        ratio = on["per_s"] / off["per_s"]
+        loop_on = on["cpu_ms_per_update"].get("aggregator/event-loop", float("nan"))
+        loop_off = off["cpu_ms_per_update"].get("aggregator/event-loop", float("nan"))
+        print(
+            f"{case.model:9s} receipts on {on['per_s']:7.0f} upd/s "
+            f"({on['receipts_sent']} receipts sent, {on['receipts_dropped']} dropped) | "
+            f"off {off['per_s']:7.0f} upd/s | on/off {ratio:.3f} | event-loop CPU ms "
+            f"per update on {loop_on:.3f}, off {loop_off:.3f}",
+            flush=True,
+        )
+        figures = {
+            "event_loop_cpu_ms_receipts": loop_on,
+            "event_loop_cpu_ms_no_receipts": loop_off,
+            "updates_per_s_receipts": round(on["per_s"], 1),
+            "updates_per_s_no_receipts": round(off["per_s"], 1),
+            "receipts_ratio": round(ratio, 3),
+            "receipts_sent": on["receipts_sent"],
+            "receipts_dropped": on["receipts_dropped"],
+        }
+        for name, value in figures.items():
+            out.setdefault(name, value)  # the first model run
+            out[f"{name}_{key}"] = value
 
 
 def main() -> None:
