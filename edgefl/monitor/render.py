@@ -192,28 +192,26 @@ def participation_lines(p: ParticipationView | None) -> list[str]:
 
 
 def privacy_lines(p: PrivacyView | None) -> list[str]:
-    """Central DP: ``privacy  ε 3.21 at δ 1e-05 (rdp), z 1.1, C 0.3``, the participation cap
-    against the most participations, and the distribution ``k:dev 1:12 2:30 3-5:8`` (``k``
-    flushes: that many devices) with its median, p90 and mean; nothing while DP is off."""
+    """Central DP: ``privacy  ε 3.21 at δ 1e-05 (rdp), z 1.1, C 0.3``, the most participations
+    against the cap, and their distribution: median, p90 and mean, then ``1:12 2:30 3-5:8``
+    (``k:n``: ``n`` devices took part in ``k`` flushes); nothing while DP is off."""
     if p is None:
         return []
     lines = [
         f"privacy  ε {p.epsilon:.3g} at δ {p.delta:g} ({p.accountant}),"
         f" z {p.noise_multiplier:g}, C {p.clip_norm:g}",
         f"dp cap   max {p.participation_max}/{p.participation_cap} flushes per device"
-        f" ({100 * p.budget_used:.0f}%), {p.at_cap} device{'s' if p.at_cap != 1 else ''} at cap",
+        f" ({100 * p.budget_used:.0f}%), {p.at_cap} at cap",
     ]
     if p.mean is None:
-        lines.append("k:dev    no participations yet")
-        return lines
+        return [*lines, "k:dev    no participations yet"]
     ranges = " ".join(
         f"{lo}:{n}" if lo == hi else f"{lo}-{hi}:{n}"
         for lo, hi, n in compact_histogram(p.participation_histogram)
     )
-    lines.append(
-        f"k:dev    {ranges}  ({p.devices} devices; p50 {p.p50}, p90 {p.p90}, mean {p.mean:.1f})"
-    )
-    return lines
+    plural = "s" if p.devices != 1 else ""
+    spread = f"{p.devices} device{plural}: p50 {p.p50}, p90 {p.p90}, mean {p.mean:.1f}"
+    return [*lines, f"k:dev    {spread}", f"         {ranges}"]
 
 
 def snapshot_text(snapshot: FleetSnapshot) -> str:
