@@ -14,10 +14,12 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from device_agent.agent import DeviceAgent
 from edgefl.aggregator import Aggregator, AggregatorConfig
+
+if TYPE_CHECKING:
+    from device_agent.agent import DeviceAgent
 
 REPO = Path(__file__).resolve().parents[1]
 
