@@ -8,6 +8,7 @@ import json
 
 import pytest
 from agent_helpers import FLEET, server_state
+from samples import central_privacy
 
 from edgefl.monitor.decode import ServerStateSeen
 from edgefl.monitor.model import FleetModel
@@ -17,17 +18,7 @@ from edgefl.monitor.render import aggregator_lines, snapshot_text
 from edgefl.monitor.summary import summarize
 from edgefl.protocol.messages import CentralPrivacy, ServerState
 
-# 10 devices: 4 took part once, 3 twice, 2 three times, 1 four times (the cap)
-PRIVACY = CentralPrivacy(
-    epsilon=3.21,
-    delta=1e-5,
-    noise_multiplier=1.1,
-    clip_norm=0.3,
-    participation_cap=4,
-    participation_max=4,
-    devices=10,
-    participation_histogram={1: 4, 2: 3, 3: 2, 4: 1},
-)
+PRIVACY = central_privacy()
 
 
 def server(privacy: CentralPrivacy | None) -> ServerState:

@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 import time
 
+from samples import central_privacy
 from textual.coordinate import Coordinate
 from textual.widgets import DataTable
 
 from edgefl.monitor.client import FleetMonitor, monitor_mqtt_config
 from edgefl.monitor.tui import MonitorApp
 from edgefl.protocol.messages import (
-    CentralPrivacy,
     DeviceState,
     Participation,
     ServerState,
@@ -120,16 +120,10 @@ async def test_the_aggregator_panel_grows_to_show_central_privacy() -> None:
     participation = Participation(
         concurrency=20, lease_s=60.0, checkin_ttl_s=120.0, in_flight=3, candidates=1
     )
-    privacy = CentralPrivacy(
-        epsilon=7.97,
-        delta=1e-5,
-        noise_multiplier=3.0,
-        clip_norm=0.3,
-        participation_cap=22,
-        participation_max=22,
-        devices=10,
+    privacy = central_privacy(
+        epsilon=7.97, noise_multiplier=3.0, participation_cap=22, participation_max=22,
         participation_histogram={3: 4, 9: 3, 22: 3},
-    )
+    )  # fmt: skip
     server = ServerState(
         FLEET, ServerStatus.ONLINE, 1, 87, 3, 5, 435, 0.0, 1.0,
         features=("leases",), participation=participation, privacy=privacy,
