@@ -11,15 +11,21 @@ Outcomes of an update are normalised strings (see :func:`normalize_outcome`):
 but lost before the aggregator judged it) and ``rejected:<reason>`` (``reason`` a
 :class:`edgefl.errors.RejectReason` value or any free tag). A device that vanishes *mid-training*
 never produces an update: record it with :meth:`RunRecord.dropout` (or :meth:`RunRecord.crash`).
+
+A run with central differential privacy also records, after every flush, the ε spent so far
+(:meth:`RunRecord.dp_flush`, from the core's :class:`~edgefl.privacy.PrivacyStatistics` or a
+server state's :class:`~edgefl.protocol.messages.CentralPrivacy`): the report plots accuracy
+against ε, and the summary carries the final ε, δ, z, C and participations.
 """
 
 from __future__ import annotations
 
 import time
 from array import array
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -33,6 +39,8 @@ __all__ = [
     "EvalSeries",
     "Mode",
     "Outcome",
+    "PrivacyFigures",
+    "PrivacySeries",
     "RunRecord",
     "StateSeries",
     "UpdateSeries",
@@ -114,6 +122,50 @@ class StateSeries:
     t: NDArray[np.float64]
     states: tuple[str, ...]
     counts: NDArray[np.int64]
+
+
+class PrivacyFigures(Protocol):
+    """Central DP figures after a flush: the fields :class:`~edgefl.privacy.PrivacyStatistics`
+    (the aggregation core's) and :class:`~edgefl.protocol.messages.CentralPrivacy` (the server
+    state's) share. ``epsilon`` (at ``delta``) is the largest a device spent so far."""
+
+    @property
+    def epsilon(self) -> float: ...
+    @property
+    def delta(self) -> float: ...
+    @property
+    def noise_multiplier(self) -> float: ...
+    @property
+    def clip_norm(self) -> float: ...
+    @property
+    def participation_cap(self) -> int: ...
+    @property
+    def participation_max(self) -> int: ...
+    @property
+    def devices(self) -> int: ...
+    @property
+    def participation_histogram(self) -> Mapping[int, int]: ...
+    @property
+    def accountant(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class PrivacySeries:
+    """ε after each flush of a central-DP run, in flush order: the flush's time ``t``, the
+    model ``version`` it made, the largest ``epsilon`` a device had spent, and the most
+    participations of a device (``participation_max``)."""
+
+    t: NDArray[np.float64]
+    version: NDArray[np.int64]
+    epsilon: NDArray[np.float64]
+    participation_max: NDArray[np.int64]
+
+    def epsilon_at(self, versions: NDArray[np.int64]) -> NDArray[np.float64]:
+        """The ε spent when the model had each of ``versions``: that of the last flush that made
+        a version ``<=`` it (versions grow with the flushes); 0 before the first flush."""
+        index = np.searchsorted(self.version, versions, side="right") - 1
+        spent = self.epsilon[np.maximum(index, 0)] if len(self.epsilon) else np.zeros(len(index))
+        return np.where(index >= 0, spent, 0.0)
 
 
 def _f64(a: array[float]) -> NDArray[np.float64]:
@@ -243,6 +295,30 @@ class _StateColumns:
 
 
 @dataclass(eq=False)
+class _PrivacyColumns:
+    t: array[float] = field(default_factory=_doubles)
+    version: array[int] = field(default_factory=_longs)
+    epsilon: array[float] = field(default_factory=_doubles)
+    participation_max: array[int] = field(default_factory=_longs)
+    last: PrivacyFigures | None = None
+
+    def append(self, t: float, version: int, figures: PrivacyFigures) -> None:
+        self.t.append(float(t))
+        self.version.append(int(version))
+        self.epsilon.append(float(figures.epsilon))
+        self.participation_max.append(int(figures.participation_max))
+        self.last = figures
+
+    def series(self) -> PrivacySeries:
+        return PrivacySeries(
+            t=_f64(self.t),
+            version=_i64(self.version),
+            epsilon=_f64(self.epsilon),
+            participation_max=_i64(self.participation_max),
+        )
+
+
+@dataclass(eq=False)
 class _DeviceEvents:
     """Times and devices of one kind of device event (dropouts, crashes)."""
 
@@ -275,6 +351,7 @@ class RunRecord:
     _states: _StateColumns = field(default_factory=_StateColumns, repr=False)
     _dropouts: _DeviceEvents = field(default_factory=_DeviceEvents, repr=False)
     _crashes: _DeviceEvents = field(default_factory=_DeviceEvents, repr=False)
+    _privacy: _PrivacyColumns = field(default_factory=_PrivacyColumns, repr=False)
     utilisation: dict[str, Any] | None = field(default=None, repr=False)
     bottleneck: str | None = None
     slot_series: SlotSeries | None = field(default=None, repr=False)
@@ -323,6 +400,12 @@ class RunRecord:
         """``device``'s agent crashed at ``t`` and lost its in-flight work."""
         self._crashes.append(t, device)
 
+    def dp_flush(self, t: float, version: int, figures: PrivacyFigures | None) -> None:
+        """Central DP: the figures after the flush at ``t`` that made model ``version`` (versions
+        grow from flush to flush); ``None`` (DP off) records nothing."""
+        if figures is not None:
+            self._privacy.append(t, version, figures)
+
     def set_utilisation(
         self, utilisation: dict[str, Any], bottleneck: str, series: SlotSeries
     ) -> None:
@@ -365,6 +448,10 @@ class RunRecord:
         """Device-state samples; states in first-seen order, missing counts are 0."""
         return self._states.series()
 
+    def privacy(self) -> PrivacySeries:
+        """ε after each recorded flush (empty without central DP)."""
+        return self._privacy.series()
+
     def dropout_times(self) -> NDArray[np.float64]:
         """Times of the recorded mid-training dropouts."""
         return _f64(self._dropouts.t)
@@ -393,6 +480,11 @@ class RunRecord:
           ``staleness_applied``: count, mean, p50, p90 (linear interpolation), max.
         * ``utilisation`` and ``bottleneck`` when the simulator measured them
           (:meth:`set_utilisation`; :mod:`firmware_sim.slots`).
+        * ``privacy`` when flushes under central DP were recorded (:meth:`dp_flush`): the last
+          flush's ``epsilon`` (at ``delta``), ``noise_multiplier``, ``clip_norm``,
+          ``participation_cap``, ``participation_max``, ``devices``,
+          ``participation_histogram`` (participations -> devices), ``accountant``, the number
+          of ``flushes``, and ``epsilon_to_target``, the ε spent when the target was reached.
         """
         ev = self.evals()
         up = self.updates()
@@ -413,6 +505,7 @@ class RunRecord:
             "duration_s": self._duration(ev, up),
             "wall_time_s": self.wall_time_s,
             **self._utilisation(),
+            **self._privacy_summary(ev, target_accuracy),
             "config": self.config,
         }
 
@@ -420,6 +513,33 @@ class RunRecord:
         if self.utilisation is None:
             return {}
         return {"bottleneck": self.bottleneck, "utilisation": self.utilisation}
+
+    def _privacy_summary(self, ev: EvalSeries, target_accuracy: float) -> dict[str, Any]:
+        p = self._privacy.last
+        if p is None:
+            return {}
+        reached = ev.accuracy >= target_accuracy
+        at_target = None
+        if reached.any():
+            i = int(np.argmax(reached))
+            at_target = float(self.privacy().epsilon_at(ev.version[i : i + 1])[0])
+        return {
+            "privacy": {
+                "epsilon": float(p.epsilon),
+                "delta": float(p.delta),
+                "noise_multiplier": float(p.noise_multiplier),
+                "clip_norm": float(p.clip_norm),
+                "participation_cap": int(p.participation_cap),
+                "participation_max": int(p.participation_max),
+                "devices": int(p.devices),
+                "participation_histogram": {
+                    str(k): int(n) for k, n in sorted(p.participation_histogram.items())
+                },
+                "accountant": str(p.accountant),
+                "flushes": len(self._privacy.t),
+                "epsilon_to_target": at_target,
+            }
+        }
 
     def _final_metrics(self) -> dict[str, float | None]:
         """``final_accuracy``/``final_loss``: given to :meth:`finish`, else the latest

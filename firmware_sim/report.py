@@ -9,7 +9,10 @@
 * ``accuracy_vs_time.png``, ``staleness_hist.png``, ``bytes_uploaded.png``,
   ``updates_by_outcome.png``, ``device_states.png``, and ``slots.png`` (where the time went:
   slots training, held by lost devices, waiting for a device, idle at the round barrier, against
-  the target; see :mod:`firmware_sim.slots`).
+  the target; see :mod:`firmware_sim.slots`);
+* ``accuracy_vs_epsilon.png`` when a run used central differential privacy: test accuracy
+  against the ε spent when the evaluated model was released (the largest over devices, from
+  :meth:`RunRecord.privacy`), one line per private run.
 
 A comparison whose runs were *starved* (their slots waited for a device at least
 :data:`~firmware_sim.slots.STARVED_FRACTION` of the time) carries ``warnings``: such a
@@ -76,9 +79,11 @@ class ReportPaths:
     updates_by_outcome: Path
     device_states: Path
     slots: Path
+    accuracy_vs_epsilon: Path | None = None  # only when a run used central DP
 
     def plots(self) -> tuple[Path, ...]:
         """The PNG files."""
+        private = () if self.accuracy_vs_epsilon is None else (self.accuracy_vs_epsilon,)
         return (
             self.accuracy_vs_time,
             self.staleness_hist,
@@ -86,6 +91,7 @@ class ReportPaths:
             self.updates_by_outcome,
             self.device_states,
             self.slots,
+            *private,
         )
 
     def all(self) -> tuple[Path, ...]:
@@ -224,6 +230,13 @@ def summary_lines(records: list[RunRecord], target: float, summary: dict[str, An
         )
         if r.bottleneck is not None:
             lines.append(f"  {s['label']} bottleneck: {r.bottleneck}")
+        dp = s.get("privacy")
+        if dp is not None:
+            lines.append(
+                f"  {s['label']} privacy: ε {dp['epsilon']:.3g} at δ {dp['delta']:g}"
+                f" (z {dp['noise_multiplier']:g}, C {dp['clip_norm']:g}),"
+                f" max {dp['participation_max']}/{dp['participation_cap']} flushes per device"
+            )
     if summary.get("speedup_vs_fedavg") is not None:
         lines.append(
             f"FedBuff speed-up vs FedAvg (time to target): {summary['speedup_vs_fedavg']:.2f}x"
@@ -328,6 +341,37 @@ def _plot_accuracy(
     ax.set_ylabel("test accuracy (%)")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right")
+    return _save(fig, path)
+
+
+def _plot_epsilon(
+    records: Sequence[RunRecord], labels: list[str], target: float, path: Path
+) -> Path:
+    """Accuracy against the ε spent when the evaluated version was released, per private run."""
+    fig, (ax,) = _new_figure()
+    lowest = 100.0
+    for r, label, color in zip(records, labels, _colors(len(records)), strict=True):
+        series = r.privacy()
+        ev = r.evals()
+        if not len(series.t) or not len(ev.t):
+            continue
+        dp = r.summary(target)["privacy"]
+        acc = 100.0 * ev.accuracy
+        lowest = min(lowest, float(acc.min()))
+        note = f"ε {dp['epsilon']:.3g} at δ {dp['delta']:g}, z {dp['noise_multiplier']:g}"
+        note += f", C {dp['clip_norm']:g}"
+        eps = series.epsilon_at(ev.version)
+        ax.plot(eps, acc, color=color, lw=1.8, marker=".", ms=4, label=f"{label} ({note})")
+        if dp["epsilon_to_target"] is not None:
+            ax.axvline(dp["epsilon_to_target"], color=color, ls=":", lw=1.2)
+    ax.axhline(100.0 * target, color="gray", ls="--", lw=1.2, label=f"target {100 * target:.3g}%")
+    ax.set_ylim(max(0.0, min(lowest, 100.0 * target) - 5.0), 100.0)
+    ax.set_xlim(left=0.0)
+    ax.set_title("Test accuracy vs privacy spent (ε of the most frequent participant)")
+    ax.set_xlabel("ε spent (central DP, largest over devices)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best")
     return _save(fig, path)
 
 
@@ -499,7 +543,8 @@ def _plot_slots(records: Sequence[RunRecord], labels: list[str], path: Path) -> 
 def write_report(
     records: Sequence[RunRecord], out_dir: Path, target_accuracy: float
 ) -> ReportPaths:
-    """Write ``summary.json`` and the six PNG plots into ``out_dir`` (created if missing)."""
+    """Write ``summary.json`` and the six PNG plots (seven with central DP) into ``out_dir``
+    (created if missing)."""
     if not records:
         raise ValueError("a report needs at least one run record")
     out = Path(out_dir)
@@ -514,6 +559,9 @@ def write_report(
         updates_by_outcome=out / "updates_by_outcome.png",
         device_states=out / "device_states.png",
         slots=out / "slots.png",
+        accuracy_vs_epsilon=(
+            out / "accuracy_vs_epsilon.png" if any(len(r.privacy().t) for r in records) else None
+        ),
     )
     summary = build_summary(records, target_accuracy)
     paths.summary.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
@@ -523,4 +571,6 @@ def write_report(
     _plot_outcomes(records, labels, paths.updates_by_outcome)
     _plot_states(records, labels, paths.device_states)
     _plot_slots(records, labels, paths.slots)
+    if paths.accuracy_vs_epsilon is not None:
+        _plot_epsilon(records, labels, target_accuracy, paths.accuracy_vs_epsilon)
     return paths

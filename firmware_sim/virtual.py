@@ -63,7 +63,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from edgefl.aggregation import AggregationCore, Algorithm, make_core
+from edgefl.aggregation import AggregationCore, Algorithm, FedBuffCore, make_core
 from edgefl.codec import (
     CodecConfig,
     CodecDescriptor,
@@ -588,6 +588,8 @@ class VirtualSimulator:
             self._open_round()
 
     def _after_step(self) -> None:
+        if self.cfg.privacy is not None and isinstance(self.core, FedBuffCore):  # ε per flush
+            self.record.dp_flush(self.t, self.version, self.core.statistics().privacy)
         if self.tally.applied - self.tally.applied_at_eval >= self.cfg.eval_every_updates:
             self._evaluate()
 

@@ -1,20 +1,25 @@
 """Real parts of a fleet the integration tests start: the aggregator in-process or as a process
-(``python -m edgefl.aggregator.cli``, for tests that crash, freeze or signal it), and where a
-broker process says it listens."""
+(``python -m edgefl.aggregator.cli``, for tests that crash, freeze or signal it), a running
+aggregator with its device agents, and where a broker process says it listens."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import re
 import select
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgefl.aggregator import Aggregator, AggregatorConfig
+
+if TYPE_CHECKING:
+    from device_agent.agent import DeviceAgent
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,6 +37,28 @@ def aggregator(tmp: Path, url: str, *, fleet: str, model: str, **settings: Any) 
             **settings,
         )
     )
+
+
+@contextlib.asynccontextmanager
+async def running_fleet(
+    aggregator: Aggregator, agents: Sequence[DeviceAgent]
+) -> AsyncIterator[None]:
+    """Run ``aggregator`` (until it is ready, 30 s at most) and then ``agents``; on exit stop the
+    agents, then the aggregator, and wait for all of them."""
+    ready = asyncio.Event()
+    agg_task = asyncio.create_task(aggregator.run(ready))
+    try:
+        await asyncio.wait_for(ready.wait(), 30)
+        tasks = [asyncio.create_task(a.run()) for a in agents]
+        try:
+            yield
+        finally:
+            for a in agents:
+                a.stop()
+            await asyncio.gather(*tasks)
+    finally:
+        aggregator.stop()
+        await agg_task
 
 
 def start_aggregator_process(

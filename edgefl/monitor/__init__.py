@@ -3,6 +3,9 @@
 * :mod:`~edgefl.monitor.decode` — one MQTT message -> one typed observation (sans-IO);
 * :mod:`~edgefl.monitor.model` — the fleet model: a fold of observations into a
   :class:`~edgefl.monitor.snapshot.FleetSnapshot` (presence/session rule, lost devices);
+* :mod:`~edgefl.monitor.participation` — leases against C and staleness against C / K;
+* :mod:`~edgefl.monitor.privacy` — central differential privacy: ε at δ, z, C, the cap and the
+  participation distribution;
 * :mod:`~edgefl.monitor.summary` — one-line topic-log entries;
 * :mod:`~edgefl.monitor.broker_stats` — ``$SYS`` broker statistics;
 * :mod:`~edgefl.monitor.clear` — which retained topics ``--clear-retained`` deletes;

@@ -19,7 +19,9 @@ Rules:
   message only says what the device said when it published it.
 * **Cleared** retained messages (empty payloads) remove the device / manifest / server state.
 * **Server state** follows the same session rule; **metrics** are taken in arrival order and
-  their ``accuracy`` is appended to a bounded per-version history (the sparkline).
+  their ``accuracy`` is appended to a bounded per-version history (the sparkline). The
+  server state's central DP figures (``privacy``) become the aggregator view's ``privacy``
+  (:mod:`~edgefl.monitor.privacy`).
 * **Updates** seen on the broker are counted per device (distinct ``seq``; a chunked update
   counts once, at its first packet seen) and over a sliding one-minute window
   (``observed_updates_per_s``; over the time since the first observation while that is
@@ -65,6 +67,7 @@ from .decode import (
     observation_kind,
 )
 from .participation import with_participation
+from .privacy import privacy_view
 from .snapshot import (
     AggregatorView,
     ConnectionView,
@@ -387,4 +390,5 @@ class FleetModel:
             state_at=state.at if state is not None else None,
             metrics_at=metrics.at if metrics is not None else None,
             observed_updates_per_s=observed,
+            privacy=privacy_view(state),
         )

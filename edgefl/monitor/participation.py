@@ -17,30 +17,47 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from edgefl.protocol.messages import ServerMetrics, ServerState
 
 from .snapshot import AggregatorView, DeviceView, ParticipationView, StalenessSummary
 
-__all__ = ["participation_view", "staleness_summary", "with_participation"]
+__all__ = [
+    "histogram_items",
+    "histogram_quantile",
+    "participation_view",
+    "staleness_summary",
+    "with_participation",
+]
+
+
+def histogram_items(histogram: Mapping[int, int]) -> list[tuple[int, int]]:
+    """The ``(value, count)`` pairs of a histogram with a positive count, ascending."""
+    return sorted((int(v), int(n)) for v, n in histogram.items() if n > 0)
+
+
+def histogram_quantile(items: Sequence[tuple[int, int]], q: float) -> int:
+    """The smallest value with at least ``q`` (0 < q <= 1) of the counts at or below it, over
+    non-empty ascending ``items`` (:func:`histogram_items`)."""
+    need = math.ceil(q * sum(n for _, n in items))
+    running = 0
+    for value, n in items:
+        running += n
+        if running >= need:
+            return value
+    return items[-1][0]
 
 
 def staleness_summary(histogram: Mapping[int, int]) -> StalenessSummary | None:
     """Count, mean, p90 (the smallest τ with at least 90 % of the updates at or below it) and
     max of a staleness histogram; None when it is empty."""
-    items = sorted((int(t), int(n)) for t, n in histogram.items() if n > 0)
+    items = histogram_items(histogram)
     total = sum(n for _, n in items)
     if total == 0:
         return None
     mean = sum(t * n for t, n in items) / total
-    need = math.ceil(0.9 * total)
-    running, p90 = 0, items[-1][0]
-    for t, n in items:
-        running += n
-        if running >= need:
-            p90 = t
-            break
+    p90 = histogram_quantile(items, 0.9)
     return StalenessSummary(count=total, mean=mean, p90=p90, max=items[-1][0])
 
 

@@ -9,6 +9,7 @@ import time
 from collections.abc import Sequence
 from typing import Final
 
+from .privacy import compact_histogram
 from .snapshot import (
     AggregatorView,
     ConnectionView,
@@ -16,6 +17,7 @@ from .snapshot import (
     FleetSnapshot,
     ModelView,
     ParticipationView,
+    PrivacyView,
 )
 from .summary import human_bytes
 
@@ -28,6 +30,7 @@ __all__ = [
     "format_age",
     "model_lines",
     "participation_lines",
+    "privacy_lines",
     "snapshot_text",
     "sparkline",
 ]
@@ -167,6 +170,7 @@ def aggregator_lines(
         f"updates  {rate}/s server, {agg.observed_updates_per_s:.1f}/s seen",
         f"rejected {rejected}",
         *participation_lines(agg.participation),
+        *privacy_lines(agg.privacy),
         f"τ:count  {stale}",
         acc_line,
     ]
@@ -185,6 +189,29 @@ def participation_lines(p: ParticipationView | None) -> list[str]:
     seen = "no updates yet" if s is None else f"mean {s.mean:.1f}, p90 {s.p90}, max {s.max}"
     lines.append(f"τ vs C/K {seen} (C/K {p.staleness_target:.1f})")
     return lines
+
+
+def privacy_lines(p: PrivacyView | None) -> list[str]:
+    """Central DP: ``privacy  ε 3.21 at δ 1e-05 (rdp), z 1.1, C 0.3``, the most participations
+    against the cap, and their distribution: median, p90 and mean, then ``1:12 2:30 3-5:8``
+    (``k:n``: ``n`` devices took part in ``k`` flushes); nothing while DP is off."""
+    if p is None:
+        return []
+    lines = [
+        f"privacy  ε {p.epsilon:.3g} at δ {p.delta:g} ({p.accountant}),"
+        f" z {p.noise_multiplier:g}, C {p.clip_norm:g}",
+        f"dp cap   max {p.participation_max}/{p.participation_cap} flushes per device"
+        f" ({100 * p.budget_used:.0f}%), {p.at_cap} at cap",
+    ]
+    if p.mean is None:
+        return [*lines, "k:dev    no participations yet"]
+    ranges = " ".join(
+        f"{lo}:{n}" if lo == hi else f"{lo}-{hi}:{n}"
+        for lo, hi, n in compact_histogram(p.participation_histogram)
+    )
+    plural = "s" if p.devices != 1 else ""
+    spread = f"{p.devices} device{plural}: p50 {p.p50}, p90 {p.p90}, mean {p.mean:.1f}"
+    return [*lines, f"k:dev    {spread}", f"         {ranges}"]
 
 
 def snapshot_text(snapshot: FleetSnapshot) -> str:

@@ -24,6 +24,7 @@ __all__ = [
     "ModelView",
     "MonitorCounters",
     "ParticipationView",
+    "PrivacyView",
     "StalenessSummary",
     "to_jsonable",
 ]
@@ -136,6 +137,35 @@ class ParticipationView:
 
 
 @dataclass(frozen=True)
+class PrivacyView:
+    """Central differential privacy of the aggregator (retained ``ServerState.privacy``,
+    docs/PRIVACY.md): ``epsilon`` at ``delta`` is what the device with the most participations
+    spent (``participation_max`` flushes out of ``participation_cap``), with noise multiplier
+    ``noise_multiplier`` (std ``z * C`` per flush) and clip ``clip_norm`` (``C``).
+
+    The distribution of participations over the ``devices`` that took part at least once:
+    ``participation_histogram`` (participations -> devices, ascending), its median ``p50`` and
+    ``p90`` (the smallest count with at least 50 % / 90 % of the devices at or below it), its
+    ``mean``, and ``at_cap``, the devices whose updates are now refused
+    (``dp_budget_exhausted``). ``budget_used`` is ``participation_max / participation_cap``."""
+
+    epsilon: float
+    delta: float
+    noise_multiplier: float
+    clip_norm: float
+    participation_cap: int
+    participation_max: int
+    devices: int
+    accountant: str
+    participation_histogram: Mapping[int, int] = field(default_factory=dict)
+    p50: int | None = None
+    p90: int | None = None
+    mean: float | None = None
+    at_cap: int = 0
+    budget_used: float = 0.0
+
+
+@dataclass(frozen=True)
 class AggregatorView:
     """Aggregator figures: ``server/state`` (retained) merged with the latest ``server/metrics``.
 
@@ -165,6 +195,7 @@ class AggregatorView:
     metrics_at: float | None = None
     observed_updates_per_s: float = 0.0
     participation: ParticipationView | None = None  # a leasing aggregator (protocol 1.2)
+    privacy: PrivacyView | None = None  # central differential privacy on (protocol 1.2)
 
 
 @dataclass(frozen=True)

@@ -85,10 +85,14 @@ def summarize(obs: Observation, payload: bytes) -> str:
             p = s.participation
             leases = "" if p is None else f" leases={p.in_flight}/{p.concurrency}"
             leases += "" if p is None else f" candidates={p.candidates}"
+            dp, privacy = s.privacy, ""
+            if dp is not None:
+                privacy = f" ε={dp.epsilon:.3g}@δ={dp.delta:g}"
+                privacy += f" dp_max={dp.participation_max}/{dp.participation_cap}"
             text = (
                 f"server_state {s.status.value} session={s.session} v{s.version}"
                 f" buffer {s.buffer_fill}/{s.buffer_size} applied={s.applied} rejected={rejected}"
-                f"{features}{leases}"
+                f"{features}{leases}{privacy}"
             )
         case ReceiptSeen(receipt=r):
             committed = ",".join(f"{lo}" if lo == hi else f"{lo}-{hi}" for lo, hi in r.committed)

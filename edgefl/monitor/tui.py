@@ -40,6 +40,8 @@ __all__ = ["LOG_COLUMNS", "MonitorApp", "sort_devices"]
 
 LOG_COLUMNS: Final = ("time", "topic", "qos", "retain", "size", "summary")
 _LOG_ROWS: Final = 200
+PANELS_HEIGHT: Final = 9
+"""Rows of the top panels at least (borders included); they grow to fit the aggregator's lines."""
 
 _SORT_KEYS: Final[dict[str, Callable[[DeviceView], Any]]] = {
     "device": lambda d: d.device_id,
@@ -69,8 +71,9 @@ class MonitorApp(App[None]):
     """The monitor UI over a :class:`FleetMonitor` (built from ``options`` unless given)."""
 
     TITLE = "edgefl monitor"
-    CSS = """
-    #panels { height: 9; }
+    CSS = (
+        f"#panels {{ height: {PANELS_HEIGHT}; }}"
+        + """
     .panel { border: round $primary; padding: 0 1; height: 100%; }
     #connection { width: 5fr; }
     #model { width: 4fr; }
@@ -80,6 +83,7 @@ class MonitorApp(App[None]):
     #fleet { height: 1fr; min-height: 6; }
     #log { height: 11; border-top: solid $primary; }
     """
+    )
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("q", "quit", "Quit"),
         Binding("slash", "focus_filter", "Filter"),
@@ -174,12 +178,22 @@ class MonitorApp(App[None]):
         agg = snapshot.aggregator
         lines = aggregator_lines(agg, with_sparkline=False)
         self.query_one("#aggregator-text", Static).update(Text("\n".join(lines)))
+        self._fit_panels(len(connection), lines)
         self.query_one("#accuracy", Sparkline).data = [a for _, a in agg.accuracy_history]
         self._refresh_fleet(snapshot)
         if not self.log_paused:
             self._refresh_log()
         counts = ", ".join(f"{v} {k}" for k, v in snapshot.counts.items()) or "no devices"
         self.sub_title = f"fleet {snapshot.fleet}: {counts}"
+
+    def _fit_panels(self, connection_rows: int, aggregator: list[str]) -> None:
+        """Grow the top panels to the aggregator's text as wrapped at its width (leases and
+        central DP add lines), plus the borders and the sparkline; at least PANELS_HEIGHT."""
+        width = self.query_one("#aggregator-text", Static).size.width
+        text = Text("\n".join(aggregator))
+        rows = len(text.wrap(self.console, width)) if width > 0 else len(aggregator)
+        height = max(PANELS_HEIGHT, connection_rows + 2, rows + 3)
+        self.query_one("#panels", Horizontal).styles.height = height
 
     def _refresh_fleet(self, snapshot: FleetSnapshot) -> None:
         table = self.query_one("#fleet", DataTable)

@@ -7,12 +7,19 @@ from __future__ import annotations
 import json
 import time
 
+from samples import central_privacy
 from textual.coordinate import Coordinate
 from textual.widgets import DataTable
 
 from edgefl.monitor.client import FleetMonitor, monitor_mqtt_config
 from edgefl.monitor.tui import MonitorApp
-from edgefl.protocol.messages import DeviceState, ServerState, encode_message
+from edgefl.protocol.messages import (
+    DeviceState,
+    Participation,
+    ServerState,
+    ServerStatus,
+    encode_message,
+)
 from edgefl.protocol.topics import device_state_topic, server_state_topic
 from edgefl.transport.memory import MemoryBroker, MemoryTransport
 
@@ -105,3 +112,39 @@ async def test_fleet_table_sort_filter_and_lost_style() -> None:
         screen = app.screen_text()
         assert "buffer 2/5" in screen
         assert "fleet lab: 2 idle, 1 lost, 1 training" in screen
+
+
+async def test_the_aggregator_panel_grows_to_show_central_privacy() -> None:
+    # Arrange: a leasing aggregator with central DP (7 aggregator lines without the sparkline)
+    broker = MemoryBroker()
+    participation = Participation(
+        concurrency=20, lease_s=60.0, checkin_ttl_s=120.0, in_flight=3, candidates=1
+    )
+    privacy = central_privacy(
+        epsilon=7.97, noise_multiplier=3.0, participation_cap=22, participation_max=22,
+        participation_histogram={3: 4, 9: 3, 22: 3},
+    )  # fmt: skip
+    server = ServerState(
+        FLEET, ServerStatus.ONLINE, 1, 87, 3, 5, 435, 0.0, 1.0,
+        features=("leases",), participation=participation, privacy=privacy,
+    )  # fmt: skip
+    broker.publish(server_state_topic(FLEET), encode_message(server), qos=1, retain=True)
+    monitor = FleetMonitor(
+        monitor_mqtt_config("mqtt://memory.invalid"), FLEET, transport=MemoryTransport(broker)
+    )
+    app = MonitorApp(monitor=monitor, refresh_interval=0.1)
+    # Act
+    async with app.run_test(size=(180, 40)) as pilot:
+        await pilot.pause(0.3)
+        screen = app.screen_text()
+        await pilot.resize_terminal(110, 40)  # a narrow panel wraps the long lines
+        await pilot.pause(0.3)
+        narrow = app.screen_text()
+    # Assert: every line of the panel is on the screen, the last ones included
+    assert "accuracy -" in narrow
+    assert "leases   3/20 in flight" in screen
+    assert "privacy  ε 7.97 at δ 1e-05 (rdp), z 3, C 0.3" in screen
+    assert "dp cap   max 22/22 flushes per device (100%), 3 at cap" in screen
+    assert "k:dev    10 devices: p50 9, p90 22, mean 10.5" in screen
+    assert "         3:4 9:3 22:3" in screen
+    assert "accuracy -" in screen

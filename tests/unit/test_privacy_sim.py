@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from sim_samples import private_sim_config
 
 from edgefl.aggregation import AggregationSettings, Algorithm, FedBuffCore, Normalisation
 from edgefl.privacy import CentralDP
@@ -31,21 +32,7 @@ def test_dp_with_fedavg_is_refused() -> None:
 
 
 def test_a_virtual_run_enforces_the_cap_and_reports_epsilon() -> None:
-    cfg = SimConfig(
-        devices=8,
-        dataset="digits",
-        num_samples=400,
-        min_examples=16,
-        profile="lab",
-        buffer_size=2,
-        concurrency=4,
-        normalisation=Normalisation.SUM,
-        norm_bound="off",
-        stop_at_target=False,
-        max_updates=40,
-        eval_every_updates=40,
-        privacy=DP,
-    )
+    cfg = private_sim_config(DP)
     sim = VirtualSimulator(build_scenario(cfg))
 
     sim.run()
