@@ -90,12 +90,13 @@ __all__ = [
     "message_from_envelope",
 ]
 
-PROTOCOL_REVISION: Final = "1.2"
+PROTOCOL_REVISION: Final = "1.3"
 """Revision of wire version 1 this module implements (PROTOCOL.md, "Versioning"): 1.1 added
 ``RECEIPT``, ``ServerState.features`` and the spool fields of ``DeviceState``; 1.2 added
 server-controlled participation (``CHECKIN``, ``LEASE``, ``UpdateHeader.lease_id``,
 ``ServerState.participation``, ``DeviceState.waiting_for_slot``) and ``ServerState.privacy``
-(central differential privacy)."""
+(central differential privacy); 1.3 added the sharded tree's topics (``topics.py``) and the
+sequence window below the mark (``sequence.py``)."""
 FEATURE_RECEIPTS: Final = "receipts"
 """``ServerState.features`` entry of an aggregator that publishes receipts (PROTOCOL.md §4.6)."""
 FEATURE_LEASES: Final = "leases"
@@ -788,6 +789,9 @@ TOPIC_ENVELOPE_KINDS: Final[Mapping[TopicKind, frozenset[EnvelopeKind]]] = {
     TopicKind.DEVICE_LEASE: frozenset({EnvelopeKind.LEASE}),
     TopicKind.SERVER_STATE: frozenset({EnvelopeKind.SERVER_STATE}),
     TopicKind.SERVER_METRICS: frozenset({EnvelopeKind.METRICS}),
+    # 1.3, the sharded tree: JSON control messages and EDFP partials, no envelope (yet)
+    TopicKind.SHARDS: frozenset(),
+    TopicKind.PARTITION_CONTROL: frozenset(),
 }
 """Which envelope kinds may be published on each kind of topic (anything else is BAD_KIND)."""
 
