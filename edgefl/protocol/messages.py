@@ -641,7 +641,9 @@ class Receipt(_Message):
     The aggregator publishes one per device per commit batch, after the batch committed:
 
     * ``through``: the device's highest durably committed ``seq`` (None: nothing committed yet).
-      Every ``seq <= through`` is *settled*: committed, or refused for good if it ever arrives.
+      Every ``seq <= through`` is *settled*: committed, or refused for good if it ever arrives;
+      from revision 1.3 only below ``through - 256``: a never-committed ``seq`` of the sequence
+      window ``(through - 256, through)`` is still accepted once (``edgefl.protocol.sequence``).
     * ``committed``: the seqs committed by this batch (resends recognised as already committed
       included), as ascending, disjoint, non-adjacent ``[lo, hi]`` ranges.
     * ``rejected``: final rejections of this batch, ``{seq: RejectReason value}`` (unknown
@@ -691,7 +693,9 @@ class Receipt(_Message):
         return index >= 0 and self.committed[index][0] <= seq <= self.committed[index][1]
 
     def settles(self, seq: int) -> bool:
-        """Whether ``seq`` is settled: ``seq <= through`` or named as rejected."""
+        """Whether ``seq`` is settled: ``seq <= through`` or named as rejected (1.1's reading of
+        ``through``; from 1.3 a ``seq`` in the window below ``through`` that no receipt named
+        may still be accepted: the device resends it, and the answer names it)."""
         return (self.through is not None and seq <= self.through) or seq in self.rejected
 
 
