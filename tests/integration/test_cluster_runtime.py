@@ -3,7 +3,8 @@
 The real aggregator (FedBuff, K = 3, receipts, leases) is connected to node C; three real device
 agents to nodes A and B (``pi-1`` and ``pi-2`` on ``"A,B"``, ``pi-3`` on ``"B,A"``);
 ``edgefl monitor --once --json`` (a separate process) reads the fleet through node C. So
-every model chunk, update, receipt, lease and presence message crosses the cluster.
+every model chunk, update, receipt, lease and presence message crosses the cluster. It runs with
+the nodes on loopback ports and with each node on a host (network namespace) of its own.
 
 1. Models are delivered, updates applied (two steps), and the monitor sees every device and the
    aggregator.
@@ -24,7 +25,7 @@ from typing import Any
 
 import fleet_parts
 import pytest
-from cluster import NatsCluster, find_nats_server
+from cluster import NatsCluster, find_nats_server, netns_available
 from test_monitor_fleet import FLEET, MODEL, agent, monitor_once
 from waiting import eventually
 
@@ -35,11 +36,14 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300
 K = 3
 
 
-@pytest.fixture
-def nats(tmp_path: Path) -> Iterator[NatsCluster]:
+@pytest.fixture(params=[False, True], ids=["loopback", "netns"])
+def nats(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[NatsCluster]:
+    """Three NATS nodes on loopback, or each on a host (network namespace) of its own."""
     if find_nats_server() is None:
         pytest.fail("nats-server is not installed: apt-get install nats-server (Debian package)")
-    cluster = NatsCluster(tmp_path / "nats")
+    if request.param and not netns_available():
+        pytest.fail("network namespaces need root and iproute2 (`ip netns`)")
+    cluster = NatsCluster(tmp_path / "nats", netns=bool(request.param))
     cluster.start()
     try:
         yield cluster
