@@ -14,12 +14,13 @@ from typing import Any
 
 import pytest
 from commit_gate import gated_commits
-from test_aggregator_service import FLEET, Harness, delta, make_config, run
+from test_aggregator_service import FLEET, Harness, delta, make_config, run, update
 from waiting import eventually
 
 from edgefl.aggregator import Aggregator
 from edgefl.aggregator.receipts import ReceiptQueue, ReceiptSender
 from edgefl.aggregator.store import StateStore
+from edgefl.aggregator.updates import build_update_packets
 from edgefl.cli import main
 from edgefl.protocol import EnvelopeKind, ServerState, decode_message, server_state_topic
 from edgefl.protocol.messages import FEATURE_RECEIPTS, Receipt
@@ -281,6 +282,31 @@ def test_out_of_order_redelivery_is_counted_once_across_a_restart(tmp_path: Path
     restarted = time.time()
     run(after_restart)
     assert seen_rows(config.state_dir) == [("pi-1", s) for s in (2, 3, 4, 5, 45, 300)]
+
+
+def test_a_chunked_update_completing_after_a_later_seq_is_accepted(tmp_path: Path) -> None:
+    """Out of order without any redelivery: seq 3's chunks interleave with the single packet of
+    seq 4, so 3 completes after 4 was accepted (the 1.1 rule refused it as a replay)."""
+    broker = MemoryBroker()
+    config = make_config(tmp_path, buffer_size=100)
+    topic3, chunks3 = build_update_packets(max_packet=4096, **update("pi-1", 3, delta(3)))
+    assert len(chunks3) >= 2
+
+    async def body() -> None:
+        async with Harness(broker, config) as h:
+            # Act: the first chunk of 3, all of 4, then the rest of 3
+            await h.device.publish(topic3, chunks3[0], qos=1)
+            await h.send("pi-1", 4, 0, delta(4))
+            await h.until(lambda s: s.applied == 1)
+            for chunk in chunks3[1:]:
+                await h.device.publish(topic3, chunk, qos=1)
+            s = await h.until(lambda s: s.received == 2)
+            # Assert
+            assert (s.applied, dict(s.rejected)) == (2, {})
+            r = await receipt_when(broker, "pi-1", lambda r: r.is_committed(3))
+            assert r.through == 4
+
+    run(body)
 
 
 def lock_out(tmp_path: Path) -> Path:
