@@ -39,7 +39,8 @@ from broker.launcher import MosquittoBroker  # noqa: E402
 from edgefl.codec.config import CodecConfig  # noqa: E402
 from edgefl.codec.update import encode_update  # noqa: E402
 from edgefl.protocol.messages import UpdateHeader, encode_message  # noqa: E402
-from edgefl.sharding.partitions import partition_of, partitioned_update_topic  # noqa: E402
+from edgefl.protocol.topics import ShardsLeaf, shards_topic, update_topic  # noqa: E402
+from edgefl.sharding.partitions import partition_of  # noqa: E402
 
 FLEET, PARTITIONS = "bench", 2
 
@@ -68,7 +69,7 @@ def make_updates(n: int, params: int) -> list[tuple[str, bytes]]:
             num_params=params,
             created_at=1.0,
         )
-        topic = partitioned_update_topic(FLEET, partition_of(device, PARTITIONS), device, i)
+        topic = update_topic(FLEET, device, i, partition=partition_of(device, PARTITIONS))
         out.append((topic, encode_message(header, encoded.body)))
     return out
 
@@ -82,7 +83,7 @@ class Status:
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-status")
         self.client.on_message = self._on_message
         self.client.connect("127.0.0.1", port)
-        self.client.subscribe(f"edgefl/v1/{FLEET}/shards/root/status", qos=1)
+        self.client.subscribe(shards_topic(FLEET, ShardsLeaf.ROOT_STATUS), qos=1)
         self.client.loop_start()
 
     def _on_message(self, *args: Any) -> None:

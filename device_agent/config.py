@@ -44,7 +44,7 @@ from device_agent.eligibility.policy import EligibilityPolicy, PolicyError, Time
 from device_agent.eligibility.probes import MeteredSource
 from edgefl import configlayers
 from edgefl.configlayers import Mismatch, Setting, SettingError
-from edgefl.transport.config import BrokerUrl
+from edgefl.transport.config import BrokerUrl, parse_broker_urls
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -112,7 +112,8 @@ def _check_name(key: str, value: str) -> None:
 class BrokerConfig:
     """MQTT broker connection. ``url`` is ``mqtt://host[:port]``, ``mqtts://host[:port]``, or MQTT
     over WebSockets ``ws://host[:port][/path]`` / ``wss://...`` (see
-    :class:`edgefl.transport.config.BrokerUrl`)."""
+    :class:`edgefl.transport.config.BrokerUrl`), or a comma list of the nodes of a clustered
+    broker, tried in turn (:func:`edgefl.transport.config.parse_broker_urls`)."""
 
     url: str
     ca_file: Path | None = None
@@ -162,7 +163,7 @@ class BrokerConfig:
         if not isinstance(self.url, str):
             raise ConfigError("broker.url", f"expected a broker URL, got {self.url!r}")
         try:
-            return BrokerUrl.parse(self.url)
+            return parse_broker_urls(self.url)[0]  # a comma list: the nodes of a cluster
         except ValueError as exc:
             raise ConfigError("broker.url", str(exc)) from None
 

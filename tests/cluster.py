@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import urllib.request
@@ -33,11 +35,24 @@ from typing import Self
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from broker.launcher import BrokerStartError, _accepts, free_port
+from broker.launcher import BrokerStartError, _accepts
 
 NATS_BINARY_DIRS = "/usr/sbin:/usr/bin:/usr/local/bin:/usr/local/sbin"
 ACK_WAIT = "3s"
 """JetStream redelivers an unacknowledged QoS 1 message after this long (NATS default 30 s)."""
+
+
+_NODE_PORTS = (20000, 32000)
+"""Loopback ports for the nodes: below Linux's default ephemeral range (32768-60999)."""
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def find_nats_server() -> str | None:
@@ -171,11 +186,16 @@ class NatsCluster:
         return NatsNode(i, "127.0.0.1", mqtt_port, client_port, cluster_port, http_port, state)
 
     def _distinct_port(self) -> int:
-        """A free port none of this cluster's nodes was given (free_port may repeat one)."""
-        while (port := free_port()) in self._ports:
-            pass
-        self._ports.add(port)
-        return port
+        """A free port none of this cluster's nodes was given, below the kernel's ephemeral
+        range: a port from that range (what ``free_port`` hands out) may be taken as the source
+        port of some outgoing connection while its node is down, and ``start_node`` then fails
+        with "address already in use"."""
+        rng = random.Random()
+        while True:
+            port = rng.randrange(*_NODE_PORTS)
+            if port not in self._ports and _bindable(port):
+                self._ports.add(port)
+                return port
 
     @property
     def urls(self) -> list[str]:

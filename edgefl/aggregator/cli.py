@@ -69,7 +69,10 @@ def aggregator_command(
     config: ConfigOption = None,
     broker: Annotated[
         str | None,
-        typer.Option(help="Broker URL: mqtt://, mqtts://, ws://, wss:// host[:port] [broker.url]"),
+        typer.Option(
+            help="Broker URL: mqtt://, mqtts://, ws://, wss:// host[:port], or a comma list of"
+            " a cluster's nodes (tried in turn) [broker.url]"
+        ),
     ] = None,
     fleet: Annotated[
         str | None, typer.Option(help="Fleet name (topic root edgefl/v1/<fleet>).")

@@ -16,9 +16,10 @@ Checks, in order (first failure wins): topic (``BAD_TOPIC``/``UNKNOWN_FLEET``/..
 chunking (``TOO_LARGE`` against ``max_update_bytes``, ``BAD_CHECKSUM``, ``CHUNK_CONFLICT``,
 ``REASSEMBLY_*``, ``BAD_KIND``); header against topic (``BAD_HEADER``); the authenticator when
 configured (``UNKNOWN_DEVICE``/``BAD_SIGNATURE``); model name (``WRONG_MODEL``), ``num_params``
-and layout (``SHAPE_MISMATCH``); ``(device, seq)`` already accepted (``DUPLICATE``) or lower than
-the device's highest accepted seq (``REPLAY``), or more than ``max_seq_jump`` above it
-(``SEQ_JUMP``, :func:`~edgefl.protocol.sequence.seq_verdict`); per-device rate
+and layout (``SHAPE_MISMATCH``); ``(device, seq)`` already accepted (``DUPLICATE``), or
+``SEQ_WINDOW`` (256) or more below the device's highest accepted seq (``REPLAY``: a lower seq
+inside the window is accepted once, out-of-order redelivery), or more than ``max_seq_jump`` above
+it (``SEQ_JUMP``, :func:`~edgefl.protocol.sequence.seq_verdict`); per-device rate
 (``RATE_LIMITED``); codec (bounded decode: ``BAD_CODEC``, ``DECOMPRESSION_BOMB``,
 ``NON_FINITE``, ...); the ``admit`` hook when given (the participation lease check:
 ``NO_LEASE``, ``LEASE_EXPIRED``); then the engine (``STALE``, ``FUTURE_VERSION``, ``BAD_EXAMPLES``,
@@ -61,7 +62,7 @@ from edgefl.protocol import (
 )
 from edgefl.protocol.chunking import DroppedMessage
 from edgefl.protocol.messages import message_from_envelope
-from edgefl.protocol.sequence import SeqVerdict, seq_verdict
+from edgefl.protocol.sequence import SEQ_WINDOW, SeqVerdict, seq_verdict
 from edgefl.protocol.topics import UpdateTopic
 
 __all__ = [
@@ -440,6 +441,10 @@ class Ingest:
         return descriptor, text
 
     def _check_seq(self, device: str, seq: int) -> None:
+        """The sequence rule (:func:`~edgefl.protocol.sequence.seq_verdict`): a ``seq`` above
+        the device's mark (within ``max_seq_jump``), or less than ``SEQ_WINDOW`` below it and
+        not counted yet (pending or in ``seen``), is new; a counted one is a ``DUPLICATE``; an
+        uncounted one ``SEQ_WINDOW`` or more below the mark is a ``REPLAY``."""
         last = self._max_seq.get(device)
         verdict = seq_verdict(last, seq, self._config.max_seq_jump)
         if verdict is SeqVerdict.NEW:
@@ -450,15 +455,17 @@ class Ingest:
                 f"seq {seq} is more than {self._config.max_seq_jump} above the highest accepted"
                 f" seq {-1 if last is None else last} of {device}",
             )
-        highest = -1 if last is None else last
         if (
-            seq == highest
+            verdict is SeqVerdict.SEEN
             or (device, seq) in self._pending_seen
             or self._committed_seen(device, seq)
         ):
             raise ProtocolError(RejectReason.DUPLICATE, f"({device}, {seq}) already accepted")
+        if verdict is SeqVerdict.LATE:
+            return  # out of order, inside the window, never counted: new
         raise ProtocolError(
-            RejectReason.REPLAY, f"seq {seq} below the highest accepted seq {highest} of {device}"
+            RejectReason.REPLAY,
+            f"seq {seq} is {SEQ_WINDOW} or more below the highest accepted seq {last} of {device}",
         )
 
     def _check_rate(self, device: str, now: float) -> deque[float] | None:

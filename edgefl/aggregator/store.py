@@ -9,7 +9,7 @@ Tables (``state.sqlite``)::
     buffer(id, generation, device, seq, base_version, num_examples, codec, body)
                                      accepted ENCODED updates of the current buffer generation
     seen(device, seq, version, at)   every accepted (device, seq), exactly once (primary key)
-    devices(device, max_seq)         highest accepted seq per device (replay detection)
+    devices(device, max_seq)         highest accepted seq per device (the sequence window's mark)
     counters(name, value)            received, applied, bytes, rejected:<reason>, staleness:<tau>
     history(version, created_at, applied, accuracy)
     published(version, artifact, num_chunks)   retained chunk sets still on the broker

@@ -41,7 +41,10 @@ def monitor_command(
     fleet: Annotated[str, typer.Option(help="Fleet name (the <fleet> level of the topics).")],
     broker: Annotated[
         str,
-        typer.Option(help="Broker URL: mqtt://[user[:pass]@]host[:port], mqtts://, ws://, wss://"),
+        typer.Option(
+            help="Broker URL: mqtt://[user[:pass]@]host[:port], mqtts://, ws://, wss://; or a"
+            " comma list of a cluster's nodes (tried in turn)"
+        ),
     ] = "mqtt://127.0.0.1:1883",
     once: Annotated[
         bool, typer.Option("--once", help="Print one snapshot after the retained messages.")
@@ -258,7 +261,7 @@ def _check_fleet_and_broker(fleet: str, broker: str) -> transport_config.BrokerU
             " or digit"
         ) from None
     try:
-        return transport_config.BrokerUrl.parse(broker)
+        return transport_config.parse_broker_urls(broker)[0]
     except ValueError as exc:
         raise UsageError(f"--broker {broker!r}: {exc}") from None
 

@@ -244,7 +244,7 @@ class FleetMonitor(AsyncLifecycle):
     def connection_view(self) -> ConnectionView:
         stats = self._transport.statistics()
         return ConnectionView(
-            broker=self.config.url,
+            broker=stats.broker_url or self.config.url,  # the node in use (a URL list)
             client_id=str(getattr(self._transport, "client_id", self.config.client_id)),
             protocol=stats.protocol,
             connected=stats.connected,

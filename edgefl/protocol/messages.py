@@ -90,12 +90,13 @@ __all__ = [
     "message_from_envelope",
 ]
 
-PROTOCOL_REVISION: Final = "1.2"
+PROTOCOL_REVISION: Final = "1.3"
 """Revision of wire version 1 this module implements (PROTOCOL.md, "Versioning"): 1.1 added
 ``RECEIPT``, ``ServerState.features`` and the spool fields of ``DeviceState``; 1.2 added
 server-controlled participation (``CHECKIN``, ``LEASE``, ``UpdateHeader.lease_id``,
 ``ServerState.participation``, ``DeviceState.waiting_for_slot``) and ``ServerState.privacy``
-(central differential privacy)."""
+(central differential privacy); 1.3 added the sharded tree's topics (``topics.py``) and the
+sequence window below the mark (``sequence.py``)."""
 FEATURE_RECEIPTS: Final = "receipts"
 """``ServerState.features`` entry of an aggregator that publishes receipts (PROTOCOL.md §4.6)."""
 FEATURE_LEASES: Final = "leases"
@@ -640,7 +641,9 @@ class Receipt(_Message):
     The aggregator publishes one per device per commit batch, after the batch committed:
 
     * ``through``: the device's highest durably committed ``seq`` (None: nothing committed yet).
-      Every ``seq <= through`` is *settled*: committed, or refused for good if it ever arrives.
+      Every ``seq <= through`` is *settled*: committed, or refused for good if it ever arrives;
+      from revision 1.3 only below ``through - 256``: a never-committed ``seq`` of the sequence
+      window ``(through - 256, through)`` is still accepted once (``edgefl.protocol.sequence``).
     * ``committed``: the seqs committed by this batch (resends recognised as already committed
       included), as ascending, disjoint, non-adjacent ``[lo, hi]`` ranges.
     * ``rejected``: final rejections of this batch, ``{seq: RejectReason value}`` (unknown
@@ -690,7 +693,9 @@ class Receipt(_Message):
         return index >= 0 and self.committed[index][0] <= seq <= self.committed[index][1]
 
     def settles(self, seq: int) -> bool:
-        """Whether ``seq`` is settled: ``seq <= through`` or named as rejected."""
+        """Whether ``seq`` is settled: ``seq <= through`` or named as rejected (1.1's reading of
+        ``through``; from 1.3 a ``seq`` in the window below ``through`` that no receipt named
+        may still be accepted: the device resends it, and the answer names it)."""
         return (self.through is not None and seq <= self.through) or seq in self.rejected
 
 
@@ -788,6 +793,9 @@ TOPIC_ENVELOPE_KINDS: Final[Mapping[TopicKind, frozenset[EnvelopeKind]]] = {
     TopicKind.DEVICE_LEASE: frozenset({EnvelopeKind.LEASE}),
     TopicKind.SERVER_STATE: frozenset({EnvelopeKind.SERVER_STATE}),
     TopicKind.SERVER_METRICS: frozenset({EnvelopeKind.METRICS}),
+    # 1.3, the sharded tree: JSON control messages and EDFP partials, no envelope (yet)
+    TopicKind.SHARDS: frozenset(),
+    TopicKind.PARTITION_CONTROL: frozenset(),
 }
 """Which envelope kinds may be published on each kind of topic (anything else is BAD_KIND)."""
 

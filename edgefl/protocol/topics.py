@@ -14,6 +14,15 @@ Every topic edgefl publishes lives under ``edgefl/v1/<fleet>/``::
     edgefl/v1/<fleet>/server/state                    retained + Will  SERVER_STATE
     edgefl/v1/<fleet>/server/metrics                  QoS0             METRICS
 
+Revision 1.3, the sharded tree (``docs/PROTOCOL.md`` §11; partitions by device hash)::
+
+    edgefl/v1/<fleet>/part/<k>/device/<id>/update/<seq>   QoS1   UPDATE, UPDATE_CHUNK
+    edgefl/v1/<fleet>/shards/assignment                   retained, QoS1   partition owners
+    edgefl/v1/<fleet>/shards/partial                      QoS1   a shard's partial sums
+    edgefl/v1/<fleet>/shards/root/status                  retained   the root's status
+    edgefl/v1/<fleet>/shards/part/<k>/<control>           QoS1   takeover, granted, confirm,
+                                                                 progress (QoS0)
+
 The chunk index of a chunked *update* is inside the packet (see ``chunking``), not a topic level:
 all packets of one update share the topic ``.../update/<seq>``. Model chunks are retained, and a
 broker keeps one retained message per topic, so their index *is* a topic level (and is repeated in
@@ -38,8 +47,10 @@ from edgefl.errors import ProtocolError, RejectReason
 
 __all__ = [
     "MAX_INT",
+    "MAX_PARTITIONS",
     "MAX_TOPIC_BYTES",
     "NAME_PATTERN",
+    "PARTITION_LEVEL",
     "PROTOCOL_ROOT",
     "CheckInTopic",
     "DeviceId",
@@ -50,9 +61,13 @@ __all__ = [
     "ModelChunkTopic",
     "ModelManifestTopic",
     "ParsedTopic",
+    "PartitionControl",
+    "PartitionControlTopic",
     "ReceiptTopic",
     "ServerMetricsTopic",
     "ServerStateTopic",
+    "ShardsLeaf",
+    "ShardsTopic",
     "TopicKind",
     "UpdateTopic",
     "all_fleet_filter",
@@ -67,10 +82,13 @@ __all__ = [
     "model_chunk_topic",
     "model_chunks_filter",
     "parse_topic",
+    "partition_control_filter",
+    "partition_control_topic",
     "receipt_topic",
     "receipts_filter",
     "server_metrics_topic",
     "server_state_topic",
+    "shards_topic",
     "shared_subscription",
     "update_topic",
     "updates_filter",
@@ -85,6 +103,12 @@ MAX_TOPIC_BYTES = 65535
 
 MAX_INT = 2**63 - 1
 """Largest version, sequence number or chunk index (fits a signed 64-bit integer everywhere)."""
+
+PARTITION_LEVEL = "part"
+"""The topic level before a partition number (revision 1.3, the sharded tree)."""
+
+MAX_PARTITIONS = 65536
+"""Partitions of a fleet: ``<k>`` is in ``[0, MAX_PARTITIONS)``."""
 
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
 """Fleet names, device ids, model names and shared-subscription groups: 1-64 ASCII characters,
@@ -130,8 +154,21 @@ def _validate_fields(topic: object) -> None:
             device_id(value)
         elif name == "artifact":
             ModelArtifact(value)
+        elif name == "leaf":
+            ShardsLeaf(value)
+        elif name == "control":
+            PartitionControl(value)
+        elif name == "partition":
+            if value is not None:
+                _check_partition(value)
         else:
             _check_int(value, name)
+
+
+def _check_partition(value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < MAX_PARTITIONS:
+        raise ValueError(f"partition must be an int in [0, {MAX_PARTITIONS}), got {value!r}")
+    return value
 
 
 class TopicKind(StrEnum):
@@ -146,6 +183,8 @@ class TopicKind(StrEnum):
     DEVICE_LEASE = "device_lease"
     SERVER_STATE = "server_state"
     SERVER_METRICS = "server_metrics"
+    SHARDS = "shards"  # 1.3: shards/assignment, shards/partial, shards/root/status
+    PARTITION_CONTROL = "partition_control"  # 1.3: shards/part/<k>/<control>
 
 
 class ModelArtifact(StrEnum):
@@ -190,19 +229,21 @@ class ModelChunkTopic:
 
 @dataclass(frozen=True)
 class UpdateTopic:
-    """``edgefl/v1/<fleet>/device/<id>/update/<seq>``."""
+    """``edgefl/v1/<fleet>/device/<id>/update/<seq>``, or (1.3) with ``partition`` set
+    ``edgefl/v1/<fleet>/part/<k>/device/<id>/update/<seq>``."""
 
     kind: ClassVar[TopicKind] = TopicKind.DEVICE_UPDATE
     fleet: str
     device_id: str
     seq: int
+    partition: int | None = None
 
     def __post_init__(self) -> None:
         _validate_fields(self)
 
     @property
     def topic(self) -> str:
-        return update_topic(self.fleet, self.device_id, self.seq)
+        return update_topic(self.fleet, self.device_id, self.seq, partition=self.partition)
 
 
 @dataclass(frozen=True)
@@ -286,6 +327,56 @@ class ServerMetricsTopic(_ServerLeafTopic):
     leaf = "metrics"
 
 
+class ShardsLeaf(StrEnum):
+    """``edgefl/v1/<fleet>/shards/<leaf>`` (1.3): the sharded tree's fleet-wide topics."""
+
+    ASSIGNMENT = "assignment"  # root -> shards, devices: partition owners (retained)
+    PARTIAL = "partial"  # shard -> root: a partial sum (the EDFP bytes of sharding.wire)
+    ROOT_STATUS = "root/status"  # root -> anyone: version, buffer fill, verdicts (retained)
+
+
+class PartitionControl(StrEnum):
+    """``edgefl/v1/<fleet>/shards/part/<k>/<control>`` (1.3): one partition's hand-over."""
+
+    TAKEOVER = "takeover"  # new owner -> root: {"epoch": e}
+    GRANTED = "granted"  # root -> owner: the epoch, the version and the seq windows (or refused)
+    CONFIRM = "confirm"  # root -> owner: the verdict on a partial; the owner then acks
+    PROGRESS = "progress"  # owner -> anyone: open updates (QoS 0)
+
+
+@dataclass(frozen=True)
+class ShardsTopic:
+    """``edgefl/v1/<fleet>/shards/<leaf>`` (1.3)."""
+
+    kind: ClassVar[TopicKind] = TopicKind.SHARDS
+    fleet: str
+    leaf: ShardsLeaf
+
+    def __post_init__(self) -> None:
+        _validate_fields(self)
+
+    @property
+    def topic(self) -> str:
+        return shards_topic(self.fleet, self.leaf)
+
+
+@dataclass(frozen=True)
+class PartitionControlTopic:
+    """``edgefl/v1/<fleet>/shards/part/<k>/<control>`` (1.3)."""
+
+    kind: ClassVar[TopicKind] = TopicKind.PARTITION_CONTROL
+    fleet: str
+    partition: int
+    control: PartitionControl
+
+    def __post_init__(self) -> None:
+        _validate_fields(self)
+
+    @property
+    def topic(self) -> str:
+        return partition_control_topic(self.fleet, self.partition, self.control)
+
+
 ParsedTopic = (
     ModelManifestTopic
     | ModelChunkTopic
@@ -296,6 +387,8 @@ ParsedTopic = (
     | LeaseTopic
     | ServerStateTopic
     | ServerMetricsTopic
+    | ShardsTopic
+    | PartitionControlTopic
 )
 """Tagged union returned by :func:`parse_topic`; narrow with ``isinstance`` or ``match``."""
 
@@ -323,9 +416,34 @@ def model_chunk_topic(
     return f"{_fleet_root(fleet)}/model/{version}/{middle}{index}"
 
 
-def update_topic(fleet: str, device: str, seq: int) -> str:
-    """``edgefl/v1/<fleet>/device/<id>/update/<seq>`` (QoS1, not retained)."""
-    return f"{_fleet_root(fleet)}/device/{device_id(device)}/update/{_check_int(seq, 'seq')}"
+def update_topic(fleet: str, device: str, seq: int, *, partition: int | None = None) -> str:
+    """``edgefl/v1/<fleet>/device/<id>/update/<seq>`` (QoS1, not retained); with ``partition``
+    (1.3) ``edgefl/v1/<fleet>/part/<k>/device/<id>/update/<seq>``."""
+    device_part = f"device/{device_id(device)}/update/{_check_int(seq, 'seq')}"
+    return f"{_partition_root(fleet, partition)}/{device_part}"
+
+
+def _partition_root(fleet: str, partition: int | None) -> str:
+    """``edgefl/v1/<fleet>``, or ``edgefl/v1/<fleet>/part/<k>`` for a partition."""
+    if partition is None:
+        return _fleet_root(fleet)
+    return f"{_fleet_root(fleet)}/{PARTITION_LEVEL}/{_check_partition(partition)}"
+
+
+def shards_topic(fleet: str, leaf: ShardsLeaf) -> str:
+    """``edgefl/v1/<fleet>/shards/<leaf>`` (1.3): ``assignment``, ``partial``, ``root/status``."""
+    return f"{_fleet_root(fleet)}/shards/{ShardsLeaf(leaf).value}"
+
+
+def partition_control_topic(fleet: str, partition: int, control: PartitionControl) -> str:
+    """``edgefl/v1/<fleet>/shards/part/<k>/<control>`` (1.3)."""
+    k = _check_partition(partition)
+    return f"{_fleet_root(fleet)}/shards/{PARTITION_LEVEL}/{k}/{PartitionControl(control).value}"
+
+
+def partition_control_filter(fleet: str, control: PartitionControl) -> str:
+    """One control topic of every partition: ``.../shards/part/+/<control>`` (the root's)."""
+    return f"{_fleet_root(fleet)}/shards/{PARTITION_LEVEL}/+/{PartitionControl(control).value}"
 
 
 def _device_leaf(fleet: str, device: str, leaf: str) -> str:
@@ -369,10 +487,12 @@ def server_metrics_topic(fleet: str) -> str:
 # subscription filters
 
 
-def updates_filter(fleet: str, *, device: str | None = None) -> str:
-    """All update packets of a fleet (``.../device/+/update/+``) or of one device."""
+def updates_filter(fleet: str, *, device: str | None = None, partition: int | None = None) -> str:
+    """All update packets of a fleet (``.../device/+/update/+``) or of one device; with
+    ``partition`` (1.3) those of one partition (``.../part/<k>/device/+/update/+``, what the
+    partition's owner subscribes to)."""
     who = "+" if device is None else device_id(device)
-    return f"{_fleet_root(fleet)}/device/{who}/update/+"
+    return f"{_partition_root(fleet, partition)}/device/{who}/update/+"
 
 
 def device_states_filter(fleet: str) -> str:
@@ -513,6 +633,38 @@ def _parse_device_levels(fleet: str, rest: list[str], text: str) -> ParsedTopic 
     return None
 
 
+def _parse_partition_levels(fleet: str, rest: list[str], text: str) -> ParsedTopic | None:
+    """``part/<k>/device/<id>/update/<seq>`` (1.3): a partitioned update topic."""
+    if len(rest) != 6 or rest[2] != "device" or rest[4] != "update":
+        return None
+    partition = _parse_partition(rest[1], text)
+    device = device_id(rest[3])
+    return UpdateTopic(fleet, device, _parse_int(rest[5], text, "update seq"), partition)
+
+
+def _parse_partition(level: str, text: str) -> int:
+    value = _parse_int(level, text, "partition")
+    if value >= MAX_PARTITIONS:
+        raise _bad_topic(text, f"partition {value} is not below {MAX_PARTITIONS}")
+    return value
+
+
+_SHARDS_LEAVES = {tuple(leaf.value.split("/")): leaf for leaf in ShardsLeaf}
+
+
+def _parse_shards_levels(fleet: str, rest: list[str], text: str) -> ParsedTopic | None:
+    """``shards/<leaf>`` and ``shards/part/<k>/<control>`` (1.3)."""
+    leaf = _SHARDS_LEAVES.get(tuple(rest[1:]))
+    if leaf is not None:
+        return ShardsTopic(fleet, leaf)
+    if len(rest) == 4 and rest[1] == PARTITION_LEVEL and rest[3] in _CONTROLS:
+        return PartitionControlTopic(fleet, _parse_partition(rest[2], text), _CONTROLS[rest[3]])
+    return None
+
+
+_CONTROLS = {control.value: control for control in PartitionControl}
+
+
 def _parse_server_levels(fleet: str, rest: list[str], _text: str) -> ParsedTopic | None:
     """``server/state``, ``server/metrics``."""
     leaf = _SERVER_LEAVES.get(rest[1]) if len(rest) == 2 else None
@@ -523,4 +675,6 @@ _FLEET_FAMILIES: dict[str, Callable[[str, list[str], str], ParsedTopic | None]] 
     "model": _parse_model_levels,
     "device": _parse_device_levels,
     "server": _parse_server_levels,
+    PARTITION_LEVEL: _parse_partition_levels,
+    "shards": _parse_shards_levels,
 }

@@ -18,7 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-WINDOW: Final = 256
+from edgefl.protocol.sequence import SEQ_WINDOW
+
+WINDOW: Final = SEQ_WINDOW
 _MASK: Final = (1 << WINDOW) - 1
 
 

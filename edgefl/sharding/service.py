@@ -4,22 +4,30 @@ reassembly yet), no signature checks, the model version taken from the root's gr
 publishes no manifest or model yet), and a shard's partitions given on its command line (the
 assignment of :mod:`~edgefl.sharding.assignment` is not yet read from the broker).
 
-Control topics under ``edgefl/v1/<fleet>/shards/`` (JSON unless said; docs/SCALING.md):
+Topics (protocol revision 1.3, every one built and parsed by :mod:`edgefl.protocol.topics`;
+docs/PROTOCOL.md §11), under ``edgefl/v1/<fleet>/``:
 
-    part/<k>/takeover   worker -> root   {"epoch": e}                  QoS 1
-    part/<k>/granted    root -> worker   {"epoch", "version", "high_water"} or {"epoch", "refused"}
-    part/<k>/confirm    root -> worker   {"id": [shard, k, e, n], "verdict": ...}
-    partial             worker -> root   encode_partial(...) bytes     QoS 1
-    part/<k>/progress   worker -> anyone {"shard", "epoch", "open"}    QoS 0, with --progress
-    root/status         root -> anyone   {"version", "buffer_fill", "epochs", "verdicts",
-                                          "weights", "last_step"}      retained
+    part/<k>/device/<id>/update/<seq>  device -> worker of k   UPDATE                  QoS 1
+    device/<id>/update/<seq>           old device -> every worker (``--legacy``)       QoS 1
+    shards/part/<k>/takeover   worker -> root   {"epoch": e}                           QoS 1
+    shards/part/<k>/granted    root -> worker   {"epoch", "version", "high_water"} or
+                                                {"epoch", "refused"}                   QoS 1
+    shards/part/<k>/confirm    root -> worker   {"id": [shard, k, e, n], "verdict"}    QoS 1
+    shards/partial             worker -> root   encode_partial(...) bytes              QoS 1
+    shards/part/<k>/progress   worker -> anyone {"shard", "epoch", "open"}  QoS 0, --progress
+    shards/root/status         root -> anyone   {"version", "buffer_fill", "epochs",
+                                                 "verdicts", "weights", "last_step"}   retained
 
 Each partition worker owns the MQTT session ``edgefl-<fleet>-part-<k>`` (persistent, manual
 acks): device updates stay unacknowledged until the root confirmed the partial covering them
 (the exactly-once rule). The root commits its :class:`RootState` (one file, written atomically)
-before it confirms or grants.
+before it confirms or grants. Old (pre-1.3) devices publish unpartitioned topics: with
+``--legacy`` every worker's session also subscribes to them, and a worker counts only its own
+partition's devices (the others' copies are acknowledged unread, counted as
+``other_partition``: each session holds its own copy, so the owner's is untouched). That costs P
+broker deliveries per legacy update; the alternative is one legacy router (docs/SCALING.md).
 
-Run: ``python -m edgefl.sharding.service root|shard --broker URL ...`` (``--help``).
+Run: ``python -m edgefl.sharding.service root|shard --broker URL[,URL...] ...`` (``--help``).
 """
 
 from __future__ import annotations
@@ -41,14 +49,21 @@ from edgefl.aggregation.fedbuff import FedBuffConfig
 from edgefl.aggregation.robust import NormBound
 from edgefl.codec.config import CodecDescriptor
 from edgefl.codec.update import open_update
-from edgefl.errors import ProtocolError, UpdateRejected
+from edgefl.errors import ProtocolError, RejectReason, UpdateRejected
 from edgefl.protocol.messages import decode_update
-from edgefl.sharding.partial import PartialId, PartialSum, ShardAccumulator
-from edgefl.sharding.partitions import (
-    check_owner,
-    parse_partitioned_update,
-    partition_updates_filter,
+from edgefl.protocol.topics import (
+    PartitionControl,
+    PartitionControlTopic,
+    ShardsLeaf,
+    UpdateTopic,
+    parse_topic,
+    partition_control_filter,
+    partition_control_topic,
+    shards_topic,
+    updates_filter,
 )
+from edgefl.sharding.partial import PartialId, PartialSum, ShardAccumulator
+from edgefl.sharding.partitions import check_owner
 from edgefl.sharding.root import PartialVerdict, RootBuffer, RootState
 from edgefl.sharding.seqwindow import SeqWindow
 from edgefl.sharding.wire import decode_partial, encode_partial
@@ -60,16 +75,16 @@ log = logging.getLogger("edgefl.sharding")
 MAX_DECOMPRESSED = 1 << 28
 
 
-def _base(fleet: str) -> str:
-    return f"edgefl/v1/{fleet}/shards"
-
-
-def _part(fleet: str, k: int, what: str) -> str:
-    return f"{_base(fleet)}/part/{k}/{what}"
-
-
 def _json(data: dict[str, Any]) -> bytes:
     return json.dumps(data, separators=(",", ":"), sort_keys=True).encode()
+
+
+def _control_of(topic: str, fleet: str) -> PartitionControl | None:
+    """The control kind of a ``shards/part/<k>/<control>`` topic; None for anything else."""
+    if "/shards/" not in topic:
+        return None  # an update topic: parsed (and judged) by the worker
+    parsed = parse_topic(topic, expected_fleet=fleet)
+    return parsed.control if isinstance(parsed, PartitionControlTopic) else None
 
 
 # ---------------------------------------------------------------------------- root
@@ -99,20 +114,19 @@ class RootService:
         os.replace(tmp, self._path)
 
     async def run(self) -> None:
-        base = _base(self._fleet)
         messages = self._t.messages()
-        await self._t.subscribe(f"{base}/partial", qos=1)
-        await self._t.subscribe(f"{base}/part/+/takeover", qos=1)
+        await self._t.subscribe(shards_topic(self._fleet, ShardsLeaf.PARTIAL), qos=1)
+        await self._t.subscribe(partition_control_filter(self._fleet, PartitionControl.TAKEOVER))
         await self._publish_status()
         async for message in messages:
-            if message.topic.endswith("/takeover"):
-                await self._on_takeover(message)
-            else:
-                await self._on_partial(message)
+            match parse_topic(message.topic, expected_fleet=self._fleet):
+                case PartitionControlTopic(partition=k, control=PartitionControl.TAKEOVER):
+                    await self._on_takeover(k, message)
+                case _:  # the only other subscription: shards/partial
+                    await self._on_partial(message)
             await self._t.ack(message)
 
-    async def _on_takeover(self, message: InboundMessage) -> None:
-        k = int(message.topic.split("/")[-2])
+    async def _on_takeover(self, k: int, message: InboundMessage) -> None:
         epoch = int(json.loads(message.payload)["epoch"])
         try:
             marks = self._root.take_over(k, epoch)
@@ -121,7 +135,8 @@ class RootService:
             reply = {"epoch": epoch, "version": self._root.version, "high_water": windows}
         except ValueError as exc:
             reply = {"epoch": epoch, "refused": str(exc)}
-        await self._t.publish(_part(self._fleet, k, "granted"), _json(reply), qos=1)
+        granted = partition_control_topic(self._fleet, k, PartitionControl.GRANTED)
+        await self._t.publish(granted, _json(reply), qos=1)
         await self._publish_status()
 
     async def _on_partial(self, message: InboundMessage) -> None:
@@ -138,7 +153,8 @@ class RootService:
             self._commit()
         pid = partial.id
         confirm = {"id": [pid.shard, pid.partition, pid.epoch, pid.number], "verdict": verdict}
-        await self._t.publish(_part(self._fleet, pid.partition, "confirm"), _json(confirm))
+        topic = partition_control_topic(self._fleet, pid.partition, PartitionControl.CONFIRM)
+        await self._t.publish(topic, _json(confirm))
         await self._publish_status()
 
     async def _publish_status(self) -> None:
@@ -150,7 +166,8 @@ class RootService:
             "weights": [float(w) for w in self._root.weights[:64]],
             "last_step": self._last_step,
         }
-        await self._t.publish(f"{_base(self._fleet)}/root/status", _json(status), retain=True)
+        topic = shards_topic(self._fleet, ShardsLeaf.ROOT_STATUS)
+        await self._t.publish(topic, _json(status), retain=True)
 
 
 # ---------------------------------------------------------------------------- partition worker
@@ -172,6 +189,8 @@ class WorkerSettings:
     flush_every: int = 5
     flush_after: float = 0.5
     progress: bool = False
+    legacy: bool = False
+    """Also take unpartitioned (pre-1.3) update topics, counting only this partition's devices."""
     counts: dict[str, int] = field(default_factory=dict)
 
 
@@ -193,11 +212,13 @@ class PartitionWorker:
     async def run(self) -> None:
         s = self._s
         control, data = self._ctl.messages(), self._t.messages()
-        for what in ("granted", "confirm"):
-            await self._ctl.subscribe(_part(s.fleet, s.partition, what), qos=1)
-        await self._t.subscribe(partition_updates_filter(s.fleet, s.partition), qos=1)
-        takeover = _json({"epoch": s.epoch})
-        await self._ctl.publish(_part(s.fleet, s.partition, "takeover"), takeover, qos=1)
+        for what in (PartitionControl.GRANTED, PartitionControl.CONFIRM):
+            await self._ctl.subscribe(partition_control_topic(s.fleet, s.partition, what), qos=1)
+        await self._t.subscribe(updates_filter(s.fleet, partition=s.partition), qos=1)
+        if s.legacy:
+            await self._t.subscribe(updates_filter(s.fleet), qos=1)
+        takeover = partition_control_topic(s.fleet, s.partition, PartitionControl.TAKEOVER)
+        await self._ctl.publish(takeover, _json({"epoch": s.epoch}), qos=1)
         loop = asyncio.get_running_loop()
         tasks = [
             loop.create_task(self._flush_periodically()),
@@ -217,10 +238,11 @@ class PartitionWorker:
                 return
 
     async def _dispatch(self, message: InboundMessage) -> None:
-        if message.topic.endswith("/granted"):
+        control = _control_of(message.topic, self._s.fleet)
+        if control is PartitionControl.GRANTED:
             await self._ctl.ack(message)
             await self._on_granted(json.loads(message.payload))
-        elif message.topic.endswith("/confirm"):
+        elif control is PartitionControl.CONFIRM:
             await self._ctl.ack(message)
             await self._on_confirm(json.loads(message.payload))
         elif self._acc is None:
@@ -251,9 +273,16 @@ class PartitionWorker:
         assert self._acc is not None
         s = self._s
         try:
-            parsed = parse_partitioned_update(message.topic, fleet=s.fleet)
-            check_owner(parsed, s.partitions)
-            header, body = decode_update(message.payload, topic=parsed.update)
+            parsed = parse_topic(message.topic, expected_fleet=s.fleet)
+            if not isinstance(parsed, UpdateTopic):
+                raise ProtocolError(RejectReason.BAD_TOPIC, f"not an update: {message.topic!r}")
+            if check_owner(parsed, s.partitions) != s.partition:
+                # an old device's unpartitioned update of another partition: its owner's
+                # session holds its own copy
+                s.counts["other_partition"] = s.counts.get("other_partition", 0) + 1
+                await self._t.ack(message)
+                return
+            header, body = decode_update(message.payload, topic=parsed)
             descriptor = CodecDescriptor.from_dict(header.codec)
             update = open_update(
                 descriptor, body, num_params=s.num_params, max_decompressed=MAX_DECOMPRESSED
@@ -275,7 +304,8 @@ class PartitionWorker:
             await self._forward()
         if s.progress:
             progress = {"shard": s.shard, "epoch": s.epoch, "open": len(self._open)}
-            await self._t.publish(_part(s.fleet, s.partition, "progress"), _json(progress), qos=0)
+            topic = partition_control_topic(s.fleet, s.partition, PartitionControl.PROGRESS)
+            await self._t.publish(topic, _json(progress), qos=0)
 
     async def _forward(self) -> None:
         if self._acc is None:
@@ -285,7 +315,8 @@ class PartitionWorker:
             return
         self._held[partial.id] = _Held(partial, self._open)
         self._open = []
-        await self._ctl.publish(f"{_base(self._s.fleet)}/partial", encode_partial(partial), qos=1)
+        topic = shards_topic(self._s.fleet, ShardsLeaf.PARTIAL)
+        await self._ctl.publish(topic, encode_partial(partial), qos=1)
 
     async def _on_confirm(self, confirm: dict[str, Any]) -> None:
         shard, k, epoch, number = confirm["id"]
@@ -344,6 +375,7 @@ async def _run_shard(args: argparse.Namespace) -> None:
             flush_every=args.flush_every,
             flush_after=args.flush_after,
             progress=args.progress,
+            legacy=args.legacy,
         )
         async with MqttTransport(data) as data_t, MqttTransport(control) as control_t:
             await PartitionWorker(data_t, control_t, settings).run()
@@ -354,7 +386,7 @@ async def _run_shard(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m edgefl.sharding.service")
     parser.add_argument("role", choices=["root", "shard"])
-    parser.add_argument("--broker", required=True)
+    parser.add_argument("--broker", required=True, help="URL, or a comma list of cluster nodes")
     parser.add_argument("--fleet", required=True)
     parser.add_argument("--partitions", type=int, required=True)
     parser.add_argument("--params", type=int, required=True)
@@ -366,6 +398,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--flush-every", type=int, default=5, help="shard: updates per partial")
     parser.add_argument("--flush-after", type=float, default=0.5, help="shard: seconds")
     parser.add_argument("--progress", action="store_true", help="shard: publish open counts")
+    parser.add_argument(
+        "--legacy", action="store_true", help="shard: also take pre-1.3 unpartitioned updates"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     asyncio.run(_run_root(args) if args.role == "root" else _run_shard(args))

@@ -32,6 +32,7 @@ from edgefl.transport.config import (
     MqttConfig,
     MqttProtocol,
     Will,
+    parse_broker_urls,
 )
 from edgefl.transport.memory import MemoryBroker, MemoryTransport
 from edgefl.transport.mqtt import MqttTransport
@@ -60,6 +61,7 @@ __all__ = [
     "TransportStatistics",
     "TransportTimeout",
     "Will",
+    "parse_broker_urls",
     "topic_matches",
     "validate_filter",
     "validate_topic",

@@ -32,6 +32,7 @@ class Counters:
     read_pauses: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     last_error: str | None = None
+    failovers: int = 0
 
     def drop(self, reason: DropReason, count: int = 1) -> None:
         """Count ``count`` discarded messages under ``reason``."""
@@ -39,7 +40,7 @@ class Counters:
             self.dropped[reason.value] = self.dropped.get(reason.value, 0) + count
 
     def snapshot(
-        self, *, connected: bool, protocol: str | None, queued: int
+        self, *, connected: bool, protocol: str | None, queued: int, broker_url: str | None = None
     ) -> TransportStatistics:
         """Freeze the counters into a :class:`TransportStatistics` (the counters of the same
         name, and the reconnects: every connect after the first)."""
@@ -49,6 +50,7 @@ class Counters:
             protocol=protocol,
             reconnects=max(0, self.connects - 1),
             queued=queued,
+            broker_url=broker_url,
             dropped_by_reason=dict(self.dropped),
             **counts,
         )

@@ -28,7 +28,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edgefl.transport.config import MqttConfig, MqttProtocol
+from edgefl.transport.config import BrokerUrl, MqttConfig, MqttProtocol
 
 if TYPE_CHECKING:
     from paho.mqtt.client import SocketLike
@@ -139,6 +139,15 @@ class BufferedClient(mqtt.Client):
         self.pings_answered = 0
         self.on_pingresp: Callable[[], None] | None = None
         """Called (on the reading thread) after every PINGRESP."""
+
+    def aim(self, node: BrokerUrl) -> None:
+        """Point the next ``reconnect()`` at ``node`` (another node of a clustered broker).
+        Only between connections: paho's ``host`` setter refuses while a socket is open, and
+        this is called before each attempt, when none is. The client's session state
+        (unacknowledged QoS 1 messages, retransmitted after the CONNACK) stays."""
+        self._host, self._port = node.host, node.port
+        if node.websocket_path is not None:
+            self._websocket_path = node.websocket_path
 
     def ping(self) -> int:
         """Send a PINGREQ now (keepalive ones are sent by ``loop_misc``); returns the value

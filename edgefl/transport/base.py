@@ -123,6 +123,11 @@ class TransportStatistics:
     dropped_by_reason: Mapping[str, int] = field(default_factory=dict)
     """Discarded inbound messages by :class:`DropReason` value. Never anything silent."""
     last_error: str | None = None
+    failovers: int = 0
+    """Connections made to another broker node than the previous connection's (a list of
+    broker URLs, ``MqttConfig.fallbacks``)."""
+    broker_url: str | None = None
+    """The node of the current or last connection attempt, without credentials."""
 
     @property
     def dropped(self) -> int:

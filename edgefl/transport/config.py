@@ -132,6 +132,46 @@ class BrokerUrl:
         return f"{self.scheme}://{host}:{self.port}{self.websocket_path or ''}"
 
 
+_LIST_SEPARATOR = re.compile(r"\s*,\s*(?=[A-Za-z][A-Za-z0-9+.-]*://)")
+
+
+def parse_broker_urls(text: str) -> tuple[BrokerUrl, ...]:
+    """A comma-separated list of broker URLs, the nodes of one (clustered) broker, in the order
+    to try them (``"mqtt://a:1883,mqtt://b:1883"``; spaces around commas are ignored; a comma
+    separates URLs only where a scheme follows, so WebSocket paths keep theirs). All use
+    the same kind of connection (TLS or not, TCP or WebSockets) and the same credentials (or
+    credentials in the first only): one session, one client, several doors. ``ValueError``
+    naming the bad URL."""
+    if not isinstance(text, str):
+        raise ValueError(f"broker URL must be a string, got {type(text).__name__}")
+    parts = _LIST_SEPARATOR.split(text.strip())
+    if any(not part or (part.endswith(",") and i < len(parts) - 1) for i, part in enumerate(parts)):
+        raise ValueError(f"empty entry in the broker URL list {text!r}")
+    urls = tuple(BrokerUrl.parse(part) for part in parts)
+    for url, part in zip(urls, parts, strict=True):
+        if "," in url.host:
+            raise ValueError(
+                f"bad host {url.host!r} in {part!r}: each URL of a list starts with its scheme"
+            )
+    first = urls[0]
+    for url, part in zip(urls[1:], parts[1:], strict=True):
+        _check_same_kind(first, url, part)
+        if url.username is not None and (url.username, url.password) != (
+            first.username,
+            first.password,
+        ):
+            raise ValueError(f"every broker URL of a list must carry the same credentials: {part}")
+    return urls
+
+
+def _check_same_kind(first: BrokerUrl, other: BrokerUrl, text: str) -> None:
+    if other.tls != first.tls or (other.websocket_path is None) != (first.websocket_path is None):
+        raise ValueError(
+            f"{text!r} is {other.scheme}:// but the first broker URL is {first.scheme}://:"
+            " every node of a list is reached the same way"
+        )
+
+
 class MqttProtocol(StrEnum):
     """MQTT protocol version to speak. ``AUTO`` tries 5 and falls back to 3.1.1 when the broker
     refuses it (the embedded amqtt broker does); the version that first connects is kept."""
@@ -182,6 +222,13 @@ class MqttConfig:
     """Skip certificate and host name verification. Never in production."""
     username: str | None = None
     password: str | None = field(default=None, repr=False)
+    fallbacks: tuple[BrokerUrl, ...] = ()
+    """Further nodes of the same clustered broker (host, port, WebSocket path; the scheme must
+    match ``tls``/``websocket_path``): after a failed connection attempt the transport tries the
+    next node at once, cyclically, and backs off only after every node failed in a row. The
+    same client (id, session, unacknowledged QoS 1 messages) moves to the new node, so a
+    cluster-wide session (NATS, EMQX, HiveMQ) resumes there. ``from_url`` fills it from a comma
+    list."""
     client_id: str = ""
     """Empty: a random ``edgefl-<hex>`` id per transport."""
     persistent_session: bool = False
@@ -241,6 +288,8 @@ class MqttConfig:
             validate_websocket_path(self.websocket_path)
         if self.password is not None and self.username is None:
             raise ValueError("password without username")
+        for node in self.fallbacks:
+            _check_same_kind(self.broker_url, node, node.display_url)
 
     def _check_session(self) -> None:
         """The MQTT session: client id, keepalive, expiry."""
@@ -272,14 +321,17 @@ class MqttConfig:
     @classmethod
     def from_url(cls, url: str, **overrides: Any) -> MqttConfig:
         """Parse a broker URL (see :class:`BrokerUrl`: ``mqtt://``, ``mqtts://``, ``ws://``,
-        ``wss://``, with optional ``user[:password]@``). Other settings come as keyword
-        overrides, e.g. ``MqttConfig.from_url(url, client_id="agg", manual_ack=True)``."""
-        parsed = BrokerUrl.parse(url)
+        ``wss://``, with optional ``user[:password]@``), or a comma-separated list of the nodes
+        of a clustered broker (:func:`parse_broker_urls`; the rest become :attr:`fallbacks`).
+        Other settings come as keyword overrides, e.g.
+        ``MqttConfig.from_url(url, client_id="agg", manual_ack=True)``."""
+        parsed, *others = parse_broker_urls(url)
         values: dict[str, Any] = {
             "host": parsed.host,
             "port": parsed.port,
             "tls": parsed.tls,
             "websocket_path": parsed.websocket_path,
+            "fallbacks": tuple(BrokerUrl(u.host, u.port, u.tls, u.websocket_path) for u in others),
         }
         if parsed.username is not None:
             values["username"] = parsed.username
@@ -294,10 +346,20 @@ class MqttConfig:
         return BrokerUrl(self.host, self.port, self.tls, self.websocket_path)
 
     @property
+    def endpoints(self) -> tuple[BrokerUrl, ...]:
+        """Every node to try, in order: :attr:`broker_url`, then :attr:`fallbacks`."""
+        return (self.broker_url, *self.fallbacks)
+
+    @property
     def url(self) -> str:
-        """The broker URL without credentials, e.g. ``mqtt://127.0.0.1:1883`` or
+        """The (first) broker URL without credentials, e.g. ``mqtt://127.0.0.1:1883`` or
         ``wss://broker.example:443/mqtt`` (safe to log)."""
         return self.broker_url.display_url
+
+    @property
+    def urls(self) -> str:
+        """Every node's URL without credentials, comma-separated (safe to log)."""
+        return ",".join(node.display_url for node in self.endpoints)
 
     def replace(self, **changes: Any) -> MqttConfig:
         """A copy with ``changes`` applied (validated again)."""

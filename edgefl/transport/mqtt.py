@@ -11,6 +11,15 @@ wraps the socket in its WebSocket framing; everything else is the same. A superv
 the connection lifecycle: connect, protocol fallback (``auto``: MQTT 5, then 3.1.1),
 re-subscribe, the ``on_connect`` hook, jittered exponential backoff (cut short by ``close()``).
 
+Several nodes (``MqttConfig.fallbacks``, a comma list of URLs): the supervisor points the same
+paho client at the next node after every failed attempt (no backoff in between) and backs off
+only after all nodes failed in a row; a lost connection is retried on its own node first. Since
+the client is the same, its session state moves with it: unacknowledged QoS 1 publishes are
+retransmitted on the new node, subscriptions renewed, the hook run there; a cluster-wide
+persistent session (NATS, EMQX, HiveMQ) resumes and redelivers what was not acknowledged.
+``statistics().broker_url`` names the node; ``failovers`` counts connections to another node
+than the previous connection's.
+
 Delivery: QoS 1 messages handed to paho survive reconnects (paho keeps them until their PUBACK
 and resends them after the next CONNACK). Inbound QoS 1 messages are acknowledged only when the
 consumer acks them (``manual_ack``) or takes them from the bounded inbound queue; on MQTT 5 the
@@ -210,6 +219,9 @@ class MqttTransport(AsyncLifecycle):
         self._try_protocol = (
             MqttProtocol.V311 if config.protocol is MqttProtocol.V311 else (MqttProtocol.V5)
         )
+        self._nodes = config.endpoints
+        self._node = 0  # index into _nodes of the current or next connection attempt
+        self._connected_node: int | None = None  # the node of the last successful connection
         self._client: BufferedClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._state_changed = asyncio.Event()
@@ -265,7 +277,7 @@ class MqttTransport(AsyncLifecycle):
             async with asyncio.timeout(timeout):
                 await self._wait_connected()
         except TimeoutError:
-            raise BrokerUnreachable(self._config.url, self._counters.last_error, timeout) from None
+            raise BrokerUnreachable(self._config.urls, self._counters.last_error, timeout) from None
 
     async def close(self, *, abrupt: bool = False) -> None:
         """Close the transport. Graceful: send DISCONNECT (the broker discards the Will).
@@ -428,19 +440,27 @@ class MqttTransport(AsyncLifecycle):
             connected=self._session.connected,
             protocol=self._protocol.value if self._protocol else None,
             queued=len(self._inbound),
+            broker_url=self._node_url,
         )
+
+    @property
+    def _node_url(self) -> str:
+        """The node of the current or next connection attempt (no credentials)."""
+        return self._nodes[self._node].display_url
 
     # ------------------------------------------------------------------ supervisor
 
     async def _supervise(self) -> None:
         cfg = self._config
         delay = cfg.reconnect_min_delay
+        failed_in_row = 0  # failed attempts since the last connection (for the node list)
         try:
             while not self._life.closing:
                 started = time.monotonic()
                 try:
                     outcome = await self._attempt()
                     if outcome is _Attempt.CONNECTED:
+                        failed_in_row = 0
                         await self._serve_connection()
                 except Exception:  # never let the supervisor die: that would strand the transport
                     log.exception("%s: connection supervisor error", self._client_id)
@@ -450,6 +470,13 @@ class MqttTransport(AsyncLifecycle):
                     break
                 if outcome is _Attempt.RETRY_NOW:
                     continue
+                if outcome is _Attempt.FAILED and len(self._nodes) > 1:
+                    # a node list: the next node at once; back off once all failed in a row
+                    self._node = (self._node + 1) % len(self._nodes)
+                    failed_in_row += 1
+                    if failed_in_row % len(self._nodes):
+                        log.info("%s: trying the next node, %s", self._client_id, self._node_url)
+                        continue
                 if time.monotonic() - started >= _STABLE_AFTER:
                     delay = cfg.reconnect_min_delay
                 pause = random.uniform(delay / 2, delay)
@@ -467,6 +494,7 @@ class MqttTransport(AsyncLifecycle):
         loop = self._running_loop()
         proto = self._try_protocol
         client = self._client_for(proto)
+        client.aim(self._nodes[self._node])
         self._attempt_state.attempt_lost = loop.create_future()
         connack = self._attempt_state.connack = loop.create_future()
         connack.add_done_callback(_consume)
@@ -492,11 +520,11 @@ class MqttTransport(AsyncLifecycle):
         except ConnectAbandoned:
             return _Attempt.FAILED
         except (OSError, ValueError) as exc:  # refused, unreachable, TLS/certificate errors
-            self._record_failure(f"cannot connect to {self._config.url}: {exc}")
+            self._record_failure(f"cannot connect to {self._node_url}: {exc}")
             return _Attempt.FAILED
         except Exception as exc:
             log.exception("%s: unexpected error while connecting", self._client_id)
-            self._record_failure(f"cannot connect to {self._config.url}: {exc!r}")
+            self._record_failure(f"cannot connect to {self._node_url}: {exc!r}")
             return _Attempt.FAILED
         except asyncio.CancelledError:
             self._abandon_connect()  # the job closes its socket; this client is done
@@ -509,7 +537,7 @@ class MqttTransport(AsyncLifecycle):
             return _Attempt.FAILED
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             self._drop_socket(f"CONNECT not sent: {rc}")
-            self._record_failure(f"cannot send CONNECT to {self._config.url}: {rc}")
+            self._record_failure(f"cannot send CONNECT to {self._node_url}: {rc}")
             return _Attempt.FAILED
         return None
 
@@ -532,14 +560,14 @@ class MqttTransport(AsyncLifecycle):
         except _ConnectionLost as exc:
             if self._life.closing:
                 return _Attempt.FAILED
-            self._record_failure(f"{self._config.url} closed the connection before CONNACK: {exc}")
+            self._record_failure(f"{self._node_url} closed the connection before CONNACK: {exc}")
             self._maybe_fall_back(proto)
             return _Attempt.FAILED
         if reason.is_failure:
             if reason == _UNSUPPORTED_PROTOCOL and self._maybe_fall_back(proto):
                 log.info("%s: broker refused MQTT %s, trying 3.1.1", self._client_id, proto.value)
                 return _Attempt.RETRY_NOW
-            self._record_failure(f"{self._config.url} refused the connection: {reason}")
+            self._record_failure(f"{self._node_url} refused the connection: {reason}")
             return _Attempt.FAILED
         return _Attempt.CONNECTED
 
@@ -551,7 +579,7 @@ class MqttTransport(AsyncLifecycle):
         if probing and self._maybe_fall_back(proto):
             log.info("%s: no CONNACK for MQTT 5 in %.1fs, trying 3.1.1", self._client_id, timeout)
             return _Attempt.RETRY_NOW
-        self._record_failure(f"no CONNACK from {self._config.url} (MQTT {proto.value})")
+        self._record_failure(f"no CONNACK from {self._node_url} (MQTT {proto.value})")
         self._maybe_fall_back(proto)
         return _Attempt.FAILED
 
@@ -584,7 +612,7 @@ class MqttTransport(AsyncLifecycle):
         log.info(
             "%s: connected to %s (MQTT %s, session present: %s)",
             self._client_id,
-            self._config.url,
+            self._node_url,
             self._protocol.value,
             self._session.session_present,
         )
@@ -606,7 +634,7 @@ class MqttTransport(AsyncLifecycle):
                         await task
             self._tasks.misc_task = self._tasks.hook_task = None
         if not self._life.closing:
-            log.warning("%s: connection to %s lost: %s", self._client_id, self._config.url, reason)
+            log.warning("%s: connection to %s lost: %s", self._client_id, self._node_url, reason)
 
     async def _run_hook(self, info: ConnectInfo) -> None:
         assert self._on_connect_hook is not None
@@ -668,6 +696,9 @@ class MqttTransport(AsyncLifecycle):
             self._session.session_present = bool(flags.session_present)
             self._protocol = self._try_protocol
             self._counters.connects += 1
+            if self._connected_node is not None and self._connected_node != self._node:
+                self._counters.failovers += 1
+            self._connected_node = self._node
             self._session.rm_bounds_qos1 = (
                 client.protocol == MQTTProtocolVersion.MQTTv5
                 and self._receive_maximum() <= self._config.max_queued_messages
@@ -893,7 +924,7 @@ class MqttTransport(AsyncLifecycle):
 
     def _not_connected_message(self, timeout: float | None) -> str:
         last = self._counters.last_error
-        return f"not connected to {self._config.url} within {timeout}s" + (
+        return f"not connected to {self._config.urls} within {timeout}s" + (
             f" (last error: {last})" if last else ""
         )
 

@@ -40,7 +40,8 @@ def agent(tmp: Path, url: str, device: str, seed: int) -> DeviceAgent:
     return DeviceAgent(config, dataset=data)
 
 
-async def monitor_once(url: str) -> dict[str, Any]:
+async def monitor_once(url: str, *options: str) -> dict[str, Any]:
+    """``edgefl monitor --once --json`` (a process) with more ``options``: its snapshot."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -53,6 +54,7 @@ async def monitor_once(url: str) -> dict[str, Any]:
         "--json",
         "--wait",
         "5",
+        *options,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )

@@ -32,7 +32,14 @@ from edgefl.aggregation.fedbuff import FedBuff
 from edgefl.codec.config import CodecConfig, Quantization
 from edgefl.codec.update import encode_update
 from edgefl.protocol.messages import UpdateHeader, encode_message
-from edgefl.sharding.partitions import partition_of, partitioned_update_topic
+from edgefl.protocol.topics import (
+    PartitionControl,
+    ShardsLeaf,
+    partition_control_topic,
+    shards_topic,
+    update_topic,
+)
+from edgefl.sharding.partitions import partition_of
 from edgefl.sharding.service import fedbuff_config
 from edgefl.transport.config import MqttConfig
 from edgefl.transport.mqtt import MqttTransport
@@ -50,10 +57,10 @@ class Procs:
         self.urls, self.state = urls, state
         self.live: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self, name: str, *args: str) -> None:
+    def start(self, name: str, *args: str, partitions: int = PARTITIONS, k: int = N) -> None:
         url = self.urls[0] if args[0] == "root" else self.urls[1]
-        common = ["--broker", url, "--fleet", FLEET, "--partitions", str(PARTITIONS)]
-        common += ["--params", str(PARAMS), "--k", str(N)]
+        common = ["--broker", url, "--fleet", FLEET, "--partitions", str(partitions)]
+        common += ["--params", str(PARAMS), "--k", str(k)]
         cmd = [sys.executable, "-m", "edgefl.sharding.service", *args, *common]
         log = (self.state / f"{name}.log").open("ab")
         self.live[name] = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=log)
@@ -88,7 +95,11 @@ def procs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Procs]:
         broker.stop() if isinstance(broker, MosquittoBroker) else broker.close()
 
 
-def _update(i: int) -> tuple[str, bytes, np.ndarray, int]:
+def _update(
+    i: int, *, partitions: int = PARTITIONS, legacy: bool = False
+) -> tuple[str, bytes, np.ndarray, int]:
+    """Update ``i`` of device ``d<i % 7>``: on its partition's topic, or (``legacy``, a device
+    older than revision 1.3) on the unpartitioned one."""
     device = f"d{i % 7}"
     delta = np.random.default_rng(i).normal(0, 1, PARAMS).astype(np.float32)
     encoded, _ = encode_update(
@@ -105,8 +116,22 @@ def _update(i: int) -> tuple[str, bytes, np.ndarray, int]:
         num_params=PARAMS,
         created_at=1.0,
     )
-    topic = partitioned_update_topic(FLEET, partition_of(device, PARTITIONS), device, i)
+    partition = None if legacy else partition_of(device, partitions)
+    topic = update_topic(FLEET, device, i, partition=partition)
     return topic, encode_message(header, encoded.body), delta, 10 + i
+
+
+def assert_one_step_of_fedbuff(
+    status: dict[str, Any], updates: list[tuple[str, bytes, np.ndarray, int]]
+) -> None:
+    """The root's status after its first step equals single-process FedBuff (K = all updates)
+    over ``updates`` (each counted once)."""
+    reference = FedBuff(fedbuff_config(len(updates)), np.zeros(PARAMS, np.float32))
+    for _, _, delta, examples in updates:
+        reference.add(delta, base_version=0, num_examples=examples)
+    reference.step()
+    assert status["last_step"] == {"version": 1, "num_updates": len(updates)}
+    np.testing.assert_allclose(status["weights"], reference.weights, rtol=1e-5, atol=1e-6)
 
 
 async def test_shard_and_root_crashes_lose_nothing_and_count_nothing_twice(
@@ -130,9 +155,9 @@ async def test_shard_and_root_crashes_lose_nothing_and_count_nothing_twice(
 
     async with MqttTransport(MqttConfig.from_url(procs.urls[2])) as client:
         messages = client.messages()
-        await client.subscribe(f"edgefl/v1/{FLEET}/shards/root/status")
-        await client.subscribe(f"edgefl/v1/{FLEET}/shards/partial")  # sniffers
-        await client.subscribe(f"edgefl/v1/{FLEET}/shards/part/0/progress", qos=0)
+        await client.subscribe(shards_topic(FLEET, ShardsLeaf.ROOT_STATUS))
+        await client.subscribe(shards_topic(FLEET, ShardsLeaf.PARTIAL))  # sniffers
+        await client.subscribe(partition_control_topic(FLEET, 0, PartitionControl.PROGRESS), qos=0)
 
         async def watch() -> None:
             async for message in messages:
@@ -171,11 +196,48 @@ async def test_shard_and_root_crashes_lose_nothing_and_count_nothing_twice(
         await eventually(lambda: status.get("version") == 1, 120, what="the step at K")
         watcher.cancel()
 
-    reference = FedBuff(fedbuff_config(N), np.zeros(PARAMS, np.float32))
-    for _, _, delta, examples in updates:
-        reference.add(delta, base_version=0, num_examples=examples)
-    reference.step()
-    assert status["last_step"] == {"version": 1, "num_updates": N}
-    np.testing.assert_allclose(status["weights"], reference.weights, rtol=1e-5, atol=1e-6)
+    assert_one_step_of_fedbuff(status, updates)
     assert status["verdicts"]["late"] == 0
     assert set(status["verdicts"]) == {"applied", "late"}  # no partial refused, none twice
+
+
+async def test_old_devices_unpartitioned_updates_are_counted_once_by_their_owner(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    # Arrange: 2 partitions, one shard process per partition, both taking legacy topics; 14
+    # updates of 7 devices (both partitions have some), every other one from a pre-1.3 device
+    parts, n = 2, 14
+    assert {partition_of(f"d{i}", parts) for i in range(7)} == {0, 1}
+    updates = [_update(i, partitions=parts, legacy=i % 2 == 0) for i in range(n)]
+    procs = Procs([mosquitto.url] * 3, tmp_path)
+    status: dict[str, Any] = {}
+    try:
+        async with MqttTransport(MqttConfig.from_url(mosquitto.url)) as client:
+            messages = client.messages()
+            await client.subscribe(shards_topic(FLEET, ShardsLeaf.ROOT_STATUS))
+
+            async def watch() -> None:
+                async for message in messages:
+                    status.update(json.loads(message.payload))
+
+            watcher = asyncio.get_running_loop().create_task(watch())
+            procs.start(
+                "root", "root", "--state", str(tmp_path / "root.state"), partitions=parts, k=n
+            )
+            await eventually(lambda: "version" in status, 60, what="the root's session")
+            for k in range(parts):
+                shard = ("shard", "--own", str(k), "--shard", f"s{k}", "--legacy")
+                procs.start(f"shard-{k}", *shard, partitions=parts, k=n)
+            await eventually(lambda: status.get("epochs") == {"0": 0, "1": 0}, 60, what="grants")
+
+            # Act
+            for topic, payload, _, _ in updates:
+                await client.publish(topic, payload, qos=1)
+            await eventually(lambda: status.get("version") == 1, 60, what="the step at K")
+            watcher.cancel()
+    finally:
+        procs.close()
+
+    # Assert: each update counted exactly once (the step at K = 14 holds all of them, and equals
+    # single-process FedBuff over them), although every legacy update reached both shards
+    assert_one_step_of_fedbuff(status, updates)

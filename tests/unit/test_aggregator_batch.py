@@ -167,11 +167,12 @@ def test_an_empty_batch_is_nothing_to_commit(tmp_path: Path) -> None:
 
 
 def test_rejections_are_counted_by_reason_and_acknowledged(tmp_path: Path) -> None:
-    # Arrange: seq 5 accepted, then seq 5 again (duplicate) and seq 4 (replay)
+    # Arrange: seq 300 accepted, then seq 300 again (duplicate) and seq 44 (a replay: 256 or
+    # more below the highest accepted seq, the sequence window)
     builder, batch = open_batch(tmp_path, buffer_size=10)
 
     # Act
-    kinds = [feed(builder, batch, "d", seq) for seq in (5, 5, 4)]
+    kinds = [feed(builder, batch, "d", seq) for seq in (300, 300, 44)]
     builder.close(batch)
 
     # Assert

@@ -7,18 +7,20 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from commit_gate import gated_commits
-from test_aggregator_service import FLEET, Harness, delta, make_config, run
+from test_aggregator_service import FLEET, Harness, delta, make_config, run, update
 from waiting import eventually
 
 from edgefl.aggregator import Aggregator
 from edgefl.aggregator.receipts import ReceiptQueue, ReceiptSender
 from edgefl.aggregator.store import StateStore
+from edgefl.aggregator.updates import build_update_packets
 from edgefl.cli import main
 from edgefl.protocol import EnvelopeKind, ServerState, decode_message, server_state_topic
 from edgefl.protocol.messages import FEATURE_RECEIPTS, Receipt
@@ -229,6 +231,80 @@ def test_a_far_seq_jump_is_refused_and_the_device_keeps_working(tmp_path: Path) 
             assert dict(s.rejected) == {"seq_jump": 1}
             await receipt_when(broker, "pi-1", lambda r: r.through == 3)
         assert seen_rows(config.state_dir) == [("pi-1", 2), ("pi-1", 3)]
+
+    run(body)
+
+
+def test_out_of_order_redelivery_is_counted_once_across_a_restart(tmp_path: Path) -> None:
+    """The sequence window (PROTOCOL.md, "Sequence window"): what a broker that redelivers out
+    of order (NATS JetStream) does to one device's updates, through the whole service."""
+    broker = MemoryBroker()
+    config = make_config(tmp_path, buffer_size=100)
+
+    async def first() -> None:
+        async with Harness(broker, config) as h:
+            # Act: 5 arrives first, then the redelivered 3, a second copy of 3, then 4
+            for seq in (5, 3, 3, 4):
+                await h.send("pi-1", seq, 0, delta(seq))
+            s = await h.until(lambda s: s.received == 4)
+            # Assert: 5, 3 and 4 counted once each, the copy of 3 a duplicate
+            assert (s.applied, dict(s.rejected)) == (3, {"duplicate": 1})
+            r = await receipt_when(broker, "pi-1", lambda r: r.is_committed(4))
+            assert r.through == 5  # the highest committed seq, never lowered
+
+    async def after_restart() -> None:
+        async with Harness(broker, config) as h:
+            receipts: list[Receipt] = []
+            await h.device.subscribe(receipt_topic(FLEET, "pi-1"))
+
+            async def collect() -> None:  # the receipts published after the restart
+                async for message in h.device.messages():
+                    r = decode_message(message.payload, Receipt)
+                    if r.at >= restarted:
+                        receipts.append(r)
+
+            collector = asyncio.create_task(collect())
+            # Act: the late 2 (never seen), copies of 4 and 5 (in `seen` only, on disk), a jump
+            # to 300, then 44 (256 below: outside the window) and 45 (the window's lowest)
+            for seq in (2, 4, 5, 300, 44, 45):
+                await h.send("pi-1", seq, 0, delta(seq % 7))
+            s = await h.until(lambda s: s.received == 4 + 6)  # the totals are durable
+            # Assert
+            assert (s.applied, dict(s.rejected)) == (3 + 3, {"duplicate": 1 + 2, "replay": 1})
+            await eventually(lambda: any(r.is_committed(45) for r in receipts))
+            collector.cancel()
+            committed = {q for r in receipts for q in range(400) if r.is_committed(q)}
+            rejected = {q: why for r in receipts for q, why in r.rejected.items()}
+            assert (committed, rejected) == ({2, 4, 5, 45, 300}, {44: "replay"})
+            assert receipts[-1].through == 300
+
+    run(first)
+    restarted = time.time()
+    run(after_restart)
+    assert seen_rows(config.state_dir) == [("pi-1", s) for s in (2, 3, 4, 5, 45, 300)]
+
+
+def test_a_chunked_update_completing_after_a_later_seq_is_accepted(tmp_path: Path) -> None:
+    """Out of order without any redelivery: seq 3's chunks interleave with the single packet of
+    seq 4, so 3 completes after 4 was accepted (the 1.1 rule refused it as a replay)."""
+    broker = MemoryBroker()
+    config = make_config(tmp_path, buffer_size=100)
+    topic3, chunks3 = build_update_packets(max_packet=4096, **update("pi-1", 3, delta(3)))
+    assert len(chunks3) >= 2
+
+    async def body() -> None:
+        async with Harness(broker, config) as h:
+            # Act: the first chunk of 3, all of 4, then the rest of 3
+            await h.device.publish(topic3, chunks3[0], qos=1)
+            await h.send("pi-1", 4, 0, delta(4))
+            await h.until(lambda s: s.applied == 1)
+            for chunk in chunks3[1:]:
+                await h.device.publish(topic3, chunk, qos=1)
+            s = await h.until(lambda s: s.received == 2)
+            # Assert
+            assert (s.applied, dict(s.rejected)) == (2, {})
+            r = await receipt_when(broker, "pi-1", lambda r: r.is_committed(3))
+            assert r.through == 4
 
     run(body)
 

@@ -199,10 +199,10 @@ def test_every_rejection_is_counted_and_acknowledged(tmp_path: Path) -> None:
             await h.send("d1", 1, 0, delta(1), model="mnist1d-cnn")  # wrong model (any size)
             await h.send("d1", 2, 0, delta(2, n=100))  # right name, wrong size
             await h.send("d1", 3, 5, delta(3))  # trained on a version never published
-            await h.send("d1", 4, 0, delta(4))  # accepted -> version 1
+            await h.send("d1", 300, 0, delta(4))  # accepted -> version 1
             await h.until(lambda s: s.version == 1)
-            await h.send("d1", 4, 0, delta(4))  # same (device, seq) again
-            await h.send("d1", 3, 1, delta(3))  # lower seq than one already accepted
+            await h.send("d1", 300, 0, delta(4))  # same (device, seq) again
+            await h.send("d1", 44, 1, delta(3))  # 256 below the highest: outside the seq window
             await h.send("d2", 1, 0, delta(5))  # base 0 at version 1, max_staleness 0
             envelope = build_update_envelope(
                 fleet=FLEET, model=MODEL, device="d2", seq=2, base_version=1, delta=delta(6)

@@ -265,7 +265,11 @@ def test_signed_receipts_verify_with_the_aggregator_key_and_only_as_receipts() -
         (None, 9, SeqVerdict.NEW),
         (None, 10, SeqVerdict.TOO_FAR),  # a new device starts below max_jump
         (5, 5, SeqVerdict.SEEN),
-        (5, 4, SeqVerdict.SEEN),
+        (5, 4, SeqVerdict.LATE),  # inside the window: new unless counted (the caller's set)
+        (5, 0, SeqVerdict.LATE),
+        (300, 45, SeqVerdict.LATE),  # 255 below: the lowest seq of the window
+        (300, 44, SeqVerdict.TOO_OLD),  # 256 below: refused for good
+        (MAX_INT, 0, SeqVerdict.TOO_OLD),
         (5, 6, SeqVerdict.NEW),
         (5, 15, SeqVerdict.NEW),
         (5, 16, SeqVerdict.TOO_FAR),
@@ -275,6 +279,36 @@ def test_signed_receipts_verify_with_the_aggregator_key_and_only_as_receipts() -
 def test_seq_verdict(last: int | None, seq: int, verdict: SeqVerdict) -> None:
     assert seq_verdict(last, seq, max_jump=10) is verdict
     assert seq_acceptable(last, seq, 10) is (verdict is SeqVerdict.NEW)
+
+
+def test_a_window_of_one_is_the_bare_high_water_rule() -> None:
+    assert seq_verdict(5, 4, max_jump=10, window=1) is SeqVerdict.TOO_OLD
+    assert seq_verdict(5, 4, max_jump=10, window=2) is SeqVerdict.LATE
+    assert seq_verdict(5, 3, max_jump=10, window=2) is SeqVerdict.TOO_OLD
+    with pytest.raises(ValueError, match="window must be an int"):
+        seq_verdict(5, 4, max_jump=10, window=0)
+
+
+def test_receipts_of_out_of_order_commits_keep_through_at_the_highest_seq() -> None:
+    # Arrange: a device's 5 is committed, then (redelivered late) 3, a resend of 5, then 4, and
+    # a replay far below the window; what the aggregator's window accepts, batch by batch
+    book = ReceiptBook("farm")
+    batches = [
+        [CommitOutcome("a", 5)],
+        [CommitOutcome("a", 3), CommitOutcome("a", 5, RejectReason.DUPLICATE)],
+        [CommitOutcome("a", 4), CommitOutcome("a", 3, RejectReason.DUPLICATE)],
+    ]
+
+    # Act
+    got = [book.receipt_messages(b, now=float(i)) for i, b in enumerate(batches)]
+
+    # Assert: `through` never goes down; a late seq below it is named as committed, so the
+    # device deletes it (an unnamed one at or below `through` is resent at once by the device)
+    assert got == [
+        [Receipt("farm", "a", 0.0, through=5, committed=((5, 5),))],
+        [Receipt("farm", "a", 1.0, through=5, committed=((3, 3), (5, 5)))],
+        [Receipt("farm", "a", 2.0, through=5, committed=((3, 4),))],
+    ]
 
 
 def test_a_max_seq_update_cannot_lock_a_device_out() -> None:

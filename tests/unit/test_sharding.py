@@ -13,15 +13,10 @@ from hypothesis import strategies as st
 from edgefl.aggregation.fedbuff import FedBuff, FedBuffConfig, Normalisation
 from edgefl.aggregation.robust import NormBound, RobustMode
 from edgefl.errors import ProtocolError, RejectReason, UpdateRejected
+from edgefl.protocol.topics import UpdateTopic, parse_topic, update_topic, updates_filter
 from edgefl.sharding.assignment import Assignment, hrw_owner
 from edgefl.sharding.partial import PartialId, PartialSum, ShardAccumulator, presum_is_exact
-from edgefl.sharding.partitions import (
-    check_owner,
-    parse_partitioned_update,
-    partition_of,
-    partition_updates_filter,
-    partitioned_update_topic,
-)
+from edgefl.sharding.partitions import check_owner, partition_of
 from edgefl.sharding.root import PartialVerdict, RootBuffer
 from edgefl.sharding.seqwindow import WINDOW, SeqWindow
 
@@ -293,21 +288,20 @@ def test_partition_hash_is_fixed() -> None:
 
 def test_partitioned_topic_round_trip_and_owner_check() -> None:
     k = partition_of("d.7", 16)
-    topic = partitioned_update_topic("f1", k, "d.7", 42)
-    wrong = partitioned_update_topic("f1", (k + 1) % 16, "d.7", 42)
+    topic = update_topic("f1", "d.7", 42, partition=k)
+    wrong = update_topic("f1", "d.7", 42, partition=(k + 1) % 16)
 
-    parsed = parse_partitioned_update(topic, fleet="f1")
+    parsed = parse_topic(topic, expected_fleet="f1")
 
     assert topic == f"edgefl/v1/f1/part/{k}/device/d.7/update/42"
-    assert partition_updates_filter("f1", k) == f"edgefl/v1/f1/part/{k}/device/+/update/+"
-    assert (parsed.partition, parsed.update.device_id, parsed.update.seq) == (k, "d.7", 42)
-    check_owner(parsed, 16)
+    assert updates_filter("f1", partition=k) == f"edgefl/v1/f1/part/{k}/device/+/update/+"
+    assert parsed == UpdateTopic("f1", "d.7", 42, partition=k)
+    assert check_owner(parsed, 16) == k
+    # an old device's unpartitioned topic names no partition: its owner is the hash's
+    assert check_owner(parse_topic("edgefl/v1/f1/device/d.7/update/42"), 16) == k  # type: ignore[arg-type]
     with pytest.raises(ProtocolError) as info:
-        check_owner(parse_partitioned_update(wrong), 16)
+        check_owner(parse_topic(wrong), 16)  # type: ignore[arg-type]
     assert info.value.reason is RejectReason.BAD_TOPIC
-    for bad in ("edgefl/v1/f1/part/01/device/d/update/1", "edgefl/v1/f1/device/d/update/1"):
-        with pytest.raises(ProtocolError):
-            parse_partitioned_update(bad)
 
 
 # ---------------------------------------------------------------------------- rebalancing

@@ -11,13 +11,18 @@ from hypothesis import strategies as st
 from edgefl.errors import ProtocolError, RejectReason
 from edgefl.protocol.topics import (
     MAX_INT,
+    MAX_PARTITIONS,
     NAME_PATTERN,
     DeviceStateTopic,
     ModelArtifact,
     ModelChunkTopic,
     ModelManifestTopic,
+    PartitionControl,
+    PartitionControlTopic,
     ServerMetricsTopic,
     ServerStateTopic,
+    ShardsLeaf,
+    ShardsTopic,
     TopicKind,
     UpdateTopic,
     all_fleet_filter,
@@ -29,8 +34,11 @@ from edgefl.protocol.topics import (
     model_chunk_topic,
     model_chunks_filter,
     parse_topic,
+    partition_control_filter,
+    partition_control_topic,
     server_metrics_topic,
     server_state_topic,
+    shards_topic,
     shared_subscription,
     update_topic,
     updates_filter,
@@ -46,6 +54,15 @@ parsed_topics = st.one_of(
     st.builds(DeviceStateTopic, names, names),
     st.builds(ServerStateTopic, names),
     st.builds(ServerMetricsTopic, names),
+    # 1.3, the sharded tree
+    st.builds(UpdateTopic, names, names, ints, st.integers(0, MAX_PARTITIONS - 1)),
+    st.builds(ShardsTopic, names, st.sampled_from(ShardsLeaf)),
+    st.builds(
+        PartitionControlTopic,
+        names,
+        st.integers(0, MAX_PARTITIONS - 1),
+        st.sampled_from(PartitionControl),
+    ),
 )
 
 BAD_NAMES = ["", "a/b", "a+b", "#", "$SYS", "a b", "a\x00b", "-lead", ".lead", "x" * 65, "é", "a\n"]
@@ -165,6 +182,22 @@ def test_non_names_are_rejected() -> None:
         "other/v1/f/server/state",
         "$share/g/edgefl/v1/f/server/state",
         "edgefl/v1/f/#",
+        # 1.3
+        "edgefl/v1/f/part/01/device/d/update/1",
+        "edgefl/v1/f/part/-1/device/d/update/1",
+        f"edgefl/v1/f/part/{2**16}/device/d/update/1",
+        "edgefl/v1/f/part/1/device/d/state",
+        "edgefl/v1/f/part/1/device/d/update",
+        "edgefl/v1/f/part/1/update/1",
+        "edgefl/v1/f/part/x/device/d/update/1",
+        "edgefl/v1/f/shards",
+        "edgefl/v1/f/shards/root",
+        "edgefl/v1/f/shards/other",
+        "edgefl/v1/f/shards/partial/s0",
+        "edgefl/v1/f/shards/part/1/other",
+        "edgefl/v1/f/shards/part/01/confirm",
+        f"edgefl/v1/f/shards/part/{2**16}/confirm",
+        "edgefl/v1/f/shards/part/1",
     ],
 )
 def test_malformed_topics_are_bad_topic(topic: str) -> None:
@@ -245,3 +278,46 @@ def test_mutated_update_topics_only_raise_protocol_error(fleet: str, dev: str, s
         # Act / Assert
         with pytest.raises(ProtocolError):
             parse_topic(variant)
+
+
+# --------------------------------------------------------------------------- revision 1.3
+
+
+def test_sharded_tree_builders_produce_the_documented_topics() -> None:
+    assert (
+        update_topic("f1", "pi-01", 42, partition=7) == "edgefl/v1/f1/part/7/device/pi-01/update/42"
+    )
+    assert updates_filter("f1", partition=7) == "edgefl/v1/f1/part/7/device/+/update/+"
+    assert shards_topic("f1", ShardsLeaf.ASSIGNMENT) == "edgefl/v1/f1/shards/assignment"
+    assert shards_topic("f1", ShardsLeaf.PARTIAL) == "edgefl/v1/f1/shards/partial"
+    assert shards_topic("f1", ShardsLeaf.ROOT_STATUS) == "edgefl/v1/f1/shards/root/status"
+    assert (
+        partition_control_topic("f1", 3, PartitionControl.TAKEOVER)
+        == "edgefl/v1/f1/shards/part/3/takeover"
+    )
+    assert (
+        partition_control_filter("f1", PartitionControl.TAKEOVER)
+        == "edgefl/v1/f1/shards/part/+/takeover"
+    )
+
+
+def test_a_partitioned_update_is_an_update_and_the_old_topic_still_parses() -> None:
+    # Act
+    partitioned = parse_topic("edgefl/v1/f/part/5/device/d/update/9")
+    plain = parse_topic("edgefl/v1/f/device/d/update/9")
+
+    # Assert: both are updates of (d, 9); only the partitioned one names a partition
+    assert partitioned == UpdateTopic("f", "d", 9, partition=5)
+    assert plain == UpdateTopic("f", "d", 9)
+    assert partitioned.kind is plain.kind is TopicKind.DEVICE_UPDATE
+    assert parse_topic("edgefl/v1/f/shards/part/5/confirm").kind is TopicKind.PARTITION_CONTROL
+    assert parse_topic("edgefl/v1/f/shards/assignment").kind is TopicKind.SHARDS
+
+
+def test_partition_numbers_are_bounded() -> None:
+    with pytest.raises(ValueError, match="partition must be an int"):
+        update_topic("f", "d", 1, partition=MAX_PARTITIONS)
+    with pytest.raises(ValueError, match="partition must be an int"):
+        UpdateTopic("f", "d", 1, partition=-1)
+    with pytest.raises(ValueError, match="partition must be an int"):
+        partition_control_topic("f", True, PartitionControl.CONFIRM)  # type: ignore[arg-type]

@@ -1,12 +1,29 @@
-"""Broker URLs: schemes, default ports and paths, WebSocket paths, display_url round trip."""
+"""Broker URLs: schemes, default ports and paths, WebSocket paths, display_url round trip; lists
+of the nodes of a clustered broker."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
+from agent_files import agent_config
 from hypothesis import given
 from hypothesis import strategies as st
+from test_aggregator_service import make_config
 
-from edgefl.transport import DEFAULT_WEBSOCKET_PATH, BrokerUrl, MqttConfig
+from device_agent.agent import mqtt_transport_factory
+from device_agent.config import BrokerConfig, ConfigError
+from edgefl.monitor.cli import _check_fleet_and_broker
+from edgefl.transport import (
+    DEFAULT_WEBSOCKET_PATH,
+    BrokerUrl,
+    ConnectInfo,
+    MqttConfig,
+    MqttTransport,
+    Will,
+    parse_broker_urls,
+)
 
 
 @pytest.mark.parametrize(
@@ -128,3 +145,74 @@ def test_display_url_round_trips(host: str, port: int, tls: bool, path: str | No
     # Assert
     assert again == url
     assert MqttConfig.from_url(url.display_url).url == url.display_url
+
+
+# --------------------------------------------------------------------------- lists of nodes
+
+
+def test_a_comma_list_gives_the_first_node_and_fallbacks_in_order() -> None:
+    # Act
+    config = MqttConfig.from_url("mqtt://user:pw@a:1884, mqtt://b ,mqtt://user:pw@c:1999")
+
+    # Assert: credentials from the URLs, nodes in the given order, display without credentials
+    assert (config.host, config.port, config.username, config.password) == ("a", 1884, "user", "pw")
+    assert config.fallbacks == (BrokerUrl("b", 1883), BrokerUrl("c", 1999))
+    assert [n.display_url for n in config.endpoints] == [
+        "mqtt://a:1884", "mqtt://b:1883", "mqtt://c:1999",
+    ]  # fmt: skip
+    assert config.urls == "mqtt://a:1884,mqtt://b:1883,mqtt://c:1999"
+    assert config.url == "mqtt://a:1884"
+    assert parse_broker_urls("wss://a/x,wss://b:8884")[1].websocket_path == "/mqtt"
+    assert parse_broker_urls("ws://a/p,q , ws://b")[0].websocket_path == "/p,q"  # a path's comma
+
+
+def test_one_url_has_no_fallbacks() -> None:
+    config = MqttConfig.from_url("mqtts://a")
+    assert (config.fallbacks, config.endpoints) == ((), (BrokerUrl("a", 8883, tls=True),))
+
+
+@pytest.mark.parametrize(
+    ("urls", "message"),
+    [
+        ("mqtt://a,mqtts://b", "'mqtts://b' is mqtts:// but the first broker URL is mqtt://"),
+        ("ws://a,mqtt://b", "every node of a list is reached the same way"),
+        ("mqtt://u:p@a,mqtt://v:p@b", "the same credentials"),
+        ("mqtt://a,", "bad host 'a,' in 'mqtt://a,'"),
+        ("mqtt://a,,mqtt://b", "empty entry in the broker URL list"),
+        ("mqtt://a,b:1883", "bad host 'a,b' in 'mqtt://a,b:1883': each URL of a list starts"),
+    ],
+)
+def test_a_bad_list_is_refused_naming_the_url(urls: str, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        MqttConfig.from_url(urls)
+
+
+def test_fallbacks_given_directly_must_match_the_connection_kind() -> None:
+    with pytest.raises(ValueError, match="every node of a list is reached the same way"):
+        MqttConfig(host="a", fallbacks=(BrokerUrl("b", 8883, tls=True),))
+
+
+async def _no_hook(info: ConnectInfo) -> None:
+    pass
+
+
+def test_the_aggregator_agent_and_monitor_configs_take_a_list(tmp_path: Path) -> None:
+    # Arrange
+    urls = "mqtt://a:1883,mqtt://b:1884"
+    nodes = (BrokerUrl("a", 1883), BrokerUrl("b", 1884))
+
+    # Act
+    aggregator = make_config(tmp_path, broker_url=urls).mqtt_config()
+    agent = agent_config(tmp_path, urls, fleet="f", device="d", state_dir=tmp_path / "s")
+    transport = mqtt_transport_factory(agent)(Will("w", b""), _no_hook)
+    monitor_url = _check_fleet_and_broker("f", urls)
+
+    # Assert: the aggregator's and the agent's transports get every node; the monitor's check
+    # accepts the list (its transport config goes through the same MqttConfig.from_url)
+    assert aggregator.endpoints == nodes
+    assert (agent.broker.host, agent.broker.port) == ("a", 1883)
+    assert isinstance(transport, MqttTransport)
+    assert transport.config.endpoints == nodes
+    assert monitor_url == nodes[0]
+    with pytest.raises(ConfigError, match="every node of a list"):
+        BrokerConfig(url="mqtt://a,mqtts://b")
