@@ -53,6 +53,7 @@ from device_agent.config import AgentConfig, ReceiptMode
 from device_agent.dataset import LocalDataset, load_local_dataset
 from device_agent.eligibility import EligibilityMonitor
 from device_agent.fetch import ModelFetch, check_manifest_size
+from device_agent.local_privacy import LocalPrivacy, LocalPrivacyReport
 from device_agent.model_store import CurrentModel
 from device_agent.notify import SystemdNotifier
 from device_agent.participation import (
@@ -174,6 +175,7 @@ class AgentStatistics:
     receipt_rejected: dict[str, int] = field(default_factory=dict)  # by RejectReason value
     receipts: bool | None = None  # receipts in use (None: "auto", server state not seen yet)
     participation: ParticipationStatistics = field(default_factory=ParticipationStatistics)
+    local_privacy: LocalPrivacyReport | None = None  # local DP's epsilon (None: local DP off)
 
 
 def mqtt_transport_factory(config: AgentConfig) -> TransportFactory:
@@ -298,8 +300,11 @@ class DeviceAgent:
         max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES,
         receipt_verifier: ManifestVerifier | None = None,
         clock: Callable[[], float] = time.monotonic,
+        noise_rng: np.random.Generator | None = None,
     ) -> None:
         self.config = config
+        self._noise_rng = noise_rng  # local DP noise; None: os.urandom-seeded (never fix it)
+        self._privacy: LocalPrivacy | None = None  # local DP, set up with the state
         self._trainer = trainer
         self._snapshots: SnapshotSource = snapshots or ProbeSnapshotSource(config.probes)
         self._dataset = dataset
@@ -402,6 +407,7 @@ class DeviceAgent:
             receipt_rejected=dict(counts.receipt_rejected),
             receipts=self._receipts_active(),
             participation=self._leases.statistics(),
+            local_privacy=None if self._privacy is None else self._privacy.report(),
         )
 
     async def run(self) -> None:
@@ -465,6 +471,10 @@ class DeviceAgent:
         self._store = AgentStore.open(cfg)
         self._leases.remember_in(cfg.state_dir / "leases", durable=cfg.spool.durable)
         self._model = self._store.models.load()
+        if self._store.privacy is not None and cfg.privacy.local is not None:
+            self._privacy = LocalPrivacy(
+                cfg.privacy.local, self._store.privacy, device_id=self._device, rng=self._noise_rng
+            )
         now = self._delivery.clock()
         for mark in self._store.spool.awaiting():
             self._delivery.tracker.restore(mark.seq, mark.attempts, now)
@@ -509,12 +519,17 @@ class DeviceAgent:
             decision_reasons=None if decision is None else [r.value for r in decision.reasons],
             training=self._gate.active,
             has_model=self._model is not None,
+            budget_spent=self._budget_spent(),
         )
+
+    def _budget_spent(self) -> bool:
+        return self._privacy is not None and self._privacy.exhausted
 
     def _eligible(self) -> bool:
         return self._monitor.eligible and not self._probe_failed
 
     def _device_state(self, status: DeviceStatus) -> DeviceState:
+        privacy = self._privacy
         return DeviceState(
             fleet=self._fleet,
             device_id=self._device,
@@ -524,11 +539,13 @@ class DeviceAgent:
             model_version=None if self._model is None else self._model.version,
             reasons=self._reasons(),
             updates_sent=self._counts.updates_sent,
-            local_accuracy=self._counts.last_accuracy,
+            # under local DP the accuracy on local data would leave the device without noise
+            local_accuracy=self._counts.last_accuracy if privacy is None else None,
             profile=self.config.profile,
             spool_depth=0 if self._store is None else len(self._store.spool),
             awaiting_receipt=self._delivery.tracker.awaiting,
             waiting_for_slot=self._leases.waiting_for_slot,
+            **({} if privacy is None else privacy.report().device_state_fields()),
         )
 
     def _set_status(self, status: DeviceStatus) -> None:
@@ -542,7 +559,7 @@ class DeviceAgent:
 
     def _conditions(self) -> Conditions:
         return Conditions(
-            eligible=self._eligible(),
+            eligible=self._eligible() and not self._budget_spent(),
             stopping=self._wake.stopping.is_set(),
             model_version=None if self._model is None else self._model.version,
             update_pending=self._store is not None and len(self._store.spool) > 0,
@@ -960,6 +977,8 @@ class DeviceAgent:
                 eligible=self._eligible(),
                 stopping=self._wake.stopping.is_set(),
             )
+        if model is not None and wanted and self._privacy is not None:
+            wanted = not self._privacy.refuses(model.version)  # local DP budget spent
         return model if wanted else None
 
     async def _scheduler_loop(self) -> None:
@@ -1110,6 +1129,9 @@ class DeviceAgent:
             codec = codec_config_for(self.config.codec, manifest)
             residual = residual_from_bytes(store.residuals.load(), manifest.num_params)
             seq = store.spool.next_seq()
+            release = None
+            if self._privacy is not None:  # clip + noise: nothing else is encoded or sent
+                result, release = self._privacy.privatize_result(result)
             built = build_update(
                 result,
                 manifest=manifest,
@@ -1128,6 +1150,8 @@ class DeviceAgent:
             log.error("%s: cannot encode the update: %s", self._device, exc)
         else:
             try:
+                if self._privacy is not None and release is not None:
+                    self._privacy.charge(release)  # persisted before the update is spooled
                 store.spool.put(seq, built.envelope, {"base_version": manifest.version})
             except SpoolFull as exc:
                 self._counts.dropped[DropReason.SPOOL_FULL.value] += 1

@@ -106,6 +106,7 @@ def run_command(config: ConfigOption = None, set_: SetOption = None) -> None:
     stop_early = _StopFlag.install()  # a signal before the event loop runs is not lost
     setup_logging(cfg.log_level)
     from device_agent.agent import DeviceAgent
+    from device_agent.local_privacy import LedgerCorrupt
     from device_agent.spool import SpoolLocked
     from edgefl.data.sources import DataSourceError
 
@@ -129,6 +130,8 @@ def run_command(config: ConfigOption = None, set_: SetOption = None) -> None:
     except DataSourceError as exc:
         key = "data.entrypoint" if cfg.data.entrypoint is not None else "data.path"
         raise ConfigError(key, str(exc)) from None
+    except LedgerCorrupt as exc:
+        raise ConfigError("state_dir", str(exc)) from None
     except SpoolLocked as exc:
         raise ConfigError(
             "state_dir", f"{exc} (is another agent running with the same state_dir?)"
@@ -240,13 +243,32 @@ def check_config_command(
         also = f" (also check {', '.join(others)})" if others else ""
         raise ConfigError(first.key, first.problem + also, source=first.source)
     described = cfg.describe()
+    local_dp = _local_dp_report(cfg)
     if json_out:
-        typer.echo(json.dumps(described, indent=2, sort_keys=True))
+        extra = {} if local_dp is None else {"local_dp": local_dp}
+        typer.echo(json.dumps({**described, **extra}, indent=2, sort_keys=True))
         return
     width = max(len(k) for k in described)
     for key in sorted(described):
         typer.echo(f"{key:<{width}}  {described[key]!r}")
+    if local_dp is not None:
+        typer.echo(f"local DP: {local_dp['summary']}")
     typer.echo("configuration OK", err=True)
+
+
+def _local_dp_report(cfg: AgentConfig) -> dict[str, object] | None:
+    """Local DP's noise and the epsilon spent so far (the ledger in the state directory, read
+    only), for ``check-config``; None when local DP is off. An unreadable ledger is the error
+    ``run`` would stop with."""
+    if cfg.privacy.local is None:
+        return None
+    from device_agent.local_privacy import LedgerCorrupt, read_report
+
+    try:
+        report = read_report(cfg.privacy.local, cfg.state_dir)
+    except LedgerCorrupt as exc:
+        raise ConfigError("state_dir", str(exc)) from None
+    return {**report.to_json(), "summary": report.summary()}
 
 
 @agent_app.command("predict")

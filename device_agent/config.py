@@ -5,7 +5,7 @@ Sources, lowest precedence first:
 1. **TOML file** (default ``/etc/edgefl/agent.toml``; see ``device_agent/examples/agent.toml``).
    Top-level keys ``fleet``, ``device_id``, ``state_dir``, ``log_level``, ``profile`` and the
    tables ``[broker]``, ``[data]``, ``[training]``, ``[codec]``, ``[eligibility]``, ``[probes]``,
-   ``[spool]``, ``[security]``.
+   ``[spool]``, ``[security]``, ``[privacy]``.
    Relative paths in the file are relative to the file's directory.
 2. **Environment**: ``EDGEFL_<SECTION>__<KEY>`` (double underscore) for a key in a table and
    ``EDGEFL_<KEY>`` for a top-level key, upper case, e.g. ``EDGEFL_BROKER__URL``,
@@ -44,6 +44,8 @@ from device_agent.eligibility.policy import EligibilityPolicy, PolicyError, Time
 from device_agent.eligibility.probes import MeteredSource
 from edgefl import configlayers
 from edgefl.configlayers import Mismatch, Setting, SettingError
+from edgefl.privacy.local import LocalDP
+from edgefl.privacy.spec import dp_to_text, parse_dp
 from edgefl.transport.config import BrokerUrl, parse_broker_urls
 
 __all__ = [
@@ -56,6 +58,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "DataKind",
+    "PrivacyConfig",
     "ProbeConfig",
     "ReceiptMode",
     "SecurityConfig",
@@ -345,6 +348,33 @@ class SecurityConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PrivacyConfig:
+    """Local differential privacy (docs/PRIVACY.md): ``dp`` is ``"off"`` or the text form of
+    :func:`edgefl.privacy.parse_dp` for local DP, e.g. ``"local:gaussian,eps=1,C=1,delta=1e-5,
+    budget=20"`` or ``"local:laplace,eps=2,C=1"``; ``local`` is the parsed setting (None: off).
+    ``dp`` is normalised to every option written out (:func:`edgefl.privacy.dp_to_text`)."""
+
+    dp: str = "off"
+    local: LocalDP | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dp, str):
+            raise ConfigError(
+                "privacy.dp", f"expected text like 'local:gaussian,eps=1,C=1', got {self.dp!r}"
+            )
+        try:
+            parsed = parse_dp(self.dp)
+        except ValueError as exc:
+            raise ConfigError("privacy.dp", str(exc)) from None
+        if parsed is not None and not isinstance(parsed, LocalDP):
+            raise ConfigError(
+                "privacy.dp", "central DP is the aggregator's setting; a device takes local:..."
+            )
+        object.__setattr__(self, "local", parsed)
+        object.__setattr__(self, "dp", dp_to_text(parsed))
+
+
+@dataclass(frozen=True, slots=True)
 class AgentConfig:
     broker: BrokerConfig
     fleet: str
@@ -356,6 +386,7 @@ class AgentConfig:
     probes: ProbeConfig = field(default_factory=ProbeConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     state_dir: Path = DEFAULT_STATE_DIR
     log_level: str = "INFO"
     profile: str | None = None
@@ -395,6 +426,7 @@ _SECTIONS: dict[str, Callable[..., Any]] = {
     "probes": ProbeConfig,
     "spool": SpoolConfig,
     "security": SecurityConfig,
+    "privacy": PrivacyConfig,
 }
 _TOP_LEVEL: dict[str, object] = {
     "fleet": str,

@@ -35,6 +35,7 @@ from edgefl.models.spec import ModelSpec
 from edgefl.protocol.messages import FEATURE_LEASES, DeviceStatus, ServerState, ServerStatus
 
 __all__ = [
+    "PRIVACY_BUDGET_SPENT",
     "AbortReason",
     "CheckInAction",
     "DropReason",
@@ -69,6 +70,10 @@ class AbortReason(StrEnum):
     TIMEOUT = "timeout"  # longer than training.max_train_seconds
     ERROR = "error"  # the trainer raised
     LEASE_EXPIRED = "lease_expired"  # the lease ran out before the training ended (1.2)
+
+
+PRIVACY_BUDGET_SPENT = "privacy_budget_spent"
+"""The presence reason of a device whose local DP budget allows no more updates."""
 
 
 class DropReason(StrEnum):
@@ -207,16 +212,19 @@ def presence_reasons(
     decision_reasons: Sequence[str] | None,
     training: bool,
     has_model: bool,
+    budget_spent: bool = False,
 ) -> tuple[str, ...]:
     """Why the device does not train, as its device state says it: ``probe_failed`` when the
     probes could not be read, else the eligibility reasons (``None``: no decision yet), else
-    ``no_model`` for an eligible, idle device without a model."""
+    ``no_model`` for an eligible, idle device without a model; ``privacy_budget_spent`` is
+    added when its local DP budget allows no more updates."""
+    spent = (PRIVACY_BUDGET_SPENT,) if budget_spent else ()
     if probe_failed:
-        return ("probe_failed",)
+        return ("probe_failed", *spent)
     reasons = tuple(decision_reasons) if decision_reasons is not None else ()
     if not reasons and decision_reasons is not None and not training and not has_model:
-        return ("no_model",)
-    return reasons
+        return ("no_model", *spent)
+    return reasons + spent
 
 
 def status_line(

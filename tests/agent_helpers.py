@@ -31,8 +31,15 @@ from device_agent.dataset import LocalDataset
 from device_agent.eligibility import EligibilityPolicy, MeteredSource
 from device_agent.release import model_release
 from device_agent.trainer import TorchTrainer, TrainJob, TrainResult
+from edgefl.codec import CodecDescriptor, open_update
 from edgefl.models.spec import get_model_spec, init_weights_numpy
-from edgefl.protocol.messages import Participation, ServerState, ServerStatus
+from edgefl.protocol.messages import (
+    Participation,
+    ServerState,
+    ServerStatus,
+    UpdateHeader,
+    decode_update,
+)
 from edgefl.security import generate_private_key, write_private_key, write_public_key
 from edgefl.transport import InboundMessage, MemoryBroker, MemoryTransport, OnConnect, Will
 from firmware_sim.fake_sysfs import write_fake_sysfs
@@ -70,6 +77,18 @@ def publish_model(broker: MemoryBroker, version: int, seed: int = 0) -> None:
     release = model_release(FLEET, version, MODEL, init_weights_numpy(SPEC, seed))
     for topic, payload in release.messages:
         broker.publish(topic, payload, 1, True)
+
+
+def decoded_update(payload: bytes) -> tuple[UpdateHeader, np.ndarray]:
+    """An UPDATE envelope's header and its delta, decoded to a dense float32 vector."""
+    header, body = decode_update(payload)
+    dense = open_update(
+        CodecDescriptor.from_dict(header.codec),
+        body,
+        num_params=SPEC.num_params,
+        max_decompressed=1 << 24,
+    ).to_dense()
+    return header, dense
 
 
 def factory(broker: MemoryBroker, made: list[MemoryTransport] | None = None):  # type: ignore[no-untyped-def]

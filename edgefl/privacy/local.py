@@ -40,7 +40,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from edgefl.privacy.analytic import gaussian_epsilon, gaussian_sigma
 
-__all__ = ["LocalDP", "LocalMechanism", "LocalRelease", "LocalSpend", "may_train"]
+__all__ = ["LocalDP", "LocalMechanism", "LocalRelease", "LocalSpend", "may_train", "updates_left"]
 
 
 class LocalMechanism(StrEnum):
@@ -141,15 +141,19 @@ class LocalSpend:
             release.mechanism, release.epsilon, release.sensitivity / release.noise_scale
         )
 
-    def charged(self, mechanism: LocalMechanism, epsilon: float, mu: float) -> LocalSpend:
-        """The total after one more release: Laplace adds ``epsilon``, Gaussian adds ``mu^2``
-        (``mu = sensitivity / sigma``)."""
+    def charged(
+        self, mechanism: LocalMechanism, epsilon: float, mu: float, times: int = 1
+    ) -> LocalSpend:
+        """The total after ``times`` more releases: each Laplace one adds ``epsilon``, each
+        Gaussian one adds ``mu^2`` (``mu = sensitivity / sigma``)."""
         if mechanism is LocalMechanism.LAPLACE:
             return LocalSpend(
-                self.updates + 1, self.gaussian_mu_squared, self.laplace_epsilon + epsilon
+                self.updates + times,
+                self.gaussian_mu_squared,
+                self.laplace_epsilon + times * epsilon,
             )
         return LocalSpend(
-            self.updates + 1, self.gaussian_mu_squared + mu * mu, self.laplace_epsilon
+            self.updates + times, self.gaussian_mu_squared + times * mu * mu, self.laplace_epsilon
         )
 
     def epsilon(self, delta: float) -> float:
@@ -181,10 +185,32 @@ class LocalSpend:
 def may_train(spent: LocalSpend, config: LocalDP) -> bool:
     """Whether one more update under ``config`` keeps ``spent`` within its budget (always true
     without ``budget_epsilon``). Call it *before* training: a refused device does not train."""
+    return config.budget_epsilon is None or _within_budget(spent, config, 1)
+
+
+def updates_left(spent: LocalSpend, config: LocalDP) -> int | None:
+    """How many more updates under ``config`` stay within its budget (``None``: no budget).
+
+    The total only grows, so this is the largest ``k`` such that ``k`` more updates fit:
+    doubling, then bisection (``O(log k)`` evaluations of the total epsilon)."""
     if config.budget_epsilon is None:
-        return True
+        return None
+    if not _within_budget(spent, config, 1):
+        return 0
+    low, high = 1, 2
+    while _within_budget(spent, config, high):
+        low, high = high, high * 2
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if _within_budget(spent, config, mid) else (low, mid)
+    return low
+
+
+def _within_budget(spent: LocalSpend, config: LocalDP, more: int) -> bool:
+    """Whether ``more`` updates under ``config`` after ``spent`` keep the total within budget."""
+    assert config.budget_epsilon is not None
     mu = config.sensitivity / config.noise_scale
-    after = spent.charged(config.mechanism, config.epsilon, mu)
+    after = spent.charged(config.mechanism, config.epsilon, mu, more)
     return after.epsilon(config.delta) <= config.budget_epsilon
 
 

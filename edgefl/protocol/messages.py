@@ -430,10 +430,20 @@ class DeviceState(_Message):
     spool_depth: int | None = None  # updates in the device's spool (1.1)
     awaiting_receipt: int | None = None  # of those, sent and waiting for a receipt (1.1)
     waiting_for_slot: bool | None = None  # True: eligible, checked in, waiting for a lease (1.2)
+    # local differential privacy (1.2, docs/PRIVACY.md): all None when the device sends its
+    # updates without local DP. epsilon_spent is the total over its noised updates at local_delta
+    local_dp: str | None = None  # the mechanism: "gaussian" or "laplace"
+    local_epsilon_per_update: float | None = None
+    local_epsilon_spent: float | None = None
+    local_epsilon_budget: float | None = None  # None: no budget
+    local_delta: float | None = None  # 0 for Laplace alone
+    local_dp_updates: int | None = None  # noised updates released so far
+    local_budget_exhausted: bool | None = None  # True: one more update would pass the budget
 
     def __post_init__(self) -> None:
         if self.waiting_for_slot is not None:
             f.flag(self.waiting_for_slot, "waiting_for_slot")
+        self._check_local_dp()
         f.name(self.fleet, "fleet")
         f.name(self.device_id, "device_id")
         f.opt_integer(self.spool_depth, "spool_depth")
@@ -448,6 +458,20 @@ class DeviceState(_Message):
         _set(self, "local_accuracy", acc)
         if self.profile is not None:
             f.name(self.profile, "profile")
+
+    def _check_local_dp(self) -> None:
+        if self.local_dp is not None:
+            f.name(self.local_dp, "local_dp")
+        for key in ("local_epsilon_per_update", "local_epsilon_spent", "local_epsilon_budget"):
+            _set(self, key, f.opt_number(getattr(self, key), key, minimum=0.0))
+        _set(
+            self,
+            "local_delta",
+            f.opt_number(self.local_delta, "local_delta", minimum=0.0, maximum=1.0),
+        )
+        f.opt_integer(self.local_dp_updates, "local_dp_updates")
+        if self.local_budget_exhausted is not None:
+            f.flag(self.local_budget_exhausted, "local_budget_exhausted")
 
     def supersedes(self, previous: DeviceState | None) -> bool:
         """Whether this state replaces ``previous`` under the presence rule (session >= old)."""

@@ -24,6 +24,7 @@ from agent_helpers import (
     SPEC,
     GateTrainer,
     collect,
+    decoded_update,
     factory,
     make_config,
     publish_model,
@@ -38,7 +39,7 @@ from device_agent.model_store import ModelStore
 from device_agent.release import model_release
 from device_agent.spool import UpdateSpool
 from device_agent.trainer import TrainJob, TrainResult
-from edgefl.codec import CodecConfig, CodecDescriptor, Quantization, encode_update, open_update
+from edgefl.codec import CodecConfig, Quantization, encode_update, open_update
 from edgefl.models.spec import init_weights_numpy
 from edgefl.protocol.envelope import EnvelopeKind, decode_envelope, encode_envelope
 from edgefl.protocol.messages import (
@@ -75,16 +76,10 @@ async def test_agent_picks_up_model_trains_and_delivers_one_update(tmp_path: Pat
 
     # Assert: exactly one update, against v0, decodable, non-trivial
     assert len(updates) == 1
-    header, body = decode_update(updates[0].payload)
+    header, delta = decoded_update(updates[0].payload)
     assert (header.device_id, header.seq, header.base_version) == (DEVICE, 0, 0)
     assert header.num_examples == DATA.num_train == 160
     assert header.model == MODEL
-    delta = open_update(
-        CodecDescriptor.from_dict(header.codec),
-        body,
-        num_params=SPEC.num_params,
-        max_decompressed=1 << 20,
-    ).to_dense()
     assert np.all(np.isfinite(delta))
     assert np.abs(delta).max() > 0
     stats = agent.statistics()
@@ -150,13 +145,7 @@ async def test_spooled_updates_are_resent_in_order_byte_identical(tmp_path: Path
     # Assert: in sequence order, the exact spooled bytes, and the spool is empty afterwards
     assert [m.topic.rsplit("/", 1)[1] for m in updates] == ["0", "1", "2"]
     assert [m.payload for m in updates] == [spooled[seq][1] for seq in range(3)]
-    header, body = decode_update(updates[2].payload)
-    decoded = open_update(
-        CodecDescriptor.from_dict(header.codec),
-        body,
-        num_params=SPEC.num_params,
-        max_decompressed=1 << 20,
-    ).to_dense()
+    _, decoded = decoded_update(updates[2].payload)
     np.testing.assert_array_equal(decoded, spooled[2][0])
     assert agent.statistics().spool_depth == 0
     assert agent.statistics().trainings_started == 0
@@ -485,17 +474,7 @@ async def test_error_feedback_residual_survives_a_restart(tmp_path: Path) -> Non
     topk = CodecConfig(quantization=Quantization.FP32, topk_fraction=0.1)
     first, residual = encode_update(deltas[0], topk, rng=rng)
     second, _ = encode_update(deltas[1], topk, rng=rng, residual=residual)
-    sent = []
-    for message in updates:
-        header, body = decode_update(message.payload)
-        sent.append(
-            open_update(
-                CodecDescriptor.from_dict(header.codec),
-                body,
-                num_params=SPEC.num_params,
-                max_decompressed=1 << 20,
-            ).to_dense()
-        )
+    sent = [decoded_update(message.payload)[1] for message in updates]
     expected = [
         open_update(
             e.descriptor, e.body, num_params=SPEC.num_params, max_decompressed=1 << 20
