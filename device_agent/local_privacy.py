@@ -210,9 +210,9 @@ class LocalPrivacy:
         self._rng = rng
         self._refused = 0
         self._refused_version: int | None = None
-        self._told = False
         self._report = report_of(config, ledger.spend)
-        self._tell_if_exhausted()
+        if self.exhausted:
+            self._tell_exhausted()
 
     @property
     def exhausted(self) -> bool:
@@ -240,7 +240,8 @@ class LocalPrivacy:
         """Persist the spend of ``release`` (blocking): before the update is spooled."""
         self._ledger.record(self._ledger.spend.add(release))
         self._report = report_of(self.config, self._ledger.spend, self._refused)
-        self._tell_if_exhausted()
+        if self.exhausted:  # this update spent it: no update is charged after it
+            self._tell_exhausted()
 
     def refuses(self, version: int) -> bool:
         """Whether training on model ``version`` is refused for the budget; each refused
@@ -254,10 +255,9 @@ class LocalPrivacy:
             log.debug("%s: not training on v%d: local DP budget spent", self._device, version)
         return True
 
-    def _tell_if_exhausted(self) -> None:
-        if self._told or not self.exhausted:
-            return
-        self._told = True
+    def _tell_exhausted(self) -> None:
+        """Logged once per agent run: at start when the ledger is spent, or by the update that
+        spent it (refusals are then counted, at debug level)."""
         r = self._report
         log.warning(
             "%s: local DP budget spent: epsilon %.4g of %.4g (delta %g) after %d noised "

@@ -332,7 +332,8 @@ async def test_a_corrupt_ledger_stops_the_agent_instead_of_resetting_epsilon(
     agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(MemoryBroker()))
 
     with pytest.raises(LedgerCorrupt, match="refusing to start"):
-        await agent.run()
+        async with asyncio.timeout(60):  # a hang guard: an agent that starts runs for ever
+            await agent.run()
 
 
 def test_the_ledger_file_holds_the_spend(tmp_path: Path) -> None:
