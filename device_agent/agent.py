@@ -20,8 +20,9 @@ Tasks (one ``asyncio.TaskGroup``):
   :meth:`DeviceAgent.check_now`) through the :class:`EligibilityMonitor`; becoming ineligible
   aborts a running training.
 * **scheduler** — when eligible and the held model is newer than the last one trained on, train
-  in the executor; a finished training is encoded, signed and written to the spool *before*
-  anything is published; an aborted one leaves nothing behind. When the aggregator grants
+  in the executor; a finished training is (under local DP: clipped, noised and charged to the
+  epsilon ledger, :mod:`device_agent.local_privacy`) encoded, signed and written to the spool
+  *before* anything is published; an aborted one leaves nothing behind. When the aggregator grants
   leases (protocol 1.2), train only under a lease instead, once per lease
   (:mod:`device_agent.participation`: the per-connection *check-in* task, and the lease state).
 * **watchdog** — ``WATCHDOG=1`` every ``WatchdogSec / 2`` from the event loop.
@@ -84,7 +85,7 @@ from device_agent.training_policy import (
 )
 from device_agent.updates import build_update, codec_config_for, residual_from_bytes
 from edgefl.auth import EnvelopeSigner, ManifestVerifier
-from edgefl.errors import EdgeflError, ProtocolError, RejectReason
+from edgefl.errors import CodecError, EdgeflError, ProtocolError, RejectReason
 from edgefl.models.spec import ModelSpec, get_model_spec
 from edgefl.protocol.chunking import packetize
 from edgefl.protocol.messages import (
@@ -1054,27 +1055,48 @@ class DeviceAgent:
             await self._mark_trained(model.version)
             return
         result = await self._run_job(trainer, job, lease)
+        late = lease is not None and self._leases.given_back(lease)
+        if late and not isinstance(result, AbortReason):
+            result = self._gate.reason or AbortReason.INELIGIBLE  # finished after the lease
+        accuracy = None if isinstance(result, AbortReason) else result.global_accuracy
+        sent = result if isinstance(result, AbortReason) else await self._privatized(result)
         if lease is not None:
             # the lease is used up now, before its update is spooled and sent: a withdrawal
-            # from here on would release it on the aggregator before the update arrives
-            if self._leases.given_back(lease) and not isinstance(result, AbortReason):
-                result = self._gate.reason or AbortReason.INELIGIBLE  # finished too late
+            # from here on would release it on the aggregator before the update arrives (under
+            # local DP the update is charged already: the next check-in knows the budget)
             self._leases.done()
-        if isinstance(result, AbortReason):
-            reason = result
+        if isinstance(sent, AbortReason):
+            reason = sent
             self._counts.aborted[reason.value] += 1
             log.info("%s: training on v%d aborted: %s", self._device, model.version, reason.value)
             if marks_version_done(reason):
                 await self._mark_trained(model.version)
             return
         self._counts.trainings_completed += 1
-        if result.global_accuracy is not None:
-            self._counts.last_accuracy = min(1.0, max(0.0, result.global_accuracy))
+        if accuracy is not None:  # kept on the device (sent only without local DP)
+            self._counts.last_accuracy = min(1.0, max(0.0, accuracy))
         store = self._durable
         async with store.lock:
-            await asyncio.to_thread(self._spool_result, model, result, lease_id)
+            await asyncio.to_thread(self._spool_result, model, sent, lease_id)
         self._mark_dirty()
         self._wake.spool_changed.set()
+
+    async def _privatized(self, result: TrainResult) -> TrainResult | AbortReason:
+        """Under local DP: ``result`` clipped and noised, its cost charged to the ledger (on
+        disk before anything is spooled); a non-finite update is a failed training (``error``).
+        Without local DP: ``result``."""
+        privacy = self._privacy
+        if privacy is None:
+            return result
+        try:
+            noised, release = privacy.privatize_result(result)
+        except CodecError as exc:
+            log.error("%s: cannot privatize the update: %s", self._device, exc)
+            return AbortReason.ERROR
+        store = self._durable
+        async with store.lock:
+            await asyncio.to_thread(privacy.charge, release)
+        return noised
 
     async def _run_job(
         self, trainer: Trainer, job: TrainJob, lease: HeldLease | None
@@ -1129,9 +1151,6 @@ class DeviceAgent:
             codec = codec_config_for(self.config.codec, manifest)
             residual = residual_from_bytes(store.residuals.load(), manifest.num_params)
             seq = store.spool.next_seq()
-            release = None
-            if self._privacy is not None:  # clip + noise: nothing else is encoded or sent
-                result, release = self._privacy.privatize_result(result)
             built = build_update(
                 result,
                 manifest=manifest,
@@ -1150,8 +1169,6 @@ class DeviceAgent:
             log.error("%s: cannot encode the update: %s", self._device, exc)
         else:
             try:
-                if self._privacy is not None and release is not None:
-                    self._privacy.charge(release)  # persisted before the update is spooled
                 store.spool.put(seq, built.envelope, {"base_version": manifest.version})
             except SpoolFull as exc:
                 self._counts.dropped[DropReason.SPOOL_FULL.value] += 1

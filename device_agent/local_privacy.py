@@ -3,10 +3,13 @@ budget refusal and what the device reports (docs/PRIVACY.md, "Local DP on the de
 
 With ``[privacy] dp = "local:..."`` every finished training goes through :meth:`LocalPrivacy.
 privatize` (clip to ``C``, add Gaussian or Laplace noise: :class:`edgefl.privacy.LocalDP`)
-before it is encoded, and only the noised vector is encoded, spooled and sent. The order in
-the agent (``_spool_result``) is: privatize, encode, :meth:`LocalPrivacy.charge` (the ledger
-is written, atomically and fsynced, *before* the update is spooled, so a crash can over-count
-the spend but never under-count it), spool.
+before it is encoded, and only the noised vector is encoded, spooled and sent; the training
+metrics (loss, accuracy on local data, steps, time) are left out of the update and the device
+state. The order in the agent (``DeviceAgent._train``) is: train, privatize,
+:meth:`LocalPrivacy.charge` (the ledger is written, atomically and fsynced), the lease is used
+up (so its next check-in already knows whether the budget allows another update), encode,
+spool, send. A crash can therefore over-count the spend (charged, not spooled) but never
+under-count it.
 
 The ledger (:class:`LocalPrivacyLedger`) is ``<state_dir>/local_dp.json``: the running total
 :class:`edgefl.privacy.LocalSpend` (Gaussian releases compose exactly through ``mu^2``, Laplace

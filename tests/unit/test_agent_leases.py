@@ -394,3 +394,36 @@ async def test_a_new_agent_waits_for_the_aggregators_state_before_it_trains(
     # Assert: it checked in instead of training an update the aggregator would refuse
     assert stats.trainings_started == 0
     assert on(seen, UPDATES) == []
+
+
+async def test_a_device_whose_local_dp_budget_is_spent_stops_checking_in(
+    tmp_path: Path,
+) -> None:
+    # Arrange: local DP with room for exactly one update (Laplace, epsilon 1, budget 1)
+    from device_agent.config import PrivacyConfig
+
+    cfg = dataclasses.replace(
+        make_config(tmp_path), privacy=PrivacyConfig(dp="local:laplace,eps=1,C=1,budget=1")
+    )
+    broker = leasing_broker()
+    async with running(broker, cfg) as (agent, seen):
+        # Act: one lease is used; the budget is spent; a second lease comes all the same
+        await eventually(lambda: len(on(seen, CHECKINS)) == 1)
+        grant(broker, 5)
+        await eventually(lambda: agent.statistics().updates_sent == 1)
+        await eventually(lambda: device_state(broker).local_budget_exhausted is True)
+        grant(broker, 6)
+        await eventually(lambda: _leases_seen(agent) == 2)
+
+    # Assert: it checked in as available only before its one update, then withdrew; the
+    # second lease trained nothing
+    sent = check_ins(on(seen, CHECKINS))
+    assert [c.available for c in sent] == [True, False]
+    stats = agent.statistics()
+    assert (stats.trainings_started, len(on(seen, UPDATES))) == (1, 1)
+    assert "privacy_budget_spent" in device_state(broker).reasons
+
+
+def _leases_seen(agent: DeviceAgent) -> int:
+    p = agent.statistics().participation
+    return p.leases_received + sum(p.leases_ignored.values())
