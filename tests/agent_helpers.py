@@ -124,6 +124,23 @@ class GateTrainer:
         return self.inner.train(job, should_stop)
 
 
+class RecordingTrainer:
+    """Real torch training that keeps every raw delta (what must never leave the device under
+    local DP)."""
+
+    def __init__(self) -> None:
+        self.inner = TorchTrainer()
+        self.deltas: list[np.ndarray] = []
+        self.lock = threading.Lock()
+
+    def train(self, job: TrainJob, should_stop: Callable[[], bool]) -> TrainResult | None:
+        result = self.inner.train(job, should_stop)
+        if result is not None:
+            with self.lock:
+                self.deltas.append(np.array(result.delta, dtype=np.float32, copy=True))
+        return result
+
+
 def server_state(
     features: tuple[str, ...], participation: Participation | None, session: int = 1
 ) -> ServerState:

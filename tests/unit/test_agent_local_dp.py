@@ -13,7 +13,6 @@ import asyncio
 import dataclasses
 import logging
 import math
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from agent_helpers import (
     DEVICE,
     FLEET,
     SPEC,
+    RecordingTrainer,
     collect,
     decoded_update,
     factory,
@@ -36,7 +36,7 @@ from waiting import eventually
 from device_agent.agent import DeviceAgent
 from device_agent.config import AgentConfig, PrivacyConfig
 from device_agent.local_privacy import LEDGER_FILE, LedgerCorrupt
-from device_agent.trainer import TorchTrainer, TrainJob, TrainResult
+from device_agent.trainer import TrainJob, TrainResult
 from edgefl.privacy import LocalDP, LocalMechanism, LocalSpend
 from edgefl.protocol.messages import DeviceState, decode_message
 from edgefl.protocol.topics import (
@@ -47,22 +47,6 @@ from edgefl.protocol.topics import (
     updates_filter,
 )
 from edgefl.transport import MemoryBroker
-
-
-class RecordingTrainer:
-    """Real torch training that keeps every raw delta (what must never leave the device)."""
-
-    def __init__(self) -> None:
-        self.inner = TorchTrainer()
-        self.deltas: list[np.ndarray] = []
-        self.lock = threading.Lock()
-
-    def train(self, job: TrainJob, should_stop: Callable[[], bool]) -> TrainResult | None:
-        result = self.inner.train(job, should_stop)
-        if result is not None:
-            with self.lock:
-                self.deltas.append(np.array(result.delta, dtype=np.float32, copy=True))
-        return result
 
 
 def ldp_config(tmp: Path, dp: str) -> AgentConfig:

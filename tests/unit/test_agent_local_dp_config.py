@@ -199,3 +199,26 @@ def test_updates_left_is_how_often_may_train_says_yes(config: LocalDP) -> None:
 
     assert left == trained
     assert updates_left(LocalSpend(), LocalDP()) is None  # no budget
+
+
+def test_the_device_computes_epsilon_without_dp_accounting_or_scipy() -> None:
+    """A Pi's install has neither (the ``aggregator``/``sim`` extras bring dp-accounting)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from device_agent.config import PrivacyConfig\n"
+        "from device_agent.local_privacy import report_of\n"
+        "from edgefl.privacy import LocalSpend\n"
+        "dp = PrivacyConfig(dp='local:gaussian,eps=1,C=1,budget=9').local\n"
+        "mu2 = 4 * (2 / dp.noise_scale) ** 2\n"
+        "r = report_of(dp, LocalSpend(updates=4, gaussian_mu_squared=mu2))\n"
+        "assert 1.0 < r.epsilon_spent < 4.0 and r.updates_left > 0, r\n"
+        "bad = {'dp_accounting', 'scipy', 'torch'} & set(sys.modules)\n"
+        "assert not bad, bad\n"
+    )
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+
+    assert done.returncode == 0, done.stderr
