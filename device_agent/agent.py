@@ -1089,7 +1089,7 @@ class DeviceAgent:
         if privacy is None:
             return result
         try:
-            noised, release = privacy.privatize_result(result)
+            noised, release = await asyncio.to_thread(privacy.privatize_result, result)
         except CodecError as exc:
             log.error("%s: cannot privatize the update: %s", self._device, exc)
             return AbortReason.ERROR

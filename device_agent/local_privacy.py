@@ -44,7 +44,7 @@ from numpy.typing import ArrayLike
 from device_agent.spool import atomic_write
 from device_agent.trainer import TrainResult
 from edgefl.errors import CodecError, RejectReason
-from edgefl.privacy.local import LocalDP, LocalRelease, LocalSpend, may_train, updates_left
+from edgefl.privacy.local import LocalDP, LocalRelease, LocalSpend, updates_left
 
 __all__ = [
     "LEDGER_FILE",
@@ -219,8 +219,9 @@ class LocalPrivacy:
 
     @property
     def exhausted(self) -> bool:
-        """One more update would pass the budget: the device does not train any more."""
-        return not may_train(self._ledger.spend, self.config)
+        """One more update would pass the budget: the device does not train any more (from the
+        report computed at the last charge: the agent asks this often)."""
+        return self._report.exhausted
 
     def report(self) -> LocalPrivacyReport:
         return self._report

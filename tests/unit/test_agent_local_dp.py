@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import math
 from collections.abc import Callable
@@ -34,7 +35,7 @@ from agent_helpers import (
 from waiting import eventually
 
 from device_agent.agent import DeviceAgent
-from device_agent.config import AgentConfig, PrivacyConfig
+from device_agent.config import AgentConfig, PrivacyConfig, ReceiptMode
 from device_agent.local_privacy import LEDGER_FILE, LedgerCorrupt
 from device_agent.trainer import TrainJob, TrainResult
 from edgefl.privacy import LocalDP, LocalMechanism, LocalSpend
@@ -330,3 +331,32 @@ def test_the_ledger_file_holds_the_spend(tmp_path: Path) -> None:
 
     assert LocalPrivacyLedger.in_state_dir(tmp_path).spend == spend
     assert LocalPrivacyLedger.in_state_dir(tmp_path / "new").spend == LocalSpend()
+
+
+async def test_the_spend_is_charged_before_the_update_is_spooled(tmp_path: Path) -> None:
+    """Conservative order: an update the spool refuses was noised and charged already (it is
+    charged whenever it could have left the device)."""
+    # Arrange: a spool of one entry that keeps its update until a receipt no one sends
+    cfg = ldp_config(tmp_path, "local:laplace,eps=1,C=1")
+    cfg = dataclasses.replace(
+        cfg, spool=dataclasses.replace(cfg.spool, max_entries=1, receipts=ReceiptMode.ON)
+    )
+    broker = MemoryBroker()
+    publish_model(broker, 0)
+    agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker))
+    run = asyncio.create_task(agent.run())
+    try:
+        # Act: v0's update is sent and kept; v1's finds the spool full
+        await eventually(lambda: agent.statistics().awaiting_receipt == 1)
+        publish_model(broker, 1, seed=1)
+        await eventually(lambda: agent.statistics().dropped.get("spool_full") == 1)
+    finally:
+        agent.stop()
+        await run
+
+    # Assert: both trainings were charged, in memory and on disk
+    report = agent.statistics().local_privacy
+    assert report is not None
+    assert (report.updates, report.epsilon_spent) == (2, 2.0)
+    ledger = json.loads((tmp_path / "state" / LEDGER_FILE).read_text())
+    assert ledger["spend"]["updates"] == 2
