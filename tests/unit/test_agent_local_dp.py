@@ -360,3 +360,33 @@ async def test_the_spend_is_charged_before_the_update_is_spooled(tmp_path: Path)
     assert (report.updates, report.epsilon_spent) == (2, 2.0)
     ledger = json.loads((tmp_path / "state" / LEDGER_FILE).read_text())
     assert ledger["spend"]["updates"] == 2
+
+
+async def test_without_an_injected_generator_the_noise_is_never_the_same(tmp_path: Path) -> None:
+    """Production draws a fresh os.urandom seed per update: two devices (fresh state) sending
+    the same update send different noise, and so do two updates of one device."""
+    raw = np.full(SPEC.num_params, 0.01, np.float32)
+    sent: list[np.ndarray] = []
+    for name in ("a", "b"):
+        cfg = ldp_config(tmp_path / name, "local:gaussian,eps=1,C=1")
+        broker = MemoryBroker()
+        publish_model(broker, 0)
+        updates, stop_observer = await collect(broker, updates_filter(FLEET))
+        agent = DeviceAgent(
+            cfg, trainer=FixedDeltaTrainer(raw), dataset=DATA, transport_factory=factory(broker)
+        )
+        run = asyncio.create_task(agent.run())
+        try:
+            await eventually(lambda: agent.statistics().updates_sent == 1)  # noqa: B023
+            publish_model(broker, 1, seed=1)
+            await eventually(lambda: agent.statistics().updates_sent == 2)  # noqa: B023
+        finally:
+            agent.stop()
+            await run
+            await stop_observer()
+        sent.extend(decoded_update(m.payload)[1] for m in updates)
+
+    assert len(sent) == 4
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert not np.any(sent[i] == sent[j]), (i, j)
