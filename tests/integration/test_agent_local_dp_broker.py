@@ -5,6 +5,11 @@ spent and that its budget stops it from training on the new version."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import agent_files
@@ -19,6 +24,7 @@ from broker.launcher import MosquittoBroker
 from device_agent.agent import DeviceAgent
 from device_agent.config import PrivacyConfig
 from device_agent.dataset import LocalDataset
+from device_agent.local_privacy import LEDGER_FILE
 from edgefl.codec import CodecConfig, Quantization
 from edgefl.protocol.messages import DeviceState, decode_message
 from edgefl.protocol.topics import device_state_topic, updates_filter
@@ -120,3 +126,78 @@ def _last_state(seen: list[InboundMessage]) -> DeviceState | None:
 def _exhausted(seen: list[InboundMessage]) -> bool:
     state = _last_state(seen)
     return state is not None and state.local_budget_exhausted is True
+
+
+async def test_the_agent_process_reads_privacy_from_its_file_and_stops_at_the_budget(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    """What systemd runs (``python -m device_agent --config agent.toml``) with ``[privacy]``:
+    os.urandom noise, the ledger on disk, the budget, the retained state and the one log line."""
+    # Arrange: room for one Laplace update; FedBuff K=1 makes v1 from it
+    digits = load_digits()
+    x, y = (digits.data[:150] / 16.0).astype(np.float32), digits.target[:150]
+    np.savez(tmp_path / "train.npz", x=x, y=y)
+    write_fake_sysfs(tmp_path / "fs", throttled=0)
+    config = agent_files.write_agent_toml(
+        tmp_path,
+        fleet=FLEET,
+        device=DEVICE,
+        url=mosquitto.url,
+        reconnect_max_s=2.0,
+        sections='\n[privacy]\ndp = "local:laplace,eps=1,C=1,budget=1"\n',
+    )
+    agg = fleet_parts.aggregator(tmp_path, mosquitto.url, fleet=FLEET, model=MODEL, buffer_size=1)
+    ready = asyncio.Event()
+    agg_task = asyncio.create_task(agg.run(ready))
+    await asyncio.wait_for(ready.wait(), 30)
+    log = tmp_path / "agent.log"
+    proc = _start_agent(config, log)
+    try:
+        # Act: it trains v0; v1 comes back; it refuses; then SIGTERM
+        await eventually(lambda: agg.statistics().applied == 1, 90)
+        state = await _retained_exhausted(mosquitto.url)
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(proc.wait, 20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        agg.stop()
+        await agg_task
+
+    # Assert
+    assert code == 0, log.read_text()[-2000:]
+    assert (state.local_dp, state.local_dp_updates, state.local_epsilon_spent) == (
+        "laplace",
+        1,
+        1.0,
+    )
+    assert "privacy_budget_spent" in state.reasons
+    ledger = json.loads((tmp_path / "state" / LEDGER_FILE).read_text())
+    assert ledger["spend"] == {"updates": 1, "gaussian_mu_squared": 0.0, "laplace_epsilon": 1.0}
+    assert log.read_text().count("local DP budget spent") == 1
+    assert log.read_text().count("training on model v") == 1
+
+
+def _start_agent(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EDGEFL_", "NOTIFY_"))}
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "device_agent", "--config", str(config)],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+        )
+
+
+async def _retained_exhausted(url: str) -> DeviceState:
+    """The retained device state, once it holds v1 and says the budget is spent."""
+    async with MqttTransport(MqttConfig.from_url(url, client_id="reader")) as reader:
+        await reader.subscribe(device_state_topic(FLEET, DEVICE))
+        async with asyncio.timeout(60):
+            async for message in reader.messages():
+                state = decode_message(message.payload, DeviceState)
+                if state.local_budget_exhausted and state.model_version == 1:
+                    return state
+    raise AssertionError("no retained state")
