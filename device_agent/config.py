@@ -362,14 +362,15 @@ class PrivacyConfig:
             raise ConfigError(
                 "privacy.dp", f"expected text like 'local:gaussian,eps=1,C=1', got {self.dp!r}"
             )
+        central = "central DP is the aggregator's setting; a device takes local:..."
+        if self.dp.strip().lower().startswith("central"):  # before parsing: no dp-accounting
+            raise ConfigError("privacy.dp", central)
         try:
             parsed = parse_dp(self.dp)
         except ValueError as exc:
             raise ConfigError("privacy.dp", str(exc)) from None
         if parsed is not None and not isinstance(parsed, LocalDP):
-            raise ConfigError(
-                "privacy.dp", "central DP is the aggregator's setting; a device takes local:..."
-            )
+            raise ConfigError("privacy.dp", central)
         object.__setattr__(self, "local", parsed)
         object.__setattr__(self, "dp", dp_to_text(parsed))
 

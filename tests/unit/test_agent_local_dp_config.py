@@ -215,6 +215,12 @@ def test_the_device_computes_epsilon_without_dp_accounting_or_scipy() -> None:
         "mu2 = 4 * (2 / dp.noise_scale) ** 2\n"
         "r = report_of(dp, LocalSpend(updates=4, gaussian_mu_squared=mu2))\n"
         "assert 1.0 < r.epsilon_spent < 4.0 and r.updates_left > 0, r\n"
+        "try:\n"
+        "    PrivacyConfig(dp='central:z=3,C=0.3,eps=8')\n"
+        "except Exception as exc:\n"
+        "    assert 'aggregator' in str(exc), exc\n"
+        "else:\n"
+        "    raise SystemExit('central DP accepted')\n"
         "bad = {'dp_accounting', 'scipy', 'torch'} & set(sys.modules)\n"
         "assert not bad, bad\n"
     )
