@@ -44,7 +44,7 @@ from device_agent.eligibility.policy import EligibilityPolicy, PolicyError, Time
 from device_agent.eligibility.probes import MeteredSource
 from edgefl import configlayers
 from edgefl.configlayers import Mismatch, Setting, SettingError
-from edgefl.privacy.local import LocalDP
+from edgefl.privacy.local import LocalDP, LocalSpend, may_train
 from edgefl.privacy.spec import dp_to_text, parse_dp
 from edgefl.transport.config import BrokerUrl, parse_broker_urls
 
@@ -371,6 +371,11 @@ class PrivacyConfig:
             raise ConfigError("privacy.dp", str(exc)) from None
         if parsed is not None and not isinstance(parsed, LocalDP):
             raise ConfigError("privacy.dp", central)
+        if parsed is not None and not may_train(LocalSpend(), parsed):
+            raise ConfigError(
+                "privacy.dp",
+                f"budget {parsed.budget_epsilon:g} allows no update of epsilon {parsed.epsilon:g}",
+            )
         object.__setattr__(self, "local", parsed)
         object.__setattr__(self, "dp", dp_to_text(parsed))
 

@@ -70,6 +70,7 @@ def _env() -> dict[str, str]:
         ("local:gaussian,clip=1", "bad dp option 'clip=1'"),
         ("local:laplace,eps=1,budget=0", "budget_epsilon must be None or finite and > 0"),
         ("global:eps=1", "dp mode must be central, local or off"),
+        ("local:gaussian,eps=8,budget=4", "budget 4 allows no update of epsilon 8"),
     ],
 )
 def test_bad_privacy_settings_are_one_line_naming_key_and_source(text: str, fragment: str) -> None:
