@@ -282,6 +282,18 @@ class _Credentials:
     lease_verifier: ManifestVerifier | None = None  # the aggregator's key, LEASE envelopes
 
 
+@dataclass
+class _Workbench:
+    """What a training runs with: the trainer, the local data and the executor (each made in
+    ``run()`` when not injected), and local DP (its noise generator, and the ledger's shell)."""
+
+    trainer: Trainer | None = None
+    dataset: LocalDataset | None = None
+    executor: concurrent.futures.Executor | None = None
+    noise_rng: np.random.Generator | None = None  # None: os.urandom-seeded (never fix it)
+    privacy: LocalPrivacy | None = None  # local DP, set up with the state
+
+
 class DeviceAgent:
     """See the module docstring. ``run()`` once; ``stop()`` from the same event loop (or a
     signal handler installed on it)."""
@@ -304,12 +316,8 @@ class DeviceAgent:
         noise_rng: np.random.Generator | None = None,
     ) -> None:
         self.config = config
-        self._noise_rng = noise_rng  # local DP noise; None: os.urandom-seeded (never fix it)
-        self._privacy: LocalPrivacy | None = None  # local DP, set up with the state
-        self._trainer = trainer
+        self._work = _Workbench(trainer, dataset, executor, noise_rng)
         self._snapshots: SnapshotSource = snapshots or ProbeSnapshotSource(config.probes)
-        self._dataset = dataset
-        self._executor = executor
         self._credentials = _Credentials(signer, manifest_verifier, receipt_verifier)
         self._transport_factory = transport_factory or mqtt_transport_factory(config)
         self._notifier = _StatusNotifier(notifier if notifier is not None else SystemdNotifier())
@@ -408,7 +416,7 @@ class DeviceAgent:
             receipt_rejected=dict(counts.receipt_rejected),
             receipts=self._receipts_active(),
             participation=self._leases.statistics(),
-            local_privacy=None if self._privacy is None else self._privacy.report(),
+            local_privacy=None if self._work.privacy is None else self._work.privacy.report(),
         )
 
     async def run(self) -> None:
@@ -430,18 +438,18 @@ class DeviceAgent:
             if self._store is not None:
                 self._store.close()
             raise
-        if self._trainer is None:
+        if self._work.trainer is None:
             from device_agent.config import TrainingIsolation
             from device_agent.trainer import ProcessTrainer, TorchTrainer
 
             isolated = self.config.training.isolation is TrainingIsolation.PROCESS
-            self._trainer = ProcessTrainer(TorchTrainer) if isolated else TorchTrainer()
+            self._work.trainer = ProcessTrainer(TorchTrainer) if isolated else TorchTrainer()
         own_executor: concurrent.futures.ThreadPoolExecutor | None = None
-        if self._executor is None:
+        if self._work.executor is None:
             own_executor = concurrent.futures.ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix=f"edgefl-train-{self._device}"
             )
-            self._executor = own_executor
+            self._work.executor = own_executor
         self._notifier.systemd.ready(self._status_line())
         log.info(
             "%s: agent started (model %s, %d spooled updates, state %s)",
@@ -473,14 +481,17 @@ class DeviceAgent:
         self._leases.remember_in(cfg.state_dir / "leases", durable=cfg.spool.durable)
         self._model = self._store.models.load()
         if self._store.privacy is not None and cfg.privacy.local is not None:
-            self._privacy = LocalPrivacy(
-                cfg.privacy.local, self._store.privacy, device_id=self._device, rng=self._noise_rng
+            self._work.privacy = LocalPrivacy(
+                cfg.privacy.local,
+                self._store.privacy,
+                device_id=self._device,
+                rng=self._work.noise_rng,
             )
         now = self._delivery.clock()
         for mark in self._store.spool.awaiting():
             self._delivery.tracker.restore(mark.seq, mark.attempts, now)
-        if self._dataset is None:
-            self._dataset = load_local_dataset(
+        if self._work.dataset is None:
+            self._work.dataset = load_local_dataset(
                 cfg.data, cfg.training.holdout_fraction, cfg.device_id
             )
 
@@ -524,13 +535,13 @@ class DeviceAgent:
         )
 
     def _budget_spent(self) -> bool:
-        return self._privacy is not None and self._privacy.exhausted
+        return self._work.privacy is not None and self._work.privacy.exhausted
 
     def _eligible(self) -> bool:
         return self._monitor.eligible and not self._probe_failed
 
     def _device_state(self, status: DeviceStatus) -> DeviceState:
-        privacy = self._privacy
+        privacy = self._work.privacy
         return DeviceState(
             fleet=self._fleet,
             device_id=self._device,
@@ -978,8 +989,8 @@ class DeviceAgent:
                 eligible=self._eligible(),
                 stopping=self._wake.stopping.is_set(),
             )
-        if model is not None and wanted and self._privacy is not None:
-            wanted = not self._privacy.refuses(model.version)  # local DP budget spent
+        if model is not None and wanted and self._work.privacy is not None:
+            wanted = not self._work.privacy.refuses(model.version)  # local DP budget spent
         return model if wanted else None
 
     async def _scheduler_loop(self) -> None:
@@ -1040,14 +1051,14 @@ class DeviceAgent:
     async def _train(self, model: CurrentModel, lease: HeldLease | None) -> None:
         """Train on ``model`` (under ``lease``, when the aggregator grants leases), then spool
         the update; an aborted training is counted by reason."""
-        trainer = self._trainer
+        trainer = self._work.trainer
         assert trainer is not None
-        assert self._dataset is not None
+        assert self._work.dataset is not None
         lease_id = None if lease is None else lease.lease_id
         try:
             spec = _spec_for(model.manifest)
             job = training_job(
-                model, spec, self.config.training, self._dataset, self._device, lease_id
+                model, spec, self.config.training, self._work.dataset, self._device, lease_id
             )
         except (EdgeflError, ValueError) as exc:
             log.error("%s: cannot train on model v%d: %s", self._device, model.version, exc)
@@ -1085,7 +1096,7 @@ class DeviceAgent:
         """Under local DP: ``result`` clipped and noised, its cost charged to the ledger (on
         disk before anything is spooled); a non-finite update is a failed training (``error``).
         Without local DP: ``result``."""
-        privacy = self._privacy
+        privacy = self._work.privacy
         if privacy is None:
             return result
         try:
@@ -1123,7 +1134,7 @@ class DeviceAgent:
         result: TrainResult | None = None
         failed = False
         try:
-            running = loop.run_in_executor(self._executor, trainer.train, job, should_stop)
+            running = loop.run_in_executor(self._work.executor, trainer.train, job, should_stop)
             result = await self._training_result(running)
         except asyncio.CancelledError:
             gate.abort(AbortReason.STOPPING)

@@ -78,7 +78,7 @@ from edgefl.transport.base import (
     validate_qos,
     validate_topic,
 )
-from edgefl.transport.config import MqttConfig, MqttProtocol
+from edgefl.transport.config import BrokerUrl, MqttConfig, MqttProtocol
 
 log = logging.getLogger("edgefl.transport")
 
@@ -106,6 +106,21 @@ class _Subscription(NamedTuple):
     suback: asyncio.Future[list[ReasonCode]]
     position: int
     qos: int
+
+
+@dataclasses.dataclass
+class _Nodes:
+    """The broker URLs of a cluster (``MqttConfig.endpoints``) and where the rotation stands:
+    ``current`` is the index of the current or next connection attempt, ``connected`` the node
+    of the last successful connection (a change counts as a failover)."""
+
+    urls: tuple[BrokerUrl, ...]
+    current: int = 0
+    connected: int | None = None
+
+    @property
+    def url(self) -> BrokerUrl:
+        return self.urls[self.current]
 
 
 @dataclasses.dataclass
@@ -219,9 +234,7 @@ class MqttTransport(AsyncLifecycle):
         self._try_protocol = (
             MqttProtocol.V311 if config.protocol is MqttProtocol.V311 else (MqttProtocol.V5)
         )
-        self._nodes = config.endpoints
-        self._node = 0  # index into _nodes of the current or next connection attempt
-        self._connected_node: int | None = None  # the node of the last successful connection
+        self._nodes = _Nodes(config.endpoints)
         self._client: BufferedClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._state_changed = asyncio.Event()
@@ -446,7 +459,7 @@ class MqttTransport(AsyncLifecycle):
     @property
     def _node_url(self) -> str:
         """The node of the current or next connection attempt (no credentials)."""
-        return self._nodes[self._node].display_url
+        return self._nodes.url.display_url
 
     # ------------------------------------------------------------------ supervisor
 
@@ -470,11 +483,11 @@ class MqttTransport(AsyncLifecycle):
                     break
                 if outcome is _Attempt.RETRY_NOW:
                     continue
-                if outcome is _Attempt.FAILED and len(self._nodes) > 1:
+                if outcome is _Attempt.FAILED and len(self._nodes.urls) > 1:
                     # a node list: the next node at once; back off once all failed in a row
-                    self._node = (self._node + 1) % len(self._nodes)
+                    self._nodes.current = (self._nodes.current + 1) % len(self._nodes.urls)
                     failed_in_row += 1
-                    if failed_in_row % len(self._nodes):
+                    if failed_in_row % len(self._nodes.urls):
                         log.info("%s: trying the next node, %s", self._client_id, self._node_url)
                         continue
                 if time.monotonic() - started >= _STABLE_AFTER:
@@ -494,7 +507,7 @@ class MqttTransport(AsyncLifecycle):
         loop = self._running_loop()
         proto = self._try_protocol
         client = self._client_for(proto)
-        client.aim(self._nodes[self._node])
+        client.aim(self._nodes.url)
         self._attempt_state.attempt_lost = loop.create_future()
         connack = self._attempt_state.connack = loop.create_future()
         connack.add_done_callback(_consume)
@@ -696,9 +709,10 @@ class MqttTransport(AsyncLifecycle):
             self._session.session_present = bool(flags.session_present)
             self._protocol = self._try_protocol
             self._counters.connects += 1
-            if self._connected_node is not None and self._connected_node != self._node:
+            nodes = self._nodes
+            if nodes.connected is not None and nodes.connected != nodes.current:
                 self._counters.failovers += 1
-            self._connected_node = self._node
+            nodes.connected = nodes.current
             self._session.rm_bounds_qos1 = (
                 client.protocol == MQTTProtocolVersion.MQTTv5
                 and self._receive_maximum() <= self._config.max_queued_messages

@@ -163,7 +163,7 @@ async def test_200_agents_never_train_more_than_c_at_once_and_only_under_leases(
         agent = DeviceAgent(
             agent_config(tmp_path, mosquitto.url, n), dataset=DATA, executor=executor
         )
-        agent._trainer = observer.wrap(agent, TorchTrainer())
+        agent._work.trainer = observer.wrap(agent, TorchTrainer())
         agents.append(agent)
     ready = asyncio.Event()
     aggregator_task = asyncio.create_task(aggregator.run(ready))
