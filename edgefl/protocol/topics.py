@@ -13,6 +13,10 @@ Every topic edgefl publishes lives under ``edgefl/v1/<fleet>/``::
     edgefl/v1/<fleet>/device/<id>/lease               QoS1             LEASE (protocol 1.2)
     edgefl/v1/<fleet>/server/state                    retained + Will  SERVER_STATE
     edgefl/v1/<fleet>/server/metrics                  QoS0             METRICS
+    edgefl/v1/<fleet>/secagg/share/<id>/<seq>         QoS1             SECAGG_SHARE (1.3)
+    edgefl/v1/<fleet>/secagg/seed/<id>/<seq>          QoS1             SECAGG_SEED (1.3)
+    edgefl/v1/<fleet>/secagg/decision                 QoS1             SECAGG_COORD, leader → helper
+    edgefl/v1/<fleet>/secagg/report                   QoS1             SECAGG_COORD, helper → leader
 
 The chunk index of a chunked *update* is inside the packet (see ``chunking``), not a topic level:
 all packets of one update share the topic ``.../update/<seq>``. Model chunks are retained, and a
@@ -51,6 +55,10 @@ __all__ = [
     "ModelManifestTopic",
     "ParsedTopic",
     "ReceiptTopic",
+    "SecAggDecisionTopic",
+    "SecAggReportTopic",
+    "SecAggSeedTopic",
+    "SecAggShareTopic",
     "ServerMetricsTopic",
     "ServerStateTopic",
     "TopicKind",
@@ -69,6 +77,13 @@ __all__ = [
     "parse_topic",
     "receipt_topic",
     "receipts_filter",
+    # secure aggregation (protocol 1.3)
+    "secagg_decision_topic",
+    "secagg_report_topic",
+    "secagg_seed_topic",
+    "secagg_seeds_filter",
+    "secagg_share_topic",
+    "secagg_shares_filter",
     "server_metrics_topic",
     "server_state_topic",
     "shared_subscription",
@@ -146,6 +161,11 @@ class TopicKind(StrEnum):
     DEVICE_LEASE = "device_lease"
     SERVER_STATE = "server_state"
     SERVER_METRICS = "server_metrics"
+    # secure aggregation (protocol 1.3)
+    SECAGG_SHARE = "secagg_share"
+    SECAGG_SEED = "secagg_seed"
+    SECAGG_DECISION = "secagg_decision"
+    SECAGG_REPORT = "secagg_report"
 
 
 class ModelArtifact(StrEnum):
@@ -286,6 +306,68 @@ class ServerMetricsTopic(_ServerLeafTopic):
     leaf = "metrics"
 
 
+# secure aggregation (protocol 1.3): the topic classes; builders and parser further down
+
+
+@dataclass(frozen=True)
+class _SecAggUpdateTopic:
+    """``edgefl/v1/<fleet>/secagg/<leaf>/<id>/<seq>``: one share of update ``(id, seq)``."""
+
+    kind: ClassVar[TopicKind]
+    leaf: ClassVar[str]
+    fleet: str
+    device_id: str
+    seq: int
+
+    def __post_init__(self) -> None:
+        _validate_fields(self)
+
+    @property
+    def topic(self) -> str:
+        return f"{_fleet_root(self.fleet)}/secagg/{self.leaf}/{self.device_id}/{self.seq}"
+
+
+@dataclass(frozen=True)
+class SecAggShareTopic(_SecAggUpdateTopic):
+    """``edgefl/v1/<fleet>/secagg/share/<id>/<seq>``: the masked share (device → leader)."""
+
+    kind = TopicKind.SECAGG_SHARE
+    leaf = "share"
+
+
+@dataclass(frozen=True)
+class SecAggSeedTopic(_SecAggUpdateTopic):
+    """``edgefl/v1/<fleet>/secagg/seed/<id>/<seq>``: the sealed seed (device → helper)."""
+
+    kind = TopicKind.SECAGG_SEED
+    leaf = "seed"
+
+
+@dataclass(frozen=True)
+class _SecAggLeafTopic(_ServerLeafTopic):
+    """``edgefl/v1/<fleet>/secagg/<leaf>``: a coordination topic between the two aggregators."""
+
+    @property
+    def topic(self) -> str:
+        return f"{_fleet_root(self.fleet)}/secagg/{self.leaf}"
+
+
+@dataclass(frozen=True)
+class SecAggDecisionTopic(_SecAggLeafTopic):
+    """``edgefl/v1/<fleet>/secagg/decision``: membership decisions (leader → helper)."""
+
+    kind = TopicKind.SECAGG_DECISION
+    leaf = "decision"
+
+
+@dataclass(frozen=True)
+class SecAggReportTopic(_SecAggLeafTopic):
+    """``edgefl/v1/<fleet>/secagg/report``: seed reports, partials, refusals (helper → leader)."""
+
+    kind = TopicKind.SECAGG_REPORT
+    leaf = "report"
+
+
 ParsedTopic = (
     ModelManifestTopic
     | ModelChunkTopic
@@ -296,6 +378,10 @@ ParsedTopic = (
     | LeaseTopic
     | ServerStateTopic
     | ServerMetricsTopic
+    | SecAggShareTopic
+    | SecAggSeedTopic
+    | SecAggDecisionTopic
+    | SecAggReportTopic
 )
 """Tagged union returned by :func:`parse_topic`; narrow with ``isinstance`` or ``match``."""
 
@@ -524,3 +610,67 @@ _FLEET_FAMILIES: dict[str, Callable[[str, list[str], str], ParsedTopic | None]] 
     "device": _parse_device_levels,
     "server": _parse_server_levels,
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# secure aggregation (protocol 1.3, docs/PROTOCOL.md "Secure aggregation"): a family of its own,
+# ``edgefl/v1/<fleet>/secagg/...``, so that broker ACLs give the share and seed subtrees each to
+# exactly one reader (the leader, the helper) with one pattern each.
+
+
+def secagg_share_topic(fleet: str, device: str, seq: int) -> str:
+    """``edgefl/v1/<fleet>/secagg/share/<id>/<seq>`` (QoS1, not retained; read by the leader
+    only)."""
+    return SecAggShareTopic(fleet, device, seq).topic
+
+
+def secagg_seed_topic(fleet: str, device: str, seq: int) -> str:
+    """``edgefl/v1/<fleet>/secagg/seed/<id>/<seq>`` (QoS1, not retained; read by the helper
+    only)."""
+    return SecAggSeedTopic(fleet, device, seq).topic
+
+
+def secagg_decision_topic(fleet: str) -> str:
+    """``edgefl/v1/<fleet>/secagg/decision`` (QoS1, not retained, published by the leader)."""
+    return SecAggDecisionTopic(fleet).topic
+
+
+def secagg_report_topic(fleet: str) -> str:
+    """``edgefl/v1/<fleet>/secagg/report`` (QoS1, not retained, published by the helper)."""
+    return SecAggReportTopic(fleet).topic
+
+
+def secagg_shares_filter(fleet: str) -> str:
+    """Every masked share of a fleet: ``edgefl/v1/<fleet>/secagg/share/+/+``."""
+    return f"{_fleet_root(fleet)}/secagg/{SecAggShareTopic.leaf}/+/+"
+
+
+def secagg_seeds_filter(fleet: str) -> str:
+    """Every sealed seed of a fleet: ``edgefl/v1/<fleet>/secagg/seed/+/+``."""
+    return f"{_fleet_root(fleet)}/secagg/{SecAggSeedTopic.leaf}/+/+"
+
+
+_SECAGG_UPDATE_LEAVES: dict[str, Callable[[str, str, int], ParsedTopic]] = {
+    SecAggShareTopic.leaf: SecAggShareTopic,
+    SecAggSeedTopic.leaf: SecAggSeedTopic,
+}
+_SECAGG_LEAVES: dict[str, Callable[[str], ParsedTopic]] = {
+    SecAggDecisionTopic.leaf: SecAggDecisionTopic,
+    SecAggReportTopic.leaf: SecAggReportTopic,
+}
+
+
+def _parse_secagg_levels(fleet: str, rest: list[str], text: str) -> ParsedTopic | None:
+    """``secagg/share/<id>/<seq>``, ``secagg/seed/<id>/<seq>``, ``secagg/decision``,
+    ``secagg/report``."""
+    n = len(rest)
+    if n == 2:
+        leaf = _SECAGG_LEAVES.get(rest[1])
+        return None if leaf is None else leaf(fleet)
+    update_leaf = _SECAGG_UPDATE_LEAVES.get(rest[1]) if n == 4 else None
+    if update_leaf is None:
+        return None
+    return update_leaf(fleet, device_id(rest[2]), _parse_int(rest[3], text, "update seq"))
+
+
+_FLEET_FAMILIES["secagg"] = _parse_secagg_levels
