@@ -228,15 +228,12 @@ class LeaderStore(_Store):
             old_closed = dict(before.closed) if before is not None else {}
             new_closed = dict(after.closed)
             insert = "INSERT INTO secagg_closed (device, seq, why)"
+            # a key closed again (an aborted decision's excluded member) moves to the end, as
+            # in the role's memory: delete it, the sync below inserts it again
+            again = {k for k, why in new_closed.items() if old_closed.get(k, why) != why}
+            old_closed = {k: v for k, v in old_closed.items() if k not in again}
+            db.executemany("DELETE FROM secagg_closed WHERE device = ? AND seq = ?", list(again))
             self._sync("secagg_closed", insert, old_closed, new_closed)
-            db.executemany(
-                "UPDATE secagg_closed SET why = ? WHERE device = ? AND seq = ?",
-                [
-                    (why, k[0], k[1])
-                    for k, why in new_closed.items()
-                    if old_closed.get(k, why) != why
-                ],
-            )
             decision = after.open_decision
             self._put_meta(
                 {
