@@ -13,6 +13,8 @@ publishing the two share envelopes of each update.
 from __future__ import annotations
 
 import asyncio
+import os
+import random
 import signal
 import sqlite3
 import subprocess
@@ -22,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fleet_parts import start_aggregator_process
+from waiting import eventually
 
 from broker.launcher import MosquittoBroker
 from edgefl.aggregation import ExampleWeighting, FedBuff
@@ -86,8 +89,11 @@ def _reference(config: AggregatorConfig, rounds: list[list[int]]) -> np.ndarray:
     return core.weights.copy()
 
 
-async def _send(url: str, spec: RingSpec, keys: HelperKeys, i: int, base: int) -> None:
-    """Device ``d<i>`` sends update ``i`` (seq 1) as its two envelopes."""
+async def _send(
+    url: str, spec: RingSpec, keys: HelperKeys, i: int, base: int, *, only: str | None = None
+) -> None:
+    """Device ``d<i>`` sends update ``i`` (seq 1) as its two envelopes (``only``: just the
+    ``"share"`` or the ``"seed"``, a device that dropped out in between)."""
     device = f"d{i}"
     meta = UpdateMeta(FLEET, device, 1, base, 10, MODEL, time.time())
     built = build_share_envelopes(
@@ -95,8 +101,10 @@ async def _send(url: str, spec: RingSpec, keys: HelperKeys, i: int, base: int) -
     )
     config = MqttConfig.from_url(url, client_id=f"dev-{device}-{time.monotonic_ns()}")
     async with MqttTransport(config) as transport:
-        await transport.publish(secagg_share_topic(FLEET, device, 1), built.share, qos=1)
-        await transport.publish(secagg_seed_topic(FLEET, device, 1), built.seed, qos=1)
+        if only != "seed":
+            await transport.publish(secagg_share_topic(FLEET, device, 1), built.share, qos=1)
+        if only != "share":
+            await transport.publish(secagg_seed_topic(FLEET, device, 1), built.seed, qos=1)
 
 
 async def _next_version(leader: LeaderService, want: int) -> None:
@@ -165,6 +173,42 @@ async def test_secagg_fleet_reaches_the_plaintext_model_and_the_helper_sees_no_s
     assert not [t for t in handled if "/secagg/share/" in t]
 
 
+async def test_a_device_that_sent_one_share_only_is_excluded_and_blocks_nothing(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    # Arrange: one share waits at most 1 s for the other
+    keys, _, _ = _keys(tmp_path)
+    settings = SecAggSettings(helper_key=tmp_path / "unused", share_timeout_s=1.0)
+    leader_cfg = _config(mosquitto.url, tmp_path / "leader")
+    leader = LeaderService(leader_cfg, settings, keys.public_key)
+    helper = HelperService(_config(mosquitto.url, tmp_path / "helper"), settings, keys)
+    ready_l, ready_h = asyncio.Event(), asyncio.Event()
+    tasks = [asyncio.create_task(leader.run(ready_l)), asyncio.create_task(helper.run(ready_h))]
+    await asyncio.wait_for(asyncio.gather(ready_l.wait(), ready_h.wait()), 30)
+    url, spec = mosquitto.url, leader.spec
+    stats = leader.statistics
+
+    # Act: d8 sends its seed only, d9 its share only; then two full buffers
+    await _send(url, spec, keys, 8, 0, only="seed")
+    await _send(url, spec, keys, 9, 0, only="share")
+    await asyncio.gather(*(_send(url, spec, keys, i, 0) for i in range(K)))
+    await _next_version(leader, 1)
+    await eventually(lambda: stats().get("secagg_missing_leader_share", 0) == 1, what="d8 out")
+    await eventually(lambda: stats().get("secagg_missing_helper_share", 0) == 1, what="d9 out")
+    await asyncio.gather(*(_send(url, spec, keys, i, 1) for i in range(K, 2 * K)))
+    await _next_version(leader, 2)
+    leader.stop()
+    helper.stop()
+    await asyncio.wait_for(asyncio.gather(*tasks), 30)
+
+    # Assert: the two buffers are exactly the complete updates; the helper dropped d8's seed
+    expected = _reference(leader_cfg, [list(range(K)), list(range(K, 2 * K))])
+    assert np.max(np.abs(leader.core.weights - expected)) <= 2.0 / spec.scale + 1e-6
+    assert stats()["combined"] == 2 * K
+    assert helper.helper.statistics().get("secagg_dropped_by_leader") == 1
+    assert helper.helper.statistics()["held"] == 2 * K - K  # the last buffer's, until superseded
+
+
 # -- crashes -----------------------------------------------------------------------------------
 
 
@@ -213,6 +257,7 @@ async def test_sigkill_of_helper_and_leader_loses_and_double_counts_nothing(
         await asyncio.to_thread(_start, "leader", mosquitto.url, leader_dir, public),
     ]
     helper, leader = procs
+    rng = random.Random(int(os.environ.get("EDGEFL_CRASH_SEED", "20261204")))
     try:
         # Act 1: the helper dies with seeds of the first buffer in its store (or not yet)
         await _send(mosquitto.url, spec, keys, 0, 0)
@@ -232,9 +277,20 @@ async def test_sigkill_of_helper_and_leader_loses_and_double_counts_nothing(
         await _send(mosquitto.url, spec, keys, 5, 1)
         leader = await asyncio.to_thread(_start, "leader", mosquitto.url, leader_dir, public)
         procs.append(leader)
-        weights = await asyncio.to_thread(_wait_version, leader_dir, 2)
+        await asyncio.to_thread(_wait_version, leader_dir, 2)
 
-        # Act 3: a clean stop
+        # Act 3: both die at a random point of the third buffer's life (decision, partial, step)
+        await asyncio.gather(*(_send(mosquitto.url, spec, keys, i, 2) for i in range(6, 9)))
+        await asyncio.sleep(rng.uniform(0.0, 0.3))
+        for proc in (leader, helper):
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        helper = await asyncio.to_thread(_start, "helper", mosquitto.url, helper_dir, private)
+        leader = await asyncio.to_thread(_start, "leader", mosquitto.url, leader_dir, public)
+        procs += [helper, leader]
+        weights = await asyncio.to_thread(_wait_version, leader_dir, 3)
+
+        # Act 4: a clean stop
         for proc in (leader, helper):
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=30) == 0
@@ -246,7 +302,7 @@ async def test_sigkill_of_helper_and_leader_loses_and_double_counts_nothing(
 
     # Assert: every update counted exactly once
     config = _config(mosquitto.url, leader_dir)
-    expected = _reference(config, [[0, 1, 2], [3, 4, 5]])
+    expected = _reference(config, [[0, 1, 2], [3, 4, 5], [6, 7, 8]])
     assert np.max(np.abs(weights - expected)) <= 2.0 / spec.scale + 1e-6
     version, _, combined = _committed(leader_dir)
-    assert (version, combined) == (2, 2 * K)
+    assert (version, combined) == (3, 3 * K)
