@@ -102,7 +102,7 @@ __all__ = ["LeaderService", "leader_state_path", "load_helper_public"]
 log = logging.getLogger("edgefl.aggregator.secagg")
 
 _STATE_EVERY_S = 5.0
-SEQ_REPLAY = "seq_replay"
+SEQ_REPLAY = RejectReason.REPLAY.value
 
 
 def leader_state_path(state_dir: Path) -> Path:
