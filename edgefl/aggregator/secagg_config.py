@@ -15,13 +15,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar, cast
 
 from edgefl.aggregation import ExampleWeighting, RobustMode
 from edgefl.aggregator.config import AggregatorConfig, Algorithm
+from edgefl.protocol.messages import SecAggSeedHeader, SecAggShareHeader
 from edgefl.secagg import RingSpec
 
-__all__ = ["Role", "SecAggSettings", "check_compatible", "read_key"]
+__all__ = [
+    "Role",
+    "SecAggSettings",
+    "ShareAuthenticator",
+    "check_compatible",
+    "read_key",
+    "share_authenticator",
+]
 
 _K = TypeVar("_K")
 
@@ -91,3 +99,22 @@ def check_compatible(config: AggregatorConfig, settings: SecAggSettings) -> None
         raise ValueError("examples weighting under secure aggregation needs an example_cap")
     if settings.min_members > config.buffer_size:
         raise ValueError("min_members must be <= buffer_size")
+
+
+class ShareAuthenticator(Protocol):
+    """``edgefl.security``'s device-key authenticator, for the two share kinds."""
+
+    def authenticate_share(
+        self, header: SecAggShareHeader | SecAggSeedHeader, envelope: bytes
+    ) -> None: ...
+
+
+def share_authenticator(config: AggregatorConfig) -> ShareAuthenticator | None:
+    """The configured device-key authenticator (``--device-keys``) for shares, or None when
+    updates are not verified; ``ValueError`` for an authenticator that cannot check shares."""
+    auth = config.authenticator
+    if auth is None:
+        return None
+    if not hasattr(auth, "authenticate_share"):
+        raise ValueError("secure aggregation with signatures needs an authenticator of shares")
+    return cast(ShareAuthenticator, auth)

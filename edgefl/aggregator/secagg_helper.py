@@ -11,6 +11,9 @@ it after :meth:`HelperService.handle` returned):
   superseded and dropped seeds deleted), then published; a refused decision is answered with a
   ``refusal`` (``missing`` seeds for the leader's ``abort``); a stale one is ignored;
 * every tick: seeds no decision claimed within ``seed_timeout_s`` are deleted (counted).
+
+With ``--device-keys`` a seed must be signed by the device it names; refused messages (and
+undecodable ones) are counted by reason in :attr:`RoleShell.rejected` and acknowledged.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import time
 from pathlib import Path
 
 from edgefl.aggregator.config import AggregatorConfig
-from edgefl.aggregator.secagg_config import SecAggSettings, read_key
+from edgefl.aggregator.secagg_config import SecAggSettings, read_key, share_authenticator
 from edgefl.aggregator.secagg_shell import RoleShell
 from edgefl.aggregator.secagg_store import HelperStore
 from edgefl.aggregator.statelock import StateDirLock
@@ -83,6 +86,7 @@ class HelperService:
         self.config = config
         self.settings = settings
         self._keys = keys
+        self._auth = share_authenticator(config)
         self._given = transport
         self._transport: Transport | None = None
         spec = settings.ring(config.buffer_size)
@@ -156,6 +160,8 @@ class HelperService:
             cfg.spec.bits,
         ):
             raise ProtocolError(RejectReason.SHAPE_MISMATCH, "seed of another model or ring")
+        if self._auth is not None:  # --device-keys: signed by the device it names
+            self._auth.authenticate_share(header, payload)  # UpdateRejected: counted, dropped
         before = self.helper.snapshot()
         key = (header.device_id, header.seq)
         report = self.helper.receive_sealed(key, bytes(envelope.payload), time.time())

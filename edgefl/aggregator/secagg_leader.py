@@ -22,12 +22,13 @@ After every change: a full buffer of complete updates becomes a decision, writte
 published on ``secagg/decision``; after a restart the open decision is published again (the
 helper answers it with the same partial). Every tick: shares whose other half is overdue are
 excluded (counted), and the retained server state is refreshed. A seq at or below the device's
-highest accepted one is refused (``seq_replay``) unless the role recognises it as a redelivery.
+highest accepted one is refused (``replay``) unless the role recognises it as a redelivery. With
+``--device-keys`` every share must be signed by the device it names (``bad_signature``,
+``unknown_device``).
 
 The server state announces ``features = ("secagg",)`` and ``ServerState.secagg`` (the ring and
 the helper's public key); devices check that key against their own configuration. Not here
-(docs/PRIVACY.md, "Not done yet"): receipts, leases, evaluation, metrics and Prometheus,
-signature checks of share envelopes.
+(docs/PRIVACY.md, "Not done yet"): receipts, leases, evaluation, metrics and Prometheus.
 """
 
 from __future__ import annotations
@@ -52,7 +53,12 @@ from edgefl.aggregation import (
 )
 from edgefl.aggregator.config import AggregatorConfig
 from edgefl.aggregator.publish import build_model_packets, clear_packets
-from edgefl.aggregator.secagg_config import SecAggSettings, check_compatible, read_key
+from edgefl.aggregator.secagg_config import (
+    SecAggSettings,
+    check_compatible,
+    read_key,
+    share_authenticator,
+)
 from edgefl.aggregator.secagg_shell import RoleShell
 from edgefl.aggregator.secagg_store import LeaderStore, ModelRow
 from edgefl.aggregator.service import initial_state
@@ -141,6 +147,7 @@ class LeaderService:
         transport: Transport | None = None,
     ) -> None:
         check_compatible(config, settings)
+        self._auth = share_authenticator(config)
         self.config = config
         self.settings = settings
         self._helper_public = helper_public
@@ -269,6 +276,12 @@ class LeaderService:
         ):
             raise ProtocolError(RejectReason.SHAPE_MISMATCH, "share of another model or ring")
         before = self.leader.snapshot()
+        if self._auth is not None:  # --device-keys: signed by the device it names
+            try:
+                self._auth.authenticate_share(header, payload)
+            except UpdateRejected as exc:
+                self._refuse(exc.reason.value, before)
+                return
         key = (header.device_id, header.seq)
         held = {p.key for p in before.pending} | {k for k, _ in before.closed}
         if header.seq < self._max_seq.get(header.device_id, -1) and key not in held:

@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from typing import Protocol
 
-from edgefl.errors import ProtocolError
+from edgefl.errors import EdgeflError
 from edgefl.transport import InboundMessage, Transport
 
 __all__ = ["RoleHandler", "RoleShell"]
@@ -87,7 +87,7 @@ class RoleShell:
     async def _one(self, message: InboundMessage) -> None:
         try:
             await self._handler.handle(message)
-        except ProtocolError as exc:  # a malformed message: counted, acknowledged, dropped
+        except EdgeflError as exc:  # malformed or unauthentic: counted, acknowledged, dropped
             self.rejected[exc.reason.value] += 1
             log.debug("refused %s: %s", message.topic, exc)
         self.handled += 1

@@ -1,0 +1,151 @@
+"""The secure-aggregation services' message handling without a broker (``handle`` on an
+in-process MemoryBroker transport): what the leader refuses before its role (signatures, the
+replay rule, staleness), what the helper refuses, and what is counted."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgefl.aggregator import AggregatorConfig, NormBoundSetting
+from edgefl.aggregator.secagg_config import SecAggSettings
+from edgefl.aggregator.secagg_helper import HelperService, helper_state_path
+from edgefl.aggregator.secagg_leader import LeaderService, leader_state_path
+from edgefl.aggregator.secagg_store import HelperStore, LeaderStore
+from edgefl.errors import RejectReason, UpdateRejected
+from edgefl.protocol.topics import secagg_seed_topic, secagg_share_topic
+from edgefl.secagg import HelperKeys
+from edgefl.secagg.wire import ShareEnvelopes, UpdateMeta, build_share_envelopes
+from edgefl.security import (
+    Ed25519Signer,
+    generate_private_key,
+    load_update_authenticator,
+    write_public_key,
+)
+from edgefl.transport import InboundMessage, MemoryBroker, MemoryTransport
+
+FLEET, MODEL = "svc", "digits-mlp"
+KEYS = HelperKeys.generate()
+SETTINGS = SecAggSettings(helper_key=Path("unused"))
+
+
+def _config(state_dir: Path, keys_dir: Path | None = None) -> AggregatorConfig:
+    return AggregatorConfig(
+        broker_url="mqtt://127.0.0.1:1",
+        fleet=FLEET,
+        model=MODEL,
+        state_dir=state_dir,
+        buffer_size=3,
+        norm_bound=NormBoundSetting.OFF,
+        fsync=False,
+        authenticator=None if keys_dir is None else load_update_authenticator(keys_dir),
+    )
+
+
+def _shares(
+    device: str, seq: int, *, base: int = 0, signer: Ed25519Signer | None = None
+) -> ShareEnvelopes:
+    delta = np.full(2410, 0.001, np.float32)
+    meta = UpdateMeta(FLEET, device, seq, base, 10, MODEL, time.time())
+    return build_share_envelopes(
+        delta,
+        meta,
+        SETTINGS.ring(3),
+        KEYS.public_key,
+        rng=np.random.default_rng(seq),
+        signer=signer,
+    )
+
+
+@pytest.fixture
+async def transport() -> AsyncIterator[MemoryTransport]:
+    async with MemoryTransport(MemoryBroker(), "svc") as t:
+        yield t
+
+
+def _leader(
+    tmp_path: Path, transport: MemoryTransport, keys_dir: Path | None = None
+) -> LeaderService:
+    service = LeaderService(_config(tmp_path / "leader", keys_dir), SETTINGS, KEYS.public_key)
+    service._restore(LeaderStore(leader_state_path(tmp_path / "leader"), fsync=False))
+    service._transport = transport
+    return service
+
+
+def _helper(
+    tmp_path: Path, transport: MemoryTransport, keys_dir: Path | None = None
+) -> HelperService:
+    service = HelperService(_config(tmp_path / "helper", keys_dir), SETTINGS, KEYS)
+    service._store = HelperStore(helper_state_path(tmp_path / "helper"), fsync=False)
+    service._transport = transport
+    return service
+
+
+def _share(device: str, seq: int, built: ShareEnvelopes) -> InboundMessage:
+    return InboundMessage(secagg_share_topic(FLEET, device, seq), built.share)
+
+
+def _seed(device: str, seq: int, built: ShareEnvelopes) -> InboundMessage:
+    return InboundMessage(secagg_seed_topic(FLEET, device, seq), built.seed)
+
+
+async def test_with_device_keys_only_shares_signed_by_their_device_count(
+    tmp_path: Path, transport: MemoryTransport
+) -> None:
+    # Arrange: d0 has a registered key; d1 has none; a stranger signs as d0
+    keys_dir = tmp_path / "device-keys"
+    keys_dir.mkdir()
+    d0, stranger = generate_private_key(), generate_private_key()
+    write_public_key(keys_dir / "d0.pub", d0.public_key())
+    leader = _leader(tmp_path, transport, keys_dir)
+    helper = _helper(tmp_path, transport, keys_dir)
+    good = _shares("d0", 1, signer=Ed25519Signer(d0))
+    forged = _shares("d0", 2, signer=Ed25519Signer(stranger))
+    unknown = _shares("d1", 1, signer=Ed25519Signer(stranger))
+
+    # Act
+    await leader.handle(_share("d0", 1, good))
+    await leader.handle(_share("d0", 2, forged))
+    await leader.handle(_share("d1", 1, unknown))
+    await helper.handle(_seed("d0", 1, good))
+    reasons = []
+    for msg in (_seed("d0", 2, forged), _seed("d1", 1, unknown)):
+        with pytest.raises(UpdateRejected) as info:
+            await helper.handle(msg)
+        reasons.append(info.value.reason)
+
+    # Assert
+    stats = leader.statistics()
+    assert (stats["accepted"], stats["bad_signature"], stats["unknown_device"]) == (1, 1, 1)
+    assert reasons == [RejectReason.BAD_SIGNATURE, RejectReason.UNKNOWN_DEVICE]
+    assert helper.helper.statistics()["accepted"] == 1
+
+
+async def test_the_leader_refuses_replays_and_stale_or_future_updates(
+    tmp_path: Path, transport: MemoryTransport
+) -> None:
+    # Arrange
+    leader = _leader(tmp_path, transport)
+    first, old = _shares("d0", 5), _shares("d0", 4)
+    future = _shares("d0", 6, base=1)
+
+    # Act
+    await leader.handle(_share("d0", 5, first))
+    await leader.handle(_share("d0", 5, first))  # a redelivery: the role's duplicate
+    await leader.handle(_share("d0", 4, old))  # below the device's highest: a replay
+    await leader.handle(_share("d0", 6, future))  # trained on a version not published yet
+
+    # Assert
+    stats = leader.statistics()
+    assert stats["accepted"] == 1
+    assert stats["secagg_duplicate"] == 1
+    assert stats["replay"] == 1
+    assert stats["future_version"] == 1
+    # durable: a restart knows the device's highest seq and the refusals
+    store = LeaderStore(leader_state_path(tmp_path / "leader"), fsync=False)
+    assert store.max_seqs() == {"d0": 5}
+    assert store.refused() == {"replay": 1, "future_version": 1}
