@@ -21,7 +21,9 @@ after :meth:`LeaderService.handle` returned, i.e. after the durable write):
 After every change: a full buffer of complete updates becomes a decision, written, then
 published on ``secagg/decision``; after a restart the open decision is published again (the
 helper answers it with the same partial). Every tick: shares whose other half is overdue are
-excluded (counted), and the retained server state is refreshed. A seq at or below the device's
+excluded (counted), a partly filled buffer is decided once its oldest complete update waited
+``--flush-after`` seconds (with at least ``min_members``), and the retained server state is
+refreshed. A seq at or below the device's
 highest accepted one is refused (``replay``) unless the role recognises it as a redelivery. With
 ``--device-keys`` every share must be signed by the device it names (``bad_signature``,
 ``unknown_device``).
@@ -261,6 +263,11 @@ class LeaderService:
         if self.leader.expire(now):
             self._write(before)
             await self._decide()
+        if self._flush_due(now):
+            before = self.leader.snapshot()
+            self.leader.decide(flush=True)
+            self._write(before)
+            await self._publish_decision()
         if time.monotonic() - self._state_at >= _STATE_EVERY_S:
             await self._publish_state(ServerStatus.ONLINE)
 
@@ -386,6 +393,20 @@ class LeaderService:
         )
 
     # ------------------------------------------------------------------ decisions
+    def _flush_due(self, now: float) -> bool:
+        """A partly filled buffer is decided when its oldest complete update's share arrived
+        ``participation.flush_after_s`` ago (the plaintext aggregator's ``--flush-after``) and
+        it holds at least ``min_members`` complete updates (the helper refuses fewer)."""
+        part = self.config.participation
+        after = None if part is None else part.flush_after_s
+        if after is None or self.leader.open_decision is not None:
+            return False
+        snap = self.leader.snapshot()
+        if len(snap.complete) < self.settings.min_members:
+            return False
+        arrived = {p.key: p.arrived for p in snap.pending}
+        return now - min(arrived[k] for k in snap.complete) >= after
+
     async def _decide(self) -> None:
         if not self.leader.ready:
             return

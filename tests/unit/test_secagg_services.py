@@ -4,9 +4,11 @@ replay rule, staleness), what the helper refuses, and what is counted."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,9 +19,18 @@ from edgefl.aggregator.secagg_helper import HelperService, helper_state_path
 from edgefl.aggregator.secagg_leader import LeaderService, leader_state_path
 from edgefl.aggregator.secagg_store import HelperStore, LeaderStore
 from edgefl.errors import RejectReason, UpdateRejected
-from edgefl.protocol.topics import secagg_seed_topic, secagg_share_topic
-from edgefl.secagg import HelperKeys
-from edgefl.secagg.wire import ShareEnvelopes, UpdateMeta, build_share_envelopes
+from edgefl.participation import ParticipationConfig
+from edgefl.protocol.envelope import decode_envelope
+from edgefl.protocol.messages import encode_message
+from edgefl.protocol.topics import secagg_report_topic, secagg_seed_topic, secagg_share_topic
+from edgefl.secagg import HelperConfig, HelperKeys, SecAggHelper, SeedReport
+from edgefl.secagg.wire import (
+    ShareEnvelopes,
+    UpdateMeta,
+    build_share_envelopes,
+    coord_partial,
+    coord_report,
+)
 from edgefl.security import (
     Ed25519Signer,
     generate_private_key,
@@ -33,8 +44,8 @@ KEYS = HelperKeys.generate()
 SETTINGS = SecAggSettings(helper_key=Path("unused"))
 
 
-def _config(state_dir: Path, keys_dir: Path | None = None) -> AggregatorConfig:
-    return AggregatorConfig(
+def _config(state_dir: Path, keys_dir: Path | None = None, **fields: Any) -> AggregatorConfig:
+    config = AggregatorConfig(
         broker_url="mqtt://127.0.0.1:1",
         fleet=FLEET,
         model=MODEL,
@@ -44,6 +55,7 @@ def _config(state_dir: Path, keys_dir: Path | None = None) -> AggregatorConfig:
         fsync=False,
         authenticator=None if keys_dir is None else load_update_authenticator(keys_dir),
     )
+    return dataclasses.replace(config, **fields)
 
 
 def _shares(
@@ -68,9 +80,10 @@ async def transport() -> AsyncIterator[MemoryTransport]:
 
 
 def _leader(
-    tmp_path: Path, transport: MemoryTransport, keys_dir: Path | None = None
+    tmp_path: Path, transport: MemoryTransport, keys_dir: Path | None = None, **fields: Any
 ) -> LeaderService:
-    service = LeaderService(_config(tmp_path / "leader", keys_dir), SETTINGS, KEYS.public_key)
+    config = _config(tmp_path / "leader", keys_dir, **fields)
+    service = LeaderService(config, SETTINGS, KEYS.public_key)
     service._restore(LeaderStore(leader_state_path(tmp_path / "leader"), fsync=False))
     service._transport = transport
     return service
@@ -149,3 +162,38 @@ async def test_the_leader_refuses_replays_and_stale_or_future_updates(
     store = LeaderStore(leader_state_path(tmp_path / "leader"), fsync=False)
     assert store.max_seqs() == {"d0": 5}
     assert store.refused() == {"replay": 1, "future_version": 1}
+
+
+async def test_the_leader_flushes_a_partly_filled_buffer_after_flush_after(
+    tmp_path: Path, transport: MemoryTransport
+) -> None:
+    # Arrange: K = 3, flush after 30 s; two complete updates
+    flush = ParticipationConfig(flush_after_s=30.0)
+    leader = _leader(tmp_path, transport, participation=flush)
+    helper = SecAggHelper(HelperConfig(SETTINGS.ring(3), 2410, FLEET, MODEL), KEYS)
+    for i in range(2):
+        built = _shares(f"d{i}", 1)
+        await leader.handle(_share(f"d{i}", 1, built))
+        sealed = bytes(decode_envelope(built.seed, max_payload=1024).payload)
+        report = helper.receive_sealed((f"d{i}", 1), sealed, 0.0)
+        assert report is not None
+        await leader.handle(InboundMessage(secagg_report_topic(FLEET), _report(report)))
+    arrived = min(p.arrived for p in leader.leader.snapshot().pending)
+
+    # Act / Assert: not before 30 s, then a decision of the two
+    await leader.tick(arrived + 29.0)
+    assert leader.leader.open_decision is None
+    await leader.tick(arrived + 30.0)
+    decision = leader.leader.open_decision
+    assert decision is not None
+    assert set(decision.members) == {("d0", 1), ("d1", 1)}
+    # the helper answers it, the leader steps: version 1 from two updates
+    partial = helper.apply(decision)
+    msg = encode_message(coord_partial(FLEET, partial, 0.0), partial.total)
+    await leader.handle(InboundMessage(secagg_report_topic(FLEET), msg))
+    assert leader.version == 1
+    assert leader.statistics()["combined"] == 2
+
+
+def _report(report: SeedReport) -> bytes:
+    return encode_message(coord_report(FLEET, report, 0.0))
