@@ -23,7 +23,8 @@ published on ``secagg/decision``; after a restart the open decision is published
 helper answers it with the same partial). Every tick: shares whose other half is overdue are
 excluded (counted), a partly filled buffer is decided once its oldest complete update waited
 ``--flush-after`` seconds (with at least ``min_members``), and the retained server state is
-refreshed. A seq at or below the device's
+refreshed; an open decision without an answer is published again every 30 s (the helper
+answers a repeated decision with the same partial). A seq at or below the device's
 highest accepted one is refused (``replay``) unless the role recognises it as a redelivery. With
 ``--device-keys`` every share must be signed by the device it names (``bad_signature``,
 ``unknown_device``).
@@ -110,6 +111,7 @@ __all__ = ["LeaderService", "leader_state_path", "load_helper_public"]
 log = logging.getLogger("edgefl.aggregator.secagg")
 
 _STATE_EVERY_S = 5.0
+_REPUBLISH_S = 30.0  # an open decision without a partial is published again this often
 SEQ_REPLAY = RejectReason.REPLAY.value
 
 
@@ -176,7 +178,7 @@ class LeaderService:
         self._state_at = 0.0
         self._published: int | None = None
         self.shell = RoleShell(self)
-        self.versions: asyncio.Queue[int] = asyncio.Queue()  # each committed version, in order
+        self._decision_sent = 0.0  # monotonic time the open decision was last published
 
     def stop(self) -> None:
         self.shell.stop()
@@ -263,6 +265,9 @@ class LeaderService:
         if self.leader.expire(now):
             self._write(before)
             await self._decide()
+        late = time.monotonic() - self._decision_sent >= _REPUBLISH_S
+        if self.leader.open_decision is not None and late:  # lost on the way? (idempotent)
+            await self._publish_decision()
         if self._flush_due(now):
             before = self.leader.snapshot()
             self.leader.decide(flush=True)
@@ -371,7 +376,6 @@ class LeaderService:
             return
         self._step(result)
         self._write(before, model=True)
-        await self.versions.put(self.version)
         await self._publish_model()
         await self._publish_state(ServerStatus.ONLINE)
 
@@ -418,6 +422,7 @@ class LeaderService:
     async def _publish_decision(self) -> None:
         decision = self.leader.open_decision
         assert decision is not None
+        self._decision_sent = time.monotonic()
         msg = coord_decision(self.config.fleet, decision, time.time())
         await self._publish(secagg_decision_topic(self.config.fleet), encode_message(msg))
 

@@ -5,9 +5,10 @@ Contract for a role (:class:`RoleHandler`): ``handle(message)`` does everything 
 (decode, the sans-IO change, the durable write, the messages it enables) and returns; only then
 does the shell acknowledge it. A crash anywhere before the acknowledgement makes the broker
 redeliver the message (persistent session, QoS 1), and the roles treat a redelivery
-idempotently. ``tick(now)`` runs every ``tick_s`` seconds (timeouts). Messages are handled in
-arrival order on the event loop; SQLite writes are short and run inline (one role process per
-host; the shares are far fewer than plaintext packets per second, see docs/PRIVACY.md, "Costs").
+idempotently. A publication that fails (the broker went away) leaves its message
+unacknowledged, to be redelivered after the reconnection. ``tick(now)`` runs every ``tick_s``
+seconds (timeouts). Messages are handled in arrival order on the event loop; each SQLite write
+runs inline (one role process per host; its cost: docs/PRIVACY.md, "Costs").
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections import Counter
 from typing import Protocol
 
 from edgefl.errors import EdgeflError
-from edgefl.transport import InboundMessage, Transport
+from edgefl.transport import InboundMessage, Transport, TransportError
 
 __all__ = ["RoleHandler", "RoleShell"]
 
@@ -74,8 +75,8 @@ class RoleShell:
                 # a get that finished after the wait is not lost: cancel() is False then
                 if getting in done or not getting.cancel():
                     message = getting.result()
-                    await self._one(message)
-                    await transport.ack(message)
+                    if await self._one(message):
+                        await transport.ack(message)
                 if loop.time() >= next_tick:
                     await self._handler.tick(time.time())
                     next_tick = loop.time() + self._tick_s
@@ -84,10 +85,19 @@ class RoleShell:
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
 
-    async def _one(self, message: InboundMessage) -> None:
+    async def _one(self, message: InboundMessage) -> bool:
+        """Handle one message; whether to acknowledge it (not when a publication it caused
+        failed: the broker redelivers it after the reconnection, and the handler repeats the
+        publication idempotently)."""
         try:
             await self._handler.handle(message)
         except EdgeflError as exc:  # malformed or unauthentic: counted, acknowledged, dropped
             self.rejected[exc.reason.value] += 1
             log.debug("refused %s: %s", message.topic, exc)
+        except TransportError as exc:
+            log.warning(
+                "publishing for %s failed (%s): redelivered after reconnecting", message.topic, exc
+            )
+            return False
         self.handled += 1
+        return True

@@ -108,9 +108,7 @@ async def _send(
 
 
 async def _next_version(leader: LeaderService, want: int) -> None:
-    async with asyncio.timeout(30):
-        while (await leader.versions.get()) < want:
-            pass
+    await eventually(lambda: leader.version >= want, what=f"version {want}")
 
 
 async def test_secagg_fleet_reaches_the_plaintext_model_and_the_helper_sees_no_share(

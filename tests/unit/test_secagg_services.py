@@ -4,6 +4,7 @@ replay rule, staleness), what the helper refuses, and what is counted."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import AsyncIterator
@@ -21,8 +22,13 @@ from edgefl.aggregator.secagg_store import HelperStore, LeaderStore
 from edgefl.errors import RejectReason, UpdateRejected
 from edgefl.participation import ParticipationConfig
 from edgefl.protocol.envelope import decode_envelope
-from edgefl.protocol.messages import encode_message
-from edgefl.protocol.topics import secagg_report_topic, secagg_seed_topic, secagg_share_topic
+from edgefl.protocol.messages import SecAggCoord, decode_message, encode_message
+from edgefl.protocol.topics import (
+    secagg_decision_topic,
+    secagg_report_topic,
+    secagg_seed_topic,
+    secagg_share_topic,
+)
 from edgefl.secagg import HelperConfig, HelperKeys, SecAggHelper, SeedReport
 from edgefl.secagg.wire import (
     ShareEnvelopes,
@@ -30,6 +36,7 @@ from edgefl.secagg.wire import (
     build_share_envelopes,
     coord_partial,
     coord_report,
+    decision_from_coord,
 )
 from edgefl.security import (
     Ed25519Signer,
@@ -197,3 +204,39 @@ async def test_the_leader_flushes_a_partly_filled_buffer_after_flush_after(
 
 def _report(report: SeedReport) -> bytes:
     return encode_message(coord_report(FLEET, report, 0.0))
+
+
+async def test_an_unanswered_decision_is_published_again(tmp_path: Path) -> None:
+    # Arrange: a leader whose decision went out; an observer of the decision topic
+    broker = MemoryBroker()
+    async with (
+        MemoryTransport(broker, "leader") as transport,
+        MemoryTransport(broker, "obs") as obs,
+    ):
+        await obs.subscribe(secagg_decision_topic(FLEET))
+        flush = ParticipationConfig(flush_after_s=1.0)
+        leader = _leader(tmp_path, transport, participation=flush)
+        helper = SecAggHelper(HelperConfig(SETTINGS.ring(3), 2410, FLEET, MODEL), KEYS)
+        for i in range(2):
+            built = _shares(f"d{i}", 1)
+            await leader.handle(_share(f"d{i}", 1, built))
+            sealed = bytes(decode_envelope(built.seed, max_payload=1024).payload)
+            report = helper.receive_sealed((f"d{i}", 1), sealed, 0.0)
+            assert report is not None
+            await leader.handle(InboundMessage(secagg_report_topic(FLEET), _report(report)))
+        await leader.tick(time.time() + 2.0)  # flushed: the decision is published
+
+        # Act: no partial came; 30 s later the tick publishes it again
+        await leader.tick(time.time() + 3.0)
+        leader._decision_sent -= 30.0
+        await leader.tick(time.time() + 4.0)
+
+        # Assert
+        got = []
+        async with asyncio.timeout(2):
+            async for message in obs.messages():
+                got.append(decode_message(message.payload, SecAggCoord))
+                if len(got) == 2:
+                    break
+    assert decision_from_coord(got[0]) == decision_from_coord(got[1])
+    assert got[0].buffer_id == 0
