@@ -362,8 +362,20 @@ class LeaderService:
         open_decision = self.leader.open_decision
         if open_decision is None or open_decision.buffer_id != msg.buffer_id:
             return  # about a buffer already closed: nothing to undo
-        log.warning("helper refused decision %s: %s", msg.buffer_id, msg.reason)
-        self.leader.abort(frozenset(msg.missing))
+        # missing seeds: exclude those, queue the rest again. Any other refusal (a helper with
+        # another min_members, a member it already summed) would refuse the same members
+        # again at once: exclude them all rather than loop (counted, logged as an error)
+        missing = frozenset(msg.missing)
+        if not missing:
+            log.error(
+                "helper refused decision %s (%s): its updates are excluded",
+                msg.buffer_id,
+                msg.reason,
+            )
+            missing = frozenset(open_decision.members)
+        else:
+            log.warning("helper lacks seeds of decision %s: %s", msg.buffer_id, sorted(missing))
+        self.leader.abort(missing)
         self._write(before)
 
     async def _combine(self, before: LeaderSnapshot, partial: HelperPartial) -> None:

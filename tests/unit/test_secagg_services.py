@@ -29,12 +29,13 @@ from edgefl.protocol.topics import (
     secagg_seed_topic,
     secagg_share_topic,
 )
-from edgefl.secagg import HelperConfig, HelperKeys, SecAggHelper, SeedReport
+from edgefl.secagg import HelperConfig, HelperKeys, SecAggHelper, SecAggReason, SeedReport
 from edgefl.secagg.wire import (
     ShareEnvelopes,
     UpdateMeta,
     build_share_envelopes,
     coord_partial,
+    coord_refusal,
     coord_report,
     decision_from_coord,
 )
@@ -240,3 +241,31 @@ async def test_an_unanswered_decision_is_published_again(tmp_path: Path) -> None
                     break
     assert decision_from_coord(got[0]) == decision_from_coord(got[1])
     assert got[0].buffer_id == 0
+
+
+async def test_a_refusal_without_missing_seeds_excludes_the_buffer_instead_of_looping(
+    tmp_path: Path, transport: MemoryTransport
+) -> None:
+    # Arrange: a flushed decision of two updates
+    leader = _leader(tmp_path, transport, participation=ParticipationConfig(flush_after_s=1.0))
+    helper = SecAggHelper(HelperConfig(SETTINGS.ring(3), 2410, FLEET, MODEL), KEYS)
+    for i in range(2):
+        built = _shares(f"d{i}", 1)
+        await leader.handle(_share(f"d{i}", 1, built))
+        sealed = bytes(decode_envelope(built.seed, max_payload=1024).payload)
+        report = helper.receive_sealed((f"d{i}", 1), sealed, 0.0)
+        assert report is not None
+        await leader.handle(InboundMessage(secagg_report_topic(FLEET), _report(report)))
+    await leader.tick(time.time() + 2.0)
+    assert leader.leader.open_decision is not None
+
+    # Act: a helper with min_members = 3 refuses it
+    refusal = coord_refusal(FLEET, 0, SecAggReason.BAD_DECISION, 0.0)
+    await leader.handle(InboundMessage(secagg_report_topic(FLEET), encode_message(refusal)))
+
+    # Assert: no new decision of the same members; both excluded, counted
+    stats = leader.statistics()
+    assert leader.leader.open_decision is None
+    assert (stats["complete"], stats["pending"]) == (0, 0)
+    assert stats["secagg_bad_decision"] == 1
+    assert stats["secagg_missing_helper_share"] == 2
