@@ -31,7 +31,8 @@ highest accepted one is refused (``replay``) unless the role recognises it as a 
 
 The server state announces ``features = ("secagg",)`` and ``ServerState.secagg`` (the ring and
 the helper's public key); devices check that key against their own configuration. Not here
-(docs/PRIVACY.md, "Not done yet"): receipts, leases, evaluation, metrics and Prometheus.
+(docs/PRIVACY.md, "Not done yet"): receipts, leases, evaluation, Prometheus. It publishes
+METRICS every ``metrics_interval_s``.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ from edgefl.protocol.messages import (
     SecAggCoord,
     SecAggCoordKind,
     SecAggShareHeader,
+    ServerMetrics,
     ServerState,
     ServerStatus,
     encode_message,
@@ -85,6 +87,7 @@ from edgefl.protocol.topics import (
     secagg_decision_topic,
     secagg_report_topic,
     secagg_shares_filter,
+    server_metrics_topic,
     server_state_topic,
 )
 from edgefl.secagg import (
@@ -179,6 +182,7 @@ class LeaderService:
         self._published: int | None = None
         self.shell = RoleShell(self)
         self._decision_sent = 0.0  # monotonic time the open decision was last published
+        self._metrics_at = (time.monotonic(), 0)  # the last METRICS: when, combined updates
 
     def stop(self) -> None:
         self.shell.stop()
@@ -275,6 +279,8 @@ class LeaderService:
             await self._publish_decision()
         if time.monotonic() - self._state_at >= _STATE_EVERY_S:
             await self._publish_state(ServerStatus.ONLINE)
+        if time.monotonic() - self._metrics_at[0] >= self.config.metrics_interval_s:
+            await self._publish_metrics()
 
     # ------------------------------------------------------------------ shares
     def _on_share(self, topic: SecAggShareTopic, payload: bytes) -> None:
@@ -487,6 +493,38 @@ class LeaderService:
         self._state_at = time.monotonic()
         state = encode_message(self._server_state(status))
         await self._publish(server_state_topic(self.config.fleet), state, retain=True)
+
+    async def _publish_metrics(self) -> None:
+        """METRICS on ``server/metrics`` (QoS 0): ``received`` every share the leader saw,
+        ``applied`` the updates combined into a step, ``rejected`` by reason; ``extra`` the
+        role's own figures (``secagg_pending``, ``secagg_complete``, the open decision)."""
+        now = time.monotonic()
+        stats = self.leader.statistics()
+        then, combined_then = self._metrics_at
+        rate = max(0.0, (stats["combined"] - combined_then) / max(now - then, 1e-9))
+        self._metrics_at = (now, stats["combined"])
+        state = self._server_state(ServerStatus.ONLINE)
+        decision = self.leader.open_decision
+        metrics = ServerMetrics(
+            fleet=self.config.fleet,
+            at=time.time(),
+            version=self.version,
+            buffer_fill=state.buffer_fill,
+            buffer_size=state.buffer_size,
+            received=stats["accepted"] + sum(state.rejected.values()),
+            applied=stats["combined"],
+            updates_per_s=rate,
+            rejected=state.rejected,
+            extra={
+                "secagg_pending": stats["pending"],
+                "secagg_complete": stats["complete"],
+                "secagg_open_decision": None if decision is None else decision.buffer_id,
+                "session": self._session,
+            },
+        )
+        topic = server_metrics_topic(self.config.fleet)
+        assert self._transport is not None
+        await self._transport.publish(topic, encode_message(metrics), qos=0)
 
     def _server_state(self, status: ServerStatus) -> ServerState:
         stats = self.leader.statistics()

@@ -22,12 +22,13 @@ from edgefl.aggregator.secagg_store import HelperStore, LeaderStore
 from edgefl.errors import RejectReason, UpdateRejected
 from edgefl.participation import ParticipationConfig
 from edgefl.protocol.envelope import decode_envelope
-from edgefl.protocol.messages import SecAggCoord, decode_message, encode_message
+from edgefl.protocol.messages import SecAggCoord, ServerMetrics, decode_message, encode_message
 from edgefl.protocol.topics import (
     secagg_decision_topic,
     secagg_report_topic,
     secagg_seed_topic,
     secagg_share_topic,
+    server_metrics_topic,
 )
 from edgefl.secagg import HelperConfig, HelperKeys, SecAggHelper, SecAggReason, SeedReport
 from edgefl.secagg.wire import (
@@ -269,3 +270,23 @@ async def test_a_refusal_without_missing_seeds_excludes_the_buffer_instead_of_lo
     assert (stats["complete"], stats["pending"]) == (0, 0)
     assert stats["secagg_bad_decision"] == 1
     assert stats["secagg_missing_helper_share"] == 2
+
+
+async def test_the_leader_publishes_metrics(tmp_path: Path) -> None:
+    broker = MemoryBroker()
+    async with (
+        MemoryTransport(broker, "leader") as transport,
+        MemoryTransport(broker, "obs") as obs,
+    ):
+        await obs.subscribe(server_metrics_topic(FLEET))
+        leader = _leader(tmp_path, transport, metrics_interval_s=0.01)
+        await leader.handle(_share("d0", 1, _shares("d0", 1)))
+        await leader.handle(_share("d0", 0, _shares("d0", 0)))  # a replay
+        await asyncio.sleep(0.02)
+        await leader.tick(time.time())
+        async with asyncio.timeout(2):
+            message = await anext(aiter(obs.messages()))
+    metrics = decode_message(message.payload, ServerMetrics)
+    assert (metrics.received, metrics.applied, metrics.version) == (2, 0, 0)
+    assert metrics.rejected == {"replay": 1}
+    assert metrics.extra["secagg_pending"] == 1
