@@ -96,7 +96,8 @@ async def test_agents_train_through_secure_aggregation(
     # Assert
     stats = leader.statistics()
     assert stats["combined"] >= 8
-    assert sum(a.statistics().updates_sent for a in agents) >= stats["combined"]
+    assert stats["accepted"] >= stats["combined"]  # (a PUBACK may be in flight at the stop)
+    assert all(a.statistics().updates_sent >= 1 for a in agents)
     assert all(not a.statistics().dropped for a in agents)
     assert helper.helper.statistics()["accepted"] >= stats["combined"]
     assert not [k for k in stats if k.startswith("secagg_") and stats[k]]
