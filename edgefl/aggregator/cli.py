@@ -378,9 +378,11 @@ def _run_secagg(
     from edgefl.aggregator.config_file import preflight
     from edgefl.aggregator.secagg_config import Role, SecAggSettings
     from edgefl.aggregator.secagg_runner import run_role
-    from edgefl.clierror import ConfigError
+    from edgefl.clierror import ConfigError, choices_hint
 
     helper_key, bits, clip, weight_scale = secagg
+    if role not in {r.value for r in Role}:
+        raise ConfigError(f"--role: {choices_hint(role, [r.value for r in Role])}")
     try:
         which = Role(role)
         if helper_key is None:
