@@ -20,8 +20,12 @@ Model ``mlp-100k`` (99,823 parameters). The delta is the real mnist1d CNN delta 
   the same ``4 P`` bytes.
 * **device CPU per update** — ``encode_update`` (int8) against ``encode`` + ``make_shares``.
 
-Times are the best of N runs (``time.perf_counter``). The service-level ingest path is **not
-wired yet** (no leader/helper role in ``edgefl aggregator``): these are the sans-IO cores only.
+* **leader service** — ``LeaderService.handle`` (``edgefl aggregator --role leader``) of every
+  share envelope and seed report, one SQLite transaction each (before the acknowledgement), a
+  decision and a combined partial per K with its FedBuff step, model row and retained chunks,
+  on an in-process MemoryBroker (no MQTT); with ``fsync`` off and on.
+
+Times are the best of N runs (``time.perf_counter``); the leader service is one timed run.
 With ``--json`` the last line of stdout is one JSON object with ``bytes_per_update_plain``,
 ``bytes_per_update_secagg``, ``updates_per_s_plain``, ``updates_per_s_secagg`` and the rest.
 """
@@ -44,6 +48,7 @@ from edgefl.aggregation import FedBuff, FedBuffConfig
 from edgefl.codec import CodecConfig, encode_update, max_decompressed, open_update
 from edgefl.models import get_model_spec
 from edgefl.protocol import UpdateHeader, encode_message
+from edgefl.protocol.envelope import decode_envelope
 from edgefl.secagg import (
     BufferDecision,
     HelperConfig,
@@ -61,6 +66,7 @@ from edgefl.secagg import (
     open_seed,
 )
 from edgefl.secagg.ring import weighted_add
+from edgefl.secagg.wire import UpdateMeta, build_share_envelopes, coord_partial, coord_report
 
 MODEL = "mlp-100k"
 FLEET = "bench"
@@ -82,16 +88,19 @@ def make_delta(n: int, gaussian: bool) -> NDArray[np.float32]:
     return tile_permuted(real_model_delta(num_samples=2000, steps=20), n, rng)
 
 
+def meta(dev: str, seq: int, base: int = 0) -> UpdateMeta:
+    return UpdateMeta(FLEET, dev, seq, base, 32, MODEL, time.time())
+
+
 def wire_bytes(delta: NDArray[np.float32], spec: RingSpec, keys: HelperKeys) -> dict[str, int]:
+    """Sizes of what goes on the wire: the UPDATE envelope, the two protocol-1.3 envelopes."""
     n = delta.size
     encoded, _ = encode_update(delta, CodecConfig(), rng=np.random.default_rng(1))
     plain = encode_message(header(n, "pi-1", 1, encoded.descriptor.to_dict()), encoded.body)
-    ring = encode(delta, spec, np.random.default_rng(1))
-    cfg = HelperConfig(spec=spec, num_params=n, fleet=FLEET, model=MODEL)
-    shares = make_shares(ring, spec, keys.public_key, cfg.context(("pi-1", 1)))
-    codec = {"format": "secagg", "bits": spec.bits, "scale": spec.scale}
-    masked = encode_message(header(n, "pi-1", 1, codec), shares.masked)
-    sealed = encode_message(header(n, "pi-1", 1, codec), shares.sealed)
+    built = build_share_envelopes(
+        delta, meta("pi-1", 1), spec, keys.public_key, rng=np.random.default_rng(1)
+    )
+    masked, sealed = built.share, built.seed
     return {
         "plain": len(plain),
         "plain_body": encoded.body_size,
@@ -162,6 +171,76 @@ def secagg_ingest(
     return updates / best_of(run, repeats)
 
 
+def leader_service(
+    delta: NDArray[np.float32], keys: HelperKeys, updates: int, *, fsync: bool
+) -> float:
+    """updates/s of the leader *service* without MQTT: ``LeaderService.handle`` of each share
+    envelope and seed report (decode, role, one SQLite transaction each, as it acknowledges),
+    a decision published and a partial combined per K (the FedBuff step, the model's SQLite
+    row and its retained chunks on an in-process MemoryBroker). The helper's partials are
+    computed ahead (its cost is the helper's line)."""
+    import asyncio
+    import tempfile
+    from pathlib import Path
+
+    from edgefl.aggregator import AggregatorConfig, NormBoundSetting
+    from edgefl.aggregator.secagg_config import SecAggSettings
+    from edgefl.aggregator.secagg_leader import LeaderService
+    from edgefl.aggregator.secagg_store import LeaderStore
+    from edgefl.protocol.topics import secagg_report_topic, secagg_share_topic
+    from edgefl.transport import InboundMessage, MemoryBroker, MemoryTransport
+
+    def config(state_dir: Path) -> AggregatorConfig:
+        return AggregatorConfig(
+            broker_url="mqtt://127.0.0.1:1", fleet=FLEET, model=MODEL, state_dir=state_dir,
+            buffer_size=K, norm_bound=NormBoundSetting.OFF, fsync=fsync, max_packet=1 << 20,
+        )  # fmt: skip
+
+    settings = SecAggSettings(helper_key=Path("unused"), weight_scale=W_MAX)
+    spec = settings.ring(K)
+    rng = np.random.default_rng(5)
+    built = [
+        build_share_envelopes(delta, meta(f"pi{i}", 1), spec, keys.public_key, rng=rng)
+        for i in range(updates)
+    ]
+    helper = SecAggHelper(HelperConfig(spec, delta.size, FLEET, MODEL), keys)
+    fleet = FLEET
+    reports = []
+    for i, b in enumerate(built):
+        sealed = bytes(decode_envelope(b.seed, max_payload=1 << 10).payload)
+        report = helper.receive_sealed((f"pi{i}", 1), sealed, 0.0)
+        assert report is not None
+        reports.append(encode_message(coord_report(fleet, report, 0.0)))
+    partials: dict[int, bytes] = {}
+
+    async def run(state_dir: Path) -> float:
+        service = LeaderService(config(state_dir), settings, keys.public_key)
+        service._restore(LeaderStore(state_dir / "secagg-leader.sqlite", fsync=fsync))
+        async with MemoryTransport(MemoryBroker(), "leader") as transport:
+            service._transport = transport
+            start = time.perf_counter()
+            for i, b in enumerate(built):
+                await service.handle(
+                    InboundMessage(secagg_share_topic(fleet, f"pi{i}", 1), b.share)
+                )
+                await service.handle(InboundMessage(secagg_report_topic(fleet), reports[i]))
+                decision = service.leader.open_decision
+                if decision is not None:
+                    if decision.buffer_id not in partials:
+                        partial = helper.apply(decision)
+                        partials[decision.buffer_id] = encode_message(
+                            coord_partial(fleet, partial, 0.0), partial.total
+                        )
+                    msg = InboundMessage(secagg_report_topic(fleet), partials[decision.buffer_id])
+                    await service.handle(msg)
+            return time.perf_counter() - start
+
+    with tempfile.TemporaryDirectory() as tmp:
+        asyncio.run(run(Path(tmp) / "warm"))  # computes the partials
+        elapsed = asyncio.run(run(Path(tmp) / "timed"))
+    return updates / elapsed
+
+
 def helper_costs(n: int, spec: RingSpec, keys: HelperKeys, repeats: int) -> dict[str, float]:
     """Microseconds per update: open the seed, expand the mask, add it; memcpy of 4 P bytes."""
     cfg = HelperConfig(spec=spec, num_params=n, fleet=FLEET, model=MODEL)
@@ -217,6 +296,8 @@ def main() -> None:
     sizes = wire_bytes(delta, spec, keys)
     plain_ups = plain_ingest(delta, updates, repeats)
     secagg_ups = secagg_ingest(delta, spec, keys, updates, repeats)
+    service_ups = leader_service(delta, keys, min(updates, 100), fsync=False)
+    service_fsync_ups = leader_service(delta, keys, min(updates, 50), fsync=True)
     helper = helper_costs(n, spec, keys, repeats)
     device = device_costs(delta, spec, keys, repeats)
     print(f"model {MODEL}: {n:,} parameters, K = {K}, W_max = {W_MAX}, ring b = {spec.bits}, "
@@ -238,8 +319,9 @@ def main() -> None:
           f"{helper['open_seed']:,.0f} + expand mask {expand:,.0f} + weighted add "
           f"{helper['weighted_add']:,.0f}; memcpy of the same {4 * n:,} B: {memcpy:,.1f} us "
           f"(mask expansion = {expand / memcpy:,.1f}x memcpy)")  # fmt: skip
-    print("NOTE: the service-level ingest path is not wired yet (no leader/helper roles in "
-          "`edgefl aggregator`); these are the sans-IO cores on one core.")  # fmt: skip
+    print(f"leader service (edgefl aggregator --role leader, no MQTT: decode + role + one SQLite "
+          f"transaction per message + step per K): {service_ups:,.0f} updates/s, "
+          f"{service_fsync_ups:,.0f} with fsync")  # fmt: skip
     if args.json:
         print(json.dumps({
             "bytes_per_update_plain": sizes["plain"],
@@ -256,7 +338,8 @@ def main() -> None:
             "device_encode_us_plain": round(device["plain"], 1),
             "device_encode_us_secagg": round(device["secagg"], 1),
             "num_params": n, "buffer_size": K, "ring_bits": spec.bits, "scale": spec.scale,
-            "service_wired": False,
+            "leader_service_updates_per_s": round(service_ups, 1),
+            "leader_service_updates_per_s_fsync": round(service_fsync_ups, 1),
         }))  # fmt: skip
 
 

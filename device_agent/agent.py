@@ -64,6 +64,7 @@ from device_agent.participation import (
     verified,
 )
 from device_agent.receipts import DeliveryTracker, ReceiptPolicy, Settlement
+from device_agent.secagg import SecAggUplink, is_pair, pair_packets
 from device_agent.snapshots import ProbeSnapshotSource, SnapshotSource
 from device_agent.spool import SpoolCorrupt, SpoolFull
 from device_agent.trainer import Trainer, TrainJob, TrainResult
@@ -319,6 +320,7 @@ class DeviceAgent:
         self._work = _Workbench(trainer, dataset, executor, noise_rng)
         self._snapshots: SnapshotSource = snapshots or ProbeSnapshotSource(config.probes)
         self._credentials = _Credentials(signer, manifest_verifier, receipt_verifier)
+        self._secagg = SecAggUplink(config.security.helper_public_key_file)
         self._transport_factory = transport_factory or mqtt_transport_factory(config)
         self._notifier = _StatusNotifier(notifier if notifier is not None else SystemdNotifier())
         self._max_model_bytes = max_model_bytes
@@ -853,14 +855,21 @@ class DeviceAgent:
                     continue
                 except KeyError:
                     continue  # settled by a receipt meanwhile
-                topic = update_topic(self._fleet, self._device, seq)
                 attempts = tracker.attempts(seq) + 1
-                for packet in packetize(payload, max_packet=max_packet):
+                for topic, packet in self._packets(seq, payload, max_packet):
                     await transport.publish(topic, packet, qos=1)
                 await self._delivered(seq, attempts, len(payload))
             next_due = tracker.next_due()
             wait = None if next_due is None else max(0.0, next_due - self._delivery.clock())
             await _first(self._wake.spool_changed.wait(), timeout=wait)
+
+    def _packets(self, seq: int, payload: bytes, max_packet: int) -> list[tuple[str, bytes]]:
+        """The publications of spooled update ``seq``: its UPDATE packets, or the two share
+        envelopes of secure aggregation (:mod:`device_agent.secagg`)."""
+        if is_pair(payload):
+            return pair_packets(self._fleet, self._device, seq, payload)
+        topic = update_topic(self._fleet, self._device, seq)
+        return [(topic, packet) for packet in packetize(payload, max_packet=max_packet)]
 
     async def _delivered(self, seq: int, attempts: int, size: int) -> None:
         """The broker acknowledged every packet of the ``attempts``-th send of update ``seq``:
@@ -921,6 +930,7 @@ class DeviceAgent:
         if state is None:
             return
         self._leases.on_server_state(state)
+        self._secagg.on_server_state(state)
         supports = FEATURE_RECEIPTS in state.features
         if self.config.spool.receipts is not ReceiptMode.AUTO:
             return
@@ -1162,31 +1172,45 @@ class DeviceAgent:
             codec = codec_config_for(self.config.codec, manifest)
             residual = residual_from_bytes(store.residuals.load(), manifest.num_params)
             seq = store.spool.next_seq()
-            built = build_update(
-                result,
-                manifest=manifest,
-                fleet=self._fleet,
-                device_id=self._device,
-                seq=seq,
-                codec=codec,
-                residual=residual,
-                rng=np.random.default_rng(),
-                created_at=time.time(),
-                signer=self._credentials.signer,
-                lease_id=lease_id,
-            )
+            if self._secagg.required:  # two shares instead of an UPDATE (device_agent.secagg)
+                envelope = self._secagg.build(
+                    result,
+                    manifest=manifest,
+                    fleet=self._fleet,
+                    device_id=self._device,
+                    seq=seq,
+                    created_at=time.time(),
+                    signer=self._credentials.signer,
+                    lease_id=lease_id,
+                )
+                new_residual = None
+            else:
+                built = build_update(
+                    result,
+                    manifest=manifest,
+                    fleet=self._fleet,
+                    device_id=self._device,
+                    seq=seq,
+                    codec=codec,
+                    residual=residual,
+                    rng=np.random.default_rng(),
+                    created_at=time.time(),
+                    signer=self._credentials.signer,
+                    lease_id=lease_id,
+                )
+                envelope, new_residual = built.envelope, built.residual
         except EdgeflError as exc:
             self._counts.dropped[DropReason.ENCODE_FAILED.value] += 1
             log.error("%s: cannot encode the update: %s", self._device, exc)
         else:
             try:
-                store.spool.put(seq, built.envelope, {"base_version": manifest.version})
+                store.spool.put(seq, envelope, {"base_version": manifest.version})
             except SpoolFull as exc:
                 self._counts.dropped[DropReason.SPOOL_FULL.value] += 1
                 log.error("%s: update dropped: %s", self._device, exc)
             else:
-                if built.residual is not None:
-                    store.residuals.save(built.residual.values.astype("<f4").tobytes())
+                if new_residual is not None:
+                    store.residuals.save(new_residual.values.astype("<f4").tobytes())
                 else:
                     store.residuals.clear()
                 log.info(
@@ -1194,7 +1218,7 @@ class DeviceAgent:
                     self._device,
                     seq,
                     manifest.version,
-                    len(built.envelope),
+                    len(envelope),
                     result.num_examples,
                 )
         store.trained.set(model.version + 1)

@@ -345,6 +345,8 @@ class SecurityConfig:
 
     signing_key_file: Path | None = None
     aggregator_public_key_file: Path | None = None
+    # secure aggregation (docs/PRIVACY.md): the helper's X25519 public key, from the bundle
+    helper_public_key_file: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -579,6 +581,7 @@ _FILE_KEYS = (
     "broker.key_file",
     "security.signing_key_file",
     "security.aggregator_public_key_file",
+    "security.helper_public_key_file",
 )
 
 

@@ -121,6 +121,10 @@ def init_command(
         f"  broker:     copy {layout.broker_dir}/ to the broker host; mosquitto.conf uses it"
     )
     typer.echo(f"  aggregator: copy {layout.aggregator_dir}/ to the aggregator host")
+    typer.echo(
+        f"  helper:     copy {layout.helper_dir}/ to a host of another operator "
+        "(secure aggregation only)"
+    )
     typer.echo(f"  CA key:     {layout.ca_dir / 'ca.key'} (keep offline)")
     typer.echo(f"next: edgefl provision device --out {layout.root} --device <id>")
 

@@ -270,6 +270,28 @@ def aggregator_command(
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Debug logging (--log-level DEBUG).")
     ] = False,
+    role: Annotated[
+        str,
+        typer.Option(help="plain, or a secure-aggregation role: leader or helper (PRIVACY.md)."),
+    ] = "plain",
+    helper_key: Annotated[
+        Path | None,
+        typer.Option(help="Secagg: the helper's X25519 key, private (helper) or public (leader)."),
+    ] = None,
+    secagg_bits: Annotated[int, typer.Option(help="Secagg: ring width, 32 or 64.")] = 32,
+    secagg_clip: Annotated[float, typer.Option(help="Secagg: device clip norm C.")] = 1.0,
+    secagg_weight_scale: Annotated[
+        int, typer.Option(help="Secagg: the integer weight of a full-weight update.")
+    ] = 256,
+    share_timeout: Annotated[
+        float, typer.Option(help="Secagg: seconds one share waits for the other.")
+    ] = 60.0,
+    seed_timeout: Annotated[
+        float, typer.Option(help="Secagg: seconds the helper keeps an unclaimed seed.")
+    ] = 3600.0,
+    min_members: Annotated[
+        int, typer.Option(help="Secagg: the smallest buffer the helper answers.")
+    ] = 2,
 ) -> None:
     """Run the aggregator for one fleet until SIGTERM/Ctrl-C (or a subcommand below).
 
@@ -340,7 +362,50 @@ def aggregator_command(
     if ctx.invoked_subcommand is not None:
         ctx.obj = (config, overrides)
         return
+    if role != "plain":
+        secagg = (helper_key, secagg_bits, secagg_clip, secagg_weight_scale)
+        timeouts = (share_timeout, seed_timeout, min_members)
+        _run_secagg(config, overrides, role, secagg, timeouts)
+        return
     _run(config, overrides)
+
+
+def _run_secagg(
+    config: Path | None,
+    overrides: dict[str, object],
+    role: str,
+    secagg: tuple[Path | None, int, float, int],
+    timeouts: tuple[float, float, int],
+) -> None:
+    """``--role leader|helper``: a secure-aggregation role (edgefl.aggregator.secagg_runner)."""
+    from edgefl.aggregator.config_file import preflight
+    from edgefl.aggregator.secagg_config import Role, SecAggSettings
+    from edgefl.aggregator.secagg_runner import run_role
+    from edgefl.clierror import ConfigError, choices_hint
+
+    helper_key, bits, clip, weight_scale = secagg
+    if role not in {r.value for r in Role}:
+        raise ConfigError(f"--role: {choices_hint(role, [r.value for r in Role])}")
+    try:
+        which = Role(role)
+        if helper_key is None:
+            raise ValueError("--helper-key is required with --role leader or helper")
+        settings = SecAggSettings(
+            helper_key=helper_key,
+            bits=bits,
+            clip_norm=clip,
+            weight_scale=weight_scale,
+            share_timeout_s=timeouts[0],
+            seed_timeout_s=timeouts[1],
+            min_members=timeouts[2],
+        )
+        loaded = _load(config, overrides)
+        preflight(loaded)
+        setup_logging(loaded.log_level)
+        code = run_role(which, loaded.aggregator, settings)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    raise typer.Exit(code)
 
 
 def _run(config: Path | None, overrides: dict[str, object]) -> None:

@@ -118,6 +118,10 @@ class EnvelopeKind(IntEnum):
     RECEIPT = 8  # header Receipt, empty payload (protocol 1.1, PROTOCOL.md "Receipts")
     CHECKIN = 9  # header CheckIn, empty payload (protocol 1.2, PROTOCOL.md "Participation")
     LEASE = 10  # header Lease, empty payload (protocol 1.2)
+    # secure aggregation (protocol 1.3, PROTOCOL.md "Secure aggregation")
+    SECAGG_SHARE = 11  # header SecAggShareHeader, payload the masked share (b/8 bytes per param)
+    SECAGG_SEED = 12  # header SecAggSeedHeader, payload the sealed seed (80 bytes)
+    SECAGG_COORD = 13  # header SecAggCoord, payload a helper's partial sum (or empty)
 
 
 _KINDS: Final = frozenset(int(k) for k in EnvelopeKind)

@@ -49,6 +49,10 @@ from .topics import (
     ModelManifestTopic,
     ParsedTopic,
     ReceiptTopic,
+    SecAggDecisionTopic,
+    SecAggReportTopic,
+    SecAggSeedTopic,
+    SecAggShareTopic,
     ServerMetricsTopic,
     ServerStateTopic,
     TopicKind,
@@ -58,9 +62,12 @@ from .topics import (
 __all__ = [
     "FEATURE_LEASES",
     "FEATURE_RECEIPTS",
+    # secure aggregation (protocol 1.3)
+    "FEATURE_SECAGG",
     "MAX_CLOCK_AHEAD",
     "MAX_TIMESTAMP",
     "MESSAGE_TYPES",
+    "PAYLOAD_KINDS",
     "PROTOCOL_REVISION",
     "TENSOR_DTYPES",
     "TOPIC_ENVELOPE_KINDS",
@@ -74,6 +81,11 @@ __all__ = [
     "ModelManifest",
     "Participation",
     "Receipt",
+    "SecAggCoord",
+    "SecAggCoordKind",
+    "SecAggInfo",
+    "SecAggSeedHeader",
+    "SecAggShareHeader",
     "ServerMetrics",
     "ServerState",
     "ServerStatus",
@@ -552,9 +564,12 @@ class ServerState(_Message):
     features: tuple[str, ...] = ()  # optional protocol features, e.g. ("receipts",) (1.1)
     participation: Participation | None = None  # with the "leases" feature (1.2)
     privacy: CentralPrivacy | None = None  # central differential privacy on (1.2)
+    secagg: SecAggInfo | None = None  # with the "secagg" feature (1.3)
 
     def __post_init__(self) -> None:
         f.name(self.fleet, "fleet")
+        if self.secagg is not None and not isinstance(self.secagg, SecAggInfo):
+            _set(self, "secagg", SecAggInfo.from_json(self.secagg))
         _set(self, "features", f.text_tuple(self.features, "features"))
         if self.participation is not None and not isinstance(self.participation, Participation):
             _set(self, "participation", Participation.from_json(self.participation))
@@ -781,6 +796,186 @@ class Lease(_Message):
         f.integer(self.version, "version")
 
 
+# ---------------------------------------------------------------------------------------------
+# secure aggregation (protocol 1.3; PROTOCOL.md "Secure aggregation", docs/PRIVACY.md)
+
+FEATURE_SECAGG: Final = "secagg"
+"""``ServerState.features`` entry of a secure-aggregation leader: devices send each update as two
+shares (``SECAGG_SHARE`` to the leader, ``SECAGG_SEED`` to the helper) instead of an UPDATE."""
+_HELPER_KEY_B64: Final = re.compile(r"[A-Za-z0-9+/]{43}=")
+_SECAGG_BITS: Final = (32, 64)
+
+
+def _secagg_bits(value: Any) -> int:
+    bits = f.integer(value, "bits")
+    if bits not in _SECAGG_BITS:
+        raise f.bad("bits", f"ring width must be 32 or 64, got {bits}")
+    return bits
+
+
+@dataclass(frozen=True)
+class SecAggInfo(_JSONFields):
+    """The ring of a secure-aggregation fleet (``ServerState.secagg``, 1.3): ``bits`` (32 or
+    64), the fixed-point ``scale`` (a power of two), the clip norm ``clip_norm`` every device
+    clips to, and ``helper_key``: the base64 of the helper's raw X25519 public key. A device
+    seals only to the helper key of its *own* configuration (its bundle) and refuses to send
+    when this one differs: a leader that announced its own key would receive both shares."""
+
+    bits: int
+    scale: int
+    clip_norm: float
+    helper_key: str
+
+    def __post_init__(self) -> None:
+        _secagg_bits(self.bits)
+        f.integer(self.scale, "scale", minimum=1)
+        if self.scale & (self.scale - 1):
+            raise f.bad("scale", "must be a power of two")
+        _set(self, "clip_norm", f.number(self.clip_norm, "clip_norm", minimum=math.ulp(0.0)))
+        if not isinstance(self.helper_key, str) or not _HELPER_KEY_B64.fullmatch(self.helper_key):
+            raise f.bad("helper_key", "expected the base64 of a 32-byte X25519 public key")
+
+
+@dataclass(frozen=True)
+class SecAggShareHeader(_Message):
+    """Header of a SECAGG_SHARE envelope (QoS 1 on ``secagg/share/<id>/<seq>``): the leader's
+    share of update ``(device_id, seq)``. The payload is the masked vector ``y = e - m mod
+    2^bits``, ``bits / 8 * num_params`` bytes. The metadata is public, as for an UPDATE: the
+    leader weighs the update from ``base_version`` and ``num_examples``."""
+
+    KIND: ClassVar[EnvelopeKind] = EnvelopeKind.SECAGG_SHARE
+    fleet: str
+    device_id: str
+    seq: int
+    base_version: int
+    num_examples: int
+    model: str
+    num_params: int
+    bits: int
+    created_at: float
+    lease_id: int | None = None
+
+    def __post_init__(self) -> None:
+        f.name(self.fleet, "fleet")
+        f.name(self.device_id, "device_id")
+        f.integer(self.seq, "seq")
+        f.integer(self.base_version, "base_version")
+        f.integer(self.num_examples, "num_examples")
+        f.name(self.model, "model")
+        f.integer(self.num_params, "num_params", minimum=1)
+        _secagg_bits(self.bits)
+        _set(self, "created_at", f.timestamp(self.created_at, "created_at"))
+        f.opt_integer(self.lease_id, "lease_id")
+
+
+@dataclass(frozen=True)
+class SecAggSeedHeader(_Message):
+    """Header of a SECAGG_SEED envelope (QoS 1 on ``secagg/seed/<id>/<seq>``): the helper's
+    share of update ``(device_id, seq)``. The payload is the seed sealed to the helper's X25519
+    key (80 bytes), bound to fleet, device, seq, model, ``num_params`` and ``bits``."""
+
+    KIND: ClassVar[EnvelopeKind] = EnvelopeKind.SECAGG_SEED
+    fleet: str
+    device_id: str
+    seq: int
+    model: str
+    num_params: int
+    bits: int
+    created_at: float
+
+    def __post_init__(self) -> None:
+        f.name(self.fleet, "fleet")
+        f.name(self.device_id, "device_id")
+        f.integer(self.seq, "seq")
+        f.name(self.model, "model")
+        f.integer(self.num_params, "num_params", minimum=1)
+        _secagg_bits(self.bits)
+        _set(self, "created_at", f.timestamp(self.created_at, "created_at"))
+
+
+class SecAggCoordKind(StrEnum):
+    """What a SECAGG_COORD envelope says."""
+
+    REPORT = "report"  # helper: the seed of (device_id, seq) opened (ok) or not (reason)
+    DECISION = "decision"  # leader: buffer_id is members with weights; forget dropped
+    PARTIAL = "partial"  # helper: the partial sum of buffer_id (the payload)
+    REFUSAL = "refusal"  # helper: refused decision buffer_id (reason; missing seeds)
+
+
+def _update_keys(value: Any, field_name: str) -> tuple[tuple[str, int], ...]:
+    if not isinstance(value, list | tuple) or len(value) > f.MAX_ENTRIES:
+        raise f.bad(field_name, f"expected a list of at most {f.MAX_ENTRIES} [device, seq]")
+    out = []
+    for item in value:
+        if not isinstance(item, list | tuple) or len(item) != 2:
+            raise f.bad(field_name, "each entry is [device, seq]")
+        out.append((f.name(item[0], field_name), f.integer(item[1], field_name)))
+    return tuple(out)
+
+
+_COORD_NEEDS: Final[Mapping[SecAggCoordKind, tuple[str, ...]]] = {
+    SecAggCoordKind.REPORT: ("device_id", "seq", "ok"),
+    SecAggCoordKind.DECISION: ("buffer_id",),
+    SecAggCoordKind.PARTIAL: ("buffer_id",),
+    SecAggCoordKind.REFUSAL: ("buffer_id", "reason"),
+}
+
+
+@dataclass(frozen=True)
+class SecAggCoord(_Message):
+    """Header of a SECAGG_COORD envelope: the two aggregators' coordination (QoS 1; the leader
+    publishes decisions on ``secagg/decision``, the helper the rest on ``secagg/report``).
+
+    ``what`` selects the fields that must be present (:class:`SecAggCoordKind`); only a
+    ``partial`` has a payload (``Σ_i w_i m_i mod 2^bits``, ``bits / 8 * num_params`` bytes)."""
+
+    KIND: ClassVar[EnvelopeKind] = EnvelopeKind.SECAGG_COORD
+    fleet: str
+    what: SecAggCoordKind
+    at: float
+    buffer_id: int | None = None
+    device_id: str | None = None
+    seq: int | None = None
+    ok: bool | None = None
+    reason: str | None = None  # a SecAggReason value (kept as text: newer roles may add some)
+    members: tuple[tuple[str, int], ...] = ()
+    weights: tuple[int, ...] = ()
+    dropped: tuple[tuple[str, int], ...] = ()
+    missing: tuple[tuple[str, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        f.name(self.fleet, "fleet")
+        _set(self, "what", f.enum_value(SecAggCoordKind, self.what, "what"))
+        _set(self, "at", f.timestamp(self.at, "at"))
+        for name in _COORD_NEEDS[self.what]:
+            if getattr(self, name) is None:
+                raise f.bad(name, f"required in a {self.what.value}")
+        f.opt_integer(self.buffer_id, "buffer_id")
+        if self.device_id is not None:
+            f.name(self.device_id, "device_id")
+        f.opt_integer(self.seq, "seq")
+        if self.ok is not None:
+            f.flag(self.ok, "ok")
+        if self.reason is not None:
+            f.text(self.reason, "reason", max_len=64)
+        for name in ("members", "dropped", "missing"):
+            _set(self, name, _update_keys(getattr(self, name), name))
+        if not isinstance(self.weights, list | tuple) or len(self.weights) > f.MAX_ENTRIES:
+            raise f.bad("weights", f"expected a list of at most {f.MAX_ENTRIES} integers")
+        _set(self, "weights", tuple(f.integer(w, "weights", minimum=1) for w in self.weights))
+        if self.what is SecAggCoordKind.DECISION and (
+            not self.members or len(self.members) != len(self.weights)
+        ):
+            raise f.bad("weights", "a decision needs one weight per member, and members")
+
+    def to_header(self) -> JSONObject:
+        header = self.to_json()
+        for name in ("members", "weights", "dropped", "missing"):
+            if not header.get(name):
+                header.pop(name, None)
+        return header
+
+
 Message = (
     UpdateHeader
     | ModelManifest
@@ -790,6 +985,9 @@ Message = (
     | Receipt
     | CheckIn
     | Lease
+    | SecAggShareHeader
+    | SecAggSeedHeader
+    | SecAggCoord
 )
 M = TypeVar(
     "M",
@@ -801,6 +999,9 @@ M = TypeVar(
     Receipt,
     CheckIn,
     Lease,
+    SecAggShareHeader,
+    SecAggSeedHeader,
+    SecAggCoord,
 )
 
 MESSAGE_TYPES: Final[Mapping[EnvelopeKind, type[Message]]] = {
@@ -820,10 +1021,23 @@ TOPIC_ENVELOPE_KINDS: Final[Mapping[TopicKind, frozenset[EnvelopeKind]]] = {
     # 1.3, the sharded tree: JSON control messages and EDFP partials, no envelope (yet)
     TopicKind.SHARDS: frozenset(),
     TopicKind.PARTITION_CONTROL: frozenset(),
+    TopicKind.SECAGG_SHARE: frozenset({EnvelopeKind.SECAGG_SHARE}),
+    TopicKind.SECAGG_SEED: frozenset({EnvelopeKind.SECAGG_SEED}),
+    TopicKind.SECAGG_DECISION: frozenset({EnvelopeKind.SECAGG_COORD}),
+    TopicKind.SECAGG_REPORT: frozenset({EnvelopeKind.SECAGG_COORD}),
 }
 """Which envelope kinds may be published on each kind of topic (anything else is BAD_KIND)."""
 
 DEFAULT_MAX_MESSAGE: Final = 64 * 1024 * 1024
+PAYLOAD_KINDS: Final = frozenset(
+    {
+        EnvelopeKind.UPDATE,
+        EnvelopeKind.SECAGG_SHARE,
+        EnvelopeKind.SECAGG_SEED,
+        EnvelopeKind.SECAGG_COORD,
+    }
+)
+"""Message kinds whose envelopes carry a payload (every other message is header-only)."""
 
 
 class _Signer(Protocol):
@@ -838,13 +1052,13 @@ def encode_message(
     *,
     signer: _Signer | None = None,
 ) -> bytes:
-    """Wrap a message in its envelope. Only an :class:`UpdateHeader` may have a payload.
+    """Wrap a message in its envelope. Only the ``PAYLOAD_KINDS`` may have a payload.
 
     With ``signer`` (an ``edgefl.auth.EnvelopeSigner``, e.g. from ``edgefl.security.load_signer``)
     the result is the signed envelope (``docs/PROTOCOL.md``, "Signed envelopes"); every decoder
     accepts it, and ignores the signature unless it verifies it.
     """
-    if len(payload) and not isinstance(msg, UpdateHeader):
+    if len(payload) and msg.KIND not in PAYLOAD_KINDS:
         raise ValueError(f"{type(msg).__name__} envelopes have no payload")
     data = encode_envelope(msg.KIND, msg.to_header(), payload)
     return data if signer is None else signer.sign(data)
@@ -866,6 +1080,14 @@ def check_topic(msg: Message, topic: ParsedTopic) -> None:
             mismatch |= msg.device_id != topic.device_id
         case ModelManifest(), ModelManifestTopic():
             pass
+        case SecAggShareHeader() | SecAggSeedHeader(), SecAggShareTopic() | SecAggSeedTopic():
+            mismatch |= (msg.device_id, msg.seq) != (topic.device_id, topic.seq)
+        case SecAggCoord(), SecAggDecisionTopic() | SecAggReportTopic():
+            wrong_way = (msg.what is SecAggCoordKind.DECISION) != isinstance(
+                topic, SecAggDecisionTopic
+            )
+            if wrong_way:
+                raise ProtocolError(RejectReason.BAD_KIND, f"a {msg.what} on {topic.topic}")
         case (ServerState(), ServerStateTopic()) | (ServerMetrics(), ServerMetricsTopic()):
             pass
     if mismatch:
@@ -881,7 +1103,7 @@ def message_from_envelope(
         raise ProtocolError(
             RejectReason.BAD_KIND, f"expected {expected.KIND.name}, got {envelope.kind.name}"
         )
-    if expected is not UpdateHeader and len(envelope.payload):
+    if expected.KIND not in PAYLOAD_KINDS and len(envelope.payload):
         raise ProtocolError(RejectReason.BAD_HEADER, f"{expected.KIND.name} has a payload")
     msg = expected.from_header(envelope.header)
     if topic is not None:
@@ -902,7 +1124,7 @@ def decode_message(
     ``DEFAULT_MAX_MESSAGE`` for updates; :func:`decode_update` also returns the update's body.
     """
     if max_payload is None:
-        max_payload = DEFAULT_MAX_MESSAGE if expected is UpdateHeader else 0
+        max_payload = DEFAULT_MAX_MESSAGE if expected.KIND in PAYLOAD_KINDS else 0
     envelope = decode_envelope(data, max_payload=max_payload)
     return message_from_envelope(envelope, expected, topic=topic)
 

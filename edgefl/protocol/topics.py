@@ -13,6 +13,10 @@ Every topic edgefl publishes lives under ``edgefl/v1/<fleet>/``::
     edgefl/v1/<fleet>/device/<id>/lease               QoS1             LEASE (protocol 1.2)
     edgefl/v1/<fleet>/server/state                    retained + Will  SERVER_STATE
     edgefl/v1/<fleet>/server/metrics                  QoS0             METRICS
+    edgefl/v1/<fleet>/secagg/share/<id>/<seq>         QoS1             SECAGG_SHARE (1.3)
+    edgefl/v1/<fleet>/secagg/seed/<id>/<seq>          QoS1             SECAGG_SEED (1.3)
+    edgefl/v1/<fleet>/secagg/decision                 QoS1             SECAGG_COORD, leader → helper
+    edgefl/v1/<fleet>/secagg/report                   QoS1             SECAGG_COORD, helper → leader
 
 Revision 1.3, the sharded tree (``docs/PROTOCOL.md`` §11; partitions by device hash)::
 
@@ -64,6 +68,10 @@ __all__ = [
     "PartitionControl",
     "PartitionControlTopic",
     "ReceiptTopic",
+    "SecAggDecisionTopic",
+    "SecAggReportTopic",
+    "SecAggSeedTopic",
+    "SecAggShareTopic",
     "ServerMetricsTopic",
     "ServerStateTopic",
     "ShardsLeaf",
@@ -86,6 +94,13 @@ __all__ = [
     "partition_control_topic",
     "receipt_topic",
     "receipts_filter",
+    # secure aggregation (protocol 1.3)
+    "secagg_decision_topic",
+    "secagg_report_topic",
+    "secagg_seed_topic",
+    "secagg_seeds_filter",
+    "secagg_share_topic",
+    "secagg_shares_filter",
     "server_metrics_topic",
     "server_state_topic",
     "shards_topic",
@@ -185,6 +200,11 @@ class TopicKind(StrEnum):
     SERVER_METRICS = "server_metrics"
     SHARDS = "shards"  # 1.3: shards/assignment, shards/partial, shards/root/status
     PARTITION_CONTROL = "partition_control"  # 1.3: shards/part/<k>/<control>
+    # secure aggregation (protocol 1.3)
+    SECAGG_SHARE = "secagg_share"
+    SECAGG_SEED = "secagg_seed"
+    SECAGG_DECISION = "secagg_decision"
+    SECAGG_REPORT = "secagg_report"
 
 
 class ModelArtifact(StrEnum):
@@ -377,6 +397,68 @@ class PartitionControlTopic:
         return partition_control_topic(self.fleet, self.partition, self.control)
 
 
+# secure aggregation (protocol 1.3): the topic classes; builders and parser further down
+
+
+@dataclass(frozen=True)
+class _SecAggUpdateTopic:
+    """``edgefl/v1/<fleet>/secagg/<leaf>/<id>/<seq>``: one share of update ``(id, seq)``."""
+
+    kind: ClassVar[TopicKind]
+    leaf: ClassVar[str]
+    fleet: str
+    device_id: str
+    seq: int
+
+    def __post_init__(self) -> None:
+        _validate_fields(self)
+
+    @property
+    def topic(self) -> str:
+        return f"{_fleet_root(self.fleet)}/secagg/{self.leaf}/{self.device_id}/{self.seq}"
+
+
+@dataclass(frozen=True)
+class SecAggShareTopic(_SecAggUpdateTopic):
+    """``edgefl/v1/<fleet>/secagg/share/<id>/<seq>``: the masked share (device → leader)."""
+
+    kind = TopicKind.SECAGG_SHARE
+    leaf = "share"
+
+
+@dataclass(frozen=True)
+class SecAggSeedTopic(_SecAggUpdateTopic):
+    """``edgefl/v1/<fleet>/secagg/seed/<id>/<seq>``: the sealed seed (device → helper)."""
+
+    kind = TopicKind.SECAGG_SEED
+    leaf = "seed"
+
+
+@dataclass(frozen=True)
+class _SecAggLeafTopic(_ServerLeafTopic):
+    """``edgefl/v1/<fleet>/secagg/<leaf>``: a coordination topic between the two aggregators."""
+
+    @property
+    def topic(self) -> str:
+        return f"{_fleet_root(self.fleet)}/secagg/{self.leaf}"
+
+
+@dataclass(frozen=True)
+class SecAggDecisionTopic(_SecAggLeafTopic):
+    """``edgefl/v1/<fleet>/secagg/decision``: membership decisions (leader → helper)."""
+
+    kind = TopicKind.SECAGG_DECISION
+    leaf = "decision"
+
+
+@dataclass(frozen=True)
+class SecAggReportTopic(_SecAggLeafTopic):
+    """``edgefl/v1/<fleet>/secagg/report``: seed reports, partials, refusals (helper → leader)."""
+
+    kind = TopicKind.SECAGG_REPORT
+    leaf = "report"
+
+
 ParsedTopic = (
     ModelManifestTopic
     | ModelChunkTopic
@@ -389,6 +471,10 @@ ParsedTopic = (
     | ServerMetricsTopic
     | ShardsTopic
     | PartitionControlTopic
+    | SecAggShareTopic
+    | SecAggSeedTopic
+    | SecAggDecisionTopic
+    | SecAggReportTopic
 )
 """Tagged union returned by :func:`parse_topic`; narrow with ``isinstance`` or ``match``."""
 
@@ -678,3 +764,67 @@ _FLEET_FAMILIES: dict[str, Callable[[str, list[str], str], ParsedTopic | None]] 
     PARTITION_LEVEL: _parse_partition_levels,
     "shards": _parse_shards_levels,
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# secure aggregation (protocol 1.3, docs/PROTOCOL.md "Secure aggregation"): a family of its own,
+# ``edgefl/v1/<fleet>/secagg/...``, so that broker ACLs give the share and seed subtrees each to
+# exactly one reader (the leader, the helper) with one pattern each.
+
+
+def secagg_share_topic(fleet: str, device: str, seq: int) -> str:
+    """``edgefl/v1/<fleet>/secagg/share/<id>/<seq>`` (QoS1, not retained; read by the leader
+    only)."""
+    return SecAggShareTopic(fleet, device, seq).topic
+
+
+def secagg_seed_topic(fleet: str, device: str, seq: int) -> str:
+    """``edgefl/v1/<fleet>/secagg/seed/<id>/<seq>`` (QoS1, not retained; read by the helper
+    only)."""
+    return SecAggSeedTopic(fleet, device, seq).topic
+
+
+def secagg_decision_topic(fleet: str) -> str:
+    """``edgefl/v1/<fleet>/secagg/decision`` (QoS1, not retained, published by the leader)."""
+    return SecAggDecisionTopic(fleet).topic
+
+
+def secagg_report_topic(fleet: str) -> str:
+    """``edgefl/v1/<fleet>/secagg/report`` (QoS1, not retained, published by the helper)."""
+    return SecAggReportTopic(fleet).topic
+
+
+def secagg_shares_filter(fleet: str) -> str:
+    """Every masked share of a fleet: ``edgefl/v1/<fleet>/secagg/share/+/+``."""
+    return f"{_fleet_root(fleet)}/secagg/{SecAggShareTopic.leaf}/+/+"
+
+
+def secagg_seeds_filter(fleet: str) -> str:
+    """Every sealed seed of a fleet: ``edgefl/v1/<fleet>/secagg/seed/+/+``."""
+    return f"{_fleet_root(fleet)}/secagg/{SecAggSeedTopic.leaf}/+/+"
+
+
+_SECAGG_UPDATE_LEAVES: dict[str, Callable[[str, str, int], ParsedTopic]] = {
+    SecAggShareTopic.leaf: SecAggShareTopic,
+    SecAggSeedTopic.leaf: SecAggSeedTopic,
+}
+_SECAGG_LEAVES: dict[str, Callable[[str], ParsedTopic]] = {
+    SecAggDecisionTopic.leaf: SecAggDecisionTopic,
+    SecAggReportTopic.leaf: SecAggReportTopic,
+}
+
+
+def _parse_secagg_levels(fleet: str, rest: list[str], text: str) -> ParsedTopic | None:
+    """``secagg/share/<id>/<seq>``, ``secagg/seed/<id>/<seq>``, ``secagg/decision``,
+    ``secagg/report``."""
+    n = len(rest)
+    if n == 2:
+        leaf = _SECAGG_LEAVES.get(rest[1])
+        return None if leaf is None else leaf(fleet)
+    update_leaf = _SECAGG_UPDATE_LEAVES.get(rest[1]) if n == 4 else None
+    if update_leaf is None:
+        return None
+    return update_leaf(fleet, device_id(rest[2]), _parse_int(rest[3], text, "update seq"))
+
+
+_FLEET_FAMILIES["secagg"] = _parse_secagg_levels

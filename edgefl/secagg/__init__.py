@@ -10,7 +10,9 @@ Sans-IO, numpy and ``cryptography`` only (no torch, no I/O). Module map:
 * :mod:`~edgefl.secagg.leader` / :mod:`~edgefl.secagg.helper` — the two roles;
 * :mod:`~edgefl.secagg.state` — their frozen snapshots; :mod:`~edgefl.secagg.noise` — the DP hook.
 
-The protocol, its trust assumption and costs: docs/SECAGG.md.
+The protocol, its trust assumption and costs: docs/PRIVACY.md, "Secure aggregation". The
+services (``edgefl aggregator --role leader|helper``) are ``edgefl/aggregator/secagg_*.py``; the
+wire messages ``edgefl.secagg.wire`` (protocol 1.3).
 """
 
 from edgefl.secagg.decision import BufferDecision, HelperPartial, SeedReport, UpdateKey

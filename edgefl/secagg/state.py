@@ -1,4 +1,4 @@
-"""Plain frozen snapshots of both roles: what a service persists (see docs/SECAGG.md,
+"""Plain frozen snapshots of both roles: what a service persists (see docs/PRIVACY.md,
 "Persistence") so that a crash neither loses nor double-counts an accepted update."""
 
 from __future__ import annotations

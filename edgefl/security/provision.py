@@ -17,11 +17,17 @@
         client.pem, client.key         client certificate (CN=aggregator) for the mTLS config
         device-keys/                   <device_id>.pub of every device: load_update_authenticator
     <out>/monitor/mqtt-password, ca.pem   read-only MQTT login "monitor"
+    <out>/helper/                    the secure-aggregation helper (docs/PRIVACY.md): copy to a
+        secagg.key, secagg.pub         host of *another* operator; X25519 (secagg.key 0600)
+        mqtt-password, ca.pem          MQTT login "helper"
+        client.pem, client.key         client certificate (CN=helper)
+    <out>/aggregator/helper.pub      the helper's public key, for ``--role leader``
 
 ``add_device(out, device_id)`` (``edgefl provision device``) adds a password entry (via
 ``mosquitto_passwd -b`` when installed), an Ed25519 key pair whose public half goes to
 ``aggregator/device-keys/<id>.pub``, optionally a client certificate, and the bundle
-``<out>/devices/<id>/`` (agent.toml, ca.pem, mqtt-password, signing.key, aggregator.pub) to copy
+``<out>/devices/<id>/`` (agent.toml, ca.pem, mqtt-password, signing.key, aggregator.pub,
+helper.pub) to copy
 to ``/etc/edgefl/`` on the device. Secrets are written ``0600``, directories holding them ``0700``.
 
 The ``broker/`` directory can be used in place (``mosquitto -c <out>/broker/mosquitto.conf``):
@@ -68,6 +74,7 @@ from .pki import CertifiedKey, issue_certificate, load_ca, make_ca
 
 __all__ = [
     "AGGREGATOR_USER",
+    "HELPER_USER",
     "MONITOR_USER",
     "RESERVED_USERS",
     "DeviceBundle",
@@ -83,7 +90,8 @@ __all__ = [
 
 AGGREGATOR_USER: Final = "aggregator"
 MONITOR_USER: Final = "monitor"
-RESERVED_USERS: Final = frozenset({AGGREGATOR_USER, MONITOR_USER})
+HELPER_USER: Final = "helper"  # the secure-aggregation helper (docs/PRIVACY.md)
+RESERVED_USERS: Final = frozenset({AGGREGATOR_USER, MONITOR_USER, HELPER_USER})
 SECURE_CONF: Final = CONF_DIR / "secure.conf"
 SECURE_MTLS_CONF: Final = CONF_DIR / "secure-mtls.conf"
 DEFAULT_PORT: Final = 8883
@@ -133,6 +141,9 @@ pattern read {root}/device/%u/lease
 pattern read {root}/device/%u/receipt
 pattern read {root}/model/#
 pattern read {root}/server/state
+# Secure aggregation (protocol 1.3): its own two shares of each update.
+pattern write {root}/secagg/share/%u/+
+pattern write {root}/secagg/seed/%u/+
 
 # --- the aggregator: the only publisher of models, receipts, leases and server state/metrics ---
 user {AGGREGATOR_USER}
@@ -143,9 +154,21 @@ topic readwrite {root}/device/+/receipt
 topic readwrite {root}/device/+/lease
 topic readwrite {root}/model/#
 topic readwrite {root}/server/#
+# secure aggregation's leader: the masked shares (never a sealed seed), the helper's reports
+topic read {root}/secagg/share/+/+
+topic read {root}/secagg/report
+topic write {root}/secagg/decision
 
-# --- the monitor: reads the whole fleet, publishes nothing ----------------------------------
+# --- the secure-aggregation helper: the sealed seeds and decisions, never a masked share ------
+user {HELPER_USER}
+topic read {root}/secagg/seed/+/+
+topic read {root}/secagg/decision
+topic write {root}/secagg/report
+
+# --- the monitor: reads the whole fleet but the shares, publishes nothing -------------------
 user {MONITOR_USER}
+topic deny {root}/secagg/share/#
+topic deny {root}/secagg/seed/#
 topic read {root}/#
 topic read $SYS/#
 """
@@ -239,6 +262,18 @@ class FleetDirectory:
     @property
     def monitor_dir(self) -> Path:
         return self.root / "monitor"
+
+    @property
+    def helper_dir(self) -> Path:
+        return self.root / "helper"
+
+    @property
+    def helper_private_key(self) -> Path:
+        return self.helper_dir / "secagg.key"
+
+    @property
+    def helper_public_key(self) -> Path:
+        return self.helper_dir / "secagg.pub"
 
     def device_dir(self, device_id: str) -> Path:
         return self.root / "devices" / device_id
@@ -426,17 +461,32 @@ def _write_service_accounts(
         shutil.rmtree(layout.device_keys_dir)
     layout.device_keys_dir.mkdir()
     mon = _private_dir(layout.monitor_dir)
-    _write_public(mon / "ca.pem", ca_pem)
-    monitor_client = issue_certificate(ca, MONITOR_USER, client=True)
-    _write_public(mon / "client.pem", monitor_client.cert_pem())
-    _write_secret(mon / "client.key", monitor_client.key_pem())
-    for user, directory in ((AGGREGATOR_USER, agg), (MONITOR_USER, mon)):
+    helper = _private_dir(layout.helper_dir)
+    for user, directory in ((MONITOR_USER, mon), (HELPER_USER, helper)):
+        _write_public(directory / "ca.pem", ca_pem)
+        account_client = issue_certificate(ca, user, client=True)
+        _write_public(directory / "client.pem", account_client.cert_pem())
+        _write_secret(directory / "client.key", account_client.key_pem())
+    _write_helper_keys(layout)
+    accounts = ((AGGREGATOR_USER, agg), (MONITOR_USER, mon), (HELPER_USER, helper))
+    for user, directory in accounts:
         password = passwords.generate_password()
         passwords.set_password(
             layout.password_file, user, password, use_mosquitto_passwd=use_mosquitto_passwd
         )
         _write_secret(directory / "mqtt-password", password + "\n")
     return signing
+
+
+def _write_helper_keys(layout: FleetDirectory) -> None:
+    """The helper's X25519 identity (secure aggregation): private key in ``helper/`` (0600),
+    public key next to it and in ``aggregator/helper.pub`` (the leader announces it)."""
+    from edgefl.secagg import HelperKeys
+
+    keys = HelperKeys.generate()
+    _write_secret(layout.helper_private_key, keys.private_pem())
+    _write_public(layout.helper_public_key, keys.public_pem())
+    _write_public(layout.aggregator_dir / "helper.pub", keys.public_pem())
 
 
 @dataclass(frozen=True)
@@ -451,7 +501,9 @@ class DeviceBundle:
     password_writer: str  # "mosquitto_passwd" or "python"
 
 
-def _agent_toml(fleet: str, device_id: str, url: str, *, client_cert: bool, data_path: str) -> str:
+def _agent_toml(
+    fleet: str, device_id: str, url: str, *, client_cert: bool, data_path: str, helper: bool = True
+) -> str:
     cert = (
         'cert_file = "client.pem"\nkey_file = "client.key"\n'
         if client_cert
@@ -482,6 +534,12 @@ path = "{data_path}"
 signing_key_file = "signing.key"
 # Model manifests not signed by the fleet's aggregator are rejected.
 aggregator_public_key_file = "aggregator.pub"
+{_HELPER_TOML if helper else ""}"""
+
+
+_HELPER_TOML: Final = """\
+# Secure aggregation: updates are sealed to this helper key only (docs/PRIVACY.md).
+helper_public_key_file = "helper.pub"
 """
 
 
@@ -534,6 +592,9 @@ def add_device(
     agg_key = load_private_key(layout.aggregator_signing_key).public_key()
     _write_public(bundle / "aggregator.pub", public_key_pem(agg_key))
     _write_public(bundle / "ca.pem", (layout.ca_dir / "ca.pem").read_bytes())
+    helper = layout.helper_public_key.exists()  # none in fleets provisioned before secagg
+    if helper:
+        _write_public(bundle / "helper.pub", layout.helper_public_key.read_bytes())
 
     cert_path = None
     if client_cert:
@@ -546,7 +607,9 @@ def add_device(
     url = layout.broker_url()
     _write_public(
         bundle / "agent.toml",
-        _agent_toml(fleet, device_id, url, client_cert=client_cert, data_path=data_path),
+        _agent_toml(
+            fleet, device_id, url, client_cert=client_cert, data_path=data_path, helper=helper
+        ),
     )
     return DeviceBundle(
         device_id=device_id,

@@ -38,7 +38,7 @@ from edgefl.protocol.envelope import (
     decode_envelope,
     sign_envelope,
 )
-from edgefl.protocol.messages import CheckIn, UpdateHeader
+from edgefl.protocol.messages import CheckIn, SecAggSeedHeader, SecAggShareHeader, UpdateHeader
 from edgefl.protocol.topics import validate_name
 
 from .keys import KeyFileError, key_id, load_public_keys
@@ -255,9 +255,17 @@ class KeyDirectoryAuthenticator:
         fields = ("device_id", "fleet")  # the rest is read from the verified bytes themselves
         self._verify_device(checkin, fields, envelope, EnvelopeKind.CHECKIN)
 
+    def authenticate_share(
+        self, header: SecAggShareHeader | SecAggSeedHeader, envelope: EnvelopeInput
+    ) -> None:
+        """The same check for one share of secure aggregation (protocol 1.3): a SECAGG_SHARE or
+        SECAGG_SEED envelope signed by ``header.device_id``'s key, for the same update."""
+        fields = ("device_id", "fleet", "seq")
+        self._verify_device(header, fields, envelope, header.KIND)
+
     def _verify_device(
         self,
-        message: UpdateHeader | CheckIn,
+        message: UpdateHeader | CheckIn | SecAggShareHeader | SecAggSeedHeader,
         fields: tuple[str, ...],
         envelope: EnvelopeInput,
         kind: EnvelopeKind,

@@ -19,6 +19,7 @@ from edgefl.clierror import ExitCode
 from edgefl.errors import ProtocolError
 from edgefl.protocol.messages import encode_message
 from edgefl.provision_cli import provision_app
+from edgefl.secagg import HelperKeys, load_helper_public_key
 from edgefl.security import (
     load_manifest_verifier,
     load_public_keys,
@@ -107,8 +108,10 @@ def test_acl_grants_devices_only_their_own_topics() -> None:
         "pattern read edgefl/v1/greenhouse/device/%u/receipt",
         "pattern read edgefl/v1/greenhouse/model/#",
         "pattern read edgefl/v1/greenhouse/server/state",
+        "pattern write edgefl/v1/greenhouse/secagg/share/%u/+",
+        "pattern write edgefl/v1/greenhouse/secagg/seed/%u/+",
     ]
-    aggregator = lines[lines.index("user aggregator") + 1 : lines.index("user monitor")]
+    aggregator = lines[lines.index("user aggregator") + 1 : lines.index("user helper")]
     assert "topic readwrite edgefl/v1/greenhouse/model/#" in aggregator
     assert "topic readwrite edgefl/v1/greenhouse/device/+/receipt" in aggregator
     assert "topic read edgefl/v1/greenhouse/device/+/checkin" in aggregator
@@ -166,6 +169,9 @@ def test_secrets_are_private(fleet_dir: FleetDirectory) -> None:
         fleet_dir.device_dir("pi-07") / "signing.key",
         fleet_dir.device_dir("pi-07") / "mqtt-password",
         fleet_dir.device_dir("pi-07") / "client.key",
+        fleet_dir.helper_private_key,
+        fleet_dir.helper_dir / "mqtt-password",
+        fleet_dir.helper_dir / "client.key",
     ]
     for path in secrets:
         assert path.stat().st_mode & 0o077 == 0, path
@@ -174,10 +180,11 @@ def test_secrets_are_private(fleet_dir: FleetDirectory) -> None:
 
 def test_every_account_has_a_working_password(fleet_dir: FleetDirectory) -> None:
     entries = read_password_file(fleet_dir.password_file)
-    assert set(entries) == {"aggregator", "monitor", "pi-07", "pi-08"}
+    assert set(entries) == {"aggregator", "monitor", "helper", "pi-07", "pi-08"}
     for user, directory in [
         ("aggregator", fleet_dir.aggregator_dir),
         ("monitor", fleet_dir.monitor_dir),
+        ("helper", fleet_dir.helper_dir),
         ("pi-07", fleet_dir.device_dir("pi-07")),
         ("pi-08", fleet_dir.device_dir("pi-08")),
     ]:
@@ -235,6 +242,11 @@ def test_bundle_agent_toml_loads_with_the_device_agent(
     assert config.security.aggregator_public_key_file == bundle / "aggregator.pub"
     load_signer(config.security.signing_key_file)
     load_manifest_verifier(config.security.aggregator_public_key_file)
+    # secure aggregation: the bundle's helper key is the helper's, and the leader's copy too
+    assert config.security.helper_public_key_file == bundle / "helper.pub"
+    helper = HelperKeys.from_pem(fleet_dir.helper_private_key.read_bytes())
+    for copy in (bundle / "helper.pub", fleet_dir.aggregator_dir / "helper.pub"):
+        assert load_helper_public_key(copy.read_bytes()) == helper.public_key
 
 
 def test_reserved_duplicate_and_invalid_devices_are_refused(fleet_dir: FleetDirectory) -> None:
