@@ -509,12 +509,12 @@ class _InProcessDevices:
         self._starter = asyncio.create_task(self._group.start())
 
     def poll(self) -> dict[str, int]:
-        states = self._group.states()
+        states = self._group.observe().states
         _record_events(self._record, self._group.shared.take_events())
         return states
 
     async def stop(self, ending: _Ending) -> None:
-        ending.totals = self._group.totals()
+        ending.totals = self._group.observe(0.0).totals
         ending.agents_rss_mb = max(0.0, rss_mb() - self._rss_start)
         self._starter.cancel()
         await self._group.stop(self._run.bound(15.0, 0.5))
