@@ -31,7 +31,9 @@ the simulation's dataset), updates, staleness, bytes and rejections from ``stati
 The device side (snapshot source, trainer, device groups, the worker and broker processes) is
 :mod:`firmware_sim.live_devices`; this module runs the whole: :func:`_run_live_async` enters the
 broker, the running aggregator and the devices on one ``AsyncExitStack`` and polls until a
-limit or a signal.
+limit or a signal. ``LiveOptions.role`` splits a run over processes or hosts: ``aggregator``
+runs it without devices, :func:`run_live_devices` only the devices of ``device_range``
+(:mod:`firmware_sim.live_roles` is the command's side).
 """
 
 from __future__ import annotations
@@ -121,7 +123,7 @@ class LiveOptions:
     train_threads: int = 2
     probe_interval_s: float = 10.0  # a safety net: SimSnapshotSource wakes agents on changes
     poll_s: float = 0.5
-    connect_per_s: float = 250.0
+    connect_per_s: float = 250.0  # agents started per second, for the fleet (workers share it)
     state_dir: Path | None = None
     quiet: bool = True
     round_deadline_s: float | None = None  # FedAvg, wall seconds; default from the fleet

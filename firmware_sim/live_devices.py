@@ -309,14 +309,12 @@ class DeviceGroup:
         devices: list[int],
         root: Path,
         t0: float,
-        connect_rate: float | None = None,
     ) -> None:
         self.sc = scenario
         self.opts = options
         self.url = url
         self.devices = devices
         self.root = root
-        self.connect_rate = options.connect_per_s if connect_rate is None else connect_rate
         self.shared = _Shared(scenario, options, t0)
         self._data: dict[int, LocalDataset] = {}  # slice index -> its dataset, shared read-only
         # The aggregator may grant every one of its C leases to devices of this process: one
@@ -397,10 +395,10 @@ class DeviceGroup:
         self._launch(d)
 
     async def start(self) -> None:
-        """Launch the agents at ``connect_rate`` per second (0: all at once), paced by the clock:
-        agent ``i`` starts at ``t0 + i / connect_rate``, so a busy event loop (thousands of
-        agents) starts every agent that is due at each wake-up instead of one per wake-up."""
-        rate = self.connect_rate
+        """Launch the agents at ``connect_per_s`` (0: all at once), paced by the clock: agent
+        ``i`` starts at ``t0 + i / connect_per_s``, so a busy event loop (thousands of agents)
+        starts every agent that is due at each wake-up instead of one per wake-up."""
+        rate = self.opts.connect_per_s
         t0 = time.monotonic()
         for i, d in enumerate(self.devices):
             if self.stopping:
@@ -465,7 +463,7 @@ class WorkerReport(NamedTuple):
     pid: int
     states: dict[str, int]  # device-state counts of its agents
     events: list[tuple[str, float, int]]  # dropouts and crashes since the last report
-    totals: dict[str, int]  # agent counters (see :meth:`DeviceGroup.totals`)
+    totals: dict[str, int]  # agent counters (see :meth:`DeviceGroup.observe`)
     rss_mb: float
     rss_start_mb: float  # before the agents started
 
