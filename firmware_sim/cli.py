@@ -600,7 +600,7 @@ def sim_command(
         str,
         typer.Option(
             help="Live mode: all, aggregator (devices run elsewhere) or devices (only "
-            "--device-range, against --broker). [all]"
+            "--device-range, against --broker)."
         ),
     ] = "all",
     device_range: Annotated[
