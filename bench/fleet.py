@@ -7,8 +7,13 @@
 2. Virtual updates per wall second and peak RSS at 1,000, 10,000 and 100,000 devices (same
    data per device, fixed number of updates, each size in a fresh process). Target: 100k within
    25% of 1k.
-3. Live mode: N real agents, each with its own MQTT connection, plus the aggregator on a private
-   Mosquitto for a fixed wall time: updates/s and RSS (all processes).
+3. Live mode (``--only live``): N real agents, each with its own MQTT connection, in
+   ``--workers`` processes, plus the aggregator on a private Mosquitto for a fixed wall time
+   (default 60 s + 1 s per 20 agents), one fleet size after the other: when all agents were
+   connected, how many were at the end, RSS (all processes; per agent; and what the agents
+   added to their processes), updates/s once all were connected and over the whole run, CPU
+   per update (every process of the run: aggregator, workers, Mosquitto, start-up included) and
+   the accuracy reached.
 4. The demo (100 live devices, mnist1d): wall time to 90%.
 5. The regime table (``--only regimes``): for each profile (mixed, phone, sensor, vehicle, lab)
    and fleet size (100, 1,000, 10,000), FedBuff and FedAvg on the default ``edgefl sim``
@@ -16,7 +21,8 @@
    updates to target, the speed-up and each run's measured bottleneck, as a Markdown table
    (docs/SIMULATOR.md, "Regimes"). ``--sizes`` and ``--profiles`` narrow it.
 
-    python bench/fleet.py [--quick] [--json] [--live-devices N]
+    python bench/fleet.py [--quick] [--json] [--agents N]
+    python bench/fleet.py --only live --agents 500,1000,2000 [--workers 2] [--seconds S]
     python bench/fleet.py --only regimes [--sizes 100,1000,10000] [--profiles mixed,lab]
 
 ``--quick`` shrinks everything (digits for the comparison, fewer updates, 100 live devices for
@@ -180,7 +186,27 @@ def _scaling(quick: bool) -> dict[str, Any]:
     }
 
 
-def _live(devices: int, seconds: float) -> dict[str, Any]:
+LIVE_HEADER = (
+    "| agents | workers | all connected after | connected at end | RSS total | RSS / agent "
+    "| agent RSS / agent | updates/s (all connected) | updates/s (whole run) | CPU / update "
+    "| accuracy |\n|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def _cpu_s() -> float:
+    """CPU seconds of this process and its waited-for children (workers, Mosquitto)."""
+    import resource
+
+    own, kids = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _live_row(devices: int, workers: int, seconds: float) -> dict[str, Any]:
+    """One live run: ``devices`` real agents (their own MQTT connections) in ``workers``
+    processes, the aggregator in this one, a private Mosquitto, for ``seconds`` of wall time."""
     from firmware_sim.live import LiveOptions, run_live
     from firmware_sim.scenario import SimConfig
 
@@ -195,21 +221,66 @@ def _live(devices: int, seconds: float) -> dict[str, Any]:
         target=1.0,
         max_wall_s=seconds,
     )
-    options = LiveOptions(broker_kind="mosquitto", fleet="bench", time_scale=0.02, workers=2)
+    options = LiveOptions(broker_kind="mosquitto", fleet="bench", time_scale=0.02, workers=workers)
+    cpu0 = _cpu_s()
     res = run_live(cfg, options)
+    cpu = _cpu_s() - cpu0  # the run's processes: this one (aggregator), workers, Mosquitto
     s = res.record.summary(cfg.target)
-    print(
-        f"  {devices} live devices: peak connected {res.peak_connected}, "
-        f"{res.updates_per_s:.1f} updates/s, RSS {res.rss_mb:.0f} MB "
-        f"({res.rss_mb_per_device:.2f} MB/device), accuracy {s['final_accuracy']}",
-        flush=True,
-    )
+    updates = s["updates_received"]
     return {
-        "live_devices": devices,
-        "live_peak_connected": res.peak_connected,
-        "live_updates_per_s": res.updates_per_s,
-        "live_rss_mb": res.rss_mb,
-        "live_rss_mb_per_device": res.rss_mb_per_device,
+        "agents": devices,
+        "workers": workers,
+        "wall_s": res.wall_s,
+        "all_connected_s": res.all_connected_s,
+        "peak_connected": res.peak_connected,
+        "connected_at_end": res.connected_at_end,
+        "rss_mb": res.rss_mb,
+        "rss_mb_per_agent": res.rss_mb_per_device,
+        "agent_rss_mb_per_agent": res.agents_rss_mb / devices,
+        "updates": updates,
+        "updates_per_s": res.updates_per_s,
+        "steady_updates_per_s": res.steady_updates_per_s,
+        "cpu_s": cpu,
+        "cpu_ms_per_update": 1000 * cpu / updates if updates else None,
+        "accuracy": s["final_accuracy"],
+    }
+
+
+def live_row(r: dict[str, Any]) -> str:
+    """One Markdown row of :data:`LIVE_HEADER`."""
+
+    def num(v: float | None, fmt: str, unit: str = "") -> str:
+        return "n/a" if v is None else f"{v:{fmt}}{unit}"
+
+    return (
+        f"| {r['agents']:,} | {r['workers']} | {num(r['all_connected_s'], '.0f', ' s')} | "
+        f"{r['connected_at_end']:,} | {r['rss_mb']:,.0f} MB | {r['rss_mb_per_agent']:.2f} MB | "
+        f"{1024 * r['agent_rss_mb_per_agent']:.0f} KB | "
+        f"{num(r['steady_updates_per_s'], '.1f')} | {r['updates_per_s']:.1f} | "
+        f"{num(r['cpu_ms_per_update'], '.0f', ' ms')} | {num(r['accuracy'], '.3f')} |"
+    )
+
+
+def _live(sizes: list[int], workers: int, seconds: float) -> dict[str, Any]:
+    """The live table: one run per fleet size, one after the other (load average printed)."""
+    import os
+
+    print(f"  load average before: {os.getloadavg()[0]:.1f} (2-core machine)", flush=True)
+    print(LIVE_HEADER, flush=True)
+    rows = []
+    for devices in sizes:
+        row = _live_row(devices, workers, seconds)
+        rows.append(row)
+        print(live_row(row), flush=True)
+    print(f"  load average after: {os.getloadavg()[0]:.1f}", flush=True)
+    last = rows[-1]
+    return {
+        "live": rows,
+        "live_devices": last["agents"],
+        "live_peak_connected": last["peak_connected"],
+        "live_updates_per_s": last["updates_per_s"],
+        "live_rss_mb": last["rss_mb"],
+        "live_rss_mb_per_device": last["rss_mb_per_agent"],
     }
 
 
@@ -233,9 +304,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--live-devices", type=int, default=None)
+    parser.add_argument(
+        "--agents",
+        "--live-devices",
+        default=None,
+        help="live: agents, or a comma list of fleet sizes run one after the other [500]",
+    )
+    parser.add_argument("--workers", type=int, default=2, help="live: agent processes [2]")
+    parser.add_argument("--seconds", type=float, default=None, help="live: wall time per run")
     parser.add_argument("--skip", default="", help="comma list of: compare,scaling,live,demo")
-    parser.add_argument("--only", default=None, help="run only this part: regimes")
+    parser.add_argument("--only", default=None, help="run only this part: regimes or live")
     parser.add_argument("--sizes", default=",".join(map(str, REGIME_SIZES)))
     parser.add_argument("--profiles", default=",".join(REGIME_PROFILES))
     parser.add_argument("--seed", type=int, default=7)
@@ -247,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
         sizes = [int(n) for n in args.sizes.split(",")]
         result.update(_regimes(sizes, args.profiles.split(","), args.seed))
         skip = {"compare", "scaling", "live", "demo"}
+    elif args.only == "live":
+        skip = {"compare", "scaling", "demo"}
+    elif args.only is not None:
+        parser.error(f"--only: {args.only!r} is not one of regimes, live")
     if "compare" not in skip:
         print("FedBuff vs FedAvg (virtual time):", flush=True)
         result.update(_compare(args.quick))
@@ -254,9 +336,10 @@ def main(argv: list[str] | None = None) -> int:
         print("virtual mode scaling:", flush=True)
         result.update(_scaling(args.quick))
     if "live" not in skip:
-        devices = args.live_devices or (100 if args.quick else 500)
-        print("live mode:", flush=True)
-        result.update(_live(devices, 15.0 if args.quick else 60.0))
+        sizes = [int(n) for n in (args.agents or ("100" if args.quick else "500")).split(",")]
+        seconds = args.seconds or (15.0 if args.quick else 60.0 + max(sizes) / 20)
+        print(f"live mode ({seconds:.0f} s per run):", flush=True)
+        result.update(_live(sizes, args.workers, seconds))
     if "demo" not in skip and not args.quick:
         print("demo:", flush=True)
         result.update(_demo())

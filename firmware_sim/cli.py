@@ -22,24 +22,26 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TextIO
 
 import typer
 
 from edgefl.aggregation import Normalisation, RobustMode
-from edgefl.clierror import UsageError
+from edgefl.clierror import ConfigError, UsageError
 from edgefl.training import LocalTrainConfig
 from firmware_sim import validate as check
 from firmware_sim.attacks import AttackConfig, AttackKind
 from firmware_sim.interrupt import SignalStop, StopRequested, exit_now
+from firmware_sim.live_roles import RoleOptions, check_role, run_devices
 from firmware_sim.progress import ProgressReporter, Sample, format_duration
 from firmware_sim.record import Algorithm, RunRecord
 from firmware_sim.report import partial_line, summary_lines, summary_object
-from firmware_sim.scenario import SimConfig
+from firmware_sim.scenario import SimConfig, parse_norm_bound
 
 if TYPE_CHECKING:
+    from edgefl.privacy import CentralDP
     from firmware_sim.live import LiveOptions
     from firmware_sim.virtual import Progress
 
@@ -163,7 +165,7 @@ class AttackOptions:
     attack: str
     attack_scale: float
     robust: str
-    norm_bound: str
+    norm_bound: str | None  # None: "auto", or "off" with --dp
 
 
 @dataclass(frozen=True)
@@ -175,7 +177,7 @@ class TrainingOptions:
     lr: float
     batch_size: int
     server_lr: float
-    normalisation: Normalisation
+    normalisation: Normalisation | None  # None: mean, or sum with --dp
     round_deadline: float | None
     server_momentum: float = _DEFAULT.server_momentum
     overselect: float = _DEFAULT.overselect
@@ -193,6 +195,7 @@ class SimOptions:
     limits: LimitOptions
     attack: AttackOptions
     training: TrainingOptions
+    dp: str | None = None
 
 
 def sim_config_from_options(o: SimOptions) -> SimConfig:
@@ -208,6 +211,7 @@ def sim_config_from_options(o: SimOptions) -> SimConfig:
     attack, robust = _check_attack_and_defence(o.attack)
     _check_training(o.training)
     _check_samples(o.data.samples, dataset)
+    privacy, normalisation, norm_bound = _check_dp(o, algo, robust)
     limits, training = o.limits, o.training
     try:
         return SimConfig(
@@ -230,8 +234,8 @@ def sim_config_from_options(o: SimOptions) -> SimConfig:
             server_momentum=training.server_momentum,
             overselect=training.overselect,
             lease_s=training.lease,
-            normalisation=training.normalisation,
-            norm_bound=o.attack.norm_bound,
+            normalisation=normalisation,
+            norm_bound=norm_bound,
             robust=robust,
             round_deadline_s=training.round_deadline,
             codec=o.data.codec,
@@ -241,6 +245,7 @@ def sim_config_from_options(o: SimOptions) -> SimConfig:
             max_wall_s=(limits.max_time or 600.0) if mode == "live" else None,
             max_updates=limits.max_updates,
             seed=limits.seed,
+            privacy=privacy,
         )
     except (ValueError, KeyError) as exc:  # a combination the checks above do not cover
         raise UsageError(f"bad combination of options: {exc}") from None
@@ -311,14 +316,73 @@ def _check_limits(o: LimitOptions) -> None:
 
 
 def _check_attack_and_defence(o: AttackOptions) -> tuple[AttackConfig, RobustMode]:
-    from firmware_sim.scenario import parse_norm_bound
-
     check.probability("--malicious", o.malicious)
     attack_kind = AttackKind(check.choice("--attack", o.attack, [a.value for a in AttackKind]))
     check.number("--attack-scale", o.attack_scale)
     robust = RobustMode(check.choice("--robust", o.robust, [r.value for r in RobustMode]))
-    check.parsed("--norm-bound", o.norm_bound, parse_norm_bound, "auto | off | MAX (a number > 0)")
+    if o.norm_bound is not None:
+        check.parsed(
+            "--norm-bound", o.norm_bound, parse_norm_bound, "auto | off | MAX (a number > 0)"
+        )
     return AttackConfig(fraction=o.malicious, kind=attack_kind, scale=o.attack_scale), robust
+
+
+DP_FORMS = "central:z=Z,C=C[,eps=E][,delta=D][,cap=N][,accountant=rdp|pld][,seed=S] | off"
+"""What ``--dp`` accepts: :func:`edgefl.privacy.parse_dp`'s text, the aggregator's ``--dp``."""
+
+
+def _check_dp(
+    o: SimOptions, algo: Algorithm, robust: RobustMode
+) -> tuple[CentralDP | None, Normalisation, str]:
+    """``--dp`` (parsed by :func:`edgefl.privacy.parse_dp`, as ``edgefl aggregator --dp``) and
+    the normalisation and norm bound of the run.
+
+    Without DP: ``mean`` and ``auto`` unless given. With central DP the defaults are what the
+    aggregator's ``--dp`` makes them (``sum``, ``off``), and a setting central DP's sensitivity
+    argument does not hold under is a usage error naming it (docs/PRIVACY.md): FedAvg, ``mean``,
+    an adaptive norm bound, a robust mode. ``local:`` is refused: the device agent adds no local
+    noise, so neither simulator could honour it."""
+    normalisation, norm_bound = o.training.normalisation, o.attack.norm_bound
+    dp = None if o.dp is None else _parse_dp(o.dp)
+    if dp is None:
+        return None, normalisation or _DEFAULT.normalisation, norm_bound or _DEFAULT.norm_bound
+    why = "differential privacy (--dp) needs"
+    if algo is Algorithm.FEDAVG:
+        raise UsageError(f"--algorithm fedavg with --dp: {why} --algorithm fedbuff")
+    if normalisation is Normalisation.MEAN:
+        raise UsageError(
+            f"--normalisation mean with --dp: {why} sum (under mean one device's weight is in "
+            "the divisor, so its influence is not bounded by the clip C)"
+        )
+    if norm_bound is not None and parse_norm_bound(norm_bound).adaptive_multiplier is not None:
+        raise UsageError(
+            f"--norm-bound {norm_bound} with --dp: {why} off or a static MAX (the adaptive "
+            "bound follows every device's norm)"
+        )
+    if robust is not RobustMode.NONE:
+        raise UsageError(
+            f"--robust {robust.value} with --dp: {why} none (a robust statistic's sensitivity "
+            "is not the clip C)"
+        )
+    return dp, Normalisation.SUM, norm_bound or "off"
+
+
+def _parse_dp(text: str) -> CentralDP | None:
+    from edgefl.extras import install_hint
+    from edgefl.privacy import LocalDP, parse_dp
+
+    try:
+        dp = check.parsed("--dp", text, parse_dp, DP_FORMS)
+    except ImportError as exc:  # the accountant: dp-accounting
+        raise ConfigError(
+            f"--dp needs the dp-accounting package ({exc}): {install_hint('sim')}"
+        ) from None
+    if isinstance(dp, LocalDP):
+        raise UsageError(
+            f"--dp: {text!r} is local DP, which the simulators cannot run (the device agent "
+            "adds no local noise); expected central:... or off"
+        )
+    return dp
 
 
 def _check_training(o: TrainingOptions) -> None:
@@ -355,6 +419,7 @@ def run_sim(
     progress: Callable[[str], None] | None = None,
     reporter: ProgressReporter | None = None,
     stop: SignalStop | None = None,
+    role: str = "all",
 ) -> list[RunRecord]:
     """Run ``config`` once (or once per algorithm of ``compare`` on the same scenario).
 
@@ -365,9 +430,11 @@ def run_sim(
     if mode == "virtual":
         return _run_virtual(config, algos, progress, reporter)
     if mode == "live":
-        from firmware_sim.live import LiveOptions
+        from firmware_sim.live import LiveOptions, LiveRole
 
-        options = LiveOptions(broker_url=broker, fleet=fleet_name, workers=workers)
+        options = LiveOptions(
+            broker_url=broker, fleet=fleet_name, workers=workers, role=LiveRole(role)
+        )
         return _run_live(config, algos, options, progress, reporter, stop)
     raise UsageError(f"--mode: {mode!r} is not one of {', '.join(MODES)}")
 
@@ -529,11 +596,24 @@ def sim_command(
         bool, typer.Option("--json", help="Print the summary as the last line.")
     ] = False,
     workers: Annotated[int, typer.Option(help="Live mode: processes to spread devices over.")] = 1,
+    role: Annotated[
+        str,
+        typer.Option(
+            help="Live mode: all, aggregator (devices run elsewhere) or devices (only "
+            "--device-range, against --broker)."
+        ),
+    ] = "all",
+    device_range: Annotated[
+        str | None,
+        typer.Option(help="Live --role devices: run devices A..B-1 of the fleet (A:B)."),
+    ] = None,
     malicious: Annotated[float, typer.Option(help="Fraction of attacking devices.")] = 0.0,
     attack: Annotated[str, typer.Option(help="scale | signflip | noise")] = "scale",
     attack_scale: Annotated[float, typer.Option(help="Attack factor s.")] = 20.0,
     robust: Annotated[str, typer.Option(help="none | trimmed_mean | median")] = "none",
-    norm_bound: Annotated[str, typer.Option(help="auto | off | MAX (static clip).")] = "auto",
+    norm_bound: Annotated[
+        str | None, typer.Option(help="auto | off | MAX (static clip). [auto; off with --dp]")
+    ] = None,
     epochs: Annotated[int, typer.Option(help="Local epochs.")] = 1,
     lr: Annotated[float, typer.Option(help="Local SGD learning rate.")] = 0.1,
     batch_size: Annotated[int, typer.Option(help="Local batch size.")] = 32,
@@ -555,14 +635,23 @@ def sim_command(
         typer.Option(help="FedBuff participation lease (s); default the p90 training time."),
     ] = None,
     normalisation: Annotated[
-        Normalisation,
+        Normalisation | None,
         typer.Option(
             help="FedBuff buffer: mean (weighted mean) or sum (divide by K, equal weights, as "
-            "in the FedBuff paper; stale buffers take smaller steps, stable with small K)."
+            "in the FedBuff paper; stale buffers take smaller steps, stable with small K). "
+            "[mean; sum with --dp]"
         ),
-    ] = _DEFAULT.normalisation,
+    ] = None,
     round_deadline: Annotated[float | None, typer.Option(help="FedAvg round deadline (s).")] = None,
     samples: Annotated[int | None, typer.Option(help="Dataset size (train + test).")] = None,
+    dp: Annotated[
+        str | None,
+        typer.Option(
+            "--dp",
+            help="Central differential privacy at the aggregator: central:z=1,C=1,eps=8 "
+            "(docs/PRIVACY.md). [off]",
+        ),
+    ] = None,
 ) -> None:
     """Simulate a fleet (virtual time or live MQTT) and report accuracy, time and traffic.
 
@@ -601,17 +690,34 @@ def sim_command(
             overselect=overselect,
             lease=lease,
         ),
+        dp=dp,
     )
     config = sim_config_from_options(options)
     mode = mode.strip().lower()
     algos = _parse_compare(compare)
+    if config.privacy is not None and Algorithm.FEDAVG in algos:
+        raise UsageError("--compare with --dp: differential privacy runs fedbuff only")
     _check_live_options(mode, devices, fleet, workers, broker)
+    roles = check_role(mode, role, device_range, (devices, workers), broker, algos, report)
     if report is not None:
         report = check.output_dir("--report", report)
     _require_packages(config.dataset, report=report is not None, feature="edgefl sim")
-    run = _SimRun(config, mode, algos, broker, fleet, workers, report, json_out)
+    run = _SimRun(config, mode, algos, broker, fleet, workers, report, json_out, roles)
     with SignalStop() as stop:
-        _run_and_report(run, stop)
+        if roles.role == "devices":
+            with ProgressReporter("edgefl sim", config.target) as reporter:
+                run_devices(
+                    config,
+                    roles=roles,
+                    broker=broker or "",
+                    fleet=fleet,
+                    workers=workers,
+                    json_out=json_out,
+                    reporter=reporter,
+                    stop=stop,
+                )
+        else:
+            _run_and_report(run, stop)
     if stop.requested:
         exit_now(0)  # all released; skip the interpreter's slow teardown (see interrupt.py)
 
@@ -645,6 +751,7 @@ class _SimRun:
     workers: int
     report: Path | None
     json_out: bool
+    roles: RoleOptions = field(default_factory=RoleOptions)
 
 
 def _run_and_report(run: _SimRun, stop: SignalStop) -> None:
@@ -664,6 +771,7 @@ def _run_and_report(run: _SimRun, stop: SignalStop) -> None:
                 workers=run.workers,
                 reporter=reporter,
                 stop=stop,
+                role=run.roles.role,
             )
             stop.check()  # a live run stopped by a signal returns early: report it below
         except StopRequested as exc:

@@ -31,7 +31,9 @@ the simulation's dataset), updates, staleness, bytes and rejections from ``stati
 The device side (snapshot source, trainer, device groups, the worker and broker processes) is
 :mod:`firmware_sim.live_devices`; this module runs the whole: :func:`_run_live_async` enters the
 broker, the running aggregator and the devices on one ``AsyncExitStack`` and polls until a
-limit or a signal.
+limit or a signal. ``LiveOptions.role`` splits a run over processes or hosts: ``aggregator``
+runs it without devices, :func:`run_live_devices` only the devices of ``device_range``
+(:mod:`firmware_sim.live_roles` is the command's side).
 """
 
 from __future__ import annotations
@@ -44,11 +46,13 @@ import shutil
 import signal
 import tempfile
 import time
+import typing
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import asdict, dataclass, field, replace
+from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from edgefl.aggregation import Algorithm
 from firmware_sim.interrupt import SignalStop, StopRequested
@@ -78,14 +82,25 @@ if TYPE_CHECKING:
 
 # SimSnapshotSource, SimTrainer and device_id live in firmware_sim.live_devices; re-exported
 __all__ = [
+    "DevicesResult",
     "LiveOptions",
     "LiveResult",
+    "LiveRole",
     "SimSnapshotSource",
     "SimTrainer",
     "device_id",
     "participation_for",
     "run_live",
+    "run_live_devices",
 ]
+
+
+class LiveRole(StrEnum):
+    """What one ``edgefl sim --mode live`` process runs (``--role``)."""
+
+    ALL = "all"  # broker (unless external), aggregator and every device
+    AGGREGATOR = "aggregator"  # broker (unless external) and aggregator; devices run elsewhere
+    DEVICES = "devices"  # only the devices of ``device_range``, against an external broker
 
 
 @dataclass(frozen=True)
@@ -93,7 +108,12 @@ class LiveOptions:
     """How to run live. ``broker_url`` None starts a private broker of ``broker_kind``:
     ``embedded`` (amqtt, MQTT 3.1.1, in a child process), ``mosquitto`` (a private Mosquitto
     with the dev config) or ``auto`` (Mosquitto when the binary is installed, else embedded:
-    amqtt manages only a few updates/s with 100 devices)."""
+    amqtt manages only a few updates/s with 100 devices).
+
+    ``role`` splits a run over processes or hosts (docs/SCALING.md): ``devices`` runs only the
+    devices ``device_range`` = ``(A, B)``, i.e. ``A .. B-1`` of the fleet the config and seed
+    define (``None``: all of them), against the aggregator of a ``role="aggregator"`` process
+    (or any ``edgefl aggregator`` with the same settings) on ``broker_url``."""
 
     broker_url: str | None = None
     broker_kind: str = "auto"
@@ -101,12 +121,23 @@ class LiveOptions:
     workers: int = 1
     time_scale: float = 0.05
     train_threads: int = 2
-    probe_interval_s: float = 1.0
+    probe_interval_s: float = 10.0  # a safety net: SimSnapshotSource wakes agents on changes
     poll_s: float = 0.5
-    connect_per_s: float = 250.0
+    connect_per_s: float = 250.0  # agents started per second, for the fleet (workers share it)
     state_dir: Path | None = None
     quiet: bool = True
     round_deadline_s: float | None = None  # FedAvg, wall seconds; default from the fleet
+    role: LiveRole = LiveRole.ALL
+    device_range: tuple[int, int] | None = None  # role devices: devices A .. B-1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "role", LiveRole(self.role))
+        if self.role is LiveRole.DEVICES and self.broker_url is None:
+            raise ValueError("role devices needs broker_url (the aggregator's broker)")
+        if self.device_range is not None:
+            a, b = self.device_range
+            if not 0 <= a < b:
+                raise ValueError(f"device_range must be A:B with 0 <= A < B, got {a}:{b}")
 
 
 @dataclass(frozen=True)
@@ -122,6 +153,13 @@ class LiveResult:
     updates_per_s: float
     agent_totals: dict[str, int] = field(default_factory=dict)
     interrupted: bool = False  # stopped early by SIGINT/SIGTERM (see ``run_live(stop=...)``)
+    # the fleet at scale (bench/fleet.py): when every device was first connected at once, the
+    # update rate from then on, the devices connected at the last poll, and the memory the
+    # agents added to their processes (RSS growth since the agents started)
+    all_connected_s: float | None = None
+    steady_updates_per_s: float | None = None
+    connected_at_end: int = 0
+    agents_rss_mb: float = 0.0
 
 
 # ----------------------------------------------------------------------------- the aggregator
@@ -141,6 +179,14 @@ def participation_for(cfg: SimConfig, opts: LiveOptions) -> ParticipationConfig:
         lease_s=max(MIN_LEASE_S, DEFAULT_LEASE_S * opts.time_scale),
         checkin_ttl_s=max(2 * MIN_LEASE_S, DEFAULT_CHECKIN_TTL_S * opts.time_scale),
     )
+
+
+def metrics_interval_for(devices: int) -> float:
+    """The live aggregator's METRICS period: 1 s for a small fleet, up to the service's default
+    5 s for thousands of agents. Each period also republishes the retained server state, which
+    every agent receives and decodes: with 2,000 agents in the simulator's processes one
+    publication is 2,000 deliveries there, so its rate is a per-agent cost."""
+    return min(5.0, max(1.0, devices / 400))
 
 
 def _aggregator_config(
@@ -184,12 +230,13 @@ def _aggregator_config(
         trim_beta=agg.trim_beta,
         round_deadline_s=deadline,
         min_fraction=agg.min_fraction,
+        privacy=agg.privacy,
         local_epochs=cfg.local.epochs,
         batch_size=cfg.local.batch_size,
         lr=cfg.local.lr,
         codec=cfg.codec_config(),
         eval_dataset=cfg.dataset,
-        metrics_interval_s=1.0,
+        metrics_interval_s=metrics_interval_for(cfg.devices),
         fsync=False,
         seed=cfg.seed,
         participation=participation_for(cfg, opts),
@@ -279,6 +326,12 @@ class _Run:
         """A shutdown step's time limit: ``fast`` once a signal asked to stop."""
         return fast if self.interrupted.is_set() else normal
 
+    def device_ids(self) -> list[int]:
+        """The devices this process runs: ``device_range`` (clipped to the fleet), else all."""
+        n = self.config.devices
+        a, b = self.options.device_range or (0, n)
+        return list(range(min(a, n), min(b, n)))
+
 
 @dataclass
 class _Ending:
@@ -286,6 +339,7 @@ class _Ending:
 
     wall_s: float = 0.0
     rss_mb: float = 0.0
+    agents_rss_mb: float = 0.0  # RSS the agents added to their processes
     totals: dict[str, int] = field(default_factory=dict)
 
     def add_rss_of(self, pid: int) -> None:
@@ -449,19 +503,21 @@ class _InProcessDevices:
     """All agents on this process's event loop (``workers`` 1)."""
 
     def __init__(self, run: _Run, url: str, record: RunRecord, t0: float) -> None:
-        devices = list(range(run.config.devices))
+        devices = run.device_ids()
         self._run = run
         self._record = record
+        self._rss_start = rss_mb()
         self._group = DeviceGroup(run.scenario, run.options, url, devices, run.root / "devices", t0)
         self._starter = asyncio.create_task(self._group.start())
 
     def poll(self) -> dict[str, int]:
-        states = self._group.states()
+        states = self._group.observe().states
         _record_events(self._record, self._group.shared.take_events())
         return states
 
     async def stop(self, ending: _Ending) -> None:
-        ending.totals = self._group.totals()
+        ending.totals = self._group.observe(0.0).totals
+        ending.agents_rss_mb = max(0.0, rss_mb() - self._rss_start)
         self._starter.cancel()
         await self._group.stop(self._run.bound(15.0, 0.5))
 
@@ -472,17 +528,19 @@ class _WorkerProcesses:
     def __init__(self, run: _Run, url: str, record: RunRecord) -> None:
         ctx = mp.get_context("spawn")
         workers = max(1, run.options.workers)
-        devices = list(range(run.config.devices))
+        devices = run.device_ids()
         self._run = run
         self._record = record
         self._stop = ctx.Event()
         self._reports: MpQueue[WorkerReport] = ctx.Queue()
         self._latest: dict[int, WorkerReport] = {}  # pid -> its last report
         self._procs: list[BaseProcess] = []
+        # the fleet's connect rate, shared by the workers (a connect storm is fleet-wide)
+        per_worker = replace(run.options, connect_per_s=run.options.connect_per_s / workers)
         for w in range(workers):
             args = (
                 run.config,
-                run.options,
+                per_worker,
                 url,
                 devices[w::workers],
                 str(run.root / f"devices-{w}"),
@@ -513,6 +571,9 @@ class _WorkerProcesses:
     async def stop(self, ending: _Ending) -> None:
         self._drain()
         ending.rss_mb += sum(r.rss_mb for r in self._latest.values())
+        ending.agents_rss_mb = sum(
+            max(0.0, r.rss_mb - r.rss_start_mb) for r in self._latest.values()
+        )
         ending.totals = self._sum(lambda r: r.totals)
         self._stop.set()
         deadline = time.monotonic() + self._run.bound(20.0, 0.7)
@@ -528,10 +589,11 @@ async def _devices(
     """Start the devices (none when a signal already arrived); stop them on exit."""
     devices: _Devices
     workers = max(1, run.options.workers)
-    if run.interrupted.is_set():
+    if run.interrupted.is_set() or run.options.role is LiveRole.AGGREGATOR:
         devices = _NoDevices()
     else:
-        run.hooks.phase(f"starting {run.config.devices} devices in {workers} process(es); training")
+        n = len(run.device_ids())
+        run.hooks.phase(f"starting {n} devices in {workers} process(es); training")
         if workers == 1:
             devices = _InProcessDevices(run, url, record, t0)
         else:
@@ -562,6 +624,8 @@ class _PollLoop:
         self._t0 = t0
         self._progress = progress
         self.peak_connected = 0
+        self.connected = 0  # at the last poll
+        self.all_connected: tuple[float, int] | None = None  # (t, updates received) when first
         self._reached = False
 
     async def until_done(self) -> None:
@@ -580,6 +644,9 @@ class _PollLoop:
         record.device_states(t, states)
         connected = sum(v for k, v in states.items() if k != "offline")
         self.peak_connected = max(self.peak_connected, connected)
+        self.connected = connected
+        if self.all_connected is None and connected >= self._run.config.devices:
+            self.all_connected = (t, self._poller.received)
         accuracy = record.evals().accuracy
         acc = float(accuracy[-1]) if len(accuracy) else None
         cfg = self._run.config
@@ -594,11 +661,14 @@ class _PollLoop:
 
     def _report(self, t: float, acc: float | None, connected: int) -> None:
         received = self._poller.received
+        online = f"devices online {connected}"
+        if self._run.options.role is LiveRole.AGGREGATOR:
+            online = "devices elsewhere"
         if self._progress is not None:
             self._progress(
                 f"live {self._run.config.algorithm.value}: {t:5.1f}s  "
                 f"v{self._aggregator.service.statistics().version}  "
-                f"acc {100 * (acc or 0.0):.1f}%  updates {received:,}  devices online {connected}"
+                f"acc {100 * (acc or 0.0):.1f}%  updates {received:,}  {online}"
             )
         if self._run.hooks.on_sample is not None:
             self._run.hooks.on_sample(
@@ -607,7 +677,7 @@ class _PollLoop:
                     accuracy=acc,
                     updates=received,
                     version=self._aggregator.service.statistics().version,
-                    detail=f"online {connected}",
+                    detail=online.removeprefix("devices "),
                 )
             )
 
@@ -668,7 +738,7 @@ async def _run_live_async(
 
         watch = _PollLoop(run, aggregator, devices, poller, t0, progress)
         await watch.until_done()
-    return _result(run, record, aggregator.service, poller, watch.peak_connected, ending)
+    return _result(run, record, aggregator.service, poller, watch, ending)
 
 
 def _result(
@@ -676,7 +746,7 @@ def _result(
     record: RunRecord,
     aggregator: Aggregator,
     poller: _Poller,
-    peak_connected: int,
+    watch: _PollLoop,
     ending: _Ending,
 ) -> LiveResult:
     """Close the record and sum up the run."""
@@ -688,16 +758,24 @@ def _result(
         final_accuracy=float(ev.accuracy[-1]) if len(ev.accuracy) else None,
     )
     devices = run.config.devices
+    steady = None
+    if watch.all_connected is not None and wall > watch.all_connected[0]:
+        t_all, received_then = watch.all_connected
+        steady = (poller.received - received_then) / (wall - t_all)
     return LiveResult(
         record=record,
         wall_s=wall,
         devices_started=devices,
-        peak_connected=peak_connected,
+        peak_connected=watch.peak_connected,
         rss_mb=ending.rss_mb,
         rss_mb_per_device=ending.rss_mb / max(1, devices),
         updates_per_s=poller.received / wall if wall > 0 else 0.0,
         agent_totals=ending.totals,
         interrupted=run.interrupted.is_set(),
+        all_connected_s=None if watch.all_connected is None else watch.all_connected[0],
+        steady_updates_per_s=steady,
+        connected_at_end=watch.connected,
+        agents_rss_mb=ending.agents_rss_mb,
     )
 
 
@@ -759,9 +837,28 @@ def run_live(
     ``interrupted`` set; a signal while the private broker starts raises
     :class:`~firmware_sim.interrupt.StopRequested` once it is stopped again."""
     opts = options or LiveOptions()
+    if opts.role is LiveRole.DEVICES:
+        raise ValueError("role devices runs with run_live_devices")
+    hooks = _Hooks(on_phase=on_phase, on_sample=on_sample, stop=stop)
+    return _in_state_dir(
+        opts,
+        stop,
+        lambda root: _run_live_async(
+            config, opts, scenario or build_scenario(config), root, progress, on_broker, hooks
+        ),
+    )
+
+
+_T = TypeVar("_T")
+
+
+def _in_state_dir(
+    opts: LiveOptions, stop: SignalStop | None, main: Callable[[Path], Coroutine[None, None, _T]]
+) -> _T:
+    """Run ``main(state_dir)`` on a new event loop: ``opts.state_dir``, else a temporary
+    directory removed afterwards; quiet logs, torch imported first, ``stop`` unrouted after."""
     if opts.quiet:
         quiet_logs()
-    sc = scenario or build_scenario(config)
     # The aggregator's evaluator thread needs torch; imported there, the import (seconds on a
     # loaded 2-core machine) would hold up a stop, which joins that thread. Import it here.
     import torch  # noqa: F401
@@ -769,10 +866,100 @@ def run_live(
     own_root = opts.state_dir is None
     root = Path(tempfile.mkdtemp(prefix="edgefl-live-")) if own_root else Path(opts.state_dir)  # type: ignore[arg-type]
     try:
-        hooks = _Hooks(on_phase=on_phase, on_sample=on_sample, stop=stop)
-        return asyncio.run(_run_live_async(config, opts, sc, root, progress, on_broker, hooks))
+        return asyncio.run(main(root))
     finally:
         if stop is not None:
             stop.route(None)
         if own_root:
             shutil.rmtree(root, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- role devices
+
+
+@dataclass(frozen=True)
+class DevicesResult:
+    """A finished ``role="devices"`` process (:func:`run_live_devices`)."""
+
+    device_range: tuple[int, int]  # devices A .. B-1 of the fleet
+    wall_s: float
+    peak_connected: int
+    states: dict[str, int]  # device-state counts at the last poll (``offline``: not connected)
+    agent_totals: dict[str, int]  # ``receipted``: updates the aggregator reported committed
+    dropouts: int
+    crashes: int
+    rss_mb: float  # this process and its workers, at the end
+    interrupted: bool = False  # stopped by SIGINT/SIGTERM (the usual end of such a process)
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready (``edgefl sim --role devices --json``)."""
+        out = asdict(self)
+        out["role"] = LiveRole.DEVICES.value
+        out["device_range"] = list(self.device_range)
+        return out
+
+
+def run_live_devices(
+    config: SimConfig,
+    options: LiveOptions,
+    *,
+    scenario: Scenario | None = None,
+    progress: Callable[[str], None] | None = None,
+    on_phase: Callable[[str], None] | None = None,
+    stop: SignalStop | None = None,
+) -> DevicesResult:
+    """Run only the devices ``options.device_range`` of the fleet ``config`` defines (same
+    profiles, data slices and seeds as in a whole run) against the aggregator on
+    ``options.broker_url``, until ``config.max_wall_s`` or SIGINT/SIGTERM (``stop``). Each
+    such process keeps its own simulated clock (from its start): availability models are not
+    aligned across processes (the ``lab`` profile is always available)."""
+    if options.role is not LiveRole.DEVICES or options.broker_url is None:
+        raise ValueError("run_live_devices needs role devices and a broker_url")
+    hooks = _Hooks(on_phase=on_phase, stop=stop)
+    sc = scenario or build_scenario(config)
+    return _in_state_dir(
+        options, stop, lambda root: _run_devices_async(config, options, sc, root, progress, hooks)
+    )
+
+
+async def _run_devices_async(
+    config: SimConfig,
+    options: LiveOptions,
+    scenario: Scenario,
+    root: Path,
+    progress: Callable[[str], None] | None,
+    hooks: _Hooks,
+) -> DevicesResult:
+    run = _Run(config, options, scenario, root, hooks, _interrupt_flag(hooks))
+    ids = run.device_ids()
+    ending, record = _Ending(), _new_record(config, options)
+    t0 = time.monotonic()
+    peak, states = 0, {}
+    url = typing.cast(str, options.broker_url)
+    async with _devices(run, url, record, t0, ending) as devices:
+        limit = config.max_wall_s if config.max_wall_s is not None else math.inf
+        while not run.interrupted.is_set():
+            await _first_of(run.interrupted, wait_s=options.poll_s)
+            t = time.monotonic() - t0
+            states = devices.poll()
+            connected = sum(v for k, v in states.items() if k != "offline")
+            peak = max(peak, connected)
+            if progress is not None:
+                progress(f"live devices {ids[0]}:{ids[-1] + 1}: {t:5.1f}s  online {connected}")
+            if t >= limit:
+                break
+        hooks.phase("stopping" + (f" ({hooks.signal_name()})" if run.interrupted.is_set() else ""))
+        ending.wall_s = time.monotonic() - t0
+        ending.rss_mb = rss_mb()
+    summary = record.summary(config.target)
+    return DevicesResult(
+        device_range=(ids[0], ids[-1] + 1) if ids else (0, 0),
+        wall_s=ending.wall_s,
+        peak_connected=peak,
+        states=states,
+        agent_totals=ending.totals,
+        dropouts=summary["dropouts"],
+        crashes=summary["crashes"],
+        rss_mb=ending.rss_mb,
+        interrupted=run.interrupted.is_set(),
+    )

@@ -23,6 +23,8 @@ def test_main_registers_the_subcommands_once() -> None:
     assert len(names) == len(set(names))
 
 
+ROLE_DEVICES = ["--mode", "live", "--role", "devices", "--broker", "mqtt://127.0.0.1:1"]
+
 # (argv after the command, option named in the message, words the message must contain)
 SIM_CASES: list[tuple[list[str], str, list[str]]] = [
     (["--devices", "0"], "--devices", [">= 1"]),
@@ -78,6 +80,26 @@ SIM_CASES: list[tuple[list[str], str, list[str]]] = [
     (["--overselect", "0.9"], "--overselect", ["[1, inf)"]),
     (["--server-momentum", "1"], "--server-momentum", ["[0, 1)"]),
     (["--lease", "0"], "--lease", ["(0, inf)"]),
+    (["--dp", "central:z=1,foo=2"], "--dp", ["foo=2", "central:z=Z,C=C"]),
+    (["--dp", "bogus"], "--dp", ["central", "local", "off"]),
+    (["--dp", "central:z=0.1,C=1,eps=0.1"], "--dp", ["raise the noise multiplier"]),
+    (["--dp", "local:gaussian,eps=8,C=1"], "--dp", ["local DP", "central:"]),
+    (["--mode", "live", "--dp", "local:laplace,eps=2,C=1"], "--dp", ["local DP"]),
+    (["--dp", "central:z=1,C=1", "--algorithm", "fedavg"], "--algorithm", ["fedbuff"]),
+    (["--dp", "central:z=1,C=1", "--normalisation", "mean"], "--normalisation", ["sum"]),
+    (["--dp", "central:z=1,C=1", "--norm-bound", "auto"], "--norm-bound", ["static MAX"]),
+    (["--dp", "central:z=1,C=1", "--robust", "median"], "--robust", ["none"]),
+    (["--dp", "central:z=1,C=1", "--compare", "fedbuff,fedavg"], "--compare", ["fedbuff"]),
+    (["--mode", "live", "--role", "boss"], "--role", ["all", "aggregator", "devices"]),
+    (["--role", "devices"], "--role", ["--mode live"]),
+    (["--mode", "live", "--role", "devices"], "--role", ["--broker"]),
+    (["--mode", "live", "--device-range", "0:5"], "--device-range", ["--role devices"]),
+    (["--mode", "live", "--role", "aggregator", "--compare", "fedbuff,fedavg"], "--compare", []),
+    ([*ROLE_DEVICES, "--device-range", "5:3"], "--device-range", ["A:B", "(100)"]),
+    ([*ROLE_DEVICES, "--device-range", "0:x"], "--device-range", ["A:B"]),
+    ([*ROLE_DEVICES, "--device-range", "90:101"], "--device-range", ["A:B"]),
+    ([*ROLE_DEVICES, "--device-range", "0:2", "--workers", "3"], "--workers", ["(2)"]),
+    (ROLE_DEVICES, "--report", ["--role all or aggregator"]),
 ]
 
 DEMO_CASES: list[tuple[list[str], str, list[str]]] = [
