@@ -112,6 +112,18 @@ _INFLATE_OFFLOAD_BYTES = 256 * 1024  # smaller bodies are decompressed on the lo
 _COMMITS_IN_FLIGHT = 2  # prepared batches waiting for their commit (each holds its payloads)
 _SLICE_S = 0.01  # longest stretch of batch validation before yielding to the event loop
 _STATE_EVERY_S = 1.0  # the retained server state is republished at most this often for leases
+_STATE_FANOUT_PER_S = 200.0  # ... and at most ~this many deliveries a second across the fleet
+_STATE_EVERY_MAX_S = 30.0
+
+
+def state_interval_s(audience: int) -> float:
+    """Seconds between republications of the retained server state for a participation count
+    change, with ``audience`` devices known (checked in or leased): every device receives and
+    decodes each copy, so the fleet-wide cost is ``audience / interval`` decodes a second. One
+    second for fleets up to 200 devices, then ``audience / 200`` (2,000 devices: 10 s), at most
+    30 s. The counts are informational (monitors; devices read only the configuration, which
+    is published at once with every new version)."""
+    return min(_STATE_EVERY_MAX_S, max(_STATE_EVERY_S, audience / _STATE_FANOUT_PER_S))
 _CHECKIN_LEAF = "/" + CheckInTopic.leaf
 _STATE_LEAF = "/" + DeviceStateTopic.leaf
 
@@ -768,11 +780,13 @@ class Aggregator:
 
     async def _participation_state(self, publisher: Publisher, desk: LeaseDesk) -> None:
         """The participation state task: republish the retained server state when its
-        in-flight or candidate count is out of date, at most every ``_STATE_EVERY_S``."""
+        in-flight or candidate count is out of date, at most every :func:`state_interval_s`."""
         while True:
             await self._state_wanted.wait()
             self._state_wanted.clear()
-            await asyncio.sleep(max(0.0, self._state_at + _STATE_EVERY_S - time.monotonic()))
+            p = desk.participation()
+            every = state_interval_s(p.in_flight + p.candidates)
+            await asyncio.sleep(max(0.0, self._state_at + every - time.monotonic()))
             if self._state_stale(desk):
                 try:
                     await publisher.publish_state(ServerStatus.ONLINE)

@@ -567,3 +567,14 @@ def test_an_update_spooled_before_the_device_died_is_accepted_after_its_lease_wa
                 assert dict(participation(h).verdicts) == {"late": 1, "no_lease": 1, "valid": 1}
 
     run(body)
+
+
+@pytest.mark.parametrize(
+    ("audience", "seconds"), [(0, 1.0), (200, 1.0), (400, 2.0), (2_000, 10.0), (1_000_000, 30.0)]
+)
+def test_the_participation_state_is_republished_less_often_for_big_fleets(
+    audience: int, seconds: float
+) -> None:
+    from edgefl.aggregator.service import state_interval_s
+
+    assert state_interval_s(audience) == seconds
