@@ -124,6 +124,8 @@ def state_interval_s(audience: int) -> float:
     30 s. The counts are informational (monitors; devices read only the configuration, which
     is published at once with every new version)."""
     return min(_STATE_EVERY_MAX_S, max(_STATE_EVERY_S, audience / _STATE_FANOUT_PER_S))
+
+
 _CHECKIN_LEAF = "/" + CheckInTopic.leaf
 _STATE_LEAF = "/" + DeviceStateTopic.leaf
 
