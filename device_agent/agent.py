@@ -61,6 +61,7 @@ from device_agent.participation import (
     ParticipationStatistics,
     verified,
 )
+from device_agent.partition import PartitionRouter
 from device_agent.receipts import DeliveryTracker, ReceiptPolicy, Settlement
 from device_agent.snapshots import ProbeSnapshotSource, SnapshotSource
 from device_agent.spool import SpoolCorrupt, SpoolFull
@@ -107,7 +108,6 @@ from edgefl.protocol.topics import (
     parse_topic,
     receipt_topic,
     server_state_topic,
-    update_topic,
 )
 from edgefl.sdnotify import keepalive, watchdog_period
 from edgefl.transport import (
@@ -324,6 +324,7 @@ class DeviceAgent:
             DeliveryTracker(ReceiptPolicy(spool_cfg.receipt_timeout_s, spool_cfg.resend_max_s)),
             clock,
         )
+        self._partitions = PartitionRouter(config.fleet, config.device_id)  # protocol 1.3
         self._leases = LeaseClient(
             config.fleet,
             config.device_id,
@@ -683,6 +684,7 @@ class DeviceAgent:
         # connection would otherwise never come, and the device would wait for ever).
         self._fetch = None
         await transport.subscribe(manifest_topic(self._fleet), qos=0)
+        await transport.subscribe(self._partitions.assignment_topic, qos=0)  # retained, 1.3
         async for message in transport.messages():
             await self._handle(transport, message)
 
@@ -691,6 +693,9 @@ class DeviceAgent:
         log.warning("%s: rejected: %s: %s", self._device, reason.value, detail)
 
     async def _handle(self, transport: Transport, message: InboundMessage) -> None:
+        if self._partitions.handles(message.topic):  # a sharded tree's assignment (1.3)
+            self._partitions.on_message(message.payload, reject=self._reject)
+            return
         if not message.payload:
             return  # a cleared retained message
         try:
@@ -824,7 +829,7 @@ class DeviceAgent:
                     continue
                 except KeyError:
                     continue  # settled by a receipt meanwhile
-                topic = update_topic(self._fleet, self._device, seq)
+                topic = self._partitions.update_topic(seq)  # one topic for all its chunks
                 attempts = tracker.attempts(seq) + 1
                 for packet in packetize(payload, max_packet=max_packet):
                     await transport.publish(topic, packet, qos=1)
