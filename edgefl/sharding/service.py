@@ -126,7 +126,9 @@ class RootService:
         """The committed root and assignment, or a fresh root at version 0 with zero weights and
         the initial HRW assignment of ``partitions`` over ``shards``."""
         if path.exists():
-            committed: _Committed = pickle.loads(path.read_bytes())  # our own file, never received
+            committed = pickle.loads(path.read_bytes())  # our own file, never received
+            if not isinstance(committed, _Committed):  # a file from before the assignment
+                committed = _Committed(committed, Assignment.initial(partitions, shards).to_json())
             root = RootBuffer.restore(config, committed.root, partitions=partitions)
             assignment = Assignment.from_json(committed.assignment)
             if assignment.partitions == partitions:

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 from waiting import eventually
 
@@ -19,6 +21,7 @@ from edgefl.protocol.topics import (
     shards_topic,
 )
 from edgefl.sharding.assignment import Assignment
+from edgefl.sharding.root import RootBuffer
 from edgefl.sharding.service import RootService, fedbuff_config
 from edgefl.transport import MemoryBroker, MemoryTransport
 
@@ -107,3 +110,18 @@ async def test_the_root_publishes_the_assignment_and_follows_take_overs(tmp_path
     await eventually(lambda: _retained(broker) is not None, what="the restarted root's")
     assert _retained(broker) == moved
     await _stop(task, transport)
+
+
+def test_a_state_file_from_before_the_assignment_loads_with_the_initial_one(
+    tmp_path: Path,
+) -> None:
+    config = fedbuff_config(10)
+    old, state = RootBuffer(config, np.ones(8, np.float32), partitions=P), tmp_path / "old.state"
+    old.take_over(1, 2)
+    state.write_bytes(pickle.dumps(old.snapshot()))  # the format before the assignment was kept
+
+    root, assignment = RootService.load(config, state, partitions=P, params=8, shards=["a", "b"])
+
+    assert root.epochs == old.epochs
+    np.testing.assert_array_equal(root.weights, old.weights)
+    assert assignment == Assignment.initial(P, ["a", "b"])
