@@ -63,6 +63,7 @@ from device_agent.participation import (
     ParticipationStatistics,
     verified,
 )
+from device_agent.partition import PartitionRouter
 from device_agent.receipts import DeliveryTracker, ReceiptPolicy, Settlement
 from device_agent.secagg import SecAggUplink, is_pair, pair_packets
 from device_agent.snapshots import ProbeSnapshotSource, SnapshotSource
@@ -110,7 +111,6 @@ from edgefl.protocol.topics import (
     parse_topic,
     receipt_topic,
     server_state_topic,
-    update_topic,
 )
 from edgefl.sdnotify import keepalive, watchdog_period
 from edgefl.transport import (
@@ -340,6 +340,7 @@ class DeviceAgent:
             DeliveryTracker(ReceiptPolicy(spool_cfg.receipt_timeout_s, spool_cfg.resend_max_s)),
             clock,
         )
+        self._partitions = PartitionRouter(config.fleet, config.device_id)  # protocol 1.3
         self._leases = LeaseClient(
             config.fleet,
             config.device_id,
@@ -714,6 +715,7 @@ class DeviceAgent:
         # connection would otherwise never come, and the device would wait for ever).
         self._fetch = None
         await transport.subscribe(manifest_topic(self._fleet), qos=0)
+        await transport.subscribe(self._partitions.assignment_topic, qos=0)  # retained, 1.3
         async for message in transport.messages():
             await self._handle(transport, message)
 
@@ -722,6 +724,9 @@ class DeviceAgent:
         log.warning("%s: rejected: %s: %s", self._device, reason.value, detail)
 
     async def _handle(self, transport: Transport, message: InboundMessage) -> None:
+        if self._partitions.handles(message.topic):  # a sharded tree's assignment (1.3)
+            self._partitions.on_message(message.payload, reject=self._reject)
+            return
         if not message.payload:
             return  # a cleared retained message
         try:
@@ -865,10 +870,12 @@ class DeviceAgent:
 
     def _packets(self, seq: int, payload: bytes, max_packet: int) -> list[tuple[str, bytes]]:
         """The publications of spooled update ``seq``: its UPDATE packets, or the two share
-        envelopes of secure aggregation (:mod:`device_agent.secagg`)."""
+        envelopes of secure aggregation (:mod:`device_agent.secagg`). Every UPDATE packet of
+        one send goes to one topic: the device's partition's when a sharded tree announced
+        one (:mod:`device_agent.partition`), else the plain one."""
         if is_pair(payload):
             return pair_packets(self._fleet, self._device, seq, payload)
-        topic = update_topic(self._fleet, self._device, seq)
+        topic = self._partitions.update_topic(seq)  # one topic for all its chunks
         return [(topic, packet) for packet in packetize(payload, max_packet=max_packet)]
 
     async def _delivered(self, seq: int, attempts: int, size: int) -> None:

@@ -13,6 +13,9 @@ The monitor sees everything under ``edgefl/v1/<fleet>/#`` plus, optionally, ``$S
   chunk header); the codec body is never opened.
 * ``ModelChunkSeen`` — one retained ``MODEL_CHUNK`` packet.
 * ``ReceiptSeen`` — a ``RECEIPT`` the aggregator published for a device (protocol 1.1).
+* ``TreeSeen`` — traffic of a sharded tree under ``shards/`` (assignment, partials, controls,
+  the root's status; protocol revision 1.3, §11): JSON and ``EDFP`` bytes between the root and
+  its shards, not envelopes, so never counted as a rejection; its size only.
 * ``Cleared`` — a zero-length payload: the deletion of a retained message (never ``TRUNCATED``).
 * ``BrokerStat`` — a ``$SYS/...`` value as text (at most 256 characters kept).
 * ``Undecodable`` — anything else, with the ``RejectReason`` a receiver would count.
@@ -50,9 +53,11 @@ from edgefl.protocol.topics import (
     ModelChunkTopic,
     ModelManifestTopic,
     ParsedTopic,
+    PartitionControlTopic,
     ReceiptTopic,
     ServerMetricsTopic,
     ServerStateTopic,
+    ShardsTopic,
     UpdateTopic,
     parse_topic,
 )
@@ -70,6 +75,7 @@ __all__ = [
     "ReceiptSeen",
     "ServerStateSeen",
     "StateEncoding",
+    "TreeSeen",
     "Undecodable",
     "UpdateSeen",
     "decode_inbound",
@@ -143,6 +149,14 @@ class Cleared:
 
 
 @dataclass(frozen=True)
+class TreeSeen:
+    """One message of a sharded tree (``shards/...``, revision 1.3): ``topic`` and its size."""
+
+    topic: ShardsTopic | PartitionControlTopic
+    size: int
+
+
+@dataclass(frozen=True)
 class BrokerStat:
     """One ``$SYS`` value, e.g. ``name="broker/clients/connected"``, ``value="3"``."""
 
@@ -164,6 +178,7 @@ Observation = (
     | UpdateSeen
     | ModelChunkSeen
     | ReceiptSeen
+    | TreeSeen
     | Cleared
     | BrokerStat
     | Undecodable
@@ -178,6 +193,7 @@ _KIND_NAMES: Final[dict[type, str]] = {
     ServerStateSeen: "server_state",
     MetricsSeen: "metrics",
     ReceiptSeen: "receipt",
+    TreeSeen: "shards",
     Cleared: "cleared",
     BrokerStat: "sys",
     Undecodable: "undecodable",
@@ -225,6 +241,8 @@ def _looks_like_json(payload: bytes) -> bool:
 
 
 def _decode_edgefl(topic: ParsedTopic, payload: bytes, now: float) -> Observation:
+    if isinstance(topic, ShardsTopic | PartitionControlTopic):
+        return TreeSeen(topic, len(payload))  # the tree's own JSON / EDFP, not an envelope
     if not payload:
         return Cleared(topic)
     if isinstance(topic, DeviceStateTopic) and _looks_like_json(payload[:64]):

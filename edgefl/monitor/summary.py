@@ -24,6 +24,7 @@ from .decode import (
     ReceiptSeen,
     ServerStateSeen,
     StateEncoding,
+    TreeSeen,
     Undecodable,
     UpdateSeen,
     observation_kind,
@@ -79,21 +80,8 @@ def summarize(obs: Observation, payload: bytes) -> str:
             )
         case UpdateSeen():
             text = _update_text(obs, payload)
-        case ServerStateSeen(state=s):
-            rejected = sum(s.rejected.values())
-            features = f" features={','.join(s.features)}" if s.features else ""
-            p = s.participation
-            leases = "" if p is None else f" leases={p.in_flight}/{p.concurrency}"
-            leases += "" if p is None else f" candidates={p.candidates}"
-            dp, privacy = s.privacy, ""
-            if dp is not None:
-                privacy = f" ε={dp.epsilon:.3g}@δ={dp.delta:g}"
-                privacy += f" dp_max={dp.participation_max}/{dp.participation_cap}"
-            text = (
-                f"server_state {s.status.value} session={s.session} v{s.version}"
-                f" buffer {s.buffer_fill}/{s.buffer_size} applied={s.applied} rejected={rejected}"
-                f"{features}{leases}{privacy}"
-            )
+        case ServerStateSeen():
+            text = _server_state_text(obs)
         case ReceiptSeen(receipt=r):
             committed = ",".join(f"{lo}" if lo == hi else f"{lo}-{hi}" for lo, hi in r.committed)
             rejected_seqs = ",".join(f"{seq}:{why}" for seq, why in sorted(r.rejected.items()))
@@ -107,6 +95,8 @@ def summarize(obs: Observation, payload: bytes) -> str:
                 f" {m.updates_per_s:.1f} upd/s {human_bytes(m.bytes_per_s)}/s"
                 f" applied={m.applied} rejected={sum(m.rejected.values())}{_fmt_acc(m.accuracy)}"
             )
+        case TreeSeen(topic=t, size=size):
+            text = f"shards {t.topic.split('/shards/', 1)[1]} {human_bytes(size)}"
         case Cleared(topic=t):
             text = f"cleared retained {t.kind.value}"
         case BrokerStat(value=value):
@@ -117,6 +107,24 @@ def summarize(obs: Observation, payload: bytes) -> str:
                 f" {_hex_prefix(payload)}"
             )
     return _short(text, MAX_SUMMARY)
+
+
+def _server_state_text(obs: ServerStateSeen) -> str:
+    s = obs.state
+    rejected = sum(s.rejected.values())
+    features = f" features={','.join(s.features)}" if s.features else ""
+    p = s.participation
+    leases = "" if p is None else f" leases={p.in_flight}/{p.concurrency}"
+    leases += "" if p is None else f" candidates={p.candidates}"
+    dp, privacy = s.privacy, ""
+    if dp is not None:
+        privacy = f" ε={dp.epsilon:.3g}@δ={dp.delta:g}"
+        privacy += f" dp_max={dp.participation_max}/{dp.participation_cap}"
+    return (
+        f"server_state {s.status.value} session={s.session} v{s.version}"
+        f" buffer {s.buffer_fill}/{s.buffer_size} applied={s.applied} rejected={rejected}"
+        f"{features}{leases}{privacy}"
+    )
 
 
 def _device_state_text(obs: DeviceStateSeen) -> str:

@@ -90,6 +90,22 @@ class Assignment:
         )
         return Assignment(self.partitions, epoch, owners, epochs)
 
+    def taken_over(self, partition: int, shard: str, owner_epoch: int) -> Assignment:
+        """The assignment after the root granted ``partition`` to ``shard`` at ``owner_epoch``
+        (a take-over: the record of who owns what follows the grants); ``self`` if that is
+        already so. A change bumps ``epoch`` to ``max(epoch + 1, owner_epoch)``, so every owner
+        epoch stays within ``[0, epoch]``."""
+        if not 0 <= partition < self.partitions:
+            raise ValueError(f"partition {partition} is not below {self.partitions}")
+        validate_name(shard, "shard id")
+        if self.owners[partition] == shard and self.owner_epochs[partition] == owner_epoch:
+            return self
+        epoch = max(self.epoch + 1, owner_epoch)
+        owners = list(self.owners)
+        epochs = list(self.owner_epochs)
+        owners[partition], epochs[partition] = shard, owner_epoch
+        return Assignment(self.partitions, epoch, tuple(owners), tuple(epochs))
+
     def to_json(self) -> bytes:
         """The retained message: canonical JSON."""
         body = {

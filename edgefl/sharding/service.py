@@ -17,6 +17,12 @@ docs/PROTOCOL.md §11), under ``edgefl/v1/<fleet>/``:
     shards/part/<k>/progress   worker -> anyone {"shard", "epoch", "open"}  QoS 0, --progress
     shards/root/status         root -> anyone   {"version", "buffer_fill", "epochs",
                                                  "verdicts", "weights", "last_step"}   retained
+    shards/assignment          root -> devices, shards   Assignment.to_json()    retained, QoS 1
+
+The root publishes the assignment (P, owners, owner epochs) retained when it starts and after
+every granted take-over that moves a partition (the ``"shard"`` of the take-over becomes the
+partition's owner): 1.3 devices read P from it and publish to their partition
+(``device_agent/partition.py``). Its initial owners are the HRW assignment over ``--shards``.
 
 Each partition worker owns the MQTT session ``edgefl-<fleet>-part-<k>`` (persistent, manual
 acks): device updates stay unacknowledged until the root confirmed the partial covering them
@@ -62,6 +68,7 @@ from edgefl.protocol.topics import (
     shards_topic,
     updates_filter,
 )
+from edgefl.sharding.assignment import Assignment
 from edgefl.sharding.partial import PartialId, PartialSum, ShardAccumulator
 from edgefl.sharding.partitions import check_owner
 from edgefl.sharding.root import PartialVerdict, RootBuffer, RootState
@@ -88,27 +95,52 @@ def _control_of(topic: str, fleet: str) -> PartitionControl | None:
 
 
 # ---------------------------------------------------------------------------- root
-class RootService:
-    """Applies partials, grants take-overs, steps at K; state committed to ``state_path``."""
+@dataclass(frozen=True)
+class _Committed:
+    """The root's state file: its buffer and the assignment it published (one atomic file)."""
 
-    def __init__(self, transport: Transport, root: RootBuffer, fleet: str, state_path: Path):
+    root: RootState
+    assignment: bytes  # Assignment.to_json()
+
+
+class RootService:
+    """Applies partials, grants take-overs, steps at K, publishes the assignment; state committed
+    to ``state_path``."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        root: RootBuffer,
+        fleet: str,
+        state_path: Path,
+        assignment: Assignment,
+    ) -> None:
         self._t, self._root, self._fleet, self._path = transport, root, fleet, state_path
+        self._assignment = assignment
         self._last_step: dict[str, Any] | None = None
 
     @staticmethod
-    def load(config: FedBuffConfig, path: Path, *, partitions: int, params: int) -> RootBuffer:
-        """The committed root, or a fresh one at version 0 with zero weights."""
+    def load(
+        config: FedBuffConfig, path: Path, *, partitions: int, params: int, shards: Sequence[str]
+    ) -> tuple[RootBuffer, Assignment]:
+        """The committed root and assignment, or a fresh root at version 0 with zero weights and
+        the initial HRW assignment of ``partitions`` over ``shards``."""
         if path.exists():
-            state: RootState = pickle.loads(
-                path.read_bytes()
-            )  # the root's own file, never received
-            return RootBuffer.restore(config, state, partitions=partitions)
-        return RootBuffer(config, np.zeros(params, np.float32), partitions=partitions)
+            committed = pickle.loads(path.read_bytes())  # our own file, never received
+            if not isinstance(committed, _Committed):  # a file from before the assignment
+                committed = _Committed(committed, Assignment.initial(partitions, shards).to_json())
+            root = RootBuffer.restore(config, committed.root, partitions=partitions)
+            assignment = Assignment.from_json(committed.assignment)
+            if assignment.partitions == partitions:
+                return root, assignment
+            return root, Assignment.initial(partitions, shards)  # P changed by the operator
+        fresh = RootBuffer(config, np.zeros(params, np.float32), partitions=partitions)
+        return fresh, Assignment.initial(partitions, shards)
 
     def _commit(self) -> None:
         tmp = self._path.with_suffix(".tmp")
         with tmp.open("wb") as f:
-            f.write(pickle.dumps(self._root.snapshot()))
+            f.write(pickle.dumps(_Committed(self._root.snapshot(), self._assignment.to_json())))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self._path)
@@ -117,6 +149,7 @@ class RootService:
         messages = self._t.messages()
         await self._t.subscribe(shards_topic(self._fleet, ShardsLeaf.PARTIAL), qos=1)
         await self._t.subscribe(partition_control_filter(self._fleet, PartitionControl.TAKEOVER))
+        await self._publish_assignment()
         await self._publish_status()
         async for message in messages:
             match parse_topic(message.topic, expected_fleet=self._fleet):
@@ -127,9 +160,15 @@ class RootService:
             await self._t.ack(message)
 
     async def _on_takeover(self, k: int, message: InboundMessage) -> None:
-        epoch = int(json.loads(message.payload)["epoch"])
+        request = json.loads(message.payload)
+        epoch = int(request["epoch"])
+        moved = False
         try:
             marks = self._root.take_over(k, epoch)
+            if "shard" in request:  # the owner's name (older shards do not send it)
+                before = self._assignment
+                self._assignment = before.taken_over(k, str(request["shard"]), epoch)
+                moved = self._assignment is not before
             self._commit()
             windows = {d: w.to_json() for d, w in marks.items()}
             reply = {"epoch": epoch, "version": self._root.version, "high_water": windows}
@@ -137,6 +176,8 @@ class RootService:
             reply = {"epoch": epoch, "refused": str(exc)}
         granted = partition_control_topic(self._fleet, k, PartitionControl.GRANTED)
         await self._t.publish(granted, _json(reply), qos=1)
+        if moved:
+            await self._publish_assignment()
         await self._publish_status()
 
     async def _on_partial(self, message: InboundMessage) -> None:
@@ -156,6 +197,11 @@ class RootService:
         topic = partition_control_topic(self._fleet, pid.partition, PartitionControl.CONFIRM)
         await self._t.publish(topic, _json(confirm))
         await self._publish_status()
+
+    async def _publish_assignment(self) -> None:
+        """Retained: devices take P from it (PROTOCOL.md §11), operators read the owners."""
+        topic = shards_topic(self._fleet, ShardsLeaf.ASSIGNMENT)
+        await self._t.publish(topic, self._assignment.to_json(), qos=1, retain=True)
 
     async def _publish_status(self) -> None:
         status = {
@@ -218,7 +264,7 @@ class PartitionWorker:
         if s.legacy:
             await self._t.subscribe(updates_filter(s.fleet), qos=1)
         takeover = partition_control_topic(s.fleet, s.partition, PartitionControl.TAKEOVER)
-        await self._ctl.publish(takeover, _json({"epoch": s.epoch}), qos=1)
+        await self._ctl.publish(takeover, _json({"epoch": s.epoch, "shard": s.shard}), qos=1)
         loop = asyncio.get_running_loop()
         tasks = [
             loop.create_task(self._flush_periodically()),
@@ -342,7 +388,10 @@ def fedbuff_config(k: int) -> FedBuffConfig:
 async def _run_root(args: argparse.Namespace) -> None:
     config = fedbuff_config(args.k)
     path = Path(args.state)
-    root = RootService.load(config, path, partitions=args.partitions, params=args.params)
+    shards = args.shards.split(",")
+    root, assignment = RootService.load(
+        config, path, partitions=args.partitions, params=args.params, shards=shards
+    )
     mqtt = MqttConfig.from_url(
         args.broker,
         client_id=f"edgefl-{args.fleet}-root",
@@ -350,7 +399,7 @@ async def _run_root(args: argparse.Namespace) -> None:
         manual_ack=True,
     )
     async with MqttTransport(mqtt) as transport:
-        await RootService(transport, root, args.fleet, path).run()
+        await RootService(transport, root, args.fleet, path, assignment).run()
 
 
 async def _run_shard(args: argparse.Namespace) -> None:
@@ -393,6 +442,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--k", type=int, required=True, help="FedBuff buffer size K")
     parser.add_argument("--state", help="root: state file")
     parser.add_argument("--shard", default="s0")
+    parser.add_argument(
+        "--shards", default="s0", help="root: the shards, comma-separated (initial assignment)"
+    )
     parser.add_argument("--own", default="0", help="shard: partitions, comma-separated")
     parser.add_argument("--epoch", type=int, default=0)
     parser.add_argument("--flush-every", type=int, default=5, help="shard: updates per partial")

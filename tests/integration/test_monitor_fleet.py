@@ -31,8 +31,8 @@ FLEET, MODEL, K = "orchard", "digits-mlp", 3
 DEVICES = ("pi-1", "pi-2", "pi-3")
 
 
-def agent(tmp: Path, url: str, device: str, seed: int) -> DeviceAgent:
-    config = agent_config(tmp, url, fleet=FLEET, device=device, state_dir=tmp / device)
+def agent(tmp: Path, url: str, device: str, seed: int, **fields: Any) -> DeviceAgent:
+    config = agent_config(tmp, url, fleet=FLEET, device=device, state_dir=tmp / device, **fields)
     digits = load_digits()
     rows = slice(seed * 200, seed * 200 + 200)
     x = (digits.data[rows] / 16.0).astype(np.float32)

@@ -51,16 +51,19 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 class Procs:
-    """The root on ``urls[0]``, shards on ``urls[1]``, the test's devices on ``urls[2]``."""
+    """The root on ``urls[0]``, shards on ``urls[1]``, the test's devices on ``urls[2]``; a
+    fleet ``fleet`` of a model of ``params`` parameters."""
 
-    def __init__(self, urls: list[str], state: Path) -> None:
-        self.urls, self.state = urls, state
+    def __init__(
+        self, urls: list[str], state: Path, *, fleet: str = FLEET, params: int = PARAMS
+    ) -> None:
+        self.urls, self.state, self.fleet, self.params = urls, state, fleet, params
         self.live: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, name: str, *args: str, partitions: int = PARTITIONS, k: int = N) -> None:
         url = self.urls[0] if args[0] == "root" else self.urls[1]
-        common = ["--broker", url, "--fleet", FLEET, "--partitions", str(partitions)]
-        common += ["--params", str(PARAMS), "--k", str(k)]
+        common = ["--broker", url, "--fleet", self.fleet, "--partitions", str(partitions)]
+        common += ["--params", str(self.params), "--k", str(k)]
         cmd = [sys.executable, "-m", "edgefl.sharding.service", *args, *common]
         log = (self.state / f"{name}.log").open("ab")
         self.live[name] = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=log)

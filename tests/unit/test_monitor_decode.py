@@ -16,18 +16,26 @@ from edgefl.monitor.decode import (
     DeviceStateSeen,
     ServerStateSeen,
     StateEncoding,
+    TreeSeen,
     Undecodable,
     UpdateSeen,
     decode_inbound,
 )
 from edgefl.monitor.model import FleetModel
+from edgefl.monitor.summary import summarize
 from edgefl.protocol.messages import DeviceState, ServerState, UpdateHeader, encode_message
 from edgefl.protocol.topics import (
     DeviceStateTopic,
+    PartitionControl,
+    ShardsLeaf,
+    ShardsTopic,
     device_state_topic,
+    partition_control_topic,
     server_state_topic,
+    shards_topic,
     update_topic,
 )
+from edgefl.sharding.assignment import Assignment
 
 FLEET = "lab"
 STATE_TOPIC = device_state_topic(FLEET, "pi-7")
@@ -185,3 +193,34 @@ def test_select_topics_for_lost_devices_and_for_a_filter() -> None:
     ]
     assert select_topics(f"edgefl/v1/{FLEET}/model/#", snap, retained) == sorted(retained)
     assert len(select_topics(f"edgefl/v1/{FLEET}/#", snap, retained)) == 5
+
+
+def test_a_sharded_trees_traffic_is_seen_as_such_never_as_a_rejection() -> None:
+    # Arrange: what a root and its shards publish under shards/ (revision 1.3): JSON and EDFP
+    # bytes, not envelopes; and a device's update on its partition topic
+    assignment = Assignment.initial(2, ["s0"]).to_json()
+    tree = [
+        (shards_topic(FLEET, ShardsLeaf.ASSIGNMENT), assignment),
+        (shards_topic(FLEET, ShardsLeaf.ROOT_STATUS), b'{"version": 0}'),
+        (shards_topic(FLEET, ShardsLeaf.PARTIAL), b"EDFP\x01" + b"\x00" * 40),
+        (partition_control_topic(FLEET, 1, PartitionControl.TAKEOVER), b'{"epoch": 0}'),
+        (shards_topic(FLEET, ShardsLeaf.ASSIGNMENT), b""),  # a cleared retained assignment
+    ]
+    header = UpdateHeader(FLEET, "pi-7", 3, 1, 32, "tiny", {"quantization": "int8"}, 10, 5.0)
+    update = (update_topic(FLEET, "pi-7", 3, partition=1), encode_message(header, b"\x00" * 8))
+    model = FleetModel(FLEET)
+
+    # Act
+    observations = [decode(topic, payload) for topic, payload in [*tree, update]]
+    for obs in observations:
+        model.apply(obs, now=1000.0)  # type: ignore[arg-type]
+
+    # Assert: the tree's messages are counted by kind, none as a rejection; the update is one
+    assert [type(obs) for obs in observations] == [TreeSeen] * len(tree) + [UpdateSeen]
+    first = observations[0]
+    assert isinstance(first, TreeSeen)
+    assert first == TreeSeen(ShardsTopic(FLEET, ShardsLeaf.ASSIGNMENT), len(assignment))
+    counters = model.snapshot(1000.0).monitor
+    assert counters.rejected == {}
+    assert counters.by_kind == {"shards": len(tree), "update": 1}
+    assert summarize(first, assignment).startswith("shards assignment ")
