@@ -295,6 +295,16 @@ class _Workbench:
     privacy: LocalPrivacy | None = None  # local DP, set up with the state
 
 
+@dataclass
+class _Routes:
+    """How a spooled update leaves the device: as the two shares of secure aggregation when the
+    aggregator announces it (:mod:`device_agent.secagg`), and to its partition's topic when a
+    sharded tree announced partitions (:mod:`device_agent.partition`)."""
+
+    secagg: SecAggUplink
+    partitions: PartitionRouter
+
+
 class DeviceAgent:
     """See the module docstring. ``run()`` once; ``stop()`` from the same event loop (or a
     signal handler installed on it)."""
@@ -320,7 +330,6 @@ class DeviceAgent:
         self._work = _Workbench(trainer, dataset, executor, noise_rng)
         self._snapshots: SnapshotSource = snapshots or ProbeSnapshotSource(config.probes)
         self._credentials = _Credentials(signer, manifest_verifier, receipt_verifier)
-        self._secagg = SecAggUplink(config.security.helper_public_key_file)
         self._transport_factory = transport_factory or mqtt_transport_factory(config)
         self._notifier = _StatusNotifier(notifier if notifier is not None else SystemdNotifier())
         self._max_model_bytes = max_model_bytes
@@ -340,7 +349,10 @@ class DeviceAgent:
             DeliveryTracker(ReceiptPolicy(spool_cfg.receipt_timeout_s, spool_cfg.resend_max_s)),
             clock,
         )
-        self._partitions = PartitionRouter(config.fleet, config.device_id)  # protocol 1.3
+        self._routes = _Routes(
+            SecAggUplink(config.security.helper_public_key_file),
+            PartitionRouter(config.fleet, config.device_id),  # protocol 1.3
+        )
         self._leases = LeaseClient(
             config.fleet,
             config.device_id,
@@ -715,7 +727,7 @@ class DeviceAgent:
         # connection would otherwise never come, and the device would wait for ever).
         self._fetch = None
         await transport.subscribe(manifest_topic(self._fleet), qos=0)
-        await transport.subscribe(self._partitions.assignment_topic, qos=0)  # retained, 1.3
+        await transport.subscribe(self._routes.partitions.assignment_topic, qos=0)  # retained, 1.3
         async for message in transport.messages():
             await self._handle(transport, message)
 
@@ -724,8 +736,8 @@ class DeviceAgent:
         log.warning("%s: rejected: %s: %s", self._device, reason.value, detail)
 
     async def _handle(self, transport: Transport, message: InboundMessage) -> None:
-        if self._partitions.handles(message.topic):  # a sharded tree's assignment (1.3)
-            self._partitions.on_message(message.payload, reject=self._reject)
+        if self._routes.partitions.handles(message.topic):  # a sharded tree's assignment (1.3)
+            self._routes.partitions.on_message(message.payload, reject=self._reject)
             return
         if not message.payload:
             return  # a cleared retained message
@@ -875,7 +887,7 @@ class DeviceAgent:
         one (:mod:`device_agent.partition`), else the plain one."""
         if is_pair(payload):
             return pair_packets(self._fleet, self._device, seq, payload)
-        topic = self._partitions.update_topic(seq)  # one topic for all its chunks
+        topic = self._routes.partitions.update_topic(seq)  # one topic for all its chunks
         return [(topic, packet) for packet in packetize(payload, max_packet=max_packet)]
 
     async def _delivered(self, seq: int, attempts: int, size: int) -> None:
@@ -937,7 +949,7 @@ class DeviceAgent:
         if state is None:
             return
         self._leases.on_server_state(state)
-        self._secagg.on_server_state(state)
+        self._routes.secagg.on_server_state(state)
         supports = FEATURE_RECEIPTS in state.features
         if self.config.spool.receipts is not ReceiptMode.AUTO:
             return
@@ -1179,8 +1191,8 @@ class DeviceAgent:
             codec = codec_config_for(self.config.codec, manifest)
             residual = residual_from_bytes(store.residuals.load(), manifest.num_params)
             seq = store.spool.next_seq()
-            if self._secagg.required:  # two shares instead of an UPDATE (device_agent.secagg)
-                envelope = self._secagg.build(
+            if self._routes.secagg.required:  # two shares, not an UPDATE
+                envelope = self._routes.secagg.build(
                     result,
                     manifest=manifest,
                     fleet=self._fleet,

@@ -97,7 +97,7 @@ class _Switching(MemoryTransport):
         if isinstance(parsed, UpdateTopic) and parsed.seq == 0 and "switched" not in self._holder:
             self._holder["switched"] = self._holder["agent"]
             self._b.publish(ASSIGNMENT, _assignment(7), 1, True)
-            router = self._holder["agent"]._partitions  # the test's probe
+            router = self._holder["agent"]._routes.partitions  # the test's probe
             await eventually(lambda: router.partitions == 7, what="the new assignment")
 
 
