@@ -296,6 +296,16 @@ class _Workbench:
 
 
 @dataclass
+class _Eligibility:
+    """Where the device's conditions come from, the monitor that decides on them, and whether
+    the last probe failed (then the device counts as not eligible)."""
+
+    source: SnapshotSource
+    monitor: EligibilityMonitor
+    probe_failed: bool = False
+
+
+@dataclass
 class _Routes:
     """How a spooled update leaves the device: as the two shares of secure aggregation when the
     aggregator announces it (:mod:`device_agent.secagg`), and to its partition's topic when a
@@ -328,19 +338,19 @@ class DeviceAgent:
     ) -> None:
         self.config = config
         self._work = _Workbench(trainer, dataset, executor, noise_rng)
-        self._snapshots: SnapshotSource = snapshots or ProbeSnapshotSource(config.probes)
+        self._eligibility = _Eligibility(
+            snapshots or ProbeSnapshotSource(config.probes), EligibilityMonitor(config.eligibility)
+        )
         self._credentials = _Credentials(signer, manifest_verifier, receipt_verifier)
         self._transport_factory = transport_factory or mqtt_transport_factory(config)
         self._notifier = _StatusNotifier(notifier if notifier is not None else SystemdNotifier())
         self._max_model_bytes = max_model_bytes
-        self._monitor = EligibilityMonitor(config.eligibility)
         self._store: AgentStore | None = None  # durable state, opened in run()
         self._model: CurrentModel | None = None
         self._fetch: ModelFetch | None = None
         self._deferred: tuple[ModelManifest, bytes] | None = None  # fetched when a lease asks
         self._status = DeviceStatus.ONLINE
         self._link = _Link()
-        self._probe_failed = False
         self._gate = TrainingGate()
         self._wake = _Wakeups()
         self._counts = _Counters()
@@ -540,9 +550,9 @@ class DeviceAgent:
     # ------------------------------------------------------------------ presence
 
     def _reasons(self) -> tuple[str, ...]:
-        decision = self._monitor.decision
+        decision = self._eligibility.monitor.decision
         return presence_reasons(
-            probe_failed=self._probe_failed,
+            probe_failed=self._eligibility.probe_failed,
             decision_reasons=None if decision is None else [r.value for r in decision.reasons],
             training=self._gate.active,
             has_model=self._model is not None,
@@ -553,7 +563,7 @@ class DeviceAgent:
         return self._work.privacy is not None and self._work.privacy.exhausted
 
     def _eligible(self) -> bool:
-        return self._monitor.eligible and not self._probe_failed
+        return self._eligibility.monitor.eligible and not self._eligibility.probe_failed
 
     def _device_state(self, status: DeviceStatus) -> DeviceState:
         privacy = self._work.privacy
@@ -975,14 +985,14 @@ class DeviceAgent:
             self._wake.eligibility.clear()
             was_eligible, old_reasons = self._eligible(), self._reasons()
             try:
-                snapshot = await self._snapshots.snapshot()
+                snapshot = await self._eligibility.source.snapshot()
             except Exception:
                 log.exception("%s: snapshot source failed", self._device)
-                self._probe_failed = True
+                self._eligibility.probe_failed = True
             else:
-                self._probe_failed = False
+                self._eligibility.probe_failed = False
                 training = self._gate.active
-                self._monitor.update(snapshot, own_load=threads if training else 0.0)
+                self._eligibility.monitor.update(snapshot, own_load=threads if training else 0.0)
             eligible = self._eligible()
             if self._gate.active and not eligible:
                 log.info("%s: no longer eligible (%s)", self._device, ",".join(self._reasons()))
