@@ -702,17 +702,22 @@ def sim_command(
     if report is not None:
         report = check.output_dir("--report", report)
     _require_packages(config.dataset, report=report is not None, feature="edgefl sim")
-    run = _SimRun(config, mode, algos, broker, fleet, workers, report, json_out, roles)
+    _execute(_SimRun(config, mode, algos, broker, fleet, workers, report, json_out, roles))
+
+
+def _execute(run: _SimRun) -> None:
+    """Run a validated invocation: a devices-only process (``--role devices``), or the whole
+    simulation with its report; a signal stops either and exits 0."""
     with SignalStop() as stop:
-        if roles.role == "devices":
-            with ProgressReporter("edgefl sim", config.target) as reporter:
+        if run.roles.role == "devices":
+            with ProgressReporter("edgefl sim", run.config.target) as reporter:
                 run_devices(
-                    config,
-                    roles=roles,
-                    broker=broker or "",
-                    fleet=fleet,
-                    workers=workers,
-                    json_out=json_out,
+                    run.config,
+                    roles=run.roles,
+                    broker=run.broker or "",
+                    fleet=run.fleet,
+                    workers=run.workers,
+                    json_out=run.json_out,
                     reporter=reporter,
                     stop=stop,
                 )

@@ -41,6 +41,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -142,6 +143,18 @@ def step_core(config: AggregatorConfig, state: FedBuffState | None = None) -> Fe
     return FedBuff.restore(fb, initial)
 
 
+@dataclass
+class _Announced:
+    """When the leader last published what it republishes on a timer (monotonic seconds), and
+    the newest model version it published."""
+
+    state_at: float = 0.0
+    model_version: int | None = None
+    decision_at: float = 0.0  # the open decision
+    metrics: tuple[float, int] = field(default_factory=lambda: (time.monotonic(), 0))
+    # ^ the last METRICS: when, and the combined-updates count then
+
+
 class LeaderService:
     """See the module docstring. ``transport``: injected in tests (else MQTT from ``config``)."""
 
@@ -178,11 +191,8 @@ class LeaderService:
         self._store: LeaderStore | None = None
         self._session = 0
         self._started_at = time.time()
-        self._state_at = 0.0
-        self._published: int | None = None
+        self._announced = _Announced()
         self.shell = RoleShell(self)
-        self._decision_sent = 0.0  # monotonic time the open decision was last published
-        self._metrics_at = (time.monotonic(), 0)  # the last METRICS: when, combined updates
 
     def stop(self) -> None:
         self.shell.stop()
@@ -269,7 +279,7 @@ class LeaderService:
         if self.leader.expire(now):
             self._write(before)
             await self._decide()
-        late = time.monotonic() - self._decision_sent >= _REPUBLISH_S
+        late = time.monotonic() - self._announced.decision_at >= _REPUBLISH_S
         if self.leader.open_decision is not None and late:  # lost on the way? (idempotent)
             await self._publish_decision()
         if self._flush_due(now):
@@ -277,9 +287,9 @@ class LeaderService:
             self.leader.decide(flush=True)
             self._write(before)
             await self._publish_decision()
-        if time.monotonic() - self._state_at >= _STATE_EVERY_S:
+        if time.monotonic() - self._announced.state_at >= _STATE_EVERY_S:
             await self._publish_state(ServerStatus.ONLINE)
-        if time.monotonic() - self._metrics_at[0] >= self.config.metrics_interval_s:
+        if time.monotonic() - self._announced.metrics[0] >= self.config.metrics_interval_s:
             await self._publish_metrics()
 
     # ------------------------------------------------------------------ shares
@@ -440,7 +450,7 @@ class LeaderService:
     async def _publish_decision(self) -> None:
         decision = self.leader.open_decision
         assert decision is not None
-        self._decision_sent = time.monotonic()
+        self._announced.decision_at = time.monotonic()
         msg = coord_decision(self.config.fleet, decision, time.time())
         await self._publish(secagg_decision_topic(self.config.fleet), encode_message(msg))
 
@@ -469,7 +479,7 @@ class LeaderService:
         """The current version: retained chunks, then the manifest; the chunks of the version
         before the previous one are cleared."""
         cfg, version = self.config, self.version
-        if self._published == version:
+        if self._announced.model_version == version:
             return
         packets = build_model_packets(
             fleet=cfg.fleet,
@@ -487,10 +497,10 @@ class LeaderService:
         if version >= 2:
             for topic in clear_packets(cfg.fleet, version - 2, "weights", packets.num_chunks):
                 await self._publish(topic, b"", retain=True)
-        self._published = version
+        self._announced.model_version = version
 
     async def _publish_state(self, status: ServerStatus) -> None:
-        self._state_at = time.monotonic()
+        self._announced.state_at = time.monotonic()
         state = encode_message(self._server_state(status))
         await self._publish(server_state_topic(self.config.fleet), state, retain=True)
 
@@ -500,9 +510,9 @@ class LeaderService:
         role's own figures (``secagg_pending``, ``secagg_complete``, the open decision)."""
         now = time.monotonic()
         stats = self.leader.statistics()
-        then, combined_then = self._metrics_at
+        then, combined_then = self._announced.metrics
         rate = max(0.0, (stats["combined"] - combined_then) / max(now - then, 1e-9))
-        self._metrics_at = (now, stats["combined"])
+        self._announced.metrics = (now, stats["combined"])
         state = self._server_state(ServerStatus.ONLINE)
         decision = self.leader.open_decision
         metrics = ServerMetrics(

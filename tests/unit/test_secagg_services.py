@@ -230,7 +230,7 @@ async def test_an_unanswered_decision_is_published_again(tmp_path: Path) -> None
 
         # Act: no partial came; 30 s later the tick publishes it again
         await leader.tick(time.time() + 3.0)
-        leader._decision_sent -= 30.0
+        leader._announced.decision_at -= 30.0
         await leader.tick(time.time() + 4.0)
 
         # Assert
