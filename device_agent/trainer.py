@@ -25,6 +25,7 @@ import logging
 import math
 import multiprocessing
 import os
+import pickle
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -177,15 +178,23 @@ class ProcessTrainer:
         ctx = self._context
         stop = ctx.Event()
         receiver, sender = ctx.Pipe(duplex=False)
+        job_receiver, job_sender = ctx.Pipe(duplex=False)
         child = ctx.Process(
             target=_train_in_child,
-            args=(self._factory, job, stop, sender),
+            args=(self._factory, job_receiver, stop, sender),
             name=f"edgefl-train-v{job.base_version}",
             daemon=True,
         )
-        child.start()
+        child.start()  # a small spawn payload: the job goes over its own pipe, below
         sender.close()
+        job_receiver.close()
         try:
+            try:
+                job_sender.send(job)
+            except OSError as exc:  # the child died before it read its job
+                raise RuntimeError(f"training process did not take its job ({exc})") from None
+            finally:
+                job_sender.close()
             while True:
                 if should_stop():
                     stop.set()
@@ -213,11 +222,23 @@ class ProcessTrainer:
 
 def _train_in_child(
     factory: Callable[[], Trainer],
-    job: TrainJob,
+    job_conn: Any,
     stop: Any,
     conn: Any,
 ) -> None:
-    """Child process body: train, send ``("ok", result | None)`` or ``("error", text)``."""
+    """Child process body: receive the job, train, send ``("ok", result | None)`` or
+    ``("error", text)``. A parent that stops (or dies) while still sending the job leaves a
+    closed or truncated pipe: the child then exits quietly, with nothing to report to anyone.
+
+    (The job travels over its own pipe rather than in the spawn payload because writing a big
+    spawn payload blocks the parent until the child, importing torch, has read it: an agent
+    stopping in that window used to leave the child printing an ``UnpicklingError`` traceback.)"""
+    try:
+        job: TrainJob = job_conn.recv()
+    except (EOFError, OSError, pickle.UnpicklingError):
+        return
+    finally:
+        job_conn.close()
     try:
         result = factory().train(job, stop.is_set)
         conn.send(("ok", result))

@@ -139,3 +139,29 @@ def test_process_trainer_reports_a_failing_child_as_error() -> None:
 
     with pytest.raises(RuntimeError, match="training process failed: DataSourceError"):
         ProcessTrainer(TorchTrainer).train(bad, lambda: False)
+
+
+@pytest.mark.parametrize("sent", [b"", b"truncated"], ids=["closed", "truncated"])
+def test_a_training_child_whose_parent_stopped_while_sending_the_job_exits_quietly(
+    sent: bytes,
+) -> None:
+    """The agent stopped (or died) while its job was still being written to the child: the
+    child gets a closed pipe or a truncated pickle, reports nothing and raises nothing (it used
+    to print an UnpicklingError traceback into the agent's journal)."""
+    import multiprocessing
+    import pickle
+
+    from device_agent.trainer import _train_in_child
+
+    ctx = multiprocessing.get_context("spawn")
+    job_receiver, job_sender = ctx.Pipe(duplex=False)
+    result_receiver, result_sender = ctx.Pipe(duplex=False)
+    if sent:
+        job_sender.send_bytes(pickle.dumps(("job", np.zeros(1000)))[:40])
+    job_sender.close()
+
+    _train_in_child(TorchTrainer, job_receiver, ctx.Event(), result_sender)
+
+    result_sender.close()
+    with pytest.raises(EOFError):
+        result_receiver.recv()
