@@ -27,6 +27,7 @@ failed or late estimate is reported as unavailable; it never fails the demo.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -85,8 +86,12 @@ def run_demo(
     options: LiveOptions | None = None,
     stop: SignalStop | None = None,
     reporter: ProgressReporter | None = None,
+    estimate: bool = True,
 ) -> dict[str, Any]:
     """Run the demo; returns the summary (also printed, as the last line with ``json_out``).
+
+    ``estimate``: also estimate FedAvg's time from a virtual run of the fleet (module doc);
+    False leaves the ``estimated_*`` fields out (to measure the demo without it).
 
     Progress (phases and samples) goes to ``reporter`` (default: a :class:`ProgressReporter`
     on stderr). ``stop`` (an entered :class:`SignalStop`): SIGINT/SIGTERM end the demo early;
@@ -103,7 +108,11 @@ def run_demo(
     started = time.monotonic()
     result = None
     budget = min(ESTIMATE_MAX_WALL_S, cfg.max_wall_s or ESTIMATE_MAX_WALL_S)
-    with BackgroundEstimate(cfg, time_scale=opts.time_scale, max_wall_s=budget) as background:
+    with (
+        BackgroundEstimate(cfg, time_scale=opts.time_scale, max_wall_s=budget)
+        if estimate
+        else contextlib.nullcontext()
+    ) as background:
         try:
             progress.phase("building the scenario")
             result = run_live(
@@ -118,8 +127,10 @@ def run_demo(
                 stop.check()
             progress.phase(f"writing the report to {report}")
             paths = write_report([result.record], report, cfg.target)
-            progress.phase("estimating FedAvg's time from a virtual run of this fleet")
-            estimate = background.result(check=None if stop is None else stop.check)
+            yardstick = None
+            if background is not None:
+                progress.phase("estimating FedAvg's time from a virtual run of this fleet")
+                yardstick = background.result(check=None if stop is None else stop.check)
         except StopRequested as exc:
             return _interrupted(progress, str(exc), result, cfg.target, report)
     progress.phase("done")
@@ -132,12 +143,13 @@ def run_demo(
             "wall_s": time.monotonic() - started,
             "live_updates_per_s": result.updates_per_s,
             "rss_mb": result.rss_mb,
-            **estimate.fields(),
+            **({} if yardstick is None else yardstick.fields()),
         },
     )
     out = sys.stderr if json_out else sys.stdout
     _print_summary(out, result.record, cfg.target, summary)
-    _say(out, _estimate_line(estimate, cfg.target))
+    if yardstick is not None:
+        _say(out, _estimate_line(yardstick, cfg.target))
     if json_out:
         sys.stdout.write(json.dumps(summary, allow_nan=False) + "\n")
         sys.stdout.flush()
