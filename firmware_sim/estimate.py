@@ -12,7 +12,7 @@ the live FedBuff time differs from the estimated one; the speed-up compares the 
 runs, like with like.
 
 :class:`BackgroundEstimate` runs the two virtual runs in two spawned processes at the lowest CPU
-priority (nice 19) while the live demo trains, so they take only the CPU the demo leaves idle
+priority (Linux's ``SCHED_IDLE``, else nice 19) while the live demo trains, so they take only the CPU the demo leaves idle
 and do not delay its time to target; the demo collects them after the live run (a bounded
 wait, during which they have the machine). Any failure (an exception, a target not reached
 within the budget, a timeout) gives an :class:`Estimate` with ``error`` set: the demo reports
@@ -21,8 +21,10 @@ the estimate as unavailable instead of failing.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -186,11 +188,24 @@ def estimate_speedup(
     return Estimate.of(time_scale, runs, config.target)
 
 
+def _lowest_priority() -> None:
+    """Run only on CPU time nobody else wants: Linux's ``SCHED_IDLE`` policy (below nice 19),
+    and nice 19 for the other systems (and in case the policy is refused)."""
+    os.nice(_NICE)
+    set_policy = getattr(os, "sched_setscheduler", None)
+    idle = getattr(os, "SCHED_IDLE", None)
+    if set_policy is not None and idle is not None:
+        with contextlib.suppress(OSError):
+            set_policy(0, idle, os.sched_param(0))
+
+
 def _child(config: SimConfig, algorithm: Algorithm, max_wall_s: float, conn: Connection) -> None:
-    """One estimate process: lowest priority; a failure travels as one line of text."""
+    """One estimate process: lowest priority; a failure travels as one line of text. Ctrl-C
+    is the parent's to handle (it ends this process with SIGTERM, :meth:`cancel`)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     result: VirtualTime | str
     try:
-        os.nice(_NICE)
+        _lowest_priority()
         result = virtual_time_to_target(config, algorithm, max_wall_s=max_wall_s)
     except Exception as exc:  # reported as "unavailable" by the parent, never raised
         result = f"{type(exc).__name__}: {exc}"
@@ -205,7 +220,8 @@ class _Child:
 
 
 class BackgroundEstimate:
-    """:func:`estimate_speedup`'s two runs in two spawned processes at nice 19, started at
+    """:func:`estimate_speedup`'s two runs in two spawned processes at the lowest priority
+    (:func:`_lowest_priority`), started at
     construction. :meth:`result` waits at most until ``max_wall_s`` after the start plus
     ``grace_s`` (each process also stops its run at ``max_wall_s``); :meth:`cancel` ends them
     at once. Use as a context manager so that the processes always end."""
