@@ -17,10 +17,10 @@ takes to reach the devices; the few much older ones do more harm than good and a
 counted as ``stale``).
 
 The yardstick (:mod:`firmware_sim.estimate`): while the live fleet trains, two spawned
-processes at nice 19 run the same config in virtual time, once with FedBuff and once with the
-synchronous FedAvg baseline; after the live run the demo prints their times to target in its
-own clock (virtual seconds times ``time_scale``) and the speed-up, labelled as an estimate, and
-puts them in the summary (``estimated_fedavg_time_to_target_s``,
+processes at the lowest CPU priority run the same config in virtual time, once with FedBuff
+and once with the synchronous FedAvg baseline; after the live run the demo prints their times
+to target in its own clock (virtual seconds times ``time_scale``) and the speed-up, labelled as
+an estimate, and puts them in the summary (``estimated_fedavg_time_to_target_s``,
 ``estimated_fedbuff_time_to_target_s``, ``estimated_speedup_vs_fedavg``, ``estimate``). A
 failed or late estimate is reported as unavailable; it never fails the demo.
 """
