@@ -54,13 +54,15 @@ _POLL_S = 0.2
 @dataclass(frozen=True)
 class VirtualTime:
     """One algorithm's virtual run: seconds and updates to the target (None: not reached
-    within ``received`` updates), and the wall seconds it took."""
+    within ``received`` updates), the wall seconds it took, and whether its wall budget
+    ended it."""
 
     algorithm: Algorithm
     time_s: float | None
     updates: int | None
     received: int
     wall_s: float
+    out_of_time: bool = False
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,9 @@ class Estimate:
             run = runs.get(algorithm, "not run")
             if isinstance(run, str):
                 return cls(time_scale, wall_s=wall, error=f"{algorithm.value}: {run}")
+            if run.time_s is None and run.out_of_time:
+                why = f"{algorithm.value}: out of its wall budget after {run.received} updates"
+                return cls(time_scale, wall_s=wall, error=why)
             if run.time_s is None:
                 why = f"{algorithm.value} did not reach {100 * target:.0f}% in the virtual run"
                 return cls(time_scale, wall_s=wall, error=f"{why} ({run.received} updates)")
@@ -169,12 +174,17 @@ def virtual_time_to_target(
     cfg = _estimate_config(config, algorithm, max_wall_s)
     summary = run_virtual(cfg).record.summary(cfg.target)
     ttt, updates = summary["time_to_target_s"], summary["updates_to_target"]
+    wall = time.perf_counter() - start
+    received = int(summary["updates_received"])
     return VirtualTime(
         algorithm=algorithm,
         time_s=None if ttt is None else float(ttt),
         updates=None if updates is None else int(updates),
-        received=int(summary["updates_received"]),
-        wall_s=time.perf_counter() - start,
+        received=received,
+        wall_s=wall,
+        out_of_time=max_wall_s is not None
+        and wall >= max_wall_s
+        and received < ESTIMATE_MAX_UPDATES,
     )
 
 

@@ -80,6 +80,9 @@ def test_an_unreached_target_or_a_late_run_is_unavailable() -> None:
     estimate = Estimate.of(0.01, {Algorithm.FEDBUFF: reached, Algorithm.FEDAVG: unreached}, 0.9)
     assert estimate.error == "fedavg did not reach 90% in the virtual run (20000 updates)"
     assert estimate.fields()["estimated_fedbuff_time_to_target_s"] is None
+    budget = replace(unreached, received=300, out_of_time=True)
+    short = Estimate.of(0.01, {Algorithm.FEDBUFF: reached, Algorithm.FEDAVG: budget}, 0.9)
+    assert short.error == "fedavg: out of its wall budget after 300 updates"
     late = Estimate.of(0.01, {Algorithm.FEDBUFF: reached, Algorithm.FEDAVG: "timed out"}, 0.9)
     assert late.error == "fedavg: timed out"
     assert late.speedup is None
