@@ -11,16 +11,8 @@ from firmware_sim.estimate import BackgroundEstimate, Estimate, VirtualTime, est
 from firmware_sim.scenario import SimConfig
 
 # digits: 20 lab devices, a target both algorithms reach in a few hundred updates
-SMALL = SimConfig(
-    devices=20,
-    dataset="digits",
-    profile="lab",
-    concurrency=8,
-    buffer_size=4,
-    target=0.8,
-    eval_every_updates=8,
-    seed=3,
-)
+_FLEET = SimConfig(20, dataset="digits", profile="lab", seed=3)
+SMALL = replace(_FLEET, concurrency=8, buffer_size=4, target=0.8, eval_every_updates=8)
 
 
 def _consistent(fields: dict[str, object], scale: float) -> None:
