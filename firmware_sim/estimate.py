@@ -277,13 +277,12 @@ class BackgroundEstimate:
             if not pending:
                 self._result = Estimate.of(self.time_scale, self._runs, self.target)
                 break
+            for algorithm in pending:
+                self._poll(algorithm)  # an answer already sent counts, even after the deadline
             if time.monotonic() >= self._deadline:
                 for algorithm in pending:
-                    self._runs[algorithm] = "timed out"
-                continue
-            for algorithm in pending:
-                self._poll(algorithm)
-            if check is not None:
+                    self._runs.setdefault(algorithm, "timed out")
+            elif check is not None:
                 check()
         self.cancel()
         return self._result
