@@ -11,12 +11,13 @@ leases at the fleet's own time scale, the live run has a real broker and real sc
 the live FedBuff time differs from the estimated one; the speed-up compares the two virtual
 runs, like with like.
 
-:class:`BackgroundEstimate` runs the two virtual runs in two spawned processes at the lowest
-CPU priority (Linux's ``SCHED_IDLE``, else nice 19) while the live demo trains, so they take
-only the CPU the demo leaves idle and do not delay its time to target; the demo collects them
-after the live run (a bounded wait, during which they have the machine). Any failure (an
-exception, a target not reached within the budget, a timeout) gives an :class:`Estimate` with
-``error`` set: the demo reports the estimate as unavailable instead of failing.
+:class:`BackgroundEstimate` runs the two virtual runs side by side in two spawned processes
+at the lowest CPU priority (Linux's ``SCHED_IDLE``, else nice 19), so that they take only CPU
+time nobody else wants; the demo starts them once its live run is over (a concurrent start at
+that priority could not be shown not to delay the live run on the shared 2-core machine) and
+waits for them at most their budget plus a grace. Any failure (an exception, a target not
+reached within the budget, a timeout) gives an :class:`Estimate` with ``error`` set: the demo
+reports the estimate as unavailable instead of failing.
 """
 
 from __future__ import annotations
