@@ -2,9 +2,9 @@
 
 The default ``edgefl sim`` fleet (:class:`firmware_sim.scenario.SimConfig` defaults) is run once
 with synchronous FedAvg (the reference: its virtual time and updates to target), then FedBuff is
-swept one setting at a time, starting from the first value of each axis and keeping the best
-value of each axis before moving to the next (coordinate descent; a full grid does not fit 2
-shared cores):
+swept one setting at a time, starting from the current defaults and keeping the best value of
+each axis before moving to the next (coordinate descent; a full grid does not fit 2 shared
+cores):
 
 * ``buffer_size`` K, ``concurrency`` C, ``staleness``, ``normalisation``, ``server_lr``,
   ``server_momentum``. FedAvg selects C devices per round and uses the same server optimizer
@@ -15,9 +15,11 @@ Score of a FedBuff run: its virtual time to target, if it used at most ``1.2x`` 
 updates to target (the issue's budget), else infinity. Every run is printed; the best setting
 is the last line. docs/SIMULATOR.md records the output.
 
-    python bench/fedbuff_sweep.py [--seed 7] [--devices N] [--quick] [--json]
+    python bench/fedbuff_sweep.py [--seed 7] [--devices N] [--profile P] [--axes A,B] [--quick]
+                                  [--json]
 
-``--quick`` sweeps fewer values (K and C only).
+``--axes`` sweeps only the named axes (e.g. ``buffer_size``), ``--quick`` only K and C;
+``--profile`` runs the sweep on another fleet (the robustness check of a default).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ UPDATE_BUDGET = 1.2
 """FedBuff may use at most this many times FedAvg's updates to target."""
 
 AXES: dict[str, tuple[Any, ...]] = {
-    "buffer_size": (5, 10, 20),
+    "buffer_size": (2, 3, 4, 5, 10),
     "concurrency": (20, 50),
     "staleness": ("polynomial:0.5", "constant"),
     "normalisation": ("mean", "sum"),
@@ -68,16 +70,20 @@ def _score(run: dict[str, Any], reference: dict[str, Any], max_updates: int) -> 
     return float(ttt)
 
 
-def sweep(seed: int, devices: int | None, quick: bool) -> dict[str, Any]:
-    """The coordinate sweep (see module docstring)."""
+def sweep(
+    seed: int, devices: int | None, axes: tuple[str, ...], profile: str | None = None
+) -> dict[str, Any]:
+    """The coordinate sweep over ``axes`` (see module docstring)."""
     from firmware_sim.record import Algorithm
     from firmware_sim.scenario import SimConfig, build_scenario
 
     base = SimConfig(seed=seed, max_updates=10_000)
     if devices is not None:
         base = replace(base, devices=devices)
+    if profile is not None:
+        base = replace(base, profile=profile)
     scenario = build_scenario(base)
-    best = {axis: values[0] for axis, values in AXES.items()}
+    best = {axis: getattr(base, axis) for axis in AXES}
     references: dict[tuple[Any, ...], dict[str, Any]] = {}
     runs: list[dict[str, Any]] = []
 
@@ -92,7 +98,7 @@ def sweep(seed: int, devices: int | None, quick: bool) -> dict[str, Any]:
         return references[key]
 
     done: dict[tuple[Any, ...], dict[str, Any]] = {}
-    for axis in QUICK_AXES if quick else tuple(AXES):
+    for axis in axes:
         scores = {}
         for value in AXES[axis]:
             setting = {**best, axis: value}
@@ -119,10 +125,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--devices", type=int, default=None)
+    parser.add_argument("--profile", default=None)
+    parser.add_argument("--axes", default=None, help=f"comma-separated, of {', '.join(AXES)}")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    result = sweep(args.seed, args.devices, args.quick)
+    axes = QUICK_AXES if args.quick else tuple(AXES)
+    if args.axes is not None:
+        axes = tuple(a.strip() for a in args.axes.split(",") if a.strip())
+        unknown = [a for a in axes if a not in AXES]
+        if unknown:
+            parser.error(f"--axes: unknown {', '.join(unknown)}; known: {', '.join(AXES)}")
+    result = sweep(args.seed, args.devices, axes, args.profile)
     if args.json:
         sys.stdout.write(json.dumps(result, default=str) + "\n")
     return 0

@@ -15,6 +15,14 @@ at once (1,220 updates to 90% in virtual mode, the fewest of the settings tried)
 ``max_staleness`` 2 (in live mode every update is at least as stale as the time a new model
 takes to reach the devices; the few much older ones do more harm than good and are rejected,
 counted as ``stale``).
+
+The yardstick (:mod:`firmware_sim.estimate`): once the live run is over (so that it cannot
+delay it), two spawned processes at the lowest CPU priority run the same config in virtual
+time, once with FedBuff and once with the synchronous FedAvg baseline; the demo prints their
+times to target in its own clock (virtual seconds times ``time_scale``) and the speed-up,
+labelled as an estimate, and puts them in the summary (``estimated_fedavg_time_to_target_s``,
+``estimated_fedbuff_time_to_target_s``, ``estimated_speedup_vs_fedavg``, ``estimate``). A
+failed or late estimate is reported as unavailable; it never fails the demo.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import numpy as np
 
 from edgefl.aggregation import Normalisation
 from edgefl.training import LocalTrainConfig
+from firmware_sim.estimate import BackgroundEstimate, Estimate
 from firmware_sim.interrupt import SignalStop, StopRequested
 from firmware_sim.live import LiveOptions, LiveResult, run_live
 from firmware_sim.progress import ProgressReporter
@@ -61,6 +70,10 @@ DEMO_CONFIG = SimConfig(
 
 DEMO_OPTIONS = LiveOptions(fleet="demo", time_scale=0.01, train_threads=1, workers=2)
 
+ESTIMATE_MAX_WALL_S = 240.0
+"""Wall-clock budget of each virtual run of the estimate (they run side by side after the live
+run; the demo waits at most this plus a grace, then reports the estimate unavailable)."""
+
 
 def run_demo(
     *,
@@ -72,8 +85,12 @@ def run_demo(
     options: LiveOptions | None = None,
     stop: SignalStop | None = None,
     reporter: ProgressReporter | None = None,
+    estimate: bool = True,
 ) -> dict[str, Any]:
     """Run the demo; returns the summary (also printed, as the last line with ``json_out``).
+
+    ``estimate``: also estimate FedAvg's time from a virtual run of the fleet (module doc);
+    False leaves the ``estimated_*`` fields out (to measure the demo without it).
 
     Progress (phases and samples) goes to ``reporter`` (default: a :class:`ProgressReporter`
     on stderr). ``stop`` (an entered :class:`SignalStop`): SIGINT/SIGTERM end the demo early;
@@ -103,6 +120,7 @@ def run_demo(
             stop.check()
         progress.phase(f"writing the report to {report}")
         paths = write_report([result.record], report, cfg.target)
+        yardstick = _estimate(cfg, opts, progress, stop) if estimate else None
     except StopRequested as exc:
         return _interrupted(progress, str(exc), result, cfg.target, report)
     progress.phase("done")
@@ -115,9 +133,13 @@ def run_demo(
             "wall_s": time.monotonic() - started,
             "live_updates_per_s": result.updates_per_s,
             "rss_mb": result.rss_mb,
+            **({} if yardstick is None else yardstick.fields()),
         },
     )
-    _print_summary(sys.stderr if json_out else sys.stdout, result.record, cfg.target, summary)
+    out = sys.stderr if json_out else sys.stdout
+    _print_summary(out, result.record, cfg.target, summary)
+    if yardstick is not None:
+        _say(out, _estimate_line(yardstick, cfg.target))
     if json_out:
         sys.stdout.write(json.dumps(summary, allow_nan=False) + "\n")
         sys.stdout.flush()
@@ -193,6 +215,27 @@ def _print_summary(out: TextIO, record: RunRecord, target: float, summary: dict[
         f"{summary['bytes_uploaded'] / 1e6:.1f} MB uploaded "
         f"({summary['bytes_fp32_equivalent'] / 1e6:.1f} MB as float32), "
         f"{summary['dropouts']} dropouts; report: {summary['report']}",
+    )
+
+
+def _estimate(
+    cfg: SimConfig, opts: LiveOptions, progress: ProgressReporter, stop: SignalStop | None
+) -> Estimate:
+    """The yardstick, started once the live run is over, so that it cannot delay it."""
+    progress.phase("estimating FedAvg's time from a virtual run of this fleet")
+    budget = min(ESTIMATE_MAX_WALL_S, cfg.max_wall_s or ESTIMATE_MAX_WALL_S)
+    with BackgroundEstimate(cfg, time_scale=opts.time_scale, max_wall_s=budget) as background:
+        return background.result(check=None if stop is None else stop.check)
+
+
+def _estimate_line(estimate: Estimate, target: float) -> str:
+    """The estimate's console line, with how its units relate to the demo's clock."""
+    line = estimate.line(target)
+    if estimate.speedup is None:
+        return line
+    return (
+        f"{line} (virtual fleet seconds x time scale {estimate.time_scale:g}; "
+        "the live FedBuff time above is measured)"
     )
 
 

@@ -73,7 +73,7 @@ from edgefl.codec import (
     max_decompressed,
     open_update,
 )
-from edgefl.errors import EdgeflError, RejectReason, UpdateRejected
+from edgefl.errors import CodecError, EdgeflError, RejectReason, UpdateRejected
 from edgefl.participation import LeaseBook, LeaseVerdict, ParticipationConfig
 from edgefl.training import evaluate, train_many
 from firmware_sim.attacks import apply_attack
@@ -526,12 +526,31 @@ class VirtualSimulator:
     def _on_train_done(self, tr: _Training) -> None:
         if tr.delta is None:
             self._train_queued()
-        self._encode(tr)
+        try:
+            self._encode(tr)
+        except CodecError as exc:
+            self._on_encode_failed(tr, exc)
+            return
         self.flight.uploading += 1
         tr.uploading = True
         self.events.push(
             self.t + self.sc.fleet.upload_duration(tr.device, tr.nbytes), _Ev.ARRIVE, tr.tid
         )
+
+    def _on_encode_failed(self, tr: _Training, exc: CodecError) -> None:
+        """The device cannot encode its update (``non_finite``: NaN/Inf in the delta, from a
+        diverging learning rate or an attack; or values beyond the codec's range). As the
+        agent does, it drops the update and says nothing: the aggregator never sees it, a
+        FedBuff lease keeps its slot until it expires, a FedAvg round waits for its goal or
+        deadline. The run counts it as ``rejected:<reason>`` (no bytes sent) and its work as
+        ``rejected``; the device is idle again."""
+        tr.delta = None
+        self.tally.received += 1
+        self._end(tr, self.t, Work.REJECTED)
+        self.record.update(
+            self.t, tr.device, exc.reason.value, self.version - tr.base_version, 0, 0
+        )
+        self._schedule()
 
     def _end(self, tr: _Training, busy_until: float, work: Work) -> None:
         del self.flight.trainings[tr.tid]

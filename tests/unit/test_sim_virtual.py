@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from edgefl.aggregation import RobustMode
+from edgefl.training import LocalTrainConfig
 from firmware_sim.attacks import AttackConfig, AttackKind, apply_attack, malicious_mask
 from firmware_sim.record import Algorithm
 from firmware_sim.scenario import SimConfig, build_scenario, parse_codec, parse_norm_bound
@@ -139,3 +140,18 @@ def test_a_large_fleet_starts_instantly_and_shares_data_slices() -> None:
     # the fleet was sampled, not scanned: a few draws per started training
     assert sc.fleet.draws_total < 100 * 60
     assert math.isfinite(result.updates_per_s)
+
+
+@pytest.mark.parametrize("algorithm", [Algorithm.FEDBUFF, Algorithm.FEDAVG])
+def test_a_non_finite_update_is_a_counted_rejection_not_a_crash(algorithm: Algorithm) -> None:
+    # a diverging learning rate: every delta holds Inf/NaN, the device's encoder refuses it
+    cfg = replace(BASE, algorithm=algorithm, local=LocalTrainConfig(lr=1e38), max_updates=40)
+    result = run_virtual(cfg)
+    s = result.record.summary(cfg.target)
+    assert s["updates_rejected"] == {"non_finite": 40}
+    assert s["updates_applied"] == 0
+    assert s["bytes_uploaded"] == 0
+    assert result.record.utilisation is not None
+    work = result.record.utilisation["work_s"]
+    assert work["rejected"] > 0
+    assert work["applied"] == 0
