@@ -857,6 +857,13 @@ def demo_command(
     max_time: Annotated[
         float, typer.Option("--max-time", help="Stop after this many wall-clock seconds.")
     ] = 300.0,
+    estimate: Annotated[
+        bool,
+        typer.Option(
+            help="After the run, estimate FedAvg's time on this fleet from two virtual runs "
+            "(printed as an estimate; adds their wall time at the end)."
+        ),
+    ] = True,
 ) -> None:
     """Zero-configuration demo: its own broker, the aggregator and ~100 live devices on mnist1d.
 
@@ -887,6 +894,7 @@ def demo_command(
             config=config,
             options=options,
             stop=stop,
+            estimate=estimate,
         )
     if stop.requested:
         exit_now(0)  # all released; skip the interpreter's slow teardown (see interrupt.py)

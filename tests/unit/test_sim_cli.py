@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import typer
 from typer.testing import CliRunner
 
@@ -94,3 +95,20 @@ def test_summary_is_printed_without_json_and_without_a_terminal() -> None:
     assert "fedbuff: final accuracy" in result.stdout
     assert "edgefl sim: building the scenario" in result.stderr
     assert "edgefl sim: done" in result.stderr
+
+
+def test_demo_no_estimate_is_passed_to_the_demo(monkeypatch: pytest.MonkeyPatch) -> None:
+    import firmware_sim.demo
+    from firmware_sim.cli import demo_command
+
+    seen: list[bool] = []
+    monkeypatch.setattr(
+        firmware_sim.demo, "run_demo", lambda **kwargs: seen.append(kwargs["estimate"])
+    )
+    app = typer.Typer()
+    app.command()(demo_command)
+
+    for flag, expected in (("--no-estimate", False), ("--estimate", True)):
+        result = CliRunner().invoke(app, [flag, "--broker", "mqtt://127.0.0.1:1"])
+        assert result.exit_code == 0, result.output
+        assert seen.pop() is expected
