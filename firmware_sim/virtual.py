@@ -78,6 +78,7 @@ from edgefl.participation import LeaseBook, LeaseVerdict, ParticipationConfig
 from edgefl.training import evaluate, train_many
 from firmware_sim.attacks import apply_attack
 from firmware_sim.fleet import Fate, Fleet
+from firmware_sim.local_dp import FleetLocalDP
 from firmware_sim.record import Mode, RunRecord
 from firmware_sim.scenario import (
     Scenario,
@@ -184,8 +185,11 @@ class _Busy:
     def __init__(self) -> None:
         self.until: dict[int, float] = {}
         self.now = 0.0
+        self.retired: Container[object] = ()  # for good: local DP budget spent
 
     def __contains__(self, device: object) -> bool:
+        if device in self.retired:
+            return True
         until = self.until.get(device)  # type: ignore[call-overload]
         if until is None:
             return False
@@ -329,6 +333,8 @@ class VirtualSimulator:
         self.flight = _InFlight()
         self.base_cache: tuple[int, NDArray[np.float32]] | None = None
         self.residuals: dict[int, Residual | None] = {}
+        self.local_dp = None if cfg.local_dp is None else FleetLocalDP(cfg.local_dp, cfg.seed)
+        self.busy.retired = () if self.local_dp is None else self.local_dp.exhausted
         self.tally = _Tally()
         self.compute = _ComputeStats()
         self.wall0 = 0.0
@@ -513,6 +519,8 @@ class VirtualSimulator:
         rng = np.random.default_rng([self.cfg.seed & MASK64, _STREAM_TRAIN, tr.tid])
         if self.sc.malicious[tr.device]:
             delta = apply_attack(delta, self.cfg.attack, rng)
+        if self.local_dp is not None:  # clip + noise on the device (firmware_sim/local_dp.py)
+            delta = self.local_dp.release(tr.device, delta)
         residual = self.residuals.get(tr.device)
         encoded, new_residual = encode_update(delta, self.codec, rng=rng, residual=residual)
         if self.codec.topk_fraction is not None:
@@ -742,6 +750,8 @@ class VirtualSimulator:
         self._finish_ledger()
         if self.tally.applied != self.tally.applied_at_eval:
             self._evaluate()  # the final model, unless it was just evaluated
+        if self.local_dp is not None:
+            self.record.set_local_dp(self.local_dp.summary(self.cfg.devices).to_json())
         wall = time.perf_counter() - self.wall0
         self.record.finish(
             wall_time_s=wall, model_versions=self.version, final_accuracy=self.tally.last_accuracy
