@@ -217,30 +217,40 @@ class _Schedule:
 
 
 class _Excluding:
-    """``busy``, plus the devices (ids as text) that ``exclude`` holds."""
+    """``busy``, plus the devices (ids as text) that ``exclude`` holds or ``admits`` refuses."""
 
-    def __init__(self, busy: _Busy, exclude: Container[str]) -> None:
+    def __init__(
+        self, busy: _Busy, exclude: Container[str], admits: Callable[[str], bool] | None
+    ) -> None:
         self.busy = busy
         self.exclude = exclude
+        self.admits = admits
 
     def __contains__(self, device: object) -> bool:
-        return device in self.busy or str(device) in self.exclude
+        if device in self.busy or str(device) in self.exclude:
+            return True
+        return self.admits is not None and not self.admits(str(device))
 
 
 @dataclass(eq=False)
 class FleetPool:
     """The virtual fleet as the :class:`~edgefl.participation.CandidatePool` of the product's
     lease book: ``sample`` draws up to ``k`` devices idle and available at ``now``, uniformly at
-    random (:meth:`Fleet.sample_idle_devices`), none of ``exclude`` (the leaseholders)."""
+    random (:meth:`Fleet.sample_idle_devices`), none of ``exclude`` (the leaseholders) nor any
+    ``admits`` refuses (the core's :meth:`~edgefl.aggregation.AggregationCore.privacy_admits`,
+    as the aggregator's lease desk: no lease for a device central DP would refuse)."""
 
     fleet: Fleet
     busy: _Busy
+    admits: Callable[[str], bool] | None = None
 
     def sample(
         self, k: int, *, rng: np.random.Generator, exclude: Container[str], now: float
     ) -> list[str]:
         self.busy.now = now
-        picked = self.fleet.sample_idle_devices(k, now, rng, _Excluding(self.busy, exclude))
+        picked = self.fleet.sample_idle_devices(
+            k, now, rng, _Excluding(self.busy, exclude, self.admits)
+        )
         return [str(d) for d in picked]
 
     def take(self, devices: Iterable[str]) -> None:
@@ -449,15 +459,22 @@ class VirtualSimulator:
             self.busy.until.pop(tr.device, None)
             self.ledger.work(Work.DEADLINE, self.t - tr.start_t)
 
+    def _admits(self) -> Callable[[str], bool] | None:
+        """Central DP: the core's admissibility, which the lease draw skips devices by."""
+        return self.core.privacy_admits if self.cfg.privacy is not None else None
+
     def _wait_for_devices(self) -> None:
         """Wake the scheduler at the next moment a device can become idle and available:
         the earliest end of a device's time away, the earliest start of an availability window
-        (:meth:`Fleet.next_available_any`) or the next lease expiry; no sooner than
+        of a device central DP admits (:meth:`Fleet.next_available_any`; one refused for now,
+        its update in the buffer, is admitted again by a flush, i.e. an arrival, which
+        schedules anyway) or the next lease expiry; no sooner than
         :data:`MIN_WAKE_S`."""
         t = self.t
         wake = min((u for u in self.busy.until.values() if t < u < math.inf), default=math.inf)
         self.busy.now = t
-        wake = min(wake, self.sc.fleet.next_available_any(t, self.busy, WAKE_SCAN))
+        skip = _Excluding(self.busy, (), self._admits())  # central DP: capped for good
+        wake = min(wake, self.sc.fleet.next_available_any(t, skip, WAKE_SCAN))
         expiry = None if self.schedule.leases is None else self.schedule.leases.next_expiry()
         if expiry is not None:
             wake = min(wake, expiry)
@@ -732,7 +749,7 @@ class VirtualSimulator:
             lease_s = self.cfg.lease_s or LEASE_FACTOR * self._auto_deadline()
             config = ParticipationConfig(concurrency=self.cfg.concurrency, lease_s=lease_s)
             self.schedule.leases = LeaseBook(config, rng=self.rng)
-            self.schedule.pool = FleetPool(self.sc.fleet, self.busy)
+            self.schedule.pool = FleetPool(self.sc.fleet, self.busy, self._admits())
             self._fill()
         else:
             self.schedule.round_deadline_s = self.cfg.round_deadline_s or self._auto_deadline()
