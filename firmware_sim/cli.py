@@ -30,6 +30,7 @@ import typer
 
 from edgefl.aggregation import Normalisation, RobustMode
 from edgefl.clierror import ConfigError, UsageError
+from edgefl.privacy.local import LocalDP
 from edgefl.training import LocalTrainConfig
 from firmware_sim import validate as check
 from firmware_sim.attacks import AttackConfig, AttackKind
@@ -245,7 +246,8 @@ def sim_config_from_options(o: SimOptions) -> SimConfig:
             max_wall_s=(limits.max_time or 600.0) if mode == "live" else None,
             max_updates=limits.max_updates,
             seed=limits.seed,
-            privacy=privacy,
+            privacy=None if isinstance(privacy, LocalDP) else privacy,
+            local_dp=privacy if isinstance(privacy, LocalDP) else None,
         )
     except (ValueError, KeyError) as exc:  # a combination the checks above do not cover
         raise UsageError(f"bad combination of options: {exc}") from None
@@ -327,25 +329,29 @@ def _check_attack_and_defence(o: AttackOptions) -> tuple[AttackConfig, RobustMod
     return AttackConfig(fraction=o.malicious, kind=attack_kind, scale=o.attack_scale), robust
 
 
-DP_FORMS = "central:z=Z,C=C[,eps=E][,delta=D][,cap=N][,accountant=rdp|pld][,seed=S] | off"
-"""What ``--dp`` accepts: :func:`edgefl.privacy.parse_dp`'s text, the aggregator's ``--dp``."""
+DP_FORMS = (
+    "central:z=Z,C=C[,eps=E][,delta=D][,cap=N][,accountant=rdp|pld][,seed=S] "
+    "| local:[gaussian|laplace,]eps=E,C=C[,delta=D][,budget=B] | off"
+)
+"""What ``--dp`` accepts: :func:`edgefl.privacy.parse_dp`'s text (the aggregator's ``--dp``
+for central DP, the agent's ``[privacy] dp`` for local DP)."""
 
 
 def _check_dp(
     o: SimOptions, algo: Algorithm, robust: RobustMode
-) -> tuple[CentralDP | None, Normalisation, str]:
+) -> tuple[CentralDP | LocalDP | None, Normalisation, str]:
     """``--dp`` (parsed by :func:`edgefl.privacy.parse_dp`, as ``edgefl aggregator --dp``) and
     the normalisation and norm bound of the run.
 
-    Without DP: ``mean`` and ``auto`` unless given. With central DP the defaults are what the
-    aggregator's ``--dp`` makes them (``sum``, ``off``), and a setting central DP's sensitivity
-    argument does not hold under is a usage error naming it (docs/PRIVACY.md): FedAvg, ``mean``,
-    an adaptive norm bound, a robust mode. ``local:`` is refused: the device agent adds no local
-    noise, so neither simulator could honour it."""
+    Without DP or with local DP (noise added on the device: any aggregation is
+    post-processing): ``mean`` and ``auto`` unless given. With central DP the defaults are what
+    the aggregator's ``--dp`` makes them (``sum``, ``off``), and a setting central DP's
+    sensitivity argument does not hold under is a usage error naming it (docs/PRIVACY.md):
+    FedAvg, ``mean``, an adaptive norm bound, a robust mode."""
     normalisation, norm_bound = o.training.normalisation, o.attack.norm_bound
     dp = None if o.dp is None else _parse_dp(o.dp)
-    if dp is None:
-        return None, normalisation or _DEFAULT.normalisation, norm_bound or _DEFAULT.norm_bound
+    if dp is None or isinstance(dp, LocalDP):
+        return dp, normalisation or _DEFAULT.normalisation, norm_bound or _DEFAULT.norm_bound
     why = "differential privacy (--dp) needs"
     if algo is Algorithm.FEDAVG:
         raise UsageError(f"--algorithm fedavg with --dp: {why} --algorithm fedbuff")
@@ -367,9 +373,9 @@ def _check_dp(
     return dp, Normalisation.SUM, norm_bound or "off"
 
 
-def _parse_dp(text: str) -> CentralDP | None:
+def _parse_dp(text: str) -> CentralDP | LocalDP | None:
     from edgefl.extras import install_hint
-    from edgefl.privacy import LocalDP, parse_dp
+    from edgefl.privacy import LocalSpend, parse_dp
 
     try:
         dp = check.parsed("--dp", text, parse_dp, DP_FORMS)
@@ -377,10 +383,9 @@ def _parse_dp(text: str) -> CentralDP | None:
         raise ConfigError(
             f"--dp needs the dp-accounting package ({exc}): {install_hint('sim')}"
         ) from None
-    if isinstance(dp, LocalDP):
+    if isinstance(dp, LocalDP) and not dp.may_train(LocalSpend()):
         raise UsageError(
-            f"--dp: {text!r} is local DP, which the simulators cannot run (the device agent "
-            "adds no local noise); expected central:... or off"
+            f"--dp: budget {dp.budget_epsilon:g} allows no update of epsilon {dp.epsilon:g}"
         )
     return dp
 
@@ -648,8 +653,8 @@ def sim_command(
         str | None,
         typer.Option(
             "--dp",
-            help="Central differential privacy at the aggregator: central:z=1,C=1,eps=8 "
-            "(docs/PRIVACY.md). [off]",
+            help="Differential privacy: central:z=1,C=1,eps=8 (noise at the aggregator) or "
+            "local:gaussian,eps=1,C=1,budget=20 (noise on every device) (docs/PRIVACY.md). [off]",
         ),
     ] = None,
 ) -> None:

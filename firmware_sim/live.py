@@ -68,6 +68,7 @@ from firmware_sim.live_devices import (
     sigint_blocked,
     worker_main,
 )
+from firmware_sim.local_dp import REFUSED_KEY, from_totals
 from firmware_sim.progress import Sample
 from firmware_sim.record import Mode, RunRecord
 from firmware_sim.scenario import Scenario, SimConfig, build_scenario
@@ -255,9 +256,13 @@ class _Poller:
         self.received = 0
         self.bytes = 0
         self.evaluated: set[int] = set()
+        self.dp_version = -1
 
     def poll(self, aggregator: Aggregator, t: float) -> None:
         st = aggregator.statistics()
+        if st.privacy is not None and st.version != self.dp_version:  # central DP: ε per version
+            self.dp_version = st.version
+            self.record.dp_flush(t, st.version, st.privacy)
         new_received = st.received - self.received
         per_update = (st.bytes_ingested - self.bytes) // new_received if new_received > 0 else 0
         for s, n in st.staleness.items():
@@ -750,6 +755,7 @@ def _result(
     ending: _Ending,
 ) -> LiveResult:
     """Close the record and sum up the run."""
+    _record_local_dp(run.config, record, ending.totals)
     ev = record.evals()
     wall = ending.wall_s
     record.finish(
@@ -777,6 +783,12 @@ def _result(
         connected_at_end=watch.connected,
         agents_rss_mb=ending.agents_rss_mb,
     )
+
+
+def _record_local_dp(config: SimConfig, record: RunRecord, totals: dict[str, int]) -> None:
+    """Local DP: the devices' ε from their agents' ledgers (none when no agent ran here)."""
+    if config.local_dp is not None and REFUSED_KEY in totals:
+        record.set_local_dp(from_totals(config.local_dp, totals, config.devices).to_json())
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:

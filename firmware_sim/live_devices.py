@@ -38,6 +38,7 @@ from device_agent.config import (
     CodecPrefs,
     DataConfig,
     DataKind,
+    PrivacyConfig,
     ProbeConfig,
     SpoolConfig,
     TrainingLimits,
@@ -45,8 +46,10 @@ from device_agent.config import (
 from device_agent.dataset import LocalDataset
 from device_agent.eligibility import DeviceSnapshot, EligibilityPolicy, MeteredSource
 from device_agent.trainer import TrainJob, TrainResult
+from edgefl.privacy.spec import dp_to_text
 from firmware_sim.attacks import apply_attack
 from firmware_sim.fleet import Fate
+from firmware_sim.local_dp import histogram_totals
 from firmware_sim.scenario import Scenario, SimConfig, build_scenario
 from firmware_sim.seeding import MASK64
 
@@ -283,6 +286,7 @@ def _agent_config(
         spool=SpoolConfig(durable=False),
         state_dir=root / device_id(device),
         profile=profile,
+        privacy=PrivacyConfig(dp_to_text(cfg.local_dp)),  # local DP: the agent's own
     )
 
 
@@ -433,6 +437,8 @@ class DeviceGroup:
             out["withdrawals"] += part.withdrawals
             out["leases_received"] += part.leases_received
             out["leases_unused"] += part.leases_unused
+            if st.local_privacy is not None:  # local DP: summable as counts (local_dp.py)
+                out.update(histogram_totals([st.local_privacy.updates], st.local_privacy.refused))
         self._view, self._view_at = GroupView(dict(states), dict(out)), now
         return self._view
 

@@ -15,7 +15,9 @@ never produces an update: record it with :meth:`RunRecord.dropout` (or :meth:`Ru
 A run with central differential privacy also records, after every flush, the ε spent so far
 (:meth:`RunRecord.dp_flush`, from the core's :class:`~edgefl.privacy.PrivacyStatistics` or a
 server state's :class:`~edgefl.protocol.messages.CentralPrivacy`): the report plots accuracy
-against ε, and the summary carries the final ε, δ, z, C and participations.
+against ε, and the summary carries the final ε, δ, z, C and participations. A run with local
+differential privacy records the devices' ε at the end (:meth:`RunRecord.set_local_dp`, a
+:class:`firmware_sim.local_dp.LocalDpSummary` as JSON).
 """
 
 from __future__ import annotations
@@ -352,6 +354,7 @@ class RunRecord:
     _dropouts: _DeviceEvents = field(default_factory=_DeviceEvents, repr=False)
     _crashes: _DeviceEvents = field(default_factory=_DeviceEvents, repr=False)
     _privacy: _PrivacyColumns = field(default_factory=_PrivacyColumns, repr=False)
+    _local_dp: dict[str, Any] | None = field(default=None, repr=False)
     utilisation: dict[str, Any] | None = field(default=None, repr=False)
     bottleneck: str | None = None
     slot_series: SlotSeries | None = field(default=None, repr=False)
@@ -405,6 +408,10 @@ class RunRecord:
         grow from flush to flush); ``None`` (DP off) records nothing."""
         if figures is not None:
             self._privacy.append(t, version, figures)
+
+    def set_local_dp(self, figures: dict[str, Any]) -> None:
+        """Local DP: the devices' ε at the end of the run (the summary's ``local_privacy``)."""
+        self._local_dp = dict(figures)
 
     def set_utilisation(
         self, utilisation: dict[str, Any], bottleneck: str, series: SlotSeries
@@ -485,6 +492,8 @@ class RunRecord:
           ``participation_cap``, ``participation_max``, ``devices``,
           ``participation_histogram`` (participations -> devices), ``accountant``, the number
           of ``flushes``, and ``epsilon_to_target``, the ε spent when the target was reached.
+        * ``local_privacy`` under local DP (:meth:`set_local_dp`): the mechanism, the per-update
+          ε, the devices' largest and mean total ε, updates, exhausted budgets and refusals.
         """
         ev = self.evals()
         up = self.updates()
@@ -506,6 +515,7 @@ class RunRecord:
             "wall_time_s": self.wall_time_s,
             **self._utilisation(),
             **self._privacy_summary(ev, target_accuracy),
+            **({} if self._local_dp is None else {"local_privacy": dict(self._local_dp)}),
             "config": self.config,
         }
 

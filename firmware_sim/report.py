@@ -237,6 +237,16 @@ def summary_lines(records: list[RunRecord], target: float, summary: dict[str, An
                 f" (z {dp['noise_multiplier']:g}, C {dp['clip_norm']:g}),"
                 f" max {dp['participation_max']}/{dp['participation_cap']} flushes per device"
             )
+        local = s.get("local_privacy")
+        if local is not None:
+            budget = "no budget" if local["budget"] is None else f"budget {local['budget']:g}"
+            lines.append(
+                f"  {s['label']} local DP ({local['mechanism']}, ε {local['epsilon_per_update']:g}"
+                f" per update, C {local['clip_norm']:g}): devices' ε max"
+                f" {local['epsilon_max']:.3g}, mean {local['epsilon_mean']:.3g} at δ"
+                f" {local['delta']:g}; {budget}, {local['exhausted']} devices exhausted,"
+                f" {local['refused']} trainings refused"
+            )
     if summary.get("speedup_vs_fedavg") is not None:
         lines.append(
             f"FedBuff speed-up vs FedAvg (time to target): {summary['speedup_vs_fedavg']:.2f}x"

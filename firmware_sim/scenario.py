@@ -42,6 +42,7 @@ from edgefl.codec import CodecConfig, Quantization
 from edgefl.data import Dataset, load_dataset, partition
 from edgefl.models.spec import ModelSpec, get_model_spec, init_weights_numpy
 from edgefl.privacy.central import CentralDP
+from edgefl.privacy.local import LocalDP
 from edgefl.training import LocalTrainConfig
 from firmware_sim.attacks import AttackConfig, malicious_mask
 from firmware_sim.fleet import Fleet
@@ -159,6 +160,7 @@ class SimConfig:
     seed: int = 0
     threads: int = 1
     privacy: CentralDP | None = None  # central DP at the simulated aggregator (docs/PRIVACY.md)
+    local_dp: LocalDP | None = None  # local DP on every device (firmware_sim/local_dp.py)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "algorithm", Algorithm(self.algorithm))

@@ -78,6 +78,7 @@ from edgefl.participation import LeaseBook, LeaseVerdict, ParticipationConfig
 from edgefl.training import evaluate, train_many
 from firmware_sim.attacks import apply_attack
 from firmware_sim.fleet import Fate, Fleet
+from firmware_sim.local_dp import FleetLocalDP
 from firmware_sim.record import Mode, RunRecord
 from firmware_sim.scenario import (
     Scenario,
@@ -184,8 +185,11 @@ class _Busy:
     def __init__(self) -> None:
         self.until: dict[int, float] = {}
         self.now = 0.0
+        self.retired: Container[object] = ()  # for good: local DP budget spent
 
     def __contains__(self, device: object) -> bool:
+        if device in self.retired:
+            return True
         until = self.until.get(device)  # type: ignore[call-overload]
         if until is None:
             return False
@@ -213,30 +217,40 @@ class _Schedule:
 
 
 class _Excluding:
-    """``busy``, plus the devices (ids as text) that ``exclude`` holds."""
+    """``busy``, plus the devices (ids as text) that ``exclude`` holds or ``admits`` refuses."""
 
-    def __init__(self, busy: _Busy, exclude: Container[str]) -> None:
+    def __init__(
+        self, busy: _Busy, exclude: Container[str], admits: Callable[[str], bool] | None
+    ) -> None:
         self.busy = busy
         self.exclude = exclude
+        self.admits = admits
 
     def __contains__(self, device: object) -> bool:
-        return device in self.busy or str(device) in self.exclude
+        if device in self.busy or str(device) in self.exclude:
+            return True
+        return self.admits is not None and not self.admits(str(device))
 
 
 @dataclass(eq=False)
 class FleetPool:
     """The virtual fleet as the :class:`~edgefl.participation.CandidatePool` of the product's
     lease book: ``sample`` draws up to ``k`` devices idle and available at ``now``, uniformly at
-    random (:meth:`Fleet.sample_idle_devices`), none of ``exclude`` (the leaseholders)."""
+    random (:meth:`Fleet.sample_idle_devices`), none of ``exclude`` (the leaseholders) nor any
+    ``admits`` refuses (the core's :meth:`~edgefl.aggregation.AggregationCore.privacy_admits`,
+    as the aggregator's lease desk: no lease for a device central DP would refuse)."""
 
     fleet: Fleet
     busy: _Busy
+    admits: Callable[[str], bool] | None = None
 
     def sample(
         self, k: int, *, rng: np.random.Generator, exclude: Container[str], now: float
     ) -> list[str]:
         self.busy.now = now
-        picked = self.fleet.sample_idle_devices(k, now, rng, _Excluding(self.busy, exclude))
+        picked = self.fleet.sample_idle_devices(
+            k, now, rng, _Excluding(self.busy, exclude, self.admits)
+        )
         return [str(d) for d in picked]
 
     def take(self, devices: Iterable[str]) -> None:
@@ -329,6 +343,8 @@ class VirtualSimulator:
         self.flight = _InFlight()
         self.base_cache: tuple[int, NDArray[np.float32]] | None = None
         self.residuals: dict[int, Residual | None] = {}
+        self.local_dp = None if cfg.local_dp is None else FleetLocalDP(cfg.local_dp, cfg.seed)
+        self.busy.retired = () if self.local_dp is None else self.local_dp.exhausted
         self.tally = _Tally()
         self.compute = _ComputeStats()
         self.wall0 = 0.0
@@ -443,15 +459,22 @@ class VirtualSimulator:
             self.busy.until.pop(tr.device, None)
             self.ledger.work(Work.DEADLINE, self.t - tr.start_t)
 
+    def _admits(self) -> Callable[[str], bool] | None:
+        """Central DP: the core's admissibility, which the lease draw skips devices by."""
+        return self.core.privacy_admits if self.cfg.privacy is not None else None
+
     def _wait_for_devices(self) -> None:
         """Wake the scheduler at the next moment a device can become idle and available:
         the earliest end of a device's time away, the earliest start of an availability window
-        (:meth:`Fleet.next_available_any`) or the next lease expiry; no sooner than
+        of a device central DP admits (:meth:`Fleet.next_available_any`; one refused for now,
+        its update in the buffer, is admitted again by a flush, i.e. an arrival, which
+        schedules anyway) or the next lease expiry; no sooner than
         :data:`MIN_WAKE_S`."""
         t = self.t
         wake = min((u for u in self.busy.until.values() if t < u < math.inf), default=math.inf)
         self.busy.now = t
-        wake = min(wake, self.sc.fleet.next_available_any(t, self.busy, WAKE_SCAN))
+        skip = _Excluding(self.busy, (), self._admits())  # central DP: capped for good
+        wake = min(wake, self.sc.fleet.next_available_any(t, skip, WAKE_SCAN))
         expiry = None if self.schedule.leases is None else self.schedule.leases.next_expiry()
         if expiry is not None:
             wake = min(wake, expiry)
@@ -513,6 +536,8 @@ class VirtualSimulator:
         rng = np.random.default_rng([self.cfg.seed & MASK64, _STREAM_TRAIN, tr.tid])
         if self.sc.malicious[tr.device]:
             delta = apply_attack(delta, self.cfg.attack, rng)
+        if self.local_dp is not None:  # clip + noise on the device (firmware_sim/local_dp.py)
+            delta = self.local_dp.release(tr.device, delta)
         residual = self.residuals.get(tr.device)
         encoded, new_residual = encode_update(delta, self.codec, rng=rng, residual=residual)
         if self.codec.topk_fraction is not None:
@@ -743,7 +768,7 @@ class VirtualSimulator:
             lease_s = self.cfg.lease_s or LEASE_FACTOR * self._auto_deadline()
             config = ParticipationConfig(concurrency=self.cfg.concurrency, lease_s=lease_s)
             self.schedule.leases = LeaseBook(config, rng=self.rng)
-            self.schedule.pool = FleetPool(self.sc.fleet, self.busy)
+            self.schedule.pool = FleetPool(self.sc.fleet, self.busy, self._admits())
             self._fill()
         else:
             self.schedule.round_deadline_s = self.cfg.round_deadline_s or self._auto_deadline()
@@ -761,6 +786,8 @@ class VirtualSimulator:
         self._finish_ledger()
         if self.tally.applied != self.tally.applied_at_eval:
             self._evaluate()  # the final model, unless it was just evaluated
+        if self.local_dp is not None:
+            self.record.set_local_dp(self.local_dp.summary(self.cfg.devices).to_json())
         wall = time.perf_counter() - self.wall0
         self.record.finish(
             wall_time_s=wall, model_versions=self.version, final_accuracy=self.tally.last_accuracy

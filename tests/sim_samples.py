@@ -9,7 +9,7 @@ from edgefl.privacy import CentralDP
 from firmware_sim.scenario import SimConfig
 
 
-def private_sim_config(privacy: CentralDP, **fields: Any) -> SimConfig:
+def private_sim_config(privacy: CentralDP | None, **fields: Any) -> SimConfig:
     """FedBuff under central DP (``sum`` normalisation, no adaptive norm bound) on 8 lab devices
     with digits, K = 2, C = 4, 40 updates, the target ignored; ``fields`` override any field."""
     values: dict[str, Any] = {
