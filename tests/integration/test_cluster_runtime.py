@@ -33,7 +33,12 @@ from waiting import eventually
 
 from firmware_sim.fake_sysfs import write_fake_sysfs
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.slow,
+    pytest.mark.heavy,
+    pytest.mark.timeout(300),
+]
 
 K = 3
 

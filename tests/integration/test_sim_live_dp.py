@@ -14,7 +14,7 @@ from firmware_sim.live import LiveOptions, run_live
 from firmware_sim.local_dp import epsilon_after
 from firmware_sim.scenario import SimConfig
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 
 @pytest.mark.slow

@@ -251,6 +251,7 @@ def test_demo_stops_cleanly(marker: str, sig: signal.Signals, tmp_path: Path) ->
 
 @needs_mosquitto
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_demo_in_a_pipe_prints_progress_and_the_summary(tmp_path: Path) -> None:
     report = tmp_path / "report"
     run = Run.start(

@@ -36,6 +36,7 @@ def _speedup_and_update_ratio(cfg: SimConfig) -> tuple[float, float]:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_the_default_fleet_shows_fedbuff_twice_as_fast_within_the_update_budget() -> None:
     speedup, updates = _speedup_and_update_ratio(SimConfig(seed=7))
     assert speedup >= 2.0
@@ -43,6 +44,7 @@ def test_the_default_fleet_shows_fedbuff_twice_as_fast_within_the_update_budget(
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_the_lab_fleet_keeps_fedbuff_four_times_as_fast() -> None:
     # `edgefl sim --compare fedbuff,fedavg --seed 7 --profile lab`: 4.73x with K = 3
     speedup, updates = _speedup_and_update_ratio(SimConfig(seed=7, profile="lab"))
