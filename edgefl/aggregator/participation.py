@@ -198,7 +198,7 @@ class LeaseDesk:
         if device not in self.pool and self.book.holder(device) is None:
             return False
         self.pool.withdraw(device)
-        self.book.release(device, redeemable=True)
+        self.book.release(device)
         self._gone(device)
         self._checkins["presence_gone"] += 1
         return True

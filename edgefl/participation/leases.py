@@ -7,11 +7,14 @@ lease valid ``lease_s`` from its grant. A lease ends in exactly one way:
 * **completed**: its update arrived (:meth:`LeaseBook.complete` says ``VALID``, or ``LATE``
   within ``grace_s`` after expiry);
 * **released**: the device gave it back (a withdrawal), or its presence went away
-  (:meth:`LeaseBook.release`); the slot is free at once. A lease lost with the device's
-  presence (not given back) stays *redeemable* until it would have expired (plus ``grace_s``),
-  even when the device holds a newer one: an agent SIGKILLed between spooling its update and
-  delivering it comes back, checks in and resends, and the work it finished under the lease is
-  accepted (``LATE``), once. A withdrawn lease is gone (``NO_LEASE``);
+  (:meth:`LeaseBook.release`); the slot is free at once. A released lease stays *redeemable*
+  until it would have expired (plus ``grace_s``), even when the device holds a newer one: an
+  update the device finished under it before letting go is accepted (``LATE``), once. Two
+  cases need it: an agent SIGKILLed between spooling its update and delivering it comes back,
+  checks in and resends; an agent that delivered its update to a broker which then died with
+  it, and stopped being eligible meanwhile (it withdraws on reconnecting, then resends). The
+  slot count is unaffected (the slot was freed at the release); a device never redeems more
+  leases than it was granted;
 * **expired**: ``lease_s`` passed (:meth:`LeaseBook.expire`); the slot is free again, and an
   update under it that arrives later than the grace is refused (``EXPIRED``).
 
@@ -111,7 +114,7 @@ class LeaseBook:
         self._leases: dict[str, Lease] = {}
         self._expiries: list[tuple[float, int, str]] = []
         self._recent: dict[str, Lease] = {}  # device -> its last lease that expired (grace)
-        self._returned: dict[int, Lease] = {}  # lease id -> lost with presence, redeemable
+        self._returned: dict[int, Lease] = {}  # lease id -> released, redeemable once
         self._next_id = 1
         self._granted = 0
         self._ended: Counter[str] = Counter()
@@ -222,15 +225,14 @@ class LeaseBook:
             self._recent.pop(device, None)  # one update per lease
         return verdict
 
-    def release(self, device: str, *, redeemable: bool = False) -> Lease | None:
-        """``device``'s lease ends at once and its slot is free: it withdrew (the lease is gone),
-        or ``redeemable``: its presence went away, and an update it finished under the lease
-        may still come, once, until the lease would have expired (module doc)."""
+    def release(self, device: str) -> Lease | None:
+        """``device``'s lease ends at once and its slot is free (it withdrew, or its presence
+        went away); an update it finished under the lease may still come, once, until the
+        lease would have expired (module doc)."""
         lease = self._leases.get(device)
         if lease is not None:
             self._end(device, _Ended.RELEASED)
-            if redeemable:
-                self._returned[lease.lease_id] = lease
+            self._returned[lease.lease_id] = lease
         self._recent.pop(device, None)
         return lease
 

@@ -43,7 +43,6 @@ import contextlib
 import dataclasses
 import itertools
 import logging
-import random
 import secrets
 import time
 from collections.abc import AsyncGenerator, Iterable, Iterator
@@ -57,6 +56,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edgefl.lifecycle import AsyncLifecycle
+from edgefl.transport._backoff import Backoff
 from edgefl.transport._connect import ConnectAbandoned, ConnectJob
 from edgefl.transport._inbound import Counters, InboundQueue
 from edgefl.transport._paho import BufferedClient, SocketDriver, make_client, ssl_context
@@ -82,8 +82,6 @@ from edgefl.transport.config import BrokerUrl, MqttConfig, MqttProtocol
 
 log = logging.getLogger("edgefl.transport")
 
-_STABLE_AFTER = 10.0
-"""A connection that lived this long resets the reconnect backoff."""
 _DISCONNECT_GRACE = 2.0
 """A graceful close waits at most this long for the broker (ping barrier, then DISCONNECT)."""
 _BARRIER_GRACE = 1.0
@@ -465,16 +463,19 @@ class MqttTransport(AsyncLifecycle):
 
     async def _supervise(self) -> None:
         cfg = self._config
-        delay = cfg.reconnect_min_delay
+        backoff = Backoff(cfg.reconnect_min_delay, cfg.reconnect_max_delay)
         failed_in_row = 0  # failed attempts since the last connection (for the node list)
         try:
             while not self._life.closing:
-                started = time.monotonic()
                 try:
                     outcome = await self._attempt()
                     if outcome is _Attempt.CONNECTED:
                         failed_in_row = 0
-                        await self._serve_connection()
+                        connected_at = time.monotonic()
+                        try:
+                            await self._serve_connection()
+                        finally:
+                            backoff.connection_ended(time.monotonic() - connected_at)
                 except Exception:  # never let the supervisor die: that would strand the transport
                     log.exception("%s: connection supervisor error", self._client_id)
                     self._drop_socket("supervisor error")
@@ -490,14 +491,11 @@ class MqttTransport(AsyncLifecycle):
                     if failed_in_row % len(self._nodes.urls):
                         log.info("%s: trying the next node, %s", self._client_id, self._node_url)
                         continue
-                if time.monotonic() - started >= _STABLE_AFTER:
-                    delay = cfg.reconnect_min_delay
-                pause = random.uniform(delay / 2, delay)
+                pause = backoff.pause()
                 log.debug("%s: reconnecting in %.2fs", self._client_id, pause)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(pause):
                         await self._life.closing_event.wait()
-                delay = min(delay * 2, cfg.reconnect_max_delay)
         finally:
             if not self._attempt_state.in_executor:
                 self._drop_socket("transport closed")

@@ -195,33 +195,53 @@ def test_at_most_c_leases_and_a_completion_frees_a_slot(tmp_path: Path) -> None:
     run_with_leases(tmp_path, scenario, concurrency=2, buffer_size=10)
 
 
-@pytest.mark.parametrize(
-    ("how", "ended", "refused"),
-    [("withdraw", "released", "no_lease"), ("expire", "expired", "lease_expired")],
-)
-def test_a_lost_lease_frees_its_slot_and_a_late_update_under_it_is_refused(
-    tmp_path: Path, how: str, ended: str, refused: str
+def test_an_expired_lease_frees_its_slot_and_an_update_under_it_is_refused(
+    tmp_path: Path,
 ) -> None:
-    """pi-1 withdraws (its lease is released at once), or never delivers (the expiry timer
-    frees the slot): pi-2 gets the slot, and pi-1's update under the old lease is refused
-    with a final, receipted reason."""
+    """pi-1 never delivers: the expiry timer frees the slot, pi-2 gets it, and pi-1's update
+    under the expired lease is refused with a final, receipted reason."""
 
     async def scenario(h: Harness, fleet: Fleet) -> None:
         await fleet.check_in("pi-1")
         await until(lambda: len(fleet.leases) == 1)
         await fleet.check_in("pi-2")
-        if how == "withdraw":
-            await fleet.check_in("pi-1", available=False)
         await until(lambda: fleet.lease_of("pi-2") is not None)
-        assert dict(participation(h).ended) == {ended: 1}
+        assert dict(participation(h).ended) == {"expired": 1}
         await fleet.send("pi-1", 0, fleet.leases[0].lease_id)
         s = await h.until(lambda s: s.received == 1)
-        assert s.rejected == {refused: 1}
+        assert s.rejected == {"lease_expired": 1}
         await until(lambda: receipt(h.broker, "pi-1") is not None)
-        assert dict(receipt(h.broker, "pi-1").rejected) == {0: refused}  # type: ignore[union-attr]
+        assert dict(receipt(h.broker, "pi-1").rejected) == {0: "lease_expired"}  # type: ignore[union-attr]
 
-    lease_s = 1.0 if how == "expire" else 600.0
-    run_with_leases(tmp_path, scenario, concurrency=1, lease_s=lease_s, lease_grace=0.0)
+    run_with_leases(tmp_path, scenario, concurrency=1, lease_s=1.0, lease_grace=0.0)
+
+
+def test_a_withdrawal_frees_the_slot_and_an_update_finished_before_it_counts_once(
+    tmp_path: Path,
+) -> None:
+    """The chaos case of a broker dying with an acknowledged update: pi-1 finished its update
+    under its lease, the broker lost it, and pi-1 withdrew (unplugged) before resending it. The
+    withdrawal frees the slot at once (pi-2 gets it); the resent update is accepted once
+    (``late``), a second one under the same lease is refused."""
+
+    async def scenario(h: Harness, fleet: Fleet) -> None:
+        await fleet.check_in("pi-1")
+        await until(lambda: len(fleet.leases) == 1)
+        await fleet.check_in("pi-2")
+        await fleet.check_in("pi-1", available=False)
+        await until(lambda: fleet.lease_of("pi-2") is not None)
+        assert dict(participation(h).ended) == {"released": 1}
+        await fleet.send("pi-1", 0, fleet.leases[0].lease_id)
+        await fleet.send("pi-1", 1, fleet.leases[0].lease_id)
+        s = await h.until(lambda s: s.received == 2)
+        assert s.rejected == {"no_lease": 1}
+        await until(lambda: (r := receipt(h.broker, "pi-1")) is not None and bool(r.rejected))
+        r = receipt(h.broker, "pi-1")
+        assert r is not None
+        assert (r.through, dict(r.rejected)) == (0, {1: "no_lease"})  # seq 0 committed
+        assert dict(participation(h).verdicts) == {"late": 1, "no_lease": 1}
+
+    run_with_leases(tmp_path, scenario, concurrency=1, lease_s=600.0, lease_grace=0.0)
 
 
 # --------------------------------------------------------------------------- restarts

@@ -125,8 +125,8 @@ def test_release_frees_the_slot_at_once() -> None:
 
     assert b.release(lease.device) == lease
     assert b.in_flight == 0
-    assert b.check(lease.device, lease.lease_id, 1.0) is LeaseVerdict.NO_LEASE  # given back
     assert len(b.grant(1.0, pool, version=0)) == 1
+    assert b.check("b", lease.lease_id, 1.0) is LeaseVerdict.NO_LEASE  # not b's
 
 
 def test_a_released_lease_is_redeemable_once_until_it_expires_even_under_a_newer_one() -> None:
@@ -134,7 +134,7 @@ def test_a_released_lease_is_redeemable_once_until_it_expires_even_under_a_newer
     back, checks in, is granted a new lease, and resends the update of the old one."""
     b, pool = book(1, lease_s=100.0, grace=0.1), pool_of("a")
     (old,) = b.grant(0.0, pool, version=0)
-    b.release("a", redeemable=True)
+    b.release("a")
     pool.check_in("a", 5.0)
     (new,) = b.grant(5.0, pool, version=1)
 
@@ -147,7 +147,7 @@ def test_a_released_lease_is_redeemable_once_until_it_expires_even_under_a_newer
 def test_a_released_lease_dies_with_its_expiry_and_survives_a_restart() -> None:
     b, pool = book(1, lease_s=100.0, grace=0.1), pool_of("a", "b")
     (lease,) = b.grant(0.0, pool, version=0)
-    b.release(lease.device, redeemable=True)
+    b.release(lease.device)
 
     again = LeaseBook(b.config, rng=np.random.default_rng(1), state=b.snapshot())
 
