@@ -133,6 +133,7 @@ def run_demo(
             "wall_s": time.monotonic() - started,
             "live_updates_per_s": result.updates_per_s,
             "rss_mb": result.rss_mb,
+            "trainings_per_stack": _per_stack(result.agent_totals),
             **({} if yardstick is None else yardstick.fields()),
         },
     )
@@ -237,6 +238,12 @@ def _estimate_line(estimate: Estimate, target: float) -> str:
         f"{line} (virtual fleet seconds x time scale {estimate.time_scale:g}; "
         "the live FedBuff time above is measured)"
     )
+
+
+def _per_stack(totals: dict[str, int]) -> float | None:
+    """Mean trainings per stacked pass in the worker processes (firmware_sim/stacked_compute.py)."""
+    stacks = totals.get("training_stacks", 0)
+    return round(totals.get("trainings_computed", 0) / stacks, 2) if stacks else None
 
 
 def _say(out: TextIO, text: str) -> None:

@@ -47,11 +47,13 @@ from device_agent.dataset import LocalDataset
 from device_agent.eligibility import DeviceSnapshot, EligibilityPolicy, MeteredSource
 from device_agent.trainer import TrainJob, TrainResult
 from edgefl.privacy.spec import dp_to_text
+from edgefl.training import LocalTrainConfig
 from firmware_sim.attacks import apply_attack
 from firmware_sim.fleet import Fate
 from firmware_sim.local_dp import histogram_totals
 from firmware_sim.scenario import Scenario, SimConfig, build_scenario
 from firmware_sim.seeding import MASK64
+from firmware_sim.stacked_compute import StackedCompute, TrainingRequest
 
 if TYPE_CHECKING:
     from multiprocessing.queues import Queue as MpQueue
@@ -95,9 +97,7 @@ class _Shared:
         self.lock = threading.Lock()
         self.away_until: dict[int, float] = {}
         self.events: list[tuple[str, float, int]] = []  # ("dropout"|"crash", t, device)
-        self.compute = concurrent.futures.ThreadPoolExecutor(
-            max_workers=max(1, options.train_threads), thread_name_prefix="edgefl-sim-train"
-        )
+        self.compute = StackedCompute(threads=max(1, options.train_threads))
 
     def virtual_now(self) -> float:
         return (time.monotonic() - self.t0) / self.options.time_scale
@@ -231,16 +231,7 @@ class SimTrainer:
                 self._wait_abort(should_stop)
             return None
         started = time.monotonic()
-        future = sh.compute.submit(self._compute, job, should_stop)
-        result = future.result()
-        if result is None or not self._sleep(duration - (time.monotonic() - started), should_stop):
-            return None
-        return result
-
-    def _compute(self, job: TrainJob, should_stop: Callable[[], bool]) -> TrainResult | None:
-        from edgefl.training import LocalTrainConfig, train_local
-
-        res = train_local(
+        request = TrainingRequest(
             job.spec,
             job.base_weights,
             job.data.x_train,
@@ -248,10 +239,10 @@ class SimTrainer:
             LocalTrainConfig(
                 epochs=job.epochs, batch_size=job.batch_size, lr=job.lr, seed=job.seed
             ),
-            should_stop=should_stop,
-            threads=1,
+            should_stop,
         )
-        if res.stopped_early:
+        res = sh.compute.submit(request).result()
+        if res is None or not self._sleep(duration - (time.monotonic() - started), should_stop):
             return None
         delta = res.delta
         sc = self._shared.sc
@@ -439,6 +430,8 @@ class DeviceGroup:
             out["leases_unused"] += part.leases_unused
             if st.local_privacy is not None:  # local DP: summable as counts (local_dp.py)
                 out.update(histogram_totals([st.local_privacy.updates], st.local_privacy.refused))
+        stacked = self.shared.compute.statistics()  # stacked_compute.py: the CPU-side batching
+        out["training_stacks"], out["trainings_computed"] = stacked.stacks, stacked.trainings
         self._view, self._view_at = GroupView(dict(states), dict(out)), now
         return self._view
 
@@ -457,7 +450,7 @@ class DeviceGroup:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         self.executor.shutdown(wait=False, cancel_futures=True)
-        self.shared.compute.shutdown(wait=False, cancel_futures=True)
+        self.shared.compute.shutdown()
 
 
 # ----------------------------------------------------------------------------- workers
