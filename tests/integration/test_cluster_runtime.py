@@ -127,7 +127,7 @@ async def test_the_runtime_on_three_nodes_survives_the_death_of_a_devices_node(
         await agg_task
 
     applied = aggregator.statistics().applied
-    receipted = sum(a.statistics().receipted for a in agents.values())
+    receipted = sum(a.statistics().delivery.receipted for a in agents.values())
     assert applied == receipted  # nothing accepted lost, nothing counted twice
     assert applied >= (version + 2) * K
     assert all(a.statistics().dropped == {} for a in agents.values())
