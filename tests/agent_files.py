@@ -13,6 +13,20 @@ import pytest
 from device_agent.config import AgentConfig, BrokerConfig, DataConfig, DataKind, ProbeConfig
 from device_agent.eligibility import EligibilityPolicy, MeteredSource
 
+MINIMAL_AGENT_TOML = """
+fleet = "greenhouse"
+device_id = "pi-07"
+
+[broker]
+url = "mqtt://broker.local:1883"
+
+[data]
+kind = "npz"
+path = "data/train.npz"
+"""
+"""The smallest valid agent file: fleet, device id, broker URL and data; the data path is
+relative to the file."""
+
 
 def agent_config(
     tmp: Path, url: str, *, fleet: str, device: str, state_dir: Path, **fields: Any

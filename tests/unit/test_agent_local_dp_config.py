@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from agent_files import run_edgefl
+from agent_files import MINIMAL_AGENT_TOML, run_edgefl
 
 from device_agent.config import ConfigError, PrivacyConfig, load_config
 from device_agent.local_privacy import LEDGER_FILE, LocalPrivacyLedger, report_of
@@ -18,22 +18,10 @@ from edgefl.privacy import LocalDP, LocalMechanism, LocalSpend, may_train
 from edgefl.privacy.local import updates_left
 from edgefl.protocol.messages import DeviceState, DeviceStatus, decode_message, encode_message
 
-BASE = """
-fleet = "greenhouse"
-device_id = "pi-07"
-
-[broker]
-url = "mqtt://broker.local:1883"
-
-[data]
-kind = "npz"
-path = "train.npz"
-"""
-
 
 def test_privacy_section_gives_local_dp(tmp_path: Path) -> None:
     path = tmp_path / "agent.toml"
-    path.write_text(BASE + '\n[privacy]\ndp = "local:laplace,eps=2,C=1,budget=20"\n')
+    path.write_text(MINIMAL_AGENT_TOML + '\n[privacy]\ndp = "local:laplace,eps=2,C=1,budget=20"\n')
 
     cfg = load_config(path, env={}, overrides={})
     from_env = load_config(
