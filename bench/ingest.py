@@ -220,7 +220,7 @@ def aggregator_proc(
         faults0 = minor_faults()
         ready.put(True)
         # done when every packet is acknowledged: its update is committed (durable)
-        while agg.statistics().acked < total_packets:  # noqa: ASYNC110  (polling the counters)
+        while agg.statistics().commits.acked < total_packets:  # noqa: ASYNC110  (polling the counters)
             await asyncio.sleep(0.01)  # statistics() is not free: poll gently
         finished = time.time()
         cpu = {k: v - cpu0.get(k, 0.0) for k, v in thread_cpu_s().items()}
@@ -228,10 +228,10 @@ def aggregator_proc(
         s = agg.statistics()
         agg.stop()
         await task
-        receipts = (agg.statistics().receipts_sent, agg.statistics().receipts_dropped)
+        receipts = (agg.statistics().receipts.sent, agg.statistics().receipts.dropped)
         result.put(
-            (finished, s.applied, dict(s.rejected), s.version, s.batches, vm_hwm_mb(), rss_ready,
-             cpu, faults, receipts)
+            (finished, s.applied, dict(s.rejected), s.version, s.commits.batches, vm_hwm_mb(),
+             rss_ready, cpu, faults, receipts)
         )  # fmt: skip
 
     asyncio.run(main())

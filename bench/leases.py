@@ -103,7 +103,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         agg.stop()
         await task
     trips = sorted(counts.round_trips)
-    messages = counts.checkins + counts.leases + counts.updates + s.receipts_sent
+    messages = counts.checkins + counts.leases + counts.updates + s.receipts.sent
     tau = s.staleness
     return {
         "devices": args.devices,

@@ -127,7 +127,9 @@ from edgefl.transport import (
 __all__ = [
     "AbortReason",
     "AgentStatistics",
+    "DeliveryStatistics",
     "DeviceAgent",
+    "TrainingStatistics",
     "TransportFactory",
     "mqtt_transport_factory",
 ]
@@ -150,6 +152,31 @@ it trains without knowing whether leases are required (see ``undecided_wait``)."
 
 
 @dataclass(frozen=True)
+class TrainingStatistics:
+    """Local trainings since :meth:`DeviceAgent.run`: started, completed, aborted by reason, and
+    the last local accuracy measured (kept on the device)."""
+
+    started: int = 0
+    completed: int = 0
+    aborted: dict[str, int] = field(default_factory=dict)
+    last_accuracy: float | None = None
+
+
+@dataclass(frozen=True)
+class DeliveryStatistics:
+    """Update delivery under receipts: spooled updates sent and waiting for the aggregator's
+    receipt, sends of an update after its first (timeouts, reconnects), updates a receipt
+    reported committed (and deleted), receipted rejections by RejectReason value, and whether
+    receipts are in use (None: "auto", server state not seen yet)."""
+
+    awaiting_receipt: int = 0
+    resends: int = 0
+    receipted: int = 0
+    receipt_rejected: dict[str, int] = field(default_factory=dict)
+    receipts: bool | None = None
+
+
+@dataclass(frozen=True)
 class AgentStatistics:
     """A snapshot of what the agent did. Counters are totals since :meth:`DeviceAgent.run`."""
 
@@ -163,19 +190,12 @@ class AgentStatistics:
     reasons: tuple[str, ...]
     updates_sent: int
     spool_depth: int
-    trainings_started: int
-    trainings_completed: int
-    trainings_aborted: dict[str, int]
-    last_local_accuracy: float | None
+    training: TrainingStatistics
     manifests_accepted: int
     rejected: dict[str, int]  # inbound rejections by RejectReason value
     dropped: dict[str, int]  # updates lost: spool_full, spool_corrupt, encode_failed
     connections: int
-    awaiting_receipt: int = 0  # spooled updates sent and waiting for the aggregator's receipt
-    resends: int = 0  # sends of an update after its first (timeouts, reconnects)
-    receipted: int = 0  # updates a receipt reported committed (and deleted)
-    receipt_rejected: dict[str, int] = field(default_factory=dict)  # by RejectReason value
-    receipts: bool | None = None  # receipts in use (None: "auto", server state not seen yet)
+    delivery: DeliveryStatistics = field(default_factory=DeliveryStatistics)
     participation: ParticipationStatistics = field(default_factory=ParticipationStatistics)
     local_privacy: LocalPrivacyReport | None = None  # local DP's epsilon (None: local DP off)
 
@@ -427,19 +447,23 @@ class DeviceAgent:
             reasons=self._reasons(),
             updates_sent=counts.updates_sent,
             spool_depth=0 if store is None else len(store.spool),
-            trainings_started=counts.trainings_started,
-            trainings_completed=counts.trainings_completed,
-            trainings_aborted=dict(counts.aborted),
-            last_local_accuracy=counts.last_accuracy,
+            training=TrainingStatistics(
+                counts.trainings_started,
+                counts.trainings_completed,
+                dict(counts.aborted),
+                counts.last_accuracy,
+            ),
             manifests_accepted=counts.manifests_accepted,
             rejected=dict(counts.rejected),
             dropped=dict(counts.dropped),
             connections=counts.connections,
-            awaiting_receipt=self._delivery.tracker.awaiting,
-            resends=counts.resends,
-            receipted=counts.receipted,
-            receipt_rejected=dict(counts.receipt_rejected),
-            receipts=self._receipts_active(),
+            delivery=DeliveryStatistics(
+                self._delivery.tracker.awaiting,
+                counts.resends,
+                counts.receipted,
+                dict(counts.receipt_rejected),
+                self._receipts_active(),
+            ),
             participation=self._leases.statistics(),
             local_privacy=None if self._work.privacy is None else self._work.privacy.report(),
         )

@@ -8,6 +8,8 @@ runs, so ``edgefl --help`` works on an install without the ``cryptography`` pack
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Annotated
@@ -39,6 +41,20 @@ def _provision_module() -> ModuleType:
             f"edgefl provision needs the 'cryptography' package: {install_hint('security')}"
         ) from None
     return provision
+
+
+@contextlib.contextmanager
+def _cli_errors(provision: ModuleType) -> Iterator[None]:
+    """The CLI's errors of a provisioning step: a refused request is a UsageError, a problem
+    of the ``--out`` tree a ConfigError."""
+    try:
+        yield
+    except provision.ProvisionUsageError as exc:
+        raise UsageError(str(exc)) from None
+    except provision.ProvisionError as exc:
+        raise ConfigError(f"--out: {exc}") from None
+    except (ValueError, EdgeflError) as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _check_name(option: str, value: str) -> None:
@@ -100,7 +116,7 @@ def init_command(
             raise UsageError(f"--broker-host {host!r}: expected a host name or IP address")
     _check_out(out)
     provision = _provision_module()
-    try:
+    with _cli_errors(provision):
         layout = provision.init_fleet(
             out,
             fleet,
@@ -110,12 +126,6 @@ def init_command(
             broker_dir=broker_dir,
             force=force,
         )
-    except provision.ProvisionUsageError as exc:
-        raise UsageError(str(exc)) from None
-    except provision.ProvisionError as exc:
-        raise ConfigError(f"--out: {exc}") from None
-    except (ValueError, EdgeflError) as exc:
-        raise UsageError(str(exc)) from None
     typer.echo(f"fleet {fleet!r} provisioned in {layout.root}")
     typer.echo(
         f"  broker:     copy {layout.broker_dir}/ to the broker host; mosquitto.conf uses it"
@@ -145,16 +155,10 @@ def device_command(
     _check_name("--device", device)
     _check_out(out)
     provision = _provision_module()
-    try:
+    with _cli_errors(provision):
         bundle = provision.add_device(
             out, device, client_cert=client_cert, force=force, data_path=data_path
         )
-    except provision.ProvisionUsageError as exc:
-        raise UsageError(str(exc)) from None
-    except provision.ProvisionError as exc:
-        raise ConfigError(f"--out: {exc}") from None
-    except (ValueError, EdgeflError) as exc:
-        raise UsageError(str(exc)) from None
     typer.echo(f"device {device!r} provisioned (signing key id {bundle.key_id})")
     typer.echo(f"  bundle:     copy {bundle.directory}/ to /etc/edgefl/ on the device")
     typer.echo(f"  aggregator: {bundle.public_key_file} (picked up automatically)")

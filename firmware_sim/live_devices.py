@@ -417,11 +417,11 @@ class DeviceGroup:
             st = agent.statistics()
             states[st.status.value if st.connected else "offline"] += 1
             out["updates_sent"] += st.updates_sent
-            out["receipted"] += st.receipted
-            out["trainings_started"] += st.trainings_started
-            out["trainings_completed"] += st.trainings_completed
+            out["receipted"] += st.delivery.receipted
+            out["trainings_started"] += st.training.started
+            out["trainings_completed"] += st.training.completed
             out["connected"] += int(st.connected)
-            for k, v in st.trainings_aborted.items():
+            for k, v in st.training.aborted.items():
                 out[f"aborted:{k}"] += v
             part = st.participation
             out["check_ins"] += part.check_ins

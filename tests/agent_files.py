@@ -8,8 +8,24 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from device_agent.config import AgentConfig, BrokerConfig, DataConfig, DataKind, ProbeConfig
 from device_agent.eligibility import EligibilityPolicy, MeteredSource
+
+MINIMAL_AGENT_TOML = """
+fleet = "greenhouse"
+device_id = "pi-07"
+
+[broker]
+url = "mqtt://broker.local:1883"
+
+[data]
+kind = "npz"
+path = "data/train.npz"
+"""
+"""The smallest valid agent file: fleet, device id, broker URL and data; the data path is
+relative to the file."""
 
 
 def agent_config(
@@ -60,3 +76,18 @@ throttle = false
 {sections}"""
     )
     return path
+
+
+def run_edgefl(
+    args: list[str], env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> tuple[int, str, str]:
+    """``edgefl <args>`` in-process through the one error path, with ``env`` set:
+    (exit code, stdout, stderr)."""
+    from edgefl.cli import main
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    out = capsys.readouterr()
+    return int(stop.value.code or 0), out.out, out.err

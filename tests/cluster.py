@@ -28,6 +28,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
@@ -312,6 +313,24 @@ class NatsCluster:
             if time.monotonic() > deadline:
                 raise BrokerStartError(f"MQTT never came up on {node.url}:\n{node.log_tail()}")
             time.sleep(0.2)
+
+
+def running_cluster(directory: Path, *, netns: bool) -> Iterator[NatsCluster]:
+    """A fixture's body: three NATS nodes under ``directory`` (on loopback ports, or each on a
+    host of its own with ``netns``), closed after the test. Fails (never skips) when
+    nats-server or network namespaces are missing."""
+    import pytest  # here: bench/cluster_relay.py imports this module without pytest
+
+    if find_nats_server() is None:
+        pytest.fail("nats-server is not installed: apt-get install nats-server (Debian package)")
+    if netns and not netns_available():
+        pytest.fail("network namespaces need root and iproute2 (`ip netns`)")
+    cluster = NatsCluster(directory, netns=netns)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.close()
 
 
 def _healthy(node: NatsNode) -> bool:

@@ -9,7 +9,14 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from edgefl.protocol.messages import CentralPrivacy, ModelFormat, ModelManifest, UpdateHeader
+from edgefl.protocol.messages import (
+    CentralPrivacy,
+    ModelFormat,
+    ModelManifest,
+    ServerState,
+    ServerStatus,
+    UpdateHeader,
+)
 
 CREATED_AT = 1_700_000_000.0
 
@@ -65,3 +72,21 @@ def central_privacy(**fields: Any) -> CentralPrivacy:
         "participation_histogram": {1: 4, 2: 3, 3: 2, 4: 1},
     }
     return CentralPrivacy(**{**values, **fields})
+
+
+def server_state(**fields: Any) -> ServerState:
+    """The retained state of an online aggregator of fleet ``lab``: session 1, version 0,
+    buffer 0/5, nothing applied, started at 1.0, published at 2.0; ``fields`` override any
+    field."""
+    values: dict[str, Any] = {
+        "fleet": "lab",
+        "status": ServerStatus.ONLINE,
+        "session": 1,
+        "version": 0,
+        "buffer_fill": 0,
+        "buffer_size": 5,
+        "applied": 0,
+        "started_at": 1.0,
+        "at": 2.0,
+    }
+    return ServerState(**{**values, **fields})

@@ -243,8 +243,8 @@ def stats_families(s: AggregatorStatistics) -> list[Metric]:
         _gauge(MODEL_VERSION, s.version),
         _gauge(BUFFERED, s.buffer_fill),
         _gauge(BUFFER_CAPACITY, s.buffer_size),
-        _gauge(HELD_CHUNKS, s.pending_acks),
-        _gauge(CONNECTED, 1 if s.connected else 0),
+        _gauge(HELD_CHUNKS, s.commits.pending_acks),
+        _gauge(CONNECTED, 1 if s.link.connected else 0),
     ]
     if s.last_accuracy is not None:
         families.append(_gauge(ACCURACY, s.last_accuracy))
@@ -252,15 +252,15 @@ def stats_families(s: AggregatorStatistics) -> list[Metric]:
         _counter(RECEIVED, s.received),
         _counter(APPLIED, s.applied),
         _labelled_counter(REJECTED, s.rejected, (r.value for r in RejectReason)),
-        _counter(DISCARDED, s.discarded),
+        _counter(DISCARDED, s.rounds.discarded),
         _counter(INGESTED, s.bytes_ingested),
         _counter(STEPS, s.steps),
-        _labelled_counter(ROUNDS, s.rounds, (r.value for r in RoundStatus)),
-        _counter(COMMITS, s.batches),
-        _counter(ACKED, s.acked),
-        _counter(RECEIPTS_SENT, s.receipts_sent),
-        _counter(RECEIPTS_DROPPED, s.receipts_dropped),
-        _counter(RECONNECTS, s.reconnects),
+        _labelled_counter(ROUNDS, s.rounds.by_status, (r.value for r in RoundStatus)),
+        _counter(COMMITS, s.commits.batches),
+        _counter(ACKED, s.commits.acked),
+        _counter(RECEIPTS_SENT, s.receipts.sent),
+        _counter(RECEIPTS_DROPPED, s.receipts.dropped),
+        _counter(RECONNECTS, s.link.reconnects),
         _staleness(STALENESS, s.staleness),
     ]
     return families + _participation_families(s) + _privacy_families(s)

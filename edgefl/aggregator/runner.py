@@ -49,7 +49,7 @@ def status_line(aggregator: Aggregator) -> str:
     if aggregator.phase is not Phase.RUNNING:
         return str(aggregator.phase)
     s = aggregator.statistics()
-    link = "connected" if s.connected else "disconnected, reconnecting"
+    link = "connected" if s.link.connected else "disconnected, reconnecting"
     p = s.participation
     leases = "" if p is None else f", leases {p.in_flight}/{p.concurrency}"
     dp = s.privacy
@@ -96,7 +96,7 @@ class _SignalStop:
         log.info("%s: stopping (%s)", signum.name, self.aggregator.phase)
         self.notifier.stopping(f"stopping ({signum.name})")
         self.aggregator.stop()
-        serving = self.ready.is_set() and self.aggregator.statistics().connected
+        serving = self.ready.is_set() and self.aggregator.statistics().link.connected
         if self.count > 1 or not serving:
             self.run_task.cancel()  # nothing to finish gracefully without a broker
         elif self._deadline is None:

@@ -64,7 +64,14 @@ from edgefl.aggregator.publish import Release, RetainedChunks
 from edgefl.aggregator.publisher import Publisher
 from edgefl.aggregator.receipts import ReceiptQueue, ReceiptSender
 from edgefl.aggregator.statelock import StateDirLock
-from edgefl.aggregator.stats import AggregatorStatistics, VersionRecord
+from edgefl.aggregator.stats import (
+    AggregatorStatistics,
+    CommitStatistics,
+    LinkStatistics,
+    ReceiptStatistics,
+    RoundStatistics,
+    VersionRecord,
+)
 from edgefl.aggregator.store import LoadedState, StateMismatch, StateStore, seen_lookup
 from edgefl.aggregator.tally import Tally
 from edgefl.errors import EdgeflError
@@ -281,17 +288,14 @@ class Aggregator:
             staleness=dict(sorted(totals.staleness.items())),
             last_accuracy=builder.last_accuracy,
             steps=totals.steps,
-            discarded=engine.discarded,
-            rounds=engine.rounds,
-            pending_acks=builder.held_packets,
-            batches=self._batches,
-            acked=ts.acked if ts else 0,
-            connected=bool(ts and ts.connected),
-            reconnects=ts.reconnects if ts else 0,
+            rounds=RoundStatistics(engine.rounds, engine.discarded),
+            commits=CommitStatistics(self._batches, ts.acked if ts else 0, builder.held_packets),
+            link=LinkStatistics(bool(ts and ts.connected), ts.reconnects if ts else 0),
             session=session,
             started_at=started_at,
-            receipts_sent=receipts.sender.sent if receipts else 0,
-            receipts_dropped=receipts.sender.queue.dropped if receipts else 0,
+            receipts=ReceiptStatistics(receipts.sender.sent, receipts.sender.queue.dropped)
+            if receipts
+            else ReceiptStatistics(),
             participation=self._running.desk.statistics()
             if self._running is not None and self._running.desk is not None
             else None,
@@ -914,10 +918,10 @@ def _server_metrics(fleet: str, s: AggregatorStatistics) -> ServerMetrics:
         accuracy=s.last_accuracy,
         extra={
             "steps": s.steps,
-            "pending_acks": s.pending_acks,
+            "pending_acks": s.commits.pending_acks,
             "session": s.session,
-            "receipts_sent": s.receipts_sent,
-            "receipts_dropped": s.receipts_dropped,
+            "receipts_sent": s.receipts.sent,
+            "receipts_dropped": s.receipts.dropped,
             **_participation_extra(s),
             **_privacy_extra(s),
         },

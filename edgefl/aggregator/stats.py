@@ -8,7 +8,51 @@ from dataclasses import dataclass, field
 from edgefl.aggregator.participation import LeaseDeskStatistics
 from edgefl.privacy import PrivacyStatistics
 
-__all__ = ["AggregatorStatistics", "VersionRecord"]
+__all__ = [
+    "AggregatorStatistics",
+    "CommitStatistics",
+    "LinkStatistics",
+    "ReceiptStatistics",
+    "RoundStatistics",
+    "VersionRecord",
+]
+
+
+@dataclass(frozen=True)
+class CommitStatistics:
+    """The group-commit pipeline of this process: batches committed, update packets
+    acknowledged to the broker after their commit, chunk packets held until their update
+    completes."""
+
+    batches: int = 0
+    acked: int = 0
+    pending_acks: int = 0
+
+
+@dataclass(frozen=True)
+class LinkStatistics:
+    """The broker connection of this process."""
+
+    connected: bool = False
+    reconnects: int = 0  # MQTT reconnections
+
+
+@dataclass(frozen=True)
+class ReceiptStatistics:
+    """Receipts of this process: published (PUBACKed), and dropped from the full queue (cost:
+    a resend)."""
+
+    sent: int = 0
+    dropped: int = 0
+
+
+@dataclass(frozen=True)
+class RoundStatistics:
+    """FedAvg rounds by status, and the accepted updates dropped with failed rounds (empty and
+    0 under FedBuff)."""
+
+    by_status: Mapping[str, int] = field(default_factory=dict)
+    discarded: int = 0
 
 
 @dataclass(frozen=True)
@@ -29,17 +73,12 @@ class AggregatorStatistics:
     staleness: Mapping[int, int] = field(default_factory=dict)  # accepted updates by staleness
     last_accuracy: float | None = None
     steps: int = 0  # versions created by this state dir
-    discarded: int = 0  # FedAvg: accepted updates dropped with failed rounds
-    rounds: Mapping[str, int] = field(default_factory=dict)  # FedAvg rounds by status
-    pending_acks: int = 0  # chunk packets held until their update completes
-    batches: int = 0  # group commits done by this process
-    acked: int = 0  # update packets acknowledged to the broker (after their commit), this process
-    connected: bool = False
-    reconnects: int = 0  # MQTT reconnections of this process
+    rounds: RoundStatistics = field(default_factory=RoundStatistics)  # FedAvg
+    commits: CommitStatistics = field(default_factory=CommitStatistics)
+    link: LinkStatistics = field(default_factory=LinkStatistics)
     session: int = 0
     started_at: float = 0.0
-    receipts_sent: int = 0  # receipts published (PUBACKed), this process
-    receipts_dropped: int = 0  # receipts dropped from the full queue (cost: a resend), this process
+    receipts: ReceiptStatistics = field(default_factory=ReceiptStatistics)
     participation: LeaseDeskStatistics | None = None  # leases (None: participation is off)
     privacy: PrivacyStatistics | None = None  # central DP: epsilon, z, C, counts (None: off)
 

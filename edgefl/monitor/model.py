@@ -69,6 +69,7 @@ from .decode import (
 from .participation import with_participation
 from .privacy import privacy_view
 from .snapshot import (
+    AggregatorTimes,
     AggregatorView,
     ConnectionView,
     DeviceView,
@@ -386,9 +387,11 @@ class FleetModel:
             staleness=dict(sorted(metrics.staleness.items())) if metrics is not None else {},
             accuracy=metrics.accuracy if metrics is not None else None,
             accuracy_history=history,
-            started_at=state.started_at if state is not None else None,
-            state_at=state.at if state is not None else None,
-            metrics_at=metrics.at if metrics is not None else None,
+            times=AggregatorTimes(
+                started_at=state.started_at if state is not None else None,
+                state_at=state.at if state is not None else None,
+                metrics_at=metrics.at if metrics is not None else None,
+            ),
             observed_updates_per_s=observed,
             privacy=privacy_view(state),
         )

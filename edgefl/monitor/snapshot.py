@@ -16,6 +16,7 @@ from typing import Any
 from .broker_stats import BrokerStatsView
 
 __all__ = [
+    "AggregatorTimes",
     "AggregatorView",
     "ConnectionView",
     "DeviceView",
@@ -31,14 +32,24 @@ __all__ = [
 
 
 _PLAIN = frozenset({str, int, float, bool, type(None)})
+INLINE: Mapping[str, object] = {"json": "inline"}
+"""Field metadata: the nested record's keys stand in its parent's JSON object, in its place."""
 
 
 def to_jsonable(value: Any) -> Any:
-    """Plain JSON types from dataclasses, enums, tuples and mappings (keys become strings)."""
+    """Plain JSON types from dataclasses, enums, tuples and mappings (keys become strings). A
+    dataclass field marked :data:`INLINE` contributes its own fields, not an object."""
     if type(value) in _PLAIN:  # exact types: enums (str/int subclasses) go below
         return value
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(value):
+            item = to_jsonable(getattr(value, f.name))
+            if f.metadata.get("json") == "inline":
+                out.update(item)
+            else:
+                out[f.name] = item
+        return out
     if isinstance(value, Enum):
         return value.value
     if isinstance(value, Mapping):
@@ -166,6 +177,16 @@ class PrivacyView:
 
 
 @dataclass(frozen=True)
+class AggregatorTimes:
+    """When the aggregator's state dir started (``ServerState.started_at``) and when its latest
+    ``server/state`` and ``server/metrics`` were sent (None: not seen)."""
+
+    started_at: float | None = None
+    state_at: float | None = None
+    metrics_at: float | None = None
+
+
+@dataclass(frozen=True)
 class AggregatorView:
     """Aggregator figures: ``server/state`` (retained) merged with the latest ``server/metrics``.
 
@@ -190,9 +211,8 @@ class AggregatorView:
     accuracy: float | None = None
     accuracy_history: tuple[tuple[int, float], ...] = ()
     """``(version, accuracy)`` pairs, oldest first, one per version (bounded)."""
-    started_at: float | None = None
-    state_at: float | None = None
-    metrics_at: float | None = None
+    times: AggregatorTimes = field(default_factory=AggregatorTimes, metadata=INLINE)
+    """In JSON, its keys stand in this object (``started_at``, ``state_at``, ``metrics_at``)."""
     observed_updates_per_s: float = 0.0
     participation: ParticipationView | None = None  # a leasing aggregator (protocol 1.2)
     privacy: PrivacyView | None = None  # central differential privacy on (protocol 1.2)

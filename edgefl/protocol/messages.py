@@ -247,6 +247,17 @@ def _layout(value: Any, num_params: Any) -> tuple[tuple[TensorSpec, ...], int]:
 # update
 
 
+def _check_update_identity(h: UpdateHeader | SecAggShareHeader) -> None:
+    """The fields an UPDATE and a SECAGG_SHARE header both carry: who sent which update, trained
+    on which version, on how many examples, of which model."""
+    f.name(h.fleet, "fleet")
+    f.name(h.device_id, "device_id")
+    f.integer(h.seq, "seq")
+    f.integer(h.base_version, "base_version")
+    f.integer(h.num_examples, "num_examples")
+    f.name(h.model, "model")
+
+
 @dataclass(frozen=True)
 class UpdateHeader(_Message):
     """Header of an UPDATE envelope; the payload is the codec body of ``delta``.
@@ -271,13 +282,8 @@ class UpdateHeader(_Message):
     lease_id: int | None = None  # the lease it was trained under (1.2)
 
     def __post_init__(self) -> None:
-        f.name(self.fleet, "fleet")
-        f.name(self.device_id, "device_id")
-        f.integer(self.seq, "seq")
+        _check_update_identity(self)
         f.opt_integer(self.lease_id, "lease_id")
-        f.integer(self.base_version, "base_version")
-        f.integer(self.num_examples, "num_examples")
-        f.name(self.model, "model")
         _set(self, "codec", f.json_object(self.codec, "codec"))
         layout, _ = _layout(self.layout, self.num_params)
         _set(self, "layout", layout)
@@ -856,12 +862,7 @@ class SecAggShareHeader(_Message):
     lease_id: int | None = None
 
     def __post_init__(self) -> None:
-        f.name(self.fleet, "fleet")
-        f.name(self.device_id, "device_id")
-        f.integer(self.seq, "seq")
-        f.integer(self.base_version, "base_version")
-        f.integer(self.num_examples, "num_examples")
-        f.name(self.model, "model")
+        _check_update_identity(self)
         f.integer(self.num_params, "num_params", minimum=1)
         _secagg_bits(self.bits)
         _set(self, "created_at", f.timestamp(self.created_at, "created_at"))

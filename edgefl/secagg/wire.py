@@ -13,6 +13,7 @@ Both are signed when a signer is given, as an UPDATE is. Roles' side: ``coord_*`
 from __future__ import annotations
 
 import base64
+import dataclasses
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -131,27 +132,15 @@ def build_share_envelopes(
         bits=spec.bits,
     )
     shares = make_shares(encoded, spec, helper_public, context)
+    bound = dataclasses.asdict(context)  # both headers carry what the seed is bound to
     share = SecAggShareHeader(
-        fleet=meta.fleet,
-        device_id=meta.device_id,
-        seq=meta.seq,
+        **bound,
         base_version=meta.base_version,
         num_examples=meta.num_examples,
-        model=meta.model,
-        num_params=num_params,
-        bits=spec.bits,
         created_at=meta.created_at,
         lease_id=meta.lease_id,
     )
-    seed = SecAggSeedHeader(
-        fleet=meta.fleet,
-        device_id=meta.device_id,
-        seq=meta.seq,
-        model=meta.model,
-        num_params=num_params,
-        bits=spec.bits,
-        created_at=meta.created_at,
-    )
+    seed = SecAggSeedHeader(**bound, created_at=meta.created_at)
     share_env = encode_message(share, shares.masked, signer=signer)
     seed_env = encode_message(seed, shares.sealed, signer=signer)
     return ShareEnvelopes(share_env, seed_env)

@@ -104,7 +104,7 @@ async def test_the_broker_and_the_aggregator_see_only_the_noised_update(
     assert state.local_epsilon_budget == 5.0
     assert "privacy_budget_spent" in state.reasons
     assert state.local_accuracy is None
-    assert agent.statistics().trainings_started == 1
+    assert agent.statistics().training.started == 1
 
 
 def _digits() -> LocalDataset:

@@ -229,7 +229,7 @@ async def unplug_mid_training(
     await eventually(lambda: watch.status() == "training")
     write_tree(device.fs, mains=False)
     agent.check_now()
-    await eventually(lambda: agent.statistics().trainings_aborted.get("ineligible") == 1, 10)
+    await eventually(lambda: agent.statistics().training.aborted.get("ineligible") == 1, 10)
 
 
 async def test_eligibility_over_fake_sysfs_and_abort_mid_training_publishes_nothing(
@@ -275,7 +275,7 @@ async def test_eligibility_over_fake_sysfs_and_abort_mid_training_publishes_noth
     # Assert
     assert seen["after_abort_received"] == ("0",)
     stats = agent.statistics()
-    assert stats.trainings_aborted == {"ineligible": 1}
-    assert stats.trainings_completed == 1
+    assert stats.training.aborted == {"ineligible": 1}
+    assert stats.training.completed == 1
     assert stats.updates_sent == 1
     assert agg.statistics().received == 1

@@ -83,6 +83,6 @@ async def test_paused_aggregator_and_broker_sigkill_account_every_update_exactly
     stats = agent.statistics()
     # every update was receipted; the counter once read 311 for 300 under load (a settlement
     # counted twice, not yet explained: the durable state above is exact)
-    assert stats.receipted >= N
+    assert stats.delivery.receipted >= N
     assert stats.spool_depth == 0
-    assert stats.resends >= 1  # the kill lost acknowledged updates: they were sent again
+    assert stats.delivery.resends >= 1  # the kill lost acknowledged updates: they were sent again

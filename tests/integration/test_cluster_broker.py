@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from cluster import NatsCluster, find_nats_server, netns_available
+from cluster import NatsCluster, running_cluster
 from waiting import eventually
 
 from edgefl.protocol.messages import ModelFormat, ModelManifest, decode_message, encode_message
@@ -34,29 +34,16 @@ FLEET = "f1"
 FAST = {"protocol": MqttProtocol.V311, "reconnect_min_delay": 0.2, "reconnect_max_delay": 1.0}
 
 
-def _cluster(tmp_path: Path, *, netns: bool) -> Iterator[NatsCluster]:
-    if find_nats_server() is None:
-        pytest.fail("nats-server is not installed: apt-get install nats-server (Debian package)")
-    if netns and not netns_available():
-        pytest.fail("network namespaces need root and iproute2 (`ip netns`)")
-    cluster = NatsCluster(tmp_path / "nats", netns=netns)
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.close()
-
-
 @pytest.fixture
 def nats_cluster(tmp_path: Path) -> Iterator[NatsCluster]:
     """Three NATS nodes on loopback ports."""
-    yield from _cluster(tmp_path, netns=False)
+    yield from running_cluster(tmp_path / "nats", netns=False)
 
 
 @pytest.fixture(params=[False, True], ids=["loopback", "netns"])
 def any_cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[NatsCluster]:
     """Three NATS nodes, on loopback and on three hosts (network namespaces)."""
-    yield from _cluster(tmp_path, netns=bool(request.param))
+    yield from running_cluster(tmp_path / "nats", netns=bool(request.param))
 
 
 def _manifest(version: int) -> ModelManifest:

@@ -27,7 +27,7 @@ from typing import Any
 
 import fleet_parts
 import pytest
-from cluster import NatsCluster, find_nats_server, netns_available
+from cluster import NatsCluster, running_cluster
 from test_monitor_fleet import FLEET, MODEL, agent, monitor_once
 from waiting import eventually
 
@@ -46,16 +46,7 @@ K = 3
 @pytest.fixture
 def nats(tmp_path: Path) -> Iterator[NatsCluster]:
     """Three NATS nodes, each on a host (network namespace) of its own."""
-    if find_nats_server() is None:
-        pytest.fail("nats-server is not installed: apt-get install nats-server (Debian package)")
-    if not netns_available():
-        pytest.fail("network namespaces need root and iproute2 (`ip netns`)")
-    cluster = NatsCluster(tmp_path / "nats", netns=True)
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.close()
+    yield from running_cluster(tmp_path / "nats", netns=True)
 
 
 async def monitor_on_nats(url: str) -> dict[str, Any]:
@@ -127,7 +118,7 @@ async def test_the_runtime_on_three_nodes_survives_the_death_of_a_devices_node(
         await agg_task
 
     applied = aggregator.statistics().applied
-    receipted = sum(a.statistics().receipted for a in agents.values())
+    receipted = sum(a.statistics().delivery.receipted for a in agents.values())
     assert applied == receipted  # nothing accepted lost, nothing counted twice
     assert applied >= (version + 2) * K
     assert all(a.statistics().dropped == {} for a in agents.values())

@@ -87,5 +87,5 @@ async def test_broker_sigkill_with_a_backlog_loses_no_acknowledged_update(
     assert sorted(recorded) == [(DEVICE, seq) for seq in range(N)]
     assert set(recorded.values()) == {1}
     stats = agent.statistics()
-    assert stats.receipted == N
-    assert stats.resends >= 1  # the kill lost acknowledged updates: they were sent again
+    assert stats.delivery.receipted == N
+    assert stats.delivery.resends >= 1  # the kill lost acknowledged updates: they were sent again

@@ -240,7 +240,7 @@ async def test_forged_models_and_forged_or_replayed_updates_are_rejected_by_runn
             (genuine,) = [m for m in captured if "/update/" in m.topic]
             await attack_with_device_password(fleet, genuine, thief)
             await eventually(lambda: aggregator.statistics().rejected_total >= 5, 20)
-            assert aggregator.statistics().connected
+            assert aggregator.statistics().link.connected
 
             # 3. stolen aggregator password: forged model v7 and a tampered genuine manifest
             (genuine_manifest,) = [m for m in captured if m.topic == manifest_topic(FLEET)][:1]

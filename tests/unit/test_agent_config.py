@@ -7,6 +7,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from agent_files import MINIMAL_AGENT_TOML
 
 from device_agent.config import (
     AgentConfig,
@@ -20,17 +21,7 @@ from device_agent.eligibility import MeteredSource, TimeWindow
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "device_agent" / "examples" / "agent.toml"
 
-MINIMAL = """
-fleet = "greenhouse"
-device_id = "pi-07"
-
-[broker]
-url = "mqtt://broker.local:1883"
-
-[data]
-kind = "npz"
-path = "data/train.npz"
-"""
+MINIMAL = MINIMAL_AGENT_TOML
 
 
 def write(tmp_path: Path, text: str, name: str = "agent.toml") -> Path:

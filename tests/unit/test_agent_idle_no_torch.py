@@ -79,7 +79,7 @@ SCRIPT = textwrap.dedent(
         await run
         s = agent.statistics()
         print("model", s.model_version, "reasons", ",".join(s.reasons))
-        print("trainings", s.trainings_started)
+        print("trainings", s.training.started)
 
     asyncio.run(main())
     print("torch loaded" if "torch" in sys.modules else "torch not loaded")

@@ -137,7 +137,7 @@ async def test_checks_in_waits_for_a_slot_and_trains_once_per_lease(tmp_path: Pa
         await eventually(lambda: len(on(seen, CHECKINS)) == 1)
         await eventually(lambda: device_state(broker).waiting_for_slot is True)
         await asyncio.sleep(0.5)
-        assert agent.statistics().trainings_started == 0
+        assert agent.statistics().training.started == 0
         assert "slot" in agent._status_line()  # systemd's status says so too
         # Act 2: two leases on the same version, one after the other
         grant(broker, 5)
@@ -154,7 +154,7 @@ async def test_checks_in_waits_for_a_slot_and_trains_once_per_lease(tmp_path: Pa
     assert [(h.seq, h.base_version, h.lease_id) for h in (h1, h2)] == [(0, 0, 5), (1, 0, 6)]
     assert bytes(body1) != bytes(body2)  # two leases, two seeds: two different trainings
     stats = agent.statistics()
-    assert stats.trainings_completed == 2
+    assert stats.training.completed == 2
     assert stats.participation.leases_received == 2
     assert stats.participation.withdrawals == 1  # at the stop
 
@@ -178,7 +178,7 @@ async def test_a_lease_for_a_newer_version_waits_for_that_model(tmp_path: Path) 
         grant(broker, 9, version=1)
         await eventually(lambda: agent.statistics().participation.lease_id == 9)
         await asyncio.sleep(0.5)
-        assert agent.statistics().trainings_started == 0
+        assert agent.statistics().training.started == 0
         publish_model(broker, 1, seed=1)
         await eventually(lambda: agent.statistics().updates_sent == 1)
     header, _ = decode_update(on(seen, UPDATES)[0].payload)
@@ -193,7 +193,7 @@ async def test_ineligible_withdraws_and_aborts_the_training_under_the_lease(
     async with running(broker, make_config(tmp_path), trainer) as (agent, seen):
         # Act: unplugged mid-training
         await unplug_while_training(broker, agent, trainer, seen, tmp_path / "fs")
-        await eventually(lambda: agent.statistics().trainings_aborted.get("ineligible") == 1, 10)
+        await eventually(lambda: agent.statistics().training.aborted.get("ineligible") == 1, 10)
         # ... and a lease the aggregator granted before it saw the withdrawal (which released
         # it) comes late: an update under it would be refused, so it is not taken
         grant(broker, 8)
@@ -218,7 +218,7 @@ async def test_a_training_that_outlives_its_lease_is_aborted_and_the_device_chec
         await eventually(lambda: len(on(seen, CHECKINS)) == 1)
         # Act: a one-second lease
         grant(broker, 4, ttl_s=1.0)
-        await eventually(lambda: agent.statistics().trainings_aborted.get("lease_expired") == 1)
+        await eventually(lambda: agent.statistics().training.aborted.get("lease_expired") == 1)
         await eventually(lambda: len(on(seen, CHECKINS)) == 2)
     assert on(seen, UPDATES) == []
     assert [c.available for c in check_ins(on(seen, CHECKINS))] == [True, True, False]
@@ -243,7 +243,7 @@ async def test_leases_must_be_signed_by_the_aggregator_and_check_ins_are_signed(
         broker.publish(topic, lease_envelope(1), 1, False)
         broker.publish(topic, Ed25519Signer(stranger_key).sign(lease_envelope(2)), 1, False)
         await eventually(lambda: agent.statistics().rejected.get("bad_signature") == 2)
-        assert agent.statistics().trainings_started == 0
+        assert agent.statistics().training.started == 0
         broker.publish(topic, Ed25519Signer(aggregator_key).sign(lease_envelope(3)), 1, False)
         await eventually(lambda: agent.statistics().updates_sent == 1)
     # Assert: the update is under lease 3; the check-ins carry the device's signature
@@ -265,7 +265,7 @@ async def test_a_lease_naming_another_device_is_refused(tmp_path: Path) -> None:
         await eventually(lambda: sum(agent.statistics().rejected.values()) == 1)
         await asyncio.sleep(0.3)
         stats = agent.statistics()
-    assert stats.trainings_started == 0
+    assert stats.training.started == 0
     assert stats.participation.leases_received == 0
 
 
@@ -305,7 +305,7 @@ async def test_a_restarted_agent_remembers_that_the_aggregator_requires_leases(
         stats = agent.statistics()
     # Assert: it holds v0, never trained on it, and still waits for a lease
     assert stats.model_version == 0
-    assert stats.trainings_started == 0
+    assert stats.training.started == 0
     assert stats.participation.leases is True
     assert on(seen, UPDATES) == []
 
@@ -334,7 +334,7 @@ async def test_a_waiting_device_checks_in_afresh_with_a_restarted_aggregator(
     # Assert: withdraw (releases such a lease), check in again; then the stop's withdrawal
     assert [c.available for c in check_ins(on(seen, CHECKINS))] == [True, False, True, False]
     assert during_outage.participation.leases is True
-    assert during_outage.trainings_started == 0
+    assert during_outage.training.started == 0
 
 
 async def test_with_an_update_on_its_way_a_restarted_aggregator_gets_a_check_in_only(
@@ -349,7 +349,7 @@ async def test_with_an_update_on_its_way_a_restarted_aggregator_gets_a_check_in_
     async with running(broker, config) as (agent, seen):
         await eventually(lambda: len(on(seen, CHECKINS)) == 1)
         grant(broker, 5)
-        await eventually(lambda: agent.statistics().awaiting_receipt == 1)
+        await eventually(lambda: agent.statistics().delivery.awaiting_receipt == 1)
         await eventually(lambda: len(on(seen, CHECKINS)) == 2)
         # Act: the aggregator restarted
         state = server_state((FEATURE_LEASES,), SETTINGS, session=2)
@@ -369,12 +369,12 @@ async def test_an_update_finished_after_the_withdrawal_released_its_lease_is_dro
         # Act: unplugged (the withdrawal releases lease 3), then the training returns anyway
         await unplug_while_training(broker, agent, trainer, seen, tmp_path / "fs")
         trainer.gate.set()
-        await eventually(lambda: agent.statistics().trainings_aborted.get("ineligible") == 1)
+        await eventually(lambda: agent.statistics().training.aborted.get("ineligible") == 1)
         await asyncio.sleep(0.3)
         stats = agent.statistics()
     # Assert: nothing spooled or sent for it (the aggregator would refuse it: no_lease)
     assert on(seen, UPDATES) == []
-    assert (stats.trainings_completed, stats.spool_depth) == (0, 0)
+    assert (stats.training.completed, stats.spool_depth) == (0, 0)
 
 
 async def test_a_new_agent_waits_for_the_aggregators_state_before_it_trains(
@@ -392,7 +392,7 @@ async def test_a_new_agent_waits_for_the_aggregators_state_before_it_trains(
         await eventually(lambda: len(on(seen, CHECKINS)) == 1)
         stats = agent.statistics()
     # Assert: it checked in instead of training an update the aggregator would refuse
-    assert stats.trainings_started == 0
+    assert stats.training.started == 0
     assert on(seen, UPDATES) == []
 
 
@@ -420,7 +420,7 @@ async def test_a_device_whose_local_dp_budget_is_spent_stops_checking_in(
     sent = check_ins(on(seen, CHECKINS))
     assert [c.available for c in sent] == [True, False]
     stats = agent.statistics()
-    assert (stats.trainings_started, len(on(seen, UPDATES))) == (1, 1)
+    assert (stats.training.started, len(on(seen, UPDATES))) == (1, 1)
     assert "privacy_budget_spent" in device_state(broker).reasons
 
 

@@ -150,7 +150,7 @@ async def test_nothing_leaves_the_device_without_noise(tmp_path: Path, dp: str) 
     ]
     assert states
     assert all(s.local_accuracy is None for s in states)
-    assert agent.statistics().last_local_accuracy is not None  # it was measured, kept local
+    assert agent.statistics().training.last_accuracy is not None  # it was measured, kept local
 
 
 class FixedDeltaTrainer:
@@ -244,7 +244,7 @@ async def test_the_device_state_reports_epsilon_and_the_ledger_survives_a_restar
     assert after_first.local_budget_exhausted is False
     report = second.statistics().local_privacy
     assert report is not None
-    assert (report.updates, second.statistics().trainings_started) == (1, 0)
+    assert (report.updates, second.statistics().training.started) == (1, 0)
     assert report.epsilon_spent == pytest.approx(one, rel=1e-6)
     assert final.local_dp_updates == 2
     assert final.local_epsilon_spent == pytest.approx(two, rel=1e-6)  # exact composition
@@ -285,7 +285,7 @@ async def test_the_budget_stops_training_across_restarts_counted_and_logged_once
     # Assert: two updates, none after; each refused version counted; the state says why
     assert len(updates) == 2
     stats = agent.statistics()
-    assert (stats.trainings_started, stats.updates_sent) == (0, 0)
+    assert (stats.training.started, stats.updates_sent) == (0, 0)
     assert stats.local_privacy is not None
     assert stats.local_privacy.epsilon_spent == pytest.approx(2.0)
     assert (stats.local_privacy.updates, stats.local_privacy.updates_left) == (2, 0)
@@ -347,7 +347,7 @@ async def test_the_spend_is_charged_before_the_update_is_spooled(tmp_path: Path)
     run = asyncio.create_task(agent.run())
     try:
         # Act: v0's update is sent and kept; v1's finds the spool full
-        await eventually(lambda: agent.statistics().awaiting_receipt == 1)
+        await eventually(lambda: agent.statistics().delivery.awaiting_receipt == 1)
         publish_model(broker, 1, seed=1)
         await eventually(lambda: agent.statistics().dropped.get("spool_full") == 1)
     finally:

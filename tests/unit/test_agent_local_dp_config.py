@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from agent_files import MINIMAL_AGENT_TOML, run_edgefl
 
 from device_agent.config import ConfigError, PrivacyConfig, load_config
 from device_agent.local_privacy import LEDGER_FILE, LocalPrivacyLedger, report_of
@@ -17,22 +18,10 @@ from edgefl.privacy import LocalDP, LocalMechanism, LocalSpend, may_train
 from edgefl.privacy.local import updates_left
 from edgefl.protocol.messages import DeviceState, DeviceStatus, decode_message, encode_message
 
-BASE = """
-fleet = "greenhouse"
-device_id = "pi-07"
-
-[broker]
-url = "mqtt://broker.local:1883"
-
-[data]
-kind = "npz"
-path = "train.npz"
-"""
-
 
 def test_privacy_section_gives_local_dp(tmp_path: Path) -> None:
     path = tmp_path / "agent.toml"
-    path.write_text(BASE + '\n[privacy]\ndp = "local:laplace,eps=2,C=1,budget=20"\n')
+    path.write_text(MINIMAL_AGENT_TOML + '\n[privacy]\ndp = "local:laplace,eps=2,C=1,budget=20"\n')
 
     cfg = load_config(path, env={}, overrides={})
     from_env = load_config(
@@ -89,19 +78,6 @@ def test_privacy_config_rejects_a_non_text_value() -> None:
         PrivacyConfig(dp=3)  # type: ignore[arg-type]
 
 
-def _edgefl(
-    args: list[str], env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: Any
-) -> tuple[int, str, str]:
-    from edgefl.cli import main
-
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    with pytest.raises(SystemExit) as stop:
-        main(args)
-    out = capsys.readouterr()
-    return int(stop.value.code or 0), out.out, out.err
-
-
 def test_check_config_shows_the_noise_and_the_epsilon_spent(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
 ) -> None:
@@ -119,10 +95,10 @@ def test_check_config_shows_the_noise_and_the_epsilon_spent(
     )
 
     # Act
-    code, out, err = _edgefl(["agent", "check-config"], env, monkeypatch, capsys)
-    jcode, jout, _ = _edgefl(["agent", "check-config", "--json"], env, monkeypatch, capsys)
+    code, out, err = run_edgefl(["agent", "check-config"], env, monkeypatch, capsys)
+    jcode, jout, _ = run_edgefl(["agent", "check-config", "--json"], env, monkeypatch, capsys)
     (tmp_path / "state" / LEDGER_FILE).write_text("{not json")
-    bad = _edgefl(["agent", "check-config"], env, monkeypatch, capsys)
+    bad = run_edgefl(["agent", "check-config"], env, monkeypatch, capsys)
 
     # Assert
     assert code == 0, err

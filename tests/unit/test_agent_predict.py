@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from agent_files import run_edgefl
 from typer.testing import CliRunner
 
 from device_agent.cli import agent_app
@@ -114,27 +115,13 @@ def test_cli_predict_prints_one_label_per_row(tmp_path: Path) -> None:
     assert labels == list(torch_logits(weights, x).argmax(axis=1))
 
 
-def _edgefl(
-    args: list[str], env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: Any
-) -> tuple[int, str, str]:
-    """``edgefl <args>`` through the one error path: (exit code, stdout, stderr)."""
-    from edgefl.cli import main
-
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    with pytest.raises(SystemExit) as stop:
-        main(args)
-    out = capsys.readouterr()
-    return int(stop.value.code or 0), out.out, out.err
-
-
 def test_cli_check_config_names_the_bad_key(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
 ) -> None:
     np.savez(tmp_path / "data.npz", x=np.zeros((4, 64), np.float32), y=np.zeros(4, np.int64))
 
-    ok = _edgefl(["agent", "check-config", "--json"], _env(tmp_path), monkeypatch, capsys)
-    bad = _edgefl(
+    ok = run_edgefl(["agent", "check-config", "--json"], _env(tmp_path), monkeypatch, capsys)
+    bad = run_edgefl(
         ["agent", "check-config", "--set", "training.max_threads=0"],
         _env(tmp_path),
         monkeypatch,
@@ -152,8 +139,8 @@ def test_cli_run_refuses_a_bad_config_with_status_78(
 ) -> None:
     env = _env(tmp_path) | {"EDGEFL_TRAINING__ISOLATION": "container"}
 
-    default = _edgefl(["agent"], env, monkeypatch, capsys)
-    explicit = _edgefl(["agent", "run"], env, monkeypatch, capsys)
+    default = run_edgefl(["agent"], env, monkeypatch, capsys)
+    explicit = run_edgefl(["agent", "run"], env, monkeypatch, capsys)
 
     for code, _, err in (default, explicit):
         assert code == 78

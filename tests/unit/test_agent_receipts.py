@@ -83,26 +83,26 @@ async def test_update_stays_until_its_receipt_and_is_resent_after_the_timeout(
     agent, run = running_agent(cfg, broker)
 
     # Act 1: delivered to the broker, but no receipt yet
-    await eventually(lambda: agent.statistics().awaiting_receipt == 1)
+    await eventually(lambda: agent.statistics().delivery.awaiting_receipt == 1)
     assert agent.statistics().spool_depth == 1
     assert agent.statistics().updates_sent == 1
     # Act 2: no receipt comes: it is sent again
     await eventually(lambda: seqs_of(updates) == [0, 0], what="a resend after the timeout")
     assert updates[0].payload == updates[1].payload
-    await eventually(lambda: agent.statistics().resends >= 1)
+    await eventually(lambda: agent.statistics().delivery.resends >= 1)
     # Act 3: the aggregator's receipt names it
     publish_receipt(broker, Receipt(FLEET, DEVICE, 1.0, through=0, committed=((0, 0),)))
     await eventually(lambda: agent.statistics().spool_depth == 0)
     sent_before = len(updates)
-    await eventually(lambda: agent.statistics().receipted == 1)
+    await eventually(lambda: agent.statistics().delivery.receipted == 1)
     stats = agent.statistics()
     agent.stop()
     await run
     await stop_observer()
 
     # Assert: deleted from disk too, no resend once receipted, and the device state showed it
-    assert stats.awaiting_receipt == 0
-    assert stats.receipts is True
+    assert stats.delivery.awaiting_receipt == 0
+    assert stats.delivery.receipts is True
     assert len(updates) == sent_before
     assert list((tmp_path / "state/spool").glob("u-*")) == []
     state = decode_message(broker.retained()[device_state_topic(FLEET, DEVICE)], DeviceState)
@@ -115,7 +115,7 @@ async def test_rejection_receipt_drops_the_update_and_stops_resends(tmp_path: Pa
     spool_updates(tmp_path, 2)
     broker = MemoryBroker()
     agent, run = running_agent(cfg, broker)
-    await eventually(lambda: agent.statistics().awaiting_receipt == 2)
+    await eventually(lambda: agent.statistics().delivery.awaiting_receipt == 2)
 
     # Act: seq 0 refused as stale, seq 1 committed
     publish_receipt(
@@ -127,9 +127,9 @@ async def test_rejection_receipt_drops_the_update_and_stops_resends(tmp_path: Pa
     await run
 
     # Assert
-    assert stats.receipt_rejected == {"stale": 1}
-    assert stats.receipted == 1
-    assert stats.awaiting_receipt == 0
+    assert stats.delivery.receipt_rejected == {"stale": 1}
+    assert stats.delivery.receipted == 1
+    assert stats.delivery.awaiting_receipt == 0
     with UpdateSpool(tmp_path / "state/spool") as spool:
         assert len(spool) == 0
 
@@ -141,7 +141,7 @@ async def test_awaiting_update_survives_a_restart_and_is_resent_at_once(tmp_path
     broker = MemoryBroker()
     updates, stop_observer = await collect(broker, updates_filter(FLEET))
     first, run = running_agent(cfg, broker)
-    await eventually(lambda: first.statistics().awaiting_receipt == 1)
+    await eventually(lambda: first.statistics().delivery.awaiting_receipt == 1)
     first.stop()
     await run
     with UpdateSpool(tmp_path / "state/spool") as spool:
@@ -150,7 +150,7 @@ async def test_awaiting_update_survives_a_restart_and_is_resent_at_once(tmp_path
     # Act: restart
     second, run = running_agent(cfg, broker)
     await eventually(lambda: len(updates) == 2, what="the resend after the restart")
-    await eventually(lambda: second.statistics().awaiting_receipt == 1)
+    await eventually(lambda: second.statistics().delivery.awaiting_receipt == 1)
     publish_receipt(broker, Receipt(FLEET, DEVICE, 1.0, through=0, committed=((0, 0),)))
     await eventually(lambda: second.statistics().spool_depth == 0)
     second.stop()
@@ -160,7 +160,7 @@ async def test_awaiting_update_survives_a_restart_and_is_resent_at_once(tmp_path
     # Assert: the same update twice, and a resend does not count as a new delivery
     assert seqs_of(updates) == [0, 0]
     assert second.statistics().updates_sent == 0
-    assert second.statistics().resends == 1
+    assert second.statistics().delivery.resends == 1
 
 
 async def test_auto_mode_follows_the_aggregators_retained_server_state(tmp_path: Path) -> None:
@@ -172,8 +172,8 @@ async def test_auto_mode_follows_the_aggregators_retained_server_state(tmp_path:
     agent, run = running_agent(cfg, broker)
 
     # Act 1: the update waits for its receipt
-    await eventually(lambda: agent.statistics().awaiting_receipt == 1)
-    assert agent.statistics().receipts is True
+    await eventually(lambda: agent.statistics().delivery.awaiting_receipt == 1)
+    assert agent.statistics().delivery.receipts is True
     assert agent.statistics().spool_depth == 1
     # Act 2: an aggregator without receipts (protocol 1.0) takes over: the broker's PUBACK
     # counts again, as it did before receipts, so what awaits a receipt is deleted
@@ -184,8 +184,8 @@ async def test_auto_mode_follows_the_aggregators_retained_server_state(tmp_path:
     await run
 
     # Assert
-    assert stats.receipts is False
-    assert stats.awaiting_receipt == 0
+    assert stats.delivery.receipts is False
+    assert stats.delivery.awaiting_receipt == 0
     assert stats.updates_sent == 1
 
 
@@ -202,7 +202,7 @@ async def test_receipts_must_be_signed_by_the_aggregator_when_signing_is_on(
     spool_updates(tmp_path, 1)
     broker = MemoryBroker()
     agent, run = running_agent(cfg, broker)
-    await eventually(lambda: agent.statistics().awaiting_receipt == 1)
+    await eventually(lambda: agent.statistics().delivery.awaiting_receipt == 1)
     receipt = Receipt(FLEET, DEVICE, 1.0, through=0, committed=((0, 0),))
 
     # Act 1: unsigned and forged receipts are refused, the update stays
@@ -215,4 +215,4 @@ async def test_receipts_must_be_signed_by_the_aggregator_when_signing_is_on(
     await eventually(lambda: agent.statistics().spool_depth == 0)
     agent.stop()
     await run
-    assert agent.statistics().receipted == 1
+    assert agent.statistics().delivery.receipted == 1

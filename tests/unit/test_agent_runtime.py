@@ -83,10 +83,10 @@ async def test_agent_picks_up_model_trains_and_delivers_one_update(tmp_path: Pat
     assert np.all(np.isfinite(delta))
     assert np.abs(delta).max() > 0
     stats = agent.statistics()
-    assert stats.trainings_started == stats.trainings_completed == 1
+    assert stats.training.started == stats.training.completed == 1
     assert stats.spool_depth == 0
     assert stats.model_version == 0
-    assert stats.last_local_accuracy is not None
+    assert stats.training.last_accuracy is not None
     # the model is kept on disk, and the retained state says offline after the clean stop
     held = ModelStore(tmp_path / "state/model").load()
     assert held is not None
@@ -95,7 +95,7 @@ async def test_agent_picks_up_model_trains_and_delivers_one_update(tmp_path: Pat
     assert state.status is DeviceStatus.OFFLINE
     assert state.updates_sent == 1
     assert state.model_version == 0
-    assert state.local_accuracy == stats.last_local_accuracy
+    assert state.local_accuracy == stats.training.last_accuracy
 
 
 async def test_restart_continues_sequence_and_session_and_does_not_retrain_same_version(
@@ -126,7 +126,7 @@ async def test_restart_continues_sequence_and_session_and_does_not_retrain_same_
     # Assert
     headers = [decode_update(m.payload)[0] for m in updates]
     assert [(h.seq, h.base_version) for h in headers] == [(0, 0), (1, 1)]
-    assert second.statistics().trainings_started == 0
+    assert second.statistics().training.started == 0
     assert (second.statistics().session, third.statistics().session) == (2, 3)
 
 
@@ -148,7 +148,7 @@ async def test_spooled_updates_are_resent_in_order_byte_identical(tmp_path: Path
     _, decoded = decoded_update(updates[2].payload)
     np.testing.assert_array_equal(decoded, spooled[2][0])
     assert agent.statistics().spool_depth == 0
-    assert agent.statistics().trainings_started == 0
+    assert agent.statistics().training.started == 0
     with UpdateSpool(tmp_path / "state/spool") as spool:
         assert spool.next_seq() == 3  # never reused
 
@@ -167,8 +167,8 @@ async def test_ineligible_mid_training_aborts_publishes_nothing_and_retries_when
         # Act: unplug mid-training
         write_fake_sysfs(tmp_path / "fs", mains=False)
         agent.check_now()
-        await eventually(lambda: agent.statistics().trainings_aborted.get("ineligible") == 1, 10)
-        aborted = dict(agent.statistics().trainings_aborted)
+        await eventually(lambda: agent.statistics().training.aborted.get("ineligible") == 1, 10)
+        aborted = dict(agent.statistics().training.aborted)
         reasons = list(agent.statistics().reasons)
         await asyncio.sleep(0.3)
         assert not updates
@@ -183,7 +183,7 @@ async def test_ineligible_mid_training_aborts_publishes_nothing_and_retries_when
     assert reasons == ["on_battery"]
     assert len(updates) == 1
     assert decode_update(updates[0].payload)[0].seq == 0  # the aborted run took no number
-    assert agent.statistics().trainings_started == 2
+    assert agent.statistics().training.started == 2
 
 
 class StuckTrainer:
@@ -219,8 +219,8 @@ async def test_stop_does_not_wait_for_a_training_thread_that_cannot_poll(tmp_pat
         trainer.release.set()
 
     # Assert: stopped while the thread was still stuck; the training counts as aborted
-    assert stats.trainings_aborted == {"stopping": 1}
-    assert stats.trainings_completed == 0
+    assert stats.training.aborted == {"stopping": 1}
+    assert stats.training.completed == 0
 
 
 async def test_reconnect_starts_a_new_presence_session_and_the_old_will_is_lower(
@@ -311,7 +311,7 @@ async def test_manifest_for_unknown_model_is_rejected_as_wrong_model(tmp_path: P
     # Assert
     assert agent.statistics().rejected == {"wrong_model": 1}
     assert agent.statistics().model_version is None
-    assert agent.statistics().trainings_started == 0
+    assert agent.statistics().training.started == 0
 
 
 @pytest.mark.parametrize("quantization", ["int8", "fp16"])

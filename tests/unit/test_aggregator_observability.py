@@ -30,7 +30,7 @@ def test_prometheus_endpoint_serves_the_counters(tmp_path: Path) -> None:
             await h.send("b", 1, 0, delta(2))
             await h.send("b", 1, 0, delta(2))  # duplicate
             await h.device.publish(update_topic(FLEET, "c", 1), b"x" * 40, qos=1)
-            await h.until(lambda s: s.received == 4 and s.acked == 4)
+            await h.until(lambda s: s.received == 4 and s.commits.acked == 4)
             port = h.agg.metrics_port
             assert port is not None
             f = await asyncio.to_thread(scrape_families, port)

@@ -101,7 +101,7 @@ def test_receipts_report_accepted_resent_and_finally_rejected_seqs(tmp_path: Pat
             assert r.through == 1
             assert r.committed == ((1, 1),)  # the resend is reported as committed
             assert dict(r.rejected) == {2: "wrong_model"}
-            assert h.stats().receipts_sent >= 2
+            assert h.stats().receipts.sent >= 2
 
     run(body)
 
@@ -133,9 +133,9 @@ def test_receipts_off_publishes_none_and_announces_no_feature(tmp_path: Path) ->
             state = decode_message(broker.retained()[server_state_topic(FLEET)], ServerState)
             assert state.features == ()
             await h.send("pi-1", 0, 0, delta(1))
-            await h.until(lambda s: s.applied == 1 and s.batches >= 1)
+            await h.until(lambda s: s.applied == 1 and s.commits.batches >= 1)
             assert receipt(broker, "pi-1") is None
-            assert h.stats().receipts_sent == 0
+            assert h.stats().receipts.sent == 0
 
     run(body)
 
@@ -184,12 +184,12 @@ def test_a_stalled_broker_drops_receipts_not_ingest(tmp_path: Path) -> None:
             # Act: four devices, one batch each
             for i in range(4):
                 await h.send(f"pi-{i}", 0, 0, delta(i))
-                await h.until(lambda s, n=i + 1: s.batches == n)
+                await h.until(lambda s, n=i + 1: s.commits.batches == n)
             # Assert: ingest went on; 1 receipt in hand, 1 queued, 2 dropped and counted
             s = h.stats()
-            assert (s.applied, s.receipts_sent, s.receipts_dropped) == (4, 0, 2)
+            assert (s.applied, s.receipts.sent, s.receipts.dropped) == (4, 0, 2)
             h.transport.gate.set()
-            await eventually(lambda: h.stats().receipts_sent == 2)
+            await eventually(lambda: h.stats().receipts.sent == 2)
             published = {d for d in ("pi-0", "pi-1", "pi-2", "pi-3") if receipt(broker, d)}
             assert published == {"pi-0", "pi-3"}
 
@@ -318,7 +318,7 @@ def lock_out(tmp_path: Path) -> Path:
         async with Harness(broker, config) as h:
             for seq in (0, 1, 2, MAX_INT):
                 await h.send("pi-1", seq, 0, delta(seq % 7))
-            await h.until(lambda s: s.applied == 4 and s.batches >= 1)
+            await h.until(lambda s: s.applied == 4 and s.commits.batches >= 1)
             await h.send("pi-1", 3, 0, delta(3))
             s = await h.until(lambda s: s.received == 5)
             assert dict(s.rejected) == {"replay": 1}  # locked out

@@ -350,13 +350,13 @@ def test_chunked_update_holds_its_acks_until_complete(tmp_path: Path) -> None:
             for p in packets[:-1]:
                 await h.device.publish(topic, p, qos=1)
             await h.device.publish(topic, packets[0], qos=1)  # a duplicate chunk
-            s = await h.until(lambda s: s.pending_acks == len(packets))
+            s = await h.until(lambda s: s.commits.pending_acks == len(packets))
             assert s.applied == 0
             assert broker.queued_for("aggregator") == len(packets)
             await h.device.publish(topic, packets[-1], qos=1)
             s = await h.until(lambda s: s.applied == 1)
             await eventually(lambda: broker.queued_for("aggregator") == 0)
-            assert s.pending_acks == 0
+            assert s.commits.pending_acks == 0
             await h.device.publish(topic, packets[1], qos=1)  # late duplicate: acked at once
             await eventually(lambda: h.transport.statistics().acked == len(packets) + 2)
 
@@ -376,12 +376,12 @@ def test_fedavg_rounds_close_on_cohort_or_deadline(tmp_path: Path) -> None:
             for i, dev in enumerate(("a", "b", "c")):
                 await h.send(dev, 1, 0, ds[i], num_examples=10)
             s = await h.until(lambda s: s.version == 1)
-            assert s.rounds == {"complete": 1}
+            assert s.rounds.by_status == {"complete": 1}
             await h.send("a", 2, 0, ds[3])  # trained on version 0: stale in a sync round
             await h.send("b", 2, 1, ds[4], num_examples=10)
             await h.send("b", 3, 1, ds[5], num_examples=10)  # second update of b this round
             s = await h.until(lambda s: s.version == 2)
-            assert s.rounds == {"complete": 1, "partial": 1}
+            assert s.rounds.by_status == {"complete": 1, "partial": 1}
             assert s.rejected == {"stale": 1, "duplicate": 1}
         _, weights = retained_model(broker)
         expected = w0 + (ds[0] + ds[1] + ds[2]) / 3 + ds[4]
@@ -472,7 +472,7 @@ def test_fedavg_round_survives_a_restart(tmp_path: Path) -> None:
             await h.send("b", 2, 0, ds[1], num_examples=20)  # b is already in this round
             await h.send("c", 1, 0, ds[2], num_examples=30)
             s = await h.until(lambda s: s.version == 1)
-            assert s.rounds == {"complete": 1}
+            assert s.rounds.by_status == {"complete": 1}
             assert s.rejected == {"duplicate": 1}
         await eventually(lambda: retained_model(broker)[0].version == 1)
         _, weights = retained_model(broker)

@@ -37,7 +37,6 @@ from edgefl.protocol.messages import (
     ModelManifest,
     ServerMetrics,
     ServerState,
-    ServerStatus,
     TensorSpec,
     TrainingHints,
     UpdateHeader,
@@ -95,17 +94,8 @@ def _valid_messages() -> list[bytes]:
         model_version=4,
         reasons=("on_battery",),
     )
-    server = ServerState(
-        fleet="lab",
-        status=ServerStatus.ONLINE,
-        session=1,
-        version=4,
-        buffer_fill=1,
-        buffer_size=5,
-        applied=9,
-        started_at=1.7e9,
-        at=1.7e9,
-        rejected={"stale": 2},
+    server = samples.server_state(
+        version=4, buffer_fill=1, applied=9, started_at=1.7e9, at=1.7e9, rejected={"stale": 2}
     )
     metrics = ServerMetrics(
         fleet="lab",

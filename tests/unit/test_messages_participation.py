@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import samples
 
 from edgefl.errors import ProtocolError, RejectReason
 from edgefl.protocol.messages import (
@@ -12,7 +13,6 @@ from edgefl.protocol.messages import (
     Lease,
     Participation,
     ServerState,
-    ServerStatus,
     decode_message,
     encode_message,
 )
@@ -79,19 +79,7 @@ def test_checkin_available_must_be_a_boolean() -> None:
 
 def test_server_state_carries_participation_and_old_states_parse_without_it() -> None:
     part = Participation(concurrency=10, lease_s=300.0, checkin_ttl_s=900.0, in_flight=4)
-    state = ServerState(
-        "f",
-        ServerStatus.ONLINE,
-        1,
-        0,
-        0,
-        5,
-        0,
-        1.0,
-        2.0,
-        features=("leases",),
-        participation=part,
-    )
+    state = samples.server_state(fleet="f", features=("leases",), participation=part)
 
     back = decode_message(encode_message(state), ServerState)
     old = ServerState.from_header(

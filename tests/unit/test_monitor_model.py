@@ -271,3 +271,19 @@ def test_snapshot_is_json_serialisable_and_counts_statuses() -> None:
     assert data["aggregator"]["buffer_fill"] == 1
     assert data["aggregator"]["buffer_size"] == 5
     assert data["connection"] is None
+
+
+def test_aggregator_json_keeps_its_flat_keys_in_the_documented_order() -> None:
+    m = model()
+    m.apply(ServerStateSeen(server(1, version=2, fill=1, at=1000.0)), now=1000.0)
+    m.apply(MetricsSeen(metrics(2, at=1001.0)), now=1001.0)
+
+    agg = m.snapshot(1001.0).to_json()["aggregator"]
+
+    assert list(agg) == [
+        "status", "session", "features", "version", "buffer_fill", "buffer_size", "applied",
+        "received", "rejected", "updates_per_s", "bytes_per_s", "bytes_ingested", "staleness",
+        "accuracy", "accuracy_history", "started_at", "state_at", "metrics_at",
+        "observed_updates_per_s", "participation", "privacy",
+    ]  # fmt: skip
+    assert (agg["started_at"], agg["state_at"], agg["metrics_at"]) == (0.0, 1000.0, 1001.0)

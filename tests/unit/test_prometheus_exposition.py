@@ -31,9 +31,17 @@ from prometheus_client.parser import text_string_to_metric_families
 import edgefl
 from edgefl.aggregator.metrics import METRICS, PrometheusExporter
 from edgefl.aggregator.participation import LeaseDeskStatistics
-from edgefl.aggregator.stats import AggregatorStatistics
+from edgefl.aggregator.service import _server_metrics
+from edgefl.aggregator.stats import (
+    AggregatorStatistics,
+    CommitStatistics,
+    LinkStatistics,
+    ReceiptStatistics,
+    RoundStatistics,
+)
 from edgefl.errors import RejectReason
 from edgefl.privacy import PrivacyStatistics
+from edgefl.protocol.messages import ServerMetrics, decode_message, encode_message
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "MONITOR.md"
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
@@ -50,15 +58,11 @@ STATS = AggregatorStatistics(
     staleness={0: 3, 2: 1, 150: 1},
     last_accuracy=0.875,
     steps=2,
-    discarded=2,
-    rounds={"complete": 2, "failed": 1},
-    pending_acks=4,
-    batches=6,
-    acked=9,
-    connected=True,
-    reconnects=1,
-    receipts_sent=11,
-    receipts_dropped=3,
+    session=5,
+    rounds=RoundStatistics({"complete": 2, "failed": 1}, discarded=2),
+    commits=CommitStatistics(batches=6, acked=9, pending_acks=4),
+    link=LinkStatistics(connected=True, reconnects=1),
+    receipts=ReceiptStatistics(sent=11, dropped=3),
     participation=LeaseDeskStatistics(
         in_flight=2,
         concurrency=4,
@@ -251,7 +255,7 @@ def test_without_a_snapshot_only_build_info_and_latency_are_served() -> None:
 
 
 def test_a_disconnected_unevaluated_aggregator() -> None:
-    stats = dataclasses.replace(STATS, connected=False, last_accuracy=None)
+    stats = dataclasses.replace(STATS, link=LinkStatistics(), last_accuracy=None)
     got = scrape_once(lambda: stats)
     assert sample_value(got["edgefl_aggregator_connected"]) == 0
     assert "edgefl_aggregator_accuracy_ratio" not in got  # unknown, not 0
@@ -368,3 +372,10 @@ def test_docs_ratio_and_rate_queries_give_values_per_instance(tmp_path: Path) ->
         [promtool, "test", "rules", str(tests)], capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 0, out.stdout + out.stderr + tests.read_text()
+
+
+def test_the_metrics_message_of_the_same_snapshot_keeps_its_json_names() -> None:
+    message = decode_message(encode_message(_server_metrics("lab", STATS)), ServerMetrics)
+
+    figures = ("steps", "pending_acks", "session", "receipts_sent", "receipts_dropped")
+    assert [message.extra[k] for k in figures] == [2, 4, 5, 11, 3]

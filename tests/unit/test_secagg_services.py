@@ -179,14 +179,7 @@ async def test_the_leader_flushes_a_partly_filled_buffer_after_flush_after(
     # Arrange: K = 3, flush after 30 s; two complete updates
     flush = ParticipationConfig(flush_after_s=30.0)
     leader = _leader(tmp_path, transport, participation=flush)
-    helper = SecAggHelper(HelperConfig(SETTINGS.ring(3), 2410, FLEET, MODEL), KEYS)
-    for i in range(2):
-        built = _shares(f"d{i}", 1)
-        await leader.handle(_share(f"d{i}", 1, built))
-        sealed = bytes(decode_envelope(built.seed, max_payload=1024).payload)
-        report = helper.receive_sealed((f"d{i}", 1), sealed, 0.0)
-        assert report is not None
-        await leader.handle(InboundMessage(secagg_report_topic(FLEET), _report(report)))
+    helper = await _two_updates(leader)
     arrived = min(p.arrived for p in leader.leader.snapshot().pending)
 
     # Act / Assert: not before 30 s, then a decision of the two
@@ -208,6 +201,20 @@ def _report(report: SeedReport) -> bytes:
     return encode_message(coord_report(FLEET, report, 0.0))
 
 
+async def _two_updates(leader: LeaderService) -> SecAggHelper:
+    """Devices d0 and d1 send update 1: each share to the leader, each seed to a helper (K = 3)
+    whose report reaches the leader. Returns the helper."""
+    helper = SecAggHelper(HelperConfig(SETTINGS.ring(3), 2410, FLEET, MODEL), KEYS)
+    for i in range(2):
+        built = _shares(f"d{i}", 1)
+        await leader.handle(_share(f"d{i}", 1, built))
+        sealed = bytes(decode_envelope(built.seed, max_payload=1024).payload)
+        report = helper.receive_sealed((f"d{i}", 1), sealed, 0.0)
+        assert report is not None
+        await leader.handle(InboundMessage(secagg_report_topic(FLEET), _report(report)))
+    return helper
+
+
 async def test_an_unanswered_decision_is_published_again(tmp_path: Path) -> None:
     # Arrange: a leader whose decision went out; an observer of the decision topic
     broker = MemoryBroker()
@@ -218,14 +225,7 @@ async def test_an_unanswered_decision_is_published_again(tmp_path: Path) -> None
         await obs.subscribe(secagg_decision_topic(FLEET))
         flush = ParticipationConfig(flush_after_s=1.0)
         leader = _leader(tmp_path, transport, participation=flush)
-        helper = SecAggHelper(HelperConfig(SETTINGS.ring(3), 2410, FLEET, MODEL), KEYS)
-        for i in range(2):
-            built = _shares(f"d{i}", 1)
-            await leader.handle(_share(f"d{i}", 1, built))
-            sealed = bytes(decode_envelope(built.seed, max_payload=1024).payload)
-            report = helper.receive_sealed((f"d{i}", 1), sealed, 0.0)
-            assert report is not None
-            await leader.handle(InboundMessage(secagg_report_topic(FLEET), _report(report)))
+        await _two_updates(leader)
         await leader.tick(time.time() + 2.0)  # flushed: the decision is published
 
         # Act: no partial came; 30 s later the tick publishes it again
@@ -249,14 +249,7 @@ async def test_a_refusal_without_missing_seeds_excludes_the_buffer_instead_of_lo
 ) -> None:
     # Arrange: a flushed decision of two updates
     leader = _leader(tmp_path, transport, participation=ParticipationConfig(flush_after_s=1.0))
-    helper = SecAggHelper(HelperConfig(SETTINGS.ring(3), 2410, FLEET, MODEL), KEYS)
-    for i in range(2):
-        built = _shares(f"d{i}", 1)
-        await leader.handle(_share(f"d{i}", 1, built))
-        sealed = bytes(decode_envelope(built.seed, max_payload=1024).payload)
-        report = helper.receive_sealed((f"d{i}", 1), sealed, 0.0)
-        assert report is not None
-        await leader.handle(InboundMessage(secagg_report_topic(FLEET), _report(report)))
+    await _two_updates(leader)
     await leader.tick(time.time() + 2.0)
     assert leader.leader.open_decision is not None
 

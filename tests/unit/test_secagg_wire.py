@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import samples
 
 from edgefl.errors import ProtocolError, RejectReason
 from edgefl.protocol.envelope import EnvelopeKind, decode_envelope
@@ -16,7 +17,6 @@ from edgefl.protocol.messages import (
     SecAggSeedHeader,
     SecAggShareHeader,
     ServerState,
-    ServerStatus,
     UpdateHeader,
     decode_message,
     encode_message,
@@ -183,19 +183,7 @@ def test_header_fields_are_validated() -> None:
 def test_server_state_announces_the_ring_and_old_decoders_ignore_it() -> None:
     # Arrange
     info = secagg_info(SPEC, KEYS.public_key)
-    state = ServerState(
-        fleet="lab",
-        status=ServerStatus.ONLINE,
-        session=1,
-        version=0,
-        buffer_fill=0,
-        buffer_size=2,
-        applied=0,
-        started_at=1.0,
-        at=2.0,
-        features=("secagg",),
-        secagg=info,
-    )
+    state = samples.server_state(buffer_size=2, features=("secagg",), secagg=info)
 
     # Act
     back = decode_message(encode_message(state), ServerState)
