@@ -17,7 +17,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Protocol, TypeVar, cast
 
-from edgefl.aggregation import ExampleWeighting, Normalisation, RobustMode
+from edgefl.aggregation import ExampleWeighting, RobustMode
 from edgefl.aggregator.config import AggregatorConfig, Algorithm, NormBoundSetting
 from edgefl.protocol.messages import SecAggSeedHeader, SecAggShareHeader
 from edgefl.secagg import RingSpec
@@ -107,8 +107,7 @@ def _check_dp(config: AggregatorConfig, settings: SecAggSettings) -> None:
     dp = config.privacy
     assert dp is not None
     why = "with --dp under secure aggregation: central DP at the leader needs"
-    if config.normalisation is not Normalisation.SUM:
-        raise ValueError(f"normalisation {config.normalisation.value} {why} normalisation 'sum'")
+    # (normalisation 'sum', and no adaptive bound: the config's FedBuffConfig refuses the others)
     if config.example_weighting is not ExampleWeighting.EQUAL:
         weighting = config.example_weighting.value
         raise ValueError(f"example_weighting {weighting} {why} example_weighting 'equal'")
