@@ -235,13 +235,15 @@ async def test_the_leader_refuses_by_cap_and_one_update_rule_and_keeps_counts_ac
         assert leader.version == 1
         await fleet.send("d2", 1)
 
-        # Act: d0 again (at its cap), d2 again (its update is held)
+        # Act: d0 again (at its cap), d2 again (its update is held), d2's update 1 redelivered
         await fleet.send("d0", 2)
         await fleet.send("d2", 2)
+        await fleet.send("d2", 1)  # a redelivery of the held update: the role's duplicate
 
         # Assert: both refused by reason; the counts are durable with version 1
         refused = {k: v for k, v in leader.statistics().items() if k.startswith("dp_")}
         assert refused == {"dp_budget_exhausted": 1, "dp_one_per_buffer": 1}
+        assert leader.statistics()["secagg_duplicate"] == 1
         state = leader._server_state(ServerStatus.ONLINE)
         assert state.privacy is not None
         assert (state.privacy.participation_max, state.privacy.devices) == (1, 2)
