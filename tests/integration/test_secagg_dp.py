@@ -111,72 +111,93 @@ async def _send_by_hand(url: str, state: ServerState, helper: HelperKeys, device
         await transport.publish(secagg_seed_topic(FLEET, device, 1000), built.seed, qos=1)
 
 
-@pytest.mark.slow
-async def test_dp_at_the_leader_caps_devices_publishes_epsilon_and_survives_sigkill(
-    mosquitto: MosquittoBroker, tmp_path: Path
-) -> None:
-    # Arrange: helper and leader through the CLI with --dp; three agents with the helper's key
+def _keys(tmp_path: Path) -> tuple[HelperKeys, Path, Path]:
     keys = HelperKeys.generate()
     private, public = tmp_path / "helper.pem", tmp_path / "helper.pub"
     private.write_bytes(keys.private_pem())
     public.write_bytes(keys.public_pem())
-    leader_dir = tmp_path / "leader"
-    procs = [
-        await asyncio.to_thread(_start, "helper", mosquitto.url, tmp_path / "helper", private),
-        await asyncio.to_thread(_start, "leader", mosquitto.url, leader_dir, public),
-    ]
-    observer = _Observer()
-    watch = MqttConfig.from_url(mosquitto.url, client_id="dp-observer")
-    agents: list[DeviceAgent] = []
+    return keys, private, public
+
+
+def _initial(url: str, state_dir: Path) -> np.ndarray:
+    """The leader's version 0."""
+    config = AggregatorConfig(
+        broker_url=url, fleet=FLEET, model=MODEL, state_dir=state_dir, buffer_size=K,
+        normalisation=Normalisation.SUM, norm_bound=NormBoundSetting.OFF,
+        example_weighting=ExampleWeighting.EQUAL, privacy=DP,
+    )  # fmt: skip
+    return initial_state(config).weights
+
+
+def _capped(observer: _Observer) -> bool:
+    """A device reached the cap and a later update of one was refused."""
+    s = observer.state
+    return (
+        s is not None
+        and s.privacy is not None
+        and s.privacy.participation_max == CAP
+        and s.rejected.get("dp_budget_exhausted", 0) >= 1
+    )
+
+
+async def _train_until_capped(url: str, public: Path, home: Path, observer: _Observer) -> None:
+    """Three agents (each its third of digits) train until :func:`_capped`, then stop."""
+    agents = []
     for i in range(3):
-        home = tmp_path / f"dev{i}"
-        write_fake_sysfs(home / "fs")
+        root = home / f"dev{i}"
+        write_fake_sysfs(root / "fs")
         cfg = agent_files.agent_config(
-            home, mosquitto.url, fleet=FLEET, device=f"dev{i}", state_dir=home / "state",
+            root, url, fleet=FLEET, device=f"dev{i}", state_dir=root / "state",
             security=SecurityConfig(helper_public_key_file=public),
         )  # fmt: skip
         agents.append(DeviceAgent(cfg, dataset=_data(i)))
+    running = [asyncio.create_task(a.run()) for a in agents]
     try:
-        async with MqttTransport(watch) as transport:
+        await eventually(lambda: _capped(observer), 180, interval=0.2, what="a capped device")
+    finally:
+        for agent in agents:
+            agent.stop()
+        await asyncio.gather(*running)
+
+
+@pytest.mark.slow
+async def test_dp_at_the_leader_caps_devices_publishes_epsilon_and_survives_sigkill(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    # Arrange: helper and leader through the CLI with --dp; the agents hold the helper's key
+    keys, private, public = _keys(tmp_path)
+    url, leader_dir = mosquitto.url, tmp_path / "leader"
+    procs = [
+        await asyncio.to_thread(_start, "helper", url, tmp_path / "helper", private),
+        await asyncio.to_thread(_start, "leader", url, leader_dir, public),
+    ]
+    observer = _Observer()
+    try:
+        async with MqttTransport(MqttConfig.from_url(url, client_id="observer")) as transport:
             observing = asyncio.create_task(observer.run(transport))
-            running = [asyncio.create_task(a.run()) for a in agents]
 
             # Act 1: train until devices reach their cap and are refused
-            def capped() -> bool:
-                s = observer.state
-                return (
-                    s is not None
-                    and s.privacy is not None
-                    and s.privacy.participation_max == CAP
-                    and s.rejected.get("dp_budget_exhausted", 0) >= 1
-                )
-
-            await eventually(capped, 180, interval=0.2, what="a device refused at its cap")
-            for agent in agents:
-                agent.stop()
-            await asyncio.gather(*running)
+            await _train_until_capped(url, public, tmp_path, observer)
             before = _committed(leader_dir)
-            state = observer.state
-            assert state is not None and state.privacy is not None
-            assert observer.metrics is not None
+            state, metrics = observer.state, observer.metrics
 
             # Act 2: SIGKILL the leader, start it again, a capped device sends once more
-            leader = procs[1]
-            leader.send_signal(signal.SIGKILL)
-            leader.wait()
-            session = state.session
-            procs.append(await asyncio.to_thread(_start, "leader", mosquitto.url, leader_dir, public))
+            procs[1].send_signal(signal.SIGKILL)
+            procs[1].wait()
+            assert state is not None
+            procs.append(await asyncio.to_thread(_start, "leader", url, leader_dir, public))
             await eventually(
-                lambda: observer.state is not None and observer.state.session > session,
+                lambda: observer.state is not None and observer.state.session > state.session,
                 30,
                 what="the restarted leader's state",
             )
             restarted = observer.state
-            capped_device = next(d for d, n in before[2].items() if n == CAP)
-            refused_before = before[3].get("dp_budget_exhausted", 0)
-            await _send_by_hand(mosquitto.url, restarted, keys, capped_device)
+            assert restarted is not None
+            capped = next(d for d, n in before[2].items() if n == CAP)
+            refused = before[3].get("dp_budget_exhausted", 0)
+            await _send_by_hand(url, restarted, keys, capped)
             await eventually(
-                lambda: _committed(leader_dir)[3].get("dp_budget_exhausted", 0) > refused_before,
+                lambda: _committed(leader_dir)[3].get("dp_budget_exhausted", 0) > refused,
                 30,
                 what="the capped device refused after the restart",
             )
@@ -195,23 +216,21 @@ async def test_dp_at_the_leader_caps_devices_publishes_epsilon_and_survives_sigk
     assert version == before[0] >= 2
     assert counts == before[2]
     assert sum(counts.values()) == K * version
-    assert max(counts.values()) == CAP and all(n <= CAP for n in counts.values())
+    assert max(counts.values()) == CAP
     # Assert: ε published as the plaintext aggregator does, the announced clip is the DP's C
+    assert state.privacy is not None
     assert state.privacy.epsilon == pytest.approx(DP.epsilon(CAP))
     assert (state.privacy.participation_cap, state.privacy.clip_norm) == (CAP, 1.0)
-    assert state.secagg is not None and state.secagg.clip_norm == DP.clip_norm
-    assert observer.metrics.extra["dp_participation_cap"] == CAP
-    assert restarted is not None and restarted.privacy is not None
+    assert state.secagg is not None
+    assert state.secagg.clip_norm == DP.clip_norm
+    assert metrics is not None
+    assert metrics.extra["dp_participation_cap"] == CAP
+    assert restarted.privacy is not None
     assert restarted.privacy.participation_max == CAP  # the counts came back from SQLite
     assert restarted.privacy.devices == len(counts)
     # Assert: the releases are noisy. Each step moves the model by at most C = 1 without noise
     # (sum normalisation, weights <= W_max); the noise adds about z·C·sqrt(P)/K = 12 per step.
-    config = AggregatorConfig(
-        broker_url=mosquitto.url, fleet=FLEET, model=MODEL, state_dir=leader_dir,
-        buffer_size=K, normalisation=Normalisation.SUM, norm_bound=NormBoundSetting.OFF,
-        example_weighting=ExampleWeighting.EQUAL, privacy=DP,
-    )  # fmt: skip
     assert weights is not None
-    moved = float(np.linalg.norm(weights - initial_state(config).weights))
+    moved = float(np.linalg.norm(weights - _initial(url, leader_dir)))
     print(f"v{version}, participations {counts}, moved {moved:.1f}")
     assert moved > 2.0 * version
