@@ -6,7 +6,7 @@ of docs/PRIVACY.md (``sum`` normalisation, equal weighting, one update per devic
 multiplier times the sensitivity of the integer-weighted sum, the largest weight ``W_max``
 (``weight_scale``) times :meth:`~edgefl.secagg.ring.RingSpec.update_norm_bound`
 ``C_q = C (1 + 2^-20) + sqrt(P) / s``, the clip plus the stochastic rounding (``C_q / C - 1`` is
-4·10⁻⁴ for 100k parameters at ``K = 10``, ``W_max = 256``, ``b = 32``).
+6·10⁻⁴ for 100k parameters at ``C = 1``, ``K = 10``, ``W_max = 256``, ``b = 32``).
 
 Each buffer's noise comes from its own generator (:meth:`edgefl.privacy.GaussianNoise.generator`,
 the plaintext aggregator's): 256 bits of OS entropy per buffer, or, with a ``seed`` (tests and
