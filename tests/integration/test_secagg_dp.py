@@ -17,7 +17,7 @@ from pathlib import Path
 import agent_files
 import numpy as np
 import pytest
-from fleet_parts import start_aggregator_process
+from fleet_parts import killed_at_exit, start_aggregator_process, stop_cleanly
 from sklearn.datasets import load_digits
 from waiting import eventually
 
@@ -167,12 +167,10 @@ async def test_dp_at_the_leader_caps_devices_publishes_epsilon_and_survives_sigk
     # Arrange: helper and leader through the CLI with --dp; the agents hold the helper's key
     keys, private, public = _keys(tmp_path)
     url, leader_dir = mosquitto.url, tmp_path / "leader"
-    procs = [
-        await asyncio.to_thread(_start, "helper", url, tmp_path / "helper", private),
-        await asyncio.to_thread(_start, "leader", url, leader_dir, public),
-    ]
     observer = _Observer()
-    try:
+    with killed_at_exit() as procs:
+        procs.append(await asyncio.to_thread(_start, "helper", url, tmp_path / "helper", private))
+        procs.append(await asyncio.to_thread(_start, "leader", url, leader_dir, public))
         async with MqttTransport(MqttConfig.from_url(url, client_id="observer")) as transport:
             observing = asyncio.create_task(observer.run(transport))
 
@@ -202,14 +200,7 @@ async def test_dp_at_the_leader_caps_devices_publishes_epsilon_and_survives_sigk
                 what="the capped device refused after the restart",
             )
             observing.cancel()
-        for proc in procs[0], procs[2]:
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=30) == 0
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        stop_cleanly(procs[0], procs[2])
 
     # Assert: every release counted once per member, nobody past the cap
     version, weights, counts, _ = _committed(leader_dir)

@@ -12,10 +12,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+from test_secagg_services import FLEET, MODEL, SETTINGS
+from test_secagg_services import _config as secagg_config
 
 from edgefl.aggregation import ExampleWeighting, Normalisation
 from edgefl.aggregator import AggregatorConfig, NormBoundSetting
-from edgefl.aggregator.secagg_config import SecAggSettings, check_compatible
+from edgefl.aggregator.secagg_config import check_compatible
 from edgefl.aggregator.secagg_leader import LeaderService, leader_state_path
 from edgefl.aggregator.secagg_store import LeaderStore
 from edgefl.errors import RejectReason, UpdateRejected
@@ -163,25 +165,18 @@ def test_the_ring_clip_must_be_the_dp_clip() -> None:
 
 # -- the service: refusals counted, counts durable with the step -------------------------------
 
-FLEET, MODEL, NUM_PARAMS = "dpsa", "digits-mlp", 2410
-SETTINGS = SecAggSettings(helper_key=Path("unused"))
+NUM_PARAMS = 2410
 
 
 def _config(state_dir: Path, **fields: Any) -> AggregatorConfig:
-    config = AggregatorConfig(
-        broker_url="mqtt://127.0.0.1:1",
-        fleet=FLEET,
-        model=MODEL,
-        state_dir=state_dir,
-        buffer_size=3,
-        normalisation=Normalisation.SUM,
-        example_weighting=ExampleWeighting.EQUAL,
-        norm_bound=NormBoundSetting.OFF,
-        privacy=_dp(),
-        participation=ParticipationConfig(flush_after_s=1.0),
-        fsync=False,
-    )
-    return dataclasses.replace(config, **fields)
+    """The service tests' leader (K = 3) with central DP (cap 1) and a flush after 1 s."""
+    dp_fields: dict[str, Any] = {
+        "normalisation": Normalisation.SUM,
+        "example_weighting": ExampleWeighting.EQUAL,
+        "privacy": _dp(),
+        "participation": ParticipationConfig(flush_after_s=1.0),
+    }
+    return secagg_config(state_dir, **(dp_fields | fields))
 
 
 def _leader(state_dir: Path, transport: MemoryTransport) -> LeaderService:
