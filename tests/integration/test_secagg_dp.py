@@ -140,6 +140,18 @@ def _capped(observer: _Observer) -> bool:
     )
 
 
+def _settled(observer: _Observer, since: float) -> bool:
+    """A METRICS of at least 1 s after ``since`` shows no open decision and every held share
+    complete: nothing the leader holds can still become a step (fewer than K complete)."""
+    m = observer.metrics
+    if m is None or m.at < since + 1.0:
+        return False
+    extra = m.extra
+    return extra["secagg_open_decision"] is None and (
+        extra["secagg_pending"] == extra["secagg_complete"]
+    )
+
+
 async def _train_until_capped(url: str, public: Path, home: Path, observer: _Observer) -> None:
     """Three agents (each its third of digits) train until :func:`_capped`, then stop."""
     agents = []
@@ -176,6 +188,8 @@ async def test_dp_at_the_leader_caps_devices_publishes_epsilon_and_survives_sigk
 
             # Act 1: train until devices reach their cap and are refused
             await _train_until_capped(url, public, tmp_path, observer)
+            stopped = time.time()
+            await eventually(lambda: _settled(observer, stopped), 90, what="no buffer in flight")
             before = _committed(leader_dir)
             state, metrics = observer.state, observer.metrics
 
