@@ -9,10 +9,11 @@ import contextlib
 import os
 import re
 import select
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -89,6 +90,27 @@ def start_aggregator_process(
                 break
     proc.kill()
     raise AssertionError(f"aggregator did not start: {stderr_path.read_text()[-2000:]}")
+
+
+@contextlib.contextmanager
+def killed_at_exit() -> Iterator[list[subprocess.Popen[str]]]:
+    """A list for the processes a test starts; any still running when the block exits (a failed
+    assertion, a timeout) is killed and reaped."""
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        yield procs
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def stop_cleanly(*procs: subprocess.Popen[str]) -> None:
+    """SIGTERM each process and check it exits 0 within 30 s."""
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
 
 
 def start_edgefl(

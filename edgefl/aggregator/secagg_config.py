@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Protocol, TypeVar, cast
 
 from edgefl.aggregation import ExampleWeighting, RobustMode
-from edgefl.aggregator.config import AggregatorConfig, Algorithm
+from edgefl.aggregator.config import AggregatorConfig, Algorithm, NormBoundSetting
 from edgefl.protocol.messages import SecAggSeedHeader, SecAggShareHeader
 from edgefl.secagg import RingSpec
 
@@ -88,17 +88,39 @@ class SecAggSettings:
 
 def check_compatible(config: AggregatorConfig, settings: SecAggSettings) -> None:
     """Refuse (``ValueError``, one line) aggregator options secure aggregation cannot honour:
-    they need individual updates, which no role sees (docs/PRIVACY.md, "Defences")."""
+    they need individual updates, which no role sees (docs/PRIVACY.md, "Defences"); and, with
+    central DP (``--dp``), the settings its sensitivity argument at the leader needs
+    (:mod:`edgefl.secagg.privacy`), each error naming the option."""
     if config.algorithm is not Algorithm.FEDBUFF:
         raise ValueError("secure aggregation runs FedBuff only (no synchronous FedAvg rounds)")
     if config.robust is not RobustMode.NONE:
         raise ValueError(f"robust mode {config.robust.value} needs individual updates")
     if config.privacy is not None:
-        raise ValueError("central DP on decoded updates needs individual updates")
+        _check_dp(config, settings)
     if config.example_weighting is ExampleWeighting.EXAMPLES and config.example_cap is None:
         raise ValueError("examples weighting under secure aggregation needs an example_cap")
     if settings.min_members > config.buffer_size:
         raise ValueError("min_members must be <= buffer_size")
+
+
+def _check_dp(config: AggregatorConfig, settings: SecAggSettings) -> None:
+    dp = config.privacy
+    assert dp is not None
+    why = "with --dp under secure aggregation: central DP at the leader needs"
+    # (normalisation 'sum', and no adaptive bound: the config's FedBuffConfig refuses the others)
+    if config.example_weighting is not ExampleWeighting.EQUAL:
+        weighting = config.example_weighting.value
+        raise ValueError(f"example_weighting {weighting} {why} example_weighting 'equal'")
+    if config.norm_bound is not NormBoundSetting.OFF:
+        raise ValueError(
+            f"norm_bound {config.norm_bound.value} {why} norm_bound 'off' (no role sees an "
+            "update to bound; the device clip bounds it)"
+        )
+    if settings.clip_norm != dp.clip_norm:
+        raise ValueError(
+            f"--secagg-clip {settings.clip_norm:g} {why} the DP clip C={dp.clip_norm:g} "
+            "(devices clip to --secagg-clip): set both to the same value"
+        )
 
 
 class ShareAuthenticator(Protocol):

@@ -29,8 +29,16 @@ highest accepted one is refused (``replay``) unless the role recognises it as a 
 ``--device-keys`` every share must be signed by the device it names (``bad_signature``,
 ``unknown_device``).
 
+With central DP (``--dp central:...``, :mod:`edgefl.secagg.privacy`): a share is refused before
+the role when its device has an update held that is not combined yet (``dp_one_per_buffer``)
+or took part in ``cap`` released buffers (``dp_budget_exhausted``); the decoded sum gets
+``N(0, (z · W_max · C_q)² I)`` before the step; the step adds one participation per member,
+written in the step's transaction; the server state's ``privacy`` and METRICS ``dp_*`` carry
+the plaintext aggregator's figures (ε of the most frequent participant, ...).
+
 The server state announces ``features = ("secagg",)`` and ``ServerState.secagg`` (the ring and
-the helper's public key); devices check that key against their own configuration. Not here
+the helper's public key, whose clip is the DP clip under DP); devices check that key against
+their own configuration. Not here
 (docs/PRIVACY.md, "Not done yet"): receipts, leases, evaluation, Prometheus. It publishes
 METRICS every ``metrics_interval_s``.
 """
@@ -66,7 +74,7 @@ from edgefl.aggregator.secagg_config import (
 )
 from edgefl.aggregator.secagg_shell import RoleShell
 from edgefl.aggregator.secagg_store import LeaderStore, ModelRow
-from edgefl.aggregator.service import initial_state
+from edgefl.aggregator.service import central_privacy, initial_state, privacy_extra
 from edgefl.aggregator.statelock import StateDirLock
 from edgefl.errors import ProtocolError, RejectReason, UpdateRejected
 from edgefl.protocol.envelope import decode_envelope
@@ -95,6 +103,7 @@ from edgefl.secagg import (
     AggregateResult,
     HelperPartial,
     LeaderConfig,
+    LeaderPrivacy,
     LeaderSnapshot,
     SecAggError,
     SecAggLeader,
@@ -174,6 +183,14 @@ class LeaderService:
         self._given = transport
         self._transport: Transport | None = None
         self.spec = settings.ring(config.buffer_size)
+        self.privacy = None
+        if config.privacy is not None:
+            self.privacy = LeaderPrivacy(
+                config.privacy,
+                spec=self.spec,
+                num_params=config.spec.num_params,
+                w_max=settings.weight_scale,
+            )
         self._role_config = LeaderConfig(
             spec=self.spec,
             num_params=config.spec.num_params,
@@ -182,6 +199,7 @@ class LeaderService:
             share_timeout=settings.share_timeout_s,
             memory=settings.memory,
             min_members=settings.min_members,
+            noise=None if self.privacy is None else self.privacy.noise,
         )
         self.leader = SecAggLeader(self._role_config)
         self.core = step_core(config)
@@ -260,8 +278,26 @@ class LeaderService:
         self._max_seq = store.max_seqs()
         self.refused.update(store.refused())
         self._store = store
-        if model is None:  # the initial version is durable before it is published
-            self._write(snapshot, model=True)
+        fresh_privacy = self._restore_privacy(store, snapshot)
+        if model is None or fresh_privacy:  # the initial version is durable before it is published
+            self._write(snapshot, model=model is None, privacy=fresh_privacy)
+
+    def _restore_privacy(self, store: LeaderStore, snapshot: LeaderSnapshot | None) -> bool:
+        """Load central DP's participation counts; True when the file has none yet (a first
+        start with DP: write them). A file holding shares accepted before DP was on is refused
+        (``ValueError``): their devices were never admitted by the one-update rule."""
+        if self.privacy is None:
+            return False
+        stored = store.privacy()
+        if stored is not None:
+            self.privacy.load(stored.participations)
+            return False
+        if snapshot is not None and (snapshot.pending or snapshot.open_shares):
+            raise ValueError(
+                f"{store.path} holds shares accepted before differential privacy was on; "
+                "start DP with a new --state-dir"
+            )
+        return True
 
     # ------------------------------------------------------------------ RoleHandler
     async def handle(self, message: InboundMessage) -> None:
@@ -317,6 +353,8 @@ class LeaderService:
             return
         try:
             weight = self._weight(header)
+            if self.privacy is not None and key not in held:  # (a redelivery: the role's)
+                self.privacy.admit(header.device_id, held=self.leader.holds(header.device_id))
         except UpdateRejected as exc:
             self._refuse(exc.reason.value, before)
             return
@@ -402,8 +440,10 @@ class LeaderService:
                 log.error("buffer %d lost: %s", partial.buffer_id, exc)
             self._write(before)
             return
+        if self.privacy is not None:
+            self.privacy.release(result.decision)
         self._step(result)
-        self._write(before, model=True)
+        self._write(before, model=True, privacy=self.privacy is not None)
         await self._publish_model()
         await self._publish_state(ServerStatus.ONLINE)
 
@@ -461,13 +501,22 @@ class LeaderService:
         *,
         model: bool = False,
         device_seq: tuple[str, int] | None = None,
+        privacy: bool = False,
     ) -> None:
+        """Write the role's change since ``before`` (with the model, a device's highest seq,
+        central DP's counts when asked) and the refusal counters, in one transaction."""
         assert self._store is not None, "run() opens the store before any message"
         row = None
         if model:
             row = ModelRow(self.version, self.created_at, self.core.snapshot(buffer=False))
+        counts = self.privacy.state() if privacy and self.privacy is not None else None
         self._store.write(
-            before, self.leader.snapshot(), model=row, device_seq=device_seq, refused=self.refused
+            before,
+            self.leader.snapshot(),
+            model=row,
+            device_seq=device_seq,
+            refused=self.refused,
+            privacy=counts,
         )
 
     # ------------------------------------------------------------------ publishing
@@ -530,6 +579,7 @@ class LeaderService:
                 "secagg_complete": stats["complete"],
                 "secagg_open_decision": None if decision is None else decision.buffer_id,
                 "session": self._session,
+                **privacy_extra(None if self.privacy is None else self.privacy.statistics()),
             },
         )
         topic = server_metrics_topic(self.config.fleet)
@@ -553,6 +603,7 @@ class LeaderService:
             rejected=rejected,
             features=(FEATURE_SECAGG,),
             secagg=secagg_info(self.spec, self._helper_public),
+            privacy=None if self.privacy is None else central_privacy(self.privacy.statistics()),
         )
 
     def statistics(self) -> dict[str, int]:

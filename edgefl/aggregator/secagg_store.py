@@ -11,7 +11,9 @@ and the roles answer a redelivery idempotently (a duplicate, or the same report 
 The leader's file also holds the model (version and :class:`~edgefl.aggregation.FedBuffState`,
 encoded as the aggregator's state store does), written **in the same transaction** as the
 combine that stepped it: an accepted update is either in an open decision, or in a committed
-step, never both and never neither.
+step, never both and never neither. With central DP the participation counts
+(:class:`~edgefl.privacy.PrivacyState`, ``meta.privacy``) are written in that transaction too,
+so a device's count and the step that released its update are durable together.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 
 from edgefl.aggregation import FedBuffState
 from edgefl.aggregator.store import decode_state, encode_state
+from edgefl.privacy import PrivacyState
 from edgefl.secagg import (
     BufferDecision,
     HeldSeed,
@@ -202,6 +205,11 @@ class LeaderStore(_Store):
         """The leader's refusals before the role (stale, replayed, ...), by reason."""
         return {str(k): int(v) for k, v in self.meta().get("refused", {}).items()}
 
+    def privacy(self) -> PrivacyState | None:
+        """Central DP's participation counts (None: the file was never run with DP)."""
+        stored = self.meta().get("privacy")
+        return None if stored is None else PrivacyState.from_json(stored)
+
     def write(
         self,
         before: LeaderSnapshot | None,
@@ -210,9 +218,11 @@ class LeaderStore(_Store):
         model: ModelRow | None = None,
         device_seq: tuple[str, int] | None = None,
         refused: Mapping[str, int] | None = None,
+        privacy: PrivacyState | None = None,
     ) -> None:
         """Write the change from ``before`` to ``after`` in one transaction, with the new
-        ``model``, a device's new highest seq and the refusal counters when given."""
+        ``model``, a device's new highest seq, the refusal counters and central DP's
+        participation counts when given."""
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -220,6 +230,8 @@ class LeaderStore(_Store):
                 db.execute("INSERT OR REPLACE INTO secagg_device VALUES (?, ?)", device_seq)
             if refused is not None:
                 self._put_meta({"refused": dict(refused)})
+            if privacy is not None:
+                self._put_meta({"privacy": privacy.to_json()})
             self._write_shares(before, after)
             old_ann = dict(before.announced) if before is not None else {}
             self._sync(

@@ -890,13 +890,13 @@ def _server_state(
         at=time.time(),
         rejected=s.rejected,
         features=features,
-        privacy=None if s.privacy is None else _central_privacy(s.privacy),
+        privacy=None if s.privacy is None else central_privacy(s.privacy),
     )
 
 
-def _central_privacy(p: PrivacyStatistics) -> CentralPrivacy:
+def central_privacy(p: PrivacyStatistics) -> CentralPrivacy:
     """The server state's central DP figures (PROTOCOL.md §4.4, 1.2): the fields of the same
-    names."""
+    names (also the secure-aggregation leader's)."""
     return CentralPrivacy(**{f.name: getattr(p, f.name) for f in dataclasses.fields(p)})
 
 
@@ -923,7 +923,7 @@ def _server_metrics(fleet: str, s: AggregatorStatistics) -> ServerMetrics:
             "receipts_sent": s.receipts.sent,
             "receipts_dropped": s.receipts.dropped,
             **_participation_extra(s),
-            **_privacy_extra(s),
+            **privacy_extra(s.privacy),
         },
     )
 
@@ -945,11 +945,10 @@ def _participation_extra(s: AggregatorStatistics) -> dict[str, object]:
     }
 
 
-def _privacy_extra(s: AggregatorStatistics) -> dict[str, object]:
+def privacy_extra(p: PrivacyStatistics | None) -> dict[str, object]:
     """The central DP figures of METRICS ``extra``, each :class:`~edgefl.privacy.PrivacyStatistics`
     field as ``dp_<field>`` (none while DP is off); the histogram's keys (participation counts)
     become strings, as JSON object keys must be."""
-    p = s.privacy
     if p is None:
         return {}
     figures = {f.name: getattr(p, f.name) for f in dataclasses.fields(p)}

@@ -8,7 +8,8 @@ Sans-IO, numpy and ``cryptography`` only (no torch, no I/O). Module map:
   :class:`HelperKeys` (X25519);
 * :mod:`~edgefl.secagg.decision` — the messages between the roles;
 * :mod:`~edgefl.secagg.leader` / :mod:`~edgefl.secagg.helper` — the two roles;
-* :mod:`~edgefl.secagg.state` — their frozen snapshots; :mod:`~edgefl.secagg.noise` — the DP hook.
+* :mod:`~edgefl.secagg.state` — their frozen snapshots; :mod:`~edgefl.secagg.noise` — the DP hook;
+* :mod:`~edgefl.secagg.privacy` — central DP at the leader (admission, noise, accounting).
 
 The protocol, its trust assumption and costs: docs/PRIVACY.md, "Secure aggregation". The
 services (``edgefl aggregator --role leader|helper``) are ``edgefl/aggregator/secagg_*.py``; the
@@ -20,6 +21,7 @@ from edgefl.secagg.errors import SecAggError, SecAggReason
 from edgefl.secagg.helper import HelperConfig, MissingSeeds, SecAggHelper
 from edgefl.secagg.leader import AggregateResult, LeaderConfig, SecAggLeader, SumNoise
 from edgefl.secagg.noise import GaussianSumNoise
+from edgefl.secagg.privacy import LeaderPrivacy
 from edgefl.secagg.ring import RingSpec, decode_sum, encode, fixed_point_weight
 from edgefl.secagg.shares import (
     SEALED_SIZE,
@@ -44,6 +46,7 @@ __all__ = [
     "HelperPartial",
     "HelperSnapshot",
     "LeaderConfig",
+    "LeaderPrivacy",
     "LeaderSnapshot",
     "MissingSeeds",
     "PendingShare",

@@ -182,6 +182,13 @@ class SecAggLeader:
             self._drops.append(key)
         return len(late) + len(orphans)
 
+    def holds(self, device_id: str) -> bool:
+        """Whether a masked share of ``device_id`` is held and neither combined nor excluded
+        (waiting for its seed, complete, or in the open decision): central DP's
+        one-update-per-buffer rule (:class:`~edgefl.secagg.privacy.LeaderPrivacy`)."""
+        members = () if self._open is None else self._open.members
+        return any(key[0] == device_id for key in (*self._pending, *members))
+
     # ------------------------------------------------------------------ decide and combine
     @property
     def ready(self) -> bool:

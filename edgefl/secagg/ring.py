@@ -107,6 +107,12 @@ class RingSpec:
         """``Q = floor(s · C · (1 + CLIP_SLACK)) + 1``, the bound on every ``|q_j|``."""
         return math.floor(self.scale * self.clip_norm * (1.0 + CLIP_SLACK)) + 1
 
+    def update_norm_bound(self, num_params: int) -> float:
+        """``C · (1 + CLIP_SLACK) + sqrt(P) / s``: the bound on ``‖q / s‖₂`` of one encoded update
+        of ``P`` values (the clip, plus at most one rounding step ``1 / s`` per coordinate). It is
+        the L2 sensitivity of a decoded sum to one update of weight 1 (docs/PRIVACY.md)."""
+        return self.clip_norm * (1.0 + CLIP_SLACK) + math.sqrt(num_params) / self.scale
+
     def bytes_per_share(self, num_params: int) -> int:
         return num_params * self.bits // 8
 
@@ -183,8 +189,7 @@ def decode_signed(total: RingArray, spec: RingSpec, weights: Sequence[int]) -> N
     peak = int(np.abs(signed).max()) if signed.size else 0
     if peak > bound:
         raise SecAggError(SecAggReason.OVERFLOW, f"decoded |v| {peak} > range bound {bound}")
-    per_update = spec.scale * spec.clip_norm * (1 + CLIP_SLACK) + math.sqrt(signed.size)
-    norm_bound = sum(weights) * per_update
+    norm_bound = sum(weights) * spec.scale * spec.update_norm_bound(signed.size)
     values = signed.astype(np.float64)
     norm = math.sqrt(float(np.dot(values, values)))
     if norm > norm_bound * (1 + 1e-12):

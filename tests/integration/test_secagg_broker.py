@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fleet_parts import start_aggregator_process
+from fleet_parts import killed_at_exit, start_aggregator_process, stop_cleanly
 from waiting import eventually
 
 from broker.launcher import MosquittoBroker
@@ -250,13 +250,13 @@ async def test_sigkill_of_helper_and_leader_loses_and_double_counts_nothing(
     keys, private, public = _keys(tmp_path)
     leader_dir, helper_dir = tmp_path / "leader", tmp_path / "helper"
     spec = SecAggSettings(helper_key=public).ring(K)
-    procs = [
-        await asyncio.to_thread(_start, "helper", mosquitto.url, helper_dir, private),
-        await asyncio.to_thread(_start, "leader", mosquitto.url, leader_dir, public),
-    ]
-    helper, leader = procs
     rng = random.Random(int(os.environ.get("EDGEFL_CRASH_SEED", "20261204")))
-    try:
+    with killed_at_exit() as procs:
+        procs += [
+            await asyncio.to_thread(_start, "helper", mosquitto.url, helper_dir, private),
+            await asyncio.to_thread(_start, "leader", mosquitto.url, leader_dir, public),
+        ]
+        helper, leader = procs
         # Act 1: the helper dies with seeds of the first buffer in its store (or not yet)
         await _send(mosquitto.url, spec, keys, 0, 0)
         await _send(mosquitto.url, spec, keys, 1, 0)
@@ -289,14 +289,7 @@ async def test_sigkill_of_helper_and_leader_loses_and_double_counts_nothing(
         weights = await asyncio.to_thread(_wait_version, leader_dir, 3)
 
         # Act 4: a clean stop
-        for proc in (leader, helper):
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=30) == 0
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        stop_cleanly(leader, helper)
 
     # Assert: every update counted exactly once
     config = _config(mosquitto.url, leader_dir)

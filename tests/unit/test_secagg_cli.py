@@ -27,6 +27,10 @@ def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, list
         (["--role", "helper", "--helper-key", "KEY"], "not a readable X25519 private key"),
         (["--role", "leader", "--helper-key", "KEY", "--robust", "median"], "needs individual"),
         (["--role", "leader", "--helper-key", "KEY", "--secagg-bits", "16"], "bits must be"),
+        (
+            ["--role", "leader", "--helper-key", "KEY", "--dp", "central:z=1,C=0.5,cap=3"],
+            "--secagg-clip 1 with --dp under secure aggregation",
+        ),
     ],
 )
 def test_bad_secagg_options_are_one_line_and_exit_78(
