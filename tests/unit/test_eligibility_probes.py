@@ -79,51 +79,66 @@ def test_no_power_supply_at_all_counts_as_mains(tmp_path: Path) -> None:
     assert probes.PowerProbe(tmp_path, assume_mains_without_battery=False).read().on_mains is None
 
 
-def test_laptop_on_battery(tmp_path: Path) -> None:
-    supply(tmp_path, "AC", type="Mains", online="0")
-    supply(tmp_path, "BAT0", type="Battery", status="Discharging", capacity="55", scope="System")
+Supplies = dict[str, dict[str, str]]  # power_supply directory name -> its attribute files
 
-    assert probes.PowerProbe(tmp_path).read() == PowerReading(False, 55.0, False)
+#: What the power probe reads from a /sys/class/power_supply tree.
+POWER_CASES: dict[str, tuple[Supplies, PowerReading]] = {
+    "laptop on battery": (
+        {
+            "AC": {"type": "Mains", "online": "0"},
+            "BAT0": {
+                "type": "Battery",
+                "status": "Discharging",
+                "capacity": "55",
+                "scope": "System",
+            },
+        },
+        PowerReading(False, 55.0, False),
+    ),
+    "laptop charging": (
+        {
+            "AC": {"type": "Mains", "online": "1"},
+            "BAT0": {"type": "Battery", "status": "Charging", "capacity": "40"},
+        },
+        PowerReading(True, 40.0, True),
+    ),
+    "battery-only device uses its status": (
+        {"battery": {"type": "Battery", "status": "Not charging", "capacity": "80"}},
+        PowerReading(True, 80.0, False),
+    ),
+    "peripheral battery is ignored": (
+        {
+            "hid-mouse-battery": {
+                "type": "Battery",
+                "status": "Discharging",
+                "capacity": "5",
+                "scope": "Device",
+            }
+        },
+        PowerReading(True, None, None),
+    ),
+    "UPS offline means on battery": (
+        {"ups-hat": {"type": "UPS", "online": "0", "capacity": "70"}},
+        PowerReading(False, 70.0, None),
+    ),
+    "battery with unknown status is unknown": (
+        {"BAT0": {"type": "Battery", "status": "Unknown", "capacity": "60"}},
+        PowerReading(None, 60.0, None),
+    ),
+}
 
 
-def test_laptop_charging(tmp_path: Path) -> None:
-    supply(tmp_path, "AC", type="Mains", online="1")
-    supply(tmp_path, "BAT0", type="Battery", status="Charging", capacity="40")
-
-    assert probes.PowerProbe(tmp_path).read() == PowerReading(True, 40.0, True)
-
-
-def test_battery_only_device_uses_status(tmp_path: Path) -> None:
-    supply(tmp_path, "battery", type="Battery", status="Not charging", capacity="80")
-    assert probes.PowerProbe(tmp_path).read() == PowerReading(True, 80.0, False)
-
-
-def test_peripheral_battery_is_ignored(tmp_path: Path) -> None:
-    supply(
-        tmp_path,
-        "hid-mouse-battery",
-        type="Battery",
-        status="Discharging",
-        capacity="5",
-        scope="Device",
-    )
-    assert probes.PowerProbe(tmp_path).read() == PowerReading(True, None, None)
+@pytest.mark.parametrize(("supplies", "expected"), POWER_CASES.values(), ids=POWER_CASES.keys())
+def test_power_reading(tmp_path: Path, supplies: Supplies, expected: PowerReading) -> None:
+    for name, attrs in supplies.items():
+        supply(tmp_path, name, **attrs)
+    assert probes.PowerProbe(tmp_path).read() == expected
 
 
 def test_usb_supply_online_is_external_power(tmp_path: Path) -> None:
     supply(tmp_path, "usb", type="USB", online="1")
     supply(tmp_path, "bat", type="Battery", status="Unknown", capacity="90")
     assert probes.PowerProbe(tmp_path).read().on_mains is True
-
-
-def test_ups_offline_means_on_battery(tmp_path: Path) -> None:
-    supply(tmp_path, "ups-hat", type="UPS", online="0", capacity="70")
-    assert probes.PowerProbe(tmp_path).read() == PowerReading(False, 70.0, None)
-
-
-def test_battery_with_unknown_status_is_unknown(tmp_path: Path) -> None:
-    supply(tmp_path, "BAT0", type="Battery", status="Unknown", capacity="60")
-    assert probes.PowerProbe(tmp_path).read() == PowerReading(None, 60.0, None)
 
 
 # --- thermal ---
