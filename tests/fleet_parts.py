@@ -91,6 +91,15 @@ def start_aggregator_process(
     raise AssertionError(f"aggregator did not start: {stderr_path.read_text()[-2000:]}")
 
 
+def kill_survivors(procs: Iterable[subprocess.Popen[Any]]) -> None:
+    """SIGKILL and reap each of ``procs`` still running (a test's ``finally``: whatever failed,
+    no aggregator outlives its test)."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def start_edgefl(
     args: Sequence[str], cwd: Path, env: dict[str, str], **popen: Any
 ) -> subprocess.Popen[str]:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fleet_parts import start_aggregator_process
+from fleet_parts import kill_survivors, start_aggregator_process
 from waiting import eventually
 
 from broker.launcher import MosquittoBroker
@@ -293,10 +293,7 @@ async def test_sigkill_of_helper_and_leader_loses_and_double_counts_nothing(
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=30) == 0
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        kill_survivors(procs)
 
     # Assert: every update counted exactly once
     config = _config(mosquitto.url, leader_dir)
