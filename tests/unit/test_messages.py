@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from typing import Any
@@ -99,10 +100,7 @@ def manifests(draw: st.DrawFn) -> messages.ModelManifest:
         version=draw(counts),
         model=draw(names),
         format=fmt,
-        sha256=main.sha256,
-        size=main.size,
-        chunk_size=main.chunk_size,
-        num_chunks=main.num_chunks,
+        **dataclasses.asdict(main),  # the main artifact: sha256, size, chunk_size, num_chunks
         num_params=num_params,
         created_at=draw(times),
         layout=layout,
