@@ -36,9 +36,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from broker.launcher import MosquittoBroker  # noqa: E402
-from edgefl.codec.config import CodecConfig  # noqa: E402
-from edgefl.codec.update import encode_update  # noqa: E402
-from edgefl.protocol.messages import UpdateHeader, encode_message  # noqa: E402
+from edgefl.aggregator.updates import build_update_envelope  # noqa: E402
 from edgefl.protocol.topics import ShardsLeaf, shards_topic, update_topic  # noqa: E402
 from edgefl.sharding.partitions import partition_of  # noqa: E402
 
@@ -57,20 +55,19 @@ def make_updates(n: int, params: int) -> list[tuple[str, bytes]]:
     out = []
     for i in range(n):
         device = f"dev{i % 200}"
-        encoded, _ = encode_update(delta, CodecConfig(), rng=rng)
-        header = UpdateHeader(
+        envelope = build_update_envelope(
             fleet=FLEET,
-            device_id=device,
+            model="m",
+            device=device,
             seq=i,
             base_version=0,
+            delta=delta,
             num_examples=10,
-            model="m",
-            codec=encoded.descriptor.to_dict(),
-            num_params=params,
+            rng=rng,
             created_at=1.0,
         )
         topic = update_topic(FLEET, device, i, partition=partition_of(device, PARTITIONS))
-        out.append((topic, encode_message(header, encoded.body)))
+        out.append((topic, envelope))
     return out
 
 

@@ -97,6 +97,7 @@ from edgefl.protocol.messages import (
     ModelManifest,
     Receipt,
     ServerState,
+    UpdateMeta,
 )
 from edgefl.protocol.messages import encode_message as encode_msg
 from edgefl.protocol.topics import (
@@ -1225,31 +1226,29 @@ class DeviceAgent:
             codec = codec_config_for(self.config.codec, manifest)
             residual = residual_from_bytes(store.residuals.load(), manifest.num_params)
             seq = store.spool.next_seq()
+            meta = UpdateMeta(
+                fleet=self._fleet,
+                device_id=self._device,
+                seq=seq,
+                base_version=manifest.version,
+                num_examples=result.num_examples,
+                model=manifest.model,
+                created_at=time.time(),
+                lease_id=lease_id,
+            )
+            signer = self._credentials.signer
             if self._routes.secagg.required:  # two shares, not an UPDATE
-                envelope = self._routes.secagg.build(
-                    result,
-                    manifest=manifest,
-                    fleet=self._fleet,
-                    device_id=self._device,
-                    seq=seq,
-                    created_at=time.time(),
-                    signer=self._credentials.signer,
-                    lease_id=lease_id,
-                )
+                envelope = self._routes.secagg.build(result, meta, signer=signer)
                 new_residual = None
             else:
                 built = build_update(
                     result,
+                    meta,
                     manifest=manifest,
-                    fleet=self._fleet,
-                    device_id=self._device,
-                    seq=seq,
                     codec=codec,
                     residual=residual,
                     rng=np.random.default_rng(),
-                    created_at=time.time(),
-                    signer=self._credentials.signer,
-                    lease_id=lease_id,
+                    signer=signer,
                 )
                 envelope, new_residual = built.envelope, built.residual
         except EdgeflError as exc:

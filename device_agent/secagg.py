@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Final
 import numpy as np
 
 from edgefl.errors import EdgeflError, RejectReason
-from edgefl.protocol.messages import FEATURE_SECAGG, ModelManifest, SecAggInfo, ServerState
+from edgefl.protocol.messages import FEATURE_SECAGG, SecAggInfo, ServerState, UpdateMeta
 from edgefl.protocol.topics import secagg_seed_topic, secagg_share_topic
 
 if TYPE_CHECKING:  # cryptography (the [security] extra) is imported only when announced
@@ -144,33 +144,15 @@ class SecAggUplink:
             raise SecAggUnavailable(f"announced ring: {exc}") from None
 
     def build(
-        self,
-        result: TrainResult,
-        *,
-        manifest: ModelManifest,
-        fleet: str,
-        device_id: str,
-        seq: int,
-        created_at: float,
-        signer: EnvelopeSigner | None = None,
-        lease_id: int | None = None,
+        self, result: TrainResult, meta: UpdateMeta, *, signer: EnvelopeSigner | None = None
     ) -> bytes:
-        """The spool entry (both envelopes) of update ``seq``; ``SecAggUnavailable`` when the
-        device cannot take part, ``CodecError`` for a non-finite delta."""
+        """The spool entry (both envelopes) of the update ``meta`` describes;
+        ``SecAggUnavailable`` when the device cannot take part, ``CodecError`` for a non-finite
+        delta."""
         spec = self.spec()
         assert self._key is not None  # spec() loaded and checked it
-        from edgefl.secagg.wire import UpdateMeta, build_share_envelopes
+        from edgefl.secagg.wire import build_share_envelopes
 
-        meta = UpdateMeta(
-            fleet=fleet,
-            device_id=device_id,
-            seq=seq,
-            base_version=manifest.version,
-            num_examples=result.num_examples,
-            model=manifest.model,
-            created_at=created_at,
-            lease_id=lease_id,
-        )
         built = build_share_envelopes(
             result.delta, meta, spec, self._key, rng=np.random.default_rng(), signer=signer
         )

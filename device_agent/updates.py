@@ -12,6 +12,7 @@ can aggregate), else the device's ``[codec]`` preferences.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -22,7 +23,7 @@ from device_agent.config import CodecPrefs
 from device_agent.trainer import TrainResult
 from edgefl.auth import EnvelopeSigner
 from edgefl.codec import CodecConfig, Quantization, Residual, encode_update
-from edgefl.protocol.messages import ModelManifest, UpdateHeader, encode_message
+from edgefl.protocol.messages import ModelManifest, UpdateHeader, UpdateMeta, encode_message
 
 __all__ = ["BuiltUpdate", "build_update", "codec_config_for", "residual_from_bytes"]
 
@@ -54,40 +55,29 @@ class BuiltUpdate:
 
 def build_update(
     result: TrainResult,
+    meta: UpdateMeta,
     *,
     manifest: ModelManifest,
-    fleet: str,
-    device_id: str,
-    seq: int,
     codec: CodecConfig,
     residual: Residual | None,
     rng: np.random.Generator,
-    created_at: float,
     signer: EnvelopeSigner | None = None,
     extra_metrics: Mapping[str, float] | None = None,
-    lease_id: int | None = None,
 ) -> BuiltUpdate:
-    """Encode ``result`` as update ``seq`` against ``manifest`` (base version, model, layout),
-    trained under lease ``lease_id`` (protocol 1.2; None: no lease). Raises ``CodecError`` (e.g.
-    NaN in the delta) or ``ProtocolError`` for invalid fields."""
+    """Encode ``result`` as the update ``meta`` describes (trained on ``manifest``: its version
+    and model are ``meta``'s, its layout the header's; under lease ``meta.lease_id``, protocol
+    1.2). Raises ``CodecError`` (e.g. NaN in the delta) or ``ProtocolError`` for invalid fields."""
     delta: NDArray[np.float32] = np.asarray(result.delta, dtype=np.float32)
     encoded, new_residual = encode_update(delta, codec, rng=rng, residual=residual)
     metrics = {k: float(v) for k, v in result.metrics.items() if np.isfinite(v)}
     if extra_metrics:
         metrics.update(extra_metrics)
     header = UpdateHeader(
-        fleet=fleet,
-        device_id=device_id,
-        seq=seq,
-        base_version=manifest.version,
-        num_examples=result.num_examples,
-        model=manifest.model,
+        **dataclasses.asdict(meta),
         codec=encoded.descriptor.to_dict(),
         num_params=manifest.num_params,
-        created_at=created_at,
         layout=manifest.layout,
         metrics=metrics,
-        lease_id=lease_id,
     )
     envelope = encode_message(header, encoded.body)
     if signer is not None:

@@ -103,14 +103,22 @@ def format_eta(eta: float | None) -> str:
 def progress_line(prog: str, sample: Sample, target: float, eta: float | None) -> str:
     """The plain progress line, e.g.
     ``edgefl demo: 34.5 s  acc 71.2% / 90%  updates 812  version 81  eta ~20 s``."""
-    acc = "--" if sample.accuracy is None else f"{100 * sample.accuracy:.1f}%"
-    text = (
-        f"{prog}: {sample.elapsed_s:.1f} s  acc {acc} / {100 * target:g}%  "
-        f"updates {sample.updates:,}  version {sample.version}  {format_eta(eta)}"
+    return _with_detail(
+        f"{prog}: {sample.elapsed_s:.1f} s  {_accuracy_text(sample, target)}  "
+        f"updates {sample.updates:,}  version {sample.version}  {format_eta(eta)}",
+        sample,
     )
-    if sample.detail:
-        text += f"  {sample.detail}"
-    return text
+
+
+def _accuracy_text(sample: Sample, target: float) -> str:
+    """``acc 71.2% / 90%`` (``acc -- / 90%`` before the first evaluation)."""
+    acc = "--" if sample.accuracy is None else f"{100 * sample.accuracy:.1f}%"
+    return f"acc {acc} / {100 * target:g}%"
+
+
+def _with_detail(text: str, sample: Sample) -> str:
+    """``text``, then the sample's detail (if any) after two spaces."""
+    return f"{text}  {sample.detail}" if sample.detail else text
 
 
 class ProgressTracker:
@@ -213,13 +221,11 @@ class ProgressReporter:
     def update(self, sample: Sample) -> None:
         eta = self.tracker.add(sample)
         if self._progress is not None:
-            acc = "--" if sample.accuracy is None else f"{100 * sample.accuracy:.1f}%"
-            stats = (
-                f"acc {acc} / {100 * self.target:g}%  updates {sample.updates:,}  "
-                f"v{sample.version}  {format_duration(sample.elapsed_s)}  {format_eta(eta)}"
+            stats = _with_detail(
+                f"{_accuracy_text(sample, self.target)}  updates {sample.updates:,}  "
+                f"v{sample.version}  {format_duration(sample.elapsed_s)}  {format_eta(eta)}",
+                sample,
             )
-            if sample.detail:
-                stats += f"  {sample.detail}"
             self._progress.update(
                 self._task, completed=100 * min(sample.accuracy or 0.0, self.target), stats=stats
             )

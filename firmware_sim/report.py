@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
+from numpy.typing import NDArray
 
 from firmware_sim.progress import Sample, format_duration
 from firmware_sim.record import Algorithm, Mode, Outcome, RunRecord
@@ -319,6 +320,24 @@ def _bytes_unit(n: float) -> tuple[float, str]:
     return 1.0, "B"
 
 
+class _Timed(Protocol):
+    @property
+    def t(self) -> NDArray[np.float64]: ...
+
+
+_T = TypeVar("_T", bound=_Timed)
+
+
+def _with_points(
+    records: Sequence[RunRecord], labels: list[str], series: Callable[[RunRecord], _T]
+) -> list[tuple[RunRecord, str, Any, _T]]:
+    """Each run whose ``series`` has points, with its label, colour (the run's own, whether or
+    not the others have points) and that series; empty when no run has any."""
+    colored = zip(records, labels, _colors(len(records)), strict=True)
+    picked = [(r, label, color, series(r)) for r, label, color in colored]
+    return [entry for entry in picked if len(entry[3].t)]
+
+
 def _no_data(ax: Axes, what: str) -> None:
     ax.text(0.5, 0.5, f"no {what} recorded", ha="center", va="center", transform=ax.transAxes)
 
@@ -329,12 +348,8 @@ def _plot_accuracy(
     fig, (ax,) = _new_figure()
     div, unit, xlabel = _time_axis(records)
     lowest = 100.0
-    any_data = False
-    for r, label, color in zip(records, labels, _colors(len(records)), strict=True):
-        ev = r.evals()
-        if not len(ev.t):
-            continue
-        any_data = True
+    plotted = _with_points(records, labels, RunRecord.evals)
+    for r, label, color, ev in plotted:
         acc = 100.0 * ev.accuracy
         lowest = min(lowest, float(acc.min()))
         ttt = r.summary(target)["time_to_target_s"]
@@ -343,7 +358,7 @@ def _plot_accuracy(
         if ttt is not None:
             ax.axvline(ttt / div, color=color, ls=":", lw=1.2)
     ax.axhline(100.0 * target, color="gray", ls="--", lw=1.2, label=f"target {100 * target:.3g}%")
-    if not any_data:
+    if not plotted:
         _no_data(ax, "evaluations")
     ax.set_ylim(max(0.0, min(lowest, 100.0 * target) - 5.0), 100.0)
     ax.set_title("Test accuracy vs time")
@@ -417,12 +432,8 @@ def _plot_bytes(records: Sequence[RunRecord], labels: list[str], path: Path) -> 
     top = max((float(r.updates().fp32_bytes.sum()) for r in records), default=0.0)
     top = max(top, max((float(r.updates().nbytes.sum()) for r in records), default=0.0))
     div_b, unit = _bytes_unit(top)
-    any_data = False
-    for r, label, color in zip(records, labels, _colors(len(records)), strict=True):
-        up = r.updates()
-        if not len(up.t):
-            continue
-        any_data = True
+    plotted = _with_points(records, labels, RunRecord.updates)
+    for r, label, color, up in plotted:
         order = np.argsort(up.t, kind="stable")
         t = np.concatenate(([0.0], up.t[order])) / div_t
         enc = np.concatenate(([0], np.cumsum(up.nbytes[order]))) / div_b
@@ -431,7 +442,7 @@ def _plot_bytes(records: Sequence[RunRecord], labels: list[str], path: Path) -> 
         ratio_note = "" if ratio is None else f", {ratio:.2f}x smaller"
         ax.step(t, enc, where="post", color=color, lw=1.8, label=f"{label} encoded{ratio_note}")
         ax.step(t, fp32, where="post", color=color, lw=1.2, ls="--", label=f"{label} fp32 equiv.")
-    if not any_data:
+    if not plotted:
         _no_data(ax, "updates")
     else:
         ax.legend(loc="upper left")

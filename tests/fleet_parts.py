@@ -92,18 +92,24 @@ def start_aggregator_process(
     raise AssertionError(f"aggregator did not start: {stderr_path.read_text()[-2000:]}")
 
 
+def kill_survivors(procs: Iterable[subprocess.Popen[Any]]) -> None:
+    """SIGKILL and reap each of ``procs`` still running (a test's ``finally``: whatever failed,
+    no aggregator outlives its test)."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 @contextlib.contextmanager
 def killed_at_exit() -> Iterator[list[subprocess.Popen[str]]]:
     """A list for the processes a test starts; any still running when the block exits (a failed
-    assertion, a timeout) is killed and reaped."""
+    assertion, a timeout) is killed and reaped (:func:`kill_survivors`)."""
     procs: list[subprocess.Popen[str]] = []
     try:
         yield procs
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        kill_survivors(procs)
 
 
 def stop_cleanly(*procs: subprocess.Popen[str]) -> None:

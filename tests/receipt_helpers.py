@@ -24,6 +24,7 @@ from device_agent.trainer import TrainResult
 from device_agent.updates import build_update
 from edgefl.codec import CodecConfig, Quantization
 from edgefl.models.spec import init_weights_numpy
+from edgefl.protocol.messages import UpdateMeta
 from firmware_sim.fake_sysfs import write_fake_sysfs
 
 
@@ -65,16 +66,14 @@ def spool_updates(tmp: Path, n: int) -> dict[int, tuple[NDArray[np.float32], byt
         for _ in range(n):
             seq = spool.next_seq()
             delta = rng.normal(size=SPEC.num_params).astype(np.float32)
+            meta = UpdateMeta(FLEET, DEVICE, seq, manifest.version, 10, MODEL, time.time())
             built = build_update(
                 TrainResult(delta, 10),
+                meta,
                 manifest=manifest,
-                fleet=FLEET,
-                device_id=DEVICE,
-                seq=seq,
                 codec=CodecConfig(quantization=Quantization.FP32),
                 residual=None,
                 rng=rng,
-                created_at=time.time(),
             )
             spool.put(seq, built.envelope, {})
             spooled[seq] = (delta, built.envelope)

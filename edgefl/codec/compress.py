@@ -17,12 +17,12 @@ Receiver rules (all before a single output byte is produced):
 
 from __future__ import annotations
 
-import threading
 from typing import Final
 
 import zstandard
 
 from edgefl.errors import CodecError, RejectReason
+from edgefl.perthread import PerThread
 
 __all__ = ["MAX_WINDOW_SIZE", "compress", "decompress_bounded"]
 
@@ -30,29 +30,22 @@ __all__ = ["MAX_WINDOW_SIZE", "compress", "decompress_bounded"]
 MAX_WINDOW_SIZE: Final = 1 << 23
 _PROBE_READ: Final = 1 << 20
 
-_local = threading.local()
+_compressors: PerThread[int, zstandard.ZstdCompressor] = PerThread(
+    lambda level: zstandard.ZstdCompressor(
+        level=level, write_content_size=True, write_checksum=False
+    )
+)
+_decompressors: PerThread[int, zstandard.ZstdDecompressor] = PerThread(
+    lambda window: zstandard.ZstdDecompressor(max_window_size=window)
+)
 
 
 def _compressor(level: int) -> zstandard.ZstdCompressor:
-    cache: dict[int, zstandard.ZstdCompressor] | None = getattr(_local, "compressors", None)
-    if cache is None:
-        cache = {}
-        _local.compressors = cache
-    compressor = cache.get(level)
-    if compressor is None:
-        compressor = zstandard.ZstdCompressor(
-            level=level, write_content_size=True, write_checksum=False
-        )
-        cache[level] = compressor
-    return compressor
+    return _compressors.get(level)
 
 
 def _decompressor() -> zstandard.ZstdDecompressor:
-    decompressor: zstandard.ZstdDecompressor | None = getattr(_local, "decompressor", None)
-    if decompressor is None:
-        decompressor = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW_SIZE)
-        _local.decompressor = decompressor
-    return decompressor
+    return _decompressors.get(MAX_WINDOW_SIZE)
 
 
 def compress(raw: bytes | bytearray | memoryview, level: int) -> bytes:

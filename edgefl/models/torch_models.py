@@ -12,7 +12,6 @@ This module imports torch; the rest of :mod:`edgefl.models` does not. Convention
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,6 +21,7 @@ from numpy.typing import NDArray
 from torch import Tensor, nn
 
 from edgefl.models.spec import ModelSpec
+from edgefl.perthread import PerThread
 
 __all__ = [
     "MLP",
@@ -123,7 +123,14 @@ def build_module(spec: ModelSpec) -> nn.Module:
     return module
 
 
-_templates = threading.local()
+def _template(spec: ModelSpec) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        module = build_module(spec).eval()
+    module.requires_grad_(False)
+    return module
+
+
+_templates: PerThread[ModelSpec, nn.Module] = PerThread(_template, limit=32)
 
 
 def template_module(spec: ModelSpec) -> nn.Module:
@@ -133,19 +140,7 @@ def template_module(spec: ModelSpec) -> nn.Module:
     never shared between threads. Its own parameters are meaningless placeholders: callers must
     pass parameters explicitly and must not load weights into it.
     """
-    cache: dict[ModelSpec, nn.Module] | None = getattr(_templates, "modules", None)
-    if cache is None:
-        cache = {}
-        _templates.modules = cache
-    module = cache.get(spec)
-    if module is None:
-        with torch.random.fork_rng(devices=[]):
-            module = build_module(spec).eval()
-        module.requires_grad_(False)
-        if len(cache) >= 32:
-            cache.clear()
-        cache[spec] = module
-    return module
+    return _templates.get(spec)
 
 
 def init_weights(spec: ModelSpec, seed: int) -> NDArray[np.float32]:

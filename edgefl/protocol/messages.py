@@ -92,6 +92,7 @@ __all__ = [
     "TensorSpec",
     "TrainingHints",
     "UpdateHeader",
+    "UpdateMeta",
     "check_topic",
     "clamp_timestamp",
     "decode_message",
@@ -256,6 +257,22 @@ def _check_update_identity(h: UpdateHeader | SecAggShareHeader) -> None:
     f.integer(h.base_version, "base_version")
     f.integer(h.num_examples, "num_examples")
     f.name(h.model, "model")
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateMeta:
+    """The public metadata of one update, unvalidated: what both an :class:`UpdateHeader` and a
+    :class:`SecAggShareHeader` carry about it (those validate it when they are built). A device
+    builds it once per update and hands it to whichever envelope the update goes out in."""
+
+    fleet: str
+    device_id: str
+    seq: int
+    base_version: int
+    num_examples: int
+    model: str
+    created_at: float
+    lease_id: int | None = None
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from edgefl.protocol.messages import (
     SecAggInfo,
     SecAggSeedHeader,
     SecAggShareHeader,
+    UpdateMeta,
     encode_message,
 )
 from edgefl.secagg.decision import BufferDecision, HelperPartial, SeedReport, UpdateKey
@@ -86,20 +87,6 @@ def secagg_info(spec: RingSpec, helper_public: X25519PublicKey) -> SecAggInfo:
 def spec_of(info: SecAggInfo) -> RingSpec:
     """The ring a ``ServerState.secagg`` announces (``ValueError`` if the ring is invalid)."""
     return RingSpec(bits=info.bits, scale=info.scale, clip_norm=info.clip_norm)
-
-
-@dataclass(frozen=True, slots=True)
-class UpdateMeta:
-    """The public metadata of one update (as in an UPDATE header)."""
-
-    fleet: str
-    device_id: str
-    seq: int
-    base_version: int
-    num_examples: int
-    model: str
-    created_at: float
-    lease_id: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

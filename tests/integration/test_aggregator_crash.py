@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fleet_parts import start_aggregator_process
+from fleet_parts import kill_survivors, start_aggregator_process
 
 from broker.launcher import MosquittoBroker, ThreadedEmbeddedBroker
 from edgefl.aggregator import Aggregator, AggregatorConfig, NormBoundSetting
@@ -136,9 +136,7 @@ async def test_sigkilled_aggregator_counts_every_update_exactly_once(
         final.send_signal(signal.SIGTERM)
         assert final.wait(timeout=30) == 0
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+        kill_survivors(procs)
     assert applied == total
     # the kills hit a running ingest: some updates were in, most were still to come
     assert all(0 < n < total for n in applied_at_kill), (seed, applied_at_kill)

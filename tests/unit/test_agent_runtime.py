@@ -35,6 +35,7 @@ from receipt_helpers import spool_updates
 from waiting import eventually
 
 from device_agent.agent import DeviceAgent
+from device_agent.config import AgentConfig
 from device_agent.model_store import ModelStore
 from device_agent.release import model_release
 from device_agent.spool import UpdateSpool
@@ -64,11 +65,16 @@ from edgefl.transport import MemoryBroker, MemoryTransport
 from firmware_sim.fake_sysfs import write_fake_sysfs
 
 
-async def test_agent_picks_up_model_trains_and_delivers_one_update(tmp_path: Path) -> None:
-    # Arrange
-    cfg = make_config(tmp_path)
+def config_and_model_v0(tmp_path: Path) -> tuple[AgentConfig, MemoryBroker]:
+    """The default agent config, and a memory broker that holds model v0 (retained)."""
     broker = MemoryBroker()
     publish_model(broker, 0)
+    return make_config(tmp_path), broker
+
+
+async def test_agent_picks_up_model_trains_and_delivers_one_update(tmp_path: Path) -> None:
+    # Arrange
+    cfg, broker = config_and_model_v0(tmp_path)
 
     async with running(broker, cfg, updates_filter(FLEET)) as (agent, updates):
         # Act
@@ -102,9 +108,7 @@ async def test_restart_continues_sequence_and_session_and_does_not_retrain_same_
     tmp_path: Path,
 ) -> None:
     # Arrange: a first run trains v0 and delivers seq 0
-    cfg = make_config(tmp_path)
-    broker = MemoryBroker()
-    publish_model(broker, 0)
+    cfg, broker = config_and_model_v0(tmp_path)
 
     async def one_run(until: Callable[[DeviceAgent], bool], settle: float = 0.0) -> DeviceAgent:
         agent = DeviceAgent(cfg, dataset=DATA, transport_factory=factory(broker))
@@ -132,9 +136,7 @@ async def test_restart_continues_sequence_and_session_and_does_not_retrain_same_
 
 async def test_spooled_updates_are_resent_in_order_byte_identical(tmp_path: Path) -> None:
     # Arrange: three real updates already in the agent's spool (as after a crash offline)
-    cfg = make_config(tmp_path)
-    broker = MemoryBroker()
-    publish_model(broker, 0)
+    cfg, broker = config_and_model_v0(tmp_path)
     spooled = spool_updates(tmp_path, 3)
     write_fake_sysfs(tmp_path / "fs", mains=False)  # on battery: no new training interferes
 
@@ -157,9 +159,7 @@ async def test_ineligible_mid_training_aborts_publishes_nothing_and_retries_when
     tmp_path: Path,
 ) -> None:
     # Arrange
-    cfg = make_config(tmp_path)
-    broker = MemoryBroker()
-    publish_model(broker, 0)
+    cfg, broker = config_and_model_v0(tmp_path)
     trainer = GateTrainer()
 
     async with running(broker, cfg, updates_filter(FLEET), trainer=trainer) as (agent, updates):
@@ -201,9 +201,7 @@ class StuckTrainer:
 
 async def test_stop_does_not_wait_for_a_training_thread_that_cannot_poll(tmp_path: Path) -> None:
     # Arrange: the agent is training in a thread that ignores should_stop
-    cfg = make_config(tmp_path)
-    broker = MemoryBroker()
-    publish_model(broker, 0)
+    cfg, broker = config_and_model_v0(tmp_path)
     trainer = StuckTrainer()
     agent = DeviceAgent(cfg, trainer=trainer, dataset=DATA, transport_factory=factory(broker))
     run = asyncio.create_task(agent.run())

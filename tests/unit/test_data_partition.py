@@ -7,15 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgefl.data.partition import (
-    PartitionKind,
-    PartitionSpec,
-    label_skew,
-    partition,
-    partition_dirichlet,
-    partition_iid,
-    partition_shards,
-)
+from edgefl import data
 
 
 def assert_partition(parts: list[np.ndarray], n_samples: int, n_devices: int) -> None:
@@ -38,7 +30,7 @@ labels_st = st.integers(1, 12).flatmap(
 @given(labels=labels_st, n=st.integers(1, 40), seed=st.integers(0, 2**32 - 1))
 def test_iid_covers_exactly_once(labels: np.ndarray, n: int, seed: int) -> None:
     n = min(n, labels.size)
-    parts = partition_iid(labels, n, np.random.default_rng(seed))
+    parts = data.partition_iid(labels, n, np.random.default_rng(seed))
     assert_partition(parts, labels.size, n)
     sizes = [len(p) for p in parts]
     assert max(sizes) - min(sizes) <= 1
@@ -57,7 +49,9 @@ def test_dirichlet_covers_exactly_once(
 ) -> None:
     min_size = min(min_size, labels.size)
     n = max(1, min(n, labels.size // max(1, min_size)))
-    parts = partition_dirichlet(labels, n, alpha, np.random.default_rng(seed), min_size=min_size)
+    parts = data.partition_dirichlet(
+        labels, n, alpha, np.random.default_rng(seed), min_size=min_size
+    )
     assert_partition(parts, labels.size, n)
     assert min(len(p) for p in parts) >= min_size
 
@@ -73,7 +67,7 @@ def test_shards_cover_exactly_once(labels: np.ndarray, n: int, spd: int, seed: i
     n = max(1, min(n, labels.size // spd))
     if n * spd > labels.size:
         return
-    parts = partition_shards(labels, n, spd, np.random.default_rng(seed))
+    parts = data.partition_shards(labels, n, spd, np.random.default_rng(seed))
     assert_partition(parts, labels.size, n)
 
 
@@ -82,30 +76,32 @@ def test_dirichlet_skew_grows_as_alpha_shrinks() -> None:
     skews = []
     for alpha in (100.0, 1.0, 0.1):
         vals = [
-            label_skew(labels, partition_dirichlet(labels, 50, alpha, np.random.default_rng(s)))
+            data.label_skew(
+                labels, data.partition_dirichlet(labels, 50, alpha, np.random.default_rng(s))
+            )
             for s in range(3)
         ]
         skews.append(float(np.mean(vals)))
     assert skews[0] < skews[1] < skews[2]
     assert skews[0] < 0.15
     assert skews[2] > 0.6
-    iid = label_skew(labels, partition_iid(labels, 50, np.random.default_rng(0)))
+    iid = data.label_skew(labels, data.partition_iid(labels, 50, np.random.default_rng(0)))
     assert iid < 0.25
-    shards = label_skew(labels, partition_shards(labels, 50, 2, np.random.default_rng(0)))
+    shards = data.label_skew(labels, data.partition_shards(labels, 50, 2, np.random.default_rng(0)))
     assert shards > 0.7
 
 
 def test_dirichlet_min_size_repair_with_many_devices() -> None:
     labels = np.repeat(np.arange(10), 160)  # 1,600 samples over 1,000 devices
-    parts = partition_dirichlet(labels, 1000, 0.1, np.random.default_rng(0), min_size=1)
+    parts = data.partition_dirichlet(labels, 1000, 0.1, np.random.default_rng(0), min_size=1)
     assert_partition(parts, labels.size, 1000)
     assert min(len(p) for p in parts) >= 1
 
 
 def test_deterministic_for_seed() -> None:
     labels = np.repeat(np.arange(10), 30)
-    a = partition_dirichlet(labels, 7, 0.5, np.random.default_rng(42))
-    b = partition_dirichlet(labels, 7, 0.5, np.random.default_rng(42))
+    a = data.partition_dirichlet(labels, 7, 0.5, np.random.default_rng(42))
+    b = data.partition_dirichlet(labels, 7, 0.5, np.random.default_rng(42))
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x, y)
 
@@ -114,32 +110,31 @@ def test_errors() -> None:
     rng = np.random.default_rng(0)
     labels = np.arange(10) % 3
     with pytest.raises(ValueError, match="IID over 11"):
-        partition_iid(labels, 11, rng)
+        data.partition_iid(labels, 11, rng)
     with pytest.raises(ValueError, match=">= 1"):
-        partition_iid(labels, 0, rng)
+        data.partition_iid(labels, 0, rng)
     with pytest.raises(ValueError, match="alpha"):
-        partition_dirichlet(labels, 2, 0.0, rng)
+        data.partition_dirichlet(labels, 2, 0.0, rng)
     with pytest.raises(ValueError, match="cannot give 6 devices 2"):
-        partition_dirichlet(labels, 6, 1.0, rng, min_size=2)
+        data.partition_dirichlet(labels, 6, 1.0, rng, min_size=2)
     with pytest.raises(ValueError, match="shards"):
-        partition_shards(labels, 6, 2, rng)
+        data.partition_shards(labels, 6, 2, rng)
     with pytest.raises(ValueError, match="integers"):
-        partition_iid(labels.astype(float), 2, rng)
+        data.partition_iid(labels.astype(float), 2, rng)
 
 
 def test_partition_spec_parse_and_factory() -> None:
-    assert PartitionSpec.parse("iid").kind is PartitionKind.IID
-    spec = PartitionSpec.parse("dirichlet:0.3")
-    assert spec.kind is PartitionKind.DIRICHLET
+    assert data.PartitionSpec.parse("iid").kind is data.PartitionKind.IID
+    spec = data.PartitionSpec.parse("dirichlet:0.3")
+    assert spec.kind is data.PartitionKind.DIRICHLET
     assert spec.alpha == 0.3
     assert str(spec) == "dirichlet:0.3"
-    assert PartitionSpec.parse("shards:3").shards_per_device == 3
-    assert PartitionSpec.parse(str(PartitionSpec.parse("shards:3"))) == PartitionSpec.parse(
-        "shards:3"
-    )
+    shards = data.PartitionSpec.parse("shards:3")
+    assert shards.shards_per_device == 3
+    assert data.PartitionSpec.parse(str(shards)) == shards
     for bad in ("zipf", "dirichlet:x", "dirichlet:-1", "shards:0", "iid:2"):
         with pytest.raises(ValueError, match="partition"):
-            PartitionSpec.parse(bad)
+            data.PartitionSpec.parse(bad)
     labels = np.repeat(np.arange(5), 20)
     for text in ("iid", "dirichlet:0.5", "shards:2"):
-        assert_partition(partition(labels, 10, text, np.random.default_rng(1)), 100, 10)
+        assert_partition(data.partition(labels, 10, text, np.random.default_rng(1)), 100, 10)

@@ -10,22 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from device_agent.eligibility import (
-    ClockProbe,
-    CommandError,
-    CommandRunner,
-    LoadProbe,
-    MeteredProbe,
-    MeteredSource,
-    PowerProbe,
-    Probe,
-    ThermalProbe,
-    ThrottleProbe,
-    collect_snapshot,
-    default_probes,
-    parse_nmcli_metered,
-    parse_throttled,
-)
+from device_agent.eligibility import probes
 from device_agent.eligibility.snapshot import PowerReading
 
 NOON = datetime(2024, 5, 1, 12, 0)
@@ -42,7 +27,7 @@ def supply(root: Path, name: str, **attrs: str) -> None:
         put(root, f"sys/class/power_supply/{name}/{key}", value + "\n")
 
 
-def fixed_runner(output: str, calls: list[Sequence[str]] | None = None) -> CommandRunner:
+def fixed_runner(output: str, calls: list[Sequence[str]] | None = None) -> probes.CommandRunner:
     def run(argv: Sequence[str], timeout: float) -> str:
         if calls is not None:
             calls.append(tuple(argv))
@@ -51,7 +36,7 @@ def fixed_runner(output: str, calls: list[Sequence[str]] | None = None) -> Comma
     return run
 
 
-def raising_runner(exc: BaseException) -> CommandRunner:
+def raising_runner(exc: BaseException) -> probes.CommandRunner:
     def run(argv: Sequence[str], timeout: float) -> str:
         raise exc
 
@@ -69,7 +54,7 @@ def test_load_probe_reads_loadavg_and_counts_cpus(tmp_path: Path) -> None:
         "".join(f"processor\t: {i}\nBogoMIPS\t: 108.00\n\n" for i in range(4)),
     )
 
-    reading = LoadProbe(tmp_path).read()
+    reading = probes.LoadProbe(tmp_path).read()
 
     assert (reading.load1, reading.load5, reading.load15) == (1.2, 0.8, 0.5)
     assert reading.cpu_count == 4
@@ -77,68 +62,83 @@ def test_load_probe_reads_loadavg_and_counts_cpus(tmp_path: Path) -> None:
 
 def test_load_probe_falls_back_to_os_cpu_count(tmp_path: Path) -> None:
     put(tmp_path, "proc/loadavg", "0.00 0.00 0.00 1/1 1\n")
-    assert LoadProbe(tmp_path).read().cpu_count == os.cpu_count()
+    assert probes.LoadProbe(tmp_path).read().cpu_count == os.cpu_count()
 
 
 def test_load_probe_rejects_garbage(tmp_path: Path) -> None:
     put(tmp_path, "proc/loadavg", "nonsense\n")
     with pytest.raises(ValueError, match="malformed"):
-        LoadProbe(tmp_path).read()
+        probes.LoadProbe(tmp_path).read()
 
 
 # --- power ---
 
 
 def test_no_power_supply_at_all_counts_as_mains(tmp_path: Path) -> None:
-    assert PowerProbe(tmp_path).read() == PowerReading(True, None, None)
-    assert PowerProbe(tmp_path, assume_mains_without_battery=False).read().on_mains is None
+    assert probes.PowerProbe(tmp_path).read() == PowerReading(True, None, None)
+    assert probes.PowerProbe(tmp_path, assume_mains_without_battery=False).read().on_mains is None
 
 
-def test_laptop_on_battery(tmp_path: Path) -> None:
-    supply(tmp_path, "AC", type="Mains", online="0")
-    supply(tmp_path, "BAT0", type="Battery", status="Discharging", capacity="55", scope="System")
+Supplies = dict[str, dict[str, str]]  # power_supply directory name -> its attribute files
 
-    assert PowerProbe(tmp_path).read() == PowerReading(False, 55.0, False)
+#: What the power probe reads from a /sys/class/power_supply tree.
+POWER_CASES: dict[str, tuple[Supplies, PowerReading]] = {
+    "laptop on battery": (
+        {
+            "AC": {"type": "Mains", "online": "0"},
+            "BAT0": {
+                "type": "Battery",
+                "status": "Discharging",
+                "capacity": "55",
+                "scope": "System",
+            },
+        },
+        PowerReading(False, 55.0, False),
+    ),
+    "laptop charging": (
+        {
+            "AC": {"type": "Mains", "online": "1"},
+            "BAT0": {"type": "Battery", "status": "Charging", "capacity": "40"},
+        },
+        PowerReading(True, 40.0, True),
+    ),
+    "battery-only device uses its status": (
+        {"battery": {"type": "Battery", "status": "Not charging", "capacity": "80"}},
+        PowerReading(True, 80.0, False),
+    ),
+    "peripheral battery is ignored": (
+        {
+            "hid-mouse-battery": {
+                "type": "Battery",
+                "status": "Discharging",
+                "capacity": "5",
+                "scope": "Device",
+            }
+        },
+        PowerReading(True, None, None),
+    ),
+    "UPS offline means on battery": (
+        {"ups-hat": {"type": "UPS", "online": "0", "capacity": "70"}},
+        PowerReading(False, 70.0, None),
+    ),
+    "battery with unknown status is unknown": (
+        {"BAT0": {"type": "Battery", "status": "Unknown", "capacity": "60"}},
+        PowerReading(None, 60.0, None),
+    ),
+}
 
 
-def test_laptop_charging(tmp_path: Path) -> None:
-    supply(tmp_path, "AC", type="Mains", online="1")
-    supply(tmp_path, "BAT0", type="Battery", status="Charging", capacity="40")
-
-    assert PowerProbe(tmp_path).read() == PowerReading(True, 40.0, True)
-
-
-def test_battery_only_device_uses_status(tmp_path: Path) -> None:
-    supply(tmp_path, "battery", type="Battery", status="Not charging", capacity="80")
-    assert PowerProbe(tmp_path).read() == PowerReading(True, 80.0, False)
-
-
-def test_peripheral_battery_is_ignored(tmp_path: Path) -> None:
-    supply(
-        tmp_path,
-        "hid-mouse-battery",
-        type="Battery",
-        status="Discharging",
-        capacity="5",
-        scope="Device",
-    )
-    assert PowerProbe(tmp_path).read() == PowerReading(True, None, None)
+@pytest.mark.parametrize(("supplies", "expected"), POWER_CASES.values(), ids=POWER_CASES.keys())
+def test_power_reading(tmp_path: Path, supplies: Supplies, expected: PowerReading) -> None:
+    for name, attrs in supplies.items():
+        supply(tmp_path, name, **attrs)
+    assert probes.PowerProbe(tmp_path).read() == expected
 
 
 def test_usb_supply_online_is_external_power(tmp_path: Path) -> None:
     supply(tmp_path, "usb", type="USB", online="1")
     supply(tmp_path, "bat", type="Battery", status="Unknown", capacity="90")
-    assert PowerProbe(tmp_path).read().on_mains is True
-
-
-def test_ups_offline_means_on_battery(tmp_path: Path) -> None:
-    supply(tmp_path, "ups-hat", type="UPS", online="0", capacity="70")
-    assert PowerProbe(tmp_path).read() == PowerReading(False, 70.0, None)
-
-
-def test_battery_with_unknown_status_is_unknown(tmp_path: Path) -> None:
-    supply(tmp_path, "BAT0", type="Battery", status="Unknown", capacity="60")
-    assert PowerProbe(tmp_path).read() == PowerReading(None, 60.0, None)
+    assert probes.PowerProbe(tmp_path).read().on_mains is True
 
 
 # --- thermal ---
@@ -150,24 +150,24 @@ def test_thermal_takes_the_hottest_plausible_zone(tmp_path: Path) -> None:
     put(tmp_path, "sys/class/thermal/thermal_zone2/temp", "-274000\n")  # sensor sentinel
     put(tmp_path, "sys/class/thermal/thermal_zone3/temp", "garbage\n")
 
-    assert ThermalProbe(tmp_path).read().max_temp_c == pytest.approx(71.25)
+    assert probes.ThermalProbe(tmp_path).read().max_temp_c == pytest.approx(71.25)
 
 
 def test_thermal_without_zones_is_unknown_not_an_error(tmp_path: Path) -> None:
-    assert ThermalProbe(tmp_path).read().max_temp_c is None
+    assert probes.ThermalProbe(tmp_path).read().max_temp_c is None
 
 
 def test_thermal_with_only_bad_zones_raises(tmp_path: Path) -> None:
     put(tmp_path, "sys/class/thermal/thermal_zone0/temp", "oops\n")
     with pytest.raises(ValueError, match="thermal zones"):
-        ThermalProbe(tmp_path).read()
+        probes.ThermalProbe(tmp_path).read()
 
 
 # --- throttling ---
 
 
 def test_parse_throttled_0x50005() -> None:
-    state = parse_throttled("throttled=0x50005\n")
+    state = probes.parse_throttled("throttled=0x50005\n")
 
     assert state.raw == 0x50005
     assert state.under_voltage_now
@@ -190,14 +190,14 @@ def test_parse_throttled_0x50005() -> None:
     ],
 )
 def test_parse_throttled_forms(text: str, raw: int) -> None:
-    assert parse_throttled(text).raw == raw
+    assert probes.parse_throttled(text).raw == raw
 
 
 def test_soft_temp_limit_alone_is_performance_limited() -> None:
-    state = parse_throttled("throttled=0x8")
+    state = probes.parse_throttled("throttled=0x8")
     assert state.soft_temp_limit_now
     assert state.performance_limited_now
-    assert not parse_throttled("throttled=0x50000").performance_limited_now
+    assert not probes.parse_throttled("throttled=0x50000").performance_limited_now
 
 
 @pytest.mark.parametrize(
@@ -205,14 +205,14 @@ def test_soft_temp_limit_alone_is_performance_limited() -> None:
 )
 def test_parse_throttled_rejects_garbage(text: str) -> None:
     with pytest.raises(ValueError, match="get_throttled"):
-        parse_throttled(text)
+        probes.parse_throttled(text)
 
 
 def test_throttle_prefers_firmware_sysfs(tmp_path: Path) -> None:
     put(tmp_path, "sys/devices/platform/soc/soc:firmware/get_throttled", "50005\n")
     calls: list[Sequence[str]] = []
 
-    reading = ThrottleProbe(tmp_path, runner=fixed_runner("throttled=0x0", calls)).read()
+    reading = probes.ThrottleProbe(tmp_path, runner=fixed_runner("throttled=0x0", calls)).read()
 
     assert reading.throttle is not None
     assert reading.throttle.raw == 0x50005
@@ -221,7 +221,9 @@ def test_throttle_prefers_firmware_sysfs(tmp_path: Path) -> None:
 
 def test_throttle_runs_vcgencmd_without_sysfs(tmp_path: Path) -> None:
     calls: list[Sequence[str]] = []
-    probe = ThrottleProbe(tmp_path, runner=fixed_runner("throttled=0x4\n", calls), timeout=1.5)
+    probe = probes.ThrottleProbe(
+        tmp_path, runner=fixed_runner("throttled=0x4\n", calls), timeout=1.5
+    )
 
     reading = probe.read()
 
@@ -231,7 +233,7 @@ def test_throttle_runs_vcgencmd_without_sysfs(tmp_path: Path) -> None:
 
 
 def test_throttle_without_vcgencmd_is_not_a_pi(tmp_path: Path) -> None:
-    probe = ThrottleProbe(tmp_path, runner=raising_runner(FileNotFoundError("vcgencmd")))
+    probe = probes.ThrottleProbe(tmp_path, runner=raising_runner(FileNotFoundError("vcgencmd")))
     assert probe.read().throttle is None
 
 
@@ -240,7 +242,7 @@ def test_real_runner_missing_program_and_failures() -> None:
 
     with pytest.raises(FileNotFoundError):
         run_command(["edgefl-no-such-program-xyz"], 1.0)
-    with pytest.raises(CommandError, match="exited with 3"):
+    with pytest.raises(probes.CommandError, match="exited with 3"):
         run_command(["sh", "-c", "echo bad >&2; exit 3"], 5.0)
     with pytest.raises(subprocess.TimeoutExpired):
         run_command(["sleep", "5"], 0.2)
@@ -265,26 +267,30 @@ def test_real_runner_missing_program_and_failures() -> None:
     ],
 )
 def test_parse_nmcli_metered(text: str, expected: bool | None) -> None:
-    assert parse_nmcli_metered(text) is expected
+    assert probes.parse_nmcli_metered(text) is expected
 
 
 def test_parse_nmcli_metered_rejects_unexpected_values() -> None:
     with pytest.raises(ValueError, match="unexpected nmcli"):
-        parse_nmcli_metered("GENERAL.METERED:ja\n")
+        probes.parse_nmcli_metered("GENERAL.METERED:ja\n")
 
 
 @pytest.mark.parametrize(
     ("source", "expected"),
-    [(MeteredSource.YES, True), (MeteredSource.NO, False), (MeteredSource.UNKNOWN, None)],
+    [
+        (probes.MeteredSource.YES, True),
+        (probes.MeteredSource.NO, False),
+        (probes.MeteredSource.UNKNOWN, None),
+    ],
 )
-def test_metered_from_config(source: MeteredSource, expected: bool | None) -> None:
-    probe = MeteredProbe(source, runner=raising_runner(AssertionError("must not run")))
+def test_metered_from_config(source: probes.MeteredSource, expected: bool | None) -> None:
+    probe = probes.MeteredProbe(source, runner=raising_runner(AssertionError("must not run")))
     assert probe.read().metered is expected
 
 
 def test_metered_from_networkmanager(tmp_path: Path) -> None:
     calls: list[Sequence[str]] = []
-    probe = MeteredProbe(
+    probe = probes.MeteredProbe(
         device="wlan0", runner=fixed_runner("GENERAL.METERED:yes (guessed)\n", calls)
     )
 
@@ -293,7 +299,7 @@ def test_metered_from_networkmanager(tmp_path: Path) -> None:
 
 
 def test_metered_without_networkmanager_is_unknown() -> None:
-    probe = MeteredProbe(runner=raising_runner(FileNotFoundError("nmcli")))
+    probe = probes.MeteredProbe(runner=raising_runner(FileNotFoundError("nmcli")))
     assert probe.read().metered is None
 
 
@@ -306,15 +312,15 @@ def test_collect_snapshot_over_a_fake_pi(tmp_path: Path) -> None:
     put(tmp_path, "proc/cpuinfo", "processor : 0\nprocessor : 1\nprocessor : 2\nprocessor : 3\n")
     put(tmp_path, "sys/class/thermal/thermal_zone0/temp", "52000\n")
     put(tmp_path, "sys/devices/platform/soc/soc:firmware/get_throttled", "0\n")
-    probes = default_probes(
+    fleet_probes = probes.default_probes(
         tmp_path,
-        metered=MeteredSource.NO,
+        metered=probes.MeteredSource.NO,
         runner=raising_runner(AssertionError("no commands expected")),
-        clock=ClockProbe(now=lambda: NOON, monotonic=lambda: 123.0),
+        clock=probes.ClockProbe(now=lambda: NOON, monotonic=lambda: 123.0),
     )
 
     # Act
-    snap = collect_snapshot(probes)
+    snap = probes.collect_snapshot(fleet_probes)
 
     # Assert
     assert snap.errors == ()
@@ -335,16 +341,16 @@ def test_collect_snapshot_over_a_fake_pi(tmp_path: Path) -> None:
 def test_failing_probes_leave_unknowns_and_errors(tmp_path: Path) -> None:
     # Arrange: no /proc/loadavg, a throttle command that times out, nmcli printing garbage
     timeout = subprocess.TimeoutExpired(["vcgencmd"], 2.0)
-    probes: list[Probe] = [
-        LoadProbe(tmp_path),
-        PowerProbe(tmp_path),
-        ThrottleProbe(tmp_path, runner=raising_runner(timeout)),
-        MeteredProbe(runner=fixed_runner("GENERAL.METERED:???\n")),
-        ClockProbe(now=lambda: NOON, monotonic=lambda: 5.0),
+    fleet_probes: list[probes.Probe] = [
+        probes.LoadProbe(tmp_path),
+        probes.PowerProbe(tmp_path),
+        probes.ThrottleProbe(tmp_path, runner=raising_runner(timeout)),
+        probes.MeteredProbe(runner=fixed_runner("GENERAL.METERED:???\n")),
+        probes.ClockProbe(now=lambda: NOON, monotonic=lambda: 5.0),
     ]
 
     # Act
-    snap = collect_snapshot(probes)
+    snap = probes.collect_snapshot(fleet_probes)
 
     # Assert
     assert {e.probe for e in snap.errors} == {"load", "throttle", "metered"}
@@ -357,6 +363,6 @@ def test_failing_probes_leave_unknowns_and_errors(tmp_path: Path) -> None:
 
 
 def test_collect_snapshot_uses_real_clock_without_clock_probe() -> None:
-    snap = collect_snapshot([])
+    snap = probes.collect_snapshot([])
     assert snap.local_time.tzinfo is not None
     assert snap.monotonic > 0

@@ -23,6 +23,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from edgefl.errors import EdgeflError, ProtocolError, RejectReason
+from edgefl.protocol import messages
 from edgefl.protocol.envelope import (
     FLAG_SIGNED,
     FORMAT_VERSION,
@@ -31,19 +32,6 @@ from edgefl.protocol.envelope import (
     decode_envelope,
     encode_envelope,
 )
-from edgefl.protocol.messages import (
-    DeviceState,
-    DeviceStatus,
-    ModelManifest,
-    ServerMetrics,
-    ServerState,
-    TensorSpec,
-    TrainingHints,
-    UpdateHeader,
-    decode_message,
-    decode_update,
-    encode_message,
-)
 from edgefl.protocol.topics import parse_topic
 from edgefl.security import Ed25519ManifestVerifier, Ed25519Signer, generate_private_key
 
@@ -51,7 +39,13 @@ FUZZ = fuzz_settings(250)
 
 SIGNER = Ed25519Signer(generate_private_key())
 VERIFIER = Ed25519ManifestVerifier([SIGNER.public_key])
-MESSAGE_TYPES = (UpdateHeader, ModelManifest, DeviceState, ServerState, ServerMetrics)
+MESSAGE_TYPES = (
+    messages.UpdateHeader,
+    messages.ModelManifest,
+    messages.DeviceState,
+    messages.ServerState,
+    messages.ServerMetrics,
+)
 
 
 def typed(call: Callable[[], Any]) -> Any:
@@ -66,7 +60,7 @@ def typed(call: Callable[[], Any]) -> Any:
 
 
 def _valid_messages() -> list[bytes]:
-    layout = (TensorSpec("w", (2, 2)), TensorSpec("b", (4,)))
+    layout = (messages.TensorSpec("w", (2, 2)), messages.TensorSpec("b", (4,)))
     update = samples.update_header(
         device_id="dev-1",
         seq=7,
@@ -83,12 +77,12 @@ def _valid_messages() -> list[bytes]:
         version=4,
         model="mnist1d-cnn",
         layout=layout,
-        hints=TrainingHints(local_epochs=1, batch_size=32, lr=0.1),
+        hints=messages.TrainingHints(local_epochs=1, batch_size=32, lr=0.1),
     )
-    state = DeviceState(
+    state = messages.DeviceState(
         fleet="lab",
         device_id="dev-1",
-        status=DeviceStatus.TRAINING,
+        status=messages.DeviceStatus.TRAINING,
         session=2,
         at=1.7e9,
         model_version=4,
@@ -97,7 +91,7 @@ def _valid_messages() -> list[bytes]:
     server = samples.server_state(
         version=4, buffer_fill=1, applied=9, started_at=1.7e9, at=1.7e9, rejected={"stale": 2}
     )
-    metrics = ServerMetrics(
+    metrics = messages.ServerMetrics(
         fleet="lab",
         at=1.7e9,
         version=4,
@@ -108,11 +102,11 @@ def _valid_messages() -> list[bytes]:
         accuracy=0.5,
     )
     plain = [
-        encode_message(update, bytes(range(64))),
-        encode_message(manifest),
-        encode_message(state),
-        encode_message(server),
-        encode_message(metrics),
+        messages.encode_message(update, bytes(range(64))),
+        messages.encode_message(manifest),
+        messages.encode_message(state),
+        messages.encode_message(server),
+        messages.encode_message(metrics),
     ]
     return plain + [SIGNER.sign(p) for p in plain]
 
@@ -157,9 +151,9 @@ def mutated(draw: st.DrawFn) -> bytes:
 
 def _decode_all(data: bytes) -> None:
     typed(lambda: decode_envelope(data, max_payload=1 << 16))
-    typed(lambda: decode_update(data, max_payload=1 << 16))
+    typed(lambda: messages.decode_update(data, max_payload=1 << 16))
     for cls in MESSAGE_TYPES:
-        typed(lambda cls=cls: decode_message(data, cls))  # type: ignore[misc]
+        typed(lambda cls=cls: messages.decode_message(data, cls))  # type: ignore[misc]
 
 
 @FUZZ
@@ -248,7 +242,7 @@ def test_huge_json_integers_are_bad_header_not_overflow() -> None:
     text = json.dumps({"fleet": "lab", "at": 10**400, "version": 1, "buffer_fill": 0}).encode()
     body = struct.pack(">4sBBHII", MAGIC, 1, EnvelopeKind.METRICS, 0, len(text), 0) + text
     data = body + struct.pack(">I", zlib.crc32(body))
-    result = typed(lambda: decode_message(data, ServerMetrics))
+    result = typed(lambda: messages.decode_message(data, messages.ServerMetrics))
     assert isinstance(result, ProtocolError)
     assert result.reason is RejectReason.BAD_HEADER
     ok = encode_envelope(EnvelopeKind.METRICS, {"n": 2**64, "m": -(2**64)})

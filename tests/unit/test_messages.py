@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from typing import Any
@@ -11,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from edgefl.errors import ProtocolError, RejectReason
+from edgefl.protocol import messages
 from edgefl.protocol.chunking import (
     Reassembler,
     chunk_count,
@@ -20,29 +22,6 @@ from edgefl.protocol.chunking import (
     split_message,
 )
 from edgefl.protocol.envelope import EnvelopeKind, decode_envelope, encode_envelope
-from edgefl.protocol.messages import (
-    MESSAGE_TYPES,
-    TENSOR_DTYPES,
-    TOPIC_ENVELOPE_KINDS,
-    ArtifactInfo,
-    DeviceState,
-    DeviceStatus,
-    ModelFormat,
-    ModelManifest,
-    ServerMetrics,
-    ServerState,
-    ServerStatus,
-    TensorSpec,
-    TrainingHints,
-    UpdateHeader,
-    check_topic,
-    decode_message,
-    decode_update,
-    encode_message,
-    layout_num_params,
-    layout_sha256,
-    message_from_envelope,
-)
 from edgefl.protocol.topics import (
     NAME_PATTERN,
     ModelArtifact,
@@ -64,18 +43,18 @@ short_text = st.text(
 json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-1000, 1000), short_text)
 json_obj = st.dictionaries(short_text, json_leaf, max_size=4)
 tensors = st.builds(
-    TensorSpec,
+    messages.TensorSpec,
     short_text,
     st.lists(st.integers(0, 50), max_size=3).map(tuple),
-    st.sampled_from(sorted(TENSOR_DTYPES)),
+    st.sampled_from(sorted(messages.TENSOR_DTYPES)),
 )
 layouts = st.lists(tensors, max_size=4).map(tuple)
 
 
 @st.composite
-def update_headers(draw: st.DrawFn) -> UpdateHeader:
+def update_headers(draw: st.DrawFn) -> messages.UpdateHeader:
     layout = draw(layouts)
-    return UpdateHeader(
+    return messages.UpdateHeader(
         fleet=draw(names),
         device_id=draw(names),
         seq=draw(counts),
@@ -83,7 +62,7 @@ def update_headers(draw: st.DrawFn) -> UpdateHeader:
         num_examples=draw(counts),
         model=draw(names),
         codec=draw(json_obj),
-        num_params=layout_num_params(layout) if layout else draw(counts),
+        num_params=messages.layout_num_params(layout) if layout else draw(counts),
         created_at=draw(times),
         layout=layout,
         metrics=draw(st.dictionaries(short_text, st.floats(allow_nan=False, allow_infinity=False))),
@@ -94,37 +73,34 @@ sha_hex = st.binary(min_size=32, max_size=32).map(bytes.hex)
 
 
 @st.composite
-def artifacts(draw: st.DrawFn, size: int | None = None) -> ArtifactInfo:
+def artifacts(draw: st.DrawFn, size: int | None = None) -> messages.ArtifactInfo:
     size = draw(st.integers(0, 10**9)) if size is None else size
     chunk = draw(st.integers(1, 2**20))
-    return ArtifactInfo(draw(sha_hex), size, chunk, chunk_count(size, chunk))
+    return messages.ArtifactInfo(draw(sha_hex), size, chunk, chunk_count(size, chunk))
 
 
 @st.composite
-def manifests(draw: st.DrawFn) -> ModelManifest:
+def manifests(draw: st.DrawFn) -> messages.ModelManifest:
     layout = draw(layouts)
-    num_params = layout_num_params(layout) if layout else draw(st.integers(0, 10**8))
-    fmt = draw(st.sampled_from(ModelFormat))
-    main = draw(artifacts(4 * num_params if fmt is ModelFormat.FP32_FLAT else None))
+    num_params = messages.layout_num_params(layout) if layout else draw(st.integers(0, 10**8))
+    fmt = draw(st.sampled_from(messages.ModelFormat))
+    main = draw(artifacts(4 * num_params if fmt is messages.ModelFormat.FP32_FLAT else None))
     hints = draw(
         st.none()
         | st.builds(
-            TrainingHints,
+            messages.TrainingHints,
             st.none() | st.integers(1, 100),
             st.none() | st.integers(1, 4096),
             st.none() | st.floats(min_value=1e-9, max_value=10),
             st.none() | json_obj,
         )
     )
-    return ModelManifest(
+    return messages.ModelManifest(
         fleet=draw(names),
         version=draw(counts),
         model=draw(names),
         format=fmt,
-        sha256=main.sha256,
-        size=main.size,
-        chunk_size=main.chunk_size,
-        num_chunks=main.num_chunks,
+        **dataclasses.asdict(main),  # the main artifact: sha256, size, chunk_size, num_chunks
         num_params=num_params,
         created_at=draw(times),
         layout=layout,
@@ -134,10 +110,10 @@ def manifests(draw: st.DrawFn) -> ModelManifest:
 
 
 device_states = st.builds(
-    DeviceState,
+    messages.DeviceState,
     fleet=names,
     device_id=names,
-    status=st.sampled_from(DeviceStatus),
+    status=st.sampled_from(messages.DeviceStatus),
     session=counts,
     at=times,
     model_version=st.none() | counts,
@@ -149,11 +125,11 @@ device_states = st.builds(
 
 
 @st.composite
-def server_states(draw: st.DrawFn) -> ServerState:
+def server_states(draw: st.DrawFn) -> messages.ServerState:
     size = draw(st.integers(1, 1000))
-    return ServerState(
+    return messages.ServerState(
         fleet=draw(names),
-        status=draw(st.sampled_from(ServerStatus)),
+        status=draw(st.sampled_from(messages.ServerStatus)),
         session=draw(counts),
         version=draw(counts),
         buffer_fill=draw(st.integers(0, size)),
@@ -166,10 +142,10 @@ def server_states(draw: st.DrawFn) -> ServerState:
 
 
 @st.composite
-def server_metrics(draw: st.DrawFn) -> ServerMetrics:
+def server_metrics(draw: st.DrawFn) -> messages.ServerMetrics:
     size = draw(st.integers(1, 1000))
     rates = st.floats(min_value=0, max_value=1e12)
-    return ServerMetrics(
+    return messages.ServerMetrics(
         fleet=draw(names),
         at=draw(times),
         version=draw(counts),
@@ -192,7 +168,7 @@ any_message = st.one_of(
 )
 
 
-def make_update(**overrides: Any) -> UpdateHeader:
+def make_update(**overrides: Any) -> messages.UpdateHeader:
     fields: dict[str, Any] = {
         "fleet": "f",
         "device_id": "d1",
@@ -203,10 +179,10 @@ def make_update(**overrides: Any) -> UpdateHeader:
         "codec": {"quantization": "int8", "block_size": 4096},
         "num_params": 90,
         "created_at": 1.7e9,
-        "layout": (TensorSpec("w", (8, 10)), TensorSpec("b", (10,))),
+        "layout": (messages.TensorSpec("w", (8, 10)), messages.TensorSpec("b", (10,))),
         "metrics": {"loss": 0.25},
     }
-    return UpdateHeader(**{**fields, **overrides})
+    return messages.UpdateHeader(**{**fields, **overrides})
 
 
 def bad_header_reason(fn: Any) -> RejectReason:
@@ -226,8 +202,8 @@ def test_header_round_trip(msg: Any) -> None:
 @given(any_message)
 def test_envelope_round_trip(msg: Any) -> None:
     # Act
-    data = encode_message(msg)
-    decoded = decode_message(data, type(msg))
+    data = messages.encode_message(msg)
+    decoded = messages.decode_message(data, type(msg))
 
     # Assert
     assert decoded == msg
@@ -235,9 +211,9 @@ def test_envelope_round_trip(msg: Any) -> None:
 
 
 @given(update_headers(), st.binary(max_size=512))
-def test_update_round_trip_with_body(header: UpdateHeader, body: bytes) -> None:
+def test_update_round_trip_with_body(header: messages.UpdateHeader, body: bytes) -> None:
     # Act
-    decoded, payload = decode_update(encode_message(header, body))
+    decoded, payload = messages.decode_update(messages.encode_message(header, body))
 
     # Assert
     assert decoded == header
@@ -246,10 +222,12 @@ def test_update_round_trip_with_body(header: UpdateHeader, body: bytes) -> None:
 
 def test_state_payloads_are_header_only_json() -> None:
     # Arrange
-    state = DeviceState("f", "d1", DeviceStatus.TRAINING, session=4, at=1.0, model_version=2)
+    state = messages.DeviceState(
+        "f", "d1", messages.DeviceStatus.TRAINING, session=4, at=1.0, model_version=2
+    )
 
     # Act
-    data = encode_message(state)
+    data = messages.encode_message(state)
 
     # Assert: 16-byte prefix, JSON, 4-byte checksum; nothing else
     assert data[16:-4].decode() == (
@@ -260,8 +238,8 @@ def test_state_payloads_are_header_only_json() -> None:
 
 def test_unknown_header_keys_are_ignored_and_optional_ones_default() -> None:
     header = {"fleet": "f", "device_id": "d", "status": "idle", "session": 1, "at": 5, "new": 1}
-    state = DeviceState.from_header(header)
-    assert state == DeviceState("f", "d", DeviceStatus.IDLE, 1, 5.0)
+    state = messages.DeviceState.from_header(header)
+    assert state == messages.DeviceState("f", "d", messages.DeviceStatus.IDLE, 1, 5.0)
     assert isinstance(state.at, float)
 
 
@@ -302,20 +280,24 @@ def test_invalid_update_fields_are_bad_header(overrides: dict[str, Any]) -> None
 
 def test_layout_dicts_are_accepted_and_normalised() -> None:
     update = make_update(layout=[{"name": "w", "shape": [90], "dtype": "float32"}])
-    assert update.layout == (TensorSpec("w", (90,)),)
-    assert layout_sha256(update.layout) == layout_sha256([TensorSpec("w", (90,), "float32")])
-    assert layout_sha256(update.layout) != layout_sha256([TensorSpec("w", (9, 10))])
+    assert update.layout == (messages.TensorSpec("w", (90,)),)
+    assert messages.layout_sha256(update.layout) == messages.layout_sha256(
+        [messages.TensorSpec("w", (90,), "float32")]
+    )
+    assert messages.layout_sha256(update.layout) != messages.layout_sha256(
+        [messages.TensorSpec("w", (9, 10))]
+    )
 
 
 def test_missing_required_field_is_bad_header() -> None:
     header = make_update().to_header()
     del header["seq"]
     with pytest.raises(ProtocolError, match="seq: missing") as exc_info:
-        UpdateHeader.from_header(header)
+        messages.UpdateHeader.from_header(header)
     assert exc_info.value.reason is RejectReason.BAD_HEADER
 
 
-def _manifest(**overrides: Any) -> ModelManifest:
+def _manifest(**overrides: Any) -> messages.ModelManifest:
     fields: dict[str, Any] = {
         "fleet": "f",
         "version": 3,
@@ -328,7 +310,7 @@ def _manifest(**overrides: Any) -> ModelManifest:
         "num_params": 100,
         "created_at": 1.0,
     }
-    return ModelManifest(**{**fields, **overrides})
+    return messages.ModelManifest(**{**fields, **overrides})
 
 
 @pytest.mark.parametrize(
@@ -353,35 +335,41 @@ def test_invalid_manifest_fields_are_bad_header(overrides: dict[str, Any]) -> No
 @pytest.mark.parametrize(
     ("cls", "header"),
     [
-        (DeviceState, {"fleet": "f", "device_id": "d", "status": "asleep", "session": 1, "at": 0}),
-        (DeviceState, {"fleet": "f", "device_id": "d", "status": "idle", "session": -1, "at": 0}),
         (
-            DeviceState,
+            messages.DeviceState,
+            {"fleet": "f", "device_id": "d", "status": "asleep", "session": 1, "at": 0},
+        ),
+        (
+            messages.DeviceState,
+            {"fleet": "f", "device_id": "d", "status": "idle", "session": -1, "at": 0},
+        ),
+        (
+            messages.DeviceState,
             {"fleet": "f", "device_id": "d", "status": "idle", "session": 1, "at": 0,
              "local_accuracy": 1.5},
         ),
         (
-            DeviceState,
+            messages.DeviceState,
             {"fleet": "f", "device_id": "d", "status": "idle", "session": 1, "at": 0,
              "reasons": "hot"},
         ),
         (
-            ServerState,
+            messages.ServerState,
             {"fleet": "f", "status": "online", "session": 0, "version": 0, "buffer_fill": 6,
              "buffer_size": 5, "applied": 0, "started_at": 0, "at": 0},
         ),
         (
-            ServerState,
+            messages.ServerState,
             {"fleet": "f", "status": "online", "session": 0, "version": 0, "buffer_fill": 0,
              "buffer_size": 5, "applied": 0, "started_at": 0, "at": 0, "rejected": {"stale": -1}},
         ),
         (
-            ServerMetrics,
+            messages.ServerMetrics,
             {"fleet": "f", "at": 0, "version": 0, "buffer_fill": 0, "buffer_size": 1,
              "staleness": {"01": 3}},
         ),
         (
-            ServerMetrics,
+            messages.ServerMetrics,
             {"fleet": "f", "at": 0, "version": 0, "buffer_fill": 0, "buffer_size": 1,
              "updates_per_s": -1.0},
         ),
@@ -395,30 +383,40 @@ def test_invalid_state_and_metrics_headers(cls: Any, header: dict[str, Any]) -> 
 
 
 def test_decode_message_rejects_the_wrong_kind() -> None:
-    data = encode_message(DeviceState("f", "d", DeviceStatus.IDLE, 1, 0.0))
-    assert bad_header_reason(lambda: decode_message(data, ServerState)) is RejectReason.BAD_KIND
+    data = messages.encode_message(
+        messages.DeviceState("f", "d", messages.DeviceStatus.IDLE, 1, 0.0)
+    )
+    assert (
+        bad_header_reason(lambda: messages.decode_message(data, messages.ServerState))
+        is RejectReason.BAD_KIND
+    )
 
 
 def test_header_only_kinds_reject_payloads() -> None:
-    state = DeviceState("f", "d", DeviceStatus.IDLE, 1, 0.0)
+    state = messages.DeviceState("f", "d", messages.DeviceStatus.IDLE, 1, 0.0)
     data = encode_envelope(EnvelopeKind.DEVICE_STATE, state.to_header(), b"x")
-    reason = bad_header_reason(lambda: decode_message(data, DeviceState, max_payload=10))
+    reason = bad_header_reason(
+        lambda: messages.decode_message(data, messages.DeviceState, max_payload=10)
+    )
     assert reason is RejectReason.BAD_HEADER
     with pytest.raises(ValueError, match="no payload"):
-        encode_message(state, b"x")
+        messages.encode_message(state, b"x")
 
 
 def test_decode_update_bounds_the_body() -> None:
-    data = encode_message(make_update(), b"x" * 100)
-    assert bad_header_reason(lambda: decode_update(data, max_payload=99)) is RejectReason.TOO_LARGE
+    data = messages.encode_message(make_update(), b"x" * 100)
+    assert (
+        bad_header_reason(lambda: messages.decode_update(data, max_payload=99))
+        is RejectReason.TOO_LARGE
+    )
 
 
 def test_message_types_cover_every_non_chunk_kind() -> None:
-    assert set(MESSAGE_TYPES) == set(EnvelopeKind) - {
+    assert set(messages.MESSAGE_TYPES) == set(EnvelopeKind) - {
         EnvelopeKind.UPDATE_CHUNK,
         EnvelopeKind.MODEL_CHUNK,
     }
-    assert set(TOPIC_ENVELOPE_KINDS) == set(TopicKind)
+    assert set(messages.TOPIC_ENVELOPE_KINDS) == set(TopicKind)
 
 
 # -- topics and presence -----------------------------------------------------------------------
@@ -427,33 +425,35 @@ def test_message_types_cover_every_non_chunk_kind() -> None:
 def test_update_must_match_its_topic() -> None:
     # Arrange
     update = make_update()
-    data = encode_message(update, b"body")
+    data = messages.encode_message(update, b"body")
     right = parse_topic(update_topic("f", "d1", 3))
     wrong_seq = parse_topic(update_topic("f", "d1", 4))
     wrong_device = parse_topic(update_topic("f", "d2", 3))
 
     # Act / Assert
-    assert decode_update(data, topic=right)[0] == update
+    assert messages.decode_update(data, topic=right)[0] == update
     for topic in (wrong_seq, wrong_device):
-        assert bad_header_reason(lambda t=topic: decode_update(data, topic=t)) is (
+        assert bad_header_reason(lambda t=topic: messages.decode_update(data, topic=t)) is (
             RejectReason.BAD_HEADER
         )
 
 
 def test_message_on_the_wrong_kind_of_topic_is_bad_kind() -> None:
-    state = DeviceState("f", "d1", DeviceStatus.IDLE, 1, 0.0)
+    state = messages.DeviceState("f", "d1", messages.DeviceStatus.IDLE, 1, 0.0)
     topic = parse_topic(update_topic("f", "d1", 1))
-    assert bad_header_reason(lambda: check_topic(state, topic)) is RejectReason.BAD_KIND
-    check_topic(state, parse_topic("edgefl/v1/f/device/d1/state"))
+    assert bad_header_reason(lambda: messages.check_topic(state, topic)) is RejectReason.BAD_KIND
+    messages.check_topic(state, parse_topic("edgefl/v1/f/device/d1/state"))
     mismatch = parse_topic("edgefl/v1/g/device/d1/state")
-    assert bad_header_reason(lambda: check_topic(state, mismatch)) is RejectReason.BAD_HEADER
+    assert (
+        bad_header_reason(lambda: messages.check_topic(state, mismatch)) is RejectReason.BAD_HEADER
+    )
 
 
 def test_presence_rule_ignores_wills_of_older_sessions() -> None:
     # Arrange: session 5 connected, then the Will of session 4 arrives late
-    online = DeviceState("f", "d", DeviceStatus.ONLINE, session=5, at=100.0)
-    late_will = DeviceState("f", "d", DeviceStatus.LOST, session=4, at=50.0)
-    own_will = DeviceState("f", "d", DeviceStatus.LOST, session=5, at=100.0)
+    online = messages.DeviceState("f", "d", messages.DeviceStatus.ONLINE, session=5, at=100.0)
+    late_will = messages.DeviceState("f", "d", messages.DeviceStatus.LOST, session=4, at=50.0)
+    own_will = messages.DeviceState("f", "d", messages.DeviceStatus.LOST, session=5, at=100.0)
 
     # Act / Assert
     assert online.supersedes(None)
@@ -475,9 +475,9 @@ def test_model_chunks_are_checked_against_the_manifest() -> None:
         size=w.total_size,
         chunk_size=w.chunk_size,
         num_chunks=w.count,
-        onnx=ArtifactInfo(o.sha256.hex(), o.total_size, o.chunk_size, o.count),
+        onnx=messages.ArtifactInfo(o.sha256.hex(), o.total_size, o.chunk_size, o.count),
     )
-    manifest = decode_message(encode_message(manifest), ModelManifest)
+    manifest = messages.decode_message(messages.encode_message(manifest), messages.ModelManifest)
 
     def chunk(packets: tuple[bytes, ...], i: int) -> Any:
         return decode_chunk(decode_envelope(packets[i], max_payload=1024))
@@ -508,7 +508,7 @@ def test_chunked_update_end_to_end() -> None:
     header = make_update()
     body = bytes(range(256)) * 200
     topic = update_topic("f", "d1", 3)
-    packets = packetize(encode_message(header, body), max_packet=4096)
+    packets = packetize(messages.encode_message(header, body), max_packet=4096)
     r = Reassembler()
 
     # Act: the aggregator sees the packets reversed and duplicated
@@ -516,7 +516,9 @@ def test_chunked_update_end_to_end() -> None:
     for packet in list(reversed(packets)) + packets:
         env = depacketize(packet, reassembler=r, source="d1", now=0.0, max_packet=4096)
         if env is not None:
-            results.append(message_from_envelope(env, UpdateHeader, topic=parse_topic(topic)))
+            results.append(
+                messages.message_from_envelope(env, messages.UpdateHeader, topic=parse_topic(topic))
+            )
             assert bytes(env.payload) == body
 
     # Assert: exactly one update, equal to what was sent
@@ -525,5 +527,5 @@ def test_chunked_update_end_to_end() -> None:
 
 
 def test_decode_message_defaults_allow_update_bodies() -> None:
-    data = encode_message(make_update(), b"x" * 1000)
-    assert decode_message(data, UpdateHeader) == make_update()
+    data = messages.encode_message(make_update(), b"x" * 1000)
+    assert messages.decode_message(data, messages.UpdateHeader) == make_update()

@@ -15,14 +15,7 @@ from edgefl.aggregation import (
     DenseUpdate,
     FedBuff,
     FedBuffConfig,
-    NormBound,
-    NormBoundMode,
-    NormDecision,
-    NormTracker,
-    RobustMode,
-    coordinate_median,
-    trim_count,
-    trimmed_mean,
+    robust,
 )
 from edgefl.errors import RejectReason, UpdateRejected
 
@@ -38,7 +31,7 @@ def fedbuff(k: int, num_params: int = 3, **overrides: object) -> FedBuff:
         "buffer_size": k,
         "staleness": ConstantStaleness(),
         "example_weighting": "equal",
-        "norm_bound": NormBound.off(),
+        "norm_bound": robust.NormBound.off(),
     }
     base.update(overrides)
     cfg = FedBuffConfig(**base)  # type: ignore[arg-type]
@@ -61,37 +54,39 @@ def with_attacker() -> NDArray[np.float32]:
 # --------------------------------------------------------------------------- robust statistics
 def test_trimmed_mean_and_median_by_hand() -> None:
     stack = np.array([[0.8], [1.0], [1.1], [1.2], [100.0]], dtype=np.float32)
-    assert trim_count(5, 0.2) == 1
-    np.testing.assert_allclose(trimmed_mean(stack, 0.2), [1.1], rtol=1e-6)  # mean(1.0, 1.1, 1.2)
-    np.testing.assert_allclose(trimmed_mean(stack, 0.0), [20.82], rtol=1e-6)
-    np.testing.assert_allclose(coordinate_median(stack), [1.1], rtol=1e-6)
-    np.testing.assert_allclose(coordinate_median(stack[:4]), [1.05], rtol=1e-6)  # even n
+    assert robust.trim_count(5, 0.2) == 1
+    np.testing.assert_allclose(
+        robust.trimmed_mean(stack, 0.2), [1.1], rtol=1e-6
+    )  # mean(1.0, 1.1, 1.2)
+    np.testing.assert_allclose(robust.trimmed_mean(stack, 0.0), [20.82], rtol=1e-6)
+    np.testing.assert_allclose(robust.coordinate_median(stack), [1.1], rtol=1e-6)
+    np.testing.assert_allclose(robust.coordinate_median(stack[:4]), [1.05], rtol=1e-6)  # even n
 
 
 def test_trim_count_floor_and_validation() -> None:
-    assert [trim_count(n, 0.2) for n in (1, 4, 5, 9, 10)] == [0, 0, 1, 1, 2]
+    assert [robust.trim_count(n, 0.2) for n in (1, 4, 5, 9, 10)] == [0, 0, 1, 1, 2]
     with pytest.raises(ValueError, match="trim beta"):
-        trim_count(5, 0.5)
+        robust.trim_count(5, 0.5)
 
 
-@pytest.mark.parametrize("mode", [RobustMode.TRIMMED_MEAN, RobustMode.MEDIAN])
-def test_robust_modes_resist_one_of_five(mode: RobustMode) -> None:
-    robust = run(fedbuff(5, robust=mode, trim_beta=0.2), with_attacker())
+@pytest.mark.parametrize("mode", [robust.RobustMode.TRIMMED_MEAN, robust.RobustMode.MEDIAN])
+def test_robust_modes_resist_one_of_five(mode: robust.RobustMode) -> None:
+    resisted = run(fedbuff(5, robust=mode, trim_beta=0.2), with_attacker())
     plain = run(fedbuff(5), with_attacker())
 
-    assert np.linalg.norm(robust - HONEST_MEAN) < 0.2
+    assert np.linalg.norm(resisted - HONEST_MEAN) < 0.2
     assert np.linalg.norm(plain - HONEST_MEAN) > 10.0
 
 
 def test_trimmed_mean_exact_values() -> None:
     # attacker = [-100, -200, 100]; per coordinate drop the lowest and the highest of five:
     # [0.8, 1.0, 1.1] -> 0.9667; [1.8, 1.9, 2.0] -> 1.9; [-1.0, -1.0, -0.8] -> -0.9333
-    result = run(fedbuff(5, robust=RobustMode.TRIMMED_MEAN), with_attacker())
+    result = run(fedbuff(5, robust=robust.RobustMode.TRIMMED_MEAN), with_attacker())
     np.testing.assert_allclose(result, [2.9 / 3, 1.9, -2.8 / 3], rtol=1e-6)
 
 
 def test_robust_mode_keeps_updates_and_densifies_only_at_step() -> None:
-    fb = fedbuff(2, robust=RobustMode.MEDIAN)
+    fb = fedbuff(2, robust=robust.RobustMode.MEDIAN)
     dense_calls = []
 
     class Spy(DenseUpdate):
@@ -113,8 +108,8 @@ def test_robust_sum_normalisation_scales_by_mean_weight() -> None:
             buffer_size=2,
             example_weighting="equal",  # type: ignore[arg-type]
             normalisation="sum",  # type: ignore[arg-type]
-            robust=RobustMode.MEDIAN,
-            norm_bound=NormBound.off(),
+            robust=robust.RobustMode.MEDIAN,
+            norm_bound=robust.NormBound.off(),
         ),
         np.zeros(1, np.float32),
         version=3,
@@ -127,7 +122,7 @@ def test_robust_sum_normalisation_scales_by_mean_weight() -> None:
 
 # --------------------------------------------------------------------------- norm bound
 def test_reject_mode_drops_the_attacker_and_keeps_the_honest_mean() -> None:
-    fb = fedbuff(4, norm_bound=NormBound.static(5.0, NormBoundMode.REJECT))
+    fb = fedbuff(4, norm_bound=robust.NormBound.static(5.0, robust.NormBoundMode.REJECT))
 
     result = run(fb, with_attacker())
 
@@ -137,7 +132,7 @@ def test_reject_mode_drops_the_attacker_and_keeps_the_honest_mean() -> None:
 
 def test_clip_mode_bounds_the_attackers_influence() -> None:
     bound = 5.0
-    fb = fedbuff(5, norm_bound=NormBound.static(bound))
+    fb = fedbuff(5, norm_bound=robust.NormBound.static(bound))
     clipped = []
     for delta in with_attacker():
         clipped.append(fb.add(DenseUpdate(delta), base_version=0, num_examples=1).clipped)
@@ -155,7 +150,7 @@ def test_clip_mode_bounds_the_attackers_influence() -> None:
 
 def test_clip_keeps_full_weight_in_the_denominator() -> None:
     # [10] clipped to [2]; W = 2 (not 1 + 0.2): a = (2 + 0) / 2 = 1
-    fb = fedbuff(2, num_params=1, norm_bound=NormBound.static(2.0))
+    fb = fedbuff(2, num_params=1, norm_bound=robust.NormBound.static(2.0))
     outcome = fb.add(DenseUpdate([10.0]), base_version=0, num_examples=1)
     fb.add(DenseUpdate([0.0]), base_version=0, num_examples=1)
     fb.step()
@@ -164,7 +159,7 @@ def test_clip_keeps_full_weight_in_the_denominator() -> None:
 
 
 def test_adaptive_bound_after_warmup() -> None:
-    nb = NormBound(adaptive_multiplier=2.0, adaptive_warmup=3, adaptive_window=10)
+    nb = robust.NormBound(adaptive_multiplier=2.0, adaptive_warmup=3, adaptive_window=10)
     fb = fedbuff(10, norm_bound=nb)
     outcomes = [
         fb.add(DenseUpdate([v, 0.0, 0.0]), base_version=0, num_examples=1)
@@ -179,14 +174,16 @@ def test_adaptive_bound_after_warmup() -> None:
 
 
 def test_adaptive_and_static_take_the_smaller() -> None:
-    tracker = NormTracker(NormBound(max_norm=3.0, adaptive_multiplier=10.0, adaptive_warmup=1))
+    tracker = robust.NormTracker(
+        robust.NormBound(max_norm=3.0, adaptive_multiplier=10.0, adaptive_warmup=1)
+    )
     assert tracker.bound() == 3.0
     tracker.record(tracker.decide(0.1))
     assert tracker.bound() == pytest.approx(1.0)
 
 
 def test_zero_median_does_not_bound() -> None:
-    tracker = NormTracker(NormBound(adaptive_warmup=1))
+    tracker = robust.NormTracker(robust.NormBound(adaptive_warmup=1))
     tracker.record(tracker.decide(0.0))
     assert tracker.bound() is None
 
@@ -194,8 +191,8 @@ def test_zero_median_does_not_bound() -> None:
 def test_default_norm_bound_is_on_and_adaptive() -> None:
     nb = FedBuffConfig().norm_bound
     assert nb.enabled
-    assert (nb.mode, nb.adaptive_multiplier, nb.max_norm) == (NormBoundMode.CLIP, 5.0, None)
-    assert not NormBound.off().enabled
+    assert (nb.mode, nb.adaptive_multiplier, nb.max_norm) == (robust.NormBoundMode.CLIP, 5.0, None)
+    assert not robust.NormBound.off().enabled
 
 
 @pytest.mark.parametrize(
@@ -210,7 +207,7 @@ def test_default_norm_bound_is_on_and_adaptive() -> None:
 )
 def test_norm_bound_validation(kwargs: dict[str, object], match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        NormBound(**kwargs)  # type: ignore[arg-type]
+        robust.NormBound(**kwargs)  # type: ignore[arg-type]
 
 
 @given(
@@ -221,7 +218,7 @@ def test_norm_bound_validation(kwargs: dict[str, object], match: str) -> None:
     )
 )
 def test_norm_tracker_median_equals_numpy_median(norms: list[float]) -> None:
-    tracker = NormTracker(NormBound(), history=norms)
+    tracker = robust.NormTracker(robust.NormBound(), history=norms)
 
     assert tracker.median() == float(np.median(np.asarray(norms, dtype=np.float64)))
 
@@ -236,11 +233,13 @@ def test_norm_tracker_median_equals_numpy_median(norms: list[float]) -> None:
 )
 def test_norm_tracker_median_slides_with_the_window(norms: list[float], window: int) -> None:
     # Arrange: a window smaller than the stream, so old norms are evicted as new ones arrive
-    tracker = NormTracker(NormBound(adaptive_window=window, adaptive_warmup=1, max_norm=None))
+    tracker = robust.NormTracker(
+        robust.NormBound(adaptive_window=window, adaptive_warmup=1, max_norm=None)
+    )
 
     for i, norm in enumerate(norms):
         # Act: record an unbounded decision (the norm enters the window as is)
-        tracker.record(NormDecision(norm=norm, bound=None, clip_factor=1.0, reject=False))
+        tracker.record(robust.NormDecision(norm=norm, bound=None, clip_factor=1.0, reject=False))
 
         # Assert: the median of exactly the last `window` norms, and the window in order
         recent = norms[max(0, i + 1 - window) : i + 1]

@@ -5,6 +5,7 @@ replay rule, staleness), what the helper refuses, and what is counted."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from collections.abc import AsyncIterator
@@ -86,6 +87,18 @@ def _shares(
 async def transport() -> AsyncIterator[MemoryTransport]:
     async with MemoryTransport(MemoryBroker(), "svc") as t:
         yield t
+
+
+@contextlib.asynccontextmanager
+async def _observed(topic: str) -> AsyncIterator[tuple[MemoryTransport, MemoryTransport]]:
+    """A leader's transport, and an observer subscribed to ``topic``, on one memory broker."""
+    broker = MemoryBroker()
+    async with (
+        MemoryTransport(broker, "leader") as transport,
+        MemoryTransport(broker, "obs") as obs,
+    ):
+        await obs.subscribe(topic)
+        yield transport, obs
 
 
 def _leader(
@@ -217,12 +230,7 @@ async def _two_updates(leader: LeaderService) -> SecAggHelper:
 
 async def test_an_unanswered_decision_is_published_again(tmp_path: Path) -> None:
     # Arrange: a leader whose decision went out; an observer of the decision topic
-    broker = MemoryBroker()
-    async with (
-        MemoryTransport(broker, "leader") as transport,
-        MemoryTransport(broker, "obs") as obs,
-    ):
-        await obs.subscribe(secagg_decision_topic(FLEET))
+    async with _observed(secagg_decision_topic(FLEET)) as (transport, obs):
         flush = ParticipationConfig(flush_after_s=1.0)
         leader = _leader(tmp_path, transport, participation=flush)
         await _two_updates(leader)
@@ -266,12 +274,7 @@ async def test_a_refusal_without_missing_seeds_excludes_the_buffer_instead_of_lo
 
 
 async def test_the_leader_publishes_metrics(tmp_path: Path) -> None:
-    broker = MemoryBroker()
-    async with (
-        MemoryTransport(broker, "leader") as transport,
-        MemoryTransport(broker, "obs") as obs,
-    ):
-        await obs.subscribe(server_metrics_topic(FLEET))
+    async with _observed(server_metrics_topic(FLEET)) as (transport, obs):
         leader = _leader(tmp_path, transport, metrics_interval_s=0.01)
         await leader.handle(_share("d0", 1, _shares("d0", 1)))
         await leader.handle(_share("d0", 0, _shares("d0", 0)))  # a replay

@@ -36,18 +36,12 @@ from edgefl.protocol.topics import (
     secagg_shares_filter,
     update_topic,
 )
-from edgefl.secagg import (
-    BufferDecision,
-    HelperConfig,
-    HelperKeys,
-    HelperPartial,
-    LeaderConfig,
-    RingSpec,
-    SecAggHelper,
-    SecAggLeader,
-    SecAggReason,
-    SeedReport,
-)
+from edgefl.secagg.decision import BufferDecision, HelperPartial, SeedReport
+from edgefl.secagg.errors import SecAggReason
+from edgefl.secagg.helper import HelperConfig, SecAggHelper
+from edgefl.secagg.leader import LeaderConfig, SecAggLeader
+from edgefl.secagg.ring import RingSpec
+from edgefl.secagg.shares import HelperKeys
 from edgefl.secagg.wire import (
     UpdateMeta,
     build_share_envelopes,

@@ -85,6 +85,9 @@ def test_formatting() -> None:
     assert line == "edgefl demo: 34.5 s  acc 71.2% / 90%  updates 812  version 81  eta ~20 s"
     line = progress_line("edgefl sim", _s(1.0, None, 0, 0), 0.85, None)
     assert line == "edgefl sim: 1.0 s  acc -- / 85%  updates 0  version 0  eta ?"
+    detailed = Sample(elapsed_s=2.0, accuracy=0.5, updates=3, version=1, detail="t=40 s")
+    line = progress_line("edgefl sim", detailed, 0.85, None)
+    assert line == "edgefl sim: 2.0 s  acc 50.0% / 85%  updates 3  version 1  eta ?  t=40 s"
 
 
 def test_tracker_drops_samples_older_than_the_window() -> None:

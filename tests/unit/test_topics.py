@@ -68,7 +68,11 @@ parsed_topics = st.one_of(
 BAD_NAMES = ["", "a/b", "a+b", "#", "$SYS", "a b", "a\x00b", "-lead", ".lead", "x" * 65, "é", "a\n"]
 
 
-def reason_of(exc_info: pytest.ExceptionInfo[ProtocolError]) -> RejectReason:
+def rejection(call: Callable[..., object], *args: object, **kwargs: object) -> RejectReason:
+    """The reason of the ``ProtocolError`` that ``call(*args, **kwargs)`` raises (fails the test
+    if it raises none)."""
+    with pytest.raises(ProtocolError) as exc_info:
+        call(*args, **kwargs)
     return exc_info.value.reason
 
 
@@ -132,23 +136,17 @@ def test_bad_names_are_rejected_by_validators_and_builders(bad: str) -> None:
         lambda: DeviceStateTopic("f", bad),
     )
     for call in calls:
-        with pytest.raises(ProtocolError) as exc_info:
-            call()
-        assert reason_of(exc_info) is RejectReason.BAD_NAME
+        assert rejection(call) is RejectReason.BAD_NAME
 
 
 @pytest.mark.parametrize("bad", [n for n in BAD_NAMES if n and "/" not in n])
 def test_bad_names_in_topics_are_bad_name(bad: str) -> None:
     for topic in (f"edgefl/v1/{bad}/server/state", f"edgefl/v1/f/device/{bad}/state"):
-        with pytest.raises(ProtocolError) as exc_info:
-            parse_topic(topic)
-        assert reason_of(exc_info) is RejectReason.BAD_NAME
+        assert rejection(parse_topic, topic) is RejectReason.BAD_NAME
 
 
 def test_non_names_are_rejected() -> None:
-    with pytest.raises(ProtocolError) as exc_info:
-        fleet_name(12)
-    assert reason_of(exc_info) is RejectReason.BAD_NAME
+    assert rejection(fleet_name, 12) is RejectReason.BAD_NAME
 
 
 @pytest.mark.parametrize(
@@ -201,37 +199,30 @@ def test_non_names_are_rejected() -> None:
     ],
 )
 def test_malformed_topics_are_bad_topic(topic: str) -> None:
-    with pytest.raises(ProtocolError) as exc_info:
-        parse_topic(topic)
-    assert reason_of(exc_info) is RejectReason.BAD_TOPIC
+    assert rejection(parse_topic, topic) is RejectReason.BAD_TOPIC
 
 
 def test_other_protocol_version_is_bad_version() -> None:
-    with pytest.raises(ProtocolError) as exc_info:
-        parse_topic("edgefl/v2/f/server/state")
-    assert reason_of(exc_info) is RejectReason.BAD_VERSION
+    assert rejection(parse_topic, "edgefl/v2/f/server/state") is RejectReason.BAD_VERSION
 
 
 def test_expected_fleet() -> None:
     assert parse_topic("edgefl/v1/a/server/state", expected_fleet="a") == ServerStateTopic("a")
-    with pytest.raises(ProtocolError) as exc_info:
-        parse_topic("edgefl/v1/b/server/state", expected_fleet="a")
-    assert reason_of(exc_info) is RejectReason.UNKNOWN_FLEET
+    assert (
+        rejection(parse_topic, "edgefl/v1/b/server/state", expected_fleet="a")
+        is RejectReason.UNKNOWN_FLEET
+    )
 
 
 @pytest.mark.parametrize(
     "raw", [b"edgefl/v1/\xff/server/state", b"edgefl/v1/f/server/\xc3", b"\xed\xa0\x80"]
 )
 def test_invalid_utf8_is_bad_topic(raw: bytes) -> None:
-    with pytest.raises(ProtocolError) as exc_info:
-        parse_topic(raw)
-    assert reason_of(exc_info) is RejectReason.BAD_TOPIC
+    assert rejection(parse_topic, raw) is RejectReason.BAD_TOPIC
 
 
 def test_overlong_topic_is_bad_topic() -> None:
-    with pytest.raises(ProtocolError) as exc_info:
-        parse_topic(b"edgefl/v1/f/" + b"a" * 70000)
-    assert reason_of(exc_info) is RejectReason.BAD_TOPIC
+    assert rejection(parse_topic, b"edgefl/v1/f/" + b"a" * 70000) is RejectReason.BAD_TOPIC
 
 
 def test_topic_values_validate_integers_too() -> None:
