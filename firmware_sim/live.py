@@ -194,17 +194,10 @@ def _aggregator_config(
     cfg: SimConfig, opts: LiveOptions, url: str, state_dir: Path
 ) -> AggregatorConfig:
     """The live aggregator's config: the run's :meth:`SimConfig.aggregation_settings` (the same
-    the virtual simulator runs) spelled as the service's flat knobs."""
-    from edgefl.aggregator import AggregatorConfig, NormBoundSetting
+    the virtual simulator runs), as they are."""
+    from edgefl.aggregator import AggregatorConfig
+    from edgefl.aggregator.sections import DeviceTask, IngestTuning, Outputs
 
-    agg = cfg.aggregation_settings()
-    bound = agg.norm_bound
-    if not bound.enabled:
-        setting, max_norm = NormBoundSetting.OFF, None
-    elif bound.adaptive_multiplier is None:
-        setting, max_norm = NormBoundSetting.STATIC_CLIP, bound.max_norm
-    else:
-        setting, max_norm = NormBoundSetting.ADAPTIVE_CLIP, None
     deadline = opts.round_deadline_s
     if deadline is None:
         deadline = max(1.0, (cfg.round_deadline_s or 60.0) * opts.time_scale)
@@ -213,33 +206,19 @@ def _aggregator_config(
         fleet=opts.fleet,
         model=cfg.model_name,
         state_dir=state_dir,
-        algorithm=agg.algorithm,
-        buffer_size=agg.buffer_size,
-        staleness=agg.staleness.kind,
-        staleness_a=agg.staleness.a,
-        staleness_b=agg.staleness.b,
-        max_staleness=agg.max_staleness,
-        example_weighting=agg.example_weighting,
-        example_cap=agg.example_cap,
-        normalisation=agg.normalisation,
-        server_optimizer=agg.server_optimizer.kind,
-        server_lr=agg.server_optimizer.lr,
-        server_momentum=agg.server_optimizer.momentum,
-        norm_bound=setting,
-        max_norm=max_norm,
-        robust=agg.robust,
-        trim_beta=agg.trim_beta,
+        aggregation=cfg.aggregation_settings(),
         round_deadline_s=deadline,
-        min_fraction=agg.min_fraction,
-        privacy=agg.privacy,
-        local_epochs=cfg.local.epochs,
-        batch_size=cfg.local.batch_size,
-        lr=cfg.local.lr,
-        codec=cfg.codec_config(),
-        eval_dataset=cfg.dataset,
-        metrics_interval_s=metrics_interval_for(cfg.devices),
-        fsync=False,
         seed=cfg.seed,
+        task=DeviceTask(
+            local_epochs=cfg.local.epochs,
+            batch_size=cfg.local.batch_size,
+            lr=cfg.local.lr,
+            codec=cfg.codec_config(),
+        ),
+        outputs=Outputs(
+            eval_dataset=cfg.dataset, metrics_interval_s=metrics_interval_for(cfg.devices)
+        ),
+        ingest=IngestTuning(fsync=False),
         participation=participation_for(cfg, opts),
     )
 

@@ -508,7 +508,7 @@ def reset_device_command(
             raise UsageError("missing option --state-dir (or --config FILE)")
         loaded = _load(config_path, overrides)
         path, flag = loaded.aggregator.state_dir, "state_dir"
-        jump = jump or loaded.aggregator.max_seq_jump
+        jump = jump or loaded.aggregator.limits.max_seq_jump
     jump = jump or DEFAULT_MAX_SEQ_JUMP
     try:
         result = reset_device(path, device, max_seq_jump=jump, to=to)

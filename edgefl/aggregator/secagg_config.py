@@ -91,13 +91,16 @@ def check_compatible(config: AggregatorConfig, settings: SecAggSettings) -> None
     they need individual updates, which no role sees (docs/PRIVACY.md, "Defences")."""
     if config.algorithm is not Algorithm.FEDBUFF:
         raise ValueError("secure aggregation runs FedBuff only (no synchronous FedAvg rounds)")
-    if config.robust is not RobustMode.NONE:
-        raise ValueError(f"robust mode {config.robust.value} needs individual updates")
-    if config.privacy is not None:
+    if config.aggregation.robust is not RobustMode.NONE:
+        raise ValueError(f"robust mode {config.aggregation.robust.value} needs individual updates")
+    if config.aggregation.privacy is not None:
         raise ValueError("central DP on decoded updates needs individual updates")
-    if config.example_weighting is ExampleWeighting.EXAMPLES and config.example_cap is None:
+    if (
+        config.aggregation.example_weighting is ExampleWeighting.EXAMPLES
+        and config.aggregation.example_cap is None
+    ):
         raise ValueError("examples weighting under secure aggregation needs an example_cap")
-    if settings.min_members > config.buffer_size:
+    if settings.min_members > config.aggregation.buffer_size:
         raise ValueError("min_members must be <= buffer_size")
 
 

@@ -86,7 +86,7 @@ def test_sync_fedavg_restore_rejects_an_incompatible_snapshot() -> None:
 
 def test_engine_restores_fedavg_momentum(tmp_path: Path) -> None:
     # Arrange: a FedAvg service engine with momentum steps once, is snapshotted, and restored
-    config = AggregatorConfig(
+    config = AggregatorConfig.build(
         broker_url="mqtt://127.0.0.1:1",
         fleet="lab",
         model="digits-mlp",

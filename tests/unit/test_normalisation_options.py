@@ -13,7 +13,7 @@ from firmware_sim.scenario import SimConfig
 
 @pytest.mark.parametrize("mode", ["mean", "sum"])
 def test_aggregator_passes_normalisation_to_fedbuff(tmp_path: Path, mode: str) -> None:
-    config = AggregatorConfig(
+    config = AggregatorConfig.build(
         broker_url="mqtt://127.0.0.1:1883",
         fleet="f",
         model="digits-mlp",

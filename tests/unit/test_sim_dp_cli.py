@@ -78,10 +78,10 @@ def test_the_live_aggregator_gets_the_same_privacy(tmp_path: Path) -> None:
 
     agg = _aggregator_config(cfg, LiveOptions(), "mqtt://127.0.0.1:1883", tmp_path)
 
-    assert isinstance(agg.privacy, CentralDP)
-    assert agg.privacy == cfg.privacy
-    assert agg.normalisation is Normalisation.SUM
-    assert agg.norm_bound is NormBoundSetting.OFF
+    assert isinstance(agg.aggregation.privacy, CentralDP)
+    assert agg.aggregation.privacy == cfg.privacy
+    assert agg.aggregation.normalisation is Normalisation.SUM
+    assert agg.options()["norm_bound"] is NormBoundSetting.OFF
 
 
 def test_a_virtual_run_with_dp_enforces_the_cap() -> None:
