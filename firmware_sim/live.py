@@ -176,7 +176,7 @@ def participation_for(cfg: SimConfig, opts: LiveOptions) -> ParticipationConfig:
 
     fedavg = cfg.algorithm is Algorithm.FEDAVG
     return ParticipationConfig(
-        concurrency=cfg.effective_cohort if fedavg else cfg.concurrency,
+        concurrency=cfg.aggregation.effective_cohort if fedavg else cfg.aggregation.concurrency,
         lease_s=max(MIN_LEASE_S, DEFAULT_LEASE_S * opts.time_scale),
         checkin_ttl_s=max(2 * MIN_LEASE_S, DEFAULT_CHECKIN_TTL_S * opts.time_scale),
     )
@@ -200,7 +200,7 @@ def _aggregator_config(
 
     deadline = opts.round_deadline_s
     if deadline is None:
-        deadline = max(1.0, (cfg.round_deadline_s or 60.0) * opts.time_scale)
+        deadline = max(1.0, (cfg.aggregation.round_deadline_s or 60.0) * opts.time_scale)
     return AggregatorConfig(
         broker_url=url,
         fleet=opts.fleet,
@@ -634,12 +634,12 @@ class _PollLoop:
         accuracy = record.evals().accuracy
         acc = float(accuracy[-1]) if len(accuracy) else None
         cfg = self._run.config
-        self._reached = self._reached or bool(len(accuracy) and accuracy.max() >= cfg.target)
+        self._reached = self._reached or bool(len(accuracy) and accuracy.max() >= cfg.stop.target)
         self._report(t, acc, connected)
         return (
-            (self._reached and cfg.stop_at_target)
-            or t >= (cfg.max_wall_s if cfg.max_wall_s is not None else math.inf)
-            or (cfg.max_updates is not None and self._poller.received >= cfg.max_updates)
+            (self._reached and cfg.stop.stop_at_target)
+            or t >= (cfg.stop.max_wall_s if cfg.stop.max_wall_s is not None else math.inf)
+            or (cfg.stop.max_updates is not None and self._poller.received >= cfg.stop.max_updates)
             or self._aggregator.task.done()
         )
 
@@ -928,7 +928,7 @@ async def _run_devices_async(
     peak, states = 0, {}
     url = typing.cast(str, options.broker_url)
     async with _devices(run, url, record, t0, ending) as devices:
-        limit = config.max_wall_s if config.max_wall_s is not None else math.inf
+        limit = config.stop.max_wall_s if config.stop.max_wall_s is not None else math.inf
         while not run.interrupted.is_set():
             await _first_of(run.interrupted, wait_s=options.poll_s)
             t = time.monotonic() - t0
@@ -942,7 +942,7 @@ async def _run_devices_async(
         hooks.phase("stopping" + (f" ({hooks.signal_name()})" if run.interrupted.is_set() else ""))
         ending.wall_s = time.monotonic() - t0
         ending.rss_mb = rss_mb()
-    summary = record.summary(config.target)
+    summary = record.summary(config.stop.target)
     return DevicesResult(
         device_range=(ids[0], ids[-1] + 1) if ids else (0, 0),
         wall_s=ending.wall_s,

@@ -218,15 +218,15 @@ def test_parse_staleness_refuses(text: str, message: str) -> None:
 
 
 SIM_CONFIGS = {
-    "fedbuff-default": SimConfig(),
-    "fedbuff-sum-hinge-static": SimConfig(
+    "fedbuff-default": SimConfig.build(),
+    "fedbuff-sum-hinge-static": SimConfig.build(
         normalisation="sum",  # type: ignore[arg-type]
         staleness="hinge:1,4",
         norm_bound="3.5",
         server_momentum=0.5,
         buffer_size=7,
     ),
-    "fedavg-robust-off": SimConfig(
+    "fedavg-robust-off": SimConfig.build(
         algorithm=Algorithm.FEDAVG,
         robust="trimmed_mean",  # type: ignore[arg-type]
         norm_bound="off",
