@@ -330,8 +330,6 @@ class VirtualSimulator:
             devices=cfg.devices,
             label=label or cfg.algorithm.value,
         )
-        self.num_params = scenario.spec.num_params
-        self.model_bytes = 4 * self.num_params
         self.core: AggregationCore = make_core(
             cfg.aggregation_settings().core_config(), scenario.initial_weights
         )
@@ -355,6 +353,15 @@ class VirtualSimulator:
         )
 
     # ------------------------------------------------------------------ model state
+    @property
+    def num_params(self) -> int:
+        return self.sc.spec.num_params
+
+    @property
+    def model_bytes(self) -> int:
+        """Bytes of one FP32 model download."""
+        return 4 * self.num_params
+
     @property
     def version(self) -> int:
         return self.core.version
