@@ -34,6 +34,7 @@ from numpy.typing import NDArray
 from edgefl.aggregation import AggregationSettings, Algorithm, parse_staleness
 from edgefl.codec import CodecConfig, Quantization
 from edgefl.data import Dataset, load_dataset, partition
+from edgefl.flat_options import flat_values, replace_flat
 from edgefl.models.spec import ModelSpec, get_model_spec, init_weights_numpy
 from edgefl.privacy.local import LocalDP
 from edgefl.training import LocalTrainConfig
@@ -161,26 +162,12 @@ class SimConfig:
     def replace(self, **changes: Any) -> SimConfig:
         """A copy with ``changes`` (fields of this class or flat options) applied, validated
         again."""
-        sections: dict[str, dict[str, Any]] = {name: {} for name in self.SECTIONS}
-        top: dict[str, Any] = {}
-        for name, value in changes.items():
-            owner = _OWNER.get(name)
-            (top if owner is None else sections[owner])[name] = value
-        for name, values in sections.items():
-            if values:
-                top[name] = dataclasses.replace(top.get(name, getattr(self, name)), **values)
-        return dataclasses.replace(self, **top)
+        return replace_flat(self, self.SECTIONS, changes)
 
     def options(self) -> dict[str, Any]:
         """Every flat option and its value (what :meth:`build` takes), in
         :data:`_FLAT_ORDER`."""
-        values: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name in self.SECTIONS:
-                values.update({g.name: getattr(value, g.name) for g in dataclasses.fields(value)})
-            else:
-                values[f.name] = value
+        values = flat_values(self, self.SECTIONS)
         return {name: values[name] for name in _FLAT_ORDER}
 
     @property
@@ -216,14 +203,6 @@ class SimConfig:
             "scale": self.attack.scale,
         }
         return out
-
-
-_OWNER: dict[str, str] = {
-    f.name: section
-    for section, record in SimConfig.SECTIONS.items()
-    for f in dataclasses.fields(record)
-}
-"""The section each flat option belongs to (the rest are fields of :class:`SimConfig`)."""
 
 
 @dataclass(frozen=True, eq=False)

@@ -42,6 +42,7 @@ from edgefl.aggregator.sections import (
     resolve_aggregation,
 )
 from edgefl.auth import EnvelopeSigner, UpdateAuthenticator
+from edgefl.flat_options import flat_values, section_changes
 from edgefl.models import ModelSpec, get_model_spec
 from edgefl.participation import ParticipationConfig
 from edgefl.protocol import TrainingHints
@@ -115,31 +116,19 @@ class AggregatorConfig:
     def replace(self, **changes: Any) -> AggregatorConfig:
         """A copy with ``changes`` (fields of this class, or flat options as :meth:`build`
         takes them) applied, validated again."""
-        sections = {name: getattr(self, name) for name in self.SECTIONS}
-        top: dict[str, Any] = {}
-        aggregation: dict[str, Any] = {}
-        for name, value in changes.items():
-            owner = _OWNER.get(name)
-            if owner is None:
-                top[name] = value
-            elif owner == "aggregation":
-                aggregation[name] = value
-            else:
-                sections[owner] = dataclasses.replace(sections[owner], **{name: value})
+        flat = {k: v for k, v in changes.items() if k not in AGGREGATION_OPTIONS}
+        top = section_changes(self, self.SECTIONS, flat)
+        aggregation = {k: v for k, v in changes.items() if k in AGGREGATION_OPTIONS}
         if aggregation:
-            options = {**aggregation_options(top.get("aggregation", self.aggregation))}
+            options = aggregation_options(top.get("aggregation", self.aggregation))
             top["aggregation"] = resolve_aggregation(**{**options, **aggregation})
-        return dataclasses.replace(self, **{**sections, **top})
+        return dataclasses.replace(self, **top)
 
     def options(self) -> dict[str, object]:
         """Every flat option and its value (what :meth:`build` takes)."""
         out: dict[str, object] = aggregation_options(self.aggregation)
-        for name in self.SECTIONS:
-            section = getattr(self, name)
-            out.update({f.name: getattr(section, f.name) for f in dataclasses.fields(section)})
-        for f in dataclasses.fields(self):
-            if f.name not in self.SECTIONS and f.name != "aggregation":
-                out[f.name] = getattr(self, f.name)
+        out.update(flat_values(self, self.SECTIONS))
+        del out["aggregation"]
         return out
 
     # ------------------------------------------------------------------ derived values
@@ -220,11 +209,3 @@ class AggregatorConfig:
         """``(messages, bytes)`` of one group commit: a quarter of the window each."""
         ingest = self.ingest
         return min(ingest.max_batch, self.inflight_window() // 4), ingest.max_inflight_bytes // 4
-
-
-_OWNER: dict[str, str] = {name: "aggregation" for name in AGGREGATION_OPTIONS} | {
-    f.name: section
-    for section, record in AggregatorConfig.SECTIONS.items()
-    for f in dataclasses.fields(record)
-}
-"""The record each flat option belongs to (the rest are fields of :class:`AggregatorConfig`)."""

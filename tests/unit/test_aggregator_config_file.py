@@ -76,7 +76,7 @@ def test_file_values_reach_the_service_config(tmp_path: Path) -> None:
     assert cfg.task.codec.topk_fraction == 0.1
     mqtt = cfg.mqtt_config()
     assert mqtt.protocol is MqttProtocol.V311
-    assert mqtt.start_timeout == 4.0
+    assert mqtt.timing.start_timeout == 4.0
     assert mqtt.password == "s3cret"
 
 
@@ -246,8 +246,8 @@ def test_tls_options_reach_the_transport(tmp_path: Path) -> None:
 
     # Assert
     assert mqtt.tls is True
-    assert mqtt.tls_insecure is True
-    assert mqtt.ca_file == tmp_path / "ca.crt"
+    assert mqtt.tls_files.tls_insecure is True
+    assert mqtt.tls_files.ca_file == tmp_path / "ca.crt"
     assert mqtt.protocol is MqttProtocol.V5
 
 
