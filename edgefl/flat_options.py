@@ -4,7 +4,8 @@ A config split into section records (``AggregatorConfig.limits``, ``MqttConfig.f
 still spelled flat by its users (command lines, config files, ``from_url(url, max_inflight=5)``):
 every field of a section is an option of the same name. :func:`replace_flat` applies such
 options to a config, each to the section that owns it, and :func:`flat_values` gives them back.
-Option names are unique across a config's sections and its own fields.
+Option names are unique across a config's sections and its own fields. A section may have
+sections of its own (its ``SECTIONS`` class variable), whose fields are flat options too.
 """
 
 from __future__ import annotations
@@ -18,9 +19,21 @@ __all__ = ["flat_values", "owners", "replace_flat"]
 _C = TypeVar("_C")
 
 
+def _sections_of(record: object) -> Mapping[str, type[Any]]:
+    """A record's own sections (its ``SECTIONS`` class variable; none without one)."""
+    sections: Mapping[str, type[Any]] = getattr(record, "SECTIONS", {})
+    return sections
+
+
 def owners(sections: Mapping[str, type[Any]]) -> dict[str, str]:
-    """Each section field's name -> the name of its section."""
-    return {f.name: name for name, record in sections.items() for f in dataclasses.fields(record)}
+    """Each section field's name -> the name of its section (the fields of a section's own
+    sections count as that section's)."""
+    out: dict[str, str] = {}
+    for name, record in sections.items():
+        inner = _sections_of(record)
+        out.update({field: name for field in owners(inner)})
+        out.update({f.name: name for f in dataclasses.fields(record) if f.name not in inner})
+    return out
 
 
 def section_changes(
@@ -39,7 +52,8 @@ def section_changes(
         else:
             by_section.setdefault(section, {})[name] = value
     for section, values in by_section.items():
-        top[section] = dataclasses.replace(top.get(section, getattr(config, section)), **values)
+        current = top.get(section, getattr(config, section))
+        top[section] = replace_flat(current, _sections_of(current), values)
     return top
 
 
@@ -55,7 +69,7 @@ def flat_values(config: object, sections: Mapping[str, type[Any]]) -> dict[str, 
     for f in dataclasses.fields(config):  # type: ignore[arg-type]
         value = getattr(config, f.name)
         if f.name in sections:
-            out.update({g.name: getattr(value, g.name) for g in dataclasses.fields(value)})
+            out.update(flat_values(value, _sections_of(value)))
         else:
             out[f.name] = value
     return out

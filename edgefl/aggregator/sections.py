@@ -27,8 +27,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from enum import StrEnum
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from edgefl.aggregation import (
     AggregationSettings,
@@ -46,7 +45,7 @@ from edgefl.aggregation import (
 from edgefl.codec import CodecConfig
 from edgefl.protocol import TrainingHints
 from edgefl.protocol.sequence import DEFAULT_MAX_SEQ_JUMP
-from edgefl.transport.config import MqttProtocol
+from edgefl.transport.config import MqttProtocol, TlsFiles
 
 __all__ = [
     "AGGREGATION_OPTIONS",
@@ -168,34 +167,32 @@ class IngestTuning:
 @dataclass(frozen=True)
 class MqttIdentity:
     """Who the service is to the broker: the settings of :class:`~edgefl.transport.MqttConfig`
-    a deployment chooses (same names there, except ``connect_timeout_s``, which is its
-    ``start_timeout``)."""
+    a deployment chooses (same names and the same :class:`~edgefl.transport.config.TlsFiles`
+    there, except ``connect_timeout_s``, which is its ``start_timeout``)."""
 
     username: str | None = None
     password: str | None = field(default=None, repr=False)
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
+    tls_files: TlsFiles = field(default_factory=TlsFiles)
     client_id: str | None = None  # default: edgefl-aggregator-<fleet>
-    tls_insecure: bool = False  # mqtts: skip certificate and host name checks (tests only)
     protocol: MqttProtocol = MqttProtocol.AUTO
     # Give up (BrokerUnavailable, exit 69) when the first connection is not up within this.
     connect_timeout_s: float = 30.0
+
+    SECTIONS: ClassVar[dict[str, type[TlsFiles]]] = {"tls_files": TlsFiles}
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "protocol", MqttProtocol(self.protocol))
         _positive(self, "connect_timeout_s")
 
     def overrides(self) -> dict[str, Any]:
-        """The :class:`~edgefl.transport.MqttConfig` keyword arguments this identity sets (a
-        field left at None or False leaves the URL's or the transport's default alone)."""
+        """The :class:`~edgefl.transport.MqttConfig` keyword arguments this identity sets
+        (credentials left at None leave the URL's alone)."""
         values: dict[str, Any] = {
             "protocol": self.protocol,
             "start_timeout": self.connect_timeout_s,
+            "tls_files": self.tls_files,
         }
-        if self.tls_insecure:
-            values["tls_insecure"] = True
-        for name in ("username", "password", "ca_file", "cert_file", "key_file"):
+        for name in ("username", "password"):
             if getattr(self, name) is not None:
                 values[name] = getattr(self, name)
         return values

@@ -8,6 +8,7 @@ import pytest
 
 from edgefl.aggregation import NormBound, NormBoundMode, ServerOptimizerKind
 from edgefl.aggregator import AggregatorConfig, NormBoundSetting
+from edgefl.transport.config import TlsFiles
 
 BASE = {"broker_url": "mqtt://127.0.0.1:1", "fleet": "f", "model": "digits-mlp"}
 
@@ -69,3 +70,17 @@ def test_bad_options_are_refused(tmp_path: Path) -> None:
         AggregatorConfig.build(**BASE, state_dir=tmp_path, norm_bound="static-clip")
     with pytest.raises(ValueError, match="max_seq_jump"):
         AggregatorConfig.build(**BASE, state_dir=tmp_path, max_seq_jump=0)
+
+
+def test_tls_options_reach_the_transports_tls_files(tmp_path: Path) -> None:
+    config = AggregatorConfig.build(
+        broker_url="mqtts://127.0.0.1:1", fleet="f", model="digits-mlp", state_dir=tmp_path,
+        ca_file=Path("ca.pem"), tls_insecure=True,
+    )  # fmt: skip
+
+    mqtt = config.mqtt_config()
+    without_ca = config.replace(ca_file=None)
+
+    assert mqtt.tls_files == TlsFiles(ca_file=Path("ca.pem"), tls_insecure=True)
+    assert without_ca.mqtt.tls_files == TlsFiles(tls_insecure=True)
+    assert without_ca.options()["tls_insecure"] is True
