@@ -29,7 +29,6 @@ import json
 import math
 import sys
 import time
-from dataclasses import replace
 from typing import Any
 
 UPDATE_BUDGET = 1.2
@@ -50,7 +49,7 @@ def _run(cfg: Any, scenario: Any) -> dict[str, Any]:
     from firmware_sim.virtual import run_virtual
 
     t = time.perf_counter()
-    s = run_virtual(cfg, scenario=scenario).record.summary(cfg.target)
+    s = run_virtual(cfg, scenario=scenario).record.summary(cfg.stop.target)
     return {
         "time_to_target_s": s["time_to_target_s"],
         "updates_to_target": s["updates_to_target"],
@@ -77,11 +76,11 @@ def sweep(
     from firmware_sim.record import Algorithm
     from firmware_sim.scenario import SimConfig, build_scenario
 
-    base = SimConfig(seed=seed, max_updates=10_000)
+    base = SimConfig.build(seed=seed, max_updates=10_000)
     if devices is not None:
-        base = replace(base, devices=devices)
+        base = base.replace(devices=devices)
     if profile is not None:
-        base = replace(base, profile=profile)
+        base = base.replace(profile=profile)
     scenario = build_scenario(base)
     best = {axis: getattr(base, axis) for axis in AXES}
     references: dict[tuple[Any, ...], dict[str, Any]] = {}
@@ -92,7 +91,7 @@ def sweep(
         shared = {k: setting[k] for k in ("concurrency", "server_lr", "server_momentum")}
         key = tuple(shared.values())
         if key not in references:
-            cfg = replace(base, algorithm=Algorithm.FEDAVG, **shared)
+            cfg = base.replace(algorithm=Algorithm.FEDAVG, **shared)
             references[key] = _run(cfg, scenario)
             print(f"fedavg {shared}: {references[key]}", flush=True)
         return references[key]
@@ -104,10 +103,10 @@ def sweep(
             setting = {**best, axis: value}
             key = tuple(setting.values())
             if key not in done:  # the axis' current best was run on an earlier axis
-                cfg = replace(base, algorithm=Algorithm.FEDBUFF, **setting)
+                cfg = base.replace(algorithm=Algorithm.FEDBUFF, **setting)
                 ref = reference(setting)
                 done[key] = {**setting, **_run(cfg, scenario)}
-                done[key]["score"] = _score(done[key], ref, base.max_updates or 0)
+                done[key]["score"] = _score(done[key], ref, base.stop.max_updates or 0)
                 runs.append(done[key])
                 print(json.dumps(done[key]), flush=True)
             scores[value] = done[key]["score"]

@@ -35,7 +35,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
 from typing import Any
 
 
@@ -46,17 +45,19 @@ def _compare(quick: bool) -> dict[str, Any]:
     from firmware_sim.virtual import run_virtual
 
     if quick:
-        cfg = SimConfig(devices=40, dataset="digits", profile="lab", dropout=0.3, target=0.85)
+        cfg = SimConfig.build(devices=40, dataset="digits", profile="lab", dropout=0.3, target=0.85)
     else:
-        cfg = SimConfig(devices=100, dataset="mnist1d", profile="lab", dropout=0.3, target=0.9)
-    cfg = replace(cfg, buffer_size=5, concurrency=20, server_lr=1.0, max_updates=20_000)
+        cfg = SimConfig.build(
+            devices=100, dataset="mnist1d", profile="lab", dropout=0.3, target=0.9
+        )
+    cfg = cfg.replace(buffer_size=5, concurrency=20, server_lr=1.0, max_updates=20_000)
     scenario = build_scenario(cfg)
-    out: dict[str, Any] = {"compare_dataset": cfg.dataset, "target": cfg.target}
+    out: dict[str, Any] = {"compare_dataset": cfg.dataset, "target": cfg.stop.target}
     records = []
     for algo in (Algorithm.FEDBUFF, Algorithm.FEDAVG):
         t = time.perf_counter()
-        res = run_virtual(replace(cfg, algorithm=algo), scenario=scenario)
-        s = res.record.summary(cfg.target)
+        res = run_virtual(cfg.replace(algorithm=algo), scenario=scenario)
+        s = res.record.summary(cfg.stop.target)
         records.append(res.record)
         out[f"{algo.value}_time_to_target_s"] = s["time_to_target_s"]
         out[f"{algo.value}_updates_to_target"] = s["updates_received_to_target"]
@@ -65,11 +66,11 @@ def _compare(quick: bool) -> dict[str, Any]:
             out["fedavg_round_deadline_s"] = res.round_deadline_s
         wall = out[f"{algo.value}_wall_s"]
         print(
-            f"  {algo.value:8s} time to {100 * cfg.target:.0f}%: {s['time_to_target_s']} s "
+            f"  {algo.value:8s} time to {100 * cfg.stop.target:.0f}%: {s['time_to_target_s']} s "
             f"virtual, {s['updates_received_to_target']} updates, {wall:.1f} s wall",
             flush=True,
         )
-    speedup = speedup_vs_fedavg(records, cfg.target)
+    speedup = speedup_vs_fedavg(records, cfg.stop.target)
     out["speedup_vs_fedavg"] = speedup
     out["fedbuff_time_ratio"] = None if not speedup else 1.0 / speedup
     return out
@@ -86,12 +87,16 @@ def _regime_cell(profile: str, devices: int, seed: int) -> dict[str, Any]:
     from firmware_sim.scenario import SimConfig, build_scenario
     from firmware_sim.virtual import run_virtual
 
-    cfg = SimConfig(devices=devices, profile=profile, seed=seed, max_updates=REGIME_MAX_UPDATES)
+    cfg = SimConfig.build(
+        devices=devices, profile=profile, seed=seed, max_updates=REGIME_MAX_UPDATES
+    )
     scenario = build_scenario(cfg)
     cell: dict[str, Any] = {"profile": profile, "devices": devices}
     for algo in (Algorithm.FEDBUFF, Algorithm.FEDAVG):
         t = time.perf_counter()
-        s = run_virtual(replace(cfg, algorithm=algo), scenario=scenario).record.summary(cfg.target)
+        s = run_virtual(cfg.replace(algorithm=algo), scenario=scenario).record.summary(
+            cfg.stop.target
+        )
         cell[algo.value] = {
             "time_to_target_s": s["time_to_target_s"],
             "updates_to_target": s["updates_to_target"],
@@ -144,7 +149,7 @@ def _scaling_one(n: int, updates: int) -> tuple[float, float, float, int, int]:
     from firmware_sim.scenario import SimConfig, build_scenario
     from firmware_sim.virtual import run_virtual
 
-    cfg = SimConfig(
+    cfg = SimConfig.build(
         devices=n,
         dataset="mnist1d",
         profile="lab",
@@ -210,7 +215,7 @@ def _live_row(devices: int, workers: int, seconds: float) -> dict[str, Any]:
     from firmware_sim.live import LiveOptions, run_live
     from firmware_sim.scenario import SimConfig
 
-    cfg = SimConfig(
+    cfg = SimConfig.build(
         devices=devices,
         dataset="mnist1d",
         profile="lab",
@@ -225,7 +230,7 @@ def _live_row(devices: int, workers: int, seconds: float) -> dict[str, Any]:
     cpu0 = _cpu_s()
     res = run_live(cfg, options)
     cpu = _cpu_s() - cpu0  # the run's processes: this one (aggregator), workers, Mosquitto
-    s = res.record.summary(cfg.target)
+    s = res.record.summary(cfg.stop.target)
     updates = s["updates_received"]
     return {
         "agents": devices,

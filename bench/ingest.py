@@ -204,7 +204,7 @@ def aggregator_proc(
 
     tune_process()  # as run_aggregator (the CLI) does: one BLAS thread, malloc thresholds
 
-    config = AggregatorConfig(
+    config = AggregatorConfig.build(
         broker_url=f"mqtt://127.0.0.1:{port}", fleet=FLEET, model=model,
         state_dir=Path(state_dir), buffer_size=k, norm_bound=NormBoundSetting.ADAPTIVE_CLIP,
         metrics_interval_s=1.0, max_staleness=None, **tuning,

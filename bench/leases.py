@@ -74,7 +74,7 @@ async def _device(url: str, index: int, stop: asyncio.Event, counts: _Counts, ag
 
 async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     with MosquittoBroker(state_dir=tmp / "mosquitto") as broker:
-        config = AggregatorConfig(
+        config = AggregatorConfig.build(
             broker_url=broker.url, fleet=FLEET, model=MODEL, state_dir=tmp / "state",
             buffer_size=args.buffer_size, norm_bound=NormBoundSetting.OFF,
             max_staleness=100_000, fsync=False,

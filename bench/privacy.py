@@ -60,7 +60,7 @@ class Plan:
 
 
 def _base_config(plan: Plan) -> SimConfig:
-    return SimConfig(
+    return SimConfig.build(
         devices=plan.devices,
         dataset="mnist1d",
         buffer_size=plan.buffer_size,
@@ -91,9 +91,9 @@ def _privacy(plan: Plan, eps: float) -> CentralDP:
 
 def _run(plan: Plan, scenario: Scenario, eps: float | None) -> dict[str, Any]:
     privacy = None if eps is None else _privacy(plan, eps)
-    cfg = replace(_base_config(plan), privacy=privacy)
+    cfg = _base_config(plan).replace(privacy=privacy)
     if privacy is None:  # the same clip to C, without noise, cap or one-per-buffer rule
-        cfg = replace(cfg, norm_bound=f"{plan.clip:g}")
+        cfg = cfg.replace(norm_bound=f"{plan.clip:g}")
     t0 = time.perf_counter()
     sim = VirtualSimulator(replace(scenario, config=cfg), label=f"eps={eps}")
     diverged = False

@@ -191,7 +191,7 @@ def leader_service(
     from edgefl.transport import InboundMessage, MemoryBroker, MemoryTransport
 
     def config(state_dir: Path) -> AggregatorConfig:
-        return AggregatorConfig(
+        return AggregatorConfig.build(
             broker_url="mqtt://127.0.0.1:1", fleet=FLEET, model=MODEL, state_dir=state_dir,
             buffer_size=K, norm_bound=NormBoundSetting.OFF, fsync=fsync, max_packet=1 << 20,
         )  # fmt: skip

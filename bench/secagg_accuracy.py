@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--devices", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    base = SimConfig(
+    base = SimConfig.build(
         devices=args.devices,
         dataset="mnist1d",
         stop_at_target=False,
@@ -93,16 +93,17 @@ def main(argv: list[str] | None = None) -> int:
     scenario = build_scenario(base)
     plain = _run(VirtualSimulator(scenario, label="plain"))
     spec = RingSpec.fit(
-        bits=32, clip_norm=args.clip, buffer_size=base.buffer_size, w_max=WEIGHT_SCALE
+        bits=32, clip_norm=args.clip, buffer_size=base.aggregation.buffer_size, w_max=WEIGHT_SCALE
     )
-    secagg_sc = replace(scenario, config=replace(base, codec="fp32", norm_bound="off"))
+    secagg_sc = replace(scenario, config=base.replace(codec="fp32", norm_bound="off"))
     sim = SecAggSimulator(secagg_sc, spec, label="secagg")
     secagg = _run(sim)
-    fp32_sc = replace(scenario, config=replace(base, codec="fp32"))
+    fp32_sc = replace(scenario, config=base.replace(codec="fp32"))
     fp32 = _run(VirtualSimulator(fp32_sc, label="plain-fp32"))
     clipped = sim.clipped / max(1, sim.encoded)
     print(
-        f"mnist1d, {args.devices} devices, K = {base.buffer_size}, {args.updates} updates, "
+        f"mnist1d, {args.devices} devices, K = {base.aggregation.buffer_size}, "
+        f"{args.updates} updates, "
         f"seed {args.seed}; ring b = 32, scale 2^{spec.scale.bit_length() - 1}, C = {args.clip}"
     )
     cols = (("plaintext (int8)", plain), ("plaintext (fp32)", fp32), ("secure aggregation", secagg))

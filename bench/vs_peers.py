@@ -62,7 +62,7 @@ def _sim_config(rounds: int) -> Any:
     from edgefl.aggregation import Algorithm
     from firmware_sim.scenario import SimConfig
 
-    return SimConfig(
+    return SimConfig.build(
         devices=100,
         algorithm=Algorithm.FEDAVG,
         profile="lab",
@@ -85,7 +85,7 @@ def write_workload(scenario: Any, rounds: int, path: Path) -> None:
     cfg = scenario.config
     settings = {
         "rounds": rounds,
-        "cohort": cfg.concurrency,
+        "cohort": cfg.aggregation.concurrency,
         "epochs": cfg.local.epochs,
         "batch_size": cfg.local.batch_size,
         "lr": cfg.local.lr,
@@ -160,12 +160,12 @@ def run_edgefl(scenario: Any) -> dict[str, Any]:
     from firmware_sim.virtual import run_virtual
 
     res = run_virtual(scenario.config, scenario=scenario)
-    updates = res.record.summary(scenario.config.target)["updates_received"]
+    updates = res.record.summary(scenario.config.stop.target)["updates_received"]
     return {
         "system": "edgefl",
         "updates": updates,
         "train_wall_s": res.wall_s,
-        "accuracy": res.record.summary(scenario.config.target)["final_accuracy"],
+        "accuracy": res.record.summary(scenario.config.stop.target)["final_accuracy"],
         "train_calls": res.train_calls,
         "train_s": res.train_wall_s,
     }

@@ -180,8 +180,8 @@ class TrainingOptions:
     server_lr: float
     normalisation: Normalisation | None  # None: mean, or sum with --dp
     round_deadline: float | None
-    server_momentum: float = _DEFAULT.server_momentum
-    overselect: float = _DEFAULT.overselect
+    server_momentum: float = _DEFAULT.aggregation.server_momentum
+    overselect: float = _DEFAULT.aggregation.overselect
     lease: float | None = None
 
 
@@ -215,7 +215,7 @@ def sim_config_from_options(o: SimOptions) -> SimConfig:
     privacy, normalisation, norm_bound = _check_dp(o, algo, robust)
     limits, training = o.limits, o.training
     try:
-        return SimConfig(
+        return SimConfig.build(
             devices=o.fleet.devices,
             algorithm=algo,
             profile=profile,
@@ -351,7 +351,11 @@ def _check_dp(
     normalisation, norm_bound = o.training.normalisation, o.attack.norm_bound
     dp = None if o.dp is None else _parse_dp(o.dp)
     if dp is None or isinstance(dp, LocalDP):
-        return dp, normalisation or _DEFAULT.normalisation, norm_bound or _DEFAULT.norm_bound
+        return (
+            dp,
+            normalisation or _DEFAULT.aggregation.normalisation,
+            norm_bound or _DEFAULT.aggregation.norm_bound,
+        )
     why = "differential privacy (--dp) needs"
     if algo is Algorithm.FEDAVG:
         raise UsageError(f"--algorithm fedavg with --dp: {why} --algorithm fedbuff")
@@ -462,7 +466,7 @@ def _run_virtual(
         if reporter is not None:
             reporter.new_run(f"training {algo.value} (virtual time)")
         report = _virtual_progress(algo, progress, reporter)
-        cfg = replace(config, algorithm=algo)
+        cfg = config.replace(algorithm=algo)
         records.append(run_virtual(cfg, scenario=scenario, progress=report).record)
     return records
 
@@ -508,7 +512,7 @@ def _run_live(
         if reporter is not None:
             reporter.new_run(f"live {algo.value}: building the scenario")
         result = run_live(
-            replace(config, algorithm=algo),
+            config.replace(algorithm=algo),
             options,
             progress=progress,
             on_phase=reporter.phase if reporter is not None else None,
@@ -557,13 +561,13 @@ def sim_command(
     algorithm: Annotated[str, typer.Option(help="fedbuff or fedavg.")] = "fedbuff",
     buffer_size: Annotated[
         int, typer.Option("--buffer-size", "-k", help=_K)
-    ] = _DEFAULT.buffer_size,
+    ] = _DEFAULT.aggregation.buffer_size,
     concurrency: Annotated[
         int, typer.Option(help="Devices training at once (FedAvg: devices selected per round).")
-    ] = _DEFAULT.concurrency,
+    ] = _DEFAULT.aggregation.concurrency,
     staleness: Annotated[
         str, typer.Option(help="constant | polynomial[:A] | hinge:A,B")
-    ] = _DEFAULT.staleness,
+    ] = _DEFAULT.aggregation.staleness,
     max_staleness: Annotated[int, typer.Option(help="Reject updates staler than this.")] = 100,
     dropout: Annotated[
         float | None, typer.Option(help="P(drop out mid-training); default per profile.")
@@ -624,17 +628,17 @@ def sim_command(
     batch_size: Annotated[int, typer.Option(help="Local batch size.")] = 32,
     server_lr: Annotated[
         float, typer.Option(help="Server SGD learning rate.")
-    ] = _DEFAULT.server_lr,
+    ] = _DEFAULT.aggregation.server_lr,
     server_momentum: Annotated[
         float, typer.Option(help="Server SGD momentum (0 <= m < 1).")
-    ] = _DEFAULT.server_momentum,
+    ] = _DEFAULT.aggregation.server_momentum,
     overselect: Annotated[
         float,
         typer.Option(
             help="FedAvg: select this many times the reporting goal; a round closes at "
             "ceil(concurrency / overselect) updates, stragglers' work is discarded."
         ),
-    ] = _DEFAULT.overselect,
+    ] = _DEFAULT.aggregation.overselect,
     lease: Annotated[
         float | None,
         typer.Option(help="FedBuff participation lease (s); default the p90 training time."),
@@ -700,7 +704,7 @@ def sim_command(
     config = sim_config_from_options(options)
     mode = mode.strip().lower()
     algos = _parse_compare(compare)
-    if config.privacy is not None and Algorithm.FEDAVG in algos:
+    if config.aggregation.privacy is not None and Algorithm.FEDAVG in algos:
         raise UsageError("--compare with --dp: differential privacy runs fedbuff only")
     _check_live_options(mode, devices, fleet, workers, broker)
     roles = check_role(mode, role, device_range, (devices, workers), broker, algos, report)
@@ -715,7 +719,7 @@ def _execute(run: _SimRun) -> None:
     simulation with its report; a signal stops either and exits 0."""
     with SignalStop() as stop:
         if run.roles.role == "devices":
-            with ProgressReporter("edgefl sim", run.config.target) as reporter:
+            with ProgressReporter("edgefl sim", run.config.stop.target) as reporter:
                 run_devices(
                     run.config,
                     roles=run.roles,
@@ -768,7 +772,7 @@ def _run_and_report(run: _SimRun, stop: SignalStop) -> None:
     """Run the simulation(s), then write the report and print the summary; a signal in any
     phase prints what was done instead (see :func:`_interrupted`)."""
     prog = "edgefl sim"
-    target = run.config.target
+    target = run.config.stop.target
     with ProgressReporter(prog, target) as reporter:
         records: list[RunRecord] = []
         try:
@@ -889,7 +893,7 @@ def demo_command(
     check.number("--max-time", max_time)
     _require_packages(DEMO_CONFIG.dataset, report=True, feature="edgefl demo")
     options = replace(DEMO_OPTIONS, broker_url=broker, broker_kind=broker_kind)
-    config = replace(DEMO_CONFIG, target=target, max_wall_s=max_time)
+    config = DEMO_CONFIG.replace(target=target, max_wall_s=max_time)
     with SignalStop() as stop:
         run_demo(
             devices=devices,

@@ -49,7 +49,7 @@ from firmware_sim.scenario import SimConfig
 
 __all__ = ["DEMO_CONFIG", "DEMO_OPTIONS", "run_demo"]
 
-DEMO_CONFIG = SimConfig(
+DEMO_CONFIG = SimConfig.build(
     devices=100,
     profile="mixed",
     dataset="mnist1d",
@@ -98,11 +98,11 @@ def run_demo(
     with ``"interrupted"`` set to the signal's name."""
     cfg = replace(config or DEMO_CONFIG, devices=devices, seed=seed)
     opts = options or DEMO_OPTIONS
-    progress = reporter or ProgressReporter(_PROG, cfg.target)
+    progress = reporter or ProgressReporter(_PROG, cfg.stop.target)
     progress.message(
-        f"{_PROG}: {cfg.devices} live devices ({cfg.profile} profile, "
-        f"{cfg.partition} split of {cfg.dataset}), FedBuff K={cfg.buffer_size}, "
-        f"target {100 * cfg.target:.0f}% test accuracy"
+        f"{_PROG}: {cfg.devices} live devices ({cfg.fleet.profile} profile, "
+        f"{cfg.partition} split of {cfg.dataset}), FedBuff K={cfg.aggregation.buffer_size}, "
+        f"target {100 * cfg.stop.target:.0f}% test accuracy"
     )
     started = time.monotonic()
     result = None
@@ -119,15 +119,15 @@ def run_demo(
         if stop is not None:
             stop.check()
         progress.phase(f"writing the report to {report}")
-        paths = write_report([result.record], report, cfg.target)
+        paths = write_report([result.record], report, cfg.stop.target)
         yardstick = _estimate(cfg, opts, progress, stop) if estimate else None
     except StopRequested as exc:
-        return _interrupted(progress, str(exc), result, cfg.target, report)
+        return _interrupted(progress, str(exc), result, cfg.stop.target, report)
     progress.phase("done")
     progress.close()
     summary = summary_object(
         [result.record],
-        cfg.target,
+        cfg.stop.target,
         extra={
             "report": str(paths.out_dir),
             "wall_s": time.monotonic() - started,
@@ -138,9 +138,9 @@ def run_demo(
         },
     )
     out = sys.stderr if json_out else sys.stdout
-    _print_summary(out, result.record, cfg.target, summary)
+    _print_summary(out, result.record, cfg.stop.target, summary)
     if yardstick is not None:
-        _say(out, _estimate_line(yardstick, cfg.target))
+        _say(out, _estimate_line(yardstick, cfg.stop.target))
     if json_out:
         sys.stdout.write(json.dumps(summary, allow_nan=False) + "\n")
         sys.stdout.flush()
@@ -224,7 +224,7 @@ def _estimate(
 ) -> Estimate:
     """The yardstick, started once the live run is over, so that it cannot delay it."""
     progress.phase("estimating FedAvg's time from a virtual run of this fleet")
-    budget = min(ESTIMATE_MAX_WALL_S, cfg.max_wall_s or ESTIMATE_MAX_WALL_S)
+    budget = min(ESTIMATE_MAX_WALL_S, cfg.stop.max_wall_s or ESTIMATE_MAX_WALL_S)
     with BackgroundEstimate(cfg, time_scale=opts.time_scale, max_wall_s=budget) as background:
         return background.result(check=None if stop is None else stop.check)
 

@@ -28,7 +28,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -154,8 +154,7 @@ class Estimate:
 def _estimate_config(
     config: SimConfig, algorithm: Algorithm, max_wall_s: float | None
 ) -> SimConfig:
-    return replace(
-        config,
+    return config.replace(
         algorithm=algorithm,
         stop_at_target=True,
         max_updates=ESTIMATE_MAX_UPDATES,
@@ -173,7 +172,7 @@ def virtual_time_to_target(
 
     start = time.perf_counter()
     cfg = _estimate_config(config, algorithm, max_wall_s)
-    summary = run_virtual(cfg).record.summary(cfg.target)
+    summary = run_virtual(cfg).record.summary(cfg.stop.target)
     ttt, updates = summary["time_to_target_s"], summary["updates_to_target"]
     wall = time.perf_counter() - start
     received = int(summary["updates_received"])
@@ -196,7 +195,7 @@ def estimate_speedup(
     runs: dict[Algorithm, VirtualTime | str] = {
         a: virtual_time_to_target(config, a, max_wall_s=max_wall_s) for a in _ALGORITHMS
     }
-    return Estimate.of(time_scale, runs, config.target)
+    return Estimate.of(time_scale, runs, config.stop.target)
 
 
 def _lowest_priority() -> None:
@@ -246,7 +245,7 @@ class BackgroundEstimate:
         grace_s: float = 30.0,
     ) -> None:
         self.time_scale = time_scale
-        self.target = config.target
+        self.target = config.stop.target
         self._deadline = time.monotonic() + max_wall_s + grace_s
         ctx = multiprocessing.get_context("spawn")
         self._children: dict[Algorithm, _Child] = {}

@@ -176,7 +176,7 @@ def participation_for(cfg: SimConfig, opts: LiveOptions) -> ParticipationConfig:
 
     fedavg = cfg.algorithm is Algorithm.FEDAVG
     return ParticipationConfig(
-        concurrency=cfg.effective_cohort if fedavg else cfg.concurrency,
+        concurrency=cfg.aggregation.effective_cohort if fedavg else cfg.aggregation.concurrency,
         lease_s=max(MIN_LEASE_S, DEFAULT_LEASE_S * opts.time_scale),
         checkin_ttl_s=max(2 * MIN_LEASE_S, DEFAULT_CHECKIN_TTL_S * opts.time_scale),
     )
@@ -194,52 +194,31 @@ def _aggregator_config(
     cfg: SimConfig, opts: LiveOptions, url: str, state_dir: Path
 ) -> AggregatorConfig:
     """The live aggregator's config: the run's :meth:`SimConfig.aggregation_settings` (the same
-    the virtual simulator runs) spelled as the service's flat knobs."""
-    from edgefl.aggregator import AggregatorConfig, NormBoundSetting
+    the virtual simulator runs), as they are."""
+    from edgefl.aggregator import AggregatorConfig
+    from edgefl.aggregator.sections import DeviceTask, IngestTuning, Outputs
 
-    agg = cfg.aggregation_settings()
-    bound = agg.norm_bound
-    if not bound.enabled:
-        setting, max_norm = NormBoundSetting.OFF, None
-    elif bound.adaptive_multiplier is None:
-        setting, max_norm = NormBoundSetting.STATIC_CLIP, bound.max_norm
-    else:
-        setting, max_norm = NormBoundSetting.ADAPTIVE_CLIP, None
     deadline = opts.round_deadline_s
     if deadline is None:
-        deadline = max(1.0, (cfg.round_deadline_s or 60.0) * opts.time_scale)
+        deadline = max(1.0, (cfg.aggregation.round_deadline_s or 60.0) * opts.time_scale)
     return AggregatorConfig(
         broker_url=url,
         fleet=opts.fleet,
         model=cfg.model_name,
         state_dir=state_dir,
-        algorithm=agg.algorithm,
-        buffer_size=agg.buffer_size,
-        staleness=agg.staleness.kind,
-        staleness_a=agg.staleness.a,
-        staleness_b=agg.staleness.b,
-        max_staleness=agg.max_staleness,
-        example_weighting=agg.example_weighting,
-        example_cap=agg.example_cap,
-        normalisation=agg.normalisation,
-        server_optimizer=agg.server_optimizer.kind,
-        server_lr=agg.server_optimizer.lr,
-        server_momentum=agg.server_optimizer.momentum,
-        norm_bound=setting,
-        max_norm=max_norm,
-        robust=agg.robust,
-        trim_beta=agg.trim_beta,
+        aggregation=cfg.aggregation_settings(),
         round_deadline_s=deadline,
-        min_fraction=agg.min_fraction,
-        privacy=agg.privacy,
-        local_epochs=cfg.local.epochs,
-        batch_size=cfg.local.batch_size,
-        lr=cfg.local.lr,
-        codec=cfg.codec_config(),
-        eval_dataset=cfg.dataset,
-        metrics_interval_s=metrics_interval_for(cfg.devices),
-        fsync=False,
         seed=cfg.seed,
+        task=DeviceTask(
+            local_epochs=cfg.local.epochs,
+            batch_size=cfg.local.batch_size,
+            lr=cfg.local.lr,
+            codec=cfg.codec_config(),
+        ),
+        outputs=Outputs(
+            eval_dataset=cfg.dataset, metrics_interval_s=metrics_interval_for(cfg.devices)
+        ),
+        ingest=IngestTuning(fsync=False),
         participation=participation_for(cfg, opts),
     )
 
@@ -655,12 +634,12 @@ class _PollLoop:
         accuracy = record.evals().accuracy
         acc = float(accuracy[-1]) if len(accuracy) else None
         cfg = self._run.config
-        self._reached = self._reached or bool(len(accuracy) and accuracy.max() >= cfg.target)
+        self._reached = self._reached or bool(len(accuracy) and accuracy.max() >= cfg.stop.target)
         self._report(t, acc, connected)
         return (
-            (self._reached and cfg.stop_at_target)
-            or t >= (cfg.max_wall_s if cfg.max_wall_s is not None else math.inf)
-            or (cfg.max_updates is not None and self._poller.received >= cfg.max_updates)
+            (self._reached and cfg.stop.stop_at_target)
+            or t >= (cfg.stop.max_wall_s if cfg.stop.max_wall_s is not None else math.inf)
+            or (cfg.stop.max_updates is not None and self._poller.received >= cfg.stop.max_updates)
             or self._aggregator.task.done()
         )
 
@@ -949,7 +928,7 @@ async def _run_devices_async(
     peak, states = 0, {}
     url = typing.cast(str, options.broker_url)
     async with _devices(run, url, record, t0, ending) as devices:
-        limit = config.max_wall_s if config.max_wall_s is not None else math.inf
+        limit = config.stop.max_wall_s if config.stop.max_wall_s is not None else math.inf
         while not run.interrupted.is_set():
             await _first_of(run.interrupted, wait_s=options.poll_s)
             t = time.monotonic() - t0
@@ -963,7 +942,7 @@ async def _run_devices_async(
         hooks.phase("stopping" + (f" ({hooks.signal_name()})" if run.interrupted.is_set() else ""))
         ending.wall_s = time.monotonic() - t0
         ending.rss_mb = rss_mb()
-    summary = record.summary(config.target)
+    summary = record.summary(config.stop.target)
     return DevicesResult(
         device_range=(ids[0], ids[-1] + 1) if ids else (0, 0),
         wall_s=ending.wall_s,

@@ -315,7 +315,8 @@ class DeviceGroup:
         # The aggregator may grant every one of its C leases to devices of this process: one
         # agent thread per lease (the threads mostly sleep out the simulated training time).
         self.executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=max(1, scenario.config.concurrency), thread_name_prefix="edgefl-sim-agent"
+            max_workers=max(1, scenario.config.aggregation.concurrency),
+            thread_name_prefix="edgefl-sim-agent",
         )
         self.agents: dict[int, DeviceAgent] = {}
         self._view: GroupView | None = None

@@ -330,8 +330,6 @@ class VirtualSimulator:
             devices=cfg.devices,
             label=label or cfg.algorithm.value,
         )
-        self.num_params = scenario.spec.num_params
-        self.model_bytes = 4 * self.num_params
         self.core: AggregationCore = make_core(
             cfg.aggregation_settings().core_config(), scenario.initial_weights
         )
@@ -348,9 +346,22 @@ class VirtualSimulator:
         self.tally = _Tally()
         self.compute = _ComputeStats()
         self.wall0 = 0.0
-        self.ledger = SlotLedger(cfg.effective_cohort if self.schedule.cohorts else cfg.concurrency)
+        self.ledger = SlotLedger(
+            cfg.aggregation.effective_cohort
+            if self.schedule.cohorts
+            else cfg.aggregation.concurrency
+        )
 
     # ------------------------------------------------------------------ model state
+    @property
+    def num_params(self) -> int:
+        return self.sc.spec.num_params
+
+    @property
+    def model_bytes(self) -> int:
+        """Bytes of one FP32 model download."""
+        return 4 * self.num_params
+
     @property
     def version(self) -> int:
         return self.core.version
@@ -424,7 +435,7 @@ class VirtualSimulator:
         """FedAvg: select ``cohort_size`` idle devices and open a round with the reporting goal
         ``ceil(selected / overselect)`` and the deadline (or wait if nobody is idle)."""
         self.busy.now = self.t
-        selected = self.cfg.effective_cohort
+        selected = self.cfg.aggregation.effective_cohort
         cohort = self.sc.fleet.sample_idle_devices(selected, self.t, self.rng, self.busy)
         self.schedule.waiting = selected - len(cohort)
         if not cohort:
@@ -435,7 +446,7 @@ class VirtualSimulator:
         self.schedule.round_id += 1
         self.schedule.round_opened_at = self.t
         self.schedule.applied_at_open = self.tally.applied
-        goal = reporting_goal(len(cohort), self.cfg.overselect)
+        goal = reporting_goal(len(cohort), self.cfg.aggregation.overselect)
         self.core.open_round(goal, deadline=self.t + deadline_s)
         for d in cohort:
             self._start(d, self.schedule.round_id)
@@ -461,7 +472,7 @@ class VirtualSimulator:
 
     def _admits(self) -> Callable[[str], bool] | None:
         """Central DP: the core's admissibility, which the lease draw skips devices by."""
-        return self.core.privacy_admits if self.cfg.privacy is not None else None
+        return self.core.privacy_admits if self.cfg.aggregation.privacy is not None else None
 
     def _wait_for_devices(self) -> None:
         """Wake the scheduler at the next moment a device can become idle and available:
@@ -632,9 +643,11 @@ class VirtualSimulator:
             self._open_round()
 
     def _after_step(self) -> None:
-        if self.cfg.privacy is not None and isinstance(self.core, FedBuffCore):  # ε per flush
+        if self.cfg.aggregation.privacy is not None and isinstance(
+            self.core, FedBuffCore
+        ):  # ε per flush
             self.record.dp_flush(self.t, self.version, self.core.statistics().privacy)
-        if self.tally.applied - self.tally.applied_at_eval >= self.cfg.eval_every_updates:
+        if self.tally.applied - self.tally.applied_at_eval >= self.cfg.stop.eval_every_updates:
             self._evaluate()
 
     def _evaluate(self) -> None:
@@ -649,7 +662,7 @@ class VirtualSimulator:
         self.tally.last_accuracy = acc
         self.record.eval(self.t, self.version, acc, loss, self.tally.applied)
         self._sample_states()
-        if acc >= self.cfg.target:
+        if acc >= self.cfg.stop.target:
             self.tally.reached = True
         if self.progress is not None:
             self.progress(
@@ -726,11 +739,11 @@ class VirtualSimulator:
     # ------------------------------------------------------------------ main loop
     def _should_stop(self) -> bool:
         cfg = self.cfg
-        if self.tally.reached and cfg.stop_at_target:
+        if self.tally.reached and cfg.stop.stop_at_target:
             return True
-        if cfg.max_updates is not None and self.tally.received >= cfg.max_updates:
+        if cfg.stop.max_updates is not None and self.tally.received >= cfg.stop.max_updates:
             return True
-        wall_limit = cfg.max_wall_s if cfg.max_wall_s is not None else math.inf
+        wall_limit = cfg.stop.max_wall_s if cfg.stop.max_wall_s is not None else math.inf
         return time.perf_counter() - self.wall0 >= wall_limit
 
     def _dispatch(self, kind: _Ev, ref: int) -> None:
@@ -765,16 +778,20 @@ class VirtualSimulator:
         self.record.started_at = self.wall0
         self._evaluate()  # version 0
         if not self.schedule.cohorts:
-            lease_s = self.cfg.lease_s or LEASE_FACTOR * self._auto_deadline()
-            config = ParticipationConfig(concurrency=self.cfg.concurrency, lease_s=lease_s)
+            lease_s = self.cfg.aggregation.lease_s or LEASE_FACTOR * self._auto_deadline()
+            config = ParticipationConfig(
+                concurrency=self.cfg.aggregation.concurrency, lease_s=lease_s
+            )
             self.schedule.leases = LeaseBook(config, rng=self.rng)
             self.schedule.pool = FleetPool(self.sc.fleet, self.busy, self._admits())
             self._fill()
         else:
-            self.schedule.round_deadline_s = self.cfg.round_deadline_s or self._auto_deadline()
+            self.schedule.round_deadline_s = (
+                self.cfg.aggregation.round_deadline_s or self._auto_deadline()
+            )
             self._open_round()
         self._observe()
-        max_time = self.cfg.max_time_s if self.cfg.max_time_s is not None else math.inf
+        max_time = self.cfg.stop.max_time_s if self.cfg.stop.max_time_s is not None else math.inf
         while self.events and not self._should_stop():
             t, _, kind, ref = self.events.pop()
             if t > max_time:

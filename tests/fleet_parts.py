@@ -29,7 +29,7 @@ def aggregator(tmp: Path, url: str, *, fleet: str, model: str, **settings: Any) 
     """The real aggregator in-process, its state in ``tmp/aggregator`` (no fsync: a test's
     machine does not crash); ``settings`` are more :class:`AggregatorConfig` fields."""
     return Aggregator(
-        AggregatorConfig(
+        AggregatorConfig.build(
             broker_url=url,
             fleet=fleet,
             model=model,

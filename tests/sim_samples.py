@@ -28,4 +28,4 @@ def private_sim_config(privacy: CentralDP | None, **fields: Any) -> SimConfig:
         "privacy": privacy,
     }
     values.update(fields)
-    return SimConfig(**values)
+    return SimConfig.build(**values)

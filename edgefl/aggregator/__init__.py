@@ -2,7 +2,8 @@
 
 Public API::
 
-    AggregatorConfig(broker_url=..., fleet=..., model=..., state_dir=...)   # frozen, validated
+    AggregatorConfig.build(broker_url=..., fleet=..., model=..., state_dir=..., **options)
+        # frozen, validated; sections aggregation, task, outputs, limits, ingest, mqtt
     Aggregator(config, *, transport=None, on_version=None)
         await run(ready=None); stop(); statistics(); history()
     run_aggregator(config) -> int        # blocking, SIGTERM/SIGINT -> clean shutdown

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -297,68 +298,7 @@ def aggregator_command(
 
     Settings: --config FILE < EDGEFL_AGG_* environment < these flags (docs/AGGREGATOR.md).
     """
-    overrides: dict[str, object] = {
-        "broker.url": broker,
-        "fleet": fleet,
-        "model": model,
-        "state_dir": state_dir,
-        "algorithm": algorithm,
-        "seed": seed,
-        "log_level": "DEBUG" if verbose else log_level,
-        "broker.client_id": client_id,
-        "broker.username": username,
-        "broker.password": password,
-        "broker.password_file": password_file,
-        "broker.ca_file": ca_file,
-        "broker.cert_file": cert_file,
-        "broker.key_file": key_file,
-        "broker.tls_insecure": True if tls_insecure else None,
-        "broker.protocol": protocol,
-        "broker.connect_timeout_s": connect_timeout,
-        "aggregation.buffer_size": buffer_size,
-        "aggregation.staleness": staleness,
-        "aggregation.staleness_a": staleness_a,
-        "aggregation.staleness_b": staleness_b,
-        "aggregation.max_staleness": max_staleness,
-        "aggregation.example_weighting": example_weighting,
-        "aggregation.example_cap": example_cap,
-        "aggregation.normalisation": normalisation,
-        "aggregation.server_optimizer": server_optimizer,
-        "aggregation.server_lr": server_lr,
-        "aggregation.server_momentum": server_momentum,
-        "aggregation.norm_bound": norm_bound,
-        "aggregation.max_norm": max_norm,
-        "aggregation.robust": robust,
-        "aggregation.trim_beta": trim_beta,
-        "aggregation.round_deadline_s": round_deadline,
-        "aggregation.min_fraction": min_fraction,
-        "aggregation.receipts": receipts,
-        "participation.enabled": participation,
-        "participation.concurrency": concurrency,
-        "participation.lease_s": lease_s,
-        "participation.lease_grace": lease_grace,
-        "participation.checkin_ttl_s": checkin_ttl,
-        "participation.flush_after_s": flush_after,
-        "hints.local_epochs": local_epochs,
-        "hints.batch_size": batch_size,
-        "hints.lr": lr,
-        "hints.quantization": quantization,
-        "hints.topk_fraction": topk,
-        "outputs.publish_onnx": publish_onnx,
-        "outputs.eval_dataset": eval_dataset,
-        "outputs.metrics_interval_s": metrics_interval,
-        "outputs.metrics_port": metrics_port,
-        "outputs.metrics_bind": metrics_bind,
-        "limits.max_update_bytes": max_update_bytes,
-        "limits.rate_limit_per_minute": rate_limit,
-        "limits.max_batch": max_batch,
-        "limits.max_inflight_mib": max_inflight_mib,
-        "limits.fsync": False if no_fsync else None,
-        "limits.max_seq_jump": max_seq_jump,
-        "security.device_keys": device_keys,
-        "security.signing_key_file": signing_key,
-        "privacy.dp": dp,
-    }
+    overrides = flag_overrides(ctx.params)
     if ctx.invoked_subcommand is not None:
         ctx.obj = (config, overrides)
         return
@@ -368,6 +308,20 @@ def aggregator_command(
         _run_secagg(config, overrides, role, secagg, timeouts)
         return
     _run(config, overrides)
+
+
+def flag_overrides(params: Mapping[str, object]) -> dict[str, object]:
+    """Every configuration key's value from the command line (None: the flag was not given),
+    read from the command's parameters: each is named after its key's flag (``--buffer-size``
+    sets ``aggregation.buffer_size`` through ``buffer_size``). The switches that can only turn
+    something on or off give None when absent, so the lower layers keep their value."""
+    from edgefl.aggregator.config_file import FLAGS
+
+    values = {key: params[flag.removeprefix("--").replace("-", "_")] for key, flag in FLAGS.items()}
+    values["log_level"] = "DEBUG" if params["verbose"] else values["log_level"]
+    values["broker.tls_insecure"] = True if params["tls_insecure"] else None
+    values["limits.fsync"] = False if params["no_fsync"] else None
+    return values
 
 
 def _run_secagg(
@@ -508,7 +462,7 @@ def reset_device_command(
             raise UsageError("missing option --state-dir (or --config FILE)")
         loaded = _load(config_path, overrides)
         path, flag = loaded.aggregator.state_dir, "state_dir"
-        jump = jump or loaded.aggregator.max_seq_jump
+        jump = jump or loaded.aggregator.limits.max_seq_jump
     jump = jump or DEFAULT_MAX_SEQ_JUMP
     try:
         result = reset_device(path, device, max_seq_jump=jump, to=to)

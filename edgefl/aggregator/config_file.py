@@ -96,10 +96,9 @@ class _Key:
 
     tp: object
     flag: str
-    target: str | None  # AggregatorConfig field; None: resolved by the loader
+    target: str | None  # AggregatorConfig.build's flat option; None: resolved by the loader
 
 
-_D = AggregatorConfig  # defaults are read from the dataclass
 _T = TypeVar("_T")
 
 _KEYS: dict[str, _Key] = {
@@ -282,7 +281,7 @@ def load_aggregator_config(
 def _sources(settings: Mapping[str, Setting], config: AggregatorConfig) -> dict[str, str]:
     """Where each set key came from; with DP on, the keys it defaulted say so."""
     sources = {key: s.source for key, s in settings.items()}
-    if config.privacy is not None:
+    if config.aggregation.privacy is not None:
         for key in _DP_DEFAULTS:
             sources.setdefault(key, "default with privacy.dp")
     return sources
@@ -427,7 +426,7 @@ def _built_config(
     """The validated :class:`AggregatorConfig`, its MQTT settings checked too; a failure names
     the key that caused it."""
     try:
-        config = AggregatorConfig(**kwargs)
+        config = AggregatorConfig.build(**kwargs)
     except (KeyError, ValueError, TypeError) as exc:
         raise _blame(exc, values, err) from None
     try:
@@ -554,19 +553,20 @@ def _effective(
     config: AggregatorConfig, values: Mapping[str, object], level: str
 ) -> dict[str, object]:
     out: dict[str, object] = {}
+    options = config.options()
     for key, k in _KEYS.items():
         if k.target is not None:
-            value: object = getattr(config, k.target)
+            value: object = options[k.target]
         elif key == "log_level":
             value = level
         elif key == "hints.quantization":
-            value = config.codec.quantization
+            value = config.task.codec.quantization
         elif key == "hints.topk_fraction":
-            value = config.codec.topk_fraction
+            value = config.task.codec.topk_fraction
         elif key == "limits.max_inflight_mib":
-            value = config.max_inflight_bytes // (1024 * 1024)
+            value = config.ingest.max_inflight_bytes // (1024 * 1024)
         elif key == "privacy.dp":
-            value = dp_to_text(config.privacy)
+            value = dp_to_text(config.aggregation.privacy)
         else:
             value = values.get(key)
         out[key] = plain(value)
@@ -590,10 +590,10 @@ def preflight(loaded: LoadedConfig) -> None:
     from edgefl.extras import ensure_installed
 
     config = loaded.aggregator
-    if config.publish_onnx:
+    if config.outputs.publish_onnx:
         ensure_installed("torch", "onnx", feature="outputs.publish_onnx", extra="onnx")
-    if config.eval_dataset is not None:
-        data_module = "sklearn" if config.eval_dataset == "digits" else "mnist1d"
+    if config.outputs.eval_dataset is not None:
+        data_module = "sklearn" if config.outputs.eval_dataset == "digits" else "mnist1d"
         ensure_installed("torch", data_module, feature="outputs.eval_dataset", extra="eval")
     problem = state_dir_problem(loaded.aggregator.state_dir)
     if problem is not None:

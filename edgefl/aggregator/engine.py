@@ -88,7 +88,7 @@ class Engine(ModelView[AggregationCore]):
 
     @property
     def buffer_size(self) -> int:
-        return self._config.buffer_size
+        return self._config.aggregation.buffer_size
 
     @property
     def discarded(self) -> int:
@@ -166,7 +166,7 @@ class Engine(ModelView[AggregationCore]):
         """A round of ``buffer_size`` anonymous slots (FedAvg; FedBuff has no rounds)."""
         if not self._core.round_open:
             deadline = now + self._config.round_deadline_s
-            self._core.open_round(self._config.buffer_size, deadline=deadline)
+            self._core.open_round(self._config.aggregation.buffer_size, deadline=deadline)
 
     # ------------------------------------------------------------------ central DP
     def privacy_admits(self, device_id: str) -> bool:
@@ -177,7 +177,7 @@ class Engine(ModelView[AggregationCore]):
     def privacy(self) -> PrivacyStatistics | None:
         """The central DP figures (None: DP off), computed once per version: the participation
         counts change only at a step."""
-        if self._config.privacy is None:
+        if self._config.aggregation.privacy is None:
             return None
         cached = self._privacy
         if cached is None or cached[0] != self._core.version:

@@ -255,8 +255,10 @@ class Ingest:
         self._layout = tuple((t.name, tuple(t.shape), t.dtype) for t in self._spec.layout)
         self._reassembler = Reassembler(
             ReassemblyConfig(
-                max_message_size=config.max_update_bytes,
-                max_buffered_bytes=max(config.max_update_bytes, config.max_inflight_bytes),
+                max_message_size=config.limits.max_update_bytes,
+                max_buffered_bytes=max(
+                    config.limits.max_update_bytes, config.ingest.max_inflight_bytes
+                ),
                 max_partials=REASSEMBLY_PARTIALS,
             )
         )
@@ -267,7 +269,7 @@ class Ingest:
         self._codecs: dict[tuple[tuple[str, str, Any], ...], tuple[CodecDescriptor, str]] = {}
         self.scratch = (
             np.zeros(self._spec.num_params, np.float32)
-            if config.robust is RobustMode.NONE
+            if config.aggregation.robust is RobustMode.NONE
             else None
         )
 
@@ -304,7 +306,7 @@ class Ingest:
             parsed = parse_topic(topic, expected_fleet=self._config.fleet)
             if not isinstance(parsed, UpdateTopic):
                 raise ProtocolError(RejectReason.BAD_TOPIC, f"not an update topic: {topic[:200]}")
-            outer = decode_envelope(payload, max_payload=self._config.max_update_bytes)
+            outer = decode_envelope(payload, max_payload=self._config.limits.max_update_bytes)
             if outer.kind is EnvelopeKind.UPDATE:
                 envelope, data = outer, payload
             elif outer.kind is EnvelopeKind.UPDATE_CHUNK:
@@ -320,7 +322,7 @@ class Ingest:
                     is_late = self._reassembler.statistics().late_duplicates != late
                     return Pending(chunk_key, hold=not is_late)
                 data = done.data
-                envelope = decode_envelope(data, max_payload=self._config.max_update_bytes)
+                envelope = decode_envelope(data, max_payload=self._config.limits.max_update_bytes)
                 if envelope.kind is not EnvelopeKind.UPDATE:
                     raise ProtocolError(
                         RejectReason.BAD_KIND, f"chunks carried {envelope.kind.name}"
@@ -445,14 +447,14 @@ class Ingest:
         the device's mark (within ``max_seq_jump``), or less than ``SEQ_WINDOW`` below it and
         not counted yet (pending or in ``seen``), is new; a counted one is a ``DUPLICATE``; an
         uncounted one ``SEQ_WINDOW`` or more below the mark is a ``REPLAY``."""
-        last = self._max_seq.get(device)
-        verdict = seq_verdict(last, seq, self._config.max_seq_jump)
+        last, jump = self._max_seq.get(device), self._config.limits.max_seq_jump
+        verdict = seq_verdict(last, seq, jump)
         if verdict is SeqVerdict.NEW:
             return
         if verdict is SeqVerdict.TOO_FAR:
             raise ProtocolError(
                 RejectReason.SEQ_JUMP,
-                f"seq {seq} is more than {self._config.max_seq_jump} above the highest accepted"
+                f"seq {seq} is more than {jump} above the highest accepted"
                 f" seq {-1 if last is None else last} of {device}",
             )
         if (
@@ -469,7 +471,7 @@ class Ingest:
         )
 
     def _check_rate(self, device: str, now: float) -> deque[float] | None:
-        limit = self._config.rate_limit_per_minute
+        limit = self._config.limits.rate_limit_per_minute
         if limit is None:
             return None
         window = self._windows.setdefault(device, deque())

@@ -98,7 +98,7 @@ class Publisher:
     async def _publish_locked(self, release: Release) -> None:
         cfg, transport = self._config, self._transport
         onnx = None
-        if cfg.publish_onnx:
+        if cfg.outputs.publish_onnx:
             from edgefl.models.onnx_export import export_onnx
 
             onnx = await asyncio.to_thread(export_onnx, cfg.spec, release.weights)
@@ -110,7 +110,7 @@ class Publisher:
                 weights=release.weights,
                 created_at=release.created_at,
                 hints=cfg.training_hints(),
-                max_packet=cfg.max_packet,
+                max_packet=cfg.limits.max_packet,
                 onnx=onnx,
                 signer=cfg.manifest_signer,
             )

@@ -121,8 +121,8 @@ async def _announce(
         part = config.participation
         if part is not None:
             extra += f", leases: C = {part.concurrency}"
-        if config.privacy is not None:
-            extra += f", dp: {dp_to_text(config.privacy)}"
+        if config.aggregation.privacy is not None:
+            extra += f", dp: {dp_to_text(config.aggregation.privacy)}"
         print(
             f"edgefl aggregator ready: fleet {config.fleet}, model {config.model}, "
             f"version {s.version}, applied {s.applied}{extra}",

@@ -93,27 +93,31 @@ def check_compatible(config: AggregatorConfig, settings: SecAggSettings) -> None
     (:mod:`edgefl.secagg.privacy`), each error naming the option."""
     if config.algorithm is not Algorithm.FEDBUFF:
         raise ValueError("secure aggregation runs FedBuff only (no synchronous FedAvg rounds)")
-    if config.robust is not RobustMode.NONE:
-        raise ValueError(f"robust mode {config.robust.value} needs individual updates")
-    if config.privacy is not None:
+    if config.aggregation.robust is not RobustMode.NONE:
+        raise ValueError(f"robust mode {config.aggregation.robust.value} needs individual updates")
+    if config.aggregation.privacy is not None:
         _check_dp(config, settings)
-    if config.example_weighting is ExampleWeighting.EXAMPLES and config.example_cap is None:
+    if (
+        config.aggregation.example_weighting is ExampleWeighting.EXAMPLES
+        and config.aggregation.example_cap is None
+    ):
         raise ValueError("examples weighting under secure aggregation needs an example_cap")
-    if settings.min_members > config.buffer_size:
+    if settings.min_members > config.aggregation.buffer_size:
         raise ValueError("min_members must be <= buffer_size")
 
 
 def _check_dp(config: AggregatorConfig, settings: SecAggSettings) -> None:
-    dp = config.privacy
+    dp = config.aggregation.privacy
     assert dp is not None
     why = "with --dp under secure aggregation: central DP at the leader needs"
     # (normalisation 'sum', and no adaptive bound: the config's FedBuffConfig refuses the others)
-    if config.example_weighting is not ExampleWeighting.EQUAL:
-        weighting = config.example_weighting.value
-        raise ValueError(f"example_weighting {weighting} {why} example_weighting 'equal'")
-    if config.norm_bound is not NormBoundSetting.OFF:
+    weighting = config.aggregation.example_weighting
+    if weighting is not ExampleWeighting.EQUAL:
+        raise ValueError(f"example_weighting {weighting.value} {why} example_weighting 'equal'")
+    bound = NormBoundSetting(str(config.options()["norm_bound"]))
+    if bound is not NormBoundSetting.OFF:
         raise ValueError(
-            f"norm_bound {config.norm_bound.value} {why} norm_bound 'off' (no role sees an "
+            f"norm_bound {bound.value} {why} norm_bound 'off' (no role sees an "
             "update to bound; the device clip bounds it)"
         )
     if settings.clip_norm != dp.clip_norm:

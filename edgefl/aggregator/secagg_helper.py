@@ -89,7 +89,7 @@ class HelperService:
         self._auth = share_authenticator(config)
         self._given = transport
         self._transport: Transport | None = None
-        spec = settings.ring(config.buffer_size)
+        spec = settings.ring(config.aggregation.buffer_size)
         self._role_config = HelperConfig(
             spec=spec,
             num_params=config.spec.num_params,
@@ -109,7 +109,7 @@ class HelperService:
         cfg = self.config
         lock = StateDirLock(cfg.state_dir)
         lock.acquire()
-        store = HelperStore(helper_state_path(cfg.state_dir), fsync=cfg.fsync)
+        store = HelperStore(helper_state_path(cfg.state_dir), fsync=cfg.ingest.fsync)
         try:
             spec = self._role_config.spec
             store.check_identity(

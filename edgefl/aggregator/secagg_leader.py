@@ -146,7 +146,7 @@ def step_core(config: AggregatorConfig, state: FedBuffState | None = None) -> Fe
         example_weighting=ExampleWeighting.EQUAL,
         normalisation=Normalisation.MEAN,
         norm_bound=NormBound.off(),
-        server_optimizer=config.optimizer_config(),
+        server_optimizer=config.aggregation.server_optimizer,
     )
     initial = initial_state(config) if state is None else state
     return FedBuff.restore(fb, initial)
@@ -182,11 +182,11 @@ class LeaderService:
         self._helper_public = helper_public
         self._given = transport
         self._transport: Transport | None = None
-        self.spec = settings.ring(config.buffer_size)
+        self.spec = settings.ring(config.aggregation.buffer_size)
         self.privacy = None
-        if config.privacy is not None:
+        if config.aggregation.privacy is not None:
             self.privacy = LeaderPrivacy(
-                config.privacy,
+                config.aggregation.privacy,
                 spec=self.spec,
                 num_params=config.spec.num_params,
                 w_max=settings.weight_scale,
@@ -194,7 +194,7 @@ class LeaderService:
         self._role_config = LeaderConfig(
             spec=self.spec,
             num_params=config.spec.num_params,
-            buffer_size=config.buffer_size,
+            buffer_size=config.aggregation.buffer_size,
             w_max=settings.weight_scale,
             share_timeout=settings.share_timeout_s,
             memory=settings.memory,
@@ -224,7 +224,7 @@ class LeaderService:
         cfg = self.config
         lock = StateDirLock(cfg.state_dir)
         lock.acquire()
-        store = LeaderStore(leader_state_path(cfg.state_dir), fsync=cfg.fsync)
+        store = LeaderStore(leader_state_path(cfg.state_dir), fsync=cfg.ingest.fsync)
         try:
             self._restore(store)
             transport = self._given or MqttTransport(
@@ -325,7 +325,7 @@ class LeaderService:
             await self._publish_decision()
         if time.monotonic() - self._announced.state_at >= _STATE_EVERY_S:
             await self._publish_state(ServerStatus.ONLINE)
-        if time.monotonic() - self._announced.metrics[0] >= self.config.metrics_interval_s:
+        if time.monotonic() - self._announced.metrics[0] >= self.config.outputs.metrics_interval_s:
             await self._publish_metrics()
 
     # ------------------------------------------------------------------ shares
@@ -374,18 +374,21 @@ class LeaderService:
         if header.base_version > self.version:
             raise UpdateRejected(RejectReason.FUTURE_VERSION, f"base {header.base_version}")
         tau = self.version - header.base_version
-        if cfg.max_staleness is not None and tau > cfg.max_staleness:
+        if cfg.aggregation.max_staleness is not None and tau > cfg.aggregation.max_staleness:
             raise UpdateRejected(RejectReason.STALE, f"staleness {tau}")
         weight = update_weight(
             header.num_examples,
             tau,
-            weighting=cfg.example_weighting,
-            cap=cfg.example_cap,
+            weighting=cfg.aggregation.example_weighting,
+            cap=cfg.aggregation.example_cap,
             staleness=cfg.staleness_weight(),
         )
         example = weight.example
-        if cfg.example_weighting is ExampleWeighting.EXAMPLES and cfg.example_cap is not None:
-            example /= cfg.example_cap
+        if (
+            cfg.aggregation.example_weighting is ExampleWeighting.EXAMPLES
+            and cfg.aggregation.example_cap is not None
+        ):
+            example /= cfg.aggregation.example_cap
         return min(
             self.settings.weight_scale,
             fixed_point_weight(example * weight.staleness, self.settings.weight_scale),
@@ -449,10 +452,10 @@ class LeaderService:
 
     def _step(self, result: AggregateResult) -> None:
         """One FedBuff step with the decoded aggregate (see the module docstring)."""
-        if self.config.normalisation is Normalisation.MEAN:
+        if self.config.aggregation.normalisation is Normalisation.MEAN:
             divisor = float(result.weight_sum)
         else:
-            divisor = float(self.config.buffer_size * self.settings.weight_scale)
+            divisor = float(self.config.aggregation.buffer_size * self.settings.weight_scale)
         aggregate = (result.total / divisor).astype(np.float32)
         self.core.add(aggregate, base_version=self.core.version, num_examples=1)
         self.core.step()
@@ -537,7 +540,7 @@ class LeaderService:
             weights=self.core.weights,
             created_at=self.created_at,
             hints=cfg.training_hints(),
-            max_packet=cfg.max_packet,
+            max_packet=cfg.limits.max_packet,
             signer=cfg.manifest_signer,
         )
         for topic, payload in packets.chunks:
@@ -595,8 +598,8 @@ class LeaderService:
             status=status,
             session=self._session,
             version=self.version,
-            buffer_fill=min(stats["complete"], self.config.buffer_size),
-            buffer_size=self.config.buffer_size,
+            buffer_fill=min(stats["complete"], self.config.aggregation.buffer_size),
+            buffer_size=self.config.aggregation.buffer_size,
             applied=stats["combined"],
             started_at=self._started_at,
             at=time.time(),

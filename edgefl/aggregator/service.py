@@ -200,7 +200,7 @@ class _Running:
 def initial_state(config: AggregatorConfig) -> FedBuffState:
     """Version 0: torch-free initial weights (``init_weights_numpy(spec, seed)``), no buffer."""
     w0 = init_weights_numpy(config.spec, config.seed)
-    core = FedBuff(FedBuffConfig(server_optimizer=config.optimizer_config()), w0)
+    core = FedBuff(FedBuffConfig(server_optimizer=config.aggregation.server_optimizer), w0)
     return dataclasses.replace(core.snapshot(), accumulator=None)
 
 
@@ -259,7 +259,11 @@ class Aggregator:
         running = self._running
         if running is None:
             return AggregatorStatistics(
-                version=0, buffer_fill=0, buffer_size=self.config.buffer_size, received=0, applied=0
+                version=0,
+                buffer_fill=0,
+                buffer_size=self.config.aggregation.buffer_size,
+                received=0,
+                applied=0,
             )
         return self._statistics(
             running.builder, running.session, running.started_at, running.transport
@@ -278,7 +282,7 @@ class Aggregator:
         return AggregatorStatistics(
             version=engine.version,
             buffer_fill=engine.buffer_fill,
-            buffer_size=self.config.buffer_size,
+            buffer_size=self.config.aggregation.buffer_size,
             received=totals.received,
             applied=totals.applied,
             rejected=totals.rejected_by_value(),
@@ -317,18 +321,18 @@ class Aggregator:
         try:
             self._enter(Phase.RESTORING)
             lock.acquire()  # held until the process ends: reset-device refuses meanwhile
-            store = StateStore(cfg.state_dir, fsync=cfg.fsync)
+            store = StateStore(cfg.state_dir, fsync=cfg.ingest.fsync)
             restored = await self._restore(store, writer)
             transport = self._given_transport or self._make_transport(restored)
             self._enter(Phase.CONNECTING)
             log.info("connecting to %s", cfg.broker_url)
-            if cfg.eval_dataset is not None:
+            if cfg.outputs.eval_dataset is not None:
                 evaluator = self._start_evaluator(restored, writer)
-            if cfg.metrics_port is not None:
+            if cfg.outputs.metrics_port is not None:
                 from edgefl.aggregator.metrics import PrometheusExporter  # [aggregator] extra
 
                 self._exporter = PrometheusExporter(lambda: self._stats_cache)
-                self._exporter.start(cfg.metrics_port, cfg.metrics_bind)
+                self._exporter.start(cfg.outputs.metrics_port, cfg.outputs.metrics_bind)
             running = self._start(restored, transport, writer, inflater, evaluator)
             async with transport:
                 await self._serve(running, ready)
@@ -362,11 +366,11 @@ class Aggregator:
             server_state=lambda status: self._server_state(status, publisher.published_version),
         )
         receipts = None
-        if self.config.receipts:
+        if self.config.ingest.receipts:
             book = ReceiptBook(
                 self.config.fleet, restored.high_water, signer=self.config.manifest_signer
             )
-            sender = ReceiptSender(ReceiptQueue(self.config.receipt_queue), transport)
+            sender = ReceiptSender(ReceiptQueue(self.config.ingest.receipt_queue), transport)
             receipts = _Receipts(book, sender)
         running = _Running(
             transport=transport,
@@ -459,7 +463,11 @@ class Aggregator:
         if cfg.participation is not None:  # bound the table: expired check-ins go at start
             before = time.time() - cfg.participation.checkin_ttl_s
             await loop.run_in_executor(writer, store.forget_checkins, before)
-        if cfg.privacy is not None and loaded.state.privacy is None and loaded.state.count:
+        if (
+            cfg.aggregation.privacy is not None
+            and loaded.state.privacy is None
+            and loaded.state.count
+        ):
             raise StateMismatch(
                 f"{store.path} holds a buffer checkpointed before differential privacy was on, "
                 "whose devices are unknown; start DP with a new --state-dir"
@@ -485,7 +493,7 @@ class Aggregator:
         if replayed is not None:
             await loop.run_in_executor(writer, store.commit, replayed.record)
             builder.committed(replayed)
-        retained = RetainedChunks(cfg.chunk_grace_s)
+        retained = RetainedChunks(cfg.limits.chunk_grace_s)
         retained.restore(loaded.published, now)
         release = builder.current_release(loaded.created_at)
         return _Restored(
@@ -518,7 +526,7 @@ class Aggregator:
             checkins=loaded.checkins,
             authenticator=cast(CheckInAuthenticator | None, authenticator),
             signer=cfg.manifest_signer,
-            admissible=None if cfg.privacy is None else engine.privacy_admits,
+            admissible=None if cfg.aggregation.privacy is None else engine.privacy_admits,
         )
 
     @staticmethod
@@ -546,7 +554,7 @@ class Aggregator:
         self, restored: _Restored, writer: concurrent.futures.ThreadPoolExecutor
     ) -> Evaluator:
         cfg = self.config
-        if cfg.eval_dataset is None:
+        if cfg.outputs.eval_dataset is None:
             raise ValueError("held-out evaluation needs eval_dataset")
         loop = asyncio.get_running_loop()
         builder, store = restored.builder, restored.store
@@ -559,7 +567,9 @@ class Aggregator:
         def on_result(version: int, accuracy: float) -> None:
             loop.call_soon_threadsafe(record, version, accuracy)
 
-        evaluator = Evaluator(cfg.spec, cfg.eval_dataset, seed=cfg.seed, on_result=on_result)
+        evaluator = Evaluator(
+            cfg.spec, cfg.outputs.eval_dataset, seed=cfg.seed, on_result=on_result
+        )
         evaluator.start()
         evaluator.submit(builder.engine.version, builder.engine.weights)
         return evaluator
@@ -632,7 +642,7 @@ class Aggregator:
         batch = [item]
         limits = self.config.batch_limits()
         size = self._drain(batch, len(item[0].payload), limits)
-        linger = self.config.batch_linger_s
+        linger = self.config.ingest.batch_linger_s
         if linger > 0 and len(batch) < limits[0] and size < limits[1] and not self._stopping:
             await asyncio.sleep(linger)
             self._drain(batch, size, limits)
@@ -842,7 +852,7 @@ class Aggregator:
 
     def _features(self) -> tuple[str, ...]:
         """``ServerState.features``: what devices may rely on (PROTOCOL.md §4.6, §4.7)."""
-        features = [FEATURE_RECEIPTS] if self.config.receipts else []
+        features = [FEATURE_RECEIPTS] if self.config.ingest.receipts else []
         if self.config.participation is not None:
             features.append(FEATURE_LEASES)
         return tuple(features)
@@ -851,7 +861,7 @@ class Aggregator:
         cfg, totals = self.config, running.builder.totals
         last = (time.monotonic(), totals.applied, totals.bytes)
         while True:
-            await asyncio.sleep(cfg.metrics_interval_s)
+            await asyncio.sleep(cfg.outputs.metrics_interval_s)
             now = time.monotonic()
             applied, nbytes = totals.applied, totals.bytes
             dt = max(now - last[0], 1e-9)

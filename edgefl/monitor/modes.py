@@ -74,7 +74,7 @@ async def _opened(options: MonitorOptions) -> AsyncIterator[FleetMonitor]:
     cannot be reached yet (instead of waiting silently up to ``--connect-timeout``)."""
     monitor = options.monitor()
     watcher: asyncio.Task[None] | None = None
-    limit = options.config.start_timeout
+    limit = options.config.timing.start_timeout
     if options.notice is not None and (limit is None or limit >= NOTICE_MIN_WAIT_S):
         watcher = asyncio.create_task(_watch_first_failure(monitor, options))
     try:
@@ -94,7 +94,7 @@ async def _watch_first_failure(monitor: FleetMonitor, options: MonitorOptions) -
         if view.connected:
             return
         if view.last_error:
-            limit = options.config.start_timeout
+            limit = options.config.timing.start_timeout
             within = f"for up to {limit:g} s (--connect-timeout)" if limit else "until stopped"
             options.notice(f"{view.last_error}; retrying {within}")
             return

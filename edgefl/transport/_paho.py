@@ -295,11 +295,11 @@ def ssl_context(config: MqttConfig) -> ssl.SSLContext:
     """TLS context: CA file or system trust store, optional client certificate; verification
     of certificate and host name unless ``tls_insecure``."""
     context = ssl.create_default_context(
-        cafile=str(config.ca_file) if config.ca_file is not None else None
+        cafile=str(config.tls_files.ca_file) if config.tls_files.ca_file is not None else None
     )
-    if config.cert_file is not None and config.key_file is not None:
-        context.load_cert_chain(str(config.cert_file), str(config.key_file))
-    if config.tls_insecure:
+    if config.tls_files.cert_file is not None and config.tls_files.key_file is not None:
+        context.load_cert_chain(str(config.tls_files.cert_file), str(config.tls_files.key_file))
+    if config.tls_files.tls_insecure:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
@@ -326,14 +326,14 @@ def make_client(
     if config.websocket_path is not None:
         client.ws_set_options(path=config.websocket_path)
     client.enable_logger(paho_log)
-    client.max_inflight_messages_set(config.max_inflight)
+    client.max_inflight_messages_set(config.flow.max_inflight)
     client.max_queued_messages_set(0)
-    client.connect_timeout = config.connect_timeout
+    client.connect_timeout = config.timing.connect_timeout
     if config.username is not None:
         client.username_pw_set(config.username, config.password)
     if tls is not None:
         client.tls_set_context(tls)
-        if config.tls_insecure:
+        if config.tls_files.tls_insecure:
             client.tls_insecure_set(True)
     if config.will is not None:
         will_props = None

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import unquote, urlsplit
 
+from edgefl.flat_options import flat_values, replace_flat
 from edgefl.transport.base import Backpressure, validate_qos, validate_topic
 
 DEFAULT_WEBSOCKET_PATH = "/mqtt"
@@ -200,8 +200,84 @@ class Will:
 
 
 @dataclass(frozen=True)
+class TlsFiles:
+    """The TLS settings of an ``mqtts://`` or ``wss://`` connection."""
+
+    ca_file: Path | None = None
+    """CA bundle for the broker certificate; None uses the system trust store."""
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    tls_insecure: bool = False
+    """Skip certificate and host name verification. Never in production."""
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+
+    @property
+    def given(self) -> bool:
+        """Whether any TLS option is set (a plain connection takes none)."""
+        return bool(self.ca_file or self.cert_file or self.tls_insecure)
+
+
+@dataclass(frozen=True)
+class FlowControl:
+    """The bounds on messages in flight both ways and on packet size."""
+
+    max_inflight: int = 20
+    """Outbound QoS 1 messages awaiting PUBACK at once (more are queued in the client)."""
+    receive_maximum: int | None = None
+    """MQTT 5 Receive Maximum: unacknowledged inbound QoS 1 messages the broker may send us.
+    None: ``max_queued_messages`` (capped at 65535), so the broker's flow control keeps QoS 1
+    traffic within the inbound queue and reading rarely has to pause."""
+    max_queued_messages: int = 1000
+    """Bound of the inbound queue between the connection and ``messages()``."""
+    backpressure: Backpressure = Backpressure.PAUSE
+    max_packet_size: int | None = None
+    """Client-side limit on outgoing packets (the broker's MQTT 5 limit applies as well)."""
+
+    def __post_init__(self) -> None:
+        if self.max_inflight < 1:
+            raise ValueError("max_inflight must be >= 1")
+        if self.receive_maximum is not None and not 1 <= self.receive_maximum <= 65535:
+            raise ValueError("receive_maximum must be 1..65535")
+        if self.max_queued_messages < 1:
+            raise ValueError("max_queued_messages must be >= 1")
+        if self.max_packet_size is not None and self.max_packet_size < 64:
+            raise ValueError("max_packet_size too small")
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Reconnect backoff and the timeouts of connecting and of operations."""
+
+    reconnect_min_delay: float = 0.5
+    reconnect_max_delay: float = 30.0
+    connect_timeout: float = 10.0
+    """Per attempt: TCP + TLS handshake, and again for the CONNACK."""
+    start_timeout: float | None = 30.0
+    """``__aenter__`` waits this long for the first connection (None: return at once and keep
+    connecting in the background)."""
+    operation_timeout: float | None = None
+    """Bound for ``publish``/``subscribe`` (waiting for a connection plus the broker's ack);
+    None waits until the transport is closed."""
+    protocol_probe_timeout: float = 2.0
+    """``auto`` only, until the version is known: how long to wait for the CONNACK of an MQTT 5
+    CONNECT before trying 3.1.1 (amqtt ignores an MQTT 5 CONNECT that carries properties, e.g.
+    session expiry, Will or Receive Maximum, instead of refusing it)."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.reconnect_min_delay <= self.reconnect_max_delay:
+            raise ValueError("need 0 < reconnect_min_delay <= reconnect_max_delay")
+        if self.connect_timeout <= 0 or self.protocol_probe_timeout <= 0:
+            raise ValueError("connect_timeout and protocol_probe_timeout must be > 0")
+
+
+@dataclass(frozen=True)
 class MqttConfig:
-    """Everything needed to reach a broker. Build it with :meth:`from_url` plus overrides.
+    """Everything needed to reach a broker. Build it with :meth:`from_url` plus overrides,
+    which take the fields of the sections (``tls_files``, ``flow``, ``timing``) by their own
+    names, flat: ``MqttConfig.from_url(url, ca_file=..., max_inflight=100)``.
 
     ``persistent_session`` keeps subscriptions and unacknowledged QoS 1 messages at the broker
     across disconnects (MQTT 5: Clean Start 0 + Session Expiry ``session_expiry``; 3.1.1:
@@ -214,12 +290,7 @@ class MqttConfig:
     websocket_path: str | None = None
     """None: MQTT over TCP. A path (e.g. ``/mqtt``): MQTT over WebSockets, the path of the
     HTTP upgrade request; TLS settings then apply to ``wss://`` as to ``mqtts://``."""
-    ca_file: Path | None = None
-    """CA bundle for the broker certificate; None uses the system trust store."""
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    tls_insecure: bool = False
-    """Skip certificate and host name verification. Never in production."""
+    tls_files: TlsFiles = field(default_factory=TlsFiles)
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     fallbacks: tuple[BrokerUrl, ...] = ()
@@ -237,42 +308,24 @@ class MqttConfig:
     keepalive: int = 30
     will: Will | None = None
     protocol: MqttProtocol = MqttProtocol.AUTO
-    protocol_probe_timeout: float = 2.0
-    """``auto`` only, until the version is known: how long to wait for the CONNACK of an MQTT 5
-    CONNECT before trying 3.1.1 (amqtt ignores an MQTT 5 CONNECT that carries properties, e.g.
-    session expiry, Will or Receive Maximum, instead of refusing it)."""
     manual_ack: bool = False
     """QoS 1 messages are acknowledged only by ``Transport.ack`` (after durable recording).
     Otherwise the transport acknowledges a QoS 1 message when a consumer takes it from the
     inbound queue (not on arrival), so a message still queued at a crash is redelivered to a
     persistent session."""
-    max_inflight: int = 20
-    """Outbound QoS 1 messages awaiting PUBACK at once (more are queued in the client)."""
-    receive_maximum: int | None = None
-    """MQTT 5 Receive Maximum: unacknowledged inbound QoS 1 messages the broker may send us.
-    None: ``max_queued_messages`` (capped at 65535), so the broker's flow control keeps QoS 1
-    traffic within the inbound queue and reading rarely has to pause."""
-    max_queued_messages: int = 1000
-    """Bound of the inbound queue between the connection and ``messages()``."""
-    backpressure: Backpressure = Backpressure.PAUSE
-    max_packet_size: int | None = None
-    """Client-side limit on outgoing packets (the broker's MQTT 5 limit applies as well)."""
-    reconnect_min_delay: float = 0.5
-    reconnect_max_delay: float = 30.0
-    connect_timeout: float = 10.0
-    """Per attempt: TCP + TLS handshake, and again for the CONNACK."""
-    start_timeout: float | None = 30.0
-    """``__aenter__`` waits this long for the first connection (None: return at once and keep
-    connecting in the background)."""
-    operation_timeout: float | None = None
-    """Bound for ``publish``/``subscribe`` (waiting for a connection plus the broker's ack);
-    None waits until the transport is closed."""
+    flow: FlowControl = field(default_factory=FlowControl)
+    timing: Timing = field(default_factory=Timing)
+
+    SECTIONS: ClassVar[dict[str, type[TlsFiles | FlowControl | Timing]]] = {
+        "tls_files": TlsFiles,
+        "flow": FlowControl,
+        "timing": Timing,
+    }
+    """The sections whose fields are flat options of the same name."""
 
     def __post_init__(self) -> None:
         self._check_endpoint()
         self._check_session()
-        self._check_flow_control()
-        self._check_timing()
 
     def _check_endpoint(self) -> None:
         """Where and as whom to connect: host, port, TLS files, WebSocket path, credentials."""
@@ -280,9 +333,7 @@ class MqttConfig:
             raise ValueError("host is required")
         if not 0 < self.port < 65536:
             raise ValueError(f"bad port {self.port}")
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("cert_file and key_file go together")
-        if not self.tls and (self.ca_file or self.cert_file or self.tls_insecure):
+        if not self.tls and self.tls_files.given:
             raise ValueError("TLS options given for a plain (mqtt:// or ws://) connection")
         if self.websocket_path is not None:
             validate_websocket_path(self.websocket_path)
@@ -299,24 +350,6 @@ class MqttConfig:
             raise ValueError("keepalive must be 0..65535")
         if not 0 <= self.session_expiry <= 0xFFFFFFFF:
             raise ValueError("session_expiry out of range")
-
-    def _check_flow_control(self) -> None:
-        """The bounds on messages in flight both ways and on packet size."""
-        if self.max_inflight < 1:
-            raise ValueError("max_inflight must be >= 1")
-        if self.receive_maximum is not None and not 1 <= self.receive_maximum <= 65535:
-            raise ValueError("receive_maximum must be 1..65535")
-        if self.max_queued_messages < 1:
-            raise ValueError("max_queued_messages must be >= 1")
-        if self.max_packet_size is not None and self.max_packet_size < 64:
-            raise ValueError("max_packet_size too small")
-
-    def _check_timing(self) -> None:
-        """Reconnect backoff and connect timeouts."""
-        if not 0 < self.reconnect_min_delay <= self.reconnect_max_delay:
-            raise ValueError("need 0 < reconnect_min_delay <= reconnect_max_delay")
-        if self.connect_timeout <= 0 or self.protocol_probe_timeout <= 0:
-            raise ValueError("connect_timeout and protocol_probe_timeout must be > 0")
 
     @classmethod
     def from_url(cls, url: str, **overrides: Any) -> MqttConfig:
@@ -338,7 +371,13 @@ class MqttConfig:
         if parsed.password is not None:
             values["password"] = parsed.password
         values.update(overrides)
-        return cls(**values)
+        return cls.build(**values)
+
+    @classmethod
+    def build(cls, **options: Any) -> MqttConfig:
+        """A config from flat options (fields of this class or of its sections)."""
+        sections = {name: record() for name, record in cls.SECTIONS.items()}
+        return replace_flat(cls(**sections), cls.SECTIONS, options)  # type: ignore[arg-type]
 
     @property
     def broker_url(self) -> BrokerUrl:
@@ -362,5 +401,10 @@ class MqttConfig:
         return ",".join(node.display_url for node in self.endpoints)
 
     def replace(self, **changes: Any) -> MqttConfig:
-        """A copy with ``changes`` applied (validated again)."""
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes`` (fields of this class, or flat section fields) applied,
+        validated again."""
+        return replace_flat(self, self.SECTIONS, changes)
+
+    def options(self) -> dict[str, Any]:
+        """Every flat option and its value (what :meth:`build` takes)."""
+        return flat_values(self, self.SECTIONS)

@@ -219,8 +219,8 @@ class MqttTransport(AsyncLifecycle):
         self._ssl_context = ssl_context(config) if config.tls else None
         self._counters = Counters()
         self._inbound = InboundQueue(
-            config.max_queued_messages,
-            config.backpressure,
+            config.flow.max_queued_messages,
+            config.flow.backpressure,
             self._counters,
             pause=self._pause_reading,
             resume=self._resume_reading,
@@ -262,9 +262,9 @@ class MqttTransport(AsyncLifecycle):
         """:meth:`start`, then wait ``config.start_timeout`` (if set) for the first connection;
         closes again if it does not come (``async with`` calls this)."""
         await self.start()
-        if self._config.start_timeout is not None:
+        if self._config.timing.start_timeout is not None:
             try:
-                await self.wait_connected(self._config.start_timeout)
+                await self.wait_connected(self._config.timing.start_timeout)
             except BaseException:
                 await self.close()
                 raise
@@ -356,7 +356,7 @@ class MqttTransport(AsyncLifecycle):
         self._check_size(topic, data, None)
         handed_over = False
         try:
-            async with asyncio.timeout(self._config.operation_timeout):
+            async with asyncio.timeout(self._config.timing.operation_timeout):
                 while True:
                     await self._wait_connected()
                     client = self._client
@@ -381,7 +381,7 @@ class MqttTransport(AsyncLifecycle):
         except TimeoutError as exc:
             if isinstance(exc, TransportTimeout):
                 raise
-            timeout = self._config.operation_timeout
+            timeout = self._config.timing.operation_timeout
             if handed_over:
                 raise AckTimeout(f"no PUBACK for {topic!r} within {timeout}s") from None
             raise NotConnectedError(self._not_connected_message(timeout)) from None
@@ -392,7 +392,7 @@ class MqttTransport(AsyncLifecycle):
         validate_qos(qos)
         self._ops.subscriptions[topic_filter] = qos
         try:
-            async with asyncio.timeout(self._config.operation_timeout):
+            async with asyncio.timeout(self._config.timing.operation_timeout):
                 while True:
                     await self._wait_connected()
                     entry = self._ops.sub_state.get(topic_filter)
@@ -414,7 +414,7 @@ class MqttTransport(AsyncLifecycle):
                 raise
             raise NotConnectedError(
                 f"subscription {topic_filter!r} not granted within "
-                f"{self._config.operation_timeout}s"
+                f"{self._config.timing.operation_timeout}s"
             ) from None
 
     async def messages(self) -> AsyncGenerator[InboundMessage, None]:
@@ -463,7 +463,7 @@ class MqttTransport(AsyncLifecycle):
 
     async def _supervise(self) -> None:
         cfg = self._config
-        backoff = Backoff(cfg.reconnect_min_delay, cfg.reconnect_max_delay)
+        backoff = Backoff(cfg.timing.reconnect_min_delay, cfg.timing.reconnect_max_delay)
         failed_in_row = 0  # failed attempts since the last connection (for the node list)
         try:
             while not self._life.closing:
@@ -560,9 +560,9 @@ class MqttTransport(AsyncLifecycle):
         # auto, protocol still unknown: amqtt answers a bare MQTT 5 CONNECT with "unsupported
         # protocol version" but ignores one that carries properties, so silence means 3.1.1 too
         probing = self._protocol is None and proto is MqttProtocol.V5
-        timeout = self._config.connect_timeout
+        timeout = self._config.timing.connect_timeout
         if probing:
-            timeout = min(timeout, self._config.protocol_probe_timeout)
+            timeout = min(timeout, self._config.timing.protocol_probe_timeout)
         try:
             async with asyncio.timeout(timeout):
                 reason, _ = await asyncio.shield(connack)
@@ -713,7 +713,7 @@ class MqttTransport(AsyncLifecycle):
             nodes.connected = nodes.current
             self._session.rm_bounds_qos1 = (
                 client.protocol == MQTTProtocolVersion.MQTTv5
-                and self._receive_maximum() <= self._config.max_queued_messages
+                and self._receive_maximum() <= self._config.flow.max_queued_messages
             )
             self._session.server_max_packet = getattr(properties, "MaximumPacketSize", None)
             if self._ops.subscriptions:
@@ -848,7 +848,9 @@ class MqttTransport(AsyncLifecycle):
             self._io.progress += 1
 
     def _receive_maximum(self) -> int:
-        return self._config.receive_maximum or min(self._config.max_queued_messages, 65535)
+        return self._config.flow.receive_maximum or min(
+            self._config.flow.max_queued_messages, 65535
+        )
 
     def _send_ack(self, token: int, *, flush: bool = True) -> None:
         entry = self._ops.unacked.pop(token, None)
@@ -905,7 +907,7 @@ class MqttTransport(AsyncLifecycle):
                 )
 
     def _check_size(self, topic: str, payload: bytes, server_limit: int | None) -> None:
-        limits = [x for x in (self._config.max_packet_size, server_limit) if x]
+        limits = [x for x in (self._config.flow.max_packet_size, server_limit) if x]
         if not limits:
             return
         # fixed header (<= 5) + topic (2 + n) + packet id (2) + empty properties (1) + payload

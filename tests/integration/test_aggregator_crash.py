@@ -170,7 +170,7 @@ async def test_sigkilled_aggregator_counts_every_update_exactly_once(
 async def test_aggregator_survives_a_broker_restart(
     mosquitto: MosquittoBroker, tmp_path: Path
 ) -> None:
-    config = AggregatorConfig(
+    config = AggregatorConfig.build(
         broker_url=mosquitto.url, fleet=FLEET, model=MODEL, state_dir=tmp_path / "state",
         buffer_size=5, norm_bound=NormBoundSetting.OFF, metrics_interval_s=0.5,
     )  # fmt: skip
@@ -202,7 +202,7 @@ async def test_aggregator_survives_a_broker_restart(
 async def test_aggregator_runs_on_the_embedded_broker(
     embedded_broker: ThreadedEmbeddedBroker, tmp_path: Path
 ) -> None:
-    config = AggregatorConfig(
+    config = AggregatorConfig.build(
         broker_url=embedded_broker.url, fleet=FLEET, model=MODEL, state_dir=tmp_path / "s",
         buffer_size=3, norm_bound=NormBoundSetting.OFF,
     )  # fmt: skip
@@ -224,7 +224,7 @@ async def test_restart_drains_a_backlog_larger_than_the_receive_window(
     """Updates queued at the broker while the aggregator was down exceed its inbound window:
     the transport pauses reading, and start-up (SUBACK, PUBACKs of version 0) must not wait on
     a socket nobody reads."""
-    config = AggregatorConfig(
+    config = AggregatorConfig.build(
         broker_url=mosquitto.url, fleet=FLEET, model=MODEL, state_dir=tmp_path / "state",
         buffer_size=10, norm_bound=NormBoundSetting.OFF, max_inflight_bytes=64 * 1024,
     )  # fmt: skip

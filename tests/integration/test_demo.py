@@ -16,8 +16,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def test_demo_runs_live_and_writes_the_report(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    small = replace(
-        DEMO_CONFIG,
+    small = DEMO_CONFIG.replace(
         dataset="digits",
         concurrency=6,
         buffer_size=6,

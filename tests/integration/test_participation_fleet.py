@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import dataclasses
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -153,8 +152,10 @@ async def test_200_agents_never_train_more_than_c_at_once_and_only_under_leases(
     # Arrange: the aggregator with C = 10, K = 5; 200 eligible agents on one event loop
     write_fake_sysfs(tmp_path / "fs")
     participation = ParticipationConfig(concurrency=C, lease_s=60.0, checkin_ttl_s=60.0)
-    config = AggregatorConfig(mosquitto.url, FLEET, MODEL, tmp_path / "aggregator", fsync=False)
-    config = dataclasses.replace(config, buffer_size=K, participation=participation)
+    config = AggregatorConfig.build(
+        mosquitto.url, FLEET, MODEL, tmp_path / "aggregator", fsync=False
+    )
+    config = config.replace(buffer_size=K, participation=participation)
     aggregator = Aggregator(config)
     observer = TrainingObserver()
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=2 * C)

@@ -55,7 +55,7 @@ def reconnects(f: Samples) -> float:
 async def test_connected_and_reconnects_follow_a_broker_outage(
     mosquitto: MosquittoBroker, tmp_path: Path
 ) -> None:
-    config = AggregatorConfig(
+    config = AggregatorConfig.build(
         broker_url=mosquitto.url, fleet="prom", model="digits-mlp", state_dir=tmp_path / "state",
         buffer_size=2, norm_bound=NormBoundSetting.OFF, metrics_interval_s=0.2, metrics_port=0,
     )  # fmt: skip

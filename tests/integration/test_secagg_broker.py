@@ -54,7 +54,7 @@ K = 3
 
 
 def _config(url: str, state_dir: Path) -> AggregatorConfig:
-    return AggregatorConfig(
+    return AggregatorConfig.build(
         broker_url=url,
         fleet=FLEET,
         model=MODEL,

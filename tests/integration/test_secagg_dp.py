@@ -121,8 +121,8 @@ def _keys(tmp_path: Path) -> tuple[HelperKeys, Path, Path]:
 
 def _initial(url: str, state_dir: Path) -> np.ndarray:
     """The leader's version 0."""
-    config = AggregatorConfig(
-        broker_url=url, fleet=FLEET, model=MODEL, state_dir=state_dir, buffer_size=K,
+    config = AggregatorConfig.build(
+        url, FLEET, MODEL, state_dir, buffer_size=K,
         normalisation=Normalisation.SUM, norm_bound=NormBoundSetting.OFF,
         example_weighting=ExampleWeighting.EQUAL, privacy=DP,
     )  # fmt: skip

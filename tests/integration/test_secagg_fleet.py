@@ -61,7 +61,7 @@ async def test_agents_train_through_secure_aggregation(
     settings = SecAggSettings(helper_key=key_file)
 
     def role_config(name: str) -> AggregatorConfig:
-        return AggregatorConfig(
+        return AggregatorConfig.build(
             broker_url=mosquitto.url, fleet=FLEET, model=MODEL, state_dir=tmp_path / name,
             buffer_size=2, lr=0.1, local_epochs=2, fsync=False,
         )  # fmt: skip

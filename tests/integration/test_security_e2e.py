@@ -117,7 +117,7 @@ class SecureFleet:
         from edgefl.security import load_update_authenticator
 
         return aggregator_mod.Aggregator(
-            aggregator_mod.AggregatorConfig(
+            aggregator_mod.AggregatorConfig.build(
                 broker_url=self.url,
                 fleet=FLEET,
                 model=MODEL,

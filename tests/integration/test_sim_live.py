@@ -13,7 +13,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.mark.slow
 def test_twenty_live_devices_reach_the_target(mosquitto: MosquittoBroker) -> None:
-    cfg = SimConfig(
+    cfg = SimConfig.build(
         devices=20,
         dataset="digits",
         profile="lab",
@@ -25,7 +25,7 @@ def test_twenty_live_devices_reach_the_target(mosquitto: MosquittoBroker) -> Non
         max_wall_s=90.0,
     )
     result = run_live(cfg, LiveOptions(broker_url=mosquitto.url, fleet="livetest", time_scale=0.02))
-    s = result.record.summary(cfg.target)
+    s = result.record.summary(cfg.stop.target)
     assert s["reached_target"] is True, s
     assert s["mode"] == "live"
     assert s["updates_applied"] > 0

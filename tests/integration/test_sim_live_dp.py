@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 def test_a_live_run_stops_at_every_devices_participation_cap(mosquitto: MosquittoBroker) -> None:
     dp = parse_dp("central:z=1.0,C=1.0,cap=2,seed=1")
     assert isinstance(dp, CentralDP)
-    cfg = SimConfig(
+    cfg = SimConfig.build(
         devices=10,
         dataset="digits",
         profile="lab",
@@ -36,7 +36,7 @@ def test_a_live_run_stops_at_every_devices_participation_cap(mosquitto: Mosquitt
 
     result = run_live(cfg, LiveOptions(broker_url=mosquitto.url, fleet="livedp", time_scale=0.02))
 
-    s = result.record.summary(cfg.target)
+    s = result.record.summary(cfg.stop.target)
     assert s["updates_applied"] == 10 * 2, s  # every device used its cap, and no more
     assert s["model_versions"] >= 20 // 3  # one flush per K = 3 updates
     # the ε series comes from the aggregator's privacy statistics, one point per new version
@@ -55,7 +55,7 @@ def test_live_devices_noise_their_updates_and_stop_at_their_budget(
     dp = parse_dp("local:gaussian,eps=2,C=1,budget=3")  # 2 updates fit (ε 2.95), not 3 (3.72)
     assert isinstance(dp, LocalDP)
     assert epsilon_after(dp, 2) <= 3.0 < epsilon_after(dp, 3)
-    cfg = SimConfig(
+    cfg = SimConfig.build(
         devices=6,
         dataset="digits",
         profile="lab",
@@ -68,7 +68,7 @@ def test_live_devices_noise_their_updates_and_stop_at_their_budget(
 
     result = run_live(cfg, LiveOptions(broker_url=mosquitto.url, fleet="localdp", time_scale=0.02))
 
-    s = result.record.summary(cfg.target)
+    s = result.record.summary(cfg.stop.target)
     local = s["local_privacy"]
     # every agent's ledger: 2 noised updates, the ε of their composition, budget spent
     assert local["updates"] == 6 * 2, local

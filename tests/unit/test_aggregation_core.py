@@ -86,7 +86,7 @@ def test_sync_fedavg_restore_rejects_an_incompatible_snapshot() -> None:
 
 def test_engine_restores_fedavg_momentum(tmp_path: Path) -> None:
     # Arrange: a FedAvg service engine with momentum steps once, is snapshotted, and restored
-    config = AggregatorConfig(
+    config = AggregatorConfig.build(
         broker_url="mqtt://127.0.0.1:1",
         fleet="lab",
         model="digits-mlp",
@@ -218,15 +218,15 @@ def test_parse_staleness_refuses(text: str, message: str) -> None:
 
 
 SIM_CONFIGS = {
-    "fedbuff-default": SimConfig(),
-    "fedbuff-sum-hinge-static": SimConfig(
+    "fedbuff-default": SimConfig.build(),
+    "fedbuff-sum-hinge-static": SimConfig.build(
         normalisation="sum",  # type: ignore[arg-type]
         staleness="hinge:1,4",
         norm_bound="3.5",
         server_momentum=0.5,
         buffer_size=7,
     ),
-    "fedavg-robust-off": SimConfig(
+    "fedavg-robust-off": SimConfig.build(
         algorithm=Algorithm.FEDAVG,
         robust="trimmed_mean",  # type: ignore[arg-type]
         norm_bound="off",

@@ -32,7 +32,7 @@ def make_builder(
         "staleness": "constant", "example_weighting": "equal", "max_staleness": None,
     }  # fmt: skip
     values.update(overrides)
-    config = AggregatorConfig(**values)
+    config = AggregatorConfig.build(**values)
     engine = Engine(config, initial_state(config))
     return BatchBuilder(engine, Ingest(config, engine), checkpoint_size=checkpoint_size)
 

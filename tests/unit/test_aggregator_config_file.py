@@ -40,10 +40,10 @@ def test_flag_beats_environment_beats_file(tmp_path: Path) -> None:
     flag_not_given = load_aggregator_config(path, env, {"aggregation.buffer_size": None})
 
     # Assert
-    assert file_only.aggregator.buffer_size == 5
-    assert with_env.aggregator.buffer_size == 6
-    assert with_flag.aggregator.buffer_size == 7
-    assert flag_not_given.aggregator.buffer_size == 6
+    assert file_only.aggregator.aggregation.buffer_size == 5
+    assert with_env.aggregator.aggregation.buffer_size == 6
+    assert with_flag.aggregator.aggregation.buffer_size == 7
+    assert flag_not_given.aggregator.aggregation.buffer_size == 6
     assert with_flag.sources["aggregation.buffer_size"] == "command line (--buffer-size)"
     assert with_env.sources["aggregation.buffer_size"] == (
         "environment variable EDGEFL_AGG_AGGREGATION__BUFFER_SIZE"
@@ -65,18 +65,18 @@ def test_file_values_reach_the_service_config(tmp_path: Path) -> None:
 
     # Assert
     assert cfg.state_dir == tmp_path / "state"  # relative to the file
-    assert cfg.password == "s3cret"  # trailing newline removed
-    assert cfg.username == "agg"
-    assert cfg.protocol is MqttProtocol.V311
-    assert cfg.connect_timeout_s == 4.0
-    assert cfg.robust is RobustMode.MEDIAN
-    assert cfg.max_inflight_bytes == 8 * 1024 * 1024
-    assert cfg.fsync is False
-    assert cfg.codec.quantization.value == "int4"
-    assert cfg.codec.topk_fraction == 0.1
+    assert cfg.mqtt.password == "s3cret"  # trailing newline removed
+    assert cfg.mqtt.username == "agg"
+    assert cfg.mqtt.protocol is MqttProtocol.V311
+    assert cfg.mqtt.connect_timeout_s == 4.0
+    assert cfg.aggregation.robust is RobustMode.MEDIAN
+    assert cfg.ingest.max_inflight_bytes == 8 * 1024 * 1024
+    assert cfg.ingest.fsync is False
+    assert cfg.task.codec.quantization.value == "int4"
+    assert cfg.task.codec.topk_fraction == 0.1
     mqtt = cfg.mqtt_config()
     assert mqtt.protocol is MqttProtocol.V311
-    assert mqtt.start_timeout == 4.0
+    assert mqtt.timing.start_timeout == 4.0
     assert mqtt.password == "s3cret"
 
 
@@ -93,7 +93,7 @@ def test_flags_only_gives_the_commands_defaults(tmp_path: Path) -> None:
     cfg = load_aggregator_config(None, {}, flags).aggregator
 
     # Assert
-    expected = AggregatorConfig(
+    expected = AggregatorConfig.build(
         broker_url="mqtt://127.0.0.1:9",
         fleet="f1",
         model="digits-mlp",
@@ -142,7 +142,7 @@ def test_env_empty_value_sets_an_optional_key_to_none(tmp_path: Path) -> None:
     cfg = load_aggregator_config(path, {"EDGEFL_AGG_AGGREGATION__MAX_STALENESS": ""}, {})
 
     # Assert
-    assert cfg.aggregator.max_staleness is None
+    assert cfg.aggregator.aggregation.max_staleness is None
 
 
 def test_every_key_has_an_environment_variable_and_is_in_the_example() -> None:
@@ -246,8 +246,8 @@ def test_tls_options_reach_the_transport(tmp_path: Path) -> None:
 
     # Assert
     assert mqtt.tls is True
-    assert mqtt.tls_insecure is True
-    assert mqtt.ca_file == tmp_path / "ca.crt"
+    assert mqtt.tls_files.tls_insecure is True
+    assert mqtt.tls_files.ca_file == tmp_path / "ca.crt"
     assert mqtt.protocol is MqttProtocol.V5
 
 
@@ -270,10 +270,16 @@ def test_receipts_and_the_seq_window_come_from_file_environment_and_flags(
     values = json.loads(capsys.readouterr().out)
 
     # Assert
-    assert (default.aggregator.receipts, default.aggregator.max_seq_jump) == (True, 2**32)
-    assert (from_file.aggregator.receipts, from_file.aggregator.max_seq_jump) == (False, 100)
-    assert from_env.aggregator.max_seq_jump == 7
-    assert from_flag.aggregator.receipts is True
+    assert (default.aggregator.ingest.receipts, default.aggregator.limits.max_seq_jump) == (
+        True,
+        2**32,
+    )
+    assert (from_file.aggregator.ingest.receipts, from_file.aggregator.limits.max_seq_jump) == (
+        False,
+        100,
+    )
+    assert from_env.aggregator.limits.max_seq_jump == 7
+    assert from_flag.aggregator.ingest.receipts is True
     assert from_flag.sources["aggregation.receipts"] == "command line (--receipts)"
     assert info.value.code == 0
     assert (values["aggregation.receipts"], values["limits.max_seq_jump"]) == (False, 9)

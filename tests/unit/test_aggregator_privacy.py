@@ -162,10 +162,12 @@ def test_the_privacy_table_turns_central_dp_on_with_its_defaults(tmp_path: Path)
     loaded = load_aggregator_config(path, {}, {})
 
     cfg = loaded.aggregator
-    assert cfg.privacy == CentralDP(
+    assert cfg.aggregation.privacy == CentralDP(
         noise_multiplier=2.0, clip_norm=0.3, target_epsilon=4.0, delta=1e-6
     )
-    assert (cfg.normalisation, cfg.norm_bound, cfg.example_weighting) == ("sum", "off", "equal")
+    assert tuple(
+        cfg.options()[k] for k in ("normalisation", "norm_bound", "example_weighting")
+    ) == ("sum", "off", "equal")
     assert describe(loaded)["privacy.dp"] == "central:z=2,C=0.3,delta=1e-06,eps=4,accountant=rdp"
     assert describe(loaded)["aggregation.normalisation"] == "sum"
     assert loaded.sources["aggregation.normalisation"] == "default with privacy.dp"
@@ -180,13 +182,13 @@ def test_the_dp_flag_beats_the_file_and_off_turns_it_off(tmp_path: Path) -> None
     flagged = load_aggregator_config(path, {}, {"privacy.dp": "central:z=4,cap=5"})
     off = load_aggregator_config(path, {}, {"privacy.dp": "off"})
 
-    dp = flagged.aggregator.privacy
+    dp = flagged.aggregator.aggregation.privacy
     assert dp is not None
     assert (dp.noise_multiplier, dp.participation_cap, dp.target_epsilon) == (4.0, 5, None)
-    assert flagged.aggregator.norm_bound == "static-clip"  # set in the file: kept
+    assert flagged.aggregator.options()["norm_bound"] == "static-clip"  # set in the file: kept
     assert flagged.sources["privacy.dp"] == "command line (--dp)"
-    assert off.aggregator.privacy is None
-    assert off.aggregator.normalisation == "mean"  # the service's defaults without DP
+    assert off.aggregator.aggregation.privacy is None
+    assert off.aggregator.aggregation.normalisation == "mean"  # the service's defaults without DP
     assert describe(off)["privacy.dp"] == "off"
 
 

@@ -62,7 +62,7 @@ def make_config(tmp_path: Path, **overrides: Any) -> AggregatorConfig:
         "batch_linger_s": 0.0,
     }
     values.update(overrides)
-    return AggregatorConfig(**values)
+    return AggregatorConfig.build(**values)
 
 
 def delta(seed: int, n: int = 2410, scale: float = 0.01) -> np.ndarray:

@@ -113,7 +113,7 @@ def test_10k_parameter_bombs_are_rejected_by_both_decode_paths(bomb: object) -> 
 
 
 def make_ingest(tmp_path: Path) -> Ingest:
-    config = AggregatorConfig(
+    config = AggregatorConfig.build(
         broker_url="mqtt://127.0.0.1:1",
         fleet=FLEET,
         model=MODEL,

@@ -49,7 +49,7 @@ def make_ingest(tmp_path: Path, **overrides: object) -> Ingest:
         "max_staleness": None,
     }  # fmt: skip
     values.update(overrides)
-    config = AggregatorConfig(**values)  # type: ignore[arg-type]
+    config = AggregatorConfig.build(**values)  # type: ignore[arg-type]
     return Ingest(config, Engine(config, initial_state(config)))
 
 

@@ -13,7 +13,7 @@ from firmware_sim.scenario import SimConfig
 
 @pytest.mark.parametrize("mode", ["mean", "sum"])
 def test_aggregator_passes_normalisation_to_fedbuff(tmp_path: Path, mode: str) -> None:
-    config = AggregatorConfig(
+    config = AggregatorConfig.build(
         broker_url="mqtt://127.0.0.1:1883",
         fleet="f",
         model="digits-mlp",
@@ -25,8 +25,8 @@ def test_aggregator_passes_normalisation_to_fedbuff(tmp_path: Path, mode: str) -
 
 
 def test_simulator_sum_normalisation_uses_equal_example_weights() -> None:
-    mean = SimConfig().aggregation_settings().core_config()
-    summed = SimConfig(normalisation=Normalisation.SUM).aggregation_settings().core_config()
+    mean = SimConfig.build().aggregation_settings().core_config()
+    summed = SimConfig.build(normalisation=Normalisation.SUM).aggregation_settings().core_config()
 
     assert mean.normalisation is Normalisation.MEAN  # type: ignore[union-attr]
     assert mean.example_weighting is ExampleWeighting.EXAMPLES  # type: ignore[union-attr]

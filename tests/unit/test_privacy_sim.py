@@ -18,7 +18,7 @@ DP = CentralDP(
 
 
 def test_simconfig_passes_privacy_to_the_fedbuff_config() -> None:
-    cfg = SimConfig(privacy=DP, normalisation=Normalisation.SUM, norm_bound="off")
+    cfg = SimConfig.build(privacy=DP, normalisation=Normalisation.SUM, norm_bound="off")
 
     core_config = cfg.aggregation_settings().core_config()
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -55,7 +54,7 @@ SETTINGS = SecAggSettings(helper_key=Path("unused"))
 
 
 def _config(state_dir: Path, keys_dir: Path | None = None, **fields: Any) -> AggregatorConfig:
-    config = AggregatorConfig(
+    config = AggregatorConfig.build(
         broker_url="mqtt://127.0.0.1:1",
         fleet=FLEET,
         model=MODEL,
@@ -65,7 +64,7 @@ def _config(state_dir: Path, keys_dir: Path | None = None, **fields: Any) -> Agg
         fsync=False,
         authenticator=None if keys_dir is None else load_update_authenticator(keys_dir),
     )
-    return dataclasses.replace(config, **fields)
+    return config.replace(**fields)
 
 
 def _shares(

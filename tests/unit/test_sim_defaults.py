@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 
 from firmware_sim.record import Algorithm
@@ -17,10 +15,10 @@ def _compare(cfg: SimConfig) -> tuple[dict[str, object], dict[str, object]]:
     scenario = build_scenario(cfg)
     runs = []
     for algo in (Algorithm.FEDBUFF, Algorithm.FEDAVG):
-        record = run_virtual(replace(cfg, algorithm=algo), scenario=scenario).record
+        record = run_virtual(cfg.replace(algorithm=algo), scenario=scenario).record
         assert record.utilisation is not None
         assert not starved(record.utilisation)
-        runs.append(record.summary(cfg.target))
+        runs.append(record.summary(cfg.stop.target))
     return runs[0], runs[1]
 
 
@@ -38,7 +36,7 @@ def _speedup_and_update_ratio(cfg: SimConfig) -> tuple[float, float]:
 @pytest.mark.slow
 @pytest.mark.heavy
 def test_the_default_fleet_shows_fedbuff_twice_as_fast_within_the_update_budget() -> None:
-    speedup, updates = _speedup_and_update_ratio(SimConfig(seed=7))
+    speedup, updates = _speedup_and_update_ratio(SimConfig.build(seed=7))
     assert speedup >= 2.0
     assert updates <= 1.2
 
@@ -47,6 +45,6 @@ def test_the_default_fleet_shows_fedbuff_twice_as_fast_within_the_update_budget(
 @pytest.mark.heavy
 def test_the_lab_fleet_keeps_fedbuff_four_times_as_fast() -> None:
     # `edgefl sim --compare fedbuff,fedavg --seed 7 --profile lab`: 4.73x with K = 3
-    speedup, updates = _speedup_and_update_ratio(SimConfig(seed=7, profile="lab"))
+    speedup, updates = _speedup_and_update_ratio(SimConfig.build(seed=7, profile="lab"))
     assert speedup >= 4.0
     assert updates <= 1.2

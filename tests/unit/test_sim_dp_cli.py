@@ -54,23 +54,23 @@ def _options(dp: str | None, *, norm_bound: str | None = None) -> SimOptions:
 def test_dp_sets_the_privacy_and_its_defaults() -> None:
     cfg = sim_config_from_options(_options(DP_TEXT))
 
-    assert cfg.privacy == parse_dp(DP_TEXT)
-    assert cfg.normalisation is Normalisation.SUM  # the aggregator's --dp defaults
-    assert cfg.norm_bound == "off"
+    assert cfg.aggregation.privacy == parse_dp(DP_TEXT)
+    assert cfg.aggregation.normalisation is Normalisation.SUM  # the aggregator's --dp defaults
+    assert cfg.aggregation.norm_bound == "off"
 
 
 def test_without_dp_the_defaults_stay() -> None:
     cfg = sim_config_from_options(_options(None))
 
-    assert cfg.privacy is None
-    assert cfg.normalisation is Normalisation.MEAN
-    assert cfg.norm_bound == "auto"
+    assert cfg.aggregation.privacy is None
+    assert cfg.aggregation.normalisation is Normalisation.MEAN
+    assert cfg.aggregation.norm_bound == "auto"
 
 
 def test_a_static_norm_bound_is_kept_with_dp() -> None:
     cfg = sim_config_from_options(_options(DP_TEXT, norm_bound="3"))
 
-    assert cfg.norm_bound == "3"
+    assert cfg.aggregation.norm_bound == "3"
 
 
 def test_the_live_aggregator_gets_the_same_privacy(tmp_path: Path) -> None:
@@ -78,10 +78,10 @@ def test_the_live_aggregator_gets_the_same_privacy(tmp_path: Path) -> None:
 
     agg = _aggregator_config(cfg, LiveOptions(), "mqtt://127.0.0.1:1883", tmp_path)
 
-    assert isinstance(agg.privacy, CentralDP)
-    assert agg.privacy == cfg.privacy
-    assert agg.normalisation is Normalisation.SUM
-    assert agg.norm_bound is NormBoundSetting.OFF
+    assert isinstance(agg.aggregation.privacy, CentralDP)
+    assert agg.aggregation.privacy == cfg.aggregation.privacy
+    assert agg.aggregation.normalisation is Normalisation.SUM
+    assert agg.options()["norm_bound"] is NormBoundSetting.OFF
 
 
 def test_a_virtual_run_with_dp_enforces_the_cap() -> None:

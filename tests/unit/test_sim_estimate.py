@@ -11,8 +11,8 @@ from firmware_sim.estimate import BackgroundEstimate, Estimate, VirtualTime, est
 from firmware_sim.scenario import SimConfig
 
 # digits: 20 lab devices, a target both algorithms reach in a few hundred updates
-_FLEET = SimConfig(20, dataset="digits", profile="lab", seed=3)
-SMALL = replace(_FLEET, concurrency=8, buffer_size=4, target=0.8, eval_every_updates=8)
+_FLEET = SimConfig.build(20, dataset="digits", profile="lab", seed=3)
+SMALL = _FLEET.replace(concurrency=8, buffer_size=4, target=0.8, eval_every_updates=8)
 
 
 def _consistent(fields: dict[str, object], scale: float) -> None:
@@ -35,7 +35,7 @@ def test_the_estimate_is_both_virtual_runs_in_the_demo_clock() -> None:
     _consistent(estimate.fields(), 0.01)
     assert estimate.fedbuff_updates is not None
     assert estimate.fedavg_updates is not None
-    line = estimate.line(SMALL.target)
+    line = estimate.line(SMALL.stop.target)
     assert line.startswith("estimate from a virtual run of this fleet: FedAvg would need ~")
     assert f"{estimate.speedup:.1f}x" in line
 
@@ -53,7 +53,7 @@ def test_the_background_estimate_equals_the_foreground_one() -> None:
 
 def test_a_failed_run_makes_the_estimate_unavailable_not_a_crash() -> None:
     # a partition the scenario cannot build: both processes fail, the parent reports it
-    broken = replace(SMALL, partition="nonsense:7")
+    broken = SMALL.replace(partition="nonsense:7")
     with BackgroundEstimate(broken, time_scale=0.01, max_wall_s=120.0) as background:
         estimate = background.result()
     assert estimate.speedup is None
@@ -87,7 +87,7 @@ def test_an_unreached_target_or_a_late_run_is_unavailable() -> None:
 
 def test_the_background_estimate_times_out_as_unavailable() -> None:
     # a budget too small for the runs: the wait ends at the deadline, the processes are ended
-    slow = replace(SMALL, target=1.0)
+    slow = SMALL.replace(target=1.0)
     with BackgroundEstimate(slow, time_scale=0.01, max_wall_s=0.5, grace_s=0.0) as background:
         estimate = background.result()
         children = list(background._children.values())

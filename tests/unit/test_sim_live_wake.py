@@ -16,7 +16,9 @@ def _source(
     profile: str, time_scale: float, tmp_path: Path
 ) -> tuple[SimSnapshotSource, dict[int, float]]:
     """Device 0's snapshot source, and the group's absences (device -> monotonic end)."""
-    cfg = SimConfig(devices=4, dataset="digits", num_samples=200, min_examples=16, profile=profile)
+    cfg = SimConfig.build(
+        devices=4, dataset="digits", num_samples=200, min_examples=16, profile=profile
+    )
     options = LiveOptions(time_scale=time_scale)
     group = DeviceGroup(build_scenario(cfg), options, "mqtt://127.0.0.1:1", [0], tmp_path, 0.0)
     group.shared.t0 = time.monotonic()

@@ -92,7 +92,7 @@ def test_a_virtual_run_noises_every_update_and_stops_devices_at_their_budget() -
     assert sim.local_dp.exhausted == {d for d, s in spent.items() if s.updates == per_device_cap}
     for d, s in spent.items():
         assert sim.local_dp.epsilon(d) == pytest.approx(epsilon_after(GAUSS, s.updates))
-    summary = sim.record.summary(cfg.target)["local_privacy"]
+    summary = sim.record.summary(cfg.stop.target)["local_privacy"]
     assert summary["exhausted"] == len(sim.local_dp.exhausted) == cfg.devices  # all spent
     assert summary["epsilon_max"] <= 7.0
     assert json.dumps(summary)

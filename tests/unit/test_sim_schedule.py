@@ -4,7 +4,6 @@ over-selection, a reporting goal and aborted stragglers."""
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 from firmware_sim.fleet import Fleet
 from firmware_sim.record import Algorithm
@@ -16,7 +15,7 @@ _RUN = {"max_updates": 60, "stop_at_target": False, "eval_every_updates": 30, "s
 # only when its update arrives, when its window closes mid-training, or when its window opens
 # (training takes ~150 s, so windows open and close during the run)
 _VEHICLE_FLEET = {"profile": "vehicle", "speed": "const:60", "dropout": 0.0, "crash": 0.0}
-VEHICLES = replace(SimConfig(6, dataset="digits", concurrency=4, **_VEHICLE_FLEET), **_RUN)
+VEHICLES = SimConfig.build(6, dataset="digits", concurrency=4, **_VEHICLE_FLEET).replace(**_RUN)
 
 
 def test_next_available_any_is_the_earliest_window_start_of_a_non_busy_device() -> None:
@@ -72,13 +71,13 @@ def test_waits_are_deterministic_per_seed() -> None:
     assert first == second
 
 
-LAB = replace(SimConfig(40, profile="lab", dataset="digits", concurrency=13), **_RUN)
+LAB = SimConfig.build(40, profile="lab", dataset="digits", concurrency=13).replace(**_RUN)
 
 
 def test_fedavg_selects_fedbuffs_concurrency_and_closes_rounds_at_the_reporting_goal() -> None:
     # Arrange: 40 always-on devices, 13 slots: a full cohort every round, goal ceil(13/1.3) = 10
     scenario = build_scenario(LAB)
-    fedavg_cfg = replace(LAB, algorithm=Algorithm.FEDAVG)
+    fedavg_cfg = LAB.replace(algorithm=Algorithm.FEDAVG)
 
     # Act
     fedbuff = run_virtual(LAB, scenario=scenario).record
@@ -106,7 +105,7 @@ def test_fedavg_selects_fedbuffs_concurrency_and_closes_rounds_at_the_reporting_
 
 
 def test_no_overselection_waits_for_the_whole_cohort() -> None:
-    cfg = replace(LAB, algorithm=Algorithm.FEDAVG, overselect=1.0, round_deadline_s=1e6)
+    cfg = LAB.replace(algorithm=Algorithm.FEDAVG, overselect=1.0, round_deadline_s=1e6)
 
     record = run_virtual(cfg).record
 
@@ -118,7 +117,7 @@ def test_no_overselection_waits_for_the_whole_cohort() -> None:
 
 def test_a_silently_lost_device_keeps_its_lease_until_it_expires() -> None:
     # Arrange: half the trainings drop out silently; leases of 30 s
-    cfg = replace(LAB, dropout=0.5, lease_s=30.0, max_updates=80)
+    cfg = LAB.replace(dropout=0.5, lease_s=30.0, max_updates=80)
 
     # Act
     record = run_virtual(cfg).record

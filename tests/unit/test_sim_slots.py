@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 
 from firmware_sim.record import Algorithm, Mode, RunRecord
@@ -106,13 +104,13 @@ def test_compare_warns_about_the_starved_run_only() -> None:
 # digits, 20 lab devices: always on, so a small fleet with big concurrency is starved by
 # construction (40 slots, 20 devices), and a fleet with few slots is not
 _SMALL_RUN = {"max_updates": 120, "stop_at_target": False, "eval_every_updates": 40}
-SMALL = SimConfig(20, dataset="digits", profile="lab", buffer_size=4, target=0.85, seed=3)
-SMALL = replace(SMALL, **_SMALL_RUN)
+SMALL = SimConfig.build(20, dataset="digits", profile="lab", buffer_size=4, target=0.85, seed=3)
+SMALL = SMALL.replace(**_SMALL_RUN)
 
 
 def test_a_run_with_more_slots_than_devices_is_availability_bound() -> None:
-    result = run_virtual(replace(SMALL, concurrency=40))
-    s = result.record.summary(SMALL.target)
+    result = run_virtual(SMALL.replace(concurrency=40))
+    s = result.record.summary(SMALL.stop.target)
 
     util = s["utilisation"]
     assert util["target_slots"] == 40
@@ -122,8 +120,8 @@ def test_a_run_with_more_slots_than_devices_is_availability_bound() -> None:
 
 
 def test_fedavg_records_rounds_barrier_time_and_straggler_work() -> None:
-    cfg = replace(SMALL, algorithm=Algorithm.FEDAVG, concurrency=8, dropout=0.2)
-    s = run_virtual(cfg).record.summary(cfg.target)
+    cfg = SMALL.replace(algorithm=Algorithm.FEDAVG, concurrency=8, dropout=0.2)
+    s = run_virtual(cfg).record.summary(cfg.stop.target)
 
     util = s["utilisation"]
     assert util["rounds"] > 0

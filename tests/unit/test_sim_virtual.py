@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from firmware_sim.scenario import SimConfig, build_scenario, parse_codec, parse_
 from firmware_sim.virtual import run_virtual
 
 # digits: 1,437 train / 360 test images; 20 devices of ~70 images each
-BASE = SimConfig(
+BASE = SimConfig.build(
     devices=20,
     dataset="digits",
     profile="lab",
@@ -31,24 +30,24 @@ BASE = SimConfig(
 
 
 def _summary(cfg: SimConfig) -> dict[str, object]:
-    s = run_virtual(cfg).record.summary(cfg.target)
+    s = run_virtual(cfg).record.summary(cfg.stop.target)
     s.pop("wall_time_s")
     return s
 
 
 def test_same_seed_gives_the_same_summary_and_another_seed_does_not() -> None:
-    cfg = replace(BASE, dropout=0.3, max_updates=120, stop_at_target=False)
+    cfg = BASE.replace(dropout=0.3, max_updates=120, stop_at_target=False)
     first, second = _summary(cfg), _summary(cfg)
-    other = _summary(replace(cfg, seed=4))
+    other = _summary(cfg.replace(seed=4))
     assert first == second
     assert first["updates_received"] == 120
     assert other != first
 
 
 def test_fedbuff_reaches_the_target_with_30_percent_dropouts() -> None:
-    cfg = replace(BASE, dropout=0.3)
+    cfg = BASE.replace(dropout=0.3)
     result = run_virtual(cfg)
-    s = result.record.summary(cfg.target)
+    s = result.record.summary(cfg.stop.target)
     assert s["reached_target"] is True
     assert s["dropouts"] > 0.2 * (s["updates_received"] + s["dropouts"])
     # only the heavy tail's stragglers outlive their lease (the p90 training time + 10% grace)
@@ -62,9 +61,9 @@ def test_fedbuff_reaches_the_target_with_30_percent_dropouts() -> None:
 
 
 def test_fedavg_baseline_reaches_the_target_in_rounds() -> None:
-    cfg = replace(BASE, algorithm=Algorithm.FEDAVG, dropout=0.3)
+    cfg = BASE.replace(algorithm=Algorithm.FEDAVG, dropout=0.3)
     result = run_virtual(cfg)
-    s = result.record.summary(cfg.target)
+    s = result.record.summary(cfg.stop.target)
     assert s["reached_target"] is True
     assert s["algorithm"] == "fedavg"
     assert result.round_deadline_s is not None
@@ -76,8 +75,8 @@ def test_fedavg_baseline_reaches_the_target_in_rounds() -> None:
 
 
 def test_fedbuff_staleness_is_recorded_and_bounded() -> None:
-    cfg = replace(BASE, max_staleness=2, concurrency=12, buffer_size=2, max_updates=200)
-    s = _summary(replace(cfg, stop_at_target=False))
+    cfg = BASE.replace(max_staleness=2, concurrency=12, buffer_size=2, max_updates=200)
+    s = _summary(cfg.replace(stop_at_target=False))
     assert s["updates_rejected"].get("stale", 0) > 0
     assert s["staleness_applied"]["max"] <= 2
 
@@ -104,15 +103,14 @@ def test_attacks_transform_the_delta() -> None:
 @pytest.mark.slow
 def test_scaled_attackers_break_the_plain_mean_but_not_the_robust_setting() -> None:
     attack = AttackConfig(fraction=0.2, kind=AttackKind.SCALE, scale=100.0)
-    cfg = replace(
-        BASE,
+    cfg = BASE.replace(
         buffer_size=10,
         concurrency=12,
         attack=attack,
         max_updates=800,
     )
-    undefended = replace(cfg, norm_bound="off", robust=RobustMode.NONE)
-    defended = replace(cfg, norm_bound="auto", robust=RobustMode.TRIMMED_MEAN)
+    undefended = cfg.replace(norm_bound="off", robust=RobustMode.NONE)
+    defended = cfg.replace(norm_bound="auto", robust=RobustMode.TRIMMED_MEAN)
     bad = _summary(undefended)
     good = _summary(defended)
     assert good["reached_target"] is True
@@ -131,12 +129,12 @@ def test_codec_and_norm_bound_text_forms() -> None:
 
 
 def test_a_large_fleet_starts_instantly_and_shares_data_slices() -> None:
-    cfg = replace(BASE, devices=100_000, max_updates=40, stop_at_target=False)
+    cfg = BASE.replace(devices=100_000, max_updates=40, stop_at_target=False)
     sc = build_scenario(cfg)
     assert sc.num_slices == 1437 // cfg.min_examples
     assert sc.num_examples(0) == len(sc.slice_of(sc.num_slices))
     result = run_virtual(cfg, scenario=sc)
-    assert result.record.summary(cfg.target)["updates_received"] == 40
+    assert result.record.summary(cfg.stop.target)["updates_received"] == 40
     # the fleet was sampled, not scanned: a few draws per started training
     assert sc.fleet.draws_total < 100 * 60
     assert math.isfinite(result.updates_per_s)
@@ -145,9 +143,9 @@ def test_a_large_fleet_starts_instantly_and_shares_data_slices() -> None:
 @pytest.mark.parametrize("algorithm", [Algorithm.FEDBUFF, Algorithm.FEDAVG])
 def test_a_non_finite_update_is_a_counted_rejection_not_a_crash(algorithm: Algorithm) -> None:
     # a diverging learning rate: every delta holds Inf/NaN, the device's encoder refuses it
-    cfg = replace(BASE, algorithm=algorithm, local=LocalTrainConfig(lr=1e38), max_updates=40)
+    cfg = BASE.replace(algorithm=algorithm, local=LocalTrainConfig(lr=1e38), max_updates=40)
     result = run_virtual(cfg)
-    s = result.record.summary(cfg.target)
+    s = result.record.summary(cfg.stop.target)
     assert s["updates_rejected"] == {"non_finite": 40}
     assert s["updates_applied"] == 0
     assert s["bytes_uploaded"] == 0

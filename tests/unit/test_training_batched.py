@@ -155,7 +155,7 @@ def test_virtual_results_are_bit_identical_to_unbatched_training(
 ) -> None:
     # Arrange: a small mnist1d fleet (FedAvg cohorts of 8, FedBuff 8 in flight)
     small = {"devices": 24, "profile": "lab", "num_samples": 4_000, "max_updates": 48}
-    cfg = SimConfig(algorithm=algorithm, concurrency=8, buffer_size=4, seed=5, **small)  # type: ignore[arg-type]
+    cfg = SimConfig.build(algorithm=algorithm, concurrency=8, buffer_size=4, seed=5, **small)  # type: ignore[arg-type]
 
     # Act: batched as shipped, then with every training in a train_many call of its own
     batched = _run(cfg)
@@ -171,8 +171,8 @@ def test_virtual_results_are_bit_identical_to_unbatched_training(
         ref = train_local(spec, base, x, y, dataclasses.replace(cfg.local, seed=seed))
         assert np.array_equal(ref.delta, delta)
     assert np.array_equal(batched.weights, one_by_one.weights)
-    assert batched.record.summary(cfg.target) == one_by_one.record.summary(cfg.target) | {
-        "wall_time_s": batched.record.summary(cfg.target)["wall_time_s"]
+    assert batched.record.summary(cfg.stop.target) == one_by_one.record.summary(cfg.stop.target) | {
+        "wall_time_s": batched.record.summary(cfg.stop.target)["wall_time_s"]
     }
 
 

@@ -98,7 +98,7 @@ def test_mqtt_config_from_url_carries_websocket_path_and_tls_options() -> None:
 
     # Assert
     assert (cfg.host, cfg.port, cfg.tls, cfg.websocket_path) == ("broker", 443, True, "/custom")
-    assert cfg.tls_insecure
+    assert cfg.tls_files.tls_insecure
     assert cfg.url == "wss://broker:443/custom"
 
 

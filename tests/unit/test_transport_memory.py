@@ -390,7 +390,7 @@ def test_config_from_url() -> None:
     assert "p@ss" not in repr(cfg)
 
     tls = MqttConfig.from_url("mqtts://broker.local", ca_file=Path("/etc/ca.pem"))
-    assert (tls.port, tls.tls, tls.tls_insecure) == (8883, True, False)
+    assert (tls.port, tls.tls, tls.tls_files.tls_insecure) == (8883, True, False)
     assert MqttConfig.from_url("mqtt://[::1]").url == "mqtt://[::1]:1883"
     assert MqttConfig.from_url("tcp://h").port == 1883
     assert MqttConfig.from_url("mqtt://h", protocol=MqttProtocol.V311).protocol is MqttProtocol.V311
