@@ -70,9 +70,10 @@ class RunAggregation:
     """The run's aggregation and participation options (see the module docstring)."""
 
     algorithm: Algorithm = Algorithm.FEDBUFF
-    # K from bench/fedbuff_sweep.py (docs/SIMULATOR.md "Defaults"): 3 was the fastest K that
-    # held on every fleet checked (K 2 won the default fleet but was 3.3x slower on lab)
-    buffer_size: int = 3
+    # K from bench/fedbuff_sweep.py and the regime table (docs/SIMULATOR.md "Defaults"): 4 is
+    # the smallest K that reaches the target on every fleet where K 5 did (K 3 stalled at chance
+    # on 1,000+ phones and vehicles; K 5 fell under 4x on lab)
+    buffer_size: int = 4
     concurrency: int = 20
     staleness: str = "polynomial:0.5"
     max_staleness: int | None = 100
