@@ -40,28 +40,37 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import json
 import logging
 import os
 import pickle
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from edgefl.aggregation.fedbuff import FedBuffConfig
 from edgefl.aggregation.robust import NormBound
-from edgefl.codec.config import CodecDescriptor
+from edgefl.aggregator.config import AggregatorConfig
+from edgefl.aggregator.publish import Release
+from edgefl.aggregator.publisher import Publisher
+from edgefl.codec.config import CodecConfig, CodecDescriptor, Quantization
 from edgefl.codec.update import open_update
 from edgefl.errors import ProtocolError, RejectReason, UpdateRejected
-from edgefl.protocol.messages import decode_update
+from edgefl.models import init_weights_numpy
+from edgefl.protocol import ServerState, ServerStatus
+from edgefl.protocol.messages import ModelManifest, decode_message, decode_update
 from edgefl.protocol.topics import (
     PartitionControl,
     PartitionControlTopic,
     ShardsLeaf,
     UpdateTopic,
+    manifest_topic,
     parse_topic,
     partition_control_filter,
     partition_control_topic,
@@ -71,6 +80,7 @@ from edgefl.protocol.topics import (
 from edgefl.sharding.assignment import Assignment
 from edgefl.sharding.partial import PartialId, PartialSum, ShardAccumulator
 from edgefl.sharding.partitions import check_owner
+from edgefl.sharding.release import ModelSettings, PublishedFile, release_config, root_server_state
 from edgefl.sharding.root import PartialVerdict, RootBuffer, RootState
 from edgefl.sharding.seqwindow import SeqWindow
 from edgefl.sharding.wire import decode_partial, encode_partial
@@ -114,17 +124,46 @@ class RootService:
         fleet: str,
         state_path: Path,
         assignment: Assignment,
+        publishing: tuple[AggregatorConfig, PublishedFile] | None = None,
+        writer: concurrent.futures.Executor | None = None,
     ) -> None:
+        """``publishing``: publish every committed model version (and the server state) with
+        the single aggregator's :class:`Publisher`, from this configuration (:mod:`.release`),
+        recording the chunk sets in this file; ``writer`` runs those file writes (default: a
+        thread of its own)."""
         self._t, self._root, self._fleet, self._path = transport, root, fleet, state_path
         self._assignment = assignment
         self._last_step: dict[str, Any] | None = None
+        self._applied = 0  # updates in the partials applied since started_at
+        self._started_at = time.time()
+        self._publisher: Publisher | None = None
+        if publishing is not None:
+            config, published = publishing
+            self._buffer_size = config.buffer_size
+            self._session = published.start_session()
+            self._publisher = Publisher(
+                config,
+                transport,
+                store=published,
+                writer=writer or concurrent.futures.ThreadPoolExecutor(1, "edgefl-root-writer"),
+                retained=published.retained(config.chunk_grace_s),
+                release=self._release(),
+                server_state=self._server_state,
+            )
 
     @staticmethod
     def load(
-        config: FedBuffConfig, path: Path, *, partitions: int, params: int, shards: Sequence[str]
+        config: FedBuffConfig,
+        path: Path,
+        *,
+        partitions: int,
+        params: int,
+        shards: Sequence[str],
+        initial: NDArray[np.float32] | None = None,
     ) -> tuple[RootBuffer, Assignment]:
-        """The committed root and assignment, or a fresh root at version 0 with zero weights and
-        the initial HRW assignment of ``partitions`` over ``shards``."""
+        """The committed root and assignment, or a fresh root at version 0 with the weights
+        ``initial`` (default: ``params`` zeros) and the initial HRW assignment of ``partitions``
+        over ``shards``."""
         if path.exists():
             committed = pickle.loads(path.read_bytes())  # our own file, never received
             if not isinstance(committed, _Committed):  # a file from before the assignment
@@ -134,7 +173,8 @@ class RootService:
             if assignment.partitions == partitions:
                 return root, assignment
             return root, Assignment.initial(partitions, shards)  # P changed by the operator
-        fresh = RootBuffer(config, np.zeros(params, np.float32), partitions=partitions)
+        weights = np.zeros(params, np.float32) if initial is None else initial
+        fresh = RootBuffer(config, weights, partitions=partitions)
         return fresh, Assignment.initial(partitions, shards)
 
     def _commit(self) -> None:
@@ -150,7 +190,28 @@ class RootService:
         await self._t.subscribe(shards_topic(self._fleet, ShardsLeaf.PARTIAL), qos=1)
         await self._t.subscribe(partition_control_filter(self._fleet, PartitionControl.TAKEOVER))
         await self._publish_assignment()
+        if self._publisher is not None:  # the committed version, as the single service does
+            await self._publisher.publish_current()
+            await self._publisher.publish_state(ServerStatus.ONLINE)
         await self._publish_status()
+        if self._publisher is None:
+            await self._serve(messages)
+            return
+        loop = asyncio.get_running_loop()
+        tasks = [
+            loop.create_task(self._serve(messages)),
+            loop.create_task(self._publisher.run()),
+            loop.create_task(self._publisher.housekeeping()),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # a failed task's exception
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def _serve(self, messages: AsyncIterator[InboundMessage]) -> None:
         async for message in messages:
             match parse_topic(message.topic, expected_fleet=self._fleet):
                 case PartitionControlTopic(partition=k, control=PartitionControl.TAKEOVER):
@@ -188,15 +249,37 @@ class RootService:
             return
         verdict = self._root.add_partial(partial)
         if verdict is PartialVerdict.APPLIED:
-            if self._root.ready:
+            self._applied += partial.count
+            stepped = self._root.ready
+            if stepped:
                 result = self._root.step()
                 self._last_step = {"version": result.version, "num_updates": result.num_updates}
             self._commit()
+            if stepped and self._publisher is not None:
+                self._publisher.want(self._release())  # committed first, then published
         pid = partial.id
         confirm = {"id": [pid.shard, pid.partition, pid.epoch, pid.number], "verdict": verdict}
         topic = partition_control_topic(self._fleet, pid.partition, PartitionControl.CONFIRM)
         await self._t.publish(topic, _json(confirm))
         await self._publish_status()
+
+    def _release(self) -> Release:
+        """The root's current (committed) model version."""
+        return Release(self._root.version, time.time(), self._root.weights.copy())
+
+    def _server_state(self, status: ServerStatus) -> ServerState:
+        assert self._publisher is not None
+        published = self._publisher.published_version
+        return root_server_state(
+            self._fleet,
+            status,
+            session=self._session,
+            version=self._root.version if published is None else published,
+            buffer_fill=self._root.buffer_fill,
+            buffer_size=self._buffer_size,
+            applied=self._applied,
+            started_at=self._started_at,
+        )
 
     async def _publish_assignment(self) -> None:
         """Retained: devices take P from it (PROTOCOL.md §11), operators read the owners."""
@@ -253,6 +336,7 @@ class PartitionWorker:
         self._open: list[InboundMessage] = []
         self._held: dict[PartialId, _Held] = {}
         self._waiting: list[InboundMessage] = []
+        self._ahead: list[InboundMessage] = []  # trained on a version not yet read here
         self.deposed = False
 
     async def run(self) -> None:
@@ -260,6 +344,7 @@ class PartitionWorker:
         control, data = self._ctl.messages(), self._t.messages()
         for what in (PartitionControl.GRANTED, PartitionControl.CONFIRM):
             await self._ctl.subscribe(partition_control_topic(s.fleet, s.partition, what), qos=1)
+        await self._ctl.subscribe(manifest_topic(s.fleet), qos=1)  # the root's new versions
         await self._t.subscribe(updates_filter(s.fleet, partition=s.partition), qos=1)
         if s.legacy:
             await self._t.subscribe(updates_filter(s.fleet), qos=1)
@@ -284,6 +369,10 @@ class PartitionWorker:
                 return
 
     async def _dispatch(self, message: InboundMessage) -> None:
+        if message.topic == manifest_topic(self._s.fleet):
+            await self._ctl.ack(message)
+            await self._on_manifest(message.payload)
+            return
         control = _control_of(message.topic, self._s.fleet)
         if control is PartitionControl.GRANTED:
             await self._ctl.ack(message)
@@ -329,6 +418,9 @@ class PartitionWorker:
                 await self._t.ack(message)
                 return
             header, body = decode_update(message.payload, topic=parsed)
+            if header.base_version == self._acc.version + 1:
+                self._ahead.append(message)  # its manifest is on its way here: unacknowledged
+                return
             descriptor = CodecDescriptor.from_dict(header.codec)
             update = open_update(
                 descriptor, body, num_params=s.num_params, max_decompressed=MAX_DECOMPRESSED
@@ -353,10 +445,29 @@ class PartitionWorker:
             topic = partition_control_topic(s.fleet, s.partition, PartitionControl.PROGRESS)
             await self._t.publish(topic, _json(progress), qos=0)
 
-    async def _forward(self) -> None:
-        if self._acc is None:
+    async def _on_manifest(self, payload: bytes) -> None:
+        """A new model version from the root: the open partial goes out against the old one
+        (the root weighs it as FedBuff did when the updates came), the rest against the new."""
+        if self._acc is None or not payload:
+            return  # before the grant the root's version comes with it
+        try:
+            version = decode_message(payload, ModelManifest).version
+        except ProtocolError as exc:
+            log.warning("partition %d: bad manifest: %s", self._s.partition, exc)
             return
-        partial = self._acc.close()
+        if version <= self._acc.version:
+            return
+        await self._send(self._acc.advance(version))
+        ahead, self._ahead = self._ahead, []
+        for message in ahead:
+            await self._on_update(message)
+
+    async def _forward(self) -> None:
+        if self._acc is not None:
+            await self._send(self._acc.close())
+
+    async def _send(self, partial: PartialSum | None) -> None:
+        """Forward ``partial``, holding the open messages it covers until it is confirmed."""
         if partial is None:
             return
         self._held[partial.id] = _Held(partial, self._open)
@@ -389,8 +500,33 @@ async def _run_root(args: argparse.Namespace) -> None:
     config = fedbuff_config(args.k)
     path = Path(args.state)
     shards = args.shards.split(",")
+    publishing, initial = None, None
+    if args.model is not None:  # publish the model, starting from the aggregator's version 0
+        settings = ModelSettings(
+            model=args.model,
+            seed=args.seed,
+            local_epochs=args.local_epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            codec=CodecConfig(
+                quantization=Quantization(args.quantization), topk_fraction=args.topk_fraction
+            ),
+            max_packet=args.max_packet,
+            signing_key=None if args.signing_key is None else Path(args.signing_key),
+        )
+        release = release_config(
+            settings,
+            broker_url=args.broker,
+            fleet=args.fleet,
+            state_dir=path.parent,
+            buffer_size=args.k,
+        )
+        if release.spec.num_params != args.params:
+            raise SystemExit(f"--params {args.params}: {args.model} has {release.spec.num_params}")
+        publishing = (release, PublishedFile(path.with_name(path.name + ".published")))
+        initial = init_weights_numpy(release.spec, args.seed)
     root, assignment = RootService.load(
-        config, path, partitions=args.partitions, params=args.params, shards=shards
+        config, path, partitions=args.partitions, params=args.params, shards=shards, initial=initial
     )
     mqtt = MqttConfig.from_url(
         args.broker,
@@ -399,7 +535,7 @@ async def _run_root(args: argparse.Namespace) -> None:
         manual_ack=True,
     )
     async with MqttTransport(mqtt) as transport:
-        await RootService(transport, root, args.fleet, path, assignment).run()
+        await RootService(transport, root, args.fleet, path, assignment, publishing).run()
 
 
 async def _run_shard(args: argparse.Namespace) -> None:
@@ -441,6 +577,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--params", type=int, required=True)
     parser.add_argument("--k", type=int, required=True, help="FedBuff buffer size K")
     parser.add_argument("--state", help="root: state file")
+    model = parser.add_argument_group("root: publish the model (as the single aggregator does)")
+    model.add_argument("--model", help="the model served (its manifest, chunks, server state)")
+    model.add_argument("--seed", type=int, default=0, help="version 0: init weights of seed")
+    model.add_argument("--local-epochs", type=int, default=1, help="manifest hint")
+    model.add_argument("--batch-size", type=int, default=32, help="manifest hint")
+    model.add_argument("--lr", type=float, default=0.1, help="manifest hint")
+    model.add_argument("--quantization", default="int8", help="manifest codec hint")
+    model.add_argument("--topk-fraction", type=float, help="manifest codec hint")
+    model.add_argument("--max-packet", type=int, default=256 * 1024, help="model chunk bytes")
+    model.add_argument("--signing-key", help="Ed25519 private key PEM: sign every manifest")
     parser.add_argument("--shard", default="s0")
     parser.add_argument(
         "--shards", default="s0", help="root: the shards, comma-separated (initial assignment)"
