@@ -337,6 +337,7 @@ class PartitionWorker:
         self._held: dict[PartialId, _Held] = {}
         self._waiting: list[InboundMessage] = []
         self._ahead: list[InboundMessage] = []  # trained on a version not yet read here
+        self._manifest = -1  # the newest manifest version read
         self.deposed = False
 
     async def run(self) -> None:
@@ -400,6 +401,8 @@ class PartitionWorker:
             id_prefix=PartialId(s.shard, s.partition, s.epoch, 0),
             high_water={str(d): SeqWindow.from_json(w) for d, w in reply["high_water"].items()},
         )
+        if self._manifest > self._acc.version:  # published after the root granted
+            self._acc.advance(self._manifest)
         waiting, self._waiting = self._waiting, []
         for message in waiting:
             await self._on_update(message)
@@ -448,15 +451,16 @@ class PartitionWorker:
     async def _on_manifest(self, payload: bytes) -> None:
         """A new model version from the root: the open partial goes out against the old one
         (the root weighs it as FedBuff did when the updates came), the rest against the new."""
-        if self._acc is None or not payload:
-            return  # before the grant the root's version comes with it
+        if not payload:
+            return  # a cleared retained manifest
         try:
             version = decode_message(payload, ModelManifest).version
         except ProtocolError as exc:
             log.warning("partition %d: bad manifest: %s", self._s.partition, exc)
             return
-        if version <= self._acc.version:
-            return
+        self._manifest = max(self._manifest, version)
+        if self._acc is None or version <= self._acc.version:
+            return  # not granted yet: _on_granted catches up
         await self._send(self._acc.advance(version))
         ahead, self._ahead = self._ahead, []
         for message in ahead:
