@@ -1,8 +1,18 @@
 """Asyncio shells of hierarchical FedBuff over MQTT: a root and partition workers (a shard runs
-one worker per partition it owns). A first, minimal form: updates of any codec but unchunked (no
-reassembly yet), no signature checks, the model version taken from the root's grant (the root
-publishes no manifest or model yet), and a shard's partitions given on its command line (the
-assignment of :mod:`~edgefl.sharding.assignment` is not yet read from the broker).
+one worker per partition it owns). Still a minimal form: updates of any codec but unchunked (no
+reassembly yet), no signature checks on updates, no receipts, and a shard's partitions given on
+its command line (the assignment of :mod:`~edgefl.sharding.assignment` is not yet read from the
+broker).
+
+The model (``--model``; docs/PROTOCOL.md §11, "Model versions"): the root publishes every
+committed version as the single aggregator does, with its :class:`Publisher` (retained chunks,
+then the manifest with the training hints and codec, signed with ``--signing-key``; the retained
+server state), at start and after each step, always after committing it
+(:mod:`~edgefl.sharding.release`). A worker starts at the version of its grant and follows the
+manifest: a newer version closes the open partial against the old one
+(:meth:`ShardAccumulator.advance`), and an update based on the next version that arrives before
+its manifest is held, unacknowledged, until it does. Without ``--model`` the root publishes no
+model (tests that publish a fixed one themselves).
 
 Topics (protocol revision 1.3, every one built and parsed by :mod:`edgefl.protocol.topics`;
 docs/PROTOCOL.md §11), under ``edgefl/v1/<fleet>/``:
@@ -18,6 +28,8 @@ docs/PROTOCOL.md §11), under ``edgefl/v1/<fleet>/``:
     shards/root/status         root -> anyone   {"version", "buffer_fill", "epochs",
                                                  "verdicts", "weights", "last_step"}   retained
     shards/assignment          root -> devices, shards   Assignment.to_json()    retained, QoS 1
+    model/manifest, model/<v>/<i>, server/state   root -> devices, workers (manifest)
+                                                 as the single aggregator (§5)    retained, QoS 1
 
 The root publishes the assignment (P, owners, owner epochs) retained when it starts and after
 every granted take-over that moves a partition (the ``"shard"`` of the take-over becomes the
