@@ -76,6 +76,8 @@ from edgefl.codec.update import open_update
 from edgefl.errors import ProtocolError, RejectReason, UpdateRejected
 from edgefl.models import init_weights_numpy
 from edgefl.protocol import ServerState, ServerStatus
+from edgefl.protocol.chunking import Reassembler, ReassemblyConfig, decode_chunk
+from edgefl.protocol.envelope import EnvelopeKind, decode_envelope
 from edgefl.protocol.messages import ModelManifest, decode_message, decode_update
 from edgefl.protocol.topics import (
     PartitionControl,
@@ -102,6 +104,7 @@ from edgefl.transport.mqtt import MqttTransport
 
 log = logging.getLogger("edgefl.sharding")
 MAX_DECOMPRESSED = 1 << 28
+MAX_UPDATE_BYTES = 64 * 1024 * 1024  # the aggregator's default max_update_bytes
 
 
 def _json(data: dict[str, Any]) -> bytes:
@@ -312,6 +315,15 @@ class RootService:
 
 
 # ---------------------------------------------------------------------------- partition worker
+@dataclass(frozen=True)
+class _Whole:
+    """One complete update: its topic, its envelope and every message (chunk) that carried it."""
+
+    topic: UpdateTopic
+    data: bytes
+    messages: list[InboundMessage]
+
+
 @dataclass
 class _Held:
     partial: PartialSum
@@ -348,7 +360,9 @@ class PartitionWorker:
         self._open: list[InboundMessage] = []
         self._held: dict[PartialId, _Held] = {}
         self._waiting: list[InboundMessage] = []
-        self._ahead: list[InboundMessage] = []  # trained on a version not yet read here
+        self._ahead: list[_Whole] = []  # trained on a version not yet read here
+        self._reassembler = Reassembler(ReassemblyConfig(max_message_size=MAX_UPDATE_BYTES))
+        self._chunks: dict[tuple[str, bytes], list[InboundMessage]] = {}  # held, by update
         self._manifest = -1  # the newest manifest version read
         self.deposed = False
 
@@ -420,7 +434,6 @@ class PartitionWorker:
             await self._on_update(message)
 
     async def _on_update(self, message: InboundMessage) -> None:
-        assert self._acc is not None
         s = self._s
         try:
             parsed = parse_topic(message.topic, expected_fleet=s.fleet)
@@ -432,9 +445,45 @@ class PartitionWorker:
                 s.counts["other_partition"] = s.counts.get("other_partition", 0) + 1
                 await self._t.ack(message)
                 return
-            header, body = decode_update(message.payload, topic=parsed)
+            whole = await self._reassemble(parsed, message)
+        except ProtocolError as exc:
+            await self._reject(exc, [message])
+            return
+        if whole is not None:
+            await self._judge(whole)
+
+    async def _reassemble(self, topic: UpdateTopic, message: InboundMessage) -> _Whole | None:
+        """The update ``message`` is, or completes (its chunks joined by the protocol's
+        :class:`Reassembler`, as in the aggregator's ingest); None while chunks are missing.
+        Every chunk of an update stays unacknowledged until the update is judged: rejected, or
+        covered by a confirmed partial (PROTOCOL.md §4.5, §11)."""
+        outer = decode_envelope(message.payload, max_payload=MAX_UPDATE_BYTES)
+        if outer.kind is not EnvelopeKind.UPDATE_CHUNK:
+            return _Whole(topic, message.payload, [message])
+        chunk = decode_chunk(outer)
+        key = (topic.device_id, chunk.header.message_id)
+        late = self._reassembler.statistics().late_duplicates
+        try:
+            done = self._reassembler.add(chunk, source=topic.device_id, now=time.monotonic())
+        except ProtocolError as exc:  # a bad checksum ends the message; a conflict only the copy
+            held = self._chunks.pop(key, []) if exc.reason is RejectReason.BAD_CHECKSUM else []
+            await self._reject(exc, [*held, message])
+            return None
+        if done is None:
+            if self._reassembler.statistics().late_duplicates != late:
+                await self._t.ack(message)  # a chunk of an update completed before
+            else:
+                self._chunks.setdefault(key, []).append(message)
+            return None
+        return _Whole(topic, bytes(done.data), [*self._chunks.pop(key, []), message])
+
+    async def _judge(self, whole: _Whole) -> None:
+        assert self._acc is not None
+        s = self._s
+        try:
+            header, body = decode_update(whole.data, topic=whole.topic)
             if header.base_version == self._acc.version + 1:
-                self._ahead.append(message)  # its manifest is on its way here: unacknowledged
+                self._ahead.append(whole)  # its manifest is on its way here: unacknowledged
                 return
             descriptor = CodecDescriptor.from_dict(header.codec)
             update = open_update(
@@ -448,17 +497,31 @@ class PartitionWorker:
                 num_examples=header.num_examples,
             )
         except (ProtocolError, UpdateRejected) as exc:
-            reason = str(getattr(exc, "reason", "rejected"))
-            s.counts[reason] = s.counts.get(reason, 0) + 1
-            await self._t.ack(message)  # judged for good: never counted, never redelivered
+            await self._reject(exc, whole.messages)
             return
-        self._open.append(message)
+        self._open.extend(whole.messages)
         if self._acc.pending >= s.flush_every:
             await self._forward()
         if s.progress:
             progress = {"shard": s.shard, "epoch": s.epoch, "open": len(self._open)}
             topic = partition_control_topic(s.fleet, s.partition, PartitionControl.PROGRESS)
             await self._t.publish(topic, _json(progress), qos=0)
+
+    async def _reject(
+        self, exc: ProtocolError | UpdateRejected, messages: list[InboundMessage]
+    ) -> None:
+        """Judged for good: counted by reason, acknowledged, never counted, never redelivered."""
+        reason = str(exc.reason)
+        self._s.counts[reason] = self._s.counts.get(reason, 0) + 1
+        await self._t.ack_many(messages)
+
+    async def _expire_chunks(self) -> None:
+        """Acknowledge the chunks of updates the reassembler gave up (expired, evicted)."""
+        for dropped in self._reassembler.expire(time.monotonic()):
+            held = self._chunks.pop((dropped.source, dropped.message_id), [])
+            reason = str(dropped.reason)
+            self._s.counts[reason] = self._s.counts.get(reason, 0) + 1
+            await self._t.ack_many(held)
 
     async def _on_manifest(self, payload: bytes) -> None:
         """A new model version from the root: the open partial goes out against the old one
@@ -475,8 +538,8 @@ class PartitionWorker:
             return  # not granted yet: _on_granted catches up
         await self._send(self._acc.advance(version))
         ahead, self._ahead = self._ahead, []
-        for message in ahead:
-            await self._on_update(message)
+        for whole in ahead:
+            await self._judge(whole)
 
     async def _forward(self) -> None:
         if self._acc is not None:
@@ -504,6 +567,7 @@ class PartitionWorker:
     async def _flush_periodically(self) -> None:
         while True:
             await asyncio.sleep(self._s.flush_after)
+            await self._expire_chunks()
             await self._forward()
 
 
