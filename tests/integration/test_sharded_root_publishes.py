@@ -23,10 +23,12 @@ from test_sharded_fedbuff import Procs
 from waiting import eventually
 
 from broker.launcher import MosquittoBroker
-from device_agent.config import ReceiptMode, SpoolConfig
+from device_agent.config import BrokerConfig, ReceiptMode, SpoolConfig
 from device_agent.fetch import ModelFetch
 from edgefl.models.spec import get_model_spec, init_weights_numpy
 from edgefl.protocol import ServerState, decode_message
+from edgefl.protocol.chunking import Reassembler, decode_chunk
+from edgefl.protocol.envelope import EnvelopeKind, decode_envelope
 from edgefl.protocol.messages import ModelManifest, decode_update
 from edgefl.protocol.topics import (
     ModelChunkTopic,
@@ -49,24 +51,31 @@ DEVICES = ("pi-1", "pi-2", "pi-3")
 PARAMS = get_model_spec(MODEL).num_params
 
 
+@pytest.mark.parametrize("max_packet", [None, 1024], ids=["whole", "chunked"])
 async def test_agents_keep_training_on_the_versions_the_root_publishes(
-    mosquitto: MosquittoBroker, tmp_path: Path
+    mosquitto: MosquittoBroker, tmp_path: Path, max_packet: int | None
 ) -> None:
+    """``chunked``: the agents publish every update in packets of at most 1 kB (digits-mlp's
+    int8 update takes 3), which the shard reassembles; the root's model chunks are as small."""
     # Arrange: both partitions have devices; one shard owns them both
     assert {partition_of(d, P) for d in DEVICES} == {0, 1}
     procs = Procs([mosquitto.url] * 3, tmp_path, fleet=FLEET, params=PARAMS)
     wire = _Wire()
     write_fake_sysfs(tmp_path / "fs", mains=True)
     no_receipts = SpoolConfig(receipts=ReceiptMode.OFF)  # the shells send none yet
+    small = {} if max_packet is None else {"broker": _broker(mosquitto.url, max_packet)}
     agents = [
-        agent(tmp_path, mosquitto.url, d, seed, spool=no_receipts) for seed, d in enumerate(DEVICES)
+        agent(tmp_path, mosquitto.url, d, seed, spool=no_receipts, **small)
+        for seed, d in enumerate(DEVICES)
     ]
     tasks: list[asyncio.Task[None]] = []
     try:
         async with MqttTransport(MqttConfig.from_url(mosquitto.url)) as client:
             watcher = await wire.watch(client)
             state = str(tmp_path / "root.state")
-            root = ("root", "--state", state, "--model", MODEL, "--lr", "0.05")
+            root = ["root", "--state", state, "--model", MODEL, "--lr", "0.05"]
+            if max_packet is not None:  # the agents take no larger model chunk either
+                root += ["--max-packet", str(max_packet)]
             procs.start("root", *root, partitions=P, k=K)
             await eventually(lambda: wire.manifests[:1] == [0], 60, what="version 0 published")
             procs.start("shard", "shard", "--own", "0,1", "--flush-every", "1", partitions=P, k=K)
@@ -101,6 +110,7 @@ async def test_agents_keep_training_on_the_versions_the_root_publishes(
     # ... the agents trained on (at least two) versions only the root published, and the shard
     # counted those updates against them
     assert len(wire.bases - {0}) >= 2, wire.bases
+    assert (wire.chunks_seen > 0) == (max_packet is not None)
     assert wire.status["verdicts"].get("future_version", 0) == 0
     # ... and what the root published is the root's model of that version
     np.testing.assert_array_equal(final[:64], np.asarray(wire.weights[last], np.float32))
@@ -118,6 +128,8 @@ class _Wire:
     server_versions: list[int] = field(default_factory=list)
     bases: set[int] = field(default_factory=set)
     chunks: dict[str, bytes] = field(default_factory=dict)
+    chunks_seen: int = 0  # update packets that were chunks
+    reassembler: Reassembler = field(default_factory=Reassembler)
     weights: dict[int, list[float]] = field(default_factory=dict)  # the root's, by version
 
     async def watch(self, client: MqttTransport) -> asyncio.Task[None]:
@@ -132,8 +144,10 @@ class _Wire:
             async for message in messages:
                 topic = parse_topic(message.topic, expected_fleet=FLEET)
                 if isinstance(topic, UpdateTopic):
-                    header, _ = decode_update(message.payload, topic=topic)
-                    self.bases.add(header.base_version)
+                    data = self._update(topic, message.payload)
+                    if data is not None:
+                        header, _ = decode_update(data, topic=topic)
+                        self.bases.add(header.base_version)
                 elif isinstance(topic, ModelChunkTopic):
                     if message.payload:
                         self.chunks[message.topic] = message.payload
@@ -150,6 +164,15 @@ class _Wire:
 
         return asyncio.get_running_loop().create_task(record())
 
+    def _update(self, topic: UpdateTopic, payload: bytes) -> bytes | None:
+        """The update ``payload`` is or completes (None: chunks missing)."""
+        outer = decode_envelope(payload, max_payload=1 << 24)
+        if outer.kind is not EnvelopeKind.UPDATE_CHUNK:
+            return payload
+        self.chunks_seen += 1
+        done = self.reassembler.add(decode_chunk(outer), source=topic.device_id, now=0.0)
+        return None if done is None else bytes(done.data)
+
     async def published_model(self, version: int) -> np.ndarray:
         """The weights of ``version``, fetched from its chunks as an agent does."""
         envelope = self.envelopes[version]
@@ -164,3 +187,8 @@ class _Wire:
             model = fetch.offer(parsed, self.chunks[t]) or model
         assert model is not None
         return np.asarray(model.weights, np.float32).ravel()
+
+
+def _broker(url: str, max_packet: int) -> BrokerConfig:
+    """The agents' broker settings of ``agent_config``, with packets of at most ``max_packet``."""
+    return BrokerConfig(url, reconnect_max_s=2.0, max_packet=max_packet)
