@@ -4,8 +4,8 @@ The root publishes each committed model version with the single aggregator's own
 :class:`~edgefl.aggregator.publisher.Publisher` (retained chunks, then the retained manifest,
 built by :func:`~edgefl.aggregator.publish.build_model_packets`; old chunk sets cleared by
 :class:`~edgefl.aggregator.publish.RetainedChunks`) and the retained ``server/state``
-(PROTOCOL.md §4.2, §4.4, §5), so a device cannot tell a sharded tree from one aggregator by what it
-downloads. This module holds the root's side of that:
+(PROTOCOL.md §4.2, §4.4, §5), so a device cannot tell a sharded tree from one aggregator by
+what it downloads. This module holds the root's side of that:
 
 * :func:`release_config`: the :class:`~edgefl.aggregator.config.AggregatorConfig` the publisher
   reads (model, training hints and codec of the manifest, ``max_packet``, the manifest signer);

@@ -1,8 +1,13 @@
 """Asyncio shells of hierarchical FedBuff over MQTT: a root and partition workers (a shard runs
-one worker per partition it owns). Still a minimal form: updates of any codec but unchunked (no
-reassembly yet), no signature checks on updates, no receipts, and a shard's partitions given on
-its command line (the assignment of :mod:`~edgefl.sharding.assignment` is not yet read from the
-broker).
+one worker per partition it owns). Still a minimal form: no signature checks on updates, no
+receipts, and a shard's partitions given on its command line (the assignment of
+:mod:`~edgefl.sharding.assignment` is not yet read from the broker).
+
+Updates of any codec, whole or chunked: a worker joins an update's ``UPDATE_CHUNK`` packets
+with the protocol's :class:`Reassembler` (the one the aggregator's ingest uses) and keeps every
+chunk unacknowledged until the partial covering the update is confirmed; an update refused
+after reassembly, or given up by the reassembler (expired, evicted), has its chunks
+acknowledged at once.
 
 The model (``--model``; docs/PROTOCOL.md §11, "Model versions"): the root publishes every
 committed version as the single aggregator does, with its :class:`Publisher` (retained chunks,
