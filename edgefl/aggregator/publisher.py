@@ -18,20 +18,29 @@ import asyncio
 import concurrent.futures
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from edgefl.aggregator.config import AggregatorConfig
 from edgefl.aggregator.publish import Release, RetainedChunks, build_model_packets, clear_packets
-from edgefl.aggregator.store import StateStore
 from edgefl.protocol import ServerState, ServerStatus, encode_message, server_state_topic
 from edgefl.transport import Transport, TransportError
 
-__all__ = ["Publisher"]
+__all__ = ["PublishedSets", "Publisher"]
 
 log = logging.getLogger("edgefl.aggregator")
 
 _RETRY_S = 0.5
 _HOUSEKEEPING_S = 0.5
+
+
+class PublishedSets(Protocol):
+    """Where a publisher records the chunk sets it left on the broker (a restarted process
+    clears them): :class:`~edgefl.aggregator.store.StateStore`, or the sharded root's file."""
+
+    def record_published(self, version: int, artifact: str, num_chunks: int) -> None: ...
+
+    def forget_published(self, entries: Iterable[tuple[int, str]]) -> None: ...
 
 
 class Publisher:
@@ -42,7 +51,7 @@ class Publisher:
         config: AggregatorConfig,
         transport: Transport,
         *,
-        store: StateStore,
+        store: PublishedSets,
         writer: concurrent.futures.Executor,
         retained: RetainedChunks,
         release: Release,

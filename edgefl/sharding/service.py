@@ -1,8 +1,23 @@
 """Asyncio shells of hierarchical FedBuff over MQTT: a root and partition workers (a shard runs
-one worker per partition it owns). A first, minimal form: updates of any codec but unchunked (no
-reassembly yet), no signature checks, the model version taken from the root's grant (the root
-publishes no manifest or model yet), and a shard's partitions given on its command line (the
-assignment of :mod:`~edgefl.sharding.assignment` is not yet read from the broker).
+one worker per partition it owns). Still a minimal form: no signature checks on updates, no
+receipts, and a shard's partitions given on its command line (the assignment of
+:mod:`~edgefl.sharding.assignment` is not yet read from the broker).
+
+Updates of any codec, whole or chunked: a worker joins an update's ``UPDATE_CHUNK`` packets
+with the protocol's :class:`Reassembler` (the one the aggregator's ingest uses) and keeps every
+chunk unacknowledged until the partial covering the update is confirmed; an update refused
+after reassembly, or given up by the reassembler (expired, evicted), has its chunks
+acknowledged at once.
+
+The model (``--model``; docs/PROTOCOL.md §11, "Model versions"): the root publishes every
+committed version as the single aggregator does, with its :class:`Publisher` (retained chunks,
+then the manifest with the training hints and codec, signed with ``--signing-key``; the retained
+server state), at start and after each step, always after committing it
+(:mod:`~edgefl.sharding.release`). A worker starts at the version of its grant and follows the
+manifest: a newer version closes the open partial against the old one
+(:meth:`ShardAccumulator.advance`), and an update based on the next version that arrives before
+its manifest is held, unacknowledged, until it does. Without ``--model`` the root publishes no
+model (tests that publish a fixed one themselves).
 
 Topics (protocol revision 1.3, every one built and parsed by :mod:`edgefl.protocol.topics`;
 docs/PROTOCOL.md §11), under ``edgefl/v1/<fleet>/``:
@@ -18,6 +33,8 @@ docs/PROTOCOL.md §11), under ``edgefl/v1/<fleet>/``:
     shards/root/status         root -> anyone   {"version", "buffer_fill", "epochs",
                                                  "verdicts", "weights", "last_step"}   retained
     shards/assignment          root -> devices, shards   Assignment.to_json()    retained, QoS 1
+    model/manifest, model/<v>/<i>, server/state   root -> devices, workers (manifest)
+                                                 as the single aggregator (§5)    retained, QoS 1
 
 The root publishes the assignment (P, owners, owner epochs) retained when it starts and after
 every granted take-over that moves a partition (the ``"shard"`` of the take-over becomes the
@@ -40,28 +57,39 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import json
 import logging
 import os
 import pickle
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from edgefl.aggregation.fedbuff import FedBuffConfig
 from edgefl.aggregation.robust import NormBound
-from edgefl.codec.config import CodecDescriptor
+from edgefl.aggregator.config import AggregatorConfig
+from edgefl.aggregator.publish import Release
+from edgefl.aggregator.publisher import Publisher
+from edgefl.codec.config import CodecConfig, CodecDescriptor, Quantization
 from edgefl.codec.update import open_update
 from edgefl.errors import ProtocolError, RejectReason, UpdateRejected
-from edgefl.protocol.messages import decode_update
+from edgefl.models import init_weights_numpy
+from edgefl.protocol import ServerState, ServerStatus
+from edgefl.protocol.chunking import Reassembler, ReassemblyConfig, decode_chunk
+from edgefl.protocol.envelope import EnvelopeKind, decode_envelope
+from edgefl.protocol.messages import ModelManifest, decode_message, decode_update
 from edgefl.protocol.topics import (
     PartitionControl,
     PartitionControlTopic,
     ShardsLeaf,
     UpdateTopic,
+    manifest_topic,
     parse_topic,
     partition_control_filter,
     partition_control_topic,
@@ -71,6 +99,7 @@ from edgefl.protocol.topics import (
 from edgefl.sharding.assignment import Assignment
 from edgefl.sharding.partial import PartialId, PartialSum, ShardAccumulator
 from edgefl.sharding.partitions import check_owner
+from edgefl.sharding.release import ModelSettings, PublishedFile, release_config, root_server_state
 from edgefl.sharding.root import PartialVerdict, RootBuffer, RootState
 from edgefl.sharding.seqwindow import SeqWindow
 from edgefl.sharding.wire import decode_partial, encode_partial
@@ -80,6 +109,7 @@ from edgefl.transport.mqtt import MqttTransport
 
 log = logging.getLogger("edgefl.sharding")
 MAX_DECOMPRESSED = 1 << 28
+MAX_UPDATE_BYTES = 64 * 1024 * 1024  # the aggregator's default max_update_bytes
 
 
 def _json(data: dict[str, Any]) -> bytes:
@@ -114,17 +144,46 @@ class RootService:
         fleet: str,
         state_path: Path,
         assignment: Assignment,
+        publishing: tuple[AggregatorConfig, PublishedFile] | None = None,
+        writer: concurrent.futures.Executor | None = None,
     ) -> None:
+        """``publishing``: publish every committed model version (and the server state) with
+        the single aggregator's :class:`Publisher`, from this configuration (:mod:`.release`),
+        recording the chunk sets in this file; ``writer`` runs those file writes (default: a
+        thread of its own)."""
         self._t, self._root, self._fleet, self._path = transport, root, fleet, state_path
         self._assignment = assignment
         self._last_step: dict[str, Any] | None = None
+        self._applied = 0  # updates in the partials applied since started_at
+        self._started_at = time.time()
+        self._publisher: Publisher | None = None
+        if publishing is not None:
+            config, published = publishing
+            self._buffer_size = config.buffer_size
+            self._session = published.start_session()
+            self._publisher = Publisher(
+                config,
+                transport,
+                store=published,
+                writer=writer or concurrent.futures.ThreadPoolExecutor(1, "edgefl-root-writer"),
+                retained=published.retained(config.chunk_grace_s),
+                release=self._release(),
+                server_state=self._server_state,
+            )
 
     @staticmethod
     def load(
-        config: FedBuffConfig, path: Path, *, partitions: int, params: int, shards: Sequence[str]
+        config: FedBuffConfig,
+        path: Path,
+        *,
+        partitions: int,
+        params: int,
+        shards: Sequence[str],
+        initial: NDArray[np.float32] | None = None,
     ) -> tuple[RootBuffer, Assignment]:
-        """The committed root and assignment, or a fresh root at version 0 with zero weights and
-        the initial HRW assignment of ``partitions`` over ``shards``."""
+        """The committed root and assignment, or a fresh root at version 0 with the weights
+        ``initial`` (default: ``params`` zeros) and the initial HRW assignment of ``partitions``
+        over ``shards``."""
         if path.exists():
             committed = pickle.loads(path.read_bytes())  # our own file, never received
             if not isinstance(committed, _Committed):  # a file from before the assignment
@@ -134,7 +193,8 @@ class RootService:
             if assignment.partitions == partitions:
                 return root, assignment
             return root, Assignment.initial(partitions, shards)  # P changed by the operator
-        fresh = RootBuffer(config, np.zeros(params, np.float32), partitions=partitions)
+        weights = np.zeros(params, np.float32) if initial is None else initial
+        fresh = RootBuffer(config, weights, partitions=partitions)
         return fresh, Assignment.initial(partitions, shards)
 
     def _commit(self) -> None:
@@ -150,7 +210,28 @@ class RootService:
         await self._t.subscribe(shards_topic(self._fleet, ShardsLeaf.PARTIAL), qos=1)
         await self._t.subscribe(partition_control_filter(self._fleet, PartitionControl.TAKEOVER))
         await self._publish_assignment()
+        if self._publisher is not None:  # the committed version, as the single service does
+            await self._publisher.publish_current()
+            await self._publisher.publish_state(ServerStatus.ONLINE)
         await self._publish_status()
+        if self._publisher is None:
+            await self._serve(messages)
+            return
+        loop = asyncio.get_running_loop()
+        tasks = [
+            loop.create_task(self._serve(messages)),
+            loop.create_task(self._publisher.run()),
+            loop.create_task(self._publisher.housekeeping()),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # a failed task's exception
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def _serve(self, messages: AsyncIterator[InboundMessage]) -> None:
         async for message in messages:
             match parse_topic(message.topic, expected_fleet=self._fleet):
                 case PartitionControlTopic(partition=k, control=PartitionControl.TAKEOVER):
@@ -188,15 +269,37 @@ class RootService:
             return
         verdict = self._root.add_partial(partial)
         if verdict is PartialVerdict.APPLIED:
-            if self._root.ready:
+            self._applied += partial.count
+            stepped = self._root.ready
+            if stepped:
                 result = self._root.step()
                 self._last_step = {"version": result.version, "num_updates": result.num_updates}
             self._commit()
+            if stepped and self._publisher is not None:
+                self._publisher.want(self._release())  # committed first, then published
         pid = partial.id
         confirm = {"id": [pid.shard, pid.partition, pid.epoch, pid.number], "verdict": verdict}
         topic = partition_control_topic(self._fleet, pid.partition, PartitionControl.CONFIRM)
         await self._t.publish(topic, _json(confirm))
         await self._publish_status()
+
+    def _release(self) -> Release:
+        """The root's current (committed) model version."""
+        return Release(self._root.version, time.time(), self._root.weights.copy())
+
+    def _server_state(self, status: ServerStatus) -> ServerState:
+        assert self._publisher is not None
+        published = self._publisher.published_version
+        return root_server_state(
+            self._fleet,
+            status,
+            session=self._session,
+            version=self._root.version if published is None else published,
+            buffer_fill=self._root.buffer_fill,
+            buffer_size=self._buffer_size,
+            applied=self._applied,
+            started_at=self._started_at,
+        )
 
     async def _publish_assignment(self) -> None:
         """Retained: devices take P from it (PROTOCOL.md §11), operators read the owners."""
@@ -217,6 +320,15 @@ class RootService:
 
 
 # ---------------------------------------------------------------------------- partition worker
+@dataclass(frozen=True)
+class _Whole:
+    """One complete update: its topic, its envelope and every message (chunk) that carried it."""
+
+    topic: UpdateTopic
+    data: bytes
+    messages: list[InboundMessage]
+
+
 @dataclass
 class _Held:
     partial: PartialSum
@@ -253,6 +365,10 @@ class PartitionWorker:
         self._open: list[InboundMessage] = []
         self._held: dict[PartialId, _Held] = {}
         self._waiting: list[InboundMessage] = []
+        self._ahead: list[_Whole] = []  # trained on a version not yet read here
+        self._reassembler = Reassembler(ReassemblyConfig(max_message_size=MAX_UPDATE_BYTES))
+        self._chunks: dict[tuple[str, bytes], list[InboundMessage]] = {}  # held, by update
+        self._manifest = -1  # the newest manifest version read
         self.deposed = False
 
     async def run(self) -> None:
@@ -260,6 +376,7 @@ class PartitionWorker:
         control, data = self._ctl.messages(), self._t.messages()
         for what in (PartitionControl.GRANTED, PartitionControl.CONFIRM):
             await self._ctl.subscribe(partition_control_topic(s.fleet, s.partition, what), qos=1)
+        await self._ctl.subscribe(manifest_topic(s.fleet), qos=1)  # the root's new versions
         await self._t.subscribe(updates_filter(s.fleet, partition=s.partition), qos=1)
         if s.legacy:
             await self._t.subscribe(updates_filter(s.fleet), qos=1)
@@ -284,6 +401,10 @@ class PartitionWorker:
                 return
 
     async def _dispatch(self, message: InboundMessage) -> None:
+        if message.topic == manifest_topic(self._s.fleet):
+            await self._ctl.ack(message)
+            await self._on_manifest(message.payload)
+            return
         control = _control_of(message.topic, self._s.fleet)
         if control is PartitionControl.GRANTED:
             await self._ctl.ack(message)
@@ -311,12 +432,13 @@ class PartitionWorker:
             id_prefix=PartialId(s.shard, s.partition, s.epoch, 0),
             high_water={str(d): SeqWindow.from_json(w) for d, w in reply["high_water"].items()},
         )
+        if self._manifest > self._acc.version:  # published after the root granted
+            self._acc.advance(self._manifest)
         waiting, self._waiting = self._waiting, []
         for message in waiting:
             await self._on_update(message)
 
     async def _on_update(self, message: InboundMessage) -> None:
-        assert self._acc is not None
         s = self._s
         try:
             parsed = parse_topic(message.topic, expected_fleet=s.fleet)
@@ -328,7 +450,46 @@ class PartitionWorker:
                 s.counts["other_partition"] = s.counts.get("other_partition", 0) + 1
                 await self._t.ack(message)
                 return
-            header, body = decode_update(message.payload, topic=parsed)
+            whole = await self._reassemble(parsed, message)
+        except ProtocolError as exc:
+            await self._reject(exc, [message])
+            return
+        if whole is not None:
+            await self._judge(whole)
+
+    async def _reassemble(self, topic: UpdateTopic, message: InboundMessage) -> _Whole | None:
+        """The update ``message`` is, or completes (its chunks joined by the protocol's
+        :class:`Reassembler`, as in the aggregator's ingest); None while chunks are missing.
+        Every chunk of an update stays unacknowledged until the update is judged: rejected, or
+        covered by a confirmed partial (PROTOCOL.md §4.5, §11)."""
+        outer = decode_envelope(message.payload, max_payload=MAX_UPDATE_BYTES)
+        if outer.kind is not EnvelopeKind.UPDATE_CHUNK:
+            return _Whole(topic, message.payload, [message])
+        chunk = decode_chunk(outer)
+        key = (topic.device_id, chunk.header.message_id)
+        late = self._reassembler.statistics().late_duplicates
+        try:
+            done = self._reassembler.add(chunk, source=topic.device_id, now=time.monotonic())
+        except ProtocolError as exc:  # a bad checksum ends the message; a conflict only the copy
+            held = self._chunks.pop(key, []) if exc.reason is RejectReason.BAD_CHECKSUM else []
+            await self._reject(exc, [*held, message])
+            return None
+        if done is None:
+            if self._reassembler.statistics().late_duplicates != late:
+                await self._t.ack(message)  # a chunk of an update completed before
+            else:
+                self._chunks.setdefault(key, []).append(message)
+            return None
+        return _Whole(topic, bytes(done.data), [*self._chunks.pop(key, []), message])
+
+    async def _judge(self, whole: _Whole) -> None:
+        assert self._acc is not None
+        s = self._s
+        try:
+            header, body = decode_update(whole.data, topic=whole.topic)
+            if header.base_version == self._acc.version + 1:
+                self._ahead.append(whole)  # its manifest is on its way here: unacknowledged
+                return
             descriptor = CodecDescriptor.from_dict(header.codec)
             update = open_update(
                 descriptor, body, num_params=s.num_params, max_decompressed=MAX_DECOMPRESSED
@@ -341,11 +502,9 @@ class PartitionWorker:
                 num_examples=header.num_examples,
             )
         except (ProtocolError, UpdateRejected) as exc:
-            reason = str(getattr(exc, "reason", "rejected"))
-            s.counts[reason] = s.counts.get(reason, 0) + 1
-            await self._t.ack(message)  # judged for good: never counted, never redelivered
+            await self._reject(exc, whole.messages)
             return
-        self._open.append(message)
+        self._open.extend(whole.messages)
         if self._acc.pending >= s.flush_every:
             await self._forward()
         if s.progress:
@@ -353,10 +512,46 @@ class PartitionWorker:
             topic = partition_control_topic(s.fleet, s.partition, PartitionControl.PROGRESS)
             await self._t.publish(topic, _json(progress), qos=0)
 
-    async def _forward(self) -> None:
-        if self._acc is None:
+    async def _reject(
+        self, exc: ProtocolError | UpdateRejected, messages: list[InboundMessage]
+    ) -> None:
+        """Judged for good: counted by reason, acknowledged, never counted, never redelivered."""
+        reason = str(exc.reason)
+        self._s.counts[reason] = self._s.counts.get(reason, 0) + 1
+        await self._t.ack_many(messages)
+
+    async def _expire_chunks(self) -> None:
+        """Acknowledge the chunks of updates the reassembler gave up (expired, evicted)."""
+        for dropped in self._reassembler.expire(time.monotonic()):
+            held = self._chunks.pop((dropped.source, dropped.message_id), [])
+            reason = str(dropped.reason)
+            self._s.counts[reason] = self._s.counts.get(reason, 0) + 1
+            await self._t.ack_many(held)
+
+    async def _on_manifest(self, payload: bytes) -> None:
+        """A new model version from the root: the open partial goes out against the old one
+        (the root weighs it as FedBuff did when the updates came), the rest against the new."""
+        if not payload:
+            return  # a cleared retained manifest
+        try:
+            version = decode_message(payload, ModelManifest).version
+        except ProtocolError as exc:
+            log.warning("partition %d: bad manifest: %s", self._s.partition, exc)
             return
-        partial = self._acc.close()
+        self._manifest = max(self._manifest, version)
+        if self._acc is None or version <= self._acc.version:
+            return  # not granted yet: _on_granted catches up
+        await self._send(self._acc.advance(version))
+        ahead, self._ahead = self._ahead, []
+        for whole in ahead:
+            await self._judge(whole)
+
+    async def _forward(self) -> None:
+        if self._acc is not None:
+            await self._send(self._acc.close())
+
+    async def _send(self, partial: PartialSum | None) -> None:
+        """Forward ``partial``, holding the open messages it covers until it is confirmed."""
         if partial is None:
             return
         self._held[partial.id] = _Held(partial, self._open)
@@ -377,6 +572,7 @@ class PartitionWorker:
     async def _flush_periodically(self) -> None:
         while True:
             await asyncio.sleep(self._s.flush_after)
+            await self._expire_chunks()
             await self._forward()
 
 
@@ -389,8 +585,33 @@ async def _run_root(args: argparse.Namespace) -> None:
     config = fedbuff_config(args.k)
     path = Path(args.state)
     shards = args.shards.split(",")
+    publishing, initial = None, None
+    if args.model is not None:  # publish the model, starting from the aggregator's version 0
+        settings = ModelSettings(
+            model=args.model,
+            seed=args.seed,
+            local_epochs=args.local_epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            codec=CodecConfig(
+                quantization=Quantization(args.quantization), topk_fraction=args.topk_fraction
+            ),
+            max_packet=args.max_packet,
+            signing_key=None if args.signing_key is None else Path(args.signing_key),
+        )
+        release = release_config(
+            settings,
+            broker_url=args.broker,
+            fleet=args.fleet,
+            state_dir=path.parent,
+            buffer_size=args.k,
+        )
+        if release.spec.num_params != args.params:
+            raise SystemExit(f"--params {args.params}: {args.model} has {release.spec.num_params}")
+        publishing = (release, PublishedFile(path.with_name(path.name + ".published")))
+        initial = init_weights_numpy(release.spec, args.seed)
     root, assignment = RootService.load(
-        config, path, partitions=args.partitions, params=args.params, shards=shards
+        config, path, partitions=args.partitions, params=args.params, shards=shards, initial=initial
     )
     mqtt = MqttConfig.from_url(
         args.broker,
@@ -399,7 +620,7 @@ async def _run_root(args: argparse.Namespace) -> None:
         manual_ack=True,
     )
     async with MqttTransport(mqtt) as transport:
-        await RootService(transport, root, args.fleet, path, assignment).run()
+        await RootService(transport, root, args.fleet, path, assignment, publishing).run()
 
 
 async def _run_shard(args: argparse.Namespace) -> None:
@@ -441,6 +662,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--params", type=int, required=True)
     parser.add_argument("--k", type=int, required=True, help="FedBuff buffer size K")
     parser.add_argument("--state", help="root: state file")
+    model = parser.add_argument_group("root: publish the model (as the single aggregator does)")
+    model.add_argument("--model", help="the model served (its manifest, chunks, server state)")
+    model.add_argument("--seed", type=int, default=0, help="version 0: init weights of seed")
+    model.add_argument("--local-epochs", type=int, default=1, help="manifest hint")
+    model.add_argument("--batch-size", type=int, default=32, help="manifest hint")
+    model.add_argument("--lr", type=float, default=0.1, help="manifest hint")
+    model.add_argument("--quantization", default="int8", help="manifest codec hint")
+    model.add_argument("--topk-fraction", type=float, help="manifest codec hint")
+    model.add_argument("--max-packet", type=int, default=256 * 1024, help="model chunk bytes")
+    model.add_argument("--signing-key", help="Ed25519 private key PEM: sign every manifest")
     parser.add_argument("--shard", default="s0")
     parser.add_argument(
         "--shards", default="s0", help="root: the shards, comma-separated (initial assignment)"
