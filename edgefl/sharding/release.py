@@ -55,11 +55,11 @@ def release_config(
         from edgefl.security import load_signer
 
         signer = load_signer(settings.signing_key)
-    return AggregatorConfig(
-        broker_url=broker_url,
-        fleet=fleet,
-        model=settings.model,
-        state_dir=state_dir,
+    return AggregatorConfig.build(
+        broker_url,
+        fleet,
+        settings.model,
+        state_dir,
         buffer_size=buffer_size,
         local_epochs=settings.local_epochs,
         batch_size=settings.batch_size,

@@ -159,14 +159,14 @@ class RootService:
         self._publisher: Publisher | None = None
         if publishing is not None:
             config, published = publishing
-            self._buffer_size = config.buffer_size
+            self._buffer_size = config.aggregation.buffer_size
             self._session = published.start_session()
             self._publisher = Publisher(
                 config,
                 transport,
                 store=published,
                 writer=writer or concurrent.futures.ThreadPoolExecutor(1, "edgefl-root-writer"),
-                retained=published.retained(config.chunk_grace_s),
+                retained=published.retained(config.limits.chunk_grace_s),
                 release=self._release(),
                 server_state=self._server_state,
             )
