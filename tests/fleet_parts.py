@@ -144,3 +144,11 @@ def listening_url(stdout: Iterable[str]) -> str | None:
         if found:
             return found.group(1)
     return None
+
+
+async def stop_agents(agents: Iterable[Any], tasks: Iterable[asyncio.Task[Any]]) -> None:
+    """Stop each agent and wait for its task to end (a test's ``finally``: whatever failed, no
+    agent outlives its test)."""
+    for agent in agents:
+        agent.stop()
+    await asyncio.gather(*tasks, return_exceptions=True)

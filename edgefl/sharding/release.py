@@ -29,7 +29,17 @@ from edgefl.aggregator.publish import RetainedChunks
 from edgefl.codec.config import CodecConfig
 from edgefl.protocol import ServerState, ServerStatus
 
-__all__ = ["ModelSettings", "PublishedFile", "release_config", "root_server_state"]
+__all__ = [
+    "AGGREGATOR_NAMED",
+    "ModelSettings",
+    "PublishedFile",
+    "release_config",
+    "root_server_state",
+]
+
+AGGREGATOR_NAMED = ("seed", "local_epochs", "batch_size", "lr", "max_packet")
+"""The :class:`ModelSettings` fields named as the root's command-line options and as the single
+aggregator's flat options (``AggregatorConfig.build``), with the same meaning."""
 
 
 @dataclass(frozen=True)
@@ -61,14 +71,10 @@ def release_config(
         settings.model,
         state_dir,
         buffer_size=buffer_size,
-        local_epochs=settings.local_epochs,
-        batch_size=settings.batch_size,
-        lr=settings.lr,
         codec=settings.codec,
-        max_packet=settings.max_packet,
         manifest_signer=signer,
-        seed=settings.seed,
         receipts=False,
+        **{name: getattr(settings, name) for name in AGGREGATOR_NAMED},
     )
 
 

@@ -99,7 +99,13 @@ from edgefl.protocol.topics import (
 from edgefl.sharding.assignment import Assignment
 from edgefl.sharding.partial import PartialId, PartialSum, ShardAccumulator
 from edgefl.sharding.partitions import check_owner
-from edgefl.sharding.release import ModelSettings, PublishedFile, release_config, root_server_state
+from edgefl.sharding.release import (
+    AGGREGATOR_NAMED,
+    ModelSettings,
+    PublishedFile,
+    release_config,
+    root_server_state,
+)
 from edgefl.sharding.root import PartialVerdict, RootBuffer, RootState
 from edgefl.sharding.seqwindow import SeqWindow
 from edgefl.sharding.wire import decode_partial, encode_partial
@@ -589,15 +595,11 @@ async def _run_root(args: argparse.Namespace) -> None:
     if args.model is not None:  # publish the model, starting from the aggregator's version 0
         settings = ModelSettings(
             model=args.model,
-            seed=args.seed,
-            local_epochs=args.local_epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
             codec=CodecConfig(
                 quantization=Quantization(args.quantization), topk_fraction=args.topk_fraction
             ),
-            max_packet=args.max_packet,
             signing_key=None if args.signing_key is None else Path(args.signing_key),
+            **{name: getattr(args, name) for name in AGGREGATOR_NAMED},
         )
         release = release_config(
             settings,

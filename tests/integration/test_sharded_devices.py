@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from fleet_parts import stop_agents
 from test_monitor_fleet import agent
 from test_sharded_fedbuff import Procs
 from waiting import eventually
@@ -90,9 +91,7 @@ async def test_agents_publish_to_their_partitions_and_the_root_steps_on_all_upda
             await eventually(lambda: len(partitioned) == k, 30, what="every update seen")
             watcher.cancel()
     finally:
-        for a in agents:
-            a.stop()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await stop_agents(agents, tasks)
         procs.close()
 
     # Assert: every update on its device's partition topic, none on a plain one

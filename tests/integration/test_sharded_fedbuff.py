@@ -29,9 +29,8 @@ from waiting import eventually
 
 from broker.launcher import MosquittoBroker
 from edgefl.aggregation.fedbuff import FedBuff
+from edgefl.aggregator.updates import build_update_envelope
 from edgefl.codec.config import CodecConfig, Quantization
-from edgefl.codec.update import encode_update
-from edgefl.protocol.messages import UpdateHeader, encode_message
 from edgefl.protocol.topics import (
     PartitionControl,
     ShardsLeaf,
@@ -46,6 +45,7 @@ from edgefl.transport.mqtt import MqttTransport
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
+FP32 = CodecConfig(quantization=Quantization.FP32)
 FLEET, PARTITIONS, PARAMS, N = "f1", 1, 16, 40
 REPO = Path(__file__).resolve().parents[2]
 
@@ -105,23 +105,13 @@ def _update(
     older than revision 1.3) on the unpartitioned one."""
     device = f"d{i % 7}"
     delta = np.random.default_rng(i).normal(0, 1, PARAMS).astype(np.float32)
-    encoded, _ = encode_update(
-        delta, CodecConfig(quantization=Quantization.FP32), rng=np.random.default_rng(0)
-    )
-    header = UpdateHeader(
-        fleet=FLEET,
-        device_id=device,
-        seq=i,
-        base_version=0,
-        num_examples=10 + i,
-        model="m",
-        codec=encoded.descriptor.to_dict(),
-        num_params=PARAMS,
-        created_at=1.0,
-    )
+    envelope = build_update_envelope(
+        fleet=FLEET, device=device, seq=i, base_version=0, num_examples=10 + i, model="m",
+        delta=delta, codec=FP32, rng=np.random.default_rng(0), created_at=1.0,
+    )  # fmt: skip
     partition = None if legacy else partition_of(device, partitions)
     topic = update_topic(FLEET, device, i, partition=partition)
-    return topic, encode_message(header, encoded.body), delta, 10 + i
+    return topic, envelope, delta, 10 + i
 
 
 def assert_one_step_of_fedbuff(

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from fleet_parts import stop_agents
 from test_monitor_fleet import FLEET, agent
 from test_sharded_fedbuff import Procs
 from waiting import eventually
@@ -97,9 +98,7 @@ async def test_agents_keep_training_on_the_versions_the_root_publishes(
             final = await wire.published_model(last)
             watcher.cancel()
     finally:
-        for a in agents:
-            a.stop()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await stop_agents(agents, tasks)
         procs.close()
 
     # Assert: the root published its versions in order, from version 0 (the model's init)

@@ -13,10 +13,9 @@ import json
 import numpy as np
 from waiting import eventually
 
+from edgefl.aggregator.updates import build_update_envelope
 from edgefl.codec.config import CodecConfig, Quantization
-from edgefl.codec.update import encode_update
 from edgefl.protocol import EnvelopeKind, split_message
-from edgefl.protocol.messages import UpdateHeader, encode_message
 from edgefl.protocol.topics import (
     PartitionControl,
     ShardsLeaf,
@@ -29,6 +28,7 @@ from edgefl.sharding.service import PartitionWorker, WorkerSettings, fedbuff_con
 from edgefl.sharding.wire import decode_partial
 from edgefl.transport.memory import MemoryBroker, MemoryTransport
 
+FP32 = CodecConfig(quantization=Quantization.FP32)
 FLEET, N, DEVICE = "grove", 2000, "dev-7"
 SESSION = "part-0"
 
@@ -36,21 +36,10 @@ SESSION = "part-0"
 def chunked_update(seq: int) -> tuple[np.ndarray, list[bytes]]:
     """An fp32 update of ``N`` params (8 kB) split into packets of at most 1 kB."""
     delta = np.random.default_rng(seq).normal(0, 0.1, N).astype(np.float32)
-    encoded, _ = encode_update(
-        delta, CodecConfig(quantization=Quantization.FP32), rng=np.random.default_rng(0)
-    )
-    header = UpdateHeader(
-        fleet=FLEET,
-        device_id=DEVICE,
-        seq=seq,
-        base_version=0,
-        num_examples=20,
-        model="m",
-        codec=encoded.descriptor.to_dict(),
-        num_params=N,
-        created_at=1.0,
-    )
-    whole = encode_message(header, encoded.body)
+    whole = build_update_envelope(
+        fleet=FLEET, device=DEVICE, seq=seq, base_version=0, num_examples=20, model="m",
+        delta=delta, codec=FP32, rng=np.random.default_rng(0), created_at=1.0,
+    )  # fmt: skip
     return delta, list(
         split_message(whole, kind=EnvelopeKind.UPDATE_CHUNK, max_packet=1024).packets
     )

@@ -19,11 +19,11 @@ from waiting import eventually
 
 from device_agent.fetch import ModelFetch
 from edgefl.aggregation.fedbuff import FedBuff
+from edgefl.aggregator.updates import build_update_envelope
 from edgefl.codec.config import CodecConfig, Quantization
-from edgefl.codec.update import encode_update
 from edgefl.models import get_model_spec, init_weights_numpy
 from edgefl.protocol import ServerState, TrainingHints, decode_message, server_state_topic
-from edgefl.protocol.messages import ModelManifest, UpdateHeader, encode_message
+from edgefl.protocol.messages import ModelManifest
 from edgefl.protocol.topics import (
     ModelChunkTopic,
     ShardsLeaf,
@@ -37,6 +37,7 @@ from edgefl.sharding.release import ModelSettings, PublishedFile, release_config
 from edgefl.sharding.service import PartitionWorker, RootService, WorkerSettings, fedbuff_config
 from edgefl.transport.memory import MemoryBroker, MemoryTransport
 
+FP32 = CodecConfig(quantization=Quantization.FP32)
 FLEET, MODEL, K = "grove", "mlp-1k", 2
 SPEC = get_model_spec(MODEL)
 N = SPEC.num_params
@@ -76,22 +77,11 @@ def version_out(broker: MemoryBroker, version: int) -> bool:
 
 def update(device: str, seq: int, base: int, examples: int) -> tuple[str, bytes, np.ndarray]:
     delta = np.random.default_rng(seq).normal(0, 0.1, N).astype(np.float32)
-    encoded, _ = encode_update(
-        delta, CodecConfig(quantization=Quantization.FP32), rng=np.random.default_rng(0)
-    )
-    header = UpdateHeader(
-        fleet=FLEET,
-        device_id=device,
-        seq=seq,
-        base_version=base,
-        num_examples=examples,
-        model=MODEL,
-        codec=encoded.descriptor.to_dict(),
-        num_params=N,
-        created_at=1.0,
-    )
-    topic = update_topic(FLEET, device, seq, partition=0)
-    return topic, encode_message(header, encoded.body), delta
+    envelope = build_update_envelope(
+        fleet=FLEET, device=device, seq=seq, base_version=base, num_examples=examples,
+        model=MODEL, delta=delta, codec=FP32, rng=np.random.default_rng(0), created_at=1.0,
+    )  # fmt: skip
+    return update_topic(FLEET, device, seq, partition=0), envelope, delta
 
 
 @dataclass
