@@ -199,9 +199,9 @@ async def test_terminal_ui_shows_the_fleet_table(mosquitto: MosquittoBroker) -> 
     async def scenario() -> str:
         app = MonitorApp(MonitorOptions(monitor_mqtt_config(mosquitto.url), FLEET))
         async with app.run_test(size=(140, 36)) as pilot:
-            for _ in range(100):
+            for _ in range(100):  # the model first, then the table's next render
                 await pilot.pause(0.1)
-                if len(app.fleet_rows()) == 2:
+                if len(app.fleet_rows()) == 2 and "lost (will)" in app.screen_text():
                     break
             rows = app.fleet_rows()
             assert [r[:2] for r in rows] == [["pi-1", "training"], ["pi-2", "lost (will)"]]
