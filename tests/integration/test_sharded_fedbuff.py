@@ -191,7 +191,10 @@ async def test_shard_and_root_crashes_lose_nothing_and_count_nothing_twice(
 
     assert_one_step_of_fedbuff(status, updates)
     assert status["verdicts"]["late"] == 0
-    assert set(status["verdicts"]) == {"applied", "late"}  # no partial refused, none twice
+    # no partial refused; a re-forwarded copy (forwarding is at least once: a shard resends a
+    # partial whose confirmation it has not seen) is a "duplicate", confirmed and not applied
+    # again, which the model check above proves
+    assert set(status["verdicts"]) <= {"applied", "late", "duplicate"}
 
 
 async def test_old_devices_unpartitioned_updates_are_counted_once_by_their_owner(
