@@ -216,7 +216,11 @@ def _aggregator_config(
             codec=cfg.codec_config(),
         ),
         outputs=Outputs(
-            eval_dataset=cfg.dataset, metrics_interval_s=metrics_interval_for(cfg.devices)
+            eval_dataset=cfg.dataset,
+            metrics_interval_s=metrics_interval_for(cfg.devices),
+            # the aggregator's own stop rule ends the run: its final model is the version
+            # measured at the target, not one that in-flight updates moved on after it
+            until_accuracy=cfg.stop.target if cfg.stop.stop_at_target else None,
         ),
         ingest=IngestTuning(fsync=False),
         participation=participation_for(cfg, opts),
@@ -610,11 +614,11 @@ class _PollLoop:
         self.peak_connected = 0
         self.connected = 0  # at the last poll
         self.all_connected: tuple[float, int] | None = None  # (t, updates received) when first
-        self._reached = False
 
     async def until_done(self) -> None:
-        """Poll every ``poll_s`` until a signal, the target (with ``stop_at_target``), a limit
-        (``max_wall_s``, ``max_updates``) or the aggregator's end."""
+        """Poll every ``poll_s`` until a signal, a limit (``max_wall_s``, ``max_updates``) or
+        the aggregator's end, which with ``stop_at_target`` is its stop at the target
+        (``outputs.until_accuracy``: the newest version measured at or above it)."""
         while True:
             await _first_of(self._run.interrupted, wait_s=self._run.options.poll_s)
             if self._run.interrupted.is_set() or self._tick(time.monotonic() - self._t0):
@@ -634,10 +638,9 @@ class _PollLoop:
         accuracy = record.evals().accuracy
         acc = float(accuracy[-1]) if len(accuracy) else None
         cfg = self._run.config
-        self._reached = self._reached or bool(len(accuracy) and accuracy.max() >= cfg.stop.target)
         self._report(t, acc, connected)
         return (
-            (self._reached and cfg.stop.stop_at_target)
+            self._aggregator.service.reached is not None
             or t >= (cfg.stop.max_wall_s if cfg.stop.max_wall_s is not None else math.inf)
             or (cfg.stop.max_updates is not None and self._poller.received >= cfg.stop.max_updates)
             or self._aggregator.task.done()

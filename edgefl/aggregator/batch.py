@@ -166,14 +166,15 @@ class BatchBuilder:
                     self._receipt_rejection(batch, message.topic, out.reason)
                 log.debug("rejected %s: %s", message.topic, out.detail)
 
-    def close(self, batch: Batch) -> Batch | None:
-        """End a batch: give up expired chunked messages, run FedAvg deadlines, apply the
-        checkpoint rule, and add the batch's counts to the totals. ``None`` when there is
-        nothing to commit or acknowledge."""
+    def close(self, batch: Batch, *, timers: bool = True) -> Batch | None:
+        """End a batch: give up expired chunked messages, run FedAvg deadlines and the flush
+        deadline (unless ``timers`` is False: no step then), apply the checkpoint rule, and add
+        the batch's counts to the totals. ``None`` when there is nothing to commit or
+        acknowledge."""
         for dropped in self.ingest.expire(batch.now):
             batch.tally.reject(dropped.reason)
             batch.acks.extend(self._held.pop((dropped.source, dropped.message_id), []))
-        if self.engine.tick(batch.now) is not None:
+        if timers and self.engine.tick(batch.now) is not None:
             self._new_generation(batch)
         self._apply_checkpoint_rule(batch)
         record = batch.record

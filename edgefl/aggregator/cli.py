@@ -198,6 +198,13 @@ def aggregator_command(
     eval_dataset: Annotated[
         str | None, typer.Option(help="Evaluate each version on digits or mnist1d (test split).")
     ] = None,
+    until_accuracy: Annotated[
+        float | None,
+        typer.Option(
+            help="Stop once the newest version's held-out accuracy reaches it (with"
+            " --eval-dataset)."
+        ),
+    ] = None,
     metrics_interval: Annotated[
         float | None, typer.Option(help="Seconds between METRICS. [5]")
     ] = None,

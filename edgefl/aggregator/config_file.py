@@ -163,6 +163,7 @@ _KEYS: dict[str, _Key] = {
     "outputs.metrics_interval_s": _Key(float, "--metrics-interval", "metrics_interval_s"),
     "outputs.metrics_port": _Key(int | None, "--metrics-port", "metrics_port"),
     "outputs.metrics_bind": _Key(str, "--metrics-bind", "metrics_bind"),
+    "outputs.until_accuracy": _Key(float | None, "--until-accuracy", "until_accuracy"),
     # [limits]
     "limits.max_update_bytes": _Key(int, "--max-update-bytes", "max_update_bytes"),
     "limits.rate_limit_per_minute": _Key(float | None, "--rate-limit", "rate_limit_per_minute"),

@@ -111,12 +111,21 @@ class Outputs:
     metrics_interval_s: float = 5.0
     metrics_port: int | None = None
     metrics_bind: str = "127.0.0.1"
+    # Stop once a held-out evaluation of the newest version reaches this accuracy (the
+    # service's run ends, like a stop; that version stays published). None: never.
+    until_accuracy: float | None = None
 
     def __post_init__(self) -> None:
         if self.eval_dataset is not None and self.eval_dataset not in EVAL_DATASETS:
             raise ValueError(
                 f"eval_dataset must be None, 'digits' or 'mnist1d': {self.eval_dataset}"
             )
+        target = self.until_accuracy
+        if target is not None:
+            if not (math.isfinite(target) and 0 < target <= 1):
+                raise ValueError(f"until_accuracy must be in (0, 1], got {target}")
+            if self.eval_dataset is None:
+                raise ValueError("until_accuracy needs eval_dataset (the held-out evaluation)")
         _positive(self, "metrics_interval_s")
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
             raise ValueError(f"bad metrics_port {self.metrics_port}")

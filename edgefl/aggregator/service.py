@@ -231,6 +231,8 @@ class Aggregator:
         self._state_at = 0.0  # monotonic time of the last server state published for leases
         self._state_wanted = asyncio.Event()  # the participation figures changed
         self.phase = Phase.STARTING
+        # (version, accuracy) that met ``outputs.until_accuracy`` (the run then stopped)
+        self.reached: tuple[int, float] | None = None
 
     # ------------------------------------------------------------------ public API
     def stop(self) -> None:
@@ -563,6 +565,7 @@ class Aggregator:
             builder.record_accuracy(version, accuracy)
             with contextlib.suppress(RuntimeError):  # writer already shut down
                 writer.submit(store.set_accuracy, version, accuracy)
+            self._check_target(version, accuracy, newest=builder.engine.version)
 
         def on_result(version: int, accuracy: float) -> None:
             loop.call_soon_threadsafe(record, version, accuracy)
@@ -573,6 +576,20 @@ class Aggregator:
         evaluator.start()
         evaluator.submit(builder.engine.version, builder.engine.weights)
         return evaluator
+
+    def _check_target(self, version: int, accuracy: float, *, newest: int) -> None:
+        """``outputs.until_accuracy``: the evaluation of the newest version reached the target,
+        so stop with that version as the final model. Runs on the event loop, so no step can
+        come between the check and the stop: the batch being applied books no further packet
+        (:meth:`_apply_batch`), its unbooked packets stay unacknowledged and the broker
+        redelivers them to the next run. An older version's evaluation never stops the run:
+        the model moved on since, and the newer version has not been measured."""
+        target = self.config.outputs.until_accuracy
+        if target is None or self.reached is not None or accuracy < target or version != newest:
+            return
+        self.reached = (version, accuracy)
+        log.info("version %d reached accuracy %.4f >= %.4f: stopping", version, accuracy, target)
+        self.stop()
 
     # ------------------------------------------------------------------ ingest
     async def _reader(self, transport: Transport) -> None:
@@ -676,6 +693,8 @@ class Aggregator:
         inflight: collections.deque[_Inflating] = collections.deque()
         slice_end = time.perf_counter() + _SLICE_S
         for message, received_at in messages:
+            if self.reached is not None:
+                break  # the target version is final: the rest stays unacknowledged
             if running.desk is not None and message.topic.endswith((_CHECKIN_LEAF, _STATE_LEAF)):
                 self._check_in(running.desk, batch, (message, received_at))
                 continue
@@ -697,9 +716,11 @@ class Aggregator:
                 slice_end = time.perf_counter() + _SLICE_S
         while inflight:
             self._finish_inflated(builder, batch, inflight.popleft())
+        if self.reached is not None and not batch.acks:
+            return None  # stopped at the target before this batch booked anything
         if running.desk is not None:
             self._grant(running.desk, batch, builder.engine.version)
-        return builder.close(batch)
+        return builder.close(batch, timers=self.reached is None)
 
     @staticmethod
     def _check_in(desk: LeaseDesk, batch: Batch, ticket: Ticket) -> None:

@@ -59,6 +59,8 @@ USAGE_CASES: list[tuple[str, list[str], int, tuple[str, ...]]] = [
     ("norm bound", ["--broker", URL, *GOOD, "--norm-bound", "static-clip"], 2, ("--norm-bound", "max_norm")),
     ("buffer size", ["--broker", URL, *GOOD, "--buffer-size", "0"], 2, ("--buffer-size",)),
     ("metrics interval", ["--broker", URL, *GOOD, "--metrics-interval", "0"], 2, ("--metrics-interval",)),
+    ("until accuracy without evaluation", ["--broker", URL, *GOOD, "--until-accuracy", "0.9"], 2, ("--until-accuracy", "eval_dataset")),
+    ("until accuracy above 1", ["--broker", URL, *GOOD, "--eval-dataset", "digits", "--until-accuracy", "2"], 2, ("--until-accuracy", "(0, 1]")),
     ("connect timeout", ["--broker", URL, *GOOD, "--connect-timeout", "0"], 2, ("--connect-timeout",)),
     ("tls on plain", ["--broker", URL, *GOOD, "--tls-insecure"], 2, ("--tls-insecure",)),
     ("ca file", ["--broker", "mqtts://127.0.0.1:9", *GOOD, "--ca-file", "{tmp}/missing.crt"], 2, ("--ca-file", "missing.crt")),
