@@ -56,8 +56,8 @@ async def _run_root(
         broker, f"edgefl-{FLEET}-root", persistent_session=True, manual_ack=True
     )
     await transport.connect()
-    service = RootService(transport, root, FLEET, state, assignment)
-    return asyncio.get_running_loop().create_task(service.run()), transport
+    service = RootService(root, FLEET, state, assignment)
+    return asyncio.get_running_loop().create_task(service.run(transport)), transport
 
 
 async def _stop(task: asyncio.Task[None], transport: MemoryTransport) -> None:
