@@ -1,7 +1,9 @@
 """Asyncio shells of hierarchical FedBuff over MQTT: a root and partition workers (a shard runs
-one worker per partition it owns). Still a minimal form: no signature checks on updates, no
-receipts, and a shard's partitions given on its command line (the assignment of
-:mod:`~edgefl.sharding.assignment` is not yet read from the broker).
+one worker per partition it owns). Still a minimal form: no signature checks on updates and no
+receipts. A shard's partitions are given on its command line (``--own 0,3 --epoch E``) or read
+from the root's retained assignment (``--own assigned``: the partitions the assignment gives
+``--shard``, each claimed at its owner epoch + 1, :meth:`Assignment.claims`); a shard follows no
+later change of the assignment (a take-over by another shard deposes its worker, as always).
 
 Updates of any codec, whole or chunked: a worker joins an update's ``UPDATE_CHUNK`` packets
 with the protocol's :class:`Reassembler` (the one the aggregator's ingest uses) and keeps every
@@ -685,8 +687,44 @@ async def _run_root(args: argparse.Namespace) -> None:
         await service.run(transport)
 
 
+ASSIGNED = "assigned"
+"""``--own assigned``: the partitions of the retained assignment (:func:`read_assignment`)."""
+
+
+async def read_assignment(transport: Transport, fleet: str, within: float) -> Assignment:
+    """The first well-formed assignment of ``fleet`` read from its retained topic within
+    ``within`` seconds (``TimeoutError`` otherwise); malformed or cleared ones are skipped."""
+    messages = transport.messages()
+    await transport.subscribe(shards_topic(fleet, ShardsLeaf.ASSIGNMENT), qos=1)
+    async with asyncio.timeout(within):
+        async for message in messages:
+            try:
+                return Assignment.from_json(message.payload)
+            except ValueError as exc:
+                log.warning("shard: ignoring the assignment message: %s", exc)
+    raise TimeoutError("the connection ended before an assignment came")
+
+
+async def _claims(args: argparse.Namespace) -> dict[int, int]:
+    """Partition -> owner epoch this shard takes over: ``--own``/``--epoch``, or the assignment."""
+    if args.own != ASSIGNED:
+        return {int(k): args.epoch for k in args.own.split(",")}
+    reader = MqttConfig.from_url(args.broker, client_id=f"edgefl-{args.fleet}-{args.shard}-reader")
+    async with MqttTransport(reader) as transport:
+        assignment = await read_assignment(transport, args.fleet, args.assignment_wait_s)
+    if assignment.partitions != args.partitions:
+        raise SystemExit(
+            f"--partitions {args.partitions}: the assignment has {assignment.partitions}"
+        )
+    claims = assignment.claims(args.shard)
+    if not claims:
+        raise SystemExit(f"shard {args.shard} owns no partition in the assignment")
+    log.info("shard %s: claiming %s from assignment %d", args.shard, claims, assignment.epoch)
+    return claims
+
+
 async def _run_shard(args: argparse.Namespace) -> None:
-    async def one(k: int) -> None:
+    async def one(k: int, epoch: int) -> None:
         data, control = (
             MqttConfig.from_url(
                 args.broker,
@@ -701,7 +739,7 @@ async def _run_shard(args: argparse.Namespace) -> None:
             shard=args.shard,
             partition=k,
             partitions=args.partitions,
-            epoch=args.epoch,
+            epoch=epoch,
             num_params=args.params,
             config=fedbuff_config(args.k),
             flush_every=args.flush_every,
@@ -712,7 +750,8 @@ async def _run_shard(args: argparse.Namespace) -> None:
         async with MqttTransport(data) as data_t, MqttTransport(control) as control_t:
             await PartitionWorker(data_t, control_t, settings).run()
 
-    await asyncio.gather(*(one(int(k)) for k in args.own.split(",")))
+    claims = await _claims(args)
+    await asyncio.gather(*(one(k, epoch) for k, epoch in claims.items()))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -741,8 +780,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--shards", default="s0", help="root: the shards, comma-separated (initial assignment)"
     )
-    parser.add_argument("--own", default="0", help="shard: partitions, comma-separated")
+    parser.add_argument(
+        "--own",
+        default="0",
+        help=f"shard: partitions, comma-separated, or {ASSIGNED!r}: those the root's assignment "
+        "gives --shard (each at its owner epoch + 1; --epoch is then unused)",
+    )
     parser.add_argument("--epoch", type=int, default=0)
+    parser.add_argument(
+        "--assignment-wait-s", type=float, default=30.0, help="shard: --own assigned, seconds"
+    )
     parser.add_argument("--flush-every", type=int, default=5, help="shard: updates per partial")
     parser.add_argument("--flush-after", type=float, default=0.5, help="shard: seconds")
     parser.add_argument("--progress", action="store_true", help="shard: publish open counts")
