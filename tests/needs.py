@@ -7,6 +7,7 @@ the test with the command that fixes it.
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -30,3 +31,15 @@ def mosquitto() -> str:
     if binary is None:
         pytest.fail(f"mosquitto is not installed: {SETUP_HINT}")
     return str(binary)
+
+
+def network_namespaces(available: bool) -> None:
+    """For a test whose "hosts" are network namespaces (``available``: root and ``ip``, as
+    ``cluster.netns_available()`` says): without them it skips on a developer's machine but
+    fails under CI (``CI`` set), which runs the suite as root."""
+    if available:
+        return
+    message = "network namespaces need root and iproute2 (`ip netns`)"
+    if os.environ.get("CI"):
+        pytest.fail(f"{message} (CI is set, so this fails instead of skipping)")
+    pytest.skip(message)

@@ -9,7 +9,13 @@
 * **old chunks**: :meth:`~Publisher.housekeeping` clears chunk sets that
   :class:`~edgefl.aggregator.publish.RetainedChunks` says are due, and forgets them in the store;
 * **server state**: the retained ``server/state`` message (:meth:`~Publisher.publish_state`),
-  built by the service's ``server_state`` callback.
+  built by the service's ``server_state`` callback, and the connection's Last Will that says
+  ``lost`` (:func:`server_state_will`);
+* **metrics**: a METRICS message on ``server/metrics`` (QoS 0) with the server state refreshed
+  (:meth:`~Publisher.publish_metrics`), its rates from :class:`RateMeter`.
+
+Both the single aggregator and the sharded root (:mod:`edgefl.sharding.service`) publish
+through this module, so devices and monitors cannot tell them apart by these topics.
 """
 
 from __future__ import annotations
@@ -18,20 +24,49 @@ import asyncio
 import concurrent.futures
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from edgefl.aggregator.config import AggregatorConfig
 from edgefl.aggregator.publish import Release, RetainedChunks, build_model_packets, clear_packets
-from edgefl.protocol import ServerState, ServerStatus, encode_message, server_state_topic
-from edgefl.transport import Transport, TransportError
+from edgefl.protocol import (
+    ServerMetrics,
+    ServerState,
+    ServerStatus,
+    encode_message,
+    server_metrics_topic,
+    server_state_topic,
+)
+from edgefl.transport import Transport, TransportError, Will
 
-__all__ = ["PublishedSets", "Publisher"]
+__all__ = ["PublishedSets", "Publisher", "RateMeter", "server_state_will"]
 
 log = logging.getLogger("edgefl.aggregator")
 
 _RETRY_S = 0.5
 _HOUSEKEEPING_S = 0.5
+
+
+def server_state_will(lost: ServerState) -> Will:
+    """The Last Will of an aggregator's connection: ``lost`` (a server state with status
+    ``lost``) retained on the server state topic at QoS 1, which the broker publishes when the
+    connection ends without DISCONNECT (a crash, SIGKILL, a cut network; PROTOCOL.md §4.2)."""
+    return Will(server_state_topic(lost.fleet), encode_message(lost), qos=1, retain=True)
+
+
+class RateMeter:
+    """Per-second rates of monotone totals over the period since the previous reading:
+    ``rate_i = max(0, (x_i(now) - x_i(last)) / max(now - last, 1e-9))`` (sans-IO)."""
+
+    def __init__(self, now: float, totals: Sequence[int]) -> None:
+        self._last = (now, tuple(totals))
+
+    def read(self, now: float, totals: Sequence[int]) -> tuple[float, ...]:
+        """The rates since the previous reading (or the start); this reading becomes the last."""
+        then, before = self._last
+        dt = max(now - then, 1e-9)
+        self._last = (now, tuple(totals))
+        return tuple(max(0.0, (x - x0) / dt) for x, x0 in zip(totals, before, strict=True))
 
 
 class PublishedSets(Protocol):
@@ -145,6 +180,14 @@ class Publisher:
         payload = encode_message(self._server_state(status))
         topic = server_state_topic(self._config.fleet)
         await self._transport.publish(topic, payload, qos=1, retain=True)
+
+    async def publish_metrics(self, metrics: ServerMetrics) -> None:
+        """One METRICS message (QoS 0, not retained), then the server state ``online`` (its
+        ``at`` refreshed: a monitor sees the server alive between versions)."""
+        await self._transport.publish(
+            server_metrics_topic(self._config.fleet), encode_message(metrics), qos=0
+        )
+        await self.publish_state(ServerStatus.ONLINE)
 
     async def housekeeping(self) -> None:
         """The housekeeping task: clear old chunk sets every half second."""

@@ -61,7 +61,7 @@ from edgefl.aggregator.evaluation import Evaluator
 from edgefl.aggregator.ingest import Ingest, StagedUpdate
 from edgefl.aggregator.participation import CheckInAuthenticator, LeaseDesk
 from edgefl.aggregator.publish import Release, RetainedChunks
-from edgefl.aggregator.publisher import Publisher
+from edgefl.aggregator.publisher import Publisher, RateMeter, server_state_will
 from edgefl.aggregator.receipts import ReceiptQueue, ReceiptSender
 from edgefl.aggregator.statelock import StateDirLock
 from edgefl.aggregator.stats import (
@@ -81,9 +81,6 @@ from edgefl.protocol import (
     ServerMetrics,
     ServerState,
     ServerStatus,
-    encode_message,
-    server_metrics_topic,
-    server_state_topic,
 )
 from edgefl.protocol.messages import FEATURE_LEASES, FEATURE_RECEIPTS, CentralPrivacy, UpdateHeader
 from edgefl.protocol.receipts import ReceiptBook
@@ -100,7 +97,6 @@ from edgefl.transport import (
     MqttTransport,
     Transport,
     TransportError,
-    Will,
 )
 
 if TYPE_CHECKING:
@@ -540,8 +536,7 @@ class Aggregator:
         cfg = self.config
         stats = self._statistics(restored.builder, restored.session, restored.started_at)
         lost = _server_state(cfg.fleet, ServerStatus.LOST, stats, None, self._features())
-        will = encode_message(lost)
-        mqtt = cfg.mqtt_config(will=Will(server_state_topic(cfg.fleet), will, qos=1, retain=True))
+        mqtt = cfg.mqtt_config(will=server_state_will(lost))
         return MqttTransport(mqtt, on_connect=self._on_connect)
 
     async def _on_connect(self, info: ConnectInfo) -> None:
@@ -880,23 +875,15 @@ class Aggregator:
 
     async def _metrics(self, running: _Running) -> None:
         cfg, totals = self.config, running.builder.totals
-        last = (time.monotonic(), totals.applied, totals.bytes)
+        meter = RateMeter(time.monotonic(), (totals.applied, totals.bytes))
         while True:
             await asyncio.sleep(cfg.outputs.metrics_interval_s)
-            now = time.monotonic()
-            applied, nbytes = totals.applied, totals.bytes
-            dt = max(now - last[0], 1e-9)
-            self._rate = (max(0.0, (applied - last[1]) / dt), max(0.0, (nbytes - last[2]) / dt))
-            last = (now, applied, nbytes)
+            rates = meter.read(time.monotonic(), (totals.applied, totals.bytes))
+            self._rate = (rates[0], rates[1])
             s = self.statistics()
             self._stats_cache = s
             try:
-                await running.transport.publish(
-                    server_metrics_topic(cfg.fleet),
-                    encode_message(_server_metrics(cfg.fleet, s)),
-                    qos=0,
-                )
-                await running.publisher.publish_state(ServerStatus.ONLINE)
+                await running.publisher.publish_metrics(_server_metrics(cfg.fleet, s))
             except TransportError as exc:
                 log.warning("publishing metrics failed: %s", exc)
 

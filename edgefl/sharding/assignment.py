@@ -2,7 +2,8 @@
 
 The root (the coordinator) publishes the :class:`Assignment` retained on
 ``edgefl/v1/<fleet>/shards/assignment``; shards read it and own exactly the partitions it
-gives them. ``owner(k) = argmax_s H(s, k)`` over the live shards (highest random weight, HRW),
+gives them (``shard --own assigned``: :meth:`Assignment.claims`).
+``owner(k) = argmax_s H(s, k)`` over the live shards (highest random weight, HRW),
 with ``H`` the first 8 bytes of SHA-256 over ``"<shard>/<k>"``. So:
 
 * the assignment is a pure function of the set of live shards (every reader computes the same);
@@ -71,6 +72,13 @@ class Assignment:
     def owned_by(self, shard: str) -> tuple[int, ...]:
         """The partitions ``shard`` owns, ascending."""
         return tuple(k for k, owner in enumerate(self.owners) if owner == shard)
+
+    def claims(self, shard: str) -> dict[int, int]:
+        """The take-overs ``shard`` asks for when it starts from this assignment: each partition
+        it owns, at its owner epoch + 1. The root grants only an epoch after a partition's
+        current one and this assignment records the granted ones, so the claim is granted, and a
+        shard started again under the same name fences its previous run's late partials."""
+        return {k: self.owner_epochs[k] + 1 for k in self.owned_by(shard)}
 
     def rebalance(self, live: Iterable[str]) -> Assignment:
         """The assignment for the live shards ``live``; ``self`` if nothing moves.

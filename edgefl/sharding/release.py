@@ -12,7 +12,10 @@ what it downloads. This module holds the root's side of that:
 * :class:`PublishedFile`: where the root records the chunk sets it left on the broker (the
   single aggregator keeps them in its SQLite store) and its server-state ``session`` counter,
   one JSON file written atomically;
-* :func:`root_server_state`: the root's :class:`~edgefl.protocol.ServerState`.
+* :func:`root_server_state`: the root's :class:`~edgefl.protocol.ServerState` (retained, and
+  with status ``lost`` the Last Will of its connection);
+* :class:`RootTotals` and :func:`root_metrics`: the root's METRICS on ``server/metrics``, every
+  ``metrics_interval_s`` as the single aggregator's.
 """
 
 from __future__ import annotations
@@ -27,17 +30,19 @@ from pathlib import Path
 from edgefl.aggregator.config import AggregatorConfig
 from edgefl.aggregator.publish import RetainedChunks
 from edgefl.codec.config import CodecConfig
-from edgefl.protocol import ServerState, ServerStatus
+from edgefl.protocol import ServerMetrics, ServerState, ServerStatus
 
 __all__ = [
     "AGGREGATOR_NAMED",
     "ModelSettings",
     "PublishedFile",
+    "RootTotals",
     "release_config",
+    "root_metrics",
     "root_server_state",
 ]
 
-AGGREGATOR_NAMED = ("seed", "local_epochs", "batch_size", "lr", "max_packet")
+AGGREGATOR_NAMED = ("seed", "local_epochs", "batch_size", "lr", "max_packet", "metrics_interval_s")
 """The :class:`ModelSettings` fields named as the root's command-line options and as the single
 aggregator's flat options (``AggregatorConfig.build``), with the same meaning."""
 
@@ -53,6 +58,7 @@ class ModelSettings:
     lr: float = 0.1
     codec: CodecConfig = field(default_factory=CodecConfig)
     max_packet: int = 256 * 1024
+    metrics_interval_s: float = 5.0  # METRICS and the refreshed server state, as the aggregator
     signing_key: Path | None = None  # an Ed25519 private key PEM: every manifest is signed
 
 
@@ -141,4 +147,56 @@ def root_server_state(
         applied=applied,
         started_at=started_at,
         at=time.time(),
+    )
+
+
+@dataclass
+class RootTotals:
+    """The root's counters since it started (the figures of its METRICS)."""
+
+    received: int = 0  # updates in every partial read (a re-forwarded partial's again)
+    applied: int = 0  # updates in the partials applied
+    bytes: int = 0  # payload bytes of the partials read
+    staleness_sum: int = 0  # summed over the updates of the applied partials
+    staleness_max: int = 0
+    steps: int = 0
+
+
+def root_metrics(
+    fleet: str,
+    *,
+    version: int,
+    buffer_fill: int,
+    buffer_size: int,
+    totals: RootTotals,
+    rates: tuple[float, float],
+    verdicts: dict[str, int],
+    session: int,
+) -> ServerMetrics:
+    """The root's METRICS message (PROTOCOL.md §4.3): the single aggregator's fields where the
+    root knows them. ``received``/``applied``/``bytes_ingested`` count updates and bytes of
+    partials (the shards see the devices' own bytes), ``rates`` are (applied updates/s,
+    partial bytes/s). A partial carries only the sum and maximum of its updates' staleness, not
+    their histogram: ``staleness`` stays empty and ``extra`` has ``staleness_mean`` and
+    ``staleness_max``. Refusals of device updates happen at the shards, so ``rejected`` is empty;
+    ``extra["partials"]`` counts the partials by verdict (and ``late``)."""
+    mean = totals.staleness_sum / totals.applied if totals.applied else None
+    return ServerMetrics(
+        fleet=fleet,
+        at=time.time(),
+        version=version,
+        buffer_fill=min(buffer_fill, buffer_size),
+        buffer_size=buffer_size,
+        received=totals.received,
+        applied=totals.applied,
+        updates_per_s=rates[0],
+        bytes_ingested=totals.bytes,
+        bytes_per_s=rates[1],
+        extra={
+            "steps": totals.steps,
+            "session": session,
+            "partials": verdicts,
+            "staleness_mean": mean,
+            "staleness_max": totals.staleness_max,
+        },
     )

@@ -1,7 +1,9 @@
 """Asyncio shells of hierarchical FedBuff over MQTT: a root and partition workers (a shard runs
-one worker per partition it owns). Still a minimal form: no signature checks on updates, no
-receipts, and a shard's partitions given on its command line (the assignment of
-:mod:`~edgefl.sharding.assignment` is not yet read from the broker).
+one worker per partition it owns). Still a minimal form: no signature checks on updates and no
+receipts. A shard's partitions are given on its command line (``--own 0,3 --epoch E``) or read
+from the root's retained assignment (``--own assigned``: the partitions the assignment gives
+``--shard``, each claimed at its owner epoch + 1, :meth:`Assignment.claims`); a shard follows no
+later change of the assignment (a take-over by another shard deposes its worker, as always).
 
 Updates of any codec, whole or chunked: a worker joins an update's ``UPDATE_CHUNK`` packets
 with the protocol's :class:`Reassembler` (the one the aggregator's ingest uses) and keeps every
@@ -12,7 +14,8 @@ acknowledged at once.
 The model (``--model``; docs/PROTOCOL.md §11, "Model versions"): the root publishes every
 committed version as the single aggregator does, with its :class:`Publisher` (retained chunks,
 then the manifest with the training hints and codec, signed with ``--signing-key``; the retained
-server state), at start and after each step, always after committing it
+server state, whose status ``lost`` is the Will of the root's connection; METRICS every
+``--metrics-interval-s``), at start and after each step, always after committing it
 (:mod:`~edgefl.sharding.release`). A worker starts at the version of its grant and follows the
 manifest: a newer version closes the open partial against the old one
 (:meth:`ShardAccumulator.advance`), and an update based on the next version that arrives before
@@ -35,6 +38,7 @@ docs/PROTOCOL.md §11), under ``edgefl/v1/<fleet>/``:
     shards/assignment          root -> devices, shards   Assignment.to_json()    retained, QoS 1
     model/manifest, model/<v>/<i>, server/state   root -> devices, workers (manifest)
                                                  as the single aggregator (§5)    retained, QoS 1
+    server/metrics                     root -> monitors   METRICS of partials      QoS 0
 
 The root publishes the assignment (P, owners, owner epochs) retained when it starts and after
 every granted take-over that moves a partition (the ``"shard"`` of the take-over becomes the
@@ -75,12 +79,12 @@ from edgefl.aggregation.fedbuff import FedBuffConfig
 from edgefl.aggregation.robust import NormBound
 from edgefl.aggregator.config import AggregatorConfig
 from edgefl.aggregator.publish import Release
-from edgefl.aggregator.publisher import Publisher
+from edgefl.aggregator.publisher import Publisher, RateMeter, server_state_will
 from edgefl.codec.config import CodecConfig, CodecDescriptor, Quantization
 from edgefl.codec.update import open_update
 from edgefl.errors import ProtocolError, RejectReason, UpdateRejected
 from edgefl.models import init_weights_numpy
-from edgefl.protocol import ServerState, ServerStatus
+from edgefl.protocol import ServerMetrics, ServerState, ServerStatus
 from edgefl.protocol.chunking import Reassembler, ReassemblyConfig, decode_chunk
 from edgefl.protocol.envelope import EnvelopeKind, decode_envelope
 from edgefl.protocol.messages import ModelManifest, decode_message, decode_update
@@ -103,14 +107,16 @@ from edgefl.sharding.release import (
     AGGREGATOR_NAMED,
     ModelSettings,
     PublishedFile,
+    RootTotals,
     release_config,
+    root_metrics,
     root_server_state,
 )
 from edgefl.sharding.root import PartialVerdict, RootBuffer, RootState
 from edgefl.sharding.seqwindow import SeqWindow
 from edgefl.sharding.wire import decode_partial, encode_partial
-from edgefl.transport.base import InboundMessage, Transport
-from edgefl.transport.config import MqttConfig
+from edgefl.transport.base import InboundMessage, Transport, TransportError
+from edgefl.transport.config import MqttConfig, Will
 from edgefl.transport.mqtt import MqttTransport
 
 log = logging.getLogger("edgefl.sharding")
@@ -145,7 +151,6 @@ class RootService:
 
     def __init__(
         self,
-        transport: Transport,
         root: RootBuffer,
         fleet: str,
         state_path: Path,
@@ -153,29 +158,37 @@ class RootService:
         publishing: tuple[AggregatorConfig, PublishedFile] | None = None,
         writer: concurrent.futures.Executor | None = None,
     ) -> None:
-        """``publishing``: publish every committed model version (and the server state) with
-        the single aggregator's :class:`Publisher`, from this configuration (:mod:`.release`),
+        """``publishing``: publish every committed model version, the server state (and its
+        Last Will, :meth:`will`) and METRICS every ``outputs.metrics_interval_s`` with the
+        single aggregator's :class:`Publisher`, from this configuration (:mod:`.release`),
         recording the chunk sets in this file; ``writer`` runs those file writes (default: a
-        thread of its own)."""
-        self._t, self._root, self._fleet, self._path = transport, root, fleet, state_path
+        thread of its own). :meth:`run` is given the connection (made with :meth:`will`)."""
+        self._root, self._fleet, self._path = root, fleet, state_path
         self._assignment = assignment
         self._last_step: dict[str, Any] | None = None
-        self._applied = 0  # updates in the partials applied since started_at
+        self._totals = RootTotals()
+        self._rates = (0.0, 0.0)  # applied updates/s, partial bytes/s over the last period
         self._started_at = time.time()
+        self._publishing = publishing
+        self._writer = writer
         self._publisher: Publisher | None = None
+        self._transport: Transport | None = None
         if publishing is not None:
             config, published = publishing
             self._buffer_size = config.aggregation.buffer_size
             self._session = published.start_session()
-            self._publisher = Publisher(
-                config,
-                transport,
-                store=published,
-                writer=writer or concurrent.futures.ThreadPoolExecutor(1, "edgefl-root-writer"),
-                retained=published.retained(config.limits.chunk_grace_s),
-                release=self._release(),
-                server_state=self._server_state,
-            )
+
+    def will(self) -> Will | None:
+        """The Last Will of the root's connection when it publishes the server state: that
+        state with status ``lost`` (as the single aggregator's); None otherwise."""
+        if self._publishing is None:
+            return None
+        return server_state_will(self._server_state(ServerStatus.LOST))
+
+    @property
+    def _t(self) -> Transport:
+        assert self._transport is not None, "RootService.run() was not called"
+        return self._transport
 
     @staticmethod
     def load(
@@ -211,7 +224,21 @@ class RootService:
             os.fsync(f.fileno())
         os.replace(tmp, self._path)
 
-    async def run(self) -> None:
+    async def run(self, transport: Transport) -> None:
+        """Serve on ``transport`` (connected, persistent session, manual acks) until cancelled."""
+        self._transport = transport
+        if self._publishing is not None:
+            config, published = self._publishing
+            writer = self._writer or concurrent.futures.ThreadPoolExecutor(1, "edgefl-root-writer")
+            self._publisher = Publisher(
+                config,
+                transport,
+                store=published,
+                writer=writer,
+                retained=published.retained(config.limits.chunk_grace_s),
+                release=self._release(),
+                server_state=self._server_state,
+            )
         messages = self._t.messages()
         await self._t.subscribe(shards_topic(self._fleet, ShardsLeaf.PARTIAL), qos=1)
         await self._t.subscribe(partition_control_filter(self._fleet, PartitionControl.TAKEOVER))
@@ -228,6 +255,7 @@ class RootService:
             loop.create_task(self._serve(messages)),
             loop.create_task(self._publisher.run()),
             loop.create_task(self._publisher.housekeeping()),
+            loop.create_task(self._metrics(self._publisher)),
         ]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -274,10 +302,16 @@ class RootService:
             log.warning("root: bad partial: %s", exc)
             return
         verdict = self._root.add_partial(partial)
+        totals = self._totals
+        totals.received += partial.count
+        totals.bytes += len(message.payload)
         if verdict is PartialVerdict.APPLIED:
-            self._applied += partial.count
+            totals.applied += partial.count
+            totals.staleness_sum += partial.staleness_sum
+            totals.staleness_max = max(totals.staleness_max, partial.staleness_max)
             stepped = self._root.ready
             if stepped:
+                totals.steps += 1
                 result = self._root.step()
                 self._last_step = {"version": result.version, "num_updates": result.num_updates}
             self._commit()
@@ -294,8 +328,7 @@ class RootService:
         return Release(self._root.version, time.time(), self._root.weights.copy())
 
     def _server_state(self, status: ServerStatus) -> ServerState:
-        assert self._publisher is not None
-        published = self._publisher.published_version
+        published = None if self._publisher is None else self._publisher.published_version
         return root_server_state(
             self._fleet,
             status,
@@ -303,9 +336,36 @@ class RootService:
             version=self._root.version if published is None else published,
             buffer_fill=self._root.buffer_fill,
             buffer_size=self._buffer_size,
-            applied=self._applied,
+            applied=self._totals.applied,
             started_at=self._started_at,
         )
+
+    def metrics(self) -> ServerMetrics:
+        """The root's METRICS (:func:`~edgefl.sharding.release.root_metrics`) now."""
+        return root_metrics(
+            self._fleet,
+            version=self._root.version,
+            buffer_fill=self._root.buffer_fill,
+            buffer_size=self._buffer_size,
+            totals=self._totals,
+            rates=self._rates,
+            verdicts=dict(self._root.verdicts()),
+            session=self._session,
+        )
+
+    async def _metrics(self, publisher: Publisher) -> None:
+        """Every ``metrics_interval_s``: METRICS and the server state, as the single aggregator."""
+        assert self._publishing is not None
+        interval, totals = self._publishing[0].outputs.metrics_interval_s, self._totals
+        meter = RateMeter(time.monotonic(), (totals.applied, totals.bytes))
+        while True:
+            await asyncio.sleep(interval)
+            rates = meter.read(time.monotonic(), (totals.applied, totals.bytes))
+            self._rates = (rates[0], rates[1])
+            try:
+                await publisher.publish_metrics(self.metrics())
+            except TransportError as exc:
+                log.warning("root: publishing metrics failed: %s", exc)
 
     async def _publish_assignment(self) -> None:
         """Retained: devices take P from it (PROTOCOL.md §11), operators read the owners."""
@@ -615,18 +675,56 @@ async def _run_root(args: argparse.Namespace) -> None:
     root, assignment = RootService.load(
         config, path, partitions=args.partitions, params=args.params, shards=shards, initial=initial
     )
+    service = RootService(root, args.fleet, path, assignment, publishing)
     mqtt = MqttConfig.from_url(
         args.broker,
         client_id=f"edgefl-{args.fleet}-root",
         persistent_session=True,
         manual_ack=True,
+        will=service.will(),
     )
     async with MqttTransport(mqtt) as transport:
-        await RootService(transport, root, args.fleet, path, assignment, publishing).run()
+        await service.run(transport)
+
+
+ASSIGNED = "assigned"
+"""``--own assigned``: the partitions of the retained assignment (:func:`read_assignment`)."""
+
+
+async def read_assignment(transport: Transport, fleet: str, within: float) -> Assignment:
+    """The first well-formed assignment of ``fleet`` read from its retained topic within
+    ``within`` seconds (``TimeoutError`` otherwise); malformed or cleared ones are skipped."""
+    messages = transport.messages()
+    await transport.subscribe(shards_topic(fleet, ShardsLeaf.ASSIGNMENT), qos=1)
+    async with asyncio.timeout(within):
+        async for message in messages:
+            try:
+                return Assignment.from_json(message.payload)
+            except ValueError as exc:
+                log.warning("shard: ignoring the assignment message: %s", exc)
+    raise TimeoutError("the connection ended before an assignment came")
+
+
+async def _claims(args: argparse.Namespace) -> dict[int, int]:
+    """Partition -> owner epoch this shard takes over: ``--own``/``--epoch``, or the assignment."""
+    if args.own != ASSIGNED:
+        return {int(k): args.epoch for k in args.own.split(",")}
+    reader = MqttConfig.from_url(args.broker, client_id=f"edgefl-{args.fleet}-{args.shard}-reader")
+    async with MqttTransport(reader) as transport:
+        assignment = await read_assignment(transport, args.fleet, args.assignment_wait_s)
+    if assignment.partitions != args.partitions:
+        raise SystemExit(
+            f"--partitions {args.partitions}: the assignment has {assignment.partitions}"
+        )
+    claims = assignment.claims(args.shard)
+    if not claims:
+        raise SystemExit(f"shard {args.shard} owns no partition in the assignment")
+    log.info("shard %s: claiming %s from assignment %d", args.shard, claims, assignment.epoch)
+    return claims
 
 
 async def _run_shard(args: argparse.Namespace) -> None:
-    async def one(k: int) -> None:
+    async def one(k: int, epoch: int) -> None:
         data, control = (
             MqttConfig.from_url(
                 args.broker,
@@ -641,7 +739,7 @@ async def _run_shard(args: argparse.Namespace) -> None:
             shard=args.shard,
             partition=k,
             partitions=args.partitions,
-            epoch=args.epoch,
+            epoch=epoch,
             num_params=args.params,
             config=fedbuff_config(args.k),
             flush_every=args.flush_every,
@@ -652,7 +750,8 @@ async def _run_shard(args: argparse.Namespace) -> None:
         async with MqttTransport(data) as data_t, MqttTransport(control) as control_t:
             await PartitionWorker(data_t, control_t, settings).run()
 
-    await asyncio.gather(*(one(int(k)) for k in args.own.split(",")))
+    claims = await _claims(args)
+    await asyncio.gather(*(one(k, epoch) for k, epoch in claims.items()))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -674,12 +773,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     model.add_argument("--topk-fraction", type=float, help="manifest codec hint")
     model.add_argument("--max-packet", type=int, default=256 * 1024, help="model chunk bytes")
     model.add_argument("--signing-key", help="Ed25519 private key PEM: sign every manifest")
+    model.add_argument(
+        "--metrics-interval-s", type=float, default=5.0, help="METRICS and server state, seconds"
+    )
     parser.add_argument("--shard", default="s0")
     parser.add_argument(
         "--shards", default="s0", help="root: the shards, comma-separated (initial assignment)"
     )
-    parser.add_argument("--own", default="0", help="shard: partitions, comma-separated")
+    parser.add_argument(
+        "--own",
+        default="0",
+        help=f"shard: partitions, comma-separated, or {ASSIGNED!r}: those the root's assignment "
+        "gives --shard (each at its owner epoch + 1; --epoch is then unused)",
+    )
     parser.add_argument("--epoch", type=int, default=0)
+    parser.add_argument(
+        "--assignment-wait-s", type=float, default=30.0, help="shard: --own assigned, seconds"
+    )
     parser.add_argument("--flush-every", type=int, default=5, help="shard: updates per partial")
     parser.add_argument("--flush-after", type=float, default=0.5, help="shard: seconds")
     parser.add_argument("--progress", action="store_true", help="shard: publish open counts")

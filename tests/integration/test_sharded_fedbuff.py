@@ -38,6 +38,7 @@ from edgefl.protocol.topics import (
     shards_topic,
     update_topic,
 )
+from edgefl.sharding.assignment import Assignment
 from edgefl.sharding.partitions import partition_of
 from edgefl.sharding.service import fedbuff_config
 from edgefl.transport.config import MqttConfig
@@ -112,6 +113,27 @@ def _update(
     partition = None if legacy else partition_of(device, partitions)
     topic = update_topic(FLEET, device, i, partition=partition)
     return topic, envelope, delta, 10 + i
+
+
+async def watch_root_status(client: MqttTransport, status: dict[str, Any]) -> asyncio.Task[None]:
+    """A task keeping ``status`` updated with the root's ``shards/root/status`` messages."""
+    messages = client.messages()
+    await client.subscribe(shards_topic(FLEET, ShardsLeaf.ROOT_STATUS))
+
+    async def watch() -> None:
+        async for message in messages:
+            status.update(json.loads(message.payload))
+
+    return asyncio.get_running_loop().create_task(watch())
+
+
+async def publish_until_the_step(
+    client: MqttTransport, updates: list[tuple[str, bytes, np.ndarray, int]], status: dict[str, Any]
+) -> None:
+    """Publish ``updates`` (QoS 1) and wait for the root's first step (``status``, watched)."""
+    for topic, payload, _, _ in updates:
+        await client.publish(topic, payload, qos=1)
+    await eventually(lambda: status.get("version") == 1, 60, what="the step at K")
 
 
 def assert_one_step_of_fedbuff(
@@ -209,14 +231,7 @@ async def test_old_devices_unpartitioned_updates_are_counted_once_by_their_owner
     status: dict[str, Any] = {}
     try:
         async with MqttTransport(MqttConfig.from_url(mosquitto.url)) as client:
-            messages = client.messages()
-            await client.subscribe(shards_topic(FLEET, ShardsLeaf.ROOT_STATUS))
-
-            async def watch() -> None:
-                async for message in messages:
-                    status.update(json.loads(message.payload))
-
-            watcher = asyncio.get_running_loop().create_task(watch())
+            watcher = await watch_root_status(client, status)
             procs.start(
                 "root", "root", "--state", str(tmp_path / "root.state"), partitions=parts, k=n
             )
@@ -227,13 +242,42 @@ async def test_old_devices_unpartitioned_updates_are_counted_once_by_their_owner
             await eventually(lambda: status.get("epochs") == {"0": 0, "1": 0}, 60, what="grants")
 
             # Act
-            for topic, payload, _, _ in updates:
-                await client.publish(topic, payload, qos=1)
-            await eventually(lambda: status.get("version") == 1, 60, what="the step at K")
+            await publish_until_the_step(client, updates, status)
             watcher.cancel()
     finally:
         procs.close()
 
     # Assert: each update counted exactly once (the step at K = 14 holds all of them, and equals
     # single-process FedBuff over them), although every legacy update reached both shards
+    assert_one_step_of_fedbuff(status, updates)
+
+
+async def test_shards_own_the_partitions_the_retained_assignment_gives_them(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    # Arrange: 2 partitions, the root's assignment over shards a and b gives each one of them;
+    # the shards are told no partition, only to take what the assignment gives them
+    parts, n = 2, 14
+    assert sorted(Assignment.initial(parts, ["a", "b"]).owners) == ["a", "b"]
+    updates = [_update(i, partitions=parts) for i in range(n)]
+    procs = Procs([mosquitto.url] * 3, tmp_path)
+    status: dict[str, Any] = {}
+    try:
+        async with MqttTransport(MqttConfig.from_url(mosquitto.url)) as client:
+            watcher = await watch_root_status(client, status)
+            root = ("root", "--state", str(tmp_path / "root.state"), "--shards", "a,b")
+            procs.start("root", *root, partitions=parts, k=n)
+            for shard in ("a", "b"):
+                args = ("shard", "--own", "assigned", "--shard", shard)
+                procs.start(f"shard-{shard}", *args, partitions=parts, k=n)
+
+            # Act: each partition claimed at its owner epoch + 1; then the updates
+            await eventually(lambda: status.get("epochs") == {"0": 1, "1": 1}, 60, what="claims")
+            await publish_until_the_step(client, updates, status)
+            watcher.cancel()
+    finally:
+        procs.close()
+
+    # Assert: both shards served their partitions (the step at K = 14 holds every update, of
+    # both partitions, once, and equals single-process FedBuff over them)
     assert_one_step_of_fedbuff(status, updates)

@@ -6,7 +6,9 @@ owning both partitions (P = 2), three real agents training with torch, K = 2. Th
 on the root's version 0 (nobody else publishes a model), and the tree must go through at least
 three root steps: that needs updates trained on versions 1 and 2, which only the root published,
 and the shard must count them against those versions (it follows the root's manifest). The
-final manifest's weights are the root's model."""
+final manifest's weights are the root's model. The root publishes METRICS as the single aggregator
+does, and when it is SIGKILLed the broker publishes its Last Will: the retained server state
+says ``lost``."""
 
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from broker.launcher import MosquittoBroker
 from device_agent.config import BrokerConfig, ReceiptMode, SpoolConfig
 from device_agent.fetch import ModelFetch
 from edgefl.models.spec import get_model_spec, init_weights_numpy
-from edgefl.protocol import ServerState, decode_message
+from edgefl.protocol import ServerMetrics, ServerState, ServerStatus, decode_message
 from edgefl.protocol.chunking import Reassembler, decode_chunk
 from edgefl.protocol.envelope import EnvelopeKind, decode_envelope
 from edgefl.protocol.messages import ModelManifest, decode_update
@@ -37,6 +39,7 @@ from edgefl.protocol.topics import (
     UpdateTopic,
     manifest_topic,
     parse_topic,
+    server_metrics_topic,
     server_state_topic,
     shards_topic,
 )
@@ -75,6 +78,7 @@ async def test_agents_keep_training_on_the_versions_the_root_publishes(
             watcher = await wire.watch(client)
             state = str(tmp_path / "root.state")
             root = ["root", "--state", state, "--model", MODEL, "--lr", "0.05"]
+            root += ["--metrics-interval-s", "0.5"]
             if max_packet is not None:  # the agents take no larger model chunk either
                 root += ["--max-packet", str(max_packet)]
             procs.start("root", *root, partitions=P, k=K)
@@ -96,6 +100,15 @@ async def test_agents_keep_training_on_the_versions_the_root_publishes(
             )
             last = wire.manifests[-1]
             final = await wire.published_model(last)
+            await eventually(
+                lambda: any(m.extra["steps"] >= STEPS for m in wire.metrics), 10, what="METRICS"
+            )
+            # the root crashes: its Will replaces the retained server state
+            assert wire.server_statuses[-1] is ServerStatus.ONLINE
+            procs.kill("root")
+            await eventually(
+                lambda: wire.server_statuses[-1] is ServerStatus.LOST, 10, what="the root's Will"
+            )
             watcher.cancel()
     finally:
         await stop_agents(agents, tasks)
@@ -114,6 +127,11 @@ async def test_agents_keep_training_on_the_versions_the_root_publishes(
     # ... and what the root published is the root's model of that version
     np.testing.assert_array_equal(final[:64], np.asarray(wire.weights[last], np.float32))
     assert not np.array_equal(final, init_weights_numpy(get_model_spec(MODEL), 0))
+    # ... its METRICS counted the updates of the applied partials and the steps
+    newest = wire.metrics[-1]
+    assert newest.extra["steps"] >= STEPS
+    assert newest.applied >= STEPS * K
+    assert newest.extra["partials"]["applied"] >= 1
 
 
 @dataclass
@@ -125,6 +143,8 @@ class _Wire:
     manifests: list[int] = field(default_factory=list)
     envelopes: dict[int, bytes] = field(default_factory=dict)
     server_versions: list[int] = field(default_factory=list)
+    server_statuses: list[ServerStatus] = field(default_factory=list)
+    metrics: list[ServerMetrics] = field(default_factory=list)
     bases: set[int] = field(default_factory=set)
     chunks: dict[str, bytes] = field(default_factory=dict)
     chunks_seen: int = 0  # update packets that were chunks
@@ -136,6 +156,7 @@ class _Wire:
         await client.subscribe(shards_topic(FLEET, ShardsLeaf.ROOT_STATUS))
         await client.subscribe(manifest_topic(FLEET), qos=1)
         await client.subscribe(server_state_topic(FLEET), qos=1)
+        await client.subscribe(server_metrics_topic(FLEET))
         await client.subscribe(f"edgefl/v1/{FLEET}/model/+/+", qos=1)
         await client.subscribe(f"edgefl/v1/{FLEET}/part/+/device/+/update/+", qos=1)
 
@@ -157,6 +178,9 @@ class _Wire:
                 elif message.topic == server_state_topic(FLEET):
                     state = decode_message(message.payload, ServerState)
                     self.server_versions.append(state.version)
+                    self.server_statuses.append(state.status)
+                elif message.topic == server_metrics_topic(FLEET):
+                    self.metrics.append(decode_message(message.payload, ServerMetrics))
                 else:
                     self.status.update(json.loads(message.payload))
                     self.weights[self.status["version"]] = self.status["weights"]

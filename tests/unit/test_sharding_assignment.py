@@ -22,7 +22,7 @@ from edgefl.protocol.topics import (
 )
 from edgefl.sharding.assignment import Assignment
 from edgefl.sharding.root import RootBuffer
-from edgefl.sharding.service import RootService, fedbuff_config
+from edgefl.sharding.service import RootService, fedbuff_config, read_assignment
 from edgefl.transport import MemoryBroker, MemoryTransport
 
 FLEET, P = "f1", 4
@@ -56,8 +56,8 @@ async def _run_root(
         broker, f"edgefl-{FLEET}-root", persistent_session=True, manual_ack=True
     )
     await transport.connect()
-    service = RootService(transport, root, FLEET, state, assignment)
-    return asyncio.get_running_loop().create_task(service.run()), transport
+    service = RootService(root, FLEET, state, assignment)
+    return asyncio.get_running_loop().create_task(service.run(transport)), transport
 
 
 async def _stop(task: asyncio.Task[None], transport: MemoryTransport) -> None:
@@ -125,3 +125,78 @@ def test_a_state_file_from_before_the_assignment_loads_with_the_initial_one(
     assert root.epochs == old.epochs
     np.testing.assert_array_equal(root.weights, old.weights)
     assert assignment == Assignment.initial(P, ["a", "b"])
+
+
+def _owner_epochs(broker: MemoryBroker, partitions: tuple[int, ...]) -> list[int] | None:
+    assignment = _retained(broker)
+    return None if assignment is None else [assignment.owner_epochs[k] for k in partitions]
+
+
+async def _take_over(broker: MemoryBroker, k: int, epoch: int, shard: str) -> dict[str, object]:
+    """Shard ``shard``'s take-over request for partition ``k`` at ``epoch``: the root's reply."""
+    granted = partition_control_topic(FLEET, k, PartitionControl.GRANTED)
+    client = MemoryTransport(broker, f"{shard}-{k}-{epoch}")
+    await client.connect()
+    messages = client.messages()
+    await client.subscribe(granted)
+    takeover = partition_control_topic(FLEET, k, PartitionControl.TAKEOVER)
+    await client.publish(takeover, json.dumps({"epoch": epoch, "shard": shard}).encode())
+    try:
+        async with asyncio.timeout(30):
+            async for message in messages:
+                reply: dict[str, object] = json.loads(message.payload)
+                if reply["epoch"] == epoch:
+                    return reply
+    finally:
+        await client.close()
+    raise AssertionError("no reply")
+
+
+async def test_a_shard_claims_what_the_retained_assignment_gives_it_and_is_granted(
+    tmp_path: Path,
+) -> None:
+    broker, state = MemoryBroker(), tmp_path / "root.state"
+    task, transport = await _run_root(broker, state)
+    owned = Assignment.initial(P, ["a", "b"]).owned_by("b")
+    assert owned  # b has partitions to claim
+    for run in (1, 2):  # shard b started, then started again under the same name
+        # Act: b reads the retained assignment and asks for what it gives b
+        reader = MemoryTransport(broker, f"b-reader-{run}")
+        await reader.connect()
+        assignment = await read_assignment(reader, FLEET, 10)
+        await reader.close()
+        claims = assignment.claims("b")
+        replies = [await _take_over(broker, k, e, "b") for k, e in claims.items()]
+
+        # Assert: each owned partition claimed one epoch above its owner epoch, and granted;
+        # the assignment records the grants, so the next run claims above them
+        assert claims == dict.fromkeys(owned, run)
+        assert all("refused" not in r for r in replies), replies
+        await eventually(
+            lambda: _owner_epochs(broker, owned) == [run] * len(owned),  # noqa: B023
+            what="the grants in the assignment",
+        )
+    final = _retained(broker)
+    assert final is not None
+    assert final.owners == Assignment.initial(P, ["a", "b"]).owners  # nothing moved
+    assert final.claims("a") == dict.fromkeys(final.owned_by("a"), 1)  # a never claimed
+    await _stop(task, transport)
+
+
+async def test_reading_the_assignment_skips_malformed_messages_and_times_out(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    broker = MemoryBroker()
+    reader = MemoryTransport(broker, "reader")
+    await reader.connect()
+    with pytest.raises(TimeoutError):  # nothing retained: no assignment
+        await read_assignment(reader, FLEET, 0.2)
+    valid = Assignment.initial(P, ["a"])
+    broker.publish(ASSIGNMENT, b'{"partitions": 4}', 1, True)  # malformed, retained
+
+    reading = asyncio.create_task(read_assignment(reader, FLEET, 10))
+    await eventually(lambda: "ignoring the assignment" in caplog.text, what="malformed skipped")
+    broker.publish(ASSIGNMENT, b"", 1, True)  # cleared
+    broker.publish(ASSIGNMENT, valid.to_json(), 1, True)
+    assert await reading == valid
+    await reader.close()

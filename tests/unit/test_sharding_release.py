@@ -4,11 +4,13 @@ model release, on the in-process broker.
 A root and one real partition worker (P = 1, K = 2): the root publishes version 0 (the model's
 initial weights, the training hints, chunked by ``max_packet``) and the server state at start;
 after each step the committed version, which the worker follows, so updates trained on it are
-counted against it."""
+counted against it. The root's connection has the server state ``lost`` as its Last Will, and it
+publishes METRICS as the single aggregator does."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -19,10 +21,20 @@ from waiting import eventually
 
 from device_agent.fetch import ModelFetch
 from edgefl.aggregation.fedbuff import FedBuff
+from edgefl.aggregator.publisher import RateMeter
 from edgefl.aggregator.updates import build_update_envelope
 from edgefl.codec.config import CodecConfig, Quantization
 from edgefl.models import get_model_spec, init_weights_numpy
-from edgefl.protocol import ServerState, TrainingHints, decode_message, server_state_topic
+from edgefl.protocol import (
+    ServerMetrics,
+    ServerState,
+    ServerStatus,
+    TrainingHints,
+    decode_message,
+    encode_message,
+    server_metrics_topic,
+    server_state_topic,
+)
 from edgefl.protocol.messages import ModelManifest
 from edgefl.protocol.topics import (
     ModelChunkTopic,
@@ -33,7 +45,13 @@ from edgefl.protocol.topics import (
     shards_topic,
     update_topic,
 )
-from edgefl.sharding.release import ModelSettings, PublishedFile, release_config
+from edgefl.sharding.release import (
+    ModelSettings,
+    PublishedFile,
+    RootTotals,
+    release_config,
+    root_metrics,
+)
 from edgefl.sharding.service import PartitionWorker, RootService, WorkerSettings, fedbuff_config
 from edgefl.transport.memory import MemoryBroker, MemoryTransport
 
@@ -90,15 +108,18 @@ class Tree:
     root: RootService
     device: MemoryTransport
     published: PublishedFile
+    root_connection: MemoryTransport
 
 
 @asynccontextmanager
-async def tree(tmp_path: Path, epoch: int = 0) -> AsyncIterator[Tree]:
-    """A root (publishing) and the worker of partition 0 (owner ``epoch``), running, on a new
-    in-process broker; a device's connection."""
+async def tree(
+    tmp_path: Path, epoch: int = 0, settings: ModelSettings = SETTINGS
+) -> AsyncIterator[Tree]:
+    """A root (publishing; its connection with the root's Will) and the worker of partition 0
+    (owner ``epoch``), running, on a new in-process broker; a device's connection."""
     broker, state = MemoryBroker(), tmp_path / "root.state"
     config = release_config(
-        SETTINGS, broker_url="mqtt://memory", fleet=FLEET, state_dir=tmp_path, buffer_size=K
+        settings, broker_url="mqtt://memory", fleet=FLEET, state_dir=tmp_path, buffer_size=K
     )
     published = PublishedFile(tmp_path / "root.published")
     buffer, assignment = RootService.load(
@@ -112,8 +133,10 @@ async def tree(tmp_path: Path, epoch: int = 0) -> AsyncIterator[Tree]:
     worker_settings = WorkerSettings(
         FLEET, "s0", 0, 1, epoch, N, fedbuff_config(K), flush_every=1, flush_after=60.0
     )
+    root = RootService(buffer, FLEET, state, assignment, (config, published))
+    will = root.will()
     connections = [
-        MemoryTransport(broker, "root", persistent_session=True, manual_ack=True),
+        MemoryTransport(broker, "root", persistent_session=True, manual_ack=True, will=will),
         MemoryTransport(broker, "part-0", persistent_session=True, manual_ack=True),
         MemoryTransport(broker, "part-0-control", persistent_session=True, manual_ack=True),
         MemoryTransport(broker, "device"),
@@ -121,9 +144,8 @@ async def tree(tmp_path: Path, epoch: int = 0) -> AsyncIterator[Tree]:
     for c in connections:
         await c.connect()
     root_t, data, control, device = connections
-    root = RootService(root_t, buffer, FLEET, state, assignment, (config, published))
     worker = PartitionWorker(data, control, worker_settings)
-    tasks = [asyncio.create_task(root.run()), asyncio.create_task(worker.run())]
+    tasks = [asyncio.create_task(root.run(root_t)), asyncio.create_task(worker.run())]
     try:  # the worker subscribed to its updates before it asked for the partition
         status = shards_topic(FLEET, ShardsLeaf.ROOT_STATUS)
         await eventually(
@@ -131,7 +153,7 @@ async def tree(tmp_path: Path, epoch: int = 0) -> AsyncIterator[Tree]:
             10,
             what="grant",
         )
-        yield Tree(broker, root, device, published)
+        yield Tree(broker, root, device, published, root_t)
     finally:
         failed = [t.exception() for t in tasks if t.done() and not t.cancelled()]
         failed = [exc for exc in failed if exc is not None]
@@ -203,3 +225,85 @@ async def test_restarted_root_publishes_its_committed_version_with_a_new_session
         state = server_state(again.broker)
     assert (manifest.version, state.version, state.session) == (1, 1, 2)
     np.testing.assert_array_equal(weights, before)
+
+
+async def test_a_crashed_roots_will_leaves_the_server_state_lost(tmp_path: Path) -> None:
+    async with tree(tmp_path) as t:
+        for topic, payload, _ in [update("a", 0, 0, 10), update("b", 1, 0, 30)]:
+            await t.device.publish(topic, payload, qos=1)
+        await eventually(lambda: version_out(t.broker, 1), 10, what="version 1")
+        assert server_state(t.broker).status is ServerStatus.ONLINE
+
+        # Act: the root's connection ends without DISCONNECT (a crash)
+        await t.root_connection.disconnect(abrupt=True)
+
+        # Assert: the broker put the root's Will in place of the retained server state
+        lost = server_state(t.broker)
+        assert lost.status is ServerStatus.LOST
+        assert (lost.fleet, lost.session, lost.buffer_size) == (FLEET, 1, K)
+
+
+async def test_a_root_closing_cleanly_leaves_no_lost_state(tmp_path: Path) -> None:
+    async with tree(tmp_path) as t:
+        await eventually(lambda: version_out(t.broker, 0), 10, what="version 0")
+        await t.root_connection.disconnect()  # DISCONNECT: the broker drops the Will
+        assert server_state(t.broker).status is ServerStatus.ONLINE
+
+
+async def test_the_root_publishes_metrics_of_its_partials_and_steps(tmp_path: Path) -> None:
+    seen: list[ServerMetrics] = []
+    fast = dataclasses.replace(SETTINGS, metrics_interval_s=0.05)
+    async with tree(tmp_path, settings=fast) as t:
+        messages = t.device.messages()
+        await t.device.subscribe(server_metrics_topic(FLEET), qos=0)
+
+        async def watch() -> None:
+            async for message in messages:
+                seen.append(decode_message(message.payload, ServerMetrics))
+
+        watcher = asyncio.create_task(watch())
+        # Act: three updates, one partial each (flush_every=1): one step (K = 2), one buffered
+        sent = [update("a", 0, 0, 10), update("b", 1, 0, 30), update("c", 2, 0, 20)]
+        for topic, payload, _ in sent:
+            await t.device.publish(topic, payload, qos=1)
+        await eventually(lambda: bool(seen) and seen[-1].applied == 3, 10, what="METRICS")
+        watcher.cancel()
+
+    # Assert: the figures of the applied partials, as the single aggregator's fields
+    last = seen[-1]
+    assert (last.fleet, last.version, last.buffer_fill, last.buffer_size) == (FLEET, 1, 1, K)
+    assert (last.received, last.applied) == (3, 3)
+    assert last.bytes_ingested > 3 * N * 4  # three float32 partial sums, and their headers
+    assert last.extra["steps"] == 1
+    assert last.extra["partials"]["applied"] == 3
+    assert last.extra["session"] == 1
+    assert last.extra["staleness_max"] in (0, 1)  # "c" (on 0) is counted against 0 or 1
+    assert any(m.updates_per_s > 0 and m.bytes_per_s > 0 for m in seen)
+
+
+def test_root_metrics_report_the_staleness_the_partials_carry() -> None:
+    totals = RootTotals(received=5, applied=4, bytes=900, staleness_sum=6, staleness_max=3)
+    metrics = root_metrics(
+        FLEET,
+        version=7,
+        buffer_fill=4,
+        buffer_size=3,
+        totals=totals,
+        rates=(2.0, 450.0),
+        verdicts={"applied": 2, "duplicate": 1},
+        session=2,
+    )
+    assert (metrics.received, metrics.applied, metrics.bytes_ingested) == (5, 4, 900)
+    assert (metrics.updates_per_s, metrics.bytes_per_s) == (2.0, 450.0)
+    assert metrics.buffer_fill == 3  # a buffer over K (the partial that crossed it) shows full
+    assert metrics.staleness == {}  # partials carry no histogram
+    assert (metrics.extra["staleness_mean"], metrics.extra["staleness_max"]) == (1.5, 3)
+    assert metrics.extra["partials"] == {"applied": 2, "duplicate": 1}
+    assert decode_message(encode_message(metrics), ServerMetrics) == metrics  # a valid message
+
+
+def test_rate_meter_gives_per_second_rates_since_the_previous_reading() -> None:
+    meter = RateMeter(10.0, (0, 0))
+    assert meter.read(12.0, (6, 100)) == (3.0, 50.0)
+    assert meter.read(14.0, (6, 300)) == (0.0, 100.0)
+    assert meter.read(15.0, (2, 300)) == (0.0, 0.0)  # a total that went down: no negative rate
