@@ -57,6 +57,7 @@ from edgefl.protocol.topics import (
     ReceiptTopic,
     ServerMetricsTopic,
     ServerStateTopic,
+    ShardStateTopic,
     ShardsTopic,
     UpdateTopic,
     parse_topic,
@@ -152,7 +153,7 @@ class Cleared:
 class TreeSeen:
     """One message of a sharded tree (``shards/...``, revision 1.3): ``topic`` and its size."""
 
-    topic: ShardsTopic | PartitionControlTopic
+    topic: ShardsTopic | ShardStateTopic | PartitionControlTopic
     size: int
 
 
@@ -241,7 +242,7 @@ def _looks_like_json(payload: bytes) -> bool:
 
 
 def _decode_edgefl(topic: ParsedTopic, payload: bytes, now: float) -> Observation:
-    if isinstance(topic, ShardsTopic | PartitionControlTopic):
+    if isinstance(topic, ShardsTopic | ShardStateTopic | PartitionControlTopic):
         return TreeSeen(topic, len(payload))  # the tree's own JSON / EDFP, not an envelope
     if not payload:
         return Cleared(topic)

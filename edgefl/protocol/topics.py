@@ -24,6 +24,7 @@ Revision 1.3, the sharded tree (``docs/PROTOCOL.md`` §11; partitions by device 
     edgefl/v1/<fleet>/shards/assignment                   retained, QoS1   partition owners
     edgefl/v1/<fleet>/shards/partial                      QoS1   a shard's partial sums
     edgefl/v1/<fleet>/shards/root/status                  retained   the root's status
+    edgefl/v1/<fleet>/shards/<shard>/state                retained + Will  a shard's liveness
     edgefl/v1/<fleet>/shards/part/<k>/<control>           QoS1   takeover, granted, confirm,
                                                                  progress (QoS0)
 
@@ -56,6 +57,7 @@ __all__ = [
     "NAME_PATTERN",
     "PARTITION_LEVEL",
     "PROTOCOL_ROOT",
+    "SHARD_STATE_LEAF",
     "CheckInTopic",
     "DeviceId",
     "DeviceStateTopic",
@@ -74,6 +76,7 @@ __all__ = [
     "SecAggShareTopic",
     "ServerMetricsTopic",
     "ServerStateTopic",
+    "ShardStateTopic",
     "ShardsLeaf",
     "ShardsTopic",
     "TopicKind",
@@ -103,6 +106,8 @@ __all__ = [
     "secagg_shares_filter",
     "server_metrics_topic",
     "server_state_topic",
+    "shard_state_topic",
+    "shard_states_filter",
     "shards_topic",
     "shared_subscription",
     "update_topic",
@@ -167,6 +172,8 @@ def _validate_fields(topic: object) -> None:
             fleet_name(value)
         elif name == "device_id":
             device_id(value)
+        elif name == "shard":
+            validate_name(value, "shard id")
         elif name == "artifact":
             ModelArtifact(value)
         elif name == "leaf":
@@ -381,6 +388,22 @@ class ShardsTopic:
 
 
 @dataclass(frozen=True)
+class ShardStateTopic:
+    """``edgefl/v1/<fleet>/shards/<shard>/state`` (1.3): a shard's liveness (retained + Will)."""
+
+    kind: ClassVar[TopicKind] = TopicKind.SHARDS
+    fleet: str
+    shard: str
+
+    def __post_init__(self) -> None:
+        _validate_fields(self)
+
+    @property
+    def topic(self) -> str:
+        return shard_state_topic(self.fleet, self.shard)
+
+
+@dataclass(frozen=True)
 class PartitionControlTopic:
     """``edgefl/v1/<fleet>/shards/part/<k>/<control>`` (1.3)."""
 
@@ -470,6 +493,7 @@ ParsedTopic = (
     | ServerStateTopic
     | ServerMetricsTopic
     | ShardsTopic
+    | ShardStateTopic
     | PartitionControlTopic
     | SecAggShareTopic
     | SecAggSeedTopic
@@ -519,6 +543,19 @@ def _partition_root(fleet: str, partition: int | None) -> str:
 def shards_topic(fleet: str, leaf: ShardsLeaf) -> str:
     """``edgefl/v1/<fleet>/shards/<leaf>`` (1.3): ``assignment``, ``partial``, ``root/status``."""
     return f"{_fleet_root(fleet)}/shards/{ShardsLeaf(leaf).value}"
+
+
+SHARD_STATE_LEAF = "state"
+
+
+def shard_state_topic(fleet: str, shard: str) -> str:
+    """``edgefl/v1/<fleet>/shards/<shard>/state`` (1.3): a shard's retained liveness."""
+    return f"{_fleet_root(fleet)}/shards/{validate_name(shard, 'shard id')}/{SHARD_STATE_LEAF}"
+
+
+def shard_states_filter(fleet: str) -> str:
+    """Every shard's liveness: ``.../shards/+/state`` (the root's)."""
+    return f"{_fleet_root(fleet)}/shards/+/{SHARD_STATE_LEAF}"
 
 
 def partition_control_topic(fleet: str, partition: int, control: PartitionControl) -> str:
@@ -739,10 +776,12 @@ _SHARDS_LEAVES = {tuple(leaf.value.split("/")): leaf for leaf in ShardsLeaf}
 
 
 def _parse_shards_levels(fleet: str, rest: list[str], text: str) -> ParsedTopic | None:
-    """``shards/<leaf>`` and ``shards/part/<k>/<control>`` (1.3)."""
+    """``shards/<leaf>``, ``shards/<shard>/state`` and ``shards/part/<k>/<control>`` (1.3)."""
     leaf = _SHARDS_LEAVES.get(tuple(rest[1:]))
     if leaf is not None:
         return ShardsTopic(fleet, leaf)
+    if len(rest) == 3 and rest[2] == SHARD_STATE_LEAF:
+        return ShardStateTopic(fleet, validate_name(rest[1], "shard id"))
     if len(rest) == 4 and rest[1] == PARTITION_LEVEL and rest[3] in _CONTROLS:
         return PartitionControlTopic(fleet, _parse_partition(rest[2], text), _CONTROLS[rest[3]])
     return None

@@ -66,6 +66,7 @@ import json
 import logging
 import os
 import pickle
+import signal
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -92,15 +93,19 @@ from edgefl.protocol.topics import (
     PartitionControl,
     PartitionControlTopic,
     ShardsLeaf,
+    ShardStateTopic,
     UpdateTopic,
     manifest_topic,
     parse_topic,
     partition_control_filter,
     partition_control_topic,
+    shard_states_filter,
     shards_topic,
     updates_filter,
 )
 from edgefl.sharding.assignment import Assignment
+from edgefl.sharding.follow import AssignedShard, new_session
+from edgefl.sharding.liveness import Rebalancer, ShardState
 from edgefl.sharding.partial import PartialId, PartialSum, ShardAccumulator
 from edgefl.sharding.partitions import check_owner
 from edgefl.sharding.release import (
@@ -165,6 +170,7 @@ class RootService:
         thread of its own). :meth:`run` is given the connection (made with :meth:`will`)."""
         self._root, self._fleet, self._path = root, fleet, state_path
         self._assignment = assignment
+        self._rebalancer = Rebalancer()
         self._last_step: dict[str, Any] | None = None
         self._totals = RootTotals()
         self._rates = (0.0, 0.0)  # applied updates/s, partial bytes/s over the last period
@@ -242,6 +248,7 @@ class RootService:
         messages = self._t.messages()
         await self._t.subscribe(shards_topic(self._fleet, ShardsLeaf.PARTIAL), qos=1)
         await self._t.subscribe(partition_control_filter(self._fleet, PartitionControl.TAKEOVER))
+        await self._t.subscribe(shard_states_filter(self._fleet), qos=1)
         await self._publish_assignment()
         if self._publisher is not None:  # the committed version, as the single service does
             await self._publisher.publish_current()
@@ -270,6 +277,8 @@ class RootService:
             match parse_topic(message.topic, expected_fleet=self._fleet):
                 case PartitionControlTopic(partition=k, control=PartitionControl.TAKEOVER):
                     await self._on_takeover(k, message)
+                case ShardStateTopic(shard=shard):
+                    await self._on_shard_state(shard, message.payload)
                 case _:  # the only other subscription: shards/partial
                     await self._on_partial(message)
             await self._t.ack(message)
@@ -294,6 +303,32 @@ class RootService:
         if moved:
             await self._publish_assignment()
         await self._publish_status()
+
+    async def _on_shard_state(self, shard: str, payload: bytes) -> None:
+        """A shard's liveness: rebalance when the live set changes an owner (committed, then
+        published; :class:`Rebalancer`)."""
+        if not payload:
+            return  # a cleared retained state
+        try:
+            state = ShardState.from_json(payload)
+            if state.shard != shard:
+                raise ValueError(f"the state of {state.shard!r} on {shard!r}'s topic")
+        except ValueError as exc:
+            log.warning("root: ignoring a shard state: %s", exc)
+            return
+        before = self._assignment
+        self._assignment = self._rebalancer.observe(state, before)
+        if self._assignment is before:
+            return
+        moved = [
+            k for k in range(before.partitions) if before.owners[k] != self._assignment.owners[k]
+        ]
+        log.info(
+            "root: shard %s %s (session %d): partitions %s move, assignment %d",
+            shard, state.status, state.session, moved, self._assignment.epoch,
+        )  # fmt: skip
+        self._commit()
+        await self._publish_assignment()
 
     async def _on_partial(self, message: InboundMessage) -> None:
         try:
@@ -705,24 +740,6 @@ async def read_assignment(transport: Transport, fleet: str, within: float) -> As
     raise TimeoutError("the connection ended before an assignment came")
 
 
-async def _claims(args: argparse.Namespace) -> dict[int, int]:
-    """Partition -> owner epoch this shard takes over: ``--own``/``--epoch``, or the assignment."""
-    if args.own != ASSIGNED:
-        return {int(k): args.epoch for k in args.own.split(",")}
-    reader = MqttConfig.from_url(args.broker, client_id=f"edgefl-{args.fleet}-{args.shard}-reader")
-    async with MqttTransport(reader) as transport:
-        assignment = await read_assignment(transport, args.fleet, args.assignment_wait_s)
-    if assignment.partitions != args.partitions:
-        raise SystemExit(
-            f"--partitions {args.partitions}: the assignment has {assignment.partitions}"
-        )
-    claims = assignment.claims(args.shard)
-    if not claims:
-        raise SystemExit(f"shard {args.shard} owns no partition in the assignment")
-    log.info("shard %s: claiming %s from assignment %d", args.shard, claims, assignment.epoch)
-    return claims
-
-
 async def _run_shard(args: argparse.Namespace) -> None:
     async def one(k: int, epoch: int) -> None:
         data, control = (
@@ -750,8 +767,17 @@ async def _run_shard(args: argparse.Namespace) -> None:
         async with MqttTransport(data) as data_t, MqttTransport(control) as control_t:
             await PartitionWorker(data_t, control_t, settings).run()
 
-    claims = await _claims(args)
-    await asyncio.gather(*(one(k, epoch) for k, epoch in claims.items()))
+    if args.own != ASSIGNED:
+        await asyncio.gather(*(one(int(k), args.epoch) for k in args.own.split(",")))
+        return
+    shard = AssignedShard(args.fleet, args.shard, args.partitions, one, session=new_session())
+    config = MqttConfig.from_url(
+        args.broker, client_id=f"edgefl-{args.fleet}-shard-{args.shard}", will=shard.will()
+    )
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    async with MqttTransport(config, on_connect=shard.announce) as transport:
+        await shard.run(transport, stop, args.assignment_wait_s)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -788,7 +814,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--epoch", type=int, default=0)
     parser.add_argument(
-        "--assignment-wait-s", type=float, default=30.0, help="shard: --own assigned, seconds"
+        "--assignment-wait-s",
+        type=float,
+        default=30.0,
+        help="shard: --own assigned, seconds to wait for the first assignment",
     )
     parser.add_argument("--flush-every", type=int, default=5, help="shard: updates per partial")
     parser.add_argument("--flush-after", type=float, default=0.5, help="shard: seconds")

@@ -35,6 +35,7 @@ from edgefl.protocol.topics import (
     PartitionControl,
     ShardsLeaf,
     partition_control_topic,
+    shard_state_topic,
     shards_topic,
     update_topic,
 )
@@ -281,3 +282,82 @@ async def test_shards_own_the_partitions_the_retained_assignment_gives_them(
     # Assert: both shards served their partitions (the step at K = 14 holds every update, of
     # both partitions, once, and equals single-process FedBuff over them)
     assert_one_step_of_fedbuff(status, updates)
+
+
+@pytest.mark.timeout(60)
+async def test_a_dead_shards_partitions_move_to_a_live_shard_on_their_own(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    # Arrange: 2 partitions, one each to shards a and b (both --own assigned, keeping their
+    # liveness); a holds every update it gets open (it never forwards), b forwards at once
+    parts, n = 2, 14
+    initial = Assignment.initial(parts, ["a", "b"])
+    (k_a,) = initial.owned_by("a")
+    updates = [_update(i, partitions=parts) for i in range(n)]
+    of_a = sum(partition_of(f"d{i % 7}", parts) == k_a for i in range(n))
+    assert 0 < of_a < n
+    procs = Procs([mosquitto.url] * 3, tmp_path)
+    status: dict[str, Any] = {}
+    seen: dict[str, Any] = {}  # the newest assignment, a's state, a's open updates
+    try:
+        async with MqttTransport(MqttConfig.from_url(mosquitto.url)) as client:
+            watcher = await _watch_tree(client, status, seen, k_a)
+            root = ("root", "--state", str(tmp_path / "root.state"), "--shards", "a,b")
+            procs.start("root", *root, partitions=parts, k=n)
+            await eventually(lambda: "version" in status, 20, what="the root's session")
+            assigned = ("shard", "--own", "assigned")
+            holding = ("--flush-every", "1000", "--flush-after", "600", "--progress")
+            procs.start("shard-a", *assigned, "--shard", "a", *holding, partitions=parts, k=n)
+            procs.start("shard-b", *assigned, "--shard", "b", partitions=parts, k=n)
+            await eventually(lambda: status.get("epochs") == {"0": 1, "1": 1}, 20, what="claims")
+            await eventually(lambda: seen.get("a") == "online", 20, what="a online")
+            for topic, payload, _, _ in updates:
+                await client.publish(topic, payload, qos=1)
+            await eventually(
+                lambda: seen.get("open") == of_a and status.get("buffer_fill") == n - of_a,
+                20,
+                what="b's updates applied, a's held open",
+            )
+
+            # Act: a dies; nobody tells b anything
+            procs.kill("shard-a")
+            await eventually(lambda: status.get("version") == 1, 20, what="the step at K")
+            watcher.cancel()
+    finally:
+        procs.close()
+
+    # Assert: a's Will marked it lost, the root moved a's partition to b, b took it over at
+    # a newer epoch and was redelivered what a held: the step at K = every update equals
+    # single-process FedBuff over them (each counted once), and no partial was refused
+    assert seen["a"] == "lost"
+    assert seen["assignment"].owners == ("b", "b")
+    assert status["epochs"][str(k_a)] > 1
+    assert_one_step_of_fedbuff(status, updates)
+    assert status["verdicts"]["late"] == 0
+    assert set(status["verdicts"]) <= {"applied", "late", "duplicate"}
+
+
+async def _watch_tree(
+    client: MqttTransport, status: dict[str, Any], seen: dict[str, Any], k: int
+) -> asyncio.Task[None]:
+    """A task keeping ``status`` updated with the root's status (as :func:`watch_root_status`)
+    and in ``seen`` the newest assignment, shard a's status and the open updates partition
+    ``k``'s worker reports."""
+    messages = client.messages()
+    await client.subscribe(shards_topic(FLEET, ShardsLeaf.ROOT_STATUS))
+    await client.subscribe(shards_topic(FLEET, ShardsLeaf.ASSIGNMENT))
+    await client.subscribe(shard_state_topic(FLEET, "a"))
+    await client.subscribe(partition_control_topic(FLEET, k, PartitionControl.PROGRESS), qos=0)
+
+    async def watch() -> None:
+        async for message in messages:
+            if message.topic.endswith("/assignment"):
+                seen["assignment"] = Assignment.from_json(message.payload)
+            elif message.topic.endswith("/progress"):
+                seen["open"] = json.loads(message.payload)["open"]
+            elif message.topic.endswith("/state"):
+                seen["a"] = json.loads(message.payload)["status"]
+            else:
+                status.update(json.loads(message.payload))
+
+    return asyncio.get_running_loop().create_task(watch())

@@ -22,6 +22,7 @@ from edgefl.protocol.topics import (
     ServerMetricsTopic,
     ServerStateTopic,
     ShardsLeaf,
+    ShardStateTopic,
     ShardsTopic,
     TopicKind,
     UpdateTopic,
@@ -57,6 +58,7 @@ parsed_topics = st.one_of(
     # 1.3, the sharded tree
     st.builds(UpdateTopic, names, names, ints, st.integers(0, MAX_PARTITIONS - 1)),
     st.builds(ShardsTopic, names, st.sampled_from(ShardsLeaf)),
+    st.builds(ShardStateTopic, names, names),
     st.builds(
         PartitionControlTopic,
         names,
