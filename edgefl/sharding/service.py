@@ -1,9 +1,11 @@
 """Asyncio shells of hierarchical FedBuff over MQTT: a root and partition workers (a shard runs
 one worker per partition it owns). Still a minimal form: no signature checks on updates and no
-receipts. A shard's partitions are given on its command line (``--own 0,3 --epoch E``) or read
-from the root's retained assignment (``--own assigned``: the partitions the assignment gives
-``--shard``, each claimed at its owner epoch + 1, :meth:`Assignment.claims`); a shard follows no
-later change of the assignment (a take-over by another shard deposes its worker, as always).
+receipts. A shard's partitions are given on its command line (``--own 0,3 --epoch E``) or it
+follows the root's retained assignment (``--own assigned``, :mod:`~edgefl.sharding.follow`:
+each partition newly given to ``--shard`` claimed at its owner epoch + 1,
+:meth:`Assignment.claims`; the workers of partitions taken from it stopped) and keeps its
+liveness on ``shards/<shard>/state``; the root rebalances the assignment when a shard is lost or
+joins (:mod:`~edgefl.sharding.liveness`).
 
 Updates of any codec, whole or chunked: a worker joins an update's ``UPDATE_CHUNK`` packets
 with the protocol's :class:`Reassembler` (the one the aggregator's ingest uses) and keeps every
@@ -36,13 +38,15 @@ docs/PROTOCOL.md §11), under ``edgefl/v1/<fleet>/``:
     shards/root/status         root -> anyone   {"version", "buffer_fill", "epochs",
                                                  "verdicts", "weights", "last_step"}   retained
     shards/assignment          root -> devices, shards   Assignment.to_json()    retained, QoS 1
+    shards/<shard>/state       shard -> root    ShardState.to_json()   retained, QoS 1, Will lost
     model/manifest, model/<v>/<i>, server/state   root -> devices, workers (manifest)
                                                  as the single aggregator (§5)    retained, QoS 1
     server/metrics                     root -> monitors   METRICS of partials      QoS 0
 
 The root publishes the assignment (P, owners, owner epochs) retained when it starts and after
 every granted take-over that moves a partition (the ``"shard"`` of the take-over becomes the
-partition's owner): 1.3 devices read P from it and publish to their partition
+partition's owner) and after every change of the live shards that moves one (committed
+first): 1.3 devices read P from it and publish to their partition
 (``device_agent/partition.py``). Its initial owners are the HRW assignment over ``--shards``.
 
 Each partition worker owns the MQTT session ``edgefl-<fleet>-part-<k>`` (persistent, manual
@@ -809,8 +813,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--own",
         default="0",
-        help=f"shard: partitions, comma-separated, or {ASSIGNED!r}: those the root's assignment "
-        "gives --shard (each at its owner epoch + 1; --epoch is then unused)",
+        help=f"shard: partitions, comma-separated, or {ASSIGNED!r}: follow the root's assignment "
+        "(take over what it gives --shard, each at its owner epoch + 1, stop what it takes "
+        "away; --epoch is then unused) and keep a retained liveness state with a Will",
     )
     parser.add_argument("--epoch", type=int, default=0)
     parser.add_argument(
