@@ -361,3 +361,52 @@ async def _watch_tree(
                 status.update(json.loads(message.payload))
 
     return asyncio.get_running_loop().create_task(watch())
+
+
+@pytest.mark.timeout(60)
+async def test_a_joining_shard_takes_its_share_from_a_running_one(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    # Arrange: 4 partitions, all assigned to shard a (the root's only shard), a serving them
+    parts, n = 4, 28
+    joined = Assignment.initial(parts, ["a"]).rebalance({"a", "b"})
+    moved = set(joined.owned_by("b"))
+    assert moved
+    assert set(joined.owned_by("a"))
+    updates = [_update(i, partitions=parts) for i in range(n)]
+    assert {partition_of(f"d{i % 7}", parts) for i in range(n)} & moved
+    procs = Procs([mosquitto.url] * 3, tmp_path)
+    status: dict[str, Any] = {}
+    seen: dict[str, Any] = {}
+    try:
+        async with MqttTransport(MqttConfig.from_url(mosquitto.url)) as client:
+            watcher = await _watch_tree(client, status, seen, 0)
+            root = ("root", "--state", str(tmp_path / "root.state"), "--shards", "a")
+            procs.start("root", *root, partitions=parts, k=n)
+            await eventually(lambda: "version" in status, 20, what="the root's session")
+            assigned = ("shard", "--own", "assigned")
+            procs.start("shard-a", *assigned, "--shard", "a", partitions=parts, k=n)
+            everything_to_a = dict.fromkeys(map(str, range(parts)), 1)
+            await eventually(lambda: status.get("epochs") == everything_to_a, 20, what="a's")
+            for topic, payload, _, _ in updates[: n // 2]:
+                await client.publish(topic, payload, qos=1)
+            await eventually(lambda: status.get("buffer_fill") == n // 2, 20, what="half applied")
+
+            # Act: b joins; then the other half of the updates
+            procs.start("shard-b", *assigned, "--shard", "b", partitions=parts, k=n)
+            await eventually(
+                lambda: all(status["epochs"][str(k)] > 1 for k in moved), 20, what="b's grants"
+            )
+            for topic, payload, _, _ in updates[n // 2 :]:
+                await client.publish(topic, payload, qos=1)
+            await eventually(lambda: status.get("version") == 1, 20, what="the step at K")
+            watcher.cancel()
+    finally:
+        procs.close()
+
+    # Assert: b owns exactly its HRW share (a kept the rest, at their epochs), and the step at
+    # K = 28 equals single-process FedBuff over every update, each counted once
+    assert seen["assignment"].owners == joined.owners
+    assert all(status["epochs"][str(k)] == 1 for k in joined.owned_by("a"))
+    assert_one_step_of_fedbuff(status, updates)
+    assert set(status["verdicts"]) <= {"applied", "late", "duplicate"}
