@@ -278,7 +278,13 @@ class RootService:
 
     async def _serve(self, messages: AsyncIterator[InboundMessage]) -> None:
         async for message in messages:
-            match parse_topic(message.topic, expected_fleet=self._fleet):
+            try:
+                topic = parse_topic(message.topic, expected_fleet=self._fleet)
+            except ProtocolError as exc:  # e.g. shards/<not a name>/state
+                log.warning("root: ignoring %r: %s", message.topic, exc)
+                await self._t.ack(message)
+                continue
+            match topic:
                 case PartitionControlTopic(partition=k, control=PartitionControl.TAKEOVER):
                     await self._on_takeover(k, message)
                 case ShardStateTopic(shard=shard):

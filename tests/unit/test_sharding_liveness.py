@@ -210,7 +210,8 @@ async def test_the_root_rebalances_on_a_shards_will_commits_it_and_does_not_flap
     await eventually(lambda: _retained(broker) is not None, what="the restarted root's")
     assert _retained(broker) == expected
     # b online, then a late Will of an older run of b's, a state on another shard's topic, and
-    # c online (an owner already): nothing moves; then d joins and takes its share
+    # c online (an owner already): nothing moves; a topic that is no name is ignored; then d
+    # joins and takes its share
     for shard, state in [
         ("b", _state("b", ShardStatus.ONLINE, 1)),
         ("b", _state("b", ShardStatus.LOST, 0)),
@@ -218,6 +219,7 @@ async def test_the_root_rebalances_on_a_shards_will_commits_it_and_does_not_flap
         ("c", _state("c", ShardStatus.ONLINE, 1)),
     ]:
         broker.publish(shard_state_topic(FLEET, shard), state.to_json(), 1, True)
+    broker.publish(f"edgefl/v1/{FLEET}/shards/not a name/state", b"{}", 1, False)  # ignored
     d = _state("d", ShardStatus.ONLINE, 1)
     broker.publish(shard_state_topic(FLEET, "d"), d.to_json(), 1, True)
     joined = expected.rebalance({"b", "c", "d"})
