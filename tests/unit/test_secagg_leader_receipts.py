@@ -33,6 +33,10 @@ def _leader(
     return service
 
 
+def _resend(device: str, seq: int) -> InboundMessage:
+    return InboundMessage(secagg_share_topic(FLEET, device, seq), _shares(device, seq).share)
+
+
 def _verdicts(leader: LeaderService) -> dict[tuple[str, int], str]:
     """Everything queued so far, as ``{(device, seq): "committed" | reason}``."""
     assert leader.receipts is not None
@@ -59,7 +63,9 @@ async def test_members_are_receipted_committed_only_once_their_step_is_written(
         fleet = _Fleet(leader)
         await fleet.send("d0", 1)
         await fleet.send("d1", 1)
-        assert _verdicts(leader) == {}  # complete, not combined: no word yet
+        await leader.tick(time.time() + 2.0)  # flushed: decided, awaiting the helper
+        await leader.handle(_resend("d0", 1))  # a member of the open decision, resent
+        assert _verdicts(leader) == {}  # decided, not combined: no word yet
 
         # Act
         await fleet.step()
@@ -71,9 +77,7 @@ async def test_members_are_receipted_committed_only_once_their_step_is_written(
         assert model.state.version == 1
 
         # a resend of a combined update is receipted committed again (its receipt was lost)
-        await leader.handle(
-            InboundMessage(secagg_share_topic(FLEET, "d0", 1), _shares("d0", 1).share)
-        )
+        await leader.handle(_resend("d0", 1))
         assert _verdicts(leader) == {("d0", 1): "committed"}
 
 
@@ -95,9 +99,7 @@ async def test_final_refusals_and_exclusions_are_receipted_transient_ones_are_no
         await fleet.send("d0", 2)
         await fleet.send("d2", 2)
         await fleet.send("d2", 1)
-        await leader.handle(
-            InboundMessage(secagg_share_topic(FLEET, "d1", 0), _shares("d1", 0).share)
-        )
+        await leader.handle(_resend("d1", 0))
 
         # Assert: final ones receipted; dp_one_per_buffer not (the device resends it later)
         assert _verdicts(leader) == {("d0", 2): "dp_budget_exhausted", ("d1", 0): "replay"}
@@ -108,9 +110,7 @@ async def test_an_update_whose_seed_never_came_is_receipted_excluded(tmp_path: P
     async with MemoryTransport(MemoryBroker(), "leader") as transport:
         # Arrange: a masked share, no seed
         leader = _leader(tmp_path, transport)
-        await leader.handle(
-            InboundMessage(secagg_share_topic(FLEET, "d0", 3), _shares("d0", 3).share)
-        )
+        await leader.handle(_resend("d0", 3))
         assert _verdicts(leader) == {}
 
         # Act: the share timeout passes
@@ -118,9 +118,7 @@ async def test_an_update_whose_seed_never_came_is_receipted_excluded(tmp_path: P
 
         # Assert: refused for good, by reason; a resend of it gets the same answer
         assert _verdicts(leader) == {("d0", 3): "secagg_missing_helper_share"}
-        await leader.handle(
-            InboundMessage(secagg_share_topic(FLEET, "d0", 3), _shares("d0", 3).share)
-        )
+        await leader.handle(_resend("d0", 3))
         assert _verdicts(leader) == {("d0", 3): "secagg_missing_helper_share"}
 
 
