@@ -41,9 +41,12 @@ from firmware_sim.virtual import VirtualSimulator
 
 __all__ = [
     "SHARE_OVERHEAD",
+    "TAIL_EVALS",
+    "Comparison",
     "LeaderModel",
     "SameScheduleSimulator",
     "SecAggSimulator",
+    "accuracies",
     "compare",
     "share_bytes",
 ]
@@ -145,12 +148,22 @@ class SecAggSimulator(SameScheduleSimulator):
         return self.clipped / max(1, self.encoded)
 
 
+TAIL_EVALS = 5
+"""Evaluations averaged for the late accuracy of a run (:attr:`Comparison.late_plain`): the held-out
+accuracy of consecutive versions of an asynchronous run swings by several points (up to 25 on
+the demo workload), so one evaluation is a noisy figure for a comparison."""
+
+
 @dataclass(frozen=True)
 class Comparison:
-    """Final held-out accuracies (and what was applied) of the two runs of :func:`compare`."""
+    """What :func:`compare` measured: final held-out accuracy (the last evaluation), late
+    accuracy (the mean of the last :data:`TAIL_EVALS` evaluations), what was applied, the
+    versions, and the share of updates the device clipped to ``C``."""
 
     accuracy_plain: float
     accuracy_secagg: float
+    late_plain: float
+    late_secagg: float
     applied_plain: int
     applied_secagg: int
     versions_plain: int
@@ -160,19 +173,33 @@ class Comparison:
 
     @property
     def gap_points(self) -> float:
-        """Secure aggregation minus plaintext, in accuracy points."""
+        """Secure aggregation minus plaintext, final accuracy, in points."""
         return 100.0 * (self.accuracy_secagg - self.accuracy_plain)
+
+    @property
+    def late_gap_points(self) -> float:
+        """Secure aggregation minus plaintext, late accuracy, in points."""
+        return 100.0 * (self.late_secagg - self.late_plain)
+
+
+def accuracies(sim: VirtualSimulator) -> tuple[float, float]:
+    """``(final, late)`` held-out accuracy of a finished run."""
+    acc = sim.record.evals().accuracy
+    return float(acc[-1]), float(np.mean(acc[-TAIL_EVALS:]))
 
 
 def compare(scenario: Scenario, leader: LeaderModel) -> Comparison:
     """Plaintext (the scenario's aggregator) and secure aggregation on the same schedule."""
     plain = SameScheduleSimulator(scenario, bits=leader.bits, label="plain")
-    plain_run = plain.run()
+    plain.run()
     secagg = SecAggSimulator(scenario, leader, label="secagg")
-    secagg_run = secagg.run()
+    secagg.run()
+    (final_p, late_p), (final_s, late_s) = accuracies(plain), accuracies(secagg)
     return Comparison(
-        accuracy_plain=float(plain_run.record.evals().accuracy[-1]),
-        accuracy_secagg=float(secagg_run.record.evals().accuracy[-1]),
+        accuracy_plain=final_p,
+        accuracy_secagg=final_s,
+        late_plain=late_p,
+        late_secagg=late_s,
         applied_plain=plain.tally.applied,
         applied_secagg=secagg.tally.applied,
         versions_plain=plain.version,
