@@ -39,7 +39,9 @@ the plaintext aggregator's figures (ε of the most frequent participant, ...).
 The server state announces ``features = ("secagg",)`` and ``ServerState.secagg`` (the ring and
 the helper's public key, whose clip is the DP clip under DP); devices check that key against
 their own configuration. Not here
-(docs/PRIVACY.md, "Not done yet"): receipts, leases, evaluation, Prometheus. It publishes
+(docs/PRIVACY.md, "Not done yet"): leases, evaluation, Prometheus. With ``receipts`` (default)
+it receipts each share pair's final verdict after the write that made it durable
+(:mod:`~edgefl.aggregator.secagg_receipts`). It publishes
 METRICS every ``metrics_interval_s``.
 """
 
