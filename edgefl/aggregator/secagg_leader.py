@@ -36,13 +36,12 @@ or took part in ``cap`` released buffers (``dp_budget_exhausted``); the decoded 
 written in the step's transaction; the server state's ``privacy`` and METRICS ``dp_*`` carry
 the plaintext aggregator's figures (ε of the most frequent participant, ...).
 
-The server state announces ``features = ("secagg",)`` and ``ServerState.secagg`` (the ring and
-the helper's public key, whose clip is the DP clip under DP); devices check that key against
-their own configuration. Not here
-(docs/PRIVACY.md, "Not done yet"): leases, evaluation, Prometheus. With ``receipts`` (default)
-it receipts each share pair's final verdict after the write that made it durable
-(:mod:`~edgefl.aggregator.secagg_receipts`). It publishes
-METRICS every ``metrics_interval_s``.
+The server state announces ``features = ("secagg", "receipts")`` and ``ServerState.secagg``
+(the ring and the helper's public key, whose clip is the DP clip under DP); devices check that
+key against their own configuration. With ``receipts`` (the default) the leader receipts each
+share pair's final verdict after the write that made it durable
+(:mod:`~edgefl.aggregator.secagg_receipts`). Not here (docs/PRIVACY.md, "Not done yet"):
+leases, evaluation, Prometheus. It publishes METRICS every ``metrics_interval_s``.
 """
 
 from __future__ import annotations
