@@ -467,16 +467,12 @@ class LeaderService:
         self._write(before)
 
     async def _combine(self, before: LeaderSnapshot, partial: HelperPartial) -> None:
-        open_decision = self.leader.open_decision
         try:
             result = self.leader.combine(partial)
         except SecAggError as exc:
-            lost: list[CommitOutcome] = []
             if exc.reason is not SecAggReason.STALE_DECISION:
                 log.error("buffer %d lost: %s", partial.buffer_id, exc)
-                if exc.reason is SecAggReason.OVERFLOW and open_decision is not None:
-                    lost = members(open_decision, exc.reason)
-            self._write(before, outcomes=lost)
+            self._write(before)  # (an overflow's members: receipted as excluded)
             return
         if self.privacy is not None:
             self.privacy.release(result.decision)

@@ -53,14 +53,15 @@ def _outcome(key: UpdateKey, reason: SecAggReason | None = None) -> CommitOutcom
     return CommitOutcome(key[0], key[1], reason)
 
 
-def members(decision: BufferDecision, reason: SecAggReason | None = None) -> list[CommitOutcome]:
-    """The members of a closed buffer: committed, or all refused with ``reason``."""
-    return [_outcome(key, reason) for key in decision.members]
+def members(decision: BufferDecision) -> list[CommitOutcome]:
+    """The members of a combined buffer: committed."""
+    return [_outcome(key) for key in decision.members]
 
 
 def exclusions(before: LeaderSnapshot | None, after: LeaderSnapshot) -> list[CommitOutcome]:
     """The updates the role excluded between two snapshots (closed with a reason, or reclosed:
-    an aborted decision's members whose seeds the helper lacks)."""
+    an aborted decision's members whose seeds the helper lacks, a buffer's members whose sum
+    failed the range check)."""
     if before is None:
         return []
     old = dict(before.closed)

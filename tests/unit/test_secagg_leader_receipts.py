@@ -3,12 +3,13 @@ pair's final verdict, published only after the write that made it durable."""
 
 from __future__ import annotations
 
+import random
 import time
 from pathlib import Path
 from typing import Any
 
+from test_secagg_dp import NUM_PARAMS, _Fleet
 from test_secagg_dp import _config as dp_config
-from test_secagg_dp import _Fleet
 from test_secagg_services import FLEET, KEYS, SETTINGS, _shares
 from test_secagg_services import _config as secagg_config
 
@@ -16,8 +17,16 @@ from edgefl.aggregator.receipts import ReceiptQueue, ReceiptSender
 from edgefl.aggregator.secagg_leader import LeaderService, leader_state_path
 from edgefl.aggregator.secagg_store import LeaderStore
 from edgefl.participation import ParticipationConfig
-from edgefl.protocol.messages import FEATURE_RECEIPTS, Receipt, ServerStatus, decode_message
-from edgefl.protocol.topics import secagg_share_topic
+from edgefl.protocol.messages import (
+    FEATURE_RECEIPTS,
+    Receipt,
+    ServerStatus,
+    decode_message,
+    encode_message,
+)
+from edgefl.protocol.topics import secagg_report_topic, secagg_share_topic
+from edgefl.secagg import HelperPartial
+from edgefl.secagg.wire import coord_partial
 from edgefl.transport import InboundMessage, MemoryBroker, MemoryTransport
 
 
@@ -129,3 +138,30 @@ async def test_the_leader_announces_receipts_unless_they_are_off(tmp_path: Path)
     assert FEATURE_RECEIPTS in on._server_state(ServerStatus.ONLINE).features
     assert FEATURE_RECEIPTS not in off._server_state(ServerStatus.ONLINE).features
     assert off.receipts is None
+
+
+async def test_the_members_of_a_buffer_that_fails_the_range_check_are_receipted_refused(
+    tmp_path: Path,
+) -> None:
+    async with MemoryTransport(MemoryBroker(), "leader") as transport:
+        # Arrange: a decision of two updates
+        flush = ParticipationConfig(flush_after_s=1.0)
+        leader = _leader(tmp_path, transport, participation=flush)
+        fleet = _Fleet(leader)
+        await fleet.send("d0", 1)
+        await fleet.send("d1", 1)
+        await leader.tick(time.time() + 2.0)
+        decision = leader.leader.open_decision
+        assert decision is not None
+
+        # Act: a partial of random ring elements (a helper's or a member's garbage)
+        garbage = HelperPartial(decision.buffer_id, random.Random(1).randbytes(4 * NUM_PARAMS))
+        msg = encode_message(coord_partial(FLEET, garbage, 0.0), garbage.total)
+        await leader.handle(InboundMessage(secagg_report_topic(FLEET), msg))
+
+        # Assert: no step; both refused by reason, and so is a resend
+        assert leader.version == 0
+        lost = {("d0", 1): "secagg_overflow", ("d1", 1): "secagg_overflow"}
+        assert _verdicts(leader) == lost
+        await leader.handle(_resend("d0", 1))
+        assert _verdicts(leader) == {("d0", 1): "secagg_overflow"}
