@@ -497,11 +497,16 @@ class VirtualSimulator:
             self.schedule.wake_at = wake
             self.events.push(wake, _Ev.WAKE, -1)
 
+    def _upload_guess(self) -> int:
+        """Bytes of a typical upload, for the automatic deadline: about an int8 update
+        (a subclass whose uploads are bigger, e.g. secure aggregation's shares, says so)."""
+        return self.model_bytes // 4 + 256
+
     def _auto_deadline(self) -> float:
         fleet = self.sc.fleet
         rng = np.random.default_rng([self.cfg.seed & MASK64, 0xDEAD11E])
         sample = rng.integers(0, self.cfg.devices, size=256).tolist()
-        upload_guess = self.model_bytes // 4 + 256  # about an int8 update
+        upload_guess = self._upload_guess()
         totals = [
             fleet.download_duration(d, self.model_bytes)
             + fleet.training_duration(d, self.sc.num_examples(d), self.cfg.local.epochs, rng)

@@ -36,16 +36,18 @@ or took part in ``cap`` released buffers (``dp_budget_exhausted``); the decoded 
 written in the step's transaction; the server state's ``privacy`` and METRICS ``dp_*`` carry
 the plaintext aggregator's figures (ε of the most frequent participant, ...).
 
-The server state announces ``features = ("secagg",)`` and ``ServerState.secagg`` (the ring and
-the helper's public key, whose clip is the DP clip under DP); devices check that key against
-their own configuration. Not here
-(docs/PRIVACY.md, "Not done yet"): receipts, leases, evaluation, Prometheus. It publishes
-METRICS every ``metrics_interval_s``.
+The server state announces ``features = ("secagg", "receipts")`` and ``ServerState.secagg``
+(the ring and the helper's public key, whose clip is the DP clip under DP); devices check that
+key against their own configuration. With ``receipts`` (the default) the leader receipts each
+share pair's final verdict after the write that made it durable
+(:mod:`~edgefl.aggregator.secagg_receipts`). Not here (docs/PRIVACY.md, "Not done yet"):
+leases, evaluation, Prometheus. It publishes METRICS every ``metrics_interval_s``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -62,15 +64,21 @@ from edgefl.aggregation import (
     FedBuffState,
     Normalisation,
     NormBound,
-    update_weight,
 )
 from edgefl.aggregator.config import AggregatorConfig
 from edgefl.aggregator.publish import build_model_packets, clear_packets
+from edgefl.aggregator.receipts import ReceiptQueue, ReceiptSender
 from edgefl.aggregator.secagg_config import (
     SecAggSettings,
     check_compatible,
     read_key,
     share_authenticator,
+)
+from edgefl.aggregator.secagg_receipts import (
+    LEADER_FINAL,
+    exclusions,
+    members,
+    resend_verdict,
 )
 from edgefl.aggregator.secagg_shell import RoleShell
 from edgefl.aggregator.secagg_store import LeaderStore, ModelRow
@@ -79,6 +87,7 @@ from edgefl.aggregator.statelock import StateDirLock
 from edgefl.errors import ProtocolError, RejectReason, UpdateRejected
 from edgefl.protocol.envelope import decode_envelope
 from edgefl.protocol.messages import (
+    FEATURE_RECEIPTS,
     FEATURE_SECAGG,
     SecAggCoord,
     SecAggCoordKind,
@@ -89,6 +98,7 @@ from edgefl.protocol.messages import (
     encode_message,
     message_from_envelope,
 )
+from edgefl.protocol.receipts import CommitOutcome, ReceiptBook
 from edgefl.protocol.topics import (
     SecAggReportTopic,
     SecAggShareTopic,
@@ -108,9 +118,10 @@ from edgefl.secagg import (
     SecAggError,
     SecAggLeader,
     SecAggReason,
-    fixed_point_weight,
+    UpdateKey,
     load_helper_public_key,
 )
+from edgefl.secagg.weights import leader_weight
 from edgefl.secagg.wire import (
     coord_decision,
     partial_from_coord,
@@ -125,7 +136,6 @@ log = logging.getLogger("edgefl.aggregator.secagg")
 
 _STATE_EVERY_S = 5.0
 _REPUBLISH_S = 30.0  # an open decision without a partial is published again this often
-SEQ_REPLAY = RejectReason.REPLAY.value
 
 
 def leader_state_path(state_dir: Path) -> Path:
@@ -211,6 +221,10 @@ class LeaderService:
         self._started_at = time.time()
         self._announced = _Announced()
         self.shell = RoleShell(self)
+        self.receipts: ReceiptSender | None = None  # with receipts, once run() connected
+        self._receipt_book = ReceiptBook(
+            config.fleet, signer=config.manifest_signer, final=LEADER_FINAL, through=False
+        )
 
     def stop(self) -> None:
         self.shell.stop()
@@ -250,12 +264,30 @@ class LeaderService:
                 if ready is not None:
                     ready.set()
                 try:
-                    await self.shell.serve(transport)
+                    await self._serve(transport)
                 finally:
                     await self._publish_state(ServerStatus.OFFLINE)
         finally:
             store.close()
             lock.release()
+
+    async def _serve(self, transport: Transport) -> None:
+        """The shell, and with receipts the task publishing them (the last ones queued are
+        published before stopping; one not sent costs the device a resend)."""
+        if not self.config.ingest.receipts:
+            await self.shell.serve(transport)
+            return
+        self.receipts = ReceiptSender(ReceiptQueue(self.config.ingest.receipt_queue), transport)
+        sending = asyncio.create_task(self.receipts.run(), name="edgefl-secagg-receipts")
+        try:
+            await self.shell.serve(transport)
+            await asyncio.wait_for(self.receipts.queue.join(), timeout=5.0)
+        except TimeoutError:
+            log.warning("stopping with receipts unsent; devices will resend")
+        finally:
+            sending.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sending
 
     def _restore(self, store: LeaderStore) -> None:
         cfg = self.config
@@ -344,25 +376,28 @@ class LeaderService:
             try:
                 self._auth.authenticate_share(header, payload)
             except UpdateRejected as exc:
-                self._refuse(exc.reason.value, before)
+                self._refuse(exc.reason, before)
                 return
         key = (header.device_id, header.seq)
         held = {p.key for p in before.pending} | {k for k, _ in before.closed}
         if header.seq < self._max_seq.get(header.device_id, -1) and key not in held:
-            self._refuse(SEQ_REPLAY, before)
+            self._refuse(RejectReason.REPLAY, before, key)
             return
         try:
             weight = self._weight(header)
             if self.privacy is not None and key not in held:  # (a redelivery: the role's)
                 self.privacy.admit(header.device_id, held=self.leader.holds(header.device_id))
         except UpdateRejected as exc:
-            self._refuse(exc.reason.value, before)
+            self._refuse(exc.reason, before, key)
             return
         try:
             self.leader.receive_masked(key, bytes(envelope.payload), weight, time.time())
         except SecAggError as exc:
             log.debug("share %s refused: %s", key, exc)
-            self._write(before)
+            verdict = resend_verdict(before, key)
+            if exc.reason is SecAggReason.BAD_SHARE:
+                verdict = CommitOutcome(key[0], key[1], exc.reason)
+            self._write(before, outcomes=[] if verdict is None else [verdict])
             return
         seq = max(self._max_seq.get(header.device_id, -1), header.seq)
         self._max_seq[header.device_id] = seq
@@ -376,27 +411,23 @@ class LeaderService:
         tau = self.version - header.base_version
         if cfg.aggregation.max_staleness is not None and tau > cfg.aggregation.max_staleness:
             raise UpdateRejected(RejectReason.STALE, f"staleness {tau}")
-        weight = update_weight(
+        return leader_weight(
             header.num_examples,
             tau,
             weighting=cfg.aggregation.example_weighting,
             cap=cfg.aggregation.example_cap,
             staleness=cfg.staleness_weight(),
-        )
-        example = weight.example
-        if (
-            cfg.aggregation.example_weighting is ExampleWeighting.EXAMPLES
-            and cfg.aggregation.example_cap is not None
-        ):
-            example /= cfg.aggregation.example_cap
-        return min(
-            self.settings.weight_scale,
-            fixed_point_weight(example * weight.staleness, self.settings.weight_scale),
+            weight_scale=self.settings.weight_scale,
         )
 
-    def _refuse(self, reason: str, before: LeaderSnapshot) -> None:
-        self.refused[reason] += 1
-        self._write(before)
+    def _refuse(
+        self, reason: RejectReason, before: LeaderSnapshot, key: UpdateKey | None = None
+    ) -> None:
+        """Count a refusal before the role; receipt it for ``key`` (when authenticated, and
+        final: :data:`LEADER_FINAL`)."""
+        self.refused[reason.value] += 1
+        outcomes = [] if key is None else [CommitOutcome(key[0], key[1], reason)]
+        self._write(before, outcomes=outcomes)
 
     # ------------------------------------------------------------------ helper's messages
     async def _on_report(self, topic: SecAggReportTopic, payload: bytes) -> None:
@@ -441,12 +472,17 @@ class LeaderService:
         except SecAggError as exc:
             if exc.reason is not SecAggReason.STALE_DECISION:
                 log.error("buffer %d lost: %s", partial.buffer_id, exc)
-            self._write(before)
+            self._write(before)  # (an overflow's members: receipted as excluded)
             return
         if self.privacy is not None:
             self.privacy.release(result.decision)
         self._step(result)
-        self._write(before, model=True, privacy=self.privacy is not None)
+        self._write(
+            before,
+            model=True,
+            privacy=self.privacy is not None,
+            outcomes=members(result.decision),
+        )
         await self._publish_model()
         await self._publish_state(ServerStatus.ONLINE)
 
@@ -505,22 +541,30 @@ class LeaderService:
         model: bool = False,
         device_seq: tuple[str, int] | None = None,
         privacy: bool = False,
+        outcomes: list[CommitOutcome] | None = None,
     ) -> None:
         """Write the role's change since ``before`` (with the model, a device's highest seq,
-        central DP's counts when asked) and the refusal counters, in one transaction."""
+        central DP's counts when asked) and the refusal counters, in one transaction; then
+        queue the receipts of ``outcomes`` and of the updates the change excluded
+        (:mod:`~edgefl.aggregator.secagg_receipts`)."""
         assert self._store is not None, "run() opens the store before any message"
         row = None
         if model:
             row = ModelRow(self.version, self.created_at, self.core.snapshot(buffer=False))
         counts = self.privacy.state() if privacy and self.privacy is not None else None
+        after = self.leader.snapshot()
         self._store.write(
             before,
-            self.leader.snapshot(),
+            after,
             model=row,
             device_seq=device_seq,
             refused=self.refused,
             privacy=counts,
         )
+        if self.receipts is not None:  # only now: the verdicts are durable
+            verdicts = [*(outcomes or ()), *exclusions(before, after)]
+            if verdicts:
+                self.receipts.queue.put(self._receipt_book.receipts(verdicts, now=time.time()))
 
     # ------------------------------------------------------------------ publishing
     async def _publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
@@ -604,11 +648,19 @@ class LeaderService:
             started_at=self._started_at,
             at=time.time(),
             rejected=rejected,
-            features=(FEATURE_SECAGG,),
+            features=(FEATURE_SECAGG, FEATURE_RECEIPTS)
+            if self.config.ingest.receipts
+            else (FEATURE_SECAGG,),
             secagg=secagg_info(self.spec, self._helper_public),
             privacy=None if self.privacy is None else central_privacy(self.privacy.statistics()),
         )
 
     def statistics(self) -> dict[str, int]:
         """The role's counters plus the refusals before it (for tests and logs)."""
-        return {**self.leader.statistics(), **self.refused}
+        return {**self.leader.statistics(), **self.refused, **self._receipt_counts()}
+
+    def _receipt_counts(self) -> dict[str, int]:
+        sender = self.receipts
+        if sender is None:
+            return {}
+        return {"receipts_sent": sender.sent, "receipts_dropped": sender.queue.dropped}

@@ -25,8 +25,9 @@ the model version) that a crash before the commit would roll back.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Final, Protocol
 
 from edgefl.errors import RejectReason
@@ -81,11 +82,12 @@ class _Signer(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class CommitOutcome:
-    """The committed outcome of one update: accepted (``reason is None``) or rejected."""
+    """The committed outcome of one update: accepted (``reason is None``) or rejected (a
+    :class:`~edgefl.errors.RejectReason`, or another reason enum a book is told is final)."""
 
     device_id: str
     seq: int
-    reason: RejectReason | None = None
+    reason: StrEnum | None = None
 
     @property
     def accepted(self) -> bool:
@@ -109,6 +111,12 @@ class ReceiptBook:
     ``high_water``: the store's committed ``max_seq`` per device at start. ``signer``: the
     aggregator's envelope signer when signing is on (the one that signs manifests). Not
     thread-safe; call from one task, in commit order.
+
+    ``final``: the rejections it reports (default :data:`RECEIPTED_REJECTIONS`).
+    ``through=False``: a receipt's ``through`` is the highest seq *it* commits (None when it
+    commits none), not the device's high-water mark: for an aggregator that commits a device's
+    updates out of seq order (the secure-aggregation leader), where an old mark would make the
+    device resend every lower seq still pending there at once.
     """
 
     def __init__(
@@ -117,10 +125,14 @@ class ReceiptBook:
         high_water: Mapping[str, int] | None = None,
         *,
         signer: _Signer | None = None,
+        final: Container[StrEnum] = RECEIPTED_REJECTIONS,
+        through: bool = True,
     ) -> None:
         self.fleet = fleet
         self._high: dict[str, int] = dict(high_water or {})
         self._signer = signer
+        self._final = final
+        self._through = through
 
     def high_water(self, device: str) -> int | None:
         """The highest committed seq of ``device`` known to the book (None: none)."""
@@ -148,7 +160,7 @@ class ReceiptBook:
             for o in outs:
                 if o.reason is RejectReason.DUPLICATE and o.seq <= high:
                     committed.add(o.seq)  # a resend of an update committed before
-                elif o.reason in RECEIPTED_REJECTIONS and o.seq not in committed:
+                elif o.reason is not None and o.reason in self._final and o.seq not in committed:
                     rejected[o.seq] = o.reason.value
             for seq in committed:
                 rejected.pop(seq, None)
@@ -167,6 +179,11 @@ class ReceiptBook:
             for r in self.receipt_messages(outcomes, now=now)
         ]
 
+    def _reported_through(self, high: int, ranges: tuple[SeqRange, ...]) -> int | None:
+        if self._through:
+            return high if high >= 0 else None
+        return ranges[-1][1] if ranges else None
+
     def _split(
         self,
         device: str,
@@ -183,7 +200,7 @@ class ReceiptBook:
                 fleet=self.fleet,
                 device_id=device,
                 at=now,
-                through=high if high >= 0 else None,
+                through=self._reported_through(high, ranges),
                 committed=ranges[i * n : (i + 1) * n],
                 rejected=dict(items[i * n : (i + 1) * n]),
             )

@@ -258,7 +258,8 @@ class SecAggLeader:
 
         ``STALE_DECISION`` for a partial of no open decision (a duplicate after a restart),
         ``BAD_SHARE`` for a wrong length: both leave the decision open. ``OVERFLOW`` closes it
-        (the members are spent, none is counted as combined)."""
+        (the members are spent, none is counted as combined; they are closed as
+        ``OVERFLOW``, so a resend of one is a ``LATE_SHARE``)."""
         cfg = self._config
         decision = self._open
         try:
@@ -275,6 +276,8 @@ class SecAggLeader:
             total = decode_sum(ring_sum, cfg.spec, decision.weights)
         except SecAggError as exc:
             self._counts[exc.reason] += 1
+            for key in decision.members:  # spent, never counted: a resend is a late share
+                self._close(key, exc.reason.value)
             raise
         self._combined += len(decision.members)
         if cfg.noise is not None:

@@ -35,7 +35,9 @@ from edgefl.aggregator.secagg_leader import LeaderService, leader_state_path
 from edgefl.aggregator.service import initial_state
 from edgefl.aggregator.store import decode_state
 from edgefl.protocol.envelope import EnvelopeKind, decode_envelope
+from edgefl.protocol.messages import Receipt, decode_message
 from edgefl.protocol.topics import (
+    receipts_filter,
     secagg_decision_topic,
     secagg_seed_topic,
     secagg_seeds_filter,
@@ -297,3 +299,47 @@ async def test_sigkill_of_helper_and_leader_loses_and_double_counts_nothing(
     assert np.max(np.abs(weights - expected)) <= 2.0 / spec.scale + 1e-6
     version, _, combined = _committed(leader_dir)
     assert (version, combined) == (3, 3 * K)
+
+
+async def test_the_leader_receipts_each_pair_once_its_verdict_is_durable(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    # Arrange: one share waits at most 1 s for the other; a client reading the receipts
+    keys, _, _ = _keys(tmp_path)
+    settings = SecAggSettings(helper_key=tmp_path / "unused", share_timeout_s=1.0)
+    leader = LeaderService(_config(mosquitto.url, tmp_path / "leader"), settings, keys.public_key)
+    helper = HelperService(_config(mosquitto.url, tmp_path / "helper"), settings, keys)
+    ready_l, ready_h = asyncio.Event(), asyncio.Event()
+    tasks = [asyncio.create_task(leader.run(ready_l)), asyncio.create_task(helper.run(ready_h))]
+    await asyncio.wait_for(asyncio.gather(ready_l.wait(), ready_h.wait()), 30)
+    url, spec = mosquitto.url, leader.spec
+    receipts: dict[str, Receipt] = {}
+    reader_cfg = MqttConfig.from_url(url, client_id="receipt-reader")
+    async with MqttTransport(reader_cfg) as reader:
+        await reader.subscribe(receipts_filter(FLEET), qos=1)
+
+        async def read() -> None:
+            async for message in reader.messages():
+                receipt = decode_message(message.payload, Receipt)
+                receipts[receipt.device_id] = receipt
+
+        reading = asyncio.create_task(read())
+
+        # Act: d9 sends its share only; a full buffer of d0..d2
+        await _send(url, spec, keys, 9, 0, only="share")
+        await asyncio.gather(*(_send(url, spec, keys, i, 0) for i in range(K)))
+        await _next_version(leader, 1)
+        want = {f"d{i}" for i in (*range(K), 9)}
+        await eventually(lambda: set(receipts) == want, what="a receipt for every device")
+        reading.cancel()
+    leader.stop()
+    helper.stop()
+    await asyncio.wait_for(asyncio.gather(*tasks), 30)
+
+    # Assert: the buffer's members committed, d9 refused for good, by reason
+    for i in range(K):
+        assert receipts[f"d{i}"].committed == ((1, 1),)
+        assert not receipts[f"d{i}"].rejected
+    assert receipts["d9"].rejected == {1: "secagg_missing_helper_share"}
+    assert not receipts["d9"].committed
+    assert leader.statistics()["receipts_sent"] == K + 1

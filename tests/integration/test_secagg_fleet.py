@@ -84,14 +84,22 @@ async def test_agents_train_through_secure_aggregation(
     running = [asyncio.create_task(a.run()) for a in agents]
 
     # Act: four server steps, each the decoded sum of two agents' shares
-    await eventually(lambda: leader.version >= 4, 120, what="version 4")
-    await eventually(lambda: all((a.statistics().model_version or 0) >= 3 for a in agents), 60)
-    for agent in agents:
-        agent.stop()
-    await asyncio.gather(*running)
-    leader.stop()
-    helper.stop()
-    await asyncio.gather(*roles)
+    try:
+        await eventually(lambda: leader.version >= 4, 120, what="version 4")
+        await eventually(lambda: all((a.statistics().model_version or 0) >= 3 for a in agents), 60)
+        combined = leader.statistics()["combined"]  # receipted to the agents once written
+
+        def receipted() -> int:
+            return sum(a.statistics().delivery.receipted for a in agents)
+
+        await eventually(lambda: receipted() >= combined, 30, what=f"{combined} receipts")
+    finally:  # (a failed wait must not leave the agents and roles running)
+        for agent in agents:
+            agent.stop()
+        await asyncio.gather(*running)
+        leader.stop()
+        helper.stop()
+        await asyncio.gather(*roles)
 
     # Assert
     stats = leader.statistics()
@@ -99,6 +107,10 @@ async def test_agents_train_through_secure_aggregation(
     assert stats["accepted"] >= stats["combined"]  # (a PUBACK may be in flight at the stop)
     assert all(a.statistics().updates_sent >= 1 for a in agents)
     assert all(not a.statistics().dropped for a in agents)
+    # the leader's receipts: the agents kept their pairs until it said they were combined
+    delivery = [a.statistics().delivery for a in agents]
+    assert all(d.receipts for d in delivery)
+    assert not [d.receipt_rejected for d in delivery if d.receipt_rejected]
     assert helper.helper.statistics()["accepted"] >= stats["combined"]
     assert not [k for k in stats if k.startswith("secagg_") and stats[k]]
     final = _accuracy(leader.core.weights)
