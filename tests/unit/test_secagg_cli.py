@@ -36,8 +36,16 @@ def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, list
             "--eval-dataset: the helper holds no model",
         ),
         (
-            ["--role", "leader", "--helper-key", "KEY", "--eval-dataset", "digits",
-             "--until-accuracy", "0.9"],
+            [
+                "--role",
+                "leader",
+                "--helper-key",
+                "KEY",
+                "--eval-dataset",
+                "digits",
+                "--until-accuracy",
+                "0.9",
+            ],
             "--until-accuracy is not available with --role leader",
         ),  # fmt: skip
     ],

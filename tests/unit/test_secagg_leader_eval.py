@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from waiting import eventually
 
 from edgefl.aggregator import AggregatorConfig, NormBoundSetting
 from edgefl.aggregator.secagg_config import SecAggSettings
@@ -107,9 +108,8 @@ async def test_the_leader_evaluates_a_committed_version_into_metrics_and_its_his
             # Act: version 1 is committed; wait until its evaluation is in the history
             await _commit_version_1(leader)
             assert leader._store is not None
-            async with asyncio.timeout(30):
-                while leader._store.history()[-1][2] is None:
-                    await asyncio.sleep(0.05)
+            store = leader._store
+            await eventually(lambda: store.history()[-1][2] is not None, 30, what="evaluated")
             await obs.subscribe(server_metrics_topic(FLEET))  # (the METRICS from now on)
             await leader.tick(time.time())
             async with asyncio.timeout(5):
