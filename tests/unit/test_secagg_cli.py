@@ -47,7 +47,7 @@ def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, list
                 "0.9",
             ],
             "--until-accuracy is not available with --role leader",
-        ),  # fmt: skip
+        ),
     ],
 )
 def test_bad_secagg_options_are_one_line_and_exit_78(
