@@ -1,6 +1,7 @@
 """The leader's held-out evaluation (``--eval-dataset``) on an in-process MemoryBroker: a
 committed version is evaluated for real (torch, the digits test split) on the evaluator's
-thread, and its accuracy lands in the leader's history and in METRICS ``accuracy``."""
+thread, and its accuracy lands in the leader's history and in METRICS ``accuracy``, which
+``edgefl monitor`` shows."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from edgefl.aggregator import AggregatorConfig, NormBoundSetting
 from edgefl.aggregator.secagg_config import SecAggSettings
 from edgefl.aggregator.secagg_leader import LeaderService, leader_state_path
 from edgefl.aggregator.secagg_store import LeaderStore
+from edgefl.monitor.decode import decode_inbound
+from edgefl.monitor.model import FleetModel
 from edgefl.participation import ParticipationConfig
 from edgefl.protocol.envelope import decode_envelope
 from edgefl.protocol.messages import ServerMetrics, decode_message, encode_message
@@ -113,9 +116,7 @@ async def test_the_leader_evaluates_a_committed_version_into_metrics_and_its_his
             await obs.subscribe(server_metrics_topic(FLEET))  # (the METRICS from now on)
             await leader.tick(time.time())
             async with asyncio.timeout(5):
-                metrics = decode_message(
-                    (await anext(aiter(obs.messages()))).payload, ServerMetrics
-                )
+                message = await anext(aiter(obs.messages()))
         finally:
             assert leader.evaluator is not None
             leader.evaluator.stop()
@@ -126,8 +127,15 @@ async def test_the_leader_evaluates_a_committed_version_into_metrics_and_its_his
     expected = _held_out_accuracy(leader, leader.core.weights)
     assert expected != _held_out_accuracy(leader, v0)  # (the step changed the predictions)
     assert [(v, a) for v, _, a in history][-1] == (1, pytest.approx(expected))
+    metrics = decode_message(message.payload, ServerMetrics)
     assert metrics.version == 1
     assert metrics.accuracy == pytest.approx(expected)
+    # edgefl monitor reads it as the plaintext aggregator's (accuracy line, sparkline)
+    monitor = FleetModel(FLEET)
+    monitor.apply(decode_inbound(message.topic, message.payload, fleet=FLEET, now=1.0), now=1.0)
+    panel = monitor.snapshot(1.0).aggregator
+    assert panel.accuracy == pytest.approx(expected)
+    assert panel.accuracy_history == ((1, pytest.approx(expected)),)
     # a restarted leader shows it again before evaluating anything
     async with MemoryTransport(MemoryBroker(), "again") as again:
         restarted = _leader(state_dir, again)
