@@ -7,6 +7,7 @@ faster than they can be evaluated, intermediate ones are skipped (their history 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from numpy.typing import NDArray
 
 from edgefl.models import ModelSpec
 
-__all__ = ["Evaluator"]
+__all__ = ["Evaluator", "start_on_loop"]
 
 log = logging.getLogger("edgefl.aggregator.evaluation")
 
@@ -86,3 +87,26 @@ class Evaluator:
                 continue
             self.evaluated += 1
             self._on_result(version, float(accuracy))
+
+
+def start_on_loop(
+    spec: ModelSpec,
+    dataset: str,
+    *,
+    seed: int,
+    record: Callable[[int, float], None],
+    version: int,
+    weights: NDArray[np.float32],
+) -> Evaluator:
+    """A started :class:`Evaluator` whose results run ``record(version, accuracy)`` on the
+    calling (running) event loop, so ``record`` may touch the service's state and store without
+    locks; ``version`` (the one being served) is submitted at once. Both aggregators use it."""
+    loop = asyncio.get_running_loop()
+
+    def on_result(evaluated: int, accuracy: float) -> None:
+        loop.call_soon_threadsafe(record, evaluated, accuracy)
+
+    evaluator = Evaluator(spec, dataset, seed=seed, on_result=on_result)
+    evaluator.start()
+    evaluator.submit(version, weights)
+    return evaluator

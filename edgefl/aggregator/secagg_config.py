@@ -27,6 +27,7 @@ __all__ = [
     "SecAggSettings",
     "ShareAuthenticator",
     "check_compatible",
+    "check_outputs",
     "read_key",
     "share_authenticator",
 ]
@@ -104,6 +105,21 @@ def check_compatible(config: AggregatorConfig, settings: SecAggSettings) -> None
         raise ValueError("examples weighting under secure aggregation needs an example_cap")
     if settings.min_members > config.aggregation.buffer_size:
         raise ValueError("min_members must be <= buffer_size")
+
+
+def check_outputs(role: Role, config: AggregatorConfig) -> None:
+    """Refuse (``ValueError``, one line) the outputs a role would otherwise ignore: only the
+    leader holds the model, so only it evaluates (``--eval-dataset``); neither role stops at a
+    target accuracy (``--until-accuracy``) or exports ONNX (``--publish-onnx``) yet."""
+    out = config.outputs
+    if out.until_accuracy is not None:
+        raise ValueError(f"--until-accuracy is not available with --role {role.value}")
+    if out.publish_onnx:
+        raise ValueError(f"--publish-onnx is not available with --role {role.value}")
+    if role is not Role.LEADER and out.eval_dataset is not None:
+        raise ValueError(
+            f"--eval-dataset: the {role.value} holds no model to evaluate (give it to the leader)"
+        )
 
 
 def _check_dp(config: AggregatorConfig, settings: SecAggSettings) -> None:

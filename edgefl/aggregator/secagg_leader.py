@@ -40,8 +40,12 @@ The server state announces ``features = ("secagg", "receipts")`` and ``ServerSta
 (the ring and the helper's public key, whose clip is the DP clip under DP); devices check that
 key against their own configuration. With ``receipts`` (the default) the leader receipts each
 share pair's final verdict after the write that made it durable
-(:mod:`~edgefl.aggregator.secagg_receipts`). Not here (docs/PRIVACY.md, "Not done yet"):
-leases, evaluation, Prometheus. It publishes METRICS every ``metrics_interval_s``.
+(:mod:`~edgefl.aggregator.secagg_receipts`). With ``--eval-dataset`` the plaintext
+aggregator's held-out evaluation runs on its own thread (:func:`~edgefl.aggregator.evaluation.
+start_on_loop`; torch is imported there only): each committed version is submitted after its
+publication (latest wins), and its accuracy is written to the leader's ``history`` and shown as
+METRICS ``accuracy``. Not here (docs/PRIVACY.md, "Not done yet"): leases, ``--until-accuracy``,
+Prometheus. It publishes METRICS every ``metrics_interval_s``.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -66,6 +71,7 @@ from edgefl.aggregation import (
     NormBound,
 )
 from edgefl.aggregator.config import AggregatorConfig
+from edgefl.aggregator.evaluation import Evaluator, start_on_loop
 from edgefl.aggregator.publish import build_model_packets, clear_packets
 from edgefl.aggregator.receipts import ReceiptQueue, ReceiptSender
 from edgefl.aggregator.secagg_config import (
@@ -225,6 +231,8 @@ class LeaderService:
         self._receipt_book = ReceiptBook(
             config.fleet, signer=config.manifest_signer, final=LEADER_FINAL, through=False
         )
+        self.evaluator: Evaluator | None = None  # with ``eval_dataset``, while run() runs
+        self.last_accuracy: float | None = None  # the newest held-out accuracy measured
 
     def stop(self) -> None:
         self.shell.stop()
@@ -241,6 +249,7 @@ class LeaderService:
         store = LeaderStore(leader_state_path(cfg.state_dir), fsync=cfg.ingest.fsync)
         try:
             self._restore(store)
+            self._start_evaluator()
             transport = self._given or MqttTransport(
                 cfg.mqtt_config(
                     client_id=f"edgefl-secagg-leader-{cfg.fleet}",
@@ -268,8 +277,34 @@ class LeaderService:
                 finally:
                     await self._publish_state(ServerStatus.OFFLINE)
         finally:
+            if self.evaluator is not None:
+                self.evaluator.stop()
             store.close()
             lock.release()
+
+    def _start_evaluator(self) -> None:
+        """With ``eval_dataset``: evaluate the version served, then each committed one; the
+        results are recorded on the event loop (:meth:`_record_accuracy`)."""
+        cfg = self.config
+        if cfg.outputs.eval_dataset is None:
+            return
+        self.evaluator = start_on_loop(
+            cfg.spec,
+            cfg.outputs.eval_dataset,
+            seed=cfg.seed,
+            record=self._record_accuracy,
+            version=self.version,
+            weights=self.core.weights,
+        )
+
+    def _record_accuracy(self, version: int, accuracy: float) -> None:
+        """An evaluation's result: METRICS ``accuracy`` from now on, and the version's row of
+        the history (a result arriving after the store closed is dropped, as the plaintext
+        aggregator's)."""
+        self.last_accuracy = accuracy
+        if self._store is not None:
+            with contextlib.suppress(sqlite3.ProgrammingError):  # the store closed meanwhile
+                self._store.set_accuracy(version, accuracy)
 
     async def _serve(self, transport: Transport) -> None:
         """The shell, and with receipts the task publishing them (the last ones queued are
@@ -309,6 +344,7 @@ class LeaderService:
             self.created_at = model.created_at
         self._max_seq = store.max_seqs()
         self.refused.update(store.refused())
+        self.last_accuracy = store.last_accuracy()
         self._store = store
         fresh_privacy = self._restore_privacy(store, snapshot)
         if model is None or fresh_privacy:  # the initial version is durable before it is published
@@ -485,6 +521,8 @@ class LeaderService:
         )
         await self._publish_model()
         await self._publish_state(ServerStatus.ONLINE)
+        if self.evaluator is not None:
+            self.evaluator.submit(self.version, self.core.weights)
 
     def _step(self, result: AggregateResult) -> None:
         """One FedBuff step with the decoded aggregate (see the module docstring)."""
@@ -602,7 +640,8 @@ class LeaderService:
 
     async def _publish_metrics(self) -> None:
         """METRICS on ``server/metrics`` (QoS 0): ``received`` every share the leader saw,
-        ``applied`` the updates combined into a step, ``rejected`` by reason; ``extra`` the
+        ``applied`` the updates combined into a step, ``rejected`` by reason, ``accuracy`` the
+        newest held-out accuracy (``--eval-dataset``; None before); ``extra`` the
         role's own figures (``secagg_pending``, ``secagg_complete``, the open decision)."""
         now = time.monotonic()
         stats = self.leader.statistics()
@@ -621,6 +660,7 @@ class LeaderService:
             applied=stats["combined"],
             updates_per_s=rate,
             rejected=state.rejected,
+            accuracy=self.last_accuracy,
             extra={
                 "secagg_pending": stats["pending"],
                 "secagg_complete": stats["complete"],

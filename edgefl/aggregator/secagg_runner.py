@@ -11,7 +11,7 @@ import contextlib
 import signal
 
 from edgefl.aggregator.config import AggregatorConfig
-from edgefl.aggregator.secagg_config import Role, SecAggSettings
+from edgefl.aggregator.secagg_config import Role, SecAggSettings, check_outputs
 from edgefl.aggregator.secagg_helper import HelperService, load_helper_keys
 from edgefl.aggregator.secagg_leader import LeaderService, load_helper_public
 from edgefl.clierror import BrokerUnavailable
@@ -24,6 +24,7 @@ def make_role(
     role: Role, config: AggregatorConfig, settings: SecAggSettings
 ) -> LeaderService | HelperService:
     """The service of ``role``; ``ValueError`` (one line) for an unusable key or option."""
+    check_outputs(role, config)
     if role is Role.LEADER:
         return LeaderService(config, settings, load_helper_public(settings.helper_key))
     if role is Role.HELPER:

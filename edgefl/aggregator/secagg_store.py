@@ -13,7 +13,10 @@ encoded as the aggregator's state store does), written **in the same transaction
 combine that stepped it: an accepted update is either in an open decision, or in a committed
 step, never both and never neither. With central DP the participation counts
 (:class:`~edgefl.privacy.PrivacyState`, ``meta.privacy``) are written in that transaction too,
-so a device's count and the step that released its update are durable together.
+so a device's count and the step that released its update are durable together. Every
+committed version gets a ``history`` row (version, created_at) in that transaction too; its
+held-out ``accuracy`` (``--eval-dataset``) is filled in later by :meth:`LeaderStore.set_accuracy`,
+as in the plaintext aggregator's history.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS model (
     id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL, created_at REAL NOT NULL,
     state BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS history (
+    version INTEGER PRIMARY KEY, created_at REAL NOT NULL, accuracy REAL);
 """
 
 _HELPER_SCHEMA = """
@@ -210,6 +215,22 @@ class LeaderStore(_Store):
         stored = self.meta().get("privacy")
         return None if stored is None else PrivacyState.from_json(stored)
 
+    def history(self) -> list[tuple[int, float, float | None]]:
+        """The committed versions, oldest first: (version, created_at, accuracy or None)."""
+        rows = self._db.execute("SELECT version, created_at, accuracy FROM history ORDER BY 1")
+        return [(int(v), float(c), None if a is None else float(a)) for v, c, a in rows]
+
+    def last_accuracy(self) -> float | None:
+        """The held-out accuracy of the newest evaluated version (None: none evaluated)."""
+        row = self._db.execute(
+            "SELECT accuracy FROM history WHERE accuracy IS NOT NULL ORDER BY version DESC LIMIT 1"
+        ).fetchone()
+        return None if row is None else float(row[0])
+
+    def set_accuracy(self, version: int, accuracy: float) -> None:
+        """Record the held-out accuracy measured for committed ``version``."""
+        self._db.execute("UPDATE history SET accuracy = ? WHERE version = ?", (accuracy, version))
+
     def write(
         self,
         before: LeaderSnapshot | None,
@@ -262,6 +283,10 @@ class LeaderStore(_Store):
                 db.execute(
                     "INSERT OR REPLACE INTO model VALUES (1, ?, ?, ?)",
                     (model.version, model.created_at, encode_state(model.state)),
+                )
+                db.execute(
+                    "INSERT OR IGNORE INTO history VALUES (?, ?, NULL)",
+                    (model.version, model.created_at),
                 )
             db.execute("COMMIT")
         except BaseException:

@@ -57,7 +57,7 @@ from edgefl.aggregation import FedBuff, FedBuffConfig, FedBuffState
 from edgefl.aggregator.batch import Batch, BatchBuilder, Ticket, checkpoint_bytes
 from edgefl.aggregator.config import AggregatorConfig
 from edgefl.aggregator.engine import Engine
-from edgefl.aggregator.evaluation import Evaluator
+from edgefl.aggregator.evaluation import Evaluator, start_on_loop
 from edgefl.aggregator.ingest import Ingest, StagedUpdate
 from edgefl.aggregator.participation import CheckInAuthenticator, LeaseDesk
 from edgefl.aggregator.publish import Release, RetainedChunks
@@ -553,7 +553,6 @@ class Aggregator:
         cfg = self.config
         if cfg.outputs.eval_dataset is None:
             raise ValueError("held-out evaluation needs eval_dataset")
-        loop = asyncio.get_running_loop()
         builder, store = restored.builder, restored.store
 
         def record(version: int, accuracy: float) -> None:
@@ -562,15 +561,14 @@ class Aggregator:
                 writer.submit(store.set_accuracy, version, accuracy)
             self._check_target(version, accuracy, newest=builder.engine.version)
 
-        def on_result(version: int, accuracy: float) -> None:
-            loop.call_soon_threadsafe(record, version, accuracy)
-
-        evaluator = Evaluator(
-            cfg.spec, cfg.outputs.eval_dataset, seed=cfg.seed, on_result=on_result
+        return start_on_loop(
+            cfg.spec,
+            cfg.outputs.eval_dataset,
+            seed=cfg.seed,
+            record=record,
+            version=builder.engine.version,
+            weights=builder.engine.weights,
         )
-        evaluator.start()
-        evaluator.submit(builder.engine.version, builder.engine.weights)
-        return evaluator
 
     def _check_target(self, version: int, accuracy: float, *, newest: int) -> None:
         """``outputs.until_accuracy``: the evaluation of the newest version reached the target,

@@ -1,10 +1,12 @@
 """Real device agents (torch training on digits) with the two secure-aggregation roles, over a real
 Mosquitto: the agents read the leader's announcement, send every update as two shares, and
-follow the versions the leader steps from the decoded sums; the model learns."""
+follow the versions the leader steps from the decoded sums; the model learns, and the leader's
+held-out evaluation (``eval_dataset``) shows it in METRICS ``accuracy``."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 import agent_files
@@ -20,9 +22,13 @@ from device_agent.dataset import LocalDataset
 from edgefl.aggregator import AggregatorConfig
 from edgefl.aggregator.secagg_config import SecAggSettings
 from edgefl.aggregator.secagg_helper import HelperService
-from edgefl.aggregator.secagg_leader import LeaderService
+from edgefl.aggregator.secagg_leader import LeaderService, leader_state_path
+from edgefl.aggregator.secagg_store import LeaderStore
 from edgefl.models.spec import get_model_spec
+from edgefl.protocol.messages import ServerMetrics, decode_message
+from edgefl.protocol.topics import server_metrics_topic
 from edgefl.secagg import HelperKeys
+from edgefl.transport import MqttConfig, MqttTransport
 from firmware_sim.fake_sysfs import write_fake_sysfs
 
 pytestmark = pytest.mark.integration
@@ -51,6 +57,43 @@ def _accuracy(weights: np.ndarray) -> float:
         return float((module(torch.from_numpy(x)).numpy().argmax(axis=1) == y).mean())
 
 
+class _MetricsWatch:
+    """The fleet's METRICS, as an operator's monitor receives them."""
+
+    def __init__(self, url: str) -> None:
+        self._transport = MqttTransport(MqttConfig.from_url(url, client_id="observer"))
+        self.seen: list[ServerMetrics] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self._transport.__aenter__()
+        await self._transport.subscribe(server_metrics_topic(FLEET), qos=0)
+        self._task = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        async for message in self._transport.messages():
+            self.seen.append(decode_message(message.payload, ServerMetrics))
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._transport.__aexit__(None, None, None)
+
+    def evaluated(self) -> list[ServerMetrics]:
+        """The METRICS carrying the held-out accuracy of a committed version."""
+        return [m for m in self.seen if m.accuracy is not None and m.version >= 1]
+
+    def check_stored(self, state_dir: Path) -> None:
+        """The accuracy shown last is one the leader wrote into its history."""
+        store = LeaderStore(leader_state_path(state_dir), fsync=False)
+        measured = {v: a for v, _, a in store.history() if a is not None}
+        store.close()
+        assert max(measured) >= 1
+        assert self.evaluated()[-1].accuracy in measured.values()
+
+
 async def test_agents_train_through_secure_aggregation(
     mosquitto: MosquittoBroker, tmp_path: Path
 ) -> None:
@@ -66,7 +109,8 @@ async def test_agents_train_through_secure_aggregation(
             buffer_size=2, lr=0.1, local_epochs=2, fsync=False,
         )  # fmt: skip
 
-    leader = LeaderService(role_config("leader"), settings, keys.public_key)
+    evaluating = role_config("leader").replace(eval_dataset="digits", metrics_interval_s=0.5)
+    leader = LeaderService(evaluating, settings, keys.public_key)
     helper = HelperService(role_config("helper"), settings, keys)
     initial = _accuracy(leader.core.weights)
     ready = [asyncio.Event(), asyncio.Event()]
@@ -82,6 +126,8 @@ async def test_agents_train_through_secure_aggregation(
         )  # fmt: skip
         agents.append(DeviceAgent(cfg, dataset=_data(i)))
     running = [asyncio.create_task(a.run()) for a in agents]
+    watch = _MetricsWatch(mosquitto.url)
+    await watch.start()
 
     # Act: four server steps, each the decoded sum of two agents' shares
     try:
@@ -93,7 +139,9 @@ async def test_agents_train_through_secure_aggregation(
             return sum(a.statistics().delivery.receipted for a in agents)
 
         await eventually(lambda: receipted() >= combined, 30, what=f"{combined} receipts")
+        await eventually(lambda: bool(watch.evaluated()), 30, what="a METRICS accuracy")
     finally:  # (a failed wait must not leave the agents and roles running)
+        await watch.close()
         for agent in agents:
             agent.stop()
         await asyncio.gather(*running)
@@ -116,3 +164,4 @@ async def test_agents_train_through_secure_aggregation(
     final = _accuracy(leader.core.weights)
     print(f"held-out accuracy: v0 {initial:.3f}, v{leader.version} {final:.3f}")
     assert final > initial + 0.2
+    watch.check_stored(tmp_path / "leader")  # the leader's evaluation: METRICS and history

@@ -31,6 +31,23 @@ def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, list
             ["--role", "leader", "--helper-key", "KEY", "--dp", "central:z=1,C=0.5,cap=3"],
             "--secagg-clip 1 with --dp under secure aggregation",
         ),
+        (
+            ["--role", "helper", "--helper-key", "KEY", "--eval-dataset", "digits"],
+            "--eval-dataset: the helper holds no model",
+        ),
+        (
+            [
+                "--role",
+                "leader",
+                "--helper-key",
+                "KEY",
+                "--eval-dataset",
+                "digits",
+                "--until-accuracy",
+                "0.9",
+            ],
+            "--until-accuracy is not available with --role leader",
+        ),
     ],
 )
 def test_bad_secagg_options_are_one_line_and_exit_78(
