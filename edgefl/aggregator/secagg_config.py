@@ -110,8 +110,14 @@ def check_compatible(config: AggregatorConfig, settings: SecAggSettings) -> None
 def check_outputs(role: Role, config: AggregatorConfig) -> None:
     """Refuse (``ValueError``, one line) the outputs a role would otherwise ignore: only the
     leader holds the model, so only it evaluates (``--eval-dataset``); neither role stops at a
-    target accuracy (``--until-accuracy``) or exports ONNX (``--publish-onnx``) yet."""
+    target accuracy (``--until-accuracy``), exports ONNX (``--publish-onnx``) or serves
+    Prometheus metrics (``--metrics-port``; the METRICS topic carries their figures) yet."""
     out = config.outputs
+    if out.metrics_port is not None:
+        raise ValueError(
+            f"--metrics-port is not available with --role {role.value} (its figures are on the"
+            " METRICS topic: edgefl monitor)"
+        )
     if out.until_accuracy is not None:
         raise ValueError(f"--until-accuracy is not available with --role {role.value}")
     if out.publish_onnx:

@@ -48,6 +48,14 @@ def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, list
             ],
             "--until-accuracy is not available with --role leader",
         ),
+        (
+            ["--role", "leader", "--helper-key", "KEY", "--metrics-port", "9108"],
+            "--metrics-port is not available with --role leader",
+        ),
+        (
+            ["--role", "helper", "--helper-key", "KEY", "--metrics-port", "9108"],
+            "--metrics-port is not available with --role helper",
+        ),
     ],
 )
 def test_bad_secagg_options_are_one_line_and_exit_78(
