@@ -80,23 +80,19 @@ def _relu_grad(dout: Tensor, out: Tensor, relu: bool) -> Tensor:
 def _im2col(h: Tensor, size: int, step: int, n: int, left: int) -> Tensor:
     """``im2col`` of a channels-last ``h (G, B, L, C)``: ``(G, B·n, size·C)`` whose row
     ``(b, t)`` holds positions ``step·t − left + j`` for ``j < size`` in ``(position, channel)``
-    order, zero outside ``[0, L)``. Built by one strided copy per window slot, straight from
-    ``h`` (no padded copy first)."""
+    order, zero outside ``[0, L)``. Built as a zero-padded copy of ``h`` (``left`` before, what
+    the last window needs after; a negative ``left`` crops instead), a strided window view
+    (``unfold``) and one copy into the ``(position, channel)`` order: two copies in torch,
+    about twice as fast as one strided copy per window slot. Pure data movement, so the values
+    are exactly those of the per-slot version."""
     g, b, length, c = h.shape
-    cols = torch.empty(g, b, n, size, c, dtype=h.dtype)
-    for j in range(size):
-        t0 = max(0, -(-(left - j) // step))  # first t whose position is >= 0
-        t1 = min(n, (length - 1 - j + left) // step + 1)  # past the last t inside h
-        if t1 <= t0:
-            cols[:, :, :, j].zero_()
-            continue
-        if t0 > 0:
-            cols[:, :, :t0, j].zero_()
-        if t1 < n:
-            cols[:, :, t1:, j].zero_()
-        q0 = step * t0 + j - left
-        cols[:, :, t0:t1, j] = h[:, :, q0 : q0 + step * (t1 - t0 - 1) + 1 : step]
-    return cols.view(g, b * n, size * c)
+    if left < 0:
+        h, length, left = h[:, :, -left:], max(0, length + left), 0
+    right = step * (n - 1) + size - (length + left)
+    if left or right > 0:
+        h = torch.nn.functional.pad(h, (0, 0, left, max(0, right)))
+    cols = h.unfold(2, size, step)[:, :, :n]  # (G, B, n, C, size), a view
+    return cols.transpose(3, 4).reshape(g, b * n, size * c)
 
 
 @dataclass(frozen=True)
