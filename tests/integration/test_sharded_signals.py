@@ -158,7 +158,9 @@ async def test_the_root_stops_cleanly_and_resumes_from_its_committed_state(
     assert_stopped_cleanly(procs, "root", code, elapsed)
     assert wire.server == ["online", "offline", "online"]
     assert at_stop["version"] == 0
-    assert applied_before <= at_stop["buffer_fill"] <= first + frozen
+    # it stopped with partials forwarded to it but not applied (the case of the test): they were
+    # redelivered to the restarted root, which the step below proves
+    assert applied_before <= at_stop["buffer_fill"] < first + frozen
     initial = init_weights_numpy(get_model_spec(MODEL), 0)
     assert_one_step_of_fedbuff(wire.status, updates, initial)
     assert set(wire.status["verdicts"]) <= {"applied", "late", "duplicate"}
