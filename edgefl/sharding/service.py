@@ -59,6 +59,11 @@ partition's devices (the others' copies are acknowledged unread, counted as
 broker deliveries per legacy update; the alternative is one legacy router (docs/SCALING.md).
 
 Run: ``python -m edgefl.sharding.service root|shard --broker URL[,URL...] ...`` (``--help``).
+SIGTERM or SIGINT stops either within about a second, exit 0 (:mod:`.stopping`): the root
+handles the message in hand to its end, leaves those after it unacknowledged (redelivered to the
+next run), publishes its newest version and server state ``offline`` and disconnects; a shard
+stops its workers (their updates unacknowledged) and, following the assignment, publishes its
+state ``offline`` (docs/SCALING.md, "Stopping the tree's processes").
 """
 
 from __future__ import annotations
