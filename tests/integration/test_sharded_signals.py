@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -201,3 +202,30 @@ class _Wire:
                     self.status.update(json.loads(message.payload))
 
         return asyncio.get_running_loop().create_task(watch())
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("root", "--state", "root.state"), ("shard", "--own", "assigned"), ("shard", "--own", "0")],
+    ids=["root", "shard-assigned", "shard-own-0"],
+)
+async def test_a_signal_while_connecting_stops_at_once(
+    tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    # Arrange: nothing listens; the process keeps retrying
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        url = f"mqtt://127.0.0.1:{sock.getsockname()[1]}"
+    procs = Procs([url] * 3, tmp_path)
+    state = tuple(str(tmp_path / a) if a == "root.state" else a for a in args)
+    try:
+        procs.start("p", *state)
+        await eventually(lambda: "cannot connect to" in procs.log("p"), 30, what="retrying")
+
+        # Act
+        code, elapsed = await procs.stop("p", signal.SIGTERM)
+    finally:
+        procs.close()
+
+    # Assert
+    assert_stopped_cleanly(procs, "p", code, elapsed)
