@@ -41,6 +41,12 @@ async def run_until_signalled(
     task = loop.create_task(main(stop))
     signals: list[signal.Signals] = []
     deadline: asyncio.TimerHandle | None = None
+    cancelled = False  # by a signal or the grace period
+
+    def cancel() -> None:
+        nonlocal cancelled
+        cancelled = True
+        task.cancel()
 
     def on_signal(sig: signal.Signals) -> None:
         nonlocal deadline
@@ -48,17 +54,18 @@ async def run_until_signalled(
         log.info("%s: stopping", sig.name)
         stop.set()
         if len(signals) > 1 or not graceful():
-            task.cancel()
+            cancel()
         elif deadline is None:
-            deadline = loop.call_later(grace_s, task.cancel)
+            deadline = loop.call_later(grace_s, cancel)
 
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, on_signal, sig)
     try:
         await task
     except asyncio.CancelledError:
-        if not signals or not task.cancelled():
-            raise  # cancelled from outside, not by a signal
+        current = asyncio.current_task()
+        if not cancelled or (current is not None and current.cancelling()):
+            raise  # cancelled from outside, not (only) by a signal
         log.info("stopped without the graceful stop (what is kept is committed)")
     finally:
         if deadline is not None:
