@@ -59,6 +59,11 @@ partition's devices (the others' copies are acknowledged unread, counted as
 broker deliveries per legacy update; the alternative is one legacy router (docs/SCALING.md).
 
 Run: ``python -m edgefl.sharding.service root|shard --broker URL[,URL...] ...`` (``--help``).
+SIGTERM or SIGINT stops either within about a second, exit 0 (:mod:`.stopping`): the root
+handles the message in hand to its end, leaves those after it unacknowledged (redelivered to the
+next run), publishes its newest version and server state ``offline`` and disconnects; a shard
+stops its workers (their updates unacknowledged) and, following the assignment, publishes its
+state ``offline`` (docs/SCALING.md, "Stopping the tree's processes").
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import logging
 import os
@@ -123,6 +129,7 @@ from edgefl.sharding.release import (
 )
 from edgefl.sharding.root import PartialVerdict, RootBuffer, RootState
 from edgefl.sharding.seqwindow import SeqWindow
+from edgefl.sharding.stopping import STOP_SIGNALS, run_until_signalled
 from edgefl.sharding.wire import decode_partial, encode_partial
 from edgefl.transport.base import InboundMessage, Transport, TransportError
 from edgefl.transport.config import MqttConfig, Will
@@ -131,6 +138,8 @@ from edgefl.transport.mqtt import MqttTransport
 log = logging.getLogger("edgefl.sharding")
 MAX_DECOMPRESSED = 1 << 28
 MAX_UPDATE_BYTES = 64 * 1024 * 1024  # the aggregator's default max_update_bytes
+STOP_PUBLISH_S = 0.5
+"""At a clean stop, the longest the root waits to publish its newest version and ``offline``."""
 
 
 def _json(data: dict[str, Any]) -> bytes:
@@ -234,9 +243,15 @@ class RootService:
             os.fsync(f.fileno())
         os.replace(tmp, self._path)
 
-    async def run(self, transport: Transport) -> None:
-        """Serve on ``transport`` (connected, persistent session, manual acks) until cancelled."""
+    async def run(self, transport: Transport, stop: asyncio.Event | None = None) -> None:
+        """Serve on ``transport`` (connected, persistent session, manual acks) until ``stop`` is
+        set, then stop cleanly: the message in hand is handled to its end (committed, confirmed,
+        acknowledged), those read after it stay unacknowledged (the broker redelivers them to
+        the next run), and, publishing, the newest committed version and the server state
+        ``offline`` go out (within ``STOP_PUBLISH_S``); the caller then disconnects. Cancelled
+        instead, it ends at once: what it acknowledged is committed (as after SIGKILL)."""
         self._transport = transport
+        stop = stop or asyncio.Event()
         if self._publishing is not None:
             config, published = self._publishing
             writer = self._writer or concurrent.futures.ThreadPoolExecutor(1, "edgefl-root-writer")
@@ -259,11 +274,11 @@ class RootService:
             await self._publisher.publish_state(ServerStatus.ONLINE)
         await self._publish_status()
         if self._publisher is None:
-            await self._serve(messages)
+            await self._serve(messages, stop)
             return
         loop = asyncio.get_running_loop()
         tasks = [
-            loop.create_task(self._serve(messages)),
+            loop.create_task(self._serve(messages, stop)),
             loop.create_task(self._publisher.run()),
             loop.create_task(self._publisher.housekeeping()),
             loop.create_task(self._metrics(self._publisher)),
@@ -275,23 +290,45 @@ class RootService:
         finally:
             for task in tasks:
                 task.cancel()
+            await asyncio.wait(tasks)  # the publisher's lock released
+        if stop.is_set():  # served to the end (a failure raised above): say goodbye
+            with contextlib.suppress(TransportError, TimeoutError):
+                async with asyncio.timeout(STOP_PUBLISH_S):
+                    await self._publisher.publish_final()
 
-    async def _serve(self, messages: AsyncIterator[InboundMessage]) -> None:
-        async for message in messages:
-            try:
-                topic = parse_topic(message.topic, expected_fleet=self._fleet)
-            except ProtocolError as exc:  # e.g. shards/<not a name>/state
-                log.warning("root: ignoring %r: %s", message.topic, exc)
-                await self._t.ack(message)
-                continue
-            match topic:
-                case PartitionControlTopic(partition=k, control=PartitionControl.TAKEOVER):
-                    await self._on_takeover(k, message)
-                case ShardStateTopic(shard=shard):
-                    await self._on_shard_state(shard, message.payload)
-                case _:  # the only other subscription: shards/partial
-                    await self._on_partial(message)
+    async def _serve(self, messages: AsyncIterator[InboundMessage], stop: asyncio.Event) -> None:
+        """Handle messages one by one until ``stop`` is set (or the transport closed)."""
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                reading = asyncio.ensure_future(anext(messages))
+                await asyncio.wait((reading, stopping), return_when=asyncio.FIRST_COMPLETED)
+                if not reading.done():
+                    reading.cancel()  # nothing in hand: the next message stays with the broker
+                    return
+                try:
+                    message = reading.result()
+                except StopAsyncIteration:
+                    return
+                await self._handle(message)
+        finally:
+            stopping.cancel()
+
+    async def _handle(self, message: InboundMessage) -> None:
+        try:
+            topic = parse_topic(message.topic, expected_fleet=self._fleet)
+        except ProtocolError as exc:  # e.g. shards/<not a name>/state
+            log.warning("root: ignoring %r: %s", message.topic, exc)
             await self._t.ack(message)
+            return
+        match topic:
+            case PartitionControlTopic(partition=k, control=PartitionControl.TAKEOVER):
+                await self._on_takeover(k, message)
+            case ShardStateTopic(shard=shard):
+                await self._on_shard_state(shard, message.payload)
+            case _:  # the only other subscription: shards/partial
+                await self._on_partial(message)
+        await self._t.ack(message)
 
     async def _on_takeover(self, k: int, message: InboundMessage) -> None:
         request = json.loads(message.payload)
@@ -728,8 +765,13 @@ async def _run_root(args: argparse.Namespace) -> None:
         manual_ack=True,
         will=service.will(),
     )
-    async with MqttTransport(mqtt) as transport:
-        await service.run(transport)
+    transport = MqttTransport(mqtt)
+
+    async def serve(stop: asyncio.Event) -> None:
+        async with transport:  # closed with DISCONNECT: the broker discards the Will
+            await service.run(transport, stop)
+
+    await run_until_signalled(serve, graceful=lambda: transport.connected)
 
 
 ASSIGNED = "assigned"
@@ -777,17 +819,25 @@ async def _run_shard(args: argparse.Namespace) -> None:
         async with MqttTransport(data) as data_t, MqttTransport(control) as control_t:
             await PartitionWorker(data_t, control_t, settings).run()
 
-    if args.own != ASSIGNED:
-        await asyncio.gather(*(one(int(k), args.epoch) for k in args.own.split(",")))
+    if args.own != ASSIGNED:  # nobody to say goodbye to: a signal cancels the workers at once
+        workers = (one(int(k), args.epoch) for k in args.own.split(","))
+
+        async def fixed(_stop: asyncio.Event) -> None:
+            await asyncio.gather(*workers)
+
+        await run_until_signalled(fixed, graceful=lambda: False)
         return
     shard = AssignedShard(args.fleet, args.shard, args.partitions, one, session=new_session())
     config = MqttConfig.from_url(
         args.broker, client_id=f"edgefl-{args.fleet}-shard-{args.shard}", will=shard.will()
     )
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    async with MqttTransport(config, on_connect=shard.announce) as transport:
-        await shard.run(transport, stop, args.assignment_wait_s)
+    transport = MqttTransport(config, on_connect=shard.announce)
+
+    async def assigned(stop: asyncio.Event) -> None:
+        async with transport:
+            await shard.run(transport, stop, args.assignment_wait_s)
+
+    await run_until_signalled(assigned, graceful=lambda: transport.connected)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -838,7 +888,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
+    for sig in STOP_SIGNALS:  # until the event loop's handlers: a quiet exit 0
+        signal.signal(sig, _leave)
     asyncio.run(_run_root(args) if args.role == "root" else _run_shard(args))
+
+
+def _leave(_signum: int, _frame: object) -> None:
+    raise SystemExit(0)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -75,14 +76,37 @@ class Procs:
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
 
+    async def stop(
+        self, name: str, sig: signal.Signals, *, resume: bool = False
+    ) -> tuple[int, float]:
+        """Send ``sig`` to ``name`` (then SIGCONT with ``resume``: to a process stopped with
+        SIGSTOP) and wait for it to exit: its exit status and the seconds from the signal to
+        the exit (a stop that takes 30 s is killed and fails the test)."""
+        proc = self.live.pop(name)
+        started = time.monotonic()
+        proc.send_signal(sig)
+        if resume:
+            proc.send_signal(signal.SIGCONT)
+        try:
+            code = await asyncio.to_thread(proc.wait, 30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError(f"{name} did not stop within 30 s of {sig.name}") from None
+        return code, time.monotonic() - started
+
+    def log(self, name: str) -> str:
+        """Everything ``name`` wrote (every run of it), stdout and stderr."""
+        return (self.state / f"{name}.log").read_text(errors="replace")
+
     def close(self) -> None:
         for name in list(self.live):
             self.kill(name)
 
 
-@pytest.fixture(params=["mosquitto", "nats-cluster"])
-def procs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Procs]:
-    """Mosquitto, or the 3-node NATS cluster with root, shards and devices on different nodes."""
+@pytest.fixture(params=["mosquitto", "nats-cluster"], name="procs")
+def procs_fixture(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Procs]:
+    """Mosquitto, or the 3-node NATS cluster with root, shards and devices on different nodes
+    (other modules import it by this name; the tests ask for ``procs``)."""
     if request.param == "mosquitto":
         broker: MosquittoBroker | NatsCluster = MosquittoBroker(
             state_dir=tmp_path / "mosquitto", binary=Path(needs.mosquitto())
@@ -101,12 +125,12 @@ def procs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Procs]:
 
 
 def _update(
-    i: int, *, partitions: int = PARTITIONS, legacy: bool = False
+    i: int, *, partitions: int = PARTITIONS, legacy: bool = False, params: int = PARAMS
 ) -> tuple[str, bytes, np.ndarray, int]:
-    """Update ``i`` of device ``d<i % 7>``: on its partition's topic, or (``legacy``, a device
-    older than revision 1.3) on the unpartitioned one."""
+    """Update ``i`` of device ``d<i % 7>`` (``params`` parameters): on its partition's topic,
+    or (``legacy``, a device older than revision 1.3) on the unpartitioned one."""
     device = f"d{i % 7}"
-    delta = np.random.default_rng(i).normal(0, 1, PARAMS).astype(np.float32)
+    delta = np.random.default_rng(i).normal(0, 1, params).astype(np.float32)
     envelope = build_update_envelope(
         fleet=FLEET, device=device, seq=i, base_version=0, num_examples=10 + i, model="m",
         delta=delta, codec=FP32, rng=np.random.default_rng(0), created_at=1.0,
@@ -138,16 +162,21 @@ async def publish_until_the_step(
 
 
 def assert_one_step_of_fedbuff(
-    status: dict[str, Any], updates: list[tuple[str, bytes, np.ndarray, int]]
+    status: dict[str, Any],
+    updates: list[tuple[str, bytes, np.ndarray, int]],
+    initial: np.ndarray | None = None,
 ) -> None:
     """The root's status after its first step equals single-process FedBuff (K = all updates)
-    over ``updates`` (each counted once)."""
-    reference = FedBuff(fedbuff_config(len(updates)), np.zeros(PARAMS, np.float32))
+    over ``updates`` (each counted once) from ``initial`` (default: zeros; the status shows the
+    first 64 weights)."""
+    w0 = np.zeros(PARAMS, np.float32) if initial is None else initial
+    reference = FedBuff(fedbuff_config(len(updates)), w0)
     for _, _, delta, examples in updates:
         reference.add(delta, base_version=0, num_examples=examples)
     reference.step()
     assert status["last_step"] == {"version": 1, "num_updates": len(updates)}
-    np.testing.assert_allclose(status["weights"], reference.weights, rtol=1e-5, atol=1e-6)
+    shown = reference.weights[: len(status["weights"])]
+    np.testing.assert_allclose(status["weights"], shown, rtol=1e-5, atol=1e-6)
 
 
 async def test_shard_and_root_crashes_lose_nothing_and_count_nothing_twice(
