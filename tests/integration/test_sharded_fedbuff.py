@@ -331,15 +331,7 @@ async def test_a_dead_shards_partitions_move_to_a_live_shard_on_their_own(
     try:
         async with MqttTransport(MqttConfig.from_url(procs.urls[2])) as client:
             watcher = await _watch_tree(client, status, seen, k_a)
-            root = ("root", "--state", str(tmp_path / "root.state"), "--shards", "a,b")
-            procs.start("root", *root, partitions=parts, k=n)
-            await eventually(lambda: "version" in status, 30, what="the root's session")
-            assigned = ("shard", "--own", "assigned")
-            holding = ("--flush-every", "1000", "--flush-after", "600", "--progress")
-            procs.start("shard-a", *assigned, "--shard", "a", *holding, partitions=parts, k=n)
-            procs.start("shard-b", *assigned, "--shard", "b", partitions=parts, k=n)
-            await eventually(lambda: status.get("epochs") == {"0": 1, "1": 1}, 30, what="claims")
-            await eventually(lambda: seen.get("a") == "online", 30, what="a online")
+            await start_root_and_assigned_shards(procs, tmp_path, parts, n, status, seen)
             for topic, payload, _, _ in updates:
                 await client.publish(topic, payload, qos=1)
             await eventually(
@@ -364,6 +356,28 @@ async def test_a_dead_shards_partitions_move_to_a_live_shard_on_their_own(
     assert_one_step_of_fedbuff(status, updates)
     assert status["verdicts"]["late"] == 0
     assert set(status["verdicts"]) <= {"applied", "late", "duplicate"}
+
+
+async def start_root_and_assigned_shards(
+    procs: Procs,
+    tmp_path: Path,
+    parts: int,
+    k: int,
+    status: dict[str, Any],
+    seen: dict[str, Any],
+) -> None:
+    """Start the root (shards a and b) and both shards with ``--own assigned``, a holding its
+    updates open (no flush), and wait until both claimed their partition and a is online
+    (``status``, ``seen``: kept by :func:`_watch_tree`)."""
+    root = ("root", "--state", str(tmp_path / "root.state"), "--shards", "a,b")
+    procs.start("root", *root, partitions=parts, k=k)
+    await eventually(lambda: "version" in status, 30, what="the root's session")
+    assigned = ("shard", "--own", "assigned")
+    holding = ("--flush-every", "1000", "--flush-after", "600", "--progress")
+    procs.start("shard-a", *assigned, "--shard", "a", *holding, partitions=parts, k=k)
+    procs.start("shard-b", *assigned, "--shard", "b", partitions=parts, k=k)
+    await eventually(lambda: status.get("epochs") == {"0": 1, "1": 1}, 30, what="claims")
+    await eventually(lambda: seen.get("a") == "online", 30, what="a online")
 
 
 async def _watch_tree(

@@ -32,6 +32,7 @@ from test_sharded_fedbuff import (
     _watch_tree,
     assert_one_step_of_fedbuff,
     procs_fixture,  # noqa: F401  (the fixture ``procs``)
+    start_root_and_assigned_shards,
 )
 from waiting import eventually
 
@@ -72,15 +73,7 @@ async def test_a_stopped_shard_says_offline_and_its_partitions_move_to_a_live_sh
     seen: dict[str, Any] = {}
     async with MqttTransport(MqttConfig.from_url(procs.urls[2])) as client:
         watcher = await _watch_tree(client, status, seen, k_a)
-        root = ("root", "--state", str(tmp_path / "root.state"), "--shards", "a,b")
-        procs.start("root", *root, partitions=parts, k=n)
-        await eventually(lambda: "version" in status, 30, what="the root's session")
-        assigned = ("shard", "--own", "assigned")
-        holding = ("--flush-every", "1000", "--flush-after", "600", "--progress")
-        procs.start("shard-a", *assigned, "--shard", "a", *holding, partitions=parts, k=n)
-        procs.start("shard-b", *assigned, "--shard", "b", partitions=parts, k=n)
-        await eventually(lambda: status.get("epochs") == {"0": 1, "1": 1}, 30, what="claims")
-        await eventually(lambda: seen.get("a") == "online", 30, what="a online")
+        await start_root_and_assigned_shards(procs, tmp_path, parts, n, status, seen)
         for topic, payload, _, _ in before:
             await client.publish(topic, payload, qos=1)
         await eventually(
