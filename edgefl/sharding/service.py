@@ -775,21 +775,8 @@ async def _run_root(args: argparse.Namespace) -> None:
 
 
 ASSIGNED = "assigned"
-"""``--own assigned``: the partitions of the retained assignment (:func:`read_assignment`)."""
-
-
-async def read_assignment(transport: Transport, fleet: str, within: float) -> Assignment:
-    """The first well-formed assignment of ``fleet`` read from its retained topic within
-    ``within`` seconds (``TimeoutError`` otherwise); malformed or cleared ones are skipped."""
-    messages = transport.messages()
-    await transport.subscribe(shards_topic(fleet, ShardsLeaf.ASSIGNMENT), qos=1)
-    async with asyncio.timeout(within):
-        async for message in messages:
-            try:
-                return Assignment.from_json(message.payload)
-            except ValueError as exc:
-                log.warning("shard: ignoring the assignment message: %s", exc)
-    raise TimeoutError("the connection ended before an assignment came")
+"""``--own assigned``: follow the root's retained assignment (:class:`~edgefl.sharding.follow.
+AssignedShard`)."""
 
 
 async def _run_shard(args: argparse.Namespace) -> None:

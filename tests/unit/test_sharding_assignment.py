@@ -21,8 +21,9 @@ from edgefl.protocol.topics import (
     shards_topic,
 )
 from edgefl.sharding.assignment import Assignment
+from edgefl.sharding.follow import AssignedShard
 from edgefl.sharding.root import RootBuffer
-from edgefl.sharding.service import RootService, fedbuff_config, read_assignment
+from edgefl.sharding.service import RootService, fedbuff_config
 from edgefl.transport import MemoryBroker, MemoryTransport
 
 FLEET, P = "f1", 4
@@ -161,10 +162,9 @@ async def test_a_shard_claims_what_the_retained_assignment_gives_it_and_is_grant
     assert owned  # b has partitions to claim
     for run in (1, 2):  # shard b started, then started again under the same name
         # Act: b reads the retained assignment and asks for what it gives b
-        reader = MemoryTransport(broker, f"b-reader-{run}")
-        await reader.connect()
-        assignment = await read_assignment(reader, FLEET, 10)
-        await reader.close()
+        await eventually(lambda: _retained(broker) is not None, what="the root's assignment")
+        assignment = _retained(broker)
+        assert assignment is not None
         claims = assignment.claims("b")
         replies = [await _take_over(broker, k, e, "b") for k, e in claims.items()]
 
@@ -183,20 +183,37 @@ async def test_a_shard_claims_what_the_retained_assignment_gives_it_and_is_grant
     await _stop(task, transport)
 
 
-async def test_reading_the_assignment_skips_malformed_messages_and_times_out(
+async def test_a_following_shard_skips_malformed_assignments_and_times_out_without_one(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """``AssignedShard`` (``--own assigned``): no assignment within the wait is a TimeoutError;
+    a malformed or cleared retained assignment is skipped (logged), the next valid one is
+    followed (its partitions claimed)."""
     broker = MemoryBroker()
-    reader = MemoryTransport(broker, "reader")
-    await reader.connect()
+    claimed: list[tuple[int, int]] = []
+
+    async def worker(k: int, epoch: int) -> None:
+        claimed.append((k, epoch))
+        await asyncio.Event().wait()
+
+    async def run_shard(within: float, stop: asyncio.Event, name: str) -> None:
+        conn = MemoryTransport(broker, name)
+        await conn.connect()
+        try:
+            await AssignedShard(FLEET, "a", P, worker, session=1).run(conn, stop, within)
+        finally:
+            await conn.close()
+
     with pytest.raises(TimeoutError):  # nothing retained: no assignment
-        await read_assignment(reader, FLEET, 0.2)
+        await run_shard(0.2, asyncio.Event(), "a-1")
     valid = Assignment.initial(P, ["a"])
     broker.publish(ASSIGNMENT, b'{"partitions": 4}', 1, True)  # malformed, retained
 
-    reading = asyncio.create_task(read_assignment(reader, FLEET, 10))
+    stop = asyncio.Event()
+    following = asyncio.create_task(run_shard(10, stop, "a-2"))
     await eventually(lambda: "ignoring the assignment" in caplog.text, what="malformed skipped")
     broker.publish(ASSIGNMENT, b"", 1, True)  # cleared
     broker.publish(ASSIGNMENT, valid.to_json(), 1, True)
-    assert await reading == valid
-    await reader.close()
+    await eventually(lambda: sorted(claimed) == sorted(valid.claims("a").items()), what="claims")
+    stop.set()
+    await following
